@@ -1,0 +1,24 @@
+//! outpost's data types: manifests (the Kubernetes-style subset we honour), their parser and
+//! validator, and the JSON wire types between hub, agents and operators.
+//!
+//! Owns: what a valid manifest is and every message it produces; the shape of every request and
+//! response. Must never: do I/O, know about SQLite or HTTP libraries, or hold policy decisions
+//! (those live in `outpost-core`).
+
+pub mod manifest;
+pub mod parse;
+pub mod protocol;
+
+pub use manifest::*;
+pub use parse::{parse_cpu, parse_file, parse_memory, Parsed, PROCESS_RUNTIME};
+pub use protocol::*;
+
+/// Unix time in milliseconds. The one clock read of this crate's callers is passed in as `now`.
+pub type UnixMs = i64;
+
+/// Content hash helper: sha256 of the JSON encoding, first 16 hex characters.
+pub fn content_hash<T: serde::Serialize>(v: &T) -> String {
+    use sha2::{Digest, Sha256};
+    let bytes = serde_json::to_vec(v).expect("serializable");
+    hex::encode(&Sha256::digest(&bytes)[..8])
+}

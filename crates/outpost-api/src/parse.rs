@@ -1,0 +1,555 @@
+//! Parsing and validation of manifest files.
+//!
+//! [`parse_file`] turns YAML text (several `---` documents) into typed [`Object`]s. It collects
+//! every error rather than stopping at the first, and never returns objects when any document is
+//! rejected, so callers store all or nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use base64::Engine;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::manifest::*;
+
+/// The runtime class that runs containers as native processes.
+pub const PROCESS_RUNTIME: &str = "process";
+
+/// Parsed documents, and warnings about accepted-but-not-enforced fields.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub objects: Vec<Object>,
+    pub warnings: Vec<Warning>,
+}
+
+/// Parse every document of one file. `file` names the file in messages.
+pub fn parse_file(file: &str, text: &str) -> Result<Parsed, Vec<ManifestError>> {
+    let docs: Vec<Value> = match serde_saphyr::from_multiple::<Value>(text) {
+        Ok(d) => d,
+        Err(e) => {
+            return Err(vec![ManifestError {
+                document: file.to_string(),
+                field: "(yaml)".into(),
+                reason: format!("not valid YAML: {}", first_line(&e.to_string())),
+            }])
+        }
+    };
+    let mut out = Parsed::default();
+    let mut errors = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (i, doc) in docs.into_iter().enumerate() {
+        if doc.is_null() {
+            continue;
+        }
+        let mut ctx = Ctx::new(format!("{file} document {}", i + 1));
+        if let Some(obj) = parse_document(&mut ctx, doc) {
+            let id = obj.id();
+            if !seen.insert(id.clone()) {
+                ctx.err("metadata.name", format!("{id} appears more than once in this file"));
+            } else if ctx.errors.is_empty() {
+                out.objects.push(obj);
+            }
+        }
+        errors.append(&mut ctx.errors);
+        out.warnings.append(&mut ctx.warnings);
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+struct Ctx {
+    document: String,
+    errors: Vec<ManifestError>,
+    warnings: Vec<Warning>,
+}
+
+impl Ctx {
+    fn new(document: String) -> Self {
+        Self { document, errors: Vec::new(), warnings: Vec::new() }
+    }
+    fn err(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        self.errors.push(ManifestError { document: self.document.clone(), field: field.into(), reason: reason.into() });
+    }
+    fn warn(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.warnings.push(Warning { document: self.document.clone(), field: field.into(), message: message.into() });
+    }
+}
+
+fn typed<T: DeserializeOwned>(ctx: &mut Ctx, doc: Value) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(doc) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            let reason = match inner.strip_prefix("unknown field ") {
+                Some(rest) => format!(
+                    "unknown field {}: outpost does not support it; remove it or check its spelling",
+                    rest.split(',').next().unwrap_or(rest)
+                ),
+                None => inner,
+            };
+            ctx.err(if path == "." { "(document)".to_string() } else { path }, reason);
+            None
+        }
+    }
+}
+
+fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
+    let Some(map) = doc.as_object() else {
+        ctx.err("(document)", "a manifest document must be a mapping with apiVersion, kind and metadata");
+        return None;
+    };
+    let kind = map.get("kind").and_then(Value::as_str).unwrap_or("").to_string();
+    let api = map.get("apiVersion").and_then(Value::as_str).unwrap_or("").to_string();
+    if let Some(name) = map.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str) {
+        ctx.document = format!("{} ({kind} {name})", ctx.document);
+    }
+    let expected_api = match kind.as_str() {
+        "Deployment" | "DaemonSet" => "apps/v1",
+        "ConfigMap" | "Secret" => "v1",
+        "" => {
+            ctx.err("kind", "missing: every document needs a kind (Deployment, DaemonSet, ConfigMap or Secret)");
+            return None;
+        }
+        other => {
+            ctx.err(
+                "kind",
+                format!("{other} is not supported by outpost; supported kinds are Deployment, DaemonSet, ConfigMap and Secret"),
+            );
+            return None;
+        }
+    };
+    if api != expected_api {
+        ctx.err("apiVersion", format!("{kind} must use apiVersion {expected_api}, found {api:?}"));
+        return None;
+    }
+    let obj = match kind.as_str() {
+        "Deployment" => Object::Deployment(typed(ctx, doc)?),
+        "DaemonSet" => Object::DaemonSet(typed(ctx, doc)?),
+        "ConfigMap" => Object::ConfigMap(typed(ctx, doc)?),
+        _ => Object::Secret(typed(ctx, doc)?),
+    };
+    validate_meta(ctx, obj.meta());
+    match &obj {
+        Object::Deployment(d) => {
+            validate_selector(ctx, d.spec.selector.as_ref(), &d.spec.template);
+            validate_pod(ctx, "spec.template.spec", &d.spec.template.spec);
+        }
+        Object::DaemonSet(d) => {
+            validate_selector(ctx, d.spec.selector.as_ref(), &d.spec.template);
+            validate_pod(ctx, "spec.template.spec", &d.spec.template.spec);
+        }
+        Object::ConfigMap(c) => {
+            for (k, v) in &c.binary_data {
+                validate_key(ctx, &format!("binaryData.{k}"), k);
+                if base64::engine::general_purpose::STANDARD.decode(v).is_err() {
+                    ctx.err(format!("binaryData.{k}"), "not valid base64");
+                }
+            }
+            for k in c.data.keys() {
+                validate_key(ctx, &format!("data.{k}"), k);
+            }
+        }
+        Object::Secret(s) => {
+            for (k, v) in &s.data {
+                validate_key(ctx, &format!("data.{k}"), k);
+                if base64::engine::general_purpose::STANDARD.decode(v.trim()).is_err() {
+                    ctx.err(format!("data.{k}"), "not valid base64 (Secret data values are base64; use stringData for plain text)");
+                }
+            }
+            for k in s.string_data.keys() {
+                validate_key(ctx, &format!("stringData.{k}"), k);
+            }
+        }
+    }
+    Some(obj)
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+fn validate_meta(ctx: &mut Ctx, m: &ObjectMeta) {
+    if !is_dns_subdomain(&m.name) {
+        ctx.err("metadata.name", format!("{:?} is not a valid name: use lower-case letters, digits, '-' and '.'", m.name));
+    }
+    if let Some(ns) = &m.namespace {
+        if !is_dns_label(ns) {
+            ctx.err("metadata.namespace", format!("{ns:?} is not a valid namespace: use lower-case letters, digits and '-'"));
+        }
+    }
+}
+
+fn validate_key(ctx: &mut Ctx, field: &str, key: &str) {
+    let ok = !key.is_empty()
+        && key != "."
+        && key != ".."
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !ok {
+        ctx.err(field, format!("{key:?} is not a valid key: use letters, digits, '-', '_' and '.'"));
+    }
+}
+
+fn validate_selector(ctx: &mut Ctx, sel: Option<&LabelSelector>, template: &PodTemplate) {
+    let Some(sel) = sel else { return };
+    let labels = template.metadata.as_ref().map(|m| &m.labels);
+    for (k, v) in &sel.match_labels {
+        if labels.and_then(|l| l.get(k)) != Some(v) {
+            ctx.err(
+                format!("spec.selector.matchLabels.{k}"),
+                "the selector does not match spec.template.metadata.labels; a workload must select its own pods",
+            );
+        }
+    }
+}
+
+fn validate_pod(ctx: &mut Ctx, at: &str, pod: &PodSpec) {
+    let process = match pod.runtime_class_name.as_deref() {
+        None => false,
+        Some(PROCESS_RUNTIME) => true,
+        Some(other) => {
+            ctx.err(
+                format!("{at}.runtimeClassName"),
+                format!("unknown runtime class {other:?}: use \"process\" for native processes, or omit it for Docker"),
+            );
+            false
+        }
+    };
+    if pod.containers.is_empty() {
+        ctx.err(format!("{at}.containers"), "at least one container is required");
+    }
+    if let Some(p) = pod.restart_policy.as_deref() {
+        if !matches!(p, "Always" | "OnFailure" | "Never") {
+            ctx.err(format!("{at}.restartPolicy"), format!("{p:?} is not one of Always, OnFailure, Never"));
+        }
+    }
+    if let Some(g) = pod.termination_grace_period_seconds {
+        if g < 0 {
+            ctx.err(format!("{at}.terminationGracePeriodSeconds"), "must be 0 or more");
+        }
+    }
+    let mut volumes = BTreeMap::new();
+    for (i, v) in pod.volumes.iter().enumerate() {
+        let f = format!("{at}.volumes[{i}]");
+        if !is_dns_label(&v.name) {
+            ctx.err(format!("{f}.name"), format!("{:?} is not a valid volume name", v.name));
+        }
+        if volumes.insert(v.name.clone(), v).is_some() {
+            ctx.err(format!("{f}.name"), format!("volume {:?} is defined twice", v.name));
+        }
+        let sources = [v.host_path.is_some(), v.config_map.is_some(), v.secret.is_some(), v.empty_dir.is_some()];
+        match sources.iter().filter(|s| **s).count() {
+            1 => {}
+            0 => ctx.err(&f, "a volume needs exactly one source: hostPath, configMap, secret or emptyDir"),
+            _ => ctx.err(&f, "a volume may have only one source: hostPath, configMap, secret or emptyDir"),
+        }
+        if let Some(hp) = &v.host_path {
+            if !hp.path.starts_with('/') {
+                ctx.err(format!("{f}.hostPath.path"), "must be an absolute path");
+            }
+            if let Some(t) = hp.type_.as_deref() {
+                if !matches!(t, "" | "Directory" | "DirectoryOrCreate") {
+                    ctx.err(format!("{f}.hostPath.type"), format!("{t:?} is not supported; use Directory or DirectoryOrCreate"));
+                }
+            }
+        }
+        if let Some(ed) = &v.empty_dir {
+            if ed.medium.as_deref().is_some_and(|m| !m.is_empty()) {
+                ctx.warn(format!("{f}.emptyDir.medium"), "accepted but not honoured: emptyDir is always disk-backed on outpost");
+            }
+            if ed.size_limit.is_some() {
+                ctx.warn(format!("{f}.emptyDir.sizeLimit"), "accepted but not enforced");
+            }
+        }
+    }
+    let mut names = BTreeSet::new();
+    for (i, c) in pod.containers.iter().enumerate() {
+        let f = format!("{at}.containers[{i}]");
+        if !is_dns_label(&c.name) {
+            ctx.err(format!("{f}.name"), format!("{:?} is not a valid container name", c.name));
+        }
+        if !names.insert(&c.name) {
+            ctx.err(format!("{f}.name"), format!("container name {:?} is used twice", c.name));
+        }
+        if process {
+            if c.command.first().is_none_or(|s| s.is_empty()) {
+                ctx.err(
+                    format!("{f}.command"),
+                    "required with runtimeClassName: process (command[0] is the executable to run)",
+                );
+            }
+        } else if c.image.as_deref().is_none_or(str::is_empty) {
+            ctx.err(format!("{f}.image"), "required for Docker containers (or set runtimeClassName: process)");
+        }
+        for (j, e) in c.env.iter().enumerate() {
+            let ef = format!("{f}.env[{j}]");
+            if e.name.is_empty() || e.name.contains('=') {
+                ctx.err(format!("{ef}.name"), "must be non-empty and must not contain '='");
+            }
+            match (&e.value, &e.value_from) {
+                (Some(_), Some(_)) => ctx.err(&ef, "set either value or valueFrom, not both"),
+                (None, Some(src)) => {
+                    let n = src.config_map_key_ref.is_some() as u8 + src.secret_key_ref.is_some() as u8;
+                    if n != 1 {
+                        ctx.err(format!("{ef}.valueFrom"), "set exactly one of configMapKeyRef or secretKeyRef");
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(wd) = &c.working_dir {
+            if !wd.starts_with('/') {
+                ctx.err(format!("{f}.workingDir"), "must be an absolute path");
+            }
+        }
+        for (j, p) in c.ports.iter().enumerate() {
+            if p.container_port == 0 {
+                ctx.err(format!("{f}.ports[{j}].containerPort"), "must be between 1 and 65535");
+            }
+            if let Some(proto) = p.protocol.as_deref() {
+                if !matches!(proto, "TCP" | "UDP") {
+                    ctx.err(format!("{f}.ports[{j}].protocol"), format!("{proto:?} is not TCP or UDP"));
+                }
+            }
+        }
+        if let Some(r) = &c.resources {
+            for (k, v) in &r.limits {
+                let lf = format!("{f}.resources.limits.{k}");
+                let res = match k.as_str() {
+                    "cpu" => parse_cpu(v).map(|_| ()),
+                    "memory" => parse_memory(v).map(|_| ()),
+                    other => Err(format!("{other:?} is not supported; outpost enforces cpu and memory")),
+                };
+                if let Err(reason) = res {
+                    ctx.err(lf, reason);
+                }
+            }
+            if !r.requests.is_empty() {
+                ctx.warn(
+                    format!("{f}.resources.requests"),
+                    "accepted but not used: outpost does not schedule by requests; limits are enforced",
+                );
+            }
+        }
+        let mut paths = BTreeSet::new();
+        for (j, m) in c.volume_mounts.iter().enumerate() {
+            let mf = format!("{f}.volumeMounts[{j}]");
+            if !volumes.contains_key(&m.name) {
+                ctx.err(format!("{mf}.name"), format!("no volume named {:?} in {at}.volumes", m.name));
+            }
+            if !m.mount_path.starts_with('/') {
+                ctx.err(format!("{mf}.mountPath"), "must be an absolute path");
+            }
+            if !paths.insert(&m.mount_path) {
+                ctx.err(format!("{mf}.mountPath"), format!("{:?} is mounted twice", m.mount_path));
+            }
+        }
+    }
+}
+
+/// CPU quantity (`"500m"`, `"1"`, `0.5`) in millicores.
+pub fn parse_cpu(v: &Value) -> Result<u64, String> {
+    let s = quantity_text(v)?;
+    let milli = if let Some(m) = s.strip_suffix('m') {
+        m.parse::<u64>().map_err(|_| format!("{s:?} is not a CPU quantity like \"500m\" or \"1.5\""))?
+    } else {
+        let f: f64 = s.parse().map_err(|_| format!("{s:?} is not a CPU quantity like \"500m\" or \"1.5\""))?;
+        if !(f.is_finite() && f >= 0.0) {
+            return Err(format!("{s:?} must be a positive number of cores"));
+        }
+        (f * 1000.0).round() as u64
+    };
+    if milli == 0 {
+        return Err(format!("{s:?} is zero: a limit must be positive"));
+    }
+    Ok(milli)
+}
+
+/// Memory quantity (`"512Mi"`, `"1G"`, `1048576`) in bytes.
+pub fn parse_memory(v: &Value) -> Result<u64, String> {
+    let s = quantity_text(v)?;
+    let bad = || format!("{s:?} is not a memory quantity like \"512Mi\" or \"1Gi\"");
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let mul: f64 = match unit {
+        "" => 1.0,
+        "k" | "K" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024.0f64.powi(4),
+        _ => return Err(bad()),
+    };
+    let bytes = (n * mul).round();
+    if !(bytes.is_finite() && bytes >= 1.0) {
+        return Err(format!("{s:?} must be a positive amount of memory"));
+    }
+    Ok(bytes as u64)
+}
+
+fn quantity_text(v: &Value) -> Result<String, String> {
+    match v {
+        Value::String(s) => Ok(s.trim().to_string()),
+        Value::Number(n) => Ok(n.to_string()),
+        other => Err(format!("{other} is not a quantity")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(yaml: &str) -> Vec<String> {
+        match parse_file("f.yaml", yaml) {
+            Ok(p) => panic!("expected errors, parsed {:?}", p.objects),
+            Err(e) => e.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    const GOOD: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, labels: {app: web}}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      runtimeClassName: process
+      nodeSelector: {site: store-001}
+      containers:
+      - name: web
+        image: web:1.0
+        command: [/bin/sleep, "1000"]
+        env:
+        - {name: A, value: "1"}
+        - name: B
+          valueFrom: {configMapKeyRef: {name: cfg, key: b}}
+        resources: {limits: {cpu: 500m, memory: 64Mi}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: cfg, namespace: shop}
+data: {b: hello}
+"#;
+
+    #[test]
+    fn accepts_a_good_file() {
+        let p = parse_file("f.yaml", GOOD).unwrap();
+        assert_eq!(p.objects.len(), 2);
+        assert_eq!(p.objects[0].id().to_string(), "Deployment/default/web");
+        assert_eq!(p.objects[1].id().to_string(), "ConfigMap/shop/cfg");
+        assert!(p.warnings.is_empty());
+    }
+
+    #[test]
+    fn table_of_rejections() {
+        let cases: &[(&str, &str)] = &[
+            ("kind: Service\napiVersion: v1\nmetadata: {name: a}", "document 1 (Service a): kind: Service is not supported"),
+            ("kind: Deployment\napiVersion: v1\nmetadata: {name: a}", "apiVersion: Deployment must use apiVersion apps/v1"),
+            (
+                "kind: ConfigMap\napiVersion: v1\nmetadata: {name: a, uid: x}",
+                "metadata.uid: unknown field `uid`",
+            ),
+            ("kind: ConfigMap\napiVersion: v1\nmetadata: {name: Bad_Name}", "metadata.name: \"Bad_Name\" is not a valid name"),
+            ("kind: Secret\napiVersion: v1\nmetadata: {name: s}\ndata: {k: '***'}", "data.k: not valid base64"),
+            ("a: [unclosed", "(yaml): not valid YAML"),
+        ];
+        for (yaml, want) in cases {
+            let got = errors(yaml).join("\n");
+            assert!(got.contains(want), "for {yaml:?}\n want: {want}\n got:  {got}");
+        }
+    }
+
+    fn pod_errors(pod: &str) -> String {
+        let yaml = format!(
+            "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: d}}\nspec:\n  template:\n    spec:\n{}",
+            pod.lines().map(|l| format!("      {l}\n")).collect::<String>()
+        );
+        errors(&yaml).join("\n")
+    }
+
+    #[test]
+    fn table_of_pod_rejections() {
+        let cases: &[(&str, &str)] = &[
+            ("containers: []", "spec.template.spec.containers: at least one container is required"),
+            ("runtimeClassName: kata\ncontainers: [{name: a, image: x}]", "runtimeClassName: unknown runtime class \"kata\""),
+            ("runtimeClassName: process\ncontainers: [{name: a}]", "containers[0].command: required with runtimeClassName: process"),
+            ("containers: [{name: a}]", "containers[0].image: required for Docker containers"),
+            ("containers: [{name: a, image: x, foo: 1}]", "containers[0].foo: unknown field `foo`"),
+            ("containers: [{name: a, image: x}]\nrestartPolicy: Sometimes", "restartPolicy: \"Sometimes\" is not one of"),
+            ("containers: [{name: a, image: x, resources: {limits: {cpu: lots}}}]", "limits.cpu: \"lots\" is not a CPU quantity"),
+            ("containers: [{name: a, image: x, resources: {limits: {gpu: 1}}}]", "limits.gpu: \"gpu\" is not supported"),
+            ("containers: [{name: a, image: x, volumeMounts: [{name: v, mountPath: /d}]}]", "volumeMounts[0].name: no volume named \"v\""),
+            ("containers: [{name: a, image: x}]\nvolumes: [{name: v}]", "volumes[0]: a volume needs exactly one source"),
+            ("containers: [{name: a, image: x, env: [{name: E, value: a, valueFrom: {}}]}]", "env[0]: set either value or valueFrom"),
+            ("containers: [{name: a, image: x}, {name: a, image: y}]", "containers[1].name: container name \"a\" is used twice"),
+        ];
+        for (pod, want) in cases {
+            let got = pod_errors(pod);
+            assert!(got.contains(want), "for {pod:?}\n want: {want}\n got:  {got}");
+        }
+    }
+
+    #[test]
+    fn one_bad_document_rejects_the_whole_file() {
+        let yaml = format!("{GOOD}\n---\nkind: Service\napiVersion: v1\nmetadata: {{name: x}}\n");
+        let e = errors(&yaml);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("document 3"));
+    }
+
+    #[test]
+    fn requests_are_warned_about_not_ignored() {
+        let yaml = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: d}\nspec:\n  template:\n    spec:\n      containers: [{name: a, image: x, resources: {requests: {cpu: 1}}}]\n";
+        let p = parse_file("f.yaml", yaml).unwrap();
+        assert_eq!(p.warnings.len(), 1);
+        assert!(p.warnings[0].field.ends_with("resources.requests"));
+    }
+
+    #[test]
+    fn quantities() {
+        use serde_json::json;
+        assert_eq!(parse_cpu(&json!("500m")), Ok(500));
+        assert_eq!(parse_cpu(&json!("1")), Ok(1000));
+        assert_eq!(parse_cpu(&json!(0.25)), Ok(250));
+        assert!(parse_cpu(&json!("0")).is_err());
+        assert_eq!(parse_memory(&json!("512Mi")), Ok(512 * 1024 * 1024));
+        assert_eq!(parse_memory(&json!("1G")), Ok(1_000_000_000));
+        assert_eq!(parse_memory(&json!(4096)), Ok(4096));
+        assert!(parse_memory(&json!("12Qi")).is_err());
+    }
+
+    #[test]
+    fn shared_examples_parse_except_for_the_service() {
+        for (name, want_err) in [("edge-infer.yaml", Some("kind: Service is not supported")), ("video-analyzer.yaml", None)] {
+            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/examples/").to_string() + name;
+            let Ok(text) = std::fs::read_to_string(&path) else { continue };
+            match (parse_file(name, &text), want_err) {
+                (Ok(_), None) => {}
+                (Err(e), Some(w)) => assert!(e.iter().any(|e| e.to_string().contains(w)), "{e:?}"),
+                (r, w) => panic!("{name}: {r:?} but wanted {w:?}"),
+            }
+        }
+    }
+}

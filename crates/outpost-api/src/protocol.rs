@@ -1,0 +1,372 @@
+//! Hub <-> agent and hub <-> operator wire types (JSON over HTTPS). See docs/protocol.md.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::{Kind, Labels, ManifestError, Warning};
+
+/// Protocol version; sent by agents in `X-Outpost-Protocol`, checked by the hub.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Header carrying [`PROTOCOL_VERSION`].
+pub const PROTOCOL_HEADER: &str = "x-outpost-protocol";
+/// How long the hub holds a sync long-poll open when nothing changes.
+pub const LONG_POLL_SECS: u64 = 30;
+
+/// A join token: `outpost1:<ca sha256 hex>:<id>:<secret>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JoinToken {
+    pub ca_fingerprint: String,
+    pub id: String,
+    pub secret: String,
+}
+
+impl JoinToken {
+    pub fn encode(&self) -> String {
+        format!("outpost1:{}:{}:{}", self.ca_fingerprint, self.id, self.secret)
+    }
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.trim().split(':').collect();
+        let hexok = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_hexdigit());
+        match parts.as_slice() {
+            ["outpost1", fp, id, secret] if fp.len() == 64 && hexok(fp) && hexok(id) && hexok(secret) => Ok(Self {
+                ca_fingerprint: fp.to_ascii_lowercase(),
+                id: id.to_string(),
+                secret: secret.to_string(),
+            }),
+            _ => Err("malformed join token: expected outpost1:<ca-fingerprint>:<id>:<secret> as printed by `outpost token create`".into()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub token_id: String,
+    pub token_secret: String,
+    pub name: String,
+    #[serde(default)]
+    pub labels: Labels,
+    pub csr_pem: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub node: String,
+    pub cert_pem: String,
+    pub ca_pem: String,
+    pub labels: Labels,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RenewRequest {
+    pub csr_pem: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RenewResponse {
+    pub cert_pem: String,
+}
+
+/// Error body of every non-2xx answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApiError {
+    /// Machine-readable: `token_expired`, `forbidden`, `invalid_manifest`, ...
+    pub code: String,
+    /// What happened and what to do next.
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<ManifestError>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Desired state (hub -> agent)
+
+/// The runtime a workload's containers run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    Process,
+    Docker,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum RestartPolicy {
+    #[default]
+    Always,
+    OnFailure,
+    Never,
+}
+
+/// One workload as a node runs it: everything resolved (env values, config files), so the agent
+/// needs nothing else from the hub.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadSpec {
+    /// `deployment/<ns>/<name>` or `daemonset/<ns>/<name>`.
+    pub key: String,
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+    /// Revision number of the pod template at the hub.
+    pub revision: u64,
+    /// Content hash of everything in this spec except `hash` itself.
+    pub hash: String,
+    pub runtime: Runtime,
+    pub restart_policy: RestartPolicy,
+    pub grace_seconds: u64,
+    pub containers: Vec<ContainerSpec>,
+    pub volumes: Vec<VolumeSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: Option<String>,
+    pub command: Vec<String>,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<String>,
+    pub ports: Vec<PortSpec>,
+    pub cpu_millis: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    pub mounts: Vec<MountSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PortSpec {
+    pub container_port: u16,
+    pub host_port: Option<u16>,
+    pub protocol: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MountSpec {
+    pub volume: String,
+    pub path: String,
+    pub read_only: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    pub name: String,
+    pub source: VolumeSource,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum VolumeSource {
+    HostPath { path: String, create: bool },
+    /// Files materialized from a ConfigMap or Secret: file name -> base64 content.
+    Files { files: BTreeMap<String, String>, secret: bool },
+    EmptyDir,
+}
+
+/// Answer to a sync long-poll: the changes since the generation the agent holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SyncResponse {
+    pub generation: u64,
+    /// When true, `upsert` is the whole desired state and the agent drops everything else.
+    pub full: bool,
+    #[serde(default)]
+    pub upsert: Vec<WorkloadSpec>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Status (agent -> hub)
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    Pending,
+    Running,
+    /// Restarting after an exit, waiting out the backoff.
+    Backoff,
+    /// Restarting repeatedly: several consecutive failures.
+    CrashLoopBackOff,
+    Succeeded,
+    Failed,
+    /// The workload needs a runtime this agent does not provide yet.
+    WaitingForRuntime,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Running => "Running",
+            Phase::Backoff => "Backoff",
+            Phase::CrashLoopBackOff => "CrashLoopBackOff",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+            Phase::WaitingForRuntime => "WaitingForRuntime",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ContainerStatus {
+    pub name: String,
+    pub phase: Phase,
+    pub pid: Option<u32>,
+    pub restarts: u32,
+    pub last_exit_code: Option<i32>,
+    pub reason: Option<String>,
+    /// Unix ms when the current process started.
+    pub started_at: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadStatus {
+    pub key: String,
+    pub revision: u64,
+    pub hash: String,
+    pub phase: Phase,
+    pub containers: Vec<ContainerStatus>,
+}
+
+/// Something that happened on the node, kept durably until the hub acknowledges it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeEvent {
+    /// Per-node sequence number, strictly increasing, never reused.
+    pub seq: u64,
+    /// Unix ms when it happened on the node.
+    pub at: i64,
+    pub workload: Option<String>,
+    pub reason: String,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub agent_version: String,
+    pub uptime_secs: u64,
+    /// The generation the agent has applied.
+    pub generation: u64,
+    /// When true, `workloads` is complete and the hub drops statuses not listed.
+    pub full: bool,
+    #[serde(default)]
+    pub workloads: Vec<WorkloadStatus>,
+    #[serde(default)]
+    pub removed: Vec<String>,
+    #[serde(default)]
+    pub events: Vec<NodeEvent>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusAck {
+    /// Highest event sequence the hub has stored; the agent may forget events up to it.
+    pub events_acked: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operator API
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ManifestFile {
+    pub name: String,
+    pub content: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApplyRequest {
+    pub files: Vec<ManifestFile>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApplyResult {
+    pub object: String,
+    /// `created`, `configured` or `unchanged`.
+    pub action: String,
+    pub revision: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApplyResponse {
+    pub results: Vec<ApplyResult>,
+    #[serde(default)]
+    pub warnings: Vec<Warning>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeleteResponse {
+    pub deleted: Vec<String>,
+    pub not_found: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenRequest {
+    #[serde(default)]
+    pub labels: Labels,
+    pub ttl_secs: Option<u64>,
+    pub uses: Option<u32>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenResponse {
+    pub token: String,
+    pub id: String,
+    pub expires_at: Option<i64>,
+    pub uses: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    /// `Online` or `Offline`.
+    pub status: String,
+    pub labels: Labels,
+    pub last_seen: Option<i64>,
+    pub joined_at: i64,
+    pub agent_version: Option<String>,
+    pub uptime_secs: Option<u64>,
+    pub generation: u64,
+    pub applied_generation: u64,
+    pub cert_expires_at: Option<i64>,
+    pub workloads: Vec<WorkloadStatus>,
+    #[serde(default)]
+    pub events: Vec<NodeEvent>,
+}
+
+/// One workload instance on one node, as `outpost get workloads` lists it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Placement {
+    pub node: String,
+    pub node_status: String,
+    pub key: String,
+    pub desired_revision: u64,
+    pub status: Option<WorkloadStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadInfo {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+    pub revision: u64,
+    pub runtime: Runtime,
+    /// Deployments: requested replicas. DaemonSets: matching nodes.
+    pub desired: u32,
+    pub scheduled: u32,
+    pub ready: u32,
+    pub node_selector: Labels,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub placements: Vec<Placement>,
+    /// Why fewer replicas are scheduled than desired, if so.
+    pub note: Option<String>,
+    pub manifest: serde_json::Value,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_roundtrip_and_rejects() {
+        let t = JoinToken { ca_fingerprint: "ab".repeat(32), id: "0a1b2c3d".into(), secret: "ff".repeat(16) };
+        assert_eq!(JoinToken::parse(&t.encode()), Ok(t));
+        for bad in ["", "outpost1:zz:1:2", "outpost2:aa:1:2", "K10abc::server:secret"] {
+            assert!(JoinToken::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! outpost's built-in certificate authority and TLS configuration.
+//!
+//! Owns: creating the hub's CA and server certificate, signing node certificates from CSRs,
+//! generating node keys and CSRs, CA fingerprints (the pin carried by join tokens), and building
+//! rustls server/client configurations with the `ring` provider.
+//!
+//! Must never: do network or file I/O (callers persist the PEM strings), or trust anything in a
+//! CSR beyond its public key (the hub decides the node's name and validity).
+
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use sha2::{Digest, Sha256};
+
+/// How long node certificates are valid. Agents renew when a third of this is left.
+pub const NODE_CERT_DAYS: i64 = 90;
+/// How long the CA is valid.
+pub const CA_DAYS: i64 = 3650;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("TLS configuration failed: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("invalid PEM data for {what}")]
+    Pem { what: &'static str },
+    #[error("client verifier: {0}")]
+    Verifier(String),
+}
+
+/// The crypto provider used everywhere in outpost.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Install `ring` as the process-wide default provider (idempotent).
+pub fn install_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// SHA-256 of a certificate's DER encoding, lower-case hex.
+pub fn fingerprint(der: &[u8]) -> String {
+    hex::encode(Sha256::digest(der))
+}
+
+/// Parse the first certificate from PEM text into DER.
+pub fn pem_to_der(pem: &str) -> Result<CertificateDer<'static>, PkiError> {
+    let first = pem_blocks(pem, "CERTIFICATE")
+        .into_iter()
+        .next()
+        .ok_or(PkiError::Pem { what: "certificate" })?;
+    Ok(CertificateDer::from(first))
+}
+
+fn pem_blocks(pem: &str, _label: &str) -> Vec<Vec<u8>> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .filter_map(Result::ok)
+        .map(|c| c.to_vec())
+        .collect()
+}
+
+fn key_der(key_pem: &str) -> Result<PrivateKeyDer<'static>, PkiError> {
+    let key = KeyPair::from_pem(key_pem)?;
+    Ok(PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+}
+
+fn validity(params: &mut CertificateParams, days: i64) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + time::Duration::days(days);
+}
+
+/// A CA as stored by the hub: certificate and private key, both PEM.
+#[derive(Clone, Debug)]
+pub struct CaMaterial {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl CaMaterial {
+    /// Create a new self-signed CA.
+    pub fn generate(name: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("outpost CA {name}"));
+        dn.push(DnType::OrganizationName, "outpost");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        validity(&mut params, CA_DAYS);
+        let cert = params.self_signed(&key)?;
+        Ok(Self { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    pub fn cert_der(&self) -> Result<CertificateDer<'static>, PkiError> {
+        pem_to_der(&self.cert_pem)
+    }
+
+    /// The pin that join tokens carry.
+    pub fn fingerprint(&self) -> Result<String, PkiError> {
+        Ok(fingerprint(&self.cert_der()?))
+    }
+
+    fn issuer(&self) -> Result<Issuer<'static, KeyPair>, PkiError> {
+        let key = KeyPair::from_pem(&self.key_pem)?;
+        Ok(Issuer::from_ca_cert_pem(&self.cert_pem, key)?)
+    }
+
+    /// Issue the hub's TLS server certificate for the given DNS names / IP addresses.
+    /// Returns (cert chain PEM, key PEM).
+    pub fn issue_server(&self, names: &[String]) -> Result<(String, String), PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "outpost hub");
+        params.distinguished_name = dn;
+        params.subject_alt_names = names.iter().map(|n| san(n)).collect::<Result<_, _>>()?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        validity(&mut params, 825);
+        let cert = params.signed_by(&key, &self.issuer()?)?;
+        Ok((format!("{}{}", cert.pem(), self.cert_pem), key.serialize_pem()))
+    }
+
+    /// Sign a node's CSR. Only the CSR's public key is used: the subject and SAN are the node's
+    /// name as decided by the hub. Returns the certificate PEM.
+    pub fn sign_node_csr(&self, csr_pem: &str, node: &str) -> Result<String, PkiError> {
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, node);
+        dn.push(DnType::OrganizationName, "outpost:nodes");
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::URI(
+            format!("outpost://node/{node}").try_into().map_err(rcgen::Error::from)?,
+        )];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        validity(&mut params, NODE_CERT_DAYS);
+        csr.params = params;
+        Ok(csr.signed_by(&self.issuer()?)?.pem())
+    }
+}
+
+fn san(name: &str) -> Result<SanType, PkiError> {
+    Ok(match name.parse::<std::net::IpAddr>() {
+        Ok(ip) => SanType::IpAddress(ip),
+        Err(_) => SanType::DnsName(name.to_string().try_into().map_err(rcgen::Error::from)?),
+    })
+}
+
+/// A node's freshly generated key and the CSR to send with its join request.
+pub struct NodeKey {
+    pub key_pem: String,
+    pub csr_pem: String,
+}
+
+impl NodeKey {
+    pub fn generate(node: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, node);
+        params.distinguished_name = dn;
+        let csr = params.serialize_request(&key)?;
+        Ok(Self { key_pem: key.serialize_pem(), csr_pem: csr.pem()? })
+    }
+
+    /// A new CSR for an existing key (certificate renewal keeps the key; rotation makes a new one).
+    pub fn csr_for(key_pem: &str, node: &str) -> Result<String, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, node);
+        params.distinguished_name = dn;
+        Ok(params.serialize_request(&key)?.pem()?)
+    }
+}
+
+/// Seconds since the Unix epoch at which a PEM certificate expires.
+pub fn not_after_unix(cert_pem: &str) -> Result<i64, PkiError> {
+    let der = pem_to_der(cert_pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|_| PkiError::Pem { what: "certificate validity" })?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
+/// Server config for the hub: client certificates are optional at the TLS layer (join and admin
+/// calls have none) and, when presented, must chain to the hub's CA. Authorization happens per
+/// route.
+pub fn server_config(ca: &CaMaterial, chain_pem: &str, key_pem: &str) -> Result<ServerConfig, PkiError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.cert_der()?)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| PkiError::Verifier(e.to_string()))?;
+    let chain: Vec<CertificateDer<'static>> =
+        pem_blocks(chain_pem, "CERTIFICATE").into_iter().map(CertificateDer::from).collect();
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key_der(key_pem)?)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// Client config that trusts only the given CA, optionally presenting a client certificate.
+pub fn client_config(ca_pem: &str, identity: Option<(&str, &str)>) -> Result<ClientConfig, PkiError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(pem_to_der(ca_pem)?)?;
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let cfg = match identity {
+        Some((cert_pem, key_pem)) => {
+            let chain = vec![pem_to_der(cert_pem)?];
+            builder.with_client_auth_cert(chain, key_der(key_pem)?)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(cfg)
+}
+
+/// Client config used once, at join time, to fetch the hub's CA before trusting it: it accepts
+/// any server certificate, and the caller MUST compare the fetched CA's fingerprint with the
+/// token's pin and then verify the hub's certificate chain against that CA.
+pub fn bootstrap_client_config() -> Result<ClientConfig, PkiError> {
+    let cfg = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer))
+        .with_no_client_auth();
+    Ok(cfg)
+}
+
+#[derive(Debug)]
+struct AcceptAnyServer;
+
+impl ServerCertVerifier for AcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider().signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_cert_chains_to_ca_and_carries_hub_chosen_name() {
+        let ca = CaMaterial::generate("test").unwrap();
+        let nk = NodeKey::generate("evil-name").unwrap();
+        let cert = ca.sign_node_csr(&nk.csr_pem, "store-1").unwrap();
+        // the client config accepts the pair, so key and certificate match
+        client_config(&ca.cert_pem, Some((&cert, &nk.key_pem))).unwrap();
+        let der = pem_to_der(&cert).unwrap();
+        let text = String::from_utf8_lossy(&der);
+        assert!(text.contains("outpost://node/store-1"));
+        assert!(!text.contains("evil-name"));
+        let exp = not_after_unix(&cert).unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let days = (exp - now) / 86400;
+        assert!((NODE_CERT_DAYS - 1..=NODE_CERT_DAYS).contains(&days), "{days}");
+    }
+
+    #[test]
+    fn fingerprint_is_stable_and_pem_roundtrips() {
+        let ca = CaMaterial::generate("t").unwrap();
+        assert_eq!(ca.fingerprint().unwrap(), ca.fingerprint().unwrap());
+        assert_eq!(ca.fingerprint().unwrap().len(), 64);
+        let (chain, key) = ca.issue_server(&["localhost".into(), "127.0.0.1".into()]).unwrap();
+        assert_eq!(pem_blocks(&chain, "CERTIFICATE").len(), 2);
+        server_config(&ca, &chain, &key).unwrap();
+    }
+}
