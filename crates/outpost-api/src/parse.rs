@@ -503,7 +503,7 @@ data: {b: hello}
             ("containers: [{name: a, image: x, volumeMounts: [{name: v, mountPath: /d}]}]", "volumeMounts[0].name: no volume named \"v\""),
             ("containers: [{name: a, image: x}]\nvolumes: [{name: v}]", "volumes[0]: a volume needs exactly one source"),
             ("containers: [{name: a, image: x, env: [{name: E, value: a, valueFrom: {}}]}]", "env[0]: set either value or valueFrom"),
-            ("containers: [{name: a, image: x}, {name: a, image: y}]", "containers[1].name: container name \"a\" is used twice"),
+            ("containers: [{name: a, image: x}, {name: a, image: z}]", "containers[1].name: container name \"a\" is used twice"),
         ];
         for (pod, want) in cases {
             let got = pod_errors(pod);

@@ -1,1 +1,22 @@
-//! placeholder
+//! outpost's decisions, as pure functions: where workloads run (`schedule`), what a node runs
+//! (`render`), and how the agent supervises processes (`supervise`).
+//!
+//! Owns: every policy that can be stated as `decide(state, now) -> actions`. Must never: do I/O,
+//! read the clock (callers pass `now`), sleep, or depend on an async runtime. Every function here
+//! is tested table-style without sockets, files or timers.
+
+pub mod render;
+pub mod schedule;
+pub mod supervise;
+
+use std::collections::BTreeMap;
+
+use outpost_api::WorkloadSpec;
+
+/// What changed between the workloads a node holds (key -> hash) and what it should hold.
+/// Returns (keys to upsert, keys to remove), both sorted.
+pub fn bundle_changes(held: &BTreeMap<String, String>, want: &BTreeMap<String, WorkloadSpec>) -> (Vec<String>, Vec<String>) {
+    let upsert = want.iter().filter(|(k, s)| held.get(*k) != Some(&s.hash)).map(|(k, _)| k.clone()).collect();
+    let remove = held.keys().filter(|k| !want.contains_key(*k)).cloned().collect();
+    (upsert, remove)
+}

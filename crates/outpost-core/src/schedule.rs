@@ -1,0 +1,224 @@
+//! Placement of workloads onto nodes.
+//!
+//! DaemonSets go to every node whose labels match the node selector, online or not (an offline
+//! node receives it when it reconnects). Deployments get `replicas` matching nodes, at most one
+//! replica per node, spread by load, and stable: a replica stays where it is while its node
+//! exists and matches, even if that node is offline (offline nodes keep running what they have).
+//! New replicas go only to online nodes.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use outpost_api::{Kind, Labels, ObjectId};
+use sha2::{Digest, Sha256};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeView {
+    pub name: String,
+    pub labels: Labels,
+    pub online: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkloadView {
+    pub id: ObjectId,
+    pub node_selector: Labels,
+    /// Deployments only.
+    pub replicas: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct PlacementDecision {
+    pub nodes: BTreeSet<String>,
+    /// Set when fewer replicas are placed than requested.
+    pub note: Option<String>,
+}
+
+/// True when every selector entry is among the labels.
+pub fn selector_matches(selector: &Labels, labels: &Labels) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Place every workload. `current` holds the existing Deployment placements; the result holds
+/// the new placement for every workload. Workloads are processed in id order so the result
+/// depends only on the inputs.
+pub fn schedule(
+    nodes: &[NodeView],
+    workloads: &[WorkloadView],
+    current: &BTreeMap<ObjectId, BTreeSet<String>>,
+) -> BTreeMap<ObjectId, PlacementDecision> {
+    let mut sorted: Vec<&WorkloadView> = workloads.iter().collect();
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut load: BTreeMap<&str, usize> = nodes.iter().map(|n| (n.name.as_str(), 0)).collect();
+    let mut out = BTreeMap::new();
+    // DaemonSets first: their load is fixed, Deployments spread around it.
+    for w in sorted.iter().filter(|w| w.id.kind == Kind::DaemonSet) {
+        let placed: BTreeSet<String> = nodes
+            .iter()
+            .filter(|n| selector_matches(&w.node_selector, &n.labels))
+            .map(|n| n.name.clone())
+            .collect();
+        for n in &placed {
+            if let Some(l) = load.get_mut(n.as_str()) {
+                *l += 1;
+            }
+        }
+        out.insert(w.id.clone(), PlacementDecision { nodes: placed, note: None });
+    }
+    for w in sorted.iter().filter(|w| w.id.kind == Kind::Deployment) {
+        let empty = BTreeSet::new();
+        let decision = place_deployment(w, nodes, current.get(&w.id).unwrap_or(&empty), &load);
+        for n in &decision.nodes {
+            if let Some(l) = load.get_mut(n.as_str()) {
+                *l += 1;
+            }
+        }
+        out.insert(w.id.clone(), decision);
+    }
+    out
+}
+
+fn spread_key(id: &ObjectId, node: &str) -> [u8; 8] {
+    let d = Sha256::digest(format!("{id}\0{node}").as_bytes());
+    d[..8].try_into().expect("8 bytes")
+}
+
+fn place_deployment(
+    w: &WorkloadView,
+    nodes: &[NodeView],
+    current: &BTreeSet<String>,
+    load: &BTreeMap<&str, usize>,
+) -> PlacementDecision {
+    let matching: Vec<&NodeView> = nodes.iter().filter(|n| selector_matches(&w.node_selector, &n.labels)).collect();
+    let want = w.replicas as usize;
+    // Keep existing replicas on nodes that still exist and match.
+    let mut kept: Vec<&NodeView> = matching.iter().copied().filter(|n| current.contains(&n.name)).collect();
+    if kept.len() > want {
+        // Scale down: drop offline nodes first, then the busiest, then by name.
+        kept.sort_by_key(|n| (!n.online, load.get(n.name.as_str()).copied().unwrap_or(0), n.name.clone()));
+        kept.truncate(want);
+    }
+    let mut chosen: BTreeSet<String> = kept.iter().map(|n| n.name.clone()).collect();
+    let mut candidates: Vec<&NodeView> =
+        matching.iter().copied().filter(|n| n.online && !chosen.contains(&n.name)).collect();
+    candidates.sort_by_key(|n| (load.get(n.name.as_str()).copied().unwrap_or(0), spread_key(&w.id, &n.name)));
+    for n in candidates {
+        if chosen.len() >= want {
+            break;
+        }
+        chosen.insert(n.name.clone());
+    }
+    let note = (chosen.len() < want).then(|| {
+        let online = matching.iter().filter(|n| n.online).count();
+        format!(
+            "{} of {want} replicas scheduled: {} nodes match the nodeSelector ({online} online); outpost runs at most one replica per node",
+            chosen.len(),
+            matching.len()
+        )
+    });
+    PlacementDecision { nodes: chosen, note }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, labels: &[(&str, &str)], online: bool) -> NodeView {
+        NodeView {
+            name: name.into(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            online,
+        }
+    }
+    fn wl(kind: Kind, name: &str, sel: &[(&str, &str)], replicas: u32) -> WorkloadView {
+        WorkloadView {
+            id: ObjectId { kind, namespace: "default".into(), name: name.into() },
+            node_selector: sel.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            replicas,
+        }
+    }
+    fn names(s: &BTreeSet<String>) -> Vec<&str> {
+        s.iter().map(String::as_str).collect()
+    }
+
+    /// One scheduling case: nodes, workloads, current placements -> expected nodes per workload.
+    fn check(
+        nodes: &[NodeView],
+        workloads: &[WorkloadView],
+        current: &[(&WorkloadView, &[&str])],
+        expected: &[(&str, &[&str])],
+    ) -> BTreeMap<ObjectId, PlacementDecision> {
+        let cur = current
+            .iter()
+            .map(|(w, ns)| (w.id.clone(), ns.iter().map(|s| s.to_string()).collect()))
+            .collect();
+        let out = schedule(nodes, workloads, &cur);
+        for (name, want) in expected {
+            let got = out.iter().find(|(id, _)| id.name == *name).map(|(_, d)| names(&d.nodes)).unwrap_or_default();
+            assert_eq!(&got, want, "workload {name}");
+        }
+        out
+    }
+
+    #[test]
+    fn daemonset_goes_to_every_matching_node_including_offline() {
+        let nodes = [node("a", &[("site", "1")], true), node("b", &[("site", "1")], false), node("c", &[("site", "2")], true)];
+        check(&nodes, &[wl(Kind::DaemonSet, "ds", &[("site", "1")], 0)], &[], &[("ds", &["a", "b"])]);
+        check(&nodes, &[wl(Kind::DaemonSet, "all", &[], 0)], &[], &[("all", &["a", "b", "c"])]);
+    }
+
+    #[test]
+    fn deployment_spreads_over_online_matching_nodes() {
+        let nodes = [node("a", &[], true), node("b", &[], true), node("c", &[], false)];
+        let d = wl(Kind::Deployment, "web", &[], 2);
+        check(&nodes, &[d], &[], &[("web", &["a", "b"])]);
+    }
+
+    #[test]
+    fn deployment_is_stable_when_a_node_joins() {
+        let d = wl(Kind::Deployment, "web", &[], 1);
+        let before = check(&[node("a", &[], true)], std::slice::from_ref(&d), &[], &[("web", &["a"])]);
+        assert_eq!(before.len(), 1);
+        // "0" would sort first and has zero load, but the running replica stays on "a".
+        check(&[node("0", &[], true), node("a", &[], true)], std::slice::from_ref(&d), &[(&d, &["a"])], &[("web", &["a"])]);
+    }
+
+    #[test]
+    fn replica_on_offline_node_is_not_moved() {
+        let d = wl(Kind::Deployment, "web", &[], 1);
+        check(&[node("a", &[], false), node("b", &[], true)], std::slice::from_ref(&d), &[(&d, &["a"])], &[("web", &["a"])]);
+    }
+
+    #[test]
+    fn replica_moves_when_node_stops_matching_or_is_deleted() {
+        let d = wl(Kind::Deployment, "web", &[("site", "1")], 1);
+        let nodes = [node("a", &[("site", "2")], true), node("b", &[("site", "1")], true)];
+        check(&nodes, std::slice::from_ref(&d), &[(&d, &["a"])], &[("web", &["b"])]);
+        check(&nodes[1..], std::slice::from_ref(&d), &[(&d, &["gone"])], &[("web", &["b"])]);
+    }
+
+    #[test]
+    fn scale_down_drops_offline_then_busiest() {
+        let d = wl(Kind::Deployment, "web", &[], 1);
+        let nodes = [node("a", &[], false), node("b", &[], true)];
+        check(&nodes, std::slice::from_ref(&d), &[(&d, &["a", "b"])], &[("web", &["b"])]);
+    }
+
+    #[test]
+    fn spread_accounts_for_daemonsets_and_other_deployments() {
+        let nodes = [node("a", &[], true), node("b", &[], true)];
+        let ds = wl(Kind::DaemonSet, "agent", &[("x", "y")], 0);
+        let d1 = wl(Kind::Deployment, "one", &[], 1);
+        let d2 = wl(Kind::Deployment, "two", &[], 1);
+        let out = schedule(&nodes, &[ds, d1, d2], &BTreeMap::new());
+        let placed: Vec<_> = out.values().flat_map(|d| d.nodes.iter().cloned()).collect();
+        assert_eq!(placed.len(), 2);
+        assert_ne!(placed[0], placed[1], "two single-replica deployments land on different nodes");
+    }
+
+    #[test]
+    fn too_few_nodes_leaves_a_note() {
+        let out = check(&[node("a", &[], true)], &[wl(Kind::Deployment, "web", &[], 3)], &[], &[("web", &["a"])]);
+        let note = out.values().next().unwrap().note.clone().unwrap();
+        assert!(note.starts_with("1 of 3 replicas scheduled"), "{note}");
+    }
+}
