@@ -1,1 +1,68 @@
-//! placeholder
+//! The outpost agent: joins a hub, keeps the node's desired state on local disk, and runs it
+//! whether or not the hub is reachable.
+//!
+//! Owns: the node's identity (`identity`), its durable state (`store`), the process runtime
+//! (`runtime`), the reconcile loop that executes `outpost-core`'s supervision decisions
+//! (`reconcile`), and the link to the hub (`sync`).
+//!
+//! Must never: need the hub to start, restart or keep a workload; listen on a port (agents only
+//! dial out); act on a desired state before it is persisted; run two processes for one unit.
+//!
+//! Start-up order (`run`): open the store -> load the last desired state -> adopt processes that
+//! survived an agent restart -> start what is missing -> only then try the hub.
+
+pub mod identity;
+pub mod reconcile;
+pub mod runtime;
+pub mod store;
+pub mod sync;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tracing::info;
+
+pub use identity::{join, Identity, JoinError, JoinOptions};
+
+pub struct RunOptions {
+    pub data_dir: PathBuf,
+    /// Override the hub URL stored at join time.
+    pub hub: Option<String>,
+    /// Stop every workload when the agent exits (the demo). Normally workloads keep running
+    /// and the next agent start re-adopts them.
+    pub stop_workloads_on_exit: bool,
+}
+
+/// Run the agent until `shutdown` resolves.
+pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let mut identity = Identity::load(&o.data_dir).map_err(anyhow::Error::msg)?;
+    if let Some(h) = &o.hub {
+        identity.hub = h.trim_end_matches('/').to_string();
+    }
+    let store = Arc::new(store::Store::open(&o.data_dir.join("state.db"))?);
+    let desired = Arc::new(store.load_desired().context("loading the local desired state")?);
+    info!(node = %identity.node, generation = desired.generation, workloads = desired.workloads.len(), "agent starting from local state");
+
+    let (desired_tx, desired_rx) = watch::channel(desired.clone());
+    let (status_tx, status_rx) = watch::channel(reconcile::Snapshot::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let rt = runtime::Runtime::new(&o.data_dir, &identity.node);
+    let reconciler = reconcile::Reconciler::new(rt, store.clone(), desired, status_tx);
+    let rec = tokio::spawn(reconciler.run(desired_rx.clone(), stop_rx.clone(), o.stop_workloads_on_exit));
+
+    let client = Arc::new(sync::HubClient::new(identity, o.data_dir.clone())?);
+    let s1 = tokio::spawn(sync::sync_loop(client.clone(), store.clone(), desired_tx, stop_rx.clone()));
+    let s2 = tokio::spawn(sync::status_loop(client, store, status_rx, desired_rx, started, stop_rx));
+
+    shutdown.await;
+    info!("agent shutting down");
+    let _ = stop_tx.send(true);
+    let _ = rec.await;
+    s1.abort();
+    s2.abort();
+    Ok(())
+}

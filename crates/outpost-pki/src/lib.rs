@@ -142,7 +142,7 @@ impl CaMaterial {
         dn.push(DnType::OrganizationName, "outpost:nodes");
         params.distinguished_name = dn;
         params.subject_alt_names = vec![SanType::URI(
-            format!("outpost://node/{node}").try_into().map_err(rcgen::Error::from)?,
+            format!("outpost://node/{node}").try_into()?,
         )];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -155,7 +155,7 @@ impl CaMaterial {
 fn san(name: &str) -> Result<SanType, PkiError> {
     Ok(match name.parse::<std::net::IpAddr>() {
         Ok(ip) => SanType::IpAddress(ip),
-        Err(_) => SanType::DnsName(name.to_string().try_into().map_err(rcgen::Error::from)?),
+        Err(_) => SanType::DnsName(name.to_string().try_into()?),
     })
 }
 

@@ -1,0 +1,219 @@
+//! The agent's durable state: `<data-dir>/state.db` (SQLite, WAL, `synchronous=FULL`).
+//!
+//! Tables:
+//! - `meta(key, value)`: `generation` (the desired-state generation held), `schema`.
+//! - `workloads(key, spec)`: the desired state, one row per workload, JSON `WorkloadSpec`.
+//! - `units(unit, hash, restarts)`: restart counts, so they survive an agent restart.
+//! - `events(seq AUTOINCREMENT, at, workload, reason, message)`: the outbox of node events not
+//!   yet acknowledged by the hub.
+//!
+//! Crash invariants (what survives `kill -9` or a power cut at any instant):
+//! - [`Store::save_desired`] replaces the whole desired state and its generation in one
+//!   transaction: after a crash the store holds either the old state and generation or the new
+//!   ones, never a mix. The agent saves before acting and before asking for a newer generation,
+//!   so the hub's generation never runs ahead of what is on disk.
+//! - An event is committed before the action that reported it is considered done; `seq` is
+//!   AUTOINCREMENT, so a sequence number is never reused, even after the acknowledged rows are
+//!   deleted. Deleting acknowledged events can be lost in a crash; the hub ignores the resent
+//!   duplicates by `(node, seq)`.
+//! - Which processes run is *not* stored: it is read back from `/proc` at start (see `runtime`),
+//!   so there is no window in which a process runs that the agent cannot find.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use outpost_api::{NodeEvent, UnixMs, WorkloadSpec};
+use rusqlite::{params, Connection, OptionalExtension};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("agent state database {path}: {source}")]
+    Sqlite { path: String, source: rusqlite::Error },
+    #[error("agent state database holds an unreadable workload {key}: {source}")]
+    Decode { key: String, source: serde_json::Error },
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+    path: String,
+}
+
+/// The desired state the agent holds.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Desired {
+    pub generation: u64,
+    pub workloads: BTreeMap<String, WorkloadSpec>,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let p = path.display().to_string();
+        let wrap = |source| StoreError::Sqlite { path: p.clone(), source };
+        let conn = Connection::open(path).map_err(wrap)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             PRAGMA synchronous=FULL;
+             PRAGMA busy_timeout=5000;
+             CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS workloads(key TEXT PRIMARY KEY, spec TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS units(unit TEXT PRIMARY KEY, hash TEXT NOT NULL, restarts INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS events(seq INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL,
+                 workload TEXT, reason TEXT NOT NULL, message TEXT NOT NULL);
+             INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', '1');",
+        )
+        .map_err(wrap)?;
+        Ok(Self { conn: Mutex::new(conn), path: p })
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite { path: self.path.clone(), source }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn load_desired(&self) -> Result<Desired, StoreError> {
+        let c = self.lock();
+        let generation: Option<String> =
+            c.query_row("SELECT value FROM meta WHERE key='generation'", [], |r| r.get(0)).optional().map_err(|e| self.err(e))?;
+        let mut stmt = c.prepare("SELECT key, spec FROM workloads").map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        let mut workloads = BTreeMap::new();
+        for (key, spec) in rows {
+            let spec: WorkloadSpec = serde_json::from_str(&spec).map_err(|source| StoreError::Decode { key: key.clone(), source })?;
+            workloads.insert(key, spec);
+        }
+        Ok(Desired { generation: generation.and_then(|g| g.parse().ok()).unwrap_or(0), workloads })
+    }
+
+    /// Replace the desired state atomically (see the module's crash invariants).
+    pub fn save_desired(&self, d: &Desired) -> Result<(), StoreError> {
+        let mut c = self.lock();
+        let tx = c.transaction().map_err(|e| self.err(e))?;
+        tx.execute("DELETE FROM workloads", []).map_err(|e| self.err(e))?;
+        for (key, spec) in &d.workloads {
+            let json = serde_json::to_string(spec).expect("serializable");
+            tx.execute("INSERT INTO workloads(key, spec) VALUES (?1, ?2)", params![key, json]).map_err(|e| self.err(e))?;
+        }
+        tx.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('generation', ?1)", params![d.generation.to_string()])
+            .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    pub fn unit_restarts(&self) -> Result<BTreeMap<String, (String, u32)>, StoreError> {
+        let c = self.lock();
+        let mut stmt = c.prepare("SELECT unit, hash, restarts FROM units").map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, (r.get::<_, String>(1)?, r.get::<_, u32>(2)?))))
+            .map_err(|e| self.err(e))?
+            .collect::<Result<BTreeMap<_, _>, _>>()
+            .map_err(|e| self.err(e));
+        rows
+    }
+
+    pub fn set_unit_restarts(&self, unit: &str, hash: &str, restarts: u32) -> Result<(), StoreError> {
+        self.lock()
+            .execute("INSERT OR REPLACE INTO units(unit, hash, restarts) VALUES (?1, ?2, ?3)", params![unit, hash, restarts])
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn forget_unit(&self, unit: &str) -> Result<(), StoreError> {
+        self.lock().execute("DELETE FROM units WHERE unit = ?1", params![unit]).map(|_| ()).map_err(|e| self.err(e))
+    }
+
+    /// Append an event to the outbox; returns its sequence number.
+    pub fn push_event(&self, at: UnixMs, workload: Option<&str>, reason: &str, message: &str) -> Result<u64, StoreError> {
+        let c = self.lock();
+        c.execute(
+            "INSERT INTO events(at, workload, reason, message) VALUES (?1, ?2, ?3, ?4)",
+            params![at, workload, reason, message],
+        )
+        .map_err(|e| self.err(e))?;
+        Ok(c.last_insert_rowid() as u64)
+    }
+
+    /// Unacknowledged events, oldest first, at most `limit`.
+    pub fn pending_events(&self, limit: usize) -> Result<Vec<NodeEvent>, StoreError> {
+        let c = self.lock();
+        let mut stmt = c
+            .prepare("SELECT seq, at, workload, reason, message FROM events ORDER BY seq LIMIT ?1")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![limit as i64], |r| {
+                Ok(NodeEvent {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    at: r.get(1)?,
+                    workload: r.get(2)?,
+                    reason: r.get(3)?,
+                    message: r.get(4)?,
+                })
+            })
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e));
+        rows
+    }
+
+    pub fn ack_events(&self, up_to: u64) -> Result<(), StoreError> {
+        self.lock().execute("DELETE FROM events WHERE seq <= ?1", params![up_to as i64]).map(|_| ()).map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_api::{Kind, RestartPolicy, Runtime};
+
+    fn spec(key: &str, hash: &str) -> WorkloadSpec {
+        WorkloadSpec {
+            key: key.into(),
+            kind: Kind::DaemonSet,
+            namespace: "default".into(),
+            name: key.into(),
+            revision: 1,
+            hash: hash.into(),
+            runtime: Runtime::Process,
+            restart_policy: RestartPolicy::Always,
+            grace_seconds: 1,
+            containers: vec![],
+            volumes: vec![],
+        }
+    }
+
+    #[test]
+    fn desired_state_and_outbox_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let s = Store::open(&path).unwrap();
+            assert_eq!(s.load_desired().unwrap(), Desired::default());
+            let mut d = Desired { generation: 4, workloads: BTreeMap::new() };
+            d.workloads.insert("a".into(), spec("a", "h1"));
+            d.workloads.insert("b".into(), spec("b", "h2"));
+            s.save_desired(&d).unwrap();
+            d.workloads.remove("a");
+            d.generation = 5;
+            s.save_desired(&d).unwrap();
+            assert_eq!(s.push_event(10, Some("b"), "BackOff", "exited 1").unwrap(), 1);
+            assert_eq!(s.push_event(11, None, "Started", "agent").unwrap(), 2);
+            s.ack_events(1).unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let d = s.load_desired().unwrap();
+        assert_eq!(d.generation, 5);
+        assert_eq!(d.workloads.keys().collect::<Vec<_>>(), ["b"]);
+        let ev = s.pending_events(10).unwrap();
+        assert_eq!(ev.len(), 1);
+        assert_eq!((ev[0].seq, ev[0].at), (2, 11));
+        s.ack_events(2).unwrap();
+        // sequence numbers are never reused, even when the outbox is empty
+        assert_eq!(s.push_event(12, None, "x", "y").unwrap(), 3);
+    }
+}
