@@ -1,1 +1,142 @@
-//! placeholder
+//! The outpost hub: the HTTPS server agents dial out to and operators talk to (docs/protocol.md).
+//!
+//! Owns: the hub's data directory (CA, server certificate, admin token, SQLite database), join
+//! and certificate renewal, authorization of every route, durable storage of objects, nodes,
+//! per-node desired state with generations, statuses and events, and the long-poll that hands
+//! each node its desired state. Must never: decide placement or render workloads itself (that is
+//! `outpost-core`, called from [`scheduler`]), parse manifests beyond calling `outpost-api`, trust
+//! anything a node says about another node, or block an async task on SQLite: store calls are
+//! short statements run on the blocking pool, and errors become HTTP answers only in
+//! [`error::HubError`].
+
+pub mod api;
+pub mod error;
+pub mod files;
+pub mod scheduler;
+pub mod server;
+pub mod state;
+pub mod store;
+pub mod validate;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use outpost_api::UnixMs;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use error::HubError;
+pub use server::Peer;
+pub use store::{SqliteStore, Store};
+
+/// The hub's one clock read.
+pub fn now_ms() -> UnixMs {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Default grace period before a silent node counts as Offline.
+pub const DEFAULT_OFFLINE_AFTER: Duration = Duration::from_secs(90);
+
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Host names or IPs (or URLs, whose host is used) for the server certificate; `localhost`
+    /// and `127.0.0.1` are always added.
+    pub advertise: Vec<String>,
+    /// A node is Offline when the hub has had no contact for this long (default 90 s).
+    pub offline_after: Duration,
+    /// How long a sync long-poll is held open without changes (default 30 s).
+    pub long_poll: Duration,
+}
+
+impl HubConfig {
+    /// Defaults for everything but where to listen and where to keep data.
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
+        Self {
+            listen,
+            data_dir,
+            advertise: Vec::new(),
+            offline_after: DEFAULT_OFFLINE_AFTER,
+            long_poll: Duration::from_secs(outpost_api::LONG_POLL_SECS),
+        }
+    }
+}
+
+/// A running hub. Stop it with [`Hub::shutdown`]; dropping it leaves the server running.
+pub struct Hub {
+    /// The address actually bound (the configured port may be 0).
+    pub addr: SocketAddr,
+    pub ca_pem: String,
+    /// SHA-256 of the CA certificate (the pin in join tokens).
+    pub ca_fingerprint: String,
+    pub admin_token: String,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Hub {
+    /// Start serving. The first start creates the data directory (0700), CA, server
+    /// certificate, admin token and database; later starts reuse them (re-issuing the server
+    /// certificate when the advertised names changed). Returns the admin token as
+    /// `created_admin_token` on first start only, so it can be printed once.
+    pub async fn start(cfg: HubConfig) -> anyhow::Result<(Hub, Option<String>)> {
+        outpost_pki::install_provider();
+        let data_dir = files::DataDir::new(cfg.data_dir.clone());
+        let db_path = data_dir.path("hub.db");
+        let advertise = cfg.advertise.clone();
+        let (material, store) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let material = data_dir.load_or_create(&advertise)?;
+            let store = SqliteStore::open(&db_path).with_context(|| format!("cannot open {}", db_path.display()))?;
+            Ok((material, store))
+        })
+        .await
+        .context("hub start-up task failed")??;
+
+        let ca_fingerprint = material.ca.fingerprint().context("ca.pem is not a valid certificate")?;
+        let tls = outpost_pki::server_config(&material.ca, &material.server_chain_pem, &material.server_key_pem)
+            .context("cannot build the TLS configuration from server.pem/server.key; delete server.* to re-issue")?;
+        let state = Arc::new(state::HubState::new(
+            Arc::new(store),
+            material.ca.clone(),
+            ca_fingerprint.clone(),
+            &material.admin_token,
+            cfg.offline_after,
+            cfg.long_poll,
+        ));
+        // Catch up on anything committed before a crash but not yet scheduled.
+        state.reschedule(now_ms()).await.context("initial scheduling failed")?;
+
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}; is another hub running? pick another --listen", cfg.listen))?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = watch::channel(false);
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let task = tokio::spawn(server::serve(listener, acceptor, server::router(state), stopped));
+        tracing::info!(addr = %addr, data_dir = %cfg.data_dir.display(), ca_fingerprint = %ca_fingerprint, "hub listening");
+        let hub = Hub {
+            addr,
+            ca_pem: material.ca.cert_pem,
+            ca_fingerprint,
+            admin_token: material.admin_token,
+            stop,
+            task,
+        };
+        Ok((hub, material.created_admin_token))
+    }
+
+    /// Stop accepting, give open requests a moment, close the database.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "hub server task failed");
+        }
+    }
+}

@@ -1,1 +1,403 @@
-fn main(){}
+//! The `outpost` binary: argument parsing and wiring only. The hub lives in `outpost-hub`, the
+//! agent in `outpost-agent`, decisions in `outpost-core`; this crate turns command lines into
+//! calls to them and answers into tables or JSON/YAML.
+
+mod client;
+mod demo;
+mod output;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "outpost", version, about = "Run software on fleets of small edge sites from one place.")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the hub (HTTPS API for agents and operators, built-in CA, embedded SQLite).
+    Hub(HubArgs),
+    /// Manage join tokens.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// Run the agent on an edge box, or join it to a hub.
+    Agent(AgentArgs),
+    /// Store the hub URL and admin token for the other commands.
+    Login(LoginArgs),
+    /// Create or update objects from manifest files (several documents per file).
+    Apply {
+        /// A file or a directory of .yaml/.yml files; repeatable.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Delete objects named in files, or one object by kind and name.
+    Delete(DeleteArgs),
+    /// List nodes, deployments, daemonsets or workloads.
+    Get {
+        /// nodes | deployments | daemonsets | workloads
+        what: String,
+        #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Show one node or workload in detail, with its recent events.
+    Describe {
+        /// node | deployment | daemonset
+        kind: String,
+        name: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+    },
+    /// Start a hub and three agents on this machine with a sample app, and show what runs where.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+pub enum Format {
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(Args)]
+struct HubArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    listen: std::net::SocketAddr,
+    /// Where the hub keeps its CA, admin token and database.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// URL agents use to reach the hub (its host goes into the server certificate); repeatable.
+    #[arg(long)]
+    advertise: Vec<String>,
+    /// A node without contact for this long is Offline (e.g. 90s, 5m).
+    #[arg(long, default_value = "90s", value_parser = parse_duration)]
+    offline_after: Duration,
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a join token; prints it.
+    Create {
+        /// Labels every node joining with this token gets: k=v,k2=v2
+        #[arg(long, value_parser = parse_labels)]
+        labels: Option<Labels>,
+        /// How long the token is valid (e.g. 24h, 30m; 0 = no expiry).
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+        /// How many nodes may join with it (default: unlimited until it expires).
+        #[arg(long)]
+        uses: Option<u32>,
+    },
+}
+
+type Labels = BTreeMap<String, String>;
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct AgentArgs {
+    #[command(subcommand)]
+    cmd: Option<AgentCmd>,
+    /// Join (when this box has not joined yet) and run.
+    #[command(flatten)]
+    join: JoinArgs,
+}
+
+#[derive(Subcommand)]
+enum AgentCmd {
+    /// Join a hub with a token: generates the node key here and gets a certificate.
+    Join(JoinArgs),
+    /// Run the agent from its data dir (no hub needed to start workloads).
+    Run(RunArgs),
+}
+
+#[derive(Args, Clone)]
+struct JoinArgs {
+    /// Hub URL, e.g. https://hub.example.com:8443
+    #[arg(long)]
+    hub: Option<String>,
+    /// Join token from `outpost token create`.
+    #[arg(long)]
+    token: Option<String>,
+    /// Node name (default: this host's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Extra node labels: k=v,k2=v2
+    #[arg(long, value_parser = parse_labels)]
+    labels: Option<Labels>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Use this hub URL instead of the one stored at join.
+    #[arg(long)]
+    hub: Option<String>,
+    /// Stop all workloads when the agent exits (used by `outpost demo`).
+    #[arg(long, hide = true)]
+    stop_workloads_on_exit: bool,
+}
+
+#[derive(Args)]
+struct LoginArgs {
+    #[arg(long)]
+    hub: String,
+    /// The admin token the hub printed at its first start (also in <hub data dir>/admin.token).
+    #[arg(long)]
+    token: String,
+    /// The hub CA's SHA-256 fingerprint, as the hub prints it. Without it, the CA is trusted on
+    /// first use and its fingerprint printed for you to compare.
+    #[arg(long)]
+    ca_fingerprint: Option<String>,
+}
+
+#[derive(Args)]
+struct DeleteArgs {
+    /// Manifest files or directories whose objects to delete.
+    #[arg(short = 'f', long = "filename")]
+    files: Vec<PathBuf>,
+    /// deployment | daemonset | configmap | secret | node
+    kind: Option<String>,
+    name: Option<String>,
+    #[arg(short = 'n', long, default_value = "default")]
+    namespace: String,
+}
+
+fn parse_labels(s: &str) -> Result<Labels, String> {
+    let mut out = Labels::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').ok_or_else(|| format!("label {part:?} is not key=value"))?;
+        if k.is_empty() {
+            return Err(format!("label {part:?} has an empty key"));
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a duration like 90s, 5m, 24h or 7d"))?;
+    let secs = match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use s, m, h or d")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+fn default_dir(role: &str) -> PathBuf {
+    if nix_is_root() {
+        PathBuf::from(format!("/var/lib/outpost/{role}"))
+    } else {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+        home.join(".local/share/outpost").join(role)
+    }
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("OUTPOST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).with_target(false).try_init();
+}
+
+async fn ctrl_c_or_term() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn main() {
+    outpost_pki::install_provider();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    if let Err(e) = rt.block_on(dispatch(cli.cmd)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn dispatch(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Hub(a) => run_hub(a).await,
+        Cmd::Token { cmd: TokenCmd::Create { labels, ttl, uses } } => {
+            let c = client::Client::from_env()?;
+            let req = outpost_api::TokenRequest {
+                labels: labels.unwrap_or_default(),
+                ttl_secs: (!ttl.is_zero()).then_some(ttl.as_secs()),
+                uses,
+            };
+            let t: outpost_api::TokenResponse = c.post("/v1/tokens", &req).await?;
+            println!("{}", t.token);
+            Ok(())
+        }
+        Cmd::Agent(a) => match a.cmd {
+            Some(AgentCmd::Join(j)) => {
+                init_tracing();
+                let id = agent_join(&j).await?;
+                println!("joined {} as node {}; start it with `outpost agent run`", id.hub, id.node);
+                Ok(())
+            }
+            Some(AgentCmd::Run(r)) => agent_run(r).await,
+            None => {
+                init_tracing();
+                let dir = a.join.data_dir.clone().unwrap_or_else(|| default_dir("agent"));
+                if !outpost_agent::Identity::exists(&dir) {
+                    let id = agent_join(&a.join).await?;
+                    eprintln!("joined {} as node {}", id.hub, id.node);
+                }
+                agent_run(RunArgs { data_dir: Some(dir), hub: None, stop_workloads_on_exit: false }).await
+            }
+        },
+        Cmd::Login(l) => client::login(&l.hub, &l.token, l.ca_fingerprint.as_deref()).await,
+        Cmd::Apply { files } => {
+            let c = client::Client::from_env()?;
+            let req = outpost_api::ApplyRequest { files: client::read_manifests(&files)? };
+            let r: outpost_api::ApplyResponse = c.post("/v1/apply", &req).await?;
+            for w in &r.warnings {
+                eprintln!("warning: {w}");
+            }
+            for res in &r.results {
+                match res.revision {
+                    Some(rev) => println!("{} {} (revision {rev})", res.object, res.action),
+                    None => println!("{} {}", res.object, res.action),
+                }
+            }
+            Ok(())
+        }
+        Cmd::Delete(d) => delete(d).await,
+        Cmd::Get { what, output } => output::get(&client::Client::from_env()?, &what, output).await,
+        Cmd::Describe { kind, name, namespace } => output::describe(&client::Client::from_env()?, &kind, &name, &namespace).await,
+        Cmd::Demo(a) => demo::run(a).await,
+    }
+}
+
+async fn run_hub(a: HubArgs) -> Result<()> {
+    init_tracing();
+    let data_dir = a.data_dir.unwrap_or_else(|| default_dir("hub"));
+    let mut advertise: Vec<String> = Vec::new();
+    for u in &a.advertise {
+        let host = client::url_host(u).with_context(|| format!("--advertise {u:?} is not a URL like https://hub.example.com:8443"))?;
+        advertise.push(host);
+    }
+    let cfg = outpost_hub::HubConfig {
+        listen: a.listen,
+        data_dir: data_dir.clone(),
+        advertise: advertise.clone(),
+        offline_after: a.offline_after,
+        long_poll: Duration::from_secs(outpost_api::LONG_POLL_SECS),
+    };
+    let (hub, created) = outpost_hub::Hub::start(cfg).await?;
+    let url = a.advertise.first().cloned().unwrap_or_else(|| format!("https://{}", client::display_addr(hub.addr)));
+    eprintln!("outpost hub listening on {} (data dir {})", hub.addr, data_dir.display());
+    eprintln!("CA fingerprint: {}", hub.ca_fingerprint);
+    if let Some(token) = created {
+        eprintln!("\nAdmin token (shown once; also in {}):\n  {token}", data_dir.join("admin.token").display());
+        eprintln!("Log in with:\n  outpost login --hub {url} --token {token} --ca-fingerprint {}", hub.ca_fingerprint);
+        eprintln!("Then join boxes with a token from `outpost token create`:\n  outpost agent --hub {url} --token <join token>\n");
+    }
+    ctrl_c_or_term().await;
+    eprintln!("hub stopping");
+    hub.shutdown().await;
+    Ok(())
+}
+
+async fn agent_join(j: &JoinArgs) -> Result<outpost_agent::Identity> {
+    let (Some(hub), Some(token)) = (&j.hub, &j.token) else {
+        bail!("joining needs --hub URL and --token T (create a token on the hub with `outpost token create`)");
+    };
+    let o = outpost_agent::JoinOptions {
+        hub: hub.clone(),
+        token: token.clone(),
+        name: j.name.clone(),
+        labels: j.labels.clone().unwrap_or_default(),
+        data_dir: j.data_dir.clone().unwrap_or_else(|| default_dir("agent")),
+    };
+    Ok(outpost_agent::join(&o).await?)
+}
+
+async fn agent_run(r: RunArgs) -> Result<()> {
+    init_tracing();
+    let o = outpost_agent::RunOptions {
+        data_dir: r.data_dir.unwrap_or_else(|| default_dir("agent")),
+        hub: r.hub,
+        stop_workloads_on_exit: r.stop_workloads_on_exit,
+    };
+    outpost_agent::run(o, ctrl_c_or_term()).await
+}
+
+async fn delete(d: DeleteArgs) -> Result<()> {
+    let c = client::Client::from_env()?;
+    let r: outpost_api::DeleteResponse = match (&d.kind, &d.name, d.files.is_empty()) {
+        (None, None, false) => {
+            let req = outpost_api::ApplyRequest { files: client::read_manifests(&d.files)? };
+            c.post("/v1/delete", &req).await?
+        }
+        (Some(kind), Some(name), true) if kind == "node" || kind == "nodes" => {
+            c.delete(&format!("/v1/nodes/{name}")).await?;
+            println!("node {name} deleted; its certificate no longer works");
+            return Ok(());
+        }
+        (Some(kind), Some(name), true) => {
+            let k = outpost_api::Kind::parse_cli(kind)
+                .with_context(|| format!("unknown kind {kind:?}: use deployment, daemonset, configmap, secret or node"))?;
+            c.delete_json(&format!("/v1/objects/{}/{}/{name}", k.as_str().to_ascii_lowercase(), d.namespace)).await?
+        }
+        _ => bail!("use either `outpost delete -f FILE` or `outpost delete KIND NAME [-n NAMESPACE]`"),
+    };
+    for o in &r.deleted {
+        println!("{o} deleted");
+    }
+    for o in &r.not_found {
+        println!("{o} not found");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_labels() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("5y").unwrap_err().contains("unknown unit"));
+        assert_eq!(parse_labels("a=1, b=2").unwrap().len(), 2);
+        assert!(parse_labels("a").unwrap_err().contains("not key=value"));
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,421 @@
+//! Route handlers: thin wrappers that authorize, call the store (on the blocking pool) and the
+//! pure checks, reschedule after changes, and shape answers. See docs/protocol.md.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use outpost_api::{
+    ApplyRequest, ApplyResponse, DeleteResponse, JoinRequest, JoinResponse, JoinToken, Kind, NodeInfo, Object,
+    ObjectId, Phase, Placement, RenewRequest, RenewResponse, Runtime, StatusAck, StatusReport, TokenRequest,
+    TokenResponse, UnixMs, WorkloadInfo, WorkloadStatus, PROCESS_RUNTIME,
+};
+use outpost_core::render::workload_key;
+use outpost_core::schedule::selector_matches;
+use serde::Deserialize;
+
+use crate::error::{human_duration, HubError};
+use crate::files::random_hex;
+use crate::scheduler::{is_online, status_word, workload_view};
+use crate::server::{Admin, ApiJson, ApiQuery, Peer};
+use crate::state::{sha256_hex, HubState};
+use crate::store::{check_token, DesiredRow, NewNode, NodeRow, StoredObject, TokenRow};
+use crate::{now_ms, validate};
+
+type St = State<Arc<HubState>>;
+
+/// Events returned by `GET /v1/nodes/{node}`.
+const NODE_EVENTS: u32 = 50;
+
+pub async fn ca(State(st): St) -> Response {
+    ([(CONTENT_TYPE, "application/x-pem-file")], st.ca.cert_pem.clone()).into_response()
+}
+
+/// A signed node certificate: PEM, fingerprint, expiry (unix ms).
+fn sign(st: &HubState, csr_pem: &str, node: &str) -> Result<(String, String, UnixMs), HubError> {
+    let cert_pem = st.ca.sign_node_csr(csr_pem, node).map_err(|e| HubError::InvalidCsr(e.to_string()))?;
+    let der = outpost_pki::pem_to_der(&cert_pem).map_err(|e| HubError::Internal(e.to_string()))?;
+    let not_after = outpost_pki::not_after_unix(&cert_pem).map_err(|e| HubError::Internal(e.to_string()))?;
+    Ok((outpost_pki::fingerprint(&der), cert_pem, not_after.saturating_mul(1000)))
+}
+
+/// Reschedule after a committed change. The change stands even if this fails (the next change
+/// or the next hub start reschedules), so the failure is logged, not returned.
+async fn reschedule_after_commit(st: &HubState, now: UnixMs) {
+    if let Err(e) = st.reschedule_locked(now).await {
+        tracing::error!(error = %e, "rescheduling after a change failed; the next change or hub restart retries");
+    }
+}
+
+pub async fn join(State(st): St, ApiJson(req): ApiJson<JoinRequest>) -> Result<Json<JoinResponse>, HubError> {
+    validate::node_name(&req.name)?;
+    let now = now_ms();
+    let secret_sha = sha256_hex(&req.token_secret);
+    // Check the token before signing anything; the join transaction checks it again.
+    let id = req.token_id.clone();
+    let tok = st.db(move |s| s.token(&id)).await?;
+    check_token(tok.as_ref(), &req.token_id, &secret_sha, now).map_err(|p| {
+        tracing::warn!(node = %req.name, token = %req.token_id, problem = ?p, "join refused");
+        HubError::Token(p)
+    })?;
+    let (cert_fp, cert_pem, cert_not_after) = sign(&st, &req.csr_pem, &req.name)?;
+    let node = NewNode { name: req.name.clone(), labels: req.labels.clone(), cert_fp, cert_not_after };
+    let _guard = st.write_lock.lock().await;
+    let token_id = req.token_id.clone();
+    let labels = st.db(move |s| s.join(&token_id, &secret_sha, &node, now)).await?;
+    tracing::info!(node = %req.name, token = %req.token_id, labels = ?labels, "node joined");
+    reschedule_after_commit(&st, now).await;
+    Ok(Json(JoinResponse { node: req.name, cert_pem, ca_pem: st.ca.cert_pem.clone(), labels }))
+}
+
+/// The caller's certificate must belong to `node`.
+async fn authorize_node(st: &HubState, peer: &Peer, node: &str) -> Result<(), HubError> {
+    let fp = peer.cert_fp.clone().ok_or(HubError::NoClientCert)?;
+    let caller = st.db(move |s| s.node_by_cert(&fp)).await?.ok_or(HubError::UnknownNode)?;
+    if caller != node {
+        tracing::warn!(caller = %caller, target = %node, "node asked for another node's state");
+        return Err(HubError::Forbidden { caller, target: node.to_string() });
+    }
+    Ok(())
+}
+
+/// Record contact; a node back from Offline is logged and gets a reschedule (Deployments short
+/// of replicas may now be placed on it).
+async fn contact(st: &HubState, node: &str, now: UnixMs) -> Result<(), HubError> {
+    let n = node.to_string();
+    let prev = st.db(move |s| s.touch(&n, now)).await?.ok_or(HubError::UnknownNode)?;
+    if now.saturating_sub(prev) > st.offline_after.as_millis() as i64 {
+        tracing::info!(node = %node, offline_for = %human_duration(now - prev), "node online");
+        st.reschedule(now).await?;
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+pub struct SyncQuery {
+    #[serde(default)]
+    generation: u64,
+}
+
+pub async fn sync(
+    State(st): St,
+    peer: Peer,
+    Path(node): Path<String>,
+    ApiQuery(q): ApiQuery<SyncQuery>,
+) -> Result<Response, HubError> {
+    authorize_node(&st, &peer, &node).await?;
+    contact(&st, &node, now_ms()).await?;
+    // Subscribe before reading, so a change committed after the read still wakes us.
+    let mut rx = st.subscribe(&node);
+    let deadline = tokio::time::Instant::now() + st.long_poll;
+    loop {
+        let (n, since) = (node.clone(), q.generation);
+        let resp = st.db(move |s| s.sync(&n, since)).await?.ok_or(HubError::UnknownNode)?;
+        if resp.generation != since {
+            tracing::debug!(node = %node, since, generation = resp.generation, full = resp.full, "sync answered");
+            return Ok(Json(resp).into_response());
+        }
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => {}
+            // The node was deleted (its sender dropped): the next read answers unknown_node.
+            Ok(Err(_)) => rx = st.subscribe(&node),
+            Err(_) => return Ok(StatusCode::NO_CONTENT.into_response()),
+        }
+    }
+}
+
+pub async fn status(
+    State(st): St,
+    peer: Peer,
+    Path(node): Path<String>,
+    ApiJson(report): ApiJson<StatusReport>,
+) -> Result<Json<StatusAck>, HubError> {
+    authorize_node(&st, &peer, &node).await?;
+    let now = now_ms();
+    contact(&st, &node, now).await?;
+    let n = node.clone();
+    let events = report.events.len();
+    let events_acked = st.db(move |s| s.record_status(&n, &report, now)).await?;
+    tracing::debug!(node = %node, events, events_acked, "status stored");
+    Ok(Json(StatusAck { events_acked }))
+}
+
+pub async fn renew(
+    State(st): St,
+    peer: Peer,
+    Path(node): Path<String>,
+    ApiJson(req): ApiJson<RenewRequest>,
+) -> Result<Json<RenewResponse>, HubError> {
+    authorize_node(&st, &peer, &node).await?;
+    let (fp, cert_pem, not_after) = sign(&st, &req.csr_pem, &node)?;
+    let n = node.clone();
+    st.db(move |s| s.renew(&n, &fp, not_after)).await?;
+    tracing::info!(node = %node, expires_at = not_after, "node certificate renewed");
+    Ok(Json(RenewResponse { cert_pem }))
+}
+
+pub async fn create_token(
+    State(st): St,
+    _: Admin,
+    ApiJson(req): ApiJson<TokenRequest>,
+) -> Result<Json<TokenResponse>, HubError> {
+    let now = now_ms();
+    let row = TokenRow {
+        id: random_hex(4),
+        secret_sha256: String::new(),
+        labels: req.labels,
+        expires_at: req.ttl_secs.map(|t| now.saturating_add(i64::try_from(t).unwrap_or(i64::MAX).saturating_mul(1000))),
+        uses_left: req.uses.map(u64::from),
+        used: 0,
+        created_at: now,
+    };
+    let secret = random_hex(16);
+    let row = TokenRow { secret_sha256: sha256_hex(&secret), ..row };
+    let token = JoinToken { ca_fingerprint: st.ca_fingerprint.clone(), id: row.id.clone(), secret }.encode();
+    let resp = TokenResponse { token, id: row.id.clone(), expires_at: row.expires_at, uses: req.uses };
+    tracing::info!(token = %row.id, expires_at = ?row.expires_at, uses = ?req.uses, "join token created");
+    st.db(move |s| s.create_token(&row)).await?;
+    Ok(Json(resp))
+}
+
+pub async fn apply(
+    State(st): St,
+    _: Admin,
+    ApiJson(req): ApiJson<ApplyRequest>,
+) -> Result<Json<ApplyResponse>, HubError> {
+    let (objects, warnings) = validate::parse_batch(&req.files).map_err(HubError::InvalidManifest)?;
+    let _guard = st.write_lock.lock().await;
+    let stored = st.db(|s| s.objects()).await?;
+    let errors = validate::check_references(&objects, stored.into_iter().map(|o| o.object));
+    if !errors.is_empty() {
+        return Err(HubError::InvalidManifest(errors));
+    }
+    let now = now_ms();
+    let results = st.db(move |s| s.apply(&objects, now)).await?;
+    let mut changed = false;
+    for r in results.iter().filter(|r| r.action != "unchanged") {
+        changed = true;
+        tracing::info!(object = %r.object, action = %r.action, revision = ?r.revision, "object applied");
+    }
+    if changed {
+        reschedule_after_commit(&st, now).await;
+    }
+    Ok(Json(ApplyResponse { results, warnings }))
+}
+
+async fn delete_ids(st: &HubState, ids: Vec<ObjectId>) -> Result<DeleteResponse, HubError> {
+    let _guard = st.write_lock.lock().await;
+    let stored = st.db(|s| s.objects()).await?;
+    if let Some((object, workload)) = validate::in_use(stored.iter().map(|o| &o.object), &ids) {
+        return Err(HubError::InUse { object: object.to_string(), workload: workload.to_string() });
+    }
+    let (deleted, not_found) = st.db(move |s| s.delete_objects(&ids)).await?;
+    for id in &deleted {
+        tracing::info!(object = %id, "object deleted");
+    }
+    if !deleted.is_empty() {
+        reschedule_after_commit(st, now_ms()).await;
+    }
+    Ok(DeleteResponse {
+        deleted: deleted.iter().map(ToString::to_string).collect(),
+        not_found: not_found.iter().map(ToString::to_string).collect(),
+    })
+}
+
+pub async fn delete(
+    State(st): St,
+    _: Admin,
+    ApiJson(req): ApiJson<ApplyRequest>,
+) -> Result<Json<DeleteResponse>, HubError> {
+    let (objects, _) = validate::parse_batch(&req.files).map_err(HubError::InvalidManifest)?;
+    Ok(Json(delete_ids(&st, objects.iter().map(Object::id).collect()).await?))
+}
+
+fn object_id(kind: &str, namespace: String, name: String) -> Result<ObjectId, HubError> {
+    let kind = Kind::parse_cli(kind).ok_or_else(|| {
+        HubError::BadRequest(format!("unknown kind {kind:?}; use deployment, daemonset, configmap or secret"))
+    })?;
+    Ok(ObjectId { kind, namespace, name })
+}
+
+pub async fn delete_object(
+    State(st): St,
+    _: Admin,
+    Path((kind, namespace, name)): Path<(String, String, String)>,
+) -> Result<Json<DeleteResponse>, HubError> {
+    let id = object_id(&kind, namespace, name)?;
+    Ok(Json(delete_ids(&st, vec![id]).await?))
+}
+
+/// Everything needed to describe workloads, read in one go.
+struct View {
+    nodes: BTreeMap<String, NodeRow>,
+    desired: Vec<DesiredRow>,
+    statuses: HashMap<(String, String), WorkloadStatus>,
+}
+
+async fn read_view(st: &HubState) -> Result<View, HubError> {
+    st.db(|s| {
+        let nodes = s.nodes()?.into_iter().map(|n| (n.name.clone(), n)).collect();
+        let desired = s.desired()?;
+        let statuses = s.statuses(None)?.into_iter().map(|(n, w)| ((n, w.key.clone()), w)).collect();
+        Ok(View { nodes, desired, statuses })
+    })
+    .await
+}
+
+/// Describe one workload. Pure.
+fn workload_info(
+    obj: &StoredObject,
+    view: &View,
+    note: Option<String>,
+    offline_after: std::time::Duration,
+    now: UnixMs,
+) -> Option<WorkloadInfo> {
+    let o = &obj.object;
+    let template = o.template()?;
+    let wv = workload_view(o)?;
+    let id = o.id();
+    let key = workload_key(&id);
+    let desired = match id.kind {
+        Kind::Deployment => wv.replicas,
+        _ => view.nodes.values().filter(|n| selector_matches(&wv.node_selector, &n.labels)).count() as u32,
+    };
+    let mut ready = 0;
+    let placements: Vec<Placement> = view
+        .desired
+        .iter()
+        .filter(|r| r.key == key)
+        .map(|r| {
+            let status = view.statuses.get(&(r.node.clone(), key.clone())).cloned();
+            if status.as_ref().is_some_and(|s| s.phase == Phase::Running && s.hash == r.hash) {
+                ready += 1;
+            }
+            let online = view.nodes.get(&r.node).is_some_and(|n| is_online(n, offline_after, now));
+            Placement {
+                node: r.node.clone(),
+                node_status: status_word(online).to_string(),
+                key: key.clone(),
+                desired_revision: r.revision,
+                status,
+            }
+        })
+        .collect();
+    let runtime = if template.spec.runtime_class_name.as_deref() == Some(PROCESS_RUNTIME) {
+        Runtime::Process
+    } else {
+        Runtime::Docker
+    };
+    Some(WorkloadInfo {
+        kind: id.kind,
+        namespace: id.namespace.clone(),
+        name: id.name.clone(),
+        revision: obj.revision,
+        runtime,
+        desired,
+        scheduled: placements.len() as u32,
+        ready,
+        node_selector: wv.node_selector,
+        created_at: obj.created_at,
+        updated_at: obj.updated_at,
+        placements,
+        note,
+        manifest: serde_json::to_value(o).unwrap_or_default(),
+    })
+}
+
+pub async fn get_object(
+    State(st): St,
+    _: Admin,
+    Path((kind, namespace, name)): Path<(String, String, String)>,
+) -> Result<Json<serde_json::Value>, HubError> {
+    let id = object_id(&kind, namespace, name)?;
+    let lookup = id.clone();
+    let obj = st.db(move |s| s.object(&lookup)).await?.ok_or_else(|| HubError::NotFound(id.to_string()))?;
+    if !id.kind.is_workload() {
+        return Ok(Json(serde_json::to_value(&obj.object).map_err(|e| HubError::Internal(e.to_string()))?));
+    }
+    let view = read_view(&st).await?;
+    let info = workload_info(&obj, &view, st.note(&id), st.offline_after, now_ms())
+        .ok_or_else(|| HubError::Internal(format!("{id} has no pod template")))?;
+    Ok(Json(serde_json::to_value(info).map_err(|e| HubError::Internal(e.to_string()))?))
+}
+
+pub async fn workloads(State(st): St, _: Admin) -> Result<Json<Vec<WorkloadInfo>>, HubError> {
+    let objects = st.db(|s| s.objects()).await?;
+    let view = read_view(&st).await?;
+    let now = now_ms();
+    let mut out: Vec<WorkloadInfo> = objects
+        .iter()
+        .filter_map(|o| workload_info(o, &view, st.note(&o.object.id()), st.offline_after, now))
+        .collect();
+    out.sort_by(|a, b| (a.kind, &a.namespace, &a.name).cmp(&(b.kind, &b.namespace, &b.name)));
+    Ok(Json(out))
+}
+
+fn node_info(n: NodeRow, workloads: Vec<WorkloadStatus>, offline_after: std::time::Duration, now: UnixMs) -> NodeInfo {
+    NodeInfo {
+        status: status_word(is_online(&n, offline_after, now)).to_string(),
+        name: n.name,
+        labels: n.labels,
+        last_seen: n.last_seen,
+        joined_at: n.joined_at,
+        agent_version: n.agent_version,
+        uptime_secs: n.uptime_secs,
+        generation: n.generation,
+        applied_generation: n.applied_generation,
+        cert_expires_at: Some(n.cert_not_after),
+        workloads,
+        events: Vec::new(),
+    }
+}
+
+pub async fn nodes(State(st): St, _: Admin) -> Result<Json<Vec<NodeInfo>>, HubError> {
+    let (nodes, statuses) = st.db(|s| Ok((s.nodes()?, s.statuses(None)?))).await?;
+    let mut by_node: HashMap<String, Vec<WorkloadStatus>> = HashMap::new();
+    for (n, w) in statuses {
+        by_node.entry(n).or_default().push(w);
+    }
+    let now = now_ms();
+    let out = nodes
+        .into_iter()
+        .map(|n| {
+            let w = by_node.remove(&n.name).unwrap_or_default();
+            node_info(n, w, st.offline_after, now)
+        })
+        .collect();
+    Ok(Json(out))
+}
+
+pub async fn node(State(st): St, _: Admin, Path(name): Path<String>) -> Result<Json<NodeInfo>, HubError> {
+    let n = name.clone();
+    let found = st
+        .db(move |s| {
+            let Some(row) = s.node(&n)? else { return Ok(None) };
+            let statuses = s.statuses(Some(&n))?.into_iter().map(|(_, w)| w).collect();
+            Ok(Some((row, statuses, s.events(&n, NODE_EVENTS)?)))
+        })
+        .await?;
+    let (row, statuses, events) = found.ok_or_else(|| HubError::NotFound(format!("node {name}")))?;
+    Ok(Json(NodeInfo { events, ..node_info(row, statuses, st.offline_after, now_ms()) }))
+}
+
+pub async fn delete_node(
+    State(st): St,
+    _: Admin,
+    Path(name): Path<String>,
+) -> Result<Json<DeleteResponse>, HubError> {
+    let _guard = st.write_lock.lock().await;
+    let n = name.clone();
+    if !st.db(move |s| s.delete_node(&n)).await? {
+        return Err(HubError::NotFound(format!("node {name}")));
+    }
+    st.forget_node(&name);
+    tracing::info!(node = %name, "node deleted; its certificate no longer works");
+    reschedule_after_commit(&st, now_ms()).await;
+    Ok(Json(DeleteResponse { deleted: vec![format!("node/{name}")], not_found: vec![] }))
+}

@@ -1,0 +1,155 @@
+//! The hub's error type, and the one place where errors become HTTP answers.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use outpost_api::{ApiError, ManifestError, PROTOCOL_VERSION};
+
+use crate::store::StoreError;
+
+/// Why a join token was refused. Decided by [`crate::store::check_token`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenProblem {
+    /// No such token, or the secret does not match (not told apart, on purpose).
+    Unknown { id: String },
+    Expired { id: String, ago_ms: i64 },
+    UsedUp { id: String, used: u64 },
+}
+
+/// Everything a request can fail with. [`IntoResponse`] maps each variant to its status and
+/// stable `code` (see docs/protocol.md); the `Display` text is the operator-facing message.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("missing or wrong admin token; pass the token from <data-dir>/admin.token as `Authorization: Bearer <token>` (outpost reads it from OUTPOST_TOKEN or --token)")]
+    Unauthorized,
+    #[error("this request carries no client certificate; node routes need the node's certificate (mTLS). Join first with `outpost agent join --hub URL --token T`")]
+    NoClientCert,
+    #[error("this node's certificate is not known to the hub (the node was deleted or re-joined elsewhere); join again with `outpost agent join --hub URL --token T`")]
+    UnknownNode,
+    #[error("node {caller} may only access its own state, not node {target}'s")]
+    Forbidden { caller: String, target: String },
+    #[error("the agent speaks protocol version {got}, this hub only version {PROTOCOL_VERSION}; upgrade the hub to the agent's release (or install an older agent)")]
+    ProtocolVersion { got: String },
+    #[error("{}", token_message(.0))]
+    Token(TokenProblem),
+    #[error("node {0} already exists; pick another --name, or remove the old one with `outpost delete node {0}`")]
+    NodeExists(String),
+    #[error("invalid node name {name:?}: {reason}; use a DNS label: lower-case letters, digits and '-', at most 63 characters, starting and ending with a letter or digit")]
+    InvalidName { name: String, reason: &'static str },
+    #[error("the certificate signing request is not valid ({0}); the agent generates it, so upgrade or reinstall the agent")]
+    InvalidCsr(String),
+    #[error("{} in the manifests; nothing was applied", problems(.0.len()))]
+    InvalidManifest(Vec<ManifestError>),
+    #[error("{object} is used by {workload}; delete or change {workload} first, or delete both in one command")]
+    InUse { object: String, workload: String },
+    #[error("{0} not found; list what exists with `outpost get`")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("internal hub error: {0}; see the hub's log, and retry")]
+    Internal(String),
+}
+
+fn problems(n: usize) -> String {
+    if n == 1 {
+        "1 problem".into()
+    } else {
+        format!("{n} problems")
+    }
+}
+
+fn token_message(p: &TokenProblem) -> String {
+    match p {
+        TokenProblem::Unknown { id } => format!(
+            "join token {id} is not known to this hub (wrong secret, or the token belongs to another hub); create a new one with `outpost token create`"
+        ),
+        TokenProblem::Expired { id, ago_ms } => format!(
+            "join token {id} expired {} ago; create a new one with `outpost token create`",
+            human_duration(*ago_ms)
+        ),
+        TokenProblem::UsedUp { id, used } => format!(
+            "join token {id} has been used {used} time{} already; create a new one with `outpost token create`",
+            if *used == 1 { "" } else { "s" }
+        ),
+    }
+}
+
+/// `90s`, `5m`, `2h`, `3d`: coarse, for messages.
+pub fn human_duration(ms: i64) -> String {
+    let s = ms.max(0) / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+impl HubError {
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use HubError::*;
+        match self {
+            Unauthorized | NoClientCert => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            UnknownNode => (StatusCode::UNAUTHORIZED, "unknown_node"),
+            Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden"),
+            ProtocolVersion { .. } => (StatusCode::BAD_REQUEST, "protocol_version"),
+            Token(TokenProblem::Unknown { .. }) => (StatusCode::UNAUTHORIZED, "token_unknown"),
+            Token(TokenProblem::Expired { .. }) => (StatusCode::UNAUTHORIZED, "token_expired"),
+            Token(TokenProblem::UsedUp { .. }) => (StatusCode::UNAUTHORIZED, "token_used_up"),
+            NodeExists(_) => (StatusCode::CONFLICT, "node_exists"),
+            InvalidName { .. } => (StatusCode::BAD_REQUEST, "invalid_name"),
+            InvalidCsr(_) => (StatusCode::BAD_REQUEST, "invalid_csr"),
+            InvalidManifest(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_manifest"),
+            InUse { .. } => (StatusCode::CONFLICT, "in_use"),
+            NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl From<StoreError> for HubError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Token(p) => HubError::Token(p),
+            StoreError::NodeExists(n) => HubError::NodeExists(n),
+            other => HubError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for HubError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if status.is_server_error() {
+            tracing::error!(code, error = %self, "request failed");
+        } else {
+            tracing::debug!(code, error = %self, "request refused");
+        }
+        let message = self.to_string();
+        let details = match self {
+            HubError::InvalidManifest(d) => d,
+            _ => Vec::new(),
+        };
+        let body = ApiError { code: code.to_string(), message, details };
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_say_what_to_do() {
+        let e = HubError::Token(TokenProblem::Expired { id: "ab12".into(), ago_ms: 2 * 3600 * 1000 + 5 });
+        assert_eq!(
+            e.to_string(),
+            "join token ab12 expired 2h ago; create a new one with `outpost token create`"
+        );
+        assert_eq!(e.status_and_code(), (StatusCode::UNAUTHORIZED, "token_expired"));
+        let e = HubError::Forbidden { caller: "a".into(), target: "b".into() };
+        assert_eq!(e.to_string(), "node a may only access its own state, not node b's");
+        let e = HubError::InvalidManifest(vec![]);
+        assert_eq!(e.to_string(), "0 problems in the manifests; nothing was applied");
+    }
+}

@@ -1,0 +1,182 @@
+//! The hub side of scheduling: turn stored nodes, objects and placements into each node's
+//! desired state. Placement itself is decided by `outpost_core::schedule`; this module only
+//! renders and diffs, as a pure function of [`ScheduleInputs`] and `now` ([`plan`]).
+//!
+//! Everything is recomputed on each change: fleets are small. Incremental work (re-rendering
+//! only the workloads that reference a changed object, or only one node's bundle after a join)
+//! would go into [`plan`], keyed by the change that triggered it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use outpost_api::{Kind, Object, ObjectId, UnixMs, WorkloadSpec};
+use outpost_core::render::{render, workload_key};
+use outpost_core::schedule::{schedule, NodeView, WorkloadView};
+
+use crate::store::{NodeChange, NodeRow, Plan, ScheduleInputs};
+
+/// Online while the last contact (joining counts) is within `offline_after` of `now`.
+pub fn is_online(node: &NodeRow, offline_after: Duration, now: UnixMs) -> bool {
+    now.saturating_sub(node.last_contact()) <= offline_after.as_millis() as i64
+}
+
+pub fn status_word(online: bool) -> &'static str {
+    if online {
+        "Online"
+    } else {
+        "Offline"
+    }
+}
+
+/// Node selector and replica count of a workload object.
+pub fn workload_view(obj: &Object) -> Option<WorkloadView> {
+    let (selector, replicas) = match obj {
+        Object::Deployment(d) => (&d.spec.template.spec.node_selector, d.spec.replicas),
+        Object::DaemonSet(d) => (&d.spec.template.spec.node_selector, 0),
+        _ => return None,
+    };
+    Some(WorkloadView { id: obj.id(), node_selector: selector.clone(), replicas })
+}
+
+/// Compute placements and per-node changes. Pure.
+pub fn plan(inputs: &ScheduleInputs, offline_after: Duration, now: UnixMs) -> Plan {
+    let nodes: Vec<NodeView> = inputs
+        .nodes
+        .iter()
+        .map(|n| NodeView { name: n.name.clone(), labels: n.labels.clone(), online: is_online(n, offline_after, now) })
+        .collect();
+    let workloads: Vec<WorkloadView> = inputs.objects.iter().filter_map(|o| workload_view(&o.object)).collect();
+    let decisions = schedule(&nodes, &workloads, &inputs.assignments);
+
+    let objects: BTreeMap<ObjectId, Object> = inputs.objects.iter().map(|o| (o.object.id(), o.object.clone())).collect();
+    let mut want: BTreeMap<String, BTreeMap<String, WorkloadSpec>> =
+        nodes.iter().map(|n| (n.name.clone(), BTreeMap::new())).collect();
+    let mut out = Plan::default();
+    for stored in &inputs.objects {
+        let id = stored.object.id();
+        let Some(decision) = decisions.get(&id) else { continue };
+        if let Some(note) = &decision.note {
+            out.notes.insert(id.clone(), note.clone());
+        }
+        if id.kind == Kind::Deployment {
+            out.assignments.insert(id.clone(), decision.nodes.clone());
+        }
+        if decision.nodes.is_empty() {
+            continue;
+        }
+        let Some(spec) = render(&stored.object, stored.revision, &objects) else { continue };
+        debug_assert_eq!(spec.key, workload_key(&id));
+        for n in &decision.nodes {
+            if let Some(bundle) = want.get_mut(n) {
+                bundle.insert(spec.key.clone(), spec.clone());
+            }
+        }
+    }
+    let empty = BTreeMap::new();
+    for (node, bundle) in want {
+        let held = inputs.held.get(&node).unwrap_or(&empty);
+        let (up, remove) = outpost_core::bundle_changes(held, &bundle);
+        if up.is_empty() && remove.is_empty() {
+            continue;
+        }
+        let upsert = up.iter().filter_map(|k| bundle.get(k).cloned()).collect();
+        out.changes.insert(node, NodeChange { upsert, remove });
+    }
+    out
+}
+
+/// Nodes placed per workload, from the nodes' desired rows: workload key -> nodes.
+pub fn placed_by_key(rows: &[crate::store::DesiredRow]) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for r in rows {
+        out.entry(r.key.clone()).or_default().insert(r.node.clone());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoredObject;
+    use outpost_api::parse_file;
+
+    fn node(name: &str, labels: &[(&str, &str)], last_seen: Option<UnixMs>) -> NodeRow {
+        NodeRow {
+            name: name.into(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            cert_fp: format!("fp-{name}"),
+            cert_not_after: 0,
+            joined_at: 0,
+            last_seen,
+            generation: 1,
+            applied_generation: 0,
+            agent_version: None,
+            uptime_secs: None,
+        }
+    }
+
+    fn objects(yaml: &str) -> Vec<StoredObject> {
+        parse_file("t.yaml", yaml)
+            .expect("valid test manifest")
+            .objects
+            .into_iter()
+            .map(|object| StoredObject { object, template_hash: None, revision: 1, created_at: 0, updated_at: 0 })
+            .collect()
+    }
+
+    const DS: &str = "apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: agent}
+spec:
+  template:
+    spec:
+      nodeSelector: {site: a}
+      containers: [{name: c, image: busybox}]
+";
+
+    #[test]
+    fn online_counts_join_as_contact() {
+        let d = Duration::from_secs(90);
+        let mut n = node("a", &[], None);
+        n.joined_at = 1_000;
+        assert!(is_online(&n, d, 1_000 + 90_000));
+        assert!(!is_online(&n, d, 1_000 + 90_001));
+        n.last_seen = Some(100_000);
+        assert!(is_online(&n, d, 150_000));
+    }
+
+    #[test]
+    fn daemonset_lands_on_matching_nodes_and_leaves_when_labels_change() {
+        let mut inputs = ScheduleInputs {
+            nodes: vec![node("a", &[("site", "a")], Some(0)), node("b", &[("site", "b")], Some(0))],
+            objects: objects(DS),
+            ..Default::default()
+        };
+        let p = plan(&inputs, Duration::from_secs(90), 0);
+        assert_eq!(p.changes.keys().collect::<Vec<_>>(), vec!["a"]);
+        assert_eq!(p.changes["a"].upsert[0].key, "daemonset/default/agent");
+        // Holding the same hash: nothing to do.
+        let hash = p.changes["a"].upsert[0].hash.clone();
+        inputs.held.insert("a".into(), [("daemonset/default/agent".to_string(), hash)].into());
+        assert!(plan(&inputs, Duration::from_secs(90), 0).changes.is_empty());
+        // Node a no longer matches: removal.
+        inputs.nodes[0].labels.insert("site".into(), "c".into());
+        let p = plan(&inputs, Duration::from_secs(90), 0);
+        assert_eq!(p.changes["a"].remove, vec!["daemonset/default/agent".to_string()]);
+    }
+
+    #[test]
+    fn deployment_short_of_nodes_gets_a_note_and_assignments() {
+        let inputs = ScheduleInputs {
+            nodes: vec![node("a", &[], Some(0))],
+            objects: objects(
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 2\n  template:\n    spec:\n      containers: [{name: c, image: nginx}]\n",
+            ),
+            ..Default::default()
+        };
+        let p = plan(&inputs, Duration::from_secs(90), 0);
+        let (id, nodes) = p.assignments.iter().next().expect("one deployment");
+        assert_eq!(nodes.iter().collect::<Vec<_>>(), vec!["a"]);
+        assert!(p.notes[id].starts_with("1 of 2 replicas"), "{:?}", p.notes);
+    }
+}

@@ -1,0 +1,123 @@
+//! Shared hub state: the store, the long-poll wake-ups, and the write path that keeps objects,
+//! nodes and desired state consistent (one writer at a time, reschedule after each change).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outpost_api::{ObjectId, UnixMs};
+use outpost_pki::CaMaterial;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::error::HubError;
+use crate::scheduler;
+use crate::store::{Store, StoreError};
+
+pub struct HubState {
+    pub store: Arc<dyn Store>,
+    pub ca: CaMaterial,
+    pub ca_fingerprint: String,
+    pub admin_token_sha256: [u8; 32],
+    pub offline_after: Duration,
+    pub long_poll: Duration,
+    /// Serializes every change to objects and nodes together with the reschedule that follows,
+    /// so validation, write and placement see one consistent state.
+    pub write_lock: tokio::sync::Mutex<()>,
+    /// Per node: the latest generation, to wake waiting long-polls.
+    watchers: Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// Why workloads are short of replicas, from the last reschedule.
+    notes: Mutex<BTreeMap<ObjectId, String>>,
+}
+
+pub fn sha256(s: &str) -> [u8; 32] {
+    Sha256::digest(s.as_bytes()).into()
+}
+
+pub fn sha256_hex(s: &str) -> String {
+    hex::encode(sha256(s))
+}
+
+impl HubState {
+    pub fn new(
+        store: Arc<dyn Store>,
+        ca: CaMaterial,
+        ca_fingerprint: String,
+        admin_token: &str,
+        offline_after: Duration,
+        long_poll: Duration,
+    ) -> Self {
+        Self {
+            store,
+            ca,
+            ca_fingerprint,
+            admin_token_sha256: sha256(admin_token),
+            offline_after,
+            long_poll,
+            write_lock: tokio::sync::Mutex::new(()),
+            watchers: Mutex::new(HashMap::new()),
+            notes: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Run a short store operation on the blocking pool.
+    pub async fn db<T, F>(&self, f: F) -> Result<T, HubError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&*store))
+            .await
+            .map_err(|e| HubError::Internal(format!("database task failed: {e}")))?
+            .map_err(HubError::from)
+    }
+
+    /// A receiver that wakes when the node's generation changes.
+    pub fn subscribe(&self, node: &str) -> watch::Receiver<u64> {
+        let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        w.entry(node.to_string()).or_insert_with(|| watch::channel(0).0).subscribe()
+    }
+
+    fn notify(&self, bumped: &BTreeMap<String, u64>) {
+        let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        for (node, gen) in bumped {
+            w.entry(node.clone()).or_insert_with(|| watch::channel(0).0).send_replace(*gen);
+        }
+    }
+
+    /// Wake and forget a deleted node's long-polls (their receivers see the sender dropped).
+    pub fn forget_node(&self, node: &str) {
+        let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        w.remove(node);
+    }
+
+    pub fn note(&self, id: &ObjectId) -> Option<String> {
+        self.notes.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+    }
+
+    /// Recompute every node's desired state and wake the nodes whose generation moved.
+    /// Callers hold `write_lock`.
+    pub async fn reschedule_locked(&self, now: UnixMs) -> Result<(), HubError> {
+        let offline_after = self.offline_after;
+        let (bumped, notes) = self
+            .db(move |s| {
+                let inputs = s.schedule_inputs()?;
+                let plan = scheduler::plan(&inputs, offline_after, now);
+                let bumped = s.commit_plan(&plan)?;
+                Ok((bumped, plan.notes))
+            })
+            .await?;
+        for (node, generation) in &bumped {
+            tracing::info!(node = %node, generation, "desired state changed");
+        }
+        *self.notes.lock().unwrap_or_else(|p| p.into_inner()) = notes;
+        self.notify(&bumped);
+        Ok(())
+    }
+
+    pub async fn reschedule(&self, now: UnixMs) -> Result<(), HubError> {
+        let _guard = self.write_lock.lock().await;
+        self.reschedule_locked(now).await
+    }
+}

@@ -1,0 +1,807 @@
+//! The hub's durable state, behind the [`Store`] trait so another database (PostgreSQL) can be
+//! added without touching the rest of the hub.
+//!
+//! Invariants every implementation keeps:
+//! - a batch apply or delete is one transaction: all objects or none;
+//! - a node's generation never decreases, also across restarts: every bump takes the next value
+//!   of one hub-wide sequence (`meta.gen_seq`), so even a node deleted and joined again under
+//!   the same name sees larger generations than before;
+//! - `node_workloads` is a node's desired state; `changed_gen` says when each row last changed,
+//!   `node_tombstones` when each removed key went away, and `nodes.tombstone_floor` the highest
+//!   generation whose tombstones may have been pruned (a sync from below it gets the full state).
+//!
+//! All methods are synchronous and short; async callers run them on the blocking pool.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use outpost_api::{
+    ApplyResult, Kind, Labels, NodeEvent, Object, ObjectId, StatusReport, SyncResponse, UnixMs, WorkloadSpec,
+    WorkloadStatus,
+};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+use crate::error::TokenProblem;
+
+/// Current schema version, kept in `meta.schema_version`.
+pub const SCHEMA_VERSION: i64 = 1;
+/// Events kept per node (older ones are pruned when new ones arrive).
+pub const EVENTS_KEPT: i64 = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored data is not valid JSON ({0}); the database may be corrupt or from a newer hub")]
+    Json(#[from] serde_json::Error),
+    #[error("database {path} has schema version {found}, this hub knows up to {SCHEMA_VERSION}; run the newer hub release that created it")]
+    SchemaTooNew { path: String, found: i64 },
+    #[error("stored object has unknown kind {0:?}; the database may be from a newer hub")]
+    UnknownKind(String),
+    #[error("database lock poisoned by an earlier panic; restart the hub")]
+    Poisoned,
+    #[error("join token refused")]
+    Token(TokenProblem),
+    #[error("node {0} already exists")]
+    NodeExists(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A join token as stored (the secret only as its SHA-256).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenRow {
+    pub id: String,
+    pub secret_sha256: String,
+    pub labels: Labels,
+    pub expires_at: Option<UnixMs>,
+    /// `None`: unlimited.
+    pub uses_left: Option<u64>,
+    pub used: u64,
+    pub created_at: UnixMs,
+}
+
+/// Is this token good for one more join at `now`? Pure; the store calls it inside the join
+/// transaction.
+pub fn check_token(tok: Option<&TokenRow>, id: &str, secret_sha256: &str, now: UnixMs) -> Result<(), TokenProblem> {
+    let unknown = || TokenProblem::Unknown { id: id.to_string() };
+    let tok = tok.ok_or_else(unknown)?;
+    if tok.secret_sha256 != secret_sha256 {
+        return Err(unknown());
+    }
+    if let Some(exp) = tok.expires_at {
+        if now >= exp {
+            return Err(TokenProblem::Expired { id: id.to_string(), ago_ms: now - exp });
+        }
+    }
+    if tok.uses_left == Some(0) {
+        return Err(TokenProblem::UsedUp { id: id.to_string(), used: tok.used });
+    }
+    Ok(())
+}
+
+/// A node about to be recorded by a join.
+#[derive(Clone, Debug)]
+pub struct NewNode {
+    pub name: String,
+    /// Labels from the join request; they override the token's labels.
+    pub labels: Labels,
+    pub cert_fp: String,
+    pub cert_not_after: UnixMs,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeRow {
+    pub name: String,
+    pub labels: Labels,
+    pub cert_fp: String,
+    pub cert_not_after: UnixMs,
+    pub joined_at: UnixMs,
+    pub last_seen: Option<UnixMs>,
+    pub generation: u64,
+    pub applied_generation: u64,
+    pub agent_version: Option<String>,
+    pub uptime_secs: Option<u64>,
+}
+
+impl NodeRow {
+    /// Last contact; joining counts as contact.
+    pub fn last_contact(&self) -> UnixMs {
+        self.last_seen.unwrap_or(self.joined_at)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredObject {
+    pub object: Object,
+    pub template_hash: Option<String>,
+    pub revision: u64,
+    pub created_at: UnixMs,
+    pub updated_at: UnixMs,
+}
+
+/// One row of a node's desired state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DesiredRow {
+    pub node: String,
+    pub key: String,
+    pub hash: String,
+    pub revision: u64,
+}
+
+/// What the scheduler reads.
+#[derive(Clone, Debug, Default)]
+pub struct ScheduleInputs {
+    pub nodes: Vec<NodeRow>,
+    pub objects: Vec<StoredObject>,
+    /// Current Deployment placements.
+    pub assignments: BTreeMap<ObjectId, BTreeSet<String>>,
+    /// node -> key -> hash of what each node currently holds.
+    pub held: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// Changes to one node's desired state.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeChange {
+    pub upsert: Vec<WorkloadSpec>,
+    pub remove: Vec<String>,
+}
+
+/// What the scheduler writes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    /// Deployment placements (replaces all stored ones).
+    pub assignments: BTreeMap<ObjectId, BTreeSet<String>>,
+    pub changes: BTreeMap<String, NodeChange>,
+    /// Why workloads are short of replicas.
+    pub notes: BTreeMap<ObjectId, String>,
+}
+
+/// Is a delta from `since` complete, given the node's current generation and tombstone floor?
+pub fn needs_full(since: u64, current: u64, tombstone_floor: u64) -> bool {
+    since == 0 || since > current || since < tombstone_floor
+}
+
+/// The hub's storage. See the module docs for the invariants.
+pub trait Store: Send + Sync + 'static {
+    fn create_token(&self, t: &TokenRow) -> Result<()>;
+    fn token(&self, id: &str) -> Result<Option<TokenRow>>;
+    /// Check the token, refuse a taken name, record the node with its first generation and
+    /// use up one token use, in one transaction. Returns the node's final labels (token labels
+    /// overridden by the request's).
+    fn join(&self, token_id: &str, secret_sha256: &str, node: &NewNode, now: UnixMs) -> Result<Labels>;
+    fn node_by_cert(&self, cert_fp: &str) -> Result<Option<String>>;
+    fn node(&self, name: &str) -> Result<Option<NodeRow>>;
+    fn nodes(&self) -> Result<Vec<NodeRow>>;
+    /// Record contact; returns the previous last contact (None when the node is unknown).
+    fn touch(&self, node: &str, now: UnixMs) -> Result<Option<UnixMs>>;
+    fn renew(&self, node: &str, cert_fp: &str, cert_not_after: UnixMs) -> Result<()>;
+    /// Remove the node and everything recorded about it. False when it did not exist.
+    fn delete_node(&self, name: &str) -> Result<bool>;
+    /// The answer to a sync from `since`: `generation == since` means nothing changed.
+    /// None when the node is unknown.
+    fn sync(&self, node: &str, since: u64) -> Result<Option<SyncResponse>>;
+    /// Store a status report; returns the highest event sequence stored for the node.
+    fn record_status(&self, node: &str, report: &StatusReport, now: UnixMs) -> Result<u64>;
+    fn statuses(&self, node: Option<&str>) -> Result<Vec<(String, WorkloadStatus)>>;
+    fn events(&self, node: &str, limit: u32) -> Result<Vec<NodeEvent>>;
+    /// Upsert all objects in one transaction (namespace already set explicitly).
+    fn apply(&self, objects: &[Object], now: UnixMs) -> Result<Vec<ApplyResult>>;
+    fn objects(&self) -> Result<Vec<StoredObject>>;
+    fn object(&self, id: &ObjectId) -> Result<Option<StoredObject>>;
+    /// Delete in one transaction; returns (deleted, not found).
+    fn delete_objects(&self, ids: &[ObjectId]) -> Result<(Vec<ObjectId>, Vec<ObjectId>)>;
+    /// Revision history of a workload: (revision, template hash, created_at).
+    fn revisions(&self, id: &ObjectId) -> Result<Vec<(u64, String, UnixMs)>>;
+    fn schedule_inputs(&self) -> Result<ScheduleInputs>;
+    /// Write a plan in one transaction; returns the new generation of every node that changed.
+    fn commit_plan(&self, plan: &Plan) -> Result<BTreeMap<String, u64>>;
+    /// Every node's desired rows.
+    fn desired(&self) -> Result<Vec<DesiredRow>>;
+}
+
+/// [`Store`] on one SQLite file (WAL, synchronous=FULL) behind a mutex.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY, secret_sha256 TEXT NOT NULL, labels TEXT NOT NULL,
+    expires_at INTEGER, uses_left INTEGER, used INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY, labels TEXT NOT NULL, cert_fp TEXT NOT NULL UNIQUE,
+    cert_not_after INTEGER NOT NULL, joined_at INTEGER NOT NULL, last_seen INTEGER,
+    generation INTEGER NOT NULL, applied_generation INTEGER NOT NULL DEFAULT 0,
+    tombstone_floor INTEGER NOT NULL DEFAULT 0, agent_version TEXT, uptime_secs INTEGER,
+    token_id TEXT);
+CREATE TABLE IF NOT EXISTS objects (
+    kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL, manifest TEXT NOT NULL,
+    template_hash TEXT, revision INTEGER NOT NULL, created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL, PRIMARY KEY (kind, namespace, name));
+CREATE TABLE IF NOT EXISTS revisions (
+    kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL, revision INTEGER NOT NULL,
+    template_hash TEXT NOT NULL, template TEXT NOT NULL, created_at INTEGER NOT NULL,
+    PRIMARY KEY (kind, namespace, name, revision));
+CREATE TABLE IF NOT EXISTS assignments (
+    kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL, node TEXT NOT NULL,
+    PRIMARY KEY (kind, namespace, name, node));
+CREATE TABLE IF NOT EXISTS node_workloads (
+    node TEXT NOT NULL, key TEXT NOT NULL, spec TEXT NOT NULL, hash TEXT NOT NULL,
+    changed_gen INTEGER NOT NULL, PRIMARY KEY (node, key));
+CREATE TABLE IF NOT EXISTS node_tombstones (
+    node TEXT NOT NULL, key TEXT NOT NULL, gen INTEGER NOT NULL, PRIMARY KEY (node, key));
+CREATE TABLE IF NOT EXISTS workload_status (
+    node TEXT NOT NULL, key TEXT NOT NULL, status TEXT NOT NULL, updated_at INTEGER NOT NULL,
+    PRIMARY KEY (node, key));
+CREATE TABLE IF NOT EXISTS events (
+    node TEXT NOT NULL, seq INTEGER NOT NULL, at INTEGER NOT NULL, workload TEXT,
+    reason TEXT NOT NULL, message TEXT NOT NULL, received_at INTEGER NOT NULL,
+    PRIMARY KEY (node, seq));
+";
+
+fn kind_of(s: &str) -> Result<Kind> {
+    Kind::parse_cli(s).ok_or_else(|| StoreError::UnknownKind(s.to_string()))
+}
+
+/// Decode a stored manifest by its stored kind (the untagged [`Object`] cannot tell a
+/// DaemonSet from a Deployment by shape alone).
+fn decode_object(kind: Kind, manifest: &str) -> Result<Object> {
+    Ok(match kind {
+        Kind::Deployment => Object::Deployment(serde_json::from_str(manifest)?),
+        Kind::DaemonSet => Object::DaemonSet(serde_json::from_str(manifest)?),
+        Kind::ConfigMap => Object::ConfigMap(serde_json::from_str(manifest)?),
+        Kind::Secret => Object::Secret(serde_json::from_str(manifest)?),
+    })
+}
+
+fn u(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+const NODE_COLS: &str = "name, labels, cert_fp, cert_not_after, joined_at, last_seen, generation, \
+     applied_generation, agent_version, uptime_secs";
+
+fn node_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(NodeRow, String)> {
+    let labels: String = r.get(1)?;
+    Ok((
+        NodeRow {
+            name: r.get(0)?,
+            labels: Labels::new(),
+            cert_fp: r.get(2)?,
+            cert_not_after: r.get(3)?,
+            joined_at: r.get(4)?,
+            last_seen: r.get(5)?,
+            generation: u(r.get(6)?),
+            applied_generation: u(r.get(7)?),
+            agent_version: r.get(8)?,
+            uptime_secs: r.get::<_, Option<i64>>(9)?.map(u),
+        },
+        labels,
+    ))
+}
+
+fn finish_node((mut n, labels): (NodeRow, String)) -> Result<NodeRow> {
+    n.labels = serde_json::from_str(&labels)?;
+    Ok(n)
+}
+
+fn next_gen(tx: &Transaction<'_>) -> Result<u64> {
+    let cur: Option<String> = tx.query_row("SELECT value FROM meta WHERE key = 'gen_seq'", [], |r| r.get(0)).optional()?;
+    let next = cur.and_then(|s| s.parse::<u64>().ok()).unwrap_or(0) + 1;
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('gen_seq', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        params![next.to_string()],
+    )?;
+    Ok(next)
+}
+
+fn object_row(tx: &Transaction<'_>, id: &ObjectId) -> Result<Option<StoredObject>> {
+    let row = tx
+        .query_row(
+            "SELECT manifest, template_hash, revision, created_at, updated_at FROM objects
+             WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
+            params![id.kind.as_str(), id.namespace, id.name],
+            |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get::<_, i64>(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .optional()?;
+    row.map(|(m, template_hash, rev, created_at, updated_at)| {
+        Ok(StoredObject { object: decode_object(id.kind, &m)?, template_hash, revision: u(rev), created_at, updated_at })
+    })
+    .transpose()
+}
+
+impl SqliteStore {
+    /// Open (or create) the database file and its schema.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        let found: Option<String> =
+            conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).optional()?;
+        match found.and_then(|v| v.parse::<i64>().ok()) {
+            Some(v) if v > SCHEMA_VERSION => {
+                return Err(StoreError::SchemaTooNew { path: path.display().to_string(), found: v })
+            }
+            Some(_) => {}
+            None => {
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1)",
+                    params![SCHEMA_VERSION.to_string()],
+                )?;
+            }
+        }
+        Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> Result<MutexGuard<'_, Connection>> {
+        self.conn.lock().map_err(|_| StoreError::Poisoned)
+    }
+}
+
+impl Store for SqliteStore {
+    fn create_token(&self, t: &TokenRow) -> Result<()> {
+        self.conn()?.execute(
+            "INSERT INTO tokens (id, secret_sha256, labels, expires_at, uses_left, used, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                t.id,
+                t.secret_sha256,
+                serde_json::to_string(&t.labels)?,
+                t.expires_at,
+                t.uses_left.map(i),
+                i(t.used),
+                t.created_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn token(&self, id: &str) -> Result<Option<TokenRow>> {
+        let conn = self.conn()?;
+        token_row(&conn, id)
+    }
+
+    fn join(&self, token_id: &str, secret_sha256: &str, node: &NewNode, now: UnixMs) -> Result<Labels> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let tok = token_row(&tx, token_id)?;
+        check_token(tok.as_ref(), token_id, secret_sha256, now).map_err(StoreError::Token)?;
+        let tok = tok.ok_or_else(|| StoreError::Token(TokenProblem::Unknown { id: token_id.into() }))?;
+        let exists: Option<String> =
+            tx.query_row("SELECT name FROM nodes WHERE name = ?1", params![node.name], |r| r.get(0)).optional()?;
+        if exists.is_some() {
+            return Err(StoreError::NodeExists(node.name.clone()));
+        }
+        let mut labels = tok.labels.clone();
+        labels.extend(node.labels.clone());
+        let gen = next_gen(&tx)?;
+        tx.execute(
+            "INSERT INTO nodes (name, labels, cert_fp, cert_not_after, joined_at, generation, token_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![node.name, serde_json::to_string(&labels)?, node.cert_fp, node.cert_not_after, now, i(gen), token_id],
+        )?;
+        tx.execute(
+            "UPDATE tokens SET used = used + 1,
+                    uses_left = CASE WHEN uses_left IS NULL THEN NULL ELSE uses_left - 1 END
+             WHERE id = ?1",
+            params![token_id],
+        )?;
+        tx.commit()?;
+        Ok(labels)
+    }
+
+    fn node_by_cert(&self, cert_fp: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn()?
+            .query_row("SELECT name FROM nodes WHERE cert_fp = ?1", params![cert_fp], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn node(&self, name: &str) -> Result<Option<NodeRow>> {
+        let conn = self.conn()?;
+        let row = conn
+            .query_row(&format!("SELECT {NODE_COLS} FROM nodes WHERE name = ?1"), params![name], node_from_row)
+            .optional()?;
+        row.map(finish_node).transpose()
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRow>> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY name"))?;
+        let rows = st.query_map([], node_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter().map(finish_node).collect()
+    }
+
+    fn touch(&self, node: &str, now: UnixMs) -> Result<Option<UnixMs>> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let prev: Option<(Option<i64>, i64)> = tx
+            .query_row("SELECT last_seen, joined_at FROM nodes WHERE name = ?1", params![node], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        tx.execute("UPDATE nodes SET last_seen = MAX(COALESCE(last_seen, 0), ?2) WHERE name = ?1", params![node, now])?;
+        tx.commit()?;
+        Ok(prev.map(|(seen, joined)| seen.unwrap_or(joined)))
+    }
+
+    fn renew(&self, node: &str, cert_fp: &str, cert_not_after: UnixMs) -> Result<()> {
+        self.conn()?.execute(
+            "UPDATE nodes SET cert_fp = ?2, cert_not_after = ?3 WHERE name = ?1",
+            params![node, cert_fp, cert_not_after],
+        )?;
+        Ok(())
+    }
+
+    fn delete_node(&self, name: &str) -> Result<bool> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let n = tx.execute("DELETE FROM nodes WHERE name = ?1", params![name])?;
+        for table in ["assignments", "node_workloads", "node_tombstones", "workload_status", "events"] {
+            tx.execute(&format!("DELETE FROM {table} WHERE node = ?1"), params![name])?;
+        }
+        tx.commit()?;
+        Ok(n > 0)
+    }
+
+    fn sync(&self, node: &str, since: u64) -> Result<Option<SyncResponse>> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let Some((generation, floor)) = tx
+            .query_row("SELECT generation, tombstone_floor FROM nodes WHERE name = ?1", params![node], |r| {
+                Ok((u(r.get(0)?), u(r.get(1)?)))
+            })
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        if generation == since {
+            return Ok(Some(SyncResponse { generation, full: false, upsert: vec![], remove: vec![] }));
+        }
+        let full = needs_full(since, generation, floor);
+        let from = if full { 0 } else { since };
+        let specs: Vec<String> = {
+            let mut st =
+                tx.prepare("SELECT spec FROM node_workloads WHERE node = ?1 AND changed_gen > ?2 ORDER BY key")?;
+            let rows = st.query_map(params![node, i(from)], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let upsert = specs.iter().map(|s| serde_json::from_str(s)).collect::<Result<Vec<WorkloadSpec>, _>>()?;
+        let remove = if full {
+            vec![]
+        } else {
+            let mut st = tx.prepare("SELECT key FROM node_tombstones WHERE node = ?1 AND gen > ?2 ORDER BY key")?;
+            let rows = st.query_map(params![node, i(since)], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        Ok(Some(SyncResponse { generation, full, upsert, remove }))
+    }
+
+    fn record_status(&self, node: &str, report: &StatusReport, now: UnixMs) -> Result<u64> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let generation: i64 =
+            tx.query_row("SELECT generation FROM nodes WHERE name = ?1", params![node], |r| r.get(0))?;
+        // An agent cannot have applied more than we sent; clamp so pruning stays safe.
+        let applied = i(report.generation).min(generation);
+        tx.execute(
+            "UPDATE nodes SET last_seen = MAX(COALESCE(last_seen, 0), ?2), agent_version = ?3, uptime_secs = ?4,
+                    applied_generation = ?5 WHERE name = ?1",
+            params![node, now, report.agent_version, i(report.uptime_secs), applied],
+        )?;
+        // Tombstones the agent has applied are no longer needed; remember the floor.
+        tx.execute("DELETE FROM node_tombstones WHERE node = ?1 AND gen <= ?2", params![node, applied])?;
+        tx.execute(
+            "UPDATE nodes SET tombstone_floor = MAX(tombstone_floor, ?2) WHERE name = ?1",
+            params![node, applied],
+        )?;
+        if report.full {
+            let listed: BTreeSet<&str> = report.workloads.iter().map(|w| w.key.as_str()).collect();
+            let keys: Vec<String> = {
+                let mut st = tx.prepare("SELECT key FROM workload_status WHERE node = ?1")?;
+                let rows = st.query_map(params![node], |r| r.get(0))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            for k in keys.iter().filter(|k| !listed.contains(k.as_str())) {
+                tx.execute("DELETE FROM workload_status WHERE node = ?1 AND key = ?2", params![node, k])?;
+            }
+        }
+        for w in &report.workloads {
+            tx.execute(
+                "INSERT INTO workload_status (node, key, status, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(node, key) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at",
+                params![node, w.key, serde_json::to_string(w)?, now],
+            )?;
+        }
+        for k in &report.removed {
+            tx.execute("DELETE FROM workload_status WHERE node = ?1 AND key = ?2", params![node, k])?;
+        }
+        for e in &report.events {
+            tx.execute(
+                "INSERT OR IGNORE INTO events (node, seq, at, workload, reason, message, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![node, i(e.seq), e.at, e.workload, e.reason, e.message, now],
+            )?;
+        }
+        let acked: Option<i64> =
+            tx.query_row("SELECT MAX(seq) FROM events WHERE node = ?1", params![node], |r| r.get(0))?;
+        let acked = acked.unwrap_or(0);
+        if !report.events.is_empty() {
+            tx.execute("DELETE FROM events WHERE node = ?1 AND seq <= ?2", params![node, acked - EVENTS_KEPT])?;
+        }
+        tx.commit()?;
+        Ok(u(acked))
+    }
+
+    fn statuses(&self, node: Option<&str>) -> Result<Vec<(String, WorkloadStatus)>> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare(
+            "SELECT node, status FROM workload_status WHERE ?1 IS NULL OR node = ?1 ORDER BY node, key",
+        )?;
+        let rows = st
+            .query_map(params![node], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter().map(|(n, s)| Ok((n, serde_json::from_str(&s)?))).collect()
+    }
+
+    fn events(&self, node: &str, limit: u32) -> Result<Vec<NodeEvent>> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare(
+            "SELECT seq, at, workload, reason, message FROM events WHERE node = ?1 ORDER BY seq DESC LIMIT ?2",
+        )?;
+        let mut out = st
+            .query_map(params![node, limit], |r| {
+                Ok(NodeEvent {
+                    seq: u(r.get(0)?),
+                    at: r.get(1)?,
+                    workload: r.get(2)?,
+                    reason: r.get(3)?,
+                    message: r.get(4)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
+    fn apply(&self, objects: &[Object], now: UnixMs) -> Result<Vec<ApplyResult>> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let mut results = Vec::with_capacity(objects.len());
+        for obj in objects {
+            let id = obj.id();
+            let manifest = serde_json::to_string(obj)?;
+            let thash = outpost_core::render::template_hash(obj);
+            let prev = object_row(&tx, &id)?;
+            let (action, revision, created_at) = match &prev {
+                None => ("created", 1, now),
+                Some(p) if p.object == *obj => ("unchanged", p.revision, p.created_at),
+                Some(p) if p.template_hash != thash => ("configured", p.revision + 1, p.created_at),
+                Some(p) => ("configured", p.revision, p.created_at),
+            };
+            if action != "unchanged" {
+                tx.execute(
+                    "INSERT INTO objects (kind, namespace, name, manifest, template_hash, revision, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                     ON CONFLICT(kind, namespace, name) DO UPDATE SET manifest = excluded.manifest,
+                        template_hash = excluded.template_hash, revision = excluded.revision,
+                        updated_at = excluded.updated_at",
+                    params![id.kind.as_str(), id.namespace, id.name, manifest, thash, i(revision), created_at, now],
+                )?;
+                if let (Some(h), Some(t)) = (&thash, obj.template()) {
+                    tx.execute(
+                        "INSERT OR IGNORE INTO revisions (kind, namespace, name, revision, template_hash, template, created_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        params![id.kind.as_str(), id.namespace, id.name, i(revision), h, serde_json::to_string(t)?, now],
+                    )?;
+                }
+            }
+            results.push(ApplyResult {
+                object: id.to_string(),
+                action: action.to_string(),
+                revision: id.kind.is_workload().then_some(revision),
+            });
+        }
+        tx.commit()?;
+        Ok(results)
+    }
+
+    fn objects(&self) -> Result<Vec<StoredObject>> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare(
+            "SELECT kind, manifest, template_hash, revision, created_at, updated_at FROM objects
+             ORDER BY kind, namespace, name",
+        )?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter()
+            .map(|(k, m, template_hash, rev, created_at, updated_at)| {
+                Ok(StoredObject {
+                    object: decode_object(kind_of(&k)?, &m)?,
+                    template_hash,
+                    revision: u(rev),
+                    created_at,
+                    updated_at,
+                })
+            })
+            .collect()
+    }
+
+    fn object(&self, id: &ObjectId) -> Result<Option<StoredObject>> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        object_row(&tx, id)
+    }
+
+    fn delete_objects(&self, ids: &[ObjectId]) -> Result<(Vec<ObjectId>, Vec<ObjectId>)> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let (mut deleted, mut missing) = (Vec::new(), Vec::new());
+        for id in ids {
+            let p = params![id.kind.as_str(), id.namespace, id.name];
+            let n = tx.execute("DELETE FROM objects WHERE kind = ?1 AND namespace = ?2 AND name = ?3", p)?;
+            tx.execute("DELETE FROM assignments WHERE kind = ?1 AND namespace = ?2 AND name = ?3", p)?;
+            tx.execute("DELETE FROM revisions WHERE kind = ?1 AND namespace = ?2 AND name = ?3", p)?;
+            if n > 0 {
+                deleted.push(id.clone());
+            } else {
+                missing.push(id.clone());
+            }
+        }
+        tx.commit()?;
+        Ok((deleted, missing))
+    }
+
+    fn revisions(&self, id: &ObjectId) -> Result<Vec<(u64, String, UnixMs)>> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare(
+            "SELECT revision, template_hash, created_at FROM revisions
+             WHERE kind = ?1 AND namespace = ?2 AND name = ?3 ORDER BY revision",
+        )?;
+        let rows = st
+            .query_map(params![id.kind.as_str(), id.namespace, id.name], |r| {
+                Ok((u(r.get(0)?), r.get(1)?, r.get(2)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    fn schedule_inputs(&self) -> Result<ScheduleInputs> {
+        let nodes = self.nodes()?;
+        let objects = self.objects()?;
+        let conn = self.conn()?;
+        let mut assignments: BTreeMap<ObjectId, BTreeSet<String>> = BTreeMap::new();
+        {
+            let mut st = conn.prepare("SELECT kind, namespace, name, node FROM assignments")?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            for (k, namespace, name, node) in rows {
+                assignments.entry(ObjectId { kind: kind_of(&k)?, namespace, name }).or_default().insert(node);
+            }
+        }
+        let mut held: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        {
+            let mut st = conn.prepare("SELECT node, key, hash FROM node_workloads")?;
+            let rows = st
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            for (node, key, hash) in rows {
+                held.entry(node).or_default().insert(key, hash);
+            }
+        }
+        Ok(ScheduleInputs { nodes, objects, assignments, held })
+    }
+
+    fn commit_plan(&self, plan: &Plan) -> Result<BTreeMap<String, u64>> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM assignments", [])?;
+        for (id, nodes) in &plan.assignments {
+            for n in nodes {
+                tx.execute(
+                    "INSERT INTO assignments (kind, namespace, name, node) VALUES (?1, ?2, ?3, ?4)",
+                    params![id.kind.as_str(), id.namespace, id.name, n],
+                )?;
+            }
+        }
+        let mut bumped = BTreeMap::new();
+        for (node, change) in &plan.changes {
+            if change.upsert.is_empty() && change.remove.is_empty() {
+                continue;
+            }
+            let gen = next_gen(&tx)?;
+            for spec in &change.upsert {
+                tx.execute(
+                    "INSERT INTO node_workloads (node, key, spec, hash, changed_gen) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(node, key) DO UPDATE SET spec = excluded.spec, hash = excluded.hash,
+                        changed_gen = excluded.changed_gen",
+                    params![node, spec.key, serde_json::to_string(spec)?, spec.hash, i(gen)],
+                )?;
+                tx.execute("DELETE FROM node_tombstones WHERE node = ?1 AND key = ?2", params![node, spec.key])?;
+            }
+            for key in &change.remove {
+                tx.execute("DELETE FROM node_workloads WHERE node = ?1 AND key = ?2", params![node, key])?;
+                tx.execute(
+                    "INSERT INTO node_tombstones (node, key, gen) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(node, key) DO UPDATE SET gen = excluded.gen",
+                    params![node, key, i(gen)],
+                )?;
+            }
+            tx.execute("UPDATE nodes SET generation = ?2 WHERE name = ?1", params![node, i(gen)])?;
+            bumped.insert(node.clone(), gen);
+        }
+        tx.commit()?;
+        Ok(bumped)
+    }
+
+    fn desired(&self) -> Result<Vec<DesiredRow>> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare("SELECT node, key, hash, spec FROM node_workloads ORDER BY key, node")?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter()
+            .map(|(node, key, hash, spec)| {
+                let spec: WorkloadSpec = serde_json::from_str(&spec)?;
+                Ok(DesiredRow { node, key, hash, revision: spec.revision })
+            })
+            .collect()
+    }
+}
+
+fn token_row(conn: &Connection, id: &str) -> Result<Option<TokenRow>> {
+    let row = conn
+        .query_row(
+            "SELECT id, secret_sha256, labels, expires_at, uses_left, used, created_at FROM tokens WHERE id = ?1",
+            params![id],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                ))
+            },
+        )
+        .optional()?;
+    row.map(|(id, secret_sha256, labels, expires_at, uses_left, used, created_at)| {
+        Ok(TokenRow {
+            id,
+            secret_sha256,
+            labels: serde_json::from_str(&labels)?,
+            expires_at,
+            uses_left: uses_left.map(u),
+            used: u(used),
+            created_at,
+        })
+    })
+    .transpose()
+}

@@ -1,0 +1,207 @@
+//! The operator's HTTPS client: where the hub is, how to trust it, and how its errors read.
+//!
+//! `outpost login` stores `{hub, token, ca_pem}` in `$OUTPOST_CONFIG` or
+//! `~/.config/outpost/config.json` (mode 0600). `OUTPOST_HUB` and `OUTPOST_TOKEN` override the
+//! stored values; `OUTPOST_CA_FINGERPRINT` pins the CA when no stored CA applies.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use outpost_api::{ApiError, ManifestFile};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize)]
+pub struct Config {
+    pub hub: String,
+    pub token: String,
+    pub ca_pem: String,
+}
+
+pub fn config_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("OUTPOST_CONFIG") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".config/outpost/config.json")
+}
+
+pub fn save_config(c: &Config) -> Result<PathBuf> {
+    let p = config_path();
+    if let Some(dir) = p.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    outpost_agent::identity::write_atomic(&p, serde_json::to_string_pretty(c)?.as_bytes(), 0o600)
+        .with_context(|| format!("cannot write {}", p.display()))?;
+    Ok(p)
+}
+
+/// Fetch the hub's CA over an unverified connection and check it against `pin` if given.
+pub async fn fetch_ca(hub: &str, pin: Option<&str>) -> Result<(String, String)> {
+    let boot = reqwest::Client::builder().use_preconfigured_tls(outpost_pki::bootstrap_client_config()?).build()?;
+    let pem = boot
+        .get(format!("{hub}/v1/ca"))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the hub at {hub}; check the URL and that `outpost hub` runs"))?
+        .text()
+        .await?;
+    let fp = outpost_pki::fingerprint(&outpost_pki::pem_to_der(&pem).context("the hub did not return a CA certificate")?);
+    if let Some(pin) = pin {
+        if !fp.eq_ignore_ascii_case(pin.trim()) {
+            bail!("the hub at {hub} presents CA {fp}, not {pin}: wrong hub, or the connection is intercepted; nothing was stored");
+        }
+    }
+    Ok((pem, fp))
+}
+
+pub async fn login(hub: &str, token: &str, pin: Option<&str>) -> Result<()> {
+    let hub = hub.trim_end_matches('/').to_string();
+    let (ca_pem, fp) = fetch_ca(&hub, pin).await?;
+    let c = Client::new(&hub, token, &ca_pem)?;
+    let _: Vec<outpost_api::NodeInfo> = c.get("/v1/nodes").await.context("the hub refused the admin token")?;
+    let path = save_config(&Config { hub: hub.clone(), token: token.to_string(), ca_pem })?;
+    if pin.is_none() {
+        eprintln!("trusted the hub's CA {fp} on first use: compare it with the fingerprint `outpost hub` printed");
+    }
+    println!("logged in to {hub}; settings in {}", path.display());
+    Ok(())
+}
+
+pub struct Client {
+    hub: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(hub: &str, token: &str, ca_pem: &str) -> Result<Self> {
+        let tls = outpost_pki::client_config(ca_pem, None)?;
+        let http = reqwest::Client::builder().use_preconfigured_tls(tls).timeout(std::time::Duration::from_secs(60)).build()?;
+        Ok(Self { hub: hub.trim_end_matches('/').to_string(), token: token.trim().to_string(), http })
+    }
+
+    /// From the stored login, with `OUTPOST_HUB` / `OUTPOST_TOKEN` overriding it.
+    pub fn from_env() -> Result<Self> {
+        let stored: Option<Config> = std::fs::read_to_string(config_path()).ok().and_then(|t| serde_json::from_str(&t).ok());
+        let hub = std::env::var("OUTPOST_HUB").ok().or_else(|| stored.as_ref().map(|c| c.hub.clone()));
+        let token = std::env::var("OUTPOST_TOKEN").ok().or_else(|| stored.as_ref().map(|c| c.token.clone()));
+        let (Some(hub), Some(token)) = (hub, token) else {
+            bail!("no hub configured: run `outpost login --hub URL --token ADMIN_TOKEN` (or set OUTPOST_HUB and OUTPOST_TOKEN)");
+        };
+        let hub = hub.trim_end_matches('/').to_string();
+        let ca = match (&stored, std::env::var("OUTPOST_CA_FILE").ok()) {
+            (_, Some(file)) => std::fs::read_to_string(&file).with_context(|| format!("OUTPOST_CA_FILE {file}"))?,
+            (Some(c), None) if c.hub == hub => c.ca_pem.clone(),
+            _ => bail!(
+                "no CA stored for {hub}: run `outpost login --hub {hub} --token ADMIN_TOKEN`, or set OUTPOST_CA_FILE to the hub's ca.pem"
+            ),
+        };
+        Self::new(&hub, &token, &ca)
+    }
+
+    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the hub at {}; is `outpost hub` running?", self.hub))?;
+        let status = resp.status();
+        if status.is_success() {
+            return resp.json().await.context("unreadable answer from the hub");
+        }
+        let text = resp.text().await.unwrap_or_default();
+        match serde_json::from_str::<ApiError>(&text) {
+            Ok(e) => {
+                let mut msg = e.message;
+                for d in &e.details {
+                    msg.push_str(&format!("\n  - {d}"));
+                }
+                bail!("{msg}")
+            }
+            Err(_) => bail!("the hub answered {status}: {text}"),
+        }
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.send(self.http.get(format!("{}{path}", self.hub))).await
+    }
+    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        self.send(self.http.post(format!("{}{path}", self.hub)).json(body)).await
+    }
+    pub async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.send(self.http.delete(format!("{}{path}", self.hub))).await
+    }
+    pub async fn delete(&self, path: &str) -> Result<()> {
+        let _: serde_json::Value = self.delete_json(path).await?;
+        Ok(())
+    }
+}
+
+/// Read manifest files; directories contribute their `.yaml`/`.yml`/`.json` files, sorted.
+pub fn read_manifests(paths: &[PathBuf]) -> Result<Vec<ManifestFile>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.as_os_str() == "-" {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+            out.push(ManifestFile { name: "<stdin>".into(), content: s });
+        } else if p.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("cannot read directory {}", p.display()))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|e| matches!(e.extension().and_then(|x| x.to_str()), Some("yaml" | "yml" | "json")))
+                .collect();
+            entries.sort();
+            for e in entries {
+                out.push(read_one(&e)?);
+            }
+        } else {
+            out.push(read_one(p)?);
+        }
+    }
+    if out.is_empty() {
+        bail!("no manifest files found in {}", paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+    }
+    Ok(out)
+}
+
+fn read_one(p: &Path) -> Result<ManifestFile> {
+    let content = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+    Ok(ManifestFile { name: p.display().to_string(), content })
+}
+
+/// The host of an `https://host:port/...` URL.
+pub fn url_host(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"))?;
+    let hostport = rest.split('/').next()?;
+    let host = if let Some(v6) = hostport.strip_prefix('[') {
+        v6.split(']').next()?.to_string()
+    } else {
+        hostport.rsplit_once(':').map_or(hostport, |(h, _)| h).to_string()
+    };
+    (!host.is_empty()).then_some(host)
+}
+
+/// `0.0.0.0:8443` -> `127.0.0.1:8443` for a URL printed to the user.
+pub fn display_addr(a: std::net::SocketAddr) -> String {
+    if a.ip().is_unspecified() {
+        format!("127.0.0.1:{}", a.port())
+    } else {
+        a.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_hosts() {
+        assert_eq!(url_host("https://hub.example.com:8443").as_deref(), Some("hub.example.com"));
+        assert_eq!(url_host("https://10.0.0.1/x").as_deref(), Some("10.0.0.1"));
+        assert_eq!(url_host("https://[::1]:8443").as_deref(), Some("::1"));
+        assert_eq!(url_host("hub:8443"), None);
+    }
+}

@@ -1,0 +1,250 @@
+//! `outpost get` and `outpost describe`: tables for people, stable JSON/YAML for scripts (the
+//! hub's API types, unchanged).
+
+use anyhow::{bail, Result};
+use outpost_api::{Kind, NodeInfo, Placement, WorkloadInfo};
+use serde::Serialize;
+
+use crate::client::Client;
+use crate::Format;
+
+/// Plain column-aligned table.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}   ", w = widths[i]));
+            }
+        }
+        s.trim_end().to_string()
+    };
+    let mut out = vec![line(headers.to_vec())];
+    for r in rows {
+        out.push(line(r.iter().map(String::as_str).collect()));
+    }
+    out.join("\n") + "\n"
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// `3s`, `5m`, `2h`, `4d`.
+pub fn age(ms: Option<i64>) -> String {
+    let Some(ms) = ms else { return "-".into() };
+    let s = ((now_ms() - ms).max(0) / 1000) as u64;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+fn print<T: Serialize>(v: &T, f: Format) -> Result<()> {
+    match f {
+        Format::Json => println!("{}", serde_json::to_string_pretty(v)?),
+        Format::Yaml => print!("{}", serde_saphyr::to_string(v)?),
+        Format::Table => unreachable!("tables are printed by the caller"),
+    }
+    Ok(())
+}
+
+fn labels(l: &std::collections::BTreeMap<String, String>, skip_well_known: bool) -> String {
+    let s: Vec<String> = l
+        .iter()
+        .filter(|(k, _)| !(skip_well_known && k.starts_with("kubernetes.io/")))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if s.is_empty() {
+        "<none>".into()
+    } else {
+        s.join(",")
+    }
+}
+
+pub fn placement_rows(ws: &[WorkloadInfo]) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    for w in ws {
+        for p in &w.placements {
+            rows.push(placement_row(p));
+        }
+    }
+    rows.sort();
+    rows
+}
+
+fn placement_row(p: &Placement) -> Vec<String> {
+    let (phase, restarts, pids, started, reason) = match &p.status {
+        Some(s) => {
+            let restarts: u32 = s.containers.iter().map(|c| c.restarts).sum();
+            let pids: Vec<String> = s.containers.iter().filter_map(|c| c.pid).map(|p| p.to_string()).collect();
+            let started = s.containers.iter().filter_map(|c| c.started_at).min();
+            let reason = s.containers.iter().filter_map(|c| c.reason.clone()).next().unwrap_or_default();
+            let phase = if s.revision == p.desired_revision { s.phase.as_str().to_string() } else { format!("{} (updating)", s.phase.as_str()) };
+            (phase, restarts.to_string(), if pids.is_empty() { "-".into() } else { pids.join(",") }, age(started), reason)
+        }
+        None => ("Pending".into(), "0".into(), "-".into(), "-".into(), String::new()),
+    };
+    let phase = if p.node_status == "Online" { phase } else { format!("{phase} (node offline)") };
+    let reason = if reason.len() > 60 { format!("{}...", &reason[..57]) } else { reason };
+    vec![p.node.clone(), p.key.clone(), p.desired_revision.to_string(), phase, restarts, pids, started, reason]
+}
+
+pub const PLACEMENT_HEADERS: &[&str] = &["NODE", "WORKLOAD", "REVISION", "PHASE", "RESTARTS", "PID", "AGE", "LAST REASON"];
+
+pub async fn get(c: &Client, what: &str, f: Format) -> Result<()> {
+    match what {
+        "nodes" | "node" | "no" => {
+            let nodes: Vec<NodeInfo> = c.get("/v1/nodes").await?;
+            if f != Format::Table {
+                return print(&nodes, f);
+            }
+            let rows: Vec<Vec<String>> = nodes
+                .iter()
+                .map(|n| {
+                    let running = n.workloads.iter().filter(|w| w.phase == outpost_api::Phase::Running).count();
+                    vec![
+                        n.name.clone(),
+                        n.status.clone(),
+                        format!("{running}/{}", n.workloads.len()),
+                        age(n.last_seen),
+                        age(Some(n.joined_at)),
+                        n.agent_version.clone().unwrap_or_else(|| "-".into()),
+                        labels(&n.labels, true),
+                    ]
+                })
+                .collect();
+            print!("{}", table(&["NAME", "STATUS", "RUNNING", "LAST SEEN", "AGE", "VERSION", "LABELS"], &rows));
+        }
+        "workloads" | "workload" | "wl" => {
+            let ws: Vec<WorkloadInfo> = c.get("/v1/workloads").await?;
+            if f != Format::Table {
+                let all: Vec<&Placement> = ws.iter().flat_map(|w| &w.placements).collect();
+                return print(&all, f);
+            }
+            print!("{}", table(PLACEMENT_HEADERS, &placement_rows(&ws)));
+        }
+        other => {
+            let Some(kind) = Kind::parse_cli(other).filter(|k| k.is_workload()) else {
+                bail!("cannot list {other:?}: use nodes, deployments, daemonsets or workloads");
+            };
+            let ws: Vec<WorkloadInfo> = c.get("/v1/workloads").await?;
+            let ws: Vec<WorkloadInfo> = ws.into_iter().filter(|w| w.kind == kind).collect();
+            if f != Format::Table {
+                return print(&ws, f);
+            }
+            let rows: Vec<Vec<String>> = ws
+                .iter()
+                .map(|w| {
+                    vec![
+                        w.namespace.clone(),
+                        w.name.clone(),
+                        format!("{}/{}", w.ready, w.desired),
+                        w.scheduled.to_string(),
+                        w.revision.to_string(),
+                        format!("{:?}", w.runtime).to_ascii_lowercase(),
+                        labels(&w.node_selector, false),
+                        age(Some(w.created_at)),
+                    ]
+                })
+                .collect();
+            print!("{}", table(&["NAMESPACE", "NAME", "READY", "SCHEDULED", "REVISION", "RUNTIME", "NODE SELECTOR", "AGE"], &rows));
+        }
+    }
+    Ok(())
+}
+
+pub async fn describe(c: &Client, kind: &str, name: &str, ns: &str) -> Result<()> {
+    if matches!(kind, "node" | "nodes" | "no") {
+        let n: NodeInfo = c.get(&format!("/v1/nodes/{name}")).await?;
+        println!("Name:           {}", n.name);
+        println!("Status:         {} (last seen {} ago)", n.status, age(n.last_seen));
+        println!("Joined:         {} ago", age(Some(n.joined_at)));
+        println!("Agent version:  {}", n.agent_version.as_deref().unwrap_or("-"));
+        println!("Agent uptime:   {}", n.uptime_secs.map_or("-".into(), |s| format!("{s}s")));
+        println!("Generation:     {} desired, {} applied", n.generation, n.applied_generation);
+        if let Some(exp) = n.cert_expires_at {
+            println!("Certificate:    expires in {} days", (exp - now_ms() / 1000) / 86400);
+        }
+        println!("Labels:");
+        for (k, v) in &n.labels {
+            println!("  {k}={v}");
+        }
+        println!("Workloads:");
+        let rows: Vec<Vec<String>> = n
+            .workloads
+            .iter()
+            .flat_map(|w| {
+                w.containers.iter().map(move |ct| {
+                    vec![
+                        w.key.clone(),
+                        ct.name.clone(),
+                        w.revision.to_string(),
+                        ct.phase.as_str().to_string(),
+                        ct.restarts.to_string(),
+                        ct.pid.map_or("-".into(), |p| p.to_string()),
+                        ct.last_exit_code.map_or("-".into(), |c| c.to_string()),
+                        ct.reason.clone().unwrap_or_default(),
+                    ]
+                })
+            })
+            .collect();
+        print!("{}", indent(&table(&["WORKLOAD", "CONTAINER", "REVISION", "PHASE", "RESTARTS", "PID", "LAST EXIT", "REASON"], &rows)));
+        print_events(&n.events);
+        return Ok(());
+    }
+    let Some(k) = Kind::parse_cli(kind).filter(|k| k.is_workload()) else {
+        bail!("cannot describe {kind:?}: use node, deployment or daemonset");
+    };
+    let w: WorkloadInfo = c.get(&format!("/v1/objects/{}/{ns}/{name}", k.as_str().to_ascii_lowercase())).await?;
+    println!("Name:           {}", w.name);
+    println!("Namespace:      {}", w.namespace);
+    println!("Kind:           {}", w.kind);
+    println!("Revision:       {}", w.revision);
+    println!("Runtime:        {:?}", w.runtime);
+    println!("Node selector:  {}", labels(&w.node_selector, false));
+    println!("Replicas:       {} desired, {} scheduled, {} ready", w.desired, w.scheduled, w.ready);
+    if let Some(note) = &w.note {
+        println!("Note:           {note}");
+    }
+    println!("Placements:");
+    print!("{}", indent(&table(PLACEMENT_HEADERS, &placement_rows(std::slice::from_ref(&w)))));
+    Ok(())
+}
+
+fn print_events(events: &[outpost_api::NodeEvent]) {
+    if events.is_empty() {
+        return;
+    }
+    println!("Events:");
+    let rows: Vec<Vec<String>> = events
+        .iter()
+        .map(|e| vec![age(Some(e.at)), e.reason.clone(), e.workload.clone().unwrap_or_default(), e.message.clone()])
+        .collect();
+    print!("{}", indent(&table(&["AGE", "REASON", "WORKLOAD", "MESSAGE"], &rows)));
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(&["A", "LONGER"], &[vec!["xyz".into(), "1".into()], vec!["q".into(), "22".into()]]);
+        assert_eq!(t, "A     LONGER\nxyz   1\nq     22\n");
+    }
+}
