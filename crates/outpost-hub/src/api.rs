@@ -10,9 +10,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use outpost_api::{
-    ApplyRequest, ApplyResponse, DeleteResponse, JoinRequest, JoinResponse, JoinToken, Kind, NodeInfo, Object,
-    ObjectId, Phase, Placement, RenewRequest, RenewResponse, Runtime, StatusAck, StatusReport, TokenRequest,
-    TokenResponse, UnixMs, WorkloadInfo, WorkloadStatus, PROCESS_RUNTIME,
+    ApplyRequest, ApplyResponse, DeleteResponse, JoinRequest, JoinResponse, JoinToken, Kind,
+    NodeInfo, Object, ObjectId, Phase, Placement, RenewRequest, RenewResponse, Runtime, StatusAck,
+    StatusReport, TokenRequest, TokenResponse, UnixMs, WorkloadInfo, WorkloadStatus,
+    PROCESS_RUNTIME,
 };
 use outpost_core::render::workload_key;
 use outpost_core::schedule::selector_matches;
@@ -32,15 +33,27 @@ type St = State<Arc<HubState>>;
 const NODE_EVENTS: u32 = 50;
 
 pub async fn ca(State(st): St) -> Response {
-    ([(CONTENT_TYPE, "application/x-pem-file")], st.ca.cert_pem.clone()).into_response()
+    (
+        [(CONTENT_TYPE, "application/x-pem-file")],
+        st.ca.cert_pem.clone(),
+    )
+        .into_response()
 }
 
 /// A signed node certificate: PEM, fingerprint, expiry (unix ms).
 fn sign(st: &HubState, csr_pem: &str, node: &str) -> Result<(String, String, UnixMs), HubError> {
-    let cert_pem = st.ca.sign_node_csr(csr_pem, node).map_err(|e| HubError::InvalidCsr(e.to_string()))?;
+    let cert_pem = st
+        .ca
+        .sign_node_csr(csr_pem, node)
+        .map_err(|e| HubError::InvalidCsr(e.to_string()))?;
     let der = outpost_pki::pem_to_der(&cert_pem).map_err(|e| HubError::Internal(e.to_string()))?;
-    let not_after = outpost_pki::not_after_unix(&cert_pem).map_err(|e| HubError::Internal(e.to_string()))?;
-    Ok((outpost_pki::fingerprint(&der), cert_pem, not_after.saturating_mul(1000)))
+    let not_after =
+        outpost_pki::not_after_unix(&cert_pem).map_err(|e| HubError::Internal(e.to_string()))?;
+    Ok((
+        outpost_pki::fingerprint(&der),
+        cert_pem,
+        not_after.saturating_mul(1000),
+    ))
 }
 
 /// Reschedule after a committed change. The change stands even if this fails (the next change
@@ -51,7 +64,10 @@ async fn reschedule_after_commit(st: &HubState, now: UnixMs) {
     }
 }
 
-pub async fn join(State(st): St, ApiJson(req): ApiJson<JoinRequest>) -> Result<Json<JoinResponse>, HubError> {
+pub async fn join(
+    State(st): St,
+    ApiJson(req): ApiJson<JoinRequest>,
+) -> Result<Json<JoinResponse>, HubError> {
     validate::node_name(&req.name)?;
     let now = now_ms();
     let secret_sha = sha256_hex(&req.token_secret);
@@ -63,22 +79,40 @@ pub async fn join(State(st): St, ApiJson(req): ApiJson<JoinRequest>) -> Result<J
         HubError::Token(p)
     })?;
     let (cert_fp, cert_pem, cert_not_after) = sign(&st, &req.csr_pem, &req.name)?;
-    let node = NewNode { name: req.name.clone(), labels: req.labels.clone(), cert_fp, cert_not_after };
+    let node = NewNode {
+        name: req.name.clone(),
+        labels: req.labels.clone(),
+        cert_fp,
+        cert_not_after,
+    };
     let _guard = st.write_lock.lock().await;
     let token_id = req.token_id.clone();
-    let labels = st.db(move |s| s.join(&token_id, &secret_sha, &node, now)).await?;
+    let labels = st
+        .db(move |s| s.join(&token_id, &secret_sha, &node, now))
+        .await?;
     tracing::info!(node = %req.name, token = %req.token_id, labels = ?labels, "node joined");
     reschedule_after_commit(&st, now).await;
-    Ok(Json(JoinResponse { node: req.name, cert_pem, ca_pem: st.ca.cert_pem.clone(), labels }))
+    Ok(Json(JoinResponse {
+        node: req.name,
+        cert_pem,
+        ca_pem: st.ca.cert_pem.clone(),
+        labels,
+    }))
 }
 
 /// The caller's certificate must belong to `node`.
 async fn authorize_node(st: &HubState, peer: &Peer, node: &str) -> Result<(), HubError> {
     let fp = peer.cert_fp.clone().ok_or(HubError::NoClientCert)?;
-    let caller = st.db(move |s| s.node_by_cert(&fp)).await?.ok_or(HubError::UnknownNode)?;
+    let caller = st
+        .db(move |s| s.node_by_cert(&fp))
+        .await?
+        .ok_or(HubError::UnknownNode)?;
     if caller != node {
         tracing::warn!(caller = %caller, target = %node, "node asked for another node's state");
-        return Err(HubError::Forbidden { caller, target: node.to_string() });
+        return Err(HubError::Forbidden {
+            caller,
+            target: node.to_string(),
+        });
     }
     Ok(())
 }
@@ -87,7 +121,10 @@ async fn authorize_node(st: &HubState, peer: &Peer, node: &str) -> Result<(), Hu
 /// of replicas may now be placed on it).
 async fn contact(st: &HubState, node: &str, now: UnixMs) -> Result<(), HubError> {
     let n = node.to_string();
-    let prev = st.db(move |s| s.touch(&n, now)).await?.ok_or(HubError::UnknownNode)?;
+    let prev = st
+        .db(move |s| s.touch(&n, now))
+        .await?
+        .ok_or(HubError::UnknownNode)?;
     if now.saturating_sub(prev) > st.offline_after.as_millis() as i64 {
         tracing::info!(node = %node, offline_for = %human_duration(now - prev), "node online");
         st.reschedule(now).await?;
@@ -114,7 +151,10 @@ pub async fn sync(
     let deadline = tokio::time::Instant::now() + st.long_poll;
     loop {
         let (n, since) = (node.clone(), q.generation);
-        let resp = st.db(move |s| s.sync(&n, since)).await?.ok_or(HubError::UnknownNode)?;
+        let resp = st
+            .db(move |s| s.sync(&n, since))
+            .await?
+            .ok_or(HubError::UnknownNode)?;
         if resp.generation != since {
             tracing::debug!(node = %node, since, generation = resp.generation, full = resp.full, "sync answered");
             return Ok(Json(resp).into_response());
@@ -168,15 +208,30 @@ pub async fn create_token(
         id: random_hex(4),
         secret_sha256: String::new(),
         labels: req.labels,
-        expires_at: req.ttl_secs.map(|t| now.saturating_add(i64::try_from(t).unwrap_or(i64::MAX).saturating_mul(1000))),
+        expires_at: req
+            .ttl_secs
+            .map(|t| now.saturating_add(i64::try_from(t).unwrap_or(i64::MAX).saturating_mul(1000))),
         uses_left: req.uses.map(u64::from),
         used: 0,
         created_at: now,
     };
     let secret = random_hex(16);
-    let row = TokenRow { secret_sha256: sha256_hex(&secret), ..row };
-    let token = JoinToken { ca_fingerprint: st.ca_fingerprint.clone(), id: row.id.clone(), secret }.encode();
-    let resp = TokenResponse { token, id: row.id.clone(), expires_at: row.expires_at, uses: req.uses };
+    let row = TokenRow {
+        secret_sha256: sha256_hex(&secret),
+        ..row
+    };
+    let token = JoinToken {
+        ca_fingerprint: st.ca_fingerprint.clone(),
+        id: row.id.clone(),
+        secret,
+    }
+    .encode();
+    let resp = TokenResponse {
+        token,
+        id: row.id.clone(),
+        expires_at: row.expires_at,
+        uses: req.uses,
+    };
     tracing::info!(token = %row.id, expires_at = ?row.expires_at, uses = ?req.uses, "join token created");
     st.db(move |s| s.create_token(&row)).await?;
     Ok(Json(resp))
@@ -187,7 +242,8 @@ pub async fn apply(
     _: Admin,
     ApiJson(req): ApiJson<ApplyRequest>,
 ) -> Result<Json<ApplyResponse>, HubError> {
-    let (objects, warnings) = validate::parse_batch(&req.files).map_err(HubError::InvalidManifest)?;
+    let (objects, warnings) =
+        validate::parse_batch(&req.files).map_err(HubError::InvalidManifest)?;
     let _guard = st.write_lock.lock().await;
     let stored = st.db(|s| s.objects()).await?;
     let errors = validate::check_references(&objects, stored.into_iter().map(|o| o.object));
@@ -211,7 +267,10 @@ async fn delete_ids(st: &HubState, ids: Vec<ObjectId>) -> Result<DeleteResponse,
     let _guard = st.write_lock.lock().await;
     let stored = st.db(|s| s.objects()).await?;
     if let Some((object, workload)) = validate::in_use(stored.iter().map(|o| &o.object), &ids) {
-        return Err(HubError::InUse { object: object.to_string(), workload: workload.to_string() });
+        return Err(HubError::InUse {
+            object: object.to_string(),
+            workload: workload.to_string(),
+        });
     }
     let (deleted, not_found) = st.db(move |s| s.delete_objects(&ids)).await?;
     for id in &deleted {
@@ -232,14 +291,22 @@ pub async fn delete(
     ApiJson(req): ApiJson<ApplyRequest>,
 ) -> Result<Json<DeleteResponse>, HubError> {
     let (objects, _) = validate::parse_batch(&req.files).map_err(HubError::InvalidManifest)?;
-    Ok(Json(delete_ids(&st, objects.iter().map(Object::id).collect()).await?))
+    Ok(Json(
+        delete_ids(&st, objects.iter().map(Object::id).collect()).await?,
+    ))
 }
 
 fn object_id(kind: &str, namespace: String, name: String) -> Result<ObjectId, HubError> {
     let kind = Kind::parse_cli(kind).ok_or_else(|| {
-        HubError::BadRequest(format!("unknown kind {kind:?}; use deployment, daemonset, configmap or secret"))
+        HubError::BadRequest(format!(
+            "unknown kind {kind:?}; use deployment, daemonset, configmap or secret"
+        ))
     })?;
-    Ok(ObjectId { kind, namespace, name })
+    Ok(ObjectId {
+        kind,
+        namespace,
+        name,
+    })
 }
 
 pub async fn delete_object(
@@ -260,10 +327,22 @@ struct View {
 
 async fn read_view(st: &HubState) -> Result<View, HubError> {
     st.db(|s| {
-        let nodes = s.nodes()?.into_iter().map(|n| (n.name.clone(), n)).collect();
+        let nodes = s
+            .nodes()?
+            .into_iter()
+            .map(|n| (n.name.clone(), n))
+            .collect();
         let desired = s.desired()?;
-        let statuses = s.statuses(None)?.into_iter().map(|(n, w)| ((n, w.key.clone()), w)).collect();
-        Ok(View { nodes, desired, statuses })
+        let statuses = s
+            .statuses(None)?
+            .into_iter()
+            .map(|(n, w)| ((n, w.key.clone()), w))
+            .collect();
+        Ok(View {
+            nodes,
+            desired,
+            statuses,
+        })
     })
     .await
 }
@@ -283,7 +362,11 @@ fn workload_info(
     let key = workload_key(&id);
     let desired = match id.kind {
         Kind::Deployment => wv.replicas,
-        _ => view.nodes.values().filter(|n| selector_matches(&wv.node_selector, &n.labels)).count() as u32,
+        _ => view
+            .nodes
+            .values()
+            .filter(|n| selector_matches(&wv.node_selector, &n.labels))
+            .count() as u32,
     };
     let mut ready = 0;
     let placements: Vec<Placement> = view
@@ -292,10 +375,16 @@ fn workload_info(
         .filter(|r| r.key == key)
         .map(|r| {
             let status = view.statuses.get(&(r.node.clone(), key.clone())).cloned();
-            if status.as_ref().is_some_and(|s| s.phase == Phase::Running && s.hash == r.hash) {
+            if status
+                .as_ref()
+                .is_some_and(|s| s.phase == Phase::Running && s.hash == r.hash)
+            {
                 ready += 1;
             }
-            let online = view.nodes.get(&r.node).is_some_and(|n| is_online(n, offline_after, now));
+            let online = view
+                .nodes
+                .get(&r.node)
+                .is_some_and(|n| is_online(n, offline_after, now));
             Placement {
                 node: r.node.clone(),
                 node_status: status_word(online).to_string(),
@@ -335,14 +424,21 @@ pub async fn get_object(
 ) -> Result<Json<serde_json::Value>, HubError> {
     let id = object_id(&kind, namespace, name)?;
     let lookup = id.clone();
-    let obj = st.db(move |s| s.object(&lookup)).await?.ok_or_else(|| HubError::NotFound(id.to_string()))?;
+    let obj = st
+        .db(move |s| s.object(&lookup))
+        .await?
+        .ok_or_else(|| HubError::NotFound(id.to_string()))?;
     if !id.kind.is_workload() {
-        return Ok(Json(serde_json::to_value(&obj.object).map_err(|e| HubError::Internal(e.to_string()))?));
+        return Ok(Json(
+            serde_json::to_value(&obj.object).map_err(|e| HubError::Internal(e.to_string()))?,
+        ));
     }
     let view = read_view(&st).await?;
     let info = workload_info(&obj, &view, st.note(&id), st.offline_after, now_ms())
         .ok_or_else(|| HubError::Internal(format!("{id} has no pod template")))?;
-    Ok(Json(serde_json::to_value(info).map_err(|e| HubError::Internal(e.to_string()))?))
+    Ok(Json(
+        serde_json::to_value(info).map_err(|e| HubError::Internal(e.to_string()))?,
+    ))
 }
 
 pub async fn workloads(State(st): St, _: Admin) -> Result<Json<Vec<WorkloadInfo>>, HubError> {
@@ -357,7 +453,12 @@ pub async fn workloads(State(st): St, _: Admin) -> Result<Json<Vec<WorkloadInfo>
     Ok(Json(out))
 }
 
-fn node_info(n: NodeRow, workloads: Vec<WorkloadStatus>, offline_after: std::time::Duration, now: UnixMs) -> NodeInfo {
+fn node_info(
+    n: NodeRow,
+    workloads: Vec<WorkloadStatus>,
+    offline_after: std::time::Duration,
+    now: UnixMs,
+) -> NodeInfo {
     NodeInfo {
         status: status_word(is_online(&n, offline_after, now)).to_string(),
         name: n.name,
@@ -391,17 +492,27 @@ pub async fn nodes(State(st): St, _: Admin) -> Result<Json<Vec<NodeInfo>>, HubEr
     Ok(Json(out))
 }
 
-pub async fn node(State(st): St, _: Admin, Path(name): Path<String>) -> Result<Json<NodeInfo>, HubError> {
+pub async fn node(
+    State(st): St,
+    _: Admin,
+    Path(name): Path<String>,
+) -> Result<Json<NodeInfo>, HubError> {
     let n = name.clone();
     let found = st
         .db(move |s| {
-            let Some(row) = s.node(&n)? else { return Ok(None) };
+            let Some(row) = s.node(&n)? else {
+                return Ok(None);
+            };
             let statuses = s.statuses(Some(&n))?.into_iter().map(|(_, w)| w).collect();
             Ok(Some((row, statuses, s.events(&n, NODE_EVENTS)?)))
         })
         .await?;
-    let (row, statuses, events) = found.ok_or_else(|| HubError::NotFound(format!("node {name}")))?;
-    Ok(Json(NodeInfo { events, ..node_info(row, statuses, st.offline_after, now_ms()) }))
+    let (row, statuses, events) =
+        found.ok_or_else(|| HubError::NotFound(format!("node {name}")))?;
+    Ok(Json(NodeInfo {
+        events,
+        ..node_info(row, statuses, st.offline_after, now_ms())
+    }))
 }
 
 pub async fn delete_node(
@@ -417,5 +528,8 @@ pub async fn delete_node(
     st.forget_node(&name);
     tracing::info!(node = %name, "node deleted; its certificate no longer works");
     reschedule_after_commit(&st, now_ms()).await;
-    Ok(Json(DeleteResponse { deleted: vec![format!("node/{name}")], not_found: vec![] }))
+    Ok(Json(DeleteResponse {
+        deleted: vec![format!("node/{name}")],
+        not_found: vec![],
+    }))
 }

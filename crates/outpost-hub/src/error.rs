@@ -10,9 +10,17 @@ use crate::store::StoreError;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenProblem {
     /// No such token, or the secret does not match (not told apart, on purpose).
-    Unknown { id: String },
-    Expired { id: String, ago_ms: i64 },
-    UsedUp { id: String, used: u64 },
+    Unknown {
+        id: String,
+    },
+    Expired {
+        id: String,
+        ago_ms: i64,
+    },
+    UsedUp {
+        id: String,
+        used: u64,
+    },
 }
 
 /// Everything a request can fail with. [`IntoResponse`] maps each variant to its status and
@@ -130,7 +138,11 @@ impl IntoResponse for HubError {
             HubError::InvalidManifest(d) => d,
             _ => Vec::new(),
         };
-        let body = ApiError { code: code.to_string(), message, details };
+        let body = ApiError {
+            code: code.to_string(),
+            message,
+            details,
+        };
         (status, axum::Json(body)).into_response()
     }
 }
@@ -141,15 +153,30 @@ mod tests {
 
     #[test]
     fn messages_say_what_to_do() {
-        let e = HubError::Token(TokenProblem::Expired { id: "ab12".into(), ago_ms: 2 * 3600 * 1000 + 5 });
+        let e = HubError::Token(TokenProblem::Expired {
+            id: "ab12".into(),
+            ago_ms: 2 * 3600 * 1000 + 5,
+        });
         assert_eq!(
             e.to_string(),
             "join token ab12 expired 2h ago; create a new one with `outpost token create`"
         );
-        assert_eq!(e.status_and_code(), (StatusCode::UNAUTHORIZED, "token_expired"));
-        let e = HubError::Forbidden { caller: "a".into(), target: "b".into() };
-        assert_eq!(e.to_string(), "node a may only access its own state, not node b's");
+        assert_eq!(
+            e.status_and_code(),
+            (StatusCode::UNAUTHORIZED, "token_expired")
+        );
+        let e = HubError::Forbidden {
+            caller: "a".into(),
+            target: "b".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "node a may only access its own state, not node b's"
+        );
         let e = HubError::InvalidManifest(vec![]);
-        assert_eq!(e.to_string(), "0 problems in the manifests; nothing was applied");
+        assert_eq!(
+            e.to_string(),
+            "0 problems in the manifests; nothing was applied"
+        );
     }
 }

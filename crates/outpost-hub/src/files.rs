@@ -18,7 +18,11 @@ use rand::RngCore;
 /// Write `data` to `path` atomically with the given mode.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
     let dir = path.parent().context("path has no parent directory")?;
-    let name = path.file_name().context("path has no file name")?.to_string_lossy().into_owned();
+    let name = path
+        .file_name()
+        .context("path has no file name")?
+        .to_string_lossy()
+        .into_owned();
     let tmp = dir.join(format!(".{name}.tmp"));
     let mut f = fs::OpenOptions::new()
         .write(true)
@@ -29,10 +33,13 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", tmp.display()))?;
     // The mode passed to open() only applies to new files.
     f.set_permissions(fs::Permissions::from_mode(mode))?;
-    f.write_all(data).with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.sync_all().with_context(|| format!("cannot fsync {}", tmp.display()))?;
+    f.write_all(data)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.sync_all()
+        .with_context(|| format!("cannot fsync {}", tmp.display()))?;
     drop(f);
-    fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("cannot fsync directory {}", dir.display()))?;
@@ -106,7 +113,8 @@ impl DataDir {
 
     /// Create the directory (0700) and load or create the CA, server certificate and admin token.
     pub fn load_or_create(&self, advertise: &[String]) -> anyhow::Result<Material> {
-        fs::create_dir_all(&self.root).with_context(|| format!("cannot create data dir {}", self.root.display()))?;
+        fs::create_dir_all(&self.root)
+            .with_context(|| format!("cannot create data dir {}", self.root.display()))?;
         fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))
             .with_context(|| format!("cannot set mode 0700 on {}", self.root.display()))?;
 
@@ -124,7 +132,8 @@ impl DataDir {
                 self.root.display()
             ),
         };
-        ca.fingerprint().context("ca.pem is not a valid certificate; restore it from a backup")?;
+        ca.fingerprint()
+            .context("ca.pem is not a valid certificate; restore it from a backup")?;
 
         let names = server_names(advertise);
         let names_text = names.join("\n");
@@ -136,7 +145,9 @@ impl DataDir {
         let (server_chain_pem, server_key_pem) = match stored {
             (Some(c), Some(k), Some(n)) if n.trim() == names_text => (c, k),
             _ => {
-                let (c, k) = ca.issue_server(&names).context("cannot issue the hub's server certificate")?;
+                let (c, k) = ca
+                    .issue_server(&names)
+                    .context("cannot issue the hub's server certificate")?;
                 write_atomic(&self.path("server.key"), k.as_bytes(), 0o600)?;
                 write_atomic(&self.path("server.pem"), c.as_bytes(), 0o644)?;
                 write_atomic(&self.path("server.names"), names_text.as_bytes(), 0o644)?;
@@ -149,11 +160,21 @@ impl DataDir {
             Some(t) if !t.trim().is_empty() => (t.trim().to_string(), None),
             _ => {
                 let t = random_hex(32);
-                write_atomic(&self.path("admin.token"), format!("{t}\n").as_bytes(), 0o600)?;
+                write_atomic(
+                    &self.path("admin.token"),
+                    format!("{t}\n").as_bytes(),
+                    0o600,
+                )?;
                 (t.clone(), Some(t))
             }
         };
-        Ok(Material { ca, server_chain_pem, server_key_pem, admin_token, created_admin_token })
+        Ok(Material {
+            ca,
+            server_chain_pem,
+            server_key_pem,
+            admin_token,
+            created_admin_token,
+        })
     }
 }
 
@@ -172,7 +193,10 @@ mod tests {
         ] {
             assert_eq!(host_of(input), want, "{input}");
         }
-        assert_eq!(server_names(&["https://x:1".into(), "localhost".into()]), vec!["127.0.0.1", "localhost", "x"]);
+        assert_eq!(
+            server_names(&["https://x:1".into(), "localhost".into()]),
+            vec!["127.0.0.1", "localhost", "x"]
+        );
     }
 
     #[test]

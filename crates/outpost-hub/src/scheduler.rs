@@ -35,7 +35,11 @@ pub fn workload_view(obj: &Object) -> Option<WorkloadView> {
         Object::DaemonSet(d) => (&d.spec.template.spec.node_selector, 0),
         _ => return None,
     };
-    Some(WorkloadView { id: obj.id(), node_selector: selector.clone(), replicas })
+    Some(WorkloadView {
+        id: obj.id(),
+        node_selector: selector.clone(),
+        replicas,
+    })
 }
 
 /// Compute placements and per-node changes. Pure.
@@ -43,18 +47,34 @@ pub fn plan(inputs: &ScheduleInputs, offline_after: Duration, now: UnixMs) -> Pl
     let nodes: Vec<NodeView> = inputs
         .nodes
         .iter()
-        .map(|n| NodeView { name: n.name.clone(), labels: n.labels.clone(), online: is_online(n, offline_after, now) })
+        .map(|n| NodeView {
+            name: n.name.clone(),
+            labels: n.labels.clone(),
+            online: is_online(n, offline_after, now),
+        })
         .collect();
-    let workloads: Vec<WorkloadView> = inputs.objects.iter().filter_map(|o| workload_view(&o.object)).collect();
+    let workloads: Vec<WorkloadView> = inputs
+        .objects
+        .iter()
+        .filter_map(|o| workload_view(&o.object))
+        .collect();
     let decisions = schedule(&nodes, &workloads, &inputs.assignments);
 
-    let objects: BTreeMap<ObjectId, Object> = inputs.objects.iter().map(|o| (o.object.id(), o.object.clone())).collect();
-    let mut want: BTreeMap<String, BTreeMap<String, WorkloadSpec>> =
-        nodes.iter().map(|n| (n.name.clone(), BTreeMap::new())).collect();
+    let objects: BTreeMap<ObjectId, Object> = inputs
+        .objects
+        .iter()
+        .map(|o| (o.object.id(), o.object.clone()))
+        .collect();
+    let mut want: BTreeMap<String, BTreeMap<String, WorkloadSpec>> = nodes
+        .iter()
+        .map(|n| (n.name.clone(), BTreeMap::new()))
+        .collect();
     let mut out = Plan::default();
     for stored in &inputs.objects {
         let id = stored.object.id();
-        let Some(decision) = decisions.get(&id) else { continue };
+        let Some(decision) = decisions.get(&id) else {
+            continue;
+        };
         if let Some(note) = &decision.note {
             out.notes.insert(id.clone(), note.clone());
         }
@@ -64,7 +84,9 @@ pub fn plan(inputs: &ScheduleInputs, offline_after: Duration, now: UnixMs) -> Pl
         if decision.nodes.is_empty() {
             continue;
         }
-        let Some(spec) = render(&stored.object, stored.revision, &objects) else { continue };
+        let Some(spec) = render(&stored.object, stored.revision, &objects) else {
+            continue;
+        };
         debug_assert_eq!(spec.key, workload_key(&id));
         for n in &decision.nodes {
             if let Some(bundle) = want.get_mut(n) {
@@ -103,7 +125,10 @@ mod tests {
     fn node(name: &str, labels: &[(&str, &str)], last_seen: Option<UnixMs>) -> NodeRow {
         NodeRow {
             name: name.into(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             cert_fp: format!("fp-{name}"),
             cert_not_after: 0,
             joined_at: 0,
@@ -120,7 +145,13 @@ mod tests {
             .expect("valid test manifest")
             .objects
             .into_iter()
-            .map(|object| StoredObject { object, template_hash: None, revision: 1, created_at: 0, updated_at: 0 })
+            .map(|object| StoredObject {
+                object,
+                template_hash: None,
+                revision: 1,
+                created_at: 0,
+                updated_at: 0,
+            })
             .collect()
     }
 
@@ -148,7 +179,10 @@ spec:
     #[test]
     fn daemonset_lands_on_matching_nodes_and_leaves_when_labels_change() {
         let mut inputs = ScheduleInputs {
-            nodes: vec![node("a", &[("site", "a")], Some(0)), node("b", &[("site", "b")], Some(0))],
+            nodes: vec![
+                node("a", &[("site", "a")], Some(0)),
+                node("b", &[("site", "b")], Some(0)),
+            ],
             objects: objects(DS),
             ..Default::default()
         };
@@ -157,12 +191,18 @@ spec:
         assert_eq!(p.changes["a"].upsert[0].key, "daemonset/default/agent");
         // Holding the same hash: nothing to do.
         let hash = p.changes["a"].upsert[0].hash.clone();
-        inputs.held.insert("a".into(), [("daemonset/default/agent".to_string(), hash)].into());
+        inputs.held.insert(
+            "a".into(),
+            [("daemonset/default/agent".to_string(), hash)].into(),
+        );
         assert!(plan(&inputs, Duration::from_secs(90), 0).changes.is_empty());
         // Node a no longer matches: removal.
         inputs.nodes[0].labels.insert("site".into(), "c".into());
         let p = plan(&inputs, Duration::from_secs(90), 0);
-        assert_eq!(p.changes["a"].remove, vec!["daemonset/default/agent".to_string()]);
+        assert_eq!(
+            p.changes["a"].remove,
+            vec!["daemonset/default/agent".to_string()]
+        );
     }
 
     #[test]

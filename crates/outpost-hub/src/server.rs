@@ -85,7 +85,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     async fn from_request_parts(parts: &mut Parts, st: &S) -> Result<Self, HubError> {
         match axum::extract::Query::<T>::from_request_parts(parts, st).await {
             Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
-            Err(e) => Err(HubError::BadRequest(format!("invalid query string: {}", e.body_text()))),
+            Err(e) => Err(HubError::BadRequest(format!(
+                "invalid query string: {}",
+                e.body_text()
+            ))),
         }
     }
 }
@@ -123,7 +126,10 @@ pub fn router(state: Arc<HubState>) -> Router {
         .route("/v1/tokens", post(api::create_token))
         .route("/v1/apply", post(api::apply))
         .route("/v1/delete", post(api::delete))
-        .route("/v1/objects/{kind}/{namespace}/{name}", get(api::get_object).delete(api::delete_object))
+        .route(
+            "/v1/objects/{kind}/{namespace}/{name}",
+            get(api::get_object).delete(api::delete_object),
+        )
         .route("/v1/workloads", get(api::workloads))
         .route("/v1/nodes", get(api::nodes))
         .route("/v1/nodes/{node}", get(api::node).delete(api::delete_node))
@@ -136,7 +142,12 @@ pub fn router(state: Arc<HubState>) -> Router {
 
 /// Accept TLS connections until `shutdown` flips, then give open connections a moment to
 /// finish and drop the rest.
-pub async fn serve(listener: TcpListener, tls: TlsAcceptor, router: Router, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    router: Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -155,7 +166,10 @@ pub async fn serve(listener: TcpListener, tls: TlsAcceptor, router: Router, mut 
     }
     drop(listener);
     let drain = async { while conns.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(2), drain).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(2), drain)
+        .await
+        .is_err()
+    {
         conns.abort_all();
         while conns.join_next().await.is_some() {}
     }
@@ -180,14 +194,19 @@ async fn serve_conn(
             return;
         }
     };
-    let cert_fp =
-        stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| outpost_pki::fingerprint(c.as_ref()));
+    let cert_fp = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| outpost_pki::fingerprint(c.as_ref()));
     let peer = Peer { cert_fp };
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(peer.clone());
         router.clone().oneshot(req)
     });
-    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+    let conn =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {

@@ -76,13 +76,17 @@ impl HubState {
     /// A receiver that wakes when the node's generation changes.
     pub fn subscribe(&self, node: &str) -> watch::Receiver<u64> {
         let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
-        w.entry(node.to_string()).or_insert_with(|| watch::channel(0).0).subscribe()
+        w.entry(node.to_string())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
     }
 
     fn notify(&self, bumped: &BTreeMap<String, u64>) {
         let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
         for (node, gen) in bumped {
-            w.entry(node.clone()).or_insert_with(|| watch::channel(0).0).send_replace(*gen);
+            w.entry(node.clone())
+                .or_insert_with(|| watch::channel(0).0)
+                .send_replace(*gen);
         }
     }
 
@@ -93,7 +97,11 @@ impl HubState {
     }
 
     pub fn note(&self, id: &ObjectId) -> Option<String> {
-        self.notes.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+        self.notes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
     }
 
     /// Recompute every node's desired state and wake the nodes whose generation moved.

@@ -17,8 +17,8 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use outpost_api::{
-    ApplyResult, Kind, Labels, NodeEvent, Object, ObjectId, StatusReport, SyncResponse, UnixMs, WorkloadSpec,
-    WorkloadStatus,
+    ApplyResult, Kind, Labels, NodeEvent, Object, ObjectId, StatusReport, SyncResponse, UnixMs,
+    WorkloadSpec, WorkloadStatus,
 };
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
@@ -33,7 +33,9 @@ pub const EVENTS_KEPT: i64 = 1000;
 pub enum StoreError {
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("stored data is not valid JSON ({0}); the database may be corrupt or from a newer hub")]
+    #[error(
+        "stored data is not valid JSON ({0}); the database may be corrupt or from a newer hub"
+    )]
     Json(#[from] serde_json::Error),
     #[error("database {path} has schema version {found}, this hub knows up to {SCHEMA_VERSION}; run the newer hub release that created it")]
     SchemaTooNew { path: String, found: i64 },
@@ -64,7 +66,12 @@ pub struct TokenRow {
 
 /// Is this token good for one more join at `now`? Pure; the store calls it inside the join
 /// transaction.
-pub fn check_token(tok: Option<&TokenRow>, id: &str, secret_sha256: &str, now: UnixMs) -> Result<(), TokenProblem> {
+pub fn check_token(
+    tok: Option<&TokenRow>,
+    id: &str,
+    secret_sha256: &str,
+    now: UnixMs,
+) -> Result<(), TokenProblem> {
     let unknown = || TokenProblem::Unknown { id: id.to_string() };
     let tok = tok.ok_or_else(unknown)?;
     if tok.secret_sha256 != secret_sha256 {
@@ -72,11 +79,17 @@ pub fn check_token(tok: Option<&TokenRow>, id: &str, secret_sha256: &str, now: U
     }
     if let Some(exp) = tok.expires_at {
         if now >= exp {
-            return Err(TokenProblem::Expired { id: id.to_string(), ago_ms: now - exp });
+            return Err(TokenProblem::Expired {
+                id: id.to_string(),
+                ago_ms: now - exp,
+            });
         }
     }
     if tok.uses_left == Some(0) {
-        return Err(TokenProblem::UsedUp { id: id.to_string(), used: tok.used });
+        return Err(TokenProblem::UsedUp {
+            id: id.to_string(),
+            used: tok.used,
+        });
     }
     Ok(())
 }
@@ -170,7 +183,13 @@ pub trait Store: Send + Sync + 'static {
     /// Check the token, refuse a taken name, record the node with its first generation and
     /// use up one token use, in one transaction. Returns the node's final labels (token labels
     /// overridden by the request's).
-    fn join(&self, token_id: &str, secret_sha256: &str, node: &NewNode, now: UnixMs) -> Result<Labels>;
+    fn join(
+        &self,
+        token_id: &str,
+        secret_sha256: &str,
+        node: &NewNode,
+        now: UnixMs,
+    ) -> Result<Labels>;
     fn node_by_cert(&self, cert_fp: &str) -> Result<Option<String>>;
     fn node(&self, name: &str) -> Result<Option<NodeRow>>;
     fn nodes(&self) -> Result<Vec<NodeRow>>;
@@ -293,7 +312,11 @@ fn finish_node((mut n, labels): (NodeRow, String)) -> Result<NodeRow> {
 }
 
 fn next_gen(tx: &Transaction<'_>) -> Result<u64> {
-    let cur: Option<String> = tx.query_row("SELECT value FROM meta WHERE key = 'gen_seq'", [], |r| r.get(0)).optional()?;
+    let cur: Option<String> = tx
+        .query_row("SELECT value FROM meta WHERE key = 'gen_seq'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
     let next = cur.and_then(|s| s.parse::<u64>().ok()).unwrap_or(0) + 1;
     tx.execute(
         "INSERT INTO meta (key, value) VALUES ('gen_seq', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -308,11 +331,25 @@ fn object_row(tx: &Transaction<'_>, id: &ObjectId) -> Result<Option<StoredObject
             "SELECT manifest, template_hash, revision, created_at, updated_at FROM objects
              WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
             params![id.kind.as_str(), id.namespace, id.name],
-            |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get::<_, i64>(2)?, r.get(3)?, r.get(4)?)),
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                ))
+            },
         )
         .optional()?;
     row.map(|(m, template_hash, rev, created_at, updated_at)| {
-        Ok(StoredObject { object: decode_object(id.kind, &m)?, template_hash, revision: u(rev), created_at, updated_at })
+        Ok(StoredObject {
+            object: decode_object(id.kind, &m)?,
+            template_hash,
+            revision: u(rev),
+            created_at,
+            updated_at,
+        })
     })
     .transpose()
 }
@@ -326,11 +363,19 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
-        let found: Option<String> =
-            conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).optional()?;
+        let found: Option<String> = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
         match found.and_then(|v| v.parse::<i64>().ok()) {
             Some(v) if v > SCHEMA_VERSION => {
-                return Err(StoreError::SchemaTooNew { path: path.display().to_string(), found: v })
+                return Err(StoreError::SchemaTooNew {
+                    path: path.display().to_string(),
+                    found: v,
+                })
             }
             Some(_) => {}
             None => {
@@ -340,7 +385,9 @@ impl SqliteStore {
                 )?;
             }
         }
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
     }
 
     fn conn(&self) -> Result<MutexGuard<'_, Connection>> {
@@ -371,14 +418,29 @@ impl Store for SqliteStore {
         token_row(&conn, id)
     }
 
-    fn join(&self, token_id: &str, secret_sha256: &str, node: &NewNode, now: UnixMs) -> Result<Labels> {
+    fn join(
+        &self,
+        token_id: &str,
+        secret_sha256: &str,
+        node: &NewNode,
+        now: UnixMs,
+    ) -> Result<Labels> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
         let tok = token_row(&tx, token_id)?;
         check_token(tok.as_ref(), token_id, secret_sha256, now).map_err(StoreError::Token)?;
-        let tok = tok.ok_or_else(|| StoreError::Token(TokenProblem::Unknown { id: token_id.into() }))?;
-        let exists: Option<String> =
-            tx.query_row("SELECT name FROM nodes WHERE name = ?1", params![node.name], |r| r.get(0)).optional()?;
+        let tok = tok.ok_or_else(|| {
+            StoreError::Token(TokenProblem::Unknown {
+                id: token_id.into(),
+            })
+        })?;
+        let exists: Option<String> = tx
+            .query_row(
+                "SELECT name FROM nodes WHERE name = ?1",
+                params![node.name],
+                |r| r.get(0),
+            )
+            .optional()?;
         if exists.is_some() {
             return Err(StoreError::NodeExists(node.name.clone()));
         }
@@ -403,14 +465,22 @@ impl Store for SqliteStore {
     fn node_by_cert(&self, cert_fp: &str) -> Result<Option<String>> {
         Ok(self
             .conn()?
-            .query_row("SELECT name FROM nodes WHERE cert_fp = ?1", params![cert_fp], |r| r.get(0))
+            .query_row(
+                "SELECT name FROM nodes WHERE cert_fp = ?1",
+                params![cert_fp],
+                |r| r.get(0),
+            )
             .optional()?)
     }
 
     fn node(&self, name: &str) -> Result<Option<NodeRow>> {
         let conn = self.conn()?;
         let row = conn
-            .query_row(&format!("SELECT {NODE_COLS} FROM nodes WHERE name = ?1"), params![name], node_from_row)
+            .query_row(
+                &format!("SELECT {NODE_COLS} FROM nodes WHERE name = ?1"),
+                params![name],
+                node_from_row,
+            )
             .optional()?;
         row.map(finish_node).transpose()
     }
@@ -418,7 +488,9 @@ impl Store for SqliteStore {
     fn nodes(&self) -> Result<Vec<NodeRow>> {
         let conn = self.conn()?;
         let mut st = conn.prepare(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY name"))?;
-        let rows = st.query_map([], node_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        let rows = st
+            .query_map([], node_from_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
         rows.into_iter().map(finish_node).collect()
     }
 
@@ -426,11 +498,16 @@ impl Store for SqliteStore {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
         let prev: Option<(Option<i64>, i64)> = tx
-            .query_row("SELECT last_seen, joined_at FROM nodes WHERE name = ?1", params![node], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .query_row(
+                "SELECT last_seen, joined_at FROM nodes WHERE name = ?1",
+                params![node],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()?;
-        tx.execute("UPDATE nodes SET last_seen = MAX(COALESCE(last_seen, 0), ?2) WHERE name = ?1", params![node, now])?;
+        tx.execute(
+            "UPDATE nodes SET last_seen = MAX(COALESCE(last_seen, 0), ?2) WHERE name = ?1",
+            params![node, now],
+        )?;
         tx.commit()?;
         Ok(prev.map(|(seen, joined)| seen.unwrap_or(joined)))
     }
@@ -447,8 +524,17 @@ impl Store for SqliteStore {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
         let n = tx.execute("DELETE FROM nodes WHERE name = ?1", params![name])?;
-        for table in ["assignments", "node_workloads", "node_tombstones", "workload_status", "events"] {
-            tx.execute(&format!("DELETE FROM {table} WHERE node = ?1"), params![name])?;
+        for table in [
+            "assignments",
+            "node_workloads",
+            "node_tombstones",
+            "workload_status",
+            "events",
+        ] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE node = ?1"),
+                params![name],
+            )?;
         }
         tx.commit()?;
         Ok(n > 0)
@@ -458,40 +544,61 @@ impl Store for SqliteStore {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
         let Some((generation, floor)) = tx
-            .query_row("SELECT generation, tombstone_floor FROM nodes WHERE name = ?1", params![node], |r| {
-                Ok((u(r.get(0)?), u(r.get(1)?)))
-            })
+            .query_row(
+                "SELECT generation, tombstone_floor FROM nodes WHERE name = ?1",
+                params![node],
+                |r| Ok((u(r.get(0)?), u(r.get(1)?))),
+            )
             .optional()?
         else {
             return Ok(None);
         };
         if generation == since {
-            return Ok(Some(SyncResponse { generation, full: false, upsert: vec![], remove: vec![] }));
+            return Ok(Some(SyncResponse {
+                generation,
+                full: false,
+                upsert: vec![],
+                remove: vec![],
+            }));
         }
         let full = needs_full(since, generation, floor);
         let from = if full { 0 } else { since };
         let specs: Vec<String> = {
-            let mut st =
-                tx.prepare("SELECT spec FROM node_workloads WHERE node = ?1 AND changed_gen > ?2 ORDER BY key")?;
+            let mut st = tx.prepare(
+                "SELECT spec FROM node_workloads WHERE node = ?1 AND changed_gen > ?2 ORDER BY key",
+            )?;
             let rows = st.query_map(params![node, i(from)], |r| r.get(0))?;
             rows.collect::<rusqlite::Result<_>>()?
         };
-        let upsert = specs.iter().map(|s| serde_json::from_str(s)).collect::<Result<Vec<WorkloadSpec>, _>>()?;
+        let upsert = specs
+            .iter()
+            .map(|s| serde_json::from_str(s))
+            .collect::<Result<Vec<WorkloadSpec>, _>>()?;
         let remove = if full {
             vec![]
         } else {
-            let mut st = tx.prepare("SELECT key FROM node_tombstones WHERE node = ?1 AND gen > ?2 ORDER BY key")?;
+            let mut st = tx.prepare(
+                "SELECT key FROM node_tombstones WHERE node = ?1 AND gen > ?2 ORDER BY key",
+            )?;
             let rows = st.query_map(params![node, i(since)], |r| r.get(0))?;
             rows.collect::<rusqlite::Result<_>>()?
         };
-        Ok(Some(SyncResponse { generation, full, upsert, remove }))
+        Ok(Some(SyncResponse {
+            generation,
+            full,
+            upsert,
+            remove,
+        }))
     }
 
     fn record_status(&self, node: &str, report: &StatusReport, now: UnixMs) -> Result<u64> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
-        let generation: i64 =
-            tx.query_row("SELECT generation FROM nodes WHERE name = ?1", params![node], |r| r.get(0))?;
+        let generation: i64 = tx.query_row(
+            "SELECT generation FROM nodes WHERE name = ?1",
+            params![node],
+            |r| r.get(0),
+        )?;
         // An agent cannot have applied more than we sent; clamp so pruning stays safe.
         let applied = i(report.generation).min(generation);
         tx.execute(
@@ -500,7 +607,10 @@ impl Store for SqliteStore {
             params![node, now, report.agent_version, i(report.uptime_secs), applied],
         )?;
         // Tombstones the agent has applied are no longer needed; remember the floor.
-        tx.execute("DELETE FROM node_tombstones WHERE node = ?1 AND gen <= ?2", params![node, applied])?;
+        tx.execute(
+            "DELETE FROM node_tombstones WHERE node = ?1 AND gen <= ?2",
+            params![node, applied],
+        )?;
         tx.execute(
             "UPDATE nodes SET tombstone_floor = MAX(tombstone_floor, ?2) WHERE name = ?1",
             params![node, applied],
@@ -513,7 +623,10 @@ impl Store for SqliteStore {
                 rows.collect::<rusqlite::Result<_>>()?
             };
             for k in keys.iter().filter(|k| !listed.contains(k.as_str())) {
-                tx.execute("DELETE FROM workload_status WHERE node = ?1 AND key = ?2", params![node, k])?;
+                tx.execute(
+                    "DELETE FROM workload_status WHERE node = ?1 AND key = ?2",
+                    params![node, k],
+                )?;
             }
         }
         for w in &report.workloads {
@@ -524,7 +637,10 @@ impl Store for SqliteStore {
             )?;
         }
         for k in &report.removed {
-            tx.execute("DELETE FROM workload_status WHERE node = ?1 AND key = ?2", params![node, k])?;
+            tx.execute(
+                "DELETE FROM workload_status WHERE node = ?1 AND key = ?2",
+                params![node, k],
+            )?;
         }
         for e in &report.events {
             tx.execute(
@@ -533,11 +649,17 @@ impl Store for SqliteStore {
                 params![node, i(e.seq), e.at, e.workload, e.reason, e.message, now],
             )?;
         }
-        let acked: Option<i64> =
-            tx.query_row("SELECT MAX(seq) FROM events WHERE node = ?1", params![node], |r| r.get(0))?;
+        let acked: Option<i64> = tx.query_row(
+            "SELECT MAX(seq) FROM events WHERE node = ?1",
+            params![node],
+            |r| r.get(0),
+        )?;
         let acked = acked.unwrap_or(0);
         if !report.events.is_empty() {
-            tx.execute("DELETE FROM events WHERE node = ?1 AND seq <= ?2", params![node, acked - EVENTS_KEPT])?;
+            tx.execute(
+                "DELETE FROM events WHERE node = ?1 AND seq <= ?2",
+                params![node, acked - EVENTS_KEPT],
+            )?;
         }
         tx.commit()?;
         Ok(u(acked))
@@ -549,9 +671,13 @@ impl Store for SqliteStore {
             "SELECT node, status FROM workload_status WHERE ?1 IS NULL OR node = ?1 ORDER BY node, key",
         )?;
         let rows = st
-            .query_map(params![node], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+            .query_map(params![node], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        rows.into_iter().map(|(n, s)| Ok((n, serde_json::from_str(&s)?))).collect()
+        rows.into_iter()
+            .map(|(n, s)| Ok((n, serde_json::from_str(&s)?)))
+            .collect()
     }
 
     fn events(&self, node: &str, limit: u32) -> Result<Vec<NodeEvent>> {
@@ -659,9 +785,18 @@ impl Store for SqliteStore {
         let (mut deleted, mut missing) = (Vec::new(), Vec::new());
         for id in ids {
             let p = params![id.kind.as_str(), id.namespace, id.name];
-            let n = tx.execute("DELETE FROM objects WHERE kind = ?1 AND namespace = ?2 AND name = ?3", p)?;
-            tx.execute("DELETE FROM assignments WHERE kind = ?1 AND namespace = ?2 AND name = ?3", p)?;
-            tx.execute("DELETE FROM revisions WHERE kind = ?1 AND namespace = ?2 AND name = ?3", p)?;
+            let n = tx.execute(
+                "DELETE FROM objects WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
+                p,
+            )?;
+            tx.execute(
+                "DELETE FROM assignments WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
+                p,
+            )?;
+            tx.execute(
+                "DELETE FROM revisions WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
+                p,
+            )?;
             if n > 0 {
                 deleted.push(id.clone());
             } else {
@@ -695,24 +830,47 @@ impl Store for SqliteStore {
             let mut st = conn.prepare("SELECT kind, namespace, name, node FROM assignments")?;
             let rows = st
                 .query_map([], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                    ))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             for (k, namespace, name, node) in rows {
-                assignments.entry(ObjectId { kind: kind_of(&k)?, namespace, name }).or_default().insert(node);
+                assignments
+                    .entry(ObjectId {
+                        kind: kind_of(&k)?,
+                        namespace,
+                        name,
+                    })
+                    .or_default()
+                    .insert(node);
             }
         }
         let mut held: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         {
             let mut st = conn.prepare("SELECT node, key, hash FROM node_workloads")?;
             let rows = st
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             for (node, key, hash) in rows {
                 held.entry(node).or_default().insert(key, hash);
             }
         }
-        Ok(ScheduleInputs { nodes, objects, assignments, held })
+        Ok(ScheduleInputs {
+            nodes,
+            objects,
+            assignments,
+            held,
+        })
     }
 
     fn commit_plan(&self, plan: &Plan) -> Result<BTreeMap<String, u64>> {
@@ -740,17 +898,26 @@ impl Store for SqliteStore {
                         changed_gen = excluded.changed_gen",
                     params![node, spec.key, serde_json::to_string(spec)?, spec.hash, i(gen)],
                 )?;
-                tx.execute("DELETE FROM node_tombstones WHERE node = ?1 AND key = ?2", params![node, spec.key])?;
+                tx.execute(
+                    "DELETE FROM node_tombstones WHERE node = ?1 AND key = ?2",
+                    params![node, spec.key],
+                )?;
             }
             for key in &change.remove {
-                tx.execute("DELETE FROM node_workloads WHERE node = ?1 AND key = ?2", params![node, key])?;
+                tx.execute(
+                    "DELETE FROM node_workloads WHERE node = ?1 AND key = ?2",
+                    params![node, key],
+                )?;
                 tx.execute(
                     "INSERT INTO node_tombstones (node, key, gen) VALUES (?1, ?2, ?3)
                      ON CONFLICT(node, key) DO UPDATE SET gen = excluded.gen",
                     params![node, key, i(gen)],
                 )?;
             }
-            tx.execute("UPDATE nodes SET generation = ?2 WHERE name = ?1", params![node, i(gen)])?;
+            tx.execute(
+                "UPDATE nodes SET generation = ?2 WHERE name = ?1",
+                params![node, i(gen)],
+            )?;
             bumped.insert(node.clone(), gen);
         }
         tx.commit()?;
@@ -759,16 +926,27 @@ impl Store for SqliteStore {
 
     fn desired(&self) -> Result<Vec<DesiredRow>> {
         let conn = self.conn()?;
-        let mut st = conn.prepare("SELECT node, key, hash, spec FROM node_workloads ORDER BY key, node")?;
+        let mut st =
+            conn.prepare("SELECT node, key, hash, spec FROM node_workloads ORDER BY key, node")?;
         let rows = st
             .query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         rows.into_iter()
             .map(|(node, key, hash, spec)| {
                 let spec: WorkloadSpec = serde_json::from_str(&spec)?;
-                Ok(DesiredRow { node, key, hash, revision: spec.revision })
+                Ok(DesiredRow {
+                    node,
+                    key,
+                    hash,
+                    revision: spec.revision,
+                })
             })
             .collect()
     }
@@ -792,16 +970,352 @@ fn token_row(conn: &Connection, id: &str) -> Result<Option<TokenRow>> {
             },
         )
         .optional()?;
-    row.map(|(id, secret_sha256, labels, expires_at, uses_left, used, created_at)| {
-        Ok(TokenRow {
-            id,
-            secret_sha256,
-            labels: serde_json::from_str(&labels)?,
-            expires_at,
-            uses_left: uses_left.map(u),
-            used: u(used),
-            created_at,
-        })
-    })
+    row.map(
+        |(id, secret_sha256, labels, expires_at, uses_left, used, created_at)| {
+            Ok(TokenRow {
+                id,
+                secret_sha256,
+                labels: serde_json::from_str(&labels)?,
+                expires_at,
+                uses_left: uses_left.map(u),
+                used: u(used),
+                created_at,
+            })
+        },
+    )
     .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_api::{RestartPolicy, Runtime};
+
+    fn open(dir: &Path) -> SqliteStore {
+        SqliteStore::open(&dir.join("hub.db")).expect("open test database")
+    }
+
+    fn token(id: &str, uses: Option<u64>) -> TokenRow {
+        TokenRow {
+            id: id.into(),
+            secret_sha256: "s".into(),
+            labels: [("site".to_string(), "hq".to_string())].into(),
+            expires_at: None,
+            uses_left: uses,
+            used: 0,
+            created_at: 0,
+        }
+    }
+
+    fn new_node(name: &str) -> NewNode {
+        NewNode {
+            name: name.into(),
+            labels: Labels::new(),
+            cert_fp: format!("fp-{name}"),
+            cert_not_after: 0,
+        }
+    }
+
+    fn spec(key: &str, hash: &str) -> WorkloadSpec {
+        WorkloadSpec {
+            key: key.into(),
+            kind: Kind::DaemonSet,
+            namespace: "default".into(),
+            name: key.rsplit('/').next().unwrap_or(key).into(),
+            revision: 1,
+            hash: hash.into(),
+            runtime: Runtime::Process,
+            restart_policy: RestartPolicy::Always,
+            grace_seconds: 30,
+            containers: vec![],
+            volumes: vec![],
+        }
+    }
+
+    fn change(node: &str, upsert: &[(&str, &str)], remove: &[&str]) -> Plan {
+        let c = NodeChange {
+            upsert: upsert.iter().map(|(k, h)| spec(k, h)).collect(),
+            remove: remove.iter().map(|s| s.to_string()).collect(),
+        };
+        Plan {
+            changes: [(node.to_string(), c)].into(),
+            ..Default::default()
+        }
+    }
+
+    fn objects(yaml: &str) -> Vec<Object> {
+        let mut objs = outpost_api::parse_file("t.yaml", yaml)
+            .expect("valid test manifest")
+            .objects;
+        for o in &mut objs {
+            let ns = o.meta().ns().to_string();
+            o.meta_mut().namespace = Some(ns);
+        }
+        objs
+    }
+
+    const CM_AND_BOOM: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: ok}\ndata: {a: b}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: boom}\ndata: {a: b}\n";
+
+    #[test]
+    fn apply_is_all_or_nothing() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let s = open(dir.path());
+        // Make the second insert of the batch fail inside the transaction.
+        s.conn()?.execute_batch(
+            "CREATE TRIGGER boom BEFORE INSERT ON objects WHEN NEW.name = 'boom'
+             BEGIN SELECT RAISE(ABORT, 'boom'); END;",
+        )?;
+        assert!(s.apply(&objects(CM_AND_BOOM), 1).is_err());
+        assert!(
+            s.objects()?.is_empty(),
+            "the first object of a failed batch must not be stored"
+        );
+        s.conn()?.execute_batch("DROP TRIGGER boom")?;
+        let r = s.apply(&objects(CM_AND_BOOM), 2)?;
+        assert_eq!(
+            r.iter().map(|r| r.action.as_str()).collect::<Vec<_>>(),
+            ["created", "created"]
+        );
+        let r = s.apply(&objects(CM_AND_BOOM), 3)?;
+        assert_eq!(
+            r.iter().map(|r| r.action.as_str()).collect::<Vec<_>>(),
+            ["unchanged", "unchanged"]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn workload_revision_moves_only_with_the_template() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let s = open(dir.path());
+        let dep = |replicas: u32, image: &str| {
+            objects(&format!(
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\nspec:\n  replicas: {replicas}\n  template:\n    spec:\n      containers: [{{name: c, image: {image}}}]\n"
+            ))
+        };
+        assert_eq!(s.apply(&dep(1, "nginx:1"), 1)?[0].revision, Some(1));
+        let r = s.apply(&dep(2, "nginx:1"), 2)?;
+        assert_eq!(
+            (r[0].action.as_str(), r[0].revision),
+            ("configured", Some(1))
+        );
+        let r = s.apply(&dep(2, "nginx:2"), 3)?;
+        assert_eq!(
+            (r[0].action.as_str(), r[0].revision),
+            ("configured", Some(2))
+        );
+        let id = dep(1, "x")[0].id();
+        assert_eq!(
+            s.revisions(&id)?.iter().map(|r| r.0).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        let stored = s.object(&id)?.expect("stored");
+        assert_eq!((stored.created_at, stored.updated_at), (1, 3));
+        Ok(())
+    }
+
+    #[test]
+    fn generation_never_decreases_across_reopen_and_rejoin() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let first;
+        {
+            let s = open(dir.path());
+            s.create_token(&token("t", None))?;
+            s.join("t", "s", &new_node("a"), 0)?;
+            s.commit_plan(&change("a", &[("daemonset/default/x", "h1")], &[]))?;
+            first = s.node("a")?.expect("joined").generation;
+            assert!(first >= 2);
+        }
+        let s = open(dir.path());
+        let bumped = s.commit_plan(&change("a", &[("daemonset/default/x", "h2")], &[]))?;
+        assert!(bumped["a"] > first, "{bumped:?} after {first}");
+        assert!(s.delete_node("a")?);
+        s.join("t", "s", &new_node("a"), 0)?;
+        let rejoined = s.node("a")?.expect("rejoined").generation;
+        assert!(rejoined > bumped["a"]);
+        Ok(())
+    }
+
+    #[test]
+    fn join_checks_token_and_name_and_merges_labels() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let s = open(dir.path());
+        s.create_token(&token("t", Some(1)))?;
+        let mut n = new_node("a");
+        n.labels.insert("site".into(), "edge".into());
+        let labels = s.join("t", "s", &n, 0)?;
+        assert_eq!(
+            labels["site"], "edge",
+            "request labels win over token labels"
+        );
+        let again = s.join("t", "s", &new_node("b"), 0);
+        assert!(
+            matches!(
+                again,
+                Err(StoreError::Token(TokenProblem::UsedUp { used: 1, .. }))
+            ),
+            "{again:?}"
+        );
+        s.create_token(&token("u", None))?;
+        assert!(matches!(
+            s.join("u", "s", &new_node("a"), 0),
+            Err(StoreError::NodeExists(_))
+        ));
+        assert!(matches!(
+            s.join("u", "wrong", &new_node("c"), 0),
+            Err(StoreError::Token(TokenProblem::Unknown { .. }))
+        ));
+        assert_eq!(
+            s.token("u")?.expect("token").used,
+            0,
+            "refused joins use nothing up"
+        );
+        Ok(())
+    }
+
+    /// token, secret, now, expected
+    type Case = (
+        Option<TokenRow>,
+        &'static str,
+        i64,
+        Result<(), TokenProblem>,
+    );
+
+    #[test]
+    fn token_check_table() {
+        let t = |expires_at, uses_left, used| TokenRow {
+            expires_at,
+            uses_left,
+            used,
+            ..token("t", None)
+        };
+        let cases: &[Case] = &[
+            (Some(t(None, None, 5)), "s", 0, Ok(())),
+            (None, "s", 0, Err(TokenProblem::Unknown { id: "t".into() })),
+            (
+                Some(t(None, None, 0)),
+                "x",
+                0,
+                Err(TokenProblem::Unknown { id: "t".into() }),
+            ),
+            (Some(t(Some(100), None, 0)), "s", 99, Ok(())),
+            (
+                Some(t(Some(100), None, 0)),
+                "s",
+                150,
+                Err(TokenProblem::Expired {
+                    id: "t".into(),
+                    ago_ms: 50,
+                }),
+            ),
+            (
+                Some(t(None, Some(0), 3)),
+                "s",
+                0,
+                Err(TokenProblem::UsedUp {
+                    id: "t".into(),
+                    used: 3,
+                }),
+            ),
+        ];
+        for (i, (tok, secret, now, want)) in cases.iter().enumerate() {
+            assert_eq!(
+                &check_token(tok.as_ref(), "t", secret, *now),
+                want,
+                "case {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn tombstones_give_deltas_until_pruned() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let s = open(dir.path());
+        s.create_token(&token("t", None))?;
+        s.join("t", "s", &new_node("a"), 0)?;
+        let g1 = s.commit_plan(&change("a", &[("k/a", "1"), ("k/b", "1")], &[]))?["a"];
+        let g2 = s.commit_plan(&change("a", &[], &["k/a"]))?["a"];
+        assert!(g2 > g1);
+
+        let d = s.sync("a", g1)?.expect("node exists");
+        assert_eq!(
+            (d.generation, d.full, d.upsert.len(), d.remove.clone()),
+            (g2, false, 0, vec!["k/a".to_string()])
+        );
+        let full = s.sync("a", 0)?.expect("node exists");
+        assert!(full.full);
+        assert_eq!(
+            full.upsert
+                .iter()
+                .map(|w| w.key.as_str())
+                .collect::<Vec<_>>(),
+            ["k/b"]
+        );
+        assert!(s.sync("a", g2)?.expect("node exists").upsert.is_empty());
+        assert!(
+            s.sync("a", g2 + 10)?.expect("node exists").full,
+            "an agent ahead of the hub gets everything"
+        );
+
+        // Re-adding a removed key drops its tombstone: the delta holds only the upsert.
+        let g3 = s.commit_plan(&change("a", &[("k/a", "2")], &[]))?["a"];
+        let d = s.sync("a", g1)?.expect("node exists");
+        assert_eq!((d.full, d.remove.len(), d.upsert.len()), (false, 0, 1));
+
+        // Once the agent reports g3 applied, tombstones up to it are pruned and older deltas go full.
+        let g4 = s.commit_plan(&change("a", &[], &["k/b"]))?["a"];
+        let report = StatusReport {
+            agent_version: "t".into(),
+            uptime_secs: 1,
+            generation: g3,
+            full: true,
+            workloads: vec![],
+            removed: vec![],
+            events: vec![],
+        };
+        s.record_status("a", &report, 5)?;
+        assert!(s.sync("a", g1)?.expect("node exists").full);
+        let d = s.sync("a", g3)?.expect("node exists");
+        assert_eq!(
+            (d.generation, d.full, d.remove.clone()),
+            (g4, false, vec!["k/b".to_string()])
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn events_are_stored_once_and_acked_by_highest_seq() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let s = open(dir.path());
+        s.create_token(&token("t", None))?;
+        s.join("t", "s", &new_node("a"), 0)?;
+        let ev = |seq| NodeEvent {
+            seq,
+            at: 10,
+            workload: None,
+            reason: "Started".into(),
+            message: format!("m{seq}"),
+        };
+        let mut report = StatusReport {
+            agent_version: "t".into(),
+            uptime_secs: 1,
+            generation: 0,
+            full: true,
+            workloads: vec![],
+            removed: vec![],
+            events: vec![ev(1), ev(2)],
+        };
+        assert_eq!(s.record_status("a", &report, 1)?, 2);
+        report.events = vec![ev(2), ev(3)];
+        assert_eq!(s.record_status("a", &report, 2)?, 3);
+        assert_eq!(
+            s.events("a", 50)?.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        assert_eq!(
+            s.events("a", 2)?.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [2, 3]
+        );
+        Ok(())
+    }
 }

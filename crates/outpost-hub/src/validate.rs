@@ -10,7 +10,9 @@ use crate::error::HubError;
 
 /// Parse every file, collecting every error from every file. Objects get their namespace set
 /// explicitly ("default" when absent). An object named twice in the batch is an error.
-pub fn parse_batch(files: &[ManifestFile]) -> Result<(Vec<Object>, Vec<Warning>), Vec<ManifestError>> {
+pub fn parse_batch(
+    files: &[ManifestFile],
+) -> Result<(Vec<Object>, Vec<Warning>), Vec<ManifestError>> {
     let mut objects = Vec::new();
     let mut warnings = Vec::new();
     let mut errors = Vec::new();
@@ -46,23 +48,40 @@ pub fn parse_batch(files: &[ManifestFile]) -> Result<(Vec<Object>, Vec<Warning>)
 }
 
 /// References from the batch that resolve neither in the stored objects nor in the batch.
-pub fn check_references(batch: &[Object], stored: impl IntoIterator<Item = Object>) -> Vec<ManifestError> {
+pub fn check_references(
+    batch: &[Object],
+    stored: impl IntoIterator<Item = Object>,
+) -> Vec<ManifestError> {
     let mut merged: BTreeMap<ObjectId, Object> = stored.into_iter().map(|o| (o.id(), o)).collect();
     for o in batch {
         merged.insert(o.id(), o.clone());
     }
-    batch.iter().flat_map(|o| missing_references(o, &merged)).collect()
+    batch
+        .iter()
+        .flat_map(|o| missing_references(o, &merged))
+        .collect()
 }
 
 /// The first (ConfigMap or Secret, workload) pair where a deleted config object is still used
 /// by a workload that stays.
-pub fn in_use<'a>(stored: impl IntoIterator<Item = &'a Object>, deleting: &[ObjectId]) -> Option<(ObjectId, ObjectId)> {
+pub fn in_use<'a>(
+    stored: impl IntoIterator<Item = &'a Object>,
+    deleting: &[ObjectId],
+) -> Option<(ObjectId, ObjectId)> {
     let gone: BTreeSet<&ObjectId> = deleting.iter().collect();
-    let workloads: Vec<&Object> =
-        stored.into_iter().filter(|o| o.kind().is_workload() && !gone.contains(&o.id())).collect();
-    deleting.iter().filter(|id| !id.kind.is_workload()).find_map(|target| {
-        workloads.iter().find(|w| references(w, target)).map(|w| (target.clone(), w.id()))
-    })
+    let workloads: Vec<&Object> = stored
+        .into_iter()
+        .filter(|o| o.kind().is_workload() && !gone.contains(&o.id()))
+        .collect();
+    deleting
+        .iter()
+        .filter(|id| !id.kind.is_workload())
+        .find_map(|target| {
+            workloads
+                .iter()
+                .find(|w| references(w, target))
+                .map(|w| (target.clone(), w.id()))
+        })
 }
 
 /// A node name is a DNS label: 1-63 of `a-z 0-9 -`, not starting or ending with '-'.
@@ -71,7 +90,10 @@ pub fn node_name(name: &str) -> Result<(), HubError> {
         Some("it is empty")
     } else if name.len() > 63 {
         Some("it is longer than 63 characters")
-    } else if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
         Some("it contains characters other than a-z, 0-9 and '-'")
     } else if name.starts_with('-') || name.ends_with('-') {
         Some("it starts or ends with '-'")
@@ -79,7 +101,10 @@ pub fn node_name(name: &str) -> Result<(), HubError> {
         None
     };
     match reason {
-        Some(reason) => Err(HubError::InvalidName { name: name.to_string(), reason }),
+        Some(reason) => Err(HubError::InvalidName {
+            name: name.to_string(),
+            reason,
+        }),
         None => Ok(()),
     }
 }
@@ -89,7 +114,10 @@ mod tests {
     use super::*;
 
     fn file(name: &str, content: &str) -> ManifestFile {
-        ManifestFile { name: name.into(), content: content.into() }
+        ManifestFile {
+            name: name.into(),
+            content: content.into(),
+        }
     }
 
     const CM: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg}\ndata: {k: v}\n";
@@ -111,14 +139,25 @@ mod tests {
         assert_eq!(objs[0].meta().namespace.as_deref(), Some("default"));
         let errs = parse_batch(&[file("a.yaml", CM), file("b.yaml", CM)]).expect_err("duplicate");
         assert_eq!(errs.len(), 1);
-        assert!(errs[0].reason.contains("also defined in a.yaml"), "{:?}", errs);
+        assert!(
+            errs[0].reason.contains("also defined in a.yaml"),
+            "{:?}",
+            errs
+        );
     }
 
     #[test]
     fn batch_collects_errors_from_every_file() {
-        let errs = parse_batch(&[file("a.yaml", "kind: Nope\n"), file("b.yaml", ": : :\n- [")]).expect_err("bad");
-        assert!(errs.iter().any(|e| e.document.starts_with("a.yaml")), "{errs:?}");
-        assert!(errs.iter().any(|e| e.document.starts_with("b.yaml")), "{errs:?}");
+        let errs = parse_batch(&[file("a.yaml", "kind: Nope\n"), file("b.yaml", ": : :\n- [")])
+            .expect_err("bad");
+        assert!(
+            errs.iter().any(|e| e.document.starts_with("a.yaml")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter().any(|e| e.document.starts_with("b.yaml")),
+            "{errs:?}"
+        );
     }
 
     #[test]
@@ -132,7 +171,10 @@ mod tests {
 
         let cm_id = cm[0].id();
         let (user, target) = (web[0].id(), cm_id.clone());
-        assert_eq!(in_use(both.iter(), std::slice::from_ref(&cm_id)), Some((target, user.clone())));
+        assert_eq!(
+            in_use(both.iter(), std::slice::from_ref(&cm_id)),
+            Some((target, user.clone()))
+        );
         assert_eq!(in_use(both.iter(), &[cm_id, user]), None);
     }
 }
