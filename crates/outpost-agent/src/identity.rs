@@ -23,7 +23,11 @@ pub enum JoinError {
          or something between this box and the hub is intercepting TLS. Nothing was sent. Check the hub URL, or \
          create a token on the right hub with `outpost token create`"
     )]
-    WrongCa { url: String, expected: String, actual: String },
+    WrongCa {
+        url: String,
+        expected: String,
+        actual: String,
+    },
     #[error("the hub refused the join ({code}): {message}")]
     Refused { code: String, message: String },
     #[error("this box already joined as node {node} (data dir {dir}); run it with `outpost agent run`, or use another --data-dir")]
@@ -58,9 +62,17 @@ const KEY: &str = "node.key";
 /// Write `bytes` to `path` atomically and durably.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+    ));
     {
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -76,23 +88,34 @@ impl Identity {
     pub fn load(dir: &Path) -> Result<Self, String> {
         let p = dir.join(IDENTITY);
         let text = std::fs::read_to_string(&p).map_err(|e| {
-            format!("cannot read {}: {e}; join this box first with `outpost agent join --hub URL --token T`", p.display())
+            format!(
+                "cannot read {}: {e}; join this box first with `outpost agent join --hub URL --token T`",
+                p.display()
+            )
         })?;
         let mut id: Identity = serde_json::from_str(&text).map_err(|e| format!("{} is corrupt: {e}", p.display()))?;
-        id.key_pem = std::fs::read_to_string(dir.join(KEY)).map_err(|e| format!("cannot read {}: {e}", dir.join(KEY).display()))?;
+        id.key_pem = std::fs::read_to_string(dir.join(KEY))
+            .map_err(|e| format!("cannot read {}: {e}", dir.join(KEY).display()))?;
         Ok(id)
     }
 
     pub fn save(&self, dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
         write_atomic(&dir.join(KEY), self.key_pem.as_bytes(), 0o600)?;
-        write_atomic(&dir.join(IDENTITY), serde_json::to_string_pretty(self).expect("serializable").as_bytes(), 0o600)
+        write_atomic(
+            &dir.join(IDENTITY),
+            serde_json::to_string_pretty(self).expect("serializable").as_bytes(),
+            0o600,
+        )
     }
 }
 
 /// This machine's host name as a node name: lower-case, DNS-label characters only.
 pub fn default_node_name() -> String {
-    let raw = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "node".into());
+    let raw = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "node".into());
     let mut s: String = raw
         .to_ascii_lowercase()
         .chars()
@@ -137,15 +160,30 @@ fn client(cfg: rustls::ClientConfig) -> Result<reqwest::Client, JoinError> {
 /// store the identity. Fails without writing anything if any step fails.
 pub async fn join(o: &JoinOptions) -> Result<Identity, JoinError> {
     if Identity::exists(&o.data_dir) {
-        let node = Identity::load(&o.data_dir).map(|i| i.node).unwrap_or_else(|_| "?".into());
-        return Err(JoinError::AlreadyJoined { node, dir: o.data_dir.display().to_string() });
+        let node = Identity::load(&o.data_dir)
+            .map(|i| i.node)
+            .unwrap_or_else(|_| "?".into());
+        return Err(JoinError::AlreadyJoined {
+            node,
+            dir: o.data_dir.display().to_string(),
+        });
     }
     let token = JoinToken::parse(&o.token).map_err(JoinError::Token)?;
     let hub = o.hub.trim_end_matches('/').to_string();
-    let unreachable = |source| JoinError::Unreachable { url: hub.clone(), source };
+    let unreachable = |source| JoinError::Unreachable {
+        url: hub.clone(),
+        source,
+    };
     // 1. Fetch the CA without trusting the connection, then pin it.
     let boot = client(outpost_pki::bootstrap_client_config().map_err(|e| JoinError::Local(e.to_string()))?)?;
-    let ca_pem = boot.get(format!("{hub}/v1/ca")).send().await.map_err(unreachable)?.text().await.map_err(unreachable)?;
+    let ca_pem = boot
+        .get(format!("{hub}/v1/ca"))
+        .send()
+        .await
+        .map_err(unreachable)?
+        .text()
+        .await
+        .map_err(unreachable)?;
     let ca_der = outpost_pki::pem_to_der(&ca_pem).map_err(|_| JoinError::WrongCa {
         url: hub.clone(),
         expected: token.ca_fingerprint.clone(),
@@ -153,7 +191,11 @@ pub async fn join(o: &JoinOptions) -> Result<Identity, JoinError> {
     })?;
     let actual = outpost_pki::fingerprint(&ca_der);
     if actual != token.ca_fingerprint {
-        return Err(JoinError::WrongCa { url: hub.clone(), expected: token.ca_fingerprint, actual });
+        return Err(JoinError::WrongCa {
+            url: hub.clone(),
+            expected: token.ca_fingerprint,
+            actual,
+        });
     }
     // 2. From here on the hub is verified against the pinned CA.
     let verified = client(outpost_pki::client_config(&ca_pem, None).map_err(|e| JoinError::Local(e.to_string()))?)?;
@@ -161,7 +203,13 @@ pub async fn join(o: &JoinOptions) -> Result<Identity, JoinError> {
     let key = outpost_pki::NodeKey::generate(&name).map_err(|e| JoinError::Local(e.to_string()))?;
     let mut labels = well_known_labels(&name);
     labels.extend(o.labels.clone());
-    let req = JoinRequest { token_id: token.id, token_secret: token.secret, name: name.clone(), labels, csr_pem: key.csr_pem };
+    let req = JoinRequest {
+        token_id: token.id,
+        token_secret: token.secret,
+        name: name.clone(),
+        labels,
+        csr_pem: key.csr_pem,
+    };
     let resp = verified
         .post(format!("{hub}/v1/join"))
         .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
@@ -176,11 +224,22 @@ pub async fn join(o: &JoinOptions) -> Result<Identity, JoinError> {
             message: format!("HTTP {status}"),
             details: vec![],
         });
-        return Err(JoinError::Refused { code: err.code, message: err.message });
+        return Err(JoinError::Refused {
+            code: err.code,
+            message: err.message,
+        });
     }
     let jr: JoinResponse = resp.json().await.map_err(unreachable)?;
-    let id = Identity { node: jr.node, hub, ca_pem, cert_pem: jr.cert_pem, labels: jr.labels, key_pem: key.key_pem };
-    id.save(&o.data_dir).map_err(|e| JoinError::Local(format!("cannot write identity to {}: {e}", o.data_dir.display())))?;
+    let id = Identity {
+        node: jr.node,
+        hub,
+        ca_pem,
+        cert_pem: jr.cert_pem,
+        labels: jr.labels,
+        key_pem: key.key_pem,
+    };
+    id.save(&o.data_dir)
+        .map_err(|e| JoinError::Local(format!("cannot write identity to {}: {e}", o.data_dir.display())))?;
     Ok(id)
 }
 
@@ -192,7 +251,11 @@ mod tests {
     fn node_names_are_dns_labels() {
         let n = default_node_name();
         assert!(!n.is_empty() && n.len() <= 63);
-        assert!(n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'), "{n}");
+        assert!(
+            n.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+            "{n}"
+        );
     }
 
     #[test]

@@ -55,8 +55,15 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
     let rec = tokio::spawn(reconciler.run(desired_rx.clone(), stop_rx.clone(), o.stop_workloads_on_exit));
 
     let client = Arc::new(sync::HubClient::new(identity, o.data_dir.clone())?);
-    let s1 = tokio::spawn(sync::sync_loop(client.clone(), store.clone(), desired_tx, stop_rx.clone()));
-    let s2 = tokio::spawn(sync::status_loop(client, store, status_rx, desired_rx, started, stop_rx));
+    let s1 = tokio::spawn(sync::sync_loop(
+        client.clone(),
+        store.clone(),
+        desired_tx,
+        stop_rx.clone(),
+    ));
+    let s2 = tokio::spawn(sync::status_loop(
+        client, store, status_rx, desired_rx, started, stop_rx,
+    ));
 
     shutdown.await;
     info!("agent shutting down");

@@ -18,7 +18,10 @@ use crate::runtime::{self, Runtime};
 use crate::store::{Desired, Store};
 
 pub fn now_ms() -> UnixMs {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// A process exit, from a waiter task.
@@ -54,7 +57,15 @@ const DOCKER_PENDING: &str =
 impl Reconciler {
     pub fn new(rt: Runtime, store: Arc<Store>, desired: Arc<Desired>, status_tx: watch::Sender<Snapshot>) -> Self {
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
-        Self { rt, store, desired, units: BTreeMap::new(), exits_tx, exits_rx, status_tx }
+        Self {
+            rt,
+            store,
+            desired,
+            units: BTreeMap::new(),
+            exits_tx,
+            exits_rx,
+            status_tx,
+        }
     }
 
     /// Units the desired state asks for.
@@ -78,7 +89,10 @@ impl Reconciler {
 
     fn lookup(&self, unit: &str) -> Option<(&WorkloadSpec, usize)> {
         self.desired.workloads.values().find_map(|w| {
-            w.containers.iter().position(|c| unit_id(&w.key, &c.name) == unit).map(|i| (w, i))
+            w.containers
+                .iter()
+                .position(|c| unit_id(&w.key, &c.name) == unit)
+                .map(|i| (w, i))
         })
     }
 
@@ -98,7 +112,10 @@ impl Reconciler {
                         grace_ms: grace,
                         pid: Some(p.pid),
                         started_at: Some(now_ms()),
-                        restarts: restarts.get(&p.unit).filter(|(h, _)| *h == p.hash).map_or(0, |(_, r)| *r),
+                        restarts: restarts
+                            .get(&p.unit)
+                            .filter(|(h, _)| *h == p.hash)
+                            .map_or(0, |(_, r)| *r),
                         ..Default::default()
                     },
                 );
@@ -117,7 +134,12 @@ impl Reconciler {
             while runtime::alive(pid, ticks) {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            let _ = tx.send(Exit { unit, pid, code: None, signal: None });
+            let _ = tx.send(Exit {
+                unit,
+                pid,
+                code: None,
+                signal: None,
+            });
         });
     }
 
@@ -160,7 +182,11 @@ impl Reconciler {
         if fresh {
             self.units.insert(
                 unit.to_string(),
-                Unit { hash: w.hash.clone(), grace_ms: (w.grace_seconds * 1000) as i64, ..Default::default() },
+                Unit {
+                    hash: w.hash.clone(),
+                    grace_ms: (w.grace_seconds * 1000) as i64,
+                    ..Default::default()
+                },
             );
         }
         let result = self.rt.spawn(&w, &c, unit);
@@ -183,7 +209,12 @@ impl Reconciler {
                     };
                     // The leader is gone: take the rest of its group with it.
                     runtime::signal_group(pid, Signal::SIGKILL);
-                    let _ = tx.send(Exit { unit, pid, code, signal });
+                    let _ = tx.send(Exit {
+                        unit,
+                        pid,
+                        code,
+                        signal,
+                    });
                 });
             }
             Err(reason) => {
@@ -218,7 +249,15 @@ impl Reconciler {
                 }
             );
             info!(unit = %e.unit, code = ?e.code, signal = ?e.signal, restarts, "process exited");
-            self.event(workload.as_deref(), if phase == Phase::CrashLoopBackOff { "CrashLoopBackOff" } else { "Exited" }, &msg);
+            self.event(
+                workload.as_deref(),
+                if phase == Phase::CrashLoopBackOff {
+                    "CrashLoopBackOff"
+                } else {
+                    "Exited"
+                },
+                &msg,
+            );
         }
     }
 
@@ -266,7 +305,13 @@ impl Reconciler {
             let phase = supervise::workload_phase(containers.iter().map(|c| c.phase));
             out.insert(
                 w.key.clone(),
-                WorkloadStatus { key: w.key.clone(), revision: w.revision, hash: w.hash.clone(), phase, containers },
+                WorkloadStatus {
+                    key: w.key.clone(),
+                    revision: w.revision,
+                    hash: w.hash.clone(),
+                    phase,
+                    containers,
+                },
             );
         }
         out
@@ -274,7 +319,12 @@ impl Reconciler {
 
     /// Run until `shutdown` resolves. With `stop_all`, stop every workload before returning
     /// (the demo); otherwise leave them running for the next agent to adopt.
-    pub async fn run(mut self, mut desired_rx: watch::Receiver<Arc<Desired>>, mut shutdown: watch::Receiver<bool>, stop_all: bool) {
+    pub async fn run(
+        mut self,
+        mut desired_rx: watch::Receiver<Arc<Desired>>,
+        mut shutdown: watch::Receiver<bool>,
+        stop_all: bool,
+    ) {
         self.adopt();
         loop {
             let now = now_ms();
@@ -292,7 +342,9 @@ impl Reconciler {
                     false
                 }
             });
-            let sleep = wake.map_or(Duration::from_secs(3600), |w| Duration::from_millis((w - now_ms()).max(0) as u64));
+            let sleep = wake.map_or(Duration::from_secs(3600), |w| {
+                Duration::from_millis((w - now_ms()).max(0) as u64)
+            });
             tokio::select! {
                 r = desired_rx.changed() => {
                     if r.is_err() { break; }
@@ -321,7 +373,9 @@ impl Reconciler {
             if self.units.values().all(|u| u.pid.is_none()) || tokio::time::Instant::now() >= deadline {
                 break;
             }
-            let sleep = wake.map_or(Duration::from_millis(200), |w| Duration::from_millis((w - now).clamp(10, 200) as u64));
+            let sleep = wake.map_or(Duration::from_millis(200), |w| {
+                Duration::from_millis((w - now).clamp(10, 200) as u64)
+            });
             tokio::select! {
                 Some(e) = self.exits_rx.recv() => self.on_exit(e, now_ms()),
                 _ = tokio::time::sleep(sleep) => {}

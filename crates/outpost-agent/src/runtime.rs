@@ -46,7 +46,11 @@ fn stat(pid: u32) -> Option<(u32, char, u64)> {
     let rest = &s[s.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split(' ').collect();
     // rest starts at field 3 (state): index 0 = state, 2 = pgrp, 19 = starttime
-    Some((f.get(2)?.parse().ok()?, f.first()?.chars().next()?, f.get(19)?.parse().ok()?))
+    Some((
+        f.get(2)?.parse().ok()?,
+        f.first()?.chars().next()?,
+        f.get(19)?.parse().ok()?,
+    ))
 }
 
 /// Is the process still the one we know (alive, not a zombie, same start time)?
@@ -61,11 +65,17 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
 /// Every live process-group leader whose environment carries `agent_id`.
 pub fn scan_owned(agent_id: &str) -> Vec<Owned> {
     let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     let needle = format!("{ENV_AGENT}={agent_id}");
     for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
         let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
         if !vars.contains(&needle.as_bytes()) {
             continue;
@@ -76,12 +86,19 @@ pub fn scan_owned(agent_id: &str) -> Vec<Owned> {
                 .find_map(|v| v.strip_prefix(prefix.as_bytes()))
                 .map(|v| String::from_utf8_lossy(v).into_owned())
         };
-        let Some((pgid, state, start)) = stat(pid) else { continue };
+        let Some((pgid, state, start)) = stat(pid) else {
+            continue;
+        };
         if pgid != pid || state == 'Z' || state == 'X' {
             continue;
         }
         if let (Some(unit), Some(hash)) = (get(ENV_UNIT), get(ENV_HASH)) {
-            out.push(Owned { pid, unit, hash, start_ticks: start });
+            out.push(Owned {
+                pid,
+                unit,
+                hash,
+                start_ticks: start,
+            });
         }
     }
     out.sort_by_key(|o| (o.unit.clone(), o.start_ticks, o.pid));
@@ -110,7 +127,12 @@ impl Runtime {
         let canonical = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
         let agent_id = outpost_api::content_hash(&canonical.display().to_string());
         let cgroups = Cgroups::detect(&agent_id);
-        Self { data_dir: data_dir.to_path_buf(), agent_id, node: node.to_string(), cgroups }
+        Self {
+            data_dir: data_dir.to_path_buf(),
+            agent_id,
+            node: node.to_string(),
+            cgroups,
+        }
     }
 
     pub fn workload_dir(&self, key: &str) -> PathBuf {
@@ -129,11 +151,14 @@ impl Runtime {
                 VolumeSource::HostPath { path, create } => {
                     let p = PathBuf::from(path);
                     if *create {
-                        std::fs::create_dir_all(&p).map_err(|e| format!("volume {}: cannot create {path}: {e}", v.name))?;
+                        std::fs::create_dir_all(&p)
+                            .map_err(|e| format!("volume {}: cannot create {path}: {e}", v.name))?;
                     } else if !p.exists() {
                         // Kubernetes' default hostPath type creates nothing; a missing path is an error
                         // only for type Directory. Create the directory so the bind mount has a source.
-                        std::fs::create_dir_all(&p).map_err(|e| format!("volume {}: {path} does not exist and cannot be created: {e}", v.name))?;
+                        std::fs::create_dir_all(&p).map_err(|e| {
+                            format!("volume {}: {path} does not exist and cannot be created: {e}", v.name)
+                        })?;
                     }
                     p
                 }
@@ -192,7 +217,10 @@ impl Runtime {
         cmd.env("OUTPOST_REVISION", w.revision.to_string());
         for m in &c.mounts {
             if let Some(p) = volumes.get(&m.volume) {
-                let var = format!("OUTPOST_VOLUME_{}", m.volume.to_ascii_uppercase().replace(['-', '.'], "_"));
+                let var = format!(
+                    "OUTPOST_VOLUME_{}",
+                    m.volume.to_ascii_uppercase().replace(['-', '.'], "_")
+                );
                 cmd.env(var, p);
             }
         }
@@ -202,7 +230,12 @@ impl Runtime {
         cmd.env(ENV_AGENT, &self.agent_id);
         cmd.env(ENV_UNIT, unit);
         cmd.env(ENV_HASH, &w.hash);
-        cmd.current_dir(c.working_dir.as_deref().map(PathBuf::from).unwrap_or_else(|| wdir.clone()));
+        cmd.current_dir(
+            c.working_dir
+                .as_deref()
+                .map(PathBuf::from)
+                .unwrap_or_else(|| wdir.clone()),
+        );
         cmd.stdin(std::process::Stdio::null());
         cmd.stdout(log.try_clone().map_err(|e| e.to_string())?);
         cmd.stderr(log);
@@ -242,7 +275,9 @@ impl Runtime {
         let root = nix::unistd::geteuid().is_root();
         let mut steps = Vec::new();
         for m in &c.mounts {
-            let src = volumes.get(&m.volume).ok_or_else(|| format!("volume {} is not defined", m.volume))?;
+            let src = volumes
+                .get(&m.volume)
+                .ok_or_else(|| format!("volume {} is not defined", m.volume))?;
             if Path::new(&m.path) == src.as_path() {
                 continue;
             }
@@ -255,7 +290,9 @@ impl Runtime {
                     src.display()
                 ));
             }
-            let cs = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(|_| format!("path {} contains NUL", p.display()));
+            let cs = |p: &Path| {
+                CString::new(p.as_os_str().as_bytes()).map_err(|_| format!("path {} contains NUL", p.display()))
+            };
             let target = PathBuf::from(&m.path);
             let mut mkdirs = Vec::new();
             let mut acc = PathBuf::from("/");
@@ -263,7 +300,12 @@ impl Runtime {
                 acc.push(comp);
                 mkdirs.push(cs(&acc)?);
             }
-            steps.push(MountStep { source: cs(src)?, target: cs(&target)?, mkdirs, read_only: m.read_only });
+            steps.push(MountStep {
+                source: cs(src)?,
+                target: cs(&target)?,
+                mkdirs,
+                read_only: m.read_only,
+            });
         }
         Ok(steps)
     }
@@ -291,14 +333,28 @@ fn apply_mounts(steps: &[MountStep]) -> std::io::Result<()> {
             return Err(std::io::Error::last_os_error());
         }
         let root = c"/";
-        if libc::mount(std::ptr::null(), root.as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0 {
+        if libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
             return Err(std::io::Error::last_os_error());
         }
         for s in steps {
             for d in &s.mkdirs {
                 libc::mkdir(d.as_ptr(), 0o755);
             }
-            if libc::mount(s.source.as_ptr(), s.target.as_ptr(), std::ptr::null(), libc::MS_BIND | libc::MS_REC, std::ptr::null()) != 0 {
+            if libc::mount(
+                s.source.as_ptr(),
+                s.target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             if s.read_only
@@ -374,7 +430,10 @@ impl Cgroups {
                 std::fs::write(g.join("cpu.max"), cpu).map_err(|e| fail("cpu", e))?;
                 open(g.join("cgroup.procs"))?;
             }
-            Cgroups::V1 { memory: mroot, cpu: croot } => {
+            Cgroups::V1 {
+                memory: mroot,
+                cpu: croot,
+            } => {
                 let mg = mroot.join(&name);
                 let cg = croot.join(&name);
                 std::fs::create_dir_all(&mg).map_err(|e| fail("memory", e))?;
@@ -388,9 +447,11 @@ impl Cgroups {
                 open(cg.join("cgroup.procs"))?;
             }
             Cgroups::None => {
-                return Err("resources.limits are set but this host has no writable cgroup hierarchy \
+                return Err(
+                    "resources.limits are set but this host has no writable cgroup hierarchy \
                      (cgroup v2 or v1 memory+cpu); run the agent as root on a host with cgroups, or remove the limits"
-                    .into())
+                        .into(),
+                )
             }
         }
         Ok(fds)

@@ -49,7 +49,10 @@ pub struct Desired {
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let p = path.display().to_string();
-        let wrap = |source| StoreError::Sqlite { path: p.clone(), source };
+        let wrap = |source| StoreError::Sqlite {
+            path: p.clone(),
+            source,
+        };
         let conn = Connection::open(path).map_err(wrap)?;
         conn.execute_batch(
             "PRAGMA journal_mode=WAL;
@@ -63,11 +66,17 @@ impl Store {
              INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', '1');",
         )
         .map_err(wrap)?;
-        Ok(Self { conn: Mutex::new(conn), path: p })
+        Ok(Self {
+            conn: Mutex::new(conn),
+            path: p,
+        })
     }
 
     fn err(&self, source: rusqlite::Error) -> StoreError {
-        StoreError::Sqlite { path: self.path.clone(), source }
+        StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -76,8 +85,10 @@ impl Store {
 
     pub fn load_desired(&self) -> Result<Desired, StoreError> {
         let c = self.lock();
-        let generation: Option<String> =
-            c.query_row("SELECT value FROM meta WHERE key='generation'", [], |r| r.get(0)).optional().map_err(|e| self.err(e))?;
+        let generation: Option<String> = c
+            .query_row("SELECT value FROM meta WHERE key='generation'", [], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))?;
         let mut stmt = c.prepare("SELECT key, spec FROM workloads").map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
@@ -86,10 +97,16 @@ impl Store {
             .map_err(|e| self.err(e))?;
         let mut workloads = BTreeMap::new();
         for (key, spec) in rows {
-            let spec: WorkloadSpec = serde_json::from_str(&spec).map_err(|source| StoreError::Decode { key: key.clone(), source })?;
+            let spec: WorkloadSpec = serde_json::from_str(&spec).map_err(|source| StoreError::Decode {
+                key: key.clone(),
+                source,
+            })?;
             workloads.insert(key, spec);
         }
-        Ok(Desired { generation: generation.and_then(|g| g.parse().ok()).unwrap_or(0), workloads })
+        Ok(Desired {
+            generation: generation.and_then(|g| g.parse().ok()).unwrap_or(0),
+            workloads,
+        })
     }
 
     /// Replace the desired state atomically (see the module's crash invariants).
@@ -99,18 +116,26 @@ impl Store {
         tx.execute("DELETE FROM workloads", []).map_err(|e| self.err(e))?;
         for (key, spec) in &d.workloads {
             let json = serde_json::to_string(spec).expect("serializable");
-            tx.execute("INSERT INTO workloads(key, spec) VALUES (?1, ?2)", params![key, json]).map_err(|e| self.err(e))?;
+            tx.execute("INSERT INTO workloads(key, spec) VALUES (?1, ?2)", params![key, json])
+                .map_err(|e| self.err(e))?;
         }
-        tx.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('generation', ?1)", params![d.generation.to_string()])
-            .map_err(|e| self.err(e))?;
+        tx.execute(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES ('generation', ?1)",
+            params![d.generation.to_string()],
+        )
+        .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))
     }
 
     pub fn unit_restarts(&self) -> Result<BTreeMap<String, (String, u32)>, StoreError> {
         let c = self.lock();
-        let mut stmt = c.prepare("SELECT unit, hash, restarts FROM units").map_err(|e| self.err(e))?;
+        let mut stmt = c
+            .prepare("SELECT unit, hash, restarts FROM units")
+            .map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, (r.get::<_, String>(1)?, r.get::<_, u32>(2)?))))
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, (r.get::<_, String>(1)?, r.get::<_, u32>(2)?)))
+            })
             .map_err(|e| self.err(e))?
             .collect::<Result<BTreeMap<_, _>, _>>()
             .map_err(|e| self.err(e));
@@ -119,17 +144,29 @@ impl Store {
 
     pub fn set_unit_restarts(&self, unit: &str, hash: &str, restarts: u32) -> Result<(), StoreError> {
         self.lock()
-            .execute("INSERT OR REPLACE INTO units(unit, hash, restarts) VALUES (?1, ?2, ?3)", params![unit, hash, restarts])
+            .execute(
+                "INSERT OR REPLACE INTO units(unit, hash, restarts) VALUES (?1, ?2, ?3)",
+                params![unit, hash, restarts],
+            )
             .map(|_| ())
             .map_err(|e| self.err(e))
     }
 
     pub fn forget_unit(&self, unit: &str) -> Result<(), StoreError> {
-        self.lock().execute("DELETE FROM units WHERE unit = ?1", params![unit]).map(|_| ()).map_err(|e| self.err(e))
+        self.lock()
+            .execute("DELETE FROM units WHERE unit = ?1", params![unit])
+            .map(|_| ())
+            .map_err(|e| self.err(e))
     }
 
     /// Append an event to the outbox; returns its sequence number.
-    pub fn push_event(&self, at: UnixMs, workload: Option<&str>, reason: &str, message: &str) -> Result<u64, StoreError> {
+    pub fn push_event(
+        &self,
+        at: UnixMs,
+        workload: Option<&str>,
+        reason: &str,
+        message: &str,
+    ) -> Result<u64, StoreError> {
         let c = self.lock();
         c.execute(
             "INSERT INTO events(at, workload, reason, message) VALUES (?1, ?2, ?3, ?4)",
@@ -162,7 +199,10 @@ impl Store {
     }
 
     pub fn ack_events(&self, up_to: u64) -> Result<(), StoreError> {
-        self.lock().execute("DELETE FROM events WHERE seq <= ?1", params![up_to as i64]).map(|_| ()).map_err(|e| self.err(e))
+        self.lock()
+            .execute("DELETE FROM events WHERE seq <= ?1", params![up_to as i64])
+            .map(|_| ())
+            .map_err(|e| self.err(e))
     }
 }
 
@@ -194,7 +234,10 @@ mod tests {
         {
             let s = Store::open(&path).unwrap();
             assert_eq!(s.load_desired().unwrap(), Desired::default());
-            let mut d = Desired { generation: 4, workloads: BTreeMap::new() };
+            let mut d = Desired {
+                generation: 4,
+                workloads: BTreeMap::new(),
+            };
             d.workloads.insert("a".into(), spec("a", "h1"));
             d.workloads.insert("b".into(), spec("b", "h2"));
             s.save_desired(&d).unwrap();

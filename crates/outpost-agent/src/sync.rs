@@ -69,7 +69,8 @@ pub struct HubClient {
 }
 
 fn build_http(id: &Identity) -> Result<reqwest::Client, LinkError> {
-    let tls = outpost_pki::client_config(&id.ca_pem, Some((&id.cert_pem, &id.key_pem))).map_err(|e| LinkError::Local(e.to_string()))?;
+    let tls = outpost_pki::client_config(&id.ca_pem, Some((&id.cert_pem, &id.key_pem)))
+        .map_err(|e| LinkError::Local(e.to_string()))?;
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .connect_timeout(Duration::from_secs(10))
@@ -85,14 +86,26 @@ async fn check(resp: reqwest::Response) -> Result<reqwest::Response, LinkError> 
         return Ok(resp);
     }
     let status = resp.status().as_u16();
-    let err: ApiError = resp.json().await.unwrap_or(ApiError { code: "http".into(), message: format!("HTTP {status}"), details: vec![] });
-    Err(LinkError::Hub { status, code: err.code, message: err.message })
+    let err: ApiError = resp.json().await.unwrap_or(ApiError {
+        code: "http".into(),
+        message: format!("HTTP {status}"),
+        details: vec![],
+    });
+    Err(LinkError::Hub {
+        status,
+        code: err.code,
+        message: err.message,
+    })
 }
 
 impl HubClient {
     pub fn new(identity: Identity, data_dir: PathBuf) -> Result<Self, LinkError> {
         let http = build_http(&identity)?;
-        Ok(Self { identity: RwLock::new(identity), http: RwLock::new(http), data_dir })
+        Ok(Self {
+            identity: RwLock::new(identity),
+            http: RwLock::new(http),
+            data_dir,
+        })
     }
 
     async fn url(&self, path: &str) -> String {
@@ -104,7 +117,13 @@ impl HubClient {
     pub async fn sync(&self, generation: u64) -> Result<Option<SyncResponse>, LinkError> {
         let url = format!("{}?generation={generation}", self.url("sync").await);
         let http = self.http.read().await.clone();
-        let resp = check(http.get(url).header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string()).send().await?).await?;
+        let resp = check(
+            http.get(url)
+                .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
+                .send()
+                .await?,
+        )
+        .await?;
         if resp.status() == reqwest::StatusCode::NO_CONTENT {
             return Ok(None);
         }
@@ -138,11 +157,17 @@ impl HubClient {
         let csr = outpost_pki::NodeKey::csr_for(&key, &node).map_err(|e| LinkError::Local(e.to_string()))?;
         let url = self.url("renew").await;
         let http = self.http.read().await.clone();
-        let resp = http.post(url).header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string()).json(&outpost_api::RenewRequest { csr_pem: csr }).send().await?;
+        let resp = http
+            .post(url)
+            .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
+            .json(&outpost_api::RenewRequest { csr_pem: csr })
+            .send()
+            .await?;
         let rr: outpost_api::RenewResponse = check(resp).await?.json().await?;
         let mut id = self.identity.write().await;
         id.cert_pem = rr.cert_pem;
-        id.save(&self.data_dir).map_err(|e| LinkError::Local(format!("cannot save renewed certificate: {e}")))?;
+        id.save(&self.data_dir)
+            .map_err(|e| LinkError::Local(format!("cannot save renewed certificate: {e}")))?;
         *self.http.write().await = build_http(&id)?;
         info!(node = %id.node, "node certificate renewed");
         Ok(true)
@@ -151,18 +176,30 @@ impl HubClient {
 
 /// Apply a sync answer to the held desired state.
 pub fn apply_sync(held: &Desired, r: SyncResponse) -> Desired {
-    let mut workloads = if r.full { BTreeMap::new() } else { held.workloads.clone() };
+    let mut workloads = if r.full {
+        BTreeMap::new()
+    } else {
+        held.workloads.clone()
+    };
     for k in &r.remove {
         workloads.remove(k);
     }
     for w in r.upsert {
         workloads.insert(w.key.clone(), w);
     }
-    Desired { generation: r.generation, workloads }
+    Desired {
+        generation: r.generation,
+        workloads,
+    }
 }
 
 /// Long-poll loop: persist every new desired state, then hand it to the reconciler.
-pub async fn sync_loop(client: Arc<HubClient>, store: Arc<Store>, desired_tx: watch::Sender<Arc<Desired>>, mut shutdown: watch::Receiver<bool>) {
+pub async fn sync_loop(
+    client: Arc<HubClient>,
+    store: Arc<Store>,
+    desired_tx: watch::Sender<Arc<Desired>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut backoff = Backoff::new();
     let mut connected = false;
     loop {
@@ -177,7 +214,11 @@ pub async fn sync_loop(client: Arc<HubClient>, store: Arc<Store>, desired_tx: wa
                 let next = apply_sync(&held, resp);
                 match store.save_desired(&next) {
                     Ok(()) => {
-                        info!(generation = next.generation, workloads = next.workloads.len(), "new desired state");
+                        info!(
+                            generation = next.generation,
+                            workloads = next.workloads.len(),
+                            "new desired state"
+                        );
                         desired_tx.send_replace(Arc::new(next));
                         None
                     }
@@ -188,7 +229,11 @@ pub async fn sync_loop(client: Arc<HubClient>, store: Arc<Store>, desired_tx: wa
                 }
             }
             Err(e) => {
-                let d = if e.is_fatal() { Duration::from_secs(60) } else { backoff.next_delay() };
+                let d = if e.is_fatal() {
+                    Duration::from_secs(60)
+                } else {
+                    backoff.next_delay()
+                };
                 if connected || e.is_fatal() {
                     warn!(error = %e, retry_in = ?d, "lost the hub; workloads keep running from local state");
                 } else {
@@ -235,7 +280,10 @@ pub async fn status_loop(
         let (workloads, removed, full) = match &acked {
             None => (snap.values().cloned().collect(), Vec::new(), true),
             Some(prev) => (
-                snap.values().filter(|s| prev.get(&s.key) != Some(*s)).cloned().collect(),
+                snap.values()
+                    .filter(|s| prev.get(&s.key) != Some(*s))
+                    .cloned()
+                    .collect(),
                 prev.keys().filter(|k| !snap.contains_key(*k)).cloned().collect(),
                 false,
             ),

@@ -342,7 +342,11 @@ impl Object {
     }
     /// `Kind/namespace/name`
     pub fn id(&self) -> ObjectId {
-        ObjectId { kind: self.kind(), namespace: self.meta().ns().to_string(), name: self.meta().name.clone() }
+        ObjectId {
+            kind: self.kind(),
+            namespace: self.meta().ns().to_string(),
+            name: self.meta().name.clone(),
+        }
     }
     pub fn template(&self) -> Option<&PodTemplate> {
         match self {

@@ -154,9 +154,15 @@ pub struct VolumeSpec {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum VolumeSource {
-    HostPath { path: String, create: bool },
+    HostPath {
+        path: String,
+        create: bool,
+    },
     /// Files materialized from a ConfigMap or Secret: file name -> base64 content.
-    Files { files: BTreeMap<String, String>, secret: bool },
+    Files {
+        files: BTreeMap<String, String>,
+        secret: bool,
+    },
     EmptyDir,
 }
 
@@ -363,7 +369,11 @@ mod tests {
 
     #[test]
     fn token_roundtrip_and_rejects() {
-        let t = JoinToken { ca_fingerprint: "ab".repeat(32), id: "0a1b2c3d".into(), secret: "ff".repeat(16) };
+        let t = JoinToken {
+            ca_fingerprint: "ab".repeat(32),
+            id: "0a1b2c3d".into(),
+            secret: "ff".repeat(16),
+        };
         assert_eq!(JoinToken::parse(&t.encode()), Ok(t));
         for bad in ["", "outpost1:zz:1:2", "outpost2:aa:1:2", "K10abc::server:secret"] {
             assert!(JoinToken::parse(bad).is_err(), "{bad}");

@@ -15,8 +15,15 @@ use outpost_api::WorkloadSpec;
 
 /// What changed between the workloads a node holds (key -> hash) and what it should hold.
 /// Returns (keys to upsert, keys to remove), both sorted.
-pub fn bundle_changes(held: &BTreeMap<String, String>, want: &BTreeMap<String, WorkloadSpec>) -> (Vec<String>, Vec<String>) {
-    let upsert = want.iter().filter(|(k, s)| held.get(*k) != Some(&s.hash)).map(|(k, _)| k.clone()).collect();
+pub fn bundle_changes(
+    held: &BTreeMap<String, String>,
+    want: &BTreeMap<String, WorkloadSpec>,
+) -> (Vec<String>, Vec<String>) {
+    let upsert = want
+        .iter()
+        .filter(|(k, s)| held.get(*k) != Some(&s.hash))
+        .map(|(k, _)| k.clone())
+        .collect();
     let remove = held.keys().filter(|k| !want.contains_key(*k)).cloned().collect();
     (upsert, remove)
 }

@@ -20,14 +20,22 @@ pub trait ConfigSource {
 
 impl ConfigSource for BTreeMap<ObjectId, Object> {
     fn config_map(&self, namespace: &str, name: &str) -> Option<&ConfigMap> {
-        let id = ObjectId { kind: Kind::ConfigMap, namespace: namespace.into(), name: name.into() };
+        let id = ObjectId {
+            kind: Kind::ConfigMap,
+            namespace: namespace.into(),
+            name: name.into(),
+        };
         match self.get(&id) {
             Some(Object::ConfigMap(c)) => Some(c),
             _ => None,
         }
     }
     fn secret(&self, namespace: &str, name: &str) -> Option<&Secret> {
-        let id = ObjectId { kind: Kind::Secret, namespace: namespace.into(), name: name.into() };
+        let id = ObjectId {
+            kind: Kind::Secret,
+            namespace: namespace.into(),
+            name: name.into(),
+        };
         match self.get(&id) {
             Some(Object::Secret(s)) => Some(s),
             _ => None,
@@ -53,7 +61,9 @@ fn secret_value(s: &Secret, key: &str) -> Option<Vec<u8>> {
     if let Some(v) = s.string_data.get(key) {
         return Some(v.as_bytes().to_vec());
     }
-    s.data.get(key).and_then(|v| base64::engine::general_purpose::STANDARD.decode(v.trim()).ok())
+    s.data
+        .get(key)
+        .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v.trim()).ok())
 }
 
 /// Every ConfigMap/Secret reference that does not resolve (and is not optional), as errors naming
@@ -63,7 +73,13 @@ pub fn missing_references(obj: &Object, src: &impl ConfigSource) -> Vec<Manifest
     let Some(t) = obj.template() else { return out };
     let ns = obj.meta().ns();
     let doc = format!("{} {}/{}", obj.kind(), ns, obj.meta().name);
-    let mut err = |field: String, reason: String| out.push(ManifestError { document: doc.clone(), field, reason });
+    let mut err = |field: String, reason: String| {
+        out.push(ManifestError {
+            document: doc.clone(),
+            field,
+            reason,
+        })
+    };
     for (i, c) in t.spec.containers.iter().enumerate() {
         for (j, e) in c.env.iter().enumerate() {
             let Some(vf) = &e.value_from else { continue };
@@ -71,22 +87,34 @@ pub fn missing_references(obj: &Object, src: &impl ConfigSource) -> Vec<Manifest
             if let Some(r) = &vf.config_map_key_ref {
                 match src.config_map(ns, &r.name) {
                     Some(cm) if cm.data.contains_key(&r.key) || r.optional => {}
-                    Some(_) => err(format!("{f}.configMapKeyRef.key"), format!("ConfigMap {ns}/{} has no key {:?}", r.name, r.key)),
+                    Some(_) => err(
+                        format!("{f}.configMapKeyRef.key"),
+                        format!("ConfigMap {ns}/{} has no key {:?}", r.name, r.key),
+                    ),
                     None if r.optional => {}
                     None => err(
                         format!("{f}.configMapKeyRef.name"),
-                        format!("ConfigMap {ns}/{} does not exist: apply it first or in the same command", r.name),
+                        format!(
+                            "ConfigMap {ns}/{} does not exist: apply it first or in the same command",
+                            r.name
+                        ),
                     ),
                 }
             }
             if let Some(r) = &vf.secret_key_ref {
                 match src.secret(ns, &r.name) {
                     Some(s) if secret_value(s, &r.key).is_some() || r.optional => {}
-                    Some(_) => err(format!("{f}.secretKeyRef.key"), format!("Secret {ns}/{} has no key {:?}", r.name, r.key)),
+                    Some(_) => err(
+                        format!("{f}.secretKeyRef.key"),
+                        format!("Secret {ns}/{} has no key {:?}", r.name, r.key),
+                    ),
                     None if r.optional => {}
                     None => err(
                         format!("{f}.secretKeyRef.name"),
-                        format!("Secret {ns}/{} does not exist: apply it first or in the same command", r.name),
+                        format!(
+                            "Secret {ns}/{} does not exist: apply it first or in the same command",
+                            r.name
+                        ),
                     ),
                 }
             }
@@ -96,12 +124,24 @@ pub fn missing_references(obj: &Object, src: &impl ConfigSource) -> Vec<Manifest
         let f = format!("spec.template.spec.volumes[{i}]");
         if let Some(cm) = &v.config_map {
             if !cm.optional && src.config_map(ns, &cm.name).is_none() {
-                err(format!("{f}.configMap.name"), format!("ConfigMap {ns}/{} does not exist: apply it first or in the same command", cm.name));
+                err(
+                    format!("{f}.configMap.name"),
+                    format!(
+                        "ConfigMap {ns}/{} does not exist: apply it first or in the same command",
+                        cm.name
+                    ),
+                );
             }
         }
         if let Some(s) = &v.secret {
             if !s.optional && src.secret(ns, &s.secret_name).is_none() {
-                err(format!("{f}.secret.secretName"), format!("Secret {ns}/{} does not exist: apply it first or in the same command", s.secret_name));
+                err(
+                    format!("{f}.secret.secretName"),
+                    format!(
+                        "Secret {ns}/{} does not exist: apply it first or in the same command",
+                        s.secret_name
+                    ),
+                );
             }
         }
     }
@@ -115,11 +155,17 @@ pub fn references(obj: &Object, target: &ObjectId) -> bool {
         return false;
     }
     let name = target.name.as_str();
-    let env_hit = t.spec.containers.iter().flat_map(|c| &c.env).filter_map(|e| e.value_from.as_ref()).any(|vf| match target.kind {
-        Kind::ConfigMap => vf.config_map_key_ref.as_ref().is_some_and(|r| r.name == name),
-        Kind::Secret => vf.secret_key_ref.as_ref().is_some_and(|r| r.name == name),
-        _ => false,
-    });
+    let env_hit = t
+        .spec
+        .containers
+        .iter()
+        .flat_map(|c| &c.env)
+        .filter_map(|e| e.value_from.as_ref())
+        .any(|vf| match target.kind {
+            Kind::ConfigMap => vf.config_map_key_ref.as_ref().is_some_and(|r| r.name == name),
+            Kind::Secret => vf.secret_key_ref.as_ref().is_some_and(|r| r.name == name),
+            _ => false,
+        });
     let vol_hit = t.spec.volumes.iter().any(|v| match target.kind {
         Kind::ConfigMap => v.config_map.as_ref().is_some_and(|c| c.name == name),
         Kind::Secret => v.secret.as_ref().is_some_and(|s| s.secret_name == name),
@@ -134,7 +180,11 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
     let t = obj.template()?;
     let ns = obj.meta().ns().to_string();
     let pod = &t.spec;
-    let runtime = if pod.runtime_class_name.as_deref() == Some(PROCESS_RUNTIME) { Runtime::Process } else { Runtime::Docker };
+    let runtime = if pod.runtime_class_name.as_deref() == Some(PROCESS_RUNTIME) {
+        Runtime::Process
+    } else {
+        Runtime::Docker
+    };
     let restart_policy = match pod.restart_policy.as_deref() {
         Some("OnFailure") => RestartPolicy::OnFailure,
         Some("Never") => RestartPolicy::Never,
@@ -188,7 +238,11 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
                 mounts: c
                     .volume_mounts
                     .iter()
-                    .map(|m| MountSpec { volume: m.name.clone(), path: m.mount_path.clone(), read_only: m.read_only })
+                    .map(|m| MountSpec {
+                        volume: m.name.clone(),
+                        path: m.mount_path.clone(),
+                        read_only: m.read_only,
+                    })
                     .collect(),
             }
         })
@@ -198,7 +252,10 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
         .iter()
         .map(|v| {
             let source = if let Some(hp) = &v.host_path {
-                VolumeSource::HostPath { path: hp.path.clone(), create: hp.type_.as_deref() == Some("DirectoryOrCreate") }
+                VolumeSource::HostPath {
+                    path: hp.path.clone(),
+                    create: hp.type_.as_deref() == Some("DirectoryOrCreate"),
+                }
             } else if let Some(cm) = &v.config_map {
                 let mut files = BTreeMap::new();
                 if let Some(c) = src.config_map(&ns, &cm.name) {
@@ -223,7 +280,10 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
             } else {
                 VolumeSource::EmptyDir
             };
-            VolumeSpec { name: v.name.clone(), source }
+            VolumeSpec {
+                name: v.name.clone(),
+                source,
+            }
         })
         .collect();
     let id = obj.id();
@@ -236,7 +296,10 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
         hash: String::new(),
         runtime,
         restart_policy,
-        grace_seconds: pod.termination_grace_period_seconds.map(|g| g.max(0) as u64).unwrap_or(DEFAULT_GRACE_SECS),
+        grace_seconds: pod
+            .termination_grace_period_seconds
+            .map(|g| g.max(0) as u64)
+            .unwrap_or(DEFAULT_GRACE_SECS),
         containers,
         volumes,
     };
@@ -250,7 +313,12 @@ mod tests {
     use outpost_api::parse_file;
 
     fn objects(yaml: &str) -> BTreeMap<ObjectId, Object> {
-        parse_file("t.yaml", yaml).unwrap().objects.into_iter().map(|o| (o.id(), o)).collect()
+        parse_file("t.yaml", yaml)
+            .unwrap()
+            .objects
+            .into_iter()
+            .map(|o| (o.id(), o))
+            .collect()
     }
 
     const APP: &str = r#"
@@ -293,7 +361,10 @@ spec:
         assert_eq!(spec.key, "daemonset/default/d");
         assert_eq!(spec.runtime, Runtime::Process);
         assert_eq!(spec.grace_seconds, 5);
-        assert_eq!(spec.containers[0].env, vec![("G".into(), "hello".into()), ("T".into(), "secret".into())]);
+        assert_eq!(
+            spec.containers[0].env,
+            vec![("G".into(), "hello".into()), ("T".into(), "secret".into())]
+        );
         match &spec.volumes[0].source {
             VolumeSource::Files { files, secret } => {
                 assert!(!secret);
@@ -317,10 +388,23 @@ spec:
         let ds = objs.values().next().unwrap();
         let errs: Vec<String> = missing_references(ds, &objs).iter().map(|e| e.to_string()).collect();
         assert_eq!(errs.len(), 3, "{errs:?}");
-        assert!(errs[0].contains("env[0].valueFrom.configMapKeyRef.name: ConfigMap default/cfg does not exist"), "{errs:?}");
+        assert!(
+            errs[0].contains("env[0].valueFrom.configMapKeyRef.name: ConfigMap default/cfg does not exist"),
+            "{errs:?}"
+        );
         assert!(errs[2].contains("volumes[0].configMap.name"), "{errs:?}");
-        let cfg = ObjectId { kind: Kind::ConfigMap, namespace: "default".into(), name: "cfg".into() };
+        let cfg = ObjectId {
+            kind: Kind::ConfigMap,
+            namespace: "default".into(),
+            name: "cfg".into(),
+        };
         assert!(references(ds, &cfg));
-        assert!(!references(ds, &ObjectId { name: "other".into(), ..cfg }));
+        assert!(!references(
+            ds,
+            &ObjectId {
+                name: "other".into(),
+                ..cfg
+            }
+        ));
     }
 }

@@ -62,7 +62,13 @@ pub fn schedule(
                 *l += 1;
             }
         }
-        out.insert(w.id.clone(), PlacementDecision { nodes: placed, note: None });
+        out.insert(
+            w.id.clone(),
+            PlacementDecision {
+                nodes: placed,
+                note: None,
+            },
+        );
     }
     for w in sorted.iter().filter(|w| w.id.kind == Kind::Deployment) {
         let empty = BTreeSet::new();
@@ -88,19 +94,36 @@ fn place_deployment(
     current: &BTreeSet<String>,
     load: &BTreeMap<&str, usize>,
 ) -> PlacementDecision {
-    let matching: Vec<&NodeView> = nodes.iter().filter(|n| selector_matches(&w.node_selector, &n.labels)).collect();
+    let matching: Vec<&NodeView> = nodes
+        .iter()
+        .filter(|n| selector_matches(&w.node_selector, &n.labels))
+        .collect();
     let want = w.replicas as usize;
     // Keep existing replicas on nodes that still exist and match.
     let mut kept: Vec<&NodeView> = matching.iter().copied().filter(|n| current.contains(&n.name)).collect();
     if kept.len() > want {
         // Scale down: drop offline nodes first, then the busiest, then by name.
-        kept.sort_by_key(|n| (!n.online, load.get(n.name.as_str()).copied().unwrap_or(0), n.name.clone()));
+        kept.sort_by_key(|n| {
+            (
+                !n.online,
+                load.get(n.name.as_str()).copied().unwrap_or(0),
+                n.name.clone(),
+            )
+        });
         kept.truncate(want);
     }
     let mut chosen: BTreeSet<String> = kept.iter().map(|n| n.name.clone()).collect();
-    let mut candidates: Vec<&NodeView> =
-        matching.iter().copied().filter(|n| n.online && !chosen.contains(&n.name)).collect();
-    candidates.sort_by_key(|n| (load.get(n.name.as_str()).copied().unwrap_or(0), spread_key(&w.id, &n.name)));
+    let mut candidates: Vec<&NodeView> = matching
+        .iter()
+        .copied()
+        .filter(|n| n.online && !chosen.contains(&n.name))
+        .collect();
+    candidates.sort_by_key(|n| {
+        (
+            load.get(n.name.as_str()).copied().unwrap_or(0),
+            spread_key(&w.id, &n.name),
+        )
+    });
     for n in candidates {
         if chosen.len() >= want {
             break;
@@ -131,7 +154,11 @@ mod tests {
     }
     fn wl(kind: Kind, name: &str, sel: &[(&str, &str)], replicas: u32) -> WorkloadView {
         WorkloadView {
-            id: ObjectId { kind, namespace: "default".into(), name: name.into() },
+            id: ObjectId {
+                kind,
+                namespace: "default".into(),
+                name: name.into(),
+            },
             node_selector: sel.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             replicas,
         }
@@ -153,7 +180,11 @@ mod tests {
             .collect();
         let out = schedule(nodes, workloads, &cur);
         for (name, want) in expected {
-            let got = out.iter().find(|(id, _)| id.name == *name).map(|(_, d)| names(&d.nodes)).unwrap_or_default();
+            let got = out
+                .iter()
+                .find(|(id, _)| id.name == *name)
+                .map(|(_, d)| names(&d.nodes))
+                .unwrap_or_default();
             assert_eq!(&got, want, "workload {name}");
         }
         out
@@ -161,9 +192,23 @@ mod tests {
 
     #[test]
     fn daemonset_goes_to_every_matching_node_including_offline() {
-        let nodes = [node("a", &[("site", "1")], true), node("b", &[("site", "1")], false), node("c", &[("site", "2")], true)];
-        check(&nodes, &[wl(Kind::DaemonSet, "ds", &[("site", "1")], 0)], &[], &[("ds", &["a", "b"])]);
-        check(&nodes, &[wl(Kind::DaemonSet, "all", &[], 0)], &[], &[("all", &["a", "b", "c"])]);
+        let nodes = [
+            node("a", &[("site", "1")], true),
+            node("b", &[("site", "1")], false),
+            node("c", &[("site", "2")], true),
+        ];
+        check(
+            &nodes,
+            &[wl(Kind::DaemonSet, "ds", &[("site", "1")], 0)],
+            &[],
+            &[("ds", &["a", "b"])],
+        );
+        check(
+            &nodes,
+            &[wl(Kind::DaemonSet, "all", &[], 0)],
+            &[],
+            &[("all", &["a", "b", "c"])],
+        );
     }
 
     #[test]
@@ -176,16 +221,31 @@ mod tests {
     #[test]
     fn deployment_is_stable_when_a_node_joins() {
         let d = wl(Kind::Deployment, "web", &[], 1);
-        let before = check(&[node("a", &[], true)], std::slice::from_ref(&d), &[], &[("web", &["a"])]);
+        let before = check(
+            &[node("a", &[], true)],
+            std::slice::from_ref(&d),
+            &[],
+            &[("web", &["a"])],
+        );
         assert_eq!(before.len(), 1);
         // "0" would sort first and has zero load, but the running replica stays on "a".
-        check(&[node("0", &[], true), node("a", &[], true)], std::slice::from_ref(&d), &[(&d, &["a"])], &[("web", &["a"])]);
+        check(
+            &[node("0", &[], true), node("a", &[], true)],
+            std::slice::from_ref(&d),
+            &[(&d, &["a"])],
+            &[("web", &["a"])],
+        );
     }
 
     #[test]
     fn replica_on_offline_node_is_not_moved() {
         let d = wl(Kind::Deployment, "web", &[], 1);
-        check(&[node("a", &[], false), node("b", &[], true)], std::slice::from_ref(&d), &[(&d, &["a"])], &[("web", &["a"])]);
+        check(
+            &[node("a", &[], false), node("b", &[], true)],
+            std::slice::from_ref(&d),
+            &[(&d, &["a"])],
+            &[("web", &["a"])],
+        );
     }
 
     #[test]
@@ -193,14 +253,24 @@ mod tests {
         let d = wl(Kind::Deployment, "web", &[("site", "1")], 1);
         let nodes = [node("a", &[("site", "2")], true), node("b", &[("site", "1")], true)];
         check(&nodes, std::slice::from_ref(&d), &[(&d, &["a"])], &[("web", &["b"])]);
-        check(&nodes[1..], std::slice::from_ref(&d), &[(&d, &["gone"])], &[("web", &["b"])]);
+        check(
+            &nodes[1..],
+            std::slice::from_ref(&d),
+            &[(&d, &["gone"])],
+            &[("web", &["b"])],
+        );
     }
 
     #[test]
     fn scale_down_drops_offline_then_busiest() {
         let d = wl(Kind::Deployment, "web", &[], 1);
         let nodes = [node("a", &[], false), node("b", &[], true)];
-        check(&nodes, std::slice::from_ref(&d), &[(&d, &["a", "b"])], &[("web", &["b"])]);
+        check(
+            &nodes,
+            std::slice::from_ref(&d),
+            &[(&d, &["a", "b"])],
+            &[("web", &["b"])],
+        );
     }
 
     #[test]
@@ -212,12 +282,20 @@ mod tests {
         let out = schedule(&nodes, &[ds, d1, d2], &BTreeMap::new());
         let placed: Vec<_> = out.values().flat_map(|d| d.nodes.iter().cloned()).collect();
         assert_eq!(placed.len(), 2);
-        assert_ne!(placed[0], placed[1], "two single-replica deployments land on different nodes");
+        assert_ne!(
+            placed[0], placed[1],
+            "two single-replica deployments land on different nodes"
+        );
     }
 
     #[test]
     fn too_few_nodes_leaves_a_note() {
-        let out = check(&[node("a", &[], true)], &[wl(Kind::Deployment, "web", &[], 3)], &[], &[("web", &["a"])]);
+        let out = check(
+            &[node("a", &[], true)],
+            &[wl(Kind::Deployment, "web", &[], 3)],
+            &[],
+            &[("web", &["a"])],
+        );
         let note = out.values().next().unwrap().note.clone().unwrap();
         assert!(note.starts_with("1 of 3 replicas scheduled"), "{note}");
     }

@@ -83,7 +83,11 @@ pub fn decide(
         }
         match (u.pid, u.stopping) {
             (Some(pid), None) => {
-                actions.push(Action::Terminate { unit: id.clone(), pid, kill_at: now + u.grace_ms });
+                actions.push(Action::Terminate {
+                    unit: id.clone(),
+                    pid,
+                    kill_at: now + u.grace_ms,
+                });
                 wake_at(now + u.grace_ms);
             }
             (Some(pid), Some((deadline, killed))) => {
@@ -204,12 +208,29 @@ mod tests {
     use Action::*;
 
     fn d(hash: &str) -> DesiredUnit {
-        DesiredUnit { hash: hash.into(), restart_policy: RestartPolicy::Always, grace_ms: 5_000, runnable: true }
+        DesiredUnit {
+            hash: hash.into(),
+            restart_policy: RestartPolicy::Always,
+            grace_ms: 5_000,
+            runnable: true,
+        }
     }
     fn running(hash: &str, pid: u32) -> Unit {
-        Unit { hash: hash.into(), grace_ms: 5_000, pid: Some(pid), started_at: Some(0), ..Default::default() }
+        Unit {
+            hash: hash.into(),
+            grace_ms: 5_000,
+            pid: Some(pid),
+            started_at: Some(0),
+            ..Default::default()
+        }
     }
-    fn check(desired: &[(&str, DesiredUnit)], units: &[(&str, Unit)], now: UnixMs, want: &[Action], want_wake: Option<UnixMs>) {
+    fn check(
+        desired: &[(&str, DesiredUnit)],
+        units: &[(&str, Unit)],
+        now: UnixMs,
+        want: &[Action],
+        want_wake: Option<UnixMs>,
+    ) {
         let desired = desired.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         let units = units.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         let (got, wake) = decide(&desired, &units, now);
@@ -225,24 +246,88 @@ mod tests {
         // running with the same hash: nothing
         check(&[("a", d("h1"))], &[("a", running("h1", 7))], 0, &[], None);
         // spec changed: terminate old first, start new only after it exited
-        check(&[("a", d("h2"))], &[("a", running("h1", 7))], 100, &[Terminate { unit: u("a"), pid: 7, kill_at: 5_100 }], Some(5_100));
-        let stopping = Unit { stopping: Some((5_100, false)), ..running("h1", 7) };
+        check(
+            &[("a", d("h2"))],
+            &[("a", running("h1", 7))],
+            100,
+            &[Terminate {
+                unit: u("a"),
+                pid: 7,
+                kill_at: 5_100,
+            }],
+            Some(5_100),
+        );
+        let stopping = Unit {
+            stopping: Some((5_100, false)),
+            ..running("h1", 7)
+        };
         check(&[("a", d("h2"))], &[("a", stopping.clone())], 1_000, &[], Some(5_100));
-        check(&[("a", d("h2"))], &[("a", stopping)], 5_100, &[Kill { unit: u("a"), pid: 7 }], None);
-        let exited_old = Unit { hash: u("h1"), ..Default::default() };
-        check(&[("a", d("h2"))], &[("a", exited_old.clone())], 6_000, &[Start { unit: u("a") }], None);
+        check(
+            &[("a", d("h2"))],
+            &[("a", stopping)],
+            5_100,
+            &[Kill { unit: u("a"), pid: 7 }],
+            None,
+        );
+        let exited_old = Unit {
+            hash: u("h1"),
+            ..Default::default()
+        };
+        check(
+            &[("a", d("h2"))],
+            &[("a", exited_old.clone())],
+            6_000,
+            &[Start { unit: u("a") }],
+            None,
+        );
         // removed: terminate with the running spec's grace, then forget
-        check(&[], &[("a", running("h1", 7))], 0, &[Terminate { unit: u("a"), pid: 7, kill_at: 5_000 }], Some(5_000));
+        check(
+            &[],
+            &[("a", running("h1", 7))],
+            0,
+            &[Terminate {
+                unit: u("a"),
+                pid: 7,
+                kill_at: 5_000,
+            }],
+            Some(5_000),
+        );
         check(&[], &[("a", exited_old)], 0, &[Forget { unit: u("a") }], None);
         // backoff: wait until next_start_at, then start
-        let backing = Unit { hash: u("h1"), next_start_at: Some(2_000), ..Default::default() };
+        let backing = Unit {
+            hash: u("h1"),
+            next_start_at: Some(2_000),
+            ..Default::default()
+        };
         check(&[("a", d("h1"))], &[("a", backing.clone())], 1_000, &[], Some(2_000));
-        check(&[("a", d("h1"))], &[("a", backing)], 2_000, &[Start { unit: u("a") }], None);
+        check(
+            &[("a", d("h1"))],
+            &[("a", backing)],
+            2_000,
+            &[Start { unit: u("a") }],
+            None,
+        );
         // done units stay done
-        let done = Unit { hash: u("h1"), done: Some(Phase::Succeeded), ..Default::default() };
+        let done = Unit {
+            hash: u("h1"),
+            done: Some(Phase::Succeeded),
+            ..Default::default()
+        };
         check(&[("a", d("h1"))], &[("a", done)], 0, &[], None);
         // unrunnable units are never started
-        check(&[("a", DesiredUnit { runnable: false, ..d("h1") })], &[], 0, &[], None);
+        check(
+            &[(
+                "a",
+                DesiredUnit {
+                    runnable: false,
+                    ..d("h1")
+                },
+            )],
+            &[],
+            0,
+            &[],
+            None,
+        );
     }
 
     #[test]
@@ -291,7 +376,10 @@ mod tests {
 
     #[test]
     fn intentional_stop_is_not_a_restart() {
-        let mut u = Unit { stopping: Some((10, false)), ..running("h", 1) };
+        let mut u = Unit {
+            stopping: Some((10, false)),
+            ..running("h", 1)
+        };
         on_exit(&mut u, None, Some(15), RestartPolicy::Always, 5);
         assert_eq!(u.restarts, 0);
         assert_eq!(u.next_start_at, None);
@@ -300,7 +388,10 @@ mod tests {
 
     #[test]
     fn workload_phase_takes_the_worst() {
-        assert_eq!(workload_phase([Phase::Running, Phase::CrashLoopBackOff]), Phase::CrashLoopBackOff);
+        assert_eq!(
+            workload_phase([Phase::Running, Phase::CrashLoopBackOff]),
+            Phase::CrashLoopBackOff
+        );
         assert_eq!(workload_phase([Phase::Running, Phase::Running]), Phase::Running);
         assert_eq!(workload_phase([]), Phase::Pending);
     }

@@ -10,10 +10,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use outpost_api::{
-    ApplyRequest, ApplyResponse, DeleteResponse, JoinRequest, JoinResponse, JoinToken, Kind,
-    NodeInfo, Object, ObjectId, Phase, Placement, RenewRequest, RenewResponse, Runtime, StatusAck,
-    StatusReport, TokenRequest, TokenResponse, UnixMs, WorkloadInfo, WorkloadStatus,
-    PROCESS_RUNTIME,
+    ApplyRequest, ApplyResponse, DeleteResponse, JoinRequest, JoinResponse, JoinToken, Kind, NodeInfo, Object,
+    ObjectId, Phase, Placement, RenewRequest, RenewResponse, Runtime, StatusAck, StatusReport, TokenRequest,
+    TokenResponse, UnixMs, WorkloadInfo, WorkloadStatus, PROCESS_RUNTIME,
 };
 use outpost_core::render::workload_key;
 use outpost_core::schedule::selector_matches;
@@ -33,11 +32,7 @@ type St = State<Arc<HubState>>;
 const NODE_EVENTS: u32 = 50;
 
 pub async fn ca(State(st): St) -> Response {
-    (
-        [(CONTENT_TYPE, "application/x-pem-file")],
-        st.ca.cert_pem.clone(),
-    )
-        .into_response()
+    ([(CONTENT_TYPE, "application/x-pem-file")], st.ca.cert_pem.clone()).into_response()
 }
 
 /// A signed node certificate: PEM, fingerprint, expiry (unix ms).
@@ -47,13 +42,8 @@ fn sign(st: &HubState, csr_pem: &str, node: &str) -> Result<(String, String, Uni
         .sign_node_csr(csr_pem, node)
         .map_err(|e| HubError::InvalidCsr(e.to_string()))?;
     let der = outpost_pki::pem_to_der(&cert_pem).map_err(|e| HubError::Internal(e.to_string()))?;
-    let not_after =
-        outpost_pki::not_after_unix(&cert_pem).map_err(|e| HubError::Internal(e.to_string()))?;
-    Ok((
-        outpost_pki::fingerprint(&der),
-        cert_pem,
-        not_after.saturating_mul(1000),
-    ))
+    let not_after = outpost_pki::not_after_unix(&cert_pem).map_err(|e| HubError::Internal(e.to_string()))?;
+    Ok((outpost_pki::fingerprint(&der), cert_pem, not_after.saturating_mul(1000)))
 }
 
 /// Reschedule after a committed change. The change stands even if this fails (the next change
@@ -64,10 +54,7 @@ async fn reschedule_after_commit(st: &HubState, now: UnixMs) {
     }
 }
 
-pub async fn join(
-    State(st): St,
-    ApiJson(req): ApiJson<JoinRequest>,
-) -> Result<Json<JoinResponse>, HubError> {
+pub async fn join(State(st): St, ApiJson(req): ApiJson<JoinRequest>) -> Result<Json<JoinResponse>, HubError> {
     validate::node_name(&req.name)?;
     let now = now_ms();
     let secret_sha = sha256_hex(&req.token_secret);
@@ -87,9 +74,7 @@ pub async fn join(
     };
     let _guard = st.write_lock.lock().await;
     let token_id = req.token_id.clone();
-    let labels = st
-        .db(move |s| s.join(&token_id, &secret_sha, &node, now))
-        .await?;
+    let labels = st.db(move |s| s.join(&token_id, &secret_sha, &node, now)).await?;
     tracing::info!(node = %req.name, token = %req.token_id, labels = ?labels, "node joined");
     reschedule_after_commit(&st, now).await;
     Ok(Json(JoinResponse {
@@ -121,10 +106,7 @@ async fn authorize_node(st: &HubState, peer: &Peer, node: &str) -> Result<(), Hu
 /// of replicas may now be placed on it).
 async fn contact(st: &HubState, node: &str, now: UnixMs) -> Result<(), HubError> {
     let n = node.to_string();
-    let prev = st
-        .db(move |s| s.touch(&n, now))
-        .await?
-        .ok_or(HubError::UnknownNode)?;
+    let prev = st.db(move |s| s.touch(&n, now)).await?.ok_or(HubError::UnknownNode)?;
     if now.saturating_sub(prev) > st.offline_after.as_millis() as i64 {
         tracing::info!(node = %node, offline_for = %human_duration(now - prev), "node online");
         st.reschedule(now).await?;
@@ -151,10 +133,7 @@ pub async fn sync(
     let deadline = tokio::time::Instant::now() + st.long_poll;
     loop {
         let (n, since) = (node.clone(), q.generation);
-        let resp = st
-            .db(move |s| s.sync(&n, since))
-            .await?
-            .ok_or(HubError::UnknownNode)?;
+        let resp = st.db(move |s| s.sync(&n, since)).await?.ok_or(HubError::UnknownNode)?;
         if resp.generation != since {
             tracing::debug!(node = %node, since, generation = resp.generation, full = resp.full, "sync answered");
             return Ok(Json(resp).into_response());
@@ -242,8 +221,7 @@ pub async fn apply(
     _: Admin,
     ApiJson(req): ApiJson<ApplyRequest>,
 ) -> Result<Json<ApplyResponse>, HubError> {
-    let (objects, warnings) =
-        validate::parse_batch(&req.files).map_err(HubError::InvalidManifest)?;
+    let (objects, warnings) = validate::parse_batch(&req.files).map_err(HubError::InvalidManifest)?;
     let _guard = st.write_lock.lock().await;
     let stored = st.db(|s| s.objects()).await?;
     let errors = validate::check_references(&objects, stored.into_iter().map(|o| o.object));
@@ -291,9 +269,7 @@ pub async fn delete(
     ApiJson(req): ApiJson<ApplyRequest>,
 ) -> Result<Json<DeleteResponse>, HubError> {
     let (objects, _) = validate::parse_batch(&req.files).map_err(HubError::InvalidManifest)?;
-    Ok(Json(
-        delete_ids(&st, objects.iter().map(Object::id).collect()).await?,
-    ))
+    Ok(Json(delete_ids(&st, objects.iter().map(Object::id).collect()).await?))
 }
 
 fn object_id(kind: &str, namespace: String, name: String) -> Result<ObjectId, HubError> {
@@ -302,11 +278,7 @@ fn object_id(kind: &str, namespace: String, name: String) -> Result<ObjectId, Hu
             "unknown kind {kind:?}; use deployment, daemonset, configmap or secret"
         ))
     })?;
-    Ok(ObjectId {
-        kind,
-        namespace,
-        name,
-    })
+    Ok(ObjectId { kind, namespace, name })
 }
 
 pub async fn delete_object(
@@ -327,11 +299,7 @@ struct View {
 
 async fn read_view(st: &HubState) -> Result<View, HubError> {
     st.db(|s| {
-        let nodes = s
-            .nodes()?
-            .into_iter()
-            .map(|n| (n.name.clone(), n))
-            .collect();
+        let nodes = s.nodes()?.into_iter().map(|n| (n.name.clone(), n)).collect();
         let desired = s.desired()?;
         let statuses = s
             .statuses(None)?
@@ -453,12 +421,7 @@ pub async fn workloads(State(st): St, _: Admin) -> Result<Json<Vec<WorkloadInfo>
     Ok(Json(out))
 }
 
-fn node_info(
-    n: NodeRow,
-    workloads: Vec<WorkloadStatus>,
-    offline_after: std::time::Duration,
-    now: UnixMs,
-) -> NodeInfo {
+fn node_info(n: NodeRow, workloads: Vec<WorkloadStatus>, offline_after: std::time::Duration, now: UnixMs) -> NodeInfo {
     NodeInfo {
         status: status_word(is_online(&n, offline_after, now)).to_string(),
         name: n.name,
@@ -492,11 +455,7 @@ pub async fn nodes(State(st): St, _: Admin) -> Result<Json<Vec<NodeInfo>>, HubEr
     Ok(Json(out))
 }
 
-pub async fn node(
-    State(st): St,
-    _: Admin,
-    Path(name): Path<String>,
-) -> Result<Json<NodeInfo>, HubError> {
+pub async fn node(State(st): St, _: Admin, Path(name): Path<String>) -> Result<Json<NodeInfo>, HubError> {
     let n = name.clone();
     let found = st
         .db(move |s| {
@@ -507,19 +466,14 @@ pub async fn node(
             Ok(Some((row, statuses, s.events(&n, NODE_EVENTS)?)))
         })
         .await?;
-    let (row, statuses, events) =
-        found.ok_or_else(|| HubError::NotFound(format!("node {name}")))?;
+    let (row, statuses, events) = found.ok_or_else(|| HubError::NotFound(format!("node {name}")))?;
     Ok(Json(NodeInfo {
         events,
         ..node_info(row, statuses, st.offline_after, now_ms())
     }))
 }
 
-pub async fn delete_node(
-    State(st): St,
-    _: Admin,
-    Path(name): Path<String>,
-) -> Result<Json<DeleteResponse>, HubError> {
+pub async fn delete_node(State(st): St, _: Admin, Path(name): Path<String>) -> Result<Json<DeleteResponse>, HubError> {
     let _guard = st.write_lock.lock().await;
     let n = name.clone();
     if !st.db(move |s| s.delete_node(&n)).await? {

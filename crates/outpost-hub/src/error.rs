@@ -43,7 +43,9 @@ pub enum HubError {
     NodeExists(String),
     #[error("invalid node name {name:?}: {reason}; use a DNS label: lower-case letters, digits and '-', at most 63 characters, starting and ending with a letter or digit")]
     InvalidName { name: String, reason: &'static str },
-    #[error("the certificate signing request is not valid ({0}); the agent generates it, so upgrade or reinstall the agent")]
+    #[error(
+        "the certificate signing request is not valid ({0}); the agent generates it, so upgrade or reinstall the agent"
+    )]
     InvalidCsr(String),
     #[error("{} in the manifests; nothing was applied", problems(.0.len()))]
     InvalidManifest(Vec<ManifestError>),
@@ -161,22 +163,13 @@ mod tests {
             e.to_string(),
             "join token ab12 expired 2h ago; create a new one with `outpost token create`"
         );
-        assert_eq!(
-            e.status_and_code(),
-            (StatusCode::UNAUTHORIZED, "token_expired")
-        );
+        assert_eq!(e.status_and_code(), (StatusCode::UNAUTHORIZED, "token_expired"));
         let e = HubError::Forbidden {
             caller: "a".into(),
             target: "b".into(),
         };
-        assert_eq!(
-            e.to_string(),
-            "node a may only access its own state, not node b's"
-        );
+        assert_eq!(e.to_string(), "node a may only access its own state, not node b's");
         let e = HubError::InvalidManifest(vec![]);
-        assert_eq!(
-            e.to_string(),
-            "0 problems in the manifests; nothing was applied"
-        );
+        assert_eq!(e.to_string(), "0 problems in the manifests; nothing was applied");
     }
 }

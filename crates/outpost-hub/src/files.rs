@@ -38,8 +38,7 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
     f.sync_all()
         .with_context(|| format!("cannot fsync {}", tmp.display()))?;
     drop(f);
-    fs::rename(&tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("cannot fsync directory {}", dir.display()))?;
@@ -113,8 +112,7 @@ impl DataDir {
 
     /// Create the directory (0700) and load or create the CA, server certificate and admin token.
     pub fn load_or_create(&self, advertise: &[String]) -> anyhow::Result<Material> {
-        fs::create_dir_all(&self.root)
-            .with_context(|| format!("cannot create data dir {}", self.root.display()))?;
+        fs::create_dir_all(&self.root).with_context(|| format!("cannot create data dir {}", self.root.display()))?;
         fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))
             .with_context(|| format!("cannot set mode 0700 on {}", self.root.display()))?;
 
@@ -160,11 +158,7 @@ impl DataDir {
             Some(t) if !t.trim().is_empty() => (t.trim().to_string(), None),
             _ => {
                 let t = random_hex(32);
-                write_atomic(
-                    &self.path("admin.token"),
-                    format!("{t}\n").as_bytes(),
-                    0o600,
-                )?;
+                write_atomic(&self.path("admin.token"), format!("{t}\n").as_bytes(), 0o600)?;
                 (t.clone(), Some(t))
             }
         };

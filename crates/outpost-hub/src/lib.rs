@@ -93,17 +93,13 @@ impl Hub {
         let advertise = cfg.advertise.clone();
         let (material, store) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let material = data_dir.load_or_create(&advertise)?;
-            let store = SqliteStore::open(&db_path)
-                .with_context(|| format!("cannot open {}", db_path.display()))?;
+            let store = SqliteStore::open(&db_path).with_context(|| format!("cannot open {}", db_path.display()))?;
             Ok((material, store))
         })
         .await
         .context("hub start-up task failed")??;
 
-        let ca_fingerprint = material
-            .ca
-            .fingerprint()
-            .context("ca.pem is not a valid certificate")?;
+        let ca_fingerprint = material.ca.fingerprint().context("ca.pem is not a valid certificate")?;
         let tls = outpost_pki::server_config(&material.ca, &material.server_chain_pem, &material.server_key_pem)
             .context("cannot build the TLS configuration from server.pem/server.key; delete server.* to re-issue")?;
         let state = Arc::new(state::HubState::new(
@@ -115,28 +111,18 @@ impl Hub {
             cfg.long_poll,
         ));
         // Catch up on anything committed before a crash but not yet scheduled.
-        state
-            .reschedule(now_ms())
-            .await
-            .context("initial scheduling failed")?;
+        state.reschedule(now_ms()).await.context("initial scheduling failed")?;
 
-        let listener = tokio::net::TcpListener::bind(cfg.listen)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot listen on {}; is another hub running? pick another --listen",
-                    cfg.listen
-                )
-            })?;
+        let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| {
+            format!(
+                "cannot listen on {}; is another hub running? pick another --listen",
+                cfg.listen
+            )
+        })?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = watch::channel(false);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let task = tokio::spawn(server::serve(
-            listener,
-            acceptor,
-            server::router(state),
-            stopped,
-        ));
+        let task = tokio::spawn(server::serve(listener, acceptor, server::router(state), stopped));
         tracing::info!(addr = %addr, data_dir = %cfg.data_dir.display(), ca_fingerprint = %ca_fingerprint, "hub listening");
         let hub = Hub {
             addr,

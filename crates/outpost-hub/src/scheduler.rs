@@ -53,11 +53,7 @@ pub fn plan(inputs: &ScheduleInputs, offline_after: Duration, now: UnixMs) -> Pl
             online: is_online(n, offline_after, now),
         })
         .collect();
-    let workloads: Vec<WorkloadView> = inputs
-        .objects
-        .iter()
-        .filter_map(|o| workload_view(&o.object))
-        .collect();
+    let workloads: Vec<WorkloadView> = inputs.objects.iter().filter_map(|o| workload_view(&o.object)).collect();
     let decisions = schedule(&nodes, &workloads, &inputs.assignments);
 
     let objects: BTreeMap<ObjectId, Object> = inputs
@@ -65,10 +61,8 @@ pub fn plan(inputs: &ScheduleInputs, offline_after: Duration, now: UnixMs) -> Pl
         .iter()
         .map(|o| (o.object.id(), o.object.clone()))
         .collect();
-    let mut want: BTreeMap<String, BTreeMap<String, WorkloadSpec>> = nodes
-        .iter()
-        .map(|n| (n.name.clone(), BTreeMap::new()))
-        .collect();
+    let mut want: BTreeMap<String, BTreeMap<String, WorkloadSpec>> =
+        nodes.iter().map(|n| (n.name.clone(), BTreeMap::new())).collect();
     let mut out = Plan::default();
     for stored in &inputs.objects {
         let id = stored.object.id();
@@ -125,10 +119,7 @@ mod tests {
     fn node(name: &str, labels: &[(&str, &str)], last_seen: Option<UnixMs>) -> NodeRow {
         NodeRow {
             name: name.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             cert_fp: format!("fp-{name}"),
             cert_not_after: 0,
             joined_at: 0,
@@ -191,18 +182,14 @@ spec:
         assert_eq!(p.changes["a"].upsert[0].key, "daemonset/default/agent");
         // Holding the same hash: nothing to do.
         let hash = p.changes["a"].upsert[0].hash.clone();
-        inputs.held.insert(
-            "a".into(),
-            [("daemonset/default/agent".to_string(), hash)].into(),
-        );
+        inputs
+            .held
+            .insert("a".into(), [("daemonset/default/agent".to_string(), hash)].into());
         assert!(plan(&inputs, Duration::from_secs(90), 0).changes.is_empty());
         // Node a no longer matches: removal.
         inputs.nodes[0].labels.insert("site".into(), "c".into());
         let p = plan(&inputs, Duration::from_secs(90), 0);
-        assert_eq!(
-            p.changes["a"].remove,
-            vec!["daemonset/default/agent".to_string()]
-        );
+        assert_eq!(p.changes["a"].remove, vec!["daemonset/default/agent".to_string()]);
     }
 
     #[test]

@@ -85,10 +85,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     async fn from_request_parts(parts: &mut Parts, st: &S) -> Result<Self, HubError> {
         match axum::extract::Query::<T>::from_request_parts(parts, st).await {
             Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
-            Err(e) => Err(HubError::BadRequest(format!(
-                "invalid query string: {}",
-                e.body_text()
-            ))),
+            Err(e) => Err(HubError::BadRequest(format!("invalid query string: {}", e.body_text()))),
         }
     }
 }
@@ -142,12 +139,7 @@ pub fn router(state: Arc<HubState>) -> Router {
 
 /// Accept TLS connections until `shutdown` flips, then give open connections a moment to
 /// finish and drop the rest.
-pub async fn serve(
-    listener: TcpListener,
-    tls: TlsAcceptor,
-    router: Router,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn serve(listener: TcpListener, tls: TlsAcceptor, router: Router, mut shutdown: watch::Receiver<bool>) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -166,10 +158,7 @@ pub async fn serve(
     }
     drop(listener);
     let drain = async { while conns.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(2), drain)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(2), drain).await.is_err() {
         conns.abort_all();
         while conns.join_next().await.is_some() {}
     }
@@ -205,8 +194,7 @@ async fn serve_conn(
         req.extensions_mut().insert(peer.clone());
         router.clone().oneshot(req)
     });
-    let conn =
-        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {

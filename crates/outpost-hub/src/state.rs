@@ -97,11 +97,7 @@ impl HubState {
     }
 
     pub fn note(&self, id: &ObjectId) -> Option<String> {
-        self.notes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
+        self.notes.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
     }
 
     /// Recompute every node's desired state and wake the nodes whose generation moved.

@@ -17,8 +17,8 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use outpost_api::{
-    ApplyResult, Kind, Labels, NodeEvent, Object, ObjectId, StatusReport, SyncResponse, UnixMs,
-    WorkloadSpec, WorkloadStatus,
+    ApplyResult, Kind, Labels, NodeEvent, Object, ObjectId, StatusReport, SyncResponse, UnixMs, WorkloadSpec,
+    WorkloadStatus,
 };
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
@@ -33,9 +33,7 @@ pub const EVENTS_KEPT: i64 = 1000;
 pub enum StoreError {
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error(
-        "stored data is not valid JSON ({0}); the database may be corrupt or from a newer hub"
-    )]
+    #[error("stored data is not valid JSON ({0}); the database may be corrupt or from a newer hub")]
     Json(#[from] serde_json::Error),
     #[error("database {path} has schema version {found}, this hub knows up to {SCHEMA_VERSION}; run the newer hub release that created it")]
     SchemaTooNew { path: String, found: i64 },
@@ -66,12 +64,7 @@ pub struct TokenRow {
 
 /// Is this token good for one more join at `now`? Pure; the store calls it inside the join
 /// transaction.
-pub fn check_token(
-    tok: Option<&TokenRow>,
-    id: &str,
-    secret_sha256: &str,
-    now: UnixMs,
-) -> Result<(), TokenProblem> {
+pub fn check_token(tok: Option<&TokenRow>, id: &str, secret_sha256: &str, now: UnixMs) -> Result<(), TokenProblem> {
     let unknown = || TokenProblem::Unknown { id: id.to_string() };
     let tok = tok.ok_or_else(unknown)?;
     if tok.secret_sha256 != secret_sha256 {
@@ -183,13 +176,7 @@ pub trait Store: Send + Sync + 'static {
     /// Check the token, refuse a taken name, record the node with its first generation and
     /// use up one token use, in one transaction. Returns the node's final labels (token labels
     /// overridden by the request's).
-    fn join(
-        &self,
-        token_id: &str,
-        secret_sha256: &str,
-        node: &NewNode,
-        now: UnixMs,
-    ) -> Result<Labels>;
+    fn join(&self, token_id: &str, secret_sha256: &str, node: &NewNode, now: UnixMs) -> Result<Labels>;
     fn node_by_cert(&self, cert_fp: &str) -> Result<Option<String>>;
     fn node(&self, name: &str) -> Result<Option<NodeRow>>;
     fn nodes(&self) -> Result<Vec<NodeRow>>;
@@ -313,9 +300,7 @@ fn finish_node((mut n, labels): (NodeRow, String)) -> Result<NodeRow> {
 
 fn next_gen(tx: &Transaction<'_>) -> Result<u64> {
     let cur: Option<String> = tx
-        .query_row("SELECT value FROM meta WHERE key = 'gen_seq'", [], |r| {
-            r.get(0)
-        })
+        .query_row("SELECT value FROM meta WHERE key = 'gen_seq'", [], |r| r.get(0))
         .optional()?;
     let next = cur.and_then(|s| s.parse::<u64>().ok()).unwrap_or(0) + 1;
     tx.execute(
@@ -364,11 +349,7 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
         let found: Option<String> = conn
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'schema_version'",
-                [],
-                |r| r.get(0),
-            )
+            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
             .optional()?;
         match found.and_then(|v| v.parse::<i64>().ok()) {
             Some(v) if v > SCHEMA_VERSION => {
@@ -385,9 +366,7 @@ impl SqliteStore {
                 )?;
             }
         }
-        Ok(Self {
-            conn: Mutex::new(conn),
-        })
+        Ok(Self { conn: Mutex::new(conn) })
     }
 
     fn conn(&self) -> Result<MutexGuard<'_, Connection>> {
@@ -418,28 +397,16 @@ impl Store for SqliteStore {
         token_row(&conn, id)
     }
 
-    fn join(
-        &self,
-        token_id: &str,
-        secret_sha256: &str,
-        node: &NewNode,
-        now: UnixMs,
-    ) -> Result<Labels> {
+    fn join(&self, token_id: &str, secret_sha256: &str, node: &NewNode, now: UnixMs) -> Result<Labels> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
         let tok = token_row(&tx, token_id)?;
         check_token(tok.as_ref(), token_id, secret_sha256, now).map_err(StoreError::Token)?;
-        let tok = tok.ok_or_else(|| {
-            StoreError::Token(TokenProblem::Unknown {
-                id: token_id.into(),
-            })
-        })?;
+        let tok = tok.ok_or_else(|| StoreError::Token(TokenProblem::Unknown { id: token_id.into() }))?;
         let exists: Option<String> = tx
-            .query_row(
-                "SELECT name FROM nodes WHERE name = ?1",
-                params![node.name],
-                |r| r.get(0),
-            )
+            .query_row("SELECT name FROM nodes WHERE name = ?1", params![node.name], |r| {
+                r.get(0)
+            })
             .optional()?;
         if exists.is_some() {
             return Err(StoreError::NodeExists(node.name.clone()));
@@ -450,7 +417,15 @@ impl Store for SqliteStore {
         tx.execute(
             "INSERT INTO nodes (name, labels, cert_fp, cert_not_after, joined_at, generation, token_id)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![node.name, serde_json::to_string(&labels)?, node.cert_fp, node.cert_not_after, now, i(gen), token_id],
+            params![
+                node.name,
+                serde_json::to_string(&labels)?,
+                node.cert_fp,
+                node.cert_not_after,
+                now,
+                i(gen),
+                token_id
+            ],
         )?;
         tx.execute(
             "UPDATE tokens SET used = used + 1,
@@ -465,11 +440,9 @@ impl Store for SqliteStore {
     fn node_by_cert(&self, cert_fp: &str) -> Result<Option<String>> {
         Ok(self
             .conn()?
-            .query_row(
-                "SELECT name FROM nodes WHERE cert_fp = ?1",
-                params![cert_fp],
-                |r| r.get(0),
-            )
+            .query_row("SELECT name FROM nodes WHERE cert_fp = ?1", params![cert_fp], |r| {
+                r.get(0)
+            })
             .optional()?)
     }
 
@@ -488,9 +461,7 @@ impl Store for SqliteStore {
     fn nodes(&self) -> Result<Vec<NodeRow>> {
         let conn = self.conn()?;
         let mut st = conn.prepare(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY name"))?;
-        let rows = st
-            .query_map([], node_from_row)?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let rows = st.query_map([], node_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
         rows.into_iter().map(finish_node).collect()
     }
 
@@ -531,10 +502,7 @@ impl Store for SqliteStore {
             "workload_status",
             "events",
         ] {
-            tx.execute(
-                &format!("DELETE FROM {table} WHERE node = ?1"),
-                params![name],
-            )?;
+            tx.execute(&format!("DELETE FROM {table} WHERE node = ?1"), params![name])?;
         }
         tx.commit()?;
         Ok(n > 0)
@@ -564,9 +532,8 @@ impl Store for SqliteStore {
         let full = needs_full(since, generation, floor);
         let from = if full { 0 } else { since };
         let specs: Vec<String> = {
-            let mut st = tx.prepare(
-                "SELECT spec FROM node_workloads WHERE node = ?1 AND changed_gen > ?2 ORDER BY key",
-            )?;
+            let mut st =
+                tx.prepare("SELECT spec FROM node_workloads WHERE node = ?1 AND changed_gen > ?2 ORDER BY key")?;
             let rows = st.query_map(params![node, i(from)], |r| r.get(0))?;
             rows.collect::<rusqlite::Result<_>>()?
         };
@@ -577,9 +544,7 @@ impl Store for SqliteStore {
         let remove = if full {
             vec![]
         } else {
-            let mut st = tx.prepare(
-                "SELECT key FROM node_tombstones WHERE node = ?1 AND gen > ?2 ORDER BY key",
-            )?;
+            let mut st = tx.prepare("SELECT key FROM node_tombstones WHERE node = ?1 AND gen > ?2 ORDER BY key")?;
             let rows = st.query_map(params![node, i(since)], |r| r.get(0))?;
             rows.collect::<rusqlite::Result<_>>()?
         };
@@ -594,11 +559,9 @@ impl Store for SqliteStore {
     fn record_status(&self, node: &str, report: &StatusReport, now: UnixMs) -> Result<u64> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
-        let generation: i64 = tx.query_row(
-            "SELECT generation FROM nodes WHERE name = ?1",
-            params![node],
-            |r| r.get(0),
-        )?;
+        let generation: i64 = tx.query_row("SELECT generation FROM nodes WHERE name = ?1", params![node], |r| {
+            r.get(0)
+        })?;
         // An agent cannot have applied more than we sent; clamp so pruning stays safe.
         let applied = i(report.generation).min(generation);
         tx.execute(
@@ -649,11 +612,9 @@ impl Store for SqliteStore {
                 params![node, i(e.seq), e.at, e.workload, e.reason, e.message, now],
             )?;
         }
-        let acked: Option<i64> = tx.query_row(
-            "SELECT MAX(seq) FROM events WHERE node = ?1",
-            params![node],
-            |r| r.get(0),
-        )?;
+        let acked: Option<i64> = tx.query_row("SELECT MAX(seq) FROM events WHERE node = ?1", params![node], |r| {
+            r.get(0)
+        })?;
         let acked = acked.unwrap_or(0);
         if !report.events.is_empty() {
             tx.execute(
@@ -667,13 +628,10 @@ impl Store for SqliteStore {
 
     fn statuses(&self, node: Option<&str>) -> Result<Vec<(String, WorkloadStatus)>> {
         let conn = self.conn()?;
-        let mut st = conn.prepare(
-            "SELECT node, status FROM workload_status WHERE ?1 IS NULL OR node = ?1 ORDER BY node, key",
-        )?;
+        let mut st =
+            conn.prepare("SELECT node, status FROM workload_status WHERE ?1 IS NULL OR node = ?1 ORDER BY node, key")?;
         let rows = st
-            .query_map(params![node], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-            })?
+            .query_map(params![node], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         rows.into_iter()
             .map(|(n, s)| Ok((n, serde_json::from_str(&s)?)))
@@ -854,11 +812,7 @@ impl Store for SqliteStore {
             let mut st = conn.prepare("SELECT node, key, hash FROM node_workloads")?;
             let rows = st
                 .query_map([], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                    ))
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             for (node, key, hash) in rows {
@@ -926,8 +880,7 @@ impl Store for SqliteStore {
 
     fn desired(&self) -> Result<Vec<DesiredRow>> {
         let conn = self.conn()?;
-        let mut st =
-            conn.prepare("SELECT node, key, hash, spec FROM node_workloads ORDER BY key, node")?;
+        let mut st = conn.prepare("SELECT node, key, hash, spec FROM node_workloads ORDER BY key, node")?;
         let rows = st
             .query_map([], |r| {
                 Ok((
@@ -970,19 +923,17 @@ fn token_row(conn: &Connection, id: &str) -> Result<Option<TokenRow>> {
             },
         )
         .optional()?;
-    row.map(
-        |(id, secret_sha256, labels, expires_at, uses_left, used, created_at)| {
-            Ok(TokenRow {
-                id,
-                secret_sha256,
-                labels: serde_json::from_str(&labels)?,
-                expires_at,
-                uses_left: uses_left.map(u),
-                used: u(used),
-                created_at,
-            })
-        },
-    )
+    row.map(|(id, secret_sha256, labels, expires_at, uses_left, used, created_at)| {
+        Ok(TokenRow {
+            id,
+            secret_sha256,
+            labels: serde_json::from_str(&labels)?,
+            expires_at,
+            uses_left: uses_left.map(u),
+            used: u(used),
+            created_at,
+        })
+    })
     .transpose()
 }
 
@@ -1095,20 +1046,11 @@ mod tests {
         };
         assert_eq!(s.apply(&dep(1, "nginx:1"), 1)?[0].revision, Some(1));
         let r = s.apply(&dep(2, "nginx:1"), 2)?;
-        assert_eq!(
-            (r[0].action.as_str(), r[0].revision),
-            ("configured", Some(1))
-        );
+        assert_eq!((r[0].action.as_str(), r[0].revision), ("configured", Some(1)));
         let r = s.apply(&dep(2, "nginx:2"), 3)?;
-        assert_eq!(
-            (r[0].action.as_str(), r[0].revision),
-            ("configured", Some(2))
-        );
+        assert_eq!((r[0].action.as_str(), r[0].revision), ("configured", Some(2)));
         let id = dep(1, "x")[0].id();
-        assert_eq!(
-            s.revisions(&id)?.iter().map(|r| r.0).collect::<Vec<_>>(),
-            [1, 2]
-        );
+        assert_eq!(s.revisions(&id)?.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2]);
         let stored = s.object(&id)?.expect("stored");
         assert_eq!((stored.created_at, stored.updated_at), (1, 3));
         Ok(())
@@ -1144,16 +1086,10 @@ mod tests {
         let mut n = new_node("a");
         n.labels.insert("site".into(), "edge".into());
         let labels = s.join("t", "s", &n, 0)?;
-        assert_eq!(
-            labels["site"], "edge",
-            "request labels win over token labels"
-        );
+        assert_eq!(labels["site"], "edge", "request labels win over token labels");
         let again = s.join("t", "s", &new_node("b"), 0);
         assert!(
-            matches!(
-                again,
-                Err(StoreError::Token(TokenProblem::UsedUp { used: 1, .. }))
-            ),
+            matches!(again, Err(StoreError::Token(TokenProblem::UsedUp { used: 1, .. }))),
             "{again:?}"
         );
         s.create_token(&token("u", None))?;
@@ -1165,21 +1101,12 @@ mod tests {
             s.join("u", "wrong", &new_node("c"), 0),
             Err(StoreError::Token(TokenProblem::Unknown { .. }))
         ));
-        assert_eq!(
-            s.token("u")?.expect("token").used,
-            0,
-            "refused joins use nothing up"
-        );
+        assert_eq!(s.token("u")?.expect("token").used, 0, "refused joins use nothing up");
         Ok(())
     }
 
     /// token, secret, now, expected
-    type Case = (
-        Option<TokenRow>,
-        &'static str,
-        i64,
-        Result<(), TokenProblem>,
-    );
+    type Case = (Option<TokenRow>, &'static str, i64, Result<(), TokenProblem>);
 
     #[test]
     fn token_check_table() {
@@ -1219,11 +1146,7 @@ mod tests {
             ),
         ];
         for (i, (tok, secret, now, want)) in cases.iter().enumerate() {
-            assert_eq!(
-                &check_token(tok.as_ref(), "t", secret, *now),
-                want,
-                "case {i}"
-            );
+            assert_eq!(&check_token(tok.as_ref(), "t", secret, *now), want, "case {i}");
         }
     }
 
@@ -1244,13 +1167,7 @@ mod tests {
         );
         let full = s.sync("a", 0)?.expect("node exists");
         assert!(full.full);
-        assert_eq!(
-            full.upsert
-                .iter()
-                .map(|w| w.key.as_str())
-                .collect::<Vec<_>>(),
-            ["k/b"]
-        );
+        assert_eq!(full.upsert.iter().map(|w| w.key.as_str()).collect::<Vec<_>>(), ["k/b"]);
         assert!(s.sync("a", g2)?.expect("node exists").upsert.is_empty());
         assert!(
             s.sync("a", g2 + 10)?.expect("node exists").full,
@@ -1308,14 +1225,8 @@ mod tests {
         assert_eq!(s.record_status("a", &report, 1)?, 2);
         report.events = vec![ev(2), ev(3)];
         assert_eq!(s.record_status("a", &report, 2)?, 3);
-        assert_eq!(
-            s.events("a", 50)?.iter().map(|e| e.seq).collect::<Vec<_>>(),
-            [1, 2, 3]
-        );
-        assert_eq!(
-            s.events("a", 2)?.iter().map(|e| e.seq).collect::<Vec<_>>(),
-            [2, 3]
-        );
+        assert_eq!(s.events("a", 50)?.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(s.events("a", 2)?.iter().map(|e| e.seq).collect::<Vec<_>>(), [2, 3]);
         Ok(())
     }
 }

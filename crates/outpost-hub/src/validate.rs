@@ -10,9 +10,7 @@ use crate::error::HubError;
 
 /// Parse every file, collecting every error from every file. Objects get their namespace set
 /// explicitly ("default" when absent). An object named twice in the batch is an error.
-pub fn parse_batch(
-    files: &[ManifestFile],
-) -> Result<(Vec<Object>, Vec<Warning>), Vec<ManifestError>> {
+pub fn parse_batch(files: &[ManifestFile]) -> Result<(Vec<Object>, Vec<Warning>), Vec<ManifestError>> {
     let mut objects = Vec::new();
     let mut warnings = Vec::new();
     let mut errors = Vec::new();
@@ -48,40 +46,28 @@ pub fn parse_batch(
 }
 
 /// References from the batch that resolve neither in the stored objects nor in the batch.
-pub fn check_references(
-    batch: &[Object],
-    stored: impl IntoIterator<Item = Object>,
-) -> Vec<ManifestError> {
+pub fn check_references(batch: &[Object], stored: impl IntoIterator<Item = Object>) -> Vec<ManifestError> {
     let mut merged: BTreeMap<ObjectId, Object> = stored.into_iter().map(|o| (o.id(), o)).collect();
     for o in batch {
         merged.insert(o.id(), o.clone());
     }
-    batch
-        .iter()
-        .flat_map(|o| missing_references(o, &merged))
-        .collect()
+    batch.iter().flat_map(|o| missing_references(o, &merged)).collect()
 }
 
 /// The first (ConfigMap or Secret, workload) pair where a deleted config object is still used
 /// by a workload that stays.
-pub fn in_use<'a>(
-    stored: impl IntoIterator<Item = &'a Object>,
-    deleting: &[ObjectId],
-) -> Option<(ObjectId, ObjectId)> {
+pub fn in_use<'a>(stored: impl IntoIterator<Item = &'a Object>, deleting: &[ObjectId]) -> Option<(ObjectId, ObjectId)> {
     let gone: BTreeSet<&ObjectId> = deleting.iter().collect();
     let workloads: Vec<&Object> = stored
         .into_iter()
         .filter(|o| o.kind().is_workload() && !gone.contains(&o.id()))
         .collect();
-    deleting
-        .iter()
-        .filter(|id| !id.kind.is_workload())
-        .find_map(|target| {
-            workloads
-                .iter()
-                .find(|w| references(w, target))
-                .map(|w| (target.clone(), w.id()))
-        })
+    deleting.iter().filter(|id| !id.kind.is_workload()).find_map(|target| {
+        workloads
+            .iter()
+            .find(|w| references(w, target))
+            .map(|w| (target.clone(), w.id()))
+    })
 }
 
 /// A node name is a DNS label: 1-63 of `a-z 0-9 -`, not starting or ending with '-'.
@@ -139,25 +125,14 @@ mod tests {
         assert_eq!(objs[0].meta().namespace.as_deref(), Some("default"));
         let errs = parse_batch(&[file("a.yaml", CM), file("b.yaml", CM)]).expect_err("duplicate");
         assert_eq!(errs.len(), 1);
-        assert!(
-            errs[0].reason.contains("also defined in a.yaml"),
-            "{:?}",
-            errs
-        );
+        assert!(errs[0].reason.contains("also defined in a.yaml"), "{:?}", errs);
     }
 
     #[test]
     fn batch_collects_errors_from_every_file() {
-        let errs = parse_batch(&[file("a.yaml", "kind: Nope\n"), file("b.yaml", ": : :\n- [")])
-            .expect_err("bad");
-        assert!(
-            errs.iter().any(|e| e.document.starts_with("a.yaml")),
-            "{errs:?}"
-        );
-        assert!(
-            errs.iter().any(|e| e.document.starts_with("b.yaml")),
-            "{errs:?}"
-        );
+        let errs = parse_batch(&[file("a.yaml", "kind: Nope\n"), file("b.yaml", ": : :\n- [")]).expect_err("bad");
+        assert!(errs.iter().any(|e| e.document.starts_with("a.yaml")), "{errs:?}");
+        assert!(errs.iter().any(|e| e.document.starts_with("b.yaml")), "{errs:?}");
     }
 
     #[test]

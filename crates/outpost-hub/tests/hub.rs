@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use outpost_api::{
-    ApiError, ApplyRequest, ApplyResponse, DeleteResponse, JoinRequest, JoinResponse, JoinToken,
-    ManifestFile, NodeEvent, NodeInfo, Phase, StatusAck, StatusReport, SyncResponse, TokenRequest,
+    ApiError, ApplyRequest, ApplyResponse, DeleteResponse, JoinRequest, JoinResponse, JoinToken, ManifestFile,
+    NodeEvent, NodeInfo, Phase, RenewRequest, RenewResponse, StatusAck, StatusReport, SyncResponse, TokenRequest,
     TokenResponse, WorkloadInfo, WorkloadStatus, PROTOCOL_HEADER,
 };
 use outpost_hub::{Hub, HubConfig};
@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 
 struct Node {
     name: String,
+    key_pem: String,
     client: Client,
 }
 
@@ -51,11 +52,7 @@ async fn refused(resp: reqwest::Response, want: StatusCode, code: &str) -> Resul
     Ok(e)
 }
 
-async fn admin_post<T: serde::Serialize>(
-    hub: &Hub,
-    path: &str,
-    body: &T,
-) -> Result<reqwest::Response> {
+async fn admin_post<T: serde::Serialize>(hub: &Hub, path: &str, body: &T) -> Result<reqwest::Response> {
     Ok(client(hub, None)?
         .post(url(hub, path))
         .bearer_auth(&hub.admin_token)
@@ -78,16 +75,11 @@ async fn token(hub: &Hub, ttl_secs: Option<u64>, uses: Option<u32>) -> Result<Jo
         ttl_secs,
         uses,
     };
-    let resp: TokenResponse =
-        json(admin_post(hub, "/v1/tokens", &req).await?, StatusCode::OK).await?;
+    let resp: TokenResponse = json(admin_post(hub, "/v1/tokens", &req).await?, StatusCode::OK).await?;
     JoinToken::parse(&resp.token).map_err(anyhow::Error::msg)
 }
 
-async fn join_raw(
-    hub: &Hub,
-    tok: &JoinToken,
-    name: &str,
-) -> Result<(reqwest::Response, outpost_pki::NodeKey)> {
+async fn join_raw(hub: &Hub, tok: &JoinToken, name: &str) -> Result<(reqwest::Response, outpost_pki::NodeKey)> {
     let key = outpost_pki::NodeKey::generate(name)?;
     let req = JoinRequest {
         token_id: tok.id.clone(),
@@ -112,6 +104,7 @@ async fn join(hub: &Hub, tok: &JoinToken, name: &str) -> Result<(Node, JoinRespo
     Ok((
         Node {
             name: name.into(),
+            key_pem: key.key_pem,
             client,
         },
         joined,
@@ -121,10 +114,7 @@ async fn join(hub: &Hub, tok: &JoinToken, name: &str) -> Result<(Node, JoinRespo
 async fn sync(hub: &Hub, node: &Node, target: &str, generation: u64) -> Result<reqwest::Response> {
     Ok(node
         .client
-        .get(url(
-            hub,
-            &format!("/v1/nodes/{target}/sync?generation={generation}"),
-        ))
+        .get(url(hub, &format!("/v1/nodes/{target}/sync?generation={generation}")))
         .header(PROTOCOL_HEADER, "1")
         .send()
         .await?)
@@ -209,10 +199,7 @@ async fn ca_join_and_token_refusals() -> Result<()> {
     assert_eq!(joined.labels["kubernetes.io/hostname"], "store-1");
     assert!(joined.cert_pem.contains("BEGIN CERTIFICATE"));
     // The certificate works for the node's own routes.
-    assert_eq!(
-        sync(&hub, &node, "store-1", 0).await?.status(),
-        StatusCode::OK
-    );
+    assert_eq!(sync(&hub, &node, "store-1", 0).await?.status(), StatusCode::OK);
 
     let e = refused(
         join_raw(&hub, &once, "store-2").await?.0,
@@ -288,10 +275,7 @@ async fn ca_join_and_token_refusals() -> Result<()> {
     refused(resp, StatusCode::BAD_REQUEST, "invalid_csr").await?;
 
     // Operator routes need the admin token.
-    let resp = client(&hub, None)?
-        .get(url(&hub, "/v1/nodes"))
-        .send()
-        .await?;
+    let resp = client(&hub, None)?.get(url(&hub, "/v1/nodes")).send().await?;
     refused(resp, StatusCode::UNAUTHORIZED, "unauthorized").await?;
     let resp = client(&hub, None)?
         .get(url(&hub, "/v1/nodes"))
@@ -321,16 +305,8 @@ async fn nodes_only_reach_their_own_state() -> Result<()> {
     let (a, _) = join(&hub, &tok, "a").await?;
     let (b, _) = join(&hub, &tok, "b").await?;
 
-    let e = refused(
-        sync(&hub, &a, "b", 0).await?,
-        StatusCode::FORBIDDEN,
-        "forbidden",
-    )
-    .await?;
-    assert_eq!(
-        e.message,
-        "node a may only access its own state, not node b's"
-    );
+    let e = refused(sync(&hub, &a, "b", 0).await?, StatusCode::FORBIDDEN, "forbidden").await?;
+    assert_eq!(e.message, "node a may only access its own state, not node b's");
     let resp = a
         .client
         .post(url(&hub, "/v1/nodes/b/status"))
@@ -349,11 +325,25 @@ async fn nodes_only_reach_their_own_state() -> Result<()> {
     let info: NodeInfo = json(admin_get(&hub, "/v1/nodes/b").await?, StatusCode::OK).await?;
     assert_eq!(info.agent_version, None);
 
-    // No client certificate at all.
-    let resp = client(&hub, None)?
-        .get(url(&hub, "/v1/nodes/a/sync"))
+    // Renewal: the new certificate works, the old one is refused from then on.
+    let csr_pem = outpost_pki::NodeKey::csr_for(&a.key_pem, "a")?;
+    let resp = a
+        .client
+        .post(url(&hub, "/v1/nodes/a/renew"))
+        .json(&RenewRequest { csr_pem })
         .send()
         .await?;
+    let renewed: RenewResponse = json(resp, StatusCode::OK).await?;
+    let a2 = Node {
+        name: "a".into(),
+        client: client(&hub, Some((&renewed.cert_pem, &a.key_pem)))?,
+        key_pem: a.key_pem.clone(),
+    };
+    assert_eq!(sync(&hub, &a2, "a", 0).await?.status(), StatusCode::OK);
+    refused(sync(&hub, &a, "a", 0).await?, StatusCode::UNAUTHORIZED, "unknown_node").await?;
+
+    // No client certificate at all.
+    let resp = client(&hub, None)?.get(url(&hub, "/v1/nodes/a/sync")).send().await?;
     refused(resp, StatusCode::UNAUTHORIZED, "unauthorized").await?;
 
     // A deleted node's certificate stops working at once.
@@ -363,12 +353,7 @@ async fn nodes_only_reach_their_own_state() -> Result<()> {
         .send()
         .await?;
     let _: DeleteResponse = json(resp, StatusCode::OK).await?;
-    let e = refused(
-        sync(&hub, &b, "b", 0).await?,
-        StatusCode::UNAUTHORIZED,
-        "unknown_node",
-    )
-    .await?;
+    let e = refused(sync(&hub, &b, "b", 0).await?, StatusCode::UNAUTHORIZED, "unknown_node").await?;
     assert!(e.message.contains("outpost agent join"), "{e:?}");
     hub.shutdown().await;
     Ok(())
@@ -404,10 +389,7 @@ async fn long_poll_answers_at_once_times_out_and_wakes_on_apply() -> Result<()> 
     let (hub, _) = start(dir.path(), Duration::from_secs(60)).await?;
     let url_sync = url(
         &hub,
-        &format!(
-            "/v1/nodes/{}/sync?generation={}",
-            node.name, first.generation
-        ),
+        &format!("/v1/nodes/{}/sync?generation={}", node.name, first.generation),
     );
     let poll = tokio::spawn({
         let c = node.client.clone();
@@ -420,11 +402,7 @@ async fn long_poll_answers_at_once_times_out_and_wakes_on_apply() -> Result<()> 
         "nothing changed yet, so the poll must still be waiting"
     );
     let t0 = Instant::now();
-    let applied: ApplyResponse = json(
-        admin_post(&hub, "/v1/apply", &files(DAEMONSET)).await?,
-        StatusCode::OK,
-    )
-    .await?;
+    let applied: ApplyResponse = json(admin_post(&hub, "/v1/apply", &files(DAEMONSET)).await?, StatusCode::OK).await?;
     assert_eq!(applied.results[0].action, "created");
     let resp = tokio::time::timeout(Duration::from_secs(10), poll)
         .await
@@ -433,21 +411,13 @@ async fn long_poll_answers_at_once_times_out_and_wakes_on_apply() -> Result<()> 
     let delta: SyncResponse = json(resp, StatusCode::OK).await?;
     assert!(!delta.full, "{delta:?}");
     assert_eq!(
-        delta
-            .upsert
-            .iter()
-            .map(|w| w.key.as_str())
-            .collect::<Vec<_>>(),
+        delta.upsert.iter().map(|w| w.key.as_str()).collect::<Vec<_>>(),
         ["daemonset/default/agent"]
     );
 
     // A newer generation answers at once.
     let t0 = Instant::now();
-    let again: SyncResponse = json(
-        sync(&hub, &node, "edge-1", first.generation).await?,
-        StatusCode::OK,
-    )
-    .await?;
+    let again: SyncResponse = json(sync(&hub, &node, "edge-1", first.generation).await?, StatusCode::OK).await?;
     assert_eq!(again.generation, delta.generation);
     assert!(t0.elapsed() < Duration::from_secs(5));
 
@@ -476,17 +446,12 @@ async fn long_poll_answers_at_once_times_out_and_wakes_on_apply() -> Result<()> 
         .await?;
     let ack: StatusAck = json(resp, StatusCode::OK).await?;
     assert_eq!(ack.events_acked, 2);
-    let wl: Vec<WorkloadInfo> =
-        json(admin_get(&hub, "/v1/workloads").await?, StatusCode::OK).await?;
+    let wl: Vec<WorkloadInfo> = json(admin_get(&hub, "/v1/workloads").await?, StatusCode::OK).await?;
     assert_eq!((wl[0].desired, wl[0].scheduled, wl[0].ready), (1, 1, 1));
     assert_eq!(wl[0].placements[0].node_status, "Online");
     let info: NodeInfo = json(admin_get(&hub, "/v1/nodes/edge-1").await?, StatusCode::OK).await?;
     assert_eq!(
-        (
-            info.applied_generation,
-            info.events.len(),
-            info.workloads.len()
-        ),
+        (info.applied_generation, info.events.len(), info.workloads.len()),
         (delta.generation, 2, 1)
     );
     hub.shutdown().await;
@@ -508,8 +473,7 @@ async fn bad_apply_stores_nothing_and_in_use_blocks_delete() -> Result<()> {
         !e.details.is_empty() && e.message.ends_with("nothing was applied"),
         "{e:?}"
     );
-    let wl: Vec<WorkloadInfo> =
-        json(admin_get(&hub, "/v1/workloads").await?, StatusCode::OK).await?;
+    let wl: Vec<WorkloadInfo> = json(admin_get(&hub, "/v1/workloads").await?, StatusCode::OK).await?;
     assert!(wl.is_empty());
     refused(
         admin_get(&hub, "/v1/objects/configmap/default/cfg").await?,
@@ -519,10 +483,7 @@ async fn bad_apply_stores_nothing_and_in_use_blocks_delete() -> Result<()> {
     .await?;
 
     // A reference to a ConfigMap that exists neither stored nor in the batch.
-    let dangling = CONFIG_AND_DEPLOYMENT
-        .split("---\n")
-        .nth(1)
-        .context("two documents")?;
+    let dangling = CONFIG_AND_DEPLOYMENT.split("---\n").nth(1).context("two documents")?;
     let e = refused(
         admin_post(&hub, "/v1/apply", &files(dangling)).await?,
         StatusCode::UNPROCESSABLE_ENTITY,
@@ -537,17 +498,10 @@ async fn bad_apply_stores_nothing_and_in_use_blocks_delete() -> Result<()> {
     )
     .await?;
     assert_eq!(
-        ok.results
-            .iter()
-            .map(|r| r.action.as_str())
-            .collect::<Vec<_>>(),
+        ok.results.iter().map(|r| r.action.as_str()).collect::<Vec<_>>(),
         ["created", "created"]
     );
-    let cm: serde_json::Value = json(
-        admin_get(&hub, "/v1/objects/cm/default/cfg").await?,
-        StatusCode::OK,
-    )
-    .await?;
+    let cm: serde_json::Value = json(admin_get(&hub, "/v1/objects/cm/default/cfg").await?, StatusCode::OK).await?;
     assert_eq!(cm["metadata"]["namespace"], "default");
 
     let resp = client(&hub, None)?
@@ -586,10 +540,7 @@ async fn restart_keeps_nodes_tokens_objects_and_certificates() -> Result<()> {
     hub.shutdown().await;
 
     let (hub, created) = start(dir.path(), Duration::from_millis(200)).await?;
-    assert!(
-        created.is_none(),
-        "the admin token is printed on first start only"
-    );
+    assert!(created.is_none(), "the admin token is printed on first start only");
     assert_eq!(
         (hub.admin_token.as_str(), hub.ca_fingerprint.as_str()),
         (token_before.as_str(), fp_before.as_str())
@@ -600,12 +551,8 @@ async fn restart_keeps_nodes_tokens_objects_and_certificates() -> Result<()> {
         StatusCode::NO_CONTENT
     );
     let nodes: Vec<NodeInfo> = json(admin_get(&hub, "/v1/nodes").await?, StatusCode::OK).await?;
-    assert_eq!(
-        nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
-        ["a"]
-    );
-    let wl: Vec<WorkloadInfo> =
-        json(admin_get(&hub, "/v1/workloads").await?, StatusCode::OK).await?;
+    assert_eq!(nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["a"]);
+    let wl: Vec<WorkloadInfo> = json(admin_get(&hub, "/v1/workloads").await?, StatusCode::OK).await?;
     assert_eq!(wl.len(), 1);
     assert_eq!(wl[0].placements[0].node, "a");
     // The token kept its remaining use.

@@ -99,7 +99,10 @@ impl CaMaterial {
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         validity(&mut params, CA_DAYS);
         let cert = params.self_signed(&key)?;
-        Ok(Self { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        Ok(Self {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 
     pub fn cert_der(&self) -> Result<CertificateDer<'static>, PkiError> {
@@ -141,9 +144,7 @@ impl CaMaterial {
         dn.push(DnType::CommonName, node);
         dn.push(DnType::OrganizationName, "outpost:nodes");
         params.distinguished_name = dn;
-        params.subject_alt_names = vec![SanType::URI(
-            format!("outpost://node/{node}").try_into()?,
-        )];
+        params.subject_alt_names = vec![SanType::URI(format!("outpost://node/{node}").try_into()?)];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         validity(&mut params, NODE_CERT_DAYS);
@@ -173,7 +174,10 @@ impl NodeKey {
         dn.push(DnType::CommonName, node);
         params.distinguished_name = dn;
         let csr = params.serialize_request(&key)?;
-        Ok(Self { key_pem: key.serialize_pem(), csr_pem: csr.pem()? })
+        Ok(Self {
+            key_pem: key.serialize_pem(),
+            csr_pem: csr.pem()?,
+        })
     }
 
     /// A new CSR for an existing key (certificate renewal keeps the key; rotation makes a new one).
@@ -190,8 +194,9 @@ impl NodeKey {
 /// Seconds since the Unix epoch at which a PEM certificate expires.
 pub fn not_after_unix(cert_pem: &str) -> Result<i64, PkiError> {
     let der = pem_to_der(cert_pem)?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der)
-        .map_err(|_| PkiError::Pem { what: "certificate validity" })?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|_| PkiError::Pem {
+        what: "certificate validity",
+    })?;
     Ok(cert.validity().not_after.timestamp())
 }
 
@@ -205,8 +210,10 @@ pub fn server_config(ca: &CaMaterial, chain_pem: &str, key_pem: &str) -> Result<
         .allow_unauthenticated()
         .build()
         .map_err(|e| PkiError::Verifier(e.to_string()))?;
-    let chain: Vec<CertificateDer<'static>> =
-        pem_blocks(chain_pem, "CERTIFICATE").into_iter().map(CertificateDer::from).collect();
+    let chain: Vec<CertificateDer<'static>> = pem_blocks(chain_pem, "CERTIFICATE")
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
@@ -295,7 +302,10 @@ mod tests {
         assert!(text.contains("outpost://node/store-1"));
         assert!(!text.contains("evil-name"));
         let exp = not_after_unix(&cert).unwrap();
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
         let days = (exp - now) / 86400;
         assert!((NODE_CERT_DAYS - 1..=NODE_CERT_DAYS).contains(&days), "{days}");
     }

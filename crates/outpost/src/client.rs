@@ -22,7 +22,9 @@ pub fn config_path() -> PathBuf {
     if let Some(p) = std::env::var_os("OUTPOST_CONFIG") {
         return PathBuf::from(p);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".config/outpost/config.json")
 }
 
@@ -38,7 +40,9 @@ pub fn save_config(c: &Config) -> Result<PathBuf> {
 
 /// Fetch the hub's CA over an unverified connection and check it against `pin` if given.
 pub async fn fetch_ca(hub: &str, pin: Option<&str>) -> Result<(String, String)> {
-    let boot = reqwest::Client::builder().use_preconfigured_tls(outpost_pki::bootstrap_client_config()?).build()?;
+    let boot = reqwest::Client::builder()
+        .use_preconfigured_tls(outpost_pki::bootstrap_client_config()?)
+        .build()?;
     let pem = boot
         .get(format!("{hub}/v1/ca"))
         .send()
@@ -46,7 +50,8 @@ pub async fn fetch_ca(hub: &str, pin: Option<&str>) -> Result<(String, String)> 
         .with_context(|| format!("cannot reach the hub at {hub}; check the URL and that `outpost hub` runs"))?
         .text()
         .await?;
-    let fp = outpost_pki::fingerprint(&outpost_pki::pem_to_der(&pem).context("the hub did not return a CA certificate")?);
+    let fp =
+        outpost_pki::fingerprint(&outpost_pki::pem_to_der(&pem).context("the hub did not return a CA certificate")?);
     if let Some(pin) = pin {
         if !fp.eq_ignore_ascii_case(pin.trim()) {
             bail!("the hub at {hub} presents CA {fp}, not {pin}: wrong hub, or the connection is intercepted; nothing was stored");
@@ -60,7 +65,11 @@ pub async fn login(hub: &str, token: &str, pin: Option<&str>) -> Result<()> {
     let (ca_pem, fp) = fetch_ca(&hub, pin).await?;
     let c = Client::new(&hub, token, &ca_pem)?;
     let _: Vec<outpost_api::NodeInfo> = c.get("/v1/nodes").await.context("the hub refused the admin token")?;
-    let path = save_config(&Config { hub: hub.clone(), token: token.to_string(), ca_pem })?;
+    let path = save_config(&Config {
+        hub: hub.clone(),
+        token: token.to_string(),
+        ca_pem,
+    })?;
     if pin.is_none() {
         eprintln!("trusted the hub's CA {fp} on first use: compare it with the fingerprint `outpost hub` printed");
     }
@@ -77,15 +86,28 @@ pub struct Client {
 impl Client {
     pub fn new(hub: &str, token: &str, ca_pem: &str) -> Result<Self> {
         let tls = outpost_pki::client_config(ca_pem, None)?;
-        let http = reqwest::Client::builder().use_preconfigured_tls(tls).timeout(std::time::Duration::from_secs(60)).build()?;
-        Ok(Self { hub: hub.trim_end_matches('/').to_string(), token: token.trim().to_string(), http })
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(std::time::Duration::from_secs(60))
+            .build()?;
+        Ok(Self {
+            hub: hub.trim_end_matches('/').to_string(),
+            token: token.trim().to_string(),
+            http,
+        })
     }
 
     /// From the stored login, with `OUTPOST_HUB` / `OUTPOST_TOKEN` overriding it.
     pub fn from_env() -> Result<Self> {
-        let stored: Option<Config> = std::fs::read_to_string(config_path()).ok().and_then(|t| serde_json::from_str(&t).ok());
-        let hub = std::env::var("OUTPOST_HUB").ok().or_else(|| stored.as_ref().map(|c| c.hub.clone()));
-        let token = std::env::var("OUTPOST_TOKEN").ok().or_else(|| stored.as_ref().map(|c| c.token.clone()));
+        let stored: Option<Config> = std::fs::read_to_string(config_path())
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        let hub = std::env::var("OUTPOST_HUB")
+            .ok()
+            .or_else(|| stored.as_ref().map(|c| c.hub.clone()));
+        let token = std::env::var("OUTPOST_TOKEN")
+            .ok()
+            .or_else(|| stored.as_ref().map(|c| c.token.clone()));
         let (Some(hub), Some(token)) = (hub, token) else {
             bail!("no hub configured: run `outpost login --hub URL --token ADMIN_TOKEN` (or set OUTPOST_HUB and OUTPOST_TOKEN)");
         };
@@ -127,7 +149,8 @@ impl Client {
         self.send(self.http.get(format!("{}{path}", self.hub))).await
     }
     pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
-        self.send(self.http.post(format!("{}{path}", self.hub)).json(body)).await
+        self.send(self.http.post(format!("{}{path}", self.hub)).json(body))
+            .await
     }
     pub async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.send(self.http.delete(format!("{}{path}", self.hub))).await
@@ -145,7 +168,10 @@ pub fn read_manifests(paths: &[PathBuf]) -> Result<Vec<ManifestFile>> {
         if p.as_os_str() == "-" {
             let mut s = String::new();
             std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
-            out.push(ManifestFile { name: "<stdin>".into(), content: s });
+            out.push(ManifestFile {
+                name: "<stdin>".into(),
+                content: s,
+            });
         } else if p.is_dir() {
             let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
                 .with_context(|| format!("cannot read directory {}", p.display()))?
@@ -162,14 +188,24 @@ pub fn read_manifests(paths: &[PathBuf]) -> Result<Vec<ManifestFile>> {
         }
     }
     if out.is_empty() {
-        bail!("no manifest files found in {}", paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+        bail!(
+            "no manifest files found in {}",
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     Ok(out)
 }
 
 fn read_one(p: &Path) -> Result<ManifestFile> {
     let content = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
-    Ok(ManifestFile { name: p.display().to_string(), content })
+    Ok(ManifestFile {
+        name: p.display().to_string(),
+        content,
+    })
 }
 
 /// The host of an `https://host:port/...` URL.
@@ -199,7 +235,10 @@ mod tests {
 
     #[test]
     fn url_hosts() {
-        assert_eq!(url_host("https://hub.example.com:8443").as_deref(), Some("hub.example.com"));
+        assert_eq!(
+            url_host("https://hub.example.com:8443").as_deref(),
+            Some("hub.example.com")
+        );
         assert_eq!(url_host("https://10.0.0.1/x").as_deref(), Some("10.0.0.1"));
         assert_eq!(url_host("https://[::1]:8443").as_deref(), Some("::1"));
         assert_eq!(url_host("hub:8443"), None);

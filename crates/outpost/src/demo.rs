@@ -39,7 +39,10 @@ fn spawn(name: &str, args: &[&str], log: &Path) -> Result<Proc> {
         .stderr(out)
         .spawn()
         .with_context(|| format!("cannot start {name}"))?;
-    Ok(Proc { name: name.to_string(), child })
+    Ok(Proc {
+        name: name.to_string(),
+        child,
+    })
 }
 
 async fn wait_for<T>(what: &str, deadline: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> Result<T> {
@@ -61,7 +64,9 @@ fn free_port() -> Result<u16> {
 
 pub async fn run(a: DemoArgs) -> Result<()> {
     let owned_dir = a.dir.is_none();
-    let base = a.dir.unwrap_or_else(|| std::env::temp_dir().join(format!("outpost-demo-{}", std::process::id())));
+    let base = a
+        .dir
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("outpost-demo-{}", std::process::id())));
     std::fs::create_dir_all(&base)?;
     let mut procs: Vec<Proc> = Vec::new();
     let result = demo(&base, &mut procs, a.seconds).await;
@@ -92,29 +97,54 @@ async fn demo(base: &Path, procs: &mut Vec<Proc>, seconds: Option<u64>) -> Resul
     let url = format!("https://127.0.0.1:{port}");
     let hub_dir = base.join("hub");
     let listen = format!("127.0.0.1:{port}");
-    let hub_args = ["hub", "--listen", &listen, "--data-dir", hub_dir.to_str().unwrap_or("."), "--advertise", &url];
+    let hub_args = [
+        "hub",
+        "--listen",
+        &listen,
+        "--data-dir",
+        hub_dir.to_str().unwrap_or("."),
+        "--advertise",
+        &url,
+    ];
     procs.push(spawn("hub", &hub_args, &base.join("hub.log"))?);
     eprintln!("starting a hub on {url} ...");
     let token_file = hub_dir.join("admin.token");
     let admin = wait_for("the hub's admin token", Duration::from_secs(20), async || {
-        std::fs::read_to_string(&token_file).ok().filter(|t| !t.trim().is_empty())
+        std::fs::read_to_string(&token_file)
+            .ok()
+            .filter(|t| !t.trim().is_empty())
     })
     .await
     .with_context(|| format!("the hub did not start; see {}", base.join("hub.log").display()))?;
     let ca_pem = std::fs::read_to_string(hub_dir.join("ca.pem"))?;
     let c = Client::new(&url, &admin, &ca_pem)?;
-    wait_for("the hub to answer", Duration::from_secs(20), async || c.get::<Vec<outpost_api::NodeInfo>>("/v1/nodes").await.ok()).await?;
+    wait_for("the hub to answer", Duration::from_secs(20), async || {
+        c.get::<Vec<outpost_api::NodeInfo>>("/v1/nodes").await.ok()
+    })
+    .await?;
 
     // Let `outpost get ...` in another terminal talk to this hub.
     let cfg_path = client::config_path();
     if cfg_path.exists() {
         let _ = std::fs::copy(&cfg_path, cfg_path.with_extension("json.before-demo"));
     }
-    client::save_config(&Config { hub: url.clone(), token: admin.trim().to_string(), ca_pem: ca_pem.clone() })?;
+    client::save_config(&Config {
+        hub: url.clone(),
+        token: admin.trim().to_string(),
+        ca_pem: ca_pem.clone(),
+    })?;
 
-    let boxes = [("store-001-box-1", "store-001"), ("store-001-box-2", "store-001"), ("store-002-box-1", "store-002")];
+    let boxes = [
+        ("store-001-box-1", "store-001"),
+        ("store-001-box-2", "store-001"),
+        ("store-002-box-1", "store-002"),
+    ];
     for (name, site) in boxes {
-        let req = TokenRequest { labels: [("site".to_string(), site.to_string())].into(), ttl_secs: Some(600), uses: Some(1) };
+        let req = TokenRequest {
+            labels: [("site".to_string(), site.to_string())].into(),
+            ttl_secs: Some(600),
+            uses: Some(1),
+        };
         let t: TokenResponse = c.post("/v1/tokens", &req).await?;
         let dir = base.join(name);
         outpost_agent::join(&outpost_agent::JoinOptions {
@@ -126,9 +156,16 @@ async fn demo(base: &Path, procs: &mut Vec<Proc>, seconds: Option<u64>) -> Resul
         })
         .await?;
         let d = dir.to_str().unwrap_or(".").to_string();
-        procs.push(spawn(name, &["agent", "run", "--data-dir", &d, "--stop-workloads-on-exit"], &base.join(format!("{name}.log")))?);
+        procs.push(spawn(
+            name,
+            &["agent", "run", "--data-dir", &d, "--stop-workloads-on-exit"],
+            &base.join(format!("{name}.log")),
+        )?);
     }
-    eprintln!("joined three agents: {}", boxes.iter().map(|b| b.0).collect::<Vec<_>>().join(", "));
+    eprintln!(
+        "joined three agents: {}",
+        boxes.iter().map(|b| b.0).collect::<Vec<_>>().join(", ")
+    );
     wait_for("three agents online", Duration::from_secs(30), async || {
         let nodes: Vec<outpost_api::NodeInfo> = c.get("/v1/nodes").await.ok()?;
         (nodes.iter().filter(|n| n.status == "Online").count() == 3).then_some(())
@@ -137,20 +174,40 @@ async fn demo(base: &Path, procs: &mut Vec<Proc>, seconds: Option<u64>) -> Resul
 
     let app = base.join("demo-app.yaml");
     std::fs::write(&app, SAMPLE_APP)?;
-    let r: outpost_api::ApplyResponse =
-        c.post("/v1/apply", &outpost_api::ApplyRequest { files: vec![ManifestFile { name: app.display().to_string(), content: SAMPLE_APP.into() }] }).await?;
+    let r: outpost_api::ApplyResponse = c
+        .post(
+            "/v1/apply",
+            &outpost_api::ApplyRequest {
+                files: vec![ManifestFile {
+                    name: app.display().to_string(),
+                    content: SAMPLE_APP.into(),
+                }],
+            },
+        )
+        .await?;
     for res in &r.results {
         eprintln!("applied {} ({})", res.object, res.action);
     }
-    let ws = wait_for("the sample app to run (3 edge-monitor, 2 greeter)", Duration::from_secs(30), async || {
-        let ws: Vec<WorkloadInfo> = c.get("/v1/workloads").await.ok()?;
-        let running = ws.iter().flat_map(|w| &w.placements).filter(|p| p.status.as_ref().is_some_and(|s| s.phase == Phase::Running)).count();
-        (running == 5).then_some(ws)
-    })
+    let ws = wait_for(
+        "the sample app to run (3 edge-monitor, 2 greeter)",
+        Duration::from_secs(30),
+        async || {
+            let ws: Vec<WorkloadInfo> = c.get("/v1/workloads").await.ok()?;
+            let running = ws
+                .iter()
+                .flat_map(|w| &w.placements)
+                .filter(|p| p.status.as_ref().is_some_and(|s| s.phase == Phase::Running))
+                .count();
+            (running == 5).then_some(ws)
+        },
+    )
     .await?;
 
     println!("\nWhat runs where:\n");
-    print!("{}", output::table(output::PLACEMENT_HEADERS, &output::placement_rows(&ws)));
+    print!(
+        "{}",
+        output::table(output::PLACEMENT_HEADERS, &output::placement_rows(&ws))
+    );
     let hub_pid = procs[0].child.id();
     let some_pid = ws
         .iter()
@@ -159,8 +216,18 @@ async fn demo(base: &Path, procs: &mut Vec<Proc>, seconds: Option<u64>) -> Resul
         .and_then(|p| p.status.as_ref())
         .and_then(|s| s.containers.first())
         .and_then(|c| c.pid);
-    println!("\nProcesses: hub pid {hub_pid}; agents {}", procs[1..].iter().map(|p| format!("{} pid {}", p.name, p.child.id())).collect::<Vec<_>>().join(", "));
-    println!("Data and logs: {}   (workload output: <box>/workloads/*/*.log)", base.display());
+    println!(
+        "\nProcesses: hub pid {hub_pid}; agents {}",
+        procs[1..]
+            .iter()
+            .map(|p| format!("{} pid {}", p.name, p.child.id()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "Data and logs: {}   (workload output: <box>/workloads/*/*.log)",
+        base.display()
+    );
     println!("\nTry, in another terminal:");
     println!("  outpost get nodes");
     println!("  outpost get workloads");

@@ -14,7 +14,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "outpost", version, about = "Run software on fleets of small edge sites from one place.")]
+#[command(
+    name = "outpost",
+    version,
+    about = "Run software on fleets of small edge sites from one place."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -177,7 +181,9 @@ struct DeleteArgs {
 fn parse_labels(s: &str) -> Result<Labels, String> {
     let mut out = Labels::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (k, v) = part.split_once('=').ok_or_else(|| format!("label {part:?} is not key=value"))?;
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("label {part:?} is not key=value"))?;
         if k.is_empty() {
             return Err(format!("label {part:?} has an empty key"));
         }
@@ -193,7 +199,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a duration like 90s, 5m, 24h or 7d"))?;
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 5m, 24h or 7d"))?;
     let secs = match unit {
         "s" | "" => n,
         "m" => n * 60,
@@ -208,7 +216,9 @@ fn default_dir(role: &str) -> PathBuf {
     if nix_is_root() {
         PathBuf::from(format!("/var/lib/outpost/{role}"))
     } else {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."));
         home.join(".local/share/outpost").join(role)
     }
 }
@@ -222,7 +232,12 @@ fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("OUTPOST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .with_target(false)
+        .try_init();
 }
 
 async fn ctrl_c_or_term() {
@@ -237,7 +252,11 @@ async fn ctrl_c_or_term() {
 fn main() {
     outpost_pki::install_provider();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     if let Err(e) = rt.block_on(dispatch(cli.cmd)) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -247,7 +266,9 @@ fn main() {
 async fn dispatch(cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::Hub(a) => run_hub(a).await,
-        Cmd::Token { cmd: TokenCmd::Create { labels, ttl, uses } } => {
+        Cmd::Token {
+            cmd: TokenCmd::Create { labels, ttl, uses },
+        } => {
             let c = client::Client::from_env()?;
             let req = outpost_api::TokenRequest {
                 labels: labels.unwrap_or_default(),
@@ -262,7 +283,10 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             Some(AgentCmd::Join(j)) => {
                 init_tracing();
                 let id = agent_join(&j).await?;
-                println!("joined {} as node {}; start it with `outpost agent run`", id.hub, id.node);
+                println!(
+                    "joined {} as node {}; start it with `outpost agent run`",
+                    id.hub, id.node
+                );
                 Ok(())
             }
             Some(AgentCmd::Run(r)) => agent_run(r).await,
@@ -273,13 +297,20 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                     let id = agent_join(&a.join).await?;
                     eprintln!("joined {} as node {}", id.hub, id.node);
                 }
-                agent_run(RunArgs { data_dir: Some(dir), hub: None, stop_workloads_on_exit: false }).await
+                agent_run(RunArgs {
+                    data_dir: Some(dir),
+                    hub: None,
+                    stop_workloads_on_exit: false,
+                })
+                .await
             }
         },
         Cmd::Login(l) => client::login(&l.hub, &l.token, l.ca_fingerprint.as_deref()).await,
         Cmd::Apply { files } => {
             let c = client::Client::from_env()?;
-            let req = outpost_api::ApplyRequest { files: client::read_manifests(&files)? };
+            let req = outpost_api::ApplyRequest {
+                files: client::read_manifests(&files)?,
+            };
             let r: outpost_api::ApplyResponse = c.post("/v1/apply", &req).await?;
             for w in &r.warnings {
                 eprintln!("warning: {w}");
@@ -294,7 +325,9 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
         }
         Cmd::Delete(d) => delete(d).await,
         Cmd::Get { what, output } => output::get(&client::Client::from_env()?, &what, output).await,
-        Cmd::Describe { kind, name, namespace } => output::describe(&client::Client::from_env()?, &kind, &name, &namespace).await,
+        Cmd::Describe { kind, name, namespace } => {
+            output::describe(&client::Client::from_env()?, &kind, &name, &namespace).await
+        }
         Cmd::Demo(a) => demo::run(a).await,
     }
 }
@@ -304,7 +337,8 @@ async fn run_hub(a: HubArgs) -> Result<()> {
     let data_dir = a.data_dir.unwrap_or_else(|| default_dir("hub"));
     let mut advertise: Vec<String> = Vec::new();
     for u in &a.advertise {
-        let host = client::url_host(u).with_context(|| format!("--advertise {u:?} is not a URL like https://hub.example.com:8443"))?;
+        let host = client::url_host(u)
+            .with_context(|| format!("--advertise {u:?} is not a URL like https://hub.example.com:8443"))?;
         advertise.push(host);
     }
     let cfg = outpost_hub::HubConfig {
@@ -315,12 +349,26 @@ async fn run_hub(a: HubArgs) -> Result<()> {
         long_poll: Duration::from_secs(outpost_api::LONG_POLL_SECS),
     };
     let (hub, created) = outpost_hub::Hub::start(cfg).await?;
-    let url = a.advertise.first().cloned().unwrap_or_else(|| format!("https://{}", client::display_addr(hub.addr)));
-    eprintln!("outpost hub listening on {} (data dir {})", hub.addr, data_dir.display());
+    let url = a
+        .advertise
+        .first()
+        .cloned()
+        .unwrap_or_else(|| format!("https://{}", client::display_addr(hub.addr)));
+    eprintln!(
+        "outpost hub listening on {} (data dir {})",
+        hub.addr,
+        data_dir.display()
+    );
     eprintln!("CA fingerprint: {}", hub.ca_fingerprint);
     if let Some(token) = created {
-        eprintln!("\nAdmin token (shown once; also in {}):\n  {token}", data_dir.join("admin.token").display());
-        eprintln!("Log in with:\n  outpost login --hub {url} --token {token} --ca-fingerprint {}", hub.ca_fingerprint);
+        eprintln!(
+            "\nAdmin token (shown once; also in {}):\n  {token}",
+            data_dir.join("admin.token").display()
+        );
+        eprintln!(
+            "Log in with:\n  outpost login --hub {url} --token {token} --ca-fingerprint {}",
+            hub.ca_fingerprint
+        );
         eprintln!("Then join boxes with a token from `outpost token create`:\n  outpost agent --hub {url} --token <join token>\n");
     }
     ctrl_c_or_term().await;
@@ -357,7 +405,9 @@ async fn delete(d: DeleteArgs) -> Result<()> {
     let c = client::Client::from_env()?;
     let r: outpost_api::DeleteResponse = match (&d.kind, &d.name, d.files.is_empty()) {
         (None, None, false) => {
-            let req = outpost_api::ApplyRequest { files: client::read_manifests(&d.files)? };
+            let req = outpost_api::ApplyRequest {
+                files: client::read_manifests(&d.files)?,
+            };
             c.post("/v1/delete", &req).await?
         }
         (Some(kind), Some(name), true) if kind == "node" || kind == "nodes" => {
@@ -366,9 +416,15 @@ async fn delete(d: DeleteArgs) -> Result<()> {
             return Ok(());
         }
         (Some(kind), Some(name), true) => {
-            let k = outpost_api::Kind::parse_cli(kind)
-                .with_context(|| format!("unknown kind {kind:?}: use deployment, daemonset, configmap, secret or node"))?;
-            c.delete_json(&format!("/v1/objects/{}/{}/{name}", k.as_str().to_ascii_lowercase(), d.namespace)).await?
+            let k = outpost_api::Kind::parse_cli(kind).with_context(|| {
+                format!("unknown kind {kind:?}: use deployment, daemonset, configmap, secret or node")
+            })?;
+            c.delete_json(&format!(
+                "/v1/objects/{}/{}/{name}",
+                k.as_str().to_ascii_lowercase(),
+                d.namespace
+            ))
+            .await?
         }
         _ => bail!("use either `outpost delete -f FILE` or `outpost delete KIND NAME [-n NAMESPACE]`"),
     };

@@ -35,7 +35,10 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// `3s`, `5m`, `2h`, `4d`.
@@ -87,20 +90,66 @@ fn placement_row(p: &Placement) -> Vec<String> {
     let (phase, restarts, pids, started, reason) = match &p.status {
         Some(s) => {
             let restarts: u32 = s.containers.iter().map(|c| c.restarts).sum();
-            let pids: Vec<String> = s.containers.iter().filter_map(|c| c.pid).map(|p| p.to_string()).collect();
+            let pids: Vec<String> = s
+                .containers
+                .iter()
+                .filter_map(|c| c.pid)
+                .map(|p| p.to_string())
+                .collect();
             let started = s.containers.iter().filter_map(|c| c.started_at).min();
-            let reason = s.containers.iter().filter_map(|c| c.reason.clone()).next().unwrap_or_default();
-            let phase = if s.revision == p.desired_revision { s.phase.as_str().to_string() } else { format!("{} (updating)", s.phase.as_str()) };
-            (phase, restarts.to_string(), if pids.is_empty() { "-".into() } else { pids.join(",") }, age(started), reason)
+            let reason = s
+                .containers
+                .iter()
+                .filter_map(|c| c.reason.clone())
+                .next()
+                .unwrap_or_default();
+            let phase = if s.revision == p.desired_revision {
+                s.phase.as_str().to_string()
+            } else {
+                format!("{} (updating)", s.phase.as_str())
+            };
+            (
+                phase,
+                restarts.to_string(),
+                if pids.is_empty() { "-".into() } else { pids.join(",") },
+                age(started),
+                reason,
+            )
         }
         None => ("Pending".into(), "0".into(), "-".into(), "-".into(), String::new()),
     };
-    let phase = if p.node_status == "Online" { phase } else { format!("{phase} (node offline)") };
-    let reason = if reason.len() > 60 { format!("{}...", &reason[..57]) } else { reason };
-    vec![p.node.clone(), p.key.clone(), p.desired_revision.to_string(), phase, restarts, pids, started, reason]
+    let phase = if p.node_status == "Online" {
+        phase
+    } else {
+        format!("{phase} (node offline)")
+    };
+    let reason = if reason.len() > 60 {
+        format!("{}...", &reason[..57])
+    } else {
+        reason
+    };
+    vec![
+        p.node.clone(),
+        p.key.clone(),
+        p.desired_revision.to_string(),
+        phase,
+        restarts,
+        pids,
+        started,
+        reason,
+    ]
 }
 
-pub const PLACEMENT_HEADERS: &[&str] = &["NODE", "WORKLOAD", "REVISION", "PHASE", "RESTARTS", "PID", "AGE", "LAST REASON"];
+pub const PLACEMENT_HEADERS: &[&str] = &[
+    "NODE",
+    "WORKLOAD",
+    "REVISION",
+    "PHASE",
+    "RESTARTS",
+    "PID",
+    "AGE",
+    "LAST REASON",
+];
 
 pub async fn get(c: &Client, what: &str, f: Format) -> Result<()> {
     match what {
@@ -112,7 +161,11 @@ pub async fn get(c: &Client, what: &str, f: Format) -> Result<()> {
             let rows: Vec<Vec<String>> = nodes
                 .iter()
                 .map(|n| {
-                    let running = n.workloads.iter().filter(|w| w.phase == outpost_api::Phase::Running).count();
+                    let running = n
+                        .workloads
+                        .iter()
+                        .filter(|w| w.phase == outpost_api::Phase::Running)
+                        .count();
                     vec![
                         n.name.clone(),
                         n.status.clone(),
@@ -124,7 +177,13 @@ pub async fn get(c: &Client, what: &str, f: Format) -> Result<()> {
                     ]
                 })
                 .collect();
-            print!("{}", table(&["NAME", "STATUS", "RUNNING", "LAST SEEN", "AGE", "VERSION", "LABELS"], &rows));
+            print!(
+                "{}",
+                table(
+                    &["NAME", "STATUS", "RUNNING", "LAST SEEN", "AGE", "VERSION", "LABELS"],
+                    &rows
+                )
+            );
         }
         "workloads" | "workload" | "wl" => {
             let ws: Vec<WorkloadInfo> = c.get("/v1/workloads").await?;
@@ -158,7 +217,22 @@ pub async fn get(c: &Client, what: &str, f: Format) -> Result<()> {
                     ]
                 })
                 .collect();
-            print!("{}", table(&["NAMESPACE", "NAME", "READY", "SCHEDULED", "REVISION", "RUNTIME", "NODE SELECTOR", "AGE"], &rows));
+            print!(
+                "{}",
+                table(
+                    &[
+                        "NAMESPACE",
+                        "NAME",
+                        "READY",
+                        "SCHEDULED",
+                        "REVISION",
+                        "RUNTIME",
+                        "NODE SELECTOR",
+                        "AGE"
+                    ],
+                    &rows
+                )
+            );
         }
     }
     Ok(())
@@ -171,8 +245,14 @@ pub async fn describe(c: &Client, kind: &str, name: &str, ns: &str) -> Result<()
         println!("Status:         {} (last seen {} ago)", n.status, age(n.last_seen));
         println!("Joined:         {} ago", age(Some(n.joined_at)));
         println!("Agent version:  {}", n.agent_version.as_deref().unwrap_or("-"));
-        println!("Agent uptime:   {}", n.uptime_secs.map_or("-".into(), |s| format!("{s}s")));
-        println!("Generation:     {} desired, {} applied", n.generation, n.applied_generation);
+        println!(
+            "Agent uptime:   {}",
+            n.uptime_secs.map_or("-".into(), |s| format!("{s}s"))
+        );
+        println!(
+            "Generation:     {} desired, {} applied",
+            n.generation, n.applied_generation
+        );
         if let Some(exp) = n.cert_expires_at {
             println!("Certificate:    expires in {} days", (exp - now_ms() / 1000) / 86400);
         }
@@ -199,26 +279,49 @@ pub async fn describe(c: &Client, kind: &str, name: &str, ns: &str) -> Result<()
                 })
             })
             .collect();
-        print!("{}", indent(&table(&["WORKLOAD", "CONTAINER", "REVISION", "PHASE", "RESTARTS", "PID", "LAST EXIT", "REASON"], &rows)));
+        print!(
+            "{}",
+            indent(&table(
+                &[
+                    "WORKLOAD",
+                    "CONTAINER",
+                    "REVISION",
+                    "PHASE",
+                    "RESTARTS",
+                    "PID",
+                    "LAST EXIT",
+                    "REASON"
+                ],
+                &rows
+            ))
+        );
         print_events(&n.events);
         return Ok(());
     }
     let Some(k) = Kind::parse_cli(kind).filter(|k| k.is_workload()) else {
         bail!("cannot describe {kind:?}: use node, deployment or daemonset");
     };
-    let w: WorkloadInfo = c.get(&format!("/v1/objects/{}/{ns}/{name}", k.as_str().to_ascii_lowercase())).await?;
+    let w: WorkloadInfo = c
+        .get(&format!("/v1/objects/{}/{ns}/{name}", k.as_str().to_ascii_lowercase()))
+        .await?;
     println!("Name:           {}", w.name);
     println!("Namespace:      {}", w.namespace);
     println!("Kind:           {}", w.kind);
     println!("Revision:       {}", w.revision);
     println!("Runtime:        {:?}", w.runtime);
     println!("Node selector:  {}", labels(&w.node_selector, false));
-    println!("Replicas:       {} desired, {} scheduled, {} ready", w.desired, w.scheduled, w.ready);
+    println!(
+        "Replicas:       {} desired, {} scheduled, {} ready",
+        w.desired, w.scheduled, w.ready
+    );
     if let Some(note) = &w.note {
         println!("Note:           {note}");
     }
     println!("Placements:");
-    print!("{}", indent(&table(PLACEMENT_HEADERS, &placement_rows(std::slice::from_ref(&w)))));
+    print!(
+        "{}",
+        indent(&table(PLACEMENT_HEADERS, &placement_rows(std::slice::from_ref(&w))))
+    );
     Ok(())
 }
 
@@ -229,7 +332,14 @@ fn print_events(events: &[outpost_api::NodeEvent]) {
     println!("Events:");
     let rows: Vec<Vec<String>> = events
         .iter()
-        .map(|e| vec![age(Some(e.at)), e.reason.clone(), e.workload.clone().unwrap_or_default(), e.message.clone()])
+        .map(|e| {
+            vec![
+                age(Some(e.at)),
+                e.reason.clone(),
+                e.workload.clone().unwrap_or_default(),
+                e.message.clone(),
+            ]
+        })
         .collect();
     print!("{}", indent(&table(&["AGE", "REASON", "WORKLOAD", "MESSAGE"], &rows)));
 }
@@ -244,7 +354,10 @@ mod tests {
 
     #[test]
     fn table_aligns_columns() {
-        let t = table(&["A", "LONGER"], &[vec!["xyz".into(), "1".into()], vec!["q".into(), "22".into()]]);
+        let t = table(
+            &["A", "LONGER"],
+            &[vec!["xyz".into(), "1".into()], vec!["q".into(), "22".into()]],
+        );
         assert_eq!(t, "A     LONGER\nxyz   1\nq     22\n");
     }
 }

@@ -14,25 +14,55 @@ fn join_with_valid_token_and_rejected_joins() {
     let t = hub.token(&["--labels", "site=s1", "--uses", "1"]);
     let dir = hub.dir.join("a1");
     let out = std::process::Command::new(BIN)
-        .args(["agent", "join", "--hub", &hub.url, "--token", &t, "--name", "box-1", "--labels", "rack=r7", "--data-dir"])
+        .args([
+            "agent",
+            "join",
+            "--hub",
+            &hub.url,
+            "--token",
+            &t,
+            "--name",
+            "box-1",
+            "--labels",
+            "rack=r7",
+            "--data-dir",
+        ])
         .arg(&dir)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let node = hub.node("box-1").expect("node listed");
-    for (k, v) in [("site", "s1"), ("rack", "r7"), ("kubernetes.io/hostname", "box-1"), ("kubernetes.io/os", "linux")] {
+    for (k, v) in [
+        ("site", "s1"),
+        ("rack", "r7"),
+        ("kubernetes.io/hostname", "box-1"),
+        ("kubernetes.io/os", "linux"),
+    ] {
         assert_eq!(node["labels"][k], v, "label {k}");
     }
     assert!(node["labels"]["kubernetes.io/arch"].is_string());
 
     let join_err = |token: &str, name: &str| {
         let o = std::process::Command::new(BIN)
-            .args(["agent", "join", "--hub", &hub.url, "--token", token, "--name", name, "--data-dir"])
+            .args([
+                "agent",
+                "join",
+                "--hub",
+                &hub.url,
+                "--token",
+                token,
+                "--name",
+                name,
+                "--data-dir",
+            ])
             .arg(hub.dir.join(format!("d-{name}")))
             .output()
             .unwrap();
         assert!(!o.status.success(), "join {name} should fail");
-        assert!(!hub.dir.join(format!("d-{name}/identity.json")).exists(), "a failed join stores no identity");
+        assert!(
+            !hub.dir.join(format!("d-{name}/identity.json")).exists(),
+            "a failed join stores no identity"
+        );
         String::from_utf8_lossy(&o.stderr).into_owned()
     };
     // used up
@@ -66,9 +96,16 @@ async fn mtls_call(ca: &str, cert: &str, key: &str, method: &str, url: &str) -> 
     let c = reqwest::Client::builder().use_preconfigured_tls(tls).build().unwrap();
     let req = match method {
         "GET" => c.get(url),
-        _ => c.post(url).json(&serde_json::json!({"agent_version": "x", "uptime_secs": 1, "generation": 0, "full": true})),
+        _ => c
+            .post(url)
+            .json(&serde_json::json!({"agent_version": "x", "uptime_secs": 1, "generation": 0, "full": true})),
     };
-    req.header("x-outpost-protocol", "1").send().await.unwrap().status().as_u16()
+    req.header("x-outpost-protocol", "1")
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -81,14 +118,50 @@ async fn a_node_cannot_read_or_write_another_nodes_state() {
     let (ca, cert, key) = a.identity();
     let base = &hub.url;
     // own state: allowed
-    assert_eq!(mtls_call(&ca, &cert, &key, "GET", &format!("{base}/v1/nodes/node-a/sync?generation=0")).await, 200);
-    assert_eq!(mtls_call(&ca, &cert, &key, "POST", &format!("{base}/v1/nodes/node-a/status")).await, 200);
+    assert_eq!(
+        mtls_call(
+            &ca,
+            &cert,
+            &key,
+            "GET",
+            &format!("{base}/v1/nodes/node-a/sync?generation=0")
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        mtls_call(&ca, &cert, &key, "POST", &format!("{base}/v1/nodes/node-a/status")).await,
+        200
+    );
     // another node's state: 403, for reading and for writing
-    assert_eq!(mtls_call(&ca, &cert, &key, "GET", &format!("{base}/v1/nodes/node-b/sync?generation=0")).await, 403);
-    assert_eq!(mtls_call(&ca, &cert, &key, "POST", &format!("{base}/v1/nodes/node-b/status")).await, 403);
+    assert_eq!(
+        mtls_call(
+            &ca,
+            &cert,
+            &key,
+            "GET",
+            &format!("{base}/v1/nodes/node-b/sync?generation=0")
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        mtls_call(&ca, &cert, &key, "POST", &format!("{base}/v1/nodes/node-b/status")).await,
+        403
+    );
     // a deleted node's certificate stops working at once
     hub.cli(&["delete", "node", "node-a"]);
-    assert_eq!(mtls_call(&ca, &cert, &key, "GET", &format!("{base}/v1/nodes/node-a/sync?generation=0")).await, 401);
+    assert_eq!(
+        mtls_call(
+            &ca,
+            &cert,
+            &key,
+            "GET",
+            &format!("{base}/v1/nodes/node-a/sync?generation=0")
+        )
+        .await,
+        401
+    );
 }
 
 #[test]
@@ -100,26 +173,43 @@ fn apply_update_delete_reach_the_right_nodes() {
     let _b = hub.join("s1-b", &t1).running();
     let _c = hub.join("s2-a", &t2).running();
     wait_for("3 nodes online", 10.0, || {
-        (hub.json(&["get", "nodes"]).as_array()?.iter().filter(|n| n["status"] == "Online").count() == 3).then_some(())
+        (hub.json(&["get", "nodes"])
+            .as_array()?
+            .iter()
+            .filter(|n| n["status"] == "Online")
+            .count()
+            == 3)
+            .then_some(())
     });
     let m1 = marker();
     let ds = sleeper_ds("mon", &m1, "      nodeSelector: {site: store-001}\n");
     let start = Instant::now();
     hub.apply(&ds);
-    wait_for("DaemonSet running on both store-001 nodes", 2.0, || (pids_with_cmdline(&["/bin/sleep", &m1]).len() == 2).then_some(()));
+    wait_for("DaemonSet running on both store-001 nodes", 2.0, || {
+        (pids_with_cmdline(&["/bin/sleep", &m1]).len() == 2).then_some(())
+    });
     let took = start.elapsed();
     eprintln!("apply -> running on 2 nodes: {took:?}");
-    assert_eq!(hub.placement("s2-a", "daemonset/default/mon"), None, "store-002 must not run it");
-    wait_for("status at the hub", 5.0, || (hub.phase("s1-a", "daemonset/default/mon")? == "Running").then_some(()));
+    assert_eq!(
+        hub.placement("s2-a", "daemonset/default/mon"),
+        None,
+        "store-002 must not run it"
+    );
+    wait_for("status at the hub", 5.0, || {
+        (hub.phase("s1-a", "daemonset/default/mon")? == "Running").then_some(())
+    });
 
     // update: a new revision replaces the old process
     let m2 = marker();
     let out = hub.apply(&sleeper_ds("mon", &m2, "      nodeSelector: {site: store-001}\n"));
     assert!(out.contains("configured (revision 2)"), "{out}");
     wait_for("revision 2 running, revision 1 gone", 5.0, || {
-        (pids_with_cmdline(&["/bin/sleep", &m2]).len() == 2 && pids_with_cmdline(&["/bin/sleep", &m1]).is_empty()).then_some(())
+        (pids_with_cmdline(&["/bin/sleep", &m2]).len() == 2 && pids_with_cmdline(&["/bin/sleep", &m1]).is_empty())
+            .then_some(())
     });
-    wait_for("hub sees revision 2", 5.0, || (hub.placement("s1-b", "daemonset/default/mon")?["status"]["revision"] == 2).then_some(()));
+    wait_for("hub sees revision 2", 5.0, || {
+        (hub.placement("s1-b", "daemonset/default/mon")?["status"]["revision"] == 2).then_some(())
+    });
     let ds_list = hub.json(&["get", "daemonsets"]);
     assert_eq!(ds_list[0]["revision"], 2);
 
@@ -128,17 +218,25 @@ fn apply_update_delete_reach_the_right_nodes() {
     hub.apply(&format!(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\nspec:\n  replicas: 1\n  template:\n    spec:\n      runtimeClassName: process\n      nodeSelector: {{site: store-002}}\n      containers:\n      - {{name: web, command: [/bin/sleep, '{m3}']}}\n"
     ));
-    wait_for("deployment replica on s2-a", 3.0, || (pids_with_cmdline(&["/bin/sleep", &m3]).len() == 1).then_some(()));
-    wait_for("placement on s2-a", 3.0, || hub.placement("s2-a", "deployment/default/web"));
+    wait_for("deployment replica on s2-a", 3.0, || {
+        (pids_with_cmdline(&["/bin/sleep", &m3]).len() == 1).then_some(())
+    });
+    wait_for("placement on s2-a", 3.0, || {
+        hub.placement("s2-a", "deployment/default/web")
+    });
 
     // delete -> stopped everywhere
     hub.cli(&["delete", "daemonset", "mon"]);
-    wait_for("DaemonSet processes stopped", 5.0, || pids_with_cmdline(&["/bin/sleep", &m2]).is_empty().then_some(()));
+    wait_for("DaemonSet processes stopped", 5.0, || {
+        pids_with_cmdline(&["/bin/sleep", &m2]).is_empty().then_some(())
+    });
     let f = hub.dir.join("web.yaml");
     std::fs::write(&f, "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec: {template: {spec: {containers: [{name: web, image: x}]}}}\n").unwrap();
     let out = hub.cli(&["delete", "-f", f.to_str().unwrap()]);
     assert!(out.contains("Deployment/default/web deleted"), "{out}");
-    wait_for("Deployment process stopped", 5.0, || pids_with_cmdline(&["/bin/sleep", &m3]).is_empty().then_some(()));
+    wait_for("Deployment process stopped", 5.0, || {
+        pids_with_cmdline(&["/bin/sleep", &m3]).is_empty().then_some(())
+    });
 }
 
 #[test]
@@ -148,10 +246,16 @@ fn daemonset_reaches_a_node_that_joins_later() {
     let _a = hub.join("first", &t).running();
     let m = marker();
     hub.apply(&sleeper_ds("everywhere", &m, ""));
-    wait_for("on the first node", 3.0, || (pids_with_cmdline(&["/bin/sleep", &m]).len() == 1).then_some(()));
+    wait_for("on the first node", 3.0, || {
+        (pids_with_cmdline(&["/bin/sleep", &m]).len() == 1).then_some(())
+    });
     let _b = hub.join("late", &t).running();
-    wait_for("on the late node too", 5.0, || (pids_with_cmdline(&["/bin/sleep", &m]).len() == 2).then_some(()));
-    wait_for("hub shows it Running on the late node", 5.0, || (hub.phase("late", "daemonset/default/everywhere")? == "Running").then_some(()));
+    wait_for("on the late node too", 5.0, || {
+        (pids_with_cmdline(&["/bin/sleep", &m]).len() == 2).then_some(())
+    });
+    wait_for("hub shows it Running on the late node", 5.0, || {
+        (hub.phase("late", "daemonset/default/everywhere")? == "Running").then_some(())
+    });
 }
 
 #[test]
@@ -177,9 +281,15 @@ fn crash_is_restarted_with_backoff_and_reported() {
         let p = hub.placement("crashy", "daemonset/default/crash")?;
         (p["status"]["containers"][0]["restarts"].as_u64()? > r0).then_some(())
     });
-    assert!(t0.elapsed().as_millis() >= 1000, "the next restart waited for its backoff");
+    assert!(
+        t0.elapsed().as_millis() >= 1000,
+        "the next restart waited for its backoff"
+    );
     let d = hub.cli(&["describe", "node", "crashy"]);
-    assert!(d.contains("CrashLoopBackOff") && d.contains("exited with code 3"), "{d}");
+    assert!(
+        d.contains("CrashLoopBackOff") && d.contains("exited with code 3"),
+        "{d}"
+    );
 }
 
 #[test]
@@ -189,13 +299,20 @@ fn workloads_keep_running_and_restarting_without_the_hub() {
     let _a = hub.join("alone", &t).running();
     let m = marker();
     hub.apply(&sleeper_ds("keep", &m, ""));
-    let pid = wait_for("running", 3.0, || pids_with_cmdline(&["/bin/sleep", &m]).first().copied());
+    let pid = wait_for("running", 3.0, || {
+        pids_with_cmdline(&["/bin/sleep", &m]).first().copied()
+    });
     hub.kill();
     // still running with the hub gone, and a crash is still handled locally
     assert_eq!(pids_with_cmdline(&["/bin/sleep", &m]), vec![pid]);
     // SAFETY: kill(2) on the workload process.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    let new = wait_for("restarted while the hub is down", 5.0, || pids_with_cmdline(&["/bin/sleep", &m]).first().copied().filter(|p| *p != pid));
+    let new = wait_for("restarted while the hub is down", 5.0, || {
+        pids_with_cmdline(&["/bin/sleep", &m])
+            .first()
+            .copied()
+            .filter(|p| *p != pid)
+    });
     assert_ne!(new, pid);
     // the hub comes back: status gathered offline arrives (restart count 1)
     hub.restart();
@@ -204,7 +321,10 @@ fn workloads_keep_running_and_restarting_without_the_hub() {
         (p["status"]["containers"][0]["restarts"] == 1 && p["status"]["containers"][0]["pid"] == new).then_some(())
     });
     let d = hub.cli(&["describe", "node", "alone"]);
-    assert!(d.contains("Killed by signal 9") || d.contains("exited"), "event from offline time reaches the hub:\n{d}");
+    assert!(
+        d.contains("Killed by signal 9") || d.contains("exited"),
+        "event from offline time reaches the hub:\n{d}"
+    );
 }
 
 #[test]
@@ -217,14 +337,22 @@ fn agent_kill9_and_restart_with_hub_down_brings_everything_back_once() {
         hub.apply(&sleeper_ds(&format!("w{i}"), m, ""));
     }
     let count = |m: &String| pids_with_cmdline(&["/bin/sleep", m]).len();
-    wait_for("3 workloads running", 5.0, || marks.iter().all(|m| count(m) == 1).then_some(()));
+    wait_for("3 workloads running", 5.0, || {
+        marks.iter().all(|m| count(m) == 1).then_some(())
+    });
     let before: Vec<u32> = marks.iter().map(|m| pids_with_cmdline(&["/bin/sleep", m])[0]).collect();
     hub.kill();
 
     // 1. agent crash: kill -9, workloads survive, restart with the hub down re-adopts them
     a.kill9();
     a.start();
-    wait_for("agent re-adopted its workloads", 5.0, || a.log().matches("re-adopted running process").count().eq(&3).then_some(()));
+    wait_for("agent re-adopted its workloads", 5.0, || {
+        a.log()
+            .matches("re-adopted running process")
+            .count()
+            .eq(&3)
+            .then_some(())
+    });
     let after: Vec<u32> = marks.iter().map(|m| pids_with_cmdline(&["/bin/sleep", m])[0]).collect();
     assert_eq!(before, after, "healthy workloads are adopted, not restarted");
     assert!(marks.iter().all(|m| count(m) == 1), "none duplicated");
@@ -235,14 +363,20 @@ fn agent_kill9_and_restart_with_hub_down_brings_everything_back_once() {
         // SAFETY: kill(2) on the workload process groups.
         unsafe { libc::kill(-(*p as i32), libc::SIGKILL) };
     }
-    wait_for("all workloads dead", 3.0, || marks.iter().all(|m| count(m) == 0).then_some(()));
+    wait_for("all workloads dead", 3.0, || {
+        marks.iter().all(|m| count(m) == 0).then_some(())
+    });
     let t0 = Instant::now();
     a.start();
-    wait_for("all 3 back within 3 s, hub unreachable", 3.0, || marks.iter().all(|m| count(m) == 1).then_some(()));
+    wait_for("all 3 back within 3 s, hub unreachable", 3.0, || {
+        marks.iter().all(|m| count(m) == 1).then_some(())
+    });
     eprintln!("offline start -> 3 workloads running: {:?}", t0.elapsed());
     // and they stay single
     let t1 = Instant::now();
-    wait_for("a second to pass", 2.0, || (t1.elapsed().as_millis() > 1000).then_some(()));
+    wait_for("a second to pass", 2.0, || {
+        (t1.elapsed().as_millis() > 1000).then_some(())
+    });
     assert!(marks.iter().all(|m| count(m) == 1), "none duplicated after settling");
 }
 
@@ -253,17 +387,27 @@ fn hub_restart_keeps_nodes_tokens_and_apps() {
     let _a = hub.join("keeper", &t).running();
     let m = marker();
     hub.apply(&sleeper_ds("persist", &m, ""));
-    wait_for("running", 3.0, || (pids_with_cmdline(&["/bin/sleep", &m]).len() == 1).then_some(()));
+    wait_for("running", 3.0, || {
+        (pids_with_cmdline(&["/bin/sleep", &m]).len() == 1).then_some(())
+    });
     let token_before = std::fs::read_to_string(hub.dir.join("hub/admin.token")).unwrap();
     hub.restart();
-    assert_eq!(std::fs::read_to_string(hub.dir.join("hub/admin.token")).unwrap(), token_before, "admin token kept");
+    assert_eq!(
+        std::fs::read_to_string(hub.dir.join("hub/admin.token")).unwrap(),
+        token_before,
+        "admin token kept"
+    );
     assert_eq!(hub.node("keeper").unwrap()["labels"]["zone"], "z1");
     assert_eq!(hub.json(&["get", "daemonsets"])[0]["name"], "persist");
     // the token made before the restart still joins
     let _b = hub.join("after-restart", &t).running();
-    wait_for("DaemonSet reaches the new node", 5.0, || (pids_with_cmdline(&["/bin/sleep", &m]).len() == 2).then_some(()));
+    wait_for("DaemonSet reaches the new node", 5.0, || {
+        (pids_with_cmdline(&["/bin/sleep", &m]).len() == 2).then_some(())
+    });
     // the first agent reconnects and is Online
-    wait_for("keeper online again", 10.0, || (hub.node("keeper")?["status"] == "Online").then_some(()));
+    wait_for("keeper online again", 10.0, || {
+        (hub.node("keeper")?["status"] == "Online").then_some(())
+    });
 }
 
 #[test]
@@ -286,8 +430,15 @@ fn bad_manifests_are_rejected_with_field_and_nothing_is_stored() {
         // a good document in the same file must not be stored either
         let e = hub.apply_err(&format!("{good}---\n{bad}"));
         assert!(e.contains(want), "want {want:?} in:\n{e}");
-        assert!(e.contains("bad.yaml") || e.contains("DaemonSet default/d"), "the error names the document:\n{e}");
-        assert_eq!(hub.json(&["get", "daemonsets"]), serde_json::json!([]), "nothing stored for {want}");
+        assert!(
+            e.contains("bad.yaml") || e.contains("DaemonSet default/d"),
+            "the error names the document:\n{e}"
+        );
+        assert_eq!(
+            hub.json(&["get", "daemonsets"]),
+            serde_json::json!([]),
+            "nothing stored for {want}"
+        );
     }
     // the same good document alone is accepted
     assert!(hub.apply(&good).contains("created"));

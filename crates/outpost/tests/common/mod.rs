@@ -25,7 +25,11 @@ pub fn wait_for<T>(what: &str, secs: f64, mut f: impl FnMut() -> Option<T>) -> T
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct Hub {
@@ -40,14 +44,25 @@ pub struct Hub {
 impl Hub {
     pub fn start() -> Hub {
         let tmp = tempfile::tempdir().unwrap();
-        let mut h = Hub { dir: tmp.path().to_path_buf(), port: free_port(), url: String::new(), token: String::new(), child: None, _tmp: Some(tmp) };
+        let mut h = Hub {
+            dir: tmp.path().to_path_buf(),
+            port: free_port(),
+            url: String::new(),
+            token: String::new(),
+            child: None,
+            _tmp: Some(tmp),
+        };
         h.url = format!("https://127.0.0.1:{}", h.port);
         h.launch();
         h
     }
 
     fn launch(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("hub.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("hub.log"))
+            .unwrap();
         let child = Command::new(BIN)
             .args(["hub", "--listen", &format!("127.0.0.1:{}", self.port), "--data-dir"])
             .arg(self.dir.join("hub"))
@@ -58,8 +73,15 @@ impl Hub {
             .unwrap();
         self.child = Some(child);
         let tf = self.dir.join("hub/admin.token");
-        self.token = wait_for("hub admin token", 20.0, || std::fs::read_to_string(&tf).ok().filter(|t| !t.is_empty()));
-        wait_for("hub answering", 20.0, || self.try_cli(&["get", "nodes", "-o", "json"]).status.success().then_some(()));
+        self.token = wait_for("hub admin token", 20.0, || {
+            std::fs::read_to_string(&tf).ok().filter(|t| !t.is_empty())
+        });
+        wait_for("hub answering", 20.0, || {
+            self.try_cli(&["get", "nodes", "-o", "json"])
+                .status
+                .success()
+                .then_some(())
+        });
     }
 
     pub fn ca_file(&self) -> PathBuf {
@@ -98,14 +120,22 @@ impl Hub {
     /// Run a CLI command that must succeed; returns stdout.
     pub fn cli(&self, args: &[&str]) -> String {
         let o = self.try_cli(args);
-        assert!(o.status.success(), "outpost {args:?} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "outpost {args:?} failed:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
     /// Run a CLI command that must fail; returns stderr.
     pub fn cli_err(&self, args: &[&str]) -> String {
         let o = self.try_cli(args);
-        assert!(!o.status.success(), "outpost {args:?} should have failed:\n{}", String::from_utf8_lossy(&o.stdout));
+        assert!(
+            !o.status.success(),
+            "outpost {args:?} should have failed:\n{}",
+            String::from_utf8_lossy(&o.stdout)
+        );
         String::from_utf8_lossy(&o.stderr).into_owned()
     }
 
@@ -122,7 +152,13 @@ impl Hub {
     }
 
     pub fn apply(&self, yaml: &str) -> String {
-        let f = self.dir.join(format!("m-{}.yaml", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+        let f = self.dir.join(format!(
+            "m-{}.yaml",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
         std::fs::write(&f, yaml).unwrap();
         self.cli(&["apply", "-f", f.to_str().unwrap()])
     }
@@ -136,27 +172,56 @@ impl Hub {
     /// The status of `key` on `node` from `outpost get workloads -o json`, if reported.
     pub fn placement(&self, node: &str, key: &str) -> Option<Value> {
         let all = self.json(&["get", "workloads"]);
-        all.as_array()?.iter().find(|p| p["node"] == node && p["key"] == key).cloned()
+        all.as_array()?
+            .iter()
+            .find(|p| p["node"] == node && p["key"] == key)
+            .cloned()
     }
 
     pub fn phase(&self, node: &str, key: &str) -> Option<String> {
-        self.placement(node, key)?.get("status")?.get("phase")?.as_str().map(String::from)
+        self.placement(node, key)?
+            .get("status")?
+            .get("phase")?
+            .as_str()
+            .map(String::from)
     }
 
     pub fn node(&self, name: &str) -> Option<Value> {
-        self.json(&["get", "nodes"]).as_array()?.iter().find(|n| n["name"] == name).cloned()
+        self.json(&["get", "nodes"])
+            .as_array()?
+            .iter()
+            .find(|n| n["name"] == name)
+            .cloned()
     }
 
     /// Join an agent (through the CLI) into a fresh data dir.
     pub fn join(&self, name: &str, token: &str) -> Agent {
         let dir = self.dir.join(format!("agent-{name}"));
         let o = Command::new(BIN)
-            .args(["agent", "join", "--hub", &self.url, "--token", token, "--name", name, "--data-dir"])
+            .args([
+                "agent",
+                "join",
+                "--hub",
+                &self.url,
+                "--token",
+                token,
+                "--name",
+                name,
+                "--data-dir",
+            ])
             .arg(&dir)
             .output()
             .unwrap();
-        assert!(o.status.success(), "join {name} failed: {}", String::from_utf8_lossy(&o.stderr));
-        Agent { name: name.into(), dir, child: None }
+        assert!(
+            o.status.success(),
+            "join {name} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Agent {
+            name: name.into(),
+            dir,
+            child: None,
+        }
     }
 }
 
@@ -174,7 +239,11 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("agent.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .unwrap();
         let c = Command::new(BIN)
             .args(["agent", "run", "--stop-workloads-on-exit", "--data-dir"])
             .arg(&self.dir)
@@ -213,9 +282,14 @@ impl Agent {
     }
 
     pub fn identity(&self) -> (String, String, String) {
-        let id: Value = serde_json::from_str(&std::fs::read_to_string(self.dir.join("identity.json")).unwrap()).unwrap();
+        let id: Value =
+            serde_json::from_str(&std::fs::read_to_string(self.dir.join("identity.json")).unwrap()).unwrap();
         let key = std::fs::read_to_string(self.dir.join("node.key")).unwrap();
-        (id["ca_pem"].as_str().unwrap().into(), id["cert_pem"].as_str().unwrap().into(), key)
+        (
+            id["ca_pem"].as_str().unwrap().into(),
+            id["cert_pem"].as_str().unwrap().into(),
+            key,
+        )
     }
 }
 
@@ -223,7 +297,10 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
         // Workloads of a killed agent survive it by design; clean up after the test.
-        for pid in pids_with_env("OUTPOST_AGENT_ID=").into_iter().filter(|p| environ_contains(*p, &self.dir)) {
+        for pid in pids_with_env("OUTPOST_AGENT_ID=")
+            .into_iter()
+            .filter(|p| environ_contains(*p, &self.dir))
+        {
             // SAFETY: kill(2) on a process group this test's agent created.
             unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
         }
@@ -233,19 +310,27 @@ impl Drop for Agent {
 fn environ_contains(pid: u32, dir: &Path) -> bool {
     // The agent id is a hash of the data dir; the log path under it is in no environ, so match
     // by the workload dir the process was started in.
-    std::fs::read_link(format!("/proc/{pid}/cwd")).map(|cwd| cwd.starts_with(dir)).unwrap_or(false)
+    std::fs::read_link(format!("/proc/{pid}/cwd"))
+        .map(|cwd| cwd.starts_with(dir))
+        .unwrap_or(false)
 }
 
 /// Pids of live process-group leaders whose environment contains `needle`.
 pub fn pids_with_env(needle: &str) -> Vec<u32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
         if !env.split(|b| *b == 0).any(|v| v.starts_with(needle.as_bytes())) {
             continue;
         }
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
         let rest = &stat[stat.rfind(')').unwrap() + 2..];
         let f: Vec<&str> = rest.split(' ').collect();
         if f[0] != "Z" && f[2] == pid.to_string() {
@@ -260,9 +345,13 @@ pub fn pids_with_cmdline(args: &[&str]) -> Vec<u32> {
     let want: Vec<u8> = args.iter().flat_map(|a| a.bytes().chain(std::iter::once(0))).collect();
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
         if std::fs::read(format!("/proc/{pid}/cmdline")).ok().as_deref() == Some(&want[..]) {
-            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z ")).unwrap_or(true);
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains(") Z "))
+                .unwrap_or(true);
             if !zombie {
                 out.push(pid);
             }
@@ -276,7 +365,11 @@ pub fn pids_with_cmdline(args: &[&str]) -> Vec<u32> {
 pub fn marker() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{}{:03}", 100000 + std::process::id() % 100000, N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}{:03}",
+        100000 + std::process::id() % 100000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A process DaemonSet running `sleep <marker>`.
