@@ -266,8 +266,9 @@ pub struct Secret {
     pub string_data: BTreeMap<String, String>,
 }
 
-/// One accepted manifest document.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// One accepted manifest document. Serialized as the manifest itself; deserialized by its
+/// `kind` field (see the `Deserialize` impl below).
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Object {
     Deployment(Deployment),
@@ -312,6 +313,22 @@ impl Kind {
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Object {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let v = Value::deserialize(d)?;
+        let kind = v.get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
+        let e = |err: serde_json::Error| D::Error::custom(err);
+        match kind.as_str() {
+            "Deployment" => serde_json::from_value(v).map(Object::Deployment).map_err(e),
+            "DaemonSet" => serde_json::from_value(v).map(Object::DaemonSet).map_err(e),
+            "ConfigMap" => serde_json::from_value(v).map(Object::ConfigMap).map_err(e),
+            "Secret" => serde_json::from_value(v).map(Object::Secret).map_err(e),
+            other => Err(D::Error::custom(format!("unsupported kind {other:?}"))),
+        }
     }
 }
 

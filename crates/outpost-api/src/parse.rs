@@ -659,6 +659,15 @@ data: {b: hello}
     }
 
     #[test]
+    fn objects_roundtrip_through_json_by_kind() {
+        let yaml = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: d}\nspec: {template: {spec: {containers: [{name: a, image: x}]}}}\n";
+        let obj = parse_file("f.yaml", yaml).unwrap().objects.remove(0);
+        let back: Object = serde_json::from_value(serde_json::to_value(&obj).unwrap()).unwrap();
+        assert_eq!(back.kind(), Kind::DaemonSet);
+        assert_eq!(back, obj);
+    }
+
+    #[test]
     fn quantities() {
         use serde_json::json;
         assert_eq!(parse_cpu(&json!("500m")), Ok(500));
