@@ -12,6 +12,7 @@
 //! survived an agent restart -> start what is missing -> only then try the hub.
 
 pub mod identity;
+pub mod probe;
 pub mod reconcile;
 pub mod runtime;
 pub mod store;

@@ -10,10 +10,13 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use outpost_api::{ContainerStatus, Phase, Runtime as RuntimeKind, UnixMs, WorkloadSpec, WorkloadStatus};
+use outpost_core::probe::{ProbeKind, ProbeState, Verdict};
+use outpost_core::rollout::{self, Health, NodeRollout, Run};
 use outpost_core::supervise::{self, Action, DesiredUnit, Unit};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use crate::probe::{self, ProbeEvent};
 use crate::runtime::{self, Runtime};
 use crate::store::{Desired, Store};
 
@@ -39,12 +42,35 @@ pub type Snapshot = BTreeMap<String, WorkloadStatus>;
 pub struct Reconciler {
     rt: Runtime,
     store: Arc<Store>,
+    /// What the hub asked for (persisted).
     desired: Arc<Desired>,
+    /// Per workload: last-known-good, bad marks, gate in progress (persisted).
+    rollouts: BTreeMap<String, NodeRollout>,
+    /// What runs, per workload: the desired spec, or the last-known-good after a rollback.
+    effective: BTreeMap<String, WorkloadSpec>,
     units: BTreeMap<String, Unit>,
-    /// Start ticks of each running pid, to recognise pid reuse for adopted processes.
+    probes: BTreeMap<String, UnitProbes>,
     exits_tx: mpsc::UnboundedSender<Exit>,
     exits_rx: mpsc::UnboundedReceiver<Exit>,
+    probe_tx: mpsc::UnboundedSender<ProbeEvent>,
+    probe_rx: mpsc::UnboundedReceiver<ProbeEvent>,
     status_tx: watch::Sender<Snapshot>,
+}
+
+/// Probe state of one running process.
+struct UnitProbes {
+    pid: u32,
+    state: ProbeState,
+    specs: BTreeMap<ProbeKind, outpost_api::ProbeSpec>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for UnitProbes {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
 }
 
 fn unit_id(key: &str, container: &str) -> String {
@@ -57,21 +83,123 @@ const DOCKER_PENDING: &str =
 impl Reconciler {
     pub fn new(rt: Runtime, store: Arc<Store>, desired: Arc<Desired>, status_tx: watch::Sender<Snapshot>) -> Self {
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
+        let (probe_tx, probe_rx) = mpsc::unbounded_channel();
+        let mut rollouts = store.load_rollouts().unwrap_or_else(|e| {
+            warn!(error = %e, "cannot read rollout state; starting the update gates afresh");
+            BTreeMap::new()
+        });
+        rollouts.values_mut().for_each(rollout::after_restart);
         Self {
             rt,
             store,
             desired,
+            rollouts,
+            effective: BTreeMap::new(),
             units: BTreeMap::new(),
+            probes: BTreeMap::new(),
             exits_tx,
             exits_rx,
+            probe_tx,
+            probe_rx,
             status_tx,
         }
     }
 
-    /// Units the desired state asks for.
+    /// Health of a target spec's processes, for its update gate.
+    fn health(&self, w: &WorkloadSpec) -> Health {
+        let mut h = Health {
+            ready: true,
+            failing: None,
+            last_probe_failure: None,
+        };
+        for c in &w.containers {
+            let id = unit_id(&w.key, &c.name);
+            let Some(u) = self.units.get(&id).filter(|u| u.hash == w.hash) else {
+                h.ready = false;
+                continue;
+            };
+            let probes = self.probes.get(&id).filter(|p| Some(p.pid) == u.pid);
+            if let Some(f) = probes.and_then(|p| p.state.last_failure.clone()) {
+                h.last_probe_failure = Some(format!("container {}: {f}", c.name));
+            }
+            let ready = u.done == Some(Phase::Succeeded) || (u.pid.is_some() && probes.is_none_or(|p| p.state.ready()));
+            h.ready &= ready;
+            let broken = u.consecutive_failures >= supervise::CRASH_LOOP_AFTER || u.done == Some(Phase::Failed);
+            if broken && h.failing.is_none() {
+                let tail = probe::tail(&self.rt.log_path(&w.key, &c.name), 5);
+                h.failing = Some(format!(
+                    "container {}: {} ({} restarts){}",
+                    c.name,
+                    u.reason.clone().unwrap_or_else(|| "exited".into()),
+                    u.restarts,
+                    if tail.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; last output: {tail}")
+                    }
+                ));
+            }
+        }
+        h
+    }
+
+    /// Run every workload's update gate; decide what runs. Returns the earliest wake-up.
+    fn gate(&mut self, now: UnixMs) -> Option<UnixMs> {
+        let mut wake: Option<UnixMs> = None;
+        let mut effective = BTreeMap::new();
+        for (key, target) in &self.desired.workloads {
+            if target.runtime != RuntimeKind::Process {
+                effective.insert(key.clone(), target.clone());
+                continue;
+            }
+            let health = self.health(target);
+            let st = self.rollouts.entry(key.clone()).or_default();
+            let step = rollout::step(st, target, &health, now);
+            if step.persist {
+                if let Err(e) = self.store.save_rollout(key, st) {
+                    // Acting on a decision that is not on disk could repeat a bad revision after a
+                    // crash; keep running what runs now and try again shortly.
+                    warn!(workload = %key, error = %e, "cannot persist update state; holding");
+                    if let Some(cur) = self.effective.get(key) {
+                        effective.insert(key.clone(), cur.clone());
+                    }
+                    wake = Some(wake.map_or(now + 1000, |w: i64| w.min(now + 1000)));
+                    continue;
+                }
+            }
+            if let Some((reason, message)) = &step.event {
+                info!(workload = %key, %reason, "{message}");
+                if let Err(e) = self.store.push_event(now, Some(key), reason, message) {
+                    warn!(error = %e, "cannot record event");
+                }
+            }
+            if let Some(t) = step.wake {
+                wake = Some(wake.map_or(t, |w| w.min(t)));
+            }
+            let spec = match (step.run, &st.good) {
+                (Run::Good, Some(g)) => g.clone(),
+                _ => target.clone(),
+            };
+            effective.insert(key.clone(), spec);
+        }
+        let gone: Vec<String> = self
+            .rollouts
+            .keys()
+            .filter(|k| !self.desired.workloads.contains_key(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.rollouts.remove(&k);
+            let _ = self.store.delete_rollout(&k);
+        }
+        self.effective = effective;
+        wake
+    }
+
+    /// Units the effective state asks for.
     fn desired_units(&self) -> BTreeMap<String, DesiredUnit> {
         let mut out = BTreeMap::new();
-        for w in self.desired.workloads.values() {
+        for w in self.effective.values() {
             for c in &w.containers {
                 out.insert(
                     unit_id(&w.key, &c.name),
@@ -88,7 +216,7 @@ impl Reconciler {
     }
 
     fn lookup(&self, unit: &str) -> Option<(&WorkloadSpec, usize)> {
-        self.desired.workloads.values().find_map(|w| {
+        self.effective.values().find_map(|w| {
             w.containers
                 .iter()
                 .position(|c| unit_id(&w.key, &c.name) == unit)
@@ -120,6 +248,7 @@ impl Reconciler {
                     },
                 );
                 self.watch_adopted(p.unit.clone(), p.pid, p.start_ticks);
+                self.start_probes(&p.unit, p.pid);
             } else {
                 warn!(unit = %p.unit, pid = p.pid, "found a second process for one unit; killing the duplicate");
                 runtime::signal_group(p.pid, Signal::SIGKILL);
@@ -198,6 +327,7 @@ impl Reconciler {
                 u.pid = Some(pid);
                 u.started_at = Some(now);
                 info!(unit = %unit, pid, revision = w.revision, "started");
+                self.start_probes(unit, pid);
                 let tx = self.exits_tx.clone();
                 let unit = unit.to_string();
                 tokio::spawn(async move {
@@ -227,11 +357,84 @@ impl Reconciler {
         }
     }
 
+    fn start_probes(&mut self, unit: &str, pid: u32) {
+        let Some((w, idx)) = self.lookup(unit) else { return };
+        let c = &w.containers[idx];
+        let specs: BTreeMap<ProbeKind, outpost_api::ProbeSpec> = [
+            (ProbeKind::Startup, c.startup_probe.clone()),
+            (ProbeKind::Liveness, c.liveness_probe.clone()),
+            (ProbeKind::Readiness, c.readiness_probe.clone()),
+        ]
+        .into_iter()
+        .filter_map(|(k, s)| s.map(|s| (k, s)))
+        .collect();
+        if specs.is_empty() {
+            self.probes.remove(unit);
+            return;
+        }
+        let state = ProbeState::new(c.startup_probe.is_some(), c.readiness_probe.is_some());
+        let ctx = self.rt.exec_context(w, c, unit);
+        let tasks = probe::spawn(
+            unit,
+            pid,
+            [
+                (ProbeKind::Startup, c.startup_probe.clone()),
+                (ProbeKind::Liveness, c.liveness_probe.clone()),
+                (ProbeKind::Readiness, c.readiness_probe.clone()),
+            ],
+            ctx,
+            self.probe_tx.clone(),
+        );
+        self.probes.insert(
+            unit.to_string(),
+            UnitProbes {
+                pid,
+                state,
+                specs,
+                tasks,
+            },
+        );
+    }
+
+    fn on_probe(&mut self, e: ProbeEvent, now: UnixMs) {
+        let Some(p) = self.probes.get_mut(&e.unit).filter(|p| p.pid == e.pid) else {
+            return;
+        };
+        let Some(spec) = p.specs.get(&e.kind) else { return };
+        let verdict = p.state.record(e.kind, spec, e.ok, &e.message);
+        match verdict {
+            Verdict::Restart(reason) => {
+                let Some(u) = self
+                    .units
+                    .get_mut(&e.unit)
+                    .filter(|u| u.pid == Some(e.pid) && u.stopping.is_none())
+                else {
+                    return;
+                };
+                warn!(unit = %e.unit, pid = e.pid, %reason, "unhealthy; restarting");
+                u.kill_reason = Some(reason.clone());
+                u.stopping = Some((now + u.grace_ms, false));
+                runtime::signal_group(e.pid, Signal::SIGTERM);
+                let workload = e.unit.rsplit_once('/').map(|(w, _)| w.to_string());
+                self.event(
+                    workload.as_deref(),
+                    "Unhealthy",
+                    &format!("{}: {reason}; restarting", e.unit),
+                );
+            }
+            Verdict::Ready(ready) => info!(unit = %e.unit, ready, "readiness changed"),
+            Verdict::Nothing => {}
+        }
+    }
+
     fn on_exit(&mut self, e: Exit, now: UnixMs) {
         let policy = self.lookup(&e.unit).map(|(w, _)| w.restart_policy).unwrap_or_default();
         let Some(u) = self.units.get_mut(&e.unit) else { return };
         if u.pid != Some(e.pid) {
             return;
+        }
+        if self.probes.get(&e.unit).is_some_and(|p| p.pid == e.pid) {
+            self.probes.remove(&e.unit);
         }
         let intentional = u.stopping.is_some();
         supervise::on_exit(u, e.code, e.signal, policy, now);
@@ -263,46 +466,45 @@ impl Reconciler {
 
     fn snapshot(&self) -> Snapshot {
         let mut out = Snapshot::new();
-        for w in self.desired.workloads.values() {
+        for (key, target) in &self.desired.workloads {
+            let w = self.effective.get(key).unwrap_or(target);
             let containers: Vec<ContainerStatus> = w
                 .containers
                 .iter()
                 .map(|c| {
                     let id = unit_id(&w.key, &c.name);
+                    let mut cs = ContainerStatus {
+                        name: c.name.clone(),
+                        phase: Phase::Pending,
+                        pid: None,
+                        restarts: 0,
+                        last_exit_code: None,
+                        reason: None,
+                        started_at: None,
+                        ready: false,
+                        probe_failure: None,
+                    };
                     if w.runtime != RuntimeKind::Process {
-                        return ContainerStatus {
-                            name: c.name.clone(),
-                            phase: Phase::WaitingForRuntime,
-                            pid: None,
-                            restarts: 0,
-                            last_exit_code: None,
-                            reason: Some(DOCKER_PENDING.into()),
-                            started_at: None,
-                        };
+                        cs.phase = Phase::WaitingForRuntime;
+                        cs.reason = Some(DOCKER_PENDING.into());
+                        return cs;
                     }
-                    match self.units.get(&id).filter(|u| u.hash == w.hash) {
-                        Some(u) => ContainerStatus {
-                            name: c.name.clone(),
-                            phase: supervise::phase(u),
-                            pid: u.pid,
-                            restarts: u.restarts,
-                            last_exit_code: u.last_exit_code,
-                            reason: u.reason.clone(),
-                            started_at: u.started_at.filter(|_| u.pid.is_some()),
-                        },
-                        None => ContainerStatus {
-                            name: c.name.clone(),
-                            phase: Phase::Pending,
-                            pid: None,
-                            restarts: 0,
-                            last_exit_code: None,
-                            reason: None,
-                            started_at: None,
-                        },
+                    if let Some(u) = self.units.get(&id).filter(|u| u.hash == w.hash) {
+                        let probes = self.probes.get(&id).filter(|p| Some(p.pid) == u.pid);
+                        cs.phase = supervise::phase(u);
+                        cs.pid = u.pid;
+                        cs.restarts = u.restarts;
+                        cs.last_exit_code = u.last_exit_code;
+                        cs.reason = u.reason.clone();
+                        cs.started_at = u.started_at.filter(|_| u.pid.is_some());
+                        cs.ready = u.pid.is_some() && probes.is_none_or(|p| p.state.ready());
+                        cs.probe_failure = probes.and_then(|p| p.state.last_failure.clone());
                     }
+                    cs
                 })
                 .collect();
             let phase = supervise::workload_phase(containers.iter().map(|c| c.phase));
+            let ready = !containers.is_empty() && containers.iter().all(|c| c.ready);
             out.insert(
                 w.key.clone(),
                 WorkloadStatus {
@@ -311,6 +513,8 @@ impl Reconciler {
                     hash: w.hash.clone(),
                     phase,
                     containers,
+                    ready,
+                    rollout: self.rollouts.get(key).map(|st| rollout::status(st, target)),
                 },
             );
         }
@@ -325,13 +529,25 @@ impl Reconciler {
         mut shutdown: watch::Receiver<bool>,
         stop_all: bool,
     ) {
+        self.gate(now_ms());
         self.adopt();
         loop {
             let now = now_ms();
+            let gate_wake = self.gate(now);
             let desired = self.desired_units();
             let (actions, wake) = supervise::decide(&desired, &self.units, now);
+            let wake = match (wake, gate_wake) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let acted = !actions.is_empty();
             for a in actions {
                 self.execute(a, now);
+            }
+            if acted {
+                // Every action changes a unit's state (pid, stopping, gone), so this converges;
+                // the gate must see the processes just started.
+                continue;
             }
             let snap = self.snapshot();
             self.status_tx.send_if_modified(|s| {
@@ -351,6 +567,7 @@ impl Reconciler {
                     self.desired = desired_rx.borrow_and_update().clone();
                 }
                 Some(e) = self.exits_rx.recv() => self.on_exit(e, now_ms()),
+                Some(e) = self.probe_rx.recv() => self.on_probe(e, now_ms()),
                 _ = tokio::time::sleep(sleep) => {}
                 _ = shutdown.changed() => break,
             }
@@ -363,6 +580,8 @@ impl Reconciler {
     /// Stop every unit: SIGTERM, wait out the grace, SIGKILL.
     async fn stop_everything(&mut self) {
         self.desired = Arc::new(Desired::default());
+        self.effective.clear();
+        self.probes.clear();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let now = now_ms();

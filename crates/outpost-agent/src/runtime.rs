@@ -195,6 +195,74 @@ impl Runtime {
         Ok(out)
     }
 
+    /// Where each volume lives on the host.
+    fn volume_paths(&self, w: &WorkloadSpec) -> BTreeMap<String, PathBuf> {
+        w.volumes
+            .iter()
+            .map(|v| {
+                let p = match &v.source {
+                    VolumeSource::HostPath { path, .. } => PathBuf::from(path),
+                    _ => self.workload_dir(&w.key).join("volumes").join(&v.name),
+                };
+                (v.name.clone(), p)
+            })
+            .collect()
+    }
+
+    /// The environment of a container's process: a clean base, the spec's variables, and the
+    /// `OUTPOST_*` variables that let the agent find the process again.
+    fn process_env(
+        &self,
+        w: &WorkloadSpec,
+        c: &ContainerSpec,
+        unit: &str,
+        volumes: &BTreeMap<String, PathBuf>,
+    ) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = vec![
+            (
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            ),
+            ("HOME".into(), "/".into()),
+            ("HOSTNAME".into(), self.node.clone()),
+            ("OUTPOST_NODE".into(), self.node.clone()),
+            ("OUTPOST_WORKLOAD".into(), w.key.clone()),
+            ("OUTPOST_REVISION".into(), w.revision.to_string()),
+        ];
+        for m in &c.mounts {
+            if let Some(p) = volumes.get(&m.volume) {
+                let var = format!(
+                    "OUTPOST_VOLUME_{}",
+                    m.volume.to_ascii_uppercase().replace(['-', '.'], "_")
+                );
+                env.push((var, p.display().to_string()));
+            }
+        }
+        env.extend(c.env.iter().cloned());
+        env.push((ENV_AGENT.into(), self.agent_id.clone()));
+        env.push((ENV_UNIT.into(), unit.into()));
+        env.push((ENV_HASH.into(), w.hash.clone()));
+        env
+    }
+
+    fn working_dir(&self, w: &WorkloadSpec, c: &ContainerSpec) -> PathBuf {
+        c.working_dir
+            .as_deref()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.workload_dir(&w.key))
+    }
+
+    /// What an exec probe of this container runs with.
+    pub fn exec_context(&self, w: &WorkloadSpec, c: &ContainerSpec, unit: &str) -> crate::probe::ExecContext {
+        let mut env = self.process_env(w, c, unit, &self.volume_paths(w));
+        // A probe is not a unit process: it must not be found and adopted as one.
+        env.retain(|(k, _)| k != ENV_AGENT);
+        crate::probe::ExecContext {
+            env,
+            cwd: self.working_dir(w, c),
+        }
+    }
+
     /// Start one container. Returns the child (the caller waits on it) and its pid.
     pub fn spawn(&self, w: &WorkloadSpec, c: &ContainerSpec, unit: &str) -> Result<tokio::process::Child, String> {
         let volumes = self.prepare_volumes(w)?;
@@ -208,34 +276,8 @@ impl Runtime {
         let exe = c.command.first().ok_or("command is empty")?;
         let mut cmd = tokio::process::Command::new(exe);
         cmd.args(&c.command[1..]).args(&c.args);
-        cmd.env_clear();
-        cmd.env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-        cmd.env("HOME", "/");
-        cmd.env("HOSTNAME", &self.node);
-        cmd.env("OUTPOST_NODE", &self.node);
-        cmd.env("OUTPOST_WORKLOAD", &w.key);
-        cmd.env("OUTPOST_REVISION", w.revision.to_string());
-        for m in &c.mounts {
-            if let Some(p) = volumes.get(&m.volume) {
-                let var = format!(
-                    "OUTPOST_VOLUME_{}",
-                    m.volume.to_ascii_uppercase().replace(['-', '.'], "_")
-                );
-                cmd.env(var, p);
-            }
-        }
-        for (k, v) in &c.env {
-            cmd.env(k, v);
-        }
-        cmd.env(ENV_AGENT, &self.agent_id);
-        cmd.env(ENV_UNIT, unit);
-        cmd.env(ENV_HASH, &w.hash);
-        cmd.current_dir(
-            c.working_dir
-                .as_deref()
-                .map(PathBuf::from)
-                .unwrap_or_else(|| wdir.clone()),
-        );
+        cmd.env_clear().envs(self.process_env(w, c, unit, &volumes));
+        cmd.current_dir(self.working_dir(w, c));
         cmd.stdin(std::process::Stdio::null());
         cmd.stdout(log.try_clone().map_err(|e| e.to_string())?);
         cmd.stderr(log);

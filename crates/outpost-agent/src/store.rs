@@ -6,6 +6,9 @@
 //! - `units(unit, hash, restarts)`: restart counts, so they survive an agent restart.
 //! - `events(seq AUTOINCREMENT, at, workload, reason, message)`: the outbox of node events not
 //!   yet acknowledged by the hub.
+//! - `rollouts(key, state)`: per workload, the update gate's state (`outpost_core::rollout::
+//!   NodeRollout`: last-known-good spec, specs marked bad, the gate in progress), written before
+//!   the agent acts on a gate decision.
 //!
 //! Crash invariants (what survives `kill -9` or a power cut at any instant):
 //! - [`Store::save_desired`] replaces the whole desired state and its generation in one
@@ -24,6 +27,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use outpost_api::{NodeEvent, UnixMs, WorkloadSpec};
+use outpost_core::rollout::NodeRollout;
 use rusqlite::{params, Connection, OptionalExtension};
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +67,7 @@ impl Store {
              CREATE TABLE IF NOT EXISTS units(unit TEXT PRIMARY KEY, hash TEXT NOT NULL, restarts INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS events(seq INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL,
                  workload TEXT, reason TEXT NOT NULL, message TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS rollouts(key TEXT PRIMARY KEY, state TEXT NOT NULL);
              INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', '1');",
         )
         .map_err(wrap)?;
@@ -125,6 +130,43 @@ impl Store {
         )
         .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))
+    }
+
+    pub fn load_rollouts(&self) -> Result<BTreeMap<String, NodeRollout>, StoreError> {
+        let c = self.lock();
+        let mut stmt = c.prepare("SELECT key, state FROM rollouts").map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        let mut out = BTreeMap::new();
+        for (key, state) in rows {
+            let st = serde_json::from_str(&state).map_err(|source| StoreError::Decode {
+                key: key.clone(),
+                source,
+            })?;
+            out.insert(key, st);
+        }
+        Ok(out)
+    }
+
+    pub fn save_rollout(&self, key: &str, st: &NodeRollout) -> Result<(), StoreError> {
+        let json = serde_json::to_string(st).expect("serializable");
+        self.lock()
+            .execute(
+                "INSERT OR REPLACE INTO rollouts(key, state) VALUES (?1, ?2)",
+                params![key, json],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn delete_rollout(&self, key: &str) -> Result<(), StoreError> {
+        self.lock()
+            .execute("DELETE FROM rollouts WHERE key = ?1", params![key])
+            .map(|_| ())
+            .map_err(|e| self.err(e))
     }
 
     pub fn unit_restarts(&self) -> Result<BTreeMap<String, (String, u32)>, StoreError> {
@@ -224,6 +266,8 @@ mod tests {
             grace_seconds: 1,
             containers: vec![],
             volumes: vec![],
+            min_ready_seconds: 0,
+            progress_deadline_seconds: 600,
         }
     }
 
@@ -258,5 +302,17 @@ mod tests {
         s.ack_events(2).unwrap();
         // sequence numbers are never reused, even when the outbox is empty
         assert_eq!(s.push_event(12, None, "x", "y").unwrap(), 3);
+        // rollout state round-trips
+        let st = NodeRollout {
+            good: Some(spec("b", "h2")),
+            since: 5,
+            ..Default::default()
+        };
+        s.save_rollout("b", &st).unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.load_rollouts().unwrap()["b"], st);
+        s.delete_rollout("b").unwrap();
+        assert!(s.load_rollouts().unwrap().is_empty());
     }
 }

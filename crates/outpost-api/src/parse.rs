@@ -162,10 +162,25 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
         Object::Deployment(d) => {
             validate_selector(ctx, d.spec.selector.as_ref(), &d.spec.template);
             validate_pod(ctx, "spec.template.spec", &d.spec.template.spec);
+            validate_strategy(
+                ctx,
+                "spec.strategy",
+                d.spec.strategy.as_ref(),
+                &["Recreate", "RollingUpdate"],
+            );
+            if d.spec.progress_deadline_seconds == Some(0) {
+                ctx.err("spec.progressDeadlineSeconds", "must be at least 1");
+            }
         }
         Object::DaemonSet(d) => {
             validate_selector(ctx, d.spec.selector.as_ref(), &d.spec.template);
             validate_pod(ctx, "spec.template.spec", &d.spec.template.spec);
+            validate_strategy(
+                ctx,
+                "spec.updateStrategy",
+                d.spec.update_strategy.as_ref(),
+                &["OnDelete", "RollingUpdate"],
+            );
         }
         Object::ConfigMap(c) => {
             for (k, v) in &c.binary_data {
@@ -254,6 +269,97 @@ fn validate_selector(ctx: &mut Ctx, sel: Option<&LabelSelector>, template: &PodT
                 "the selector does not match spec.template.metadata.labels; a workload must select its own pods",
             );
         }
+    }
+}
+
+fn validate_strategy(ctx: &mut Ctx, at: &str, s: Option<&DeploymentStrategy>, allowed: &[&str]) {
+    let Some(s) = s else { return };
+    if let Some(t) = s.type_.as_deref() {
+        if !allowed.contains(&t) {
+            ctx.err(
+                format!("{at}.type"),
+                format!("{t:?} is not one of {}", allowed.join(", ")),
+            );
+        } else if t == "OnDelete" {
+            ctx.err(
+                format!("{at}.type"),
+                "OnDelete is not supported: outpost updates every node it schedules to",
+            );
+        }
+    }
+    if s.rolling_update.is_some() {
+        ctx.warn(
+            format!("{at}.rollingUpdate"),
+            "accepted but not used: on a node, process workloads are replaced stop-old-then-start-new \
+             (each node runs one copy), with automatic rollback if the new revision fails its health gate",
+        );
+    }
+}
+
+/// Resolve a probe port (number or container port name).
+pub fn probe_port(port: &Value, c: &Container) -> Result<u16, String> {
+    match port {
+        Value::Number(n) => n
+            .as_u64()
+            .filter(|p| (1..=65535).contains(p))
+            .map(|p| p as u16)
+            .ok_or_else(|| format!("{n} is not a port between 1 and 65535")),
+        Value::String(s) => match s.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(p),
+            _ => c
+                .ports
+                .iter()
+                .find(|p| p.name.as_deref() == Some(s.as_str()))
+                .map(|p| p.container_port)
+                .ok_or_else(|| format!("no container port named {s:?}")),
+        },
+        other => Err(format!("{other} is not a port number or name")),
+    }
+}
+
+fn validate_probe(ctx: &mut Ctx, f: &str, p: &Probe, c: &Container, kind: &str) {
+    let n = p.http_get.is_some() as u8 + p.tcp_socket.is_some() as u8 + p.exec.is_some() as u8;
+    if n != 1 {
+        ctx.err(f, "a probe needs exactly one of httpGet, tcpSocket or exec");
+    }
+    if let Some(h) = &p.http_get {
+        if let Err(e) = probe_port(&h.port, c) {
+            ctx.err(format!("{f}.httpGet.port"), e);
+        }
+        if let Some(s) = h.scheme.as_deref() {
+            if s != "HTTP" {
+                ctx.err(
+                    format!("{f}.httpGet.scheme"),
+                    format!("{s:?} is not supported; outpost probes use HTTP"),
+                );
+            }
+        }
+        if h.path.as_deref().is_some_and(|p| !p.starts_with('/')) {
+            ctx.err(format!("{f}.httpGet.path"), "must start with /");
+        }
+    }
+    if let Some(t) = &p.tcp_socket {
+        if let Err(e) = probe_port(&t.port, c) {
+            ctx.err(format!("{f}.tcpSocket.port"), e);
+        }
+    }
+    if let Some(e) = &p.exec {
+        if e.command.is_empty() {
+            ctx.err(format!("{f}.exec.command"), "must name a command to run");
+        }
+    }
+    for (name, v) in [
+        ("periodSeconds", p.period_seconds),
+        ("timeoutSeconds", p.timeout_seconds),
+        ("failureThreshold", p.failure_threshold),
+        ("successThreshold", p.success_threshold),
+    ] {
+        if v == Some(0) {
+            ctx.err(format!("{f}.{name}"), "must be at least 1");
+        }
+    }
+    if kind != "readinessProbe" && p.success_threshold.is_some_and(|s| s != 1) {
+        ctx.err(format!("{f}.successThreshold"), format!("must be 1 for a {kind}"));
     }
 }
 
@@ -418,6 +524,15 @@ fn validate_pod(ctx: &mut Ctx, at: &str, pod: &PodSpec) {
                     format!("{f}.resources.requests"),
                     "accepted but not used: outpost does not schedule by requests; limits are enforced",
                 );
+            }
+        }
+        for (kind, p) in [
+            ("startupProbe", &c.startup_probe),
+            ("livenessProbe", &c.liveness_probe),
+            ("readinessProbe", &c.readiness_probe),
+        ] {
+            if let Some(p) = p {
+                validate_probe(ctx, &format!("{f}.{kind}"), p, c, kind);
             }
         }
         let mut paths = BTreeSet::new();

@@ -115,6 +115,54 @@ pub struct WorkloadSpec {
     pub grace_seconds: u64,
     pub containers: Vec<ContainerSpec>,
     pub volumes: Vec<VolumeSpec>,
+    /// Health gate of an update on the node: Ready continuously for this long...
+    #[serde(default = "default_min_ready")]
+    pub min_ready_seconds: u64,
+    /// ...within this long after the new revision started, or it is rolled back.
+    #[serde(default = "default_progress_deadline")]
+    pub progress_deadline_seconds: u64,
+}
+
+/// outpost's default `minReadySeconds` (Kubernetes' is 0): a revision must stay Ready this
+/// long before it becomes a node's last-known-good, so a crash shortly after start is caught.
+pub const DEFAULT_MIN_READY_SECS: u64 = 10;
+/// Kubernetes' default `progressDeadlineSeconds`.
+pub const DEFAULT_PROGRESS_DEADLINE_SECS: u64 = 600;
+
+fn default_min_ready() -> u64 {
+    DEFAULT_MIN_READY_SECS
+}
+fn default_progress_deadline() -> u64 {
+    DEFAULT_PROGRESS_DEADLINE_SECS
+}
+
+/// A probe as the agent runs it (ports resolved to numbers, Kubernetes defaults filled in).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProbeSpec {
+    pub action: ProbeAction,
+    pub initial_delay_seconds: u64,
+    pub period_seconds: u64,
+    pub timeout_seconds: u64,
+    pub failure_threshold: u32,
+    pub success_threshold: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ProbeAction {
+    HttpGet {
+        host: String,
+        port: u16,
+        path: String,
+        headers: Vec<(String, String)>,
+    },
+    TcpSocket {
+        host: String,
+        port: u16,
+    },
+    Exec {
+        command: Vec<String>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -129,6 +177,12 @@ pub struct ContainerSpec {
     pub cpu_millis: Option<u64>,
     pub memory_bytes: Option<u64>,
     pub mounts: Vec<MountSpec>,
+    #[serde(default)]
+    pub startup_probe: Option<ProbeSpec>,
+    #[serde(default)]
+    pub liveness_probe: Option<ProbeSpec>,
+    #[serde(default)]
+    pub readiness_probe: Option<ProbeSpec>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -219,15 +273,54 @@ pub struct ContainerStatus {
     pub reason: Option<String>,
     /// Unix ms when the current process started.
     pub started_at: Option<i64>,
+    /// Started (startup probe passed) and readiness probe passing (or none defined).
+    #[serde(default)]
+    pub ready: bool,
+    /// The last probe failure: `liveness probe failed: HTTP 500 from http://127.0.0.1:8080/healthz`.
+    #[serde(default)]
+    pub probe_failure: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WorkloadStatus {
     pub key: String,
+    /// The revision running on the node (the last-known-good after a rollback).
     pub revision: u64,
     pub hash: String,
     pub phase: Phase,
     pub containers: Vec<ContainerStatus>,
+    /// Every container ready.
+    #[serde(default)]
+    pub ready: bool,
+    /// The update state of this workload on the node.
+    #[serde(default)]
+    pub rollout: Option<RolloutStatus>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RolloutState {
+    /// The desired revision is running and passed its health gate: it is the last-known-good.
+    Complete,
+    /// The desired revision runs and is being gated.
+    Progressing,
+    /// The desired revision failed its gate; the last-known-good runs again.
+    RolledBack,
+    /// The desired revision failed its gate and there is no last-known-good to return to.
+    Failed,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    pub state: RolloutState,
+    /// The revision the hub asked for.
+    pub target_revision: u64,
+    pub target_hash: String,
+    /// The node's last-known-good revision, if any.
+    pub good_revision: Option<u64>,
+    /// Why the target failed: probe failure text, exit code, last log lines.
+    pub reason: Option<String>,
+    /// Unix ms of the last state change.
+    pub since: i64,
 }
 
 /// Something that happened on the node, kept durably until the hub acknowledges it.
@@ -291,6 +384,24 @@ pub struct ApplyResponse {
     pub results: Vec<ApplyResult>,
     #[serde(default)]
     pub warnings: Vec<Warning>,
+}
+
+/// One entry of `outpost rollout history`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RevisionInfo {
+    pub revision: u64,
+    pub template_hash: String,
+    pub created_at: i64,
+    /// `container=image` of each container, to tell revisions apart.
+    pub images: Vec<String>,
+    /// This revision is the current one.
+    pub current: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct UndoRequest {
+    /// Go back to this revision; default: the revision before the current one.
+    pub to_revision: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

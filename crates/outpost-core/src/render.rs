@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 
 use base64::Engine;
 use outpost_api::{
-    content_hash, parse_cpu, parse_memory, ConfigMap, ContainerSpec, Kind, ManifestError, MountSpec, Object, ObjectId,
-    PortSpec, RestartPolicy, Runtime, Secret, VolumeSource, VolumeSpec, WorkloadSpec, PROCESS_RUNTIME,
+    content_hash, parse_cpu, parse_memory, probe_port, ConfigMap, Container, ContainerSpec, Kind, ManifestError,
+    MountSpec, Object, ObjectId, PortSpec, Probe, ProbeAction, ProbeSpec, RestartPolicy, Runtime, Secret, VolumeSource,
+    VolumeSpec, WorkloadSpec, DEFAULT_MIN_READY_SECS, DEFAULT_PROGRESS_DEADLINE_SECS, PROCESS_RUNTIME,
 };
 
 /// Default grace period, as in Kubernetes.
@@ -174,6 +175,42 @@ pub fn references(obj: &Object, target: &ObjectId) -> bool {
     env_hit || vol_hit
 }
 
+/// A probe with ports resolved and Kubernetes' defaults filled in (period 10 s, timeout 1 s,
+/// failure threshold 3, success threshold 1). Probes reach the workload on 127.0.0.1 unless a
+/// host is given. Invalid probes were rejected at apply; one that still does not resolve is
+/// dropped here.
+fn probe_spec(p: &Probe, c: &Container) -> Option<ProbeSpec> {
+    let action = if let Some(h) = &p.http_get {
+        ProbeAction::HttpGet {
+            host: h.host.clone().unwrap_or_else(|| "127.0.0.1".into()),
+            port: probe_port(&h.port, c).ok()?,
+            path: h.path.clone().unwrap_or_else(|| "/".into()),
+            headers: h
+                .http_headers
+                .iter()
+                .map(|x| (x.name.clone(), x.value.clone()))
+                .collect(),
+        }
+    } else if let Some(t) = &p.tcp_socket {
+        ProbeAction::TcpSocket {
+            host: t.host.clone().unwrap_or_else(|| "127.0.0.1".into()),
+            port: probe_port(&t.port, c).ok()?,
+        }
+    } else {
+        ProbeAction::Exec {
+            command: p.exec.as_ref()?.command.clone(),
+        }
+    };
+    Some(ProbeSpec {
+        action,
+        initial_delay_seconds: p.initial_delay_seconds.unwrap_or(0) as u64,
+        period_seconds: p.period_seconds.unwrap_or(10).max(1) as u64,
+        timeout_seconds: p.timeout_seconds.unwrap_or(1).max(1) as u64,
+        failure_threshold: p.failure_threshold.unwrap_or(3).max(1),
+        success_threshold: p.success_threshold.unwrap_or(1).max(1),
+    })
+}
+
 /// Render a Deployment or DaemonSet at `revision`. Missing optional references are skipped;
 /// missing required ones were rejected at apply, and are skipped here too.
 pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<WorkloadSpec> {
@@ -244,6 +281,9 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
                         read_only: m.read_only,
                     })
                     .collect(),
+                startup_probe: c.startup_probe.as_ref().and_then(|p| probe_spec(p, c)),
+                liveness_probe: c.liveness_probe.as_ref().and_then(|p| probe_spec(p, c)),
+                readiness_probe: c.readiness_probe.as_ref().and_then(|p| probe_spec(p, c)),
             }
         })
         .collect();
@@ -286,6 +326,11 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
             }
         })
         .collect();
+    let (min_ready, deadline) = match obj {
+        Object::Deployment(d) => (d.spec.min_ready_seconds, d.spec.progress_deadline_seconds),
+        Object::DaemonSet(d) => (d.spec.min_ready_seconds, None),
+        _ => (None, None),
+    };
     let id = obj.id();
     let mut spec = WorkloadSpec {
         key: workload_key(&id),
@@ -302,6 +347,8 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
             .unwrap_or(DEFAULT_GRACE_SECS),
         containers,
         volumes,
+        min_ready_seconds: min_ready.map_or(DEFAULT_MIN_READY_SECS, u64::from),
+        progress_deadline_seconds: deadline.map_or(DEFAULT_PROGRESS_DEADLINE_SECS, u64::from),
     };
     spec.hash = content_hash(&spec);
     Some(spec)

@@ -53,6 +53,9 @@ pub struct Unit {
     pub done: Option<Phase>,
     /// Set once SIGTERM was sent: (SIGKILL deadline, SIGKILL sent).
     pub stopping: Option<(UnixMs, bool)>,
+    /// Set when the agent stops the process because it is unhealthy (a failed liveness or
+    /// startup probe): its exit then counts as a failure with this reason, not as a stop.
+    pub kill_reason: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,12 +80,20 @@ pub fn decide(
     let mut wake: Option<UnixMs> = None;
     let mut wake_at = |t: UnixMs| wake = Some(wake.map_or(t, |w| w.min(t)));
     for (id, u) in units {
-        let wanted = desired.get(id).filter(|d| d.runnable && d.hash == u.hash);
-        if wanted.is_some() {
+        // A stop in progress (spec change, removal, or a failed probe): SIGKILL after the grace.
+        if let (Some(pid), Some((deadline, killed))) = (u.pid, u.stopping) {
+            if !killed && now >= deadline {
+                actions.push(Action::Kill { unit: id.clone(), pid });
+            } else if !killed {
+                wake_at(deadline);
+            }
             continue;
         }
-        match (u.pid, u.stopping) {
-            (Some(pid), None) => {
+        if desired.get(id).is_some_and(|d| d.runnable && d.hash == u.hash) {
+            continue;
+        }
+        match u.pid {
+            Some(pid) => {
                 actions.push(Action::Terminate {
                     unit: id.clone(),
                     pid,
@@ -90,14 +101,7 @@ pub fn decide(
                 });
                 wake_at(now + u.grace_ms);
             }
-            (Some(pid), Some((deadline, killed))) => {
-                if !killed && now >= deadline {
-                    actions.push(Action::Kill { unit: id.clone(), pid });
-                } else if !killed {
-                    wake_at(deadline);
-                }
-            }
-            (None, _) => {
+            None => {
                 if !desired.get(id).is_some_and(|d| d.runnable) {
                     actions.push(Action::Forget { unit: id.clone() });
                 }
@@ -132,17 +136,22 @@ pub fn decide(
 pub fn on_exit(u: &mut Unit, code: Option<i32>, signal: Option<i32>, policy: RestartPolicy, now: UnixMs) {
     u.pid = None;
     u.last_exit_code = code;
+    let mut forced = None;
     if u.stopping.take().is_some() {
-        u.reason = Some("Stopped".into());
-        u.next_start_at = None;
-        return;
+        forced = u.kill_reason.take();
+        if forced.is_none() {
+            u.reason = Some("Stopped".into());
+            u.next_start_at = None;
+            return;
+        }
     }
     let ran = u.started_at.map_or(0, |s| now - s);
     if ran >= BACKOFF_RESET_MS {
         u.consecutive_failures = 0;
     }
-    let success = code == Some(0);
+    let success = code == Some(0) && forced.is_none();
     u.reason = Some(match (code, signal) {
+        _ if forced.is_some() => format!("Unhealthy: {}", forced.unwrap_or_default()),
         (Some(0), _) => "Completed".into(),
         (Some(c), _) => format!("Error: exited with code {c}"),
         (None, Some(s)) => format!("Killed by signal {s}"),
@@ -384,6 +393,41 @@ mod tests {
         assert_eq!(u.restarts, 0);
         assert_eq!(u.next_start_at, None);
         assert_eq!(u.stopping, None);
+    }
+
+    #[test]
+    fn unhealthy_kill_counts_as_a_failure() {
+        let mut u = Unit {
+            stopping: Some((10, false)),
+            kill_reason: Some("liveness probe failed 3 times: HTTP 500".into()),
+            ..running("h", 1)
+        };
+        on_exit(&mut u, None, Some(15), RestartPolicy::Always, 5);
+        assert_eq!(u.restarts, 1);
+        assert_eq!(u.next_start_at, Some(5 + BACKOFF_BASE_MS));
+        assert_eq!(
+            u.reason.as_deref(),
+            Some("Unhealthy: liveness probe failed 3 times: HTTP 500")
+        );
+        // while a wanted unit is being stopped for being unhealthy, the grace period still applies
+        let desired = [("a".to_string(), d("h"))].into_iter().collect();
+        let stopping = [(
+            "a".to_string(),
+            Unit {
+                stopping: Some((100, false)),
+                ..running("h", 7)
+            },
+        )]
+        .into_iter()
+        .collect();
+        assert_eq!(decide(&desired, &stopping, 50), (vec![], Some(100)));
+        assert_eq!(
+            decide(&desired, &stopping, 100).0,
+            vec![Action::Kill {
+                unit: "a".into(),
+                pid: 7
+            }]
+        );
     }
 
     #[test]

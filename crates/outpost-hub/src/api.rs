@@ -10,9 +10,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use outpost_api::{
-    ApplyRequest, ApplyResponse, DeleteResponse, JoinRequest, JoinResponse, JoinToken, Kind, NodeInfo, Object,
-    ObjectId, Phase, Placement, RenewRequest, RenewResponse, Runtime, StatusAck, StatusReport, TokenRequest,
-    TokenResponse, UnixMs, WorkloadInfo, WorkloadStatus, PROCESS_RUNTIME,
+    ApplyRequest, ApplyResponse, ApplyResult, DeleteResponse, JoinRequest, JoinResponse, JoinToken, Kind, NodeInfo,
+    Object, ObjectId, Phase, Placement, RenewRequest, RenewResponse, RevisionInfo, Runtime, StatusAck, StatusReport,
+    TokenRequest, TokenResponse, UndoRequest, UnixMs, WorkloadInfo, WorkloadStatus, PROCESS_RUNTIME,
 };
 use outpost_core::render::workload_key;
 use outpost_core::schedule::selector_matches;
@@ -345,7 +345,7 @@ fn workload_info(
             let status = view.statuses.get(&(r.node.clone(), key.clone())).cloned();
             if status
                 .as_ref()
-                .is_some_and(|s| s.phase == Phase::Running && s.hash == r.hash)
+                .is_some_and(|s| s.phase == Phase::Running && s.ready && s.hash == r.hash)
             {
                 ready += 1;
             }
@@ -383,6 +383,86 @@ fn workload_info(
         note,
         manifest: serde_json::to_value(o).unwrap_or_default(),
     })
+}
+
+pub async fn revisions(
+    State(st): St,
+    _: Admin,
+    Path((kind, namespace, name)): Path<(String, String, String)>,
+) -> Result<Json<Vec<RevisionInfo>>, HubError> {
+    let id = object_id(&kind, namespace, name)?;
+    let lookup = id.clone();
+    let (obj, revs) = st.db(move |s| Ok((s.object(&lookup)?, s.revisions(&lookup)?))).await?;
+    let obj = obj.ok_or_else(|| HubError::NotFound(id.to_string()))?;
+    Ok(Json(
+        revs.into_iter()
+            .map(|r| RevisionInfo {
+                revision: r.revision,
+                current: r.revision == obj.revision,
+                images: r
+                    .template
+                    .spec
+                    .containers
+                    .iter()
+                    .map(|c| format!("{}={}", c.name, c.image.as_deref().unwrap_or("-")))
+                    .collect(),
+                template_hash: r.template_hash,
+                created_at: r.created_at,
+            })
+            .collect(),
+    ))
+}
+
+/// `outpost rollout undo`: the pod template of an earlier revision becomes a new revision, as
+/// in Kubernetes. Goes through the same checks as an apply.
+pub async fn undo(
+    State(st): St,
+    _: Admin,
+    Path((kind, namespace, name)): Path<(String, String, String)>,
+    ApiJson(req): ApiJson<UndoRequest>,
+) -> Result<Json<ApplyResult>, HubError> {
+    let id = object_id(&kind, namespace, name)?;
+    let _guard = st.write_lock.lock().await;
+    let lookup = id.clone();
+    let (obj, revs) = st.db(move |s| Ok((s.object(&lookup)?, s.revisions(&lookup)?))).await?;
+    let obj = obj.ok_or_else(|| HubError::NotFound(id.to_string()))?;
+    let current_hash = obj.template_hash.clone().unwrap_or_default();
+    let target = match req.to_revision {
+        Some(n) => revs.iter().find(|r| r.revision == n).ok_or_else(|| {
+            HubError::BadRequest(format!(
+                "{id} has no revision {n}; see `outpost rollout history {} {}`",
+                id.kind.as_str().to_ascii_lowercase(),
+                id.name
+            ))
+        })?,
+        None => revs
+            .iter()
+            .rev()
+            .find(|r| r.revision < obj.revision && r.template_hash != current_hash)
+            .ok_or_else(|| HubError::BadRequest(format!("{id} has no earlier revision to go back to")))?,
+    };
+    let mut object = obj.object.clone();
+    match &mut object {
+        Object::Deployment(d) => d.spec.template = target.template.clone(),
+        Object::DaemonSet(d) => d.spec.template = target.template.clone(),
+        _ => return Err(HubError::BadRequest(format!("{id} is not a workload"))),
+    }
+    let stored = st.db(|s| s.objects()).await?;
+    let errors = validate::check_references(std::slice::from_ref(&object), stored.into_iter().map(|o| o.object));
+    if !errors.is_empty() {
+        return Err(HubError::InvalidManifest(errors));
+    }
+    let now = now_ms();
+    let from = target.revision;
+    let mut results = st.db(move |s| s.apply(&[object], now)).await?;
+    let result = results
+        .pop()
+        .ok_or_else(|| HubError::Internal("apply returned nothing".into()))?;
+    tracing::info!(object = %id, from_revision = from, revision = ?result.revision, "rollout undone");
+    if result.action != "unchanged" {
+        reschedule_after_commit(&st, now).await;
+    }
+    Ok(Json(result))
 }
 
 pub async fn get_object(

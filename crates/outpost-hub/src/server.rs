@@ -127,6 +127,8 @@ pub fn router(state: Arc<HubState>) -> Router {
             "/v1/objects/{kind}/{namespace}/{name}",
             get(api::get_object).delete(api::delete_object),
         )
+        .route("/v1/objects/{kind}/{namespace}/{name}/revisions", get(api::revisions))
+        .route("/v1/objects/{kind}/{namespace}/{name}/undo", post(api::undo))
         .route("/v1/workloads", get(api::workloads))
         .route("/v1/nodes", get(api::nodes))
         .route("/v1/nodes/{node}", get(api::node).delete(api::delete_node))

@@ -127,6 +127,15 @@ pub struct StoredObject {
     pub updated_at: UnixMs,
 }
 
+/// One revision of a workload's pod template.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RevisionRow {
+    pub revision: u64,
+    pub template_hash: String,
+    pub created_at: UnixMs,
+    pub template: outpost_api::PodTemplate,
+}
+
 /// One row of a node's desired state.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DesiredRow {
@@ -198,8 +207,8 @@ pub trait Store: Send + Sync + 'static {
     fn object(&self, id: &ObjectId) -> Result<Option<StoredObject>>;
     /// Delete in one transaction; returns (deleted, not found).
     fn delete_objects(&self, ids: &[ObjectId]) -> Result<(Vec<ObjectId>, Vec<ObjectId>)>;
-    /// Revision history of a workload: (revision, template hash, created_at).
-    fn revisions(&self, id: &ObjectId) -> Result<Vec<(u64, String, UnixMs)>>;
+    /// Revision history of a workload, oldest first.
+    fn revisions(&self, id: &ObjectId) -> Result<Vec<RevisionRow>>;
     fn schedule_inputs(&self) -> Result<ScheduleInputs>;
     /// Write a plan in one transaction; returns the new generation of every node that changed.
     fn commit_plan(&self, plan: &Plan) -> Result<BTreeMap<String, u64>>;
@@ -765,18 +774,27 @@ impl Store for SqliteStore {
         Ok((deleted, missing))
     }
 
-    fn revisions(&self, id: &ObjectId) -> Result<Vec<(u64, String, UnixMs)>> {
+    fn revisions(&self, id: &ObjectId) -> Result<Vec<RevisionRow>> {
         let conn = self.conn()?;
         let mut st = conn.prepare(
-            "SELECT revision, template_hash, created_at FROM revisions
+            "SELECT revision, template_hash, created_at, template FROM revisions
              WHERE kind = ?1 AND namespace = ?2 AND name = ?3 ORDER BY revision",
         )?;
         let rows = st
             .query_map(params![id.kind.as_str(), id.namespace, id.name], |r| {
-                Ok((u(r.get(0)?), r.get(1)?, r.get(2)?))
+                Ok((u(r.get(0)?), r.get(1)?, r.get(2)?, r.get::<_, String>(3)?))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(rows)
+        rows.into_iter()
+            .map(|(revision, template_hash, created_at, t)| {
+                Ok(RevisionRow {
+                    revision,
+                    template_hash,
+                    created_at,
+                    template: serde_json::from_str(&t)?,
+                })
+            })
+            .collect()
     }
 
     fn schedule_inputs(&self) -> Result<ScheduleInputs> {
@@ -980,6 +998,8 @@ mod tests {
             grace_seconds: 30,
             containers: vec![],
             volumes: vec![],
+            min_ready_seconds: 0,
+            progress_deadline_seconds: 600,
         }
     }
 
@@ -1050,7 +1070,7 @@ mod tests {
         let r = s.apply(&dep(2, "nginx:2"), 3)?;
         assert_eq!((r[0].action.as_str(), r[0].revision), ("configured", Some(2)));
         let id = dep(1, "x")[0].id();
-        assert_eq!(s.revisions(&id)?.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(s.revisions(&id)?.iter().map(|r| r.revision).collect::<Vec<_>>(), [1, 2]);
         let stored = s.object(&id)?.expect("stored");
         assert_eq!((stored.created_at, stored.updated_at), (1, 3));
         Ok(())

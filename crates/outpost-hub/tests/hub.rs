@@ -421,7 +421,7 @@ async fn long_poll_answers_at_once_times_out_and_wakes_on_apply() -> Result<()> 
     assert_eq!(again.generation, delta.generation);
     assert!(t0.elapsed() < Duration::from_secs(5));
 
-    // Status: Running with the desired hash counts as ready; events are acknowledged.
+    // Status: Running and ready with the desired hash counts as ready; events are acknowledged.
     let spec = &delta.upsert[0];
     let st = WorkloadStatus {
         key: spec.key.clone(),
@@ -429,6 +429,8 @@ async fn long_poll_answers_at_once_times_out_and_wakes_on_apply() -> Result<()> 
         hash: spec.hash.clone(),
         phase: Phase::Running,
         containers: vec![],
+        ready: true,
+        rollout: None,
     };
     let ev = |seq| NodeEvent {
         seq,

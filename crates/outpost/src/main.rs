@@ -60,8 +60,39 @@ enum Cmd {
         #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
     },
+    /// Revision history, undo, and per-node progress of workload updates.
+    Rollout {
+        #[command(subcommand)]
+        cmd: RolloutCmd,
+    },
     /// Start a hub and three agents on this machine with a sample app, and show what runs where.
     Demo(demo::DemoArgs),
+    /// Measure outpost: agent footprint, propagation, offline recovery, bandwidth, fleet scale (simulator).
+    Bench(outpost_bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum RolloutCmd {
+    /// List a workload's revisions.
+    History(RolloutTarget),
+    /// Go back to the previous revision (or --to-revision N): it becomes a new revision.
+    Undo {
+        #[command(flatten)]
+        target: RolloutTarget,
+        #[arg(long)]
+        to_revision: Option<u64>,
+    },
+    /// Per-node progress of the current revision: running, gated, rolled back, and why.
+    Status(RolloutTarget),
+}
+
+#[derive(Args)]
+struct RolloutTarget {
+    /// deployment | daemonset (may be omitted for `status`: deployments are tried first)
+    kind: String,
+    name: Option<String>,
+    #[arg(short = 'n', long, default_value = "default")]
+    namespace: String,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -328,7 +359,9 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Describe { kind, name, namespace } => {
             output::describe(&client::Client::from_env()?, &kind, &name, &namespace).await
         }
+        Cmd::Rollout { cmd } => output::rollout(&client::Client::from_env()?, cmd).await,
         Cmd::Demo(a) => demo::run(a).await,
+        Cmd::Bench(a) => outpost_bench::run(a).await,
     }
 }
 

@@ -6,7 +6,7 @@ use outpost_api::{Kind, NodeInfo, Placement, WorkloadInfo};
 use serde::Serialize;
 
 use crate::client::Client;
-use crate::Format;
+use crate::{Format, RolloutCmd, RolloutTarget};
 
 /// Plain column-aligned table.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
@@ -103,10 +103,17 @@ fn placement_row(p: &Placement) -> Vec<String> {
                 .filter_map(|c| c.reason.clone())
                 .next()
                 .unwrap_or_default();
-            let phase = if s.revision == p.desired_revision {
-                s.phase.as_str().to_string()
-            } else {
-                format!("{} (updating)", s.phase.as_str())
+            let rolled = s.rollout.as_ref().filter(|r| {
+                r.target_revision == p.desired_revision
+                    && matches!(
+                        r.state,
+                        outpost_api::RolloutState::RolledBack | outpost_api::RolloutState::Failed
+                    )
+            });
+            let phase = match rolled {
+                Some(r) => format!("{:?} (running revision {})", r.state, s.revision),
+                None if s.revision != p.desired_revision => format!("{} (updating)", s.phase.as_str()),
+                None => s.phase.as_str().to_string(),
             };
             (
                 phase,
@@ -274,7 +281,11 @@ pub async fn describe(c: &Client, kind: &str, name: &str, ns: &str) -> Result<()
                         ct.restarts.to_string(),
                         ct.pid.map_or("-".into(), |p| p.to_string()),
                         ct.last_exit_code.map_or("-".into(), |c| c.to_string()),
-                        ct.reason.clone().unwrap_or_default(),
+                        if ct.ready { "yes".into() } else { "no".into() },
+                        ct.probe_failure
+                            .clone()
+                            .or_else(|| ct.reason.clone())
+                            .unwrap_or_default(),
                     ]
                 })
             })
@@ -290,11 +301,28 @@ pub async fn describe(c: &Client, kind: &str, name: &str, ns: &str) -> Result<()
                     "RESTARTS",
                     "PID",
                     "LAST EXIT",
+                    "READY",
                     "REASON"
                 ],
                 &rows
             ))
         );
+        for w in &n.workloads {
+            if let Some(r) = w
+                .rollout
+                .as_ref()
+                .filter(|r| r.state != outpost_api::RolloutState::Complete)
+            {
+                println!(
+                    "Update of {}: {:?} (wanted revision {}, running {}){}",
+                    w.key,
+                    r.state,
+                    r.target_revision,
+                    w.revision,
+                    r.reason.as_ref().map(|x| format!(": {x}")).unwrap_or_default()
+                );
+            }
+        }
         print_events(&n.events);
         return Ok(());
     }
@@ -322,6 +350,123 @@ pub async fn describe(c: &Client, kind: &str, name: &str, ns: &str) -> Result<()
         "{}",
         indent(&table(PLACEMENT_HEADERS, &placement_rows(std::slice::from_ref(&w))))
     );
+    Ok(())
+}
+
+/// `(kind, name)` from `rollout status NAME` or `rollout status KIND NAME`.
+async fn rollout_object(c: &Client, t: &RolloutTarget) -> Result<(Kind, String)> {
+    match &t.name {
+        Some(name) => {
+            let Some(k) = Kind::parse_cli(&t.kind).filter(|k| k.is_workload()) else {
+                bail!("{:?} is not a workload kind: use deployment or daemonset", t.kind);
+            };
+            Ok((k, name.clone()))
+        }
+        None => {
+            for k in [Kind::Deployment, Kind::DaemonSet] {
+                let path = format!(
+                    "/v1/objects/{}/{}/{}",
+                    k.as_str().to_ascii_lowercase(),
+                    t.namespace,
+                    t.kind
+                );
+                if c.get::<serde_json::Value>(&path).await.is_ok() {
+                    return Ok((k, t.kind.clone()));
+                }
+            }
+            bail!(
+                "no deployment or daemonset named {:?} in namespace {}",
+                t.kind,
+                t.namespace
+            )
+        }
+    }
+}
+
+pub async fn rollout(c: &Client, cmd: RolloutCmd) -> Result<()> {
+    let (t, undo_to, what) = match &cmd {
+        RolloutCmd::History(t) => (t, None, "history"),
+        RolloutCmd::Undo { target, to_revision } => (target, *to_revision, "undo"),
+        RolloutCmd::Status(t) => (t, None, "status"),
+    };
+    let (kind, name) = rollout_object(c, t).await?;
+    let base = format!(
+        "/v1/objects/{}/{}/{name}",
+        kind.as_str().to_ascii_lowercase(),
+        t.namespace
+    );
+    match what {
+        "history" => {
+            let revs: Vec<outpost_api::RevisionInfo> = c.get(&format!("{base}/revisions")).await?;
+            let rows: Vec<Vec<String>> = revs
+                .iter()
+                .map(|r| {
+                    vec![
+                        format!("{}{}", r.revision, if r.current { " (current)" } else { "" }),
+                        age(Some(r.created_at)),
+                        r.template_hash.clone(),
+                        r.images.join(","),
+                    ]
+                })
+                .collect();
+            print!("{}", table(&["REVISION", "AGE", "TEMPLATE HASH", "IMAGES"], &rows));
+        }
+        "undo" => {
+            let r: outpost_api::ApplyResult = c
+                .post(
+                    &format!("{base}/undo"),
+                    &outpost_api::UndoRequest { to_revision: undo_to },
+                )
+                .await?;
+            println!(
+                "{} rolled back ({}, now revision {})",
+                r.object,
+                r.action,
+                r.revision.unwrap_or_default()
+            );
+        }
+        _ => {
+            let w: WorkloadInfo = c.get(&base).await?;
+            println!(
+                "{} {}/{}: revision {}, {} of {} ready",
+                w.kind, w.namespace, w.name, w.revision, w.ready, w.desired
+            );
+            let rows: Vec<Vec<String>> = w
+                .placements
+                .iter()
+                .map(|p| {
+                    let s = p.status.as_ref();
+                    let ro = s.and_then(|s| s.rollout.as_ref());
+                    let state = match (s, ro) {
+                        (None, _) => "Pending".to_string(),
+                        (Some(_), Some(r)) if r.target_revision != p.desired_revision => "Updating".to_string(),
+                        (Some(_), Some(r)) => format!("{:?}", r.state),
+                        (Some(s), None) => s.phase.as_str().to_string(),
+                    };
+                    let reason = ro
+                        .and_then(|r| r.reason.clone())
+                        .or_else(|| s.and_then(|s| s.containers.iter().find_map(|c| c.probe_failure.clone())))
+                        .unwrap_or_default();
+                    vec![
+                        p.node.clone(),
+                        p.node_status.clone(),
+                        p.desired_revision.to_string(),
+                        s.map_or("-".into(), |s| s.revision.to_string()),
+                        state,
+                        s.map_or("-".into(), |s| if s.ready { "yes".into() } else { "no".into() }),
+                        reason,
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &["NODE", "NODE STATUS", "WANTED", "RUNNING", "STATE", "READY", "REASON"],
+                    &rows
+                )
+            );
+        }
+    }
     Ok(())
 }
 

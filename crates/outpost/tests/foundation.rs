@@ -418,8 +418,8 @@ fn bad_manifests_are_rejected_with_field_and_nothing_is_stored() {
         ("kind: Deployment\napiVersion: apps/v1\nmetadata: {name: [x\n", "not valid YAML"),
         ("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n", "kind: Pod is not supported"),
         (
-            "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: d}\nspec: {template: {spec: {containers: [{name: a, image: x, livenessProbe: {}}]}}}\n",
-            "containers[0].livenessProbe: unknown field",
+            "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: d}\nspec: {template: {spec: {containers: [{name: a, image: x, lifecycle: {}}]}}}\n",
+            "containers[0].lifecycle: unknown field",
         ),
         (
             "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: d}\nspec: {template: {spec: {containers: [{name: a, image: x, env: [{name: E, valueFrom: {configMapKeyRef: {name: missing, key: k}}}]}]}}}\n",

@@ -1,0 +1,190 @@
+//! Bandwidth: bytes between one real agent and the hub, through a counting TCP proxy (agent ->
+//! proxy -> hub; TLS passes through untouched and verifies because the hub certificate covers
+//! 127.0.0.1). Counts TLS bytes, i.e. TCP payload; IP/TCP headers are estimated separately.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::harness::{self, count_sleepers, HubProc};
+use crate::stats::bytes;
+use crate::table;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct BandwidthArgs {
+    /// Seconds to let the agent connect, sync and report before counting.
+    #[arg(long, default_value_t = 40)]
+    pub warmup_secs: u64,
+    /// Length of the counting window, seconds (the long-poll is 30 s, the heartbeat 60 s).
+    #[arg(long, default_value_t = 300)]
+    pub secs: u64,
+    /// Process workloads running (healthy) on the node.
+    #[arg(long, default_value_t = 10)]
+    pub workloads: usize,
+}
+
+/// Byte and segment counters of a [`CountingProxy`].
+#[derive(Default, Debug)]
+pub struct Counters {
+    /// agent -> hub payload bytes
+    pub up: AtomicU64,
+    /// hub -> agent payload bytes
+    pub down: AtomicU64,
+    /// read() chunks each way: a lower bound on data segments
+    pub up_chunks: AtomicU64,
+    pub down_chunks: AtomicU64,
+    pub connections: AtomicU64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> [u64; 5] {
+        [
+            self.up.load(Ordering::Relaxed),
+            self.down.load(Ordering::Relaxed),
+            self.up_chunks.load(Ordering::Relaxed),
+            self.down_chunks.load(Ordering::Relaxed),
+            self.connections.load(Ordering::Relaxed),
+        ]
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 that forwards every connection to `target` and counts bytes.
+pub struct CountingProxy {
+    pub port: u16,
+    pub counters: Arc<Counters>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    n: &AtomicU64,
+    chunks: &AtomicU64,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(k) => {
+                n.fetch_add(k as u64, Ordering::Relaxed);
+                chunks.fetch_add(1, Ordering::Relaxed);
+                if to.write_all(&buf[..k]).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+impl CountingProxy {
+    pub async fn start(target: std::net::SocketAddr) -> Result<CountingProxy> {
+        let l = TcpListener::bind("127.0.0.1:0").await?;
+        let port = l.local_addr()?.port();
+        let counters = Arc::new(Counters::default());
+        let c = counters.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = l.accept().await {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    c.connections.fetch_add(1, Ordering::Relaxed);
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::join!(pump(cr, sw, &c.up, &c.up_chunks), pump(sr, cw, &c.down, &c.down_chunks));
+                });
+            }
+        });
+        Ok(CountingProxy { port, counters, task })
+    }
+}
+
+/// Bytes in a window scaled to an hour and a 30.4-day month.
+pub fn per_hour_and_month(bytes_in_window: u64, secs: f64) -> (f64, f64) {
+    let h = bytes_in_window as f64 * 3600.0 / secs;
+    (h, h * 730.0)
+}
+
+pub async fn bandwidth(a: BandwidthArgs, work: &std::path::Path) -> Result<String> {
+    let hub = HubProc::start(work).await?;
+    let token = hub.join_token(1).await?;
+    let mut agent = hub.join("bandwidth-1", &token).await?;
+    let (yaml, args) = harness::sleepers(a.workloads, crate::marker_base() + 700);
+    if a.workloads > 0 {
+        hub.apply(&yaml).await?;
+    }
+    let proxy = CountingProxy::start(([127, 0, 0, 1], hub.port).into()).await?;
+    agent.start(Some(&format!("https://127.0.0.1:{}", proxy.port)))?;
+    let n = a.workloads;
+    harness::wait_for(
+        "workloads running",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || (count_sleepers(&args) == n).then_some(()),
+    )
+    .await?;
+    eprintln!("bandwidth: warm-up {} s, window {} s", a.warmup_secs, a.secs);
+    tokio::time::sleep(Duration::from_secs(a.warmup_secs)).await;
+    let s0 = proxy.counters.snapshot();
+    tokio::time::sleep(Duration::from_secs(a.secs)).await;
+    let s1 = proxy.counters.snapshot();
+    drop(agent);
+    let d: Vec<u64> = s0.iter().zip(s1.iter()).map(|(a, b)| b - a).collect();
+    let secs = a.secs as f64;
+    let (up_h, up_m) = per_hour_and_month(d[0], secs);
+    let (down_h, down_m) = per_hour_and_month(d[1], secs);
+    let (tot_h, tot_m) = per_hour_and_month(d[0] + d[1], secs);
+    // IPv4 + TCP with timestamps = 52 B per packet; assume one ACK per data chunk
+    let overhead = (d[2] + d[3]) * 2 * 52;
+    let (wire_h, wire_m) = per_hour_and_month(d[0] + d[1] + overhead, secs);
+    let rows = vec![
+        vec!["agent -> hub".into(), bytes(d[0] as f64), bytes(up_h), bytes(up_m)],
+        vec!["hub -> agent".into(), bytes(d[1] as f64), bytes(down_h), bytes(down_m)],
+        vec![
+            "both (TLS payload)".into(),
+            bytes((d[0] + d[1]) as f64),
+            bytes(tot_h),
+            bytes(tot_m),
+        ],
+        vec![
+            "both incl. est. IP/TCP headers + ACKs".into(),
+            bytes((d[0] + d[1] + overhead) as f64),
+            bytes(wire_h),
+            bytes(wire_m),
+        ],
+    ];
+    Ok(format!(
+        "Bandwidth, one agent idle and healthy ({n} process workloads running), window {} s after {} s warm-up; \
+         {} new TCP connections, {} data chunks up, {} down in the window\n\n{}",
+        a.secs,
+        a.warmup_secs,
+        d[4],
+        d[2],
+        d[3],
+        table(&["direction", "in window", "per hour", "per month (730 h)"], &rows)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scaling_to_hour_and_month() {
+        let (h, m) = per_hour_and_month(1000, 300.0);
+        assert_eq!(h, 12_000.0);
+        assert_eq!(m, 12_000.0 * 730.0);
+    }
+}

@@ -1,0 +1,127 @@
+//! `outpost bench`: benchmarks as programs, and the fleet simulator operators use to size a hub.
+//!
+//! Owns: starting real hub and agent processes from the running `outpost` binary, measuring
+//! them from `/proc` (RSS, PSS, CPU ticks, descriptors), a counting TCP proxy for bytes on the
+//! wire, and a simulator of thousands of agents that speak the real protocol (own keys and
+//! certificates, mTLS, long-polls, status heartbeats) against one real hub process. Every
+//! benchmark prints a Markdown report with its method, the date and the machine.
+//!
+//! Must never: run in the test suite (only its pure helpers are unit-tested), link the hub or
+//! the agent in-process (they are measured as the separate processes users run), or change
+//! what it measures to flatter a number.
+
+pub mod bandwidth;
+pub mod fleet;
+pub mod footprint;
+pub mod harness;
+pub mod offline;
+pub mod procfs;
+pub mod propagation;
+pub mod stats;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub cmd: BenchCmd,
+    /// Keep data dirs and logs here instead of a temporary directory.
+    #[arg(long, global = true)]
+    pub work_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchCmd {
+    /// Agent RSS/CPU idle with 0 and 10 workloads beside prometheus-node-exporter; binary size.
+    Footprint(footprint::FootprintArgs),
+    /// `outpost apply` -> changed workload running on 1 and on 10 agents, p50/p99.
+    Propagation(propagation::PropagationArgs),
+    /// Agent start with the hub unreachable -> all workloads running.
+    Offline(offline::OfflineArgs),
+    /// Bytes per node per hour, idle and healthy, both directions.
+    Bandwidth(bandwidth::BandwidthArgs),
+    /// Simulate N agents against one real hub: hub CPU, RSS, latency, change fan-out, reconnect storm.
+    Fleet(fleet::FleetArgs),
+    /// Footprint, propagation, offline and bandwidth with their defaults, one after the other.
+    Agent,
+}
+
+/// A Markdown table.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut s = format!("| {} |\n|{}\n", headers.join(" | "), " --- |".repeat(headers.len()));
+    for r in rows {
+        s.push_str(&format!("| {} |\n", r.join(" | ")));
+    }
+    s
+}
+
+/// A base for `/bin/sleep` arguments unique to this run, so processes of concurrent runs and
+/// tests (which use 100000000..199999999) are never confused.
+pub fn marker_base() -> u64 {
+    900_000_000 + u64::from(std::process::id() % 90_000) * 1_000
+}
+
+fn today() -> String {
+    std::process::Command::new("date")
+        .arg("+%Y-%m-%d %H:%M %Z")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Run one benchmark and print its report on stdout (progress goes to stderr).
+pub async fn run(a: BenchArgs) -> Result<()> {
+    let tmp;
+    let work = match &a.work_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::Builder::new().prefix("outpost-bench-").tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    println!(
+        "outpost {} bench, {}, {}{}\n",
+        env!("CARGO_PKG_VERSION"),
+        today(),
+        harness::machine(),
+        if cfg!(debug_assertions) { " (DEBUG build)" } else { "" }
+    );
+    let sub = |name: &str| -> Result<PathBuf> {
+        let d = work.join(name);
+        std::fs::create_dir_all(&d)?;
+        Ok(d)
+    };
+    let report = match a.cmd {
+        BenchCmd::Footprint(x) => footprint::footprint(x, &sub("footprint")?).await?,
+        BenchCmd::Propagation(x) => propagation::propagation(x, &sub("propagation")?).await?,
+        BenchCmd::Offline(x) => offline::offline(x, &sub("offline")?).await?,
+        BenchCmd::Bandwidth(x) => bandwidth::bandwidth(x, &sub("bandwidth")?).await?,
+        BenchCmd::Fleet(x) => fleet::fleet(x, &sub("fleet")?).await?,
+        BenchCmd::Agent => {
+            let mut out = String::new();
+            out.push_str(&footprint::footprint(defaults(), &sub("footprint")?).await?);
+            out.push('\n');
+            out.push_str(&propagation::propagation(defaults(), &sub("propagation")?).await?);
+            out.push('\n');
+            out.push_str(&offline::offline(defaults(), &sub("offline")?).await?);
+            out.push('\n');
+            out.push_str(&bandwidth::bandwidth(defaults(), &sub("bandwidth")?).await?);
+            out
+        }
+    };
+    println!("{report}");
+    Ok(())
+}
+
+/// An argument struct with its clap defaults.
+fn defaults<T: clap::Args>() -> T {
+    let cmd = T::augment_args(clap::Command::new("d").no_binary_name(true));
+    let m = cmd.get_matches_from(Vec::<String>::new());
+    T::from_arg_matches(&m).expect("defaults parse")
+}
