@@ -16,6 +16,27 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
+# Debian packages the tests use: a real Docker Engine, busybox-static for local test images
+# (no registry is reachable), curl.
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "installing ${missing[*]}"
+  local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get install -y "${missing[@]}" >/dev/null || { $sudo apt-get update >/dev/null && $sudo apt-get install -y "${missing[@]}" >/dev/null; }
+}
+apt_install docker.io busybox-static curl
+
+# Start the Docker Engine unless one already answers.
+if ! docker info >/dev/null 2>&1; then
+  log "starting dockerd"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo sh -c 'nohup dockerd >/tmp/outpost-test-dockerd.log 2>&1 &'
+  for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+  docker info >/dev/null 2>&1 || { echo "dockerd did not start; see /tmp/outpost-test-dockerd.log" >&2; exit 1; }
+fi
+
 log "format"
 cargo fmt --all -- --check
 log "lint"

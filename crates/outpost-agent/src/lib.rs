@@ -3,7 +3,9 @@
 //!
 //! Owns: the node's identity (`identity`), its durable state (`store`), the process runtime
 //! (`runtime`), the reconcile loop that executes `outpost-core`'s supervision decisions
-//! (`reconcile`), and the link to the hub (`sync`).
+//! (`reconcile`), the link to the hub (`sync`), and monitoring: vital signs (`vitals`), alerts
+//! evaluated on the node (`alerts`), workload log rotation, error forwarding and log requests
+//! (`logs`).
 //!
 //! Must never: need the hub to start, restart or keep a workload; listen on a port (agents only
 //! dial out); act on a desired state before it is persisted; run two processes for one unit.
@@ -11,12 +13,17 @@
 //! Start-up order (`run`): open the store -> load the last desired state -> adopt processes that
 //! survived an agent restart -> start what is missing -> only then try the hub.
 
+pub mod alerts;
+pub mod docker;
 pub mod identity;
+pub mod images;
+pub mod logs;
 pub mod probe;
 pub mod reconcile;
 pub mod runtime;
 pub mod store;
 pub mod sync;
+pub mod vitals;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,6 +38,8 @@ pub struct RunOptions {
     pub data_dir: PathBuf,
     /// Override the hub URL stored at join time.
     pub hub: Option<String>,
+    /// The Docker Engine's (or podman's) API socket; default `/var/run/docker.sock`.
+    pub docker_socket: Option<String>,
     /// Stop every workload when the agent exits (the demo). Normally workloads keep running
     /// and the next agent start re-adopts them.
     pub stop_workloads_on_exit: bool,
@@ -52,18 +61,67 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let rt = runtime::Runtime::new(&o.data_dir, &identity.node);
-    let reconciler = reconcile::Reconciler::new(rt, store.clone(), desired, status_tx);
+    let agent_id = rt.agent_id.clone();
+    let client = Arc::new(sync::HubClient::new(identity, o.data_dir.clone())?);
+    let socket = o
+        .docker_socket
+        .clone()
+        .unwrap_or_else(|| docker::DEFAULT_SOCKET.to_string());
+    let reconciler = reconcile::Reconciler::new(rt, store.clone(), desired, status_tx, client.clone(), socket);
     let rec = tokio::spawn(reconciler.run(desired_rx.clone(), stop_rx.clone(), o.stop_workloads_on_exit));
 
-    let client = Arc::new(sync::HubClient::new(identity, o.data_dir.clone())?);
+    // Monitoring: vital signs and node alerts, log rotation and error forwarding, log requests.
+    store.init_monitoring()?;
+    let (policy_tx, policy_rx) = watch::channel(alerts::load_policy(&store));
+    let (vitals_tx, vitals_rx) = watch::channel(None);
+    let (logreq_tx, logreq_rx) = tokio::sync::mpsc::unbounded_channel();
+    let outbox = Arc::new(tokio::sync::Notify::new());
+    let errors_ready = Arc::new(tokio::sync::Notify::new());
+    let mon_cfg = alerts::MonitorConfig::from_env();
+    let monitor = alerts::MonitorLink {
+        policy: Arc::new(policy_tx),
+        vitals: vitals_rx,
+        outbox: outbox.clone(),
+        log_requests: logreq_tx,
+        store: store.clone(),
+        report_every: mon_cfg.report_every,
+    };
+    let m1 = tokio::spawn(alerts::monitor_loop(
+        store.clone(),
+        o.data_dir.clone(),
+        agent_id,
+        policy_rx.clone(),
+        status_rx.clone(),
+        vitals_tx,
+        outbox,
+        mon_cfg,
+        stop_rx.clone(),
+    ));
+    let m2 = tokio::spawn(logs::log_loop(
+        o.data_dir.clone(),
+        store.clone(),
+        policy_rx,
+        logs::LogConfig::from_env(),
+        errors_ready.clone(),
+        stop_rx.clone(),
+    ));
+    let m3 = tokio::spawn(logs::forward_loop(
+        client.clone(),
+        store.clone(),
+        errors_ready,
+        stop_rx.clone(),
+    ));
+    let m4 = tokio::spawn(logs::request_loop(client.clone(), o.data_dir.clone(), logreq_rx));
+
     let s1 = tokio::spawn(sync::sync_loop(
         client.clone(),
         store.clone(),
         desired_tx,
+        monitor.clone(),
         stop_rx.clone(),
     ));
     let s2 = tokio::spawn(sync::status_loop(
-        client, store, status_rx, desired_rx, started, stop_rx,
+        client, store, status_rx, desired_rx, started, monitor, stop_rx,
     ));
 
     shutdown.await;
@@ -72,5 +130,8 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
     let _ = rec.await;
     s1.abort();
     s2.abort();
+    for m in [m1, m2, m3, m4] {
+        m.abort();
+    }
     Ok(())
 }

@@ -29,6 +29,8 @@ pub struct ProbeEvent {
 pub struct ExecContext {
     pub env: Vec<(String, String)>,
     pub cwd: PathBuf,
+    /// For containers: exec through the engine instead.
+    pub container: Option<(crate::docker::Engine, String)>,
 }
 
 /// Start one task per probe; they stop when aborted (the reconciler aborts them when the process
@@ -87,7 +89,25 @@ async fn check(action: &ProbeAction, pid: u32, ctx: &ExecContext) -> (bool, Stri
             path,
             headers,
         } => http_get(host, *port, path, headers).await,
-        ProbeAction::Exec { command } => exec(command, pid, ctx).await,
+        ProbeAction::Exec { command } => match &ctx.container {
+            Some((engine, id)) => match engine.exec(id, command, Duration::from_secs(3600)).await {
+                Ok((0, _)) => (true, String::new()),
+                Ok((code, out)) => (
+                    false,
+                    format!(
+                        "{} exited with code {code}{}",
+                        command.join(" "),
+                        if out.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {out}")
+                        }
+                    ),
+                ),
+                Err(e) => (false, e),
+            },
+            None => exec(command, pid, ctx).await,
+        },
     }
 }
 

@@ -1,7 +1,9 @@
-//! The reconcile loop: executes `outpost_core::supervise` decisions against the process runtime.
+//! The reconcile loop: executes `outpost_core::supervise` decisions against the process runtime
+//! and the Docker runtime.
 //!
 //! Inputs: the desired state (a `watch` channel fed by the sync task, always already persisted),
-//! process exits (from waiter tasks), and timers (backoff, stop grace). Output: a status snapshot
+//! process exits (from waiter tasks), container starts (from start tasks: an image may have to
+//! come from the hub first), probe results, and timers (backoff, stop grace, update gates). Output: a status snapshot
 //! (a `watch` channel read by the status reporter) and events in the store's outbox.
 
 use std::collections::BTreeMap;
@@ -16,9 +18,11 @@ use outpost_core::supervise::{self, Action, DesiredUnit, Unit};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use crate::docker::Engine;
 use crate::probe::{self, ProbeEvent};
 use crate::runtime::{self, Runtime};
 use crate::store::{Desired, Store};
+use crate::sync::HubClient;
 
 pub fn now_ms() -> UnixMs {
     std::time::SystemTime::now()
@@ -34,7 +38,26 @@ struct Exit {
     pid: u32,
     code: Option<i32>,
     signal: Option<i32>,
+    /// Why, when the runtime knows more than the code (a container removed from outside).
+    detail: Option<String>,
 }
+
+/// A container start finished (or failed), from a start task.
+struct Started {
+    unit: String,
+    hash: String,
+    result: Result<StartedContainer, String>,
+}
+
+struct StartedContainer {
+    engine: Engine,
+    id: String,
+    pid: u32,
+    ip: Option<String>,
+}
+
+/// Reason prefix when the Docker Engine cannot be reached: reported as WaitingForRuntime.
+const RUNTIME_UNAVAILABLE: &str = "RuntimeUnavailable";
 
 /// Status of every desired workload, keyed by workload key.
 pub type Snapshot = BTreeMap<String, WorkloadStatus>;
@@ -54,7 +77,17 @@ pub struct Reconciler {
     exits_rx: mpsc::UnboundedReceiver<Exit>,
     probe_tx: mpsc::UnboundedSender<ProbeEvent>,
     probe_rx: mpsc::UnboundedReceiver<ProbeEvent>,
+    started_tx: mpsc::UnboundedSender<Started>,
+    started_rx: mpsc::UnboundedReceiver<Started>,
     status_tx: watch::Sender<Snapshot>,
+    /// The Docker Engine, once reached; `docker_socket` says where to find it.
+    engine: Option<Engine>,
+    docker_socket: String,
+    /// Container id of each unit that runs as a container.
+    containers: BTreeMap<String, String>,
+    /// Container IPs, for http/tcp probes.
+    container_ips: BTreeMap<String, String>,
+    hub: Arc<HubClient>,
 }
 
 /// Probe state of one running process.
@@ -77,13 +110,18 @@ fn unit_id(key: &str, container: &str) -> String {
     format!("{key}/{container}")
 }
 
-const DOCKER_PENDING: &str =
-    "WaitingForRuntime: this agent does not run Docker containers yet; set runtimeClassName: process to run it as a native process";
-
 impl Reconciler {
-    pub fn new(rt: Runtime, store: Arc<Store>, desired: Arc<Desired>, status_tx: watch::Sender<Snapshot>) -> Self {
+    pub fn new(
+        rt: Runtime,
+        store: Arc<Store>,
+        desired: Arc<Desired>,
+        status_tx: watch::Sender<Snapshot>,
+        hub: Arc<HubClient>,
+        docker_socket: String,
+    ) -> Self {
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
         let (probe_tx, probe_rx) = mpsc::unbounded_channel();
+        let (started_tx, started_rx) = mpsc::unbounded_channel();
         let mut rollouts = store.load_rollouts().unwrap_or_else(|e| {
             warn!(error = %e, "cannot read rollout state; starting the update gates afresh");
             BTreeMap::new()
@@ -101,7 +139,14 @@ impl Reconciler {
             exits_rx,
             probe_tx,
             probe_rx,
+            started_tx,
+            started_rx,
             status_tx,
+            engine: None,
+            docker_socket,
+            containers: BTreeMap::new(),
+            container_ips: BTreeMap::new(),
+            hub,
         }
     }
 
@@ -148,10 +193,6 @@ impl Reconciler {
         let mut wake: Option<UnixMs> = None;
         let mut effective = BTreeMap::new();
         for (key, target) in &self.desired.workloads {
-            if target.runtime != RuntimeKind::Process {
-                effective.insert(key.clone(), target.clone());
-                continue;
-            }
             let health = self.health(target);
             let st = self.rollouts.entry(key.clone()).or_default();
             let step = rollout::step(st, target, &health, now);
@@ -207,7 +248,7 @@ impl Reconciler {
                         hash: w.hash.clone(),
                         restart_policy: w.restart_policy,
                         grace_ms: (w.grace_seconds * 1000) as i64,
-                        runnable: w.runtime == RuntimeKind::Process,
+                        runnable: true,
                     },
                 );
             }
@@ -268,6 +309,7 @@ impl Reconciler {
                 pid,
                 code: None,
                 signal: None,
+                detail: None,
             });
         });
     }
@@ -283,14 +325,14 @@ impl Reconciler {
             Action::Start { unit } => self.start(&unit, now),
             Action::Terminate { unit, pid, kill_at } => {
                 info!(unit = %unit, pid, "stopping");
-                runtime::signal_group(pid, Signal::SIGTERM);
+                self.signal(&unit, pid, Signal::SIGTERM, kill_at - now);
                 if let Some(u) = self.units.get_mut(&unit) {
                     u.stopping = Some((kill_at, false));
                 }
             }
             Action::Kill { unit, pid } => {
                 warn!(unit = %unit, pid, "grace period over; killing");
-                runtime::signal_group(pid, Signal::SIGKILL);
+                self.signal(&unit, pid, Signal::SIGKILL, 0);
                 if let Some(u) = self.units.get_mut(&unit) {
                     if let Some((deadline, _)) = u.stopping {
                         u.stopping = Some((deadline, true));
@@ -300,6 +342,207 @@ impl Reconciler {
             Action::Forget { unit } => {
                 self.units.remove(&unit);
                 let _ = self.store.forget_unit(&unit);
+            }
+        }
+    }
+
+    /// Stop (SIGTERM, with the engine's own SIGKILL after `grace_ms`) or kill a unit, whatever
+    /// its runtime.
+    fn signal(&self, unit: &str, pid: u32, sig: Signal, grace_ms: i64) {
+        match (self.containers.get(unit), &self.engine) {
+            (Some(id), Some(engine)) => {
+                let (engine, id) = (engine.clone(), id.clone());
+                tokio::spawn(async move {
+                    if sig == Signal::SIGKILL {
+                        engine.kill(&id).await
+                    } else {
+                        engine.stop(&id, (grace_ms.max(0) as u64).div_ceil(1000)).await
+                    }
+                });
+            }
+            _ => runtime::signal_group(pid, sig),
+        }
+    }
+
+    /// Start a container in a task: the image may have to be fetched first.
+    fn start_container(&mut self, unit: &str, w: WorkloadSpec, c: outpost_api::ContainerSpec) {
+        let volumes = match self.rt.prepare_volumes(&w) {
+            Ok(v) => v,
+            Err(reason) => return self.start_failed(unit, &w, &c, reason, now_ms()),
+        };
+        if let Some(u) = self.units.get_mut(unit) {
+            u.starting = true;
+            u.next_start_at = None;
+        }
+        let (engine, socket, agent_id) = (
+            self.engine.clone(),
+            self.docker_socket.clone(),
+            self.rt.agent_id.clone(),
+        );
+        let (hub, images_dir, tx) = (
+            self.hub.clone(),
+            self.rt.data_dir.join("images"),
+            self.started_tx.clone(),
+        );
+        let unit = unit.to_string();
+        tokio::spawn(async move {
+            let run = async {
+                let engine = match engine {
+                    Some(e) => e,
+                    None => Engine::connect(&socket, &agent_id)
+                        .await
+                        .map_err(|e| format!("{RUNTIME_UNAVAILABLE}: {e}"))?,
+                };
+                let image = c.image.clone().unwrap_or_default();
+                crate::images::ensure(&engine, &hub, &images_dir, &image, c.image_pull_policy).await?;
+                let id = engine.run(&w, &c, &unit, &volumes).await?;
+                let pid = engine.pid(&id).await.unwrap_or(0);
+                let ip = engine.ip(&id).await;
+                Ok(StartedContainer { engine, id, pid, ip })
+            };
+            let result = run.await;
+            let _ = tx.send(Started {
+                unit,
+                hash: w.hash.clone(),
+                result,
+            });
+        });
+    }
+
+    fn start_failed(
+        &mut self,
+        unit: &str,
+        w: &WorkloadSpec,
+        c: &outpost_api::ContainerSpec,
+        reason: String,
+        now: UnixMs,
+    ) {
+        let Some(u) = self.units.get_mut(unit) else { return };
+        warn!(unit = %unit, %reason, "cannot start");
+        u.starting = false;
+        supervise::on_start_failed(u, reason.clone(), w.restart_policy, now);
+        let restarts = u.restarts;
+        let _ = self.store.set_unit_restarts(unit, &w.hash, restarts);
+        self.event(Some(&w.key), "FailedStart", &format!("container {}: {reason}", c.name));
+    }
+
+    fn on_started(&mut self, s: Started, now: UnixMs) {
+        let wanted = self.units.get(&s.unit).is_some_and(|u| u.starting && u.hash == s.hash);
+        match s.result {
+            Ok(sc) if wanted => {
+                self.engine.get_or_insert_with(|| sc.engine.clone());
+                let u = self.units.get_mut(&s.unit).expect("checked");
+                u.starting = false;
+                u.pid = Some(sc.pid);
+                u.started_at = Some(now);
+                info!(unit = %s.unit, pid = sc.pid, container = %&sc.id[..12.min(sc.id.len())], "container started");
+                self.track_container(&s.unit, sc.engine, sc.id, sc.pid, sc.ip, 0);
+            }
+            Ok(sc) => {
+                // The unit changed or went away while it was starting: not ours to run any more.
+                tokio::spawn(async move { sc.engine.remove(&sc.id).await });
+            }
+            Err(reason) if wanted => {
+                let Some((w, idx)) = self.lookup(&s.unit) else { return };
+                let (w, c) = (w.clone(), w.containers[idx].clone());
+                self.start_failed(&s.unit, &w, &c, reason, now);
+            }
+            Err(_) => {
+                if let Some(u) = self.units.get_mut(&s.unit) {
+                    u.starting = false;
+                }
+            }
+        }
+    }
+
+    /// Watch a running container: its end, its output, its probes.
+    fn track_container(
+        &mut self,
+        unit: &str,
+        engine: Engine,
+        id: String,
+        pid: u32,
+        ip: Option<String>,
+        logs_since: i64,
+    ) {
+        self.containers.insert(unit.to_string(), id.clone());
+        if let Some(ip) = ip {
+            self.container_ips.insert(unit.to_string(), ip);
+        }
+        if let Some((w, idx)) = self.lookup(unit) {
+            let log = self.rt.log_path(&w.key, &w.containers[idx].name);
+            let _ = std::fs::create_dir_all(self.rt.workload_dir(&w.key));
+            let (e2, id2) = (engine.clone(), id.clone());
+            tokio::spawn(async move { e2.copy_logs(&id2, &log, logs_since).await });
+        }
+        let tx = self.exits_tx.clone();
+        let unit_s = unit.to_string();
+        tokio::spawn(async move {
+            let exit = engine.wait(&id).await;
+            let _ = engine.remove(&id).await;
+            let _ = tx.send(Exit {
+                unit: unit_s,
+                pid,
+                code: exit.code,
+                signal: None,
+                detail: exit.reason,
+            });
+        });
+        self.start_probes(unit, pid);
+    }
+
+    /// Adopt running containers this agent created before it restarted; remove exited ones.
+    async fn adopt_containers(&mut self) {
+        let needs_docker = self.effective.values().any(|w| w.runtime == RuntimeKind::Docker);
+        let engine = match Engine::connect(&self.docker_socket, &self.rt.agent_id).await {
+            Ok(e) => e,
+            Err(e) => {
+                if needs_docker {
+                    warn!(error = %e, "Docker Engine unreachable; container workloads wait for it");
+                }
+                return;
+            }
+        };
+        self.engine = Some(engine.clone());
+        let owned = match engine.list_owned().await {
+            Ok(o) => o,
+            Err(e) => return warn!(error = %e, "cannot list containers to adopt"),
+        };
+        let restarts = self.store.unit_restarts().unwrap_or_default();
+        for c in owned {
+            let wanted = !self.units.contains_key(&c.unit) && c.running;
+            let pid = if wanted { engine.pid(&c.id).await } else { None };
+            match pid {
+                Some(pid) => {
+                    info!(unit = %c.unit, container = %&c.id[..12.min(c.id.len())], "re-adopted running container");
+                    let grace = self.desired_units().get(&c.unit).map_or(30_000, |d| d.grace_ms);
+                    self.units.insert(
+                        c.unit.clone(),
+                        Unit {
+                            hash: c.hash.clone(),
+                            grace_ms: grace,
+                            pid: Some(pid),
+                            started_at: Some(now_ms()),
+                            restarts: restarts
+                                .get(&c.unit)
+                                .filter(|(h, _)| *h == c.hash)
+                                .map_or(0, |(_, r)| *r),
+                            ..Default::default()
+                        },
+                    );
+                    let since = self
+                        .lookup(&c.unit)
+                        .and_then(|(w, i)| std::fs::metadata(self.rt.log_path(&w.key, &w.containers[i].name)).ok())
+                        .and_then(|m| m.modified().ok())
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_secs() as i64);
+                    let ip = engine.ip(&c.id).await;
+                    self.track_container(&c.unit, engine.clone(), c.id, pid, ip, since);
+                }
+                None => {
+                    let e = engine.clone();
+                    tokio::spawn(async move { e.remove(&c.id).await });
+                }
             }
         }
     }
@@ -317,6 +560,9 @@ impl Reconciler {
                     ..Default::default()
                 },
             );
+        }
+        if w.runtime == RuntimeKind::Docker {
+            return self.start_container(unit, w, c);
         }
         let result = self.rt.spawn(&w, &c, unit);
         let u = self.units.get_mut(unit).expect("inserted above");
@@ -344,6 +590,7 @@ impl Reconciler {
                         pid,
                         code,
                         signal,
+                        detail: None,
                     });
                 });
             }
@@ -373,14 +620,35 @@ impl Reconciler {
             return;
         }
         let state = ProbeState::new(c.startup_probe.is_some(), c.readiness_probe.is_some());
-        let ctx = self.rt.exec_context(w, c, unit);
+        let mut ctx = self.rt.exec_context(w, c, unit);
+        let ip = self.container_ips.get(unit).cloned();
+        if let (Some(id), Some(engine)) = (self.containers.get(unit), &self.engine) {
+            ctx.container = Some((engine.clone(), id.clone()));
+        }
+        // A container's ports are on its own address, not the host's.
+        let at_container = |p: Option<outpost_api::ProbeSpec>| {
+            p.map(|mut p| {
+                if let Some(ip) = &ip {
+                    match &mut p.action {
+                        outpost_api::ProbeAction::HttpGet { host, .. }
+                        | outpost_api::ProbeAction::TcpSocket { host, .. }
+                            if host == "127.0.0.1" =>
+                        {
+                            *host = ip.clone()
+                        }
+                        _ => {}
+                    }
+                }
+                p
+            })
+        };
         let tasks = probe::spawn(
             unit,
             pid,
             [
-                (ProbeKind::Startup, c.startup_probe.clone()),
-                (ProbeKind::Liveness, c.liveness_probe.clone()),
-                (ProbeKind::Readiness, c.readiness_probe.clone()),
+                (ProbeKind::Startup, at_container(c.startup_probe.clone())),
+                (ProbeKind::Liveness, at_container(c.liveness_probe.clone())),
+                (ProbeKind::Readiness, at_container(c.readiness_probe.clone())),
             ],
             ctx,
             self.probe_tx.clone(),
@@ -436,8 +704,15 @@ impl Reconciler {
         if self.probes.get(&e.unit).is_some_and(|p| p.pid == e.pid) {
             self.probes.remove(&e.unit);
         }
+        self.containers.remove(&e.unit);
+        self.container_ips.remove(&e.unit);
         let intentional = u.stopping.is_some();
         supervise::on_exit(u, e.code, e.signal, policy, now);
+        if let (Some(d), false) = (&e.detail, intentional) {
+            if e.code.is_none() {
+                u.reason = Some(d.clone());
+            }
+        }
         let (restarts, hash, reason, phase) = (u.restarts, u.hash.clone(), u.reason.clone(), supervise::phase(u));
         let _ = self.store.set_unit_restarts(&e.unit, &hash, restarts);
         if !intentional {
@@ -484,14 +759,12 @@ impl Reconciler {
                         ready: false,
                         probe_failure: None,
                     };
-                    if w.runtime != RuntimeKind::Process {
-                        cs.phase = Phase::WaitingForRuntime;
-                        cs.reason = Some(DOCKER_PENDING.into());
-                        return cs;
-                    }
                     if let Some(u) = self.units.get(&id).filter(|u| u.hash == w.hash) {
                         let probes = self.probes.get(&id).filter(|p| Some(p.pid) == u.pid);
                         cs.phase = supervise::phase(u);
+                        if u.pid.is_none() && u.reason.as_deref().is_some_and(|r| r.contains(RUNTIME_UNAVAILABLE)) {
+                            cs.phase = Phase::WaitingForRuntime;
+                        }
                         cs.pid = u.pid;
                         cs.restarts = u.restarts;
                         cs.last_exit_code = u.last_exit_code;
@@ -531,6 +804,7 @@ impl Reconciler {
     ) {
         self.gate(now_ms());
         self.adopt();
+        self.adopt_containers().await;
         loop {
             let now = now_ms();
             let gate_wake = self.gate(now);
@@ -568,6 +842,7 @@ impl Reconciler {
                 }
                 Some(e) = self.exits_rx.recv() => self.on_exit(e, now_ms()),
                 Some(e) = self.probe_rx.recv() => self.on_probe(e, now_ms()),
+                Some(s) = self.started_rx.recv() => self.on_started(s, now_ms()),
                 _ = tokio::time::sleep(sleep) => {}
                 _ = shutdown.changed() => break,
             }

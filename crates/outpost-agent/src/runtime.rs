@@ -144,7 +144,7 @@ impl Runtime {
     }
 
     /// Create the workload's volumes on the host; returns volume name -> host path.
-    fn prepare_volumes(&self, w: &WorkloadSpec) -> Result<BTreeMap<String, PathBuf>, String> {
+    pub fn prepare_volumes(&self, w: &WorkloadSpec) -> Result<BTreeMap<String, PathBuf>, String> {
         let mut out = BTreeMap::new();
         for v in &w.volumes {
             let path = match &v.source {
@@ -260,6 +260,7 @@ impl Runtime {
         crate::probe::ExecContext {
             env,
             cwd: self.working_dir(w, c),
+            container: None,
         }
     }
 

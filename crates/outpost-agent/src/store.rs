@@ -248,6 +248,268 @@ impl Store {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Monitoring (issue 5): vital-sign history, alert evaluator state, log read offsets, and the
+// outbox of error lines to forward. Created by [`Store::init_monitoring`].
+//
+// Crash invariants, in addition to the ones above:
+// - [`Store::record_alerts`] writes the evaluator's state and the AlertFiring/AlertResolved
+//   events it produced in one transaction: after a crash the agent neither repeats a transition
+//   nor loses one, and each event keeps its original timestamp until the hub acknowledges it.
+// - [`Store::push_error_lines`] queues error lines and advances the file's read offset in one
+//   transaction: a line is forwarded at least once, and only duplicated if the hub's answer is
+//   lost (the hub ignores `(node, seq)` it has).
+// - `error_lines.seq` is AUTOINCREMENT like `events.seq`.
+
+/// One error line waiting to be forwarded.
+pub type QueuedError = outpost_api::ErrorLine;
+
+impl Store {
+    /// Create the monitoring tables (idempotent).
+    pub fn init_monitoring(&self) -> Result<(), StoreError> {
+        self.lock()
+            .execute_batch(
+                "CREATE TABLE IF NOT EXISTS vitals(minute INTEGER PRIMARY KEY, sample TEXT NOT NULL);
+                 CREATE TABLE IF NOT EXISTS log_files(path TEXT PRIMARY KEY, offset INTEGER NOT NULL,
+                     started_at INTEGER NOT NULL);
+                 CREATE TABLE IF NOT EXISTS error_lines(seq INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL,
+                     workload TEXT NOT NULL, container TEXT NOT NULL, line TEXT NOT NULL);",
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.lock()
+            .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES (?1, ?2)",
+                params![key, value],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Keep one vital-sign sample per minute; drop those older than `keep_from` (unix ms).
+    pub fn save_vitals(&self, at: UnixMs, sample: &str, keep_from: UnixMs) -> Result<(), StoreError> {
+        let mut c = self.lock();
+        let tx = c.transaction().map_err(|e| self.err(e))?;
+        tx.execute(
+            "INSERT OR REPLACE INTO vitals(minute, sample) VALUES (?1, ?2)",
+            params![at / 60_000, sample],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.execute("DELETE FROM vitals WHERE minute < ?1", params![keep_from / 60_000])
+            .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// Stored samples (JSON), oldest first.
+    pub fn vitals_history(&self) -> Result<Vec<String>, StoreError> {
+        let c = self.lock();
+        let mut st = c
+            .prepare("SELECT sample FROM vitals ORDER BY minute")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| r.get(0))
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<String>, _>>()
+            .map_err(|e| self.err(e));
+        rows
+    }
+
+    /// Save the alert evaluator's state and queue its events (`(at, workload, reason, message)`)
+    /// in one transaction.
+    pub fn record_alerts(
+        &self,
+        state_json: &str,
+        events: &[(UnixMs, Option<String>, &str, String)],
+    ) -> Result<(), StoreError> {
+        let mut c = self.lock();
+        let tx = c.transaction().map_err(|e| self.err(e))?;
+        tx.execute(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES ('alert_state', ?1)",
+            params![state_json],
+        )
+        .map_err(|e| self.err(e))?;
+        for (at, workload, reason, message) in events {
+            tx.execute(
+                "INSERT INTO events(at, workload, reason, message) VALUES (?1, ?2, ?3, ?4)",
+                params![at, workload, reason, message],
+            )
+            .map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// `(offset, started_at)` of a log file, if known.
+    pub fn log_offset(&self, path: &str) -> Result<Option<(u64, UnixMs)>, StoreError> {
+        self.lock()
+            .query_row(
+                "SELECT offset, started_at FROM log_files WHERE path = ?1",
+                params![path],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Queue error lines read from `path` and move its offset, in one transaction. Keeps at most
+    /// `cap` queued lines (the oldest go, counted in `meta.log_dropped`). Returns how many were
+    /// dropped now.
+    pub fn push_error_lines(
+        &self,
+        path: &str,
+        offset: u64,
+        started_at: UnixMs,
+        lines: &[(UnixMs, String, String, String)],
+        cap: usize,
+    ) -> Result<u64, StoreError> {
+        let mut c = self.lock();
+        let tx = c.transaction().map_err(|e| self.err(e))?;
+        for (at, workload, container, line) in lines {
+            tx.execute(
+                "INSERT INTO error_lines(at, workload, container, line) VALUES (?1, ?2, ?3, ?4)",
+                params![at, workload, container, line],
+            )
+            .map_err(|e| self.err(e))?;
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO log_files(path, offset, started_at) VALUES (?1, ?2, ?3)",
+            params![path, offset as i64, started_at],
+        )
+        .map_err(|e| self.err(e))?;
+        let queued: i64 = tx
+            .query_row("SELECT COUNT(*) FROM error_lines", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        let over = (queued - cap as i64).max(0);
+        if over > 0 {
+            tx.execute(
+                "DELETE FROM error_lines WHERE seq IN (SELECT seq FROM error_lines ORDER BY seq LIMIT ?1)",
+                params![over],
+            )
+            .map_err(|e| self.err(e))?;
+            add_dropped(&tx, over as u64).map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(over as u64)
+    }
+
+    /// Forget a log file's offset (the file is gone).
+    pub fn forget_log(&self, path: &str) -> Result<(), StoreError> {
+        self.lock()
+            .execute("DELETE FROM log_files WHERE path = ?1", params![path])
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn pending_error_lines(&self, limit: usize) -> Result<Vec<QueuedError>, StoreError> {
+        let c = self.lock();
+        let mut st = c
+            .prepare("SELECT seq, at, workload, container, line FROM error_lines ORDER BY seq LIMIT ?1")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![limit as i64], |r| {
+                Ok(QueuedError {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    at: r.get(1)?,
+                    workload: r.get(2)?,
+                    container: r.get(3)?,
+                    line: r.get(4)?,
+                })
+            })
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e));
+        rows
+    }
+
+    pub fn ack_error_lines(&self, up_to: u64) -> Result<(), StoreError> {
+        self.lock()
+            .execute("DELETE FROM error_lines WHERE seq <= ?1", params![up_to as i64])
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Count lines dropped because a log cap bit (rotated segments deleted early).
+    pub fn add_dropped_lines(&self, n: u64) -> Result<(), StoreError> {
+        add_dropped(&self.lock(), n).map_err(|e| self.err(e))
+    }
+
+    /// Lines dropped so far (error queue cap and log size caps).
+    pub fn dropped_lines(&self) -> u64 {
+        self.meta("log_dropped")
+            .ok()
+            .flatten()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+fn add_dropped(c: &Connection, n: u64) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO meta(key, value) VALUES ('log_dropped', ?1)
+         ON CONFLICT(key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + ?1 AS TEXT)",
+        params![n as i64],
+    )
+    .map(|_| ())
+}
+
+#[cfg(test)]
+mod monitoring_tests {
+    use super::*;
+
+    #[test]
+    fn alert_events_and_error_lines_survive_reopen_and_caps_count_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let s = Store::open(&path).unwrap();
+            s.init_monitoring().unwrap();
+            s.record_alerts(
+                "{\"firing\":{\"NodeCpuHigh\":5}}",
+                &[(5, None, "AlertFiring", "NodeCpuHigh: CPU 95%".into())],
+            )
+            .unwrap();
+            let l = |i: i64| (i, "w".to_string(), "c".to_string(), format!("ERROR {i}"));
+            assert_eq!(s.push_error_lines("/x.log", 100, 1, &[l(1), l(2)], 3).unwrap(), 0);
+            assert_eq!(s.push_error_lines("/x.log", 200, 1, &[l(3), l(4)], 3).unwrap(), 1);
+            s.save_vitals(60_000, "a", 0).unwrap();
+            s.save_vitals(61_000, "b", 0).unwrap();
+            s.save_vitals(180_000, "c", 120_000).unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        s.init_monitoring().unwrap();
+        assert_eq!(
+            s.meta("alert_state").unwrap().unwrap(),
+            "{\"firing\":{\"NodeCpuHigh\":5}}"
+        );
+        let ev = s.pending_events(10).unwrap();
+        assert_eq!((ev[0].at, ev[0].reason.as_str()), (5, "AlertFiring"));
+        assert_eq!(s.log_offset("/x.log").unwrap(), Some((200, 1)));
+        let q = s.pending_error_lines(10).unwrap();
+        assert_eq!(
+            q.iter().map(|l| l.line.as_str()).collect::<Vec<_>>(),
+            ["ERROR 2", "ERROR 3", "ERROR 4"]
+        );
+        assert_eq!(s.dropped_lines(), 1);
+        s.add_dropped_lines(10).unwrap();
+        assert_eq!(s.dropped_lines(), 11);
+        s.ack_error_lines(q[1].seq).unwrap();
+        assert_eq!(s.pending_error_lines(10).unwrap().len(), 1);
+        assert_eq!(
+            s.vitals_history().unwrap(),
+            ["c"],
+            "one sample per minute, older than 24 h pruned"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

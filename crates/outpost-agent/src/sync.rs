@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outpost_api::{ApiError, StatusAck, StatusReport, SyncResponse, PROTOCOL_HEADER, PROTOCOL_VERSION};
+use outpost_api::{StatusWithVitals, SyncAnswer};
 use rand::Rng;
 use tokio::sync::{watch, RwLock};
 use tracing::{debug, info, warn};
@@ -143,6 +144,60 @@ impl HubClient {
         Ok(check(resp).await?.json().await?)
     }
 
+    /// One long-poll carrying the hash of the alert policy the node holds; the answer may add
+    /// a new policy and log requests (`SyncAnswer`, docs/protocol.md §9).
+    pub async fn sync_with(&self, generation: u64, policy_hash: &str) -> Result<Option<SyncAnswer>, LinkError> {
+        let url = format!(
+            "{}?generation={generation}&policy={policy_hash}",
+            self.url("sync").await
+        );
+        let http = self.http.read().await.clone();
+        let resp = check(
+            http.get(url)
+                .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
+                .send()
+                .await?,
+        )
+        .await?;
+        if resp.status() == reqwest::StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        Ok(Some(resp.json().await?))
+    }
+
+    /// POST JSON to one of this node's routes (`/v1/nodes/<me>/<path>`).
+    pub async fn post_json<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, LinkError> {
+        let url = self.url(path).await;
+        let http = self.http.read().await.clone();
+        let resp = http
+            .post(url)
+            .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
+            .timeout(Duration::from_secs(30))
+            .json(body)
+            .send()
+            .await?;
+        Ok(check(resp).await?.json().await?)
+    }
+
+    /// GET a hub path (e.g. `/v1/images/blobs/...`) over mTLS, optionally from a byte offset.
+    /// No overall timeout: large downloads are bounded by the connect timeout and progress.
+    pub async fn get(&self, path: &str, from: Option<u64>) -> Result<reqwest::Response, LinkError> {
+        let url = format!("{}{path}", self.identity.read().await.hub);
+        let http = self.http.read().await.clone();
+        let mut req = http
+            .get(url)
+            .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
+            .timeout(Duration::from_secs(3600));
+        if let Some(n) = from.filter(|n| *n > 0) {
+            req = req.header(reqwest::header::RANGE, format!("bytes={n}-"));
+        }
+        check(req.send().await?).await
+    }
+
     /// Renew the node certificate when less than a third of its validity is left.
     pub async fn renew_if_due(&self) -> Result<bool, LinkError> {
         let (cert, key, node) = {
@@ -198,16 +253,36 @@ pub async fn sync_loop(
     client: Arc<HubClient>,
     store: Arc<Store>,
     desired_tx: watch::Sender<Arc<Desired>>,
+    monitor: crate::alerts::MonitorLink,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new();
     let mut connected = false;
     loop {
         let held = desired_tx.borrow().clone();
+        let policy_hash = monitor.policy_hash();
         let result = tokio::select! {
-            r = client.sync(held.generation) => r,
+            r = client.sync_with(held.generation, &policy_hash) => r,
             _ = shutdown.changed() => return,
         };
+        // Monitoring additions first: a new alert policy is persisted before it is used, log
+        // requests are answered by `logs::request_loop`.
+        let result = result.map(|answer| {
+            answer.and_then(|a| {
+                for r in a.log_requests {
+                    let _ = monitor.log_requests.send(r);
+                }
+                if let Some(p) = a.alert_policy {
+                    if let Err(e) = monitor.set_policy(p) {
+                        warn!(error = %e, "cannot persist the new alert policy; keeping the old one");
+                    }
+                }
+                let s = a.sync;
+                let unchanged =
+                    s.generation == held.generation && !s.full && s.upsert.is_empty() && s.remove.is_empty();
+                (!unchanged).then_some(s)
+            })
+        });
         let delay = match result {
             Ok(None) => None,
             Ok(Some(resp)) => {
@@ -269,9 +344,12 @@ pub async fn status_loop(
     mut status_rx: watch::Receiver<Snapshot>,
     desired_rx: watch::Receiver<Arc<Desired>>,
     started: std::time::Instant,
+    monitor: crate::alerts::MonitorLink,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut acked: Option<Snapshot> = None;
+    // When the vitals summary was last delivered (it rides on every report_every-th report).
+    let mut vitals_sent: Option<std::time::Instant> = None;
     let mut backoff = Backoff::new();
     let mut last_renew_check: Option<std::time::Instant> = None;
     loop {
@@ -297,8 +375,17 @@ pub async fn status_loop(
             removed,
             events,
         };
-        let wait = match client.report(&report).await {
+        let vitals_due = vitals_sent.is_none_or(|t| t.elapsed() >= monitor.report_every);
+        let with_vitals = StatusWithVitals {
+            vitals: monitor.vitals.borrow().clone().filter(|_| vitals_due),
+            report,
+        };
+        let wait = match client.post_json::<_, StatusAck>("status", &with_vitals).await {
             Ok(ack) => {
+                if with_vitals.vitals.is_some() {
+                    vitals_sent = Some(std::time::Instant::now());
+                }
+                let report = &with_vitals.report;
                 if ack.events_acked > 0 {
                     let _ = store.ack_events(ack.events_acked);
                 }
@@ -329,7 +416,10 @@ pub async fn status_loop(
                 // debounce bursts of changes
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            _ = tokio::time::sleep(wait) => {}
+            _ = monitor.outbox.notified(), if !failed => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            _ = tokio::time::sleep(wait.min(monitor.report_every.max(Duration::from_secs(1)))) => {}
             _ = shutdown.changed() => return,
         }
     }

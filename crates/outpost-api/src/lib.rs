@@ -11,6 +11,7 @@ pub mod protocol;
 
 pub use manifest::*;
 pub use parse::{parse_cpu, parse_file, parse_memory, probe_port, Parsed, PROCESS_RUNTIME};
+pub use parse::{parse_duration_secs, ALERT_POLICY_API};
 pub use protocol::*;
 
 /// Unix time in milliseconds. The one clock read of this crate's callers is passed in as `now`.

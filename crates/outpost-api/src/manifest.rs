@@ -149,6 +149,8 @@ pub struct Container {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -362,6 +364,99 @@ pub struct Secret {
     pub string_data: BTreeMap<String, String>,
 }
 
+/// A v1 Service. outpost honours `type: NodePort`: each `nodePort` becomes a host port on the
+/// nodes that run the selected pods (Docker containers).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: ServiceSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceSpec {
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub type_: Option<String>,
+    #[serde(default)]
+    pub selector: Labels,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub port: u16,
+    /// A number or a container port name; defaults to `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+}
+
+/// `apiVersion: outpost.dev/v1`, `kind: AlertPolicy`: monitoring thresholds, crash-loop alerts
+/// and log settings for the nodes its `nodeSelector` matches (see docs/alerts.md). Fields left
+/// out keep outpost's defaults or what a less specific policy set.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AlertPolicy {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: AlertPolicySpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AlertPolicySpec {
+    /// Nodes this policy applies to; empty: every node.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: Labels,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<ThresholdSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ThresholdSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<ThresholdSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<ThresholdSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crash_loop: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<LogPolicySpec>,
+}
+
+/// `{above: 80, for: 5m}` (percent, or degrees Celsius for temperature), or `{disabled: true}`.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ThresholdSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub above: Option<f64>,
+    /// A duration like `30s`, `5m`, `1h`.
+    #[serde(default, rename = "for", skip_serializing_if = "Option::is_none")]
+    pub for_: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disabled: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LogPolicySpec {
+    /// Substrings that mark a line as an error to forward (replaces the defaults).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_patterns: Option<Vec<String>>,
+    /// How long rotated log segments are kept, e.g. `7d`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<String>,
+}
+
 /// One accepted manifest document. Serialized as the manifest itself; deserialized by its
 /// `kind` field (see the `Deserialize` impl below).
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -371,6 +466,8 @@ pub enum Object {
     DaemonSet(DaemonSet),
     ConfigMap(ConfigMap),
     Secret(Secret),
+    Service(Service),
+    AlertPolicy(AlertPolicy),
 }
 
 /// The kinds outpost stores.
@@ -380,6 +477,8 @@ pub enum Kind {
     DaemonSet,
     ConfigMap,
     Secret,
+    Service,
+    AlertPolicy,
 }
 
 impl Kind {
@@ -389,6 +488,8 @@ impl Kind {
             Kind::DaemonSet => "DaemonSet",
             Kind::ConfigMap => "ConfigMap",
             Kind::Secret => "Secret",
+            Kind::Service => "Service",
+            Kind::AlertPolicy => "AlertPolicy",
         }
     }
     /// Accepts `deployment`, `deployments`, `deploy`, `Deployment`, `daemonset`, `ds`, ...
@@ -398,6 +499,8 @@ impl Kind {
             "daemonset" | "daemonsets" | "ds" => Kind::DaemonSet,
             "configmap" | "configmaps" | "cm" => Kind::ConfigMap,
             "secret" | "secrets" => Kind::Secret,
+            "service" | "services" | "svc" => Kind::Service,
+            "alertpolicy" | "alertpolicies" | "ap" => Kind::AlertPolicy,
             _ => return None,
         })
     }
@@ -423,6 +526,8 @@ impl<'de> Deserialize<'de> for Object {
             "DaemonSet" => serde_json::from_value(v).map(Object::DaemonSet).map_err(e),
             "ConfigMap" => serde_json::from_value(v).map(Object::ConfigMap).map_err(e),
             "Secret" => serde_json::from_value(v).map(Object::Secret).map_err(e),
+            "Service" => serde_json::from_value(v).map(Object::Service).map_err(e),
+            "AlertPolicy" => serde_json::from_value(v).map(Object::AlertPolicy).map_err(e),
             other => Err(D::Error::custom(format!("unsupported kind {other:?}"))),
         }
     }
@@ -435,6 +540,8 @@ impl Object {
             Object::DaemonSet(_) => Kind::DaemonSet,
             Object::ConfigMap(_) => Kind::ConfigMap,
             Object::Secret(_) => Kind::Secret,
+            Object::Service(_) => Kind::Service,
+            Object::AlertPolicy(_) => Kind::AlertPolicy,
         }
     }
     pub fn meta(&self) -> &ObjectMeta {
@@ -443,6 +550,8 @@ impl Object {
             Object::DaemonSet(o) => &o.metadata,
             Object::ConfigMap(o) => &o.metadata,
             Object::Secret(o) => &o.metadata,
+            Object::Service(o) => &o.metadata,
+            Object::AlertPolicy(o) => &o.metadata,
         }
     }
     pub fn meta_mut(&mut self) -> &mut ObjectMeta {
@@ -451,6 +560,8 @@ impl Object {
             Object::DaemonSet(o) => &mut o.metadata,
             Object::ConfigMap(o) => &mut o.metadata,
             Object::Secret(o) => &mut o.metadata,
+            Object::Service(o) => &mut o.metadata,
+            Object::AlertPolicy(o) => &mut o.metadata,
         }
     }
     /// `Kind/namespace/name`

@@ -128,7 +128,8 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
     }
     let expected_api = match kind.as_str() {
         "Deployment" | "DaemonSet" => "apps/v1",
-        "ConfigMap" | "Secret" => "v1",
+        "ConfigMap" | "Secret" | "Service" => "v1",
+        "AlertPolicy" => ALERT_POLICY_API,
         "" => {
             ctx.err(
                 "kind",
@@ -139,7 +140,7 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
         other => {
             ctx.err(
                 "kind",
-                format!("{other} is not supported by outpost; supported kinds are Deployment, DaemonSet, ConfigMap and Secret"),
+                format!("{other} is not supported by outpost; supported kinds are Deployment, DaemonSet, ConfigMap, Secret, Service and AlertPolicy"),
             );
             return None;
         }
@@ -155,6 +156,8 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
         "Deployment" => Object::Deployment(typed(ctx, doc)?),
         "DaemonSet" => Object::DaemonSet(typed(ctx, doc)?),
         "ConfigMap" => Object::ConfigMap(typed(ctx, doc)?),
+        "Service" => Object::Service(typed(ctx, doc)?),
+        "AlertPolicy" => Object::AlertPolicy(typed(ctx, doc)?),
         _ => Object::Secret(typed(ctx, doc)?),
     };
     validate_meta(ctx, obj.meta());
@@ -182,6 +185,8 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
                 &["OnDelete", "RollingUpdate"],
             );
         }
+        Object::Service(svc) => validate_service(ctx, svc),
+        Object::AlertPolicy(p) => validate_alert_policy(ctx, &p.spec),
         Object::ConfigMap(c) => {
             for (k, v) in &c.binary_data {
                 validate_key(ctx, &format!("binaryData.{k}"), k);
@@ -267,6 +272,49 @@ fn validate_selector(ctx: &mut Ctx, sel: Option<&LabelSelector>, template: &PodT
             ctx.err(
                 format!("spec.selector.matchLabels.{k}"),
                 "the selector does not match spec.template.metadata.labels; a workload must select its own pods",
+            );
+        }
+    }
+}
+
+fn validate_service(ctx: &mut Ctx, svc: &Service) {
+    match svc.spec.type_.as_deref() {
+        None | Some("ClusterIP") => ctx.warn(
+            "spec.type",
+            "accepted but not used: outpost has no cluster network; use type NodePort to expose pods on their nodes",
+        ),
+        Some("NodePort") => {}
+        Some(other) => ctx.err(
+            "spec.type",
+            format!("{other:?} is not supported; outpost supports NodePort"),
+        ),
+    }
+    if svc.spec.selector.is_empty() {
+        ctx.err(
+            "spec.selector",
+            "required: a Service selects the pods it exposes by their labels",
+        );
+    }
+    for (i, p) in svc.spec.ports.iter().enumerate() {
+        let f = format!("spec.ports[{i}]");
+        if p.port == 0 {
+            ctx.err(format!("{f}.port"), "must be between 1 and 65535");
+        }
+        if p.protocol.as_deref().is_some_and(|x| !matches!(x, "TCP" | "UDP")) {
+            ctx.err(format!("{f}.protocol"), "must be TCP or UDP");
+        }
+        match p.target_port.as_ref() {
+            None | Some(Value::String(_)) => {}
+            Some(Value::Number(n)) if n.as_u64().is_some_and(|n| (1..=65535).contains(&n)) => {}
+            Some(other) => ctx.err(
+                format!("{f}.targetPort"),
+                format!("{other} is not a port number or name"),
+            ),
+        }
+        if svc.spec.type_.as_deref() == Some("NodePort") && p.node_port.is_none() {
+            ctx.err(
+                format!("{f}.nodePort"),
+                "required: outpost does not pick node ports; choose one (e.g. 30001)",
             );
         }
     }
@@ -470,6 +518,14 @@ fn validate_pod(ctx: &mut Ctx, at: &str, pod: &PodSpec) {
                 "required for Docker containers (or set runtimeClassName: process)",
             );
         }
+        if let Some(p) = c.image_pull_policy.as_deref() {
+            if !matches!(p, "Always" | "IfNotPresent" | "Never") {
+                ctx.err(
+                    format!("{f}.imagePullPolicy"),
+                    format!("{p:?} is not one of Always, IfNotPresent, Never"),
+                );
+            }
+        }
         for (j, e) in c.env.iter().enumerate() {
             let ef = format!("{f}.env[{j}]");
             if e.name.is_empty() || e.name.contains('=') {
@@ -664,8 +720,16 @@ data: {b: hello}
     fn table_of_rejections() {
         let cases: &[(&str, &str)] = &[
             (
-                "kind: Service\napiVersion: v1\nmetadata: {name: a}",
-                "document 1 (Service a): kind: Service is not supported",
+                "kind: Ingress\napiVersion: networking.k8s.io/v1\nmetadata: {name: a}",
+                "document 1 (Ingress a): kind: Ingress is not supported",
+            ),
+            (
+                "kind: Service\napiVersion: v1\nmetadata: {name: a}\nspec: {type: NodePort, selector: {app: a}, ports: [{port: 80}]}",
+                "spec.ports[0].nodePort: required",
+            ),
+            (
+                "kind: Service\napiVersion: v1\nmetadata: {name: a}\nspec: {type: LoadBalancer, selector: {app: a}}",
+                "spec.type: \"LoadBalancer\" is not supported",
             ),
             (
                 "kind: Deployment\napiVersion: v1\nmetadata: {name: a}",
@@ -759,7 +823,7 @@ data: {b: hello}
 
     #[test]
     fn one_bad_document_rejects_the_whole_file() {
-        let yaml = format!("{GOOD}\n---\nkind: Service\napiVersion: v1\nmetadata: {{name: x}}\n");
+        let yaml = format!("{GOOD}\n---\nkind: Pod\napiVersion: v1\nmetadata: {{name: x}}\n");
         let e = errors(&yaml);
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].contains("document 3"));
@@ -796,11 +860,8 @@ data: {b: hello}
     }
 
     #[test]
-    fn shared_examples_parse_except_for_the_service() {
-        for (name, want_err) in [
-            ("edge-infer.yaml", Some("kind: Service is not supported")),
-            ("video-analyzer.yaml", None),
-        ] {
+    fn shared_examples_parse() {
+        for (name, want_err) in [("edge-infer.yaml", None::<&str>), ("video-analyzer.yaml", None)] {
             let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/examples/").to_string() + name;
             let Ok(text) = std::fs::read_to_string(&path) else {
                 continue;
@@ -811,5 +872,157 @@ data: {b: hello}
                 (r, w) => panic!("{name}: {r:?} but wanted {w:?}"),
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AlertPolicy (issue 5)
+
+/// The apiVersion of outpost's own kinds.
+pub const ALERT_POLICY_API: &str = "outpost.dev/v1";
+
+/// `30s`, `5m`, `1h`, `7d` (or a plain number of seconds) -> seconds.
+pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let bad = || format!("{s:?} is not a duration like 30s, 5m, 1h or 7d");
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let mul = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(bad()),
+    };
+    Ok(n.saturating_mul(mul))
+}
+
+fn validate_threshold(ctx: &mut Ctx, field: &str, t: &ThresholdSpec, max: f64) {
+    match (t.above, t.disabled) {
+        (Some(_), true) => ctx.err(field, "set either above or disabled: true, not both"),
+        (None, false) if t.for_.is_none() => ctx.err(field, "set above (the threshold) or disabled: true"),
+        (Some(a), false) if !(a.is_finite() && a > 0.0 && a <= max) => ctx.err(
+            format!("{field}.above"),
+            format!("{a} must be more than 0 and at most {max}"),
+        ),
+        _ => {}
+    }
+    if let Some(f) = &t.for_ {
+        if let Err(e) = parse_duration_secs(f) {
+            ctx.err(format!("{field}.for"), e);
+        }
+    }
+}
+
+fn validate_alert_policy(ctx: &mut Ctx, spec: &AlertPolicySpec) {
+    for (name, t, max) in [
+        ("cpu", &spec.cpu, 100.0),
+        ("memory", &spec.memory, 100.0),
+        ("disk", &spec.disk, 100.0),
+        ("temperature", &spec.temperature, 200.0),
+    ] {
+        if let Some(t) = t {
+            validate_threshold(ctx, &format!("spec.{name}"), t, max);
+        }
+    }
+    if let Some(l) = &spec.logs {
+        if let Some(p) = &l.error_patterns {
+            for (i, pat) in p.iter().enumerate() {
+                if pat.trim().is_empty() {
+                    ctx.err(
+                        format!("spec.logs.errorPatterns[{i}]"),
+                        "an empty pattern would match every line",
+                    );
+                }
+            }
+        }
+        if let Some(a) = &l.max_age {
+            match parse_duration_secs(a) {
+                Ok(0) => ctx.err("spec.logs.maxAge", "must be more than 0"),
+                Ok(_) => {}
+                Err(e) => ctx.err("spec.logs.maxAge", e),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod alert_policy_tests {
+    use super::*;
+
+    const GOOD: &str = "apiVersion: outpost.dev/v1
+kind: AlertPolicy
+metadata: {name: stores}
+spec:
+  nodeSelector: {site: store-001}
+  cpu: {above: 80, for: 5m}
+  memory: {disabled: true}
+  crashLoop: true
+  logs: {errorPatterns: [ERROR, panic], maxAge: 3d}
+";
+
+    #[test]
+    fn accepts_a_good_policy() {
+        let p = parse_file("p.yaml", GOOD).unwrap();
+        let Object::AlertPolicy(ap) = &p.objects[0] else {
+            panic!("not an AlertPolicy: {:?}", p.objects[0])
+        };
+        assert_eq!(ap.spec.cpu.as_ref().and_then(|c| c.above), Some(80.0));
+        assert_eq!(p.objects[0].id().to_string(), "AlertPolicy/default/stores");
+        let back: Object = serde_json::from_value(serde_json::to_value(&p.objects[0]).unwrap()).unwrap();
+        assert_eq!(back, p.objects[0]);
+    }
+
+    #[test]
+    fn table_of_rejections() {
+        let doc = |spec: &str| {
+            format!("apiVersion: outpost.dev/v1\nkind: AlertPolicy\nmetadata: {{name: p}}\nspec: {spec}\n")
+        };
+        let cases: &[(String, &str)] = &[
+            (
+                "apiVersion: v1\nkind: AlertPolicy\nmetadata: {name: p}\nspec: {}\n".into(),
+                "apiVersion: AlertPolicy must use apiVersion outpost.dev/v1",
+            ),
+            (doc("{cpu: {above: 80, fo: 5m}}"), "spec.cpu.fo: unknown field `fo`"),
+            (
+                doc("{cpu: {above: 180}}"),
+                "spec.cpu.above: 180 must be more than 0 and at most 100",
+            ),
+            (
+                doc("{cpu: {above: 80, for: 5y}}"),
+                "spec.cpu.for: \"5y\" is not a duration",
+            ),
+            (
+                doc("{disk: {above: 80, disabled: true}}"),
+                "spec.disk: set either above or disabled",
+            ),
+            (
+                doc("{memory: {}}"),
+                "spec.memory: set above (the threshold) or disabled: true",
+            ),
+            (
+                doc("{logs: {errorPatterns: ['']}}"),
+                "spec.logs.errorPatterns[0]: an empty pattern",
+            ),
+            (doc("{logs: {maxAge: 0d}}"), "spec.logs.maxAge: must be more than 0"),
+            (doc("{gpu: {above: 1}}"), "spec.gpu: unknown field `gpu`"),
+        ];
+        for (yaml, want) in cases {
+            let got = match parse_file("f.yaml", yaml) {
+                Ok(p) => panic!("expected errors for {yaml}, parsed {:?}", p.objects),
+                Err(e) => e.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"),
+            };
+            assert!(got.contains(want), "for {yaml:?}\n want: {want}\n got:  {got}");
+            assert!(got.contains("(AlertPolicy p)"), "names the document: {got}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_secs("90"), Ok(90));
+        assert_eq!(parse_duration_secs("5m"), Ok(300));
+        assert_eq!(parse_duration_secs("7d"), Ok(604_800));
+        assert!(parse_duration_secs("m").is_err());
     }
 }

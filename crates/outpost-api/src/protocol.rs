@@ -169,6 +169,8 @@ pub enum ProbeAction {
 pub struct ContainerSpec {
     pub name: String,
     pub image: Option<String>,
+    #[serde(default)]
+    pub image_pull_policy: PullPolicy,
     pub command: Vec<String>,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
@@ -183,6 +185,27 @@ pub struct ContainerSpec {
     pub liveness_probe: Option<ProbeSpec>,
     #[serde(default)]
     pub readiness_probe: Option<ProbeSpec>,
+}
+
+/// When the agent fetches a container's image (Kubernetes' meaning; the default is Always for
+/// `:latest` or untagged images, IfNotPresent otherwise).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum PullPolicy {
+    Always,
+    #[default]
+    IfNotPresent,
+    Never,
+}
+
+/// An image stored at the hub (`outpost image push`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ImageTag {
+    /// As the workload names it, e.g. `local/busybox:1`.
+    pub name: String,
+    /// `sha256:<hex>` of the `docker save` archive.
+    pub digest: String,
+    pub size: u64,
+    pub pushed_at: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -472,6 +495,252 @@ pub struct WorkloadInfo {
     /// Why fewer replicas are scheduled than desired, if so.
     pub note: Option<String>,
     pub manifest: serde_json::Value,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Monitoring, alerts and logs (issue 5). Every addition is optional on the wire: the two wrapper
+// types flatten the v1 messages and add fields an older peer ignores. See docs/alerts.md.
+
+/// A threshold on a percentage (or degrees Celsius): breached while the value is `> above`;
+/// fires once breached continuously for `for_secs`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Threshold {
+    pub above: f64,
+    #[serde(default)]
+    pub for_secs: u64,
+}
+
+/// A node's effective monitoring policy: outpost's defaults overlaid with every `AlertPolicy`
+/// whose nodeSelector matches the node. `None` thresholds are disabled.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodePolicy {
+    #[serde(default)]
+    pub cpu: Option<Threshold>,
+    #[serde(default)]
+    pub memory: Option<Threshold>,
+    #[serde(default)]
+    pub disk: Option<Threshold>,
+    #[serde(default)]
+    pub temperature: Option<Threshold>,
+    /// Alert when a workload is in CrashLoopBackOff.
+    #[serde(default)]
+    pub crash_loop: bool,
+    /// Substrings (case-sensitive) that mark a log line as an error to forward.
+    #[serde(default)]
+    pub error_patterns: Vec<String>,
+    /// Rotated log segments older than this are deleted.
+    #[serde(default)]
+    pub log_max_age_secs: u64,
+    /// The AlertPolicy objects merged in, in the order applied.
+    #[serde(default)]
+    pub sources: Vec<String>,
+}
+
+pub const DEFAULT_ERROR_PATTERNS: &[&str] = &[
+    "ERROR",
+    "Error:",
+    "FATAL",
+    "Fatal",
+    "CRITICAL",
+    "panic",
+    "PANIC",
+    "Traceback (most recent call last)",
+    "Exception",
+    "segfault",
+    "Segmentation fault",
+    "OOM",
+    "Out of memory",
+];
+
+impl Default for NodePolicy {
+    /// CPU > 90 % for 5 min, memory > 90 %, disk > 90 %, crash loops, no temperature alert,
+    /// the default error patterns, logs kept 7 days.
+    fn default() -> Self {
+        Self {
+            cpu: Some(Threshold {
+                above: 90.0,
+                for_secs: 300,
+            }),
+            memory: Some(Threshold {
+                above: 90.0,
+                for_secs: 0,
+            }),
+            disk: Some(Threshold {
+                above: 90.0,
+                for_secs: 0,
+            }),
+            temperature: None,
+            crash_loop: true,
+            error_patterns: DEFAULT_ERROR_PATTERNS.iter().map(|s| s.to_string()).collect(),
+            log_max_age_secs: 7 * 86400,
+            sources: Vec::new(),
+        }
+    }
+}
+
+impl NodePolicy {
+    pub fn hash(&self) -> String {
+        crate::content_hash(self)
+    }
+}
+
+/// An operator's request for a workload's log, handed to the agent in its sync answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogRequest {
+    pub id: String,
+    /// Workload key, `deployment/<ns>/<name>`.
+    pub workload: String,
+    /// Default: the workload's first container.
+    #[serde(default)]
+    pub container: Option<String>,
+    /// Only the last N lines.
+    #[serde(default)]
+    pub tail: Option<u32>,
+    /// Only segments written in the last N seconds.
+    #[serde(default)]
+    pub since_secs: Option<u64>,
+    /// Follow: only bytes of the live file after this offset (from the previous answer).
+    #[serde(default)]
+    pub from_offset: Option<u64>,
+}
+
+/// The agent's answer to a [`LogRequest`] (`POST /v1/nodes/{node}/logs/{id}`), also what the
+/// operator receives.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LogData {
+    pub container: String,
+    pub text: String,
+    /// Length of the live log file when read: the next `from_offset` when following.
+    pub offset: u64,
+    /// The answer was cut to the size limit (the newest part is kept).
+    #[serde(default)]
+    pub truncated: bool,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// A forwarded error line. `at` is when the agent read it (log files carry no timestamps).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorLine {
+    pub seq: u64,
+    pub at: i64,
+    pub workload: String,
+    pub container: String,
+    pub line: String,
+}
+
+/// `POST /v1/nodes/{node}/errors`: error lines oldest first, and how many lines the node had to
+/// drop so far because a cap was reached (cumulative).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBatch {
+    pub lines: Vec<ErrorLine>,
+    #[serde(default)]
+    pub dropped_lines: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorAck {
+    /// Highest sequence stored; the agent forgets lines up to it.
+    pub acked: u64,
+}
+
+/// One forwarded error line as `outpost logs --errors` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredErrorLine {
+    pub node: String,
+    #[serde(flatten)]
+    pub line: ErrorLine,
+}
+
+/// Per-workload vital signs: CPU percent of one core summed over the unit process groups,
+/// resident memory, restarts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadVitals {
+    pub key: String,
+    pub cpu: f32,
+    pub rss_bytes: u64,
+    #[serde(default)]
+    pub restarts: u32,
+}
+
+/// A compact summary of a node's vital signs, sent with some status reports.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Vitals {
+    /// Unix ms of the sample.
+    pub at: i64,
+    /// CPU busy, percent of all cores.
+    pub cpu: f32,
+    /// Memory in use (total - available), percent.
+    pub mem: f32,
+    pub mem_total_bytes: u64,
+    /// Use of the file system holding `/`, percent.
+    pub disk_root: f32,
+    /// Use of the file system holding the agent's data dir, when it is not the one of `/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_data: Option<f32>,
+    pub load1: f32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temp_c: Option<f32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<WorkloadVitals>,
+    /// Log lines dropped because a cap was reached, since the node joined.
+    #[serde(default)]
+    pub log_dropped_lines: u64,
+}
+
+/// A sync answer with the monitoring additions (one JSON object; see docs/protocol.md §9).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SyncAnswer {
+    #[serde(flatten)]
+    pub sync: SyncResponse,
+    /// The node's effective policy, present when it differs from the hash the agent sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert_policy: Option<NodePolicy>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log_requests: Vec<LogRequest>,
+}
+
+/// A status report with the monitoring additions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusWithVitals {
+    #[serde(flatten)]
+    pub report: StatusReport,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vitals: Option<Vitals>,
+}
+
+/// Event reasons of node alerts in the event outbox; the message is `<alert name>: <summary>`.
+pub const ALERT_FIRING: &str = "AlertFiring";
+pub const ALERT_RESOLVED: &str = "AlertResolved";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AlertState {
+    Firing,
+    Resolved,
+}
+
+/// One fleet alert, as `outpost get alerts` lists it and webhooks carry it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AlertInfo {
+    /// `NodeOffline`, `NodeCpuHigh`, `NodeMemoryHigh`, `NodeDiskFull`, `DataDiskFull`,
+    /// `NodeTemperatureHigh`, `WorkloadCrashLoop`, `WorkloadRolledBack`.
+    pub name: String,
+    pub node: String,
+    /// The workload (or other subject) the alert is about; empty for node-wide alerts.
+    #[serde(default)]
+    pub subject: String,
+    /// `critical` or `warning`.
+    pub severity: String,
+    pub state: AlertState,
+    /// `node` (evaluated on the node, works offline) or `hub`.
+    pub source: String,
+    /// Unix ms when it started firing (the node's time for node alerts).
+    pub started_at: i64,
+    #[serde(default)]
+    pub resolved_at: Option<i64>,
+    pub summary: String,
+    #[serde(default)]
+    pub labels: Labels,
 }
 
 #[cfg(test)]

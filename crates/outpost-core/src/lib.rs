@@ -5,6 +5,7 @@
 //! read the clock (callers pass `now`), sleep, or depend on an async runtime. Every function here
 //! is tested table-style without sockets, files or timers.
 
+pub mod alerts;
 pub mod probe;
 pub mod render;
 pub mod rollout;

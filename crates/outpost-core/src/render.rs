@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use base64::Engine;
 use outpost_api::{
     content_hash, parse_cpu, parse_memory, probe_port, ConfigMap, Container, ContainerSpec, Kind, ManifestError,
-    MountSpec, Object, ObjectId, PortSpec, Probe, ProbeAction, ProbeSpec, RestartPolicy, Runtime, Secret, VolumeSource,
-    VolumeSpec, WorkloadSpec, DEFAULT_MIN_READY_SECS, DEFAULT_PROGRESS_DEADLINE_SECS, PROCESS_RUNTIME,
+    MountSpec, Object, ObjectId, PortSpec, Probe, ProbeAction, ProbeSpec, PullPolicy, RestartPolicy, Runtime, Secret,
+    VolumeSource, VolumeSpec, WorkloadSpec, DEFAULT_MIN_READY_SECS, DEFAULT_PROGRESS_DEADLINE_SECS, PROCESS_RUNTIME,
 };
 
 /// Default grace period, as in Kubernetes.
@@ -17,6 +17,8 @@ pub const DEFAULT_GRACE_SECS: u64 = 30;
 pub trait ConfigSource {
     fn config_map(&self, namespace: &str, name: &str) -> Option<&ConfigMap>;
     fn secret(&self, namespace: &str, name: &str) -> Option<&Secret>;
+    /// Services of a namespace.
+    fn services(&self, namespace: &str) -> Vec<&outpost_api::Service>;
 }
 
 impl ConfigSource for BTreeMap<ObjectId, Object> {
@@ -41,6 +43,14 @@ impl ConfigSource for BTreeMap<ObjectId, Object> {
             Some(Object::Secret(s)) => Some(s),
             _ => None,
         }
+    }
+    fn services(&self, namespace: &str) -> Vec<&outpost_api::Service> {
+        self.values()
+            .filter_map(|o| match o {
+                Object::Service(s) if s.metadata.ns() == namespace => Some(s),
+                _ => None,
+            })
+            .collect()
     }
 }
 
@@ -175,6 +185,70 @@ pub fn references(obj: &Object, target: &ObjectId) -> bool {
     env_hit || vol_hit
 }
 
+fn pull_policy(c: &Container) -> PullPolicy {
+    match c.image_pull_policy.as_deref() {
+        Some("Always") => PullPolicy::Always,
+        Some("Never") => PullPolicy::Never,
+        Some(_) => PullPolicy::IfNotPresent,
+        None => {
+            let image = c.image.as_deref().unwrap_or_default();
+            let tag = image
+                .rsplit('/')
+                .next()
+                .and_then(|last| last.split_once(':'))
+                .map(|(_, t)| t);
+            if tag.is_none_or(|t| t == "latest") && !image.contains('@') {
+                PullPolicy::Always
+            } else {
+                PullPolicy::IfNotPresent
+            }
+        }
+    }
+}
+
+/// NodePort Services whose selector matches the pod's labels publish `nodePort` on the host:
+/// the matching container port gets it as its host port.
+fn apply_node_ports(
+    containers: &mut [ContainerSpec],
+    pod_labels: &outpost_api::Labels,
+    pod: &outpost_api::PodSpec,
+    ns: &str,
+    src: &impl ConfigSource,
+) {
+    for svc in src.services(ns) {
+        if svc.spec.type_.as_deref() != Some("NodePort")
+            || !crate::schedule::selector_matches(&svc.spec.selector, pod_labels)
+        {
+            continue;
+        }
+        for sp in &svc.spec.ports {
+            let Some(node_port) = sp.node_port else { continue };
+            for (cs, c) in containers.iter_mut().zip(&pod.containers) {
+                let target = match &sp.target_port {
+                    None => Some(sp.port),
+                    Some(v) => probe_port(v, c).ok(),
+                };
+                let proto = sp.protocol.clone().unwrap_or_else(|| "TCP".into());
+                if let Some(p) = cs
+                    .ports
+                    .iter_mut()
+                    .find(|p| Some(p.container_port) == target && p.protocol == proto)
+                {
+                    p.host_port = Some(node_port);
+                } else if let Some(t) =
+                    target.filter(|_| cs.ports.is_empty() || c.ports.iter().all(|p| p.name.is_none()))
+                {
+                    cs.ports.push(PortSpec {
+                        container_port: t,
+                        host_port: Some(node_port),
+                        protocol: proto,
+                    });
+                }
+            }
+        }
+    }
+}
+
 /// A probe with ports resolved and Kubernetes' defaults filled in (period 10 s, timeout 1 s,
 /// failure threshold 3, success threshold 1). Probes reach the workload on 127.0.0.1 unless a
 /// host is given. Invalid probes were rejected at apply; one that still does not resolve is
@@ -227,7 +301,7 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
         Some("Never") => RestartPolicy::Never,
         _ => RestartPolicy::Always,
     };
-    let containers = pod
+    let mut containers: Vec<ContainerSpec> = pod
         .containers
         .iter()
         .map(|c| {
@@ -257,6 +331,7 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
             ContainerSpec {
                 name: c.name.clone(),
                 image: c.image.clone(),
+                image_pull_policy: pull_policy(c),
                 command: c.command.clone(),
                 args: c.args.clone(),
                 env,
@@ -287,6 +362,11 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
             }
         })
         .collect();
+    if runtime == Runtime::Docker {
+        let empty = outpost_api::Labels::new();
+        let labels = t.metadata.as_ref().map_or(&empty, |m| &m.labels);
+        apply_node_ports(&mut containers, labels, pod, &ns, src);
+    }
     let volumes = pod
         .volumes
         .iter()

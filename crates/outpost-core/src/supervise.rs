@@ -53,6 +53,9 @@ pub struct Unit {
     pub done: Option<Phase>,
     /// Set once SIGTERM was sent: (SIGKILL deadline, SIGKILL sent).
     pub stopping: Option<(UnixMs, bool)>,
+    /// A start is under way (a container runtime creating it, an image downloading): do not
+    /// start again, and do not forget the unit, until the runtime reports back.
+    pub starting: bool,
     /// Set when the agent stops the process because it is unhealthy (a failed liveness or
     /// startup probe): its exit then counts as a failure with this reason, not as a stop.
     pub kill_reason: Option<String>,
@@ -92,6 +95,9 @@ pub fn decide(
         if desired.get(id).is_some_and(|d| d.runnable && d.hash == u.hash) {
             continue;
         }
+        if u.starting {
+            continue; // stopped once the runtime reports the start
+        }
         match u.pid {
             Some(pid) => {
                 actions.push(Action::Terminate {
@@ -114,6 +120,7 @@ pub fn decide(
         }
         match units.get(id) {
             None => actions.push(Action::Start { unit: id.clone() }),
+            Some(u) if u.starting => {}
             Some(u) if u.hash != d.hash => {
                 if u.pid.is_none() {
                     actions.push(Action::Start { unit: id.clone() });
@@ -428,6 +435,18 @@ mod tests {
                 pid: 7
             }]
         );
+    }
+
+    #[test]
+    fn a_start_under_way_is_neither_repeated_nor_forgotten() {
+        let starting = Unit {
+            hash: "h1".into(),
+            starting: true,
+            ..Default::default()
+        };
+        check(&[("a", d("h1"))], &[("a", starting.clone())], 0, &[], None);
+        check(&[("a", d("h2"))], &[("a", starting.clone())], 0, &[], None);
+        check(&[], &[("a", starting)], 0, &[], None);
     }
 
     #[test]

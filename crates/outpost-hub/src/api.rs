@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use outpost_api::{
     ApplyRequest, ApplyResponse, ApplyResult, DeleteResponse, JoinRequest, JoinResponse, JoinToken, Kind, NodeInfo,
-    Object, ObjectId, Phase, Placement, RenewRequest, RenewResponse, RevisionInfo, Runtime, StatusAck, StatusReport,
+    Object, ObjectId, Phase, Placement, RenewRequest, RenewResponse, RevisionInfo, Runtime, StatusAck,
     TokenRequest, TokenResponse, UndoRequest, UnixMs, WorkloadInfo, WorkloadStatus, PROCESS_RUNTIME,
 };
 use outpost_core::render::workload_key;
@@ -86,7 +86,7 @@ pub async fn join(State(st): St, ApiJson(req): ApiJson<JoinRequest>) -> Result<J
 }
 
 /// The caller's certificate must belong to `node`.
-async fn authorize_node(st: &HubState, peer: &Peer, node: &str) -> Result<(), HubError> {
+pub(crate) async fn authorize_node(st: &HubState, peer: &Peer, node: &str) -> Result<(), HubError> {
     let fp = peer.cert_fp.clone().ok_or(HubError::NoClientCert)?;
     let caller = st
         .db(move |s| s.node_by_cert(&fp))
@@ -118,6 +118,9 @@ async fn contact(st: &HubState, node: &str, now: UnixMs) -> Result<(), HubError>
 pub struct SyncQuery {
     #[serde(default)]
     generation: u64,
+    /// Hash of the alert policy the agent holds (monitoring-aware agents only).
+    #[serde(default)]
+    policy: Option<String>,
 }
 
 pub async fn sync(
@@ -130,13 +133,22 @@ pub async fn sync(
     contact(&st, &node, now_ms()).await?;
     // Subscribe before reading, so a change committed after the read still wakes us.
     let mut rx = st.subscribe(&node);
+    let _connected = crate::metrics::LongPollGuard::new(st.monitor.metrics.clone());
     let deadline = tokio::time::Instant::now() + st.long_poll;
     loop {
         let (n, since) = (node.clone(), q.generation);
         let resp = st.db(move |s| s.sync(&n, since)).await?.ok_or(HubError::UnknownNode)?;
-        if resp.generation != since {
-            tracing::debug!(node = %node, since, generation = resp.generation, full = resp.full, "sync answered");
-            return Ok(Json(resp).into_response());
+        // Monitoring additions: a changed alert policy, pending log requests (they wake us too).
+        let (alert_policy, log_requests) = crate::alerts::sync_extras(&st, &node, q.policy.as_deref()).await?;
+        if resp.generation != since || alert_policy.is_some() || !log_requests.is_empty() {
+            tracing::debug!(node = %node, since, generation = resp.generation, full = resp.full,
+                policy = alert_policy.is_some(), log_requests = log_requests.len(), "sync answered");
+            let answer = outpost_api::SyncAnswer {
+                sync: resp,
+                alert_policy,
+                log_requests,
+            };
+            return Ok(Json(answer).into_response());
         }
         match tokio::time::timeout_at(deadline, rx.changed()).await {
             Ok(Ok(())) => {}
@@ -151,11 +163,14 @@ pub async fn status(
     State(st): St,
     peer: Peer,
     Path(node): Path<String>,
-    ApiJson(report): ApiJson<StatusReport>,
+    ApiJson(body): ApiJson<outpost_api::StatusWithVitals>,
 ) -> Result<Json<StatusAck>, HubError> {
     authorize_node(&st, &peer, &node).await?;
     let now = now_ms();
     contact(&st, &node, now).await?;
+    let outpost_api::StatusWithVitals { report, vitals } = body;
+    // Alert events are processed (idempotently) before the events are acknowledged.
+    crate::alerts::on_status(&st, &node, report.events.clone(), vitals).await?;
     let n = node.clone();
     let events = report.events.len();
     let events_acked = st.db(move |s| s.record_status(&n, &report, now)).await?;
@@ -560,6 +575,8 @@ pub async fn delete_node(State(st): St, _: Admin, Path(name): Path<String>) -> R
         return Err(HubError::NotFound(format!("node {name}")));
     }
     st.forget_node(&name);
+    let n = name.clone();
+    crate::alerts::mdb(&st, move |m| m.forget_node(&n)).await?;
     tracing::info!(node = %name, "node deleted; its certificate no longer works");
     reschedule_after_commit(&st, now_ms()).await;
     Ok(Json(DeleteResponse {

@@ -55,6 +55,9 @@ pub enum HubError {
     NotFound(String),
     #[error("{0}")]
     BadRequest(String),
+    /// A node did not answer a request relayed through its own link (offline, or too slow).
+    #[error("{0}")]
+    NodeUnreachable(String),
     #[error("internal hub error: {0}; see the hub's log, and retry")]
     Internal(String),
 }
@@ -112,6 +115,7 @@ impl HubError {
             InUse { .. } => (StatusCode::CONFLICT, "in_use"),
             NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            NodeUnreachable(_) => (StatusCode::GATEWAY_TIMEOUT, "node_unreachable"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

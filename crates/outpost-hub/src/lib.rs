@@ -9,14 +9,19 @@
 //! short statements run on the blocking pool, and errors become HTTP answers only in
 //! [`error::HubError`].
 
+pub mod alerts;
 pub mod api;
 pub mod error;
 pub mod files;
+pub mod images;
+pub mod logs;
+pub mod metrics;
 pub mod scheduler;
 pub mod server;
 pub mod state;
 pub mod store;
 pub mod validate;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -54,6 +59,10 @@ pub struct HubConfig {
     pub offline_after: Duration,
     /// How long a sync long-poll is held open without changes (default 30 s).
     pub long_poll: Duration,
+    /// Webhook URLs that receive every alert firing and resolution (`--webhook`).
+    pub webhooks: Vec<String>,
+    /// A node silent this long raises the `NodeOffline` alert (default 5 min).
+    pub node_offline_alert: Duration,
 }
 
 impl HubConfig {
@@ -65,6 +74,8 @@ impl HubConfig {
             advertise: Vec::new(),
             offline_after: DEFAULT_OFFLINE_AFTER,
             long_poll: Duration::from_secs(outpost_api::LONG_POLL_SECS),
+            webhooks: Vec::new(),
+            node_offline_alert: Duration::from_secs(300),
         }
     }
 }
@@ -90,6 +101,7 @@ impl Hub {
         outpost_pki::install_provider();
         let data_dir = files::DataDir::new(cfg.data_dir.clone());
         let db_path = data_dir.path("hub.db");
+        let monitor_db = db_path.clone();
         let advertise = cfg.advertise.clone();
         let (material, store) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let material = data_dir.load_or_create(&advertise)?;
@@ -102,14 +114,25 @@ impl Hub {
         let ca_fingerprint = material.ca.fingerprint().context("ca.pem is not a valid certificate")?;
         let tls = outpost_pki::server_config(&material.ca, &material.server_chain_pem, &material.server_key_pem)
             .context("cannot build the TLS configuration from server.pem/server.key; delete server.* to re-issue")?;
-        let state = Arc::new(state::HubState::new(
+        let mut state = state::HubState::new(
             Arc::new(store),
             material.ca.clone(),
             ca_fingerprint.clone(),
             &material.admin_token,
             cfg.offline_after,
             cfg.long_poll,
-        ));
+        );
+        state.images_dir = cfg.data_dir.join("images");
+        let monitor_cfg = alerts::MonitorConfig {
+            webhooks: cfg.webhooks.clone(),
+            offline_alert: cfg.node_offline_alert,
+            ..Default::default()
+        };
+        state.monitor = Arc::new(
+            alerts::Monitor::open(&monitor_db, monitor_cfg)
+                .with_context(|| format!("cannot open the monitoring tables in {}", monitor_db.display()))?,
+        );
+        let state = Arc::new(state);
         // Catch up on anything committed before a crash but not yet scheduled.
         state.reschedule(now_ms()).await.context("initial scheduling failed")?;
 
@@ -122,6 +145,8 @@ impl Hub {
         let addr = listener.local_addr()?;
         let (stop, stopped) = watch::channel(false);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        tokio::spawn(alerts::rules_loop(state.clone(), stopped.clone()));
+        tokio::spawn(webhook::sender_loop(state.clone(), stopped.clone()));
         let task = tokio::spawn(server::serve(listener, acceptor, server::router(state), stopped));
         tracing::info!(addr = %addr, data_dir = %cfg.data_dir.display(), ca_fingerprint = %ca_fingerprint, "hub listening");
         let hub = Hub {

@@ -23,9 +23,9 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
-use crate::api;
 use crate::error::HubError;
 use crate::state::{sha256, HubState};
+use crate::{api, images};
 
 /// Who is on the other end of the connection: the SHA-256 of the client certificate, if one
 /// was presented (it chains to the hub CA; whether the hub knows it is checked per route).
@@ -129,6 +129,14 @@ pub fn router(state: Arc<HubState>) -> Router {
         )
         .route("/v1/objects/{kind}/{namespace}/{name}/revisions", get(api::revisions))
         .route("/v1/objects/{kind}/{namespace}/{name}/undo", post(api::undo))
+        .route(
+            "/v1/images/blobs/{digest}",
+            get(images::get_blob)
+                .head(images::head_blob)
+                .put(images::put_blob)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route("/v1/images/tags", get(images::get_tags).post(images::put_tag))
         .route("/v1/workloads", get(api::workloads))
         .route("/v1/nodes", get(api::nodes))
         .route("/v1/nodes/{node}", get(api::node).delete(api::delete_node))

@@ -28,6 +28,10 @@ pub struct HubState {
     watchers: Mutex<HashMap<String, watch::Sender<u64>>>,
     /// Why workloads are short of replicas, from the last reschedule.
     notes: Mutex<BTreeMap<ObjectId, String>>,
+    /// Where pushed image archives live (`<data-dir>/images`).
+    pub images_dir: std::path::PathBuf,
+    /// Alerts, vitals, forwarded errors, webhooks, log requests (replaced by `Hub::start`).
+    pub monitor: Arc<crate::alerts::Monitor>,
 }
 
 pub fn sha256(s: &str) -> [u8; 32] {
@@ -57,6 +61,24 @@ impl HubState {
             write_lock: tokio::sync::Mutex::new(()),
             watchers: Mutex::new(HashMap::new()),
             notes: Mutex::new(BTreeMap::new()),
+            images_dir: std::path::PathBuf::from("images"),
+            monitor: Arc::new(crate::alerts::Monitor::in_memory()),
+        }
+    }
+
+    /// Wake a node's waiting long-poll without a generation change (log requests).
+    pub fn wake(&self, node: &str) {
+        let w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = w.get(node) {
+            tx.send_modify(|_| {});
+        }
+    }
+
+    /// Wake every waiting long-poll (a new alert policy).
+    pub fn wake_all(&self) {
+        let w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        for tx in w.values() {
+            tx.send_modify(|_| {});
         }
     }
 
@@ -117,6 +139,10 @@ impl HubState {
         }
         *self.notes.lock().unwrap_or_else(|p| p.into_inner()) = notes;
         self.notify(&bumped);
+        // AlertPolicy objects or node labels may have changed: refresh effective policies.
+        if let Err(e) = crate::alerts::refresh_policies(self).await {
+            tracing::warn!(error = %e, "cannot refresh alert policies; nodes keep their last one");
+        }
         Ok(())
     }
 

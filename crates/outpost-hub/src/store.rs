@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use outpost_api::{
-    ApplyResult, Kind, Labels, NodeEvent, Object, ObjectId, StatusReport, SyncResponse, UnixMs, WorkloadSpec,
+    ApplyResult, ImageTag, Kind, Labels, NodeEvent, Object, ObjectId, StatusReport, SyncResponse, UnixMs, WorkloadSpec,
     WorkloadStatus,
 };
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -207,6 +207,10 @@ pub trait Store: Send + Sync + 'static {
     fn object(&self, id: &ObjectId) -> Result<Option<StoredObject>>;
     /// Delete in one transaction; returns (deleted, not found).
     fn delete_objects(&self, ids: &[ObjectId]) -> Result<(Vec<ObjectId>, Vec<ObjectId>)>;
+    /// Point an image name at a pushed archive.
+    fn put_image_tag(&self, t: &ImageTag) -> Result<()>;
+    fn image_tag(&self, name: &str) -> Result<Option<ImageTag>>;
+    fn image_tags(&self) -> Result<Vec<ImageTag>>;
     /// Revision history of a workload, oldest first.
     fn revisions(&self, id: &ObjectId) -> Result<Vec<RevisionRow>>;
     fn schedule_inputs(&self) -> Result<ScheduleInputs>;
@@ -251,11 +255,22 @@ CREATE TABLE IF NOT EXISTS node_tombstones (
 CREATE TABLE IF NOT EXISTS workload_status (
     node TEXT NOT NULL, key TEXT NOT NULL, status TEXT NOT NULL, updated_at INTEGER NOT NULL,
     PRIMARY KEY (node, key));
+CREATE TABLE IF NOT EXISTS image_tags (
+    name TEXT PRIMARY KEY, digest TEXT NOT NULL, size INTEGER NOT NULL, pushed_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     node TEXT NOT NULL, seq INTEGER NOT NULL, at INTEGER NOT NULL, workload TEXT,
     reason TEXT NOT NULL, message TEXT NOT NULL, received_at INTEGER NOT NULL,
     PRIMARY KEY (node, seq));
 ";
+
+fn image_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageTag> {
+    Ok(ImageTag {
+        name: r.get(0)?,
+        digest: r.get(1)?,
+        size: u(r.get(2)?),
+        pushed_at: r.get(3)?,
+    })
+}
 
 fn kind_of(s: &str) -> Result<Kind> {
     Kind::parse_cli(s).ok_or_else(|| StoreError::UnknownKind(s.to_string()))
@@ -269,6 +284,8 @@ fn decode_object(kind: Kind, manifest: &str) -> Result<Object> {
         Kind::DaemonSet => Object::DaemonSet(serde_json::from_str(manifest)?),
         Kind::ConfigMap => Object::ConfigMap(serde_json::from_str(manifest)?),
         Kind::Secret => Object::Secret(serde_json::from_str(manifest)?),
+        Kind::Service => Object::Service(serde_json::from_str(manifest)?),
+        Kind::AlertPolicy => Object::AlertPolicy(serde_json::from_str(manifest)?),
     })
 }
 
@@ -772,6 +789,32 @@ impl Store for SqliteStore {
         }
         tx.commit()?;
         Ok((deleted, missing))
+    }
+
+    fn put_image_tag(&self, t: &ImageTag) -> Result<()> {
+        self.conn()?.execute(
+            "INSERT OR REPLACE INTO image_tags (name, digest, size, pushed_at) VALUES (?1, ?2, ?3, ?4)",
+            params![t.name, t.digest, t.size as i64, t.pushed_at],
+        )?;
+        Ok(())
+    }
+
+    fn image_tag(&self, name: &str) -> Result<Option<ImageTag>> {
+        Ok(self
+            .conn()?
+            .query_row(
+                "SELECT name, digest, size, pushed_at FROM image_tags WHERE name = ?1",
+                params![name],
+                image_row,
+            )
+            .optional()?)
+    }
+
+    fn image_tags(&self) -> Result<Vec<ImageTag>> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare("SELECT name, digest, size, pushed_at FROM image_tags ORDER BY name")?;
+        let rows = st.query_map([], image_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
     }
 
     fn revisions(&self, id: &ObjectId) -> Result<Vec<RevisionRow>> {

@@ -152,6 +152,39 @@ impl Client {
         self.send(self.http.post(format!("{}{path}", self.hub)).json(body))
             .await
     }
+    /// Does the hub have this path (HEAD answers 200)?
+    pub async fn exists(&self, path: &str) -> Result<bool> {
+        let r = self
+            .http
+            .head(format!("{}{path}", self.hub))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the hub at {}", self.hub))?;
+        Ok(r.status().is_success())
+    }
+    /// PUT a large body (no overall timeout).
+    pub async fn put_stream(&self, path: &str, body: reqwest::Body, len: u64) -> Result<()> {
+        let r = self
+            .http
+            .put(format!("{}{path}", self.hub))
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .timeout(std::time::Duration::from_secs(24 * 3600))
+            .body(body)
+            .send()
+            .await
+            .with_context(|| format!("upload to the hub at {} failed", self.hub))?;
+        if !r.status().is_success() {
+            let status = r.status();
+            let text = r.text().await.unwrap_or_default();
+            let msg = serde_json::from_str::<ApiError>(&text)
+                .map(|e| e.message)
+                .unwrap_or(text);
+            bail!("the hub refused the upload ({status}): {msg}");
+        }
+        Ok(())
+    }
     pub async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.send(self.http.delete(format!("{}{path}", self.hub))).await
     }

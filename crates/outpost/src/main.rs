@@ -4,6 +4,7 @@
 
 mod client;
 mod demo;
+mod image;
 mod output;
 
 use std::collections::BTreeMap;
@@ -60,6 +61,11 @@ enum Cmd {
         #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
     },
+    /// Images delivered through the hub, for sites with no registry.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
     /// Revision history, undo, and per-node progress of workload updates.
     Rollout {
         #[command(subcommand)]
@@ -69,6 +75,19 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Measure outpost: agent footprint, propagation, offline recovery, bandwidth, fleet scale (simulator).
     Bench(outpost_bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Upload an image from the local Docker Engine to the hub (stored once per content).
+    Push {
+        /// e.g. my-app:v1.2.3
+        image: String,
+        #[arg(long, env = "OUTPOST_DOCKER_SOCKET", default_value = outpost_agent::docker::DEFAULT_SOCKET)]
+        docker_socket: String,
+    },
+    /// List the images the hub holds.
+    Ls,
 }
 
 #[derive(Subcommand)]
@@ -182,6 +201,9 @@ struct RunArgs {
     /// Stop all workloads when the agent exits (used by `outpost demo`).
     #[arg(long, hide = true)]
     stop_workloads_on_exit: bool,
+    /// The Docker Engine's (or podman's) API socket.
+    #[arg(long, env = "OUTPOST_DOCKER_SOCKET")]
+    docker_socket: Option<String>,
 }
 
 #[derive(Args)]
@@ -332,6 +354,7 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                     data_dir: Some(dir),
                     hub: None,
                     stop_workloads_on_exit: false,
+                    docker_socket: None,
                 })
                 .await
             }
@@ -359,6 +382,10 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Describe { kind, name, namespace } => {
             output::describe(&client::Client::from_env()?, &kind, &name, &namespace).await
         }
+        Cmd::Image {
+            cmd: ImageCmd::Push { image, docker_socket },
+        } => image::push(&client::Client::from_env()?, &image, &docker_socket).await,
+        Cmd::Image { cmd: ImageCmd::Ls } => image::list(&client::Client::from_env()?).await,
         Cmd::Rollout { cmd } => output::rollout(&client::Client::from_env()?, cmd).await,
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Bench(a) => outpost_bench::run(a).await,
@@ -430,6 +457,7 @@ async fn agent_run(r: RunArgs) -> Result<()> {
         data_dir: r.data_dir.unwrap_or_else(|| default_dir("agent")),
         hub: r.hub,
         stop_workloads_on_exit: r.stop_workloads_on_exit,
+        docker_socket: r.docker_socket,
     };
     outpost_agent::run(o, ctrl_c_or_term()).await
 }

@@ -1,0 +1,650 @@
+//! Alert decisions, as pure functions: which policy a node runs ([`effective_policy`]), when a
+//! node's vital signs fire or resolve an alert ([`evaluate`], run on the node so alerts work
+//! offline), and which alerts the hub raises itself or accepts from nodes ([`fleet_alerts`],
+//! [`diff_hub_alerts`], [`on_node_event`]).
+//!
+//! Owns: thresholds with their `for` durations, alert identities (name + subject), severities,
+//! de-duplication. Must never: read the clock (`now` is an argument), touch files or sockets,
+//! or send anything; callers persist the returned state and deliver the transitions.
+//!
+//! Node alert lifecycle (per alert id, one evaluation per sample):
+//! ```text
+//!            value > above                 breached for >= for_secs
+//!   (ok) -----------------> pending(since) --------------------------> firing  --> event AlertFiring(at = now)
+//!     ^   value <= above         |                                        |
+//!     +--------------------------+         value <= above, or disabled    v
+//!     +--------------------------------------------------------------- resolved --> event AlertResolved(at = now)
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use outpost_api::{AlertPolicySpec, Labels, NodePolicy, Threshold, ThresholdSpec, UnixMs};
+use serde::{Deserialize, Serialize};
+
+use crate::schedule::selector_matches;
+
+pub const NODE_CPU_HIGH: &str = "NodeCpuHigh";
+pub const NODE_MEMORY_HIGH: &str = "NodeMemoryHigh";
+pub const NODE_DISK_FULL: &str = "NodeDiskFull";
+pub const DATA_DISK_FULL: &str = "DataDiskFull";
+pub const NODE_TEMPERATURE_HIGH: &str = "NodeTemperatureHigh";
+pub const WORKLOAD_CRASH_LOOP: &str = "WorkloadCrashLoop";
+pub const NODE_OFFLINE: &str = "NodeOffline";
+pub const WORKLOAD_ROLLED_BACK: &str = "WorkloadRolledBack";
+
+/// `critical` or `warning`, by alert name.
+pub fn severity(name: &str) -> &'static str {
+    match name {
+        NODE_OFFLINE | WORKLOAD_CRASH_LOOP | NODE_DISK_FULL | DATA_DISK_FULL => "critical",
+        _ => "warning",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Policy
+
+fn overlay(cur: &mut Option<Threshold>, spec: &Option<ThresholdSpec>) {
+    let Some(spec) = spec else { return };
+    if spec.disabled {
+        *cur = None;
+        return;
+    }
+    let for_secs = spec
+        .for_
+        .as_deref()
+        .and_then(|f| outpost_api::parse_duration_secs(f).ok());
+    let base = cur.unwrap_or(Threshold {
+        above: 90.0,
+        for_secs: 0,
+    });
+    *cur = Some(Threshold {
+        above: spec.above.unwrap_or(base.above),
+        for_secs: for_secs.unwrap_or(base.for_secs),
+    });
+}
+
+/// outpost's defaults overlaid with every policy whose selector matches `labels`: the least
+/// specific first (fewest selector labels, then by name), so a more specific policy wins for the
+/// fields it sets. `policies` are `(name, spec)`.
+pub fn effective_policy(policies: &[(String, AlertPolicySpec)], labels: &Labels) -> NodePolicy {
+    let mut matching: Vec<&(String, AlertPolicySpec)> = policies
+        .iter()
+        .filter(|(_, p)| selector_matches(&p.node_selector, labels))
+        .collect();
+    matching.sort_by(|a, b| (a.1.node_selector.len(), &a.0).cmp(&(b.1.node_selector.len(), &b.0)));
+    let mut out = NodePolicy::default();
+    for (name, p) in matching {
+        overlay(&mut out.cpu, &p.cpu);
+        overlay(&mut out.memory, &p.memory);
+        overlay(&mut out.disk, &p.disk);
+        overlay(&mut out.temperature, &p.temperature);
+        if let Some(c) = p.crash_loop {
+            out.crash_loop = c;
+        }
+        if let Some(l) = &p.logs {
+            if let Some(pats) = &l.error_patterns {
+                out.error_patterns = pats.clone();
+            }
+            if let Some(a) = l
+                .max_age
+                .as_deref()
+                .and_then(|a| outpost_api::parse_duration_secs(a).ok())
+            {
+                out.log_max_age_secs = a;
+            }
+        }
+        out.sources.push(name.clone());
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Node-side threshold evaluation
+
+/// One sample of a node's vital signs, as the evaluator needs it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Sample {
+    /// Percent of all cores.
+    pub cpu: f64,
+    pub mem: f64,
+    pub disk_root: f64,
+    /// None when the data dir shares the root file system.
+    pub disk_data: Option<f64>,
+    pub temp_c: Option<f64>,
+    /// Workload keys in CrashLoopBackOff.
+    pub crash_looping: BTreeSet<String>,
+}
+
+/// The evaluator's memory, persisted by the agent with the events it produced (one
+/// transaction), so a restart neither repeats nor loses a transition.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeAlerts {
+    /// alert id -> when the current breach started.
+    pub pending: BTreeMap<String, UnixMs>,
+    /// alert id -> when it fired.
+    pub firing: BTreeMap<String, UnixMs>,
+}
+
+/// An alert firing or resolving.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transition {
+    /// `name` or `name/subject`.
+    pub id: String,
+    pub name: String,
+    pub subject: Option<String>,
+    pub firing: bool,
+    pub at: UnixMs,
+    pub summary: String,
+}
+
+pub fn alert_id(name: &str, subject: Option<&str>) -> String {
+    match subject {
+        Some(s) => format!("{name}/{s}"),
+        None => name.to_string(),
+    }
+}
+
+fn fmt_for(secs: u64) -> String {
+    match secs {
+        0 => String::new(),
+        s if s % 3600 == 0 => format!(" for {}h", s / 3600),
+        s if s % 60 == 0 => format!(" for {}m", s / 60),
+        s => format!(" for {s}s"),
+    }
+}
+
+/// Evaluate one sample. Returns the transitions in a stable order; `st` is updated.
+pub fn evaluate(policy: &NodePolicy, st: &mut NodeAlerts, s: &Sample, now: UnixMs) -> Vec<Transition> {
+    let mut out = Vec::new();
+    let checks: [(&str, &str, Option<f64>, Option<Threshold>, &str); 5] = [
+        (NODE_CPU_HIGH, "CPU", Some(s.cpu), policy.cpu, "%"),
+        (NODE_MEMORY_HIGH, "memory", Some(s.mem), policy.memory, "%"),
+        (NODE_DISK_FULL, "disk / ", Some(s.disk_root), policy.disk, "%"),
+        (DATA_DISK_FULL, "data disk", s.disk_data, policy.disk, "%"),
+        (NODE_TEMPERATURE_HIGH, "temperature", s.temp_c, policy.temperature, "°C"),
+    ];
+    for (name, what, value, threshold, unit) in checks {
+        let id = name.to_string();
+        let breach = match (value, threshold) {
+            (Some(v), Some(t)) if v > t.above => Some((v, t)),
+            _ => None,
+        };
+        match breach {
+            Some((v, t)) => {
+                let since = *st.pending.entry(id.clone()).or_insert(now);
+                if !st.firing.contains_key(&id) && now - since >= (t.for_secs as i64) * 1000 {
+                    st.firing.insert(id.clone(), now);
+                    out.push(Transition {
+                        id,
+                        name: name.into(),
+                        subject: None,
+                        firing: true,
+                        at: now,
+                        summary: format!(
+                            "{} {v:.1}{unit} > {}{unit}{}",
+                            what.trim(),
+                            t.above,
+                            fmt_for(t.for_secs)
+                        ),
+                    });
+                }
+            }
+            None => {
+                st.pending.remove(&id);
+                if st.firing.remove(&id).is_some() {
+                    let summary = match (value, threshold) {
+                        (Some(v), Some(t)) => format!("{} back to {v:.1}{unit} (<= {}{unit})", what.trim(), t.above),
+                        (None, _) => format!("{} no longer measured", what.trim()),
+                        (_, None) => format!("{} alert disabled by policy", what.trim()),
+                    };
+                    out.push(Transition {
+                        id,
+                        name: name.into(),
+                        subject: None,
+                        firing: false,
+                        at: now,
+                        summary,
+                    });
+                }
+            }
+        }
+    }
+    // Crash loops: one alert per workload, fired at once (the supervisor already waited for
+    // several consecutive failures), resolved when the workload leaves CrashLoopBackOff.
+    let prefix = format!("{WORKLOAD_CRASH_LOOP}/");
+    let looping: BTreeSet<String> = if policy.crash_loop {
+        s.crash_looping.clone()
+    } else {
+        BTreeSet::new()
+    };
+    for key in &looping {
+        let id = alert_id(WORKLOAD_CRASH_LOOP, Some(key));
+        if !st.firing.contains_key(&id) {
+            st.firing.insert(id.clone(), now);
+            out.push(Transition {
+                id,
+                name: WORKLOAD_CRASH_LOOP.into(),
+                subject: Some(key.clone()),
+                firing: true,
+                at: now,
+                summary: format!("{key} is in CrashLoopBackOff"),
+            });
+        }
+    }
+    let gone: Vec<String> = st
+        .firing
+        .keys()
+        .filter_map(|id| id.strip_prefix(&prefix))
+        .filter(|key| !looping.contains(*key))
+        .map(String::from)
+        .collect();
+    for key in gone {
+        let id = alert_id(WORKLOAD_CRASH_LOOP, Some(&key));
+        st.firing.remove(&id);
+        out.push(Transition {
+            id,
+            name: WORKLOAD_CRASH_LOOP.into(),
+            subject: Some(key.clone()),
+            firing: false,
+            at: now,
+            summary: format!("{key} no longer crash-looping"),
+        });
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hub-side fleet rules
+
+/// Identity of a fleet alert: one per (node, name, subject).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AlertKey {
+    pub node: String,
+    pub name: String,
+    /// Empty for node-wide alerts.
+    pub subject: String,
+}
+
+/// A hub-derived alert that should be firing now.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HubAlert {
+    pub started_at: UnixMs,
+    pub summary: String,
+}
+
+/// What the hub knows about a node for its rules.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FleetNode {
+    pub name: String,
+    pub last_contact: UnixMs,
+}
+
+/// A workload that a node rolled back to its last-known-good (status `RolledBack`/`Failed`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RolledBack {
+    pub node: String,
+    pub workload: String,
+    pub since: UnixMs,
+    pub reason: String,
+}
+
+/// The alerts the hub raises itself: `NodeOffline` once a node has been silent for longer than
+/// `offline_alert_ms` (it started at last contact + that grace), `WorkloadRolledBack` while a
+/// node runs an older revision because the new one failed its health gate there.
+pub fn fleet_alerts(
+    nodes: &[FleetNode],
+    rollbacks: &[RolledBack],
+    offline_alert_ms: i64,
+    now: UnixMs,
+) -> BTreeMap<AlertKey, HubAlert> {
+    let mut out = BTreeMap::new();
+    for n in nodes {
+        let silent = now.saturating_sub(n.last_contact);
+        if silent > offline_alert_ms {
+            out.insert(
+                AlertKey {
+                    node: n.name.clone(),
+                    name: NODE_OFFLINE.into(),
+                    subject: String::new(),
+                },
+                HubAlert {
+                    started_at: n.last_contact + offline_alert_ms,
+                    summary: format!("no contact from {} for {}s", n.name, silent / 1000),
+                },
+            );
+        }
+    }
+    for r in rollbacks {
+        out.insert(
+            AlertKey {
+                node: r.node.clone(),
+                name: WORKLOAD_ROLLED_BACK.into(),
+                subject: r.workload.clone(),
+            },
+            HubAlert {
+                started_at: r.since,
+                summary: format!("{} rolled back on {}: {}", r.workload, r.node, r.reason),
+            },
+        );
+    }
+    out
+}
+
+/// What to do with one hub-derived alert.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HubTransition {
+    Fire { key: AlertKey, alert: HubAlert },
+    Resolve { key: AlertKey, at: UnixMs },
+}
+
+/// Compare the hub-derived alerts firing now (`firing`, from the store) with what should fire
+/// (`want`): fire the new, resolve the gone. Already-firing alerts are left alone, so a
+/// notification goes out once per firing and once per resolution.
+pub fn diff_hub_alerts(
+    firing: &BTreeSet<AlertKey>,
+    want: &BTreeMap<AlertKey, HubAlert>,
+    now: UnixMs,
+) -> Vec<HubTransition> {
+    let mut out: Vec<HubTransition> = want
+        .iter()
+        .filter(|(k, _)| !firing.contains(*k))
+        .map(|(k, a)| HubTransition::Fire {
+            key: k.clone(),
+            alert: a.clone(),
+        })
+        .collect();
+    out.extend(
+        firing
+            .iter()
+            .filter(|k| !want.contains_key(*k))
+            .map(|k| HubTransition::Resolve {
+                key: k.clone(),
+                at: now,
+            }),
+    );
+    out
+}
+
+/// What the hub does with an alert event a node reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeEventAction {
+    /// Record it as firing (new, or firing again after a resolution) and notify.
+    Fire,
+    /// Mark it resolved and notify.
+    Resolve,
+    /// A duplicate (already in that state, or an event sequence already processed).
+    Ignore,
+}
+
+/// De-duplicate node alert events: `seq` against the highest sequence already processed for
+/// the node, and the event against the alert's current state (`Some(true)`: firing).
+pub fn on_node_event(firing_event: bool, seq: u64, processed_up_to: u64, current: Option<bool>) -> NodeEventAction {
+    if seq <= processed_up_to {
+        return NodeEventAction::Ignore;
+    }
+    match (firing_event, current) {
+        (true, Some(true)) => NodeEventAction::Ignore,
+        (true, _) => NodeEventAction::Fire,
+        (false, Some(true)) => NodeEventAction::Resolve,
+        (false, _) => NodeEventAction::Ignore,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> NodePolicy {
+        NodePolicy {
+            cpu: Some(Threshold {
+                above: 90.0,
+                for_secs: 300,
+            }),
+            memory: Some(Threshold {
+                above: 90.0,
+                for_secs: 0,
+            }),
+            temperature: Some(Threshold {
+                above: 80.0,
+                for_secs: 60,
+            }),
+            ..NodePolicy::default()
+        }
+    }
+
+    fn sample(cpu: f64, mem: f64) -> Sample {
+        Sample {
+            cpu,
+            mem,
+            disk_root: 50.0,
+            ..Default::default()
+        }
+    }
+
+    /// Feed samples in order; each step: (sample, now in seconds, expected transitions as
+    /// "+id" / "-id").
+    fn check(policy: &NodePolicy, steps: &[(Sample, i64, &[&str])]) {
+        let mut st = NodeAlerts::default();
+        for (i, (s, t, want)) in steps.iter().enumerate() {
+            let got: Vec<String> = evaluate(policy, &mut st, s, t * 1000)
+                .iter()
+                .map(|tr| {
+                    assert_eq!(tr.at, t * 1000, "transitions carry the sample time");
+                    format!("{}{}", if tr.firing { "+" } else { "-" }, tr.id)
+                })
+                .collect();
+            assert_eq!(got, *want, "step {i} at {t}s");
+        }
+    }
+
+    #[test]
+    fn cpu_fires_only_after_its_duration_and_resolves_below() {
+        check(
+            &policy(),
+            &[
+                (sample(95.0, 10.0), 0, &[]),
+                (sample(95.0, 10.0), 299, &[]),
+                (sample(95.0, 10.0), 300, &["+NodeCpuHigh"]),
+                (sample(99.0, 10.0), 360, &[]),
+                (sample(90.0, 10.0), 420, &["-NodeCpuHigh"]),
+                (sample(91.0, 10.0), 480, &[]),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_dip_restarts_the_cpu_timer() {
+        check(
+            &policy(),
+            &[
+                (sample(95.0, 10.0), 0, &[]),
+                (sample(50.0, 10.0), 200, &[]),
+                (sample(95.0, 10.0), 250, &[]),
+                (sample(95.0, 10.0), 500, &[]),
+                (sample(95.0, 10.0), 550, &["+NodeCpuHigh"]),
+            ],
+        );
+    }
+
+    #[test]
+    fn memory_fires_at_once_and_disk_and_temperature_have_their_own_ids() {
+        let mut hot = sample(10.0, 95.0);
+        hot.disk_root = 95.0;
+        hot.disk_data = Some(97.0);
+        hot.temp_c = Some(85.0);
+        let mut cool = sample(10.0, 10.0);
+        cool.temp_c = Some(40.0);
+        check(
+            &policy(),
+            &[
+                (hot.clone(), 0, &["+NodeMemoryHigh", "+NodeDiskFull", "+DataDiskFull"]),
+                (hot, 60, &["+NodeTemperatureHigh"]),
+                (
+                    cool,
+                    120,
+                    &[
+                        "-NodeMemoryHigh",
+                        "-NodeDiskFull",
+                        "-DataDiskFull",
+                        "-NodeTemperatureHigh",
+                    ],
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn disabling_a_threshold_resolves_what_it_fired() {
+        let mut st = NodeAlerts::default();
+        assert_eq!(evaluate(&policy(), &mut st, &sample(10.0, 95.0), 0).len(), 1);
+        let mut off = policy();
+        off.memory = None;
+        let t = evaluate(&off, &mut st, &sample(10.0, 95.0), 1000);
+        assert_eq!(
+            (t.len(), t[0].firing, t[0].summary.as_str()),
+            (1, false, "memory alert disabled by policy")
+        );
+        assert!(st.firing.is_empty());
+    }
+
+    #[test]
+    fn crash_loops_fire_per_workload_and_resolve() {
+        let looping = |keys: &[&str]| Sample {
+            crash_looping: keys.iter().map(|k| k.to_string()).collect(),
+            ..sample(1.0, 1.0)
+        };
+        check(
+            &policy(),
+            &[
+                (
+                    looping(&["daemonset/default/a"]),
+                    0,
+                    &["+WorkloadCrashLoop/daemonset/default/a"],
+                ),
+                (
+                    looping(&["daemonset/default/a", "deployment/x/b"]),
+                    10,
+                    &["+WorkloadCrashLoop/deployment/x/b"],
+                ),
+                (
+                    looping(&["deployment/x/b"]),
+                    20,
+                    &["-WorkloadCrashLoop/daemonset/default/a"],
+                ),
+                (looping(&[]), 30, &["-WorkloadCrashLoop/deployment/x/b"]),
+            ],
+        );
+        let mut off = policy();
+        off.crash_loop = false;
+        check(&off, &[(looping(&["daemonset/default/a"]), 0, &[])]);
+    }
+
+    #[test]
+    fn state_survives_a_restart_without_repeating_a_firing() {
+        let mut st = NodeAlerts::default();
+        evaluate(&policy(), &mut st, &sample(10.0, 95.0), 0);
+        let saved = serde_json::to_string(&st).unwrap();
+        let mut back: NodeAlerts = serde_json::from_str(&saved).unwrap();
+        assert!(evaluate(&policy(), &mut back, &sample(10.0, 95.0), 5000).is_empty());
+    }
+
+    #[test]
+    fn policies_overlay_least_specific_first() {
+        let spec = |sel: &[(&str, &str)], cpu: Option<(f64, &str)>, crash: Option<bool>| AlertPolicySpec {
+            node_selector: sel.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            cpu: cpu.map(|(a, f)| ThresholdSpec {
+                above: Some(a),
+                for_: Some(f.into()),
+                disabled: false,
+            }),
+            crash_loop: crash,
+            ..Default::default()
+        };
+        let policies = vec![
+            ("z-site".to_string(), spec(&[("site", "s1")], Some((70.0, "1m")), None)),
+            ("a-all".to_string(), spec(&[], Some((80.0, "5m")), Some(false))),
+            ("other".to_string(), spec(&[("site", "s2")], Some((10.0, "1s")), None)),
+        ];
+        let labels: Labels = [("site".to_string(), "s1".to_string())].into();
+        let p = effective_policy(&policies, &labels);
+        assert_eq!(
+            p.cpu,
+            Some(Threshold {
+                above: 70.0,
+                for_secs: 60
+            })
+        );
+        assert!(!p.crash_loop);
+        assert_eq!(p.sources, ["a-all", "z-site"]);
+        assert_eq!(p.memory, NodePolicy::default().memory);
+        // no policy: the defaults, and the hash is stable
+        let d = effective_policy(&[], &labels);
+        assert_eq!(d, NodePolicy::default());
+        assert_eq!(d.hash(), NodePolicy::default().hash());
+        // disabled
+        let off = vec![(
+            "off".to_string(),
+            AlertPolicySpec {
+                disk: Some(ThresholdSpec {
+                    disabled: true,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )];
+        assert_eq!(effective_policy(&off, &labels).disk, None);
+    }
+
+    #[test]
+    fn fleet_rules_and_their_diff() {
+        let nodes = vec![
+            FleetNode {
+                name: "a".into(),
+                last_contact: 0,
+            },
+            FleetNode {
+                name: "b".into(),
+                last_contact: 290_000,
+            },
+        ];
+        let rb = vec![RolledBack {
+            node: "b".into(),
+            workload: "deployment/default/web".into(),
+            since: 100,
+            reason: "exit 1".into(),
+        }];
+        let want = fleet_alerts(&nodes, &rb, 300_000, 300_000);
+        assert_eq!(want.len(), 1, "a is silent for exactly the grace: not yet");
+        let want = fleet_alerts(&nodes, &rb, 300_000, 300_001);
+        let names: Vec<_> = want.keys().map(|k| format!("{}:{}", k.node, k.name)).collect();
+        assert_eq!(names, ["a:NodeOffline", "b:WorkloadRolledBack"]);
+        let offline = want.keys().next().unwrap().clone();
+        assert_eq!(want[&offline].started_at, 300_000);
+
+        let firing: BTreeSet<AlertKey> = [offline.clone()].into();
+        let t = diff_hub_alerts(&firing, &want, 5);
+        assert_eq!(t.len(), 1, "only the new one fires: {t:?}");
+        assert!(matches!(&t[0], HubTransition::Fire { key, .. } if key.name == WORKLOAD_ROLLED_BACK));
+        let t = diff_hub_alerts(&firing, &BTreeMap::new(), 7);
+        assert_eq!(t, vec![HubTransition::Resolve { key: offline, at: 7 }]);
+    }
+
+    #[test]
+    fn node_events_are_deduplicated() {
+        use NodeEventAction::*;
+        let cases = [
+            // (firing event, seq, processed up to, current state, expected)
+            (true, 5, 4, None, Fire),
+            (true, 5, 5, None, Ignore),
+            (true, 6, 4, Some(true), Ignore),
+            (true, 6, 4, Some(false), Fire),
+            (false, 7, 6, Some(true), Resolve),
+            (false, 7, 6, Some(false), Ignore),
+            (false, 7, 6, None, Ignore),
+            (false, 3, 6, Some(true), Ignore),
+        ];
+        for (i, (f, seq, up_to, cur, want)) in cases.into_iter().enumerate() {
+            assert_eq!(on_node_event(f, seq, up_to, cur), want, "case {i}");
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Images delivered through the hub, for sites that cannot reach a registry.
+//!
+//! `outpost image push` uploads the `docker save` archive of an image once: blobs are stored by
+//! the SHA-256 of their content under `<data-dir>/images/sha256-<hex>` (so pushing the same
+//! archive again, or under another name, stores nothing new) and names point at blobs in the
+//! `image_tags` table. Agents resolve a name to a digest and download the blob over their own
+//! mTLS link, resuming with `Range: bytes=N-` after a broken link.
+//!
+//! Uploads are streamed to a temporary file, hashed on the way, and renamed into place only when
+//! the digest matches the one in the URL: a blob file is always complete.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::StreamExt;
+use outpost_api::ImageTag;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+
+use crate::error::HubError;
+use crate::now_ms;
+use crate::server::{Admin, ApiJson, ApiQuery, Peer};
+use crate::state::{sha256, HubState};
+
+type St = State<Arc<HubState>>;
+
+fn hex_of(digest: &str) -> Result<&str, HubError> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| HubError::BadRequest(format!("{digest:?} is not a digest like sha256:<64 hex digits>")))
+}
+
+fn blob_path(st: &HubState, digest: &str) -> Result<PathBuf, HubError> {
+    Ok(st.images_dir.join(format!("sha256-{}", hex_of(digest)?)))
+}
+
+/// The admin token or a known node's certificate.
+async fn reader(st: &HubState, headers: &HeaderMap, peer: &Peer) -> Result<(), HubError> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    if bearer.is_some_and(|t| sha256(t) == st.admin_token_sha256) {
+        return Ok(());
+    }
+    let fp = peer.cert_fp.clone().ok_or(HubError::Unauthorized)?;
+    st.db(move |s| s.node_by_cert(&fp))
+        .await?
+        .map(|_| ())
+        .ok_or(HubError::UnknownNode)
+}
+
+/// `PUT /v1/images/blobs/{digest}` (admin): store an archive.
+pub async fn put_blob(State(st): St, _: Admin, Path(digest): Path<String>, req: Request) -> Result<Response, HubError> {
+    let path = blob_path(&st, &digest)?;
+    if path.exists() {
+        return Ok(StatusCode::OK.into_response());
+    }
+    std::fs::create_dir_all(&st.images_dir).map_err(|e| HubError::Internal(e.to_string()))?;
+    let tmp = st.images_dir.join(format!(".upload-{}", crate::files::random_hex(8)));
+    let io = |e: std::io::Error| HubError::Internal(format!("storing image upload: {e}"));
+    let mut f = tokio::fs::File::create(&tmp).await.map_err(io)?;
+    let mut hasher = Sha256::new();
+    let mut stream = req.into_body().into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(HubError::BadRequest(format!("upload broke off: {e}; push again")));
+            }
+        };
+        hasher.update(&chunk);
+        f.write_all(&chunk).await.map_err(io)?;
+    }
+    f.sync_all().await.map_err(io)?;
+    drop(f);
+    let actual = hex::encode(hasher.finalize());
+    if actual != hex_of(&digest)? {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(HubError::BadRequest(format!(
+            "the upload's digest is sha256:{actual}, not {digest}; push again"
+        )));
+    }
+    tokio::fs::rename(&tmp, &path).await.map_err(io)?;
+    tracing::info!(digest = %digest, "image archive stored");
+    Ok(StatusCode::CREATED.into_response())
+}
+
+/// `GET /v1/images/blobs/{digest}` (admin or node), with `Range: bytes=N-` for resuming.
+pub async fn get_blob(
+    State(st): St,
+    peer: Peer,
+    headers: HeaderMap,
+    Path(digest): Path<String>,
+) -> Result<Response, HubError> {
+    reader(&st, &headers, &peer).await?;
+    let path = blob_path(&st, &digest)?;
+    let mut f = tokio::fs::File::open(&path)
+        .await
+        .map_err(|_| HubError::NotFound(format!("image archive {digest}")))?;
+    let len = f.metadata().await.map_err(|e| HubError::Internal(e.to_string()))?.len();
+    let from = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes="))
+        .and_then(|v| v.strip_suffix('-'))
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|n| *n < len);
+    let mut resp = match from {
+        Some(n) => {
+            f.seek(std::io::SeekFrom::Start(n))
+                .await
+                .map_err(|e| HubError::Internal(e.to_string()))?;
+            let mut r = Response::new(Body::from_stream(tokio_util::io::ReaderStream::new(f)));
+            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+            let range = format!("bytes {n}-{}/{len}", len - 1);
+            r.headers_mut()
+                .insert(header::CONTENT_RANGE, range.parse().expect("ascii"));
+            r.headers_mut().insert(header::CONTENT_LENGTH, (len - n).into());
+            r
+        }
+        None => {
+            let mut r = Response::new(Body::from_stream(tokio_util::io::ReaderStream::new(f)));
+            r.headers_mut().insert(header::CONTENT_LENGTH, len.into());
+            r
+        }
+    };
+    resp.headers_mut()
+        .insert(header::ACCEPT_RANGES, "bytes".parse().expect("ascii"));
+    Ok(resp)
+}
+
+/// `HEAD /v1/images/blobs/{digest}` (admin): is it stored already?
+pub async fn head_blob(State(st): St, _: Admin, Path(digest): Path<String>) -> Result<StatusCode, HubError> {
+    Ok(if blob_path(&st, &digest)?.exists() {
+        StatusCode::OK
+    } else {
+        StatusCode::NOT_FOUND
+    })
+}
+
+/// `POST /v1/images/tags` (admin): name an uploaded archive.
+pub async fn put_tag(State(st): St, _: Admin, ApiJson(mut t): ApiJson<ImageTag>) -> Result<Json<ImageTag>, HubError> {
+    let path = blob_path(&st, &t.digest)?;
+    let meta = std::fs::metadata(&path)
+        .map_err(|_| HubError::BadRequest(format!("no archive {} on the hub: upload it first", t.digest)))?;
+    if t.name.trim().is_empty() {
+        return Err(HubError::BadRequest("an image name is required".into()));
+    }
+    t.size = meta.len();
+    t.pushed_at = now_ms();
+    let row = t.clone();
+    st.db(move |s| s.put_image_tag(&row)).await?;
+    tracing::info!(image = %t.name, digest = %t.digest, size = t.size, "image pushed");
+    Ok(Json(t))
+}
+
+#[derive(Deserialize)]
+pub struct TagQuery {
+    name: Option<String>,
+}
+
+/// `GET /v1/images/tags?name=IMAGE` (admin or node): one tag; without `name`, all (admin).
+pub async fn get_tags(
+    State(st): St,
+    peer: Peer,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<TagQuery>,
+) -> Result<Response, HubError> {
+    reader(&st, &headers, &peer).await?;
+    match q.name {
+        Some(name) => {
+            let n = name.clone();
+            let t = st.db(move |s| s.image_tag(&n)).await?;
+            let t = t.ok_or_else(|| {
+                HubError::NotFound(format!("image {name} (push it with `outpost image push {name}`)"))
+            })?;
+            Ok(Json(t).into_response())
+        }
+        None => Ok(Json(st.db(|s| s.image_tags()).await?).into_response()),
+    }
+}

@@ -1,0 +1,118 @@
+//! Log requests from operators to nodes, through the node's own outbound link.
+//!
+//! The hub cannot reach an agent, so `GET /v1/logs?node=..&workload=..` parks a
+//! [`LogRequest`] for the node, wakes the node's sync long-poll (the answer carries
+//! `log_requests`), and waits for the agent to POST the data to
+//! `/v1/nodes/{node}/logs/{id}` (mTLS; a node may only answer requests addressed to it). Requests
+//! live in memory only: an operator waits seconds, not across hub restarts.
+//!
+//! Must never: hold a request longer than its deadline, or hand a node another node's request.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use outpost_api::{LogData, LogRequest};
+use tokio::sync::oneshot;
+
+#[derive(Default)]
+pub struct LogBroker {
+    /// Requests not yet handed to their node.
+    pending: Mutex<HashMap<String, Vec<LogRequest>>>,
+    /// Requests handed out or pending, by id: (node, where to deliver the answer).
+    waiting: Mutex<HashMap<String, (String, oneshot::Sender<LogData>)>>,
+}
+
+impl LogBroker {
+    /// Park a request for `node`; the receiver gets the agent's answer.
+    pub fn submit(&self, node: &str, req: LogRequest) -> oneshot::Receiver<LogData> {
+        let (tx, rx) = oneshot::channel();
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(req.id.clone(), (node.to_string(), tx));
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(node.to_string())
+            .or_default()
+            .push(req);
+        rx
+    }
+
+    pub fn has_pending(&self, node: &str) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .is_some_and(|v| !v.is_empty())
+    }
+
+    /// Hand the node its pending requests (once).
+    pub fn take(&self, node: &str) -> Vec<LogRequest> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(node)
+            .unwrap_or_default()
+    }
+
+    /// Deliver an answer. False when there is no such request for this node (unknown id,
+    /// expired, or addressed to another node).
+    pub fn complete(&self, node: &str, id: &str, data: LogData) -> bool {
+        let mut w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        match w.get(id) {
+            Some((n, _)) if n == node => {}
+            _ => return false,
+        }
+        let Some((_, tx)) = w.remove(id) else { return false };
+        tx.send(data).is_ok()
+    }
+
+    /// Forget a request whose operator stopped waiting.
+    pub fn cancel(&self, node: &str, id: &str) {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        if let Some(v) = self.pending.lock().unwrap_or_else(|p| p.into_inner()).get_mut(node) {
+            v.retain(|r| r.id != id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(id: &str) -> LogRequest {
+        LogRequest {
+            id: id.into(),
+            workload: "daemonset/default/a".into(),
+            container: None,
+            tail: None,
+            since_secs: None,
+            from_offset: None,
+        }
+    }
+
+    #[test]
+    fn a_node_answers_only_its_own_requests() {
+        let b = LogBroker::default();
+        let mut rx = b.submit("n1", req("r1"));
+        assert!(b.has_pending("n1") && !b.has_pending("n2"));
+        assert_eq!(b.take("n1").len(), 1);
+        assert!(b.take("n1").is_empty(), "handed out once");
+        assert!(!b.complete("n2", "r1", LogData::default()), "another node cannot answer");
+        assert!(rx.try_recv().is_err());
+        assert!(b.complete(
+            "n1",
+            "r1",
+            LogData {
+                text: "hi".into(),
+                ..Default::default()
+            }
+        ));
+        assert_eq!(rx.try_recv().unwrap().text, "hi");
+        assert!(!b.complete("n1", "r1", LogData::default()), "answered once");
+        let _rx = b.submit("n1", req("r2"));
+        b.cancel("n1", "r2");
+        assert!(!b.has_pending("n1"));
+    }
+}
