@@ -28,6 +28,10 @@ apt_install() {
 }
 apt_install docker.io busybox-static curl
 
+# promtool (Debian package prometheus): the monitoring tests check the hub's /metrics with
+# `promtool check metrics`, and fail under CI when it is missing.
+command -v promtool >/dev/null 2>&1 || apt_install prometheus
+
 # Start the Docker Engine unless one already answers.
 if ! docker info >/dev/null 2>&1; then
   log "starting dockerd"

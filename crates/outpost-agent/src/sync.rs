@@ -62,6 +62,12 @@ impl Default for Backoff {
     }
 }
 
+/// The status heartbeat: 60 s with ±20 % jitter, so a fleet that changed at one instant does
+/// not report in lockstep ever after.
+pub fn heartbeat_interval() -> Duration {
+    Duration::from_millis(rand::rng().random_range(48_000..=72_000))
+}
+
 /// An mTLS client for one identity; rebuilt when the certificate is renewed.
 pub struct HubClient {
     pub identity: RwLock<Identity>,
@@ -401,7 +407,7 @@ pub async fn status_loop(
                 if report.events.len() >= 500 {
                     continue;
                 }
-                Duration::from_secs(60)
+                heartbeat_interval()
             }
             Err(e) => {
                 debug!(error = %e, "status report failed; will resend in full");

@@ -34,13 +34,23 @@ impl Drop for Exporter {
     }
 }
 
+/// CPU share, or the clock-tick resolution when the process used less than one tick.
+fn cpu(u: &Usage) -> String {
+    let tick_pct = 100.0 / crate::procfs::ticks_per_sec() / u.secs.max(1.0);
+    if u.cpu_pct < tick_pct {
+        format!("< {tick_pct:.3} % (under 1 tick)")
+    } else {
+        format!("{:.3} %", u.cpu_pct)
+    }
+}
+
 fn fmt_usage(what: &str, u: &Usage) -> Vec<String> {
     vec![
         what.to_string(),
         bytes(u.rss_mean as f64),
         bytes(u.rss_max as f64),
         bytes(u.pss_end as f64),
-        format!("{:.3} %", u.cpu_pct),
+        cpu(u),
         format!("{:.0} %", u.machine_busy_pct),
     ]
 }
@@ -138,16 +148,19 @@ pub async fn footprint(a: FootprintArgs, work: &std::path::Path) -> Result<Strin
     Ok(out)
 }
 
-/// "yes" when the ELF file has no `.symtab` section.
+/// What `file(1)` says about symbols: "yes" for a stripped binary.
 fn stripped(p: &std::path::Path) -> String {
-    match std::fs::read(p) {
-        Ok(b) => {
-            if b.windows(b".symtab".len()).any(|w| w == b".symtab") {
+    match std::process::Command::new("file").arg("-b").arg(p).output() {
+        Ok(o) => {
+            let t = String::from_utf8_lossy(&o.stdout);
+            if t.contains("not stripped") {
                 "no".into()
-            } else {
+            } else if t.contains("stripped") {
                 "yes".into()
+            } else {
+                "?".into()
             }
         }
-        Err(_) => "?".into(),
+        Err(_) => "? (no file(1))".into(),
     }
 }

@@ -125,3 +125,22 @@ fn defaults<T: clap::Args>() -> T {
     let m = cmd.get_matches_from(Vec::<String>::new());
     T::from_arg_matches(&m).expect("defaults parse")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_come_from_clap() {
+        let f: footprint::FootprintArgs = defaults();
+        assert_eq!((f.warmup_secs, f.secs), (20, 60));
+        let b: bandwidth::BandwidthArgs = defaults();
+        assert_eq!(b.secs, 300);
+    }
+
+    #[test]
+    fn markdown_table() {
+        let t = table(&["a", "b"], &[vec!["1".into(), "2".into()]]);
+        assert_eq!(t, "| a | b |\n| --- | --- |\n| 1 | 2 |\n");
+    }
+}

@@ -32,6 +32,10 @@ pub const WORKLOAD_CRASH_LOOP: &str = "WorkloadCrashLoop";
 pub const NODE_OFFLINE: &str = "NodeOffline";
 pub const WORKLOAD_ROLLED_BACK: &str = "WorkloadRolledBack";
 
+/// A crash-loop alert resolves only after the workload has been out of CrashLoopBackOff this
+/// long: between two crashes a looping workload is briefly Running, which must not resolve it.
+pub const CRASH_LOOP_CLEAR_MS: i64 = 30_000;
+
 /// `critical` or `warning`, by alert name.
 pub fn severity(name: &str) -> &'static str {
     match name {
@@ -153,10 +157,13 @@ fn fmt_for(secs: u64) -> String {
     }
 }
 
+/// (alert name, what, value, threshold, unit)
+type Check<'a> = (&'a str, &'a str, Option<f64>, Option<Threshold>, &'a str);
+
 /// Evaluate one sample. Returns the transitions in a stable order; `st` is updated.
 pub fn evaluate(policy: &NodePolicy, st: &mut NodeAlerts, s: &Sample, now: UnixMs) -> Vec<Transition> {
     let mut out = Vec::new();
-    let checks: [(&str, &str, Option<f64>, Option<Threshold>, &str); 5] = [
+    let checks: [Check; 5] = [
         (NODE_CPU_HIGH, "CPU", Some(s.cpu), policy.cpu, "%"),
         (NODE_MEMORY_HIGH, "memory", Some(s.mem), policy.memory, "%"),
         (NODE_DISK_FULL, "disk / ", Some(s.disk_root), policy.disk, "%"),
@@ -210,7 +217,8 @@ pub fn evaluate(policy: &NodePolicy, st: &mut NodeAlerts, s: &Sample, now: UnixM
         }
     }
     // Crash loops: one alert per workload, fired at once (the supervisor already waited for
-    // several consecutive failures), resolved when the workload leaves CrashLoopBackOff.
+    // several consecutive failures), resolved once out of CrashLoopBackOff for
+    // CRASH_LOOP_CLEAR_MS (`pending` holds when it was last seen looping, as `clear:<id>`).
     let prefix = format!("{WORKLOAD_CRASH_LOOP}/");
     let looping: BTreeSet<String> = if policy.crash_loop {
         s.crash_looping.clone()
@@ -219,6 +227,7 @@ pub fn evaluate(policy: &NodePolicy, st: &mut NodeAlerts, s: &Sample, now: UnixM
     };
     for key in &looping {
         let id = alert_id(WORKLOAD_CRASH_LOOP, Some(key));
+        st.pending.insert(format!("clear:{id}"), now);
         if !st.firing.contains_key(&id) {
             st.firing.insert(id.clone(), now);
             out.push(Transition {
@@ -236,11 +245,16 @@ pub fn evaluate(policy: &NodePolicy, st: &mut NodeAlerts, s: &Sample, now: UnixM
         .keys()
         .filter_map(|id| id.strip_prefix(&prefix))
         .filter(|key| !looping.contains(*key))
+        .filter(|key| {
+            let last = st.pending.get(&format!("clear:{prefix}{key}")).copied().unwrap_or(0);
+            !policy.crash_loop || now - last >= CRASH_LOOP_CLEAR_MS
+        })
         .map(String::from)
         .collect();
     for key in gone {
         let id = alert_id(WORKLOAD_CRASH_LOOP, Some(&key));
         st.firing.remove(&id);
+        st.pending.remove(&format!("clear:{id}"));
         out.push(Transition {
             id,
             name: WORKLOAD_CRASH_LOOP.into(),
@@ -526,12 +540,18 @@ mod tests {
                     10,
                     &["+WorkloadCrashLoop/deployment/x/b"],
                 ),
+                // briefly Running between crashes: still firing
+                (looping(&["deployment/x/b"]), 20, &[]),
+                (looping(&["deployment/x/b"]), 39, &[]),
                 (
                     looping(&["deployment/x/b"]),
-                    20,
+                    40,
                     &["-WorkloadCrashLoop/daemonset/default/a"],
                 ),
-                (looping(&[]), 30, &["-WorkloadCrashLoop/deployment/x/b"]),
+                (looping(&[]), 50, &[]),
+                (looping(&["deployment/x/b"]), 60, &[]),
+                (looping(&[]), 89, &[]),
+                (looping(&[]), 90, &["-WorkloadCrashLoop/deployment/x/b"]),
             ],
         );
         let mut off = policy();

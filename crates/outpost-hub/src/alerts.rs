@@ -254,12 +254,17 @@ impl Monitor {
             )?;
         }
         let processed: u64 = tx
-            .query_row("SELECT seq FROM alert_seq WHERE node = ?1", params![node], |r| r.get::<_, i64>(0))
+            .query_row("SELECT seq FROM alert_seq WHERE node = ?1", params![node], |r| {
+                r.get::<_, i64>(0)
+            })
             .optional()?
             .map_or(0, |s| s as u64);
         let mut out = Vec::new();
         let mut high = processed;
-        for e in events.iter().filter(|e| e.reason == ALERT_FIRING || e.reason == ALERT_RESOLVED) {
+        for e in events
+            .iter()
+            .filter(|e| e.reason == ALERT_FIRING || e.reason == ALERT_RESOLVED)
+        {
             let (name, summary) = e.message.split_once(": ").unwrap_or((e.message.as_str(), ""));
             let key = AlertKey {
                 node: node.into(),
@@ -274,7 +279,17 @@ impl Monitor {
                 }
                 NodeEventAction::Resolve => {
                     let started = cur.map_or(e.at, |c| c.1);
-                    out.push(self.write(&tx, &key, "node", AlertState::Resolved, started, Some(e.at), summary, labels, now)?)
+                    out.push(self.write(
+                        &tx,
+                        &key,
+                        "node",
+                        AlertState::Resolved,
+                        started,
+                        Some(e.at),
+                        summary,
+                        labels,
+                        now,
+                    )?)
                 }
                 NodeEventAction::Ignore => {}
             }
@@ -320,7 +335,17 @@ impl Monitor {
             match t {
                 HubTransition::Fire { key, alert } => {
                     let l = labels.get(&key.node).unwrap_or(&empty);
-                    out.push(self.write(&tx, key, "hub", AlertState::Firing, alert.started_at, None, &alert.summary, l, now)?);
+                    out.push(self.write(
+                        &tx,
+                        key,
+                        "hub",
+                        AlertState::Firing,
+                        alert.started_at,
+                        None,
+                        &alert.summary,
+                        l,
+                        now,
+                    )?);
                 }
                 HubTransition::Resolve { key, at } => {
                     let l = labels.get(&key.node).unwrap_or(&empty);
@@ -329,7 +354,17 @@ impl Monitor {
                         rules::NODE_OFFLINE => format!("{} is back", key.node),
                         _ => format!("{} recovered on {}", key.subject, key.node),
                     };
-                    out.push(self.write(&tx, key, "hub", AlertState::Resolved, started, Some(*at), &summary, l, now)?);
+                    out.push(self.write(
+                        &tx,
+                        key,
+                        "hub",
+                        AlertState::Resolved,
+                        started,
+                        Some(*at),
+                        &summary,
+                        l,
+                        now,
+                    )?);
                 }
             }
         }
@@ -387,9 +422,10 @@ impl Monitor {
                 params![node, l.seq as i64, l.at, l.workload, l.container, l.line, now],
             )? as u64;
         }
-        let high: Option<i64> = tx.query_row("SELECT MAX(seq) FROM error_logs WHERE node = ?1", params![node], |r| {
-            r.get(0)
-        })?;
+        let high: Option<i64> =
+            tx.query_row("SELECT MAX(seq) FROM error_logs WHERE node = ?1", params![node], |r| {
+                r.get(0)
+            })?;
         let high = high.unwrap_or(0);
         tx.execute(
             "DELETE FROM error_logs WHERE node = ?1 AND seq <= ?2",
@@ -401,7 +437,13 @@ impl Monitor {
         Ok(b.lines.iter().map(|l| l.seq).max().unwrap_or(0).max(high as u64))
     }
 
-    pub fn errors(&self, node: Option<&str>, workload: Option<&str>, since: UnixMs, limit: u32) -> R<Vec<StoredErrorLine>> {
+    pub fn errors(
+        &self,
+        node: Option<&str>,
+        workload: Option<&str>,
+        since: UnixMs,
+        limit: u32,
+    ) -> R<Vec<StoredErrorLine>> {
         let c = self.lock();
         let mut st = c.prepare(
             "SELECT node, seq, at, workload, container, line FROM error_logs
@@ -459,9 +501,10 @@ impl Monitor {
 
     /// Earliest next attempt, and the queue length.
     pub fn hook_queue(&self) -> R<(Option<UnixMs>, u64)> {
-        self.lock().query_row("SELECT MIN(next_at), COUNT(*) FROM webhook_queue", [], |r| {
-            Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
-        })
+        self.lock()
+            .query_row("SELECT MIN(next_at), COUNT(*) FROM webhook_queue", [], |r| {
+                Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
+            })
     }
 
     pub fn hook_done(&self, id: i64) -> R<()> {
@@ -559,8 +602,17 @@ pub async fn sync_extras(
 }
 
 /// Hook for status reports: node alert events and vitals.
-pub async fn on_status(st: &HubState, node: &str, events: Vec<NodeEvent>, vitals: Option<Vitals>) -> Result<(), HubError> {
-    if vitals.is_none() && !events.iter().any(|e| e.reason == ALERT_FIRING || e.reason == ALERT_RESOLVED) {
+pub async fn on_status(
+    st: &HubState,
+    node: &str,
+    events: Vec<NodeEvent>,
+    vitals: Option<Vitals>,
+) -> Result<(), HubError> {
+    if vitals.is_none()
+        && !events
+            .iter()
+            .any(|e| e.reason == ALERT_FIRING || e.reason == ALERT_RESOLVED)
+    {
         return Ok(());
     }
     let n = node.to_string();
@@ -571,14 +623,15 @@ pub async fn on_status(st: &HubState, node: &str, events: Vec<NodeEvent>, vitals
     Ok(())
 }
 
-/// One run of the hub's rules.
-pub async fn evaluate_once(st: &HubState, now: UnixMs) -> Result<Vec<AlertInfo>, HubError> {
+/// One run of the hub's rules. Silence counts only from `listening_since` (the hub's start):
+/// while the hub itself was down, nodes could not reach it.
+pub async fn evaluate_once(st: &HubState, listening_since: UnixMs, now: UnixMs) -> Result<Vec<AlertInfo>, HubError> {
     let (nodes, statuses) = st.db(|s| Ok((s.nodes()?, s.statuses(None)?))).await?;
     let fleet: Vec<FleetNode> = nodes
         .iter()
         .map(|n| FleetNode {
             name: n.name.clone(),
-            last_contact: n.last_contact(),
+            last_contact: n.last_contact().max(listening_since),
         })
         .collect();
     let rollbacks: Vec<RolledBack> = statuses
@@ -613,8 +666,9 @@ pub async fn evaluate_once(st: &HubState, now: UnixMs) -> Result<Vec<AlertInfo>,
 
 /// Run the hub's rules every `eval_every` until shutdown.
 pub async fn rules_loop(st: Arc<HubState>, mut shutdown: watch::Receiver<bool>) {
+    let started = crate::now_ms();
     loop {
-        if let Err(e) = evaluate_once(&st, crate::now_ms()).await {
+        if let Err(e) = evaluate_once(&st, started, crate::now_ms()).await {
             tracing::warn!(error = %e, "alert rules failed; retrying");
         }
         tokio::select! {
@@ -622,6 +676,22 @@ pub async fn rules_loop(st: Arc<HubState>, mut shutdown: watch::Receiver<bool>) 
             _ = shutdown.changed() => return,
         }
     }
+}
+
+#[derive(serde::Deserialize)]
+pub struct AlertsQuery {
+    /// Include resolved alerts (kept 7 days).
+    #[serde(default)]
+    all: bool,
+}
+
+/// `GET /v1/alerts[?all=true]` (admin).
+pub async fn get_alerts(
+    axum::extract::State(st): axum::extract::State<Arc<HubState>>,
+    _: crate::server::Admin,
+    crate::server::ApiQuery(q): crate::server::ApiQuery<AlertsQuery>,
+) -> Result<axum::Json<Vec<AlertInfo>>, HubError> {
+    Ok(axum::Json(mdb(&st, move |m| m.alerts(q.all)).await?))
 }
 
 #[cfg(test)]
@@ -654,10 +724,17 @@ mod tests {
         ];
         let t = m.node_report("n", &l, &batch, None, 1000).unwrap();
         assert_eq!(t.len(), 3);
-        assert_eq!(m.node_report("n", &l, &batch, None, 2000).unwrap().len(), 0, "resent batch");
+        assert_eq!(
+            m.node_report("n", &l, &batch, None, 2000).unwrap().len(),
+            0,
+            "resent batch"
+        );
         let all = m.alerts(true).unwrap();
         let cpu = all.iter().find(|a| a.name == "NodeCpuHigh").unwrap();
-        assert_eq!((cpu.state, cpu.started_at, cpu.resolved_at), (AlertState::Resolved, 100, Some(300)));
+        assert_eq!(
+            (cpu.state, cpu.started_at, cpu.resolved_at),
+            (AlertState::Resolved, 100, Some(300))
+        );
         assert_eq!(m.alerts(false).unwrap().len(), 1, "only the crash loop fires");
         assert_eq!(m.hook_queue().unwrap().1, 6, "3 transitions x 2 URLs");
         let hooks = m.due_hooks(1000, 10).unwrap();

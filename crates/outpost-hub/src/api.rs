@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use outpost_api::{
     ApplyRequest, ApplyResponse, ApplyResult, DeleteResponse, JoinRequest, JoinResponse, JoinToken, Kind, NodeInfo,
-    Object, ObjectId, Phase, Placement, RenewRequest, RenewResponse, RevisionInfo, Runtime, StatusAck,
-    TokenRequest, TokenResponse, UndoRequest, UnixMs, WorkloadInfo, WorkloadStatus, PROCESS_RUNTIME,
+    Object, ObjectId, Phase, Placement, RenewRequest, RenewResponse, RevisionInfo, Runtime, StatusAck, TokenRequest,
+    TokenResponse, UndoRequest, UnixMs, WorkloadInfo, WorkloadStatus, PROCESS_RUNTIME,
 };
 use outpost_core::render::workload_key;
 use outpost_core::schedule::selector_matches;

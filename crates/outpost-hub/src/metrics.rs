@@ -165,30 +165,72 @@ pub fn render(f: &FleetView, m: &Metrics) -> String {
         let n = f.nodes.iter().filter(|(_, _, on)| *on == (status == "Online")).count();
         o.line("outpost_nodes", &[("status", status)], n as f64);
     }
-    o.head("outpost_workloads", "gauge", "Workload instances on nodes by reported phase.");
+    o.head(
+        "outpost_workloads",
+        "gauge",
+        "Workload instances on nodes by reported phase.",
+    );
     for (phase, n) in &f.phases {
         o.line("outpost_workloads", &[("phase", phase)], *n as f64);
     }
-    o.head("outpost_alerts_firing", "gauge", "Fleet alerts firing now, by alert name and severity.");
+    o.head(
+        "outpost_alerts_firing",
+        "gauge",
+        "Fleet alerts firing now, by alert name and severity.",
+    );
     for ((name, sev), n) in &f.firing {
-        o.line("outpost_alerts_firing", &[("alertname", name), ("severity", sev)], *n as f64);
+        o.line(
+            "outpost_alerts_firing",
+            &[("alertname", name), ("severity", sev)],
+            *n as f64,
+        );
     }
     let site = |labels: &Labels| labels.get("site").cloned().unwrap_or_default();
     let sites: BTreeMap<&str, String> = f.nodes.iter().map(|(n, l, _)| (n.as_str(), site(l))).collect();
     o.head("outpost_node_up", "gauge", "1 while the node is Online.");
     for (n, l, on) in &f.nodes {
-        o.line("outpost_node_up", &[("node", n), ("site", &site(l))], if *on { 1.0 } else { 0.0 });
+        o.line(
+            "outpost_node_up",
+            &[("node", n), ("site", &site(l))],
+            if *on { 1.0 } else { 0.0 },
+        );
     }
     type Get = fn(&Vitals) -> Option<f64>;
     let gauges: &[(&str, &str, Get)] = &[
-        ("outpost_node_cpu_ratio", "CPU busy, fraction of all cores (last report).", |v| Some(v.cpu as f64 / 100.0)),
-        ("outpost_node_memory_ratio", "Memory in use, fraction (last report).", |v| Some(v.mem as f64 / 100.0)),
-        ("outpost_node_memory_total_bytes", "Memory of the node.", |v| Some(v.mem_total_bytes as f64)),
-        ("outpost_node_disk_root_ratio", "Use of the file system holding /, fraction.", |v| Some(v.disk_root as f64 / 100.0)),
-        ("outpost_node_disk_data_ratio", "Use of the file system holding the agent's data dir, when not the one of /.", |v| v.disk_data.map(|d| d as f64 / 100.0)),
+        (
+            "outpost_node_cpu_ratio",
+            "CPU busy, fraction of all cores (last report).",
+            |v| Some(v.cpu as f64 / 100.0),
+        ),
+        (
+            "outpost_node_memory_ratio",
+            "Memory in use, fraction (last report).",
+            |v| Some(v.mem as f64 / 100.0),
+        ),
+        ("outpost_node_memory_total_bytes", "Memory of the node.", |v| {
+            Some(v.mem_total_bytes as f64)
+        }),
+        (
+            "outpost_node_disk_root_ratio",
+            "Use of the file system holding /, fraction.",
+            |v| Some(v.disk_root as f64 / 100.0),
+        ),
+        (
+            "outpost_node_disk_data_ratio",
+            "Use of the file system holding the agent's data dir, when not the one of /.",
+            |v| v.disk_data.map(|d| d as f64 / 100.0),
+        ),
         ("outpost_node_load1", "1-minute load average.", |v| Some(v.load1 as f64)),
-        ("outpost_node_temperature_celsius", "Hottest thermal zone, where the host has one.", |v| v.temp_c.map(f64::from)),
-        ("outpost_node_vitals_timestamp_seconds", "When the node took the reported sample (node clock).", |v| Some(v.at as f64 / 1000.0)),
+        (
+            "outpost_node_temperature_celsius",
+            "Hottest thermal zone, where the host has one.",
+            |v| v.temp_c.map(f64::from),
+        ),
+        (
+            "outpost_node_vitals_timestamp_seconds",
+            "When the node took the reported sample (node clock).",
+            |v| Some(v.at as f64 / 1000.0),
+        ),
     ];
     for (name, help, get) in gauges {
         o.head(name, "gauge", help);
@@ -199,16 +241,39 @@ pub fn render(f: &FleetView, m: &Metrics) -> String {
             }
         }
     }
-    o.head("outpost_node_log_dropped_lines_total", "counter", "Log lines a node dropped because a log cap was reached.");
+    o.head(
+        "outpost_node_log_dropped_lines_total",
+        "counter",
+        "Log lines a node dropped because a log cap was reached.",
+    );
     for (node, v) in &f.vitals {
         let s = sites.get(node.as_str()).cloned().unwrap_or_default();
-        o.line("outpost_node_log_dropped_lines_total", &[("node", node), ("site", &s)], v.log_dropped_lines as f64);
+        o.line(
+            "outpost_node_log_dropped_lines_total",
+            &[("node", node), ("site", &s)],
+            v.log_dropped_lines as f64,
+        );
     }
     type WGet = fn(&outpost_api::WorkloadVitals) -> f64;
     let wl: &[(&str, &str, &str, WGet)] = &[
-        ("outpost_workload_cpu_ratio", "gauge", "Workload CPU, fraction of one core, summed over its process groups.", |w| w.cpu as f64 / 100.0),
-        ("outpost_workload_memory_bytes", "gauge", "Workload resident memory, summed over its process groups.", |w| w.rss_bytes as f64),
-        ("outpost_workload_restarts_total", "counter", "Workload container restarts on the node.", |w| w.restarts as f64),
+        (
+            "outpost_workload_cpu_ratio",
+            "gauge",
+            "Workload CPU, fraction of one core, summed over its process groups.",
+            |w| w.cpu as f64 / 100.0,
+        ),
+        (
+            "outpost_workload_memory_bytes",
+            "gauge",
+            "Workload resident memory, summed over its process groups.",
+            |w| w.rss_bytes as f64,
+        ),
+        (
+            "outpost_workload_restarts_total",
+            "counter",
+            "Workload container restarts on the node.",
+            |w| w.restarts as f64,
+        ),
     ];
     for (name, kind, help, get) in wl {
         o.head(name, kind, help);
@@ -219,9 +284,17 @@ pub fn render(f: &FleetView, m: &Metrics) -> String {
             }
         }
     }
-    o.head("outpost_hub_http_requests_total", "counter", "Requests answered by the hub, by route and status class.");
+    o.head(
+        "outpost_hub_http_requests_total",
+        "counter",
+        "Requests answered by the hub, by route and status class.",
+    );
     for ((route, class), n) in m.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-        o.line("outpost_hub_http_requests_total", &[("route", route), ("code", class)], *n as f64);
+        o.line(
+            "outpost_hub_http_requests_total",
+            &[("route", route), ("code", class)],
+            *n as f64,
+        );
     }
     o.head(
         "outpost_hub_http_request_duration_seconds",
@@ -242,27 +315,127 @@ pub fn render(f: &FleetView, m: &Metrics) -> String {
             &[("route", route), ("le", "+Inf")],
             h.count as f64,
         );
-        o.line("outpost_hub_http_request_duration_seconds_sum", &[("route", route)], h.sum);
-        o.line("outpost_hub_http_request_duration_seconds_count", &[("route", route)], h.count as f64);
+        o.line(
+            "outpost_hub_http_request_duration_seconds_sum",
+            &[("route", route)],
+            h.sum,
+        );
+        o.line(
+            "outpost_hub_http_request_duration_seconds_count",
+            &[("route", route)],
+            h.count as f64,
+        );
     }
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
-    o.head("outpost_hub_connected_agents", "gauge", "Open sync long-polls (agents connected now).");
-    o.line("outpost_hub_connected_agents", &[], m.long_polls.load(Ordering::Relaxed).max(0) as f64);
-    o.head("outpost_hub_alert_notifications_total", "counter", "Alert transitions recorded, by new state.");
-    o.line("outpost_hub_alert_notifications_total", &[("state", "firing")], load(&m.alerts_fired));
-    o.line("outpost_hub_alert_notifications_total", &[("state", "resolved")], load(&m.alerts_resolved));
-    o.head("outpost_hub_webhook_deliveries_total", "counter", "Webhook POST attempts by result (ok, retry, dropped).");
-    o.line("outpost_hub_webhook_deliveries_total", &[("result", "ok")], load(&m.webhook_ok));
-    o.line("outpost_hub_webhook_deliveries_total", &[("result", "retry")], load(&m.webhook_retry));
-    o.line("outpost_hub_webhook_deliveries_total", &[("result", "dropped")], load(&m.webhook_dropped));
-    o.head("outpost_hub_webhook_queue", "gauge", "Webhook notifications waiting to be delivered.");
+    o.head(
+        "outpost_hub_connected_agents",
+        "gauge",
+        "Open sync long-polls (agents connected now).",
+    );
+    o.line(
+        "outpost_hub_connected_agents",
+        &[],
+        m.long_polls.load(Ordering::Relaxed).max(0) as f64,
+    );
+    o.head(
+        "outpost_hub_alert_notifications_total",
+        "counter",
+        "Alert transitions recorded, by new state.",
+    );
+    o.line(
+        "outpost_hub_alert_notifications_total",
+        &[("state", "firing")],
+        load(&m.alerts_fired),
+    );
+    o.line(
+        "outpost_hub_alert_notifications_total",
+        &[("state", "resolved")],
+        load(&m.alerts_resolved),
+    );
+    o.head(
+        "outpost_hub_webhook_deliveries_total",
+        "counter",
+        "Webhook POST attempts by result (ok, retry, dropped).",
+    );
+    o.line(
+        "outpost_hub_webhook_deliveries_total",
+        &[("result", "ok")],
+        load(&m.webhook_ok),
+    );
+    o.line(
+        "outpost_hub_webhook_deliveries_total",
+        &[("result", "retry")],
+        load(&m.webhook_retry),
+    );
+    o.line(
+        "outpost_hub_webhook_deliveries_total",
+        &[("result", "dropped")],
+        load(&m.webhook_dropped),
+    );
+    o.head(
+        "outpost_hub_webhook_queue",
+        "gauge",
+        "Webhook notifications waiting to be delivered.",
+    );
     o.line("outpost_hub_webhook_queue", &[], f.webhook_queue as f64);
-    o.head("outpost_hub_error_lines_received_total", "counter", "Error log lines forwarded by nodes and stored.");
+    o.head(
+        "outpost_hub_error_lines_received_total",
+        "counter",
+        "Error log lines forwarded by nodes and stored.",
+    );
     o.line("outpost_hub_error_lines_received_total", &[], load(&m.error_lines));
-    o.head("outpost_hub_log_requests_total", "counter", "Operator log requests, by result (ok, failed).");
-    o.line("outpost_hub_log_requests_total", &[("result", "ok")], load(&m.log_requests_ok));
-    o.line("outpost_hub_log_requests_total", &[("result", "failed")], load(&m.log_requests_failed));
+    o.head(
+        "outpost_hub_log_requests_total",
+        "counter",
+        "Operator log requests, by result (ok, failed).",
+    );
+    o.line(
+        "outpost_hub_log_requests_total",
+        &[("result", "ok")],
+        load(&m.log_requests_ok),
+    );
+    o.line(
+        "outpost_hub_log_requests_total",
+        &[("result", "failed")],
+        load(&m.log_requests_failed),
+    );
     o.0
+}
+
+/// `GET /metrics` (admin token, as for every operator route): Prometheus text format.
+pub async fn metrics(State(st): State<Arc<HubState>>, _: crate::server::Admin) -> Result<Response, crate::HubError> {
+    use axum::response::IntoResponse;
+    let now = crate::now_ms();
+    let offline_after = st.offline_after;
+    let (nodes, statuses) = st.db(|s| Ok((s.nodes()?, s.statuses(None)?))).await?;
+    let (alerts, vitals, (_, queue)) =
+        crate::alerts::mdb(&st, |m| Ok((m.alerts(false)?, m.vitals()?, m.hook_queue()?))).await?;
+    let mut f = FleetView {
+        webhook_queue: queue,
+        ..Default::default()
+    };
+    for n in nodes {
+        let online = crate::scheduler::is_online(&n, offline_after, now);
+        if let Some(v) = vitals.get(&n.name) {
+            f.vitals.insert(n.name.clone(), v.clone());
+        }
+        f.nodes.push((n.name, n.labels, online));
+    }
+    for (_, w) in statuses {
+        *f.phases.entry(w.phase.as_str().to_string()).or_default() += 1;
+    }
+    for a in alerts {
+        *f.firing.entry((a.name, a.severity)).or_default() += 1;
+    }
+    let body = render(&f, &st.monitor.metrics);
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response())
 }
 
 #[cfg(test)]
@@ -279,7 +452,8 @@ mod tests {
         m.observe("sync", 204, 30.0);
         m.observe("status", 200, 0.01);
         let mut f = FleetView::default();
-        f.nodes.push(("a".into(), [("site".to_string(), "s\"1".to_string())].into(), true));
+        f.nodes
+            .push(("a".into(), [("site".to_string(), "s\"1".to_string())].into(), true));
         f.vitals.insert(
             "a".into(),
             Vitals {
@@ -289,8 +463,52 @@ mod tests {
         );
         let text = render(&f, &m);
         assert!(text.contains("outpost_nodes{status=\"Online\"} 1"), "{text}");
-        assert!(text.contains("outpost_node_cpu_ratio{node=\"a\",site=\"s\\\"1\"} 0.5"), "{text}");
+        assert!(
+            text.contains("outpost_node_cpu_ratio{node=\"a\",site=\"s\\\"1\"} 0.5"),
+            "{text}"
+        );
         assert!(text.contains("outpost_hub_http_request_duration_seconds_bucket{route=\"sync\",le=\"40\"} 1"));
         assert!(text.contains("outpost_hub_http_request_duration_seconds_bucket{route=\"sync\",le=\"10\"} 0"));
+    }
+
+    fn names(text: &str) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        let mut cur = String::new();
+        for c in text.chars().chain(std::iter::once(' ')) {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                cur.push(c);
+            } else {
+                if cur.starts_with("outpost_") {
+                    out.insert(cur.clone());
+                }
+                cur.clear();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn docs_list_every_metric_and_the_dashboard_uses_only_real_ones() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+        let docs = std::fs::read_to_string(format!("{root}/docs/metrics.md")).unwrap();
+        let dash = std::fs::read_to_string(format!("{root}/dashboards/outpost.json")).unwrap();
+        let _: serde_json::Value = serde_json::from_str(&dash).expect("dashboard is JSON");
+        let mut f = FleetView::default();
+        f.nodes.push(("a".into(), Labels::new(), true));
+        let text = render(&f, &Metrics::default());
+        let emitted: std::collections::BTreeSet<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .map(String::from)
+            .collect();
+        let documented = names(&docs);
+        for m in &emitted {
+            assert!(documented.contains(m), "{m} is not in docs/metrics.md");
+        }
+        for m in names(&dash) {
+            let base = m.trim_end_matches("_bucket");
+            assert!(emitted.contains(base), "the dashboard uses {m}, which /metrics does not have");
+        }
     }
 }

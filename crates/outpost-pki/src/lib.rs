@@ -54,14 +54,15 @@ pub fn fingerprint(der: &[u8]) -> String {
 
 /// Parse the first certificate from PEM text into DER.
 pub fn pem_to_der(pem: &str) -> Result<CertificateDer<'static>, PkiError> {
-    let first = pem_blocks(pem, "CERTIFICATE")
+    let first = certs_from_pem(pem)
         .into_iter()
         .next()
         .ok_or(PkiError::Pem { what: "certificate" })?;
     Ok(CertificateDer::from(first))
 }
 
-fn pem_blocks(pem: &str, _label: &str) -> Vec<Vec<u8>> {
+/// Every certificate in PEM text, as DER.
+fn certs_from_pem(pem: &str) -> Vec<Vec<u8>> {
     CertificateDer::pem_slice_iter(pem.as_bytes())
         .filter_map(Result::ok)
         .map(|c| c.to_vec())
@@ -210,7 +211,7 @@ pub fn server_config(ca: &CaMaterial, chain_pem: &str, key_pem: &str) -> Result<
         .allow_unauthenticated()
         .build()
         .map_err(|e| PkiError::Verifier(e.to_string()))?;
-    let chain: Vec<CertificateDer<'static>> = pem_blocks(chain_pem, "CERTIFICATE")
+    let chain: Vec<CertificateDer<'static>> = certs_from_pem(chain_pem)
         .into_iter()
         .map(CertificateDer::from)
         .collect();
@@ -316,7 +317,7 @@ mod tests {
         assert_eq!(ca.fingerprint().unwrap(), ca.fingerprint().unwrap());
         assert_eq!(ca.fingerprint().unwrap().len(), 64);
         let (chain, key) = ca.issue_server(&["localhost".into(), "127.0.0.1".into()]).unwrap();
-        assert_eq!(pem_blocks(&chain, "CERTIFICATE").len(), 2);
+        assert_eq!(certs_from_pem(&chain).len(), 2);
         server_config(&ca, &chain, &key).unwrap();
     }
 }

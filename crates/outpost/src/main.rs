@@ -5,6 +5,7 @@
 mod client;
 mod demo;
 mod image;
+mod logs;
 mod output;
 
 use std::collections::BTreeMap;
@@ -73,6 +74,9 @@ enum Cmd {
     },
     /// Start a hub and three agents on this machine with a sample app, and show what runs where.
     Demo(demo::DemoArgs),
+    /// A workload's log from its node (fetched through the node's own outbound link), or the
+    /// error lines nodes forwarded (--errors).
+    Logs(logs::LogsArgs),
     /// Measure outpost: agent footprint, propagation, offline recovery, bandwidth, fleet scale (simulator).
     Bench(outpost_bench::BenchArgs),
 }
@@ -135,6 +139,12 @@ struct HubArgs {
     /// A node without contact for this long is Offline (e.g. 90s, 5m).
     #[arg(long, default_value = "90s", value_parser = parse_duration)]
     offline_after: Duration,
+    /// POST every alert firing and resolution to this URL (JSON, see docs/alerts.md); repeatable.
+    #[arg(long = "webhook")]
+    webhooks: Vec<String>,
+    /// Raise the NodeOffline alert once a node has been silent this long.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    node_offline_alert: Duration,
 }
 
 #[derive(Subcommand)]
@@ -245,7 +255,7 @@ fn parse_labels(s: &str) -> Result<Labels, String> {
     Ok(out)
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if s == "0" {
         return Ok(Duration::ZERO);
@@ -388,6 +398,7 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Image { cmd: ImageCmd::Ls } => image::list(&client::Client::from_env()?).await,
         Cmd::Rollout { cmd } => output::rollout(&client::Client::from_env()?, cmd).await,
         Cmd::Demo(a) => demo::run(a).await,
+        Cmd::Logs(a) => logs::run(&client::Client::from_env()?, a).await,
         Cmd::Bench(a) => outpost_bench::run(a).await,
     }
 }
@@ -407,6 +418,8 @@ async fn run_hub(a: HubArgs) -> Result<()> {
         advertise: advertise.clone(),
         offline_after: a.offline_after,
         long_poll: Duration::from_secs(outpost_api::LONG_POLL_SECS),
+        webhooks: logs::check_webhooks(&a.webhooks)?,
+        node_offline_alert: a.node_offline_alert,
     };
     let (hub, created) = outpost_hub::Hub::start(cfg).await?;
     let url = a

@@ -192,6 +192,7 @@ pub async fn get(c: &Client, what: &str, f: Format) -> Result<()> {
                 )
             );
         }
+        "alerts" | "alert" => return crate::logs::get_alerts(c, f).await,
         "workloads" | "workload" | "wl" => {
             let ws: Vec<WorkloadInfo> = c.get("/v1/workloads").await?;
             if f != Format::Table {
@@ -202,7 +203,7 @@ pub async fn get(c: &Client, what: &str, f: Format) -> Result<()> {
         }
         other => {
             let Some(kind) = Kind::parse_cli(other).filter(|k| k.is_workload()) else {
-                bail!("cannot list {other:?}: use nodes, deployments, daemonsets or workloads");
+                bail!("cannot list {other:?}: use nodes, deployments, daemonsets, workloads or alerts");
             };
             let ws: Vec<WorkloadInfo> = c.get("/v1/workloads").await?;
             let ws: Vec<WorkloadInfo> = ws.into_iter().filter(|w| w.kind == kind).collect();

@@ -39,10 +39,18 @@ pub struct Hub {
     pub token: String,
     child: Option<Child>,
     _tmp: Option<tempfile::TempDir>,
+    /// Extra `outpost hub` arguments and environment (kept across restarts).
+    pub extra_args: Vec<String>,
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl Hub {
     pub fn start() -> Hub {
+        Hub::start_with(&[], &[])
+    }
+
+    /// Like [`Hub::start`], with extra hub arguments and environment variables.
+    pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Hub {
         let tmp = tempfile::tempdir().unwrap();
         let mut h = Hub {
             dir: tmp.path().to_path_buf(),
@@ -51,6 +59,8 @@ impl Hub {
             token: String::new(),
             child: None,
             _tmp: Some(tmp),
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
+            extra_env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         h.url = format!("https://127.0.0.1:{}", h.port);
         h.launch();
@@ -67,6 +77,8 @@ impl Hub {
             .args(["hub", "--listen", &format!("127.0.0.1:{}", self.port), "--data-dir"])
             .arg(self.dir.join("hub"))
             .args(["--advertise", &self.url, "--offline-after", "3s"])
+            .args(&self.extra_args)
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -221,6 +233,7 @@ impl Hub {
             name: name.into(),
             dir,
             child: None,
+            env: Vec::new(),
         }
     }
 }
@@ -235,6 +248,8 @@ pub struct Agent {
     pub name: String,
     pub dir: PathBuf,
     child: Option<Child>,
+    /// Extra environment for the agent process (e.g. monitoring intervals).
+    pub env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -248,6 +263,7 @@ impl Agent {
             .args(["agent", "run", "--stop-workloads-on-exit", "--data-dir"])
             .arg(&self.dir)
             .env("OUTPOST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

@@ -1,0 +1,219 @@
+//! `outpost logs` and `outpost get alerts`: the operator's side of monitoring.
+//!
+//! `outpost logs NODE WORKLOAD` asks the hub, which relays the request to the node over the
+//! node's own long-poll and waits for its answer (the hub never dials a node). `-f` follows by
+//! repeated requests: each asks for the bytes after the offset the previous answer ended at,
+//! once a second. `--errors` reads the error lines nodes forwarded to the hub instead (works
+//! while the node is offline).
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use outpost_api::{AlertInfo, AlertState, LogData, NodeInfo, StoredErrorLine};
+
+use crate::client::Client;
+use crate::output::{age, table};
+use crate::Format;
+
+#[derive(clap::Args)]
+pub struct LogsArgs {
+    /// The node (as in `outpost get nodes`). Optional with --errors.
+    node: Option<String>,
+    /// Workload: its key (`deployment/default/web`) or its name when unique on the node.
+    workload: Option<String>,
+    /// Container (default: the workload's first container with a log).
+    #[arg(short = 'c', long)]
+    container: Option<String>,
+    /// Only log segments written within this long (e.g. 10m, 2h); with --errors, lines forwarded within it.
+    #[arg(long, value_parser = crate::parse_duration)]
+    since: Option<Duration>,
+    /// Only the last N lines.
+    #[arg(long)]
+    tail: Option<u32>,
+    /// Keep printing new output (polls the node once a second through the hub).
+    #[arg(short = 'f', long)]
+    follow: bool,
+    /// Show the error lines nodes forwarded to the hub (no request to the node).
+    #[arg(long)]
+    errors: bool,
+}
+
+/// Percent-encode a query value.
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Webhook URLs must be http(s).
+pub fn check_webhooks(urls: &[String]) -> Result<Vec<String>> {
+    for u in urls {
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            bail!("--webhook {u:?} is not an http:// or https:// URL");
+        }
+    }
+    Ok(urls.to_vec())
+}
+
+/// Resolve a workload name to its key using what the node reports.
+async fn workload_key(c: &Client, node: &str, w: &str) -> Result<String> {
+    if w.contains('/') {
+        return Ok(w.to_string());
+    }
+    let n: NodeInfo = c.get(&format!("/v1/nodes/{node}")).await?;
+    let keys: Vec<&str> = n
+        .workloads
+        .iter()
+        .map(|s| s.key.as_str())
+        .filter(|k| k.rsplit('/').next() == Some(w))
+        .collect();
+    match keys.as_slice() {
+        [k] => Ok(k.to_string()),
+        [] => bail!(
+            "node {node} runs no workload named {w:?}; see `outpost describe node {node}` (use the full key, e.g. deployment/default/{w})"
+        ),
+        many => bail!("{w:?} is ambiguous on {node}: {}; give the full key", many.join(", ")),
+    }
+}
+
+pub async fn run(c: &Client, a: LogsArgs) -> Result<()> {
+    if a.errors {
+        return errors(c, &a).await;
+    }
+    let (Some(node), Some(w)) = (&a.node, &a.workload) else {
+        bail!("usage: outpost logs NODE WORKLOAD [-c CONTAINER] [--since 10m] [--tail N] [-f], or outpost logs --errors [NODE [WORKLOAD]]");
+    };
+    let key = workload_key(c, node, w).await?;
+    let mut q = format!("/v1/logs?node={}&workload={}", enc(node), enc(&key));
+    if let Some(ct) = &a.container {
+        q.push_str(&format!("&container={}", enc(ct)));
+    }
+    let mut first = q.clone();
+    if let Some(t) = a.tail {
+        first.push_str(&format!("&tail={t}"));
+    }
+    if let Some(s) = a.since {
+        first.push_str(&format!("&since_secs={}", s.as_secs()));
+    }
+    let d: LogData = c.get(&first).await?;
+    if let Some(e) = d.error {
+        bail!("{e}");
+    }
+    if d.truncated {
+        eprintln!("(older output cut: an answer holds the newest 1 MiB; use --tail or --since)");
+    }
+    print!("{}", d.text);
+    if !a.follow {
+        return Ok(());
+    }
+    let mut offset = d.offset;
+    let container = d.container;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let path = format!("{q}&container={}&from_offset={offset}", enc(&container));
+        match c.get::<LogData>(&path).await {
+            Ok(d) if d.error.is_none() => {
+                if d.offset < offset {
+                    eprintln!("(log rotated)");
+                }
+                print!("{}", d.text);
+                offset = d.offset;
+            }
+            Ok(d) => bail!("{}", d.error.unwrap_or_default()),
+            Err(e) => eprintln!("(waiting for the node: {e:#})"),
+        }
+    }
+}
+
+async fn errors(c: &Client, a: &LogsArgs) -> Result<()> {
+    let mut q = String::from("/v1/errors?limit=10000");
+    if let Some(n) = &a.node {
+        q.push_str(&format!("&node={}", enc(n)));
+        if let Some(w) = &a.workload {
+            let key = if w.contains('/') {
+                w.clone()
+            } else {
+                workload_key(c, n, w).await?
+            };
+            q.push_str(&format!("&workload={}", enc(&key)));
+        }
+    }
+    if let Some(s) = a.since {
+        q.push_str(&format!("&since_secs={}", s.as_secs()));
+    }
+    let mut lines: Vec<StoredErrorLine> = c.get(&q).await.context("reading forwarded errors")?;
+    if let Some(t) = a.tail {
+        let skip = lines.len().saturating_sub(t as usize);
+        lines.drain(..skip);
+    }
+    for l in &lines {
+        println!(
+            "{} {} {}/{}: {}",
+            age(Some(l.line.at)),
+            l.node,
+            l.line.workload,
+            l.line.container,
+            l.line.line
+        );
+    }
+    if lines.is_empty() {
+        eprintln!("no forwarded error lines");
+    }
+    Ok(())
+}
+
+/// `outpost get alerts`: firing first, then resolved within the last 7 days.
+pub async fn get_alerts(c: &Client, f: Format) -> Result<()> {
+    let alerts: Vec<AlertInfo> = c.get("/v1/alerts?all=true").await?;
+    match f {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&alerts)?),
+        Format::Yaml => print!("{}", serde_saphyr::to_string(&alerts)?),
+        Format::Table => {
+            let rows: Vec<Vec<String>> = alerts
+                .iter()
+                .map(|a| {
+                    vec![
+                        match a.state {
+                            AlertState::Firing => "FIRING".into(),
+                            AlertState::Resolved => format!("resolved {} ago", age(a.resolved_at)),
+                        },
+                        a.severity.clone(),
+                        a.name.clone(),
+                        a.node.clone(),
+                        if a.subject.is_empty() {
+                            "-".into()
+                        } else {
+                            a.subject.clone()
+                        },
+                        age(Some(a.started_at)),
+                        a.source.clone(),
+                        a.summary.clone(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &["STATE", "SEVERITY", "ALERT", "NODE", "SUBJECT", "SINCE", "SOURCE", "SUMMARY"],
+                    &rows
+                )
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_keys_and_checks_urls() {
+        assert_eq!(enc("deployment/default/web"), "deployment%2Fdefault%2Fweb");
+        assert!(check_webhooks(&["ftp://x".into()]).is_err());
+        assert!(check_webhooks(&["http://127.0.0.1:9/h".into()]).is_ok());
+    }
+}
