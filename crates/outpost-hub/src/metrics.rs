@@ -508,7 +508,10 @@ mod tests {
         }
         for m in names(&dash) {
             let base = m.trim_end_matches("_bucket");
-            assert!(emitted.contains(base), "the dashboard uses {m}, which /metrics does not have");
+            assert!(
+                emitted.contains(base),
+                "the dashboard uses {m}, which /metrics does not have"
+            );
         }
     }
 }

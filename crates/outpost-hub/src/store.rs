@@ -223,6 +223,11 @@ pub trait Store: Send + Sync + 'static {
 /// [`Store`] on one SQLite file (WAL, synchronous=FULL) behind a mutex.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// Contacts (`last_seen`) not yet written: every sync and status request is a contact, and
+    /// an fsync'd write for each was the hub's scale limit (BENCHMARKS.md). They are overlaid on
+    /// every node read and written with the next status report's transaction; a hub crash loses
+    /// at most the contacts since then, which the next poll restores.
+    seen: Mutex<std::collections::HashMap<String, UnixMs>>,
 }
 
 const SCHEMA: &str = "
@@ -299,6 +304,16 @@ fn i(v: u64) -> i64 {
 
 const NODE_COLS: &str = "name, labels, cert_fp, cert_not_after, joined_at, last_seen, generation, \
      applied_generation, agent_version, uptime_secs";
+
+impl SqliteStore {
+    /// A node row with its latest contact, written or not.
+    fn with_seen(&self, mut n: NodeRow) -> NodeRow {
+        if let Some(t) = self.seen.lock().unwrap_or_else(|e| e.into_inner()).get(&n.name) {
+            n.last_seen = Some(n.last_seen.unwrap_or(0).max(*t));
+        }
+        n
+    }
+}
 
 fn node_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(NodeRow, String)> {
     let labels: String = r.get(1)?;
@@ -392,7 +407,10 @@ impl SqliteStore {
                 )?;
             }
         }
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self {
+            conn: Mutex::new(conn),
+            seen: Mutex::new(Default::default()),
+        })
     }
 
     fn conn(&self) -> Result<MutexGuard<'_, Connection>> {
@@ -481,32 +499,32 @@ impl Store for SqliteStore {
                 node_from_row,
             )
             .optional()?;
-        row.map(finish_node).transpose()
+        row.map(finish_node).transpose().map(|n| n.map(|n| self.with_seen(n)))
     }
 
     fn nodes(&self) -> Result<Vec<NodeRow>> {
         let conn = self.conn()?;
         let mut st = conn.prepare(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY name"))?;
         let rows = st.query_map([], node_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
-        rows.into_iter().map(finish_node).collect()
+        rows.into_iter()
+            .map(|r| finish_node(r).map(|n| self.with_seen(n)))
+            .collect()
     }
 
     fn touch(&self, node: &str, now: UnixMs) -> Result<Option<UnixMs>> {
-        let mut conn = self.conn()?;
-        let tx = conn.transaction()?;
-        let prev: Option<(Option<i64>, i64)> = tx
+        let conn = self.conn()?;
+        let prev: Option<(Option<i64>, i64)> = conn
             .query_row(
                 "SELECT last_seen, joined_at FROM nodes WHERE name = ?1",
                 params![node],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        tx.execute(
-            "UPDATE nodes SET last_seen = MAX(COALESCE(last_seen, 0), ?2) WHERE name = ?1",
-            params![node, now],
-        )?;
-        tx.commit()?;
-        Ok(prev.map(|(seen, joined)| seen.unwrap_or(joined)))
+        let Some((seen, joined)) = prev else { return Ok(None) };
+        let mut cache = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let prev = seen.unwrap_or(joined).max(cache.get(node).copied().unwrap_or(0));
+        cache.insert(node.to_string(), prev.max(now));
+        Ok(Some(prev))
     }
 
     fn renew(&self, node: &str, cert_fp: &str, cert_not_after: UnixMs) -> Result<()> {
@@ -585,6 +603,14 @@ impl Store for SqliteStore {
     fn record_status(&self, node: &str, report: &StatusReport, now: UnixMs) -> Result<u64> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
+        // Write the contacts held in memory along with this transaction (one fsync for all).
+        let pending: Vec<(String, UnixMs)> = self.seen.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
+        for (n, t) in &pending {
+            tx.execute(
+                "UPDATE nodes SET last_seen = MAX(COALESCE(last_seen, 0), ?2) WHERE name = ?1",
+                params![n, t],
+            )?;
+        }
         let generation: i64 = tx.query_row("SELECT generation FROM nodes WHERE name = ?1", params![node], |r| {
             r.get(0)
         })?;
@@ -1138,6 +1164,32 @@ mod tests {
         s.join("t", "s", &new_node("a"), 0)?;
         let rejoined = s.node("a")?.expect("rejoined").generation;
         assert!(rejoined > bumped["a"]);
+        Ok(())
+    }
+
+    #[test]
+    fn contacts_are_read_at_once_and_written_with_the_next_status() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        {
+            let s = open(dir.path());
+            s.create_token(&token("t", None))?;
+            s.join("t", "s", &new_node("a"), 0)?;
+            assert_eq!(s.touch("a", 5_000)?, Some(0), "previous contact: the join");
+            assert_eq!(s.touch("a", 9_000)?, Some(5_000));
+            assert_eq!(s.touch("ghost", 9_000)?, None);
+            assert_eq!(s.node("a")?.expect("a").last_seen, Some(9_000), "readers see the contact at once");
+        }
+        // not yet written: a restarted hub has only the join
+        let s = open(dir.path());
+        assert_eq!(s.node("a")?.expect("a").last_seen, None);
+        s.touch("a", 20_000)?;
+        let report: StatusReport = serde_json::from_value(serde_json::json!(
+            {"agent_version": "t", "uptime_secs": 1, "generation": 0, "full": true}
+        ))?;
+        s.record_status("a", &report, 15_000)?;
+        drop(s);
+        let s = open(dir.path());
+        assert_eq!(s.node("a")?.expect("a").last_seen, Some(20_000), "written with the status transaction");
         Ok(())
     }
 
