@@ -11,8 +11,9 @@
 //! policy before it is persisted.
 //!
 //! Tuning (environment, mostly for tests): `OUTPOST_VITALS_INTERVAL_MS` (sampling, default
-//! 10000), `OUTPOST_VITALS_REPORT_SECS` (how often a status report carries the vitals summary,
-//! default 300).
+//! 10000), `OUTPOST_VITALS_REPORT_SECS` (how often a status report may carry the vitals
+//! summary, default 300), `OUTPOST_VITALS_MAX_SILENCE_SECS` (send it at least this often even
+//! when nothing moved, default 3600).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,8 @@ fn env_u64(name: &str, default: u64) -> u64 {
 pub struct MonitorConfig {
     pub sample_every: Duration,
     pub report_every: Duration,
+    /// Send the vitals summary at least this often even when nothing moved.
+    pub max_silence_ms: i64,
 }
 
 impl MonitorConfig {
@@ -44,6 +47,7 @@ impl MonitorConfig {
         Self {
             sample_every: Duration::from_millis(env_u64("OUTPOST_VITALS_INTERVAL_MS", 10_000).max(50)),
             report_every: Duration::from_secs(env_u64("OUTPOST_VITALS_REPORT_SECS", 300)),
+            max_silence_ms: env_u64("OUTPOST_VITALS_MAX_SILENCE_SECS", 3600) as i64 * 1000,
         }
     }
 }
@@ -58,6 +62,7 @@ pub struct MonitorLink {
     pub log_requests: mpsc::UnboundedSender<LogRequest>,
     pub store: Arc<Store>,
     pub report_every: Duration,
+    pub max_silence_ms: i64,
 }
 
 impl MonitorLink {

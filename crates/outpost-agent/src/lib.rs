@@ -85,6 +85,7 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
         log_requests: logreq_tx,
         store: store.clone(),
         report_every: mon_cfg.report_every,
+        max_silence_ms: mon_cfg.max_silence_ms,
     };
     let m1 = tokio::spawn(alerts::monitor_loop(
         store.clone(),

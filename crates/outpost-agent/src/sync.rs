@@ -354,8 +354,10 @@ pub async fn status_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut acked: Option<Snapshot> = None;
-    // When the vitals summary was last delivered (it rides on every report_every-th report).
-    let mut vitals_sent: Option<std::time::Instant> = None;
+    // The vitals summary last delivered, and when: it rides on a report at most every
+    // `report_every`, and only when it moved enough or went stale (see
+    // `outpost_core::alerts::vitals_worth_sending`).
+    let mut vitals_sent: Option<(std::time::Instant, outpost_api::Vitals)> = None;
     let mut backoff = Backoff::new();
     let mut last_renew_check: Option<std::time::Instant> = None;
     loop {
@@ -381,15 +383,19 @@ pub async fn status_loop(
             removed,
             events,
         };
-        let vitals_due = vitals_sent.is_none_or(|t| t.elapsed() >= monitor.report_every);
-        let with_vitals = StatusWithVitals {
-            vitals: monitor.vitals.borrow().clone().filter(|_| vitals_due),
-            report,
-        };
+        let current = monitor.vitals.borrow().clone();
+        let vitals = current.filter(|v| match &vitals_sent {
+            None => true,
+            Some((t, last)) => {
+                t.elapsed() >= monitor.report_every
+                    && outpost_core::alerts::vitals_worth_sending(Some(last), v, monitor.max_silence_ms)
+            }
+        });
+        let with_vitals = StatusWithVitals { vitals, report };
         let wait = match client.post_json::<_, StatusAck>("status", &with_vitals).await {
             Ok(ack) => {
-                if with_vitals.vitals.is_some() {
-                    vitals_sent = Some(std::time::Instant::now());
+                if let Some(v) = &with_vitals.vitals {
+                    vitals_sent = Some((std::time::Instant::now(), v.clone()));
                 }
                 let report = &with_vitals.report;
                 if ack.events_acked > 0 {

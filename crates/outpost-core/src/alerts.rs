@@ -268,6 +268,45 @@ pub fn evaluate(policy: &NodePolicy, st: &mut NodeAlerts, s: &Sample, now: UnixM
 }
 
 // ---------------------------------------------------------------------------------------------
+// Vitals reporting
+
+/// Should a status report carry this vitals summary? Yes for the first, when `max_silence_ms`
+/// passed since the last one, or when something moved enough to matter: CPU or memory by 5
+/// points, a disk by 1, the workload set, a restart, a workload's CPU by 10 points or memory by
+/// 20 %, dropped log lines, the temperature by 2 degrees. Keeps an idle node's uplink small.
+pub fn vitals_worth_sending(
+    last: Option<&outpost_api::Vitals>,
+    cur: &outpost_api::Vitals,
+    max_silence_ms: i64,
+) -> bool {
+    let Some(l) = last else { return true };
+    if cur.at - l.at >= max_silence_ms {
+        return true;
+    }
+    let moved = |a: f32, b: f32, by: f32| (a - b).abs() >= by;
+    let opt = |a: Option<f32>, b: Option<f32>, by: f32| match (a, b) {
+        (Some(a), Some(b)) => moved(a, b, by),
+        (a, b) => a.is_some() != b.is_some(),
+    };
+    if moved(cur.cpu, l.cpu, 5.0)
+        || moved(cur.mem, l.mem, 5.0)
+        || moved(cur.disk_root, l.disk_root, 1.0)
+        || opt(cur.disk_data, l.disk_data, 1.0)
+        || opt(cur.temp_c, l.temp_c, 2.0)
+        || cur.log_dropped_lines != l.log_dropped_lines
+        || cur.workloads.len() != l.workloads.len()
+    {
+        return true;
+    }
+    cur.workloads.iter().zip(&l.workloads).any(|(c, p)| {
+        c.key != p.key
+            || c.restarts != p.restarts
+            || moved(c.cpu, p.cpu, 10.0)
+            || (c.rss_bytes as f64 - p.rss_bytes as f64).abs() > 0.2 * p.rss_bytes.max(1) as f64
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
 // Hub-side fleet rules
 
 /// Identity of a fleet alert: one per (node, name, subject).
@@ -647,6 +686,44 @@ mod tests {
         assert!(matches!(&t[0], HubTransition::Fire { key, .. } if key.name == WORKLOAD_ROLLED_BACK));
         let t = diff_hub_alerts(&firing, &BTreeMap::new(), 7);
         assert_eq!(t, vec![HubTransition::Resolve { key: offline, at: 7 }]);
+    }
+
+    #[test]
+    fn vitals_are_sent_when_they_move_or_go_stale() {
+        use outpost_api::{Vitals, WorkloadVitals};
+        let base = Vitals {
+            at: 0,
+            cpu: 10.0,
+            mem: 40.0,
+            disk_root: 50.0,
+            workloads: vec![WorkloadVitals {
+                key: "w".into(),
+                cpu: 1.0,
+                rss_bytes: 1000,
+                restarts: 0,
+            }],
+            ..Default::default()
+        };
+        let with = |f: &dyn Fn(&mut Vitals)| {
+            let mut v = base.clone();
+            v.at = 60_000;
+            f(&mut v);
+            v
+        };
+        let cases: &[(&str, Vitals, bool)] = &[
+            ("unchanged", with(&|_| {}), false),
+            ("small cpu wobble", with(&|v| v.cpu = 13.0), false),
+            ("cpu jump", with(&|v| v.cpu = 60.0), true),
+            ("disk grew", with(&|v| v.disk_root = 51.5), true),
+            ("a restart", with(&|v| v.workloads[0].restarts = 1), true),
+            ("workload memory +30%", with(&|v| v.workloads[0].rss_bytes = 1300), true),
+            ("dropped log lines", with(&|v| v.log_dropped_lines = 5), true),
+            ("stale", with(&|v| v.at = 3_600_000), true),
+        ];
+        for (what, cur, want) in cases {
+            assert_eq!(vitals_worth_sending(Some(&base), cur, 3_600_000), *want, "{what}");
+        }
+        assert!(vitals_worth_sending(None, &base, 3_600_000));
     }
 
     #[test]

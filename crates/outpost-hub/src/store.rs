@@ -1177,7 +1177,11 @@ mod tests {
             assert_eq!(s.touch("a", 5_000)?, Some(0), "previous contact: the join");
             assert_eq!(s.touch("a", 9_000)?, Some(5_000));
             assert_eq!(s.touch("ghost", 9_000)?, None);
-            assert_eq!(s.node("a")?.expect("a").last_seen, Some(9_000), "readers see the contact at once");
+            assert_eq!(
+                s.node("a")?.expect("a").last_seen,
+                Some(9_000),
+                "readers see the contact at once"
+            );
         }
         // not yet written: a restarted hub has only the join
         let s = open(dir.path());
@@ -1189,7 +1193,11 @@ mod tests {
         s.record_status("a", &report, 15_000)?;
         drop(s);
         let s = open(dir.path());
-        assert_eq!(s.node("a")?.expect("a").last_seen, Some(20_000), "written with the status transaction");
+        assert_eq!(
+            s.node("a")?.expect("a").last_seen,
+            Some(20_000),
+            "written with the status transaction"
+        );
         Ok(())
     }
 
