@@ -32,13 +32,25 @@ apt_install docker.io busybox-static curl
 # `promtool check metrics`, and fail under CI when it is missing.
 command -v promtool >/dev/null 2>&1 || apt_install prometheus
 
-# Start the Docker Engine unless one already answers.
+# Start the Docker Engine unless one already answers. A daemon killed uncleanly can leave a
+# stale pid file behind: remove it (only when no dockerd runs) and try once more.
+start_dockerd() {
+  $sudo sh -c 'nohup dockerd >>/tmp/outpost-test-dockerd.log 2>&1 &'
+  for _ in $(seq 1 60); do
+    docker info >/dev/null 2>&1 && return 0
+    sleep 1
+    pgrep -x dockerd >/dev/null || return 1
+  done
+  return 1
+}
 if ! docker info >/dev/null 2>&1; then
   log "starting dockerd"
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo sh -c 'nohup dockerd >/tmp/outpost-test-dockerd.log 2>&1 &'
-  for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
-  docker info >/dev/null 2>&1 || { echo "dockerd did not start; see /tmp/outpost-test-dockerd.log" >&2; exit 1; }
+  if ! start_dockerd; then
+    pgrep -x dockerd >/dev/null || $sudo rm -f /var/run/docker.pid
+    sleep 2
+    start_dockerd || { echo "dockerd did not start; see /tmp/outpost-test-dockerd.log" >&2; exit 1; }
+  fi
 fi
 
 log "format"

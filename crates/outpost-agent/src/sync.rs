@@ -120,23 +120,6 @@ impl HubClient {
         format!("{}/v1/nodes/{}/{path}", id.hub, id.node)
     }
 
-    /// One long-poll. `Ok(None)`: nothing changed before the hub's timeout.
-    pub async fn sync(&self, generation: u64) -> Result<Option<SyncResponse>, LinkError> {
-        let url = format!("{}?generation={generation}", self.url("sync").await);
-        let http = self.http.read().await.clone();
-        let resp = check(
-            http.get(url)
-                .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
-                .send()
-                .await?,
-        )
-        .await?;
-        if resp.status() == reqwest::StatusCode::NO_CONTENT {
-            return Ok(None);
-        }
-        Ok(Some(resp.json().await?))
-    }
-
     pub async fn report(&self, r: &StatusReport) -> Result<StatusAck, LinkError> {
         let url = self.url("status").await;
         let http = self.http.read().await.clone();
