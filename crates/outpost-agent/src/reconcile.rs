@@ -56,6 +56,12 @@ struct StartedContainer {
     ip: Option<String>,
 }
 
+/// The containers a previous agent left running, from `find_containers`.
+struct Found {
+    engine: Engine,
+    containers: Vec<(crate::docker::OwnedContainer, Option<u32>, Option<String>)>,
+}
+
 /// Reason prefix when the Docker Engine cannot be reached: reported as WaitingForRuntime.
 const RUNTIME_UNAVAILABLE: &str = "RuntimeUnavailable";
 
@@ -87,6 +93,12 @@ pub struct Reconciler {
     containers: BTreeMap<String, String>,
     /// Container IPs, for http/tcp probes.
     container_ips: BTreeMap<String, String>,
+    /// True once the agent knows which containers it already runs; container units start only then.
+    docker_known: bool,
+    /// Why the engine could not be asked yet.
+    docker_pending: Option<String>,
+    found_tx: mpsc::UnboundedSender<Result<Found, String>>,
+    found_rx: mpsc::UnboundedReceiver<Result<Found, String>>,
     hub: Arc<HubClient>,
 }
 
@@ -122,6 +134,7 @@ impl Reconciler {
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
         let (probe_tx, probe_rx) = mpsc::unbounded_channel();
         let (started_tx, started_rx) = mpsc::unbounded_channel();
+        let (found_tx, found_rx) = mpsc::unbounded_channel();
         let mut rollouts = store.load_rollouts().unwrap_or_else(|e| {
             warn!(error = %e, "cannot read rollout state; starting the update gates afresh");
             BTreeMap::new()
@@ -146,6 +159,10 @@ impl Reconciler {
             docker_socket,
             containers: BTreeMap::new(),
             container_ips: BTreeMap::new(),
+            docker_known: false,
+            docker_pending: None,
+            found_tx,
+            found_rx,
             hub,
         }
     }
@@ -240,7 +257,11 @@ impl Reconciler {
     /// Units the effective state asks for.
     fn desired_units(&self) -> BTreeMap<String, DesiredUnit> {
         let mut out = BTreeMap::new();
-        for w in self.effective.values() {
+        for w in self
+            .effective
+            .values()
+            .filter(|w| self.docker_known || w.runtime == RuntimeKind::Process)
+        {
             for c in &w.containers {
                 out.insert(
                     unit_id(&w.key, &c.name),
@@ -491,28 +512,75 @@ impl Reconciler {
         self.start_probes(unit, pid);
     }
 
-    /// Adopt running containers this agent created before it restarted; remove exited ones.
-    async fn adopt_containers(&mut self) {
-        let needs_docker = self.effective.values().any(|w| w.runtime == RuntimeKind::Docker);
-        let engine = match Engine::connect(&self.docker_socket, &self.rt.agent_id).await {
-            Ok(e) => e,
+    /// Find the containers this agent created before it restarted, in the background: a Docker
+    /// socket that accepts connections while the engine is still starting (socket activation
+    /// at boot) must not delay process workloads. Retries until the engine answers; container
+    /// units start only once this is known, so an existing container is never duplicated.
+    fn find_containers(&self) {
+        let (socket, agent_id, tx) = (
+            self.docker_socket.clone(),
+            self.rt.agent_id.clone(),
+            self.found_tx.clone(),
+        );
+        tokio::spawn(async move {
+            let mut delay = Duration::from_secs(2);
+            loop {
+                let attempt = async {
+                    let engine = Engine::connect(&socket, &agent_id).await?;
+                    let mut found = Vec::new();
+                    for c in engine.list_owned().await? {
+                        let pid = if c.running { engine.pid(&c.id).await } else { None };
+                        let ip = if pid.is_some() { engine.ip(&c.id).await } else { None };
+                        found.push((c, pid, ip));
+                    }
+                    Ok::<_, String>(Found {
+                        engine,
+                        containers: found,
+                    })
+                };
+                match tokio::time::timeout(Duration::from_secs(30), attempt).await {
+                    Ok(Ok(f)) => {
+                        let _ = tx.send(Ok(f));
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        if tx.send(Err(e)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => {
+                        if tx
+                            .send(Err(format!("the Docker Engine at {socket} did not answer within 30 s")))
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+        });
+    }
+
+    /// Adopt the running containers found; remove exited ones and duplicates.
+    fn on_found(&mut self, found: Result<Found, String>) {
+        let f = match found {
+            Ok(f) => f,
             Err(e) => {
-                if needs_docker {
+                if self.effective.values().any(|w| w.runtime == RuntimeKind::Docker) {
                     warn!(error = %e, "Docker Engine unreachable; container workloads wait for it");
                 }
+                self.docker_pending = Some(e);
                 return;
             }
         };
-        self.engine = Some(engine.clone());
-        let owned = match engine.list_owned().await {
-            Ok(o) => o,
-            Err(e) => return warn!(error = %e, "cannot list containers to adopt"),
-        };
+        self.docker_pending = None;
+        self.docker_known = true;
+        self.engine = Some(f.engine.clone());
         let restarts = self.store.unit_restarts().unwrap_or_default();
-        for c in owned {
-            let wanted = !self.units.contains_key(&c.unit) && c.running;
-            let pid = if wanted { engine.pid(&c.id).await } else { None };
-            match pid {
+        for (c, pid, ip) in f.containers {
+            match pid.filter(|_| !self.units.contains_key(&c.unit)) {
                 Some(pid) => {
                     info!(unit = %c.unit, container = %&c.id[..12.min(c.id.len())], "re-adopted running container");
                     let grace = self.desired_units().get(&c.unit).map_or(30_000, |d| d.grace_ms);
@@ -536,11 +604,10 @@ impl Reconciler {
                         .and_then(|m| m.modified().ok())
                         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                         .map_or(0, |d| d.as_secs() as i64);
-                    let ip = engine.ip(&c.id).await;
-                    self.track_container(&c.unit, engine.clone(), c.id, pid, ip, since);
+                    self.track_container(&c.unit, f.engine.clone(), c.id, pid, ip, since);
                 }
                 None => {
-                    let e = engine.clone();
+                    let e = f.engine.clone();
                     tokio::spawn(async move { e.remove(&c.id).await });
                 }
             }
@@ -772,6 +839,16 @@ impl Reconciler {
                         cs.started_at = u.started_at.filter(|_| u.pid.is_some());
                         cs.ready = u.pid.is_some() && probes.is_none_or(|p| p.state.ready());
                         cs.probe_failure = probes.and_then(|p| p.state.last_failure.clone());
+                    } else if w.runtime == RuntimeKind::Docker && !self.docker_known {
+                        cs.phase = Phase::WaitingForRuntime;
+                        cs.reason = Some(format!(
+                            "{RUNTIME_UNAVAILABLE}: waiting for the Docker Engine at {}{}",
+                            self.docker_socket,
+                            self.docker_pending
+                                .as_ref()
+                                .map(|e| format!(" ({e})"))
+                                .unwrap_or_default()
+                        ));
                     }
                     cs
                 })
@@ -804,7 +881,7 @@ impl Reconciler {
     ) {
         self.gate(now_ms());
         self.adopt();
-        self.adopt_containers().await;
+        self.find_containers();
         loop {
             let now = now_ms();
             let gate_wake = self.gate(now);
@@ -843,6 +920,7 @@ impl Reconciler {
                 Some(e) = self.exits_rx.recv() => self.on_exit(e, now_ms()),
                 Some(e) = self.probe_rx.recv() => self.on_probe(e, now_ms()),
                 Some(s) = self.started_rx.recv() => self.on_started(s, now_ms()),
+                Some(f) = self.found_rx.recv() => self.on_found(f),
                 _ = tokio::time::sleep(sleep) => {}
                 _ = shutdown.changed() => break,
             }

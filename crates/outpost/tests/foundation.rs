@@ -443,3 +443,56 @@ fn bad_manifests_are_rejected_with_field_and_nothing_is_stored() {
     // the same good document alone is accepted
     assert!(hub.apply(&good).contains("created"));
 }
+
+#[test]
+fn a_hung_docker_socket_does_not_delay_process_workloads() {
+    // A socket that accepts connections and never answers, like a socket-activated engine that
+    // is still starting at boot.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("docker.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming() {
+            held.push(c);
+        }
+    });
+    let mut hub = Hub::start();
+    let t = hub.token(&[]);
+    let mut a = hub.join("booting", &t);
+    a.env.push(("OUTPOST_DOCKER_SOCKET".into(), sock.display().to_string()));
+    a.start();
+    let m = marker();
+    hub.apply(&sleeper_ds("proc", &m, ""));
+    hub.apply(
+        "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: boxed}\nspec:\n  template:\n    spec:\n      containers:\n      - {name: c, image: 'local/web:1'}\n",
+    );
+    wait_for("process workload running", 5.0, || {
+        (pids_with_cmdline(&["/bin/sleep", &m]).len() == 1).then_some(())
+    });
+    let w = wait_for("the container waits for the engine, with the reason", 10.0, || {
+        let p = hub.placement("booting", "daemonset/default/boxed")?;
+        (p["status"]["phase"] == "WaitingForRuntime").then_some(p)
+    });
+    assert!(
+        w["status"]["containers"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("waiting for the Docker Engine"),
+        "{w}"
+    );
+    // power cut with the hub down: the process workload is back within 3 s despite the socket
+    hub.kill();
+    a.kill9();
+    for p in pids_with_cmdline(&["/bin/sleep", &m]) {
+        // SAFETY: kill(2) on the workload's process group.
+        unsafe { libc::kill(-(p as i32), libc::SIGKILL) };
+    }
+    wait_for("workload dead", 3.0, || {
+        pids_with_cmdline(&["/bin/sleep", &m]).is_empty().then_some(())
+    });
+    a.start();
+    wait_for("back within 3 s", 3.0, || {
+        (pids_with_cmdline(&["/bin/sleep", &m]).len() == 1).then_some(())
+    });
+}
