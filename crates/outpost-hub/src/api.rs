@@ -171,9 +171,8 @@ pub async fn status(
     let outpost_api::StatusWithVitals { report, vitals } = body;
     // Alert events are processed (idempotently) before the events are acknowledged.
     crate::alerts::on_status(&st, &node, report.events.clone(), vitals).await?;
-    let n = node.clone();
     let events = report.events.len();
-    let events_acked = st.db(move |s| s.record_status(&n, &report, now)).await?;
+    let events_acked = st.record_status(node.clone(), report, now).await?;
     tracing::debug!(node = %node, events, events_acked, "status stored");
     Ok(Json(StatusAck { events_acked }))
 }

@@ -133,6 +133,7 @@ impl Hub {
                 .with_context(|| format!("cannot open the monitoring tables in {}", monitor_db.display()))?,
         );
         let state = Arc::new(state);
+        state.spawn_status_writer();
         // Catch up on anything committed before a crash but not yet scheduled.
         state.reschedule(now_ms()).await.context("initial scheduling failed")?;
 

@@ -32,7 +32,21 @@ pub struct HubState {
     pub images_dir: std::path::PathBuf,
     /// Alerts, vitals, forwarded errors, webhooks, log requests (replaced by `Hub::start`).
     pub monitor: Arc<crate::alerts::Monitor>,
+    /// Status reports waiting for the group-commit writer.
+    status_tx: tokio::sync::mpsc::UnboundedSender<StatusJob>,
+    status_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<StatusJob>>>,
 }
+
+/// One status report for the group-commit writer, with where to send the outcome.
+struct StatusJob {
+    node: String,
+    report: outpost_api::StatusReport,
+    now: outpost_api::UnixMs,
+    reply: tokio::sync::oneshot::Sender<Result<u64, HubError>>,
+}
+
+/// Reports committed in one transaction at most.
+const STATUS_BATCH: usize = 512;
 
 pub fn sha256(s: &str) -> [u8; 32] {
     Sha256::digest(s.as_bytes()).into()
@@ -51,6 +65,7 @@ impl HubState {
         offline_after: Duration,
         long_poll: Duration,
     ) -> Self {
+        let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
             store,
             ca,
@@ -63,7 +78,66 @@ impl HubState {
             notes: Mutex::new(BTreeMap::new()),
             images_dir: std::path::PathBuf::from("images"),
             monitor: Arc::new(crate::alerts::Monitor::in_memory()),
+            status_tx,
+            status_rx: Mutex::new(Some(status_rx)),
         }
+    }
+
+    /// Store a status report. Reports that arrive while a commit is under way are committed
+    /// together in the next transaction (group commit): one fsync for many nodes.
+    pub async fn record_status(
+        &self,
+        node: String,
+        report: outpost_api::StatusReport,
+        now: outpost_api::UnixMs,
+    ) -> Result<u64, HubError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.status_tx
+            .send(StatusJob {
+                node,
+                report,
+                now,
+                reply,
+            })
+            .map_err(|_| HubError::Internal("the status writer stopped".into()))?;
+        rx.await
+            .map_err(|_| HubError::Internal("the status writer stopped".into()))?
+    }
+
+    /// Start the group-commit writer (once, from `Hub::start`).
+    pub fn spawn_status_writer(self: &Arc<Self>) {
+        let Some(mut rx) = self.status_rx.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        let st = self.clone();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut jobs = vec![first];
+                while jobs.len() < STATUS_BATCH {
+                    match rx.try_recv() {
+                        Ok(j) => jobs.push(j),
+                        Err(_) => break,
+                    }
+                }
+                let (items, replies): (Vec<_>, Vec<_>) =
+                    jobs.into_iter().map(|j| ((j.node, j.report, j.now), j.reply)).unzip();
+                let n = items.len();
+                match st.db(move |s| s.record_statuses(&items)).await {
+                    Ok(results) => {
+                        for (reply, r) in replies.into_iter().zip(results) {
+                            let _ = reply.send(r.map_err(HubError::Internal));
+                        }
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        for reply in replies {
+                            let _ = reply.send(Err(HubError::Internal(msg.clone())));
+                        }
+                    }
+                }
+                tracing::trace!(reports = n, "status batch committed");
+            }
+        });
     }
 
     /// Wake a node's waiting long-poll without a generation change (log requests).

@@ -199,6 +199,14 @@ pub trait Store: Send + Sync + 'static {
     fn sync(&self, node: &str, since: u64) -> Result<Option<SyncResponse>>;
     /// Store a status report; returns the highest event sequence stored for the node.
     fn record_status(&self, node: &str, report: &StatusReport, now: UnixMs) -> Result<u64>;
+    /// Store many status reports in one transaction (group commit); per report, the highest
+    /// event sequence stored, or why that report was refused.
+    fn record_statuses(&self, batch: &[(String, StatusReport, UnixMs)]) -> Result<Vec<Result<u64, String>>> {
+        Ok(batch
+            .iter()
+            .map(|(n, r, now)| self.record_status(n, r, *now).map_err(|e| e.to_string()))
+            .collect())
+    }
     fn statuses(&self, node: Option<&str>) -> Result<Vec<(String, WorkloadStatus)>>;
     fn events(&self, node: &str, limit: u32) -> Result<Vec<NodeEvent>>;
     /// Upsert all objects in one transaction (namespace already set explicitly).
@@ -268,6 +276,74 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (node, seq));
 ";
 
+/// Store one status report inside an open transaction or savepoint.
+fn record_status_in(tx: &Connection, node: &str, report: &StatusReport, now: UnixMs) -> Result<u64> {
+    let generation: i64 = tx.query_row("SELECT generation FROM nodes WHERE name = ?1", params![node], |r| {
+        r.get(0)
+    })?;
+    // An agent cannot have applied more than we sent; clamp so pruning stays safe.
+    let applied = i(report.generation).min(generation);
+    tx.execute(
+        "UPDATE nodes SET last_seen = MAX(COALESCE(last_seen, 0), ?2), agent_version = ?3, uptime_secs = ?4,
+                    applied_generation = ?5 WHERE name = ?1",
+        params![node, now, report.agent_version, i(report.uptime_secs), applied],
+    )?;
+    // Tombstones the agent has applied are no longer needed; remember the floor.
+    tx.execute(
+        "DELETE FROM node_tombstones WHERE node = ?1 AND gen <= ?2",
+        params![node, applied],
+    )?;
+    tx.execute(
+        "UPDATE nodes SET tombstone_floor = MAX(tombstone_floor, ?2) WHERE name = ?1",
+        params![node, applied],
+    )?;
+    if report.full {
+        let listed: BTreeSet<&str> = report.workloads.iter().map(|w| w.key.as_str()).collect();
+        let keys: Vec<String> = {
+            let mut st = tx.prepare("SELECT key FROM workload_status WHERE node = ?1")?;
+            let rows = st.query_map(params![node], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        for k in keys.iter().filter(|k| !listed.contains(k.as_str())) {
+            tx.execute(
+                "DELETE FROM workload_status WHERE node = ?1 AND key = ?2",
+                params![node, k],
+            )?;
+        }
+    }
+    for w in &report.workloads {
+        tx.execute(
+            "INSERT INTO workload_status (node, key, status, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(node, key) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at",
+            params![node, w.key, serde_json::to_string(w)?, now],
+        )?;
+    }
+    for k in &report.removed {
+        tx.execute(
+            "DELETE FROM workload_status WHERE node = ?1 AND key = ?2",
+            params![node, k],
+        )?;
+    }
+    for e in &report.events {
+        tx.execute(
+            "INSERT OR IGNORE INTO events (node, seq, at, workload, reason, message, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![node, i(e.seq), e.at, e.workload, e.reason, e.message, now],
+        )?;
+    }
+    let acked: Option<i64> = tx.query_row("SELECT MAX(seq) FROM events WHERE node = ?1", params![node], |r| {
+        r.get(0)
+    })?;
+    let acked = acked.unwrap_or(0);
+    if !report.events.is_empty() {
+        tx.execute(
+            "DELETE FROM events WHERE node = ?1 AND seq <= ?2",
+            params![node, acked - EVENTS_KEPT],
+        )?;
+    }
+    Ok(u(acked))
+}
+
 fn image_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageTag> {
     Ok(ImageTag {
         name: r.get(0)?,
@@ -306,6 +382,18 @@ const NODE_COLS: &str = "name, labels, cert_fp, cert_not_after, joined_at, last_
      applied_generation, agent_version, uptime_secs";
 
 impl SqliteStore {
+    /// Write the contacts held in memory, inside the caller's transaction.
+    fn flush_seen(&self, tx: &Connection) -> Result<()> {
+        let pending: Vec<(String, UnixMs)> = self.seen.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
+        for (n, t) in &pending {
+            tx.execute(
+                "UPDATE nodes SET last_seen = MAX(COALESCE(last_seen, 0), ?2) WHERE name = ?1",
+                params![n, t],
+            )?;
+        }
+        Ok(())
+    }
+
     /// A node row with its latest contact, written or not.
     fn with_seen(&self, mut n: NodeRow) -> NodeRow {
         if let Some(t) = self.seen.lock().unwrap_or_else(|e| e.into_inner()).get(&n.name) {
@@ -603,79 +691,30 @@ impl Store for SqliteStore {
     fn record_status(&self, node: &str, report: &StatusReport, now: UnixMs) -> Result<u64> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
-        // Write the contacts held in memory along with this transaction (one fsync for all).
-        let pending: Vec<(String, UnixMs)> = self.seen.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
-        for (n, t) in &pending {
-            tx.execute(
-                "UPDATE nodes SET last_seen = MAX(COALESCE(last_seen, 0), ?2) WHERE name = ?1",
-                params![n, t],
-            )?;
-        }
-        let generation: i64 = tx.query_row("SELECT generation FROM nodes WHERE name = ?1", params![node], |r| {
-            r.get(0)
-        })?;
-        // An agent cannot have applied more than we sent; clamp so pruning stays safe.
-        let applied = i(report.generation).min(generation);
-        tx.execute(
-            "UPDATE nodes SET last_seen = MAX(COALESCE(last_seen, 0), ?2), agent_version = ?3, uptime_secs = ?4,
-                    applied_generation = ?5 WHERE name = ?1",
-            params![node, now, report.agent_version, i(report.uptime_secs), applied],
-        )?;
-        // Tombstones the agent has applied are no longer needed; remember the floor.
-        tx.execute(
-            "DELETE FROM node_tombstones WHERE node = ?1 AND gen <= ?2",
-            params![node, applied],
-        )?;
-        tx.execute(
-            "UPDATE nodes SET tombstone_floor = MAX(tombstone_floor, ?2) WHERE name = ?1",
-            params![node, applied],
-        )?;
-        if report.full {
-            let listed: BTreeSet<&str> = report.workloads.iter().map(|w| w.key.as_str()).collect();
-            let keys: Vec<String> = {
-                let mut st = tx.prepare("SELECT key FROM workload_status WHERE node = ?1")?;
-                let rows = st.query_map(params![node], |r| r.get(0))?;
-                rows.collect::<rusqlite::Result<_>>()?
-            };
-            for k in keys.iter().filter(|k| !listed.contains(k.as_str())) {
-                tx.execute(
-                    "DELETE FROM workload_status WHERE node = ?1 AND key = ?2",
-                    params![node, k],
-                )?;
+        self.flush_seen(&tx)?;
+        let acked = record_status_in(&tx, node, report, now)?;
+        tx.commit()?;
+        Ok(acked)
+    }
+
+    fn record_statuses(&self, batch: &[(String, StatusReport, UnixMs)]) -> Result<Vec<Result<u64, String>>> {
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction()?;
+        self.flush_seen(&tx)?;
+        let mut out = Vec::with_capacity(batch.len());
+        for (node, report, now) in batch {
+            // A savepoint per report: one that fails (its node was just deleted) is undone alone.
+            let sp = tx.savepoint()?;
+            match record_status_in(&sp, node, report, *now) {
+                Ok(acked) => {
+                    sp.commit()?;
+                    out.push(Ok(acked));
+                }
+                Err(e) => out.push(Err(e.to_string())),
             }
         }
-        for w in &report.workloads {
-            tx.execute(
-                "INSERT INTO workload_status (node, key, status, updated_at) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(node, key) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at",
-                params![node, w.key, serde_json::to_string(w)?, now],
-            )?;
-        }
-        for k in &report.removed {
-            tx.execute(
-                "DELETE FROM workload_status WHERE node = ?1 AND key = ?2",
-                params![node, k],
-            )?;
-        }
-        for e in &report.events {
-            tx.execute(
-                "INSERT OR IGNORE INTO events (node, seq, at, workload, reason, message, received_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![node, i(e.seq), e.at, e.workload, e.reason, e.message, now],
-            )?;
-        }
-        let acked: Option<i64> = tx.query_row("SELECT MAX(seq) FROM events WHERE node = ?1", params![node], |r| {
-            r.get(0)
-        })?;
-        let acked = acked.unwrap_or(0);
-        if !report.events.is_empty() {
-            tx.execute(
-                "DELETE FROM events WHERE node = ?1 AND seq <= ?2",
-                params![node, acked - EVENTS_KEPT],
-            )?;
-        }
         tx.commit()?;
-        Ok(u(acked))
+        Ok(out)
     }
 
     fn statuses(&self, node: Option<&str>) -> Result<Vec<(String, WorkloadStatus)>> {
@@ -1198,6 +1237,43 @@ mod tests {
             Some(20_000),
             "written with the status transaction"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn group_commit_isolates_a_failing_report() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let s = open(dir.path());
+        s.create_token(&token("t", None))?;
+        s.join("t", "s", &new_node("a"), 0)?;
+        s.join("t", "s", &new_node("b"), 0)?;
+        let ev = |seq| NodeEvent {
+            seq,
+            at: 1,
+            workload: None,
+            reason: "x".into(),
+            message: "y".into(),
+        };
+        let report = |events: Vec<NodeEvent>| -> anyhow::Result<StatusReport> {
+            let mut r: StatusReport = serde_json::from_value(serde_json::json!(
+                {"agent_version": "t", "uptime_secs": 1, "generation": 0, "full": true}
+            ))?;
+            r.events = events;
+            Ok(r)
+        };
+        let batch = vec![
+            ("a".to_string(), report(vec![ev(1), ev(2)])?, 10),
+            ("gone".to_string(), report(vec![ev(7)])?, 10),
+            ("b".to_string(), report(vec![ev(5)])?, 10),
+        ];
+        let out = s.record_statuses(&batch)?;
+        assert_eq!(out[0], Ok(2));
+        assert!(out[1].is_err(), "an unknown node's report is refused alone: {out:?}");
+        assert_eq!(out[2], Ok(5));
+        drop(s);
+        let s = open(dir.path());
+        assert_eq!(s.events("a", 10)?.len(), 2, "committed");
+        assert_eq!(s.events("b", 10)?.len(), 1, "committed");
         Ok(())
     }
 
