@@ -24,12 +24,7 @@ use crate::runtime::{self, Runtime};
 use crate::store::{Desired, Store};
 use crate::sync::HubClient;
 
-pub fn now_ms() -> UnixMs {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use outpost_api::now_ms;
 
 /// A process exit, from a waiter task.
 #[derive(Debug)]

@@ -14,8 +14,16 @@ pub use parse::{parse_cpu, parse_file, parse_memory, probe_port, Parsed, PROCESS
 pub use parse::{parse_duration_secs, ALERT_POLICY_API};
 pub use protocol::*;
 
-/// Unix time in milliseconds. The one clock read of this crate's callers is passed in as `now`.
+/// Unix time in milliseconds. Pure code never reads the clock: it takes `now` as an argument.
 pub type UnixMs = i64;
+
+/// The wall clock in Unix milliseconds, for the edges (hub, agent, CLI) that pass `now` on.
+pub fn now_ms() -> UnixMs {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
 
 /// Content hash helper: sha256 of the JSON encoding, first 16 hex characters.
 pub fn content_hash<T: serde::Serialize>(v: &T) -> String {

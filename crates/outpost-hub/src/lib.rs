@@ -29,7 +29,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use outpost_api::UnixMs;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -37,13 +36,7 @@ pub use error::HubError;
 pub use server::Peer;
 pub use store::{SqliteStore, Store};
 
-/// The hub's one clock read.
-pub fn now_ms() -> UnixMs {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use outpost_api::now_ms;
 
 /// Default grace period before a silent node counts as Offline.
 pub const DEFAULT_OFFLINE_AFTER: Duration = Duration::from_secs(90);

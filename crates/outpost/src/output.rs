@@ -34,12 +34,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out.join("\n") + "\n"
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+use outpost_api::now_ms;
 
 /// `3s`, `5m`, `2h`, `4d`.
 pub fn age(ms: Option<i64>) -> String {
