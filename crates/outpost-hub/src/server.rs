@@ -212,7 +212,10 @@ async fn serve_conn(
         req.extensions_mut().insert(peer.clone());
         router.clone().oneshot(req)
     });
-    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+    // HTTP/2 when the client offers it (agents do: the long-poll and status reports then share
+    // one connection), HTTP/1.1 otherwise.
+    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {

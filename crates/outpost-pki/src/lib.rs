@@ -219,7 +219,7 @@ pub fn server_config(ca: &CaMaterial, chain_pem: &str, key_pem: &str) -> Result<
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key_der(key_pem)?)?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
 }
 
@@ -230,13 +230,15 @@ pub fn client_config(ca_pem: &str, identity: Option<(&str, &str)>) -> Result<Cli
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots);
-    let cfg = match identity {
+    let mut cfg = match identity {
         Some((cert_pem, key_pem)) => {
             let chain = vec![pem_to_der(cert_pem)?];
             builder.with_client_auth_cert(chain, key_der(key_pem)?)?
         }
         None => builder.with_no_client_auth(),
     };
+    // HTTP/2 lets an agent's long-poll and status reports share one connection.
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
 }
 
