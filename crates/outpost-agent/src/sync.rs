@@ -62,10 +62,12 @@ impl Default for Backoff {
     }
 }
 
-/// The status heartbeat: 60 s with ±20 % jitter, so a fleet that changed at one instant does
-/// not report in lockstep ever after.
+/// The status heartbeat: 5 min with ±20 % jitter (so a fleet that changed at one instant does
+/// not report in lockstep ever after). Liveness comes from the long-poll, and every change,
+/// probe or gate transition and alert event is reported at once, so the heartbeat is only a
+/// safety net: a shorter one costs link budget for nothing (BENCHMARKS.md, bandwidth).
 pub fn heartbeat_interval() -> Duration {
-    Duration::from_millis(rand::rng().random_range(48_000..=72_000))
+    Duration::from_millis(rand::rng().random_range(240_000..=360_000))
 }
 
 /// An mTLS client for one identity; rebuilt when the certificate is renewed.
