@@ -181,8 +181,7 @@ impl Reconciler {
             }
             let ready = u.done == Some(Phase::Succeeded) || (u.pid.is_some() && probes.is_none_or(|p| p.state.ready()));
             h.ready &= ready;
-            let broken = u.consecutive_failures >= supervise::CRASH_LOOP_AFTER || u.done == Some(Phase::Failed);
-            if broken && h.failing.is_none() {
+            if supervise::broken(u) && h.failing.is_none() {
                 let tail = probe::tail(&self.rt.log_path(&w.key, &c.name), 5);
                 h.failing = Some(format!(
                     "container {}: {} ({} restarts){}",

@@ -187,6 +187,12 @@ pub fn on_start_failed(u: &mut Unit, reason: String, policy: RestartPolicy, now:
     u.reason = Some(format!("StartError: {reason}"));
 }
 
+/// Has this unit shown that its spec is broken (for the update gate)? A crash loop, or a
+/// permanent failure under restartPolicy Never/OnFailure.
+pub fn broken(u: &Unit) -> bool {
+    u.consecutive_failures >= CRASH_LOOP_AFTER || u.done == Some(Phase::Failed)
+}
+
 /// A unit's phase as reported in status.
 pub fn phase(u: &Unit) -> Phase {
     if let Some(p) = u.done {
@@ -447,6 +453,23 @@ mod tests {
         check(&[("a", d("h1"))], &[("a", starting.clone())], 0, &[], None);
         check(&[("a", d("h2"))], &[("a", starting.clone())], 0, &[], None);
         check(&[], &[("a", starting)], 0, &[], None);
+    }
+
+    #[test]
+    fn broken_means_crash_loop_or_permanent_failure() {
+        let mut u = running("h", 1);
+        assert!(!broken(&u));
+        for _ in 0..CRASH_LOOP_AFTER {
+            u.pid = Some(1);
+            on_exit(&mut u, Some(1), None, RestartPolicy::Always, 10);
+        }
+        assert!(broken(&u));
+        let mut once = running("h", 1);
+        on_exit(&mut once, Some(1), None, RestartPolicy::Never, 10);
+        assert!(broken(&once), "exited for good under Never");
+        let mut done = running("h", 1);
+        on_exit(&mut done, Some(0), None, RestartPolicy::OnFailure, 10);
+        assert!(!broken(&done), "Succeeded is not broken");
     }
 
     #[test]
