@@ -69,19 +69,10 @@ fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or(s).chars().take(200).collect()
 }
 
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// `Ok(false)` when the hub does not have the image.
 async fn fetch_from_hub(engine: &Engine, hub: &HubClient, dir: &Path, image: &str) -> Result<bool, String> {
     let resp = hub
-        .get(&format!("/v1/images/tags?name={}", urlencode(image)), None)
+        .get(&format!("/v1/images/tags?name={}", outpost_api::urlencode(image)), None)
         .await;
     let tag: ImageTag = match resp {
         Ok(r) => r.json().await.map_err(|e| format!("hub answered badly: {e}"))?,

@@ -6,6 +6,7 @@
 //! once a second. `--errors` reads the error lines nodes forwarded to the hub instead (works
 //! while the node is offline).
 
+use outpost_api::urlencode as enc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -36,16 +37,6 @@ pub struct LogsArgs {
     /// Show the error lines nodes forwarded to the hub (no request to the node).
     #[arg(long)]
     errors: bool,
-}
-
-/// Percent-encode a query value.
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// Webhook URLs must be http(s).
