@@ -170,6 +170,16 @@ impl Monitor {
         Ok(())
     }
 
+    /// Count committed alert transitions and wake the webhook sender.
+    fn announce(&self, out: &[AlertInfo]) {
+        for a in out {
+            self.count(a);
+        }
+        if !out.is_empty() {
+            self.webhook_wake.notify_one();
+        }
+    }
+
     fn count(&self, a: &AlertInfo) {
         match a.state {
             AlertState::Firing => self.metrics.alerts_fired.fetch_add(1, Ordering::Relaxed),
@@ -302,12 +312,7 @@ impl Monitor {
             )?;
         }
         tx.commit()?;
-        for a in &out {
-            self.count(a);
-        }
-        if !out.is_empty() {
-            self.webhook_wake.notify_one();
-        }
+        self.announce(&out);
         Ok(out)
     }
 
@@ -373,12 +378,7 @@ impl Monitor {
             params![now - RESOLVED_KEPT_MS],
         )?;
         tx.commit()?;
-        for a in &out {
-            self.count(a);
-        }
-        if !out.is_empty() {
-            self.webhook_wake.notify_one();
-        }
+        self.announce(&out);
         Ok(out)
     }
 

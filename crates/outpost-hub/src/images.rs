@@ -41,20 +41,27 @@ fn blob_path(st: &HubState, digest: &str) -> Result<PathBuf, HubError> {
     Ok(st.images_dir.join(format!("sha256-{}", hex_of(digest)?)))
 }
 
+/// Who is reading: the operator (admin token) or a known node.
+#[derive(PartialEq)]
+enum Reader {
+    Admin,
+    Node,
+}
+
 /// The admin token or a known node's certificate.
-async fn reader(st: &HubState, headers: &HeaderMap, peer: &Peer) -> Result<(), HubError> {
+async fn reader(st: &HubState, headers: &HeaderMap, peer: &Peer) -> Result<Reader, HubError> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     if bearer.is_some_and(|t| sha256(t) == st.admin_token_sha256) {
-        return Ok(());
+        return Ok(Reader::Admin);
     }
     let fp = peer.cert_fp.clone().ok_or(HubError::Unauthorized)?;
     st.db(move |s| s.node_by_cert(&fp))
         .await?
-        .map(|_| ())
+        .map(|_| Reader::Node)
         .ok_or(HubError::UnknownNode)
 }
 
@@ -176,7 +183,7 @@ pub async fn get_tags(
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<TagQuery>,
 ) -> Result<Response, HubError> {
-    reader(&st, &headers, &peer).await?;
+    let who = reader(&st, &headers, &peer).await?;
     match q.name {
         Some(name) => {
             let n = name.clone();
@@ -186,6 +193,7 @@ pub async fn get_tags(
             })?;
             Ok(Json(t).into_response())
         }
-        None => Ok(Json(st.db(|s| s.image_tags()).await?).into_response()),
+        None if who == Reader::Admin => Ok(Json(st.db(|s| s.image_tags()).await?).into_response()),
+        None => Err(HubError::BadRequest("nodes ask for one image: add ?name=IMAGE".into())),
     }
 }
