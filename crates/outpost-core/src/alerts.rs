@@ -344,15 +344,19 @@ pub struct RolledBack {
 /// The alerts the hub raises itself: `NodeOffline` once a node has been silent for longer than
 /// `offline_alert_ms` (it started at last contact + that grace), `WorkloadRolledBack` while a
 /// node runs an older revision because the new one failed its health gate there.
+/// Silence counts only from `listening_since` (the hub's start): while the hub itself was down,
+/// nodes could not reach it, so a hub outage never makes the whole fleet "offline".
 pub fn fleet_alerts(
     nodes: &[FleetNode],
     rollbacks: &[RolledBack],
     offline_alert_ms: i64,
+    listening_since: UnixMs,
     now: UnixMs,
 ) -> BTreeMap<AlertKey, HubAlert> {
     let mut out = BTreeMap::new();
     for n in nodes {
-        let silent = now.saturating_sub(n.last_contact);
+        let last = n.last_contact.max(listening_since);
+        let silent = now.saturating_sub(last);
         if silent > offline_alert_ms {
             out.insert(
                 AlertKey {
@@ -361,7 +365,7 @@ pub fn fleet_alerts(
                     subject: String::new(),
                 },
                 HubAlert {
-                    started_at: n.last_contact + offline_alert_ms,
+                    started_at: last + offline_alert_ms,
                     summary: format!("no contact from {} for {}s", n.name, silent / 1000),
                 },
             );
@@ -672,9 +676,20 @@ mod tests {
             since: 100,
             reason: "exit 1".into(),
         }];
-        let want = fleet_alerts(&nodes, &rb, 300_000, 300_000);
+        let want = fleet_alerts(&nodes, &rb, 300_000, 0, 300_000);
         assert_eq!(want.len(), 1, "a is silent for exactly the grace: not yet");
-        let want = fleet_alerts(&nodes, &rb, 300_000, 300_001);
+        // the hub itself was down until 200_000: a's silence counts from then
+        let want = fleet_alerts(&nodes, &rb, 300_000, 200_000, 300_001);
+        assert!(
+            want.keys().all(|k| k.name != NODE_OFFLINE),
+            "no NodeOffline right after a hub outage"
+        );
+        let want = fleet_alerts(&nodes, &rb, 300_000, 200_000, 500_001);
+        assert_eq!(
+            want.keys().find(|k| k.name == NODE_OFFLINE).map(|k| want[k].started_at),
+            Some(500_000)
+        );
+        let want = fleet_alerts(&nodes, &rb, 300_000, 0, 300_001);
         let names: Vec<_> = want.keys().map(|k| format!("{}:{}", k.node, k.name)).collect();
         assert_eq!(names, ["a:NodeOffline", "b:WorkloadRolledBack"]);
         let offline = want.keys().next().unwrap().clone();

@@ -631,7 +631,7 @@ pub async fn evaluate_once(st: &HubState, listening_since: UnixMs, now: UnixMs) 
         .iter()
         .map(|n| FleetNode {
             name: n.name.clone(),
-            last_contact: n.last_contact().max(listening_since),
+            last_contact: n.last_contact(),
         })
         .collect();
     let rollbacks: Vec<RolledBack> = statuses
@@ -646,7 +646,13 @@ pub async fn evaluate_once(st: &HubState, listening_since: UnixMs, now: UnixMs) 
             })
         })
         .collect();
-    let want = rules::fleet_alerts(&fleet, &rollbacks, st.monitor.cfg.offline_alert.as_millis() as i64, now);
+    let want = rules::fleet_alerts(
+        &fleet,
+        &rollbacks,
+        st.monitor.cfg.offline_alert.as_millis() as i64,
+        listening_since,
+        now,
+    );
     let labels: BTreeMap<String, Labels> = nodes.into_iter().map(|n| (n.name, n.labels)).collect();
     let existing: BTreeSet<String> = labels.keys().cloned().collect();
     mdb(st, move |m| {
