@@ -42,6 +42,8 @@ pub struct Hub {
     /// Extra `outpost hub` arguments and environment (kept across restarts).
     pub extra_args: Vec<String>,
     pub extra_env: Vec<(String, String)>,
+    /// The address the hub listens on (loopback unless a test needs another interface).
+    pub listen_ip: String,
 }
 
 impl Hub {
@@ -51,6 +53,11 @@ impl Hub {
 
     /// Like [`Hub::start`], with extra hub arguments and environment variables.
     pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Hub {
+        Hub::start_on("127.0.0.1", args, env)
+    }
+
+    /// Like [`Hub::start_with`], listening on `ip` (also advertised in its certificate).
+    pub fn start_on(ip: &str, args: &[&str], env: &[(&str, &str)]) -> Hub {
         let tmp = tempfile::tempdir().unwrap();
         let mut h = Hub {
             dir: tmp.path().to_path_buf(),
@@ -61,8 +68,9 @@ impl Hub {
             _tmp: Some(tmp),
             extra_args: args.iter().map(|a| a.to_string()).collect(),
             extra_env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            listen_ip: ip.to_string(),
         };
-        h.url = format!("https://127.0.0.1:{}", h.port);
+        h.url = format!("https://{ip}:{}", h.port);
         h.launch();
         h
     }
@@ -74,7 +82,12 @@ impl Hub {
             .open(self.dir.join("hub.log"))
             .unwrap();
         let child = Command::new(BIN)
-            .args(["hub", "--listen", &format!("127.0.0.1:{}", self.port), "--data-dir"])
+            .args([
+                "hub",
+                "--listen",
+                &format!("{}:{}", self.listen_ip, self.port),
+                "--data-dir",
+            ])
             .arg(self.dir.join("hub"))
             .args(["--advertise", &self.url, "--offline-after", "3s"])
             .args(&self.extra_args)
@@ -234,6 +247,7 @@ impl Hub {
             dir,
             child: None,
             env: Vec::new(),
+            wrap: Vec::new(),
         }
     }
 }
@@ -250,6 +264,8 @@ pub struct Agent {
     child: Option<Child>,
     /// Extra environment for the agent process (e.g. monitoring intervals).
     pub env: Vec<(String, String)>,
+    /// A command the agent runs under, e.g. `ip netns exec NS` or `faketime -3h`.
+    pub wrap: Vec<String>,
 }
 
 impl Agent {
@@ -259,7 +275,15 @@ impl Agent {
             .append(true)
             .open(self.dir.join("agent.log"))
             .unwrap();
-        let c = Command::new(BIN)
+        let mut cmd = match self.wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let c = cmd
             .args(["agent", "run", "--stop-workloads-on-exit", "--data-dir"])
             .arg(&self.dir)
             .env("OUTPOST_LOG", "info")
