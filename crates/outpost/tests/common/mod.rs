@@ -24,6 +24,18 @@ pub fn wait_for<T>(what: &str, secs: f64, mut f: impl FnMut() -> Option<T>) -> T
     }
 }
 
+/// The outpost binary, run under `wrap` (e.g. `ip netns exec NS`) when it is not empty.
+pub fn outpost_under<S: AsRef<std::ffi::OsStr>>(wrap: &[S]) -> Command {
+    match wrap.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -221,8 +233,14 @@ impl Hub {
 
     /// Join an agent (through the CLI) into a fresh data dir.
     pub fn join(&self, name: &str, token: &str) -> Agent {
+        self.join_wrapped(name, token, &[])
+    }
+
+    /// Join an agent whose commands run under `wrap` (e.g. `ip netns exec NS`); the agent
+    /// keeps running under it.
+    pub fn join_wrapped(&self, name: &str, token: &str, wrap: &[&str]) -> Agent {
         let dir = self.dir.join(format!("agent-{name}"));
-        let o = Command::new(BIN)
+        let o = outpost_under(wrap)
             .args([
                 "agent",
                 "join",
@@ -247,7 +265,7 @@ impl Hub {
             dir,
             child: None,
             env: Vec::new(),
-            wrap: Vec::new(),
+            wrap: wrap.iter().map(|w| w.to_string()).collect(),
         }
     }
 }
@@ -275,15 +293,7 @@ impl Agent {
             .append(true)
             .open(self.dir.join("agent.log"))
             .unwrap();
-        let mut cmd = match self.wrap.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(BIN);
-                c
-            }
-            None => Command::new(BIN),
-        };
-        let c = cmd
+        let c = outpost_under(&self.wrap)
             .args(["agent", "run", "--stop-workloads-on-exit", "--data-dir"])
             .arg(&self.dir)
             .env("OUTPOST_LOG", "info")
