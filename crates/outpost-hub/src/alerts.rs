@@ -564,7 +564,10 @@ where
     tokio::task::spawn_blocking(move || f(&m))
         .await
         .map_err(|e| HubError::Internal(format!("monitor task failed: {e}")))?
-        .map_err(|e| HubError::Internal(format!("monitoring database: {e}")))
+        .map_err(|e| match e {
+            e if crate::error::is_disk_full(&e) => HubError::DiskFull,
+            e => HubError::Internal(format!("monitoring database: {e}")),
+        })
 }
 
 /// Reload AlertPolicy objects after a change; wake every node's long-poll when they changed so

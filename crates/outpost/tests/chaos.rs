@@ -563,12 +563,17 @@ fn full_disk_on_the_hub_fails_cleanly_and_recovers() {
     let file = manifest_file(&hub, &marker, 2);
     disk.fill();
     let err = hub.cli_err(&["apply", "-f", file.to_str().unwrap()]);
-    assert!(err.contains("full"), "the error should say the disk is full: {err}");
+    assert!(err.contains("hub's disk is full"), "the error should say the hub's disk is full: {err}");
     assert_eq!(stored_rev(&hub), 1, "a failed apply changes nothing");
     // Reads still work and the nodes keep running what they had.
     hub.json(&["get", "nodes"]);
     for a in &agents {
-        assert_eq!(units(&a.dir).len(), 2, "{} must keep its workloads while the hub's disk is full", a.name);
+        assert_eq!(
+            units(&a.dir).len(),
+            2,
+            "{} must keep its workloads while the hub's disk is full",
+            a.name
+        );
     }
     disk.free();
     hub.cli(&["apply", "-f", file.to_str().unwrap()]);
