@@ -27,6 +27,18 @@ apt_install() {
   $sudo apt-get install -y "${missing[@]}" >/dev/null || { $sudo apt-get update >/dev/null && $sudo apt-get install -y "${missing[@]}" >/dev/null; }
 }
 apt_install docker.io busybox-static curl
+# The chaos suite (crates/outpost/tests/chaos.rs): network namespaces and veth from iproute2,
+# agents with a skewed clock through libfaketime.
+apt_install iproute2 faketime
+
+# schemathesis (PyPI) fuzzes the hub's API from docs/openapi.yaml (crates/outpost/tests/api_fuzz.rs);
+# it lives in a venv at .venv so nothing is installed into the system Python.
+if [ ! -x .venv/bin/schemathesis ]; then
+  log "installing schemathesis into .venv"
+  command -v python3 >/dev/null || apt_install python3
+  python3 -m venv .venv 2>/dev/null || { apt_install python3-venv && python3 -m venv .venv; }
+  .venv/bin/pip install --quiet --disable-pip-version-check schemathesis
+fi
 
 # promtool (Debian package prometheus): the monitoring tests check the hub's /metrics with
 # `promtool check metrics`, and fail under CI when it is missing.

@@ -135,8 +135,12 @@ pub fn payload(a: &AlertInfo) -> serde_json::Value {
 impl Monitor {
     /// Open the monitoring tables in the hub's database file.
     pub fn open(path: &Path, cfg: MonitorConfig) -> Result<Self, rusqlite::Error> {
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
+        // Two connections share this file (store and monitoring): a deferred transaction that
+        // reads, then writes after the other committed, fails at once with SQLITE_BUSY whatever
+        // the busy timeout. Write transactions take the lock when they begin instead.
+        conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
@@ -560,7 +564,10 @@ where
     tokio::task::spawn_blocking(move || f(&m))
         .await
         .map_err(|e| HubError::Internal(format!("monitor task failed: {e}")))?
-        .map_err(|e| HubError::Internal(format!("monitoring database: {e}")))
+        .map_err(|e| match e {
+            e if crate::error::is_disk_full(&e) => HubError::DiskFull,
+            e => HubError::Internal(format!("monitoring database: {e}")),
+        })
 }
 
 /// Reload AlertPolicy objects after a change; wake every node's long-poll when they changed so

@@ -60,6 +60,13 @@ pub enum HubError {
     NodeUnreachable(String),
     #[error("internal hub error: {0}; see the hub's log, and retry")]
     Internal(String),
+    #[error(
+        "{method} is not allowed on {path}; see docs/protocol.md (or GET /v1/openapi.yaml) for what this route accepts"
+    )]
+    MethodNotAllowed { method: String, path: String },
+    /// SQLite reported a full disk: nothing was written.
+    #[error("the hub's disk is full, so nothing was changed; free space in the hub's data directory (or grow its disk) and retry")]
+    DiskFull,
 }
 
 fn problems(n: usize) -> String {
@@ -117,6 +124,8 @@ impl HubError {
             BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             NodeUnreachable(_) => (StatusCode::GATEWAY_TIMEOUT, "node_unreachable"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            DiskFull => (StatusCode::INSUFFICIENT_STORAGE, "disk_full"),
         }
     }
 }
@@ -126,9 +135,15 @@ impl From<StoreError> for HubError {
         match e {
             StoreError::Token(p) => HubError::Token(p),
             StoreError::NodeExists(n) => HubError::NodeExists(n),
+            StoreError::Sqlite(e) if is_disk_full(&e) => HubError::DiskFull,
             other => HubError::Internal(other.to_string()),
         }
     }
+}
+
+/// SQLite's "database or disk is full" (also when a write hits ENOSPC).
+pub fn is_disk_full(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
 }
 
 impl IntoResponse for HubError {

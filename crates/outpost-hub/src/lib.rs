@@ -16,6 +16,7 @@ pub mod files;
 pub mod images;
 pub mod logs;
 pub mod metrics;
+pub mod openapi;
 pub mod scheduler;
 pub mod server;
 pub mod state;

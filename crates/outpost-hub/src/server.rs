@@ -108,13 +108,17 @@ async fn no_route(req: Request) -> HubError {
     HubError::NotFound(format!("route {} {}", req.method(), req.uri().path()))
 }
 
-async fn wrong_method() -> HubError {
-    HubError::BadRequest("this route does not accept that HTTP method; see docs/protocol.md".into())
+async fn wrong_method(req: Request) -> HubError {
+    HubError::MethodNotAllowed {
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
+    }
 }
 
 /// The route table of docs/protocol.md.
 pub fn router(state: Arc<HubState>) -> Router {
     Router::new()
+        .route("/v1/openapi.yaml", get(crate::openapi::spec))
         .route("/v1/ca", get(api::ca))
         .route("/v1/join", post(api::join))
         .route("/v1/nodes/{node}/sync", get(api::sync))

@@ -471,8 +471,12 @@ fn object_row(tx: &Transaction<'_>, id: &ObjectId) -> Result<Option<StoredObject
 impl SqliteStore {
     /// Open (or create) the database file and its schema.
     pub fn open(path: &Path) -> Result<Self> {
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Two connections share this file (store and monitoring): a deferred transaction that
+        // reads, then writes after the other committed, fails at once with SQLITE_BUSY whatever
+        // the busy timeout. Write transactions take the lock when they begin instead.
+        conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;

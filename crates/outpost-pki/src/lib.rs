@@ -74,9 +74,13 @@ fn key_der(key_pem: &str) -> Result<PrivateKeyDer<'static>, PkiError> {
     Ok(PrivateKeyDer::Pkcs8(key.serialize_der().into()))
 }
 
+/// How far back certificates are dated: a box whose clock runs behind (no RTC battery, no NTP
+/// yet) must still accept the hub's certificate, and the hub a node's.
+pub const BACKDATE_HOURS: i64 = 48;
+
 fn validity(params: &mut CertificateParams, days: i64) {
     let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::minutes(5);
+    params.not_before = now - time::Duration::hours(BACKDATE_HOURS);
     params.not_after = now + time::Duration::days(days);
 }
 

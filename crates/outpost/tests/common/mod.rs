@@ -24,6 +24,18 @@ pub fn wait_for<T>(what: &str, secs: f64, mut f: impl FnMut() -> Option<T>) -> T
     }
 }
 
+/// The outpost binary, run under `wrap` (e.g. `ip netns exec NS`) when it is not empty.
+pub fn outpost_under<S: AsRef<std::ffi::OsStr>>(wrap: &[S]) -> Command {
+    match wrap.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -42,6 +54,8 @@ pub struct Hub {
     /// Extra `outpost hub` arguments and environment (kept across restarts).
     pub extra_args: Vec<String>,
     pub extra_env: Vec<(String, String)>,
+    /// The address the hub listens on (loopback unless a test needs another interface).
+    pub listen_ip: String,
 }
 
 impl Hub {
@@ -51,6 +65,11 @@ impl Hub {
 
     /// Like [`Hub::start`], with extra hub arguments and environment variables.
     pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Hub {
+        Hub::start_on("127.0.0.1", args, env)
+    }
+
+    /// Like [`Hub::start_with`], listening on `ip` (also advertised in its certificate).
+    pub fn start_on(ip: &str, args: &[&str], env: &[(&str, &str)]) -> Hub {
         let tmp = tempfile::tempdir().unwrap();
         let mut h = Hub {
             dir: tmp.path().to_path_buf(),
@@ -61,8 +80,9 @@ impl Hub {
             _tmp: Some(tmp),
             extra_args: args.iter().map(|a| a.to_string()).collect(),
             extra_env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            listen_ip: ip.to_string(),
         };
-        h.url = format!("https://127.0.0.1:{}", h.port);
+        h.url = format!("https://{ip}:{}", h.port);
         h.launch();
         h
     }
@@ -74,7 +94,12 @@ impl Hub {
             .open(self.dir.join("hub.log"))
             .unwrap();
         let child = Command::new(BIN)
-            .args(["hub", "--listen", &format!("127.0.0.1:{}", self.port), "--data-dir"])
+            .args([
+                "hub",
+                "--listen",
+                &format!("{}:{}", self.listen_ip, self.port),
+                "--data-dir",
+            ])
             .arg(self.dir.join("hub"))
             .args(["--advertise", &self.url, "--offline-after", "3s"])
             .args(&self.extra_args)
@@ -208,8 +233,14 @@ impl Hub {
 
     /// Join an agent (through the CLI) into a fresh data dir.
     pub fn join(&self, name: &str, token: &str) -> Agent {
+        self.join_wrapped(name, token, &[])
+    }
+
+    /// Join an agent whose commands run under `wrap` (e.g. `ip netns exec NS`); the agent
+    /// keeps running under it.
+    pub fn join_wrapped(&self, name: &str, token: &str, wrap: &[&str]) -> Agent {
         let dir = self.dir.join(format!("agent-{name}"));
-        let o = Command::new(BIN)
+        let o = outpost_under(wrap)
             .args([
                 "agent",
                 "join",
@@ -234,6 +265,7 @@ impl Hub {
             dir,
             child: None,
             env: Vec::new(),
+            wrap: wrap.iter().map(|w| w.to_string()).collect(),
         }
     }
 }
@@ -250,6 +282,8 @@ pub struct Agent {
     child: Option<Child>,
     /// Extra environment for the agent process (e.g. monitoring intervals).
     pub env: Vec<(String, String)>,
+    /// A command the agent runs under, e.g. `ip netns exec NS` or `faketime -3h`.
+    pub wrap: Vec<String>,
 }
 
 impl Agent {
@@ -259,7 +293,7 @@ impl Agent {
             .append(true)
             .open(self.dir.join("agent.log"))
             .unwrap();
-        let c = Command::new(BIN)
+        let c = outpost_under(&self.wrap)
             .args(["agent", "run", "--stop-workloads-on-exit", "--data-dir"])
             .arg(&self.dir)
             .env("OUTPOST_LOG", "info")
