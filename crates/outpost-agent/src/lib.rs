@@ -45,6 +45,12 @@ pub struct RunOptions {
     pub stop_workloads_on_exit: bool,
 }
 
+/// The next delay of a retry loop, with a fresh random jitter draw (the policy itself is the
+/// pure `outpost_core::retry`).
+pub(crate) fn retry_delay(b: &mut outpost_core::retry::Backoff) -> std::time::Duration {
+    std::time::Duration::from_millis(b.next_delay_ms(rand::random()))
+}
+
 /// Run the agent until `shutdown` resolves.
 pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let started = std::time::Instant::now();

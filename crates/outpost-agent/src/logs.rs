@@ -43,7 +43,8 @@ use tracing::{debug, info, warn};
 
 use crate::reconcile::now_ms;
 use crate::store::Store;
-use crate::sync::{Backoff, HubClient};
+use crate::sync::HubClient;
+use outpost_core::retry::{self, Backoff};
 
 /// The largest log answer sent to the hub (the newest part is kept).
 pub const ANSWER_MAX: usize = 1 << 20;
@@ -405,7 +406,7 @@ pub async fn forward_loop(
     ready: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(retry::HUB_LINK);
     let mut sent_dropped = u64::MAX;
     loop {
         let lines = store.pending_error_lines(BATCH).unwrap_or_default();
@@ -431,7 +432,7 @@ pub async fn forward_loop(
                 }
                 Err(e) => {
                     debug!(error = %e, "cannot forward error lines; keeping them");
-                    Some(backoff.next_delay())
+                    Some(crate::retry_delay(&mut backoff))
                 }
             }
         };

@@ -517,7 +517,7 @@ impl Reconciler {
             self.found_tx.clone(),
         );
         tokio::spawn(async move {
-            let mut delay = Duration::from_secs(2);
+            let mut backoff = outpost_core::retry::Backoff::new(outpost_core::retry::RUNTIME_PROBE);
             loop {
                 let attempt = async {
                     let engine = Engine::connect(&socket, &agent_id).await?;
@@ -551,8 +551,7 @@ impl Reconciler {
                         }
                     }
                 }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(60));
+                tokio::time::sleep(crate::retry_delay(&mut backoff)).await;
             }
         });
     }

@@ -1,7 +1,7 @@
 //! The agent's link to the hub: desired-state long-poll, status reports, certificate renewal.
 //! Everything here is optional for the node's operation: when the hub is unreachable the
 //! reconciler keeps running the last persisted desired state, and this module retries with
-//! exponential backoff and jitter (docs/protocol.md §6).
+//! `outpost_core::retry::HUB_LINK` (exponential backoff and jitter, docs/protocol.md §6).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use outpost_api::{ApiError, StatusAck, StatusReport, SyncResponse, PROTOCOL_HEADER, PROTOCOL_VERSION};
 use outpost_api::{StatusWithVitals, SyncAnswer};
+use outpost_core::retry::{self, Backoff};
 use rand::Rng;
 use tokio::sync::{watch, RwLock};
 use tracing::{debug, info, warn};
@@ -33,32 +34,6 @@ impl LinkError {
     /// The hub no longer knows this node: retrying quickly will not help.
     fn is_fatal(&self) -> bool {
         matches!(self, LinkError::Hub { status: 401, .. })
-    }
-}
-
-/// Exponential backoff with jitter: 1 s doubling to 30 s, plus up to 50 %.
-pub struct Backoff {
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new() -> Self {
-        Self { attempt: 0 }
-    }
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-    pub fn next_delay(&mut self) -> Duration {
-        let base = (1000u64 << self.attempt.min(5)).min(30_000);
-        self.attempt += 1;
-        let jitter = rand::rng().random_range(0..=base / 2);
-        Duration::from_millis(base + jitter)
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -247,7 +222,7 @@ pub async fn sync_loop(
     monitor: crate::alerts::MonitorLink,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(retry::HUB_LINK);
     let mut connected = false;
     loop {
         let held = desired_tx.borrow().clone();
@@ -290,7 +265,7 @@ pub async fn sync_loop(
                     }
                     Err(e) => {
                         warn!(error = %e, "cannot persist desired state; not applying it");
-                        Some(backoff.next_delay())
+                        Some(crate::retry_delay(&mut backoff))
                     }
                 }
             }
@@ -298,7 +273,7 @@ pub async fn sync_loop(
                 let d = if e.is_fatal() {
                     Duration::from_secs(60)
                 } else {
-                    backoff.next_delay()
+                    crate::retry_delay(&mut backoff)
                 };
                 if connected || e.is_fatal() {
                     warn!(error = %e, retry_in = ?d, "lost the hub; workloads keep running from local state");
@@ -343,7 +318,7 @@ pub async fn status_loop(
     // `report_every`, and only when it moved enough or went stale (see
     // `outpost_core::alerts::vitals_worth_sending`).
     let mut vitals_sent: Option<(std::time::Instant, outpost_api::Vitals)> = None;
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(retry::HUB_LINK);
     let mut last_renew_check: Option<std::time::Instant> = None;
     loop {
         let snap = status_rx.borrow_and_update().clone();
@@ -403,7 +378,7 @@ pub async fn status_loop(
             Err(e) => {
                 debug!(error = %e, "status report failed; will resend in full");
                 acked = None;
-                backoff.next_delay()
+                crate::retry_delay(&mut backoff)
             }
         };
         let failed = acked.is_none();
@@ -419,21 +394,5 @@ pub async fn status_loop(
             _ = tokio::time::sleep(wait.min(monitor.report_every.max(Duration::from_secs(1)))) => {}
             _ = shutdown.changed() => return,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_caps_and_jitters() {
-        let mut b = Backoff::new();
-        let d: Vec<u64> = (0..8).map(|_| b.next_delay().as_millis() as u64).collect();
-        assert!((1000..=1500).contains(&d[0]), "{d:?}");
-        assert!((2000..=3000).contains(&d[1]), "{d:?}");
-        assert!(d[7] >= 30_000 && d[7] <= 45_000, "{d:?}");
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(1500));
     }
 }
