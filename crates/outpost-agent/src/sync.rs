@@ -320,9 +320,12 @@ pub async fn status_loop(
     let mut vitals_sent: Option<(std::time::Instant, outpost_api::Vitals)> = None;
     let mut backoff = Backoff::new(retry::HUB_LINK);
     let mut last_renew_check: Option<std::time::Instant> = None;
+    // The node conditions the hub has (store write failures, kept in memory): sent when they
+    // change and with every full report.
+    let mut conditions_sent: Option<Vec<outpost_api::NodeCondition>> = None;
     loop {
         let snap = status_rx.borrow_and_update().clone();
-        let events = store.pending_events(500).unwrap_or_default();
+        let events = store.events_to_send(500).unwrap_or_default();
         let (workloads, removed, full) = match &acked {
             None => (snap.values().cloned().collect(), Vec::new(), true),
             Some(prev) => (
@@ -351,15 +354,24 @@ pub async fn status_loop(
                     && outpost_core::alerts::vitals_worth_sending(Some(last), v, monitor.max_silence_ms)
             }
         });
-        let with_vitals = StatusWithVitals { vitals, report };
+        let now_conditions = store.conditions();
+        let conditions =
+            (acked.is_none() || conditions_sent.as_ref() != Some(&now_conditions)).then_some(now_conditions);
+        let with_vitals = StatusWithVitals {
+            vitals,
+            report,
+            conditions,
+        };
         let wait = match client.post_json::<_, StatusAck>("status", &with_vitals).await {
             Ok(ack) => {
                 if let Some(v) = &with_vitals.vitals {
                     vitals_sent = Some((std::time::Instant::now(), v.clone()));
                 }
                 let report = &with_vitals.report;
-                if ack.events_acked > 0 {
-                    let _ = store.ack_events(ack.events_acked);
+                // the first answer after a new state database confirms its event sequence
+                let more = store.ack_events(ack.events_acked).unwrap_or(false);
+                if let Some(c) = &with_vitals.conditions {
+                    conditions_sent = Some(c.clone());
                 }
                 acked = Some(snap);
                 backoff.reset();
@@ -370,7 +382,7 @@ pub async fn status_loop(
                     }
                 }
                 // more queued events than one report carries: send again at once
-                if report.events.len() >= 500 {
+                if report.events.len() >= 500 || more {
                     continue;
                 }
                 heartbeat_interval()
