@@ -223,6 +223,8 @@ pub async fn sync_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(retry::HUB_LINK);
+    // Local save failures (a full disk) retry on their own, shorter schedule.
+    let mut save_backoff = Backoff::new(retry::STATE_WRITE);
     let mut connected = false;
     loop {
         let held = desired_tx.borrow().clone();
@@ -261,11 +263,14 @@ pub async fn sync_loop(
                             "new desired state"
                         );
                         desired_tx.send_replace(Arc::new(next));
+                        save_backoff.reset();
                         None
                     }
                     Err(e) => {
-                        warn!(error = %e, "cannot persist desired state; not applying it");
-                        Some(crate::retry_delay(&mut backoff))
+                        let d = crate::retry_delay(&mut save_backoff);
+                        warn!(error = %e, generation = next.generation, retry_in = ?d,
+                            "cannot persist desired state; not applying it (reported to the hub)");
+                        Some(d)
                     }
                 }
             }

@@ -18,6 +18,7 @@
 //! | [`HUB_LINK`] | agent long-poll, status reports, error-line forwarding; the fleet simulator | 1 s doubling to 30 s, + up to 50 % |
 //! | [`WEBHOOK`] / [`webhook`] | hub webhook delivery | 1 s doubling to 5 min (configurable), + up to 25 %; give up after 24 h |
 //! | [`RUNTIME_PROBE`] | agent: asking the Docker Engine which containers it already runs | 2 s doubling to 60 s, no jitter |
+//! | [`STATE_WRITE`] | agent: saving a new desired state that failed to save (disk full) | 1 s doubling to 10 s, + up to 20 % |
 //!
 //! Restarts of crashed workloads are *not* retries in this sense: they follow Kubernetes'
 //! CrashLoopBackOff schedule in [`crate::supervise`], which resets after a long enough run.
@@ -63,6 +64,15 @@ pub const RUNTIME_PROBE: Policy = Policy {
     base_ms: 2_000,
     max_ms: 60_000,
     jitter_pct: 0,
+    give_up_after_ms: None,
+};
+
+/// Saving the desired state again after a local write failed (a full disk): the node should
+/// catch up soon after space is freed, and the hub is not what is failing.
+pub const STATE_WRITE: Policy = Policy {
+    base_ms: 1_000,
+    max_ms: 10_000,
+    jitter_pct: 20,
     give_up_after_ms: None,
 };
 
@@ -171,6 +181,14 @@ mod tests {
             ],
         );
         check(webhook(200), &[(0, 0.0, 200), (3, 1.0, 250)]);
+    }
+
+    #[test]
+    fn state_write_retries_within_ten_seconds() {
+        check(
+            STATE_WRITE,
+            &[(0, 0.0, 1_000), (3, 0.0, 8_000), (4, 0.0, 10_000), (9, 1.0, 12_000)],
+        );
     }
 
     #[test]
