@@ -17,7 +17,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -183,8 +182,8 @@ impl Monitor {
 
     fn count(&self, a: &AlertInfo) {
         match a.state {
-            AlertState::Firing => self.metrics.alerts_fired.fetch_add(1, Ordering::Relaxed),
-            AlertState::Resolved => self.metrics.alerts_resolved.fetch_add(1, Ordering::Relaxed),
+            AlertState::Firing => self.metrics.alerts_fired.inc(),
+            AlertState::Resolved => self.metrics.alerts_resolved.inc(),
         };
         tracing::info!(alert = %a.name, node = %a.node, subject = %a.subject, state = ?a.state,
             source = %a.source, summary = %a.summary, "fleet alert");
@@ -462,7 +461,7 @@ impl Monitor {
             params![node, high - ERRORS_KEPT],
         )?;
         tx.commit()?;
-        self.metrics.error_lines.fetch_add(added, Ordering::Relaxed);
+        self.metrics.error_lines.inc_by(added);
         // The acknowledgement covers the whole batch: lines pruned or stored before count too.
         Ok(b.lines.iter().map(|l| l.seq).max().unwrap_or(0).max(high as u64))
     }

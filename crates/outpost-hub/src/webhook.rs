@@ -9,7 +9,6 @@
 //! evaluation (delivery runs in its own task).
 
 use std::collections::BTreeSet;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,17 +79,17 @@ pub async fn sender_loop(st: Arc<HubState>, mut shutdown: watch::Receiver<bool>)
                 .map(|_| policy(&m.cfg).next(h.attempts, h.created_at, now, rand::random()));
             match (result, next) {
                 (Ok(()), _) => {
-                    m.metrics.webhook_ok.fetch_add(1, Ordering::Relaxed);
+                    m.metrics.webhook_ok.inc();
                     tracing::debug!(url = %h.url, attempts = h.attempts + 1, "webhook delivered");
                     let _ = mdb(&st, move |m| m.hook_done(id)).await;
                 }
                 (Err(e), Some(retry::Next::GiveUp) | None) => {
-                    m.metrics.webhook_dropped.fetch_add(1, Ordering::Relaxed);
+                    m.metrics.webhook_dropped.inc();
                     tracing::error!(url = %h.url, attempts = h.attempts + 1, error = %e, "webhook undeliverable; giving up on this notification");
                     let _ = mdb(&st, move |m| m.hook_done(id)).await;
                 }
                 (Err(e), Some(retry::Next::RetryIn(ms))) => {
-                    m.metrics.webhook_retry.fetch_add(1, Ordering::Relaxed);
+                    m.metrics.webhook_retry.inc();
                     let d = Duration::from_millis(ms);
                     tracing::warn!(url = %h.url, attempts = h.attempts + 1, retry_in = ?d, error = %e, "webhook failed; will retry");
                     failed.insert(h.url.clone());
