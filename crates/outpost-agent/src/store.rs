@@ -278,7 +278,9 @@ fn quarantine(path: &Path, now: UnixMs) -> std::io::Result<PathBuf> {
     Ok(target)
 }
 
-/// Open a connection and create the schema.
+/// Open a connection and create the schema. A database created here is marked `seq_new`: its
+/// sequences start at 1 and must be confirmed against the hub's (module doc); one made by an
+/// older agent carries on the sequences it always had.
 fn connect(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.execute_batch(
@@ -286,7 +288,15 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
          PRAGMA synchronous=FULL;
          PRAGMA busy_timeout=5000;",
     )?;
+    let exists: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+        [],
+        |r| r.get(0),
+    )?;
     conn.execute_batch(SCHEMA)?;
+    if !exists {
+        conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('seq_new', '1')", [])?;
+    }
     Ok(conn)
 }
 
@@ -364,7 +374,11 @@ impl Store {
             .flatten()
             .is_some()
         };
-        let (ev, er) = (confirmed("events_confirmed"), confirmed("errors_confirmed"));
+        let older = !confirmed("seq_new");
+        let (ev, er) = (
+            older || confirmed("events_confirmed"),
+            older || confirmed("errors_confirmed"),
+        );
         let data_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         Self {
             conn: Mutex::new(conn),
@@ -1440,6 +1454,18 @@ mod tests {
         let s = Store::open(&path).unwrap();
         assert_eq!(s.events_to_send(10).unwrap().len(), 1);
         assert_eq!(s.error_lines_to_send(10).unwrap().len(), 1);
+        // a database made by an older agent keeps its sequence (no renumbering)
+        let old = dir.path().join("old.db");
+        let s = Store::open(&old).unwrap();
+        s.push_event(1, None, "E", "a").unwrap();
+        drop(s);
+        let c = Connection::open(&old).unwrap();
+        c.execute("DELETE FROM meta WHERE key = 'seq_new'", []).unwrap();
+        drop(c);
+        let s = Store::open(&old).unwrap();
+        assert_eq!(s.events_to_send(10).unwrap()[0].seq, 1, "sent at once");
+        assert!(!s.ack_events(1).unwrap());
+        assert!(s.pending_events(10).unwrap().is_empty(), "acknowledged, not renumbered");
         // a hub behind the node (its events were pruned) renumbers nothing
         let other = dir.path().join("other.db");
         let s = Store::open(&other).unwrap();
