@@ -84,7 +84,7 @@ impl Site {
     /// The hub shows both workloads Running with the original PIDs.
     fn wait_hub_sees_same_pids(&self, what: &str) {
         let node = self.agent.name.clone();
-        wait_for(what, 20.0, || {
+        wait_for(what, 60.0, || {
             (0..2)
                 .all(|i| {
                     self.hub
@@ -225,7 +225,8 @@ fn a_deleted_state_db_recovers_without_restarting_workloads() {
     }
     // the hub comes back: its answer lists the same specs, so nothing restarts
     s.hub.restart();
-    wait_for("first desired state from the hub", 20.0, || {
+    // includes the agent's reconnect backoff (HUB_LINK: up to 45 s)
+    wait_for("first desired state from the hub", 60.0, || {
         s.agent.log().contains("first desired state from the hub").then_some(())
     });
     s.wait_hub_sees_same_pids("after the hub's answer");
@@ -264,10 +265,11 @@ fn a_corrupt_state_db_with_the_hub_down_runs_from_the_export() {
     assert_eq!(pid_of(&s.marks[1]), Some(s.pids[1]));
     // the hub returns: the quarantine and the crash reach it, after the events it had
     s.hub.restart();
-    wait_for("StoreQuarantined at the hub", 20.0, || {
+    // includes the agent's reconnect backoff (HUB_LINK: up to 45 s)
+    wait_for("StoreQuarantined at the hub", 60.0, || {
         (s.events_named("StoreQuarantined") == 1).then_some(())
     });
-    wait_for("the hub sees the restarted workload", 20.0, || {
+    wait_for("the hub sees the restarted workload", 30.0, || {
         let p = s.hub.placement("offline", "daemonset/default/w0")?;
         (p["status"]["containers"][0]["pid"] == new).then_some(())
     });
