@@ -125,10 +125,11 @@ pub async fn monitor_loop(
         let mut v = sampler.sample(now, &owned, &snap);
         v.log_dropped_lines = store.dropped_lines();
         if now / 60_000 != saved_minute {
-            saved_minute = now / 60_000;
             let json = serde_json::to_string(&v).expect("serializable");
-            if let Err(e) = store.save_vitals(now, &json, now - HISTORY_MS) {
-                warn!(error = %e, "cannot store vital-sign history");
+            match store.save_vitals(now, &json, now - HISTORY_MS) {
+                Ok(()) => saved_minute = now / 60_000,
+                // tried again with the next sample; the store reports the failure
+                Err(e) => warn!(error = %e, "cannot store vital-sign history"),
             }
         }
         let before = state.clone();

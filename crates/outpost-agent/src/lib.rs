@@ -10,8 +10,11 @@
 //! Must never: need the hub to start, restart or keep a workload; listen on a port (agents only
 //! dial out); act on a desired state before it is persisted; run two processes for one unit.
 //!
-//! Start-up order (`run`): open the store -> load the last desired state -> adopt processes that
-//! survived an agent restart -> start what is missing -> only then try the hub.
+//! Start-up order (`run`): open the store (quarantine it if corrupt, restore a new one from its
+//! export; see `store`) -> load the last desired state -> adopt processes that survived an agent
+//! restart -> start what is missing -> only then try the hub. When the store is new and nothing
+//! could be restored, adopted processes and containers are kept running, not stopped, until the
+//! hub's first answer says what should run.
 
 pub mod alerts;
 pub mod docker;
@@ -32,6 +35,8 @@ use anyhow::Context;
 use tokio::sync::watch;
 use tracing::info;
 
+use outpost_api::now_ms;
+
 pub use identity::{join, Identity, JoinError, JoinOptions};
 
 pub struct RunOptions {
@@ -45,6 +50,47 @@ pub struct RunOptions {
     pub stop_workloads_on_exit: bool,
 }
 
+/// The next delay of a retry loop, with a fresh random jitter draw (the policy itself is the
+/// pure `outpost_core::retry`).
+pub(crate) fn retry_delay(b: &mut outpost_core::retry::Backoff) -> std::time::Duration {
+    std::time::Duration::from_millis(b.next_delay_ms(rand::random()))
+}
+
+/// Say how the store was recovered: a log line (from `store`) and a node event for the hub.
+fn report_recovery(store: &store::Store, r: &store::Recovery, desired: &store::Desired) {
+    let source = match (r.restored, &r.export_error) {
+        (Some(g), _) => format!(
+            "the desired state (generation {g}, {} workloads) and update gates were restored from {}",
+            desired.workloads.len(),
+            store::EXPORT_FILE
+        ),
+        (None, Some(e)) => format!("the export is unusable ({e}); the desired state comes from the hub"),
+        (None, None) => "no export exists; the desired state comes from the hub".to_string(),
+    };
+    let mut event = None;
+    if let Some((moved, why)) = &r.quarantined {
+        event = Some((
+            store::EVENT_QUARANTINED,
+            format!(
+                "state.db was corrupt ({why}); moved to {} and a new one started; {source}; running \
+                 workloads were adopted, not restarted",
+                moved.display()
+            ),
+        ));
+    } else if r.restored.is_some() || r.export_error.is_some() {
+        event = Some((
+            store::EVENT_RESTORED,
+            format!("state.db was missing or empty; {source}; running workloads were adopted, not restarted"),
+        ));
+    }
+    if let Some((reason, message)) = event {
+        tracing::warn!(%reason, "{message}");
+        if let Err(e) = store.push_event(now_ms(), None, reason, &message) {
+            tracing::error!(error = %e, "cannot record the recovery event; it is held in memory");
+        }
+    }
+}
+
 /// Run the agent until `shutdown` resolves.
 pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
@@ -52,9 +98,15 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
     if let Some(h) = &o.hub {
         identity.hub = h.trim_end_matches('/').to_string();
     }
-    let store = Arc::new(store::Store::open(&o.data_dir.join("state.db"))?);
+    let (store, recovery) = store::Store::open_or_recover(&o.data_dir.join("state.db"), now_ms())?;
+    let store = Arc::new(store);
+    let outbox = Arc::new(tokio::sync::Notify::new());
+    store.set_notify(outbox.clone());
     let desired = Arc::new(store.load_desired().context("loading the local desired state")?);
     info!(node = %identity.node, generation = desired.generation, workloads = desired.workloads.len(), "agent starting from local state");
+    report_recovery(&store, &recovery, &desired);
+    // Nothing says what should run: keep what runs until the hub does.
+    let hold = recovery.fresh && recovery.restored.is_none();
 
     let (desired_tx, desired_rx) = watch::channel(desired.clone());
     let (status_tx, status_rx) = watch::channel(reconcile::Snapshot::new());
@@ -67,7 +119,8 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
         .docker_socket
         .clone()
         .unwrap_or_else(|| docker::DEFAULT_SOCKET.to_string());
-    let reconciler = reconcile::Reconciler::new(rt, store.clone(), desired, status_tx, client.clone(), socket);
+    let reconciler = reconcile::Reconciler::new(rt, store.clone(), desired, status_tx, client.clone(), socket)
+        .hold_until_synced(hold);
     let rec = tokio::spawn(reconciler.run(desired_rx.clone(), stop_rx.clone(), o.stop_workloads_on_exit));
 
     // Monitoring: vital signs and node alerts, log rotation and error forwarding, log requests.
@@ -75,7 +128,6 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
     let (policy_tx, policy_rx) = watch::channel(alerts::load_policy(&store));
     let (vitals_tx, vitals_rx) = watch::channel(None);
     let (logreq_tx, logreq_rx) = tokio::sync::mpsc::unbounded_channel();
-    let outbox = Arc::new(tokio::sync::Notify::new());
     let errors_ready = Arc::new(tokio::sync::Notify::new());
     let mon_cfg = alerts::MonitorConfig::from_env();
     let monitor = alerts::MonitorLink {

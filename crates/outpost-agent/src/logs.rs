@@ -43,7 +43,8 @@ use tracing::{debug, info, warn};
 
 use crate::reconcile::now_ms;
 use crate::store::Store;
-use crate::sync::{Backoff, HubClient};
+use crate::sync::HubClient;
+use outpost_core::retry::{self, Backoff};
 
 /// The largest log answer sent to the hub (the newest part is kept).
 pub const ANSWER_MAX: usize = 1 << 20;
@@ -186,11 +187,18 @@ pub struct PassReport {
 pub fn pass(data_dir: &Path, store: &Store, policy: &NodePolicy, cfg: &LogConfig, now: UnixMs) -> PassReport {
     let mut rep = PassReport::default();
     let (live, _) = inventory(data_dir);
+    // A full or failing disk is reported as a node condition (see `store`); other errors
+    // (a file that vanished) only here.
+    let mut disk_error: Option<std::io::Error> = None;
     for (key, container, path) in &live {
         if let Err(e) = one_file(store, policy, cfg, key, container, path, now, &mut rep) {
             warn!(file = %path.display(), error = %e, "log pass failed for this file");
+            if crate::store::io_is_full(&e) || matches!(e.raw_os_error(), Some(libc::EIO | libc::EROFS)) {
+                disk_error = Some(e);
+            }
         }
     }
+    store.note_io("logs", disk_error.as_ref().map_or(Ok(()), Err));
     // Age cap.
     let (live, mut segs) = inventory(data_dir);
     let oldest_kept = now - policy.log_max_age_secs as i64 * 1000;
@@ -316,8 +324,30 @@ fn rotate_file(
 ) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!("{container}.log.{now}.gz.tmp"));
+    let r = copy_and_truncate(store, policy, cfg, key, container, path, offset, now, rep, dir, &tmp);
+    if r.is_err() {
+        // a full disk must not keep the partial copy: it holds the space the live file needs
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+fn copy_and_truncate(
+    store: &Store,
+    policy: &NodePolicy,
+    cfg: &LogConfig,
+    key: &str,
+    container: &str,
+    path: &Path,
+    offset: u64,
+    now: UnixMs,
+    rep: &mut PassReport,
+    dir: &Path,
+    tmp: &Path,
+) -> std::io::Result<()> {
     let mut src = File::open(path)?;
-    let mut gz = flate2::write::GzEncoder::new(File::create(&tmp)?, flate2::Compression::fast());
+    let mut gz = flate2::write::GzEncoder::new(File::create(tmp)?, flate2::Compression::fast());
     let mut copied = 0u64;
     let mut lines = 0u64;
     let mut errors = Vec::new();
@@ -354,7 +384,7 @@ fn rotate_file(
     file.sync_all()?;
     drop(file);
     let seg = dir.join(format!("{container}.log.{now}.{lines}.gz"));
-    std::fs::rename(&tmp, &seg)?;
+    std::fs::rename(tmp, &seg)?;
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
@@ -405,10 +435,10 @@ pub async fn forward_loop(
     ready: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(retry::HUB_LINK);
     let mut sent_dropped = u64::MAX;
     loop {
-        let lines = store.pending_error_lines(BATCH).unwrap_or_default();
+        let lines = store.error_lines_to_send(BATCH).unwrap_or_default();
         let dropped = store.dropped_lines();
         let wait = if lines.is_empty() && dropped == sent_dropped {
             None
@@ -420,18 +450,19 @@ pub async fn forward_loop(
             };
             match client.post_json::<_, ErrorAck>("errors", &batch).await {
                 Ok(ack) => {
-                    let _ = store.ack_error_lines(ack.acked);
+                    // the first answer after a new state database confirms its line sequence
+                    let more = store.ack_error_lines(ack.acked).unwrap_or(false);
                     sent_dropped = dropped;
                     backoff.reset();
                     debug!(lines = n, acked = ack.acked, "error lines forwarded");
-                    if n >= BATCH {
+                    if n >= BATCH || more {
                         continue;
                     }
                     None
                 }
                 Err(e) => {
                     debug!(error = %e, "cannot forward error lines; keeping them");
-                    Some(backoff.next_delay())
+                    Some(crate::retry_delay(&mut backoff))
                 }
             }
         };

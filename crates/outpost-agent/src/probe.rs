@@ -1,8 +1,9 @@
 //! Running probes against a unit's process. Decisions about results live in
 //! `outpost_core::probe`; this module only executes checks on a schedule and reports them.
 //!
-//! httpGet: a plain HTTP/1.1 GET (no TLS); any status from 200 to 399 passes. tcpSocket: a TCP
-//! connect. exec: the command runs with the container's environment and working directory, in
+//! httpGet: a plain HTTP GET through reqwest (no TLS, no proxy, redirects not followed, the
+//! probe's headers as given, IPv6 hosts bracketed); any status from 200 to 399 passes, as in
+//! Kubernetes. tcpSocket: a TCP connect. exec: the command runs with the container's environment and working directory, in
 //! the process's mount namespace (so it sees the same volume mounts), and passes on exit code 0.
 //! Every check is bounded by the probe's `timeoutSeconds`.
 
@@ -11,7 +12,6 @@ use std::time::Duration;
 
 use outpost_api::{ProbeAction, ProbeSpec};
 use outpost_core::probe::ProbeKind;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -51,10 +51,11 @@ pub fn spawn(
                 tokio::time::sleep(Duration::from_secs(spec.initial_delay_seconds)).await;
                 loop {
                     let timeout = Duration::from_secs(spec.timeout_seconds);
-                    let (ok, message) = match tokio::time::timeout(timeout, check(&spec.action, pid, &ctx)).await {
-                        Ok(r) => r,
-                        Err(_) => (false, format!("timed out after {} s", spec.timeout_seconds)),
-                    };
+                    let (ok, message) =
+                        match tokio::time::timeout(timeout, check(&spec.action, pid, &ctx, timeout)).await {
+                            Ok(r) => r,
+                            Err(_) => (false, format!("timed out after {} s", spec.timeout_seconds)),
+                        };
                     if tx
                         .send(ProbeEvent {
                             unit: unit.clone(),
@@ -77,9 +78,9 @@ pub fn spawn(
         .collect()
 }
 
-async fn check(action: &ProbeAction, pid: u32, ctx: &ExecContext) -> (bool, String) {
+async fn check(action: &ProbeAction, pid: u32, ctx: &ExecContext, timeout: Duration) -> (bool, String) {
     match action {
-        ProbeAction::TcpSocket { host, port } => match tokio::net::TcpStream::connect((host.as_str(), *port)).await {
+        ProbeAction::TcpSocket { host, port } => match tokio::net::TcpStream::connect((bare_host(host), *port)).await {
             Ok(_) => (true, String::new()),
             Err(e) => (false, format!("dial tcp {host}:{port}: {e}")),
         },
@@ -88,7 +89,7 @@ async fn check(action: &ProbeAction, pid: u32, ctx: &ExecContext) -> (bool, Stri
             port,
             path,
             headers,
-        } => http_get(host, *port, path, headers).await,
+        } => http_get(host, *port, path, headers, timeout).await,
         ProbeAction::Exec { command } => match &ctx.container {
             Some((engine, id)) => match engine.exec(id, command, Duration::from_secs(3600)).await {
                 Ok((0, _)) => (true, String::new()),
@@ -111,42 +112,97 @@ async fn check(action: &ProbeAction, pid: u32, ctx: &ExecContext) -> (bool, Stri
     }
 }
 
-async fn http_get(host: &str, port: u16, path: &str, headers: &[(String, String)]) -> (bool, String) {
-    let url = format!("http://{host}:{port}{path}");
-    let mut s = match tokio::net::TcpStream::connect((host, port)).await {
-        Ok(s) => s,
-        Err(e) => return (false, format!("GET {url}: {e}")),
+/// The probes' HTTP client: plain HTTP, no proxy, no connection reuse (each probe opens a
+/// fresh connection, as the kubelet's do), redirects not followed (a 3xx answer passes).
+fn http_client() -> &'static reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        // Probes speak plain HTTP; the TLS config only names the ring provider, so building
+        // the client never depends on a process-wide default.
+        let tls = rustls::ClientConfig::builder_with_provider(outpost_pki::provider())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default TLS versions")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(0)
+            .user_agent("outpost-probe")
+            .build()
+            .expect("a plain HTTP client builds")
+    })
+}
+
+/// A probe's host as written (`127.0.0.1`, `::1`, `[::1]`, `example.local`) without brackets.
+fn bare_host(host: &str) -> &str {
+    host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
+}
+
+/// `http://host:port/path` with IPv6 literals bracketed; `path` may carry a query.
+pub fn probe_url(host: &str, port: u16, path: &str) -> Result<reqwest::Url, String> {
+    let host = bare_host(host);
+    let mut url = reqwest::Url::parse("http://localhost/").expect("static URL");
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => url.set_ip_host(ip).map_err(|_| format!("bad probe host {host:?}"))?,
+        Err(_) => url
+            .set_host(Some(host))
+            .map_err(|e| format!("bad probe host {host:?}: {e}"))?,
+    }
+    url.set_port(Some(port)).map_err(|_| format!("bad probe port {port}"))?;
+    let path = if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("/{path}")
     };
-    let mut req =
-        format!("GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: outpost-probe\r\nConnection: close\r\n");
+    url.join(&path).map_err(|e| format!("bad probe path {path:?}: {e}"))
+}
+
+/// Kubernetes' httpGet: any status from 200 to 399 passes; the probe's headers are sent as
+/// given (a `Host` header among them replaces the one derived from the URL).
+async fn http_get(
+    host: &str,
+    port: u16,
+    path: &str,
+    headers: &[(String, String)],
+    timeout: Duration,
+) -> (bool, String) {
+    let url = match probe_url(host, port, path) {
+        Ok(u) => u,
+        Err(e) => return (false, e),
+    };
+    let mut req = http_client().get(url.clone()).timeout(timeout);
     for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
+        req = req.header(k.as_str(), v.as_str());
     }
-    req.push_str("\r\n");
-    if let Err(e) = s.write_all(req.as_bytes()).await {
-        return (false, format!("GET {url}: {e}"));
-    }
-    let mut buf = vec![0u8; 1024];
-    let mut n = 0;
-    while n < buf.len() {
-        match s.read(&mut buf[n..]).await {
-            Ok(0) => break,
-            Ok(k) => {
-                n += k;
-                if buf[..n].windows(2).any(|w| w == b"\r\n") {
-                    break;
-                }
+    match req.send().await {
+        Ok(resp) => {
+            let code = resp.status().as_u16();
+            if (200..400).contains(&code) {
+                (true, String::new())
+            } else {
+                (false, format!("HTTP {code} from {url}"))
             }
-            Err(e) => return (false, format!("GET {url}: {e}")),
         }
+        Err(e) if e.is_timeout() => (false, format!("GET {url}: timed out after {} s", timeout.as_secs())),
+        Err(e) => (false, format!("GET {url}: {}", error_chain(&e))),
     }
-    let line = String::from_utf8_lossy(&buf[..n]);
-    let code: Option<u16> = line.split_whitespace().nth(1).and_then(|c| c.parse().ok());
-    match code {
-        Some(c) if (200..400).contains(&c) => (true, String::new()),
-        Some(c) => (false, format!("HTTP {c} from {url}")),
-        None => (false, format!("GET {url}: not an HTTP answer")),
+}
+
+/// An error with its causes (reqwest's own text alone says only "error sending request").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
     }
+    out
 }
 
 async fn exec(command: &[String], pid: u32, ctx: &ExecContext) -> (bool, String) {
@@ -223,4 +279,118 @@ pub fn tail(path: &std::path::Path, n: usize) -> String {
     let _ = f.read_to_string(&mut s);
     let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A one-shot HTTP server on `addr` answering `status`; returns its port and the request
+    /// head it received.
+    async fn serve_once(addr: &str, status: u16) -> (u16, tokio::task::JoinHandle<String>) {
+        let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let h = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut chunk).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let answer = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            s.write_all(answer.as_bytes()).await.unwrap();
+            String::from_utf8_lossy(&buf).to_ascii_lowercase()
+        });
+        (port, h)
+    }
+
+    fn headers(head: &str) -> Vec<&str> {
+        head.lines().collect()
+    }
+
+    #[tokio::test]
+    async fn http_probe_on_ipv6_loopback_sends_a_valid_host_header() {
+        for host in ["::1", "[::1]"] {
+            let (port, seen) = serve_once("[::1]:0", 200).await;
+            let r = http_get(host, port, "/healthz?full=1", &[], Duration::from_secs(5)).await;
+            assert_eq!(r, (true, String::new()), "{host}");
+            let head = seen.await.unwrap();
+            assert!(head.starts_with("get /healthz?full=1 http/1.1"), "{head}");
+            assert!(
+                headers(&head).contains(&format!("host: [::1]:{port}").as_str()),
+                "the Host header brackets the IPv6 literal:\n{head}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn http_probe_passes_2xx_3xx_fails_others_and_sends_its_headers() {
+        for (status, ok) in [
+            (200, true),
+            (204, true),
+            (302, true),
+            (399, true),
+            (404, false),
+            (500, false),
+        ] {
+            let (port, seen) = serve_once("127.0.0.1:0", status).await;
+            let hdrs = vec![("X-Probe".to_string(), "yes".to_string())];
+            let (passed, msg) = http_get("127.0.0.1", port, "ready", &hdrs, Duration::from_secs(5)).await;
+            assert_eq!(passed, ok, "HTTP {status}: {msg}");
+            if !ok {
+                assert!(msg.contains(&format!("HTTP {status}")), "{msg}");
+            }
+            let head = seen.await.unwrap();
+            assert!(head.starts_with("get /ready http/1.1"), "{head}");
+            assert!(headers(&head).contains(&"x-probe: yes"), "{head}");
+            assert!(headers(&head).contains(&"user-agent: outpost-probe"), "{head}");
+        }
+        // a Host header from the probe wins over the URL's
+        let (port, seen) = serve_once("127.0.0.1:0", 200).await;
+        let hdrs = vec![("Host".to_string(), "app.example".to_string())];
+        assert!(http_get("127.0.0.1", port, "/", &hdrs, Duration::from_secs(5)).await.0);
+        let head = seen.await.unwrap();
+        assert!(headers(&head).contains(&"host: app.example"), "{head}");
+    }
+
+    #[tokio::test]
+    async fn http_probe_times_out_and_reports_refused_connections() {
+        // accepts, never answers
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let _hold = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(s);
+        });
+        let t = std::time::Instant::now();
+        let (ok, msg) = http_get("127.0.0.1", port, "/", &[], Duration::from_millis(300)).await;
+        assert!(!ok && msg.contains("timed out"), "{msg}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        // nothing listens
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let (ok, msg) = http_get("127.0.0.1", port, "/", &[], Duration::from_secs(2)).await;
+        assert!(
+            !ok && msg.starts_with(&format!("GET http://127.0.0.1:{port}/:")),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn urls_bracket_ipv6_and_keep_queries() {
+        let u = |h, p| probe_url(h, 8080, p).unwrap().to_string();
+        assert_eq!(u("::1", "/x"), "http://[::1]:8080/x");
+        assert_eq!(u("[fe80::1]", "x?y=1"), "http://[fe80::1]:8080/x?y=1");
+        assert_eq!(u("127.0.0.1", "/"), "http://127.0.0.1:8080/");
+        assert_eq!(u("db.local", "/h"), "http://db.local:8080/h");
+        assert!(probe_url("a b", 1, "/").is_err());
+    }
 }

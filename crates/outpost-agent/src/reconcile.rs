@@ -95,6 +95,9 @@ pub struct Reconciler {
     found_tx: mpsc::UnboundedSender<Result<Found, String>>,
     found_rx: mpsc::UnboundedReceiver<Result<Found, String>>,
     hub: Arc<HubClient>,
+    /// The store was new and nothing was restored: units that run but are not desired are
+    /// kept (not stopped) until the first desired state arrives from the hub.
+    hold: bool,
 }
 
 /// Probe state of one running process.
@@ -159,7 +162,24 @@ impl Reconciler {
             found_tx,
             found_rx,
             hub,
+            hold: false,
         }
+    }
+
+    /// Keep adopted units that the (empty) desired state does not list until the hub's first
+    /// answer: an agent whose state was lost must not stop healthy workloads.
+    pub fn hold_until_synced(mut self, hold: bool) -> Self {
+        self.hold = hold;
+        self
+    }
+
+    /// While holding, stopping a unit the desired state does not know is not decided yet.
+    fn held(&self, a: &Action, desired: &BTreeMap<String, DesiredUnit>) -> bool {
+        self.hold
+            && match a {
+                Action::Terminate { unit, .. } | Action::Kill { unit, .. } => !desired.contains_key(unit),
+                Action::Start { .. } | Action::Forget { .. } => false,
+            }
     }
 
     /// Health of a target spec's processes, for its update gate.
@@ -517,7 +537,7 @@ impl Reconciler {
             self.found_tx.clone(),
         );
         tokio::spawn(async move {
-            let mut delay = Duration::from_secs(2);
+            let mut backoff = outpost_core::retry::Backoff::new(outpost_core::retry::RUNTIME_PROBE);
             loop {
                 let attempt = async {
                     let engine = Engine::connect(&socket, &agent_id).await?;
@@ -551,8 +571,7 @@ impl Reconciler {
                         }
                     }
                 }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(60));
+                tokio::time::sleep(crate::retry_delay(&mut backoff)).await;
             }
         });
     }
@@ -876,11 +895,19 @@ impl Reconciler {
         self.gate(now_ms());
         self.adopt();
         self.find_containers();
+        if self.hold && !self.units.is_empty() {
+            warn!(
+                processes = self.units.len(),
+                "the agent's state is new and holds no desired state, but its processes run: keeping them \
+                 until the hub says what should run"
+            );
+        }
         loop {
             let now = now_ms();
             let gate_wake = self.gate(now);
             let desired = self.desired_units();
-            let (actions, wake) = supervise::decide(&desired, &self.units, now);
+            let (mut actions, wake) = supervise::decide(&desired, &self.units, now);
+            actions.retain(|a| !self.held(a, &desired));
             let wake = match (wake, gate_wake) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -910,6 +937,10 @@ impl Reconciler {
                 r = desired_rx.changed() => {
                     if r.is_err() { break; }
                     self.desired = desired_rx.borrow_and_update().clone();
+                    if std::mem::take(&mut self.hold) {
+                        info!(generation = self.desired.generation, workloads = self.desired.workloads.len(),
+                            "first desired state from the hub; adopted units it does not list are stopped");
+                    }
                 }
                 Some(e) = self.exits_rx.recv() => self.on_exit(e, now_ms()),
                 Some(e) = self.probe_rx.recv() => self.on_probe(e, now_ms()),

@@ -1,7 +1,7 @@
 //! The agent's link to the hub: desired-state long-poll, status reports, certificate renewal.
 //! Everything here is optional for the node's operation: when the hub is unreachable the
 //! reconciler keeps running the last persisted desired state, and this module retries with
-//! exponential backoff and jitter (docs/protocol.md §6).
+//! `outpost_core::retry::HUB_LINK` (exponential backoff and jitter, docs/protocol.md §6).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use outpost_api::{ApiError, StatusAck, StatusReport, SyncResponse, PROTOCOL_HEADER, PROTOCOL_VERSION};
 use outpost_api::{StatusWithVitals, SyncAnswer};
+use outpost_core::retry::{self, Backoff};
 use rand::Rng;
 use tokio::sync::{watch, RwLock};
 use tracing::{debug, info, warn};
@@ -33,32 +34,6 @@ impl LinkError {
     /// The hub no longer knows this node: retrying quickly will not help.
     fn is_fatal(&self) -> bool {
         matches!(self, LinkError::Hub { status: 401, .. })
-    }
-}
-
-/// Exponential backoff with jitter: 1 s doubling to 30 s, plus up to 50 %.
-pub struct Backoff {
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new() -> Self {
-        Self { attempt: 0 }
-    }
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-    pub fn next_delay(&mut self) -> Duration {
-        let base = (1000u64 << self.attempt.min(5)).min(30_000);
-        self.attempt += 1;
-        let jitter = rand::rng().random_range(0..=base / 2);
-        Duration::from_millis(base + jitter)
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -247,7 +222,9 @@ pub async fn sync_loop(
     monitor: crate::alerts::MonitorLink,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(retry::HUB_LINK);
+    // Local save failures (a full disk) retry on their own, shorter schedule.
+    let mut save_backoff = Backoff::new(retry::STATE_WRITE);
     let mut connected = false;
     loop {
         let held = desired_tx.borrow().clone();
@@ -286,11 +263,14 @@ pub async fn sync_loop(
                             "new desired state"
                         );
                         desired_tx.send_replace(Arc::new(next));
+                        save_backoff.reset();
                         None
                     }
                     Err(e) => {
-                        warn!(error = %e, "cannot persist desired state; not applying it");
-                        Some(backoff.next_delay())
+                        let d = crate::retry_delay(&mut save_backoff);
+                        warn!(error = %e, generation = next.generation, retry_in = ?d,
+                            "cannot persist desired state; not applying it (reported to the hub)");
+                        Some(d)
                     }
                 }
             }
@@ -298,7 +278,7 @@ pub async fn sync_loop(
                 let d = if e.is_fatal() {
                     Duration::from_secs(60)
                 } else {
-                    backoff.next_delay()
+                    crate::retry_delay(&mut backoff)
                 };
                 if connected || e.is_fatal() {
                     warn!(error = %e, retry_in = ?d, "lost the hub; workloads keep running from local state");
@@ -343,11 +323,14 @@ pub async fn status_loop(
     // `report_every`, and only when it moved enough or went stale (see
     // `outpost_core::alerts::vitals_worth_sending`).
     let mut vitals_sent: Option<(std::time::Instant, outpost_api::Vitals)> = None;
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(retry::HUB_LINK);
     let mut last_renew_check: Option<std::time::Instant> = None;
+    // The node conditions the hub has (store write failures, kept in memory): sent when they
+    // change and with every full report.
+    let mut conditions_sent: Option<Vec<outpost_api::NodeCondition>> = None;
     loop {
         let snap = status_rx.borrow_and_update().clone();
-        let events = store.pending_events(500).unwrap_or_default();
+        let events = store.events_to_send(500).unwrap_or_default();
         let (workloads, removed, full) = match &acked {
             None => (snap.values().cloned().collect(), Vec::new(), true),
             Some(prev) => (
@@ -376,15 +359,24 @@ pub async fn status_loop(
                     && outpost_core::alerts::vitals_worth_sending(Some(last), v, monitor.max_silence_ms)
             }
         });
-        let with_vitals = StatusWithVitals { vitals, report };
+        let now_conditions = store.conditions();
+        let conditions =
+            (acked.is_none() || conditions_sent.as_ref() != Some(&now_conditions)).then_some(now_conditions);
+        let with_vitals = StatusWithVitals {
+            vitals,
+            report,
+            conditions,
+        };
         let wait = match client.post_json::<_, StatusAck>("status", &with_vitals).await {
             Ok(ack) => {
                 if let Some(v) = &with_vitals.vitals {
                     vitals_sent = Some((std::time::Instant::now(), v.clone()));
                 }
                 let report = &with_vitals.report;
-                if ack.events_acked > 0 {
-                    let _ = store.ack_events(ack.events_acked);
+                // the first answer after a new state database confirms its event sequence
+                let more = store.ack_events(ack.events_acked).unwrap_or(false);
+                if let Some(c) = &with_vitals.conditions {
+                    conditions_sent = Some(c.clone());
                 }
                 acked = Some(snap);
                 backoff.reset();
@@ -395,7 +387,7 @@ pub async fn status_loop(
                     }
                 }
                 // more queued events than one report carries: send again at once
-                if report.events.len() >= 500 {
+                if report.events.len() >= 500 || more {
                     continue;
                 }
                 heartbeat_interval()
@@ -403,7 +395,7 @@ pub async fn status_loop(
             Err(e) => {
                 debug!(error = %e, "status report failed; will resend in full");
                 acked = None;
-                backoff.next_delay()
+                crate::retry_delay(&mut backoff)
             }
         };
         let failed = acked.is_none();
@@ -419,21 +411,5 @@ pub async fn status_loop(
             _ = tokio::time::sleep(wait.min(monitor.report_every.max(Duration::from_secs(1)))) => {}
             _ = shutdown.changed() => return,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_caps_and_jitters() {
-        let mut b = Backoff::new();
-        let d: Vec<u64> = (0..8).map(|_| b.next_delay().as_millis() as u64).collect();
-        assert!((1000..=1500).contains(&d[0]), "{d:?}");
-        assert!((2000..=3000).contains(&d[1]), "{d:?}");
-        assert!(d[7] >= 30_000 && d[7] <= 45_000, "{d:?}");
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(1500));
     }
 }

@@ -465,6 +465,9 @@ pub struct NodeInfo {
     pub workloads: Vec<WorkloadStatus>,
     #[serde(default)]
     pub events: Vec<NodeEvent>,
+    /// Problems the node reported last (empty when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<NodeCondition>,
 }
 
 /// One workload instance on one node, as `outpost get workloads` lists it.
@@ -707,6 +710,23 @@ pub struct StatusWithVitals {
     pub report: StatusReport,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vitals: Option<Vitals>,
+    /// The node's conditions, complete (an empty list clears them); absent: unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conditions: Option<Vec<NodeCondition>>,
+}
+
+/// A problem the node reports about itself while it lasts (e.g. it cannot write its state).
+/// The status report carries it from memory, so it arrives when nothing can be written on the
+/// node; the hub shows it in `describe node` and raises an alert for it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeCondition {
+    /// `DiskFull` (a write to the agent's data dir failed for lack of space) or `StoreFailing`
+    /// (any other failure to write or read the agent's state).
+    pub kind: String,
+    /// What fails, the error, and what to do.
+    pub message: String,
+    /// Unix ms (node clock) since when.
+    pub since: i64,
 }
 
 /// Event reasons of node alerts in the event outbox; the message is `<alert name>: <summary>`.

@@ -3,7 +3,8 @@
 //! token, its own node certificate and mTLS connections (one held for the sync long-poll, one
 //! for status reports, like the real agent's HTTP pool), long-polls with the generation it holds,
 //! a status report after each new generation and a heartbeat every ~60 s with jitter, and
-//! reconnects with the agent's backoff (1 s doubling to 30 s, +50 % jitter).
+//! reconnects with the agent's backoff (`outpost_core::retry::HUB_LINK`: 1 s doubling to 30 s,
+//! +50 % jitter).
 //!
 //! The hub runs as its own process so its CPU, memory and descriptors are read from `/proc`.
 
@@ -161,11 +162,11 @@ async fn request(send: &mut Sender, method: &str, path: &str, body: Vec<u8>) -> 
     Ok((status, body))
 }
 
-/// The agent's reconnect delay: 1 s doubling to 30 s, plus up to 50 %.
+/// The agent's reconnect delay (`outpost_core::retry::HUB_LINK`).
 fn backoff(attempt: &mut u32) -> Duration {
-    let base = (1000u64 << (*attempt).min(5)).min(30_000);
-    *attempt += 1;
-    Duration::from_millis(base + rand::rng().random_range(0..=base / 2))
+    let d = outpost_core::retry::HUB_LINK.delay_ms(*attempt, rand::random());
+    *attempt = attempt.saturating_add(1);
+    Duration::from_millis(d)
 }
 
 async fn ensure(conn: &mut Option<Sender>, f: &Fleet, a: &SimAgent) -> Option<()> {

@@ -31,6 +31,11 @@ pub const NODE_TEMPERATURE_HIGH: &str = "NodeTemperatureHigh";
 pub const WORKLOAD_CRASH_LOOP: &str = "WorkloadCrashLoop";
 pub const NODE_OFFLINE: &str = "NodeOffline";
 pub const WORKLOAD_ROLLED_BACK: &str = "WorkloadRolledBack";
+/// Raised by the hub while a node reports that it cannot write its state (not for lack of
+/// space: that is `NodeDiskFull` with subject [`AGENT_DATA`]).
+pub const NODE_STORE_FAILING: &str = "NodeStoreFailing";
+/// Subject of the alerts raised from node conditions about the agent's data dir.
+pub const AGENT_DATA: &str = "agent-data";
 
 /// A crash-loop alert resolves only after the workload has been out of CrashLoopBackOff this
 /// long: between two crashes a looping workload is briefly Running, which must not resolve it.
@@ -39,7 +44,7 @@ pub const CRASH_LOOP_CLEAR_MS: i64 = 30_000;
 /// `critical` or `warning`, by alert name.
 pub fn severity(name: &str) -> &'static str {
     match name {
-        NODE_OFFLINE | WORKLOAD_CRASH_LOOP | NODE_DISK_FULL | DATA_DISK_FULL => "critical",
+        NODE_OFFLINE | WORKLOAD_CRASH_LOOP | NODE_DISK_FULL | DATA_DISK_FULL | NODE_STORE_FAILING => "critical",
         _ => "warning",
     }
 }
@@ -447,6 +452,36 @@ pub fn on_node_event(firing_event: bool, seq: u64, processed_up_to: u64, current
     }
 }
 
+/// The hub's alerts for the conditions nodes report (`NodeCondition`, kept as each node last
+/// sent them): `DiskFull` raises `NodeDiskFull`, any other kind `NodeStoreFailing`, both with
+/// subject [`AGENT_DATA`] (the node's own disk threshold alert has none), the condition's
+/// message as summary and its start as the alert's. An alert resolves when its node no longer
+/// reports the condition.
+pub fn condition_alerts(
+    conditions: &BTreeMap<String, Vec<outpost_api::NodeCondition>>,
+) -> BTreeMap<AlertKey, HubAlert> {
+    let mut out = BTreeMap::new();
+    for (node, list) in conditions {
+        for c in list {
+            let name = if c.kind == "DiskFull" {
+                NODE_DISK_FULL
+            } else {
+                NODE_STORE_FAILING
+            };
+            out.entry(AlertKey {
+                node: node.clone(),
+                name: name.into(),
+                subject: AGENT_DATA.into(),
+            })
+            .or_insert_with(|| HubAlert {
+                started_at: c.since,
+                summary: format!("{node}: {}", c.message),
+            });
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -758,5 +793,52 @@ mod tests {
         for (i, (f, seq, up_to, cur, want)) in cases.into_iter().enumerate() {
             assert_eq!(on_node_event(f, seq, up_to, cur), want, "case {i}");
         }
+    }
+
+    #[test]
+    fn node_conditions_raise_hub_alerts() {
+        let cond = |kind: &str, since| outpost_api::NodeCondition {
+            kind: kind.into(),
+            message: format!("{kind} msg"),
+            since,
+        };
+        let key = |node: &str, name: &str| AlertKey {
+            node: node.into(),
+            name: name.into(),
+            subject: AGENT_DATA.into(),
+        };
+        type Case<'a> = (
+            Vec<(&'a str, Vec<outpost_api::NodeCondition>)>,
+            Vec<(AlertKey, UnixMs, &'a str)>,
+        );
+        let cases: Vec<Case> = vec![
+            (vec![], vec![]),
+            (vec![("a", vec![])], vec![]),
+            (
+                vec![("a", vec![cond("DiskFull", 5)])],
+                vec![(key("a", NODE_DISK_FULL), 5, "a: DiskFull msg")],
+            ),
+            (
+                vec![("a", vec![cond("StoreFailing", 7)]), ("b", vec![cond("DiskFull", 9)])],
+                vec![
+                    (key("a", NODE_STORE_FAILING), 7, "a: StoreFailing msg"),
+                    (key("b", NODE_DISK_FULL), 9, "b: DiskFull msg"),
+                ],
+            ),
+        ];
+        for (input, want) in cases {
+            let m: BTreeMap<String, Vec<outpost_api::NodeCondition>> =
+                input.into_iter().map(|(n, c)| (n.to_string(), c)).collect();
+            let got: Vec<(AlertKey, UnixMs, String)> = condition_alerts(&m)
+                .into_iter()
+                .map(|(k, a)| (k, a.started_at, a.summary))
+                .collect();
+            let want: Vec<(AlertKey, UnixMs, String)> =
+                want.into_iter().map(|(k, t, s)| (k, t, s.to_string())).collect();
+            assert_eq!(got, want);
+        }
+        assert_eq!(severity(NODE_STORE_FAILING), "critical");
+        // the node's own disk alert (no subject) and this one are different alerts
+        assert_ne!(key("a", NODE_DISK_FULL).subject, "");
     }
 }

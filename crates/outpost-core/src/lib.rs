@@ -8,6 +8,7 @@
 pub mod alerts;
 pub mod probe;
 pub mod render;
+pub mod retry;
 pub mod rollout;
 pub mod schedule;
 pub mod supervise;

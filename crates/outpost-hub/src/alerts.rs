@@ -17,13 +17,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use outpost_api::{
-    AlertInfo, AlertPolicySpec, AlertState, ErrorBatch, Labels, LogRequest, NodeEvent, NodePolicy, Object,
-    RolloutState, StoredErrorLine, UnixMs, Vitals, ALERT_FIRING, ALERT_RESOLVED,
+    AlertInfo, AlertPolicySpec, AlertState, ErrorBatch, Labels, LogRequest, NodeCondition, NodeEvent, NodePolicy,
+    Object, RolloutState, StoredErrorLine, UnixMs, Vitals, ALERT_FIRING, ALERT_RESOLVED,
 };
 use outpost_core::alerts::{self as rules, AlertKey, FleetNode, HubTransition, NodeEventAction, RolledBack};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -78,6 +77,7 @@ CREATE TABLE IF NOT EXISTS error_logs (
     node TEXT NOT NULL, seq INTEGER NOT NULL, at INTEGER NOT NULL, workload TEXT NOT NULL,
     container TEXT NOT NULL, line TEXT NOT NULL, received_at INTEGER NOT NULL, PRIMARY KEY (node, seq));
 CREATE TABLE IF NOT EXISTS node_vitals (node TEXT PRIMARY KEY, vitals TEXT NOT NULL, received_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS node_conditions (node TEXT PRIMARY KEY, conditions TEXT NOT NULL, received_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS webhook_queue (
     id INTEGER PRIMARY KEY AUTOINCREMENT, url TEXT NOT NULL, payload TEXT NOT NULL,
     attempts INTEGER NOT NULL, next_at INTEGER NOT NULL, created_at INTEGER NOT NULL);
@@ -186,8 +186,8 @@ impl Monitor {
 
     fn count(&self, a: &AlertInfo) {
         match a.state {
-            AlertState::Firing => self.metrics.alerts_fired.fetch_add(1, Ordering::Relaxed),
-            AlertState::Resolved => self.metrics.alerts_resolved.fetch_add(1, Ordering::Relaxed),
+            AlertState::Firing => self.metrics.alerts_fired.inc(),
+            AlertState::Resolved => self.metrics.alerts_resolved.inc(),
         };
         tracing::info!(alert = %a.name, node = %a.node, subject = %a.subject, state = ?a.state,
             source = %a.source, summary = %a.summary, "fleet alert");
@@ -250,17 +250,31 @@ impl Monitor {
         Ok(a)
     }
 
-    /// Record a status report's node alert events and vitals. Returns the transitions.
+    /// Record a status report's node alert events, vitals and conditions (`Some`: the node's
+    /// complete list). Returns the transitions.
     pub fn node_report(
         &self,
         node: &str,
         labels: &Labels,
         events: &[NodeEvent],
         vitals: Option<&Vitals>,
+        conditions: Option<&[NodeCondition]>,
         now: UnixMs,
     ) -> R<Vec<AlertInfo>> {
         let mut c = self.lock();
         let tx = c.transaction()?;
+        match conditions {
+            Some([]) => {
+                tx.execute("DELETE FROM node_conditions WHERE node = ?1", params![node])?;
+            }
+            Some(list) => {
+                tx.execute(
+                    "INSERT OR REPLACE INTO node_conditions (node, conditions, received_at) VALUES (?1, ?2, ?3)",
+                    params![node, serde_json::to_string(list).expect("serializable"), now],
+                )?;
+            }
+            None => {}
+        }
         if let Some(v) = vitals {
             tx.execute(
                 "INSERT OR REPLACE INTO node_vitals (node, vitals, received_at) VALUES (?1, ?2, ?3)",
@@ -317,6 +331,21 @@ impl Monitor {
         }
         tx.commit()?;
         self.announce(&out);
+        Ok(out)
+    }
+
+    /// Each node's conditions as it last reported them (nodes without any are absent).
+    pub fn conditions(&self, node: Option<&str>) -> R<BTreeMap<String, Vec<NodeCondition>>> {
+        let c = self.lock();
+        let mut st = c.prepare("SELECT node, conditions FROM node_conditions WHERE ?1 IS NULL OR node = ?1")?;
+        let rows = st.query_map(params![node], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = BTreeMap::new();
+        for row in rows {
+            let (n, json) = row?;
+            if let Ok(list) = serde_json::from_str(&json) {
+                out.insert(n, list);
+            }
+        }
         Ok(out)
     }
 
@@ -436,7 +465,7 @@ impl Monitor {
             params![node, high - ERRORS_KEPT],
         )?;
         tx.commit()?;
-        self.metrics.error_lines.fetch_add(added, Ordering::Relaxed);
+        self.metrics.error_lines.inc_by(added);
         // The acknowledgement covers the whole batch: lines pruned or stored before count too.
         Ok(b.lines.iter().map(|l| l.seq).max().unwrap_or(0).max(high as u64))
     }
@@ -533,7 +562,7 @@ impl Monitor {
 
     pub fn forget_node(&self, node: &str) -> R<()> {
         let c = self.lock();
-        for t in ["alerts", "alert_seq", "error_logs", "node_vitals"] {
+        for t in ["alerts", "alert_seq", "error_logs", "node_vitals", "node_conditions"] {
             c.execute(&format!("DELETE FROM {t} WHERE node = ?1"), params![node])?;
         }
         Ok(())
@@ -608,14 +637,21 @@ pub async fn sync_extras(
     Ok((policy, st.monitor.logs.take(node)))
 }
 
-/// Hook for status reports: node alert events and vitals.
+/// Hook for status reports: node alert events, vitals and conditions.
 pub async fn on_status(
     st: &HubState,
     node: &str,
     events: Vec<NodeEvent>,
     vitals: Option<Vitals>,
+    conditions: Option<Vec<NodeCondition>>,
 ) -> Result<(), HubError> {
+    if let Some(list) = &conditions {
+        for c in list {
+            tracing::warn!(node, kind = %c.kind, since = c.since, "node condition: {}", c.message);
+        }
+    }
     if vitals.is_none()
+        && conditions.is_none()
         && !events
             .iter()
             .any(|e| e.reason == ALERT_FIRING || e.reason == ALERT_RESOLVED)
@@ -626,7 +662,10 @@ pub async fn on_status(
     let labels = st.db(move |s| s.node(&n)).await?.map(|r| r.labels).unwrap_or_default();
     let n = node.to_string();
     let now = crate::now_ms();
-    mdb(st, move |m| m.node_report(&n, &labels, &events, vitals.as_ref(), now)).await?;
+    mdb(st, move |m| {
+        m.node_report(&n, &labels, &events, vitals.as_ref(), conditions.as_deref(), now)
+    })
+    .await?;
     Ok(())
 }
 
@@ -653,7 +692,7 @@ pub async fn evaluate_once(st: &HubState, listening_since: UnixMs, now: UnixMs) 
             })
         })
         .collect();
-    let want = rules::fleet_alerts(
+    let mut want = rules::fleet_alerts(
         &fleet,
         &rollbacks,
         st.monitor.cfg.offline_alert.as_millis() as i64,
@@ -662,6 +701,9 @@ pub async fn evaluate_once(st: &HubState, listening_since: UnixMs, now: UnixMs) 
     );
     let labels: BTreeMap<String, Labels> = nodes.into_iter().map(|n| (n.name, n.labels)).collect();
     let existing: BTreeSet<String> = labels.keys().cloned().collect();
+    let mut conditions = mdb(st, |m| m.conditions(None)).await?;
+    conditions.retain(|n, _| existing.contains(n));
+    want.extend(rules::condition_alerts(&conditions));
     mdb(st, move |m| {
         let firing: BTreeSet<AlertKey> = m
             .firing_hub_alerts()?
@@ -735,10 +777,10 @@ mod tests {
             ev(2, 200, true, "WorkloadCrashLoop: x", Some("daemonset/default/x")),
             ev(3, 300, false, "NodeCpuHigh: CPU back", None),
         ];
-        let t = m.node_report("n", &l, &batch, None, 1000).unwrap();
+        let t = m.node_report("n", &l, &batch, None, None, 1000).unwrap();
         assert_eq!(t.len(), 3);
         assert_eq!(
-            m.node_report("n", &l, &batch, None, 2000).unwrap().len(),
+            m.node_report("n", &l, &batch, None, None, 2000).unwrap().len(),
             0,
             "resent batch"
         );

@@ -168,9 +168,13 @@ pub async fn status(
     authorize_node(&st, &peer, &node).await?;
     let now = now_ms();
     contact(&st, &node, now).await?;
-    let outpost_api::StatusWithVitals { report, vitals } = body;
+    let outpost_api::StatusWithVitals {
+        report,
+        vitals,
+        conditions,
+    } = body;
     // Alert events are processed (idempotently) before the events are acknowledged.
-    crate::alerts::on_status(&st, &node, report.events.clone(), vitals).await?;
+    crate::alerts::on_status(&st, &node, report.events.clone(), vitals, conditions).await?;
     let events = report.events.len();
     let events_acked = st.record_status(node.clone(), report, now).await?;
     tracing::debug!(node = %node, events, events_acked, "status stored");
@@ -529,6 +533,7 @@ fn node_info(n: NodeRow, workloads: Vec<WorkloadStatus>, offline_after: std::tim
         cert_expires_at: Some(n.cert_not_after),
         workloads,
         events: Vec::new(),
+        conditions: Vec::new(),
     }
 }
 
@@ -561,8 +566,14 @@ pub async fn node(State(st): St, _: Admin, Path(name): Path<String>) -> Result<J
         })
         .await?;
     let (row, statuses, events) = found.ok_or_else(|| HubError::NotFound(format!("node {name}")))?;
+    let n = name.clone();
+    let conditions = crate::alerts::mdb(&st, move |m| m.conditions(Some(&n)))
+        .await?
+        .remove(&name)
+        .unwrap_or_default();
     Ok(Json(NodeInfo {
         events,
+        conditions,
         ..node_info(row, statuses, st.offline_after, now_ms())
     }))
 }

@@ -9,7 +9,6 @@
 //! Must never: hold a request longer than its deadline, or hand a node another node's request.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{Path, State};
@@ -119,7 +118,7 @@ pub async fn get_logs(
         .await?
         .ok_or_else(|| HubError::NotFound(format!("node {}", q.node)))?;
     let now = crate::now_ms();
-    let failed = || st.monitor.metrics.log_requests_failed.fetch_add(1, Ordering::Relaxed);
+    let failed = || st.monitor.metrics.log_requests_failed.inc();
     if !is_online(&row, st.offline_after, now) {
         failed();
         return Err(HubError::NodeUnreachable(format!(
@@ -142,7 +141,7 @@ pub async fn get_logs(
     st.wake(&q.node);
     match tokio::time::timeout(st.monitor.cfg.log_wait, rx).await {
         Ok(Ok(data)) => {
-            st.monitor.metrics.log_requests_ok.fetch_add(1, Ordering::Relaxed);
+            st.monitor.metrics.log_requests_ok.inc();
             tracing::debug!(node = %q.node, workload = %q.workload, bytes = data.text.len(), "log request answered");
             Ok(Json(data))
         }

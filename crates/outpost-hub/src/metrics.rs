@@ -1,51 +1,141 @@
-//! The hub's Prometheus endpoint (`GET /metrics`, text format 0.0.4): fleet gauges computed at
-//! scrape time from the store (nodes by status, workloads by phase, firing alerts, each node's
-//! last reported vital signs with `node` and `site` labels) and the hub's own counters (requests,
-//! request latency, open long-polls, alert notifications, webhook deliveries, forwarded error
-//! lines, log requests). docs/metrics.md lists every metric.
+//! The hub's Prometheus endpoint (`GET /metrics`), through the `prometheus-client` crate: the
+//! hub's own counters live in a [`Registry`] (requests, request latency, open long-polls, alert
+//! notifications, webhook deliveries, forwarded error lines, log requests), and the fleet
+//! figures read from the store at scrape time (nodes by status, workloads by phase, firing
+//! alerts, each node's last reported vital signs with `node` and `site` labels) are encoded by a
+//! custom [`Collector`] over a [`FleetView`]. docs/metrics.md lists every metric.
 //!
-//! Owns: the counters and the text rendering. Must never: block a request on anything but the
+//! Formats: OpenMetrics 1.0 when the scraper accepts it (Prometheus does), otherwise the
+//! Prometheus text format 0.0.4 (curl, `promtool check metrics`): the crate encodes OpenMetrics
+//! only, and [`to_text_004`] renames counter families to their `_total` sample name and drops
+//! the `# EOF` marker, the only differences for the metric types used here.
+//!
+//! Owns: the counters and the exposition. Must never: block a request on anything but the
 //! short store reads of a scrape, or take labels from anything unbounded except node and
 //! workload names.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use outpost_api::{Labels, Vitals};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 use crate::state::HubState;
 
 /// Upper bounds of the request-duration histogram, seconds (long-polls land in the last ones).
 pub const BUCKETS: &[f64] = &[0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 40.0];
 
-#[derive(Default)]
-struct Histogram {
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
+/// The label set of a family: `(name, value)` pairs in a fixed order.
+type LabelSet = Vec<(&'static str, String)>;
+
+/// A label value escaped for the text formats (`\\`, `\"`, `\n`): prometheus-client 0.24
+/// writes label values verbatim, and node names, sites and workload keys come from outside.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn histogram() -> Histogram {
+    Histogram::new(BUCKETS.iter().copied())
 }
 
 /// Counters of the hub process. One `Metrics` per hub, shared through [`HubState`].
-#[derive(Default)]
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(&'static str, String), u64>>,
-    durations: Mutex<BTreeMap<&'static str, Histogram>>,
+    registry: Registry,
+    requests: Family<LabelSet, Counter>,
+    durations: Family<LabelSet, Histogram, fn() -> Histogram>,
     /// Open sync long-polls: connected agents.
-    pub long_polls: AtomicI64,
-    pub alerts_fired: AtomicU64,
-    pub alerts_resolved: AtomicU64,
-    pub webhook_ok: AtomicU64,
-    pub webhook_retry: AtomicU64,
-    pub webhook_dropped: AtomicU64,
-    pub error_lines: AtomicU64,
-    pub log_requests_ok: AtomicU64,
-    pub log_requests_failed: AtomicU64,
+    pub long_polls: Gauge<i64, AtomicI64>,
+    pub alerts_fired: Counter,
+    pub alerts_resolved: Counter,
+    pub webhook_ok: Counter,
+    pub webhook_retry: Counter,
+    pub webhook_dropped: Counter,
+    pub error_lines: Counter,
+    pub log_requests_ok: Counter,
+    pub log_requests_failed: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<LabelSet, Counter>::default();
+        registry.register(
+            "outpost_hub_http_requests",
+            "Requests answered by the hub, by route and status class",
+            requests.clone(),
+        );
+        let durations = Family::<LabelSet, Histogram, fn() -> Histogram>::new_with_constructor(histogram);
+        registry.register(
+            "outpost_hub_http_request_duration_seconds",
+            "Time to answer, by route (sync includes the long-poll wait)",
+            durations.clone(),
+        );
+        let long_polls = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "outpost_hub_connected_agents",
+            "Open sync long-polls (agents connected now)",
+            long_polls.clone(),
+        );
+        // Each labelled child is created up front, so every series shows from the start (0).
+        let child =
+            |f: &Family<LabelSet, Counter>, k: &'static str, v: &str| f.get_or_create_owned(&vec![(k, v.to_string())]);
+        let notifications = Family::<LabelSet, Counter>::default();
+        registry.register(
+            "outpost_hub_alert_notifications",
+            "Alert transitions recorded, by new state",
+            notifications.clone(),
+        );
+        let webhooks = Family::<LabelSet, Counter>::default();
+        registry.register(
+            "outpost_hub_webhook_deliveries",
+            "Webhook POST attempts by result (ok, retry, dropped)",
+            webhooks.clone(),
+        );
+        let error_lines = Counter::default();
+        registry.register(
+            "outpost_hub_error_lines_received",
+            "Error log lines forwarded by nodes and stored",
+            error_lines.clone(),
+        );
+        let log_requests = Family::<LabelSet, Counter>::default();
+        registry.register(
+            "outpost_hub_log_requests",
+            "Operator log requests, by result (ok, failed)",
+            log_requests.clone(),
+        );
+        Self {
+            alerts_fired: child(&notifications, "state", "firing"),
+            alerts_resolved: child(&notifications, "state", "resolved"),
+            webhook_ok: child(&webhooks, "result", "ok"),
+            webhook_retry: child(&webhooks, "result", "retry"),
+            webhook_dropped: child(&webhooks, "result", "dropped"),
+            log_requests_ok: child(&log_requests, "result", "ok"),
+            log_requests_failed: child(&log_requests, "result", "failed"),
+            registry,
+            requests,
+            durations,
+            long_polls,
+            error_lines,
+        }
+    }
 }
 
 /// A bounded route label for a request path.
@@ -75,24 +165,12 @@ pub fn route_of(path: &str) -> &'static str {
 impl Metrics {
     pub fn observe(&self, route: &'static str, status: u16, secs: f64) {
         let class = format!("{}xx", status / 100);
-        *self
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry((route, class))
-            .or_default() += 1;
-        let mut d = self.durations.lock().unwrap_or_else(|p| p.into_inner());
-        let h = d.entry(route).or_default();
-        if h.counts.is_empty() {
-            h.counts = vec![0; BUCKETS.len()];
-        }
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if secs <= *b {
-                h.counts[i] += 1;
-            }
-        }
-        h.sum += secs;
-        h.count += 1;
+        self.requests
+            .get_or_create(&vec![("route", route.to_string()), ("code", class)])
+            .inc();
+        self.durations
+            .get_or_create(&vec![("route", route.to_string())])
+            .observe(secs);
     }
 }
 
@@ -112,19 +190,19 @@ pub struct LongPollGuard(Arc<Metrics>);
 
 impl LongPollGuard {
     pub fn new(m: Arc<Metrics>) -> Self {
-        m.long_polls.fetch_add(1, Ordering::Relaxed);
+        m.long_polls.inc();
         Self(m)
     }
 }
 
 impl Drop for LongPollGuard {
     fn drop(&mut self) {
-        self.0.long_polls.fetch_sub(1, Ordering::Relaxed);
+        self.0.long_polls.dec();
     }
 }
 
 /// What a scrape reads from the store.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct FleetView {
     /// (name, labels, online)
     pub nodes: Vec<(String, Labels, bool)>,
@@ -137,273 +215,256 @@ pub struct FleetView {
     pub webhook_queue: u64,
 }
 
-fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+/// One sample value: integers print as integers.
+#[derive(Clone, Copy)]
+enum V {
+    U(u64),
+    F(f64),
 }
 
-struct Out(String);
+/// Encodes the [`FleetView`] of one scrape.
+#[derive(Debug)]
+struct FleetCollector(FleetView);
 
-impl Out {
-    fn head(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    }
-    fn line(&mut self, name: &str, labels: &[(&str, &str)], v: f64) {
-        let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", esc(v))).collect();
-        if l.is_empty() {
-            let _ = writeln!(self.0, "{name} {v}");
-        } else {
-            let _ = writeln!(self.0, "{name}{{{}}} {v}", l.join(","));
+/// One metric family of constant samples.
+fn family(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: Vec<(LabelSet, V)>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, kind)?;
+    if let [(labels, v)] = &rows[..] {
+        if labels.is_empty() {
+            return match (kind, *v) {
+                (MetricType::Counter, V::U(x)) => ConstCounter::new(x).encode(m),
+                (MetricType::Counter, V::F(x)) => ConstCounter::new(x).encode(m),
+                (_, V::U(x)) => ConstGauge::new(x as i64).encode(m),
+                (_, V::F(x)) => ConstGauge::new(x).encode(m),
+            };
         }
     }
+    for (labels, v) in rows {
+        let e = m.encode_family(&labels)?;
+        match (kind, v) {
+            (MetricType::Counter, V::U(x)) => ConstCounter::new(x).encode(e)?,
+            (MetricType::Counter, V::F(x)) => ConstCounter::new(x).encode(e)?,
+            (_, V::U(x)) => ConstGauge::new(x as i64).encode(e)?,
+            (_, V::F(x)) => ConstGauge::new(x).encode(e)?,
+        }
+    }
+    Ok(())
 }
 
-/// The `/metrics` text.
-pub fn render(f: &FleetView, m: &Metrics) -> String {
-    let mut o = Out(String::new());
-    o.head("outpost_nodes", "gauge", "Nodes by status (Online/Offline).");
-    for status in ["Online", "Offline"] {
-        let n = f.nodes.iter().filter(|(_, _, on)| *on == (status == "Online")).count();
-        o.line("outpost_nodes", &[("status", status)], n as f64);
-    }
-    o.head(
-        "outpost_workloads",
-        "gauge",
-        "Workload instances on nodes by reported phase.",
-    );
-    for (phase, n) in &f.phases {
-        o.line("outpost_workloads", &[("phase", phase)], *n as f64);
-    }
-    o.head(
-        "outpost_alerts_firing",
-        "gauge",
-        "Fleet alerts firing now, by alert name and severity.",
-    );
-    for ((name, sev), n) in &f.firing {
-        o.line(
+impl Collector for FleetCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let f = &self.0;
+        let gauge = MetricType::Gauge;
+        let rows = ["Online", "Offline"]
+            .into_iter()
+            .map(|status| {
+                let n = f.nodes.iter().filter(|(_, _, on)| *on == (status == "Online")).count();
+                (vec![("status", status.to_string())], V::U(n as u64))
+            })
+            .collect();
+        family(
+            &mut enc,
+            "outpost_nodes",
+            "Nodes by status (Online/Offline).",
+            gauge,
+            rows,
+        )?;
+        let rows = f
+            .phases
+            .iter()
+            .map(|(phase, n)| (vec![("phase", esc(phase))], V::U(*n)))
+            .collect();
+        family(
+            &mut enc,
+            "outpost_workloads",
+            "Workload instances on nodes by reported phase.",
+            gauge,
+            rows,
+        )?;
+        let rows = f
+            .firing
+            .iter()
+            .map(|((name, sev), n)| (vec![("alertname", esc(name)), ("severity", esc(sev))], V::U(*n)))
+            .collect();
+        family(
+            &mut enc,
             "outpost_alerts_firing",
-            &[("alertname", name), ("severity", sev)],
-            *n as f64,
-        );
-    }
-    let site = |labels: &Labels| labels.get("site").cloned().unwrap_or_default();
-    let sites: BTreeMap<&str, String> = f.nodes.iter().map(|(n, l, _)| (n.as_str(), site(l))).collect();
-    o.head("outpost_node_up", "gauge", "1 while the node is Online.");
-    for (n, l, on) in &f.nodes {
-        o.line(
-            "outpost_node_up",
-            &[("node", n), ("site", &site(l))],
-            if *on { 1.0 } else { 0.0 },
-        );
-    }
-    type Get = fn(&Vitals) -> Option<f64>;
-    let gauges: &[(&str, &str, Get)] = &[
-        (
-            "outpost_node_cpu_ratio",
-            "CPU busy, fraction of all cores (last report).",
-            |v| Some(v.cpu as f64 / 100.0),
-        ),
-        (
-            "outpost_node_memory_ratio",
-            "Memory in use, fraction (last report).",
-            |v| Some(v.mem as f64 / 100.0),
-        ),
-        ("outpost_node_memory_total_bytes", "Memory of the node.", |v| {
-            Some(v.mem_total_bytes as f64)
-        }),
-        (
-            "outpost_node_disk_root_ratio",
-            "Use of the file system holding /, fraction.",
-            |v| Some(v.disk_root as f64 / 100.0),
-        ),
-        (
-            "outpost_node_disk_data_ratio",
-            "Use of the file system holding the agent's data dir, when not the one of /.",
-            |v| v.disk_data.map(|d| d as f64 / 100.0),
-        ),
-        ("outpost_node_load1", "1-minute load average.", |v| Some(v.load1 as f64)),
-        (
-            "outpost_node_temperature_celsius",
-            "Hottest thermal zone, where the host has one.",
-            |v| v.temp_c.map(f64::from),
-        ),
-        (
-            "outpost_node_vitals_timestamp_seconds",
-            "When the node took the reported sample (node clock).",
-            |v| Some(v.at as f64 / 1000.0),
-        ),
-    ];
-    for (name, help, get) in gauges {
-        o.head(name, "gauge", help);
-        for (node, v) in &f.vitals {
-            if let Some(x) = get(v) {
-                let s = sites.get(node.as_str()).cloned().unwrap_or_default();
-                o.line(name, &[("node", node), ("site", &s)], x);
-            }
+            "Fleet alerts firing now, by alert name and severity.",
+            gauge,
+            rows,
+        )?;
+        let site = |labels: &Labels| esc(labels.get("site").map_or("", |s| s.as_str()));
+        let sites: BTreeMap<&str, String> = f.nodes.iter().map(|(n, l, _)| (n.as_str(), site(l))).collect();
+        let node_labels = |node: &str| -> LabelSet {
+            vec![
+                ("node", esc(node)),
+                ("site", sites.get(node).cloned().unwrap_or_default()),
+            ]
+        };
+        let rows = f
+            .nodes
+            .iter()
+            .map(|(n, l, on)| (vec![("node", esc(n)), ("site", site(l))], V::U(u64::from(*on))))
+            .collect();
+        family(&mut enc, "outpost_node_up", "1 while the node is Online.", gauge, rows)?;
+        type Get = fn(&Vitals) -> Option<V>;
+        let gauges: &[(&str, &str, Get)] = &[
+            (
+                "outpost_node_cpu_ratio",
+                "CPU busy, fraction of all cores (last report).",
+                |v| Some(V::F(v.cpu as f64 / 100.0)),
+            ),
+            (
+                "outpost_node_memory_ratio",
+                "Memory in use, fraction (last report).",
+                |v| Some(V::F(v.mem as f64 / 100.0)),
+            ),
+            ("outpost_node_memory_total_bytes", "Memory of the node.", |v| {
+                Some(V::U(v.mem_total_bytes))
+            }),
+            (
+                "outpost_node_disk_root_ratio",
+                "Use of the file system holding /, fraction.",
+                |v| Some(V::F(v.disk_root as f64 / 100.0)),
+            ),
+            (
+                "outpost_node_disk_data_ratio",
+                "Use of the file system holding the agent's data dir, when not the one of /.",
+                |v| v.disk_data.map(|d| V::F(d as f64 / 100.0)),
+            ),
+            ("outpost_node_load1", "1-minute load average.", |v| {
+                Some(V::F(v.load1 as f64))
+            }),
+            (
+                "outpost_node_temperature_celsius",
+                "Hottest thermal zone, where the host has one.",
+                |v| v.temp_c.map(|t| V::F(f64::from(t))),
+            ),
+            (
+                "outpost_node_vitals_timestamp_seconds",
+                "When the node took the reported sample (node clock).",
+                |v| Some(V::F(v.at as f64 / 1000.0)),
+            ),
+        ];
+        for (name, help, get) in gauges {
+            let rows = f
+                .vitals
+                .iter()
+                .filter_map(|(node, v)| get(v).map(|x| (node_labels(node), x)))
+                .collect();
+            family(&mut enc, name, help, gauge, rows)?;
         }
-    }
-    o.head(
-        "outpost_node_log_dropped_lines_total",
-        "counter",
-        "Log lines a node dropped because a log cap was reached.",
-    );
-    for (node, v) in &f.vitals {
-        let s = sites.get(node.as_str()).cloned().unwrap_or_default();
-        o.line(
-            "outpost_node_log_dropped_lines_total",
-            &[("node", node), ("site", &s)],
-            v.log_dropped_lines as f64,
-        );
-    }
-    type WGet = fn(&outpost_api::WorkloadVitals) -> f64;
-    let wl: &[(&str, &str, &str, WGet)] = &[
-        (
-            "outpost_workload_cpu_ratio",
-            "gauge",
-            "Workload CPU, fraction of one core, summed over its process groups.",
-            |w| w.cpu as f64 / 100.0,
-        ),
-        (
-            "outpost_workload_memory_bytes",
-            "gauge",
-            "Workload resident memory, summed over its process groups.",
-            |w| w.rss_bytes as f64,
-        ),
-        (
-            "outpost_workload_restarts_total",
-            "counter",
-            "Workload container restarts on the node.",
-            |w| w.restarts as f64,
-        ),
-    ];
-    for (name, kind, help, get) in wl {
-        o.head(name, kind, help);
-        for (node, v) in &f.vitals {
-            let s = sites.get(node.as_str()).cloned().unwrap_or_default();
-            for w in &v.workloads {
-                o.line(name, &[("node", node), ("site", &s), ("workload", &w.key)], get(w));
-            }
+        let rows = f
+            .vitals
+            .iter()
+            .map(|(node, v)| (node_labels(node), V::U(v.log_dropped_lines)))
+            .collect();
+        family(
+            &mut enc,
+            "outpost_node_log_dropped_lines",
+            "Log lines a node dropped because a log cap was reached.",
+            MetricType::Counter,
+            rows,
+        )?;
+        type WGet = fn(&outpost_api::WorkloadVitals) -> V;
+        let wl: &[(&str, MetricType, &str, WGet)] = &[
+            (
+                "outpost_workload_cpu_ratio",
+                MetricType::Gauge,
+                "Workload CPU, fraction of one core, summed over its process groups.",
+                |w| V::F(w.cpu as f64 / 100.0),
+            ),
+            (
+                "outpost_workload_memory_bytes",
+                MetricType::Gauge,
+                "Workload resident memory, summed over its process groups.",
+                |w| V::U(w.rss_bytes),
+            ),
+            (
+                "outpost_workload_restarts",
+                MetricType::Counter,
+                "Workload container restarts on the node.",
+                |w| V::U(u64::from(w.restarts)),
+            ),
+        ];
+        for (name, kind, help, get) in wl {
+            let rows = f
+                .vitals
+                .iter()
+                .flat_map(|(node, v)| {
+                    v.workloads.iter().map(move |w| {
+                        let mut l = node_labels(node);
+                        l.push(("workload", esc(&w.key)));
+                        (l, get(w))
+                    })
+                })
+                .collect();
+            family(&mut enc, name, help, *kind, rows)?;
         }
+        family(
+            &mut enc,
+            "outpost_hub_webhook_queue",
+            "Webhook notifications waiting to be delivered.",
+            gauge,
+            vec![(Vec::new(), V::U(f.webhook_queue))],
+        )
     }
-    o.head(
-        "outpost_hub_http_requests_total",
-        "counter",
-        "Requests answered by the hub, by route and status class.",
-    );
-    for ((route, class), n) in m.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-        o.line(
-            "outpost_hub_http_requests_total",
-            &[("route", route), ("code", class)],
-            *n as f64,
-        );
-    }
-    o.head(
-        "outpost_hub_http_request_duration_seconds",
-        "histogram",
-        "Time to answer, by route (sync includes the long-poll wait).",
-    );
-    for (route, h) in m.durations.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-        for (i, b) in BUCKETS.iter().enumerate() {
-            let le = b.to_string();
-            o.line(
-                "outpost_hub_http_request_duration_seconds_bucket",
-                &[("route", route), ("le", &le)],
-                h.counts[i] as f64,
-            );
-        }
-        o.line(
-            "outpost_hub_http_request_duration_seconds_bucket",
-            &[("route", route), ("le", "+Inf")],
-            h.count as f64,
-        );
-        o.line(
-            "outpost_hub_http_request_duration_seconds_sum",
-            &[("route", route)],
-            h.sum,
-        );
-        o.line(
-            "outpost_hub_http_request_duration_seconds_count",
-            &[("route", route)],
-            h.count as f64,
-        );
-    }
-    let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
-    o.head(
-        "outpost_hub_connected_agents",
-        "gauge",
-        "Open sync long-polls (agents connected now).",
-    );
-    o.line(
-        "outpost_hub_connected_agents",
-        &[],
-        m.long_polls.load(Ordering::Relaxed).max(0) as f64,
-    );
-    o.head(
-        "outpost_hub_alert_notifications_total",
-        "counter",
-        "Alert transitions recorded, by new state.",
-    );
-    o.line(
-        "outpost_hub_alert_notifications_total",
-        &[("state", "firing")],
-        load(&m.alerts_fired),
-    );
-    o.line(
-        "outpost_hub_alert_notifications_total",
-        &[("state", "resolved")],
-        load(&m.alerts_resolved),
-    );
-    o.head(
-        "outpost_hub_webhook_deliveries_total",
-        "counter",
-        "Webhook POST attempts by result (ok, retry, dropped).",
-    );
-    o.line(
-        "outpost_hub_webhook_deliveries_total",
-        &[("result", "ok")],
-        load(&m.webhook_ok),
-    );
-    o.line(
-        "outpost_hub_webhook_deliveries_total",
-        &[("result", "retry")],
-        load(&m.webhook_retry),
-    );
-    o.line(
-        "outpost_hub_webhook_deliveries_total",
-        &[("result", "dropped")],
-        load(&m.webhook_dropped),
-    );
-    o.head(
-        "outpost_hub_webhook_queue",
-        "gauge",
-        "Webhook notifications waiting to be delivered.",
-    );
-    o.line("outpost_hub_webhook_queue", &[], f.webhook_queue as f64);
-    o.head(
-        "outpost_hub_error_lines_received_total",
-        "counter",
-        "Error log lines forwarded by nodes and stored.",
-    );
-    o.line("outpost_hub_error_lines_received_total", &[], load(&m.error_lines));
-    o.head(
-        "outpost_hub_log_requests_total",
-        "counter",
-        "Operator log requests, by result (ok, failed).",
-    );
-    o.line(
-        "outpost_hub_log_requests_total",
-        &[("result", "ok")],
-        load(&m.log_requests_ok),
-    );
-    o.line(
-        "outpost_hub_log_requests_total",
-        &[("result", "failed")],
-        load(&m.log_requests_failed),
-    );
-    o.0
 }
 
-/// `GET /metrics` (admin token, as for every operator route): Prometheus text format.
-pub async fn metrics(State(st): State<Arc<HubState>>, _: crate::server::Admin) -> Result<Response, crate::HubError> {
+/// The `/metrics` body in OpenMetrics text format.
+pub fn render_openmetrics(f: FleetView, m: &Metrics) -> String {
+    use prometheus_client::encoding::text::{encode_eof, encode_registry};
+    let mut fleet = Registry::default();
+    fleet.register_collector(Box::new(FleetCollector(f)));
+    let mut out = String::new();
+    // Writing into a String cannot fail; the collector only formats numbers.
+    let _ = encode_registry(&mut out, &fleet);
+    let _ = encode_registry(&mut out, &m.registry);
+    let _ = encode_eof(&mut out);
+    out
+}
+
+/// OpenMetrics text -> Prometheus text format 0.0.4: a counter family is named after its
+/// `_total` samples in `# HELP`/`# TYPE`, and there is no `# EOF` (see the module doc).
+pub fn to_text_004(openmetrics: &str) -> String {
+    let counters: std::collections::BTreeSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+/// The `/metrics` text in the Prometheus text format 0.0.4.
+pub fn render(f: FleetView, m: &Metrics) -> String {
+    to_text_004(&render_openmetrics(f, m))
+}
+
+/// `GET /metrics` (admin token, as for every operator route): OpenMetrics when the scraper
+/// accepts it, else the Prometheus text format 0.0.4.
+pub async fn metrics(
+    State(st): State<Arc<HubState>>,
+    _: crate::server::Admin,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, crate::HubError> {
     use axum::response::IntoResponse;
     let now = crate::now_ms();
     let offline_after = st.offline_after;
@@ -427,15 +488,23 @@ pub async fn metrics(State(st): State<Arc<HubState>>, _: crate::server::Admin) -
     for a in alerts {
         *f.firing.entry((a.name, a.severity)).or_default() += 1;
     }
-    let body = render(&f, &st.monitor.metrics);
-    Ok((
-        [(
-            axum::http::header::CONTENT_TYPE,
+    let openmetrics = headers
+        .get_all(axum::http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let (content_type, body) = if openmetrics {
+        (
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            render_openmetrics(f, &st.monitor.metrics),
+        )
+    } else {
+        (
             "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
-    )
-        .into_response())
+            render(f, &st.monitor.metrics),
+        )
+    };
+    Ok(([(axum::http::header::CONTENT_TYPE, content_type)], body).into_response())
 }
 
 #[cfg(test)]
@@ -461,14 +530,124 @@ mod tests {
                 ..Default::default()
             },
         );
-        let text = render(&f, &m);
-        assert!(text.contains("outpost_nodes{status=\"Online\"} 1"), "{text}");
+        let text = render(f, &m);
+        assert!(text.contains("outpost_nodes{status=\"Online\"} 1\n"), "{text}");
         assert!(
-            text.contains("outpost_node_cpu_ratio{node=\"a\",site=\"s\\\"1\"} 0.5"),
+            text.contains("outpost_node_cpu_ratio{node=\"a\",site=\"s\\\"1\"} 0.5\n"),
             "{text}"
         );
-        assert!(text.contains("outpost_hub_http_request_duration_seconds_bucket{route=\"sync\",le=\"40\"} 1"));
-        assert!(text.contains("outpost_hub_http_request_duration_seconds_bucket{route=\"sync\",le=\"10\"} 0"));
+        assert!(
+            text.contains("outpost_hub_http_request_duration_seconds_bucket{le=\"40.0\",route=\"sync\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outpost_hub_http_request_duration_seconds_bucket{le=\"10.0\",route=\"sync\"} 0\n"),
+            "{text}"
+        );
+        // 0.0.4: counters are typed under their sample name, no EOF; OpenMetrics keeps both
+        assert!(
+            text.contains("# TYPE outpost_hub_http_requests_total counter\n"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"));
+        let om = render_openmetrics(FleetView::default(), &m);
+        assert!(om.contains("# TYPE outpost_hub_http_requests counter\n") && om.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn text_004_renames_counter_families_only() {
+        let om = "# HELP a_x A.\n# TYPE a_x counter\na_x_total{k=\"v\"} 1\n# HELP b B.\n# TYPE b gauge\nb 2\n# EOF\n";
+        assert_eq!(
+            to_text_004(om),
+            "# HELP a_x_total A.\n# TYPE a_x_total counter\na_x_total{k=\"v\"} 1\n# HELP b B.\n# TYPE b gauge\nb 2\n"
+        );
+    }
+
+    /// Series of one family come out of a hash map: sort each run of samples.
+    fn stable(text: &str) -> String {
+        let mut out = Vec::new();
+        let mut run: Vec<&str> = Vec::new();
+        for l in text.lines() {
+            if l.starts_with('#') {
+                run.sort();
+                out.append(&mut run);
+                out.push(l);
+            } else {
+                run.push(l);
+            }
+        }
+        run.sort();
+        out.append(&mut run);
+        out.join("\n") + "\n"
+    }
+
+    #[test]
+    fn metrics_snapshot() {
+        let m = Metrics::default();
+        m.observe("sync", 204, 30.0);
+        m.observe("status", 200, 0.01);
+        m.observe("operator", 404, 0.001);
+        m.alerts_fired.inc();
+        m.webhook_retry.inc();
+        m.error_lines.inc_by(3);
+        m.log_requests_ok.inc();
+        let _poll = LongPollGuard::new(Arc::new(Metrics::default()));
+        m.long_polls.inc();
+        let mut f = FleetView {
+            webhook_queue: 2,
+            ..Default::default()
+        };
+        f.nodes
+            .push(("a".into(), [("site".to_string(), "s1".to_string())].into(), true));
+        f.nodes.push(("b".into(), Labels::new(), false));
+        f.phases.insert("Running".into(), 3);
+        f.phases.insert("CrashLoopBackOff".into(), 1);
+        f.firing.insert(("NodeOffline".into(), "critical".into()), 1);
+        f.vitals.insert(
+            "a".into(),
+            Vitals {
+                at: 1_700_000_000_000,
+                cpu: 12.5,
+                mem: 40.0,
+                mem_total_bytes: 1 << 30,
+                disk_root: 55.0,
+                disk_data: Some(70.0),
+                load1: 0.25,
+                temp_c: Some(48.0),
+                workloads: vec![outpost_api::WorkloadVitals {
+                    key: "daemonset/default/web".into(),
+                    cpu: 3.5,
+                    rss_bytes: 10 << 20,
+                    restarts: 2,
+                }],
+                log_dropped_lines: 7,
+            },
+        );
+        let text = render(f, &m);
+        promtool_if_present(&text);
+        insta::assert_snapshot!(stable(&text));
+    }
+
+    /// `promtool check metrics` where installed (the end-to-end test requires it under CI).
+    fn promtool_if_present(text: &str) {
+        use std::io::Write;
+        let Ok(mut child) = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+        else {
+            return;
+        };
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool: {}{}\n{text}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     fn names(text: &str) -> std::collections::BTreeSet<String> {
@@ -495,7 +674,10 @@ mod tests {
         let _: serde_json::Value = serde_json::from_str(&dash).expect("dashboard is JSON");
         let mut f = FleetView::default();
         f.nodes.push(("a".into(), Labels::new(), true));
-        let text = render(&f, &Metrics::default());
+        // a family shows once it has a series; a scrape is itself a request
+        let m = Metrics::default();
+        m.observe("metrics", 200, 0.001);
+        let text = render(f, &m);
         let emitted: std::collections::BTreeSet<String> = text
             .lines()
             .filter_map(|l| l.strip_prefix("# TYPE "))

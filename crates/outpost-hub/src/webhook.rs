@@ -1,6 +1,7 @@
 //! Webhook delivery: POSTs each queued alert notification (JSON, see docs/alerts.md) to its URL,
-//! in order per URL, retrying with exponential backoff (1 s doubling up to
-//! `MonitorConfig::retry_max`, plus jitter) until a 2xx answer or `give_up_after`. The queue is
+//! in order per URL, retrying with `outpost_core::retry::webhook` (1 s doubling up to
+//! `MonitorConfig::retry_max`, plus up to 25 %) until a 2xx answer or the policy gives up
+//! (`MonitorConfig::give_up_after`, 24 h). The queue is
 //! the `webhook_queue` table (see `alerts`), so notifications survive a hub restart and a
 //! receiver that is down for a while gets them all when it is back.
 //!
@@ -8,11 +9,10 @@
 //! evaluation (delivery runs in its own task).
 
 use std::collections::BTreeSet;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
+use outpost_core::retry;
 use tokio::sync::watch;
 
 use crate::alerts::{mdb, QueuedHook};
@@ -35,11 +35,12 @@ pub fn client() -> reqwest::Client {
     b.build().unwrap_or_default()
 }
 
-/// Delay before attempt `attempts + 1`.
-pub fn backoff(attempts: u32, max: Duration) -> Duration {
-    let base = (1000u64 << attempts.min(20)).min(max.as_millis() as u64);
-    let jitter = rand::rng().random_range(0..=base / 4);
-    Duration::from_millis(base + jitter)
+/// The delivery policy for this hub's configuration.
+pub fn policy(cfg: &crate::alerts::MonitorConfig) -> retry::Policy {
+    retry::Policy {
+        give_up_after_ms: Some(cfg.give_up_after.as_millis() as i64),
+        ..retry::webhook(cfg.retry_max.as_millis() as u64)
+    }
 }
 
 async fn deliver(http: &reqwest::Client, h: &QueuedHook) -> Result<(), String> {
@@ -71,23 +72,28 @@ pub async fn sender_loop(st: Arc<HubState>, mut shutdown: watch::Receiver<bool>)
                 continue;
             }
             let id = h.id;
-            match deliver(&http, &h).await {
-                Ok(()) => {
-                    m.metrics.webhook_ok.fetch_add(1, Ordering::Relaxed);
+            let result = deliver(&http, &h).await;
+            let next = result
+                .as_ref()
+                .err()
+                .map(|_| policy(&m.cfg).next(h.attempts, h.created_at, now, rand::random()));
+            match (result, next) {
+                (Ok(()), _) => {
+                    m.metrics.webhook_ok.inc();
                     tracing::debug!(url = %h.url, attempts = h.attempts + 1, "webhook delivered");
                     let _ = mdb(&st, move |m| m.hook_done(id)).await;
                 }
-                Err(e) if now - h.created_at > m.cfg.give_up_after.as_millis() as i64 => {
-                    m.metrics.webhook_dropped.fetch_add(1, Ordering::Relaxed);
+                (Err(e), Some(retry::Next::GiveUp) | None) => {
+                    m.metrics.webhook_dropped.inc();
                     tracing::error!(url = %h.url, attempts = h.attempts + 1, error = %e, "webhook undeliverable; giving up on this notification");
                     let _ = mdb(&st, move |m| m.hook_done(id)).await;
                 }
-                Err(e) => {
-                    m.metrics.webhook_retry.fetch_add(1, Ordering::Relaxed);
-                    let d = backoff(h.attempts, m.cfg.retry_max);
+                (Err(e), Some(retry::Next::RetryIn(ms))) => {
+                    m.metrics.webhook_retry.inc();
+                    let d = Duration::from_millis(ms);
                     tracing::warn!(url = %h.url, attempts = h.attempts + 1, retry_in = ?d, error = %e, "webhook failed; will retry");
                     failed.insert(h.url.clone());
-                    let (a, next, url) = (h.attempts + 1, now + d.as_millis() as i64, h.url.clone());
+                    let (a, next, url) = (h.attempts + 1, now + ms as i64, h.url.clone());
                     let _ = mdb(&st, move |m| m.hook_retry(id, &url, a, next)).await;
                 }
             }

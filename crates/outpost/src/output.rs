@@ -319,6 +319,9 @@ pub async fn describe(c: &Client, kind: &str, name: &str, ns: &str) -> Result<()
                 );
             }
         }
+        for c in &n.conditions {
+            println!("Condition {} (for {}): {}", c.kind, age(Some(c.since)), c.message);
+        }
         print_events(&n.events);
         return Ok(());
     }
