@@ -37,9 +37,10 @@ impl FromStr for HostPathMode {
     }
 }
 
-/// The hub's host-path policy: a mode, and an optional allow-list of path prefixes
-/// (`--host-path-allow`). A path under an allowed prefix is accepted whatever the mode (the
-/// operator named it); with an allow-list, every other host path is refused.
+/// The hub's host-path policy: a mode, and prefixes exempt from it (`--host-path-allow`). A
+/// host path under an allowed prefix is accepted whatever the mode (the operator named it), so
+/// `deny` with a few prefixes is a strict allow-list, and `deny-sensitive` with
+/// `/var/run/docker.sock` lets a monitoring agent have the one socket it needs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HostPathPolicy {
     pub mode: HostPathMode,
@@ -72,7 +73,7 @@ impl HostPathPolicy {
     /// Errors for every host path of `obj` (from `document`) this policy refuses.
     pub fn check(&self, document: &str, obj: &Object) -> Vec<ManifestError> {
         let Some(t) = obj.template() else { return Vec::new() };
-        if self.mode == HostPathMode::Warn && self.allow.is_empty() {
+        if self.mode == HostPathMode::Warn {
             return Vec::new();
         }
         let at = "spec.template.spec";
@@ -87,20 +88,18 @@ impl HostPathPolicy {
             if self.allowed(&hp.path) {
                 continue;
             }
-            let field = format!("{at}.volumes[{i}].hostPath.path");
-            if !self.allow.is_empty() {
+            if self.mode == HostPathMode::Deny {
+                let allowed = if self.allow.is_empty() {
+                    "use emptyDir, configMap or secret volumes".to_string()
+                } else {
+                    format!("it allows only paths under {}", self.allow.join(", "))
+                };
                 errors.push(err(
-                    field,
+                    format!("{at}.volumes[{i}].hostPath.path"),
                     format!(
-                        "{} is not under a host path this hub allows ({}); use one of those, or ask the hub's operator to allow it (outpost hub --host-path-allow)",
-                        hp.path,
-                        self.allow.join(", ")
+                        "{}: this hub refuses hostPath volumes (outpost hub --host-paths deny); {allowed}, or ask the hub's operator to allow the path (--host-path-allow)",
+                        hp.path
                     ),
-                ));
-            } else if self.mode == HostPathMode::Deny {
-                errors.push(err(
-                    field,
-                    "this hub refuses hostPath volumes (outpost hub --host-paths deny); use emptyDir, configMap or secret volumes".into(),
                 ));
             }
         }
@@ -290,12 +289,15 @@ mod tests {
             (policy(DenySensitive, &[]), "/", true, Some("because / is the host's whole file system")),
             (policy(DenySensitive, &[]), "/var/run/docker.sock", true, Some("Docker Engine's API socket")),
             (policy(DenySensitive, &["/var/run/docker.sock"]), "/var/run/docker.sock", true, None),
-            (policy(Deny, &[]), "/mnt/videos", true, Some("volumes[0].hostPath.path: this hub refuses hostPath volumes")),
+            (policy(DenySensitive, &["/var/run/docker.sock"]), "/etc", false, Some("because /etc is")),
+            (policy(DenySensitive, &["/var/run/docker.sock"]), "/srv/data", false, None),
+            (policy(Deny, &[]), "/mnt/videos", true, Some("volumes[0].hostPath.path: /mnt/videos: this hub refuses hostPath volumes (outpost hub --host-paths deny); use emptyDir")),
             (policy(Deny, &["/mnt"]), "/mnt/videos", true, None),
-            (policy(Warn, &["/srv/"]), "/srv/data", false, None),
-            (policy(Warn, &["/srv"]), "/srv//data/", false, None),
-            (policy(Warn, &["/srv"]), "/etc", false, Some("/etc is not under a host path this hub allows (/srv)")),
-            (policy(Warn, &["/srv"]), "/srvx", false, Some("is not under a host path this hub allows")),
+            (policy(Deny, &["/srv/"]), "/srv/data", false, None),
+            (policy(Deny, &["/srv"]), "/srv//data/", false, None),
+            (policy(Deny, &["/srv", "/data"]), "/etc", false, Some("it allows only paths under /srv, /data")),
+            (policy(Deny, &["/srv"]), "/srvx", false, Some("it allows only paths under /srv")),
+            (policy(Warn, &["/srv"]), "/etc", false, None),
         ];
         for (p, path, ro, want) in cases {
             let got = parse_apply_batch(&[ds(path, *ro)], p);

@@ -149,8 +149,8 @@ struct HubArgs {
     /// Docker socket, ...), deny-sensitive (refuse those) or deny (refuse every hostPath).
     #[arg(long, default_value = "warn", value_parser = clap::builder::PossibleValuesParser::new(["warn", "deny-sensitive", "deny"]))]
     host_paths: String,
-    /// Accept hostPath volumes only under this prefix (repeatable); they are accepted whatever
-    /// --host-paths says.
+    /// Exempt host paths under this prefix from --host-paths (repeatable): `--host-paths deny`
+    /// with prefixes is a strict allow-list.
     #[arg(long = "host-path-allow", value_name = "PREFIX")]
     host_path_allow: Vec<String>,
 }
