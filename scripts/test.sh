@@ -15,6 +15,15 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+# Fuzzing (scripts/fuzz.sh) builds with the nightly toolchain and cargo-fuzz.
+if ! cargo +nightly --version >/dev/null 2>&1; then
+  log "installing the nightly toolchain (for cargo fuzz)"
+  rustup toolchain install nightly --profile minimal
+fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  log "installing cargo-fuzz"
+  cargo install cargo-fuzz --locked
+fi
 
 # Debian packages the tests use: a real Docker Engine, busybox-static for local test images
 # (no registry is reachable), curl.
@@ -71,3 +80,6 @@ log "lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 log "tests"
 cargo nextest run --workspace --locked --no-fail-fast
+# Each fuzz target for FUZZ_SECONDS (default 30) from the checked-in corpus; fails on a crash.
+log "fuzz"
+scripts/fuzz.sh "${FUZZ_SECONDS:-30}"

@@ -5,13 +5,18 @@
 //! response. Must never: do I/O, know about SQLite or HTTP libraries, or hold policy decisions
 //! (those live in `outpost-core`).
 
+pub mod checks;
+pub mod duration;
 pub mod manifest;
 pub mod parse;
 pub mod protocol;
 
+pub use checks::{validate_image_ref, FieldError};
+pub use duration::{human_duration, parse_duration, parse_duration_secs, MAX_DURATION_SECS};
 pub use manifest::*;
+pub use parse::ALERT_POLICY_API;
 pub use parse::{parse_cpu, parse_file, parse_memory, probe_port, Parsed, PROCESS_RUNTIME};
-pub use parse::{parse_duration_secs, ALERT_POLICY_API};
+pub use parse::{MAX_DOCUMENTS_PER_FILE, MAX_FILE_BYTES, MAX_NESTING_DEPTH, MAX_REPLICAS};
 pub use protocol::*;
 
 /// Unix time in milliseconds. Pure code never reads the clock: it takes `now` as an argument.

@@ -10,29 +10,70 @@ use base64::Engine;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::checks::{
+    host_path_mounts, no_control, no_nul, normalize_path, validate_image_ref, validate_label_key, validate_label_value,
+};
+use crate::duration::parse_duration_secs;
 use crate::manifest::*;
 
 /// The runtime class that runs containers as native processes.
 pub const PROCESS_RUNTIME: &str = "process";
 
+/// The deepest nesting of mappings and sequences a manifest may have. Real manifests stay
+/// under 15 levels (a Deployment's probe header is 10 deep); the limit keeps every recursive
+/// step after the YAML parser (building the document, typing it, dropping it) far from the end
+/// of a thread's stack, on the hub and in the CLI.
+pub const MAX_NESTING_DEPTH: usize = 64;
+/// The most documents one file may hold.
+pub const MAX_DOCUMENTS_PER_FILE: usize = 1_000;
+/// The largest manifest file accepted, in bytes (Kubernetes caps one object at about 1.5 MiB;
+/// the hub caps a whole request at 16 MiB).
+pub const MAX_FILE_BYTES: usize = 8 << 20;
+/// The most nodes (mappings, sequences and scalars) in one file.
+pub const MAX_NODES_PER_FILE: usize = 250_000;
+/// The most replicas a Deployment may ask for. outpost runs at most one replica per node, and a
+/// hub is sized for 100,000 nodes; a DaemonSet runs on every matching node.
+pub const MAX_REPLICAS: u32 = 100_000;
+/// The largest CPU limit: 1,000 cores, in millicores.
+pub const MAX_CPU_MILLIS: u64 = 1_000_000;
+/// The smallest CPU limit a node can enforce (cgroup quota of 1 ms per 100 ms period): 10m.
+pub const MIN_CPU_MILLIS: u64 = 10;
+/// The largest memory limit: 1 PiB.
+pub const MAX_MEMORY_BYTES: u64 = 1 << 50;
+/// The smallest memory limit the Docker Engine accepts for a container: 6 MiB.
+pub const MIN_DOCKER_MEMORY_BYTES: u64 = 6 << 20;
+/// The longest terminationGracePeriodSeconds: one day.
+pub const MAX_GRACE_SECONDS: i64 = 86_400;
+
 /// Parsed documents, and warnings about accepted-but-not-enforced fields.
 #[derive(Debug, Default)]
 pub struct Parsed {
     pub objects: Vec<Object>,
+    /// For each object, the document it came from as messages name it
+    /// (`app.yaml document 2 (Deployment web)`).
+    pub documents: Vec<String>,
     pub warnings: Vec<Warning>,
 }
 
 /// Parse every document of one file. `file` names the file in messages.
 pub fn parse_file(file: &str, text: &str) -> Result<Parsed, Vec<ManifestError>> {
-    let docs: Vec<Value> = match serde_saphyr::from_multiple::<Value>(text) {
+    let whole = |reason: String| {
+        Err(vec![ManifestError {
+            document: file.to_string(),
+            field: "(file)".into(),
+            reason,
+        }])
+    };
+    if text.len() > MAX_FILE_BYTES {
+        return whole(format!(
+            "{} bytes is more than the {} MiB a manifest file may have; split it into several files",
+            text.len(),
+            MAX_FILE_BYTES >> 20
+        ));
+    }
+    let docs: Vec<Value> = match serde_saphyr::from_multiple_with_options::<Value>(text, yaml_options()) {
         Ok(d) => d,
-        Err(e) => {
-            return Err(vec![ManifestError {
-                document: file.to_string(),
-                field: "(yaml)".into(),
-                reason: format!("not valid YAML: {}", first_line(&e.to_string())),
-            }])
-        }
+        Err(e) => return Err(vec![yaml_error(file, text, &e)]),
     };
     let mut out = Parsed::default();
     let mut errors = Vec::new();
@@ -48,6 +89,7 @@ pub fn parse_file(file: &str, text: &str) -> Result<Parsed, Vec<ManifestError>> 
                 ctx.err("metadata.name", format!("{id} appears more than once in this file"));
             } else if ctx.errors.is_empty() {
                 out.objects.push(obj);
+                out.documents.push(ctx.document.clone());
             }
         }
         errors.append(&mut ctx.errors);
@@ -58,6 +100,76 @@ pub fn parse_file(file: &str, text: &str) -> Result<Parsed, Vec<ManifestError>> 
     } else {
         Err(errors)
     }
+}
+
+/// serde-saphyr's budget with outpost's limits; breaches stop the parser before anything
+/// recurses deeper than [`MAX_NESTING_DEPTH`].
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::Options {
+        budget: Some(serde_saphyr::Budget {
+            max_depth: MAX_NESTING_DEPTH,
+            max_documents: MAX_DOCUMENTS_PER_FILE,
+            max_nodes: MAX_NODES_PER_FILE,
+            max_reader_input_bytes: Some(MAX_FILE_BYTES),
+            ..serde_saphyr::Budget::default()
+        }),
+        with_snippet: false,
+        ..serde_saphyr::Options::default()
+    }
+}
+
+/// A YAML-level error, naming the document by the line it happened on.
+fn yaml_error(file: &str, text: &str, e: &serde_saphyr::Error) -> ManifestError {
+    use serde_saphyr::budget::BudgetBreach;
+    let line = e.location().map(|l| l.line() as usize).filter(|l| *l > 0);
+    let document = match line {
+        Some(line) => format!("{file} document {} (line {line})", document_at_line(text, line)),
+        None => file.to_string(),
+    };
+    let nesting = || {
+        format!(
+            "nested deeper than {MAX_NESTING_DEPTH} levels of mappings and sequences, the limit for a manifest; \
+             flatten the structure (outpost manifests need far fewer levels)"
+        )
+    };
+    let reason = match e {
+        serde_saphyr::Error::Budget { breach, .. } => match breach {
+            BudgetBreach::Depth { .. } => nesting(),
+            BudgetBreach::Documents { .. } => {
+                format!("more than {MAX_DOCUMENTS_PER_FILE} documents in one file; split it into several files")
+            }
+            BudgetBreach::Nodes { .. } => {
+                format!("more than {MAX_NODES_PER_FILE} values in one file; split it into several files")
+            }
+            other => format!("refused: the YAML exceeds a parser limit ({other:?}); simplify the file"),
+        },
+        // The parser's own guard (flow collections) says the same thing in other words.
+        other if other.to_string().contains("recursion limit exceeded") => nesting(),
+        other => format!("not valid YAML: {}", first_line(&other.to_string())),
+    };
+    ManifestError {
+        document,
+        field: "(yaml)".into(),
+        reason,
+    }
+}
+
+/// The 1-based number of the document holding `line` (1-based): documents are separated by
+/// lines starting with `---`; one before any content only opens the first document.
+fn document_at_line(text: &str, line: usize) -> usize {
+    let mut doc = 1;
+    let mut content = false;
+    for l in text.lines().take(line.saturating_sub(1)) {
+        if l.starts_with("---") {
+            if content {
+                doc += 1;
+            }
+            content = true; // the separator opens a document
+        } else if !l.trim().is_empty() && !l.trim_start().starts_with('#') && !l.starts_with('%') {
+            content = true;
+        }
+    }
+    doc
 }
 
 fn first_line(s: &str) -> &str {
@@ -174,6 +286,16 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
             if d.spec.progress_deadline_seconds == Some(0) {
                 ctx.err("spec.progressDeadlineSeconds", "must be at least 1");
             }
+            if d.spec.replicas > MAX_REPLICAS {
+                ctx.err(
+                    "spec.replicas",
+                    format!(
+                        "{} is more than {MAX_REPLICAS}, the most outpost schedules (at most one replica per node); \
+                         use a DaemonSet to run on every matching node",
+                        d.spec.replicas
+                    ),
+                );
+            }
         }
         Object::DaemonSet(d) => {
             validate_selector(ctx, d.spec.selector.as_ref(), &d.spec.template);
@@ -247,6 +369,37 @@ fn validate_meta(ctx: &mut Ctx, m: &ObjectMeta) {
             );
         }
     }
+    validate_labels(ctx, "metadata.labels", &m.labels);
+    validate_annotations(ctx, "metadata.annotations", &m.annotations);
+}
+
+/// Label keys and values (Kubernetes' syntax), in labels, selectors and node selectors.
+fn validate_labels(ctx: &mut Ctx, at: &str, labels: &Labels) {
+    for (k, v) in labels {
+        if let Err(e) = validate_label_key(k) {
+            ctx.err(format!("{at}.{}", printable(k)), e);
+        } else if let Err(e) = validate_label_value(v) {
+            ctx.err(format!("{at}.{k}"), e);
+        }
+    }
+}
+
+/// Annotation keys follow the label key syntax; values are free text.
+fn validate_annotations(ctx: &mut Ctx, at: &str, annotations: &Labels) {
+    for k in annotations.keys() {
+        if let Err(e) = validate_label_key(k) {
+            ctx.err(format!("{at}.{}", printable(k)), e);
+        }
+    }
+}
+
+/// A value as it may appear inside a field path: control characters escaped.
+fn printable(s: &str) -> String {
+    if s.chars().any(char::is_control) {
+        s.escape_default().to_string()
+    } else {
+        s.to_string()
+    }
 }
 
 fn validate_key(ctx: &mut Ctx, field: &str, key: &str) {
@@ -265,7 +418,12 @@ fn validate_key(ctx: &mut Ctx, field: &str, key: &str) {
 }
 
 fn validate_selector(ctx: &mut Ctx, sel: Option<&LabelSelector>, template: &PodTemplate) {
+    if let Some(m) = &template.metadata {
+        validate_labels(ctx, "spec.template.metadata.labels", &m.labels);
+        validate_annotations(ctx, "spec.template.metadata.annotations", &m.annotations);
+    }
     let Some(sel) = sel else { return };
+    validate_labels(ctx, "spec.selector.matchLabels", &sel.match_labels);
     let labels = template.metadata.as_ref().map(|m| &m.labels);
     for (k, v) in &sel.match_labels {
         if labels.and_then(|l| l.get(k)) != Some(v) {
@@ -295,6 +453,7 @@ fn validate_service(ctx: &mut Ctx, svc: &Service) {
             "required: a Service selects the pods it exposes by their labels",
         );
     }
+    validate_labels(ctx, "spec.selector", &svc.spec.selector);
     for (i, p) in svc.spec.ports.iter().enumerate() {
         let f = format!("spec.ports[{i}]");
         if p.port == 0 {
@@ -382,19 +541,44 @@ fn validate_probe(ctx: &mut Ctx, f: &str, p: &Probe, c: &Container, kind: &str) 
                 );
             }
         }
-        if h.path.as_deref().is_some_and(|p| !p.starts_with('/')) {
-            ctx.err(format!("{f}.httpGet.path"), "must start with /");
+        if let Some(path) = h.path.as_deref() {
+            if !path.starts_with('/') {
+                ctx.err(format!("{f}.httpGet.path"), "must start with /");
+            } else if path.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                ctx.err(
+                    format!("{f}.httpGet.path"),
+                    "must not contain spaces or control characters; percent-encode them",
+                );
+            }
+        }
+        check_host(ctx, &format!("{f}.httpGet.host"), h.host.as_deref());
+        for (j, hd) in h.http_headers.iter().enumerate() {
+            let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            if hd.name.is_empty() || !hd.name.bytes().all(token) {
+                ctx.err(
+                    format!("{f}.httpGet.httpHeaders[{j}].name"),
+                    format!("{:?} is not an HTTP header name", hd.name),
+                );
+            }
+            if hd.value.chars().any(|c| c.is_control() && c != '\t') {
+                ctx.err(
+                    format!("{f}.httpGet.httpHeaders[{j}].value"),
+                    "must not contain line breaks or other control characters",
+                );
+            }
         }
     }
     if let Some(t) = &p.tcp_socket {
         if let Err(e) = probe_port(&t.port, c) {
             ctx.err(format!("{f}.tcpSocket.port"), e);
         }
+        check_host(ctx, &format!("{f}.tcpSocket.host"), t.host.as_deref());
     }
     if let Some(e) = &p.exec {
         if e.command.is_empty() {
             ctx.err(format!("{f}.exec.command"), "must name a command to run");
         }
+        check_argv(ctx, &format!("{f}.exec.command"), &e.command);
     }
     for (name, v) in [
         ("periodSeconds", p.period_seconds),
@@ -409,6 +593,42 @@ fn validate_probe(ctx: &mut Ctx, f: &str, p: &Probe, c: &Container, kind: &str) 
     if kind != "readinessProbe" && p.success_threshold.is_some_and(|s| s != 1) {
         ctx.err(format!("{f}.successThreshold"), format!("must be 1 for a {kind}"));
     }
+}
+
+/// An argument vector: the program (`[0]`) has no control characters, no element has NUL.
+fn check_argv(ctx: &mut Ctx, at: &str, argv: &[String]) {
+    for (j, a) in argv.iter().enumerate() {
+        let r = if j == 0 { no_control(a) } else { no_nul(a) };
+        if let Err(e) = r {
+            ctx.err(format!("{at}[{j}]"), e);
+        }
+    }
+}
+
+/// A probe's host: a host name or an IP address, nothing that could smuggle a line into a request.
+fn check_host(ctx: &mut Ctx, field: &str, host: Option<&str>) {
+    let Some(h) = host else { return };
+    let ok = !h.is_empty()
+        && (h.parse::<std::net::IpAddr>().is_ok()
+            || h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'));
+    if !ok {
+        ctx.err(field, format!("{h:?} is not a host name or an IP address"));
+    }
+}
+
+/// An absolute path without control characters, and without ':' or ',' (a Docker bind mount
+/// is written `host:container[:ro]`).
+fn check_path(p: &str) -> Result<(), String> {
+    no_control(p)?;
+    if !p.starts_with('/') {
+        return Err("must be an absolute path".into());
+    }
+    if p.contains([':', ',']) {
+        return Err(format!(
+            "{p:?} contains ':' or ',', which a container bind mount cannot carry"
+        ));
+    }
+    Ok(())
 }
 
 fn validate_pod(ctx: &mut Ctx, at: &str, pod: &PodSpec) {
@@ -435,10 +655,14 @@ fn validate_pod(ctx: &mut Ctx, at: &str, pod: &PodSpec) {
         }
     }
     if let Some(g) = pod.termination_grace_period_seconds {
-        if g < 0 {
-            ctx.err(format!("{at}.terminationGracePeriodSeconds"), "must be 0 or more");
+        if !(0..=MAX_GRACE_SECONDS).contains(&g) {
+            ctx.err(
+                format!("{at}.terminationGracePeriodSeconds"),
+                format!("{g} must be between 0 and {MAX_GRACE_SECONDS} (one day)"),
+            );
         }
     }
+    validate_labels(ctx, &format!("{at}.nodeSelector"), &pod.node_selector);
     let mut volumes = BTreeMap::new();
     for (i, v) in pod.volumes.iter().enumerate() {
         let f = format!("{at}.volumes[{i}]");
@@ -466,8 +690,13 @@ fn validate_pod(ctx: &mut Ctx, at: &str, pod: &PodSpec) {
             ),
         }
         if let Some(hp) = &v.host_path {
-            if !hp.path.starts_with('/') {
-                ctx.err(format!("{f}.hostPath.path"), "must be an absolute path");
+            if let Err(e) = check_path(&hp.path) {
+                ctx.err(format!("{f}.hostPath.path"), e);
+            } else if hp.path.split('/').any(|c| c == "..") {
+                ctx.err(
+                    format!("{f}.hostPath.path"),
+                    format!("{:?} contains '..'; name the directory directly", hp.path),
+                );
             }
             if let Some(t) = hp.type_.as_deref() {
                 if !matches!(t, "" | "Directory" | "DirectoryOrCreate") {
@@ -518,6 +747,17 @@ fn validate_pod(ctx: &mut Ctx, at: &str, pod: &PodSpec) {
                 "required for Docker containers (or set runtimeClassName: process)",
             );
         }
+        if let Some(image) = c.image.as_deref().filter(|i| !i.is_empty()) {
+            if let Err(e) = validate_image_ref(image) {
+                ctx.err(format!("{f}.image"), e);
+            }
+        }
+        check_argv(ctx, &format!("{f}.command"), &c.command);
+        for (j, a) in c.args.iter().enumerate() {
+            if let Err(e) = no_nul(a) {
+                ctx.err(format!("{f}.args[{j}]"), e);
+            }
+        }
         if let Some(p) = c.image_pull_policy.as_deref() {
             if !matches!(p, "Always" | "IfNotPresent" | "Never") {
                 ctx.err(
@@ -528,8 +768,17 @@ fn validate_pod(ctx: &mut Ctx, at: &str, pod: &PodSpec) {
         }
         for (j, e) in c.env.iter().enumerate() {
             let ef = format!("{f}.env[{j}]");
-            if e.name.is_empty() || e.name.contains('=') {
-                ctx.err(format!("{ef}.name"), "must be non-empty and must not contain '='");
+            if e.name.is_empty() || !e.name.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'=') {
+                ctx.err(
+                    format!("{ef}.name"),
+                    format!(
+                        "{:?} is not a valid variable name: use printable ASCII characters other than '=' (e.g. LOG_LEVEL)",
+                        e.name
+                    ),
+                );
+            }
+            if let Some(Err(err)) = e.value.as_deref().map(no_nul) {
+                ctx.err(format!("{ef}.value"), err);
             }
             match (&e.value, &e.value_from) {
                 (Some(_), Some(_)) => ctx.err(&ef, "set either value or valueFrom, not both"),
@@ -546,8 +795,12 @@ fn validate_pod(ctx: &mut Ctx, at: &str, pod: &PodSpec) {
             }
         }
         if let Some(wd) = &c.working_dir {
-            if !wd.starts_with('/') {
-                ctx.err(format!("{f}.workingDir"), "must be an absolute path");
+            if let Err(e) = no_control(wd).and_then(|_| {
+                wd.starts_with('/')
+                    .then_some(())
+                    .ok_or_else(|| "must be an absolute path".to_string())
+            }) {
+                ctx.err(format!("{f}.workingDir"), e);
             }
         }
         for (j, p) in c.ports.iter().enumerate() {
@@ -568,8 +821,19 @@ fn validate_pod(ctx: &mut Ctx, at: &str, pod: &PodSpec) {
                 let lf = format!("{f}.resources.limits.{k}");
                 let res = match k.as_str() {
                     "cpu" => parse_cpu(v).map(|_| ()),
-                    "memory" => parse_memory(v).map(|_| ()),
-                    other => Err(format!("{other:?} is not supported; outpost enforces cpu and memory")),
+                    "memory" => parse_memory(v).and_then(|b| {
+                        if !process && b < MIN_DOCKER_MEMORY_BYTES {
+                            Err(format!(
+                                "{v} is less than 6Mi, the smallest memory limit the Docker Engine accepts"
+                            ))
+                        } else {
+                            Ok(())
+                        }
+                    }),
+                    other => Err(format!(
+                        "{:?} is not supported; outpost enforces cpu and memory",
+                        printable(other)
+                    )),
                 };
                 if let Err(reason) = res {
                     ctx.err(lf, reason);
@@ -600,8 +864,8 @@ fn validate_pod(ctx: &mut Ctx, at: &str, pod: &PodSpec) {
                     format!("no volume named {:?} in {at}.volumes", m.name),
                 );
             }
-            if !m.mount_path.starts_with('/') {
-                ctx.err(format!("{mf}.mountPath"), "must be an absolute path");
+            if let Err(e) = check_path(&m.mount_path) {
+                ctx.err(format!("{mf}.mountPath"), e);
             }
             if !paths.insert(&m.mount_path) {
                 ctx.err(
@@ -609,6 +873,21 @@ fn validate_pod(ctx: &mut Ctx, at: &str, pod: &PodSpec) {
                     format!("{:?} is mounted twice", m.mount_path),
                 );
             }
+        }
+    }
+    for m in host_path_mounts(at, pod) {
+        if let Some(risk) = m.risk() {
+            ctx.warn(
+                &m.field,
+                format!(
+                    "container {} mounts hostPath {} {} ({risk}): the workload can take over the node; \
+                     use a narrower path{}, or let the hub refuse such mounts (outpost hub --host-paths deny-sensitive)",
+                    m.container,
+                    normalize_path(&m.host_path),
+                    if m.read_only { "read-only" } else { "read-write" },
+                    if m.read_only { "" } else { " or readOnly: true" },
+                ),
+            );
         }
     }
 }
@@ -626,10 +905,26 @@ pub fn parse_cpu(v: &Value) -> Result<u64, String> {
         if !(f.is_finite() && f >= 0.0) {
             return Err(format!("{s:?} must be a positive number of cores"));
         }
-        (f * 1000.0).round() as u64
+        let m = (f * 1000.0).round();
+        if m > MAX_CPU_MILLIS as f64 {
+            return Err(format!(
+                "{s:?} is more than 1000 cores, the largest CPU limit outpost accepts"
+            ));
+        }
+        m as u64
     };
     if milli == 0 {
         return Err(format!("{s:?} is zero: a limit must be positive"));
+    }
+    if milli < MIN_CPU_MILLIS {
+        return Err(format!(
+            "{s:?} is less than 10m, the smallest CPU limit a node can enforce"
+        ));
+    }
+    if milli > MAX_CPU_MILLIS {
+        return Err(format!(
+            "{s:?} is more than 1000 cores, the largest CPU limit outpost accepts"
+        ));
     }
     Ok(milli)
 }
@@ -656,6 +951,11 @@ pub fn parse_memory(v: &Value) -> Result<u64, String> {
     let bytes = (n * mul).round();
     if !(bytes.is_finite() && bytes >= 1.0) {
         return Err(format!("{s:?} must be a positive amount of memory"));
+    }
+    if bytes > MAX_MEMORY_BYTES as f64 {
+        return Err(format!(
+            "{s:?} is more than 1Pi, the largest memory limit outpost accepts"
+        ));
     }
     Ok(bytes as u64)
 }
@@ -821,6 +1121,222 @@ data: {b: hello}
         }
     }
 
+    /// Defect 1: block-style nesting used to overflow the stack (the hub aborted) from about
+    /// 1,000 levels in a debug build. Now the parser stops at MAX_NESTING_DEPTH and names the
+    /// document.
+    #[test]
+    fn deep_nesting_is_refused_without_overflowing_the_stack() {
+        let head = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\nextra:\n";
+        let mut block_map = String::new();
+        for i in 0..1_500 {
+            block_map.push_str(&" ".repeat(i));
+            block_map.push_str("a:\n");
+        }
+        let hostile = [
+            format!("{head}{}v\n", "- ".repeat(3_000)),
+            format!("{head}{block_map}"),
+            format!("{head}  {}{}\n", "[".repeat(5_000), "]".repeat(5_000)),
+            format!("{head}  {}\n", "{a: ".repeat(5_000)),
+        ];
+        for text in &hostile {
+            let e = errors(text);
+            assert_eq!(e.len(), 1, "{e:?}");
+            assert!(
+                e[0].starts_with("f.yaml document 2 (line ") && e[0].contains("nested deeper than 64 levels"),
+                "{}",
+                e[0]
+            );
+        }
+        // within the limit: an ordinary error, not a nesting one
+        let ok_depth = format!("{head}{}v\n", "- ".repeat(MAX_NESTING_DEPTH - 2));
+        let e = errors(&ok_depth).join("\n");
+        assert!(e.contains("unknown field `extra`"), "{e}");
+    }
+
+    #[test]
+    fn file_size_and_document_count_are_bounded() {
+        let doc = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n";
+        let many = format!("{doc}{}", "---\n{}\n".repeat(MAX_DOCUMENTS_PER_FILE));
+        let e = errors(&many).join("\n");
+        assert!(e.contains("more than 1000 documents"), "{e}");
+        let big = format!("{doc}data: {{k: '{}'}}\n", "x".repeat(MAX_FILE_BYTES));
+        let e = errors(&big).join("\n");
+        assert!(
+            e.starts_with("f.yaml: (file): ") && e.contains("more than the 8 MiB"),
+            "{e}"
+        );
+        let wide = format!("{doc}data: [{}]\n", "1,".repeat(MAX_NODES_PER_FILE));
+        let e = errors(&wide).join("\n");
+        assert!(e.contains("more than 250000 values"), "{e}");
+    }
+
+    #[test]
+    fn table_of_value_rejections() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "containers: [{name: a, image: x, command: [\"/bin/sh\\0\"]}]",
+                "containers[0].command[0]: contains the control character '\\0'",
+            ),
+            (
+                "containers: [{name: a, image: x, command: [/bin/sh, \"a\\0b\"]}]",
+                "containers[0].command[1]: contains a NUL byte at position 1",
+            ),
+            (
+                "containers: [{name: a, image: x, args: [\"\\0\"]}]",
+                "containers[0].args[0]: contains a NUL byte",
+            ),
+            (
+                "containers: [{name: a, image: x, env: [{name: \"A\\0B\", value: v}]}]",
+                "containers[0].env[0].name: \"A\\0B\" is not a valid variable name",
+            ),
+            (
+                "containers: [{name: a, image: x, env: [{name: \"A\\nB\", value: v}]}]",
+                "env[0].name: \"A\\nB\" is not a valid variable name",
+            ),
+            (
+                "containers: [{name: a, image: x, env: [{name: A, value: \"v\\0\"}]}]",
+                "containers[0].env[0].value: contains a NUL byte",
+            ),
+            (
+                "containers: [{name: a, image: x, resources: {limits: {cpu: 1e300}}}]",
+                "limits.cpu: \"1e+300\" is more than 1000 cores",
+            ),
+            (
+                "containers: [{name: a, image: x, resources: {limits: {cpu: .nan}}}]",
+                "limits.cpu: \".nan\" is not a CPU quantity",
+            ),
+            (
+                "containers: [{name: a, image: x, resources: {limits: {cpu: \"NaN\"}}}]",
+                "limits.cpu: \"NaN\" must be a positive number of cores",
+            ),
+            (
+                "containers: [{name: a, image: x, resources: {limits: {cpu: \"inf\"}}}]",
+                "limits.cpu: \"inf\" must be a positive number of cores",
+            ),
+            (
+                "containers: [{name: a, image: x, resources: {limits: {cpu: -1}}}]",
+                "limits.cpu: \"-1\" must be a positive number of cores",
+            ),
+            (
+                "containers: [{name: a, image: x, resources: {limits: {cpu: 1m}}}]",
+                "limits.cpu: \"1m\" is less than 10m",
+            ),
+            (
+                "containers: [{name: a, image: x, resources: {limits: {memory: 99999999999Ti}}}]",
+                "limits.memory: \"99999999999Ti\" is more than 1Pi",
+            ),
+            (
+                "containers: [{name: a, image: x, resources: {limits: {memory: 1Mi}}}]",
+                "limits.memory: \"1Mi\" is less than 6Mi",
+            ),
+            (
+                "containers: [{name: a, image: \"x\\nevil\"}]",
+                "containers[0].image: \"x\\nevil\" is not a valid image reference",
+            ),
+            (
+                "containers: [{name: a, image: ../../etc/passwd}]",
+                "containers[0].image: \"../../etc/passwd\" is not a valid image reference: path component \"..\"",
+            ),
+            (
+                "containers: [{name: a, image: x, workingDir: \"/tmp\\n\"}]",
+                "containers[0].workingDir: contains the control character",
+            ),
+            (
+                "containers: [{name: a, image: x, volumeMounts: [{name: v, mountPath: \"/a:/b\"}]}]\nvolumes: [{name: v, emptyDir: {}}]",
+                "volumeMounts[0].mountPath: \"/a:/b\" contains ':'",
+            ),
+            (
+                "containers: [{name: a, image: x}]\nvolumes: [{name: v, hostPath: {path: /data/../etc}}]",
+                "volumes[0].hostPath.path: \"/data/../etc\" contains '..'",
+            ),
+            (
+                "containers: [{name: a, image: x}]\nterminationGracePeriodSeconds: 99999999999",
+                "terminationGracePeriodSeconds: 99999999999 must be between 0 and 86400",
+            ),
+            (
+                "containers: [{name: a, image: x}]\nnodeSelector: {\"site\\n\": a}",
+                "nodeSelector.site\\n: \"site\\n\" is not a valid label key",
+            ),
+            (
+                "containers: [{name: a, image: x, readinessProbe: {httpGet: {port: 80, httpHeaders: [{name: X, value: \"a\\r\\nEvil: 1\"}]}}}]",
+                "httpHeaders[0].value: must not contain line breaks",
+            ),
+            (
+                "containers: [{name: a, image: x, readinessProbe: {httpGet: {port: 80, path: \"/a b\"}}}]",
+                "httpGet.path: must not contain spaces",
+            ),
+            (
+                "containers: [{name: a, image: x, readinessProbe: {tcpSocket: {port: 80, host: \"a/b\"}}}]",
+                "tcpSocket.host: \"a/b\" is not a host name",
+            ),
+            (
+                "containers: [{name: a, image: x, livenessProbe: {exec: {command: [\"\\0\"]}}}]",
+                "livenessProbe.exec.command[0]: contains the control character",
+            ),
+        ];
+        for (pod, want) in cases {
+            let got = pod_errors(pod);
+            assert!(got.contains(want), "for {pod:?}\n want: {want}\n got:  {got}");
+        }
+        let yaml = |replicas: &str| {
+            format!("apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d, labels: {{\"a b\": c}}}}\nspec:\n  replicas: {replicas}\n  template:\n    spec:\n      containers: [{{name: a, image: x}}]\n")
+        };
+        let e = errors(&yaml("4294967295")).join("\n");
+        assert!(e.contains("spec.replicas: 4294967295 is more than 100000"), "{e}");
+        assert!(
+            e.contains("metadata.labels.a b: \"a b\" is not a valid label key"),
+            "{e}"
+        );
+        // the limits themselves are accepted
+        let ok = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec:\n  replicas: 100000\n  template:\n    spec:\n      terminationGracePeriodSeconds: 86400\n      containers: [{name: a, image: x, args: [\"multi\\nline\"], env: [{name: A, value: \"tab\\there\"}], resources: {limits: {cpu: 1000, memory: 1Pi}}}]\n";
+        let e = parse_file("f.yaml", ok);
+        assert!(
+            e.as_ref()
+                .is_err_and(|e| e.len() == 1 && e[0].reason.contains("\"1Pi\" is not a memory quantity")),
+            "{e:?}"
+        );
+        let ok = ok.replace("1Pi", "1024Ti");
+        parse_file("f.yaml", &ok).expect("values at the limits are accepted");
+    }
+
+    #[test]
+    fn sensitive_host_paths_are_warned_about() {
+        let yaml = |path: &str, ro: bool| {
+            format!("apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: d}}\nspec:\n  template:\n    spec:\n      containers: [{{name: a, image: x, volumeMounts: [{{name: h, mountPath: /h, readOnly: {ro}}}]}}]\n      volumes: [{{name: h, hostPath: {{path: {path}}}}}]\n")
+        };
+        for (path, ro, want) in [
+            (
+                "/",
+                true,
+                Some("mounts hostPath / read-only (/ is the host's whole file system)"),
+            ),
+            (
+                "/etc",
+                false,
+                Some("mounts hostPath /etc read-write (/etc is the host's configuration)"),
+            ),
+            ("/etc", true, None),
+            ("/var/run/docker.sock", true, Some("Docker Engine's API socket")),
+            ("/mnt/videos", false, None),
+        ] {
+            let p = parse_file("f.yaml", &yaml(path, ro)).expect("accepted");
+            let w: Vec<String> = p.warnings.iter().map(ToString::to_string).collect();
+            match want {
+                None => assert!(w.is_empty(), "{path}: {w:?}"),
+                Some(want) => {
+                    assert_eq!(w.len(), 1, "{path}: {w:?}");
+                    assert!(
+                        w[0].contains("spec.template.spec.containers[0].volumeMounts[0]: container a ")
+                            && w[0].contains(want)
+                            && w[0].contains("--host-paths deny-sensitive"),
+                        "{}",
+                        w[0]
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn one_bad_document_rejects_the_whole_file() {
         let yaml = format!("{GOOD}\n---\nkind: Pod\napiVersion: v1\nmetadata: {{name: x}}\n");
@@ -881,23 +1397,6 @@ data: {b: hello}
 /// The apiVersion of outpost's own kinds.
 pub const ALERT_POLICY_API: &str = "outpost.dev/v1";
 
-/// `30s`, `5m`, `1h`, `7d` (or a plain number of seconds) -> seconds.
-pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let bad = || format!("{s:?} is not a duration like 30s, 5m, 1h or 7d");
-    let n: u64 = n.parse().map_err(|_| bad())?;
-    let mul = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return Err(bad()),
-    };
-    Ok(n.saturating_mul(mul))
-}
-
 fn validate_threshold(ctx: &mut Ctx, field: &str, t: &ThresholdSpec, max: f64) {
     match (t.above, t.disabled) {
         (Some(_), true) => ctx.err(field, "set either above or disabled: true, not both"),
@@ -916,6 +1415,7 @@ fn validate_threshold(ctx: &mut Ctx, field: &str, t: &ThresholdSpec, max: f64) {
 }
 
 fn validate_alert_policy(ctx: &mut Ctx, spec: &AlertPolicySpec) {
+    validate_labels(ctx, "spec.nodeSelector", &spec.node_selector);
     for (name, t, max) in [
         ("cpu", &spec.cpu, 100.0),
         ("memory", &spec.memory, 100.0),
@@ -1016,13 +1516,5 @@ spec:
             assert!(got.contains(want), "for {yaml:?}\n want: {want}\n got:  {got}");
             assert!(got.contains("(AlertPolicy p)"), "names the document: {got}");
         }
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration_secs("90"), Ok(90));
-        assert_eq!(parse_duration_secs("5m"), Ok(300));
-        assert_eq!(parse_duration_secs("7d"), Ok(604_800));
-        assert!(parse_duration_secs("m").is_err());
     }
 }

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::checks::FieldError;
 use crate::manifest::{Kind, Labels, ManifestError, Warning};
 
 /// Protocol version; sent by agents in `X-Outpost-Protocol`, checked by the hub.
@@ -206,6 +207,22 @@ pub struct ImageTag {
     pub digest: String,
     pub size: u64,
     pub pushed_at: i64,
+}
+
+impl ImageTag {
+    /// The name must be a valid image reference (no newlines, no `..`; see
+    /// [`crate::validate_image_ref`]) and the digest `sha256:` and 64 lower-case hex digits.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        crate::validate_image_ref(&self.name).map_err(|e| FieldError::new("name", e))?;
+        let hex = self.digest.strip_prefix("sha256:").unwrap_or("");
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(FieldError::new(
+                "digest",
+                format!("{:?} is not sha256: followed by 64 lower-case hex digits", self.digest),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -439,6 +456,40 @@ pub struct TokenRequest {
     pub labels: Labels,
     pub ttl_secs: Option<u64>,
     pub uses: Option<u32>,
+}
+
+impl TokenRequest {
+    /// Refuse what would make a useless or broken token: `uses: 0` (nobody could join),
+    /// `ttl_secs: 0` or beyond 100 years, labels Kubernetes would not accept. The CLI checks
+    /// before sending; the hub checks again.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if self.uses == Some(0) {
+            return Err(FieldError::new(
+                "uses",
+                "must be at least 1: no node could join with a token of 0 uses; leave it out for unlimited uses until the token expires",
+            ));
+        }
+        match self.ttl_secs {
+            Some(0) => {
+                return Err(FieldError::new(
+                    "ttl_secs",
+                    "must be at least 1 second; leave it out for a token that does not expire",
+                ))
+            }
+            Some(t) if t > crate::MAX_DURATION_SECS => {
+                return Err(FieldError::new(
+                    "ttl_secs",
+                    format!("{t} s is longer than 100 years; leave it out for a token that does not expire"),
+                ))
+            }
+            _ => {}
+        }
+        for (k, v) in &self.labels {
+            crate::checks::validate_label_key(k).map_err(|e| FieldError::new("labels", e))?;
+            crate::checks::validate_label_value(v).map_err(|e| FieldError::new(format!("labels.{k}"), e))?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -766,6 +817,57 @@ pub struct AlertInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_requests_are_checked() {
+        let req = |uses, ttl_secs, labels: &[(&str, &str)]| TokenRequest {
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ttl_secs,
+            uses,
+        };
+        assert_eq!(req(Some(1), Some(86_400), &[("site", "store-1")]).validate(), Ok(()));
+        assert_eq!(req(None, None, &[]).validate(), Ok(()));
+        for (r, want) in [
+            (req(Some(0), None, &[]), "uses: must be at least 1"),
+            (req(None, Some(0), &[]), "ttl_secs: must be at least 1 second"),
+            (
+                req(None, Some(u64::MAX), &[]),
+                "ttl_secs: 18446744073709551615 s is longer than 100 years",
+            ),
+            (
+                req(None, None, &[("a\nb", "c")]),
+                "labels: \"a\\nb\" is not a valid label key",
+            ),
+            (
+                req(None, None, &[("site", "x y")]),
+                "labels.site: \"x y\" is not a valid label value",
+            ),
+        ] {
+            let e = r.validate().unwrap_err().to_string();
+            assert!(e.starts_with(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn image_tags_are_checked() {
+        let tag = |name: &str, digest: &str| ImageTag {
+            name: name.into(),
+            digest: digest.into(),
+            size: 1,
+            pushed_at: 0,
+        };
+        let d = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(tag("local/web:1", &d).validate(), Ok(()));
+        for (t, want) in [
+            (tag("web\n:1", &d), "name: \"web\\n:1\" is not a valid image reference"),
+            (tag("../web", &d), "name: \"../web\" is not a valid image reference"),
+            (tag("web", "sha256:xyz"), "digest: \"sha256:xyz\" is not sha256:"),
+            (tag("web", &d.to_uppercase()), "digest:"),
+        ] {
+            let e = t.validate().unwrap_err().to_string();
+            assert!(e.starts_with(want), "{e}");
+        }
+    }
 
     #[test]
     fn token_roundtrip_and_rejects() {

@@ -6,6 +6,8 @@
 //! is tested table-style without sockets, files or timers.
 
 pub mod alerts;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod probe;
 pub mod render;
 pub mod retry;

@@ -239,7 +239,8 @@ pub async fn apply(
     _: Admin,
     ApiJson(req): ApiJson<ApplyRequest>,
 ) -> Result<Json<ApplyResponse>, HubError> {
-    let (objects, warnings) = validate::parse_batch(&req.files).map_err(HubError::InvalidManifest)?;
+    let (objects, warnings) =
+        validate::parse_apply_batch(&req.files, &st.host_paths).map_err(HubError::InvalidManifest)?;
     let _guard = st.write_lock.lock().await;
     let stored = st.db(|s| s.objects()).await?;
     let errors = validate::check_references(&objects, stored.into_iter().map(|o| o.object));

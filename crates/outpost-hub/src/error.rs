@@ -93,16 +93,8 @@ fn token_message(p: &TokenProblem) -> String {
     }
 }
 
-/// `90s`, `5m`, `2h`, `3d`: coarse, for messages.
-pub fn human_duration(ms: i64) -> String {
-    let s = ms.max(0) / 1000;
-    match s {
-        0..=119 => format!("{s}s"),
-        120..=7199 => format!("{}m", s / 60),
-        7200..=172_799 => format!("{}h", s / 3600),
-        _ => format!("{}d", s / 86400),
-    }
-}
+/// `90s`, `5m`, `2h`, `3d`: coarse, for messages (outpost's one duration formatter).
+pub use outpost_api::human_duration;
 
 impl HubError {
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {

@@ -57,6 +57,8 @@ pub struct HubConfig {
     pub webhooks: Vec<String>,
     /// A node silent this long raises the `NodeOffline` alert (default 5 min).
     pub node_offline_alert: Duration,
+    /// Which host paths workloads may mount (`--host-paths`, `--host-path-allow`).
+    pub host_paths: validate::HostPathPolicy,
 }
 
 impl HubConfig {
@@ -70,6 +72,7 @@ impl HubConfig {
             long_poll: Duration::from_secs(outpost_api::LONG_POLL_SECS),
             webhooks: Vec::new(),
             node_offline_alert: Duration::from_secs(300),
+            host_paths: validate::HostPathPolicy::default(),
         }
     }
 }
@@ -117,6 +120,7 @@ impl Hub {
             cfg.long_poll,
         );
         state.images_dir = cfg.data_dir.join("images");
+        state.host_paths = cfg.host_paths.clone();
         let monitor_cfg = alerts::MonitorConfig {
             webhooks: cfg.webhooks.clone(),
             offline_alert: cfg.node_offline_alert,

@@ -30,6 +30,8 @@ pub struct HubState {
     notes: Mutex<BTreeMap<ObjectId, String>>,
     /// Where pushed image archives live (`<data-dir>/images`).
     pub images_dir: std::path::PathBuf,
+    /// Which host paths an apply may mount (set by `Hub::start` from `HubConfig`).
+    pub host_paths: crate::validate::HostPathPolicy,
     /// Alerts, vitals, forwarded errors, webhooks, log requests (replaced by `Hub::start`).
     pub monitor: Arc<crate::alerts::Monitor>,
     /// Status reports waiting for the group-commit writer.
@@ -77,6 +79,7 @@ impl HubState {
             watchers: Mutex::new(HashMap::new()),
             notes: Mutex::new(BTreeMap::new()),
             images_dir: std::path::PathBuf::from("images"),
+            host_paths: Default::default(),
             monitor: Arc::new(crate::alerts::Monitor::in_memory()),
             status_tx,
             status_rx: Mutex::new(Some(status_rx)),

@@ -1,16 +1,140 @@
-//! Pure checks behind the operator and join routes: batch parsing, cross-object references,
-//! in-use refusal, node names.
+//! Pure checks behind the operator and join routes: batch parsing, the host-path policy,
+//! cross-object references, in-use refusal, node names.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::str::FromStr;
 
+use outpost_api::checks::{host_path_mounts, normalize_path};
 use outpost_api::{parse_file, ManifestError, ManifestFile, Object, ObjectId, Warning};
 use outpost_core::render::{missing_references, references};
 
 use crate::error::HubError;
 
+/// What the hub does with a workload that mounts a host path (`outpost hub --host-paths`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HostPathMode {
+    /// Accept every host path; warn about sensitive ones (`/`, `/etc` read-write, the
+    /// Docker socket, ...; see `outpost_api::checks::host_path_risk`).
+    #[default]
+    Warn,
+    /// Refuse sensitive host paths at apply.
+    DenySensitive,
+    /// Refuse every host path.
+    Deny,
+}
+
+impl FromStr for HostPathMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "warn" => Ok(Self::Warn),
+            "deny-sensitive" => Ok(Self::DenySensitive),
+            "deny" => Ok(Self::Deny),
+            other => Err(format!(
+                "{other:?} is not a host path mode: use warn, deny-sensitive or deny"
+            )),
+        }
+    }
+}
+
+/// The hub's host-path policy: a mode, and prefixes exempt from it (`--host-path-allow`). A
+/// host path under an allowed prefix is accepted whatever the mode (the operator named it), so
+/// `deny` with a few prefixes is a strict allow-list, and `deny-sensitive` with
+/// `/var/run/docker.sock` lets a monitoring agent have the one socket it needs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostPathPolicy {
+    pub mode: HostPathMode,
+    /// Normalized absolute prefixes (`/srv/data`).
+    pub allow: Vec<String>,
+}
+
+impl HostPathPolicy {
+    /// A policy from the command line's mode and prefixes; prefixes must be absolute.
+    pub fn new(mode: HostPathMode, allow: &[String]) -> Result<Self, String> {
+        let mut out = Vec::new();
+        for p in allow {
+            if !p.starts_with('/') || p.chars().any(char::is_control) {
+                return Err(format!(
+                    "--host-path-allow {p:?} must be an absolute path like /srv/data"
+                ));
+            }
+            out.push(normalize_path(p));
+        }
+        Ok(Self { mode, allow: out })
+    }
+
+    fn allowed(&self, path: &str) -> bool {
+        let p = normalize_path(path);
+        self.allow
+            .iter()
+            .any(|a| a == "/" || p == *a || p.starts_with(&format!("{a}/")))
+    }
+
+    /// Errors for every host path of `obj` (from `document`) this policy refuses.
+    pub fn check(&self, document: &str, obj: &Object) -> Vec<ManifestError> {
+        let Some(t) = obj.template() else { return Vec::new() };
+        if self.mode == HostPathMode::Warn {
+            return Vec::new();
+        }
+        let at = "spec.template.spec";
+        let err = |field: String, reason: String| ManifestError {
+            document: document.to_string(),
+            field,
+            reason,
+        };
+        let mut errors = Vec::new();
+        for (i, v) in t.spec.volumes.iter().enumerate() {
+            let Some(hp) = &v.host_path else { continue };
+            if self.allowed(&hp.path) {
+                continue;
+            }
+            if self.mode == HostPathMode::Deny {
+                let allowed = if self.allow.is_empty() {
+                    "use emptyDir, configMap or secret volumes".to_string()
+                } else {
+                    format!("it allows only paths under {}", self.allow.join(", "))
+                };
+                errors.push(err(
+                    format!("{at}.volumes[{i}].hostPath.path"),
+                    format!(
+                        "{}: this hub refuses hostPath volumes (outpost hub --host-paths deny); {allowed}, or ask the hub's operator to allow the path (--host-path-allow)",
+                        hp.path
+                    ),
+                ));
+            }
+        }
+        if self.mode == HostPathMode::DenySensitive && errors.is_empty() {
+            for m in host_path_mounts(at, &t.spec) {
+                if self.allowed(&m.host_path) {
+                    continue;
+                }
+                if let Some(risk) = m.risk() {
+                    errors.push(err(
+                        m.field.clone(),
+                        format!(
+                            "{m}: refused by this hub's policy (outpost hub --host-paths deny-sensitive) because {risk}; \
+                             mount a narrower path{}, or ask the hub's operator to allow it (--host-path-allow)",
+                            if m.read_only { "" } else { " or set readOnly: true" }
+                        ),
+                    ));
+                }
+            }
+        }
+        errors
+    }
+}
+
 /// Parse every file, collecting every error from every file. Objects get their namespace set
 /// explicitly ("default" when absent). An object named twice in the batch is an error.
 pub fn parse_batch(files: &[ManifestFile]) -> Result<(Vec<Object>, Vec<Warning>), Vec<ManifestError>> {
+    parse_apply_batch(files, &HostPathPolicy::default())
+}
+
+/// [`parse_batch`] for an apply: every workload must also pass the hub's host-path policy.
+pub fn parse_apply_batch(
+    files: &[ManifestFile],
+    host_paths: &HostPathPolicy,
+) -> Result<(Vec<Object>, Vec<Warning>), Vec<ManifestError>> {
     let mut objects = Vec::new();
     let mut warnings = Vec::new();
     let mut errors = Vec::new();
@@ -19,6 +143,9 @@ pub fn parse_batch(files: &[ManifestFile]) -> Result<(Vec<Object>, Vec<Warning>)
         match parse_file(&f.name, &f.content) {
             Ok(parsed) => {
                 warnings.extend(parsed.warnings);
+                for (obj, document) in parsed.objects.iter().zip(&parsed.documents) {
+                    errors.extend(host_paths.check(document, obj));
+                }
                 for mut obj in parsed.objects {
                     let ns = obj.meta().ns().to_string();
                     obj.meta_mut().namespace = Some(ns);
@@ -133,6 +260,61 @@ mod tests {
         let errs = parse_batch(&[file("a.yaml", "kind: Nope\n"), file("b.yaml", ": : :\n- [")]).expect_err("bad");
         assert!(errs.iter().any(|e| e.document.starts_with("a.yaml")), "{errs:?}");
         assert!(errs.iter().any(|e| e.document.starts_with("b.yaml")), "{errs:?}");
+    }
+
+    #[test]
+    fn host_path_policy() {
+        let ds = |path: &str, ro: bool| {
+            file(
+                "h.yaml",
+                &format!("apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: d}}\nspec:\n  template:\n    spec:\n      containers: [{{name: a, image: x, volumeMounts: [{{name: h, mountPath: /h, readOnly: {ro}}}]}}]\n      volumes: [{{name: h, hostPath: {{path: {path}}}}}]\n"),
+            )
+        };
+        let policy = |mode, allow: &[&str]| {
+            HostPathPolicy::new(mode, &allow.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+        };
+        use HostPathMode::*;
+        // (policy, path, read-only, the error it gives, if any)
+        let cases: &[(HostPathPolicy, &str, bool, Option<&str>)] = &[
+            (policy(Warn, &[]), "/", false, None),
+            (policy(Warn, &[]), "/var/run/docker.sock", true, None),
+            (policy(DenySensitive, &[]), "/mnt/videos", false, None),
+            (policy(DenySensitive, &[]), "/etc", true, None),
+            (
+                policy(DenySensitive, &[]),
+                "/etc",
+                false,
+                Some("containers[0].volumeMounts[0]: container a mounts hostPath /etc at /h read-write: refused by this hub's policy (outpost hub --host-paths deny-sensitive) because /etc is the host's configuration"),
+            ),
+            (policy(DenySensitive, &[]), "/", true, Some("because / is the host's whole file system")),
+            (policy(DenySensitive, &[]), "/var/run/docker.sock", true, Some("Docker Engine's API socket")),
+            (policy(DenySensitive, &["/var/run/docker.sock"]), "/var/run/docker.sock", true, None),
+            (policy(DenySensitive, &["/var/run/docker.sock"]), "/etc", false, Some("because /etc is")),
+            (policy(DenySensitive, &["/var/run/docker.sock"]), "/srv/data", false, None),
+            (policy(Deny, &[]), "/mnt/videos", true, Some("volumes[0].hostPath.path: /mnt/videos: this hub refuses hostPath volumes (outpost hub --host-paths deny); use emptyDir")),
+            (policy(Deny, &["/mnt"]), "/mnt/videos", true, None),
+            (policy(Deny, &["/srv/"]), "/srv/data", false, None),
+            (policy(Deny, &["/srv"]), "/srv//data/", false, None),
+            (policy(Deny, &["/srv", "/data"]), "/etc", false, Some("it allows only paths under /srv, /data")),
+            (policy(Deny, &["/srv"]), "/srvx", false, Some("it allows only paths under /srv")),
+            (policy(Warn, &["/srv"]), "/etc", false, None),
+        ];
+        for (p, path, ro, want) in cases {
+            let got = parse_apply_batch(&[ds(path, *ro)], p);
+            match (want, &got) {
+                (None, Ok(_)) => {}
+                (Some(w), Err(e)) if e.len() == 1 && e[0].to_string().contains(w) => {
+                    assert!(e[0].document.starts_with("h.yaml document 1 (DaemonSet d)"), "{e:?}");
+                }
+                _ => panic!("{p:?} {path} ro={ro}: want {want:?}, got {got:?}"),
+            }
+        }
+        assert!(HostPathPolicy::new(Warn, &["srv".into()]).is_err());
+        assert_eq!("deny-sensitive".parse(), Ok(DenySensitive));
+        assert!("yes"
+            .parse::<HostPathMode>()
+            .unwrap_err()
+            .contains("warn, deny-sensitive or deny"));
     }
 
     #[test]

@@ -14,6 +14,9 @@ use crate::client::Client;
 use crate::output::{age, table};
 
 pub async fn push(c: &Client, image: &str, socket: &str) -> Result<()> {
+    if let Err(e) = outpost_api::validate_image_ref(image) {
+        bail!("{e}; name it the way a manifest's image field does, e.g. my-app:v1.2.3");
+    }
     let docker = bollard::Docker::connect_with_socket(socket, 600, bollard::API_DEFAULT_VERSION)
         .with_context(|| format!("cannot use the Docker socket {socket}"))?
         .negotiate_version()

@@ -145,6 +145,14 @@ struct HubArgs {
     /// Raise the NodeOffline alert once a node has been silent this long.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     node_offline_alert: Duration,
+    /// Host paths workloads may mount: warn (accept all, warn about /, /etc read-write, the
+    /// Docker socket, ...), deny-sensitive (refuse those) or deny (refuse every hostPath).
+    #[arg(long, default_value = "warn", value_parser = clap::builder::PossibleValuesParser::new(["warn", "deny-sensitive", "deny"]))]
+    host_paths: String,
+    /// Exempt host paths under this prefix from --host-paths (repeatable): `--host-paths deny`
+    /// with prefixes is a strict allow-list.
+    #[arg(long = "host-path-allow", value_name = "PREFIX")]
+    host_path_allow: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -157,7 +165,7 @@ enum TokenCmd {
         /// How long the token is valid (e.g. 24h, 30m; 0 = no expiry).
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         ttl: Duration,
-        /// How many nodes may join with it (default: unlimited until it expires).
+        /// How many nodes may join with it, at least 1 (default: unlimited until it expires).
         #[arg(long)]
         uses: Option<u32>,
     },
@@ -255,25 +263,8 @@ fn parse_labels(s: &str) -> Result<Labels, String> {
     Ok(out)
 }
 
-pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if s == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 90s, 5m, 24h or 7d"))?;
-    let secs = match unit {
-        "s" | "" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use s, m, h or d")),
-    };
-    Ok(Duration::from_secs(secs))
-}
+/// The one duration parser (`90s`, `5m`, `24h`, `7d`; overflow-checked), for clap.
+pub(crate) use outpost_api::parse_duration;
 
 fn default_dir(role: &str) -> PathBuf {
     if nix_is_root() {
@@ -338,6 +329,7 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                 ttl_secs: (!ttl.is_zero()).then_some(ttl.as_secs()),
                 uses,
             };
+            token_request_checks(&req)?;
             let t: outpost_api::TokenResponse = c.post("/v1/tokens", &req).await?;
             println!("{}", t.token);
             Ok(())
@@ -420,6 +412,11 @@ async fn run_hub(a: HubArgs) -> Result<()> {
         long_poll: Duration::from_secs(outpost_api::LONG_POLL_SECS),
         webhooks: logs::check_webhooks(&a.webhooks)?,
         node_offline_alert: a.node_offline_alert,
+        host_paths: outpost_hub::validate::HostPathPolicy::new(
+            a.host_paths.parse().map_err(anyhow::Error::msg)?,
+            &a.host_path_allow,
+        )
+        .map_err(anyhow::Error::msg)?,
     };
     let (hub, created) = outpost_hub::Hub::start(cfg).await?;
     let url = a
@@ -448,6 +445,18 @@ async fn run_hub(a: HubArgs) -> Result<()> {
     eprintln!("hub stopping");
     hub.shutdown().await;
     Ok(())
+}
+
+/// `outpost token create` refuses what the hub would refuse, naming the flag.
+fn token_request_checks(req: &outpost_api::TokenRequest) -> Result<()> {
+    req.validate().map_err(|e| {
+        let flag = match e.field.split('.').next().unwrap_or("") {
+            "uses" => "--uses",
+            "ttl_secs" => "--ttl",
+            _ => "--labels",
+        };
+        anyhow::anyhow!("{flag}: {}", e.reason)
+    })
 }
 
 async fn agent_join(j: &JoinArgs) -> Result<outpost_agent::Identity> {
@@ -521,8 +530,43 @@ mod tests {
         assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
         assert!(parse_duration("5y").unwrap_err().contains("unknown unit"));
+        // used to overflow (`n * 86400` unchecked)
+        assert!(parse_duration("999999999999999d")
+            .unwrap_err()
+            .contains("longer than 100 years"));
         assert_eq!(parse_labels("a=1, b=2").unwrap().len(), 2);
         assert!(parse_labels("a").unwrap_err().contains("not key=value"));
+    }
+
+    #[test]
+    fn token_create_arguments_are_checked() {
+        let cli = |args: &[&str]| -> Result<()> {
+            let mut all = vec!["outpost", "token", "create"];
+            all.extend(args);
+            let Cmd::Token {
+                cmd: TokenCmd::Create { labels, ttl, uses },
+            } = Cli::try_parse_from(all).map_err(|e| anyhow::anyhow!("{e}"))?.cmd
+            else {
+                unreachable!()
+            };
+            token_request_checks(&outpost_api::TokenRequest {
+                labels: labels.unwrap_or_default(),
+                ttl_secs: (!ttl.is_zero()).then_some(ttl.as_secs()),
+                uses,
+            })
+        };
+        assert!(cli(&["--uses", "1", "--ttl", "0", "--labels", "site=a"]).is_ok());
+        for (args, want) in [
+            (&["--uses", "0"][..], "--uses: must be at least 1"),
+            (&["--ttl", "36501d"], "longer than 100 years"),
+            (
+                &["--labels", "site=a b"],
+                "--labels: \"a b\" is not a valid label value",
+            ),
+        ] {
+            let e = cli(args).unwrap_err().to_string();
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
     }
 
     #[test]

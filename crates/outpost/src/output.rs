@@ -34,18 +34,81 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out.join("\n") + "\n"
 }
 
-use outpost_api::now_ms;
+use outpost_api::{human_duration, now_ms};
 
-/// `3s`, `5m`, `2h`, `4d`.
+/// How long ago `ms` was: `3s`, `5m`, `2h`, `4d` (outpost's one duration formatter).
 pub fn age(ms: Option<i64>) -> String {
     let Some(ms) = ms else { return "-".into() };
-    let s = ((now_ms() - ms).max(0) / 1000) as u64;
-    match s {
-        0..=119 => format!("{s}s"),
-        120..=7199 => format!("{}m", s / 60),
-        7200..=172_799 => format!("{}h", s / 3600),
-        _ => format!("{}d", s / 86400),
+    human_duration(now_ms().saturating_sub(ms))
+}
+
+/// A certificate's expiry (Unix ms) as seen at `now` (Unix ms).
+pub fn expiry(at: i64, now: i64) -> String {
+    if at > now {
+        format!("expires in {}", human_duration(at - now))
+    } else {
+        format!("expired {} ago", human_duration(now.saturating_sub(at)))
     }
+}
+
+/// The volumes of a workload and where each container mounts them, for `describe`. Sensitive
+/// host paths are flagged with the reason.
+pub fn volumes_text(obj: &outpost_api::Object) -> String {
+    use outpost_api::checks::host_path_risk;
+    let Some(t) = obj.template() else { return String::new() };
+    let pod = &t.spec;
+    if pod.volumes.is_empty() {
+        return "Volumes:        <none>\n".into();
+    }
+    let rows: Vec<Vec<String>> = pod
+        .volumes
+        .iter()
+        .map(|v| {
+            let source = if let Some(h) = &v.host_path {
+                let kind = h.type_.as_deref().filter(|t| !t.is_empty()).unwrap_or("Directory");
+                format!("hostPath {} ({kind})", h.path)
+            } else if let Some(c) = &v.config_map {
+                format!("configMap {}{}", c.name, if c.optional { " (optional)" } else { "" })
+            } else if let Some(sec) = &v.secret {
+                format!(
+                    "secret {}{}",
+                    sec.secret_name,
+                    if sec.optional { " (optional)" } else { "" }
+                )
+            } else {
+                "emptyDir".into()
+            };
+            vec![v.name.clone(), source]
+        })
+        .collect();
+    let mut out = String::from("Volumes:\n");
+    out.push_str(&indent(&table(&["NAME", "SOURCE"], &rows)));
+    let mut mounts = Vec::new();
+    for c in &pod.containers {
+        for m in &c.volume_mounts {
+            let host = pod
+                .volumes
+                .iter()
+                .find(|v| v.name == m.name)
+                .and_then(|v| v.host_path.as_ref());
+            let warning = host
+                .and_then(|h| host_path_risk(&h.path, m.read_only))
+                .map(|r| format!("WARNING: {r}"))
+                .unwrap_or_default();
+            mounts.push(vec![
+                c.name.clone(),
+                m.name.clone(),
+                m.mount_path.clone(),
+                if m.read_only { "ro".into() } else { "rw".into() },
+                warning,
+            ]);
+        }
+    }
+    if !mounts.is_empty() {
+        out.push_str("Mounts:\n");
+        out.push_str(&indent(&table(&["CONTAINER", "VOLUME", "PATH", "MODE", ""], &mounts)));
+    }
+    out
 }
 
 fn print<T: Serialize>(v: &T, f: Format) -> Result<()> {
@@ -257,7 +320,7 @@ pub async fn describe(c: &Client, kind: &str, name: &str, ns: &str) -> Result<()
             n.generation, n.applied_generation
         );
         if let Some(exp) = n.cert_expires_at {
-            println!("Certificate:    expires in {} days", (exp - now_ms() / 1000) / 86400);
+            println!("Certificate:    {}", expiry(exp, now_ms()));
         }
         println!("Labels:");
         for (k, v) in &n.labels {
@@ -343,6 +406,10 @@ pub async fn describe(c: &Client, kind: &str, name: &str, ns: &str) -> Result<()
     );
     if let Some(note) = &w.note {
         println!("Note:           {note}");
+    }
+    match serde_json::from_value::<outpost_api::Object>(w.manifest.clone()) {
+        Ok(obj) => print!("{}", volumes_text(&obj)),
+        Err(e) => println!("Volumes:        (cannot read the stored manifest: {e})"),
     }
     println!("Placements:");
     print!(
@@ -495,6 +562,34 @@ fn indent(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expiry_is_in_milliseconds() {
+        let day = 86_400_000;
+        assert_eq!(expiry(90 * day, 0), "expires in 90d");
+        assert_eq!(expiry(0, 3 * day), "expired 3d ago");
+        assert_eq!(expiry(1_000, 1_000), "expired 0s ago");
+    }
+
+    #[test]
+    fn describe_lists_volumes_and_mounts() {
+        let yaml = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: d}\nspec:\n  template:\n    spec:\n      containers:\n      - name: app\n        image: x\n        volumeMounts:\n        - {name: root, mountPath: /host, readOnly: true}\n        - {name: etc, mountPath: /host-etc}\n        - {name: cfg, mountPath: /cfg}\n      volumes:\n      - {name: root, hostPath: {path: /}}\n      - {name: etc, hostPath: {path: /etc, type: DirectoryOrCreate}}\n      - {name: cfg, configMap: {name: app-cfg}}\n      - {name: tmp, emptyDir: {}}\n";
+        let obj = outpost_api::parse_file("d.yaml", yaml).unwrap().objects.remove(0);
+        let want = "\
+Volumes:
+  NAME   SOURCE
+  root   hostPath / (Directory)
+  etc    hostPath /etc (DirectoryOrCreate)
+  cfg    configMap app-cfg
+  tmp    emptyDir
+Mounts:
+  CONTAINER   VOLUME   PATH        MODE
+  app         root     /host       ro     WARNING: / is the host's whole file system
+  app         etc      /host-etc   rw     WARNING: /etc is the host's configuration
+  app         cfg      /cfg        rw
+";
+        assert_eq!(volumes_text(&obj), want);
+    }
 
     #[test]
     fn table_aligns_columns() {
