@@ -9,7 +9,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use outpost_api::{ApiError, JoinRequest, JoinResponse, JoinToken, Labels, PROTOCOL_HEADER, PROTOCOL_VERSION};
+use outpost_api::{ApiError, JoinRequest, JoinResponse, JoinToken, Labels, PROTOCOL, PROTOCOL_HEADER};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -212,7 +212,7 @@ pub async fn join(o: &JoinOptions) -> Result<Identity, JoinError> {
     };
     let resp = verified
         .post(format!("{hub}/v1/join"))
-        .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
+        .header(PROTOCOL_HEADER, PROTOCOL)
         .json(&req)
         .send()
         .await

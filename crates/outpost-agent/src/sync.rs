@@ -2,17 +2,26 @@
 //! Everything here is optional for the node's operation: when the hub is unreachable the
 //! reconciler keeps running the last persisted desired state, and this module retries with
 //! exponential backoff and jitter (docs/protocol.md §6).
+//!
+//! Certificate renewal (docs/protocol.md §2) is driven by the sync loop: before each long-poll,
+//! and when the renewal time (`outpost_core::link::renewal`: a third of the validity left)
+//! arrives during one, the agent renews; a certificate that expired while the node was offline
+//! is renewed the same way (the hub's renew route accepts it), so the node comes back by
+//! itself. The renewed certificate is saved before it is used; until the hub has seen it used,
+//! the old one keeps working, so a lost answer or a failed save never locks the node out. When
+//! renewal fails for a reason retrying cannot fix, the agent logs what to do at error level.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use outpost_api::{ApiError, StatusAck, StatusReport, SyncResponse, PROTOCOL_HEADER, PROTOCOL_VERSION};
+use outpost_api::{ApiError, StatusAck, StatusReport, SyncResponse, PROTOCOL, PROTOCOL_HEADER};
 use outpost_api::{StatusWithVitals, SyncAnswer};
+use outpost_core::link::Renewal;
 use rand::Rng;
 use tokio::sync::{watch, RwLock};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::identity::Identity;
 use crate::reconcile::Snapshot;
@@ -30,11 +39,23 @@ pub enum LinkError {
 }
 
 impl LinkError {
-    /// The hub no longer knows this node: retrying quickly will not help.
+    /// The hub's error code, when it answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            LinkError::Hub { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// The hub no longer knows this node: retrying quickly will not help. (An expired
+    /// certificate is not fatal: the agent renews it.)
     fn is_fatal(&self) -> bool {
-        matches!(self, LinkError::Hub { status: 401, .. })
+        matches!(self, LinkError::Hub { status: 401, code, .. } if code != CERTIFICATE_EXPIRED)
     }
 }
+
+/// The hub's code for a request made with an expired node certificate.
+const CERTIFICATE_EXPIRED: &str = "certificate_expired";
 
 /// Exponential backoff with jitter: 1 s doubling to 30 s, plus up to 50 %.
 pub struct Backoff {
@@ -75,6 +96,8 @@ pub struct HubClient {
     pub identity: RwLock<Identity>,
     http: RwLock<reqwest::Client>,
     data_dir: PathBuf,
+    /// One renewal at a time.
+    renewing: tokio::sync::Mutex<()>,
 }
 
 fn build_http(id: &Identity) -> Result<reqwest::Client, LinkError> {
@@ -114,6 +137,7 @@ impl HubClient {
             identity: RwLock::new(identity),
             http: RwLock::new(http),
             data_dir,
+            renewing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -127,7 +151,7 @@ impl HubClient {
         let http = self.http.read().await.clone();
         let resp = http
             .post(url)
-            .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
+            .header(PROTOCOL_HEADER, PROTOCOL)
             .timeout(Duration::from_secs(30))
             .json(r)
             .send()
@@ -138,14 +162,12 @@ impl HubClient {
     /// One long-poll carrying the hash of the alert policy the node holds; the answer may add
     /// a new policy and log requests (`SyncAnswer`, docs/protocol.md §9).
     pub async fn sync_with(&self, generation: u64, policy_hash: &str) -> Result<Option<SyncAnswer>, LinkError> {
-        let url = format!(
-            "{}?generation={generation}&policy={policy_hash}",
-            self.url("sync").await
-        );
+        let url = self.url("sync").await;
         let http = self.http.read().await.clone();
         let resp = check(
             http.get(url)
-                .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
+                .query(&[("generation", generation.to_string().as_str()), ("policy", policy_hash)])
+                .header(PROTOCOL_HEADER, PROTOCOL)
                 .send()
                 .await?,
         )
@@ -166,7 +188,7 @@ impl HubClient {
         let http = self.http.read().await.clone();
         let resp = http
             .post(url)
-            .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
+            .header(PROTOCOL_HEADER, PROTOCOL)
             .timeout(Duration::from_secs(30))
             .json(body)
             .send()
@@ -177,11 +199,22 @@ impl HubClient {
     /// GET a hub path (e.g. `/v1/images/blobs/...`) over mTLS, optionally from a byte offset.
     /// No overall timeout: large downloads are bounded by the connect timeout and progress.
     pub async fn get(&self, path: &str, from: Option<u64>) -> Result<reqwest::Response, LinkError> {
+        self.get_query(path, &[], from).await
+    }
+
+    /// [`HubClient::get`] with query parameters (encoded by reqwest).
+    pub async fn get_query(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        from: Option<u64>,
+    ) -> Result<reqwest::Response, LinkError> {
         let url = format!("{}{path}", self.identity.read().await.hub);
         let http = self.http.read().await.clone();
         let mut req = http
             .get(url)
-            .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
+            .query(query)
+            .header(PROTOCOL_HEADER, PROTOCOL)
             .timeout(Duration::from_secs(3600));
         if let Some(n) = from.filter(|n| *n > 0) {
             req = req.header(reqwest::header::RANGE, format!("bytes={n}-"));
@@ -189,34 +222,142 @@ impl HubClient {
         check(req.send().await?).await
     }
 
-    /// Renew the node certificate when less than a third of its validity is left.
-    pub async fn renew_if_due(&self) -> Result<bool, LinkError> {
-        let (cert, key, node) = {
+    /// Where the node certificate stands at `now` (Unix seconds).
+    pub async fn certificate(&self, now: i64) -> Result<(Renewal, i64), LinkError> {
+        let cert = self.identity.read().await.cert_pem.clone();
+        let (not_before, not_after) =
+            outpost_pki::validity_unix(&cert).map_err(|e| LinkError::Local(format!("identity.json: {e}")))?;
+        Ok((outpost_core::link::renewal(not_before, not_after, now), not_after))
+    }
+
+    /// Renew the node certificate with the same key. The new certificate is saved before it is
+    /// used; if saving fails, the old one stays in use (the hub accepts it until the new one is
+    /// used). Returns the new certificate's expiry (Unix seconds).
+    pub async fn renew(&self) -> Result<i64, LinkError> {
+        let _one_at_a_time = self.renewing.lock().await;
+        let (key, node) = {
             let id = self.identity.read().await;
-            (id.cert_pem.clone(), id.key_pem.clone(), id.node.clone())
+            (id.key_pem.clone(), id.node.clone())
         };
-        let expires = outpost_pki::not_after_unix(&cert).map_err(|e| LinkError::Local(e.to_string()))?;
-        let now = crate::reconcile::now_ms() / 1000;
-        if expires - now > outpost_pki::NODE_CERT_DAYS * 86400 / 3 {
-            return Ok(false);
-        }
         let csr = outpost_pki::NodeKey::csr_for(&key, &node).map_err(|e| LinkError::Local(e.to_string()))?;
         let url = self.url("renew").await;
         let http = self.http.read().await.clone();
         let resp = http
             .post(url)
-            .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
+            .header(PROTOCOL_HEADER, PROTOCOL)
+            .timeout(Duration::from_secs(30))
             .json(&outpost_api::RenewRequest { csr_pem: csr })
             .send()
             .await?;
         let rr: outpost_api::RenewResponse = check(resp).await?.json().await?;
+        let not_after = outpost_pki::not_after_unix(&rr.cert_pem)
+            .map_err(|e| LinkError::Local(format!("the hub's renewed certificate is unreadable: {e}")))?;
         let mut id = self.identity.write().await;
-        id.cert_pem = rr.cert_pem;
-        id.save(&self.data_dir)
-            .map_err(|e| LinkError::Local(format!("cannot save renewed certificate: {e}")))?;
-        *self.http.write().await = build_http(&id)?;
-        info!(node = %id.node, "node certificate renewed");
-        Ok(true)
+        let mut next = id.clone();
+        next.cert_pem = rr.cert_pem;
+        let http = build_http(&next)?;
+        next.save(&self.data_dir).map_err(|e| {
+            LinkError::Local(format!(
+                "cannot save the renewed certificate in {}: {e}; the current one keeps working",
+                self.data_dir.display()
+            ))
+        })?;
+        *id = next;
+        *self.http.write().await = http;
+        Ok(not_after)
+    }
+}
+
+/// Renewal bookkeeping for the sync loop.
+#[derive(Default)]
+struct CertUpkeep {
+    /// Do not retry a failed renewal of a still-valid certificate before this.
+    retry_after: Option<std::time::Instant>,
+    /// The hub said the certificate expired (its clock may differ from ours): renew now.
+    forced: bool,
+    /// When the last failure was logged at error level.
+    logged: Option<std::time::Instant>,
+}
+
+/// A failed renewal of a valid certificate is retried after this.
+const RENEW_RETRY: Duration = Duration::from_secs(300);
+/// A renewal failure that needs a person is logged at most this often.
+const RENEW_LOG_EVERY: Duration = Duration::from_secs(600);
+
+fn ago(secs: i64) -> String {
+    let s = secs.max(0);
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+/// Renew the certificate when it is due, expired, or the hub said so. Returns how long until
+/// the next renewal is due (None: now, or unknown).
+async fn keep_certificate(client: &HubClient, upkeep: &mut CertUpkeep) -> Option<Duration> {
+    let now = crate::reconcile::now_ms() / 1000;
+    let (state, not_after) = match client.certificate(now).await {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot read the node certificate; re-join this node (`outpost agent join`)");
+            return None;
+        }
+    };
+    let expired = state == Renewal::Expired || upkeep.forced;
+    match state {
+        Renewal::NotYet { at } if !upkeep.forced => return Some(Duration::from_secs((at - now).max(1) as u64)),
+        _ if !expired && upkeep.retry_after.is_some_and(|t| std::time::Instant::now() < t) => return Some(RENEW_RETRY),
+        _ => {}
+    }
+    if state == Renewal::Expired {
+        info!(expired_ago = %ago(now - not_after), "the node certificate expired (the node was offline); renewing it");
+    }
+    match client.renew().await {
+        Ok(new_not_after) => {
+            info!(expires_in = %ago(new_not_after - now), was_expired = expired, "node certificate renewed");
+            *upkeep = CertUpkeep::default();
+            let (next, _) = client.certificate(now).await.ok()?;
+            match next {
+                Renewal::NotYet { at } => Some(Duration::from_secs((at - now).max(1) as u64)),
+                _ => Some(RENEW_RETRY),
+            }
+        }
+        Err(e) => {
+            upkeep.forced = false;
+            if !expired {
+                upkeep.retry_after = Some(std::time::Instant::now() + RENEW_RETRY);
+            }
+            let needs_a_person = matches!(&e, LinkError::Hub { .. } | LinkError::Local(_));
+            let log_now = upkeep.logged.is_none_or(|t| t.elapsed() >= RENEW_LOG_EVERY);
+            if !needs_a_person {
+                // The hub is unreachable: the sync loop reports that and retries.
+                debug!(error = %e, "certificate renewal: hub unreachable");
+            } else if log_now {
+                upkeep.logged = Some(std::time::Instant::now());
+                let node = client.identity.read().await.node.clone();
+                let what = match e.code() {
+                    Some("unknown_node") => format!(
+                        "the hub no longer knows node {node} (it was deleted, or re-joined elsewhere), so its certificate \
+                         cannot be renewed. Workloads keep running from local state. To bring the node back, create a \
+                         token (`outpost token create`), move identity.json and node.key out of the agent's data \
+                         directory and run `outpost agent --hub URL --token T --name {node}`"
+                    ),
+                    _ => format!(
+                        "renewing the certificate of node {node} failed; workloads keep running from local state. \
+                         Check the hub's log; if this persists, re-join the node (`outpost delete node {node}` on the \
+                         hub, then `outpost agent --hub URL --token T` with a fresh data directory)"
+                    ),
+                };
+                if expired {
+                    error!(error = %e, expired_ago = %ago(now - not_after), "{what}");
+                } else {
+                    warn!(error = %e, expires_in = %ago(not_after - now), "{what}");
+                }
+            }
+            None
+        }
     }
 }
 
@@ -249,11 +390,15 @@ pub async fn sync_loop(
 ) {
     let mut backoff = Backoff::new();
     let mut connected = false;
+    let mut upkeep = CertUpkeep::default();
     loop {
+        let renew_in = keep_certificate(&client, &mut upkeep).await.unwrap_or(Duration::MAX);
         let held = desired_tx.borrow().clone();
         let policy_hash = monitor.policy_hash();
         let result = tokio::select! {
             r = client.sync_with(held.generation, &policy_hash) => r,
+            // Renewal is due during the long-poll: renew, then poll again.
+            _ = tokio::time::sleep(renew_in.min(Duration::from_secs(86_400))), if renew_in < Duration::MAX => continue,
             _ = shutdown.changed() => return,
         };
         // Monitoring additions first: a new alert policy is persisted before it is used, log
@@ -295,6 +440,9 @@ pub async fn sync_loop(
                 }
             }
             Err(e) => {
+                if e.code() == Some(CERTIFICATE_EXPIRED) {
+                    upkeep.forced = true;
+                }
                 let d = if e.is_fatal() {
                     Duration::from_secs(60)
                 } else {
@@ -344,7 +492,6 @@ pub async fn status_loop(
     // `outpost_core::alerts::vitals_worth_sending`).
     let mut vitals_sent: Option<(std::time::Instant, outpost_api::Vitals)> = None;
     let mut backoff = Backoff::new();
-    let mut last_renew_check: Option<std::time::Instant> = None;
     loop {
         let snap = status_rx.borrow_and_update().clone();
         let events = store.pending_events(500).unwrap_or_default();
@@ -388,12 +535,6 @@ pub async fn status_loop(
                 }
                 acked = Some(snap);
                 backoff.reset();
-                if last_renew_check.is_none_or(|t| t.elapsed() > Duration::from_secs(3600)) {
-                    last_renew_check = Some(std::time::Instant::now());
-                    if let Err(e) = client.renew_if_due().await {
-                        warn!(error = %e, "certificate renewal failed; will retry in an hour");
-                    }
-                }
                 // more queued events than one report carries: send again at once
                 if report.events.len() >= 500 {
                     continue;

@@ -30,6 +30,8 @@ pub struct HubState {
     notes: Mutex<BTreeMap<ObjectId, String>>,
     /// Where pushed image archives live (`<data-dir>/images`).
     pub images_dir: std::path::PathBuf,
+    /// How long the node certificates the hub signs are valid.
+    pub node_cert_lifetime: Duration,
     /// Alerts, vitals, forwarded errors, webhooks, log requests (replaced by `Hub::start`).
     pub monitor: Arc<crate::alerts::Monitor>,
     /// Status reports waiting for the group-commit writer.
@@ -77,6 +79,7 @@ impl HubState {
             watchers: Mutex::new(HashMap::new()),
             notes: Mutex::new(BTreeMap::new()),
             images_dir: std::path::PathBuf::from("images"),
+            node_cert_lifetime: outpost_pki::NODE_CERT_LIFETIME,
             monitor: Arc::new(crate::alerts::Monitor::in_memory()),
             status_tx,
             status_rx: Mutex::new(Some(status_rx)),

@@ -74,6 +74,7 @@ async fn token(hub: &Hub, ttl_secs: Option<u64>, uses: Option<u32>) -> Result<Jo
         labels: [("site".to_string(), "hq".to_string())].into(),
         ttl_secs,
         uses,
+        ..Default::default()
     };
     let resp: TokenResponse = json(admin_post(hub, "/v1/tokens", &req).await?, StatusCode::OK).await?;
     JoinToken::parse(&resp.token).map_err(anyhow::Error::msg)
@@ -325,7 +326,8 @@ async fn nodes_only_reach_their_own_state() -> Result<()> {
     let info: NodeInfo = json(admin_get(&hub, "/v1/nodes/b").await?, StatusCode::OK).await?;
     assert_eq!(info.agent_version, None);
 
-    // Renewal: the new certificate works, the old one is refused from then on.
+    // Renewal is two-phase: the old certificate works until the new one has been used, then
+    // only the new one works.
     let csr_pem = outpost_pki::NodeKey::csr_for(&a.key_pem, "a")?;
     let resp = a
         .client
@@ -334,6 +336,11 @@ async fn nodes_only_reach_their_own_state() -> Result<()> {
         .send()
         .await?;
     let renewed: RenewResponse = json(resp, StatusCode::OK).await?;
+    assert_eq!(
+        sync(&hub, &a, "a", 0).await?.status(),
+        StatusCode::OK,
+        "old one still works"
+    );
     let a2 = Node {
         name: "a".into(),
         client: client(&hub, Some((&renewed.cert_pem, &a.key_pem)))?,

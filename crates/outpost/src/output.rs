@@ -48,6 +48,31 @@ pub fn age(ms: Option<i64>) -> String {
     }
 }
 
+/// `describe node`'s certificate line; `expires_at` and `now` in Unix milliseconds.
+fn cert_expiry(expires_at: i64, now: i64) -> String {
+    let left = expires_at - now;
+    let span = |ms: i64| {
+        let s = ms.max(0) / 1000;
+        match s {
+            0..=119 => format!("{s}s"),
+            120..=7199 => format!("{}m", s / 60),
+            7200..=172_799 => format!("{}h", s / 3600),
+            _ => format!("{} days", s / 86400),
+        }
+    };
+    if left >= 0 {
+        format!(
+            "expires in {} (renewed by the agent with a third of its life left)",
+            span(left)
+        )
+    } else {
+        format!(
+            "EXPIRED {} ago; the agent renews it when it next reaches the hub",
+            span(-left)
+        )
+    }
+}
+
 fn print<T: Serialize>(v: &T, f: Format) -> Result<()> {
     match f {
         Format::Json => println!("{}", serde_json::to_string_pretty(v)?),
@@ -257,7 +282,7 @@ pub async fn describe(c: &Client, kind: &str, name: &str, ns: &str) -> Result<()
             n.generation, n.applied_generation
         );
         if let Some(exp) = n.cert_expires_at {
-            println!("Certificate:    expires in {} days", (exp - now_ms() / 1000) / 86400);
+            println!("Certificate:    {}", cert_expiry(exp, now_ms()));
         }
         println!("Labels:");
         for (k, v) in &n.labels {
@@ -500,5 +525,21 @@ mod tests {
             &[vec!["xyz".into(), "1".into()], vec!["q".into(), "22".into()]],
         );
         assert_eq!(t, "A     LONGER\nxyz   1\nq     22\n");
+    }
+
+    #[test]
+    fn certificate_line_compares_milliseconds() {
+        let now = 1_700_000_000_000;
+        let day = 86_400_000;
+        for (expires_at, want) in [
+            (now + 90 * day, "expires in 90 days"),
+            (now + 90 * day - 1, "expires in 89 days"),
+            (now + 3 * 3600 * 1000, "expires in 3h"),
+            (now + 30_000, "expires in 30s"),
+            (now - 2 * day, "EXPIRED 2 days ago"),
+        ] {
+            let got = cert_expiry(expires_at, now);
+            assert!(got.starts_with(want), "{expires_at}: {got}");
+        }
     }
 }
