@@ -733,7 +733,7 @@ pub enum AlertState {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AlertInfo {
     /// `NodeOffline`, `NodeCpuHigh`, `NodeMemoryHigh`, `NodeDiskFull`, `DataDiskFull`,
-    /// `NodeTemperatureHigh`, `WorkloadCrashLoop`, `WorkloadRolledBack`.
+    /// `NodeTemperatureHigh`, `WorkloadCrashLoop`, `WorkloadRolledBack`, `NodeCertificateExpiring`.
     pub name: String,
     pub node: String,
     /// The workload (or other subject) the alert is about; empty for node-wide alerts.

@@ -150,13 +150,15 @@ impl CaMaterial {
         Ok((format!("{}{}", cert.pem(), self.cert_pem), key.serialize_pem()))
     }
 
-    /// Sign a node's CSR, valid from 5 minutes ago (clock skew) for `lifetime`. Only the CSR's
-    /// public key is used: the subject and SAN are the node's name as decided by the hub.
-    /// Returns the certificate PEM.
+    /// Sign a node's CSR, valid for `lifetime` from now and from a little before (5 minutes,
+    /// or a quarter of a shorter lifetime, for clock skew; agents renew with a third of the
+    /// whole validity left). Only the CSR's public key is used: the subject and SAN are the
+    /// node's name as decided by the hub. Returns the certificate PEM.
     pub fn sign_node_csr(&self, csr_pem: &str, node: &str, lifetime: std::time::Duration) -> Result<String, PkiError> {
         let now = time::OffsetDateTime::now_utc();
+        let skew = time::Duration::seconds((lifetime.as_secs() / 4).min(300) as i64);
         let lifetime = time::Duration::try_from(lifetime).unwrap_or(time::Duration::days(NODE_CERT_DAYS));
-        self.sign_node_csr_between(csr_pem, node, now - time::Duration::minutes(5), now + lifetime)
+        self.sign_node_csr_between(csr_pem, node, now - skew, now + lifetime)
     }
 
     fn sign_node_csr_between(
@@ -480,7 +482,11 @@ mod tests {
         ours.verify_client_cert(&pem_to_der(&valid).unwrap(), &[], at_now)
             .unwrap();
         let (nb, na) = validity_unix(&valid).unwrap();
-        assert_eq!(na - nb, 30 + 300, "30 s from 5 min ago");
+        assert_eq!(na - nb, 30 + 7, "30 s from a quarter of that ago");
+        let nk2 = NodeKey::generate("n").unwrap();
+        let long = ca.sign_node_csr(&nk2.csr_pem, "n", NODE_CERT_LIFETIME).unwrap();
+        let (nb, na) = validity_unix(&long).unwrap();
+        assert_eq!(na - nb, NODE_CERT_DAYS * 86_400 + 300, "90 days from 5 min ago");
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub struct Hub {
     /// Extra `outpost hub` arguments and environment (kept across restarts).
     pub extra_args: Vec<String>,
     pub extra_env: Vec<(String, String)>,
+    /// A command the hub is started under, e.g. `prlimit --nofile=256:256 --`.
+    pub wrapper: Vec<String>,
 }
 
 impl Hub {
@@ -51,6 +53,11 @@ impl Hub {
 
     /// Like [`Hub::start`], with extra hub arguments and environment variables.
     pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Hub {
+        Hub::start_under(&[], args, env)
+    }
+
+    /// Like [`Hub::start_with`], with the hub started under `wrapper` (e.g. `prlimit ... --`).
+    pub fn start_under(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Hub {
         let tmp = tempfile::tempdir().unwrap();
         let mut h = Hub {
             dir: tmp.path().to_path_buf(),
@@ -61,6 +68,7 @@ impl Hub {
             _tmp: Some(tmp),
             extra_args: args.iter().map(|a| a.to_string()).collect(),
             extra_env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            wrapper: wrapper.iter().map(|a| a.to_string()).collect(),
         };
         h.url = format!("https://127.0.0.1:{}", h.port);
         h.launch();
@@ -73,7 +81,15 @@ impl Hub {
             .append(true)
             .open(self.dir.join("hub.log"))
             .unwrap();
-        let child = Command::new(BIN)
+        let mut cmd = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .args(["hub", "--listen", &format!("127.0.0.1:{}", self.port), "--data-dir"])
             .arg(self.dir.join("hub"))
             .args(["--advertise", &self.url, "--offline-after", "3s"])
@@ -102,6 +118,11 @@ impl Hub {
 
     pub fn ca_pem(&self) -> String {
         std::fs::read_to_string(self.ca_file()).unwrap()
+    }
+
+    /// The hub's process id (the wrapper's, which execs the hub).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("hub running").id()
     }
 
     /// SIGKILL the hub process.
