@@ -17,7 +17,8 @@ fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
 # Debian packages the tests use: a real Docker Engine, busybox-static for local test images
-# (no registry is reachable), curl.
+# (no registry is reachable), curl (also an HTTP/2 client the hub's early answers are tested
+# with), util-linux for prlimit (descriptor and file-size limits on a hub process).
 apt_install() {
   local missing=()
   for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
@@ -26,7 +27,7 @@ apt_install() {
   local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get install -y "${missing[@]}" >/dev/null || { $sudo apt-get update >/dev/null && $sudo apt-get install -y "${missing[@]}" >/dev/null; }
 }
-apt_install docker.io busybox-static curl
+apt_install docker.io busybox-static curl util-linux
 
 # promtool (Debian package prometheus): the monitoring tests check the hub's /metrics with
 # `promtool check metrics`, and fail under CI when it is missing.

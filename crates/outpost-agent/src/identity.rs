@@ -130,7 +130,9 @@ pub fn default_node_name() -> String {
     }
 }
 
-/// The well-known labels every node gets.
+/// The well-known labels the agent states about its node at join. The hub checks them
+/// (`outpost_core::link::node_labels`): `kubernetes.io/hostname` must be the node's name (the
+/// hub sets it anyway; 1.0 hubs relied on the agent sending it).
 pub fn well_known_labels(node: &str) -> Labels {
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",

@@ -1,7 +1,8 @@
 //! The outpost hub: the HTTPS server agents dial out to and operators talk to (docs/protocol.md).
 //!
 //! Owns: the hub's data directory (CA, server certificate, admin token, SQLite database), join
-//! and certificate renewal, authorization of every route, durable storage of objects, nodes,
+//! (with the node-label rules of `outpost_core::link`) and two-phase certificate renewal (also
+//! of expired certificates), the connection budget, authorization of every route, durable storage of objects, nodes,
 //! per-node desired state with generations, statuses and events, and the long-poll that hands
 //! each node its desired state. Must never: decide placement or render workloads itself (that is
 //! `outpost-core`, called from [`scheduler`]), parse manifests beyond calling `outpost-api`, trust
