@@ -271,31 +271,29 @@ impl HubClient {
 /// Renewal bookkeeping for the sync loop.
 #[derive(Default)]
 struct CertUpkeep {
-    /// Do not retry a failed renewal of a still-valid certificate before this.
+    /// Do not renew again before this (after a failure, or when this node's clock still finds
+    /// a fresh certificate due), unless the hub says the certificate expired.
     retry_after: Option<std::time::Instant>,
     /// The hub said the certificate expired (its clock may differ from ours): renew now.
     forced: bool,
-    /// When the last failure was logged at error level.
+    /// When the last failure was logged at warn/error level.
     logged: Option<std::time::Instant>,
 }
 
 /// A failed renewal of a valid certificate is retried after this.
 const RENEW_RETRY: Duration = Duration::from_secs(300);
+/// A failed renewal of a certificate this node's clock finds expired is retried after this
+/// (at once when the hub says it expired).
+const RENEW_RETRY_EXPIRED: Duration = Duration::from_secs(30);
 /// A renewal failure that needs a person is logged at most this often.
 const RENEW_LOG_EVERY: Duration = Duration::from_secs(600);
 
-fn ago(secs: i64) -> String {
-    let s = secs.max(0);
-    match s {
-        0..=119 => format!("{s}s"),
-        120..=7199 => format!("{}m", s / 60),
-        7200..=172_799 => format!("{}h", s / 3600),
-        _ => format!("{}d", s / 86400),
-    }
+fn until_secs(at: i64, now: i64) -> Duration {
+    Duration::from_secs((at - now).max(1) as u64)
 }
 
 /// Renew the certificate when it is due, expired, or the hub said so. Returns how long until
-/// the next renewal is due (None: now, or unknown).
+/// the next renewal is due (None: unknown, the sync loop's next round decides).
 async fn keep_certificate(client: &HubClient, upkeep: &mut CertUpkeep) -> Option<Duration> {
     let now = crate::reconcile::now_ms() / 1000;
     let (state, not_after) = match client.certificate(now).await {
@@ -305,30 +303,47 @@ async fn keep_certificate(client: &HubClient, upkeep: &mut CertUpkeep) -> Option
             return None;
         }
     };
-    let expired = state == Renewal::Expired || upkeep.forced;
-    match state {
-        Renewal::NotYet { at } if !upkeep.forced => return Some(Duration::from_secs((at - now).max(1) as u64)),
-        _ if !expired && upkeep.retry_after.is_some_and(|t| std::time::Instant::now() < t) => return Some(RENEW_RETRY),
-        _ => {}
+    if !upkeep.forced {
+        if let Renewal::NotYet { at } = state {
+            return Some(until_secs(at, now));
+        }
+        if let Some(wait) = upkeep
+            .retry_after
+            .and_then(|t| t.checked_duration_since(std::time::Instant::now()))
+        {
+            return Some(wait);
+        }
     }
+    let expired = state == Renewal::Expired || upkeep.forced;
     if state == Renewal::Expired {
-        info!(expired_ago = %ago(now - not_after), "the node certificate expired (the node was offline); renewing it");
+        info!(
+            expired_for_secs = now - not_after,
+            "the node certificate expired (the node was offline); renewing it"
+        );
     }
     match client.renew().await {
         Ok(new_not_after) => {
-            info!(expires_in = %ago(new_not_after - now), was_expired = expired, "node certificate renewed");
+            info!(
+                expires_in_secs = new_not_after - now,
+                was_expired = expired,
+                "node certificate renewed"
+            );
             *upkeep = CertUpkeep::default();
-            let (next, _) = client.certificate(now).await.ok()?;
-            match next {
-                Renewal::NotYet { at } => Some(Duration::from_secs((at - now).max(1) as u64)),
-                _ => Some(RENEW_RETRY),
+            match client.certificate(now).await.ok()?.0 {
+                Renewal::NotYet { at } => Some(until_secs(at, now)),
+                // Even the fresh certificate is due by this node's clock: the clock is off.
+                // Do not renew on every poll.
+                _ => {
+                    warn!("this node's clock finds its fresh certificate due or expired; check the clock (NTP)");
+                    upkeep.retry_after = Some(std::time::Instant::now() + RENEW_RETRY);
+                    Some(RENEW_RETRY)
+                }
             }
         }
         Err(e) => {
             upkeep.forced = false;
-            if !expired {
-                upkeep.retry_after = Some(std::time::Instant::now() + RENEW_RETRY);
-            }
+            let wait = if expired { RENEW_RETRY_EXPIRED } else { RENEW_RETRY };
+            upkeep.retry_after = Some(std::time::Instant::now() + wait);
             let needs_a_person = matches!(&e, LinkError::Hub { .. } | LinkError::Local(_));
             let log_now = upkeep.logged.is_none_or(|t| t.elapsed() >= RENEW_LOG_EVERY);
             if !needs_a_person {
@@ -351,12 +366,12 @@ async fn keep_certificate(client: &HubClient, upkeep: &mut CertUpkeep) -> Option
                     ),
                 };
                 if expired {
-                    error!(error = %e, expired_ago = %ago(now - not_after), "{what}");
+                    error!(error = %e, expired_for_secs = now - not_after, "{what}");
                 } else {
-                    warn!(error = %e, expires_in = %ago(not_after - now), "{what}");
+                    warn!(error = %e, expires_in_secs = not_after - now, "{what}");
                 }
             }
-            None
+            Some(wait)
         }
     }
 }

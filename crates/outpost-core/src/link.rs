@@ -140,12 +140,12 @@ pub struct ConnLimits {
     pub max_certless_per_ip: usize,
 }
 
-/// Limits from the process's descriptor limit (`RLIMIT_NOFILE`): an eighth (at least 64) stays
-/// free for the database, image files, webhooks and logs; a source address may hold a quarter
-/// of the rest without a certificate (between 4 and 128). Pure.
+/// Limits from the process's descriptor limit (`RLIMIT_NOFILE`): a sixteenth (between 64 and
+/// 1024) stays free for the database, image files and webhooks; a source address may hold a
+/// quarter of the rest without a certificate (between 4 and 128). Pure.
 pub fn budget(nofile: u64) -> ConnLimits {
     let nofile = usize::try_from(nofile).unwrap_or(usize::MAX).min(1 << 20);
-    let headroom = (nofile / 8).max(64);
+    let headroom = (nofile / 16).clamp(64, 1024);
     let max_total = nofile.saturating_sub(headroom).max(16);
     ConnLimits {
         max_total,
@@ -308,10 +308,10 @@ mod tests {
     fn budget_leaves_headroom() {
         for (nofile, total, per_ip) in [
             (256, 192, 48),
-            (1024, 896, 128),
-            (20_000, 17_500, 128),
+            (1024, 960, 128),
+            (20_000, 18_976, 128),
             (40, 16, 4),
-            (u64::MAX, (1 << 20) - (1 << 17), 128),
+            (u64::MAX, (1 << 20) - 1024, 128),
         ] {
             assert_eq!(
                 budget(nofile),

@@ -4,7 +4,7 @@
 //! Connections are a scarce resource (one descriptor each), so the accept loop keeps a table of
 //! them and `outpost_core::link` decides:
 //! - at most `max_total` connections (from `RLIMIT_NOFILE`, leaving headroom for the database,
-//!   images and webhooks); a connection beyond that is accepted and closed at once, so the
+//!   images and webhooks: `outpost_core::link::budget`); a connection beyond that is accepted and closed at once, so the
 //!   kernel's backlog never fills with connections nobody serves;
 //! - a source address holds at most `max_certless_per_ip` connections that have not shown a node
 //!   certificate (handshakes, operators, joins, idle sockets); agents, once their certificate

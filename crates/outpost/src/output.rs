@@ -50,25 +50,17 @@ pub fn age(ms: Option<i64>) -> String {
 
 /// `describe node`'s certificate line; `expires_at` and `now` in Unix milliseconds.
 fn cert_expiry(expires_at: i64, now: i64) -> String {
+    use outpost_hub::error::human_duration;
     let left = expires_at - now;
-    let span = |ms: i64| {
-        let s = ms.max(0) / 1000;
-        match s {
-            0..=119 => format!("{s}s"),
-            120..=7199 => format!("{}m", s / 60),
-            7200..=172_799 => format!("{}h", s / 3600),
-            _ => format!("{} days", s / 86400),
-        }
-    };
     if left >= 0 {
         format!(
-            "expires in {} (renewed by the agent with a third of its life left)",
-            span(left)
+            "expires in {} (the agent renews it with a third of its life left)",
+            human_duration(left)
         )
     } else {
         format!(
             "EXPIRED {} ago; the agent renews it when it next reaches the hub",
-            span(-left)
+            human_duration(-left)
         )
     }
 }
@@ -532,11 +524,11 @@ mod tests {
         let now = 1_700_000_000_000;
         let day = 86_400_000;
         for (expires_at, want) in [
-            (now + 90 * day, "expires in 90 days"),
-            (now + 90 * day - 1, "expires in 89 days"),
-            (now + 3 * 3600 * 1000, "expires in 3h"),
-            (now + 30_000, "expires in 30s"),
-            (now - 2 * day, "EXPIRED 2 days ago"),
+            (now + 90 * day, "expires in 90d "),
+            (now + 90 * day - 1, "expires in 89d "),
+            (now + 3 * 3600 * 1000, "expires in 3h "),
+            (now + 30_000, "expires in 30s "),
+            (now - 2 * day, "EXPIRED 2d ago"),
         ] {
             let got = cert_expiry(expires_at, now);
             assert!(got.starts_with(want), "{expires_at}: {got}");
