@@ -52,6 +52,20 @@ pub fn node_may_set(key: &str, token_allows: &[String]) -> bool {
     SELF_LABELS.contains(&key) || key.starts_with(NODE_LABEL_PREFIX) || token_allows.iter().any(|k| k == key)
 }
 
+/// May a token let its nodes set `key` (`outpost token create --node-labels`)? Not the
+/// hostname, which is the hub's, nor a key the token sets itself. Pure.
+pub fn grantable(key: &str, token_labels: &Labels) -> Result<(), &'static str> {
+    if key.is_empty() {
+        Err("a label key cannot be empty")
+    } else if key == HOSTNAME_LABEL {
+        Err("the hub sets it to the node's name")
+    } else if token_labels.contains_key(key) {
+        Err("the token sets it (--labels); drop one of the two")
+    } else {
+        Ok(())
+    }
+}
+
 /// The labels a node gets at join: see the module docs for the rules. Pure.
 pub fn node_labels(
     node: &str,
@@ -278,6 +292,14 @@ mod tests {
         // The message says what to do.
         let e = node_labels("a", &token, &[], &labels(&[("zone", "z")])).unwrap_err();
         assert!(e.to_string().contains("outpost token create --node-labels zone"), "{e}");
+    }
+
+    #[test]
+    fn grants_table() {
+        let token = labels(&[("site", "s")]);
+        for (key, ok) in [("rack", true), ("", false), (HOSTNAME_LABEL, false), ("site", false)] {
+            assert_eq!(grantable(key, &token).is_ok(), ok, "{key:?}");
+        }
     }
 
     #[test]

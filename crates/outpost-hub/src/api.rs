@@ -244,18 +244,8 @@ pub async fn create_token(
 ) -> Result<Json<TokenResponse>, HubError> {
     let now = now_ms();
     for k in &req.node_labels {
-        if k.is_empty() || k == outpost_core::link::HOSTNAME_LABEL || req.labels.contains_key(k) {
-            return Err(HubError::BadRequest(format!(
-                "node_labels: {k:?} cannot be left to nodes: {}",
-                if k.is_empty() {
-                    "a label key is not empty"
-                } else if k == outpost_core::link::HOSTNAME_LABEL {
-                    "the hub sets it to the node's name"
-                } else {
-                    "the token sets it (--labels); drop one of the two"
-                }
-            )));
-        }
+        outpost_core::link::grantable(k, &req.labels)
+            .map_err(|why| HubError::BadRequest(format!("node_labels: {k:?} cannot be left to nodes: {why}")))?;
     }
     let row = TokenRow {
         id: random_hex(4),
