@@ -60,9 +60,10 @@ pub struct HubConfig {
     /// How long the node certificates the hub signs are valid (default 90 days).
     pub node_cert_lifetime: Duration,
     /// Close a connection after this long without bytes and without a request in flight
-    /// (default 60 s; agents always hold a long-poll, so this only closes idle ones).
+    /// (default 90 s; agents always hold a long-poll, so this only closes idle ones); also the
+    /// longest wait for an HTTP/1 request head.
     pub idle_timeout: Duration,
-    /// TLS handshakes and HTTP/1 request heads must arrive within this (default 10 s).
+    /// The TLS handshake must finish, and the first request start, within this (default 10 s).
     pub header_read_timeout: Duration,
     /// Connections one source address may hold without a node certificate (default: a quarter
     /// of the connection budget, at most 128; see `outpost_core::link::budget`).
@@ -81,7 +82,7 @@ impl HubConfig {
             webhooks: Vec::new(),
             node_offline_alert: Duration::from_secs(300),
             node_cert_lifetime: outpost_pki::NODE_CERT_LIFETIME,
-            idle_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(90),
             header_read_timeout: Duration::from_secs(10),
             max_conns_per_ip: None,
         }

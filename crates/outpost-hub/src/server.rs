@@ -13,8 +13,9 @@
 //!   for a second or more) is dropped to make room: a pile of idle sockets cannot lock out an
 //!   operator or an agent. Connections with a node certificate are never dropped this way;
 //! - every connection is closed after `idle_timeout` without bytes and without a request in
-//!   flight (a held long-poll is a request in flight), TLS handshakes and HTTP/1 request heads
-//!   must arrive within `header_read_timeout`;
+//!   flight (a held long-poll is a request in flight); the TLS handshake must finish, and the
+//!   first request start, within `header_read_timeout`; an HTTP/1 request head (also the wait
+//!   for the next one on a kept-alive connection) must arrive within `idle_timeout`;
 //! - failed `accept` calls are logged at most every 10 s, with how many were not logged.
 //!
 //! An error answer sent before the request body was read (a wrong token on a large apply) would
@@ -205,9 +206,10 @@ pub fn router(state: Arc<HubState>) -> Router {
 #[derive(Clone, Copy, Debug)]
 pub struct ServeConfig {
     pub limits: ConnLimits,
-    /// Close a connection after this long without bytes and without a request in flight.
+    /// Close a connection after this long without bytes and without a request in flight; an
+    /// HTTP/1 request head (the next one on a kept-alive connection too) must arrive within it.
     pub idle_timeout: Duration,
-    /// TLS handshakes and HTTP/1 request heads must arrive within this.
+    /// The TLS handshake must finish, and the first request start, within this.
     pub header_read_timeout: Duration,
 }
 
@@ -224,6 +226,8 @@ struct Activity {
     /// Milliseconds after `epoch` of the last byte read or written.
     last_io: AtomicU64,
     busy: AtomicUsize,
+    /// Requests started on this connection.
+    requests: AtomicU64,
 }
 
 impl Activity {
@@ -232,6 +236,7 @@ impl Activity {
             epoch,
             last_io: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
         };
         a.touch();
         a
@@ -522,6 +527,7 @@ struct Busy(Arc<Activity>);
 impl Busy {
     fn new(a: Arc<Activity>) -> Self {
         a.busy.fetch_add(1, Ordering::Relaxed);
+        a.requests.fetch_add(1, Ordering::Relaxed);
         Self(a)
     }
 }
@@ -639,14 +645,21 @@ async fn serve_conn(
     // HTTP/2 when the client offers it (agents do: the long-poll and status reports then share
     // one connection), HTTP/1.1 otherwise.
     let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    // hyper's head timer also runs while a kept-alive connection waits for its next request,
+    // so it gets the idle timeout; the first request must start within header_read_timeout.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_read_timeout);
+        .header_read_timeout(cfg.idle_timeout);
     let conn = builder.serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
-    let idle = cfg.idle_timeout.as_millis() as i64;
     loop {
+        let idle = if slot.activity.requests.load(Ordering::Relaxed) == 0 {
+            cfg.header_read_timeout
+        } else {
+            cfg.idle_timeout
+        }
+        .as_millis() as i64;
         let wait = match slot.activity.idle_ms() {
             Some(i) if i >= idle => {
                 tracing::debug!(%remote, idle_ms = i, "closing an idle connection");

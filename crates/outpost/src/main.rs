@@ -149,9 +149,9 @@ struct HubArgs {
     #[arg(long, env = "OUTPOST_NODE_CERT_LIFETIME", default_value = "90d", value_parser = parse_duration)]
     node_cert_lifetime: Duration,
     /// Close connections idle this long (no bytes, no request in flight).
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, default_value = "90s", value_parser = parse_duration)]
     idle_timeout: Duration,
-    /// TLS handshakes and HTTP/1 request heads must arrive within this.
+    /// A new connection must finish its TLS handshake and start its first request within this.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     header_read_timeout: Duration,
     /// Connections one address may hold without a node certificate (default: from the
