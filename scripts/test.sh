@@ -26,7 +26,8 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 # Debian packages the tests use: a real Docker Engine, busybox-static for local test images
-# (no registry is reachable), curl.
+# (no registry is reachable), curl (also an HTTP/2 client the hub's early answers are tested
+# with), util-linux for prlimit (descriptor and file-size limits on a hub process).
 apt_install() {
   local missing=()
   for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
@@ -35,7 +36,7 @@ apt_install() {
   local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get install -y "${missing[@]}" >/dev/null || { $sudo apt-get update >/dev/null && $sudo apt-get install -y "${missing[@]}" >/dev/null; }
 }
-apt_install docker.io busybox-static curl
+apt_install docker.io busybox-static curl util-linux
 # The chaos suite (crates/outpost/tests/chaos.rs): network namespaces and veth from iproute2,
 # agents with a skewed clock through libfaketime.
 apt_install iproute2 faketime

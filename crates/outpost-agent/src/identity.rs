@@ -9,7 +9,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use outpost_api::{ApiError, JoinRequest, JoinResponse, JoinToken, Labels, PROTOCOL_HEADER, PROTOCOL_VERSION};
+use outpost_api::{ApiError, JoinRequest, JoinResponse, JoinToken, Labels, PROTOCOL, PROTOCOL_HEADER};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -130,7 +130,9 @@ pub fn default_node_name() -> String {
     }
 }
 
-/// The well-known labels every node gets.
+/// The well-known labels the agent states about its node at join. The hub checks them
+/// (`outpost_core::link::node_labels`): `kubernetes.io/hostname` must be the node's name (the
+/// hub sets it anyway; 1.0 hubs relied on the agent sending it).
 pub fn well_known_labels(node: &str) -> Labels {
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
@@ -212,7 +214,7 @@ pub async fn join(o: &JoinOptions) -> Result<Identity, JoinError> {
     };
     let resp = verified
         .post(format!("{hub}/v1/join"))
-        .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
+        .header(PROTOCOL_HEADER, PROTOCOL)
         .json(&req)
         .send()
         .await

@@ -71,9 +71,7 @@ fn first_line(s: &str) -> String {
 
 /// `Ok(false)` when the hub does not have the image.
 async fn fetch_from_hub(engine: &Engine, hub: &HubClient, dir: &Path, image: &str) -> Result<bool, String> {
-    let resp = hub
-        .get(&format!("/v1/images/tags?name={}", outpost_api::urlencode(image)), None)
-        .await;
+    let resp = hub.get_query("/v1/images/tags", &[("name", image)], None).await;
     let tag: ImageTag = match resp {
         Ok(r) => r.json().await.map_err(|e| format!("hub answered badly: {e}"))?,
         Err(crate::sync::LinkError::Hub { status: 404, .. }) => return Ok(false),

@@ -2,18 +2,27 @@
 //! Everything here is optional for the node's operation: when the hub is unreachable the
 //! reconciler keeps running the last persisted desired state, and this module retries with
 //! `outpost_core::retry::HUB_LINK` (exponential backoff and jitter, docs/protocol.md §6).
+//!
+//! Certificate renewal (docs/protocol.md §2) is driven by the sync loop: before each long-poll,
+//! and when the renewal time (`outpost_core::link::renewal`: a third of the validity left)
+//! arrives during one, the agent renews; a certificate that expired while the node was offline
+//! is renewed the same way (the hub's renew route accepts it), so the node comes back by
+//! itself. The renewed certificate is saved before it is used; until the hub has seen it used,
+//! the old one keeps working, so a lost answer or a failed save never locks the node out. When
+//! renewal fails for a reason retrying cannot fix, the agent logs what to do at error level.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use outpost_api::{ApiError, StatusAck, StatusReport, SyncResponse, PROTOCOL_HEADER, PROTOCOL_VERSION};
+use outpost_api::{ApiError, StatusAck, StatusReport, SyncResponse, PROTOCOL, PROTOCOL_HEADER};
 use outpost_api::{StatusWithVitals, SyncAnswer};
+use outpost_core::link::Renewal;
 use outpost_core::retry::{self, Backoff};
 use rand::Rng;
 use tokio::sync::{watch, RwLock};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::identity::Identity;
 use crate::reconcile::Snapshot;
@@ -31,11 +40,23 @@ pub enum LinkError {
 }
 
 impl LinkError {
-    /// The hub no longer knows this node: retrying quickly will not help.
+    /// The hub's error code, when it answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            LinkError::Hub { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// The hub no longer knows this node: retrying quickly will not help. (An expired
+    /// certificate is not fatal: the agent renews it.)
     fn is_fatal(&self) -> bool {
-        matches!(self, LinkError::Hub { status: 401, .. })
+        matches!(self, LinkError::Hub { status: 401, code, .. } if code != CERTIFICATE_EXPIRED)
     }
 }
+
+/// The hub's code for a request made with an expired node certificate.
+const CERTIFICATE_EXPIRED: &str = "certificate_expired";
 
 /// The status heartbeat: 5 min with ±20 % jitter (so a fleet that changed at one instant does
 /// not report in lockstep ever after). Liveness comes from the long-poll, and every change,
@@ -50,6 +71,8 @@ pub struct HubClient {
     pub identity: RwLock<Identity>,
     http: RwLock<reqwest::Client>,
     data_dir: PathBuf,
+    /// One renewal at a time.
+    renewing: tokio::sync::Mutex<()>,
 }
 
 fn build_http(id: &Identity) -> Result<reqwest::Client, LinkError> {
@@ -89,6 +112,7 @@ impl HubClient {
             identity: RwLock::new(identity),
             http: RwLock::new(http),
             data_dir,
+            renewing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -102,7 +126,7 @@ impl HubClient {
         let http = self.http.read().await.clone();
         let resp = http
             .post(url)
-            .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
+            .header(PROTOCOL_HEADER, PROTOCOL)
             .timeout(Duration::from_secs(30))
             .json(r)
             .send()
@@ -113,14 +137,12 @@ impl HubClient {
     /// One long-poll carrying the hash of the alert policy the node holds; the answer may add
     /// a new policy and log requests (`SyncAnswer`, docs/protocol.md §9).
     pub async fn sync_with(&self, generation: u64, policy_hash: &str) -> Result<Option<SyncAnswer>, LinkError> {
-        let url = format!(
-            "{}?generation={generation}&policy={policy_hash}",
-            self.url("sync").await
-        );
+        let url = self.url("sync").await;
         let http = self.http.read().await.clone();
         let resp = check(
             http.get(url)
-                .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
+                .query(&[("generation", generation.to_string().as_str()), ("policy", policy_hash)])
+                .header(PROTOCOL_HEADER, PROTOCOL)
                 .send()
                 .await?,
         )
@@ -141,7 +163,7 @@ impl HubClient {
         let http = self.http.read().await.clone();
         let resp = http
             .post(url)
-            .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
+            .header(PROTOCOL_HEADER, PROTOCOL)
             .timeout(Duration::from_secs(30))
             .json(body)
             .send()
@@ -152,11 +174,22 @@ impl HubClient {
     /// GET a hub path (e.g. `/v1/images/blobs/...`) over mTLS, optionally from a byte offset.
     /// No overall timeout: large downloads are bounded by the connect timeout and progress.
     pub async fn get(&self, path: &str, from: Option<u64>) -> Result<reqwest::Response, LinkError> {
+        self.get_query(path, &[], from).await
+    }
+
+    /// [`HubClient::get`] with query parameters (encoded by reqwest).
+    pub async fn get_query(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        from: Option<u64>,
+    ) -> Result<reqwest::Response, LinkError> {
         let url = format!("{}{path}", self.identity.read().await.hub);
         let http = self.http.read().await.clone();
         let mut req = http
             .get(url)
-            .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
+            .query(query)
+            .header(PROTOCOL_HEADER, PROTOCOL)
             .timeout(Duration::from_secs(3600));
         if let Some(n) = from.filter(|n| *n > 0) {
             req = req.header(reqwest::header::RANGE, format!("bytes={n}-"));
@@ -164,34 +197,157 @@ impl HubClient {
         check(req.send().await?).await
     }
 
-    /// Renew the node certificate when less than a third of its validity is left.
-    pub async fn renew_if_due(&self) -> Result<bool, LinkError> {
-        let (cert, key, node) = {
+    /// Where the node certificate stands at `now` (Unix seconds).
+    pub async fn certificate(&self, now: i64) -> Result<(Renewal, i64), LinkError> {
+        let cert = self.identity.read().await.cert_pem.clone();
+        let (not_before, not_after) =
+            outpost_pki::validity_unix(&cert).map_err(|e| LinkError::Local(format!("identity.json: {e}")))?;
+        Ok((outpost_core::link::renewal(not_before, not_after, now), not_after))
+    }
+
+    /// Renew the node certificate with the same key. The new certificate is saved before it is
+    /// used; if saving fails, the old one stays in use (the hub accepts it until the new one is
+    /// used). Returns the new certificate's expiry (Unix seconds).
+    pub async fn renew(&self) -> Result<i64, LinkError> {
+        let _one_at_a_time = self.renewing.lock().await;
+        let (key, node) = {
             let id = self.identity.read().await;
-            (id.cert_pem.clone(), id.key_pem.clone(), id.node.clone())
+            (id.key_pem.clone(), id.node.clone())
         };
-        let expires = outpost_pki::not_after_unix(&cert).map_err(|e| LinkError::Local(e.to_string()))?;
-        let now = crate::reconcile::now_ms() / 1000;
-        if expires - now > outpost_pki::NODE_CERT_DAYS * 86400 / 3 {
-            return Ok(false);
-        }
         let csr = outpost_pki::NodeKey::csr_for(&key, &node).map_err(|e| LinkError::Local(e.to_string()))?;
         let url = self.url("renew").await;
         let http = self.http.read().await.clone();
         let resp = http
             .post(url)
-            .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
+            .header(PROTOCOL_HEADER, PROTOCOL)
+            .timeout(Duration::from_secs(30))
             .json(&outpost_api::RenewRequest { csr_pem: csr })
             .send()
             .await?;
         let rr: outpost_api::RenewResponse = check(resp).await?.json().await?;
+        let not_after = outpost_pki::not_after_unix(&rr.cert_pem)
+            .map_err(|e| LinkError::Local(format!("the hub's renewed certificate is unreadable: {e}")))?;
         let mut id = self.identity.write().await;
-        id.cert_pem = rr.cert_pem;
-        id.save(&self.data_dir)
-            .map_err(|e| LinkError::Local(format!("cannot save renewed certificate: {e}")))?;
-        *self.http.write().await = build_http(&id)?;
-        info!(node = %id.node, "node certificate renewed");
-        Ok(true)
+        let mut next = id.clone();
+        next.cert_pem = rr.cert_pem;
+        let http = build_http(&next)?;
+        next.save(&self.data_dir).map_err(|e| {
+            LinkError::Local(format!(
+                "cannot save the renewed certificate in {}: {e}; the current one keeps working",
+                self.data_dir.display()
+            ))
+        })?;
+        *id = next;
+        *self.http.write().await = http;
+        Ok(not_after)
+    }
+}
+
+/// Renewal bookkeeping for the sync loop.
+#[derive(Default)]
+struct CertUpkeep {
+    /// Do not renew again before this (after a failure, or when this node's clock still finds
+    /// a fresh certificate due), unless the hub says the certificate expired.
+    retry_after: Option<std::time::Instant>,
+    /// The hub said the certificate expired (its clock may differ from ours): renew now.
+    forced: bool,
+    /// When the last failure was logged at warn/error level.
+    logged: Option<std::time::Instant>,
+}
+
+/// A failed renewal of a valid certificate is retried after this.
+const RENEW_RETRY: Duration = Duration::from_secs(300);
+/// A failed renewal of a certificate this node's clock finds expired is retried after this
+/// (at once when the hub says it expired).
+const RENEW_RETRY_EXPIRED: Duration = Duration::from_secs(30);
+/// A renewal failure that needs a person is logged at most this often.
+const RENEW_LOG_EVERY: Duration = Duration::from_secs(600);
+
+fn until_secs(at: i64, now: i64) -> Duration {
+    Duration::from_secs((at - now).max(1) as u64)
+}
+
+/// Renew the certificate when it is due, expired, or the hub said so. Returns how long until
+/// the next renewal is due (None: unknown, the sync loop's next round decides).
+async fn keep_certificate(client: &HubClient, upkeep: &mut CertUpkeep) -> Option<Duration> {
+    let now = crate::reconcile::now_ms() / 1000;
+    let (state, not_after) = match client.certificate(now).await {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot read the node certificate; re-join this node (`outpost agent join`)");
+            return None;
+        }
+    };
+    if !upkeep.forced {
+        if let Renewal::NotYet { at } = state {
+            return Some(until_secs(at, now));
+        }
+        if let Some(wait) = upkeep
+            .retry_after
+            .and_then(|t| t.checked_duration_since(std::time::Instant::now()))
+        {
+            return Some(wait);
+        }
+    }
+    let expired = state == Renewal::Expired || upkeep.forced;
+    if state == Renewal::Expired {
+        info!(
+            expired_for_secs = now - not_after,
+            "the node certificate expired (the node was offline); renewing it"
+        );
+    }
+    match client.renew().await {
+        Ok(new_not_after) => {
+            info!(
+                expires_in_secs = new_not_after - now,
+                was_expired = expired,
+                "node certificate renewed"
+            );
+            *upkeep = CertUpkeep::default();
+            match client.certificate(now).await.ok()?.0 {
+                Renewal::NotYet { at } => Some(until_secs(at, now)),
+                // Even the fresh certificate is due by this node's clock: the clock is off.
+                // Do not renew on every poll.
+                _ => {
+                    warn!("this node's clock finds its fresh certificate due or expired; check the clock (NTP)");
+                    upkeep.retry_after = Some(std::time::Instant::now() + RENEW_RETRY);
+                    Some(RENEW_RETRY)
+                }
+            }
+        }
+        Err(e) => {
+            upkeep.forced = false;
+            let wait = if expired { RENEW_RETRY_EXPIRED } else { RENEW_RETRY };
+            upkeep.retry_after = Some(std::time::Instant::now() + wait);
+            let needs_a_person = matches!(&e, LinkError::Hub { .. } | LinkError::Local(_));
+            let log_now = upkeep.logged.is_none_or(|t| t.elapsed() >= RENEW_LOG_EVERY);
+            if !needs_a_person {
+                // The hub is unreachable: the sync loop reports that and retries.
+                debug!(error = %e, "certificate renewal: hub unreachable");
+            } else if log_now {
+                upkeep.logged = Some(std::time::Instant::now());
+                let node = client.identity.read().await.node.clone();
+                let what = match e.code() {
+                    Some("unknown_node") => format!(
+                        "the hub no longer knows node {node} (it was deleted, or re-joined elsewhere), so its certificate \
+                         cannot be renewed. Workloads keep running from local state. To bring the node back, create a \
+                         token (`outpost token create`), move identity.json and node.key out of the agent's data \
+                         directory and run `outpost agent --hub URL --token T --name {node}`"
+                    ),
+                    _ => format!(
+                        "renewing the certificate of node {node} failed; workloads keep running from local state. \
+                         Check the hub's log; if this persists, re-join the node (`outpost delete node {node}` on the \
+                         hub, then `outpost agent --hub URL --token T` with a fresh data directory)"
+                    ),
+                };
+                if expired {
+                    error!(error = %e, expired_for_secs = now - not_after, "{what}");
+                } else {
+                    warn!(error = %e, expires_in_secs = not_after - now, "{what}");
+                }
+            }
+            Some(wait)
+        }
     }
 }
 
@@ -226,11 +382,15 @@ pub async fn sync_loop(
     // Local save failures (a full disk) retry on their own, shorter schedule.
     let mut save_backoff = Backoff::new(retry::STATE_WRITE);
     let mut connected = false;
+    let mut upkeep = CertUpkeep::default();
     loop {
+        let renew_in = keep_certificate(&client, &mut upkeep).await.unwrap_or(Duration::MAX);
         let held = desired_tx.borrow().clone();
         let policy_hash = monitor.policy_hash();
         let result = tokio::select! {
             r = client.sync_with(held.generation, &policy_hash) => r,
+            // Renewal is due during the long-poll: renew, then poll again.
+            _ = tokio::time::sleep(renew_in.min(Duration::from_secs(86_400))), if renew_in < Duration::MAX => continue,
             _ = shutdown.changed() => return,
         };
         // Monitoring additions first: a new alert policy is persisted before it is used, log
@@ -275,6 +435,9 @@ pub async fn sync_loop(
                 }
             }
             Err(e) => {
+                if e.code() == Some(CERTIFICATE_EXPIRED) {
+                    upkeep.forced = true;
+                }
                 let d = if e.is_fatal() {
                     Duration::from_secs(60)
                 } else {
@@ -324,7 +487,6 @@ pub async fn status_loop(
     // `outpost_core::alerts::vitals_worth_sending`).
     let mut vitals_sent: Option<(std::time::Instant, outpost_api::Vitals)> = None;
     let mut backoff = Backoff::new(retry::HUB_LINK);
-    let mut last_renew_check: Option<std::time::Instant> = None;
     // The node conditions the hub has (store write failures, kept in memory): sent when they
     // change and with every full report.
     let mut conditions_sent: Option<Vec<outpost_api::NodeCondition>> = None;
@@ -380,12 +542,6 @@ pub async fn status_loop(
                 }
                 acked = Some(snap);
                 backoff.reset();
-                if last_renew_check.is_none_or(|t| t.elapsed() > Duration::from_secs(3600)) {
-                    last_renew_check = Some(std::time::Instant::now());
-                    if let Err(e) = client.renew_if_due().await {
-                        warn!(error = %e, "certificate renewal failed; will retry in an hour");
-                    }
-                }
                 // more queued events than one report carries: send again at once
                 if report.events.len() >= 500 || more {
                     continue;

@@ -22,16 +22,6 @@ pub use protocol::*;
 /// Unix time in milliseconds. Pure code never reads the clock: it takes `now` as an argument.
 pub type UnixMs = i64;
 
-/// Percent-encode a URL query value (RFC 3986 unreserved characters pass through).
-pub fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// The wall clock in Unix milliseconds, for the edges (hub, agent, CLI) that pass `now` on.
 pub fn now_ms() -> UnixMs {
     std::time::SystemTime::now()

@@ -7,9 +7,14 @@ use serde::{Deserialize, Serialize};
 use crate::checks::FieldError;
 use crate::manifest::{Kind, Labels, ManifestError, Warning};
 
-/// Protocol version; sent by agents in `X-Outpost-Protocol`, checked by the hub.
+/// Protocol major version; the hub refuses a higher one (docs/protocol.md §8).
 pub const PROTOCOL_VERSION: u32 = 1;
-/// Header carrying [`PROTOCOL_VERSION`].
+/// Protocol minor version: additive changes an older peer can ignore (1.1: node-label
+/// restriction, two-phase renewal, renewal of expired certificates).
+pub const PROTOCOL_MINOR: u32 = 1;
+/// `<major>.<minor>`, as agents send it in [`PROTOCOL_HEADER`].
+pub const PROTOCOL: &str = "1.1";
+/// Header carrying [`PROTOCOL`].
 pub const PROTOCOL_HEADER: &str = "x-outpost-protocol";
 /// How long the hub holds a sync long-poll open when nothing changes.
 pub const LONG_POLL_SECS: u64 = 30;
@@ -450,12 +455,17 @@ pub struct DeleteResponse {
     pub not_found: Vec<String>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TokenRequest {
+    /// Labels every node joining with the token gets; a node cannot change them.
     #[serde(default)]
     pub labels: Labels,
     pub ttl_secs: Option<u64>,
     pub uses: Option<u32>,
+    /// Label keys a node joining with the token may set on itself (besides
+    /// `kubernetes.io/os`, `kubernetes.io/arch` and `node.outpost.dev/*`). Protocol 1.1.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_labels: Vec<String>,
 }
 
 impl TokenRequest {
@@ -794,7 +804,7 @@ pub enum AlertState {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AlertInfo {
     /// `NodeOffline`, `NodeCpuHigh`, `NodeMemoryHigh`, `NodeDiskFull`, `DataDiskFull`,
-    /// `NodeTemperatureHigh`, `WorkloadCrashLoop`, `WorkloadRolledBack`.
+    /// `NodeTemperatureHigh`, `WorkloadCrashLoop`, `WorkloadRolledBack`, `NodeCertificateExpiring`.
     pub name: String,
     pub node: String,
     /// The workload (or other subject) the alert is about; empty for node-wide alerts.
@@ -824,6 +834,7 @@ mod tests {
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             ttl_secs,
             uses,
+            node_labels: Vec::new(),
         };
         assert_eq!(req(Some(1), Some(86_400), &[("site", "store-1")]).validate(), Ok(()));
         assert_eq!(req(None, None, &[]).validate(), Ok(()));
@@ -880,5 +891,10 @@ mod tests {
         for bad in ["", "outpost1:zz:1:2", "outpost2:aa:1:2", "K10abc::server:secret"] {
             assert!(JoinToken::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn protocol_string_matches_the_numbers() {
+        assert_eq!(PROTOCOL, format!("{PROTOCOL_VERSION}.{PROTOCOL_MINOR}"));
     }
 }

@@ -162,6 +162,18 @@ async fn request(send: &mut Sender, method: &str, path: &str, body: Vec<u8>) -> 
     Ok((status, body))
 }
 
+/// `/v1/nodes/<node>/<route>?<query>`, each part encoded by the `url` crate.
+fn node_path(node: &str, route: &str, query: &[(&str, &str)]) -> String {
+    let mut u = url::Url::parse("https://hub/").expect("static URL");
+    u.path_segments_mut()
+        .expect("https URLs have a path")
+        .extend(["v1", "nodes", node, route]);
+    if !query.is_empty() {
+        u.query_pairs_mut().extend_pairs(query);
+    }
+    u[url::Position::BeforePath..].to_string()
+}
+
 /// The agent's reconnect delay (`outpost_core::retry::HUB_LINK`).
 fn backoff(attempt: &mut u32) -> Duration {
     let d = outpost_core::retry::HUB_LINK.delay_ms(*attempt, rand::random());
@@ -194,7 +206,7 @@ async fn sync_loop(f: Arc<Fleet>, a: Arc<SimAgent>) {
         }
         let Some(c) = conn.as_mut() else { continue };
         let g = a.generation.load(Ordering::Relaxed);
-        let path = format!("/v1/nodes/{}/sync?generation={g}", a.name);
+        let path = node_path(&a.name, "sync", &[("generation", &g.to_string())]);
         let t = Instant::now();
         let r = tokio::time::timeout(Duration::from_secs(60), request(c, "GET", &path, Vec::new())).await;
         match r {
@@ -277,7 +289,7 @@ async fn status_loop(f: Arc<Fleet>, a: Arc<SimAgent>) {
             events: vec![],
         };
         let body = serde_json::to_vec(&report).unwrap_or_default();
-        let path = format!("/v1/nodes/{}/status", a.name);
+        let path = node_path(&a.name, "status", &[]);
         let mut ok = false;
         // a pooled connection the hub closed is replaced at once (as reqwest does) before the
         // attempt counts as failed
@@ -704,4 +716,22 @@ pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
         out.push_str(&format!("\nnote: {n}\n"));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::node_path;
+
+    #[test]
+    fn node_paths_are_encoded() {
+        assert_eq!(
+            node_path("sim-1", "sync", &[("generation", "7")]),
+            "/v1/nodes/sim-1/sync?generation=7"
+        );
+        assert_eq!(node_path("sim-1", "status", &[]), "/v1/nodes/sim-1/status");
+        assert_eq!(
+            node_path("a/b?c", "sync", &[("g", "1 2")]),
+            "/v1/nodes/a%2Fb%3Fc/sync?g=1+2"
+        );
+    }
 }

@@ -36,6 +36,7 @@ pub const WORKLOAD_ROLLED_BACK: &str = "WorkloadRolledBack";
 pub const NODE_STORE_FAILING: &str = "NodeStoreFailing";
 /// Subject of the alerts raised from node conditions about the agent's data dir.
 pub const AGENT_DATA: &str = "agent-data";
+pub const NODE_CERTIFICATE_EXPIRING: &str = "NodeCertificateExpiring";
 
 /// A crash-loop alert resolves only after the workload has been out of CrashLoopBackOff this
 /// long: between two crashes a looping workload is briefly Running, which must not resolve it.
@@ -335,6 +336,8 @@ pub struct HubAlert {
 pub struct FleetNode {
     pub name: String,
     pub last_contact: UnixMs,
+    /// When the node's current certificate expires.
+    pub cert_not_after: UnixMs,
 }
 
 /// A workload that a node rolled back to its last-known-good (status `RolledBack`/`Failed`).
@@ -348,18 +351,48 @@ pub struct RolledBack {
 
 /// The alerts the hub raises itself: `NodeOffline` once a node has been silent for longer than
 /// `offline_alert_ms` (it started at last contact + that grace), `WorkloadRolledBack` while a
-/// node runs an older revision because the new one failed its health gate there.
+/// node runs an older revision because the new one failed its health gate there,
+/// `NodeCertificateExpiring` while less than `cert_warning_ms` is left of a node's certificate
+/// (or it has expired: the node renews it when it is back, see `crate::link`).
 /// Silence counts only from `listening_since` (the hub's start): while the hub itself was down,
 /// nodes could not reach it, so a hub outage never makes the whole fleet "offline".
 pub fn fleet_alerts(
     nodes: &[FleetNode],
     rollbacks: &[RolledBack],
     offline_alert_ms: i64,
+    cert_warning_ms: i64,
     listening_since: UnixMs,
     now: UnixMs,
 ) -> BTreeMap<AlertKey, HubAlert> {
     let mut out = BTreeMap::new();
     for n in nodes {
+        let left = n.cert_not_after.saturating_sub(now);
+        if left < cert_warning_ms {
+            let summary = if left < 0 {
+                format!(
+                    "the certificate of {} expired {}s ago; it renews when the node is back online",
+                    n.name,
+                    -left / 1000
+                )
+            } else {
+                format!(
+                    "the certificate of {} expires in {}s and has not been renewed; check the node's link and log",
+                    n.name,
+                    left / 1000
+                )
+            };
+            out.insert(
+                AlertKey {
+                    node: n.name.clone(),
+                    name: NODE_CERTIFICATE_EXPIRING.into(),
+                    subject: String::new(),
+                },
+                HubAlert {
+                    started_at: n.cert_not_after.saturating_sub(cert_warning_ms).min(now),
+                    summary,
+                },
+            );
+        }
         let last = n.last_contact.max(listening_since);
         let silent = now.saturating_sub(last);
         if silent > offline_alert_ms {
@@ -699,10 +732,12 @@ mod tests {
             FleetNode {
                 name: "a".into(),
                 last_contact: 0,
+                cert_not_after: i64::MAX,
             },
             FleetNode {
                 name: "b".into(),
                 last_contact: 290_000,
+                cert_not_after: i64::MAX,
             },
         ];
         let rb = vec![RolledBack {
@@ -711,20 +746,20 @@ mod tests {
             since: 100,
             reason: "exit 1".into(),
         }];
-        let want = fleet_alerts(&nodes, &rb, 300_000, 0, 300_000);
+        let want = fleet_alerts(&nodes, &rb, 300_000, 1000, 0, 300_000);
         assert_eq!(want.len(), 1, "a is silent for exactly the grace: not yet");
         // the hub itself was down until 200_000: a's silence counts from then
-        let want = fleet_alerts(&nodes, &rb, 300_000, 200_000, 300_001);
+        let want = fleet_alerts(&nodes, &rb, 300_000, 1000, 200_000, 300_001);
         assert!(
             want.keys().all(|k| k.name != NODE_OFFLINE),
             "no NodeOffline right after a hub outage"
         );
-        let want = fleet_alerts(&nodes, &rb, 300_000, 200_000, 500_001);
+        let want = fleet_alerts(&nodes, &rb, 300_000, 1000, 200_000, 500_001);
         assert_eq!(
             want.keys().find(|k| k.name == NODE_OFFLINE).map(|k| want[k].started_at),
             Some(500_000)
         );
-        let want = fleet_alerts(&nodes, &rb, 300_000, 0, 300_001);
+        let want = fleet_alerts(&nodes, &rb, 300_000, 1000, 0, 300_001);
         let names: Vec<_> = want.keys().map(|k| format!("{}:{}", k.node, k.name)).collect();
         assert_eq!(names, ["a:NodeOffline", "b:WorkloadRolledBack"]);
         let offline = want.keys().next().unwrap().clone();
@@ -736,6 +771,36 @@ mod tests {
         assert!(matches!(&t[0], HubTransition::Fire { key, .. } if key.name == WORKLOAD_ROLLED_BACK));
         let t = diff_hub_alerts(&firing, &BTreeMap::new(), 7);
         assert_eq!(t, vec![HubTransition::Resolve { key: offline, at: 7 }]);
+    }
+
+    #[test]
+    fn certificate_expiry_alert_table() {
+        let day = 86_400_000;
+        let warn = 14 * day;
+        let node = |left_ms: i64| FleetNode {
+            name: "n".into(),
+            last_contact: 100 * day,
+            cert_not_after: 100 * day + left_ms,
+        };
+        // (time left, fires?, summary contains)
+        for (left, fires, text) in [
+            (30 * day, false, ""),
+            (14 * day, false, ""),
+            (14 * day - 1, true, "expires in 1209599s"),
+            (0, true, "expires in 0s"),
+            (-2000, true, "expired 2s ago"),
+        ] {
+            let got = fleet_alerts(&[node(left)], &[], i64::MAX, warn, 0, 100 * day);
+            let alert = got.iter().find(|(k, _)| k.name == NODE_CERTIFICATE_EXPIRING);
+            assert_eq!(alert.is_some(), fires, "left {left}: {got:?}");
+            if let Some((k, a)) = alert {
+                assert_eq!((k.node.as_str(), k.subject.as_str()), ("n", ""));
+                assert!(a.summary.contains(text), "{}", a.summary);
+                assert!(a.started_at <= 100 * day, "never in the future");
+                assert_eq!(a.started_at, (100 * day + left - warn).min(100 * day));
+            }
+        }
+        assert_eq!(severity(NODE_CERTIFICATE_EXPIRING), "warning");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! outpost's decisions, as pure functions: where workloads run (`schedule`), what a node runs
-//! (`render`), and how the agent supervises processes (`supervise`).
+//! (`render`), how the agent supervises processes (`supervise`), and the hub link's rules (`link`:
+//! join labels, certificate renewal, connection admission).
 //!
 //! Owns: every policy that can be stated as `decide(state, now) -> actions`. Must never: do I/O,
 //! read the clock (callers pass `now`), sleep, or depend on an async runtime. Every function here
@@ -8,6 +9,7 @@
 pub mod alerts;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod link;
 pub mod probe;
 pub mod render;
 pub mod retry;

@@ -8,7 +8,7 @@
 //! `AlertResolved` events in status reports (original node timestamps); each node's highest
 //! processed event sequence is stored with the alert rows in one transaction, so a resent batch
 //! changes nothing (`outpost_core::alerts::on_node_event`). Hub rules (`NodeOffline`,
-//! `WorkloadRolledBack`) run every few seconds in [`rules_loop`] with
+//! `WorkloadRolledBack`, `NodeCertificateExpiring`) run every few seconds in [`rules_loop`] with
 //! `outpost_core::alerts::fleet_alerts`. Every transition enqueues one webhook row per URL in
 //! the same transaction, delivered by `webhook`.
 //!
@@ -678,6 +678,7 @@ pub async fn evaluate_once(st: &HubState, listening_since: UnixMs, now: UnixMs) 
         .map(|n| FleetNode {
             name: n.name.clone(),
             last_contact: n.last_contact(),
+            cert_not_after: n.cert_not_after,
         })
         .collect();
     let rollbacks: Vec<RolledBack> = statuses
@@ -696,6 +697,7 @@ pub async fn evaluate_once(st: &HubState, listening_since: UnixMs, now: UnixMs) 
         &fleet,
         &rollbacks,
         st.monitor.cfg.offline_alert.as_millis() as i64,
+        outpost_core::link::expiry_warning_ms(st.node_cert_lifetime.as_millis() as i64),
         listening_since,
         now,
     );

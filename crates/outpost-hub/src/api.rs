@@ -39,7 +39,7 @@ pub async fn ca(State(st): St) -> Response {
 fn sign(st: &HubState, csr_pem: &str, node: &str) -> Result<(String, String, UnixMs), HubError> {
     let cert_pem = st
         .ca
-        .sign_node_csr(csr_pem, node)
+        .sign_node_csr(csr_pem, node, st.node_cert_lifetime)
         .map_err(|e| HubError::InvalidCsr(e.to_string()))?;
     let der = outpost_pki::pem_to_der(&cert_pem).map_err(|e| HubError::Internal(e.to_string()))?;
     let not_after = outpost_pki::not_after_unix(&cert_pem).map_err(|e| HubError::Internal(e.to_string()))?;
@@ -65,6 +65,12 @@ pub async fn join(State(st): St, ApiJson(req): ApiJson<JoinRequest>) -> Result<J
         tracing::warn!(node = %req.name, token = %req.token_id, problem = ?p, "join refused");
         HubError::Token(p)
     })?;
+    if let Some(t) = &tok {
+        outpost_core::link::node_labels(&req.name, &t.labels, &t.node_labels, &req.labels).map_err(|r| {
+            tracing::warn!(node = %req.name, token = %req.token_id, problem = %r, "join refused: labels");
+            HubError::Labels(r)
+        })?;
+    }
     let (cert_fp, cert_pem, cert_not_after) = sign(&st, &req.csr_pem, &req.name)?;
     let node = NewNode {
         name: req.name.clone(),
@@ -85,13 +91,41 @@ pub async fn join(State(st): St, ApiJson(req): ApiJson<JoinRequest>) -> Result<J
     }))
 }
 
-/// The caller's certificate must belong to `node`.
-pub(crate) async fn authorize_node(st: &HubState, peer: &Peer, node: &str) -> Result<(), HubError> {
+/// The node the caller's certificate belongs to (current or just renewed), expired or not.
+/// One indexed read, as every node request always made.
+async fn cert_owner(st: &HubState, peer: &Peer) -> Result<String, HubError> {
     let fp = peer.cert_fp.clone().ok_or(HubError::NoClientCert)?;
-    let caller = st
+    let owner = st
         .db(move |s| s.node_by_cert(&fp))
         .await?
         .ok_or(HubError::UnknownNode)?;
+    if owner.promoted {
+        tracing::info!(node = %owner.node, "node uses its renewed certificate; the previous one no longer works");
+    }
+    Ok(owner.node)
+}
+
+/// Refuse an expired certificate (only the renew route takes one).
+fn unexpired(peer: &Peer, node: &str) -> Result<(), HubError> {
+    match peer.expired_for(now_ms()) {
+        Some(ago_ms) => Err(HubError::CertificateExpired {
+            node: node.to_string(),
+            ago_ms,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The caller is a known node with an unexpired certificate: which one.
+pub(crate) async fn known_node(st: &HubState, peer: &Peer) -> Result<String, HubError> {
+    let node = cert_owner(st, peer).await?;
+    unexpired(peer, &node)?;
+    Ok(node)
+}
+
+/// The caller's certificate must belong to `node`.
+async fn authorize_owner(st: &HubState, peer: &Peer, node: &str) -> Result<(), HubError> {
+    let caller = cert_owner(st, peer).await?;
     if caller != node {
         tracing::warn!(caller = %caller, target = %node, "node asked for another node's state");
         return Err(HubError::Forbidden {
@@ -100,6 +134,12 @@ pub(crate) async fn authorize_node(st: &HubState, peer: &Peer, node: &str) -> Re
         });
     }
     Ok(())
+}
+
+/// The caller's unexpired certificate must belong to `node`.
+pub(crate) async fn authorize_node(st: &HubState, peer: &Peer, node: &str) -> Result<(), HubError> {
+    authorize_owner(st, peer, node).await?;
+    unexpired(peer, node)
 }
 
 /// Record contact; a node back from Offline is logged and gets a reschedule (Deployments short
@@ -187,11 +227,17 @@ pub async fn renew(
     Path(node): Path<String>,
     ApiJson(req): ApiJson<RenewRequest>,
 ) -> Result<Json<RenewResponse>, HubError> {
-    authorize_node(&st, &peer, &node).await?;
+    // The one route an expired (but known: the node was not deleted) certificate may call; the
+    // TLS handshake proved the caller holds its key.
+    authorize_owner(&st, &peer, &node).await?;
     let (fp, cert_pem, not_after) = sign(&st, &req.csr_pem, &node)?;
     let n = node.clone();
     st.db(move |s| s.renew(&n, &fp, not_after)).await?;
-    tracing::info!(node = %node, expires_at = not_after, "node certificate renewed");
+    match peer.expired_for(now_ms()) {
+        Some(ago) => tracing::warn!(node = %node, expired_ago = %human_duration(ago), expires_at = not_after,
+            "renewed an expired node certificate"),
+        None => tracing::info!(node = %node, expires_at = not_after, "node certificate renewed"),
+    }
     Ok(Json(RenewResponse { cert_pem }))
 }
 
@@ -200,10 +246,16 @@ pub async fn create_token(
     _: Admin,
     ApiJson(req): ApiJson<TokenRequest>,
 ) -> Result<Json<TokenResponse>, HubError> {
+    req.validate().map_err(|e| HubError::BadRequest(e.to_string()))?;
     let now = now_ms();
+    for k in &req.node_labels {
+        outpost_core::link::grantable(k, &req.labels)
+            .map_err(|why| HubError::BadRequest(format!("node_labels: {k:?} cannot be left to nodes: {why}")))?;
+    }
     let row = TokenRow {
         id: random_hex(4),
         secret_sha256: String::new(),
+        node_labels: req.node_labels.clone(),
         labels: req.labels,
         expires_at: req
             .ttl_secs
@@ -229,8 +281,9 @@ pub async fn create_token(
         expires_at: row.expires_at,
         uses: req.uses,
     };
-    tracing::info!(token = %row.id, expires_at = ?row.expires_at, uses = ?req.uses, "join token created");
+    let (id, expires_at) = (row.id.clone(), row.expires_at);
     st.db(move |s| s.create_token(&row)).await?;
+    tracing::info!(token = %id, expires_at = ?expires_at, uses = ?req.uses, "join token created");
     Ok(Json(resp))
 }
 

@@ -33,6 +33,14 @@ pub enum HubError {
     NoClientCert,
     #[error("this node's certificate is not known to the hub (the node was deleted or re-joined elsewhere); join again with `outpost agent join --hub URL --token T`")]
     UnknownNode,
+    #[error("the certificate of node {node} expired {} ago; the agent renews it by itself (POST /v1/nodes/{node}/renew accepts it); if that keeps failing, see the agent's log", human_duration(*.ago_ms))]
+    CertificateExpired { node: String, ago_ms: i64 },
+    #[error("{0}; nothing was stored")]
+    Labels(#[from] outpost_core::link::LabelRefusal),
+    #[error("the request body is larger than the hub accepts ({} MiB); send less at once (for example apply the manifests in several commands)", .limit >> 20)]
+    PayloadTooLarge { limit: usize },
+    #[error("the hub cannot store this: {0}; free space in the hub's data directory (or raise its file size limit) and try again")]
+    InsufficientStorage(String),
     #[error("node {caller} may only access its own state, not node {target}'s")]
     Forbidden { caller: String, target: String },
     #[error("the agent speaks protocol version {got}, this hub only version {PROTOCOL_VERSION}; upgrade the hub to the agent's release (or install an older agent)")]
@@ -102,6 +110,10 @@ impl HubError {
         match self {
             Unauthorized | NoClientCert => (StatusCode::UNAUTHORIZED, "unauthorized"),
             UnknownNode => (StatusCode::UNAUTHORIZED, "unknown_node"),
+            CertificateExpired { .. } => (StatusCode::UNAUTHORIZED, "certificate_expired"),
+            Labels(_) => (StatusCode::BAD_REQUEST, "label_not_allowed"),
+            PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            InsufficientStorage(_) => (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage"),
             Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden"),
             ProtocolVersion { .. } => (StatusCode::BAD_REQUEST, "protocol_version"),
             Token(TokenProblem::Unknown { .. }) => (StatusCode::UNAUTHORIZED, "token_unknown"),
@@ -128,6 +140,7 @@ impl From<StoreError> for HubError {
             StoreError::Token(p) => HubError::Token(p),
             StoreError::NodeExists(n) => HubError::NodeExists(n),
             StoreError::Sqlite(e) if is_disk_full(&e) => HubError::DiskFull,
+            StoreError::Labels(r) => HubError::Labels(r),
             other => HubError::Internal(other.to_string()),
         }
     }
@@ -182,5 +195,20 @@ mod tests {
         assert_eq!(e.to_string(), "node a may only access its own state, not node b's");
         let e = HubError::InvalidManifest(vec![]);
         assert_eq!(e.to_string(), "0 problems in the manifests; nothing was applied");
+        let e = HubError::PayloadTooLarge { limit: 16 << 20 };
+        assert!(e.to_string().contains("(16 MiB)"), "{e}");
+        assert_eq!(
+            e.status_and_code(),
+            (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+        );
+        let e = HubError::CertificateExpired {
+            node: "n".into(),
+            ago_ms: 3 * 86_400_000,
+        };
+        assert!(
+            e.to_string().starts_with("the certificate of node n expired 3d ago"),
+            "{e}"
+        );
+        assert_eq!(e.status_and_code(), (StatusCode::UNAUTHORIZED, "certificate_expired"));
     }
 }

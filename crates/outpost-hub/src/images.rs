@@ -6,8 +6,11 @@
 //! `image_tags` table. Agents resolve a name to a digest and download the blob over their own
 //! mTLS link, resuming with `Range: bytes=N-` after a broken link.
 //!
-//! Uploads are streamed to a temporary file, hashed on the way, and renamed into place only when
-//! the digest matches the one in the URL: a blob file is always complete.
+//! Uploads are streamed to a temporary file (`.upload-*`), hashed on the way, and renamed into
+//! place only when the digest matches the one in the URL: a blob file is always complete. A
+//! failed upload (a broken body, a wrong digest, a full disk, the client gone) removes its
+//! temporary file at once; the hub start removes any a crash left behind
+//! ([`sweep_stale_uploads`]). A full disk is answered `507 insufficient_storage`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -48,7 +51,7 @@ enum Reader {
     Node,
 }
 
-/// The admin token or a known node's certificate.
+/// The admin token or a known node's (unexpired) certificate.
 async fn reader(st: &HubState, headers: &HeaderMap, peer: &Peer) -> Result<Reader, HubError> {
     let bearer = headers
         .get(header::AUTHORIZATION)
@@ -58,11 +61,44 @@ async fn reader(st: &HubState, headers: &HeaderMap, peer: &Peer) -> Result<Reade
     if bearer.is_some_and(|t| sha256(t) == st.admin_token_sha256) {
         return Ok(Reader::Admin);
     }
-    let fp = peer.cert_fp.clone().ok_or(HubError::Unauthorized)?;
-    st.db(move |s| s.node_by_cert(&fp))
-        .await?
-        .map(|_| Reader::Node)
-        .ok_or(HubError::UnknownNode)
+    if peer.cert_fp.is_none() {
+        return Err(HubError::Unauthorized);
+    }
+    crate::api::known_node(st, peer).await.map(|_| Reader::Node)
+}
+
+/// Prefix of upload temporary files in the images directory.
+const UPLOAD_PREFIX: &str = ".upload-";
+
+/// Remove the temporary files of uploads a crash interrupted (none is running at start).
+/// Returns how many were removed.
+pub fn sweep_stale_uploads(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().starts_with(UPLOAD_PREFIX) {
+            continue;
+        }
+        match std::fs::remove_file(e.path()) {
+            Ok(()) => removed += 1,
+            Err(err) => tracing::warn!(file = %e.path().display(), error = %err, "cannot remove an interrupted upload"),
+        }
+    }
+    if removed > 0 {
+        tracing::info!(dir = %dir.display(), removed, "removed interrupted image uploads");
+    }
+    removed
+}
+
+/// Why writing an upload failed: a full disk (or file size limit) is the operator's to fix.
+fn storage_error(e: std::io::Error) -> HubError {
+    use nix::errno::Errno;
+    match e.raw_os_error().map(Errno::from_raw) {
+        Some(Errno::ENOSPC | Errno::EFBIG | Errno::EDQUOT) => {
+            HubError::InsufficientStorage(format!("writing the image upload failed: {e}"))
+        }
+        _ => HubError::Internal(format!("storing image upload: {e}")),
+    }
 }
 
 /// `PUT /v1/images/blobs/{digest}` (admin): store an archive.
@@ -71,33 +107,31 @@ pub async fn put_blob(State(st): St, _: Admin, Path(digest): Path<String>, req: 
     if path.exists() {
         return Ok(StatusCode::OK.into_response());
     }
-    std::fs::create_dir_all(&st.images_dir).map_err(|e| HubError::Internal(e.to_string()))?;
-    let tmp = st.images_dir.join(format!(".upload-{}", crate::files::random_hex(8)));
-    let io = |e: std::io::Error| HubError::Internal(format!("storing image upload: {e}"));
-    let mut f = tokio::fs::File::create(&tmp).await.map_err(io)?;
+    std::fs::create_dir_all(&st.images_dir).map_err(storage_error)?;
+    // Removed when dropped: on every error return, and when the client goes away mid-upload
+    // (the handler is dropped).
+    let tmp = tempfile::Builder::new()
+        .prefix(UPLOAD_PREFIX)
+        .tempfile_in(&st.images_dir)
+        .map_err(storage_error)?;
+    let (file, tmp) = tmp.into_parts();
+    let mut f = tokio::fs::File::from_std(file);
     let mut hasher = Sha256::new();
     let mut stream = req.into_body().into_data_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&tmp).await;
-                return Err(HubError::BadRequest(format!("upload broke off: {e}; push again")));
-            }
-        };
+        let chunk = chunk.map_err(|e| HubError::BadRequest(format!("upload broke off: {e}; push again")))?;
         hasher.update(&chunk);
-        f.write_all(&chunk).await.map_err(io)?;
+        f.write_all(&chunk).await.map_err(storage_error)?;
     }
-    f.sync_all().await.map_err(io)?;
+    f.sync_all().await.map_err(storage_error)?;
     drop(f);
     let actual = hex::encode(hasher.finalize());
     if actual != hex_of(&digest)? {
-        let _ = tokio::fs::remove_file(&tmp).await;
         return Err(HubError::BadRequest(format!(
             "the upload's digest is sha256:{actual}, not {digest}; push again"
         )));
     }
-    tokio::fs::rename(&tmp, &path).await.map_err(io)?;
+    tmp.persist(&path).map_err(|e| storage_error(e.error))?;
     tracing::info!(digest = %digest, "image archive stored");
     Ok(StatusCode::CREATED.into_response())
 }
@@ -157,6 +191,7 @@ pub async fn head_blob(State(st): St, _: Admin, Path(digest): Path<String>) -> R
 
 /// `POST /v1/images/tags` (admin): name an uploaded archive.
 pub async fn put_tag(State(st): St, _: Admin, ApiJson(mut t): ApiJson<ImageTag>) -> Result<Json<ImageTag>, HubError> {
+    t.validate().map_err(|e| HubError::BadRequest(e.to_string()))?;
     let path = blob_path(&st, &t.digest)?;
     let meta = std::fs::metadata(&path)
         .map_err(|_| HubError::BadRequest(format!("no archive {} on the hub: upload it first", t.digest)))?;

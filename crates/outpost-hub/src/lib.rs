@@ -1,7 +1,8 @@
 //! The outpost hub: the HTTPS server agents dial out to and operators talk to (docs/protocol.md).
 //!
 //! Owns: the hub's data directory (CA, server certificate, admin token, SQLite database), join
-//! and certificate renewal, authorization of every route, durable storage of objects, nodes,
+//! (with the node-label rules of `outpost_core::link`) and two-phase certificate renewal (also
+//! of expired certificates), the connection budget, authorization of every route, durable storage of objects, nodes,
 //! per-node desired state with generations, statuses and events, and the long-poll that hands
 //! each node its desired state. Must never: decide placement or render workloads itself (that is
 //! `outpost-core`, called from [`scheduler`]), parse manifests beyond calling `outpost-api`, trust
@@ -59,6 +60,17 @@ pub struct HubConfig {
     pub node_offline_alert: Duration,
     /// Which host paths workloads may mount (`--host-paths`, `--host-path-allow`).
     pub host_paths: validate::HostPathPolicy,
+    /// How long the node certificates the hub signs are valid (default 90 days).
+    pub node_cert_lifetime: Duration,
+    /// Close a connection after this long without bytes and without a request in flight
+    /// (default 90 s; agents always hold a long-poll, so this only closes idle ones); also the
+    /// longest wait for an HTTP/1 request head.
+    pub idle_timeout: Duration,
+    /// The TLS handshake must finish, and the first request start, within this (default 10 s).
+    pub header_read_timeout: Duration,
+    /// Connections one source address may hold without a node certificate (default: a quarter
+    /// of the connection budget, at most 128; see `outpost_core::link::budget`).
+    pub max_conns_per_ip: Option<usize>,
 }
 
 impl HubConfig {
@@ -73,6 +85,10 @@ impl HubConfig {
             webhooks: Vec::new(),
             node_offline_alert: Duration::from_secs(300),
             host_paths: validate::HostPathPolicy::default(),
+            node_cert_lifetime: outpost_pki::NODE_CERT_LIFETIME,
+            idle_timeout: Duration::from_secs(90),
+            header_read_timeout: Duration::from_secs(10),
+            max_conns_per_ip: None,
         }
     }
 }
@@ -96,6 +112,8 @@ impl Hub {
     /// `created_admin_token` on first start only, so it can be printed once.
     pub async fn start(cfg: HubConfig) -> anyhow::Result<(Hub, Option<String>)> {
         outpost_pki::install_provider();
+        ignore_file_size_signal();
+        let limits = connection_limits(cfg.max_conns_per_ip);
         let data_dir = files::DataDir::new(cfg.data_dir.clone());
         let db_path = data_dir.path("hub.db");
         let monitor_db = db_path.clone();
@@ -121,6 +139,8 @@ impl Hub {
         );
         state.images_dir = cfg.data_dir.join("images");
         state.host_paths = cfg.host_paths.clone();
+        state.node_cert_lifetime = cfg.node_cert_lifetime;
+        images::sweep_stale_uploads(&state.images_dir);
         let monitor_cfg = alerts::MonitorConfig {
             webhooks: cfg.webhooks.clone(),
             offline_alert: cfg.node_offline_alert,
@@ -146,8 +166,20 @@ impl Hub {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         tokio::spawn(alerts::rules_loop(state.clone(), stopped.clone()));
         tokio::spawn(webhook::sender_loop(state.clone(), stopped.clone()));
-        let task = tokio::spawn(server::serve(listener, acceptor, server::router(state), stopped));
-        tracing::info!(addr = %addr, data_dir = %cfg.data_dir.display(), ca_fingerprint = %ca_fingerprint, "hub listening");
+        let serve_cfg = server::ServeConfig {
+            limits,
+            idle_timeout: cfg.idle_timeout,
+            header_read_timeout: cfg.header_read_timeout,
+        };
+        let task = tokio::spawn(server::serve(
+            listener,
+            acceptor,
+            server::router(state),
+            serve_cfg,
+            stopped,
+        ));
+        tracing::info!(addr = %addr, data_dir = %cfg.data_dir.display(), ca_fingerprint = %ca_fingerprint,
+            max_connections = limits.max_total, max_certless_per_source = limits.max_certless_per_ip, "hub listening");
         let hub = Hub {
             addr,
             ca_pem: material.ca.cert_pem,
@@ -166,4 +198,37 @@ impl Hub {
             tracing::error!(error = %e, "hub server task failed");
         }
     }
+}
+
+/// A write past the file size limit (`ulimit -f`) then fails with EFBIG, which the hub reports
+/// (`insufficient_storage`), instead of killing the hub with SIGXFSZ.
+fn ignore_file_size_signal() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: SIG_IGN installs no handler code; nothing else in the hub handles SIGXFSZ.
+    if let Err(e) = unsafe { signal(Signal::SIGXFSZ, SigHandler::SigIgn) } {
+        tracing::warn!(error = %e, "cannot ignore SIGXFSZ; a file size limit would stop the hub");
+    }
+}
+
+/// Raise the descriptor limit to its hard limit, and size the connection budget from it.
+fn connection_limits(per_ip: Option<usize>) -> outpost_core::link::ConnLimits {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let nofile = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+                hard
+            } else {
+                soft
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the descriptor limit; assuming 1024");
+            1024
+        }
+    };
+    let mut limits = outpost_core::link::budget(nofile);
+    if let Some(n) = per_ip {
+        limits.max_certless_per_ip = n.max(1);
+    }
+    limits
 }

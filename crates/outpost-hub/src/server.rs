@@ -1,10 +1,36 @@
-//! HTTPS transport: the TLS accept loop, per-connection HTTP/1.1 serving, the request
+//! HTTPS transport: the TLS accept loop, per-connection HTTP/2 and HTTP/1.1 serving, the request
 //! extractors (peer certificate, admin token, JSON bodies) and the route table.
+//!
+//! Connections are a scarce resource (one descriptor each), so the accept loop keeps a table of
+//! them and `outpost_core::link` decides:
+//! - at most `max_total` connections (from `RLIMIT_NOFILE`, leaving headroom for the database,
+//!   images and webhooks: `outpost_core::link::budget`); a connection beyond that is accepted and closed at once, so the
+//!   kernel's backlog never fills with connections nobody serves;
+//! - a source address holds at most `max_certless_per_ip` connections that have not shown a node
+//!   certificate (handshakes, operators, joins, idle sockets); agents, once their certificate
+//!   is verified, do not count, so a site behind one NAT address is not limited;
+//! - when a limit is reached, the longest-idle certless connection (no bytes and no request
+//!   for a second or more) is dropped to make room: a pile of idle sockets cannot lock out an
+//!   operator or an agent. Connections with a node certificate are never dropped this way;
+//! - every connection is closed after `idle_timeout` without bytes and without a request in
+//!   flight (a held long-poll is a request in flight); the TLS handshake must finish, and the
+//!   first request start, within `header_read_timeout`; an HTTP/1 request head (also the wait
+//!   for the next one on a kept-alive connection) must arrive within `idle_timeout`;
+//! - failed `accept` calls are logged at most every 10 s, with how many were not logged.
+//!
+//! An error answer sent before the request body was read (a wrong token on a large apply) would
+//! end the HTTP/2 stream with a reset that several clients report as a stream error instead of
+//! the answer; [`DrainOnDrop`] reads the rest of such a body (up to 16 MiB and 10 s) before the
+//! stream ends, so the client gets the `ApiError`.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
 use axum::http::header::AUTHORIZATION;
@@ -13,12 +39,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use outpost_api::{PROTOCOL_HEADER, PROTOCOL_VERSION};
+use hyper::body::{Body as _, Bytes, Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use outpost_api::{UnixMs, PROTOCOL_HEADER, PROTOCOL_VERSION};
+use outpost_core::link::{self, Admit, Candidate, ConnLimits};
 use serde::de::DeserializeOwned;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
@@ -27,11 +55,24 @@ use crate::error::HubError;
 use crate::state::{sha256, HubState};
 use crate::{api, images};
 
+/// Largest request body (JSON routes; image uploads are streamed and unlimited).
+pub const BODY_LIMIT: usize = 16 << 20;
+
 /// Who is on the other end of the connection: the SHA-256 of the client certificate, if one
-/// was presented (it chains to the hub CA; whether the hub knows it is checked per route).
+/// was presented (it chains to the hub CA; whether the hub knows it is checked per route), and
+/// when that certificate expires (the TLS layer lets expired ones through for renewal).
 #[derive(Clone, Debug, Default)]
 pub struct Peer {
     pub cert_fp: Option<String>,
+    /// `notAfter` of the client certificate, Unix ms.
+    pub cert_not_after: Option<UnixMs>,
+}
+
+impl Peer {
+    /// How long ago the client certificate expired, if it has at `now`.
+    pub fn expired_for(&self, now: UnixMs) -> Option<i64> {
+        self.cert_not_after.filter(|na| now > *na).map(|na| now - na)
+    }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Peer {
@@ -69,10 +110,16 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, st: &S) -> Result<Self, HubError> {
         match axum::Json::<T>::from_request(req, st).await {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(e) => Err(HubError::BadRequest(format!(
-                "the request body is not what this route expects ({}); check that client and hub are the same release",
-                e.body_text()
-            ))),
+            Err(e) => Err(match e.status() {
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE => HubError::PayloadTooLarge { limit: BODY_LIMIT },
+                axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE => HubError::BadRequest(
+                    "the request body must be JSON: send `Content-Type: application/json`".into(),
+                ),
+                _ => HubError::BadRequest(format!(
+                    "the request body is not what this route expects ({}); check that client and hub are the same release",
+                    e.body_text()
+                )),
+            }),
         }
     }
 }
@@ -155,23 +202,264 @@ pub fn router(state: Arc<HubState>) -> Router {
         .method_not_allowed_fallback(wrong_method)
         .layer(middleware::from_fn(check_protocol))
         .layer(middleware::from_fn_with_state(state.clone(), crate::metrics::track))
-        .layer(DefaultBodyLimit::max(16 << 20))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
+}
+
+/// How the hub serves connections; see the module docs.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeConfig {
+    pub limits: ConnLimits,
+    /// Close a connection after this long without bytes and without a request in flight; an
+    /// HTTP/1 request head (the next one on a kept-alive connection too) must arrive within it.
+    pub idle_timeout: Duration,
+    /// The TLS handshake must finish, and the first request start, within this.
+    pub header_read_timeout: Duration,
+}
+
+/// A certless connection idle at least this long may be dropped to make room for a new one.
+const EVICT_MIN_IDLE_MS: i64 = 1000;
+/// Most bytes of an unread request body read (and discarded) so that an early answer arrives.
+const DRAIN_LIMIT: usize = 16 << 20;
+/// Longest time spent doing so.
+const DRAIN_TIME: Duration = Duration::from_secs(10);
+
+/// Bytes moved and requests in flight on one connection, for the idle rules.
+struct Activity {
+    epoch: Instant,
+    /// Milliseconds after `epoch` of the last byte read or written.
+    last_io: AtomicU64,
+    busy: AtomicUsize,
+    /// Requests started on this connection.
+    requests: AtomicU64,
+}
+
+impl Activity {
+    fn new(epoch: Instant) -> Self {
+        let a = Self {
+            epoch,
+            last_io: AtomicU64::new(0),
+            busy: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+        };
+        a.touch();
+        a
+    }
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+    fn touch(&self) {
+        self.last_io.store(self.now_ms(), Ordering::Relaxed);
+    }
+    /// None while a request is in flight, else how long since the last byte.
+    fn idle_ms(&self) -> Option<i64> {
+        if self.busy.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        Some(self.now_ms().saturating_sub(self.last_io.load(Ordering::Relaxed)) as i64)
+    }
+}
+
+struct Entry {
+    ip: IpAddr,
+    certless: bool,
+    activity: Arc<Activity>,
+    evict: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct Inner {
+    next_id: u64,
+    conns: HashMap<u64, Entry>,
+    certless_by_ip: HashMap<IpAddr, usize>,
+}
+
+impl Inner {
+    fn remove(&mut self, id: u64) -> Option<Entry> {
+        let e = self.conns.remove(&id)?;
+        if e.certless {
+            self.uncount(e.ip);
+        }
+        Some(e)
+    }
+    fn uncount(&mut self, ip: IpAddr) {
+        if let Some(n) = self.certless_by_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.certless_by_ip.remove(&ip);
+            }
+        }
+    }
+    /// Drop the longest-idle certless connection among those `matching`.
+    fn evict(&mut self, matching: impl Fn(&Entry) -> bool) -> bool {
+        let candidates = self
+            .conns
+            .iter()
+            .filter(|(_, e)| e.certless && matching(e))
+            .map(|(id, e)| Candidate {
+                id: *id,
+                idle_ms: e.activity.idle_ms(),
+            });
+        let Some(id) = link::victim(candidates, EVICT_MIN_IDLE_MS) else {
+            return false;
+        };
+        if let Some(e) = self.remove(id) {
+            tracing::debug!(remote = %e.ip, "closing an idle connection to make room");
+            e.evict.notify_one();
+        }
+        true
+    }
+}
+
+/// Every open connection, for admission (see the module docs).
+struct ConnTable {
+    epoch: Instant,
+    inner: Mutex<Inner>,
+}
+
+/// A connection's place in the table; dropping it frees the place.
+struct Slot {
+    table: Arc<ConnTable>,
+    id: u64,
+    activity: Arc<Activity>,
+    evict: Arc<Notify>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.table.lock().remove(self.id);
+    }
+}
+
+impl ConnTable {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn len(&self) -> usize {
+        self.lock().conns.len()
+    }
+
+    /// A place for a new connection from `ip`, or None when it must be refused.
+    fn admit(self: &Arc<Self>, ip: IpAddr, limits: &ConnLimits) -> Option<Slot> {
+        let mut g = self.lock();
+        let from_ip = g.certless_by_ip.get(&ip).copied().unwrap_or(0);
+        let room = match link::admit(g.conns.len(), from_ip, limits) {
+            Admit::Accept => true,
+            Admit::EvictSameSource => g.evict(|e| e.ip == ip),
+            Admit::EvictAny => g.evict(|_| true),
+        };
+        if !room {
+            return None;
+        }
+        let id = g.next_id;
+        g.next_id += 1;
+        let activity = Arc::new(Activity::new(self.epoch));
+        let evict = Arc::new(Notify::new());
+        g.conns.insert(
+            id,
+            Entry {
+                ip,
+                certless: true,
+                activity: activity.clone(),
+                evict: evict.clone(),
+            },
+        );
+        *g.certless_by_ip.entry(ip).or_default() += 1;
+        Some(Slot {
+            table: self.clone(),
+            id,
+            activity,
+            evict,
+        })
+    }
+
+    /// The connection showed a node certificate: it no longer counts against its address.
+    fn certified(&self, id: u64) {
+        let mut g = self.lock();
+        let ip = match g.conns.get_mut(&id) {
+            Some(e) if e.certless => {
+                e.certless = false;
+                e.ip
+            }
+            _ => return,
+        };
+        g.uncount(ip);
+    }
+}
+
+/// Logs a repeating problem at most once per `every`, with how many were not logged.
+struct Throttle {
+    every: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttle {
+    fn new(every: Duration) -> Self {
+        Self {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+    /// Some(number not logged since the last time) when this one should be logged.
+    fn check(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(t) if now.duration_since(t) < self.every => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
 }
 
 /// Accept TLS connections until `shutdown` flips, then give open connections a moment to
 /// finish and drop the rest.
-pub async fn serve(listener: TcpListener, tls: TlsAcceptor, router: Router, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    router: Router,
+    cfg: ServeConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let table = Arc::new(ConnTable::new());
     let mut conns = JoinSet::new();
+    let mut accept_errors = Throttle::new(Duration::from_secs(10));
+    let mut refusals = Throttle::new(Duration::from_secs(10));
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             accepted = listener.accept() => match accepted {
-                Ok((tcp, remote)) => {
-                    conns.spawn(serve_conn(tcp, remote, tls.clone(), router.clone(), shutdown.clone()));
-                }
+                Ok((tcp, remote)) => match table.admit(remote.ip(), &cfg.limits) {
+                    Some(slot) => {
+                        conns.spawn(serve_conn(tcp, remote, slot, tls.clone(), router.clone(), cfg, shutdown.clone()));
+                    }
+                    None => {
+                        if let Some(more) = refusals.check(Instant::now()) {
+                            tracing::warn!(%remote, open = table.len(), max = cfg.limits.max_total,
+                                per_source = cfg.limits.max_certless_per_ip, not_logged = more,
+                                "refusing a connection: the hub holds as many as it may and none is idle");
+                        }
+                        drop(tcp);
+                    }
+                },
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    if let Some(more) = accept_errors.check(Instant::now()) {
+                        tracing::warn!(error = %e, open = table.len(), not_logged = more,
+                            "accept failed; if this is \"Too many open files\", raise the hub's descriptor limit (LimitNOFILE)");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
@@ -187,49 +475,267 @@ pub async fn serve(listener: TcpListener, tls: TlsAcceptor, router: Router, mut 
     tracing::info!("hub stopped");
 }
 
+/// The TCP stream, recording when bytes move.
+struct Tracked {
+    io: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut me.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            me.activity.touch();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        let me = self.get_mut();
+        let r = Pin::new(&mut me.io).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            me.activity.touch();
+        }
+        r
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let me = self.get_mut();
+        let r = Pin::new(&mut me.io).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            me.activity.touch();
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Counts a request as in flight until its handler has answered.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn new(a: Arc<Activity>) -> Self {
+        a.busy.fetch_add(1, Ordering::Relaxed);
+        a.requests.fetch_add(1, Ordering::Relaxed);
+        Self(a)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// A request body that, when dropped unread (an early error answer), reads and discards the
+/// rest in the background, so the stream ends cleanly after the answer (see the module docs).
+pub struct DrainOnDrop {
+    inner: Option<Incoming>,
+}
+
+impl DrainOnDrop {
+    pub fn new(body: Incoming) -> Self {
+        Self { inner: Some(body) }
+    }
+}
+
+impl hyper::body::Body for DrainOnDrop {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut().inner.as_mut() {
+            Some(b) => Pin::new(b).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.as_ref().map(|b| b.size_hint()).unwrap_or_default()
+    }
+}
+
+impl Drop for DrainOnDrop {
+    fn drop(&mut self) {
+        let Some(mut body) = self.inner.take() else { return };
+        if body.is_end_stream() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let mut left = DRAIN_LIMIT;
+            let read = async {
+                while let Some(Ok(frame)) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                    let n = frame.data_ref().map_or(0, |d| d.len());
+                    if n >= left {
+                        return;
+                    }
+                    left -= n;
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_TIME, read).await;
+        });
+    }
+}
+
 async fn serve_conn(
     tcp: TcpStream,
     remote: SocketAddr,
+    slot: Slot,
     tls: TlsAcceptor,
     router: Router,
+    cfg: ServeConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let stream = match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::debug!(%remote, error = %e, "TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%remote, "TLS handshake timed out");
-            return;
-        }
+    let tracked = Tracked {
+        io: tcp,
+        activity: slot.activity.clone(),
     };
-    let cert_fp = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| outpost_pki::fingerprint(c.as_ref()));
-    let peer = Peer { cert_fp };
+    let stream = tokio::select! {
+        r = tokio::time::timeout(cfg.header_read_timeout, tls.accept(tracked)) => match r {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%remote, "TLS handshake timed out");
+                return;
+            }
+        },
+        _ = slot.evict.notified() => return,
+    };
+    let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first());
+    let peer = Peer {
+        cert_fp: cert.map(|c| outpost_pki::fingerprint(c.as_ref())),
+        cert_not_after: cert
+            .and_then(|c| outpost_pki::not_after_der(c.as_ref()).ok())
+            .map(|s| s.saturating_mul(1000)),
+    };
+    if peer.cert_fp.is_some() {
+        slot.table.certified(slot.id);
+    }
+    let activity = slot.activity.clone();
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(peer.clone());
-        router.clone().oneshot(req)
+        let busy = Busy::new(activity.clone());
+        let answer = router.clone().oneshot(req.map(DrainOnDrop::new));
+        async move {
+            let r = answer.await;
+            drop(busy);
+            r
+        }
     });
     // HTTP/2 when the client offers it (agents do: the long-poll and status reports then share
     // one connection), HTTP/1.1 otherwise.
-    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    // hyper's head timer also runs while a kept-alive connection waits for its next request,
+    // so it gets the idle timeout; the first request must start within header_read_timeout.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.idle_timeout);
     let conn = builder.serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(%remote, error = %e, "connection ended with an error");
+    loop {
+        let idle = if slot.activity.requests.load(Ordering::Relaxed) == 0 {
+            cfg.header_read_timeout
+        } else {
+            cfg.idle_timeout
+        }
+        .as_millis() as i64;
+        let wait = match slot.activity.idle_ms() {
+            Some(i) if i >= idle => {
+                tracing::debug!(%remote, idle_ms = i, "closing an idle connection");
+                break;
             }
+            Some(i) => idle - i,
+            None => idle,
+        };
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%remote, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = shutdown.changed() => break,
+            _ = slot.evict.notified() => return,
+            _ = tokio::time::sleep(Duration::from_millis(wait.max(1) as u64)) => {}
         }
-        _ = shutdown.changed() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
-        }
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_logs_once_per_period_with_the_count() {
+        let mut t = Throttle::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(t.check(t0), Some(0));
+        assert_eq!(t.check(t0 + Duration::from_secs(1)), None);
+        assert_eq!(t.check(t0 + Duration::from_secs(9)), None);
+        assert_eq!(t.check(t0 + Duration::from_secs(10)), Some(2));
+        assert_eq!(t.check(t0 + Duration::from_secs(11)), None);
+    }
+
+    #[test]
+    fn table_counts_certless_connections_and_evicts_the_idle() {
+        // an epoch a minute back, so "idle since the epoch" means idle for a minute
+        let mut table = ConnTable::new();
+        table.epoch = Instant::now().checked_sub(Duration::from_secs(60)).expect("uptime");
+        let table = Arc::new(table);
+        let limits = ConnLimits {
+            max_total: 3,
+            max_certless_per_ip: 2,
+        };
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let s1 = table.admit(a, &limits).expect("room");
+        let s2 = table.admit(a, &limits).expect("room");
+        // a holds its two certless places, none idle for a second: refused
+        assert!(table.admit(a, &limits).is_none());
+        // once one shows a certificate, a has room again
+        table.certified(s1.id);
+        let s3 = table.admit(a, &limits).expect("room after a certificate");
+        assert_eq!(table.len(), 3);
+        // full: b's connection needs an idle certless one to go; s2 and s3 are not idle yet
+        assert!(table.admit(b, &limits).is_none());
+        s2.activity.last_io.store(0, Ordering::Relaxed);
+        s3.activity.last_io.store(0, Ordering::Relaxed);
+        s3.activity.busy.fetch_add(1, Ordering::Relaxed);
+        let s4 = table.admit(b, &limits).expect("s2 made room");
+        assert!(!table.lock().conns.contains_key(&s2.id), "s2 evicted");
+        assert!(table.lock().conns.contains_key(&s1.id), "certified ones stay");
+        // the evicted connection's slot is released without harm
+        drop(s2);
+        assert_eq!(table.len(), 3);
+        drop((s1, s3, s4));
+        assert_eq!(table.len(), 0);
+        assert!(table.lock().certless_by_ip.is_empty());
     }
 }

@@ -32,6 +32,8 @@ pub struct HubState {
     pub images_dir: std::path::PathBuf,
     /// Which host paths an apply may mount (set by `Hub::start` from `HubConfig`).
     pub host_paths: crate::validate::HostPathPolicy,
+    /// How long the node certificates the hub signs are valid.
+    pub node_cert_lifetime: Duration,
     /// Alerts, vitals, forwarded errors, webhooks, log requests (replaced by `Hub::start`).
     pub monitor: Arc<crate::alerts::Monitor>,
     /// Status reports waiting for the group-commit writer.
@@ -80,6 +82,7 @@ impl HubState {
             notes: Mutex::new(BTreeMap::new()),
             images_dir: std::path::PathBuf::from("images"),
             host_paths: Default::default(),
+            node_cert_lifetime: outpost_pki::NODE_CERT_LIFETIME,
             monitor: Arc::new(crate::alerts::Monitor::in_memory()),
             status_tx,
             status_rx: Mutex::new(Some(status_rx)),

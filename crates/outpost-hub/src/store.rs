@@ -8,7 +8,13 @@
 //!   the same name sees larger generations than before;
 //! - `node_workloads` is a node's desired state; `changed_gen` says when each row last changed,
 //!   `node_tombstones` when each removed key went away, and `nodes.tombstone_floor` the highest
-//!   generation whose tombstones may have been pruned (a sync from below it gets the full state).
+//!   generation whose tombstones may have been pruned (a sync from below it gets the full state);
+//! - a node's labels are decided by `outpost_core::link::node_labels` inside the join
+//!   transaction: `kubernetes.io/hostname` is always the node's name, the token's labels always
+//!   apply, and a node adds only the keys it may set;
+//! - certificate renewal is two-phase: `renew` records the new certificate as `next_cert_fp`
+//!   and the old one keeps working; the first request made with the new one promotes it
+//!   (`node_by_cert`) and the old one stops working. A lost renew answer never locks a node out.
 //!
 //! All methods are synchronous and short; async callers run them on the blocking pool.
 
@@ -24,8 +30,9 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use crate::error::TokenProblem;
 
-/// Current schema version, kept in `meta.schema_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+/// Current schema version, kept in `meta.schema_version`. 2: token `node_labels`, two-phase
+/// renewal (`nodes.next_cert_fp`), `kubernetes.io/hostname` forced to the node's name.
+pub const SCHEMA_VERSION: i64 = 2;
 /// Events kept per node (older ones are pruned when new ones arrive).
 pub const EVENTS_KEPT: i64 = 1000;
 
@@ -43,6 +50,8 @@ pub enum StoreError {
     Poisoned,
     #[error("join token refused")]
     Token(TokenProblem),
+    #[error("{0}")]
+    Labels(#[from] outpost_core::link::LabelRefusal),
     #[error("node {0} already exists")]
     NodeExists(String),
 }
@@ -60,6 +69,8 @@ pub struct TokenRow {
     pub uses_left: Option<u64>,
     pub used: u64,
     pub created_at: UnixMs,
+    /// Label keys a node joining with this token may set on itself.
+    pub node_labels: Vec<String>,
 }
 
 /// Is this token good for one more join at `now`? Pure; the store calls it inside the join
@@ -91,7 +102,8 @@ pub fn check_token(tok: Option<&TokenRow>, id: &str, secret_sha256: &str, now: U
 #[derive(Clone, Debug)]
 pub struct NewNode {
     pub name: String,
-    /// Labels from the join request; they override the token's labels.
+    /// Labels from the join request, checked against the token by
+    /// `outpost_core::link::node_labels`.
     pub labels: Labels,
     pub cert_fp: String,
     pub cert_not_after: UnixMs,
@@ -173,6 +185,14 @@ pub struct Plan {
     pub notes: BTreeMap<ObjectId, String>,
 }
 
+/// Who a client certificate belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertOwner {
+    pub node: String,
+    /// This request is the first with a renewed certificate: it is now the node's only one.
+    pub promoted: bool,
+}
+
 /// Is a delta from `since` complete, given the node's current generation and tombstone floor?
 pub fn needs_full(since: u64, current: u64, tombstone_floor: u64) -> bool {
     since == 0 || since > current || since < tombstone_floor
@@ -182,15 +202,19 @@ pub fn needs_full(since: u64, current: u64, tombstone_floor: u64) -> bool {
 pub trait Store: Send + Sync + 'static {
     fn create_token(&self, t: &TokenRow) -> Result<()>;
     fn token(&self, id: &str) -> Result<Option<TokenRow>>;
-    /// Check the token, refuse a taken name, record the node with its first generation and
-    /// use up one token use, in one transaction. Returns the node's final labels (token labels
-    /// overridden by the request's).
+    /// Check the token and the requested labels, refuse a taken name, record the node with its
+    /// first generation and use up one token use, in one transaction. Returns the node's final
+    /// labels (`outpost_core::link::node_labels`).
     fn join(&self, token_id: &str, secret_sha256: &str, node: &NewNode, now: UnixMs) -> Result<Labels>;
-    fn node_by_cert(&self, cert_fp: &str) -> Result<Option<String>>;
+    /// The node holding this certificate: its current one, or the one `renew` issued last (which
+    /// then becomes the current one, and the old one stops working).
+    fn node_by_cert(&self, cert_fp: &str) -> Result<Option<CertOwner>>;
     fn node(&self, name: &str) -> Result<Option<NodeRow>>;
     fn nodes(&self) -> Result<Vec<NodeRow>>;
     /// Record contact; returns the previous last contact (None when the node is unknown).
     fn touch(&self, node: &str, now: UnixMs) -> Result<Option<UnixMs>>;
+    /// Record a renewed certificate as the node's next one; the current one keeps working until
+    /// the next one is used (see `node_by_cert`). A later renewal replaces an unused next one.
     fn renew(&self, node: &str, cert_fp: &str, cert_not_after: UnixMs) -> Result<()>;
     /// Remove the node and everything recorded about it. False when it did not exist.
     fn delete_node(&self, name: &str) -> Result<bool>;
@@ -242,13 +266,14 @@ const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY, secret_sha256 TEXT NOT NULL, labels TEXT NOT NULL,
-    expires_at INTEGER, uses_left INTEGER, used INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL);
+    expires_at INTEGER, uses_left INTEGER, used INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL,
+    node_labels TEXT NOT NULL DEFAULT '[]');
 CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY, labels TEXT NOT NULL, cert_fp TEXT NOT NULL UNIQUE,
     cert_not_after INTEGER NOT NULL, joined_at INTEGER NOT NULL, last_seen INTEGER,
     generation INTEGER NOT NULL, applied_generation INTEGER NOT NULL DEFAULT 0,
     tombstone_floor INTEGER NOT NULL DEFAULT 0, agent_version TEXT, uptime_secs INTEGER,
-    token_id TEXT);
+    token_id TEXT, next_cert_fp TEXT, next_cert_not_after INTEGER);
 CREATE TABLE IF NOT EXISTS objects (
     kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL, manifest TEXT NOT NULL,
     template_hash TEXT, revision INTEGER NOT NULL, created_at INTEGER NOT NULL,
@@ -468,6 +493,39 @@ fn object_row(tx: &Transaction<'_>, id: &ObjectId) -> Result<Option<StoredObject
     .transpose()
 }
 
+/// Add a column unless it exists (schema upgrades of tables created by an older hub).
+fn add_column(conn: &Connection, table: &str, column: &str, decl: &str) -> Result<()> {
+    let exists: bool = conn
+        .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?
+        .exists(params![column])?;
+    if !exists {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+    }
+    Ok(())
+}
+
+/// Bring a database from `from` to [`SCHEMA_VERSION`], in one transaction.
+fn migrate(conn: &mut Connection, from: i64) -> Result<()> {
+    let tx = conn.transaction()?;
+    if from < 2 {
+        add_column(&tx, "tokens", "node_labels", "TEXT NOT NULL DEFAULT '[]'")?;
+        add_column(&tx, "nodes", "next_cert_fp", "TEXT")?;
+        add_column(&tx, "nodes", "next_cert_not_after", "INTEGER")?;
+        // The hub owns kubernetes.io/hostname: undo any a node set for itself.
+        tx.execute(
+            "UPDATE nodes SET labels = json_set(labels, '$.\"kubernetes.io/hostname\"', name)",
+            [],
+        )?;
+    }
+    tx.execute_batch("CREATE INDEX IF NOT EXISTS nodes_next_cert ON nodes (next_cert_fp)")?;
+    tx.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1)",
+        params![SCHEMA_VERSION.to_string()],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
 impl SqliteStore {
     /// Open (or create) the database file and its schema.
     pub fn open(path: &Path) -> Result<Self> {
@@ -491,13 +549,9 @@ impl SqliteStore {
                     found: v,
                 })
             }
-            Some(_) => {}
-            None => {
-                conn.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1)",
-                    params![SCHEMA_VERSION.to_string()],
-                )?;
-            }
+            // A new database already has the current tables; the upgrade steps are no-ops.
+            Some(v) => migrate(&mut conn, v)?,
+            None => migrate(&mut conn, SCHEMA_VERSION)?,
         }
         Ok(Self {
             conn: Mutex::new(conn),
@@ -513,8 +567,8 @@ impl SqliteStore {
 impl Store for SqliteStore {
     fn create_token(&self, t: &TokenRow) -> Result<()> {
         self.conn()?.execute(
-            "INSERT INTO tokens (id, secret_sha256, labels, expires_at, uses_left, used, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO tokens (id, secret_sha256, labels, expires_at, uses_left, used, created_at, node_labels)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 t.id,
                 t.secret_sha256,
@@ -522,7 +576,8 @@ impl Store for SqliteStore {
                 t.expires_at,
                 t.uses_left.map(i),
                 i(t.used),
-                t.created_at
+                t.created_at,
+                serde_json::to_string(&t.node_labels)?
             ],
         )?;
         Ok(())
@@ -547,8 +602,7 @@ impl Store for SqliteStore {
         if exists.is_some() {
             return Err(StoreError::NodeExists(node.name.clone()));
         }
-        let mut labels = tok.labels.clone();
-        labels.extend(node.labels.clone());
+        let labels = outpost_core::link::node_labels(&node.name, &tok.labels, &tok.node_labels, &node.labels)?;
         let gen = next_gen(&tx)?;
         tx.execute(
             "INSERT INTO nodes (name, labels, cert_fp, cert_not_after, joined_at, generation, token_id)
@@ -573,13 +627,30 @@ impl Store for SqliteStore {
         Ok(labels)
     }
 
-    fn node_by_cert(&self, cert_fp: &str) -> Result<Option<String>> {
-        Ok(self
-            .conn()?
-            .query_row("SELECT name FROM nodes WHERE cert_fp = ?1", params![cert_fp], |r| {
-                r.get(0)
-            })
-            .optional()?)
+    fn node_by_cert(&self, cert_fp: &str) -> Result<Option<CertOwner>> {
+        let conn = self.conn()?;
+        // One indexed read per request, as before renewal was two-phase; the write happens
+        // once, on the first request made with a renewed certificate.
+        let found: Option<(String, bool)> = conn
+            .query_row(
+                "SELECT name, cert_fp = ?1 FROM nodes WHERE cert_fp = ?1 OR next_cert_fp = ?1",
+                params![cert_fp],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((node, current)) = found else { return Ok(None) };
+        if !current {
+            conn.execute(
+                "UPDATE nodes SET cert_fp = next_cert_fp, cert_not_after = next_cert_not_after,
+                        next_cert_fp = NULL, next_cert_not_after = NULL
+                 WHERE name = ?1 AND next_cert_fp = ?2",
+                params![node, cert_fp],
+            )?;
+        }
+        Ok(Some(CertOwner {
+            node,
+            promoted: !current,
+        }))
     }
 
     fn node(&self, name: &str) -> Result<Option<NodeRow>> {
@@ -621,7 +692,7 @@ impl Store for SqliteStore {
 
     fn renew(&self, node: &str, cert_fp: &str, cert_not_after: UnixMs) -> Result<()> {
         self.conn()?.execute(
-            "UPDATE nodes SET cert_fp = ?2, cert_not_after = ?3 WHERE name = ?1",
+            "UPDATE nodes SET next_cert_fp = ?2, next_cert_not_after = ?3 WHERE name = ?1",
             params![node, cert_fp, cert_not_after],
         )?;
         Ok(())
@@ -1038,32 +1109,41 @@ impl Store for SqliteStore {
 fn token_row(conn: &Connection, id: &str) -> Result<Option<TokenRow>> {
     let row = conn
         .query_row(
-            "SELECT id, secret_sha256, labels, expires_at, uses_left, used, created_at FROM tokens WHERE id = ?1",
+            "SELECT id, secret_sha256, labels, expires_at, uses_left, used, created_at, node_labels
+             FROM tokens WHERE id = ?1",
             params![id],
             |r| {
                 Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, Option<i64>>(3)?,
-                    r.get::<_, Option<i64>>(4)?,
-                    r.get::<_, i64>(5)?,
-                    r.get::<_, i64>(6)?,
+                    (
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Option<i64>>(3)?,
+                    ),
+                    (
+                        r.get::<_, Option<i64>>(4)?,
+                        r.get::<_, i64>(5)?,
+                        r.get::<_, i64>(6)?,
+                        r.get::<_, String>(7)?,
+                    ),
                 ))
             },
         )
         .optional()?;
-    row.map(|(id, secret_sha256, labels, expires_at, uses_left, used, created_at)| {
-        Ok(TokenRow {
-            id,
-            secret_sha256,
-            labels: serde_json::from_str(&labels)?,
-            expires_at,
-            uses_left: uses_left.map(u),
-            used: u(used),
-            created_at,
-        })
-    })
+    row.map(
+        |((id, secret_sha256, labels, expires_at), (uses_left, used, created_at, node_labels))| {
+            Ok(TokenRow {
+                id,
+                secret_sha256,
+                labels: serde_json::from_str(&labels)?,
+                expires_at,
+                uses_left: uses_left.map(u),
+                used: u(used),
+                created_at,
+                node_labels: serde_json::from_str(&node_labels)?,
+            })
+        },
+    )
     .transpose()
 }
 
@@ -1085,6 +1165,7 @@ mod tests {
             uses_left: uses,
             used: 0,
             created_at: 0,
+            node_labels: vec!["rack".into()],
         }
     }
 
@@ -1286,10 +1367,22 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let s = open(dir.path());
         s.create_token(&token("t", Some(1)))?;
+        // Labels the node may not set refuse the join and use nothing up.
+        for (k, v) in [("site", "edge"), ("kubernetes.io/hostname", "other"), ("zone", "z")] {
+            let mut n = new_node("a");
+            n.labels.insert(k.into(), v.into());
+            let refused = s.join("t", "s", &n, 0);
+            assert!(matches!(refused, Err(StoreError::Labels(_))), "{k}: {refused:?}");
+        }
+        assert!(s.node("a")?.is_none());
         let mut n = new_node("a");
-        n.labels.insert("site".into(), "edge".into());
+        n.labels.insert("rack".into(), "r7".into());
+        n.labels.insert("kubernetes.io/os".into(), "linux".into());
         let labels = s.join("t", "s", &n, 0)?;
-        assert_eq!(labels["site"], "edge", "request labels win over token labels");
+        assert_eq!(labels["site"], "hq", "the token's label");
+        assert_eq!(labels["rack"], "r7", "a key the token allows");
+        assert_eq!(labels["kubernetes.io/hostname"], "a", "set by the hub");
+        assert_eq!(s.node("a")?.expect("joined").labels, labels);
         let again = s.join("t", "s", &new_node("b"), 0);
         assert!(
             matches!(again, Err(StoreError::Token(TokenProblem::UsedUp { used: 1, .. }))),
@@ -1305,6 +1398,64 @@ mod tests {
             Err(StoreError::Token(TokenProblem::Unknown { .. }))
         ));
         assert_eq!(s.token("u")?.expect("token").used, 0, "refused joins use nothing up");
+        Ok(())
+    }
+
+    #[test]
+    fn renewal_is_two_phase() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let s = open(dir.path());
+        s.create_token(&token("t", None))?;
+        s.join("t", "s", &new_node("a"), 0)?;
+        let owner = |fp: &str| s.node_by_cert(fp).map(|o| o.map(|o| (o.node, o.promoted)));
+        assert_eq!(owner("fp-a")?, Some(("a".into(), false)));
+        // A renewal whose answer was lost: the old certificate still works, and so would the new.
+        s.renew("a", "fp-a2", 100)?;
+        assert_eq!(owner("fp-a")?, Some(("a".into(), false)));
+        // The node renews again (it never got fp-a2): the newest one replaces it.
+        s.renew("a", "fp-a3", 200)?;
+        assert_eq!(owner("fp-a2")?, None);
+        assert_eq!(s.node("a")?.expect("node").cert_not_after, 0, "not switched yet");
+        // First use of the new certificate switches over; the old one stops working.
+        assert_eq!(owner("fp-a3")?, Some(("a".into(), true)));
+        assert_eq!(owner("fp-a3")?, Some(("a".into(), false)));
+        assert_eq!(owner("fp-a")?, None);
+        let n = s.node("a")?.expect("node");
+        assert_eq!((n.cert_fp.as_str(), n.cert_not_after), ("fp-a3", 200));
+        Ok(())
+    }
+
+    #[test]
+    fn a_version_1_database_is_upgraded() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("hub.db");
+        {
+            let c = Connection::open(&path)?;
+            c.execute_batch(
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                 INSERT INTO meta VALUES ('schema_version', '1');
+                 CREATE TABLE tokens (id TEXT PRIMARY KEY, secret_sha256 TEXT NOT NULL, labels TEXT NOT NULL,
+                    expires_at INTEGER, uses_left INTEGER, used INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL);
+                 INSERT INTO tokens VALUES ('t', 's', '{}', NULL, NULL, 0, 0);
+                 CREATE TABLE nodes (name TEXT PRIMARY KEY, labels TEXT NOT NULL, cert_fp TEXT NOT NULL UNIQUE,
+                    cert_not_after INTEGER NOT NULL, joined_at INTEGER NOT NULL, last_seen INTEGER,
+                    generation INTEGER NOT NULL, applied_generation INTEGER NOT NULL DEFAULT 0,
+                    tombstone_floor INTEGER NOT NULL DEFAULT 0, agent_version TEXT, uptime_secs INTEGER, token_id TEXT);
+                 INSERT INTO nodes (name, labels, cert_fp, cert_not_after, joined_at, generation)
+                    VALUES ('impostor', '{\"kubernetes.io/hostname\":\"victim\",\"site\":\"s\"}', 'fp', 0, 0, 1);",
+            )?;
+        }
+        let s = SqliteStore::open(&path)?;
+        let n = s.node("impostor")?.expect("kept");
+        assert_eq!(n.labels["kubernetes.io/hostname"], "impostor");
+        assert_eq!(n.labels["site"], "s");
+        assert_eq!(s.token("t")?.expect("kept").node_labels, Vec::<String>::new());
+        s.renew("impostor", "fp2", 5)?;
+        assert!(s.node_by_cert("fp2")?.is_some());
+        drop(s);
+        // Opening again changes nothing.
+        let s = SqliteStore::open(&path)?;
+        assert_eq!(s.node("impostor")?.expect("kept").cert_fp, "fp2");
         Ok(())
     }
 

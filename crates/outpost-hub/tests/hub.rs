@@ -74,6 +74,7 @@ async fn token(hub: &Hub, ttl_secs: Option<u64>, uses: Option<u32>) -> Result<Jo
         labels: [("site".to_string(), "hq".to_string())].into(),
         ttl_secs,
         uses,
+        ..Default::default()
     };
     let resp: TokenResponse = json(admin_post(hub, "/v1/tokens", &req).await?, StatusCode::OK).await?;
     JoinToken::parse(&resp.token).map_err(anyhow::Error::msg)
@@ -212,7 +213,10 @@ async fn ca_join_and_token_refusals() -> Result<()> {
         "{e:?}"
     );
 
-    let expired = token(&hub, Some(0), None).await?;
+    // The shortest lifetime a token may have is one second (0 is refused).
+    let expired = token(&hub, Some(1), None).await?;
+    let made = Instant::now();
+    until("the one-second token to expire", 5, || made.elapsed() > Duration::from_millis(1100)).await?;
     let e = refused(
         join_raw(&hub, &expired, "store-2").await?.0,
         StatusCode::UNAUTHORIZED,
@@ -325,7 +329,8 @@ async fn nodes_only_reach_their_own_state() -> Result<()> {
     let info: NodeInfo = json(admin_get(&hub, "/v1/nodes/b").await?, StatusCode::OK).await?;
     assert_eq!(info.agent_version, None);
 
-    // Renewal: the new certificate works, the old one is refused from then on.
+    // Renewal is two-phase: the old certificate works until the new one has been used, then
+    // only the new one works.
     let csr_pem = outpost_pki::NodeKey::csr_for(&a.key_pem, "a")?;
     let resp = a
         .client
@@ -334,6 +339,11 @@ async fn nodes_only_reach_their_own_state() -> Result<()> {
         .send()
         .await?;
     let renewed: RenewResponse = json(resp, StatusCode::OK).await?;
+    assert_eq!(
+        sync(&hub, &a, "a", 0).await?.status(),
+        StatusCode::OK,
+        "old one still works"
+    );
     let a2 = Node {
         name: "a".into(),
         client: client(&hub, Some((&renewed.cert_pem, &a.key_pem)))?,
@@ -565,6 +575,423 @@ async fn restart_keeps_nodes_tokens_objects_and_certificates() -> Result<()> {
         "token_used_up",
     )
     .await?;
+    hub.shutdown().await;
+    Ok(())
+}
+
+/// Poll `f` every 50 ms until it holds, or fail after `secs`.
+async fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) -> Result<()> {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        ensure!(Instant::now() < end, "timed out after {secs}s waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+async fn token_with(hub: &Hub, req: &TokenRequest) -> Result<reqwest::Response> {
+    admin_post(hub, "/v1/tokens", req).await
+}
+
+async fn join_labelled(
+    hub: &Hub,
+    tok: &JoinToken,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Result<(reqwest::Response, outpost_pki::NodeKey)> {
+    let key = outpost_pki::NodeKey::generate(name)?;
+    let req = JoinRequest {
+        token_id: tok.id.clone(),
+        token_secret: tok.secret.clone(),
+        name: name.into(),
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        csr_pem: key.csr_pem.clone(),
+    };
+    let resp = client(hub, None)?
+        .post(url(hub, "/v1/join"))
+        .header(PROTOCOL_HEADER, "1.1")
+        .json(&req)
+        .send()
+        .await?;
+    Ok((resp, key))
+}
+
+#[tokio::test]
+async fn nodes_cannot_pick_their_placement_labels() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (hub, _) = start(dir.path(), Duration::from_millis(200)).await?;
+    let req = TokenRequest {
+        labels: [("site".to_string(), "store-042".to_string())].into(),
+        uses: Some(1),
+        node_labels: vec!["rack".into()],
+        ..Default::default()
+    };
+    let resp: TokenResponse = json(token_with(&hub, &req).await?, StatusCode::OK).await?;
+    let tok = JoinToken::parse(&resp.token).map_err(anyhow::Error::msg)?;
+    for (labels, says) in [
+        (
+            vec![("kubernetes.io/hostname", "victim")],
+            "the hub sets it to the node's name",
+        ),
+        (vec![("site", "store-001")], "the join token sets site=\"store-042\""),
+        (vec![("zone", "z1")], "outpost token create --node-labels zone"),
+    ] {
+        let (resp, _) = join_labelled(&hub, &tok, "impostor", &labels).await?;
+        let e = refused(resp, StatusCode::BAD_REQUEST, "label_not_allowed").await?;
+        assert!(
+            e.message.contains(says) && e.message.contains("nothing was stored"),
+            "{labels:?}: {e:?}"
+        );
+    }
+    let nodes: Vec<NodeInfo> = json(admin_get(&hub, "/v1/nodes").await?, StatusCode::OK).await?;
+    assert!(nodes.is_empty(), "refused joins store nothing: {nodes:?}");
+    // The token's one use is still there; allowed labels pass, the hub sets the hostname.
+    let (resp, _) = join_labelled(
+        &hub,
+        &tok,
+        "box-1",
+        &[
+            ("rack", "r7"),
+            ("node.outpost.dev/camera", "yes"),
+            ("kubernetes.io/os", "linux"),
+            ("site", "store-042"),
+        ],
+    )
+    .await?;
+    let joined: JoinResponse = json(resp, StatusCode::OK).await?;
+    let want: std::collections::BTreeMap<String, String> = [
+        ("kubernetes.io/hostname", "box-1"),
+        ("kubernetes.io/os", "linux"),
+        ("node.outpost.dev/camera", "yes"),
+        ("rack", "r7"),
+        ("site", "store-042"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(joined.labels, want);
+    // A token cannot hand the hostname (or its own labels) to nodes.
+    for key in ["kubernetes.io/hostname", "site"] {
+        let req = TokenRequest {
+            labels: [("site".to_string(), "s".to_string())].into(),
+            node_labels: vec![key.into()],
+            ..Default::default()
+        };
+        let e = refused(token_with(&hub, &req).await?, StatusCode::BAD_REQUEST, "bad_request").await?;
+        assert!(e.message.contains("node_labels"), "{e:?}");
+    }
+    hub.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_expired_certificate_may_only_renew() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    outpost_pki::install_provider();
+    let mut cfg = HubConfig::new("127.0.0.1:0".parse()?, dir.path().join("hub"));
+    cfg.long_poll = Duration::from_millis(200);
+    cfg.node_cert_lifetime = Duration::from_secs(3);
+    let (hub, _) = Hub::start(cfg).await?;
+    let tok = token(&hub, None, None).await?;
+    let (a, joined) = join(&hub, &tok, "a").await?;
+    let (b, _) = join(&hub, &tok, "b").await?;
+    assert_eq!(sync(&hub, &a, "a", 0).await?.status(), StatusCode::OK);
+    let not_after = outpost_pki::not_after_unix(&joined.cert_pem)? * 1000;
+    until("the node certificates to expire", 20, || {
+        outpost_hub::now_ms() > not_after + 100
+    })
+    .await?;
+
+    // A new connection with the expired certificate passes the TLS handshake...
+    let expired = client(&hub, Some((&joined.cert_pem, &a.key_pem)))?;
+    // ...but every route except renew answers certificate_expired, saying what happens next.
+    let e = refused(
+        expired
+            .get(url(&hub, "/v1/nodes/a/sync"))
+            .query(&[("generation", "0")])
+            .send()
+            .await?,
+        StatusCode::UNAUTHORIZED,
+        "certificate_expired",
+    )
+    .await?;
+    assert!(e.message.contains("renews it by itself"), "{e:?}");
+    let resp = expired
+        .post(url(&hub, "/v1/nodes/a/status"))
+        .json(&report(0, vec![], vec![]))
+        .send()
+        .await?;
+    refused(resp, StatusCode::UNAUTHORIZED, "certificate_expired").await?;
+    let resp = expired
+        .get(url(&hub, "/v1/images/tags"))
+        .query(&[("name", "x:1")])
+        .send()
+        .await?;
+    refused(resp, StatusCode::UNAUTHORIZED, "certificate_expired").await?;
+    // Another node's expired certificate cannot renew a's.
+    let csr_pem = outpost_pki::NodeKey::csr_for(&a.key_pem, "a")?;
+    let resp = b
+        .client
+        .post(url(&hub, "/v1/nodes/a/renew"))
+        .json(&RenewRequest {
+            csr_pem: csr_pem.clone(),
+        })
+        .send()
+        .await?;
+    refused(resp, StatusCode::FORBIDDEN, "forbidden").await?;
+
+    // The renew route takes it: the handshake proved the key, the hub knows the certificate.
+    let resp = expired
+        .post(url(&hub, "/v1/nodes/a/renew"))
+        .json(&RenewRequest { csr_pem })
+        .send()
+        .await?;
+    let renewed: RenewResponse = json(resp, StatusCode::OK).await?;
+    let fresh = client(&hub, Some((&renewed.cert_pem, &a.key_pem)))?;
+    let resp = fresh
+        .get(url(&hub, "/v1/nodes/a/sync"))
+        .query(&[("generation", "0")])
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let info: NodeInfo = json(admin_get(&hub, "/v1/nodes/a").await?, StatusCode::OK).await?;
+    assert_eq!(
+        info.cert_expires_at,
+        Some(outpost_pki::not_after_unix(&renewed.cert_pem)? * 1000)
+    );
+    // The old certificate is gone now that the new one was used.
+    let resp = expired.get(url(&hub, "/v1/nodes/a/sync")).send().await?;
+    refused(resp, StatusCode::UNAUTHORIZED, "unknown_node").await?;
+
+    // A deleted node's expired certificate renews nothing.
+    let resp = client(&hub, None)?
+        .delete(url(&hub, "/v1/nodes/b"))
+        .bearer_auth(&hub.admin_token)
+        .send()
+        .await?;
+    let _: DeleteResponse = json(resp, StatusCode::OK).await?;
+    let resp = b
+        .client
+        .post(url(&hub, "/v1/nodes/b/renew"))
+        .json(&RenewRequest {
+            csr_pem: outpost_pki::NodeKey::csr_for(&b.key_pem, "b")?,
+        })
+        .send()
+        .await?;
+    refused(resp, StatusCode::UNAUTHORIZED, "unknown_node").await?;
+    hub.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_lost_renew_answer_locks_nobody_out() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (hub, _) = start(dir.path(), Duration::from_millis(200)).await?;
+    let tok = token(&hub, None, None).await?;
+    let (a, _) = join(&hub, &tok, "a").await?;
+    let renew = |csr_pem: String| {
+        a.client
+            .post(url(&hub, "/v1/nodes/a/renew"))
+            .json(&RenewRequest { csr_pem })
+            .send()
+    };
+    // Two renewals whose answers never reach the agent.
+    for _ in 0..2 {
+        let resp = renew(outpost_pki::NodeKey::csr_for(&a.key_pem, "a")?).await?;
+        assert_eq!(resp.status(), StatusCode::OK);
+        drop(resp);
+    }
+    // The agent carries on with the certificate it has: sync, status, renew all work.
+    assert_eq!(sync(&hub, &a, "a", 0).await?.status(), StatusCode::OK);
+    let resp = a
+        .client
+        .post(url(&hub, "/v1/nodes/a/status"))
+        .json(&report(0, vec![], vec![]))
+        .send()
+        .await?;
+    let _: StatusAck = json(resp, StatusCode::OK).await?;
+    let renewed: RenewResponse = json(
+        renew(outpost_pki::NodeKey::csr_for(&a.key_pem, "a")?).await?,
+        StatusCode::OK,
+    )
+    .await?;
+    let a2 = Node {
+        name: "a".into(),
+        client: client(&hub, Some((&renewed.cert_pem, &a.key_pem)))?,
+        key_pem: a.key_pem.clone(),
+    };
+    assert_eq!(sync(&hub, &a2, "a", 0).await?.status(), StatusCode::OK);
+    refused(sync(&hub, &a, "a", 0).await?, StatusCode::UNAUTHORIZED, "unknown_node").await?;
+    hub.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn early_answers_reach_http2_clients_and_big_bodies_get_413() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (hub, _) = start(dir.path(), Duration::from_millis(200)).await?;
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &hub.ca_pem)?;
+    let body = dir.path().join("body");
+    std::fs::write(&body, vec![b'x'; 8 << 20])?;
+    // curl (nghttp2) reports a stream reset after an early answer as an error of the whole
+    // exchange; the hub reads the rest of the body first, so it sees the 401.
+    for (method, path) in [
+        ("PUT", format!("/v1/images/blobs/sha256:{}", "a".repeat(64))),
+        ("POST", "/v1/apply".to_string()),
+        ("POST", "/v1/tokens".to_string()),
+    ] {
+        for _ in 0..3 {
+            let out = tokio::process::Command::new("curl")
+                .args(["-sS", "--http2", "--cacert"])
+                .arg(&ca)
+                .args([
+                    "-H",
+                    "Authorization: Bearer wrong",
+                    "-H",
+                    "Content-Type: application/json",
+                ])
+                .args(["-X", method, "--data-binary"])
+                .arg(format!("@{}", body.display()))
+                .args(["-w", "\n%{http_version} %{http_code}"])
+                .arg(url(&hub, &path))
+                .output()
+                .await
+                .context("running curl (install it: apt-get install curl)")?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            ensure!(
+                out.status.success(),
+                "{method} {path}: curl failed: {}{stdout}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let (answer, status) = stdout.rsplit_once('\n').context("curl output")?;
+            assert_eq!(status, "2 401", "{method} {path}: {stdout}");
+            let e: ApiError = serde_json::from_str(answer)?;
+            assert_eq!(e.code, "unauthorized");
+        }
+    }
+    // A body over the limit: 413 naming the limit, not "same release".
+    let big = files(&"x".repeat(17 << 20));
+    let e = refused(
+        admin_post(&hub, "/v1/apply", &big).await?,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    )
+    .await?;
+    assert!(
+        e.message.contains("16 MiB") && !e.message.contains("same release"),
+        "{e:?}"
+    );
+    // The connection is still good for the next request.
+    let _: Vec<NodeInfo> = json(admin_get(&hub, "/v1/nodes").await?, StatusCode::OK).await?;
+    hub.shutdown().await;
+    Ok(())
+}
+
+/// Everything the hub logs, for the test that checks what it says.
+#[derive(Clone, Default)]
+struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+    fn make_writer(&'a self) -> Logs {
+        self.clone()
+    }
+}
+
+#[tokio::test]
+async fn a_token_is_logged_as_created_only_once_it_is_stored() -> Result<()> {
+    let logs = Logs::default();
+    tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("this test needs its own process (cargo nextest): {e}"))?;
+    let dir = tempfile::tempdir()?;
+    let (hub, _) = start(dir.path(), Duration::from_millis(200)).await?;
+    token(&hub, None, None).await?;
+    assert_eq!(logs.text().matches("join token created").count(), 1);
+
+    // The database refuses the next token (its table is gone).
+    rusqlite::Connection::open(dir.path().join("hub/hub.db"))?.execute_batch("DROP TABLE tokens")?;
+    let req = TokenRequest::default();
+    let e = refused(
+        token_with(&hub, &req).await?,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+    )
+    .await?;
+    assert!(e.message.contains("tokens"), "{e:?}");
+    let text = logs.text();
+    assert_eq!(
+        text.matches("join token created").count(),
+        1,
+        "a token that was not stored is not logged as created:\n{text}"
+    );
+    assert!(text.contains("request failed"), "{text}");
+    hub.shutdown().await;
+    Ok(())
+}
+
+/// The hub checks token requests and image names itself (not only the CLI): a zero-use token,
+/// a label that is not one and an image name with a newline or `../` are refused with the field
+/// named, and nothing is stored.
+#[tokio::test]
+async fn token_and_image_tag_requests_are_checked_by_the_hub() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (hub, _) = start(dir.path(), Duration::from_secs(1)).await?;
+    for (req, want) in [
+        (
+            TokenRequest {
+                uses: Some(0),
+                ..Default::default()
+            },
+            "uses",
+        ),
+        (
+            TokenRequest {
+                labels: [("site".to_string(), "a b".to_string())].into(),
+                ..Default::default()
+            },
+            "a b",
+        ),
+    ] {
+        let e = refused(token_with(&hub, &req).await?, StatusCode::BAD_REQUEST, "bad_request").await?;
+        ensure!(e.message.contains(want), "{want}: {}", e.message);
+    }
+    for name in ["evil\nname:1", "../../etc:1"] {
+        let tag = outpost_api::ImageTag {
+            name: name.into(),
+            digest: format!("sha256:{}", "0".repeat(64)),
+            size: 0,
+            pushed_at: 0,
+        };
+        let e = refused(
+            admin_post(&hub, "/v1/images/tags", &tag).await?,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        )
+        .await?;
+        ensure!(e.message.contains("name"), "{name:?}: {}", e.message);
+    }
+    let tags: Vec<outpost_api::ImageTag> = json(admin_get(&hub, "/v1/images/tags").await?, StatusCode::OK).await?;
+    ensure!(tags.is_empty(), "nothing stored: {tags:?}");
     hub.shutdown().await;
     Ok(())
 }

@@ -6,6 +6,12 @@
 //!
 //! Must never: do network or file I/O (callers persist the PEM strings), or trust anything in a
 //! CSR beyond its public key (the hub decides the node's name and validity).
+//!
+//! Expired client certificates: the hub's TLS verifier ([`server_config`]) accepts a client
+//! certificate that chains to the hub's CA but is past its `notAfter`, as it would have been
+//! accepted just before then; the TLS handshake still proves the client holds the key. The hub
+//! reads the expiry itself ([`not_after_der`]) and lets such a certificate call only the renew
+//! route, so a node that was offline past its certificate's life can come back by itself.
 
 use std::sync::Arc;
 
@@ -14,14 +20,22 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName as TlsName, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use sha2::{Digest, Sha256};
 
-/// How long node certificates are valid. Agents renew when a third of this is left.
+/// How long node certificates are valid by default (`outpost hub --node-cert-lifetime`).
+/// Agents renew when a third of the validity is left.
 pub const NODE_CERT_DAYS: i64 = 90;
+
+/// [`NODE_CERT_DAYS`] as a duration.
+pub const NODE_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(NODE_CERT_DAYS as u64 * 86_400);
 /// How long the CA is valid.
 pub const CA_DAYS: i64 = 3650;
 
@@ -140,9 +154,24 @@ impl CaMaterial {
         Ok((format!("{}{}", cert.pem(), self.cert_pem), key.serialize_pem()))
     }
 
-    /// Sign a node's CSR. Only the CSR's public key is used: the subject and SAN are the node's
-    /// name as decided by the hub. Returns the certificate PEM.
-    pub fn sign_node_csr(&self, csr_pem: &str, node: &str) -> Result<String, PkiError> {
+    /// Sign a node's CSR, valid for `lifetime` from now and from a little before (5 minutes,
+    /// or a quarter of a shorter lifetime, for clock skew; agents renew with a third of the
+    /// whole validity left). Only the CSR's public key is used: the subject and SAN are the
+    /// node's name as decided by the hub. Returns the certificate PEM.
+    pub fn sign_node_csr(&self, csr_pem: &str, node: &str, lifetime: std::time::Duration) -> Result<String, PkiError> {
+        let now = time::OffsetDateTime::now_utc();
+        let skew = time::Duration::seconds((lifetime.as_secs() / 4).min(300) as i64);
+        let lifetime = time::Duration::try_from(lifetime).unwrap_or(time::Duration::days(NODE_CERT_DAYS));
+        self.sign_node_csr_between(csr_pem, node, now - skew, now + lifetime)
+    }
+
+    fn sign_node_csr_between(
+        &self,
+        csr_pem: &str,
+        node: &str,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> Result<String, PkiError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -152,7 +181,8 @@ impl CaMaterial {
         params.subject_alt_names = vec![SanType::URI(format!("outpost://node/{node}").try_into()?)];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        validity(&mut params, NODE_CERT_DAYS);
+        params.not_before = not_before;
+        params.not_after = not_after;
         csr.params = params;
         Ok(csr.signed_by(&self.issuer()?)?.pem())
     }
@@ -198,23 +228,103 @@ impl NodeKey {
 
 /// Seconds since the Unix epoch at which a PEM certificate expires.
 pub fn not_after_unix(cert_pem: &str) -> Result<i64, PkiError> {
-    let der = pem_to_der(cert_pem)?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|_| PkiError::Pem {
-        what: "certificate validity",
-    })?;
-    Ok(cert.validity().not_after.timestamp())
+    Ok(validity_unix(cert_pem)?.1)
 }
 
-/// Server config for the hub: client certificates are optional at the TLS layer (join and admin
-/// calls have none) and, when presented, must chain to the hub's CA. Authorization happens per
-/// route.
-pub fn server_config(ca: &CaMaterial, chain_pem: &str, key_pem: &str) -> Result<ServerConfig, PkiError> {
+/// A PEM certificate's (notBefore, notAfter), in seconds since the Unix epoch.
+pub fn validity_unix(cert_pem: &str) -> Result<(i64, i64), PkiError> {
+    validity_der(&pem_to_der(cert_pem)?)
+}
+
+/// A DER certificate's (notBefore, notAfter), in seconds since the Unix epoch.
+pub fn validity_der(der: &[u8]) -> Result<(i64, i64), PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|_| PkiError::Pem {
+        what: "certificate validity",
+    })?;
+    Ok((
+        cert.validity().not_before.timestamp(),
+        cert.validity().not_after.timestamp(),
+    ))
+}
+
+/// Seconds since the Unix epoch at which a DER certificate expires.
+pub fn not_after_der(der: &[u8]) -> Result<i64, PkiError> {
+    Ok(validity_der(der)?.1)
+}
+
+/// The WebPKI client verifier, except that a certificate past its `notAfter` is verified as of
+/// its `notAfter` (chain, signatures, key usage: everything else as usual). See the module docs.
+#[derive(Debug)]
+struct ExpiredClientCertsToo {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientCertVerifier for ExpiredClientCertsToo {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+    fn root_hint_subjects(&self) -> &[TlsName] {
+        self.inner.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        match self.inner.verify_client_cert(end_entity, intermediates, now) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::Expired | CertificateError::ExpiredContext { .. },
+            )) => {
+                let not_after = not_after_der(end_entity)
+                    .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+                let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(not_after.max(0) as u64));
+                self.inner.verify_client_cert(end_entity, intermediates, at)
+            }
+            other => other,
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The hub's client-certificate verifier: optional certificates that must chain to the hub's CA;
+/// expired ones pass as described in the module docs.
+fn client_verifier(ca: &CaMaterial) -> Result<Arc<dyn ClientCertVerifier>, PkiError> {
     let mut roots = RootCertStore::empty();
     roots.add(ca.cert_der()?)?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .allow_unauthenticated()
         .build()
         .map_err(|e| PkiError::Verifier(e.to_string()))?;
+    Ok(Arc::new(ExpiredClientCertsToo { inner }))
+}
+
+/// Server config for the hub: client certificates are optional at the TLS layer (join and admin
+/// calls have none) and, when presented, must chain to the hub's CA (expired ones included, see
+/// the module docs). Authorization happens per route.
+pub fn server_config(ca: &CaMaterial, chain_pem: &str, key_pem: &str) -> Result<ServerConfig, PkiError> {
+    let verifier = client_verifier(ca)?;
     let chain: Vec<CertificateDer<'static>> = certs_from_pem(chain_pem)
         .into_iter()
         .map(CertificateDer::from)
@@ -301,7 +411,7 @@ mod tests {
     fn node_cert_chains_to_ca_and_carries_hub_chosen_name() {
         let ca = CaMaterial::generate("test").unwrap();
         let nk = NodeKey::generate("evil-name").unwrap();
-        let cert = ca.sign_node_csr(&nk.csr_pem, "store-1").unwrap();
+        let cert = ca.sign_node_csr(&nk.csr_pem, "store-1", NODE_CERT_LIFETIME).unwrap();
         // the client config accepts the pair, so key and certificate match
         client_config(&ca.cert_pem, Some((&cert, &nk.key_pem))).unwrap();
         let der = pem_to_der(&cert).unwrap();
@@ -315,6 +425,72 @@ mod tests {
             .as_secs() as i64;
         let days = (exp - now) / 86400;
         assert!((NODE_CERT_DAYS - 1..=NODE_CERT_DAYS).contains(&days), "{days}");
+    }
+
+    #[test]
+    fn expired_client_certificates_pass_the_handshake_check_as_of_their_expiry() {
+        let ca = CaMaterial::generate("t").unwrap();
+        let nk = NodeKey::generate("n").unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let expired = ca
+            .sign_node_csr_between(
+                &nk.csr_pem,
+                "n",
+                now - time::Duration::days(10),
+                now - time::Duration::days(1),
+            )
+            .unwrap();
+        let der = pem_to_der(&expired).unwrap();
+        let (nb, na) = validity_der(&der).unwrap();
+        assert!(nb < na && na < now.unix_timestamp(), "{nb} {na}");
+        let at_now = UnixTime::now();
+
+        // The plain WebPKI verifier refuses it; ours accepts it.
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.cert_der().unwrap()).unwrap();
+        let plain = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .unwrap();
+        let err = plain.verify_client_cert(&der, &[], at_now).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                rustls::Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. })
+            ),
+            "{err:?}"
+        );
+        let ours = client_verifier(&ca).unwrap();
+        ours.verify_client_cert(&der, &[], at_now).unwrap();
+
+        // Anything else wrong still fails: another CA's certificate, expired or not.
+        let other = CaMaterial::generate("other").unwrap();
+        let foreign = other
+            .sign_node_csr_between(
+                &nk.csr_pem,
+                "n",
+                now - time::Duration::days(10),
+                now - time::Duration::days(1),
+            )
+            .unwrap();
+        assert!(ours
+            .verify_client_cert(&pem_to_der(&foreign).unwrap(), &[], at_now)
+            .is_err());
+        let foreign_valid = other.sign_node_csr(&nk.csr_pem, "n", NODE_CERT_LIFETIME).unwrap();
+        assert!(ours
+            .verify_client_cert(&pem_to_der(&foreign_valid).unwrap(), &[], at_now)
+            .is_err());
+        // A valid certificate of our CA passes as before.
+        let valid = ca
+            .sign_node_csr(&nk.csr_pem, "n", std::time::Duration::from_secs(30))
+            .unwrap();
+        ours.verify_client_cert(&pem_to_der(&valid).unwrap(), &[], at_now)
+            .unwrap();
+        let (nb, na) = validity_unix(&valid).unwrap();
+        assert_eq!(na - nb, 30 + 7, "30 s from a quarter of that ago");
+        let nk2 = NodeKey::generate("n").unwrap();
+        let long = ca.sign_node_csr(&nk2.csr_pem, "n", NODE_CERT_LIFETIME).unwrap();
+        let (nb, na) = validity_unix(&long).unwrap();
+        assert_eq!(na - nb, NODE_CERT_DAYS * 86_400 + 300, "90 days from 5 min ago");
     }
 
     #[test]

@@ -3,6 +3,10 @@
 //! `outpost login` stores `{hub, token, ca_pem}` in `$OUTPOST_CONFIG` or
 //! `~/.config/outpost/config.json` (mode 0600). `OUTPOST_HUB` and `OUTPOST_TOKEN` override the
 //! stored values; `OUTPOST_CA_FINGERPRINT` pins the CA when no stored CA applies.
+//!
+//! A request that changes something (POST, PUT, DELETE) and loses its connection after it was
+//! sent may have been applied by the hub (it commits before it answers): the error says so and
+//! how to check, instead of suggesting the hub is not running.
 
 use std::path::{Path, PathBuf};
 
@@ -122,15 +126,45 @@ impl Client {
         Self::new(&hub, &token, &ca)
     }
 
-    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T> {
-        let resp = req
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the hub at {}; is `outpost hub` running?", self.hub))?;
+    /// Why a request failed on the way, told apart by whether it may have changed something.
+    fn transport_error(&self, e: reqwest::Error, change: Option<&str>) -> anyhow::Error {
+        match change {
+            Some(path) if !e.is_connect() && !e.is_builder() => {
+                let what = if e.is_timeout() {
+                    "the hub did not answer in time"
+                } else {
+                    "the connection to the hub broke after the request was sent"
+                };
+                anyhow::anyhow!(
+                    "{what} ({}): the hub may have applied the change; {} before trying again",
+                    self.hub,
+                    check_hint(path)
+                )
+                .context(e)
+            }
+            _ => anyhow::Error::new(e).context(format!(
+                "cannot reach the hub at {}; is `outpost hub` running?",
+                self.hub
+            )),
+        }
+    }
+
+    /// Send with the admin token; `change` is the path of a request that changes something.
+    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder, change: Option<&str>) -> Result<T> {
+        let resp = match req.bearer_auth(&self.token).send().await {
+            Ok(r) => r,
+            Err(e) => return Err(self.transport_error(e, change)),
+        };
         let status = resp.status();
         if status.is_success() {
-            return resp.json().await.context("unreadable answer from the hub");
+            return match (resp.json().await, change) {
+                (Ok(v), _) => Ok(v),
+                (Err(e), Some(path)) => Err(anyhow::Error::new(e).context(format!(
+                    "the hub accepted the change, but its answer broke off; {}",
+                    check_hint(path)
+                ))),
+                (Err(e), None) => Err(anyhow::Error::new(e).context("unreadable answer from the hub")),
+            };
         }
         let text = resp.text().await.unwrap_or_default();
         match serde_json::from_str::<ApiError>(&text) {
@@ -146,10 +180,15 @@ impl Client {
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        self.send(self.http.get(format!("{}{path}", self.hub))).await
+        self.send(self.http.get(format!("{}{path}", self.hub)), None).await
+    }
+    /// GET with query parameters (encoded by reqwest).
+    pub async fn get_query<T: DeserializeOwned, Q: Serialize + ?Sized>(&self, path: &str, query: &Q) -> Result<T> {
+        self.send(self.http.get(format!("{}{path}", self.hub)).query(query), None)
+            .await
     }
     pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
-        self.send(self.http.post(format!("{}{path}", self.hub)).json(body))
+        self.send(self.http.post(format!("{}{path}", self.hub)).json(body), Some(path))
             .await
     }
     /// Does the hub have this path (HEAD answers 200)?
@@ -174,7 +213,8 @@ impl Client {
             .body(body)
             .send()
             .await
-            .with_context(|| format!("upload to the hub at {} failed", self.hub))?;
+            .map_err(|e| self.transport_error(e, Some(path)))
+            .context("the upload did not complete; push again")?;
         if !r.status().is_success() {
             let status = r.status();
             let text = r.text().await.unwrap_or_default();
@@ -186,11 +226,27 @@ impl Client {
         Ok(())
     }
     pub async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        self.send(self.http.delete(format!("{}{path}", self.hub))).await
+        self.send(self.http.delete(format!("{}{path}", self.hub)), Some(path))
+            .await
     }
     pub async fn delete(&self, path: &str) -> Result<()> {
         let _: serde_json::Value = self.delete_json(path).await?;
         Ok(())
+    }
+}
+
+/// How an operator checks whether a change whose answer was lost happened.
+fn check_hint(path: &str) -> &'static str {
+    if path.starts_with("/v1/tokens") {
+        "a token may have been created (an unused one expires by itself); create a new one with `outpost token create`"
+    } else if path.starts_with("/v1/nodes") {
+        "check with `outpost get nodes`"
+    } else if path.ends_with("/undo") {
+        "check with `outpost rollout history`"
+    } else if path.starts_with("/v1/images") {
+        "check with `outpost image ls`"
+    } else {
+        "check with `outpost get workloads` (and `outpost get nodes`)"
     }
 }
 
@@ -265,6 +321,21 @@ pub fn display_addr(a: std::net::SocketAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_change_route_has_a_way_to_check() {
+        for (path, want) in [
+            ("/v1/apply", "outpost get workloads"),
+            ("/v1/delete", "outpost get workloads"),
+            ("/v1/objects/deployment/default/web", "outpost get workloads"),
+            ("/v1/objects/deployment/default/web/undo", "outpost rollout history"),
+            ("/v1/nodes/box-1", "outpost get nodes"),
+            ("/v1/tokens", "outpost token create"),
+            ("/v1/images/tags", "outpost image ls"),
+        ] {
+            assert!(check_hint(path).contains(want), "{path}: {}", check_hint(path));
+        }
+    }
 
     #[test]
     fn url_hosts() {

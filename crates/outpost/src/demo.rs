@@ -144,6 +144,7 @@ async fn demo(base: &Path, procs: &mut Vec<Proc>, seconds: Option<u64>) -> Resul
             labels: [("site".to_string(), site.to_string())].into(),
             ttl_secs: Some(600),
             uses: Some(1),
+            ..Default::default()
         };
         let t: TokenResponse = c.post("/v1/tokens", &req).await?;
         let dir = base.join(name);

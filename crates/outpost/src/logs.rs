@@ -6,7 +6,6 @@
 //! once a second. `--errors` reads the error lines nodes forwarded to the hub instead (works
 //! while the node is offline).
 
-use outpost_api::urlencode as enc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -78,18 +77,18 @@ pub async fn run(c: &Client, a: LogsArgs) -> Result<()> {
         bail!("usage: outpost logs NODE WORKLOAD [-c CONTAINER] [--since 10m] [--tail N] [-f], or outpost logs --errors [NODE [WORKLOAD]]");
     };
     let key = workload_key(c, node, w).await?;
-    let mut q = format!("/v1/logs?node={}&workload={}", enc(node), enc(&key));
+    let mut q: Vec<(&str, String)> = vec![("node", node.clone()), ("workload", key)];
     if let Some(ct) = &a.container {
-        q.push_str(&format!("&container={}", enc(ct)));
+        q.push(("container", ct.clone()));
     }
     let mut first = q.clone();
     if let Some(t) = a.tail {
-        first.push_str(&format!("&tail={t}"));
+        first.push(("tail", t.to_string()));
     }
     if let Some(s) = a.since {
-        first.push_str(&format!("&since_secs={}", s.as_secs()));
+        first.push(("since_secs", s.as_secs().to_string()));
     }
-    let d: LogData = c.get(&first).await?;
+    let d: LogData = c.get_query("/v1/logs", &first).await?;
     if let Some(e) = d.error {
         bail!("{e}");
     }
@@ -104,8 +103,11 @@ pub async fn run(c: &Client, a: LogsArgs) -> Result<()> {
     let container = d.container;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let path = format!("{q}&container={}&from_offset={offset}", enc(&container));
-        match c.get::<LogData>(&path).await {
+        let mut next = q.clone();
+        next.retain(|(k, _)| *k != "container");
+        next.push(("container", container.clone()));
+        next.push(("from_offset", offset.to_string()));
+        match c.get_query::<LogData, _>("/v1/logs", &next).await {
             Ok(d) if d.error.is_none() => {
                 if d.offset < offset {
                     eprintln!("(log rotated)");
@@ -120,22 +122,25 @@ pub async fn run(c: &Client, a: LogsArgs) -> Result<()> {
 }
 
 async fn errors(c: &Client, a: &LogsArgs) -> Result<()> {
-    let mut q = String::from("/v1/errors?limit=10000");
+    let mut q: Vec<(&str, String)> = vec![("limit", "10000".into())];
     if let Some(n) = &a.node {
-        q.push_str(&format!("&node={}", enc(n)));
+        q.push(("node", n.clone()));
         if let Some(w) = &a.workload {
             let key = if w.contains('/') {
                 w.clone()
             } else {
                 workload_key(c, n, w).await?
             };
-            q.push_str(&format!("&workload={}", enc(&key)));
+            q.push(("workload", key));
         }
     }
     if let Some(s) = a.since {
-        q.push_str(&format!("&since_secs={}", s.as_secs()));
+        q.push(("since_secs", s.as_secs().to_string()));
     }
-    let mut lines: Vec<StoredErrorLine> = c.get(&q).await.context("reading forwarded errors")?;
+    let mut lines: Vec<StoredErrorLine> = c
+        .get_query("/v1/errors", &q)
+        .await
+        .context("reading forwarded errors")?;
     if let Some(t) = a.tail {
         let skip = lines.len().saturating_sub(t as usize);
         lines.drain(..skip);
@@ -158,7 +163,7 @@ async fn errors(c: &Client, a: &LogsArgs) -> Result<()> {
 
 /// `outpost get alerts`: firing first, then resolved within the last 7 days.
 pub async fn get_alerts(c: &Client, f: Format) -> Result<()> {
-    let alerts: Vec<AlertInfo> = c.get("/v1/alerts?all=true").await?;
+    let alerts: Vec<AlertInfo> = c.get_query("/v1/alerts", &[("all", "true")]).await?;
     match f {
         Format::Json => println!("{}", serde_json::to_string_pretty(&alerts)?),
         Format::Yaml => print!("{}", serde_saphyr::to_string(&alerts)?),
@@ -202,8 +207,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn encodes_keys_and_checks_urls() {
-        assert_eq!(enc("deployment/default/web"), "deployment%2Fdefault%2Fweb");
+    fn checks_webhook_urls() {
         assert!(check_webhooks(&["ftp://x".into()]).is_err());
         assert!(check_webhooks(&["http://127.0.0.1:9/h".into()]).is_ok());
     }

@@ -153,6 +153,19 @@ struct HubArgs {
     /// with prefixes is a strict allow-list.
     #[arg(long = "host-path-allow", value_name = "PREFIX")]
     host_path_allow: Vec<String>,
+    /// How long node certificates are valid; agents renew with a third left.
+    #[arg(long, env = "OUTPOST_NODE_CERT_LIFETIME", default_value = "90d", value_parser = parse_duration)]
+    node_cert_lifetime: Duration,
+    /// Close connections idle this long (no bytes, no request in flight).
+    #[arg(long, default_value = "90s", value_parser = parse_duration)]
+    idle_timeout: Duration,
+    /// A new connection must finish its TLS handshake and start its first request within this.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    header_read_timeout: Duration,
+    /// Connections one address may hold without a node certificate (default: from the
+    /// descriptor limit, at most 128).
+    #[arg(long)]
+    max_conns_per_ip: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -168,6 +181,10 @@ enum TokenCmd {
         /// How many nodes may join with it, at least 1 (default: unlimited until it expires).
         #[arg(long)]
         uses: Option<u32>,
+        /// Label keys a joining node may set on itself with `--labels` (besides
+        /// kubernetes.io/os, kubernetes.io/arch and node.outpost.dev/*): k1,k2
+        #[arg(long, value_delimiter = ',')]
+        node_labels: Vec<String>,
     },
 }
 
@@ -202,7 +219,8 @@ struct JoinArgs {
     /// Node name (default: this host's name).
     #[arg(long)]
     name: Option<String>,
-    /// Extra node labels: k=v,k2=v2
+    /// Extra node labels: k=v,k2=v2. Only keys under node.outpost.dev/, kubernetes.io/os|arch and
+    /// keys the token allows (`token create --node-labels`); the token's own labels cannot change.
     #[arg(long, value_parser = parse_labels)]
     labels: Option<Labels>,
     #[arg(long)]
@@ -321,13 +339,20 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::Hub(a) => run_hub(a).await,
         Cmd::Token {
-            cmd: TokenCmd::Create { labels, ttl, uses },
+            cmd:
+                TokenCmd::Create {
+                    labels,
+                    ttl,
+                    uses,
+                    node_labels,
+                },
         } => {
             let c = client::Client::from_env()?;
             let req = outpost_api::TokenRequest {
                 labels: labels.unwrap_or_default(),
                 ttl_secs: (!ttl.is_zero()).then_some(ttl.as_secs()),
                 uses,
+                node_labels,
             };
             token_request_checks(&req)?;
             let t: outpost_api::TokenResponse = c.post("/v1/tokens", &req).await?;
@@ -417,6 +442,10 @@ async fn run_hub(a: HubArgs) -> Result<()> {
             &a.host_path_allow,
         )
         .map_err(anyhow::Error::msg)?,
+        node_cert_lifetime: a.node_cert_lifetime,
+        idle_timeout: a.idle_timeout,
+        header_read_timeout: a.header_read_timeout,
+        max_conns_per_ip: a.max_conns_per_ip,
     };
     let (hub, created) = outpost_hub::Hub::start(cfg).await?;
     let url = a
@@ -544,7 +573,13 @@ mod tests {
             let mut all = vec!["outpost", "token", "create"];
             all.extend(args);
             let Cmd::Token {
-                cmd: TokenCmd::Create { labels, ttl, uses },
+                cmd:
+                    TokenCmd::Create {
+                        labels,
+                        ttl,
+                        uses,
+                        node_labels,
+                    },
             } = Cli::try_parse_from(all).map_err(|e| anyhow::anyhow!("{e}"))?.cmd
             else {
                 unreachable!()
@@ -553,6 +588,7 @@ mod tests {
                 labels: labels.unwrap_or_default(),
                 ttl_secs: (!ttl.is_zero()).then_some(ttl.as_secs()),
                 uses,
+                node_labels,
             })
         };
         assert!(cli(&["--uses", "1", "--ttl", "0", "--labels", "site=a"]).is_ok());

@@ -42,15 +42,6 @@ pub fn age(ms: Option<i64>) -> String {
     human_duration(now_ms().saturating_sub(ms))
 }
 
-/// A certificate's expiry (Unix ms) as seen at `now` (Unix ms).
-pub fn expiry(at: i64, now: i64) -> String {
-    if at > now {
-        format!("expires in {}", human_duration(at - now))
-    } else {
-        format!("expired {} ago", human_duration(now.saturating_sub(at)))
-    }
-}
-
 /// The volumes of a workload and where each container mounts them, for `describe`. Sensitive
 /// host paths are flagged with the reason.
 pub fn volumes_text(obj: &outpost_api::Object) -> String {
@@ -109,6 +100,23 @@ pub fn volumes_text(obj: &outpost_api::Object) -> String {
         out.push_str(&indent(&table(&["CONTAINER", "VOLUME", "PATH", "MODE", ""], &mounts)));
     }
     out
+}
+
+/// `describe node`'s certificate line; `expires_at` and `now` in Unix milliseconds.
+fn cert_expiry(expires_at: i64, now: i64) -> String {
+    use outpost_hub::error::human_duration;
+    let left = expires_at - now;
+    if left >= 0 {
+        format!(
+            "expires in {} (the agent renews it with a third of its life left)",
+            human_duration(left)
+        )
+    } else {
+        format!(
+            "EXPIRED {} ago; the agent renews it when it next reaches the hub",
+            human_duration(-left)
+        )
+    }
 }
 
 fn print<T: Serialize>(v: &T, f: Format) -> Result<()> {
@@ -320,7 +328,7 @@ pub async fn describe(c: &Client, kind: &str, name: &str, ns: &str) -> Result<()
             n.generation, n.applied_generation
         );
         if let Some(exp) = n.cert_expires_at {
-            println!("Certificate:    {}", expiry(exp, now_ms()));
+            println!("Certificate:    {}", cert_expiry(exp, now_ms()));
         }
         println!("Labels:");
         for (k, v) in &n.labels {
@@ -564,14 +572,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn expiry_is_in_milliseconds() {
-        let day = 86_400_000;
-        assert_eq!(expiry(90 * day, 0), "expires in 90d");
-        assert_eq!(expiry(0, 3 * day), "expired 3d ago");
-        assert_eq!(expiry(1_000, 1_000), "expired 0s ago");
-    }
-
-    #[test]
     fn describe_lists_volumes_and_mounts() {
         let yaml = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: d}\nspec:\n  template:\n    spec:\n      containers:\n      - name: app\n        image: x\n        volumeMounts:\n        - {name: root, mountPath: /host, readOnly: true}\n        - {name: etc, mountPath: /host-etc}\n        - {name: cfg, mountPath: /cfg}\n      volumes:\n      - {name: root, hostPath: {path: /}}\n      - {name: etc, hostPath: {path: /etc, type: DirectoryOrCreate}}\n      - {name: cfg, configMap: {name: app-cfg}}\n      - {name: tmp, emptyDir: {}}\n";
         let obj = outpost_api::parse_file("d.yaml", yaml).unwrap().objects.remove(0);
@@ -598,5 +598,21 @@ Mounts:
             &[vec!["xyz".into(), "1".into()], vec!["q".into(), "22".into()]],
         );
         assert_eq!(t, "A     LONGER\nxyz   1\nq     22\n");
+    }
+
+    #[test]
+    fn certificate_line_compares_milliseconds() {
+        let now = 1_700_000_000_000;
+        let day = 86_400_000;
+        for (expires_at, want) in [
+            (now + 90 * day, "expires in 90d "),
+            (now + 90 * day - 1, "expires in 89d "),
+            (now + 3 * 3600 * 1000, "expires in 3h "),
+            (now + 30_000, "expires in 30s "),
+            (now - 2 * day, "EXPIRED 2d ago"),
+        ] {
+            let got = cert_expiry(expires_at, now);
+            assert!(got.starts_with(want), "{expires_at}: {got}");
+        }
     }
 }

@@ -563,7 +563,10 @@ fn full_disk_on_the_hub_fails_cleanly_and_recovers() {
     let file = manifest_file(&hub, &marker, 2);
     disk.fill();
     let err = hub.cli_err(&["apply", "-f", file.to_str().unwrap()]);
-    assert!(err.contains("hub's disk is full"), "the error should say the hub's disk is full: {err}");
+    assert!(
+        err.contains("hub's disk is full"),
+        "the error should say the hub's disk is full: {err}"
+    );
     assert_eq!(stored_rev(&hub), 1, "a failed apply changes nothing");
     // Reads still work and the nodes keep running what they had.
     hub.json(&["get", "nodes"]);

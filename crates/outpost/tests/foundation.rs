@@ -11,7 +11,7 @@ use common::*;
 fn join_with_valid_token_and_rejected_joins() {
     let hub = Hub::start();
     // valid, with labels from the token and the node
-    let t = hub.token(&["--labels", "site=s1", "--uses", "1"]);
+    let t = hub.token(&["--labels", "site=s1", "--uses", "1", "--node-labels", "rack"]);
     let dir = hub.dir.join("a1");
     let out = std::process::Command::new(BIN)
         .args([

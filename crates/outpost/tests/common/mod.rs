@@ -56,6 +56,8 @@ pub struct Hub {
     pub extra_env: Vec<(String, String)>,
     /// The address the hub listens on (loopback unless a test needs another interface).
     pub listen_ip: String,
+    /// A command the hub is started under, e.g. `prlimit --nofile=256:256 --`.
+    pub wrapper: Vec<String>,
 }
 
 impl Hub {
@@ -70,6 +72,16 @@ impl Hub {
 
     /// Like [`Hub::start_with`], listening on `ip` (also advertised in its certificate).
     pub fn start_on(ip: &str, args: &[&str], env: &[(&str, &str)]) -> Hub {
+        Hub::start_full(ip, &[], args, env)
+    }
+
+    /// Like [`Hub::start_with`], with the hub started under `wrapper` (e.g. `prlimit ... --`).
+    pub fn start_under(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Hub {
+        Hub::start_full("127.0.0.1", wrapper, args, env)
+    }
+
+    /// A hub listening on `ip`, started under `wrapper`, with extra arguments and environment.
+    pub fn start_full(ip: &str, wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Hub {
         let tmp = tempfile::tempdir().unwrap();
         let mut h = Hub {
             dir: tmp.path().to_path_buf(),
@@ -81,6 +93,7 @@ impl Hub {
             extra_args: args.iter().map(|a| a.to_string()).collect(),
             extra_env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             listen_ip: ip.to_string(),
+            wrapper: wrapper.iter().map(|a| a.to_string()).collect(),
         };
         h.url = format!("https://{ip}:{}", h.port);
         h.launch();
@@ -93,7 +106,7 @@ impl Hub {
             .append(true)
             .open(self.dir.join("hub.log"))
             .unwrap();
-        let child = Command::new(BIN)
+        let child = outpost_under(&self.wrapper)
             .args([
                 "hub",
                 "--listen",
@@ -127,6 +140,11 @@ impl Hub {
 
     pub fn ca_pem(&self) -> String {
         std::fs::read_to_string(self.ca_file()).unwrap()
+    }
+
+    /// The hub's process id (the wrapper's, which execs the hub).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("hub running").id()
     }
 
     /// SIGKILL the hub process.

@@ -1,0 +1,382 @@
+//! Decisions about the hub link, as pure functions: which labels a joining node gets
+//! ([`node_labels`]), when a node renews its certificate ([`renewal`]), and which TCP connections
+//! the hub admits when descriptors run short ([`budget`], [`admit`], [`victim`]).
+//!
+//! Owns: the node-label restriction (NodeRestriction-style), the renewal schedule, connection
+//! limits and the choice of which idle connection to drop. Must never: read the clock, the
+//! descriptor limit or the network; callers pass what they observed.
+//!
+//! ## Node labels
+//! Labels select where DaemonSets, Deployments and so their Secrets go, so a node must not pick
+//! its own placement. The hub decides:
+//! 1. `kubernetes.io/hostname` is always the node's name (the hub sets it; a request may repeat
+//!    it, never change it).
+//! 2. The token's labels always apply; a request may repeat one, never change it.
+//! 3. A node may add only `kubernetes.io/os`, `kubernetes.io/arch`, keys under
+//!    [`NODE_LABEL_PREFIX`] (`node.outpost.dev/`), and the keys its token lists in
+//!    `node_labels` (`outpost token create --node-labels rack,zone`).
+//!
+//! Anything else refuses the join (nothing is stored), naming the label and what to do.
+
+use std::collections::BTreeMap;
+
+use outpost_api::Labels;
+
+/// The label the hub owns: always the node's name.
+pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
+/// Keys under this prefix are the node's own to set (facts it reports about itself; never a
+/// basis for sending it Secrets).
+pub const NODE_LABEL_PREFIX: &str = "node.outpost.dev/";
+/// Well-known keys a node may set about itself.
+pub const SELF_LABELS: [&str; 2] = ["kubernetes.io/os", "kubernetes.io/arch"];
+
+/// Why a join's labels were refused. The `Display` text names the label and what to do.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LabelRefusal {
+    #[error(
+        "label {HOSTNAME_LABEL}={value:?} is not allowed: the hub sets it to the node's name ({node:?}); leave it out"
+    )]
+    Hostname { node: String, value: String },
+    #[error("label {key}={value:?} is not allowed: the join token sets {key}={token_value:?} and a node cannot change it; leave it out, or join with a token for {key}={value:?}")]
+    TokenLabel {
+        key: String,
+        value: String,
+        token_value: String,
+    },
+    #[error("label {key}={value:?} is not allowed: a node may set only kubernetes.io/os, kubernetes.io/arch, keys under {NODE_LABEL_PREFIX} and the keys its token allows; put it on the token (`outpost token create --labels {key}=...`), allow it (`outpost token create --node-labels {key}`), or use {NODE_LABEL_PREFIX}{key}")]
+    NotAllowed { key: String, value: String },
+}
+
+/// May a node set `key` on itself, given the keys its token allows?
+pub fn node_may_set(key: &str, token_allows: &[String]) -> bool {
+    SELF_LABELS.contains(&key) || key.starts_with(NODE_LABEL_PREFIX) || token_allows.iter().any(|k| k == key)
+}
+
+/// May a token let its nodes set `key` (`outpost token create --node-labels`)? Not the
+/// hostname, which is the hub's, nor a key the token sets itself. Pure.
+pub fn grantable(key: &str, token_labels: &Labels) -> Result<(), &'static str> {
+    if key.is_empty() {
+        Err("a label key cannot be empty")
+    } else if key == HOSTNAME_LABEL {
+        Err("the hub sets it to the node's name")
+    } else if token_labels.contains_key(key) {
+        Err("the token sets it (--labels); drop one of the two")
+    } else {
+        Ok(())
+    }
+}
+
+/// The labels a node gets at join: see the module docs for the rules. Pure.
+pub fn node_labels(
+    node: &str,
+    token_labels: &Labels,
+    token_allows: &[String],
+    requested: &Labels,
+) -> Result<Labels, LabelRefusal> {
+    let mut out: Labels = token_labels.clone();
+    for (key, value) in requested {
+        if key == HOSTNAME_LABEL {
+            if value != node {
+                return Err(LabelRefusal::Hostname {
+                    node: node.to_string(),
+                    value: value.clone(),
+                });
+            }
+            continue;
+        }
+        if let Some(t) = token_labels.get(key) {
+            if t != value {
+                return Err(LabelRefusal::TokenLabel {
+                    key: key.clone(),
+                    value: value.clone(),
+                    token_value: t.clone(),
+                });
+            }
+            continue;
+        }
+        if !node_may_set(key, token_allows) {
+            return Err(LabelRefusal::NotAllowed {
+                key: key.clone(),
+                value: value.clone(),
+            });
+        }
+        out.insert(key.clone(), value.clone());
+    }
+    out.insert(HOSTNAME_LABEL.to_string(), node.to_string());
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Certificate renewal
+
+/// Where a node certificate stands at `now` (all times in Unix seconds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Renewal {
+    /// Nothing to do until `at`.
+    NotYet { at: i64 },
+    /// Less than a third of the validity is left: renew now (the certificate still works).
+    Due,
+    /// Past `notAfter`: only the hub's renew route still accepts it.
+    Expired,
+}
+
+/// A node renews when less than a third of its certificate's validity is left (30 days of 90),
+/// so a node offline for a while still comes back with a valid certificate. Pure.
+pub fn renewal(not_before: i64, not_after: i64, now: i64) -> Renewal {
+    if now > not_after {
+        return Renewal::Expired;
+    }
+    let at = not_after - (not_after - not_before).max(0) / 3;
+    if now >= at {
+        Renewal::Due
+    } else {
+        Renewal::NotYet { at }
+    }
+}
+
+/// Warn (`NodeCertificateExpiring`) when less than this is left of a certificate that lives
+/// `lifetime_ms`: 14 days for the default 90-day certificates, a quarter of shorter ones. Agents
+/// renew with a third left, so the alert means renewal has been failing for a while.
+pub fn expiry_warning_ms(lifetime_ms: i64) -> i64 {
+    (14 * 86_400_000i64).min(lifetime_ms.max(0) / 4)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection admission
+
+/// How many connections the hub holds (see [`budget`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// All connections together.
+    pub max_total: usize,
+    /// Connections from one source address that have not (yet) shown a node certificate:
+    /// TLS handshakes in progress, operators, joins, and anything idle without a certificate.
+    pub max_certless_per_ip: usize,
+}
+
+/// Limits from the process's descriptor limit (`RLIMIT_NOFILE`): a sixteenth (between 64 and
+/// 1024) stays free for the database, image files and webhooks; a source address may hold a
+/// quarter of the rest without a certificate (between 4 and 128). Pure.
+pub fn budget(nofile: u64) -> ConnLimits {
+    let nofile = usize::try_from(nofile).unwrap_or(usize::MAX).min(1 << 20);
+    let headroom = (nofile / 16).clamp(64, 1024);
+    let max_total = nofile.saturating_sub(headroom).max(16);
+    ConnLimits {
+        max_total,
+        max_certless_per_ip: (max_total / 4).clamp(4, 128),
+    }
+}
+
+/// What to do with a newly accepted TCP connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    Accept,
+    /// The source address holds its share of certless connections: drop its longest-idle
+    /// certless one to make room ([`victim`] among that address's), or refuse the new one.
+    EvictSameSource,
+    /// The hub holds its maximum: drop the longest-idle certless connection from anywhere, or
+    /// refuse the new one.
+    EvictAny,
+}
+
+/// Admission of a new connection, given how many the hub holds and how many certless ones its
+/// source address holds. Connections with a node certificate are never evicted: agents keep
+/// their link, and a flood of idle handshakes cannot push them out. Pure.
+pub fn admit(total: usize, certless_from_source: usize, l: &ConnLimits) -> Admit {
+    if certless_from_source >= l.max_certless_per_ip {
+        Admit::EvictSameSource
+    } else if total >= l.max_total {
+        Admit::EvictAny
+    } else {
+        Admit::Accept
+    }
+}
+
+/// A certless connection that could make room: how long it has been idle (no bytes either way,
+/// no request in flight), or `None` while it is busy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub id: u64,
+    pub idle_ms: Option<i64>,
+}
+
+/// The connection to drop: the longest idle, if idle at least `min_idle_ms` (a handshake or a
+/// request that is moving is never cut). Ties go to the lowest id (the oldest). Pure.
+pub fn victim(candidates: impl IntoIterator<Item = Candidate>, min_idle_ms: i64) -> Option<u64> {
+    let mut best: BTreeMap<(i64, std::cmp::Reverse<u64>), u64> = BTreeMap::new();
+    for c in candidates {
+        if let Some(idle) = c.idle_ms.filter(|i| *i >= min_idle_ms) {
+            best.insert((idle, std::cmp::Reverse(c.id)), c.id);
+        }
+    }
+    best.into_iter().next_back().map(|(_, id)| id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn node_labels_table() {
+        let token = labels(&[("site", "store-042")]);
+        let allows = vec!["rack".to_string()];
+        type Pairs = Vec<(&'static str, &'static str)>;
+        type Want = Result<Pairs, &'static str>;
+        let cases: Vec<(&str, Pairs, Want)> = vec![
+            (
+                "well-known facts, hostname repeated",
+                vec![
+                    ("kubernetes.io/hostname", "box-1"),
+                    ("kubernetes.io/os", "linux"),
+                    ("kubernetes.io/arch", "arm64"),
+                ],
+                Ok(vec![
+                    ("kubernetes.io/arch", "arm64"),
+                    ("kubernetes.io/hostname", "box-1"),
+                    ("kubernetes.io/os", "linux"),
+                    ("site", "store-042"),
+                ]),
+            ),
+            (
+                "nothing requested: token labels and hostname",
+                vec![],
+                Ok(vec![("kubernetes.io/hostname", "box-1"), ("site", "store-042")]),
+            ),
+            (
+                "impersonating another node's hostname",
+                vec![("kubernetes.io/hostname", "victim")],
+                Err("kubernetes.io/hostname"),
+            ),
+            (
+                "changing the token's site",
+                vec![("site", "store-001")],
+                Err("the join token sets site"),
+            ),
+            (
+                "repeating the token's site",
+                vec![("site", "store-042")],
+                Ok(vec![("kubernetes.io/hostname", "box-1"), ("site", "store-042")]),
+            ),
+            ("a key nobody allowed", vec![("zone", "z1")], Err("a node may set only")),
+            (
+                "a key the token allows",
+                vec![("rack", "r7")],
+                Ok(vec![
+                    ("kubernetes.io/hostname", "box-1"),
+                    ("rack", "r7"),
+                    ("site", "store-042"),
+                ]),
+            ),
+            (
+                "the node prefix",
+                vec![("node.outpost.dev/camera", "yes")],
+                Ok(vec![
+                    ("kubernetes.io/hostname", "box-1"),
+                    ("node.outpost.dev/camera", "yes"),
+                    ("site", "store-042"),
+                ]),
+            ),
+        ];
+        for (what, req, want) in cases {
+            let got = node_labels("box-1", &token, &allows, &labels(&req));
+            match (got, want) {
+                (Ok(l), Ok(w)) => assert_eq!(l, labels(&w), "{what}"),
+                (Err(e), Err(w)) => assert!(e.to_string().contains(w), "{what}: {e}"),
+                (got, want) => panic!("{what}: got {got:?}, want {want:?}"),
+            }
+        }
+        // The message says what to do.
+        let e = node_labels("a", &token, &[], &labels(&[("zone", "z")])).unwrap_err();
+        assert!(e.to_string().contains("outpost token create --node-labels zone"), "{e}");
+    }
+
+    #[test]
+    fn grants_table() {
+        let token = labels(&[("site", "s")]);
+        for (key, ok) in [("rack", true), ("", false), (HOSTNAME_LABEL, false), ("site", false)] {
+            assert_eq!(grantable(key, &token).is_ok(), ok, "{key:?}");
+        }
+    }
+
+    #[test]
+    fn renewal_table() {
+        let (nb, na) = (1000, 1000 + 90);
+        for (now, want) in [
+            (1000, Renewal::NotYet { at: 1060 }),
+            (1059, Renewal::NotYet { at: 1060 }),
+            (1060, Renewal::Due),
+            (1090, Renewal::Due),
+            (1091, Renewal::Expired),
+        ] {
+            assert_eq!(renewal(nb, na, now), want, "now {now}");
+        }
+        // a certificate with not_after before not_before is simply due, then expired
+        assert_eq!(renewal(10, 5, 5), Renewal::Due);
+        assert_eq!(renewal(10, 5, 6), Renewal::Expired);
+    }
+
+    #[test]
+    fn expiry_warning_is_14_days_or_a_quarter() {
+        assert_eq!(expiry_warning_ms(90 * 86_400_000), 14 * 86_400_000);
+        assert_eq!(expiry_warning_ms(20_000), 5_000);
+        assert_eq!(expiry_warning_ms(-5), 0);
+    }
+
+    #[test]
+    fn budget_leaves_headroom() {
+        for (nofile, total, per_ip) in [
+            (256, 192, 48),
+            (1024, 960, 128),
+            (20_000, 18_976, 128),
+            (40, 16, 4),
+            (u64::MAX, (1 << 20) - 1024, 128),
+        ] {
+            assert_eq!(
+                budget(nofile),
+                ConnLimits {
+                    max_total: total,
+                    max_certless_per_ip: per_ip
+                },
+                "nofile {nofile}"
+            );
+        }
+    }
+
+    #[test]
+    fn admission_table() {
+        let l = ConnLimits {
+            max_total: 10,
+            max_certless_per_ip: 3,
+        };
+        for (total, from_ip, want) in [
+            (0, 0, Admit::Accept),
+            (9, 2, Admit::Accept),
+            (10, 0, Admit::EvictAny),
+            (5, 3, Admit::EvictSameSource),
+            (10, 3, Admit::EvictSameSource),
+        ] {
+            assert_eq!(admit(total, from_ip, &l), want, "total {total}, from ip {from_ip}");
+        }
+    }
+
+    #[test]
+    fn victim_is_the_longest_idle_and_never_busy() {
+        let c = |id, idle_ms| Candidate { id, idle_ms };
+        assert_eq!(victim([c(1, Some(500)), c(2, Some(3000)), c(3, None)], 1000), Some(2));
+        assert_eq!(
+            victim([c(1, Some(500)), c(3, None)], 1000),
+            None,
+            "nothing idle long enough"
+        );
+        assert_eq!(
+            victim([c(4, Some(2000)), c(2, Some(2000))], 1000),
+            Some(2),
+            "tie: oldest"
+        );
+        assert_eq!(victim(Vec::new(), 0), None);
+    }
+}

@@ -1,0 +1,565 @@
+//! Hardening of the join, certificate and transport paths (issue 9), end to end: real hub and
+//! agent processes on loopback, real TLS, real SQLite, real descriptor and file-size limits.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    outpost_pki::install_provider();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// An HTTPS client with the admin token's CA, and optionally a node identity.
+fn https(hub: &Hub, identity: Option<(&str, &str)>) -> reqwest::Client {
+    outpost_pki::install_provider();
+    let tls = outpost_pki::client_config(&hub.ca_pem(), identity).unwrap();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+fn node_json(hub: &Hub, name: &str) -> Option<Value> {
+    hub.node(name)
+}
+
+fn online(hub: &Hub, name: &str) -> bool {
+    node_json(hub, name).is_some_and(|n| n["status"] == "Online")
+}
+
+/// Every file under `dir`, as bytes, concatenated (to look for a value anywhere).
+fn all_bytes(dir: &std::path::Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(all_bytes(&p));
+        } else if let Ok(b) = std::fs::read(&p) {
+            out.extend(b);
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// Defect 2: a join-token holder cannot take another node's placement and Secrets.
+#[test]
+fn an_impostor_never_receives_another_nodes_secret() {
+    let hub = Hub::start();
+    let victim_token = hub.token(&["--labels", "site=store-001"]);
+    let _victim = hub.join("victim", &victim_token).running();
+    let m = marker();
+    let secret = format!("s3cret-{m}");
+    hub.apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: db}}\nstringData: {{password: {secret}}}\n---\n\
+         apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: pinned}}\nspec:\n  template:\n    spec:\n\
+         \x20     runtimeClassName: process\n      nodeSelector: {{kubernetes.io/hostname: victim}}\n\
+         \x20     containers:\n      - name: main\n        command: [/bin/sleep, '{m}']\n\
+         \x20       env:\n        - name: PASSWORD\n          valueFrom: {{secretKeyRef: {{name: db, key: password}}}}\n"
+    ));
+    wait_for("the pinned DaemonSet running on the victim", 30.0, || {
+        (hub.phase("victim", "daemonset/default/pinned")? == "Running").then_some(())
+    });
+
+    // Any token: the impostor asks for the victim's hostname, or the victim's site.
+    let other = hub.token(&["--labels", "site=store-002"]);
+    let join = |labels: &str| {
+        std::process::Command::new(BIN)
+            .args([
+                "agent", "join", "--hub", &hub.url, "--token", &other, "--name", "impostor",
+            ])
+            .args(["--labels", labels, "--data-dir"])
+            .arg(hub.dir.join("impostor-try"))
+            .output()
+            .unwrap()
+    };
+    for (labels, says) in [
+        ("kubernetes.io/hostname=victim", "the hub sets it to the node's name"),
+        ("site=store-001", "the join token sets site"),
+        ("role=pinned", "a node may set only"),
+    ] {
+        let o = join(labels);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{labels}: the join must be refused");
+        assert!(
+            err.contains("label_not_allowed") && err.contains(says),
+            "{labels}: {err}"
+        );
+        assert!(!hub.dir.join("impostor-try/identity.json").exists(), "nothing written");
+        assert!(node_json(&hub, "impostor").is_none(), "nothing stored at the hub");
+    }
+
+    // Joined with what it may set, the impostor gets the hub's hostname and the token's site.
+    // A DaemonSet for every node shows when it has received its desired state.
+    let m2 = marker();
+    hub.apply(&sleeper_ds("everywhere", &m2, ""));
+    let mut imp = hub.join("impostor", &other);
+    imp.start();
+    wait_for(
+        "the impostor synced (it runs the DaemonSet for every node)",
+        30.0,
+        || (hub.phase("impostor", "daemonset/default/everywhere")? == "Running").then_some(()),
+    );
+    let n = node_json(&hub, "impostor").unwrap();
+    assert_eq!(n["labels"]["kubernetes.io/hostname"], "impostor");
+    assert_eq!(n["labels"]["site"], "store-002");
+    assert_eq!(hub.placement("impostor", "daemonset/default/pinned"), None);
+    imp.stop();
+    assert!(
+        !contains(&all_bytes(&imp.dir), &secret),
+        "the victim's secret must not be anywhere in the impostor's data dir"
+    );
+}
+
+/// Defect 3: a certificate that expired while the agent was stopped is renewed when the agent
+/// starts; the hub warned about it meanwhile; `describe node` tells the truth; an agent whose
+/// node was deleted says what to do.
+#[test]
+fn a_node_whose_certificate_expired_offline_comes_back_by_itself() {
+    let hub = Hub::start_with(&["--node-cert-lifetime", "12s"], &[("OUTPOST_ALERT_EVAL_MS", "200")]);
+    let t = hub.token(&[]);
+    let mut late = hub.join("late", &t);
+    let mut gone = hub.join("gone", &t);
+    let m = marker();
+    hub.apply(&sleeper_ds("everywhere", &m, ""));
+    let (_, cert, _) = late.identity();
+    let not_after = outpost_pki::not_after_unix(&cert).unwrap();
+    assert!(not_after - now_s() <= 12, "the hub's --node-cert-lifetime is used");
+    wait_for("both certificates to expire", 30.0, || {
+        (now_s() > not_after + 1).then_some(())
+    });
+
+    // While the nodes are away with expired certificates, the hub says so.
+    let alerts = wait_for("NodeCertificateExpiring for both", 10.0, || {
+        let a = hub.json(&["get", "alerts"]);
+        let firing: Vec<String> = a
+            .as_array()?
+            .iter()
+            .filter(|a| a["name"] == "NodeCertificateExpiring" && a["state"] == "Firing")
+            .map(|a| a["node"].as_str().unwrap_or("").to_string())
+            .collect();
+        (firing.len() == 2).then_some(a)
+    });
+    assert!(alerts.to_string().contains("the certificate of late"), "{alerts}");
+    let d = hub.cli(&["describe", "node", "late"]);
+    assert!(d.contains("Certificate:    EXPIRED"), "{d}");
+
+    // gone is deleted at the hub: its agent cannot renew and says what to do.
+    hub.cli(&["delete", "node", "gone"]);
+    gone.start();
+    late.start();
+    wait_for("late online again", 30.0, || online(&hub, "late").then_some(()));
+    wait_for("the workload running on late", 30.0, || {
+        (hub.phase("late", "daemonset/default/everywhere")? == "Running").then_some(())
+    });
+    let (_, renewed, _) = late.identity();
+    assert_ne!(renewed, cert, "a renewed certificate is saved");
+    let log = late.log();
+    assert!(
+        log.contains("the node certificate expired") && log.contains("node certificate renewed"),
+        "{log}"
+    );
+    // It keeps renewing by itself (12 s certificates) and stays online.
+    let first = outpost_pki::not_after_unix(&renewed).unwrap();
+    let second = wait_for("a second renewal while running", 30.0, || {
+        let (_, c, _) = late.identity();
+        let na = outpost_pki::not_after_unix(&c).unwrap();
+        (na > first).then_some(na)
+    });
+    wait_for("the hub sees the node use its newest certificate", 30.0, || {
+        let n = node_json(&hub, "late")?;
+        (n["cert_expires_at"].as_i64()? >= second * 1000).then_some(())
+    });
+    wait_for("the certificate alert resolved for late", 10.0, || {
+        let a = hub.json(&["get", "alerts"]);
+        a.as_array()?
+            .iter()
+            .all(|a| !(a["name"] == "NodeCertificateExpiring" && a["node"] == "late" && a["state"] == "Firing"))
+            .then_some(())
+    });
+    let d = hub.cli(&["describe", "node", "late"]);
+    assert!(d.contains("Certificate:    expires in"), "{d}");
+
+    let text = wait_for("gone's agent explains", 30.0, || {
+        let l = gone.log();
+        l.contains("the hub no longer knows node gone").then_some(l)
+    });
+    assert!(
+        text.contains("ERROR") && text.contains("outpost agent --hub URL --token T"),
+        "{text}"
+    );
+}
+
+/// Defect 4: a renewal whose answer is lost leaves the agent working.
+#[test]
+fn a_renewal_whose_answer_is_lost_leaves_the_agent_working() {
+    let hub = Hub::start();
+    let t = hub.token(&[]);
+    let mut a = hub.join("keeper", &t).running();
+    let m1 = marker();
+    hub.apply(&sleeper_ds("first", &m1, ""));
+    wait_for("first running", 30.0, || {
+        (hub.phase("keeper", "daemonset/default/first")? == "Running").then_some(())
+    });
+    // Someone with the node's key renews, twice, and throws the answers away.
+    let (_, cert, key) = a.identity();
+    let c = https(&hub, Some((&cert, &key)));
+    rt().block_on(async {
+        for _ in 0..2 {
+            let csr_pem = outpost_pki::NodeKey::csr_for(&key, "keeper").unwrap();
+            let r = c
+                .post(format!("{}/v1/nodes/keeper/renew", hub.url))
+                .json(&outpost_api::RenewRequest { csr_pem })
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    });
+    // The agent, still on its old certificate, gets and reports the next change...
+    let m2 = marker();
+    hub.apply(&sleeper_ds("second", &m2, ""));
+    wait_for("second running", 30.0, || {
+        (hub.phase("keeper", "daemonset/default/second")? == "Running").then_some(())
+    });
+    // ...also after a restart.
+    a.kill9();
+    a.start();
+    let m3 = marker();
+    hub.apply(&sleeper_ds("third", &m3, ""));
+    wait_for("third running after the restart", 30.0, || {
+        (hub.phase("keeper", "daemonset/default/third")? == "Running").then_some(())
+    });
+    assert!(!a.log().contains("unknown_node"), "{}", a.log());
+}
+
+/// A TCP connection from `src` (a loopback address) to the hub.
+fn connect_from(src: &str, hub: &Hub) -> std::io::Result<TcpStream> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    sock.bind(&src.parse::<SocketAddr>().unwrap().into())?;
+    let to: SocketAddr = format!("127.0.0.1:{}", hub.port).parse().unwrap();
+    sock.connect_timeout(&to.into(), Duration::from_secs(5))?;
+    Ok(sock.into())
+}
+
+/// Open a TLS connection without a client certificate and finish the handshake.
+fn tls_idle(src: &str, hub: &Hub, cfg: &Arc<rustls::ClientConfig>) -> Option<TcpStream> {
+    let mut tcp = connect_from(src, hub).ok()?;
+    tcp.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut conn = rustls::ClientConnection::new(cfg.clone(), "127.0.0.1".try_into().unwrap()).ok()?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).ok()?;
+    }
+    Some(tcp)
+}
+
+/// Has the hub closed this connection? (EOF or reset; data, like a TLS ticket, is read away.)
+fn closed(s: &mut TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Defect 5: hundreds of idle connections against a hub with 256 descriptors: operators and
+/// agents still get in, idle connections are closed, accept errors do not flood the log.
+#[test]
+fn idle_connections_cannot_starve_a_hub_of_descriptors() {
+    let hub = Hub::start_under(
+        &["prlimit", "--nofile=256:256", "--"],
+        &["--idle-timeout", "4s", "--header-read-timeout", "2s"],
+        &[],
+    );
+    let started = Instant::now();
+    let mut tls_cfg = outpost_pki::client_config(&hub.ca_pem(), None).unwrap();
+    tls_cfg.alpn_protocols.clear();
+    let tls_cfg = Arc::new(tls_cfg);
+    // 100 bare TCP connections from one address, 200 finished TLS handshakes from ten others.
+    let mut idle: Vec<TcpStream> = (0..100)
+        .filter_map(|_| connect_from("127.0.0.2:0", &hub).ok())
+        .collect();
+    for i in 0..200 {
+        let src = format!("127.0.0.{}:0", 3 + i % 10);
+        if let Some(s) = tls_idle(&src, &hub, &tls_cfg) {
+            idle.push(s);
+        }
+    }
+    let held = idle.len();
+    eprintln!("opened {held} idle connections in {:?}", started.elapsed());
+    assert!(held >= 200, "the test could open only {held} connections");
+
+    // An operator command and a real agent still work.
+    let t0 = Instant::now();
+    let out = wait_for("an operator command answered", 10.0, || {
+        let o = hub.try_cli(&["get", "nodes", "-o", "json"]);
+        o.status.success().then_some(o)
+    });
+    eprintln!("operator command answered after {:?}", t0.elapsed());
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap(),
+        serde_json::json!([])
+    );
+    let t = hub.token(&[]);
+    let _a = hub.join("survivor", &t).running();
+    let m = marker();
+    hub.apply(&sleeper_ds("alive", &m, ""));
+    wait_for("the agent runs a workload", 30.0, || {
+        (hub.phase("survivor", "daemonset/default/alive")? == "Running").then_some(())
+    });
+
+    // Every idle connection is closed by the hub.
+    wait_for("the idle connections closed", 20.0, || {
+        idle.iter_mut().all(closed).then_some(())
+    });
+    eprintln!("all idle connections closed after {:?}", started.elapsed());
+
+    // A kept-alive HTTP/1.1 connection that made a request is closed after --idle-timeout.
+    let mut h1 = (*tls_cfg).clone();
+    h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = connect_from("127.0.0.1:0", &hub).unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(h1), "127.0.0.1".try_into().unwrap()).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(b"GET /v1/ca HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    let mut answer = [0u8; 12];
+    tls.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    let asked = Instant::now();
+    let mut tcp = tls.sock;
+    wait_for("the kept-alive connection closed", 15.0, || {
+        closed(&mut tcp).then_some(())
+    });
+    let after = asked.elapsed();
+    assert!(
+        after >= Duration::from_secs(3),
+        "closed after {after:?}, before --idle-timeout"
+    );
+    // The agent's link is never idle (it holds a long-poll): it still delivers changes.
+    let m2 = marker();
+    hub.apply(&sleeper_ds("still", &m2, ""));
+    wait_for("the agent runs the next workload", 30.0, || {
+        (hub.phase("survivor", "daemonset/default/still")? == "Running").then_some(())
+    });
+    hub.cli(&["get", "nodes"]);
+    let log = std::fs::read_to_string(hub.dir.join("hub.log")).unwrap();
+    let accept_errors = log.matches("accept failed").count();
+    let refusals = log.matches("refusing a connection").count();
+    let periods = started.elapsed().as_secs() as usize / 10 + 1;
+    assert!(
+        accept_errors <= periods && refusals <= periods,
+        "at most one line per 10 s: {accept_errors} accept errors, {refusals} refusals in {periods} periods"
+    );
+}
+
+/// Defect 6: a failed upload leaves no `.upload-*` file; one a crash left is removed at start.
+#[test]
+fn failed_image_uploads_leave_nothing_behind() {
+    let mut hub = Hub::start();
+    let images = hub.dir.join("hub/images");
+    let temps = || -> Vec<String> {
+        std::fs::read_dir(&images)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(".upload-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let rt = rt();
+    let put = |hub: &Hub, body: reqwest::Body, digest: &str| {
+        let c = https(hub, None);
+        let url = format!("{}/v1/images/blobs/{digest}", hub.url);
+        let token = hub.token.trim().to_string();
+        rt.block_on(async move { c.put(url).bearer_auth(token).body(body).send().await })
+    };
+    let blob = vec![7u8; 4 << 20];
+    let digest = format!("sha256:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&blob)));
+
+    // A full disk: the hub's file size limit below the upload.
+    let biggest = all_files_max(&hub.dir);
+    let limit = (biggest + (1 << 20)).to_string();
+    let prlimit = |v: &str| {
+        let o = std::process::Command::new("prlimit")
+            .args(["--pid", &hub.pid().to_string(), &format!("--fsize={v}:")])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "prlimit: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    assert!(blob.len() as u64 > biggest + (1 << 20) + (1 << 20));
+    prlimit(&limit);
+    let r = put(&hub, blob.clone().into(), &digest).unwrap();
+    let status = r.status();
+    let text = rt.block_on(r.text()).unwrap();
+    prlimit("unlimited");
+    assert_eq!(status, 507, "{text}");
+    assert!(
+        text.contains("insufficient_storage") && text.contains("free space"),
+        "{text}"
+    );
+    assert_eq!(temps(), Vec::<String>::new(), "no temporary file after a failed write");
+
+    // The client goes away half-way.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        vec![Ok(vec![1u8; 1 << 20]), Err(std::io::Error::other("client gave up"))];
+    let r = put(
+        &hub,
+        reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)),
+        &digest,
+    );
+    assert!(r.is_err() || !r.unwrap().status().is_success());
+    wait_for("the broken upload's temporary file removed", 10.0, || {
+        temps().is_empty().then_some(())
+    });
+
+    // A crash left one behind: the next start removes it.
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::write(images.join(".upload-deadbeef"), b"half").unwrap();
+    hub.restart();
+    assert_eq!(temps(), Vec::<String>::new());
+    // And a good upload still works.
+    let r = put(&hub, blob.into(), &digest).unwrap();
+    assert_eq!(r.status(), 201);
+    assert!(images.join(format!("sha256-{}", &digest[7..])).exists());
+    assert_eq!(temps(), Vec::<String>::new());
+}
+
+fn all_files_max(dir: &std::path::Path) -> u64 {
+    let mut max = 0;
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        let m = if p.is_dir() {
+            all_files_max(&p)
+        } else {
+            std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0)
+        };
+        max = max.max(m);
+    }
+    max
+}
+
+/// A "hub" that reads one HTTP/1.1 request completely and then dies without answering.
+fn dying_hub() -> (
+    u16,
+    std::path::PathBuf,
+    tempfile::TempDir,
+    std::thread::JoinHandle<usize>,
+) {
+    outpost_pki::install_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = outpost_pki::CaMaterial::generate("dying").unwrap();
+    let (chain, key) = ca.issue_server(&["127.0.0.1".into()]).unwrap();
+    let mut cfg = outpost_pki::server_config(&ca, &chain, &key).unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let cfg = Arc::new(cfg);
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.cert_pem).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let t = std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        let conn = rustls::ServerConnection::new(cfg).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 65536];
+        // headers, then Content-Length bytes of body
+        let body_len = loop {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "the client hung up first");
+            got.extend_from_slice(&buf[..n]);
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map(|v| v.trim().parse().unwrap())
+                    .unwrap_or(0);
+                break end + 4 + len;
+            }
+        };
+        while got.len() < body_len {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        let _ = s.flush();
+        // the hub dies here: the connection closes with no answer
+        got.len()
+    });
+    (port, ca_file, dir, t)
+}
+
+/// Defect 11: a change whose answer is lost says it may have been applied; a hub that is not
+/// there says so instead.
+#[test]
+fn a_lost_answer_to_a_change_says_it_may_have_been_applied() {
+    let (port, ca, dir, hub) = dying_hub();
+    let manifest = dir.path().join("app.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {k: v}\n",
+    )
+    .unwrap();
+    let cli = |port: u16, args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .env("OUTPOST_HUB", format!("https://127.0.0.1:{port}"))
+            .env("OUTPOST_TOKEN", "t")
+            .env("OUTPOST_CA_FILE", &ca)
+            .env("OUTPOST_CONFIG", dir.path().join("none.json"))
+            .output()
+            .unwrap()
+    };
+    let o = cli(port, &["apply", "-f", manifest.to_str().unwrap()]);
+    let read = hub.join().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(read > 0 && !o.status.success(), "{err}");
+    assert!(
+        err.contains("the hub may have applied the change; check with `outpost get workloads`"),
+        "{err}"
+    );
+    assert!(!err.contains("is `outpost hub` running"), "{err}");
+
+    // Nothing listens: the request was never sent, and the message says so.
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let o = cli(free, &["apply", "-f", manifest.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("cannot reach the hub") && !err.contains("may have applied"),
+        "{err}"
+    );
+}
