@@ -216,7 +216,10 @@ async fn ca_join_and_token_refusals() -> Result<()> {
     // The shortest lifetime a token may have is one second (0 is refused).
     let expired = token(&hub, Some(1), None).await?;
     let made = Instant::now();
-    until("the one-second token to expire", 5, || made.elapsed() > Duration::from_millis(1100)).await?;
+    until("the one-second token to expire", 5, || {
+        made.elapsed() > Duration::from_millis(1100)
+    })
+    .await?;
     let e = refused(
         join_raw(&hub, &expired, "store-2").await?.0,
         StatusCode::UNAUTHORIZED,
