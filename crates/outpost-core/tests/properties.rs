@@ -374,6 +374,7 @@ proptest! {
                     };
                     let before = durable(&st);
                     let was_bad = st.bad.contains(&rollout::spec_id(&target));
+                    let had_good = st.good.is_some();
                     let s = rollout::step(&mut st, &target, &health, now);
                     if durable(&st) != before {
                         prop_assert!(s.persist, "state changed without persist: {:?} -> {:?}", before, durable(&st));
@@ -392,8 +393,9 @@ proptest! {
                             "runs bad target {} although a good revision exists", rollout::spec_id(&target)
                         ),
                     }
-                    // A bad target is never retried: it stays bad and is not run again.
-                    if was_bad && st.good.is_some() {
+                    // A bad target is never retried while a good revision exists: it stays bad
+                    // and is not run again. (With none, it runs, and may become the good one.)
+                    if was_bad && had_good {
                         prop_assert_eq!(s.run, Run::Good);
                     }
                     // A target not yet bad is always tried: it runs, or fails its gate now.
