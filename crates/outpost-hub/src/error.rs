@@ -6,22 +6,7 @@ use outpost_api::{ApiError, ManifestError, PROTOCOL_VERSION};
 
 use crate::store::StoreError;
 
-/// Why a join token was refused. Decided by [`crate::store::check_token`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenProblem {
-    /// No such token, or the secret does not match (not told apart, on purpose).
-    Unknown {
-        id: String,
-    },
-    Expired {
-        id: String,
-        ago_ms: i64,
-    },
-    UsedUp {
-        id: String,
-        used: u64,
-    },
-}
+pub use crate::store::TokenProblem;
 
 /// Everything a request can fail with. [`IntoResponse`] maps each variant to its status and
 /// stable `code` (see docs/protocol.md); the `Display` text is the operator-facing message.

@@ -10,7 +10,8 @@
 //! only, and [`to_text_004`] renames counter families to their `_total` sample name and drops
 //! the `# EOF` marker, the only differences for the metric types used here.
 //!
-//! Owns: the counters and the exposition. Must never: block a request on anything but the
+//! A leaf module: the service fills a [`FleetView`], this module encodes it. Owns: the counters
+//! and the exposition. Must never: block a request on anything but the
 //! short store reads of a scrape, or take labels from anything unbounded except node and
 //! workload names.
 
@@ -32,8 +33,6 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::state::HubState;
-
 /// Upper bounds of the request-duration histogram, seconds (long-polls land in the last ones).
 pub const BUCKETS: &[f64] = &[0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 40.0];
 
@@ -50,7 +49,7 @@ fn histogram() -> Histogram {
     Histogram::new(BUCKETS.iter().copied())
 }
 
-/// Counters of the hub process. One `Metrics` per hub, shared through [`HubState`].
+/// Counters of the hub process. One `Metrics` per hub, shared by the service and the HTTP layer.
 pub struct Metrics {
     registry: Registry,
     requests: Family<LabelSet, Counter>,
@@ -175,13 +174,11 @@ impl Metrics {
 }
 
 /// Middleware: count and time every request by route.
-pub async fn track(State(st): State<Arc<HubState>>, req: Request, next: Next) -> Response {
+pub async fn track(State(m): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
     let route = route_of(req.uri().path());
     let t = Instant::now();
     let resp = next.run(req).await;
-    st.monitor
-        .metrics
-        .observe(route, resp.status().as_u16(), t.elapsed().as_secs_f64());
+    m.observe(route, resp.status().as_u16(), t.elapsed().as_secs_f64());
     resp
 }
 
@@ -458,53 +455,17 @@ pub fn render(f: FleetView, m: &Metrics) -> String {
     to_text_004(&render_openmetrics(f, m))
 }
 
-/// `GET /metrics` (admin token, as for every operator route): OpenMetrics when the scraper
-/// accepts it, else the Prometheus text format 0.0.4.
-pub async fn metrics(
-    State(st): State<Arc<HubState>>,
-    _: crate::server::Admin,
-    headers: axum::http::HeaderMap,
-) -> Result<Response, crate::HubError> {
-    use axum::response::IntoResponse;
-    let now = crate::now_ms();
-    let offline_after = st.offline_after;
-    let (nodes, statuses) = st.db(|s| Ok((s.nodes()?, s.statuses(None)?))).await?;
-    let (alerts, vitals, (_, queue)) =
-        crate::alerts::mdb(&st, |m| Ok((m.alerts(false)?, m.vitals()?, m.hook_queue()?))).await?;
-    let mut f = FleetView {
-        webhook_queue: queue,
-        ..Default::default()
-    };
-    for n in nodes {
-        let online = crate::scheduler::is_online(&n, offline_after, now);
-        if let Some(v) = vitals.get(&n.name) {
-            f.vitals.insert(n.name.clone(), v.clone());
-        }
-        f.nodes.push((n.name, n.labels, online));
-    }
-    for (_, w) in statuses {
-        *f.phases.entry(w.phase.as_str().to_string()).or_default() += 1;
-    }
-    for a in alerts {
-        *f.firing.entry((a.name, a.severity)).or_default() += 1;
-    }
-    let openmetrics = headers
-        .get_all(axum::http::header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.contains("application/openmetrics-text"));
-    let (content_type, body) = if openmetrics {
+/// The `/metrics` body for a scrape that sent `accept`: OpenMetrics when the scraper accepts
+/// it, else the Prometheus text format 0.0.4. Returns (content type, body).
+pub fn exposition(f: FleetView, m: &Metrics, accept: &[&str]) -> (&'static str, String) {
+    if accept.iter().any(|v| v.contains("application/openmetrics-text")) {
         (
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            render_openmetrics(f, &st.monitor.metrics),
+            render_openmetrics(f, m),
         )
     } else {
-        (
-            "text/plain; version=0.0.4; charset=utf-8",
-            render(f, &st.monitor.metrics),
-        )
-    };
-    Ok(([(axum::http::header::CONTENT_TYPE, content_type)], body).into_response())
+        ("text/plain; version=0.0.4; charset=utf-8", render(f, m))
+    }
 }
 
 #[cfg(test)]

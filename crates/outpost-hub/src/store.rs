@@ -28,8 +28,6 @@ use outpost_api::{
 };
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-use crate::error::TokenProblem;
-
 /// Current schema version, kept in `meta.schema_version`. 2: token `node_labels`, two-phase
 /// renewal (`nodes.next_cert_fp`), `kubernetes.io/hostname` forced to the node's name.
 pub const SCHEMA_VERSION: i64 = 2;
@@ -57,6 +55,23 @@ pub enum StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Why a join token was refused. Decided by [`check_token`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenProblem {
+    /// No such token, or the secret does not match (not told apart, on purpose).
+    Unknown {
+        id: String,
+    },
+    Expired {
+        id: String,
+        ago_ms: i64,
+    },
+    UsedUp {
+        id: String,
+        used: u64,
+    },
+}
 
 /// A join token as stored (the secret only as its SHA-256).
 #[derive(Clone, Debug, PartialEq)]

@@ -1,0 +1,91 @@
+//! The hub's controllers, registered in one place ([`all`]). Each is a loop of
+//! *load -> `outpost_core` decide(state, now) -> execute* through the [`Service`], run on a
+//! timer and woken early by the events it cares about:
+//!
+//! | controller | decides with | runs |
+//! |---|---|---|
+//! | `alert-rules` | `outpost_core::alerts::{fleet_alerts, condition_alerts, diff_hub_alerts}` | every `OUTPOST_ALERT_EVAL_MS` (5 s) |
+//! | `webhooks` | `outpost_core::retry::webhook` | when an alert or rollout event is queued, or a retry is due |
+//!
+//! The scheduler is not a loop: every command that changes objects or nodes reschedules under
+//! the write lock before it answers (`Service::reschedule_locked`), and a node back from
+//! Offline triggers one.
+//!
+//! Must never: hold the write lock while waiting on anything but the store, or stop on an
+//! error (a failed run is logged and retried at the next tick).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::service::{now_ms, Service};
+
+/// Runs once; returns the longest wait before the next run.
+type Run = Box<dyn Fn(Arc<Service>) -> BoxFuture<'static, Duration> + Send + Sync>;
+
+/// One registered controller.
+pub struct Controller {
+    pub name: &'static str,
+    run: Run,
+    /// Wakes the controller before its wait is over.
+    wake: Option<fn(&Service) -> &Notify>,
+}
+
+/// Every controller of the hub.
+pub fn all(svc: &Service) -> Vec<Controller> {
+    let started = now_ms();
+    let eval_every = svc.settings.monitor.eval_every;
+    let http = crate::webhook::client();
+    vec![
+        Controller {
+            name: "alert-rules",
+            run: Box::new(move |svc| {
+                Box::pin(async move {
+                    if let Err(e) = crate::alerts::evaluate_once(&svc, started, now_ms()).await {
+                        tracing::warn!(error = %e, "alert rules failed; retrying");
+                    }
+                    eval_every
+                })
+            }),
+            wake: None,
+        },
+        Controller {
+            name: "webhooks",
+            run: Box::new(move |svc| {
+                let http = http.clone();
+                Box::pin(async move { crate::webhook::deliver_due(&svc, &http, now_ms()).await })
+            }),
+            wake: Some(|s| &s.wake.webhooks),
+        },
+    ]
+}
+
+/// Start every controller; each stops when `stop` flips.
+pub fn spawn_all(svc: &Arc<Service>, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+    all(svc)
+        .into_iter()
+        .map(|c| {
+            let (svc, mut stop) = (svc.clone(), stop.clone());
+            tokio::spawn(async move {
+                tracing::debug!(controller = c.name, "controller started");
+                loop {
+                    let wait = (c.run)(svc.clone()).await;
+                    let woken = async {
+                        match c.wake {
+                            Some(w) => w(&svc).notified().await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait.max(Duration::from_millis(1))) => {}
+                        _ = woken => {}
+                        _ = stop.changed() => return,
+                    }
+                }
+            })
+        })
+        .collect()
+}
