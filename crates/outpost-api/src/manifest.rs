@@ -468,6 +468,7 @@ pub enum Object {
     Secret(Secret),
     Service(Service),
     AlertPolicy(AlertPolicy),
+    RolloutPolicy(crate::rollout::RolloutPolicy),
 }
 
 /// The kinds outpost stores.
@@ -479,6 +480,7 @@ pub enum Kind {
     Secret,
     Service,
     AlertPolicy,
+    RolloutPolicy,
 }
 
 impl Kind {
@@ -490,6 +492,7 @@ impl Kind {
             Kind::Secret => "Secret",
             Kind::Service => "Service",
             Kind::AlertPolicy => "AlertPolicy",
+            Kind::RolloutPolicy => "RolloutPolicy",
         }
     }
     /// Accepts `deployment`, `deployments`, `deploy`, `Deployment`, `daemonset`, `ds`, ...
@@ -501,6 +504,7 @@ impl Kind {
             "secret" | "secrets" => Kind::Secret,
             "service" | "services" | "svc" => Kind::Service,
             "alertpolicy" | "alertpolicies" | "ap" => Kind::AlertPolicy,
+            "rolloutpolicy" | "rolloutpolicies" | "rp" => Kind::RolloutPolicy,
             _ => return None,
         })
     }
@@ -528,6 +532,7 @@ impl<'de> Deserialize<'de> for Object {
             "Secret" => serde_json::from_value(v).map(Object::Secret).map_err(e),
             "Service" => serde_json::from_value(v).map(Object::Service).map_err(e),
             "AlertPolicy" => serde_json::from_value(v).map(Object::AlertPolicy).map_err(e),
+            "RolloutPolicy" => serde_json::from_value(v).map(Object::RolloutPolicy).map_err(e),
             other => Err(D::Error::custom(format!("unsupported kind {other:?}"))),
         }
     }
@@ -542,6 +547,7 @@ impl Object {
             Object::Secret(_) => Kind::Secret,
             Object::Service(_) => Kind::Service,
             Object::AlertPolicy(_) => Kind::AlertPolicy,
+            Object::RolloutPolicy(_) => Kind::RolloutPolicy,
         }
     }
     pub fn meta(&self) -> &ObjectMeta {
@@ -552,6 +558,7 @@ impl Object {
             Object::Secret(o) => &o.metadata,
             Object::Service(o) => &o.metadata,
             Object::AlertPolicy(o) => &o.metadata,
+            Object::RolloutPolicy(o) => &o.metadata,
         }
     }
     pub fn meta_mut(&mut self) -> &mut ObjectMeta {
@@ -562,6 +569,7 @@ impl Object {
             Object::Secret(o) => &mut o.metadata,
             Object::Service(o) => &mut o.metadata,
             Object::AlertPolicy(o) => &mut o.metadata,
+            Object::RolloutPolicy(o) => &mut o.metadata,
         }
     }
     /// `Kind/namespace/name`

@@ -976,6 +976,7 @@ impl Service {
                     sync: resp,
                     alert_policy,
                     log_requests,
+                    prefetch: Vec::new(),
                 }));
             }
             match tokio::time::timeout_at(deadline, rx.changed()).await {
