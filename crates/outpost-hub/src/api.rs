@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::error::HubError;
 use crate::extract::{Admin, ApiJson, ApiQuery, Peer};
-use crate::service::{object_id, Command, Query, Reply, Service};
+use crate::service::{object_id, Command, Query, Reply, RolloutAction, Service};
 
 type St = State<Arc<Service>>;
 type Answer = Result<Reply, HubError>;
@@ -246,4 +246,33 @@ pub async fn metrics(State(svc): St, _: Admin, headers: HeaderMap) -> Result<Res
     let accept: Vec<&str> = headers.get_all(ACCEPT).iter().filter_map(|v| v.to_str().ok()).collect();
     let (content_type, body) = crate::metrics::exposition(f, &svc.metrics, &accept);
     Ok(([(CONTENT_TYPE, content_type)], body).into_response())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rollouts (admin token)
+
+/// `GET /v1/rollouts`: every workload's current (or last) rollout, without per-node lists.
+pub async fn rollouts(State(svc): St, _: Admin) -> Answer {
+    svc.query(Query::Rollouts).await
+}
+
+/// `GET /v1/objects/{kind}/{namespace}/{name}/rollout`.
+pub async fn rollout(State(svc): St, _: Admin, Path((kind, namespace, name)): ObjectPath) -> Answer {
+    let id = object_id(&kind, namespace, name)?;
+    svc.query(Query::Rollout { id }).await
+}
+
+/// `POST /v1/objects/{kind}/{namespace}/{name}/rollout/{action}`: pause, resume, abort, undo.
+pub async fn rollout_action(
+    State(svc): St,
+    _: Admin,
+    Path((kind, namespace, name, action)): Path<(String, String, String, String)>,
+) -> Answer {
+    let id = object_id(&kind, namespace, name)?;
+    let action = RolloutAction::parse(&action).ok_or_else(|| {
+        HubError::BadRequest(format!(
+            "{action:?} is not a rollout action: use pause, resume, abort or undo"
+        ))
+    })?;
+    svc.execute(Command::Rollout { id, action }).await
 }

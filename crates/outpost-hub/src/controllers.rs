@@ -5,11 +5,13 @@
 //! | controller | decides with | runs |
 //! |---|---|---|
 //! | `alert-rules` | `outpost_core::alerts::{fleet_alerts, condition_alerts, diff_hub_alerts}` | every `OUTPOST_ALERT_EVAL_MS` (5 s) |
+//! | `rollouts` | `outpost_core::waves::{start, decide}` | on gate results and nodes coming back, at bake ends and window openings, every 1 s while a rollout is active (10 s otherwise) |
 //! | `webhooks` | `outpost_core::retry::webhook` | when an alert or rollout event is queued, or a retry is due |
 //!
 //! The scheduler is not a loop: every command that changes objects or nodes reschedules under
 //! the write lock before it answers (`Service::reschedule_locked`), and a node back from
-//! Offline triggers one.
+//! Offline, or a rollout step that changes some node's revision, triggers one. Applies and
+//! undos start their rollouts (and open the first wave) before they reschedule.
 //!
 //! Must never: hold the write lock while waiting on anything but the store, or stop on an
 //! error (a failed run is logged and retried at the next tick).
@@ -51,6 +53,11 @@ pub fn all(svc: &Service) -> Vec<Controller> {
                 })
             }),
             wake: None,
+        },
+        Controller {
+            name: "rollouts",
+            run: Box::new(|svc| Box::pin(async move { svc.rollouts_tick(now_ms()).await })),
+            wake: Some(|s| &s.wake.rollouts),
         },
         Controller {
             name: "webhooks",

@@ -48,6 +48,9 @@ pub enum HubError {
     NotFound(String),
     #[error("{0}")]
     BadRequest(String),
+    /// The request does not fit the object's state (e.g. resuming a rollout that is not paused).
+    #[error("{0}")]
+    Conflict(String),
     /// A node did not answer a request relayed through its own link (offline, or too slow).
     #[error("{0}")]
     NodeUnreachable(String),
@@ -111,6 +114,7 @@ impl HubError {
             InUse { .. } => (StatusCode::CONFLICT, "in_use"),
             NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             NodeUnreachable(_) => (StatusCode::GATEWAY_TIMEOUT, "node_unreachable"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),

@@ -14,7 +14,8 @@
 //! Module layers (arrows point one way): `server` (TLS, connections, routes) -> `api`,
 //! `images` (handlers) -> `extract` -> `service` (the command layer: [`service::Command`],
 //! [`service::Query`], the node protocol) -> `store`, `monitor`, `logs`, `metrics`,
-//! `scheduler`, `validate`, `views`, `error`; `controllers` (`alerts`, `webhook`) -> `service`.
+//! `rollouts`, `scheduler`, `validate`, `views`, `error`; `controllers` (`alerts`, `webhook`)
+//! -> `service`.
 
 pub mod alerts;
 pub mod api;
@@ -27,6 +28,7 @@ pub mod logs;
 pub mod metrics;
 pub mod monitor;
 pub mod openapi;
+pub mod rollouts;
 pub mod scheduler;
 pub mod server;
 pub mod service;

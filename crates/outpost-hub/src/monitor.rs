@@ -20,11 +20,13 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use outpost_api::RolloutEvent;
 use outpost_api::{
     AlertInfo, AlertState, ErrorBatch, Labels, NodeCondition, NodeEvent, StoredErrorLine, UnixMs, Vitals, ALERT_FIRING,
     ALERT_RESOLVED,
 };
 use outpost_core::alerts::{self as rules, AlertKey, HubTransition, NodeEventAction};
+use outpost_core::waves::AlertChange;
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// Resolved alerts are kept this long for `outpost get alerts --all`.
@@ -105,6 +107,26 @@ fn state_word(s: AlertState) -> &'static str {
     }
 }
 
+/// The fleet alert a failed (or threshold-paused) rollout raises; its subject is the workload.
+pub const ROLLOUT_FAILED: &str = "RolloutFailed";
+
+/// The webhook body of a rollout event: `text` for Slack-style receivers, the event for
+/// everyone else. See docs/rollouts.md.
+pub fn rollout_payload(workload: &str, revision: u64, e: &RolloutEvent) -> serde_json::Value {
+    serde_json::json!({
+        "version": 1,
+        "text": format!(":arrows_counterclockwise: [{}] {workload}: {}", e.reason, e.message),
+        "status": "rollout",
+        "event": {
+            "workload": workload,
+            "revision": revision,
+            "reason": e.reason,
+            "message": e.message,
+            "at": e.at,
+        },
+    })
+}
+
 /// The webhook body: `text` for Slack-style receivers, the alert for everyone else. See
 /// docs/alerts.md.
 pub fn payload(a: &AlertInfo) -> serde_json::Value {
@@ -119,7 +141,12 @@ pub fn payload(a: &AlertInfo) -> serde_json::Value {
     };
     serde_json::json!({
         "version": 1,
-        "text": format!("{icon} [{word}] {} on {}{subject}: {}", a.name, a.node, a.summary),
+        "text": if a.node.is_empty() {
+            // a fleet alert (RolloutFailed): about a workload, not a node
+            format!("{icon} [{word}] {}{subject}: {}", a.name, a.summary)
+        } else {
+            format!("{icon} [{word}] {} on {}{subject}: {}", a.name, a.node, a.summary)
+        },
         "status": word.to_ascii_lowercase(),
         "alert": a,
     })
@@ -297,6 +324,65 @@ impl Monitor {
                 "INSERT OR REPLACE INTO alert_seq (node, seq) VALUES (?1, ?2)",
                 params![node, high as i64],
             )?;
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Record a rollout's events and its `RolloutFailed` alert change, in one transaction:
+    /// one webhook row per URL for each event and for the alert transition. Returns the alert
+    /// transitions (none or one).
+    pub fn rollout_events(
+        &self,
+        workload: &str,
+        revision: u64,
+        events: &[RolloutEvent],
+        alert: Option<&AlertChange>,
+        now: UnixMs,
+    ) -> R<Vec<AlertInfo>> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        for e in events {
+            self.enqueue_payload(&tx, &rollout_payload(workload, revision, e), now)?;
+        }
+        let key = AlertKey {
+            node: String::new(),
+            name: ROLLOUT_FAILED.into(),
+            subject: workload.into(),
+        };
+        let cur = Self::current(&tx, &key)?;
+        let mut out = Vec::new();
+        let labels = Labels::new();
+        match alert {
+            Some(AlertChange::Fire(summary)) if cur.map(|c| c.0) != Some(true) => {
+                out.push(self.write(
+                    &tx,
+                    &key,
+                    "rollout",
+                    AlertState::Firing,
+                    now,
+                    None,
+                    summary,
+                    &labels,
+                    now,
+                )?);
+            }
+            Some(AlertChange::Resolve) if cur.map(|c| c.0) == Some(true) => {
+                let started = cur.map_or(now, |c| c.1);
+                let summary = format!("{workload}: a new rollout, resume or undo cleared it");
+                out.push(self.write(
+                    &tx,
+                    &key,
+                    "rollout",
+                    AlertState::Resolved,
+                    started,
+                    Some(now),
+                    &summary,
+                    &labels,
+                    now,
+                )?);
+            }
+            _ => {}
         }
         tx.commit()?;
         Ok(out)

@@ -105,6 +105,12 @@ pub fn router(svc: Arc<Service>) -> Router {
         )
         .route("/v1/objects/{kind}/{namespace}/{name}/revisions", get(api::revisions))
         .route("/v1/objects/{kind}/{namespace}/{name}/undo", post(api::undo))
+        .route("/v1/objects/{kind}/{namespace}/{name}/rollout", get(api::rollout))
+        .route(
+            "/v1/objects/{kind}/{namespace}/{name}/rollout/{action}",
+            post(api::rollout_action),
+        )
+        .route("/v1/rollouts", get(api::rollouts))
         .route(
             "/v1/images/blobs/{digest}",
             get(images::get_blob)

@@ -40,6 +40,9 @@ use crate::scheduler::{self, is_online};
 use crate::store::{check_token, NewNode, Store, StoreError, TokenRow};
 use crate::validate;
 use crate::views::{self, View};
+use outpost_api::{RolloutActionResult, RolloutInfo, RolloutPhase};
+use outpost_core::render::workload_key;
+use outpost_core::waves::{self, Decision, Rollout};
 
 pub use outpost_api::now_ms;
 
@@ -88,6 +91,42 @@ pub enum Command {
     DeleteNode { name: String },
     /// Point an image name at an uploaded archive.
     TagImage(ImageTag),
+    /// Pause, resume, abort or undo a workload's rollout (docs/rollouts.md).
+    Rollout { id: ObjectId, action: RolloutAction },
+}
+
+/// What `outpost rollout pause|resume|abort|undo` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RolloutAction {
+    /// No wave opens and no node gets the revision until `resume`.
+    Pause,
+    /// Go on where it stopped.
+    Resume,
+    /// Stop for good: updated nodes keep the revision, the others keep theirs.
+    Abort,
+    /// During a rollout: every updated node goes back to its previous revision. After it: the
+    /// previous revision's template becomes a new revision, rolled out in one wave.
+    Undo,
+}
+
+impl RolloutAction {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pause" => Self::Pause,
+            "resume" => Self::Resume,
+            "abort" => Self::Abort,
+            "undo" => Self::Undo,
+            _ => return None,
+        })
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::Abort => "abort",
+            Self::Undo => "undo",
+        }
+    }
 }
 
 /// A read an operator asks for.
@@ -127,6 +166,12 @@ pub enum Query {
     ImageTags,
     /// The fleet figures a `/metrics` scrape encodes.
     Fleet,
+    /// A workload's current (or last) rollout, with every node.
+    Rollout {
+        id: ObjectId,
+    },
+    /// Every workload's current (or last) rollout, without the per-node lists.
+    Rollouts,
 }
 
 /// What a command or query returns. Each variant is one answer type of the API.
@@ -148,6 +193,9 @@ pub enum Reply {
     Errors(Vec<StoredErrorLine>),
     Logs(LogData),
     Fleet(FleetView),
+    Rollout(Box<RolloutInfo>),
+    Rollouts(Vec<RolloutInfo>),
+    RolloutAction(RolloutActionResult),
 }
 
 impl Reply {
@@ -170,6 +218,9 @@ impl Reply {
             Reply::Alerts(v) => j(v),
             Reply::Errors(v) => j(v),
             Reply::Logs(v) => j(v),
+            Reply::Rollout(v) => j(v),
+            Reply::Rollouts(v) => j(v),
+            Reply::RolloutAction(v) => j(v),
             Reply::Fleet(_) => Ok(serde_json::Value::Null),
         }
     }
@@ -450,6 +501,7 @@ impl Service {
             Command::CreateToken(req) => self.create_token(req).await.map(Reply::Token),
             Command::DeleteNode { name } => self.delete_node(name).await.map(Reply::Deleted),
             Command::TagImage(t) => self.tag_image(t).await.map(Reply::Image),
+            Command::Rollout { id, action } => self.rollout_action(id, action).await.map(Reply::RolloutAction),
         }
     }
 
@@ -458,18 +510,30 @@ impl Service {
             validate::parse_apply_batch(&files, &self.settings.host_paths).map_err(HubError::InvalidManifest)?;
         let _guard = self.write_lock.lock().await;
         let stored = self.db(|s| s.objects()).await?;
+        let before: BTreeMap<ObjectId, u64> = stored.iter().map(|o| (o.object.id(), o.revision)).collect();
         let errors = validate::check_references(&objects, stored.into_iter().map(|o| o.object));
         if !errors.is_empty() {
             return Err(HubError::InvalidManifest(errors));
         }
+        let ids: Vec<ObjectId> = objects.iter().map(Object::id).collect();
         let now = now_ms();
         let results = self.db(move |s| s.apply(&objects, now)).await?;
         let mut changed = false;
-        for r in results.iter().filter(|r| r.action != "unchanged") {
+        let mut started = Vec::new();
+        for (id, r) in ids.into_iter().zip(&results) {
+            if r.action == "unchanged" {
+                continue;
+            }
             changed = true;
             tracing::info!(object = %r.object, action = %r.action, revision = ?r.revision, "object applied");
+            if id.kind.is_workload() && r.revision != before.get(&id).copied() {
+                started.push(id);
+            }
         }
         if changed {
+            // New revisions start their rollouts (the first wave opens now) before nodes are
+            // told anything; a RolloutPolicy change moves running rollouts.
+            self.advance_rollouts_locked(&started, false, now).await;
             self.reschedule_after_commit(now).await;
         }
         Ok(ApplyResponse { results, warnings })
@@ -540,6 +604,8 @@ impl Service {
             .ok_or_else(|| HubError::Internal("apply returned nothing".into()))?;
         tracing::info!(object = %id, from_revision = from, revision = ?result.revision, "rollout undone");
         if result.action != "unchanged" {
+            // A revision the fleet ran before: every node gets it in one (gated) wave.
+            self.advance_rollouts_locked(std::slice::from_ref(&id), true, now).await;
             self.reschedule_after_commit(now).await;
         }
         Ok(result)
@@ -685,7 +751,197 @@ impl Service {
             }
             Query::ImageTags => Ok(Reply::Images(self.db(|s| s.image_tags()).await?)),
             Query::Fleet => self.fleet().await.map(Reply::Fleet),
+            Query::Rollout { id } => self.rollout(id).await.map(|r| Reply::Rollout(Box::new(r))),
+            Query::Rollouts => {
+                let l = self.db(crate::rollouts::load).await?;
+                let now = now_ms();
+                let out = l
+                    .objects
+                    .iter()
+                    .filter_map(|o| {
+                        let r = l.rollouts.get(&workload_key(&o.object.id()))?;
+                        Some(views::rollout_info(
+                            r,
+                            &l,
+                            &o.object,
+                            self.settings.offline_after,
+                            now,
+                            false,
+                        ))
+                    })
+                    .collect();
+                Ok(Reply::Rollouts(out))
+            }
         }
+    }
+
+    async fn rollout(&self, id: ObjectId) -> Result<RolloutInfo, HubError> {
+        if !id.kind.is_workload() {
+            return Err(HubError::BadRequest(format!(
+                "{id} is not a workload: only Deployments and DaemonSets roll out"
+            )));
+        }
+        let l = self.db(crate::rollouts::load).await?;
+        let obj = l
+            .objects
+            .iter()
+            .find(|o| o.object.id() == id)
+            .ok_or_else(|| HubError::NotFound(id.to_string()))?;
+        let key = workload_key(&id);
+        let r = l.rollouts.get(&key).ok_or_else(|| {
+            HubError::NotFound(format!(
+                "rollout of {id} (none recorded yet: the hub starts one with the next change, within a second)"
+            ))
+        })?;
+        Ok(views::rollout_info(
+            r,
+            &l,
+            &obj.object,
+            self.settings.offline_after,
+            now_ms(),
+            true,
+        ))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Rollouts
+
+    /// Start rollouts for `started` and move every rollout on (see `crate::rollouts`); the
+    /// caller holds the write lock and reschedules when it returns true. Failures are logged:
+    /// the controller retries within a second.
+    pub async fn advance_rollouts_locked(&self, started: &[ObjectId], one_wave: bool, now: UnixMs) -> bool {
+        match self.try_advance_rollouts(started, one_wave, now).await {
+            Ok(o) => o.pins_changed,
+            Err(e) => {
+                tracing::warn!(error = %e, "rollout step failed; the rollout controller retries");
+                false
+            }
+        }
+    }
+
+    async fn try_advance_rollouts(
+        &self,
+        started: &[ObjectId],
+        one_wave: bool,
+        now: UnixMs,
+    ) -> Result<crate::rollouts::Outcome, HubError> {
+        let l = self.db(crate::rollouts::load).await?;
+        let (changes, outcome) = crate::rollouts::step(&l, started, one_wave, self.settings.offline_after, now);
+        for (r, decisions) in changes {
+            self.record_rollout(&r, &decisions).await?;
+        }
+        Ok(outcome)
+    }
+
+    /// Store a rollout, then record the events and the alert change of the decisions that led
+    /// to it (webhook rows in the same transaction as the alert).
+    async fn record_rollout(&self, stored: &Rollout, decisions: &[Decision]) -> Result<(), HubError> {
+        let row = stored.clone();
+        self.db(move |s| s.put_rollout(&row)).await?;
+        let events: Vec<_> = decisions.iter().flat_map(|d| d.events.iter().cloned()).collect();
+        let alert = decisions.iter().rev().find_map(|d| d.alert.clone());
+        for e in &events {
+            tracing::info!(workload = %stored.workload, revision = stored.revision, reason = %e.reason,
+                phase = stored.phase.as_str(), "rollout: {}", e.message);
+        }
+        if events.is_empty() && alert.is_none() {
+            return Ok(());
+        }
+        let (w, rev) = (stored.workload.clone(), stored.revision);
+        let alerts = self
+            .mdb(move |m| m.rollout_events(&w, rev, &events, alert.as_ref(), now_ms()))
+            .await?;
+        self.announce(&alerts);
+        self.wake.webhooks.notify_one();
+        Ok(())
+    }
+
+    /// One run of the rollout controller; returns when to look again.
+    pub async fn rollouts_tick(&self, now: UnixMs) -> Duration {
+        let _guard = self.write_lock.lock().await;
+        let outcome = match self.try_advance_rollouts(&[], false, now).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %e, "rollout controller failed; retrying");
+                return crate::rollouts::ACTIVE_TICK;
+            }
+        };
+        if outcome.pins_changed {
+            self.reschedule_after_commit(now).await;
+        }
+        let tick = if outcome.active {
+            crate::rollouts::ACTIVE_TICK
+        } else {
+            crate::rollouts::IDLE_TICK
+        };
+        match outcome.wake_at {
+            Some(t) => Duration::from_millis(u64::try_from(t - now).unwrap_or(0)).min(tick),
+            None => tick,
+        }
+    }
+
+    async fn rollout_action(&self, id: ObjectId, action: RolloutAction) -> Result<RolloutActionResult, HubError> {
+        if !id.kind.is_workload() {
+            return Err(HubError::BadRequest(format!(
+                "{id} is not a workload: only Deployments and DaemonSets roll out"
+            )));
+        }
+        let key = workload_key(&id);
+        let guard = self.write_lock.lock().await;
+        let (obj, current) = {
+            let (lookup, k) = (id.clone(), key.clone());
+            self.db(move |s| Ok((s.object(&lookup)?, s.rollout(&k)?))).await?
+        };
+        let obj = obj.ok_or_else(|| HubError::NotFound(id.to_string()))?;
+        let now = now_ms();
+        let r = current.filter(|r| r.revision == obj.revision);
+        let undo_by_revision = match (&r, action) {
+            (Some(r), RolloutAction::Undo) => !(r.phase.is_active() || r.phase == RolloutPhase::Aborted),
+            (None, RolloutAction::Undo) => true,
+            _ => false,
+        };
+        if undo_by_revision {
+            drop(guard);
+            let res = self.undo(id, None).await?;
+            return Ok(RolloutActionResult {
+                workload: key,
+                action: action.as_str().into(),
+                phase: RolloutPhase::Progressing,
+                message: format!(
+                    "no rollout in progress: revision {} makes the previous template current again and goes to every node in one wave",
+                    res.revision.unwrap_or_default()
+                ),
+                revision: res.revision,
+            });
+        }
+        let r = r.ok_or_else(|| {
+            HubError::NotFound(format!(
+                "rollout of {id} (none recorded for revision {} yet; retry in a second)",
+                obj.revision
+            ))
+        })?;
+        let decided = match action {
+            RolloutAction::Pause => waves::pause(&r, now),
+            RolloutAction::Resume => waves::resume(&r, now),
+            RolloutAction::Abort => waves::abort(&r, now),
+            RolloutAction::Undo => waves::undo(&r, now),
+        }
+        .map_err(|e| HubError::Conflict(e.0))?;
+        let message = decided.events.last().map(|e| e.message.clone()).unwrap_or_default();
+        let phase = decided.rollout.phase;
+        self.record_rollout(&decided.rollout, std::slice::from_ref(&decided))
+            .await?;
+        // Move it on at once (a resume opens the next wave now) and tell the nodes.
+        self.advance_rollouts_locked(&[], false, now).await;
+        self.reschedule_after_commit(now).await;
+        self.wake.rollouts.notify_one();
+        Ok(RolloutActionResult {
+            workload: key,
+            action: action.as_str().into(),
+            phase,
+            message,
+            revision: None,
+        })
     }
 
     async fn read_view(&self) -> Result<View, HubError> {
@@ -972,11 +1228,17 @@ impl Service {
             if resp.generation != since || alert_policy.is_some() || !log_requests.is_empty() {
                 tracing::debug!(node = %node, since, generation = resp.generation, full = resp.full,
                     policy = alert_policy.is_some(), log_requests = log_requests.len(), "sync answered");
+                let n = node.to_string();
+                let prefetch = if resp.generation != since {
+                    self.db(move |s| s.prefetch(&n)).await?
+                } else {
+                    Vec::new()
+                };
                 return Ok(Some(SyncAnswer {
                     sync: resp,
                     alert_policy,
                     log_requests,
-                    prefetch: Vec::new(),
+                    prefetch,
                 }));
             }
             match tokio::time::timeout_at(deadline, rx.changed()).await {

@@ -154,6 +154,19 @@ fn parse_files(
                 for (obj, document) in parsed.objects.iter().zip(&parsed.documents) {
                     let Some(host_paths) = apply else { break };
                     errors.extend(host_paths.check(document, obj));
+                    if let Object::RolloutPolicy(p) = obj {
+                        if let Some(tz) = &p.spec.timezone {
+                            if let Err(e) = jiff::tz::TimeZone::get(tz) {
+                                errors.push(ManifestError {
+                                    document: document.clone(),
+                                    field: "spec.timezone".into(),
+                                    reason: format!(
+                                        "{tz:?} is not a time zone this hub knows ({e}); use an IANA name like Europe/Berlin or UTC"
+                                    ),
+                                });
+                            }
+                        }
+                    }
                     if let Err(e) = gate_timing(obj) {
                         errors.push(ManifestError {
                             document: document.clone(),

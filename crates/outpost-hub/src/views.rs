@@ -4,10 +4,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use outpost_api::{Kind, NodeInfo, Phase, Placement, Runtime, UnixMs, WorkloadInfo, WorkloadStatus, PROCESS_RUNTIME};
+use outpost_api::{
+    Kind, NodeInfo, NodeRolloutInfo, NodeRolloutState, Object, Phase, Placement, RolloutInfo, Runtime, UnixMs,
+    WaveInfo, WorkloadInfo, WorkloadStatus, PROCESS_RUNTIME,
+};
 use outpost_core::render::workload_key;
 use outpost_core::schedule::selector_matches;
+use outpost_core::waves::{node_state, planned_waves, Rollout};
 
+use crate::rollouts::{node_views, Loaded, Zones};
 use crate::scheduler::{is_online, status_word, workload_view};
 use crate::store::{DesiredRow, NodeRow, StoredObject};
 
@@ -104,5 +109,109 @@ pub fn node_info(n: NodeRow, workloads: Vec<WorkloadStatus>, offline_after: Dura
         workloads,
         events: Vec::new(),
         conditions: Vec::new(),
+    }
+}
+
+/// A workload's rollout as `outpost rollout status` shows it: opened waves with their counts,
+/// the waves still to open as they would open now, every node's state and reason, the events.
+/// `with_nodes: false` leaves out the per-node list (fleet-wide listings).
+pub fn rollout_info(
+    r: &Rollout,
+    l: &Loaded,
+    obj: &Object,
+    offline_after: Duration,
+    now: UnixMs,
+    with_nodes: bool,
+) -> RolloutInfo {
+    let policy = l.policy_for(obj);
+    let mut zones = Zones::default();
+    let views = node_views(l, &r.workload, r.revision, &policy, &mut zones, offline_after, now);
+    let mut waves: Vec<WaveInfo> = r
+        .waves
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+            let mut nodes = 0;
+            for m in r.members.values().filter(|m| m.wave as usize == i) {
+                nodes += 1;
+                *counts.entry(m.state.as_str().to_string()).or_default() += 1;
+            }
+            let state = match (w.completed_at, w.gates_done_at) {
+                (Some(_), _) => "Complete",
+                (None, Some(_)) => "Baking",
+                (None, None) => "Open",
+            };
+            WaveInfo {
+                index: i as u32,
+                name: w.name.clone(),
+                state: state.into(),
+                nodes,
+                counts,
+                opened_at: Some(w.opened_at),
+                gates_done_at: w.gates_done_at,
+                completed_at: w.completed_at,
+                bake_secs: (w.bake_ms / 1000) as u64,
+            }
+        })
+        .collect();
+    for (name, nodes) in planned_waves(r, &policy, &views) {
+        waves.push(WaveInfo {
+            index: waves.len() as u32,
+            name,
+            state: "Planned".into(),
+            nodes: nodes.len() as u32,
+            counts: [(NodeRolloutState::Pending.as_str().to_string(), nodes.len() as u32)].into(),
+            opened_at: None,
+            gates_done_at: None,
+            completed_at: None,
+            bake_secs: 0,
+        });
+    }
+    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+    let mut nodes = Vec::new();
+    for v in &views {
+        let state = node_state(r, &v.name);
+        *counts.entry(state.as_str().to_string()).or_default() += 1;
+        if !with_nodes {
+            continue;
+        }
+        let status = l.statuses.get(&(v.name.clone(), r.workload.clone()));
+        let member = r.members.get(&v.name);
+        let reason = member.and_then(|m| m.reason.clone()).or_else(|| {
+            status
+                .and_then(|s| s.rollout.as_ref())
+                .filter(|g| g.target_revision == r.revision)
+                .and_then(|g| g.reason.clone())
+        });
+        let desired = l
+            .desired
+            .get(&r.workload)
+            .and_then(|m| m.get(&v.name))
+            .map(|d| d.revision)
+            .unwrap_or(r.revision);
+        nodes.push(NodeRolloutInfo {
+            node: v.name.clone(),
+            wave: member.map(|m| m.wave),
+            state,
+            desired_revision: desired,
+            running_revision: status.map(|s| s.revision),
+            online: v.online,
+            reason,
+        });
+    }
+    RolloutInfo {
+        workload: r.workload.clone(),
+        revision: r.revision,
+        previous_revision: r.previous,
+        phase: r.phase,
+        reason: r.reason.clone(),
+        policy: policy.name,
+        started_at: r.started_at,
+        updated_at: r.updated_at,
+        waves,
+        counts,
+        nodes,
+        events: r.events.clone(),
     }
 }
