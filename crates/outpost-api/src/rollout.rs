@@ -355,6 +355,9 @@ pub struct NodeRolloutInfo {
     #[serde(default)]
     pub running_revision: Option<u64>,
     pub online: bool,
+    /// The node's own update gate of the revision it was handed, as it last reported it.
+    #[serde(default)]
+    pub gate: Option<crate::RolloutState>,
     #[serde(default)]
     pub reason: Option<String>,
 }

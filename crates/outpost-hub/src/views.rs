@@ -190,6 +190,10 @@ pub fn rollout_info(
             .and_then(|m| m.get(&v.name))
             .map(|d| d.revision)
             .unwrap_or(r.revision);
+        let gate = status
+            .and_then(|s| s.rollout.as_ref())
+            .filter(|g| g.target_revision == desired)
+            .map(|g| g.state);
         nodes.push(NodeRolloutInfo {
             node: v.name.clone(),
             wave: member.map(|m| m.wave),
@@ -197,6 +201,7 @@ pub fn rollout_info(
             desired_revision: desired,
             running_revision: status.map(|s| s.revision),
             online: v.online,
+            gate,
             reason,
         });
     }
