@@ -400,6 +400,9 @@ pub async fn sync_loop(
                 for r in a.log_requests {
                     let _ = monitor.log_requests.send(r);
                 }
+                if !a.prefetch.is_empty() {
+                    let _ = monitor.prefetch.send(a.prefetch);
+                }
                 if let Some(p) = a.alert_policy {
                     if let Err(e) = monitor.set_policy(p) {
                         warn!(error = %e, "cannot persist the new alert policy; keeping the old one");

@@ -90,7 +90,7 @@ pub struct FailureThreshold {
     pub min_sample: Option<u32>,
 }
 
-/// A maintenance window: from `start` (`HH:MM`, node-local) for `duration`, on `days`
+/// A maintenance window: from `start` (`HH:MM`, or `HH:MM:SS`, node-local) for `duration`, on `days`
 /// (`Mon`..`Sun`; default every day). A window may run past midnight.
 #[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -108,18 +108,22 @@ pub const MAX_WINDOW_SECS: u64 = 7 * 86_400;
 /// The default label holding a node's time zone.
 pub const TIMEZONE_LABEL: &str = "node.outpost.dev/timezone";
 
-/// `HH:MM` -> minutes after midnight.
-pub fn parse_clock(s: &str) -> Result<u16, String> {
+/// `HH:MM` (or `HH:MM:SS`) -> seconds after midnight.
+pub fn parse_clock(s: &str) -> Result<u32, String> {
     let bad = || format!("{s:?} is not a time of day like 02:30 (24-hour HH:MM)");
-    let (h, m) = s.split_once(':').ok_or_else(bad)?;
-    if h.len() != 2 || m.len() != 2 {
+    let parts: Vec<&str> = s.split(':').collect();
+    if !(2..=3).contains(&parts.len()) || parts.iter().any(|p| p.len() != 2) {
         return Err(bad());
     }
-    let (h, m): (u16, u16) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
-    if h > 23 || m > 59 {
+    let n: Vec<u32> = parts
+        .iter()
+        .map(|p| p.parse::<u32>().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    let (h, m, sec) = (n[0], n[1], n.get(2).copied().unwrap_or(0));
+    if h > 23 || m > 59 || sec > 59 {
         return Err(bad());
     }
-    Ok(h * 60 + m)
+    Ok(h * 3600 + m * 60 + sec)
 }
 
 /// A time-zone label value (`Europe.Berlin`) as an IANA name (`Europe/Berlin`).
@@ -415,9 +419,10 @@ mod tests {
 
     #[test]
     fn clocks_and_policies_are_checked() {
-        assert_eq!(parse_clock("02:30"), Ok(150));
-        assert_eq!(parse_clock("23:59"), Ok(1439));
-        for bad in ["2:30", "24:00", "12:60", "noon", "12-30"] {
+        assert_eq!(parse_clock("02:30"), Ok(150 * 60));
+        assert_eq!(parse_clock("23:59"), Ok(1439 * 60));
+        assert_eq!(parse_clock("23:59:30"), Ok(1439 * 60 + 30));
+        for bad in ["2:30", "24:00", "12:60", "noon", "12-30", "12:00:60", "12:00:00:00"] {
             assert!(parse_clock(bad).is_err(), "{bad}");
         }
         let spec: RolloutPolicySpec = serde_json::from_value(serde_json::json!({

@@ -94,8 +94,8 @@ pub enum OnFailure {
 pub struct Window {
     /// Bit 0 = Monday .. bit 6 = Sunday; 0 = every day.
     pub days: u8,
-    /// Minutes after local midnight.
-    pub start_min: u16,
+    /// Seconds after local midnight.
+    pub start_secs: u32,
     pub duration_ms: i64,
 }
 
@@ -216,7 +216,7 @@ impl Policy {
                         .fold(0u8, |m, i| m | (1 << i));
                     Some(Window {
                         days,
-                        start_min: parse_clock(&w.start).ok()?,
+                        start_secs: parse_clock(&w.start).ok()?,
                         duration_ms: duration_ms(Some(&w.duration), 0).max(1),
                     })
                 })
@@ -247,7 +247,8 @@ fn ts(ms: UnixMs) -> Timestamp {
 
 /// When `w` opens on local `date` (None if the date is out of range).
 fn opening(w: &Window, date: Date, tz: &TimeZone) -> Option<UnixMs> {
-    let dt = date.at((w.start_min / 60) as i8, (w.start_min % 60) as i8, 0, 0);
+    let s = w.start_secs;
+    let dt = date.at((s / 3600) as i8, ((s / 60) % 60) as i8, (s % 60) as i8, 0);
     // `compatible`: a start in a spring-forward gap moves forward by the gap, an ambiguous one
     // in a fall-back fold takes the earlier instant.
     let z = tz.to_ambiguous_zoned(dt).compatible().ok()?;
@@ -1606,7 +1607,7 @@ mod tests {
         let tz = berlin();
         let w = |days: u8, start: &str, hours: i64| Window {
             days,
-            start_min: parse_clock(start).unwrap(),
+            start_secs: parse_clock(start).unwrap(),
             duration_ms: hours * 3_600_000,
         };
         // 23:00 for 3 h, Saturdays only (2024-06-01 is a Saturday)
@@ -1643,7 +1644,7 @@ mod tests {
         let tz = berlin();
         let w = |start: &str, hours: i64| Window {
             days: 0,
-            start_min: parse_clock(start).unwrap(),
+            start_secs: parse_clock(start).unwrap(),
             duration_ms: hours * 3_600_000,
         };
         // spring forward, 2024-03-31: 02:00 -> 03:00. A 02:30 start does not exist that day: it
@@ -1680,7 +1681,7 @@ mod tests {
         let p = Policy {
             windows: vec![Window {
                 days: 0,
-                start_min: parse_clock("02:00").unwrap(),
+                start_secs: parse_clock("02:00").unwrap(),
                 duration_ms: 60 * MIN,
             }],
             ..Policy::default()
@@ -1726,7 +1727,7 @@ mod tests {
             p.windows,
             vec![Window {
                 days: 0b110_0000,
-                start_min: 90,
+                start_secs: 90 * 60,
                 duration_ms: 120 * MIN
             }]
         );

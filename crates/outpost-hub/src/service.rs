@@ -252,13 +252,51 @@ pub struct Settings {
     pub monitor: MonitorConfig,
 }
 
-/// The hub's side of the node links: long-poll wake-ups and operator log requests relayed
-/// through them.
+/// The hub's side of the node links: long-poll wake-ups, which nodes hold a long-poll now, and
+/// operator log requests relayed through them.
 #[derive(Default)]
 pub struct Links {
     /// Per node: the latest generation, to wake waiting long-polls.
     watchers: Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// Per node: long-polls open now. A node holding one is reachable whatever its last contact
+    /// (a long-poll lasts up to 30 s; `--offline-after` may be shorter).
+    connected: Mutex<HashMap<String, usize>>,
     pub logs: LogBroker,
+}
+
+impl Links {
+    /// Nodes holding a long-poll now.
+    pub fn connected(&self) -> std::collections::BTreeSet<String> {
+        lock(&self.connected).keys().cloned().collect()
+    }
+}
+
+/// Counts a node's long-poll as open while it lives.
+struct Connected<'a> {
+    links: &'a Links,
+    node: String,
+}
+
+impl<'a> Connected<'a> {
+    fn new(links: &'a Links, node: &str) -> Self {
+        *lock(&links.connected).entry(node.to_string()).or_default() += 1;
+        Self {
+            links,
+            node: node.to_string(),
+        }
+    }
+}
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        let mut c = lock(&self.links.connected);
+        if let Some(n) = c.get_mut(&self.node) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.node);
+            }
+        }
+    }
 }
 
 /// Wake-ups of the controllers that react to events between their periodic runs.
@@ -753,7 +791,8 @@ impl Service {
             Query::Fleet => self.fleet().await.map(Reply::Fleet),
             Query::Rollout { id } => self.rollout(id).await.map(|r| Reply::Rollout(Box::new(r))),
             Query::Rollouts => {
-                let l = self.db(crate::rollouts::load).await?;
+                let mut l = self.db(crate::rollouts::load).await?;
+                l.connected = self.links.connected();
                 let now = now_ms();
                 let out = l
                     .objects
@@ -781,7 +820,8 @@ impl Service {
                 "{id} is not a workload: only Deployments and DaemonSets roll out"
             )));
         }
-        let l = self.db(crate::rollouts::load).await?;
+        let mut l = self.db(crate::rollouts::load).await?;
+        l.connected = self.links.connected();
         let obj = l
             .objects
             .iter()
@@ -825,7 +865,8 @@ impl Service {
         one_wave: bool,
         now: UnixMs,
     ) -> Result<crate::rollouts::Outcome, HubError> {
-        let l = self.db(crate::rollouts::load).await?;
+        let mut l = self.db(crate::rollouts::load).await?;
+        l.connected = self.links.connected();
         let (changes, outcome) = crate::rollouts::step(&l, started, one_wave, self.settings.offline_after, now);
         for (r, decisions) in changes {
             self.record_rollout(&r, &decisions).await?;
@@ -1216,6 +1257,7 @@ impl Service {
         // Subscribe before reading, so a change committed after the read still wakes us.
         let mut rx = self.subscribe(node);
         let _connected = crate::metrics::LongPollGuard::new(self.metrics.clone());
+        let _link = Connected::new(&self.links, node);
         let deadline = tokio::time::Instant::now() + self.settings.long_poll;
         loop {
             let n = node.to_string();

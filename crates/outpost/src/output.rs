@@ -776,8 +776,7 @@ async fn watch_rollout(c: &Client, base: &str, mut info: outpost_api::RolloutInf
                 counts_text(&info.counts),
                 info.waves
                     .iter()
-                    .filter(|w| w.state != "Planned")
-                    .last()
+                    .rfind(|w| w.state != "Planned")
                     .map(|w| format!("; {}", wave_line(w, now)))
                     .unwrap_or_default()
             );
