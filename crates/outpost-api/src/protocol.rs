@@ -10,10 +10,11 @@ use crate::manifest::{Kind, Labels, ManifestError, Warning};
 /// Protocol major version; the hub refuses a higher one (docs/protocol.md §8).
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Protocol minor version: additive changes an older peer can ignore (1.1: node-label
-/// restriction, two-phase renewal, renewal of expired certificates).
-pub const PROTOCOL_MINOR: u32 = 1;
+/// restriction, two-phase renewal, renewal of expired certificates; 1.2: fleet rollouts, the
+/// `prefetch` hint in sync answers).
+pub const PROTOCOL_MINOR: u32 = 2;
 /// `<major>.<minor>`, as agents send it in [`PROTOCOL_HEADER`].
-pub const PROTOCOL: &str = "1.1";
+pub const PROTOCOL: &str = "1.2";
 /// Header carrying [`PROTOCOL`].
 pub const PROTOCOL_HEADER: &str = "x-outpost-protocol";
 /// How long the hub holds a sync long-poll open when nothing changes.
