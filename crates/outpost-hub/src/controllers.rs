@@ -7,6 +7,7 @@
 //! | `alert-rules` | `outpost_core::alerts::{fleet_alerts, condition_alerts, diff_hub_alerts}` | every `OUTPOST_ALERT_EVAL_MS` (5 s) |
 //! | `rollouts` | `outpost_core::waves::{start, decide}` | on gate results and nodes coming back, at bake ends and window openings, every 1 s while a rollout is active (10 s otherwise) |
 //! | `webhooks` | `outpost_core::retry::webhook` | when an alert or rollout event is queued, or a retry is due |
+//! | `retention` | resolved alerts kept 7 days | hourly (events, error lines and webhook rows are capped where they are written) |
 //!
 //! The scheduler is not a loop: every command that changes objects or nodes reschedules under
 //! the write lock before it answers (`Service::reschedule_locked`), and a node back from
@@ -24,6 +25,9 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::service::{now_ms, Service};
+
+/// How often the retention controller runs.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 
 /// Runs once; returns the longest wait before the next run.
 type Run = Box<dyn Fn(Arc<Service>) -> BoxFuture<'static, Duration> + Send + Sync>;
@@ -58,6 +62,20 @@ pub fn all(svc: &Service) -> Vec<Controller> {
             name: "rollouts",
             run: Box::new(|svc| Box::pin(async move { svc.rollouts_tick(now_ms()).await })),
             wake: Some(|s| &s.wake.rollouts),
+        },
+        Controller {
+            name: "retention",
+            run: Box::new(|svc| {
+                Box::pin(async move {
+                    match svc.mdb(|m| m.prune(now_ms())).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(alerts = n, "forgot resolved alerts older than 7 days"),
+                        Err(e) => tracing::warn!(error = %e, "pruning resolved alerts failed; retrying in an hour"),
+                    }
+                    RETENTION_EVERY
+                })
+            }),
+            wake: None,
         },
         Controller {
             name: "webhooks",

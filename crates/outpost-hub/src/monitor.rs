@@ -468,6 +468,14 @@ impl Monitor {
         Ok(out)
     }
 
+    /// Forget resolved alerts older than 7 days; returns how many went.
+    pub fn prune(&self, now: UnixMs) -> R<usize> {
+        self.lock().execute(
+            "DELETE FROM alerts WHERE state = 'Resolved' AND updated_at < ?1",
+            params![now - RESOLVED_KEPT_MS],
+        )
+    }
+
     /// Alerts, firing first then newest; resolved ones only with `all`.
     pub fn alerts(&self, all: bool) -> R<Vec<AlertInfo>> {
         let c = self.lock();

@@ -127,16 +127,78 @@ fn node_events(hub: &Hub, node: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A webhook receiver on loopback: collects every JSON body POSTed to it.
+struct Hooks {
+    url: String,
+    got: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+impl Hooks {
+    fn start() -> Hooks {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://127.0.0.1:{}/hook", l.local_addr().unwrap().port());
+        let got: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
+        let g = got.clone();
+        // the thread ends with the test process
+        std::thread::spawn(move || {
+            for conn in l.incoming().flatten() {
+                conn.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut len = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0u8; len];
+                if r.read_exact(&mut body).is_ok() {
+                    if let Ok(v) = serde_json::from_slice(&body) {
+                        g.lock().unwrap().push(v);
+                    }
+                }
+                let mut w = conn;
+                let _ = w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
+            }
+        });
+        Hooks { url, got }
+    }
+
+    /// Reasons of the rollout events received for `workload`, in order.
+    fn rollout_events(&self, workload: &str) -> Vec<String> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p["status"] == "rollout" && p["event"]["workload"] == workload)
+            .map(|p| p["event"]["reason"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+
+    fn alert(&self, name: &str, status: &str) -> bool {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|p| p["alert"]["name"] == name && p["status"] == status)
+    }
+}
+
 fn hub_log(hub: &Hub) -> String {
     std::fs::read_to_string(hub.dir.join("hub.log")).unwrap_or_default()
 }
 
 /// 12 agents, the built-in policy: a revision that crashes on every node stops at the canary.
 /// No other node ever starts it, the fleet ends on the previous revision, and `rollout status`
-/// names the canary's reason; RolloutFailed fires.
+/// names the canary's reason; RolloutFailed fires, and the webhooks get the rollout's events.
 #[test]
 fn a_crashing_revision_stops_at_the_canary_with_the_default_policy() {
-    let hub = Hub::start();
+    let hooks = Hooks::start();
+    let hub = Hub::start_with(&["--webhook", &hooks.url], &[]);
     let _agents = join(&hub, "store", 12, "chain=retail");
     let (m1, m2) = (marker(), marker());
     hub.apply(&app("web", &sleeper(&m1)));
@@ -191,6 +253,11 @@ fn a_crashing_revision_stops_at_the_canary_with_the_default_policy() {
             .any(|a| a["name"] == "RolloutFailed" && a["subject"] == "daemonset/default/web"),
         "RolloutFailed fires: {alerts}"
     );
+    wait_for("rollout events and RolloutFailed at the webhook", 30.0, || {
+        let ev = hooks.rollout_events("daemonset/default/web");
+        let want = ["RolloutStarted", "WaveStarted", "RolloutFailed", "RolloutRolledBack"];
+        (want.iter().all(|w| ev.iter().any(|e| e == w)) && hooks.alert("RolloutFailed", "firing")).then_some(ev)
+    });
     // -w ends at once with the failure
     let o = hub.try_cli(&["rollout", "status", "web", "-w"]);
     assert!(!o.status.success());
