@@ -51,9 +51,15 @@ pub enum HubError {
     /// The request does not fit the object's state (e.g. resuming a rollout that is not paused).
     #[error("{0}")]
     Conflict(String),
-    /// A node did not answer a request relayed through its own link (offline, or too slow).
+    /// A node did not answer a request relayed through its own link in time.
     #[error("{0}")]
     NodeUnreachable(String),
+    /// A request needs a node that is offline now (its link is down): try again later.
+    #[error("{0}")]
+    NodeOffline(String),
+    /// The caller is known but may not make this request.
+    #[error("{0}")]
+    NotAllowed(String),
     #[error("internal hub error: {0}; see the hub's log, and retry")]
     Internal(String),
     #[error(
@@ -116,6 +122,8 @@ impl HubError {
             BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             NodeUnreachable(_) => (StatusCode::GATEWAY_TIMEOUT, "node_unreachable"),
+            NodeOffline(_) => (StatusCode::CONFLICT, "node_offline"),
+            NotAllowed(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             DiskFull => (StatusCode::INSUFFICIENT_STORAGE, "disk_full"),

@@ -180,6 +180,8 @@ pub async fn get_tags(
     match q.name {
         Some(name) => svc.query(Query::ImageTag { name }).await,
         None if who == ImageReader::Admin => svc.query(Query::ImageTags).await,
-        None => Err(HubError::BadRequest("nodes ask for one image: add ?name=IMAGE".into())),
+        None => Err(HubError::NotAllowed(
+            "a node may only ask for one image (?name=IMAGE); listing every image needs the admin token".into(),
+        )),
     }
 }

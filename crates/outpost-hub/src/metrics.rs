@@ -64,7 +64,22 @@ pub struct Metrics {
     pub error_lines: Counter,
     pub log_requests_ok: Counter,
     pub log_requests_failed: Counter,
+    rollout_events: Family<LabelSet, Counter>,
 }
+
+/// The rollout event reasons counted (the label is bounded to these).
+pub const ROLLOUT_EVENTS: &[&str] = &[
+    "RolloutStarted",
+    "WaveStarted",
+    "WaveCompleted",
+    "RolloutPaused",
+    "RolloutResumed",
+    "RolloutFailed",
+    "RolloutRolledBack",
+    "RolloutAborted",
+    "RolloutComplete",
+    "RolloutSuperseded",
+];
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -120,7 +135,17 @@ impl Default for Metrics {
             "Operator log requests, by result (ok, failed)",
             log_requests.clone(),
         );
+        let rollout_events = Family::<LabelSet, Counter>::default();
+        registry.register(
+            "outpost_hub_rollout_events",
+            "Fleet rollout events recorded, by reason (docs/rollouts.md)",
+            rollout_events.clone(),
+        );
+        for r in ROLLOUT_EVENTS {
+            child(&rollout_events, "reason", r);
+        }
         Self {
+            rollout_events,
             alerts_fired: child(&notifications, "state", "firing"),
             alerts_resolved: child(&notifications, "state", "resolved"),
             webhook_ok: child(&webhooks, "result", "ok"),
@@ -162,6 +187,15 @@ pub fn route_of(path: &str) -> &'static str {
 }
 
 impl Metrics {
+    /// Count a rollout event (reasons outside [`ROLLOUT_EVENTS`] are not counted).
+    pub fn rollout_event(&self, reason: &str) {
+        if let Some(r) = ROLLOUT_EVENTS.iter().find(|r| **r == reason) {
+            self.rollout_events
+                .get_or_create(&vec![("reason", r.to_string())])
+                .inc();
+        }
+    }
+
     pub fn observe(&self, route: &'static str, status: u16, secs: f64) {
         let class = format!("{}xx", status / 100);
         self.requests
@@ -552,6 +586,8 @@ mod tests {
         m.webhook_retry.inc();
         m.error_lines.inc_by(3);
         m.log_requests_ok.inc();
+        m.rollout_event("WaveStarted");
+        m.rollout_event("NotAReason");
         let _poll = LongPollGuard::new(Arc::new(Metrics::default()));
         m.long_polls.inc();
         let mut f = FleetView {

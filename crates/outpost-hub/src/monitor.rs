@@ -645,6 +645,58 @@ mod tests {
     }
 
     #[test]
+    fn rollout_events_queue_webhooks_and_raise_one_alert() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Monitor::open(&dir.path().join("hub.db"), vec!["http://a".into()]).unwrap();
+        let ev = |reason: &str| RolloutEvent {
+            at: 5,
+            reason: reason.into(),
+            message: format!("{reason} message"),
+        };
+        let w = "daemonset/default/web";
+        let fire = AlertChange::Fire("revision 7 failed: node a: exited".into());
+        let out = m
+            .rollout_events(w, 7, &[ev("RolloutFailed"), ev("RolloutRolledBack")], Some(&fire), 10)
+            .unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (out[0].name.as_str(), out[0].node.as_str(), out[0].subject.as_str()),
+            (ROLLOUT_FAILED, "", w)
+        );
+        assert_eq!(out[0].severity, "critical");
+        // firing again is no new transition; the events still go out
+        assert!(m
+            .rollout_events(w, 7, &[ev("WaveStarted")], Some(&fire), 11)
+            .unwrap()
+            .is_empty());
+        let hooks = m.due_hooks(100, 10).unwrap();
+        let bodies: Vec<serde_json::Value> = hooks
+            .iter()
+            .map(|h| serde_json::from_str(&h.payload).unwrap())
+            .collect();
+        let reasons: Vec<&str> = bodies.iter().filter_map(|b| b["event"]["reason"].as_str()).collect();
+        assert_eq!(reasons, ["RolloutFailed", "RolloutRolledBack", "WaveStarted"]);
+        assert_eq!(bodies[0]["status"], "rollout");
+        assert!(bodies[0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("[RolloutFailed] daemonset/default/web"));
+        assert_eq!(
+            bodies.iter().filter(|b| b["alert"]["name"] == ROLLOUT_FAILED).count(),
+            1
+        );
+        // the next rollout clears it, once
+        let out = m.rollout_events(w, 8, &[], Some(&AlertChange::Resolve), 20).unwrap();
+        assert_eq!((out.len(), out[0].state), (1, AlertState::Resolved));
+        assert!(m
+            .rollout_events(w, 8, &[], Some(&AlertChange::Resolve), 21)
+            .unwrap()
+            .is_empty());
+        // hub rules never touch it (their source is "hub")
+        assert!(m.firing_hub_alerts().unwrap().is_empty());
+    }
+
+    #[test]
     fn node_events_dedup_and_enqueue_one_webhook_per_transition() {
         let dir = tempfile::tempdir().unwrap();
         let m = Monitor::open(&dir.path().join("hub.db"), vec!["http://a".into(), "http://b".into()]).unwrap();

@@ -306,6 +306,8 @@ pub struct Wakeups {
     pub webhooks: Notify,
     /// A workload changed or nodes reported: the rollout controller looks again.
     pub rollouts: Notify,
+    /// Some rollout is Progressing or Paused (status reports wake the controller only then).
+    pub rollouts_active: std::sync::atomic::AtomicBool,
 }
 
 pub struct Service {
@@ -868,6 +870,9 @@ impl Service {
         let mut l = self.db(crate::rollouts::load).await?;
         l.connected = self.links.connected();
         let (changes, outcome) = crate::rollouts::step(&l, started, one_wave, self.settings.offline_after, now);
+        self.wake
+            .rollouts_active
+            .store(outcome.active, std::sync::atomic::Ordering::Relaxed);
         for (r, decisions) in changes {
             self.record_rollout(&r, &decisions).await?;
         }
@@ -882,6 +887,7 @@ impl Service {
         let events: Vec<_> = decisions.iter().flat_map(|d| d.events.iter().cloned()).collect();
         let alert = decisions.iter().rev().find_map(|d| d.alert.clone());
         for e in &events {
+            self.metrics.rollout_event(&e.reason);
             tracing::info!(workload = %stored.workload, revision = stored.revision, reason = %e.reason,
                 phase = stored.phase.as_str(), "rollout: {}", e.message);
         }
@@ -1078,9 +1084,9 @@ impl Service {
             .ok_or_else(|| HubError::NotFound(format!("node {node}")))?;
         let now = now_ms();
         let failed = || self.metrics.log_requests_failed.inc();
-        if !is_online(&row, self.settings.offline_after, now) {
+        if !is_online(&row, self.settings.offline_after, now) && !self.links.connected().contains(&node) {
             failed();
-            return Err(HubError::NodeUnreachable(format!(
+            return Err(HubError::NodeOffline(format!(
                 "node {node} is offline (last contact {} ago): logs travel over the node's own link, so try again once it is back (`outpost get nodes`); forwarded errors are here already: `outpost logs --errors {node}`",
                 human_duration(now - row.last_contact()),
             )));
@@ -1330,7 +1336,8 @@ impl Service {
         self.on_node_report(node, report.events.clone(), vitals, conditions)
             .await?;
         let events = report.events.len();
-        let gates = report.workloads.iter().any(|w| w.rollout.is_some()) || report.full;
+        let gates = self.wake.rollouts_active.load(std::sync::atomic::Ordering::Relaxed)
+            && (report.workloads.iter().any(|w| w.rollout.is_some()) || report.full);
         let events_acked = self.record_status(node.to_string(), report, now).await?;
         if gates {
             // Gate results move rollout waves.
