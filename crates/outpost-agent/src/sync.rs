@@ -31,7 +31,7 @@ use crate::store::{Desired, Store};
 /// Failures talking to the hub. None of them stop the node's workloads.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("hub unreachable: {0}")]
+    #[error("hub unreachable: {}", transport_text(.0))]
     Transport(#[from] reqwest::Error),
     #[error("hub answered {status} {code}: {message}")]
     Hub { status: u16, code: String, message: String },
@@ -57,6 +57,31 @@ impl LinkError {
 
 /// The hub's code for a request made with an expired node certificate.
 const CERTIFICATE_EXPIRED: &str = "certificate_expired";
+
+/// A transport error with its whole cause chain (reqwest's own text names only the URL), and
+/// what to do when the cause is this node's clock: a hub certificate "not valid yet" or
+/// "expired" by the node's clock means the clock is wrong, not the hub.
+pub fn transport_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = err.source();
+    }
+    let mut out = parts.join(": ");
+    // The rustls error arrives re-wrapped by the HTTP layers (it cannot be downcast); its text
+    // is stable: "invalid peer certificate: certificate not valid yet|expired: ...".
+    if out.contains("certificate not valid yet") || out.contains("invalid peer certificate: certificate expired") {
+        out.push_str(&format!(
+            "; this node's clock reads {} (Unix seconds, UTC): if that is wrong, fix the clock (NTP, or `date -s`); the hub's certificate is fine",
+            outpost_api::now_ms() / 1000
+        ));
+    }
+    out
+}
 
 /// The status heartbeat: 5 min with ±20 % jitter (so a fleet that changed at one instant does
 /// not report in lockstep ever after). Liveness comes from the long-poll, and every change,
@@ -382,6 +407,7 @@ pub async fn sync_loop(
     // Local save failures (a full disk) retry on their own, shorter schedule.
     let mut save_backoff = Backoff::new(retry::STATE_WRITE);
     let mut connected = false;
+    let mut last_warned: Option<std::time::Instant> = None;
     let mut upkeep = CertUpkeep::default();
     loop {
         let renew_in = keep_certificate(&client, &mut upkeep).await.unwrap_or(Duration::MAX);
@@ -443,8 +469,17 @@ pub async fn sync_loop(
                 } else {
                     crate::retry_delay(&mut backoff)
                 };
-                if connected || e.is_fatal() {
-                    warn!(error = %e, retry_in = ?d, "lost the hub; workloads keep running from local state");
+                // Said at warn level when the link is lost, when the hub has not been reached since
+                // the agent started, and every 10 minutes while it stays unreachable.
+                let due = last_warned.is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(600));
+                if connected || e.is_fatal() || due {
+                    let what = if connected {
+                        "lost the hub; workloads keep running from local state"
+                    } else {
+                        "cannot reach the hub; workloads keep running from local state"
+                    };
+                    warn!(error = %e, retry_in = ?d, "{what}");
+                    last_warned = Some(std::time::Instant::now());
                 } else {
                     debug!(error = %e, retry_in = ?d, "hub still unreachable");
                 }

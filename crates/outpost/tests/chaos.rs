@@ -668,3 +668,35 @@ fn agents_with_clocks_hours_off_still_work() {
         });
     }
 }
+
+/// An agent whose clock is days behind (beyond the certificates' back-dating) cannot verify the
+/// hub, and says why: its log names the clock, at warn level, rather than "hub unreachable".
+#[test]
+fn an_agent_whose_clock_is_days_off_says_the_clock_is_wrong() {
+    let lib = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+    assert!(
+        Path::new(lib).exists(),
+        "{lib} is missing: install Debian's faketime package"
+    );
+    let hub = Hub::start();
+    let token = hub.token(&[]);
+    let mut a = hub.join("days-behind", &token);
+    a.env = vec![
+        ("LD_PRELOAD".into(), lib.into()),
+        ("FAKETIME".into(), "-5d".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ];
+    a.start();
+    wait_logged(
+        "the agent to say its clock is wrong",
+        30.0,
+        &hub,
+        std::slice::from_ref(&a),
+        || {
+            let log = a.log();
+            log.lines()
+                .any(|l| l.contains("WARN") && l.contains("fix the clock"))
+                .then_some(())
+        },
+    );
+}
