@@ -7,6 +7,7 @@
 
 pub mod manifest;
 pub mod parse;
+pub mod pipeline;
 pub mod protocol;
 
 pub use manifest::*;

@@ -6,6 +6,7 @@
 //! is tested table-style without sockets, files or timers.
 
 pub mod alerts;
+pub mod pipeline;
 pub mod probe;
 pub mod render;
 pub mod rollout;
