@@ -7,8 +7,8 @@
 //! evaluated on the node (`alerts`), workload log rotation, error forwarding and log requests
 //! (`logs`).
 //!
-//! Must never: need the hub to start, restart or keep a workload; listen on a port (agents only
-//! dial out); act on a desired state before it is persisted; run two processes for one unit.
+//! Must never: need the hub to start, restart or keep a workload; open a port to the WAN (agents
+//! dial out; the pipeline's listeners bind to loopback unless told otherwise); act on a desired state before it is persisted; run two processes for one unit.
 //!
 //! Start-up order (`run`): open the store -> load the last desired state -> adopt processes that
 //! survived an agent restart -> start what is missing -> only then try the hub.
@@ -18,9 +18,11 @@ pub mod docker;
 pub mod identity;
 pub mod images;
 pub mod logs;
+pub mod pipeline;
 pub mod probe;
 pub mod reconcile;
 pub mod runtime;
+pub mod spool;
 pub mod store;
 pub mod sync;
 pub mod vitals;
@@ -43,6 +45,8 @@ pub struct RunOptions {
     /// Stop every workload when the agent exits (the demo). Normally workloads keep running
     /// and the next agent start re-adopts them.
     pub stop_workloads_on_exit: bool,
+    /// The edge data pipeline's listeners and spool budget.
+    pub pipeline: pipeline::Options,
 }
 
 /// Run the agent until `shutdown` resolves.
@@ -114,11 +118,27 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
     ));
     let m4 = tokio::spawn(logs::request_loop(client.clone(), o.data_dir.clone(), logreq_rx));
 
+    // The edge data pipeline: listeners on loopback by default, streams from the persisted
+    // pipelines (docs/pipeline.md).
+    let pipelines = pipeline::start(
+        o.data_dir.clone(),
+        client.identity.read().await.node.clone(),
+        o.pipeline.clone(),
+        Some(pipeline::Events {
+            store: store.clone(),
+            outbox: monitor.outbox.clone(),
+        }),
+        Some(client.clone()),
+        stop_rx.clone(),
+    )
+    .await;
+
     let s1 = tokio::spawn(sync::sync_loop(
         client.clone(),
         store.clone(),
         desired_tx,
         monitor.clone(),
+        Some(pipelines),
         stop_rx.clone(),
     ));
     let s2 = tokio::spawn(sync::status_loop(

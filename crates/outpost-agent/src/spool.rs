@@ -320,7 +320,11 @@ impl Spool {
     }
 
     /// Seal the newest segment and start another.
+    /// Does nothing while the newest segment holds no entry.
     pub fn roll(&mut self) -> Result<(), SpoolError> {
+        if self.active_base == self.next_seq {
+            return Ok(());
+        }
         self.sync()?;
         let (f, len) = Self::create_segment(&self.dir, self.next_seq)?;
         self.sealed.push((self.active_base, self.active_len));

@@ -48,6 +48,10 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.attempt = 0;
     }
+    /// Failures since the last reset.
+    pub fn attempts(&self) -> u32 {
+        self.attempt
+    }
     pub fn next_delay(&mut self) -> Duration {
         let base = (1000u64 << self.attempt.min(5)).min(30_000);
         self.attempt += 1;
@@ -137,11 +141,19 @@ impl HubClient {
 
     /// One long-poll carrying the hash of the alert policy the node holds; the answer may add
     /// a new policy and log requests (`SyncAnswer`, docs/protocol.md §9).
-    pub async fn sync_with(&self, generation: u64, policy_hash: &str) -> Result<Option<SyncAnswer>, LinkError> {
-        let url = format!(
+    pub async fn sync_with(
+        &self,
+        generation: u64,
+        policy_hash: &str,
+        pipelines_hash: Option<&str>,
+    ) -> Result<Option<SyncAnswer>, LinkError> {
+        let mut url = format!(
             "{}?generation={generation}&policy={policy_hash}",
             self.url("sync").await
         );
+        if let Some(h) = pipelines_hash {
+            url.push_str(&format!("&pipelines={h}"));
+        }
         let http = self.http.read().await.clone();
         let resp = check(
             http.get(url)
@@ -169,6 +181,22 @@ impl HubClient {
             .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
             .timeout(Duration::from_secs(30))
             .json(body)
+            .send()
+            .await?;
+        Ok(check(resp).await?.json().await?)
+    }
+
+    /// POST a zstd-compressed JSON body to one of this node's routes (pipeline records).
+    pub async fn post_compressed<T: serde::de::DeserializeOwned>(&self, path: &str, body: Vec<u8>) -> Result<T, LinkError> {
+        let url = self.url(path).await;
+        let http = self.http.read().await.clone();
+        let resp = http
+            .post(url)
+            .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::CONTENT_ENCODING, "zstd")
+            .timeout(Duration::from_secs(60))
+            .body(body)
             .send()
             .await?;
         Ok(check(resp).await?.json().await?)
@@ -245,6 +273,7 @@ pub async fn sync_loop(
     store: Arc<Store>,
     desired_tx: watch::Sender<Arc<Desired>>,
     monitor: crate::alerts::MonitorLink,
+    pipelines: Option<crate::pipeline::SyncLink>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new();
@@ -252,8 +281,9 @@ pub async fn sync_loop(
     loop {
         let held = desired_tx.borrow().clone();
         let policy_hash = monitor.policy_hash();
+        let pipelines_hash = pipelines.as_ref().map(|p| p.hash());
         let result = tokio::select! {
-            r = client.sync_with(held.generation, &policy_hash) => r,
+            r = client.sync_with(held.generation, &policy_hash, pipelines_hash.as_deref()) => r,
             _ = shutdown.changed() => return,
         };
         // Monitoring additions first: a new alert policy is persisted before it is used, log
@@ -262,6 +292,12 @@ pub async fn sync_loop(
             answer.and_then(|a| {
                 for r in a.log_requests {
                     let _ = monitor.log_requests.send(r);
+                }
+                // Pipelines are persisted before they run (pipeline::SyncLink::set).
+                if let (Some(p), Some(link)) = (a.pipelines, &pipelines) {
+                    if let Err(e) = link.set(p) {
+                        warn!(error = %e, "cannot persist the new pipelines; keeping the old ones");
+                    }
                 }
                 if let Some(p) = a.alert_policy {
                     if let Err(e) = monitor.set_policy(p) {

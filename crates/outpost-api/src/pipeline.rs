@@ -863,3 +863,61 @@ mod tests {
         assert!(check_topic_filter("a/b+").is_err());
     }
 }
+
+#[cfg(test)]
+mod apply_tests {
+    use crate::parse_file;
+
+    const GOOD: &str = "apiVersion: outpost.dev/v1
+kind: Pipeline
+metadata: {name: results}
+spec:
+  nodeSelector: {site: store-001}
+  streams:
+  - name: inference
+    mqtt: [results/#]
+    key: camera
+    anomalies:
+    - {name: failed, when: 'status != 200', alert: true}
+    - {name: hot, field: temp, above: 80}
+    aggregate: {count: 100, fields: [latency_ms]}
+    sinks: [hub, hq]
+    spool: {maxBytes: 16Mi, whenFull: rejectNewest}
+  sinks:
+  - {name: hub, type: hub, retention: 3d}
+  - {name: hq, type: nats, url: 'nats://hq.example.com:4222', subject: 'outpost.{node}.{stream}'}
+";
+
+    #[test]
+    fn accepts_the_articles_pipeline() {
+        let p = parse_file("p.yaml", GOOD).unwrap();
+        assert_eq!(p.objects[0].id().to_string(), "Pipeline/default/results");
+        let back: crate::Object = serde_json::from_value(serde_json::to_value(&p.objects[0]).unwrap()).unwrap();
+        assert_eq!(back, p.objects[0]);
+    }
+
+    #[test]
+    fn bad_pipelines_are_rejected_with_the_field_named() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("    key: camera\n", "    key: camera\n    colour: red\n", "spec.streams[0].colour: unknown field `colour`"),
+            ("'status != 200'", "'status = 200'", "spec.streams[0].anomalies[0].when: \"status = 200\" does not parse"),
+            ("sinks: [hub, hq]", "sinks: [hub, warehouse]", "spec.streams[0].sinks[1]: no sink named \"warehouse\" in spec.sinks (defined: hq, hub)"),
+            ("{count: 100,", "{count: 100, every: 1m,", "spec.streams[0].aggregate: set exactly one of every"),
+            ("type: nats, url: 'nats://", "type: nats, url: 'http://", "spec.sinks[1].url: \"http://hq.example.com:4222\" must start with nats://"),
+            ("mqtt: [results/#]", "mqtt: ['results/#/x']", "spec.streams[0].mqtt[0]"),
+            ("whenFull: rejectNewest", "whenFull: dropNewest", "spec.streams[0].spool.whenFull"),
+            ("field: temp, above: 80", "field: temp, above: 80, deadband: 1", "spec.streams[0].anomalies[1]: set exactly one of"),
+            ("type: hub, retention", "type: hubb, retention", "spec.sinks[0].type: \"hubb\" is not a sink type"),
+        ];
+        for (from, to, want) in cases {
+            assert!(GOOD.contains(from), "{from}");
+            let yaml = GOOD.replacen(from, to, 1);
+            let got = match parse_file("p.yaml", &yaml) {
+                Ok(_) => panic!("accepted: {to}"),
+                Err(e) => e.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"),
+            };
+            assert!(got.contains(want), "for {to:?}\n want: {want}\n got:  {got}");
+            assert!(got.contains("(Pipeline results)"), "names the document: {got}");
+        }
+    }
+}

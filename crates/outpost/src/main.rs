@@ -471,6 +471,7 @@ async fn agent_run(r: RunArgs) -> Result<()> {
         hub: r.hub,
         stop_workloads_on_exit: r.stop_workloads_on_exit,
         docker_socket: r.docker_socket,
+        pipeline: outpost_agent::pipeline::Options::from_env(),
     };
     outpost_agent::run(o, ctrl_c_or_term()).await
 }
