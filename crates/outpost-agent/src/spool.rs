@@ -129,7 +129,10 @@ pub enum Read1 {
     /// The end of the valid entries (or of the file as written so far).
     End,
     /// A damaged entry at this offset; the rest of the segment (this many bytes) is skipped.
-    Corrupt { offset: u64, skipped: u64 },
+    Corrupt {
+        offset: u64,
+        skipped: u64,
+    },
 }
 
 impl SegmentReader {
@@ -159,7 +162,11 @@ impl SegmentReader {
 
     pub fn next_entry(&mut self) -> Read1 {
         if self.pos + HEADER as u64 > self.len {
-            return if self.pos == self.len { Read1::End } else { self.corrupt() };
+            return if self.pos == self.len {
+                Read1::End
+            } else {
+                self.corrupt()
+            };
         }
         let mut h = [0u8; HEADER];
         if self.r.read_exact(&mut h).is_err() {
@@ -428,7 +435,11 @@ pub fn read_cursor(dir: &Path, consumer: &str) -> u64 {
 }
 
 pub fn write_cursor(dir: &Path, consumer: &str, seq: u64) -> io::Result<()> {
-    write_atomic(&dir.join(format!("cursor-{consumer}")), seq.to_string().as_bytes(), false)
+    write_atomic(
+        &dir.join(format!("cursor-{consumer}")),
+        seq.to_string().as_bytes(),
+        false,
+    )
 }
 
 /// Streams entries after a cursor, segment by segment, never past `upto`.
@@ -514,7 +525,6 @@ impl Reader {
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -667,6 +677,10 @@ mod tests {
         assert_eq!(sp.drop_oldest(), Some((11, 21, 8 + 10 * 125)));
         assert_eq!(sp.first_seq(), 21);
         let (got, _) = read_all(&dir, 5, 30);
-        assert_eq!(got.first().map(|e| e.0), Some(21), "a reader behind skips what was dropped");
+        assert_eq!(
+            got.first().map(|e| e.0),
+            Some(21),
+            "a reader behind skips what was dropped"
+        );
     }
 }

@@ -187,7 +187,11 @@ impl HubClient {
     }
 
     /// POST a zstd-compressed JSON body to one of this node's routes (pipeline records).
-    pub async fn post_compressed<T: serde::de::DeserializeOwned>(&self, path: &str, body: Vec<u8>) -> Result<T, LinkError> {
+    pub async fn post_compressed<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<T, LinkError> {
         let url = self.url(path).await;
         let http = self.http.read().await.clone();
         let resp = http

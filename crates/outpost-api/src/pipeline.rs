@@ -309,14 +309,20 @@ pub fn check_spec(spec: &PipelineSpec) -> Vec<(String, String)> {
     for (i, s) in spec.sinks.iter().enumerate() {
         let f = format!("spec.sinks[{i}]");
         if !is_name(&s.name) {
-            e(format!("{f}.name"), format!("{:?} is not a valid name: use a-z, 0-9 and '-'", s.name));
+            e(
+                format!("{f}.name"),
+                format!("{:?} is not a valid name: use a-z, 0-9 and '-'", s.name),
+            );
         }
         if !sink_names.insert(s.name.as_str()) {
             e(format!("{f}.name"), format!("sink {:?} is defined twice", s.name));
         }
         let only = |field: &str, set: bool, types: &[&str], e: &mut dyn FnMut(String, String)| {
             if set && !types.contains(&s.type_.as_str()) {
-                e(format!("{f}.{field}"), format!("not used by a sink of type {}", s.type_));
+                e(
+                    format!("{f}.{field}"),
+                    format!("not used by a sink of type {}", s.type_),
+                );
             }
         };
         match s.type_.as_str() {
@@ -331,16 +337,21 @@ pub fn check_spec(spec: &PipelineSpec) -> Vec<(String, String)> {
             }
             "nats" => {
                 match s.url.as_deref() {
-                    None => e(format!("{f}.url"), "required for a nats sink, e.g. nats://hq.example.com:4222".into()),
-                    Some(u) if !(u.starts_with("nats://") || u.starts_with("tls://")) => e(
+                    None => e(
                         format!("{f}.url"),
-                        format!("{u:?} must start with nats:// or tls://"),
+                        "required for a nats sink, e.g. nats://hq.example.com:4222".into(),
                     ),
+                    Some(u) if !(u.starts_with("nats://") || u.starts_with("tls://")) => {
+                        e(format!("{f}.url"), format!("{u:?} must start with nats:// or tls://"))
+                    }
                     _ => {}
                 }
                 if let Some(sub) = &s.subject {
                     if sub.is_empty() || sub.contains(' ') || sub.contains('*') || sub.contains('>') {
-                        e(format!("{f}.subject"), format!("{sub:?} is not a NATS subject to publish to (no spaces or wildcards)"));
+                        e(
+                            format!("{f}.subject"),
+                            format!("{sub:?} is not a NATS subject to publish to (no spaces or wildcards)"),
+                        );
                     }
                 }
                 if s.password.is_some() != s.user.is_some() {
@@ -348,7 +359,10 @@ pub fn check_spec(spec: &PipelineSpec) -> Vec<(String, String)> {
                 }
             }
             "file" => match s.path.as_deref() {
-                None => e(format!("{f}.path"), "required for a file sink: an absolute path on the node".into()),
+                None => e(
+                    format!("{f}.path"),
+                    "required for a file sink: an absolute path on the node".into(),
+                ),
                 Some(p) if !p.starts_with('/') => e(format!("{f}.path"), format!("{p:?} must be an absolute path")),
                 _ => {}
             },
@@ -378,7 +392,10 @@ pub fn check_spec(spec: &PipelineSpec) -> Vec<(String, String)> {
     for (i, st) in spec.streams.iter().enumerate() {
         let f = format!("spec.streams[{i}]");
         if !is_name(&st.name) {
-            e(format!("{f}.name"), format!("{:?} is not a valid stream name: use a-z, 0-9 and '-'", st.name));
+            e(
+                format!("{f}.name"),
+                format!("{:?} is not a valid stream name: use a-z, 0-9 and '-'", st.name),
+            );
         }
         if !stream_names.insert(st.name.as_str()) {
             e(format!("{f}.name"), format!("stream {:?} is defined twice", st.name));
@@ -402,7 +419,10 @@ pub fn check_spec(spec: &PipelineSpec) -> Vec<(String, String)> {
         for (j, a) in st.anomalies.iter().enumerate() {
             let g = format!("{f}.anomalies[{j}]");
             if !is_name(&a.name) {
-                e(format!("{g}.name"), format!("{:?} is not a valid rule name: use a-z, 0-9 and '-'", a.name));
+                e(
+                    format!("{g}.name"),
+                    format!("{:?} is not a valid rule name: use a-z, 0-9 and '-'", a.name),
+                );
             }
             if !rule_names.insert(a.name.as_str()) {
                 e(format!("{g}.name"), format!("rule {:?} is defined twice", a.name));
@@ -414,7 +434,8 @@ pub fn check_spec(spec: &PipelineSpec) -> Vec<(String, String)> {
             if kinds != 1 {
                 e(
                     g.clone(),
-                    "set exactly one of: when (an expression), above/below (a threshold), deadband, rateOfChange".into(),
+                    "set exactly one of: when (an expression), above/below (a threshold), deadband, rateOfChange"
+                        .into(),
                 );
             }
             if let Some(x) = &a.when {
@@ -422,11 +443,17 @@ pub fn check_spec(spec: &PipelineSpec) -> Vec<(String, String)> {
                     e(format!("{g}.when"), r);
                 }
                 if a.field.is_some() {
-                    e(format!("{g}.field"), "not used with when; name the field in the expression".into());
+                    e(
+                        format!("{g}.field"),
+                        "not used with when; name the field in the expression".into(),
+                    );
                 }
             } else if kinds == 1 {
                 match &a.field {
-                    None => e(format!("{g}.field"), "required: the numeric field this rule watches".into()),
+                    None => e(
+                        format!("{g}.field"),
+                        "required: the numeric field this rule watches".into(),
+                    ),
                     Some(p) => {
                         if let Err(r) = check_path(p) {
                             e(format!("{g}.field"), r);
@@ -453,9 +480,10 @@ pub fn check_spec(spec: &PipelineSpec) -> Vec<(String, String)> {
         if let Some(ag) = &st.aggregate {
             let g = format!("{f}.aggregate");
             match (&ag.every, ag.count) {
-                (Some(_), Some(_)) | (None, None) => {
-                    e(g.clone(), "set exactly one of every (a duration) or count (records)".into())
-                }
+                (Some(_), Some(_)) | (None, None) => e(
+                    g.clone(),
+                    "set exactly one of every (a duration) or count (records)".into(),
+                ),
                 (Some(d), None) => match parse_duration_secs(d) {
                     Ok(0) => e(format!("{g}.every"), "must be more than 0".into()),
                     Ok(_) => {}
@@ -507,7 +535,10 @@ pub fn check_spec(spec: &PipelineSpec) -> Vec<(String, String)> {
             }
             if let Some(w) = &sp.when_full {
                 if w != "dropOldest" && w != "rejectNewest" {
-                    e(format!("{f}.spool.whenFull"), format!("{w:?} is not dropOldest or rejectNewest"));
+                    e(
+                        format!("{f}.spool.whenFull"),
+                        format!("{w:?} is not dropOldest or rejectNewest"),
+                    );
                 }
             }
         }
@@ -518,7 +549,8 @@ pub fn check_spec(spec: &PipelineSpec) -> Vec<(String, String)> {
 fn is_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
 }
 
@@ -559,9 +591,8 @@ fn check_path(p: &str) -> Result<(), String> {
         return Ok(());
     }
     let ok = !p.is_empty()
-        && p.split('.').all(|s| {
-            !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        });
+        && p.split('.')
+            .all(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
     if ok {
         Ok(())
     } else {
@@ -802,7 +833,9 @@ impl Expr {
         let mut p = P { toks, pos: 0 };
         let e = p.or().map_err(|e| format!("{s:?} does not parse: {e}"))?;
         if let Some(t) = p.peek() {
-            return Err(format!("{s:?} does not parse: unexpected {t} after a complete expression"));
+            return Err(format!(
+                "{s:?} does not parse: unexpected {t} after a complete expression"
+            ));
         }
         Ok(e)
     }
@@ -899,15 +932,47 @@ spec:
     #[test]
     fn bad_pipelines_are_rejected_with_the_field_named() {
         let cases: &[(&str, &str, &str)] = &[
-            ("    key: camera\n", "    key: camera\n    colour: red\n", "spec.streams[0].colour: unknown field `colour`"),
-            ("'status != 200'", "'status = 200'", "spec.streams[0].anomalies[0].when: \"status = 200\" does not parse"),
-            ("sinks: [hub, hq]", "sinks: [hub, warehouse]", "spec.streams[0].sinks[1]: no sink named \"warehouse\" in spec.sinks (defined: hq, hub)"),
-            ("{count: 100,", "{count: 100, every: 1m,", "spec.streams[0].aggregate: set exactly one of every"),
-            ("type: nats, url: 'nats://", "type: nats, url: 'http://", "spec.sinks[1].url: \"http://hq.example.com:4222\" must start with nats://"),
+            (
+                "    key: camera\n",
+                "    key: camera\n    colour: red\n",
+                "spec.streams[0].colour: unknown field `colour`",
+            ),
+            (
+                "'status != 200'",
+                "'status = 200'",
+                "spec.streams[0].anomalies[0].when: \"status = 200\" does not parse",
+            ),
+            (
+                "sinks: [hub, hq]",
+                "sinks: [hub, warehouse]",
+                "spec.streams[0].sinks[1]: no sink named \"warehouse\" in spec.sinks (defined: hq, hub)",
+            ),
+            (
+                "{count: 100,",
+                "{count: 100, every: 1m,",
+                "spec.streams[0].aggregate: set exactly one of every",
+            ),
+            (
+                "type: nats, url: 'nats://",
+                "type: nats, url: 'http://",
+                "spec.sinks[1].url: \"http://hq.example.com:4222\" must start with nats://",
+            ),
             ("mqtt: [results/#]", "mqtt: ['results/#/x']", "spec.streams[0].mqtt[0]"),
-            ("whenFull: rejectNewest", "whenFull: dropNewest", "spec.streams[0].spool.whenFull"),
-            ("field: temp, above: 80", "field: temp, above: 80, deadband: 1", "spec.streams[0].anomalies[1]: set exactly one of"),
-            ("type: hub, retention", "type: hubb, retention", "spec.sinks[0].type: \"hubb\" is not a sink type"),
+            (
+                "whenFull: rejectNewest",
+                "whenFull: dropNewest",
+                "spec.streams[0].spool.whenFull",
+            ),
+            (
+                "field: temp, above: 80",
+                "field: temp, above: 80, deadband: 1",
+                "spec.streams[0].anomalies[1]: set exactly one of",
+            ),
+            (
+                "type: hub, retention",
+                "type: hubb, retention",
+                "spec.sinks[0].type: \"hubb\" is not a sink type",
+            ),
         ];
         for (from, to, want) in cases {
             assert!(GOOD.contains(from), "{from}");

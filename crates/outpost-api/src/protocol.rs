@@ -697,7 +697,8 @@ pub struct SyncAnswer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alert_policy: Option<NodePolicy>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub log_requests: Vec<LogRequest>,    /// The node's pipelines, present when they differ from the hash the agent sent
+    pub log_requests: Vec<LogRequest>,
+    /// The node's pipelines, present when they differ from the hash the agent sent
     /// (`pipelines=` in the query; docs/pipeline.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipelines: Option<crate::pipeline::NodePipelines>,

@@ -23,7 +23,9 @@
 
 use std::collections::BTreeMap;
 
-use outpost_api::pipeline::{lookup, AnomalyRule, CmpOp, Expr, NodePipeline, NodePipelines, Pipeline, RecordKind, StreamSpec};
+use outpost_api::pipeline::{
+    lookup, AnomalyRule, CmpOp, Expr, NodePipeline, NodePipelines, Pipeline, RecordKind, StreamSpec,
+};
 use outpost_api::{Labels, UnixMs};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -270,11 +272,7 @@ impl StreamRules {
             .map(Expr::parse)
             .transpose()
             .map_err(|e| format!("filter: {e}"))?;
-        let rules = spec
-            .anomalies
-            .iter()
-            .map(compile_rule)
-            .collect::<Result<Vec<_>, _>>()?;
+        let rules = spec.anomalies.iter().map(compile_rule).collect::<Result<Vec<_>, _>>()?;
         let (mut agg_every_ms, mut agg_count, mut agg_fields, mut agg_functions) = (None, None, vec![], vec![]);
         if let Some(a) = &spec.aggregate {
             agg_every_ms = a
@@ -287,7 +285,10 @@ impl StreamRules {
             agg_count = a.count.map(|c| c.max(1) as u64);
             agg_fields = a.fields.iter().map(|f| (f.clone(), split(f))).collect();
             agg_functions = if a.functions.is_empty() {
-                outpost_api::pipeline::AGG_FUNCTIONS.iter().map(|s| s.to_string()).collect()
+                outpost_api::pipeline::AGG_FUNCTIONS
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect()
             } else {
                 a.functions.clone()
             };
@@ -668,7 +669,7 @@ mod tests {
             s,
             &[
                 (json!({"v": 0}), 0, &[Record]),
-                (json!({"v": 4}), 1000, &[Record]),  // 4/s
+                (json!({"v": 4}), 1000, &[Record]),   // 4/s
                 (json!({"v": 10}), 2000, &[Anomaly]), // 6/s
                 (json!({"v": 9}), 2500, &[Record]),   // -2/s
                 (json!({"v": 0}), 3000, &[Anomaly]),  // -18/s
@@ -693,7 +694,9 @@ mod tests {
         }
         let anomalies: Vec<&Out> = out.iter().filter(|o| o.kind == RecordKind::Anomaly).collect();
         assert_eq!(anomalies.len(), 11);
-        assert!(anomalies.iter().all(|a| a.data["status"] == 500 && a.rules == ["failed"]));
+        assert!(anomalies
+            .iter()
+            .all(|a| a.data["status"] == 500 && a.rules == ["failed"]));
         let aggs: Vec<&Out> = out.iter().filter(|o| o.kind == RecordKind::Aggregate).collect();
         assert_eq!(aggs.len(), 9, "989 ok results: 9 full windows of 100");
         assert_eq!(aggs[0].data["records"], 100);
@@ -723,7 +726,10 @@ mod tests {
         assert_eq!(a.at, 10_000);
         assert_eq!(a.data["window_end"], 20_000);
         let f = &a.data["fields"]["v"];
-        assert_eq!((f["count"].clone(), f["min"].clone(), f["max"].clone()), (json!(100), json!(0.0), json!(99.0)));
+        assert_eq!(
+            (f["count"].clone(), f["min"].clone(), f["max"].clone()),
+            (json!(100), json!(0.0), json!(99.0))
+        );
         assert_eq!(f["mean"], json!(49.5));
         let p95 = f["p95"].as_f64().unwrap();
         assert!((p95 - 94.0).abs() <= 94.0 * 0.01 + 1.0, "p95 {p95}");
@@ -750,9 +756,15 @@ mod tests {
                 });
             })
         };
-        let recs: Vec<Value> = (0..50).map(|i| json!({"id": format!("k{}", i % 3), "v": (i * 7) % 13})).collect();
+        let recs: Vec<Value> = (0..50)
+            .map(|i| json!({"id": format!("k{}", i % 3), "v": (i * 7) % 13}))
+            .collect();
         let mut whole = make();
-        let all: Vec<Out> = recs.iter().enumerate().flat_map(|(i, r)| whole.ingest(r, None, i as i64)).collect();
+        let all: Vec<Out> = recs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| whole.ingest(r, None, i as i64))
+            .collect();
         // Crash after 20 records with a checkpoint at 15: restore, replay 15..20 (outputs
         // discarded, they were spooled), then go on.
         let mut first = make();

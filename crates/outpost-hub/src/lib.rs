@@ -11,6 +11,7 @@
 
 pub mod alerts;
 pub mod api;
+pub mod data;
 pub mod error;
 pub mod files;
 pub mod images;
@@ -125,6 +126,10 @@ impl Hub {
             alerts::Monitor::open(&monitor_db, monitor_cfg)
                 .with_context(|| format!("cannot open the monitoring tables in {}", monitor_db.display()))?,
         );
+        state.data = Arc::new(
+            data::DataStore::open(&monitor_db)
+                .with_context(|| format!("cannot open the pipeline data tables in {}", monitor_db.display()))?,
+        );
         let state = Arc::new(state);
         state.spawn_status_writer();
         // Catch up on anything committed before a crash but not yet scheduled.
@@ -141,6 +146,7 @@ impl Hub {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         tokio::spawn(alerts::rules_loop(state.clone(), stopped.clone()));
         tokio::spawn(webhook::sender_loop(state.clone(), stopped.clone()));
+        tokio::spawn(data::retention_loop(state.clone(), stopped.clone()));
         let task = tokio::spawn(server::serve(listener, acceptor, server::router(state), stopped));
         tracing::info!(addr = %addr, data_dir = %cfg.data_dir.display(), ca_fingerprint = %ca_fingerprint, "hub listening");
         let hub = Hub {

@@ -139,7 +139,11 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
                     done: Some(tx),
                 };
                 if stream.tx.send(input).await.is_err() {
-                    return Ok(error(StatusCode::SERVICE_UNAVAILABLE, "stopping", "the stream is restarting; retry".into()));
+                    return Ok(error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "stopping",
+                        "the stream is restarting; retry".into(),
+                    ));
                 }
                 waits.push(rx);
             }
@@ -171,7 +175,10 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
         _ => Ok(error(
             StatusCode::NOT_FOUND,
             "no_route",
-            format!("no route {} {path}; POST /v1/streams/<stream> or GET /v1/stats", req.method()),
+            format!(
+                "no route {} {path}; POST /v1/streams/<stream> or GET /v1/stats",
+                req.method()
+            ),
         )),
     }
 }

@@ -249,21 +249,28 @@ impl Shared {
         if stream.tx.send(input).await.is_err() {
             return Err(Rejected::NoStream(stream.name.clone()));
         }
-        rx.await.unwrap_or_else(|_| Err(Rejected::NoStream(stream.name.clone())))
+        rx.await
+            .unwrap_or_else(|_| Err(Rejected::NoStream(stream.name.clone())))
     }
 
     fn write_listening(&self) {
         let l = self.listening.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let path = self.data_dir.join("pipeline").join("listen.json");
         let _ = std::fs::create_dir_all(path.parent().expect("has a parent"));
-        let _ = crate::spool::write_atomic(&path, serde_json::to_string_pretty(&l).unwrap_or_default().as_bytes(), false);
+        let _ = crate::spool::write_atomic(
+            &path,
+            serde_json::to_string_pretty(&l).unwrap_or_default().as_bytes(),
+            false,
+        );
     }
 }
 
 /// Environment variables for workloads: where to publish.
 pub fn workload_env(data_dir: &Path) -> Vec<(String, String)> {
     let path = data_dir.join("pipeline").join("listen.json");
-    let Ok(text) = std::fs::read_to_string(path) else { return Vec::new() };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
     let Ok(l) = serde_json::from_str::<BTreeMap<String, String>>(&text) else {
         return Vec::new();
     };
@@ -350,7 +357,9 @@ pub async fn start(
                 info!(addr = %b.addr, "MQTT broker listening");
                 tokio::spawn(b.run(stop.clone()));
             }
-            Err(e) => warn!(addr = %addr, error = %e, "cannot start the MQTT broker; MQTT sources are off (set OUTPOST_MQTT_LISTEN)"),
+            Err(e) => {
+                warn!(addr = %addr, error = %e, "cannot start the MQTT broker; MQTT sources are off (set OUTPOST_MQTT_LISTEN)")
+            }
         }
     }
     if let Some(addr) = opts.ingest_listen {
@@ -479,7 +488,9 @@ async fn start_stream(shared: &Arc<Shared>, p: &NodePipeline, s: &StreamSpec) ->
     let mut acked = Vec::new();
     let mut tasks = Vec::new();
     for sink_name in &s.sinks {
-        let Some(sink) = p.spec.sinks.iter().find(|k| &k.name == sink_name) else { continue };
+        let Some(sink) = p.spec.sinks.iter().find(|k| &k.name == sink_name) else {
+            continue;
+        };
         let a = Arc::new(AtomicU64::new(crate::spool::read_cursor(&dir, sink_name)));
         acked.push(a.clone());
         let ctx = sinks::SinkCtx {
@@ -503,7 +514,10 @@ async fn start_stream(shared: &Arc<Shared>, p: &NodePipeline, s: &StreamSpec) ->
             ev.push(
                 &s.name,
                 SPOOL_CORRUPT_EVENT,
-                &format!("stream {}: skipped {} damaged bytes at the end of the spool", s.name, rec.skipped_bytes),
+                &format!(
+                    "stream {}: skipped {} damaged bytes at the end of the spool",
+                    s.name, rec.skipped_bytes
+                ),
             );
         }
         let mut st = stats.lock().unwrap_or_else(|p| p.into_inner());
@@ -590,7 +604,9 @@ impl Worker {
             loop {
                 match r.next_entry() {
                     Read1::Entry(e) if e.kind == KIND_DATA => {
-                        let Ok(d) = serde_json::from_slice::<DataEntry>(&e.payload) else { continue };
+                        let Ok(d) = serde_json::from_slice::<DataEntry>(&e.payload) else {
+                            continue;
+                        };
                         if let Some(t) = d.tick {
                             self.rules.tick(t);
                         }
@@ -649,9 +665,13 @@ impl Worker {
     fn account(&mut self) {
         let b = self.spool.bytes();
         if b >= self.counted_bytes {
-            self.shared.node_bytes.fetch_add(b - self.counted_bytes, Ordering::Relaxed);
+            self.shared
+                .node_bytes
+                .fetch_add(b - self.counted_bytes, Ordering::Relaxed);
         } else {
-            self.shared.node_bytes.fetch_sub(self.counted_bytes - b, Ordering::Relaxed);
+            self.shared
+                .node_bytes
+                .fetch_sub(self.counted_bytes - b, Ordering::Relaxed);
         }
         self.counted_bytes = b;
     }
@@ -682,7 +702,10 @@ impl Worker {
         if dropped > 0 {
             self.stats.lock().unwrap_or_else(|p| p.into_inner()).dropped_entries += dropped;
             warn!(stream = %self.name, dropped_entries = dropped, budget = self.budget, "spool budget reached: dropped the oldest entries (policy dropOldest)");
-            self.raise_full(&format!("stream {}: spool budget reached, dropped {dropped} oldest entries (dropOldest)", self.name));
+            self.raise_full(&format!(
+                "stream {}: spool budget reached, dropped {dropped} oldest entries (dropOldest)",
+                self.name
+            ));
         }
         !self.over_budget(extra)
     }
@@ -723,8 +746,8 @@ impl Worker {
         }
         for input in inputs {
             let estimate = 64 + input.value.to_string().len() as u64 * 2;
-            let room = !self.over_budget(estimate)
-                || (self.when_full == WhenFull::DropOldest && self.make_room(estimate));
+            let room =
+                !self.over_budget(estimate) || (self.when_full == WhenFull::DropOldest && self.make_room(estimate));
             if !room || err.is_some() {
                 let why = match &err {
                     Some(e) => Rejected::Spool(self.name.clone(), e.clone()),
@@ -785,7 +808,10 @@ impl Worker {
         self.account();
         if rejected > 0 {
             warn!(stream = %self.name, rejected, budget = self.budget, "spool budget reached: refusing new records (policy rejectNewest)");
-            self.raise_full(&format!("stream {}: spool budget reached, refusing new records (rejectNewest)", self.name));
+            self.raise_full(&format!(
+                "stream {}: spool budget reached, refusing new records (rejectNewest)",
+                self.name
+            ));
         }
         if self.full_alert && !self.over_budget(self.budget / 10) {
             self.full_alert = false;
@@ -824,7 +850,10 @@ impl Worker {
                 ev.push(
                     &format!("{}/{rule}", self.name),
                     ALERT_RESOLVED,
-                    &format!("{ANOMALY_ALERT}: stream {} rule {rule}: no match for a minute", self.name),
+                    &format!(
+                        "{ANOMALY_ALERT}: stream {} rule {rule}: no match for a minute",
+                        self.name
+                    ),
                 );
             }
         }
@@ -838,6 +867,9 @@ impl Worker {
 
     fn write(&mut self, at: UnixMs, entry: &DataEntry) -> Result<(), String> {
         let bytes = serde_json::to_vec(entry).expect("serializable");
-        self.spool.append(at, KIND_DATA, &bytes).map(|_| ()).map_err(|e| e.to_string())
+        self.spool
+            .append(at, KIND_DATA, &bytes)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }

@@ -222,7 +222,8 @@ mod out {
                 },
                 false,
             )
-            .write(buf).ok(),
+            .write(buf)
+            .ok(),
             Version::V5 => m5::ConnAck {
                 session_present: false,
                 code: if ok {
@@ -232,7 +233,8 @@ mod out {
                 },
                 properties: None,
             }
-            .write(buf).ok(),
+            .write(buf)
+            .ok(),
         };
     }
 
@@ -249,7 +251,8 @@ mod out {
                 },
                 properties: None,
             }
-            .write(buf).ok(),
+            .write(buf)
+            .ok(),
         };
     }
 
@@ -265,7 +268,8 @@ mod out {
                     })
                     .collect(),
             )
-            .write(buf).ok(),
+            .write(buf)
+            .ok(),
             Version::V5 => m5::SubAck {
                 pkid,
                 return_codes: granted
@@ -277,7 +281,8 @@ mod out {
                     .collect(),
                 properties: None,
             }
-            .write(buf).ok(),
+            .write(buf)
+            .ok(),
         };
     }
 
@@ -289,7 +294,8 @@ mod out {
                 reasons: vec![m5::UnsubAckReason::Success; n],
                 properties: None,
             }
-            .write(buf).ok(),
+            .write(buf)
+            .ok(),
         };
     }
 
@@ -326,7 +332,10 @@ mod out {
 
 /// Something to write to a client: an in-order PUBACK (waits for the spool), or a message.
 enum Outgoing {
-    Ack { pkid: u16, wait: Option<oneshot::Receiver<Result<(), Rejected>>> },
+    Ack {
+        pkid: u16,
+        wait: Option<oneshot::Receiver<Result<(), Rejected>>>,
+    },
     Bytes(BytesMut),
     Deliver(Msg, u8, bool),
     Close,
@@ -352,7 +361,10 @@ struct Core {
 impl Core {
     fn route(&self, m: &Msg, from: u64) {
         let subs = self.subs.read().unwrap_or_else(|p| p.into_inner());
-        for s in subs.iter().filter(|s| outpost_api::pipeline::topic_matches(&s.filter, &m.topic)) {
+        for s in subs
+            .iter()
+            .filter(|s| outpost_api::pipeline::topic_matches(&s.filter, &m.topic))
+        {
             let _ = from;
             // A slow subscriber loses QoS 0 messages rather than slowing publishers down.
             let _ = s.tx.try_send(Outgoing::Deliver(m.clone(), m.qos.min(s.qos), false));

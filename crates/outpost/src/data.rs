@@ -1,0 +1,138 @@
+//! `outpost data tail|query STREAM`: pipeline records the hub stored (docs/pipeline.md).
+//!
+//! `query` prints the newest records that match (oldest first); `tail` prints the last few and,
+//! with `-f`, keeps printing new ones as they arrive (polls the hub once a second with the
+//! cursor of the last record seen, so nothing is printed twice or skipped).
+
+use std::time::Duration;
+
+use anyhow::Result;
+use outpost_api::pipeline::StoredRecord;
+use outpost_api::urlencode as enc;
+
+use crate::client::Client;
+use crate::output::{age, table};
+use crate::Format;
+
+#[derive(clap::Subcommand)]
+pub enum DataCmd {
+    /// The last records of a stream; -f keeps printing new ones.
+    Tail(DataArgs),
+    /// Records of a stream that match the filters.
+    Query(DataArgs),
+}
+
+#[derive(clap::Args)]
+pub struct DataArgs {
+    /// The stream, as named in the Pipeline.
+    stream: String,
+    /// Only records from this node.
+    #[arg(long)]
+    node: Option<String>,
+    /// Only records that reached their node within this long (e.g. 10m, 2h).
+    #[arg(long, value_parser = crate::parse_duration)]
+    since: Option<Duration>,
+    /// record, anomaly, aggregate or sample.
+    #[arg(long)]
+    kind: Option<String>,
+    /// How many records (tail: 10, query: 100; at most 10,000).
+    #[arg(short = 'n', long)]
+    limit: Option<u32>,
+    /// Keep printing new records (tail only).
+    #[arg(short = 'f', long)]
+    follow: bool,
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+    output: Format,
+}
+
+fn path(a: &DataArgs, limit: u32, after: Option<i64>) -> String {
+    let mut p = format!("/v1/data?stream={}&limit={limit}", enc(&a.stream));
+    if let Some(n) = &a.node {
+        p.push_str(&format!("&node={}", enc(n)));
+    }
+    if let Some(s) = a.since {
+        p.push_str(&format!("&since_secs={}", s.as_secs()));
+    }
+    if let Some(k) = &a.kind {
+        p.push_str(&format!("&kind={}", enc(k)));
+    }
+    if let Some(c) = after {
+        p.push_str(&format!("&after={c}"));
+    }
+    p
+}
+
+fn print(records: &[StoredRecord], format: Format, header: bool) -> Result<()> {
+    match format {
+        Format::Json => {
+            for r in records {
+                println!("{}", serde_json::to_string(r)?);
+            }
+        }
+        Format::Yaml => {
+            for r in records {
+                print!("---\n{}", serde_saphyr::to_string(r)?);
+            }
+        }
+        Format::Table => {
+            let rows: Vec<Vec<String>> = records
+                .iter()
+                .map(|r| {
+                    let mut data = r.record.data.to_string();
+                    if data.len() > 100 {
+                        data.truncate(97);
+                        data.push_str("...");
+                    }
+                    vec![
+                        age(Some(r.record.at)),
+                        r.node.clone(),
+                        r.record.kind.as_str().to_string(),
+                        r.record.rules.join(","),
+                        r.record.key.clone().unwrap_or_default(),
+                        data,
+                    ]
+                })
+                .collect();
+            if rows.is_empty() {
+                return Ok(());
+            }
+            let t = table(&["AGE", "NODE", "KIND", "RULES", "KEY", "DATA"], &rows);
+            if header {
+                print!("{t}");
+            } else {
+                print!("{}", t.split_once('\n').map_or("", |x| x.1));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn run(c: &Client, cmd: DataCmd) -> Result<()> {
+    match cmd {
+        DataCmd::Query(a) => {
+            let recs: Vec<StoredRecord> = c.get(&path(&a, a.limit.unwrap_or(100), None)).await?;
+            if recs.is_empty() && a.output == Format::Table {
+                eprintln!("no records for stream {} (yet); check the Pipeline's nodeSelector and sinks, and `curl <agent ingest>/v1/stats` on the node", a.stream);
+            }
+            print(&recs, a.output, true)
+        }
+        DataCmd::Tail(a) => {
+            let recs: Vec<StoredRecord> = c.get(&path(&a, a.limit.unwrap_or(10), None)).await?;
+            print(&recs, a.output, true)?;
+            if !a.follow {
+                return Ok(());
+            }
+            let mut after = recs.last().map(|r| r.cursor).unwrap_or(0);
+            let mut header = recs.is_empty();
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let recs: Vec<StoredRecord> = c.get(&path(&a, 1000, Some(after))).await?;
+                if let Some(l) = recs.last() {
+                    after = l.cursor;
+                    print(&recs, a.output, header)?;
+                    header = false;
+                }
+            }
+        }
+    }
+}
