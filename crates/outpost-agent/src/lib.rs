@@ -10,7 +10,8 @@
 //! Must never: need the hub to start, restart or keep a workload; open a port to the WAN (agents
 //! dial out; the pipeline's listeners bind to loopback unless told otherwise); act on a desired state before it is persisted; run two processes for one unit.
 //!
-//! Start-up order (`run`): open the store -> load the last desired state -> adopt processes that
+//! Start-up order (`run`): open the store -> load the last desired state -> bind the pipeline's
+//! listeners (loopback by default; workloads are told where they are) -> adopt processes that
 //! survived an agent restart -> start what is missing -> only then try the hub.
 
 pub mod alerts;
@@ -71,6 +72,22 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
         .docker_socket
         .clone()
         .unwrap_or_else(|| docker::DEFAULT_SOCKET.to_string());
+    let outbox = Arc::new(tokio::sync::Notify::new());
+    // The edge data pipeline: listeners on loopback by default, streams from the persisted
+    // pipelines (docs/pipeline.md).
+    let pipelines = pipeline::start(
+        o.data_dir.clone(),
+        client.identity.read().await.node.clone(),
+        o.pipeline.clone(),
+        Some(pipeline::Events {
+            store: store.clone(),
+            outbox: outbox.clone(),
+        }),
+        Some(client.clone()),
+        stop_rx.clone(),
+    )
+    .await;
+
     let reconciler = reconcile::Reconciler::new(rt, store.clone(), desired, status_tx, client.clone(), socket);
     let rec = tokio::spawn(reconciler.run(desired_rx.clone(), stop_rx.clone(), o.stop_workloads_on_exit));
 
@@ -79,7 +96,6 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
     let (policy_tx, policy_rx) = watch::channel(alerts::load_policy(&store));
     let (vitals_tx, vitals_rx) = watch::channel(None);
     let (logreq_tx, logreq_rx) = tokio::sync::mpsc::unbounded_channel();
-    let outbox = Arc::new(tokio::sync::Notify::new());
     let errors_ready = Arc::new(tokio::sync::Notify::new());
     let mon_cfg = alerts::MonitorConfig::from_env();
     let monitor = alerts::MonitorLink {
@@ -118,20 +134,6 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
     ));
     let m4 = tokio::spawn(logs::request_loop(client.clone(), o.data_dir.clone(), logreq_rx));
 
-    // The edge data pipeline: listeners on loopback by default, streams from the persisted
-    // pipelines (docs/pipeline.md).
-    let pipelines = pipeline::start(
-        o.data_dir.clone(),
-        client.identity.read().await.node.clone(),
-        o.pipeline.clone(),
-        Some(pipeline::Events {
-            store: store.clone(),
-            outbox: monitor.outbox.clone(),
-        }),
-        Some(client.clone()),
-        stop_rx.clone(),
-    )
-    .await;
 
     let s1 = tokio::spawn(sync::sync_loop(
         client.clone(),
