@@ -134,7 +134,6 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
     ));
     let m4 = tokio::spawn(logs::request_loop(client.clone(), o.data_dir.clone(), logreq_rx));
 
-
     let s1 = tokio::spawn(sync::sync_loop(
         client.clone(),
         store.clone(),

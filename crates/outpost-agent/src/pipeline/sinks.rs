@@ -245,7 +245,8 @@ impl NatsTarget {
         let mut o = async_nats::ConnectOptions::new()
             .name(format!("outpost-agent {}", ctx.node))
             .connection_timeout(Duration::from_secs(5))
-            .retry_on_initial_connect();
+            // Connection trouble is reported by the publish that fails; the sender retries.
+            .event_callback(|e| async move { debug!(event = %e, "nats") });
         if let (Some(u), Some(p)) = (&s.user, &s.password) {
             o = o.user_and_password(u.clone(), p.clone());
         }
