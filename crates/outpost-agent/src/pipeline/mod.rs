@@ -144,6 +144,8 @@ pub struct StreamStats {
     pub rules: Counters,
     pub spool_bytes: u64,
     pub spool_entries: u64,
+    /// Bytes appended to the spool since the stream started (entries with their headers).
+    pub written_bytes: u64,
     /// Entries dropped by the dropOldest policy (with everything they held).
     pub dropped_entries: u64,
     /// Records refused by the rejectNewest policy.
@@ -536,6 +538,7 @@ async fn start_stream(shared: &Arc<Shared>, p: &NodePipeline, s: &StreamSpec) ->
         shared: shared.clone(),
         counted_bytes: 0,
         full_alert: false,
+        written: 0,
         anomaly_alerts: BTreeMap::new(),
     };
     tasks.push(tokio::spawn(worker.run(rx, stop_rx)));
@@ -570,6 +573,7 @@ struct Worker {
     /// This stream's bytes as counted in `shared.node_bytes`.
     counted_bytes: u64,
     full_alert: bool,
+    written: u64,
     /// Anomaly alerts firing: rule -> last match.
     anomaly_alerts: BTreeMap<String, UnixMs>,
 }
@@ -863,10 +867,12 @@ impl Worker {
         st.spool_bytes = self.spool.bytes();
         st.spool_entries = self.spool.next_seq() - self.spool.first_seq();
         st.committed = self.spool.next_seq() - 1;
+        st.written_bytes = self.written;
     }
 
     fn write(&mut self, at: UnixMs, entry: &DataEntry) -> Result<(), String> {
         let bytes = serde_json::to_vec(entry).expect("serializable");
+        self.written += bytes.len() as u64 + 25;
         self.spool
             .append(at, KIND_DATA, &bytes)
             .map(|_| ())
