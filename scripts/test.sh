@@ -27,6 +27,9 @@ apt_install() {
   $sudo apt-get install -y "${missing[@]}" >/dev/null || { $sudo apt-get update >/dev/null && $sudo apt-get install -y "${missing[@]}" >/dev/null; }
 }
 apt_install docker.io busybox-static curl
+# The data pipeline tests publish with real MQTT clients (mosquitto-clients), benchmark beside
+# Debian's mosquitto, and deliver to a real nats-server with JetStream, started by the tests.
+apt_install mosquitto mosquitto-clients nats-server
 
 # promtool (Debian package prometheus): the monitoring tests check the hub's /metrics with
 # `promtool check metrics`, and fail under CI when it is missing.

@@ -72,7 +72,8 @@ impl Agent {
             .open(dir.join("agent.log"))?;
         let _ = std::fs::remove_file(dir.join("pipeline/listen.json"));
         let mut c = Command::new(outpost_bin()?);
-        c.args(["agent", "run", "--stop-workloads-on-exit", "--data-dir"]).arg(dir);
+        c.args(["agent", "run", "--stop-workloads-on-exit", "--data-dir"])
+            .arg(dir);
         if let Some(h) = hub {
             c.args(["--hub", h]);
         }
@@ -96,10 +97,19 @@ impl Agent {
     }
     async fn listen(&self) -> Result<(String, String)> {
         let p = self.dir.join("pipeline/listen.json");
-        wait_for("agent listeners", Duration::from_secs(30), Duration::from_millis(50), || {
-            let m: serde_json::Map<String, Value> = serde_json::from_str(&std::fs::read_to_string(&p).ok()?).ok()?;
-            Some((m.get("mqtt")?.as_str()?.to_string(), m.get("ingest")?.as_str()?.to_string()))
-        })
+        wait_for(
+            "agent listeners",
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || {
+                let m: serde_json::Map<String, Value> =
+                    serde_json::from_str(&std::fs::read_to_string(&p).ok()?).ok()?;
+                Some((
+                    m.get("mqtt")?.as_str()?.to_string(),
+                    m.get("ingest")?.as_str()?.to_string(),
+                ))
+            },
+        )
         .await
     }
 }
@@ -135,7 +145,10 @@ async fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> Result<(u16,
     s.read_to_end(&mut out).await?;
     let out = String::from_utf8_lossy(&out).into_owned();
     let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    Ok((status, out.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default()))
+    Ok((
+        status,
+        out.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default(),
+    ))
 }
 
 async fn stream_stats(ingest: &str, stream: &str) -> Option<Value> {
@@ -397,9 +410,12 @@ spec:
 ",
     )
     .await?;
-    wait_for("pipeline stream running", Duration::from_secs(60), Duration::from_millis(100), || {
-        std::fs::read_dir(dir.join("spool")).ok()?.next().map(|_| ())
-    })
+    wait_for(
+        "pipeline stream running",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || std::fs::read_dir(dir.join("spool")).ok()?.next().map(|_| ()),
+    )
     .await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let idle_rss = crate::procfs::rss_bytes(agent.pid()).unwrap_or(0);
@@ -409,7 +425,9 @@ spec:
         let conf = work.join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {mport2} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n"),
+            format!(
+                "listener {mport2} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n"
+            ),
         )?;
         let log = std::fs::File::create(work.join("mosquitto.log"))?;
         let c = Command::new(&a.mosquitto)
@@ -453,7 +471,10 @@ spec:
                 let pk = pk.clone();
                 Box::pin(async move {
                     pk.fetch_max(crate::procfs::rss_bytes(pid).unwrap_or(0), Ordering::Relaxed);
-                    stream_stats(&ing, "bench").await.and_then(|s| s["received"].as_u64()).unwrap_or(0)
+                    stream_stats(&ing, "bench")
+                        .await
+                        .and_then(|s| s["received"].as_u64())
+                        .unwrap_or(0)
                 })
             },
             "op",
@@ -502,7 +523,10 @@ spec:
     out.push_str(&table(
         &["agent RSS", "value"],
         &[
-            vec!["idle, pipeline and MQTT/HTTP listeners on".into(), bytes(idle_rss as f64)],
+            vec![
+                "idle, pipeline and MQTT/HTTP listeners on".into(),
+                bytes(idle_rss as f64),
+            ],
             vec!["peak during the runs".into(), bytes(peak_rss as f64)],
             vec![
                 "spool bytes written per record (stateful stream: raw records kept until a checkpoint)".into(),
@@ -555,9 +579,17 @@ spec:
 ",
     )
     .await?;
-    wait_for("streams running", Duration::from_secs(60), Duration::from_millis(100), || {
-        std::fs::read_dir(dir.join("spool")).ok().map(|d| d.count()).filter(|n| *n >= 2)
-    })
+    wait_for(
+        "streams running",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || {
+            std::fs::read_dir(dir.join("spool"))
+                .ok()
+                .map(|d| d.count())
+                .filter(|n| *n >= 2)
+        },
+    )
     .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -607,7 +639,9 @@ spec:
     let down = after[1] - before[1];
     // Every anomaly, exactly: read them back from the hub.
     let got = hub
-        .try_cli(&["data", "query", "sensors", "--kind", "anomaly", "-n", "10000", "-o", "json"])
+        .try_cli(&[
+            "data", "query", "sensors", "--kind", "anomaly", "-n", "10000", "-o", "json",
+        ])
         .await?;
     let at_hub: Vec<u64> = got
         .lines()
@@ -616,7 +650,17 @@ spec:
         .collect();
     let exact = at_hub.iter().copied().collect::<BTreeSet<_>>() == anomalies && at_hub.len() == anomalies.len();
     let aggs = hub
-        .try_cli(&["data", "query", "sensors", "--kind", "aggregate", "-n", "10000", "-o", "json"])
+        .try_cli(&[
+            "data",
+            "query",
+            "sensors",
+            "--kind",
+            "aggregate",
+            "-n",
+            "10000",
+            "-o",
+            "json",
+        ])
         .await?
         .lines()
         .count();
@@ -651,14 +695,55 @@ spec:
     let rows = vec![
         vec!["readings replayed".into(), a.records.to_string()],
         vec!["raw bytes (JSON lines)".into(), bytes(raw_bytes as f64)],
-        vec!["replay time".into(), format!("{replay_secs:.1} s ({:.0} records/s over HTTP)", a.records as f64 / replay_secs)],
-        vec!["anomalies injected / at the hub".into(), format!("{} / {} ({})", anomalies.len(), at_hub.len(), if exact { "every one, exactly" } else { "MISMATCH" })],
+        vec![
+            "replay time".into(),
+            format!(
+                "{replay_secs:.1} s ({:.0} records/s over HTTP)",
+                a.records as f64 / replay_secs
+            ),
+        ],
+        vec![
+            "anomalies injected / at the hub".into(),
+            format!(
+                "{} / {} ({})",
+                anomalies.len(),
+                at_hub.len(),
+                if exact { "every one, exactly" } else { "MISMATCH" }
+            ),
+        ],
         vec!["aggregate records at the hub".into(), aggs.to_string()],
-        vec!["bytes sent upstream (agent -> hub, TLS, whole window)".into(), format!("{} ({:.3} % of raw)", bytes(up as f64), up as f64 * 100.0 / raw_bytes as f64)],
+        vec![
+            "bytes sent upstream (agent -> hub, TLS, whole window)".into(),
+            format!(
+                "{} ({:.3} % of raw)",
+                bytes(up as f64),
+                up as f64 * 100.0 / raw_bytes as f64
+            ),
+        ],
         vec!["bytes hub -> agent in the window".into(), bytes(down as f64)],
-        vec!["spool bytes written per reading".into(), format!("{:.1}", st["written_bytes"].as_f64().unwrap_or(0.0) / a.records as f64)],
-        vec![format!("pass-through: {} records ({}) forwarded as they are", a.passthrough, bytes(praw as f64)), format!("{} upstream = {} per 1,000 records", bytes(pup as f64), bytes(pup as f64 * 1000.0 / a.passthrough as f64))],
-        vec!["pass-through spool bytes written per record".into(), format!("{:.1}", pst["written_bytes"].as_f64().unwrap_or(0.0) / a.passthrough as f64)],
+        vec![
+            "spool bytes written per reading".into(),
+            format!("{:.1}", st["written_bytes"].as_f64().unwrap_or(0.0) / a.records as f64),
+        ],
+        vec![
+            format!(
+                "pass-through: {} records ({}) forwarded as they are",
+                a.passthrough,
+                bytes(praw as f64)
+            ),
+            format!(
+                "{} upstream = {} per 1,000 records",
+                bytes(pup as f64),
+                bytes(pup as f64 * 1000.0 / a.passthrough as f64)
+            ),
+        ],
+        vec![
+            "pass-through spool bytes written per record".into(),
+            format!(
+                "{:.1}",
+                pst["written_bytes"].as_f64().unwrap_or(0.0) / a.passthrough as f64
+            ),
+        ],
     ];
     let mut out = format!(
         "Telemetry reduction: {} sensors, a spike above 80 in one reading of {}, rules = threshold anomaly + count windows of 1,000 per sensor (count, min, max, mean, p95), hub sink (zstd batches)\n\n",

@@ -496,7 +496,7 @@ impl StreamRules {
         if let Some(n) = self.sample_every {
             let i = self.state.sampled;
             self.state.sampled += 1;
-            if i % n == 0 {
+            if i.is_multiple_of(n) {
                 self.state.counters.sampled_out += 1;
                 self.state.counters.forwarded += 1;
                 out.push(Out {

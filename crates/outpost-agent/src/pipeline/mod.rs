@@ -126,12 +126,15 @@ pub enum Rejected {
     Spool(String, String),
 }
 
+/// Where a stream worker answers: once the record is durable, or why it was refused.
+pub type Done = oneshot::Sender<Result<(), Rejected>>;
+
 /// One record for a stream worker; `done` is answered once it is durable.
 pub struct Input {
     pub value: Value,
     pub topic: Option<String>,
     pub at: UnixMs,
-    pub done: Option<oneshot::Sender<Result<(), Rejected>>>,
+    pub done: Option<Done>,
 }
 
 /// Counters of one stream, for `/v1/stats` and the alerts.
@@ -732,7 +735,7 @@ impl Worker {
             }
         }
         let stateful = self.rules.stateful();
-        let mut acks: Vec<(oneshot::Sender<Result<(), Rejected>>, Result<(), Rejected>)> = Vec::new();
+        let mut acks: Vec<(Done, Result<(), Rejected>)> = Vec::new();
         let mut err: Option<String> = None;
         let mut rejected = 0u64;
         let mut alerts: Vec<(String, String)> = Vec::new();
