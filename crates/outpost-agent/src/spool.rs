@@ -210,9 +210,13 @@ pub struct Spool {
     /// Sealed segments: (first seq, size).
     sealed: Vec<(u64, u64)>,
     segment_bytes: u64,
+    /// Encoded entries not yet written to the file (written by `sync`, or when large).
     buf: Vec<u8>,
     dirty: bool,
 }
+
+/// Entries are buffered up to this many bytes before a write.
+const WRITE_BUF: usize = 1 << 20;
 
 impl Spool {
     /// Open (or create) the spool in `dir` and start a new segment. Reads only the newest
@@ -341,23 +345,34 @@ impl Spool {
         Ok(())
     }
 
-    /// Append one entry (written to the file, durable after [`Spool::sync`]). Returns its seq.
+    /// Append one entry (buffered; written and durable after [`Spool::sync`]). Returns its seq.
     pub fn append(&mut self, at: i64, kind: u8, payload: &[u8]) -> Result<u64, SpoolError> {
         if BODY_FIXED + payload.len() > MAX_ENTRY {
             return Err(SpoolError::TooLarge(payload.len()));
         }
         let seq = self.next_seq;
-        self.buf.clear();
+        let before = self.buf.len();
         encode(&mut self.buf, seq, at, kind, payload);
-        self.active.write_all(&self.buf).map_err(io_err(&self.dir))?;
-        self.active_len += self.buf.len() as u64;
+        self.active_len += (self.buf.len() - before) as u64;
         self.next_seq += 1;
         self.dirty = true;
+        if self.buf.len() >= WRITE_BUF {
+            self.write_out()?;
+        }
         Ok(seq)
     }
 
-    /// Make every appended entry durable (one fdatasync).
+    fn write_out(&mut self) -> Result<(), SpoolError> {
+        if !self.buf.is_empty() {
+            self.active.write_all(&self.buf).map_err(io_err(&self.dir))?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Make every appended entry durable (one write and one fdatasync).
     pub fn sync(&mut self) -> Result<(), SpoolError> {
+        self.write_out()?;
         if self.dirty {
             self.active.sync_data().map_err(io_err(&self.dir))?;
             self.dirty = false;

@@ -542,6 +542,7 @@ async fn start_stream(shared: &Arc<Shared>, p: &NodePipeline, s: &StreamSpec) ->
         counted_bytes: 0,
         full_alert: false,
         written: 0,
+        keep_topic: serde_json::to_string(s).unwrap_or_default().contains("$topic"),
         anomaly_alerts: BTreeMap::new(),
     };
     tasks.push(tokio::spawn(worker.run(rx, stop_rx)));
@@ -577,6 +578,8 @@ struct Worker {
     counted_bytes: u64,
     full_alert: bool,
     written: u64,
+    /// The rules read `$topic`: spool it with the record for replays.
+    keep_topic: bool,
     /// Anomaly alerts firing: rule -> last match.
     anomaly_alerts: BTreeMap<String, UnixMs>,
 }
@@ -752,7 +755,8 @@ impl Worker {
             }
         }
         for input in inputs {
-            let estimate = 64 + input.value.to_string().len() as u64 * 2;
+            // What the entry will take, from the average so far (serializing twice is costly).
+            let estimate = 64 + self.written.checked_div(self.spool.next_seq().max(2) - 1).unwrap_or(256).max(64);
             let room =
                 !self.over_budget(estimate) || (self.when_full == WhenFull::DropOldest && self.make_room(estimate));
             if !room || err.is_some() {
@@ -771,6 +775,9 @@ impl Worker {
             let filtered_before = self.rules.state.counters.filtered;
             let outs = self.rules.ingest(&input.value, input.topic.as_deref(), input.at);
             let changed_state = stateful && self.rules.state.counters.filtered == filtered_before;
+            let Input {
+                value, topic, at, done, ..
+            } = input;
             for o in &outs {
                 for a in &o.alerts {
                     alerts.push((a.clone(), format!("{}", o.data)));
@@ -778,20 +785,20 @@ impl Worker {
             }
             if !outs.is_empty() || changed_state {
                 let entry = DataEntry {
-                    raw: changed_state.then(|| input.value.clone()),
-                    topic: if changed_state { input.topic.clone() } else { None },
+                    raw: changed_state.then_some(value),
+                    topic: if changed_state && self.keep_topic { topic } else { None },
                     tick: None,
                     outs,
                 };
-                if let Err(e) = self.write(input.at, &entry) {
+                if let Err(e) = self.write(at, &entry) {
                     err = Some(e.clone());
-                    if let Some(d) = input.done {
+                    if let Some(d) = done {
                         acks.push((d, Err(Rejected::Spool(self.name.clone(), e))));
                     }
                     continue;
                 }
             }
-            if let Some(d) = input.done {
+            if let Some(d) = done {
                 acks.push((d, Ok(())));
             }
         }

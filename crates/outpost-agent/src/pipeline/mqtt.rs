@@ -332,9 +332,10 @@ mod out {
 
 /// Something to write to a client: an in-order PUBACK (waits for the spool), or a message.
 enum Outgoing {
+    /// Sent once every matching stream has the record on disk.
     Ack {
         pkid: u16,
-        wait: Option<oneshot::Receiver<Result<(), Rejected>>>,
+        wait: Vec<oneshot::Receiver<Result<(), Rejected>>>,
     },
     Bytes(BytesMut),
     Deliver(Msg, u8, bool),
@@ -492,16 +493,16 @@ async fn connection(tcp: TcpStream, shared: Arc<Shared>, core: Arc<Core>) -> Res
             while let Some(it) = item.take() {
                 match it {
                     Outgoing::Ack { pkid, wait } => {
-                        let quota = match wait {
-                            None => false,
-                            Some(w) => match w.await {
-                                Ok(Ok(())) => false,
-                                Ok(Err(Rejected::Full(_))) if version == Version::V5 => true,
+                        let mut quota = false;
+                        for w in wait {
+                            match w.await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(Rejected::Full(_))) if version == Version::V5 => quota = true,
                                 // Not durable and no way to say so in 3.1.1: no PUBACK, close,
                                 // and the client publishes again.
                                 _ => return,
-                            },
-                        };
+                            }
+                        }
                         out::puback(version, pkid, quota, &mut o);
                     }
                     Outgoing::Bytes(b) => o.extend_from_slice(&b),
@@ -645,7 +646,7 @@ async fn on_publish(shared: &Shared, core: &Core, conn: u64, msg: Msg, pkid: u16
     }
     core.route(&msg, conn);
     let routes = shared.routes();
-    let mut wait = None;
+    let mut wait = Vec::new();
     let mut streams = routes.for_topic(&msg.topic).peekable();
     if streams.peek().is_some() {
         let value = record_of(&msg.payload);
@@ -663,11 +664,9 @@ async fn on_publish(shared: &Shared, core: &Core, conn: u64, msg: Msg, pkid: u16
                 at,
                 done: done_tx,
             };
+            // With several matching streams, the PUBACK waits for every one of them.
             if s.tx.send(input).await.is_ok() {
-                // With several matching streams, the last one's answer decides the PUBACK.
-                if let Some(rx) = done_rx {
-                    wait = Some(rx);
-                }
+                wait.extend(done_rx);
             }
         }
     }
