@@ -574,12 +574,32 @@ fn kill_9_mid_stream_loses_no_acknowledged_record_and_duplicates_none() {
         let have: std::collections::BTreeSet<u64> = r.iter().map(|x| x["data"]["n"].as_u64().unwrap()).collect();
         let missing: Vec<&u64> = acked.iter().filter(|n| !have.contains(n)).collect();
         if !missing.is_empty() {
-            let near: Vec<(u64, String)> = r.iter().map(|x| (x["data"]["n"].as_u64().unwrap(), x["id"].as_str().unwrap_or("").to_string())).filter(|(n, _)| missing[0].saturating_sub(5) <= *n && *n < missing[0] + 15).collect();
-            eprintln!("{} acknowledged records missing, first {:?}; near: {near:?}", missing.len(), &missing[..missing.len().min(5)]);
+            let near: Vec<(u64, String)> = r
+                .iter()
+                .map(|x| {
+                    (
+                        x["data"]["n"].as_u64().unwrap(),
+                        x["id"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .filter(|(n, _)| missing[0].saturating_sub(5) <= *n && *n < missing[0] + 15)
+                .collect();
+            eprintln!(
+                "{} acknowledged records missing, first {:?}; near: {near:?}",
+                missing.len(),
+                &missing[..missing.len().min(5)]
+            );
             let d = agent.dir.join("spool/default.p.raw");
-            let mut files: Vec<String> = std::fs::read_dir(&d).unwrap().flatten().map(|e| format!("{:?} {}", e.file_name(), e.metadata().map(|m| m.len()).unwrap_or(0))).collect();
+            let mut files: Vec<String> = std::fs::read_dir(&d)
+                .unwrap()
+                .flatten()
+                .map(|e| format!("{:?} {}", e.file_name(), e.metadata().map(|m| m.len()).unwrap_or(0)))
+                .collect();
             files.sort();
-            eprintln!("spool: {files:?} cursor {:?}", std::fs::read_to_string(d.join("cursor-hub")));
+            eprintln!(
+                "spool: {files:?} cursor {:?}",
+                std::fs::read_to_string(d.join("cursor-hub"))
+            );
         }
         missing.is_empty().then_some(r)
     });

@@ -756,7 +756,12 @@ impl Worker {
         }
         for input in inputs {
             // What the entry will take, from the average so far (serializing twice is costly).
-            let estimate = 64 + self.written.checked_div(self.spool.next_seq().max(2) - 1).unwrap_or(256).max(64);
+            let estimate = 64
+                + self
+                    .written
+                    .checked_div(self.spool.next_seq().max(2) - 1)
+                    .unwrap_or(256)
+                    .max(64);
             let room =
                 !self.over_budget(estimate) || (self.when_full == WhenFull::DropOldest && self.make_room(estimate));
             if !room || err.is_some() {
@@ -827,13 +832,20 @@ impl Worker {
                 self.name
             ));
         }
-        if self.full_alert && !self.over_budget(self.budget / 10) {
+        // Resolved once the sinks have drained the spool under half its budget (with dropOldest
+        // the spool stays near its budget while the sink is away: the alert stays too).
+        let drained = self.spool.bytes() < self.budget / 2
+            && self.shared.node_bytes.load(Ordering::Relaxed) < self.shared.opts.spool_max_bytes / 2;
+        if self.full_alert && drained {
             self.full_alert = false;
             if let Some(ev) = &self.shared.events {
                 ev.push(
                     &self.name,
                     ALERT_RESOLVED,
-                    &format!("{SPOOL_FULL_ALERT}: stream {}: the spool has room again", self.name),
+                    &format!(
+                        "{SPOOL_FULL_ALERT}: stream {}: the spool is under half its budget again",
+                        self.name
+                    ),
                 );
             }
         }
