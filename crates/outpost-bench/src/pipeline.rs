@@ -104,10 +104,8 @@ impl Agent {
             || {
                 let m: serde_json::Map<String, Value> =
                     serde_json::from_str(&std::fs::read_to_string(&p).ok()?).ok()?;
-                Some((
-                    m.get("mqtt")?.as_str()?.to_string(),
-                    m.get("ingest")?.as_str()?.to_string(),
-                ))
+                let mqtt = m.get("mqtt").and_then(Value::as_str).unwrap_or_default().to_string();
+                Some((mqtt, m.get("ingest")?.as_str()?.to_string()))
             },
         )
         .await
@@ -392,6 +390,9 @@ pub async fn mqtt(a: MqttArgs, work: &Path) -> Result<String> {
         ],
     )?;
     let (maddr, ingest) = agent.listen().await?;
+    if maddr.is_empty() {
+        bail!("the agent's MQTT broker did not start; see {}", dir.join("agent.log").display());
+    }
     hub.apply(
         "apiVersion: outpost.dev/v1
 kind: Pipeline
