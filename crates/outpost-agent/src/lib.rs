@@ -5,10 +5,13 @@
 //! (`runtime`), the reconcile loop that executes `outpost-core`'s supervision decisions
 //! (`reconcile`), the link to the hub (`sync`), and monitoring: vital signs (`vitals`), alerts
 //! evaluated on the node (`alerts`), workload log rotation, error forwarding and log requests
-//! (`logs`).
+//! (`logs`), and the edge data pipeline: MQTT broker, HTTP ingest, stream rules, sinks
+//! (`pipeline`) over the durable spool (`spool`).
 //!
 //! Must never: need the hub to start, restart or keep a workload; open a port to the WAN (agents
-//! dial out; the pipeline's listeners bind to loopback unless told otherwise); act on a desired state before it is persisted; run two processes for one unit.
+//! dial out; the pipeline's listeners bind to loopback unless told otherwise); acknowledge a
+//! pipeline record before it is in the spool; act on a desired state before it is persisted;
+//! run two processes for one unit.
 //!
 //! Start-up order (`run`): open the store -> load the last desired state -> bind the pipeline's
 //! listeners (loopback by default; workloads are told where they are) -> adopt processes that

@@ -158,7 +158,7 @@ pub async fn run(mut ctx: SinkCtx) {
                 }
             }
             match target.as_mut() {
-                Some(t) => send(&ctx, t, &records).await,
+                Some(t) => send(t, &records).await,
                 None => Err("not connected".into()),
             }
         };
@@ -202,7 +202,7 @@ fn backoff_was_failing(b: &mut crate::sync::Backoff) -> bool {
     failing
 }
 
-async fn send(ctx: &SinkCtx, t: &mut Target, records: &[DataRecord]) -> Result<(), String> {
+async fn send(t: &mut Target, records: &[DataRecord]) -> Result<(), String> {
     match t {
         Target::Hub(hub) => {
             let body = DataBatch {
@@ -227,7 +227,7 @@ async fn send(ctx: &SinkCtx, t: &mut Target, records: &[DataRecord]) -> Result<(
             f.sync_data().map_err(|e| e.to_string())
         }
         #[cfg(feature = "nats")]
-        Target::Nats(n) => n.publish(ctx, records).await,
+        Target::Nats(n) => n.publish(records).await,
     }
 }
 
@@ -294,7 +294,7 @@ impl NatsTarget {
         Ok(Self { js, subject })
     }
 
-    async fn publish(&mut self, _ctx: &SinkCtx, records: &[DataRecord]) -> Result<(), String> {
+    async fn publish(&mut self, records: &[DataRecord]) -> Result<(), String> {
         let mut acks = Vec::with_capacity(records.len());
         for r in records {
             let mut h = async_nats::HeaderMap::new();
