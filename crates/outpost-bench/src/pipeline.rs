@@ -391,7 +391,10 @@ pub async fn mqtt(a: MqttArgs, work: &Path) -> Result<String> {
     )?;
     let (maddr, ingest) = agent.listen().await?;
     if maddr.is_empty() {
-        bail!("the agent's MQTT broker did not start; see {}", dir.join("agent.log").display());
+        bail!(
+            "the agent's MQTT broker did not start; see {}",
+            dir.join("agent.log").display()
+        );
     }
     hub.apply(
         "apiVersion: outpost.dev/v1

@@ -756,3 +756,93 @@ fn a_spool_corrupted_by_hand_is_skipped_reported_and_the_agent_goes_on() {
         "the agent logs what it skipped"
     );
 }
+
+#[test]
+fn mqtt_5_login_and_a_site_broker_feed_the_pipeline() {
+    // A site's own broker (Debian mosquitto) the agent subscribes to, as a client.
+    let site_port = free_port();
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = tmp.path().join("m.conf");
+    std::fs::write(&conf, format!("listener {site_port} 127.0.0.1\nallow_anonymous true\n")).unwrap();
+    let site = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto (Debian package) is installed by scripts/test.sh");
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _site = Kill(site);
+    wait_for("site broker", 20.0, || {
+        TcpStream::connect(("127.0.0.1", site_port)).ok()
+    });
+    let hub = Hub::start();
+    let site_addr = format!("127.0.0.1:{site_port}");
+    let agent = pipeline_agent(
+        &hub,
+        "edge-1",
+        "site=a",
+        &[
+            ("OUTPOST_MQTT_USERNAME", "dev"),
+            ("OUTPOST_MQTT_PASSWORD", "s3cret"),
+            ("OUTPOST_SITE_MQTT", &site_addr),
+        ],
+    );
+    hub.apply(&format!(
+        "apiVersion: outpost.dev/v1\nkind: Pipeline\nmetadata: {{name: p}}\nspec:\n  streams:\n  - name: plc\n    mqtt: ['plc/#']\n    sinks: [hub]\n{HUB_SINK}"
+    ));
+    let addrs = listen(&agent);
+    wait_stream(&addrs, "plc");
+    let port = addrs["mqtt"].rsplit(':').next().unwrap().to_string();
+    let publish = |extra: &[&str], msg: &str| {
+        Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-q", "1", "-t", "plc/line1"])
+            .args(extra)
+            .args(["-m", msg])
+            .output()
+            .unwrap()
+    };
+    // Without the username and password the broker refuses the client.
+    let o = publish(&[], r#"{"n": 0}"#);
+    assert!(!o.status.success(), "published without a login");
+    // MQTT 5 and 3.1.1 clients with the login.
+    let o = publish(&["-u", "dev", "-P", "s3cret", "-V", "mqttv5"], r#"{"n": 1}"#);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = publish(&["-u", "dev", "-P", "s3cret"], r#"{"n": 2}"#);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A message published on the site broker reaches the stream through the agent's subscription.
+    wait_for("the agent subscribed to the site broker", 30.0, || {
+        let o = Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &site_port.to_string(),
+                "-q",
+                "1",
+                "-t",
+                "plc/line2",
+                "-m",
+                r#"{"n": 3}"#,
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        let r = stored(&hub, "plc");
+        r.iter().any(|x| x["data"]["n"] == 3).then_some(())
+    });
+    let ns: BTreeMap<i64, usize> = stored(&hub, "plc").iter().fold(BTreeMap::new(), |mut m, x| {
+        *m.entry(x["data"]["n"].as_i64().unwrap()).or_default() += 1;
+        m
+    });
+    assert!(
+        ns.contains_key(&1) && ns.contains_key(&2) && !ns.contains_key(&0),
+        "{ns:?}"
+    );
+}

@@ -688,6 +688,21 @@ pub async fn site_client(site: String, shared: Arc<Shared>, mut stop: watch::Rec
     o.set_clean_session(false);
     o.set_manual_acks(true);
     let (client, mut events) = rumqttc::AsyncClient::new(o, 1024);
+    // The event loop runs in its own task (its poll is not meant to be cancelled).
+    let (ev_tx, mut ev_rx) = mpsc::channel(1024);
+    let poller = tokio::spawn(async move {
+        loop {
+            let e = events.poll().await;
+            let failed = e.is_err();
+            if ev_tx.send(e).await.is_err() {
+                return;
+            }
+            if failed {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    });
+    let _poller = AbortOnDrop(poller);
     let mut subscribed: Vec<String> = Vec::new();
     loop {
         let want: Vec<String> = {
@@ -703,8 +718,13 @@ pub async fn site_client(site: String, shared: Arc<Shared>, mut stop: watch::Rec
             }
             subscribed = want;
         }
+        // Wake at least every second, so new streams' topics are subscribed to soon.
         let ev = tokio::select! {
-            e = events.poll() => e,
+            e = ev_rx.recv() => match e {
+                Some(e) => e,
+                None => return,
+            },
+            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
             _ = stop.changed() => return,
         };
         match ev {
@@ -724,11 +744,16 @@ pub async fn site_client(site: String, shared: Arc<Shared>, mut stop: watch::Rec
                 subscribed.clear();
             }
             Ok(_) => {}
-            Err(e) => {
-                warn!(broker = %site, error = %e, "site broker unreachable; retrying");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
+            Err(e) => warn!(broker = %site, error = %e, "site broker unreachable; retrying"),
         }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
