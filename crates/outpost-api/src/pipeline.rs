@@ -298,6 +298,20 @@ pub struct StoredRecord {
     pub record: DataRecord,
 }
 
+/// One Pipeline as `outpost get pipelines` lists it (`GET /v1/pipelines`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PipelineInfo {
+    pub namespace: String,
+    pub name: String,
+    pub revision: u64,
+    pub node_selector: Labels,
+    pub streams: Vec<String>,
+    pub sinks: Vec<String>,
+    /// Nodes whose labels match: they run it.
+    pub nodes: Vec<String>,
+    pub updated_at: i64,
+}
+
 // ---------------------------------------------------------------------------------------------
 // Validation
 

@@ -314,6 +314,40 @@ pub async fn get_data(
     Ok(Json(ddb(&st, move |d| d.query(&q, now)).await?))
 }
 
+/// `GET /v1/pipelines`: every Pipeline with the nodes that run it.
+pub async fn get_pipelines(
+    State(st): State<Arc<HubState>>,
+    _: Admin,
+) -> Result<Json<Vec<outpost_api::pipeline::PipelineInfo>>, HubError> {
+    let (objects, nodes) = st.db(|s| Ok((s.objects()?, s.nodes()?))).await?;
+    let out = objects
+        .into_iter()
+        .filter_map(|o| match o.object {
+            Object::Pipeline(p) => Some(outpost_api::pipeline::PipelineInfo {
+                namespace: p.metadata.ns().to_string(),
+                name: p.metadata.name.clone(),
+                revision: o.revision,
+                nodes: nodes
+                    .iter()
+                    .filter(|n| outpost_core::schedule::selector_matches(&p.spec.node_selector, &n.labels))
+                    .map(|n| n.name.clone())
+                    .collect(),
+                node_selector: p.spec.node_selector,
+                streams: p.spec.streams.iter().map(|s| s.name.clone()).collect(),
+                sinks: p
+                    .spec
+                    .sinks
+                    .iter()
+                    .map(|s| format!("{} ({})", s.name, s.type_))
+                    .collect(),
+                updated_at: o.updated_at,
+            }),
+            _ => None,
+        })
+        .collect();
+    Ok(Json(out))
+}
+
 /// Prune expired records every minute until `stop`.
 pub async fn retention_loop(st: Arc<HubState>, mut stop: watch::Receiver<bool>) {
     loop {

@@ -129,6 +129,7 @@ pub fn router(state: Arc<HubState>) -> Router {
         // edge data pipeline (docs/pipeline.md)
         .route("/v1/nodes/{node}/data", post(crate::data::node_data))
         .route("/v1/data", get(crate::data::get_data))
+        .route("/v1/pipelines", get(crate::data::get_pipelines))
         .route("/metrics", get(crate::metrics::metrics))
         .route("/v1/tokens", post(api::create_token))
         .route("/v1/apply", post(api::apply))

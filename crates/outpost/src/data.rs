@@ -107,12 +107,49 @@ fn print(records: &[StoredRecord], format: Format, header: bool) -> Result<()> {
     Ok(())
 }
 
+/// `outpost get pipelines`.
+pub async fn get_pipelines(c: &Client, f: Format) -> Result<()> {
+    let ps: Vec<outpost_api::pipeline::PipelineInfo> = c.get("/v1/pipelines").await?;
+    match f {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&ps)?),
+        Format::Yaml => print!("{}", serde_saphyr::to_string(&ps)?),
+        Format::Table => {
+            let rows: Vec<Vec<String>> = ps
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.name.clone(),
+                        p.revision.to_string(),
+                        p.nodes.len().to_string(),
+                        p.streams.join(","),
+                        p.sinks.join(","),
+                        p.node_selector
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        age(Some(p.updated_at)),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &["NAME", "REVISION", "NODES", "STREAMS", "SINKS", "SELECTOR", "UPDATED"],
+                    &rows
+                )
+            );
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(c: &Client, cmd: DataCmd) -> Result<()> {
     match cmd {
         DataCmd::Query(a) => {
             let recs: Vec<StoredRecord> = c.get(&path(&a, a.limit.unwrap_or(100), None)).await?;
             if recs.is_empty() && a.output == Format::Table {
-                eprintln!("no records for stream {} (yet); check the Pipeline's nodeSelector and sinks, and `curl <agent ingest>/v1/stats` on the node", a.stream);
+                eprintln!("no records for stream {} (yet); check `outpost get pipelines` (the NODES column) and `curl <agent ingest>/v1/stats` on the node", a.stream);
             }
             print(&recs, a.output, true)
         }

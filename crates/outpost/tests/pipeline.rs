@@ -336,6 +336,14 @@ spec:
             (4, "record".into())
         ]
     );
+    // `outpost get pipelines` shows which nodes run it.
+    let pl = hub.cli(&["get", "pipelines"]);
+    assert!(
+        pl.contains("sensors") && pl.contains("temps,results") && pl.contains("hub (hub)"),
+        "{pl}"
+    );
+    let plj: Value = serde_json::from_str(&hub.cli(&["get", "pipelines", "-o", "json"])).unwrap();
+    assert_eq!(plj[0]["nodes"], json!(["edge-1"]));
     // `outpost data tail` prints a table.
     let t = hub.cli(&["data", "tail", "results", "--kind", "anomaly"]);
     assert!(
