@@ -209,7 +209,7 @@ spec:
     sinks: [hub]
   - name: results
     anomalies:
-    - {{name: failed, when: 'status != 200'}}
+    - {{name: failed, when: 'status != 200', alert: true}}
     sinks: [hub]
 {HUB_SINK}"
     ));
@@ -336,6 +336,13 @@ spec:
             (4, "record".into())
         ]
     );
+    // The rule with `alert: true` raised a node alert (the path webhooks follow).
+    let alert = wait_for("DataAnomaly alert", 30.0, || {
+        let a = hub.json(&["get", "alerts"]);
+        a.as_array()?.iter().find(|x| x["name"] == "DataAnomaly").cloned()
+    });
+    assert_eq!(alert["subject"], "results/failed");
+    assert!(alert["summary"].as_str().unwrap().contains("\"status\":500"), "{alert}");
     // `outpost get pipelines` shows which nodes run it.
     let pl = hub.cli(&["get", "pipelines"]);
     assert!(
