@@ -38,6 +38,10 @@ pub struct DataArgs {
     /// How many records (tail: 10, query: 100; at most 10,000).
     #[arg(short = 'n', long)]
     limit: Option<u32>,
+    /// Only records stored after this cursor, oldest first (query: page through everything
+    /// with the `cursor` of the last record printed).
+    #[arg(long)]
+    after: Option<i64>,
     /// Keep printing new records (tail only).
     #[arg(short = 'f', long)]
     follow: bool,
@@ -147,8 +151,8 @@ pub async fn get_pipelines(c: &Client, f: Format) -> Result<()> {
 pub async fn run(c: &Client, cmd: DataCmd) -> Result<()> {
     match cmd {
         DataCmd::Query(a) => {
-            let recs: Vec<StoredRecord> = c.get(&path(&a, a.limit.unwrap_or(100), None)).await?;
-            if recs.is_empty() && a.output == Format::Table {
+            let recs: Vec<StoredRecord> = c.get(&path(&a, a.limit.unwrap_or(100), a.after)).await?;
+            if recs.is_empty() && a.after.is_none() && a.output == Format::Table {
                 eprintln!("no records for stream {} (yet); check `outpost get pipelines` (the NODES column) and `curl <agent ingest>/v1/stats` on the node", a.stream);
             }
             print(&recs, a.output, true)

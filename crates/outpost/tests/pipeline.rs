@@ -73,10 +73,28 @@ fn wait_stream(addrs: &BTreeMap<String, String>, stream: &str) {
     wait_for(&format!("stream {stream} running"), 30.0, || stats(addrs, stream));
 }
 
-/// Every record of a stream the hub stored.
+/// Every record of a stream the hub stored (paged with `--after`).
 fn stored(hub: &Hub, stream: &str) -> Vec<Value> {
-    let out = hub.cli(&["data", "query", stream, "-n", "10000", "-o", "json"]);
-    out.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    let mut all: Vec<Value> = Vec::new();
+    loop {
+        let after = all.last().map_or(0, |r| r["cursor"].as_i64().unwrap());
+        let out = hub.cli(&[
+            "data",
+            "query",
+            stream,
+            "-n",
+            "10000",
+            "--after",
+            &after.to_string(),
+            "-o",
+            "json",
+        ]);
+        let page: Vec<Value> = out.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        if page.is_empty() {
+            return all;
+        }
+        all.extend(page);
+    }
 }
 
 const HUB_SINK: &str = "  sinks:\n  - {name: hub, type: hub, retention: 1d}\n";
