@@ -628,6 +628,29 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// Whatever bytes a segment holds (a disk error, an edit by hand), reading it ends,
+        /// without a panic, after at most one entry per header.
+        #[test]
+        fn any_bytes_read_as_entries_or_corruption(body in proptest::collection::vec(any::<u8>(), 0..2048), magic in any::<bool>()) {
+            let tmp = tempfile::tempdir().unwrap();
+            let path = tmp.path().join("00000000000000000001.seg");
+            let mut bytes = if magic { MAGIC.to_vec() } else { Vec::new() };
+            bytes.extend(&body);
+            fs::write(&path, &bytes).unwrap();
+            let mut r = SegmentReader::open(&path).unwrap();
+            let mut steps = 0;
+            loop {
+                steps += 1;
+                prop_assert!(steps <= bytes.len() / HEADER + 2, "reading must end");
+                match r.next_entry() {
+                    Read1::Entry(_) => {}
+                    Read1::End | Read1::Corrupt { .. } => break,
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_byte_flipped_by_hand_skips_the_rest_of_that_segment_only() {
         let tmp = tempfile::tempdir().unwrap();

@@ -897,6 +897,25 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Expressions come from operators' manifests: any text parses or is refused with a
+        /// message, never a panic.
+        #[test]
+        fn any_text_parses_or_is_refused(s in ".{0,64}", t in "[a-z0-9 ._$()<>=!&|'\"-]{0,48}") {
+            let _ = Expr::parse(&s);
+            if let Err(e) = Expr::parse(&t) {
+                proptest::prop_assert!(!e.is_empty());
+            }
+        }
+
+        #[test]
+        fn any_topic_filter_is_checked_without_panic(f in "[a-z+#/]{0,24}", t in "[a-z/]{0,24}") {
+            if check_topic_filter(&f).is_ok() {
+                let _ = topic_matches(&f, &t);
+            }
+        }
+    }
+
     #[test]
     fn topic_filters() {
         assert!(topic_matches("sensors/+/temp", "sensors/a/temp"));

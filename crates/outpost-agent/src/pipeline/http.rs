@@ -187,6 +187,15 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        #[test]
+        fn any_body_parses_or_is_refused(b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            if let Err(e) = parse_records(&b) {
+                proptest::prop_assert!(!e.is_empty());
+            }
+        }
+    }
+
     #[test]
     fn bodies_of_one_many_or_lines() {
         assert_eq!(parse_records(b"{\"a\":1}").unwrap().len(), 1);

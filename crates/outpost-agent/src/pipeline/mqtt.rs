@@ -780,6 +780,24 @@ mod tests {
         assert_eq!(peek_level(b"\x30\x00"), Some(Err(())));
     }
 
+    proptest::proptest! {
+        /// Packets come from devices on the site: any bytes decode, wait for more, or are
+        /// refused; never a panic.
+        #[test]
+        fn any_bytes_decode_or_are_refused(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = peek_level(&bytes);
+            for v in [Version::V4, Version::V5] {
+                let mut b = BytesMut::from(&bytes[..]);
+                for _ in 0..64 {
+                    match decode(v, &mut b) {
+                        Decoded::Packet(_) if !b.is_empty() => continue,
+                        _ => break,
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn payloads_become_records() {
         assert_eq!(record_of(br#"{"t": 1}"#)["t"], 1);
