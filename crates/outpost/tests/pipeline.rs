@@ -879,3 +879,100 @@ fn mqtt_5_login_and_a_site_broker_feed_the_pipeline() {
         "{ns:?}"
     );
 }
+
+#[test]
+fn listeners_opened_with_tls_refuse_plain_text_and_take_tls_clients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = outpost_pki::CaMaterial::generate("site").unwrap();
+    let (chain, key) = ca.issue_server(&["127.0.0.1".to_string()]).unwrap();
+    let (cert_f, key_f, ca_f) = (
+        tmp.path().join("c.pem"),
+        tmp.path().join("k.pem"),
+        tmp.path().join("ca.pem"),
+    );
+    std::fs::write(&cert_f, chain).unwrap();
+    std::fs::write(&key_f, key).unwrap();
+    std::fs::write(&ca_f, &ca.cert_pem).unwrap();
+    let hub = Hub::start();
+    let agent = pipeline_agent(
+        &hub,
+        "edge-1",
+        "site=a",
+        &[
+            ("OUTPOST_LISTEN_TLS_CERT", cert_f.to_str().unwrap()),
+            ("OUTPOST_LISTEN_TLS_KEY", key_f.to_str().unwrap()),
+        ],
+    );
+    hub.apply(&format!(
+        "apiVersion: outpost.dev/v1\nkind: Pipeline\nmetadata: {{name: p}}\nspec:\n  streams:\n  - name: s\n    mqtt: [t/#]\n    sinks: [hub]\n{HUB_SINK}"
+    ));
+    let addrs = listen(&agent);
+    let port = addrs["mqtt"].rsplit(':').next().unwrap().to_string();
+    // Plain text is refused.
+    assert!(http(&addrs["ingest"], "GET", "/v1/stats", "").map(|r| r.0).unwrap_or(0) != 200);
+    let plain = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-q",
+            "1",
+            "-t",
+            "t/1",
+            "-m",
+            "{\"n\": 0}",
+        ])
+        .output()
+        .unwrap();
+    assert!(!plain.status.success());
+    // TLS clients that trust the site CA get in.
+    let ingest = addrs["ingest"].clone();
+    wait_for("stream s over HTTPS", 30.0, || {
+        let o = Command::new("curl")
+            .args([
+                "-s",
+                "--cacert",
+                ca_f.to_str().unwrap(),
+                &format!("https://{ingest}/v1/stats"),
+            ])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&o.stdout)
+            .contains("\"stream\":\"s\"")
+            .then_some(())
+    });
+    let o = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "--cafile",
+            ca_f.to_str().unwrap(),
+            "-q",
+            "1",
+            "-t",
+            "t/1",
+            "-m",
+            "{\"n\": 1}",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new("curl")
+        .args([
+            "-s",
+            "--cacert",
+            ca_f.to_str().unwrap(),
+            "-d",
+            "{\"n\": 2}",
+            &format!("https://{ingest}/v1/streams/s"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "{\"accepted\":1}");
+    wait_for("both records at the hub", 30.0, || {
+        (stored(&hub, "s").len() == 2).then_some(())
+    });
+}

@@ -26,7 +26,12 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         let (tcp, remote) = tokio::select! {
             a = listener.accept() => match a {
@@ -37,12 +42,23 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
         };
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| handle(req, shared.clone()));
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await
-            {
+            let http = hyper::server::conn::http1::Builder::new();
+            let r = match tls {
+                None => http.serve_connection(TokioIo::new(tcp), svc).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => http.serve_connection(TokioIo::new(s), svc).await,
+                        _ => {
+                            debug!(%remote, "ingest TLS handshake failed");
+                            return;
+                        }
+                    }
+                }
+            };
+            if let Err(e) = r {
                 debug!(%remote, error = %e, "ingest connection ended with an error");
             }
         });

@@ -19,7 +19,8 @@
 //! `OUTPOST_MQTT_PASSWORD` (required from clients when set), `OUTPOST_INGEST_TOKEN` (bearer token
 //! required when set), `OUTPOST_SITE_MQTT` (`host:port` of a site broker to subscribe to),
 //! `OUTPOST_SPOOL_MAX_BYTES` (the node's spool budget, default 1 GiB),
-//! `OUTPOST_SPOOL_SEGMENT_BYTES` (default 4 MiB).
+//! `OUTPOST_SPOOL_SEGMENT_BYTES` (default 4 MiB), `OUTPOST_LISTEN_TLS_CERT` +
+//! `OUTPOST_LISTEN_TLS_KEY` (TLS only on both listeners).
 
 pub mod http;
 pub mod mqtt;
@@ -94,6 +95,9 @@ pub struct Options {
     pub site_mqtt: Option<String>,
     pub spool_max_bytes: u64,
     pub segment_bytes: u64,
+    /// TLS for both listeners: PEM certificate chain and key files
+    /// (`OUTPOST_LISTEN_TLS_CERT`, `OUTPOST_LISTEN_TLS_KEY`).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Options {
@@ -111,8 +115,36 @@ impl Options {
             site_mqtt: env_str("OUTPOST_SITE_MQTT"),
             spool_max_bytes: num("OUTPOST_SPOOL_MAX_BYTES", 1 << 30),
             segment_bytes: num("OUTPOST_SPOOL_SEGMENT_BYTES", 4 << 20),
+            tls: env_str("OUTPOST_LISTEN_TLS_CERT")
+                .map(PathBuf::from)
+                .zip(env_str("OUTPOST_LISTEN_TLS_KEY").map(PathBuf::from)),
         }
     }
+}
+
+/// The listeners' TLS acceptor, from the certificate and key files.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("OUTPOST_LISTEN_TLS_CERT {}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("OUTPOST_LISTEN_TLS_CERT {}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "OUTPOST_LISTEN_TLS_CERT {}: no certificate in it",
+            cert.display()
+        ));
+    }
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("OUTPOST_LISTEN_TLS_KEY {}: {e}", key.display()))?;
+    let cfg = rustls::ServerConfig::builder_with_provider(outpost_pki::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("the listener certificate and key do not fit together: {e}"))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 
 /// Why an input was not taken.
@@ -258,8 +290,11 @@ impl Shared {
             .unwrap_or_else(|_| Err(Rejected::NoStream(stream.name.clone())))
     }
 
-    fn write_listening(&self) {
-        let l = self.listening.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    fn write_listening(&self, tls: bool) {
+        let mut l = self.listening.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if tls {
+            l.insert("tls".into(), "true".into());
+        }
         let path = self.data_dir.join("pipeline").join("listen.json");
         let _ = std::fs::create_dir_all(path.parent().expect("has a parent"));
         let _ = crate::spool::write_atomic(
@@ -280,11 +315,18 @@ pub fn workload_env(data_dir: &Path) -> Vec<(String, String)> {
         return Vec::new();
     };
     let mut out = Vec::new();
+    let tls = l.contains_key("tls");
     if let Some(a) = l.get("mqtt") {
-        out.push(("OUTPOST_MQTT_URL".into(), format!("mqtt://{a}")));
+        out.push((
+            "OUTPOST_MQTT_URL".into(),
+            format!("{}://{a}", if tls { "mqtts" } else { "mqtt" }),
+        ));
     }
     if let Some(a) = l.get("ingest") {
-        out.push(("OUTPOST_INGEST_URL".into(), format!("http://{a}/v1/streams")));
+        out.push((
+            "OUTPOST_INGEST_URL".into(),
+            format!("{}://{a}/v1/streams", if tls { "https" } else { "http" }),
+        ));
     }
     out
 }
@@ -340,6 +382,17 @@ pub async fn start(
 ) -> SyncLink {
     let initial = load_pipelines(&data_dir);
     let (config, config_rx) = watch::channel(initial);
+    let tls = match &opts.tls {
+        None => None,
+        Some((c, k)) => match tls_acceptor(c, k) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                // Never fall back to plain text when TLS was asked for: keep the listeners off.
+                warn!(error = %e, "pipeline listeners stay off until their TLS certificate loads");
+                return start_without_listeners(data_dir, node, opts, events, hub, stop);
+            }
+        },
+    };
     let shared = Arc::new(Shared {
         routes: RwLock::new(Arc::new(Routes::default())),
         node,
@@ -352,7 +405,7 @@ pub async fn start(
         listening: Mutex::new(BTreeMap::new()),
     });
     if let Some(addr) = opts.mqtt_listen {
-        match mqtt::Broker::bind(addr, shared.clone()).await {
+        match mqtt::Broker::bind(addr, shared.clone(), tls.clone()).await {
             Ok(b) => {
                 shared
                     .listening
@@ -377,15 +430,42 @@ pub async fn start(
                     .unwrap_or_else(|p| p.into_inner())
                     .insert("ingest".into(), a.clone());
                 info!(addr = %a, "HTTP ingest listening");
-                tokio::spawn(http::serve(l, shared.clone(), stop.clone()));
+                tokio::spawn(http::serve(l, shared.clone(), tls.clone(), stop.clone()));
             }
             Err(e) => warn!(addr = %addr, error = %e, "cannot start HTTP ingest; set OUTPOST_INGEST_LISTEN"),
         }
     }
-    shared.write_listening();
+    shared.write_listening(tls.is_some());
     if let Some(site) = opts.site_mqtt.clone() {
         tokio::spawn(mqtt::site_client(site, shared.clone(), stop.clone()));
     }
+    tokio::spawn(manage(shared.clone(), config_rx, stop));
+    SyncLink { shared }
+}
+
+/// The pipeline with its streams and sinks but no listeners (their TLS setup failed).
+fn start_without_listeners(
+    data_dir: PathBuf,
+    node: String,
+    opts: Options,
+    events: Option<Events>,
+    hub: Option<Arc<crate::sync::HubClient>>,
+    stop: watch::Receiver<bool>,
+) -> SyncLink {
+    let initial = load_pipelines(&data_dir);
+    let (config, config_rx) = watch::channel(initial);
+    let shared = Arc::new(Shared {
+        routes: RwLock::new(Arc::new(Routes::default())),
+        node,
+        data_dir,
+        opts,
+        node_bytes: AtomicU64::new(0),
+        config,
+        events,
+        hub,
+        listening: Mutex::new(BTreeMap::new()),
+    });
+    shared.write_listening(false);
     tokio::spawn(manage(shared.clone(), config_rx, stop));
     SyncLink { shared }
 }

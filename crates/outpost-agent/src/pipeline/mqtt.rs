@@ -27,7 +27,7 @@ use rumqttc::v5::mqttbytes::QoS as Q5;
 use rumqttc::{self as m4, QoS as Q4};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
@@ -387,10 +387,15 @@ pub struct Broker {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
     core: Arc<Core>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Broker {
-    pub async fn bind(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<Broker> {
+    pub async fn bind(
+        addr: SocketAddr,
+        shared: Arc<Shared>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<Broker> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         Ok(Broker {
@@ -398,6 +403,7 @@ impl Broker {
             addr,
             shared,
             core: Arc::new(Core::default()),
+            tls,
         })
     }
 
@@ -411,9 +417,22 @@ impl Broker {
                 _ = stop.changed() => return,
             };
             let _ = tcp.set_nodelay(true);
-            let (shared, core) = (self.shared.clone(), self.core.clone());
+            let (shared, core, tls) = (self.shared.clone(), self.core.clone(), self.tls.clone());
             tokio::spawn(async move {
-                if let Err(e) = connection(tcp, shared, core).await {
+                let r = match tls {
+                    None => {
+                        let (rd, wr) = tcp.into_split();
+                        connection(rd, wr, shared, core).await
+                    }
+                    Some(acceptor) => match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => {
+                            let (rd, wr) = tokio::io::split(s);
+                            connection(rd, wr, shared, core).await
+                        }
+                        _ => Err("TLS handshake failed".into()),
+                    },
+                };
+                if let Err(e) = r {
                     debug!(%remote, error = %e, "MQTT connection ended");
                 }
             });
@@ -429,8 +448,12 @@ pub fn record_of(payload: &[u8]) -> Value {
     }
 }
 
-async fn connection(tcp: TcpStream, shared: Arc<Shared>, core: Arc<Core>) -> Result<(), String> {
-    let (mut rd, mut wr) = tcp.into_split();
+/// One client connection, on its read and write halves (plain TCP or TLS).
+async fn connection<R, W>(mut rd: R, mut wr: W, shared: Arc<Shared>, core: Arc<Core>) -> Result<(), String>
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let mut buf = BytesMut::with_capacity(64 << 10);
     // The CONNECT decides the version.
     let version = loop {
