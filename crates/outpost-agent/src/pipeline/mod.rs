@@ -331,6 +331,21 @@ pub fn workload_env(data_dir: &Path) -> Vec<(String, String)> {
     out
 }
 
+/// The same for a Docker container, whose loopback is not the node's: only listeners bound to a
+/// specific non-loopback address (e.g. the bridge's 172.17.0.1, or the site LAN address) are
+/// reachable from it. Variables the container spec sets itself win.
+pub fn add_container_env(data_dir: &Path, env: &mut Vec<(String, String)>) {
+    for (k, v) in workload_env(data_dir) {
+        let host = v.split("://").nth(1).and_then(|r| r.split('/').next()).unwrap_or("");
+        let reachable = host
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| !a.ip().is_loopback() && !a.ip().is_unspecified());
+        if reachable && !env.iter().any(|(n, _)| *n == k) {
+            env.push((k, v));
+        }
+    }
+}
+
 fn pipelines_path(data_dir: &Path) -> PathBuf {
     data_dir.join("pipeline").join("pipelines.json")
 }
@@ -979,5 +994,43 @@ impl Worker {
             .append(at, KIND_DATA, &bytes)
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn containers_get_only_listeners_they_can_reach() {
+        let tmp = tempfile::tempdir().unwrap();
+        let write = |m: &str, i: &str| {
+            std::fs::create_dir_all(tmp.path().join("pipeline")).unwrap();
+            let l: BTreeMap<&str, &str> = [("mqtt", m), ("ingest", i)].into();
+            std::fs::write(
+                tmp.path().join("pipeline/listen.json"),
+                serde_json::to_string(&l).unwrap(),
+            )
+            .unwrap();
+        };
+        write("127.0.0.1:1883", "172.17.0.1:7878");
+        let mut env = vec![("A".to_string(), "1".to_string())];
+        add_container_env(tmp.path(), &mut env);
+        assert_eq!(
+            env,
+            vec![
+                ("A".into(), "1".into()),
+                ("OUTPOST_INGEST_URL".into(), "http://172.17.0.1:7878/v1/streams".into())
+            ]
+        );
+        assert_eq!(workload_env(tmp.path()).len(), 2, "processes get both");
+        write("0.0.0.0:1883", "192.168.1.5:7878");
+        let mut env = vec![("OUTPOST_INGEST_URL".to_string(), "mine".to_string())];
+        add_container_env(tmp.path(), &mut env);
+        assert_eq!(
+            env,
+            vec![("OUTPOST_INGEST_URL".into(), "mine".into())],
+            "the spec's own value wins"
+        );
     }
 }
