@@ -161,12 +161,22 @@ impl HubClient {
 
     /// One long-poll carrying the hash of the alert policy the node holds; the answer may add
     /// a new policy and log requests (`SyncAnswer`, docs/protocol.md §9).
-    pub async fn sync_with(&self, generation: u64, policy_hash: &str) -> Result<Option<SyncAnswer>, LinkError> {
+    pub async fn sync_with(
+        &self,
+        generation: u64,
+        policy_hash: &str,
+        pipelines_hash: Option<&str>,
+    ) -> Result<Option<SyncAnswer>, LinkError> {
         let url = self.url("sync").await;
+        let generation = generation.to_string();
+        let mut query = vec![("generation", generation.as_str()), ("policy", policy_hash)];
+        if let Some(h) = pipelines_hash {
+            query.push(("pipelines", h));
+        }
         let http = self.http.read().await.clone();
         let resp = check(
             http.get(url)
-                .query(&[("generation", generation.to_string().as_str()), ("policy", policy_hash)])
+                .query(&query)
                 .header(PROTOCOL_HEADER, PROTOCOL)
                 .send()
                 .await?,
@@ -191,6 +201,26 @@ impl HubClient {
             .header(PROTOCOL_HEADER, PROTOCOL)
             .timeout(Duration::from_secs(30))
             .json(body)
+            .send()
+            .await?;
+        Ok(check(resp).await?.json().await?)
+    }
+
+    /// POST a zstd-compressed JSON body to one of this node's routes (pipeline records).
+    pub async fn post_compressed<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<T, LinkError> {
+        let url = self.url(path).await;
+        let http = self.http.read().await.clone();
+        let resp = http
+            .post(url)
+            .header(PROTOCOL_HEADER, PROTOCOL)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::CONTENT_ENCODING, "zstd")
+            .timeout(Duration::from_secs(60))
+            .body(body)
             .send()
             .await?;
         Ok(check(resp).await?.json().await?)
@@ -401,6 +431,7 @@ pub async fn sync_loop(
     store: Arc<Store>,
     desired_tx: watch::Sender<Arc<Desired>>,
     monitor: crate::alerts::MonitorLink,
+    pipelines: Option<crate::pipeline::SyncLink>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(retry::HUB_LINK);
@@ -413,8 +444,9 @@ pub async fn sync_loop(
         let renew_in = keep_certificate(&client, &mut upkeep).await.unwrap_or(Duration::MAX);
         let held = desired_tx.borrow().clone();
         let policy_hash = monitor.policy_hash();
+        let pipelines_hash = pipelines.as_ref().map(|p| p.hash());
         let result = tokio::select! {
-            r = client.sync_with(held.generation, &policy_hash) => r,
+            r = client.sync_with(held.generation, &policy_hash, pipelines_hash.as_deref()) => r,
             // Renewal is due during the long-poll: renew, then poll again.
             _ = tokio::time::sleep(renew_in.min(Duration::from_secs(86_400))), if renew_in < Duration::MAX => continue,
             _ = shutdown.changed() => return,
@@ -425,6 +457,12 @@ pub async fn sync_loop(
             answer.and_then(|a| {
                 for r in a.log_requests {
                     let _ = monitor.log_requests.send(r);
+                }
+                // Pipelines are persisted before they run (pipeline::SyncLink::set).
+                if let (Some(p), Some(link)) = (a.pipelines, &pipelines) {
+                    if let Err(e) = link.set(p) {
+                        warn!(error = %e, "cannot persist the new pipelines; keeping the old ones");
+                    }
                 }
                 if let Some(p) = a.alert_policy {
                     if let Err(e) = monitor.set_policy(p) {

@@ -9,6 +9,7 @@ pub mod checks;
 pub mod duration;
 pub mod manifest;
 pub mod parse;
+pub mod pipeline;
 pub mod protocol;
 
 pub use checks::{validate_image_ref, FieldError};

@@ -468,6 +468,7 @@ pub enum Object {
     Secret(Secret),
     Service(Service),
     AlertPolicy(AlertPolicy),
+    Pipeline(crate::pipeline::Pipeline),
 }
 
 /// The kinds outpost stores.
@@ -479,6 +480,7 @@ pub enum Kind {
     Secret,
     Service,
     AlertPolicy,
+    Pipeline,
 }
 
 impl Kind {
@@ -490,6 +492,7 @@ impl Kind {
             Kind::Secret => "Secret",
             Kind::Service => "Service",
             Kind::AlertPolicy => "AlertPolicy",
+            Kind::Pipeline => "Pipeline",
         }
     }
     /// Accepts `deployment`, `deployments`, `deploy`, `Deployment`, `daemonset`, `ds`, ...
@@ -501,6 +504,7 @@ impl Kind {
             "secret" | "secrets" => Kind::Secret,
             "service" | "services" | "svc" => Kind::Service,
             "alertpolicy" | "alertpolicies" | "ap" => Kind::AlertPolicy,
+            "pipeline" | "pipelines" | "pl" => Kind::Pipeline,
             _ => return None,
         })
     }
@@ -528,6 +532,7 @@ impl<'de> Deserialize<'de> for Object {
             "Secret" => serde_json::from_value(v).map(Object::Secret).map_err(e),
             "Service" => serde_json::from_value(v).map(Object::Service).map_err(e),
             "AlertPolicy" => serde_json::from_value(v).map(Object::AlertPolicy).map_err(e),
+            "Pipeline" => serde_json::from_value(v).map(Object::Pipeline).map_err(e),
             other => Err(D::Error::custom(format!("unsupported kind {other:?}"))),
         }
     }
@@ -542,6 +547,7 @@ impl Object {
             Object::Secret(_) => Kind::Secret,
             Object::Service(_) => Kind::Service,
             Object::AlertPolicy(_) => Kind::AlertPolicy,
+            Object::Pipeline(_) => Kind::Pipeline,
         }
     }
     pub fn meta(&self) -> &ObjectMeta {
@@ -552,6 +558,7 @@ impl Object {
             Object::Secret(o) => &o.metadata,
             Object::Service(o) => &o.metadata,
             Object::AlertPolicy(o) => &o.metadata,
+            Object::Pipeline(o) => &o.metadata,
         }
     }
     pub fn meta_mut(&mut self) -> &mut ObjectMeta {
@@ -562,6 +569,7 @@ impl Object {
             Object::Secret(o) => &mut o.metadata,
             Object::Service(o) => &mut o.metadata,
             Object::AlertPolicy(o) => &mut o.metadata,
+            Object::Pipeline(o) => &mut o.metadata,
         }
     }
     /// `Kind/namespace/name`

@@ -241,7 +241,7 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
     let expected_api = match kind.as_str() {
         "Deployment" | "DaemonSet" => "apps/v1",
         "ConfigMap" | "Secret" | "Service" => "v1",
-        "AlertPolicy" => ALERT_POLICY_API,
+        "AlertPolicy" | "Pipeline" => ALERT_POLICY_API,
         "" => {
             ctx.err(
                 "kind",
@@ -252,7 +252,7 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
         other => {
             ctx.err(
                 "kind",
-                format!("{other} is not supported by outpost; supported kinds are Deployment, DaemonSet, ConfigMap, Secret, Service and AlertPolicy"),
+                format!("{other} is not supported by outpost; supported kinds are Deployment, DaemonSet, ConfigMap, Secret, Service, AlertPolicy and Pipeline"),
             );
             return None;
         }
@@ -270,6 +270,7 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
         "ConfigMap" => Object::ConfigMap(typed(ctx, doc)?),
         "Service" => Object::Service(typed(ctx, doc)?),
         "AlertPolicy" => Object::AlertPolicy(typed(ctx, doc)?),
+        "Pipeline" => Object::Pipeline(typed(ctx, doc)?),
         _ => Object::Secret(typed(ctx, doc)?),
     };
     validate_meta(ctx, obj.meta());
@@ -309,6 +310,11 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
         }
         Object::Service(svc) => validate_service(ctx, svc),
         Object::AlertPolicy(p) => validate_alert_policy(ctx, &p.spec),
+        Object::Pipeline(p) => {
+            for (field, reason) in crate::pipeline::check_spec(&p.spec) {
+                ctx.err(field, reason);
+            }
+        }
         Object::ConfigMap(c) => {
             for (k, v) in &c.binary_data {
                 validate_key(ctx, &format!("binaryData.{k}"), k);

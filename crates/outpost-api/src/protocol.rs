@@ -762,6 +762,10 @@ pub struct SyncAnswer {
     pub alert_policy: Option<NodePolicy>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub log_requests: Vec<LogRequest>,
+    /// The node's pipelines, present when they differ from the hash the agent sent
+    /// (`pipelines=` in the query; docs/pipeline.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipelines: Option<crate::pipeline::NodePipelines>,
 }
 
 /// A status report with the monitoring additions.

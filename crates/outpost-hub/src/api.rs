@@ -161,6 +161,9 @@ pub struct SyncQuery {
     /// Hash of the alert policy the agent holds (monitoring-aware agents only).
     #[serde(default)]
     policy: Option<String>,
+    /// Hash of the pipelines the agent holds (pipeline-aware agents only).
+    #[serde(default)]
+    pipelines: Option<String>,
 }
 
 pub async fn sync(
@@ -180,13 +183,15 @@ pub async fn sync(
         let resp = st.db(move |s| s.sync(&n, since)).await?.ok_or(HubError::UnknownNode)?;
         // Monitoring additions: a changed alert policy, pending log requests (they wake us too).
         let (alert_policy, log_requests) = crate::alerts::sync_extras(&st, &node, q.policy.as_deref()).await?;
-        if resp.generation != since || alert_policy.is_some() || !log_requests.is_empty() {
+        let pipelines = crate::data::sync_pipelines(&st, &node, q.pipelines.as_deref()).await?;
+        if resp.generation != since || alert_policy.is_some() || !log_requests.is_empty() || pipelines.is_some() {
             tracing::debug!(node = %node, since, generation = resp.generation, full = resp.full,
                 policy = alert_policy.is_some(), log_requests = log_requests.len(), "sync answered");
             let answer = outpost_api::SyncAnswer {
                 sync: resp,
                 alert_policy,
                 log_requests,
+                pipelines,
             };
             return Ok(Json(answer).into_response());
         }

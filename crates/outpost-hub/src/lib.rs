@@ -12,6 +12,7 @@
 
 pub mod alerts;
 pub mod api;
+pub mod data;
 pub mod error;
 pub mod files;
 pub mod images;
@@ -150,6 +151,10 @@ impl Hub {
             alerts::Monitor::open(&monitor_db, monitor_cfg)
                 .with_context(|| format!("cannot open the monitoring tables in {}", monitor_db.display()))?,
         );
+        state.data = Arc::new(
+            data::DataStore::open(&monitor_db)
+                .with_context(|| format!("cannot open the pipeline data tables in {}", monitor_db.display()))?,
+        );
         let state = Arc::new(state);
         state.spawn_status_writer();
         // Catch up on anything committed before a crash but not yet scheduled.
@@ -166,6 +171,7 @@ impl Hub {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         tokio::spawn(alerts::rules_loop(state.clone(), stopped.clone()));
         tokio::spawn(webhook::sender_loop(state.clone(), stopped.clone()));
+        tokio::spawn(data::retention_loop(state.clone(), stopped.clone()));
         let serve_cfg = server::ServeConfig {
             limits,
             idle_timeout: cfg.idle_timeout,

@@ -36,6 +36,8 @@ pub struct HubState {
     pub node_cert_lifetime: Duration,
     /// Alerts, vitals, forwarded errors, webhooks, log requests (replaced by `Hub::start`).
     pub monitor: Arc<crate::alerts::Monitor>,
+    /// Pipeline records and the pipelines nodes get (replaced by `Hub::start`).
+    pub data: Arc<crate::data::DataStore>,
     /// Status reports waiting for the group-commit writer.
     status_tx: tokio::sync::mpsc::UnboundedSender<StatusJob>,
     status_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<StatusJob>>>,
@@ -84,6 +86,7 @@ impl HubState {
             host_paths: Default::default(),
             node_cert_lifetime: outpost_pki::NODE_CERT_LIFETIME,
             monitor: Arc::new(crate::alerts::Monitor::in_memory()),
+            data: Arc::new(crate::data::DataStore::in_memory()),
             status_tx,
             status_rx: Mutex::new(Some(status_rx)),
         }
@@ -222,6 +225,9 @@ impl HubState {
         // AlertPolicy objects or node labels may have changed: refresh effective policies.
         if let Err(e) = crate::alerts::refresh_policies(self).await {
             tracing::warn!(error = %e, "cannot refresh alert policies; nodes keep their last one");
+        }
+        if let Err(e) = crate::data::refresh_pipelines(self).await {
+            tracing::warn!(error = %e, "cannot refresh pipelines; nodes keep their last ones");
         }
         Ok(())
     }

@@ -392,6 +392,7 @@ fn decode_object(kind: Kind, manifest: &str) -> Result<Object> {
         Kind::Secret => Object::Secret(serde_json::from_str(manifest)?),
         Kind::Service => Object::Service(serde_json::from_str(manifest)?),
         Kind::AlertPolicy => Object::AlertPolicy(serde_json::from_str(manifest)?),
+        Kind::Pipeline => Object::Pipeline(serde_json::from_str(manifest)?),
     })
 }
 

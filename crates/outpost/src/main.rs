@@ -3,6 +3,7 @@
 //! calls to them and answers into tables or JSON/YAML.
 
 mod client;
+mod data;
 mod demo;
 mod image;
 mod logs;
@@ -77,6 +78,11 @@ enum Cmd {
     /// A workload's log from its node (fetched through the node's own outbound link), or the
     /// error lines nodes forwarded (--errors).
     Logs(logs::LogsArgs),
+    /// Records of the edge data pipeline stored at the hub: tail or query a stream.
+    Data {
+        #[command(subcommand)]
+        cmd: data::DataCmd,
+    },
     /// Measure outpost: agent footprint, propagation, offline recovery, bandwidth, fleet scale (simulator).
     Bench(outpost_bench::BenchArgs),
 }
@@ -416,6 +422,7 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Rollout { cmd } => output::rollout(&client::Client::from_env()?, cmd).await,
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Logs(a) => logs::run(&client::Client::from_env()?, a).await,
+        Cmd::Data { cmd } => data::run(&client::Client::from_env()?, cmd).await,
         Cmd::Bench(a) => outpost_bench::run(a).await,
     }
 }
@@ -509,6 +516,7 @@ async fn agent_run(r: RunArgs) -> Result<()> {
         hub: r.hub,
         stop_workloads_on_exit: r.stop_workloads_on_exit,
         docker_socket: r.docker_socket,
+        pipeline: outpost_agent::pipeline::Options::from_env(),
     };
     outpost_agent::run(o, ctrl_c_or_term()).await
 }

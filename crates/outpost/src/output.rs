@@ -259,6 +259,7 @@ pub async fn get(c: &Client, what: &str, f: Format) -> Result<()> {
             );
         }
         "alerts" | "alert" => return crate::logs::get_alerts(c, f).await,
+        "pipelines" | "pipeline" | "pl" => return crate::data::get_pipelines(c, f).await,
         "workloads" | "workload" | "wl" => {
             let ws: Vec<WorkloadInfo> = c.get("/v1/workloads").await?;
             if f != Format::Table {
