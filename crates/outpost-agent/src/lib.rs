@@ -24,6 +24,7 @@ pub mod alerts;
 pub mod docker;
 pub mod identity;
 pub mod images;
+pub mod lock;
 pub mod logs;
 pub mod pipeline;
 pub mod probe;
@@ -102,6 +103,13 @@ fn report_recovery(store: &store::Store, r: &store::Recovery, desired: &store::D
 /// Run the agent until `shutdown` resolves.
 pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
+    // Before anything else: no second agent here, and no child of a killed one still between
+    // fork and exec, where the scan for our processes could not see it (see `lock`).
+    let data_dir = o.data_dir.clone();
+    let _lock = tokio::task::spawn_blocking(move || lock::acquire(&data_dir, lock::WAIT))
+        .await
+        .context("the agent lock task failed")?
+        .map_err(anyhow::Error::msg)?;
     let mut identity = Identity::load(&o.data_dir).map_err(anyhow::Error::msg)?;
     if let Some(h) = &o.hub {
         identity.hub = h.trim_end_matches('/').to_string();

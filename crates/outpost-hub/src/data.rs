@@ -121,7 +121,7 @@ impl DataStore {
     pub fn query(&self, q: &DataQuery, now: UnixMs) -> R<Vec<StoredRecord>> {
         let c = self.lock();
         let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
-        let since = q.since_secs.map(|s| now - s as i64 * 1000);
+        let since = q.since_secs.map(|s| outpost_api::ms_before(now, s));
         // With `after` (follow): the oldest records after it; otherwise the newest `limit`.
         let order = if q.after.is_some() { "ASC" } else { "DESC" };
         let sql = format!(
@@ -185,7 +185,7 @@ impl DataStore {
         for (name, secs) in &retention {
             n += c.execute(
                 "DELETE FROM data_records WHERE pipeline = ?1 AND received_at < ?2",
-                params![name, now - *secs as i64 * 1000],
+                params![name, outpost_api::ms_before(now, *secs)],
             )? as u64;
         }
         // Records of pipelines that no longer exist: the default retention.

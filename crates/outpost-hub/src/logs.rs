@@ -208,7 +208,7 @@ pub async fn get_errors(
     _: Admin,
     ApiQuery(q): ApiQuery<ErrorsQuery>,
 ) -> Result<Json<Vec<StoredErrorLine>>, HubError> {
-    let since = q.since_secs.map_or(0, |s| crate::now_ms() - s as i64 * 1000);
+    let since = q.since_secs.map_or(0, |s| outpost_api::ms_before(crate::now_ms(), s));
     let limit = q.limit.unwrap_or(1000).min(10_000);
     let lines = mdb(&st, move |m| {
         m.errors(q.node.as_deref(), q.workload.as_deref(), since, limit)
