@@ -135,7 +135,7 @@ mod tests {
     #[test]
     fn ms_before_saturates() {
         assert_eq!(ms_before(10_000, 3), 7_000);
-        assert_eq!(ms_before(10_000, u64::MAX), i64::MIN);
-        assert_eq!(ms_before(0, 17_730_071_656_886_478), i64::MIN);
+        assert_eq!(ms_before(10_000, u64::MAX), 10_000 - i64::MAX);
+        assert_eq!(ms_before(0, 17_730_071_656_886_478), -i64::MAX);
     }
 }
