@@ -37,6 +37,9 @@ apt_install() {
   $sudo apt-get install -y "${missing[@]}" >/dev/null || { $sudo apt-get update >/dev/null && $sudo apt-get install -y "${missing[@]}" >/dev/null; }
 }
 apt_install docker.io busybox-static curl util-linux
+# The data pipeline tests publish with real MQTT clients (mosquitto-clients), benchmark beside
+# Debian's mosquitto, and deliver to a real nats-server with JetStream, started by the tests.
+apt_install mosquitto mosquitto-clients nats-server
 # The chaos suite (crates/outpost/tests/chaos.rs): network namespaces and veth from iproute2,
 # agents with a skewed clock through libfaketime.
 apt_install iproute2 faketime

@@ -6,26 +6,33 @@
 //! (`reconcile`), the link to the hub (`sync`), image prefetch before maintenance windows
 //! (`prefetch`), and monitoring: vital signs (`vitals`), alerts
 //! evaluated on the node (`alerts`), workload log rotation, error forwarding and log requests
-//! (`logs`).
+//! (`logs`), and the edge data pipeline: MQTT broker, HTTP ingest, stream rules, sinks
+//! (`pipeline`) over the durable spool (`spool`).
 //!
-//! Must never: need the hub to start, restart or keep a workload; listen on a port (agents only
-//! dial out); act on a desired state before it is persisted; run two processes for one unit.
+//! Must never: need the hub to start, restart or keep a workload; open a port to the WAN (agents
+//! dial out; the pipeline's listeners bind to loopback unless told otherwise); acknowledge a
+//! pipeline record before it is in the spool; act on a desired state before it is persisted;
+//! run two processes for one unit.
 //!
 //! Start-up order (`run`): open the store (quarantine it if corrupt, restore a new one from its
-//! export; see `store`) -> load the last desired state -> adopt processes that survived an agent
-//! restart -> start what is missing -> only then try the hub. When the store is new and nothing
-//! could be restored, adopted processes and containers are kept running, not stopped, until the
-//! hub's first answer says what should run.
+//! export; see `store`) -> load the last desired state -> bind the pipeline's listeners
+//! (loopback by default; workloads are told where they are) -> adopt processes that survived an
+//! agent restart -> start what is missing -> only then try the hub. When the store is new and
+//! nothing could be restored, adopted processes and containers are kept running, not stopped,
+//! until the hub's first answer says what should run.
 
 pub mod alerts;
 pub mod docker;
 pub mod identity;
 pub mod images;
+pub mod lock;
 pub mod logs;
+pub mod pipeline;
 pub mod prefetch;
 pub mod probe;
 pub mod reconcile;
 pub mod runtime;
+pub mod spool;
 pub mod store;
 pub mod sync;
 pub mod vitals;
@@ -50,6 +57,8 @@ pub struct RunOptions {
     /// Stop every workload when the agent exits (the demo). Normally workloads keep running
     /// and the next agent start re-adopts them.
     pub stop_workloads_on_exit: bool,
+    /// The edge data pipeline's listeners and spool budget.
+    pub pipeline: pipeline::Options,
 }
 
 /// The next delay of a retry loop, with a fresh random jitter draw (the policy itself is the
@@ -96,6 +105,13 @@ fn report_recovery(store: &store::Store, r: &store::Recovery, desired: &store::D
 /// Run the agent until `shutdown` resolves.
 pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
+    // Before anything else: no second agent here, and no child of a killed one still between
+    // fork and exec, where the scan for our processes could not see it (see `lock`).
+    let data_dir = o.data_dir.clone();
+    let _lock = tokio::task::spawn_blocking(move || lock::acquire(&data_dir, lock::WAIT))
+        .await
+        .context("the agent lock task failed")?
+        .map_err(anyhow::Error::msg)?;
     let mut identity = Identity::load(&o.data_dir).map_err(anyhow::Error::msg)?;
     if let Some(h) = &o.hub {
         identity.hub = h.trim_end_matches('/').to_string();
@@ -123,6 +139,21 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
         .clone()
         .unwrap_or_else(|| docker::DEFAULT_SOCKET.to_string());
     let socket_for_prefetch = socket.clone();
+    // The edge data pipeline: listeners on loopback by default, streams from the persisted
+    // pipelines (docs/pipeline.md).
+    let pipelines = pipeline::start(
+        o.data_dir.clone(),
+        client.identity.read().await.node.clone(),
+        o.pipeline.clone(),
+        Some(pipeline::Events {
+            store: store.clone(),
+            outbox: outbox.clone(),
+        }),
+        Some(client.clone()),
+        stop_rx.clone(),
+    )
+    .await;
+
     let reconciler = reconcile::Reconciler::new(rt, store.clone(), desired, status_tx, client.clone(), socket)
         .hold_until_synced(hold);
     let rec = tokio::spawn(reconciler.run(desired_rx.clone(), stop_rx.clone(), o.stop_workloads_on_exit));
@@ -184,6 +215,7 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
         store.clone(),
         desired_tx,
         monitor.clone(),
+        Some(pipelines),
         stop_rx.clone(),
     ));
     let s2 = tokio::spawn(sync::status_loop(

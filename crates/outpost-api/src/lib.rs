@@ -9,11 +9,12 @@ pub mod checks;
 pub mod duration;
 pub mod manifest;
 pub mod parse;
+pub mod pipeline;
 pub mod protocol;
 pub mod rollout;
 
 pub use checks::{validate_image_ref, FieldError};
-pub use duration::{human_duration, parse_duration, parse_duration_secs, MAX_DURATION_SECS};
+pub use duration::{human_duration, ms_before, parse_duration, parse_duration_secs, MAX_DURATION_SECS};
 pub use manifest::*;
 pub use parse::ALERT_POLICY_API;
 pub use parse::{parse_cpu, parse_file, parse_memory, probe_port, Parsed, PROCESS_RUNTIME};

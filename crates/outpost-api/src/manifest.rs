@@ -469,6 +469,7 @@ pub enum Object {
     Service(Service),
     AlertPolicy(AlertPolicy),
     RolloutPolicy(crate::rollout::RolloutPolicy),
+    Pipeline(crate::pipeline::Pipeline),
 }
 
 /// The kinds outpost stores.
@@ -481,6 +482,7 @@ pub enum Kind {
     Service,
     AlertPolicy,
     RolloutPolicy,
+    Pipeline,
 }
 
 impl Kind {
@@ -493,6 +495,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::AlertPolicy => "AlertPolicy",
             Kind::RolloutPolicy => "RolloutPolicy",
+            Kind::Pipeline => "Pipeline",
         }
     }
     /// Accepts `deployment`, `deployments`, `deploy`, `Deployment`, `daemonset`, `ds`, ...
@@ -505,6 +508,7 @@ impl Kind {
             "service" | "services" | "svc" => Kind::Service,
             "alertpolicy" | "alertpolicies" | "ap" => Kind::AlertPolicy,
             "rolloutpolicy" | "rolloutpolicies" | "rp" => Kind::RolloutPolicy,
+            "pipeline" | "pipelines" | "pl" => Kind::Pipeline,
             _ => return None,
         })
     }
@@ -533,6 +537,7 @@ impl<'de> Deserialize<'de> for Object {
             "Service" => serde_json::from_value(v).map(Object::Service).map_err(e),
             "AlertPolicy" => serde_json::from_value(v).map(Object::AlertPolicy).map_err(e),
             "RolloutPolicy" => serde_json::from_value(v).map(Object::RolloutPolicy).map_err(e),
+            "Pipeline" => serde_json::from_value(v).map(Object::Pipeline).map_err(e),
             other => Err(D::Error::custom(format!("unsupported kind {other:?}"))),
         }
     }
@@ -548,6 +553,7 @@ impl Object {
             Object::Service(_) => Kind::Service,
             Object::AlertPolicy(_) => Kind::AlertPolicy,
             Object::RolloutPolicy(_) => Kind::RolloutPolicy,
+            Object::Pipeline(_) => Kind::Pipeline,
         }
     }
     pub fn meta(&self) -> &ObjectMeta {
@@ -559,6 +565,7 @@ impl Object {
             Object::Service(o) => &o.metadata,
             Object::AlertPolicy(o) => &o.metadata,
             Object::RolloutPolicy(o) => &o.metadata,
+            Object::Pipeline(o) => &o.metadata,
         }
     }
     pub fn meta_mut(&mut self) -> &mut ObjectMeta {
@@ -570,6 +577,7 @@ impl Object {
             Object::Service(o) => &mut o.metadata,
             Object::AlertPolicy(o) => &mut o.metadata,
             Object::RolloutPolicy(o) => &mut o.metadata,
+            Object::Pipeline(o) => &mut o.metadata,
         }
     }
     /// `Kind/namespace/name`

@@ -768,6 +768,10 @@ pub struct SyncAnswer {
     /// the window needs no download. A hint: it changes nothing that runs. Protocol 1.2.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub prefetch: Vec<WorkloadSpec>,
+    /// The node's pipelines, present when they differ from the hash the agent sent
+    /// (`pipelines=` in the query; docs/pipeline.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipelines: Option<crate::pipeline::NodePipelines>,
 }
 
 /// A status report with the monitoring additions.

@@ -11,6 +11,7 @@ pub mod alerts;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod link;
+pub mod pipeline;
 pub mod probe;
 pub mod render;
 pub mod retry;

@@ -61,7 +61,11 @@ pub fn workload_key(id: &ObjectId) -> String {
 
 /// Hash of a workload's pod template: a change of it is a new revision.
 pub fn template_hash(obj: &Object) -> Option<String> {
-    obj.template().map(content_hash)
+    match obj {
+        // A pipeline's revision moves with its spec (node selector, streams, sinks).
+        Object::Pipeline(p) => Some(content_hash(&p.spec)),
+        _ => obj.template().map(content_hash),
+    }
 }
 
 fn b64(bytes: &[u8]) -> String {

@@ -5,19 +5,21 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::header::{ACCEPT, CONTENT_TYPE};
+use axum::http::header::{ACCEPT, CONTENT_ENCODING, CONTENT_TYPE};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use outpost_api::pipeline::{DataAck, DataBatch};
 use outpost_api::{
     ApplyRequest, ErrorAck, ErrorBatch, JoinRequest, JoinResponse, LogData, LogRequest, RenewRequest, RenewResponse,
     StatusAck, StatusWithVitals, TokenRequest, UndoRequest,
 };
 use serde::Deserialize;
 
+use crate::data::{DataQuery, MAX_BATCH_BYTES};
 use crate::error::HubError;
 use crate::extract::{Admin, ApiJson, ApiQuery, Peer};
-use crate::service::{object_id, Command, Query, Reply, RolloutAction, Service};
+use crate::service::{object_id, Command, Held, Query, Reply, RolloutAction, Service};
 
 type St = State<Arc<Service>>;
 type Answer = Result<Reply, HubError>;
@@ -53,6 +55,9 @@ pub struct SyncQuery {
     /// Hash of the alert policy the agent holds (monitoring-aware agents only).
     #[serde(default)]
     policy: Option<String>,
+    /// Hash of the pipelines the agent holds (pipeline-aware agents only).
+    #[serde(default)]
+    pipelines: Option<String>,
 }
 
 pub async fn sync(
@@ -61,7 +66,11 @@ pub async fn sync(
     Path(node): Path<String>,
     ApiQuery(q): ApiQuery<SyncQuery>,
 ) -> Result<Response, HubError> {
-    Ok(match svc.sync(&peer, &node, q.generation, q.policy.as_deref()).await? {
+    let held = Held {
+        policy: q.policy.as_deref(),
+        pipelines: q.pipelines.as_deref(),
+    };
+    Ok(match svc.sync(&peer, &node, q.generation, held).await? {
         Some(answer) => Json(answer).into_response(),
         None => StatusCode::NO_CONTENT.into_response(),
     })
@@ -107,6 +116,39 @@ pub async fn node_logs(
 ) -> Result<Json<serde_json::Value>, HubError> {
     svc.node_logs(&peer, &node, &id, data).await?;
     Ok(Json(serde_json::json!({})))
+}
+
+/// `POST /v1/nodes/{node}/data` (mTLS): a batch of pipeline records, JSON, compressed with zstd
+/// when `Content-Encoding: zstd`.
+pub async fn node_data(
+    State(svc): St,
+    peer: Peer,
+    Path(node): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<DataAck>, HubError> {
+    let zstd = headers
+        .get(CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("zstd"));
+    let decode = || -> Result<DataBatch, HubError> {
+        let json = if zstd {
+            zstd::bulk::decompress(&body, MAX_BATCH_BYTES).map_err(|e| {
+                HubError::BadRequest(format!(
+                    "the body is not zstd data of at most {MAX_BATCH_BYTES} bytes ({e}); send smaller batches"
+                ))
+            })?
+        } else {
+            body.to_vec()
+        };
+        serde_json::from_slice(&json).map_err(|e| {
+            HubError::BadRequest(format!(
+                "the body is not a data batch ({e}); check that agent and hub are the same release"
+            ))
+        })
+    };
+    let stored = svc.node_data(&peer, &node, decode).await?;
+    Ok(Json(DataAck { stored }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -246,6 +288,20 @@ pub async fn metrics(State(svc): St, _: Admin, headers: HeaderMap) -> Result<Res
     let accept: Vec<&str> = headers.get_all(ACCEPT).iter().filter_map(|v| v.to_str().ok()).collect();
     let (content_type, body) = crate::metrics::exposition(f, &svc.metrics, &accept);
     Ok(([(CONTENT_TYPE, content_type)], body).into_response())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Edge data pipeline (admin token)
+
+/// `GET /v1/pipelines`: every Pipeline with its revision, streams, sinks and matching nodes.
+pub async fn pipelines(State(svc): St, _: Admin) -> Answer {
+    svc.query(Query::Pipelines).await
+}
+
+/// `GET /v1/data?stream=&node=&pipeline=&kind=&since_secs=&after=&limit=`: stored records,
+/// oldest first.
+pub async fn data(State(svc): St, _: Admin, ApiQuery(q): ApiQuery<DataQuery>) -> Answer {
+    svc.query(Query::Data(q)).await
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 //! | `rollouts` | `outpost_core::waves::{start, decide}` | on gate results and nodes coming back, at bake ends and window openings, every 1 s while a rollout is active (10 s otherwise) |
 //! | `webhooks` | `outpost_core::retry::webhook` | when an alert or rollout event is queued, or a retry is due |
 //! | `retention` | resolved alerts kept 7 days | hourly (events, error lines and webhook rows are capped where they are written) |
+//! | `data-retention` | pipeline records kept for their hub sink's `retention` (default 7 days) | every minute |
 //!
 //! The scheduler is not a loop: every command that changes objects or nodes reschedules under
 //! the write lock before it answers (`Service::reschedule_locked`), and a node back from
@@ -28,6 +29,8 @@ use crate::service::{now_ms, Service};
 
 /// How often the retention controller runs.
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+/// How often expired pipeline records are pruned.
+const DATA_RETENTION_EVERY: Duration = Duration::from_secs(60);
 
 /// Runs once; returns the longest wait before the next run.
 type Run = Box<dyn Fn(Arc<Service>) -> BoxFuture<'static, Duration> + Send + Sync>;
@@ -73,6 +76,20 @@ pub fn all(svc: &Service) -> Vec<Controller> {
                         Err(e) => tracing::warn!(error = %e, "pruning resolved alerts failed; retrying in an hour"),
                     }
                     RETENTION_EVERY
+                })
+            }),
+            wake: None,
+        },
+        Controller {
+            name: "data-retention",
+            run: Box::new(|svc| {
+                Box::pin(async move {
+                    match svc.ddb(|d| d.prune(now_ms())).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(records = n, "pruned pipeline records past their retention"),
+                        Err(e) => tracing::warn!(error = %e, "pruning pipeline records failed; retrying in a minute"),
+                    }
+                    DATA_RETENTION_EVERY
                 })
             }),
             wake: None,

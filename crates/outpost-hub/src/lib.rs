@@ -13,13 +13,14 @@
 //!
 //! Module layers (arrows point one way): `server` (TLS, connections, routes) -> `api`,
 //! `images` (handlers) -> `extract` -> `service` (the command layer: [`service::Command`],
-//! [`service::Query`], the node protocol) -> `store`, `monitor`, `logs`, `metrics`,
+//! [`service::Query`], the node protocol) -> `store`, `monitor`, `data`, `logs`, `metrics`,
 //! `rollouts`, `scheduler`, `validate`, `views`, `error`; `controllers` (`alerts`, `webhook`)
 //! -> `service`.
 
 pub mod alerts;
 pub mod api;
 pub mod controllers;
+pub mod data;
 pub mod error;
 pub mod extract;
 pub mod files;
@@ -148,6 +149,8 @@ impl Hub {
         };
         let monitor = monitor::Monitor::open(&monitor_db, monitor_cfg.webhooks.clone())
             .with_context(|| format!("cannot open the monitoring tables in {}", monitor_db.display()))?;
+        let data = data::DataStore::open(&monitor_db)
+            .with_context(|| format!("cannot open the pipeline data tables in {}", monitor_db.display()))?;
         let settings = service::Settings {
             offline_after: cfg.offline_after,
             long_poll: cfg.long_poll,
@@ -165,6 +168,7 @@ impl Hub {
         let svc = Arc::new(service::Service::new(
             Arc::new(store),
             Arc::new(monitor),
+            Arc::new(data),
             authority,
             settings,
         ));

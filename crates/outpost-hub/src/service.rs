@@ -6,9 +6,10 @@
 //! set of typed methods on the same service, authorized by the caller's certificate ([`Peer`]).
 //!
 //! The service owns the hub's state, split by concern: the desired-state [`Store`], the
-//! monitoring tables ([`Monitor`]), the counters ([`Metrics`]), the CA and admin token
-//! ([`Authority`]), settings ([`Settings`]), the node links (long-poll wake-ups and log relay,
-//! [`Links`]), the alert-policy cache and the controllers' wake-ups ([`Wakeups`]).
+//! monitoring tables ([`Monitor`]), the pipeline records and the Pipeline cache
+//! ([`DataStore`]), the counters ([`Metrics`]), the CA and admin token ([`Authority`]),
+//! settings ([`Settings`]), the node links (long-poll wake-ups and log relay, [`Links`]), the
+//! alert-policy cache and the controllers' wake-ups ([`Wakeups`]).
 //!
 //! Every change to objects and nodes holds `write_lock` through validation, the write and the
 //! reschedule that follows, so they see one consistent state.
@@ -31,6 +32,7 @@ use outpost_pki::CaMaterial;
 use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Notify};
 
+use crate::data::{DataQuery, DataStore};
 use crate::error::{human_duration, HubError};
 use crate::files::random_hex;
 use crate::logs::LogBroker;
@@ -40,6 +42,7 @@ use crate::scheduler::{self, is_online};
 use crate::store::{check_token, NewNode, Store, StoreError, TokenRow};
 use crate::validate;
 use crate::views::{self, View};
+use outpost_api::pipeline::{DataBatch, NodePipelines, PipelineInfo, RecordKind, StoredRecord};
 use outpost_api::{RolloutActionResult, RolloutInfo, RolloutPhase};
 use outpost_core::render::workload_key;
 use outpost_core::waves::{self, Decision, Rollout};
@@ -172,6 +175,10 @@ pub enum Query {
     },
     /// Every workload's current (or last) rollout, without the per-node lists.
     Rollouts,
+    /// Every Pipeline with the nodes that run it.
+    Pipelines,
+    /// Pipeline records the hub stored, oldest first.
+    Data(DataQuery),
 }
 
 /// What a command or query returns. Each variant is one answer type of the API.
@@ -196,6 +203,8 @@ pub enum Reply {
     Rollout(Box<RolloutInfo>),
     Rollouts(Vec<RolloutInfo>),
     RolloutAction(RolloutActionResult),
+    Pipelines(Vec<PipelineInfo>),
+    Records(Vec<StoredRecord>),
 }
 
 impl Reply {
@@ -221,6 +230,8 @@ impl Reply {
             Reply::Rollout(v) => j(v),
             Reply::Rollouts(v) => j(v),
             Reply::RolloutAction(v) => j(v),
+            Reply::Pipelines(v) => j(v),
+            Reply::Records(v) => j(v),
             Reply::Fleet(_) => Ok(serde_json::Value::Null),
         }
     }
@@ -313,6 +324,8 @@ pub struct Wakeups {
 pub struct Service {
     pub store: Arc<dyn Store>,
     pub monitor: Arc<Monitor>,
+    /// Pipeline records and the Pipeline objects nodes get.
+    pub data: Arc<DataStore>,
     pub metrics: Arc<Metrics>,
     pub authority: Authority,
     pub settings: Settings,
@@ -347,11 +360,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Service {
-    pub fn new(store: Arc<dyn Store>, monitor: Arc<Monitor>, authority: Authority, settings: Settings) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        monitor: Arc<Monitor>,
+        data: Arc<DataStore>,
+        authority: Authority,
+        settings: Settings,
+    ) -> Self {
         let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
             store,
             monitor,
+            data,
             metrics: Arc::new(Metrics::default()),
             authority,
             settings,
@@ -397,6 +417,22 @@ impl Service {
             })
     }
 
+    /// Run a pipeline-record call on the blocking pool.
+    pub async fn ddb<T, F>(&self, f: F) -> Result<T, HubError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&DataStore) -> Result<T, rusqlite::Error> + Send + 'static,
+    {
+        let d = self.data.clone();
+        tokio::task::spawn_blocking(move || f(&d))
+            .await
+            .map_err(|e| HubError::Internal(format!("data task failed: {e}")))?
+            .map_err(|e| match e {
+                e if crate::error::is_disk_full(&e) => HubError::DiskFull,
+                e => HubError::Internal(format!("data database: {e}")),
+            })
+    }
+
     /// Count committed alert transitions, log them, and wake the webhook sender.
     pub fn announce(&self, out: &[AlertInfo]) {
         for a in out {
@@ -424,7 +460,7 @@ impl Service {
         }
     }
 
-    /// Wake every waiting long-poll (a new alert policy).
+    /// Wake every waiting long-poll (new alert policies or pipelines).
     pub fn wake_all(&self) {
         for tx in lock(&self.links.watchers).values() {
             tx.send_modify(|_| {});
@@ -474,9 +510,9 @@ impl Service {
         }
         *lock(&self.notes) = notes;
         self.notify(&bumped);
-        // AlertPolicy objects or node labels may have changed: refresh effective policies.
-        if let Err(e) = self.refresh_policies().await {
-            tracing::warn!(error = %e, "cannot refresh alert policies; nodes keep their last one");
+        // AlertPolicy or Pipeline objects or node labels may have changed: refresh the caches.
+        if let Err(e) = self.refresh_node_extras().await {
+            tracing::warn!(error = %e, "cannot refresh alert policies and pipelines; nodes keep their last ones");
         }
         Ok(())
     }
@@ -494,26 +530,37 @@ impl Service {
         }
     }
 
-    /// Reload AlertPolicy objects; wake every node's long-poll when they changed so each gets
-    /// its new effective policy at once.
-    async fn refresh_policies(&self) -> Result<(), HubError> {
+    /// Reload AlertPolicy and Pipeline objects; wake every node's long-poll when they changed
+    /// so each gets its new effective policy and pipelines at once.
+    async fn refresh_node_extras(&self) -> Result<(), HubError> {
         let objects = self.db(|s| s.objects()).await?;
-        let mut p: Vec<(String, AlertPolicySpec)> = objects
-            .into_iter()
-            .filter_map(|o| match o.object {
-                Object::AlertPolicy(ap) => Some((format!("{}/{}", ap.metadata.ns(), ap.metadata.name), ap.spec)),
-                _ => None,
-            })
-            .collect();
-        p.sort_by(|a, b| a.0.cmp(&b.0));
-        let changed = {
+        let mut policies: Vec<(String, AlertPolicySpec)> = Vec::new();
+        let mut pipelines: Vec<(outpost_api::pipeline::Pipeline, u64)> = Vec::new();
+        for o in objects {
+            match o.object {
+                Object::AlertPolicy(ap) => {
+                    policies.push((format!("{}/{}", ap.metadata.ns(), ap.metadata.name), ap.spec))
+                }
+                Object::Pipeline(p) => pipelines.push((p, o.revision)),
+                _ => {}
+            }
+        }
+        policies.sort_by(|a, b| a.0.cmp(&b.0));
+        pipelines.sort_by(|a, b| (a.0.metadata.ns(), &a.0.metadata.name).cmp(&(b.0.metadata.ns(), &b.0.metadata.name)));
+        let policies_changed = {
             let mut cur = self.policies.write().unwrap_or_else(|e| e.into_inner());
-            let changed = *cur != p;
-            *cur = p;
+            let changed = *cur != policies;
+            *cur = policies;
             changed
         };
-        if changed {
+        let pipelines_changed = self.data.set_pipelines(pipelines);
+        if policies_changed {
             tracing::info!("alert policies changed; waking every node");
+        }
+        if pipelines_changed {
+            tracing::info!("pipelines changed; waking every node");
+        }
+        if policies_changed || pipelines_changed {
             self.wake_all();
         }
         Ok(())
@@ -773,7 +820,7 @@ impl Service {
                 since_secs,
                 limit,
             } => {
-                let since = since_secs.map_or(0, |s| now_ms() - s as i64 * 1000);
+                let since = since_secs.map_or(0, |s| outpost_api::ms_before(now_ms(), s));
                 let limit = limit.unwrap_or(1000).min(10_000);
                 let lines = self
                     .mdb(move |m| m.errors(node.as_deref(), workload.as_deref(), since, limit))
@@ -812,6 +859,19 @@ impl Service {
                     })
                     .collect();
                 Ok(Reply::Rollouts(out))
+            }
+            Query::Pipelines => {
+                let (objects, nodes) = self.db(|s| Ok((s.objects()?, s.nodes()?))).await?;
+                Ok(Reply::Pipelines(views::pipeline_infos(&objects, &nodes)))
+            }
+            Query::Data(q) => {
+                if let Some(k) = q.kind.as_deref().filter(|k| RecordKind::parse(k).is_none()) {
+                    return Err(HubError::BadRequest(format!(
+                        "kind {k:?} is not one of record, anomaly, aggregate, sample"
+                    )));
+                }
+                let now = now_ms();
+                Ok(Reply::Records(self.ddb(move |d| d.query(&q, now)).await?))
             }
         }
     }
@@ -1256,7 +1316,7 @@ impl Service {
         peer: &Peer,
         node: &str,
         since: u64,
-        policy_hash: Option<&str>,
+        held: Held<'_>,
     ) -> Result<Option<SyncAnswer>, HubError> {
         self.authorize_node(peer, node).await?;
         self.contact(node, now_ms()).await?;
@@ -1271,11 +1331,16 @@ impl Service {
                 .db(move |s| s.sync(&n, since))
                 .await?
                 .ok_or(HubError::UnknownNode)?;
-            // Monitoring additions: a changed alert policy, pending log requests (they wake us too).
-            let (alert_policy, log_requests) = self.sync_extras(node, policy_hash).await?;
-            if resp.generation != since || alert_policy.is_some() || !log_requests.is_empty() {
+            // Additions: a changed alert policy or pipelines, pending log requests (they wake us too).
+            let Extras {
+                alert_policy,
+                log_requests,
+                pipelines,
+            } = self.sync_extras(node, held).await?;
+            if resp.generation != since || alert_policy.is_some() || !log_requests.is_empty() || pipelines.is_some() {
                 tracing::debug!(node = %node, since, generation = resp.generation, full = resp.full,
-                    policy = alert_policy.is_some(), log_requests = log_requests.len(), "sync answered");
+                    policy = alert_policy.is_some(), log_requests = log_requests.len(),
+                    pipelines = pipelines.is_some(), "sync answered");
                 let n = node.to_string();
                 let prefetch = if resp.generation != since {
                     self.db(move |s| s.prefetch(&n)).await?
@@ -1287,6 +1352,7 @@ impl Service {
                     alert_policy,
                     log_requests,
                     prefetch,
+                    pipelines,
                 }));
             }
             match tokio::time::timeout_at(deadline, rx.changed()).await {
@@ -1298,27 +1364,31 @@ impl Service {
         }
     }
 
-    /// What a sync answer adds for `node`: its policy when the agent's hash differs (agents
-    /// that send no hash get none), and its pending log requests.
-    async fn sync_extras(
-        &self,
-        node: &str,
-        agent_hash: Option<&str>,
-    ) -> Result<(Option<NodePolicy>, Vec<LogRequest>), HubError> {
-        let policy = match agent_hash {
-            Some(h) => {
-                let n = node.to_string();
-                let labels = self
-                    .db(move |s| s.node(&n))
-                    .await?
-                    .map(|r| r.labels)
-                    .unwrap_or_default();
-                let p = self.policy_for(&labels);
-                (p.hash() != h).then_some(p)
-            }
-            None => None,
+    /// What a sync answer adds for `node`: its policy and its pipelines when the agent's hash
+    /// of each differs (agents that send no hash get none), and its pending log requests.
+    async fn sync_extras(&self, node: &str, held: Held<'_>) -> Result<Extras, HubError> {
+        let labels = if held.policy.is_some() || held.pipelines.is_some() {
+            let n = node.to_string();
+            self.db(move |s| s.node(&n))
+                .await?
+                .map(|r| r.labels)
+                .unwrap_or_default()
+        } else {
+            outpost_api::Labels::default()
         };
-        Ok((policy, self.links.logs.take(node)))
+        let alert_policy = held.policy.and_then(|h| {
+            let p = self.policy_for(&labels);
+            (p.hash() != h).then_some(p)
+        });
+        let pipelines = held.pipelines.and_then(|h| {
+            let p = self.data.pipelines_for(&labels);
+            (p.hash() != h).then_some(p)
+        });
+        Ok(Extras {
+            alert_policy,
+            log_requests: self.links.logs.take(node),
+            pipelines,
+        })
     }
 
     /// `POST /v1/nodes/{node}/status`: store a status report (and its monitoring additions);
@@ -1460,6 +1530,25 @@ impl Service {
         Ok(acked)
     }
 
+    /// `POST /v1/nodes/{node}/data`: a batch of pipeline records from the node's spool, stored
+    /// (each record id once per node) before the answer; returns how many ids were new. The
+    /// body is decoded (`decode`) only once the caller is authorized: a batch may decompress to
+    /// 64 MiB.
+    pub async fn node_data(
+        &self,
+        peer: &Peer,
+        node: &str,
+        decode: impl FnOnce() -> Result<DataBatch, HubError>,
+    ) -> Result<u64, HubError> {
+        self.authorize_node(peer, node).await?;
+        let batch = decode()?;
+        let now = now_ms();
+        let (n, records) = (node.to_string(), batch.records.len());
+        let stored = self.ddb(move |d| d.insert(&n, &batch.records, now)).await?;
+        tracing::debug!(node = %node, records, stored, "pipeline records stored");
+        Ok(stored)
+    }
+
     /// `POST /v1/nodes/{node}/logs/{id}`: the node's answer to one of its own log requests.
     pub async fn node_logs(&self, peer: &Peer, node: &str, id: &str, data: LogData) -> Result<(), HubError> {
         self.authorize_node(peer, node).await?;
@@ -1481,6 +1570,21 @@ impl Service {
         }
         self.known_node(peer).await.map(|_| ImageReader::Node)
     }
+}
+
+/// The hashes a node's sync request says it holds (`policy=`, `pipelines=`); an agent that
+/// sends none of one is never sent that addition.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Held<'a> {
+    pub policy: Option<&'a str>,
+    pub pipelines: Option<&'a str>,
+}
+
+/// What a sync answer adds to the desired state.
+struct Extras {
+    alert_policy: Option<NodePolicy>,
+    log_requests: Vec<LogRequest>,
+    pipelines: Option<NodePipelines>,
 }
 
 /// Who reads an image: the operator or a node.

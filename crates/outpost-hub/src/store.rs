@@ -431,6 +431,7 @@ fn decode_object(kind: Kind, manifest: &str) -> Result<Object> {
         Kind::Service => Object::Service(serde_json::from_str(manifest)?),
         Kind::AlertPolicy => Object::AlertPolicy(serde_json::from_str(manifest)?),
         Kind::RolloutPolicy => Object::RolloutPolicy(serde_json::from_str(manifest)?),
+        Kind::Pipeline => Object::Pipeline(serde_json::from_str(manifest)?),
     })
 }
 

@@ -1,9 +1,10 @@
-//! Read models for operators: a workload or node as `outpost get`/`describe` show it, built
-//! from rows read in one go. Pure functions of the rows and `now`.
+//! Read models for operators: a workload, node, rollout or pipeline as `outpost get`/`describe`
+//! show it, built from rows read in one go. Pure functions of the rows and `now`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use outpost_api::pipeline::PipelineInfo;
 use outpost_api::{
     Kind, NodeInfo, NodeRolloutInfo, NodeRolloutState, Object, Phase, Placement, RolloutInfo, Runtime, UnixMs,
     WaveInfo, WorkloadInfo, WorkloadStatus, PROCESS_RUNTIME,
@@ -219,4 +220,33 @@ pub fn rollout_info(
         nodes,
         events: r.events.clone(),
     }
+}
+
+/// Every Pipeline with the nodes that run it (`outpost get pipelines`).
+pub fn pipeline_infos(objects: &[StoredObject], nodes: &[NodeRow]) -> Vec<PipelineInfo> {
+    objects
+        .iter()
+        .filter_map(|o| match &o.object {
+            Object::Pipeline(p) => Some(PipelineInfo {
+                namespace: p.metadata.ns().to_string(),
+                name: p.metadata.name.clone(),
+                revision: o.revision,
+                nodes: nodes
+                    .iter()
+                    .filter(|n| selector_matches(&p.spec.node_selector, &n.labels))
+                    .map(|n| n.name.clone())
+                    .collect(),
+                node_selector: p.spec.node_selector.clone(),
+                streams: p.spec.streams.iter().map(|s| s.name.clone()).collect(),
+                sinks: p
+                    .spec
+                    .sinks
+                    .iter()
+                    .map(|s| format!("{} ({})", s.name, s.type_))
+                    .collect(),
+                updated_at: o.updated_at,
+            }),
+            _ => None,
+        })
+        .collect()
 }

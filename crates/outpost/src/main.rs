@@ -3,6 +3,7 @@
 //! calls to them and answers into tables or JSON/YAML.
 
 mod client;
+mod data;
 mod demo;
 mod image;
 mod logs;
@@ -47,9 +48,9 @@ enum Cmd {
     },
     /// Delete objects named in files, or one object by kind and name.
     Delete(DeleteArgs),
-    /// List nodes, deployments, daemonsets or workloads.
+    /// List nodes, deployments, daemonsets, workloads, rollouts, pipelines or alerts.
     Get {
-        /// nodes | deployments | daemonsets | workloads
+        /// nodes | deployments | daemonsets | workloads | rollouts | pipelines | alerts
         what: String,
         #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
         output: Format,
@@ -77,6 +78,11 @@ enum Cmd {
     /// A workload's log from its node (fetched through the node's own outbound link), or the
     /// error lines nodes forwarded (--errors).
     Logs(logs::LogsArgs),
+    /// Records of the edge data pipeline stored at the hub: tail or query a stream.
+    Data {
+        #[command(subcommand)]
+        cmd: data::DataCmd,
+    },
     /// Measure outpost: agent footprint, propagation, offline recovery, bandwidth, fleet scale (simulator).
     Bench(outpost_bench::BenchArgs),
 }
@@ -435,6 +441,7 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Rollout { cmd } => output::rollout(&client::Client::from_env()?, cmd).await,
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Logs(a) => logs::run(&client::Client::from_env()?, a).await,
+        Cmd::Data { cmd } => data::run(&client::Client::from_env()?, cmd).await,
         Cmd::Bench(a) => outpost_bench::run(a).await,
     }
 }
@@ -528,6 +535,7 @@ async fn agent_run(r: RunArgs) -> Result<()> {
         hub: r.hub,
         stop_workloads_on_exit: r.stop_workloads_on_exit,
         docker_socket: r.docker_socket,
+        pipeline: outpost_agent::pipeline::Options::from_env(),
     };
     outpost_agent::run(o, ctrl_c_or_term()).await
 }

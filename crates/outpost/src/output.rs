@@ -288,6 +288,7 @@ pub async fn get(c: &Client, what: &str, f: Format) -> Result<()> {
                 )
             );
         }
+        "pipelines" | "pipeline" | "pl" => return crate::data::get_pipelines(c, f).await,
         "workloads" | "workload" | "wl" => {
             let ws: Vec<WorkloadInfo> = c.get("/v1/workloads").await?;
             if f != Format::Table {
@@ -298,7 +299,7 @@ pub async fn get(c: &Client, what: &str, f: Format) -> Result<()> {
         }
         other => {
             let Some(kind) = Kind::parse_cli(other).filter(|k| k.is_workload()) else {
-                bail!("cannot list {other:?}: use nodes, deployments, daemonsets, workloads, rollouts or alerts");
+                bail!("cannot list {other:?}: use nodes, deployments, daemonsets, workloads, rollouts, pipelines or alerts");
             };
             let ws: Vec<WorkloadInfo> = c.get("/v1/workloads").await?;
             let ws: Vec<WorkloadInfo> = ws.into_iter().filter(|w| w.kind == kind).collect();
