@@ -43,6 +43,8 @@ apt_install mosquitto mosquitto-clients nats-server
 # The chaos suite (crates/outpost/tests/chaos.rs): network namespaces and veth from iproute2,
 # agents with a skewed clock through libfaketime.
 apt_install iproute2 faketime
+# Rollout maintenance windows resolve IANA time-zone names from the system database.
+apt_install tzdata
 
 # schemathesis (PyPI) fuzzes the hub's API from docs/openapi.yaml (crates/outpost/tests/api_fuzz.rs);
 # it lives in a venv at .venv so nothing is installed into the system Python.

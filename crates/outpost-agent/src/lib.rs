@@ -3,7 +3,8 @@
 //!
 //! Owns: the node's identity (`identity`), its durable state (`store`), the process runtime
 //! (`runtime`), the reconcile loop that executes `outpost-core`'s supervision decisions
-//! (`reconcile`), the link to the hub (`sync`), and monitoring: vital signs (`vitals`), alerts
+//! (`reconcile`), the link to the hub (`sync`), image prefetch before maintenance windows
+//! (`prefetch`), and monitoring: vital signs (`vitals`), alerts
 //! evaluated on the node (`alerts`), workload log rotation, error forwarding and log requests
 //! (`logs`), and the edge data pipeline: MQTT broker, HTTP ingest, stream rules, sinks
 //! (`pipeline`) over the durable spool (`spool`).
@@ -27,6 +28,7 @@ pub mod images;
 pub mod lock;
 pub mod logs;
 pub mod pipeline;
+pub mod prefetch;
 pub mod probe;
 pub mod reconcile;
 pub mod runtime;
@@ -130,11 +132,13 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
 
     let rt = runtime::Runtime::new(&o.data_dir, &identity.node);
     let agent_id = rt.agent_id.clone();
+    let agent_id_for_prefetch = agent_id.clone();
     let client = Arc::new(sync::HubClient::new(identity, o.data_dir.clone())?);
     let socket = o
         .docker_socket
         .clone()
         .unwrap_or_else(|| docker::DEFAULT_SOCKET.to_string());
+    let socket_for_prefetch = socket.clone();
     // The edge data pipeline: listeners on loopback by default, streams from the persisted
     // pipelines (docs/pipeline.md).
     let pipelines = pipeline::start(
@@ -159,6 +163,7 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
     let (policy_tx, policy_rx) = watch::channel(alerts::load_policy(&store));
     let (vitals_tx, vitals_rx) = watch::channel(None);
     let (logreq_tx, logreq_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (prefetch_tx, prefetch_rx) = tokio::sync::mpsc::unbounded_channel();
     let errors_ready = Arc::new(tokio::sync::Notify::new());
     let mon_cfg = alerts::MonitorConfig::from_env();
     let monitor = alerts::MonitorLink {
@@ -166,6 +171,7 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
         vitals: vitals_rx,
         outbox: outbox.clone(),
         log_requests: logreq_tx,
+        prefetch: prefetch_tx,
         store: store.clone(),
         report_every: mon_cfg.report_every,
         max_silence_ms: mon_cfg.max_silence_ms,
@@ -196,6 +202,13 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
         stop_rx.clone(),
     ));
     let m4 = tokio::spawn(logs::request_loop(client.clone(), o.data_dir.clone(), logreq_rx));
+    let p1 = tokio::spawn(prefetch::prefetch_loop(
+        client.clone(),
+        o.data_dir.clone(),
+        socket_for_prefetch,
+        agent_id_for_prefetch,
+        prefetch_rx,
+    ));
 
     let s1 = tokio::spawn(sync::sync_loop(
         client.clone(),
@@ -215,7 +228,7 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
     let _ = rec.await;
     s1.abort();
     s2.abort();
-    for m in [m1, m2, m3, m4] {
+    for m in [m1, m2, m3, m4, p1] {
         m.abort();
     }
     Ok(())

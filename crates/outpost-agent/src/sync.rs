@@ -458,6 +458,9 @@ pub async fn sync_loop(
                 for r in a.log_requests {
                     let _ = monitor.log_requests.send(r);
                 }
+                if !a.prefetch.is_empty() {
+                    let _ = monitor.prefetch.send(a.prefetch);
+                }
                 // Pipelines are persisted before they run (pipeline::SyncLink::set).
                 if let (Some(p), Some(link)) = (a.pipelines, &pipelines) {
                     if let Err(e) = link.set(p) {

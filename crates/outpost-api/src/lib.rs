@@ -11,6 +11,7 @@ pub mod manifest;
 pub mod parse;
 pub mod pipeline;
 pub mod protocol;
+pub mod rollout;
 
 pub use checks::{validate_image_ref, FieldError};
 pub use duration::{human_duration, ms_before, parse_duration, parse_duration_secs, MAX_DURATION_SECS};
@@ -19,6 +20,10 @@ pub use parse::ALERT_POLICY_API;
 pub use parse::{parse_cpu, parse_file, parse_memory, probe_port, Parsed, PROCESS_RUNTIME};
 pub use parse::{MAX_DOCUMENTS_PER_FILE, MAX_FILE_BYTES, MAX_NESTING_DEPTH, MAX_REPLICAS};
 pub use protocol::*;
+pub use rollout::{
+    NodeRolloutInfo, NodeRolloutState, RolloutActionResult, RolloutEvent, RolloutInfo, RolloutPhase, RolloutPolicy,
+    RolloutPolicySpec, WaveInfo,
+};
 
 /// Unix time in milliseconds. Pure code never reads the clock: it takes `now` as an argument.
 pub type UnixMs = i64;

@@ -468,6 +468,7 @@ pub enum Object {
     Secret(Secret),
     Service(Service),
     AlertPolicy(AlertPolicy),
+    RolloutPolicy(crate::rollout::RolloutPolicy),
     Pipeline(crate::pipeline::Pipeline),
 }
 
@@ -480,6 +481,7 @@ pub enum Kind {
     Secret,
     Service,
     AlertPolicy,
+    RolloutPolicy,
     Pipeline,
 }
 
@@ -492,6 +494,7 @@ impl Kind {
             Kind::Secret => "Secret",
             Kind::Service => "Service",
             Kind::AlertPolicy => "AlertPolicy",
+            Kind::RolloutPolicy => "RolloutPolicy",
             Kind::Pipeline => "Pipeline",
         }
     }
@@ -504,6 +507,7 @@ impl Kind {
             "secret" | "secrets" => Kind::Secret,
             "service" | "services" | "svc" => Kind::Service,
             "alertpolicy" | "alertpolicies" | "ap" => Kind::AlertPolicy,
+            "rolloutpolicy" | "rolloutpolicies" | "rp" => Kind::RolloutPolicy,
             "pipeline" | "pipelines" | "pl" => Kind::Pipeline,
             _ => return None,
         })
@@ -532,6 +536,7 @@ impl<'de> Deserialize<'de> for Object {
             "Secret" => serde_json::from_value(v).map(Object::Secret).map_err(e),
             "Service" => serde_json::from_value(v).map(Object::Service).map_err(e),
             "AlertPolicy" => serde_json::from_value(v).map(Object::AlertPolicy).map_err(e),
+            "RolloutPolicy" => serde_json::from_value(v).map(Object::RolloutPolicy).map_err(e),
             "Pipeline" => serde_json::from_value(v).map(Object::Pipeline).map_err(e),
             other => Err(D::Error::custom(format!("unsupported kind {other:?}"))),
         }
@@ -547,6 +552,7 @@ impl Object {
             Object::Secret(_) => Kind::Secret,
             Object::Service(_) => Kind::Service,
             Object::AlertPolicy(_) => Kind::AlertPolicy,
+            Object::RolloutPolicy(_) => Kind::RolloutPolicy,
             Object::Pipeline(_) => Kind::Pipeline,
         }
     }
@@ -558,6 +564,7 @@ impl Object {
             Object::Secret(o) => &o.metadata,
             Object::Service(o) => &o.metadata,
             Object::AlertPolicy(o) => &o.metadata,
+            Object::RolloutPolicy(o) => &o.metadata,
             Object::Pipeline(o) => &o.metadata,
         }
     }
@@ -569,6 +576,7 @@ impl Object {
             Object::Secret(o) => &mut o.metadata,
             Object::Service(o) => &mut o.metadata,
             Object::AlertPolicy(o) => &mut o.metadata,
+            Object::RolloutPolicy(o) => &mut o.metadata,
             Object::Pipeline(o) => &mut o.metadata,
         }
     }

@@ -241,7 +241,7 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
     let expected_api = match kind.as_str() {
         "Deployment" | "DaemonSet" => "apps/v1",
         "ConfigMap" | "Secret" | "Service" => "v1",
-        "AlertPolicy" | "Pipeline" => ALERT_POLICY_API,
+        "AlertPolicy" | "RolloutPolicy" | "Pipeline" => ALERT_POLICY_API,
         "" => {
             ctx.err(
                 "kind",
@@ -252,7 +252,7 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
         other => {
             ctx.err(
                 "kind",
-                format!("{other} is not supported by outpost; supported kinds are Deployment, DaemonSet, ConfigMap, Secret, Service, AlertPolicy and Pipeline"),
+                format!("{other} is not supported by outpost; supported kinds are Deployment, DaemonSet, ConfigMap, Secret, Service, AlertPolicy, RolloutPolicy and Pipeline"),
             );
             return None;
         }
@@ -270,6 +270,7 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
         "ConfigMap" => Object::ConfigMap(typed(ctx, doc)?),
         "Service" => Object::Service(typed(ctx, doc)?),
         "AlertPolicy" => Object::AlertPolicy(typed(ctx, doc)?),
+        "RolloutPolicy" => Object::RolloutPolicy(typed(ctx, doc)?),
         "Pipeline" => Object::Pipeline(typed(ctx, doc)?),
         _ => Object::Secret(typed(ctx, doc)?),
     };
@@ -310,6 +311,11 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
         }
         Object::Service(svc) => validate_service(ctx, svc),
         Object::AlertPolicy(p) => validate_alert_policy(ctx, &p.spec),
+        Object::RolloutPolicy(p) => {
+            for (field, reason) in crate::rollout::check_rollout_policy(&p.spec) {
+                ctx.err(field, reason);
+            }
+        }
         Object::Pipeline(p) => {
             for (field, reason) in crate::pipeline::check_spec(&p.spec) {
                 ctx.err(field, reason);

@@ -48,9 +48,9 @@ enum Cmd {
     },
     /// Delete objects named in files, or one object by kind and name.
     Delete(DeleteArgs),
-    /// List nodes, deployments, daemonsets or workloads.
+    /// List nodes, deployments, daemonsets, workloads, rollouts, pipelines or alerts.
     Get {
-        /// nodes | deployments | daemonsets | workloads
+        /// nodes | deployments | daemonsets | workloads | rollouts | pipelines | alerts
         what: String,
         #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
         output: Format,
@@ -68,7 +68,7 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ImageCmd,
     },
-    /// Revision history, undo, and per-node progress of workload updates.
+    /// Fleet rollouts: status (waves, nodes, reasons), pause, resume, abort, undo, history.
     Rollout {
         #[command(subcommand)]
         cmd: RolloutCmd,
@@ -104,20 +104,39 @@ enum ImageCmd {
 enum RolloutCmd {
     /// List a workload's revisions.
     History(RolloutTarget),
-    /// Go back to the previous revision (or --to-revision N): it becomes a new revision.
+    /// Roll back. During a rollout: every updated node returns to its previous revision (nodes
+    /// not yet updated are untouched). After it, or with --to-revision N: that revision's
+    /// template (the previous one by default) becomes a new revision, sent to every node in
+    /// one wave.
     Undo {
         #[command(flatten)]
         target: RolloutTarget,
         #[arg(long)]
         to_revision: Option<u64>,
     },
-    /// Per-node progress of the current revision: running, gated, rolled back, and why.
-    Status(RolloutTarget),
+    /// The rollout of the current revision: waves, node counts per state, per-node reasons.
+    Status {
+        #[command(flatten)]
+        target: RolloutTarget,
+        /// Watch until the rollout ends (progress bars on a terminal; with -o json, one JSON
+        /// object per line on each change). Exits 1 if it Failed, was rolled back or aborted.
+        #[arg(short = 'w', long)]
+        watch: bool,
+        #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Stop opening waves: no further node gets the revision until `resume`.
+    Pause(RolloutTarget),
+    /// Go on with a paused rollout (after the failure threshold paused it, the failures so
+    /// far are accepted).
+    Resume(RolloutTarget),
+    /// Stop for good: updated nodes keep the revision, the others keep theirs.
+    Abort(RolloutTarget),
 }
 
 #[derive(Args)]
 struct RolloutTarget {
-    /// deployment | daemonset (may be omitted for `status`: deployments are tried first)
+    /// deployment | daemonset, or the workload's name alone (deployments are tried first)
     kind: String,
     name: Option<String>,
     #[arg(short = 'n', long, default_value = "default")]
