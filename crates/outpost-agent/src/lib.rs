@@ -24,6 +24,7 @@ pub mod logs;
 pub mod probe;
 pub mod reconcile;
 pub mod runtime;
+pub mod security;
 pub mod store;
 pub mod sync;
 pub mod vitals;

@@ -420,6 +420,7 @@ impl Reconciler {
             self.started_tx.clone(),
         );
         let unit = unit.to_string();
+        let node = self.rt.node.clone();
         tokio::spawn(async move {
             let run = async {
                 let engine = match engine {
@@ -430,7 +431,7 @@ impl Reconciler {
                 };
                 let image = c.image.clone().unwrap_or_default();
                 crate::images::ensure(&engine, &hub, &images_dir, &image, c.image_pull_policy).await?;
-                let id = engine.run(&w, &c, &unit, &volumes).await?;
+                let id = engine.run(&w, &c, &unit, &volumes, &node).await?;
                 let pid = engine.pid(&id).await.unwrap_or(0);
                 let ip = engine.ip(&id).await;
                 Ok(StartedContainer { engine, id, pid, ip })

@@ -7,6 +7,7 @@
 //! is tested table-style without sockets, files or timers.
 
 pub mod alerts;
+pub mod cron;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod link;

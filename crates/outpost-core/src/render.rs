@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 
 use base64::Engine;
 use outpost_api::{
-    content_hash, parse_cpu, parse_memory, probe_port, ConfigMap, Container, ContainerSpec, Kind, ManifestError,
-    MountSpec, Object, ObjectId, PortSpec, Probe, ProbeAction, ProbeSpec, PullPolicy, RestartPolicy, Runtime, Secret,
-    VolumeSource, VolumeSpec, WorkloadSpec, DEFAULT_MIN_READY_SECS, DEFAULT_PROGRESS_DEADLINE_SECS, PROCESS_RUNTIME,
+    content_hash, parse_cpu, parse_memory, probe_port, ConcurrencyPolicy, ConfigMap, Container, ContainerSpec,
+    CronRunSpec, JobRunSpec, Kind, ManifestError, MountSpec, NodeField, Object, ObjectId, PodSpec, PortSpec, Probe,
+    ProbeAction, ProbeSpec, PullPolicy, RestartPolicy, Runtime, Secret, SecuritySpec, VolumeSource, VolumeSpec,
+    WorkloadSpec, DEFAULT_MIN_READY_SECS, DEFAULT_PROGRESS_DEADLINE_SECS, PROCESS_RUNTIME,
 };
 
 /// Default grace period, as in Kubernetes.
@@ -285,6 +286,157 @@ fn probe_spec(p: &Probe, c: &Container) -> Option<ProbeSpec> {
     })
 }
 
+/// How a Job or CronJob runs on its node.
+fn job_spec(obj: &Object) -> Option<JobRunSpec> {
+    let (j, cron) = match obj {
+        Object::Job(j) => (&j.spec, None),
+        Object::CronJob(c) => {
+            let s = &c.spec;
+            let cron = CronRunSpec {
+                schedule: s.schedule.clone(),
+                time_zone: s.time_zone.clone(),
+                concurrency: match s.concurrency_policy.as_deref() {
+                    Some("Forbid") => ConcurrencyPolicy::Forbid,
+                    Some("Replace") => ConcurrencyPolicy::Replace,
+                    _ => ConcurrencyPolicy::Allow,
+                },
+                suspend: s.suspend == Some(true),
+                successful_history: s.successful_jobs_history_limit.unwrap_or(3),
+                failed_history: s.failed_jobs_history_limit.unwrap_or(1),
+                starting_deadline_seconds: s.starting_deadline_seconds,
+            };
+            (&s.job_template.spec, Some(cron))
+        }
+        _ => return None,
+    };
+    Some(JobRunSpec {
+        backoff_limit: j.backoff_limit.unwrap_or(6),
+        active_deadline_seconds: j.active_deadline_seconds,
+        cron,
+    })
+}
+
+/// A container's security settings with the pod's defaults folded in; capability names
+/// upper-cased without `CAP_`.
+fn security_spec(pod: &PodSpec, c: &Container) -> SecuritySpec {
+    let psc = pod.security_context.clone().unwrap_or_default();
+    let sc = c.security_context.clone().unwrap_or_default();
+    let norm = |v: &[String]| -> Vec<String> {
+        v.iter()
+            .map(|n| {
+                let u = n.to_ascii_uppercase();
+                u.strip_prefix("CAP_").unwrap_or(&u).to_string()
+            })
+            .collect()
+    };
+    let caps = sc.capabilities.clone().unwrap_or_default();
+    let unconfined = |p: &Option<serde_json::Value>| {
+        p.as_ref().and_then(|v| v.get("type")).and_then(|t| t.as_str()) == Some("Unconfined")
+    };
+    SecuritySpec {
+        privileged: sc.privileged == Some(true),
+        cap_add: norm(&caps.add),
+        cap_drop: norm(&caps.drop),
+        run_as_user: sc.run_as_user.or(psc.run_as_user).and_then(|u| u32::try_from(u).ok()),
+        run_as_group: sc.run_as_group.or(psc.run_as_group).and_then(|g| u32::try_from(g).ok()),
+        run_as_non_root: sc.run_as_non_root.or(psc.run_as_non_root) == Some(true),
+        read_only_root_fs: sc.read_only_root_filesystem == Some(true),
+        no_new_privileges: sc.allow_privilege_escalation == Some(false),
+        seccomp_unconfined: unconfined(&sc.seccomp_profile)
+            || (sc.seccomp_profile.is_none() && unconfined(&psc.seccomp_profile)),
+    }
+}
+
+/// A downward-API value: known at the hub, filled in by the node, or not resolvable.
+enum Downward {
+    Value(String),
+    Node(NodeField),
+    Unknown,
+}
+
+fn downward(
+    vf: &outpost_api::EnvVarSource,
+    c: &Container,
+    pod: &PodSpec,
+    meta: Option<&outpost_api::TemplateMeta>,
+    ns: &str,
+    runtime: Runtime,
+) -> Downward {
+    if let Some(fr) = &vf.field_ref {
+        let key = |prefix: &str| {
+            fr.field_path
+                .strip_prefix(prefix)
+                .and_then(|r| r.strip_prefix("['"))
+                .and_then(|r| r.strip_suffix("']"))
+                .map(str::to_string)
+        };
+        return match fr.field_path.as_str() {
+            "metadata.namespace" => Downward::Value(ns.to_string()),
+            "metadata.name" => Downward::Node(NodeField::PodName),
+            "spec.nodeName" => Downward::Node(NodeField::NodeName),
+            "status.hostIP" => Downward::Node(NodeField::HostIp),
+            "status.podIP" if pod.host_network || runtime == Runtime::Process => Downward::Node(NodeField::PodIp),
+            "spec.serviceAccountName" => Downward::Value(
+                pod.service_account_name
+                    .clone()
+                    .or_else(|| pod.service_account.clone())
+                    .unwrap_or_else(|| "default".into()),
+            ),
+            _ => {
+                if let Some(k) = key("metadata.labels") {
+                    Downward::Value(meta.and_then(|m| m.labels.get(&k)).cloned().unwrap_or_default())
+                } else if let Some(k) = key("metadata.annotations") {
+                    Downward::Value(meta.and_then(|m| m.annotations.get(&k)).cloned().unwrap_or_default())
+                } else {
+                    Downward::Unknown
+                }
+            }
+        };
+    }
+    let Some(rr) = &vf.resource_field_ref else {
+        return Downward::Unknown;
+    };
+    let target = rr
+        .container_name
+        .as_ref()
+        .and_then(|n| pod.containers.iter().find(|x| &x.name == n))
+        .unwrap_or(c);
+    let res = target.resources.as_ref();
+    let (kind, what) = rr.resource.split_once('.').unwrap_or(("", ""));
+    let pick = |m: Option<&std::collections::BTreeMap<String, serde_json::Value>>| m.and_then(|m| m.get(what)).cloned();
+    // requests default to limits, as in Kubernetes; limits default to the node's capacity.
+    let value = match kind {
+        "requests" => pick(res.map(|r| &r.requests)).or_else(|| pick(res.map(|r| &r.limits))),
+        _ => pick(res.map(|r| &r.limits)),
+    };
+    let ceil = |a: u64, b: u64| a.div_ceil(b.max(1));
+    match what {
+        "cpu" => {
+            let divisor = rr
+                .divisor
+                .as_ref()
+                .and_then(|d| outpost_api::parse::parse_cpu_divisor(d).ok())
+                .unwrap_or(1000);
+            match value.and_then(|v| parse_cpu(&v).ok()) {
+                Some(m) => Downward::Value(ceil(m, divisor).to_string()),
+                None if kind == "requests" => Downward::Value("0".into()),
+                None => Downward::Node(NodeField::NodeCpu {
+                    divisor_millis: divisor,
+                }),
+            }
+        }
+        "memory" => {
+            let divisor = rr.divisor.as_ref().and_then(|d| parse_memory(d).ok()).unwrap_or(1);
+            match value.and_then(|v| parse_memory(&v).ok()) {
+                Some(b) => Downward::Value(ceil(b, divisor).to_string()),
+                None if kind == "requests" => Downward::Value("0".into()),
+                None => Downward::Node(NodeField::NodeMemory { divisor_bytes: divisor }),
+            }
+        }
+        _ => Downward::Unknown,
+    }
+}
+
 /// Render a Deployment or DaemonSet at `revision`. Missing optional references are skipped;
 /// missing required ones were rejected at apply, and are skipped here too.
 pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<WorkloadSpec> {
@@ -311,6 +463,12 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
                 .filter_map(|e| {
                     let value = match (&e.value, &e.value_from) {
                         (Some(v), _) => Some(v.clone()),
+                        (None, Some(vf)) if vf.field_ref.is_some() || vf.resource_field_ref.is_some() => {
+                            match downward(vf, c, pod, t.metadata.as_ref(), &ns, runtime) {
+                                Downward::Value(v) => Some(v),
+                                Downward::Node(_) | Downward::Unknown => None,
+                            }
+                        }
                         (None, Some(vf)) => {
                             if let Some(r) = &vf.config_map_key_ref {
                                 src.config_map(&ns, &r.name).and_then(|cm| cm.data.get(&r.key).cloned())
@@ -359,6 +517,19 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
                 startup_probe: c.startup_probe.as_ref().and_then(|p| probe_spec(p, c)),
                 liveness_probe: c.liveness_probe.as_ref().and_then(|p| probe_spec(p, c)),
                 readiness_probe: c.readiness_probe.as_ref().and_then(|p| probe_spec(p, c)),
+                security: security_spec(pod, c),
+                node_env: c
+                    .env
+                    .iter()
+                    .filter(|e| e.value.is_none())
+                    .filter_map(|e| {
+                        let vf = e.value_from.as_ref()?;
+                        match downward(vf, c, pod, t.metadata.as_ref(), &ns, runtime) {
+                            Downward::Node(f) => Some((e.name.clone(), f)),
+                            _ => None,
+                        }
+                    })
+                    .collect(),
             }
         })
         .collect();
@@ -375,6 +546,7 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
                 VolumeSource::HostPath {
                     path: hp.path.clone(),
                     create: hp.type_.as_deref() == Some("DirectoryOrCreate"),
+                    host_type: hp.type_.clone().unwrap_or_default(),
                 }
             } else if let Some(cm) = &v.config_map {
                 let mut files = BTreeMap::new();
@@ -386,7 +558,11 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
                         files.insert(k.clone(), val.clone());
                     }
                 }
-                VolumeSource::Files { files, secret: false }
+                VolumeSource::Files {
+                    files,
+                    secret: false,
+                    mode: cm.default_mode,
+                }
             } else if let Some(s) = &v.secret {
                 let mut files = BTreeMap::new();
                 if let Some(sec) = src.secret(&ns, &s.secret_name) {
@@ -396,7 +572,16 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
                         }
                     }
                 }
-                VolumeSource::Files { files, secret: true }
+                VolumeSource::Files {
+                    files,
+                    secret: true,
+                    mode: s.default_mode,
+                }
+            } else if let Some(pvc) = &v.persistent_volume_claim {
+                VolumeSource::Claim {
+                    namespace: ns.clone(),
+                    claim: pvc.claim_name.clone(),
+                }
             } else {
                 VolumeSource::EmptyDir
             };
@@ -429,6 +614,9 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
         volumes,
         min_ready_seconds: min_ready.map_or(DEFAULT_MIN_READY_SECS, u64::from),
         progress_deadline_seconds: deadline.map_or(DEFAULT_PROGRESS_DEADLINE_SECS, u64::from),
+        host_network: pod.host_network,
+        host_pid: pod.host_pid,
+        job: job_spec(obj),
     };
     spec.hash = content_hash(&spec);
     Some(spec)
@@ -493,7 +681,7 @@ spec:
             vec![("G".into(), "hello".into()), ("T".into(), "secret".into())]
         );
         match &spec.volumes[0].source {
-            VolumeSource::Files { files, secret } => {
+            VolumeSource::Files { files, secret, .. } => {
                 assert!(!secret);
                 assert_eq!(files["greeting"], b64(b"hello"));
             }

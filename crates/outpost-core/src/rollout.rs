@@ -267,6 +267,9 @@ mod tests {
             volumes: vec![],
             min_ready_seconds: 10,
             progress_deadline_seconds: 60,
+            host_network: false,
+            host_pid: false,
+            job: None,
         }
     }
     const READY: Health = Health {

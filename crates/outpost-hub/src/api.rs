@@ -15,7 +15,6 @@ use outpost_api::{
     TokenResponse, UndoRequest, UnixMs, WorkloadInfo, WorkloadStatus, PROCESS_RUNTIME,
 };
 use outpost_core::render::workload_key;
-use outpost_core::schedule::selector_matches;
 use serde::Deserialize;
 
 use crate::error::{human_duration, HubError};
@@ -401,12 +400,8 @@ fn workload_info(
     let id = o.id();
     let key = workload_key(&id);
     let desired = match id.kind {
-        Kind::Deployment => wv.replicas,
-        _ => view
-            .nodes
-            .values()
-            .filter(|n| selector_matches(&wv.node_selector, &n.labels))
-            .count() as u32,
+        Kind::DaemonSet => view.nodes.values().filter(|n| wv.fits(&n.name, &n.labels)).count() as u32,
+        _ => wv.replicas,
     };
     let mut ready = 0;
     let placements: Vec<Placement> = view

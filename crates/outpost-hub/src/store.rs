@@ -392,6 +392,10 @@ fn decode_object(kind: Kind, manifest: &str) -> Result<Object> {
         Kind::Secret => Object::Secret(serde_json::from_str(manifest)?),
         Kind::Service => Object::Service(serde_json::from_str(manifest)?),
         Kind::AlertPolicy => Object::AlertPolicy(serde_json::from_str(manifest)?),
+        Kind::Job => Object::Job(serde_json::from_str(manifest)?),
+        Kind::CronJob => Object::CronJob(serde_json::from_str(manifest)?),
+        Kind::PersistentVolumeClaim => Object::PersistentVolumeClaim(serde_json::from_str(manifest)?),
+        Kind::Namespace => Object::Namespace(serde_json::from_str(manifest)?),
     })
 }
 
@@ -1193,6 +1197,9 @@ mod tests {
             volumes: vec![],
             min_ready_seconds: 0,
             progress_deadline_seconds: 600,
+            host_network: false,
+            host_pid: false,
+            job: None,
         }
     }
 
