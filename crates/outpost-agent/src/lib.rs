@@ -20,6 +20,7 @@ pub mod alerts;
 pub mod docker;
 pub mod identity;
 pub mod images;
+pub mod jobs;
 pub mod logs;
 pub mod probe;
 pub mod reconcile;

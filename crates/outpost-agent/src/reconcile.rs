@@ -98,6 +98,9 @@ pub struct Reconciler {
     /// The store was new and nothing was restored: units that run but are not desired are
     /// kept (not stopped) until the first desired state arrives from the hub.
     hold: bool,
+    /// Job and CronJob state by workload key (`jobs` module; loaded on first use).
+    jobs: BTreeMap<String, crate::jobs::JobState>,
+    local_tz: jiff::tz::TimeZone,
 }
 
 /// Probe state of one running process.
@@ -163,6 +166,8 @@ impl Reconciler {
             found_rx,
             hub,
             hold: false,
+            jobs: BTreeMap::new(),
+            local_tz: crate::jobs::local_zone(),
         }
     }
 
@@ -224,6 +229,11 @@ impl Reconciler {
         let mut wake: Option<UnixMs> = None;
         let mut effective = BTreeMap::new();
         for (key, target) in &self.desired.workloads {
+            if target.job.is_some() {
+                // A Job is not kept running, so it has no update gate: each run uses the target.
+                effective.insert(key.clone(), target.clone());
+                continue;
+            }
             let health = self.health(target);
             let st = self.rollouts.entry(key.clone()).or_default();
             let step = rollout::step(st, target, &health, now);
@@ -276,6 +286,11 @@ impl Reconciler {
             .values()
             .filter(|w| self.docker_known || w.runtime == RuntimeKind::Process)
         {
+            let runnable = match (&w.job, self.jobs.get(&w.key)) {
+                (None, _) => true,
+                (Some(j), st) if j.cron.is_some() => st.is_some_and(|s| s.active),
+                (Some(_), st) => !st.is_some_and(|s| s.finished(&w.hash)),
+            };
             for c in &w.containers {
                 out.insert(
                     unit_id(&w.key, &c.name),
@@ -283,7 +298,7 @@ impl Reconciler {
                         hash: w.hash.clone(),
                         restart_policy: w.restart_policy,
                         grace_ms: (w.grace_seconds * 1000) as i64,
-                        runnable: true,
+                        runnable,
                     },
                 );
             }
@@ -776,8 +791,185 @@ impl Reconciler {
         }
     }
 
+    /// Load the Job state of every job workload; run each CronJob's schedule decision
+    /// (`outpost_core::cron::decide`) on the node's clock. Returns the earliest wake-up.
+    fn jobs_tick(&mut self, now: UnixMs) -> Option<UnixMs> {
+        let mut wake: Option<UnixMs> = None;
+        let specs: Vec<WorkloadSpec> = self.effective.values().filter(|w| w.job.is_some()).cloned().collect();
+        self.jobs.retain(|k, _| self.desired.workloads.contains_key(k));
+        for w in specs {
+            let dir = self.rt.workload_dir(&w.key);
+            let st = self
+                .jobs
+                .entry(w.key.clone())
+                .or_insert_with(|| crate::jobs::JobState::load(&dir));
+            let Some(cron) = w.job.as_ref().and_then(|j| j.cron.clone()) else {
+                continue;
+            };
+            let tz = match outpost_core::cron::zone(cron.time_zone.as_deref(), &self.local_tz) {
+                Ok(z) => z,
+                Err(e) => {
+                    warn!(workload = %w.key, error = %e, "cannot evaluate the schedule");
+                    continue;
+                }
+            };
+            let last = match st.last_scheduled {
+                Some(t) => t,
+                None => {
+                    // A new CronJob on this node: its first run is the next schedule time from now.
+                    st.last_scheduled = Some(now);
+                    if let Err(e) = st.save(&dir) {
+                        warn!(workload = %w.key, error = %e, "cannot persist CronJob state");
+                    }
+                    now
+                }
+            };
+            let running = w.containers.iter().any(|c| {
+                self.units
+                    .get(&unit_id(&w.key, &c.name))
+                    .is_some_and(|u| u.pid.is_some() || u.starting || (u.done.is_none() && st.active))
+            });
+            let state = outpost_core::cron::CronState {
+                last_scheduled: last,
+                running,
+            };
+            let action = outpost_core::cron::decide(&cron, &state, &tz, now);
+            let (scheduled, start, message) = match action {
+                outpost_core::cron::CronAction::Wait { next } => {
+                    if let Some(t) = next {
+                        wake = Some(wake.map_or(t, |x| x.min(t)));
+                    }
+                    continue;
+                }
+                outpost_core::cron::CronAction::Start { scheduled } => (scheduled, true, None),
+                outpost_core::cron::CronAction::Replace { scheduled } => (
+                    scheduled,
+                    true,
+                    Some((
+                        "CronJobReplaced",
+                        "the previous run is stopped (concurrencyPolicy: Replace)".to_string(),
+                    )),
+                ),
+                outpost_core::cron::CronAction::Skip { scheduled, reason } => {
+                    (scheduled, false, Some(("CronJobSkipped", reason)))
+                }
+            };
+            // Recorded before acting: a crash never runs one schedule time twice.
+            st.last_scheduled = Some(scheduled);
+            let was_active = st.active;
+            if start {
+                st.active = true;
+            }
+            if let Err(e) = st.save(&dir) {
+                warn!(workload = %w.key, error = %e, "cannot persist CronJob state; not starting the run");
+                st.active = was_active;
+                continue;
+            }
+            let at = jiff::Timestamp::from_millisecond(scheduled)
+                .map(|t| t.to_string())
+                .unwrap_or_default();
+            if let Some((reason, why)) = message {
+                info!(workload = %w.key, scheduled = %at, %reason, "{why}");
+                self.event(Some(&w.key), reason, &format!("run scheduled at {at}: {why}"));
+            }
+            if start {
+                info!(workload = %w.key, scheduled = %at, "starting a CronJob run");
+                self.event(Some(&w.key), "CronJobRun", &format!("run scheduled at {at} started"));
+                for c in &w.containers {
+                    let id = unit_id(&w.key, &c.name);
+                    match self.units.get_mut(&id) {
+                        // Replace: stop the running one; it starts again once stopped.
+                        Some(u) if u.pid.is_some() => {
+                            let pid = u.pid.unwrap_or_default();
+                            let kill_at = now + u.grace_ms;
+                            self.execute(Action::Terminate { unit: id, pid, kill_at }, now);
+                        }
+                        Some(_) => {
+                            self.units.remove(&id);
+                            let _ = self.store.forget_unit(&id);
+                        }
+                        None => {}
+                    }
+                }
+            }
+            wake = Some(wake.map_or(now, |x| x.min(now)));
+        }
+        wake
+    }
+
+    /// A job workload's container ended for good: record the Job's outcome or the CronJob run.
+    fn job_finished(&mut self, unit: &str, phase: Phase, now: UnixMs) {
+        let Some((w, _)) = self.lookup(unit) else { return };
+        let Some(job) = w.job.clone() else { return };
+        let (key, hash) = (w.key.clone(), w.hash.clone());
+        let dir = self.rt.workload_dir(&key);
+        let st = self
+            .jobs
+            .entry(key.clone())
+            .or_insert_with(|| crate::jobs::JobState::load(&dir));
+        let succeeded = phase == Phase::Succeeded;
+        let (reason, message) = match &job.cron {
+            Some(cron) => {
+                let scheduled = st.last_scheduled.unwrap_or(now);
+                st.record_run(
+                    crate::jobs::Run {
+                        scheduled,
+                        finished: now,
+                        succeeded,
+                    },
+                    cron.successful_history,
+                    cron.failed_history,
+                );
+                let at = jiff::Timestamp::from_millisecond(scheduled)
+                    .map(|t| t.to_string())
+                    .unwrap_or_default();
+                (
+                    if succeeded {
+                        "CronJobRunSucceeded"
+                    } else {
+                        "CronJobRunFailed"
+                    },
+                    format!(
+                        "run scheduled at {at} {}",
+                        if succeeded { "succeeded" } else { "failed" }
+                    ),
+                )
+            }
+            None => {
+                st.done = Some((hash, phase));
+                (
+                    if succeeded { "JobSucceeded" } else { "JobFailed" },
+                    format!(
+                        "{unit} {}",
+                        if succeeded {
+                            "completed"
+                        } else {
+                            "failed (backoffLimit reached)"
+                        }
+                    ),
+                )
+            }
+        };
+        if let Err(e) = st.save(&dir) {
+            warn!(workload = %key, error = %e, "cannot persist Job state");
+        }
+        info!(workload = %key, %reason, "{message}");
+        self.event(Some(&key), reason, &message);
+    }
+
     fn on_exit(&mut self, e: Exit, now: UnixMs) {
-        let policy = self.lookup(&e.unit).map(|(w, _)| w.restart_policy).unwrap_or_default();
+        let (mut policy, backoff_limit) = self
+            .lookup(&e.unit)
+            .map(|(w, _)| (w.restart_policy, w.job.as_ref().map(|j| j.backoff_limit)))
+            .unwrap_or_default();
+        if let (Some(limit), Some(u)) = (backoff_limit, self.units.get(&e.unit)) {
+            // A Job retries a failed pod until backoffLimit, whatever its restartPolicy.
+            policy = if u.restarts >= limit {
+                outpost_api::RestartPolicy::Never
+            } else {
+                outpost_api::RestartPolicy::OnFailure
+            };
+        }
         let Some(u) = self.units.get_mut(&e.unit) else { return };
         if u.pid != Some(e.pid) {
             return;
@@ -795,7 +987,11 @@ impl Reconciler {
             }
         }
         let (restarts, hash, reason, phase) = (u.restarts, u.hash.clone(), u.reason.clone(), supervise::phase(u));
+        let finished = u.done;
         let _ = self.store.set_unit_restarts(&e.unit, &hash, restarts);
+        if let Some(p) = finished {
+            self.job_finished(&e.unit, p, now);
+        }
         if !intentional {
             let workload = e.unit.rsplit_once('/').map(|(w, _)| w.to_string());
             let msg = format!(
@@ -905,7 +1101,10 @@ impl Reconciler {
         }
         loop {
             let now = now_ms();
-            let gate_wake = self.gate(now);
+            let mut gate_wake = self.gate(now);
+            if let Some(t) = self.jobs_tick(now) {
+                gate_wake = Some(gate_wake.map_or(t, |g| g.min(t)));
+            }
             let desired = self.desired_units();
             let (mut actions, wake) = supervise::decide(&desired, &self.units, now);
             actions.retain(|a| !self.held(a, &desired));

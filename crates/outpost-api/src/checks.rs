@@ -375,6 +375,44 @@ impl fmt::Display for HostPathMount {
     }
 }
 
+/// What a pod may do to its node beyond an ordinary container: host namespaces, privileged
+/// containers, added capabilities. Each entry is (field path, what it grants), for
+/// `outpost describe` and the hub's `--privileged deny`.
+pub fn privileges(at: &str, pod: &PodSpec) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if pod.host_network {
+        out.push((
+            format!("{at}.hostNetwork"),
+            "shares the node's network namespace".to_string(),
+        ));
+    }
+    if pod.host_pid {
+        out.push((
+            format!("{at}.hostPID"),
+            "sees and can signal every process of the node".to_string(),
+        ));
+    }
+    for (i, c) in pod.containers.iter().enumerate() {
+        let Some(sc) = &c.security_context else { continue };
+        let f = format!("{at}.containers[{i}].securityContext");
+        if sc.privileged == Some(true) {
+            out.push((
+                format!("{f}.privileged"),
+                format!("container {} is privileged (every device, every capability)", c.name),
+            ));
+        }
+        if let Some(caps) = &sc.capabilities {
+            if !caps.add.is_empty() {
+                out.push((
+                    format!("{f}.capabilities.add"),
+                    format!("container {} adds capabilities {}", c.name, caps.add.join(", ")),
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// Every container mount of a hostPath volume in a pod spec found at field path `at`.
 pub fn host_path_mounts(at: &str, pod: &PodSpec) -> Vec<HostPathMount> {
     let volumes: Vec<(usize, &Volume)> = pod.volumes.iter().enumerate().collect();

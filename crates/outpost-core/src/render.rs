@@ -20,6 +20,8 @@ pub trait ConfigSource {
     fn secret(&self, namespace: &str, name: &str) -> Option<&Secret>;
     /// Services of a namespace.
     fn services(&self, namespace: &str) -> Vec<&outpost_api::Service>;
+    /// Does an object of this kind exist?
+    fn has(&self, kind: Kind, namespace: &str, name: &str) -> bool;
 }
 
 impl ConfigSource for BTreeMap<ObjectId, Object> {
@@ -44,6 +46,13 @@ impl ConfigSource for BTreeMap<ObjectId, Object> {
             Some(Object::Secret(s)) => Some(s),
             _ => None,
         }
+    }
+    fn has(&self, kind: Kind, namespace: &str, name: &str) -> bool {
+        self.contains_key(&ObjectId {
+            kind,
+            namespace: namespace.into(),
+            name: name.into(),
+        })
     }
     fn services(&self, namespace: &str) -> Vec<&outpost_api::Service> {
         self.values()
@@ -132,8 +141,23 @@ pub fn missing_references(obj: &Object, src: &impl ConfigSource) -> Vec<Manifest
             }
         }
     }
+    let at = match obj {
+        Object::CronJob(_) => "spec.jobTemplate.spec.template.spec",
+        _ => "spec.template.spec",
+    };
     for (i, v) in t.spec.volumes.iter().enumerate() {
-        let f = format!("spec.template.spec.volumes[{i}]");
+        let f = format!("{at}.volumes[{i}]");
+        if let Some(pvc) = &v.persistent_volume_claim {
+            if !src.has(Kind::PersistentVolumeClaim, ns, &pvc.claim_name) {
+                err(
+                    format!("{f}.persistentVolumeClaim.claimName"),
+                    format!(
+                        "PersistentVolumeClaim {ns}/{} does not exist: apply it first or in the same command",
+                        pvc.claim_name
+                    ),
+                );
+            }
+        }
         if let Some(cm) = &v.config_map {
             if !cm.optional && src.config_map(ns, &cm.name).is_none() {
                 err(
@@ -160,7 +184,94 @@ pub fn missing_references(obj: &Object, src: &impl ConfigSource) -> Vec<Manifest
     out
 }
 
-/// Does this workload reference the given ConfigMap or Secret?
+/// Give every `type: NodePort` Service port of `batch` without a `nodePort` one from
+/// [`outpost_api::NODE_PORT_RANGE`]: the one its stored version had when still free, else the
+/// lowest free one. A nodePort (named or kept) that another Service already uses for the same
+/// protocol is an error naming the field. Pure: `stored` is every stored object.
+pub fn assign_node_ports(batch: &mut [Object], stored: &[Object]) -> Vec<ManifestError> {
+    use std::collections::BTreeSet;
+    let in_batch: BTreeSet<ObjectId> = batch.iter().map(Object::id).collect();
+    let node_port = |o: &Object| match o {
+        Object::Service(s) if s.spec.type_.as_deref() == Some("NodePort") => Some(s.clone()),
+        _ => None,
+    };
+    let proto = |p: &outpost_api::ServicePort| p.protocol.clone().unwrap_or_else(|| "TCP".into());
+    // (port, protocol) -> the Service holding it
+    let mut used: BTreeMap<(u16, String), ObjectId> = BTreeMap::new();
+    for o in stored.iter().filter(|o| !in_batch.contains(&o.id())) {
+        if let Some(svc) = node_port(o) {
+            for p in &svc.spec.ports {
+                if let Some(np) = p.node_port {
+                    used.insert((np, proto(p)), o.id());
+                }
+            }
+        }
+    }
+    let mut errors = Vec::new();
+    let doc = |o: &Object| format!("{} {}/{}", o.kind(), o.meta().ns(), o.meta().name);
+    // Named ports first, so an assigned one never takes a port named later in the batch.
+    for o in batch.iter() {
+        let Some(svc) = node_port(o) else { continue };
+        for (i, p) in svc.spec.ports.iter().enumerate() {
+            let Some(np) = p.node_port else { continue };
+            match used.get(&(np, proto(p))) {
+                Some(holder) if *holder != o.id() => errors.push(ManifestError {
+                    document: doc(o),
+                    field: format!("spec.ports[{i}].nodePort"),
+                    reason: format!(
+                        "{np}/{} is already used by {holder}; choose another port or leave nodePort out and the hub assigns a free one",
+                        proto(p)
+                    ),
+                }),
+                _ => {
+                    used.insert((np, proto(p)), o.id());
+                }
+            }
+        }
+    }
+    let before: BTreeMap<ObjectId, outpost_api::Service> = stored
+        .iter()
+        .filter_map(|o| node_port(o).map(|s| (o.id(), s)))
+        .collect();
+    for o in batch.iter_mut() {
+        let id = o.id();
+        let Object::Service(svc) = o else { continue };
+        if svc.spec.type_.as_deref() != Some("NodePort") {
+            continue;
+        }
+        for i in 0..svc.spec.ports.len() {
+            if svc.spec.ports[i].node_port.is_some() {
+                continue;
+            }
+            let pr = proto(&svc.spec.ports[i]);
+            let kept = before.get(&id).and_then(|old| {
+                old.spec
+                    .ports
+                    .iter()
+                    .find(|q| q.port == svc.spec.ports[i].port && q.name == svc.spec.ports[i].name && proto(q) == pr)
+                    .and_then(|q| q.node_port)
+            });
+            let free = |np: u16| used.get(&(np, pr.clone())).is_none_or(|h| *h == id);
+            let pick = kept
+                .filter(|np| free(*np))
+                .or_else(|| outpost_api::NODE_PORT_RANGE.clone().find(|np| free(*np)));
+            match pick {
+                Some(np) => {
+                    used.insert((np, pr.clone()), id.clone());
+                    svc.spec.ports[i].node_port = Some(np);
+                }
+                None => errors.push(ManifestError {
+                    document: format!("Service {}/{}", id.namespace, id.name),
+                    field: format!("spec.ports[{i}].nodePort"),
+                    reason: "every node port of the range is taken; delete a NodePort Service first".into(),
+                }),
+            }
+        }
+    }
+    errors
+}
+
+/// Does this workload reference the given ConfigMap, Secret or PersistentVolumeClaim?
 pub fn references(obj: &Object, target: &ObjectId) -> bool {
     let Some(t) = obj.template() else { return false };
     if obj.meta().ns() != target.namespace {
@@ -181,6 +292,7 @@ pub fn references(obj: &Object, target: &ObjectId) -> bool {
     let vol_hit = t.spec.volumes.iter().any(|v| match target.kind {
         Kind::ConfigMap => v.config_map.as_ref().is_some_and(|c| c.name == name),
         Kind::Secret => v.secret.as_ref().is_some_and(|s| s.secret_name == name),
+        Kind::PersistentVolumeClaim => v.persistent_volume_claim.as_ref().is_some_and(|p| p.claim_name == name),
         _ => false,
     });
     env_hit || vol_hit
@@ -721,5 +833,51 @@ spec:
                 ..cfg
             }
         ));
+    }
+
+    #[test]
+    fn node_ports_are_assigned_kept_and_collisions_refused() {
+        let svc = |name: &str, port_line: &str| {
+            let yaml = format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {{type: NodePort, selector: {{app: a}}, ports: [{port_line}]}}"
+            );
+            parse_file("s.yaml", &yaml).unwrap().objects.remove(0)
+        };
+        let port_of = |o: &Object| match o {
+            Object::Service(s) => s.spec.ports[0].node_port,
+            _ => None,
+        };
+        // lowest free, skipping one held by another Service
+        let stored = vec![svc("held", "{port: 80, nodePort: 30000}")];
+        let mut batch = vec![svc("new", "{port: 80}")];
+        assert!(assign_node_ports(&mut batch, &stored).is_empty());
+        assert_eq!(port_of(&batch[0]), Some(30001));
+        // re-applying without nodePort keeps the port it had
+        let stored = vec![
+            svc("held", "{port: 80, nodePort: 30000}"),
+            svc("new", "{port: 80, nodePort: 30007}"),
+        ];
+        let mut batch = vec![svc("new", "{port: 80}")];
+        assert!(assign_node_ports(&mut batch, &stored).is_empty());
+        assert_eq!(port_of(&batch[0]), Some(30007));
+        // a collision with another Service is refused, naming the field
+        let mut batch = vec![svc("other", "{port: 80, nodePort: 30000}")];
+        let errors = assign_node_ports(&mut batch, &stored);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].field, "spec.ports[0].nodePort");
+        assert!(
+            errors[0].reason.contains("already used by Service/default/held"),
+            "{}",
+            errors[0].reason
+        );
+        // two Services of one batch cannot share a port either
+        let mut batch = vec![
+            svc("sx", "{port: 80, nodePort: 30100}"),
+            svc("sy", "{port: 81, nodePort: 30100}"),
+        ];
+        assert_eq!(assign_node_ports(&mut batch, &[]).len(), 1);
+        // the same port under another protocol is a different port
+        let mut batch = vec![svc("su", "{port: 53, protocol: UDP, nodePort: 30000}")];
+        assert!(assign_node_ports(&mut batch, &stored).is_empty());
     }
 }

@@ -291,11 +291,12 @@ pub async fn apply(
     _: Admin,
     ApiJson(req): ApiJson<ApplyRequest>,
 ) -> Result<Json<ApplyResponse>, HubError> {
-    let (objects, warnings) =
+    let (mut objects, warnings) =
         validate::parse_apply_batch(&req.files, &st.host_paths).map_err(HubError::InvalidManifest)?;
     let _guard = st.write_lock.lock().await;
-    let stored = st.db(|s| s.objects()).await?;
-    let errors = validate::check_references(&objects, stored.into_iter().map(|o| o.object));
+    let stored: Vec<Object> = st.db(|s| s.objects()).await?.into_iter().map(|o| o.object).collect();
+    let mut errors = outpost_core::render::assign_node_ports(&mut objects, &stored);
+    errors.extend(validate::check_references(&objects, stored));
     if !errors.is_empty() {
         return Err(HubError::InvalidManifest(errors));
     }

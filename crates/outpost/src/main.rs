@@ -153,6 +153,10 @@ struct HubArgs {
     /// with prefixes is a strict allow-list.
     #[arg(long = "host-path-allow", value_name = "PREFIX")]
     host_path_allow: Vec<String>,
+    /// Privileged workloads (privileged containers, added capabilities, hostNetwork, hostPID):
+    /// allow, or deny them at apply.
+    #[arg(long, default_value = "allow", value_parser = clap::builder::PossibleValuesParser::new(["allow", "deny"]))]
+    privileged: String,
     /// How long node certificates are valid; agents renew with a third left.
     #[arg(long, env = "OUTPOST_NODE_CERT_LIFETIME", default_value = "90d", value_parser = parse_duration)]
     node_cert_lifetime: Duration,
@@ -441,6 +445,7 @@ async fn run_hub(a: HubArgs) -> Result<()> {
             a.host_paths.parse().map_err(anyhow::Error::msg)?,
             &a.host_path_allow,
         )
+        .and_then(|p| p.with_privileged(&a.privileged))
         .map_err(anyhow::Error::msg)?,
         node_cert_lifetime: a.node_cert_lifetime,
         idle_timeout: a.idle_timeout,
