@@ -94,7 +94,11 @@ pub struct Reconciler {
     docker_pending: Option<String>,
     found_tx: mpsc::UnboundedSender<Result<Found, String>>,
     found_rx: mpsc::UnboundedReceiver<Result<Found, String>>,
-    hub: Arc<HubClient>,
+    hub: Option<Arc<HubClient>>,
+    /// The hub's desired state (from the store); `desired` is it plus the local workloads.
+    hub_desired: Arc<Desired>,
+    local: crate::local::LocalWorkloads,
+    local_rx: Option<watch::Receiver<crate::local::LocalWorkloads>>,
     /// The store was new and nothing was restored: units that run but are not desired are
     /// kept (not stopped) until the first desired state arrives from the hub.
     hold: bool,
@@ -129,9 +133,10 @@ impl Reconciler {
         store: Arc<Store>,
         desired: Arc<Desired>,
         status_tx: watch::Sender<Snapshot>,
-        hub: Arc<HubClient>,
+        hub: Option<Arc<HubClient>>,
         docker_socket: String,
     ) -> Self {
+        let hub_desired = desired.clone();
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
         let (probe_tx, probe_rx) = mpsc::unbounded_channel();
         let (started_tx, started_rx) = mpsc::unbounded_channel();
@@ -168,7 +173,32 @@ impl Reconciler {
             hold: false,
             jobs: BTreeMap::new(),
             local_tz: crate::jobs::local_zone(),
+            hub_desired,
+            local: Arc::new(BTreeMap::new()),
+            local_rx: None,
         }
+    }
+
+    /// Run the workloads of a manifest directory beside the hub's (`local` module).
+    pub fn with_local(mut self, rx: watch::Receiver<crate::local::LocalWorkloads>) -> Self {
+        self.local = rx.borrow().clone();
+        self.local_rx = Some(rx);
+        self.merge();
+        self
+    }
+
+    /// `desired` = the hub's workloads and the local ones (keys never collide: `local/...`).
+    fn merge(&mut self) {
+        if self.local.is_empty() {
+            self.desired = self.hub_desired.clone();
+            return;
+        }
+        let mut d = (*self.hub_desired).clone();
+        d.workloads.retain(|k, _| !crate::local::is_local(k));
+        for (k, w) in self.local.iter() {
+            d.workloads.insert(k.clone(), w.clone());
+        }
+        self.desired = Arc::new(d);
     }
 
     /// Keep adopted units that the (empty) desired state does not list until the hub's first
@@ -445,7 +475,7 @@ impl Reconciler {
                         .map_err(|e| format!("{RUNTIME_UNAVAILABLE}: {e}"))?,
                 };
                 let image = c.image.clone().unwrap_or_default();
-                crate::images::ensure(&engine, &hub, &images_dir, &image, c.image_pull_policy).await?;
+                crate::images::ensure(&engine, hub.as_deref(), &images_dir, &image, c.image_pull_policy).await?;
                 let id = engine.run(&w, &c, &unit, &volumes, &node).await?;
                 let pid = engine.pid(&id).await.unwrap_or(0);
                 let ip = engine.ip(&id).await;
@@ -1134,9 +1164,20 @@ impl Reconciler {
                 Duration::from_millis((w - now_ms()).max(0) as u64)
             });
             tokio::select! {
+                r = local_changed(&mut self.local_rx) => {
+                    if r {
+                        if let Some(rx) = self.local_rx.as_mut() {
+                            self.local = rx.borrow_and_update().clone();
+                        }
+                        self.merge();
+                    } else {
+                        self.local_rx = None;
+                    }
+                }
                 r = desired_rx.changed() => {
                     if r.is_err() { break; }
-                    self.desired = desired_rx.borrow_and_update().clone();
+                    self.hub_desired = desired_rx.borrow_and_update().clone();
+                    self.merge();
                     if std::mem::take(&mut self.hold) {
                         info!(generation = self.desired.generation, workloads = self.desired.workloads.len(),
                             "first desired state from the hub; adopted units it does not list are stopped");
@@ -1178,5 +1219,13 @@ impl Reconciler {
                 _ = tokio::time::sleep(sleep) => {}
             }
         }
+    }
+}
+
+/// A change of the local workloads (true), their source gone (false), or never without one.
+async fn local_changed(rx: &mut Option<watch::Receiver<crate::local::LocalWorkloads>>) -> bool {
+    match rx {
+        Some(r) => r.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }

@@ -244,6 +244,16 @@ struct RunArgs {
     /// The Docker Engine's (or podman's) API socket.
     #[arg(long, env = "OUTPOST_DOCKER_SOCKET")]
     docker_socket: Option<String>,
+    /// Single-box mode: run the workloads of this manifest directory (re-read on change), with
+    /// no hub at all or beside the hub's workloads once this box has joined one.
+    #[arg(long, value_name = "DIR")]
+    manifests: Option<PathBuf>,
+    /// Node name for a box that has not joined a hub (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Node labels for a box that has not joined a hub, k=v,k2=v2 (local workloads select by them).
+    #[arg(long, value_parser = parse_labels)]
+    labels: Option<Labels>,
 }
 
 #[derive(Args)]
@@ -386,6 +396,9 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                     hub: None,
                     stop_workloads_on_exit: false,
                     docker_socket: None,
+                    manifests: None,
+                    name: None,
+                    labels: None,
                 })
                 .await
             }
@@ -514,6 +527,9 @@ async fn agent_run(r: RunArgs) -> Result<()> {
         hub: r.hub,
         stop_workloads_on_exit: r.stop_workloads_on_exit,
         docker_socket: r.docker_socket,
+        manifests: r.manifests,
+        name: r.name,
+        labels: r.labels.unwrap_or_default(),
     };
     outpost_agent::run(o, ctrl_c_or_term()).await
 }

@@ -533,3 +533,177 @@ spec:
             .filter(|p| p["status"]["ready"] == true)
     });
 }
+
+/// An agent in single-box mode (`agent run --manifests DIR`), killed on drop.
+struct LocalAgent {
+    child: std::process::Child,
+}
+
+impl LocalAgent {
+    fn start(data: &std::path::Path, manifests: &std::path::Path) -> Self {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data.with_extension("log"))
+            .unwrap();
+        let child = outpost_under::<&str>(&[])
+            .args([
+                "agent",
+                "run",
+                "--name",
+                "solo",
+                "--labels",
+                "site=shop-1",
+                "--data-dir",
+            ])
+            .arg(data)
+            .arg("--manifests")
+            .arg(manifests)
+            .env("OUTPOST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        LocalAgent { child }
+    }
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for LocalAgent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn local_app(marker: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: apps/v1
+kind: DaemonSet
+metadata: {{name: app}}
+spec:
+  minReadySeconds: 1
+  template:
+    spec:
+      runtimeClassName: process
+      terminationGracePeriodSeconds: 1
+      nodeSelector: {{site: shop-1}}
+      containers:
+      - name: main
+        image: 'app:1'
+        command: [/bin/sh, -c, '{extra}exec /bin/sleep {marker}']
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {{name: elsewhere}}
+spec:
+  template:
+    spec:
+      runtimeClassName: process
+      nodeSelector: {{site: shop-2}}
+      containers: [{{name: main, image: 'app:1', command: [/bin/sleep, '{marker}9']}}]
+"
+    )
+}
+
+#[test]
+fn single_box_mode_runs_supervises_rolls_back_and_later_joins_a_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, manifests) = (dir.path().join("agent"), dir.path().join("manifests"));
+    std::fs::create_dir_all(&manifests).unwrap();
+    let (m1, m2) = (marker(), marker());
+    std::fs::write(manifests.join("app.yaml"), local_app(&m1, "")).unwrap();
+    let mut agent = LocalAgent::start(&data, &manifests);
+    let p1 = wait_for("the local workload runs with no hub", 30.0, || {
+        pids_with_cmdline(&["/bin/sleep", &m1]).first().copied()
+    });
+    // only what selects this node runs
+    assert!(pids_with_cmdline(&["/bin/sleep", &format!("{m1}9")]).is_empty());
+    // supervised: killed, it comes back
+    runtime_kill(p1);
+    let p1b = wait_for("restarted after a crash", 30.0, || {
+        pids_with_cmdline(&["/bin/sleep", &m1])
+            .first()
+            .copied()
+            .filter(|p| *p != p1)
+    });
+    // status is kept on the box
+    let status = || std::fs::read_to_string(data.join("status.json")).unwrap_or_default();
+    wait_for("status.json", 20.0, || {
+        status().contains("local/daemonset/default/app").then_some(())
+    });
+    // a change of the directory is a new revision
+    std::fs::write(manifests.join("app.yaml"), local_app(&m2, "")).unwrap();
+    wait_for("the new revision replaced the old", 30.0, || {
+        (pids_with_cmdline(&["/bin/sleep", &m1]).is_empty() && !pids_with_cmdline(&["/bin/sleep", &m2]).is_empty())
+            .then_some(())
+    });
+    assert!(!pids_with_cmdline(&["/bin/sleep", &m1]).contains(&p1b));
+    wait_for("revision 2 became last-known-good", 30.0, || {
+        status().contains("\"Complete\"").then_some(())
+    });
+    // a broken revision is rolled back on the box, by the box
+    std::fs::write(manifests.join("app.yaml"), local_app(&m2, "exit 3; ")).unwrap();
+    wait_for("rolled back to revision 2", 90.0, || {
+        status().contains("RolledBack").then_some(())
+    });
+    wait_for("revision 2 runs again", 30.0, || {
+        pids_with_cmdline(&["/bin/sleep", &m2]).first().copied()
+    });
+    // a broken file is refused; what runs keeps running
+    std::fs::write(
+        manifests.join("typo.yaml"),
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: bad}\nspec: {replicas: x}\n",
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let log = std::fs::read_to_string(data.with_extension("log")).unwrap();
+    assert!(
+        log.contains("the manifest directory is refused") && log.contains("typo.yaml"),
+        "{log}"
+    );
+    std::fs::remove_file(manifests.join("typo.yaml")).unwrap();
+    std::fs::write(manifests.join("app.yaml"), local_app(&m2, "")).unwrap();
+    let p2 = wait_for("revision 2 running", 30.0, || {
+        pids_with_cmdline(&["/bin/sleep", &m2]).first().copied()
+    });
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let p2 = pids_with_cmdline(&["/bin/sleep", &m2]).first().copied().unwrap_or(p2);
+
+    // Later the box joins a hub: its local workload is kept (adopted, not restarted) and the
+    // hub's workloads run beside it.
+    agent.kill9();
+    let hub = Hub::start();
+    let token = hub.token(&["--labels", "site=shop-1"]);
+    let o = outpost_under::<&str>(&[])
+        .args([
+            "agent",
+            "join",
+            "--hub",
+            &hub.url,
+            "--token",
+            &token,
+            "--name",
+            "solo",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let _agent = LocalAgent::start(&data, &manifests);
+    let m3 = marker();
+    hub.apply(&sleeper_ds("from-hub", &m3, ""));
+    wait_for("the hub's workload runs", 30.0, || {
+        pids_with_cmdline(&["/bin/sleep", &m3]).first().copied()
+    });
+    wait_for("the hub knows the node", 20.0, || hub.node("solo"));
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(
+        pids_with_cmdline(&["/bin/sleep", &m2]),
+        vec![p2],
+        "the local workload was not restarted"
+    );
+}
