@@ -40,6 +40,9 @@ apt_install docker.io busybox-static curl util-linux
 # The chaos suite (crates/outpost/tests/chaos.rs): network namespaces and veth from iproute2,
 # agents with a skewed clock through libfaketime.
 apt_install iproute2 faketime
+# The install tests (crates/outpost/tests/install.rs) run outpost's systemd units in a Debian
+# container with systemd as PID 1, built once with debootstrap and cached as a Docker image.
+apt_install debootstrap
 
 # schemathesis (PyPI) fuzzes the hub's API from docs/openapi.yaml (crates/outpost/tests/api_fuzz.rs);
 # it lives in a venv at .venv so nothing is installed into the system Python.

@@ -60,6 +60,34 @@ pub struct RunOptions {
     pub labels: outpost_api::Labels,
 }
 
+/// Stop every workload the agent of `data_dir` runs (processes: SIGTERM, SIGKILL after 10 s;
+/// its Docker containers: stopped and removed). For `outpost agent uninstall`, after the
+/// service stopped the agent alone. Returns how many were stopped.
+pub async fn stop_all_workloads(data_dir: &std::path::Path) -> usize {
+    use nix::sys::signal::Signal;
+    let rt = runtime::Runtime::new(data_dir, "");
+    let owned = runtime::scan_owned(&rt.agent_id);
+    for p in &owned {
+        runtime::signal_group(p.pid, Signal::SIGTERM);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while owned.iter().any(|p| runtime::alive(p.pid, p.start_ticks)) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for p in owned.iter().filter(|p| runtime::alive(p.pid, p.start_ticks)) {
+        runtime::signal_group(p.pid, Signal::SIGKILL);
+    }
+    let mut n = owned.len();
+    if let Ok(engine) = docker::Engine::connect(docker::DEFAULT_SOCKET, &rt.agent_id).await {
+        for c in engine.list_owned().await.unwrap_or_default() {
+            engine.stop(&c.id, 10).await;
+            let _ = engine.remove(&c.id).await;
+            n += 1;
+        }
+    }
+    n
+}
+
 /// This host's name, for a node that has not joined a hub.
 pub fn host_name() -> String {
     nix::unistd::gethostname()

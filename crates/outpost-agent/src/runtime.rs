@@ -315,7 +315,12 @@ impl Runtime {
         // Everything the child does between fork and exec is prepared here: no allocation there.
         let mounts = self.mount_plan(c, &volumes)?;
         let creds = crate::security::Credentials::prepare(&c.security)?;
-        let cgroup_procs = self.cgroups.prepare(unit, c.cpu_millis, c.memory_bytes)?;
+        // Every process gets a cgroup of its own when the host has them (so a service manager's
+        // limits on the agent never apply to workloads); only a limit makes its absence an error.
+        let cgroup_procs = match self.cgroups.prepare(unit, c.cpu_millis, c.memory_bytes) {
+            Err(_) if c.cpu_millis.is_none() && c.memory_bytes.is_none() => Vec::new(),
+            r => r?,
+        };
         let parent_fds = cgroup_procs.clone();
         // SAFETY: the closure only makes async-signal-safe system calls on data prepared above.
         unsafe {
@@ -530,7 +535,7 @@ impl Cgroups {
     /// Create the unit's cgroup with its limits; returns open `cgroup.procs` fds for the child
     /// to write "0" into (which moves it). No limits: no cgroup.
     fn prepare(&self, unit: &str, cpu_millis: Option<u64>, memory: Option<u64>) -> Result<Vec<i32>, String> {
-        if cpu_millis.is_none() && memory.is_none() {
+        if cpu_millis.is_none() && memory.is_none() && matches!(self, Cgroups::None) {
             return Ok(Vec::new());
         }
         let name = unit.replace('/', "_");

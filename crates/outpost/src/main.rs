@@ -5,6 +5,7 @@
 mod client;
 mod demo;
 mod image;
+mod install;
 mod logs;
 mod output;
 
@@ -210,6 +211,11 @@ enum AgentCmd {
     Join(JoinArgs),
     /// Run the agent from its data dir (no hub needed to start workloads).
     Run(RunArgs),
+    /// Install the agent as a systemd service: copy the binary, join (once), write and enable
+    /// the unit, start it. Idempotent.
+    Install(install::AgentInstallArgs),
+    /// Stop and remove the agent's service and its workloads (--purge: and its data).
+    Uninstall(install::UninstallArgs),
 }
 
 #[derive(Args, Clone)]
@@ -337,6 +343,28 @@ async fn ctrl_c_or_term() {
 
 fn main() {
     outpost_pki::install_provider();
+    // `outpost hub install|uninstall`: the hub's own flags stay flat (`outpost hub --listen ...`).
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("hub") {
+        let result = match argv.get(2).map(String::as_str) {
+            Some("install") => Some(
+                install::hub_install(<install::HubInstallArgs as Parser>::parse_from(&argv[2..]))
+                    .map(|c| c.report("the outpost hub service")),
+            ),
+            Some("uninstall") => Some(
+                install::hub_uninstall(<install::HubUninstallArgs as Parser>::parse_from(&argv[2..]).u)
+                    .map(|c| c.report("the outpost hub service (already uninstalled)")),
+            ),
+            _ => None,
+        };
+        if let Some(r) = result {
+            if let Err(e) = r {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+            return;
+        }
+    }
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -384,6 +412,17 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                 Ok(())
             }
             Some(AgentCmd::Run(r)) => agent_run(r).await,
+            Some(AgentCmd::Install(i)) => {
+                init_tracing();
+                install::agent_install(i).await?.report("the outpost agent service");
+                Ok(())
+            }
+            Some(AgentCmd::Uninstall(u)) => {
+                install::agent_uninstall(u)
+                    .await?
+                    .report("the outpost agent service (already uninstalled)");
+                Ok(())
+            }
             None => {
                 init_tracing();
                 let dir = a.join.data_dir.clone().unwrap_or_else(|| default_dir("agent"));
