@@ -27,6 +27,7 @@ pub mod probe;
 pub mod reconcile;
 pub mod runtime;
 pub mod security;
+pub mod selfupdate;
 pub mod store;
 pub mod sync;
 pub mod vitals;
@@ -167,6 +168,7 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
     info!(node = %node, generation = desired.generation, workloads = desired.workloads.len(),
         hub = identity.is_some(), manifests = ?o.manifests, "agent starting from local state");
     report_recovery(&store, &recovery, &desired);
+    selfupdate::at_start(&o.data_dir, &store);
     // Nothing says what should run: keep what runs until the hub does.
     let hold = identity.is_some() && recovery.fresh && recovery.restored.is_none();
 
@@ -250,6 +252,13 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
                 client.clone(),
                 o.data_dir.clone(),
                 logreq_rx,
+            )));
+            tasks.push(tokio::spawn(selfupdate::update_loop(
+                client.clone(),
+                o.data_dir.clone(),
+                store.clone(),
+                desired_rx.clone(),
+                stop_rx.clone(),
             )));
             tasks.push(tokio::spawn(sync::sync_loop(
                 client.clone(),

@@ -1207,6 +1207,7 @@ mod tests {
             host_network: false,
             host_pid: false,
             job: None,
+            agent_update: None,
         }
     }
 

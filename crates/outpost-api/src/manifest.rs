@@ -699,6 +699,35 @@ pub struct Namespace {
     pub spec: Option<Value>,
 }
 
+/// `apiVersion: outpost.dev/v1`, `kind: AgentUpdate`: the outpost binary the matching nodes'
+/// agents should run, by digest (uploaded with `outpost agent publish FILE`). Placed like a
+/// DaemonSet and delivered in each node's desired state, so fleet rollout waves can gate it
+/// per node like any workload.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentUpdate {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: AgentUpdateSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentUpdateSpec {
+    /// `sha256:<hex>` of the binary.
+    pub digest: String,
+    /// A label for people (`outpost get nodes` shows the version each agent reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: Labels,
+    /// The new agent must report to the hub within this long, or the node restores the old
+    /// binary by itself (default 120).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_deadline_seconds: Option<u32>,
+}
+
 /// `apiVersion: outpost.dev/v1`, `kind: AlertPolicy`: monitoring thresholds, crash-loop alerts
 /// and log settings for the nodes its `nodeSelector` matches (see docs/alerts.md). Fields left
 /// out keep outpost's defaults or what a less specific policy set.
@@ -770,6 +799,7 @@ pub enum Object {
     CronJob(Box<CronJob>),
     PersistentVolumeClaim(PersistentVolumeClaim),
     Namespace(Namespace),
+    AgentUpdate(AgentUpdate),
 }
 
 /// The kinds outpost stores.
@@ -785,6 +815,7 @@ pub enum Kind {
     CronJob,
     PersistentVolumeClaim,
     Namespace,
+    AgentUpdate,
 }
 
 impl Kind {
@@ -800,6 +831,7 @@ impl Kind {
             Kind::CronJob => "CronJob",
             Kind::PersistentVolumeClaim => "PersistentVolumeClaim",
             Kind::Namespace => "Namespace",
+            Kind::AgentUpdate => "AgentUpdate",
         }
     }
     /// Accepts `deployment`, `deployments`, `deploy`, `Deployment`, `daemonset`, `ds`, ...
@@ -815,6 +847,7 @@ impl Kind {
             "cronjob" | "cronjobs" | "cj" => Kind::CronJob,
             "persistentvolumeclaim" | "persistentvolumeclaims" | "pvc" => Kind::PersistentVolumeClaim,
             "namespace" | "namespaces" | "ns" => Kind::Namespace,
+            "agentupdate" | "agentupdates" => Kind::AgentUpdate,
             _ => return None,
         })
     }
@@ -846,6 +879,7 @@ impl<'de> Deserialize<'de> for Object {
             "CronJob" => serde_json::from_value(v).map(Object::CronJob).map_err(e),
             "PersistentVolumeClaim" => serde_json::from_value(v).map(Object::PersistentVolumeClaim).map_err(e),
             "Namespace" => serde_json::from_value(v).map(Object::Namespace).map_err(e),
+            "AgentUpdate" => serde_json::from_value(v).map(Object::AgentUpdate).map_err(e),
             other => Err(D::Error::custom(format!("unsupported kind {other:?}"))),
         }
     }
@@ -864,6 +898,7 @@ impl Object {
             Object::CronJob(_) => Kind::CronJob,
             Object::PersistentVolumeClaim(_) => Kind::PersistentVolumeClaim,
             Object::Namespace(_) => Kind::Namespace,
+            Object::AgentUpdate(_) => Kind::AgentUpdate,
         }
     }
     pub fn meta(&self) -> &ObjectMeta {
@@ -878,6 +913,7 @@ impl Object {
             Object::CronJob(o) => &o.metadata,
             Object::PersistentVolumeClaim(o) => &o.metadata,
             Object::Namespace(o) => &o.metadata,
+            Object::AgentUpdate(o) => &o.metadata,
         }
     }
     pub fn meta_mut(&mut self) -> &mut ObjectMeta {
@@ -892,6 +928,7 @@ impl Object {
             Object::CronJob(o) => &mut o.metadata,
             Object::PersistentVolumeClaim(o) => &mut o.metadata,
             Object::Namespace(o) => &mut o.metadata,
+            Object::AgentUpdate(o) => &mut o.metadata,
         }
     }
     /// `Kind/namespace/name`

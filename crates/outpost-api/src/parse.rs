@@ -343,7 +343,7 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
             "batch/v1beta1"
         }
         "CronJob" => "batch/v1",
-        "AlertPolicy" => ALERT_POLICY_API,
+        "AlertPolicy" | "AgentUpdate" => ALERT_POLICY_API,
         "" => {
             ctx.err(
                 "kind",
@@ -380,6 +380,7 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
         "CronJob" => Object::CronJob(typed(ctx, doc)?),
         "PersistentVolumeClaim" => Object::PersistentVolumeClaim(typed(ctx, doc)?),
         "Namespace" => Object::Namespace(typed(ctx, doc)?),
+        "AgentUpdate" => Object::AgentUpdate(typed(ctx, doc)?),
         _ => Object::Secret(typed(ctx, doc)?),
     };
     validate_meta(ctx, obj.meta());
@@ -457,6 +458,28 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
                     "a namespace name is a DNS label: lower-case letters, digits and '-'",
                 );
             }
+        }
+        Object::AgentUpdate(u) => {
+            let hex = u.spec.digest.strip_prefix("sha256:").unwrap_or("");
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+                ctx.err(
+                    "spec.digest",
+                    format!(
+                        "{:?} is not sha256: and 64 lower-case hex digits; `outpost agent publish FILE` prints it",
+                        u.spec.digest
+                    ),
+                );
+            }
+            if u.spec
+                .health_deadline_seconds
+                .is_some_and(|d| !(10..=3600).contains(&d))
+            {
+                ctx.err("spec.healthDeadlineSeconds", "must be between 10 and 3600");
+            }
+            if let Some(Err(e)) = u.spec.version.as_deref().map(no_control) {
+                ctx.err("spec.version", e);
+            }
+            validate_labels(ctx, "spec.nodeSelector", &u.spec.node_selector);
         }
         Object::Service(svc) => validate_service(ctx, svc),
         Object::AlertPolicy(p) => validate_alert_policy(ctx, &p.spec),

@@ -136,6 +136,20 @@ pub struct WorkloadSpec {
     /// Set for Jobs and CronJobs: run to completion instead of being kept running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<JobRunSpec>,
+    /// Set for an AgentUpdate (no containers): the agent binary this node should run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_update: Option<AgentUpdateRun>,
+}
+
+/// The agent binary a node should run (`kind: AgentUpdate`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentUpdateRun {
+    /// `sha256:<hex>` of the binary, a blob at the hub (`/v1/images/blobs/<digest>`).
+    pub digest: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The new agent must mark itself healthy within this long, or it is rolled back.
+    pub health_deadline_seconds: u64,
 }
 
 fn is_false(b: &bool) -> bool {

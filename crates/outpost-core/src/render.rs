@@ -398,6 +398,40 @@ fn probe_spec(p: &Probe, c: &Container) -> Option<ProbeSpec> {
     })
 }
 
+/// An AgentUpdate as a node receives it: no containers, the binary to run.
+pub fn render_agent_update(u: &outpost_api::AgentUpdate, revision: u64) -> WorkloadSpec {
+    let id = ObjectId {
+        kind: Kind::AgentUpdate,
+        namespace: u.metadata.ns().to_string(),
+        name: u.metadata.name.clone(),
+    };
+    let mut spec = WorkloadSpec {
+        key: workload_key(&id),
+        kind: Kind::AgentUpdate,
+        namespace: id.namespace,
+        name: id.name,
+        revision,
+        hash: String::new(),
+        runtime: Runtime::Process,
+        restart_policy: RestartPolicy::Never,
+        grace_seconds: 0,
+        containers: Vec::new(),
+        volumes: Vec::new(),
+        min_ready_seconds: 0,
+        progress_deadline_seconds: DEFAULT_PROGRESS_DEADLINE_SECS,
+        host_network: false,
+        host_pid: false,
+        job: None,
+        agent_update: Some(outpost_api::AgentUpdateRun {
+            digest: u.spec.digest.clone(),
+            version: u.spec.version.clone(),
+            health_deadline_seconds: u.spec.health_deadline_seconds.unwrap_or(120) as u64,
+        }),
+    };
+    spec.hash = content_hash(&spec);
+    spec
+}
+
 /// How a Job or CronJob runs on its node.
 fn job_spec(obj: &Object) -> Option<JobRunSpec> {
     let (j, cron) = match obj {
@@ -552,6 +586,9 @@ fn downward(
 /// Render a Deployment or DaemonSet at `revision`. Missing optional references are skipped;
 /// missing required ones were rejected at apply, and are skipped here too.
 pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<WorkloadSpec> {
+    if let Object::AgentUpdate(u) = obj {
+        return Some(render_agent_update(u, revision));
+    }
     let t = obj.template()?;
     let ns = obj.meta().ns().to_string();
     let pod = &t.spec;
@@ -729,6 +766,7 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
         host_network: pod.host_network,
         host_pid: pod.host_pid,
         job: job_spec(obj),
+        agent_update: None,
     };
     spec.hash = content_hash(&spec);
     Some(spec)

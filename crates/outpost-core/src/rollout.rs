@@ -270,6 +270,7 @@ mod tests {
             host_network: false,
             host_pid: false,
             job: None,
+            agent_update: None,
         }
     }
     const READY: Health = Health {

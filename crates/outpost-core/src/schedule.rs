@@ -93,7 +93,8 @@ pub fn schedule(
     let mut load: BTreeMap<&str, usize> = nodes.iter().map(|n| (n.name.as_str(), 0)).collect();
     let mut out = BTreeMap::new();
     // DaemonSets first: their load is fixed, Deployments spread around it.
-    for w in sorted.iter().filter(|w| w.id.kind == Kind::DaemonSet) {
+    let every_node = |k: Kind| matches!(k, Kind::DaemonSet | Kind::AgentUpdate);
+    for w in sorted.iter().filter(|w| every_node(w.id.kind)) {
         let placed: BTreeSet<String> = nodes
             .iter()
             .filter(|n| w.fits(&n.name, &n.labels))
@@ -112,7 +113,7 @@ pub fn schedule(
             },
         );
     }
-    for w in sorted.iter().filter(|w| w.id.kind != Kind::DaemonSet) {
+    for w in sorted.iter().filter(|w| !every_node(w.id.kind)) {
         let empty = BTreeSet::new();
         let decision = place_deployment(w, nodes, current.get(&w.id).unwrap_or(&empty), &load);
         for n in &decision.nodes {

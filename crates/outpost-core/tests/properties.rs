@@ -321,6 +321,7 @@ fn spec(revision: u64, hash: &str) -> WorkloadSpec {
         host_network: false,
         host_pid: false,
         job: None,
+        agent_update: None,
     }
 }
 

@@ -401,7 +401,9 @@ fn workload_info(
     let id = o.id();
     let key = workload_key(&id);
     let desired = match id.kind {
-        Kind::DaemonSet => view.nodes.values().filter(|n| wv.fits(&n.name, &n.labels)).count() as u32,
+        Kind::DaemonSet | Kind::AgentUpdate => {
+            view.nodes.values().filter(|n| wv.fits(&n.name, &n.labels)).count() as u32
+        }
         _ => wv.replicas,
     };
     let mut ready = 0;

@@ -30,6 +30,14 @@ pub fn status_word(online: bool) -> &'static str {
 
 /// Node selector and replica count of a workload object.
 pub fn workload_view(obj: &Object) -> Option<WorkloadView> {
+    if let Object::AgentUpdate(u) = obj {
+        return Some(WorkloadView {
+            id: obj.id(),
+            node_selector: u.spec.node_selector.clone(),
+            affinity: None,
+            replicas: 0,
+        });
+    }
     let replicas = match obj {
         Object::Deployment(d) => d.spec.replicas,
         Object::DaemonSet(_) => 0,
@@ -79,7 +87,7 @@ pub fn plan(inputs: &ScheduleInputs, offline_after: Duration, now: UnixMs) -> Pl
         if let Some(note) = &decision.note {
             out.notes.insert(id.clone(), note.clone());
         }
-        if id.kind != Kind::DaemonSet {
+        if !matches!(id.kind, Kind::DaemonSet | Kind::AgentUpdate) {
             out.assignments.insert(id.clone(), decision.nodes.clone());
         }
         if decision.nodes.is_empty() {

@@ -396,6 +396,7 @@ fn decode_object(kind: Kind, manifest: &str) -> Result<Object> {
         Kind::CronJob => Object::CronJob(serde_json::from_str(manifest)?),
         Kind::PersistentVolumeClaim => Object::PersistentVolumeClaim(serde_json::from_str(manifest)?),
         Kind::Namespace => Object::Namespace(serde_json::from_str(manifest)?),
+        Kind::AgentUpdate => Object::AgentUpdate(serde_json::from_str(manifest)?),
     })
 }
 
@@ -1200,6 +1201,7 @@ mod tests {
             host_network: false,
             host_pid: false,
             job: None,
+            agent_update: None,
         }
     }
 

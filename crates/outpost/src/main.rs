@@ -216,6 +216,27 @@ enum AgentCmd {
     Install(install::AgentInstallArgs),
     /// Stop and remove the agent's service and its workloads (--purge: and its data).
     Uninstall(install::UninstallArgs),
+    /// Upload an outpost binary to the hub for agents to update to; prints the AgentUpdate
+    /// manifest that rolls it out (edit its nodeSelector, then `outpost apply -f`).
+    Publish {
+        /// The outpost binary (e.g. target/release/outpost for the boxes' architecture).
+        file: PathBuf,
+        /// A label for people; agents report their own version.
+        #[arg(long)]
+        version: Option<String>,
+    },
+    /// The self-update watchdog (started by the agent from the previous binary).
+    #[command(hide = true)]
+    UpdateWatchdog {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        exe: PathBuf,
+        #[arg(long)]
+        pid: u32,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -412,6 +433,13 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                 Ok(())
             }
             Some(AgentCmd::Run(r)) => agent_run(r).await,
+            Some(AgentCmd::Publish { file, version }) => {
+                let c = client::Client::from_env()?;
+                image::publish_binary(&c, &file, version.as_deref()).await
+            }
+            Some(AgentCmd::UpdateWatchdog { dir, exe, pid, args }) => {
+                outpost_agent::selfupdate::watchdog(&dir, &exe, pid, &args)
+            }
             Some(AgentCmd::Install(i)) => {
                 init_tracing();
                 install::agent_install(i).await?.report("the outpost agent service");
