@@ -801,11 +801,8 @@ fn validate_probe(ctx: &mut Ctx, f: &str, p: &Probe, c: &Container, kind: &str) 
             ctx.err(format!("{f}.httpGet.port"), e);
         }
         if let Some(s) = h.scheme.as_deref() {
-            if s != "HTTP" {
-                ctx.err(
-                    format!("{f}.httpGet.scheme"),
-                    format!("{s:?} is not supported; outpost probes use HTTP"),
-                );
+            if s != "HTTP" && s != "HTTPS" {
+                ctx.err(format!("{f}.httpGet.scheme"), format!("{s:?} is not HTTP or HTTPS"));
             }
         }
         if let Some(path) = h.path.as_deref() {
@@ -963,6 +960,22 @@ fn validate_pod(ctx: &mut Ctx, at: &str, pod: &PodSpec) {
                     format!("{f}.persistentVolumeClaim.claimName"),
                     format!("{:?} is not a valid claim name", pvc.claim_name),
                 );
+            }
+        }
+        for (src, items) in [
+            ("configMap", v.config_map.as_ref().map(|c| &c.items)),
+            ("secret", v.secret.as_ref().map(|c| &c.items)),
+        ] {
+            for (j, it) in items.into_iter().flatten().enumerate() {
+                let ok = !it.path.is_empty() && it.path != "." && it.path != ".." && !it.path.contains('/');
+                if !ok {
+                    ctx.err(
+                        format!("{f}.{src}.items[{j}].path"),
+                        format!("{:?} must be a file name (no '/', no sub-directories)", it.path),
+                    );
+                } else {
+                    validate_key(ctx, &format!("{f}.{src}.items[{j}].path"), &it.path);
+                }
             }
         }
         for (src, mode) in [
@@ -1132,6 +1145,17 @@ fn validate_pod(ctx: &mut Ctx, at: &str, pod: &PodSpec) {
                     }
                 }
                 _ => {}
+            }
+        }
+        for (j, ef) in c.env_from.iter().enumerate() {
+            let f = format!("{f}.envFrom[{j}]");
+            if ef.config_map_ref.is_some() == ef.secret_ref.is_some() {
+                ctx.err(&f, "set exactly one of configMapRef or secretRef");
+            }
+            if let Some(p) = &ef.prefix {
+                if !p.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'=') {
+                    ctx.err(format!("{f}.prefix"), "use printable ASCII characters other than '='");
+                }
             }
         }
         if let Some(wd) = &c.working_dir {

@@ -272,6 +272,9 @@ pub enum ProbeAction {
         port: u16,
         path: String,
         headers: Vec<(String, String)>,
+        /// `scheme: HTTPS`: TLS without verifying the certificate, as the kubelet does.
+        #[serde(default, skip_serializing_if = "is_false")]
+        https: bool,
     },
     TcpSocket {
         host: String,

@@ -102,6 +102,31 @@ pub fn missing_references(obj: &Object, src: &impl ConfigSource) -> Vec<Manifest
         })
     };
     for (i, c) in t.spec.containers.iter().enumerate() {
+        for (j, ef) in c.env_from.iter().enumerate() {
+            let f = format!("spec.template.spec.containers[{i}].envFrom[{j}]");
+            if let Some(r) = ef.config_map_ref.as_ref().filter(|r| !r.optional) {
+                if src.config_map(ns, &r.name).is_none() {
+                    err(
+                        format!("{f}.configMapRef.name"),
+                        format!(
+                            "ConfigMap {ns}/{} does not exist: apply it first or in the same command",
+                            r.name
+                        ),
+                    );
+                }
+            }
+            if let Some(r) = ef.secret_ref.as_ref().filter(|r| !r.optional) {
+                if src.secret(ns, &r.name).is_none() {
+                    err(
+                        format!("{f}.secretRef.name"),
+                        format!(
+                            "Secret {ns}/{} does not exist: apply it first or in the same command",
+                            r.name
+                        ),
+                    );
+                }
+            }
+        }
         for (j, e) in c.env.iter().enumerate() {
             let Some(vf) = &e.value_from else { continue };
             let f = format!("spec.template.spec.containers[{i}].env[{j}].valueFrom");
@@ -159,6 +184,16 @@ pub fn missing_references(obj: &Object, src: &impl ConfigSource) -> Vec<Manifest
             }
         }
         if let Some(cm) = &v.config_map {
+            if let Some(c) = src.config_map(ns, &cm.name).filter(|_| !cm.optional) {
+                for (j, it) in cm.items.iter().enumerate() {
+                    if !c.data.contains_key(&it.key) && !c.binary_data.contains_key(&it.key) {
+                        err(
+                            format!("{f}.configMap.items[{j}].key"),
+                            format!("ConfigMap {ns}/{} has no key {:?}", cm.name, it.key),
+                        );
+                    }
+                }
+            }
             if !cm.optional && src.config_map(ns, &cm.name).is_none() {
                 err(
                     format!("{f}.configMap.name"),
@@ -278,17 +313,27 @@ pub fn references(obj: &Object, target: &ObjectId) -> bool {
         return false;
     }
     let name = target.name.as_str();
-    let env_hit = t
+    let env_from_hit = t
         .spec
         .containers
         .iter()
-        .flat_map(|c| &c.env)
-        .filter_map(|e| e.value_from.as_ref())
-        .any(|vf| match target.kind {
-            Kind::ConfigMap => vf.config_map_key_ref.as_ref().is_some_and(|r| r.name == name),
-            Kind::Secret => vf.secret_key_ref.as_ref().is_some_and(|r| r.name == name),
+        .flat_map(|c| &c.env_from)
+        .any(|ef| match target.kind {
+            Kind::ConfigMap => ef.config_map_ref.as_ref().is_some_and(|r| r.name == name),
+            Kind::Secret => ef.secret_ref.as_ref().is_some_and(|r| r.name == name),
             _ => false,
         });
+    let env_hit = env_from_hit
+        || t.spec
+            .containers
+            .iter()
+            .flat_map(|c| &c.env)
+            .filter_map(|e| e.value_from.as_ref())
+            .any(|vf| match target.kind {
+                Kind::ConfigMap => vf.config_map_key_ref.as_ref().is_some_and(|r| r.name == name),
+                Kind::Secret => vf.secret_key_ref.as_ref().is_some_and(|r| r.name == name),
+                _ => false,
+            });
     let vol_hit = t.spec.volumes.iter().any(|v| match target.kind {
         Kind::ConfigMap => v.config_map.as_ref().is_some_and(|c| c.name == name),
         Kind::Secret => v.secret.as_ref().is_some_and(|s| s.secret_name == name),
@@ -377,6 +422,7 @@ fn probe_spec(p: &Probe, c: &Container) -> Option<ProbeSpec> {
                 .iter()
                 .map(|x| (x.name.clone(), x.value.clone()))
                 .collect(),
+            https: h.scheme.as_deref() == Some("HTTPS"),
         }
     } else if let Some(t) = &p.tcp_socket {
         ProbeAction::TcpSocket {
@@ -430,6 +476,20 @@ pub fn render_agent_update(u: &outpost_api::AgentUpdate, revision: u64) -> Workl
     };
     spec.hash = content_hash(&spec);
     spec
+}
+
+/// `items`: only the listed keys, each under its path (a missing key is left out; apply
+/// refuses it unless the volume is optional).
+fn select_items(files: &mut BTreeMap<String, String>, items: &[outpost_api::KeyToPath]) {
+    if items.is_empty() {
+        return;
+    }
+    let all = std::mem::take(files);
+    for it in items {
+        if let Some(v) = all.get(&it.key) {
+            files.insert(it.path.clone(), v.clone());
+        }
+    }
 }
 
 /// How a Job or CronJob runs on its node.
@@ -606,7 +666,21 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
         .containers
         .iter()
         .map(|c| {
-            let env = c
+            let mut env: Vec<(String, String)> = Vec::new();
+            for ef in &c.env_from {
+                let prefix = ef.prefix.clone().unwrap_or_default();
+                if let Some(cm) = ef.config_map_ref.as_ref().and_then(|r| src.config_map(&ns, &r.name)) {
+                    env.extend(cm.data.iter().map(|(k, v)| (format!("{prefix}{k}"), v.clone())));
+                }
+                if let Some(sec) = ef.secret_ref.as_ref().and_then(|r| src.secret(&ns, &r.name)) {
+                    for k in sec.data.keys().chain(sec.string_data.keys()) {
+                        if let Some(b) = secret_value(sec, k) {
+                            env.push((format!("{prefix}{k}"), String::from_utf8_lossy(&b).into_owned()));
+                        }
+                    }
+                }
+            }
+            let explicit: Vec<(String, String)> = c
                 .env
                 .iter()
                 .filter_map(|e| {
@@ -634,6 +708,8 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
                     value.map(|v| (e.name.clone(), v))
                 })
                 .collect();
+            env.retain(|(k, _)| !explicit.iter().any(|(e, _)| e == k));
+            env.extend(explicit);
             let limits = c.resources.as_ref().map(|r| &r.limits);
             ContainerSpec {
                 name: c.name.clone(),
@@ -707,6 +783,7 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
                         files.insert(k.clone(), val.clone());
                     }
                 }
+                select_items(&mut files, &cm.items);
                 VolumeSource::Files {
                     files,
                     secret: false,
@@ -721,6 +798,7 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
                         }
                     }
                 }
+                select_items(&mut files, &s.items);
                 VolumeSource::Files {
                     files,
                     secret: true,
@@ -917,5 +995,29 @@ spec:
         // the same port under another protocol is a different port
         let mut batch = vec![svc("su", "{port: 53, protocol: UDP, nodePort: 30000}")];
         assert!(assign_node_ports(&mut batch, &stored).is_empty());
+    }
+
+    #[test]
+    fn env_from_expands_keys_and_env_wins() {
+        let yaml = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg}\ndata: {A: from-cm, B: from-cm}\n---\n\
+apiVersion: v1\nkind: Secret\nmetadata: {name: sec}\nstringData: {TOKEN: s3cret}\n---\n\
+apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: app}\nspec:\n  template:\n    spec:\n      containers:\n      - name: c\n        image: 'app:1'\n        envFrom: [{configMapRef: {name: cfg}}, {secretRef: {name: sec}, prefix: S_}]\n        env: [{name: B, value: explicit}]\n";
+        let objs: BTreeMap<ObjectId, Object> = parse_file("f.yaml", yaml)
+            .unwrap()
+            .objects
+            .into_iter()
+            .map(|o| (o.id(), o))
+            .collect();
+        let ds = objs.values().find(|o| o.kind() == Kind::DaemonSet).unwrap();
+        let spec = render(ds, 1, &objs).unwrap();
+        let env: BTreeMap<_, _> = spec.containers[0].env.iter().cloned().collect();
+        assert_eq!(env["A"], "from-cm");
+        assert_eq!(env["B"], "explicit");
+        assert_eq!(env["S_TOKEN"], "s3cret");
+        let mut missing = objs.clone();
+        missing.retain(|id, _| id.kind != Kind::Secret);
+        let errors = missing_references(ds, &missing);
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].field.ends_with("envFrom[1].secretRef.name"), "{errors:?}");
     }
 }

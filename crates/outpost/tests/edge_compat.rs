@@ -707,3 +707,57 @@ fn single_box_mode_runs_supervises_rolls_back_and_later_joins_a_hub() {
         "the local workload was not restarted"
     );
 }
+
+#[test]
+fn https_probes_and_config_map_items() {
+    let hub = Hub::start();
+    let token = hub.token(&[]);
+    let agent = hub.join("box-1", &token).running();
+    let port = hub.url.rsplit(':').next().unwrap().trim_end_matches('/').to_string();
+    let m = marker();
+    // the hub itself is an HTTPS server with a certificate the probe cannot verify: an HTTPS
+    // probe passes anyway (as the kubelet's do); configMap items pick and rename keys
+    hub.apply(&format!(
+        "apiVersion: v1
+kind: ConfigMap
+metadata: {{name: cfg}}
+data: {{Corefile: 'a', Other: 'b'}}
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {{name: tls}}
+spec:
+  template:
+    spec:
+      runtimeClassName: process
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: main
+        image: 'app:1'
+        command: [/bin/sleep, '{m}']
+        readinessProbe: {{httpGet: {{scheme: HTTPS, port: {port}, path: /v1/ca}}, periodSeconds: 1}}
+        volumeMounts: [{{name: cfg, mountPath: {dir}/cfg}}]
+      volumes: [{{name: cfg, configMap: {{name: cfg, items: [{{key: Corefile, path: main.conf}}]}}}}]
+",
+        dir = agent.dir.display()
+    ));
+    wait_for("ready through an HTTPS probe", 30.0, || {
+        hub.placement("box-1", "daemonset/default/tls")
+            .filter(|p| p["status"]["ready"] == true)
+    });
+    let files = agent.dir.join("workloads/daemonset_default_tls/volumes/cfg");
+    let mut names: Vec<String> = std::fs::read_dir(&files)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["main.conf"]);
+    assert_eq!(std::fs::read_to_string(files.join("main.conf")).unwrap(), "a");
+    // an item naming a key the ConfigMap lacks is refused at apply
+    let err = hub.apply_err(
+        "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: bad}\nspec:\n  template:\n    spec:\n      containers: [{name: c, image: 'app:1'}]\n      volumes: [{name: v, configMap: {name: cfg, items: [{key: NodeHosts, path: hosts}]}}]\n",
+    );
+    assert!(err.contains("ConfigMap default/cfg has no key \"NodeHosts\""), "{err}");
+}
