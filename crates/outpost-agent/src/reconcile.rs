@@ -224,10 +224,16 @@ impl Reconciler {
             failing: None,
             last_probe_failure: None,
         };
+        let main_running = w.containers.iter().filter(|c| !c.init).any(|c| {
+            self.units
+                .get(&unit_id(&w.key, &c.name))
+                .is_some_and(|u| u.hash == w.hash && u.pid.is_some())
+        });
         for c in &w.containers {
             let id = unit_id(&w.key, &c.name);
             let Some(u) = self.units.get(&id).filter(|u| u.hash == w.hash) else {
-                h.ready = false;
+                // an init container that ran before an agent restart
+                h.ready &= c.init && main_running;
                 continue;
             };
             let probes = self.probes.get(&id).filter(|p| Some(p.pid) == u.pid);
@@ -321,12 +327,36 @@ impl Reconciler {
                 (Some(j), st) if j.cron.is_some() => st.is_some_and(|s| s.active),
                 (Some(_), st) => !st.is_some_and(|s| s.finished(&w.hash)),
             };
+            // Init containers run to completion first; the containers start once all have
+            // succeeded. Containers found running (adopted after an agent restart) mean the
+            // init containers already ran: they are not run again.
+            let unit =
+                |c: &outpost_api::ContainerSpec| self.units.get(&unit_id(&w.key, &c.name)).filter(|u| u.hash == w.hash);
+            let main_running = w
+                .containers
+                .iter()
+                .filter(|c| !c.init)
+                .any(|c| unit(c).is_some_and(|u| u.pid.is_some() || u.starting || u.done.is_some()));
+            let inits_done = w
+                .containers
+                .iter()
+                .filter(|c| c.init)
+                .all(|c| unit(c).is_some_and(|u| u.done == Some(Phase::Succeeded)));
             for c in &w.containers {
+                let (runnable, restart_policy) = if c.init {
+                    let policy = match w.restart_policy {
+                        outpost_api::RestartPolicy::Never => outpost_api::RestartPolicy::Never,
+                        _ => outpost_api::RestartPolicy::OnFailure,
+                    };
+                    (runnable && (unit(c).is_some() || !main_running), policy)
+                } else {
+                    (runnable && (inits_done || main_running), w.restart_policy)
+                };
                 out.insert(
                     unit_id(&w.key, &c.name),
                     DesiredUnit {
                         hash: w.hash.clone(),
-                        restart_policy: w.restart_policy,
+                        restart_policy,
                         grace_ms: (w.grace_seconds * 1000) as i64,
                         runnable,
                     },
@@ -988,9 +1018,17 @@ impl Reconciler {
     }
 
     fn on_exit(&mut self, e: Exit, now: UnixMs) {
-        let (mut policy, backoff_limit) = self
+        let (mut policy, backoff_limit, init) = self
             .lookup(&e.unit)
-            .map(|(w, _)| (w.restart_policy, w.job.as_ref().map(|j| j.backoff_limit)))
+            .map(|(w, i)| {
+                let init = w.containers[i].init;
+                let policy = match (init, w.restart_policy) {
+                    (true, outpost_api::RestartPolicy::Never) => outpost_api::RestartPolicy::Never,
+                    (true, _) => outpost_api::RestartPolicy::OnFailure,
+                    (false, p) => p,
+                };
+                (policy, w.job.as_ref().map(|j| j.backoff_limit), init)
+            })
             .unwrap_or_default();
         if let (Some(limit), Some(u)) = (backoff_limit, self.units.get(&e.unit)) {
             // A Job retries a failed pod until backoffLimit, whatever its restartPolicy.
@@ -1019,7 +1057,7 @@ impl Reconciler {
         let (restarts, hash, reason, phase) = (u.restarts, u.hash.clone(), u.reason.clone(), supervise::phase(u));
         let finished = u.done;
         let _ = self.store.set_unit_restarts(&e.unit, &hash, restarts);
-        if let Some(p) = finished {
+        if let Some(p) = finished.filter(|p| !init || *p == Phase::Failed) {
             self.job_finished(&e.unit, p, now);
         }
         if !intentional {
@@ -1093,8 +1131,18 @@ impl Reconciler {
                     cs
                 })
                 .collect();
-            let phase = supervise::workload_phase(containers.iter().map(|c| c.phase));
-            let ready = !containers.is_empty() && containers.iter().all(|c| c.ready);
+            // Init containers count while they have not all succeeded; then only the containers.
+            let is_init = |c: &ContainerStatus| w.containers.iter().any(|s| s.name == c.name && s.init);
+            let main_started = containers.iter().any(|c| !is_init(c) && c.pid.is_some());
+            let inits_pending = !main_started && containers.iter().any(|c| is_init(c) && c.phase != Phase::Succeeded);
+            let phase = supervise::workload_phase(
+                containers
+                    .iter()
+                    .filter(|c| inits_pending || !is_init(c))
+                    .map(|c| c.phase),
+            );
+            let ready =
+                containers.iter().any(|c| !is_init(c)) && containers.iter().filter(|c| !is_init(c)).all(|c| c.ready);
             out.insert(
                 w.key.clone(),
                 WorkloadStatus {

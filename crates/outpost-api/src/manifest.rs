@@ -137,6 +137,10 @@ pub struct TemplateMeta {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PodSpec {
     pub containers: Vec<Container>,
+    /// Run to completion, in order, before the containers start; one with
+    /// `restartPolicy: Always` is a sidecar that runs beside them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub init_containers: Vec<Container>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<Volume>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -305,6 +309,9 @@ pub struct Container {
     pub readiness_probe: Option<Probe>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security_context: Option<SecurityContext>,
+    /// Init containers only: `Always` makes a sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_policy: Option<String>,
     /// Accepted with a warning: the agent keeps the last log lines instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub termination_message_path: Option<String>,

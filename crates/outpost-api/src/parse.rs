@@ -1023,8 +1023,29 @@ fn validate_pod(ctx: &mut Ctx, at: &str, pod: &PodSpec) {
         }
     }
     let mut names = BTreeSet::new();
-    for (i, c) in pod.containers.iter().enumerate() {
-        let f = format!("{at}.containers[{i}]");
+    let all = pod
+        .containers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!("{at}.containers[{i}]"), c, false))
+        .chain(
+            pod.init_containers
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (format!("{at}.initContainers[{i}]"), c, true)),
+        );
+    for (f, c, init) in all {
+        match (init, c.restart_policy.as_deref()) {
+            (_, None) | (true, Some("Always")) => {}
+            (true, Some(other)) => ctx.err(
+                format!("{f}.restartPolicy"),
+                format!("{other:?}: an init container's restartPolicy can only be Always (a sidecar)"),
+            ),
+            (false, Some(_)) => ctx.err(
+                format!("{f}.restartPolicy"),
+                "only init containers have a restartPolicy (Always: a sidecar); set the pod's",
+            ),
+        }
         if !is_dns_label(&c.name) {
             ctx.err(
                 format!("{f}.name"),

@@ -310,6 +310,10 @@ pub struct ContainerSpec {
     /// Environment variables the node fills in (the downward API's node-side fields).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub node_env: Vec<(String, NodeField)>,
+    /// An init container: runs to completion (restarted on failure) before the containers
+    /// start. A sidecar (`restartPolicy: Always`) is an ordinary container.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub init: bool,
 }
 
 /// When the agent fetches a container's image (Kubernetes' meaning; the default is Always for

@@ -101,9 +101,9 @@ pub fn missing_references(obj: &Object, src: &impl ConfigSource) -> Vec<Manifest
             reason,
         })
     };
-    for (i, c) in t.spec.containers.iter().enumerate() {
+    for (cf, c) in outpost_api::checks::all_containers("spec.template.spec", &t.spec) {
         for (j, ef) in c.env_from.iter().enumerate() {
-            let f = format!("spec.template.spec.containers[{i}].envFrom[{j}]");
+            let f = format!("{cf}.envFrom[{j}]");
             if let Some(r) = ef.config_map_ref.as_ref().filter(|r| !r.optional) {
                 if src.config_map(ns, &r.name).is_none() {
                     err(
@@ -129,7 +129,7 @@ pub fn missing_references(obj: &Object, src: &impl ConfigSource) -> Vec<Manifest
         }
         for (j, e) in c.env.iter().enumerate() {
             let Some(vf) = &e.value_from else { continue };
-            let f = format!("spec.template.spec.containers[{i}].env[{j}].valueFrom");
+            let f = format!("{cf}.env[{j}].valueFrom");
             if let Some(r) = &vf.config_map_key_ref {
                 match src.config_map(ns, &r.name) {
                     Some(cm) if cm.data.contains_key(&r.key) || r.optional => {}
@@ -327,6 +327,7 @@ pub fn references(obj: &Object, target: &ObjectId) -> bool {
         || t.spec
             .containers
             .iter()
+            .chain(&t.spec.init_containers)
             .flat_map(|c| &c.env)
             .filter_map(|e| e.value_from.as_ref())
             .any(|vf| match target.kind {
@@ -662,106 +663,111 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
         Some("Never") => RestartPolicy::Never,
         _ => RestartPolicy::Always,
     };
-    let mut containers: Vec<ContainerSpec> = pod
-        .containers
-        .iter()
-        .map(|c| {
-            let mut env: Vec<(String, String)> = Vec::new();
-            for ef in &c.env_from {
-                let prefix = ef.prefix.clone().unwrap_or_default();
-                if let Some(cm) = ef.config_map_ref.as_ref().and_then(|r| src.config_map(&ns, &r.name)) {
-                    env.extend(cm.data.iter().map(|(k, v)| (format!("{prefix}{k}"), v.clone())));
-                }
-                if let Some(sec) = ef.secret_ref.as_ref().and_then(|r| src.secret(&ns, &r.name)) {
-                    for k in sec.data.keys().chain(sec.string_data.keys()) {
-                        if let Some(b) = secret_value(sec, k) {
-                            env.push((format!("{prefix}{k}"), String::from_utf8_lossy(&b).into_owned()));
-                        }
+    let to_spec = |c: &Container| {
+        let mut env: Vec<(String, String)> = Vec::new();
+        for ef in &c.env_from {
+            let prefix = ef.prefix.clone().unwrap_or_default();
+            if let Some(cm) = ef.config_map_ref.as_ref().and_then(|r| src.config_map(&ns, &r.name)) {
+                env.extend(cm.data.iter().map(|(k, v)| (format!("{prefix}{k}"), v.clone())));
+            }
+            if let Some(sec) = ef.secret_ref.as_ref().and_then(|r| src.secret(&ns, &r.name)) {
+                for k in sec.data.keys().chain(sec.string_data.keys()) {
+                    if let Some(b) = secret_value(sec, k) {
+                        env.push((format!("{prefix}{k}"), String::from_utf8_lossy(&b).into_owned()));
                     }
                 }
             }
-            let explicit: Vec<(String, String)> = c
+        }
+        let explicit: Vec<(String, String)> = c
+            .env
+            .iter()
+            .filter_map(|e| {
+                let value = match (&e.value, &e.value_from) {
+                    (Some(v), _) => Some(v.clone()),
+                    (None, Some(vf)) if vf.field_ref.is_some() || vf.resource_field_ref.is_some() => {
+                        match downward(vf, c, pod, t.metadata.as_ref(), &ns, runtime) {
+                            Downward::Value(v) => Some(v),
+                            Downward::Node(_) | Downward::Unknown => None,
+                        }
+                    }
+                    (None, Some(vf)) => {
+                        if let Some(r) = &vf.config_map_key_ref {
+                            src.config_map(&ns, &r.name).and_then(|cm| cm.data.get(&r.key).cloned())
+                        } else if let Some(r) = &vf.secret_key_ref {
+                            src.secret(&ns, &r.name)
+                                .and_then(|s| secret_value(s, &r.key))
+                                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                        } else {
+                            None
+                        }
+                    }
+                    (None, None) => Some(String::new()),
+                };
+                value.map(|v| (e.name.clone(), v))
+            })
+            .collect();
+        env.retain(|(k, _)| !explicit.iter().any(|(e, _)| e == k));
+        env.extend(explicit);
+        let limits = c.resources.as_ref().map(|r| &r.limits);
+        ContainerSpec {
+            name: c.name.clone(),
+            image: c.image.clone(),
+            image_pull_policy: pull_policy(c),
+            command: c.command.clone(),
+            args: c.args.clone(),
+            env,
+            working_dir: c.working_dir.clone(),
+            ports: c
+                .ports
+                .iter()
+                .map(|p| PortSpec {
+                    container_port: p.container_port,
+                    host_port: p.host_port,
+                    protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                })
+                .collect(),
+            cpu_millis: limits.and_then(|l| l.get("cpu")).and_then(|v| parse_cpu(v).ok()),
+            memory_bytes: limits.and_then(|l| l.get("memory")).and_then(|v| parse_memory(v).ok()),
+            mounts: c
+                .volume_mounts
+                .iter()
+                .map(|m| MountSpec {
+                    volume: m.name.clone(),
+                    path: m.mount_path.clone(),
+                    read_only: m.read_only,
+                })
+                .collect(),
+            startup_probe: c.startup_probe.as_ref().and_then(|p| probe_spec(p, c)),
+            liveness_probe: c.liveness_probe.as_ref().and_then(|p| probe_spec(p, c)),
+            readiness_probe: c.readiness_probe.as_ref().and_then(|p| probe_spec(p, c)),
+            security: security_spec(pod, c),
+            node_env: c
                 .env
                 .iter()
+                .filter(|e| e.value.is_none())
                 .filter_map(|e| {
-                    let value = match (&e.value, &e.value_from) {
-                        (Some(v), _) => Some(v.clone()),
-                        (None, Some(vf)) if vf.field_ref.is_some() || vf.resource_field_ref.is_some() => {
-                            match downward(vf, c, pod, t.metadata.as_ref(), &ns, runtime) {
-                                Downward::Value(v) => Some(v),
-                                Downward::Node(_) | Downward::Unknown => None,
-                            }
-                        }
-                        (None, Some(vf)) => {
-                            if let Some(r) = &vf.config_map_key_ref {
-                                src.config_map(&ns, &r.name).and_then(|cm| cm.data.get(&r.key).cloned())
-                            } else if let Some(r) = &vf.secret_key_ref {
-                                src.secret(&ns, &r.name)
-                                    .and_then(|s| secret_value(s, &r.key))
-                                    .map(|b| String::from_utf8_lossy(&b).into_owned())
-                            } else {
-                                None
-                            }
-                        }
-                        (None, None) => Some(String::new()),
-                    };
-                    value.map(|v| (e.name.clone(), v))
+                    let vf = e.value_from.as_ref()?;
+                    match downward(vf, c, pod, t.metadata.as_ref(), &ns, runtime) {
+                        Downward::Node(f) => Some((e.name.clone(), f)),
+                        _ => None,
+                    }
                 })
-                .collect();
-            env.retain(|(k, _)| !explicit.iter().any(|(e, _)| e == k));
-            env.extend(explicit);
-            let limits = c.resources.as_ref().map(|r| &r.limits);
-            ContainerSpec {
-                name: c.name.clone(),
-                image: c.image.clone(),
-                image_pull_policy: pull_policy(c),
-                command: c.command.clone(),
-                args: c.args.clone(),
-                env,
-                working_dir: c.working_dir.clone(),
-                ports: c
-                    .ports
-                    .iter()
-                    .map(|p| PortSpec {
-                        container_port: p.container_port,
-                        host_port: p.host_port,
-                        protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
-                    })
-                    .collect(),
-                cpu_millis: limits.and_then(|l| l.get("cpu")).and_then(|v| parse_cpu(v).ok()),
-                memory_bytes: limits.and_then(|l| l.get("memory")).and_then(|v| parse_memory(v).ok()),
-                mounts: c
-                    .volume_mounts
-                    .iter()
-                    .map(|m| MountSpec {
-                        volume: m.name.clone(),
-                        path: m.mount_path.clone(),
-                        read_only: m.read_only,
-                    })
-                    .collect(),
-                startup_probe: c.startup_probe.as_ref().and_then(|p| probe_spec(p, c)),
-                liveness_probe: c.liveness_probe.as_ref().and_then(|p| probe_spec(p, c)),
-                readiness_probe: c.readiness_probe.as_ref().and_then(|p| probe_spec(p, c)),
-                security: security_spec(pod, c),
-                node_env: c
-                    .env
-                    .iter()
-                    .filter(|e| e.value.is_none())
-                    .filter_map(|e| {
-                        let vf = e.value_from.as_ref()?;
-                        match downward(vf, c, pod, t.metadata.as_ref(), &ns, runtime) {
-                            Downward::Node(f) => Some((e.name.clone(), f)),
-                            _ => None,
-                        }
-                    })
-                    .collect(),
-            }
-        })
-        .collect();
+                .collect(),
+            init: false,
+        }
+    };
+    let mut containers: Vec<ContainerSpec> = pod.containers.iter().map(to_spec).collect();
     if runtime == Runtime::Docker {
         let empty = outpost_api::Labels::new();
         let labels = t.metadata.as_ref().map_or(&empty, |m| &m.labels);
         apply_node_ports(&mut containers, labels, pod, &ns, src);
+    }
+    // Init containers after the containers (node ports pair containers by position); a sidecar
+    // (restartPolicy: Always) is an ordinary container.
+    for c in &pod.init_containers {
+        let mut spec = to_spec(c);
+        spec.init = c.restart_policy.as_deref() != Some("Always");
+        containers.push(spec);
     }
     let volumes = pod
         .volumes

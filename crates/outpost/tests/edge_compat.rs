@@ -761,3 +761,52 @@ spec:
     );
     assert!(err.contains("ConfigMap default/cfg has no key \"NodeHosts\""), "{err}");
 }
+
+#[test]
+fn init_containers_run_first_and_not_again_after_an_agent_restart() {
+    let hub = Hub::start();
+    let token = hub.token(&[]);
+    let mut agent = hub.join("box-1", &token).running();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let m = marker();
+    hub.apply(&format!(
+        "apiVersion: apps/v1
+kind: DaemonSet
+metadata: {{name: ordered}}
+spec:
+  template:
+    spec:
+      runtimeClassName: process
+      terminationGracePeriodSeconds: 1
+      initContainers:
+      - name: prepare
+        image: 'app:1'
+        command: [/bin/sh, -c, 'sleep 1; echo prepared >> {d}/order']
+      containers:
+      - name: main
+        image: 'app:1'
+        command: [/bin/sh, -c, 'cat {d}/order > {d}/seen; exec /bin/sleep {m}']
+"
+    ));
+    let pid = wait_for("the container started after its init container", 30.0, || {
+        pids_with_cmdline(&["/bin/sleep", &m]).first().copied()
+    });
+    assert_eq!(std::fs::read_to_string(dir.path().join("seen")).unwrap(), "prepared\n");
+    wait_for("ready", 30.0, || {
+        hub.placement("box-1", "daemonset/default/ordered")
+            .filter(|p| p["status"]["ready"] == true)
+    });
+    agent.kill9();
+    agent.start();
+    wait_for("the agent adopted the container", 30.0, || {
+        agent.log().contains("re-adopted running process").then_some(())
+    });
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(pids_with_cmdline(&["/bin/sleep", &m]), vec![pid]);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("order")).unwrap(),
+        "prepared\n",
+        "the init container did not run again"
+    );
+}
