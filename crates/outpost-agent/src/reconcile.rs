@@ -342,13 +342,17 @@ impl Reconciler {
                 .iter()
                 .filter(|c| c.init)
                 .all(|c| unit(c).is_some_and(|u| u.done == Some(Phase::Succeeded)));
+            // init containers run one after the other, in declaration order
+            let mut earlier_done = true;
             for c in &w.containers {
                 let (runnable, restart_policy) = if c.init {
                     let policy = match w.restart_policy {
                         outpost_api::RestartPolicy::Never => outpost_api::RestartPolicy::Never,
                         _ => outpost_api::RestartPolicy::OnFailure,
                     };
-                    (runnable && (unit(c).is_some() || !main_running), policy)
+                    let turn = unit(c).is_some() || (!main_running && earlier_done);
+                    earlier_done &= unit(c).is_some_and(|u| u.done == Some(Phase::Succeeded));
+                    (runnable && turn, policy)
                 } else {
                     (runnable && (inits_done || main_running), w.restart_policy)
                 };

@@ -783,6 +783,9 @@ spec:
       - name: prepare
         image: 'app:1'
         command: [/bin/sh, -c, 'sleep 1; echo prepared >> {d}/order']
+      - name: then
+        image: 'app:1'
+        command: [/bin/sh, -c, 'echo then >> {d}/order']
       containers:
       - name: main
         image: 'app:1'
@@ -792,7 +795,10 @@ spec:
     let pid = wait_for("the container started after its init container", 30.0, || {
         pids_with_cmdline(&["/bin/sleep", &m]).first().copied()
     });
-    assert_eq!(std::fs::read_to_string(dir.path().join("seen")).unwrap(), "prepared\n");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("seen")).unwrap(),
+        "prepared\nthen\n"
+    );
     wait_for("ready", 30.0, || {
         hub.placement("box-1", "daemonset/default/ordered")
             .filter(|p| p["status"]["ready"] == true)
@@ -806,7 +812,7 @@ spec:
     assert_eq!(pids_with_cmdline(&["/bin/sleep", &m]), vec![pid]);
     assert_eq!(
         std::fs::read_to_string(dir.path().join("order")).unwrap(),
-        "prepared\n",
+        "prepared\nthen\n",
         "the init container did not run again"
     );
 }
