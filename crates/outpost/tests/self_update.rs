@@ -17,6 +17,11 @@ fn digest(p: &Path) -> String {
 
 /// Agents of this data dir (the first one and any the watchdog started), by /proc.
 fn agent_pids(data: &Path) -> Vec<u32> {
+    pids_of(data, false)
+}
+
+/// Agents, and with `watchdogs` the update watchdogs too, of this data dir.
+fn pids_of(data: &Path, watchdogs: bool) -> Vec<u32> {
     let needle = data.display().to_string();
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -30,7 +35,9 @@ fn agent_pids(data: &Path) -> Vec<u32> {
             .split(|b| *b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        if args.iter().any(|a| a == "run") && args.contains(&needle) {
+        // the watchdog carries the agent's arguments too: it is not an agent
+        let watchdog = args.iter().any(|a| a == "update-watchdog");
+        if (watchdogs || !watchdog) && args.iter().any(|a| a == "run") && args.contains(&needle) {
             out.push(pid);
         }
     }
@@ -49,7 +56,7 @@ impl Drop for Cleanup {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for pid in agent_pids(&self.data) {
+        for pid in pids_of(&self.data, true) {
             // SAFETY: kill(2) of agents this test started.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
