@@ -91,7 +91,13 @@ impl Box_ {
             ])
             .output()
             .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        if !o.status.success() {
+            let _ = sh(&format!("docker rm -f {name}"));
+            panic!(
+                "cannot start the systemd container: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
         let b = Box_ { name };
         wait_for("systemd is up in the container", 60.0, || {
             let s = b.exec(&["systemctl", "is-system-running"]);
