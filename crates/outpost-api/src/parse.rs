@@ -651,6 +651,12 @@ fn validate_job(ctx: &mut Ctx, at: &str, j: &JobSpec) {
             "accepted but not used: every failed run counts against backoffLimit",
         );
     }
+    if j.active_deadline_seconds.is_some() {
+        ctx.warn(
+            format!("{at}.activeDeadlineSeconds"),
+            "accepted but not enforced: a run is not stopped after this long",
+        );
+    }
     if j.ttl_seconds_after_finished.is_some() {
         ctx.warn(
             format!("{at}.ttlSecondsAfterFinished"),
