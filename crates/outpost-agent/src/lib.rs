@@ -3,18 +3,23 @@
 //!
 //! Owns: the node's identity (`identity`), its durable state (`store`), the process runtime
 //! (`runtime`), the reconcile loop that executes `outpost-core`'s supervision decisions
-//! (`reconcile`), the link to the hub (`sync`), and monitoring: vital signs (`vitals`), alerts
+//! (`reconcile`), the link to the hub (`sync`), image prefetch before maintenance windows
+//! (`prefetch`), and monitoring: vital signs (`vitals`), alerts
 //! evaluated on the node (`alerts`), workload log rotation, error forwarding and log requests
-//! (`logs`).
+//! (`logs`), and the edge data pipeline: MQTT broker, HTTP ingest, stream rules, sinks
+//! (`pipeline`) over the durable spool (`spool`).
 //!
-//! Must never: need the hub to start, restart or keep a workload; listen on a port (agents only
-//! dial out); act on a desired state before it is persisted; run two processes for one unit.
+//! Must never: need the hub to start, restart or keep a workload; open a port to the WAN (agents
+//! dial out; the pipeline's listeners bind to loopback unless told otherwise); acknowledge a
+//! pipeline record before it is in the spool; act on a desired state before it is persisted;
+//! run two processes for one unit.
 //!
 //! Start-up order (`run`): open the store (quarantine it if corrupt, restore a new one from its
-//! export; see `store`) -> load the last desired state -> adopt processes that survived an agent
-//! restart -> start what is missing -> only then try the hub. When the store is new and nothing
-//! could be restored, adopted processes and containers are kept running, not stopped, until the
-//! hub's first answer says what should run.
+//! export; see `store`) -> load the last desired state -> bind the pipeline's listeners
+//! (loopback by default; workloads are told where they are) -> adopt processes that survived an
+//! agent restart -> start what is missing -> only then try the hub. When the store is new and
+//! nothing could be restored, adopted processes and containers are kept running, not stopped,
+//! until the hub's first answer says what should run.
 
 pub mod alerts;
 pub mod docker;
@@ -22,12 +27,16 @@ pub mod identity;
 pub mod images;
 pub mod jobs;
 pub mod local;
+pub mod lock;
 pub mod logs;
+pub mod pipeline;
+pub mod prefetch;
 pub mod probe;
 pub mod reconcile;
 pub mod runtime;
 pub mod security;
 pub mod selfupdate;
+pub mod spool;
 pub mod store;
 pub mod sync;
 pub mod vitals;
@@ -59,6 +68,8 @@ pub struct RunOptions {
     pub name: Option<String>,
     /// The node's labels when it has not joined a hub (local workloads select by them).
     pub labels: outpost_api::Labels,
+    /// The edge data pipeline's listeners and spool budget.
+    pub pipeline: pipeline::Options,
 }
 
 /// Stop every workload the agent of `data_dir` runs (processes: SIGTERM, SIGKILL after 10 s;
@@ -143,6 +154,15 @@ fn report_recovery(store: &store::Store, r: &store::Recovery, desired: &store::D
 /// Run the agent until `shutdown` resolves.
 pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
+    // Before anything else: no second agent here, and no child of a killed one still between
+    // fork and exec, where the scan for our processes could not see it (see `lock`).
+    std::fs::create_dir_all(&o.data_dir)
+        .with_context(|| format!("cannot create the data dir {}", o.data_dir.display()))?;
+    let data_dir = o.data_dir.clone();
+    let _lock = tokio::task::spawn_blocking(move || lock::acquire(&data_dir, lock::WAIT))
+        .await
+        .context("the agent lock task failed")?
+        .map_err(anyhow::Error::msg)?;
     let identity = if Identity::exists(&o.data_dir) || o.manifests.is_none() {
         let mut identity = Identity::load(&o.data_dir).map_err(anyhow::Error::msg)?;
         if let Some(h) = &o.hub {
@@ -150,8 +170,6 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
         }
         Some(identity)
     } else {
-        std::fs::create_dir_all(&o.data_dir)
-            .with_context(|| format!("cannot create the data dir {}", o.data_dir.display()))?;
         None
     };
     let node = identity
@@ -178,6 +196,7 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
 
     let rt = runtime::Runtime::new(&o.data_dir, &node);
     let agent_id = rt.agent_id.clone();
+    let agent_id_for_prefetch = agent_id.clone();
     let client = match identity {
         Some(id) => Some(Arc::new(sync::HubClient::new(id, o.data_dir.clone())?)),
         None => None,
@@ -186,6 +205,21 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
         .docker_socket
         .clone()
         .unwrap_or_else(|| docker::DEFAULT_SOCKET.to_string());
+    let socket_for_prefetch = socket.clone();
+    // The edge data pipeline: listeners on loopback by default, streams from the persisted
+    // pipelines (docs/pipeline.md).
+    let pipelines = pipeline::start(
+        o.data_dir.clone(),
+        node.clone(),
+        o.pipeline.clone(),
+        Some(pipeline::Events {
+            store: store.clone(),
+            outbox: outbox.clone(),
+        }),
+        client.clone(),
+        stop_rx.clone(),
+    )
+    .await;
     let mut reconciler = reconcile::Reconciler::new(rt, store.clone(), desired, status_tx, client.clone(), socket)
         .hold_until_synced(hold);
     if let Some(dir) = &o.manifests {
@@ -207,6 +241,7 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
     let (policy_tx, policy_rx) = watch::channel(alerts::load_policy(&store));
     let (vitals_tx, vitals_rx) = watch::channel(None);
     let (logreq_tx, logreq_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (prefetch_tx, prefetch_rx) = tokio::sync::mpsc::unbounded_channel();
     let errors_ready = Arc::new(tokio::sync::Notify::new());
     let mon_cfg = alerts::MonitorConfig::from_env();
     let monitor = alerts::MonitorLink {
@@ -214,6 +249,7 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
         vitals: vitals_rx,
         outbox: outbox.clone(),
         log_requests: logreq_tx,
+        prefetch: prefetch_tx,
         store: store.clone(),
         report_every: mon_cfg.report_every,
         max_silence_ms: mon_cfg.max_silence_ms,
@@ -240,6 +276,7 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
     let mut tasks = vec![m1, m2];
     // Without a hub nothing sends a desired state, but the reconciler's channel stays open.
     let mut _hub_desired = None;
+    let mut _local_pipelines = None;
     match client {
         Some(client) => {
             tasks.push(tokio::spawn(logs::forward_loop(
@@ -253,6 +290,13 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
                 o.data_dir.clone(),
                 logreq_rx,
             )));
+            tasks.push(tokio::spawn(prefetch::prefetch_loop(
+                client.clone(),
+                o.data_dir.clone(),
+                socket_for_prefetch,
+                agent_id_for_prefetch,
+                prefetch_rx,
+            )));
             tasks.push(tokio::spawn(selfupdate::update_loop(
                 client.clone(),
                 o.data_dir.clone(),
@@ -265,6 +309,7 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
                 store.clone(),
                 desired_tx,
                 monitor.clone(),
+                Some(pipelines),
                 stop_rx.clone(),
             )));
             tasks.push(tokio::spawn(sync::status_loop(
@@ -272,9 +317,11 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
             )));
         }
         None => {
-            // No hub: the status is kept on the node, in <data-dir>/status.json.
+            // No hub: the status is kept on the node, in <data-dir>/status.json; the pipelines
+            // persisted from an earlier hub keep running.
             _hub_desired = Some(desired_tx);
-            drop((logreq_rx, errors_ready, monitor, started, desired_rx));
+            _local_pipelines = Some(pipelines);
+            drop((logreq_rx, prefetch_rx, errors_ready, monitor, started, desired_rx));
             tasks.push(tokio::spawn(local_status_loop(
                 o.data_dir.join("status.json"),
                 status_rx,

@@ -553,7 +553,7 @@ pub fn read_logs(data_dir: &Path, req: &LogRequest, now: UnixMs) -> LogData {
         };
     }
     // Newest first: the live file, then segments from the newest, until enough is collected.
-    let since = req.since_secs.map(|s| now - s as i64 * 1000);
+    let since = req.since_secs.map(|s| outpost_api::ms_before(now, s));
     let (_, segs) = inventory(data_dir);
     let mut sources: Vec<PathBuf> = vec![live.clone()];
     sources.extend(

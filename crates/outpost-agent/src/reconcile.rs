@@ -479,7 +479,9 @@ impl Reconciler {
     }
 
     /// Start a container in a task: the image may have to be fetched first.
-    fn start_container(&mut self, unit: &str, w: WorkloadSpec, c: outpost_api::ContainerSpec) {
+    fn start_container(&mut self, unit: &str, w: WorkloadSpec, mut c: outpost_api::ContainerSpec) {
+        // Where to publish data, when the pipeline's listeners are reachable from a container.
+        crate::pipeline::add_container_env(&self.rt.data_dir, &mut c.env);
         let volumes = match self.rt.prepare_volumes(&w) {
             Ok(v) => v,
             Err(reason) => return self.start_failed(unit, &w, &c, reason, now_ms()),

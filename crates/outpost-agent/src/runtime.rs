@@ -265,6 +265,8 @@ impl Runtime {
                 env.push((var, p.display().to_string()));
             }
         }
+        // Where to publish data: the agent's MQTT broker and HTTP ingest (docs/pipeline.md).
+        env.extend(crate::pipeline::workload_env(&self.data_dir));
         env.extend(c.env.iter().cloned());
         env.extend(crate::security::node_env(&self.node, w, c));
         env.push((ENV_AGENT.into(), self.agent_id.clone()));

@@ -31,7 +31,7 @@ use crate::store::{Desired, Store};
 /// Failures talking to the hub. None of them stop the node's workloads.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("hub unreachable: {0}")]
+    #[error("hub unreachable: {}", transport_text(.0))]
     Transport(#[from] reqwest::Error),
     #[error("hub answered {status} {code}: {message}")]
     Hub { status: u16, code: String, message: String },
@@ -57,6 +57,31 @@ impl LinkError {
 
 /// The hub's code for a request made with an expired node certificate.
 const CERTIFICATE_EXPIRED: &str = "certificate_expired";
+
+/// A transport error with its whole cause chain (reqwest's own text names only the URL), and
+/// what to do when the cause is this node's clock: a hub certificate "not valid yet" or
+/// "expired" by the node's clock means the clock is wrong, not the hub.
+pub fn transport_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = err.source();
+    }
+    let mut out = parts.join(": ");
+    // The rustls error arrives re-wrapped by the HTTP layers (it cannot be downcast); its text
+    // is stable: "invalid peer certificate: certificate not valid yet|expired: ...".
+    if out.contains("certificate not valid yet") || out.contains("invalid peer certificate: certificate expired") {
+        out.push_str(&format!(
+            "; this node's clock reads {} (Unix seconds, UTC): if that is wrong, fix the clock (NTP, or `date -s`); the hub's certificate is fine",
+            outpost_api::now_ms() / 1000
+        ));
+    }
+    out
+}
 
 /// The status heartbeat: 5 min with ±20 % jitter (so a fleet that changed at one instant does
 /// not report in lockstep ever after). Liveness comes from the long-poll, and every change,
@@ -136,12 +161,22 @@ impl HubClient {
 
     /// One long-poll carrying the hash of the alert policy the node holds; the answer may add
     /// a new policy and log requests (`SyncAnswer`, docs/protocol.md §9).
-    pub async fn sync_with(&self, generation: u64, policy_hash: &str) -> Result<Option<SyncAnswer>, LinkError> {
+    pub async fn sync_with(
+        &self,
+        generation: u64,
+        policy_hash: &str,
+        pipelines_hash: Option<&str>,
+    ) -> Result<Option<SyncAnswer>, LinkError> {
         let url = self.url("sync").await;
+        let generation = generation.to_string();
+        let mut query = vec![("generation", generation.as_str()), ("policy", policy_hash)];
+        if let Some(h) = pipelines_hash {
+            query.push(("pipelines", h));
+        }
         let http = self.http.read().await.clone();
         let resp = check(
             http.get(url)
-                .query(&[("generation", generation.to_string().as_str()), ("policy", policy_hash)])
+                .query(&query)
                 .header(PROTOCOL_HEADER, PROTOCOL)
                 .send()
                 .await?,
@@ -166,6 +201,26 @@ impl HubClient {
             .header(PROTOCOL_HEADER, PROTOCOL)
             .timeout(Duration::from_secs(30))
             .json(body)
+            .send()
+            .await?;
+        Ok(check(resp).await?.json().await?)
+    }
+
+    /// POST a zstd-compressed JSON body to one of this node's routes (pipeline records).
+    pub async fn post_compressed<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<T, LinkError> {
+        let url = self.url(path).await;
+        let http = self.http.read().await.clone();
+        let resp = http
+            .post(url)
+            .header(PROTOCOL_HEADER, PROTOCOL)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::CONTENT_ENCODING, "zstd")
+            .timeout(Duration::from_secs(60))
+            .body(body)
             .send()
             .await?;
         Ok(check(resp).await?.json().await?)
@@ -376,19 +431,22 @@ pub async fn sync_loop(
     store: Arc<Store>,
     desired_tx: watch::Sender<Arc<Desired>>,
     monitor: crate::alerts::MonitorLink,
+    pipelines: Option<crate::pipeline::SyncLink>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(retry::HUB_LINK);
     // Local save failures (a full disk) retry on their own, shorter schedule.
     let mut save_backoff = Backoff::new(retry::STATE_WRITE);
     let mut connected = false;
+    let mut last_warned: Option<std::time::Instant> = None;
     let mut upkeep = CertUpkeep::default();
     loop {
         let renew_in = keep_certificate(&client, &mut upkeep).await.unwrap_or(Duration::MAX);
         let held = desired_tx.borrow().clone();
         let policy_hash = monitor.policy_hash();
+        let pipelines_hash = pipelines.as_ref().map(|p| p.hash());
         let result = tokio::select! {
-            r = client.sync_with(held.generation, &policy_hash) => r,
+            r = client.sync_with(held.generation, &policy_hash, pipelines_hash.as_deref()) => r,
             // Renewal is due during the long-poll: renew, then poll again.
             _ = tokio::time::sleep(renew_in.min(Duration::from_secs(86_400))), if renew_in < Duration::MAX => continue,
             _ = shutdown.changed() => return,
@@ -399,6 +457,15 @@ pub async fn sync_loop(
             answer.and_then(|a| {
                 for r in a.log_requests {
                     let _ = monitor.log_requests.send(r);
+                }
+                if !a.prefetch.is_empty() {
+                    let _ = monitor.prefetch.send(a.prefetch);
+                }
+                // Pipelines are persisted before they run (pipeline::SyncLink::set).
+                if let (Some(p), Some(link)) = (a.pipelines, &pipelines) {
+                    if let Err(e) = link.set(p) {
+                        warn!(error = %e, "cannot persist the new pipelines; keeping the old ones");
+                    }
                 }
                 if let Some(p) = a.alert_policy {
                     if let Err(e) = monitor.set_policy(p) {
@@ -443,8 +510,17 @@ pub async fn sync_loop(
                 } else {
                     crate::retry_delay(&mut backoff)
                 };
-                if connected || e.is_fatal() {
-                    warn!(error = %e, retry_in = ?d, "lost the hub; workloads keep running from local state");
+                // Said at warn level when the link is lost, when the hub has not been reached since
+                // the agent started, and every 10 minutes while it stays unreachable.
+                let due = last_warned.is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(600));
+                if connected || e.is_fatal() || due {
+                    let what = if connected {
+                        "lost the hub; workloads keep running from local state"
+                    } else {
+                        "cannot reach the hub; workloads keep running from local state"
+                    };
+                    warn!(error = %e, retry_in = ?d, "{what}");
+                    last_warned = Some(std::time::Instant::now());
                 } else {
                     debug!(error = %e, retry_in = ?d, "hub still unreachable");
                 }

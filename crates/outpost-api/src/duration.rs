@@ -58,6 +58,13 @@ pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
 }
 
 /// `90s`, `5m`, `2h`, `3d`: coarse, for tables and messages. Negative values count as 0.
+/// The instant `secs` seconds before `now` (Unix ms), for `since`-style parameters that come
+/// from outside: saturates instead of overflowing, however large `secs` is.
+pub fn ms_before(now: i64, secs: u64) -> i64 {
+    let ms = i64::try_from(secs).unwrap_or(i64::MAX).saturating_mul(1000);
+    now.saturating_sub(ms)
+}
+
 pub fn human_duration(ms: i64) -> String {
     let s = ms.max(0) / 1000;
     match s {
@@ -123,5 +130,12 @@ mod tests {
         ] {
             assert_eq!(human_duration(ms), text, "{ms}");
         }
+    }
+
+    #[test]
+    fn ms_before_saturates() {
+        assert_eq!(ms_before(10_000, 3), 7_000);
+        assert_eq!(ms_before(10_000, u64::MAX), 10_000 - i64::MAX);
+        assert_eq!(ms_before(0, 17_730_071_656_886_478), -i64::MAX);
     }
 }

@@ -845,6 +845,8 @@ pub enum Object {
     PersistentVolumeClaim(PersistentVolumeClaim),
     Namespace(Namespace),
     AgentUpdate(AgentUpdate),
+    RolloutPolicy(crate::rollout::RolloutPolicy),
+    Pipeline(crate::pipeline::Pipeline),
 }
 
 /// The kinds outpost stores.
@@ -861,6 +863,8 @@ pub enum Kind {
     PersistentVolumeClaim,
     Namespace,
     AgentUpdate,
+    RolloutPolicy,
+    Pipeline,
 }
 
 impl Kind {
@@ -877,6 +881,8 @@ impl Kind {
             Kind::PersistentVolumeClaim => "PersistentVolumeClaim",
             Kind::Namespace => "Namespace",
             Kind::AgentUpdate => "AgentUpdate",
+            Kind::RolloutPolicy => "RolloutPolicy",
+            Kind::Pipeline => "Pipeline",
         }
     }
     /// Accepts `deployment`, `deployments`, `deploy`, `Deployment`, `daemonset`, `ds`, ...
@@ -893,6 +899,8 @@ impl Kind {
             "persistentvolumeclaim" | "persistentvolumeclaims" | "pvc" => Kind::PersistentVolumeClaim,
             "namespace" | "namespaces" | "ns" => Kind::Namespace,
             "agentupdate" | "agentupdates" => Kind::AgentUpdate,
+            "rolloutpolicy" | "rolloutpolicies" | "rp" => Kind::RolloutPolicy,
+            "pipeline" | "pipelines" | "pl" => Kind::Pipeline,
             _ => return None,
         })
     }
@@ -925,6 +933,8 @@ impl<'de> Deserialize<'de> for Object {
             "PersistentVolumeClaim" => serde_json::from_value(v).map(Object::PersistentVolumeClaim).map_err(e),
             "Namespace" => serde_json::from_value(v).map(Object::Namespace).map_err(e),
             "AgentUpdate" => serde_json::from_value(v).map(Object::AgentUpdate).map_err(e),
+            "RolloutPolicy" => serde_json::from_value(v).map(Object::RolloutPolicy).map_err(e),
+            "Pipeline" => serde_json::from_value(v).map(Object::Pipeline).map_err(e),
             other => Err(D::Error::custom(format!("unsupported kind {other:?}"))),
         }
     }
@@ -944,6 +954,8 @@ impl Object {
             Object::PersistentVolumeClaim(_) => Kind::PersistentVolumeClaim,
             Object::Namespace(_) => Kind::Namespace,
             Object::AgentUpdate(_) => Kind::AgentUpdate,
+            Object::RolloutPolicy(_) => Kind::RolloutPolicy,
+            Object::Pipeline(_) => Kind::Pipeline,
         }
     }
     pub fn meta(&self) -> &ObjectMeta {
@@ -959,6 +971,8 @@ impl Object {
             Object::PersistentVolumeClaim(o) => &o.metadata,
             Object::Namespace(o) => &o.metadata,
             Object::AgentUpdate(o) => &o.metadata,
+            Object::RolloutPolicy(o) => &o.metadata,
+            Object::Pipeline(o) => &o.metadata,
         }
     }
     pub fn meta_mut(&mut self) -> &mut ObjectMeta {
@@ -974,6 +988,8 @@ impl Object {
             Object::PersistentVolumeClaim(o) => &mut o.metadata,
             Object::Namespace(o) => &mut o.metadata,
             Object::AgentUpdate(o) => &mut o.metadata,
+            Object::RolloutPolicy(o) => &mut o.metadata,
+            Object::Pipeline(o) => &mut o.metadata,
         }
     }
     /// `Kind/namespace/name`

@@ -343,7 +343,7 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
             "batch/v1beta1"
         }
         "CronJob" => "batch/v1",
-        "AlertPolicy" | "AgentUpdate" => ALERT_POLICY_API,
+        "AlertPolicy" | "AgentUpdate" | "RolloutPolicy" | "Pipeline" => ALERT_POLICY_API,
         "" => {
             ctx.err(
                 "kind",
@@ -356,8 +356,9 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
                 "kind",
                 format!(
                     "{other} is not supported by outpost; supported kinds are Deployment, DaemonSet, Job, CronJob, \
-                     ConfigMap, Secret, Service, PersistentVolumeClaim, Namespace and AlertPolicy \
-                     (cluster-only kinds such as ServiceAccount or ClusterRole are accepted and ignored)"
+                     ConfigMap, Secret, Service, PersistentVolumeClaim, Namespace, AlertPolicy, RolloutPolicy, \
+                     Pipeline and AgentUpdate (cluster-only kinds such as ServiceAccount or ClusterRole are accepted \
+                     and ignored)"
                 ),
             );
             return None;
@@ -381,6 +382,8 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
         "PersistentVolumeClaim" => Object::PersistentVolumeClaim(typed(ctx, doc)?),
         "Namespace" => Object::Namespace(typed(ctx, doc)?),
         "AgentUpdate" => Object::AgentUpdate(typed(ctx, doc)?),
+        "RolloutPolicy" => Object::RolloutPolicy(typed(ctx, doc)?),
+        "Pipeline" => Object::Pipeline(typed(ctx, doc)?),
         _ => Object::Secret(typed(ctx, doc)?),
     };
     validate_meta(ctx, obj.meta());
@@ -483,6 +486,16 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
         }
         Object::Service(svc) => validate_service(ctx, svc),
         Object::AlertPolicy(p) => validate_alert_policy(ctx, &p.spec),
+        Object::RolloutPolicy(p) => {
+            for (field, reason) in crate::rollout::check_rollout_policy(&p.spec) {
+                ctx.err(field, reason);
+            }
+        }
+        Object::Pipeline(p) => {
+            for (field, reason) in crate::pipeline::check_spec(&p.spec) {
+                ctx.err(field, reason);
+            }
+        }
         Object::ConfigMap(c) => {
             for (k, v) in &c.binary_data {
                 validate_key(ctx, &format!("binaryData.{k}"), k);

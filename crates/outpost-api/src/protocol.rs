@@ -10,10 +10,11 @@ use crate::manifest::{Kind, Labels, ManifestError, Warning};
 /// Protocol major version; the hub refuses a higher one (docs/protocol.md §8).
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Protocol minor version: additive changes an older peer can ignore (1.1: node-label
-/// restriction, two-phase renewal, renewal of expired certificates).
-pub const PROTOCOL_MINOR: u32 = 1;
+/// restriction, two-phase renewal, renewal of expired certificates; 1.2: fleet rollouts, the
+/// `prefetch` hint in sync answers).
+pub const PROTOCOL_MINOR: u32 = 2;
 /// `<major>.<minor>`, as agents send it in [`PROTOCOL_HEADER`].
-pub const PROTOCOL: &str = "1.1";
+pub const PROTOCOL: &str = "1.2";
 /// Header carrying [`PROTOCOL`].
 pub const PROTOCOL_HEADER: &str = "x-outpost-protocol";
 /// How long the hub holds a sync long-poll open when nothing changes.
@@ -897,6 +898,15 @@ pub struct SyncAnswer {
     pub alert_policy: Option<NodePolicy>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub log_requests: Vec<LogRequest>,
+    /// Revisions this node will be asked to run later (its rollout wave is open but its
+    /// maintenance window is not): the agent fetches their images now, so activation inside
+    /// the window needs no download. A hint: it changes nothing that runs. Protocol 1.2.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefetch: Vec<WorkloadSpec>,
+    /// The node's pipelines, present when they differ from the hash the agent sent
+    /// (`pipelines=` in the query; docs/pipeline.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipelines: Option<crate::pipeline::NodePipelines>,
 }
 
 /// A status report with the monitoring additions.

@@ -15,6 +15,7 @@ pub mod fleet;
 pub mod footprint;
 pub mod harness;
 pub mod offline;
+pub mod pipeline;
 pub mod procfs;
 pub mod propagation;
 pub mod stats;
@@ -44,6 +45,10 @@ pub enum BenchCmd {
     Bandwidth(bandwidth::BandwidthArgs),
     /// Simulate N agents against one real hub: hub CPU, RSS, latency, change fan-out, reconnect storm.
     Fleet(fleet::FleetArgs),
+    /// MQTT ingest into the agent's pipeline at QoS 0 and 1, beside mosquitto in the same run.
+    Mqtt(pipeline::MqttArgs),
+    /// A replayed sensor stream with known anomalies: bytes upstream vs raw, anomalies exact.
+    Reduction(pipeline::ReductionArgs),
     /// Footprint, propagation, offline and bandwidth with their defaults, one after the other.
     Agent,
 }
@@ -103,6 +108,8 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         BenchCmd::Offline(x) => offline::offline(x, &sub("offline")?).await?,
         BenchCmd::Bandwidth(x) => bandwidth::bandwidth(x, &sub("bandwidth")?).await?,
         BenchCmd::Fleet(x) => fleet::fleet(x, &sub("fleet")?).await?,
+        BenchCmd::Mqtt(x) => pipeline::mqtt(x, &sub("mqtt")?).await?,
+        BenchCmd::Reduction(x) => pipeline::reduction(x, &sub("reduction")?).await?,
         BenchCmd::Agent => {
             let mut out = String::new();
             out.push_str(&footprint::footprint(defaults(), &sub("footprint")?).await?);

@@ -1,6 +1,7 @@
 //! outpost's decisions, as pure functions: where workloads run (`schedule`), what a node runs
-//! (`render`), how the agent supervises processes (`supervise`), and the hub link's rules (`link`:
-//! join labels, certificate renewal, connection admission).
+//! (`render`), how the agent supervises processes (`supervise`), the hub link's rules (`link`:
+//! join labels, certificate renewal, connection admission), and fleet rollouts in waves
+//! (`waves`).
 //!
 //! Owns: every policy that can be stated as `decide(state, now) -> actions`. Must never: do I/O,
 //! read the clock (callers pass `now`), sleep, or depend on an async runtime. Every function here
@@ -12,12 +13,14 @@ pub mod cron;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod link;
+pub mod pipeline;
 pub mod probe;
 pub mod render;
 pub mod retry;
 pub mod rollout;
 pub mod schedule;
 pub mod supervise;
+pub mod waves;
 
 use std::collections::BTreeMap;
 

@@ -71,7 +71,11 @@ pub fn workload_key(id: &ObjectId) -> String {
 
 /// Hash of a workload's pod template: a change of it is a new revision.
 pub fn template_hash(obj: &Object) -> Option<String> {
-    obj.template().map(content_hash)
+    match obj {
+        // A pipeline's revision moves with its spec (node selector, streams, sinks).
+        Object::Pipeline(p) => Some(content_hash(&p.spec)),
+        _ => obj.template().map(content_hash),
+    }
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -644,6 +648,72 @@ fn downward(
     }
 }
 
+/// The update gate a node applies to a workload's revisions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GateTiming {
+    pub min_ready_seconds: u64,
+    pub progress_deadline_seconds: u64,
+}
+
+/// A `minReadySeconds` that can never be met within `progressDeadlineSeconds`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GateTimingError {
+    /// The manifest field to change.
+    pub field: &'static str,
+    pub reason: String,
+    /// What nodes would apply to such an object stored by an older hub: half the deadline.
+    pub fallback: GateTiming,
+}
+
+/// `minReadySeconds` and `progressDeadlineSeconds` of a workload, as nodes apply them.
+///
+/// `progressDeadlineSeconds` defaults to Kubernetes' 600 s (DaemonSets have none in Kubernetes
+/// and always get 600 s). outpost's `minReadySeconds` default is 10 s (Kubernetes' is 0), but at
+/// most half the deadline, so a Deployment that sets only a short `progressDeadlineSeconds`
+/// (valid in Kubernetes) still lets a healthy revision pass: a revision must be Ready for
+/// `minReadySeconds` before the deadline. An explicit `minReadySeconds` at or above the deadline
+/// could never pass, so it is refused at apply (as Kubernetes refuses it), naming the field.
+pub fn gate_timing(obj: &Object) -> Result<GateTiming, GateTimingError> {
+    let (min_ready, deadline, deadline_field) = match obj {
+        Object::Deployment(d) => (
+            d.spec.min_ready_seconds,
+            d.spec.progress_deadline_seconds,
+            "spec.progressDeadlineSeconds",
+        ),
+        Object::DaemonSet(d) => (d.spec.min_ready_seconds, None, "the 600 s progress deadline"),
+        _ => (None, None, ""),
+    };
+    let deadline = deadline.map_or(DEFAULT_PROGRESS_DEADLINE_SECS, u64::from);
+    let adapted = DEFAULT_MIN_READY_SECS.min(deadline / 2);
+    match min_ready.map(u64::from) {
+        None => Ok(GateTiming {
+            min_ready_seconds: adapted,
+            progress_deadline_seconds: deadline,
+        }),
+        Some(m) if m < deadline => Ok(GateTiming {
+            min_ready_seconds: m,
+            progress_deadline_seconds: deadline,
+        }),
+        Some(m) => Err(GateTimingError {
+            field: "spec.minReadySeconds",
+            reason: format!(
+                "{m} s is not less than {deadline_field} ({deadline} s): no revision could ever pass its health \
+                 gate (Ready for minReadySeconds within the deadline), so none would become a node's last-known-good; \
+                 lower minReadySeconds{}",
+                if obj.kind() == Kind::Deployment {
+                    " or raise progressDeadlineSeconds"
+                } else {
+                    " below 600"
+                }
+            ),
+            fallback: GateTiming {
+                min_ready_seconds: deadline / 2,
+                progress_deadline_seconds: deadline,
+            },
+        }),
+    }
+}
+
 /// Render a Deployment or DaemonSet at `revision`. Missing optional references are skipped;
 /// missing required ones were rejected at apply, and are skipped here too.
 pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<WorkloadSpec> {
@@ -824,11 +894,7 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
             }
         })
         .collect();
-    let (min_ready, deadline) = match obj {
-        Object::Deployment(d) => (d.spec.min_ready_seconds, d.spec.progress_deadline_seconds),
-        Object::DaemonSet(d) => (d.spec.min_ready_seconds, None),
-        _ => (None, None),
-    };
+    let gate = gate_timing(obj).unwrap_or_else(|e| e.fallback);
     let id = obj.id();
     let mut spec = WorkloadSpec {
         key: workload_key(&id),
@@ -845,8 +911,8 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
             .unwrap_or(DEFAULT_GRACE_SECS),
         containers,
         volumes,
-        min_ready_seconds: min_ready.map_or(DEFAULT_MIN_READY_SECS, u64::from),
-        progress_deadline_seconds: deadline.map_or(DEFAULT_PROGRESS_DEADLINE_SECS, u64::from),
+        min_ready_seconds: gate.min_ready_seconds,
+        progress_deadline_seconds: gate.progress_deadline_seconds,
         host_network: pod.host_network,
         host_pid: pod.host_pid,
         job: job_spec(obj),
@@ -928,6 +994,51 @@ spec:
         }
         assert_ne!(render(ds, 3, &objs2).unwrap().hash, spec.hash);
         assert_eq!(render(ds, 3, &objs).unwrap().hash, spec.hash);
+    }
+
+    #[test]
+    fn gate_timing_adapts_the_default_and_refuses_impossible_pairs() {
+        let dep = |extra: &str| {
+            let o = parse_file(
+                "d.yaml",
+                &format!("apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d}}\nspec:\n{extra}  template:\n    spec:\n      containers: [{{name: c, image: x}}]\n"),
+            )
+            .unwrap()
+            .objects
+            .remove(0);
+            gate_timing(&o).map(|g| (g.min_ready_seconds, g.progress_deadline_seconds))
+        };
+        let gate = |m, d| Ok((m, d));
+        assert_eq!(dep(""), gate(10, 600));
+        // Kubernetes' defaults for minReadySeconds (0) make a 10 s deadline valid: ours adapts
+        assert_eq!(dep("  progressDeadlineSeconds: 10\n"), gate(5, 10));
+        assert_eq!(dep("  progressDeadlineSeconds: 1\n"), gate(0, 1));
+        assert_eq!(dep("  progressDeadlineSeconds: 30\n"), gate(10, 30));
+        assert_eq!(
+            dep("  minReadySeconds: 9\n  progressDeadlineSeconds: 10\n"),
+            gate(9, 10)
+        );
+        let e = dep("  minReadySeconds: 10\n  progressDeadlineSeconds: 10\n").unwrap_err();
+        assert_eq!(e.field, "spec.minReadySeconds");
+        assert!(
+            e.reason
+                .starts_with("10 s is not less than spec.progressDeadlineSeconds (10 s)"),
+            "{}",
+            e.reason
+        );
+        assert!(e.reason.contains("raise progressDeadlineSeconds"), "{}", e.reason);
+        let e = dep("  minReadySeconds: 900\n").unwrap_err();
+        assert_eq!(e.fallback.min_ready_seconds, 300);
+        // rendering an old stored pair uses the fallback
+        let mut objs = objects(APP);
+        if let Some(Object::DaemonSet(d)) = objs.values_mut().find(|o| o.kind() == Kind::DaemonSet) {
+            d.spec.min_ready_seconds = Some(700);
+        }
+        let ds = objs.values().find(|o| o.kind() == Kind::DaemonSet).unwrap();
+        let e = gate_timing(ds).unwrap_err();
+        assert!(e.reason.contains("the 600 s progress deadline"), "{}", e.reason);
+        let spec = render(ds, 1, &objs).unwrap();
+        assert_eq!((spec.min_ready_seconds, spec.progress_deadline_seconds), (300, 600));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use outpost_api::checks::{host_path_mounts, normalize_path};
 use outpost_api::{parse_file, ManifestError, ManifestFile, Object, ObjectId, Warning};
-use outpost_core::render::{missing_references, references};
+use outpost_core::render::{gate_timing, missing_references, references};
 
 use crate::error::HubError;
 
@@ -161,13 +161,21 @@ impl HostPathPolicy {
 /// Parse every file, collecting every error from every file. Objects get their namespace set
 /// explicitly ("default" when absent). An object named twice in the batch is an error.
 pub fn parse_batch(files: &[ManifestFile]) -> Result<(Vec<Object>, Vec<Warning>), Vec<ManifestError>> {
-    parse_apply_batch(files, &HostPathPolicy::default())
+    parse_files(files, None)
 }
 
-/// [`parse_batch`] for an apply: every workload must also pass the hub's host-path policy.
+/// [`parse_batch`] for an apply: every workload must also pass the hub's host-path policy, and
+/// its update gate must be passable (`outpost_core::render::gate_timing`).
 pub fn parse_apply_batch(
     files: &[ManifestFile],
     host_paths: &HostPathPolicy,
+) -> Result<(Vec<Object>, Vec<Warning>), Vec<ManifestError>> {
+    parse_files(files, Some(host_paths))
+}
+
+fn parse_files(
+    files: &[ManifestFile],
+    apply: Option<&HostPathPolicy>,
 ) -> Result<(Vec<Object>, Vec<Warning>), Vec<ManifestError>> {
     let mut objects = Vec::new();
     let mut warnings = Vec::new();
@@ -178,7 +186,28 @@ pub fn parse_apply_batch(
             Ok(parsed) => {
                 warnings.extend(parsed.warnings);
                 for (obj, document) in parsed.objects.iter().zip(&parsed.documents) {
+                    let Some(host_paths) = apply else { break };
                     errors.extend(host_paths.check(document, obj));
+                    if let Object::RolloutPolicy(p) = obj {
+                        if let Some(tz) = &p.spec.timezone {
+                            if let Err(e) = jiff::tz::TimeZone::get(tz) {
+                                errors.push(ManifestError {
+                                    document: document.clone(),
+                                    field: "spec.timezone".into(),
+                                    reason: format!(
+                                        "{tz:?} is not a time zone this hub knows ({e}); use an IANA name like Europe/Berlin or UTC"
+                                    ),
+                                });
+                            }
+                        }
+                    }
+                    if let Err(e) = gate_timing(obj) {
+                        errors.push(ManifestError {
+                            document: document.clone(),
+                            field: e.field.into(),
+                            reason: e.reason,
+                        });
+                    }
                 }
                 for mut obj in parsed.objects {
                     let ns = obj.meta().ns().to_string();

@@ -3,6 +3,7 @@
 //! calls to them and answers into tables or JSON/YAML.
 
 mod client;
+mod data;
 mod demo;
 mod image;
 mod install;
@@ -48,9 +49,9 @@ enum Cmd {
     },
     /// Delete objects named in files, or one object by kind and name.
     Delete(DeleteArgs),
-    /// List nodes, deployments, daemonsets or workloads.
+    /// List nodes, deployments, daemonsets, workloads, rollouts, pipelines or alerts.
     Get {
-        /// nodes | deployments | daemonsets | workloads
+        /// nodes | deployments | daemonsets | workloads | rollouts | pipelines | alerts
         what: String,
         #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
         output: Format,
@@ -68,7 +69,7 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ImageCmd,
     },
-    /// Revision history, undo, and per-node progress of workload updates.
+    /// Fleet rollouts: status (waves, nodes, reasons), pause, resume, abort, undo, history.
     Rollout {
         #[command(subcommand)]
         cmd: RolloutCmd,
@@ -78,6 +79,11 @@ enum Cmd {
     /// A workload's log from its node (fetched through the node's own outbound link), or the
     /// error lines nodes forwarded (--errors).
     Logs(logs::LogsArgs),
+    /// Records of the edge data pipeline stored at the hub: tail or query a stream.
+    Data {
+        #[command(subcommand)]
+        cmd: data::DataCmd,
+    },
     /// Measure outpost: agent footprint, propagation, offline recovery, bandwidth, fleet scale (simulator).
     Bench(outpost_bench::BenchArgs),
 }
@@ -99,20 +105,39 @@ enum ImageCmd {
 enum RolloutCmd {
     /// List a workload's revisions.
     History(RolloutTarget),
-    /// Go back to the previous revision (or --to-revision N): it becomes a new revision.
+    /// Roll back. During a rollout: every updated node returns to its previous revision (nodes
+    /// not yet updated are untouched). After it, or with --to-revision N: that revision's
+    /// template (the previous one by default) becomes a new revision, sent to every node in
+    /// one wave.
     Undo {
         #[command(flatten)]
         target: RolloutTarget,
         #[arg(long)]
         to_revision: Option<u64>,
     },
-    /// Per-node progress of the current revision: running, gated, rolled back, and why.
-    Status(RolloutTarget),
+    /// The rollout of the current revision: waves, node counts per state, per-node reasons.
+    Status {
+        #[command(flatten)]
+        target: RolloutTarget,
+        /// Watch until the rollout ends (progress bars on a terminal; with -o json, one JSON
+        /// object per line on each change). Exits 1 if it Failed, was rolled back or aborted.
+        #[arg(short = 'w', long)]
+        watch: bool,
+        #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Stop opening waves: no further node gets the revision until `resume`.
+    Pause(RolloutTarget),
+    /// Go on with a paused rollout (after the failure threshold paused it, the failures so
+    /// far are accepted).
+    Resume(RolloutTarget),
+    /// Stop for good: updated nodes keep the revision, the others keep theirs.
+    Abort(RolloutTarget),
 }
 
 #[derive(Args)]
 struct RolloutTarget {
-    /// deployment | daemonset (may be omitted for `status`: deployments are tried first)
+    /// deployment | daemonset, or the workload's name alone (deployments are tried first)
     kind: String,
     name: Option<String>,
     #[arg(short = 'n', long, default_value = "default")]
@@ -500,6 +525,7 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Rollout { cmd } => output::rollout(&client::Client::from_env()?, cmd).await,
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Logs(a) => logs::run(&client::Client::from_env()?, a).await,
+        Cmd::Data { cmd } => data::run(&client::Client::from_env()?, cmd).await,
         Cmd::Bench(a) => outpost_bench::run(a).await,
     }
 }
@@ -597,6 +623,7 @@ async fn agent_run(r: RunArgs) -> Result<()> {
         manifests: r.manifests,
         name: r.name,
         labels: r.labels.unwrap_or_default(),
+        pipeline: outpost_agent::pipeline::Options::from_env(),
     };
     outpost_agent::run(o, ctrl_c_or_term()).await
 }

@@ -668,3 +668,88 @@ fn agents_with_clocks_hours_off_still_work() {
         });
     }
 }
+
+/// An agent whose clock is days behind (beyond the certificates' back-dating) cannot verify the
+/// hub, and says why: its log names the clock, at warn level, rather than "hub unreachable".
+#[test]
+fn an_agent_whose_clock_is_days_off_says_the_clock_is_wrong() {
+    let lib = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+    assert!(
+        Path::new(lib).exists(),
+        "{lib} is missing: install Debian's faketime package"
+    );
+    let hub = Hub::start();
+    let token = hub.token(&[]);
+    let mut a = hub.join("days-behind", &token);
+    a.env = vec![
+        ("LD_PRELOAD".into(), lib.into()),
+        ("FAKETIME".into(), "-5d".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ];
+    a.start();
+    wait_logged(
+        "the agent to say its clock is wrong",
+        30.0,
+        &hub,
+        std::slice::from_ref(&a),
+        || {
+            let log = a.log();
+            log.lines()
+                .any(|l| l.contains("WARN") && l.contains("fix the clock"))
+                .then_some(())
+        },
+    );
+}
+
+/// A child the killed agent was starting holds the data dir's lock until it execs (simulated
+/// here by `flock` holding it): the next agent waits for it instead of starting the unit a
+/// second time, and a second agent on the same data dir is refused.
+#[test]
+fn an_agent_waits_for_a_child_its_predecessor_was_starting() {
+    let hub = Hub::start();
+    let token = hub.token(&[]);
+    let mut a = hub.join("lock-1", &token).running();
+    let marker = marker();
+    hub.cli(&["apply", "-f", manifest_file(&hub, &marker, 1).to_str().unwrap()]);
+    // One node holds the DaemonSet and one of the two Deployment replicas.
+    let one = |a: &Agent| converged_on(&hub, std::slice::from_ref(a), 1).filter(|n| *n == 2);
+    wait_for("the workloads", 60.0, || one(&a));
+    a.kill9();
+    let lock = a.dir.join("agent.lock");
+    let mut holder = Command::new("flock")
+        .arg(&lock)
+        .args(["sleep", "2"])
+        .spawn()
+        .expect("util-linux flock");
+    wait_for("the stand-in child to hold the lock", 5.0, || {
+        let o = Command::new("flock")
+            .args(["-n"])
+            .arg(&lock)
+            .arg("true")
+            .output()
+            .ok()?;
+        (!o.status.success()).then_some(())
+    });
+    a.start();
+    wait_for("the agent to wait for the lock", 10.0, || {
+        a.log()
+            .contains("waiting for the previous agent's children")
+            .then_some(())
+    });
+    assert_no_doubles(std::slice::from_ref(&a), "while the lock is held");
+    holder.wait().unwrap();
+    wait_for("the agent to go on once the lock is free", 10.0, || {
+        a.log().contains("last child has started").then_some(())
+    });
+    // A second agent on the same data dir is refused (it gives up after its wait).
+    let second = Command::new(BIN)
+        .args(["agent", "run", "--data-dir"])
+        .arg(&a.dir)
+        .env("OUTPOST_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(!second.status.success(), "a second agent on one data dir must not run");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("another outpost agent"), "{err}");
+    wait_for("the workloads, once each", 30.0, || one(&a));
+}
