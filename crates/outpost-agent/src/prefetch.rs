@@ -52,7 +52,7 @@ pub async fn prefetch_loop(
         };
         let dir = data_dir.join("images");
         for (image, policy, key, revision) in images {
-            match crate::images::ensure(&engine, &hub, &dir, &image, policy).await {
+            match crate::images::ensure(&engine, Some(&hub), &dir, &image, policy).await {
                 Ok(()) => {
                     info!(image = %image, workload = %key, revision, "image prefetched before the maintenance window");
                     done.insert(image);

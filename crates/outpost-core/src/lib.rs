@@ -7,7 +7,9 @@
 //! read the clock (callers pass `now`), sleep, or depend on an async runtime. Every function here
 //! is tested table-style without sockets, files or timers.
 
+pub mod agent_update;
 pub mod alerts;
+pub mod cron;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod link;

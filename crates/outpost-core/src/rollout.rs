@@ -329,6 +329,10 @@ mod tests {
             volumes: vec![],
             min_ready_seconds: 10,
             progress_deadline_seconds: 60,
+            host_network: false,
+            host_pid: false,
+            job: None,
+            agent_update: None,
         }
     }
     const READY: Health = Health {

@@ -323,6 +323,10 @@ fn spec(revision: u64, hash: &str) -> WorkloadSpec {
         volumes: vec![],
         min_ready_seconds: 10,
         progress_deadline_seconds: 60,
+        host_network: false,
+        host_pid: false,
+        job: None,
+        agent_update: None,
     }
 }
 
@@ -447,6 +451,7 @@ fn workloads() -> impl Strategy<Value = Vec<WorkloadView>> {
         v.into_iter()
             .enumerate()
             .map(|(i, (daemon, node_selector, replicas))| WorkloadView {
+                affinity: None,
                 id: ObjectId {
                     kind: if daemon { Kind::DaemonSet } else { Kind::Deployment },
                     namespace: "default".into(),

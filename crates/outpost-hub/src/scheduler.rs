@@ -32,14 +32,29 @@ pub fn status_word(online: bool) -> &'static str {
 
 /// Node selector and replica count of a workload object.
 pub fn workload_view(obj: &Object) -> Option<WorkloadView> {
-    let (selector, replicas) = match obj {
-        Object::Deployment(d) => (&d.spec.template.spec.node_selector, d.spec.replicas),
-        Object::DaemonSet(d) => (&d.spec.template.spec.node_selector, 0),
+    if let Object::AgentUpdate(u) = obj {
+        return Some(WorkloadView {
+            id: obj.id(),
+            node_selector: u.spec.node_selector.clone(),
+            affinity: None,
+            replicas: 0,
+        });
+    }
+    let replicas = match obj {
+        Object::Deployment(d) => d.spec.replicas,
+        Object::DaemonSet(_) => 0,
+        Object::Job(_) | Object::CronJob(_) => 1,
         _ => return None,
     };
+    let pod = &obj.template()?.spec;
     Some(WorkloadView {
         id: obj.id(),
-        node_selector: selector.clone(),
+        node_selector: pod.node_selector.clone(),
+        affinity: pod
+            .affinity
+            .as_ref()
+            .and_then(|a| a.node_affinity.as_ref())
+            .and_then(|n| n.required_during_scheduling_ignored_during_execution.clone()),
         replicas,
     })
 }
@@ -92,7 +107,7 @@ pub fn plan(inputs: &ScheduleInputs, offline_after: Duration, now: UnixMs) -> Pl
         if let Some(note) = &decision.note {
             out.notes.insert(id.clone(), note.clone());
         }
-        if id.kind == Kind::Deployment {
+        if !matches!(id.kind, Kind::DaemonSet | Kind::AgentUpdate) {
             out.assignments.insert(id.clone(), decision.nodes.clone());
         }
         if decision.nodes.is_empty() {

@@ -593,12 +593,14 @@ impl Service {
     }
 
     async fn apply(&self, files: Vec<ManifestFile>) -> Result<ApplyResponse, HubError> {
-        let (objects, warnings) =
+        let (mut objects, warnings) =
             validate::parse_apply_batch(&files, &self.settings.host_paths).map_err(HubError::InvalidManifest)?;
         let _guard = self.write_lock.lock().await;
         let stored = self.db(|s| s.objects()).await?;
         let before: BTreeMap<ObjectId, u64> = stored.iter().map(|o| (o.object.id(), o.revision)).collect();
-        let errors = validate::check_references(&objects, stored.into_iter().map(|o| o.object));
+        let stored: Vec<Object> = stored.into_iter().map(|o| o.object).collect();
+        let mut errors = outpost_core::render::assign_node_ports(&mut objects, &stored);
+        errors.extend(validate::check_references(&objects, stored));
         if !errors.is_empty() {
             return Err(HubError::InvalidManifest(errors));
         }

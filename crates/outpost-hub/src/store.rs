@@ -430,6 +430,11 @@ fn decode_object(kind: Kind, manifest: &str) -> Result<Object> {
         Kind::Secret => Object::Secret(serde_json::from_str(manifest)?),
         Kind::Service => Object::Service(serde_json::from_str(manifest)?),
         Kind::AlertPolicy => Object::AlertPolicy(serde_json::from_str(manifest)?),
+        Kind::Job => Object::Job(serde_json::from_str(manifest)?),
+        Kind::CronJob => Object::CronJob(serde_json::from_str(manifest)?),
+        Kind::PersistentVolumeClaim => Object::PersistentVolumeClaim(serde_json::from_str(manifest)?),
+        Kind::Namespace => Object::Namespace(serde_json::from_str(manifest)?),
+        Kind::AgentUpdate => Object::AgentUpdate(serde_json::from_str(manifest)?),
         Kind::RolloutPolicy => Object::RolloutPolicy(serde_json::from_str(manifest)?),
         Kind::Pipeline => Object::Pipeline(serde_json::from_str(manifest)?),
     })
@@ -1348,6 +1353,10 @@ mod tests {
             volumes: vec![],
             min_ready_seconds: 0,
             progress_deadline_seconds: 600,
+            host_network: false,
+            host_pid: false,
+            job: None,
+            agent_update: None,
         }
     }
 

@@ -46,6 +46,9 @@ pub struct HostPathPolicy {
     pub mode: HostPathMode,
     /// Normalized absolute prefixes (`/srv/data`).
     pub allow: Vec<String>,
+    /// `outpost hub --privileged deny`: refuse privileged containers, added capabilities,
+    /// hostNetwork and hostPID (`outpost_api::checks::privileges`).
+    pub deny_privileged: bool,
 }
 
 impl HostPathPolicy {
@@ -60,7 +63,21 @@ impl HostPathPolicy {
             }
             out.push(normalize_path(p));
         }
-        Ok(Self { mode, allow: out })
+        Ok(Self {
+            mode,
+            allow: out,
+            deny_privileged: false,
+        })
+    }
+
+    /// The same policy with `--privileged allow|deny`.
+    pub fn with_privileged(mut self, mode: &str) -> Result<Self, String> {
+        self.deny_privileged = match mode {
+            "allow" => false,
+            "deny" => true,
+            other => return Err(format!("--privileged {other:?}: use allow or deny")),
+        };
+        Ok(self)
     }
 
     fn allowed(&self, path: &str) -> bool {
@@ -73,10 +90,26 @@ impl HostPathPolicy {
     /// Errors for every host path of `obj` (from `document`) this policy refuses.
     pub fn check(&self, document: &str, obj: &Object) -> Vec<ManifestError> {
         let Some(t) = obj.template() else { return Vec::new() };
-        if self.mode == HostPathMode::Warn {
-            return Vec::new();
+        let at = match obj {
+            Object::CronJob(_) => "spec.jobTemplate.spec.template.spec",
+            _ => "spec.template.spec",
+        };
+        let mut refused: Vec<ManifestError> = Vec::new();
+        if self.deny_privileged {
+            for (field, what) in outpost_api::checks::privileges(at, &t.spec) {
+                refused.push(ManifestError {
+                    document: document.to_string(),
+                    field,
+                    reason: format!(
+                        "refused by this hub's policy (outpost hub --privileged deny): the workload {what}; \
+                         remove the field, or ask the hub's operator to allow privileged workloads"
+                    ),
+                });
+            }
         }
-        let at = "spec.template.spec";
+        if self.mode == HostPathMode::Warn {
+            return refused;
+        }
         let err = |field: String, reason: String| ManifestError {
             document: document.to_string(),
             field,
@@ -120,7 +153,8 @@ impl HostPathPolicy {
                 }
             }
         }
-        errors
+        refused.extend(errors);
+        refused
     }
 }
 

@@ -38,12 +38,10 @@ pub fn workload_info(
     let id = o.id();
     let key = workload_key(&id);
     let desired = match id.kind {
-        Kind::Deployment => wv.replicas,
-        _ => view
-            .nodes
-            .values()
-            .filter(|n| selector_matches(&wv.node_selector, &n.labels))
-            .count() as u32,
+        Kind::DaemonSet | Kind::AgentUpdate => {
+            view.nodes.values().filter(|n| wv.fits(&n.name, &n.labels)).count() as u32
+        }
+        _ => wv.replicas,
     };
     let mut ready = 0;
     let placements: Vec<Placement> = view

@@ -48,8 +48,18 @@ pub fn volumes_text(obj: &outpost_api::Object) -> String {
     use outpost_api::checks::host_path_risk;
     let Some(t) = obj.template() else { return String::new() };
     let pod = &t.spec;
+    let privileges = outpost_api::checks::privileges("spec", pod);
+    let privileged = if privileges.is_empty() {
+        String::new()
+    } else {
+        let mut p = String::from("Privileged:     yes (outpost hub --privileged deny refuses this)\n");
+        for (field, what) in &privileges {
+            p.push_str(&format!("  {field}: {what}\n"));
+        }
+        p
+    };
     if pod.volumes.is_empty() {
-        return "Volumes:        <none>\n".into();
+        return format!("{privileged}Volumes:        <none>\n");
     }
     let rows: Vec<Vec<String>> = pod
         .volumes
@@ -66,13 +76,16 @@ pub fn volumes_text(obj: &outpost_api::Object) -> String {
                     sec.secret_name,
                     if sec.optional { " (optional)" } else { "" }
                 )
+            } else if let Some(p) = &v.persistent_volume_claim {
+                format!("persistentVolumeClaim {} (a directory on the node)", p.claim_name)
             } else {
                 "emptyDir".into()
             };
             vec![v.name.clone(), source]
         })
         .collect();
-    let mut out = String::from("Volumes:\n");
+    let mut out = privileged;
+    out.push_str("Volumes:\n");
     out.push_str(&indent(&table(&["NAME", "SOURCE"], &rows)));
     let mut mounts = Vec::new();
     for c in &pod.containers {
