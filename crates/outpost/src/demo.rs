@@ -1,5 +1,6 @@
 //! `outpost demo`: a hub and three agents on this machine, as separate processes with temporary
-//! data dirs, the sample app from `examples/demo-app.yaml` applied, and a tour of what to try.
+//! data dirs, the sample app from `examples/demo-app.yaml` applied, sensor readings sent through
+//! a box's data pipeline, a new revision rolled out canary first, and a tour of what to try.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -7,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use outpost_api::pipeline::{RecordKind, StoredRecord};
+use outpost_api::rollout::{RolloutInfo, RolloutPhase};
 use outpost_api::{ManifestFile, Phase, TokenRequest, TokenResponse, WorkloadInfo};
 
 use crate::client::{self, Client, Config};
@@ -29,11 +32,12 @@ struct Proc {
     child: Child,
 }
 
-fn spawn(name: &str, args: &[&str], log: &Path) -> Result<Proc> {
+fn spawn(name: &str, args: &[&str], env: &[(&str, String)], log: &Path) -> Result<Proc> {
     let exe = std::env::current_exe().context("cannot find the outpost binary")?;
     let out = std::fs::File::create(log)?;
     let child = Command::new(exe)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
@@ -106,7 +110,7 @@ async fn demo(base: &Path, procs: &mut Vec<Proc>, seconds: Option<u64>) -> Resul
         "--advertise",
         &url,
     ];
-    procs.push(spawn("hub", &hub_args, &base.join("hub.log"))?);
+    procs.push(spawn("hub", &hub_args, &[], &base.join("hub.log"))?);
     eprintln!("starting a hub on {url} ...");
     let token_file = hub_dir.join("admin.token");
     let admin = wait_for("the hub's admin token", Duration::from_secs(20), async || {
@@ -139,6 +143,8 @@ async fn demo(base: &Path, procs: &mut Vec<Proc>, seconds: Option<u64>) -> Resul
         ("store-001-box-2", "store-001"),
         ("store-002-box-1", "store-002"),
     ];
+    // Each box's pipeline listeners (MQTT and HTTP ingest) on their own loopback ports.
+    let mut listeners = Vec::new();
     for (name, site) in boxes {
         let req = TokenRequest {
             labels: [("site".to_string(), site.to_string())].into(),
@@ -157,9 +163,15 @@ async fn demo(base: &Path, procs: &mut Vec<Proc>, seconds: Option<u64>) -> Resul
         })
         .await?;
         let d = dir.to_str().unwrap_or(".").to_string();
+        let (mqtt, ingest) = (free_port()?, free_port()?);
+        listeners.push((name, mqtt, ingest));
         procs.push(spawn(
             name,
             &["agent", "run", "--data-dir", &d, "--stop-workloads-on-exit"],
+            &[
+                ("OUTPOST_MQTT_LISTEN", format!("127.0.0.1:{mqtt}")),
+                ("OUTPOST_INGEST_LISTEN", format!("127.0.0.1:{ingest}")),
+            ],
             &base.join(format!("{name}.log")),
         )?);
     }
@@ -209,6 +221,10 @@ async fn demo(base: &Path, procs: &mut Vec<Proc>, seconds: Option<u64>) -> Resul
         "{}",
         output::table(output::PLACEMENT_HEADERS, &output::placement_rows(&ws))
     );
+
+    let (box1, box1_mqtt, box1_ingest) = listeners[0];
+    pipeline_tour(&c, box1, box1_ingest).await?;
+    rollout_tour(&c).await?;
     let hub_pid = procs[0].child.id();
     let some_pid = ws
         .iter()
@@ -237,6 +253,9 @@ async fn demo(base: &Path, procs: &mut Vec<Proc>, seconds: Option<u64>) -> Resul
     }
     println!("  kill {hub_pid}                      # stop the hub: every workload keeps running");
     println!("  outpost describe deployment greeter");
+    println!("  outpost rollout history daemonset edge-monitor");
+    println!("  mosquitto_pub -p {box1_mqtt} -t sensors/s2/temp -m '{{\"sensor\": \"s2\", \"temp\": 91}}'");
+    println!("  outpost data query readings          # the hot reading above, from {box1}");
     println!("\nPress Ctrl-C to stop the demo.");
 
     let stop = async {
@@ -263,4 +282,102 @@ async fn demo(base: &Path, procs: &mut Vec<Proc>, seconds: Option<u64>) -> Resul
         }
     }
     Ok(())
+}
+
+/// The data pipeline: 25 readings posted to a box's HTTP ingest; the hub receives only the two
+/// hot ones and one summary per 10 readings.
+async fn pipeline_tour(c: &Client, node: &str, ingest: u16) -> Result<()> {
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{ingest}/v1/streams/readings");
+    let temps: Vec<f64> = (0..25)
+        .map(|i| {
+            if i == 7 || i == 19 {
+                85.5
+            } else {
+                20.0 + f64::from(i % 5)
+            }
+        })
+        .collect();
+    let mut sent = 0;
+    for (i, t) in temps.iter().enumerate() {
+        let body = serde_json::json!({"sensor": "s1", "temp": t}).to_string();
+        sent += body.len();
+        // The first post waits for the Pipeline to reach the box (404 until it has the stream).
+        let wait = if i == 0 {
+            Duration::from_secs(30)
+        } else {
+            Duration::from_secs(5)
+        };
+        wait_for(&format!("{node}'s ingest to take a reading"), wait, async || {
+            let r = http
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await;
+            r.ok().filter(|r| r.status().is_success()).map(|_| ())
+        })
+        .await?;
+    }
+    let recs = wait_for(
+        "the hub to receive the readings' results",
+        Duration::from_secs(30),
+        async || {
+            let recs: Vec<StoredRecord> = c
+                .get_query(
+                    "/v1/data",
+                    &[("stream", "readings".to_string()), ("limit", "100".to_string())],
+                )
+                .await
+                .ok()?;
+            let n = |k: RecordKind| recs.iter().filter(|r| r.record.kind == k).count();
+            (n(RecordKind::Anomaly) == 2 && n(RecordKind::Aggregate) == 2).then_some(recs)
+        },
+    )
+    .await?;
+    let upstream: usize = recs.iter().map(|r| r.record.data.to_string().len()).sum();
+    println!(
+        "\nData pipeline: 25 readings ({sent} bytes) posted to {node}; the hub received {} records \
+         ({upstream} bytes of data): the 2 hot readings as they came and 2 summaries of 10.",
+        recs.len()
+    );
+    Ok(())
+}
+
+/// A new edge-monitor revision, rolled out under the demo's RolloutPolicy: the canary box first,
+/// a bake, then the others. Prints the rollout's events as they happen.
+async fn rollout_tour(c: &Client) -> Result<()> {
+    let v2 = SAMPLE_APP.replace("load $(cut", "v2 load $(cut");
+    let _: outpost_api::ApplyResponse = c
+        .post(
+            "/v1/apply",
+            &outpost_api::ApplyRequest {
+                files: vec![ManifestFile {
+                    name: "demo-app-v2.yaml".into(),
+                    content: v2,
+                }],
+            },
+        )
+        .await?;
+    println!("\nRolling out edge-monitor revision 2 (policy `demo`: one canary box, then the rest):");
+    let mut shown = 0;
+    let end = Instant::now() + Duration::from_secs(90);
+    loop {
+        let r: Option<RolloutInfo> = c.get("/v1/objects/daemonset/default/edge-monitor/rollout").await.ok();
+        if let Some(r) = r.filter(|r| r.revision >= 2) {
+            for e in r.events.iter().skip(shown) {
+                println!("  {:<18} {}", e.reason, e.message);
+            }
+            shown = shown.max(r.events.len());
+            match r.phase {
+                RolloutPhase::Complete => return Ok(()),
+                RolloutPhase::Progressing | RolloutPhase::Paused => {}
+                other => bail!("the demo rollout ended {other:?}: {}", r.reason.unwrap_or_default()),
+            }
+        }
+        if Instant::now() > end {
+            bail!("timed out after 90 s waiting for the demo rollout to complete");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
