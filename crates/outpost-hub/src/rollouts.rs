@@ -171,7 +171,7 @@ pub fn step(
     let mut zones = Zones::default();
     let mut out = Outcome::default();
     let mut changes = Vec::new();
-    for o in l.objects.iter().filter(|o| o.object.kind().is_workload()) {
+    for o in l.objects.iter().filter(|o| o.object.kind().is_rolled_out()) {
         let id = o.object.id();
         let key = workload_key(&id);
         let policy = l.policy_for(&o.object);

@@ -615,7 +615,7 @@ impl Service {
             }
             changed = true;
             tracing::info!(object = %r.object, action = %r.action, revision = ?r.revision, "object applied");
-            if id.kind.is_workload() && r.revision != before.get(&id).copied() {
+            if id.kind.is_rolled_out() && r.revision != before.get(&id).copied() {
                 started.push(id);
             }
         }
@@ -879,9 +879,9 @@ impl Service {
     }
 
     async fn rollout(&self, id: ObjectId) -> Result<RolloutInfo, HubError> {
-        if !id.kind.is_workload() {
+        if !id.kind.is_rolled_out() {
             return Err(HubError::BadRequest(format!(
-                "{id} is not a workload: only Deployments and DaemonSets roll out"
+                "{id} does not roll out in waves: only Deployments and DaemonSets do (a Job or CronJob's new revision reaches its node at once)"
             )));
         }
         let mut l = self.db(crate::rollouts::load).await?;
@@ -990,9 +990,9 @@ impl Service {
     }
 
     async fn rollout_action(&self, id: ObjectId, action: RolloutAction) -> Result<RolloutActionResult, HubError> {
-        if !id.kind.is_workload() {
+        if !id.kind.is_rolled_out() {
             return Err(HubError::BadRequest(format!(
-                "{id} is not a workload: only Deployments and DaemonSets roll out"
+                "{id} does not roll out in waves: only Deployments and DaemonSets do (a Job or CronJob's new revision reaches its node at once)"
             )));
         }
         let key = workload_key(&id);

@@ -639,3 +639,30 @@ fn a_maintenance_window_activates_nothing_before_it_and_images_are_prefetched() 
     hub.cli(&["delete", "deployment", "till"]);
     let _ = Command::new("docker").args(["rmi", &v1, &v2]).output();
 }
+
+/// A Job or CronJob is not kept running, so its node has no update gate to report: its new
+/// revision reaches the node at once and no rollout is opened for it (one would never complete).
+#[test]
+fn a_cronjob_change_reaches_its_node_at_once_without_a_rollout() {
+    let hub = Hub::start();
+    let _agents = join(&hub, "cron", 1, "site=a");
+    let cron = |m: &str| {
+        format!(
+            "apiVersion: batch/v1\nkind: CronJob\nmetadata: {{name: nightly}}\nspec:\n  schedule: '0 3 1 1 *'\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          runtimeClassName: process\n          restartPolicy: Never\n          containers:\n          - {{name: main, command: [/bin/echo, '{m}']}}\n"
+        )
+    };
+    hub.apply(&cron("one"));
+    hub.apply(&cron("two"));
+    wait_for("the node holds revision 2 of the CronJob", 20.0, || {
+        let p = hub.placement("cron-00", "cronjob/default/nightly")?;
+        (p["desired_revision"] == 2 && p["status"]["revision"] == 2).then_some(())
+    });
+    let all = api_get(&hub, "/v1/rollouts");
+    let keys: Vec<&Value> = all.as_array().unwrap().iter().map(|r| &r["workload"]).collect();
+    assert!(
+        !keys.iter().any(|k| k.as_str().is_some_and(|k| k.contains("nightly"))),
+        "no rollout for a CronJob: {all}"
+    );
+    let err = api_get(&hub, "/v1/objects/cronjob/default/nightly/rollout").to_string();
+    assert!(err.contains("only Deployments and DaemonSets"), "{err}");
+}
