@@ -265,8 +265,9 @@ impl Reconciler {
         let mut wake: Option<UnixMs> = None;
         let mut effective = BTreeMap::new();
         for (key, target) in &self.desired.workloads {
-            if target.job.is_some() {
+            if target.job.is_some() || target.agent_update.is_some() {
                 // A Job is not kept running, so it has no update gate: each run uses the target.
+                // An AgentUpdate's gate is the self-update's own (selfupdate::gate_status).
                 effective.insert(key.clone(), target.clone());
                 continue;
             }
@@ -1147,8 +1148,16 @@ impl Reconciler {
                     .filter(|c| inits_pending || !is_init(c))
                     .map(|c| c.phase),
             );
-            let ready =
+            let mut ready =
                 containers.iter().any(|c| !is_init(c)) && containers.iter().filter(|c| !is_init(c)).all(|c| c.ready);
+            let mut phase = phase;
+            let mut rollout = self.rollouts.get(key).map(|st| rollout::status(st, target));
+            if let Some(run) = &target.agent_update {
+                let gate = crate::selfupdate::gate_status(&self.rt.data_dir, run, target.revision, &target.hash);
+                ready = gate.state == outpost_api::RolloutState::Complete;
+                phase = if ready { Phase::Running } else { Phase::Pending };
+                rollout = Some(gate);
+            }
             out.insert(
                 w.key.clone(),
                 WorkloadStatus {
@@ -1158,7 +1167,7 @@ impl Reconciler {
                     phase,
                     containers,
                     ready,
-                    rollout: self.rollouts.get(key).map(|st| rollout::status(st, target)),
+                    rollout,
                 },
             );
         }

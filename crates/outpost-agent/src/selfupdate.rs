@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use outpost_api::{now_ms, ImageTag};
+use outpost_api::{now_ms, ImageTag, RolloutState, RolloutStatus};
 use outpost_core::agent_update::{decide, on_start, Pending, StartAction, UpdateAction};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -75,6 +75,46 @@ fn write_json<T: serde::Serialize>(p: &Path, v: &T) -> std::io::Result<()> {
 
 fn failed_list(dir: &Path) -> Vec<String> {
     read_json(&dir.join("failed.json")).unwrap_or_default()
+}
+
+/// The update gate of an AgentUpdate on this node, as the fleet rollout reads it (docs/install.md):
+/// `Complete` once this agent runs the wanted binary (the report carrying it is the new agent's
+/// first, which also ends its trial), `RolledBack` once the watchdog restored the previous binary,
+/// `Progressing` while the binary is fetched and swapped.
+pub fn gate_status(data_dir: &Path, run: &outpost_api::AgentUpdateRun, revision: u64, hash: &str) -> RolloutStatus {
+    let dir = data_dir.join("update");
+    let mtime = |p: PathBuf| {
+        std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as i64)
+    };
+    let (state, reason, since) = if own_digest() == run.digest {
+        (
+            RolloutState::Complete,
+            None,
+            mtime(dir.join(format!("healthy-{}", hex_of(&run.digest)))),
+        )
+    } else if failed_list(&dir).contains(&run.digest) {
+        let reason = format!(
+            "the agent {} did not report to the hub within {} s; the watchdog restored {}",
+            run.version.as_deref().unwrap_or(&run.digest),
+            run.health_deadline_seconds,
+            version()
+        );
+        (RolloutState::RolledBack, Some(reason), mtime(dir.join("failed.json")))
+    } else {
+        (RolloutState::Progressing, None, mtime(dir.join("pending.json")))
+    };
+    RolloutStatus {
+        state,
+        target_revision: revision,
+        target_hash: hash.to_string(),
+        good_revision: None,
+        reason,
+        since,
+    }
 }
 
 /// Put `bin` at `exe` atomically: copy beside it, then rename over it.

@@ -908,11 +908,12 @@ impl Kind {
         matches!(self, Kind::Deployment | Kind::DaemonSet | Kind::Job | Kind::CronJob)
     }
 
-    /// Kinds whose revisions roll out in health-gated waves (docs/rollouts.md). A Job or
+    /// Kinds whose revisions roll out in health-gated waves (docs/rollouts.md; an AgentUpdate's
+    /// gate is the new agent reaching the hub, docs/install.md). A Job or
     /// CronJob is not kept running, so nodes have no update gate to report for it: its new
     /// revision reaches its node at once, as in Kubernetes.
     pub fn is_rolled_out(self) -> bool {
-        matches!(self, Kind::Deployment | Kind::DaemonSet)
+        matches!(self, Kind::Deployment | Kind::DaemonSet | Kind::AgentUpdate)
     }
 }
 

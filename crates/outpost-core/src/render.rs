@@ -74,6 +74,8 @@ pub fn template_hash(obj: &Object) -> Option<String> {
     match obj {
         // A pipeline's revision moves with its spec (node selector, streams, sinks).
         Object::Pipeline(p) => Some(content_hash(&p.spec)),
+        // An AgentUpdate's with its spec (the binary), so each one rolls out as a revision.
+        Object::AgentUpdate(u) => Some(content_hash(&u.spec)),
         _ => obj.template().map(content_hash),
     }
 }

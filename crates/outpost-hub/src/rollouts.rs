@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use jiff::tz::TimeZone;
-use outpost_api::{Object, ObjectId, RolloutPhase, RolloutPolicySpec, UnixMs, WorkloadStatus};
+use outpost_api::{Kind, Object, ObjectId, RolloutPhase, RolloutPolicySpec, UnixMs, WorkloadStatus};
 use outpost_core::render::workload_key;
 use outpost_core::waves::{self, Decision, Gate, NodeView, Policy, Rollout};
 
@@ -86,11 +86,39 @@ impl Loaded {
         Policy::for_workload(&self.policies, &obj.meta().labels)
     }
 
-    /// The revision each node placed now holds for `key`.
-    pub fn held(&self, key: &str) -> BTreeMap<String, u64> {
-        self.desired
+    /// The revision each node placed now holds for `key`. For an AgentUpdate every matching
+    /// node counts, and one without any revision holds [`AGENT_AS_INSTALLED`].
+    pub fn held(&self, obj: &Object, key: &str) -> BTreeMap<String, u64> {
+        let mut held: BTreeMap<String, u64> = self
+            .desired
             .get(key)
             .map(|m| m.iter().map(|(n, r)| (n.clone(), r.revision)).collect())
+            .unwrap_or_default();
+        if obj.kind() == Kind::AgentUpdate {
+            for n in self.placed(obj, key) {
+                held.entry(n).or_insert(AGENT_AS_INSTALLED);
+            }
+        }
+        held
+    }
+
+    /// The nodes a workload is placed on. An AgentUpdate is on every node it selects, also
+    /// those whose wave has not opened (their desired state does not hold it yet).
+    fn placed(&self, obj: &Object, key: &str) -> Vec<String> {
+        if obj.kind() == Kind::AgentUpdate {
+            let Some(view) = crate::scheduler::workload_view(obj) else {
+                return Vec::new();
+            };
+            return self
+                .nodes
+                .values()
+                .filter(|n| view.fits(&n.name, &n.labels))
+                .map(|n| n.name.clone())
+                .collect();
+        }
+        self.desired
+            .get(key)
+            .map(|m| m.keys().cloned().collect())
             .unwrap_or_default()
     }
 }
@@ -114,8 +142,10 @@ impl Zones {
 }
 
 /// The nodes a workload is placed on, as the rollout decision sees them.
+#[allow(clippy::too_many_arguments)]
 pub fn node_views(
     l: &Loaded,
+    obj: &Object,
     key: &str,
     revision: u64,
     policy: &Policy,
@@ -123,11 +153,8 @@ pub fn node_views(
     offline_after: Duration,
     now: UnixMs,
 ) -> Vec<NodeView> {
-    let Some(placed) = l.desired.get(key) else {
-        return Vec::new();
-    };
-    placed
-        .keys()
+    l.placed(obj, key)
+        .iter()
         .filter_map(|n| l.nodes.get(n))
         .map(|n| {
             let zone = n
@@ -158,6 +185,12 @@ pub struct Outcome {
     pub active: bool,
 }
 
+/// The "revision" of an AgentUpdate a node holds before its first one: the agent binary it was
+/// installed with. A node pinned to it gets no AgentUpdate in its desired state, so it keeps
+/// the binary it runs; a fleet rollback of a first AgentUpdate stops the update on the nodes
+/// not yet updated, and the updated ones keep the binary that passed their gate.
+pub const AGENT_AS_INSTALLED: u64 = 0;
+
 /// Start rollouts for `started` (workloads that just got a new revision; `one_wave` for an
 /// undo) and for any workload whose current revision has none, then move every rollout on.
 /// Returns each rollout to store, with the decisions that led to it, and the outcome.
@@ -184,7 +217,7 @@ pub fn step(
                     prev,
                     &key,
                     o.revision,
-                    &l.held(&key),
+                    &l.held(&o.object, &key),
                     &policy,
                     one_wave && started.contains(&id),
                     now,
@@ -195,7 +228,16 @@ pub fn step(
             }
         };
         if rollout.phase != RolloutPhase::Complete {
-            let views = node_views(l, &key, rollout.revision, &policy, &mut zones, offline_after, now);
+            let views = node_views(
+                l,
+                &o.object,
+                &key,
+                rollout.revision,
+                &policy,
+                &mut zones,
+                offline_after,
+                now,
+            );
             let d = waves::decide(&rollout, &policy, &views, now);
             if let Some(t) = d.wake_at {
                 out.wake_at = Some(out.wake_at.map_or(t, |w| w.min(t)));

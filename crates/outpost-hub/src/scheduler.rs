@@ -60,11 +60,13 @@ pub fn workload_view(obj: &Object) -> Option<WorkloadView> {
 }
 
 /// A workload object at an earlier revision: its pod template replaced by that revision's.
-fn at_revision(obj: &Object, template: &PodTemplate) -> Option<Object> {
+fn at_revision(obj: &Object, stored: &serde_json::Value) -> Option<Object> {
     let mut o = obj.clone();
+    let template = || serde_json::from_value::<PodTemplate>(stored.clone()).ok();
     match &mut o {
-        Object::Deployment(d) => d.spec.template = template.clone(),
-        Object::DaemonSet(d) => d.spec.template = template.clone(),
+        Object::Deployment(d) => d.spec.template = template()?,
+        Object::DaemonSet(d) => d.spec.template = template()?,
+        Object::AgentUpdate(u) => u.spec = serde_json::from_value(stored.clone()).ok()?,
         _ => return None,
     }
     Some(o)
@@ -127,6 +129,9 @@ pub fn plan(inputs: &ScheduleInputs, offline_after: Duration, now: UnixMs) -> Pl
                 .get(&current.key)
                 .copied();
             let rev = desired_revision(rollout, stored.revision, held, n);
+            if rev == crate::rollouts::AGENT_AS_INSTALLED {
+                continue; // an AgentUpdate whose wave has not reached this node: none yet
+            }
             let spec = if rev == stored.revision {
                 current.clone()
             } else {

@@ -675,9 +675,17 @@ impl Service {
                 .ok_or_else(|| HubError::BadRequest(format!("{id} has no earlier revision to go back to")))?,
         };
         let mut object = obj.object.clone();
+        let template = || {
+            serde_json::from_value::<outpost_api::PodTemplate>(target.template.clone())
+                .map_err(|e| HubError::Internal(format!("stored revision {} of {id}: {e}", target.revision)))
+        };
         match &mut object {
-            Object::Deployment(d) => d.spec.template = target.template.clone(),
-            Object::DaemonSet(d) => d.spec.template = target.template.clone(),
+            Object::Deployment(d) => d.spec.template = template()?,
+            Object::DaemonSet(d) => d.spec.template = template()?,
+            Object::AgentUpdate(u) => {
+                u.spec = serde_json::from_value(target.template.clone())
+                    .map_err(|e| HubError::Internal(format!("stored revision {} of {id}: {e}", target.revision)))?
+            }
             _ => return Err(HubError::BadRequest(format!("{id} is not a workload"))),
         }
         let stored = self.db(|s| s.objects()).await?;
@@ -881,7 +889,7 @@ impl Service {
     async fn rollout(&self, id: ObjectId) -> Result<RolloutInfo, HubError> {
         if !id.kind.is_rolled_out() {
             return Err(HubError::BadRequest(format!(
-                "{id} does not roll out in waves: only Deployments and DaemonSets do (a Job or CronJob's new revision reaches its node at once)"
+                "{id} does not roll out in waves: only Deployments, DaemonSets and AgentUpdates do (a Job or CronJob's new revision reaches its node at once)"
             )));
         }
         let mut l = self.db(crate::rollouts::load).await?;
@@ -992,7 +1000,7 @@ impl Service {
     async fn rollout_action(&self, id: ObjectId, action: RolloutAction) -> Result<RolloutActionResult, HubError> {
         if !id.kind.is_rolled_out() {
             return Err(HubError::BadRequest(format!(
-                "{id} does not roll out in waves: only Deployments and DaemonSets do (a Job or CronJob's new revision reaches its node at once)"
+                "{id} does not roll out in waves: only Deployments, DaemonSets and AgentUpdates do (a Job or CronJob's new revision reaches its node at once)"
             )));
         }
         let key = workload_key(&id);
@@ -1099,13 +1107,7 @@ impl Service {
             .map(|r| RevisionInfo {
                 revision: r.revision,
                 current: r.revision == obj.revision,
-                images: r
-                    .template
-                    .spec
-                    .containers
-                    .iter()
-                    .map(|c| format!("{}={}", c.name, c.image.as_deref().unwrap_or("-")))
-                    .collect(),
+                images: revision_images(&r.template),
                 template_hash: r.template_hash,
                 created_at: r.created_at,
             })
@@ -1615,4 +1617,19 @@ pub fn object_id(kind: &str, namespace: String, name: String) -> Result<ObjectId
         ))
     })?;
     Ok(ObjectId { kind, namespace, name })
+}
+
+/// What `outpost rollout history` shows of a stored revision: `container=image` per container
+/// of a pod template, `agent=<version or digest>` of an AgentUpdate.
+fn revision_images(stored: &serde_json::Value) -> Vec<String> {
+    if let Ok(t) = serde_json::from_value::<outpost_api::PodTemplate>(stored.clone()) {
+        return t
+            .spec
+            .containers
+            .iter()
+            .map(|c| format!("{}={}", c.name, c.image.as_deref().unwrap_or("-")))
+            .collect();
+    }
+    let version = stored["version"].as_str().or(stored["digest"].as_str()).unwrap_or("-");
+    vec![format!("agent={version}")]
 }

@@ -23,8 +23,8 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use outpost_api::{
-    ApplyResult, ImageTag, Kind, Labels, NodeEvent, Object, ObjectId, PodTemplate, StatusReport, SyncResponse, UnixMs,
-    WorkloadSpec, WorkloadStatus,
+    ApplyResult, ImageTag, Kind, Labels, NodeEvent, Object, ObjectId, StatusReport, SyncResponse, UnixMs, WorkloadSpec,
+    WorkloadStatus,
 };
 use outpost_core::waves::Rollout;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -156,13 +156,22 @@ pub struct StoredObject {
     pub updated_at: UnixMs,
 }
 
-/// One revision of a workload's pod template.
+/// One revision of a workload's pod template (of an AgentUpdate: its spec), as stored JSON.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RevisionRow {
     pub revision: u64,
     pub template_hash: String,
     pub created_at: UnixMs,
-    pub template: outpost_api::PodTemplate,
+    pub template: serde_json::Value,
+}
+
+/// What a revision keeps of an object: the pod template of a workload, the spec of an
+/// AgentUpdate (the binary a fleet rollback goes back to).
+fn revision_content(obj: &Object) -> serde_json::Result<Option<String>> {
+    match obj {
+        Object::AgentUpdate(u) => serde_json::to_string(&u.spec).map(Some),
+        _ => obj.template().map(serde_json::to_string).transpose(),
+    }
 }
 
 /// One row of a node's desired state.
@@ -189,8 +198,9 @@ pub struct ScheduleInputs {
     pub held_prefetch: BTreeMap<String, BTreeMap<String, String>>,
     /// Workload key -> its current (or last) rollout.
     pub rollouts: BTreeMap<String, Rollout>,
-    /// Pod templates of earlier revisions that nodes hold or may go back to.
-    pub templates: BTreeMap<(ObjectId, u64), PodTemplate>,
+    /// Pod templates (AgentUpdate specs) of earlier revisions that nodes hold or may go back
+    /// to, as stored JSON.
+    pub templates: BTreeMap<(ObjectId, u64), serde_json::Value>,
 }
 
 /// Changes to one node's desired state.
@@ -901,18 +911,18 @@ impl Store for SqliteStore {
                         updated_at = excluded.updated_at",
                     params![id.kind.as_str(), id.namespace, id.name, manifest, thash, i(revision), created_at, now],
                 )?;
-                if let (Some(h), Some(t)) = (&thash, obj.template()) {
+                if let (Some(h), Some(t)) = (&thash, revision_content(obj)?) {
                     tx.execute(
                         "INSERT OR IGNORE INTO revisions (kind, namespace, name, revision, template_hash, template, created_at)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                        params![id.kind.as_str(), id.namespace, id.name, i(revision), h, serde_json::to_string(t)?, now],
+                        params![id.kind.as_str(), id.namespace, id.name, i(revision), h, t, now],
                     )?;
                 }
             }
             results.push(ApplyResult {
                 object: id.to_string(),
                 action: action.to_string(),
-                revision: id.kind.is_workload().then_some(revision),
+                revision: (id.kind.is_workload() || id.kind.is_rolled_out()).then_some(revision),
             });
         }
         tx.commit()?;
@@ -974,7 +984,7 @@ impl Store for SqliteStore {
                 "DELETE FROM revisions WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
                 p,
             )?;
-            if id.kind.is_workload() {
+            if id.kind.is_workload() || id.kind.is_rolled_out() {
                 tx.execute(
                     "DELETE FROM rollouts WHERE workload = ?1",
                     params![outpost_core::render::workload_key(id)],
@@ -1104,7 +1114,10 @@ impl Store for SqliteStore {
             .collect();
         // Templates of earlier revisions: those nodes hold, and those rollouts go back to.
         let mut wanted: BTreeSet<(ObjectId, u64)> = BTreeSet::new();
-        for o in objects.iter().filter(|o| o.object.kind().is_workload()) {
+        for o in objects
+            .iter()
+            .filter(|o| o.object.kind().is_workload() || o.object.kind().is_rolled_out())
+        {
             let id = o.object.id();
             let key = outpost_core::render::workload_key(&id);
             for revs in held_revisions.values() {

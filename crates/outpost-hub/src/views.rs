@@ -124,7 +124,7 @@ pub fn rollout_info(
 ) -> RolloutInfo {
     let policy = l.policy_for(obj);
     let mut zones = Zones::default();
-    let views = node_views(l, &r.workload, r.revision, &policy, &mut zones, offline_after, now);
+    let views = node_views(l, obj, &r.workload, r.revision, &policy, &mut zones, offline_after, now);
     let mut waves: Vec<WaveInfo> = r
         .waves
         .iter()

@@ -474,8 +474,11 @@ pub async fn describe(c: &Client, kind: &str, name: &str, ns: &str) -> Result<()
 async fn rollout_object(c: &Client, t: &RolloutTarget) -> Result<(Kind, String)> {
     match &t.name {
         Some(name) => {
-            let Some(k) = Kind::parse_cli(&t.kind).filter(|k| k.is_workload()) else {
-                bail!("{:?} is not a workload kind: use deployment or daemonset", t.kind);
+            let Some(k) = Kind::parse_cli(&t.kind).filter(|k| k.is_workload() || k.is_rolled_out()) else {
+                bail!(
+                    "{:?} is not a workload kind: use deployment, daemonset or agentupdate",
+                    t.kind
+                );
             };
             Ok((k, name.clone()))
         }

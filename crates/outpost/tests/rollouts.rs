@@ -664,5 +664,5 @@ fn a_cronjob_change_reaches_its_node_at_once_without_a_rollout() {
         "no rollout for a CronJob: {all}"
     );
     let err = api_get(&hub, "/v1/objects/cronjob/default/nightly/rollout").to_string();
-    assert!(err.contains("only Deployments and DaemonSets"), "{err}");
+    assert!(err.contains("only Deployments, DaemonSets and AgentUpdates"), "{err}");
 }

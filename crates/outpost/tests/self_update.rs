@@ -192,3 +192,172 @@ fn agent_updates_itself_and_rolls_back_a_bad_binary_without_restarting_workloads
         let _ = c.wait();
     }
 }
+
+/// One agent of the wave test: its own executable (a hard link to the test binary until it
+/// updates, so the swap replaces only its own path) and data dir.
+struct WaveAgent {
+    exe: PathBuf,
+    data: PathBuf,
+    _cleanup: Cleanup,
+}
+
+fn wave_agent(hub: &Hub, root: &Path, name: &str, token: &str) -> WaveAgent {
+    let bin_dir = root.join(name).join("bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let exe = bin_dir.join("outpost");
+    if std::fs::hard_link(BIN, &exe).is_err() {
+        std::fs::copy(BIN, &exe).unwrap();
+    }
+    let data = root.join(name).join("data");
+    let o = Command::new(&exe)
+        .args([
+            "agent",
+            "join",
+            "--hub",
+            &hub.url,
+            "--token",
+            token,
+            "--name",
+            name,
+            "--data-dir",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let log = std::fs::File::create(root.join(format!("{name}.log"))).unwrap();
+    let child = Command::new(&exe)
+        .args(["agent", "run", "--data-dir"])
+        .arg(&data)
+        .env("OUTPOST_LOG", "info")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    WaveAgent {
+        exe,
+        _cleanup: Cleanup {
+            data: data.clone(),
+            child: Some(child),
+            markers: Vec::new(),
+        },
+        data,
+    }
+}
+
+/// The agent binary rolls out to the fleet in waves like any release: one canary node first,
+/// the others after its bake; a binary that fails on the canary stops there (the fleet
+/// rollout fails) and no other node ever downloads or runs it.
+#[test]
+fn agent_updates_roll_out_canary_first_and_a_bad_binary_stops_at_the_canary() {
+    let hub = Hub::start();
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("outpost-good");
+    let mut bytes = std::fs::read(BIN).unwrap();
+    bytes.extend_from_slice(format!("outpost-wave-build-{}", std::process::id()).as_bytes());
+    std::fs::write(&good, &bytes).unwrap();
+    drop(bytes);
+    let bad = dir.path().join("outpost-bad");
+    std::fs::write(&bad, "#!/bin/sh\nexit 1\n").unwrap();
+    for f in [&good, &bad] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let old = digest(Path::new(BIN));
+    let new = digest(&good);
+    let broken = digest(&bad);
+
+    // every workload of this hub: one canary node, then the rest after 6 s
+    hub.apply(
+        "apiVersion: outpost.dev/v1\nkind: RolloutPolicy\nmetadata: {name: agents}\nspec:\n  waves:\n  - {name: canary, count: 1}\n  - {name: rest, percent: 100}\n  bake: 6s\n  tinyFleet: 1\n",
+    );
+    let token = hub.token(&["--labels", "site=wave", "--uses", "4"]);
+    let names = ["wave-0", "wave-1", "wave-2", "wave-3"];
+    let agents: Vec<WaveAgent> = names.iter().map(|n| wave_agent(&hub, dir.path(), n, &token)).collect();
+    let reported = |node: &str| {
+        hub.node(node)
+            .and_then(|n| n["agent_version"].as_str().map(String::from))
+            .unwrap_or_default()
+    };
+    let on = |d: &str| format!("+{}", &d[..12]);
+    wait_for("four agents report their version", 60.0, || {
+        names.iter().all(|n| reported(n).ends_with(&on(&old))).then_some(())
+    });
+
+    let manifest = hub.cli(&["agent", "publish", good.to_str().unwrap(), "--version", "wave-good"]);
+    hub.apply(&manifest.replace("healthDeadlineSeconds: 120", "healthDeadlineSeconds: 60"));
+    let rollout = || hub.json(&["rollout", "status", "agentupdate", "agent"]);
+    let canary = wait_for("the canary runs the new agent", 90.0, || {
+        names
+            .iter()
+            .find(|n| reported(n).ends_with(&on(&new)))
+            .map(|n| n.to_string())
+    });
+    let others: Vec<&str> = names.iter().copied().filter(|n| *n != canary).collect();
+    // the canary's wave bakes 6 s after its gate: the others are still on the old binary
+    for n in &others {
+        assert!(
+            reported(n).ends_with(&on(&old)),
+            "{n} updated before the canary's bake ended"
+        );
+    }
+    let r = rollout();
+    let wave0: Vec<&str> = r["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["wave"] == 0)
+        .filter_map(|n| n["node"].as_str())
+        .collect();
+    assert_eq!(wave0, vec![canary.as_str()], "{r}");
+    wait_for("every node runs the new agent and the rollout completes", 120.0, || {
+        (names.iter().all(|n| reported(n).ends_with(&on(&new))) && rollout()["phase"] == "Complete").then_some(())
+    });
+    for a in &agents {
+        assert_eq!(digest(&a.exe), new, "{} swapped its executable", a.data.display());
+    }
+
+    // a binary that exits at once: the canary's watchdog restores it, the rollout fails, and
+    // the other nodes never receive it
+    let manifest = hub.cli(&["agent", "publish", bad.to_str().unwrap()]);
+    hub.apply(&manifest.replace("healthDeadlineSeconds: 120", "healthDeadlineSeconds: 20"));
+    let r = wait_for("the fleet rollout of the broken agent fails", 120.0, || {
+        let r = rollout();
+        (r["revision"] == 2 && r["phase"] == "Failed").then_some(r)
+    });
+    let tried: Vec<&WaveAgent> = agents
+        .iter()
+        .filter(|a| std::fs::read_to_string(a.data.join("update/failed.json")).is_ok_and(|f| f.contains(&broken)))
+        .collect();
+    assert_eq!(tried.len(), 1, "only one node tried the broken agent: {r}");
+    wait_for("every node runs the good agent again", 90.0, || {
+        names.iter().all(|n| reported(n).ends_with(&on(&new))).then_some(())
+    });
+    let canary_data = tried[0].data.clone();
+    for a in &agents {
+        assert_eq!(digest(&a.exe), new, "{} runs the good binary", a.data.display());
+        if a.data == canary_data {
+            continue;
+        }
+        let fetched: Vec<String> = walk(&a.data.join("update"));
+        assert!(
+            !fetched.iter().any(|f| f.contains(&broken[..12])),
+            "{} outside the canary wave fetched the broken agent: {fetched:?}",
+            a.data.display()
+        );
+    }
+    drop(agents);
+}
+
+/// Every file name under `dir`, recursively.
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p.display().to_string());
+    }
+    out
+}
