@@ -73,57 +73,12 @@ impl Drop for Cleanup {
 fn agent_updates_itself_and_rolls_back_a_bad_binary_without_restarting_workloads() {
     let hub = Hub::start();
     let dir = tempfile::tempdir().unwrap();
-    let bin_dir = dir.path().join("bin");
-    std::fs::create_dir_all(&bin_dir).unwrap();
-    let exe = bin_dir.join("outpost");
-    std::fs::copy(BIN, &exe).unwrap();
-    // a different good build: the same program with trailing bytes (another digest)
-    let good = dir.path().join("outpost-good");
-    let mut bytes = std::fs::read(BIN).unwrap();
-    bytes.extend_from_slice(format!("outpost-test-build-{}", std::process::id()).as_bytes());
-    std::fs::write(&good, &bytes).unwrap();
-    // a broken release: exits at once
-    let bad = dir.path().join("outpost-bad");
-    std::fs::write(&bad, "#!/bin/sh\nexit 1\n").unwrap();
-    for f in [&exe, &good, &bad] {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-
-    let data = dir.path().join("agent");
+    let (good, bad) = builds(dir.path());
     let token = hub.token(&["--labels", "site=upd"]);
-    let o = Command::new(&exe)
-        .args([
-            "agent",
-            "join",
-            "--hub",
-            &hub.url,
-            "--token",
-            &token,
-            "--name",
-            "upd-box",
-            "--data-dir",
-        ])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-    let child = Command::new(&exe)
-        .args(["agent", "run", "--data-dir"])
-        .arg(&data)
-        .env("OUTPOST_LOG", "info")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let agent_pid = child.id();
+    let TestAgent { exe, data, mut cleanup } = own_agent(&hub, dir.path(), "upd-box", &token);
+    let agent_pid = cleanup.child.as_ref().unwrap().id();
     let m = marker();
-    let mut cleanup = Cleanup {
-        data: data.clone(),
-        child: Some(child),
-        markers: vec![m.clone()],
-    };
+    cleanup.markers.push(m.clone());
     hub.apply(&sleeper_ds("steady", &m, ""));
     let w = wait_for("the workload runs", 30.0, || {
         pids_with_cmdline(&["/bin/sleep", &m]).first().copied()
@@ -193,15 +148,31 @@ fn agent_updates_itself_and_rolls_back_a_bad_binary_without_restarting_workloads
     }
 }
 
-/// One agent of the wave test: its own executable (a hard link to the test binary until it
-/// updates, so the swap replaces only its own path) and data dir.
-struct WaveAgent {
-    exe: PathBuf,
-    data: PathBuf,
-    _cleanup: Cleanup,
+/// A different good build (the test binary with trailing bytes: another digest) and a broken
+/// release (exits at once), in `dir`.
+fn builds(dir: &Path) -> (PathBuf, PathBuf) {
+    let good = dir.join("outpost-good");
+    let mut bytes = std::fs::read(BIN).unwrap();
+    bytes.extend_from_slice(format!("outpost-test-build-{}", std::process::id()).as_bytes());
+    std::fs::write(&good, &bytes).unwrap();
+    let bad = dir.join("outpost-bad");
+    std::fs::write(&bad, "#!/bin/sh\nexit 1\n").unwrap();
+    for f in [&good, &bad] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    (good, bad)
 }
 
-fn wave_agent(hub: &Hub, root: &Path, name: &str, token: &str) -> WaveAgent {
+/// A joined, running agent with its own executable (a hard link to the test binary until it
+/// updates, so the swap replaces only its own path) and data dir under `root/name`.
+struct TestAgent {
+    exe: PathBuf,
+    data: PathBuf,
+    cleanup: Cleanup,
+}
+
+fn own_agent(hub: &Hub, root: &Path, name: &str, token: &str) -> TestAgent {
     let bin_dir = root.join(name).join("bin");
     std::fs::create_dir_all(&bin_dir).unwrap();
     let exe = bin_dir.join("outpost");
@@ -234,9 +205,9 @@ fn wave_agent(hub: &Hub, root: &Path, name: &str, token: &str) -> WaveAgent {
         .stderr(log)
         .spawn()
         .unwrap();
-    WaveAgent {
+    TestAgent {
         exe,
-        _cleanup: Cleanup {
+        cleanup: Cleanup {
             data: data.clone(),
             child: Some(child),
             markers: Vec::new(),
@@ -252,17 +223,7 @@ fn wave_agent(hub: &Hub, root: &Path, name: &str, token: &str) -> WaveAgent {
 fn agent_updates_roll_out_canary_first_and_a_bad_binary_stops_at_the_canary() {
     let hub = Hub::start();
     let dir = tempfile::tempdir().unwrap();
-    let good = dir.path().join("outpost-good");
-    let mut bytes = std::fs::read(BIN).unwrap();
-    bytes.extend_from_slice(format!("outpost-wave-build-{}", std::process::id()).as_bytes());
-    std::fs::write(&good, &bytes).unwrap();
-    drop(bytes);
-    let bad = dir.path().join("outpost-bad");
-    std::fs::write(&bad, "#!/bin/sh\nexit 1\n").unwrap();
-    for f in [&good, &bad] {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
+    let (good, bad) = builds(dir.path());
     let old = digest(Path::new(BIN));
     let new = digest(&good);
     let broken = digest(&bad);
@@ -273,7 +234,7 @@ fn agent_updates_roll_out_canary_first_and_a_bad_binary_stops_at_the_canary() {
     );
     let token = hub.token(&["--labels", "site=wave", "--uses", "4"]);
     let names = ["wave-0", "wave-1", "wave-2", "wave-3"];
-    let agents: Vec<WaveAgent> = names.iter().map(|n| wave_agent(&hub, dir.path(), n, &token)).collect();
+    let agents: Vec<TestAgent> = names.iter().map(|n| own_agent(&hub, dir.path(), n, &token)).collect();
     let reported = |node: &str| {
         hub.node(node)
             .and_then(|n| n["agent_version"].as_str().map(String::from))
@@ -325,7 +286,7 @@ fn agent_updates_roll_out_canary_first_and_a_bad_binary_stops_at_the_canary() {
         let r = rollout();
         (r["revision"] == 2 && r["phase"] == "Failed").then_some(r)
     });
-    let tried: Vec<&WaveAgent> = agents
+    let tried: Vec<&TestAgent> = agents
         .iter()
         .filter(|a| std::fs::read_to_string(a.data.join("update/failed.json")).is_ok_and(|f| f.contains(&broken)))
         .collect();
