@@ -1,0 +1,215 @@
+//! Strategic merge patches over `serde_json::Value`, the subset kustomize users write.
+//!
+//! Maps merge key by key; a `null` in the patch deletes the key; `$patch: delete` deletes
+//! the map (or the list element) it sits in, `$patch: replace` replaces it. Lists of objects
+//! with a Kubernetes merge key (`containers` by `name`, `volumeMounts` by `mountPath`,
+//! container `ports` by `containerPort`, Service `ports` by `port`...) merge element by element:
+//! the patch's elements first, in the patch's order, then the target's elements the patch does
+//! not name (the order `kubectl kustomize` produces). Every other list is replaced.
+
+use serde_json::{Map, Value};
+
+/// The merge key of a list field, by the field's name and the elements it holds.
+fn merge_key(field: &str, items: &[&Value]) -> Option<&'static str> {
+    let has = |k: &str| items.iter().any(|v| v.get(k).is_some());
+    Some(match field {
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "env"
+        | "volumes"
+        | "imagePullSecrets"
+        | "resourceClaims"
+        | "schedulingGates" => "name",
+        "volumeMounts" => "mountPath",
+        "volumeDevices" => "devicePath",
+        "hostAliases" => "ip",
+        "topologySpreadConstraints" => "topologyKey",
+        "ports" if has("containerPort") => "containerPort",
+        "ports" if has("port") => "port",
+        "conditions" => "type",
+        "ownerReferences" => "uid",
+        _ => return None,
+    })
+}
+
+const DIRECTIVE: &str = "$patch";
+
+/// Merge `patch` into `target`. Returns `false` when the patch deletes the whole object.
+pub fn merge_object(target: &mut Map<String, Value>, patch: &Map<String, Value>) -> bool {
+    match patch.get(DIRECTIVE).and_then(|v| v.as_str()) {
+        Some("delete") => return false,
+        Some("replace") => {
+            *target = strip(patch);
+            return true;
+        }
+        _ => {}
+    }
+    for (k, pv) in patch {
+        if k == DIRECTIVE || k.starts_with("$setElementOrder") || k == "$retainKeys" {
+            continue;
+        }
+        if pv.is_null() {
+            target.remove(k);
+            continue;
+        }
+        match (target.get_mut(k), pv) {
+            (Some(Value::Object(tm)), Value::Object(pm)) => {
+                if !merge_object(tm, pm) {
+                    target.remove(k);
+                }
+            }
+            (Some(Value::Array(ta)), Value::Array(pa)) => {
+                let merged = merge_list(k, ta, pa);
+                target.insert(k.clone(), Value::Array(merged));
+            }
+            (_, Value::Object(pm)) => {
+                if pm.get(DIRECTIVE).and_then(|v| v.as_str()) == Some("delete") {
+                    target.remove(k);
+                } else {
+                    target.insert(k.clone(), Value::Object(strip(pm)));
+                }
+            }
+            (_, Value::Array(pa)) => {
+                let items: Vec<Value> = pa.iter().filter(|v| !is_delete(v)).map(strip_value).collect();
+                target.insert(k.clone(), Value::Array(items));
+            }
+            (_, pv) => {
+                target.insert(k.clone(), pv.clone());
+            }
+        }
+    }
+    true
+}
+
+fn is_delete(v: &Value) -> bool {
+    v.get(DIRECTIVE).and_then(|d| d.as_str()) == Some("delete")
+}
+
+fn strip(m: &Map<String, Value>) -> Map<String, Value> {
+    m.iter()
+        .filter(|(k, v)| !k.starts_with('$') && !v.is_null())
+        .map(|(k, v)| (k.clone(), strip_value(v)))
+        .collect()
+}
+
+fn strip_value(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(strip(m)),
+        Value::Array(a) => Value::Array(a.iter().map(strip_value).collect()),
+        v => v.clone(),
+    }
+}
+
+fn merge_list(field: &str, target: &[Value], patch: &[Value]) -> Vec<Value> {
+    // A list holding `{$patch: replace}` is replaced by the rest of the patch list.
+    if patch.iter().any(|v| {
+        v.get(DIRECTIVE).and_then(|d| d.as_str()) == Some("replace") && v.as_object().is_some_and(|m| m.len() == 1)
+    }) {
+        return patch
+            .iter()
+            .filter(|v| v.get(DIRECTIVE).is_none())
+            .map(strip_value)
+            .collect();
+    }
+    let all: Vec<&Value> = target.iter().chain(patch.iter()).collect();
+    let Some(key) = merge_key(field, &all) else {
+        return patch.iter().filter(|v| !is_delete(v)).map(strip_value).collect();
+    };
+    let mut used = vec![false; target.len()];
+    let mut out = Vec::new();
+    for p in patch {
+        let Some(pm) = p.as_object() else {
+            out.push(p.clone());
+            continue;
+        };
+        let pk = pm.get(key);
+        let found = pk.and_then(|pk| {
+            target
+                .iter()
+                .enumerate()
+                .position(|(i, t)| !used[i] && t.get(key) == Some(pk))
+        });
+        match found {
+            Some(i) => {
+                used[i] = true;
+                if is_delete(p) {
+                    continue;
+                }
+                let mut t = target[i].clone();
+                if let Value::Object(tm) = &mut t {
+                    if merge_object(tm, pm) {
+                        out.push(t);
+                    }
+                }
+            }
+            None => {
+                if !is_delete(p) {
+                    out.push(Value::Object(strip(pm)));
+                }
+            }
+        }
+    }
+    for (i, t) in target.iter().enumerate() {
+        if !used[i] {
+            out.push(t.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn check(target: Value, patch: Value, want: Option<Value>) {
+        let mut t = target.as_object().unwrap().clone();
+        let kept = merge_object(&mut t, patch.as_object().unwrap());
+        match want {
+            Some(w) => {
+                assert!(kept);
+                assert_eq!(Value::Object(t), w);
+            }
+            None => assert!(!kept),
+        }
+    }
+
+    #[test]
+    fn table() {
+        check(
+            json!({"a": 1, "b": {"c": 2}}),
+            json!({"b": {"d": 3}}),
+            Some(json!({"a": 1, "b": {"c": 2, "d": 3}})),
+        );
+        check(json!({"a": 1, "b": 2}), json!({"b": null}), Some(json!({"a": 1})));
+        check(json!({"a": 1}), json!({"$patch": "delete"}), None);
+        check(
+            json!({"a": {"x": 1}}),
+            json!({"a": {"$patch": "replace", "y": 2}}),
+            Some(json!({"a": {"y": 2}})),
+        );
+        check(
+            json!({"args": ["a", "b"]}),
+            json!({"args": ["c"]}),
+            Some(json!({"args": ["c"]})),
+        );
+        check(
+            json!({"containers": [{"name": "a", "image": "x"}, {"name": "b", "image": "y"}]}),
+            json!({"containers": [{"name": "c", "image": "z"}, {"name": "a", "image": "x2"}]}),
+            Some(
+                json!({"containers": [{"name": "c", "image": "z"}, {"name": "a", "image": "x2"}, {"name": "b", "image": "y"}]}),
+            ),
+        );
+        check(
+            json!({"containers": [{"name": "a"}, {"name": "b"}]}),
+            json!({"containers": [{"name": "a", "$patch": "delete"}]}),
+            Some(json!({"containers": [{"name": "b"}]})),
+        );
+        check(
+            json!({"volumeMounts": [{"name": "v", "mountPath": "/a"}]}),
+            json!({"volumeMounts": [{"name": "v", "mountPath": "/b"}]}),
+            Some(json!({"volumeMounts": [{"name": "v", "mountPath": "/b"}, {"name": "v", "mountPath": "/a"}]})),
+        );
+    }
+}
