@@ -13,6 +13,7 @@
 //! bases, Helm charts, plugins, `vars` and `replacements` are refused, not approximated.
 
 mod build;
+pub mod diff;
 mod error;
 mod fieldspec;
 pub mod fs;
