@@ -25,6 +25,7 @@ mod order;
 mod resource;
 mod select;
 mod smp;
+mod yaml;
 
 pub use error::Error;
 pub use fs::{DiskFs, Fs, MemFs};
@@ -44,11 +45,7 @@ pub fn to_yaml(objs: &[Value]) -> String {
         if i > 0 {
             out.push_str("---\n");
         }
-        let text = serde_saphyr::to_string(&sorted(o)).unwrap_or_default();
-        out.push_str(&text);
-        if !text.ends_with('\n') {
-            out.push('\n');
-        }
+        out.push_str(&yaml::document(o));
     }
     out
 }
