@@ -123,3 +123,34 @@ fn kustomize_build_needs_no_hub() {
     let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["ConfigMap", "Deployment", "DaemonSet"]);
 }
+
+/// The articles' layout (docs/gitops.md): a site's overlay applies as rendered, and the
+/// other site's overlay shows, field by field, how it differs.
+#[test]
+fn the_articles_overlays_apply_and_diff() {
+    let hub = Hub::start();
+    let root =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../outpost-kustomize/tests/fixtures/01-article-gitops/overlays");
+    let shanghai = root.join("factory-shanghai");
+    let berlin = root.join("factory-berlin");
+    let out = hub.cli(&["apply", "-k", shanghai.to_str().unwrap()]);
+    assert!(out.contains("Deployment/edge/edge-infer-service created"), "{out}");
+    let plan = hub.cli(&["diff", "-k", shanghai.to_str().unwrap()]);
+    assert!(
+        plan.ends_with("0 to create, 0 to change, 3 unchanged, 0 to delete\n"),
+        "{plan}"
+    );
+    let plan = hub.cli(&["diff", "-k", berlin.to_str().unwrap()]);
+    for want in [
+        "changed   Deployment/edge/edge-infer-service",
+        "~ spec.template.spec.containers[0].image: \"registry.example.com/edge-infer:v1.1\" -> \"registry.example.com/edge-infer:v1.0\"",
+        "+ metadata.labels: {\"compliance\":\"gdpr\"}",
+        "+ spec.selector.matchLabels.compliance: \"gdpr\"",
+        "- spec.template.spec.containers[0].resources: {\"limits\":{\"cpu\":\"1\",\"memory\":\"512Mi\"}}",
+        "changed   Service/edge/edge-infer-service",
+        "~ spec.ports[0].nodePort: 30001 -> 30002",
+        "created   ConfigMap/edge/infer-config-8t465hghmb",
+    ] {
+        assert!(plan.contains(want), "missing `{want}` in:\n{plan}");
+    }
+}
