@@ -25,7 +25,7 @@ fn read_text(fs: &dyn Fs, path: &str) -> Result<String, Error> {
 
 /// Parses every YAML document of a text into objects; `file` names it in errors.
 pub(crate) fn parse_docs(file: &str, text: &str) -> Result<Vec<Map<String, Value>>, Error> {
-    let docs: Vec<Value> = serde_saphyr::from_multiple(text)
+    let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, crate::yaml_options())
         .map_err(|e| Error::invalid(file, "(file)", format!("not valid YAML: {e}")))?;
     let mut out = Vec::new();
     for (i, d) in docs.into_iter().enumerate() {
@@ -547,7 +547,7 @@ impl<'a> Builder<'a> {
         ra: &mut Vec<Res>,
         json_only: bool,
     ) -> Result<(), Error> {
-        let docs: Vec<Value> = serde_saphyr::from_multiple(text)
+        let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, crate::yaml_options())
             .map_err(|e| Error::invalid(src, "(patch)", format!("not valid YAML: {e}")))?;
         let docs: Vec<Value> = docs.into_iter().filter(|d| !d.is_null()).collect();
         let is_json = docs.len() == 1 && docs[0].is_array();

@@ -309,8 +309,8 @@ impl Reader<'_> {
 /// Reads a kustomization (or component) file's text. `file` names it in errors.
 pub fn parse(file: &str, text: &str) -> Result<Kustomization, Error> {
     let r = Reader { file };
-    let doc: Value =
-        serde_saphyr::from_str(text).map_err(|e| Error::invalid(file, "(file)", format!("not valid YAML: {e}")))?;
+    let doc: Value = serde_saphyr::from_str_with_options(text, crate::yaml_options())
+        .map_err(|e| Error::invalid(file, "(file)", format!("not valid YAML: {e}")))?;
     let doc = if doc.is_null() { Value::Object(Map::new()) } else { doc };
     let m = r.map("(file)", &doc)?;
     let mut k = Kustomization {

@@ -67,8 +67,17 @@ pub fn sorted(v: &Value) -> Value {
     }
 }
 
+/// How every YAML text is read: YAML 1.2 booleans (only `true`/`false`), as kustomize reads
+/// them, so `name: Y` or `value: yes` stay strings.
+pub(crate) fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::Options {
+        strict_booleans: true,
+        ..serde_saphyr::Options::default()
+    }
+}
+
 /// Parses a YAML stream (such as `kubectl kustomize`'s output) into its documents.
 pub fn parse_stream(text: &str) -> Result<Vec<Value>, String> {
-    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| e.to_string())?;
+    let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, yaml_options()).map_err(|e| e.to_string())?;
     Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
 }

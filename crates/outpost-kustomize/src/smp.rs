@@ -2,16 +2,16 @@
 //!
 //! Maps merge key by key; a `null` in the patch deletes the key; `$patch: delete` deletes
 //! the map (or the list element) it sits in, `$patch: replace` replaces it. Lists of objects
-//! with a Kubernetes merge key (`containers` by `name`, `volumeMounts` by `mountPath`,
-//! container `ports` by `containerPort`, Service `ports` by `port`...) merge element by element:
-//! the patch's elements first, in the patch's order, then the target's elements the patch does
-//! not name (the order `kubectl kustomize` produces). Every other list is replaced.
+//! with a Kubernetes merge key (`containers` by `name`, `volumeMounts` by `mountPath`...) merge
+//! element by element: the patch's elements first, in the patch's order, then the target's
+//! elements the patch does not name (the order `kubectl kustomize` produces). Ports, keyed by
+//! port and protocol, keep the target's order with new ones in front (see `merge_composite`).
+//! Every other list is replaced.
 
 use serde_json::{Map, Value};
 
 /// The merge key of a list field, by the field's name and the elements it holds.
-fn merge_key(field: &str, items: &[&Value]) -> Option<&'static str> {
-    let has = |k: &str| items.iter().any(|v| v.get(k).is_some());
+fn merge_key(field: &str) -> Option<&'static str> {
     Some(match field {
         "containers"
         | "initContainers"
@@ -25,8 +25,6 @@ fn merge_key(field: &str, items: &[&Value]) -> Option<&'static str> {
         "volumeDevices" => "devicePath",
         "hostAliases" => "ip",
         "topologySpreadConstraints" => "topologyKey",
-        "ports" if has("containerPort") => "containerPort",
-        "ports" if has("port") => "port",
         "conditions" => "type",
         "ownerReferences" => "uid",
         _ => return None,
@@ -101,6 +99,48 @@ fn strip_value(v: &Value) -> Value {
     }
 }
 
+/// Lists whose elements Kubernetes identifies by two fields (`x-kubernetes-list-map-keys`):
+/// container ports by `containerPort` and `protocol`, Service ports by `port` and `protocol`.
+fn composite_keys(field: &str, items: &[&Value]) -> Option<[&'static str; 2]> {
+    let has = |k: &str| items.iter().any(|v| v.get(k).is_some());
+    match field {
+        "ports" if has("containerPort") => Some(["containerPort", "protocol"]),
+        "ports" if has("port") => Some(["port", "protocol"]),
+        _ => None,
+    }
+}
+
+/// kustomize's merge of a two-key list, as `kubectl kustomize` does it: the target's elements
+/// stay in place (merged with the patch element of the same port and protocol); new elements
+/// go before them, in the patch's order; a patch element without a protocol that names a port
+/// the target has with one is dropped (kustomize matches and discards it).
+fn merge_composite(keys: [&str; 2], target: &[Value], patch: &[Value]) -> Vec<Value> {
+    let id = |v: &Value| -> (Option<Value>, Option<Value>) { (v.get(keys[0]).cloned(), v.get(keys[1]).cloned()) };
+    let mut out: Vec<Option<Value>> = target.iter().cloned().map(Some).collect();
+    let mut new = Vec::new();
+    for p in patch {
+        let Some(pm) = p.as_object() else {
+            new.push(p.clone());
+            continue;
+        };
+        let pid = id(p);
+        if let Some(i) = target.iter().position(|t| id(t) == pid) {
+            if is_delete(p) {
+                out[i] = None;
+            } else if let Some(Value::Object(tm)) = out[i].as_mut() {
+                if !merge_object(tm, pm) {
+                    out[i] = None;
+                }
+            }
+        } else if pid.1.is_none() && target.iter().any(|t| t.get(keys[0]) == pid.0.as_ref()) {
+            // Dropped, as kustomize drops it.
+        } else if !is_delete(p) {
+            new.push(Value::Object(strip(pm)));
+        }
+    }
+    new.into_iter().chain(out.into_iter().flatten()).collect()
+}
+
 fn merge_list(field: &str, target: &[Value], patch: &[Value]) -> Vec<Value> {
     // A list holding `{$patch: replace}` is replaced by the rest of the patch list.
     if patch.iter().any(|v| {
@@ -113,7 +153,10 @@ fn merge_list(field: &str, target: &[Value], patch: &[Value]) -> Vec<Value> {
             .collect();
     }
     let all: Vec<&Value> = target.iter().chain(patch.iter()).collect();
-    let Some(key) = merge_key(field, &all) else {
+    if let Some(keys) = composite_keys(field, &all) {
+        return merge_composite(keys, target, patch);
+    }
+    let Some(key) = merge_key(field) else {
         return patch.iter().filter(|v| !is_delete(v)).map(strip_value).collect();
     };
     let mut used = vec![false; target.len()];
