@@ -447,6 +447,9 @@ impl<'a> Builder<'a> {
                 }
                 if !r.cluster_scoped() {
                     r.set_namespace(ns);
+                } else if r.kind() == "Namespace" && r.group_version() == (String::new(), "v1".into()) {
+                    // kustomize renames the Namespace objects of a tree to the namespace.
+                    r.set_name(ns);
                 }
             }
         }

@@ -35,8 +35,8 @@ pub fn split(image: &str) -> (String, String, String) {
 }
 
 fn matches(image: &str, name: &str) -> bool {
-    let re = Regex::new(&format!("^{name}(@sha256)?(:[a-zA-Z0-9_.{{}}-]*)?$"))
-        .or_else(|_| Regex::new(&format!("^{}(@sha256)?(:[a-zA-Z0-9_.{{}}-]*)?$", regex::escape(name))));
+    const REST: &str = "(@sha256)?(:[a-zA-Z0-9_.{}-]*)?(@sha256:[a-zA-Z0-9]*)?$";
+    let re = Regex::new(&format!("^{name}{REST}")).or_else(|_| Regex::new(&format!("^{}{REST}", regex::escape(name))));
     re.is_ok_and(|re| re.is_match(image))
 }
 
@@ -125,6 +125,11 @@ mod tests {
                 Some("localhost:5000/app:v2"),
             ),
             ("nginxx:1.0", img("nginx", None, Some("2"), None), None),
+            (
+                "nginx:1.25@sha256:abc",
+                img("nginx", Some("m/nginx"), None, None),
+                Some("m/nginx:1.25@sha256:abc"),
+            ),
         ] {
             assert_eq!(rewrite(image, &entry).as_deref(), want, "{image}");
         }
