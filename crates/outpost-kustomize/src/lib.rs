@@ -17,6 +17,8 @@ pub mod diff;
 mod error;
 mod fieldspec;
 pub mod fs;
+#[doc(hidden)]
+pub mod fuzz;
 mod hash;
 mod images;
 mod kustomization;
