@@ -513,9 +513,7 @@ impl<'a> Builder<'a> {
             }
         }
         for im in &k.images {
-            for r in ra.iter_mut() {
-                crate::images::apply(&mut r.obj, im);
-            }
+            crate::images::apply_all(ra.iter_mut().map(|r| &mut r.obj), im);
         }
         Ok(())
     }

@@ -34,15 +34,24 @@ pub fn split(image: &str) -> (String, String, String) {
     }
 }
 
-fn matches(image: &str, name: &str) -> bool {
+/// The pattern kustomize matches image references with: the entry's name (as a regular
+/// expression), then an optional tag and digest.
+fn pattern(name: &str) -> Option<Regex> {
     const REST: &str = "(@sha256)?(:[a-zA-Z0-9_.{}-]*)?(@sha256:[a-zA-Z0-9]*)?$";
-    let re = Regex::new(&format!("^{name}{REST}")).or_else(|_| Regex::new(&format!("^{}{REST}", regex::escape(name))));
-    re.is_ok_and(|re| re.is_match(image))
+    Regex::new(&format!("^{name}{REST}"))
+        .or_else(|_| Regex::new(&format!("^{}{REST}", regex::escape(name))))
+        .ok()
 }
 
 /// The new reference for `image`, or `None` when the entry does not apply to it.
-pub fn rewrite(image: &str, im: &Image) -> Option<String> {
-    if !matches(image, &im.name) {
+#[cfg(test)]
+fn rewrite(image: &str, im: &Image) -> Option<String> {
+    rewrite_with(image, im, pattern(&im.name).as_ref()?)
+}
+
+/// [`rewrite`] with the entry's pattern compiled.
+fn rewrite_with(image: &str, im: &Image, re: &Regex) -> Option<String> {
+    if !re.is_match(image) {
         return None;
     }
     let (mut name, mut tag, mut digest) = split(image);
@@ -66,27 +75,35 @@ pub fn rewrite(image: &str, im: &Image) -> Option<String> {
     Some(name)
 }
 
-pub fn apply(obj: &mut Map<String, Value>, im: &Image) {
+/// Applies one `images` entry to every object.
+pub fn apply_all<'a>(objs: impl Iterator<Item = &'a mut Map<String, Value>>, im: &Image) {
+    let Some(re) = pattern(&im.name) else { return };
+    for obj in objs {
+        apply(obj, im, &re);
+    }
+}
+
+fn apply(obj: &mut Map<String, Value>, im: &Image, re: &Regex) {
     for (k, v) in obj.iter_mut() {
         if k == "containers" || k == "initContainers" {
             if let Value::Array(items) = v {
                 for c in items.iter_mut() {
                     if let Some(Value::String(image)) = c.get_mut("image") {
-                        if let Some(n) = rewrite(image, im) {
+                        if let Some(n) = rewrite_with(image, im, re) {
                             *image = n;
                         }
                     }
                 }
             }
         }
-        walk(v, im);
+        walk(v, im, re);
     }
 }
 
-fn walk(v: &mut Value, im: &Image) {
+fn walk(v: &mut Value, im: &Image, re: &Regex) {
     match v {
-        Value::Object(m) => apply(m, im),
-        Value::Array(a) => a.iter_mut().for_each(|x| walk(x, im)),
+        Value::Object(m) => apply(m, im, re),
+        Value::Array(a) => a.iter_mut().for_each(|x| walk(x, im, re)),
         _ => {}
     }
 }
