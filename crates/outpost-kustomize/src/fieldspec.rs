@@ -57,6 +57,7 @@ impl FieldSpec {
     }
 }
 
+/// The path's segments; a segment ending in `[]` names a list (never created).
 fn segments(path: &str) -> Vec<String> {
     // `\/` escapes a slash inside a key (annotation names).
     let mut out = Vec::new();
@@ -73,7 +74,7 @@ fn segments(path: &str) -> Vec<String> {
         }
     }
     out.push(cur);
-    out.into_iter().map(|s| s.trim_end_matches("[]").to_string()).collect()
+    out
 }
 
 /// Calls `f` on every value at `path` in `obj`. With `create`, missing maps on the way and
@@ -87,8 +88,12 @@ fn visit_map(obj: &mut Map<String, Value>, segs: &[String], create: bool, f: &mu
     let Some((first, rest)) = segs.split_first() else {
         return;
     };
+    let (first, is_list) = match first.strip_suffix("[]") {
+        Some(name) => (name.to_string(), true),
+        None => (first.clone(), false),
+    };
     if !obj.contains_key(first.as_str()) {
-        if !create {
+        if !create || is_list {
             return;
         }
         let v = if rest.is_empty() {
@@ -244,6 +249,29 @@ mod tests {
         assert_eq!(
             segments(r"metadata/annotations/nginx.ingress.kubernetes.io\/auth-secret")[2],
             "nginx.ingress.kubernetes.io/auth-secret"
+        );
+    }
+
+    #[test]
+    fn list_segments_are_walked_never_created() {
+        let mut obj = json!({"spec": {}});
+        visit(
+            obj.as_object_mut().unwrap(),
+            "spec/volumeClaimTemplates[]/metadata/labels",
+            true,
+            &mut |v| *v = json!({"a": "b"}),
+        );
+        assert_eq!(obj, json!({"spec": {}}));
+        let mut obj = json!({"spec": {"volumeClaimTemplates": [{"metadata": {"name": "d"}}]}});
+        visit(
+            obj.as_object_mut().unwrap(),
+            "spec/volumeClaimTemplates[]/metadata/labels",
+            true,
+            &mut |v| *v = json!({"a": "b"}),
+        );
+        assert_eq!(
+            obj["spec"]["volumeClaimTemplates"][0]["metadata"]["labels"],
+            json!({"a": "b"})
         );
     }
 }
