@@ -40,12 +40,21 @@ def kust(level):
 def build_tree(root):
     os.makedirs(root + "/base")
     names = ["web", "api"][: random.randint(1, 2)]
+    global kinds
+    kinds = {}
     base = kust(0)
     docs = []
     for n in names:
         docs.append(dep(n, "cfg", "sec", random.choice(["nginx", "nginx:1.0", "busybox:1"])))
+        kinds[n] = docs[-1]["kind"]
         if random.random() < 0.7: docs.append(svc(n))
     docs.append({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "sa"}})
+    if random.random() < 0.5:
+        docs.append({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "ing"}, "spec": {"rules": [{"http": {"paths": [
+            {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": names[0], "port": {"number": 80}}}}]}}]}})
+    if random.random() < 0.5:
+        docs.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "data"}, "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
+        docs[0]["spec"]["template"]["spec"]["volumes"].append({"name": "d", "persistentVolumeClaim": {"claimName": "data"}})
     open(root + "/base/r.yaml", "w").write(yaml.safe_dump_all(docs))
     base["resources"] = ["r.yaml"]
     base["configMapGenerator"] = [{"name": "cfg", "literals": ["A=1", "B=two"]}]
@@ -68,6 +77,16 @@ def build_tree(root):
                 k["patches"][0]["target"]["kind"] = "Deployment"
         if random.random() < 0.3:
             k["replicas"] = [{"name": random.choice(names), "count": 3}]
+        if random.random() < 0.3:
+            os.makedirs(root + "/comp%d" % lvl)
+            yaml.safe_dump({"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component",
+                            "configMapGenerator": [{"name": "cfg", "behavior": "merge", "literals": ["COMP=%d" % lvl]}],
+                            "patches": [{"target": {"kind": "Deployment|StatefulSet|DaemonSet"}, "patch":
+                                "- op: add\n  path: /spec/template/spec/containers/0/env/-\n  value: {name: FROM_COMPONENT, value: x}\n"}]},
+                           open(root + "/comp%d/kustomization.yaml" % lvl, "w"))
+            k["components"] = ["../comp%d" % lvl]
+        if random.random() < 0.3:
+            k.setdefault("patches", []).append({"patch": "apiVersion: apps/v1\nkind: %s\nmetadata:\n  name: %s\nspec:\n  template:\n    spec:\n      containers:\n      - name: main\n        env:\n        - name: NEW\n          value: n\n        - name: S\n          valueFrom: null\n          value: plain\n" % (kinds[names[0]], names[0])})
         yaml.safe_dump(k, open(root + "/" + d + "/kustomization.yaml", "w"))
         prev = d
     return root + "/" + prev

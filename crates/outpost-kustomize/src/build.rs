@@ -166,6 +166,10 @@ impl<'a> Builder<'a> {
                 ));
             }
         }
+        // kustomize's order: resources, this kustomization's generators, components (each
+        // with its own resources, generators and transformers), this kustomization's
+        // transformers.
+        self.generate(dir, k, ra)?;
         for (i, entry) in k.components.iter().enumerate() {
             let field = format!("components[{i}]");
             if looks_remote(entry) {
@@ -200,7 +204,6 @@ impl<'a> Builder<'a> {
             }
             self.accumulate(&cdir, &ck, ra)?;
         }
-        self.generate(dir, k, ra)?;
         self.transform(dir, k, ra)?;
         self.stack.pop();
         Ok(())
@@ -646,6 +649,7 @@ impl<'a> Builder<'a> {
                     deleted.push(i);
                     continue;
                 }
+                smp::normalize(&mut r.obj);
                 r.obj.insert("kind".into(), Value::String(kind));
                 let md = r.metadata_mut();
                 md.insert("name".into(), Value::String(name));

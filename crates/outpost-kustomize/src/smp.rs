@@ -80,6 +80,53 @@ pub fn merge_object(target: &mut Map<String, Value>, patch: &Map<String, Value>)
     true
 }
 
+/// What kustomize's merge does to the whole object it patches, touched or not: in every list
+/// with a merge key, elements repeating a key collapse into one (at the first one's place, with
+/// the last one's content). A strategic merge patch therefore also removes the duplicates an
+/// earlier JSON patch may have added.
+pub fn normalize(obj: &mut Map<String, Value>) {
+    for (k, v) in obj.iter_mut() {
+        if let Value::Array(items) = v {
+            let refs: Vec<&Value> = items.iter().collect();
+            let keys: Option<Vec<&str>> = match composite_keys(k, &refs) {
+                Some(ks) => Some(ks.to_vec()),
+                None => merge_key(k).map(|k| vec![k]),
+            };
+            if let Some(keys) = keys {
+                // A repeated key: the first element's place, the last element's content.
+                let mut out: Vec<Value> = Vec::with_capacity(items.len());
+                let mut ids: Vec<Option<Vec<Option<Value>>>> = Vec::with_capacity(items.len());
+                for item in items.drain(..) {
+                    let id = (item.is_object() && item.get(keys[0]).is_some())
+                        .then(|| keys.iter().map(|k| item.get(*k).cloned()).collect::<Vec<_>>());
+                    match id
+                        .as_ref()
+                        .and_then(|id| ids.iter().position(|x| x.as_ref() == Some(id)))
+                    {
+                        Some(i) => out[i] = item,
+                        None => {
+                            out.push(item);
+                            ids.push(id);
+                        }
+                    }
+                }
+                *items = out;
+            }
+        }
+        match v {
+            Value::Object(m) => normalize(m),
+            Value::Array(items) => {
+                for item in items.iter_mut() {
+                    if let Value::Object(m) = item {
+                        normalize(m);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 fn is_delete(v: &Value) -> bool {
     v.get(DIRECTIVE).and_then(|d| d.as_str()) == Some("delete")
 }
