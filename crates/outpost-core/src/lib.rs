@@ -1,7 +1,7 @@
 //! outpost's decisions, as pure functions: where workloads run (`schedule`), what a node runs
 //! (`render`), how the agent supervises processes (`supervise`), the hub link's rules (`link`:
-//! join labels, certificate renewal, connection admission), and fleet rollouts in waves
-//! (`waves`).
+//! join labels, certificate renewal, connection admission), fleet rollouts in waves
+//! (`waves`), and GitOps (`gitops`: a node's variant, fetch schedule, commit acceptance).
 //!
 //! Owns: every policy that can be stated as `decide(state, now) -> actions`. Must never: do I/O,
 //! read the clock (callers pass `now`), sleep, or depend on an async runtime. Every function here
@@ -12,6 +12,7 @@ pub mod alerts;
 pub mod cron;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod gitops;
 pub mod link;
 pub mod pipeline;
 pub mod probe;

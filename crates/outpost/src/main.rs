@@ -7,6 +7,7 @@ mod data;
 mod demo;
 mod image;
 mod install;
+mod kustomize;
 mod logs;
 mod output;
 
@@ -41,11 +42,27 @@ enum Cmd {
     Agent(AgentArgs),
     /// Store the hub URL and admin token for the other commands.
     Login(LoginArgs),
-    /// Create or update objects from manifest files (several documents per file).
+    /// Create or update objects from manifest files (several documents per file), or from the
+    /// render of a kustomization directory (-k).
     Apply {
         /// A file or a directory of .yaml/.yml files; repeatable.
-        #[arg(short = 'f', long = "filename", required = true)]
+        #[arg(short = 'f', long = "filename", required_unless_present = "kustomize")]
         files: Vec<PathBuf>,
+        /// A kustomization directory, rendered by outpost's Kustomize engine.
+        #[arg(short = 'k', long = "kustomize", conflicts_with = "files")]
+        kustomize: Option<PathBuf>,
+    },
+    /// Show what applying a kustomization directory would create, change (field by field) or
+    /// delete at the hub, without changing anything.
+    Diff {
+        /// The kustomization directory.
+        #[arg(short = 'k', long = "kustomize")]
+        kustomize: PathBuf,
+    },
+    /// Kustomize, offline: render a kustomization directory as `kubectl kustomize` does.
+    Kustomize {
+        #[command(subcommand)]
+        cmd: kustomize::KustomizeCmd,
     },
     /// Delete objects named in files, or one object by kind and name.
     Delete(DeleteArgs),
@@ -496,11 +513,14 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             }
         },
         Cmd::Login(l) => client::login(&l.hub, &l.token, l.ca_fingerprint.as_deref()).await,
-        Cmd::Apply { files } => {
-            let c = client::Client::from_env()?;
-            let req = outpost_api::ApplyRequest {
-                files: client::read_manifests(&files)?,
+        Cmd::Apply { files, kustomize } => {
+            // Render first: a broken kustomization fails before the hub is contacted.
+            let files = match kustomize {
+                Some(dir) => vec![kustomize::manifest_file(&dir)?],
+                None => client::read_manifests(&files)?,
             };
+            let c = client::Client::from_env()?;
+            let req = outpost_api::ApplyRequest { files };
             let r: outpost_api::ApplyResponse = c.post("/v1/apply", &req).await?;
             for w in &r.warnings {
                 eprintln!("warning: {w}");
@@ -513,6 +533,12 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Diff { kustomize: dir } => {
+            // Render first, so a broken kustomization is reported without a hub.
+            kustomize::render(&dir)?;
+            kustomize::diff(&client::Client::from_env()?, &dir).await
+        }
+        Cmd::Kustomize { cmd } => kustomize::run(cmd),
         Cmd::Delete(d) => delete(d).await,
         Cmd::Get { what, output } => output::get(&client::Client::from_env()?, &what, output).await,
         Cmd::Describe { kind, name, namespace } => {
