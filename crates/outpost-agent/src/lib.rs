@@ -24,6 +24,7 @@ pub mod alerts;
 pub mod docker;
 pub mod identity;
 pub mod images;
+pub mod inference;
 pub mod lock;
 pub mod logs;
 pub mod pipeline;

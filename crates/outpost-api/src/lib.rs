@@ -8,6 +8,7 @@
 pub mod checks;
 pub mod duration;
 pub mod manifest;
+pub mod onnx;
 pub mod parse;
 pub mod pipeline;
 pub mod protocol;
@@ -16,7 +17,7 @@ pub use checks::{validate_image_ref, FieldError};
 pub use duration::{human_duration, ms_before, parse_duration, parse_duration_secs, MAX_DURATION_SECS};
 pub use manifest::*;
 pub use parse::ALERT_POLICY_API;
-pub use parse::{parse_cpu, parse_file, parse_memory, probe_port, Parsed, PROCESS_RUNTIME};
+pub use parse::{parse_cpu, parse_file, parse_memory, probe_port, Parsed, ONNX_RUNTIME, PROCESS_RUNTIME};
 pub use parse::{MAX_DOCUMENTS_PER_FILE, MAX_FILE_BYTES, MAX_NESTING_DEPTH, MAX_REPLICAS};
 pub use protocol::*;
 

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use base64::Engine;
 use outpost_api::{
     content_hash, parse_cpu, parse_memory, probe_port, ConfigMap, Container, ContainerSpec, Kind, ManifestError,
-    MountSpec, Object, ObjectId, PortSpec, Probe, ProbeAction, ProbeSpec, PullPolicy, RestartPolicy, Runtime, Secret,
-    VolumeSource, VolumeSpec, WorkloadSpec, DEFAULT_MIN_READY_SECS, DEFAULT_PROGRESS_DEADLINE_SECS, PROCESS_RUNTIME,
+    ModelServe, MountSpec, Object, ObjectId, PortSpec, Probe, ProbeAction, ProbeSpec, PullPolicy, RestartPolicy,
+    Runtime, Secret, VolumeSource, VolumeSpec, WorkloadSpec, DEFAULT_MIN_READY_SECS, DEFAULT_PROGRESS_DEADLINE_SECS,
+    ONNX_RUNTIME, PROCESS_RUNTIME,
 };
 
 /// Default grace period, as in Kubernetes.
@@ -289,13 +290,44 @@ fn probe_spec(p: &Probe, c: &Container) -> Option<ProbeSpec> {
     })
 }
 
+/// What an ONNX serving container serves (`runtimeClassName: onnx`, docs/inference.md).
+fn model_serve(c: &Container) -> Option<ModelServe> {
+    let port = c.ports.first()?;
+    Some(ModelServe {
+        reference: c.image.clone()?,
+        port: port.container_port,
+        host_port: port.host_port,
+    })
+}
+
+/// Ready only once the model is loaded and warmed up: the server listens only then, and answers
+/// `/v2/health/ready`. The update gate waits for it, so a model that does not load is rolled back.
+fn model_ready_probe(c: &Container) -> Option<ProbeSpec> {
+    let m = model_serve(c)?;
+    Some(ProbeSpec {
+        action: ProbeAction::HttpGet {
+            host: "127.0.0.1".into(),
+            port: m.host_port.unwrap_or(m.port),
+            path: "/v2/health/ready".into(),
+            headers: vec![],
+        },
+        initial_delay_seconds: 0,
+        period_seconds: 1,
+        timeout_seconds: 1,
+        failure_threshold: 3,
+        success_threshold: 1,
+    })
+}
+
 /// Render a Deployment or DaemonSet at `revision`. Missing optional references are skipped;
 /// missing required ones were rejected at apply, and are skipped here too.
 pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<WorkloadSpec> {
     let t = obj.template()?;
     let ns = obj.meta().ns().to_string();
     let pod = &t.spec;
-    let runtime = if pod.runtime_class_name.as_deref() == Some(PROCESS_RUNTIME) {
+    // An ONNX serving workload runs as processes: the agent starts `outpost serve-model`.
+    let onnx = pod.runtime_class_name.as_deref() == Some(ONNX_RUNTIME);
+    let runtime = if onnx || pod.runtime_class_name.as_deref() == Some(PROCESS_RUNTIME) {
         Runtime::Process
     } else {
         Runtime::Docker
@@ -362,7 +394,12 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
                     .collect(),
                 startup_probe: c.startup_probe.as_ref().and_then(|p| probe_spec(p, c)),
                 liveness_probe: c.liveness_probe.as_ref().and_then(|p| probe_spec(p, c)),
-                readiness_probe: c.readiness_probe.as_ref().and_then(|p| probe_spec(p, c)),
+                readiness_probe: c
+                    .readiness_probe
+                    .as_ref()
+                    .and_then(|p| probe_spec(p, c))
+                    .or_else(|| onnx.then(|| model_ready_probe(c)).flatten()),
+                model: onnx.then(|| model_serve(c)).flatten(),
             }
         })
         .collect();

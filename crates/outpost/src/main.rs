@@ -83,6 +83,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: data::DataCmd,
     },
+    /// Serve one ONNX model over HTTP (KServe v2 and POST /infer). The agent runs this for
+    /// workloads with `runtimeClassName: onnx` (docs/inference.md); it also runs by hand.
+    ServeModel(ServeModelArgs),
     /// Measure outpost: agent footprint, propagation, offline recovery, bandwidth, fleet scale (simulator).
     Bench(outpost_bench::BenchArgs),
 }
@@ -246,6 +249,28 @@ struct RunArgs {
     /// The Docker Engine's (or podman's) API socket.
     #[arg(long, env = "OUTPOST_DOCKER_SOCKET")]
     docker_socket: Option<String>,
+}
+
+#[derive(Args)]
+struct ServeModelArgs {
+    /// The ONNX file.
+    #[arg(long)]
+    model: PathBuf,
+    /// The model's name in URLs (`/v2/models/NAME/infer`).
+    #[arg(long, default_value = "model")]
+    name: String,
+    /// The version it reports (a tag or digest).
+    #[arg(long, default_value = "1")]
+    version: String,
+    /// Address to listen on (loopback unless the site's devices must reach it).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// Largest request body; larger requests get 413.
+    #[arg(long, default_value_t = outpost_agent::inference::server::DEFAULT_MAX_BODY)]
+    max_request_bytes: usize,
+    /// The node name answered as `node_id` by POST /infer.
+    #[arg(long, env = "OUTPOST_NODE", default_value = "")]
+    node: String,
 }
 
 #[derive(Args)]
@@ -424,6 +449,18 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Logs(a) => logs::run(&client::Client::from_env()?, a).await,
         Cmd::Data { cmd } => data::run(&client::Client::from_env()?, cmd).await,
         Cmd::Bench(a) => outpost_bench::run(a).await,
+        Cmd::ServeModel(a) => {
+            init_tracing();
+            outpost_agent::inference::server::run(outpost_agent::inference::server::ServeOptions {
+                model: a.model,
+                name: a.name,
+                version: a.version,
+                listen: a.listen,
+                max_body: a.max_request_bytes,
+                node: a.node,
+            })
+            .await
+        }
     }
 }
 
