@@ -43,6 +43,11 @@ apt_install mosquitto mosquitto-clients nats-server
 # The chaos suite (crates/outpost/tests/chaos.rs): network namespaces and veth from iproute2,
 # agents with a skewed clock through libfaketime.
 apt_install iproute2 faketime
+# The install tests (crates/outpost/tests/install.rs) run outpost's systemd units in a Debian
+# container with systemd as PID 1, built once with debootstrap and cached as a Docker image.
+apt_install debootstrap
+# Rollout maintenance windows resolve IANA time-zone names from the system database.
+apt_install tzdata
 
 # schemathesis (PyPI) fuzzes the hub's API from docs/openapi.yaml (crates/outpost/tests/api_fuzz.rs);
 # it lives in a venv at .venv so nothing is installed into the system Python.

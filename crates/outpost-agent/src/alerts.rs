@@ -60,6 +60,8 @@ pub struct MonitorLink {
     /// Notified when the outbox got new events worth sending now.
     pub outbox: Arc<Notify>,
     pub log_requests: mpsc::UnboundedSender<LogRequest>,
+    /// Prefetch hints from sync answers, for `crate::prefetch`.
+    pub prefetch: mpsc::UnboundedSender<Vec<outpost_api::WorkloadSpec>>,
     pub store: Arc<Store>,
     pub report_every: Duration,
     pub max_silence_ms: i64,

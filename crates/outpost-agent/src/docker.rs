@@ -15,7 +15,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bollard::models::{ContainerCreateBody, HostConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum};
+use bollard::models::{
+    ContainerCreateBody, DeviceMapping, HostConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
+};
 use bollard::query_parameters::{
     CreateContainerOptions, InspectContainerOptions, KillContainerOptions, ListContainersOptions, LogsOptions,
     RemoveContainerOptions, StartContainerOptions, StopContainerOptions, WaitContainerOptions,
@@ -133,6 +135,7 @@ impl Engine {
         c: &ContainerSpec,
         unit: &str,
         volumes: &std::collections::BTreeMap<String, PathBuf>,
+        node: &str,
     ) -> Result<String, String> {
         let image = c.image.clone().ok_or("no image")?;
         let mut labels = HashMap::from([
@@ -158,9 +161,17 @@ impl Engine {
                 );
             }
         }
+        let device_volume = |name: &str| {
+            w.volumes.iter().any(|v| {
+                v.name == name
+                    && matches!(&v.source, outpost_api::VolumeSource::HostPath { host_type, .. }
+                        if crate::runtime::is_device(host_type))
+            })
+        };
         let binds: Vec<String> = c
             .mounts
             .iter()
+            .filter(|m| !device_volume(&m.volume))
             .filter_map(|m| {
                 let src = volumes.get(&m.volume)?;
                 Some(format!(
@@ -171,9 +182,57 @@ impl Engine {
                 ))
             })
             .collect();
+        // Device nodes are passed as devices, so the container's device cgroup allows them.
+        let devices: Vec<DeviceMapping> = c
+            .mounts
+            .iter()
+            .filter(|m| device_volume(&m.volume))
+            .filter_map(|m| {
+                let src = volumes.get(&m.volume)?;
+                Some(DeviceMapping {
+                    path_on_host: Some(src.display().to_string()),
+                    path_in_container: Some(m.path.clone()),
+                    cgroup_permissions: Some(if m.read_only { "r" } else { "rwm" }.into()),
+                })
+            })
+            .collect();
+        let sec = &c.security;
+        if sec.run_as_non_root && sec.run_as_user.is_none() {
+            let user = self
+                .api
+                .inspect_image(&image)
+                .await
+                .ok()
+                .and_then(|i| i.config)
+                .and_then(|c| c.user)
+                .unwrap_or_default();
+            let name = user.split(':').next().unwrap_or("");
+            if name.is_empty() || name == "root" || name == "0" {
+                return Err(format!(
+                    "runAsNonRoot is set but image {image} runs as root (its USER is {:?}); set runAsUser",
+                    user
+                ));
+            }
+        }
+        let mut security_opt = Vec::new();
+        if sec.no_new_privileges {
+            security_opt.push("no-new-privileges".to_string());
+        }
+        if sec.seccomp_unconfined {
+            security_opt.push("seccomp=unconfined".to_string());
+        }
         let host = HostConfig {
             binds: Some(binds),
-            port_bindings: Some(bindings),
+            devices: (!devices.is_empty()).then_some(devices),
+            // Published ports mean nothing on the host network: the container binds them itself.
+            port_bindings: (!w.host_network).then_some(bindings),
+            network_mode: w.host_network.then(|| "host".to_string()),
+            pid_mode: w.host_pid.then(|| "host".to_string()),
+            privileged: sec.privileged.then_some(true),
+            cap_add: (!sec.cap_add.is_empty()).then(|| sec.cap_add.clone()),
+            cap_drop: (!sec.cap_drop.is_empty()).then(|| sec.cap_drop.clone()),
+            readonly_rootfs: sec.read_only_root_fs.then_some(true),
+            security_opt: (!security_opt.is_empty()).then_some(security_opt),
             memory: c.memory_bytes.map(|m| m as i64),
             nano_cpus: c.cpu_millis.map(|m| (m * 1_000_000) as i64),
             restart_policy: Some(RestartPolicy {
@@ -186,7 +245,18 @@ impl Engine {
             image: Some(image),
             entrypoint: (!c.command.is_empty()).then(|| c.command.clone()),
             cmd: (!c.args.is_empty()).then(|| c.args.clone()),
-            env: Some(c.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            env: Some(
+                c.env
+                    .iter()
+                    .cloned()
+                    .chain(crate::security::node_env(node, w, c))
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect(),
+            ),
+            user: sec.run_as_user.map(|u| match sec.run_as_group {
+                Some(g) => format!("{u}:{g}"),
+                None => u.to_string(),
+            }),
             working_dir: c.working_dir.clone(),
             labels: Some(labels),
             exposed_ports: Some(exposed),

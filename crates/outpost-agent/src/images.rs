@@ -22,7 +22,7 @@ use crate::sync::HubClient;
 /// Make `image` available to the engine according to `policy`. The error is the status reason.
 pub async fn ensure(
     engine: &Engine,
-    hub: &HubClient,
+    hub: Option<&HubClient>,
     dir: &Path,
     image: &str,
     policy: PullPolicy,
@@ -37,10 +37,13 @@ pub async fn ensure(
         }
         _ => {}
     }
-    let from_hub = match fetch_from_hub(engine, hub, dir, image).await {
-        Ok(true) => return Ok(()),
-        Ok(false) => "not on the hub".to_string(),
-        Err(e) => e,
+    let from_hub = match hub {
+        None => "no hub: single-box mode".to_string(),
+        Some(hub) => match fetch_from_hub(engine, hub, dir, image).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => "not on the hub".to_string(),
+            Err(e) => e,
+        },
     };
     match pull(engine, image).await {
         Ok(()) => Ok(()),

@@ -3,7 +3,8 @@
 //!
 //! Owns: the node's identity (`identity`), its durable state (`store`), the process runtime
 //! (`runtime`), the reconcile loop that executes `outpost-core`'s supervision decisions
-//! (`reconcile`), the link to the hub (`sync`), and monitoring: vital signs (`vitals`), alerts
+//! (`reconcile`), the link to the hub (`sync`), image prefetch before maintenance windows
+//! (`prefetch`), and monitoring: vital signs (`vitals`), alerts
 //! evaluated on the node (`alerts`), workload log rotation, error forwarding and log requests
 //! (`logs`), and the edge data pipeline: MQTT broker, HTTP ingest, stream rules, sinks
 //! (`pipeline`) over the durable spool (`spool`).
@@ -25,12 +26,17 @@ pub mod docker;
 pub mod identity;
 pub mod images;
 pub mod inference;
+pub mod jobs;
+pub mod local;
 pub mod lock;
 pub mod logs;
 pub mod pipeline;
+pub mod prefetch;
 pub mod probe;
 pub mod reconcile;
 pub mod runtime;
+pub mod security;
+pub mod selfupdate;
 pub mod spool;
 pub mod store;
 pub mod sync;
@@ -56,8 +62,53 @@ pub struct RunOptions {
     /// Stop every workload when the agent exits (the demo). Normally workloads keep running
     /// and the next agent start re-adopts them.
     pub stop_workloads_on_exit: bool,
+    /// Single-box mode: also run the workloads of this manifest directory (`local`); with no
+    /// hub joined, run only these.
+    pub manifests: Option<PathBuf>,
+    /// The node's name when it has not joined a hub (default: the host name).
+    pub name: Option<String>,
+    /// The node's labels when it has not joined a hub (local workloads select by them).
+    pub labels: outpost_api::Labels,
     /// The edge data pipeline's listeners and spool budget.
     pub pipeline: pipeline::Options,
+}
+
+/// Stop every workload the agent of `data_dir` runs (processes: SIGTERM, SIGKILL after 10 s;
+/// its Docker containers: stopped and removed). For `outpost agent uninstall`, after the
+/// service stopped the agent alone. Returns how many were stopped.
+pub async fn stop_all_workloads(data_dir: &std::path::Path) -> usize {
+    use nix::sys::signal::Signal;
+    let rt = runtime::Runtime::new(data_dir, "");
+    let owned = runtime::scan_owned(&rt.agent_id);
+    for p in &owned {
+        runtime::signal_group(p.pid, Signal::SIGTERM);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while owned.iter().any(|p| runtime::alive(p.pid, p.start_ticks)) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for p in owned.iter().filter(|p| runtime::alive(p.pid, p.start_ticks)) {
+        runtime::signal_group(p.pid, Signal::SIGKILL);
+    }
+    let mut n = owned.len();
+    if let Ok(engine) = docker::Engine::connect(docker::DEFAULT_SOCKET, &rt.agent_id).await {
+        for c in engine.list_owned().await.unwrap_or_default() {
+            engine.stop(&c.id, 10).await;
+            let _ = engine.remove(&c.id).await;
+            n += 1;
+        }
+    }
+    n
+}
+
+/// This host's name, for a node that has not joined a hub.
+pub fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .map(|h| h.to_ascii_lowercase())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// The next delay of a retry loop, with a fresh random jitter draw (the policy itself is the
@@ -106,53 +157,84 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
     let started = std::time::Instant::now();
     // Before anything else: no second agent here, and no child of a killed one still between
     // fork and exec, where the scan for our processes could not see it (see `lock`).
+    std::fs::create_dir_all(&o.data_dir)
+        .with_context(|| format!("cannot create the data dir {}", o.data_dir.display()))?;
     let data_dir = o.data_dir.clone();
     let _lock = tokio::task::spawn_blocking(move || lock::acquire(&data_dir, lock::WAIT))
         .await
         .context("the agent lock task failed")?
         .map_err(anyhow::Error::msg)?;
-    let mut identity = Identity::load(&o.data_dir).map_err(anyhow::Error::msg)?;
-    if let Some(h) = &o.hub {
-        identity.hub = h.trim_end_matches('/').to_string();
-    }
+    let identity = if Identity::exists(&o.data_dir) || o.manifests.is_none() {
+        let mut identity = Identity::load(&o.data_dir).map_err(anyhow::Error::msg)?;
+        if let Some(h) = &o.hub {
+            identity.hub = h.trim_end_matches('/').to_string();
+        }
+        Some(identity)
+    } else {
+        None
+    };
+    let node = identity
+        .as_ref()
+        .map(|i| i.node.clone())
+        .or_else(|| o.name.clone())
+        .unwrap_or_else(host_name);
+    let labels = identity.as_ref().map_or_else(|| o.labels.clone(), |i| i.labels.clone());
     let (store, recovery) = store::Store::open_or_recover(&o.data_dir.join("state.db"), now_ms())?;
     let store = Arc::new(store);
     let outbox = Arc::new(tokio::sync::Notify::new());
     store.set_notify(outbox.clone());
     let desired = Arc::new(store.load_desired().context("loading the local desired state")?);
-    info!(node = %identity.node, generation = desired.generation, workloads = desired.workloads.len(), "agent starting from local state");
+    info!(node = %node, generation = desired.generation, workloads = desired.workloads.len(),
+        hub = identity.is_some(), manifests = ?o.manifests, "agent starting from local state");
     report_recovery(&store, &recovery, &desired);
+    selfupdate::at_start(&o.data_dir, &store);
     // Nothing says what should run: keep what runs until the hub does.
-    let hold = recovery.fresh && recovery.restored.is_none();
+    let hold = identity.is_some() && recovery.fresh && recovery.restored.is_none();
 
     let (desired_tx, desired_rx) = watch::channel(desired.clone());
     let (status_tx, status_rx) = watch::channel(reconcile::Snapshot::new());
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    let rt = runtime::Runtime::new(&o.data_dir, &identity.node);
+    let rt = runtime::Runtime::new(&o.data_dir, &node);
     let agent_id = rt.agent_id.clone();
-    let client = Arc::new(sync::HubClient::new(identity, o.data_dir.clone())?);
+    let agent_id_for_prefetch = agent_id.clone();
+    let client = match identity {
+        Some(id) => Some(Arc::new(sync::HubClient::new(id, o.data_dir.clone())?)),
+        None => None,
+    };
     let socket = o
         .docker_socket
         .clone()
         .unwrap_or_else(|| docker::DEFAULT_SOCKET.to_string());
+    let socket_for_prefetch = socket.clone();
     // The edge data pipeline: listeners on loopback by default, streams from the persisted
     // pipelines (docs/pipeline.md).
     let pipelines = pipeline::start(
         o.data_dir.clone(),
-        client.identity.read().await.node.clone(),
+        node.clone(),
         o.pipeline.clone(),
         Some(pipeline::Events {
             store: store.clone(),
             outbox: outbox.clone(),
         }),
-        Some(client.clone()),
+        client.clone(),
         stop_rx.clone(),
     )
     .await;
-
-    let reconciler = reconcile::Reconciler::new(rt, store.clone(), desired, status_tx, client.clone(), socket)
+    let mut reconciler = reconcile::Reconciler::new(rt, store.clone(), desired, status_tx, client.clone(), socket)
         .hold_until_synced(hold);
+    if let Some(dir) = &o.manifests {
+        let src = local::Source {
+            dir: dir.clone(),
+            node: node.clone(),
+            labels: local::node_labels(&node, &labels),
+            revisions_file: o.data_dir.join("local-revisions.json"),
+        };
+        let (first, fingerprint) = src.initial();
+        let (local_tx, local_rx) = watch::channel(first);
+        reconciler = reconciler.with_local(local_rx);
+        tokio::spawn(src.watch(fingerprint, local_tx, stop_rx.clone()));
+    }
     let rec = tokio::spawn(reconciler.run(desired_rx.clone(), stop_rx.clone(), o.stop_workloads_on_exit));
 
     // Monitoring: vital signs and node alerts, log rotation and error forwarding, log requests.
@@ -160,6 +242,7 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
     let (policy_tx, policy_rx) = watch::channel(alerts::load_policy(&store));
     let (vitals_tx, vitals_rx) = watch::channel(None);
     let (logreq_tx, logreq_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (prefetch_tx, prefetch_rx) = tokio::sync::mpsc::unbounded_channel();
     let errors_ready = Arc::new(tokio::sync::Notify::new());
     let mon_cfg = alerts::MonitorConfig::from_env();
     let monitor = alerts::MonitorLink {
@@ -167,6 +250,7 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
         vitals: vitals_rx,
         outbox: outbox.clone(),
         log_requests: logreq_tx,
+        prefetch: prefetch_tx,
         store: store.clone(),
         report_every: mon_cfg.report_every,
         max_silence_ms: mon_cfg.max_silence_ms,
@@ -190,34 +274,90 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
         errors_ready.clone(),
         stop_rx.clone(),
     ));
-    let m3 = tokio::spawn(logs::forward_loop(
-        client.clone(),
-        store.clone(),
-        errors_ready,
-        stop_rx.clone(),
-    ));
-    let m4 = tokio::spawn(logs::request_loop(client.clone(), o.data_dir.clone(), logreq_rx));
-
-    let s1 = tokio::spawn(sync::sync_loop(
-        client.clone(),
-        store.clone(),
-        desired_tx,
-        monitor.clone(),
-        Some(pipelines),
-        stop_rx.clone(),
-    ));
-    let s2 = tokio::spawn(sync::status_loop(
-        client, store, status_rx, desired_rx, started, monitor, stop_rx,
-    ));
+    let mut tasks = vec![m1, m2];
+    // Without a hub nothing sends a desired state, but the reconciler's channel stays open.
+    let mut _hub_desired = None;
+    let mut _local_pipelines = None;
+    match client {
+        Some(client) => {
+            tasks.push(tokio::spawn(logs::forward_loop(
+                client.clone(),
+                store.clone(),
+                errors_ready,
+                stop_rx.clone(),
+            )));
+            tasks.push(tokio::spawn(logs::request_loop(
+                client.clone(),
+                o.data_dir.clone(),
+                logreq_rx,
+            )));
+            tasks.push(tokio::spawn(prefetch::prefetch_loop(
+                client.clone(),
+                o.data_dir.clone(),
+                socket_for_prefetch,
+                agent_id_for_prefetch,
+                prefetch_rx,
+            )));
+            tasks.push(tokio::spawn(selfupdate::update_loop(
+                client.clone(),
+                o.data_dir.clone(),
+                store.clone(),
+                desired_rx.clone(),
+                stop_rx.clone(),
+            )));
+            tasks.push(tokio::spawn(sync::sync_loop(
+                client.clone(),
+                store.clone(),
+                desired_tx,
+                monitor.clone(),
+                Some(pipelines),
+                stop_rx.clone(),
+            )));
+            tasks.push(tokio::spawn(sync::status_loop(
+                client, store, status_rx, desired_rx, started, monitor, stop_rx,
+            )));
+        }
+        None => {
+            // No hub: the status is kept on the node, in <data-dir>/status.json; the pipelines
+            // persisted from an earlier hub keep running.
+            _hub_desired = Some(desired_tx);
+            _local_pipelines = Some(pipelines);
+            drop((logreq_rx, prefetch_rx, errors_ready, monitor, started, desired_rx));
+            tasks.push(tokio::spawn(local_status_loop(
+                o.data_dir.join("status.json"),
+                status_rx,
+                stop_rx,
+            )));
+        }
+    }
 
     shutdown.await;
     info!("agent shutting down");
     let _ = stop_tx.send(true);
     let _ = rec.await;
-    s1.abort();
-    s2.abort();
-    for m in [m1, m2, m3, m4] {
-        m.abort();
+    for t in tasks {
+        t.abort();
     }
     Ok(())
+}
+
+/// Hub-less mode: write each status snapshot to `path` (JSON, by workload key) for the
+/// operator on the box (`cat`, `jq`) and for scripts.
+async fn local_status_loop(
+    path: PathBuf,
+    mut status: watch::Receiver<reconcile::Snapshot>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let snap = status.borrow_and_update().clone();
+        if let Ok(b) = serde_json::to_vec_pretty(&snap) {
+            if let Err(e) = identity::write_atomic(&path, &b, 0o644) {
+                tracing::warn!(error = %e, "cannot write {}", path.display());
+            }
+        }
+        tokio::select! {
+            r = status.changed() => if r.is_err() { return },
+            _ = stop.changed() => return,
+        }
+    }
 }

@@ -1,7 +1,8 @@
 //! Running probes against a unit's process. Decisions about results live in
 //! `outpost_core::probe`; this module only executes checks on a schedule and reports them.
 //!
-//! httpGet: a plain HTTP GET through reqwest (no TLS, no proxy, redirects not followed, the
+//! httpGet: a plain HTTP GET through reqwest (TLS for `scheme: HTTPS`, without verifying the
+//! certificate, as the kubelet does; no proxy, redirects not followed, the
 //! probe's headers as given, IPv6 hosts bracketed); any status from 200 to 399 passes, as in
 //! Kubernetes. tcpSocket: a TCP connect. exec: the command runs with the container's environment and working directory, in
 //! the process's mount namespace (so it sees the same volume mounts), and passes on exit code 0.
@@ -89,7 +90,8 @@ async fn check(action: &ProbeAction, pid: u32, ctx: &ExecContext, timeout: Durat
             port,
             path,
             headers,
-        } => http_get(host, *port, path, headers, timeout).await,
+            https,
+        } => http_get(host, *port, path, headers, timeout, *https).await,
         ProbeAction::Exec { command } => match &ctx.container {
             Some((engine, id)) => match engine.exec(id, command, Duration::from_secs(3600)).await {
                 Ok((0, _)) => (true, String::new()),
@@ -135,6 +137,64 @@ fn http_client() -> &'static reqwest::Client {
     })
 }
 
+/// The client of `scheme: HTTPS` probes: TLS that accepts any certificate (a probe checks that
+/// the workload answers, not who it is; the kubelet does not verify either).
+fn https_client() -> &'static reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        let provider = outpost_pki::provider();
+        let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default TLS versions")
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(AnyCert(provider)))
+            .with_no_client_auth();
+        reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(0)
+            .user_agent("outpost-probe")
+            .build()
+            .expect("an HTTPS probe client builds")
+    })
+}
+
+#[derive(Debug)]
+struct AnyCert(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// A probe's host as written (`127.0.0.1`, `::1`, `[::1]`, `example.local`) without brackets.
 fn bare_host(host: &str) -> &str {
     host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
@@ -167,12 +227,19 @@ async fn http_get(
     path: &str,
     headers: &[(String, String)],
     timeout: Duration,
+    https: bool,
 ) -> (bool, String) {
-    let url = match probe_url(host, port, path) {
+    let mut url = match probe_url(host, port, path) {
         Ok(u) => u,
         Err(e) => return (false, e),
     };
-    let mut req = http_client().get(url.clone()).timeout(timeout);
+    let client = if https {
+        let _ = url.set_scheme("https");
+        https_client()
+    } else {
+        http_client()
+    };
+    let mut req = client.get(url.clone()).timeout(timeout);
     for (k, v) in headers {
         req = req.header(k.as_str(), v.as_str());
     }
@@ -317,7 +384,7 @@ mod tests {
     async fn http_probe_on_ipv6_loopback_sends_a_valid_host_header() {
         for host in ["::1", "[::1]"] {
             let (port, seen) = serve_once("[::1]:0", 200).await;
-            let r = http_get(host, port, "/healthz?full=1", &[], Duration::from_secs(5)).await;
+            let r = http_get(host, port, "/healthz?full=1", &[], Duration::from_secs(5), false).await;
             assert_eq!(r, (true, String::new()), "{host}");
             let head = seen.await.unwrap();
             assert!(head.starts_with("get /healthz?full=1 http/1.1"), "{head}");
@@ -340,7 +407,7 @@ mod tests {
         ] {
             let (port, seen) = serve_once("127.0.0.1:0", status).await;
             let hdrs = vec![("X-Probe".to_string(), "yes".to_string())];
-            let (passed, msg) = http_get("127.0.0.1", port, "ready", &hdrs, Duration::from_secs(5)).await;
+            let (passed, msg) = http_get("127.0.0.1", port, "ready", &hdrs, Duration::from_secs(5), false).await;
             assert_eq!(passed, ok, "HTTP {status}: {msg}");
             if !ok {
                 assert!(msg.contains(&format!("HTTP {status}")), "{msg}");
@@ -353,7 +420,11 @@ mod tests {
         // a Host header from the probe wins over the URL's
         let (port, seen) = serve_once("127.0.0.1:0", 200).await;
         let hdrs = vec![("Host".to_string(), "app.example".to_string())];
-        assert!(http_get("127.0.0.1", port, "/", &hdrs, Duration::from_secs(5)).await.0);
+        assert!(
+            http_get("127.0.0.1", port, "/", &hdrs, Duration::from_secs(5), false)
+                .await
+                .0
+        );
         let head = seen.await.unwrap();
         assert!(headers(&head).contains(&"host: app.example"), "{head}");
     }
@@ -369,7 +440,7 @@ mod tests {
             drop(s);
         });
         let t = std::time::Instant::now();
-        let (ok, msg) = http_get("127.0.0.1", port, "/", &[], Duration::from_millis(300)).await;
+        let (ok, msg) = http_get("127.0.0.1", port, "/", &[], Duration::from_millis(300), false).await;
         assert!(!ok && msg.contains("timed out"), "{msg}");
         assert!(t.elapsed() < Duration::from_secs(5));
         // nothing listens
@@ -377,7 +448,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let (ok, msg) = http_get("127.0.0.1", port, "/", &[], Duration::from_secs(2)).await;
+        let (ok, msg) = http_get("127.0.0.1", port, "/", &[], Duration::from_secs(2), false).await;
         assert!(
             !ok && msg.starts_with(&format!("GET http://127.0.0.1:{port}/:")),
             "{msg}"

@@ -94,10 +94,17 @@ pub struct Reconciler {
     docker_pending: Option<String>,
     found_tx: mpsc::UnboundedSender<Result<Found, String>>,
     found_rx: mpsc::UnboundedReceiver<Result<Found, String>>,
-    hub: Arc<HubClient>,
+    hub: Option<Arc<HubClient>>,
+    /// The hub's desired state (from the store); `desired` is it plus the local workloads.
+    hub_desired: Arc<Desired>,
+    local: crate::local::LocalWorkloads,
+    local_rx: Option<watch::Receiver<crate::local::LocalWorkloads>>,
     /// The store was new and nothing was restored: units that run but are not desired are
     /// kept (not stopped) until the first desired state arrives from the hub.
     hold: bool,
+    /// Job and CronJob state by workload key (`jobs` module; loaded on first use).
+    jobs: BTreeMap<String, crate::jobs::JobState>,
+    local_tz: jiff::tz::TimeZone,
 }
 
 /// Probe state of one running process.
@@ -126,9 +133,10 @@ impl Reconciler {
         store: Arc<Store>,
         desired: Arc<Desired>,
         status_tx: watch::Sender<Snapshot>,
-        hub: Arc<HubClient>,
+        hub: Option<Arc<HubClient>>,
         docker_socket: String,
     ) -> Self {
+        let hub_desired = desired.clone();
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
         let (probe_tx, probe_rx) = mpsc::unbounded_channel();
         let (started_tx, started_rx) = mpsc::unbounded_channel();
@@ -163,7 +171,34 @@ impl Reconciler {
             found_rx,
             hub,
             hold: false,
+            jobs: BTreeMap::new(),
+            local_tz: crate::jobs::local_zone(),
+            hub_desired,
+            local: Arc::new(BTreeMap::new()),
+            local_rx: None,
         }
+    }
+
+    /// Run the workloads of a manifest directory beside the hub's (`local` module).
+    pub fn with_local(mut self, rx: watch::Receiver<crate::local::LocalWorkloads>) -> Self {
+        self.local = rx.borrow().clone();
+        self.local_rx = Some(rx);
+        self.merge();
+        self
+    }
+
+    /// `desired` = the hub's workloads and the local ones (keys never collide: `local/...`).
+    fn merge(&mut self) {
+        if self.local.is_empty() {
+            self.desired = self.hub_desired.clone();
+            return;
+        }
+        let mut d = (*self.hub_desired).clone();
+        d.workloads.retain(|k, _| !crate::local::is_local(k));
+        for (k, w) in self.local.iter() {
+            d.workloads.insert(k.clone(), w.clone());
+        }
+        self.desired = Arc::new(d);
     }
 
     /// Keep adopted units that the (empty) desired state does not list until the hub's first
@@ -189,10 +224,16 @@ impl Reconciler {
             failing: None,
             last_probe_failure: None,
         };
+        let main_running = w.containers.iter().filter(|c| !c.init).any(|c| {
+            self.units
+                .get(&unit_id(&w.key, &c.name))
+                .is_some_and(|u| u.hash == w.hash && u.pid.is_some())
+        });
         for c in &w.containers {
             let id = unit_id(&w.key, &c.name);
             let Some(u) = self.units.get(&id).filter(|u| u.hash == w.hash) else {
-                h.ready = false;
+                // an init container that ran before an agent restart
+                h.ready &= c.init && main_running;
                 continue;
             };
             let probes = self.probes.get(&id).filter(|p| Some(p.pid) == u.pid);
@@ -224,6 +265,11 @@ impl Reconciler {
         let mut wake: Option<UnixMs> = None;
         let mut effective = BTreeMap::new();
         for (key, target) in &self.desired.workloads {
+            if target.job.is_some() {
+                // A Job is not kept running, so it has no update gate: each run uses the target.
+                effective.insert(key.clone(), target.clone());
+                continue;
+            }
             let health = self.health(target);
             let st = self.rollouts.entry(key.clone()).or_default();
             let step = rollout::step(st, target, &health, now);
@@ -276,14 +322,47 @@ impl Reconciler {
             .values()
             .filter(|w| self.docker_known || w.runtime == RuntimeKind::Process)
         {
+            let runnable = match (&w.job, self.jobs.get(&w.key)) {
+                (None, _) => true,
+                (Some(j), st) if j.cron.is_some() => st.is_some_and(|s| s.active),
+                (Some(_), st) => !st.is_some_and(|s| s.finished(&w.hash)),
+            };
+            // Init containers run to completion first; the containers start once all have
+            // succeeded. Containers found running (adopted after an agent restart) mean the
+            // init containers already ran: they are not run again.
+            let unit =
+                |c: &outpost_api::ContainerSpec| self.units.get(&unit_id(&w.key, &c.name)).filter(|u| u.hash == w.hash);
+            let main_running = w
+                .containers
+                .iter()
+                .filter(|c| !c.init)
+                .any(|c| unit(c).is_some_and(|u| u.pid.is_some() || u.starting || u.done.is_some()));
+            let inits_done = w
+                .containers
+                .iter()
+                .filter(|c| c.init)
+                .all(|c| unit(c).is_some_and(|u| u.done == Some(Phase::Succeeded)));
+            // init containers run one after the other, in declaration order
+            let mut earlier_done = true;
             for c in &w.containers {
+                let (runnable, restart_policy) = if c.init {
+                    let policy = match w.restart_policy {
+                        outpost_api::RestartPolicy::Never => outpost_api::RestartPolicy::Never,
+                        _ => outpost_api::RestartPolicy::OnFailure,
+                    };
+                    let turn = unit(c).is_some() || (!main_running && earlier_done);
+                    earlier_done &= unit(c).is_some_and(|u| u.done == Some(Phase::Succeeded));
+                    (runnable && turn, policy)
+                } else {
+                    (runnable && (inits_done || main_running), w.restart_policy)
+                };
                 out.insert(
                     unit_id(&w.key, &c.name),
                     DesiredUnit {
                         hash: w.hash.clone(),
-                        restart_policy: w.restart_policy,
+                        restart_policy,
                         grace_ms: (w.grace_seconds * 1000) as i64,
-                        runnable: true,
+                        runnable,
                     },
                 );
             }
@@ -422,6 +501,7 @@ impl Reconciler {
             self.started_tx.clone(),
         );
         let unit = unit.to_string();
+        let node = self.rt.node.clone();
         tokio::spawn(async move {
             let run = async {
                 let engine = match engine {
@@ -431,8 +511,8 @@ impl Reconciler {
                         .map_err(|e| format!("{RUNTIME_UNAVAILABLE}: {e}"))?,
                 };
                 let image = c.image.clone().unwrap_or_default();
-                crate::images::ensure(&engine, &hub, &images_dir, &image, c.image_pull_policy).await?;
-                let id = engine.run(&w, &c, &unit, &volumes).await?;
+                crate::images::ensure(&engine, hub.as_deref(), &images_dir, &image, c.image_pull_policy).await?;
+                let id = engine.run(&w, &c, &unit, &volumes, &node).await?;
                 let pid = engine.pid(&id).await.unwrap_or(0);
                 let ip = engine.ip(&id).await;
                 Ok(StartedContainer { engine, id, pid, ip })
@@ -777,8 +857,193 @@ impl Reconciler {
         }
     }
 
+    /// Load the Job state of every job workload; run each CronJob's schedule decision
+    /// (`outpost_core::cron::decide`) on the node's clock. Returns the earliest wake-up.
+    fn jobs_tick(&mut self, now: UnixMs) -> Option<UnixMs> {
+        let mut wake: Option<UnixMs> = None;
+        let specs: Vec<WorkloadSpec> = self.effective.values().filter(|w| w.job.is_some()).cloned().collect();
+        self.jobs.retain(|k, _| self.desired.workloads.contains_key(k));
+        for w in specs {
+            let dir = self.rt.workload_dir(&w.key);
+            let st = self
+                .jobs
+                .entry(w.key.clone())
+                .or_insert_with(|| crate::jobs::JobState::load(&dir));
+            let Some(cron) = w.job.as_ref().and_then(|j| j.cron.clone()) else {
+                continue;
+            };
+            let tz = match outpost_core::cron::zone(cron.time_zone.as_deref(), &self.local_tz) {
+                Ok(z) => z,
+                Err(e) => {
+                    warn!(workload = %w.key, error = %e, "cannot evaluate the schedule");
+                    continue;
+                }
+            };
+            let last = match st.last_scheduled {
+                Some(t) => t,
+                None => {
+                    // A new CronJob on this node: its first run is the next schedule time from now.
+                    st.last_scheduled = Some(now);
+                    if let Err(e) = st.save(&dir) {
+                        warn!(workload = %w.key, error = %e, "cannot persist CronJob state");
+                    }
+                    now
+                }
+            };
+            let running = w.containers.iter().any(|c| {
+                self.units
+                    .get(&unit_id(&w.key, &c.name))
+                    .is_some_and(|u| u.pid.is_some() || u.starting || (u.done.is_none() && st.active))
+            });
+            let state = outpost_core::cron::CronState {
+                last_scheduled: last,
+                running,
+            };
+            let action = outpost_core::cron::decide(&cron, &state, &tz, now);
+            let (scheduled, start, message) = match action {
+                outpost_core::cron::CronAction::Wait { next } => {
+                    if let Some(t) = next {
+                        wake = Some(wake.map_or(t, |x| x.min(t)));
+                    }
+                    continue;
+                }
+                outpost_core::cron::CronAction::Start { scheduled } => (scheduled, true, None),
+                outpost_core::cron::CronAction::Replace { scheduled } => (
+                    scheduled,
+                    true,
+                    Some((
+                        "CronJobReplaced",
+                        "the previous run is stopped (concurrencyPolicy: Replace)".to_string(),
+                    )),
+                ),
+                outpost_core::cron::CronAction::Skip { scheduled, reason } => {
+                    (scheduled, false, Some(("CronJobSkipped", reason)))
+                }
+            };
+            // Recorded before acting: a crash never runs one schedule time twice.
+            st.last_scheduled = Some(scheduled);
+            let was_active = st.active;
+            if start {
+                st.active = true;
+            }
+            if let Err(e) = st.save(&dir) {
+                warn!(workload = %w.key, error = %e, "cannot persist CronJob state; not starting the run");
+                st.active = was_active;
+                continue;
+            }
+            let at = jiff::Timestamp::from_millisecond(scheduled)
+                .map(|t| t.to_string())
+                .unwrap_or_default();
+            if let Some((reason, why)) = message {
+                info!(workload = %w.key, scheduled = %at, %reason, "{why}");
+                self.event(Some(&w.key), reason, &format!("run scheduled at {at}: {why}"));
+            }
+            if start {
+                info!(workload = %w.key, scheduled = %at, "starting a CronJob run");
+                self.event(Some(&w.key), "CronJobRun", &format!("run scheduled at {at} started"));
+                for c in &w.containers {
+                    let id = unit_id(&w.key, &c.name);
+                    match self.units.get_mut(&id) {
+                        // Replace: stop the running one; it starts again once stopped.
+                        Some(u) if u.pid.is_some() => {
+                            let pid = u.pid.unwrap_or_default();
+                            let kill_at = now + u.grace_ms;
+                            self.execute(Action::Terminate { unit: id, pid, kill_at }, now);
+                        }
+                        Some(_) => {
+                            self.units.remove(&id);
+                            let _ = self.store.forget_unit(&id);
+                        }
+                        None => {}
+                    }
+                }
+            }
+            wake = Some(wake.map_or(now, |x| x.min(now)));
+        }
+        wake
+    }
+
+    /// A job workload's container ended for good: record the Job's outcome or the CronJob run.
+    fn job_finished(&mut self, unit: &str, phase: Phase, now: UnixMs) {
+        let Some((w, _)) = self.lookup(unit) else { return };
+        let Some(job) = w.job.clone() else { return };
+        let (key, hash) = (w.key.clone(), w.hash.clone());
+        let dir = self.rt.workload_dir(&key);
+        let st = self
+            .jobs
+            .entry(key.clone())
+            .or_insert_with(|| crate::jobs::JobState::load(&dir));
+        let succeeded = phase == Phase::Succeeded;
+        let (reason, message) = match &job.cron {
+            Some(cron) => {
+                let scheduled = st.last_scheduled.unwrap_or(now);
+                st.record_run(
+                    crate::jobs::Run {
+                        scheduled,
+                        finished: now,
+                        succeeded,
+                    },
+                    cron.successful_history,
+                    cron.failed_history,
+                );
+                let at = jiff::Timestamp::from_millisecond(scheduled)
+                    .map(|t| t.to_string())
+                    .unwrap_or_default();
+                (
+                    if succeeded {
+                        "CronJobRunSucceeded"
+                    } else {
+                        "CronJobRunFailed"
+                    },
+                    format!(
+                        "run scheduled at {at} {}",
+                        if succeeded { "succeeded" } else { "failed" }
+                    ),
+                )
+            }
+            None => {
+                st.done = Some((hash, phase));
+                (
+                    if succeeded { "JobSucceeded" } else { "JobFailed" },
+                    format!(
+                        "{unit} {}",
+                        if succeeded {
+                            "completed"
+                        } else {
+                            "failed (backoffLimit reached)"
+                        }
+                    ),
+                )
+            }
+        };
+        if let Err(e) = st.save(&dir) {
+            warn!(workload = %key, error = %e, "cannot persist Job state");
+        }
+        info!(workload = %key, %reason, "{message}");
+        self.event(Some(&key), reason, &message);
+    }
+
     fn on_exit(&mut self, e: Exit, now: UnixMs) {
-        let policy = self.lookup(&e.unit).map(|(w, _)| w.restart_policy).unwrap_or_default();
+        let (mut policy, backoff_limit, init) = self
+            .lookup(&e.unit)
+            .map(|(w, i)| {
+                let init = w.containers[i].init;
+                let policy = match (init, w.restart_policy) {
+                    (true, outpost_api::RestartPolicy::Never) => outpost_api::RestartPolicy::Never,
+                    (true, _) => outpost_api::RestartPolicy::OnFailure,
+                    (false, p) => p,
+                };
+                (policy, w.job.as_ref().map(|j| j.backoff_limit), init)
+            })
+            .unwrap_or_default();
+        if let (Some(limit), Some(u)) = (backoff_limit, self.units.get(&e.unit)) {
+            // A Job retries a failed pod until backoffLimit, whatever its restartPolicy.
+            policy = if u.restarts >= limit {
+                outpost_api::RestartPolicy::Never
+            } else {
+                outpost_api::RestartPolicy::OnFailure
+            };
+        }
         let Some(u) = self.units.get_mut(&e.unit) else { return };
         if u.pid != Some(e.pid) {
             return;
@@ -796,7 +1061,11 @@ impl Reconciler {
             }
         }
         let (restarts, hash, reason, phase) = (u.restarts, u.hash.clone(), u.reason.clone(), supervise::phase(u));
+        let finished = u.done;
         let _ = self.store.set_unit_restarts(&e.unit, &hash, restarts);
+        if let Some(p) = finished.filter(|p| !init || *p == Phase::Failed) {
+            self.job_finished(&e.unit, p, now);
+        }
         if !intentional {
             let workload = e.unit.rsplit_once('/').map(|(w, _)| w.to_string());
             let msg = format!(
@@ -868,8 +1137,18 @@ impl Reconciler {
                     cs
                 })
                 .collect();
-            let phase = supervise::workload_phase(containers.iter().map(|c| c.phase));
-            let ready = !containers.is_empty() && containers.iter().all(|c| c.ready);
+            // Init containers count while they have not all succeeded; then only the containers.
+            let is_init = |c: &ContainerStatus| w.containers.iter().any(|s| s.name == c.name && s.init);
+            let main_started = containers.iter().any(|c| !is_init(c) && c.pid.is_some());
+            let inits_pending = !main_started && containers.iter().any(|c| is_init(c) && c.phase != Phase::Succeeded);
+            let phase = supervise::workload_phase(
+                containers
+                    .iter()
+                    .filter(|c| inits_pending || !is_init(c))
+                    .map(|c| c.phase),
+            );
+            let ready =
+                containers.iter().any(|c| !is_init(c)) && containers.iter().filter(|c| !is_init(c)).all(|c| c.ready);
             out.insert(
                 w.key.clone(),
                 WorkloadStatus {
@@ -906,7 +1185,10 @@ impl Reconciler {
         }
         loop {
             let now = now_ms();
-            let gate_wake = self.gate(now);
+            let mut gate_wake = self.gate(now);
+            if let Some(t) = self.jobs_tick(now) {
+                gate_wake = Some(gate_wake.map_or(t, |g| g.min(t)));
+            }
             let desired = self.desired_units();
             let (mut actions, wake) = supervise::decide(&desired, &self.units, now);
             actions.retain(|a| !self.held(a, &desired));
@@ -936,9 +1218,20 @@ impl Reconciler {
                 Duration::from_millis((w - now_ms()).max(0) as u64)
             });
             tokio::select! {
+                r = local_changed(&mut self.local_rx) => {
+                    if r {
+                        if let Some(rx) = self.local_rx.as_mut() {
+                            self.local = rx.borrow_and_update().clone();
+                        }
+                        self.merge();
+                    } else {
+                        self.local_rx = None;
+                    }
+                }
                 r = desired_rx.changed() => {
                     if r.is_err() { break; }
-                    self.desired = desired_rx.borrow_and_update().clone();
+                    self.hub_desired = desired_rx.borrow_and_update().clone();
+                    self.merge();
                     if std::mem::take(&mut self.hold) {
                         info!(generation = self.desired.generation, workloads = self.desired.workloads.len(),
                             "first desired state from the hub; adopted units it does not list are stopped");
@@ -980,5 +1273,13 @@ impl Reconciler {
                 _ = tokio::time::sleep(sleep) => {}
             }
         }
+    }
+}
+
+/// A change of the local workloads (true), their source gone (false), or never without one.
+async fn local_changed(rx: &mut Option<watch::Receiver<crate::local::LocalWorkloads>>) -> bool {
+    match rx {
+        Some(r) => r.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }

@@ -139,6 +139,12 @@ impl Runtime {
         self.data_dir.join("workloads").join(dir_name(key))
     }
 
+    /// A PersistentVolumeClaim's directory on this node: outside every workload's directory, so
+    /// it outlives revisions, restarts and reboots (the local-path provisioner's model).
+    pub fn claim_dir(&self, namespace: &str, claim: &str) -> PathBuf {
+        self.data_dir.join("volumes").join(namespace).join(claim)
+    }
+
     pub fn log_path(&self, key: &str, container: &str) -> PathBuf {
         self.workload_dir(key).join(format!("{container}.log"))
     }
@@ -148,9 +154,18 @@ impl Runtime {
         let mut out = BTreeMap::new();
         for v in &w.volumes {
             let path = match &v.source {
-                VolumeSource::HostPath { path, create } => {
+                VolumeSource::HostPath {
+                    path,
+                    create,
+                    host_type,
+                } => {
                     let p = PathBuf::from(path);
-                    if *create {
+                    if let Some(why) = host_type_mismatch(&p, host_type) {
+                        return Err(format!("volume {}: hostPath {path} {why}", v.name));
+                    }
+                    if !matches!(host_type.as_str(), "" | "Directory" | "DirectoryOrCreate") {
+                        // files, sockets and devices are mounted as they are
+                    } else if *create {
                         std::fs::create_dir_all(&p)
                             .map_err(|e| format!("volume {}: cannot create {path}: {e}", v.name))?;
                     } else if !p.exists() {
@@ -162,10 +177,10 @@ impl Runtime {
                     }
                     p
                 }
-                VolumeSource::Files { files, secret } => {
+                VolumeSource::Files { files, secret, mode } => {
                     let dir = self.workload_dir(&w.key).join("volumes").join(&v.name);
                     std::fs::create_dir_all(&dir).map_err(|e| format!("volume {}: {e}", v.name))?;
-                    let mode = if *secret { 0o600 } else { 0o644 };
+                    let mode = mode.unwrap_or(if *secret { 0o600 } else { 0o644 });
                     for (name, b64) in files {
                         let bytes = base64::engine::general_purpose::STANDARD
                             .decode(b64)
@@ -189,6 +204,17 @@ impl Runtime {
                     std::fs::create_dir_all(&dir).map_err(|e| format!("volume {}: {e}", v.name))?;
                     dir
                 }
+                VolumeSource::Claim { namespace, claim } => {
+                    let dir = self.claim_dir(namespace, claim);
+                    std::fs::create_dir_all(&dir).map_err(|e| {
+                        format!(
+                            "volume {}: claim {namespace}/{claim}: cannot create {}: {e}",
+                            v.name,
+                            dir.display()
+                        )
+                    })?;
+                    dir
+                }
             };
             out.insert(v.name.clone(), path);
         }
@@ -202,6 +228,7 @@ impl Runtime {
             .map(|v| {
                 let p = match &v.source {
                     VolumeSource::HostPath { path, .. } => PathBuf::from(path),
+                    VolumeSource::Claim { namespace, claim } => self.claim_dir(namespace, claim),
                     _ => self.workload_dir(&w.key).join("volumes").join(&v.name),
                 };
                 (v.name.clone(), p)
@@ -241,6 +268,7 @@ impl Runtime {
         // Where to publish data: the agent's MQTT broker and HTTP ingest (docs/pipeline.md).
         env.extend(crate::pipeline::workload_env(&self.data_dir));
         env.extend(c.env.iter().cloned());
+        env.extend(crate::security::node_env(&self.node, w, c));
         env.push((ENV_AGENT.into(), self.agent_id.clone()));
         env.push((ENV_UNIT.into(), unit.into()));
         env.push((ENV_HASH.into(), w.hash.clone()));
@@ -288,7 +316,13 @@ impl Runtime {
 
         // Everything the child does between fork and exec is prepared here: no allocation there.
         let mounts = self.mount_plan(c, &volumes)?;
-        let cgroup_procs = self.cgroups.prepare(unit, c.cpu_millis, c.memory_bytes)?;
+        let creds = crate::security::Credentials::prepare(&c.security)?;
+        // Every process gets a cgroup of its own when the host has them (so a service manager's
+        // limits on the agent never apply to workloads); only a limit makes its absence an error.
+        let cgroup_procs = match self.cgroups.prepare(unit, c.cpu_millis, c.memory_bytes) {
+            Err(_) if c.cpu_millis.is_none() && c.memory_bytes.is_none() => Vec::new(),
+            r => r?,
+        };
         let parent_fds = cgroup_procs.clone();
         // SAFETY: the closure only makes async-signal-safe system calls on data prepared above.
         unsafe {
@@ -303,6 +337,9 @@ impl Runtime {
                 }
                 if !mounts.is_empty() {
                     apply_mounts(&mounts)?;
+                }
+                if !creds.is_noop() {
+                    creds.apply()?;
                 }
                 Ok(())
             });
@@ -345,15 +382,55 @@ impl Runtime {
                 acc.push(comp);
                 mkdirs.push(cs(&acc)?);
             }
+            // A file, socket or device is mounted onto a file: the last component is not a directory.
+            let file = std::fs::metadata(src).is_ok_and(|m| !m.is_dir());
+            if file {
+                mkdirs.pop();
+            }
             steps.push(MountStep {
                 source: cs(src)?,
                 target: cs(&target)?,
                 mkdirs,
                 read_only: m.read_only,
+                file,
             });
         }
         Ok(steps)
     }
+}
+
+/// Why a hostPath does not fit its declared `type` (None when it does or may be created).
+pub fn host_type_mismatch(p: &Path, host_type: &str) -> Option<String> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(p).ok();
+    let ft = meta.as_ref().map(|m| m.file_type());
+    let want = |ok: bool, what: &str| (!ok).then(|| format!("is not {what} (hostPath type {host_type})"));
+    match host_type {
+        "Directory" => want(ft.is_some_and(|f| f.is_dir()), "an existing directory"),
+        "File" => want(ft.is_some_and(|f| f.is_file()), "an existing file"),
+        "Socket" => want(ft.is_some_and(|f| f.is_socket()), "an existing socket"),
+        "CharDevice" => want(ft.is_some_and(|f| f.is_char_device()), "an existing character device"),
+        "BlockDevice" => want(ft.is_some_and(|f| f.is_block_device()), "an existing block device"),
+        "FileOrCreate" => {
+            if ft.is_none() {
+                if let Some(dir) = p.parent() {
+                    let _ = std::fs::create_dir_all(dir);
+                }
+                if let Err(e) = std::fs::OpenOptions::new().create(true).append(true).open(p) {
+                    return Some(format!("cannot be created: {e}"));
+                }
+                None
+            } else {
+                want(ft.is_some_and(|f| f.is_file()), "a file")
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Is this volume a device node (mounted as a device into containers)?
+pub fn is_device(host_type: &str) -> bool {
+    matches!(host_type, "CharDevice" | "BlockDevice")
 }
 
 fn close_fds(fds: &[i32]) {
@@ -368,6 +445,7 @@ pub struct MountStep {
     target: CString,
     mkdirs: Vec<CString>,
     read_only: bool,
+    file: bool,
 }
 
 /// Runs in the child between fork and exec: only raw system calls.
@@ -391,6 +469,16 @@ fn apply_mounts(steps: &[MountStep]) -> std::io::Result<()> {
         for s in steps {
             for d in &s.mkdirs {
                 libc::mkdir(d.as_ptr(), 0o755);
+            }
+            if s.file {
+                let fd = libc::open(
+                    s.target.as_ptr(),
+                    libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                    0o644,
+                );
+                if fd >= 0 {
+                    libc::close(fd);
+                }
             }
             if libc::mount(
                 s.source.as_ptr(),
@@ -449,7 +537,7 @@ impl Cgroups {
     /// Create the unit's cgroup with its limits; returns open `cgroup.procs` fds for the child
     /// to write "0" into (which moves it). No limits: no cgroup.
     fn prepare(&self, unit: &str, cpu_millis: Option<u64>, memory: Option<u64>) -> Result<Vec<i32>, String> {
-        if cpu_millis.is_none() && memory.is_none() {
+        if cpu_millis.is_none() && memory.is_none() && matches!(self, Cgroups::None) {
             return Ok(Vec::new());
         }
         let name = unit.replace('/', "_");

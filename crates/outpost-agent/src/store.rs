@@ -1204,6 +1204,10 @@ mod tests {
             volumes: vec![],
             min_ready_seconds: 0,
             progress_deadline_seconds: 600,
+            host_network: false,
+            host_pid: false,
+            job: None,
+            agent_update: None,
         }
     }
 

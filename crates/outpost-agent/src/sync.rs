@@ -458,6 +458,9 @@ pub async fn sync_loop(
                 for r in a.log_requests {
                     let _ = monitor.log_requests.send(r);
                 }
+                if !a.prefetch.is_empty() {
+                    let _ = monitor.prefetch.send(a.prefetch);
+                }
                 // Pipelines are persisted before they run (pipeline::SyncLink::set).
                 if let (Some(p), Some(link)) = (a.pipelines, &pipelines) {
                     if let Err(e) = link.set(p) {
@@ -578,7 +581,7 @@ pub async fn status_loop(
             ),
         };
         let report = StatusReport {
-            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            agent_version: crate::selfupdate::version(),
             uptime_secs: started.elapsed().as_secs(),
             generation: desired_rx.borrow().generation,
             full,
@@ -615,6 +618,7 @@ pub async fn status_loop(
                 }
                 acked = Some(snap);
                 backoff.reset();
+                crate::selfupdate::on_reported(&store);
                 // more queued events than one report carries: send again at once
                 if report.events.len() >= 500 || more {
                     continue;

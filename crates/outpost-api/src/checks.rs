@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use crate::manifest::{PodSpec, Volume};
+use crate::manifest::{Container, PodSpec, Volume};
 
 /// A value refused at the edge: which field, and why.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -375,18 +375,70 @@ impl fmt::Display for HostPathMount {
     }
 }
 
+/// Every container of a pod with its field path: containers, then init containers.
+pub fn all_containers<'a>(at: &'a str, pod: &'a PodSpec) -> impl Iterator<Item = (String, &'a Container)> + 'a {
+    pod.containers
+        .iter()
+        .enumerate()
+        .map(move |(i, c)| (format!("{at}.containers[{i}]"), c))
+        .chain(
+            pod.init_containers
+                .iter()
+                .enumerate()
+                .map(move |(i, c)| (format!("{at}.initContainers[{i}]"), c)),
+        )
+}
+
+/// What a pod may do to its node beyond an ordinary container: host namespaces, privileged
+/// containers, added capabilities. Each entry is (field path, what it grants), for
+/// `outpost describe` and the hub's `--privileged deny`.
+pub fn privileges(at: &str, pod: &PodSpec) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if pod.host_network {
+        out.push((
+            format!("{at}.hostNetwork"),
+            "shares the node's network namespace".to_string(),
+        ));
+    }
+    if pod.host_pid {
+        out.push((
+            format!("{at}.hostPID"),
+            "sees and can signal every process of the node".to_string(),
+        ));
+    }
+    for (cf, c) in all_containers(at, pod) {
+        let Some(sc) = &c.security_context else { continue };
+        let f = format!("{cf}.securityContext");
+        if sc.privileged == Some(true) {
+            out.push((
+                format!("{f}.privileged"),
+                format!("container {} is privileged (every device, every capability)", c.name),
+            ));
+        }
+        if let Some(caps) = &sc.capabilities {
+            if !caps.add.is_empty() {
+                out.push((
+                    format!("{f}.capabilities.add"),
+                    format!("container {} adds capabilities {}", c.name, caps.add.join(", ")),
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// Every container mount of a hostPath volume in a pod spec found at field path `at`.
 pub fn host_path_mounts(at: &str, pod: &PodSpec) -> Vec<HostPathMount> {
     let volumes: Vec<(usize, &Volume)> = pod.volumes.iter().enumerate().collect();
     let mut out = Vec::new();
-    for (i, c) in pod.containers.iter().enumerate() {
+    for (cf, c) in all_containers(at, pod) {
         for (j, m) in c.volume_mounts.iter().enumerate() {
             let Some((k, v)) = volumes.iter().find(|(_, v)| v.name == m.name) else {
                 continue;
             };
             let Some(hp) = &v.host_path else { continue };
             out.push(HostPathMount {
-                field: format!("{at}.containers[{i}].volumeMounts[{j}]"),
+                field: format!("{cf}.volumeMounts[{j}]"),
                 volume_field: format!("{at}.volumes[{k}].hostPath.path"),
                 container: c.name.clone(),
                 volume: v.name.clone(),

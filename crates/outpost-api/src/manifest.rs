@@ -121,6 +121,12 @@ pub struct PodTemplate {
 #[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TemplateMeta {
+    /// Accepted and ignored: Kubernetes ignores a pod template's name too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Accepted and ignored (`kubectl get -o yaml` writes `creationTimestamp: null`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<Value>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: Labels,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -131,6 +137,10 @@ pub struct TemplateMeta {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PodSpec {
     pub containers: Vec<Container>,
+    /// Run to completion, in order, before the containers start; one with
+    /// `restartPolicy: Always` is a sidecar that runs beside them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub init_containers: Vec<Container>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<Volume>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -141,6 +151,129 @@ pub struct PodSpec {
     pub termination_grace_period_seconds: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_class_name: Option<String>,
+    /// Share the node's network namespace (Docker `--network host`; processes always do).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub host_network: bool,
+    /// Share the node's PID namespace (Docker `--pid host`; processes always do).
+    #[serde(default, rename = "hostPID", skip_serializing_if = "std::ops::Not::not")]
+    pub host_pid: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<PodSecurityContext>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Accepted with a warning: outpost nodes carry no taints, so tolerations change nothing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Value>,
+    /// Cluster-only: accepted with a warning (no Kubernetes API on the node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    /// Deprecated alias of serviceAccountName; accepted with the same warning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub automount_service_account_token: Option<bool>,
+    /// Accepted with a warning: outpost never preempts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// Accepted with a warning: containers use the node's resolver (or Docker's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_policy: Option<String>,
+    /// Accepted with a warning: outpost has one scheduler, the hub's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler_name: Option<String>,
+}
+
+/// Pod-level `securityContext`: defaults for every container (a container's own value wins).
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodSecurityContext {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_user: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_group: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_non_root: Option<bool>,
+    /// Accepted with a warning: supplementary groups are not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs_group: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seccomp_profile: Option<Value>,
+}
+
+/// Container-level `securityContext`.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecurityContext {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privileged: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Capabilities>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_user: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_group: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_non_root: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only_root_filesystem: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_privilege_escalation: Option<bool>,
+    /// `RuntimeDefault` (Docker's default profile) or `Unconfined`; others are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seccomp_profile: Option<Value>,
+}
+
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Capabilities {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drop: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Affinity {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_affinity: Option<NodeAffinity>,
+}
+
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeAffinity {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub required_during_scheduling_ignored_during_execution: Option<NodeSelector>,
+    /// Accepted with a warning: preferences do not change placement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preferred_during_scheduling_ignored_during_execution: Option<Value>,
+}
+
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeSelector {
+    /// Terms are ORed; the expressions of one term are ANDed.
+    pub node_selector_terms: Vec<NodeSelectorTerm>,
+}
+
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeSelectorTerm {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub match_expressions: Vec<NodeSelectorRequirement>,
+    /// Node fields (only `metadata.name` exists in Kubernetes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub match_fields: Vec<NodeSelectorRequirement>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeSelectorRequirement {
+    pub key: String,
+    /// In, NotIn, Exists, DoesNotExist, Gt, Lt.
+    pub operator: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -157,6 +290,9 @@ pub struct Container {
     pub args: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
+    /// Every key of a ConfigMap or Secret as a variable (`env` wins over it, as in Kubernetes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_from: Vec<EnvFromSource>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub working_dir: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -171,6 +307,16 @@ pub struct Container {
     pub liveness_probe: Option<Probe>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readiness_probe: Option<Probe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<SecurityContext>,
+    /// Init containers only: `Always` makes a sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_policy: Option<String>,
+    /// Accepted with a warning: the agent keeps the last log lines instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub termination_message_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub termination_message_policy: Option<String>,
 }
 
 /// A Kubernetes probe: exactly one of httpGet, tcpSocket, exec.
@@ -248,6 +394,50 @@ pub struct EnvVarSource {
     pub config_map_key_ref: Option<KeyRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_key_ref: Option<KeyRef>,
+    /// The downward API: metadata.name/namespace/labels['k']/annotations['k'], spec.nodeName,
+    /// status.hostIP, status.podIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field_ref: Option<FieldRef>,
+    /// The downward API: limits.cpu/limits.memory/requests.cpu/requests.memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_field_ref: Option<ResourceFieldRef>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvFromSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_ref: Option<NameRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<NameRef>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NameRef {
+    pub name: String,
+    #[serde(default)]
+    pub optional: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FieldRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    pub field_path: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ResourceFieldRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_name: Option<String>,
+    pub resource: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub divisor: Option<Value>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -287,6 +477,9 @@ pub struct VolumeMount {
     pub mount_path: String,
     #[serde(default)]
     pub read_only: bool,
+    /// `None`/`HostToContainer` are what outpost does (rbind); `Bidirectional` is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_propagation: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -301,6 +494,27 @@ pub struct Volume {
     pub secret: Option<SecretSource>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub empty_dir: Option<EmptyDirSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume_claim: Option<PvcSource>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KeyToPath {
+    pub key: String,
+    /// A file name in the volume (no sub-directories).
+    pub path: String,
+    /// Accepted; the volume's mode applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PvcSource {
+    pub claim_name: String,
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -317,6 +531,12 @@ pub struct ConfigMapSource {
     pub name: String,
     #[serde(default)]
     pub optional: bool,
+    /// Only these keys, each under its own file name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<KeyToPath>,
+    /// File mode of the files (octal in YAML is decimal here, as in Kubernetes' JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_mode: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -325,6 +545,10 @@ pub struct SecretSource {
     pub secret_name: String,
     #[serde(default)]
     pub optional: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<KeyToPath>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_mode: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
@@ -384,6 +608,9 @@ pub struct ServiceSpec {
     pub selector: Labels,
     #[serde(default)]
     pub ports: Vec<ServicePort>,
+    /// Accepted: `None` (headless) or an address, both without effect (no cluster network).
+    #[serde(default, rename = "clusterIP", skip_serializing_if = "Option::is_none")]
+    pub cluster_ip: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -399,6 +626,151 @@ pub struct ServicePort {
     pub node_port: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
+}
+
+/// A `batch/v1` Job: its pod runs to completion on one node (restartPolicy OnFailure or Never),
+/// retried up to `backoffLimit` times.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Job {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: JobSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JobSpec {
+    pub template: PodTemplate,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_limit: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completions: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallelism: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_deadline_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds_after_finished: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_failure_policy: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend: Option<bool>,
+}
+
+/// A `batch/v1` CronJob: the node it is placed on runs its Job on its own clock, online or not.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CronJob {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: CronJobSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CronJobSpec {
+    /// Five fields (minute hour day-of-month month day-of-week) or a macro (`@hourly`, ...).
+    pub schedule: String,
+    /// An IANA zone (`Europe/Berlin`); without it the node's local time (`TZ`, else UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+    /// Allow (default), Forbid or Replace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_policy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub successful_jobs_history_limit: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_jobs_history_limit: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub starting_deadline_seconds: Option<u64>,
+    pub job_template: JobTemplate,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JobTemplate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<TemplateMeta>,
+    pub spec: JobSpec,
+}
+
+/// A v1 PersistentVolumeClaim: a directory on each node that uses it
+/// (`<data-dir>/volumes/<namespace>/<name>`), kept across revisions, agent restarts and reboots
+/// until the claim is deleted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PersistentVolumeClaim {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: PvcSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PvcSpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access_modes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<Value>,
+}
+
+/// A v1 Namespace. Objects may name any namespace without one; stored so `outpost get` lists it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Namespace {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<Value>,
+}
+
+/// `apiVersion: outpost.dev/v1`, `kind: AgentUpdate`: the outpost binary the matching nodes'
+/// agents should run, by digest (uploaded with `outpost agent publish FILE`). Placed like a
+/// DaemonSet and delivered in each node's desired state, so fleet rollout waves can gate it
+/// per node like any workload.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentUpdate {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: AgentUpdateSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentUpdateSpec {
+    /// `sha256:<hex>` of the binary.
+    pub digest: String,
+    /// A label for people (`outpost get nodes` shows the version each agent reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: Labels,
+    /// The new agent must report to the hub within this long, or the node restores the old
+    /// binary by itself (default 120).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_deadline_seconds: Option<u32>,
 }
 
 /// `apiVersion: outpost.dev/v1`, `kind: AlertPolicy`: monitoring thresholds, crash-loop alerts
@@ -468,6 +840,12 @@ pub enum Object {
     Secret(Secret),
     Service(Service),
     AlertPolicy(AlertPolicy),
+    Job(Job),
+    CronJob(Box<CronJob>),
+    PersistentVolumeClaim(PersistentVolumeClaim),
+    Namespace(Namespace),
+    AgentUpdate(AgentUpdate),
+    RolloutPolicy(crate::rollout::RolloutPolicy),
     Pipeline(crate::pipeline::Pipeline),
 }
 
@@ -480,6 +858,12 @@ pub enum Kind {
     Secret,
     Service,
     AlertPolicy,
+    Job,
+    CronJob,
+    PersistentVolumeClaim,
+    Namespace,
+    AgentUpdate,
+    RolloutPolicy,
     Pipeline,
 }
 
@@ -492,6 +876,12 @@ impl Kind {
             Kind::Secret => "Secret",
             Kind::Service => "Service",
             Kind::AlertPolicy => "AlertPolicy",
+            Kind::Job => "Job",
+            Kind::CronJob => "CronJob",
+            Kind::PersistentVolumeClaim => "PersistentVolumeClaim",
+            Kind::Namespace => "Namespace",
+            Kind::AgentUpdate => "AgentUpdate",
+            Kind::RolloutPolicy => "RolloutPolicy",
             Kind::Pipeline => "Pipeline",
         }
     }
@@ -504,12 +894,18 @@ impl Kind {
             "secret" | "secrets" => Kind::Secret,
             "service" | "services" | "svc" => Kind::Service,
             "alertpolicy" | "alertpolicies" | "ap" => Kind::AlertPolicy,
+            "job" | "jobs" => Kind::Job,
+            "cronjob" | "cronjobs" | "cj" => Kind::CronJob,
+            "persistentvolumeclaim" | "persistentvolumeclaims" | "pvc" => Kind::PersistentVolumeClaim,
+            "namespace" | "namespaces" | "ns" => Kind::Namespace,
+            "agentupdate" | "agentupdates" => Kind::AgentUpdate,
+            "rolloutpolicy" | "rolloutpolicies" | "rp" => Kind::RolloutPolicy,
             "pipeline" | "pipelines" | "pl" => Kind::Pipeline,
             _ => return None,
         })
     }
     pub fn is_workload(self) -> bool {
-        matches!(self, Kind::Deployment | Kind::DaemonSet)
+        matches!(self, Kind::Deployment | Kind::DaemonSet | Kind::Job | Kind::CronJob)
     }
 }
 
@@ -532,6 +928,12 @@ impl<'de> Deserialize<'de> for Object {
             "Secret" => serde_json::from_value(v).map(Object::Secret).map_err(e),
             "Service" => serde_json::from_value(v).map(Object::Service).map_err(e),
             "AlertPolicy" => serde_json::from_value(v).map(Object::AlertPolicy).map_err(e),
+            "Job" => serde_json::from_value(v).map(Object::Job).map_err(e),
+            "CronJob" => serde_json::from_value(v).map(Object::CronJob).map_err(e),
+            "PersistentVolumeClaim" => serde_json::from_value(v).map(Object::PersistentVolumeClaim).map_err(e),
+            "Namespace" => serde_json::from_value(v).map(Object::Namespace).map_err(e),
+            "AgentUpdate" => serde_json::from_value(v).map(Object::AgentUpdate).map_err(e),
+            "RolloutPolicy" => serde_json::from_value(v).map(Object::RolloutPolicy).map_err(e),
             "Pipeline" => serde_json::from_value(v).map(Object::Pipeline).map_err(e),
             other => Err(D::Error::custom(format!("unsupported kind {other:?}"))),
         }
@@ -547,6 +949,12 @@ impl Object {
             Object::Secret(_) => Kind::Secret,
             Object::Service(_) => Kind::Service,
             Object::AlertPolicy(_) => Kind::AlertPolicy,
+            Object::Job(_) => Kind::Job,
+            Object::CronJob(_) => Kind::CronJob,
+            Object::PersistentVolumeClaim(_) => Kind::PersistentVolumeClaim,
+            Object::Namespace(_) => Kind::Namespace,
+            Object::AgentUpdate(_) => Kind::AgentUpdate,
+            Object::RolloutPolicy(_) => Kind::RolloutPolicy,
             Object::Pipeline(_) => Kind::Pipeline,
         }
     }
@@ -558,6 +966,12 @@ impl Object {
             Object::Secret(o) => &o.metadata,
             Object::Service(o) => &o.metadata,
             Object::AlertPolicy(o) => &o.metadata,
+            Object::Job(o) => &o.metadata,
+            Object::CronJob(o) => &o.metadata,
+            Object::PersistentVolumeClaim(o) => &o.metadata,
+            Object::Namespace(o) => &o.metadata,
+            Object::AgentUpdate(o) => &o.metadata,
+            Object::RolloutPolicy(o) => &o.metadata,
             Object::Pipeline(o) => &o.metadata,
         }
     }
@@ -569,6 +983,12 @@ impl Object {
             Object::Secret(o) => &mut o.metadata,
             Object::Service(o) => &mut o.metadata,
             Object::AlertPolicy(o) => &mut o.metadata,
+            Object::Job(o) => &mut o.metadata,
+            Object::CronJob(o) => &mut o.metadata,
+            Object::PersistentVolumeClaim(o) => &mut o.metadata,
+            Object::Namespace(o) => &mut o.metadata,
+            Object::AgentUpdate(o) => &mut o.metadata,
+            Object::RolloutPolicy(o) => &mut o.metadata,
             Object::Pipeline(o) => &mut o.metadata,
         }
     }
@@ -584,6 +1004,8 @@ impl Object {
         match self {
             Object::Deployment(d) => Some(&d.spec.template),
             Object::DaemonSet(d) => Some(&d.spec.template),
+            Object::Job(j) => Some(&j.spec.template),
+            Object::CronJob(c) => Some(&c.spec.job_template.spec.template),
             _ => None,
         }
     }

@@ -47,6 +47,89 @@ pub const MAX_MEMORY_BYTES: u64 = 1 << 50;
 pub const MIN_DOCKER_MEMORY_BYTES: u64 = 6 << 20;
 /// The longest terminationGracePeriodSeconds: one day.
 pub const MAX_GRACE_SECONDS: i64 = 86_400;
+/// The node ports a `type: NodePort` Service may name, and the hub assigns from (Kubernetes').
+pub const NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
+/// Kinds that only mean something to a Kubernetes cluster: accepted with a warning, not stored.
+pub const CLUSTER_ONLY_KINDS: &[&str] = &[
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "StorageClass",
+    "PodDisruptionBudget",
+    "NetworkPolicy",
+    "PodSecurityPolicy",
+    "PriorityClass",
+    "ResourceQuota",
+    "LimitRange",
+    "HorizontalPodAutoscaler",
+    "RuntimeClass",
+];
+/// The hostPath types outpost honours ("" checks nothing and creates a missing directory).
+pub const HOST_PATH_TYPES: &[&str] = &[
+    "",
+    "Directory",
+    "DirectoryOrCreate",
+    "File",
+    "FileOrCreate",
+    "Socket",
+    "CharDevice",
+    "BlockDevice",
+];
+/// The largest uid or gid `runAsUser`/`runAsGroup` may name.
+pub const MAX_ID: i64 = u32::MAX as i64 - 1;
+/// The capabilities a container may add or drop (`ALL`, and Linux's names with or without `CAP_`).
+pub const CAPABILITIES: &[&str] = &[
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
+/// A capability name as Linux numbers it (`NET_ADMIN`, `cap_net_admin`): its index, or None.
+pub fn capability_number(name: &str) -> Option<u32> {
+    let upper = name.to_ascii_uppercase();
+    let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
+    CAPABILITIES.iter().position(|c| *c == bare).map(|i| i as u32)
+}
 
 /// Parsed documents, and warnings about accepted-but-not-enforced fields.
 #[derive(Debug, Default)]
@@ -241,10 +324,29 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
     if let Some(name) = map.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str) {
         ctx.document = format!("{} ({kind} {name})", ctx.document);
     }
+    if CLUSTER_ONLY_KINDS.contains(&kind.as_str()) {
+        ctx.warn(
+            "kind",
+            format!(
+                "{kind} has no effect on outpost (nodes have no Kubernetes API, RBAC, storage classes or \
+                 cluster network): accepted and not stored; the workloads of this file run without it"
+            ),
+        );
+        return None;
+    }
     let expected_api = match kind.as_str() {
         "Deployment" | "DaemonSet" => "apps/v1",
-        "ConfigMap" | "Secret" | "Service" => "v1",
-        "AlertPolicy" | "Pipeline" => ALERT_POLICY_API,
+        "ConfigMap" | "Secret" | "Service" | "PersistentVolumeClaim" | "Namespace" => "v1",
+        "Job" => "batch/v1",
+        "CronJob" if api == "batch/v1beta1" => {
+            ctx.warn(
+                "apiVersion",
+                "batch/v1beta1 was removed in Kubernetes 1.25; read as batch/v1 (the fields are the same)",
+            );
+            "batch/v1beta1"
+        }
+        "CronJob" => "batch/v1",
+        "AlertPolicy" | "AgentUpdate" | "RolloutPolicy" | "Pipeline" => ALERT_POLICY_API,
         "" => {
             ctx.err(
                 "kind",
@@ -255,7 +357,12 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
         other => {
             ctx.err(
                 "kind",
-                format!("{other} is not supported by outpost; supported kinds are Deployment, DaemonSet, ConfigMap, Secret, Service, AlertPolicy and Pipeline"),
+                format!(
+                    "{other} is not supported by outpost; supported kinds are Deployment, DaemonSet, Job, CronJob, \
+                     ConfigMap, Secret, Service, PersistentVolumeClaim, Namespace, AlertPolicy, RolloutPolicy, \
+                     Pipeline and AgentUpdate (cluster-only kinds such as ServiceAccount or ClusterRole are accepted \
+                     and ignored)"
+                ),
             );
             return None;
         }
@@ -273,6 +380,12 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
         "ConfigMap" => Object::ConfigMap(typed(ctx, doc)?),
         "Service" => Object::Service(typed(ctx, doc)?),
         "AlertPolicy" => Object::AlertPolicy(typed(ctx, doc)?),
+        "Job" => Object::Job(typed(ctx, doc)?),
+        "CronJob" => Object::CronJob(typed(ctx, doc)?),
+        "PersistentVolumeClaim" => Object::PersistentVolumeClaim(typed(ctx, doc)?),
+        "Namespace" => Object::Namespace(typed(ctx, doc)?),
+        "AgentUpdate" => Object::AgentUpdate(typed(ctx, doc)?),
+        "RolloutPolicy" => Object::RolloutPolicy(typed(ctx, doc)?),
         "Pipeline" => Object::Pipeline(typed(ctx, doc)?),
         _ => Object::Secret(typed(ctx, doc)?),
     };
@@ -311,8 +424,76 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
                 &["OnDelete", "RollingUpdate"],
             );
         }
+        Object::Job(j) => {
+            validate_template_meta(ctx, "spec.template", &j.spec.template);
+            validate_pod(ctx, "spec.template.spec", &j.spec.template.spec);
+            validate_job(ctx, "spec", &j.spec);
+        }
+        Object::CronJob(c) => {
+            let at = "spec.jobTemplate.spec";
+            validate_template_meta(ctx, &format!("{at}.template"), &c.spec.job_template.spec.template);
+            validate_pod(
+                ctx,
+                &format!("{at}.template.spec"),
+                &c.spec.job_template.spec.template.spec,
+            );
+            validate_job(ctx, at, &c.spec.job_template.spec);
+            validate_cron_job(ctx, &c.spec);
+        }
+        Object::PersistentVolumeClaim(pvc) => {
+            if pvc.spec.storage_class_name.is_some() {
+                ctx.warn(
+                    "spec.storageClassName",
+                    "accepted but not used: a claim is a directory on each node that uses it (local-path)",
+                );
+            }
+            if pvc.spec.resources.is_some() {
+                ctx.warn(
+                    "spec.resources",
+                    "accepted but not enforced: a claim may use the node's free disk space",
+                );
+            }
+            if pvc.spec.volume_mode.as_deref().is_some_and(|m| m != "Filesystem") {
+                ctx.err("spec.volumeMode", "only Filesystem: a claim is a directory on the node");
+            }
+        }
+        Object::Namespace(n) => {
+            if !is_dns_label(&n.metadata.name) {
+                ctx.err(
+                    "metadata.name",
+                    "a namespace name is a DNS label: lower-case letters, digits and '-'",
+                );
+            }
+        }
+        Object::AgentUpdate(u) => {
+            let hex = u.spec.digest.strip_prefix("sha256:").unwrap_or("");
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+                ctx.err(
+                    "spec.digest",
+                    format!(
+                        "{:?} is not sha256: and 64 lower-case hex digits; `outpost agent publish FILE` prints it",
+                        u.spec.digest
+                    ),
+                );
+            }
+            if u.spec
+                .health_deadline_seconds
+                .is_some_and(|d| !(10..=3600).contains(&d))
+            {
+                ctx.err("spec.healthDeadlineSeconds", "must be between 10 and 3600");
+            }
+            if let Some(Err(e)) = u.spec.version.as_deref().map(no_control) {
+                ctx.err("spec.version", e);
+            }
+            validate_labels(ctx, "spec.nodeSelector", &u.spec.node_selector);
+        }
         Object::Service(svc) => validate_service(ctx, svc),
         Object::AlertPolicy(p) => validate_alert_policy(ctx, &p.spec),
+        Object::RolloutPolicy(p) => {
+            for (field, reason) in crate::rollout::check_rollout_policy(&p.spec) {
+                ctx.err(field, reason);
+            }
+        }
         Object::Pipeline(p) => {
             for (field, reason) in crate::pipeline::check_spec(&p.spec) {
                 ctx.err(field, reason);
@@ -444,6 +625,98 @@ fn validate_selector(ctx: &mut Ctx, sel: Option<&LabelSelector>, template: &PodT
     }
 }
 
+fn validate_template_meta(ctx: &mut Ctx, at: &str, template: &PodTemplate) {
+    if let Some(m) = &template.metadata {
+        validate_labels(ctx, &format!("{at}.metadata.labels"), &m.labels);
+        validate_annotations(ctx, &format!("{at}.metadata.annotations"), &m.annotations);
+    }
+}
+
+fn validate_job(ctx: &mut Ctx, at: &str, j: &JobSpec) {
+    match j.template.spec.restart_policy.as_deref() {
+        Some("OnFailure") | Some("Never") => {}
+        Some(other) => ctx.err(
+            format!("{at}.template.spec.restartPolicy"),
+            format!("{other:?}: a Job's pod must use OnFailure or Never"),
+        ),
+        None => ctx.err(
+            format!("{at}.template.spec.restartPolicy"),
+            "required for a Job: OnFailure (restart the container on the node) or Never (a failure counts against backoffLimit)",
+        ),
+    }
+    for (name, v) in [("completions", j.completions), ("parallelism", j.parallelism)] {
+        if v.is_some_and(|n| n > 1) {
+            ctx.err(
+                format!("{at}.{name}"),
+                format!(
+                    "{} is not supported: outpost runs one pod per Job, on one node; split the work into several Jobs",
+                    v.unwrap_or_default()
+                ),
+            );
+        }
+    }
+    if j.completion_mode.as_deref().is_some_and(|m| m != "NonIndexed") {
+        ctx.err(
+            format!("{at}.completionMode"),
+            "only NonIndexed: outpost runs one pod per Job",
+        );
+    }
+    if j.pod_failure_policy.is_some() {
+        ctx.warn(
+            format!("{at}.podFailurePolicy"),
+            "accepted but not used: every failed run counts against backoffLimit",
+        );
+    }
+    if j.active_deadline_seconds.is_some() {
+        ctx.warn(
+            format!("{at}.activeDeadlineSeconds"),
+            "accepted but not enforced: a run is not stopped after this long",
+        );
+    }
+    if j.ttl_seconds_after_finished.is_some() {
+        ctx.warn(
+            format!("{at}.ttlSecondsAfterFinished"),
+            "accepted but not used: finished runs are kept until the Job is deleted (CronJobs keep their history limits)",
+        );
+    }
+    if j.backoff_limit.is_some_and(|b| b > 1000) {
+        ctx.err(format!("{at}.backoffLimit"), "at most 1000");
+    }
+    if let Some(sel) = &j.selector {
+        validate_labels(ctx, &format!("{at}.selector.matchLabels"), &sel.match_labels);
+    }
+}
+
+fn validate_cron_job(ctx: &mut Ctx, c: &CronJobSpec) {
+    if let Err(e) = crate::cron::parse_schedule(&c.schedule) {
+        ctx.err("spec.schedule", e);
+    }
+    if let Some(tz) = c.time_zone.as_deref() {
+        if jiff::tz::TimeZone::get(tz).is_err() {
+            ctx.err(
+                "spec.timeZone",
+                format!("{tz:?} is not a time zone of the IANA database (e.g. Europe/Berlin, Asia/Shanghai, UTC)"),
+            );
+        }
+    }
+    if let Some(p) = c.concurrency_policy.as_deref() {
+        if !matches!(p, "Allow" | "Forbid" | "Replace") {
+            ctx.err(
+                "spec.concurrencyPolicy",
+                format!("{p:?} is not one of Allow, Forbid, Replace"),
+            );
+        }
+    }
+    for (name, v) in [
+        ("successfulJobsHistoryLimit", c.successful_jobs_history_limit),
+        ("failedJobsHistoryLimit", c.failed_jobs_history_limit),
+    ] {
+        if v.is_some_and(|n| n > 100) {
+            ctx.err(format!("spec.{name}"), "at most 100");
+        }
+    }
+}
+
 fn validate_service(ctx: &mut Ctx, svc: &Service) {
     match svc.spec.type_.as_deref() {
         None | Some("ClusterIP") => ctx.warn(
@@ -479,11 +752,18 @@ fn validate_service(ctx: &mut Ctx, svc: &Service) {
                 format!("{other} is not a port number or name"),
             ),
         }
-        if svc.spec.type_.as_deref() == Some("NodePort") && p.node_port.is_none() {
-            ctx.err(
-                format!("{f}.nodePort"),
-                "required: outpost does not pick node ports; choose one (e.g. 30001)",
-            );
+        if let Some(np) = p.node_port {
+            if svc.spec.type_.as_deref() == Some("NodePort") && !NODE_PORT_RANGE.contains(&np) {
+                ctx.err(
+                    format!("{f}.nodePort"),
+                    format!(
+                        "{np} is outside the node port range {}-{}; choose a port in it or leave nodePort out \
+                         and the hub assigns one",
+                        NODE_PORT_RANGE.start(),
+                        NODE_PORT_RANGE.end()
+                    ),
+                );
+            }
         }
     }
 }
@@ -543,11 +823,8 @@ fn validate_probe(ctx: &mut Ctx, f: &str, p: &Probe, c: &Container, kind: &str) 
             ctx.err(format!("{f}.httpGet.port"), e);
         }
         if let Some(s) = h.scheme.as_deref() {
-            if s != "HTTP" {
-                ctx.err(
-                    format!("{f}.httpGet.scheme"),
-                    format!("{s:?} is not supported; outpost probes use HTTP"),
-                );
+            if s != "HTTP" && s != "HTTPS" {
+                ctx.err(format!("{f}.httpGet.scheme"), format!("{s:?} is not HTTP or HTTPS"));
             }
         }
         if let Some(path) = h.path.as_deref() {
@@ -714,17 +991,53 @@ fn validate_pod(ctx: &mut Ctx, at: &str, pod: &PodSpec) {
             v.config_map.is_some(),
             v.secret.is_some(),
             v.empty_dir.is_some(),
+            v.persistent_volume_claim.is_some(),
         ];
         match sources.iter().filter(|s| **s).count() {
             1 => {}
             0 => ctx.err(
                 &f,
-                "a volume needs exactly one source: hostPath, configMap, secret or emptyDir",
+                "a volume needs exactly one source: hostPath, configMap, secret, emptyDir or persistentVolumeClaim",
             ),
             _ => ctx.err(
                 &f,
-                "a volume may have only one source: hostPath, configMap, secret or emptyDir",
+                "a volume may have only one source: hostPath, configMap, secret, emptyDir or persistentVolumeClaim",
             ),
+        }
+        if let Some(pvc) = &v.persistent_volume_claim {
+            if !is_dns_subdomain(&pvc.claim_name) {
+                ctx.err(
+                    format!("{f}.persistentVolumeClaim.claimName"),
+                    format!("{:?} is not a valid claim name", pvc.claim_name),
+                );
+            }
+        }
+        for (src, items) in [
+            ("configMap", v.config_map.as_ref().map(|c| &c.items)),
+            ("secret", v.secret.as_ref().map(|c| &c.items)),
+        ] {
+            for (j, it) in items.into_iter().flatten().enumerate() {
+                let ok = !it.path.is_empty() && it.path != "." && it.path != ".." && !it.path.contains('/');
+                if !ok {
+                    ctx.err(
+                        format!("{f}.{src}.items[{j}].path"),
+                        format!("{:?} must be a file name (no '/', no sub-directories)", it.path),
+                    );
+                } else {
+                    validate_key(ctx, &format!("{f}.{src}.items[{j}].path"), &it.path);
+                }
+            }
+        }
+        for (src, mode) in [
+            ("configMap", v.config_map.as_ref().and_then(|c| c.default_mode)),
+            ("secret", v.secret.as_ref().and_then(|c| c.default_mode)),
+        ] {
+            if mode.is_some_and(|m| m > 0o777) {
+                ctx.err(
+                    format!("{f}.{src}.defaultMode"),
+                    "must be a file mode between 0 and 0777 (511 in decimal)",
+                );
+            }
         }
         if let Some(hp) = &v.host_path {
             if let Err(e) = check_path(&hp.path) {
@@ -736,10 +1049,13 @@ fn validate_pod(ctx: &mut Ctx, at: &str, pod: &PodSpec) {
                 );
             }
             if let Some(t) = hp.type_.as_deref() {
-                if !matches!(t, "" | "Directory" | "DirectoryOrCreate") {
+                if !HOST_PATH_TYPES.contains(&t) {
                     ctx.err(
                         format!("{f}.hostPath.type"),
-                        format!("{t:?} is not supported; use Directory or DirectoryOrCreate"),
+                        format!(
+                            "{t:?} is not a hostPath type; use one of {}",
+                            HOST_PATH_TYPES[1..].join(", ")
+                        ),
                     );
                 }
             }
@@ -757,8 +1073,29 @@ fn validate_pod(ctx: &mut Ctx, at: &str, pod: &PodSpec) {
         }
     }
     let mut names = BTreeSet::new();
-    for (i, c) in pod.containers.iter().enumerate() {
-        let f = format!("{at}.containers[{i}]");
+    let all = pod
+        .containers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!("{at}.containers[{i}]"), c, false))
+        .chain(
+            pod.init_containers
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (format!("{at}.initContainers[{i}]"), c, true)),
+        );
+    for (f, c, init) in all {
+        match (init, c.restart_policy.as_deref()) {
+            (_, None) | (true, Some("Always")) => {}
+            (true, Some(other)) => ctx.err(
+                format!("{f}.restartPolicy"),
+                format!("{other:?}: an init container's restartPolicy can only be Always (a sidecar)"),
+            ),
+            (false, Some(_)) => ctx.err(
+                format!("{f}.restartPolicy"),
+                "only init containers have a restartPolicy (Always: a sidecar); set the pod's",
+            ),
+        }
         if !is_dns_label(&c.name) {
             ctx.err(
                 format!("{f}.name"),
@@ -822,15 +1159,76 @@ fn validate_pod(ctx: &mut Ctx, at: &str, pod: &PodSpec) {
             match (&e.value, &e.value_from) {
                 (Some(_), Some(_)) => ctx.err(&ef, "set either value or valueFrom, not both"),
                 (None, Some(src)) => {
-                    let n = src.config_map_key_ref.is_some() as u8 + src.secret_key_ref.is_some() as u8;
+                    let n = src.config_map_key_ref.is_some() as u8
+                        + src.secret_key_ref.is_some() as u8
+                        + src.field_ref.is_some() as u8
+                        + src.resource_field_ref.is_some() as u8;
                     if n != 1 {
                         ctx.err(
                             format!("{ef}.valueFrom"),
-                            "set exactly one of configMapKeyRef or secretKeyRef",
+                            "set exactly one of configMapKeyRef, secretKeyRef, fieldRef or resourceFieldRef",
                         );
+                    }
+                    if let Some(fr) = &src.field_ref {
+                        if let Err(e) = check_field_path(&fr.field_path) {
+                            ctx.err(format!("{ef}.valueFrom.fieldRef.fieldPath"), e);
+                        } else if fr.field_path == "status.podIP" && !process && !pod.host_network {
+                            ctx.err(
+                                format!("{ef}.valueFrom.fieldRef.fieldPath"),
+                                "status.podIP of a Docker container on its own network is not known before it starts; \
+                                 use hostNetwork: true (the pod's IP is then the node's) or status.hostIP",
+                            );
+                        }
+                    }
+                    if let Some(rr) = &src.resource_field_ref {
+                        let rf = format!("{ef}.valueFrom.resourceFieldRef");
+                        if !matches!(
+                            rr.resource.as_str(),
+                            "limits.cpu" | "limits.memory" | "requests.cpu" | "requests.memory"
+                        ) {
+                            ctx.err(
+                                format!("{rf}.resource"),
+                                format!(
+                                    "{:?} is not supported; use limits.cpu, limits.memory, requests.cpu or requests.memory",
+                                    rr.resource
+                                ),
+                            );
+                        }
+                        if let Some(cn) = &rr.container_name {
+                            if !pod.containers.iter().any(|c| &c.name == cn) {
+                                ctx.err(
+                                    format!("{rf}.containerName"),
+                                    format!("no container named {cn:?} in this pod"),
+                                );
+                            }
+                        }
+                        if let Some(d) = &rr.divisor {
+                            let ok = if rr.resource.ends_with(".cpu") {
+                                parse_cpu_divisor(d).is_ok()
+                            } else {
+                                parse_memory(d).is_ok()
+                            };
+                            if !ok {
+                                ctx.err(
+                                    format!("{rf}.divisor"),
+                                    format!("{d} is not a quantity for {}", rr.resource),
+                                );
+                            }
+                        }
                     }
                 }
                 _ => {}
+            }
+        }
+        for (j, ef) in c.env_from.iter().enumerate() {
+            let f = format!("{f}.envFrom[{j}]");
+            if ef.config_map_ref.is_some() == ef.secret_ref.is_some() {
+                ctx.err(&f, "set exactly one of configMapRef or secretRef");
+            }
+            if let Some(p) = &ef.prefix {
+                if !p.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'=') {
+                    ctx.err(format!("{f}.prefix"), "use printable ASCII characters other than '='");
+                }
             }
         }
         if let Some(wd) = &c.working_dir {
@@ -912,8 +1310,27 @@ fn validate_pod(ctx: &mut Ctx, at: &str, pod: &PodSpec) {
                     format!("{:?} is mounted twice", m.mount_path),
                 );
             }
+            match m.mount_propagation.as_deref() {
+                None | Some("None") => {}
+                Some("HostToContainer") => ctx.warn(
+                    format!("{mf}.mountPropagation"),
+                    "accepted but not honoured: mounts made on the host later do not appear in the container",
+                ),
+                Some(other) => ctx.err(
+                    format!("{mf}.mountPropagation"),
+                    format!("{other:?} is not supported: outpost mounts volumes privately (None)"),
+                ),
+            }
+        }
+        validate_security(ctx, &f, pod, c, process);
+        if c.termination_message_path.is_some() || c.termination_message_policy.is_some() {
+            ctx.warn(
+                format!("{f}.terminationMessagePath"),
+                "accepted but not used: a failure's reason carries the last log lines instead",
+            );
         }
     }
+    validate_pod_extras(ctx, at, pod, process);
     for m in host_path_mounts(at, pod) {
         if let Some(risk) = m.risk() {
             ctx.warn(
@@ -928,6 +1345,235 @@ fn validate_pod(ctx: &mut Ctx, at: &str, pod: &PodSpec) {
                 ),
             );
         }
+    }
+}
+
+/// A fieldRef path of the downward API outpost fills in.
+fn check_field_path(p: &str) -> Result<(), String> {
+    let quoted_key = |rest: &str| -> bool {
+        rest.strip_prefix("['")
+            .and_then(|r| r.strip_suffix("']"))
+            .is_some_and(|k| validate_label_key(k).is_ok())
+    };
+    match p {
+        "metadata.name"
+        | "metadata.namespace"
+        | "spec.nodeName"
+        | "status.hostIP"
+        | "status.podIP"
+        | "spec.serviceAccountName" => Ok(()),
+        other if other.strip_prefix("metadata.labels").is_some_and(quoted_key) => Ok(()),
+        other if other.strip_prefix("metadata.annotations").is_some_and(quoted_key) => Ok(()),
+        other => Err(format!(
+            "{other:?} is not supported; use metadata.name, metadata.namespace, metadata.labels['KEY'], \
+             metadata.annotations['KEY'], spec.nodeName, spec.serviceAccountName, status.hostIP or status.podIP"
+        )),
+    }
+}
+
+/// A resourceFieldRef divisor for CPU (`1`, `1m`): millicores, at least 1m.
+pub fn parse_cpu_divisor(v: &Value) -> Result<u64, String> {
+    let s = quantity_text(v)?;
+    match s.strip_suffix('m') {
+        Some(m) => m.parse::<u64>().ok().filter(|m| *m > 0),
+        None => s
+            .parse::<f64>()
+            .ok()
+            .filter(|f| *f > 0.0)
+            .map(|f| (f * 1000.0).round() as u64),
+    }
+    .filter(|m| *m > 0)
+    .ok_or_else(|| format!("{s:?} is not a CPU divisor like \"1\" or \"1m\""))
+}
+
+fn validate_security(ctx: &mut Ctx, f: &str, pod: &PodSpec, c: &Container, process: bool) {
+    let psc = pod.security_context.clone().unwrap_or_default();
+    let sc = c.security_context.clone().unwrap_or_default();
+    let sf = format!("{f}.securityContext");
+    let runtime = if process { "a process" } else { "a Docker container" };
+    for (name, v) in [
+        ("runAsUser", sc.run_as_user.or(psc.run_as_user)),
+        ("runAsGroup", sc.run_as_group.or(psc.run_as_group)),
+    ] {
+        if v.is_some_and(|id| !(0..=MAX_ID).contains(&id)) {
+            ctx.err(
+                format!("{sf}.{name}"),
+                format!("{} is not a uid/gid between 0 and {MAX_ID}", v.unwrap_or_default()),
+            );
+        }
+    }
+    let uid = sc.run_as_user.or(psc.run_as_user);
+    if sc.run_as_non_root.or(psc.run_as_non_root) == Some(true) && uid == Some(0) {
+        ctx.err(
+            format!("{sf}.runAsNonRoot"),
+            "runAsNonRoot is true but runAsUser is 0 (root); set runAsUser to another uid",
+        );
+    }
+    if process && sc.run_as_non_root.or(psc.run_as_non_root) == Some(true) && uid.is_none() {
+        ctx.err(
+            format!("{sf}.runAsNonRoot"),
+            "a process has no image that names a user: set runAsUser (a uid other than 0) with runAsNonRoot",
+        );
+    }
+    if sc.privileged == Some(true) && sc.allow_privilege_escalation == Some(false) {
+        ctx.err(
+            format!("{sf}.allowPrivilegeEscalation"),
+            "cannot be false for a privileged container (as in Kubernetes)",
+        );
+    }
+    if let Some(caps) = &sc.capabilities {
+        for (list, names) in [("add", &caps.add), ("drop", &caps.drop)] {
+            for (i, n) in names.iter().enumerate() {
+                if !n.eq_ignore_ascii_case("ALL") && capability_number(n).is_none() {
+                    ctx.err(
+                        format!("{sf}.capabilities.{list}[{i}]"),
+                        format!("{n:?} is not a Linux capability (e.g. NET_ADMIN, SYS_TIME, or ALL)"),
+                    );
+                }
+            }
+        }
+    }
+    if sc.read_only_root_filesystem == Some(true) && process {
+        ctx.err(
+            format!("{sf}.readOnlyRootFilesystem"),
+            "cannot be honoured for a process: it shares the node's root filesystem; run it as a Docker container \
+             (remove runtimeClassName: process) or remove the field",
+        );
+    }
+    for (at, prof) in [
+        (format!("{sf}.seccompProfile"), &sc.seccomp_profile),
+        (
+            format!(
+                "{}.securityContext.seccompProfile",
+                f.rsplit_once(".containers").map_or(f, |(p, _)| p)
+            ),
+            &psc.seccomp_profile,
+        ),
+    ] {
+        let Some(p) = prof else { continue };
+        match p.get("type").and_then(Value::as_str) {
+            Some("RuntimeDefault") if process => ctx.warn(
+                at,
+                format!("accepted but not applied to {runtime}: processes run without a seccomp filter"),
+            ),
+            Some("RuntimeDefault") | Some("Unconfined") => {}
+            other => ctx.err(
+                at,
+                format!("{other:?} is not supported; use RuntimeDefault or Unconfined"),
+            ),
+        }
+    }
+}
+
+/// Pod-level fields that are accepted with a warning, and node affinity.
+fn validate_pod_extras(ctx: &mut Ctx, at: &str, pod: &PodSpec, process: bool) {
+    if !pod.tolerations.is_empty() {
+        ctx.warn(
+            format!("{at}.tolerations"),
+            "accepted but not used: outpost nodes carry no taints, so every pod tolerates every node",
+        );
+    }
+    if let Some(sa) = pod.service_account_name.as_ref().or(pod.service_account.as_ref()) {
+        ctx.warn(
+            format!("{at}.serviceAccountName"),
+            format!(
+                "accepted but not used: service account {sa:?} has no meaning on an outpost node (no Kubernetes API)"
+            ),
+        );
+    }
+    if pod.automount_service_account_token == Some(true) {
+        ctx.warn(
+            format!("{at}.automountServiceAccountToken"),
+            "accepted but not used: no service account token is mounted (no Kubernetes API)",
+        );
+    }
+    if pod.priority_class_name.is_some() {
+        ctx.warn(
+            format!("{at}.priorityClassName"),
+            "accepted but not used: outpost never preempts workloads",
+        );
+    }
+    if pod.dns_policy.as_deref().is_some_and(|d| d != "Default") {
+        ctx.warn(
+            format!("{at}.dnsPolicy"),
+            "accepted: containers use the node's resolver (Docker's for containers), there is no cluster DNS",
+        );
+    }
+    if pod.scheduler_name.as_deref().is_some_and(|s| s != "default-scheduler") {
+        ctx.warn(
+            format!("{at}.schedulerName"),
+            "accepted but not used: the hub schedules every workload",
+        );
+    }
+    if let Some(psc) = &pod.security_context {
+        if psc.fs_group.is_some() {
+            ctx.warn(
+                format!("{at}.securityContext.fsGroup"),
+                "accepted but not honoured: volume ownership is not changed",
+            );
+        }
+    }
+    if process && (pod.host_network || pod.host_pid) {
+        // Processes always share the node's namespaces: nothing to do, nothing to warn about.
+    }
+    let Some(na) = pod.affinity.as_ref().and_then(|a| a.node_affinity.as_ref()) else {
+        return;
+    };
+    let af = format!("{at}.affinity.nodeAffinity");
+    if na.preferred_during_scheduling_ignored_during_execution.is_some() {
+        ctx.warn(
+            format!("{af}.preferredDuringSchedulingIgnoredDuringExecution"),
+            "accepted but not used: only required node affinity changes placement",
+        );
+    }
+    let Some(req) = &na.required_during_scheduling_ignored_during_execution else {
+        return;
+    };
+    let rf = format!("{af}.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms");
+    if req.node_selector_terms.is_empty() {
+        ctx.err(&rf, "at least one term is required (an empty list matches no node)");
+    }
+    for (i, t) in req.node_selector_terms.iter().enumerate() {
+        for (j, e) in t.match_expressions.iter().enumerate() {
+            let ef = format!("{rf}[{i}].matchExpressions[{j}]");
+            if let Err(err) = validate_label_key(&e.key) {
+                ctx.err(format!("{ef}.key"), err);
+            }
+            if let Err(err) = check_requirement(e) {
+                ctx.err(ef, err);
+            }
+        }
+        for (j, e) in t.match_fields.iter().enumerate() {
+            let ef = format!("{rf}[{i}].matchFields[{j}]");
+            if e.key != "metadata.name" {
+                ctx.err(
+                    format!("{ef}.key"),
+                    "only metadata.name (the node's name) can be matched",
+                );
+            } else if !matches!(e.operator.as_str(), "In" | "NotIn") || e.values.len() != 1 {
+                ctx.err(
+                    ef,
+                    "matchFields on metadata.name takes In or NotIn with exactly one value",
+                );
+            }
+        }
+    }
+}
+
+/// One node selector requirement: the operator and the number of values fit.
+pub fn check_requirement(e: &NodeSelectorRequirement) -> Result<(), String> {
+    match e.operator.as_str() {
+        "In" | "NotIn" if e.values.is_empty() => Err(format!("{} needs at least one value", e.operator)),
+        "In" | "NotIn" => e.values.iter().try_for_each(|v| validate_label_value(v)),
+        "Exists" | "DoesNotExist" if !e.values.is_empty() => Err(format!("{} takes no values", e.operator)),
+        "Exists" | "DoesNotExist" => Ok(()),
+        "Gt" | "Lt" => match e.values.as_slice() {
+            [v] if v.parse::<i64>().is_ok() => Ok(()),
+            _ => Err(format!("{} needs exactly one integer value", e.operator)),
+        },
+        other => Err(format!(
+            "{other:?} is not one of In, NotIn, Exists, DoesNotExist, Gt, Lt"
+        )),
     }
 }
 
@@ -1063,8 +1709,8 @@ data: {b: hello}
                 "document 1 (Ingress a): kind: Ingress is not supported",
             ),
             (
-                "kind: Service\napiVersion: v1\nmetadata: {name: a}\nspec: {type: NodePort, selector: {app: a}, ports: [{port: 80}]}",
-                "spec.ports[0].nodePort: required",
+                "kind: Service\napiVersion: v1\nmetadata: {name: a}\nspec: {type: NodePort, selector: {app: a}, ports: [{port: 80, nodePort: 8080}]}",
+                "spec.ports[0].nodePort: 8080 is outside the node port range 30000-32767",
             ),
             (
                 "kind: Service\napiVersion: v1\nmetadata: {name: a}\nspec: {type: LoadBalancer, selector: {app: a}}",

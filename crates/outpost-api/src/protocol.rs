@@ -10,10 +10,11 @@ use crate::manifest::{Kind, Labels, ManifestError, Warning};
 /// Protocol major version; the hub refuses a higher one (docs/protocol.md §8).
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Protocol minor version: additive changes an older peer can ignore (1.1: node-label
-/// restriction, two-phase renewal, renewal of expired certificates).
-pub const PROTOCOL_MINOR: u32 = 1;
+/// restriction, two-phase renewal, renewal of expired certificates; 1.2: fleet rollouts, the
+/// `prefetch` hint in sync answers).
+pub const PROTOCOL_MINOR: u32 = 2;
 /// `<major>.<minor>`, as agents send it in [`PROTOCOL_HEADER`].
-pub const PROTOCOL: &str = "1.1";
+pub const PROTOCOL: &str = "1.2";
 /// Header carrying [`PROTOCOL`].
 pub const PROTOCOL_HEADER: &str = "x-outpost-protocol";
 /// How long the hub holds a sync long-poll open when nothing changes.
@@ -127,6 +128,117 @@ pub struct WorkloadSpec {
     /// ...within this long after the new revision started, or it is rolled back.
     #[serde(default = "default_progress_deadline")]
     pub progress_deadline_seconds: u64,
+    /// Docker containers share the node's network namespace (processes always do).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub host_network: bool,
+    /// Docker containers share the node's PID namespace (processes always do).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub host_pid: bool,
+    /// Set for Jobs and CronJobs: run to completion instead of being kept running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobRunSpec>,
+    /// Set for an AgentUpdate (no containers): the agent binary this node should run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_update: Option<AgentUpdateRun>,
+}
+
+/// The agent binary a node should run (`kind: AgentUpdate`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentUpdateRun {
+    /// `sha256:<hex>` of the binary, a blob at the hub (`/v1/images/blobs/<digest>`).
+    pub digest: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The new agent must mark itself healthy within this long, or it is rolled back.
+    pub health_deadline_seconds: u64,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// How a Job's pod runs on its node; with `cron`, the node starts one run per schedule time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRunSpec {
+    /// Failed runs (Never) or container restarts (OnFailure) before the Job fails.
+    pub backoff_limit: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_deadline_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<CronRunSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CronRunSpec {
+    pub schedule: String,
+    /// IANA zone; None: the node's local zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+    pub concurrency: ConcurrencyPolicy,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub suspend: bool,
+    pub successful_history: u32,
+    pub failed_history: u32,
+    /// A run missed by more than this (agent down) is skipped; None: any delay is fine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub starting_deadline_seconds: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum ConcurrencyPolicy {
+    #[default]
+    Allow,
+    Forbid,
+    Replace,
+}
+
+/// A container's security settings as the node applies them (pod defaults folded in).
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SecuritySpec {
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub privileged: bool,
+    /// Upper-case names without `CAP_`, or `ALL`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_add: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_drop: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_user: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_group: Option<u32>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub run_as_non_root: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub read_only_root_fs: bool,
+    /// `allowPrivilegeEscalation: false`: the no_new_privs flag.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub no_new_privileges: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub seccomp_unconfined: bool,
+}
+
+impl SecuritySpec {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// A downward-API value only the node knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum NodeField {
+    /// `spec.nodeName`.
+    NodeName,
+    /// `status.hostIP`: the node's first non-loopback address.
+    HostIp,
+    /// `status.podIP` of a pod on the host network (or a process): the node's address.
+    PodIp,
+    /// `metadata.name`: `<workload>-<node>`.
+    PodName,
+    /// `limits.cpu` without a limit: the node's CPUs, in units of `divisor` millicores (rounded up).
+    NodeCpu { divisor_millis: u64 },
+    /// `limits.memory` without a limit: the node's memory, in units of `divisor` bytes (rounded up).
+    NodeMemory { divisor_bytes: u64 },
 }
 
 /// outpost's default `minReadySeconds` (Kubernetes' is 0): a revision must stay Ready this
@@ -161,6 +273,9 @@ pub enum ProbeAction {
         port: u16,
         path: String,
         headers: Vec<(String, String)>,
+        /// `scheme: HTTPS`: TLS without verifying the certificate, as the kubelet does.
+        #[serde(default, skip_serializing_if = "is_false")]
+        https: bool,
     },
     TcpSocket {
         host: String,
@@ -191,6 +306,15 @@ pub struct ContainerSpec {
     pub liveness_probe: Option<ProbeSpec>,
     #[serde(default)]
     pub readiness_probe: Option<ProbeSpec>,
+    #[serde(default, skip_serializing_if = "SecuritySpec::is_default")]
+    pub security: SecuritySpec,
+    /// Environment variables the node fills in (the downward API's node-side fields).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_env: Vec<(String, NodeField)>,
+    /// An init container: runs to completion (restarted on failure) before the containers
+    /// start. A sidecar (`restartPolicy: Always`) is an ordinary container.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub init: bool,
     /// Set for `runtimeClassName: onnx`: the model this container serves (docs/inference.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelServe>,
@@ -284,13 +408,25 @@ pub enum VolumeSource {
     HostPath {
         path: String,
         create: bool,
+        /// Kubernetes' hostPath `type` (`CharDevice`, `File`, ...); empty: none given.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        host_type: String,
     },
     /// Files materialized from a ConfigMap or Secret: file name -> base64 content.
     Files {
         files: BTreeMap<String, String>,
         secret: bool,
+        /// `defaultMode`; None: 0644 (0600 for Secrets).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<u32>,
     },
     EmptyDir,
+    /// A PersistentVolumeClaim: `<data-dir>/volumes/<namespace>/<claim>` on the node, kept
+    /// across revisions, restarts and reboots.
+    Claim {
+        namespace: String,
+        claim: String,
+    },
 }
 
 /// Answer to a sync long-poll: the changes since the generation the agent holds.
@@ -790,6 +926,11 @@ pub struct SyncAnswer {
     pub alert_policy: Option<NodePolicy>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub log_requests: Vec<LogRequest>,
+    /// Revisions this node will be asked to run later (its rollout wave is open but its
+    /// maintenance window is not): the agent fetches their images now, so activation inside
+    /// the window needs no download. A hint: it changes nothing that runs. Protocol 1.2.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefetch: Vec<WorkloadSpec>,
     /// The node's pipelines, present when they differ from the hash the agent sent
     /// (`pipelines=` in the query; docs/pipeline.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -54,6 +54,10 @@ pub struct FleetArgs {
     /// Skip the reconnect storm (SIGKILL + restart of the hub) after the largest size.
     #[arg(long)]
     pub no_storm: bool,
+    /// Skip the three-wave rollout (10 %, 50 %, 100 % of the rest, zero bake) measured per size
+    /// against an all-at-once change.
+    #[arg(long)]
+    pub no_rollout: bool,
     /// Keep the fleet DaemonSet while agents join. Each join reschedules every node, so joins
     /// slow down as the fleet grows; by default the DaemonSet is deleted before a join wave and
     /// applied again after it, which keeps setup time linear.
@@ -248,13 +252,16 @@ async fn sync_loop(f: Arc<Fleet>, a: Arc<SimAgent>) {
     }
 }
 
-/// A healthy workload's status. Built from JSON so fields added to the protocol later (all
-/// optional, docs/protocol.md §8) take their defaults.
+/// A healthy workload's status, with its update gate passed (a simulated node passes its gate
+/// at once, so fleet rollouts move on as with healthy real agents). Built from JSON so fields
+/// added to the protocol later (all optional, docs/protocol.md §8) take their defaults.
 fn running(key: &str, rev: u64, hash: &str) -> WorkloadStatus {
     let v = serde_json::json!({
         "key": key, "revision": rev, "hash": hash, "phase": "Running", "ready": true,
         "containers": [{"name": "main", "phase": "Running", "pid": 4242, "restarts": 0,
                         "started_at": 0, "ready": true}],
+        "rollout": {"state": "Complete", "target_revision": rev, "target_hash": hash,
+                    "good_revision": rev, "reason": null, "since": 0},
     });
     serde_json::from_value(v).expect("a Running WorkloadStatus is valid protocol JSON")
 }
@@ -398,9 +405,24 @@ async fn join_one(j: &Joiner, name: String, idx: usize) -> Result<SimAgent> {
 
 fn ds(arg: u64) -> String {
     format!(
-        "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: fleet-app}}\nspec:\n  template:\n    spec:\n      runtimeClassName: process\n      containers:\n      - {{name: main, image: 'app:{arg}', command: [/bin/sleep, '{arg}']}}\n"
+        "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: fleet-app, labels: {{app: fleet-app}}}}\nspec:\n  template:\n    spec:\n      runtimeClassName: process\n      containers:\n      - {{name: main, image: 'app:{arg}', command: [/bin/sleep, '{arg}']}}\n"
     )
 }
+
+/// The RolloutPolicy of the fleet app: every change at once (the timed changes measure the
+/// link, not waves), or three waves of 10 %, 50 % and 100 % of the rest with zero bake.
+fn policy(three_waves: bool) -> String {
+    let waves = if three_waves {
+        "  waves:\n  - {percent: 10}\n  - {percent: 50}\n  - {percent: 100}\n"
+    } else {
+        "  waves:\n  - {percent: 100}\n"
+    };
+    format!(
+        "apiVersion: outpost.dev/v1\nkind: RolloutPolicy\nmetadata: {{name: fleet-app}}\nspec:\n  selector: {{app: fleet-app}}\n{waves}  bake: 0s\n  tinyFleet: 1\n  failureThreshold: {{percent: 100, minSample: 1}}\n"
+    )
+}
+
+const APP_KEY: &str = "daemonset/default/fleet-app";
 
 struct Admin {
     http: reqwest::Client,
@@ -409,6 +431,23 @@ struct Admin {
 }
 
 impl Admin {
+    async fn rollout(&self) -> Result<outpost_api::RolloutInfo> {
+        let r = self
+            .http
+            .get(format!("{}/v1/objects/daemonset/default/fleet-app/rollout", self.url))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!(
+                "rollout status failed: {} {}",
+                r.status(),
+                r.text().await.unwrap_or_default()
+            );
+        }
+        Ok(r.json().await?)
+    }
+
     async fn apply(&self, yaml: String) -> Result<()> {
         let req = ApplyRequest {
             files: vec![ManifestFile {
@@ -441,6 +480,99 @@ impl Admin {
         }
         Ok(())
     }
+}
+
+/// Wait until every agent holds `revision` of the fleet app.
+async fn wait_all_on(agents: &[Arc<SimAgent>], revision: u64, limit: Duration) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let on = agents
+            .iter()
+            .filter(|a| {
+                a.workloads
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(APP_KEY)
+                    .is_some_and(|(r, _)| *r == revision)
+            })
+            .count();
+        if on == agents.len() {
+            return Ok(());
+        }
+        if t.elapsed() > limit {
+            bail!(
+                "only {on} of {} agents hold revision {revision} after {limit:?}",
+                agents.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The fleet app's revision as the hub has it now.
+async fn app_revision(admin: &Admin) -> Result<u64> {
+    Ok(admin.rollout().await?.revision)
+}
+
+/// One all-at-once change and one three-wave rollout (zero bake), each timed and with the hub's
+/// CPU time over it; returns the table row.
+async fn rollout_row(admin: &Admin, agents: &[Arc<SimAgent>], hub_pid: u32, arg: &mut u64) -> Result<Vec<String>> {
+    // all at once
+    *arg += 1;
+    let meter = Meter::start(hub_pid).context("hub exited")?;
+    let t = Instant::now();
+    admin.apply(ds(*arg)).await?;
+    let rev = app_revision(admin).await?;
+    wait_all_on(agents, rev, Duration::from_secs(600)).await?;
+    let all_at_once = t.elapsed();
+    while admin.rollout().await?.phase != outpost_api::RolloutPhase::Complete {
+        if t.elapsed() > Duration::from_secs(600) {
+            bail!("the all-at-once rollout did not complete");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let once = meter.finish().context("hub exited")?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // three waves, zero bake
+    admin.apply(policy(true)).await?;
+    *arg += 1;
+    let meter = Meter::start(hub_pid).context("hub exited")?;
+    let t = Instant::now();
+    admin.apply(ds(*arg)).await?;
+    let rev = app_revision(admin).await?;
+    wait_all_on(agents, rev, Duration::from_secs(900)).await?;
+    let to_all = t.elapsed();
+    let info = loop {
+        let i = admin.rollout().await?;
+        if i.phase == outpost_api::RolloutPhase::Complete || t.elapsed() > Duration::from_secs(900) {
+            break i;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let complete = t.elapsed();
+    let waves = meter.finish().context("hub exited")?;
+    admin.apply(policy(false)).await?;
+    let per_wave: Vec<String> = info
+        .waves
+        .iter()
+        .filter_map(|w| {
+            let d = w.completed_at? - w.opened_at?;
+            Some(format!("{} nodes {}", w.nodes, ms(d as f64)))
+        })
+        .collect();
+    let cpu = |u: &procfs::Usage| u.cpu_pct / 100.0 * u.secs;
+    Ok(vec![
+        agents.len().to_string(),
+        format!("{} / {:.2} s", ms(all_at_once.as_secs_f64() * 1000.0), cpu(&once)),
+        per_wave.join("; "),
+        format!(
+            "{} / {}",
+            ms(to_all.as_secs_f64() * 1000.0),
+            ms(complete.as_secs_f64() * 1000.0)
+        ),
+        format!("{:.2} s ({:.0} % of 1 core)", cpu(&waves), waves.cpu_pct),
+        info.phase.as_str().to_string(),
+    ])
 }
 
 /// Wait until every agent holds a generation above its entry in `before`; per-agent arrival
@@ -504,9 +636,12 @@ pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
         stop: AtomicBool::new(false),
     });
     let mut arg = crate::marker_base() + 900;
+    // Timed changes go to every node at once; the rollout rows switch to three waves.
+    admin.apply(policy(false)).await?;
     if a.keep_workloads_during_join {
         admin.apply(ds(arg)).await?;
     }
+    let mut rollout_rows = Vec::new();
     let mut agents: Vec<Arc<SimAgent>> = Vec::new();
     let mut rows = Vec::new();
     let mut notes = Vec::new();
@@ -629,6 +764,15 @@ pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
             format!("{:.0} % / {:.0} %", self_u.cpu_pct, hub_u.machine_busy_pct),
         ]);
         eprintln!("fleet: {:?}", rows.last());
+        if !a.no_rollout {
+            eprintln!(
+                "fleet: {} agents: all-at-once change, then a three-wave rollout",
+                agents.len()
+            );
+            let row = rollout_row(&admin, &agents, hub_pid, &mut arg).await?;
+            eprintln!("fleet: {row:?}");
+            rollout_rows.push(row);
+        }
         if join_errors > 0 {
             notes.push(format!("{join_errors} joins failed at the {n} step"));
         }
@@ -708,6 +852,23 @@ pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
         ],
         &rows,
     ));
+    if !rollout_rows.is_empty() {
+        out.push_str(&format!(
+            "\nRollouts (process DaemonSet on every node; simulated nodes pass their gate at once): an all-at-once \
+             change, then three waves of 10 %, 50 % and 100 % of the rest with zero bake; hub CPU time over each\n\n{}",
+            table(
+                &[
+                    "agents",
+                    "all at once: to every agent / hub CPU",
+                    "per wave: nodes, open -> complete (hub clock)",
+                    "three waves: every agent holds it / rollout Complete",
+                    "three waves: hub CPU",
+                    "phase",
+                ],
+                &rollout_rows,
+            )
+        ));
+    }
     if !storm.is_empty() {
         out.push('\n');
         out.push_str(&storm);

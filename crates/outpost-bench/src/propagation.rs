@@ -52,8 +52,13 @@ async fn one_change(hub: &HubProc, yaml: &str, arg: &str, want: usize) -> Result
     }
 }
 
+/// A RolloutPolicy for every workload: one wave, no bake. Propagation times the link, not
+/// rollout waves (the built-in policy would send a change to 10 nodes in four gated waves).
+pub const ALL_AT_ONCE: &str = "apiVersion: outpost.dev/v1\nkind: RolloutPolicy\nmetadata: {name: all-at-once}\nspec:\n  waves:\n  - {percent: 100}\n  bake: 0s\n  tinyFleet: 1000000\n";
+
 pub async fn propagation(a: PropagationArgs, work: &std::path::Path) -> Result<String> {
     let hub = HubProc::start(work).await?;
+    hub.apply(ALL_AT_ONCE).await?;
     let one = hub
         .try_cli(&["token", "create", "--uses", "1", "--ttl", "0", "--labels", "prop=one"])
         .await?;

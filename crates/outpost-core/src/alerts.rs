@@ -45,7 +45,9 @@ pub const CRASH_LOOP_CLEAR_MS: i64 = 30_000;
 /// `critical` or `warning`, by alert name.
 pub fn severity(name: &str) -> &'static str {
     match name {
-        NODE_OFFLINE | WORKLOAD_CRASH_LOOP | NODE_DISK_FULL | DATA_DISK_FULL | NODE_STORE_FAILING => "critical",
+        NODE_OFFLINE | WORKLOAD_CRASH_LOOP | NODE_DISK_FULL | DATA_DISK_FULL | NODE_STORE_FAILING | "RolloutFailed" => {
+            "critical"
+        }
         _ => "warning",
     }
 }

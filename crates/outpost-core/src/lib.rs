@@ -1,12 +1,15 @@
 //! outpost's decisions, as pure functions: where workloads run (`schedule`), what a node runs
-//! (`render`), how the agent supervises processes (`supervise`), and the hub link's rules (`link`:
-//! join labels, certificate renewal, connection admission).
+//! (`render`), how the agent supervises processes (`supervise`), the hub link's rules (`link`:
+//! join labels, certificate renewal, connection admission), and fleet rollouts in waves
+//! (`waves`).
 //!
 //! Owns: every policy that can be stated as `decide(state, now) -> actions`. Must never: do I/O,
 //! read the clock (callers pass `now`), sleep, or depend on an async runtime. Every function here
 //! is tested table-style without sockets, files or timers.
 
+pub mod agent_update;
 pub mod alerts;
+pub mod cron;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod link;
@@ -17,6 +20,7 @@ pub mod retry;
 pub mod rollout;
 pub mod schedule;
 pub mod supervise;
+pub mod waves;
 
 use std::collections::BTreeMap;
 

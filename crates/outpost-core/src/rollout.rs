@@ -17,6 +17,8 @@
 //!   │                  mark target bad ──► LKG exists? ── yes ──► RolledBack (run LKG)
 //!   │                                                  └─ no ───► Failed (keep running target,
 //!   │                                                             with backoff: nothing better)
+//!   │                                       Failed, then Ready for minReadySeconds with no
+//!   │                                       crash: unmark, target becomes the LKG ─► Complete
 //!   │ target already bad here
 //!   └──────────────────────────────────────────────► RolledBack / Failed, without retrying it
 //! ```
@@ -49,6 +51,10 @@ pub struct NodeRollout {
     pub reason: Option<String>,
     /// When the state last changed.
     pub since: UnixMs,
+    /// `revision:hash` of a failed target that runs for lack of a good one, and since when it
+    /// has been Ready (memory only: re-observed after a restart).
+    #[serde(skip)]
+    pub late_ready_since: Option<(String, UnixMs)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -112,6 +118,9 @@ pub fn step(st: &mut NodeRollout, target: &WorkloadSpec, health: &Health, now: U
         };
     }
     if st.bad.contains(&id) {
+        if st.good.is_none() {
+            return failed_but_running(st, target, health, now);
+        }
         return Step {
             run: good_runs(st),
             wake: None,
@@ -216,6 +225,58 @@ pub fn step(st: &mut NodeRollout, target: &WorkloadSpec, health: &Health, now: U
     }
 }
 
+/// A target that failed its gate with no last-known-good to return to keeps running (there is
+/// nothing better). If it then shows it is healthy after all (Ready for `minReadySeconds`
+/// without a crash: it was only slow, e.g. a long image download or a short
+/// `progressDeadlineSeconds`), it becomes the last-known-good, so a later bad revision has
+/// something to roll back to. Readiness is observed in memory (`late_ready_since`) and the
+/// promotion is persisted before the agent acts on it.
+fn failed_but_running(st: &mut NodeRollout, target: &WorkloadSpec, health: &Health, now: UnixMs) -> Step {
+    let id = spec_id(target);
+    let idle = Step {
+        run: Run::Target,
+        wake: None,
+        persist: false,
+        event: None,
+    };
+    if !health.ready || health.failing.is_some() {
+        st.late_ready_since = None;
+        return idle;
+    }
+    let since = match st.late_ready_since {
+        Some((ref t, at)) if *t == id => at,
+        _ => {
+            st.late_ready_since = Some((id.clone(), now));
+            now
+        }
+    };
+    let min_ready = (target.min_ready_seconds * 1000) as i64;
+    if now - since < min_ready {
+        return Step {
+            wake: Some(since + min_ready),
+            ..idle
+        };
+    }
+    st.bad.remove(&id);
+    st.good = Some(target.clone());
+    st.reason = None;
+    st.late_ready_since = None;
+    st.since = now;
+    Step {
+        run: Run::Target,
+        wake: None,
+        persist: true,
+        event: Some((
+            "RolloutComplete".into(),
+            format!(
+                "revision {} missed its progress deadline but has been Ready for {} s with no earlier good revision \
+                 on this node: it is now the last-known-good",
+                target.revision, target.min_ready_seconds
+            ),
+        )),
+    }
+}
+
 /// The status a node reports for a workload.
 pub fn status(st: &NodeRollout, target: &WorkloadSpec) -> RolloutStatus {
     let id = spec_id(target);
@@ -245,6 +306,7 @@ pub fn after_restart(st: &mut NodeRollout) {
     if let Some(p) = st.progress.as_mut() {
         p.ready_since = None;
     }
+    st.late_ready_since = None;
 }
 
 #[cfg(test)]
@@ -267,6 +329,10 @@ mod tests {
             volumes: vec![],
             min_ready_seconds: 10,
             progress_deadline_seconds: 60,
+            host_network: false,
+            host_pid: false,
+            job: None,
+            agent_update: None,
         }
     }
     const READY: Health = Health {
@@ -376,6 +442,54 @@ mod tests {
         let v1 = spec(1, "a");
         let mut st = NodeRollout::default();
         check(&mut st, &[(&v1, &crashing(), 0, Run::Target, RolloutState::Failed)]);
+    }
+
+    #[test]
+    fn a_healthy_first_revision_that_missed_its_deadline_becomes_good() {
+        // progressDeadlineSeconds 10 with a minReadySeconds of 10: Ready at 1 s, the deadline
+        // passes first, so the first revision is Failed. It keeps running (nothing better) and,
+        // once Ready for minReadySeconds, becomes the last-known-good: a crashing revision 2
+        // then rolls back to it.
+        let mut v1 = spec(1, "a");
+        v1.min_ready_seconds = 10;
+        v1.progress_deadline_seconds = 10;
+        let mut st = NodeRollout::default();
+        use RolloutState::*;
+        check(
+            &mut st,
+            &[
+                (&v1, &NOT_READY, 0, Run::Target, Progressing),
+                (&v1, &READY, 1_000, Run::Target, Progressing),
+                (&v1, &READY, 10_000, Run::Target, Failed),
+                (&v1, &READY, 12_000, Run::Target, Failed),
+                (&v1, &NOT_READY, 15_000, Run::Target, Failed), // readiness lost: counts again
+                (&v1, &READY, 16_000, Run::Target, Failed),
+                (&v1, &READY, 25_999, Run::Target, Failed),
+            ],
+        );
+        let s = step(&mut st, &v1, &READY, 26_000);
+        assert_eq!((s.run, s.persist), (Run::Target, true), "the promotion is persisted");
+        assert_eq!(status(&st, &v1).state, Complete);
+        assert_eq!(st.good.as_ref().map(|g| g.revision), Some(1));
+        assert!(st.bad.is_empty());
+        let v2 = spec(2, "b");
+        check(
+            &mut st,
+            &[
+                (&v2, &NOT_READY, 30_000, Run::Target, Progressing),
+                (&v2, &crashing(), 31_000, Run::Good, RolledBack),
+            ],
+        );
+        // a crash-looping first revision is never promoted
+        let mut st = NodeRollout::default();
+        check(
+            &mut st,
+            &[
+                (&v1, &crashing(), 0, Run::Target, Failed),
+                (&v1, &crashing(), 60_000, Run::Target, Failed),
+            ],
+        );
+        assert!(st.good.is_none());
     }
 
     #[test]

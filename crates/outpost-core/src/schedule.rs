@@ -4,11 +4,14 @@
 //! node receives it when it reconnects). Deployments get `replicas` matching nodes, at most one
 //! replica per node, spread by load, and stable: a replica stays where it is while its node
 //! exists and matches, even if that node is offline (offline nodes keep running what they have).
-//! New replicas go only to online nodes.
+//! New replicas go only to online nodes. Jobs and CronJobs are placed like a one-replica
+//! Deployment (one node, stable). A node matches a workload when it has every `nodeSelector`
+//! label and satisfies the required node affinity ([`affinity_matches`]: terms ORed, the
+//! expressions of a term ANDed, Kubernetes' operators).
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use outpost_api::{Kind, Labels, ObjectId};
+use outpost_api::{Kind, Labels, NodeSelector, NodeSelectorRequirement, ObjectId};
 use sha2::{Digest, Sha256};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -22,8 +25,47 @@ pub struct NodeView {
 pub struct WorkloadView {
     pub id: ObjectId,
     pub node_selector: Labels,
-    /// Deployments only.
+    /// `affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution`.
+    pub affinity: Option<NodeSelector>,
+    /// Deployments only (Jobs and CronJobs: 1).
     pub replicas: u32,
+}
+
+impl WorkloadView {
+    /// Can this workload run on a node with this name and these labels?
+    pub fn fits(&self, node: &str, labels: &Labels) -> bool {
+        selector_matches(&self.node_selector, labels)
+            && self.affinity.as_ref().is_none_or(|a| affinity_matches(a, node, labels))
+    }
+}
+
+/// Required node affinity: some term whose every expression (and field match) holds. A term
+/// with no expressions matches no node, as in Kubernetes.
+pub fn affinity_matches(sel: &NodeSelector, node: &str, labels: &Labels) -> bool {
+    sel.node_selector_terms.iter().any(|t| {
+        (!t.match_expressions.is_empty() || !t.match_fields.is_empty())
+            && t.match_expressions
+                .iter()
+                .all(|e| requirement_holds(e, labels.get(&e.key).map(String::as_str)))
+            && t.match_fields
+                .iter()
+                .all(|e| e.key == "metadata.name" && requirement_holds(e, Some(node)))
+    })
+}
+
+/// One requirement against the node's value for its key (None: the node lacks the label).
+/// `Gt`/`Lt` compare integers; a value that is not one fails them.
+pub fn requirement_holds(e: &NodeSelectorRequirement, value: Option<&str>) -> bool {
+    let int = |s: &str| s.parse::<i64>().ok();
+    match e.operator.as_str() {
+        "In" => value.is_some_and(|v| e.values.iter().any(|x| x == v)),
+        "NotIn" => value.is_none_or(|v| e.values.iter().all(|x| x != v)),
+        "Exists" => value.is_some(),
+        "DoesNotExist" => value.is_none(),
+        "Gt" => matches!((value.and_then(int), e.values.first().and_then(|x| int(x))), (Some(v), Some(x)) if v > x),
+        "Lt" => matches!((value.and_then(int), e.values.first().and_then(|x| int(x))), (Some(v), Some(x)) if v < x),
+        _ => false,
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Default)]
@@ -51,10 +93,11 @@ pub fn schedule(
     let mut load: BTreeMap<&str, usize> = nodes.iter().map(|n| (n.name.as_str(), 0)).collect();
     let mut out = BTreeMap::new();
     // DaemonSets first: their load is fixed, Deployments spread around it.
-    for w in sorted.iter().filter(|w| w.id.kind == Kind::DaemonSet) {
+    let every_node = |k: Kind| matches!(k, Kind::DaemonSet | Kind::AgentUpdate);
+    for w in sorted.iter().filter(|w| every_node(w.id.kind)) {
         let placed: BTreeSet<String> = nodes
             .iter()
-            .filter(|n| selector_matches(&w.node_selector, &n.labels))
+            .filter(|n| w.fits(&n.name, &n.labels))
             .map(|n| n.name.clone())
             .collect();
         for n in &placed {
@@ -70,7 +113,7 @@ pub fn schedule(
             },
         );
     }
-    for w in sorted.iter().filter(|w| w.id.kind == Kind::Deployment) {
+    for w in sorted.iter().filter(|w| !every_node(w.id.kind)) {
         let empty = BTreeSet::new();
         let decision = place_deployment(w, nodes, current.get(&w.id).unwrap_or(&empty), &load);
         for n in &decision.nodes {
@@ -94,10 +137,7 @@ fn place_deployment(
     current: &BTreeSet<String>,
     load: &BTreeMap<&str, usize>,
 ) -> PlacementDecision {
-    let matching: Vec<&NodeView> = nodes
-        .iter()
-        .filter(|n| selector_matches(&w.node_selector, &n.labels))
-        .collect();
+    let matching: Vec<&NodeView> = nodes.iter().filter(|n| w.fits(&n.name, &n.labels)).collect();
     let want = w.replicas as usize;
     // Keep existing replicas on nodes that still exist and match.
     let mut kept: Vec<&NodeView> = matching.iter().copied().filter(|n| current.contains(&n.name)).collect();
@@ -160,6 +200,7 @@ mod tests {
                 name: name.into(),
             },
             node_selector: sel.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            affinity: None,
             replicas,
         }
     }
@@ -298,5 +339,116 @@ mod tests {
         );
         let note = out.values().next().unwrap().note.clone().unwrap();
         assert!(note.starts_with("1 of 3 replicas scheduled"), "{note}");
+    }
+
+    fn req(key: &str, op: &str, values: &[&str]) -> NodeSelectorRequirement {
+        NodeSelectorRequirement {
+            key: key.into(),
+            operator: op.into(),
+            values: values.iter().map(|v| v.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn requirements_table() {
+        let cases: &[(&str, &[&str], Option<&str>, bool)] = &[
+            ("In", &["a", "b"], Some("b"), true),
+            ("In", &["a", "b"], Some("c"), false),
+            ("In", &["a"], None, false),
+            ("NotIn", &["a"], Some("b"), true),
+            ("NotIn", &["a"], Some("a"), false),
+            ("NotIn", &["a"], None, true),
+            ("Exists", &[], Some(""), true),
+            ("Exists", &[], None, false),
+            ("DoesNotExist", &[], None, true),
+            ("DoesNotExist", &[], Some("x"), false),
+            ("Gt", &["4"], Some("8"), true),
+            ("Gt", &["4"], Some("4"), false),
+            ("Gt", &["4"], Some("x"), false),
+            ("Gt", &["4"], None, false),
+            ("Lt", &["4"], Some("-1"), true),
+            ("Lt", &["4"], Some("4"), false),
+            ("Bogus", &["4"], Some("4"), false),
+        ];
+        for (op, values, value, want) in cases {
+            assert_eq!(
+                requirement_holds(&req("k", op, values), *value),
+                *want,
+                "{op} {values:?} {value:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn affinity_terms_or_expressions_and() {
+        use outpost_api::NodeSelectorTerm;
+        let labels: Labels = [("zone", "floor-1"), ("cores", "4")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let term = |exprs: Vec<NodeSelectorRequirement>, fields: Vec<NodeSelectorRequirement>| NodeSelectorTerm {
+            match_expressions: exprs,
+            match_fields: fields,
+        };
+        let sel = |terms: Vec<NodeSelectorTerm>| NodeSelector {
+            node_selector_terms: terms,
+        };
+        let cases = [
+            (sel(vec![term(vec![req("zone", "In", &["floor-1"])], vec![])]), true),
+            (
+                sel(vec![term(
+                    vec![req("zone", "In", &["floor-1"]), req("cores", "Gt", &["4"])],
+                    vec![],
+                )]),
+                false,
+            ),
+            (
+                sel(vec![
+                    term(vec![req("zone", "In", &["floor-2"])], vec![]),
+                    term(vec![req("cores", "Lt", &["8"])], vec![]),
+                ]),
+                true,
+            ),
+            (sel(vec![term(vec![], vec![])]), false),
+            (sel(vec![]), false),
+            (
+                sel(vec![term(vec![], vec![req("metadata.name", "In", &["box-1"])])]),
+                true,
+            ),
+            (
+                sel(vec![term(vec![], vec![req("metadata.name", "NotIn", &["box-1"])])]),
+                false,
+            ),
+        ];
+        for (i, (s, want)) in cases.iter().enumerate() {
+            assert_eq!(affinity_matches(s, "box-1", &labels), *want, "case {i}");
+        }
+    }
+
+    #[test]
+    fn affinity_narrows_placement() {
+        let nodes = vec![
+            node("a", &[("topology.kubernetes.io/zone", "factory-floor-1")], true),
+            node("b", &[("topology.kubernetes.io/zone", "office")], true),
+            node("c", &[], true),
+        ];
+        let mut w = wl(Kind::Deployment, "agv", &[], 3);
+        w.affinity = Some(NodeSelector {
+            node_selector_terms: vec![outpost_api::NodeSelectorTerm {
+                match_expressions: vec![req("topology.kubernetes.io/zone", "In", &["factory-floor-1"])],
+                match_fields: vec![],
+            }],
+        });
+        let got = schedule(&nodes, &[w.clone()], &BTreeMap::new());
+        assert_eq!(names(&got[&w.id].nodes), vec!["a"]);
+        let mut ds = w.clone();
+        ds.id.kind = Kind::DaemonSet;
+        let got = schedule(&nodes, &[ds.clone()], &BTreeMap::new());
+        assert_eq!(names(&got[&ds.id].nodes), vec!["a"]);
+        let mut job = w.clone();
+        job.id.kind = Kind::Job;
+        job.replicas = 1;
+        let got = schedule(&nodes, &[job.clone()], &BTreeMap::new());
+        assert_eq!(names(&got[&job.id].nodes), vec!["a"]);
     }
 }

@@ -11,6 +11,11 @@
 //!   a Deployment fills up to its replicas when it can; a DaemonSet is on every matching node.
 //! - `bundle_changes`: applying the delta to the old bundle gives the new one, and the delta
 //!   names only what changed.
+//! - `waves`: a wave never opens before the previous one completed; once the fleet rolled a
+//!   revision back, no node that had not already refused it is handed it again (so a node that
+//!   was offline, or in a later wave, never runs it); nodes whose wave has not opened keep their
+//!   previous revision; with every online node healthy the rollout completes, whatever nodes
+//!   stay offline.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -318,6 +323,10 @@ fn spec(revision: u64, hash: &str) -> WorkloadSpec {
         volumes: vec![],
         min_ready_seconds: 10,
         progress_deadline_seconds: 60,
+        host_network: false,
+        host_pid: false,
+        job: None,
+        agent_update: None,
     }
 }
 
@@ -374,6 +383,7 @@ proptest! {
                     };
                     let before = durable(&st);
                     let was_bad = st.bad.contains(&rollout::spec_id(&target));
+                    let had_good = st.good.is_some();
                     let s = rollout::step(&mut st, &target, &health, now);
                     if durable(&st) != before {
                         prop_assert!(s.persist, "state changed without persist: {:?} -> {:?}", before, durable(&st));
@@ -392,8 +402,9 @@ proptest! {
                             "runs bad target {} although a good revision exists", rollout::spec_id(&target)
                         ),
                     }
-                    // A bad target is never retried: it stays bad and is not run again.
-                    if was_bad && st.good.is_some() {
+                    // A bad target is never retried while a good revision exists: it stays bad
+                    // and is not run again. (With none, it runs, and may become the good one.)
+                    if was_bad && had_good {
                         prop_assert_eq!(s.run, Run::Good);
                     }
                     // A target not yet bad is always tried: it runs, or fails its gate now.
@@ -440,6 +451,7 @@ fn workloads() -> impl Strategy<Value = Vec<WorkloadView>> {
         v.into_iter()
             .enumerate()
             .map(|(i, (daemon, node_selector, replicas))| WorkloadView {
+                affinity: None,
                 id: ObjectId {
                     kind: if daemon { Kind::DaemonSet } else { Kind::Deployment },
                     namespace: "default".into(),
@@ -575,4 +587,211 @@ fn phases_of_the_model_are_reachable() {
         a.apply(&Ev::Exit { unit: 0, code: Some(1) }).unwrap();
     }
     assert_eq!(supervise::phase(&a.units["w/a"]), Phase::CrashLoopBackOff);
+}
+
+// ---------------------------------------------------------------------------------------------
+// waves: fleet rollouts
+
+mod fleet_rollout {
+    use super::*;
+    use outpost_core::waves::{self, Gate, OnFailure, Policy, Select, WavePlan};
+
+    #[derive(Clone, Debug)]
+    pub enum Step {
+        /// Time passes; the hub decides.
+        Tick(i64),
+        /// A node goes offline or comes back.
+        Flip(usize),
+        Pause,
+        Resume,
+        Abort,
+        Undo,
+    }
+
+    pub fn any_step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            8 => (0i64..90_000).prop_map(Step::Tick),
+            3 => (0usize..16).prop_map(Step::Flip),
+            1 => Just(Step::Pause),
+            1 => Just(Step::Resume),
+            1 => Just(Step::Abort),
+            1 => Just(Step::Undo),
+        ]
+    }
+
+    pub fn any_policy() -> impl Strategy<Value = Policy> {
+        let select = prop_oneof![
+            (1u32..4).prop_map(Select::Count),
+            (1u32..=100).prop_map(Select::Percent),
+            (0u8..2).prop_map(|s| Select::Labels([("site".to_string(), format!("s{s}"))].into())),
+        ];
+        (
+            prop::collection::vec((select, prop::sample::select(vec![0i64, 30_000, 120_000])), 1..5),
+            0u32..=100,
+            1u32..12,
+            prop::bool::ANY,
+            prop::option::of(1u32..4),
+            1u32..5,
+        )
+            .prop_map(|(waves, pct, min, pause, max, tiny)| Policy {
+                waves: waves
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (select, bake_ms))| WavePlan {
+                        name: format!("w{i}"),
+                        select,
+                        bake_ms,
+                    })
+                    .collect(),
+                failure_percent: pct,
+                min_sample: min,
+                on_failure: if pause { OnFailure::Pause } else { OnFailure::Rollback },
+                max_concurrent: max,
+                tiny_fleet: tiny,
+                ..Policy::default()
+            })
+    }
+
+    /// A simulated node: it receives its desired revision only while online, and its gate of
+    /// the new revision passes unless the node is `bad`.
+    #[derive(Clone, Debug)]
+    pub struct Sim {
+        pub view: waves::NodeView,
+        pub bad: bool,
+        pub received: u64,
+        pub received_target: bool,
+    }
+
+    pub fn any_fleet() -> impl Strategy<Value = Vec<Sim>> {
+        prop::collection::vec((0u8..2, prop::bool::weighted(0.25), prop::bool::weighted(0.8)), 2..16).prop_map(|v| {
+            v.into_iter()
+                .enumerate()
+                .map(|(i, (site, bad, online))| Sim {
+                    view: waves::NodeView {
+                        name: format!("n{i:02}"),
+                        labels: [("site".to_string(), format!("s{site}"))].into(),
+                        online,
+                        tz: jiff::tz::TimeZone::UTC,
+                        gate: Gate::Unknown,
+                    },
+                    bad,
+                    received: 1,
+                    received_target: false,
+                })
+                .collect()
+        })
+    }
+
+    pub const TARGET: u64 = 2;
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn waves_keep_their_promises(
+        mut sims in fleet_rollout::any_fleet(),
+        policy in fleet_rollout::any_policy(),
+        steps in prop::collection::vec(fleet_rollout::any_step(), 1..60),
+    ) {
+        use fleet_rollout::*;
+        use outpost_api::{NodeRolloutState, RolloutPhase};
+        use outpost_core::waves::{self, Gate};
+        let held: BTreeMap<String, u64> = sims.iter().map(|s| (s.view.name.clone(), 1)).collect();
+        let mut r = waves::start(None, "w", TARGET, &held, &policy, false, 0).rollout;
+        let mut now: UnixMs = 0;
+        let mut rolled_back_at: Option<UnixMs> = None;
+        for st in &steps {
+            match st {
+                Step::Tick(dt) => {
+                    now += dt;
+                    let views: Vec<waves::NodeView> = sims.iter().map(|s| s.view.clone()).collect();
+                    r = waves::decide(&r, &policy, &views, now).rollout;
+                }
+                Step::Flip(i) => {
+                    if let Some(s) = sims.get_mut(*i) {
+                        s.view.online = !s.view.online;
+                    }
+                }
+                Step::Pause => if let Ok(d) = waves::pause(&r, now) { r = d.rollout },
+                Step::Resume => if let Ok(d) = waves::resume(&r, now) { r = d.rollout },
+                Step::Abort => if let Ok(d) = waves::abort(&r, now) { r = d.rollout },
+                Step::Undo => if let Ok(d) = waves::undo(&r, now) { r = d.rollout },
+            }
+            if rolled_back_at.is_none() && matches!(r.phase, RolloutPhase::Failed | RolloutPhase::RolledBack) {
+                rolled_back_at = Some(now);
+            }
+            // Online nodes receive what the hub hands them; their gate reports on the target.
+            for s in sims.iter_mut() {
+                let want = waves::desired_revision(Some(&r), TARGET, Some(1), &s.view.name);
+                if rolled_back_at.is_some() && want == TARGET && s.view.online && !s.received_target {
+                    prop_assert!(false, "{} is handed revision {TARGET} after the fleet rolled it back", s.view.name);
+                }
+                if rolled_back_at.is_some() && want == TARGET {
+                    let m = r.members.get(&s.view.name);
+                    prop_assert!(
+                        m.is_some_and(|m| m.state == NodeRolloutState::Failed && m.running_good),
+                        "{} pinned to the rolled-back revision without having refused it: {m:?}", s.view.name
+                    );
+                }
+                // A node whose wave has not opened keeps its previous revision.
+                if !r.members.contains_key(&s.view.name) && r.phase != RolloutPhase::Complete {
+                    prop_assert_eq!(want, 1);
+                }
+                if s.view.online {
+                    s.received = want;
+                    if want == TARGET {
+                        s.received_target = true;
+                        s.view.gate = if s.bad { Gate::RolledBack("bad".into()) } else { Gate::Passed };
+                    }
+                }
+            }
+            // A wave completes only after its bake, and never opens before the previous one
+            // completed.
+            for w in &r.waves {
+                if let Some(done) = w.completed_at {
+                    let gates = w.gates_done_at.expect("a completed wave has its gates done");
+                    prop_assert!(done >= gates + w.bake_ms, "wave {w:?} completed before its bake");
+                }
+            }
+            for w in r.waves.windows(2) {
+                prop_assert!(w[0].completed_at.is_some_and(|c| c <= w[1].opened_at),
+                    "wave {:?} opened before {:?} completed", w[1], w[0]);
+            }
+        }
+    }
+
+    #[test]
+    fn healthy_online_nodes_complete_whatever_stays_offline(
+        mut sims in fleet_rollout::any_fleet(),
+        policy in fleet_rollout::any_policy(),
+    ) {
+        use fleet_rollout::*;
+        use outpost_api::RolloutPhase;
+        use outpost_core::waves::{self, Gate};
+        for s in sims.iter_mut() {
+            s.bad = false;
+        }
+        let held: BTreeMap<String, u64> = sims.iter().map(|s| (s.view.name.clone(), 1)).collect();
+        let mut r = waves::start(None, "w", TARGET, &held, &policy, false, 0).rollout;
+        let mut now = 0;
+        for _ in 0..200 {
+            let views: Vec<waves::NodeView> = sims.iter().map(|s| s.view.clone()).collect();
+            r = waves::decide(&r, &policy, &views, now).rollout;
+            if r.phase == RolloutPhase::Complete {
+                break;
+            }
+            for s in sims.iter_mut().filter(|s| s.view.online) {
+                if waves::desired_revision(Some(&r), TARGET, Some(1), &s.view.name) == TARGET {
+                    s.view.gate = Gate::Passed;
+                }
+            }
+            now += 60_000;
+        }
+        prop_assert_eq!(r.phase, RolloutPhase::Complete, "stuck: {:?}", r);
+        // offline nodes get the revision when they return
+        for s in &sims {
+            prop_assert_eq!(waves::desired_revision(Some(&r), TARGET, Some(1), &s.view.name), TARGET);
+        }
+    }
 }

@@ -1,36 +1,26 @@
-//! The hub as a pipeline sink (docs/pipeline.md): nodes POST batches of records
-//! (`/v1/nodes/{node}/data`, zstd-compressed JSON over the node's mTLS link); each record id is
-//! stored once per node, so redelivery after a crash or an outage is harmless. Operators read
-//! them with `GET /v1/data` (`outpost data tail|query`). Records are kept for the retention of
-//! their pipeline's hub sink (default 7 days).
+//! The hub as a pipeline sink (docs/pipeline.md): the records nodes POST
+//! (`/v1/nodes/{node}/data`, zstd-compressed JSON over the node's mTLS link), stored so that
+//! each record id is kept once per node (redelivery after a crash or an outage is harmless),
+//! read back by operators (`GET /v1/data`, `outpost data tail|query`) and pruned after the
+//! retention of their pipeline's hub sink (default 7 days; the `data-retention` controller).
 //!
-//! Also hands each node its pipelines in the sync answer: `Pipeline` objects whose
-//! nodeSelector matches the node (`outpost_core::pipeline::pipelines_for_node`), sent when the
-//! hash the agent holds differs; a change wakes every long-poll.
+//! Also caches the `Pipeline` objects, from which each node gets the ones whose nodeSelector
+//! matches it (`outpost_core::pipeline::pipelines_for_node`) in its sync answer; the service
+//! refreshes the cache after every reschedule and wakes every long-poll when it changed.
 //!
-//! Own tables (`data_records`) on their own connection to hub.db; must never block an async
-//! task on SQLite (everything runs on the blocking pool).
+//! A leaf module like `crate::monitor`: its own table (`data_records`) on its own connection to
+//! hub.db, SQLite and the wire types only. Called on the blocking pool (`Service::ddb`).
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::Json;
-use outpost_api::pipeline::{DataAck, DataBatch, DataRecord, NodePipelines, Pipeline, RecordKind, StoredRecord};
-use outpost_api::{Object, UnixMs};
+use outpost_api::pipeline::{DataRecord, NodePipelines, Pipeline, RecordKind, StoredRecord};
+use outpost_api::UnixMs;
 use rusqlite::{params, Connection};
-use serde::Deserialize;
-use tokio::sync::watch;
 
-use crate::api::authorize_node;
-use crate::error::HubError;
-use crate::server::{Admin, ApiQuery, Peer};
-use crate::state::HubState;
-
-/// Largest decompressed batch.
-const MAX_BATCH_BYTES: usize = 64 << 20;
+/// Largest decompressed batch the hub takes (`POST /v1/nodes/{node}/data`).
+pub const MAX_BATCH_BYTES: usize = 64 << 20;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS data_records (
@@ -50,8 +40,8 @@ pub struct DataStore {
     loaded_hash: Mutex<String>,
 }
 
-/// `GET /v1/data` parameters.
-#[derive(Clone, Debug, Default, Deserialize)]
+/// What `GET /v1/data` asks for.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
 pub struct DataQuery {
     pub stream: Option<String>,
     pub node: Option<String>,
@@ -69,10 +59,12 @@ type R<T> = Result<T, rusqlite::Error>;
 
 impl DataStore {
     pub fn open(path: &Path) -> R<Self> {
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // Writers take the write lock up front, so a busy database waits instead of failing.
+        conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
         conn.execute_batch(SCHEMA)?;
         Ok(Self {
             conn: Mutex::new(conn),
@@ -215,151 +207,6 @@ impl DataStore {
     pub fn pipelines_for(&self, labels: &outpost_api::Labels) -> NodePipelines {
         let p = self.pipelines.lock().unwrap_or_else(|x| x.into_inner());
         outpost_core::pipeline::pipelines_for_node(&p, labels)
-    }
-}
-
-async fn ddb<T, F>(st: &HubState, f: F) -> Result<T, HubError>
-where
-    T: Send + 'static,
-    F: FnOnce(&DataStore) -> R<T> + Send + 'static,
-{
-    let d = st.data.clone();
-    tokio::task::spawn_blocking(move || f(&d))
-        .await
-        .map_err(|e| HubError::Internal(format!("data task failed: {e}")))?
-        .map_err(|e| HubError::Internal(format!("data database: {e}")))
-}
-
-/// Reload Pipeline objects after a change; wake every long-poll when they changed.
-pub async fn refresh_pipelines(st: &HubState) -> Result<(), HubError> {
-    let objects = st.db(|s| s.objects()).await?;
-    let mut p: Vec<(Pipeline, u64)> = objects
-        .into_iter()
-        .filter_map(|o| match o.object {
-            Object::Pipeline(p) => Some((p, o.revision)),
-            _ => None,
-        })
-        .collect();
-    p.sort_by(|a, b| (a.0.metadata.ns(), &a.0.metadata.name).cmp(&(b.0.metadata.ns(), &b.0.metadata.name)));
-    if st.data.set_pipelines(p) {
-        tracing::info!("pipelines changed; waking every node");
-        st.wake_all();
-    }
-    Ok(())
-}
-
-/// The node's pipelines for its sync answer, when they differ from the hash it holds (agents
-/// that send no hash get none).
-pub async fn sync_pipelines(
-    st: &HubState,
-    node: &str,
-    agent_hash: Option<&str>,
-) -> Result<Option<NodePipelines>, HubError> {
-    let Some(h) = agent_hash else { return Ok(None) };
-    let n = node.to_string();
-    let labels = st.db(move |s| s.node(&n)).await?.map(|r| r.labels).unwrap_or_default();
-    let p = st.data.pipelines_for(&labels);
-    Ok((p.hash() != h).then_some(p))
-}
-
-/// `POST /v1/nodes/{node}/data`: a batch of records from the node's spool.
-pub async fn node_data(
-    State(st): State<Arc<HubState>>,
-    peer: Peer,
-    axum::extract::Path(node): axum::extract::Path<String>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<Json<DataAck>, HubError> {
-    authorize_node(&st, &peer, &node).await?;
-    let zstd = headers
-        .get(axum::http::header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("zstd"));
-    let json = if zstd {
-        zstd::bulk::decompress(&body, MAX_BATCH_BYTES).map_err(|e| {
-            HubError::BadRequest(format!(
-                "the body is not zstd data of at most {MAX_BATCH_BYTES} bytes ({e}); send smaller batches"
-            ))
-        })?
-    } else {
-        body.to_vec()
-    };
-    let batch: DataBatch = serde_json::from_slice(&json).map_err(|e| {
-        HubError::BadRequest(format!(
-            "the body is not a data batch ({e}); check that agent and hub are the same release"
-        ))
-    })?;
-    let now = crate::now_ms();
-    let n = batch.records.len();
-    let nd = node.clone();
-    let stored = ddb(&st, move |d| d.insert(&nd, &batch.records, now)).await?;
-    tracing::debug!(node = %node, records = n, stored, "pipeline records stored");
-    Ok(Json(DataAck { stored }))
-}
-
-/// `GET /v1/data`: stored records, oldest first.
-pub async fn get_data(
-    State(st): State<Arc<HubState>>,
-    _: Admin,
-    ApiQuery(q): ApiQuery<DataQuery>,
-) -> Result<Json<Vec<StoredRecord>>, HubError> {
-    if let Some(k) = &q.kind {
-        if RecordKind::parse(k).is_none() {
-            return Err(HubError::BadRequest(format!(
-                "kind {k:?} is not one of record, anomaly, aggregate, sample"
-            )));
-        }
-    }
-    let now = crate::now_ms();
-    Ok(Json(ddb(&st, move |d| d.query(&q, now)).await?))
-}
-
-/// `GET /v1/pipelines`: every Pipeline with the nodes that run it.
-pub async fn get_pipelines(
-    State(st): State<Arc<HubState>>,
-    _: Admin,
-) -> Result<Json<Vec<outpost_api::pipeline::PipelineInfo>>, HubError> {
-    let (objects, nodes) = st.db(|s| Ok((s.objects()?, s.nodes()?))).await?;
-    let out = objects
-        .into_iter()
-        .filter_map(|o| match o.object {
-            Object::Pipeline(p) => Some(outpost_api::pipeline::PipelineInfo {
-                namespace: p.metadata.ns().to_string(),
-                name: p.metadata.name.clone(),
-                revision: o.revision,
-                nodes: nodes
-                    .iter()
-                    .filter(|n| outpost_core::schedule::selector_matches(&p.spec.node_selector, &n.labels))
-                    .map(|n| n.name.clone())
-                    .collect(),
-                node_selector: p.spec.node_selector,
-                streams: p.spec.streams.iter().map(|s| s.name.clone()).collect(),
-                sinks: p
-                    .spec
-                    .sinks
-                    .iter()
-                    .map(|s| format!("{} ({})", s.name, s.type_))
-                    .collect(),
-                updated_at: o.updated_at,
-            }),
-            _ => None,
-        })
-        .collect();
-    Ok(Json(out))
-}
-
-/// Prune expired records every minute until `stop`.
-pub async fn retention_loop(st: Arc<HubState>, mut stop: watch::Receiver<bool>) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
-            _ = stop.changed() => return,
-        }
-        match ddb(&st, |d| d.prune(crate::now_ms())).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(records = n, "pruned pipeline records past their retention"),
-            Err(e) => tracing::warn!(error = %e, "cannot prune pipeline records"),
-        }
     }
 }
 

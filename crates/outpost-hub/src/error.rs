@@ -6,22 +6,7 @@ use outpost_api::{ApiError, ManifestError, PROTOCOL_VERSION};
 
 use crate::store::StoreError;
 
-/// Why a join token was refused. Decided by [`crate::store::check_token`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenProblem {
-    /// No such token, or the secret does not match (not told apart, on purpose).
-    Unknown {
-        id: String,
-    },
-    Expired {
-        id: String,
-        ago_ms: i64,
-    },
-    UsedUp {
-        id: String,
-        used: u64,
-    },
-}
+pub use crate::store::TokenProblem;
 
 /// Everything a request can fail with. [`IntoResponse`] maps each variant to its status and
 /// stable `code` (see docs/protocol.md); the `Display` text is the operator-facing message.
@@ -63,9 +48,18 @@ pub enum HubError {
     NotFound(String),
     #[error("{0}")]
     BadRequest(String),
-    /// A node did not answer a request relayed through its own link (offline, or too slow).
+    /// The request does not fit the object's state (e.g. resuming a rollout that is not paused).
+    #[error("{0}")]
+    Conflict(String),
+    /// A node did not answer a request relayed through its own link in time.
     #[error("{0}")]
     NodeUnreachable(String),
+    /// A request needs a node that is offline now (its link is down): try again later.
+    #[error("{0}")]
+    NodeOffline(String),
+    /// The caller is known but may not make this request.
+    #[error("{0}")]
+    NotAllowed(String),
     #[error("internal hub error: {0}; see the hub's log, and retry")]
     Internal(String),
     #[error(
@@ -126,7 +120,10 @@ impl HubError {
             InUse { .. } => (StatusCode::CONFLICT, "in_use"),
             NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             NodeUnreachable(_) => (StatusCode::GATEWAY_TIMEOUT, "node_unreachable"),
+            NodeOffline(_) => (StatusCode::CONFLICT, "node_offline"),
+            NotAllowed(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             DiskFull => (StatusCode::INSUFFICIENT_STORAGE, "disk_full"),

@@ -12,14 +12,12 @@
 //! temporary file at once; the hub start removes any a crash left behind
 //! ([`sweep_stale_uploads`]). A full disk is answered `507 insufficient_storage`.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use futures_util::StreamExt;
 use outpost_api::ImageTag;
 use serde::Deserialize;
@@ -27,45 +25,10 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use crate::error::HubError;
-use crate::now_ms;
-use crate::server::{Admin, ApiJson, ApiQuery, Peer};
-use crate::state::{sha256, HubState};
+use crate::extract::{Admin, ApiJson, ApiQuery, Bearer, Peer};
+use crate::service::{Command, ImageReader, Query, Reply, Service};
 
-type St = State<Arc<HubState>>;
-
-fn hex_of(digest: &str) -> Result<&str, HubError> {
-    digest
-        .strip_prefix("sha256:")
-        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-        .ok_or_else(|| HubError::BadRequest(format!("{digest:?} is not a digest like sha256:<64 hex digits>")))
-}
-
-fn blob_path(st: &HubState, digest: &str) -> Result<PathBuf, HubError> {
-    Ok(st.images_dir.join(format!("sha256-{}", hex_of(digest)?)))
-}
-
-/// Who is reading: the operator (admin token) or a known node.
-#[derive(PartialEq)]
-enum Reader {
-    Admin,
-    Node,
-}
-
-/// The admin token or a known node's (unexpired) certificate.
-async fn reader(st: &HubState, headers: &HeaderMap, peer: &Peer) -> Result<Reader, HubError> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    if bearer.is_some_and(|t| sha256(t) == st.admin_token_sha256) {
-        return Ok(Reader::Admin);
-    }
-    if peer.cert_fp.is_none() {
-        return Err(HubError::Unauthorized);
-    }
-    crate::api::known_node(st, peer).await.map(|_| Reader::Node)
-}
+type St = State<Arc<Service>>;
 
 /// Prefix of upload temporary files in the images directory.
 const UPLOAD_PREFIX: &str = ".upload-";
@@ -102,17 +65,23 @@ fn storage_error(e: std::io::Error) -> HubError {
 }
 
 /// `PUT /v1/images/blobs/{digest}` (admin): store an archive.
-pub async fn put_blob(State(st): St, _: Admin, Path(digest): Path<String>, req: Request) -> Result<Response, HubError> {
-    let path = blob_path(&st, &digest)?;
+pub async fn put_blob(
+    State(svc): St,
+    _: Admin,
+    Path(digest): Path<String>,
+    req: Request,
+) -> Result<Response, HubError> {
+    let path = svc.blob_path(&digest)?;
     if path.exists() {
         return Ok(StatusCode::OK.into_response());
     }
-    std::fs::create_dir_all(&st.images_dir).map_err(storage_error)?;
+    let images_dir = &svc.settings.images_dir;
+    std::fs::create_dir_all(images_dir).map_err(storage_error)?;
     // Removed when dropped: on every error return, and when the client goes away mid-upload
     // (the handler is dropped).
     let tmp = tempfile::Builder::new()
         .prefix(UPLOAD_PREFIX)
-        .tempfile_in(&st.images_dir)
+        .tempfile_in(images_dir)
         .map_err(storage_error)?;
     let (file, tmp) = tmp.into_parts();
     let mut f = tokio::fs::File::from_std(file);
@@ -126,7 +95,7 @@ pub async fn put_blob(State(st): St, _: Admin, Path(digest): Path<String>, req: 
     f.sync_all().await.map_err(storage_error)?;
     drop(f);
     let actual = hex::encode(hasher.finalize());
-    if actual != hex_of(&digest)? {
+    if format!("sha256:{actual}") != digest {
         return Err(HubError::BadRequest(format!(
             "the upload's digest is sha256:{actual}, not {digest}; push again"
         )));
@@ -138,13 +107,14 @@ pub async fn put_blob(State(st): St, _: Admin, Path(digest): Path<String>, req: 
 
 /// `GET /v1/images/blobs/{digest}` (admin or node), with `Range: bytes=N-` for resuming.
 pub async fn get_blob(
-    State(st): St,
+    State(svc): St,
     peer: Peer,
+    Bearer(bearer): Bearer,
     headers: HeaderMap,
     Path(digest): Path<String>,
 ) -> Result<Response, HubError> {
-    reader(&st, &headers, &peer).await?;
-    let path = blob_path(&st, &digest)?;
+    svc.image_reader(bearer.as_deref(), &peer).await?;
+    let path = svc.blob_path(&digest)?;
     let mut f = tokio::fs::File::open(&path)
         .await
         .map_err(|_| HubError::NotFound(format!("image archive {digest}")))?;
@@ -181,8 +151,8 @@ pub async fn get_blob(
 }
 
 /// `HEAD /v1/images/blobs/{digest}` (admin): is it stored already?
-pub async fn head_blob(State(st): St, _: Admin, Path(digest): Path<String>) -> Result<StatusCode, HubError> {
-    Ok(if blob_path(&st, &digest)?.exists() {
+pub async fn head_blob(State(svc): St, _: Admin, Path(digest): Path<String>) -> Result<StatusCode, HubError> {
+    Ok(if svc.blob_path(&digest)?.exists() {
         StatusCode::OK
     } else {
         StatusCode::NOT_FOUND
@@ -190,20 +160,8 @@ pub async fn head_blob(State(st): St, _: Admin, Path(digest): Path<String>) -> R
 }
 
 /// `POST /v1/images/tags` (admin): name an uploaded archive.
-pub async fn put_tag(State(st): St, _: Admin, ApiJson(mut t): ApiJson<ImageTag>) -> Result<Json<ImageTag>, HubError> {
-    t.validate().map_err(|e| HubError::BadRequest(e.to_string()))?;
-    let path = blob_path(&st, &t.digest)?;
-    let meta = std::fs::metadata(&path)
-        .map_err(|_| HubError::BadRequest(format!("no archive {} on the hub: upload it first", t.digest)))?;
-    if t.name.trim().is_empty() {
-        return Err(HubError::BadRequest("an image name is required".into()));
-    }
-    t.size = meta.len();
-    t.pushed_at = now_ms();
-    let row = t.clone();
-    st.db(move |s| s.put_image_tag(&row)).await?;
-    tracing::info!(image = %t.name, digest = %t.digest, size = t.size, "image pushed");
-    Ok(Json(t))
+pub async fn put_tag(State(svc): St, _: Admin, ApiJson(t): ApiJson<ImageTag>) -> Result<Reply, HubError> {
+    svc.execute(Command::TagImage(t)).await
 }
 
 #[derive(Deserialize)]
@@ -213,22 +171,17 @@ pub struct TagQuery {
 
 /// `GET /v1/images/tags?name=IMAGE` (admin or node): one tag; without `name`, all (admin).
 pub async fn get_tags(
-    State(st): St,
+    State(svc): St,
     peer: Peer,
-    headers: HeaderMap,
+    Bearer(bearer): Bearer,
     ApiQuery(q): ApiQuery<TagQuery>,
-) -> Result<Response, HubError> {
-    let who = reader(&st, &headers, &peer).await?;
+) -> Result<Reply, HubError> {
+    let who = svc.image_reader(bearer.as_deref(), &peer).await?;
     match q.name {
-        Some(name) => {
-            let n = name.clone();
-            let t = st.db(move |s| s.image_tag(&n)).await?;
-            let t = t.ok_or_else(|| {
-                HubError::NotFound(format!("image {name} (push it with `outpost image push {name}`)"))
-            })?;
-            Ok(Json(t).into_response())
-        }
-        None if who == Reader::Admin => Ok(Json(st.db(|s| s.image_tags()).await?).into_response()),
-        None => Err(HubError::BadRequest("nodes ask for one image: add ?name=IMAGE".into())),
+        Some(name) => svc.query(Query::ImageTag { name }).await,
+        None if who == ImageReader::Admin => svc.query(Query::ImageTags).await,
+        None => Err(HubError::NotAllowed(
+            "a node may only ask for one image (?name=IMAGE); listing every image needs the admin token".into(),
+        )),
     }
 }

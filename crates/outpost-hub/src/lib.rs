@@ -10,20 +10,32 @@
 //! short statements run on the blocking pool, and errors become HTTP answers only in
 //! [`error::HubError`].
 
+//!
+//! Module layers (arrows point one way): `server` (TLS, connections, routes) -> `api`,
+//! `images` (handlers) -> `extract` -> `service` (the command layer: [`service::Command`],
+//! [`service::Query`], the node protocol) -> `store`, `monitor`, `data`, `logs`, `metrics`,
+//! `rollouts`, `scheduler`, `validate`, `views`, `error`; `controllers` (`alerts`, `webhook`)
+//! -> `service`.
+
 pub mod alerts;
 pub mod api;
+pub mod controllers;
 pub mod data;
 pub mod error;
+pub mod extract;
 pub mod files;
 pub mod images;
 pub mod logs;
 pub mod metrics;
+pub mod monitor;
 pub mod openapi;
+pub mod rollouts;
 pub mod scheduler;
 pub mod server;
-pub mod state;
+pub mod service;
 pub mod store;
 pub mod validate;
+pub mod views;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -130,35 +142,39 @@ impl Hub {
         let ca_fingerprint = material.ca.fingerprint().context("ca.pem is not a valid certificate")?;
         let tls = outpost_pki::server_config(&material.ca, &material.server_chain_pem, &material.server_key_pem)
             .context("cannot build the TLS configuration from server.pem/server.key; delete server.* to re-issue")?;
-        let mut state = state::HubState::new(
-            Arc::new(store),
-            material.ca.clone(),
-            ca_fingerprint.clone(),
-            &material.admin_token,
-            cfg.offline_after,
-            cfg.long_poll,
-        );
-        state.images_dir = cfg.data_dir.join("images");
-        state.host_paths = cfg.host_paths.clone();
-        state.node_cert_lifetime = cfg.node_cert_lifetime;
-        images::sweep_stale_uploads(&state.images_dir);
-        let monitor_cfg = alerts::MonitorConfig {
+        let monitor_cfg = monitor::MonitorConfig {
             webhooks: cfg.webhooks.clone(),
             offline_alert: cfg.node_offline_alert,
             ..Default::default()
         };
-        state.monitor = Arc::new(
-            alerts::Monitor::open(&monitor_db, monitor_cfg)
-                .with_context(|| format!("cannot open the monitoring tables in {}", monitor_db.display()))?,
-        );
-        state.data = Arc::new(
-            data::DataStore::open(&monitor_db)
-                .with_context(|| format!("cannot open the pipeline data tables in {}", monitor_db.display()))?,
-        );
-        let state = Arc::new(state);
-        state.spawn_status_writer();
+        let monitor = monitor::Monitor::open(&monitor_db, monitor_cfg.webhooks.clone())
+            .with_context(|| format!("cannot open the monitoring tables in {}", monitor_db.display()))?;
+        let data = data::DataStore::open(&monitor_db)
+            .with_context(|| format!("cannot open the pipeline data tables in {}", monitor_db.display()))?;
+        let settings = service::Settings {
+            offline_after: cfg.offline_after,
+            long_poll: cfg.long_poll,
+            images_dir: cfg.data_dir.join("images"),
+            host_paths: cfg.host_paths.clone(),
+            monitor: monitor_cfg,
+        };
+        let authority = service::Authority {
+            ca: material.ca.clone(),
+            ca_fingerprint: ca_fingerprint.clone(),
+            admin_token_sha256: service::sha256(&material.admin_token),
+            node_cert_lifetime: cfg.node_cert_lifetime,
+        };
+        images::sweep_stale_uploads(&settings.images_dir);
+        let svc = Arc::new(service::Service::new(
+            Arc::new(store),
+            Arc::new(monitor),
+            Arc::new(data),
+            authority,
+            settings,
+        ));
+        svc.spawn_status_writer();
         // Catch up on anything committed before a crash but not yet scheduled.
-        state.reschedule(now_ms()).await.context("initial scheduling failed")?;
+        svc.reschedule(now_ms()).await.context("initial scheduling failed")?;
 
         let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| {
             format!(
@@ -169,9 +185,7 @@ impl Hub {
         let addr = listener.local_addr()?;
         let (stop, stopped) = watch::channel(false);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        tokio::spawn(alerts::rules_loop(state.clone(), stopped.clone()));
-        tokio::spawn(webhook::sender_loop(state.clone(), stopped.clone()));
-        tokio::spawn(data::retention_loop(state.clone(), stopped.clone()));
+        controllers::spawn_all(&svc, stopped.clone());
         let serve_cfg = server::ServeConfig {
             limits,
             idle_timeout: cfg.idle_timeout,
@@ -180,7 +194,7 @@ impl Hub {
         let task = tokio::spawn(server::serve(
             listener,
             acceptor,
-            server::router(state),
+            server::router(svc),
             serve_cfg,
             stopped,
         ));

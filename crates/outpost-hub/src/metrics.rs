@@ -10,7 +10,8 @@
 //! only, and [`to_text_004`] renames counter families to their `_total` sample name and drops
 //! the `# EOF` marker, the only differences for the metric types used here.
 //!
-//! Owns: the counters and the exposition. Must never: block a request on anything but the
+//! A leaf module: the service fills a [`FleetView`], this module encodes it. Owns: the counters
+//! and the exposition. Must never: block a request on anything but the
 //! short store reads of a scrape, or take labels from anything unbounded except node and
 //! workload names.
 
@@ -32,8 +33,6 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::state::HubState;
-
 /// Upper bounds of the request-duration histogram, seconds (long-polls land in the last ones).
 pub const BUCKETS: &[f64] = &[0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 40.0];
 
@@ -50,7 +49,7 @@ fn histogram() -> Histogram {
     Histogram::new(BUCKETS.iter().copied())
 }
 
-/// Counters of the hub process. One `Metrics` per hub, shared through [`HubState`].
+/// Counters of the hub process. One `Metrics` per hub, shared by the service and the HTTP layer.
 pub struct Metrics {
     registry: Registry,
     requests: Family<LabelSet, Counter>,
@@ -65,7 +64,22 @@ pub struct Metrics {
     pub error_lines: Counter,
     pub log_requests_ok: Counter,
     pub log_requests_failed: Counter,
+    rollout_events: Family<LabelSet, Counter>,
 }
+
+/// The rollout event reasons counted (the label is bounded to these).
+pub const ROLLOUT_EVENTS: &[&str] = &[
+    "RolloutStarted",
+    "WaveStarted",
+    "WaveCompleted",
+    "RolloutPaused",
+    "RolloutResumed",
+    "RolloutFailed",
+    "RolloutRolledBack",
+    "RolloutAborted",
+    "RolloutComplete",
+    "RolloutSuperseded",
+];
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -121,7 +135,17 @@ impl Default for Metrics {
             "Operator log requests, by result (ok, failed)",
             log_requests.clone(),
         );
+        let rollout_events = Family::<LabelSet, Counter>::default();
+        registry.register(
+            "outpost_hub_rollout_events",
+            "Fleet rollout events recorded, by reason (docs/rollouts.md)",
+            rollout_events.clone(),
+        );
+        for r in ROLLOUT_EVENTS {
+            child(&rollout_events, "reason", r);
+        }
         Self {
+            rollout_events,
             alerts_fired: child(&notifications, "state", "firing"),
             alerts_resolved: child(&notifications, "state", "resolved"),
             webhook_ok: child(&webhooks, "result", "ok"),
@@ -163,6 +187,15 @@ pub fn route_of(path: &str) -> &'static str {
 }
 
 impl Metrics {
+    /// Count a rollout event (reasons outside [`ROLLOUT_EVENTS`] are not counted).
+    pub fn rollout_event(&self, reason: &str) {
+        if let Some(r) = ROLLOUT_EVENTS.iter().find(|r| **r == reason) {
+            self.rollout_events
+                .get_or_create(&vec![("reason", r.to_string())])
+                .inc();
+        }
+    }
+
     pub fn observe(&self, route: &'static str, status: u16, secs: f64) {
         let class = format!("{}xx", status / 100);
         self.requests
@@ -175,13 +208,11 @@ impl Metrics {
 }
 
 /// Middleware: count and time every request by route.
-pub async fn track(State(st): State<Arc<HubState>>, req: Request, next: Next) -> Response {
+pub async fn track(State(m): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
     let route = route_of(req.uri().path());
     let t = Instant::now();
     let resp = next.run(req).await;
-    st.monitor
-        .metrics
-        .observe(route, resp.status().as_u16(), t.elapsed().as_secs_f64());
+    m.observe(route, resp.status().as_u16(), t.elapsed().as_secs_f64());
     resp
 }
 
@@ -458,53 +489,17 @@ pub fn render(f: FleetView, m: &Metrics) -> String {
     to_text_004(&render_openmetrics(f, m))
 }
 
-/// `GET /metrics` (admin token, as for every operator route): OpenMetrics when the scraper
-/// accepts it, else the Prometheus text format 0.0.4.
-pub async fn metrics(
-    State(st): State<Arc<HubState>>,
-    _: crate::server::Admin,
-    headers: axum::http::HeaderMap,
-) -> Result<Response, crate::HubError> {
-    use axum::response::IntoResponse;
-    let now = crate::now_ms();
-    let offline_after = st.offline_after;
-    let (nodes, statuses) = st.db(|s| Ok((s.nodes()?, s.statuses(None)?))).await?;
-    let (alerts, vitals, (_, queue)) =
-        crate::alerts::mdb(&st, |m| Ok((m.alerts(false)?, m.vitals()?, m.hook_queue()?))).await?;
-    let mut f = FleetView {
-        webhook_queue: queue,
-        ..Default::default()
-    };
-    for n in nodes {
-        let online = crate::scheduler::is_online(&n, offline_after, now);
-        if let Some(v) = vitals.get(&n.name) {
-            f.vitals.insert(n.name.clone(), v.clone());
-        }
-        f.nodes.push((n.name, n.labels, online));
-    }
-    for (_, w) in statuses {
-        *f.phases.entry(w.phase.as_str().to_string()).or_default() += 1;
-    }
-    for a in alerts {
-        *f.firing.entry((a.name, a.severity)).or_default() += 1;
-    }
-    let openmetrics = headers
-        .get_all(axum::http::header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.contains("application/openmetrics-text"));
-    let (content_type, body) = if openmetrics {
+/// The `/metrics` body for a scrape that sent `accept`: OpenMetrics when the scraper accepts
+/// it, else the Prometheus text format 0.0.4. Returns (content type, body).
+pub fn exposition(f: FleetView, m: &Metrics, accept: &[&str]) -> (&'static str, String) {
+    if accept.iter().any(|v| v.contains("application/openmetrics-text")) {
         (
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            render_openmetrics(f, &st.monitor.metrics),
+            render_openmetrics(f, m),
         )
     } else {
-        (
-            "text/plain; version=0.0.4; charset=utf-8",
-            render(f, &st.monitor.metrics),
-        )
-    };
-    Ok(([(axum::http::header::CONTENT_TYPE, content_type)], body).into_response())
+        ("text/plain; version=0.0.4; charset=utf-8", render(f, m))
+    }
 }
 
 #[cfg(test)]
@@ -591,6 +586,8 @@ mod tests {
         m.webhook_retry.inc();
         m.error_lines.inc_by(3);
         m.log_requests_ok.inc();
+        m.rollout_event("WaveStarted");
+        m.rollout_event("NotAReason");
         let _poll = LongPollGuard::new(Arc::new(Metrics::default()));
         m.long_polls.inc();
         let mut f = FleetView {

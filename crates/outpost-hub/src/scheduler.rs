@@ -1,6 +1,7 @@
-//! The hub side of scheduling: turn stored nodes, objects and placements into each node's
-//! desired state. Placement itself is decided by `outpost_core::schedule`; this module only
-//! renders and diffs, as a pure function of [`ScheduleInputs`] and `now` ([`plan`]).
+//! The hub side of scheduling: turn stored nodes, objects, placements and rollouts into each
+//! node's desired state. Placement is decided by `outpost_core::schedule`, which revision each
+//! node gets by `outpost_core::waves`; this module only renders and diffs, as a pure function
+//! of [`ScheduleInputs`] and `now` ([`plan`]).
 //!
 //! Everything is recomputed on each change: fleets are small. Incremental work (re-rendering
 //! only the workloads that reference a changed object, or only one node's bundle after a join)
@@ -9,9 +10,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use outpost_api::{Kind, Object, ObjectId, UnixMs, WorkloadSpec};
+use outpost_api::{Kind, Object, ObjectId, PodTemplate, UnixMs, WorkloadSpec};
 use outpost_core::render::{render, workload_key};
 use outpost_core::schedule::{schedule, NodeView, WorkloadView};
+use outpost_core::waves::{desired_revision, prefetch};
 
 use crate::store::{NodeChange, NodeRow, Plan, ScheduleInputs};
 
@@ -30,19 +32,50 @@ pub fn status_word(online: bool) -> &'static str {
 
 /// Node selector and replica count of a workload object.
 pub fn workload_view(obj: &Object) -> Option<WorkloadView> {
-    let (selector, replicas) = match obj {
-        Object::Deployment(d) => (&d.spec.template.spec.node_selector, d.spec.replicas),
-        Object::DaemonSet(d) => (&d.spec.template.spec.node_selector, 0),
+    if let Object::AgentUpdate(u) = obj {
+        return Some(WorkloadView {
+            id: obj.id(),
+            node_selector: u.spec.node_selector.clone(),
+            affinity: None,
+            replicas: 0,
+        });
+    }
+    let replicas = match obj {
+        Object::Deployment(d) => d.spec.replicas,
+        Object::DaemonSet(_) => 0,
+        Object::Job(_) | Object::CronJob(_) => 1,
         _ => return None,
     };
+    let pod = &obj.template()?.spec;
     Some(WorkloadView {
         id: obj.id(),
-        node_selector: selector.clone(),
+        node_selector: pod.node_selector.clone(),
+        affinity: pod
+            .affinity
+            .as_ref()
+            .and_then(|a| a.node_affinity.as_ref())
+            .and_then(|n| n.required_during_scheduling_ignored_during_execution.clone()),
         replicas,
     })
 }
 
+/// A workload object at an earlier revision: its pod template replaced by that revision's.
+fn at_revision(obj: &Object, template: &PodTemplate) -> Option<Object> {
+    let mut o = obj.clone();
+    match &mut o {
+        Object::Deployment(d) => d.spec.template = template.clone(),
+        Object::DaemonSet(d) => d.spec.template = template.clone(),
+        _ => return None,
+    }
+    Some(o)
+}
+
 /// Compute placements and per-node changes. Pure.
+///
+/// Which revision of a workload each node gets is the rollout's decision
+/// (`outpost_core::waves::desired_revision`): nodes in waves not yet open keep the revision
+/// they had, rendered from its stored pod template; nodes waiting for their maintenance window
+/// get the new revision as a prefetch hint.
 pub fn plan(inputs: &ScheduleInputs, offline_after: Duration, now: UnixMs) -> Plan {
     let nodes: Vec<NodeView> = inputs
         .nodes
@@ -63,7 +96,9 @@ pub fn plan(inputs: &ScheduleInputs, offline_after: Duration, now: UnixMs) -> Pl
         .collect();
     let mut want: BTreeMap<String, BTreeMap<String, WorkloadSpec>> =
         nodes.iter().map(|n| (n.name.clone(), BTreeMap::new())).collect();
+    let mut hints: BTreeMap<String, BTreeMap<String, WorkloadSpec>> = BTreeMap::new();
     let mut out = Plan::default();
+    let empty_revs = BTreeMap::new();
     for stored in &inputs.objects {
         let id = stored.object.id();
         let Some(decision) = decisions.get(&id) else {
@@ -72,19 +107,48 @@ pub fn plan(inputs: &ScheduleInputs, offline_after: Duration, now: UnixMs) -> Pl
         if let Some(note) = &decision.note {
             out.notes.insert(id.clone(), note.clone());
         }
-        if id.kind == Kind::Deployment {
+        if !matches!(id.kind, Kind::DaemonSet | Kind::AgentUpdate) {
             out.assignments.insert(id.clone(), decision.nodes.clone());
         }
         if decision.nodes.is_empty() {
             continue;
         }
-        let Some(spec) = render(&stored.object, stored.revision, &objects) else {
+        let Some(current) = render(&stored.object, stored.revision, &objects) else {
             continue;
         };
-        debug_assert_eq!(spec.key, workload_key(&id));
+        debug_assert_eq!(current.key, workload_key(&id));
+        let rollout = inputs.rollouts.get(&current.key);
+        let mut earlier: BTreeMap<u64, WorkloadSpec> = BTreeMap::new();
         for n in &decision.nodes {
+            let held = inputs
+                .held_revisions
+                .get(n)
+                .unwrap_or(&empty_revs)
+                .get(&current.key)
+                .copied();
+            let rev = desired_revision(rollout, stored.revision, held, n);
+            let spec = if rev == stored.revision {
+                current.clone()
+            } else {
+                let rendered = earlier.entry(rev).or_insert_with(|| {
+                    inputs
+                        .templates
+                        .get(&(id.clone(), rev))
+                        .and_then(|t| at_revision(&stored.object, t))
+                        .and_then(|o| render(&o, rev, &objects))
+                        // the revision's template is gone: the current one is all there is
+                        .unwrap_or_else(|| current.clone())
+                });
+                if rollout.is_some_and(|r| r.revision == stored.revision && prefetch(r, n)) {
+                    hints
+                        .entry(n.clone())
+                        .or_default()
+                        .insert(current.key.clone(), current.clone());
+                }
+                rendered.clone()
+            };
             if let Some(bundle) = want.get_mut(n) {
-                bundle.insert(spec.key.clone(), spec.clone());
+                bundle.insert(spec.key.clone(), spec);
             }
         }
     }
@@ -92,11 +156,22 @@ pub fn plan(inputs: &ScheduleInputs, offline_after: Duration, now: UnixMs) -> Pl
     for (node, bundle) in want {
         let held = inputs.held.get(&node).unwrap_or(&empty);
         let (up, remove) = outpost_core::bundle_changes(held, &bundle);
-        if up.is_empty() && remove.is_empty() {
+        let node_hints = hints.remove(&node).unwrap_or_default();
+        let held_hints = inputs.held_prefetch.get(&node).unwrap_or(&empty);
+        let hints_changed =
+            held_hints.len() != node_hints.len() || node_hints.iter().any(|(k, s)| held_hints.get(k) != Some(&s.hash));
+        if up.is_empty() && remove.is_empty() && !hints_changed {
             continue;
         }
         let upsert = up.iter().filter_map(|k| bundle.get(k).cloned()).collect();
-        out.changes.insert(node, NodeChange { upsert, remove });
+        out.changes.insert(
+            node,
+            NodeChange {
+                upsert,
+                remove,
+                prefetch: hints_changed.then(|| node_hints.into_values().collect()),
+            },
+        );
     }
     out
 }

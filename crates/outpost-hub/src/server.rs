@@ -18,13 +18,14 @@
 //!   for the next one on a kept-alive connection) must arrive within `idle_timeout`;
 //! - failed `accept` calls are logged at most every 10 s, with how many were not logged.
 //!
+//! The extractors live in `crate::extract`, the handlers in `crate::api` and `crate::images`.
+//!
 //! An error answer sent before the request body was read (a wrong token on a large apply) would
 //! end the HTTP/2 stream with a reset that several clients report as a stream error instead of
 //! the answer; [`DrainOnDrop`] reads the rest of such a body (up to 16 MiB and 10 s) before the
 //! stream ends, so the client gets the `ApiError`.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -32,18 +33,15 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
-use axum::http::header::AUTHORIZATION;
-use axum::http::request::Parts;
+use axum::extract::{DefaultBodyLimit, Request};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use hyper::body::{Body as _, Bytes, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use outpost_api::{UnixMs, PROTOCOL_HEADER, PROTOCOL_VERSION};
+use outpost_api::{PROTOCOL_HEADER, PROTOCOL_VERSION};
 use outpost_core::link::{self, Admit, Candidate, ConnLimits};
-use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
@@ -52,90 +50,10 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use crate::error::HubError;
-use crate::state::{sha256, HubState};
+use crate::service::Service;
 use crate::{api, images};
 
-/// Largest request body (JSON routes; image uploads are streamed and unlimited).
-pub const BODY_LIMIT: usize = 16 << 20;
-
-/// Who is on the other end of the connection: the SHA-256 of the client certificate, if one
-/// was presented (it chains to the hub CA; whether the hub knows it is checked per route), and
-/// when that certificate expires (the TLS layer lets expired ones through for renewal).
-#[derive(Clone, Debug, Default)]
-pub struct Peer {
-    pub cert_fp: Option<String>,
-    /// `notAfter` of the client certificate, Unix ms.
-    pub cert_not_after: Option<UnixMs>,
-}
-
-impl Peer {
-    /// How long ago the client certificate expired, if it has at `now`.
-    pub fn expired_for(&self, now: UnixMs) -> Option<i64> {
-        self.cert_not_after.filter(|na| now > *na).map(|na| now - na)
-    }
-}
-
-impl<S: Send + Sync> FromRequestParts<S> for Peer {
-    type Rejection = Infallible;
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
-        Ok(parts.extensions.get::<Peer>().cloned().unwrap_or_default())
-    }
-}
-
-/// Proof that the request carries the admin token.
-pub struct Admin;
-
-impl FromRequestParts<Arc<HubState>> for Admin {
-    type Rejection = HubError;
-    async fn from_request_parts(parts: &mut Parts, st: &Arc<HubState>) -> Result<Self, HubError> {
-        let given = parts
-            .headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        // Comparing digests keeps the comparison independent of where the strings differ.
-        match given {
-            Some(t) if sha256(t) == st.admin_token_sha256 => Ok(Admin),
-            _ => Err(HubError::Unauthorized),
-        }
-    }
-}
-
-/// `axum::Json` whose rejection is a [`HubError`] (so it gets an `ApiError` body).
-pub struct ApiJson<T>(pub T);
-
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
-    type Rejection = HubError;
-    async fn from_request(req: Request, st: &S) -> Result<Self, HubError> {
-        match axum::Json::<T>::from_request(req, st).await {
-            Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(e) => Err(match e.status() {
-                axum::http::StatusCode::PAYLOAD_TOO_LARGE => HubError::PayloadTooLarge { limit: BODY_LIMIT },
-                axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE => HubError::BadRequest(
-                    "the request body must be JSON: send `Content-Type: application/json`".into(),
-                ),
-                _ => HubError::BadRequest(format!(
-                    "the request body is not what this route expects ({}); check that client and hub are the same release",
-                    e.body_text()
-                )),
-            }),
-        }
-    }
-}
-
-/// `axum::extract::Query` whose rejection is a [`HubError`].
-pub struct ApiQuery<T>(pub T);
-
-impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
-    type Rejection = HubError;
-    async fn from_request_parts(parts: &mut Parts, st: &S) -> Result<Self, HubError> {
-        match axum::extract::Query::<T>::from_request_parts(parts, st).await {
-            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
-            Err(e) => Err(HubError::BadRequest(format!("invalid query string: {}", e.body_text()))),
-        }
-    }
-}
+pub use crate::extract::{Peer, BODY_LIMIT};
 
 async fn check_protocol(req: Request, next: Next) -> Response {
     if let Some(v) = req.headers().get(PROTOCOL_HEADER) {
@@ -163,7 +81,7 @@ async fn wrong_method(req: Request) -> HubError {
 }
 
 /// The route table of docs/protocol.md.
-pub fn router(state: Arc<HubState>) -> Router {
+pub fn router(svc: Arc<Service>) -> Router {
     Router::new()
         .route("/v1/openapi.yaml", get(crate::openapi::spec))
         .route("/v1/ca", get(api::ca))
@@ -172,16 +90,16 @@ pub fn router(state: Arc<HubState>) -> Router {
         .route("/v1/nodes/{node}/status", post(api::status))
         .route("/v1/nodes/{node}/renew", post(api::renew))
         // monitoring, alerts and logs (docs/alerts.md)
-        .route("/v1/nodes/{node}/errors", post(crate::logs::node_errors))
-        .route("/v1/nodes/{node}/logs/{id}", post(crate::logs::node_logs))
-        .route("/v1/logs", get(crate::logs::get_logs))
-        .route("/v1/errors", get(crate::logs::get_errors))
-        .route("/v1/alerts", get(crate::alerts::get_alerts))
+        .route("/v1/nodes/{node}/errors", post(api::node_errors))
+        .route("/v1/nodes/{node}/logs/{id}", post(api::node_logs))
+        .route("/v1/logs", get(api::logs))
+        .route("/v1/errors", get(api::errors))
+        .route("/v1/alerts", get(api::alerts))
         // edge data pipeline (docs/pipeline.md)
-        .route("/v1/nodes/{node}/data", post(crate::data::node_data))
-        .route("/v1/data", get(crate::data::get_data))
-        .route("/v1/pipelines", get(crate::data::get_pipelines))
-        .route("/metrics", get(crate::metrics::metrics))
+        .route("/v1/nodes/{node}/data", post(api::node_data))
+        .route("/v1/data", get(api::data))
+        .route("/v1/pipelines", get(api::pipelines))
+        .route("/metrics", get(api::metrics))
         .route("/v1/tokens", post(api::create_token))
         .route("/v1/apply", post(api::apply))
         .route("/v1/delete", post(api::delete))
@@ -191,6 +109,12 @@ pub fn router(state: Arc<HubState>) -> Router {
         )
         .route("/v1/objects/{kind}/{namespace}/{name}/revisions", get(api::revisions))
         .route("/v1/objects/{kind}/{namespace}/{name}/undo", post(api::undo))
+        .route("/v1/objects/{kind}/{namespace}/{name}/rollout", get(api::rollout))
+        .route(
+            "/v1/objects/{kind}/{namespace}/{name}/rollout/{action}",
+            post(api::rollout_action),
+        )
+        .route("/v1/rollouts", get(api::rollouts))
         .route(
             "/v1/images/blobs/{digest}",
             get(images::get_blob)
@@ -205,9 +129,12 @@ pub fn router(state: Arc<HubState>) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(middleware::from_fn(check_protocol))
-        .layer(middleware::from_fn_with_state(state.clone(), crate::metrics::track))
+        .layer(middleware::from_fn_with_state(
+            svc.metrics.clone(),
+            crate::metrics::track,
+        ))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .with_state(state)
+        .with_state(svc)
 }
 
 /// How the hub serves connections; see the module docs.

@@ -23,16 +23,16 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use outpost_api::{
-    ApplyResult, ImageTag, Kind, Labels, NodeEvent, Object, ObjectId, StatusReport, SyncResponse, UnixMs, WorkloadSpec,
-    WorkloadStatus,
+    ApplyResult, ImageTag, Kind, Labels, NodeEvent, Object, ObjectId, PodTemplate, StatusReport, SyncResponse, UnixMs,
+    WorkloadSpec, WorkloadStatus,
 };
+use outpost_core::waves::Rollout;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
-
-use crate::error::TokenProblem;
 
 /// Current schema version, kept in `meta.schema_version`. 2: token `node_labels`, two-phase
 /// renewal (`nodes.next_cert_fp`), `kubernetes.io/hostname` forced to the node's name.
-pub const SCHEMA_VERSION: i64 = 2;
+/// 3: fleet rollouts (`rollouts`, `node_prefetch`, `node_workloads.revision`).
+pub const SCHEMA_VERSION: i64 = 3;
 /// Events kept per node (older ones are pruned when new ones arrive).
 pub const EVENTS_KEPT: i64 = 1000;
 
@@ -57,6 +57,23 @@ pub enum StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Why a join token was refused. Decided by [`check_token`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenProblem {
+    /// No such token, or the secret does not match (not told apart, on purpose).
+    Unknown {
+        id: String,
+    },
+    Expired {
+        id: String,
+        ago_ms: i64,
+    },
+    UsedUp {
+        id: String,
+        used: u64,
+    },
+}
 
 /// A join token as stored (the secret only as its SHA-256).
 #[derive(Clone, Debug, PartialEq)]
@@ -166,6 +183,14 @@ pub struct ScheduleInputs {
     pub assignments: BTreeMap<ObjectId, BTreeSet<String>>,
     /// node -> key -> hash of what each node currently holds.
     pub held: BTreeMap<String, BTreeMap<String, String>>,
+    /// node -> key -> revision of what each node currently holds.
+    pub held_revisions: BTreeMap<String, BTreeMap<String, u64>>,
+    /// node -> key -> hash of the prefetch hints each node holds.
+    pub held_prefetch: BTreeMap<String, BTreeMap<String, String>>,
+    /// Workload key -> its current (or last) rollout.
+    pub rollouts: BTreeMap<String, Rollout>,
+    /// Pod templates of earlier revisions that nodes hold or may go back to.
+    pub templates: BTreeMap<(ObjectId, u64), PodTemplate>,
 }
 
 /// Changes to one node's desired state.
@@ -173,6 +198,8 @@ pub struct ScheduleInputs {
 pub struct NodeChange {
     pub upsert: Vec<WorkloadSpec>,
     pub remove: Vec<String>,
+    /// The node's new prefetch hints (all of them), when they changed.
+    pub prefetch: Option<Vec<WorkloadSpec>>,
 }
 
 /// What the scheduler writes.
@@ -250,6 +277,13 @@ pub trait Store: Send + Sync + 'static {
     fn commit_plan(&self, plan: &Plan) -> Result<BTreeMap<String, u64>>;
     /// Every node's desired rows.
     fn desired(&self) -> Result<Vec<DesiredRow>>;
+    /// The prefetch hints a node holds (images to fetch before its maintenance window).
+    fn prefetch(&self, node: &str) -> Result<Vec<WorkloadSpec>>;
+    /// A workload's current (or last) rollout.
+    fn rollout(&self, workload: &str) -> Result<Option<Rollout>>;
+    fn rollouts(&self) -> Result<Vec<Rollout>>;
+    /// Store a rollout (one per workload: a new one replaces the old).
+    fn put_rollout(&self, r: &Rollout) -> Result<()>;
 }
 
 /// [`Store`] on one SQLite file (WAL, synchronous=FULL) behind a mutex.
@@ -287,7 +321,11 @@ CREATE TABLE IF NOT EXISTS assignments (
     PRIMARY KEY (kind, namespace, name, node));
 CREATE TABLE IF NOT EXISTS node_workloads (
     node TEXT NOT NULL, key TEXT NOT NULL, spec TEXT NOT NULL, hash TEXT NOT NULL,
-    changed_gen INTEGER NOT NULL, PRIMARY KEY (node, key));
+    changed_gen INTEGER NOT NULL, revision INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (node, key));
+CREATE TABLE IF NOT EXISTS node_prefetch (
+    node TEXT NOT NULL, key TEXT NOT NULL, spec TEXT NOT NULL, hash TEXT NOT NULL, PRIMARY KEY (node, key));
+CREATE TABLE IF NOT EXISTS rollouts (
+    workload TEXT PRIMARY KEY, revision INTEGER NOT NULL, state TEXT NOT NULL, updated_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS node_tombstones (
     node TEXT NOT NULL, key TEXT NOT NULL, gen INTEGER NOT NULL, PRIMARY KEY (node, key));
 CREATE TABLE IF NOT EXISTS workload_status (
@@ -392,6 +430,12 @@ fn decode_object(kind: Kind, manifest: &str) -> Result<Object> {
         Kind::Secret => Object::Secret(serde_json::from_str(manifest)?),
         Kind::Service => Object::Service(serde_json::from_str(manifest)?),
         Kind::AlertPolicy => Object::AlertPolicy(serde_json::from_str(manifest)?),
+        Kind::Job => Object::Job(serde_json::from_str(manifest)?),
+        Kind::CronJob => Object::CronJob(serde_json::from_str(manifest)?),
+        Kind::PersistentVolumeClaim => Object::PersistentVolumeClaim(serde_json::from_str(manifest)?),
+        Kind::Namespace => Object::Namespace(serde_json::from_str(manifest)?),
+        Kind::AgentUpdate => Object::AgentUpdate(serde_json::from_str(manifest)?),
+        Kind::RolloutPolicy => Object::RolloutPolicy(serde_json::from_str(manifest)?),
         Kind::Pipeline => Object::Pipeline(serde_json::from_str(manifest)?),
     })
 }
@@ -515,6 +559,13 @@ fn migrate(conn: &mut Connection, from: i64) -> Result<()> {
         // The hub owns kubernetes.io/hostname: undo any a node set for itself.
         tx.execute(
             "UPDATE nodes SET labels = json_set(labels, '$.\"kubernetes.io/hostname\"', name)",
+            [],
+        )?;
+    }
+    if from < 3 {
+        add_column(&tx, "node_workloads", "revision", "INTEGER NOT NULL DEFAULT 0")?;
+        tx.execute(
+            "UPDATE node_workloads SET revision = COALESCE(json_extract(spec, '$.revision'), 0) WHERE revision = 0",
             [],
         )?;
     }
@@ -707,6 +758,7 @@ impl Store for SqliteStore {
             "assignments",
             "node_workloads",
             "node_tombstones",
+            "node_prefetch",
             "workload_status",
             "events",
         ] {
@@ -922,6 +974,12 @@ impl Store for SqliteStore {
                 "DELETE FROM revisions WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
                 p,
             )?;
+            if id.kind.is_workload() {
+                tx.execute(
+                    "DELETE FROM rollouts WHERE workload = ?1",
+                    params![outpost_core::render::workload_key(id)],
+                )?;
+            }
             if n > 0 {
                 deleted.push(id.clone());
             } else {
@@ -1010,15 +1068,70 @@ impl Store for SqliteStore {
             }
         }
         let mut held: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        let mut held_revisions: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
         {
-            let mut st = conn.prepare("SELECT node, key, hash FROM node_workloads")?;
+            let mut st = conn.prepare("SELECT node, key, hash, revision FROM node_workloads")?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            for (node, key, hash, rev) in rows {
+                held.entry(node.clone()).or_default().insert(key.clone(), hash);
+                held_revisions.entry(node).or_default().insert(key, u(rev));
+            }
+        }
+        let mut held_prefetch: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        {
+            let mut st = conn.prepare("SELECT node, key, hash FROM node_prefetch")?;
             let rows = st
                 .query_map([], |r| {
                     Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             for (node, key, hash) in rows {
-                held.entry(node).or_default().insert(key, hash);
+                held_prefetch.entry(node).or_default().insert(key, hash);
+            }
+        }
+        let rollouts: BTreeMap<String, Rollout> = rollout_rows(&conn)?
+            .into_iter()
+            .map(|r| (r.workload.clone(), r))
+            .collect();
+        // Templates of earlier revisions: those nodes hold, and those rollouts go back to.
+        let mut wanted: BTreeSet<(ObjectId, u64)> = BTreeSet::new();
+        for o in objects.iter().filter(|o| o.object.kind().is_workload()) {
+            let id = o.object.id();
+            let key = outpost_core::render::workload_key(&id);
+            for revs in held_revisions.values() {
+                if let Some(r) = revs.get(&key).filter(|r| **r != o.revision) {
+                    wanted.insert((id.clone(), *r));
+                }
+            }
+            if let Some(ro) = rollouts.get(&key) {
+                for r in ro.from.values().chain(ro.previous.iter()) {
+                    if *r != o.revision {
+                        wanted.insert((id.clone(), *r));
+                    }
+                }
+            }
+        }
+        let mut templates = BTreeMap::new();
+        {
+            let mut st = conn.prepare(
+                "SELECT template FROM revisions WHERE kind = ?1 AND namespace = ?2 AND name = ?3 AND revision = ?4",
+            )?;
+            for (id, rev) in wanted {
+                let t: Option<String> = st
+                    .query_row(params![id.kind.as_str(), id.namespace, id.name, i(rev)], |r| r.get(0))
+                    .optional()?;
+                if let Some(t) = t {
+                    templates.insert((id, rev), serde_json::from_str(&t)?);
+                }
             }
         }
         Ok(ScheduleInputs {
@@ -1026,6 +1139,10 @@ impl Store for SqliteStore {
             objects,
             assignments,
             held,
+            held_revisions,
+            held_prefetch,
+            rollouts,
+            templates,
         })
     }
 
@@ -1043,16 +1160,25 @@ impl Store for SqliteStore {
         }
         let mut bumped = BTreeMap::new();
         for (node, change) in &plan.changes {
-            if change.upsert.is_empty() && change.remove.is_empty() {
+            if change.upsert.is_empty() && change.remove.is_empty() && change.prefetch.is_none() {
                 continue;
             }
             let gen = next_gen(&tx)?;
+            if let Some(hints) = &change.prefetch {
+                tx.execute("DELETE FROM node_prefetch WHERE node = ?1", params![node])?;
+                for spec in hints {
+                    tx.execute(
+                        "INSERT INTO node_prefetch (node, key, spec, hash) VALUES (?1, ?2, ?3, ?4)",
+                        params![node, spec.key, serde_json::to_string(spec)?, spec.hash],
+                    )?;
+                }
+            }
             for spec in &change.upsert {
                 tx.execute(
-                    "INSERT INTO node_workloads (node, key, spec, hash, changed_gen) VALUES (?1, ?2, ?3, ?4, ?5)
+                    "INSERT INTO node_workloads (node, key, spec, hash, changed_gen, revision) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                      ON CONFLICT(node, key) DO UPDATE SET spec = excluded.spec, hash = excluded.hash,
-                        changed_gen = excluded.changed_gen",
-                    params![node, spec.key, serde_json::to_string(spec)?, spec.hash, i(gen)],
+                        changed_gen = excluded.changed_gen, revision = excluded.revision",
+                    params![node, spec.key, serde_json::to_string(spec)?, spec.hash, i(gen), i(spec.revision)],
                 )?;
                 tx.execute(
                     "DELETE FROM node_tombstones WHERE node = ?1 AND key = ?2",
@@ -1082,29 +1208,62 @@ impl Store for SqliteStore {
 
     fn desired(&self) -> Result<Vec<DesiredRow>> {
         let conn = self.conn()?;
-        let mut st = conn.prepare("SELECT node, key, hash, spec FROM node_workloads ORDER BY key, node")?;
+        let mut st = conn.prepare("SELECT node, key, hash, revision FROM node_workloads ORDER BY key, node")?;
         let rows = st
             .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                ))
+                Ok(DesiredRow {
+                    node: r.get(0)?,
+                    key: r.get(1)?,
+                    hash: r.get(2)?,
+                    revision: u(r.get(3)?),
+                })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        rows.into_iter()
-            .map(|(node, key, hash, spec)| {
-                let spec: WorkloadSpec = serde_json::from_str(&spec)?;
-                Ok(DesiredRow {
-                    node,
-                    key,
-                    hash,
-                    revision: spec.revision,
-                })
-            })
-            .collect()
+        Ok(rows)
     }
+
+    fn prefetch(&self, node: &str) -> Result<Vec<WorkloadSpec>> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare("SELECT spec FROM node_prefetch WHERE node = ?1 ORDER BY key")?;
+        let rows = st
+            .query_map(params![node], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.iter().map(|s| Ok(serde_json::from_str(s)?)).collect()
+    }
+
+    fn rollout(&self, workload: &str) -> Result<Option<Rollout>> {
+        let conn = self.conn()?;
+        let s: Option<String> = conn
+            .query_row(
+                "SELECT state FROM rollouts WHERE workload = ?1",
+                params![workload],
+                |r| r.get(0),
+            )
+            .optional()?;
+        s.map(|s| Ok(serde_json::from_str(&s)?)).transpose()
+    }
+
+    fn rollouts(&self) -> Result<Vec<Rollout>> {
+        rollout_rows(&*self.conn()?)
+    }
+
+    fn put_rollout(&self, r: &Rollout) -> Result<()> {
+        self.conn()?.execute(
+            "INSERT INTO rollouts (workload, revision, state, updated_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(workload) DO UPDATE SET revision = excluded.revision, state = excluded.state,
+                updated_at = excluded.updated_at",
+            params![r.workload, i(r.revision), serde_json::to_string(r)?, r.updated_at],
+        )?;
+        Ok(())
+    }
+}
+
+fn rollout_rows(conn: &Connection) -> Result<Vec<Rollout>> {
+    let mut st = conn.prepare("SELECT state FROM rollouts ORDER BY workload")?;
+    let rows = st
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.iter().map(|s| Ok(serde_json::from_str(s)?)).collect()
 }
 
 fn token_row(conn: &Connection, id: &str) -> Result<Option<TokenRow>> {
@@ -1194,6 +1353,10 @@ mod tests {
             volumes: vec![],
             min_ready_seconds: 0,
             progress_deadline_seconds: 600,
+            host_network: false,
+            host_pid: false,
+            job: None,
+            agent_update: None,
         }
     }
 
@@ -1201,6 +1364,7 @@ mod tests {
         let c = NodeChange {
             upsert: upsert.iter().map(|(k, h)| spec(k, h)).collect(),
             remove: remove.iter().map(|s| s.to_string()).collect(),
+            prefetch: None,
         };
         Plan {
             changes: [(node.to_string(), c)].into(),

@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use outpost_api::checks::{host_path_mounts, normalize_path};
 use outpost_api::{parse_file, ManifestError, ManifestFile, Object, ObjectId, Warning};
-use outpost_core::render::{missing_references, references};
+use outpost_core::render::{gate_timing, missing_references, references};
 
 use crate::error::HubError;
 
@@ -46,6 +46,9 @@ pub struct HostPathPolicy {
     pub mode: HostPathMode,
     /// Normalized absolute prefixes (`/srv/data`).
     pub allow: Vec<String>,
+    /// `outpost hub --privileged deny`: refuse privileged containers, added capabilities,
+    /// hostNetwork and hostPID (`outpost_api::checks::privileges`).
+    pub deny_privileged: bool,
 }
 
 impl HostPathPolicy {
@@ -60,7 +63,21 @@ impl HostPathPolicy {
             }
             out.push(normalize_path(p));
         }
-        Ok(Self { mode, allow: out })
+        Ok(Self {
+            mode,
+            allow: out,
+            deny_privileged: false,
+        })
+    }
+
+    /// The same policy with `--privileged allow|deny`.
+    pub fn with_privileged(mut self, mode: &str) -> Result<Self, String> {
+        self.deny_privileged = match mode {
+            "allow" => false,
+            "deny" => true,
+            other => return Err(format!("--privileged {other:?}: use allow or deny")),
+        };
+        Ok(self)
     }
 
     fn allowed(&self, path: &str) -> bool {
@@ -73,10 +90,26 @@ impl HostPathPolicy {
     /// Errors for every host path of `obj` (from `document`) this policy refuses.
     pub fn check(&self, document: &str, obj: &Object) -> Vec<ManifestError> {
         let Some(t) = obj.template() else { return Vec::new() };
-        if self.mode == HostPathMode::Warn {
-            return Vec::new();
+        let at = match obj {
+            Object::CronJob(_) => "spec.jobTemplate.spec.template.spec",
+            _ => "spec.template.spec",
+        };
+        let mut refused: Vec<ManifestError> = Vec::new();
+        if self.deny_privileged {
+            for (field, what) in outpost_api::checks::privileges(at, &t.spec) {
+                refused.push(ManifestError {
+                    document: document.to_string(),
+                    field,
+                    reason: format!(
+                        "refused by this hub's policy (outpost hub --privileged deny): the workload {what}; \
+                         remove the field, or ask the hub's operator to allow privileged workloads"
+                    ),
+                });
+            }
         }
-        let at = "spec.template.spec";
+        if self.mode == HostPathMode::Warn {
+            return refused;
+        }
         let err = |field: String, reason: String| ManifestError {
             document: document.to_string(),
             field,
@@ -120,20 +153,29 @@ impl HostPathPolicy {
                 }
             }
         }
-        errors
+        refused.extend(errors);
+        refused
     }
 }
 
 /// Parse every file, collecting every error from every file. Objects get their namespace set
 /// explicitly ("default" when absent). An object named twice in the batch is an error.
 pub fn parse_batch(files: &[ManifestFile]) -> Result<(Vec<Object>, Vec<Warning>), Vec<ManifestError>> {
-    parse_apply_batch(files, &HostPathPolicy::default())
+    parse_files(files, None)
 }
 
-/// [`parse_batch`] for an apply: every workload must also pass the hub's host-path policy.
+/// [`parse_batch`] for an apply: every workload must also pass the hub's host-path policy, and
+/// its update gate must be passable (`outpost_core::render::gate_timing`).
 pub fn parse_apply_batch(
     files: &[ManifestFile],
     host_paths: &HostPathPolicy,
+) -> Result<(Vec<Object>, Vec<Warning>), Vec<ManifestError>> {
+    parse_files(files, Some(host_paths))
+}
+
+fn parse_files(
+    files: &[ManifestFile],
+    apply: Option<&HostPathPolicy>,
 ) -> Result<(Vec<Object>, Vec<Warning>), Vec<ManifestError>> {
     let mut objects = Vec::new();
     let mut warnings = Vec::new();
@@ -144,7 +186,28 @@ pub fn parse_apply_batch(
             Ok(parsed) => {
                 warnings.extend(parsed.warnings);
                 for (obj, document) in parsed.objects.iter().zip(&parsed.documents) {
+                    let Some(host_paths) = apply else { break };
                     errors.extend(host_paths.check(document, obj));
+                    if let Object::RolloutPolicy(p) = obj {
+                        if let Some(tz) = &p.spec.timezone {
+                            if let Err(e) = jiff::tz::TimeZone::get(tz) {
+                                errors.push(ManifestError {
+                                    document: document.clone(),
+                                    field: "spec.timezone".into(),
+                                    reason: format!(
+                                        "{tz:?} is not a time zone this hub knows ({e}); use an IANA name like Europe/Berlin or UTC"
+                                    ),
+                                });
+                            }
+                        }
+                    }
+                    if let Err(e) = gate_timing(obj) {
+                        errors.push(ManifestError {
+                            document: document.clone(),
+                            field: e.field.into(),
+                            reason: e.reason,
+                        });
+                    }
                 }
                 for mut obj in parsed.objects {
                     let ns = obj.meta().ns().to_string();

@@ -9,14 +9,12 @@
 //! evaluation (delivery runs in its own task).
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 use outpost_core::retry;
-use tokio::sync::watch;
 
-use crate::alerts::{mdb, QueuedHook};
-use crate::state::HubState;
+use crate::monitor::QueuedHook;
+use crate::service::Service;
 
 /// An HTTP client for webhooks: public roots (webpki-roots) for https, ring provider.
 pub fn client() -> reqwest::Client {
@@ -36,7 +34,7 @@ pub fn client() -> reqwest::Client {
 }
 
 /// The delivery policy for this hub's configuration.
-pub fn policy(cfg: &crate::alerts::MonitorConfig) -> retry::Policy {
+pub fn policy(cfg: &crate::monitor::MonitorConfig) -> retry::Policy {
     retry::Policy {
         give_up_after_ms: Some(cfg.give_up_after.as_millis() as i64),
         ..retry::webhook(cfg.retry_max.as_millis() as u64)
@@ -58,54 +56,44 @@ async fn deliver(http: &reqwest::Client, h: &QueuedHook) -> Result<(), String> {
     }
 }
 
-/// Deliver due notifications until shutdown.
-pub async fn sender_loop(st: Arc<HubState>, mut shutdown: watch::Receiver<bool>) {
-    let http = client();
-    let m = st.monitor.clone();
-    loop {
-        let now = crate::now_ms();
-        let due = mdb(&st, move |m| m.due_hooks(now, 50)).await.unwrap_or_default();
-        // One failure holds back later notifications to the same URL this round (order).
-        let mut failed: BTreeSet<String> = BTreeSet::new();
-        for h in due {
-            if failed.contains(&h.url) {
-                continue;
-            }
-            let id = h.id;
-            let result = deliver(&http, &h).await;
-            let next = result
-                .as_ref()
-                .err()
-                .map(|_| policy(&m.cfg).next(h.attempts, h.created_at, now, rand::random()));
-            match (result, next) {
-                (Ok(()), _) => {
-                    m.metrics.webhook_ok.inc();
-                    tracing::debug!(url = %h.url, attempts = h.attempts + 1, "webhook delivered");
-                    let _ = mdb(&st, move |m| m.hook_done(id)).await;
-                }
-                (Err(e), Some(retry::Next::GiveUp) | None) => {
-                    m.metrics.webhook_dropped.inc();
-                    tracing::error!(url = %h.url, attempts = h.attempts + 1, error = %e, "webhook undeliverable; giving up on this notification");
-                    let _ = mdb(&st, move |m| m.hook_done(id)).await;
-                }
-                (Err(e), Some(retry::Next::RetryIn(ms))) => {
-                    m.metrics.webhook_retry.inc();
-                    let d = Duration::from_millis(ms);
-                    tracing::warn!(url = %h.url, attempts = h.attempts + 1, retry_in = ?d, error = %e, "webhook failed; will retry");
-                    failed.insert(h.url.clone());
-                    let (a, next, url) = (h.attempts + 1, now + ms as i64, h.url.clone());
-                    let _ = mdb(&st, move |m| m.hook_retry(id, &url, a, next)).await;
-                }
-            }
+/// One round: deliver what is due (in order per URL); returns when to look again.
+pub async fn deliver_due(svc: &Service, http: &reqwest::Client, now: outpost_api::UnixMs) -> Duration {
+    let due = svc.mdb(move |m| m.due_hooks(now, 50)).await.unwrap_or_default();
+    // One failure holds back later notifications to the same URL this round (order).
+    let mut failed: BTreeSet<String> = BTreeSet::new();
+    for h in due {
+        if failed.contains(&h.url) {
+            continue;
         }
-        let next = mdb(&st, |m| m.hook_queue()).await.ok().and_then(|(n, _)| n);
-        let sleep = next.map_or(Duration::from_secs(60), |t| {
-            Duration::from_millis((t - crate::now_ms()).clamp(20, 60_000) as u64)
-        });
-        tokio::select! {
-            _ = m.webhook_wake.notified() => {}
-            _ = tokio::time::sleep(sleep) => {}
-            _ = shutdown.changed() => return,
+        let id = h.id;
+        let result = deliver(http, &h).await;
+        let next = result
+            .as_ref()
+            .err()
+            .map(|_| policy(&svc.settings.monitor).next(h.attempts, h.created_at, now, rand::random()));
+        match (result, next) {
+            (Ok(()), _) => {
+                svc.metrics.webhook_ok.inc();
+                tracing::debug!(url = %h.url, attempts = h.attempts + 1, "webhook delivered");
+                let _ = svc.mdb(move |m| m.hook_done(id)).await;
+            }
+            (Err(e), Some(retry::Next::GiveUp) | None) => {
+                svc.metrics.webhook_dropped.inc();
+                tracing::error!(url = %h.url, attempts = h.attempts + 1, error = %e, "webhook undeliverable; giving up on this notification");
+                let _ = svc.mdb(move |m| m.hook_done(id)).await;
+            }
+            (Err(e), Some(retry::Next::RetryIn(ms))) => {
+                svc.metrics.webhook_retry.inc();
+                let d = Duration::from_millis(ms);
+                tracing::warn!(url = %h.url, attempts = h.attempts + 1, retry_in = ?d, error = %e, "webhook failed; will retry");
+                failed.insert(h.url.clone());
+                let (a, next, url) = (h.attempts + 1, now + ms as i64, h.url.clone());
+                let _ = svc.mdb(move |m| m.hook_retry(id, &url, a, next)).await;
+            }
         }
     }
+    let next = svc.mdb(|m| m.hook_queue()).await.ok().and_then(|(n, _)| n);
+    next.map_or(Duration::from_secs(60), |t| {
+        Duration::from_millis((t - crate::now_ms()).clamp(20, 60_000) as u64)
+    })
 }

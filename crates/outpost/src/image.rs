@@ -83,3 +83,29 @@ pub async fn list(c: &Client) -> Result<()> {
     print!("{}", table(&["IMAGE", "DIGEST", "SIZE", "AGE"], &rows));
     Ok(())
 }
+
+/// `outpost agent publish FILE`: upload an agent binary as a blob (by content, once) and print
+/// the AgentUpdate manifest that rolls it out.
+pub async fn publish_binary(c: &Client, file: &std::path::Path, version: Option<&str>) -> Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    if !bytes.starts_with(b"\x7fELF") && !bytes.starts_with(b"#!") {
+        bail!(
+            "{} is not an executable (no ELF header); publish the outpost binary built for the boxes",
+            file.display()
+        );
+    }
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+    let blob = format!("/v1/images/blobs/{digest}");
+    let size = bytes.len() as u64;
+    if c.exists(&blob).await? {
+        eprintln!("the hub already has {digest}");
+    } else {
+        eprintln!("uploading {size} bytes ({digest})");
+        c.put_stream(&blob, reqwest::Body::from(bytes), size).await?;
+    }
+    println!(
+        "apiVersion: outpost.dev/v1\nkind: AgentUpdate\nmetadata: {{name: agent}}\nspec:\n  digest: {digest}\n{}  nodeSelector: {{}}\n  healthDeadlineSeconds: 120",
+        version.map(|v| format!("  version: {v:?}\n")).unwrap_or_default()
+    );
+    Ok(())
+}

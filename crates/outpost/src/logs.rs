@@ -178,7 +178,11 @@ pub async fn get_alerts(c: &Client, f: Format) -> Result<()> {
                         },
                         a.severity.clone(),
                         a.name.clone(),
-                        a.node.clone(),
+                        if a.node.is_empty() {
+                            "(fleet)".into()
+                        } else {
+                            a.node.clone()
+                        },
                         if a.subject.is_empty() {
                             "-".into()
                         } else {

@@ -6,6 +6,7 @@ mod client;
 mod data;
 mod demo;
 mod image;
+mod install;
 mod logs;
 mod output;
 
@@ -48,9 +49,9 @@ enum Cmd {
     },
     /// Delete objects named in files, or one object by kind and name.
     Delete(DeleteArgs),
-    /// List nodes, deployments, daemonsets or workloads.
+    /// List nodes, deployments, daemonsets, workloads, rollouts, pipelines or alerts.
     Get {
-        /// nodes | deployments | daemonsets | workloads
+        /// nodes | deployments | daemonsets | workloads | rollouts | pipelines | alerts
         what: String,
         #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
         output: Format,
@@ -68,7 +69,7 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ImageCmd,
     },
-    /// Revision history, undo, and per-node progress of workload updates.
+    /// Fleet rollouts: status (waves, nodes, reasons), pause, resume, abort, undo, history.
     Rollout {
         #[command(subcommand)]
         cmd: RolloutCmd,
@@ -107,20 +108,39 @@ enum ImageCmd {
 enum RolloutCmd {
     /// List a workload's revisions.
     History(RolloutTarget),
-    /// Go back to the previous revision (or --to-revision N): it becomes a new revision.
+    /// Roll back. During a rollout: every updated node returns to its previous revision (nodes
+    /// not yet updated are untouched). After it, or with --to-revision N: that revision's
+    /// template (the previous one by default) becomes a new revision, sent to every node in
+    /// one wave.
     Undo {
         #[command(flatten)]
         target: RolloutTarget,
         #[arg(long)]
         to_revision: Option<u64>,
     },
-    /// Per-node progress of the current revision: running, gated, rolled back, and why.
-    Status(RolloutTarget),
+    /// The rollout of the current revision: waves, node counts per state, per-node reasons.
+    Status {
+        #[command(flatten)]
+        target: RolloutTarget,
+        /// Watch until the rollout ends (progress bars on a terminal; with -o json, one JSON
+        /// object per line on each change). Exits 1 if it Failed, was rolled back or aborted.
+        #[arg(short = 'w', long)]
+        watch: bool,
+        #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Stop opening waves: no further node gets the revision until `resume`.
+    Pause(RolloutTarget),
+    /// Go on with a paused rollout (after the failure threshold paused it, the failures so
+    /// far are accepted).
+    Resume(RolloutTarget),
+    /// Stop for good: updated nodes keep the revision, the others keep theirs.
+    Abort(RolloutTarget),
 }
 
 #[derive(Args)]
 struct RolloutTarget {
-    /// deployment | daemonset (may be omitted for `status`: deployments are tried first)
+    /// deployment | daemonset, or the workload's name alone (deployments are tried first)
     kind: String,
     name: Option<String>,
     #[arg(short = 'n', long, default_value = "default")]
@@ -162,6 +182,10 @@ struct HubArgs {
     /// with prefixes is a strict allow-list.
     #[arg(long = "host-path-allow", value_name = "PREFIX")]
     host_path_allow: Vec<String>,
+    /// Privileged workloads (privileged containers, added capabilities, hostNetwork, hostPID):
+    /// allow, or deny them at apply.
+    #[arg(long, default_value = "allow", value_parser = clap::builder::PossibleValuesParser::new(["allow", "deny"]))]
+    privileged: String,
     /// How long node certificates are valid; agents renew with a third left.
     #[arg(long, env = "OUTPOST_NODE_CERT_LIFETIME", default_value = "90d", value_parser = parse_duration)]
     node_cert_lifetime: Duration,
@@ -215,6 +239,32 @@ enum AgentCmd {
     Join(JoinArgs),
     /// Run the agent from its data dir (no hub needed to start workloads).
     Run(RunArgs),
+    /// Install the agent as a systemd service: copy the binary, join (once), write and enable
+    /// the unit, start it. Idempotent.
+    Install(install::AgentInstallArgs),
+    /// Stop and remove the agent's service and its workloads (--purge: and its data).
+    Uninstall(install::UninstallArgs),
+    /// Upload an outpost binary to the hub for agents to update to; prints the AgentUpdate
+    /// manifest that rolls it out (edit its nodeSelector, then `outpost apply -f`).
+    Publish {
+        /// The outpost binary (e.g. target/release/outpost for the boxes' architecture).
+        file: PathBuf,
+        /// A label for people; agents report their own version.
+        #[arg(long)]
+        version: Option<String>,
+    },
+    /// The self-update watchdog (started by the agent from the previous binary).
+    #[command(hide = true)]
+    UpdateWatchdog {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        exe: PathBuf,
+        #[arg(long)]
+        pid: u32,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -249,6 +299,16 @@ struct RunArgs {
     /// The Docker Engine's (or podman's) API socket.
     #[arg(long, env = "OUTPOST_DOCKER_SOCKET")]
     docker_socket: Option<String>,
+    /// Single-box mode: run the workloads of this manifest directory (re-read on change), with
+    /// no hub at all or beside the hub's workloads once this box has joined one.
+    #[arg(long, value_name = "DIR")]
+    manifests: Option<PathBuf>,
+    /// Node name for a box that has not joined a hub (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Node labels for a box that has not joined a hub, k=v,k2=v2 (local workloads select by them).
+    #[arg(long, value_parser = parse_labels)]
+    labels: Option<Labels>,
 }
 
 #[derive(Args)]
@@ -354,6 +414,28 @@ async fn ctrl_c_or_term() {
 
 fn main() {
     outpost_pki::install_provider();
+    // `outpost hub install|uninstall`: the hub's own flags stay flat (`outpost hub --listen ...`).
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("hub") {
+        let result = match argv.get(2).map(String::as_str) {
+            Some("install") => Some(
+                install::hub_install(<install::HubInstallArgs as Parser>::parse_from(&argv[2..]))
+                    .map(|c| c.report("the outpost hub service")),
+            ),
+            Some("uninstall") => Some(
+                install::hub_uninstall(<install::HubUninstallArgs as Parser>::parse_from(&argv[2..]).u)
+                    .map(|c| c.report("the outpost hub service (already uninstalled)")),
+            ),
+            _ => None,
+        };
+        if let Some(r) = result {
+            if let Err(e) = r {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+            return;
+        }
+    }
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -401,6 +483,24 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                 Ok(())
             }
             Some(AgentCmd::Run(r)) => agent_run(r).await,
+            Some(AgentCmd::Publish { file, version }) => {
+                let c = client::Client::from_env()?;
+                image::publish_binary(&c, &file, version.as_deref()).await
+            }
+            Some(AgentCmd::UpdateWatchdog { dir, exe, pid, args }) => {
+                outpost_agent::selfupdate::watchdog(&dir, &exe, pid, &args)
+            }
+            Some(AgentCmd::Install(i)) => {
+                init_tracing();
+                install::agent_install(i).await?.report("the outpost agent service");
+                Ok(())
+            }
+            Some(AgentCmd::Uninstall(u)) => {
+                install::agent_uninstall(u)
+                    .await?
+                    .report("the outpost agent service (already uninstalled)");
+                Ok(())
+            }
             None => {
                 init_tracing();
                 let dir = a.join.data_dir.clone().unwrap_or_else(|| default_dir("agent"));
@@ -413,6 +513,9 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                     hub: None,
                     stop_workloads_on_exit: false,
                     docker_socket: None,
+                    manifests: None,
+                    name: None,
+                    labels: None,
                 })
                 .await
             }
@@ -485,6 +588,7 @@ async fn run_hub(a: HubArgs) -> Result<()> {
             a.host_paths.parse().map_err(anyhow::Error::msg)?,
             &a.host_path_allow,
         )
+        .and_then(|p| p.with_privileged(&a.privileged))
         .map_err(anyhow::Error::msg)?,
         node_cert_lifetime: a.node_cert_lifetime,
         idle_timeout: a.idle_timeout,
@@ -553,6 +657,9 @@ async fn agent_run(r: RunArgs) -> Result<()> {
         hub: r.hub,
         stop_workloads_on_exit: r.stop_workloads_on_exit,
         docker_socket: r.docker_socket,
+        manifests: r.manifests,
+        name: r.name,
+        labels: r.labels.unwrap_or_default(),
         pipeline: outpost_agent::pipeline::Options::from_env(),
     };
     outpost_agent::run(o, ctrl_c_or_term()).await

@@ -48,8 +48,18 @@ pub fn volumes_text(obj: &outpost_api::Object) -> String {
     use outpost_api::checks::host_path_risk;
     let Some(t) = obj.template() else { return String::new() };
     let pod = &t.spec;
+    let privileges = outpost_api::checks::privileges("spec", pod);
+    let privileged = if privileges.is_empty() {
+        String::new()
+    } else {
+        let mut p = String::from("Privileged:     yes (outpost hub --privileged deny refuses this)\n");
+        for (field, what) in &privileges {
+            p.push_str(&format!("  {field}: {what}\n"));
+        }
+        p
+    };
     if pod.volumes.is_empty() {
-        return "Volumes:        <none>\n".into();
+        return format!("{privileged}Volumes:        <none>\n");
     }
     let rows: Vec<Vec<String>> = pod
         .volumes
@@ -66,13 +76,16 @@ pub fn volumes_text(obj: &outpost_api::Object) -> String {
                     sec.secret_name,
                     if sec.optional { " (optional)" } else { "" }
                 )
+            } else if let Some(p) = &v.persistent_volume_claim {
+                format!("persistentVolumeClaim {} (a directory on the node)", p.claim_name)
             } else {
                 "emptyDir".into()
             };
             vec![v.name.clone(), source]
         })
         .collect();
-    let mut out = String::from("Volumes:\n");
+    let mut out = privileged;
+    out.push_str("Volumes:\n");
     out.push_str(&indent(&table(&["NAME", "SOURCE"], &rows)));
     let mut mounts = Vec::new();
     for c in &pod.containers {
@@ -259,6 +272,35 @@ pub async fn get(c: &Client, what: &str, f: Format) -> Result<()> {
             );
         }
         "alerts" | "alert" => return crate::logs::get_alerts(c, f).await,
+        "rollouts" | "rollout" | "ro" => {
+            let rs: Vec<outpost_api::RolloutInfo> = c.get("/v1/rollouts").await?;
+            if f != Format::Table {
+                return print(&rs, f);
+            }
+            let now = now_ms();
+            let rows: Vec<Vec<String>> = rs
+                .iter()
+                .map(|r| {
+                    let open = r.waves.iter().filter(|w| w.state != "Planned").count();
+                    vec![
+                        r.workload.clone(),
+                        r.revision.to_string(),
+                        r.phase.as_str().to_string(),
+                        format!("{open}/{}", r.waves.len()),
+                        counts_text(&r.counts),
+                        r.policy.clone(),
+                        human_duration(now - r.started_at),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &["WORKLOAD", "REVISION", "PHASE", "WAVES", "NODES", "POLICY", "AGE"],
+                    &rows
+                )
+            );
+        }
         "pipelines" | "pipeline" | "pl" => return crate::data::get_pipelines(c, f).await,
         "workloads" | "workload" | "wl" => {
             let ws: Vec<WorkloadInfo> = c.get("/v1/workloads").await?;
@@ -270,7 +312,7 @@ pub async fn get(c: &Client, what: &str, f: Format) -> Result<()> {
         }
         other => {
             let Some(kind) = Kind::parse_cli(other).filter(|k| k.is_workload()) else {
-                bail!("cannot list {other:?}: use nodes, deployments, daemonsets, workloads or alerts");
+                bail!("cannot list {other:?}: use nodes, deployments, daemonsets, workloads, rollouts, pipelines or alerts");
             };
             let ws: Vec<WorkloadInfo> = c.get("/v1/workloads").await?;
             let ws: Vec<WorkloadInfo> = ws.into_iter().filter(|w| w.kind == kind).collect();
@@ -428,7 +470,7 @@ pub async fn describe(c: &Client, kind: &str, name: &str, ns: &str) -> Result<()
     Ok(())
 }
 
-/// `(kind, name)` from `rollout status NAME` or `rollout status KIND NAME`.
+/// `(kind, name)` from `rollout CMD NAME` or `rollout CMD KIND NAME`.
 async fn rollout_object(c: &Client, t: &RolloutTarget) -> Result<(Kind, String)> {
     match &t.name {
         Some(name) => {
@@ -459,10 +501,13 @@ async fn rollout_object(c: &Client, t: &RolloutTarget) -> Result<(Kind, String)>
 }
 
 pub async fn rollout(c: &Client, cmd: RolloutCmd) -> Result<()> {
-    let (t, undo_to, what) = match &cmd {
-        RolloutCmd::History(t) => (t, None, "history"),
-        RolloutCmd::Undo { target, to_revision } => (target, *to_revision, "undo"),
-        RolloutCmd::Status(t) => (t, None, "status"),
+    let t = match &cmd {
+        RolloutCmd::History(t)
+        | RolloutCmd::Pause(t)
+        | RolloutCmd::Resume(t)
+        | RolloutCmd::Abort(t)
+        | RolloutCmd::Undo { target: t, .. }
+        | RolloutCmd::Status { target: t, .. } => t,
     };
     let (kind, name) = rollout_object(c, t).await?;
     let base = format!(
@@ -470,8 +515,8 @@ pub async fn rollout(c: &Client, cmd: RolloutCmd) -> Result<()> {
         kind.as_str().to_ascii_lowercase(),
         t.namespace
     );
-    match what {
-        "history" => {
+    match cmd {
+        RolloutCmd::History(_) => {
             let revs: Vec<outpost_api::RevisionInfo> = c.get(&format!("{base}/revisions")).await?;
             let rows: Vec<Vec<String>> = revs
                 .iter()
@@ -486,11 +531,13 @@ pub async fn rollout(c: &Client, cmd: RolloutCmd) -> Result<()> {
                 .collect();
             print!("{}", table(&["REVISION", "AGE", "TEMPLATE HASH", "IMAGES"], &rows));
         }
-        "undo" => {
+        RolloutCmd::Undo {
+            to_revision: Some(n), ..
+        } => {
             let r: outpost_api::ApplyResult = c
                 .post(
                     &format!("{base}/undo"),
-                    &outpost_api::UndoRequest { to_revision: undo_to },
+                    &outpost_api::UndoRequest { to_revision: Some(n) },
                 )
                 .await?;
             println!(
@@ -500,49 +547,274 @@ pub async fn rollout(c: &Client, cmd: RolloutCmd) -> Result<()> {
                 r.revision.unwrap_or_default()
             );
         }
-        _ => {
-            let w: WorkloadInfo = c.get(&base).await?;
-            println!(
-                "{} {}/{}: revision {}, {} of {} ready",
-                w.kind, w.namespace, w.name, w.revision, w.ready, w.desired
-            );
-            let rows: Vec<Vec<String>> = w
-                .placements
-                .iter()
-                .map(|p| {
-                    let s = p.status.as_ref();
-                    let ro = s.and_then(|s| s.rollout.as_ref());
-                    let state = match (s, ro) {
-                        (None, _) => "Pending".to_string(),
-                        (Some(_), Some(r)) if r.target_revision != p.desired_revision => "Updating".to_string(),
-                        (Some(_), Some(r)) => format!("{:?}", r.state),
-                        (Some(s), None) => s.phase.as_str().to_string(),
-                    };
-                    let reason = ro
-                        .and_then(|r| r.reason.clone())
-                        .or_else(|| s.and_then(|s| s.containers.iter().find_map(|c| c.probe_failure.clone())))
-                        .unwrap_or_default();
-                    vec![
-                        p.node.clone(),
-                        p.node_status.clone(),
-                        p.desired_revision.to_string(),
-                        s.map_or("-".into(), |s| s.revision.to_string()),
-                        state,
-                        s.map_or("-".into(), |s| if s.ready { "yes".into() } else { "no".into() }),
-                        reason,
-                    ]
-                })
-                .collect();
-            print!(
-                "{}",
-                table(
-                    &["NODE", "NODE STATUS", "WANTED", "RUNNING", "STATE", "READY", "REASON"],
-                    &rows
-                )
-            );
+        RolloutCmd::Undo { to_revision: None, .. } => {
+            let r: outpost_api::RolloutActionResult = c.post(&format!("{base}/rollout/undo"), &()).await?;
+            match r.revision {
+                Some(n) => println!("{} rolled back (now revision {n}): {}", r.workload, r.message),
+                None => println!("{} rolled back: {}", r.workload, r.message),
+            }
+        }
+        RolloutCmd::Pause(_) | RolloutCmd::Resume(_) | RolloutCmd::Abort(_) => {
+            let action = match cmd {
+                RolloutCmd::Pause(_) => "pause",
+                RolloutCmd::Resume(_) => "resume",
+                _ => "abort",
+            };
+            let r: outpost_api::RolloutActionResult = c.post(&format!("{base}/rollout/{action}"), &()).await?;
+            println!("{}: {} ({})", r.workload, r.message, r.phase.as_str());
+        }
+        RolloutCmd::Status { watch, output, .. } => {
+            let info = match c.get::<outpost_api::RolloutInfo>(&format!("{base}/rollout")).await {
+                Ok(i) => i,
+                // No rollout recorded (a hub older than rollouts): the per-node view.
+                Err(_) if !watch => return placements_status(c, &base).await,
+                Err(e) => return Err(e),
+            };
+            if watch {
+                return watch_rollout(c, &base, info, output).await;
+            }
+            match output {
+                Format::Table => print!("{}", rollout_text(&info, now_ms())),
+                f => print(&info, f)?,
+            }
         }
     }
     Ok(())
+}
+
+/// The per-node view of a workload without a recorded rollout.
+async fn placements_status(c: &Client, base: &str) -> Result<()> {
+    let w: WorkloadInfo = c.get(base).await?;
+    println!(
+        "{} {}/{}: revision {}, {} of {} ready",
+        w.kind, w.namespace, w.name, w.revision, w.ready, w.desired
+    );
+    print!(
+        "{}",
+        indent(&table(PLACEMENT_HEADERS, &placement_rows(std::slice::from_ref(&w))))
+    );
+    Ok(())
+}
+
+/// Is the rollout over (for `-w`)?
+fn rollout_done(i: &outpost_api::RolloutInfo) -> bool {
+    !matches!(i.phase, outpost_api::RolloutPhase::Progressing)
+}
+
+/// How `-w` ends: Complete and Paused succeed, the others fail with the reason.
+fn rollout_exit(i: &outpost_api::RolloutInfo) -> Result<()> {
+    use outpost_api::RolloutPhase::*;
+    match i.phase {
+        Complete | Progressing => Ok(()),
+        Paused => {
+            eprintln!(
+                "{} revision {} is paused{}; `outpost rollout resume` goes on",
+                i.workload,
+                i.revision,
+                i.reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
+            );
+            Ok(())
+        }
+        Failed | RolledBack | Aborted => bail!(
+            "the rollout of {} revision {} is {}: {}",
+            i.workload,
+            i.revision,
+            i.phase.as_str(),
+            i.reason.clone().unwrap_or_default()
+        ),
+    }
+}
+
+/// A wave's progress: nodes that passed or failed, of its nodes.
+fn wave_done(w: &outpost_api::WaveInfo) -> u64 {
+    ["Passed", "Failed", "Reverted"]
+        .iter()
+        .map(|k| u64::from(w.counts.get(*k).copied().unwrap_or(0)))
+        .sum()
+}
+
+fn counts_text(counts: &std::collections::BTreeMap<String, u32>) -> String {
+    use outpost_api::NodeRolloutState::*;
+    let parts: Vec<String> = [Pending, Waiting, Queued, Updating, Passed, Failed, Reverted]
+        .iter()
+        .filter_map(|s| {
+            counts
+                .get(s.as_str())
+                .filter(|n| **n > 0)
+                .map(|n| format!("{n} {}", s.as_str()))
+        })
+        .collect();
+    if parts.is_empty() {
+        "no nodes".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn wave_line(w: &outpost_api::WaveInfo, now: i64) -> String {
+    let when = match (w.completed_at, w.gates_done_at, w.opened_at) {
+        (Some(t), _, _) => format!("completed {} ago", human_duration(now - t)),
+        (None, Some(t), _) => format!(
+            "baking, {} left",
+            human_duration((t + w.bake_secs as i64 * 1000 - now).max(0))
+        ),
+        (None, None, Some(t)) => format!("opened {} ago", human_duration(now - t)),
+        _ => "not opened".into(),
+    };
+    format!(
+        "wave {} {:<16} {:<9} {:>4} node{}  {}  ({when})",
+        w.index + 1,
+        w.name,
+        w.state,
+        w.nodes,
+        if w.nodes == 1 { " " } else { "s" },
+        counts_text(&w.counts)
+    )
+}
+
+/// `outpost rollout status NAME` for people.
+pub fn rollout_text(i: &outpost_api::RolloutInfo, now: i64) -> String {
+    let mut out = format!(
+        "{} revision {}: {} (policy {}, from revision {}, started {} ago)\n",
+        i.workload,
+        i.revision,
+        i.phase.as_str(),
+        i.policy,
+        i.previous_revision.map_or("-".into(), |r| r.to_string()),
+        human_duration(now - i.started_at)
+    );
+    if let Some(r) = &i.reason {
+        out.push_str(&format!("Reason:  {r}\n"));
+    }
+    out.push_str(&format!("Nodes:   {}\n", counts_text(&i.counts)));
+    if !i.waves.is_empty() {
+        out.push_str("Waves:\n");
+        for w in &i.waves {
+            out.push_str(&format!("  {}\n", wave_line(w, now)));
+        }
+    }
+    if !i.nodes.is_empty() {
+        let rows: Vec<Vec<String>> = i
+            .nodes
+            .iter()
+            .map(|n| {
+                vec![
+                    n.node.clone(),
+                    n.wave.map_or("-".into(), |w| (w + 1).to_string()),
+                    n.state.as_str().to_string(),
+                    n.desired_revision.to_string(),
+                    n.running_revision.map_or("-".into(), |r| r.to_string()),
+                    n.gate.map_or("-".into(), |g| format!("{g:?}")),
+                    if n.online { "Online".into() } else { "Offline".into() },
+                    n.reason.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "NODE",
+                "WAVE",
+                "STATE",
+                "WANTED",
+                "RUNNING",
+                "GATE",
+                "NODE STATUS",
+                "REASON",
+            ],
+            &rows,
+        ));
+    }
+    if let Some(e) = i.events.last() {
+        out.push_str(&format!(
+            "Last event: {} {} ago: {}\n",
+            e.reason,
+            human_duration(now - e.at),
+            e.message
+        ));
+    }
+    out
+}
+
+/// `outpost rollout status NAME -w`: follow until the rollout ends.
+async fn watch_rollout(c: &Client, base: &str, mut info: outpost_api::RolloutInfo, f: Format) -> Result<()> {
+    use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let json = f != Format::Table;
+    let multi = MultiProgress::with_draw_target(if tty && !json {
+        ProgressDrawTarget::stdout()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let style = ProgressStyle::with_template("{prefix:<28} [{bar:30}] {pos:>4}/{len:<4} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    let head = multi.add(ProgressBar::new_spinner());
+    let mut bars: Vec<ProgressBar> = Vec::new();
+    let mut last = String::new();
+    loop {
+        let now = now_ms();
+        if json {
+            let line = serde_json::to_string(&info)?;
+            if line != last {
+                println!("{line}");
+                last = line;
+            }
+        } else if tty {
+            head.set_message(format!(
+                "{} revision {}: {} — {}",
+                info.workload,
+                info.revision,
+                info.phase.as_str(),
+                counts_text(&info.counts)
+            ));
+            head.tick();
+            for (k, w) in info.waves.iter().enumerate() {
+                if bars.len() <= k {
+                    let b = multi.add(ProgressBar::new(0));
+                    b.set_style(style.clone());
+                    bars.push(b);
+                }
+                let b = &bars[k];
+                b.set_prefix(format!("wave {} {}", w.index + 1, w.name));
+                b.set_length(u64::from(w.nodes));
+                b.set_position(wave_done(w));
+                b.set_message(format!("{} {}", w.state, counts_text(&w.counts)));
+            }
+        } else {
+            // Not a terminal: a line per change.
+            let line = format!(
+                "{} revision {}: {}; {}{}",
+                info.workload,
+                info.revision,
+                info.phase.as_str(),
+                counts_text(&info.counts),
+                info.waves
+                    .iter()
+                    .rfind(|w| w.state != "Planned")
+                    .map(|w| format!("; {}", wave_line(w, now)))
+                    .unwrap_or_default()
+            );
+            let key = format!("{:?} {:?}", info.phase, info.counts);
+            if key != last {
+                println!("{line}");
+                last = key;
+            }
+        }
+        if rollout_done(&info) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+        info = c.get(&format!("{base}/rollout")).await?;
+    }
+    for b in &bars {
+        b.finish();
+    }
+    head.finish();
+    if tty && !json {
+        drop(multi);
+        print!("{}", rollout_text(&info, now_ms()));
+    }
+    rollout_exit(&info)
 }
 
 fn print_events(events: &[outpost_api::NodeEvent]) {

@@ -256,3 +256,38 @@ fn kill9_mid_update_with_the_hub_down_ends_with_the_good_revision() {
     hub.restart();
     wait_rollout(&hub, "midway", key, "RolledBack", 2, 20.0);
 }
+
+/// Issue 10's defect: `progressDeadlineSeconds: 10` (valid in Kubernetes, whose minReadySeconds
+/// defaults to 0) used to meet outpost's 10 s default minReadySeconds, so a healthy first
+/// revision was marked Failed and a crashing second one was never rolled back. The default now
+/// adapts (at most half the deadline), the healthy first revision becomes the last-known-good,
+/// the crashing second rolls back to it, and an impossible explicit pair is refused at apply.
+#[test]
+fn a_short_progress_deadline_still_gives_a_last_known_good() {
+    let hub = Hub::start();
+    let _a = one_node(&hub, "short");
+    let key = "deployment/default/app";
+    let m1 = marker();
+    let dep = |command: &str, extra: &str| {
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: app}}\nspec:\n  replicas: 1\n  progressDeadlineSeconds: 10\n{extra}  template:\n    spec:\n      runtimeClassName: process\n      terminationGracePeriodSeconds: 1\n      containers:\n      - {{name: main, command: {command}}}\n"
+        )
+    };
+    hub.apply(&dep(&sleeper(&m1), ""));
+    let p = wait_rollout(&hub, "short", key, "Complete", 1, 30.0);
+    assert_eq!(p["status"]["rollout"]["good_revision"], 1, "{p}");
+    hub.apply(&dep("[/bin/sh, -c, 'echo crashing-v2; exit 3']", ""));
+    let p = wait_rollout(&hub, "short", key, "RolledBack", 2, 40.0);
+    assert_eq!(p["status"]["revision"], 1, "back on revision 1: {p}");
+    wait_for("revision 1 running", 10.0, || {
+        (pids_with_cmdline(&["/bin/sleep", &m1]).len() == 1).then_some(())
+    });
+    // an explicit pair that can never pass is refused, naming the field, and changes nothing
+    let e = hub.apply_err(&dep(&sleeper(&marker()), "  minReadySeconds: 10\n"));
+    assert!(
+        e.contains("spec.minReadySeconds: 10 s is not less than spec.progressDeadlineSeconds (10 s)"),
+        "{e}"
+    );
+    let revs = hub.cli(&["rollout", "history", "deployment", "app"]);
+    assert!(revs.contains("2 (current)"), "nothing applied: {revs}");
+}

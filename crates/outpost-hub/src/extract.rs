@@ -1,0 +1,94 @@
+//! Request extractors of the HTTP layer: the caller's certificate ([`Peer`], put into each
+//! request by `crate::server`), the admin token ([`Admin`]), and JSON bodies and query strings
+//! whose rejections are [`HubError`]s (so they get an `ApiError` body).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+
+use crate::error::HubError;
+use crate::service::Service;
+
+pub use crate::service::Peer;
+
+/// Largest request body (JSON routes; image uploads are streamed and unlimited).
+pub const BODY_LIMIT: usize = 16 << 20;
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = Infallible;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(parts.extensions.get::<Peer>().cloned().unwrap_or_default())
+    }
+}
+
+/// The bearer token of a request, if any.
+pub fn bearer(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// Proof that the request carries the admin token.
+pub struct Admin;
+
+impl FromRequestParts<Arc<Service>> for Admin {
+    type Rejection = HubError;
+    async fn from_request_parts(parts: &mut Parts, svc: &Arc<Service>) -> Result<Self, HubError> {
+        match bearer(parts) {
+            Some(t) if svc.is_admin(t) => Ok(Admin),
+            _ => Err(HubError::Unauthorized),
+        }
+    }
+}
+
+/// The bearer token, admin or not (image routes also let nodes in).
+pub struct Bearer(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Bearer {
+    type Rejection = Infallible;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(Bearer(bearer(parts).map(String::from)))
+    }
+}
+
+/// `axum::Json` whose rejection is a [`HubError`] (so it gets an `ApiError` body).
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = HubError;
+    async fn from_request(req: Request, st: &S) -> Result<Self, HubError> {
+        match axum::Json::<T>::from_request(req, st).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(e) => Err(match e.status() {
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE => HubError::PayloadTooLarge { limit: BODY_LIMIT },
+                axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE => HubError::BadRequest(
+                    "the request body must be JSON: send `Content-Type: application/json`".into(),
+                ),
+                _ => HubError::BadRequest(format!(
+                    "the request body is not what this route expects ({}); check that client and hub are the same release",
+                    e.body_text()
+                )),
+            }),
+        }
+    }
+}
+
+/// `axum::extract::Query` whose rejection is a [`HubError`].
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = HubError;
+    async fn from_request_parts(parts: &mut Parts, st: &S) -> Result<Self, HubError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, st).await {
+            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
+            Err(e) => Err(HubError::BadRequest(format!("invalid query string: {}", e.body_text()))),
+        }
+    }
+}

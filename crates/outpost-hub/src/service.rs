@@ -1,0 +1,1618 @@
+//! The hub's one command layer: every change an operator (or, later, GitOps and the dashboard)
+//! can make is a [`Command`], every read a [`Query`], and [`Service::execute`] /
+//! [`Service::query`] run them. HTTP handlers only decode a request into one of these, call the
+//! service and encode the [`Reply`]; the controllers (`crate::controllers`) call the same
+//! service. The node protocol (join, sync, status, renew, forwarded errors, log answers) is a
+//! set of typed methods on the same service, authorized by the caller's certificate ([`Peer`]).
+//!
+//! The service owns the hub's state, split by concern: the desired-state [`Store`], the
+//! monitoring tables ([`Monitor`]), the pipeline records and the Pipeline cache
+//! ([`DataStore`]), the counters ([`Metrics`]), the CA and admin token ([`Authority`]),
+//! settings ([`Settings`]), the node links (long-poll wake-ups and log relay, [`Links`]), the
+//! alert-policy cache and the controllers' wake-ups ([`Wakeups`]).
+//!
+//! Every change to objects and nodes holds `write_lock` through validation, the write and the
+//! reschedule that follows, so they see one consistent state.
+//!
+//! Must never: speak HTTP (status codes live in `crate::error` only), decide placement, a
+//! rollout step or an alert itself (those are `outpost-core`'s pure functions), or block an
+//! async task on SQLite (store calls run on the blocking pool).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use outpost_api::{
+    AlertInfo, AlertPolicySpec, ApplyResponse, ApplyResult, DeleteResponse, ErrorBatch, ImageTag, JoinRequest,
+    JoinResponse, JoinToken, Kind, LogData, LogRequest, ManifestFile, NodeCondition, NodeEvent, NodeInfo, NodePolicy,
+    Object, ObjectId, RenewRequest, RevisionInfo, StatusReport, StatusWithVitals, StoredErrorLine, SyncAnswer,
+    TokenRequest, TokenResponse, UnixMs, Vitals, WorkloadInfo, WorkloadStatus, ALERT_FIRING, ALERT_RESOLVED,
+};
+use outpost_pki::CaMaterial;
+use sha2::{Digest, Sha256};
+use tokio::sync::{watch, Notify};
+
+use crate::data::{DataQuery, DataStore};
+use crate::error::{human_duration, HubError};
+use crate::files::random_hex;
+use crate::logs::LogBroker;
+use crate::metrics::{FleetView, Metrics};
+use crate::monitor::{Monitor, MonitorConfig, R as MonitorResult};
+use crate::scheduler::{self, is_online};
+use crate::store::{check_token, NewNode, Store, StoreError, TokenRow};
+use crate::validate;
+use crate::views::{self, View};
+use outpost_api::pipeline::{DataBatch, NodePipelines, PipelineInfo, RecordKind, StoredRecord};
+use outpost_api::{RolloutActionResult, RolloutInfo, RolloutPhase};
+use outpost_core::render::workload_key;
+use outpost_core::waves::{self, Decision, Rollout};
+
+pub use outpost_api::now_ms;
+
+pub fn sha256(s: &str) -> [u8; 32] {
+    Sha256::digest(s.as_bytes()).into()
+}
+
+pub fn sha256_hex(s: &str) -> String {
+    hex::encode(sha256(s))
+}
+
+/// Who is on the other end of a connection: the SHA-256 of the client certificate, if one was
+/// presented (it chains to the hub CA; whether the hub knows it is checked per call), and when
+/// that certificate expires (the TLS layer lets expired ones through for renewal).
+#[derive(Clone, Debug, Default)]
+pub struct Peer {
+    pub cert_fp: Option<String>,
+    /// `notAfter` of the client certificate, Unix ms.
+    pub cert_not_after: Option<UnixMs>,
+}
+
+impl Peer {
+    /// How long ago the client certificate expired, if it has at `now`.
+    pub fn expired_for(&self, now: UnixMs) -> Option<i64> {
+        self.cert_not_after.filter(|na| now > *na).map(|na| now - na)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commands, queries, replies
+
+/// A change an operator asks for. The doc comment of each variant says what it does.
+#[derive(Clone, Debug)]
+pub enum Command {
+    /// Create or update the objects of these manifest files, all or nothing.
+    Apply { files: Vec<ManifestFile> },
+    /// Delete the objects named in these manifest files, all or nothing.
+    Delete { files: Vec<ManifestFile> },
+    /// Delete one object.
+    DeleteObject { id: ObjectId },
+    /// Make an earlier revision's pod template (the previous one by default) the newest.
+    Undo { id: ObjectId, to_revision: Option<u64> },
+    /// Create a join token.
+    CreateToken(TokenRequest),
+    /// Remove a node; its certificate stops working.
+    DeleteNode { name: String },
+    /// Point an image name at an uploaded archive.
+    TagImage(ImageTag),
+    /// Pause, resume, abort or undo a workload's rollout (docs/rollouts.md).
+    Rollout { id: ObjectId, action: RolloutAction },
+}
+
+/// What `outpost rollout pause|resume|abort|undo` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RolloutAction {
+    /// No wave opens and no node gets the revision until `resume`.
+    Pause,
+    /// Go on where it stopped.
+    Resume,
+    /// Stop for good: updated nodes keep the revision, the others keep theirs.
+    Abort,
+    /// During a rollout: every updated node goes back to its previous revision. After it: the
+    /// previous revision's template becomes a new revision, rolled out in one wave.
+    Undo,
+}
+
+impl RolloutAction {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pause" => Self::Pause,
+            "resume" => Self::Resume,
+            "abort" => Self::Abort,
+            "undo" => Self::Undo,
+            _ => return None,
+        })
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::Abort => "abort",
+            Self::Undo => "undo",
+        }
+    }
+}
+
+/// A read an operator asks for.
+#[derive(Clone, Debug)]
+pub enum Query {
+    /// One object: a workload as [`WorkloadInfo`], anything else as its manifest.
+    Object {
+        id: ObjectId,
+    },
+    Workloads,
+    Revisions {
+        id: ObjectId,
+    },
+    Nodes,
+    Node {
+        name: String,
+    },
+    /// Alerts, firing first; resolved ones too with `all`.
+    Alerts {
+        all: bool,
+    },
+    /// Error lines nodes forwarded.
+    Errors {
+        node: Option<String>,
+        workload: Option<String>,
+        since_secs: Option<u64>,
+        limit: Option<u32>,
+    },
+    /// A workload's log, fetched through the node's own link (waits for the node's answer).
+    Logs {
+        node: String,
+        request: LogRequest,
+    },
+    ImageTag {
+        name: String,
+    },
+    ImageTags,
+    /// The fleet figures a `/metrics` scrape encodes.
+    Fleet,
+    /// A workload's current (or last) rollout, with every node.
+    Rollout {
+        id: ObjectId,
+    },
+    /// Every workload's current (or last) rollout, without the per-node lists.
+    Rollouts,
+    /// Every Pipeline with the nodes that run it.
+    Pipelines,
+    /// Pipeline records the hub stored, oldest first.
+    Data(DataQuery),
+}
+
+/// What a command or query returns. Each variant is one answer type of the API.
+#[derive(Debug)]
+pub enum Reply {
+    Applied(ApplyResponse),
+    Deleted(DeleteResponse),
+    Result(ApplyResult),
+    Token(TokenResponse),
+    Image(ImageTag),
+    Images(Vec<ImageTag>),
+    Manifest(serde_json::Value),
+    Workload(Box<WorkloadInfo>),
+    Workloads(Vec<WorkloadInfo>),
+    Revisions(Vec<RevisionInfo>),
+    Nodes(Vec<NodeInfo>),
+    Node(Box<NodeInfo>),
+    Alerts(Vec<AlertInfo>),
+    Errors(Vec<StoredErrorLine>),
+    Logs(LogData),
+    Fleet(FleetView),
+    Rollout(Box<RolloutInfo>),
+    Rollouts(Vec<RolloutInfo>),
+    RolloutAction(RolloutActionResult),
+    Pipelines(Vec<PipelineInfo>),
+    Records(Vec<StoredRecord>),
+}
+
+impl Reply {
+    /// The answer as JSON (every variant but [`Reply::Fleet`], which `/metrics` encodes).
+    pub fn to_json(&self) -> Result<serde_json::Value, serde_json::Error> {
+        use serde_json::to_value as j;
+        match self {
+            Reply::Applied(v) => j(v),
+            Reply::Deleted(v) => j(v),
+            Reply::Result(v) => j(v),
+            Reply::Token(v) => j(v),
+            Reply::Image(v) => j(v),
+            Reply::Images(v) => j(v),
+            Reply::Manifest(v) => Ok(v.clone()),
+            Reply::Workload(v) => j(v),
+            Reply::Workloads(v) => j(v),
+            Reply::Revisions(v) => j(v),
+            Reply::Nodes(v) => j(v),
+            Reply::Node(v) => j(v),
+            Reply::Alerts(v) => j(v),
+            Reply::Errors(v) => j(v),
+            Reply::Logs(v) => j(v),
+            Reply::Rollout(v) => j(v),
+            Reply::Rollouts(v) => j(v),
+            Reply::RolloutAction(v) => j(v),
+            Reply::Pipelines(v) => j(v),
+            Reply::Records(v) => j(v),
+            Reply::Fleet(_) => Ok(serde_json::Value::Null),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// State, split by concern
+
+/// The hub's CA and the admin token (its SHA-256 only).
+pub struct Authority {
+    pub ca: CaMaterial,
+    pub ca_fingerprint: String,
+    pub admin_token_sha256: [u8; 32],
+    /// How long the node certificates the hub signs are valid.
+    pub node_cert_lifetime: Duration,
+}
+
+/// Settings from `HubConfig`, fixed for the hub's life.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// A node is Offline when the hub has had no contact for this long.
+    pub offline_after: Duration,
+    /// How long a sync long-poll is held open without changes.
+    pub long_poll: Duration,
+    /// Where pushed image archives live (`<data-dir>/images`).
+    pub images_dir: std::path::PathBuf,
+    /// Which host paths an apply may mount.
+    pub host_paths: validate::HostPathPolicy,
+    pub monitor: MonitorConfig,
+}
+
+/// The hub's side of the node links: long-poll wake-ups, which nodes hold a long-poll now, and
+/// operator log requests relayed through them.
+#[derive(Default)]
+pub struct Links {
+    /// Per node: the latest generation, to wake waiting long-polls.
+    watchers: Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// Per node: long-polls open now. A node holding one is reachable whatever its last contact
+    /// (a long-poll lasts up to 30 s; `--offline-after` may be shorter).
+    connected: Mutex<HashMap<String, usize>>,
+    pub logs: LogBroker,
+}
+
+impl Links {
+    /// Nodes holding a long-poll now.
+    pub fn connected(&self) -> std::collections::BTreeSet<String> {
+        lock(&self.connected).keys().cloned().collect()
+    }
+}
+
+/// Counts a node's long-poll as open while it lives.
+struct Connected<'a> {
+    links: &'a Links,
+    node: String,
+}
+
+impl<'a> Connected<'a> {
+    fn new(links: &'a Links, node: &str) -> Self {
+        *lock(&links.connected).entry(node.to_string()).or_default() += 1;
+        Self {
+            links,
+            node: node.to_string(),
+        }
+    }
+}
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        let mut c = lock(&self.links.connected);
+        if let Some(n) = c.get_mut(&self.node) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.node);
+            }
+        }
+    }
+}
+
+/// Wake-ups of the controllers that react to events between their periodic runs.
+#[derive(Default)]
+pub struct Wakeups {
+    /// New alert transitions or rollout events were queued for webhooks.
+    pub webhooks: Notify,
+    /// A workload changed or nodes reported: the rollout controller looks again.
+    pub rollouts: Notify,
+    /// Some rollout is Progressing or Paused (status reports wake the controller only then).
+    pub rollouts_active: std::sync::atomic::AtomicBool,
+}
+
+pub struct Service {
+    pub store: Arc<dyn Store>,
+    pub monitor: Arc<Monitor>,
+    /// Pipeline records and the Pipeline objects nodes get.
+    pub data: Arc<DataStore>,
+    pub metrics: Arc<Metrics>,
+    pub authority: Authority,
+    pub settings: Settings,
+    pub links: Links,
+    pub wake: Wakeups,
+    /// AlertPolicy objects (namespace/name, spec), refreshed after each change.
+    policies: RwLock<Vec<(String, AlertPolicySpec)>>,
+    /// Serializes every change to objects and nodes together with the reschedule that follows.
+    pub write_lock: tokio::sync::Mutex<()>,
+    /// Why workloads are short of replicas, from the last reschedule.
+    notes: Mutex<BTreeMap<ObjectId, String>>,
+    /// Status reports waiting for the group-commit writer.
+    status_tx: tokio::sync::mpsc::UnboundedSender<StatusJob>,
+    status_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<StatusJob>>>,
+}
+
+/// One status report for the group-commit writer, with where to send the outcome.
+struct StatusJob {
+    node: String,
+    report: StatusReport,
+    now: UnixMs,
+    reply: tokio::sync::oneshot::Sender<Result<u64, HubError>>,
+}
+
+/// Reports committed in one transaction at most.
+const STATUS_BATCH: usize = 512;
+/// Events returned by `Query::Node`.
+const NODE_EVENTS: u32 = 50;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Service {
+    pub fn new(
+        store: Arc<dyn Store>,
+        monitor: Arc<Monitor>,
+        data: Arc<DataStore>,
+        authority: Authority,
+        settings: Settings,
+    ) -> Self {
+        let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
+        Self {
+            store,
+            monitor,
+            data,
+            metrics: Arc::new(Metrics::default()),
+            authority,
+            settings,
+            links: Links::default(),
+            wake: Wakeups::default(),
+            policies: RwLock::new(Vec::new()),
+            write_lock: tokio::sync::Mutex::new(()),
+            notes: Mutex::new(BTreeMap::new()),
+            status_tx,
+            status_rx: Mutex::new(Some(status_rx)),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Plumbing
+
+    /// Run a short store operation on the blocking pool.
+    pub async fn db<T, F>(&self, f: F) -> Result<T, HubError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&*store))
+            .await
+            .map_err(|e| HubError::Internal(format!("database task failed: {e}")))?
+            .map_err(HubError::from)
+    }
+
+    /// Run a monitoring-table call on the blocking pool.
+    pub async fn mdb<T, F>(&self, f: F) -> Result<T, HubError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Monitor) -> MonitorResult<T> + Send + 'static,
+    {
+        let m = self.monitor.clone();
+        tokio::task::spawn_blocking(move || f(&m))
+            .await
+            .map_err(|e| HubError::Internal(format!("monitor task failed: {e}")))?
+            .map_err(|e| match e {
+                e if crate::error::is_disk_full(&e) => HubError::DiskFull,
+                e => HubError::Internal(format!("monitoring database: {e}")),
+            })
+    }
+
+    /// Run a pipeline-record call on the blocking pool.
+    pub async fn ddb<T, F>(&self, f: F) -> Result<T, HubError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&DataStore) -> Result<T, rusqlite::Error> + Send + 'static,
+    {
+        let d = self.data.clone();
+        tokio::task::spawn_blocking(move || f(&d))
+            .await
+            .map_err(|e| HubError::Internal(format!("data task failed: {e}")))?
+            .map_err(|e| match e {
+                e if crate::error::is_disk_full(&e) => HubError::DiskFull,
+                e => HubError::Internal(format!("data database: {e}")),
+            })
+    }
+
+    /// Count committed alert transitions, log them, and wake the webhook sender.
+    pub fn announce(&self, out: &[AlertInfo]) {
+        for a in out {
+            match a.state {
+                outpost_api::AlertState::Firing => self.metrics.alerts_fired.inc(),
+                outpost_api::AlertState::Resolved => self.metrics.alerts_resolved.inc(),
+            };
+            tracing::info!(alert = %a.name, node = %a.node, subject = %a.subject, state = ?a.state,
+                source = %a.source, summary = %a.summary, "fleet alert");
+        }
+        if !out.is_empty() {
+            self.wake.webhooks.notify_one();
+        }
+    }
+
+    pub fn is_admin(&self, token: &str) -> bool {
+        // Comparing digests keeps the comparison independent of where the strings differ.
+        sha256(token) == self.authority.admin_token_sha256
+    }
+
+    /// Wake a node's waiting long-poll without a generation change (log requests).
+    pub fn wake_node(&self, node: &str) {
+        if let Some(tx) = lock(&self.links.watchers).get(node) {
+            tx.send_modify(|_| {});
+        }
+    }
+
+    /// Wake every waiting long-poll (new alert policies or pipelines).
+    pub fn wake_all(&self) {
+        for tx in lock(&self.links.watchers).values() {
+            tx.send_modify(|_| {});
+        }
+    }
+
+    /// A receiver that wakes when the node's generation changes.
+    fn subscribe(&self, node: &str) -> watch::Receiver<u64> {
+        lock(&self.links.watchers)
+            .entry(node.to_string())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    fn notify(&self, bumped: &BTreeMap<String, u64>) {
+        let mut w = lock(&self.links.watchers);
+        for (node, gen) in bumped {
+            w.entry(node.clone())
+                .or_insert_with(|| watch::channel(0).0)
+                .send_replace(*gen);
+        }
+    }
+
+    /// Wake and forget a deleted node's long-polls (their receivers see the sender dropped).
+    fn forget_node(&self, node: &str) {
+        lock(&self.links.watchers).remove(node);
+    }
+
+    pub fn note(&self, id: &ObjectId) -> Option<String> {
+        lock(&self.notes).get(id).cloned()
+    }
+
+    /// Recompute every node's desired state and wake the nodes whose generation moved.
+    /// Callers hold `write_lock`.
+    pub async fn reschedule_locked(&self, now: UnixMs) -> Result<(), HubError> {
+        let offline_after = self.settings.offline_after;
+        let (bumped, notes) = self
+            .db(move |s| {
+                let inputs = s.schedule_inputs()?;
+                let plan = scheduler::plan(&inputs, offline_after, now);
+                let bumped = s.commit_plan(&plan)?;
+                Ok((bumped, plan.notes))
+            })
+            .await?;
+        for (node, generation) in &bumped {
+            tracing::info!(node = %node, generation, "desired state changed");
+        }
+        *lock(&self.notes) = notes;
+        self.notify(&bumped);
+        // AlertPolicy or Pipeline objects or node labels may have changed: refresh the caches.
+        if let Err(e) = self.refresh_node_extras().await {
+            tracing::warn!(error = %e, "cannot refresh alert policies and pipelines; nodes keep their last ones");
+        }
+        Ok(())
+    }
+
+    pub async fn reschedule(&self, now: UnixMs) -> Result<(), HubError> {
+        let _guard = self.write_lock.lock().await;
+        self.reschedule_locked(now).await
+    }
+
+    /// Reschedule after a committed change. The change stands even if this fails (the next
+    /// change or the next hub start reschedules), so the failure is logged, not returned.
+    async fn reschedule_after_commit(&self, now: UnixMs) {
+        if let Err(e) = self.reschedule_locked(now).await {
+            tracing::error!(error = %e, "rescheduling after a change failed; the next change or hub restart retries");
+        }
+    }
+
+    /// Reload AlertPolicy and Pipeline objects; wake every node's long-poll when they changed
+    /// so each gets its new effective policy and pipelines at once.
+    async fn refresh_node_extras(&self) -> Result<(), HubError> {
+        let objects = self.db(|s| s.objects()).await?;
+        let mut policies: Vec<(String, AlertPolicySpec)> = Vec::new();
+        let mut pipelines: Vec<(outpost_api::pipeline::Pipeline, u64)> = Vec::new();
+        for o in objects {
+            match o.object {
+                Object::AlertPolicy(ap) => {
+                    policies.push((format!("{}/{}", ap.metadata.ns(), ap.metadata.name), ap.spec))
+                }
+                Object::Pipeline(p) => pipelines.push((p, o.revision)),
+                _ => {}
+            }
+        }
+        policies.sort_by(|a, b| a.0.cmp(&b.0));
+        pipelines.sort_by(|a, b| (a.0.metadata.ns(), &a.0.metadata.name).cmp(&(b.0.metadata.ns(), &b.0.metadata.name)));
+        let policies_changed = {
+            let mut cur = self.policies.write().unwrap_or_else(|e| e.into_inner());
+            let changed = *cur != policies;
+            *cur = policies;
+            changed
+        };
+        let pipelines_changed = self.data.set_pipelines(pipelines);
+        if policies_changed {
+            tracing::info!("alert policies changed; waking every node");
+        }
+        if pipelines_changed {
+            tracing::info!("pipelines changed; waking every node");
+        }
+        if policies_changed || pipelines_changed {
+            self.wake_all();
+        }
+        Ok(())
+    }
+
+    fn policy_for(&self, labels: &outpost_api::Labels) -> NodePolicy {
+        outpost_core::alerts::effective_policy(&self.policies.read().unwrap_or_else(|e| e.into_inner()), labels)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Operator commands
+
+    /// Run a command. See [`Command`].
+    pub async fn execute(&self, cmd: Command) -> Result<Reply, HubError> {
+        match cmd {
+            Command::Apply { files } => self.apply(files).await.map(Reply::Applied),
+            Command::Delete { files } => {
+                let (objects, _) = validate::parse_batch(&files).map_err(HubError::InvalidManifest)?;
+                self.delete_ids(objects.iter().map(Object::id).collect())
+                    .await
+                    .map(Reply::Deleted)
+            }
+            Command::DeleteObject { id } => self.delete_ids(vec![id]).await.map(Reply::Deleted),
+            Command::Undo { id, to_revision } => self.undo(id, to_revision).await.map(Reply::Result),
+            Command::CreateToken(req) => self.create_token(req).await.map(Reply::Token),
+            Command::DeleteNode { name } => self.delete_node(name).await.map(Reply::Deleted),
+            Command::TagImage(t) => self.tag_image(t).await.map(Reply::Image),
+            Command::Rollout { id, action } => self.rollout_action(id, action).await.map(Reply::RolloutAction),
+        }
+    }
+
+    async fn apply(&self, files: Vec<ManifestFile>) -> Result<ApplyResponse, HubError> {
+        let (mut objects, warnings) =
+            validate::parse_apply_batch(&files, &self.settings.host_paths).map_err(HubError::InvalidManifest)?;
+        let _guard = self.write_lock.lock().await;
+        let stored = self.db(|s| s.objects()).await?;
+        let before: BTreeMap<ObjectId, u64> = stored.iter().map(|o| (o.object.id(), o.revision)).collect();
+        let stored: Vec<Object> = stored.into_iter().map(|o| o.object).collect();
+        let mut errors = outpost_core::render::assign_node_ports(&mut objects, &stored);
+        errors.extend(validate::check_references(&objects, stored));
+        if !errors.is_empty() {
+            return Err(HubError::InvalidManifest(errors));
+        }
+        let ids: Vec<ObjectId> = objects.iter().map(Object::id).collect();
+        let now = now_ms();
+        let results = self.db(move |s| s.apply(&objects, now)).await?;
+        let mut changed = false;
+        let mut started = Vec::new();
+        for (id, r) in ids.into_iter().zip(&results) {
+            if r.action == "unchanged" {
+                continue;
+            }
+            changed = true;
+            tracing::info!(object = %r.object, action = %r.action, revision = ?r.revision, "object applied");
+            if id.kind.is_workload() && r.revision != before.get(&id).copied() {
+                started.push(id);
+            }
+        }
+        if changed {
+            // New revisions start their rollouts (the first wave opens now) before nodes are
+            // told anything; a RolloutPolicy change moves running rollouts.
+            self.advance_rollouts_locked(&started, false, now).await;
+            self.reschedule_after_commit(now).await;
+        }
+        Ok(ApplyResponse { results, warnings })
+    }
+
+    async fn delete_ids(&self, ids: Vec<ObjectId>) -> Result<DeleteResponse, HubError> {
+        let _guard = self.write_lock.lock().await;
+        let stored = self.db(|s| s.objects()).await?;
+        if let Some((object, workload)) = validate::in_use(stored.iter().map(|o| &o.object), &ids) {
+            return Err(HubError::InUse {
+                object: object.to_string(),
+                workload: workload.to_string(),
+            });
+        }
+        let (deleted, not_found) = self.db(move |s| s.delete_objects(&ids)).await?;
+        for id in &deleted {
+            tracing::info!(object = %id, "object deleted");
+        }
+        if !deleted.is_empty() {
+            self.reschedule_after_commit(now_ms()).await;
+        }
+        Ok(DeleteResponse {
+            deleted: deleted.iter().map(ToString::to_string).collect(),
+            not_found: not_found.iter().map(ToString::to_string).collect(),
+        })
+    }
+
+    /// `outpost rollout undo`: the pod template of an earlier revision becomes a new revision,
+    /// as in Kubernetes. Goes through the same checks as an apply.
+    async fn undo(&self, id: ObjectId, to_revision: Option<u64>) -> Result<ApplyResult, HubError> {
+        let _guard = self.write_lock.lock().await;
+        let lookup = id.clone();
+        let (obj, revs) = self
+            .db(move |s| Ok((s.object(&lookup)?, s.revisions(&lookup)?)))
+            .await?;
+        let obj = obj.ok_or_else(|| HubError::NotFound(id.to_string()))?;
+        let current_hash = obj.template_hash.clone().unwrap_or_default();
+        let target = match to_revision {
+            Some(n) => revs.iter().find(|r| r.revision == n).ok_or_else(|| {
+                HubError::BadRequest(format!(
+                    "{id} has no revision {n}; see `outpost rollout history {} {}`",
+                    id.kind.as_str().to_ascii_lowercase(),
+                    id.name
+                ))
+            })?,
+            None => revs
+                .iter()
+                .rev()
+                .find(|r| r.revision < obj.revision && r.template_hash != current_hash)
+                .ok_or_else(|| HubError::BadRequest(format!("{id} has no earlier revision to go back to")))?,
+        };
+        let mut object = obj.object.clone();
+        match &mut object {
+            Object::Deployment(d) => d.spec.template = target.template.clone(),
+            Object::DaemonSet(d) => d.spec.template = target.template.clone(),
+            _ => return Err(HubError::BadRequest(format!("{id} is not a workload"))),
+        }
+        let stored = self.db(|s| s.objects()).await?;
+        let errors = validate::check_references(std::slice::from_ref(&object), stored.into_iter().map(|o| o.object));
+        if !errors.is_empty() {
+            return Err(HubError::InvalidManifest(errors));
+        }
+        let now = now_ms();
+        let from = target.revision;
+        let mut results = self.db(move |s| s.apply(&[object], now)).await?;
+        let result = results
+            .pop()
+            .ok_or_else(|| HubError::Internal("apply returned nothing".into()))?;
+        tracing::info!(object = %id, from_revision = from, revision = ?result.revision, "rollout undone");
+        if result.action != "unchanged" {
+            // A revision the fleet ran before: every node gets it in one (gated) wave.
+            self.advance_rollouts_locked(std::slice::from_ref(&id), true, now).await;
+            self.reschedule_after_commit(now).await;
+        }
+        Ok(result)
+    }
+
+    async fn create_token(&self, req: TokenRequest) -> Result<TokenResponse, HubError> {
+        req.validate().map_err(|e| HubError::BadRequest(e.to_string()))?;
+        let now = now_ms();
+        for k in &req.node_labels {
+            outpost_core::link::grantable(k, &req.labels)
+                .map_err(|why| HubError::BadRequest(format!("node_labels: {k:?} cannot be left to nodes: {why}")))?;
+        }
+        let secret = random_hex(16);
+        let row = TokenRow {
+            id: random_hex(4),
+            secret_sha256: sha256_hex(&secret),
+            node_labels: req.node_labels.clone(),
+            labels: req.labels,
+            expires_at: req
+                .ttl_secs
+                .map(|t| now.saturating_add(i64::try_from(t).unwrap_or(i64::MAX).saturating_mul(1000))),
+            uses_left: req.uses.map(u64::from),
+            used: 0,
+            created_at: now,
+        };
+        let token = JoinToken {
+            ca_fingerprint: self.authority.ca_fingerprint.clone(),
+            id: row.id.clone(),
+            secret,
+        }
+        .encode();
+        let resp = TokenResponse {
+            token,
+            id: row.id.clone(),
+            expires_at: row.expires_at,
+            uses: req.uses,
+        };
+        let (id, expires_at) = (row.id.clone(), row.expires_at);
+        self.db(move |s| s.create_token(&row)).await?;
+        tracing::info!(token = %id, expires_at = ?expires_at, uses = ?req.uses, "join token created");
+        Ok(resp)
+    }
+
+    async fn delete_node(&self, name: String) -> Result<DeleteResponse, HubError> {
+        let _guard = self.write_lock.lock().await;
+        let n = name.clone();
+        if !self.db(move |s| s.delete_node(&n)).await? {
+            return Err(HubError::NotFound(format!("node {name}")));
+        }
+        self.forget_node(&name);
+        let n = name.clone();
+        self.mdb(move |m| m.forget_node(&n)).await?;
+        tracing::info!(node = %name, "node deleted; its certificate no longer works");
+        self.reschedule_after_commit(now_ms()).await;
+        Ok(DeleteResponse {
+            deleted: vec![format!("node/{name}")],
+            not_found: vec![],
+        })
+    }
+
+    /// Where the archive of `digest` lives (it may not exist).
+    pub fn blob_path(&self, digest: &str) -> Result<std::path::PathBuf, HubError> {
+        let hex = digest
+            .strip_prefix("sha256:")
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| HubError::BadRequest(format!("{digest:?} is not a digest like sha256:<64 hex digits>")))?;
+        Ok(self.settings.images_dir.join(format!("sha256-{hex}")))
+    }
+
+    async fn tag_image(&self, mut t: ImageTag) -> Result<ImageTag, HubError> {
+        t.validate().map_err(|e| HubError::BadRequest(e.to_string()))?;
+        let path = self.blob_path(&t.digest)?;
+        let meta = std::fs::metadata(&path)
+            .map_err(|_| HubError::BadRequest(format!("no archive {} on the hub: upload it first", t.digest)))?;
+        t.size = meta.len();
+        t.pushed_at = now_ms();
+        let row = t.clone();
+        self.db(move |s| s.put_image_tag(&row)).await?;
+        tracing::info!(image = %t.name, digest = %t.digest, size = t.size, "image pushed");
+        Ok(t)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Operator queries
+
+    /// Run a query. See [`Query`].
+    pub async fn query(&self, q: Query) -> Result<Reply, HubError> {
+        match q {
+            Query::Object { id } => self.object(id).await,
+            Query::Workloads => {
+                let objects = self.db(|s| s.objects()).await?;
+                let view = self.read_view().await?;
+                let now = now_ms();
+                let mut out: Vec<WorkloadInfo> = objects
+                    .iter()
+                    .filter_map(|o| {
+                        views::workload_info(o, &view, self.note(&o.object.id()), self.settings.offline_after, now)
+                    })
+                    .collect();
+                out.sort_by(|a, b| (a.kind, &a.namespace, &a.name).cmp(&(b.kind, &b.namespace, &b.name)));
+                Ok(Reply::Workloads(out))
+            }
+            Query::Revisions { id } => self.revisions(id).await.map(Reply::Revisions),
+            Query::Nodes => {
+                let (nodes, statuses) = self.db(|s| Ok((s.nodes()?, s.statuses(None)?))).await?;
+                let mut by_node: HashMap<String, Vec<WorkloadStatus>> = HashMap::new();
+                for (n, w) in statuses {
+                    by_node.entry(n).or_default().push(w);
+                }
+                let now = now_ms();
+                let out = nodes
+                    .into_iter()
+                    .map(|n| {
+                        let w = by_node.remove(&n.name).unwrap_or_default();
+                        views::node_info(n, w, self.settings.offline_after, now)
+                    })
+                    .collect();
+                Ok(Reply::Nodes(out))
+            }
+            Query::Node { name } => self.node(name).await.map(|n| Reply::Node(Box::new(n))),
+            Query::Alerts { all } => Ok(Reply::Alerts(self.mdb(move |m| m.alerts(all)).await?)),
+            Query::Errors {
+                node,
+                workload,
+                since_secs,
+                limit,
+            } => {
+                let since = since_secs.map_or(0, |s| outpost_api::ms_before(now_ms(), s));
+                let limit = limit.unwrap_or(1000).min(10_000);
+                let lines = self
+                    .mdb(move |m| m.errors(node.as_deref(), workload.as_deref(), since, limit))
+                    .await?;
+                Ok(Reply::Errors(lines))
+            }
+            Query::Logs { node, request } => self.logs(node, request).await.map(Reply::Logs),
+            Query::ImageTag { name } => {
+                let n = name.clone();
+                let t = self.db(move |s| s.image_tag(&n)).await?;
+                let t = t.ok_or_else(|| {
+                    HubError::NotFound(format!("image {name} (push it with `outpost image push {name}`)"))
+                })?;
+                Ok(Reply::Image(t))
+            }
+            Query::ImageTags => Ok(Reply::Images(self.db(|s| s.image_tags()).await?)),
+            Query::Fleet => self.fleet().await.map(Reply::Fleet),
+            Query::Rollout { id } => self.rollout(id).await.map(|r| Reply::Rollout(Box::new(r))),
+            Query::Rollouts => {
+                let mut l = self.db(crate::rollouts::load).await?;
+                l.connected = self.links.connected();
+                let now = now_ms();
+                let out = l
+                    .objects
+                    .iter()
+                    .filter_map(|o| {
+                        let r = l.rollouts.get(&workload_key(&o.object.id()))?;
+                        Some(views::rollout_info(
+                            r,
+                            &l,
+                            &o.object,
+                            self.settings.offline_after,
+                            now,
+                            false,
+                        ))
+                    })
+                    .collect();
+                Ok(Reply::Rollouts(out))
+            }
+            Query::Pipelines => {
+                let (objects, nodes) = self.db(|s| Ok((s.objects()?, s.nodes()?))).await?;
+                Ok(Reply::Pipelines(views::pipeline_infos(&objects, &nodes)))
+            }
+            Query::Data(q) => {
+                if let Some(k) = q.kind.as_deref().filter(|k| RecordKind::parse(k).is_none()) {
+                    return Err(HubError::BadRequest(format!(
+                        "kind {k:?} is not one of record, anomaly, aggregate, sample"
+                    )));
+                }
+                let now = now_ms();
+                Ok(Reply::Records(self.ddb(move |d| d.query(&q, now)).await?))
+            }
+        }
+    }
+
+    async fn rollout(&self, id: ObjectId) -> Result<RolloutInfo, HubError> {
+        if !id.kind.is_workload() {
+            return Err(HubError::BadRequest(format!(
+                "{id} is not a workload: only Deployments and DaemonSets roll out"
+            )));
+        }
+        let mut l = self.db(crate::rollouts::load).await?;
+        l.connected = self.links.connected();
+        let obj = l
+            .objects
+            .iter()
+            .find(|o| o.object.id() == id)
+            .ok_or_else(|| HubError::NotFound(id.to_string()))?;
+        let key = workload_key(&id);
+        let r = l.rollouts.get(&key).ok_or_else(|| {
+            HubError::NotFound(format!(
+                "rollout of {id} (none recorded yet: the hub starts one with the next change, within a second)"
+            ))
+        })?;
+        Ok(views::rollout_info(
+            r,
+            &l,
+            &obj.object,
+            self.settings.offline_after,
+            now_ms(),
+            true,
+        ))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Rollouts
+
+    /// Start rollouts for `started` and move every rollout on (see `crate::rollouts`); the
+    /// caller holds the write lock and reschedules when it returns true. Failures are logged:
+    /// the controller retries within a second.
+    pub async fn advance_rollouts_locked(&self, started: &[ObjectId], one_wave: bool, now: UnixMs) -> bool {
+        match self.try_advance_rollouts(started, one_wave, now).await {
+            Ok(o) => o.pins_changed,
+            Err(e) => {
+                tracing::warn!(error = %e, "rollout step failed; the rollout controller retries");
+                false
+            }
+        }
+    }
+
+    async fn try_advance_rollouts(
+        &self,
+        started: &[ObjectId],
+        one_wave: bool,
+        now: UnixMs,
+    ) -> Result<crate::rollouts::Outcome, HubError> {
+        let mut l = self.db(crate::rollouts::load).await?;
+        l.connected = self.links.connected();
+        let (changes, outcome) = crate::rollouts::step(&l, started, one_wave, self.settings.offline_after, now);
+        self.wake
+            .rollouts_active
+            .store(outcome.active, std::sync::atomic::Ordering::Relaxed);
+        for (r, decisions) in changes {
+            self.record_rollout(&r, &decisions).await?;
+        }
+        Ok(outcome)
+    }
+
+    /// Store a rollout, then record the events and the alert change of the decisions that led
+    /// to it (webhook rows in the same transaction as the alert).
+    async fn record_rollout(&self, stored: &Rollout, decisions: &[Decision]) -> Result<(), HubError> {
+        let row = stored.clone();
+        self.db(move |s| s.put_rollout(&row)).await?;
+        let events: Vec<_> = decisions.iter().flat_map(|d| d.events.iter().cloned()).collect();
+        let alert = decisions.iter().rev().find_map(|d| d.alert.clone());
+        for e in &events {
+            self.metrics.rollout_event(&e.reason);
+            tracing::info!(workload = %stored.workload, revision = stored.revision, reason = %e.reason,
+                phase = stored.phase.as_str(), "rollout: {}", e.message);
+        }
+        if events.is_empty() && alert.is_none() {
+            return Ok(());
+        }
+        let (w, rev) = (stored.workload.clone(), stored.revision);
+        let alerts = self
+            .mdb(move |m| m.rollout_events(&w, rev, &events, alert.as_ref(), now_ms()))
+            .await?;
+        self.announce(&alerts);
+        self.wake.webhooks.notify_one();
+        Ok(())
+    }
+
+    /// One run of the rollout controller; returns when to look again.
+    pub async fn rollouts_tick(&self, now: UnixMs) -> Duration {
+        let _guard = self.write_lock.lock().await;
+        let outcome = match self.try_advance_rollouts(&[], false, now).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %e, "rollout controller failed; retrying");
+                return crate::rollouts::ACTIVE_TICK;
+            }
+        };
+        if outcome.pins_changed {
+            self.reschedule_after_commit(now).await;
+        }
+        let tick = if outcome.active {
+            crate::rollouts::ACTIVE_TICK
+        } else {
+            crate::rollouts::IDLE_TICK
+        };
+        match outcome.wake_at {
+            Some(t) => Duration::from_millis(u64::try_from(t - now).unwrap_or(0)).min(tick),
+            None => tick,
+        }
+    }
+
+    async fn rollout_action(&self, id: ObjectId, action: RolloutAction) -> Result<RolloutActionResult, HubError> {
+        if !id.kind.is_workload() {
+            return Err(HubError::BadRequest(format!(
+                "{id} is not a workload: only Deployments and DaemonSets roll out"
+            )));
+        }
+        let key = workload_key(&id);
+        let guard = self.write_lock.lock().await;
+        let (obj, current) = {
+            let (lookup, k) = (id.clone(), key.clone());
+            self.db(move |s| Ok((s.object(&lookup)?, s.rollout(&k)?))).await?
+        };
+        let obj = obj.ok_or_else(|| HubError::NotFound(id.to_string()))?;
+        let now = now_ms();
+        let r = current.filter(|r| r.revision == obj.revision);
+        let undo_by_revision = match (&r, action) {
+            (Some(r), RolloutAction::Undo) => !(r.phase.is_active() || r.phase == RolloutPhase::Aborted),
+            (None, RolloutAction::Undo) => true,
+            _ => false,
+        };
+        if undo_by_revision {
+            drop(guard);
+            let res = self.undo(id, None).await?;
+            return Ok(RolloutActionResult {
+                workload: key,
+                action: action.as_str().into(),
+                phase: RolloutPhase::Progressing,
+                message: format!(
+                    "no rollout in progress: revision {} makes the previous template current again and goes to every node in one wave",
+                    res.revision.unwrap_or_default()
+                ),
+                revision: res.revision,
+            });
+        }
+        let r = r.ok_or_else(|| {
+            HubError::NotFound(format!(
+                "rollout of {id} (none recorded for revision {} yet; retry in a second)",
+                obj.revision
+            ))
+        })?;
+        let decided = match action {
+            RolloutAction::Pause => waves::pause(&r, now),
+            RolloutAction::Resume => waves::resume(&r, now),
+            RolloutAction::Abort => waves::abort(&r, now),
+            RolloutAction::Undo => waves::undo(&r, now),
+        }
+        .map_err(|e| HubError::Conflict(e.0))?;
+        let message = decided.events.last().map(|e| e.message.clone()).unwrap_or_default();
+        let phase = decided.rollout.phase;
+        self.record_rollout(&decided.rollout, std::slice::from_ref(&decided))
+            .await?;
+        // Move it on at once (a resume opens the next wave now) and tell the nodes.
+        self.advance_rollouts_locked(&[], false, now).await;
+        self.reschedule_after_commit(now).await;
+        self.wake.rollouts.notify_one();
+        Ok(RolloutActionResult {
+            workload: key,
+            action: action.as_str().into(),
+            phase,
+            message,
+            revision: None,
+        })
+    }
+
+    async fn read_view(&self) -> Result<View, HubError> {
+        self.db(|s| {
+            let nodes = s.nodes()?.into_iter().map(|n| (n.name.clone(), n)).collect();
+            let desired = s.desired()?;
+            let statuses = s
+                .statuses(None)?
+                .into_iter()
+                .map(|(n, w)| ((n, w.key.clone()), w))
+                .collect();
+            Ok(View {
+                nodes,
+                desired,
+                statuses,
+            })
+        })
+        .await
+    }
+
+    async fn object(&self, id: ObjectId) -> Result<Reply, HubError> {
+        let lookup = id.clone();
+        let obj = self
+            .db(move |s| s.object(&lookup))
+            .await?
+            .ok_or_else(|| HubError::NotFound(id.to_string()))?;
+        if !id.kind.is_workload() {
+            return Ok(Reply::Manifest(
+                serde_json::to_value(&obj.object).map_err(|e| HubError::Internal(e.to_string()))?,
+            ));
+        }
+        let view = self.read_view().await?;
+        let info = views::workload_info(&obj, &view, self.note(&id), self.settings.offline_after, now_ms())
+            .ok_or_else(|| HubError::Internal(format!("{id} has no pod template")))?;
+        Ok(Reply::Workload(Box::new(info)))
+    }
+
+    async fn revisions(&self, id: ObjectId) -> Result<Vec<RevisionInfo>, HubError> {
+        let lookup = id.clone();
+        let (obj, revs) = self
+            .db(move |s| Ok((s.object(&lookup)?, s.revisions(&lookup)?)))
+            .await?;
+        let obj = obj.ok_or_else(|| HubError::NotFound(id.to_string()))?;
+        Ok(revs
+            .into_iter()
+            .map(|r| RevisionInfo {
+                revision: r.revision,
+                current: r.revision == obj.revision,
+                images: r
+                    .template
+                    .spec
+                    .containers
+                    .iter()
+                    .map(|c| format!("{}={}", c.name, c.image.as_deref().unwrap_or("-")))
+                    .collect(),
+                template_hash: r.template_hash,
+                created_at: r.created_at,
+            })
+            .collect())
+    }
+
+    async fn node(&self, name: String) -> Result<NodeInfo, HubError> {
+        let n = name.clone();
+        let found = self
+            .db(move |s| {
+                let Some(row) = s.node(&n)? else {
+                    return Ok(None);
+                };
+                let statuses = s.statuses(Some(&n))?.into_iter().map(|(_, w)| w).collect();
+                Ok(Some((row, statuses, s.events(&n, NODE_EVENTS)?)))
+            })
+            .await?;
+        let (row, statuses, events) = found.ok_or_else(|| HubError::NotFound(format!("node {name}")))?;
+        let n = name.clone();
+        let conditions = self
+            .mdb(move |m| m.conditions(Some(&n)))
+            .await?
+            .remove(&name)
+            .unwrap_or_default();
+        Ok(NodeInfo {
+            events,
+            conditions,
+            ..views::node_info(row, statuses, self.settings.offline_after, now_ms())
+        })
+    }
+
+    /// Relay a log request to the node through its long-poll and wait for its answer.
+    async fn logs(&self, node: String, request: LogRequest) -> Result<LogData, HubError> {
+        let n = node.clone();
+        let row = self
+            .db(move |s| s.node(&n))
+            .await?
+            .ok_or_else(|| HubError::NotFound(format!("node {node}")))?;
+        let now = now_ms();
+        let failed = || self.metrics.log_requests_failed.inc();
+        if !is_online(&row, self.settings.offline_after, now) && !self.links.connected().contains(&node) {
+            failed();
+            return Err(HubError::NodeOffline(format!(
+                "node {node} is offline (last contact {} ago): logs travel over the node's own link, so try again once it is back (`outpost get nodes`); forwarded errors are here already: `outpost logs --errors {node}`",
+                human_duration(now - row.last_contact()),
+            )));
+        }
+        let request = LogRequest {
+            id: random_hex(8),
+            ..request
+        };
+        let (id, workload) = (request.id.clone(), request.workload.clone());
+        let rx = self.links.logs.submit(&node, request);
+        self.wake_node(&node);
+        match tokio::time::timeout(self.settings.monitor.log_wait, rx).await {
+            Ok(Ok(data)) => {
+                self.metrics.log_requests_ok.inc();
+                tracing::debug!(node = %node, workload = %workload, bytes = data.text.len(), "log request answered");
+                Ok(data)
+            }
+            _ => {
+                self.links.logs.cancel(&node, &id);
+                failed();
+                tracing::warn!(node = %node, workload = %workload, "log request not answered in time");
+                Err(HubError::NodeUnreachable(format!(
+                    "node {node} did not answer within {}s; its link may be slow or just dropped: retry, and check `outpost describe node {node}`",
+                    self.settings.monitor.log_wait.as_secs(),
+                )))
+            }
+        }
+    }
+
+    /// What a `/metrics` scrape reads.
+    async fn fleet(&self) -> Result<FleetView, HubError> {
+        let now = now_ms();
+        let (nodes, statuses) = self.db(|s| Ok((s.nodes()?, s.statuses(None)?))).await?;
+        let (alerts, vitals, (_, queue)) = self
+            .mdb(|m| Ok((m.alerts(false)?, m.vitals()?, m.hook_queue()?)))
+            .await?;
+        let mut f = FleetView {
+            webhook_queue: queue,
+            ..Default::default()
+        };
+        for n in nodes {
+            let online = is_online(&n, self.settings.offline_after, now);
+            if let Some(v) = vitals.get(&n.name) {
+                f.vitals.insert(n.name.clone(), v.clone());
+            }
+            f.nodes.push((n.name, n.labels, online));
+        }
+        for (_, w) in statuses {
+            *f.phases.entry(w.phase.as_str().to_string()).or_default() += 1;
+        }
+        for a in alerts {
+            *f.firing.entry((a.name, a.severity)).or_default() += 1;
+        }
+        Ok(f)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The node protocol
+
+    /// A signed node certificate: PEM, fingerprint, expiry (unix ms).
+    fn sign(&self, csr_pem: &str, node: &str) -> Result<(String, String, UnixMs), HubError> {
+        let cert_pem = self
+            .authority
+            .ca
+            .sign_node_csr(csr_pem, node, self.authority.node_cert_lifetime)
+            .map_err(|e| HubError::InvalidCsr(e.to_string()))?;
+        let der = outpost_pki::pem_to_der(&cert_pem).map_err(|e| HubError::Internal(e.to_string()))?;
+        let not_after = outpost_pki::not_after_unix(&cert_pem).map_err(|e| HubError::Internal(e.to_string()))?;
+        Ok((outpost_pki::fingerprint(&der), cert_pem, not_after.saturating_mul(1000)))
+    }
+
+    /// `POST /v1/join`: check the token and the labels, sign the CSR, record the node.
+    pub async fn join(&self, req: JoinRequest) -> Result<JoinResponse, HubError> {
+        validate::node_name(&req.name)?;
+        let now = now_ms();
+        let secret_sha = sha256_hex(&req.token_secret);
+        // Check the token before signing anything; the join transaction checks it again.
+        let id = req.token_id.clone();
+        let tok = self.db(move |s| s.token(&id)).await?;
+        check_token(tok.as_ref(), &req.token_id, &secret_sha, now).map_err(|p| {
+            tracing::warn!(node = %req.name, token = %req.token_id, problem = ?p, "join refused");
+            HubError::Token(p)
+        })?;
+        if let Some(t) = &tok {
+            outpost_core::link::node_labels(&req.name, &t.labels, &t.node_labels, &req.labels).map_err(|r| {
+                tracing::warn!(node = %req.name, token = %req.token_id, problem = %r, "join refused: labels");
+                HubError::Labels(r)
+            })?;
+        }
+        let (cert_fp, cert_pem, cert_not_after) = self.sign(&req.csr_pem, &req.name)?;
+        let node = NewNode {
+            name: req.name.clone(),
+            labels: req.labels.clone(),
+            cert_fp,
+            cert_not_after,
+        };
+        let _guard = self.write_lock.lock().await;
+        let token_id = req.token_id.clone();
+        let labels = self.db(move |s| s.join(&token_id, &secret_sha, &node, now)).await?;
+        tracing::info!(node = %req.name, token = %req.token_id, labels = ?labels, "node joined");
+        self.reschedule_after_commit(now).await;
+        Ok(JoinResponse {
+            node: req.name,
+            cert_pem,
+            ca_pem: self.authority.ca.cert_pem.clone(),
+            labels,
+        })
+    }
+
+    /// The node the caller's certificate belongs to (current or just renewed), expired or not.
+    /// One indexed read, as every node request always made.
+    async fn cert_owner(&self, peer: &Peer) -> Result<String, HubError> {
+        let fp = peer.cert_fp.clone().ok_or(HubError::NoClientCert)?;
+        let owner = self
+            .db(move |s| s.node_by_cert(&fp))
+            .await?
+            .ok_or(HubError::UnknownNode)?;
+        if owner.promoted {
+            tracing::info!(node = %owner.node, "node uses its renewed certificate; the previous one no longer works");
+        }
+        Ok(owner.node)
+    }
+
+    /// The caller is a known node with an unexpired certificate: which one.
+    pub async fn known_node(&self, peer: &Peer) -> Result<String, HubError> {
+        let node = self.cert_owner(peer).await?;
+        unexpired(peer, &node)?;
+        Ok(node)
+    }
+
+    /// The caller's certificate must belong to `node`.
+    async fn authorize_owner(&self, peer: &Peer, node: &str) -> Result<(), HubError> {
+        let caller = self.cert_owner(peer).await?;
+        if caller != node {
+            tracing::warn!(caller = %caller, target = %node, "node asked for another node's state");
+            return Err(HubError::Forbidden {
+                caller,
+                target: node.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The caller's unexpired certificate must belong to `node`.
+    pub async fn authorize_node(&self, peer: &Peer, node: &str) -> Result<(), HubError> {
+        self.authorize_owner(peer, node).await?;
+        unexpired(peer, node)
+    }
+
+    /// Record contact; a node back from Offline is logged and gets a reschedule (Deployments
+    /// short of replicas may now be placed on it; its rollout waves count it again).
+    async fn contact(&self, node: &str, now: UnixMs) -> Result<(), HubError> {
+        let n = node.to_string();
+        let prev = self.db(move |s| s.touch(&n, now)).await?.ok_or(HubError::UnknownNode)?;
+        if now.saturating_sub(prev) > self.settings.offline_after.as_millis() as i64 {
+            tracing::info!(node = %node, offline_for = %human_duration(now - prev), "node online");
+            self.reschedule(now).await?;
+            self.wake.rollouts.notify_one();
+        }
+        Ok(())
+    }
+
+    /// `GET /v1/nodes/{node}/sync`: the node's desired state after `since`, held open up to
+    /// the long-poll time while nothing changes (None: nothing changed).
+    pub async fn sync(
+        &self,
+        peer: &Peer,
+        node: &str,
+        since: u64,
+        held: Held<'_>,
+    ) -> Result<Option<SyncAnswer>, HubError> {
+        self.authorize_node(peer, node).await?;
+        self.contact(node, now_ms()).await?;
+        // Subscribe before reading, so a change committed after the read still wakes us.
+        let mut rx = self.subscribe(node);
+        let _connected = crate::metrics::LongPollGuard::new(self.metrics.clone());
+        let _link = Connected::new(&self.links, node);
+        let deadline = tokio::time::Instant::now() + self.settings.long_poll;
+        loop {
+            let n = node.to_string();
+            let resp = self
+                .db(move |s| s.sync(&n, since))
+                .await?
+                .ok_or(HubError::UnknownNode)?;
+            // Additions: a changed alert policy or pipelines, pending log requests (they wake us too).
+            let Extras {
+                alert_policy,
+                log_requests,
+                pipelines,
+            } = self.sync_extras(node, held).await?;
+            if resp.generation != since || alert_policy.is_some() || !log_requests.is_empty() || pipelines.is_some() {
+                tracing::debug!(node = %node, since, generation = resp.generation, full = resp.full,
+                    policy = alert_policy.is_some(), log_requests = log_requests.len(),
+                    pipelines = pipelines.is_some(), "sync answered");
+                let n = node.to_string();
+                let prefetch = if resp.generation != since {
+                    self.db(move |s| s.prefetch(&n)).await?
+                } else {
+                    Vec::new()
+                };
+                return Ok(Some(SyncAnswer {
+                    sync: resp,
+                    alert_policy,
+                    log_requests,
+                    prefetch,
+                    pipelines,
+                }));
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                // The node was deleted (its sender dropped): the next read answers unknown_node.
+                Ok(Err(_)) => rx = self.subscribe(node),
+                Err(_) => return Ok(None),
+            }
+        }
+    }
+
+    /// What a sync answer adds for `node`: its policy and its pipelines when the agent's hash
+    /// of each differs (agents that send no hash get none), and its pending log requests.
+    async fn sync_extras(&self, node: &str, held: Held<'_>) -> Result<Extras, HubError> {
+        let labels = if held.policy.is_some() || held.pipelines.is_some() {
+            let n = node.to_string();
+            self.db(move |s| s.node(&n))
+                .await?
+                .map(|r| r.labels)
+                .unwrap_or_default()
+        } else {
+            outpost_api::Labels::default()
+        };
+        let alert_policy = held.policy.and_then(|h| {
+            let p = self.policy_for(&labels);
+            (p.hash() != h).then_some(p)
+        });
+        let pipelines = held.pipelines.and_then(|h| {
+            let p = self.data.pipelines_for(&labels);
+            (p.hash() != h).then_some(p)
+        });
+        Ok(Extras {
+            alert_policy,
+            log_requests: self.links.logs.take(node),
+            pipelines,
+        })
+    }
+
+    /// `POST /v1/nodes/{node}/status`: store a status report (and its monitoring additions);
+    /// returns the highest event sequence stored.
+    pub async fn status(&self, peer: &Peer, node: &str, body: StatusWithVitals) -> Result<u64, HubError> {
+        self.authorize_node(peer, node).await?;
+        let now = now_ms();
+        self.contact(node, now).await?;
+        let StatusWithVitals {
+            report,
+            vitals,
+            conditions,
+        } = body;
+        // Alert events are processed (idempotently) before the events are acknowledged.
+        self.on_node_report(node, report.events.clone(), vitals, conditions)
+            .await?;
+        let events = report.events.len();
+        let gates = self.wake.rollouts_active.load(std::sync::atomic::Ordering::Relaxed)
+            && (report.workloads.iter().any(|w| w.rollout.is_some()) || report.full);
+        let events_acked = self.record_status(node.to_string(), report, now).await?;
+        if gates {
+            // Gate results move rollout waves.
+            self.wake.rollouts.notify_one();
+        }
+        tracing::debug!(node = %node, events, events_acked, "status stored");
+        Ok(events_acked)
+    }
+
+    /// Node alert events, vitals and conditions of a status report.
+    async fn on_node_report(
+        &self,
+        node: &str,
+        events: Vec<NodeEvent>,
+        vitals: Option<Vitals>,
+        conditions: Option<Vec<NodeCondition>>,
+    ) -> Result<(), HubError> {
+        if let Some(list) = &conditions {
+            for c in list {
+                tracing::warn!(node, kind = %c.kind, since = c.since, "node condition: {}", c.message);
+            }
+        }
+        if vitals.is_none()
+            && conditions.is_none()
+            && !events
+                .iter()
+                .any(|e| e.reason == ALERT_FIRING || e.reason == ALERT_RESOLVED)
+        {
+            return Ok(());
+        }
+        let n = node.to_string();
+        let labels = self
+            .db(move |s| s.node(&n))
+            .await?
+            .map(|r| r.labels)
+            .unwrap_or_default();
+        let n = node.to_string();
+        let now = now_ms();
+        let out = self
+            .mdb(move |m| m.node_report(&n, &labels, &events, vitals.as_ref(), conditions.as_deref(), now))
+            .await?;
+        self.announce(&out);
+        Ok(())
+    }
+
+    /// Store a status report. Reports that arrive while a commit is under way are committed
+    /// together in the next transaction (group commit): one fsync for many nodes.
+    async fn record_status(&self, node: String, report: StatusReport, now: UnixMs) -> Result<u64, HubError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.status_tx
+            .send(StatusJob {
+                node,
+                report,
+                now,
+                reply,
+            })
+            .map_err(|_| HubError::Internal("the status writer stopped".into()))?;
+        rx.await
+            .map_err(|_| HubError::Internal("the status writer stopped".into()))?
+    }
+
+    /// Start the group-commit writer (once, from `Hub::start`).
+    pub fn spawn_status_writer(self: &Arc<Self>) {
+        let Some(mut rx) = lock(&self.status_rx).take() else {
+            return;
+        };
+        let svc = self.clone();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut jobs = vec![first];
+                while jobs.len() < STATUS_BATCH {
+                    match rx.try_recv() {
+                        Ok(j) => jobs.push(j),
+                        Err(_) => break,
+                    }
+                }
+                let (items, replies): (Vec<_>, Vec<_>) =
+                    jobs.into_iter().map(|j| ((j.node, j.report, j.now), j.reply)).unzip();
+                let n = items.len();
+                match svc.db(move |s| s.record_statuses(&items)).await {
+                    Ok(results) => {
+                        for (reply, r) in replies.into_iter().zip(results) {
+                            let _ = reply.send(r.map_err(HubError::Internal));
+                        }
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        for reply in replies {
+                            let _ = reply.send(Err(HubError::Internal(msg.clone())));
+                        }
+                    }
+                }
+                tracing::trace!(reports = n, "status batch committed");
+            }
+        });
+    }
+
+    /// `POST /v1/nodes/{node}/renew`: the one call an expired (but known: the node was not
+    /// deleted) certificate may make; the TLS handshake proved the caller holds its key.
+    pub async fn renew(&self, peer: &Peer, node: &str, req: RenewRequest) -> Result<String, HubError> {
+        self.authorize_owner(peer, node).await?;
+        let (fp, cert_pem, not_after) = self.sign(&req.csr_pem, node)?;
+        let n = node.to_string();
+        self.db(move |s| s.renew(&n, &fp, not_after)).await?;
+        match peer.expired_for(now_ms()) {
+            Some(ago) => tracing::warn!(node = %node, expired_ago = %human_duration(ago), expires_at = not_after,
+                "renewed an expired node certificate"),
+            None => tracing::info!(node = %node, expires_at = not_after, "node certificate renewed"),
+        }
+        Ok(cert_pem)
+    }
+
+    /// `POST /v1/nodes/{node}/errors`: forwarded error lines; returns the acknowledged sequence.
+    pub async fn node_errors(&self, peer: &Peer, node: &str, batch: ErrorBatch) -> Result<u64, HubError> {
+        self.authorize_node(peer, node).await?;
+        let (n, lines) = (node.to_string(), batch.lines.len());
+        let (acked, added) = self.mdb(move |m| m.store_errors(&n, &batch, now_ms())).await?;
+        self.metrics.error_lines.inc_by(added);
+        tracing::debug!(node = %node, lines, acked, "error lines stored");
+        Ok(acked)
+    }
+
+    /// `POST /v1/nodes/{node}/data`: a batch of pipeline records from the node's spool, stored
+    /// (each record id once per node) before the answer; returns how many ids were new. The
+    /// body is decoded (`decode`) only once the caller is authorized: a batch may decompress to
+    /// 64 MiB.
+    pub async fn node_data(
+        &self,
+        peer: &Peer,
+        node: &str,
+        decode: impl FnOnce() -> Result<DataBatch, HubError>,
+    ) -> Result<u64, HubError> {
+        self.authorize_node(peer, node).await?;
+        let batch = decode()?;
+        let now = now_ms();
+        let (n, records) = (node.to_string(), batch.records.len());
+        let stored = self.ddb(move |d| d.insert(&n, &batch.records, now)).await?;
+        tracing::debug!(node = %node, records, stored, "pipeline records stored");
+        Ok(stored)
+    }
+
+    /// `POST /v1/nodes/{node}/logs/{id}`: the node's answer to one of its own log requests.
+    pub async fn node_logs(&self, peer: &Peer, node: &str, id: &str, data: LogData) -> Result<(), HubError> {
+        self.authorize_node(peer, node).await?;
+        if !self.links.logs.complete(node, id, data) {
+            return Err(HubError::NotFound(format!(
+                "log request {id} for node {node} (it expired, or was never addressed to this node)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Who may read image archives and tags: the operator or a known node.
+    pub async fn image_reader(&self, bearer: Option<&str>, peer: &Peer) -> Result<ImageReader, HubError> {
+        if bearer.is_some_and(|t| self.is_admin(t)) {
+            return Ok(ImageReader::Admin);
+        }
+        if peer.cert_fp.is_none() {
+            return Err(HubError::Unauthorized);
+        }
+        self.known_node(peer).await.map(|_| ImageReader::Node)
+    }
+}
+
+/// The hashes a node's sync request says it holds (`policy=`, `pipelines=`); an agent that
+/// sends none of one is never sent that addition.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Held<'a> {
+    pub policy: Option<&'a str>,
+    pub pipelines: Option<&'a str>,
+}
+
+/// What a sync answer adds to the desired state.
+struct Extras {
+    alert_policy: Option<NodePolicy>,
+    log_requests: Vec<LogRequest>,
+    pipelines: Option<NodePipelines>,
+}
+
+/// Who reads an image: the operator or a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageReader {
+    Admin,
+    Node,
+}
+
+/// Refuse an expired certificate (only the renew call takes one).
+fn unexpired(peer: &Peer, node: &str) -> Result<(), HubError> {
+    match peer.expired_for(now_ms()) {
+        Some(ago_ms) => Err(HubError::CertificateExpired {
+            node: node.to_string(),
+            ago_ms,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// An object id from the route's kind word (`deployment`, `ds`, ...).
+pub fn object_id(kind: &str, namespace: String, name: String) -> Result<ObjectId, HubError> {
+    let kind = Kind::parse_cli(kind).ok_or_else(|| {
+        HubError::BadRequest(format!(
+            "unknown kind {kind:?}; use deployment, daemonset, configmap or secret"
+        ))
+    })?;
+    Ok(ObjectId { kind, namespace, name })
+}
