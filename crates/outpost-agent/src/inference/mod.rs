@@ -10,6 +10,7 @@
 //! decoding ([`decode_v2`], [`decode_image`]) and the articles' answer ([`top_class`]) are pure
 //! and unit-tested.
 
+pub mod fetch;
 pub mod server;
 
 use std::path::Path;
@@ -19,6 +20,31 @@ use base64::Engine;
 use serde_json::{json, Value};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::GenericFactoid;
+
+/// The command line of a serving container: this binary's `serve-model`, which fetches the
+/// model (cache, else the hub over the node's link), loads and warms it up, then listens.
+pub fn serve_argv(data_dir: &Path, m: &outpost_api::ModelServe) -> Result<Vec<String>, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the agent's own binary: {e}"))?;
+    let (name, version) = m.name_version();
+    let listen = match m.host_port {
+        Some(p) => format!("0.0.0.0:{p}"),
+        None => format!("127.0.0.1:{}", m.port),
+    };
+    Ok(vec![
+        exe.display().to_string(),
+        "serve-model".into(),
+        "--model-ref".into(),
+        m.reference.clone(),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+        "--name".into(),
+        name.to_string(),
+        "--version".into(),
+        version.to_string(),
+        "--listen".into(),
+        listen,
+    ])
+}
 
 /// Why a model could not be loaded.
 #[derive(Debug, thiserror::Error)]

@@ -38,7 +38,11 @@ pub const LATENCY_BUCKETS: [f64; 12] = [
 
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
-    pub model: PathBuf,
+    /// The ONNX file; or, with `data_dir`, a reference fetched through the node's cache.
+    pub model: Option<PathBuf>,
+    pub model_ref: Option<String>,
+    /// The agent's data dir (its identity, for fetching from the hub, and the model cache).
+    pub data_dir: Option<PathBuf>,
     /// The model's name in URLs (`/v2/models/<name>`).
     pub name: String,
     /// Its version (the tag or digest the workload named).
@@ -117,7 +121,12 @@ struct Served {
 
 /// Load the model (failing with the reason before anything listens), then serve until SIGTERM.
 pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
-    let model = Model::load(&opts.model)?;
+    let path = match (&opts.model, &opts.model_ref, &opts.data_dir) {
+        (Some(p), _, _) => p.clone(),
+        (None, Some(r), Some(d)) => super::fetch::resolve(d, r).await.map_err(anyhow::Error::msg)?,
+        _ => anyhow::bail!("give --model FILE, or --model-ref NAME:TAG with --data-dir AGENT_DATA_DIR"),
+    };
+    let model = Model::load(&path)?;
     info!(
         model = %opts.name,
         version = %opts.version,
