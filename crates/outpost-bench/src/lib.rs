@@ -14,6 +14,7 @@ pub mod bandwidth;
 pub mod fleet;
 pub mod footprint;
 pub mod harness;
+pub mod inference;
 pub mod offline;
 pub mod pipeline;
 pub mod procfs;
@@ -49,6 +50,8 @@ pub enum BenchCmd {
     Mqtt(pipeline::MqttArgs),
     /// A replayed sensor stream with known anomalies: bytes upstream vs raw, anomalies exact.
     Reduction(pipeline::ReductionArgs),
+    /// The ONNX model endpoint at 1/4/16 clients beside Flask + onnxruntime; RSS; binary size.
+    Inference(inference::InferenceArgs),
     /// Footprint, propagation, offline and bandwidth with their defaults, one after the other.
     Agent,
 }
@@ -110,6 +113,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         BenchCmd::Fleet(x) => fleet::fleet(x, &sub("fleet")?).await?,
         BenchCmd::Mqtt(x) => pipeline::mqtt(x, &sub("mqtt")?).await?,
         BenchCmd::Reduction(x) => pipeline::reduction(x, &sub("reduction")?).await?,
+        BenchCmd::Inference(x) => inference::inference(x, &sub("inference")?).await?,
         BenchCmd::Agent => {
             let mut out = String::new();
             out.push_str(&footprint::footprint(defaults(), &sub("footprint")?).await?);
