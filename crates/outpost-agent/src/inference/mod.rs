@@ -12,6 +12,7 @@
 
 pub mod fetch;
 pub mod server;
+pub mod stage;
 
 use std::path::Path;
 use std::sync::Arc;
