@@ -1764,6 +1764,22 @@ data: {b: hello}
                 "containers[0].command: required with runtimeClassName: process",
             ),
             (
+                "runtimeClassName: onnx\ncontainers: [{name: a, ports: [{containerPort: 5000}]}]",
+                "containers[0].image: required with runtimeClassName: onnx: the model to serve",
+            ),
+            (
+                "runtimeClassName: onnx\ncontainers: [{name: a, image: 'digits:v2', command: [x], ports: [{containerPort: 5000}]}]",
+                "containers[0].command: not allowed with runtimeClassName: onnx",
+            ),
+            (
+                "runtimeClassName: onnx\ncontainers: [{name: a, image: 'digits:v2'}]",
+                "containers[0].ports: runtimeClassName: onnx needs exactly one containerPort",
+            ),
+            (
+                "runtimeClassName: onnx\ncontainers: [{name: a, image: 'digits v2', ports: [{containerPort: 5000}]}]",
+                "containers[0].image:",
+            ),
+            (
                 "containers: [{name: a}]",
                 "containers[0].image: required for Docker containers",
             ),

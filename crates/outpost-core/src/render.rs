@@ -1005,6 +1005,31 @@ spec:
 "#;
 
     #[test]
+    fn an_onnx_workload_renders_to_a_model_server_gated_on_readiness() {
+        let objs = objects(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: digits}\nspec:\n  template:\n    spec:\n      runtimeClassName: onnx\n      containers:\n      - {name: m, image: 'digits:v2', ports: [{containerPort: 5000, hostPort: 30001}]}\n",
+        );
+        let spec = render(objs.values().next().unwrap(), 1, &objs).unwrap();
+        assert_eq!(spec.runtime, Runtime::Process);
+        let c = &spec.containers[0];
+        let m = c.model.as_ref().unwrap();
+        assert_eq!(
+            (m.reference.as_str(), m.port, m.host_port),
+            ("digits:v2", 5000, Some(30001))
+        );
+        assert_eq!(m.name_version(), ("digits", "v2"));
+        match &c.readiness_probe.as_ref().unwrap().action {
+            ProbeAction::HttpGet { port, path, .. } => assert_eq!((*port, path.as_str()), (30001, "/v2/health/ready")),
+            other => panic!("{other:?}"),
+        }
+        // A process workload's spec (and so its hash) carries no model field.
+        let objs = objects(APP);
+        let ds = objs.values().find(|o| o.kind() == Kind::DaemonSet).unwrap();
+        let plain = serde_json::to_value(render(ds, 1, &objs).unwrap()).unwrap();
+        assert!(plain["containers"][0].get("model").is_none());
+    }
+
+    #[test]
     fn render_resolves_env_and_files() {
         let objs = objects(APP);
         let ds = objs.values().find(|o| o.kind() == Kind::DaemonSet).unwrap();
