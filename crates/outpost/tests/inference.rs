@@ -406,6 +406,7 @@ spec:
   nodeSelector: {{site: a}}
   streams:
   - name: digits
+    mqtt: ['cameras/+/features']
     infer: {{model: digits, port: {port}, input: features, keep: [camera, i]}}
     anomalies:
     - {{name: unsure, field: confidence, below: 0.9}}
@@ -439,12 +440,42 @@ spec:
     let (st, answer) = http(ingest_port, "POST", "/v1/streams/digits", br#"{"camera": "cam-9"}"#).unwrap();
     assert_ne!(st, 200);
     assert!(answer.contains("no feature vector"), "{answer}");
+    // Over MQTT (QoS 1) such a record is acknowledged and dropped: refusing the PUBACK would
+    // make the client send it again forever.
+    let mqtt = wait_for("the MQTT listener", 20.0, || {
+        let m: Value = serde_json::from_str(&std::fs::read_to_string(&listen).ok()?).ok()?;
+        m["mqtt"].as_str().map(String::from)
+    });
+    let out = Command::new("timeout")
+        .args([
+            "10",
+            "mosquitto_pub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            mqtt.rsplit(':').next().unwrap(),
+        ])
+        .args([
+            "-q",
+            "1",
+            "-t",
+            "cameras/cam-9/features",
+            "-m",
+            r#"{"camera": "cam-9"}"#,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the PUBACK came: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let got = wait_for("450 predictions at the hub", 60.0, || {
         let r = stored(&hub, "digits");
         (r.len() >= 450).then_some(r)
     });
-    assert_eq!(got.len(), 450);
+    assert_eq!(got.len(), 450, "nothing of the refused records went upstream");
     let mut upstream = 0usize;
     let mut unsure = 0;
     for r in &got {

@@ -9,6 +9,15 @@ use serde_json::{json, Map, Value};
 
 use super::{top_class, Output, OutputData};
 
+/// Why a record did not become a prediction.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StageError {
+    /// The record itself can never be predicted (no feature vector, another length).
+    Record(String),
+    /// The model did not answer or refused the batch: worth trying again.
+    Model(String),
+}
+
 pub struct Stage {
     spec: InferSpec,
     url: String,
@@ -71,8 +80,8 @@ impl Stage {
     }
 
     /// Predictions for `records` (one answer per record, in order).
-    pub async fn run(&self, records: &[(Value, Option<String>)]) -> Vec<Result<Value, String>> {
-        let mut out: Vec<Result<Value, String>> = Vec::with_capacity(records.len());
+    pub async fn run(&self, records: &[(Value, Option<String>)]) -> Vec<Result<Value, StageError>> {
+        let mut out: Vec<Result<Value, StageError>> = Vec::with_capacity(records.len());
         let mut data: Vec<f64> = Vec::new();
         let mut width: Option<usize> = None;
         let mut batch: Vec<usize> = Vec::new();
@@ -80,19 +89,19 @@ impl Stage {
             let mut x = Vec::new();
             let ok = lookup(v, &self.input, topic.as_deref()).is_some_and(|f| flatten(&f, &mut x));
             if !ok || x.is_empty() {
-                out.push(Err(format!(
+                out.push(Err(StageError::Record(format!(
                     "the record has no feature vector (an array of numbers) at {:?}, which the stream's model stage reads",
                     self.spec.input
-                )));
+                ))));
                 continue;
             }
             if *width.get_or_insert(x.len()) != x.len() {
-                out.push(Err(format!(
+                out.push(Err(StageError::Record(format!(
                     "the feature vector at {:?} has {} values; the records before it had {}",
                     self.spec.input,
                     x.len(),
                     width.unwrap_or(0)
-                )));
+                ))));
                 continue;
             }
             data.extend(x);
@@ -127,9 +136,12 @@ impl Stage {
         };
         for (item, &i) in batch.iter().enumerate() {
             out[i] = match &outputs {
-                Err(e) => Err(e.clone()),
+                Err(e) => Err(StageError::Model(e.clone())),
                 Ok(o) => match top_class(o, item) {
-                    None => Err(format!("model {} gives no class output", self.spec.model)),
+                    None => Err(StageError::Model(format!(
+                        "model {} gives no class output",
+                        self.spec.model
+                    ))),
                     Some((pred, confidence)) => {
                         let mut m = Map::new();
                         m.insert("model".into(), json!(self.spec.model));

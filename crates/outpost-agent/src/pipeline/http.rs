@@ -178,7 +178,7 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
             }
             Ok(match first_err {
                 None => answer(StatusCode::OK, json!({"accepted": accepted})),
-                Some(e @ Rejected::Model(..)) => answer(
+                Some(e @ Rejected::Unpredictable(..)) => answer(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     json!({"code": "model_refused", "message": e.to_string(), "accepted": accepted}),
                 ),

@@ -156,7 +156,9 @@ pub enum Rejected {
     NoStream(String),
     #[error("stream {0}: cannot write to the spool: {1}")]
     Spool(String, String),
-    #[error("stream {0}: the model stage refused the record: {1}")]
+    #[error("stream {0}: the model stage cannot take the record: {1}")]
+    Unpredictable(String, String),
+    #[error("stream {0}: the model stage is not answering: {1}; retry")]
     Model(String, String),
 }
 
@@ -787,9 +789,13 @@ impl Worker {
                     kept.push(input);
                 }
                 Err(why) => {
-                    warn!(stream = %self.name, reason = %why, "model stage refused a record");
+                    let r = match why {
+                        crate::inference::stage::StageError::Record(w) => Rejected::Unpredictable(self.name.clone(), w),
+                        crate::inference::stage::StageError::Model(w) => Rejected::Model(self.name.clone(), w),
+                    };
+                    warn!(stream = %self.name, reason = %r, "model stage refused a record");
                     if let Some(d) = input.done.take() {
-                        let _ = d.send(Err(Rejected::Model(self.name.clone(), why)));
+                        let _ = d.send(Err(r));
                     }
                 }
             }
