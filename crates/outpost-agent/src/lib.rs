@@ -25,6 +25,7 @@ pub mod alerts;
 pub mod docker;
 pub mod identity;
 pub mod images;
+pub mod inference;
 pub mod jobs;
 pub mod local;
 pub mod lock;

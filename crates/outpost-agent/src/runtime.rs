@@ -304,9 +304,14 @@ impl Runtime {
             .append(true)
             .open(self.log_path(&w.key, &c.name))
             .map_err(|e| format!("cannot open log file: {e}"))?;
-        let exe = c.command.first().ok_or("command is empty")?;
+        // An ONNX serving container runs this binary's model server (docs/inference.md).
+        let argv: Vec<String> = match &c.model {
+            Some(m) => crate::inference::serve_argv(&self.data_dir, m)?,
+            None => c.command.iter().chain(&c.args).cloned().collect(),
+        };
+        let exe = argv.first().ok_or("command is empty")?;
         let mut cmd = tokio::process::Command::new(exe);
-        cmd.args(&c.command[1..]).args(&c.args);
+        cmd.args(&argv[1..]);
         cmd.env_clear().envs(self.process_env(w, c, unit, &volumes));
         cmd.current_dir(self.working_dir(w, c));
         cmd.stdin(std::process::Stdio::null());

@@ -9,6 +9,7 @@ pub mod checks;
 pub mod cron;
 pub mod duration;
 pub mod manifest;
+pub mod onnx;
 pub mod parse;
 pub mod pipeline;
 pub mod protocol;
@@ -19,7 +20,7 @@ pub use duration::{human_duration, ms_before, parse_duration, parse_duration_sec
 pub use manifest::*;
 pub use parse::ALERT_POLICY_API;
 pub use parse::{capability_number, CLUSTER_ONLY_KINDS, HOST_PATH_TYPES, NODE_PORT_RANGE};
-pub use parse::{parse_cpu, parse_file, parse_memory, probe_port, Parsed, PROCESS_RUNTIME};
+pub use parse::{parse_cpu, parse_file, parse_memory, probe_port, Parsed, ONNX_RUNTIME, PROCESS_RUNTIME};
 pub use parse::{MAX_DOCUMENTS_PER_FILE, MAX_FILE_BYTES, MAX_NESTING_DEPTH, MAX_REPLICAS};
 pub use protocol::*;
 pub use rollout::{

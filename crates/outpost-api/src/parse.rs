@@ -18,6 +18,9 @@ use crate::manifest::*;
 
 /// The runtime class that runs containers as native processes.
 pub const PROCESS_RUNTIME: &str = "process";
+/// The runtime class whose containers each serve an ONNX model named by `image`
+/// (docs/inference.md).
+pub const ONNX_RUNTIME: &str = "onnx";
 
 /// The deepest nesting of mappings and sequences a manifest may have. Real manifests stay
 /// under 15 levels (a Deployment's probe header is 10 deep); the limit keeps every recursive
@@ -914,14 +917,42 @@ fn check_path(p: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A container of `runtimeClassName: onnx`: `image` names the model (`name:tag` or
+/// `name@sha256:<hex>`), one `containerPort` is where it is served, and the agent supplies the
+/// program, so `command` and `args` are refused.
+fn validate_model_container(ctx: &mut Ctx, f: &str, c: &crate::manifest::Container) {
+    if c.image.as_deref().is_none_or(str::is_empty) {
+        ctx.err(
+            format!("{f}.image"),
+            "required with runtimeClassName: onnx: the model to serve, e.g. digits:v2 or digits@sha256:<hex> (`outpost model push`)",
+        );
+    }
+    if !c.command.is_empty() || !c.args.is_empty() {
+        ctx.err(
+            format!("{f}.command"),
+            "not allowed with runtimeClassName: onnx: outpost runs the model server itself; remove command and args",
+        );
+    }
+    if c.ports.len() != 1 {
+        ctx.err(
+            format!("{f}.ports"),
+            format!(
+                "runtimeClassName: onnx needs exactly one containerPort (the port the model is served on), found {}",
+                c.ports.len()
+            ),
+        );
+    }
+}
+
 fn validate_pod(ctx: &mut Ctx, at: &str, pod: &PodSpec) {
+    let onnx = pod.runtime_class_name.as_deref() == Some(ONNX_RUNTIME);
     let process = match pod.runtime_class_name.as_deref() {
-        None => false,
+        None | Some(ONNX_RUNTIME) => false,
         Some(PROCESS_RUNTIME) => true,
         Some(other) => {
             ctx.err(
                 format!("{at}.runtimeClassName"),
-                format!("unknown runtime class {other:?}: use \"process\" for native processes, or omit it for Docker"),
+                format!("unknown runtime class {other:?}: use \"process\" for native processes, \"onnx\" to serve a model, or omit it for Docker"),
             );
             false
         }
@@ -1077,7 +1108,9 @@ fn validate_pod(ctx: &mut Ctx, at: &str, pod: &PodSpec) {
                 format!("container name {:?} is used twice", c.name),
             );
         }
-        if process {
+        if onnx {
+            validate_model_container(ctx, &f, c);
+        } else if process {
             if c.command.first().is_none_or(|s| s.is_empty()) {
                 ctx.err(
                     format!("{f}.command"),
@@ -1729,6 +1762,22 @@ data: {b: hello}
             (
                 "runtimeClassName: process\ncontainers: [{name: a}]",
                 "containers[0].command: required with runtimeClassName: process",
+            ),
+            (
+                "runtimeClassName: onnx\ncontainers: [{name: a, ports: [{containerPort: 5000}]}]",
+                "containers[0].image: required with runtimeClassName: onnx: the model to serve",
+            ),
+            (
+                "runtimeClassName: onnx\ncontainers: [{name: a, image: 'digits:v2', command: [x], ports: [{containerPort: 5000}]}]",
+                "containers[0].command: not allowed with runtimeClassName: onnx",
+            ),
+            (
+                "runtimeClassName: onnx\ncontainers: [{name: a, image: 'digits:v2'}]",
+                "containers[0].ports: runtimeClassName: onnx needs exactly one containerPort",
+            ),
+            (
+                "runtimeClassName: onnx\ncontainers: [{name: a, image: 'digits v2', ports: [{containerPort: 5000}]}]",
+                "containers[0].image:",
             ),
             (
                 "containers: [{name: a}]",

@@ -64,6 +64,28 @@ pub struct StreamSpec {
     pub sinks: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spool: Option<SpoolSpec>,
+    /// A model stage before everything else: each record's feature vector goes to an ONNX
+    /// serving workload on the node, and the record becomes its prediction
+    /// (docs/inference.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub infer: Option<InferSpec>,
+}
+
+/// The model stage of a stream: `{"model": m, "pred": .., "confidence": .., <keep fields>}`
+/// replaces each record; the filter, anomaly rules (e.g. `{field: confidence, below: 0.9}`)
+/// and windows then apply to predictions.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InferSpec {
+    /// The model's name as its serving workload serves it (`/v2/models/<model>`).
+    pub model: String,
+    /// The serving workload's port on this node (its containerPort, on loopback).
+    pub port: u16,
+    /// Field path of the feature vector (an array of numbers, nested arrays allowed).
+    pub input: String,
+    /// Fields copied from the record into its prediction (e.g. a camera id).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keep: Vec<String>,
 }
 
 /// One anomaly rule: `when` (an expression), or a `field` with `above`/`below` (threshold),
@@ -489,6 +511,34 @@ pub fn check_spec(spec: &PipelineSpec) -> Vec<(String, String)> {
             for (name, v) in [("deadband", a.deadband), ("rateOfChange", a.rate_of_change)] {
                 if v.is_some_and(|v| v <= 0.0) {
                     e(format!("{g}.{name}"), "must be more than 0".into());
+                }
+            }
+        }
+        if let Some(inf) = &st.infer {
+            let g = format!("{f}.infer");
+            if inf.model.is_empty()
+                || !inf
+                    .model
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            {
+                e(
+                    format!("{g}.model"),
+                    format!(
+                        "{:?} is not a model name like digits (letters, digits, '.', '_', '-')",
+                        inf.model
+                    ),
+                );
+            }
+            if inf.port == 0 {
+                e(
+                    format!("{g}.port"),
+                    "required: the serving workload's containerPort".into(),
+                );
+            }
+            for (name, p) in std::iter::once(("input", &inf.input)).chain(inf.keep.iter().map(|k| ("keep", k))) {
+                if let Err(r) = check_path(p) {
+                    e(format!("{g}.{name}"), r);
                 }
             }
         }
@@ -970,6 +1020,26 @@ spec:
                 "    key: camera\n",
                 "    key: camera\n    colour: red\n",
                 "spec.streams[0].colour: unknown field `colour`",
+            ),
+            (
+                "    key: camera\n",
+                "    key: camera\n    infer: {model: 'digits v2', port: 5000, input: features}\n",
+                "spec.streams[0].infer.model: \"digits v2\" is not a model name",
+            ),
+            (
+                "    key: camera\n",
+                "    key: camera\n    infer: {model: digits, port: 0, input: features}\n",
+                "spec.streams[0].infer.port: required",
+            ),
+            (
+                "    key: camera\n",
+                "    key: camera\n    infer: {model: digits, port: 5000, input: 'a..b'}\n",
+                "spec.streams[0].infer.input: \"a..b\" is not a field path",
+            ),
+            (
+                "    key: camera\n",
+                "    key: camera\n    infer: {model: digits, port: 5000, input: features, shape: [64]}\n",
+                "spec.streams[0].infer.shape: unknown field `shape`",
             ),
             (
                 "'status != 200'",

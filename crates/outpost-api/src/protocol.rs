@@ -315,6 +315,34 @@ pub struct ContainerSpec {
     /// start. A sidecar (`restartPolicy: Always`) is an ordinary container.
     #[serde(default, skip_serializing_if = "is_false")]
     pub init: bool,
+    /// Set for `runtimeClassName: onnx`: the model this container serves (docs/inference.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelServe>,
+}
+
+/// What an ONNX serving container runs: the agent starts `outpost serve-model` on the model's
+/// cached file (the workload runs with the process runtime).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelServe {
+    /// As the manifest names it: `digits:v2` or `digits@sha256:<hex>`.
+    pub reference: String,
+    /// Where it is served: `127.0.0.1:<containerPort>`, or every address at `hostPort` when set.
+    pub port: u16,
+    #[serde(default)]
+    pub host_port: Option<u16>,
+}
+
+impl ModelServe {
+    /// The model's name (before `:` or `@`) and its version (the tag or the digest).
+    pub fn name_version(&self) -> (&str, &str) {
+        if let Some((n, d)) = self.reference.split_once('@') {
+            return (n, d);
+        }
+        match self.reference.rsplit_once(':') {
+            Some((n, t)) if !t.contains('/') => (n, t),
+            _ => (&self.reference, "latest"),
+        }
+    }
 }
 
 /// When the agent fetches a container's image (Kubernetes' meaning; the default is Always for

@@ -14,6 +14,7 @@ pub mod bandwidth;
 pub mod fleet;
 pub mod footprint;
 pub mod harness;
+pub mod inference;
 pub mod kustomize;
 pub mod offline;
 pub mod pipeline;
@@ -52,6 +53,8 @@ pub enum BenchCmd {
     Reduction(pipeline::ReductionArgs),
     /// Render time of an `overlaysBy` repository (500 site overlays), beside `kubectl kustomize`.
     Kustomize(kustomize::KustomizeArgs),
+    /// The ONNX model endpoint at 1/4/16 clients beside Flask + onnxruntime; RSS; binary size.
+    Inference(inference::InferenceArgs),
     /// Footprint, propagation, offline and bandwidth with their defaults, one after the other.
     Agent,
 }
@@ -114,6 +117,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         BenchCmd::Mqtt(x) => pipeline::mqtt(x, &sub("mqtt")?).await?,
         BenchCmd::Reduction(x) => pipeline::reduction(x, &sub("reduction")?).await?,
         BenchCmd::Kustomize(x) => kustomize::kustomize(x, &sub("kustomize")?).await?,
+        BenchCmd::Inference(x) => inference::inference(x, &sub("inference")?).await?,
         BenchCmd::Agent => {
             let mut out = String::new();
             out.push_str(&footprint::footprint(defaults(), &sub("footprint")?).await?);

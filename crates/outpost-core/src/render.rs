@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use base64::Engine;
 use outpost_api::{
     content_hash, parse_cpu, parse_memory, probe_port, ConcurrencyPolicy, ConfigMap, Container, ContainerSpec,
-    CronRunSpec, JobRunSpec, Kind, ManifestError, MountSpec, NodeField, Object, ObjectId, PodSpec, PortSpec, Probe,
-    ProbeAction, ProbeSpec, PullPolicy, RestartPolicy, Runtime, Secret, SecuritySpec, VolumeSource, VolumeSpec,
-    WorkloadSpec, DEFAULT_MIN_READY_SECS, DEFAULT_PROGRESS_DEADLINE_SECS, PROCESS_RUNTIME,
+    CronRunSpec, JobRunSpec, Kind, ManifestError, ModelServe, MountSpec, NodeField, Object, ObjectId, PodSpec,
+    PortSpec, Probe, ProbeAction, ProbeSpec, PullPolicy, RestartPolicy, Runtime, Secret, SecuritySpec, VolumeSource,
+    VolumeSpec, WorkloadSpec, DEFAULT_MIN_READY_SECS, DEFAULT_PROGRESS_DEADLINE_SECS, ONNX_RUNTIME, PROCESS_RUNTIME,
 };
 
 /// Default grace period, as in Kubernetes.
@@ -451,6 +451,36 @@ fn probe_spec(p: &Probe, c: &Container) -> Option<ProbeSpec> {
     })
 }
 
+/// What an ONNX serving container serves (`runtimeClassName: onnx`, docs/inference.md).
+fn model_serve(c: &Container) -> Option<ModelServe> {
+    let port = c.ports.first()?;
+    Some(ModelServe {
+        reference: c.image.clone()?,
+        port: port.container_port,
+        host_port: port.host_port,
+    })
+}
+
+/// Ready only once the model is loaded and warmed up: the server listens only then, and answers
+/// `/v2/health/ready`. The update gate waits for it, so a model that does not load is rolled back.
+fn model_ready_probe(c: &Container) -> Option<ProbeSpec> {
+    let m = model_serve(c)?;
+    Some(ProbeSpec {
+        action: ProbeAction::HttpGet {
+            host: "127.0.0.1".into(),
+            port: m.host_port.unwrap_or(m.port),
+            path: "/v2/health/ready".into(),
+            headers: vec![],
+            https: false,
+        },
+        initial_delay_seconds: 0,
+        period_seconds: 1,
+        timeout_seconds: 1,
+        failure_threshold: 3,
+        success_threshold: 1,
+    })
+}
+
 /// An AgentUpdate as a node receives it: no containers, the binary to run.
 pub fn render_agent_update(u: &outpost_api::AgentUpdate, revision: u64) -> WorkloadSpec {
     let id = ObjectId {
@@ -725,7 +755,9 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
     let t = obj.template()?;
     let ns = obj.meta().ns().to_string();
     let pod = &t.spec;
-    let runtime = if pod.runtime_class_name.as_deref() == Some(PROCESS_RUNTIME) {
+    // An ONNX serving workload runs as processes: the agent starts `outpost serve-model`.
+    let onnx = pod.runtime_class_name.as_deref() == Some(ONNX_RUNTIME);
+    let runtime = if onnx || pod.runtime_class_name.as_deref() == Some(PROCESS_RUNTIME) {
         Runtime::Process
     } else {
         Runtime::Docker
@@ -811,7 +843,12 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
                 .collect(),
             startup_probe: c.startup_probe.as_ref().and_then(|p| probe_spec(p, c)),
             liveness_probe: c.liveness_probe.as_ref().and_then(|p| probe_spec(p, c)),
-            readiness_probe: c.readiness_probe.as_ref().and_then(|p| probe_spec(p, c)),
+            readiness_probe: c
+                .readiness_probe
+                .as_ref()
+                .and_then(|p| probe_spec(p, c))
+                .or_else(|| onnx.then(|| model_ready_probe(c)).flatten()),
+            model: onnx.then(|| model_serve(c)).flatten(),
             security: security_spec(pod, c),
             node_env: c
                 .env
@@ -968,6 +1005,31 @@ spec:
       volumes:
       - {name: conf, configMap: {name: cfg}}
 "#;
+
+    #[test]
+    fn an_onnx_workload_renders_to_a_model_server_gated_on_readiness() {
+        let objs = objects(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: digits}\nspec:\n  template:\n    spec:\n      runtimeClassName: onnx\n      containers:\n      - {name: m, image: 'digits:v2', ports: [{containerPort: 5000, hostPort: 30001}]}\n",
+        );
+        let spec = render(objs.values().next().unwrap(), 1, &objs).unwrap();
+        assert_eq!(spec.runtime, Runtime::Process);
+        let c = &spec.containers[0];
+        let m = c.model.as_ref().unwrap();
+        assert_eq!(
+            (m.reference.as_str(), m.port, m.host_port),
+            ("digits:v2", 5000, Some(30001))
+        );
+        assert_eq!(m.name_version(), ("digits", "v2"));
+        match &c.readiness_probe.as_ref().unwrap().action {
+            ProbeAction::HttpGet { port, path, .. } => assert_eq!((*port, path.as_str()), (30001, "/v2/health/ready")),
+            other => panic!("{other:?}"),
+        }
+        // A process workload's spec (and so its hash) carries no model field.
+        let objs = objects(APP);
+        let ds = objs.values().find(|o| o.kind() == Kind::DaemonSet).unwrap();
+        let plain = serde_json::to_value(render(ds, 1, &objs).unwrap()).unwrap();
+        assert!(plain["containers"][0].get("model").is_none());
+    }
 
     #[test]
     fn render_resolves_env_and_files() {

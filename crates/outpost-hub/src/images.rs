@@ -71,6 +71,18 @@ pub async fn put_blob(
     Path(digest): Path<String>,
     req: Request,
 ) -> Result<Response, HubError> {
+    store_blob(&svc, &digest, req, |_| Ok(())).await
+}
+
+/// Stream an upload into the blob store: hashed on the way, `check`ed on the complete temporary
+/// file (models: the ONNX check), renamed into place only when both pass.
+pub(crate) async fn store_blob(
+    svc: &Service,
+    digest: &str,
+    req: Request,
+    check: impl FnOnce(&std::path::Path) -> Result<(), HubError>,
+) -> Result<Response, HubError> {
+    let digest = digest.to_string();
     let path = svc.blob_path(&digest)?;
     if path.exists() {
         return Ok(StatusCode::OK.into_response());
@@ -100,8 +112,9 @@ pub async fn put_blob(
             "the upload's digest is sha256:{actual}, not {digest}; push again"
         )));
     }
+    check(&tmp)?;
     tmp.persist(&path).map_err(|e| storage_error(e.error))?;
-    tracing::info!(digest = %digest, "image archive stored");
+    tracing::info!(digest = %digest, "blob stored");
     Ok(StatusCode::CREATED.into_response())
 }
 

@@ -27,6 +27,7 @@ pub mod files;
 pub mod images;
 pub mod logs;
 pub mod metrics;
+pub mod models;
 pub mod monitor;
 pub mod openapi;
 pub mod rollouts;

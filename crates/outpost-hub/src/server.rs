@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use hyper::body::{Body as _, Bytes, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -123,6 +123,14 @@ pub fn router(svc: Arc<Service>) -> Router {
                 .layer(DefaultBodyLimit::disable()),
         )
         .route("/v1/images/tags", get(images::get_tags).post(images::put_tag))
+        .route(
+            "/v1/models/blobs/{digest}",
+            put(crate::models::put_blob).layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/v1/models/tags",
+            get(crate::models::get_tags).post(crate::models::put_tag),
+        )
         .route("/v1/workloads", get(api::workloads))
         .route("/v1/nodes", get(api::nodes))
         .route("/v1/nodes/{node}", get(api::node).delete(api::delete_node))

@@ -69,7 +69,10 @@ pub fn workload_info(
             }
         })
         .collect();
-    let runtime = if template.spec.runtime_class_name.as_deref() == Some(PROCESS_RUNTIME) {
+    let runtime = if matches!(
+        template.spec.runtime_class_name.as_deref(),
+        Some(PROCESS_RUNTIME | outpost_api::ONNX_RUNTIME)
+    ) {
         Runtime::Process
     } else {
         Runtime::Docker

@@ -9,6 +9,7 @@ mod image;
 mod install;
 mod kustomize;
 mod logs;
+mod model;
 mod output;
 
 use std::collections::BTreeMap;
@@ -101,8 +102,29 @@ enum Cmd {
         #[command(subcommand)]
         cmd: data::DataCmd,
     },
+    /// ONNX models delivered through the hub (docs/inference.md).
+    Model {
+        #[command(subcommand)]
+        cmd: ModelCmd,
+    },
+    /// Serve one ONNX model over HTTP (KServe v2 and POST /infer). The agent runs this for
+    /// workloads with `runtimeClassName: onnx` (docs/inference.md); it also runs by hand.
+    ServeModel(ServeModelArgs),
     /// Measure outpost: agent footprint, propagation, offline recovery, bandwidth, fleet scale (simulator).
     Bench(outpost_bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum ModelCmd {
+    /// Upload an ONNX file to the hub (stored once per content) and name it.
+    Push {
+        file: PathBuf,
+        /// e.g. digits:v2; workloads name it as `image` with runtimeClassName: onnx.
+        #[arg(long)]
+        name: String,
+    },
+    /// List the models the hub holds.
+    Ls,
 }
 
 #[derive(Subcommand)]
@@ -323,6 +345,35 @@ struct RunArgs {
     /// Node labels for a box that has not joined a hub, k=v,k2=v2 (local workloads select by them).
     #[arg(long, value_parser = parse_labels)]
     labels: Option<Labels>,
+}
+
+#[derive(Args)]
+struct ServeModelArgs {
+    /// The ONNX file.
+    #[arg(long, required_unless_present = "model_ref")]
+    model: Option<PathBuf>,
+    /// A model pushed to the hub (`digits:v2`, `digits@sha256:<hex>`), fetched into the agent's
+    /// cache in --data-dir with its identity.
+    #[arg(long, requires = "data_dir")]
+    model_ref: Option<String>,
+    /// The agent's data dir (with --model-ref).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The model's name in URLs (`/v2/models/NAME/infer`).
+    #[arg(long, default_value = "model")]
+    name: String,
+    /// The version it reports (a tag or digest).
+    #[arg(long, default_value = "1")]
+    version: String,
+    /// Address to listen on (loopback unless the site's devices must reach it).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// Largest request body; larger requests get 413.
+    #[arg(long, default_value_t = outpost_agent::inference::server::DEFAULT_MAX_BODY)]
+    max_request_bytes: usize,
+    /// The node name answered as `node_id` by POST /infer.
+    #[arg(long, env = "OUTPOST_NODE", default_value = "")]
+    node: String,
 }
 
 #[derive(Args)]
@@ -553,6 +604,24 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Logs(a) => logs::run(&client::Client::from_env()?, a).await,
         Cmd::Data { cmd } => data::run(&client::Client::from_env()?, cmd).await,
         Cmd::Bench(a) => outpost_bench::run(a).await,
+        Cmd::Model {
+            cmd: ModelCmd::Push { file, name },
+        } => model::push(&client::Client::from_env()?, &file, &name).await,
+        Cmd::Model { cmd: ModelCmd::Ls } => model::list(&client::Client::from_env()?).await,
+        Cmd::ServeModel(a) => {
+            init_tracing();
+            outpost_agent::inference::server::run(outpost_agent::inference::server::ServeOptions {
+                model: a.model,
+                model_ref: a.model_ref,
+                data_dir: a.data_dir,
+                name: a.name,
+                version: a.version,
+                listen: a.listen,
+                max_body: a.max_request_bytes,
+                node: a.node,
+            })
+            .await
+        }
     }
 }
 

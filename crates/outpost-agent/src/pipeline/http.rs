@@ -178,6 +178,10 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
             }
             Ok(match first_err {
                 None => answer(StatusCode::OK, json!({"accepted": accepted})),
+                Some(e @ Rejected::Unpredictable(..)) => answer(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    json!({"code": "model_refused", "message": e.to_string(), "accepted": accepted}),
+                ),
                 Some(e @ Rejected::Full(_)) => answer(
                     StatusCode::INSUFFICIENT_STORAGE,
                     json!({"code": "spool_full", "message": e.to_string(), "accepted": accepted}),

@@ -156,6 +156,10 @@ pub enum Rejected {
     NoStream(String),
     #[error("stream {0}: cannot write to the spool: {1}")]
     Spool(String, String),
+    #[error("stream {0}: the model stage cannot take the record: {1}")]
+    Unpredictable(String, String),
+    #[error("stream {0}: the model stage is not answering: {1}; retry")]
+    Model(String, String),
 }
 
 /// Where a stream worker answers: once the record is durable, or why it was refused.
@@ -639,6 +643,7 @@ async fn start_stream(shared: &Arc<Shared>, p: &NodePipeline, s: &StreamSpec) ->
         written: 0,
         keep_topic: serde_json::to_string(s).unwrap_or_default().contains("$topic"),
         anomaly_alerts: BTreeMap::new(),
+        infer: s.infer.as_ref().map(crate::inference::stage::Stage::new),
     };
     tasks.push(tokio::spawn(worker.run(rx, stop_rx)));
     info!(pipeline = %p.name, stream = %s.name, revision = p.revision, "stream started");
@@ -677,6 +682,8 @@ struct Worker {
     keep_topic: bool,
     /// Anomaly alerts firing: rule -> last match.
     anomaly_alerts: BTreeMap<String, UnixMs>,
+    /// The stream's model stage (docs/inference.md), run before the rules.
+    infer: Option<crate::inference::stage::Stage>,
 }
 
 /// Anomaly alerts resolve after this long without a match.
@@ -761,9 +768,39 @@ impl Worker {
                 _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
                 _ = stop.changed() => return,
             }
-            let inputs = std::mem::take(&mut batch);
+            let mut inputs = std::mem::take(&mut batch);
+            if let Some(stage) = &self.infer {
+                inputs = self.predict(stage, inputs).await;
+            }
             tokio::task::block_in_place(|| self.process(inputs));
         }
+    }
+
+    /// The model stage: each record becomes its prediction; one the model cannot take is
+    /// refused to its publisher with the reason.
+    async fn predict(&self, stage: &crate::inference::stage::Stage, inputs: Vec<Input>) -> Vec<Input> {
+        let records: Vec<(Value, Option<String>)> = inputs.iter().map(|i| (i.value.clone(), i.topic.clone())).collect();
+        let predictions = stage.run(&records).await;
+        let mut kept = Vec::with_capacity(inputs.len());
+        for (mut input, p) in inputs.into_iter().zip(predictions) {
+            match p {
+                Ok(v) => {
+                    input.value = v;
+                    kept.push(input);
+                }
+                Err(why) => {
+                    let r = match why {
+                        crate::inference::stage::StageError::Record(w) => Rejected::Unpredictable(self.name.clone(), w),
+                        crate::inference::stage::StageError::Model(w) => Rejected::Model(self.name.clone(), w),
+                    };
+                    warn!(stream = %self.name, reason = %r, "model stage refused a record");
+                    if let Some(d) = input.done.take() {
+                        let _ = d.send(Err(r));
+                    }
+                }
+            }
+        }
+        kept
     }
 
     /// Keep `shared.node_bytes` in step with this spool.

@@ -521,6 +521,9 @@ where
                             match w.await {
                                 Ok(Ok(())) => {}
                                 Ok(Err(Rejected::Full(_))) if version == Version::V5 => quota = true,
+                                // A record the stream's model can never take: acknowledged and
+                                // dropped (logged and refused), or the client would resend it forever.
+                                Ok(Err(Rejected::Unpredictable(..))) => {}
                                 // Not durable and no way to say so in 3.1.1: no PUBACK, close,
                                 // and the client publishes again.
                                 _ => return,
