@@ -177,9 +177,10 @@ pub async fn put_tag(State(svc): St, _: Admin, ApiJson(t): ApiJson<ImageTag>) ->
     svc.execute(Command::TagImage(t)).await
 }
 
+/// `?name=` of the tag routes (images and models).
 #[derive(Deserialize)]
 pub struct TagQuery {
-    name: Option<String>,
+    pub(crate) name: Option<String>,
 }
 
 /// `GET /v1/images/tags?name=IMAGE` (admin or node): one tag; without `name`, all (admin).

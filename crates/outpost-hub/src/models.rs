@@ -15,10 +15,10 @@ use std::sync::Arc;
 use axum::extract::{Path, Request, State};
 use axum::response::Response;
 use outpost_api::ImageTag;
-use serde::Deserialize;
 
 use crate::error::HubError;
 use crate::extract::{Admin, ApiJson, ApiQuery, Bearer, Peer};
+use crate::images::TagQuery;
 use crate::service::{Command, Query, Reply, Service};
 
 type St = State<Arc<Service>>;
@@ -65,11 +65,6 @@ pub async fn put_tag(State(svc): St, _: Admin, ApiJson(mut t): ApiJson<ImageTag>
         }
         other => Ok(other),
     }
-}
-
-#[derive(Deserialize)]
-pub struct TagQuery {
-    name: Option<String>,
 }
 
 /// `GET /v1/models/tags?name=digits:v2` (admin or node): the digest a model name points at;

@@ -40,34 +40,59 @@ pub async fn push(c: &Client, image: &str, socket: &str) -> Result<()> {
     }
     f.flush().await?;
     let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
-    let blob = format!("/v1/images/blobs/{digest}");
-    if c.exists(&blob).await? {
-        eprintln!("{image}: the hub already has {digest} ({size} bytes); not uploading again");
-    } else {
-        eprintln!("{image}: uploading {size} bytes ({digest})");
-        let file = tokio::fs::File::open(tmp.path()).await?;
-        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
-        c.put_stream(&blob, body, size).await?;
-    }
-    let t: ImageTag = c
-        .post(
-            "/v1/images/tags",
-            &ImageTag {
-                name: image.to_string(),
-                digest,
-                size,
-                pushed_at: 0,
-            },
-        )
-        .await?;
+    let t = upload_and_tag(c, "/v1/images", tmp.path(), image, &digest, size, "").await?;
     println!("pushed {} ({}, {} bytes)", t.name, t.digest, t.size);
     Ok(())
 }
 
+/// Upload `file` (`size` bytes hashing to `digest`) to `{routes}/blobs/` unless the hub's blob
+/// store already holds that digest, then name it `name` at `{routes}/tags`. `detail` is added to
+/// the upload message.
+pub(crate) async fn upload_and_tag(
+    c: &Client,
+    routes: &str,
+    file: &std::path::Path,
+    name: &str,
+    digest: &str,
+    size: u64,
+    detail: &str,
+) -> Result<ImageTag> {
+    // One blob store for images, models and agent binaries: a digest it holds is not sent again.
+    if c.exists(&format!("/v1/images/blobs/{digest}")).await? {
+        eprintln!("{name}: the hub already has {digest} ({size} bytes); not uploading again");
+    } else {
+        eprintln!("{name}: uploading {size} bytes ({digest}{detail})");
+        let f = tokio::fs::File::open(file).await?;
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(f));
+        c.put_stream(&format!("{routes}/blobs/{digest}"), body, size).await?;
+    }
+    c.post(
+        &format!("{routes}/tags"),
+        &ImageTag {
+            name: name.to_string(),
+            digest: digest.to_string(),
+            size,
+            pushed_at: 0,
+        },
+    )
+    .await
+}
+
 pub async fn list(c: &Client) -> Result<()> {
-    let tags: Vec<ImageTag> = c.get("/v1/images/tags").await?;
+    list_tags(
+        c,
+        "/v1/images/tags",
+        "IMAGE",
+        "the hub has no images; push one with `outpost image push IMAGE`",
+    )
+    .await
+}
+
+/// `image ls` / `model ls`: the names at `route` as a table, or `empty` as the error.
+pub(crate) async fn list_tags(c: &Client, route: &str, header: &str, empty: &str) -> Result<()> {
+    let tags: Vec<ImageTag> = c.get(route).await?;
     if tags.is_empty() {
-        bail!("the hub has no images; push one with `outpost image push IMAGE`");
+        bail!("{empty}");
     }
     let rows: Vec<Vec<String>> = tags
         .iter()
@@ -80,7 +105,7 @@ pub async fn list(c: &Client) -> Result<()> {
             ]
         })
         .collect();
-    print!("{}", table(&["IMAGE", "DIGEST", "SIZE", "AGE"], &rows));
+    print!("{}", table(&[header, "DIGEST", "SIZE", "AGE"], &rows));
     Ok(())
 }
 

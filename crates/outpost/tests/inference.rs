@@ -48,14 +48,6 @@ fn model_dir() -> PathBuf {
     dir
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One HTTP/1.1 request on a fresh connection: (status, body).
 fn http(port: u16, method: &str, path: &str, body: &[u8]) -> Option<(u16, String)> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -353,30 +345,6 @@ fn push_serve_roll_out_v2_and_roll_back_a_broken_v3() {
     assert_eq!(pred(), Some(reference["labels"][0].clone()));
 }
 
-/// Every record of a stream the hub stored (paged with `--after`).
-fn stored(hub: &Hub, stream: &str) -> Vec<Value> {
-    let mut all: Vec<Value> = Vec::new();
-    loop {
-        let after = all.last().map_or(0, |r| r["cursor"].as_i64().unwrap());
-        let out = hub.cli(&[
-            "data",
-            "query",
-            stream,
-            "-n",
-            "10000",
-            "--after",
-            &after.to_string(),
-            "-o",
-            "json",
-        ]);
-        let page: Vec<Value> = out.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-        if page.is_empty() {
-            return all;
-        }
-        all.extend(page);
-    }
-}
-
 #[test]
 fn a_pipeline_model_stage_forwards_only_predictions_and_unsure_ones_as_anomalies() {
     let dir = model_dir();
@@ -472,7 +440,7 @@ spec:
     );
 
     let got = wait_for("450 predictions at the hub", 60.0, || {
-        let r = stored(&hub, "digits");
+        let r = stored_records(&hub, "digits");
         (r.len() >= 450).then_some(r)
     });
     assert_eq!(got.len(), 450, "nothing of the refused records went upstream");

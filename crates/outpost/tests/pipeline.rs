@@ -73,30 +73,6 @@ fn wait_stream(addrs: &BTreeMap<String, String>, stream: &str) {
     wait_for(&format!("stream {stream} running"), 30.0, || stats(addrs, stream));
 }
 
-/// Every record of a stream the hub stored (paged with `--after`).
-fn stored(hub: &Hub, stream: &str) -> Vec<Value> {
-    let mut all: Vec<Value> = Vec::new();
-    loop {
-        let after = all.last().map_or(0, |r| r["cursor"].as_i64().unwrap());
-        let out = hub.cli(&[
-            "data",
-            "query",
-            stream,
-            "-n",
-            "10000",
-            "--after",
-            &after.to_string(),
-            "-o",
-            "json",
-        ]);
-        let page: Vec<Value> = out.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-        if page.is_empty() {
-            return all;
-        }
-        all.extend(page);
-    }
-}
-
 const HUB_SINK: &str = "  sinks:\n  - {name: hub, type: hub, retention: 1d}\n";
 
 /// A raw MQTT 3.1.1 client: publishes at QoS 1 and tells which messages were acknowledged.
@@ -311,7 +287,7 @@ spec:
     // At the hub: the hot readings exactly as published, and two windows of 10 normal readings
     // per... (17 normal readings on two keys: s0 has 9, s1 has 8: no full window yet).
     let temps = wait_for("anomalies at the hub", 30.0, || {
-        let r = stored(&hub, "temps");
+        let r = stored_records(&hub, "temps");
         (r.len() >= 3).then_some(r)
     });
     let hot: Vec<i64> = temps
@@ -325,14 +301,16 @@ spec:
         publish("sensors/s1/temp", &format!("{{\"t\": 25, \"i\": {i}}}"), false);
     }
     let agg = wait_for("a count window of 10 at the hub", 30.0, || {
-        stored(&hub, "temps").into_iter().find(|r| r["kind"] == "aggregate")
+        stored_records(&hub, "temps")
+            .into_iter()
+            .find(|r| r["kind"] == "aggregate")
     });
     assert_eq!(agg["key"], "sensors/s1/temp");
     assert_eq!(agg["data"]["records"], 10);
     assert_eq!(agg["data"]["fields"]["t"]["count"], 10);
 
     let results = wait_for("results at the hub", 30.0, || {
-        let r = stored(&hub, "results");
+        let r = stored_records(&hub, "results");
         (r.len() >= 5).then_some(r)
     });
     let kinds: Vec<(i64, String)> = results
@@ -423,7 +401,7 @@ fn hub_down_for_a_while_then_every_record_arrives_exactly_once() {
     hub.restart();
     send_for(3, &mut n);
     let recs = wait_for("every record at the hub", 90.0, || {
-        let r = stored(&hub, "steady");
+        let r = stored_records(&hub, "steady");
         (r.len() as u64 >= n).then_some(r)
     });
     let mut seen: Vec<u64> = recs.iter().map(|r| r["data"]["n"].as_u64().unwrap()).collect();
@@ -443,14 +421,6 @@ struct Nats {
     port: u16,
     http: u16,
     dir: std::path::PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Nats {
@@ -603,7 +573,7 @@ fn kill_9_mid_stream_loses_no_acknowledged_record_and_duplicates_none() {
     }
     assert!(acked.len() > 500, "only {} acknowledged", acked.len());
     let recs = wait_for("every acknowledged record at the hub", 60.0, || {
-        let r = stored(&hub, "raw");
+        let r = stored_records(&hub, "raw");
         let have: std::collections::BTreeSet<u64> = r.iter().map(|x| x["data"]["n"].as_u64().unwrap()).collect();
         let missing: Vec<&u64> = acked.iter().filter(|n| !have.contains(n)).collect();
         if !missing.is_empty() {
@@ -643,7 +613,7 @@ fn kill_9_mid_stream_loses_no_acknowledged_record_and_duplicates_none() {
     assert_eq!(ns.len(), total, "no record stored twice");
     assert!(ns.iter().all(|n| *n < sent));
     // The aggregate stream survived the kills through its checkpoints: no record counted twice.
-    let counted: u64 = stored(&hub, "stats")
+    let counted: u64 = stored_records(&hub, "stats")
         .iter()
         .map(|r| r["data"]["records"].as_u64().unwrap())
         .sum();
@@ -773,7 +743,7 @@ fn a_spool_corrupted_by_hand_is_skipped_reported_and_the_agent_goes_on() {
     .unwrap();
     assert_eq!(code, 200, "the agent takes new records");
     let recs = wait_for("the readable records and the new one at the hub", 60.0, || {
-        let r = stored(&hub, "s");
+        let r = stored_records(&hub, "s");
         r.iter().any(|x| x["data"]["i"] == 1000).then_some(r)
     });
     let got: Vec<i64> = recs.iter().map(|x| x["data"]["i"].as_i64().unwrap()).collect();
@@ -867,10 +837,10 @@ fn mqtt_5_login_and_a_site_broker_feed_the_pipeline() {
             .output()
             .unwrap();
         assert!(o.status.success());
-        let r = stored(&hub, "plc");
+        let r = stored_records(&hub, "plc");
         r.iter().any(|x| x["data"]["n"] == 3).then_some(())
     });
-    let ns: BTreeMap<i64, usize> = stored(&hub, "plc").iter().fold(BTreeMap::new(), |mut m, x| {
+    let ns: BTreeMap<i64, usize> = stored_records(&hub, "plc").iter().fold(BTreeMap::new(), |mut m, x| {
         *m.entry(x["data"]["n"].as_i64().unwrap()).or_default() += 1;
         m
     });
@@ -973,6 +943,6 @@ fn listeners_opened_with_tls_refuse_plain_text_and_take_tls_clients() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&o.stdout), "{\"accepted\":1}");
     wait_for("both records at the hub", 30.0, || {
-        (stored(&hub, "s").len() == 2).then_some(())
+        (stored_records(&hub, "s").len() == 2).then_some(())
     });
 }

@@ -36,7 +36,7 @@ pub fn outpost_under<S: AsRef<std::ffi::OsStr>>(wrap: &[S]) -> Command {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -445,4 +445,28 @@ pub fn sleeper_ds(name: &str, marker: &str, selector: &str) -> String {
     format!(
         "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: {name}}}\nspec:\n  template:\n    spec:\n      runtimeClassName: process\n      terminationGracePeriodSeconds: 2\n{selector}      containers:\n      - {{name: main, image: 'sleeper:1', command: [/bin/sleep, '{marker}']}}\n"
     )
+}
+
+/// Every record of a pipeline stream the hub stored (paged with `outpost data query --after`).
+pub fn stored_records(hub: &Hub, stream: &str) -> Vec<Value> {
+    let mut all: Vec<Value> = Vec::new();
+    loop {
+        let after = all.last().map_or(0, |r| r["cursor"].as_i64().unwrap());
+        let out = hub.cli(&[
+            "data",
+            "query",
+            stream,
+            "-n",
+            "10000",
+            "--after",
+            &after.to_string(),
+            "-o",
+            "json",
+        ]);
+        let page: Vec<Value> = out.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        if page.is_empty() {
+            return all;
+        }
+        all.extend(page);
+    }
 }
