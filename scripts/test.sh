@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*"; }
 
+# This script installs and starts every real component the tests use, so a test that finds one
+# missing must fail, not skip: the tests read CI for that (tests/common: docker_ready and the like).
+export CI="${CI:-true}"
+
 if ! command -v cargo >/dev/null; then
   echo "cargo is required (https://rustup.rs); it is the only thing this script does not install" >&2
   exit 1

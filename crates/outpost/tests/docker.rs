@@ -10,39 +10,6 @@ use std::process::Command;
 use common::*;
 use serde_json::Value;
 
-/// Is a Docker Engine reachable? Under CI it must be: the test script starts it.
-fn docker_ready() -> bool {
-    let ok = Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("CI").is_err(),
-            "no Docker Engine: scripts/test.sh must install and start dockerd"
-        );
-        eprintln!("skipping: no Docker Engine reachable (run scripts/test.sh, which starts one)");
-    }
-    ok
-}
-
-fn docker(args: &[&str]) -> String {
-    let o = Command::new("docker").args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
-fn has_image(name: &str) -> bool {
-    Command::new("docker")
-        .args(["image", "inspect", name])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 /// Build a busybox-based image from a folder: `/bin` with busybox and `applets`, `/www/index.html`
 /// holding `page`, and `changes` (Dockerfile lines such as `CMD [...]`).
 fn build_image(name: &str, applets: &[&str], page: &str, changes: &[&str]) {

@@ -382,22 +382,6 @@ spec:
     assert!(log.contains("concurrencyPolicy: Forbid"), "the skipped run is logged");
 }
 
-/// Is a Docker Engine reachable? Under CI it must be: the test script starts it.
-fn docker_ready() -> bool {
-    let ok = std::process::Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("CI").is_err(),
-            "no Docker Engine: scripts/test.sh must start dockerd"
-        );
-        eprintln!("skipping: no Docker Engine reachable");
-    }
-    ok
-}
-
 /// A busybox image with the applets these tests use (`local/edge-tools:1`).
 fn tools_image() -> &'static str {
     let name = "local/edge-tools:1";

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -211,30 +211,14 @@ impl Receiver {
         let (s, got) = (stop.clone(), self.got.clone());
         self.thread = Some(std::thread::spawn(move || {
             while !s.load(std::sync::atomic::Ordering::Relaxed) {
-                let Ok((mut conn, _)) = l.accept() else {
+                let Ok((conn, _)) = l.accept() else {
                     std::thread::sleep(Duration::from_millis(20));
                     continue;
                 };
                 conn.set_nonblocking(false).unwrap();
-                conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                let mut r = BufReader::new(conn.try_clone().unwrap());
-                let mut len = 0usize;
-                loop {
-                    let mut line = String::new();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                        break;
-                    }
-                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                        len = v.trim().parse().unwrap_or(0);
-                    }
+                if let Some(v) = read_json_post(conn) {
+                    got.lock().unwrap().push(v);
                 }
-                let mut body = vec![0u8; len];
-                if r.read_exact(&mut body).is_ok() {
-                    if let Ok(v) = serde_json::from_slice(&body) {
-                        got.lock().unwrap().push(v);
-                    }
-                }
-                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
             }
         }));
         self.stop = Some(stop);

@@ -135,7 +135,6 @@ struct Hooks {
 
 impl Hooks {
     fn start() -> Hooks {
-        use std::io::{BufRead, BufReader, Read, Write};
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://127.0.0.1:{}/hook", l.local_addr().unwrap().port());
         let got: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
@@ -143,26 +142,9 @@ impl Hooks {
         // the thread ends with the test process
         std::thread::spawn(move || {
             for conn in l.incoming().flatten() {
-                conn.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
-                let mut r = BufReader::new(conn.try_clone().unwrap());
-                let mut len = 0usize;
-                loop {
-                    let mut line = String::new();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                        break;
-                    }
-                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                        len = v.trim().parse().unwrap_or(0);
-                    }
+                if let Some(v) = read_json_post(conn) {
+                    g.lock().unwrap().push(v);
                 }
-                let mut body = vec![0u8; len];
-                if r.read_exact(&mut body).is_ok() {
-                    if let Ok(v) = serde_json::from_slice(&body) {
-                        g.lock().unwrap().push(v);
-                    }
-                }
-                let mut w = conn;
-                let _ = w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
             }
         });
         Hooks { url, got }
@@ -523,38 +505,6 @@ fn a_hub_killed_between_waves_resumes_from_the_same_wave() {
 
 // ---------------------------------------------------------------------------------------------
 // Maintenance window with image prefetch (Docker Engine)
-
-fn docker_ready() -> bool {
-    let ok = Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("CI").is_err(),
-            "no Docker Engine: scripts/test.sh must install and start dockerd"
-        );
-        eprintln!("skipping: no Docker Engine reachable (run scripts/test.sh, which starts one)");
-    }
-    ok
-}
-
-fn docker(args: &[&str]) -> String {
-    let o = Command::new("docker").args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
-fn has_image(name: &str) -> bool {
-    Command::new("docker")
-        .args(["image", "inspect", name])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
 
 /// A busybox image (from the host's static busybox) with `sleep`, imported as `name`.
 fn busybox_image(name: &str, label: &str) {

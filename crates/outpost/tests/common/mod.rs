@@ -470,3 +470,64 @@ pub fn stored_records(hub: &Hub, stream: &str) -> Vec<Value> {
         all.extend(page);
     }
 }
+
+/// Is a Docker Engine reachable? Under CI (`scripts/test.sh` sets `CI`) it must be: the script
+/// starts one, so a missing engine fails the test instead of skipping it.
+pub fn docker_ready() -> bool {
+    let ok = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").is_err(),
+            "no Docker Engine: scripts/test.sh must install and start dockerd"
+        );
+        eprintln!("skipping: no Docker Engine reachable (run scripts/test.sh, which starts one)");
+    }
+    ok
+}
+
+/// `docker ARGS`, which must succeed; its trimmed output.
+pub fn docker(args: &[&str]) -> String {
+    let o = Command::new("docker").args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+pub fn has_image(name: &str) -> bool {
+    Command::new("docker")
+        .args(["image", "inspect", name])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Read one HTTP POST from `conn` (a webhook test receiver), answer 200, and return its JSON
+/// body (None when it is not JSON).
+pub fn read_json_post(conn: std::net::TcpStream) -> Option<Value> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let mut r = BufReader::new(conn.try_clone().unwrap());
+    let mut len = 0usize;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; len];
+    let v = r
+        .read_exact(&mut body)
+        .ok()
+        .and_then(|_| serde_json::from_slice(&body).ok());
+    let mut w = conn;
+    let _ = w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
+    v
+}
