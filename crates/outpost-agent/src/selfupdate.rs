@@ -77,10 +77,8 @@ fn failed_list(dir: &Path) -> Vec<String> {
     read_json(&dir.join("failed.json")).unwrap_or_default()
 }
 
-/// The update gate of an AgentUpdate on this node, as the fleet rollout reads it (docs/install.md):
-/// `Complete` once this agent runs the wanted binary (the report carrying it is the new agent's
-/// first, which also ends its trial), `RolledBack` once the watchdog restored the previous binary,
-/// `Progressing` while the binary is fetched and swapped.
+/// The update gate of an AgentUpdate on this node (decided by
+/// `outpost_core::agent_update::gate`), with the reason and time of its last change.
 pub fn gate_status(data_dir: &Path, run: &outpost_api::AgentUpdateRun, revision: u64, hash: &str) -> RolloutStatus {
     let dir = data_dir.join("update");
     let mtime = |p: PathBuf| {
@@ -90,22 +88,19 @@ pub fn gate_status(data_dir: &Path, run: &outpost_api::AgentUpdateRun, revision:
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_millis() as i64)
     };
-    let (state, reason, since) = if own_digest() == run.digest {
-        (
-            RolloutState::Complete,
-            None,
-            mtime(dir.join(format!("healthy-{}", hex_of(&run.digest)))),
-        )
-    } else if failed_list(&dir).contains(&run.digest) {
-        let reason = format!(
-            "the agent {} did not report to the hub within {} s; the watchdog restored {}",
-            run.version.as_deref().unwrap_or(&run.digest),
-            run.health_deadline_seconds,
-            version()
-        );
-        (RolloutState::RolledBack, Some(reason), mtime(dir.join("failed.json")))
-    } else {
-        (RolloutState::Progressing, None, mtime(dir.join("pending.json")))
+    let state = outpost_core::agent_update::gate(own_digest(), run, &failed_list(&dir));
+    let (reason, since) = match state {
+        RolloutState::Complete => (None, mtime(dir.join(format!("healthy-{}", hex_of(&run.digest))))),
+        RolloutState::RolledBack => (
+            Some(format!(
+                "the agent {} did not report to the hub within {} s; the watchdog restored {}",
+                run.version.as_deref().unwrap_or(&run.digest),
+                run.health_deadline_seconds,
+                version()
+            )),
+            mtime(dir.join("failed.json")),
+        ),
+        _ => (None, mtime(dir.join("pending.json"))),
     };
     RolloutStatus {
         state,

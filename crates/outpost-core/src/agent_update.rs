@@ -18,7 +18,7 @@
 //! `pending` is written before the swap, so a crash after the swap is resolved by the watchdog
 //! or, if the watchdog died too, by the next agent start ([`on_start`]).
 
-use outpost_api::{AgentUpdateRun, UnixMs};
+use outpost_api::{AgentUpdateRun, RolloutState, UnixMs};
 
 /// An update in progress, as `update/pending.json` records it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -47,6 +47,20 @@ pub fn decide(own: &str, want: Option<&AgentUpdateRun>, failed: &[String], pendi
     UpdateAction::Update {
         digest: w.digest.clone(),
         deadline_ms: w.health_deadline_seconds * 1000,
+    }
+}
+
+/// The node's update gate for a desired AgentUpdate, as the fleet rollout reads it: `Complete`
+/// once this agent runs the wanted binary (the report carrying it is the new agent's first, which
+/// also ends its trial), `RolledBack` once the watchdog marked it failed and restored the
+/// previous binary, `Progressing` while it is fetched and swapped.
+pub fn gate(own: &str, want: &AgentUpdateRun, failed: &[String]) -> RolloutState {
+    if own == want.digest {
+        RolloutState::Complete
+    } else if failed.contains(&want.digest) {
+        RolloutState::RolledBack
+    } else {
+        RolloutState::Progressing
     }
 }
 
@@ -93,6 +107,24 @@ mod tests {
             digest: d.into(),
             version: None,
             health_deadline_seconds: 60,
+        }
+    }
+
+    #[test]
+    fn gate_of_a_desired_update() {
+        let failed = vec!["sha256:bad".to_string()];
+        for (own, want_digest, state) in [
+            ("sha256:new", "sha256:new", RolloutState::Complete),
+            ("sha256:old", "sha256:bad", RolloutState::RolledBack),
+            ("sha256:old", "sha256:new", RolloutState::Progressing),
+            // a binary that failed here once and is wanted again while the node runs it
+            ("sha256:bad", "sha256:bad", RolloutState::Complete),
+        ] {
+            assert_eq!(
+                gate(own, &want(want_digest), &failed),
+                state,
+                "own {own}, want {want_digest}"
+            );
         }
     }
 
