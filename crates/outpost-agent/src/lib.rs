@@ -207,8 +207,8 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
         .clone()
         .unwrap_or_else(|| docker::DEFAULT_SOCKET.to_string());
     let socket_for_prefetch = socket.clone();
-    // The edge data pipeline: listeners on loopback by default, streams from the persisted
-    // pipelines (docs/pipeline.md).
+    // The edge data pipeline: listeners on loopback by default, streams of the pipelines in
+    // the desired state, which the reconciler hands over (docs/pipeline.md).
     let pipelines = pipeline::start(
         o.data_dir.clone(),
         node.clone(),
@@ -222,7 +222,8 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
     )
     .await;
     let mut reconciler = reconcile::Reconciler::new(rt, store.clone(), desired, status_tx, client.clone(), socket)
-        .hold_until_synced(hold);
+        .hold_until_synced(hold)
+        .with_pipelines(pipelines);
     if let Some(dir) = &o.manifests {
         let src = local::Source {
             dir: dir.clone(),
@@ -277,7 +278,6 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
     let mut tasks = vec![m1, m2];
     // Without a hub nothing sends a desired state, but the reconciler's channel stays open.
     let mut _hub_desired = None;
-    let mut _local_pipelines = None;
     match client {
         Some(client) => {
             tasks.push(tokio::spawn(logs::forward_loop(
@@ -310,7 +310,6 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
                 store.clone(),
                 desired_tx,
                 monitor.clone(),
-                Some(pipelines),
                 stop_rx.clone(),
             )));
             tasks.push(tokio::spawn(sync::status_loop(
@@ -318,10 +317,9 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
             )));
         }
         None => {
-            // No hub: the status is kept on the node, in <data-dir>/status.json; the pipelines
-            // persisted from an earlier hub keep running.
+            // No hub: the status is kept on the node, in <data-dir>/status.json; the desired
+            // state (and its pipelines) persisted from an earlier hub keeps running.
             _hub_desired = Some(desired_tx);
-            _local_pipelines = Some(pipelines);
             drop((logreq_rx, prefetch_rx, errors_ready, monitor, started, desired_rx));
             tasks.push(tokio::spawn(local_status_loop(
                 o.data_dir.join("status.json"),

@@ -105,6 +105,9 @@ pub struct Reconciler {
     /// Job and CronJob state by workload key (`jobs` module; loaded on first use).
     jobs: BTreeMap<String, crate::jobs::JobState>,
     local_tz: jiff::tz::TimeZone,
+    /// The node's data pipeline: runs the Pipeline workloads of `desired`, reports their gates.
+    pipelines: Option<crate::pipeline::PipelineLink>,
+    applied_rx: Option<watch::Receiver<BTreeMap<String, outpost_core::pipeline::Applied>>>,
 }
 
 /// Probe state of one running process.
@@ -176,6 +179,23 @@ impl Reconciler {
             hub_desired,
             local: Arc::new(BTreeMap::new()),
             local_rx: None,
+            pipelines: None,
+            applied_rx: None,
+        }
+    }
+
+    /// Hand the Pipeline workloads of the desired state to the node's data pipeline.
+    pub fn with_pipelines(mut self, link: crate::pipeline::PipelineLink) -> Self {
+        self.applied_rx = Some(link.applied());
+        self.pipelines = Some(link);
+        self.publish_pipelines();
+        self
+    }
+
+    /// The pipelines of `desired` (persisted with it) to the data pipeline.
+    fn publish_pipelines(&self) {
+        if let Some(link) = &self.pipelines {
+            link.set(outpost_core::pipeline::from_desired(self.desired.workloads.values()));
         }
     }
 
@@ -189,16 +209,17 @@ impl Reconciler {
 
     /// `desired` = the hub's workloads and the local ones (keys never collide: `local/...`).
     fn merge(&mut self) {
-        if self.local.is_empty() {
-            self.desired = self.hub_desired.clone();
-            return;
-        }
-        let mut d = (*self.hub_desired).clone();
-        d.workloads.retain(|k, _| !crate::local::is_local(k));
-        for (k, w) in self.local.iter() {
-            d.workloads.insert(k.clone(), w.clone());
-        }
-        self.desired = Arc::new(d);
+        self.desired = if self.local.is_empty() {
+            self.hub_desired.clone()
+        } else {
+            let mut d = (*self.hub_desired).clone();
+            d.workloads.retain(|k, _| !crate::local::is_local(k));
+            for (k, w) in self.local.iter() {
+                d.workloads.insert(k.clone(), w.clone());
+            }
+            Arc::new(d)
+        };
+        self.publish_pipelines();
     }
 
     /// Keep adopted units that the (empty) desired state does not list until the hub's first
@@ -265,9 +286,10 @@ impl Reconciler {
         let mut wake: Option<UnixMs> = None;
         let mut effective = BTreeMap::new();
         for (key, target) in &self.desired.workloads {
-            if target.job.is_some() || target.agent_update.is_some() {
+            if target.job.is_some() || target.agent_update.is_some() || target.pipeline.is_some() {
                 // A Job is not kept running, so it has no update gate: each run uses the target.
-                // An AgentUpdate's gate is the self-update's own (selfupdate::gate_status).
+                // An AgentUpdate's gate is the self-update's own (selfupdate::gate_status), a
+                // Pipeline's the data pipeline's (`pipeline_gate`).
                 effective.insert(key.clone(), target.clone());
                 continue;
             }
@@ -1091,6 +1113,23 @@ impl Reconciler {
         }
     }
 
+    /// The update gate of a Pipeline workload: what the data pipeline made of its revision.
+    fn pipeline_gate(&self, p: &outpost_api::pipeline::NodePipeline, target: &WorkloadSpec) -> outpost_api::RolloutStatus {
+        let applied = self
+            .applied_rx
+            .as_ref()
+            .and_then(|rx| rx.borrow().get(&crate::pipeline::pipeline_id(&p.namespace, &p.name)).cloned());
+        let (state, reason) = outpost_core::pipeline::gate(target.revision, applied.as_ref());
+        outpost_api::RolloutStatus {
+            state,
+            target_revision: target.revision,
+            target_hash: target.hash.clone(),
+            good_revision: applied.as_ref().and_then(|a| a.running),
+            reason,
+            since: applied.map_or(0, |a| a.since),
+        }
+    }
+
     fn snapshot(&self) -> Snapshot {
         let mut out = Snapshot::new();
         for (key, target) in &self.desired.workloads {
@@ -1154,6 +1193,12 @@ impl Reconciler {
             let mut rollout = self.rollouts.get(key).map(|st| rollout::status(st, target));
             if let Some(run) = &target.agent_update {
                 let gate = crate::selfupdate::gate_status(&self.rt.data_dir, run, target.revision, &target.hash);
+                ready = gate.state == outpost_api::RolloutState::Complete;
+                phase = if ready { Phase::Running } else { Phase::Pending };
+                rollout = Some(gate);
+            }
+            if let Some(p) = &target.pipeline {
+                let gate = self.pipeline_gate(p, target);
                 ready = gate.state == outpost_api::RolloutState::Complete;
                 phase = if ready { Phase::Running } else { Phase::Pending };
                 rollout = Some(gate);
@@ -1227,7 +1272,7 @@ impl Reconciler {
                 Duration::from_millis((w - now_ms()).max(0) as u64)
             });
             tokio::select! {
-                r = local_changed(&mut self.local_rx) => {
+                r = watch_changed(&mut self.local_rx) => {
                     if r {
                         if let Some(rx) = self.local_rx.as_mut() {
                             self.local = rx.borrow_and_update().clone();
@@ -1237,6 +1282,7 @@ impl Reconciler {
                         self.local_rx = None;
                     }
                 }
+                r = watch_changed(&mut self.applied_rx) => if !r { self.applied_rx = None },
                 r = desired_rx.changed() => {
                     if r.is_err() { break; }
                     self.hub_desired = desired_rx.borrow_and_update().clone();
@@ -1285,10 +1331,11 @@ impl Reconciler {
     }
 }
 
-/// A change of the local workloads (true), their source gone (false), or never without one.
-async fn local_changed(rx: &mut Option<watch::Receiver<crate::local::LocalWorkloads>>) -> bool {
+/// A change (true), the sender gone (false), or never without a receiver.
+async fn watch_changed<T>(rx: &mut Option<watch::Receiver<T>>) -> bool {
     match rx {
         Some(r) => r.changed().await.is_ok(),
         None => std::future::pending().await,
     }
 }
+

@@ -165,14 +165,10 @@ impl HubClient {
         &self,
         generation: u64,
         policy_hash: &str,
-        pipelines_hash: Option<&str>,
     ) -> Result<Option<SyncAnswer>, LinkError> {
         let url = self.url("sync").await;
         let generation = generation.to_string();
-        let mut query = vec![("generation", generation.as_str()), ("policy", policy_hash)];
-        if let Some(h) = pipelines_hash {
-            query.push(("pipelines", h));
-        }
+        let query = [("generation", generation.as_str()), ("policy", policy_hash)];
         let http = self.http.read().await.clone();
         let resp = check(
             http.get(url)
@@ -431,7 +427,6 @@ pub async fn sync_loop(
     store: Arc<Store>,
     desired_tx: watch::Sender<Arc<Desired>>,
     monitor: crate::alerts::MonitorLink,
-    pipelines: Option<crate::pipeline::SyncLink>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(retry::HUB_LINK);
@@ -444,9 +439,8 @@ pub async fn sync_loop(
         let renew_in = keep_certificate(&client, &mut upkeep).await.unwrap_or(Duration::MAX);
         let held = desired_tx.borrow().clone();
         let policy_hash = monitor.policy_hash();
-        let pipelines_hash = pipelines.as_ref().map(|p| p.hash());
         let result = tokio::select! {
-            r = client.sync_with(held.generation, &policy_hash, pipelines_hash.as_deref()) => r,
+            r = client.sync_with(held.generation, &policy_hash) => r,
             // Renewal is due during the long-poll: renew, then poll again.
             _ = tokio::time::sleep(renew_in.min(Duration::from_secs(86_400))), if renew_in < Duration::MAX => continue,
             _ = shutdown.changed() => return,
@@ -460,12 +454,6 @@ pub async fn sync_loop(
                 }
                 if !a.prefetch.is_empty() {
                     let _ = monitor.prefetch.send(a.prefetch);
-                }
-                // Pipelines are persisted before they run (pipeline::SyncLink::set).
-                if let (Some(p), Some(link)) = (a.pipelines, &pipelines) {
-                    if let Err(e) = link.set(p) {
-                        warn!(error = %e, "cannot persist the new pipelines; keeping the old ones");
-                    }
                 }
                 if let Some(p) = a.alert_policy {
                     if let Err(e) = monitor.set_policy(p) {

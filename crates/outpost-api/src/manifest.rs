@@ -909,11 +909,12 @@ impl Kind {
     }
 
     /// Kinds whose revisions roll out in health-gated waves (docs/rollouts.md; an AgentUpdate's
-    /// gate is the new agent reaching the hub, docs/install.md). A Job or
+    /// gate is the new agent reaching the hub, docs/install.md; a Pipeline's is every stream of
+    /// the revision started on the node, docs/pipeline.md). A Job or
     /// CronJob is not kept running, so nodes have no update gate to report for it: its new
     /// revision reaches its node at once, as in Kubernetes.
     pub fn is_rolled_out(self) -> bool {
-        matches!(self, Kind::Deployment | Kind::DaemonSet | Kind::AgentUpdate)
+        matches!(self, Kind::Deployment | Kind::DaemonSet | Kind::AgentUpdate | Kind::Pipeline)
     }
 }
 

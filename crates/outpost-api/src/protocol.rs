@@ -140,6 +140,10 @@ pub struct WorkloadSpec {
     /// Set for an AgentUpdate (no containers): the agent binary this node should run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_update: Option<AgentUpdateRun>,
+    /// Set for a Pipeline (no containers): the pipeline this node runs at this revision
+    /// (docs/pipeline.md); its streams run in the agent's pipeline, not as processes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<crate::pipeline::NodePipeline>,
 }
 
 /// The agent binary a node should run (`kind: AgentUpdate`).
@@ -931,10 +935,6 @@ pub struct SyncAnswer {
     /// the window needs no download. A hint: it changes nothing that runs. Protocol 1.2.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub prefetch: Vec<WorkloadSpec>,
-    /// The node's pipelines, present when they differ from the hash the agent sent
-    /// (`pipelines=` in the query; docs/pipeline.md).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pipelines: Option<crate::pipeline::NodePipelines>,
 }
 
 /// A status report with the monitoring additions.

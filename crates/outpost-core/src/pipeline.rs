@@ -1,5 +1,6 @@
-//! Edge data pipeline decisions, as pure code: which pipelines a node runs
-//! ([`pipelines_for_node`]) and what each stream keeps of every record ([`StreamRules`]).
+//! Edge data pipeline decisions, as pure code: which pipelines a node runs ([`from_desired`],
+//! [`effective`]), their update gate ([`gate`]) and what each stream keeps of every record
+//! ([`StreamRules`]).
 //!
 //! Per record, in this order (docs/pipeline.md):
 //! ```text
@@ -23,29 +24,64 @@
 
 use std::collections::BTreeMap;
 
-use outpost_api::pipeline::{
-    lookup, AnomalyRule, CmpOp, Expr, NodePipeline, NodePipelines, Pipeline, RecordKind, StreamSpec,
-};
-use outpost_api::{Labels, UnixMs};
+use outpost_api::pipeline::{lookup, AnomalyRule, CmpOp, Expr, NodePipeline, NodePipelines, RecordKind, StreamSpec};
+use outpost_api::{RolloutState, UnixMs, WorkloadSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::schedule::selector_matches;
 
-/// The pipelines whose nodeSelector matches `labels`, sorted by namespace and name.
-pub fn pipelines_for_node(pipelines: &[(Pipeline, u64)], labels: &Labels) -> NodePipelines {
-    let mut out: Vec<NodePipeline> = pipelines
-        .iter()
-        .filter(|(p, _)| selector_matches(&p.spec.node_selector, labels))
-        .map(|(p, rev)| NodePipeline {
-            namespace: p.metadata.ns().to_string(),
-            name: p.metadata.name.clone(),
-            revision: *rev,
-            spec: p.spec.clone(),
-        })
-        .collect();
+/// The pipelines a node's desired state holds: one per Pipeline workload, at the revision its
+/// rollout gives this node (the hub places them by nodeSelector, like DaemonSets), sorted by
+/// namespace and name.
+pub fn from_desired<'a>(workloads: impl IntoIterator<Item = &'a WorkloadSpec>) -> NodePipelines {
+    let mut out: Vec<NodePipeline> = workloads.into_iter().filter_map(|w| w.pipeline.clone()).collect();
     out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     NodePipelines { pipelines: out }
+}
+
+/// What the node's pipeline made of the revision it was last given of one pipeline.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The revision the node was given.
+    pub revision: u64,
+    /// Why some stream of it could not start; None when all of them run.
+    pub error: Option<String>,
+    /// The revision that runs: the given one, or its last good one when the given one failed.
+    pub running: Option<u64>,
+    /// Unix ms when this last changed.
+    pub since: UnixMs,
+}
+
+/// Which revision of a pipeline to run: the one wanted, unless it already failed on this node
+/// and an earlier good one exists (the node rolls back on its own, as for workloads; the
+/// fleet rollout sees the failure and stops the wave).
+pub fn effective<'a>(
+    want: &'a NodePipeline,
+    good: Option<&'a NodePipeline>,
+    failed: Option<u64>,
+) -> &'a NodePipeline {
+    match good {
+        Some(g) if failed == Some(want.revision) && g.revision != want.revision => g,
+        _ => want,
+    }
+}
+
+/// The update gate of revision `target` of a pipeline on this node, with the reason when it
+/// did not pass: Progressing until the node applied it, Complete when every stream of it
+/// started, RolledBack when one could not and an earlier revision runs again, Failed when
+/// one could not and there is none to go back to.
+pub fn gate(target: u64, applied: Option<&Applied>) -> (RolloutState, Option<String>) {
+    match applied {
+        Some(a) if a.revision == target => match (&a.error, a.running) {
+            (None, _) => (RolloutState::Complete, None),
+            (Some(e), Some(r)) if r != target => (
+                RolloutState::RolledBack,
+                Some(format!("{e}; the node runs revision {r} of the pipeline again")),
+            ),
+            (Some(e), _) => (RolloutState::Failed, Some(e.clone())),
+        },
+        _ => (RolloutState::Progressing, None),
+    }
 }
 
 /// Evaluate an expression against a record. Missing fields are null; comparisons between a
@@ -806,22 +842,67 @@ mod tests {
     }
 
     #[test]
-    fn pipelines_follow_node_selectors() {
-        let p = |name: &str, sel: &[(&str, &str)]| {
-            let mut p = Pipeline {
-                api_version: "outpost.dev/v1".into(),
-                kind: "Pipeline".into(),
-                metadata: serde_json::from_value(json!({"name": name})).unwrap(),
-                spec: Default::default(),
-            };
-            p.spec.node_selector = sel.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-            (p, 1)
+    fn pipelines_come_from_the_desired_state_sorted() {
+        let w = |ns: &str, name: &str, rev: u64| {
+            let spec = crate::render::render_pipeline(
+                &serde_json::from_value(json!({
+                    "apiVersion": "outpost.dev/v1", "kind": "Pipeline",
+                    "metadata": {"name": name, "namespace": ns}, "spec": {"streams": []}
+                }))
+                .unwrap(),
+                rev,
+            );
+            assert_eq!(spec.key, format!("pipeline/{ns}/{name}"));
+            spec
         };
-        let all = [p("b", &[("site", "1")]), p("a", &[]), p("c", &[("site", "2")])];
-        let labels: Labels = [("site".to_string(), "1".to_string())].into();
-        let got = pipelines_for_node(&all, &labels);
-        let names: Vec<&str> = got.pipelines.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["a", "b"]);
-        assert_ne!(got.hash(), pipelines_for_node(&all, &Labels::new()).hash());
+        let mut plain = w("x", "y", 1);
+        plain.pipeline = None;
+        let all = [w("b", "p", 2), plain, w("a", "q", 7)];
+        let got = from_desired(&all);
+        let names: Vec<(&str, u64)> = got.pipelines.iter().map(|p| (p.namespace.as_str(), p.revision)).collect();
+        assert_eq!(names, [("a", 7), ("b", 2)]);
+    }
+
+    #[test]
+    fn a_failed_revision_falls_back_to_the_good_one_and_the_gate_says_so() {
+        let np = |rev: u64| NodePipeline {
+            namespace: "default".into(),
+            name: "p".into(),
+            revision: rev,
+            spec: Default::default(),
+        };
+        let (v1, v2) = (np(1), np(2));
+        // effective: (want, good, failed) -> revision run
+        let cases: [(&NodePipeline, Option<&NodePipeline>, Option<u64>, u64); 5] = [
+            (&v2, Some(&v1), None, 2),    // not tried yet: the new one
+            (&v2, Some(&v1), Some(2), 1), // failed: back to the good one
+            (&v2, Some(&v1), Some(1), 2), // an older failure says nothing of this one
+            (&v2, None, Some(2), 2),      // nothing to go back to: keep trying it
+            (&v2, Some(&v2), Some(2), 2), // the good one is the same revision
+        ];
+        for (want, good, failed, run) in cases {
+            assert_eq!(effective(want, good, failed).revision, run, "{want:?} {good:?} {failed:?}");
+        }
+        let applied = |rev: u64, err: Option<&str>, running: Option<u64>| Applied {
+            revision: rev,
+            error: err.map(str::to_string),
+            running,
+            since: 0,
+        };
+        let table: [(u64, Option<Applied>, RolloutState); 6] = [
+            (2, None, RolloutState::Progressing),
+            (2, Some(applied(1, None, Some(1))), RolloutState::Progressing),
+            (2, Some(applied(2, None, Some(2))), RolloutState::Complete),
+            (2, Some(applied(2, Some("spool"), Some(1))), RolloutState::RolledBack),
+            (2, Some(applied(2, Some("spool"), None)), RolloutState::Failed),
+            (2, Some(applied(2, Some("spool"), Some(2))), RolloutState::Failed),
+        ];
+        for (target, a, want) in table {
+            let (got, reason) = gate(target, a.as_ref());
+            assert_eq!(got, want, "{a:?}");
+            assert_eq!(reason.is_some(), a.as_ref().is_some_and(|a| a.revision == target && a.error.is_some()));
+        }
+        let (_, reason) = gate(2, Some(&applied(2, Some("cannot open the spool"), Some(1))));
+        assert!(reason.unwrap().contains("cannot open the spool; the node runs revision 1"));
     }
 }

@@ -488,11 +488,41 @@ pub fn render_agent_update(u: &outpost_api::AgentUpdate, revision: u64) -> Workl
         namespace: u.metadata.ns().to_string(),
         name: u.metadata.name.clone(),
     };
-    let mut spec = WorkloadSpec {
-        key: workload_key(&id),
-        kind: Kind::AgentUpdate,
-        namespace: id.namespace,
-        name: id.name,
+    let mut spec = container_less(&id, revision);
+    spec.agent_update = Some(outpost_api::AgentUpdateRun {
+        digest: u.spec.digest.clone(),
+        version: u.spec.version.clone(),
+        health_deadline_seconds: u.spec.health_deadline_seconds.unwrap_or(120) as u64,
+    });
+    spec.hash = content_hash(&spec);
+    spec
+}
+
+/// A Pipeline as a node receives it: no containers, the pipeline's spec at this revision.
+pub fn render_pipeline(p: &outpost_api::pipeline::Pipeline, revision: u64) -> WorkloadSpec {
+    let id = ObjectId {
+        kind: Kind::Pipeline,
+        namespace: p.metadata.ns().to_string(),
+        name: p.metadata.name.clone(),
+    };
+    let mut spec = container_less(&id, revision);
+    spec.pipeline = Some(outpost_api::pipeline::NodePipeline {
+        namespace: id.namespace.clone(),
+        name: id.name.clone(),
+        revision,
+        spec: p.spec.clone(),
+    });
+    spec.hash = content_hash(&spec);
+    spec
+}
+
+/// A workload that runs no containers (an AgentUpdate, a Pipeline), before its payload is set.
+fn container_less(id: &ObjectId, revision: u64) -> WorkloadSpec {
+    WorkloadSpec {
+        key: workload_key(id),
+        kind: id.kind,
+        namespace: id.namespace.clone(),
+        name: id.name.clone(),
         revision,
         hash: String::new(),
         runtime: Runtime::Process,
@@ -505,14 +535,9 @@ pub fn render_agent_update(u: &outpost_api::AgentUpdate, revision: u64) -> Workl
         host_network: false,
         host_pid: false,
         job: None,
-        agent_update: Some(outpost_api::AgentUpdateRun {
-            digest: u.spec.digest.clone(),
-            version: u.spec.version.clone(),
-            health_deadline_seconds: u.spec.health_deadline_seconds.unwrap_or(120) as u64,
-        }),
-    };
-    spec.hash = content_hash(&spec);
-    spec
+        agent_update: None,
+        pipeline: None,
+    }
 }
 
 /// `items`: only the listed keys, each under its path (a missing key is left out; apply
@@ -749,8 +774,10 @@ pub fn gate_timing(obj: &Object) -> Result<GateTiming, GateTimingError> {
 /// Render a Deployment or DaemonSet at `revision`. Missing optional references are skipped;
 /// missing required ones were rejected at apply, and are skipped here too.
 pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<WorkloadSpec> {
-    if let Object::AgentUpdate(u) = obj {
-        return Some(render_agent_update(u, revision));
+    match obj {
+        Object::AgentUpdate(u) => return Some(render_agent_update(u, revision)),
+        Object::Pipeline(p) => return Some(render_pipeline(p, revision)),
+        _ => {}
     }
     let t = obj.template()?;
     let ns = obj.meta().ns().to_string();
@@ -956,6 +983,7 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
         host_pid: pod.host_pid,
         job: job_spec(obj),
         agent_update: None,
+        pipeline: None,
     };
     spec.hash = content_hash(&spec);
     Some(spec)

@@ -93,7 +93,7 @@ pub fn schedule(
     let mut load: BTreeMap<&str, usize> = nodes.iter().map(|n| (n.name.as_str(), 0)).collect();
     let mut out = BTreeMap::new();
     // DaemonSets first: their load is fixed, Deployments spread around it.
-    let every_node = |k: Kind| matches!(k, Kind::DaemonSet | Kind::AgentUpdate);
+    let every_node = |k: Kind| matches!(k, Kind::DaemonSet | Kind::AgentUpdate | Kind::Pipeline);
     for w in sorted.iter().filter(|w| every_node(w.id.kind)) {
         let placed: BTreeSet<String> = nodes
             .iter()

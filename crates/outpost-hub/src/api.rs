@@ -55,9 +55,6 @@ pub struct SyncQuery {
     /// Hash of the alert policy the agent holds (monitoring-aware agents only).
     #[serde(default)]
     policy: Option<String>,
-    /// Hash of the pipelines the agent holds (pipeline-aware agents only).
-    #[serde(default)]
-    pipelines: Option<String>,
 }
 
 pub async fn sync(
@@ -68,7 +65,6 @@ pub async fn sync(
 ) -> Result<Response, HubError> {
     let held = Held {
         policy: q.policy.as_deref(),
-        pipelines: q.pipelines.as_deref(),
     };
     Ok(match svc.sync(&peer, &node, q.generation, held).await? {
         Some(answer) => Json(answer).into_response(),

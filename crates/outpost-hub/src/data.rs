@@ -4,9 +4,9 @@
 //! read back by operators (`GET /v1/data`, `outpost data tail|query`) and pruned after the
 //! retention of their pipeline's hub sink (default 7 days; the `data-retention` controller).
 //!
-//! Also caches the `Pipeline` objects, from which each node gets the ones whose nodeSelector
-//! matches it (`outpost_core::pipeline::pipelines_for_node`) in its sync answer; the service
-//! refreshes the cache after every reschedule and wakes every long-poll when it changed.
+//! Also caches the `Pipeline` objects for their sinks' retention; the service refreshes the
+//! cache after every reschedule. (Nodes get pipelines as revisions in their desired state,
+//! rolled out like workloads: `outpost_core::render::render_pipeline`.)
 //!
 //! A leaf module like `crate::monitor`: its own table (`data_records`) on its own connection to
 //! hub.db, SQLite and the wire types only. Called on the blocking pool (`Service::ddb`).
@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use outpost_api::pipeline::{DataRecord, NodePipelines, Pipeline, RecordKind, StoredRecord};
+use outpost_api::pipeline::{DataRecord, Pipeline, RecordKind, StoredRecord};
 use outpost_api::UnixMs;
 use rusqlite::{params, Connection};
 
@@ -36,8 +36,6 @@ pub struct DataStore {
     conn: Mutex<Connection>,
     /// Pipeline objects with their revisions, as last loaded.
     pipelines: Mutex<Vec<(Pipeline, u64)>>,
-    /// Hash of the loaded set, to tell whether nodes must be woken.
-    loaded_hash: Mutex<String>,
 }
 
 /// What `GET /v1/data` asks for.
@@ -69,7 +67,6 @@ impl DataStore {
         Ok(Self {
             conn: Mutex::new(conn),
             pipelines: Mutex::new(Vec::new()),
-            loaded_hash: Mutex::new(String::new()),
         })
     }
 
@@ -194,19 +191,9 @@ impl DataStore {
         Ok(n)
     }
 
-    /// Replace the pipelines; true when they changed.
-    pub fn set_pipelines(&self, p: Vec<(Pipeline, u64)>) -> bool {
-        let hash = outpost_api::content_hash(&p.iter().map(|(p, r)| (&p.metadata, &p.spec, r)).collect::<Vec<_>>());
-        let mut h = self.loaded_hash.lock().unwrap_or_else(|x| x.into_inner());
+    /// Replace the pipelines.
+    pub fn set_pipelines(&self, p: Vec<(Pipeline, u64)>) {
         *self.pipelines.lock().unwrap_or_else(|x| x.into_inner()) = p;
-        let changed = *h != hash;
-        *h = hash;
-        changed
-    }
-
-    pub fn pipelines_for(&self, labels: &outpost_api::Labels) -> NodePipelines {
-        let p = self.pipelines.lock().unwrap_or_else(|x| x.into_inner());
-        outpost_core::pipeline::pipelines_for_node(&p, labels)
     }
 }
 
@@ -274,8 +261,7 @@ mod tests {
             "spec": {"streams": [], "sinks": [{"name": "hub", "type": "hub", "retention": "1h"}]}
         }))
         .unwrap();
-        assert!(d.set_pipelines(vec![(p.clone(), 1)]));
-        assert!(!d.set_pipelines(vec![(p, 1)]), "same set: no wake-up");
+        d.set_pipelines(vec![(p, 1)]);
         d.insert("n", &[rec("old", "s", RecordKind::Record)], 0).unwrap();
         d.insert("n", &[rec("new", "s", RecordKind::Record)], 3_500_000)
             .unwrap();

@@ -32,13 +32,17 @@ pub fn status_word(online: bool) -> &'static str {
 
 /// Node selector and replica count of a workload object.
 pub fn workload_view(obj: &Object) -> Option<WorkloadView> {
-    if let Object::AgentUpdate(u) = obj {
-        return Some(WorkloadView {
-            id: obj.id(),
-            node_selector: u.spec.node_selector.clone(),
-            affinity: None,
-            replicas: 0,
-        });
+    // Container-less kinds on every node they select, like DaemonSets.
+    let every_selected = |node_selector: &outpost_api::Labels| WorkloadView {
+        id: obj.id(),
+        node_selector: node_selector.clone(),
+        affinity: None,
+        replicas: 0,
+    };
+    match obj {
+        Object::AgentUpdate(u) => return Some(every_selected(&u.spec.node_selector)),
+        Object::Pipeline(p) => return Some(every_selected(&p.spec.node_selector)),
+        _ => {}
     }
     let replicas = match obj {
         Object::Deployment(d) => d.spec.replicas,
@@ -59,17 +63,21 @@ pub fn workload_view(obj: &Object) -> Option<WorkloadView> {
     })
 }
 
-/// A workload object at an earlier revision: its pod template replaced by that revision's.
-fn at_revision(obj: &Object, stored: &serde_json::Value) -> Option<Object> {
-    let mut o = obj.clone();
-    let template = || serde_json::from_value::<PodTemplate>(stored.clone()).ok();
-    match &mut o {
-        Object::Deployment(d) => d.spec.template = template()?,
-        Object::DaemonSet(d) => d.spec.template = template()?,
-        Object::AgentUpdate(u) => u.spec = serde_json::from_value(stored.clone()).ok()?,
-        _ => return None,
+/// A workload object at an earlier revision: its pod template (an AgentUpdate's or a
+/// Pipeline's spec) replaced by that revision's, as `crate::store` keeps it. Err says why not.
+pub fn at_revision(obj: &Object, stored: &serde_json::Value) -> Result<Object, String> {
+    fn from<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> Result<T, String> {
+        serde_json::from_value(v.clone()).map_err(|e| e.to_string())
     }
-    Some(o)
+    let mut o = obj.clone();
+    match &mut o {
+        Object::Deployment(d) => d.spec.template = from::<PodTemplate>(stored)?,
+        Object::DaemonSet(d) => d.spec.template = from::<PodTemplate>(stored)?,
+        Object::AgentUpdate(u) => u.spec = from(stored)?,
+        Object::Pipeline(p) => p.spec = from(stored)?,
+        _ => return Err(format!("{} is not a workload", obj.id())),
+    }
+    Ok(o)
 }
 
 /// Compute placements and per-node changes. Pure.
@@ -109,7 +117,7 @@ pub fn plan(inputs: &ScheduleInputs, offline_after: Duration, now: UnixMs) -> Pl
         if let Some(note) = &decision.note {
             out.notes.insert(id.clone(), note.clone());
         }
-        if !matches!(id.kind, Kind::DaemonSet | Kind::AgentUpdate) {
+        if !matches!(id.kind, Kind::DaemonSet | Kind::AgentUpdate | Kind::Pipeline) {
             out.assignments.insert(id.clone(), decision.nodes.clone());
         }
         if decision.nodes.is_empty() {
@@ -139,7 +147,7 @@ pub fn plan(inputs: &ScheduleInputs, offline_after: Duration, now: UnixMs) -> Pl
                     inputs
                         .templates
                         .get(&(id.clone(), rev))
-                        .and_then(|t| at_revision(&stored.object, t))
+                        .and_then(|t| at_revision(&stored.object, t).ok())
                         .and_then(|o| render(&o, rev, &objects))
                         // the revision's template is gone: the current one is all there is
                         .unwrap_or_else(|| current.clone())

@@ -42,7 +42,7 @@ use crate::scheduler::{self, is_online};
 use crate::store::{check_token, NewNode, Store, StoreError, TokenRow};
 use crate::validate;
 use crate::views::{self, View};
-use outpost_api::pipeline::{DataBatch, NodePipelines, PipelineInfo, RecordKind, StoredRecord};
+use outpost_api::pipeline::{DataBatch, PipelineInfo, RecordKind, StoredRecord};
 use outpost_api::{RolloutActionResult, RolloutInfo, RolloutPhase};
 use outpost_core::render::workload_key;
 use outpost_core::waves::{self, Decision, Rollout};
@@ -530,8 +530,8 @@ impl Service {
         }
     }
 
-    /// Reload AlertPolicy and Pipeline objects; wake every node's long-poll when they changed
-    /// so each gets its new effective policy and pipelines at once.
+    /// Reload AlertPolicy and Pipeline objects; wake every node's long-poll when the policies
+    /// changed so each gets its new effective policy at once.
     async fn refresh_node_extras(&self) -> Result<(), HubError> {
         let objects = self.db(|s| s.objects()).await?;
         let mut policies: Vec<(String, AlertPolicySpec)> = Vec::new();
@@ -553,14 +553,11 @@ impl Service {
             *cur = policies;
             changed
         };
-        let pipelines_changed = self.data.set_pipelines(pipelines);
+        // Pipelines reach nodes as revisions in their desired state (rolled out like
+        // workloads); the data store only needs their retention.
+        self.data.set_pipelines(pipelines);
         if policies_changed {
             tracing::info!("alert policies changed; waking every node");
-        }
-        if pipelines_changed {
-            tracing::info!("pipelines changed; waking every node");
-        }
-        if policies_changed || pipelines_changed {
             self.wake_all();
         }
         Ok(())
@@ -674,20 +671,11 @@ impl Service {
                 .find(|r| r.revision < obj.revision && r.template_hash != current_hash)
                 .ok_or_else(|| HubError::BadRequest(format!("{id} has no earlier revision to go back to")))?,
         };
-        let mut object = obj.object.clone();
-        let template = || {
-            serde_json::from_value::<outpost_api::PodTemplate>(target.template.clone())
-                .map_err(|e| HubError::Internal(format!("stored revision {} of {id}: {e}", target.revision)))
-        };
-        match &mut object {
-            Object::Deployment(d) => d.spec.template = template()?,
-            Object::DaemonSet(d) => d.spec.template = template()?,
-            Object::AgentUpdate(u) => {
-                u.spec = serde_json::from_value(target.template.clone())
-                    .map_err(|e| HubError::Internal(format!("stored revision {} of {id}: {e}", target.revision)))?
-            }
-            _ => return Err(HubError::BadRequest(format!("{id} is not a workload"))),
+        if !id.kind.is_rolled_out() {
+            return Err(HubError::BadRequest(format!("{id} is not a workload")));
         }
+        let object = crate::scheduler::at_revision(&obj.object, &target.template)
+            .map_err(|e| HubError::Internal(format!("stored revision {} of {id}: {e}", target.revision)))?;
         let stored = self.db(|s| s.objects()).await?;
         let errors = validate::check_references(std::slice::from_ref(&object), stored.into_iter().map(|o| o.object));
         if !errors.is_empty() {
@@ -887,11 +875,7 @@ impl Service {
     }
 
     async fn rollout(&self, id: ObjectId) -> Result<RolloutInfo, HubError> {
-        if !id.kind.is_rolled_out() {
-            return Err(HubError::BadRequest(format!(
-                "{id} does not roll out in waves: only Deployments, DaemonSets and AgentUpdates do (a Job or CronJob's new revision reaches its node at once)"
-            )));
-        }
+        rolled_out(&id)?;
         let mut l = self.db(crate::rollouts::load).await?;
         l.connected = self.links.connected();
         let obj = l
@@ -998,11 +982,7 @@ impl Service {
     }
 
     async fn rollout_action(&self, id: ObjectId, action: RolloutAction) -> Result<RolloutActionResult, HubError> {
-        if !id.kind.is_rolled_out() {
-            return Err(HubError::BadRequest(format!(
-                "{id} does not roll out in waves: only Deployments, DaemonSets and AgentUpdates do (a Job or CronJob's new revision reaches its node at once)"
-            )));
-        }
+        rolled_out(&id)?;
         let key = workload_key(&id);
         let guard = self.write_lock.lock().await;
         let (obj, current) = {
@@ -1335,16 +1315,14 @@ impl Service {
                 .db(move |s| s.sync(&n, since))
                 .await?
                 .ok_or(HubError::UnknownNode)?;
-            // Additions: a changed alert policy or pipelines, pending log requests (they wake us too).
+            // Additions: a changed alert policy, pending log requests (they wake us too).
             let Extras {
                 alert_policy,
                 log_requests,
-                pipelines,
             } = self.sync_extras(node, held).await?;
-            if resp.generation != since || alert_policy.is_some() || !log_requests.is_empty() || pipelines.is_some() {
+            if resp.generation != since || alert_policy.is_some() || !log_requests.is_empty() {
                 tracing::debug!(node = %node, since, generation = resp.generation, full = resp.full,
-                    policy = alert_policy.is_some(), log_requests = log_requests.len(),
-                    pipelines = pipelines.is_some(), "sync answered");
+                    policy = alert_policy.is_some(), log_requests = log_requests.len(), "sync answered");
                 let n = node.to_string();
                 let prefetch = if resp.generation != since {
                     self.db(move |s| s.prefetch(&n)).await?
@@ -1356,7 +1334,6 @@ impl Service {
                     alert_policy,
                     log_requests,
                     prefetch,
-                    pipelines,
                 }));
             }
             match tokio::time::timeout_at(deadline, rx.changed()).await {
@@ -1368,10 +1345,10 @@ impl Service {
         }
     }
 
-    /// What a sync answer adds for `node`: its policy and its pipelines when the agent's hash
-    /// of each differs (agents that send no hash get none), and its pending log requests.
+    /// What a sync answer adds for `node`: its policy when the agent's hash differs (agents
+    /// that send no hash get none), and its pending log requests.
     async fn sync_extras(&self, node: &str, held: Held<'_>) -> Result<Extras, HubError> {
-        let labels = if held.policy.is_some() || held.pipelines.is_some() {
+        let labels = if held.policy.is_some() {
             let n = node.to_string();
             self.db(move |s| s.node(&n))
                 .await?
@@ -1384,14 +1361,9 @@ impl Service {
             let p = self.policy_for(&labels);
             (p.hash() != h).then_some(p)
         });
-        let pipelines = held.pipelines.and_then(|h| {
-            let p = self.data.pipelines_for(&labels);
-            (p.hash() != h).then_some(p)
-        });
         Ok(Extras {
             alert_policy,
             log_requests: self.links.logs.take(node),
-            pipelines,
         })
     }
 
@@ -1581,14 +1553,12 @@ impl Service {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Held<'a> {
     pub policy: Option<&'a str>,
-    pub pipelines: Option<&'a str>,
 }
 
 /// What a sync answer adds to the desired state.
 struct Extras {
     alert_policy: Option<NodePolicy>,
     log_requests: Vec<LogRequest>,
-    pipelines: Option<NodePipelines>,
 }
 
 /// Who reads an image: the operator or a node.
@@ -1617,6 +1587,16 @@ pub fn object_id(kind: &str, namespace: String, name: String) -> Result<ObjectId
         ))
     })?;
     Ok(ObjectId { kind, namespace, name })
+}
+
+/// Refuse rollout commands for kinds that do not roll out in waves.
+fn rolled_out(id: &ObjectId) -> Result<(), HubError> {
+    if id.kind.is_rolled_out() {
+        return Ok(());
+    }
+    Err(HubError::BadRequest(format!(
+        "{id} does not roll out in waves: only Deployments, DaemonSets, AgentUpdates and Pipelines do (a Job or CronJob's new revision reaches its node at once)"
+    )))
 }
 
 /// What `outpost rollout history` shows of a stored revision: `container=image` per container

@@ -166,10 +166,11 @@ pub struct RevisionRow {
 }
 
 /// What a revision keeps of an object: the pod template of a workload, the spec of an
-/// AgentUpdate (the binary a fleet rollback goes back to).
+/// AgentUpdate (the binary a fleet rollback goes back to) or of a Pipeline.
 fn revision_content(obj: &Object) -> serde_json::Result<Option<String>> {
     match obj {
         Object::AgentUpdate(u) => serde_json::to_string(&u.spec).map(Some),
+        Object::Pipeline(p) => serde_json::to_string(&p.spec).map(Some),
         _ => obj.template().map(serde_json::to_string).transpose(),
     }
 }
@@ -1370,6 +1371,7 @@ mod tests {
             host_pid: false,
             job: None,
             agent_update: None,
+            pipeline: None,
         }
     }
 

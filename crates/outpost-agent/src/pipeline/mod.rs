@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use outpost_api::pipeline::{NodePipeline, NodePipelines, StreamSpec, WhenFull};
 use outpost_api::{UnixMs, ALERT_FIRING, ALERT_RESOLVED};
-use outpost_core::pipeline::{Counters, Out, StreamRules};
+use outpost_core::pipeline::{Applied, Counters, Out, StreamRules};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -256,8 +256,10 @@ pub struct Shared {
     pub opts: Options,
     /// Bytes in every stream's spool together.
     pub node_bytes: AtomicU64,
-    /// The pipelines the node holds (persisted in `pipeline/pipelines.json`).
+    /// The pipelines the node's desired state holds (persisted with it; the reconciler sets them).
     pub config: watch::Sender<NodePipelines>,
+    /// What the manager made of each pipeline's revision (`namespace/name`), for its gate.
+    pub applied: watch::Sender<BTreeMap<String, Applied>>,
     pub events: Option<Events>,
     pub hub: Option<Arc<crate::sync::HubClient>>,
     /// Bound listener addresses (written to listen.json).
@@ -350,47 +352,61 @@ pub fn add_container_env(data_dir: &Path, env: &mut Vec<(String, String)>) {
     }
 }
 
-fn pipelines_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("pipeline").join("pipelines.json")
+/// Each pipeline's last good revision on this node, kept across restarts so a revision that
+/// fails after a restart still falls back.
+fn good_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("pipeline").join("good.json")
 }
 
-/// The pipelines persisted by the last sync (empty when none or unreadable).
-pub fn load_pipelines(data_dir: &Path) -> NodePipelines {
-    match std::fs::read(pipelines_path(data_dir)) {
-        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
-            warn!(error = %e, "pipeline/pipelines.json is not readable; waiting for the hub to send the pipelines again");
-            NodePipelines::default()
-        }),
-        Err(_) => NodePipelines::default(),
+fn load_good(data_dir: &Path) -> BTreeMap<String, NodePipeline> {
+    std::fs::read(good_path(data_dir))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn save_good(data_dir: &Path, good: &BTreeMap<String, NodePipeline>) {
+    let path = good_path(data_dir);
+    let r = std::fs::create_dir_all(path.parent().expect("has a parent"))
+        .and_then(|_| crate::spool::write_atomic(&path, &serde_json::to_vec(good).expect("serializable"), true));
+    if let Err(e) = r {
+        warn!(error = %e, path = %path.display(), "cannot keep the pipelines' last good revisions; a restart forgets them");
     }
 }
 
-/// What the sync loop uses: the hash the node holds, and how to take a new set.
+/// How the reconciler drives the pipeline: it sets the pipelines of the node's desired state
+/// (already persisted there) and reads back what became of each revision.
 #[derive(Clone)]
-pub struct SyncLink {
+pub struct PipelineLink {
     shared: Arc<Shared>,
 }
 
-impl SyncLink {
-    pub fn hash(&self) -> String {
-        self.shared.config.borrow().hash()
+impl PipelineLink {
+    /// Run these pipelines (no-op when they are the ones running).
+    pub fn set(&self, p: NodePipelines) {
+        self.shared.config.send_if_modified(|cur| {
+            if *cur == p {
+                return false;
+            }
+            info!(pipelines = p.pipelines.len(), "new pipelines");
+            *cur = p;
+            true
+        });
     }
 
-    /// Persist the new pipelines (durably), then run them.
-    pub fn set(&self, p: NodePipelines) -> std::io::Result<()> {
-        if *self.shared.config.borrow() == p {
-            return Ok(());
-        }
-        let path = pipelines_path(&self.shared.data_dir);
-        std::fs::create_dir_all(path.parent().expect("has a parent"))?;
-        crate::spool::write_atomic(&path, &serde_json::to_vec(&p).expect("serializable"), true)?;
-        info!(pipelines = p.pipelines.len(), hash = %p.hash(), "new pipelines");
-        self.shared.config.send_replace(p);
-        Ok(())
+    /// Per pipeline (`namespace/name`): the revision given, whether it started, what runs.
+    pub fn applied(&self) -> watch::Receiver<BTreeMap<String, Applied>> {
+        self.shared.applied.subscribe()
     }
 }
 
-/// Start the pipeline: listeners, and a manager that runs the streams of the current pipelines.
+/// `namespace/name` of a pipeline, as [`PipelineLink::applied`] keys it.
+pub fn pipeline_id(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+/// Start the pipeline: listeners, and a manager that runs the streams of the pipelines the
+/// reconciler sets (none until it does).
 pub async fn start(
     data_dir: PathBuf,
     node: String,
@@ -398,9 +414,8 @@ pub async fn start(
     events: Option<Events>,
     hub: Option<Arc<crate::sync::HubClient>>,
     stop: watch::Receiver<bool>,
-) -> SyncLink {
-    let initial = load_pipelines(&data_dir);
-    let (config, config_rx) = watch::channel(initial);
+) -> PipelineLink {
+    let (config, config_rx) = watch::channel(NodePipelines::default());
     let tls = match &opts.tls {
         None => None,
         Some((c, k)) => match tls_acceptor(c, k) {
@@ -419,6 +434,7 @@ pub async fn start(
         opts: opts.clone(),
         node_bytes: AtomicU64::new(0),
         config,
+        applied: watch::Sender::new(BTreeMap::new()),
         events,
         hub,
         listening: Mutex::new(BTreeMap::new()),
@@ -459,7 +475,7 @@ pub async fn start(
         tokio::spawn(mqtt::site_client(site, shared.clone(), stop.clone()));
     }
     tokio::spawn(manage(shared.clone(), config_rx, stop));
-    SyncLink { shared }
+    PipelineLink { shared }
 }
 
 /// The pipeline with its streams and sinks but no listeners (their TLS setup failed).
@@ -470,9 +486,8 @@ fn start_without_listeners(
     events: Option<Events>,
     hub: Option<Arc<crate::sync::HubClient>>,
     stop: watch::Receiver<bool>,
-) -> SyncLink {
-    let initial = load_pipelines(&data_dir);
-    let (config, config_rx) = watch::channel(initial);
+) -> PipelineLink {
+    let (config, config_rx) = watch::channel(NodePipelines::default());
     let shared = Arc::new(Shared {
         routes: RwLock::new(Arc::new(Routes::default())),
         node,
@@ -480,13 +495,14 @@ fn start_without_listeners(
         opts,
         node_bytes: AtomicU64::new(0),
         config,
+        applied: watch::Sender::new(BTreeMap::new()),
         events,
         hub,
         listening: Mutex::new(BTreeMap::new()),
     });
     shared.write_listening(false);
     tokio::spawn(manage(shared.clone(), config_rx, stop));
-    SyncLink { shared }
+    PipelineLink { shared }
 }
 
 /// One running stream: its task handles.
@@ -503,16 +519,28 @@ fn stream_dir(data_dir: &Path, p: &NodePipeline, stream: &str) -> PathBuf {
         .join(format!("{}.{}.{}", p.namespace, p.name, stream))
 }
 
-/// Run the streams of the current pipelines; restart a stream when its spec changes.
+/// Run the streams of the current pipelines; restart a stream when its spec changes. A
+/// revision some stream of which cannot start is replaced by the pipeline's last good revision
+/// on this node (`outpost_core::pipeline::effective`), and its gate says so.
 async fn manage(shared: Arc<Shared>, mut config: watch::Receiver<NodePipelines>, mut stop: watch::Receiver<bool>) {
     let mut running: BTreeMap<String, Running> = BTreeMap::new();
+    // Per pipeline id: the last revision all of whose streams started, and a revision that failed.
+    let mut good = load_good(&shared.data_dir);
+    let mut failed: BTreeMap<String, (u64, String)> = BTreeMap::new();
     loop {
         let want = config.borrow_and_update().clone();
+        let mut errors: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut next: BTreeMap<String, (NodePipeline, StreamSpec)> = BTreeMap::new();
-        for p in &want.pipelines {
+        let mut runs: BTreeMap<String, u64> = BTreeMap::new();
+        for w in &want.pipelines {
+            let id = pipeline_id(&w.namespace, &w.name);
+            let p = outpost_core::pipeline::effective(w, good.get(&id), failed.get(&id).map(|f| f.0));
+            runs.insert(id.clone(), p.revision);
             for s in &p.spec.streams {
-                if next.contains_key(&s.name) {
-                    warn!(pipeline = %p.name, stream = %s.name, "a stream of this name already runs from another pipeline; skipping it");
+                if let Some((other, _)) = next.get(&s.name) {
+                    let e = format!("stream {} also belongs to pipeline {}; stream names are unique on a node", s.name, other.name);
+                    warn!(pipeline = %p.name, stream = %s.name, "{e}");
+                    errors.entry(id.clone()).or_default().push(e);
                     continue;
                 }
                 next.insert(s.name.clone(), (p.clone(), s.clone()));
@@ -552,13 +580,75 @@ async fn manage(shared: Arc<Shared>, mut config: watch::Receiver<NodePipelines>,
                         },
                     );
                 }
-                Err(e) => warn!(pipeline = %p.name, stream = %s.name, error = %e, "cannot start stream"),
+                Err(e) => {
+                    warn!(pipeline = %p.name, stream = %s.name, error = %e, "cannot start stream");
+                    errors
+                        .entry(pipeline_id(&p.namespace, &p.name))
+                        .or_default()
+                        .push(format!("stream {}: {e}", s.name));
+                }
             }
         }
         let routes = Routes {
             streams: running.iter().map(|(k, r)| (k.clone(), r.handle.clone())).collect(),
         };
         *shared.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routes);
+        // Judge each pipeline's revision; a failed one falls back to its good one at once.
+        let before_judging = good.clone();
+        let mut again = false;
+        let mut applied = BTreeMap::new();
+        for w in &want.pipelines {
+            let id = pipeline_id(&w.namespace, &w.name);
+            let ran = runs[&id];
+            match errors.remove(&id) {
+                None => {
+                    if let Some(p) = want.pipelines.iter().chain(good.get(&id)).find(|p| p.revision == ran) {
+                        good.insert(id.clone(), p.clone());
+                    }
+                }
+                Some(e) if ran == w.revision => {
+                    let why = e.join("; ");
+                    let back = good.get(&id).is_some_and(|g| g.revision != w.revision);
+                    if failed.get(&id).map(|f| f.0) != Some(w.revision) {
+                        warn!(pipeline = %id, revision = w.revision, reason = %why,
+                            back_to = good.get(&id).map(|g| g.revision), "pipeline revision failed on this node");
+                    }
+                    failed.insert(id.clone(), (w.revision, why));
+                    again |= back;
+                }
+                // The good revision failed too (the disk, the spool): nothing better to run.
+                Some(e) => warn!(pipeline = %id, revision = ran, reason = %e.join("; "), "the pipeline's last good revision fails too"),
+            }
+            let error = failed.get(&id).filter(|f| f.0 == w.revision).map(|f| f.1.clone());
+            let running = match (&error, good.get(&id)) {
+                (None, _) => Some(w.revision),
+                (Some(_), Some(g)) if g.revision != w.revision => Some(g.revision),
+                _ => None,
+            };
+            let mut a = Applied {
+                revision: w.revision,
+                error,
+                running,
+                since: crate::reconcile::now_ms(),
+            };
+            if let Some(prev) = shared.applied.borrow().get(&id).filter(|p| Applied { since: a.since, ..(*p).clone() } == a) {
+                a.since = prev.since;
+            }
+            applied.insert(id, a);
+        }
+        good.retain(|id, _| applied.contains_key(id));
+        failed.retain(|id, _| applied.contains_key(id));
+        if good != before_judging {
+            save_good(&shared.data_dir, &good);
+        }
+        shared.applied.send_if_modified(|cur| {
+            let changed = *cur != applied;
+            *cur = applied;
+            changed
+        });
+        if again {
+            continue;
+        }
         tokio::select! {
             r = config.changed() => if r.is_err() { return },
             _ = stop.changed() => {
