@@ -1114,11 +1114,16 @@ impl Reconciler {
     }
 
     /// The update gate of a Pipeline workload: what the data pipeline made of its revision.
-    fn pipeline_gate(&self, p: &outpost_api::pipeline::NodePipeline, target: &WorkloadSpec) -> outpost_api::RolloutStatus {
-        let applied = self
-            .applied_rx
-            .as_ref()
-            .and_then(|rx| rx.borrow().get(&crate::pipeline::pipeline_id(&p.namespace, &p.name)).cloned());
+    fn pipeline_gate(
+        &self,
+        p: &outpost_api::pipeline::NodePipeline,
+        target: &WorkloadSpec,
+    ) -> outpost_api::RolloutStatus {
+        let applied = self.applied_rx.as_ref().and_then(|rx| {
+            rx.borrow()
+                .get(&crate::pipeline::pipeline_id(&p.namespace, &p.name))
+                .cloned()
+        });
         let (state, reason) = outpost_core::pipeline::gate(target.revision, applied.as_ref());
         outpost_api::RolloutStatus {
             state,
@@ -1197,17 +1202,20 @@ impl Reconciler {
                 phase = if ready { Phase::Running } else { Phase::Pending };
                 rollout = Some(gate);
             }
+            let mut revision = w.revision;
             if let Some(p) = &target.pipeline {
                 let gate = self.pipeline_gate(p, target);
                 ready = gate.state == outpost_api::RolloutState::Complete;
                 phase = if ready { Phase::Running } else { Phase::Pending };
+                // after a fallback on the node, its last good revision runs
+                revision = gate.good_revision.unwrap_or(revision);
                 rollout = Some(gate);
             }
             out.insert(
                 w.key.clone(),
                 WorkloadStatus {
                     key: w.key.clone(),
-                    revision: w.revision,
+                    revision,
                     hash: w.hash.clone(),
                     phase,
                     containers,
@@ -1338,4 +1346,3 @@ async fn watch_changed<T>(rx: &mut Option<watch::Receiver<T>>) -> bool {
         None => std::future::pending().await,
     }
 }
-

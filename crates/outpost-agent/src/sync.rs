@@ -161,11 +161,7 @@ impl HubClient {
 
     /// One long-poll carrying the hash of the alert policy the node holds; the answer may add
     /// a new policy and log requests (`SyncAnswer`, docs/protocol.md §9).
-    pub async fn sync_with(
-        &self,
-        generation: u64,
-        policy_hash: &str,
-    ) -> Result<Option<SyncAnswer>, LinkError> {
+    pub async fn sync_with(&self, generation: u64, policy_hash: &str) -> Result<Option<SyncAnswer>, LinkError> {
         let url = self.url("sync").await;
         let generation = generation.to_string();
         let query = [("generation", generation.as_str()), ("policy", policy_hash)];

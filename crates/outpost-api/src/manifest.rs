@@ -914,7 +914,10 @@ impl Kind {
     /// CronJob is not kept running, so nodes have no update gate to report for it: its new
     /// revision reaches its node at once, as in Kubernetes.
     pub fn is_rolled_out(self) -> bool {
-        matches!(self, Kind::Deployment | Kind::DaemonSet | Kind::AgentUpdate | Kind::Pipeline)
+        matches!(
+            self,
+            Kind::Deployment | Kind::DaemonSet | Kind::AgentUpdate | Kind::Pipeline
+        )
     }
 }
 

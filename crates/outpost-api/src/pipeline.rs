@@ -330,9 +330,24 @@ pub struct PipelineInfo {
     pub node_selector: Labels,
     pub streams: Vec<String>,
     pub sinks: Vec<String>,
-    /// Nodes whose labels match: they run it.
+    /// Nodes the pipeline is placed on (their labels match).
     pub nodes: Vec<String>,
+    /// Per node: the revision its rollout gives it, the one it runs and its gate.
+    #[serde(default)]
+    pub placements: Vec<PipelinePlacement>,
     pub updated_at: i64,
+}
+
+/// One node of a pipeline, as `outpost get pipelines` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PipelinePlacement {
+    pub node: String,
+    pub desired_revision: u64,
+    /// The revision the node reported running (its last good one after a fallback).
+    pub running_revision: Option<u64>,
+    /// The node's gate for the desired revision (Progressing, Complete, RolledBack, Failed).
+    pub state: Option<crate::RolloutState>,
+    pub reason: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ use outpost_api::{RolloutState, UnixMs, WorkloadSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-
 /// The pipelines a node's desired state holds: one per Pipeline workload, at the revision its
 /// rollout gives this node (the hub places them by nodeSelector, like DaemonSets), sorted by
 /// namespace and name.
@@ -55,11 +54,7 @@ pub struct Applied {
 /// Which revision of a pipeline to run: the one wanted, unless it already failed on this node
 /// and an earlier good one exists (the node rolls back on its own, as for workloads; the
 /// fleet rollout sees the failure and stops the wave).
-pub fn effective<'a>(
-    want: &'a NodePipeline,
-    good: Option<&'a NodePipeline>,
-    failed: Option<u64>,
-) -> &'a NodePipeline {
+pub fn effective<'a>(want: &'a NodePipeline, good: Option<&'a NodePipeline>, failed: Option<u64>) -> &'a NodePipeline {
     match good {
         Some(g) if failed == Some(want.revision) && g.revision != want.revision => g,
         _ => want,
@@ -859,7 +854,11 @@ mod tests {
         plain.pipeline = None;
         let all = [w("b", "p", 2), plain, w("a", "q", 7)];
         let got = from_desired(&all);
-        let names: Vec<(&str, u64)> = got.pipelines.iter().map(|p| (p.namespace.as_str(), p.revision)).collect();
+        let names: Vec<(&str, u64)> = got
+            .pipelines
+            .iter()
+            .map(|p| (p.namespace.as_str(), p.revision))
+            .collect();
         assert_eq!(names, [("a", 7), ("b", 2)]);
     }
 
@@ -881,7 +880,11 @@ mod tests {
             (&v2, Some(&v2), Some(2), 2), // the good one is the same revision
         ];
         for (want, good, failed, run) in cases {
-            assert_eq!(effective(want, good, failed).revision, run, "{want:?} {good:?} {failed:?}");
+            assert_eq!(
+                effective(want, good, failed).revision,
+                run,
+                "{want:?} {good:?} {failed:?}"
+            );
         }
         let applied = |rev: u64, err: Option<&str>, running: Option<u64>| Applied {
             revision: rev,
@@ -900,9 +903,14 @@ mod tests {
         for (target, a, want) in table {
             let (got, reason) = gate(target, a.as_ref());
             assert_eq!(got, want, "{a:?}");
-            assert_eq!(reason.is_some(), a.as_ref().is_some_and(|a| a.revision == target && a.error.is_some()));
+            assert_eq!(
+                reason.is_some(),
+                a.as_ref().is_some_and(|a| a.revision == target && a.error.is_some())
+            );
         }
         let (_, reason) = gate(2, Some(&applied(2, Some("cannot open the spool"), Some(1))));
-        assert!(reason.unwrap().contains("cannot open the spool; the node runs revision 1"));
+        assert!(reason
+            .unwrap()
+            .contains("cannot open the spool; the node runs revision 1"));
     }
 }

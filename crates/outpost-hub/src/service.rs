@@ -859,8 +859,11 @@ impl Service {
                 Ok(Reply::Rollouts(out))
             }
             Query::Pipelines => {
-                let (objects, nodes) = self.db(|s| Ok((s.objects()?, s.nodes()?))).await?;
-                Ok(Reply::Pipelines(views::pipeline_infos(&objects, &nodes)))
+                let objects = self.db(|s| s.objects()).await?;
+                Ok(Reply::Pipelines(views::pipeline_infos(
+                    &objects,
+                    &self.read_view().await?,
+                )))
             }
             Query::Data(q) => {
                 if let Some(k) = q.kind.as_deref().filter(|k| RecordKind::parse(k).is_none()) {

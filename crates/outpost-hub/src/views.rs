@@ -4,13 +4,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use outpost_api::pipeline::PipelineInfo;
+use outpost_api::pipeline::{PipelineInfo, PipelinePlacement};
 use outpost_api::{
     Kind, NodeInfo, NodeRolloutInfo, NodeRolloutState, Object, Phase, Placement, RolloutInfo, Runtime, UnixMs,
     WaveInfo, WorkloadInfo, WorkloadStatus, PROCESS_RUNTIME,
 };
 use outpost_core::render::workload_key;
-use outpost_core::schedule::selector_matches;
 use outpost_core::waves::{node_state, planned_waves, Rollout};
 
 use crate::rollouts::{node_views, Loaded, Zones};
@@ -224,29 +223,47 @@ pub fn rollout_info(
 }
 
 /// Every Pipeline with the nodes that run it (`outpost get pipelines`).
-pub fn pipeline_infos(objects: &[StoredObject], nodes: &[NodeRow]) -> Vec<PipelineInfo> {
+pub fn pipeline_infos(objects: &[StoredObject], view: &View) -> Vec<PipelineInfo> {
     objects
         .iter()
         .filter_map(|o| match &o.object {
-            Object::Pipeline(p) => Some(PipelineInfo {
-                namespace: p.metadata.ns().to_string(),
-                name: p.metadata.name.clone(),
-                revision: o.revision,
-                nodes: nodes
+            Object::Pipeline(p) => {
+                let key = workload_key(&o.object.id());
+                let placements: Vec<PipelinePlacement> = view
+                    .desired
                     .iter()
-                    .filter(|n| selector_matches(&p.spec.node_selector, &n.labels))
-                    .map(|n| n.name.clone())
-                    .collect(),
-                node_selector: p.spec.node_selector.clone(),
-                streams: p.spec.streams.iter().map(|s| s.name.clone()).collect(),
-                sinks: p
-                    .spec
-                    .sinks
-                    .iter()
-                    .map(|s| format!("{} ({})", s.name, s.type_))
-                    .collect(),
-                updated_at: o.updated_at,
-            }),
+                    .filter(|r| r.key == key)
+                    .map(|r| {
+                        let st = view.statuses.get(&(r.node.clone(), key.clone()));
+                        let gate = st
+                            .and_then(|s| s.rollout.as_ref())
+                            .filter(|g| g.target_revision == r.revision);
+                        PipelinePlacement {
+                            node: r.node.clone(),
+                            desired_revision: r.revision,
+                            running_revision: st.map(|s| s.revision),
+                            state: gate.map(|g| g.state),
+                            reason: gate.and_then(|g| g.reason.clone()),
+                        }
+                    })
+                    .collect();
+                Some(PipelineInfo {
+                    namespace: p.metadata.ns().to_string(),
+                    name: p.metadata.name.clone(),
+                    revision: o.revision,
+                    nodes: placements.iter().map(|x| x.node.clone()).collect(),
+                    placements,
+                    node_selector: p.spec.node_selector.clone(),
+                    streams: p.spec.streams.iter().map(|s| s.name.clone()).collect(),
+                    sinks: p
+                        .spec
+                        .sinks
+                        .iter()
+                        .map(|s| format!("{} ({})", s.name, s.type_))
+                        .collect(),
+                    updated_at: o.updated_at,
+                })
+            }
             _ => None,
         })
         .collect()

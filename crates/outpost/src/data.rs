@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use outpost_api::pipeline::StoredRecord;
+use outpost_api::RolloutState;
 
 use crate::client::Client;
 use crate::output::{age, table};
@@ -121,10 +122,16 @@ pub async fn get_pipelines(c: &Client, f: Format) -> Result<()> {
             let rows: Vec<Vec<String>> = ps
                 .iter()
                 .map(|p| {
+                    // nodes on the current revision with their gate passed, of all placed
+                    let done = p
+                        .placements
+                        .iter()
+                        .filter(|x| x.running_revision == Some(p.revision) && x.state == Some(RolloutState::Complete))
+                        .count();
                     vec![
                         p.name.clone(),
                         p.revision.to_string(),
-                        p.nodes.len().to_string(),
+                        format!("{done}/{}", p.placements.len()),
                         p.streams.join(","),
                         p.sinks.join(","),
                         p.node_selector
@@ -139,7 +146,7 @@ pub async fn get_pipelines(c: &Client, f: Format) -> Result<()> {
             print!(
                 "{}",
                 table(
-                    &["NAME", "REVISION", "NODES", "STREAMS", "SINKS", "SELECTOR", "UPDATED"],
+                    &["NAME", "REVISION", "UP-TO-DATE", "STREAMS", "SINKS", "SELECTOR", "AGE"],
                     &rows
                 )
             );

@@ -470,17 +470,19 @@ pub async fn describe(c: &Client, kind: &str, name: &str, ns: &str) -> Result<()
     Ok(())
 }
 
-/// `(kind, name)` from `rollout CMD NAME` or `rollout CMD KIND NAME`.
+/// `(kind, name)` from `rollout CMD NAME`, `rollout CMD KIND NAME` or `rollout CMD KIND/NAME`.
 async fn rollout_object(c: &Client, t: &RolloutTarget) -> Result<(Kind, String)> {
-    match &t.name {
-        Some(name) => {
-            let Some(k) = Kind::parse_cli(&t.kind).filter(|k| k.is_workload() || k.is_rolled_out()) else {
-                bail!(
-                    "{:?} is not a workload kind: use deployment, daemonset or agentupdate",
-                    t.kind
-                );
+    let named = match (&t.name, t.kind.split_once('/')) {
+        (Some(name), _) => Some((t.kind.as_str(), name.as_str())),
+        (None, Some((kind, name))) => Some((kind, name)),
+        (None, None) => None,
+    };
+    match named {
+        Some((kind, name)) => {
+            let Some(k) = Kind::parse_cli(kind).filter(|k| k.is_workload() || k.is_rolled_out()) else {
+                bail!("{kind:?} is not a workload kind: use deployment, daemonset, agentupdate or pipeline");
             };
-            Ok((k, name.clone()))
+            Ok((k, name.to_string()))
         }
         None => {
             for k in [Kind::Deployment, Kind::DaemonSet] {

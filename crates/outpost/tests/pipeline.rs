@@ -946,3 +946,108 @@ fn listeners_opened_with_tls_refuse_plain_text_and_take_tls_clients() {
         (stored_records(&hub, "s").len() == 2).then_some(())
     });
 }
+
+/// Pipeline revisions roll out like workloads: canary first under a RolloutPolicy. A revision
+/// one stream of which cannot start on the canary (its spool path is blocked on that node) is
+/// rolled back there, where the last good revision runs again and still takes records; the
+/// rollout fails and the other node is never handed it. A good revision then goes through
+/// every wave.
+#[test]
+fn pipeline_revisions_roll_out_in_waves_and_a_bad_one_stops_at_the_canary() {
+    let hub = Hub::start();
+    let a = pipeline_agent(&hub, "pipe-a", "ring=canary", &[]);
+    let b = pipeline_agent(&hub, "pipe-b", "ring=rest", &[]);
+    hub.apply(
+        "apiVersion: outpost.dev/v1\nkind: RolloutPolicy\nmetadata: {name: flow}\nspec:\n  selector: {app: flow}\n  waves:\n  - {name: canary, selector: {ring: canary}}\n  - {percent: 100}\n  bake: 1s\n  tinyFleet: 1\n",
+    );
+    let pipeline = |streams: &[&str]| {
+        let s: String = streams
+            .iter()
+            .map(|s| format!("  - {{name: {s}, sinks: [hub]}}\n"))
+            .collect();
+        format!("apiVersion: outpost.dev/v1\nkind: Pipeline\nmetadata: {{name: flow, labels: {{app: flow}}}}\nspec:\n  streams:\n{s}{HUB_SINK}")
+    };
+    let status = || hub.json(&["rollout", "status", "pipeline/flow"]);
+    // node -> (desired revision, running revision, state)
+    let nodes = |r: &Value| -> BTreeMap<String, (u64, Option<u64>, String)> {
+        r["nodes"]
+            .as_array()
+            .map(|ns| {
+                ns.iter()
+                    .map(|n| {
+                        let s = n["state"].as_str().unwrap_or_default().to_string();
+                        let node = n["node"].as_str().unwrap().to_string();
+                        (
+                            node,
+                            (
+                                n["desired_revision"].as_u64().unwrap(),
+                                n["running_revision"].as_u64(),
+                                s,
+                            ),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let all_on = |rev: u64| {
+        let r = status();
+        let ns = nodes(&r);
+        (r["phase"] == "Complete" && ns.len() == 2 && ns.values().all(|v| v.0 == rev && v.1 == Some(rev))).then_some(r)
+    };
+
+    hub.apply(&pipeline(&["s1"]));
+    wait_for("revision 1 of the pipeline on both nodes", 60.0, || all_on(1));
+    let (la, lb) = (listen(&a), listen(&b));
+    wait_stream(&la, "s1");
+    wait_stream(&lb, "s1");
+
+    // Revision 2 adds a stream whose spool cannot be made on pipe-a (the canary).
+    std::fs::create_dir_all(a.dir.join("spool")).unwrap();
+    std::fs::write(a.dir.join("spool/default.flow.bad"), "in the way").unwrap();
+    hub.apply(&pipeline(&["s1", "bad"]));
+    let r = wait_for("the pipeline's rollout Failed", 90.0, || {
+        let r = status();
+        (r["phase"] == "Failed").then_some(r)
+    });
+    let reason = r["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("pipe-a") && reason.contains("stream bad"),
+        "the reason names the canary and the stream: {r}"
+    );
+    assert_eq!(nodes(&r)["pipe-b"].0, 1, "pipe-b is never handed revision 2: {r}");
+    wait_for("both nodes on revision 1 again", 60.0, || {
+        nodes(&status()).values().all(|v| v.1 == Some(1)).then_some(())
+    });
+    assert!(stats(&lb, "bad").is_none(), "pipe-b never ran the bad stream");
+    // The canary runs revision 1 again: its stream takes records, and they reach the hub.
+    wait_stream(&la, "s1");
+    let (code, body) = http(&la["ingest"], "POST", "/v1/streams/s1", r#"{"after": "rollback"}"#).unwrap();
+    assert_eq!(code, 200, "{body}");
+    wait_for("the record at the hub", 30.0, || {
+        stored_records(&hub, "s1")
+            .iter()
+            .any(|r| r["data"]["after"] == "rollback")
+            .then_some(())
+    });
+
+    // A good revision 3 goes canary first, then everywhere.
+    std::fs::remove_file(a.dir.join("spool/default.flow.bad")).unwrap();
+    hub.apply(&pipeline(&["s1", "s2"]));
+    let r = wait_for("revision 3 of the pipeline on both nodes", 90.0, || all_on(3));
+    assert_eq!(r["waves"][0]["name"], "canary", "{r}");
+    wait_stream(&la, "s2");
+    wait_stream(&lb, "s2");
+    // `outpost get pipelines` shows where each revision runs.
+    let pl: Value = serde_json::from_str(&hub.cli(&["get", "pipelines", "-o", "json"])).unwrap();
+    let placements = pl[0]["placements"].as_array().unwrap();
+    assert_eq!(placements.len(), 2, "{pl}");
+    assert!(
+        placements
+            .iter()
+            .all(|x| x["desired_revision"] == 3 && x["running_revision"] == 3 && x["state"] == "Complete"),
+        "{pl}"
+    );
+    let table = hub.cli(&["get", "pipelines"]);
+    assert!(table.contains("UP-TO-DATE") && table.contains("2/2"), "{table}");
+}

@@ -614,5 +614,8 @@ fn a_cronjob_change_reaches_its_node_at_once_without_a_rollout() {
         "no rollout for a CronJob: {all}"
     );
     let err = api_get(&hub, "/v1/objects/cronjob/default/nightly/rollout").to_string();
-    assert!(err.contains("only Deployments, DaemonSets and AgentUpdates"), "{err}");
+    assert!(
+        err.contains("only Deployments, DaemonSets, AgentUpdates and Pipelines"),
+        "{err}"
+    );
 }

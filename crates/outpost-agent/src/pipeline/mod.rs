@@ -538,7 +538,10 @@ async fn manage(shared: Arc<Shared>, mut config: watch::Receiver<NodePipelines>,
             runs.insert(id.clone(), p.revision);
             for s in &p.spec.streams {
                 if let Some((other, _)) = next.get(&s.name) {
-                    let e = format!("stream {} also belongs to pipeline {}; stream names are unique on a node", s.name, other.name);
+                    let e = format!(
+                        "stream {} also belongs to pipeline {}; stream names are unique on a node",
+                        s.name, other.name
+                    );
                     warn!(pipeline = %p.name, stream = %s.name, "{e}");
                     errors.entry(id.clone()).or_default().push(e);
                     continue;
@@ -617,7 +620,9 @@ async fn manage(shared: Arc<Shared>, mut config: watch::Receiver<NodePipelines>,
                     again |= back;
                 }
                 // The good revision failed too (the disk, the spool): nothing better to run.
-                Some(e) => warn!(pipeline = %id, revision = ran, reason = %e.join("; "), "the pipeline's last good revision fails too"),
+                Some(e) => {
+                    warn!(pipeline = %id, revision = ran, reason = %e.join("; "), "the pipeline's last good revision fails too")
+                }
             }
             let error = failed.get(&id).filter(|f| f.0 == w.revision).map(|f| f.1.clone());
             let running = match (&error, good.get(&id)) {
@@ -631,7 +636,12 @@ async fn manage(shared: Arc<Shared>, mut config: watch::Receiver<NodePipelines>,
                 running,
                 since: crate::reconcile::now_ms(),
             };
-            if let Some(prev) = shared.applied.borrow().get(&id).filter(|p| Applied { since: a.since, ..(*p).clone() } == a) {
+            if let Some(prev) = shared.applied.borrow().get(&id).filter(|p| {
+                Applied {
+                    since: a.since,
+                    ..(*p).clone()
+                } == a
+            }) {
                 a.since = prev.since;
             }
             applied.insert(id, a);
