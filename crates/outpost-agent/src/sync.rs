@@ -83,12 +83,34 @@ pub fn transport_text(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-/// The status heartbeat: 5 min with ±20 % jitter (so a fleet that changed at one instant does
-/// not report in lockstep ever after). Liveness comes from the long-poll, and every change,
-/// probe or gate transition and alert event is reported at once, so the heartbeat is only a
-/// safety net: a shorter one costs link budget for nothing (BENCHMARKS.md, bandwidth).
+/// The status heartbeat: 30 min with ±20 % jitter (so a fleet that changed at one instant does
+/// not report in lockstep ever after). Liveness comes from the held long-poll, and every
+/// change, probe or gate transition and alert event is reported at once, so the heartbeat is
+/// only a safety net: a shorter one costs link budget for nothing (BENCHMARKS.md, bandwidth).
 pub fn heartbeat_interval() -> Duration {
-    Duration::from_millis(rand::rng().random_range(240_000..=360_000))
+    Duration::from_millis(rand::rng().random_range(1_440_000..=2_160_000))
+}
+
+/// Idle time before the agent probes its connection to the hub (docs/protocol.md §12).
+fn link_keepalive() -> Duration {
+    Duration::from_secs(
+        std::env::var("OUTPOST_LINK_KEEPALIVE_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|s| *s >= 1)
+            .unwrap_or(120),
+    )
+}
+
+/// How long the agent asks the hub to hold each long-poll: `OUTPOST_LONG_POLL_SECS`, default
+/// [`outpost_api::AGENT_LONG_POLL_SECS`] (a change still arrives at once; a shorter hold only
+/// costs link budget, e.g. behind a proxy that cuts idle requests sooner).
+pub fn long_poll_secs() -> u64 {
+    std::env::var("OUTPOST_LONG_POLL_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|s| *s >= 1)
+        .unwrap_or(outpost_api::AGENT_LONG_POLL_SECS)
 }
 
 /// An mTLS client for one identity; rebuilt when the certificate is renewed.
@@ -106,9 +128,15 @@ fn build_http(id: &Identity) -> Result<reqwest::Client, LinkError> {
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(outpost_api::LONG_POLL_SECS + 30))
+        .timeout(Duration::from_secs(long_poll_secs() + 30))
         .pool_idle_timeout(Duration::from_secs(120))
-        .tcp_keepalive(Duration::from_secs(60))
+        // During a 10-minute hold only keepalive finds a dead hub or path (a link that went
+        // down and came back: the hub has closed its end by then): probes after
+        // `OUTPOST_LINK_KEEPALIVE_SECS` (120 s) idle, two unanswered 10 s apart end it, and the
+        // agent polls again on a new connection.
+        .tcp_keepalive(link_keepalive())
+        .tcp_keepalive_interval(Duration::from_secs(10).min(link_keepalive()))
+        .tcp_keepalive_retries(2)
         .build()
         .map_err(|e| LinkError::Local(e.to_string()))
 }
@@ -164,7 +192,12 @@ impl HubClient {
     pub async fn sync_with(&self, generation: u64, policy_hash: &str) -> Result<Option<SyncAnswer>, LinkError> {
         let url = self.url("sync").await;
         let generation = generation.to_string();
-        let query = [("generation", generation.as_str()), ("policy", policy_hash)];
+        let wait = long_poll_secs().to_string();
+        let query = [
+            ("generation", generation.as_str()),
+            ("policy", policy_hash),
+            ("wait", wait.as_str()),
+        ];
         let http = self.http.read().await.clone();
         let resp = check(
             http.get(url)

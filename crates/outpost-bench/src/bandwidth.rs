@@ -25,6 +25,80 @@ pub struct BandwidthArgs {
     /// Process workloads running (healthy) on the node.
     #[arg(long, default_value_t = 10)]
     pub workloads: usize,
+    /// Run the agent in a network namespace of its own (root and `ip` needed) and count every
+    /// packet at its veth: IP and TCP headers, ACKs, keepalives and TLS records, instead of the
+    /// TLS payload a proxy sees.
+    #[arg(long)]
+    pub netns: bool,
+}
+
+/// A network namespace joined to the root one by a veth pair: the agent's side has
+/// 10.213.0.2/30, the root side 10.213.0.1/30, whose interface counters see every packet.
+struct Veth {
+    ns: String,
+    host_if: String,
+}
+
+const HOST_IP: [u8; 4] = [10, 213, 0, 1];
+
+fn ip(args: &[&str]) -> Result<()> {
+    let o = std::process::Command::new("ip").args(args).output()?;
+    anyhow::ensure!(
+        o.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&o.stderr).trim()
+    );
+    Ok(())
+}
+
+impl Veth {
+    fn create() -> Result<Veth> {
+        let id = std::process::id();
+        let v = Veth {
+            ns: format!("obw-{id}"),
+            host_if: format!("obwh{id}"),
+        };
+        let peer = format!("obwn{id}");
+        ip(&["netns", "add", &v.ns])?;
+        ip(&["link", "add", &v.host_if, "type", "veth", "peer", "name", &peer])?;
+        ip(&["link", "set", &peer, "netns", &v.ns])?;
+        ip(&["addr", "add", "10.213.0.1/30", "dev", &v.host_if])?;
+        ip(&["link", "set", &v.host_if, "up"])?;
+        for args in [
+            vec!["addr", "add", "10.213.0.2/30", "dev", peer.as_str()],
+            vec!["link", "set", peer.as_str(), "up"],
+            vec!["link", "set", "lo", "up"],
+        ] {
+            let mut a = vec!["netns", "exec", v.ns.as_str(), "ip"];
+            a.extend(args);
+            ip(&a)?;
+        }
+        Ok(v)
+    }
+
+    /// [bytes from the agent, packets from it, bytes to it, packets to it], as the root side's
+    /// interface counts them (Ethernet frames).
+    fn counters(&self) -> Result<[u64; 4]> {
+        let read = |f: &str| -> Result<u64> {
+            let p = format!("/sys/class/net/{}/statistics/{f}", self.host_if);
+            Ok(std::fs::read_to_string(&p)?.trim().parse()?)
+        };
+        Ok([
+            read("rx_bytes")?,
+            read("rx_packets")?,
+            read("tx_bytes")?,
+            read("tx_packets")?,
+        ])
+    }
+}
+
+impl Drop for Veth {
+    fn drop(&mut self) {
+        // deleting the namespace deletes its end of the pair, and so the pair
+        let _ = ip(&["netns", "del", &self.ns]);
+        let _ = ip(&["link", "del", &self.host_if]);
+    }
 }
 
 /// Byte and segment counters of a [`CountingProxy`].
@@ -118,6 +192,9 @@ pub fn per_hour_and_month(bytes_in_window: u64, secs: f64) -> (f64, f64) {
 }
 
 pub async fn bandwidth(a: BandwidthArgs, work: &std::path::Path) -> Result<String> {
+    if a.netns {
+        return bandwidth_netns(a, work).await;
+    }
     let hub = HubProc::start(work).await?;
     let token = hub.join_token(1).await?;
     let mut agent = hub.join("bandwidth-1", &token).await?;
@@ -174,6 +251,65 @@ pub async fn bandwidth(a: BandwidthArgs, work: &std::path::Path) -> Result<Strin
         d[2],
         d[3],
         table(&["direction", "in window", "per hour", "per month (730 h)"], &rows)
+    ))
+}
+
+/// IP bytes (IP and TCP headers and everything in them) of `frames` Ethernet frames of
+/// `bytes` in all, as a veth counts them (a 14-byte Ethernet header each).
+pub fn ip_bytes(bytes: u64, frames: u64) -> u64 {
+    bytes.saturating_sub(14 * frames)
+}
+
+/// The agent in its own network namespace, counted at the veth.
+async fn bandwidth_netns(a: BandwidthArgs, work: &std::path::Path) -> Result<String> {
+    let veth = Veth::create()?;
+    let hub = HubProc::start_on(work, std::net::Ipv4Addr::from(HOST_IP).into()).await?;
+    let token = hub.join_token(1).await?;
+    let mut agent = hub.join("bandwidth-1", &token).await?;
+    agent.netns = Some(veth.ns.clone());
+    let (yaml, args) = harness::sleepers(a.workloads, crate::marker_base() + 710);
+    if a.workloads > 0 {
+        hub.apply(&yaml).await?;
+    }
+    agent.start(None)?;
+    let n = a.workloads;
+    harness::wait_for(
+        "workloads running",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || (count_sleepers(&args) == n).then_some(()),
+    )
+    .await?;
+    eprintln!("bandwidth (netns): warm-up {} s, window {} s", a.warmup_secs, a.secs);
+    tokio::time::sleep(Duration::from_secs(a.warmup_secs)).await;
+    let c0 = veth.counters()?;
+    tokio::time::sleep(Duration::from_secs(a.secs)).await;
+    let c1 = veth.counters()?;
+    drop(agent);
+    let d: Vec<u64> = c0.iter().zip(c1.iter()).map(|(a, b)| b - a).collect();
+    let secs = a.secs as f64;
+    let up = ip_bytes(d[0], d[1]);
+    let down = ip_bytes(d[2], d[3]);
+    let mb = |x: f64| format!("{:.2} MB", x / 1e6);
+    let row = |what: &str, b: u64, pk: u64| {
+        let (h, m) = per_hour_and_month(b, secs);
+        vec![what.to_string(), bytes(b as f64), pk.to_string(), bytes(h), mb(m)]
+    };
+    let rows = vec![
+        row("agent -> hub", up, d[1]),
+        row("hub -> agent", down, d[3]),
+        row("both (IP packets)", up + down, d[1] + d[3]),
+        row("both with Ethernet headers", d[0] + d[2], d[1] + d[3]),
+    ];
+    Ok(format!(
+        "Bandwidth at the interface, one agent in its own network namespace, idle and healthy ({n} process \
+         workloads running), window {} s after {} s warm-up\n\n{}",
+        a.secs,
+        a.warmup_secs,
+        table(
+            &["direction", "in window", "packets", "per hour", "per month (730 h)"],
+            &rows
+        )
     ))
 }
 

@@ -63,18 +63,27 @@ pub struct HubProc {
     pub port: u16,
     pub url: String,
     pub token: String,
+    /// The address the hub listens on (and advertises, so its certificate covers it).
+    pub ip: std::net::IpAddr,
     child: Option<Child>,
 }
 
 impl HubProc {
     /// Start a hub with its data in `<work>/hub` and its log in `<work>/hub.log`.
     pub async fn start(work: &Path) -> Result<HubProc> {
+        Self::start_on(work, std::net::Ipv4Addr::LOCALHOST.into()).await
+    }
+
+    /// The same, listening on (and advertising) `ip`, e.g. a veth address reachable from a
+    /// network namespace.
+    pub async fn start_on(work: &Path, ip: std::net::IpAddr) -> Result<HubProc> {
         let port = free_port()?;
         let mut h = HubProc {
             dir: work.to_path_buf(),
             port,
-            url: format!("https://127.0.0.1:{port}"),
+            url: format!("https://{ip}:{port}"),
             token: String::new(),
+            ip,
             child: None,
         };
         h.launch().await?;
@@ -99,7 +108,7 @@ impl HubProc {
             .append(true)
             .open(self.dir.join("hub.log"))?;
         let child = Command::new(outpost_bin()?)
-            .args(["hub", "--listen", &format!("127.0.0.1:{}", self.port), "--data-dir"])
+            .args(["hub", "--listen", &format!("{}:{}", self.ip, self.port), "--data-dir"])
             .arg(self.dir.join("hub"))
             .args(["--advertise", &self.url, "--offline-after", "90s"])
             .stdin(Stdio::null())
@@ -199,7 +208,11 @@ impl HubProc {
         if !o.status.success() {
             bail!("join {name} failed: {}", String::from_utf8_lossy(&o.stderr));
         }
-        Ok(AgentProc { dir, child: None })
+        Ok(AgentProc {
+            dir,
+            child: None,
+            netns: None,
+        })
     }
 }
 
@@ -212,6 +225,8 @@ impl Drop for HubProc {
 pub struct AgentProc {
     pub dir: PathBuf,
     child: Option<Child>,
+    /// Run inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
 }
 
 impl AgentProc {
@@ -221,7 +236,14 @@ impl AgentProc {
             .create(true)
             .append(true)
             .open(self.dir.join("agent.log"))?;
-        let mut c = Command::new(outpost_bin()?);
+        let mut c = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(outpost_bin()?);
+                c
+            }
+            None => Command::new(outpost_bin()?),
+        };
         c.args(["agent", "run", "--stop-workloads-on-exit", "--data-dir"])
             .arg(&self.dir);
         if let Some(h) = hub {

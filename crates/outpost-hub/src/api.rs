@@ -55,6 +55,9 @@ pub struct SyncQuery {
     /// Hash of the alert policy the agent holds (monitoring-aware agents only).
     #[serde(default)]
     policy: Option<String>,
+    /// Seconds the agent asks the hub to hold the long-poll (at most MAX_LONG_POLL_SECS).
+    #[serde(default)]
+    wait: Option<u64>,
 }
 
 pub async fn sync(
@@ -65,6 +68,7 @@ pub async fn sync(
 ) -> Result<Response, HubError> {
     let held = Held {
         policy: q.policy.as_deref(),
+        wait: q.wait.map(std::time::Duration::from_secs),
     };
     Ok(match svc.sync(&peer, &node, q.generation, held).await? {
         Some(answer) => Json(answer).into_response(),

@@ -82,6 +82,9 @@ pub struct HubConfig {
     pub idle_timeout: Duration,
     /// The TLS handshake must finish, and the first request start, within this (default 10 s).
     pub header_read_timeout: Duration,
+    /// Probe a connection idle this long with TCP keepalive (default 90 s): a node whose box
+    /// died while holding its long-poll turns Offline within this + 20 s.
+    pub keepalive: Duration,
     /// Connections one source address may hold without a node certificate (default: a quarter
     /// of the connection budget, at most 128; see `outpost_core::link::budget`).
     pub max_conns_per_ip: Option<usize>,
@@ -101,6 +104,7 @@ impl HubConfig {
             host_paths: validate::HostPathPolicy::default(),
             node_cert_lifetime: outpost_pki::NODE_CERT_LIFETIME,
             idle_timeout: Duration::from_secs(90),
+            keepalive: server::KEEPALIVE_IDLE,
             header_read_timeout: Duration::from_secs(10),
             max_conns_per_ip: None,
         }
@@ -191,6 +195,7 @@ impl Hub {
             limits,
             idle_timeout: cfg.idle_timeout,
             header_read_timeout: cfg.header_read_timeout,
+            keepalive: cfg.keepalive,
         };
         let task = tokio::spawn(server::serve(
             listener,

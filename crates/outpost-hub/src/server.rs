@@ -154,6 +154,8 @@ pub struct ServeConfig {
     pub idle_timeout: Duration,
     /// The TLS handshake must finish, and the first request start, within this.
     pub header_read_timeout: Duration,
+    /// Idle time before TCP keepalive probes ([`KEEPALIVE_IDLE`] by default).
+    pub keepalive: Duration,
 }
 
 /// A certless connection idle at least this long may be dropped to make room for a new one.
@@ -414,6 +416,32 @@ pub async fn serve(
     tracing::info!("hub stopped");
 }
 
+/// How long an idle connection waits before the hub probes it (TCP keepalive), by default.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(90);
+/// Two unanswered probes (or data unacknowledged as long) end the connection.
+pub const KEEPALIVE_PROBES: u32 = 2;
+
+/// Probes a ninth of the idle time apart, between 1 and 10 s (10 s for the default 90 s).
+fn keepalive_interval(idle: Duration) -> Duration {
+    (idle / 9).clamp(Duration::from_secs(1), Duration::from_secs(10))
+}
+
+/// Find dead peers of held connections from the hub's side: a node whose box lost power
+/// while holding a long-poll (no FIN, no RST) is noticed within
+/// idle + probes x interval (110 s by default) and turns Offline, without the node sending
+/// anything (docs/protocol.md §11). Costs two bare TCP segments per idle `idle`.
+fn keep_alive(tcp: &tokio::net::TcpStream, idle: Duration) -> std::io::Result<()> {
+    let s = socket2::SockRef::from(tcp);
+    let interval = keepalive_interval(idle);
+    s.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(interval)
+            .with_retries(KEEPALIVE_PROBES),
+    )?;
+    s.set_tcp_user_timeout(Some(idle + interval * KEEPALIVE_PROBES))
+}
+
 /// The TCP stream, recording when bytes move.
 struct Tracked {
     io: TcpStream,
@@ -546,6 +574,9 @@ async fn serve_conn(
     cfg: ServeConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    if let Err(e) = keep_alive(&tcp, cfg.keepalive) {
+        tracing::debug!(%remote, error = %e, "cannot set TCP keepalive; a dead peer of this connection is found only by its timeouts");
+    }
     let tracked = Tracked {
         io: tcp,
         activity: slot.activity.clone(),
@@ -565,11 +596,16 @@ async fn serve_conn(
         _ = slot.evict.notified() => return,
     };
     let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first());
+    let closed = tokio_util::sync::CancellationToken::new();
+    // Whatever ends this connection (close, error, keepalive failure, eviction) ends the
+    // long-polls held on it.
+    let _closed_on_return = closed.clone().drop_guard();
     let peer = Peer {
         cert_fp: cert.map(|c| outpost_pki::fingerprint(c.as_ref())),
         cert_not_after: cert
             .and_then(|c| outpost_pki::not_after_der(c.as_ref()).ok())
             .map(|s| s.saturating_mul(1000)),
+        closed: Some(closed),
     };
     if peer.cert_fp.is_some() {
         slot.table.certified(slot.id);

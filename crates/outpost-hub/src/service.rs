@@ -65,6 +65,9 @@ pub struct Peer {
     pub cert_fp: Option<String>,
     /// `notAfter` of the client certificate, Unix ms.
     pub cert_not_after: Option<UnixMs>,
+    /// Cancelled when the peer's connection is gone (closed, or found dead by TCP keepalive),
+    /// so a long-poll held on it ends and the node stops counting as connected.
+    pub closed: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl Peer {
@@ -263,50 +266,34 @@ pub struct Settings {
     pub monitor: MonitorConfig,
 }
 
-/// The hub's side of the node links: long-poll wake-ups, which nodes hold a long-poll now, and
-/// operator log requests relayed through them.
+/// The hub's side of the node links: long-poll wake-ups and operator log requests relayed
+/// through them (which nodes hold a long-poll now is the store's: `Store::holding`).
 #[derive(Default)]
 pub struct Links {
     /// Per node: the latest generation, to wake waiting long-polls.
     watchers: Mutex<HashMap<String, watch::Sender<u64>>>,
-    /// Per node: long-polls open now. A node holding one is reachable whatever its last contact
-    /// (a long-poll lasts up to 30 s; `--offline-after` may be shorter).
-    connected: Mutex<HashMap<String, usize>>,
     pub logs: LogBroker,
 }
 
-impl Links {
-    /// Nodes holding a long-poll now.
-    pub fn connected(&self) -> std::collections::BTreeSet<String> {
-        lock(&self.connected).keys().cloned().collect()
-    }
-}
-
-/// Counts a node's long-poll as open while it lives.
-struct Connected<'a> {
-    links: &'a Links,
+/// Counts a node's long-poll as open while it lives (`Store::hold`).
+struct Connected {
+    store: Arc<dyn Store>,
     node: String,
 }
 
-impl<'a> Connected<'a> {
-    fn new(links: &'a Links, node: &str) -> Self {
-        *lock(&links.connected).entry(node.to_string()).or_default() += 1;
+impl Connected {
+    fn new(store: &Arc<dyn Store>, node: &str) -> Self {
+        store.hold(node, true);
         Self {
-            links,
+            store: store.clone(),
             node: node.to_string(),
         }
     }
 }
 
-impl Drop for Connected<'_> {
+impl Drop for Connected {
     fn drop(&mut self) {
-        let mut c = lock(&self.links.connected);
-        if let Some(n) = c.get_mut(&self.node) {
-            *n -= 1;
-            if *n == 0 {
-                c.remove(&self.node);
-            }
-        }
+        self.store.hold(&self.node, false);
     }
 }
 
@@ -839,7 +826,7 @@ impl Service {
             Query::Rollout { id } => self.rollout(id).await.map(|r| Reply::Rollout(Box::new(r))),
             Query::Rollouts => {
                 let mut l = self.db(crate::rollouts::load).await?;
-                l.connected = self.links.connected();
+                l.connected = self.store.holding();
                 let now = now_ms();
                 let out = l
                     .objects
@@ -880,7 +867,7 @@ impl Service {
     async fn rollout(&self, id: ObjectId) -> Result<RolloutInfo, HubError> {
         rolled_out(&id)?;
         let mut l = self.db(crate::rollouts::load).await?;
-        l.connected = self.links.connected();
+        l.connected = self.store.holding();
         let obj = l
             .objects
             .iter()
@@ -925,7 +912,7 @@ impl Service {
         now: UnixMs,
     ) -> Result<crate::rollouts::Outcome, HubError> {
         let mut l = self.db(crate::rollouts::load).await?;
-        l.connected = self.links.connected();
+        l.connected = self.store.holding();
         let (changes, outcome) = crate::rollouts::step(&l, started, one_wave, self.settings.offline_after, now);
         self.wake
             .rollouts_active
@@ -1131,7 +1118,7 @@ impl Service {
             .ok_or_else(|| HubError::NotFound(format!("node {node}")))?;
         let now = now_ms();
         let failed = || self.metrics.log_requests_failed.inc();
-        if !is_online(&row, self.settings.offline_after, now) && !self.links.connected().contains(&node) {
+        if !is_online(&row, self.settings.offline_after, now) && !self.store.holding().contains(&node) {
             failed();
             return Err(HubError::NodeOffline(format!(
                 "node {node} is offline (last contact {} ago): logs travel over the node's own link, so try again once it is back (`outpost get nodes`); forwarded errors are here already: `outpost logs --errors {node}`",
@@ -1310,8 +1297,12 @@ impl Service {
         // Subscribe before reading, so a change committed after the read still wakes us.
         let mut rx = self.subscribe(node);
         let _connected = crate::metrics::LongPollGuard::new(self.metrics.clone());
-        let _link = Connected::new(&self.links, node);
-        let deadline = tokio::time::Instant::now() + self.settings.long_poll;
+        let _link = Connected::new(&self.store, node);
+        let hold = held.wait.map_or(self.settings.long_poll, |w| {
+            w.min(Duration::from_secs(outpost_api::MAX_LONG_POLL_SECS))
+        });
+        let deadline = tokio::time::Instant::now() + hold;
+        let closed = peer.closed.clone().unwrap_or_default();
         loop {
             let n = node.to_string();
             let resp = self
@@ -1339,11 +1330,21 @@ impl Service {
                     prefetch,
                 }));
             }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
-                Ok(Ok(())) => {}
-                // The node was deleted (its sender dropped): the next read answers unknown_node.
-                Ok(Err(_)) => rx = self.subscribe(node),
-                Err(_) => return Ok(None),
+            tokio::select! {
+                r = tokio::time::timeout_at(deadline, rx.changed()) => match r {
+                    Ok(Ok(())) => {}
+                    // The node was deleted (its sender dropped): the next read answers unknown_node.
+                    Ok(Err(_)) => rx = self.subscribe(node),
+                    Err(_) => {
+                        // A long hold is contact until its end: the node is online until the
+                        // next poll arrives, however long this one was held.
+                        self.contact(node, now_ms()).await?;
+                        return Ok(None);
+                    }
+                },
+                // The connection is gone: nobody reads the answer, and the node is no longer
+                // connected (its last contact decides when it turns Offline).
+                _ = closed.cancelled() => return Ok(None),
             }
         }
     }
@@ -1556,6 +1557,8 @@ impl Service {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Held<'a> {
     pub policy: Option<&'a str>,
+    /// How long the agent asked the hub to hold the long-poll (capped).
+    pub wait: Option<Duration>,
 }
 
 /// What a sync answer adds to the desired state.

@@ -251,6 +251,12 @@ pub trait Store: Send + Sync + 'static {
     fn nodes(&self) -> Result<Vec<NodeRow>>;
     /// Record contact; returns the previous last contact (None when the node is unknown).
     fn touch(&self, node: &str, now: UnixMs) -> Result<Option<UnixMs>>;
+    /// A long-poll of `node` opened (`true`) or ended (`false`). While one is open, the node's
+    /// last contact reads as the time of the read; when the last one ends it is what it was
+    /// (a hold that ended normally touches first; one whose connection died does not).
+    fn hold(&self, node: &str, open: bool);
+    /// Nodes holding a long-poll now.
+    fn holding(&self) -> BTreeSet<String>;
     /// Record a renewed certificate as the node's next one; the current one keeps working until
     /// the next one is used (see `node_by_cert`). A later renewal replaces an unused next one.
     fn renew(&self, node: &str, cert_fp: &str, cert_not_after: UnixMs) -> Result<()>;
@@ -305,6 +311,9 @@ pub struct SqliteStore {
     /// every node read and written with the next status report's transaction; a hub crash loses
     /// at most the contacts since then, which the next poll restores.
     seen: Mutex<std::collections::HashMap<String, UnixMs>>,
+    /// Long-polls open per node: a node holding one is in contact all along (its last contact
+    /// reads as now), however long the hold (docs/protocol.md §12).
+    held: Mutex<std::collections::HashMap<String, usize>>,
 }
 
 const SCHEMA: &str = "
@@ -475,10 +484,18 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// A node row with its latest contact, written or not.
+    /// A node row with its latest contact, written or not (now, while it holds a long-poll).
     fn with_seen(&self, mut n: NodeRow) -> NodeRow {
         if let Some(t) = self.seen.lock().unwrap_or_else(|e| e.into_inner()).get(&n.name) {
             n.last_seen = Some(n.last_seen.unwrap_or(0).max(*t));
+        }
+        if self
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&n.name)
+        {
+            n.last_seen = Some(n.last_seen.unwrap_or(0).max(outpost_api::now_ms()));
         }
         n
     }
@@ -619,6 +636,7 @@ impl SqliteStore {
         Ok(Self {
             conn: Mutex::new(conn),
             seen: Mutex::new(Default::default()),
+            held: Mutex::new(Default::default()),
         })
     }
 
@@ -734,6 +752,27 @@ impl Store for SqliteStore {
         let rows = st.query_map([], node_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
         rows.into_iter()
             .map(|r| finish_node(r).map(|n| self.with_seen(n)))
+            .collect()
+    }
+
+    fn hold(&self, node: &str, open: bool) {
+        let mut h = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if open {
+            *h.entry(node.to_string()).or_default() += 1;
+        } else if let Some(n) = h.get_mut(node) {
+            *n -= 1;
+            if *n == 0 {
+                h.remove(node);
+            }
+        }
+    }
+
+    fn holding(&self) -> BTreeSet<String> {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
             .collect()
     }
 

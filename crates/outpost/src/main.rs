@@ -231,6 +231,10 @@ struct HubArgs {
     /// A new connection must finish its TLS handshake and start its first request within this.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     header_read_timeout: Duration,
+    /// Probe a connection idle this long (TCP keepalive; two unanswered probes 10 s apart end
+    /// it): how soon a box that lost power while holding its long-poll turns Offline.
+    #[arg(long, default_value = "90s", value_parser = parse_duration)]
+    keepalive: Duration,
     /// Connections one address may hold without a node certificate (default: from the
     /// descriptor limit, at most 128).
     #[arg(long)]
@@ -651,6 +655,7 @@ async fn run_hub(a: HubArgs) -> Result<()> {
         node_cert_lifetime: a.node_cert_lifetime,
         idle_timeout: a.idle_timeout,
         header_read_timeout: a.header_read_timeout,
+        keepalive: a.keepalive,
         max_conns_per_ip: a.max_conns_per_ip,
     };
     let (hub, created) = outpost_hub::Hub::start(cfg).await?;

@@ -352,92 +352,6 @@ fn kill_storm_keeps_every_invariant() {
     );
 }
 
-fn sh(args: &[&str]) {
-    let o = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        o.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// A network namespace joined to the host by a veth pair: the host side holds `HOST_IP`, the
-/// namespace side `NS_IP`. Cutting the link takes the namespace's end down, as a site's
-/// modem losing its uplink would: the hub sees nothing, the agent's packets go nowhere.
-struct Netns {
-    name: String,
-    host_ip: String,
-}
-
-impl Netns {
-    fn new() -> Netns {
-        let n = std::process::id() % 200 + 20;
-        let name = format!("opchaos{n}");
-        let (vh, vn) = (format!("opvh{n}"), format!("opvn{n}"));
-        let host_ip = format!("10.77.{n}.1");
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        let _ = Command::new("ip").args(["link", "del", &vh]).output();
-        sh(&["ip", "netns", "add", &name]);
-        sh(&["ip", "link", "add", &vh, "type", "veth", "peer", "name", &vn]);
-        sh(&["ip", "link", "set", &vn, "netns", &name]);
-        sh(&["ip", "addr", "add", &format!("{host_ip}/30"), "dev", &vh]);
-        sh(&["ip", "link", "set", &vh, "up"]);
-        let ns = ["ip", "netns", "exec", &name];
-        sh(&[&ns[..], &["ip", "addr", "add", &format!("10.77.{n}.2/30"), "dev", &vn]].concat());
-        sh(&[&ns[..], &["ip", "link", "set", &vn, "up"]].concat());
-        sh(&[&ns[..], &["ip", "link", "set", "lo", "up"]].concat());
-        Netns { name, host_ip }
-    }
-    fn ns_if(&self) -> String {
-        self.name.replace("opchaos", "opvn")
-    }
-    fn wrap(&self) -> Vec<String> {
-        ["ip", "netns", "exec", &self.name].map(String::from).to_vec()
-    }
-    fn cut(&self) {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.name,
-            "ip",
-            "link",
-            "set",
-            &self.ns_if(),
-            "down",
-        ]);
-    }
-    fn heal(&self) {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.name,
-            "ip",
-            "link",
-            "set",
-            &self.ns_if(),
-            "up",
-        ]);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
-    }
-}
-
-fn node_status(hub: &Hub, name: &str) -> Option<String> {
-    let out = hub.try_cli(&["get", "nodes", "-o", "json"]);
-    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-    v.as_array()?
-        .iter()
-        .find(|n| n["name"] == name)
-        .and_then(|n| n["status"].as_str())
-        .map(String::from)
-}
-
 /// An agent behind a link that goes down in the middle of updates (three times, at random
 /// instants), while the hub takes a further change: the node keeps its workloads running once
 /// each while cut off, the other node is undisturbed, and after the link heals the node
@@ -446,11 +360,15 @@ fn node_status(hub: &Hub, name: &str) -> Option<String> {
 fn partition_during_update_heals_by_itself() {
     let mut rng = Rng::new();
     let ns = Netns::new();
-    let hub = Hub::start_on(&ns.host_ip, &[], &[]);
+    // a cut link is found by the hub's TCP keepalive: 5 s here instead of 90 s
+    let hub = Hub::start_on(&ns.host_ip, &["--keepalive", "5s"], &[]);
     let token = hub.token(&["--uses", "2"]);
     let wrap = ns.wrap();
     let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
-    let remote = hub.join_wrapped("behind-link", &token, &wrap).running();
+    let mut remote = hub.join_wrapped("behind-link", &token, &wrap);
+    // after the link heals, the agent finds its dead connection by keepalive: 3 s here
+    remote.env.push(("OUTPOST_LINK_KEEPALIVE_SECS".into(), "3".into()));
+    let remote = remote.running();
     let local = hub.join("on-site", &token).running();
     let agents = [remote, local];
     let marker = marker();

@@ -563,3 +563,52 @@ fn a_lost_answer_to_a_change_says_it_may_have_been_applied() {
         "{err}"
     );
 }
+
+/// A box that loses power while holding its long-poll sends nothing more (no FIN, no RST: here
+/// its link goes down). The hub's TCP keepalive finds the dead connection and the node turns
+/// Offline, long before the agent's 600 s hold would have ended; while the box was up, the held
+/// long-poll kept it Online past `--offline-after` without it polling, and a change still
+/// reached it at once.
+#[test]
+fn a_box_that_dies_holding_its_long_poll_turns_offline_by_keepalive() {
+    let ns = Netns::new();
+    // (the harness starts hubs with --offline-after 3s)
+    let hub = Hub::start_on(&ns.host_ip, &["--keepalive", "3s"], &[]);
+    let token = hub.token(&[]);
+    let wrap = ns.wrap();
+    let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
+    let mut a = hub.join_wrapped("held-box", &token, &wrap);
+    a.env.push(("OUTPOST_LONG_POLL_SECS".into(), "600".into()));
+    let a = a.running();
+    wait_for("the node Online", 30.0, || online(&hub, "held-box").then_some(()));
+    // A change reaches it at once, during a long hold.
+    let m = marker();
+    hub.apply(&format!(
+        "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: held}}\nspec:\n  template:\n    spec:\n      runtimeClassName: process\n      containers:\n      - {{name: main, command: [/bin/sleep, '{m}']}}\n"
+    ));
+    wait_for("the workload running on the node", 30.0, || {
+        let w = hub.json(&["get", "workloads"]);
+        w.as_array()?
+            .iter()
+            .any(|p| p["status"]["phase"] == "Running")
+            .then_some(())
+    });
+    // Online for twice --offline-after with nothing but the held long-poll.
+    let quiet = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < quiet {
+        assert!(online(&hub, "held-box"), "a node holding its long-poll is Online");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    ns.cut();
+    let cut = Instant::now();
+    wait_for("the node Offline after its link died", 30.0, || {
+        (node_status(&hub, "held-box").as_deref() == Some("Offline")).then_some(())
+    });
+    // keepalive 3 s + 2 probes 1 s apart, then --offline-after has long passed
+    assert!(
+        cut.elapsed() < Duration::from_secs(15),
+        "found dead in {:?}",
+        cut.elapsed()
+    );
+    drop(a);
+}

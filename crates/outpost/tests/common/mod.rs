@@ -531,3 +531,93 @@ pub fn read_json_post(conn: std::net::TcpStream) -> Option<Value> {
     let _ = w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
     v
 }
+
+/// Run a command that must succeed (`ip ...` for network namespaces).
+pub fn sh(args: &[&str]) {
+    let o = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A network namespace joined to the host by a veth pair: the host side holds `HOST_IP`, the
+/// namespace side `NS_IP`. Cutting the link takes the namespace's end down, as a site's
+/// modem losing its uplink would: the hub sees nothing, the agent's packets go nowhere.
+pub struct Netns {
+    pub name: String,
+    pub host_ip: String,
+}
+
+impl Netns {
+    pub fn new() -> Netns {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let n = (std::process::id() * 7 + SEQ.fetch_add(1, Ordering::Relaxed)) % 200 + 20;
+        let name = format!("opchaos{n}");
+        let (vh, vn) = (format!("opvh{n}"), format!("opvn{n}"));
+        let host_ip = format!("10.77.{n}.1");
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let _ = Command::new("ip").args(["link", "del", &vh]).output();
+        sh(&["ip", "netns", "add", &name]);
+        sh(&["ip", "link", "add", &vh, "type", "veth", "peer", "name", &vn]);
+        sh(&["ip", "link", "set", &vn, "netns", &name]);
+        sh(&["ip", "addr", "add", &format!("{host_ip}/30"), "dev", &vh]);
+        sh(&["ip", "link", "set", &vh, "up"]);
+        let ns = ["ip", "netns", "exec", &name];
+        sh(&[&ns[..], &["ip", "addr", "add", &format!("10.77.{n}.2/30"), "dev", &vn]].concat());
+        sh(&[&ns[..], &["ip", "link", "set", &vn, "up"]].concat());
+        sh(&[&ns[..], &["ip", "link", "set", "lo", "up"]].concat());
+        Netns { name, host_ip }
+    }
+    pub fn ns_if(&self) -> String {
+        self.name.replace("opchaos", "opvn")
+    }
+    pub fn wrap(&self) -> Vec<String> {
+        ["ip", "netns", "exec", &self.name].map(String::from).to_vec()
+    }
+    pub fn cut(&self) {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.name,
+            "ip",
+            "link",
+            "set",
+            &self.ns_if(),
+            "down",
+        ]);
+    }
+    pub fn heal(&self) {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.name,
+            "ip",
+            "link",
+            "set",
+            &self.ns_if(),
+            "up",
+        ]);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// A node's status word in `outpost get nodes` (Online, Offline, ...).
+pub fn node_status(hub: &Hub, name: &str) -> Option<String> {
+    let out = hub.try_cli(&["get", "nodes", "-o", "json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    v.as_array()?
+        .iter()
+        .find(|n| n["name"] == name)
+        .and_then(|n| n["status"].as_str())
+        .map(String::from)
+}
