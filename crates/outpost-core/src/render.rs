@@ -22,6 +22,11 @@ pub trait ConfigSource {
     fn services(&self, namespace: &str) -> Vec<&outpost_api::Service>;
     /// Does an object of this kind exist?
     fn has(&self, kind: Kind, namespace: &str, name: &str) -> bool;
+    /// The RolloutPolicies, as `(<namespace>/<name>, spec)`: an ONNX workload's model gate
+    /// comes from the one that covers it.
+    fn rollout_policies(&self) -> Vec<(String, outpost_api::RolloutPolicySpec)> {
+        Vec::new()
+    }
 }
 
 impl ConfigSource for BTreeMap<ObjectId, Object> {
@@ -62,6 +67,27 @@ impl ConfigSource for BTreeMap<ObjectId, Object> {
             })
             .collect()
     }
+    fn rollout_policies(&self) -> Vec<(String, outpost_api::RolloutPolicySpec)> {
+        self.values()
+            .filter_map(|o| match o {
+                Object::RolloutPolicy(p) => Some((format!("{}/{}", p.metadata.ns(), p.metadata.name), p.spec.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// The model gate of a workload with `labels`: the `gate` of the RolloutPolicy that covers it
+/// (the one `waves::Policy::for_workload` picks: most selector labels, ties by name).
+pub fn model_gate(
+    policies: &[(String, outpost_api::RolloutPolicySpec)],
+    labels: &outpost_api::Labels,
+) -> Option<outpost_api::ModelGate> {
+    policies
+        .iter()
+        .filter(|(_, p)| crate::schedule::selector_matches(&p.selector, labels))
+        .max_by(|(an, a), (bn, b)| a.selector.len().cmp(&b.selector.len()).then(bn.cmp(an)))
+        .and_then(|(_, p)| p.gate.as_ref()?.model_gate())
 }
 
 /// The workload key nodes know a workload by: `deployment/<ns>/<name>`.
@@ -458,6 +484,7 @@ fn model_serve(c: &Container) -> Option<ModelServe> {
         reference: c.image.clone()?,
         port: port.container_port,
         host_port: port.host_port,
+        gate: None,
     })
 }
 
@@ -757,6 +784,13 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
     let pod = &t.spec;
     // An ONNX serving workload runs as processes: the agent starts `outpost serve-model`.
     let onnx = pod.runtime_class_name.as_deref() == Some(ONNX_RUNTIME);
+    // Its model gate comes from the RolloutPolicy that covers it (changing the gate changes the
+    // spec's hash, so the model servers restart with it, as for a new revision).
+    let gate = if onnx {
+        model_gate(&src.rollout_policies(), &obj.meta().labels)
+    } else {
+        None
+    };
     let runtime = if onnx || pod.runtime_class_name.as_deref() == Some(PROCESS_RUNTIME) {
         Runtime::Process
     } else {
@@ -848,7 +882,10 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
                 .as_ref()
                 .and_then(|p| probe_spec(p, c))
                 .or_else(|| onnx.then(|| model_ready_probe(c)).flatten()),
-            model: onnx.then(|| model_serve(c)).flatten(),
+            model: onnx.then(|| model_serve(c)).flatten().map(|mut m| {
+                m.gate = gate.clone();
+                m
+            }),
             security: security_spec(pod, c),
             node_env: c
                 .env

@@ -13,6 +13,7 @@
 pub mod fetch;
 pub mod server;
 pub mod stage;
+pub mod stats;
 
 use std::path::Path;
 use std::sync::Arc;
