@@ -191,7 +191,13 @@ fn fmt_for(secs: u64) -> String {
 type Check<'a> = (&'a str, &'a str, Option<f64>, Option<Threshold>, &'a str);
 
 /// (alert name, what, threshold, unit, the value of a model sample)
-type ModelRule<'a> = (&'a str, &'a str, Option<Threshold>, &'a str, fn(&ModelSample) -> Option<f64>);
+type ModelRule<'a> = (
+    &'a str,
+    &'a str,
+    Option<Threshold>,
+    &'a str,
+    fn(&ModelSample) -> Option<f64>,
+);
 
 /// Evaluate one sample. Returns the transitions in a stable order; `st` is updated.
 pub fn evaluate(policy: &NodePolicy, st: &mut NodeAlerts, s: &Sample, now: UnixMs) -> Vec<Transition> {
