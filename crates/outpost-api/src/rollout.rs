@@ -551,4 +551,50 @@ mod tests {
             "America/Argentina/Buenos_Aires"
         );
     }
+
+    #[test]
+    fn model_gates_are_checked() {
+        let check = |gate: serde_json::Value, want: &[&str]| {
+            let spec: RolloutPolicySpec = serde_json::from_value(serde_json::json!({ "gate": gate })).unwrap();
+            let errs: Vec<String> = check_rollout_policy(&spec)
+                .into_iter()
+                .map(|(f, r)| format!("{f}: {r}"))
+                .collect();
+            assert_eq!(errs.len(), want.len(), "{gate}: {errs:#?}");
+            for w in want {
+                assert!(errs.iter().any(|e| e.starts_with(w)), "{w} not in {errs:#?}");
+            }
+        };
+        check(
+            serde_json::json!({"modelErrorRate": 0.05, "modelP99": "50ms", "minRequests": 10}),
+            &[],
+        );
+        check(serde_json::json!({"modelP99": "1.5ms"}), &[]);
+        check(
+            serde_json::json!({"modelErrorRate": 5, "modelP99": "fast", "minRequests": 0}),
+            &[
+                "spec.gate.modelErrorRate: 5 is not a fraction",
+                "spec.gate.modelP99: \"fast\" is not a latency",
+                "spec.gate.minRequests: must be at least 1",
+            ],
+        );
+        check(
+            serde_json::json!({"modelErrorRate": -0.1}),
+            &["spec.gate.modelErrorRate"],
+        );
+        check(
+            serde_json::json!({"modelP99": "0ms"}),
+            &["spec.gate.modelP99: \"0ms\" must be more than 0"],
+        );
+        check(
+            serde_json::json!({"minRequests": 5}),
+            &["spec.gate: set modelErrorRate and/or modelP99"],
+        );
+        assert_eq!(parse_latency_ms("50ms"), Ok(50.0));
+        assert_eq!(parse_latency_ms("0.5s"), Ok(500.0));
+        assert_eq!(parse_latency_ms("250us"), Ok(0.25));
+        assert!(
+            parse_latency_ms("50").is_err() && parse_latency_ms("11m").is_err() && parse_latency_ms("601s").is_err()
+        );
+    }
 }
