@@ -725,3 +725,53 @@ fn a_model_that_fails_its_requests_is_rolled_back_by_the_model_gate() {
         "v1 answered and v4 refused: {ok} ok, {failed} failed"
     );
 }
+
+/// A PNG in the articles' request is preprocessed as their app does with PIL:
+/// `Image.open(...).convert('L').resize((w, h))` (bicubic by default, antialiased when
+/// shrinking), pixel for pixel, for color and grayscale images shrunk, enlarged and kept.
+#[test]
+fn png_preprocessing_equals_pil_pixel_for_pixel() {
+    let script = r#"
+import base64, io, json, random, sys
+from PIL import Image
+random.seed(7)
+cases = []
+for mode, (w, h), (ow, oh) in [("RGB", (37, 23), (8, 8)), ("L", (5, 7), (8, 8)), ("RGBA", (64, 64), (28, 28)),
+                               ("L", (28, 28), (28, 28)), ("RGB", (300, 200), (8, 8)), ("LA", (40, 9), (28, 28))]:
+    n = len(mode)
+    im = Image.frombytes(mode, (w, h), bytes(random.randrange(256) for _ in range(w * h * n)))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    ref = Image.open(io.BytesIO(buf.getvalue())).convert("L").resize((ow, oh))
+    cases.append({"png": base64.b64encode(buf.getvalue()).decode(), "side": [oh, ow], "pixels": list(ref.tobytes()), "what": f"{mode} {w}x{h} -> {ow}x{oh}"})
+json.dump(cases, sys.stdout)
+"#;
+    let out = Command::new(python()).args(["-c", script]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "the PIL reference failed (scripts/test.sh installs Pillow into .venv): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cases: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cases.len(), 6);
+    for c in &cases {
+        let (h, w) = (c["side"][0].as_i64().unwrap(), c["side"][1].as_i64().unwrap());
+        let input = outpost_agent::inference::TensorMeta {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![-1, 1, h, w],
+        };
+        let got: Vec<u8> = outpost_agent::inference::decode_image(c["png"].as_str().unwrap(), &input)
+            .unwrap()
+            .iter()
+            .map(|v| (v * 255.0).round() as u8)
+            .collect();
+        let want: Vec<u8> = c["pixels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(got, want, "{}", c["what"]);
+    }
+}

@@ -229,7 +229,8 @@ pub fn image_side(input: &TensorMeta) -> Option<(usize, usize)> {
 }
 
 /// Decode the articles' `image_base64` into one FP32 input item: a PNG image (made grayscale as
-/// PIL's `convert('L')` does, resized to the model's side by nearest neighbour, divided by 255),
+/// PIL's `convert('L')` does, resized to the model's side as PIL's `resize` does by default,
+/// bicubic, [`resize_bicubic`], divided by 255),
 /// or exactly one item of raw 8-bit pixels (divided by 255), or of little-endian float32 values.
 pub fn decode_image(b64: &str, input: &TensorMeta) -> Result<Vec<f32>, BadInput> {
     let n = input.item_len();
@@ -253,15 +254,8 @@ pub fn decode_image(b64: &str, input: &TensorMeta) -> Result<Vec<f32>, BadInput>
         })?;
         let (gray, gw, gh) = decode_png(&bytes)
             .map_err(|e| BadInput(format!("image_base64 holds a PNG that cannot be decoded: {e}")))?;
-        let mut out = Vec::with_capacity(n);
-        for y in 0..h {
-            for x in 0..w {
-                let sx = x * gw / w;
-                let sy = y * gh / h;
-                out.push(gray[sy * gw + sx] as f32 / 255.0);
-            }
-        }
-        return Ok(out);
+        let px = resize_bicubic(&gray, gw, gh, w, h);
+        return Ok(px.iter().map(|p| *p as f32 / 255.0).collect());
     }
     if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
         return Err(BadInput(format!("image_base64 holds a JPEG; {}", expected())));
@@ -280,6 +274,96 @@ pub fn decode_image(b64: &str, input: &TensorMeta) -> Result<Vec<f32>, BadInput>
         bytes.len(),
         expected()
     )))
+}
+
+/// Fixed-point precision of PIL's 8-bit resampling (`Resample.c`).
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// PIL's bicubic kernel (a = -0.5).
+fn bicubic(x: f64) -> f64 {
+    let a = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    } else {
+        0.0
+    }
+}
+
+/// Per output index: the first input index and the fixed-point weights, as PIL's
+/// `precompute_coeffs` + `normalize_coeffs_8bpc` (the kernel widens when downscaling: an
+/// antialiasing filter, not point sampling).
+fn coeffs(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i64>)> {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = 2.0 * filterscale;
+    let one = (1i64 << PRECISION_BITS) as f64;
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            // C's (int) truncates toward zero, as `as` does
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize;
+            let w: Vec<f64> = (xmin..xmax)
+                .map(|x| bicubic((x as f64 - center + 0.5) / filterscale))
+                .collect();
+            let total: f64 = w.iter().sum();
+            let k = w
+                .iter()
+                .map(|v| {
+                    let v = if total != 0.0 { v / total } else { *v };
+                    if v < 0.0 {
+                        (-0.5 + v * one) as i64
+                    } else {
+                        (0.5 + v * one) as i64
+                    }
+                })
+                .collect();
+            (xmin, k)
+        })
+        .collect()
+}
+
+fn clip8(v: i64) -> u8 {
+    (v >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Resize 8-bit grayscale pixels as PIL's `Image.resize((w, h))` does by default (bicubic,
+/// horizontal pass then vertical, each rounded to 8 bits), pixel for pixel.
+pub fn resize_bicubic(src: &[u8], sw: usize, sh: usize, dw: usize, dh: usize) -> Vec<u8> {
+    let half = 1i64 << (PRECISION_BITS - 1);
+    let horizontal = if sw == dw {
+        src.to_vec()
+    } else {
+        let kx = coeffs(sw, dw);
+        let mut out = Vec::with_capacity(dw * sh);
+        for y in 0..sh {
+            let row = &src[y * sw..(y + 1) * sw];
+            for (xmin, k) in &kx {
+                let ss: i64 = half + k.iter().enumerate().map(|(i, w)| row[xmin + i] as i64 * w).sum::<i64>();
+                out.push(clip8(ss));
+            }
+        }
+        out
+    };
+    if sh == dh {
+        return horizontal;
+    }
+    let ky = coeffs(sh, dh);
+    let mut out = Vec::with_capacity(dw * dh);
+    for (ymin, k) in &ky {
+        for x in 0..dw {
+            let ss: i64 = half
+                + k.iter()
+                    .enumerate()
+                    .map(|(i, w)| horizontal[(ymin + i) * dw + x] as i64 * w)
+                    .sum::<i64>();
+            out.push(clip8(ss));
+        }
+    }
+    out
 }
 
 /// A PNG as 8-bit grayscale pixels (ITU-R 601-2 luma, as PIL's `convert('L')`), width, height.
@@ -304,7 +388,8 @@ fn decode_png(bytes: &[u8]) -> Result<(Vec<u8>, usize, usize), String> {
             let p = &row[x * ch..x * ch + ch];
             let l = match ch {
                 1 | 2 => p[0],
-                _ => ((p[0] as u32 * 299 + p[1] as u32 * 587 + p[2] as u32 * 114) / 1000) as u8,
+                // PIL's L24: ITU-R 601-2 in 16-bit fixed point, rounded
+                _ => ((p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16) as u8,
             };
             out.push(l);
         }
