@@ -117,38 +117,50 @@ struct Stats {
 }
 
 /// Ask every target's server for its counters, every `every`, until shutdown. Idle (no
-/// request) while no serving workload runs.
+/// request, no HTTP client) while no serving workload runs.
 pub async fn scrape_loop(board: Board, every: Duration, mut shutdown: watch::Receiver<bool>) {
-    let client = match reqwest::Client::builder()
-        .timeout(Duration::from_millis(500))
-        .no_proxy()
-        .build()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot build the model stats client; no model figures");
-            return;
-        }
-    };
+    let mut client: Option<reqwest::Client> = None;
     loop {
-        for t in board.targets() {
-            let url = format!("http://127.0.0.1:{}/v2/models/{}/stats", t.port, t.name);
-            let got = async { client.get(&url).send().await?.error_for_status()?.json::<Stats>().await }.await;
-            match got {
-                Ok(s) => board.put(Reading {
-                    key: t.key.clone(),
-                    model: t.name.clone(),
-                    version: t.version.clone(),
-                    pid: s.pid,
-                    at: now_ms(),
-                    counters: s.counters,
-                }),
-                Err(e) => debug!(workload = %t.key, error = %e, "model server stats not read"),
+        let targets = board.targets();
+        if !targets.is_empty() && client.is_none() {
+            match reqwest::Client::builder()
+                .timeout(Duration::from_millis(500))
+                .no_proxy()
+                .build()
+            {
+                Ok(c) => client = Some(c),
+                Err(e) => tracing::warn!(error = %e, "cannot build the model stats client; no model figures"),
+            }
+        }
+        if let Some(client) = &client {
+            for t in &targets {
+                board.put_result(t, read(client, t).await);
             }
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn read(client: &reqwest::Client, t: &Target) -> Result<Stats, reqwest::Error> {
+    let url = format!("http://127.0.0.1:{}/v2/models/{}/stats", t.port, t.name);
+    client.get(&url).send().await?.error_for_status()?.json::<Stats>().await
+}
+
+impl Board {
+    fn put_result(&self, t: &Target, got: Result<Stats, reqwest::Error>) {
+        match got {
+            Ok(s) => self.put(Reading {
+                key: t.key.clone(),
+                model: t.name.clone(),
+                version: t.version.clone(),
+                pid: s.pid,
+                at: now_ms(),
+                counters: s.counters,
+            }),
+            Err(e) => debug!(workload = %t.key, error = %e, "model server stats not read"),
         }
     }
 }
