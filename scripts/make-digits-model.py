@@ -11,7 +11,9 @@ whole test split.
 writes OUT_DIR/digits.onnx, OUT_DIR/digits-reference.json ({"inputs": [[64 floats]...],
 "labels": [...], "probabilities": [[10 floats]...], "expected": [...]}) and OUT_DIR/digits-v2.onnx
 (the same data, another seed: a second version for rollout tests) and
-OUT_DIR/digits-v3-broken.onnx (valid ONNX with an operator nobody implements). Inputs are scaled to [0, 1]
+OUT_DIR/digits-v3-broken.onnx (valid ONNX with an operator nobody implements) and
+OUT_DIR/digits-v4-wide.onnx (loads and answers, but takes 128 features: every request of the
+64-feature clients is refused, for the model's own rollout gate). Inputs are scaled to [0, 1]
 (pixel / 16), the range the articles' preprocessing (pixel / 255) produces.
 """
 import json
@@ -27,9 +29,11 @@ from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 
 
-def build(seed):
+def build(seed, wide=False):
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)
+    if wide:
+        x = np.hstack([x, x])
     y = digits.target
     x_train, x_test, _y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0)
     clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=500, random_state=seed)
@@ -78,6 +82,11 @@ def main():
     with open(os.path.join(out, "digits-v3-broken.onnx.tmp"), "wb") as f:
         f.write(broken.SerializeToString())
     os.replace(os.path.join(out, "digits-v3-broken.onnx.tmp"), os.path.join(out, "digits-v3-broken.onnx"))
+    # v4: a model that loads and answers, but expects 128 features instead of 64.
+    onx4, _, _ = build(seed=3, wide=True)
+    with open(os.path.join(out, "digits-v4-wide.onnx.tmp"), "wb") as f:
+        f.write(onx4.SerializeToString())
+    os.replace(os.path.join(out, "digits-v4-wide.onnx.tmp"), os.path.join(out, "digits-v4-wide.onnx"))
     acc = float(np.mean(np.array(ref["labels"]) == y_test))
     print(f"wrote {model} ({os.path.getsize(model)} bytes), {len(y_test)} reference predictions, accuracy {acc:.3f}")
 

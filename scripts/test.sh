@@ -71,9 +71,11 @@ fi
 # The inference tests and benchmark (docs/inference.md) build a real digits model with
 # scikit-learn + skl2onnx, check outpost's answers against onnxruntime, and bench beside the
 # articles' Flask + onnxruntime app: all from the same venv.
-if ! .venv/bin/python -c 'import sklearn, skl2onnx, onnx, onnxruntime, flask' >/dev/null 2>&1; then
-  log "installing scikit-learn, skl2onnx, onnx, onnxruntime and flask into .venv"
-  .venv/bin/pip install --quiet --disable-pip-version-check scikit-learn skl2onnx onnx onnxruntime flask
+# Pillow: the reference for the articles' PNG preprocessing (convert('L').resize()).
+if ! .venv/bin/python -c 'import sklearn, skl2onnx, onnx, onnxruntime, flask, PIL' >/dev/null 2>&1; then
+  log "installing scikit-learn, skl2onnx, onnx, onnxruntime, flask and pillow into .venv"
+  [ -x .venv/bin/pip ] || python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check scikit-learn skl2onnx onnx onnxruntime flask pillow
 fi
 
 # promtool (Debian package prometheus): the monitoring tests check the hub's /metrics with
@@ -105,6 +107,8 @@ log "format"
 cargo fmt --all -- --check
 log "lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The documented build without the ONNX runtime (docs/inference.md) must keep compiling.
+cargo clippy -p outpost --no-default-features --features nats --locked -- -D warnings
 log "tests"
 cargo nextest run --workspace --locked --no-fail-fast
 # Each fuzz target for FUZZ_SECONDS (default 30) from the checked-in corpus; fails on a crash.

@@ -115,6 +115,7 @@ pub async fn monitor_loop(
     vitals_tx: watch::Sender<Option<Vitals>>,
     outbox: Arc<Notify>,
     cfg: MonitorConfig,
+    models: crate::inference::stats::Board,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut sampler = Sampler::new(&data_dir);
@@ -126,6 +127,7 @@ pub async fn monitor_loop(
         let owned = crate::runtime::scan_owned(&agent_id);
         let mut v = sampler.sample(now, &owned, &snap);
         v.log_dropped_lines = store.dropped_lines();
+        v.models = sampler.models(&models.readings());
         if now / 60_000 != saved_minute {
             let json = serde_json::to_string(&v).expect("serializable");
             match store.save_vitals(now, &json, now - HISTORY_MS) {

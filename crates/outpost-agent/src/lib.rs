@@ -221,9 +221,25 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
         stop_rx.clone(),
     )
     .await;
+    // The model servers' counters, read every second while models are served (vitals, alerts,
+    // the model gate; docs/inference.md).
+    let models = inference::stats::Board::default();
+    let stats_every = std::time::Duration::from_millis(
+        std::env::var("OUTPOST_MODEL_STATS_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000u64)
+            .max(50),
+    );
+    tokio::spawn(inference::stats::scrape_loop(
+        models.clone(),
+        stats_every,
+        stop_rx.clone(),
+    ));
     let mut reconciler = reconcile::Reconciler::new(rt, store.clone(), desired, status_tx, client.clone(), socket)
         .hold_until_synced(hold)
-        .with_pipelines(pipelines);
+        .with_pipelines(pipelines)
+        .with_models(models.clone());
     if let Some(dir) = &o.manifests {
         let src = local::Source {
             dir: dir.clone(),
@@ -265,6 +281,7 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
         vitals_tx,
         outbox,
         mon_cfg,
+        models,
         stop_rx.clone(),
     ));
     let m2 = tokio::spawn(logs::log_loop(

@@ -108,6 +108,9 @@ pub struct Reconciler {
     /// The node's data pipeline: runs the Pipeline workloads of `desired`, reports their gates.
     pipelines: Option<crate::pipeline::PipelineLink>,
     applied_rx: Option<watch::Receiver<BTreeMap<String, outpost_core::pipeline::Applied>>>,
+    /// The model servers' counters (`inference::stats`): the reconciler names the servers that
+    /// run and judges a new model revision on them (the model gate).
+    models: crate::inference::stats::Board,
 }
 
 /// Probe state of one running process.
@@ -181,6 +184,7 @@ impl Reconciler {
             local_rx: None,
             pipelines: None,
             applied_rx: None,
+            models: Default::default(),
         }
     }
 
@@ -197,6 +201,12 @@ impl Reconciler {
         if let Some(link) = &self.pipelines {
             link.set(outpost_core::pipeline::from_desired(self.desired.workloads.values()));
         }
+    }
+
+    /// Share the model servers' counters with the stats scrape loop and the vitals sampler.
+    pub fn with_models(mut self, board: crate::inference::stats::Board) -> Self {
+        self.models = board;
+        self
     }
 
     /// Run the workloads of a manifest directory beside the hub's (`local` module).
@@ -238,8 +248,9 @@ impl Reconciler {
             }
     }
 
-    /// Health of a target spec's processes, for its update gate.
-    fn health(&self, w: &WorkloadSpec) -> Health {
+    /// Health of a target spec's processes, for its update gate; for a model server with a
+    /// model gate, also the model's own error rate and p99 latency since it started.
+    fn health(&self, w: &WorkloadSpec, now: UnixMs) -> Health {
         let mut h = Health {
             ready: true,
             failing: None,
@@ -278,7 +289,26 @@ impl Reconciler {
                 ));
             }
         }
+        if h.failing.is_none() {
+            h.failing = self.model_gate_failure(w, now);
+        }
         h
+    }
+
+    /// Why the target's model fails its gate (`outpost_core::inference::gate_verdict`), judged
+    /// only on the counters of the target's own server process.
+    fn model_gate_failure(&self, w: &WorkloadSpec, now: UnixMs) -> Option<String> {
+        let (c, m, gate) = w
+            .containers
+            .iter()
+            .find_map(|c| c.model.as_ref().and_then(|m| Some((c, m, m.gate.as_ref()?))))?;
+        let pid = self
+            .units
+            .get(&unit_id(&w.key, &c.name))
+            .filter(|u| u.hash == w.hash)?
+            .pid?;
+        let r = self.models.reading(&w.key).filter(|r| r.pid == pid)?;
+        outpost_core::inference::gate_verdict(gate, &m.reference, &r.counters, r.at, now)
     }
 
     /// Run every workload's update gate; decide what runs. Returns the earliest wake-up.
@@ -293,7 +323,7 @@ impl Reconciler {
                 effective.insert(key.clone(), target.clone());
                 continue;
             }
-            let health = self.health(target);
+            let health = self.health(target, now);
             let st = self.rollouts.entry(key.clone()).or_default();
             let step = rollout::step(st, target, &health, now);
             if step.persist {
@@ -334,6 +364,8 @@ impl Reconciler {
             let _ = self.store.delete_rollout(&k);
         }
         self.effective = effective;
+        self.models
+            .set_targets(crate::inference::stats::targets(self.effective.values()));
         wake
     }
 

@@ -15,8 +15,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use outpost_api::{Phase, Vitals, WorkloadVitals};
-use outpost_core::alerts::Sample;
+use outpost_api::{ModelCounters, ModelVitals, Phase, Vitals, WorkloadVitals};
+use outpost_core::alerts::{ModelSample, Sample};
+
+use crate::inference::stats::Reading;
 
 use crate::reconcile::Snapshot;
 use crate::runtime::Owned;
@@ -28,6 +30,8 @@ pub struct Sampler {
     prev_groups: HashMap<u32, (u64, Instant)>,
     clk_tck: f64,
     page: u64,
+    /// Per serving workload: (server pid, its counters at the previous sample).
+    prev_models: HashMap<String, (u32, ModelCounters)>,
 }
 
 /// `(busy, total)` jiffies from the first line of /proc/stat.
@@ -121,7 +125,37 @@ impl Sampler {
             prev_groups: HashMap::new(),
             clk_tck: if tck > 0 { tck as f64 } else { 100.0 },
             page: if page > 0 { page as u64 } else { 4096 },
+            prev_models: HashMap::new(),
         }
+    }
+
+    /// The model servers' figures for this sample: their counters, and the p99 and error
+    /// percent of what they answered since the previous sample (`outpost_core::inference`).
+    pub fn models(&mut self, readings: &[Reading]) -> Vec<ModelVitals> {
+        let mut next = HashMap::new();
+        let out = readings
+            .iter()
+            .map(|r| {
+                let prev = self
+                    .prev_models
+                    .get(&r.key)
+                    .filter(|(pid, _)| *pid == r.pid)
+                    .map(|(_, c)| c);
+                let w = outpost_core::inference::window(prev, &r.counters);
+                next.insert(r.key.clone(), (r.pid, r.counters.clone()));
+                let round = |v: f64| (v * 1000.0).round() / 1000.0;
+                ModelVitals {
+                    key: r.key.clone(),
+                    model: r.model.clone(),
+                    version: r.version.clone(),
+                    counters: r.counters.clone(),
+                    p99_ms: w.p99_ms.map(round),
+                    error_pct: w.error_pct.map(round),
+                }
+            })
+            .collect();
+        self.prev_models = next;
+        out
     }
 
     /// Take one sample. `owned` are the unit leaders (`runtime::scan_owned`), `snap` the
@@ -197,6 +231,7 @@ impl Sampler {
                 })
                 .collect(),
             log_dropped_lines: 0,
+            models: Vec::new(),
         }
     }
 }
@@ -213,6 +248,16 @@ pub fn to_sample(v: &Vitals, snap: &Snapshot) -> Sample {
             .values()
             .filter(|w| w.phase == Phase::CrashLoopBackOff)
             .map(|w| w.key.clone())
+            .collect(),
+        models: v
+            .models
+            .iter()
+            .map(|m| ModelSample {
+                key: m.key.clone(),
+                model: format!("{}:{}", m.model, m.version),
+                p99_ms: m.p99_ms,
+                error_pct: m.error_pct,
+            })
             .collect(),
     }
 }

@@ -799,6 +799,12 @@ pub struct AlertPolicySpec {
     pub disk: Option<ThresholdSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<ThresholdSpec>,
+    /// A model's p99 latency in milliseconds (`{above: 50, for: 1m}`, docs/inference.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference_latency: Option<ThresholdSpec>,
+    /// Percent of a model's requests that failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference_errors: Option<ThresholdSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crash_loop: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

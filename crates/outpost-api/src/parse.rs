@@ -2122,6 +2122,8 @@ fn validate_alert_policy(ctx: &mut Ctx, spec: &AlertPolicySpec) {
         ("memory", &spec.memory, 100.0),
         ("disk", &spec.disk, 100.0),
         ("temperature", &spec.temperature, 200.0),
+        ("inferenceLatency", &spec.inference_latency, 600_000.0),
+        ("inferenceErrors", &spec.inference_errors, 100.0),
     ] {
         if let Some(t) = t {
             validate_threshold(ctx, &format!("spec.{name}"), t, max);

@@ -340,6 +340,67 @@ pub struct ModelServe {
     pub port: u16,
     #[serde(default)]
     pub host_port: Option<u16>,
+    /// The model's own health gate, from the RolloutPolicy that covers the workload
+    /// (`spec.gate`): judged on the node while a revision is Progressing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<ModelGate>,
+}
+
+/// The model part of a node's update gate (RolloutPolicy `spec.gate`, docs/inference.md): a
+/// new model revision whose server answers with more errors or slower than this, over at least
+/// `min_requests` requests while it is Progressing, fails its gate and is rolled back.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelGate {
+    /// Largest fraction of requests answered with an error (0.05 = 5 %).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_rate: Option<f64>,
+    /// Largest p99 latency inside the model server, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_p99_ms: Option<f64>,
+    /// Requests needed before the model is judged (fewer: the gate is readiness only).
+    pub min_requests: u64,
+}
+
+// Eq for ModelServe (the gate's thresholds are finite numbers, checked at apply).
+impl Eq for ModelGate {}
+
+/// Upper bounds (seconds) of a model server's latency histogram buckets; one more bucket
+/// counts what is slower than the last bound.
+pub const MODEL_LATENCY_BUCKETS: [f64; 12] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
+];
+
+/// A model server's counters since it started (`GET /v2/models/{name}/stats`), as the agent
+/// reads them and forwards them in its vitals.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelCounters {
+    /// Requests answered (inference routes only).
+    pub requests: u64,
+    /// Of which refused or failed (4xx/5xx).
+    pub errors: u64,
+    /// Requests per latency bucket, not cumulative: `MODEL_LATENCY_BUCKETS.len() + 1` values,
+    /// the last for requests slower than the last bound.
+    pub buckets: Vec<u64>,
+    /// Sum of the latencies, seconds.
+    pub latency_sum_s: f64,
+}
+
+/// One serving workload's model figures in a vitals sample.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelVitals {
+    /// Workload key.
+    pub key: String,
+    pub model: String,
+    pub version: String,
+    /// Cumulative since the model server started (a restart starts them again from 0).
+    #[serde(flatten)]
+    pub counters: ModelCounters,
+    /// p99 latency over the last sampling interval, ms (absent: no request in it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_ms: Option<f64>,
+    /// Percent of the last interval's requests that failed (absent: no request in it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_pct: Option<f64>,
 }
 
 impl ModelServe {
@@ -760,6 +821,13 @@ pub struct NodePolicy {
     pub disk: Option<Threshold>,
     #[serde(default)]
     pub temperature: Option<Threshold>,
+    /// A model's p99 latency over a sampling interval, milliseconds (`InferenceLatencyHigh`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference_latency: Option<Threshold>,
+    /// Percent of a model's requests that failed over a sampling interval
+    /// (`InferenceErrorsHigh`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference_errors: Option<Threshold>,
     /// Alert when a workload is in CrashLoopBackOff.
     #[serde(default)]
     pub crash_loop: bool,
@@ -791,8 +859,9 @@ pub const DEFAULT_ERROR_PATTERNS: &[&str] = &[
 ];
 
 impl Default for NodePolicy {
-    /// CPU > 90 % for 5 min, memory > 90 %, disk > 90 %, crash loops, no temperature alert,
-    /// the default error patterns, logs kept 7 days.
+    /// CPU > 90 % for 5 min, memory > 90 %, disk > 90 %, a model's p99 latency > 50 ms for
+    /// 1 min, crash loops, no temperature or inference error alert, the default error
+    /// patterns, logs kept 7 days.
     fn default() -> Self {
         Self {
             cpu: Some(Threshold {
@@ -808,6 +877,12 @@ impl Default for NodePolicy {
                 for_secs: 0,
             }),
             temperature: None,
+            // The articles' rule: alert when inference latency is over 50 ms.
+            inference_latency: Some(Threshold {
+                above: 50.0,
+                for_secs: 60,
+            }),
+            inference_errors: None,
             crash_loop: true,
             error_patterns: DEFAULT_ERROR_PATTERNS.iter().map(|s| s.to_string()).collect(),
             log_max_age_secs: 7 * 86400,
@@ -924,6 +999,9 @@ pub struct Vitals {
     /// Log lines dropped because a cap was reached, since the node joined.
     #[serde(default)]
     pub log_dropped_lines: u64,
+    /// Each ONNX serving workload's model counters (docs/inference.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelVitals>,
 }
 
 /// A sync answer with the monitoring additions (one JSON object; see docs/protocol.md §9).

@@ -58,6 +58,69 @@ pub struct RolloutPolicySpec {
     /// The time zone of nodes without that label (an IANA name, default `UTC`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timezone: Option<String>,
+    /// What a node's update gate checks besides readiness: for ONNX serving workloads, the
+    /// model's own error rate and p99 latency (docs/inference.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateSpec>,
+}
+
+/// `gate: {modelErrorRate: 0.05, modelP99: 50ms, minRequests: 20}`: a new model revision that
+/// answers worse than this on a node while its gate runs fails the gate there (rolled back on
+/// the node, counted against the wave).
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GateSpec {
+    /// Largest fraction of requests answered with an error, 0 to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_error_rate: Option<f64>,
+    /// Largest p99 latency inside the model server: `50ms`, `0.5s`, `2s`.
+    #[serde(default, rename = "modelP99", skip_serializing_if = "Option::is_none")]
+    pub model_p99: Option<String>,
+    /// Requests a node must have answered with the new model before judging it (default 20);
+    /// with fewer, readiness alone decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_requests: Option<u64>,
+}
+
+/// Requests judged by default before a model's gate decides.
+pub const DEFAULT_GATE_MIN_REQUESTS: u64 = 20;
+
+/// `50ms`, `1.5ms`, `0.5s`, `2s` -> milliseconds.
+pub fn parse_latency_ms(s: &str) -> Result<f64, String> {
+    let bad = || format!("{s:?} is not a latency like 50ms or 0.5s");
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        return Err(bad());
+    };
+    let v: f64 = num.trim().parse().map_err(|_| bad())?;
+    if !v.is_finite() || v <= 0.0 {
+        return Err(format!("{s:?} must be more than 0"));
+    }
+    let ms = v * scale;
+    if ms > 600_000.0 {
+        return Err(format!("{s:?} is more than 10 minutes"));
+    }
+    Ok(ms)
+}
+
+impl GateSpec {
+    /// The model gate nodes apply, if this spec sets a model threshold.
+    pub fn model_gate(&self) -> Option<crate::ModelGate> {
+        let max_p99_ms = self.model_p99.as_deref().and_then(|p| parse_latency_ms(p).ok());
+        if self.model_error_rate.is_none() && max_p99_ms.is_none() {
+            return None;
+        }
+        Some(crate::ModelGate {
+            max_error_rate: self.model_error_rate,
+            max_p99_ms,
+            min_requests: self.min_requests.unwrap_or(DEFAULT_GATE_MIN_REQUESTS),
+        })
+    }
 }
 
 /// One wave: exactly one of `count`, `percent` (of the nodes not updated by earlier waves,
@@ -215,6 +278,33 @@ pub fn check_rollout_policy(spec: &RolloutPolicySpec) -> Vec<(String, String)> {
     if let Some(o) = &spec.on_failure {
         if o != "Rollback" && o != "Pause" {
             err("spec.onFailure".into(), format!("{o:?} is not Rollback or Pause"));
+        }
+    }
+    if let Some(g) = &spec.gate {
+        if let Some(r) = g.model_error_rate {
+            if !(r.is_finite() && (0.0..1.0).contains(&r)) {
+                err(
+                    "spec.gate.modelErrorRate".into(),
+                    format!("{r} is not a fraction from 0 to below 1 (0.05 = 5 % of requests)"),
+                );
+            }
+        }
+        if let Some(p) = &g.model_p99 {
+            if let Err(e) = parse_latency_ms(p) {
+                err("spec.gate.modelP99".into(), e);
+            }
+        }
+        if g.min_requests == Some(0) {
+            err(
+                "spec.gate.minRequests".into(),
+                "must be at least 1 (a model is judged on its requests)".into(),
+            );
+        }
+        if g.model_error_rate.is_none() && g.model_p99.is_none() {
+            err(
+                "spec.gate".into(),
+                "set modelErrorRate and/or modelP99 (or leave gate out)".into(),
+            );
         }
     }
     if spec.tiny_fleet == Some(0) {
@@ -459,6 +549,52 @@ mod tests {
         assert_eq!(
             timezone_from_label("America.Argentina.Buenos_Aires"),
             "America/Argentina/Buenos_Aires"
+        );
+    }
+
+    #[test]
+    fn model_gates_are_checked() {
+        let check = |gate: serde_json::Value, want: &[&str]| {
+            let spec: RolloutPolicySpec = serde_json::from_value(serde_json::json!({ "gate": gate })).unwrap();
+            let errs: Vec<String> = check_rollout_policy(&spec)
+                .into_iter()
+                .map(|(f, r)| format!("{f}: {r}"))
+                .collect();
+            assert_eq!(errs.len(), want.len(), "{gate}: {errs:#?}");
+            for w in want {
+                assert!(errs.iter().any(|e| e.starts_with(w)), "{w} not in {errs:#?}");
+            }
+        };
+        check(
+            serde_json::json!({"modelErrorRate": 0.05, "modelP99": "50ms", "minRequests": 10}),
+            &[],
+        );
+        check(serde_json::json!({"modelP99": "1.5ms"}), &[]);
+        check(
+            serde_json::json!({"modelErrorRate": 5, "modelP99": "fast", "minRequests": 0}),
+            &[
+                "spec.gate.modelErrorRate: 5 is not a fraction",
+                "spec.gate.modelP99: \"fast\" is not a latency",
+                "spec.gate.minRequests: must be at least 1",
+            ],
+        );
+        check(
+            serde_json::json!({"modelErrorRate": -0.1}),
+            &["spec.gate.modelErrorRate"],
+        );
+        check(
+            serde_json::json!({"modelP99": "0ms"}),
+            &["spec.gate.modelP99: \"0ms\" must be more than 0"],
+        );
+        check(
+            serde_json::json!({"minRequests": 5}),
+            &["spec.gate: set modelErrorRate and/or modelP99"],
+        );
+        assert_eq!(parse_latency_ms("50ms"), Ok(50.0));
+        assert_eq!(parse_latency_ms("0.5s"), Ok(500.0));
+        assert_eq!(parse_latency_ms("250us"), Ok(0.25));
+        assert!(
+            parse_latency_ms("50").is_err() && parse_latency_ms("11m").is_err() && parse_latency_ms("601s").is_err()
         );
     }
 }

@@ -37,6 +37,12 @@ pub const NODE_STORE_FAILING: &str = "NodeStoreFailing";
 /// Subject of the alerts raised from node conditions about the agent's data dir.
 pub const AGENT_DATA: &str = "agent-data";
 pub const NODE_CERTIFICATE_EXPIRING: &str = "NodeCertificateExpiring";
+/// A model's p99 latency over a sampling interval is above the policy's `inferenceLatency`
+/// (ms); subject: the serving workload.
+pub const INFERENCE_LATENCY_HIGH: &str = "InferenceLatencyHigh";
+/// The percent of a model's requests that failed over a sampling interval is above the
+/// policy's `inferenceErrors`; subject: the serving workload.
+pub const INFERENCE_ERRORS_HIGH: &str = "InferenceErrorsHigh";
 
 /// A crash-loop alert resolves only after the workload has been out of CrashLoopBackOff this
 /// long: between two crashes a looping workload is briefly Running, which must not resolve it.
@@ -90,6 +96,8 @@ pub fn effective_policy(policies: &[(String, AlertPolicySpec)], labels: &Labels)
         overlay(&mut out.memory, &p.memory);
         overlay(&mut out.disk, &p.disk);
         overlay(&mut out.temperature, &p.temperature);
+        overlay(&mut out.inference_latency, &p.inference_latency);
+        overlay(&mut out.inference_errors, &p.inference_errors);
         if let Some(c) = p.crash_loop {
             out.crash_loop = c;
         }
@@ -125,6 +133,20 @@ pub struct Sample {
     pub temp_c: Option<f64>,
     /// Workload keys in CrashLoopBackOff.
     pub crash_looping: BTreeSet<String>,
+    /// Each serving workload's model over the last interval.
+    pub models: Vec<ModelSample>,
+}
+
+/// A model's last sampling interval, as the evaluator needs it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ModelSample {
+    /// The serving workload's key (the alert's subject).
+    pub key: String,
+    /// `name:version`, for the summary.
+    pub model: String,
+    /// None: no request in the interval (nothing breached).
+    pub p99_ms: Option<f64>,
+    pub error_pct: Option<f64>,
 }
 
 /// The evaluator's memory, persisted by the agent with the events it produced (one
@@ -167,6 +189,15 @@ fn fmt_for(secs: u64) -> String {
 
 /// (alert name, what, value, threshold, unit)
 type Check<'a> = (&'a str, &'a str, Option<f64>, Option<Threshold>, &'a str);
+
+/// (alert name, what, threshold, unit, the value of a model sample)
+type ModelRule<'a> = (
+    &'a str,
+    &'a str,
+    Option<Threshold>,
+    &'a str,
+    fn(&ModelSample) -> Option<f64>,
+);
 
 /// Evaluate one sample. Returns the transitions in a stable order; `st` is updated.
 pub fn evaluate(policy: &NodePolicy, st: &mut NodeAlerts, s: &Sample, now: UnixMs) -> Vec<Transition> {
@@ -221,6 +252,94 @@ pub fn evaluate(policy: &NodePolicy, st: &mut NodeAlerts, s: &Sample, now: UnixM
                         summary,
                     });
                 }
+            }
+        }
+    }
+    // Models: one alert per serving workload and rule, with the thresholds' `for`; resolved
+    // when the value is back under, the interval saw no request, or the workload is gone.
+    let model_rules: [ModelRule; 2] = [
+        (
+            INFERENCE_LATENCY_HIGH,
+            "p99 latency",
+            policy.inference_latency,
+            " ms",
+            |m| m.p99_ms,
+        ),
+        (
+            INFERENCE_ERRORS_HIGH,
+            "failed requests",
+            policy.inference_errors,
+            " %",
+            |m| m.error_pct,
+        ),
+    ];
+    for (name, what, threshold, unit, get) in model_rules {
+        let prefix = format!("{name}/");
+        for m in &s.models {
+            let id = alert_id(name, Some(&m.key));
+            let value = get(m);
+            match (value, threshold) {
+                (Some(v), Some(t)) if v > t.above => {
+                    let since = *st.pending.entry(id.clone()).or_insert(now);
+                    if !st.firing.contains_key(&id) && now - since >= (t.for_secs as i64) * 1000 {
+                        st.firing.insert(id.clone(), now);
+                        out.push(Transition {
+                            id,
+                            name: name.into(),
+                            subject: Some(m.key.clone()),
+                            firing: true,
+                            at: now,
+                            summary: format!(
+                                "model {} {what} {v:.1}{unit} > {}{unit}{}",
+                                m.model,
+                                t.above,
+                                fmt_for(t.for_secs)
+                            ),
+                        });
+                    }
+                }
+                _ => {
+                    st.pending.remove(&id);
+                    if st.firing.remove(&id).is_some() {
+                        let summary = match (value, threshold) {
+                            (Some(v), Some(t)) => {
+                                format!("model {} {what} back to {v:.1}{unit} (<= {}{unit})", m.model, t.above)
+                            }
+                            (None, _) => format!("model {} answered no request in the last interval", m.model),
+                            (_, None) => format!("model {} {what} alert disabled by policy", m.model),
+                        };
+                        out.push(Transition {
+                            id,
+                            name: name.into(),
+                            subject: Some(m.key.clone()),
+                            firing: false,
+                            at: now,
+                            summary,
+                        });
+                    }
+                }
+            }
+        }
+        let gone: Vec<String> = st
+            .firing
+            .keys()
+            .chain(st.pending.keys())
+            .filter_map(|id| id.strip_prefix(&prefix))
+            .filter(|key| !s.models.iter().any(|m| m.key == *key))
+            .map(String::from)
+            .collect();
+        for key in gone {
+            let id = alert_id(name, Some(&key));
+            st.pending.remove(&id);
+            if st.firing.remove(&id).is_some() {
+                out.push(Transition {
+                    id,
+                    name: name.into(),
+                    subject: Some(key.clone()),
+                    firing: false,
+                    at: now,
+                    summary: format!("{key} no longer serves a model"),
+                });
             }
         }
     }
@@ -281,7 +400,8 @@ pub fn evaluate(policy: &NodePolicy, st: &mut NodeAlerts, s: &Sample, now: UnixM
 /// Should a status report carry this vitals summary? Yes for the first, when `max_silence_ms`
 /// passed since the last one, or when something moved enough to matter: CPU or memory by 5
 /// points, a disk by 1, the workload set, a restart, a workload's CPU by 10 points or memory by
-/// 20 %, dropped log lines, the temperature by 2 degrees. Keeps an idle node's uplink small.
+/// 20 %, dropped log lines, the temperature by 2 degrees, a model that answered requests.
+/// Keeps an idle node's uplink small.
 pub fn vitals_worth_sending(
     last: Option<&outpost_api::Vitals>,
     cur: &outpost_api::Vitals,
@@ -303,6 +423,12 @@ pub fn vitals_worth_sending(
         || opt(cur.temp_c, l.temp_c, 2.0)
         || cur.log_dropped_lines != l.log_dropped_lines
         || cur.workloads.len() != l.workloads.len()
+        || cur.models.len() != l.models.len()
+        || cur
+            .models
+            .iter()
+            .zip(&l.models)
+            .any(|(c, p)| c.key != p.key || c.counters.requests != p.counters.requests)
     {
         return true;
     }
@@ -632,6 +758,108 @@ mod tests {
             (1, false, "memory alert disabled by policy")
         );
         assert!(st.firing.is_empty());
+    }
+
+    #[test]
+    fn inference_latency_and_errors_fire_per_model_and_resolve() {
+        // defaults: p99 > 50 ms for 1 min; errors > 5 % at once (set here)
+        let p = NodePolicy {
+            inference_errors: Some(Threshold {
+                above: 5.0,
+                for_secs: 0,
+            }),
+            ..NodePolicy::default()
+        };
+        let m = |key: &str, p99: Option<f64>, err: Option<f64>| ModelSample {
+            key: key.into(),
+            model: "digits:v2".into(),
+            p99_ms: p99,
+            error_pct: err,
+        };
+        let with = |models: Vec<ModelSample>| Sample {
+            models,
+            ..sample(1.0, 1.0)
+        };
+        let a = "deployment/default/digits";
+        let b = "daemonset/default/faces";
+        check(
+            &p,
+            &[
+                (with(vec![m(a, Some(0.2), Some(0.0))]), 0, &[]),
+                (with(vec![m(a, Some(70.0), Some(0.0))]), 10, &[]),
+                (
+                    with(vec![m(a, Some(80.0), Some(0.0)), m(b, Some(1.0), Some(50.0))]),
+                    40,
+                    &["+InferenceErrorsHigh/daemonset/default/faces"],
+                ),
+                (
+                    with(vec![m(a, Some(60.0), None), m(b, None, None)]),
+                    70,
+                    &[
+                        "+InferenceLatencyHigh/deployment/default/digits",
+                        "-InferenceErrorsHigh/daemonset/default/faces",
+                    ],
+                ),
+                // exactly at the threshold is not above it
+                (
+                    with(vec![m(a, Some(50.0), None)]),
+                    80,
+                    &["-InferenceLatencyHigh/deployment/default/digits"],
+                ),
+                // a dip restarts the timer
+                (with(vec![m(a, Some(51.0), None)]), 90, &[]),
+                (with(vec![m(a, Some(1.0), None)]), 100, &[]),
+                (with(vec![m(a, Some(51.0), None)]), 110, &[]),
+                (with(vec![m(a, Some(51.0), None)]), 169, &[]),
+                (
+                    with(vec![m(a, Some(51.0), None)]),
+                    170,
+                    &["+InferenceLatencyHigh/deployment/default/digits"],
+                ),
+                // the workload is gone: resolved
+                (with(vec![]), 180, &["-InferenceLatencyHigh/deployment/default/digits"]),
+            ],
+        );
+        // disabled by policy: nothing fires
+        let mut off = p.clone();
+        off.inference_latency = None;
+        check(
+            &off,
+            &[
+                (with(vec![m(a, Some(900.0), None)]), 0, &[]),
+                (with(vec![m(a, Some(900.0), None)]), 600, &[]),
+            ],
+        );
+    }
+
+    #[test]
+    fn an_alert_policy_sets_the_inference_rules() {
+        let spec: AlertPolicySpec = serde_json::from_value(serde_json::json!({
+            "inferenceLatency": {"above": 20, "for": "30s"},
+            "inferenceErrors": {"above": 1},
+        }))
+        .unwrap();
+        let p = effective_policy(&[("models".into(), spec)], &Labels::new());
+        assert_eq!(
+            p.inference_latency,
+            Some(Threshold {
+                above: 20.0,
+                for_secs: 30
+            })
+        );
+        assert_eq!(
+            p.inference_errors,
+            Some(Threshold {
+                above: 1.0,
+                for_secs: 0
+            })
+        );
+        let off: AlertPolicySpec =
+            serde_json::from_value(serde_json::json!({"inferenceLatency": {"disabled": true}})).unwrap();
+        assert_eq!(
+            effective_policy(&[("x".into(), off)], &Labels::new()).inference_latency,
+            None
+        );
     }
 
     #[test]

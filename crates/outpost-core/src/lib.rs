@@ -13,6 +13,7 @@ pub mod cron;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod gitops;
+pub mod inference;
 pub mod link;
 pub mod pipeline;
 pub mod probe;

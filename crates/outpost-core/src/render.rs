@@ -22,6 +22,11 @@ pub trait ConfigSource {
     fn services(&self, namespace: &str) -> Vec<&outpost_api::Service>;
     /// Does an object of this kind exist?
     fn has(&self, kind: Kind, namespace: &str, name: &str) -> bool;
+    /// The RolloutPolicies, as `(<namespace>/<name>, spec)`: an ONNX workload's model gate
+    /// comes from the one that covers it.
+    fn rollout_policies(&self) -> Vec<(String, outpost_api::RolloutPolicySpec)> {
+        Vec::new()
+    }
 }
 
 impl ConfigSource for BTreeMap<ObjectId, Object> {
@@ -62,6 +67,27 @@ impl ConfigSource for BTreeMap<ObjectId, Object> {
             })
             .collect()
     }
+    fn rollout_policies(&self) -> Vec<(String, outpost_api::RolloutPolicySpec)> {
+        self.values()
+            .filter_map(|o| match o {
+                Object::RolloutPolicy(p) => Some((format!("{}/{}", p.metadata.ns(), p.metadata.name), p.spec.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// The model gate of a workload with `labels`: the `gate` of the RolloutPolicy that covers it
+/// (the one `waves::Policy::for_workload` picks: most selector labels, ties by name).
+pub fn model_gate(
+    policies: &[(String, outpost_api::RolloutPolicySpec)],
+    labels: &outpost_api::Labels,
+) -> Option<outpost_api::ModelGate> {
+    policies
+        .iter()
+        .filter(|(_, p)| crate::schedule::selector_matches(&p.selector, labels))
+        .max_by(|(an, a), (bn, b)| a.selector.len().cmp(&b.selector.len()).then(bn.cmp(an)))
+        .and_then(|(_, p)| p.gate.as_ref()?.model_gate())
 }
 
 /// The workload key nodes know a workload by: `deployment/<ns>/<name>`.
@@ -458,6 +484,7 @@ fn model_serve(c: &Container) -> Option<ModelServe> {
         reference: c.image.clone()?,
         port: port.container_port,
         host_port: port.host_port,
+        gate: None,
     })
 }
 
@@ -784,6 +811,13 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
     let pod = &t.spec;
     // An ONNX serving workload runs as processes: the agent starts `outpost serve-model`.
     let onnx = pod.runtime_class_name.as_deref() == Some(ONNX_RUNTIME);
+    // Its model gate comes from the RolloutPolicy that covers it (changing the gate changes the
+    // spec's hash, so the model servers restart with it, as for a new revision).
+    let gate = if onnx {
+        model_gate(&src.rollout_policies(), &obj.meta().labels)
+    } else {
+        None
+    };
     let runtime = if onnx || pod.runtime_class_name.as_deref() == Some(PROCESS_RUNTIME) {
         Runtime::Process
     } else {
@@ -875,7 +909,10 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
                 .as_ref()
                 .and_then(|p| probe_spec(p, c))
                 .or_else(|| onnx.then(|| model_ready_probe(c)).flatten()),
-            model: onnx.then(|| model_serve(c)).flatten(),
+            model: onnx.then(|| model_serve(c)).flatten().map(|mut m| {
+                m.gate = gate.clone();
+                m
+            }),
             security: security_spec(pod, c),
             node_env: c
                 .env
@@ -992,7 +1029,7 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use outpost_api::parse_file;
+    use outpost_api::{parse_file, ModelGate};
 
     fn objects(yaml: &str) -> BTreeMap<ObjectId, Object> {
         parse_file("t.yaml", yaml)
@@ -1057,6 +1094,56 @@ spec:
         let ds = objs.values().find(|o| o.kind() == Kind::DaemonSet).unwrap();
         let plain = serde_json::to_value(render(ds, 1, &objs).unwrap()).unwrap();
         assert!(plain["containers"][0].get("model").is_none());
+    }
+
+    #[test]
+    fn an_onnx_workload_takes_its_model_gate_from_the_rollout_policy_that_covers_it() {
+        let deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: digits, labels: {app: vision}}\nspec:\n  template:\n    spec:\n      runtimeClassName: onnx\n      containers:\n      - {name: m, image: 'digits:v2', ports: [{containerPort: 5000}]}\n";
+        let policy = |name: &str, selector: &str, gate: &str| {
+            format!("---\napiVersion: outpost.dev/v1\nkind: RolloutPolicy\nmetadata: {{name: {name}}}\nspec:\n  selector: {selector}\n{gate}")
+        };
+        let gate_of = |docs: String| {
+            let objs = objects(&docs);
+            let d = objs.values().find(|o| o.kind() == Kind::Deployment).unwrap();
+            let spec = render(d, 1, &objs).unwrap();
+            (spec.containers[0].model.as_ref().unwrap().gate.clone(), spec.hash)
+        };
+        let check = |extra: String, want: Option<ModelGate>| {
+            assert_eq!(gate_of(format!("{deployment}{extra}")).0, want, "{extra}");
+        };
+        // no policy, a policy without a gate, one that does not select it: no model gate
+        check(String::new(), None);
+        check(policy("p", "{}", "  bake: 0s\n"), None);
+        check(policy("p", "{app: other}", "  gate: {modelErrorRate: 0.05}\n"), None);
+        // the covering policy's gate, with the default minRequests
+        let g = |e: Option<f64>, p99: Option<f64>, n: u64| {
+            Some(ModelGate {
+                max_error_rate: e,
+                max_p99_ms: p99,
+                min_requests: n,
+            })
+        };
+        check(
+            policy("p", "{app: vision}", "  gate: {modelErrorRate: 0.05, modelP99: 50ms}\n"),
+            g(Some(0.05), Some(50.0), 20),
+        );
+        check(
+            policy("p", "{}", "  gate: {modelP99: 0.5s, minRequests: 100}\n"),
+            g(None, Some(500.0), 100),
+        );
+        // the most specific policy wins, as for waves
+        check(
+            policy("wide", "{}", "  gate: {modelErrorRate: 0.5}\n")
+                + &policy("narrow", "{app: vision}", "  gate: {modelErrorRate: 0.01}\n"),
+            g(Some(0.01), None, 20),
+        );
+        // the gate is part of the spec's content
+        let (_, plain) = gate_of(deployment.to_string());
+        let (_, gated) = gate_of(format!(
+            "{deployment}{}",
+            policy("p", "{}", "  gate: {modelErrorRate: 0.05}\n")
+        ));
+        assert_ne!(plain, gated);
     }
 
     #[test]

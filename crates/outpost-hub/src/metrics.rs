@@ -253,6 +253,35 @@ enum V {
     F(f64),
 }
 
+/// A histogram read from a node's report: per-bucket counts (not cumulative) for
+/// [`outpost_api::MODEL_LATENCY_BUCKETS`] and one open bucket.
+#[derive(Debug)]
+struct ConstHistogram<'a> {
+    counters: &'a outpost_api::ModelCounters,
+}
+
+impl EncodeMetric for ConstHistogram<'_> {
+    fn encode(&self, mut enc: prometheus_client::encoding::MetricEncoder) -> Result<(), std::fmt::Error> {
+        let b = &self.counters.buckets;
+        let buckets: Vec<(f64, u64)> = outpost_api::MODEL_LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::MAX])
+            .zip(b.iter().copied().chain(std::iter::repeat(0)))
+            .collect();
+        let count = b.iter().sum();
+        enc.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            self.counters.latency_sum_s,
+            count,
+            &buckets,
+            None,
+        )
+    }
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
 /// Encodes the [`FleetView`] of one scrape.
 #[derive(Debug)]
 struct FleetCollector(FleetView);
@@ -438,6 +467,56 @@ impl Collector for FleetCollector {
                 .collect();
             family(&mut enc, name, help, *kind, rows)?;
         }
+        // Each node's model servers (docs/inference.md): cumulative since the server started, so
+        // a restart is a counter reset, as Prometheus expects.
+        let model_rows = || {
+            f.vitals.iter().flat_map(|(node, v)| {
+                v.models.iter().map(move |m| {
+                    let mut l = node_labels(node);
+                    l.push(("workload", esc(&m.key)));
+                    l.push(("model", esc(&m.model)));
+                    l.push(("version", esc(&m.version)));
+                    (l, m)
+                })
+            })
+        };
+        type MGet = fn(&outpost_api::ModelVitals) -> Option<V>;
+        let per_model: &[(&str, MetricType, &str, MGet)] = &[
+            (
+                "outpost_inference_requests",
+                MetricType::Counter,
+                "Inference requests a node's model server answered (last report).",
+                |m| Some(V::U(m.counters.requests)),
+            ),
+            (
+                "outpost_inference_errors",
+                MetricType::Counter,
+                "Inference requests refused or failed (4xx/5xx) by a node's model server (last report).",
+                |m| Some(V::U(m.counters.errors)),
+            ),
+            (
+                "outpost_inference_p99_seconds",
+                MetricType::Gauge,
+                "p99 latency inside the model server over the node's last sampling interval with requests.",
+                |m| m.p99_ms.map(|p| V::F(p / 1000.0)),
+            ),
+        ];
+        for (name, kind, help, get) in per_model {
+            let rows = model_rows().filter_map(|(l, m)| get(m).map(|v| (l, v))).collect();
+            family(&mut enc, name, help, *kind, rows)?;
+        }
+        {
+            let mut h = enc.encode_descriptor(
+                "outpost_inference_latency_seconds",
+                "Time from request to answer inside a node's model server (last report).",
+                None,
+                MetricType::Histogram,
+            )?;
+            for (l, m) in model_rows() {
+                let e = h.encode_family(&l)?;
+                ConstHistogram { counters: &m.counters }.encode(e)?;
+            }
+        }
         family(
             &mut enc,
             "outpost_hub_webhook_queue",
@@ -525,7 +604,35 @@ mod tests {
                 ..Default::default()
             },
         );
+        f.vitals.get_mut("a").unwrap().models.push(outpost_api::ModelVitals {
+            key: "deployment/default/digits".into(),
+            model: "digits".into(),
+            version: "v2".into(),
+            counters: outpost_api::ModelCounters {
+                requests: 7,
+                errors: 2,
+                buckets: vec![5, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                latency_sum_s: 0.75,
+            },
+            p99_ms: Some(0.5),
+            error_pct: Some(10.0),
+        });
         let text = render(f, &m);
+        let l = "node=\"a\",site=\"s\\\"1\",workload=\"deployment/default/digits\",model=\"digits\",version=\"v2\"";
+        for want in [
+            format!("# TYPE outpost_inference_requests_total counter\noutpost_inference_requests_total{{{l}}} 7\n"),
+            format!("outpost_inference_errors_total{{{l}}} 2\n"),
+            format!("outpost_inference_p99_seconds{{{l}}} 0.0005\n"),
+            "# TYPE outpost_inference_latency_seconds histogram\n".to_string(),
+            format!("outpost_inference_latency_seconds_sum{{{l}}} 0.75\n"),
+            format!("outpost_inference_latency_seconds_count{{{l}}} 7\n"),
+            format!("outpost_inference_latency_seconds_bucket{{le=\"0.00005\",{l}}} 5\n"),
+            format!("outpost_inference_latency_seconds_bucket{{le=\"0.0001\",{l}}} 6\n"),
+            format!("outpost_inference_latency_seconds_bucket{{le=\"0.5\",{l}}} 6\n"),
+            format!("outpost_inference_latency_seconds_bucket{{le=\"+Inf\",{l}}} 7\n"),
+        ] {
+            assert!(text.contains(&want), "{want}\n---\n{text}");
+        }
         assert!(text.contains("outpost_nodes{status=\"Online\"} 1\n"), "{text}");
         assert!(
             text.contains("outpost_node_cpu_ratio{node=\"a\",site=\"s\\\"1\"} 0.5\n"),
@@ -618,6 +725,19 @@ mod tests {
                     restarts: 2,
                 }],
                 log_dropped_lines: 7,
+                models: vec![outpost_api::ModelVitals {
+                    key: "deployment/default/digits".into(),
+                    model: "digits".into(),
+                    version: "v2".into(),
+                    counters: outpost_api::ModelCounters {
+                        requests: 120,
+                        errors: 3,
+                        buckets: vec![0, 100, 15, 2, 1, 0, 0, 0, 0, 1, 0, 0, 1],
+                        latency_sum_s: 0.93,
+                    },
+                    p99_ms: Some(48.0),
+                    error_pct: Some(2.5),
+                }],
             },
         );
         let text = render(f, &m);

@@ -28,8 +28,9 @@ fn python() -> PathBuf {
 
 /// The digits model files, built on first use (atomically: concurrent tests never see half).
 fn model_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("digits-model");
-    if dir.join("digits-v3-broken.onnx").exists() {
+    // (a new name whenever the script writes a new file: an older dir lacks it)
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("digits-model-4");
+    if dir.join("digits-v4-wide.onnx").exists() {
         return dir;
     }
     let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("digits-model.{}", std::process::id()));
@@ -44,7 +45,7 @@ fn model_dir() -> PathBuf {
         // Another test built it first.
         let _ = std::fs::remove_dir_all(&tmp);
     }
-    assert!(dir.join("digits-v3-broken.onnx").exists());
+    assert!(dir.join("digits-v4-wide.onnx").exists());
     dir
 }
 
@@ -486,4 +487,295 @@ spec:
         body.len()
     );
     assert!(written * 2 < body.len(), "spooled {written} B vs {} B in", body.len());
+}
+
+/// Sends the articles' request for `input` to `port` every 20 ms (about 50 per second, a
+/// camera's pace) until dropped; answers and refused connections are ignored (what is
+/// counted is the model server's business). Returns (ok, failed) answers when stopped.
+struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(u64, u64)>>,
+}
+
+impl Traffic {
+    fn start(port: u16, bodies: Vec<Value>) -> Traffic {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, 0);
+            let mut i = 0;
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let b = bodies[i % bodies.len()].to_string();
+                i += 1;
+                match http(port, "POST", "/infer", b.as_bytes()) {
+                    Some((200, _)) => ok += 1,
+                    Some(_) => failed += 1,
+                    None => {}
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            (ok, failed)
+        });
+        Traffic {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) -> (u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn find_alert(hub: &Hub, node: &str, name: &str, state: &str) -> Option<Value> {
+    hub.json(&["get", "alerts"])
+        .as_array()?
+        .iter()
+        .find(|a| a["node"] == node && a["name"] == name && a["state"] == state)
+        .cloned()
+}
+
+/// The model server's counters reach the node's vitals and alert rules (the articles' "alert
+/// when inference latency is over 50 ms", here with thresholds a healthy model breaches) and
+/// the hub's `/metrics` per node and model, which promtool accepts.
+#[test]
+fn model_figures_reach_node_alert_rules_and_the_hub_metrics() {
+    let dir = model_dir();
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("digits-reference.json")).unwrap()).unwrap();
+    let hub = Hub::start_with(&[], &[("OUTPOST_ALERT_EVAL_MS", "200")]);
+    hub.cli(&[
+        "model",
+        "push",
+        dir.join("digits.onnx").to_str().unwrap(),
+        "--name",
+        "digits:v1",
+    ]);
+    let mut a = hub.join("edge", &hub.token(&["--labels", "site=s1"]));
+    for (k, v) in [
+        ("OUTPOST_VITALS_INTERVAL_MS", "300"),
+        ("OUTPOST_VITALS_REPORT_SECS", "1"),
+        ("OUTPOST_MODEL_STATS_MS", "200"),
+    ] {
+        a.env.push((k.into(), v.into()));
+    }
+    let _a = a.running();
+    // p99 above 1 us (every real request takes longer) and more than 10 % failed requests
+    hub.apply(
+        "apiVersion: outpost.dev/v1\nkind: AlertPolicy\nmetadata: {name: models}\nspec:\n  inferenceLatency: {above: 0.001, for: 1s}\n  inferenceErrors: {above: 10}\n",
+    );
+    let port = free_port();
+    hub.apply(&model_deployment("digits:v1", port));
+    wait_rollout(&hub, "deployment/default/digits", "Complete", 1, 60.0);
+
+    // one good request, one with 63 values (a 400), in turn: 50 % errors
+    let x0 = reference["inputs"][0].as_array().unwrap().clone();
+    let short = articles_request(&x0[..63]);
+    let traffic = Traffic::start(port, vec![articles_request(&x0), short]);
+    let latency = wait_for("InferenceLatencyHigh firing", 60.0, || {
+        find_alert(&hub, "edge", "InferenceLatencyHigh", "Firing")
+    });
+    assert_eq!(latency["source"], "node", "{latency}");
+    let summary = latency["summary"].as_str().unwrap_or_default();
+    assert!(
+        summary.contains("model digits:v1 p99 latency") && summary.contains("> 0.001 ms"),
+        "{latency}"
+    );
+    let errors = wait_for("InferenceErrorsHigh firing", 30.0, || {
+        find_alert(&hub, "edge", "InferenceErrorsHigh", "Firing")
+    });
+    // about half of each sampling interval's requests failed (the interval may cut the
+    // alternation unevenly: 5 of 9 is 55.6 %)
+    let pct: f64 = errors["summary"]
+        .as_str()
+        .unwrap_or_default()
+        .split("failed requests ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(-1.0);
+    assert!((25.0..=75.0).contains(&pct), "{errors}");
+
+    // /metrics: per node and model, Prometheus text that promtool accepts
+    let labels = [
+        ("node", "edge"),
+        ("site", "s1"),
+        ("workload", "deployment/default/digits"),
+        ("model", "digits"),
+        ("version", "v1"),
+    ];
+    let text = wait_for("the model's counters at the hub", 30.0, || {
+        let (code, text) = api_get(&hub, "/metrics");
+        assert_eq!(code, 200, "{text}");
+        let n = metric(&text, "outpost_inference_requests_total", &labels)?;
+        (n >= 20.0).then_some(text)
+    });
+    let requests = metric(&text, "outpost_inference_requests_total", &labels).unwrap();
+    let failed = metric(&text, "outpost_inference_errors_total", &labels).unwrap();
+    assert!(
+        failed >= requests / 2.0 - 1.0 && failed <= requests / 2.0 + 1.0,
+        "{requests} requests, {failed} errors:\n{text}"
+    );
+    let count = metric(&text, "outpost_inference_latency_seconds_count", &labels).unwrap();
+    assert_eq!(count, requests, "{text}");
+    let mut inf = labels.to_vec();
+    inf.push(("le", "+Inf"));
+    assert_eq!(
+        metric(&text, "outpost_inference_latency_seconds_bucket", &inf),
+        Some(requests)
+    );
+    let p99 = metric(&text, "outpost_inference_p99_seconds", &labels).unwrap();
+    assert!(
+        p99 > 0.0 && p99 < 0.05,
+        "a digits request takes well under 50 ms: {p99}"
+    );
+    assert!(
+        metric(&text, "outpost_alerts_firing", &[("alertname", "InferenceLatencyHigh")]).is_some(),
+        "{text}"
+    );
+    promtool_accepts(&text);
+
+    // no request in an interval: the node resolves both
+    let (ok, bad) = traffic.stop();
+    assert!(ok > 0 && bad > 0, "{ok} {bad}");
+    for name in ["InferenceLatencyHigh", "InferenceErrorsHigh"] {
+        wait_for(&format!("{name} resolved"), 30.0, || {
+            find_alert(&hub, "edge", name, "Resolved")
+        });
+    }
+}
+
+/// The model's own rollout gate: v4 loads and answers, but takes 128 features, so every
+/// request of the site's 64-feature clients is refused. With `gate: {modelErrorRate: 0.05}` in
+/// the RolloutPolicy the node's update gate fails it (readiness alone would pass it), rolls
+/// it back to v1, which answers again, and the rollout stops as Failed.
+#[test]
+fn a_model_that_fails_its_requests_is_rolled_back_by_the_model_gate() {
+    let dir = model_dir();
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("digits-reference.json")).unwrap()).unwrap();
+    let hub = Hub::start();
+    hub.cli(&[
+        "model",
+        "push",
+        dir.join("digits.onnx").to_str().unwrap(),
+        "--name",
+        "digits:v1",
+    ]);
+    hub.cli(&[
+        "model",
+        "push",
+        dir.join("digits-v4-wide.onnx").to_str().unwrap(),
+        "--name",
+        "digits:v4",
+    ]);
+    let mut a = hub.join("edge", &hub.token(&[]));
+    a.env.push(("OUTPOST_MODEL_STATS_MS".into(), "200".into()));
+    let _a = a.running();
+    // bad gates are refused naming the field
+    let e = hub.apply_err(
+        "apiVersion: outpost.dev/v1\nkind: RolloutPolicy\nmetadata: {name: models}\nspec:\n  gate: {modelErrorRate: 5, modelP99: fast}\n",
+    );
+    assert!(
+        e.contains("spec.gate.modelErrorRate") && e.contains("spec.gate.modelP99"),
+        "{e}"
+    );
+    hub.apply(
+        "apiVersion: outpost.dev/v1\nkind: RolloutPolicy\nmetadata: {name: models}\nspec:\n  bake: 0s\n  gate: {modelErrorRate: 0.05, modelP99: 50ms, minRequests: 20}\n",
+    );
+    let port = free_port();
+    let key = "deployment/default/digits";
+    let deployment = |image: &str| model_deployment(image, port).replace("minReadySeconds: 1", "minReadySeconds: 4");
+    hub.apply(&deployment("digits:v1"));
+    let x0 = reference["inputs"][0].as_array().unwrap().clone();
+    let traffic = Traffic::start(port, vec![articles_request(&x0)]);
+    // v1 passes its gate under traffic: no error, fast
+    wait_rollout(&hub, key, "Complete", 1, 60.0);
+
+    hub.apply(&deployment("digits:v4"));
+    let p = wait_rollout(&hub, key, "RolledBack", 2, 90.0);
+    let reason = p["status"]["rollout"]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.contains("model digits:v4")
+            && reason.contains("requests failed")
+            && reason.contains("modelErrorRate 0.05"),
+        "the rollback says why: {p}"
+    );
+    assert_eq!(p["status"]["revision"], 1, "{p}");
+    let pred = || -> Option<Value> {
+        let (st, a) = post_json(port, "/infer", &articles_request(&x0));
+        (st == 200).then(|| a["pred"].clone())
+    };
+    wait_for("v1 answering again", 30.0, &pred);
+    assert_eq!(pred(), Some(reference["labels"][0].clone()));
+    let r = wait_for("the rollout stopped as Failed", 30.0, || {
+        let r = hub.json(&["rollout", "status", "digits"]);
+        (r["phase"] == "Failed").then_some(r)
+    });
+    assert_eq!(r["revision"], 2, "{r}");
+    let (ok, failed) = traffic.stop();
+    assert!(
+        ok > 20 && failed > 20,
+        "v1 answered and v4 refused: {ok} ok, {failed} failed"
+    );
+}
+
+/// A PNG in the articles' request is preprocessed as their app does with PIL:
+/// `Image.open(...).convert('L').resize((w, h))` (bicubic by default, antialiased when
+/// shrinking), pixel for pixel, for color and grayscale images shrunk, enlarged and kept.
+#[test]
+fn png_preprocessing_equals_pil_pixel_for_pixel() {
+    let script = r#"
+import base64, io, json, random, sys
+from PIL import Image
+random.seed(7)
+cases = []
+for mode, (w, h), (ow, oh) in [("RGB", (37, 23), (8, 8)), ("L", (5, 7), (8, 8)), ("RGBA", (64, 64), (28, 28)),
+                               ("L", (28, 28), (28, 28)), ("RGB", (300, 200), (8, 8)), ("LA", (40, 9), (28, 28))]:
+    n = len(mode)
+    im = Image.frombytes(mode, (w, h), bytes(random.randrange(256) for _ in range(w * h * n)))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    ref = Image.open(io.BytesIO(buf.getvalue())).convert("L").resize((ow, oh))
+    cases.append({"png": base64.b64encode(buf.getvalue()).decode(), "side": [oh, ow], "pixels": list(ref.tobytes()), "what": f"{mode} {w}x{h} -> {ow}x{oh}"})
+json.dump(cases, sys.stdout)
+"#;
+    let out = Command::new(python()).args(["-c", script]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "the PIL reference failed (scripts/test.sh installs Pillow into .venv): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cases: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cases.len(), 6);
+    for c in &cases {
+        let (h, w) = (c["side"][0].as_i64().unwrap(), c["side"][1].as_i64().unwrap());
+        let input = outpost_agent::inference::TensorMeta {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![-1, 1, h, w],
+        };
+        let got: Vec<u8> = outpost_agent::inference::decode_image(c["png"].as_str().unwrap(), &input)
+            .unwrap()
+            .iter()
+            .map(|v| (v * 255.0).round() as u8)
+            .collect();
+        let want: Vec<u8> = c["pixels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(got, want, "{}", c["what"]);
+    }
 }

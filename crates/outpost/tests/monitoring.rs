@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -38,66 +38,6 @@ fn find_alert(hub: &Hub, node: &str, name: &str, state: &str) -> Option<Value> {
     alerts(hub)
         .into_iter()
         .find(|a| a["node"] == node && a["name"] == name && a["state"] == state)
-}
-
-/// GET an operator route with the admin token; returns (status, body).
-fn api_get(hub: &Hub, path: &str) -> (u16, String) {
-    outpost_pki::install_provider();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let tls = outpost_pki::client_config(&hub.ca_pem(), None).unwrap();
-        let c = reqwest::Client::builder().use_preconfigured_tls(tls).build().unwrap();
-        let r = c
-            .get(format!("{}{path}", hub.url))
-            .bearer_auth(hub.token.trim())
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.text().await.unwrap())
-    })
-}
-
-/// The value of the first sample of `metric` whose labels contain every `want` pair.
-fn metric(text: &str, metric: &str, want: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
-        .find(|l| want.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-/// `promtool check metrics` on the text: must pass. Without promtool: a failure under CI,
-/// a printed notice otherwise (scripts/test.sh installs it).
-fn promtool_accepts(text: &str) {
-    let child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("promtool is required under CI (scripts/test.sh installs the Debian package prometheus): {e}");
-            }
-            eprintln!(
-                "NOTICE: promtool not found ({e}); skipping the promtool check. Install the Debian package prometheus."
-            );
-            return;
-        }
-    };
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool rejected /metrics:\n{}{}\n--- metrics ---\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 const BURNER: &str = "apiVersion: apps/v1

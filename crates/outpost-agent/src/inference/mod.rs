@@ -11,16 +11,23 @@
 //! and unit-tested.
 
 pub mod fetch;
+// The ONNX runtime (tract) behind the `onnx` cargo feature, on by default; without it a model
+// server refuses to start, saying so (docs/inference.md, "Building without the ONNX runtime").
+#[cfg(feature = "onnx")]
+mod model;
+#[cfg(not(feature = "onnx"))]
+#[path = "no_model.rs"]
+mod model;
 pub mod server;
 pub mod stage;
+pub mod stats;
+
+pub use model::Model;
 
 use std::path::Path;
-use std::sync::Arc;
 
 use base64::Engine;
 use serde_json::{json, Value};
-use tract_onnx::prelude::*;
-use tract_onnx::tract_hir::infer::GenericFactoid;
 
 /// The command line of a serving container: this binary's `serve-model`, which fetches the
 /// model (cache, else the hub over the node's link), loads and warms it up, then listens.
@@ -82,15 +89,6 @@ impl TensorMeta {
     }
 }
 
-/// A loaded, optimized and warmed-up model.
-pub struct Model {
-    plan: Arc<TypedSimplePlan>,
-    pub input: TensorMeta,
-    pub outputs: Vec<TensorMeta>,
-    /// How long the load, optimization and warm-up took.
-    pub load_ms: u64,
-}
-
 /// One output of a run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Output {
@@ -118,196 +116,6 @@ impl Output {
             OutputData::I64(v) => json!(v),
         };
         json!({"name": self.name, "datatype": self.datatype(), "shape": self.shape, "data": data})
-    }
-}
-
-fn v2_datatype(dt: DatumType) -> String {
-    match dt {
-        DatumType::F32 => "FP32".into(),
-        DatumType::F64 => "FP64".into(),
-        DatumType::F16 => "FP16".into(),
-        // tract computes integer shapes and labels as TDim; they leave as INT64.
-        DatumType::I64 | DatumType::TDim => "INT64".into(),
-        DatumType::I32 => "INT32".into(),
-        DatumType::I16 => "INT16".into(),
-        DatumType::I8 => "INT8".into(),
-        DatumType::U8 => "UINT8".into(),
-        DatumType::Bool => "BOOL".into(),
-        DatumType::String => "BYTES".into(),
-        other => format!("{other:?}"),
-    }
-}
-
-fn dims_of(shape: &tract_onnx::tract_hir::infer::ShapeFactoid) -> Vec<i64> {
-    shape
-        .dims()
-        .map(|d| match d {
-            GenericFactoid::Only(TDim::Val(v)) => *v,
-            _ => -1,
-        })
-        .collect()
-}
-
-impl Model {
-    /// Load an ONNX file, fix its batch dimension as a symbol, optimize it and run it once on
-    /// zeros. Every failure says why, naming unsupported operators.
-    pub fn load(path: &Path) -> Result<Model, LoadError> {
-        let started = std::time::Instant::now();
-        let p = path.display().to_string();
-        std::fs::metadata(path).map_err(|e| LoadError::Io {
-            path: p.clone(),
-            reason: e.to_string(),
-        })?;
-        let mut model = tract_onnx::onnx()
-            .model_for_path(path)
-            .map_err(|e| LoadError::NotOnnx {
-                path: p.clone(),
-                reason: format!("{e:#}"),
-            })?;
-        let unsupported: std::collections::BTreeSet<String> = model
-            .nodes()
-            .iter()
-            .filter(|n| n.op_is::<tract_onnx::tract_hir::ops::unimpl::UnimplementedOp>())
-            .map(|n| {
-                let name = n.op().name();
-                name.trim_start_matches("Unimplemented(")
-                    .trim_end_matches(')')
-                    .to_string()
-            })
-            .collect();
-        if !unsupported.is_empty() {
-            return Err(LoadError::UnsupportedOperator {
-                ops: unsupported.into_iter().collect::<Vec<_>>().join(", "),
-            });
-        }
-        let inputs = model.input_outlets().map_err(prep)?.to_vec();
-        if inputs.len() != 1 {
-            return Err(LoadError::Prepare {
-                reason: format!(
-                    "the model has {} inputs; outpost serves models with one input",
-                    inputs.len()
-                ),
-            });
-        }
-        let input_name = model.node(inputs[0].node).name.clone();
-        let fact = model.input_fact(0).map_err(prep)?.clone();
-        if let GenericFactoid::Only(dt) = fact.datum_type {
-            if dt != DatumType::F32 {
-                return Err(LoadError::UnsupportedInput {
-                    input: input_name,
-                    datatype: v2_datatype(dt),
-                });
-            }
-        }
-        let mut shape = dims_of(&fact.shape);
-        if shape.is_empty() {
-            return Err(LoadError::Prepare {
-                reason: format!("input {input_name} has no known rank; export the model with its input shape"),
-            });
-        }
-        if shape.iter().skip(1).any(|d| *d < 0) {
-            return Err(LoadError::Prepare {
-                reason: format!(
-                    "input {input_name} has shape {shape:?}: only the first (batch) dimension may be dynamic"
-                ),
-            });
-        }
-        // The first dimension is the batch: a symbol, so one plan serves any batch size.
-        let batch = model.sym("N");
-        let mut dims: Vec<TDim> = vec![batch.to_dim()];
-        dims.extend(shape.iter().skip(1).map(|d| TDim::Val(*d)));
-        model
-            .set_input_fact(0, InferenceFact::dt_shape(DatumType::F32, dims))
-            .map_err(prep)?;
-        shape[0] = -1;
-        let typed = model.into_optimized().map_err(prep)?;
-        let outputs = typed
-            .output_outlets()
-            .map_err(prep)?
-            .iter()
-            .map(|o| {
-                let f = typed.outlet_fact(*o).map_err(prep)?;
-                let shape = f
-                    .shape
-                    .iter()
-                    .map(|d| match d {
-                        TDim::Val(v) => *v,
-                        _ => -1,
-                    })
-                    .collect();
-                Ok(TensorMeta {
-                    name: typed.outlet_label(*o).unwrap_or(&typed.node(o.node).name).to_string(),
-                    datatype: v2_datatype(f.datum_type),
-                    shape,
-                })
-            })
-            .collect::<Result<Vec<_>, LoadError>>()?;
-        let plan = typed.into_runnable().map_err(prep)?;
-        let model = Model {
-            plan,
-            input: TensorMeta {
-                name: input_name,
-                datatype: "FP32".into(),
-                shape,
-            },
-            outputs,
-            load_ms: 0,
-        };
-        let zeros = vec![0f32; model.input.item_len()];
-        model.run(&zeros, 1).map_err(|e| LoadError::WarmUp { reason: e })?;
-        Ok(Model {
-            load_ms: started.elapsed().as_millis() as u64,
-            ..model
-        })
-    }
-
-    /// Run a batch of `batch` items laid out one after the other in `data` (checked by the caller
-    /// against [`TensorMeta::item_len`]).
-    pub fn run(&self, data: &[f32], batch: usize) -> Result<Vec<Output>, String> {
-        let mut shape = vec![batch];
-        shape.extend(self.input.shape.iter().skip(1).map(|d| *d as usize));
-        let t = Tensor::from_shape(&shape, data).map_err(|e| format!("{e:#}"))?;
-        let out = self.plan.run(tvec!(t.into_tvalue())).map_err(|e| format!("{e:#}"))?;
-        out.into_iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let name = self
-                    .outputs
-                    .get(i)
-                    .map_or_else(|| format!("output{i}"), |m| m.name.clone());
-                let shape = v.shape().to_vec();
-                let err = |e: TractError| format!("output {name}: {e:#}");
-                let data = match v.datum_type() {
-                    DatumType::I64 | DatumType::TDim | DatumType::I32 | DatumType::U8 | DatumType::Bool => {
-                        let c = v.cast_to::<i64>().map_err(err)?;
-                        OutputData::I64(
-                            c.try_as_plain_ram()
-                                .map_err(err)?
-                                .as_slice::<i64>()
-                                .map_err(err)?
-                                .to_vec(),
-                        )
-                    }
-                    _ => {
-                        let c = v.cast_to::<f32>().map_err(err)?;
-                        OutputData::F32(
-                            c.try_as_plain_ram()
-                                .map_err(err)?
-                                .as_slice::<f32>()
-                                .map_err(err)?
-                                .to_vec(),
-                        )
-                    }
-                };
-                Ok(Output { name, shape, data })
-            })
-            .collect()
-    }
-}
-
-fn prep(e: impl std::fmt::Display) -> LoadError {
-    LoadError::Prepare {
-        reason: format!("{e:#}"),
     }
 }
 
@@ -421,7 +229,8 @@ pub fn image_side(input: &TensorMeta) -> Option<(usize, usize)> {
 }
 
 /// Decode the articles' `image_base64` into one FP32 input item: a PNG image (made grayscale as
-/// PIL's `convert('L')` does, resized to the model's side by nearest neighbour, divided by 255),
+/// PIL's `convert('L')` does, resized to the model's side as PIL's `resize` does by default,
+/// bicubic, [`resize_bicubic`], divided by 255),
 /// or exactly one item of raw 8-bit pixels (divided by 255), or of little-endian float32 values.
 pub fn decode_image(b64: &str, input: &TensorMeta) -> Result<Vec<f32>, BadInput> {
     let n = input.item_len();
@@ -445,15 +254,8 @@ pub fn decode_image(b64: &str, input: &TensorMeta) -> Result<Vec<f32>, BadInput>
         })?;
         let (gray, gw, gh) = decode_png(&bytes)
             .map_err(|e| BadInput(format!("image_base64 holds a PNG that cannot be decoded: {e}")))?;
-        let mut out = Vec::with_capacity(n);
-        for y in 0..h {
-            for x in 0..w {
-                let sx = x * gw / w;
-                let sy = y * gh / h;
-                out.push(gray[sy * gw + sx] as f32 / 255.0);
-            }
-        }
-        return Ok(out);
+        let px = resize_bicubic(&gray, gw, gh, w, h);
+        return Ok(px.iter().map(|p| *p as f32 / 255.0).collect());
     }
     if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
         return Err(BadInput(format!("image_base64 holds a JPEG; {}", expected())));
@@ -472,6 +274,96 @@ pub fn decode_image(b64: &str, input: &TensorMeta) -> Result<Vec<f32>, BadInput>
         bytes.len(),
         expected()
     )))
+}
+
+/// Fixed-point precision of PIL's 8-bit resampling (`Resample.c`).
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// PIL's bicubic kernel (a = -0.5).
+fn bicubic(x: f64) -> f64 {
+    let a = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    } else {
+        0.0
+    }
+}
+
+/// Per output index: the first input index and the fixed-point weights, as PIL's
+/// `precompute_coeffs` + `normalize_coeffs_8bpc` (the kernel widens when downscaling: an
+/// antialiasing filter, not point sampling).
+fn coeffs(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i64>)> {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = 2.0 * filterscale;
+    let one = (1i64 << PRECISION_BITS) as f64;
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            // C's (int) truncates toward zero, as `as` does
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize;
+            let w: Vec<f64> = (xmin..xmax)
+                .map(|x| bicubic((x as f64 - center + 0.5) / filterscale))
+                .collect();
+            let total: f64 = w.iter().sum();
+            let k = w
+                .iter()
+                .map(|v| {
+                    let v = if total != 0.0 { v / total } else { *v };
+                    if v < 0.0 {
+                        (-0.5 + v * one) as i64
+                    } else {
+                        (0.5 + v * one) as i64
+                    }
+                })
+                .collect();
+            (xmin, k)
+        })
+        .collect()
+}
+
+fn clip8(v: i64) -> u8 {
+    (v >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Resize 8-bit grayscale pixels as PIL's `Image.resize((w, h))` does by default (bicubic,
+/// horizontal pass then vertical, each rounded to 8 bits), pixel for pixel.
+pub fn resize_bicubic(src: &[u8], sw: usize, sh: usize, dw: usize, dh: usize) -> Vec<u8> {
+    let half = 1i64 << (PRECISION_BITS - 1);
+    let horizontal = if sw == dw {
+        src.to_vec()
+    } else {
+        let kx = coeffs(sw, dw);
+        let mut out = Vec::with_capacity(dw * sh);
+        for y in 0..sh {
+            let row = &src[y * sw..(y + 1) * sw];
+            for (xmin, k) in &kx {
+                let ss: i64 = half + k.iter().enumerate().map(|(i, w)| row[xmin + i] as i64 * w).sum::<i64>();
+                out.push(clip8(ss));
+            }
+        }
+        out
+    };
+    if sh == dh {
+        return horizontal;
+    }
+    let ky = coeffs(sh, dh);
+    let mut out = Vec::with_capacity(dw * dh);
+    for (ymin, k) in &ky {
+        for x in 0..dw {
+            let ss: i64 = half
+                + k.iter()
+                    .enumerate()
+                    .map(|(i, w)| horizontal[(ymin + i) * dw + x] as i64 * w)
+                    .sum::<i64>();
+            out.push(clip8(ss));
+        }
+    }
+    out
 }
 
 /// A PNG as 8-bit grayscale pixels (ITU-R 601-2 luma, as PIL's `convert('L')`), width, height.
@@ -496,7 +388,8 @@ fn decode_png(bytes: &[u8]) -> Result<(Vec<u8>, usize, usize), String> {
             let p = &row[x * ch..x * ch + ch];
             let l = match ch {
                 1 | 2 => p[0],
-                _ => ((p[0] as u32 * 299 + p[1] as u32 * 587 + p[2] as u32 * 114) / 1000) as u8,
+                // PIL's L24: ITU-R 601-2 in 16-bit fixed point, rounded
+                _ => ((p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16) as u8,
             };
             out.push(l);
         }

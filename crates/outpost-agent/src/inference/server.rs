@@ -7,6 +7,8 @@
 //! - `POST /v2/models/{name}[/versions/{v}]/infer`: KServe v2 inference (FP32 input, any batch)
 //! - `POST /infer`: the articles' `{"image_base64": ...}` -> `{"code": 200, "pred": ..}`
 //! - `GET /metrics`: request count, errors and a latency histogram (Prometheus text)
+//! - `GET /v2/models/{name}/stats`: the same counters as JSON, with the server's pid (the agent
+//!   reads them for its vitals and the model's update gate)
 //!
 //! Bad input is a 400 naming what was expected; a body over the limit is a 413.
 
@@ -31,10 +33,8 @@ use super::{decode_image, decode_v2, top_class, Model};
 /// Default largest request body: a digits or MNIST request is a few KiB; a 1 MiB frame is plenty.
 pub const DEFAULT_MAX_BODY: usize = 1 << 20;
 
-/// Upper bounds (seconds) of the latency histogram's buckets.
-pub const LATENCY_BUCKETS: [f64; 12] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
-];
+/// Upper bounds (seconds) of the latency histogram's buckets (shared with the agent and hub).
+pub use outpost_api::MODEL_LATENCY_BUCKETS as LATENCY_BUCKETS;
 
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -53,60 +53,63 @@ pub struct ServeOptions {
     pub node: String,
 }
 
-/// Per-model counters, exported at `/metrics`.
+/// Per-model counters, exported at `/metrics` and `/v2/models/{name}/stats`. Lock-free: a
+/// request costs three relaxed atomic additions and a bucket search over 12 bounds.
 #[derive(Default)]
 pub struct Metrics {
     pub requests: AtomicU64,
     pub errors: AtomicU64,
-    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    count: AtomicU64,
+    /// Per bucket, not cumulative; the last counts what is slower than the last bound.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     sum_ns: AtomicU64,
 }
 
 impl Metrics {
     fn observe(&self, secs: f64) {
-        for (b, le) in self.buckets.iter().zip(LATENCY_BUCKETS) {
-            if secs <= le {
-                b.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
+        let i = LATENCY_BUCKETS.partition_point(|le| *le < secs);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.sum_ns.fetch_add((secs * 1e9) as u64, Ordering::Relaxed);
+    }
+
+    /// A reading of the counters (what the agent forwards in its vitals).
+    pub fn counters(&self) -> outpost_api::ModelCounters {
+        outpost_api::ModelCounters {
+            requests: self.requests.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            buckets: self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect(),
+            latency_sum_s: self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
+        }
     }
 
     /// Prometheus text exposition of this model's figures.
     pub fn render(&self, model: &str, version: &str) -> String {
+        let c = self.counters();
         let l = format!("model=\"{model}\",version=\"{version}\"");
         let mut s = String::new();
         s.push_str("# HELP outpost_inference_requests_total Inference requests answered, by model.\n");
         s.push_str("# TYPE outpost_inference_requests_total counter\n");
-        s.push_str(&format!(
-            "outpost_inference_requests_total{{{l}}} {}\n",
-            self.requests.load(Ordering::Relaxed)
-        ));
+        s.push_str(&format!("outpost_inference_requests_total{{{l}}} {}\n", c.requests));
         s.push_str("# HELP outpost_inference_errors_total Inference requests refused or failed (4xx/5xx), by model.\n");
         s.push_str("# TYPE outpost_inference_errors_total counter\n");
-        s.push_str(&format!(
-            "outpost_inference_errors_total{{{l}}} {}\n",
-            self.errors.load(Ordering::Relaxed)
-        ));
+        s.push_str(&format!("outpost_inference_errors_total{{{l}}} {}\n", c.errors));
         s.push_str(
             "# HELP outpost_inference_latency_seconds Time from request to answer inside the server, by model.\n",
         );
         s.push_str("# TYPE outpost_inference_latency_seconds histogram\n");
-        for (b, le) in self.buckets.iter().zip(LATENCY_BUCKETS) {
+        let mut cumulative = 0;
+        for (n, le) in c.buckets.iter().zip(LATENCY_BUCKETS) {
+            cumulative += n;
             s.push_str(&format!(
-                "outpost_inference_latency_seconds_bucket{{{l},le=\"{le}\"}} {}\n",
-                b.load(Ordering::Relaxed)
+                "outpost_inference_latency_seconds_bucket{{{l},le=\"{le}\"}} {cumulative}\n"
             ));
         }
-        let count = self.count.load(Ordering::Relaxed);
+        let count: u64 = c.buckets.iter().sum();
         s.push_str(&format!(
             "outpost_inference_latency_seconds_bucket{{{l},le=\"+Inf\"}} {count}\n"
         ));
         s.push_str(&format!(
             "outpost_inference_latency_seconds_sum{{{l}}} {}\n",
-            self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9
+            c.latency_sum_s
         ));
         s.push_str(&format!("outpost_inference_latency_seconds_count{{{l}}} {count}\n"));
         s
@@ -229,6 +232,14 @@ async fn handle(req: Request<Incoming>, s: Arc<Served>) -> Result<Response<Full<
                 match (m, rest) {
                     (&Method::GET, "") => answer(StatusCode::OK, meta()),
                     (&Method::GET, "ready") => ready(),
+                    // outpost's own: the counters the agent reads (its vitals, the model gate)
+                    (&Method::GET, "stats") => {
+                        let mut v = serde_json::to_value(s.metrics.counters()).unwrap_or_default();
+                        v["model"] = json!(s.opts.name);
+                        v["version"] = json!(s.opts.version);
+                        v["pid"] = json!(std::process::id());
+                        answer(StatusCode::OK, v)
+                    }
                     (&Method::POST, "infer") => {
                         let started = Instant::now();
                         let r = v2_infer(req, &s).await;
