@@ -847,6 +847,7 @@ pub enum Object {
     AgentUpdate(AgentUpdate),
     RolloutPolicy(crate::rollout::RolloutPolicy),
     Pipeline(crate::pipeline::Pipeline),
+    GitRepo(crate::gitops::GitRepo),
 }
 
 /// The kinds outpost stores.
@@ -865,6 +866,7 @@ pub enum Kind {
     AgentUpdate,
     RolloutPolicy,
     Pipeline,
+    GitRepo,
 }
 
 impl Kind {
@@ -883,6 +885,7 @@ impl Kind {
             Kind::AgentUpdate => "AgentUpdate",
             Kind::RolloutPolicy => "RolloutPolicy",
             Kind::Pipeline => "Pipeline",
+            Kind::GitRepo => "GitRepo",
         }
     }
     /// Accepts `deployment`, `deployments`, `deploy`, `Deployment`, `daemonset`, `ds`, ...
@@ -901,6 +904,7 @@ impl Kind {
             "agentupdate" | "agentupdates" => Kind::AgentUpdate,
             "rolloutpolicy" | "rolloutpolicies" | "rp" => Kind::RolloutPolicy,
             "pipeline" | "pipelines" | "pl" => Kind::Pipeline,
+            "gitrepo" | "gitrepos" => Kind::GitRepo,
             _ => return None,
         })
     }
@@ -943,6 +947,7 @@ impl<'de> Deserialize<'de> for Object {
             "AgentUpdate" => serde_json::from_value(v).map(Object::AgentUpdate).map_err(e),
             "RolloutPolicy" => serde_json::from_value(v).map(Object::RolloutPolicy).map_err(e),
             "Pipeline" => serde_json::from_value(v).map(Object::Pipeline).map_err(e),
+            "GitRepo" => serde_json::from_value(v).map(Object::GitRepo).map_err(e),
             other => Err(D::Error::custom(format!("unsupported kind {other:?}"))),
         }
     }
@@ -964,6 +969,7 @@ impl Object {
             Object::AgentUpdate(_) => Kind::AgentUpdate,
             Object::RolloutPolicy(_) => Kind::RolloutPolicy,
             Object::Pipeline(_) => Kind::Pipeline,
+            Object::GitRepo(_) => Kind::GitRepo,
         }
     }
     pub fn meta(&self) -> &ObjectMeta {
@@ -981,6 +987,7 @@ impl Object {
             Object::AgentUpdate(o) => &o.metadata,
             Object::RolloutPolicy(o) => &o.metadata,
             Object::Pipeline(o) => &o.metadata,
+            Object::GitRepo(o) => &o.metadata,
         }
     }
     pub fn meta_mut(&mut self) -> &mut ObjectMeta {
@@ -998,6 +1005,7 @@ impl Object {
             Object::AgentUpdate(o) => &mut o.metadata,
             Object::RolloutPolicy(o) => &mut o.metadata,
             Object::Pipeline(o) => &mut o.metadata,
+            Object::GitRepo(o) => &mut o.metadata,
         }
     }
     /// `Kind/namespace/name`
