@@ -43,9 +43,7 @@ pub async fn one(State(svc): St, _: Admin, Path(name): Path<String>, ApiQuery(q)
         })
         .await?;
     match r {
-        Reply::GitRepos(mut v) if v.len() == 1 => Ok(Reply::Queued(
-            serde_json::to_value(v.remove(0)).map_err(|e| HubError::Internal(e.to_string()))?,
-        )),
+        Reply::GitRepos(mut v) if v.len() == 1 => Ok(Reply::GitRepo(Box::new(v.remove(0)))),
         other => Ok(other),
     }
 }

@@ -232,6 +232,7 @@ pub enum Reply {
     Pipelines(Vec<PipelineInfo>),
     Records(Vec<StoredRecord>),
     GitRepos(Vec<outpost_api::gitops::GitRepoStatus>),
+    GitRepo(Box<outpost_api::gitops::GitRepoStatus>),
     GitDiff(Box<outpost_api::gitops::GitDiff>),
     /// A request was queued (a GitOps fetch).
     Queued(serde_json::Value),
@@ -263,6 +264,7 @@ impl Reply {
             Reply::Pipelines(v) => j(v),
             Reply::Records(v) => j(v),
             Reply::GitRepos(v) => j(v),
+            Reply::GitRepo(v) => j(v),
             Reply::GitDiff(v) => j(v),
             Reply::Queued(v) => Ok(v.clone()),
             Reply::Fleet(_) => Ok(serde_json::Value::Null),
