@@ -188,6 +188,11 @@ fn file_remote_overlays_ownership_prune_bad_commits_and_unreachable() {
     // A hand apply over an owned object is refused; --force goes through.
     let err = hub.apply_err(&ds("web-base", &m_base));
     assert!(err.contains("managed by GitOps") && err.contains("--force"), "{err}");
+    let forced = marker();
+    let f = tmp.path().join("forced.yaml");
+    std::fs::write(&f, ds("web-base", &forced)).unwrap();
+    hub.cli(&["apply", "--force", "-f", f.to_str().unwrap()]);
+    wait_running("the forced version", &forced, 1);
     // A hand-applied object is never pruned, and GitOps never overwrites it.
     let hand = marker();
     hub.apply(&ds("by-hand", &hand));
@@ -197,6 +202,7 @@ fn file_remote_overlays_ownership_prune_bad_commits_and_unreachable() {
     base(&repo, &m_base2, None);
     let c2 = repo.push("new base, no extra");
     wait_running("new base variant", &m_base2, 1);
+    wait_running("the next commit replaced the forced version", &forced, 0);
     wait_running("extra pruned", &m_extra, 0);
     assert_eq!(running(&m_berlin), 1, "berlin's variant did not change");
     assert_eq!(running(&hand), 2, "the hand-applied DaemonSet stays");
