@@ -43,6 +43,9 @@ pub struct RepoState {
     pub rejected: Option<String>,
     pub error: Option<String>,
     pub targets: Vec<TargetStatus>,
+    /// The spec these commits were decided under: a changed spec (URL, ref, path, targets)
+    /// decides the fetched commit again, at once.
+    pub spec_hash: String,
 }
 
 /// Every GitRepo's state, by `namespace/name`.
@@ -281,9 +284,8 @@ async fn sync_one(svc: &Service, g: &GitRepo, objects: &[Object], now: UnixMs) {
         }
         Ok(c) => c,
     };
-    if st.fetch.failures > 0 {
-        alert(svc, UNREACHABLE, g, AlertChange::Resolve).await;
-    }
+    // A no-op unless it fires (also after a spec change reset the failure count).
+    alert(svc, UNREACHABLE, g, AlertChange::Resolve).await;
     st.fetch.failures = 0;
     st.fetched = Some(commit.clone());
     if st.running.as_deref() == Some(commit.as_str()) || st.rejected.as_deref() == Some(commit.as_str()) {
@@ -332,13 +334,10 @@ async fn sync_one(svc: &Service, g: &GitRepo, objects: &[Object], now: UnixMs) {
                 Ok(Reply::Applied(resp)) => {
                     let changed = resp.results.iter().filter(|r| r.action != "unchanged").count();
                     tracing::info!(gitrepo = %k, commit = %commit, changed, "commit applied");
-                    let was_rejected = st.rejected.is_some() || st.error.is_some();
                     st.running = Some(commit.clone());
                     st.rejected = None;
                     st.error = None;
-                    if was_rejected {
-                        alert(svc, REJECTED, g, AlertChange::Resolve).await;
-                    }
+                    alert(svc, REJECTED, g, AlertChange::Resolve).await;
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -381,7 +380,18 @@ pub async fn tick(svc: &Service, now: UnixMs) -> Duration {
     svc.gitops.lock().retain(|k, _| keys.contains(k));
     let mut wait = Duration::from_secs(30);
     for g in &repos {
-        let st = svc.gitops.get(&key(g));
+        let mut st = svc.gitops.get(&key(g));
+        let spec_hash = outpost_api::content_hash(&g.spec);
+        if st.spec_hash != spec_hash {
+            if !st.spec_hash.is_empty() {
+                tracing::info!(gitrepo = %key(g), "GitRepo spec changed; fetching and deciding again");
+            }
+            st = RepoState {
+                spec_hash,
+                ..RepoState::default()
+            };
+            svc.gitops.put(&key(g), st.clone());
+        }
         let due = core::next_fetch(&st.fetch, g.spec.poll_ms(), now, st.draw);
         if due <= now {
             sync_one(svc, g, &objects, outpost_api::now_ms()).await;

@@ -451,6 +451,48 @@ fn smart_http_remote_with_credentials_and_webhook() {
     );
     wait_running("token-triggered commit", &m3, 1);
 
+    // A changed spec is decided again at once: a path with no base fails to render.
+    hub.cli(&[
+        "gitops",
+        "add",
+        "edge",
+        "--url",
+        &url,
+        "--target",
+        "all=nowhere",
+        "--poll-interval",
+        "10m",
+        "--auth-secret",
+        "git",
+        "--webhook-secret",
+        "hook",
+    ]);
+    let st = wait_for("the new spec's render failure", 30.0, || {
+        let s = status(&hub, "edge");
+        s["targets"][0]["error"]
+            .as_str()
+            .map(String::from)
+            .filter(|_| s["targets"][0]["path"] == "nowhere")
+            .map(|e| (e, s))
+    });
+    assert!(st.0.contains("nowhere"), "{}", st.0);
+    assert_eq!(running(&m3), 1, "the rejected spec changes nothing");
+    hub.cli(&[
+        "gitops",
+        "add",
+        "edge",
+        "--url",
+        &url,
+        "--target",
+        "all=base",
+        "--poll-interval",
+        "10m",
+        "--auth-secret",
+        "git",
+        "--webhook-secret",
+        "hook",
+    ]);
+
     // Wrong credentials: the fetch fails with git's message, the running commit stays.
     hub.apply("apiVersion: v1\nkind: Secret\nmetadata: {name: git}\nstringData: {username: ci, password: nope}\n");
     hub.cli(&["gitops", "sync", "edge"]);
