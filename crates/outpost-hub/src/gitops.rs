@@ -288,7 +288,12 @@ async fn sync_one(svc: &Service, g: &GitRepo, objects: &[Object], now: UnixMs) {
     alert(svc, UNREACHABLE, g, AlertChange::Resolve).await;
     st.fetch.failures = 0;
     st.fetched = Some(commit.clone());
-    if st.running.as_deref() == Some(commit.as_str()) || st.rejected.as_deref() == Some(commit.as_str()) {
+    if st.running.as_deref() == Some(commit.as_str()) {
+        st.error = None; // a fetch error before this good fetch is over
+        svc.gitops.put(&k, st);
+        return;
+    }
+    if st.rejected.as_deref() == Some(commit.as_str()) {
         svc.gitops.put(&k, st);
         return;
     }

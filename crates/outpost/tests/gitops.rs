@@ -252,7 +252,7 @@ fn file_remote_overlays_ownership_prune_bad_commits_and_unreachable() {
     let moved = tmp.path().join("moved.git");
     std::fs::rename(&repo.bare, &moved).unwrap();
     hub.cli(&["gitops", "sync", "fleet"]);
-    let st = wait_for("fetch failure shown", 30.0, || {
+    let st = wait_for("fetch failure shown (a fetch is bounded by 60 s)", 90.0, || {
         let s = status(&hub, "fleet");
         (s["failures"].as_u64() >= Some(1)).then_some(s)
     });
@@ -263,9 +263,12 @@ fn file_remote_overlays_ownership_prune_bad_commits_and_unreachable() {
     assert_eq!(running(&m_base3), 1, "the last good commit keeps running");
     std::fs::rename(&moved, &repo.bare).unwrap();
     hub.cli(&["gitops", "sync", "fleet"]);
-    wait_for("fetches again", 30.0, || {
-        (status(&hub, "fleet")["failures"] == 0).then_some(())
+    wait_for("fetches again, the error cleared", 30.0, || {
+        let s = status(&hub, "fleet");
+        (s["failures"] == 0 && s["error"].is_null()).then_some(())
     });
+    let ls = hub.cli(&["gitops", "ls"]);
+    assert!(ls.contains(" ok"), "{ls}");
     wait_for("unreachable alert resolved", 20.0, || {
         (alert_state(&hub, "GitRepoUnreachable").as_deref() == Some("Resolved")).then_some(())
     });
@@ -496,7 +499,7 @@ fn smart_http_remote_with_credentials_and_webhook() {
     // Wrong credentials: the fetch fails with git's message, the running commit stays.
     hub.apply("apiVersion: v1\nkind: Secret\nmetadata: {name: git}\nstringData: {username: ci, password: nope}\n");
     hub.cli(&["gitops", "sync", "edge"]);
-    let st = wait_for("auth failure shown", 30.0, || {
+    let st = wait_for("auth failure shown (a fetch is bounded by 60 s)", 90.0, || {
         let s = status(&hub, "edge");
         (s["failures"].as_u64() >= Some(1)).then_some(s)
     });
