@@ -52,6 +52,10 @@ pub struct RepoState {
 #[derive(Default)]
 pub struct Repos {
     inner: Mutex<BTreeMap<String, RepoState>>,
+    /// Fetches asked for (webhook, sync) and not started yet. Kept apart from [`RepoState`] so
+    /// a request that arrives while a sync runs is not overwritten when that sync stores its
+    /// result: the next run fetches again.
+    pending: Mutex<BTreeSet<String>>,
 }
 
 impl Repos {
@@ -66,7 +70,16 @@ impl Repos {
     }
     /// A webhook (or `outpost gitops sync`) asks for a fetch now.
     pub fn request_fetch(&self, key: &str) {
-        self.lock().entry(key.to_string()).or_default().fetch.webhook_pending = true;
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_string());
+    }
+    fn is_pending(&self, key: &str) -> bool {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).contains(key)
+    }
+    fn take_pending(&self, key: &str) {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
     }
 }
 
@@ -262,6 +275,7 @@ async fn alert(svc: &Service, name: &'static str, g: &GitRepo, change: AlertChan
 /// Fetch, render and (when the commit is new and good) apply one GitRepo.
 async fn sync_one(svc: &Service, g: &GitRepo, objects: &[Object], now: UnixMs) {
     let k = key(g);
+    svc.gitops.take_pending(&k);
     let mut st = svc.gitops.get(&k);
     st.fetch.webhook_pending = false;
     st.fetch.last_fetch = Some(now);
@@ -383,6 +397,11 @@ pub async fn tick(svc: &Service, now: UnixMs) -> Duration {
         .collect();
     let keys: BTreeSet<String> = repos.iter().map(key).collect();
     svc.gitops.lock().retain(|k, _| keys.contains(k));
+    svc.gitops
+        .pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|k| keys.contains(k));
     let mut wait = Duration::from_secs(30);
     for g in &repos {
         let mut st = svc.gitops.get(&key(g));
@@ -397,11 +416,13 @@ pub async fn tick(svc: &Service, now: UnixMs) -> Duration {
             };
             svc.gitops.put(&key(g), st.clone());
         }
+        st.fetch.webhook_pending = svc.gitops.is_pending(&key(g));
         let due = core::next_fetch(&st.fetch, g.spec.poll_ms(), now, st.draw);
         if due <= now {
             sync_one(svc, g, &objects, outpost_api::now_ms()).await;
         }
-        let st = svc.gitops.get(&key(g));
+        let mut st = svc.gitops.get(&key(g));
+        st.fetch.webhook_pending = svc.gitops.is_pending(&key(g));
         let next = core::next_fetch(&st.fetch, g.spec.poll_ms(), outpost_api::now_ms(), st.draw);
         let ms = (next - outpost_api::now_ms()).max(10);
         wait = wait.min(Duration::from_millis(u64::try_from(ms).unwrap_or(10)));

@@ -499,10 +499,18 @@ fn smart_http_remote_with_credentials_and_webhook() {
     // Wrong credentials: the fetch fails with git's message, the running commit stays.
     hub.apply("apiVersion: v1\nkind: Secret\nmetadata: {name: git}\nstringData: {username: ci, password: nope}\n");
     hub.cli(&["gitops", "sync", "edge"]);
-    let st = wait_for("auth failure shown (a fetch is bounded by 60 s)", 90.0, || {
+    let t = std::time::Instant::now();
+    let st = loop {
         let s = status(&hub, "edge");
-        (s["failures"].as_u64() >= Some(1)).then_some(s)
-    });
+        if s["failures"].as_u64() >= Some(1) {
+            break s;
+        }
+        if t.elapsed().as_secs() > 90 {
+            let log = std::fs::read_to_string(hub.dir.join("hub.log")).unwrap_or_default();
+            panic!("no auth failure shown (a fetch is bounded by 60 s): {s}\nhub log:\n{log}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
     let e = st["error"].as_str().unwrap();
     assert!(!e.contains("nope"), "the password never shows: {e}");
     assert_eq!(running(&m3), 1);
