@@ -52,6 +52,9 @@ apt_install iproute2 faketime
 apt_install debootstrap
 # Rollout maintenance windows resolve IANA time-zone names from the system database.
 apt_install tzdata
+# GitOps (crates/outpost/tests/gitops.rs): the hub fetches with git; the tests serve a bare
+# repository over smart HTTP with `git http-backend` behind a small Python CGI server.
+apt_install git python3
 
 # schemathesis (PyPI) fuzzes the hub's API from docs/openapi.yaml (crates/outpost/tests/api_fuzz.rs);
 # it lives in a venv at .venv so nothing is installed into the system Python.

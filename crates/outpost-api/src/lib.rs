@@ -8,6 +8,7 @@
 pub mod checks;
 pub mod cron;
 pub mod duration;
+pub mod gitops;
 pub mod manifest;
 pub mod onnx;
 pub mod parse;

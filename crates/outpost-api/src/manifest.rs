@@ -853,6 +853,7 @@ pub enum Object {
     AgentUpdate(AgentUpdate),
     RolloutPolicy(crate::rollout::RolloutPolicy),
     Pipeline(crate::pipeline::Pipeline),
+    GitRepo(crate::gitops::GitRepo),
 }
 
 /// The kinds outpost stores.
@@ -871,6 +872,7 @@ pub enum Kind {
     AgentUpdate,
     RolloutPolicy,
     Pipeline,
+    GitRepo,
 }
 
 impl Kind {
@@ -889,6 +891,7 @@ impl Kind {
             Kind::AgentUpdate => "AgentUpdate",
             Kind::RolloutPolicy => "RolloutPolicy",
             Kind::Pipeline => "Pipeline",
+            Kind::GitRepo => "GitRepo",
         }
     }
     /// Accepts `deployment`, `deployments`, `deploy`, `Deployment`, `daemonset`, `ds`, ...
@@ -907,6 +910,7 @@ impl Kind {
             "agentupdate" | "agentupdates" => Kind::AgentUpdate,
             "rolloutpolicy" | "rolloutpolicies" | "rp" => Kind::RolloutPolicy,
             "pipeline" | "pipelines" | "pl" => Kind::Pipeline,
+            "gitrepo" | "gitrepos" => Kind::GitRepo,
             _ => return None,
         })
     }
@@ -953,6 +957,7 @@ impl<'de> Deserialize<'de> for Object {
             "AgentUpdate" => serde_json::from_value(v).map(Object::AgentUpdate).map_err(e),
             "RolloutPolicy" => serde_json::from_value(v).map(Object::RolloutPolicy).map_err(e),
             "Pipeline" => serde_json::from_value(v).map(Object::Pipeline).map_err(e),
+            "GitRepo" => serde_json::from_value(v).map(Object::GitRepo).map_err(e),
             other => Err(D::Error::custom(format!("unsupported kind {other:?}"))),
         }
     }
@@ -974,6 +979,7 @@ impl Object {
             Object::AgentUpdate(_) => Kind::AgentUpdate,
             Object::RolloutPolicy(_) => Kind::RolloutPolicy,
             Object::Pipeline(_) => Kind::Pipeline,
+            Object::GitRepo(_) => Kind::GitRepo,
         }
     }
     pub fn meta(&self) -> &ObjectMeta {
@@ -991,6 +997,7 @@ impl Object {
             Object::AgentUpdate(o) => &o.metadata,
             Object::RolloutPolicy(o) => &o.metadata,
             Object::Pipeline(o) => &o.metadata,
+            Object::GitRepo(o) => &o.metadata,
         }
     }
     pub fn meta_mut(&mut self) -> &mut ObjectMeta {
@@ -1008,6 +1015,7 @@ impl Object {
             Object::AgentUpdate(o) => &mut o.metadata,
             Object::RolloutPolicy(o) => &mut o.metadata,
             Object::Pipeline(o) => &mut o.metadata,
+            Object::GitRepo(o) => &mut o.metadata,
         }
     }
     /// `Kind/namespace/name`

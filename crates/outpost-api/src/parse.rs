@@ -346,7 +346,7 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
             "batch/v1beta1"
         }
         "CronJob" => "batch/v1",
-        "AlertPolicy" | "AgentUpdate" | "RolloutPolicy" | "Pipeline" => ALERT_POLICY_API,
+        "AlertPolicy" | "AgentUpdate" | "RolloutPolicy" | "Pipeline" | "GitRepo" => ALERT_POLICY_API,
         "" => {
             ctx.err(
                 "kind",
@@ -360,7 +360,7 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
                 format!(
                     "{other} is not supported by outpost; supported kinds are Deployment, DaemonSet, Job, CronJob, \
                      ConfigMap, Secret, Service, PersistentVolumeClaim, Namespace, AlertPolicy, RolloutPolicy, \
-                     Pipeline and AgentUpdate (cluster-only kinds such as ServiceAccount or ClusterRole are accepted \
+                     Pipeline, GitRepo and AgentUpdate (cluster-only kinds such as ServiceAccount or ClusterRole are accepted \
                      and ignored)"
                 ),
             );
@@ -387,6 +387,7 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
         "AgentUpdate" => Object::AgentUpdate(typed(ctx, doc)?),
         "RolloutPolicy" => Object::RolloutPolicy(typed(ctx, doc)?),
         "Pipeline" => Object::Pipeline(typed(ctx, doc)?),
+        "GitRepo" => Object::GitRepo(typed(ctx, doc)?),
         _ => Object::Secret(typed(ctx, doc)?),
     };
     validate_meta(ctx, obj.meta());
@@ -496,6 +497,11 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
         }
         Object::Pipeline(p) => {
             for (field, reason) in crate::pipeline::check_spec(&p.spec) {
+                ctx.err(field, reason);
+            }
+        }
+        Object::GitRepo(g) => {
+            for (field, reason) in crate::gitops::check_spec(&g.spec) {
                 ctx.err(field, reason);
             }
         }

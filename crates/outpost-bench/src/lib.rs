@@ -13,6 +13,7 @@
 pub mod bandwidth;
 pub mod fleet;
 pub mod footprint;
+pub mod gitops;
 pub mod harness;
 pub mod inference;
 pub mod kustomize;
@@ -51,6 +52,8 @@ pub enum BenchCmd {
     Mqtt(pipeline::MqttArgs),
     /// A replayed sensor stream with known anomalies: bytes upstream vs raw, anomalies exact.
     Reduction(pipeline::ReductionArgs),
+    /// `git push` -> running on every real agent, with the webhook and with polling.
+    Gitops(gitops::GitopsArgs),
     /// Render time of an `overlaysBy` repository (500 site overlays), beside `kubectl kustomize`.
     Kustomize(kustomize::KustomizeArgs),
     /// The ONNX model endpoint at 1/4/16 clients beside Flask + onnxruntime; RSS; binary size.
@@ -116,6 +119,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         BenchCmd::Fleet(x) => fleet::fleet(x, &sub("fleet")?).await?,
         BenchCmd::Mqtt(x) => pipeline::mqtt(x, &sub("mqtt")?).await?,
         BenchCmd::Reduction(x) => pipeline::reduction(x, &sub("reduction")?).await?,
+        BenchCmd::Gitops(x) => gitops::gitops(x, &sub("gitops")?).await?,
         BenchCmd::Kustomize(x) => kustomize::kustomize(x, &sub("kustomize")?).await?,
         BenchCmd::Inference(x) => inference::inference(x, &sub("inference")?).await?,
         BenchCmd::Agent => {

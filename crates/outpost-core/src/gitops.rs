@@ -19,7 +19,8 @@
 
 use std::collections::BTreeSet;
 
-use outpost_api::{Labels, UnixMs};
+use outpost_api::{Labels, NodeSelectorRequirement, NodeSelectorTerm, UnixMs};
+use serde_json::Value;
 
 use crate::retry::Policy;
 use crate::schedule::selector_matches;
@@ -129,6 +130,252 @@ pub fn decide_commit(
         CommitDecision::Apply
     } else {
         CommitDecision::Reject(failures)
+    }
+}
+
+/// The label every node carries (the hub sets it): `Exists` on it is a term every node matches.
+const EVERY_NODE_KEY: &str = "kubernetes.io/hostname";
+
+fn req(key: &str, operator: &str, values: Vec<String>) -> NodeSelectorRequirement {
+    NodeSelectorRequirement {
+        key: key.into(),
+        operator: operator.into(),
+        values,
+    }
+}
+
+/// Most terms a target's placement may have (first-match-wins over many selectors multiplies).
+pub const MAX_TERMS: usize = 256;
+
+/// The required node-affinity terms (ORed) that hold exactly for the nodes [`target_for`] gives
+/// `target`: for explicit targets its selector and no earlier target's; for `overlaysBy`,
+/// `label In [value]` for an overlay and `label NotIn [every overlay]` for `base`. An empty
+/// list: no node can get this target (an earlier target matches every node).
+pub fn placement_terms(
+    targets: &Targets,
+    target: &str,
+    overlays: &BTreeSet<String>,
+) -> Result<Vec<NodeSelectorTerm>, String> {
+    let term = |exprs: Vec<NodeSelectorRequirement>| NodeSelectorTerm {
+        match_expressions: if exprs.is_empty() {
+            vec![req(EVERY_NODE_KEY, "Exists", vec![])]
+        } else {
+            exprs
+        },
+        match_fields: vec![],
+    };
+    match targets {
+        Targets::OverlaysBy { label } => Ok(if target == "base" {
+            if overlays.is_empty() {
+                vec![term(vec![])]
+            } else {
+                vec![term(vec![req(label, "NotIn", overlays.iter().cloned().collect())])]
+            }
+        } else {
+            vec![term(vec![req(label, "In", vec![target.to_string()])])]
+        }),
+        Targets::Explicit(list) => {
+            let Some(i) = list.iter().position(|t| t.name == target) else {
+                return Err(format!("no target {target:?}"));
+            };
+            let own: Vec<NodeSelectorRequirement> = list[i]
+                .node_selector
+                .iter()
+                .map(|(k, v)| req(k, "In", vec![v.clone()]))
+                .collect();
+            let mut terms: Vec<Vec<NodeSelectorRequirement>> = vec![own];
+            for earlier in &list[..i] {
+                // not (k1=v1 and k2=v2) = k1 NotIn [v1] or k2 NotIn [v2]
+                let mut next = Vec::new();
+                for t in &terms {
+                    for (k, v) in &earlier.node_selector {
+                        let mut t = t.clone();
+                        t.push(req(k, "NotIn", vec![v.clone()]));
+                        next.push(t);
+                    }
+                }
+                if next.len() > MAX_TERMS {
+                    return Err(format!(
+                        "target {target:?}: excluding the nodes of the {i} targets before it needs more than {MAX_TERMS} affinity terms; use fewer labels per nodeSelector or overlaysBy"
+                    ));
+                }
+                terms = next;
+            }
+            Ok(terms.into_iter().map(term).collect())
+        }
+    }
+}
+
+/// `a AND b` for two ORed term lists (each term's expressions are ANDed).
+pub fn and_terms(a: &[NodeSelectorTerm], b: &[NodeSelectorTerm]) -> Vec<NodeSelectorTerm> {
+    let mut out = Vec::new();
+    for x in a {
+        for y in b {
+            let mut t = x.clone();
+            t.match_expressions.extend(y.match_expressions.iter().cloned());
+            t.match_fields.extend(y.match_fields.iter().cloned());
+            if !out.contains(&t) {
+                out.push(t);
+            }
+        }
+    }
+    out
+}
+
+/// One target's render: its name, the nodes it is for, and the rendered objects (as the
+/// Kustomize engine prints them).
+#[derive(Clone, Debug)]
+pub struct TargetObjects {
+    pub target: String,
+    pub terms: Vec<NodeSelectorTerm>,
+    pub objects: Vec<Value>,
+}
+
+fn object_key(o: &Value) -> (String, String, String) {
+    let s = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or("").to_string();
+    let meta = o.get("metadata");
+    let ns = s(meta.and_then(|m| m.get("namespace")));
+    (
+        s(o.get("kind")),
+        if ns.is_empty() { "default".into() } else { ns },
+        s(meta.and_then(|m| m.get("name"))),
+    )
+}
+
+/// Where the pod spec of a workload kind sits.
+fn pod_spec_path(kind: &str) -> Option<&'static [&'static str]> {
+    match kind {
+        "Deployment" | "DaemonSet" | "Job" => Some(&["spec", "template", "spec"]),
+        "CronJob" => Some(&["spec", "jobTemplate", "spec", "template", "spec"]),
+        _ => None,
+    }
+}
+
+/// Restrict a workload to `terms`, ANDed with its own required node affinity.
+fn restrict(o: &mut Value, kind: &str, terms: &[NodeSelectorTerm]) -> Result<(), String> {
+    let Some(path) = pod_spec_path(kind) else { return Ok(()) };
+    let mut at = &mut *o;
+    for p in path {
+        at = at
+            .as_object_mut()
+            .ok_or_else(|| format!("{p}: not a mapping"))?
+            .entry(p.to_string())
+            .or_insert_with(|| Value::Object(Default::default()));
+    }
+    let spec = at.as_object_mut().ok_or("pod spec: not a mapping")?;
+    let na = spec
+        .entry("affinity")
+        .or_insert_with(|| Value::Object(Default::default()))
+        .as_object_mut()
+        .ok_or("affinity: not a mapping")?
+        .entry("nodeAffinity")
+        .or_insert_with(|| Value::Object(Default::default()))
+        .as_object_mut()
+        .ok_or("nodeAffinity: not a mapping")?;
+    let key = "requiredDuringSchedulingIgnoredDuringExecution";
+    let own: Vec<NodeSelectorTerm> = match na.get(key) {
+        Some(v) => {
+            serde_json::from_value::<outpost_api::NodeSelector>(v.clone())
+                .map_err(|e| format!("affinity.nodeAffinity.{key}: {e}"))?
+                .node_selector_terms
+        }
+        None => Vec::new(),
+    };
+    let terms = if own.is_empty() {
+        terms.to_vec()
+    } else {
+        and_terms(&own, terms)
+    };
+    na.insert(
+        key.into(),
+        serde_json::json!({ "nodeSelectorTerms": serde_json::to_value(terms).map_err(|e| e.to_string())? }),
+    );
+    Ok(())
+}
+
+/// Merges the renders of every target into the one set of objects the hub holds for the
+/// commit. An object identical in several targets is held once; a workload is restricted
+/// (required node affinity, ANDed with its own) to the nodes of the targets that render it, so
+/// a node whose labels move it to another target moves to that target's variant. A workload
+/// that differs between targets is held once per variant, named `<name>-<first target of the
+/// variant>`. Any other kind that differs between targets is refused (it has no placement to
+/// tell the variants apart): reasons as `(object, reason)`.
+pub fn combine(renders: &[TargetObjects]) -> Result<Vec<Value>, Vec<(String, String)>> {
+    // key -> variants: (object, targets, terms)
+    type Variant = (Value, Vec<String>, Vec<NodeSelectorTerm>);
+    let mut by_key: std::collections::BTreeMap<(String, String, String), Vec<Variant>> = Default::default();
+    let mut order: Vec<(String, String, String)> = Vec::new();
+    for r in renders {
+        for o in &r.objects {
+            let key = object_key(o);
+            let variants = by_key.entry(key.clone()).or_insert_with(|| {
+                order.push(key.clone());
+                Vec::new()
+            });
+            match variants.iter_mut().find(|v| v.0 == *o) {
+                Some(v) => {
+                    v.1.push(r.target.clone());
+                    for t in &r.terms {
+                        if !v.2.contains(t) {
+                            v.2.push(t.clone());
+                        }
+                    }
+                }
+                None => variants.push((o.clone(), vec![r.target.clone()], r.terms.clone())),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    let names: BTreeSet<(String, String, String)> = by_key.keys().cloned().collect();
+    for key in order {
+        let variants = &by_key[&key];
+        let (kind, ns, name) = &key;
+        let id = format!("{kind}/{ns}/{name}");
+        let workload = pod_spec_path(kind).is_some();
+        if variants.len() > 1 && !workload {
+            errors.push((
+                id.clone(),
+                format!(
+                    "differs between targets {} and {}; only workloads (Deployment, DaemonSet, Job, CronJob) may have per-target variants: give each variant its own name (a configMapGenerator's hash suffix does)",
+                    variants[0].1.join(", "),
+                    variants[1].1.join(", ")
+                ),
+            ));
+            continue;
+        }
+        for (obj, targets, terms) in variants {
+            let mut obj = obj.clone();
+            if variants.len() > 1 {
+                let new = format!("{name}-{}", targets[0]);
+                if names.contains(&(kind.clone(), ns.clone(), new.clone())) {
+                    errors.push((
+                        id.clone(),
+                        format!(
+                            "the variant of target {} would be named {new}, which the repository already uses",
+                            targets[0]
+                        ),
+                    ));
+                    continue;
+                }
+                obj["metadata"]["name"] = Value::String(new);
+            }
+            if workload {
+                if terms.is_empty() {
+                    continue; // no node can get these targets
+                }
+                if let Err(e) = restrict(&mut obj, kind, terms) {
+                    errors.push((id.clone(), e));
+                    continue;
+                }
+            }
+            out.push(obj);
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
     }
 }
 
@@ -262,6 +509,124 @@ mod tests {
         assert_eq!(
             decide_commit(Some("a"), Some("c"), "d", &[ok("base"), ok("berlin")]),
             CommitDecision::Apply
+        );
+    }
+
+    fn node(pairs: &[(&str, &str)]) -> Labels {
+        let mut l = labels(pairs);
+        l.insert(EVERY_NODE_KEY.into(), "n".into());
+        l
+    }
+
+    /// The placement terms agree with `target_for` on every node of a table.
+    #[test]
+    fn placement_agrees_with_target_for() {
+        use crate::schedule::affinity_matches;
+        let overlays: BTreeSet<String> = ["berlin", "shanghai"].iter().map(|s| s.to_string()).collect();
+        let explicit = Targets::Explicit(vec![
+            Target {
+                name: "gpu".into(),
+                path: "gpu".into(),
+                node_selector: labels(&[("gpu", "true"), ("site", "berlin")]),
+            },
+            Target {
+                name: "berlin".into(),
+                path: "b".into(),
+                node_selector: labels(&[("site", "berlin")]),
+            },
+            Target {
+                name: "rest".into(),
+                path: "base".into(),
+                node_selector: labels(&[]),
+            },
+            Target {
+                name: "never".into(),
+                path: "x".into(),
+                node_selector: labels(&[("x", "y")]),
+            },
+        ]);
+        let by = Targets::OverlaysBy { label: "site".into() };
+        let nodes = [
+            node(&[]),
+            node(&[("site", "berlin")]),
+            node(&[("site", "berlin"), ("gpu", "true")]),
+            node(&[("site", "shanghai"), ("gpu", "true")]),
+            node(&[("site", "paris")]),
+            node(&[("x", "y")]),
+        ];
+        for targets in [&explicit, &by] {
+            let names: Vec<String> = match targets {
+                Targets::Explicit(l) => l.iter().map(|t| t.name.clone()).collect(),
+                Targets::OverlaysBy { .. } => vec!["base".into(), "berlin".into(), "shanghai".into()],
+            };
+            for n in &nodes {
+                let want = target_for(targets, n, &overlays).map(|(t, _)| t);
+                let got: Vec<&String> = names
+                    .iter()
+                    .filter(|t| {
+                        let sel = outpost_api::NodeSelector {
+                            node_selector_terms: placement_terms(targets, t, &overlays).unwrap(),
+                        };
+                        affinity_matches(&sel, "n", n)
+                    })
+                    .collect();
+                assert_eq!(got, want.iter().collect::<Vec<_>>(), "{n:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn combine_merges_identical_and_names_variants() {
+        let by = Targets::OverlaysBy { label: "site".into() };
+        let overlays: BTreeSet<String> = ["berlin", "shanghai"].iter().map(|s| s.to_string()).collect();
+        let dep = |image: &str| {
+            serde_json::json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web"}, "spec": {"template": {"spec": {"containers": [{"name": "c", "image": image}]}}}})
+        };
+        let cm = |v: &str| serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"a": v}});
+        let r = |t: &str, objects: Vec<Value>| TargetObjects {
+            target: t.into(),
+            terms: placement_terms(&by, t, &overlays).unwrap(),
+            objects,
+        };
+        // Identical everywhere: one object, placed on the nodes of all three targets.
+        let out = combine(&[
+            r("base", vec![dep("a"), cm("1")]),
+            r("berlin", vec![dep("a"), cm("1")]),
+            r("shanghai", vec![dep("a"), cm("1")]),
+        ])
+        .unwrap();
+        assert_eq!(out.len(), 2);
+        let terms = &out[0]["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
+            ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"];
+        assert_eq!(terms.as_array().unwrap().len(), 3);
+        // Berlin differs: two variants, the second named after its target.
+        let out = combine(&[
+            r("base", vec![dep("a")]),
+            r("berlin", vec![dep("b")]),
+            r("shanghai", vec![dep("a")]),
+        ])
+        .unwrap();
+        let names: Vec<&str> = out.iter().map(|o| o["metadata"]["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["web-base", "web-berlin"]);
+        assert_eq!(
+            out[1]["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
+                ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
+            serde_json::json!([{"matchExpressions": [{"key": "site", "operator": "In", "values": ["berlin"]}]}])
+        );
+        // A ConfigMap that differs cannot be told apart by placement: refused, named.
+        let err = combine(&[r("base", vec![cm("1")]), r("berlin", vec![cm("2")])]).unwrap_err();
+        assert_eq!(err[0].0, "ConfigMap/default/cfg");
+        assert!(err[0].1.contains("differs between targets base and berlin"), "{err:?}");
+        // The workload's own required affinity stays, ANDed.
+        let mut own = dep("a");
+        own["spec"]["template"]["spec"]["affinity"] = serde_json::json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution":
+            {"nodeSelectorTerms": [{"matchExpressions": [{"key": "gpu", "operator": "Exists"}]}]}}});
+        let out = combine(&[r("berlin", vec![own])]).unwrap();
+        assert_eq!(
+            out[0]["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
+                ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
+            serde_json::json!([{"matchExpressions": [{"key": "gpu", "operator": "Exists"}, {"key": "site", "operator": "In", "values": ["berlin"]}]}])
         );
     }
 }

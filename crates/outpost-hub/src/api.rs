@@ -158,8 +158,24 @@ pub async fn create_token(State(svc): St, _: Admin, ApiJson(req): ApiJson<TokenR
     svc.execute(Command::CreateToken(req)).await
 }
 
-pub async fn apply(State(svc): St, _: Admin, ApiJson(req): ApiJson<ApplyRequest>) -> Answer {
-    svc.execute(Command::Apply { files: req.files }).await
+/// `?force=true`: apply over objects a GitRepo owns (docs/gitops.md).
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct ForceQuery {
+    #[serde(default)]
+    pub force: bool,
+}
+
+pub async fn apply(
+    State(svc): St,
+    _: Admin,
+    ApiQuery(q): ApiQuery<ForceQuery>,
+    ApiJson(req): ApiJson<ApplyRequest>,
+) -> Answer {
+    svc.execute(Command::Apply {
+        files: req.files,
+        force: q.force,
+    })
+    .await
 }
 
 pub async fn delete(State(svc): St, _: Admin, ApiJson(req): ApiJson<ApplyRequest>) -> Answer {

@@ -8,6 +8,7 @@
 //! | `rollouts` | `outpost_core::waves::{start, decide}` | on gate results and nodes coming back, at bake ends and window openings, every 1 s while a rollout is active (10 s otherwise) |
 //! | `webhooks` | `outpost_core::retry::webhook` | when an alert or rollout event is queued, or a retry is due |
 //! | `retention` | resolved alerts kept 7 days | hourly (events, error lines and webhook rows are capped where they are written) |
+//! | `gitops` | `outpost_core::gitops::{next_fetch, decide_commit, placement_terms, combine}` | when a GitRepo's fetch is due (poll interval, backoff), on its webhook, `outpost gitops sync` or a GitRepo apply |
 //! | `data-retention` | pipeline records kept for their hub sink's `retention` (default 7 days) | every minute |
 //!
 //! The scheduler is not a loop: every command that changes objects or nodes reschedules under
@@ -93,6 +94,11 @@ pub fn all(svc: &Service) -> Vec<Controller> {
                 })
             }),
             wake: None,
+        },
+        Controller {
+            name: "gitops",
+            run: Box::new(|svc| Box::pin(async move { crate::gitops::tick(&svc, now_ms()).await })),
+            wake: Some(|s| &s.wake.gitops),
         },
         Controller {
             name: "webhooks",

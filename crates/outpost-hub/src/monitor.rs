@@ -388,6 +388,51 @@ impl Monitor {
         Ok(out)
     }
 
+    /// Fire or resolve a fleet alert about a subject that is not a node (a GitRepo), with its
+    /// webhook rows, in one transaction. Returns the transition (none when nothing changes).
+    pub fn fleet_alert(
+        &self,
+        name: &str,
+        subject: &str,
+        source: &str,
+        change: &AlertChange,
+        now: UnixMs,
+    ) -> R<Vec<AlertInfo>> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        let key = AlertKey {
+            node: String::new(),
+            name: name.into(),
+            subject: subject.into(),
+        };
+        let cur = Self::current(&tx, &key)?;
+        let labels = Labels::new();
+        let mut out = Vec::new();
+        match change {
+            AlertChange::Fire(summary) if cur.map(|c| c.0) != Some(true) => {
+                out.push(self.write(&tx, &key, source, AlertState::Firing, now, None, summary, &labels, now)?);
+            }
+            AlertChange::Resolve if cur.map(|c| c.0) == Some(true) => {
+                let started = cur.map_or(now, |c| c.1);
+                let summary = format!("{subject}: recovered");
+                out.push(self.write(
+                    &tx,
+                    &key,
+                    source,
+                    AlertState::Resolved,
+                    started,
+                    Some(now),
+                    &summary,
+                    &labels,
+                    now,
+                )?);
+            }
+            _ => {}
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
     /// Each node's conditions as it last reported them (nodes without any are absent).
     pub fn conditions(&self, node: Option<&str>) -> R<BTreeMap<String, Vec<NodeCondition>>> {
         let c = self.lock();

@@ -115,6 +115,11 @@ pub fn router(svc: Arc<Service>) -> Router {
             post(api::rollout_action),
         )
         .route("/v1/rollouts", get(api::rollouts))
+        .route("/v1/gitops", get(crate::gitops_api::list))
+        .route("/v1/gitops/{name}", get(crate::gitops_api::one))
+        .route("/v1/gitops/{name}/sync", post(crate::gitops_api::sync))
+        .route("/v1/gitops/{name}/diff", get(crate::gitops_api::diff))
+        .route("/v1/gitops/{name}/webhook", post(crate::gitops_api::webhook))
         .route(
             "/v1/images/blobs/{digest}",
             get(images::get_blob)

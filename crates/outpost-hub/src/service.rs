@@ -83,8 +83,16 @@ impl Peer {
 /// A change an operator asks for. The doc comment of each variant says what it does.
 #[derive(Clone, Debug)]
 pub enum Command {
-    /// Create or update the objects of these manifest files, all or nothing.
-    Apply { files: Vec<ManifestFile> },
+    /// Create or update the objects of these manifest files, all or nothing. An object a
+    /// GitRepo owns is refused unless `force` (then the GitRepo's next commit puts the
+    /// repository's version back).
+    Apply { files: Vec<ManifestFile>, force: bool },
+    /// A GitRepo's commit (docs/gitops.md), all or nothing: every object gets the owner
+    /// annotation; objects owned by someone else (by hand, another GitRepo) are refused; objects
+    /// this owner held that the commit lacks are pruned.
+    GitOpsApply { owner: String, file: ManifestFile },
+    /// Fetch a GitRepo at once (`outpost gitops sync`, the webhook).
+    GitOpsSync { namespace: String, name: String },
     /// Delete the objects named in these manifest files, all or nothing.
     Delete { files: Vec<ManifestFile> },
     /// Delete one object.
@@ -99,6 +107,14 @@ pub enum Command {
     TagImage(ImageTag),
     /// Pause, resume, abort or undo a workload's rollout (docs/rollouts.md).
     Rollout { id: ObjectId, action: RolloutAction },
+}
+
+/// Who applies: a person (`force` overrides a GitRepo's ownership) or a GitRepo (its owner
+/// annotation value, `gitrepo/<namespace>/<name>`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ownership {
+    Hand { force: bool },
+    GitOps(String),
 }
 
 /// What `outpost rollout pause|resume|abort|undo` asks for.
@@ -182,6 +198,16 @@ pub enum Query {
     Pipelines,
     /// Pipeline records the hub stored, oldest first.
     Data(DataQuery),
+    /// GitRepos with their fetch, render and rollout state (all, or one: namespace, name).
+    GitRepos {
+        only: Option<(String, String)>,
+    },
+    /// What applying a GitRepo's commit (default: the last fetched) would change.
+    GitDiff {
+        namespace: String,
+        name: String,
+        commit: Option<String>,
+    },
 }
 
 /// What a command or query returns. Each variant is one answer type of the API.
@@ -208,6 +234,11 @@ pub enum Reply {
     RolloutAction(RolloutActionResult),
     Pipelines(Vec<PipelineInfo>),
     Records(Vec<StoredRecord>),
+    GitRepos(Vec<outpost_api::gitops::GitRepoStatus>),
+    GitRepo(Box<outpost_api::gitops::GitRepoStatus>),
+    GitDiff(Box<outpost_api::gitops::GitDiff>),
+    /// A request was queued (a GitOps fetch).
+    Queued(serde_json::Value),
 }
 
 impl Reply {
@@ -235,6 +266,10 @@ impl Reply {
             Reply::RolloutAction(v) => j(v),
             Reply::Pipelines(v) => j(v),
             Reply::Records(v) => j(v),
+            Reply::GitRepos(v) => j(v),
+            Reply::GitRepo(v) => j(v),
+            Reply::GitDiff(v) => j(v),
+            Reply::Queued(v) => Ok(v.clone()),
             Reply::Fleet(_) => Ok(serde_json::Value::Null),
         }
     }
@@ -306,6 +341,8 @@ pub struct Wakeups {
     pub rollouts: Notify,
     /// Some rollout is Progressing or Paused (status reports wake the controller only then).
     pub rollouts_active: std::sync::atomic::AtomicBool,
+    /// A GitRepo fetch was asked for (webhook, `outpost gitops sync`, a GitRepo applied).
+    pub gitops: Notify,
 }
 
 pub struct Service {
@@ -318,6 +355,8 @@ pub struct Service {
     pub settings: Settings,
     pub links: Links,
     pub wake: Wakeups,
+    /// What the GitOps controller remembers per GitRepo.
+    pub gitops: crate::gitops::Repos,
     /// AlertPolicy objects (namespace/name, spec), refreshed after each change.
     policies: RwLock<Vec<(String, AlertPolicySpec)>>,
     /// Serializes every change to objects and nodes together with the reschedule that follows.
@@ -364,6 +403,7 @@ impl Service {
             settings,
             links: Links::default(),
             wake: Wakeups::default(),
+            gitops: crate::gitops::Repos::default(),
             policies: RwLock::new(Vec::new()),
             write_lock: tokio::sync::Mutex::new(()),
             notes: Mutex::new(BTreeMap::new()),
@@ -560,7 +600,18 @@ impl Service {
     /// Run a command. See [`Command`].
     pub async fn execute(&self, cmd: Command) -> Result<Reply, HubError> {
         match cmd {
-            Command::Apply { files } => self.apply(files).await.map(Reply::Applied),
+            Command::Apply { files, force } => self.apply(files, Ownership::Hand { force }).await.map(Reply::Applied),
+            Command::GitOpsApply { owner, file } => self
+                .apply(vec![file], Ownership::GitOps(owner))
+                .await
+                .map(Reply::Applied),
+            Command::GitOpsSync { namespace, name } => {
+                let (g, _) = crate::gitops::repo(self, &namespace, &name).await?;
+                crate::gitops::request_sync(self, &g);
+                Ok(Reply::Queued(
+                    serde_json::json!({"gitrepo": format!("{namespace}/{name}"), "fetch": "queued"}),
+                ))
+            }
             Command::Delete { files } => {
                 let (objects, _) = validate::parse_batch(&files).map_err(HubError::InvalidManifest)?;
                 self.delete_ids(objects.iter().map(Object::id).collect())
@@ -576,21 +627,50 @@ impl Service {
         }
     }
 
-    async fn apply(&self, files: Vec<ManifestFile>) -> Result<ApplyResponse, HubError> {
+    async fn apply(&self, files: Vec<ManifestFile>, who: Ownership) -> Result<ApplyResponse, HubError> {
         let (mut objects, warnings) =
             validate::parse_apply_batch(&files, &self.settings.host_paths).map_err(HubError::InvalidManifest)?;
         let _guard = self.write_lock.lock().await;
         let stored = self.db(|s| s.objects()).await?;
         let before: BTreeMap<ObjectId, u64> = stored.iter().map(|o| (o.object.id(), o.revision)).collect();
         let stored: Vec<Object> = stored.into_iter().map(|o| o.object).collect();
-        let mut errors = outpost_core::render::assign_node_ports(&mut objects, &stored);
-        errors.extend(validate::check_references(&objects, stored));
+        let prune = validate::ownership(&mut objects, &stored, &who).map_err(HubError::Conflict)?;
+        if let Some((object, workload)) = validate::in_use(
+            stored
+                .iter()
+                .filter(|o| !objects.iter().any(|n| n.id() == o.id()))
+                .chain(objects.iter()),
+            &prune,
+        ) {
+            return Err(HubError::InUse {
+                object: object.to_string(),
+                workload: workload.to_string(),
+            });
+        }
+        let has_gitrepo = objects.iter().any(|o| matches!(o, Object::GitRepo(_)));
+        let kept: Vec<Object> = stored.into_iter().filter(|o| !prune.contains(&o.id())).collect();
+        let mut errors = outpost_core::render::assign_node_ports(&mut objects, &kept);
+        errors.extend(validate::check_references(&objects, kept));
         if !errors.is_empty() {
             return Err(HubError::InvalidManifest(errors));
         }
         let ids: Vec<ObjectId> = objects.iter().map(Object::id).collect();
         let now = now_ms();
-        let results = self.db(move |s| s.apply(&objects, now)).await?;
+        let pruning = prune.clone();
+        let (mut results, pruned) = self
+            .db(move |s| {
+                let results = s.apply(&objects, now)?;
+                let (deleted, _) = if pruning.is_empty() {
+                    (Vec::new(), Vec::new())
+                } else {
+                    s.delete_objects(&pruning)?
+                };
+                Ok((results, deleted))
+            })
+            .await?;
+        for id in &pruned {
+            tracing::info!(object = %id, "object pruned: its GitRepo's commit no longer has it");
+        }
         let mut changed = false;
         let mut started = Vec::new();
         for (id, r) in ids.into_iter().zip(&results) {
@@ -603,12 +683,20 @@ impl Service {
                 started.push(id);
             }
         }
-        if changed {
+        if changed || !pruned.is_empty() {
             // New revisions start their rollouts (the first wave opens now) before nodes are
             // told anything; a RolloutPolicy change moves running rollouts.
             self.advance_rollouts_locked(&started, false, now).await;
             self.reschedule_after_commit(now).await;
         }
+        if has_gitrepo && changed {
+            self.wake.gitops.notify_one();
+        }
+        results.extend(pruned.iter().map(|id| ApplyResult {
+            object: id.to_string(),
+            action: "pruned".into(),
+            revision: None,
+        }));
         Ok(ApplyResponse { results, warnings })
     }
 
@@ -852,6 +940,14 @@ impl Service {
                     &self.read_view().await?,
                 )))
             }
+            Query::GitRepos { only } => crate::gitops::status(self, only).await.map(Reply::GitRepos),
+            Query::GitDiff {
+                namespace,
+                name,
+                commit,
+            } => crate::gitops::diff(self, &namespace, &name, commit)
+                .await
+                .map(|d| Reply::GitDiff(Box::new(d))),
             Query::Data(q) => {
                 if let Some(k) = q.kind.as_deref().filter(|k| RecordKind::parse(k).is_none()) {
                     return Err(HubError::BadRequest(format!(

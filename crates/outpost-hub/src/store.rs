@@ -457,6 +457,7 @@ fn decode_object(kind: Kind, manifest: &str) -> Result<Object> {
         Kind::AgentUpdate => Object::AgentUpdate(serde_json::from_str(manifest)?),
         Kind::RolloutPolicy => Object::RolloutPolicy(serde_json::from_str(manifest)?),
         Kind::Pipeline => Object::Pipeline(serde_json::from_str(manifest)?),
+        Kind::GitRepo => Object::GitRepo(serde_json::from_str(manifest)?),
     })
 }
 

@@ -285,6 +285,93 @@ pub fn node_name(name: &str) -> Result<(), HubError> {
     }
 }
 
+/// GitOps ownership at apply (docs/gitops.md). A GitRepo's apply stamps every object with
+/// its owner annotation, refuses objects someone else holds (applied by hand, or owned by
+/// another GitRepo that exists) and returns the objects it owned that the commit lacks (to
+/// prune). A hand apply over an object an existing GitRepo owns is refused unless `force`;
+/// forced, the object keeps its owner (the GitRepo's next commit puts its version back).
+/// Otherwise a hand-applied object never carries the annotation.
+pub fn ownership(
+    objects: &mut [Object],
+    stored: &[Object],
+    who: &crate::service::Ownership,
+) -> Result<Vec<ObjectId>, String> {
+    use crate::service::Ownership;
+    use outpost_api::gitops::OWNED_BY;
+    let repos: BTreeSet<String> = stored
+        .iter()
+        .filter(|o| o.kind() == outpost_api::Kind::GitRepo)
+        .map(|o| format!("gitrepo/{}/{}", o.meta().ns(), o.meta().name))
+        .collect();
+    let owner_of = |id: &ObjectId| -> Option<String> {
+        stored
+            .iter()
+            .find(|o| o.id() == *id)
+            .and_then(|o| o.meta().annotations.get(OWNED_BY).cloned())
+            .filter(|o| repos.contains(o))
+    };
+    let exists = |id: &ObjectId| stored.iter().any(|o| o.id() == *id);
+    match who {
+        Ownership::GitOps(me) => {
+            let mut problems = Vec::new();
+            for o in objects.iter_mut() {
+                let id = o.id();
+                match owner_of(&id) {
+                    Some(other) if other != *me => problems.push(format!("{id} is owned by {other}")),
+                    None if exists(&id)
+                        && stored
+                            .iter()
+                            .find(|s| s.id() == id)
+                            .and_then(|s| s.meta().annotations.get(OWNED_BY))
+                            .is_none() =>
+                    {
+                        problems.push(format!(
+                            "{id} exists and was applied by hand; GitOps never overwrites it (delete it with `outpost delete {} {} -n {}` to let {me} manage it)",
+                            id.kind.as_str().to_ascii_lowercase(),
+                            id.name,
+                            id.namespace
+                        ))
+                    }
+                    _ => {}
+                }
+                o.meta_mut().annotations.insert(OWNED_BY.into(), me.clone());
+            }
+            if !problems.is_empty() {
+                return Err(problems.join("; "));
+            }
+            let ids: BTreeSet<ObjectId> = objects.iter().map(Object::id).collect();
+            Ok(stored
+                .iter()
+                .filter(|o| o.meta().annotations.get(OWNED_BY) == Some(me) && !ids.contains(&o.id()))
+                .map(Object::id)
+                .collect())
+        }
+        Ownership::Hand { force } => {
+            let mut owned = Vec::new();
+            for o in objects.iter_mut() {
+                let id = o.id();
+                match owner_of(&id) {
+                    Some(repo) if *force => {
+                        o.meta_mut().annotations.insert(OWNED_BY.into(), repo);
+                    }
+                    Some(repo) => owned.push(format!("{id} (owned by {repo})")),
+                    None => {
+                        o.meta_mut().annotations.remove(OWNED_BY);
+                    }
+                }
+            }
+            if owned.is_empty() {
+                Ok(Vec::new())
+            } else {
+                Err(format!(
+                    "{} managed by GitOps; change it in the repository, or apply with --force to overwrite it now (the GitRepo's next commit puts the repository's version back); nothing was applied",
+                    owned.join(", ") + if owned.len() == 1 { " is" } else { " are" }
+                ))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,5 +483,73 @@ mod tests {
             Some((target, user.clone()))
         );
         assert_eq!(in_use(both.iter(), &[cm_id, user]), None);
+    }
+
+    #[test]
+    fn gitops_ownership() {
+        use crate::service::Ownership;
+        use outpost_api::gitops::OWNED_BY;
+        let parse = |y: &str| {
+            parse_batch(&[ManifestFile {
+                name: "t".into(),
+                content: y.into(),
+            }])
+            .unwrap()
+            .0
+        };
+        let cm = |name: &str, owner: Option<&str>| {
+            let mut o = parse(&format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {name}}}\ndata: {{a: b}}\n"
+            ))
+            .remove(0);
+            if let Some(w) = owner {
+                o.meta_mut().annotations.insert(OWNED_BY.into(), w.into());
+            }
+            o
+        };
+        let repo = parse("apiVersion: outpost.dev/v1\nkind: GitRepo\nmetadata: {name: fleet}\nspec: {url: 'file:///x', overlaysBy: site}\n").remove(0);
+        let me = "gitrepo/default/fleet";
+        let stored = vec![
+            repo.clone(),
+            cm("mine", Some(me)),
+            cm("gone", Some(me)),
+            cm("hand", None),
+            cm("orphan", Some("gitrepo/default/old")),
+        ];
+        let git = Ownership::GitOps(me.into());
+        // GitOps: stamps, prunes what it owned and lost, takes over an orphan.
+        let mut objs = vec![cm("mine", None), cm("orphan", None), cm("new", None)];
+        let prune = ownership(&mut objs, &stored, &git).unwrap();
+        assert_eq!(prune.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), ["gone"]);
+        assert!(objs
+            .iter()
+            .all(|o| o.meta().annotations.get(OWNED_BY).map(String::as_str) == Some(me)));
+        // GitOps never overwrites a hand-applied object.
+        let err = ownership(&mut [cm("hand", None)], &stored, &git).unwrap_err();
+        assert!(
+            err.contains("ConfigMap/default/hand exists and was applied by hand"),
+            "{err}"
+        );
+        // Another GitRepo's object is refused.
+        let other = Ownership::GitOps("gitrepo/default/other".into());
+        let err = ownership(&mut [cm("mine", None)], &stored, &other).unwrap_err();
+        assert!(err.contains("owned by gitrepo/default/fleet"), "{err}");
+        // By hand: refused over an owned object, forced keeps the owner, never pruned.
+        let hand = Ownership::Hand { force: false };
+        let err = ownership(&mut [cm("mine", None)], &stored, &hand).unwrap_err();
+        assert!(
+            err.contains("ConfigMap/default/mine (owned by gitrepo/default/fleet) is managed by GitOps"),
+            "{err}"
+        );
+        assert!(err.contains("--force"), "{err}");
+        let mut objs = vec![cm("mine", None)];
+        assert!(ownership(&mut objs, &stored, &Ownership::Hand { force: true })
+            .unwrap()
+            .is_empty());
+        assert_eq!(objs[0].meta().annotations.get(OWNED_BY).map(String::as_str), Some(me));
+        // A hand object carries no owner (an orphan's annotation goes); a stale one is dropped.
+        let mut objs = vec![cm("orphan", Some("gitrepo/default/old")), cm("x", Some(me))];
+        assert!(ownership(&mut objs, &stored, &hand).unwrap().is_empty());
+        assert!(objs.iter().all(|o| o.meta().annotations.is_empty()));
     }
 }

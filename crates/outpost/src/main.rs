@@ -5,6 +5,7 @@
 mod client;
 mod data;
 mod demo;
+mod gitops;
 mod image;
 mod install;
 mod kustomize;
@@ -52,6 +53,9 @@ enum Cmd {
         /// A kustomization directory, rendered by outpost's Kustomize engine.
         #[arg(short = 'k', long = "kustomize", conflicts_with = "files")]
         kustomize: Option<PathBuf>,
+        /// Apply over objects a GitRepo owns; its next commit puts the repository's version back.
+        #[arg(long)]
+        force: bool,
     },
     /// Show what applying a kustomization directory would create, change (field by field) or
     /// delete at the hub, without changing anything.
@@ -81,6 +85,11 @@ enum Cmd {
         name: String,
         #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
+    },
+    /// Follow Git repositories (Kustomize base + overlays) and roll out each commit.
+    Gitops {
+        #[command(subcommand)]
+        cmd: gitops::GitopsCmd,
     },
     /// Images delivered through the hub, for sites with no registry.
     Image {
@@ -568,7 +577,11 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             }
         },
         Cmd::Login(l) => client::login(&l.hub, &l.token, l.ca_fingerprint.as_deref()).await,
-        Cmd::Apply { files, kustomize } => {
+        Cmd::Apply {
+            files,
+            kustomize,
+            force,
+        } => {
             // Render first: a broken kustomization fails before the hub is contacted.
             let files = match kustomize {
                 Some(dir) => vec![kustomize::manifest_file(&dir)?],
@@ -576,7 +589,8 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             };
             let c = client::Client::from_env()?;
             let req = outpost_api::ApplyRequest { files };
-            let r: outpost_api::ApplyResponse = c.post("/v1/apply", &req).await?;
+            let path = if force { "/v1/apply?force=true" } else { "/v1/apply" };
+            let r: outpost_api::ApplyResponse = c.post(path, &req).await?;
             for w in &r.warnings {
                 eprintln!("warning: {w}");
             }
@@ -603,6 +617,7 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             cmd: ImageCmd::Push { image, docker_socket },
         } => image::push(&client::Client::from_env()?, &image, &docker_socket).await,
         Cmd::Image { cmd: ImageCmd::Ls } => image::list(&client::Client::from_env()?).await,
+        Cmd::Gitops { cmd } => gitops::run(&client::Client::from_env()?, cmd).await,
         Cmd::Rollout { cmd } => output::rollout(&client::Client::from_env()?, cmd).await,
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Logs(a) => logs::run(&client::Client::from_env()?, a).await,
