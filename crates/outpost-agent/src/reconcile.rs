@@ -1168,6 +1168,7 @@ impl Reconciler {
                     containers,
                     ready,
                     rollout,
+                    site_role: None,
                 },
             );
         }

@@ -1208,6 +1208,7 @@ mod tests {
             host_pid: false,
             job: None,
             agent_update: None,
+            failover: None,
         }
     }
 

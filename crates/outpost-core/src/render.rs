@@ -510,6 +510,7 @@ pub fn render_agent_update(u: &outpost_api::AgentUpdate, revision: u64) -> Workl
             version: u.spec.version.clone(),
             health_deadline_seconds: u.spec.health_deadline_seconds.unwrap_or(120) as u64,
         }),
+        failover: None,
     };
     spec.hash = content_hash(&spec);
     spec
@@ -956,6 +957,7 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
         host_pid: pod.host_pid,
         job: job_spec(obj),
         agent_update: None,
+        failover: None,
     };
     spec.hash = content_hash(&spec);
     Some(spec)

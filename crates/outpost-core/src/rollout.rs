@@ -333,6 +333,7 @@ mod tests {
             host_pid: false,
             job: None,
             agent_update: None,
+            failover: None,
         }
     }
     const READY: Health = Health {

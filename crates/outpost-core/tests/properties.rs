@@ -327,6 +327,7 @@ fn spec(revision: u64, hash: &str) -> WorkloadSpec {
         host_pid: false,
         job: None,
         agent_update: None,
+        failover: None,
     }
 }
 

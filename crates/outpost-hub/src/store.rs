@@ -1370,6 +1370,7 @@ mod tests {
             host_pid: false,
             job: None,
             agent_update: None,
+            failover: None,
         }
     }
 
