@@ -105,6 +105,10 @@ pub struct Reconciler {
     /// Job and CronJob state by workload key (`jobs` module; loaded on first use).
     jobs: BTreeMap<String, crate::jobs::JobState>,
     local_tz: jiff::tz::TimeZone,
+    /// Site failover (docs/site-ha.md): which failover workloads this box runs, from the site
+    /// peer link. A failover workload runs only while its role here is `active`.
+    roles: crate::site::Roles,
+    roles_rx: Option<watch::Receiver<crate::site::Roles>>,
 }
 
 /// Probe state of one running process.
@@ -176,6 +180,8 @@ impl Reconciler {
             hub_desired,
             local: Arc::new(BTreeMap::new()),
             local_rx: None,
+            roles: Arc::new(BTreeMap::new()),
+            roles_rx: None,
         }
     }
 
@@ -185,6 +191,18 @@ impl Reconciler {
         self.local_rx = Some(rx);
         self.merge();
         self
+    }
+
+    /// Run failover workloads only where the site peer link says this box is active.
+    pub fn with_site_roles(mut self, rx: watch::Receiver<crate::site::Roles>) -> Self {
+        self.roles = rx.borrow().clone();
+        self.roles_rx = Some(rx);
+        self
+    }
+
+    /// A failover workload this box does not run now (a standby copy: nothing runs, no gate).
+    fn standby(&self, w: &WorkloadSpec) -> bool {
+        w.failover.is_some() && self.roles.get(&w.key).map(String::as_str) != Some(crate::site::ACTIVE)
     }
 
     /// `desired` = the hub's workloads and the local ones (keys never collide: `local/...`).
@@ -265,6 +283,9 @@ impl Reconciler {
         let mut wake: Option<UnixMs> = None;
         let mut effective = BTreeMap::new();
         for (key, target) in &self.desired.workloads {
+            if self.standby(target) {
+                continue; // nothing runs here and the update gate waits until this box is active
+            }
             if target.job.is_some() || target.agent_update.is_some() {
                 // A Job is not kept running, so it has no update gate: each run uses the target.
                 // An AgentUpdate's gate is the self-update's own (selfupdate::gate_status).
@@ -1168,7 +1189,12 @@ impl Reconciler {
                     containers,
                     ready,
                     rollout,
-                    site_role: None,
+                    site_role: target.failover.as_ref().map(|_| {
+                        self.roles
+                            .get(key)
+                            .cloned()
+                            .unwrap_or_else(|| crate::site::STANDBY.to_string())
+                    }),
                 },
             );
         }
@@ -1238,6 +1264,12 @@ impl Reconciler {
                         self.local_rx = None;
                     }
                 }
+                r = roles_changed(&mut self.roles_rx) => {
+                    match (r, self.roles_rx.as_mut()) {
+                        (true, Some(rx)) => self.roles = rx.borrow_and_update().clone(),
+                        _ => self.roles_rx = None,
+                    }
+                }
                 r = desired_rx.changed() => {
                     if r.is_err() { break; }
                     self.hub_desired = desired_rx.borrow_and_update().clone();
@@ -1283,6 +1315,14 @@ impl Reconciler {
                 _ = tokio::time::sleep(sleep) => {}
             }
         }
+    }
+}
+
+/// A change of the site roles (true), the link gone (false), or never without one.
+async fn roles_changed(rx: &mut Option<watch::Receiver<crate::site::Roles>>) -> bool {
+    match rx {
+        Some(r) => r.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 

@@ -36,8 +36,8 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 
-use outpost_api::site::{site_address, site_of, FailoverPolicy, SiteMember};
-use outpost_api::{ObjectId, UnixMs};
+use outpost_api::site::{site_address, site_of, FailoverOptions, FailoverPolicy, FailoverSpec, SiteMember};
+use outpost_api::{ObjectId, UnixMs, WorkloadSpec};
 use sha2::{Digest, Sha256};
 
 use crate::schedule::{NodeView, PlacementDecision};
@@ -260,6 +260,18 @@ pub fn witness(current: Option<&Lease>, node: &str, epoch: u64, now: UnixMs, lea
         },
         Some(l) => l.clone(),
     }
+}
+
+/// A rendered spec as a member of a failover workload receives it: the options and the member
+/// list added, the hash recomputed over them (the same spec, and hash, on every member).
+pub fn with_failover(mut spec: WorkloadSpec, options: &FailoverOptions, members: &[SiteMember]) -> WorkloadSpec {
+    spec.failover = Some(FailoverSpec {
+        options: options.clone(),
+        members: members.to_vec(),
+    });
+    spec.hash = String::new();
+    spec.hash = outpost_api::content_hash(&spec);
+    spec
 }
 
 fn spread_key(id: &ObjectId, node: &str) -> [u8; 8] {
