@@ -210,6 +210,7 @@ pub fn decide(v: &View, now: UnixMs) -> Outcome {
     let silent = silent.join(", ");
     match n {
         1 => take(known + 1, "the only box holding it".into()),
+        2 if visible == 2 => take(known + 1, "no box runs it and this box has the better rank".into()),
         2 => match (v.witness, v.policy) {
             (Witness::Answer { owner, epoch }, _) if owner == v.me && *epoch > v.epoch => take(
                 *epoch,
@@ -730,6 +731,30 @@ mod tests {
             Case {
                 want: (true, 1, Some("took over"), None),
                 ..case("a site of one box", 1, "b0", false, 0, &[])
+            },
+            Case {
+                policy: SAFE,
+                want: (true, 1, Some("took over"), None),
+                ..case(
+                    "pair that sees each other, nobody active: the better rank starts it, any policy",
+                    2,
+                    "b0",
+                    false,
+                    0,
+                    &[("b1", FRESH, false, 0)],
+                )
+            },
+            Case {
+                policy: SAFE,
+                want: (false, 0, None, None),
+                ..case(
+                    "pair that sees each other: the worse rank leaves it",
+                    2,
+                    "b1",
+                    false,
+                    0,
+                    &[("b0", FRESH, false, 0)],
+                )
             },
             Case {
                 want: (false, 0, None, None),

@@ -68,6 +68,8 @@ struct Own {
     active: bool,
     epoch: u64,
     known: u64,
+    /// When this box first held the workload: it listens one deadline before it may take over.
+    since: UnixMs,
 }
 
 pub struct SiteLink {
@@ -100,7 +102,6 @@ impl SiteLink {
         roles_tx: watch::Sender<Roles>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let since = now_ms();
         let heard: Heard = Arc::new(Mutex::new(BTreeMap::new()));
         let (hb_tx, hb_rx) = watch::channel(Vec::<u8>::new());
         let server = match outpost_pki::peer_server_config(&self.ca_pem, &self.cert_pem, &self.key_pem) {
@@ -188,7 +189,10 @@ impl SiteLink {
                         ))
                     })
                     .collect();
-                let st = own.entry(key.clone()).or_default();
+                let st = own.entry(key.clone()).or_insert_with(|| Own {
+                    since: now,
+                    ..Own::default()
+                });
                 let o = decide(
                     &View {
                         me: &self.node,
@@ -198,7 +202,7 @@ impl SiteLink {
                         epoch: st.epoch,
                         known_epoch: st.known,
                         peers: &peer_states,
-                        since,
+                        since: st.since,
                         witness: &witness,
                         deadline_ms: self.deadline_ms,
                     },
@@ -208,6 +212,7 @@ impl SiteLink {
                     active: o.active,
                     epoch: o.epoch,
                     known: o.known_epoch,
+                    since: st.since,
                 };
                 if let Some(change) = o.change {
                     let (reason, message) = match change {
