@@ -234,6 +234,18 @@ fn power_cut_moves_the_copy_and_the_returning_box_stands_down() {
             .then_some(())
     });
 
+    let table = hub.cli(&["get", "workloads"]);
+    let row = |i: usize| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&site.ns(i)))
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(row(active).contains("Running (active)"), "{table}");
+    let standby = (active + 1) % 3;
+    assert!(row(standby).contains("Standby"), "{table}");
+
     let (now_on, took) = cut_power(&site, &m, active);
     eprintln!("site failover after a power cut (hub up): {} ms", took.as_millis());
     stays_one(&site, &m, now_on, 1.0);
