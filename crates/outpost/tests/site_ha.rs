@@ -24,6 +24,9 @@ fn sh(args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// The site interface's name inside every box.
+const SITE_IF: &str = "site0";
+
 /// `n` boxes, each a network namespace with a veth on one bridge; the bridge holds the hub's
 /// address.
 struct Site {
@@ -90,8 +93,10 @@ impl Site {
             sh(&["ip", "link", "set", &h, "master", &br])?;
             sh(&["ip", "link", "set", &h, "up"])?;
             let x = |a: &[&str]| sh(&[&["ip", "netns", "exec", &ns][..], a].concat());
-            x(&["ip", "addr", "add", &format!("{}/24", self.ip(i)), "dev", &v])?;
-            x(&["ip", "link", "set", &v, "up"])?;
+            // The same interface name on every box, as on a real site (`failover-interface`).
+            x(&["ip", "link", "set", &v, "name", SITE_IF])?;
+            x(&["ip", "addr", "add", &format!("{}/24", self.ip(i)), "dev", SITE_IF])?;
+            x(&["ip", "link", "set", SITE_IF, "up"])?;
             x(&["ip", "link", "set", "lo", "up"])?;
         }
         Ok(())
@@ -137,6 +142,28 @@ impl Site {
             .collect();
         v.sort();
         v
+    }
+
+    /// The site interface's MAC address on box `i`.
+    fn mac(&self, i: usize) -> String {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns(i),
+            "cat",
+            &format!("/sys/class/net/{SITE_IF}/address"),
+        ])
+        .unwrap()
+        .trim()
+        .to_string()
+    }
+
+    /// Does box `i` hold `ip` on its site interface?
+    fn holds(&self, i: usize, ip: &str) -> bool {
+        sh(&["ip", "-n", &self.ns(i), "-4", "addr", "show", "dev", SITE_IF])
+            .unwrap_or_default()
+            .contains(&format!("inet {ip}/"))
     }
 
     /// Join box `i` to `hub` with its site address and start its agent.
@@ -328,4 +355,54 @@ fn two_boxes_without_the_hub_follow_the_policy() {
     let kept = one_copy(&site, &ma, 15.0);
     stays_one(&site, &ma, kept, 1.5);
     stays_one(&site, &ms, s_on, 0.5);
+}
+
+/// Does a host answer at `ip`? A TCP connection to a closed port is refused by the host that
+/// holds the address (no ping binary here); nobody there means a timeout.
+fn answers(ip: &str) -> bool {
+    let addr: std::net::SocketAddr = format!("{ip}:9").parse().unwrap();
+    match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+    }
+}
+
+#[test]
+fn the_virtual_ip_follows_the_copy() {
+    let Some((site, hub, _agents)) = site_with_hub(3) else {
+        return;
+    };
+    let m = marker();
+    let vip = format!("10.88.{}.100", site.k);
+    let yaml = failover("gw", &m, 2, "preferAvailability").replace(
+        "outpost.dev/failover-policy: preferAvailability}",
+        &format!(
+            "outpost.dev/failover-policy: preferAvailability, outpost.dev/failover-vip: {vip}/24, outpost.dev/failover-interface: {SITE_IF}}}"
+        ),
+    );
+    hub.apply(&yaml);
+    let active = one_copy(&site, &m, 40.0);
+    wait_for("the active box holds the virtual IP", 10.0, || {
+        site.holds(active, &vip).then_some(())
+    });
+    assert!(
+        (0..3).filter(|i| site.holds(*i, &vip)).count() == 1,
+        "only the active box holds it"
+    );
+    // Devices on the site (here: the hub's side of the bridge) reach it, at the active box.
+    assert!(answers(&vip), "the virtual IP answers");
+    let neigh = || sh(&["ip", "neigh", "show", &vip, "dev", &site.bridge()]).unwrap_or_default();
+    assert!(neigh().contains(&site.mac(active)), "{}", neigh());
+
+    let (now_on, took) = cut_power(&site, &m, active);
+    eprintln!("site failover with a virtual IP: {} ms", took.as_millis());
+    wait_for("the new box holds the virtual IP", 10.0, || {
+        site.holds(now_on, &vip).then_some(())
+    });
+    // The gratuitous ARP moved the site's neighbour entry to the new box at once (without it the
+    // entry would point at the dead box until it went stale).
+    wait_for("the site's ARP entry points at the new box", 3.0, || {
+        neigh().contains(&site.mac(now_on)).then_some(())
+    });
+    assert!(answers(&vip), "the virtual IP answers from the new box");
 }

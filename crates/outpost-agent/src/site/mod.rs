@@ -34,6 +34,8 @@ use tracing::{info, warn};
 
 use crate::store::{Desired, Store};
 
+pub mod vip;
+
 /// Per failover workload on this box: `active` or `standby`.
 pub type Roles = Arc<BTreeMap<String, String>>;
 
@@ -189,6 +191,13 @@ impl SiteLink {
                         ))
                     })
                     .collect();
+                let vip = fo.options.vip.as_deref().zip(fo.options.interface.as_deref());
+                if !own.contains_key(key) {
+                    // A box starts as standby: an address left from before is not ours now.
+                    if let Some((addr, iface)) = vip {
+                        vip::release(addr, iface);
+                    }
+                }
                 let st = own.entry(key.clone()).or_insert_with(|| Own {
                     since: now,
                     ..Own::default()
@@ -226,6 +235,21 @@ impl SiteLink {
                         ),
                     };
                     info!(workload = %key, epoch = o.epoch, %reason, "{message}");
+                    if let Some((addr, iface)) = vip {
+                        if o.active {
+                            if let Err(e) = vip::take(addr, iface) {
+                                warn!(workload = %key, error = %e, "cannot take the virtual IP");
+                                let _ = self.store.push_event(
+                                    now,
+                                    Some(key),
+                                    "SiteVipFailed",
+                                    &format!("this box runs {key} but could not take its virtual IP {addr}: {e}"),
+                                );
+                            }
+                        } else {
+                            vip::release(addr, iface);
+                        }
+                    }
                     if let Err(e) = self.store.push_event(now, Some(key), reason, &message) {
                         warn!(error = %e, "cannot record the site event");
                     }
