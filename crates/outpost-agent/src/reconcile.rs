@@ -1173,6 +1173,19 @@ impl Reconciler {
                 containers.iter().any(|c| !is_init(c)) && containers.iter().filter(|c| !is_init(c)).all(|c| c.ready);
             let mut phase = phase;
             let mut rollout = self.rollouts.get(key).map(|st| rollout::status(st, target));
+            if self.standby(target) {
+                // A standby runs nothing, so it has no gate to report; the fleet rollout judges
+                // the revision on the active copy and moves on (docs/site-ha.md). The gate runs
+                // here when this box takes over.
+                rollout = Some(outpost_api::RolloutStatus {
+                    state: outpost_api::RolloutState::Complete,
+                    target_revision: target.revision,
+                    target_hash: target.hash.clone(),
+                    good_revision: None,
+                    reason: Some("standby copy: nothing runs on this box until it takes over".into()),
+                    since: 0,
+                });
+            }
             if let Some(run) = &target.agent_update {
                 let gate = crate::selfupdate::gate_status(&self.rt.data_dir, run, target.revision, &target.hash);
                 ready = gate.state == outpost_api::RolloutState::Complete;

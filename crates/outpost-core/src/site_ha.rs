@@ -14,8 +14,9 @@
 //!
 //! Rules ([`decide`]):
 //! 1. **Membership.** A peer is alive while its last heartbeat is at most `deadline_ms` old
-//!    ([`alive`]). A box that just started waits one deadline before it may take over, so it
-//!    hears an active peer first (a returning box never starts a second copy).
+//!    ([`alive`]). A box that just started holding a workload waits a grace period
+//!    ([`STARTUP_GRACE_MS`]) before it may take over, so it hears an active peer first (a
+//!    returning box never starts a second copy).
 //! 2. **No flapping.** While an active peer is alive, nobody else takes over, whatever its rank.
 //! 3. **Takeover.** With no live active peer, the best-ranked live box takes over, at an epoch
 //!    one above the newest it has seen, when it has quorum:
@@ -47,6 +48,10 @@ pub const HEARTBEAT_MS: i64 = 50;
 /// A peer silent for longer than this is dead (five missed heartbeats). With a process start of
 /// a few tens of milliseconds, failover stays inside the 500 ms budget.
 pub const DEADLINE_MS: i64 = 250;
+/// How long a box that starts holding a workload listens before it may take it over: long
+/// enough for every peer link to connect (TLS handshakes on a busy box), so boxes that start
+/// together do not each start a copy. Failover itself does not wait for it.
+pub const STARTUP_GRACE_MS: i64 = 1_000;
 /// How long the hub keeps a pair's copy with the box that last renewed it ([`witness`]).
 pub const LEASE_MS: i64 = 300;
 
@@ -85,8 +90,10 @@ pub struct View<'a> {
     pub known_epoch: u64,
     /// What each peer last said (peers not listed were never heard).
     pub peers: &'a BTreeMap<String, PeerState>,
-    /// When this box's peer link started.
+    /// When this box started holding the workload (its peer link started, or the workload
+    /// arrived): it may take over only `grace_ms` later, once it had time to hear its peers.
     pub since: UnixMs,
+    pub grace_ms: i64,
     pub witness: &'a Witness,
     pub deadline_ms: i64,
 }
@@ -188,7 +195,7 @@ pub fn decide(v: &View, now: UnixMs) -> Outcome {
     if holder.is_some() {
         return stay(None);
     }
-    if now.saturating_sub(v.since) < v.deadline_ms {
+    if now.saturating_sub(v.since) < v.grace_ms {
         return stay(None); // just started: listen for an active peer first
     }
     if live.iter().any(|(name, _)| rank(name) < my_rank) {
@@ -464,6 +471,7 @@ mod tests {
             known_epoch: c.known,
             peers: &peers,
             since: c.since,
+            grace_ms: DEADLINE_MS,
             witness: &c.witness,
             deadline_ms: DEADLINE_MS,
         };
@@ -811,6 +819,7 @@ mod tests {
                     known_epoch: epoch,
                     peers: &peers,
                     since: 0,
+                    grace_ms: DEADLINE_MS,
                     witness: &w,
                     deadline_ms: DEADLINE_MS,
                 },

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use outpost_api::site::SiteMember;
 use outpost_api::{now_ms, UnixMs};
-use outpost_core::site_ha::{decide, Change, PeerState, View, Witness, HEARTBEAT_MS};
+use outpost_core::site_ha::{decide, Change, PeerState, View, Witness, HEARTBEAT_MS, STARTUP_GRACE_MS};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -70,7 +70,8 @@ struct Own {
     active: bool,
     epoch: u64,
     known: u64,
-    /// When this box first held the workload: it listens one deadline before it may take over.
+    /// When this box first held the workload: it listens for the startup grace before it may
+    /// take over.
     since: UnixMs,
 }
 
@@ -212,6 +213,7 @@ impl SiteLink {
                         known_epoch: st.known,
                         peers: &peer_states,
                         since: st.since,
+                        grace_ms: STARTUP_GRACE_MS.max(self.deadline_ms),
                         witness: &witness,
                         deadline_ms: self.deadline_ms,
                     },
