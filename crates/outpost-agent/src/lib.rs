@@ -37,6 +37,7 @@ pub mod reconcile;
 pub mod runtime;
 pub mod security;
 pub mod selfupdate;
+pub mod site;
 pub mod spool;
 pub mod store;
 pub mod sync;
@@ -251,6 +252,24 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
         let (local_tx, local_rx) = watch::channel(first);
         reconciler = reconciler.with_local(local_rx);
         tokio::spawn(src.watch(fingerprint, local_tx, stop_rx.clone()));
+    }
+    // Site failover (docs/site-ha.md): the peer link decides which failover copies run here.
+    if let Some(c) = client.as_ref() {
+        let (roles_tx, roles_rx) = watch::channel(site::Roles::default());
+        reconciler = reconciler.with_site_roles(roles_rx);
+        let id = c.identity.read().await.clone();
+        let link = site::SiteLink {
+            node: node.clone(),
+            ca_pem: id.ca_pem.clone(),
+            cert_pem: id.cert_pem.clone(),
+            key_pem: id.key_pem.clone(),
+            store: store.clone(),
+            deadline_ms: std::env::var("OUTPOST_SITE_DEADLINE_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(outpost_core::site_ha::DEADLINE_MS),
+        };
+        tokio::spawn(link.run(desired_rx.clone(), roles_tx, stop_rx.clone()));
     }
     let rec = tokio::spawn(reconciler.run(desired_rx.clone(), stop_rx.clone(), o.stop_workloads_on_exit));
 

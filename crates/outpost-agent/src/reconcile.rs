@@ -111,6 +111,10 @@ pub struct Reconciler {
     /// The model servers' counters (`inference::stats`): the reconciler names the servers that
     /// run and judges a new model revision on them (the model gate).
     models: crate::inference::stats::Board,
+    /// Site failover (docs/site-ha.md): which failover workloads this box runs, from the site
+    /// peer link. A failover workload runs only while its role here is `active`.
+    roles: crate::site::Roles,
+    roles_rx: Option<watch::Receiver<crate::site::Roles>>,
 }
 
 /// Probe state of one running process.
@@ -185,6 +189,8 @@ impl Reconciler {
             pipelines: None,
             applied_rx: None,
             models: Default::default(),
+            roles: Arc::new(BTreeMap::new()),
+            roles_rx: None,
         }
     }
 
@@ -215,6 +221,18 @@ impl Reconciler {
         self.local_rx = Some(rx);
         self.merge();
         self
+    }
+
+    /// Run failover workloads only where the site peer link says this box is active.
+    pub fn with_site_roles(mut self, rx: watch::Receiver<crate::site::Roles>) -> Self {
+        self.roles = rx.borrow().clone();
+        self.roles_rx = Some(rx);
+        self
+    }
+
+    /// A failover workload this box does not run now (a standby copy: nothing runs, no gate).
+    fn standby(&self, w: &WorkloadSpec) -> bool {
+        w.failover.is_some() && self.roles.get(&w.key).map(String::as_str) != Some(crate::site::ACTIVE)
     }
 
     /// `desired` = the hub's workloads and the local ones (keys never collide: `local/...`).
@@ -316,6 +334,9 @@ impl Reconciler {
         let mut wake: Option<UnixMs> = None;
         let mut effective = BTreeMap::new();
         for (key, target) in &self.desired.workloads {
+            if self.standby(target) {
+                continue; // nothing runs here and the update gate waits until this box is active
+            }
             if target.job.is_some() || target.agent_update.is_some() || target.pipeline.is_some() {
                 // A Job is not kept running, so it has no update gate: each run uses the target.
                 // An AgentUpdate's gate is the self-update's own (selfupdate::gate_status), a
@@ -1228,6 +1249,19 @@ impl Reconciler {
                 containers.iter().any(|c| !is_init(c)) && containers.iter().filter(|c| !is_init(c)).all(|c| c.ready);
             let mut phase = phase;
             let mut rollout = self.rollouts.get(key).map(|st| rollout::status(st, target));
+            if self.standby(target) {
+                // A standby runs nothing, so it has no gate to report; the fleet rollout judges
+                // the revision on the active copy and moves on (docs/site-ha.md). The gate runs
+                // here when this box takes over.
+                rollout = Some(outpost_api::RolloutStatus {
+                    state: outpost_api::RolloutState::Complete,
+                    target_revision: target.revision,
+                    target_hash: target.hash.clone(),
+                    good_revision: None,
+                    reason: Some("standby copy: nothing runs on this box until it takes over".into()),
+                    since: 0,
+                });
+            }
             if let Some(run) = &target.agent_update {
                 let gate = crate::selfupdate::gate_status(&self.rt.data_dir, run, target.revision, &target.hash);
                 ready = gate.state == outpost_api::RolloutState::Complete;
@@ -1253,6 +1287,12 @@ impl Reconciler {
                     containers,
                     ready,
                     rollout,
+                    site_role: target.failover.as_ref().map(|_| {
+                        self.roles
+                            .get(key)
+                            .cloned()
+                            .unwrap_or_else(|| crate::site::STANDBY.to_string())
+                    }),
                 },
             );
         }
@@ -1323,6 +1363,12 @@ impl Reconciler {
                     }
                 }
                 r = watch_changed(&mut self.applied_rx) => if !r { self.applied_rx = None },
+                r = watch_changed(&mut self.roles_rx) => {
+                    match (r, self.roles_rx.as_mut()) {
+                        (true, Some(rx)) => self.roles = rx.borrow_and_update().clone(),
+                        _ => self.roles_rx = None,
+                    }
+                }
                 r = desired_rx.changed() => {
                     if r.is_err() { break; }
                     self.hub_desired = desired_rx.borrow_and_update().clone();

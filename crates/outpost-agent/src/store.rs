@@ -1209,6 +1209,7 @@ mod tests {
             job: None,
             agent_update: None,
             pipeline: None,
+            failover: None,
         }
     }
 

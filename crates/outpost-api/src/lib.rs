@@ -15,6 +15,7 @@ pub mod parse;
 pub mod pipeline;
 pub mod protocol;
 pub mod rollout;
+pub mod site;
 
 pub use checks::{validate_image_ref, FieldError};
 pub use duration::{human_duration, ms_before, parse_duration, parse_duration_secs, MAX_DURATION_SECS};

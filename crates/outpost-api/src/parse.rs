@@ -391,6 +391,9 @@ fn parse_document(ctx: &mut Ctx, doc: Value) -> Option<Object> {
         _ => Object::Secret(typed(ctx, doc)?),
     };
     validate_meta(ctx, obj.meta());
+    for (field, reason) in crate::site::check_object(&obj) {
+        ctx.err(field, reason);
+    }
     match &obj {
         Object::Deployment(d) => {
             validate_selector(ctx, d.spec.selector.as_ref(), &d.spec.template);

@@ -150,6 +150,10 @@ pub struct WorkloadSpec {
     /// (docs/pipeline.md); its streams run in the agent's pipeline, not as processes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipeline: Option<crate::pipeline::NodePipeline>,
+    /// Set for a Deployment with site failover (docs/site-ha.md): this node holds the workload
+    /// as one of the site's members and runs it only while its site peers agree it is active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<crate::site::FailoverSpec>,
 }
 
 /// The agent binary a node should run (`kind: AgentUpdate`).
@@ -575,6 +579,9 @@ pub struct WorkloadStatus {
     /// The update state of this workload on the node.
     #[serde(default)]
     pub rollout: Option<RolloutStatus>,
+    /// For a site-failover workload: `active` or `standby` on this node (docs/site-ha.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site_role: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

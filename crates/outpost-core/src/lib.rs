@@ -1,7 +1,8 @@
 //! outpost's decisions, as pure functions: where workloads run (`schedule`), what a node runs
 //! (`render`), how the agent supervises processes (`supervise`), the hub link's rules (`link`:
 //! join labels, certificate renewal, connection admission), fleet rollouts in waves
-//! (`waves`), and GitOps (`gitops`: a node's variant, fetch schedule, commit acceptance).
+//! (`waves`), GitOps (`gitops`: a node's variant, fetch schedule, commit acceptance), and
+//! site-local failover (`site_ha`: membership, who runs a failover copy, quorum, the hub witness).
 //!
 //! Owns: every policy that can be stated as `decide(state, now) -> actions`. Must never: do I/O,
 //! read the clock (callers pass `now`), sleep, or depend on an async runtime. Every function here
@@ -21,6 +22,7 @@ pub mod render;
 pub mod retry;
 pub mod rollout;
 pub mod schedule;
+pub mod site_ha;
 pub mod supervise;
 pub mod waves;
 

@@ -564,6 +564,7 @@ fn container_less(id: &ObjectId, revision: u64) -> WorkloadSpec {
         job: None,
         agent_update: None,
         pipeline: None,
+        failover: None,
     }
 }
 
@@ -1021,6 +1022,7 @@ pub fn render(obj: &Object, revision: u64, src: &impl ConfigSource) -> Option<Wo
         job: job_spec(obj),
         agent_update: None,
         pipeline: None,
+        failover: None,
     };
     spec.hash = content_hash(&spec);
     Some(spec)

@@ -334,6 +334,7 @@ mod tests {
             job: None,
             agent_update: None,
             pipeline: None,
+            failover: None,
         }
     }
     const READY: Health = Health {

@@ -328,6 +328,7 @@ fn spec(revision: u64, hash: &str) -> WorkloadSpec {
         job: None,
         agent_update: None,
         pipeline: None,
+        failover: None,
     }
 }
 

@@ -10,9 +10,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use outpost_api::site::{failover_options, FailoverOptions, SiteMember};
 use outpost_api::{Kind, Object, ObjectId, PodTemplate, UnixMs, WorkloadSpec};
 use outpost_core::render::{render, workload_key};
 use outpost_core::schedule::{schedule, NodeView, WorkloadView};
+use outpost_core::site_ha;
 use outpost_core::waves::{desired_revision, prefetch};
 
 use crate::store::{NodeChange, NodeRow, Plan, ScheduleInputs};
@@ -97,7 +99,29 @@ pub fn plan(inputs: &ScheduleInputs, offline_after: Duration, now: UnixMs) -> Pl
         })
         .collect();
     let workloads: Vec<WorkloadView> = inputs.objects.iter().filter_map(|o| workload_view(&o.object)).collect();
-    let decisions = schedule(&nodes, &workloads, &inputs.assignments);
+    // Site failover (docs/site-ha.md): one active and its standbys on one site, placed apart.
+    let failover: BTreeMap<ObjectId, FailoverOptions> = inputs
+        .objects
+        .iter()
+        .filter_map(|o| failover_options(&o.object).map(|f| (o.object.id(), f)))
+        .collect();
+    let (site_ha, workloads): (Vec<WorkloadView>, Vec<WorkloadView>) =
+        workloads.into_iter().partition(|w| failover.contains_key(&w.id));
+    let mut decisions = schedule(&nodes, &workloads, &inputs.assignments);
+    let mut members: BTreeMap<ObjectId, Vec<SiteMember>> = BTreeMap::new();
+    let none = BTreeSet::new();
+    for w in &site_ha {
+        let current = inputs.assignments.get(&w.id).unwrap_or(&none);
+        let (d, m) = site_ha::place(
+            &w.id,
+            failover[&w.id].standbys,
+            &nodes,
+            |n| w.fits(&n.name, &n.labels),
+            current,
+        );
+        decisions.insert(w.id.clone(), d);
+        members.insert(w.id.clone(), m);
+    }
 
     let objects: BTreeMap<ObjectId, Object> = inputs
         .objects
@@ -159,6 +183,10 @@ pub fn plan(inputs: &ScheduleInputs, offline_after: Duration, now: UnixMs) -> Pl
                         .insert(current.key.clone(), current.clone());
                 }
                 rendered.clone()
+            };
+            let spec = match (failover.get(&id), members.get(&id)) {
+                (Some(o), Some(m)) => site_ha::with_failover(spec, o, m),
+                _ => spec,
             };
             if let Some(bundle) = want.get_mut(n) {
                 bundle.insert(spec.key.clone(), spec);
@@ -278,6 +306,46 @@ spec:
         inputs.nodes[0].labels.insert("site".into(), "c".into());
         let p = plan(&inputs, Duration::from_secs(90), 0);
         assert_eq!(p.changes["a"].remove, vec!["daemonset/default/agent".to_string()]);
+    }
+
+    #[test]
+    fn failover_deployment_goes_to_one_site_with_its_members() {
+        let site = |s: &str, ip: &str| {
+            vec![
+                ("site", s.to_string()),
+                (outpost_api::site::SITE_IP_LABEL, ip.to_string()),
+            ]
+        };
+        let mk = |name: &str, l: Vec<(&str, String)>| {
+            let l: Vec<(&str, &str)> = l.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            node(name, &l, Some(0))
+        };
+        let inputs = ScheduleInputs {
+            nodes: vec![
+                mk("a1", site("a", "10.0.0.1")),
+                mk("b1", site("b", "10.0.1.1")),
+                mk("b2", site("b", "10.0.1.2")),
+                mk("b3", site("b", "10.0.1.3")),
+            ],
+            objects: objects(
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: gw\n  annotations: {outpost.dev/failover: site, outpost.dev/failover-standbys: '2'}\nspec:\n  template:\n    spec:\n      containers: [{name: c, image: nginx}]\n",
+            ),
+            ..Default::default()
+        };
+        let p = plan(&inputs, Duration::from_secs(90), 0);
+        assert_eq!(p.changes.keys().collect::<Vec<_>>(), vec!["b1", "b2", "b3"]);
+        let specs: Vec<&WorkloadSpec> = p.changes.values().map(|c| &c.upsert[0]).collect();
+        let fo = specs[0].failover.as_ref().expect("failover part");
+        assert_eq!(fo.options.standbys, 2);
+        let mut addrs: Vec<&str> = fo.members.iter().filter_map(|m| m.address.as_deref()).collect();
+        addrs.sort();
+        assert_eq!(addrs, vec!["10.0.1.1:7946", "10.0.1.2:7946", "10.0.1.3:7946"]);
+        // The same spec, hash included, on every member; the hash covers the members.
+        assert!(specs.iter().all(|s| *s == specs[0]));
+        let mut bare = specs[0].clone();
+        bare.failover = None;
+        bare.hash = String::new();
+        assert_ne!(outpost_api::content_hash(&bare), specs[0].hash);
     }
 
     #[test]

@@ -1412,6 +1412,7 @@ mod tests {
             job: None,
             agent_update: None,
             pipeline: None,
+            failover: None,
         }
     }
 

@@ -444,6 +444,7 @@ async fn long_poll_answers_at_once_times_out_and_wakes_on_apply() -> Result<()> 
         containers: vec![],
         ready: true,
         rollout: None,
+        site_role: None,
     };
     let ev = |seq| NodeEvent {
         seq,

@@ -403,6 +403,99 @@ impl ServerCertVerifier for AcceptAnyServer {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The site peer link (docs/site-ha.md): boxes of one site talk to each other with their node
+// certificates. Node certificates are client certificates (EKU clientAuth, a URI SAN
+// `outpost://node/<name>`, no DNS name), so the side that accepts presents one too and the side
+// that dials verifies it as a node certificate of this CA issued to the peer it meant to reach.
+
+/// The node a certificate was issued to, from its `outpost://node/<name>` URI.
+pub fn node_of_der(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|g| match g {
+        x509_parser::extensions::GeneralName::URI(u) => u.strip_prefix("outpost://node/").map(String::from),
+        _ => None,
+    })
+}
+
+/// The accepting side of the peer link: client certificates are mandatory and must be node
+/// certificates of this CA (not expired). The caller reads the peer's node from its certificate
+/// ([`node_of_der`]).
+pub fn peer_server_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<ServerConfig, PkiError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(pem_to_der(ca_pem)?)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| PkiError::Verifier(e.to_string()))?;
+    Ok(ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![pem_to_der(cert_pem)?], key_der(key_pem)?)?)
+}
+
+/// The dialling side of the peer link: presents this node's certificate and accepts only a node
+/// certificate of this CA issued to the node named as the TLS server name.
+pub fn peer_client_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<ClientConfig, PkiError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(pem_to_der(ca_pem)?)?;
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| PkiError::Verifier(e.to_string()))?;
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PeerNodeVerifier { inner }))
+        .with_client_auth_cert(vec![pem_to_der(cert_pem)?], key_der(key_pem)?)?)
+}
+
+/// Verifies a peer's node certificate: chain, validity and key usage as a node (client)
+/// certificate of the CA, and the node name in it equal to the server name dialled.
+#[derive(Debug)]
+struct PeerNodeVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+impl ServerCertVerifier for PeerNodeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let want = match server_name {
+            ServerName::DnsName(d) => d.as_ref().to_string(),
+            _ => return Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForName)),
+        };
+        match node_of_der(end_entity) {
+            Some(n) if n == want => Ok(ServerCertVerified::assertion()),
+            _ => Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForName)),
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -501,5 +594,58 @@ mod tests {
         let (chain, key) = ca.issue_server(&["localhost".into(), "127.0.0.1".into()]).unwrap();
         assert_eq!(certs_from_pem(&chain).len(), 2);
         server_config(&ca, &chain, &key).unwrap();
+    }
+
+    /// Drive a handshake between two in-memory connections; the error of the side that failed.
+    fn handshake(c: &mut rustls::ClientConnection, s: &mut rustls::ServerConnection) -> Result<(), rustls::Error> {
+        for _ in 0..20 {
+            let mut buf = Vec::new();
+            c.write_tls(&mut buf).unwrap();
+            s.read_tls(&mut &buf[..]).unwrap();
+            s.process_new_packets()?;
+            let mut buf = Vec::new();
+            s.write_tls(&mut buf).unwrap();
+            c.read_tls(&mut &buf[..]).unwrap();
+            c.process_new_packets()?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(());
+            }
+        }
+        Err(rustls::Error::General("no progress".into()))
+    }
+
+    #[test]
+    fn peers_authenticate_each_other_with_node_certificates() {
+        install_provider();
+        let ca = CaMaterial::generate("t").unwrap();
+        let node = |name: &str, ca: &CaMaterial| {
+            let nk = NodeKey::generate(name).unwrap();
+            (
+                ca.sign_node_csr(&nk.csr_pem, name, NODE_CERT_LIFETIME).unwrap(),
+                nk.key_pem,
+            )
+        };
+        let (a_cert, a_key) = node("box-a", &ca);
+        let (b_cert, b_key) = node("box-b", &ca);
+        let server = Arc::new(peer_server_config(&ca.cert_pem, &b_cert, &b_key).unwrap());
+        let client = Arc::new(peer_client_config(&ca.cert_pem, &a_cert, &a_key).unwrap());
+        let name = |n: &str| ServerName::try_from(n.to_string()).unwrap();
+        // a dials b: both sides verified; b reads a's name from its certificate.
+        let mut c = rustls::ClientConnection::new(client.clone(), name("box-b")).unwrap();
+        let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+        handshake(&mut c, &mut s).unwrap();
+        let peer = s.peer_certificates().unwrap()[0].clone();
+        assert_eq!(node_of_der(&peer).as_deref(), Some("box-a"));
+        // Dialling b under another name fails: the certificate is not that node's.
+        let mut c = rustls::ClientConnection::new(client, name("box-c")).unwrap();
+        let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+        assert!(handshake(&mut c, &mut s).is_err());
+        // A node of another CA is refused by the accepting side.
+        let other = CaMaterial::generate("other").unwrap();
+        let (x_cert, x_key) = node("box-x", &other);
+        let foreign = Arc::new(peer_client_config(&ca.cert_pem, &x_cert, &x_key).unwrap());
+        let mut c = rustls::ClientConnection::new(foreign, name("box-b")).unwrap();
+        let mut s = rustls::ServerConnection::new(server).unwrap();
+        assert!(handshake(&mut c, &mut s).is_err());
     }
 }

@@ -194,6 +194,12 @@ fn placement_row(p: &Placement) -> Vec<String> {
                 None if s.revision != p.desired_revision => format!("{} (updating)", s.phase.as_str()),
                 None => s.phase.as_str().to_string(),
             };
+            // Site failover (docs/site-ha.md): which box runs the copy.
+            let phase = match s.site_role.as_deref() {
+                Some("standby") => "Standby".to_string(),
+                Some(role) => format!("{phase} ({role})"),
+                None => phase,
+            };
             (
                 phase,
                 restarts.to_string(),

@@ -257,6 +257,11 @@ impl Hub {
     /// Join an agent whose commands run under `wrap` (e.g. `ip netns exec NS`); the agent
     /// keeps running under it.
     pub fn join_wrapped(&self, name: &str, token: &str, wrap: &[&str]) -> Agent {
+        self.join_with(name, token, wrap, &[])
+    }
+
+    /// Like [`Hub::join_wrapped`], with extra `outpost agent join` arguments (e.g. `--labels`).
+    pub fn join_with(&self, name: &str, token: &str, wrap: &[&str], extra: &[&str]) -> Agent {
         let dir = self.dir.join(format!("agent-{name}"));
         let o = outpost_under(wrap)
             .args([
@@ -271,6 +276,7 @@ impl Hub {
                 "--data-dir",
             ])
             .arg(&dir)
+            .args(extra)
             .output()
             .unwrap();
         assert!(

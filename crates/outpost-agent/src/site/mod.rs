@@ -1,0 +1,418 @@
+//! The site peer link (docs/site-ha.md): boxes of one site tell each other, every
+//! [`HEARTBEAT_MS`], which failover workloads they run, and each box decides with
+//! `outpost_core::site_ha::decide` whether it runs each copy. The reconciler reads the result
+//! ([`Roles`]) and starts or stops the copy.
+//!
+//! Transport: TLS 1.3 over TCP with both sides' node certificates (same CA; `outpost_pki`'s
+//! peer configs). Each box dials every peer and writes one JSON line per heartbeat on that
+//! connection; it reads its peers' heartbeats on the connections they dialled. Why TCP and not
+//! UDP with an HMAC: the node certificates already give both sides an identity with no new key
+//! to distribute, and on a LAN a heartbeat line reaches the peer in well under a millisecond.
+//! TCP's retransmission timers never decide anything here: a peer is dead when nothing arrived
+//! for [`outpost_core::site_ha::DEADLINE_MS`], whatever the socket says, so the failover budget (500 ms) is the
+//! deadline (250 ms) plus starting the process.
+//!
+//! Owns: the listener (only on the address this box published for the site network, the one
+//! inbound port of an edge box), the dialers, what peers last said, this box's claims. Must
+//! never: decide anything itself (the core does), or accept a heartbeat whose sender is not the
+//! node named in its TLS certificate.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outpost_api::site::SiteMember;
+use outpost_api::{now_ms, UnixMs};
+use outpost_core::site_ha::{decide, Change, PeerState, View, Witness, HEARTBEAT_MS, STARTUP_GRACE_MS};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::store::{Desired, Store};
+
+pub mod vip;
+
+/// Per failover workload on this box: `active` or `standby`.
+pub type Roles = Arc<BTreeMap<String, String>>;
+
+pub const ACTIVE: &str = "active";
+pub const STANDBY: &str = "standby";
+/// Node event reasons (docs/site-ha.md).
+pub const EVENT_TAKEOVER: &str = "SiteTakeover";
+pub const EVENT_STAND_DOWN: &str = "SiteStandDown";
+/// A heartbeat line longer than this ends the connection.
+const MAX_LINE: usize = 64 * 1024;
+
+/// One heartbeat: the sender and, per failover workload it holds, its claim.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct Heartbeat {
+    node: String,
+    #[serde(default)]
+    workloads: BTreeMap<String, Claim>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct Claim {
+    active: bool,
+    epoch: u64,
+}
+
+/// What each peer said last, and when (this box's clock).
+type Heard = Arc<Mutex<BTreeMap<String, (UnixMs, Heartbeat)>>>;
+
+/// This box's state for one workload.
+#[derive(Clone, Copy, Debug, Default)]
+struct Own {
+    active: bool,
+    epoch: u64,
+    known: u64,
+    /// When this box first held the workload: it listens for the startup grace before it may
+    /// take over.
+    since: UnixMs,
+}
+
+pub struct SiteLink {
+    pub node: String,
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub store: Arc<Store>,
+    /// Peers silent longer than this are dead (default [`outpost_core::site_ha::DEADLINE_MS`];
+    /// `OUTPOST_SITE_DEADLINE_MS` overrides it).
+    pub deadline_ms: i64,
+}
+
+/// The members and this box's listen address of every failover workload in `desired`.
+fn failover_members(desired: &Desired, me: &str) -> BTreeMap<String, Vec<SiteMember>> {
+    desired
+        .workloads
+        .iter()
+        .filter_map(|(k, w)| w.failover.as_ref().map(|f| (k.clone(), f.members.clone())))
+        .filter(|(_, m)| m.iter().any(|m| m.node == me))
+        .collect()
+}
+
+impl SiteLink {
+    /// Run until `stop`: keep the listener and dialers in step with the desired state, decide
+    /// every half heartbeat, publish the roles.
+    pub async fn run(
+        self,
+        mut desired_rx: watch::Receiver<Arc<Desired>>,
+        roles_tx: watch::Sender<Roles>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let heard: Heard = Arc::new(Mutex::new(BTreeMap::new()));
+        let (hb_tx, hb_rx) = watch::channel(Vec::<u8>::new());
+        let server = match outpost_pki::peer_server_config(&self.ca_pem, &self.cert_pem, &self.key_pem) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                warn!(error = %e, "site peer link: cannot build its TLS configuration; failover workloads stay standby");
+                return;
+            }
+        };
+        let client = match outpost_pki::peer_client_config(&self.ca_pem, &self.cert_pem, &self.key_pem) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                warn!(error = %e, "site peer link: cannot build its TLS configuration; failover workloads stay standby");
+                return;
+            }
+        };
+        let mut listener: Option<(String, JoinHandle<()>)> = None;
+        let mut dialers: BTreeMap<String, (String, JoinHandle<()>)> = BTreeMap::new();
+        let mut own: BTreeMap<String, Own> = BTreeMap::new();
+        let witness = Witness::Unreachable;
+        let mut tick = tokio::time::interval(Duration::from_millis((HEARTBEAT_MS / 2) as u64));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                r = desired_rx.changed() => if r.is_err() { break },
+                _ = stop.changed() => break,
+            }
+            let desired = desired_rx.borrow().clone();
+            let workloads = failover_members(&desired, &self.node);
+            // Listen on this box's own site address; dial every peer that has one.
+            let mine = workloads
+                .values()
+                .flatten()
+                .find(|m| m.node == self.node)
+                .and_then(|m| m.address.clone());
+            if listener.as_ref().map(|(a, _)| a) != mine.as_ref() {
+                if let Some((_, h)) = listener.take() {
+                    h.abort();
+                }
+                if let Some(addr) = mine {
+                    let h = tokio::spawn(listen(addr.clone(), server.clone(), heard.clone()));
+                    listener = Some((addr, h));
+                }
+            }
+            let mut peers: BTreeMap<String, String> = BTreeMap::new();
+            for m in workloads.values().flatten().filter(|m| m.node != self.node) {
+                if let Some(a) = &m.address {
+                    peers.insert(m.node.clone(), a.clone());
+                }
+            }
+            dialers.retain(|node, (addr, h)| {
+                let keep = peers.get(node) == Some(addr);
+                if !keep {
+                    h.abort();
+                }
+                keep
+            });
+            for (node, addr) in &peers {
+                if !dialers.contains_key(node) {
+                    let h = tokio::spawn(dial(node.clone(), addr.clone(), client.clone(), hb_rx.clone()));
+                    dialers.insert(node.clone(), (addr.clone(), h));
+                }
+            }
+            // Decide each workload.
+            let now = now_ms();
+            let snapshot = heard.lock().expect("heard lock").clone();
+            own.retain(|k, _| workloads.contains_key(k));
+            for (key, members) in &workloads {
+                let spec = &desired.workloads[key];
+                let Some(fo) = spec.failover.as_ref() else { continue };
+                let peer_states: BTreeMap<String, PeerState> = members
+                    .iter()
+                    .filter(|m| m.node != self.node)
+                    .filter_map(|m| {
+                        let (at, hb) = snapshot.get(&m.node)?;
+                        let c = hb.workloads.get(key).copied().unwrap_or_default();
+                        Some((
+                            m.node.clone(),
+                            PeerState {
+                                heard_at: *at,
+                                active: c.active,
+                                epoch: c.epoch,
+                            },
+                        ))
+                    })
+                    .collect();
+                let vip = fo.options.vip.as_deref().zip(fo.options.interface.as_deref());
+                if !own.contains_key(key) {
+                    // A box starts as standby: an address left from before is not ours now.
+                    if let Some((addr, iface)) = vip {
+                        vip::release(addr, iface);
+                    }
+                }
+                let st = own.entry(key.clone()).or_insert_with(|| Own {
+                    since: now,
+                    ..Own::default()
+                });
+                let o = decide(
+                    &View {
+                        me: &self.node,
+                        members,
+                        policy: fo.options.policy,
+                        active: st.active,
+                        epoch: st.epoch,
+                        known_epoch: st.known,
+                        peers: &peer_states,
+                        since: st.since,
+                        grace_ms: STARTUP_GRACE_MS.max(self.deadline_ms),
+                        witness: &witness,
+                        deadline_ms: self.deadline_ms,
+                    },
+                    now,
+                );
+                *st = Own {
+                    active: o.active,
+                    epoch: o.epoch,
+                    known: o.known_epoch,
+                    since: st.since,
+                };
+                if let Some(change) = o.change {
+                    let (reason, message) = match change {
+                        Change::TookOver { reason } => (
+                            EVENT_TAKEOVER,
+                            format!("this box took over {key} at epoch {}: {reason}", o.epoch),
+                        ),
+                        Change::StoodDown { reason } => (
+                            EVENT_STAND_DOWN,
+                            format!("this box stopped its copy of {key}: {reason}"),
+                        ),
+                    };
+                    info!(workload = %key, epoch = o.epoch, %reason, "{message}");
+                    if let Some((addr, iface)) = vip {
+                        if o.active {
+                            if let Err(e) = vip::take(addr, iface) {
+                                warn!(workload = %key, error = %e, "cannot take the virtual IP");
+                                let _ = self.store.push_event(
+                                    now,
+                                    Some(key),
+                                    "SiteVipFailed",
+                                    &format!("this box runs {key} but could not take its virtual IP {addr}: {e}"),
+                                );
+                            }
+                        } else {
+                            vip::release(addr, iface);
+                        }
+                    }
+                    if let Err(e) = self.store.push_event(now, Some(key), reason, &message) {
+                        warn!(error = %e, "cannot record the site event");
+                    }
+                }
+            }
+            let hb = Heartbeat {
+                node: self.node.clone(),
+                workloads: own
+                    .iter()
+                    .map(|(k, s)| {
+                        (
+                            k.clone(),
+                            Claim {
+                                active: s.active,
+                                epoch: s.epoch,
+                            },
+                        )
+                    })
+                    .collect(),
+            };
+            let mut line = serde_json::to_vec(&hb).expect("serializable");
+            line.push(b'\n');
+            hb_tx.send_if_modified(|cur| {
+                if *cur != line {
+                    *cur = line;
+                    true
+                } else {
+                    false
+                }
+            });
+            let roles: BTreeMap<String, String> = own
+                .iter()
+                .map(|(k, s)| (k.clone(), if s.active { ACTIVE } else { STANDBY }.to_string()))
+                .collect();
+            roles_tx.send_if_modified(|cur| {
+                if **cur != roles {
+                    *cur = Arc::new(roles);
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+        if let Some((_, h)) = listener {
+            h.abort();
+        }
+        for (_, (_, h)) in dialers {
+            h.abort();
+        }
+    }
+}
+
+/// Accept peers' connections on `addr` and record their heartbeats. Retries the bind (the
+/// address may not be up yet).
+async fn listen(addr: String, cfg: Arc<rustls::ServerConfig>, heard: Heard) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    let sock: SocketAddr = match addr.parse() {
+        Ok(a) => a,
+        Err(_) => {
+            warn!(%addr, "site peer link: not an ip:port; peers cannot reach this box");
+            return;
+        }
+    };
+    let l = loop {
+        match TcpListener::bind(sock).await {
+            Ok(l) => break l,
+            Err(e) => {
+                warn!(%addr, error = %e, "site peer link: cannot listen yet; retrying in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    info!(%addr, "site peer link listening (site network only)");
+    loop {
+        let Ok((tcp, from)) = l.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let heard = heard.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(Duration::from_secs(2), acceptor.accept(tcp)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    warn!(%from, error = %e, "site peer link: refused a connection");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let peer = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| outpost_pki::node_of_der(c));
+            let Some(peer) = peer else { return };
+            let mut r = BufReader::new(tls);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                let n = match (&mut r).take(MAX_LINE as u64).read_until(b'\n', &mut line).await {
+                    Ok(n) => n,
+                    Err(_) => return,
+                };
+                if n == 0 || !line.ends_with(b"\n") {
+                    return;
+                }
+                match serde_json::from_slice::<Heartbeat>(&line) {
+                    Ok(hb) if hb.node == peer => {
+                        heard.lock().expect("heard lock").insert(peer.clone(), (now_ms(), hb));
+                    }
+                    Ok(hb) => {
+                        warn!(%peer, claimed = %hb.node, "site peer link: a heartbeat names another node; connection closed");
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+}
+
+/// Keep a connection to `node` at `addr` and write the current heartbeat every
+/// [`HEARTBEAT_MS`]; reconnect after a failure.
+async fn dial(node: String, addr: String, cfg: Arc<rustls::ClientConfig>, hb: watch::Receiver<Vec<u8>>) {
+    let connector = tokio_rustls::TlsConnector::from(cfg);
+    let Ok(name) = rustls_pki_types::ServerName::try_from(node.clone()) else {
+        warn!(%node, "site peer link: the node name is not usable as a TLS name");
+        return;
+    };
+    loop {
+        let conn = async {
+            let tcp = TcpStream::connect(&addr).await?;
+            tcp.set_nodelay(true)?;
+            connector.connect(name.clone(), tcp).await
+        };
+        let mut tls = match tokio::time::timeout(Duration::from_millis(500), conn).await {
+            Ok(Ok(t)) => t,
+            _ => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let mut every = tokio::time::interval(Duration::from_millis(HEARTBEAT_MS as u64));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let line = hb.borrow().clone();
+            if line.is_empty() {
+                continue;
+            }
+            let write = async {
+                tls.write_all(&line).await?;
+                tls.flush().await
+            };
+            match tokio::time::timeout(Duration::from_millis(HEARTBEAT_MS as u64 * 4), write).await {
+                Ok(Ok(())) => {}
+                _ => break,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
