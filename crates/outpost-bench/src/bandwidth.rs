@@ -185,6 +185,36 @@ impl CountingProxy {
     }
 }
 
+/// Join an agent, give it `a.workloads` sleepers, start it (in `netns`, through `hub_url`) and
+/// wait until they run and the warm-up has passed: from then on it is idle and healthy.
+async fn idle_agent(
+    hub: &HubProc,
+    a: &BandwidthArgs,
+    marker: u64,
+    netns: Option<String>,
+    hub_url: Option<&str>,
+) -> Result<harness::AgentProc> {
+    let token = hub.join_token(1).await?;
+    let mut agent = hub.join("bandwidth-1", &token).await?;
+    agent.netns = netns;
+    let (yaml, args) = harness::sleepers(a.workloads, crate::marker_base() + marker);
+    if a.workloads > 0 {
+        hub.apply(&yaml).await?;
+    }
+    agent.start(hub_url)?;
+    let n = a.workloads;
+    harness::wait_for(
+        "workloads running",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || (count_sleepers(&args) == n).then_some(()),
+    )
+    .await?;
+    eprintln!("bandwidth: warm-up {} s, window {} s", a.warmup_secs, a.secs);
+    tokio::time::sleep(Duration::from_secs(a.warmup_secs)).await;
+    Ok(agent)
+}
+
 /// Bytes in a window scaled to an hour and a 30.4-day month.
 pub fn per_hour_and_month(bytes_in_window: u64, secs: f64) -> (f64, f64) {
     let h = bytes_in_window as f64 * 3600.0 / secs;
@@ -196,24 +226,10 @@ pub async fn bandwidth(a: BandwidthArgs, work: &std::path::Path) -> Result<Strin
         return bandwidth_netns(a, work).await;
     }
     let hub = HubProc::start(work).await?;
-    let token = hub.join_token(1).await?;
-    let mut agent = hub.join("bandwidth-1", &token).await?;
-    let (yaml, args) = harness::sleepers(a.workloads, crate::marker_base() + 700);
-    if a.workloads > 0 {
-        hub.apply(&yaml).await?;
-    }
     let proxy = CountingProxy::start(([127, 0, 0, 1], hub.port).into()).await?;
-    agent.start(Some(&format!("https://127.0.0.1:{}", proxy.port)))?;
+    let url = format!("https://127.0.0.1:{}", proxy.port);
+    let agent = idle_agent(&hub, &a, 700, None, Some(&url)).await?;
     let n = a.workloads;
-    harness::wait_for(
-        "workloads running",
-        Duration::from_secs(60),
-        Duration::from_millis(50),
-        || (count_sleepers(&args) == n).then_some(()),
-    )
-    .await?;
-    eprintln!("bandwidth: warm-up {} s, window {} s", a.warmup_secs, a.secs);
-    tokio::time::sleep(Duration::from_secs(a.warmup_secs)).await;
     let s0 = proxy.counters.snapshot();
     tokio::time::sleep(Duration::from_secs(a.secs)).await;
     let s1 = proxy.counters.snapshot();
@@ -264,24 +280,8 @@ pub fn ip_bytes(bytes: u64, frames: u64) -> u64 {
 async fn bandwidth_netns(a: BandwidthArgs, work: &std::path::Path) -> Result<String> {
     let veth = Veth::create()?;
     let hub = HubProc::start_on(work, std::net::Ipv4Addr::from(HOST_IP).into()).await?;
-    let token = hub.join_token(1).await?;
-    let mut agent = hub.join("bandwidth-1", &token).await?;
-    agent.netns = Some(veth.ns.clone());
-    let (yaml, args) = harness::sleepers(a.workloads, crate::marker_base() + 710);
-    if a.workloads > 0 {
-        hub.apply(&yaml).await?;
-    }
-    agent.start(None)?;
+    let agent = idle_agent(&hub, &a, 710, Some(veth.ns.clone()), None).await?;
     let n = a.workloads;
-    harness::wait_for(
-        "workloads running",
-        Duration::from_secs(60),
-        Duration::from_millis(50),
-        || (count_sleepers(&args) == n).then_some(()),
-    )
-    .await?;
-    eprintln!("bandwidth (netns): warm-up {} s, window {} s", a.warmup_secs, a.secs);
-    tokio::time::sleep(Duration::from_secs(a.warmup_secs)).await;
     let c0 = veth.counters()?;
     tokio::time::sleep(Duration::from_secs(a.secs)).await;
     let c1 = veth.counters()?;

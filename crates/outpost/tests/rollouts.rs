@@ -89,29 +89,15 @@ fn all_on(hub: &Hub, name: &str, nodes: usize, rev: u64) -> Option<()> {
     .then_some(())
 }
 
-/// GET an operator route with the admin token.
-fn api_get(hub: &Hub, path: &str) -> Value {
-    outpost_pki::install_provider();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let tls = outpost_pki::client_config(&hub.ca_pem(), None).unwrap();
-        let c = reqwest::Client::builder().use_preconfigured_tls(tls).build().unwrap();
-        let r = c
-            .get(format!("{}{path}", hub.url))
-            .bearer_auth(hub.token.trim())
-            .send()
-            .await
-            .unwrap();
-        r.json().await.unwrap()
-    })
+/// GET an operator route with the admin token, as JSON.
+fn api_json(hub: &Hub, path: &str) -> Value {
+    let (_, body) = api_get(hub, path);
+    serde_json::from_str(&body).unwrap_or(Value::Null)
 }
 
 /// The events a node reported (its agent's outbox, as stored at the hub).
 fn node_events(hub: &Hub, node: &str) -> Vec<String> {
-    api_get(hub, &format!("/v1/nodes/{node}"))["events"]
+    api_json(hub, &format!("/v1/nodes/{node}"))["events"]
         .as_array()
         .map(|es| {
             es.iter()
@@ -607,13 +593,13 @@ fn a_cronjob_change_reaches_its_node_at_once_without_a_rollout() {
         let p = hub.placement("cron-00", "cronjob/default/nightly")?;
         (p["desired_revision"] == 2 && p["status"]["revision"] == 2).then_some(())
     });
-    let all = api_get(&hub, "/v1/rollouts");
+    let all = api_json(&hub, "/v1/rollouts");
     let keys: Vec<&Value> = all.as_array().unwrap().iter().map(|r| &r["workload"]).collect();
     assert!(
         !keys.iter().any(|k| k.as_str().is_some_and(|k| k.contains("nightly"))),
         "no rollout for a CronJob: {all}"
     );
-    let err = api_get(&hub, "/v1/objects/cronjob/default/nightly/rollout").to_string();
+    let err = api_json(&hub, "/v1/objects/cronjob/default/nightly/rollout").to_string();
     assert!(
         err.contains("only Deployments, DaemonSets, AgentUpdates and Pipelines"),
         "{err}"

@@ -627,6 +627,7 @@ pub fn node_status(hub: &Hub, name: &str) -> Option<String> {
         .and_then(|n| n["status"].as_str())
         .map(String::from)
 }
+
 /// GET an operator route with the admin token; returns (status, body).
 pub fn api_get(hub: &Hub, path: &str) -> (u16, String) {
     outpost_pki::install_provider();
