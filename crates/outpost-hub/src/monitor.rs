@@ -350,40 +350,13 @@ impl Monitor {
             name: ROLLOUT_FAILED.into(),
             subject: workload.into(),
         };
-        let cur = Self::current(&tx, &key)?;
-        let mut out = Vec::new();
-        let labels = Labels::new();
-        match alert {
-            Some(AlertChange::Fire(summary)) if cur.map(|c| c.0) != Some(true) => {
-                out.push(self.write(
-                    &tx,
-                    &key,
-                    "rollout",
-                    AlertState::Firing,
-                    now,
-                    None,
-                    summary,
-                    &labels,
-                    now,
-                )?);
+        let out = match alert {
+            Some(change) => {
+                let resolved = format!("{workload}: a new rollout, resume or undo cleared it");
+                self.fleet_transition(&tx, &key, "rollout", change, resolved, now)?
             }
-            Some(AlertChange::Resolve) if cur.map(|c| c.0) == Some(true) => {
-                let started = cur.map_or(now, |c| c.1);
-                let summary = format!("{workload}: a new rollout, resume or undo cleared it");
-                out.push(self.write(
-                    &tx,
-                    &key,
-                    "rollout",
-                    AlertState::Resolved,
-                    started,
-                    Some(now),
-                    &summary,
-                    &labels,
-                    now,
-                )?);
-            }
-            _ => {}
-        }
+            None => Vec::new(),
+        };
         tx.commit()?;
         Ok(out)
     }
@@ -405,32 +378,45 @@ impl Monitor {
             name: name.into(),
             subject: subject.into(),
         };
-        let cur = Self::current(&tx, &key)?;
+        let out = self.fleet_transition(&tx, &key, source, change, format!("{subject}: recovered"), now)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Fire a fleet alert (no node) that is not firing, or resolve one that is, inside `tx`;
+    /// the transition written, if any.
+    fn fleet_transition(
+        &self,
+        tx: &Connection,
+        key: &AlertKey,
+        source: &str,
+        change: &AlertChange,
+        resolved_summary: String,
+        now: UnixMs,
+    ) -> R<Vec<AlertInfo>> {
+        let cur = Self::current(tx, key)?;
         let labels = Labels::new();
-        let mut out = Vec::new();
-        match change {
-            AlertChange::Fire(summary) if cur.map(|c| c.0) != Some(true) => {
-                out.push(self.write(&tx, &key, source, AlertState::Firing, now, None, summary, &labels, now)?);
+        let firing = cur.map(|c| c.0) == Some(true);
+        Ok(match change {
+            AlertChange::Fire(summary) if !firing => {
+                vec![self.write(tx, key, source, AlertState::Firing, now, None, summary, &labels, now)?]
             }
-            AlertChange::Resolve if cur.map(|c| c.0) == Some(true) => {
+            AlertChange::Resolve if firing => {
                 let started = cur.map_or(now, |c| c.1);
-                let summary = format!("{subject}: recovered");
-                out.push(self.write(
-                    &tx,
-                    &key,
+                vec![self.write(
+                    tx,
+                    key,
                     source,
                     AlertState::Resolved,
                     started,
                     Some(now),
-                    &summary,
+                    &resolved_summary,
                     &labels,
                     now,
-                )?);
+                )?]
             }
-            _ => {}
-        }
-        tx.commit()?;
-        Ok(out)
+            _ => Vec::new(),
+        })
     }
 
     /// Each node's conditions as it last reported them (nodes without any are absent).
