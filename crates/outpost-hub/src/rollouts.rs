@@ -15,7 +15,7 @@
 //! Must never: decide a wave itself (that is `outpost_core::waves`), or hand a node a revision
 //! without storing the rollout that says so first.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use jiff::tz::TimeZone;
@@ -43,9 +43,6 @@ pub struct Loaded {
     pub statuses: HashMap<(String, String), WorkloadStatus>,
     /// RolloutPolicy objects: (namespace/name, spec)
     pub policies: Vec<(String, RolloutPolicySpec)>,
-    /// Nodes holding a long-poll now (filled by the service): online whatever their last
-    /// contact.
-    pub connected: BTreeSet<String>,
 }
 
 /// Read what a run needs (one short read each; run on the blocking pool).
@@ -76,7 +73,6 @@ pub fn load(s: &dyn Store) -> Result<Loaded, StoreError> {
         desired,
         statuses,
         policies,
-        connected: BTreeSet::new(),
     })
 }
 
@@ -166,7 +162,8 @@ pub fn node_views(
             NodeView {
                 name: n.name.clone(),
                 labels: n.labels.clone(),
-                online: l.connected.contains(&n.name) || is_online(n, offline_after, now),
+                // a node holding a long-poll reads as in contact now (`Store::hold`)
+                online: is_online(n, offline_after, now),
                 tz: zones.get(&zone),
                 gate: Gate::of(status.and_then(|s| s.rollout.as_ref()), revision),
             }

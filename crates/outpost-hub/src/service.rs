@@ -913,8 +913,7 @@ impl Service {
             Query::Fleet => self.fleet().await.map(Reply::Fleet),
             Query::Rollout { id } => self.rollout(id).await.map(|r| Reply::Rollout(Box::new(r))),
             Query::Rollouts => {
-                let mut l = self.db(crate::rollouts::load).await?;
-                l.connected = self.store.holding();
+                let l = self.db(crate::rollouts::load).await?;
                 let now = now_ms();
                 let out = l
                     .objects
@@ -962,8 +961,7 @@ impl Service {
 
     async fn rollout(&self, id: ObjectId) -> Result<RolloutInfo, HubError> {
         rolled_out(&id)?;
-        let mut l = self.db(crate::rollouts::load).await?;
-        l.connected = self.store.holding();
+        let l = self.db(crate::rollouts::load).await?;
         let obj = l
             .objects
             .iter()
@@ -1007,8 +1005,7 @@ impl Service {
         one_wave: bool,
         now: UnixMs,
     ) -> Result<crate::rollouts::Outcome, HubError> {
-        let mut l = self.db(crate::rollouts::load).await?;
-        l.connected = self.store.holding();
+        let l = self.db(crate::rollouts::load).await?;
         let (changes, outcome) = crate::rollouts::step(&l, started, one_wave, self.settings.offline_after, now);
         self.wake
             .rollouts_active
@@ -1214,7 +1211,7 @@ impl Service {
             .ok_or_else(|| HubError::NotFound(format!("node {node}")))?;
         let now = now_ms();
         let failed = || self.metrics.log_requests_failed.inc();
-        if !is_online(&row, self.settings.offline_after, now) && !self.store.holding().contains(&node) {
+        if !is_online(&row, self.settings.offline_after, now) {
             failed();
             return Err(HubError::NodeOffline(format!(
                 "node {node} is offline (last contact {} ago): logs travel over the node's own link, so try again once it is back (`outpost get nodes`); forwarded errors are here already: `outpost logs --errors {node}`",

@@ -255,8 +255,6 @@ pub trait Store: Send + Sync + 'static {
     /// last contact reads as the time of the read; when the last one ends it is what it was
     /// (a hold that ended normally touches first; one whose connection died does not).
     fn hold(&self, node: &str, open: bool);
-    /// Nodes holding a long-poll now.
-    fn holding(&self) -> BTreeSet<String>;
     /// Record a renewed certificate as the node's next one; the current one keeps working until
     /// the next one is used (see `node_by_cert`). A later renewal replaces an unused next one.
     fn renew(&self, node: &str, cert_fp: &str, cert_not_after: UnixMs) -> Result<()>;
@@ -766,15 +764,6 @@ impl Store for SqliteStore {
                 h.remove(node);
             }
         }
-    }
-
-    fn holding(&self) -> BTreeSet<String> {
-        self.held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect()
     }
 
     fn touch(&self, node: &str, now: UnixMs) -> Result<Option<UnixMs>> {

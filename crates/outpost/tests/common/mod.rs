@@ -583,31 +583,16 @@ impl Netns {
     pub fn wrap(&self) -> Vec<String> {
         ["ip", "netns", "exec", &self.name].map(String::from).to_vec()
     }
+    /// Take the namespace's end of the link down (the hub sees nothing more from it).
     pub fn cut(&self) {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.name,
-            "ip",
-            "link",
-            "set",
-            &self.ns_if(),
-            "down",
-        ]);
+        self.link("down");
     }
     pub fn heal(&self) {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.name,
-            "ip",
-            "link",
-            "set",
-            &self.ns_if(),
-            "up",
-        ]);
+        self.link("up");
+    }
+    fn link(&self, state: &str) {
+        let ns_if = self.ns_if();
+        sh(&["ip", "netns", "exec", &self.name, "ip", "link", "set", &ns_if, state]);
     }
 }
 
