@@ -22,6 +22,8 @@ pub mod api;
 pub mod controllers;
 pub mod data;
 pub mod error;
+pub mod exec;
+pub mod exec_api;
 pub mod extract;
 pub mod files;
 pub mod gitops;
