@@ -69,9 +69,12 @@ struct Running {
     stdin: Option<mpsc::Sender<Vec<u8>>>,
     /// The command's exit code or signal.
     exit: oneshot::Receiver<ExitInfo>,
-    resize: Box<dyn Fn(u16, u16) + Send>,
+    resize: Resize,
     kill: Box<dyn Fn() + Send>,
 }
+
+/// Sets the terminal size (rows, columns).
+type Resize = Box<dyn Fn(u16, u16) + Send>;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct ExitInfo {
@@ -354,7 +357,7 @@ fn process(target: Option<Target>, req: &ExecRequest) -> Result<Running, String>
     drop(mnt_fd);
     let pid = child.id().ok_or("the command exited at once")?;
     let (otx, orx) = mpsc::channel(16);
-    let (stdin, resize): (Option<mpsc::Sender<Vec<u8>>>, Box<dyn Fn(u16, u16) + Send>) = match master {
+    let (stdin, resize): (Option<mpsc::Sender<Vec<u8>>>, Resize) = match master {
         Some(m) => {
             let w = m.try_clone().map_err(|e| e.to_string())?;
             let size_fd = m.try_clone().map_err(|e| e.to_string())?;
