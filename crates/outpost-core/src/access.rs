@@ -283,6 +283,48 @@ pub fn check(role: Role, scope: &Scope, action: Action, target: Target<'_>) -> R
     }
 }
 
+/// Whether a credential (account token or browser session) still works at `now`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Validity {
+    Valid,
+    /// Revoked at this time (Unix ms).
+    Revoked(i64),
+    /// Expired this many ms ago.
+    Expired(i64),
+    /// A session unused for longer than the idle limit, this many ms ago.
+    Idle(i64),
+}
+
+/// An account token: revoked, past its expiry, or valid.
+pub fn token_validity(expires_at: Option<i64>, revoked_at: Option<i64>, now: i64) -> Validity {
+    if let Some(r) = revoked_at {
+        return Validity::Revoked(r);
+    }
+    match expires_at {
+        Some(e) if now >= e => Validity::Expired(now - e),
+        _ => Validity::Valid,
+    }
+}
+
+/// A browser session: it ends `max_ms` after login, or `idle_ms` after its last use.
+pub fn session_validity(created_at: i64, last_used: i64, now: i64, idle_ms: i64, max_ms: i64) -> Validity {
+    let absolute_end = created_at.saturating_add(max_ms);
+    let idle_end = last_used.saturating_add(idle_ms);
+    if now >= absolute_end {
+        Validity::Expired(now - absolute_end)
+    } else if now >= idle_end {
+        Validity::Idle(now - idle_end)
+    } else {
+        Validity::Valid
+    }
+}
+
+/// What the audit log's retention removes: entries recorded before the first value (Unix ms),
+/// and those whose sequence number is at most the second (beyond `max_rows` newest).
+pub fn audit_prune(now: i64, newest_seq: i64, max_age_ms: i64, max_rows: i64) -> (i64, i64) {
+    (now.saturating_sub(max_age_ms), newest_seq.saturating_sub(max_rows))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,5 +473,41 @@ mod tests {
             assert_eq!(Role::parse(r.as_str()), Some(r));
         }
         assert_eq!(Role::parse("root"), None);
+    }
+
+    #[test]
+    fn credentials_expire_and_revoke() {
+        let h = 3_600_000;
+        let cases = [
+            (token_validity(None, None, 10 * h), Validity::Valid),
+            (token_validity(Some(10 * h), None, 10 * h - 1), Validity::Valid),
+            (token_validity(Some(10 * h), None, 12 * h), Validity::Expired(2 * h)),
+            (
+                token_validity(Some(10 * h), Some(5 * h), 12 * h),
+                Validity::Revoked(5 * h),
+            ),
+            (token_validity(None, Some(5 * h), 6 * h), Validity::Revoked(5 * h)),
+            // session: 30 min idle, 12 h absolute
+            (session_validity(0, 0, h / 4, h / 2, 12 * h), Validity::Valid),
+            (session_validity(0, 0, h, h / 2, 12 * h), Validity::Idle(h / 2)),
+            (
+                session_validity(0, 11 * h + h / 2, 12 * h - 1, h / 2, 12 * h),
+                Validity::Valid,
+            ),
+            (
+                session_validity(0, 12 * h - 1, 13 * h, h / 2, 12 * h),
+                Validity::Expired(h),
+            ),
+        ];
+        for (i, (got, want)) in cases.into_iter().enumerate() {
+            assert_eq!(got, want, "case {i}");
+        }
+    }
+
+    #[test]
+    fn audit_retention_bounds_age_and_rows() {
+        let day = 86_400_000;
+        assert_eq!(audit_prune(100 * day, 500, 90 * day, 100_000), (10 * day, -99_500));
+        assert_eq!(audit_prune(100 * day, 250_000, 90 * day, 100_000), (10 * day, 150_000));
     }
 }

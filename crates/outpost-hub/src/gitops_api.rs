@@ -10,7 +10,7 @@ use axum::http::HeaderMap;
 use serde::Deserialize;
 
 use crate::error::HubError;
-use crate::extract::{Admin, ApiQuery};
+use crate::extract::{ApiQuery, Caller};
 use crate::service::{Command, Query, Reply, Service};
 
 type St = State<Arc<Service>>;
@@ -32,15 +32,18 @@ impl NsQuery {
     }
 }
 
-pub async fn list(State(svc): St, _: Admin) -> Answer {
-    svc.query(Query::GitRepos { only: None }).await
+pub async fn list(State(svc): St, c: Caller) -> Answer {
+    svc.query_as(&c, Query::GitRepos { only: None }).await
 }
 
-pub async fn one(State(svc): St, _: Admin, Path(name): Path<String>, ApiQuery(q): ApiQuery<NsQuery>) -> Answer {
+pub async fn one(State(svc): St, c: Caller, Path(name): Path<String>, ApiQuery(q): ApiQuery<NsQuery>) -> Answer {
     let r = svc
-        .query(Query::GitRepos {
-            only: Some((q.ns(), name)),
-        })
+        .query_as(
+            &c,
+            Query::GitRepos {
+                only: Some((q.ns(), name)),
+            },
+        )
         .await?;
     match r {
         Reply::GitRepos(mut v) if v.len() == 1 => Ok(Reply::GitRepo(Box::new(v.remove(0)))),
@@ -48,15 +51,18 @@ pub async fn one(State(svc): St, _: Admin, Path(name): Path<String>, ApiQuery(q)
     }
 }
 
-pub async fn sync(State(svc): St, _: Admin, Path(name): Path<String>, ApiQuery(q): ApiQuery<NsQuery>) -> Answer {
-    svc.execute(Command::GitOpsSync {
-        namespace: q.ns(),
-        name,
-    })
+pub async fn sync(State(svc): St, c: Caller, Path(name): Path<String>, ApiQuery(q): ApiQuery<NsQuery>) -> Answer {
+    svc.execute_as(
+        &c,
+        Command::GitOpsSync {
+            namespace: q.ns(),
+            name,
+        },
+    )
     .await
 }
 
-pub async fn diff(State(svc): St, _: Admin, Path(name): Path<String>, ApiQuery(q): ApiQuery<NsQuery>) -> Answer {
+pub async fn diff(State(svc): St, c: Caller, Path(name): Path<String>, ApiQuery(q): ApiQuery<NsQuery>) -> Answer {
     if let Some(c) = &q.commit {
         if c.is_empty() || c.len() > 64 || !c.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(HubError::BadRequest(format!(
@@ -64,11 +70,14 @@ pub async fn diff(State(svc): St, _: Admin, Path(name): Path<String>, ApiQuery(q
             )));
         }
     }
-    svc.query(Query::GitDiff {
-        namespace: q.ns(),
-        name,
-        commit: q.commit.clone(),
-    })
+    svc.query_as(
+        &c,
+        Query::GitDiff {
+            namespace: q.ns(),
+            name,
+            commit: q.commit.clone(),
+        },
+    )
     .await
 }
 

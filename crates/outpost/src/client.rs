@@ -243,6 +243,8 @@ fn check_hint(path: &str) -> &'static str {
         "check with `outpost get nodes`"
     } else if path.ends_with("/undo") {
         "check with `outpost rollout history`"
+    } else if path.starts_with("/v1/users") {
+        "check with `outpost user ls`"
     } else if path.starts_with("/v1/images") {
         "check with `outpost image ls`"
     } else {
