@@ -14,6 +14,8 @@ use outpost_api::accounts::{AuditEntry, RevokeResponse, UserRequest, WhoAmI, MIN
 use outpost_api::{DeleteResponse, Kind, Object, ObjectId};
 use outpost_core::access::{object_target, Action, Role, Scope, Target};
 
+use outpost_core::render::workload_key;
+
 use crate::accounts::{check_login, hash_password, Caller, UserRow, Via};
 use crate::error::HubError;
 use crate::service::{now_ms, sha256, Command, Query, Reply, Service};
@@ -26,7 +28,11 @@ const AUDIT_LIMIT: u32 = 10_000;
 fn describe(cmd: &Command) -> (String, String, String) {
     let files = |files: &[outpost_api::ManifestFile]| -> String {
         match validate::parse_batch(files) {
-            Ok((objects, _)) => objects.iter().map(|o| o.id().to_string()).collect::<Vec<_>>().join(","),
+            Ok((objects, _)) => objects
+                .iter()
+                .map(|o| workload_key(&o.id()))
+                .collect::<Vec<_>>()
+                .join(","),
             Err(_) => files.iter().map(|f| f.name.clone()).collect::<Vec<_>>().join(","),
         }
     };
@@ -45,10 +51,10 @@ fn describe(cmd: &Command) -> (String, String, String) {
             String::new(),
         ),
         Command::Delete { files: f } => ("delete".into(), files(f), String::new()),
-        Command::DeleteObject { id } => ("delete".into(), id.to_string(), String::new()),
+        Command::DeleteObject { id } => ("delete".into(), workload_key(id), String::new()),
         Command::Undo { id, to_revision } => (
             "undo".into(),
-            id.to_string(),
+            workload_key(id),
             to_revision.map(|r| format!("to revision {r}")).unwrap_or_default(),
         ),
         Command::CreateToken(r) => (
@@ -62,7 +68,7 @@ fn describe(cmd: &Command) -> (String, String, String) {
         ),
         Command::DeleteNode { name } => ("node delete".into(), format!("node/{name}"), String::new()),
         Command::TagImage(t) => ("image tag".into(), t.name.clone(), t.digest.clone()),
-        Command::Rollout { id, action } => (format!("rollout {}", action.as_str()), id.to_string(), String::new()),
+        Command::Rollout { id, action } => (format!("rollout {}", action.as_str()), workload_key(id), String::new()),
         Command::AddUser(u) => (
             "user add".into(),
             format!("user/{}", u.name),
@@ -366,7 +372,7 @@ impl Service {
                 let visible: BTreeSet<String> = objects
                     .iter()
                     .filter(|o| caller.require(Action::Read, object_target(&o.object)).is_ok())
-                    .map(|o| o.object.id().to_string())
+                    .map(|o| workload_key(&o.object.id()))
                     .collect();
                 Reply::Rollouts(v.into_iter().filter(|r| visible.contains(&r.workload)).collect())
             }
