@@ -239,4 +239,21 @@ mod tests {
             assert!(c.contains(flag), "{c}");
         }
     }
+
+    #[test]
+    fn html_pages_get_a_strict_csp() {
+        let mut h = HeaderMap::new();
+        html_headers(&mut h);
+        let csp = h["content-security-policy"].to_str().unwrap();
+        for part in [
+            "default-src 'self'",
+            "script-src 'self'",
+            "frame-ancestors 'none'",
+            "object-src 'none'",
+        ] {
+            assert!(csp.contains(part), "{csp}");
+        }
+        assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"), "{csp}");
+        assert_eq!(h["x-frame-options"], "DENY");
+    }
 }

@@ -43,7 +43,7 @@ enum Cmd {
     },
     /// Run the agent on an edge box, or join it to a hub.
     Agent(AgentArgs),
-    /// Store the hub URL and admin token for the other commands.
+    /// Store the hub URL and a token (the admin token or an account token) for the other commands.
     Login(LoginArgs),
     /// Create or update objects from manifest files (several documents per file), or from the
     /// render of a kustomization directory (-k).
