@@ -301,9 +301,14 @@ fn a_scoped_account_neither_sees_nor_changes_anything_outside_its_selector() {
     }
     hub.apply(&pinned("web-a", "a"));
     hub.apply(&pinned("web-b", "b"));
-    wait_for("both rollouts recorded", 15.0, || {
+    for site in ["a", "b"] {
+        hub.apply(&format!(
+            "apiVersion: outpost.dev/v1\nkind: Pipeline\nmetadata: {{name: sensors-{site}}}\nspec:\n  nodeSelector: {{site: {site}}}\n  streams:\n  - {{name: readings, key: sensor, sinks: [hub]}}\n  sinks:\n  - {{name: hub, type: hub}}\n"
+        ));
+    }
+    wait_for("every rollout recorded (two DaemonSets, two Pipelines)", 15.0, || {
         let r = get(&hub, "/v1/rollouts", &hub.token).json();
-        (r.as_array().unwrap().len() == 2).then_some(())
+        (r.as_array().unwrap().len() == 4).then_some(())
     });
     let t = add_user(&hub, &["ops-a", "--role", "operator", "--selector", "site=a"]);
     let names = |v: Value, key: &str| -> Vec<String> {
@@ -317,11 +322,15 @@ fn a_scoped_account_neither_sees_nor_changes_anything_outside_its_selector() {
     // Lists are filtered.
     assert_eq!(names(get(&hub, "/v1/nodes", &t).json(), "name"), ["site-a-1"]);
     assert_eq!(names(get(&hub, "/v1/workloads", &t).json(), "name"), ["web-a"]);
-    assert_eq!(
-        names(get(&hub, "/v1/rollouts", &t).json(), "workload"),
-        ["daemonset/default/web-a"]
-    );
+    let mut rollouts = names(get(&hub, "/v1/rollouts", &t).json(), "workload");
+    rollouts.sort();
+    assert_eq!(rollouts, ["daemonset/default/web-a", "pipeline/default/sensors-a"]);
     assert_eq!(get(&hub, "/v1/gitops", &t).json(), json!([]));
+    assert_eq!(names(get(&hub, "/v1/pipelines", &t).json(), "name"), ["sensors-a"]);
+    assert_eq!(
+        names(get(&hub, "/v1/pipelines", &hub.token).json(), "name"),
+        ["sensors-a", "sensors-b"]
+    );
     // One thing out of scope does not exist for this account.
     for path in [
         "/v1/nodes/site-b-1",
