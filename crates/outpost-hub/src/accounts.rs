@@ -531,4 +531,25 @@ mod tests {
             "the newest within the limit"
         );
     }
+
+    #[test]
+    fn audit_entries_past_the_retention_go() {
+        let d = tempfile::tempdir().unwrap();
+        let a = Accounts::open(&d.path().join("hub.db"), Duration::from_secs(60)).unwrap();
+        let entry = |at: i64| AuditEntry {
+            seq: 0,
+            at,
+            user: "alice".into(),
+            action: "apply".into(),
+            target: format!("t{at}"),
+            detail: String::new(),
+            peer: String::new(),
+            result: "ok".into(),
+        };
+        a.record(&entry(1_000)).unwrap();
+        a.record(&entry(30_000)).unwrap();
+        a.record(&entry(61_001)).unwrap();
+        let kept: Vec<String> = a.audit(0, None, 10).unwrap().into_iter().map(|e| e.target).collect();
+        assert_eq!(kept, ["t30000", "t61001"]);
+    }
 }
