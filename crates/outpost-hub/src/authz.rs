@@ -281,11 +281,13 @@ impl Service {
                 self.visible_node(caller, node).await?;
             }
             Query::Object { id } | Query::Revisions { id } | Query::Rollout { id } => {
-                caller.require_role(if id.kind == Kind::Secret {
-                    Action::Apply
-                } else {
-                    Action::Read
-                })?;
+                caller.require_role(Action::Read)?;
+                if id.kind == Kind::Secret && !caller.role.allows(Action::Apply) {
+                    return Err(HubError::NotAllowed(format!(
+                        "{}: role {} may not read Secrets (that needs role operator or higher)",
+                        caller.name, caller.role
+                    )));
+                }
                 self.visible_object(caller, id).await?;
             }
             Query::Node { name } => {

@@ -423,7 +423,8 @@ struct ServeModelArgs {
 struct LoginArgs {
     #[arg(long)]
     hub: String,
-    /// The admin token the hub printed at its first start (also in <hub data dir>/admin.token).
+    /// An account token (`outpost user add`), or the admin token the hub printed at its first
+    /// start (also in <hub data dir>/admin.token).
     #[arg(long)]
     token: String,
     /// The hub CA's SHA-256 fingerprint, as the hub prints it. Without it, the CA is trusted on

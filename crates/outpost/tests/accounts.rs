@@ -475,6 +475,27 @@ fn expired_revoked_and_removed_tokens_are_refused_with_a_clear_message() {
     let a = get(&hub, "/v1/nodes", &other);
     assert_eq!(a.status, 401);
     assert!(a.body.contains("missing or unknown token"), "{}", a.body);
+    // `outpost login` takes an account token and says who it is.
+    let viewer = add_user(&hub, &["reader", "--role", "viewer", "--selector", "site=a"]);
+    let o = Command::new(BIN)
+        .args(["login", "--hub", &hub.url, "--token", &viewer])
+        .env("OUTPOST_CONFIG", hub.dir.join("reader-config.json"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("as reader (viewer, limited to site=a)"), "{out}");
+    // A viewer may not read Secrets.
+    hub.apply("apiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData: {k: v}\n");
+    let r = get(
+        &hub,
+        "/v1/objects/secret/default/s",
+        &add_user(&hub, &["peek", "--role", "viewer"]),
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("role viewer may not read Secrets"), "{}", r.body);
+    hub.cli(&["user", "rm", "reader"]);
+    hub.cli(&["user", "rm", "peek"]);
     // Bad input names the field and changes nothing.
     for (args, field) in [
         (vec!["user", "add", "x", "--role", "root"], "role"),
