@@ -107,6 +107,16 @@ impl Caller {
         }
     }
 
+    /// A request the hub authorizes by other means (a GitRepo's webhook secret), audited under
+    /// `name`.
+    pub fn system(name: String, remote: Option<SocketAddr>) -> Self {
+        Self {
+            name,
+            remote,
+            ..Self::hub()
+        }
+    }
+
     /// Refuse (403, naming the role or the scope) unless this caller may do `action` on
     /// `target`.
     pub fn require(&self, action: Action, target: Target<'_>) -> Result<(), HubError> {

@@ -1,6 +1,6 @@
 //! GitOps routes (docs/gitops.md, docs/openapi.yaml): thin handlers over the [`Service`]. The
-//! webhook route takes no admin token: it is authorized by the GitRepo's shared secret
-//! (`crate::gitops::webhook_authorized`).
+//! webhook route takes no token: it is authorized by the GitRepo's shared secret
+//! (`crate::gitops::webhook_authorized`), and audited as `webhook:gitrepo/<namespace>/<name>`.
 
 use std::sync::Arc;
 
@@ -10,7 +10,7 @@ use axum::http::HeaderMap;
 use serde::Deserialize;
 
 use crate::error::HubError;
-use crate::extract::{ApiQuery, Caller};
+use crate::extract::{ApiQuery, Caller, Peer};
 use crate::service::{Command, Query, Reply, Service};
 
 type St = State<Arc<Service>>;
@@ -84,6 +84,7 @@ pub async fn diff(State(svc): St, c: Caller, Path(name): Path<String>, ApiQuery(
 /// `POST /v1/gitops/{name}/webhook`: a push notification from the Git host.
 pub async fn webhook(
     State(svc): St,
+    peer: Peer,
     Path(name): Path<String>,
     ApiQuery(q): ApiQuery<NsQuery>,
     headers: HeaderMap,
@@ -104,5 +105,6 @@ pub async fn webhook(
         ));
     }
     tracing::info!(gitrepo = %format!("{ns}/{name}"), "webhook: fetching now");
-    svc.execute(Command::GitOpsSync { namespace: ns, name }).await
+    let who = Caller::system(format!("webhook:gitrepo/{ns}/{name}"), peer.remote);
+    svc.execute_as(&who, Command::GitOpsSync { namespace: ns, name }).await
 }
