@@ -3,7 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-/// `POST /v1/users`: add an account.
+/// `POST /v1/users`: add an account. Optional fields take no `serde(default)`: a missing one
+/// is None all the same, and a JSON array is refused instead of read as the fields in order.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct UserRequest {
     /// A DNS-label-like name: lower-case letters, digits, '-', '.', '_' and '@', at most 64.
@@ -11,20 +12,20 @@ pub struct UserRequest {
     /// `admin`, `operator`, `viewer` or `metrics`.
     pub role: String,
     /// Limit the account to nodes matching `k=v,k2=v2` (a key given twice allows either value).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
     /// The first token expires after this many seconds (none: never).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_secs: Option<u64>,
     /// A password for browser login (at least 12 characters); none: token only.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
 }
 
 /// `POST /v1/users/{name}/tokens`: a new token for an account.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct UserTokenRequest {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_secs: Option<u64>,
 }
 
@@ -148,6 +149,16 @@ pub const MIN_PASSWORD: usize = 12;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_are_objects_with_optional_fields() {
+        let t: UserTokenRequest = serde_json::from_str("{}").unwrap();
+        assert_eq!(t.expires_secs, None);
+        assert!(serde_json::from_str::<UserTokenRequest>("[]").is_err());
+        let u: UserRequest = serde_json::from_str(r#"{"name": "a", "role": "viewer"}"#).unwrap();
+        assert_eq!((u.selector, u.expires_secs, u.password), (None, None, None));
+        assert!(serde_json::from_str::<UserRequest>(r#"["a", "viewer"]"#).is_err());
+    }
 
     #[test]
     fn user_names() {
