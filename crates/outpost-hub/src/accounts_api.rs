@@ -18,13 +18,23 @@ use crate::service::{Command, Query, Reply, Service};
 type St = State<Arc<Service>>;
 type Answer = Result<Reply, HubError>;
 
+/// A JSON object body as `T` (serde would also read `T` from an array of its fields).
+fn object<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, HubError> {
+    if !v.is_object() {
+        return Err(HubError::BadRequest("the request body must be a JSON object".into()));
+    }
+    serde_json::from_value(v)
+        .map_err(|e| HubError::BadRequest(format!("the request body is not what this route expects ({e})")))
+}
+
 /// `GET /v1/users`.
 pub async fn list(State(svc): St, c: Caller) -> Answer {
     svc.query_as(&c, Query::Users).await
 }
 
 /// `POST /v1/users`: add an account; the answer carries its first token (shown once).
-pub async fn add(State(svc): St, c: Caller, ApiJson(req): ApiJson<UserRequest>) -> Answer {
+pub async fn add(State(svc): St, c: Caller, ApiJson(req): ApiJson<serde_json::Value>) -> Answer {
+    let req: UserRequest = object(req)?;
     svc.execute_as(&c, Command::AddUser(req)).await
 }
 
@@ -38,8 +48,9 @@ pub async fn new_token(
     State(svc): St,
     c: Caller,
     Path(name): Path<String>,
-    ApiJson(req): ApiJson<UserTokenRequest>,
+    ApiJson(req): ApiJson<serde_json::Value>,
 ) -> Answer {
+    let req: UserTokenRequest = object(req)?;
     svc.execute_as(
         &c,
         Command::NewUserToken {
@@ -91,7 +102,8 @@ pub async fn whoami(c: Caller) -> Json<WhoAmI> {
 
 /// `POST /v1/session`: log in with a password; sets the session cookie and answers with the
 /// CSRF token.
-pub async fn login(State(svc): St, peer: Peer, ApiJson(req): ApiJson<SessionRequest>) -> Result<Response, HubError> {
+pub async fn login(State(svc): St, peer: Peer, ApiJson(req): ApiJson<serde_json::Value>) -> Result<Response, HubError> {
+    let req: SessionRequest = object(req)?;
     let (s, c) = svc.login(&req.user, &req.password, peer.remote).await?;
     let cookie = crate::session::set_cookie(&s.id, svc.sessions.limits().max);
     let body = SessionResponse {

@@ -514,6 +514,11 @@ fn expired_revoked_and_removed_tokens_are_refused_with_a_clear_message() {
         assert!(e.contains(field), "{args:?}: {e}");
     }
     add_user(&hub, &["twice", "--role", "viewer"]);
+    for body in [json!([null]), json!([]), json!(["twice", 5])] {
+        let a = post(&hub, "/v1/users/twice/tokens", &hub.token, body.clone());
+        assert_eq!(a.status, 400, "{body}: {}", a.body);
+        assert!(a.body.contains("must be a JSON object"), "{}", a.body);
+    }
     let e = hub.cli_err(&["user", "add", "twice", "--role", "admin"]);
     assert!(e.contains("name: user twice exists"), "{e}");
     assert_eq!(hub.json(&["user", "ls"]).as_array().unwrap().len(), 1);
