@@ -5,6 +5,7 @@
 //! response. Must never: do I/O, know about SQLite or HTTP libraries, or hold policy decisions
 //! (those live in `outpost-core`).
 
+pub mod accounts;
 pub mod checks;
 pub mod cron;
 pub mod duration;

@@ -2,12 +2,14 @@
 //! (`render`), how the agent supervises processes (`supervise`), the hub link's rules (`link`:
 //! join labels, certificate renewal, connection admission), fleet rollouts in waves
 //! (`waves`), GitOps (`gitops`: a node's variant, fetch schedule, commit acceptance), and
-//! site-local failover (`site_ha`: membership, who runs a failover copy, quorum, the hub witness).
+//! site-local failover (`site_ha`: membership, who runs a failover copy, quorum, the hub witness),
+//! and who may do what (`access`: roles, label scopes).
 //!
 //! Owns: every policy that can be stated as `decide(state, now) -> actions`. Must never: do I/O,
 //! read the clock (callers pass `now`), sleep, or depend on an async runtime. Every function here
 //! is tested table-style without sockets, files or timers.
 
+pub mod access;
 pub mod agent_update;
 pub mod alerts;
 pub mod cron;

@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use crate::data::{DataQuery, MAX_BATCH_BYTES};
 use crate::error::HubError;
-use crate::extract::{Admin, ApiJson, ApiQuery, Peer};
+use crate::extract::{ApiJson, ApiQuery, Caller, Peer};
 use crate::service::{object_id, Command, Held, Query, Reply, RolloutAction, Service};
 
 type St = State<Arc<Service>>;
@@ -152,10 +152,10 @@ pub async fn node_data(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Operator commands (admin token)
+// Operator commands (a [`Caller`], checked and audited by `Service::execute_as`)
 
-pub async fn create_token(State(svc): St, _: Admin, ApiJson(req): ApiJson<TokenRequest>) -> Answer {
-    svc.execute(Command::CreateToken(req)).await
+pub async fn create_token(State(svc): St, c: Caller, ApiJson(req): ApiJson<TokenRequest>) -> Answer {
+    svc.execute_as(&c, Command::CreateToken(req)).await
 }
 
 /// `?force=true`: apply over objects a GitRepo owns (docs/gitops.md).
@@ -167,69 +167,75 @@ pub struct ForceQuery {
 
 pub async fn apply(
     State(svc): St,
-    _: Admin,
+    c: Caller,
     ApiQuery(q): ApiQuery<ForceQuery>,
     ApiJson(req): ApiJson<ApplyRequest>,
 ) -> Answer {
-    svc.execute(Command::Apply {
-        files: req.files,
-        force: q.force,
-    })
+    svc.execute_as(
+        &c,
+        Command::Apply {
+            files: req.files,
+            force: q.force,
+        },
+    )
     .await
 }
 
-pub async fn delete(State(svc): St, _: Admin, ApiJson(req): ApiJson<ApplyRequest>) -> Answer {
-    svc.execute(Command::Delete { files: req.files }).await
+pub async fn delete(State(svc): St, c: Caller, ApiJson(req): ApiJson<ApplyRequest>) -> Answer {
+    svc.execute_as(&c, Command::Delete { files: req.files }).await
 }
 
 type ObjectPath = Path<(String, String, String)>;
 
-pub async fn delete_object(State(svc): St, _: Admin, Path((kind, namespace, name)): ObjectPath) -> Answer {
+pub async fn delete_object(State(svc): St, c: Caller, Path((kind, namespace, name)): ObjectPath) -> Answer {
     let id = object_id(&kind, namespace, name)?;
-    svc.execute(Command::DeleteObject { id }).await
+    svc.execute_as(&c, Command::DeleteObject { id }).await
 }
 
 pub async fn undo(
     State(svc): St,
-    _: Admin,
+    c: Caller,
     Path((kind, namespace, name)): ObjectPath,
     ApiJson(req): ApiJson<UndoRequest>,
 ) -> Answer {
     let id = object_id(&kind, namespace, name)?;
-    svc.execute(Command::Undo {
-        id,
-        to_revision: req.to_revision,
-    })
+    svc.execute_as(
+        &c,
+        Command::Undo {
+            id,
+            to_revision: req.to_revision,
+        },
+    )
     .await
 }
 
-pub async fn delete_node(State(svc): St, _: Admin, Path(name): Path<String>) -> Answer {
-    svc.execute(Command::DeleteNode { name }).await
+pub async fn delete_node(State(svc): St, c: Caller, Path(name): Path<String>) -> Answer {
+    svc.execute_as(&c, Command::DeleteNode { name }).await
 }
 
 // ---------------------------------------------------------------------------------------------
-// Operator queries (admin token)
+// Operator queries (a [`Caller`], checked and filtered by `Service::query_as`)
 
-pub async fn get_object(State(svc): St, _: Admin, Path((kind, namespace, name)): ObjectPath) -> Answer {
+pub async fn get_object(State(svc): St, c: Caller, Path((kind, namespace, name)): ObjectPath) -> Answer {
     let id = object_id(&kind, namespace, name)?;
-    svc.query(Query::Object { id }).await
+    svc.query_as(&c, Query::Object { id }).await
 }
 
-pub async fn revisions(State(svc): St, _: Admin, Path((kind, namespace, name)): ObjectPath) -> Answer {
+pub async fn revisions(State(svc): St, c: Caller, Path((kind, namespace, name)): ObjectPath) -> Answer {
     let id = object_id(&kind, namespace, name)?;
-    svc.query(Query::Revisions { id }).await
+    svc.query_as(&c, Query::Revisions { id }).await
 }
 
-pub async fn workloads(State(svc): St, _: Admin) -> Answer {
-    svc.query(Query::Workloads).await
+pub async fn workloads(State(svc): St, c: Caller) -> Answer {
+    svc.query_as(&c, Query::Workloads).await
 }
 
-pub async fn nodes(State(svc): St, _: Admin) -> Answer {
-    svc.query(Query::Nodes).await
+pub async fn nodes(State(svc): St, c: Caller) -> Answer {
+    svc.query_as(&c, Query::Nodes).await
 }
 
-pub async fn node(State(svc): St, _: Admin, Path(name): Path<String>) -> Answer {
-    svc.query(Query::Node { name }).await
+pub async fn node(State(svc): St, c: Caller, Path(name): Path<String>) -> Answer {
+    svc.query_as(&c, Query::Node { name }).await
 }
 
 #[derive(Deserialize)]
@@ -240,8 +246,8 @@ pub struct AlertsQuery {
 }
 
 /// `GET /v1/alerts[?all=true]`.
-pub async fn alerts(State(svc): St, _: Admin, ApiQuery(q): ApiQuery<AlertsQuery>) -> Answer {
-    svc.query(Query::Alerts { all: q.all }).await
+pub async fn alerts(State(svc): St, c: Caller, ApiQuery(q): ApiQuery<AlertsQuery>) -> Answer {
+    svc.query_as(&c, Query::Alerts { all: q.all }).await
 }
 
 #[derive(Deserialize)]
@@ -260,7 +266,7 @@ pub struct LogsQuery {
 
 /// `GET /v1/logs?node=&workload=[&container=&tail=&since_secs=&from_offset=]`: relay a log
 /// request to the node and wait for its answer.
-pub async fn logs(State(svc): St, _: Admin, ApiQuery(q): ApiQuery<LogsQuery>) -> Answer {
+pub async fn logs(State(svc): St, c: Caller, ApiQuery(q): ApiQuery<LogsQuery>) -> Answer {
     let request = LogRequest {
         id: String::new(),
         workload: q.workload,
@@ -269,7 +275,7 @@ pub async fn logs(State(svc): St, _: Admin, ApiQuery(q): ApiQuery<LogsQuery>) ->
         since_secs: q.since_secs,
         from_offset: q.from_offset,
     };
-    svc.query(Query::Logs { node: q.node, request }).await
+    svc.query_as(&c, Query::Logs { node: q.node, request }).await
 }
 
 #[derive(Deserialize)]
@@ -285,20 +291,23 @@ pub struct ErrorsQuery {
 }
 
 /// `GET /v1/errors[?node=&workload=&since_secs=&limit=]`: forwarded error lines, oldest first.
-pub async fn errors(State(svc): St, _: Admin, ApiQuery(q): ApiQuery<ErrorsQuery>) -> Answer {
-    svc.query(Query::Errors {
-        node: q.node,
-        workload: q.workload,
-        since_secs: q.since_secs,
-        limit: q.limit,
-    })
+pub async fn errors(State(svc): St, c: Caller, ApiQuery(q): ApiQuery<ErrorsQuery>) -> Answer {
+    svc.query_as(
+        &c,
+        Query::Errors {
+            node: q.node,
+            workload: q.workload,
+            since_secs: q.since_secs,
+            limit: q.limit,
+        },
+    )
     .await
 }
 
-/// `GET /metrics` (admin token, as for every operator route): OpenMetrics when the scraper
+/// `GET /metrics` (admin, or a `metrics`, `viewer` or `operator` account without a scope): OpenMetrics when the scraper
 /// accepts it, else the Prometheus text format 0.0.4.
-pub async fn metrics(State(svc): St, _: Admin, headers: HeaderMap) -> Result<Response, HubError> {
-    let Reply::Fleet(f) = svc.query(Query::Fleet).await? else {
+pub async fn metrics(State(svc): St, c: Caller, headers: HeaderMap) -> Result<Response, HubError> {
+    let Reply::Fleet(f) = svc.query_as(&c, Query::Fleet).await? else {
         return Err(HubError::Internal("the fleet query answered something else".into()));
     };
     let accept: Vec<&str> = headers.get_all(ACCEPT).iter().filter_map(|v| v.to_str().ok()).collect();
@@ -307,37 +316,37 @@ pub async fn metrics(State(svc): St, _: Admin, headers: HeaderMap) -> Result<Res
 }
 
 // ---------------------------------------------------------------------------------------------
-// Edge data pipeline (admin token)
+// Edge data pipeline (a [`Caller`])
 
 /// `GET /v1/pipelines`: every Pipeline with its revision, streams, sinks and matching nodes.
-pub async fn pipelines(State(svc): St, _: Admin) -> Answer {
-    svc.query(Query::Pipelines).await
+pub async fn pipelines(State(svc): St, c: Caller) -> Answer {
+    svc.query_as(&c, Query::Pipelines).await
 }
 
 /// `GET /v1/data?stream=&node=&pipeline=&kind=&since_secs=&after=&limit=`: stored records,
 /// oldest first.
-pub async fn data(State(svc): St, _: Admin, ApiQuery(q): ApiQuery<DataQuery>) -> Answer {
-    svc.query(Query::Data(q)).await
+pub async fn data(State(svc): St, c: Caller, ApiQuery(q): ApiQuery<DataQuery>) -> Answer {
+    svc.query_as(&c, Query::Data(q)).await
 }
 
 // ---------------------------------------------------------------------------------------------
-// Rollouts (admin token)
+// Rollouts (a [`Caller`])
 
 /// `GET /v1/rollouts`: every workload's current (or last) rollout, without per-node lists.
-pub async fn rollouts(State(svc): St, _: Admin) -> Answer {
-    svc.query(Query::Rollouts).await
+pub async fn rollouts(State(svc): St, c: Caller) -> Answer {
+    svc.query_as(&c, Query::Rollouts).await
 }
 
 /// `GET /v1/objects/{kind}/{namespace}/{name}/rollout`.
-pub async fn rollout(State(svc): St, _: Admin, Path((kind, namespace, name)): ObjectPath) -> Answer {
+pub async fn rollout(State(svc): St, c: Caller, Path((kind, namespace, name)): ObjectPath) -> Answer {
     let id = object_id(&kind, namespace, name)?;
-    svc.query(Query::Rollout { id }).await
+    svc.query_as(&c, Query::Rollout { id }).await
 }
 
 /// `POST /v1/objects/{kind}/{namespace}/{name}/rollout/{action}`: pause, resume, abort, undo.
 pub async fn rollout_action(
     State(svc): St,
-    _: Admin,
+    c: Caller,
     Path((kind, namespace, name, action)): Path<(String, String, String, String)>,
 ) -> Answer {
     let id = object_id(&kind, namespace, name)?;
@@ -346,5 +355,5 @@ pub async fn rollout_action(
             "{action:?} is not a rollout action: use pause, resume, abort or undo"
         ))
     })?;
-    svc.execute(Command::Rollout { id, action }).await
+    svc.execute_as(&c, Command::Rollout { id, action }).await
 }

@@ -12,8 +12,12 @@ pub use crate::store::TokenProblem;
 /// stable `code` (see docs/protocol.md); the `Display` text is the operator-facing message.
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
-    #[error("missing or wrong admin token; pass the token from <data-dir>/admin.token as `Authorization: Bearer <token>` (outpost reads it from OUTPOST_TOKEN or --token)")]
+    #[error("missing or unknown token; pass an account token (`outpost user add`) or the admin token from <data-dir>/admin.token as `Authorization: Bearer <token>` (outpost reads it from OUTPOST_TOKEN or --token)")]
     Unauthorized,
+    /// A known credential that no longer works (expired, revoked, a session ended); the text
+    /// says which and what to do.
+    #[error("{0}")]
+    Credential(String),
     #[error("this request carries no client certificate; node routes need the node's certificate (mTLS). Join first with `outpost agent join --hub URL --token T`")]
     NoClientCert,
     #[error("this node's certificate is not known to the hub (the node was deleted or re-joined elsewhere); join again with `outpost agent join --hub URL --token T`")]
@@ -102,7 +106,7 @@ impl HubError {
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         use HubError::*;
         match self {
-            Unauthorized | NoClientCert => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Unauthorized | NoClientCert | Credential(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             UnknownNode => (StatusCode::UNAUTHORIZED, "unknown_node"),
             CertificateExpired { .. } => (StatusCode::UNAUTHORIZED, "certificate_expired"),
             Labels(_) => (StatusCode::BAD_REQUEST, "label_not_allowed"),

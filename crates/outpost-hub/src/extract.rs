@@ -1,6 +1,7 @@
 //! Request extractors of the HTTP layer: the caller's certificate ([`Peer`], put into each
-//! request by `crate::server`), the admin token ([`Admin`]), and JSON bodies and query strings
-//! whose rejections are [`HubError`]s (so they get an `ApiError` body).
+//! request by `crate::server`), the operator ([`Caller`]: an account or admin token, or a
+//! session cookie with its CSRF token on mutating requests; docs/accounts.md), and JSON bodies
+//! and query strings whose rejections are [`HubError`]s (so they get an `ApiError` body).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::sync::Arc;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
+use axum::http::Method;
 use serde::de::DeserializeOwned;
 
 use crate::error::HubError;
@@ -35,26 +37,42 @@ pub fn bearer(parts: &Parts) -> Option<&str> {
         .map(str::trim)
 }
 
-/// Proof that the request carries the admin token.
-pub struct Admin;
+pub use crate::accounts::Caller;
 
-impl FromRequestParts<Arc<Service>> for Admin {
+/// The caller of a request that carries credentials; None when it carries none (a bearer
+/// token wins over a session cookie).
+async fn caller(parts: &Parts, svc: &Service) -> Option<Result<Caller, HubError>> {
+    let remote = parts.extensions.get::<Peer>().and_then(|p| p.remote);
+    if let Some(t) = bearer(parts) {
+        return Some(svc.caller_for_token(t, remote).await);
+    }
+    let id = crate::session::cookie(&parts.headers)?;
+    let mutating = !matches!(parts.method, Method::GET | Method::HEAD);
+    let csrf = parts
+        .headers
+        .get(outpost_api::accounts::CSRF_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    Some(svc.caller_for_session(&id, csrf, mutating, remote).await)
+}
+
+/// Every operator route takes a [`Caller`] and checks it (`Caller::require`, or through
+/// `Service::execute_as` / `Service::query_as`).
+impl FromRequestParts<Arc<Service>> for Caller {
     type Rejection = HubError;
     async fn from_request_parts(parts: &mut Parts, svc: &Arc<Service>) -> Result<Self, HubError> {
-        match bearer(parts) {
-            Some(t) if svc.is_admin(t) => Ok(Admin),
-            _ => Err(HubError::Unauthorized),
-        }
+        caller(parts, svc).await.unwrap_or(Err(HubError::Unauthorized))
     }
 }
 
-/// The bearer token, admin or not (image routes also let nodes in).
-pub struct Bearer(pub Option<String>);
+/// A caller if the request carries credentials (image routes also let nodes in by their
+/// certificate); wrong credentials are refused all the same.
+pub struct MaybeCaller(pub Option<Caller>);
 
-impl<S: Send + Sync> FromRequestParts<S> for Bearer {
-    type Rejection = Infallible;
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
-        Ok(Bearer(bearer(parts).map(String::from)))
+impl FromRequestParts<Arc<Service>> for MaybeCaller {
+    type Rejection = HubError;
+    async fn from_request_parts(parts: &mut Parts, svc: &Arc<Service>) -> Result<Self, HubError> {
+        caller(parts, svc).await.transpose().map(MaybeCaller)
     }
 }
 

@@ -1,6 +1,6 @@
 //! GitOps routes (docs/gitops.md, docs/openapi.yaml): thin handlers over the [`Service`]. The
-//! webhook route takes no admin token: it is authorized by the GitRepo's shared secret
-//! (`crate::gitops::webhook_authorized`).
+//! webhook route takes no token: it is authorized by the GitRepo's shared secret
+//! (`crate::gitops::webhook_authorized`), and audited as `webhook:gitrepo/<namespace>/<name>`.
 
 use std::sync::Arc;
 
@@ -10,7 +10,7 @@ use axum::http::HeaderMap;
 use serde::Deserialize;
 
 use crate::error::HubError;
-use crate::extract::{Admin, ApiQuery};
+use crate::extract::{ApiQuery, Caller, Peer};
 use crate::service::{Command, Query, Reply, Service};
 
 type St = State<Arc<Service>>;
@@ -32,15 +32,18 @@ impl NsQuery {
     }
 }
 
-pub async fn list(State(svc): St, _: Admin) -> Answer {
-    svc.query(Query::GitRepos { only: None }).await
+pub async fn list(State(svc): St, c: Caller) -> Answer {
+    svc.query_as(&c, Query::GitRepos { only: None }).await
 }
 
-pub async fn one(State(svc): St, _: Admin, Path(name): Path<String>, ApiQuery(q): ApiQuery<NsQuery>) -> Answer {
+pub async fn one(State(svc): St, c: Caller, Path(name): Path<String>, ApiQuery(q): ApiQuery<NsQuery>) -> Answer {
     let r = svc
-        .query(Query::GitRepos {
-            only: Some((q.ns(), name)),
-        })
+        .query_as(
+            &c,
+            Query::GitRepos {
+                only: Some((q.ns(), name)),
+            },
+        )
         .await?;
     match r {
         Reply::GitRepos(mut v) if v.len() == 1 => Ok(Reply::GitRepo(Box::new(v.remove(0)))),
@@ -48,15 +51,18 @@ pub async fn one(State(svc): St, _: Admin, Path(name): Path<String>, ApiQuery(q)
     }
 }
 
-pub async fn sync(State(svc): St, _: Admin, Path(name): Path<String>, ApiQuery(q): ApiQuery<NsQuery>) -> Answer {
-    svc.execute(Command::GitOpsSync {
-        namespace: q.ns(),
-        name,
-    })
+pub async fn sync(State(svc): St, c: Caller, Path(name): Path<String>, ApiQuery(q): ApiQuery<NsQuery>) -> Answer {
+    svc.execute_as(
+        &c,
+        Command::GitOpsSync {
+            namespace: q.ns(),
+            name,
+        },
+    )
     .await
 }
 
-pub async fn diff(State(svc): St, _: Admin, Path(name): Path<String>, ApiQuery(q): ApiQuery<NsQuery>) -> Answer {
+pub async fn diff(State(svc): St, c: Caller, Path(name): Path<String>, ApiQuery(q): ApiQuery<NsQuery>) -> Answer {
     if let Some(c) = &q.commit {
         if c.is_empty() || c.len() > 64 || !c.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(HubError::BadRequest(format!(
@@ -64,17 +70,21 @@ pub async fn diff(State(svc): St, _: Admin, Path(name): Path<String>, ApiQuery(q
             )));
         }
     }
-    svc.query(Query::GitDiff {
-        namespace: q.ns(),
-        name,
-        commit: q.commit.clone(),
-    })
+    svc.query_as(
+        &c,
+        Query::GitDiff {
+            namespace: q.ns(),
+            name,
+            commit: q.commit.clone(),
+        },
+    )
     .await
 }
 
 /// `POST /v1/gitops/{name}/webhook`: a push notification from the Git host.
 pub async fn webhook(
     State(svc): St,
+    peer: Peer,
     Path(name): Path<String>,
     ApiQuery(q): ApiQuery<NsQuery>,
     headers: HeaderMap,
@@ -95,5 +105,6 @@ pub async fn webhook(
         ));
     }
     tracing::info!(gitrepo = %format!("{ns}/{name}"), "webhook: fetching now");
-    svc.execute(Command::GitOpsSync { namespace: ns, name }).await
+    let who = Caller::system(format!("webhook:gitrepo/{ns}/{name}"), peer.remote);
+    svc.execute_as(&who, Command::GitOpsSync { namespace: ns, name }).await
 }

@@ -25,7 +25,9 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use crate::error::HubError;
-use crate::extract::{Admin, ApiJson, ApiQuery, Bearer, Peer};
+use outpost_core::access::{Action, Target};
+
+use crate::extract::{ApiJson, ApiQuery, Caller, MaybeCaller, Peer};
 use crate::service::{Command, ImageReader, Query, Reply, Service};
 
 type St = State<Arc<Service>>;
@@ -67,10 +69,11 @@ fn storage_error(e: std::io::Error) -> HubError {
 /// `PUT /v1/images/blobs/{digest}` (admin): store an archive.
 pub async fn put_blob(
     State(svc): St,
-    _: Admin,
+    c: Caller,
     Path(digest): Path<String>,
     req: Request,
 ) -> Result<Response, HubError> {
+    c.require(Action::PushImage, Target::Fleet)?;
     store_blob(&svc, &digest, req, |_| Ok(())).await
 }
 
@@ -122,11 +125,11 @@ pub(crate) async fn store_blob(
 pub async fn get_blob(
     State(svc): St,
     peer: Peer,
-    Bearer(bearer): Bearer,
+    MaybeCaller(caller): MaybeCaller,
     headers: HeaderMap,
     Path(digest): Path<String>,
 ) -> Result<Response, HubError> {
-    svc.image_reader(bearer.as_deref(), &peer).await?;
+    svc.image_reader(caller.as_ref(), &peer).await?;
     let path = svc.blob_path(&digest)?;
     let mut f = tokio::fs::File::open(&path)
         .await
@@ -164,7 +167,8 @@ pub async fn get_blob(
 }
 
 /// `HEAD /v1/images/blobs/{digest}` (admin): is it stored already?
-pub async fn head_blob(State(svc): St, _: Admin, Path(digest): Path<String>) -> Result<StatusCode, HubError> {
+pub async fn head_blob(State(svc): St, c: Caller, Path(digest): Path<String>) -> Result<StatusCode, HubError> {
+    c.require(Action::PushImage, Target::Fleet)?;
     Ok(if svc.blob_path(&digest)?.exists() {
         StatusCode::OK
     } else {
@@ -173,8 +177,8 @@ pub async fn head_blob(State(svc): St, _: Admin, Path(digest): Path<String>) -> 
 }
 
 /// `POST /v1/images/tags` (admin): name an uploaded archive.
-pub async fn put_tag(State(svc): St, _: Admin, ApiJson(t): ApiJson<ImageTag>) -> Result<Reply, HubError> {
-    svc.execute(Command::TagImage(t)).await
+pub async fn put_tag(State(svc): St, c: Caller, ApiJson(t): ApiJson<ImageTag>) -> Result<Reply, HubError> {
+    svc.execute_as(&c, Command::TagImage(t)).await
 }
 
 /// `?name=` of the tag routes (images and models).
@@ -187,15 +191,15 @@ pub struct TagQuery {
 pub async fn get_tags(
     State(svc): St,
     peer: Peer,
-    Bearer(bearer): Bearer,
+    MaybeCaller(caller): MaybeCaller,
     ApiQuery(q): ApiQuery<TagQuery>,
 ) -> Result<Reply, HubError> {
-    let who = svc.image_reader(bearer.as_deref(), &peer).await?;
+    let who = svc.image_reader(caller.as_ref(), &peer).await?;
     match q.name {
         Some(name) => svc.query(Query::ImageTag { name }).await,
         None if who == ImageReader::Admin => svc.query(Query::ImageTags).await,
         None => Err(HubError::NotAllowed(
-            "a node may only ask for one image (?name=IMAGE); listing every image needs the admin token".into(),
+            "a node may only ask for one image (?name=IMAGE); listing every image needs an account token".into(),
         )),
     }
 }

@@ -17,8 +17,11 @@
 //! `rollouts`, `scheduler`, `validate`, `views`, `error`; `controllers` (`alerts`, `webhook`)
 //! -> `service`.
 
+pub mod accounts;
+pub mod accounts_api;
 pub mod alerts;
 pub mod api;
+pub mod authz;
 pub mod controllers;
 pub mod data;
 pub mod error;
@@ -39,6 +42,7 @@ pub mod rollouts;
 pub mod scheduler;
 pub mod server;
 pub mod service;
+pub mod session;
 pub mod store;
 pub mod validate;
 pub mod views;
@@ -93,6 +97,11 @@ pub struct HubConfig {
     /// Connections one source address may hold without a node certificate (default: a quarter
     /// of the connection budget, at most 128; see `outpost_core::link::budget`).
     pub max_conns_per_ip: Option<usize>,
+    /// How long browser sessions last (idle and absolute; docs/accounts.md).
+    pub sessions: session::SessionLimits,
+    /// Audit entries older than this are removed (default 90 days; at most
+    /// `accounts::AUDIT_MAX_ROWS` are kept).
+    pub audit_max_age: Duration,
 }
 
 impl HubConfig {
@@ -112,6 +121,8 @@ impl HubConfig {
             keepalive: server::KEEPALIVE_IDLE,
             header_read_timeout: Duration::from_secs(10),
             max_conns_per_ip: None,
+            sessions: session::SessionLimits::default(),
+            audit_max_age: accounts::AUDIT_MAX_AGE,
         }
     }
 }
@@ -161,6 +172,8 @@ impl Hub {
             .with_context(|| format!("cannot open the monitoring tables in {}", monitor_db.display()))?;
         let data = data::DataStore::open(&monitor_db)
             .with_context(|| format!("cannot open the pipeline data tables in {}", monitor_db.display()))?;
+        let accounts = accounts::Accounts::open(&monitor_db, cfg.audit_max_age)
+            .with_context(|| format!("cannot open the account tables in {}", monitor_db.display()))?;
         let settings = service::Settings {
             offline_after: cfg.offline_after,
             long_poll: cfg.long_poll,
@@ -181,6 +194,8 @@ impl Hub {
             Arc::new(data),
             authority,
             settings,
+            accounts,
+            cfg.sessions,
         ));
         svc.spawn_status_writer();
         // Catch up on anything committed before a crash but not yet scheduled.

@@ -17,7 +17,9 @@ use axum::response::Response;
 use outpost_api::ImageTag;
 
 use crate::error::HubError;
-use crate::extract::{Admin, ApiJson, ApiQuery, Bearer, Peer};
+use outpost_core::access::{Action, Target};
+
+use crate::extract::{ApiJson, ApiQuery, Caller, MaybeCaller, Peer};
 use crate::images::TagQuery;
 use crate::service::{Command, Query, Reply, Service};
 
@@ -36,15 +38,17 @@ fn onnx_check(path: &std::path::Path) -> Result<(), HubError> {
 /// `PUT /v1/models/blobs/{digest}` (admin): store a model, refusing a file that is not ONNX.
 pub async fn put_blob(
     State(svc): St,
-    _: Admin,
+    c: Caller,
     Path(digest): Path<String>,
     req: Request,
 ) -> Result<Response, HubError> {
+    c.require(Action::PushImage, Target::Fleet)?;
     crate::images::store_blob(&svc, &digest, req, onnx_check).await
 }
 
 /// `POST /v1/models/tags` (admin): name a stored model (`{"name": "digits:v2", "digest": ...}`).
-pub async fn put_tag(State(svc): St, _: Admin, ApiJson(mut t): ApiJson<ImageTag>) -> Result<Reply, HubError> {
+pub async fn put_tag(State(svc): St, c: Caller, ApiJson(mut t): ApiJson<ImageTag>) -> Result<Reply, HubError> {
+    c.require(Action::PushImage, Target::Fleet)?;
     let path = svc.blob_path(&t.digest)?;
     if !path.exists() {
         return Err(HubError::BadRequest(format!(
@@ -58,7 +62,7 @@ pub async fn put_tag(State(svc): St, _: Admin, ApiJson(mut t): ApiJson<ImageTag>
         .map_err(|e| HubError::Internal(e.to_string()))??;
     let name = t.name.clone();
     t.name = format!("{TAG_PREFIX}{name}");
-    match svc.execute(Command::TagImage(t)).await? {
+    match svc.execute_as(&c, Command::TagImage(t)).await? {
         Reply::Image(mut t) => {
             t.name = name;
             Ok(Reply::Image(t))
@@ -72,10 +76,10 @@ pub async fn put_tag(State(svc): St, _: Admin, ApiJson(mut t): ApiJson<ImageTag>
 pub async fn get_tags(
     State(svc): St,
     peer: Peer,
-    Bearer(bearer): Bearer,
+    MaybeCaller(caller): MaybeCaller,
     ApiQuery(q): ApiQuery<TagQuery>,
 ) -> Result<Reply, HubError> {
-    let who = svc.image_reader(bearer.as_deref(), &peer).await?;
+    let who = svc.image_reader(caller.as_ref(), &peer).await?;
     match q.name {
         Some(name) => match svc
             .query(Query::ImageTag {
@@ -104,7 +108,7 @@ pub async fn get_tags(
             other => Ok(other),
         },
         None => Err(HubError::NotAllowed(
-            "a node may only ask for one model (?name=NAME:TAG); listing every model needs the admin token".into(),
+            "a node may only ask for one model (?name=NAME:TAG); listing every model needs an account token".into(),
         )),
     }
 }

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use hyper::body::{Body as _, Bytes, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -51,7 +51,7 @@ use tower::ServiceExt;
 
 use crate::error::HubError;
 use crate::service::Service;
-use crate::{api, images};
+use crate::{accounts_api, api, images};
 
 pub use crate::extract::{Peer, BODY_LIMIT};
 
@@ -141,6 +141,17 @@ pub fn router(svc: Arc<Service>) -> Router {
             "/v1/models/tags",
             get(crate::models::get_tags).post(crate::models::put_tag),
         )
+        // accounts, audit, browser sessions (docs/accounts.md)
+        .route("/v1/users", get(accounts_api::list).post(accounts_api::add))
+        .route("/v1/users/{name}", delete(accounts_api::remove))
+        .route(
+            "/v1/users/{name}/tokens",
+            post(accounts_api::new_token).delete(accounts_api::revoke_all),
+        )
+        .route("/v1/users/{name}/tokens/{id}", delete(accounts_api::revoke_one))
+        .route("/v1/audit", get(accounts_api::audit))
+        .route("/v1/whoami", get(accounts_api::whoami))
+        .route("/v1/session", post(accounts_api::login).delete(accounts_api::logout))
         .route("/v1/workloads", get(api::workloads))
         .route("/v1/nodes", get(api::nodes))
         .route("/v1/nodes/{node}", get(api::node).delete(api::delete_node))
@@ -616,6 +627,7 @@ async fn serve_conn(
             .and_then(|c| outpost_pki::not_after_der(c.as_ref()).ok())
             .map(|s| s.saturating_mul(1000)),
         closed: Some(closed),
+        remote: Some(remote),
     };
     if peer.cert_fp.is_some() {
         slot.table.certified(slot.id);

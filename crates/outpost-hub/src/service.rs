@@ -68,6 +68,8 @@ pub struct Peer {
     /// Cancelled when the peer's connection is gone (closed, or found dead by TCP keepalive),
     /// so a long-poll held on it ends and the node stops counting as connected.
     pub closed: Option<tokio_util::sync::CancellationToken>,
+    /// The client's address (for the audit log).
+    pub remote: Option<std::net::SocketAddr>,
 }
 
 impl Peer {
@@ -107,6 +109,14 @@ pub enum Command {
     TagImage(ImageTag),
     /// Pause, resume, abort or undo a workload's rollout (docs/rollouts.md).
     Rollout { id: ObjectId, action: RolloutAction },
+    /// Add an operator account with its first token (docs/accounts.md).
+    AddUser(outpost_api::accounts::UserRequest),
+    /// Remove an account, its tokens and its sessions.
+    RemoveUser { name: String },
+    /// A new token for an account.
+    NewUserToken { name: String, expires_secs: Option<u64> },
+    /// Revoke one token of an account (by id) or all of them.
+    RevokeUserTokens { name: String, id: Option<String> },
 }
 
 /// Who applies: a person (`force` overrides a GitRepo's ownership) or a GitRepo (its owner
@@ -208,6 +218,14 @@ pub enum Query {
         name: String,
         commit: Option<String>,
     },
+    /// Every operator account with its tokens (no secrets).
+    Users,
+    /// The audit log, oldest first.
+    Audit {
+        since_secs: Option<u64>,
+        user: Option<String>,
+        limit: Option<u32>,
+    },
 }
 
 /// What a command or query returns. Each variant is one answer type of the API.
@@ -239,6 +257,10 @@ pub enum Reply {
     GitDiff(Box<outpost_api::gitops::GitDiff>),
     /// A request was queued (a GitOps fetch).
     Queued(serde_json::Value),
+    UserToken(outpost_api::accounts::UserTokenResponse),
+    Users(Vec<outpost_api::accounts::UserInfo>),
+    Revoked(outpost_api::accounts::RevokeResponse),
+    Audit(Vec<outpost_api::accounts::AuditEntry>),
 }
 
 impl Reply {
@@ -270,6 +292,10 @@ impl Reply {
             Reply::GitRepo(v) => j(v),
             Reply::GitDiff(v) => j(v),
             Reply::Queued(v) => Ok(v.clone()),
+            Reply::UserToken(v) => j(v),
+            Reply::Users(v) => j(v),
+            Reply::Revoked(v) => j(v),
+            Reply::Audit(v) => j(v),
             Reply::Fleet(_) => Ok(serde_json::Value::Null),
         }
     }
@@ -360,6 +386,10 @@ pub struct Service {
     pub gitops: crate::gitops::Repos,
     /// AlertPolicy objects (namespace/name, spec), refreshed after each change.
     policies: RwLock<Vec<(String, AlertPolicySpec)>>,
+    /// Operator accounts, their tokens and the audit log (`crate::accounts`).
+    pub accounts: Arc<crate::accounts::Accounts>,
+    /// Browser sessions (`crate::session`).
+    pub sessions: crate::session::Sessions,
     /// Serializes every change to objects and nodes together with the reschedule that follows.
     pub write_lock: tokio::sync::Mutex<()>,
     /// Why workloads are short of replicas, from the last reschedule.
@@ -393,6 +423,8 @@ impl Service {
         data: Arc<DataStore>,
         authority: Authority,
         settings: Settings,
+        accounts: crate::accounts::Accounts,
+        sessions: crate::session::SessionLimits,
     ) -> Self {
         let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
@@ -406,6 +438,8 @@ impl Service {
             wake: Wakeups::default(),
             gitops: crate::gitops::Repos::default(),
             policies: RwLock::new(Vec::new()),
+            accounts: Arc::new(accounts),
+            sessions: crate::session::Sessions::new(sessions),
             write_lock: tokio::sync::Mutex::new(()),
             notes: Mutex::new(BTreeMap::new()),
             status_tx,
@@ -598,8 +632,14 @@ impl Service {
     // -----------------------------------------------------------------------------------------
     // Operator commands
 
-    /// Run a command. See [`Command`].
+    /// Run a command of the hub itself (controllers), audited as user `hub`. Requests run
+    /// theirs with [`Service::execute_as`] (`crate::authz`), which checks the caller first.
     pub async fn execute(&self, cmd: Command) -> Result<Reply, HubError> {
+        self.execute_as(&crate::accounts::Caller::hub(), cmd).await
+    }
+
+    /// Run a command already authorized and audited by `execute_as`. See [`Command`].
+    pub(crate) async fn run(&self, _caller: &crate::accounts::Caller, cmd: Command) -> Result<Reply, HubError> {
         match cmd {
             Command::Apply { files, force } => self.apply(files, Ownership::Hand { force }).await.map(Reply::Applied),
             Command::GitOpsApply { owner, file } => self
@@ -625,6 +665,10 @@ impl Service {
             Command::DeleteNode { name } => self.delete_node(name).await.map(Reply::Deleted),
             Command::TagImage(t) => self.tag_image(t).await.map(Reply::Image),
             Command::Rollout { id, action } => self.rollout_action(id, action).await.map(Reply::RolloutAction),
+            Command::AddUser(req) => self.add_user(req).await,
+            Command::RemoveUser { name } => self.remove_user(name).await,
+            Command::NewUserToken { name, expires_secs } => self.new_user_token(name, expires_secs).await,
+            Command::RevokeUserTokens { name, id } => self.revoke_user_tokens(name, id).await,
         }
     }
 
@@ -948,6 +992,12 @@ impl Service {
             } => crate::gitops::diff(self, &namespace, &name, commit)
                 .await
                 .map(|d| Reply::GitDiff(Box::new(d))),
+            Query::Users => Ok(Reply::Users(self.adb(|a| a.users()).await?)),
+            Query::Audit {
+                since_secs,
+                user,
+                limit,
+            } => self.audit_entries(since_secs, user, limit).await,
             Query::Data(q) => {
                 if let Some(k) = q.kind.as_deref().filter(|k| RecordKind::parse(k).is_none()) {
                     return Err(HubError::BadRequest(format!(
@@ -1702,9 +1752,14 @@ impl Service {
         Ok(())
     }
 
-    /// Who may read image archives and tags: the operator or a known node.
-    pub async fn image_reader(&self, bearer: Option<&str>, peer: &Peer) -> Result<ImageReader, HubError> {
-        if bearer.is_some_and(|t| self.is_admin(t)) {
+    /// Who may read image archives and tags: an operator account that may read, or a known node.
+    pub async fn image_reader(
+        &self,
+        caller: Option<&crate::accounts::Caller>,
+        peer: &Peer,
+    ) -> Result<ImageReader, HubError> {
+        if let Some(c) = caller {
+            c.require_role(outpost_core::access::Action::Read)?;
             return Ok(ImageReader::Admin);
         }
         if peer.cert_fp.is_none() {

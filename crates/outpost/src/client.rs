@@ -68,7 +68,8 @@ pub async fn login(hub: &str, token: &str, pin: Option<&str>) -> Result<()> {
     let hub = hub.trim_end_matches('/').to_string();
     let (ca_pem, fp) = fetch_ca(&hub, pin).await?;
     let c = Client::new(&hub, token, &ca_pem)?;
-    let _: Vec<outpost_api::NodeInfo> = c.get("/v1/nodes").await.context("the hub refused the admin token")?;
+    // Any valid token may log in, a metrics-only one too: /v1/whoami answers every account.
+    let me: outpost_api::accounts::WhoAmI = c.get("/v1/whoami").await.context("the hub refused the token")?;
     let path = save_config(&Config {
         hub: hub.clone(),
         token: token.to_string(),
@@ -77,7 +78,17 @@ pub async fn login(hub: &str, token: &str, pin: Option<&str>) -> Result<()> {
     if pin.is_none() {
         eprintln!("trusted the hub's CA {fp} on first use: compare it with the fingerprint `outpost hub` printed");
     }
-    println!("logged in to {hub}; settings in {}", path.display());
+    let scope = if me.selector.is_empty() {
+        String::new()
+    } else {
+        format!(", limited to {}", me.selector)
+    };
+    println!(
+        "logged in to {hub} as {} ({}{scope}); settings in {}",
+        me.user,
+        me.role,
+        path.display()
+    );
     Ok(())
 }
 
@@ -270,6 +281,8 @@ fn check_hint(path: &str) -> &'static str {
         "check with `outpost get nodes`"
     } else if path.ends_with("/undo") {
         "check with `outpost rollout history`"
+    } else if path.starts_with("/v1/users") {
+        "check with `outpost user ls`"
     } else if path.starts_with("/v1/images") {
         "check with `outpost image ls`"
     } else {

@@ -13,6 +13,7 @@ mod kustomize;
 mod logs;
 mod model;
 mod output;
+mod user;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -43,7 +44,7 @@ enum Cmd {
     },
     /// Run the agent on an edge box, or join it to a hub.
     Agent(AgentArgs),
-    /// Store the hub URL and admin token for the other commands.
+    /// Store the hub URL and a token (the admin token or an account token) for the other commands.
     Login(LoginArgs),
     /// Create or update objects from manifest files (several documents per file), or from the
     /// render of a kustomization directory (-k).
@@ -123,6 +124,26 @@ enum Cmd {
     /// Serve one ONNX model over HTTP (KServe v2 and POST /infer). The agent runs this for
     /// workloads with `runtimeClassName: onnx` (docs/inference.md); it also runs by hand.
     ServeModel(ServeModelArgs),
+    /// Operator accounts: roles (admin, operator, viewer, metrics), label scopes, tokens
+    /// (docs/accounts.md).
+    User {
+        #[command(subcommand)]
+        cmd: user::UserCmd,
+    },
+    /// The audit log of every change (who, what, when, from where, result); admin only.
+    Audit {
+        /// Only entries newer than this (e.g. 1h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this account's entries (`admin` is the first-start admin token).
+        #[arg(long)]
+        user: Option<String>,
+        /// At most this many (the newest).
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
     /// Measure outpost: agent footprint, propagation, offline recovery, bandwidth, fleet scale (simulator).
     Bench(outpost_bench::BenchArgs),
 }
@@ -252,6 +273,15 @@ struct HubArgs {
     /// descriptor limit, at most 128).
     #[arg(long)]
     max_conns_per_ip: Option<usize>,
+    /// A browser session unused this long ends (docs/accounts.md).
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    session_idle: Duration,
+    /// A browser session ends this long after login, used or not.
+    #[arg(long, default_value = "12h", value_parser = parse_duration)]
+    session_lifetime: Duration,
+    /// Audit entries older than this are removed (at most 100,000 are kept).
+    #[arg(long, default_value = "90d", value_parser = parse_duration)]
+    audit_retention: Duration,
 }
 
 #[derive(Subcommand)]
@@ -397,7 +427,8 @@ struct ServeModelArgs {
 struct LoginArgs {
     #[arg(long)]
     hub: String,
-    /// The admin token the hub printed at its first start (also in <hub data dir>/admin.token).
+    /// An account token (`outpost user add`), or the admin token the hub printed at its first
+    /// start (also in <hub data dir>/admin.token).
     #[arg(long)]
     token: String,
     /// The hub CA's SHA-256 fingerprint, as the hub prints it. Without it, the CA is trusted on
@@ -634,6 +665,22 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Model {
             cmd: ModelCmd::Push { file, name },
         } => model::push(&client::Client::from_env()?, &file, &name).await,
+        Cmd::User { cmd } => user::run(&client::Client::from_env()?, cmd).await,
+        Cmd::Audit {
+            since,
+            user,
+            limit,
+            output,
+        } => {
+            user::audit(
+                &client::Client::from_env()?,
+                since.as_deref(),
+                user.as_deref(),
+                limit,
+                output,
+            )
+            .await
+        }
         Cmd::Model { cmd: ModelCmd::Ls } => model::list(&client::Client::from_env()?).await,
         Cmd::ServeModel(a) => {
             init_tracing();
@@ -680,6 +727,11 @@ async fn run_hub(a: HubArgs) -> Result<()> {
         header_read_timeout: a.header_read_timeout,
         keepalive: a.keepalive,
         max_conns_per_ip: a.max_conns_per_ip,
+        sessions: outpost_hub::session::SessionLimits {
+            idle: a.session_idle,
+            max: a.session_lifetime,
+        },
+        audit_max_age: a.audit_retention,
     };
     let (hub, created) = outpost_hub::Hub::start(cfg).await?;
     let url = a

@@ -132,6 +132,11 @@ fn cert_expiry(expires_at: i64, now: i64) -> String {
     }
 }
 
+/// Print an answer as JSON or YAML (`-o json|yaml`).
+pub fn print_value<T: Serialize>(v: &T, f: Format) -> Result<()> {
+    print(v, f)
+}
+
 fn print<T: Serialize>(v: &T, f: Format) -> Result<()> {
     match f {
         Format::Json => println!("{}", serde_json::to_string_pretty(v)?),

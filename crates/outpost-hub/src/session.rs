@@ -1,0 +1,259 @@
+//! Browser sessions (docs/accounts.md), the backend the dashboard logs in with:
+//! - `POST /v1/session` with a user and password sets the cookie
+//!   `outpost_session=<random>; HttpOnly; Secure; SameSite=Strict; Path=/` and answers with a
+//!   CSRF token;
+//! - a request with the cookie (and no bearer token) acts as the account; a mutating one
+//!   (anything but GET and HEAD) must carry the CSRF token in `X-CSRF-Token`;
+//! - a session ends after an idle time and an absolute lifetime
+//!   (`outpost_core::access::session_validity`), at logout (`DELETE /v1/session`), and when
+//!   its account is removed. Sessions live in the hub's memory: a hub restart logs everyone out.
+//!
+//! The store keeps the SHA-256 of each session id and of its CSRF token, never the values.
+//! [`CSP`] is the Content-Security-Policy for the hub's HTML pages ([`html_headers`]).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue};
+use outpost_api::accounts::SESSION_COOKIE;
+use outpost_api::UnixMs;
+use outpost_core::access::{self, Validity};
+
+use crate::error::human_duration;
+use crate::files::random_hex;
+use crate::service::sha256;
+
+/// Content-Security-Policy of every HTML page the hub serves: its own scripts, styles and
+/// images only, no inline script, no framing, forms post only to the hub.
+pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'";
+
+/// Headers every HTML response gets: the CSP, no sniffing, no framing, no referrer.
+pub fn html_headers(h: &mut HeaderMap) {
+    h.insert("content-security-policy", HeaderValue::from_static(CSP));
+    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+}
+
+/// How long sessions last.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionLimits {
+    /// A session unused this long ends (default 30 min).
+    pub idle: Duration,
+    /// A session ends this long after login whatever its use (default 12 h).
+    pub max: Duration,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            idle: Duration::from_secs(30 * 60),
+            max: Duration::from_secs(12 * 3600),
+        }
+    }
+}
+
+struct Session {
+    user: String,
+    csrf_sha256: [u8; 32],
+    created_at: UnixMs,
+    last_used: UnixMs,
+}
+
+/// A new session's secrets, shown to the browser once.
+pub struct NewSession {
+    pub id: String,
+    pub csrf: String,
+    pub expires_at: UnixMs,
+}
+
+/// Why a cookie does not work; the text is the operator-facing message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SessionRefusal {
+    #[error("the session is unknown (the hub restarted, or you logged out); log in again")]
+    Unknown,
+    #[error("the session ended {} ago (it lasts at most {}); log in again", human_duration(*.0), human_duration(*.1))]
+    Expired(i64, i64),
+    #[error("the session ended {} ago after {} without use; log in again", human_duration(*.0), human_duration(*.1))]
+    Idle(i64, i64),
+}
+
+/// Every live session, by the SHA-256 of its id.
+pub struct Sessions {
+    limits: SessionLimits,
+    map: Mutex<HashMap<[u8; 32], Session>>,
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Sessions {
+    pub fn new(limits: SessionLimits) -> Self {
+        Self {
+            limits,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Session>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Start a session for `user`; drops the expired ones on the way.
+    pub fn create(&self, user: &str, now: UnixMs) -> NewSession {
+        let id = random_hex(32);
+        let csrf = random_hex(32);
+        let (idle, max) = (ms(self.limits.idle), ms(self.limits.max));
+        let mut m = self.lock();
+        m.retain(|_, s| access::session_validity(s.created_at, s.last_used, now, idle, max) == Validity::Valid);
+        m.insert(
+            sha256(&id),
+            Session {
+                user: user.to_string(),
+                csrf_sha256: sha256(&csrf),
+                created_at: now,
+                last_used: now,
+            },
+        );
+        NewSession {
+            id,
+            csrf,
+            expires_at: now.saturating_add(max),
+        }
+    }
+
+    /// The account of a live session, touching it; with `csrf` (mutating requests) the CSRF
+    /// token must match too: Ok(Err(())) when it does not.
+    pub fn check(&self, id: &str, now: UnixMs) -> Result<(String, [u8; 32]), SessionRefusal> {
+        let key = sha256(id);
+        let mut m = self.lock();
+        let s = m.get_mut(&key).ok_or(SessionRefusal::Unknown)?;
+        let (idle, max) = (ms(self.limits.idle), ms(self.limits.max));
+        match access::session_validity(s.created_at, s.last_used, now, idle, max) {
+            Validity::Valid => {
+                s.last_used = now;
+                Ok((s.user.clone(), s.csrf_sha256))
+            }
+            v => {
+                m.remove(&key);
+                Err(match v {
+                    Validity::Idle(ago) => SessionRefusal::Idle(ago, idle),
+                    Validity::Expired(ago) => SessionRefusal::Expired(ago, max),
+                    _ => SessionRefusal::Unknown,
+                })
+            }
+        }
+    }
+
+    /// End a session (logout). False when there was none.
+    pub fn remove(&self, id: &str) -> bool {
+        self.lock().remove(&sha256(id)).is_some()
+    }
+
+    /// End every session of an account (removed).
+    pub fn remove_user(&self, user: &str) {
+        self.lock().retain(|_, s| s.user != user);
+    }
+}
+
+/// The session id in a request's cookies.
+pub fn cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == SESSION_COOKIE)
+        .map(|(_, v)| v.trim().to_string())
+}
+
+/// `Set-Cookie` for a new session.
+pub fn set_cookie(id: &str, max: Duration) -> String {
+    format!(
+        "{SESSION_COOKIE}={id}; HttpOnly; Secure; SameSite=Strict; Path=/; Max-Age={}",
+        max.as_secs()
+    )
+}
+
+/// `Set-Cookie` that removes the session cookie.
+pub fn clear_cookie() -> String {
+    format!("{SESSION_COOKIE}=; HttpOnly; Secure; SameSite=Strict; Path=/; Max-Age=0")
+}
+
+impl Sessions {
+    pub fn limits(&self) -> SessionLimits {
+        self.limits
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_expire_idle_and_absolute() {
+        let s = Sessions::new(SessionLimits {
+            idle: Duration::from_secs(60),
+            max: Duration::from_secs(300),
+        });
+        let a = s.create("alice", 0);
+        assert_eq!(s.check(&a.id, 30_000).unwrap().0, "alice");
+        // used at 30 s: alive at 80 s, idle-expired at 91 s
+        assert!(s.check(&a.id, 80_000).is_ok());
+        assert!(matches!(
+            s.check(&a.id, 141_000),
+            Err(SessionRefusal::Idle(1000, 60_000))
+        ));
+        assert_eq!(
+            s.check(&a.id, 141_001),
+            Err(SessionRefusal::Unknown),
+            "an ended session is gone"
+        );
+        let b = s.create("bob", 0);
+        for t in (50_000..300_000).step_by(50_000) {
+            assert!(s.check(&b.id, t).is_ok(), "used every 50 s: alive at {t}");
+        }
+        assert!(matches!(
+            s.check(&b.id, 300_000),
+            Err(SessionRefusal::Expired(0, 300_000))
+        ));
+        let c = s.create("carol", 0);
+        assert!(s.remove(&c.id));
+        assert_eq!(s.check(&c.id, 1), Err(SessionRefusal::Unknown));
+        let d = s.create("dave", 0);
+        s.remove_user("dave");
+        assert_eq!(s.check(&d.id, 1), Err(SessionRefusal::Unknown));
+    }
+
+    #[test]
+    fn cookie_is_found_among_others_and_set_with_its_flags() {
+        let mut h = HeaderMap::new();
+        h.insert("cookie", HeaderValue::from_static("a=1; outpost_session=abc ; b=2"));
+        assert_eq!(cookie(&h).as_deref(), Some("abc"));
+        let c = set_cookie("abc", Duration::from_secs(60));
+        for flag in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
+            assert!(c.contains(flag), "{c}");
+        }
+    }
+
+    #[test]
+    fn html_pages_get_a_strict_csp() {
+        let mut h = HeaderMap::new();
+        html_headers(&mut h);
+        let csp = h["content-security-policy"].to_str().unwrap();
+        for part in [
+            "default-src 'self'",
+            "script-src 'self'",
+            "frame-ancestors 'none'",
+            "object-src 'none'",
+        ] {
+            assert!(csp.contains(part), "{csp}");
+        }
+        assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"), "{csp}");
+        assert_eq!(h["x-frame-options"], "DENY");
+    }
+}
