@@ -40,7 +40,8 @@ pub struct ExecStart {
     /// The container of a multi-container workload (default: the first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
-    /// argv; must not be empty.
+    /// argv; must not be empty (checked by [`ExecStart::validate`], after the caller's role).
+    #[serde(default)]
     pub command: Vec<String>,
     /// Run under a pseudo-terminal.
     #[serde(default)]

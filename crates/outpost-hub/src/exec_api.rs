@@ -49,6 +49,7 @@ pub async fn input(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, HubError> {
+    c.require_role(outpost_core::access::Action::Exec)?;
     let mut dec = FrameDecoder::default();
     dec.push(&body);
     let mut frames = Vec::new();
