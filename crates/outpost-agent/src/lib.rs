@@ -260,6 +260,7 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
         let id = c.identity.read().await.clone();
         let link = site::SiteLink {
             node: node.clone(),
+            client: Some(c.clone()),
             ca_pem: id.ca_pem.clone(),
             cert_pem: id.cert_pem.clone(),
             key_pem: id.key_pem.clone(),

@@ -41,6 +41,7 @@ pub mod store;
 pub mod validate;
 pub mod views;
 pub mod webhook;
+pub mod witness;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

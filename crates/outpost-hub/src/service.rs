@@ -363,6 +363,8 @@ pub struct Service {
     pub write_lock: tokio::sync::Mutex<()>,
     /// Why workloads are short of replicas, from the last reschedule.
     notes: Mutex<BTreeMap<ObjectId, String>>,
+    /// The site witness's leases (docs/site-ha.md).
+    pub leases: crate::witness::Leases,
     /// Status reports waiting for the group-commit writer.
     status_tx: tokio::sync::mpsc::UnboundedSender<StatusJob>,
     status_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<StatusJob>>>,
@@ -407,6 +409,7 @@ impl Service {
             policies: RwLock::new(Vec::new()),
             write_lock: tokio::sync::Mutex::new(()),
             notes: Mutex::new(BTreeMap::new()),
+            leases: Default::default(),
             status_tx,
             status_rx: Mutex::new(Some(status_rx)),
         }

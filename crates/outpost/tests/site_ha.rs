@@ -120,6 +120,18 @@ impl Site {
         sh(&["ip", "link", "set", &self.host_if(i), "up"]).unwrap();
     }
 
+    /// Boxes `a` and `b` stop hearing each other; both still reach the hub (and the others).
+    fn split(&self, a: usize, b: usize) {
+        for (x, y) in [(a, b), (b, a)] {
+            let ns = self.ns(x);
+            let ip = self.ip(y);
+            sh(&[
+                "ip", "netns", "exec", &ns, "iptables", "-I", "INPUT", "-s", &ip, "-j", "DROP",
+            ])
+            .unwrap();
+        }
+    }
+
     /// A power cut: every process of box `i`'s namespace killed at once.
     fn power_cut(&self, i: usize) {
         let pids = sh(&["ip", "netns", "pids", &self.ns(i)]).unwrap();
@@ -446,4 +458,27 @@ fn a_new_revision_reaches_active_and_standbys() {
     let (now_on, _) = cut_power(&site, &m2, active);
     assert_ne!(now_on, active);
     assert!(site.copies(&m1).is_empty(), "no box went back to revision 1");
+}
+
+#[test]
+fn two_boxes_with_the_hub_as_witness_keep_one_copy() {
+    let Some((site, hub, _agents)) = site_with_deadline(2, Some(2_000)) else {
+        return;
+    };
+    let m = marker();
+    // The default policy, preferAvailability: without the witness the standby would start a
+    // second copy when it stops hearing the active box (two_boxes_without_the_hub_follow_the_policy).
+    hub.apply(&failover("gw", &m, 1, "preferAvailability"));
+    let active = one_copy(&site, &m, 40.0);
+    stays_one(&site, &m, active, 1.0);
+    // The pair stops hearing itself, both boxes still reach the hub: the active box renews its
+    // lease at the hub before the standby claims, the hub keeps the copy where it runs.
+    site.split(0, 1);
+    stays_one(&site, &m, active, 5.0);
+    // The active box dies while the pair is split: the hub grants the standby the copy once the
+    // lease lapsed.
+    let (now_on, took) = cut_power(&site, &m, active);
+    eprintln!("pair failover through the hub witness: {} ms", took.as_millis());
+    assert_ne!(now_on, active);
+    stays_one(&site, &m, now_on, 1.0);
 }

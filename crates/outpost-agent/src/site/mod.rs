@@ -22,17 +22,18 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use outpost_api::site::SiteMember;
+use outpost_api::site::{SiteMember, WitnessAnswer, WitnessClaim};
 use outpost_api::{now_ms, UnixMs};
 use outpost_core::site_ha::{decide, Change, PeerState, View, Witness, HEARTBEAT_MS, STARTUP_GRACE_MS};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::store::{Desired, Store};
+use crate::sync::HubClient;
 
 pub mod vip;
 
@@ -75,8 +76,54 @@ struct Own {
     since: UnixMs,
 }
 
+/// How long a box waits for the hub witness's answer: a takeover must not wait for a dead
+/// hub; past this the hub counts as unreachable and the policy decides.
+pub const WITNESS_TIMEOUT: Duration = Duration::from_millis(150);
+/// How often a box repeats its claim while its pair's peer stays silent (the lease is
+/// [`outpost_core::site_ha::LEASE_MS`]).
+const WITNESS_EVERY: Duration = Duration::from_millis(100);
+
+/// The witness's last answer for one workload, for the silence in progress.
+#[derive(Clone, Debug)]
+struct Asked {
+    answer: Witness,
+    epoch: u64,
+    at: std::time::Instant,
+    in_flight: bool,
+}
+
+type Answers = Arc<Mutex<BTreeMap<String, Asked>>>;
+
+/// Ask the hub witness for `workload` at `epoch` and record the answer (or
+/// [`Witness::Unreachable`] when it does not come within [`WITNESS_TIMEOUT`]).
+async fn ask_witness(client: Arc<HubClient>, workload: String, epoch: u64, answers: Answers, wake: Arc<Notify>) {
+    let claim = WitnessClaim {
+        workload: workload.clone(),
+        epoch,
+    };
+    let r = tokio::time::timeout(WITNESS_TIMEOUT, client.post_json::<_, WitnessAnswer>("witness", &claim)).await;
+    let answer = match r {
+        Ok(Ok(a)) => Witness::Answer {
+            owner: a.owner,
+            epoch: a.epoch,
+        },
+        Ok(Err(e)) => {
+            warn!(workload = %workload, error = %e, "site witness: the hub refused the claim; the policy decides");
+            Witness::Unreachable
+        }
+        Err(_) => Witness::Unreachable,
+    };
+    if let Some(a) = answers.lock().expect("answers lock").get_mut(&workload) {
+        a.answer = answer;
+        a.in_flight = false;
+    }
+    wake.notify_one();
+}
+
 pub struct SiteLink {
     pub node: String,
+    /// The link to the hub, whose witness route decides for a pair that lost itself.
+    pub client: Option<Arc<HubClient>>,
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
@@ -124,12 +171,14 @@ impl SiteLink {
         let mut listener: Option<(String, JoinHandle<()>)> = None;
         let mut dialers: BTreeMap<String, (String, JoinHandle<()>)> = BTreeMap::new();
         let mut own: BTreeMap<String, Own> = BTreeMap::new();
-        let witness = Witness::Unreachable;
+        let answers: Answers = Arc::new(Mutex::new(BTreeMap::new()));
+        let wake = Arc::new(Notify::new());
         let mut tick = tokio::time::interval(Duration::from_millis((HEARTBEAT_MS / 2) as u64));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                _ = wake.notified() => {}
                 r = desired_rx.changed() => if r.is_err() { break },
                 _ = stop.changed() => break,
             }
@@ -173,6 +222,10 @@ impl SiteLink {
             let now = now_ms();
             let snapshot = heard.lock().expect("heard lock").clone();
             own.retain(|k, _| workloads.contains_key(k));
+            answers
+                .lock()
+                .expect("answers lock")
+                .retain(|k, _| workloads.contains_key(k));
             for (key, members) in &workloads {
                 let spec = &desired.workloads[key];
                 let Some(fo) = spec.failover.as_ref() else { continue };
@@ -203,6 +256,11 @@ impl SiteLink {
                     since: now,
                     ..Own::default()
                 });
+                let witness = match answers.lock().expect("answers lock").get(key) {
+                    Some(a) if self.client.is_some() => a.answer.clone(),
+                    _ if self.client.is_some() => Witness::Pending,
+                    _ => Witness::Unreachable,
+                };
                 let o = decide(
                     &View {
                         me: &self.node,
@@ -225,6 +283,36 @@ impl SiteLink {
                     known: o.known_epoch,
                     since: st.since,
                 };
+                // The hub witness: ask while the pair's peer is silent, again every
+                // WITNESS_EVERY (a holder's renewal keeps its lease); forget the answers when
+                // the peer is heard again, so the next silence starts from a fresh question.
+                match (o.claim, self.client.as_ref()) {
+                    (Some(epoch), Some(client)) => {
+                        let mut all = answers.lock().expect("answers lock");
+                        let a = all.entry(key.clone()).or_insert_with(|| Asked {
+                            answer: Witness::Pending,
+                            epoch,
+                            at: std::time::Instant::now(),
+                            in_flight: false,
+                        });
+                        let due = a.at.elapsed() >= WITNESS_EVERY || a.epoch != epoch || a.answer == Witness::Pending;
+                        if !a.in_flight && due {
+                            a.in_flight = true;
+                            a.epoch = epoch;
+                            a.at = std::time::Instant::now();
+                            tokio::spawn(ask_witness(
+                                client.clone(),
+                                key.clone(),
+                                epoch,
+                                answers.clone(),
+                                wake.clone(),
+                            ));
+                        }
+                    }
+                    _ => {
+                        answers.lock().expect("answers lock").remove(key);
+                    }
+                }
                 if let Some(change) = o.change {
                     let (reason, message) = match change {
                         Change::TookOver { reason } => (
