@@ -482,3 +482,31 @@ fn two_boxes_with_the_hub_as_witness_keep_one_copy() {
     assert_ne!(now_on, active);
     stays_one(&site, &m, now_on, 1.0);
 }
+
+#[test]
+fn a_joining_box_does_not_restart_the_active_copy() {
+    let Some(site) = Site::new(3) else {
+        return;
+    };
+    let hub = Hub::start_on(&site.hub_ip(), &[], &[]);
+    let token = hub.token(&["--labels", &format!("site={}", site.tag)]);
+    let _a: Vec<Agent> = (0..2).map(|i| site.join(&hub, &token, i, Some(2_000))).collect();
+    let m = marker();
+    hub.apply(&failover("gw", &m, 2, "preferAvailability"));
+    let active = one_copy(&site, &m, 40.0);
+    stays_one(&site, &m, active, 1.0);
+    // A third box joins the site: it becomes a member (standby) and every member receives the
+    // new member list, without the active copy restarting.
+    let _c = site.join(&hub, &token, 2, Some(2_000));
+    let key = "deployment/default/gw";
+    let pid = pids_with_cmdline(&["/bin/sleep", &m]);
+    wait_for("the new box holds the workload as a standby", 30.0, || {
+        (hub.placement(&site.ns(2), key)?["status"]["site_role"] == "standby").then_some(())
+    });
+    stays_one(&site, &m, active, 1.5);
+    assert_eq!(
+        pids_with_cmdline(&["/bin/sleep", &m]),
+        pid,
+        "the active copy was not restarted"
+    );
+}
