@@ -510,3 +510,72 @@ fn a_joining_box_does_not_restart_the_active_copy() {
         "the active copy was not restarted"
     );
 }
+
+/// The pid of `marker`'s copy on box `i`, if one runs there.
+fn pid_on(site: &Site, marker: &str, i: usize) -> Option<u32> {
+    pids_with_cmdline(&["/bin/sleep", marker])
+        .into_iter()
+        .find(|p| site.box_of(*p) == Some(i))
+}
+
+#[test]
+fn a_warm_standby_is_promoted_without_a_restart() {
+    let Some((site, hub, _agents)) = site_with_hub(3) else {
+        return;
+    };
+    let m = marker();
+    let vip = format!("10.88.{}.100", site.k);
+    let yaml = failover("gw", &m, 2, "preferAvailability").replace(
+        "outpost.dev/failover-policy: preferAvailability}",
+        &format!(
+            "outpost.dev/failover-policy: preferAvailability, outpost.dev/failover-warm: 'true', outpost.dev/failover-vip: {vip}/24, outpost.dev/failover-interface: {SITE_IF}}}"
+        ),
+    );
+    hub.apply(&yaml);
+    // Warm: a copy runs on every box; only the active one holds the virtual IP.
+    wait_for("a copy on every box", 40.0, || {
+        (site.copies(&m) == vec![0, 1, 2]).then_some(())
+    });
+    let active = wait_for("one box holds the virtual IP", 20.0, || {
+        match (0..3).filter(|i| site.holds(*i, &vip)).collect::<Vec<_>>()[..] {
+            [a] => Some(a),
+            _ => None,
+        }
+    });
+    let key = "deployment/default/gw";
+    wait_for("the hub sees one active and two warm standbys", 20.0, || {
+        let table = hub.cli(&["get", "workloads"]);
+        let rows: Vec<&str> = table.lines().filter(|l| l.starts_with(&site.tag)).collect();
+        (rows.iter().filter(|l| l.contains("Standby (warm)")).count() == 2
+            && rows.iter().filter(|l| l.contains("Running (active)")).count() == 1)
+            .then_some(())
+    });
+    let standby_status = hub.placement(&site.ns((active + 1) % 3), key).expect("placement");
+    assert_eq!(
+        standby_status["status"]["ready"], false,
+        "a warm standby is not ready: {standby_status}"
+    );
+    let before: Vec<Option<u32>> = (0..3).map(|i| pid_on(&site, &m, i)).collect();
+
+    // Power cut: the best-ranked live standby takes the virtual IP; its copy is the one that
+    // already ran (promotion, not a start).
+    let t0 = Instant::now();
+    site.power_cut(active);
+    let now_on = wait_for("another box holds the virtual IP", 15.0, || {
+        (0..3).find(|i| *i != active && site.holds(*i, &vip))
+    });
+    eprintln!("warm site failover (virtual IP moved): {} ms", t0.elapsed().as_millis());
+    assert_eq!(
+        pid_on(&site, &m, now_on),
+        before[now_on],
+        "the warm copy was promoted, not restarted"
+    );
+    wait_for("the hub names the new active box", 20.0, || {
+        (hub.placement(&site.ns(now_on), key)?["status"]["site_role"] == "active").then_some(())
+    });
+    assert_eq!(
+        pid_on(&site, &m, now_on),
+        before[now_on],
+        "the copy kept running through its gate"
+    );
+}
