@@ -255,7 +255,7 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
     }
     // Site failover (docs/site-ha.md): the peer link decides which failover copies run here.
     if let Some(c) = client.as_ref() {
-        let (roles_tx, roles_rx) = watch::channel(site::Roles::default());
+        let (roles_tx, roles_rx) = watch::channel(site::persisted_roles(&store));
         reconciler = reconciler.with_site_roles(roles_rx);
         let id = c.identity.read().await.clone();
         let link = site::SiteLink {

@@ -579,3 +579,29 @@ fn a_warm_standby_is_promoted_without_a_restart() {
         "the copy kept running through its gate"
     );
 }
+
+#[test]
+fn a_restarted_agent_on_the_active_box_keeps_its_copy() {
+    let Some((site, hub, mut agents)) = site_with_deadline(3, Some(2_000)) else {
+        return;
+    };
+    let m = marker();
+    hub.apply(&failover("gw", &m, 2, "preferAvailability"));
+    let active = one_copy(&site, &m, 40.0);
+    stays_one(&site, &m, active, 1.0);
+    let key = "deployment/default/gw";
+    wait_for("the hub names the active box", 20.0, || {
+        (hub.placement(&site.ns(active), key)?["status"]["site_role"] == "active").then_some(())
+    });
+    // The agent (not the box) restarts: its copy keeps running, and the restarted agent resumes
+    // as active from its persisted claim instead of starting as standby and stopping it.
+    agents[active].kill9();
+    agents[active].start();
+    stays_one(&site, &m, active, 4.0);
+    let events = hub.cli(&["describe", "node", &site.ns(active)]);
+    assert!(!events.contains("SiteStandDown"), "{events}");
+    assert_eq!(
+        hub.placement(&site.ns(active), key).expect("placement")["status"]["site_role"],
+        "active"
+    );
+}

@@ -65,6 +65,42 @@ struct Claim {
 /// What each peer said last, and when (this box's clock).
 type Heard = Arc<Mutex<BTreeMap<String, (UnixMs, Heartbeat)>>>;
 
+/// The `meta` key under which this box's claims survive an agent restart.
+const CLAIMS_META: &str = "site_claims";
+
+/// One workload's claim as persisted (docs/site-ha.md, "Roles across an agent restart").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Saved {
+    active: bool,
+    epoch: u64,
+    known: u64,
+}
+
+fn load_claims(store: &Store) -> BTreeMap<String, Saved> {
+    match store.meta(CLAIMS_META) {
+        Ok(Some(json)) => serde_json::from_str(&json).unwrap_or_else(|e| {
+            warn!(error = %e, "site claims unreadable; every failover workload starts as standby");
+            BTreeMap::new()
+        }),
+        Ok(None) => BTreeMap::new(),
+        Err(e) => {
+            warn!(error = %e, "cannot read the site claims; every failover workload starts as standby");
+            BTreeMap::new()
+        }
+    }
+}
+
+/// The roles this box held when its agent last stopped: the reconciler starts from them, so a
+/// restarted agent keeps running the copy it ran (the peer link confirms or ends it).
+pub fn persisted_roles(store: &Store) -> Roles {
+    Arc::new(
+        load_claims(store)
+            .into_iter()
+            .map(|(k, s)| (k, if s.active { ACTIVE } else { STANDBY }.to_string()))
+            .collect(),
+    )
+}
+
 /// This box's state for one workload.
 #[derive(Clone, Copy, Debug, Default)]
 struct Own {
@@ -170,7 +206,29 @@ impl SiteLink {
         };
         let mut listener: Option<(String, JoinHandle<()>)> = None;
         let mut dialers: BTreeMap<String, (String, JoinHandle<()>)> = BTreeMap::new();
-        let mut own: BTreeMap<String, Own> = BTreeMap::new();
+        // Claims persisted by the last agent: resume them (with the startup grace, so a newer
+        // owner heard meanwhile still wins; `site_ha::decide`, rule 5).
+        let mut saved = load_claims(&self.store);
+        let started = now_ms();
+        let mut own: BTreeMap<String, Own> = saved
+            .iter()
+            .map(|(k, s)| {
+                (
+                    k.clone(),
+                    Own {
+                        active: s.active,
+                        epoch: s.epoch,
+                        known: s.known,
+                        since: started,
+                    },
+                )
+            })
+            .collect();
+        let mut resumed: std::collections::BTreeSet<String> =
+            saved.iter().filter(|(_, s)| s.active).map(|(k, _)| k.clone()).collect();
+        if !resumed.is_empty() {
+            info!(workloads = ?resumed, "site peer link: resuming as active from the persisted claims");
+        }
         let answers: Answers = Arc::new(Mutex::new(BTreeMap::new()));
         let wake = Arc::new(Notify::new());
         let mut tick = tokio::time::interval(Duration::from_millis((HEARTBEAT_MS / 2) as u64));
@@ -246,6 +304,14 @@ impl SiteLink {
                     })
                     .collect();
                 let vip = fo.options.vip.as_deref().zip(fo.options.interface.as_deref());
+                if resumed.remove(key) {
+                    // Resumed as active: the address is still ours; announce it again.
+                    if let Some((addr, iface)) = vip {
+                        if let Err(e) = vip::take(addr, iface) {
+                            warn!(workload = %key, error = %e, "cannot take the virtual IP");
+                        }
+                    }
+                }
                 if !own.contains_key(key) {
                     // A box starts as standby: an address left from before is not ours now.
                     if let Some((addr, iface)) = vip {
@@ -343,6 +409,27 @@ impl SiteLink {
                     if let Err(e) = self.store.push_event(now, Some(key), reason, &message) {
                         warn!(error = %e, "cannot record the site event");
                     }
+                }
+            }
+            // Persist the claims when they change, before peers hear of them.
+            let now_saved: BTreeMap<String, Saved> = own
+                .iter()
+                .map(|(k, s)| {
+                    (
+                        k.clone(),
+                        Saved {
+                            active: s.active,
+                            epoch: s.epoch,
+                            known: s.known,
+                        },
+                    )
+                })
+                .collect();
+            if now_saved != saved {
+                match serde_json::to_string(&now_saved).map(|j| self.store.set_meta(CLAIMS_META, &j)) {
+                    Ok(Ok(())) => saved = now_saved,
+                    Ok(Err(e)) => warn!(error = %e, "cannot persist the site claims; retrying"),
+                    Err(e) => warn!(error = %e, "cannot encode the site claims"),
                 }
             }
             let hb = Heartbeat {
