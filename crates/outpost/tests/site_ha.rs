@@ -605,3 +605,63 @@ fn a_restarted_agent_on_the_active_box_keeps_its_copy() {
         "active"
     );
 }
+
+/// The state of `name` about `subject` on `node` at the hub, if it was ever raised.
+fn alert_state(hub: &Hub, name: &str, node: &str, subject: &str) -> Option<String> {
+    let (code, body) = api_get(hub, "/v1/alerts?all=true");
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str::<serde_json::Value>(&body)
+        .ok()?
+        .as_array()?
+        .iter()
+        .find(|a| a["name"] == name && a["node"] == node && a["subject"] == subject)
+        .and_then(|a| a["state"].as_str().map(String::from))
+}
+
+#[test]
+fn a_takeover_is_an_alert_and_the_hub_follows_what_the_site_decided() {
+    let Some((site, hub, mut agents)) = site_with_hub(3) else {
+        return;
+    };
+    let (m1, m2) = (marker(), marker());
+    let key = "deployment/default/gw";
+    hub.apply(&failover("gw", &m1, 2, "preferAvailability"));
+    let active = one_copy(&site, &m1, 40.0);
+    stays_one(&site, &m1, active, 1.0);
+    let (now_on, _) = cut_power(&site, &m1, active);
+    let (new_node, old_node) = (site.ns(now_on), site.ns(active));
+    // An alert on the box that took over, and the hub's view names it active.
+    wait_for("SiteFailover firing at the hub", 20.0, || {
+        (alert_state(&hub, "SiteFailover", &new_node, key)?.as_str() == "Firing").then_some(())
+    });
+    wait_for("the hub names the new active box", 20.0, || {
+        (hub.placement(&new_node, key)?["status"]["site_role"] == "active").then_some(())
+    });
+    assert!(
+        alert_state(&hub, "SiteFailover", &old_node, key).is_none(),
+        "only the box that took over raises it"
+    );
+    // The dead box comes back as a standby: the site is whole again and the alert resolves.
+    agents[active].kill9();
+    agents[active].start();
+    wait_for("the returned box reports standby", 30.0, || {
+        (hub.placement(&old_node, key)?["status"]["site_role"] == "standby").then_some(())
+    });
+    wait_for("SiteFailover resolved", 20.0, || {
+        (alert_state(&hub, "SiteFailover", &new_node, key)?.as_str() == "Resolved").then_some(())
+    });
+    // A new revision rolls out where the site put the copy: the hub does not move it back to
+    // the box that ran it before (its better rank does not count while another box is active).
+    hub.apply(&failover("gw", &m2, 2, "preferAvailability"));
+    let on = one_copy(&site, &m2, 40.0);
+    assert_eq!(on, now_on, "the revision runs on the box the site chose");
+    wait_for("the rollout complete", 40.0, || {
+        let rs = hub.json(&["get", "rollouts"]);
+        rs.as_array()?
+            .iter()
+            .any(|r| r["workload"] == key && r["revision"] == 2 && r["phase"] == "Complete")
+            .then_some(())
+    });
+    stays_one(&site, &m2, now_on, 1.0);
+    assert!(site.copies(&m1).is_empty(), "the old revision is gone everywhere");
+}

@@ -74,6 +74,9 @@ struct Saved {
     active: bool,
     epoch: u64,
     known: u64,
+    /// The `SiteFailover` alert is firing here for this workload.
+    #[serde(default)]
+    alert: bool,
 }
 
 fn load_claims(store: &Store) -> BTreeMap<String, Saved> {
@@ -110,7 +113,13 @@ struct Own {
     /// When this box first held the workload: it listens for the startup grace before it may
     /// take over.
     since: UnixMs,
+    /// This box took the copy over from a failed or silent box and fired `SiteFailover`; it
+    /// resolves once every box holding the workload is heard again, or this box stands down.
+    alert: bool,
 }
+
+/// The node alert a takeover fires (docs/site-ha.md, "Visible everywhere").
+pub const ALERT_FAILOVER: &str = "SiteFailover";
 
 /// How long a box waits for the hub witness's answer: a takeover must not wait for a dead
 /// hub; past this the hub counts as unreachable and the policy decides.
@@ -220,6 +229,7 @@ impl SiteLink {
                         epoch: s.epoch,
                         known: s.known,
                         since: started,
+                        alert: s.alert,
                     },
                 )
             })
@@ -343,11 +353,41 @@ impl SiteLink {
                     },
                     now,
                 );
+                let whole = members.iter().filter(|m| m.node != self.node).all(|m| {
+                    peer_states
+                        .get(&m.node)
+                        .is_some_and(|p| now - p.heard_at <= self.deadline_ms)
+                });
+                let mut alert = st.alert;
+                match &o.change {
+                    // Epoch 1 is the first start of the workload on the site, not a failover.
+                    Some(Change::TookOver { reason }) if o.epoch > 1 && !alert => {
+                        alert = true;
+                        let msg = format!(
+                            "{ALERT_FAILOVER}: this box took over {key} at epoch {} ({reason}); resolves when every box holding it is heard again",
+                            o.epoch
+                        );
+                        if let Err(e) = self.store.push_event(now, Some(key), outpost_api::ALERT_FIRING, &msg) {
+                            warn!(error = %e, "cannot record the site failover alert");
+                        }
+                    }
+                    Some(Change::StoodDown { .. }) if alert => alert = false,
+                    _ if alert && whole => alert = false,
+                    _ => {}
+                }
+                if st.alert && !alert {
+                    let msg =
+                        format!("{ALERT_FAILOVER}: every box holding {key} is heard again or this box stood down");
+                    if let Err(e) = self.store.push_event(now, Some(key), outpost_api::ALERT_RESOLVED, &msg) {
+                        warn!(error = %e, "cannot record the site failover alert");
+                    }
+                }
                 *st = Own {
                     active: o.active,
                     epoch: o.epoch,
                     known: o.known_epoch,
                     since: st.since,
+                    alert,
                 };
                 // The hub witness: ask while the pair's peer is silent, again every
                 // WITNESS_EVERY (a holder's renewal keeps its lease); forget the answers when
@@ -421,6 +461,7 @@ impl SiteLink {
                             active: s.active,
                             epoch: s.epoch,
                             known: s.known,
+                            alert: s.alert,
                         },
                     )
                 })
