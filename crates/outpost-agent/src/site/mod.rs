@@ -93,13 +93,21 @@ fn load_claims(store: &Store) -> BTreeMap<String, Saved> {
     }
 }
 
-/// The roles this box held when its agent last stopped: the reconciler starts from them, so a
-/// restarted agent keeps running the copy it ran (the peer link confirms or ends it).
-pub fn persisted_roles(store: &Store) -> Roles {
+/// The roles to start from: a persisted active claim whose copy still runs (`owned`, the
+/// processes the agent adopts) is active, every other failover workload standby. So a
+/// restarted agent keeps running the copy it ran (the peer link confirms or ends it), and a box
+/// back from a power cut starts as standby. A Docker copy is not found this way and starts as
+/// standby (docs/site-ha.md, "What is left").
+pub fn running_copies(store: &Store, owned: &[crate::runtime::Owned]) -> Roles {
     Arc::new(
         load_claims(store)
             .into_iter()
-            .map(|(k, s)| (k, if s.active { ACTIVE } else { STANDBY }.to_string()))
+            .map(|(k, s)| {
+                let runs = owned
+                    .iter()
+                    .any(|o| o.unit.strip_prefix(k.as_str()).is_some_and(|r| r.starts_with('/')));
+                (k, if s.active && runs { ACTIVE } else { STANDBY }.to_string())
+            })
             .collect(),
     )
 }
@@ -173,6 +181,9 @@ pub struct SiteLink {
     pub cert_pem: String,
     pub key_pem: String,
     pub store: Arc<Store>,
+    /// The failover copies found running at agent start ([`running_copies`]): only these
+    /// resume as active from a persisted claim.
+    pub running: Roles,
     /// Peers silent longer than this are dead (default [`outpost_core::site_ha::DEADLINE_MS`];
     /// `OUTPOST_SITE_DEADLINE_MS` overrides it).
     pub deadline_ms: i64,
@@ -217,15 +228,18 @@ impl SiteLink {
         let mut dialers: BTreeMap<String, (String, JoinHandle<()>)> = BTreeMap::new();
         // Claims persisted by the last agent: resume them (with the startup grace, so a newer
         // owner heard meanwhile still wins; `site_ha::decide`, rule 5).
+        // Only a copy that still runs is resumed (an agent restart); after a power cut or a
+        // reboot the box starts as standby, keeping the epochs it knew.
         let mut saved = load_claims(&self.store);
         let started = now_ms();
+        let runs = |k: &str| self.running.get(k).map(String::as_str) == Some(ACTIVE);
         let mut own: BTreeMap<String, Own> = saved
             .iter()
             .map(|(k, s)| {
                 (
                     k.clone(),
                     Own {
-                        active: s.active,
+                        active: s.active && runs(k),
                         epoch: s.epoch,
                         known: s.known,
                         since: started,
@@ -234,11 +248,12 @@ impl SiteLink {
                 )
             })
             .collect();
-        let mut resumed: std::collections::BTreeSet<String> =
-            saved.iter().filter(|(_, s)| s.active).map(|(k, _)| k.clone()).collect();
+        let resumed: std::collections::BTreeSet<String> =
+            own.iter().filter(|(_, s)| s.active).map(|(k, _)| k.clone()).collect();
         if !resumed.is_empty() {
             info!(workloads = ?resumed, "site peer link: resuming as active from the persisted claims");
         }
+        let mut seen: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
         let answers: Answers = Arc::new(Mutex::new(BTreeMap::new()));
         let wake = Arc::new(Notify::new());
         let mut tick = tokio::time::interval(Duration::from_millis((HEARTBEAT_MS / 2) as u64));
@@ -314,18 +329,17 @@ impl SiteLink {
                     })
                     .collect();
                 let vip = fo.options.vip.as_deref().zip(fo.options.interface.as_deref());
-                if resumed.remove(key) {
-                    // Resumed as active: the address is still ours; announce it again.
+                if seen.insert(key.clone()) {
                     if let Some((addr, iface)) = vip {
-                        if let Err(e) = vip::take(addr, iface) {
-                            warn!(workload = %key, error = %e, "cannot take the virtual IP");
+                        if resumed.contains(key) {
+                            // Resumed as active: the address is still ours; announce it again.
+                            if let Err(e) = vip::take(addr, iface) {
+                                warn!(workload = %key, error = %e, "cannot take the virtual IP");
+                            }
+                        } else {
+                            // A box starts as standby: an address left from before is not ours.
+                            vip::release(addr, iface);
                         }
-                    }
-                }
-                if !own.contains_key(key) {
-                    // A box starts as standby: an address left from before is not ours now.
-                    if let Some((addr, iface)) = vip {
-                        vip::release(addr, iface);
                     }
                 }
                 let st = own.entry(key.clone()).or_insert_with(|| Own {
