@@ -260,7 +260,7 @@ async fn outpost_cuts(
     warm: bool,
     cuts: usize,
     work: &std::path::Path,
-) -> Result<(Vec<Duration>, usize)> {
+) -> Result<(Vec<Duration>, usize, usize)> {
     let (name, port, last) = if warm {
         ("fo-warm", 8080, 100)
     } else {
@@ -275,6 +275,7 @@ async fn outpost_cuts(
     let addr: SocketAddr = format!("{vip}:{port}").parse()?;
     let mut times = Vec::new();
     let mut failed = 0;
+    let mut stalls = 0;
     for c in 0..cuts {
         // Settled: one box holds the address and serves; every box reports its role.
         let active = wait_for(
@@ -296,7 +297,10 @@ async fn outpost_cuts(
             let end = Instant::now() + Duration::from_secs(60);
             while role(hub, &site.ns(i), &key).await.as_deref() != Some(want) {
                 if Instant::now() > end {
-                    bail!("box {i} did not report {want} for {key} within 60 s");
+                    // Counted and reported, not fatal: the cut still measures the failover.
+                    eprintln!("box {i} did not report {want} for {key} at the hub within 60 s; see its agent.log");
+                    stalls += 1;
+                    break;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -332,7 +336,7 @@ async fn outpost_cuts(
         },
     )
     .await?;
-    Ok((times, failed))
+    Ok((times, failed, stalls))
 }
 
 fn keepalived_conf(iface: &str, prio: u32, vip: &str, k: u32) -> String {
@@ -343,7 +347,7 @@ fn keepalived_conf(iface: &str, prio: u32, vip: &str, k: u32) -> String {
 }
 
 /// The same power cuts with keepalived holding a plain virtual IP and httpd on every box.
-fn keepalived_cuts(site: &Site, cuts: usize, work: &std::path::Path) -> Result<(Vec<Duration>, usize)> {
+fn keepalived_cuts(site: &Site, cuts: usize, work: &std::path::Path) -> Result<(Vec<Duration>, usize, usize)> {
     let vip = site.vip(200);
     let port = 8082;
     let www = work.join("www");
@@ -431,7 +435,7 @@ fn keepalived_cuts(site: &Site, cuts: usize, work: &std::path::Path) -> Result<(
     for i in 0..site.n {
         site.kill_all(i);
     }
-    Ok((times, failed))
+    Ok((times, failed, 0))
 }
 
 pub async fn failover(a: FailoverArgs, work: &std::path::Path) -> Result<String> {
@@ -486,12 +490,13 @@ pub async fn failover(a: FailoverArgs, work: &std::path::Path) -> Result<String>
         agents.start(i)?;
     }
     let mut rows = Vec::new();
-    let mut row = |what: &str, (t, failed): (Vec<Duration>, usize)| {
+    let mut row = |what: &str, (t, failed, stalls): (Vec<Duration>, usize, usize)| {
         let s = Summary::of_durations(&t);
         rows.push(vec![
             what.to_string(),
             s.n.to_string(),
             failed.to_string(),
+            stalls.to_string(),
             ms(s.p50),
             ms(s.p99),
             ms(s.max),
@@ -521,6 +526,17 @@ pub async fn failover(a: FailoverArgs, work: &std::path::Path) -> Result<String>
         a.boxes,
         outpost_core::site_ha::DEADLINE_MS,
         outpost_core::site_ha::HEARTBEAT_MS,
-        table(&["failover", "cuts", "no answer in 10 s", "p50", "p99", "max"], &rows)
+        table(
+            &[
+                "failover",
+                "cuts answered",
+                "no answer in 10 s",
+                "role not at the hub in 60 s",
+                "p50",
+                "p99",
+                "max"
+            ],
+            &rows
+        )
     ))
 }

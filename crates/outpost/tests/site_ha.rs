@@ -665,3 +665,93 @@ fn a_takeover_is_an_alert_and_the_hub_follows_what_the_site_decided() {
     stays_one(&site, &m2, now_on, 1.0);
     assert!(site.copies(&m1).is_empty(), "the old revision is gone everywhere");
 }
+
+/// POST a witness claim as `agent` (its certificate) to `/v1/nodes/{path_node}/witness`.
+fn claim(hub: &Hub, agent: &Agent, path_node: &str, body: &str) -> (u16, String) {
+    outpost_pki::install_provider();
+    let (ca, cert, key) = agent.identity();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tls = outpost_pki::client_config(&ca, Some((&cert, &key))).unwrap();
+        let c = reqwest::Client::builder().use_preconfigured_tls(tls).build().unwrap();
+        let r = c
+            .post(format!("{}/v1/nodes/{path_node}/witness", hub.url))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    })
+}
+
+#[test]
+fn the_witness_answers_only_a_member_of_a_pair_about_its_own_workload() {
+    let hub = Hub::start();
+    let token = hub.token(&["--labels", "site=wit"]);
+    let port = free_port();
+    let agents: Vec<Agent> = (0..3)
+        .map(|i| {
+            let labels = format!(
+                "node.outpost.dev/site-ip=127.0.0.{},node.outpost.dev/site-port={port}",
+                i + 2
+            );
+            hub.join_with(&format!("wit{i}"), &token, &[], &["--labels", &labels])
+                .running()
+        })
+        .collect();
+    let (mp, mt) = (marker(), marker());
+    hub.apply(&format!(
+        "{}---\n{}",
+        failover("pair", &mp, 1, "preferAvailability"),
+        failover("trio", &mt, 2, "preferAvailability")
+    ));
+    let pair = "deployment/default/pair";
+    let holds = |i: usize| hub.placement(&format!("wit{i}"), pair).is_some();
+    let members: Vec<usize> = wait_for("the pair placed on two boxes", 30.0, || {
+        let m: Vec<usize> = (0..3).filter(|i| holds(*i)).collect();
+        (m.len() == 2).then_some(m)
+    });
+    let outsider = (0..3).find(|i| !members.contains(i)).unwrap();
+    let (a, b) = (members[0], members[1]);
+    let body = |w: &str, e: u64| format!("{{\"workload\":\"{w}\",\"epoch\":{e}}}");
+    // The first claim of a silent pair gets the copy; the other member's claim right after
+    // finds the lease fresh and learns the holder.
+    let (code, text) = claim(&hub, &agents[a], &format!("wit{a}"), &body(pair, 7));
+    assert_eq!(code, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (v["owner"].as_str(), v["epoch"].as_u64()),
+        (Some(format!("wit{a}").as_str()), Some(7))
+    );
+    let (code, text) = claim(&hub, &agents[b], &format!("wit{b}"), &body(pair, 8));
+    assert_eq!(code, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["owner"], format!("wit{a}"), "{text}");
+    // A box that does not hold the workload, a workload of three boxes, another node's route,
+    // a body without its epoch: refused, saying why.
+    let (code, text) = claim(&hub, &agents[outsider], &format!("wit{outsider}"), &body(pair, 9));
+    assert_eq!(code, 404, "{text}");
+    assert!(text.contains("did not place it there"), "{text}");
+    let (code, text) = claim(
+        &hub,
+        &agents[a],
+        &format!("wit{a}"),
+        &body("deployment/default/trio", 1),
+    );
+    assert_eq!(code, 400, "{text}");
+    assert!(text.contains("workload:") && text.contains("two-box"), "{text}");
+    let (code, text) = claim(&hub, &agents[a], &format!("wit{b}"), &body(pair, 9));
+    assert_eq!(code, 403, "{text}");
+    let (code, text) = claim(
+        &hub,
+        &agents[a],
+        &format!("wit{a}"),
+        &format!("{{\"workload\":\"{pair}\"}}"),
+    );
+    assert_eq!(code, 400, "{text}");
+    assert!(text.contains("epoch"), "{text}");
+}

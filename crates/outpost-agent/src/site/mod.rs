@@ -30,7 +30,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::store::{Desired, Store};
 use crate::sync::HubClient;
@@ -160,8 +160,12 @@ async fn ask_witness(client: Arc<HubClient>, workload: String, epoch: u64, answe
             owner: a.owner,
             epoch: a.epoch,
         },
-        Ok(Err(e)) => {
+        Ok(Err(e)) if e.code().is_some() => {
             warn!(workload = %workload, error = %e, "site witness: the hub refused the claim; the policy decides");
+            Witness::Unreachable
+        }
+        Ok(Err(e)) => {
+            debug!(workload = %workload, error = %e, "site witness: hub unreachable; the policy decides");
             Witness::Unreachable
         }
         Err(_) => Witness::Unreachable,
