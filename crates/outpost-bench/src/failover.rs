@@ -41,9 +41,9 @@ pub struct FailoverArgs {
     /// Boxes on the site (3: a majority decides; 2: the hub is the witness).
     #[arg(long, default_value_t = 3)]
     pub boxes: usize,
-    /// Skip the keepalived reference.
-    #[arg(long)]
-    pub no_keepalived: bool,
+    /// Which measurements to run, comma-separated: warm, cold, keepalived.
+    #[arg(long, value_delimiter = ',', default_value = "warm,cold,keepalived")]
+    pub modes: Vec<String>,
 }
 
 const IFACE: &str = "site0";
@@ -150,17 +150,19 @@ impl Site {
             _ => None,
         }
     }
-    /// Power cut of box `i`: every process killed and its cable out, at once. Returns when.
+    /// Power cut of box `i`: its cable out, then every process killed, at once (the cable
+    /// first, so nothing a dying process sends, such as keepalived's priority-0 advertisement
+    /// on SIGTERM from its parent's death, reaches the site). Returns when it started.
     fn power_cut(&self, i: usize) -> Result<Instant> {
         let pids = self.pids(i);
         let t0 = Instant::now();
+        sh(&["ip", "link", "set", &self.host_if(i), "down"])?;
         for p in pids {
             // SAFETY: as in `kill_all`.
             unsafe {
                 libc::kill(p, libc::SIGKILL);
             }
         }
-        sh(&["ip", "link", "set", &self.host_if(i), "down"])?;
         self.kill_all(i); // anything forked meanwhile
         Ok(t0)
     }
@@ -354,6 +356,9 @@ fn keepalived_cuts(site: &Site, cuts: usize, work: &std::path::Path) -> Result<(
     std::fs::create_dir_all(&www)?;
     let start = |i: usize| -> Result<()> {
         let d = work.join(format!("keepalived-{i}"));
+        // A reboot empties /run: no pid file of the killed instance is left to be mistaken
+        // for a running daemon.
+        let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d)?;
         let conf = d.join("keepalived.conf");
         std::fs::write(&conf, keepalived_conf(IFACE, 100 + i as u32, &vip, site.k))?;
@@ -502,19 +507,24 @@ pub async fn failover(a: FailoverArgs, work: &std::path::Path) -> Result<String>
             ms(s.max),
         ]);
     };
-    row(
-        "outpost, warm standby",
-        outpost_cuts(&site, &hub, &mut agents, true, a.cuts, work).await?,
-    );
-    row(
-        "outpost, cold standby",
-        outpost_cuts(&site, &hub, &mut agents, false, a.cuts, work).await?,
-    );
+    let mode = |m: &str| a.modes.iter().any(|x| x == m);
+    if mode("warm") {
+        row(
+            "outpost, warm standby",
+            outpost_cuts(&site, &hub, &mut agents, true, a.cuts, work).await?,
+        );
+    }
+    if mode("cold") {
+        row(
+            "outpost, cold standby",
+            outpost_cuts(&site, &hub, &mut agents, false, a.cuts, work).await?,
+        );
+    }
     for i in 0..a.boxes {
         agents.reap(i);
         site.kill_all(i);
     }
-    if !a.no_keepalived {
+    if mode("keepalived") {
         // Blocking on purpose: nothing else runs in this process meanwhile.
         let r = keepalived_cuts(&site, a.cuts, work)?;
         row("keepalived VRRPv3 (advert 50 ms), plain VIP", r);

@@ -12,10 +12,19 @@
 //! for [`outpost_core::site_ha::DEADLINE_MS`], whatever the socket says, so the failover budget (500 ms) is the
 //! deadline (250 ms) plus starting the process.
 //!
+//! A pair that lost itself asks the hub witness (`POST /v1/nodes/{node}/witness` over the
+//! agent's own hub link, at most [`WITNESS_TIMEOUT`]); past that the policy decides.
+//!
+//! Durability: this box's claims (role, epoch, newest epoch seen, whether its `SiteFailover`
+//! alert fires) are written to the store's `meta` table (`site_claims`) whenever they change,
+//! before the next heartbeat tells the peers. After a `kill -9` of the agent the claims are the
+//! last ones peers heard; an active claim is resumed only if the copy still runs
+//! ([`running_copies`]), so a power cut never brings back a dead copy as active.
+//!
 //! Owns: the listener (only on the address this box published for the site network, the one
-//! inbound port of an edge box), the dialers, what peers last said, this box's claims. Must
-//! never: decide anything itself (the core does), or accept a heartbeat whose sender is not the
-//! node named in its TLS certificate.
+//! inbound port of an edge box), the dialers, what peers last said, this box's claims, the
+//! witness questions. Must never: decide anything itself (the core does), or accept a
+//! heartbeat whose sender is not the node named in its TLS certificate.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
