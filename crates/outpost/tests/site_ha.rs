@@ -7,7 +7,6 @@
 mod common;
 
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -36,25 +35,40 @@ struct Site {
 }
 
 impl Site {
+    /// A site of `n` boxes on a bridge whose name no running test holds: creating the bridge
+    /// is the lock (`ip link add` refuses a name that exists), so concurrent test processes
+    /// never share, or clean up, each other's site.
     fn new(n: usize) -> Option<Site> {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let k = (std::process::id() % 50) * 4 + NEXT.fetch_add(1, Ordering::Relaxed) % 4 + 10;
-        let site = Site {
-            tag: format!("opha{k}"),
-            k,
-            n,
-        };
-        match site.make() {
-            Ok(()) => Some(site),
-            Err(e) => {
-                assert!(
-                    std::env::var("CI").is_err(),
-                    "cannot make the site's network namespaces (root and iproute2 needed): {e}"
-                );
-                eprintln!("skipping: cannot make network namespaces: {e}");
-                None
+        let start = std::process::id();
+        let mut err = String::from("no free site number");
+        for a in 0..200 {
+            let k = 10 + (start + a) % 200;
+            let site = Site {
+                tag: format!("opha{k}"),
+                k,
+                n,
+            };
+            match sh(&["ip", "link", "add", &site.bridge(), "type", "bridge"]) {
+                Ok(_) => match site.make() {
+                    Ok(()) => return Some(site),
+                    Err(e) => {
+                        err = e;
+                        break; // Drop cleans what was made
+                    }
+                },
+                Err(e) if e.contains("File exists") => continue,
+                Err(e) => {
+                    err = e;
+                    break;
+                }
             }
         }
+        assert!(
+            std::env::var("CI").is_err(),
+            "cannot make the site's network namespaces (root and iproute2 needed): {err}"
+        );
+        eprintln!("skipping: cannot make network namespaces: {err}");
+        None
     }
 
     fn bridge(&self) -> String {
@@ -76,10 +90,14 @@ impl Site {
         ["ip", "netns", "exec", &self.ns(i)].map(String::from).to_vec()
     }
 
+    /// Everything but the bridge, which [`Site::new`] made. Namespaces and veths of this
+    /// number left by a killed run go first.
     fn make(&self) -> Result<(), String> {
-        self.clean();
+        for i in 0..self.n {
+            let _ = sh(&["ip", "netns", "del", &self.ns(i)]);
+            let _ = sh(&["ip", "link", "del", &self.host_if(i)]);
+        }
         let br = self.bridge();
-        sh(&["ip", "link", "add", &br, "type", "bridge"])?;
         sh(&["ip", "addr", "add", &format!("{}/24", self.hub_ip()), "dev", &br])?;
         sh(&["ip", "link", "set", &br, "up"])?;
         // Docker sets FORWARD to DROP and bridged frames pass iptables here: let the site's
