@@ -47,6 +47,9 @@ apt_install mosquitto mosquitto-clients nats-server
 # The chaos suite (crates/outpost/tests/chaos.rs): network namespaces and veth from iproute2,
 # agents with a skewed clock through libfaketime.
 apt_install iproute2 faketime
+# Site failover (docs/site-ha.md): the site tests partition boxes with iptables inside their
+# namespaces; `outpost bench failover` (not part of the suite) measures beside keepalived's VRRP.
+apt_install iptables keepalived
 # The install tests (crates/outpost/tests/install.rs) run outpost's systemd units in a Debian
 # container with systemd as PID 1, built once with debootstrap and cached as a Docker image.
 apt_install debootstrap

@@ -256,11 +256,14 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
     }
     // Site failover (docs/site-ha.md): the peer link decides which failover copies run here.
     if let Some(c) = client.as_ref() {
-        let (roles_tx, roles_rx) = watch::channel(site::Roles::default());
+        let running = site::running_copies(&store, &runtime::scan_owned(&agent_id_for_prefetch));
+        let (roles_tx, roles_rx) = watch::channel(running.clone());
         reconciler = reconciler.with_site_roles(roles_rx);
         let id = c.identity.read().await.clone();
         let link = site::SiteLink {
             node: node.clone(),
+            client: Some(c.clone()),
+            running,
             ca_pem: id.ca_pem.clone(),
             cert_pem: id.cert_pem.clone(),
             key_pem: id.key_pem.clone(),

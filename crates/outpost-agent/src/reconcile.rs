@@ -308,6 +308,13 @@ impl Reconciler {
         w.failover.is_some() && self.roles.get(&w.key).map(String::as_str) != Some(crate::site::ACTIVE)
     }
 
+    /// A warm standby (`outpost.dev/failover-warm: "true"`, docs/site-ha.md): its copy runs
+    /// here, started but not active (no virtual IP, no update gate, not reported ready), so a
+    /// takeover is a promotion: the running copy is kept.
+    fn warm_standby(&self, w: &WorkloadSpec) -> bool {
+        self.standby(w) && w.failover.as_ref().is_some_and(|f| f.options.warm)
+    }
+
     /// `desired` = the hub's workloads and the local ones (keys never collide: `local/...`).
     fn merge(&mut self) {
         self.desired = if self.local.is_empty() {
@@ -408,7 +415,11 @@ impl Reconciler {
         let mut effective = BTreeMap::new();
         for (key, target) in &self.desired.workloads {
             if self.standby(target) {
-                continue; // nothing runs here and the update gate waits until this box is active
+                if self.warm_standby(target) {
+                    // a warm copy runs the target as delivered; its gate starts at takeover
+                    effective.insert(key.clone(), target.clone());
+                }
+                continue; // the update gate waits until this box is active
             }
             if target.job.is_some() || target.agent_update.is_some() || target.pipeline.is_some() {
                 // A Job is not kept running, so it has no update gate: each run uses the target.
@@ -1323,15 +1334,21 @@ impl Reconciler {
             let mut phase = phase;
             let mut rollout = self.rollouts.get(key).map(|st| rollout::status(st, target));
             if self.standby(target) {
-                // A standby runs nothing, so it has no gate to report; the fleet rollout judges
-                // the revision on the active copy and moves on (docs/site-ha.md). The gate runs
-                // here when this box takes over.
+                // A standby has no gate to report; the fleet rollout judges the revision on the
+                // active copy and moves on (docs/site-ha.md). The gate runs here when this box
+                // takes over. A warm standby's copy runs but is not ready: it does not serve.
+                ready = false;
+                let reason = if self.warm_standby(target) {
+                    "warm standby copy: started on this box, not active (no virtual IP, no update gate) until it takes over"
+                } else {
+                    "standby copy: nothing runs on this box until it takes over"
+                };
                 rollout = Some(outpost_api::RolloutStatus {
                     state: outpost_api::RolloutState::Complete,
                     target_revision: target.revision,
                     target_hash: target.hash.clone(),
                     good_revision: None,
-                    reason: Some("standby copy: nothing runs on this box until it takes over".into()),
+                    reason: Some(reason.into()),
                     since: 0,
                 });
             }

@@ -79,12 +79,28 @@ pub struct SiteMember {
 }
 
 /// The failover part of a node's workload spec: the options and every box holding the workload
-/// (the same list on each of them, so the spec's hash is the same on every member).
+/// (the same list on each of them; the spec's hash covers the options, not the list).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailoverSpec {
     #[serde(flatten)]
     pub options: FailoverOptions,
     pub members: Vec<SiteMember>,
+}
+
+/// `POST /v1/nodes/{node}/witness` (mTLS, own node only): a box of a two-box site that cannot
+/// hear its peer claims the copy of `workload` at `epoch` (the holder renews at its own epoch).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WitnessClaim {
+    /// The workload key, `deployment/<namespace>/<name>`.
+    pub workload: String,
+    pub epoch: u64,
+}
+
+/// The witness's answer: who holds the copy now, at which epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WitnessAnswer {
+    pub owner: String,
+    pub epoch: u64,
 }
 
 /// The site a node belongs to, from its labels.

@@ -11,6 +11,7 @@
 //! what it measures to flatter a number.
 
 pub mod bandwidth;
+pub mod failover;
 pub mod fleet;
 pub mod footprint;
 pub mod gitops;
@@ -58,6 +59,8 @@ pub enum BenchCmd {
     Kustomize(kustomize::KustomizeArgs),
     /// The ONNX model endpoint at 1/4/16 clients beside Flask + onnxruntime; RSS; binary size.
     Inference(inference::InferenceArgs),
+    /// Site failover after power cuts (network namespaces), warm and cold, beside keepalived VRRP.
+    Failover(failover::FailoverArgs),
     /// Footprint, propagation, offline and bandwidth with their defaults, one after the other.
     Agent,
 }
@@ -122,6 +125,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         BenchCmd::Gitops(x) => gitops::gitops(x, &sub("gitops")?).await?,
         BenchCmd::Kustomize(x) => kustomize::kustomize(x, &sub("kustomize")?).await?,
         BenchCmd::Inference(x) => inference::inference(x, &sub("inference")?).await?,
+        BenchCmd::Failover(x) => failover::failover(x, &sub("failover")?).await?,
         BenchCmd::Agent => {
             let mut out = String::new();
             out.push_str(&footprint::footprint(defaults(), &sub("footprint")?).await?);

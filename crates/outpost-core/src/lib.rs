@@ -40,7 +40,7 @@ pub fn bundle_changes(
 ) -> (Vec<String>, Vec<String>) {
     let upsert = want
         .iter()
-        .filter(|(k, s)| held.get(*k) != Some(&s.hash))
+        .filter(|(k, s)| held.get(*k) != Some(&site_ha::delivery_hash(s)))
         .map(|(k, _)| k.clone())
         .collect();
     let remove = held.keys().filter(|k| !want.contains_key(*k)).cloned().collect();

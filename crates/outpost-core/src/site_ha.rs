@@ -28,9 +28,14 @@
 //!    - one box: always.
 //! 4. **Stand down.** An active box stops its copy when a live peer is active with a newer epoch
 //!    (equal epochs: the better rank, 0 being best, keeps it), when it sees only a minority of a
-//!    site of three or more, or when the hub witness says the other box of a pair took over at a
-//!    newer epoch. So after a partition heals exactly one copy runs: the one with the highest
-//!    epoch, ties broken by rank.
+//!    site of three or more, or when the hub witness names the other box of a pair as the
+//!    holder (the hub hears both; a box that took over while the hub did not answer yields to
+//!    a holder the hub still hears). So after a partition heals exactly one copy runs: the one
+//!    with the highest epoch, ties broken by rank. An active box of a pair renews its lease
+//!    once its peer is quiet for half the deadline, before the standby claims at the deadline.
+//! 5. **Resume.** A box restarted while active (its claim persisted by the agent) resumes as
+//!    active; during the startup grace it stands down only for a live peer with a newer claim,
+//!    never for quorum, which it cannot know before its peers answer.
 //!
 //! Must never: read the clock or the network; callers pass what they heard and when.
 
@@ -157,6 +162,12 @@ pub fn decide(v: &View, now: UnixMs) -> Outcome {
         .filter(|(_, p)| p.active)
         .max_by_key(|(name, p)| (p.epoch, Reverse(rank(name))));
     let pair_silent = n == 2 && live.is_empty();
+    // An active box of a pair starts renewing its lease at the hub once its peer has been
+    // quiet for half the deadline, so its renewal reaches the witness before the standby's
+    // claim (made at the deadline): a partition of a pair whose hub is up keeps the copy where
+    // it runs.
+    let pair_quiet = n == 2 && alive(v.peers, now, v.deadline_ms / 2).iter().all(|p| *p == v.me);
+    let settling = now.saturating_sub(v.since) < v.grace_ms;
 
     if v.active {
         let down = |reason: String| Outcome {
@@ -174,6 +185,12 @@ pub fn decide(v: &View, now: UnixMs) -> Outcome {
                 ));
             }
         }
+        if settling {
+            // Resumed after an agent restart: keep the copy while listening, unless a newer
+            // owner is heard (above); quorum and the witness count once the peers had time
+            // to answer.
+            return stay(None);
+        }
         if n >= 3 && visible * 2 <= n {
             return down(format!(
                 "this box sees {visible} of the site's {n} boxes, not a majority; the majority decides"
@@ -181,21 +198,21 @@ pub fn decide(v: &View, now: UnixMs) -> Outcome {
         }
         if pair_silent {
             if let Witness::Answer { owner, epoch } = v.witness {
-                if owner != v.me && *epoch > v.epoch {
+                if owner != v.me {
                     return down(format!(
-                        "the hub says {owner} took it over at epoch {epoch} while this box could not reach it"
+                        "the hub, as witness, says {owner} holds it (epoch {epoch}) while this box cannot reach it"
                     ));
                 }
             }
             return stay(Some(v.epoch));
         }
-        return stay(None);
+        return stay(pair_quiet.then_some(v.epoch));
     }
 
     if holder.is_some() {
         return stay(None);
     }
-    if now.saturating_sub(v.since) < v.grace_ms {
+    if settling {
         return stay(None); // just started: listen for an active peer first
     }
     if live.iter().any(|(name, _)| rank(name) < my_rank) {
@@ -271,15 +288,30 @@ pub fn witness(current: Option<&Lease>, node: &str, epoch: u64, now: UnixMs, lea
 }
 
 /// A rendered spec as a member of a failover workload receives it: the options and the member
-/// list added, the hash recomputed over them (the same spec, and hash, on every member).
+/// list added (the same spec, and hash, on every member). The hash covers the options but not
+/// the members: a box that joins or leaves the workload's members does not make a new spec, so
+/// the active copy is not restarted and no update gate runs ([`delivery_hash`] makes the hub
+/// deliver the new list all the same).
 pub fn with_failover(mut spec: WorkloadSpec, options: &FailoverOptions, members: &[SiteMember]) -> WorkloadSpec {
     spec.failover = Some(FailoverSpec {
         options: options.clone(),
-        members: members.to_vec(),
+        members: Vec::new(),
     });
     spec.hash = String::new();
     spec.hash = outpost_api::content_hash(&spec);
+    if let Some(f) = spec.failover.as_mut() {
+        f.members = members.to_vec();
+    }
     spec
+}
+
+/// What the hub compares to decide whether a node must receive a spec again: its hash and, for
+/// a failover workload, its member list (which the hash leaves out, [`with_failover`]).
+pub fn delivery_hash(spec: &WorkloadSpec) -> String {
+    match &spec.failover {
+        Some(f) => format!("{}.{}", spec.hash, outpost_api::content_hash(&f.members)),
+        None => spec.hash.clone(),
+    }
 }
 
 fn spread_key(id: &ObjectId, node: &str) -> [u8; 8] {
@@ -739,6 +771,68 @@ mod tests {
             Case {
                 want: (true, 1, Some("took over"), None),
                 ..case("a site of one box", 1, "b0", false, 0, &[])
+            },
+            Case {
+                want: (true, 4, None, Some(4)),
+                ..case(
+                    "pair, peer quiet for half the deadline: the active renews its lease early",
+                    2,
+                    "b0",
+                    true,
+                    4,
+                    &[("b1", NOW - DEADLINE_MS / 2 - 1, false, 4)],
+                )
+            },
+            Case {
+                witness: Witness::Answer {
+                    owner: "b0".into(),
+                    epoch: 4,
+                },
+                want: (false, 5, Some("stood down"), None),
+                ..case(
+                    "pair, a box that took over while the hub did not answer yields to the holder the hub hears",
+                    2,
+                    "b1",
+                    true,
+                    5,
+                    &[("b0", STALE, false, 4)],
+                )
+            },
+            Case {
+                since: NOW - 100,
+                want: (true, 2, None, None),
+                ..case(
+                    "resumed active (agent restart) keeps its copy while it listens, though it hears nobody yet",
+                    3,
+                    "b0",
+                    true,
+                    2,
+                    &[],
+                )
+            },
+            Case {
+                since: NOW - 100,
+                want: (false, 2, Some("stood down"), None),
+                ..case(
+                    "resumed active hears a newer owner during the grace: stands down",
+                    3,
+                    "b0",
+                    true,
+                    2,
+                    &[("b1", FRESH, true, 3)],
+                )
+            },
+            Case {
+                since: NOW - DEADLINE_MS - 1,
+                want: (false, 2, Some("stood down"), None),
+                ..case(
+                    "resumed active still alone after the grace: a minority, stands down",
+                    3,
+                    "b0",
+                    true,
+                    2,
+                    &[],
+                )
             },
             Case {
                 policy: SAFE,

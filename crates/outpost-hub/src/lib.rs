@@ -47,6 +47,7 @@ pub mod store;
 pub mod validate;
 pub mod views;
 pub mod webhook;
+pub mod witness;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

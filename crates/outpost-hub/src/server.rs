@@ -89,6 +89,7 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/v1/nodes/{node}/sync", get(api::sync))
         .route("/v1/nodes/{node}/status", post(api::status))
         .route("/v1/nodes/{node}/renew", post(api::renew))
+        .route("/v1/nodes/{node}/witness", post(crate::witness::claim))
         // monitoring, alerts and logs (docs/alerts.md)
         .route("/v1/nodes/{node}/errors", post(api::node_errors))
         .route("/v1/nodes/{node}/logs/{id}", post(api::node_logs))

@@ -394,6 +394,8 @@ pub struct Service {
     pub write_lock: tokio::sync::Mutex<()>,
     /// Why workloads are short of replicas, from the last reschedule.
     notes: Mutex<BTreeMap<ObjectId, String>>,
+    /// The site witness's leases (docs/site-ha.md).
+    pub leases: crate::witness::Leases,
     /// Status reports waiting for the group-commit writer.
     status_tx: tokio::sync::mpsc::UnboundedSender<StatusJob>,
     status_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<StatusJob>>>,
@@ -442,6 +444,7 @@ impl Service {
             sessions: crate::session::Sessions::new(sessions),
             write_lock: tokio::sync::Mutex::new(()),
             notes: Mutex::new(BTreeMap::new()),
+            leases: Default::default(),
             status_tx,
             status_rx: Mutex::new(Some(status_rx)),
         }

@@ -1221,7 +1221,7 @@ impl Store for SqliteStore {
                     "INSERT INTO node_workloads (node, key, spec, hash, changed_gen, revision) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                      ON CONFLICT(node, key) DO UPDATE SET spec = excluded.spec, hash = excluded.hash,
                         changed_gen = excluded.changed_gen, revision = excluded.revision",
-                    params![node, spec.key, serde_json::to_string(spec)?, spec.hash, i(gen), i(spec.revision)],
+                    params![node, spec.key, serde_json::to_string(spec)?, outpost_core::site_ha::delivery_hash(spec), i(gen), i(spec.revision)],
                 )?;
                 tx.execute(
                     "DELETE FROM node_tombstones WHERE node = ?1 AND key = ?2",

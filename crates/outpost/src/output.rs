@@ -201,6 +201,7 @@ fn placement_row(p: &Placement) -> Vec<String> {
             };
             // Site failover (docs/site-ha.md): which box runs the copy.
             let phase = match s.site_role.as_deref() {
+                Some("standby") if s.phase == outpost_api::Phase::Running => "Standby (warm)".to_string(),
                 Some("standby") => "Standby".to_string(),
                 Some(role) => format!("{phase} ({role})"),
                 None => phase,

@@ -7,7 +7,6 @@
 mod common;
 
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -36,25 +35,40 @@ struct Site {
 }
 
 impl Site {
+    /// A site of `n` boxes on a bridge whose name no running test holds: creating the bridge
+    /// is the lock (`ip link add` refuses a name that exists), so concurrent test processes
+    /// never share, or clean up, each other's site.
     fn new(n: usize) -> Option<Site> {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let k = (std::process::id() % 50) * 4 + NEXT.fetch_add(1, Ordering::Relaxed) % 4 + 10;
-        let site = Site {
-            tag: format!("opha{k}"),
-            k,
-            n,
-        };
-        match site.make() {
-            Ok(()) => Some(site),
-            Err(e) => {
-                assert!(
-                    std::env::var("CI").is_err(),
-                    "cannot make the site's network namespaces (root and iproute2 needed): {e}"
-                );
-                eprintln!("skipping: cannot make network namespaces: {e}");
-                None
+        let start = std::process::id();
+        let mut err = String::from("no free site number");
+        for a in 0..200 {
+            let k = 10 + (start + a) % 200;
+            let site = Site {
+                tag: format!("opha{k}"),
+                k,
+                n,
+            };
+            match sh(&["ip", "link", "add", &site.bridge(), "type", "bridge"]) {
+                Ok(_) => match site.make() {
+                    Ok(()) => return Some(site),
+                    Err(e) => {
+                        err = e;
+                        break; // Drop cleans what was made
+                    }
+                },
+                Err(e) if e.contains("File exists") => continue,
+                Err(e) => {
+                    err = e;
+                    break;
+                }
             }
         }
+        assert!(
+            std::env::var("CI").is_err(),
+            "cannot make the site's network namespaces (root and iproute2 needed): {err}"
+        );
+        eprintln!("skipping: cannot make network namespaces: {err}");
+        None
     }
 
     fn bridge(&self) -> String {
@@ -76,10 +90,14 @@ impl Site {
         ["ip", "netns", "exec", &self.ns(i)].map(String::from).to_vec()
     }
 
+    /// Everything but the bridge, which [`Site::new`] made. Namespaces and veths of this
+    /// number left by a killed run go first.
     fn make(&self) -> Result<(), String> {
-        self.clean();
+        for i in 0..self.n {
+            let _ = sh(&["ip", "netns", "del", &self.ns(i)]);
+            let _ = sh(&["ip", "link", "del", &self.host_if(i)]);
+        }
         let br = self.bridge();
-        sh(&["ip", "link", "add", &br, "type", "bridge"])?;
         sh(&["ip", "addr", "add", &format!("{}/24", self.hub_ip()), "dev", &br])?;
         sh(&["ip", "link", "set", &br, "up"])?;
         // Docker sets FORWARD to DROP and bridged frames pass iptables here: let the site's
@@ -118,6 +136,18 @@ impl Site {
     }
     fn heal(&self, i: usize) {
         sh(&["ip", "link", "set", &self.host_if(i), "up"]).unwrap();
+    }
+
+    /// Boxes `a` and `b` stop hearing each other; both still reach the hub (and the others).
+    fn split(&self, a: usize, b: usize) {
+        for (x, y) in [(a, b), (b, a)] {
+            let ns = self.ns(x);
+            let ip = self.ip(y);
+            sh(&[
+                "ip", "netns", "exec", &ns, "iptables", "-I", "INPUT", "-s", &ip, "-j", "DROP",
+            ])
+            .unwrap();
+        }
     }
 
     /// A power cut: every process of box `i`'s namespace killed at once.
@@ -446,4 +476,300 @@ fn a_new_revision_reaches_active_and_standbys() {
     let (now_on, _) = cut_power(&site, &m2, active);
     assert_ne!(now_on, active);
     assert!(site.copies(&m1).is_empty(), "no box went back to revision 1");
+}
+
+#[test]
+fn two_boxes_with_the_hub_as_witness_keep_one_copy() {
+    let Some((site, hub, _agents)) = site_with_deadline(2, Some(2_000)) else {
+        return;
+    };
+    let m = marker();
+    // The default policy, preferAvailability: without the witness the standby would start a
+    // second copy when it stops hearing the active box (two_boxes_without_the_hub_follow_the_policy).
+    hub.apply(&failover("gw", &m, 1, "preferAvailability"));
+    let active = one_copy(&site, &m, 40.0);
+    stays_one(&site, &m, active, 1.0);
+    // The pair stops hearing itself, both boxes still reach the hub: the active box renews its
+    // lease at the hub before the standby claims, the hub keeps the copy where it runs.
+    site.split(0, 1);
+    stays_one(&site, &m, active, 5.0);
+    // The active box dies while the pair is split: the hub grants the standby the copy once the
+    // lease lapsed.
+    let (now_on, took) = cut_power(&site, &m, active);
+    eprintln!("pair failover through the hub witness: {} ms", took.as_millis());
+    assert_ne!(now_on, active);
+    stays_one(&site, &m, now_on, 1.0);
+}
+
+#[test]
+fn a_joining_box_does_not_restart_the_active_copy() {
+    let Some(site) = Site::new(3) else {
+        return;
+    };
+    let hub = Hub::start_on(&site.hub_ip(), &[], &[]);
+    let token = hub.token(&["--labels", &format!("site={}", site.tag)]);
+    let _a: Vec<Agent> = (0..2).map(|i| site.join(&hub, &token, i, Some(2_000))).collect();
+    let m = marker();
+    hub.apply(&failover("gw", &m, 2, "preferAvailability"));
+    let active = one_copy(&site, &m, 40.0);
+    stays_one(&site, &m, active, 1.0);
+    // A third box joins the site: it becomes a member (standby) and every member receives the
+    // new member list, without the active copy restarting.
+    let _c = site.join(&hub, &token, 2, Some(2_000));
+    let key = "deployment/default/gw";
+    let pid = pids_with_cmdline(&["/bin/sleep", &m]);
+    wait_for("the new box holds the workload as a standby", 30.0, || {
+        (hub.placement(&site.ns(2), key)?["status"]["site_role"] == "standby").then_some(())
+    });
+    stays_one(&site, &m, active, 1.5);
+    assert_eq!(
+        pids_with_cmdline(&["/bin/sleep", &m]),
+        pid,
+        "the active copy was not restarted"
+    );
+}
+
+/// The pid of `marker`'s copy on box `i`, if one runs there.
+fn pid_on(site: &Site, marker: &str, i: usize) -> Option<u32> {
+    pids_with_cmdline(&["/bin/sleep", marker])
+        .into_iter()
+        .find(|p| site.box_of(*p) == Some(i))
+}
+
+#[test]
+fn a_warm_standby_is_promoted_without_a_restart() {
+    let Some((site, hub, _agents)) = site_with_hub(3) else {
+        return;
+    };
+    let m = marker();
+    let vip = format!("10.88.{}.100", site.k);
+    let yaml = failover("gw", &m, 2, "preferAvailability").replace(
+        "outpost.dev/failover-policy: preferAvailability}",
+        &format!(
+            "outpost.dev/failover-policy: preferAvailability, outpost.dev/failover-warm: 'true', outpost.dev/failover-vip: {vip}/24, outpost.dev/failover-interface: {SITE_IF}}}"
+        ),
+    );
+    hub.apply(&yaml);
+    // Warm: a copy runs on every box; only the active one holds the virtual IP.
+    wait_for("a copy on every box", 40.0, || {
+        (site.copies(&m) == vec![0, 1, 2]).then_some(())
+    });
+    let active = wait_for("one box holds the virtual IP", 20.0, || {
+        match (0..3).filter(|i| site.holds(*i, &vip)).collect::<Vec<_>>()[..] {
+            [a] => Some(a),
+            _ => None,
+        }
+    });
+    let key = "deployment/default/gw";
+    wait_for("the hub sees one active and two warm standbys", 20.0, || {
+        let table = hub.cli(&["get", "workloads"]);
+        let rows: Vec<&str> = table.lines().filter(|l| l.starts_with(&site.tag)).collect();
+        (rows.iter().filter(|l| l.contains("Standby (warm)")).count() == 2
+            && rows.iter().filter(|l| l.contains("Running (active)")).count() == 1)
+            .then_some(())
+    });
+    let standby_status = hub.placement(&site.ns((active + 1) % 3), key).expect("placement");
+    assert_eq!(
+        standby_status["status"]["ready"], false,
+        "a warm standby is not ready: {standby_status}"
+    );
+    let before: Vec<Option<u32>> = (0..3).map(|i| pid_on(&site, &m, i)).collect();
+
+    // Power cut: the best-ranked live standby takes the virtual IP; its copy is the one that
+    // already ran (promotion, not a start).
+    let t0 = Instant::now();
+    site.power_cut(active);
+    let now_on = wait_for("another box holds the virtual IP", 15.0, || {
+        (0..3).find(|i| *i != active && site.holds(*i, &vip))
+    });
+    eprintln!("warm site failover (virtual IP moved): {} ms", t0.elapsed().as_millis());
+    assert_eq!(
+        pid_on(&site, &m, now_on),
+        before[now_on],
+        "the warm copy was promoted, not restarted"
+    );
+    wait_for("the hub names the new active box", 20.0, || {
+        (hub.placement(&site.ns(now_on), key)?["status"]["site_role"] == "active").then_some(())
+    });
+    assert_eq!(
+        pid_on(&site, &m, now_on),
+        before[now_on],
+        "the copy kept running through its gate"
+    );
+}
+
+#[test]
+fn a_restarted_agent_on_the_active_box_keeps_its_copy() {
+    let Some((site, hub, mut agents)) = site_with_deadline(3, Some(2_000)) else {
+        return;
+    };
+    let m = marker();
+    hub.apply(&failover("gw", &m, 2, "preferAvailability"));
+    let active = one_copy(&site, &m, 40.0);
+    stays_one(&site, &m, active, 1.0);
+    let key = "deployment/default/gw";
+    wait_for("the hub names the active box", 20.0, || {
+        (hub.placement(&site.ns(active), key)?["status"]["site_role"] == "active").then_some(())
+    });
+    // The agent (not the box) restarts: its copy keeps running, and the restarted agent resumes
+    // as active from its persisted claim instead of starting as standby and stopping it.
+    agents[active].kill9();
+    agents[active].start();
+    stays_one(&site, &m, active, 4.0);
+    let events = hub.cli(&["describe", "node", &site.ns(active)]);
+    assert!(!events.contains("SiteStandDown"), "{events}");
+    assert_eq!(
+        hub.placement(&site.ns(active), key).expect("placement")["status"]["site_role"],
+        "active"
+    );
+}
+
+/// The state of `name` about `subject` on `node` at the hub, if it was ever raised.
+fn alert_state(hub: &Hub, name: &str, node: &str, subject: &str) -> Option<String> {
+    let (code, body) = api_get(hub, "/v1/alerts?all=true");
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str::<serde_json::Value>(&body)
+        .ok()?
+        .as_array()?
+        .iter()
+        .find(|a| a["name"] == name && a["node"] == node && a["subject"] == subject)
+        .and_then(|a| a["state"].as_str().map(String::from))
+}
+
+#[test]
+fn a_takeover_is_an_alert_and_the_hub_follows_what_the_site_decided() {
+    let Some((site, hub, mut agents)) = site_with_hub(3) else {
+        return;
+    };
+    let (m1, m2) = (marker(), marker());
+    let key = "deployment/default/gw";
+    hub.apply(&failover("gw", &m1, 2, "preferAvailability"));
+    let active = one_copy(&site, &m1, 40.0);
+    stays_one(&site, &m1, active, 1.0);
+    let (now_on, _) = cut_power(&site, &m1, active);
+    let (new_node, old_node) = (site.ns(now_on), site.ns(active));
+    // An alert on the box that took over, and the hub's view names it active.
+    wait_for("SiteFailover firing at the hub", 20.0, || {
+        (alert_state(&hub, "SiteFailover", &new_node, key)?.as_str() == "Firing").then_some(())
+    });
+    wait_for("the hub names the new active box", 20.0, || {
+        (hub.placement(&new_node, key)?["status"]["site_role"] == "active").then_some(())
+    });
+    assert!(
+        alert_state(&hub, "SiteFailover", &old_node, key).is_none(),
+        "only the box that took over raises it"
+    );
+    // The dead box comes back as a standby: the site is whole again and the alert resolves.
+    agents[active].kill9();
+    agents[active].start();
+    wait_for("the returned box reports standby", 30.0, || {
+        (hub.placement(&old_node, key)?["status"]["site_role"] == "standby").then_some(())
+    });
+    wait_for("SiteFailover resolved", 20.0, || {
+        (alert_state(&hub, "SiteFailover", &new_node, key)?.as_str() == "Resolved").then_some(())
+    });
+    // A new revision rolls out where the site put the copy: the hub does not move it back to
+    // the box that ran it before (its better rank does not count while another box is active).
+    hub.apply(&failover("gw", &m2, 2, "preferAvailability"));
+    let on = one_copy(&site, &m2, 40.0);
+    assert_eq!(on, now_on, "the revision runs on the box the site chose");
+    wait_for("the rollout complete", 40.0, || {
+        let rs = hub.json(&["get", "rollouts"]);
+        rs.as_array()?
+            .iter()
+            .any(|r| r["workload"] == key && r["revision"] == 2 && r["phase"] == "Complete")
+            .then_some(())
+    });
+    stays_one(&site, &m2, now_on, 1.0);
+    assert!(site.copies(&m1).is_empty(), "the old revision is gone everywhere");
+}
+
+/// POST a witness claim as `agent` (its certificate) to `/v1/nodes/{path_node}/witness`.
+fn claim(hub: &Hub, agent: &Agent, path_node: &str, body: &str) -> (u16, String) {
+    outpost_pki::install_provider();
+    let (ca, cert, key) = agent.identity();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tls = outpost_pki::client_config(&ca, Some((&cert, &key))).unwrap();
+        let c = reqwest::Client::builder().use_preconfigured_tls(tls).build().unwrap();
+        let r = c
+            .post(format!("{}/v1/nodes/{path_node}/witness", hub.url))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    })
+}
+
+#[test]
+fn the_witness_answers_only_a_member_of_a_pair_about_its_own_workload() {
+    let hub = Hub::start();
+    let token = hub.token(&["--labels", "site=wit"]);
+    let port = free_port();
+    let agents: Vec<Agent> = (0..3)
+        .map(|i| {
+            let labels = format!(
+                "node.outpost.dev/site-ip=127.0.0.{},node.outpost.dev/site-port={port}",
+                i + 2
+            );
+            hub.join_with(&format!("wit{i}"), &token, &[], &["--labels", &labels])
+                .running()
+        })
+        .collect();
+    let (mp, mt) = (marker(), marker());
+    hub.apply(&format!(
+        "{}---\n{}",
+        failover("pair", &mp, 1, "preferAvailability"),
+        failover("trio", &mt, 2, "preferAvailability")
+    ));
+    let pair = "deployment/default/pair";
+    let holds = |i: usize| hub.placement(&format!("wit{i}"), pair).is_some();
+    let members: Vec<usize> = wait_for("the pair placed on two boxes", 30.0, || {
+        let m: Vec<usize> = (0..3).filter(|i| holds(*i)).collect();
+        (m.len() == 2).then_some(m)
+    });
+    let outsider = (0..3).find(|i| !members.contains(i)).unwrap();
+    let (a, b) = (members[0], members[1]);
+    let body = |w: &str, e: u64| format!("{{\"workload\":\"{w}\",\"epoch\":{e}}}");
+    // The first claim of a silent pair gets the copy; the other member's claim right after
+    // finds the lease fresh and learns the holder.
+    let (code, text) = claim(&hub, &agents[a], &format!("wit{a}"), &body(pair, 7));
+    assert_eq!(code, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (v["owner"].as_str(), v["epoch"].as_u64()),
+        (Some(format!("wit{a}").as_str()), Some(7))
+    );
+    let (code, text) = claim(&hub, &agents[b], &format!("wit{b}"), &body(pair, 8));
+    assert_eq!(code, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["owner"], format!("wit{a}"), "{text}");
+    // A box that does not hold the workload, a workload of three boxes, another node's route,
+    // a body without its epoch: refused, saying why.
+    let (code, text) = claim(&hub, &agents[outsider], &format!("wit{outsider}"), &body(pair, 9));
+    assert_eq!(code, 404, "{text}");
+    assert!(text.contains("did not place it there"), "{text}");
+    let (code, text) = claim(
+        &hub,
+        &agents[a],
+        &format!("wit{a}"),
+        &body("deployment/default/trio", 1),
+    );
+    assert_eq!(code, 400, "{text}");
+    assert!(text.contains("workload:") && text.contains("two-box"), "{text}");
+    let (code, text) = claim(&hub, &agents[a], &format!("wit{b}"), &body(pair, 9));
+    assert_eq!(code, 403, "{text}");
+    let (code, text) = claim(
+        &hub,
+        &agents[a],
+        &format!("wit{a}"),
+        &format!("{{\"workload\":\"{pair}\"}}"),
+    );
+    assert_eq!(code, 400, "{text}");
+    assert!(text.contains("epoch"), "{text}");
 }

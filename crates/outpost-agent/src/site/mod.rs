@@ -12,27 +12,37 @@
 //! for [`outpost_core::site_ha::DEADLINE_MS`], whatever the socket says, so the failover budget (500 ms) is the
 //! deadline (250 ms) plus starting the process.
 //!
+//! A pair that lost itself asks the hub witness (`POST /v1/nodes/{node}/witness` over the
+//! agent's own hub link, at most [`WITNESS_TIMEOUT`]); past that the policy decides.
+//!
+//! Durability: this box's claims (role, epoch, newest epoch seen, whether its `SiteFailover`
+//! alert fires) are written to the store's `meta` table (`site_claims`) whenever they change,
+//! before the next heartbeat tells the peers. After a `kill -9` of the agent the claims are the
+//! last ones peers heard; an active claim is resumed only if the copy still runs
+//! ([`running_copies`]), so a power cut never brings back a dead copy as active.
+//!
 //! Owns: the listener (only on the address this box published for the site network, the one
-//! inbound port of an edge box), the dialers, what peers last said, this box's claims. Must
-//! never: decide anything itself (the core does), or accept a heartbeat whose sender is not the
-//! node named in its TLS certificate.
+//! inbound port of an edge box), the dialers, what peers last said, this box's claims, the
+//! witness questions. Must never: decide anything itself (the core does), or accept a
+//! heartbeat whose sender is not the node named in its TLS certificate.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use outpost_api::site::SiteMember;
+use outpost_api::site::{SiteMember, WitnessAnswer, WitnessClaim};
 use outpost_api::{now_ms, UnixMs};
 use outpost_core::site_ha::{decide, Change, PeerState, View, Witness, HEARTBEAT_MS, STARTUP_GRACE_MS};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::store::{Desired, Store};
+use crate::sync::HubClient;
 
 pub mod vip;
 
@@ -64,6 +74,53 @@ struct Claim {
 /// What each peer said last, and when (this box's clock).
 type Heard = Arc<Mutex<BTreeMap<String, (UnixMs, Heartbeat)>>>;
 
+/// The `meta` key under which this box's claims survive an agent restart.
+const CLAIMS_META: &str = "site_claims";
+
+/// One workload's claim as persisted (docs/site-ha.md, "Roles across an agent restart").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Saved {
+    active: bool,
+    epoch: u64,
+    known: u64,
+    /// The `SiteFailover` alert is firing here for this workload.
+    #[serde(default)]
+    alert: bool,
+}
+
+fn load_claims(store: &Store) -> BTreeMap<String, Saved> {
+    match store.meta(CLAIMS_META) {
+        Ok(Some(json)) => serde_json::from_str(&json).unwrap_or_else(|e| {
+            warn!(error = %e, "site claims unreadable; every failover workload starts as standby");
+            BTreeMap::new()
+        }),
+        Ok(None) => BTreeMap::new(),
+        Err(e) => {
+            warn!(error = %e, "cannot read the site claims; every failover workload starts as standby");
+            BTreeMap::new()
+        }
+    }
+}
+
+/// The roles to start from: a persisted active claim whose copy still runs (`owned`, the
+/// processes the agent adopts) is active, every other failover workload standby. So a
+/// restarted agent keeps running the copy it ran (the peer link confirms or ends it), and a box
+/// back from a power cut starts as standby. A Docker copy is not found this way and starts as
+/// standby (docs/site-ha.md, "What is left").
+pub fn running_copies(store: &Store, owned: &[crate::runtime::Owned]) -> Roles {
+    Arc::new(
+        load_claims(store)
+            .into_iter()
+            .map(|(k, s)| {
+                let runs = owned
+                    .iter()
+                    .any(|o| o.unit.strip_prefix(k.as_str()).is_some_and(|r| r.starts_with('/')));
+                (k, if s.active && runs { ACTIVE } else { STANDBY }.to_string())
+            })
+            .collect(),
+    )
+}
+
 /// This box's state for one workload.
 #[derive(Clone, Copy, Debug, Default)]
 struct Own {
@@ -73,14 +130,73 @@ struct Own {
     /// When this box first held the workload: it listens for the startup grace before it may
     /// take over.
     since: UnixMs,
+    /// This box took the copy over from a failed or silent box and fired `SiteFailover`; it
+    /// resolves once every box holding the workload is heard again, or this box stands down.
+    alert: bool,
+}
+
+/// The node alert a takeover fires (docs/site-ha.md, "Visible everywhere").
+pub const ALERT_FAILOVER: &str = "SiteFailover";
+
+/// How long a box waits for the hub witness's answer: a takeover must not wait for a dead
+/// hub; past this the hub counts as unreachable and the policy decides.
+pub const WITNESS_TIMEOUT: Duration = Duration::from_millis(150);
+/// How often a box repeats its claim while its pair's peer stays silent (the lease is
+/// [`outpost_core::site_ha::LEASE_MS`]).
+const WITNESS_EVERY: Duration = Duration::from_millis(100);
+
+/// The witness's last answer for one workload, for the silence in progress.
+#[derive(Clone, Debug)]
+struct Asked {
+    answer: Witness,
+    epoch: u64,
+    at: std::time::Instant,
+    in_flight: bool,
+}
+
+type Answers = Arc<Mutex<BTreeMap<String, Asked>>>;
+
+/// Ask the hub witness for `workload` at `epoch` and record the answer (or
+/// [`Witness::Unreachable`] when it does not come within [`WITNESS_TIMEOUT`]).
+async fn ask_witness(client: Arc<HubClient>, workload: String, epoch: u64, answers: Answers, wake: Arc<Notify>) {
+    let claim = WitnessClaim {
+        workload: workload.clone(),
+        epoch,
+    };
+    let r = tokio::time::timeout(WITNESS_TIMEOUT, client.post_json::<_, WitnessAnswer>("witness", &claim)).await;
+    let answer = match r {
+        Ok(Ok(a)) => Witness::Answer {
+            owner: a.owner,
+            epoch: a.epoch,
+        },
+        Ok(Err(e)) if e.code().is_some() => {
+            warn!(workload = %workload, error = %e, "site witness: the hub refused the claim; the policy decides");
+            Witness::Unreachable
+        }
+        Ok(Err(e)) => {
+            debug!(workload = %workload, error = %e, "site witness: hub unreachable; the policy decides");
+            Witness::Unreachable
+        }
+        Err(_) => Witness::Unreachable,
+    };
+    if let Some(a) = answers.lock().expect("answers lock").get_mut(&workload) {
+        a.answer = answer;
+        a.in_flight = false;
+    }
+    wake.notify_one();
 }
 
 pub struct SiteLink {
     pub node: String,
+    /// The link to the hub, whose witness route decides for a pair that lost itself.
+    pub client: Option<Arc<HubClient>>,
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
     pub store: Arc<Store>,
+    /// The failover copies found running at agent start ([`running_copies`]): only these
+    /// resume as active from a persisted claim.
+    pub running: Roles,
     /// Peers silent longer than this are dead (default [`outpost_core::site_ha::DEADLINE_MS`];
     /// `OUTPOST_SITE_DEADLINE_MS` overrides it).
     pub deadline_ms: i64,
@@ -123,13 +239,42 @@ impl SiteLink {
         };
         let mut listener: Option<(String, JoinHandle<()>)> = None;
         let mut dialers: BTreeMap<String, (String, JoinHandle<()>)> = BTreeMap::new();
-        let mut own: BTreeMap<String, Own> = BTreeMap::new();
-        let witness = Witness::Unreachable;
+        // Claims persisted by the last agent: resume them (with the startup grace, so a newer
+        // owner heard meanwhile still wins; `site_ha::decide`, rule 5).
+        // Only a copy that still runs is resumed (an agent restart); after a power cut or a
+        // reboot the box starts as standby, keeping the epochs it knew.
+        let mut saved = load_claims(&self.store);
+        let started = now_ms();
+        let runs = |k: &str| self.running.get(k).map(String::as_str) == Some(ACTIVE);
+        let mut own: BTreeMap<String, Own> = saved
+            .iter()
+            .map(|(k, s)| {
+                (
+                    k.clone(),
+                    Own {
+                        active: s.active && runs(k),
+                        epoch: s.epoch,
+                        known: s.known,
+                        since: started,
+                        alert: s.alert,
+                    },
+                )
+            })
+            .collect();
+        let resumed: std::collections::BTreeSet<String> =
+            own.iter().filter(|(_, s)| s.active).map(|(k, _)| k.clone()).collect();
+        if !resumed.is_empty() {
+            info!(workloads = ?resumed, "site peer link: resuming as active from the persisted claims");
+        }
+        let mut seen: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        let answers: Answers = Arc::new(Mutex::new(BTreeMap::new()));
+        let wake = Arc::new(Notify::new());
         let mut tick = tokio::time::interval(Duration::from_millis((HEARTBEAT_MS / 2) as u64));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                _ = wake.notified() => {}
                 r = desired_rx.changed() => if r.is_err() { break },
                 _ = stop.changed() => break,
             }
@@ -173,6 +318,10 @@ impl SiteLink {
             let now = now_ms();
             let snapshot = heard.lock().expect("heard lock").clone();
             own.retain(|k, _| workloads.contains_key(k));
+            answers
+                .lock()
+                .expect("answers lock")
+                .retain(|k, _| workloads.contains_key(k));
             for (key, members) in &workloads {
                 let spec = &desired.workloads[key];
                 let Some(fo) = spec.failover.as_ref() else { continue };
@@ -193,16 +342,28 @@ impl SiteLink {
                     })
                     .collect();
                 let vip = fo.options.vip.as_deref().zip(fo.options.interface.as_deref());
-                if !own.contains_key(key) {
-                    // A box starts as standby: an address left from before is not ours now.
+                if seen.insert(key.clone()) {
                     if let Some((addr, iface)) = vip {
-                        vip::release(addr, iface);
+                        if resumed.contains(key) {
+                            // Resumed as active: the address is still ours; announce it again.
+                            if let Err(e) = vip::take(addr, iface) {
+                                warn!(workload = %key, error = %e, "cannot take the virtual IP");
+                            }
+                        } else {
+                            // A box starts as standby: an address left from before is not ours.
+                            vip::release(addr, iface);
+                        }
                     }
                 }
                 let st = own.entry(key.clone()).or_insert_with(|| Own {
                     since: now,
                     ..Own::default()
                 });
+                let witness = match answers.lock().expect("answers lock").get(key) {
+                    Some(a) if self.client.is_some() => a.answer.clone(),
+                    _ if self.client.is_some() => Witness::Pending,
+                    _ => Witness::Unreachable,
+                };
                 let o = decide(
                     &View {
                         me: &self.node,
@@ -219,12 +380,72 @@ impl SiteLink {
                     },
                     now,
                 );
+                let whole = members.iter().filter(|m| m.node != self.node).all(|m| {
+                    peer_states
+                        .get(&m.node)
+                        .is_some_and(|p| now - p.heard_at <= self.deadline_ms)
+                });
+                let mut alert = st.alert;
+                match &o.change {
+                    // Epoch 1 is the first start of the workload on the site, not a failover.
+                    Some(Change::TookOver { reason }) if o.epoch > 1 && !alert => {
+                        alert = true;
+                        let msg = format!(
+                            "{ALERT_FAILOVER}: this box took over {key} at epoch {} ({reason}); resolves when every box holding it is heard again",
+                            o.epoch
+                        );
+                        if let Err(e) = self.store.push_event(now, Some(key), outpost_api::ALERT_FIRING, &msg) {
+                            warn!(error = %e, "cannot record the site failover alert");
+                        }
+                    }
+                    Some(Change::StoodDown { .. }) if alert => alert = false,
+                    _ if alert && whole => alert = false,
+                    _ => {}
+                }
+                if st.alert && !alert {
+                    let msg =
+                        format!("{ALERT_FAILOVER}: every box holding {key} is heard again or this box stood down");
+                    if let Err(e) = self.store.push_event(now, Some(key), outpost_api::ALERT_RESOLVED, &msg) {
+                        warn!(error = %e, "cannot record the site failover alert");
+                    }
+                }
                 *st = Own {
                     active: o.active,
                     epoch: o.epoch,
                     known: o.known_epoch,
                     since: st.since,
+                    alert,
                 };
+                // The hub witness: ask while the pair's peer is silent, again every
+                // WITNESS_EVERY (a holder's renewal keeps its lease); forget the answers when
+                // the peer is heard again, so the next silence starts from a fresh question.
+                match (o.claim, self.client.as_ref()) {
+                    (Some(epoch), Some(client)) => {
+                        let mut all = answers.lock().expect("answers lock");
+                        let a = all.entry(key.clone()).or_insert_with(|| Asked {
+                            answer: Witness::Pending,
+                            epoch,
+                            at: std::time::Instant::now(),
+                            in_flight: false,
+                        });
+                        let due = a.at.elapsed() >= WITNESS_EVERY || a.epoch != epoch || a.answer == Witness::Pending;
+                        if !a.in_flight && due {
+                            a.in_flight = true;
+                            a.epoch = epoch;
+                            a.at = std::time::Instant::now();
+                            tokio::spawn(ask_witness(
+                                client.clone(),
+                                key.clone(),
+                                epoch,
+                                answers.clone(),
+                                wake.clone(),
+                            ));
+                        }
+                    }
+                    _ => {
+                        answers.lock().expect("answers lock").remove(key);
+                    }
+                }
                 if let Some(change) = o.change {
                     let (reason, message) = match change {
                         Change::TookOver { reason } => (
@@ -255,6 +476,28 @@ impl SiteLink {
                     if let Err(e) = self.store.push_event(now, Some(key), reason, &message) {
                         warn!(error = %e, "cannot record the site event");
                     }
+                }
+            }
+            // Persist the claims when they change, before peers hear of them.
+            let now_saved: BTreeMap<String, Saved> = own
+                .iter()
+                .map(|(k, s)| {
+                    (
+                        k.clone(),
+                        Saved {
+                            active: s.active,
+                            epoch: s.epoch,
+                            known: s.known,
+                            alert: s.alert,
+                        },
+                    )
+                })
+                .collect();
+            if now_saved != saved {
+                match serde_json::to_string(&now_saved).map(|j| self.store.set_meta(CLAIMS_META, &j)) {
+                    Ok(Ok(())) => saved = now_saved,
+                    Ok(Err(e)) => warn!(error = %e, "cannot persist the site claims; retrying"),
+                    Err(e) => warn!(error = %e, "cannot encode the site claims"),
                 }
             }
             let hb = Heartbeat {
