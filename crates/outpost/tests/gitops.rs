@@ -161,7 +161,7 @@ fn file_remote_overlays_ownership_prune_bad_commits_and_unreachable() {
         "5s",
     ]);
 
-    // Berlin gets its overlay's variant, Paris (no overlay) the base: two variants of web.
+    // Berlin gets its overlay's variant, Paris (no overlay) the base: two variants of ONE web.
     wait_running("berlin variant", &m_berlin, 1);
     wait_running("base variant", &m_base, 1);
     wait_running("extra on both", &m_extra, 2);
@@ -182,17 +182,21 @@ fn file_remote_overlays_ownership_prune_bad_commits_and_unreachable() {
         .iter()
         .map(|o| o.as_str().unwrap())
         .collect();
-    assert!(objects.contains(&"DaemonSet/default/web-base"), "{objects:?}");
-    assert!(objects.contains(&"DaemonSet/default/web-berlin"), "{objects:?}");
+    assert!(objects.contains(&"DaemonSet/default/web"), "{objects:?}");
+    assert!(
+        !objects.iter().any(|o| o.starts_with("DaemonSet/default/web-")),
+        "{objects:?}"
+    );
 
-    // A hand apply over an owned object is refused; --force goes through.
-    let err = hub.apply_err(&ds("web-base", &m_base));
+    // A hand apply over an owned object is refused; --force goes through (the hand version,
+    // without variants, runs on both sites).
+    let err = hub.apply_err(&ds("web", &m_base));
     assert!(err.contains("managed by GitOps") && err.contains("--force"), "{err}");
     let forced = marker();
     let f = tmp.path().join("forced.yaml");
-    std::fs::write(&f, ds("web-base", &forced)).unwrap();
+    std::fs::write(&f, ds("web", &forced)).unwrap();
     hub.cli(&["apply", "--force", "-f", f.to_str().unwrap()]);
-    wait_running("the forced version", &forced, 1);
+    wait_running("the forced version", &forced, 2);
     // A hand-applied object is never pruned, and GitOps never overwrites it.
     let hand = marker();
     hub.apply(&ds("by-hand", &hand));
@@ -204,7 +208,7 @@ fn file_remote_overlays_ownership_prune_bad_commits_and_unreachable() {
     wait_running("new base variant", &m_base2, 1);
     wait_running("the next commit replaced the forced version", &forced, 0);
     wait_running("extra pruned", &m_extra, 0);
-    assert_eq!(running(&m_berlin), 1, "berlin's variant did not change");
+    wait_running("berlin's variant back", &m_berlin, 1);
     assert_eq!(running(&hand), 2, "the hand-applied DaemonSet stays");
     wait_for("running is commit 2", 20.0, || {
         (status(&hub, "fleet")["running"] == c2.as_str()).then_some(())
@@ -296,7 +300,157 @@ fn file_remote_overlays_ownership_prune_bad_commits_and_unreachable() {
 
     // gitops rm: the GitRepo goes, its objects stay, and may then be changed by hand.
     hub.cli(&["gitops", "rm", "fleet"]);
-    hub.apply(&ds("web-base", &m_base3));
+    hub.apply(&ds("web", &m_base3));
+}
+
+/// Canary first, then the rest; no bake.
+const CANARY: &str = "apiVersion: outpost.dev/v1\nkind: RolloutPolicy\nmetadata: {name: canary}\nspec:\n  waves:\n  - {name: canary, count: 1}\n  - {percent: 100}\n  bake: 0s\n  tinyFleet: 1\n";
+
+/// `overlays/<site>`: the web DaemonSet running `sleep <marker>`.
+fn overlay(repo: &Repo, site: &str, marker: &str) {
+    repo.write(
+        &format!("overlays/{site}/kustomization.yaml"),
+        "resources: [../../base]\npatches:\n- path: web.yaml\n",
+    );
+    repo.write(
+        &format!("overlays/{site}/web.yaml"),
+        &format!(
+            "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: web}}\nspec:\n  template:\n    spec:\n      containers:\n      - {{name: main, command: [/bin/sleep, '{marker}']}}\n"
+        ),
+    );
+}
+
+/// node -> (wave, desired revision) of the current rollout of `web`.
+fn rollout_nodes(hub: &Hub) -> (Value, std::collections::BTreeMap<String, (u64, u64)>) {
+    let r = hub.json(&["rollout", "status", "daemonset", "web"]);
+    let nodes = r["nodes"]
+        .as_array()
+        .map(|ns| {
+            ns.iter()
+                .map(|n| {
+                    (
+                        n["node"].as_str().unwrap().to_string(),
+                        (
+                            n["wave"].as_u64().unwrap_or(99),
+                            n["desired_revision"].as_u64().unwrap_or(0),
+                        ),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (r, nodes)
+}
+
+/// The "one fleet workload with per-site variants": two sites with different overlays
+/// get different variants of ONE workload through ONE rollout in waves; a commit that changes
+/// one site's overlay rolls out to that site's nodes only (the others keep running, same
+/// process); a node whose site label changes moves to the other variant.
+#[test]
+fn one_fleet_workload_with_per_site_variants() {
+    let hub = Hub::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repo::new(tmp.path());
+    let (m_base, m_b1, m_s1) = (marker(), marker(), marker());
+    repo.write("base/policy.yaml", CANARY);
+    repo.write("base/web.yaml", &ds("web", &m_base));
+    repo.write("base/kustomization.yaml", "resources: [policy.yaml, web.yaml]\n");
+    overlay(&repo, "berlin", &m_b1);
+    overlay(&repo, "shanghai", &m_s1);
+    repo.push("two sites");
+    let _b1 = hub.join("berlin-1", &hub.token(&["--labels", "site=berlin"])).running();
+    let _b2 = hub.join("berlin-2", &hub.token(&["--labels", "site=berlin"])).running();
+    let mut s1 = hub
+        .join("shanghai-1", &hub.token(&["--labels", "site=shanghai"]))
+        .running();
+    let url = format!("file://{}", repo.bare.display());
+    hub.cli(&[
+        "gitops",
+        "add",
+        "fleet",
+        "--url",
+        &url,
+        "--overlays-by",
+        "site",
+        "--poll-interval",
+        "1m",
+    ]);
+    wait_running("berlin's variant on both berlin nodes", &m_b1, 2);
+    wait_running("shanghai's variant", &m_s1, 1);
+    assert_eq!(running(&m_base), 0, "no node runs the base variant");
+
+    // One workload: one object, one row per node under one key, one rollout.
+    let st = status(&hub, "fleet");
+    let web: Vec<&str> = st["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o.as_str().filter(|o| o.contains("web")))
+        .collect();
+    assert_eq!(web, ["DaemonSet/default/web"]);
+    let key = "daemonset/default/web";
+    for n in ["berlin-1", "berlin-2", "shanghai-1"] {
+        wait_for(&format!("{n} reports web at revision 1"), 30.0, || {
+            (hub.placement(n, key)?["status"]["revision"] == 1).then_some(())
+        });
+    }
+    let shanghai_pid = pids_with_cmdline(&["/bin/sleep", &m_s1]);
+
+    // A commit changing only berlin's overlay: revision 2, rolled out to berlin's nodes only,
+    // canary first; shanghai's process is the same one.
+    let m_b2 = marker();
+    overlay(&repo, "berlin", &m_b2);
+    repo.push("berlin only");
+    hub.cli(&["gitops", "sync", "fleet"]);
+    wait_running("berlin's new variant", &m_b2, 2);
+    wait_running("berlin's old variant gone", &m_b1, 0);
+    let (r, nodes) = wait_for("the rollout of revision 2 Complete", 30.0, || {
+        let (r, nodes) = rollout_nodes(&hub);
+        (r["revision"] == 2 && r["phase"] == "Complete").then_some((r, nodes))
+    });
+    assert_eq!(
+        nodes.keys().collect::<Vec<_>>(),
+        ["berlin-1", "berlin-2"],
+        "only berlin's nodes are in the rollout: {r}"
+    );
+    assert_eq!(
+        nodes.values().filter(|(w, _)| *w == 0).count(),
+        1,
+        "one canary, then the rest: {r}"
+    );
+    assert_eq!(
+        pids_with_cmdline(&["/bin/sleep", &m_s1]),
+        shanghai_pid,
+        "shanghai untouched"
+    );
+    assert_eq!(hub.placement("shanghai-1", key).unwrap()["status"]["revision"], 1);
+
+    // A commit changing both overlays: ONE rollout (revision 3) over all three nodes, in waves.
+    let (m_b3, m_s3) = (marker(), marker());
+    overlay(&repo, "berlin", &m_b3);
+    overlay(&repo, "shanghai", &m_s3);
+    repo.push("both sites");
+    hub.cli(&["gitops", "sync", "fleet"]);
+    wait_running("berlin's third variant", &m_b3, 2);
+    wait_running("shanghai's second variant", &m_s3, 1);
+    let (r, nodes) = wait_for("the rollout of revision 3 Complete", 30.0, || {
+        let (r, nodes) = rollout_nodes(&hub);
+        (r["revision"] == 3 && r["phase"] == "Complete").then_some((r, nodes))
+    });
+    assert_eq!(nodes.len(), 3, "{r}");
+    assert_eq!(nodes.values().filter(|(w, _)| *w == 0).count(), 1, "{r}");
+    assert!(nodes.values().all(|(_, rev)| *rev == 3), "{r}");
+
+    // shanghai-1 re-joins as a berlin node: it moves to berlin's variant.
+    s1.stop();
+    hub.cli(&["delete", "node", "shanghai-1"]);
+    std::fs::remove_dir_all(&s1.dir).unwrap();
+    wait_running("shanghai's variant gone with its node", &m_s3, 0);
+    let _s1b = hub
+        .join("shanghai-1", &hub.token(&["--labels", "site=berlin"]))
+        .running();
+    wait_running("the node now runs berlin's variant", &m_b3, 3);
+    assert_eq!(running(&m_s3), 0);
 }
 
 /// `git http-backend` behind a tiny CGI server: Git's smart HTTP protocol on loopback, with
