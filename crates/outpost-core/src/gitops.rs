@@ -68,13 +68,14 @@ pub fn target_for(targets: &Targets, node_labels: &Labels, overlays: &BTreeSet<S
 }
 
 /// What the fetcher remembers between runs.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FetchState {
     /// When the last fetch finished (successfully or not).
     pub last_fetch: Option<UnixMs>,
     /// Failed fetches since the last good one.
     pub failures: u32,
-    /// A webhook asked for a fetch that has not happened yet.
+    /// A webhook asked for a fetch that has not happened yet (not kept across restarts).
+    #[serde(skip)]
     pub webhook_pending: bool,
 }
 

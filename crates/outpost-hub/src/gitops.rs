@@ -5,10 +5,14 @@
 //! everywhere as ONE [`Command::GitOpsApply`] (every changed workload becomes one rollout, in
 //! waves; objects the repository dropped are pruned in the same command).
 //!
-//! What it remembers per GitRepo ([`RepoState`]) lives in memory: after a hub restart the first
-//! fetch renders and applies the commit again, which changes nothing when the hub already holds
-//! it (unchanged objects are "unchanged"). Ownership lives on the objects themselves (the
-//! `outpost.dev/owned-by` annotation), so it survives restarts.
+//! What it remembers per GitRepo ([`RepoState`]: the commit running, fetched and rejected, the
+//! last error, the failure count and the backoff's jitter draw, the last fetch) is kept in the
+//! store (`gitops_state`, written whenever it changes and read at the controller's first run),
+//! so a restarted hub neither applies the running commit again nor forgets it, and keeps a
+//! failing repository's backoff. A hub that stops between applying a commit and storing that it
+//! runs applies it again after the restart, which changes nothing (unchanged objects are
+//! "unchanged"). Ownership lives on the objects themselves (the `outpost.dev/owned-by`
+//! annotation).
 //!
 //! Must never: apply part of a commit, touch an object it does not own, or fetch a failing
 //! repository more often than `next_fetch` allows (a webhook excepted).
@@ -32,8 +36,9 @@ pub const UNREACHABLE: &str = "GitRepoUnreachable";
 /// Alert while a GitRepo's newest commit is refused (does not render, validate or apply).
 pub const REJECTED: &str = "GitCommitRejected";
 
-/// What the controller remembers about one GitRepo.
-#[derive(Clone, Debug, Default)]
+/// What the controller remembers about one GitRepo (stored as JSON in `gitops_state`).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct RepoState {
     pub fetch: FetchState,
     /// The jitter draw for the current backoff.
@@ -52,6 +57,8 @@ pub struct RepoState {
 #[derive(Default)]
 pub struct Repos {
     inner: Mutex<BTreeMap<String, RepoState>>,
+    /// The stored states were read (the controller's first run does it).
+    loaded: std::sync::atomic::AtomicBool,
     /// Fetches asked for (webhook, sync) and not started yet. Kept apart from [`RepoState`] so
     /// a request that arrives while a sync runs is not overwritten when that sync stores its
     /// result: the next run fetches again.
@@ -62,8 +69,9 @@ impl Repos {
     fn get(&self, key: &str) -> RepoState {
         self.lock().get(key).cloned().unwrap_or_default()
     }
-    fn put(&self, key: &str, st: RepoState) {
-        self.lock().insert(key.to_string(), st);
+    /// Remember `st`, and return whether it differs from what was remembered.
+    fn put(&self, key: &str, st: RepoState) -> bool {
+        self.lock().insert(key.to_string(), st.clone()).as_ref() != Some(&st)
     }
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, RepoState>> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -179,6 +187,50 @@ pub struct Rendered {
     pub combine_error: Option<Vec<(String, String)>>,
 }
 
+/// Remember a GitRepo's state, and store it when it changed (a failed write is logged: the
+/// state in memory is still right, and the next change writes it again).
+async fn save(svc: &Service, key: &str, st: RepoState) {
+    if !svc.gitops.put(key, st.clone()) {
+        return;
+    }
+    let json = match serde_json::to_string(&st) {
+        Ok(j) => j,
+        Err(e) => {
+            tracing::warn!(gitrepo = %key, error = %e, "cannot encode the GitOps state");
+            return;
+        }
+    };
+    let k = key.to_string();
+    let now = outpost_api::now_ms();
+    if let Err(e) = svc.db(move |s| s.put_gitops_state(&k, Some(&json), now)).await {
+        tracing::warn!(gitrepo = %key, error = %e, "cannot store the GitOps state; it is kept in memory");
+    }
+}
+
+/// Read the stored states once, at the controller's first run.
+async fn load_states(svc: &Service) {
+    if svc.gitops.loaded.load(std::sync::atomic::Ordering::Acquire) {
+        return;
+    }
+    match svc.db(|s| s.gitops_states()).await {
+        Ok(rows) => {
+            let mut map = svc.gitops.lock();
+            for (k, json) in rows {
+                match serde_json::from_str::<RepoState>(&json) {
+                    Ok(st) => {
+                        map.entry(k).or_insert(st);
+                    }
+                    Err(e) => {
+                        tracing::warn!(gitrepo = %k, error = %e, "stored GitOps state unreadable; starting afresh")
+                    }
+                }
+            }
+            svc.gitops.loaded.store(true, std::sync::atomic::Ordering::Release);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the stored GitOps states; retrying"),
+    }
+}
+
 fn short(commit: &str) -> &str {
     &commit[..commit.len().min(12)]
 }
@@ -292,7 +344,7 @@ async fn sync_one(svc: &Service, g: &GitRepo, objects: &[Object], now: UnixMs) {
             st.draw = rand::random::<f64>();
             tracing::warn!(gitrepo = %k, failures = st.fetch.failures, error = %e, "GitOps fetch failed; the running commit stays");
             st.error = Some(e.clone());
-            svc.gitops.put(&k, st);
+            save(svc, &k, st.clone()).await;
             alert(svc, UNREACHABLE, g, AlertChange::Fire(format!("gitrepo/{k}: {e}"))).await;
             return;
         }
@@ -304,18 +356,18 @@ async fn sync_one(svc: &Service, g: &GitRepo, objects: &[Object], now: UnixMs) {
     st.fetched = Some(commit.clone());
     if st.running.as_deref() == Some(commit.as_str()) {
         st.error = None; // a fetch error before this good fetch is over
-        svc.gitops.put(&k, st);
+        save(svc, &k, st.clone()).await;
         return;
     }
     if st.rejected.as_deref() == Some(commit.as_str()) {
-        svc.gitops.put(&k, st);
+        save(svc, &k, st.clone()).await;
         return;
     }
     let tree = match fetch::read_tree(&dir, &commit, &g.spec.path).await {
         Ok(t) => t,
         Err(e) => {
             st.error = Some(e.to_string());
-            svc.gitops.put(&k, st);
+            save(svc, &k, st.clone()).await;
             return;
         }
     };
@@ -375,7 +427,7 @@ async fn sync_one(svc: &Service, g: &GitRepo, objects: &[Object], now: UnixMs) {
             }
         }
     }
-    svc.gitops.put(&k, st);
+    save(svc, &k, st.clone()).await;
 }
 
 /// One run of the controller: sync every GitRepo that is due; returns the wait until the next
@@ -396,7 +448,24 @@ pub async fn tick(svc: &Service, now: UnixMs) -> Duration {
         })
         .collect();
     let keys: BTreeSet<String> = repos.iter().map(key).collect();
-    svc.gitops.lock().retain(|k, _| keys.contains(k));
+    load_states(svc).await;
+    if !svc.gitops.loaded.load(std::sync::atomic::Ordering::Acquire) {
+        return Duration::from_secs(5);
+    }
+    let gone: Vec<String> = svc
+        .gitops
+        .lock()
+        .keys()
+        .filter(|k| !keys.contains(*k))
+        .cloned()
+        .collect();
+    for k in gone {
+        svc.gitops.lock().remove(&k);
+        let key = k.clone();
+        if let Err(e) = svc.db(move |s| s.put_gitops_state(&key, None, 0)).await {
+            tracing::warn!(gitrepo = %k, error = %e, "cannot forget the GitOps state of a removed GitRepo");
+        }
+    }
     svc.gitops
         .pending
         .lock()
@@ -414,7 +483,7 @@ pub async fn tick(svc: &Service, now: UnixMs) -> Duration {
                 spec_hash,
                 ..RepoState::default()
             };
-            svc.gitops.put(&key(g), st.clone());
+            save(svc, &key(g), st.clone()).await;
         }
         st.fetch.webhook_pending = svc.gitops.is_pending(&key(g));
         let due = core::next_fetch(&st.fetch, g.spec.poll_ms(), now, st.draw);

@@ -669,3 +669,91 @@ fn smart_http_remote_with_credentials_and_webhook() {
     assert!(!e.contains("nope"), "the password never shows: {e}");
     assert_eq!(running(&m3), 1);
 }
+
+fn applied_in_log(hub: &Hub) -> usize {
+    std::fs::read_to_string(hub.dir.join("hub.log"))
+        .unwrap_or_default()
+        .matches("commit applied")
+        .count()
+}
+
+/// The controller's memory (commit running and fetched, last error, failures, backoff) is
+/// stored: a restarted hub neither applies the running commit again nor forgets it, and a
+/// failing repository stays failing with its count.
+#[test]
+fn controller_state_survives_a_hub_restart() {
+    let mut hub = Hub::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repo::new(tmp.path());
+    let m1 = marker();
+    base(&repo, &m1, None);
+    let c1 = repo.push("one");
+    let _a = hub.join("edge-1", &hub.token(&[])).running();
+    let url = format!("file://{}", repo.bare.display());
+    // Polling every 10 minutes: after the first fetch, only `gitops sync` fetches.
+    hub.cli(&[
+        "gitops",
+        "add",
+        "keep",
+        "--url",
+        &url,
+        "--target",
+        "all=base",
+        "--poll-interval",
+        "10m",
+    ]);
+    wait_running("the first commit", &m1, 1);
+    let before = wait_for("commit 1 running", 20.0, || {
+        let s = status(&hub, "keep");
+        (s["running"] == c1.as_str()).then_some(s)
+    });
+    assert_eq!(applied_in_log(&hub), 1);
+
+    hub.restart();
+    let after = status(&hub, "keep");
+    assert_eq!(after["running"], c1.as_str(), "{after}");
+    assert_eq!(after["fetched"], c1.as_str(), "{after}");
+    assert_eq!(
+        after["last_fetch"], before["last_fetch"],
+        "no fetch at the restart: {after}"
+    );
+    hub.cli(&["gitops", "sync", "keep"]);
+    wait_for("a fetch after the restart", 30.0, || {
+        (status(&hub, "keep")["last_fetch"] != before["last_fetch"]).then_some(())
+    });
+    assert_eq!(applied_in_log(&hub), 1, "the running commit is not applied again");
+    assert_eq!(running(&m1), 1);
+
+    // A failing remote: its error and failure count survive a restart too.
+    let moved = tmp.path().join("moved.git");
+    std::fs::rename(&repo.bare, &moved).unwrap();
+    hub.cli(&["gitops", "sync", "keep"]);
+    let failing = wait_for("the fetch failure", 90.0, || {
+        let s = status(&hub, "keep");
+        (s["failures"].as_u64() >= Some(1)).then_some(s)
+    });
+    hub.restart();
+    let st = status(&hub, "keep");
+    assert_eq!(st["failures"], failing["failures"], "{st}");
+    assert!(st["error"].as_str().unwrap_or_default().contains("remote.git"), "{st}");
+    assert_eq!(st["next_fetch"], failing["next_fetch"], "the backoff is kept: {st}");
+    assert_eq!(st["running"], c1.as_str());
+
+    // Repaired: a good fetch of the running commit clears the error, applies nothing.
+    std::fs::rename(&moved, &repo.bare).unwrap();
+    hub.cli(&["gitops", "sync", "keep"]);
+    wait_for("fetches again, the error cleared", 30.0, || {
+        let s = status(&hub, "keep");
+        (s["failures"] == 0 && s["error"].is_null()).then_some(())
+    });
+    assert_eq!(applied_in_log(&hub), 1);
+    // A new commit after all that goes through as usual.
+    let m2 = marker();
+    base(&repo, &m2, None);
+    let c2 = repo.push("two");
+    hub.cli(&["gitops", "sync", "keep"]);
+    wait_running("commit 2", &m2, 1);
+    wait_for("commit 2 running", 20.0, || {
+        (status(&hub, "keep")["running"] == c2.as_str()).then_some(())
+    });
+}
