@@ -270,6 +270,8 @@ pub fn render(g: &GitRepo, tree: &Tree, host_paths: &crate::validate::HostPathPo
             path: path.clone(),
             objects: result.as_ref().map_or(0, Vec::len),
             error: result.as_ref().err().cloned(),
+            nodes: 0,
+            rollouts: BTreeMap::new(),
         });
         renders.push(TargetRender {
             target: name.clone(),
@@ -521,9 +523,12 @@ pub async fn status(svc: &Service, only: Option<(String, String)>) -> Result<Vec
         find(&objects, ns, name)?;
     }
     let phases: BTreeMap<String, String> = rollouts
-        .into_iter()
+        .iter()
         .map(|r| (r.workload.clone(), format!("{:?}", r.phase)))
         .collect();
+    let by_key: BTreeMap<&str, &outpost_core::waves::Rollout> =
+        rollouts.iter().map(|r| (r.workload.as_str(), r)).collect();
+    let nodes = svc.db(|s| s.nodes()).await?;
     let mut out = Vec::new();
     for o in &objects {
         let Object::GitRepo(g) = o else { continue };
@@ -545,6 +550,36 @@ pub async fn status(svc: &Service, only: Option<(String, String)>) -> Result<Vec
                 rollouts.insert(o.id().to_string(), p.clone());
             }
         }
+        let mut targets = st.targets.clone();
+        let overlays: BTreeSet<String> = targets
+            .iter()
+            .filter(|t| t.path.starts_with("overlays/"))
+            .map(|t| t.name.clone())
+            .collect();
+        let spec_targets = targets_of(g);
+        let mut of_target: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for n in &nodes {
+            if let Some((t, _)) = core::target_for(&spec_targets, &n.labels, &overlays) {
+                of_target.entry(t).or_default().insert(n.name.clone());
+            }
+        }
+        let owned_rollouts: Vec<(String, &outpost_core::waves::Rollout)> = owned
+            .iter()
+            .filter_map(|o| {
+                by_key
+                    .get(outpost_core::render::workload_key(&o.id()).as_str())
+                    .map(|r| (o.id().to_string(), *r))
+            })
+            .collect();
+        let none = BTreeSet::new();
+        for t in &mut targets {
+            let members = of_target.get(&t.name).unwrap_or(&none);
+            t.nodes = members.len();
+            t.rollouts = owned_rollouts
+                .iter()
+                .filter_map(|(id, r)| target_rollout(r, members).map(|s| (id.clone(), s)))
+                .collect();
+        }
         out.push(GitRepoStatus {
             name: g.metadata.name.clone(),
             namespace: g.metadata.ns().to_string(),
@@ -560,12 +595,42 @@ pub async fn status(svc: &Service, only: Option<(String, String)>) -> Result<Vec
                 .map(|_| core::next_fetch(&st.fetch, g.spec.poll_ms(), outpost_api::now_ms(), st.draw)),
             failures: st.fetch.failures,
             error: st.error.clone(),
-            targets: st.targets.clone(),
+            targets,
             objects: owned.iter().map(|o| o.id().to_string()).collect(),
             rollouts,
         });
     }
     Ok(out)
+}
+
+/// A rollout as one target's nodes see it: `None` when none of them is in it (the revision
+/// did not change this target's variant, or the target has no node).
+fn target_rollout(r: &outpost_core::waves::Rollout, nodes: &BTreeSet<String>) -> Option<String> {
+    use outpost_api::NodeRolloutState as S;
+    let mine: Vec<&outpost_core::waves::Member> = r
+        .members
+        .iter()
+        .filter(|(n, _)| nodes.contains(*n))
+        .map(|(_, m)| m)
+        .collect();
+    let in_from = nodes.iter().filter(|n| r.from.contains_key(*n)).count();
+    let total = mine.len().max(in_from);
+    if total == 0 {
+        return None;
+    }
+    let count = |s: S| mine.iter().filter(|m| m.state == s).count();
+    let updated = if r.phase == outpost_api::RolloutPhase::Complete {
+        total - count(S::Failed)
+    } else {
+        count(S::Passed)
+    };
+    Some(format!(
+        "{}: {updated} of {total} node{} updated, {} failed (revision {})",
+        r.phase.as_str(),
+        if total == 1 { "" } else { "s" },
+        count(S::Failed),
+        r.revision
+    ))
 }
 
 /// `outpost gitops sync` and the webhook: fetch at once.
@@ -616,14 +681,20 @@ pub async fn diff(svc: &Service, namespace: &str, name: &str, commit: Option<Str
     let mut want = Vec::new();
     for mut o in desired {
         o.meta_mut().annotations.insert(OWNED_BY.into(), own.clone());
-        want.push((o.id().to_string(), serde_json::to_value(&o).unwrap_or_default()));
+        let mut v = serde_json::to_value(&o).unwrap_or_default();
+        expand_variants(&mut v);
+        want.push((o.id().to_string(), v));
     }
     let have: Vec<(String, serde_json::Value)> = objects
         .iter()
         .filter(|o| {
             want.iter().any(|(id, _)| *id == o.id().to_string()) || o.meta().annotations.get(OWNED_BY) == Some(&own)
         })
-        .map(|o| (o.id().to_string(), serde_json::to_value(o).unwrap_or_default()))
+        .map(|o| {
+            let mut v = serde_json::to_value(o).unwrap_or_default();
+            expand_variants(&mut v);
+            (o.id().to_string(), v)
+        })
         .collect();
     for (id, ch) in outpost_kustomize::diff::plan(&want, &have) {
         let fields = match &ch {
@@ -637,6 +708,29 @@ pub async fn diff(svc: &Service, namespace: &str, name: &str, commit: Option<Str
         });
     }
     Ok(out)
+}
+
+/// For a diff: a fleet workload's variants annotation (one JSON string) as a mapping from the
+/// variant's targets (`base,shanghai`) to its object, so a changed variant shows as the fields
+/// that changed in it (`...variants.berlin.spec.template...`), not as one changed string.
+fn expand_variants(v: &mut serde_json::Value) {
+    for path in [
+        "/spec/template/metadata/annotations",
+        "/spec/jobTemplate/spec/template/metadata/annotations",
+    ] {
+        let Some(ann) = v.pointer_mut(path).and_then(|a| a.as_object_mut()) else {
+            continue;
+        };
+        let Some(raw) = ann.get(core::VARIANTS).and_then(|r| r.as_str()) else {
+            continue;
+        };
+        let Ok(list) = serde_json::from_str::<Vec<core::Variant>>(raw) else {
+            continue;
+        };
+        let map: serde_json::Map<String, serde_json::Value> =
+            list.into_iter().map(|x| (x.targets.join(","), x.object)).collect();
+        ann.insert(core::VARIANTS.into(), serde_json::Value::Object(map));
+    }
 }
 
 /// Whether a webhook request carries the GitRepo's secret: GitHub's `X-Hub-Signature-256:
@@ -695,6 +789,25 @@ mod tests {
             )),
             "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
         );
+    }
+
+    #[test]
+    fn a_diff_sees_variants_as_objects() {
+        let variants = serde_json::json!([
+            {"targets": ["base", "shanghai"], "object": {"kind": "DaemonSet", "spec": {"x": 1}}},
+            {"targets": ["berlin"], "object": {"kind": "DaemonSet", "spec": {"x": 2}}},
+        ]);
+        let mut v = serde_json::json!({"spec": {"template": {"metadata": {"annotations": {
+            core::VARIANTS: variants.to_string(), "other": "kept"}}}}});
+        expand_variants(&mut v);
+        let ann = &v["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(ann[core::VARIANTS]["berlin"]["spec"]["x"], 2);
+        assert_eq!(ann[core::VARIANTS]["base,shanghai"]["spec"]["x"], 1);
+        assert_eq!(ann["other"], "kept");
+        // Anything else is left alone.
+        let mut plain = serde_json::json!({"spec": {"replicas": 1}});
+        expand_variants(&mut plain);
+        assert_eq!(plain, serde_json::json!({"spec": {"replicas": 1}}));
     }
 
     #[test]

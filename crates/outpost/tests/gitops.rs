@@ -424,6 +424,34 @@ fn one_fleet_workload_with_per_site_variants() {
         "shanghai untouched"
     );
     assert_eq!(hub.placement("shanghai-1", key).unwrap()["status"]["revision"], 1);
+    // gitops status: per target its nodes and the rollout on them.
+    let st = status(&hub, "fleet");
+    let target = |name: &str| {
+        st["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(target("berlin")["nodes"], 2, "{st}");
+    assert_eq!(target("shanghai")["nodes"], 1, "{st}");
+    assert_eq!(target("base")["nodes"], 0, "{st}");
+    assert_eq!(
+        target("berlin")["rollouts"]["DaemonSet/default/web"],
+        "Complete: 2 of 2 nodes updated, 0 failed (revision 2)",
+        "{st}"
+    );
+    assert!(
+        target("shanghai")["rollouts"].is_null(),
+        "shanghai's variant did not change: {st}"
+    );
+    let text = hub.cli(&["gitops", "status", "fleet"]);
+    assert!(
+        text.contains("DaemonSet/default/web: Complete: 2 of 2 nodes updated"),
+        "{text}"
+    );
 
     // A commit changing both overlays: ONE rollout (revision 3) over all three nodes, in waves.
     let (m_b3, m_s3) = (marker(), marker());
