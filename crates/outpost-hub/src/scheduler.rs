@@ -446,6 +446,81 @@ spec:
         assert_ne!(outpost_api::content_hash(&bare), specs[0].hash);
     }
 
+    /// A fleet workload (GitOps variants): each node gets its own variant; a revision that
+    /// changes one site's variant leaves the other site's node as it is (revision included).
+    #[test]
+    fn fleet_workload_nodes_get_their_variant_and_unchanged_ones_stay() {
+        use outpost_core::gitops::{combine, placement_terms, TargetObjects, Targets};
+        let by = Targets::OverlaysBy { label: "site".into() };
+        let overlays: BTreeSet<String> = ["berlin", "shanghai"].iter().map(|s| s.to_string()).collect();
+        let ds = |arg: &str| {
+            serde_json::json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "web"},
+                "spec": {"template": {"spec": {"runtimeClassName": "process",
+                "containers": [{"name": "c", "image": "x", "command": ["/bin/sleep", arg]}]}}}})
+        };
+        let fleet = |berlin: &str, shanghai: &str, revision: u64| {
+            let r = |t: &str, o| TargetObjects {
+                target: t.into(),
+                terms: placement_terms(&by, t, &overlays).unwrap(),
+                objects: vec![o],
+            };
+            let out = combine(&[r("base", ds("0")), r("berlin", ds(berlin)), r("shanghai", ds(shanghai))]).unwrap();
+            let mut o = objects(&serde_json::to_string(&out[0]).unwrap());
+            o[0].revision = revision;
+            o
+        };
+        let command = |spec: &WorkloadSpec| spec.containers[0].command[1].clone();
+        let mut inputs = ScheduleInputs {
+            nodes: vec![
+                node("b", &[("site", "berlin")], Some(0)),
+                node("s", &[("site", "shanghai")], Some(0)),
+                node("p", &[("site", "paris")], Some(0)),
+            ],
+            objects: fleet("1", "3", 1),
+            ..Default::default()
+        };
+        let p = plan(&inputs, Duration::from_secs(90), 0);
+        let got: Vec<(&str, String, u64)> = p
+            .changes
+            .iter()
+            .map(|(n, c)| (n.as_str(), command(&c.upsert[0]), c.upsert[0].revision))
+            .collect();
+        assert_eq!(got, [("b", "1".into(), 1), ("p", "0".into(), 1), ("s", "3".into(), 1)]);
+        assert!(p.changes.values().all(|c| c.upsert[0].key == "daemonset/default/web"));
+        assert_ne!(
+            p.changes["b"].upsert[0].hash, p.changes["s"].upsert[0].hash,
+            "two variants"
+        );
+        for (n, c) in &p.changes {
+            let s = &c.upsert[0];
+            inputs.held.insert(n.clone(), [(s.key.clone(), s.hash.clone())].into());
+            inputs.held_revisions.insert(n.clone(), [(s.key.clone(), 1)].into());
+        }
+        // Revision 2 changes berlin's variant only; the templates of revision 1 are stored.
+        let old = &fleet("1", "3", 1)[0].object;
+        inputs
+            .templates
+            .insert((old.id(), 1), serde_json::to_value(old.template().unwrap()).unwrap());
+        inputs.objects = fleet("2", "3", 2);
+        let complete: outpost_core::waves::Rollout = serde_json::from_value(serde_json::json!({
+            "workload": "daemonset/default/web", "revision": 2, "phase": "Complete",
+            "policy": "default", "started_at": 0, "updated_at": 0}))
+        .unwrap();
+        inputs.rollouts.insert(complete.workload.clone(), complete);
+        let p = plan(&inputs, Duration::from_secs(90), 0);
+        assert_eq!(
+            p.changes.keys().collect::<Vec<_>>(),
+            ["b"],
+            "only berlin's node changes"
+        );
+        assert_eq!(command(&p.changes["b"].upsert[0]), "2");
+        assert_eq!(p.changes["b"].upsert[0].revision, 2);
+        // Paris moves to berlin: it gets berlin's variant.
+        inputs.nodes[2].labels.insert("site".into(), "berlin".into());
+        let p = plan(&inputs, Duration::from_secs(90), 0);
+        assert_eq!(command(&p.changes["p"].upsert[0]), "2");
+    }
+
     #[test]
     fn deployment_short_of_nodes_gets_a_note_and_assignments() {
         let inputs = ScheduleInputs {
