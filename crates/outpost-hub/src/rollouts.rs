@@ -147,8 +147,12 @@ impl Loaded {
     }
 }
 
-/// A fleet workload's variants (`outpost_core::gitops::VARIANTS`); empty for any other.
+/// A fleet workload's variants (`outpost_core::gitops::VARIANTS`); empty for any other, and for
+/// a site-failover one (its nodes all take each revision, as `crate::scheduler::plan` does).
 fn fleet_variants(obj: &Object) -> Vec<Object> {
+    if outpost_api::site::failover_options(obj).is_some() {
+        return Vec::new();
+    }
     outpost_core::gitops::variants_of(obj)
         .map(|v| v.into_iter().map(|(_, o)| o).collect())
         .unwrap_or_default()

@@ -276,7 +276,10 @@ pub fn plan(inputs: &ScheduleInputs, offline_after: Duration, now: UnixMs) -> Pl
             // A fleet workload's node whose variant is the same at the revision it is handed
             // as at the one it holds keeps what it holds: a commit that changes one site's
             // variant leaves the other sites' workloads running untouched.
-            if revs.fleet {
+            // (Not for a site-failover workload: its spec carries the members, which the
+            // rollout controller's same check cannot see; such a fleet workload's nodes all
+            // take each revision.)
+            if revs.fleet && !failover.contains_key(&id) {
                 let held_hash = inputs.held.get(n).and_then(|h| h.get(&spec.key));
                 if let (Some(h), Some(hash)) = (held_rev.filter(|h| *h != spec.revision), held_hash) {
                     if let Some(same) = revs.variant_at(rev, n, labels, h).map(wrap) {
