@@ -2,6 +2,8 @@
 //! with its Kustomize engine and rolls out commit by commit (docs/gitops.md), and the wire
 //! types of `outpost gitops status`.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::{Labels, ObjectMeta};
@@ -225,6 +227,14 @@ pub struct TargetStatus {
     /// Why the target did not render or validate (file, document, field, reason), if it did not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Nodes this target is for now (filled by `gitops status`).
+    #[serde(default)]
+    pub nodes: usize,
+    /// The rollout of each of the repository's workloads on this target's nodes, when its
+    /// current revision changed this target's variant: `Kind/namespace/name` -> e.g.
+    /// `Progressing: 1 of 3 nodes updated, 0 failed` (filled by `gitops status`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rollouts: BTreeMap<String, String>,
 }
 
 /// `outpost gitops status`: one GitRepo.

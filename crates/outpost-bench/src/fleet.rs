@@ -350,9 +350,9 @@ struct Joiner {
     ca_pem: String,
 }
 
-async fn join_one(j: &Joiner, name: String, idx: usize) -> Result<SimAgent> {
+async fn join_one(j: &Joiner, name: String, idx: usize, extra: BTreeMap<String, String>) -> Result<SimAgent> {
     let key = outpost_pki::NodeKey::generate(&name)?;
-    let labels: BTreeMap<String, String> = [
+    let mut labels: BTreeMap<String, String> = [
         ("kubernetes.io/hostname", name.as_str()),
         ("kubernetes.io/os", "linux"),
         ("kubernetes.io/arch", std::env::consts::ARCH),
@@ -360,6 +360,7 @@ async fn join_one(j: &Joiner, name: String, idx: usize) -> Result<SimAgent> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
+    labels.extend(extra);
     let req = JoinRequest {
         token_id: j.token.id.clone(),
         token_secret: j.token.secret.clone(),
@@ -662,7 +663,7 @@ pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
             set.spawn(async move {
                 let _p = sem.acquire_owned().await;
                 let t = Instant::now();
-                let r = join_one(&j, format!("sim-{idx:05}"), idx).await;
+                let r = join_one(&j, format!("sim-{idx:05}"), idx, BTreeMap::new()).await;
                 if r.is_ok() {
                     f2.record(Kind::Join, t);
                 }
@@ -877,6 +878,130 @@ pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
         out.push_str(&format!("\nnote: {n}\n"));
     }
     Ok(out)
+}
+
+/// Simulated agents for other benches (`bench gitops`): joined through the real protocol with
+/// extra labels each, syncing and reporting as in `bench fleet` until dropped.
+pub(crate) struct SimFleet {
+    f: Arc<Fleet>,
+    agents: Vec<Arc<SimAgent>>,
+}
+
+impl SimFleet {
+    /// Join `n` agents `sim-NNNNN` with `token` (which must allow the keys of `labels`), at
+    /// most `concurrency` joins at once, and wait until each has synced and reported.
+    pub(crate) async fn start(
+        hub: &HubProc,
+        token: &str,
+        n: usize,
+        concurrency: usize,
+        labels: impl Fn(usize) -> BTreeMap<String, String>,
+    ) -> Result<SimFleet> {
+        let ca_pem = hub.ca_pem()?;
+        let ca_cfg = outpost_pki::client_config(&ca_pem, None)?;
+        let joiner = Arc::new(Joiner {
+            http: reqwest::Client::builder().use_preconfigured_tls(ca_cfg).build()?,
+            url: hub.url.clone(),
+            token: JoinToken::parse(token).map_err(anyhow::Error::msg)?,
+            ca_pem,
+        });
+        let f = Arc::new(Fleet {
+            addr: SocketAddr::from(([127, 0, 0, 1], hub.port)),
+            server_name: ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into()),
+            t0: Instant::now(),
+            heartbeat: Duration::from_secs(60),
+            samples: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+        });
+        let sem = Arc::new(Semaphore::new(concurrency.max(1)));
+        let mut set = tokio::task::JoinSet::new();
+        for idx in 0..n {
+            let (j, sem, extra) = (joiner.clone(), sem.clone(), labels(idx));
+            set.spawn(async move {
+                let _p = sem.acquire_owned().await;
+                (idx, join_one(&j, format!("sim-{idx:05}"), idx, extra).await)
+            });
+        }
+        let mut agents = Vec::new();
+        while let Some(r) = set.join_next().await {
+            let (idx, ag) = r?;
+            let ag = Arc::new(ag?);
+            tokio::spawn(sync_loop(f.clone(), ag.clone()));
+            tokio::spawn(status_loop(f.clone(), ag.clone()));
+            agents.push((idx, ag));
+        }
+        agents.sort_by_key(|(i, _)| *i);
+        let fleet = SimFleet {
+            f,
+            agents: agents.into_iter().map(|(_, a)| a).collect(),
+        };
+        let all = fleet.agents.clone();
+        harness::wait_for(
+            "every simulated agent synced and reported",
+            Duration::from_secs(600),
+            Duration::from_millis(200),
+            || {
+                all.iter()
+                    .all(|a| a.generation.load(Ordering::Relaxed) > 0 && a.reported_at.load(Ordering::Relaxed) > 0)
+                    .then_some(())
+            },
+        )
+        .await?;
+        Ok(fleet)
+    }
+
+    /// Times (ms since `t`) at which each agent first held `key` with a hash other than the
+    /// one it held before (`before`, from [`SimFleet::hashes`]).
+    pub(crate) async fn wait_changed(
+        &self,
+        key: &str,
+        before: &[Option<String>],
+        t: Instant,
+        limit: Duration,
+    ) -> Result<Vec<f64>> {
+        let mut arrived = vec![false; self.agents.len()];
+        let mut times = Vec::with_capacity(self.agents.len());
+        loop {
+            let now = t.elapsed().as_secs_f64() * 1000.0;
+            for (i, h) in self.hashes(key).into_iter().enumerate() {
+                if !arrived[i] && h.is_some() && h != before[i] {
+                    arrived[i] = true;
+                    times.push(now);
+                }
+            }
+            if times.len() == self.agents.len() {
+                return Ok(times);
+            }
+            if t.elapsed() > limit {
+                bail!(
+                    "only {} of {} simulated agents got the change within {limit:?}",
+                    times.len(),
+                    self.agents.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// The hash of `key` each agent holds.
+    pub(crate) fn hashes(&self, key: &str) -> Vec<Option<String>> {
+        self.agents
+            .iter()
+            .map(|a| {
+                a.workloads
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(key)
+                    .map(|(_, h)| h.clone())
+            })
+            .collect()
+    }
+}
+
+impl Drop for SimFleet {
+    fn drop(&mut self) {
+        self.f.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]

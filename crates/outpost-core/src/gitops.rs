@@ -19,7 +19,7 @@
 
 use std::collections::BTreeSet;
 
-use outpost_api::{Labels, NodeSelectorRequirement, NodeSelectorTerm, UnixMs};
+use outpost_api::{Labels, NodeSelectorRequirement, NodeSelectorTerm, Object, UnixMs};
 use serde_json::Value;
 
 use crate::retry::Policy;
@@ -68,13 +68,14 @@ pub fn target_for(targets: &Targets, node_labels: &Labels, overlays: &BTreeSet<S
 }
 
 /// What the fetcher remembers between runs.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FetchState {
     /// When the last fetch finished (successfully or not).
     pub last_fetch: Option<UnixMs>,
     /// Failed fetches since the last good one.
     pub failures: u32,
-    /// A webhook asked for a fetch that has not happened yet.
+    /// A webhook asked for a fetch that has not happened yet (not kept across restarts).
+    #[serde(skip)]
     pub webhook_pending: bool,
 }
 
@@ -293,13 +294,159 @@ fn restrict(o: &mut Value, kind: &str, terms: &[NodeSelectorTerm]) -> Result<(),
     Ok(())
 }
 
+/// The annotation, on a fleet workload's pod template, that carries its per-target variants
+/// (a JSON list of [`Variant`]). It sits in the template so that the template's hash (the
+/// workload's revision) covers every variant: a commit that changes one site's variant is one
+/// new revision of the one workload, and each stored revision keeps the variants it had.
+pub const VARIANTS: &str = "outpost.dev/variants";
+
+/// One per-target variant of a fleet workload: the targets that render it, and the whole
+/// object as they render it (restricted to their nodes by a required node affinity).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Variant {
+    pub targets: Vec<String>,
+    pub object: Value,
+}
+
+/// The variants a workload carries, parsed, in order; empty for a workload without them (every
+/// hand-applied one). Err names what is wrong with the annotation.
+pub fn variants_of(obj: &Object) -> Result<Vec<(Vec<String>, Object)>, String> {
+    let Some(raw) = obj
+        .template()
+        .and_then(|t| t.metadata.as_ref())
+        .and_then(|m| m.annotations.get(VARIANTS))
+    else {
+        return Ok(Vec::new());
+    };
+    let list: Vec<Variant> =
+        serde_json::from_str(raw).map_err(|e| format!("annotation {VARIANTS}: not a list of variants: {e}"))?;
+    let mut out = Vec::with_capacity(list.len());
+    for (i, v) in list.into_iter().enumerate() {
+        let o: Object =
+            serde_json::from_value(v.object).map_err(|e| format!("annotation {VARIANTS}: variant {}: {e}", i + 1))?;
+        if o.id() != obj.id() {
+            return Err(format!(
+                "annotation {VARIANTS}: variant {} is {}, not {}",
+                i + 1,
+                o.id(),
+                obj.id()
+            ));
+        }
+        out.push((v.targets, o));
+    }
+    Ok(out)
+}
+
+/// Whether a node may run a workload object: its node selector and required node affinity.
+pub fn fits(obj: &Object, node: &str, labels: &Labels) -> bool {
+    let Some(t) = obj.template() else { return false };
+    selector_matches(&t.spec.node_selector, labels)
+        && t.spec
+            .affinity
+            .as_ref()
+            .and_then(|a| a.node_affinity.as_ref())
+            .and_then(|n| n.required_during_scheduling_ignored_during_execution.as_ref())
+            .is_none_or(|sel| crate::schedule::affinity_matches(sel, node, labels))
+}
+
+/// The index of the variant a node runs: the first that fits it (the variants' placements are
+/// disjoint, as [`placement_terms`] makes them, so "first" only matters for hand-made ones).
+pub fn pick_variant(variants: &[(Vec<String>, Object)], node: &str, labels: &Labels) -> Option<usize> {
+    variants.iter().position(|(_, o)| fits(o, node, labels))
+}
+
+/// The variant object a node runs (see [`pick_variant`]).
+pub fn pick_variant_object<'a>(variants: &'a [Object], node: &str, labels: &Labels) -> Option<&'a Object> {
+    variants.iter().find(|o| fits(o, node, labels))
+}
+
+fn required_terms(o: &Value, kind: &str) -> Vec<NodeSelectorTerm> {
+    let Some(path) = pod_spec_path(kind) else {
+        return Vec::new();
+    };
+    let mut at = o;
+    for p in path {
+        match at.get(p) {
+            Some(v) => at = v,
+            None => return Vec::new(),
+        }
+    }
+    at.pointer("/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms")
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or_default()
+}
+
+/// The object mapping at `path`, created when missing.
+fn mapping_at<'a>(o: &'a mut Value, path: &[&str]) -> Result<&'a mut serde_json::Map<String, Value>, String> {
+    let mut at = o;
+    for p in path {
+        at = at
+            .as_object_mut()
+            .ok_or_else(|| format!("{p}: not a mapping"))?
+            .entry(p.to_string())
+            .or_insert_with(|| Value::Object(Default::default()));
+    }
+    at.as_object_mut()
+        .ok_or_else(|| format!("{}: not a mapping", path.join(".")))
+}
+
+/// One fleet workload from its variants (each already restricted to its targets' nodes): the
+/// first variant's object, placed on the union of every variant's nodes, carrying all the
+/// variants in its template's [`VARIANTS`] annotation.
+fn fleet_workload(kind: &str, variants: &[(Vec<String>, Value)]) -> Result<Value, String> {
+    let path = pod_spec_path(kind).ok_or("not a workload")?;
+    let mut top = variants[0].1.clone();
+    let mut union: Vec<NodeSelectorTerm> = Vec::new();
+    for (_, v) in variants {
+        for t in required_terms(v, kind) {
+            if !union.contains(&t) {
+                union.push(t);
+            }
+        }
+    }
+    let na = mapping_at(&mut top, path)?;
+    let aff = na
+        .entry("affinity")
+        .or_insert_with(|| Value::Object(Default::default()))
+        .as_object_mut()
+        .ok_or("affinity: not a mapping")?
+        .entry("nodeAffinity")
+        .or_insert_with(|| Value::Object(Default::default()))
+        .as_object_mut()
+        .ok_or("nodeAffinity: not a mapping")?;
+    aff.insert(
+        "requiredDuringSchedulingIgnoredDuringExecution".into(),
+        serde_json::json!({ "nodeSelectorTerms": serde_json::to_value(&union).map_err(|e| e.to_string())? }),
+    );
+    let list: Vec<Variant> = variants
+        .iter()
+        .map(|(targets, object)| Variant {
+            targets: targets.clone(),
+            object: object.clone(),
+        })
+        .collect();
+    let meta_path: Vec<&str> = path[..path.len() - 1].iter().copied().chain(["metadata"]).collect();
+    let meta = mapping_at(&mut top, &meta_path)?;
+    let ann = meta
+        .entry("annotations")
+        .or_insert_with(|| Value::Object(Default::default()))
+        .as_object_mut()
+        .ok_or("template annotations: not a mapping")?;
+    ann.insert(
+        VARIANTS.into(),
+        Value::String(serde_json::to_string(&list).map_err(|e| e.to_string())?),
+    );
+    Ok(top)
+}
+
 /// Merges the renders of every target into the one set of objects the hub holds for the
 /// commit. An object identical in several targets is held once; a workload is restricted
 /// (required node affinity, ANDed with its own) to the nodes of the targets that render it, so
 /// a node whose labels move it to another target moves to that target's variant. A workload
-/// that differs between targets is held once per variant, named `<name>-<first target of the
-/// variant>`. Any other kind that differs between targets is refused (it has no placement to
-/// tell the variants apart): reasons as `(object, reason)`.
+/// that differs between targets is ONE fleet workload carrying its variants ([`VARIANTS`]):
+/// the scheduler gives each node its variant ([`pick_variant`]), and a commit is one revision
+/// and one rollout across all of them. Any other kind that differs between targets is refused
+/// (it has no placement to tell the variants apart): reasons as `(object, reason)`.
 pub fn combine(renders: &[TargetObjects]) -> Result<Vec<Value>, Vec<(String, String)>> {
     // key -> variants: (object, targets, terms)
     type Variant = (Value, Vec<String>, Vec<NodeSelectorTerm>);
@@ -327,49 +474,44 @@ pub fn combine(renders: &[TargetObjects]) -> Result<Vec<Value>, Vec<(String, Str
     }
     let mut out = Vec::new();
     let mut errors = Vec::new();
-    let names: BTreeSet<(String, String, String)> = by_key.keys().cloned().collect();
     for key in order {
         let variants = &by_key[&key];
         let (kind, ns, name) = &key;
         let id = format!("{kind}/{ns}/{name}");
         let workload = pod_spec_path(kind).is_some();
-        if variants.len() > 1 && !workload {
-            errors.push((
-                id.clone(),
-                format!(
-                    "differs between targets {} and {}; only workloads (Deployment, DaemonSet, Job, CronJob) may have per-target variants: give each variant its own name (a configMapGenerator's hash suffix does)",
-                    variants[0].1.join(", "),
-                    variants[1].1.join(", ")
-                ),
-            ));
+        if !workload {
+            if variants.len() > 1 {
+                errors.push((
+                    id.clone(),
+                    format!(
+                        "differs between targets {} and {}; only workloads (Deployment, DaemonSet, Job, CronJob) may have per-target variants: give each variant its own name (a configMapGenerator's hash suffix does)",
+                        variants[0].1.join(", "),
+                        variants[1].1.join(", ")
+                    ),
+                ));
+            } else {
+                out.push(variants[0].0.clone());
+            }
             continue;
         }
+        let mut restricted: Vec<(Vec<String>, Value)> = Vec::new();
         for (obj, targets, terms) in variants {
+            if terms.is_empty() {
+                continue; // no node can get these targets
+            }
             let mut obj = obj.clone();
-            if variants.len() > 1 {
-                let new = format!("{name}-{}", targets[0]);
-                if names.contains(&(kind.clone(), ns.clone(), new.clone())) {
-                    errors.push((
-                        id.clone(),
-                        format!(
-                            "the variant of target {} would be named {new}, which the repository already uses",
-                            targets[0]
-                        ),
-                    ));
-                    continue;
-                }
-                obj["metadata"]["name"] = Value::String(new);
+            match restrict(&mut obj, kind, terms) {
+                Ok(()) => restricted.push((targets.clone(), obj)),
+                Err(e) => errors.push((id.clone(), e)),
             }
-            if workload {
-                if terms.is_empty() {
-                    continue; // no node can get these targets
-                }
-                if let Err(e) = restrict(&mut obj, kind, terms) {
-                    errors.push((id.clone(), e));
-                    continue;
-                }
-            }
-            out.push(obj);
+        }
+        match restricted.len() {
+            0 => {}
+            1 => out.extend(restricted.pop().map(|(_, o)| o)),
+            _ => match fleet_workload(kind, &restricted) {
+                Ok(o) => out.push(o),
+                Err(e) => errors.push((id.clone(), e)),
+            },
         }
     }
     if errors.is_empty() {
@@ -600,20 +742,52 @@ mod tests {
         let terms = &out[0]["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
             ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"];
         assert_eq!(terms.as_array().unwrap().len(), 3);
-        // Berlin differs: two variants, the second named after its target.
+        // Berlin differs: ONE workload carrying two variants, placed on the union of their
+        // nodes; each node picks its own variant.
         let out = combine(&[
             r("base", vec![dep("a")]),
             r("berlin", vec![dep("b")]),
             r("shanghai", vec![dep("a")]),
         ])
         .unwrap();
-        let names: Vec<&str> = out.iter().map(|o| o["metadata"]["name"].as_str().unwrap()).collect();
-        assert_eq!(names, ["web-base", "web-berlin"]);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0]["metadata"]["name"], "web");
+        let union = &out[0]["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
+            ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"];
+        assert_eq!(union.as_array().unwrap().len(), 3, "{union}");
+        let parsed = outpost_api::parse_file("t.yaml", &serde_json::to_string(&out[0]).unwrap())
+            .unwrap()
+            .objects
+            .remove(0);
+        let variants = variants_of(&parsed).unwrap();
+        let targets: Vec<&Vec<String>> = variants.iter().map(|(t, _)| t).collect();
         assert_eq!(
-            out[1]["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
-                ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
-            serde_json::json!([{"matchExpressions": [{"key": "site", "operator": "In", "values": ["berlin"]}]}])
+            targets,
+            [
+                &vec!["base".to_string(), "shanghai".into()],
+                &vec!["berlin".to_string()]
+            ]
         );
+        let image = |i: usize| variants[i].1.template().unwrap().spec.containers[0].image.clone();
+        for (labels, want) in [
+            (node(&[("site", "berlin")]), Some("b")),
+            (node(&[("site", "shanghai")]), Some("a")),
+            (node(&[("site", "paris")]), Some("a")),
+            (node(&[]), Some("a")),
+        ] {
+            let got = pick_variant(&variants, "n", &labels).and_then(image);
+            assert_eq!(got.as_deref(), want, "{labels:?}");
+        }
+        // The variants carry no variants of their own, and a plain workload has none.
+        assert!(variants_of(&variants[0].1).unwrap().is_empty());
+        // A broken annotation is an error naming it, not a silent fallback.
+        let mut bad = out[0].clone();
+        bad["spec"]["template"]["metadata"]["annotations"][VARIANTS] = Value::String("[{\"targets\":[]}]".into());
+        let bad = outpost_api::parse_file("t.yaml", &serde_json::to_string(&bad).unwrap())
+            .unwrap()
+            .objects
+            .remove(0);
+        assert!(variants_of(&bad).unwrap_err().contains(VARIANTS));
         // A ConfigMap that differs cannot be told apart by placement: refused, named.
         let err = combine(&[r("base", vec![cm("1")]), r("berlin", vec![cm("2")])]).unwrap_err();
         assert_eq!(err[0].0, "ConfigMap/default/cfg");

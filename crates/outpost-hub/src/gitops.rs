@@ -5,10 +5,14 @@
 //! everywhere as ONE [`Command::GitOpsApply`] (every changed workload becomes one rollout, in
 //! waves; objects the repository dropped are pruned in the same command).
 //!
-//! What it remembers per GitRepo ([`RepoState`]) lives in memory: after a hub restart the first
-//! fetch renders and applies the commit again, which changes nothing when the hub already holds
-//! it (unchanged objects are "unchanged"). Ownership lives on the objects themselves (the
-//! `outpost.dev/owned-by` annotation), so it survives restarts.
+//! What it remembers per GitRepo ([`RepoState`]: the commit running, fetched and rejected, the
+//! last error, the failure count and the backoff's jitter draw, the last fetch) is kept in the
+//! store (`gitops_state`, written whenever it changes and read at the controller's first run),
+//! so a restarted hub neither applies the running commit again nor forgets it, and keeps a
+//! failing repository's backoff. A hub that stops between applying a commit and storing that it
+//! runs applies it again after the restart, which changes nothing (unchanged objects are
+//! "unchanged"). Ownership lives on the objects themselves (the `outpost.dev/owned-by`
+//! annotation).
 //!
 //! Must never: apply part of a commit, touch an object it does not own, or fetch a failing
 //! repository more often than `next_fetch` allows (a webhook excepted).
@@ -32,8 +36,9 @@ pub const UNREACHABLE: &str = "GitRepoUnreachable";
 /// Alert while a GitRepo's newest commit is refused (does not render, validate or apply).
 pub const REJECTED: &str = "GitCommitRejected";
 
-/// What the controller remembers about one GitRepo.
-#[derive(Clone, Debug, Default)]
+/// What the controller remembers about one GitRepo (stored as JSON in `gitops_state`).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct RepoState {
     pub fetch: FetchState,
     /// The jitter draw for the current backoff.
@@ -52,6 +57,8 @@ pub struct RepoState {
 #[derive(Default)]
 pub struct Repos {
     inner: Mutex<BTreeMap<String, RepoState>>,
+    /// The stored states were read (the controller's first run does it).
+    loaded: std::sync::atomic::AtomicBool,
     /// Fetches asked for (webhook, sync) and not started yet. Kept apart from [`RepoState`] so
     /// a request that arrives while a sync runs is not overwritten when that sync stores its
     /// result: the next run fetches again.
@@ -62,8 +69,9 @@ impl Repos {
     fn get(&self, key: &str) -> RepoState {
         self.lock().get(key).cloned().unwrap_or_default()
     }
-    fn put(&self, key: &str, st: RepoState) {
-        self.lock().insert(key.to_string(), st);
+    /// Remember `st`, and return whether it differs from what was remembered.
+    fn put(&self, key: &str, st: RepoState) -> bool {
+        self.lock().insert(key.to_string(), st.clone()).as_ref() != Some(&st)
     }
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, RepoState>> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -179,6 +187,50 @@ pub struct Rendered {
     pub combine_error: Option<Vec<(String, String)>>,
 }
 
+/// Remember a GitRepo's state, and store it when it changed (a failed write is logged: the
+/// state in memory is still right, and the next change writes it again).
+async fn save(svc: &Service, key: &str, st: RepoState) {
+    if !svc.gitops.put(key, st.clone()) {
+        return;
+    }
+    let json = match serde_json::to_string(&st) {
+        Ok(j) => j,
+        Err(e) => {
+            tracing::warn!(gitrepo = %key, error = %e, "cannot encode the GitOps state");
+            return;
+        }
+    };
+    let k = key.to_string();
+    let now = outpost_api::now_ms();
+    if let Err(e) = svc.db(move |s| s.put_gitops_state(&k, Some(&json), now)).await {
+        tracing::warn!(gitrepo = %key, error = %e, "cannot store the GitOps state; it is kept in memory");
+    }
+}
+
+/// Read the stored states once, at the controller's first run.
+async fn load_states(svc: &Service) {
+    if svc.gitops.loaded.load(std::sync::atomic::Ordering::Acquire) {
+        return;
+    }
+    match svc.db(|s| s.gitops_states()).await {
+        Ok(rows) => {
+            let mut map = svc.gitops.lock();
+            for (k, json) in rows {
+                match serde_json::from_str::<RepoState>(&json) {
+                    Ok(st) => {
+                        map.entry(k).or_insert(st);
+                    }
+                    Err(e) => {
+                        tracing::warn!(gitrepo = %k, error = %e, "stored GitOps state unreadable; starting afresh")
+                    }
+                }
+            }
+            svc.gitops.loaded.store(true, std::sync::atomic::Ordering::Release);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the stored GitOps states; retrying"),
+    }
+}
+
 fn short(commit: &str) -> &str {
     &commit[..commit.len().min(12)]
 }
@@ -218,6 +270,8 @@ pub fn render(g: &GitRepo, tree: &Tree, host_paths: &crate::validate::HostPathPo
             path: path.clone(),
             objects: result.as_ref().map_or(0, Vec::len),
             error: result.as_ref().err().cloned(),
+            nodes: 0,
+            rollouts: BTreeMap::new(),
         });
         renders.push(TargetRender {
             target: name.clone(),
@@ -292,7 +346,7 @@ async fn sync_one(svc: &Service, g: &GitRepo, objects: &[Object], now: UnixMs) {
             st.draw = rand::random::<f64>();
             tracing::warn!(gitrepo = %k, failures = st.fetch.failures, error = %e, "GitOps fetch failed; the running commit stays");
             st.error = Some(e.clone());
-            svc.gitops.put(&k, st);
+            save(svc, &k, st.clone()).await;
             alert(svc, UNREACHABLE, g, AlertChange::Fire(format!("gitrepo/{k}: {e}"))).await;
             return;
         }
@@ -304,18 +358,18 @@ async fn sync_one(svc: &Service, g: &GitRepo, objects: &[Object], now: UnixMs) {
     st.fetched = Some(commit.clone());
     if st.running.as_deref() == Some(commit.as_str()) {
         st.error = None; // a fetch error before this good fetch is over
-        svc.gitops.put(&k, st);
+        save(svc, &k, st.clone()).await;
         return;
     }
     if st.rejected.as_deref() == Some(commit.as_str()) {
-        svc.gitops.put(&k, st);
+        save(svc, &k, st.clone()).await;
         return;
     }
     let tree = match fetch::read_tree(&dir, &commit, &g.spec.path).await {
         Ok(t) => t,
         Err(e) => {
             st.error = Some(e.to_string());
-            svc.gitops.put(&k, st);
+            save(svc, &k, st.clone()).await;
             return;
         }
     };
@@ -375,7 +429,7 @@ async fn sync_one(svc: &Service, g: &GitRepo, objects: &[Object], now: UnixMs) {
             }
         }
     }
-    svc.gitops.put(&k, st);
+    save(svc, &k, st.clone()).await;
 }
 
 /// One run of the controller: sync every GitRepo that is due; returns the wait until the next
@@ -396,7 +450,24 @@ pub async fn tick(svc: &Service, now: UnixMs) -> Duration {
         })
         .collect();
     let keys: BTreeSet<String> = repos.iter().map(key).collect();
-    svc.gitops.lock().retain(|k, _| keys.contains(k));
+    load_states(svc).await;
+    if !svc.gitops.loaded.load(std::sync::atomic::Ordering::Acquire) {
+        return Duration::from_secs(5);
+    }
+    let gone: Vec<String> = svc
+        .gitops
+        .lock()
+        .keys()
+        .filter(|k| !keys.contains(*k))
+        .cloned()
+        .collect();
+    for k in gone {
+        svc.gitops.lock().remove(&k);
+        let key = k.clone();
+        if let Err(e) = svc.db(move |s| s.put_gitops_state(&key, None, 0)).await {
+            tracing::warn!(gitrepo = %k, error = %e, "cannot forget the GitOps state of a removed GitRepo");
+        }
+    }
     svc.gitops
         .pending
         .lock()
@@ -414,7 +485,7 @@ pub async fn tick(svc: &Service, now: UnixMs) -> Duration {
                 spec_hash,
                 ..RepoState::default()
             };
-            svc.gitops.put(&key(g), st.clone());
+            save(svc, &key(g), st.clone()).await;
         }
         st.fetch.webhook_pending = svc.gitops.is_pending(&key(g));
         let due = core::next_fetch(&st.fetch, g.spec.poll_ms(), now, st.draw);
@@ -452,9 +523,12 @@ pub async fn status(svc: &Service, only: Option<(String, String)>) -> Result<Vec
         find(&objects, ns, name)?;
     }
     let phases: BTreeMap<String, String> = rollouts
-        .into_iter()
+        .iter()
         .map(|r| (r.workload.clone(), format!("{:?}", r.phase)))
         .collect();
+    let by_key: BTreeMap<&str, &outpost_core::waves::Rollout> =
+        rollouts.iter().map(|r| (r.workload.as_str(), r)).collect();
+    let nodes = svc.db(|s| s.nodes()).await?;
     let mut out = Vec::new();
     for o in &objects {
         let Object::GitRepo(g) = o else { continue };
@@ -476,6 +550,36 @@ pub async fn status(svc: &Service, only: Option<(String, String)>) -> Result<Vec
                 rollouts.insert(o.id().to_string(), p.clone());
             }
         }
+        let mut targets = st.targets.clone();
+        let overlays: BTreeSet<String> = targets
+            .iter()
+            .filter(|t| t.path.starts_with("overlays/"))
+            .map(|t| t.name.clone())
+            .collect();
+        let spec_targets = targets_of(g);
+        let mut of_target: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for n in &nodes {
+            if let Some((t, _)) = core::target_for(&spec_targets, &n.labels, &overlays) {
+                of_target.entry(t).or_default().insert(n.name.clone());
+            }
+        }
+        let owned_rollouts: Vec<(String, &outpost_core::waves::Rollout)> = owned
+            .iter()
+            .filter_map(|o| {
+                by_key
+                    .get(outpost_core::render::workload_key(&o.id()).as_str())
+                    .map(|r| (o.id().to_string(), *r))
+            })
+            .collect();
+        let none = BTreeSet::new();
+        for t in &mut targets {
+            let members = of_target.get(&t.name).unwrap_or(&none);
+            t.nodes = members.len();
+            t.rollouts = owned_rollouts
+                .iter()
+                .filter_map(|(id, r)| target_rollout(r, members).map(|s| (id.clone(), s)))
+                .collect();
+        }
         out.push(GitRepoStatus {
             name: g.metadata.name.clone(),
             namespace: g.metadata.ns().to_string(),
@@ -491,12 +595,42 @@ pub async fn status(svc: &Service, only: Option<(String, String)>) -> Result<Vec
                 .map(|_| core::next_fetch(&st.fetch, g.spec.poll_ms(), outpost_api::now_ms(), st.draw)),
             failures: st.fetch.failures,
             error: st.error.clone(),
-            targets: st.targets.clone(),
+            targets,
             objects: owned.iter().map(|o| o.id().to_string()).collect(),
             rollouts,
         });
     }
     Ok(out)
+}
+
+/// A rollout as one target's nodes see it: `None` when none of them is in it (the revision
+/// did not change this target's variant, or the target has no node).
+fn target_rollout(r: &outpost_core::waves::Rollout, nodes: &BTreeSet<String>) -> Option<String> {
+    use outpost_api::NodeRolloutState as S;
+    let mine: Vec<&outpost_core::waves::Member> = r
+        .members
+        .iter()
+        .filter(|(n, _)| nodes.contains(*n))
+        .map(|(_, m)| m)
+        .collect();
+    let in_from = nodes.iter().filter(|n| r.from.contains_key(*n)).count();
+    let total = mine.len().max(in_from);
+    if total == 0 {
+        return None;
+    }
+    let count = |s: S| mine.iter().filter(|m| m.state == s).count();
+    let updated = if r.phase == outpost_api::RolloutPhase::Complete {
+        total - count(S::Failed)
+    } else {
+        count(S::Passed)
+    };
+    Some(format!(
+        "{}: {updated} of {total} node{} updated, {} failed (revision {})",
+        r.phase.as_str(),
+        if total == 1 { "" } else { "s" },
+        count(S::Failed),
+        r.revision
+    ))
 }
 
 /// `outpost gitops sync` and the webhook: fetch at once.
@@ -547,14 +681,20 @@ pub async fn diff(svc: &Service, namespace: &str, name: &str, commit: Option<Str
     let mut want = Vec::new();
     for mut o in desired {
         o.meta_mut().annotations.insert(OWNED_BY.into(), own.clone());
-        want.push((o.id().to_string(), serde_json::to_value(&o).unwrap_or_default()));
+        let mut v = serde_json::to_value(&o).unwrap_or_default();
+        expand_variants(&mut v);
+        want.push((o.id().to_string(), v));
     }
     let have: Vec<(String, serde_json::Value)> = objects
         .iter()
         .filter(|o| {
             want.iter().any(|(id, _)| *id == o.id().to_string()) || o.meta().annotations.get(OWNED_BY) == Some(&own)
         })
-        .map(|o| (o.id().to_string(), serde_json::to_value(o).unwrap_or_default()))
+        .map(|o| {
+            let mut v = serde_json::to_value(o).unwrap_or_default();
+            expand_variants(&mut v);
+            (o.id().to_string(), v)
+        })
         .collect();
     for (id, ch) in outpost_kustomize::diff::plan(&want, &have) {
         let fields = match &ch {
@@ -568,6 +708,29 @@ pub async fn diff(svc: &Service, namespace: &str, name: &str, commit: Option<Str
         });
     }
     Ok(out)
+}
+
+/// For a diff: a fleet workload's variants annotation (one JSON string) as a mapping from the
+/// variant's targets (`base,shanghai`) to its object, so a changed variant shows as the fields
+/// that changed in it (`...variants.berlin.spec.template...`), not as one changed string.
+fn expand_variants(v: &mut serde_json::Value) {
+    for path in [
+        "/spec/template/metadata/annotations",
+        "/spec/jobTemplate/spec/template/metadata/annotations",
+    ] {
+        let Some(ann) = v.pointer_mut(path).and_then(|a| a.as_object_mut()) else {
+            continue;
+        };
+        let Some(raw) = ann.get(core::VARIANTS).and_then(|r| r.as_str()) else {
+            continue;
+        };
+        let Ok(list) = serde_json::from_str::<Vec<core::Variant>>(raw) else {
+            continue;
+        };
+        let map: serde_json::Map<String, serde_json::Value> =
+            list.into_iter().map(|x| (x.targets.join(","), x.object)).collect();
+        ann.insert(core::VARIANTS.into(), serde_json::Value::Object(map));
+    }
 }
 
 /// Whether a webhook request carries the GitRepo's secret: GitHub's `X-Hub-Signature-256:
@@ -626,6 +789,25 @@ mod tests {
             )),
             "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
         );
+    }
+
+    #[test]
+    fn a_diff_sees_variants_as_objects() {
+        let variants = serde_json::json!([
+            {"targets": ["base", "shanghai"], "object": {"kind": "DaemonSet", "spec": {"x": 1}}},
+            {"targets": ["berlin"], "object": {"kind": "DaemonSet", "spec": {"x": 2}}},
+        ]);
+        let mut v = serde_json::json!({"spec": {"template": {"metadata": {"annotations": {
+            core::VARIANTS: variants.to_string(), "other": "kept"}}}}});
+        expand_variants(&mut v);
+        let ann = &v["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(ann[core::VARIANTS]["berlin"]["spec"]["x"], 2);
+        assert_eq!(ann[core::VARIANTS]["base,shanghai"]["spec"]["x"], 1);
+        assert_eq!(ann["other"], "kept");
+        // Anything else is left alone.
+        let mut plain = serde_json::json!({"spec": {"replicas": 1}});
+        expand_variants(&mut plain);
+        assert_eq!(plain, serde_json::json!({"spec": {"replicas": 1}}));
     }
 
     #[test]

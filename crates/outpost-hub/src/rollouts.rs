@@ -43,6 +43,8 @@ pub struct Loaded {
     pub statuses: HashMap<(String, String), WorkloadStatus>,
     /// RolloutPolicy objects: (namespace/name, spec)
     pub policies: Vec<(String, RolloutPolicySpec)>,
+    /// Every object by id (what a render reads ConfigMaps and Secrets from).
+    pub sources: BTreeMap<ObjectId, Object>,
 }
 
 /// Read what a run needs (one short read each; run on the blocking pool).
@@ -66,7 +68,9 @@ pub fn load(s: &dyn Store) -> Result<Loaded, StoreError> {
             _ => None,
         })
         .collect();
+    let sources = objects.iter().map(|o| (o.object.id(), o.object.clone())).collect();
     Ok(Loaded {
+        sources,
         objects,
         rollouts,
         nodes,
@@ -84,11 +88,20 @@ impl Loaded {
 
     /// The revision each node placed now holds for `key`. For an AgentUpdate every matching
     /// node counts, and one without any revision holds [`AGENT_AS_INSTALLED`].
-    pub fn held(&self, obj: &Object, key: &str) -> BTreeMap<String, u64> {
+    /// A fleet workload's node whose variant did not change counts as holding `revision`.
+    pub fn held(&self, obj: &Object, revision: u64, key: &str) -> BTreeMap<String, u64> {
+        let variants = fleet_variants(obj);
         let mut held: BTreeMap<String, u64> = self
             .desired
             .get(key)
-            .map(|m| m.iter().map(|(n, r)| (n.clone(), r.revision)).collect())
+            .map(|m| {
+                m.iter()
+                    .map(|(n, r)| {
+                        let same = self.unchanged(&variants, revision, n, r);
+                        (n.clone(), if same { revision } else { r.revision })
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         if obj.kind() == Kind::AgentUpdate {
             for n in self.placed(obj, key) {
@@ -96,6 +109,21 @@ impl Loaded {
             }
         }
         held
+    }
+
+    /// Whether `node`, holding `row`, runs what a fleet workload's variant for it is at
+    /// `revision` (a commit that changed other sites' variants only): rendering its variant of
+    /// `revision` under the revision number it holds gives the hash it holds. Such a node is no
+    /// part of the rollout of `revision`; the scheduler leaves its workload untouched.
+    fn unchanged(&self, variants: &[Object], revision: u64, node: &str, row: &DesiredRow) -> bool {
+        if variants.is_empty() || row.revision == revision {
+            return false;
+        }
+        let Some(n) = self.nodes.get(node) else { return false };
+        let Some(v) = outpost_core::gitops::pick_variant_object(variants, node, &n.labels) else {
+            return false;
+        };
+        outpost_core::render::render(v, row.revision, &self.sources).is_some_and(|s| s.hash == row.hash)
     }
 
     /// The nodes a workload is placed on. An AgentUpdate is on every node it selects, also
@@ -117,6 +145,17 @@ impl Loaded {
             .map(|m| m.keys().cloned().collect())
             .unwrap_or_default()
     }
+}
+
+/// A fleet workload's variants (`outpost_core::gitops::VARIANTS`); empty for any other, and for
+/// a site-failover one (its nodes all take each revision, as `crate::scheduler::plan` does).
+fn fleet_variants(obj: &Object) -> Vec<Object> {
+    if outpost_api::site::failover_options(obj).is_some() {
+        return Vec::new();
+    }
+    outpost_core::gitops::variants_of(obj)
+        .map(|v| v.into_iter().map(|(_, o)| o).collect())
+        .unwrap_or_default()
 }
 
 /// Time zones by IANA name, looked up once per run (an unknown name is UTC, with a warning).
@@ -149,8 +188,15 @@ pub fn node_views(
     offline_after: Duration,
     now: UnixMs,
 ) -> Vec<NodeView> {
+    let variants = fleet_variants(obj);
+    let rows = l.desired.get(key);
     l.placed(obj, key)
         .iter()
+        .filter(|n| {
+            !rows
+                .and_then(|r| r.get(n.as_str()))
+                .is_some_and(|row| l.unchanged(&variants, revision, n, row))
+        })
         .filter_map(|n| l.nodes.get(n))
         .map(|n| {
             let zone = n
@@ -214,7 +260,7 @@ pub fn step(
                     prev,
                     &key,
                     o.revision,
-                    &l.held(&o.object, &key),
+                    &l.held(&o.object, o.revision, &key),
                     &policy,
                     one_wave && started.contains(&id),
                     now,

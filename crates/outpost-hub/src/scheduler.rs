@@ -82,6 +82,94 @@ pub fn at_revision(obj: &Object, stored: &serde_json::Value) -> Result<Object, S
     Ok(o)
 }
 
+/// A workload's objects and rendered specs by revision, for one planning run: the object at a
+/// revision (its stored template), its per-target variants (`outpost_core::gitops::VARIANTS`)
+/// and each node's variant rendered, each computed once.
+struct Revisions<'a> {
+    stored: &'a crate::store::StoredObject,
+    templates: &'a BTreeMap<(ObjectId, u64), serde_json::Value>,
+    src: &'a BTreeMap<ObjectId, Object>,
+    /// Whether the current revision carries variants (a GitOps fleet workload).
+    fleet: bool,
+    /// revision -> its variants (empty: the object itself), None when the template is gone.
+    at: BTreeMap<u64, Option<(Object, Vec<Object>)>>,
+    /// (revision, variant index, revision number rendered) -> spec
+    specs: BTreeMap<(u64, usize, u64), Option<WorkloadSpec>>,
+}
+
+impl<'a> Revisions<'a> {
+    fn new(
+        stored: &'a crate::store::StoredObject,
+        templates: &'a BTreeMap<(ObjectId, u64), serde_json::Value>,
+        src: &'a BTreeMap<ObjectId, Object>,
+    ) -> Self {
+        let mut r = Revisions {
+            stored,
+            templates,
+            src,
+            fleet: false,
+            at: BTreeMap::new(),
+            specs: BTreeMap::new(),
+        };
+        r.fleet = r.load(stored.revision).is_some_and(|(_, v)| !v.is_empty());
+        r
+    }
+
+    fn load(&mut self, rev: u64) -> Option<&(Object, Vec<Object>)> {
+        Self::load_into(&mut self.at, self.stored, self.templates, rev)
+    }
+
+    fn load_into<'m>(
+        at: &'m mut BTreeMap<u64, Option<(Object, Vec<Object>)>>,
+        stored: &crate::store::StoredObject,
+        templates: &BTreeMap<(ObjectId, u64), serde_json::Value>,
+        rev: u64,
+    ) -> Option<&'m (Object, Vec<Object>)> {
+        at.entry(rev)
+            .or_insert_with(|| {
+                let id = stored.object.id();
+                let obj = if rev == stored.revision {
+                    stored.object.clone()
+                } else {
+                    at_revision(&stored.object, templates.get(&(id.clone(), rev))?).ok()?
+                };
+                let variants = match outpost_core::gitops::variants_of(&obj) {
+                    Ok(v) => v.into_iter().map(|(_, o)| o).collect(),
+                    Err(e) => {
+                        tracing::warn!(workload = %id, revision = rev, error = %e, "workload variants unreadable; its nodes get the object as it is");
+                        Vec::new()
+                    }
+                };
+                Some((obj, variants))
+            })
+            .as_ref()
+    }
+
+    /// The spec `node` gets at revision `rev` (its variant, for a fleet workload).
+    fn spec(&mut self, rev: u64, node: &str, labels: &outpost_api::Labels) -> Option<WorkloadSpec> {
+        self.variant_at(rev, node, labels, rev)
+    }
+
+    /// `node`'s variant at revision `rev`, rendered with the revision number `number`.
+    fn variant_at(&mut self, rev: u64, node: &str, labels: &outpost_api::Labels, number: u64) -> Option<WorkloadSpec> {
+        let (obj, variants) = Self::load_into(&mut self.at, self.stored, self.templates, rev)?;
+        let index = if variants.is_empty() {
+            0
+        } else {
+            1 + variants
+                .iter()
+                .position(|o| outpost_core::gitops::fits(o, node, labels))?
+        };
+        if let Some(spec) = self.specs.get(&(rev, index, number)) {
+            return spec.clone();
+        }
+        let obj = if index == 0 { obj } else { &variants[index - 1] };
+        let spec = render(obj, number, self.src);
+        self.specs.insert((rev, index, number), spec.clone());
+        spec
+    }
+}
+
 /// Compute placements and per-node changes. Pure.
 ///
 /// Which revision of a workload each node gets is the rollout's decision
@@ -133,6 +221,9 @@ pub fn plan(inputs: &ScheduleInputs, offline_after: Duration, now: UnixMs) -> Pl
     let mut hints: BTreeMap<String, BTreeMap<String, WorkloadSpec>> = BTreeMap::new();
     let mut out = Plan::default();
     let empty_revs = BTreeMap::new();
+    let empty_labels = outpost_api::Labels::new();
+    let labels_of: BTreeMap<&str, &outpost_api::Labels> =
+        inputs.nodes.iter().map(|n| (n.name.as_str(), &n.labels)).collect();
     for stored in &inputs.objects {
         let id = stored.object.id();
         let Some(decision) = decisions.get(&id) else {
@@ -147,47 +238,57 @@ pub fn plan(inputs: &ScheduleInputs, offline_after: Duration, now: UnixMs) -> Pl
         if decision.nodes.is_empty() {
             continue;
         }
-        let Some(current) = render(&stored.object, stored.revision, &objects) else {
-            continue;
-        };
-        debug_assert_eq!(current.key, workload_key(&id));
-        let rollout = inputs.rollouts.get(&current.key);
-        let mut earlier: BTreeMap<u64, WorkloadSpec> = BTreeMap::new();
+        let mut revs = Revisions::new(stored, &inputs.templates, &objects);
+        let rollout = inputs.rollouts.get(&workload_key(&id));
         for n in &decision.nodes {
-            let held = inputs
+            let labels = labels_of.get(n.as_str()).copied().unwrap_or(&empty_labels);
+            let Some(current) = revs.spec(stored.revision, n, labels) else {
+                continue;
+            };
+            debug_assert_eq!(current.key, workload_key(&id));
+            let held_rev = inputs
                 .held_revisions
                 .get(n)
                 .unwrap_or(&empty_revs)
                 .get(&current.key)
                 .copied();
-            let rev = desired_revision(rollout, stored.revision, held, n);
+            let rev = desired_revision(rollout, stored.revision, held_rev, n);
             if rev == crate::rollouts::AGENT_AS_INSTALLED {
                 continue; // an AgentUpdate whose wave has not reached this node: none yet
             }
             let spec = if rev == stored.revision {
                 current.clone()
             } else {
-                let rendered = earlier.entry(rev).or_insert_with(|| {
-                    inputs
-                        .templates
-                        .get(&(id.clone(), rev))
-                        .and_then(|t| at_revision(&stored.object, t).ok())
-                        .and_then(|o| render(&o, rev, &objects))
-                        // the revision's template is gone: the current one is all there is
-                        .unwrap_or_else(|| current.clone())
-                });
                 if rollout.is_some_and(|r| r.revision == stored.revision && prefetch(r, n)) {
                     hints
                         .entry(n.clone())
                         .or_default()
                         .insert(current.key.clone(), current.clone());
                 }
-                rendered.clone()
+                // the revision's template is gone: the current one is all there is
+                revs.spec(rev, n, labels).unwrap_or_else(|| current.clone())
             };
-            let spec = match (failover.get(&id), members.get(&id)) {
+            let wrap = |spec: WorkloadSpec| match (failover.get(&id), members.get(&id)) {
                 (Some(o), Some(m)) => site_ha::with_failover(spec, o, m),
                 _ => spec,
             };
+            let mut spec = wrap(spec);
+            // A fleet workload's node whose variant is the same at the revision it is handed
+            // as at the one it holds keeps what it holds: a commit that changes one site's
+            // variant leaves the other sites' workloads running untouched.
+            // (Not for a site-failover workload: its spec carries the members, which the
+            // rollout controller's same check cannot see; such a fleet workload's nodes all
+            // take each revision.)
+            if revs.fleet && !failover.contains_key(&id) {
+                let held_hash = inputs.held.get(n).and_then(|h| h.get(&spec.key));
+                if let (Some(h), Some(hash)) = (held_rev.filter(|h| *h != spec.revision), held_hash) {
+                    if let Some(same) = revs.variant_at(rev, n, labels, h).map(wrap) {
+                        if same.hash == *hash {
+                            spec = same;
+                        }
+                    }
+                }
+            }
             if let Some(bundle) = want.get_mut(n) {
                 bundle.insert(spec.key.clone(), spec);
             }
@@ -346,6 +447,81 @@ spec:
         bare.failover = None;
         bare.hash = String::new();
         assert_ne!(outpost_api::content_hash(&bare), specs[0].hash);
+    }
+
+    /// A fleet workload (GitOps variants): each node gets its own variant; a revision that
+    /// changes one site's variant leaves the other site's node as it is (revision included).
+    #[test]
+    fn fleet_workload_nodes_get_their_variant_and_unchanged_ones_stay() {
+        use outpost_core::gitops::{combine, placement_terms, TargetObjects, Targets};
+        let by = Targets::OverlaysBy { label: "site".into() };
+        let overlays: BTreeSet<String> = ["berlin", "shanghai"].iter().map(|s| s.to_string()).collect();
+        let ds = |arg: &str| {
+            serde_json::json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "web"},
+                "spec": {"template": {"spec": {"runtimeClassName": "process",
+                "containers": [{"name": "c", "image": "x", "command": ["/bin/sleep", arg]}]}}}})
+        };
+        let fleet = |berlin: &str, shanghai: &str, revision: u64| {
+            let r = |t: &str, o| TargetObjects {
+                target: t.into(),
+                terms: placement_terms(&by, t, &overlays).unwrap(),
+                objects: vec![o],
+            };
+            let out = combine(&[r("base", ds("0")), r("berlin", ds(berlin)), r("shanghai", ds(shanghai))]).unwrap();
+            let mut o = objects(&serde_json::to_string(&out[0]).unwrap());
+            o[0].revision = revision;
+            o
+        };
+        let command = |spec: &WorkloadSpec| spec.containers[0].command[1].clone();
+        let mut inputs = ScheduleInputs {
+            nodes: vec![
+                node("b", &[("site", "berlin")], Some(0)),
+                node("s", &[("site", "shanghai")], Some(0)),
+                node("p", &[("site", "paris")], Some(0)),
+            ],
+            objects: fleet("1", "3", 1),
+            ..Default::default()
+        };
+        let p = plan(&inputs, Duration::from_secs(90), 0);
+        let got: Vec<(&str, String, u64)> = p
+            .changes
+            .iter()
+            .map(|(n, c)| (n.as_str(), command(&c.upsert[0]), c.upsert[0].revision))
+            .collect();
+        assert_eq!(got, [("b", "1".into(), 1), ("p", "0".into(), 1), ("s", "3".into(), 1)]);
+        assert!(p.changes.values().all(|c| c.upsert[0].key == "daemonset/default/web"));
+        assert_ne!(
+            p.changes["b"].upsert[0].hash, p.changes["s"].upsert[0].hash,
+            "two variants"
+        );
+        for (n, c) in &p.changes {
+            let s = &c.upsert[0];
+            inputs.held.insert(n.clone(), [(s.key.clone(), s.hash.clone())].into());
+            inputs.held_revisions.insert(n.clone(), [(s.key.clone(), 1)].into());
+        }
+        // Revision 2 changes berlin's variant only; the templates of revision 1 are stored.
+        let old = &fleet("1", "3", 1)[0].object;
+        inputs
+            .templates
+            .insert((old.id(), 1), serde_json::to_value(old.template().unwrap()).unwrap());
+        inputs.objects = fleet("2", "3", 2);
+        let complete: outpost_core::waves::Rollout = serde_json::from_value(serde_json::json!({
+            "workload": "daemonset/default/web", "revision": 2, "phase": "Complete",
+            "policy": "default", "started_at": 0, "updated_at": 0}))
+        .unwrap();
+        inputs.rollouts.insert(complete.workload.clone(), complete);
+        let p = plan(&inputs, Duration::from_secs(90), 0);
+        assert_eq!(
+            p.changes.keys().collect::<Vec<_>>(),
+            ["b"],
+            "only berlin's node changes"
+        );
+        assert_eq!(command(&p.changes["b"].upsert[0]), "2");
+        assert_eq!(p.changes["b"].upsert[0].revision, 2);
+        // Paris moves to berlin: it gets berlin's variant.
+        inputs.nodes[2].labels.insert("site".into(), "berlin".into());
+        let p = plan(&inputs, Duration::from_secs(90), 0);
+        assert_eq!(command(&p.changes["p"].upsert[0]), "2");
     }
 
     #[test]

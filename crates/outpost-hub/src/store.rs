@@ -299,6 +299,11 @@ pub trait Store: Send + Sync + 'static {
     fn rollouts(&self) -> Result<Vec<Rollout>>;
     /// Store a rollout (one per workload: a new one replaces the old).
     fn put_rollout(&self, r: &Rollout) -> Result<()>;
+    /// The GitOps controller's memory per GitRepo (`namespace/name` -> its JSON,
+    /// `crate::gitops::RepoState`).
+    fn gitops_states(&self) -> Result<Vec<(String, String)>>;
+    /// Store one GitRepo's controller state (`None`: forget it, the GitRepo is gone).
+    fn put_gitops_state(&self, repo: &str, state: Option<&str>, now: UnixMs) -> Result<()>;
 }
 
 /// [`Store`] on one SQLite file (WAL, synchronous=FULL) behind a mutex.
@@ -355,6 +360,8 @@ CREATE TABLE IF NOT EXISTS events (
     node TEXT NOT NULL, seq INTEGER NOT NULL, at INTEGER NOT NULL, workload TEXT,
     reason TEXT NOT NULL, message TEXT NOT NULL, received_at INTEGER NOT NULL,
     PRIMARY KEY (node, seq));
+CREATE TABLE IF NOT EXISTS gitops_state (
+    repo TEXT PRIMARY KEY, state TEXT NOT NULL, updated_at INTEGER NOT NULL);
 ";
 
 /// Store one status report inside an open transaction or savepoint.
@@ -1288,6 +1295,28 @@ impl Store for SqliteStore {
 
     fn rollouts(&self) -> Result<Vec<Rollout>> {
         rollout_rows(&*self.conn()?)
+    }
+
+    fn gitops_states(&self) -> Result<Vec<(String, String)>> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare("SELECT repo, state FROM gitops_state ORDER BY repo")?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    fn put_gitops_state(&self, repo: &str, state: Option<&str>, now: UnixMs) -> Result<()> {
+        let conn = self.conn()?;
+        match state {
+            Some(s) => conn.execute(
+                "INSERT INTO gitops_state (repo, state, updated_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (repo) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
+                params![repo, s, now],
+            )?,
+            None => conn.execute("DELETE FROM gitops_state WHERE repo = ?1", params![repo])?,
+        };
+        Ok(())
     }
 
     fn put_rollout(&self, r: &Rollout) -> Result<()> {

@@ -347,6 +347,24 @@ pub fn ownership(
                 .collect())
         }
         Ownership::Hand { force } => {
+            // Per-target variants are GitOps' (docs/gitops.md): a hand-applied workload has one
+            // template for every node it runs on.
+            let variants: Vec<String> = objects
+                .iter()
+                .filter(|o| {
+                    o.template()
+                        .and_then(|t| t.metadata.as_ref())
+                        .is_some_and(|m| m.annotations.contains_key(outpost_core::gitops::VARIANTS))
+                })
+                .map(|o| o.id().to_string())
+                .collect();
+            if !variants.is_empty() {
+                return Err(format!(
+                    "{}: the pod template annotation {} is set by GitOps only (per-target variants of a GitRepo's workload); remove it to apply one template for every node; nothing was applied",
+                    variants.join(", "),
+                    outpost_core::gitops::VARIANTS
+                ));
+            }
             let mut owned = Vec::new();
             for o in objects.iter_mut() {
                 let id = o.id();
@@ -508,6 +526,13 @@ mod tests {
             o
         };
         let repo = parse("apiVersion: outpost.dev/v1\nkind: GitRepo\nmetadata: {name: fleet}\nspec: {url: 'file:///x', overlaysBy: site}\n").remove(0);
+        // A hand apply cannot carry GitOps' per-target variants.
+        let mut with_variants = parse("apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: web}\nspec:\n  template:\n    metadata:\n      annotations: {outpost.dev/variants: '[]'}\n    spec:\n      containers: [{name: c, image: busybox}]\n");
+        let e = ownership(&mut with_variants, &[], &Ownership::Hand { force: true }).unwrap_err();
+        assert!(
+            e.contains("DaemonSet/default/web") && e.contains("outpost.dev/variants"),
+            "{e}"
+        );
         let me = "gitrepo/default/fleet";
         let stored = vec![
             repo.clone(),

@@ -159,10 +159,19 @@ pub fn format_status(s: &GitRepoStatus) -> String {
     out.push_str("  targets:\n");
     for t in &s.targets {
         match &t.error {
-            None => out.push_str(&format!(
-                "    {:<16} {:<24} ok, {} objects\n",
-                t.name, t.path, t.objects
-            )),
+            None => {
+                out.push_str(&format!(
+                    "    {:<16} {:<24} ok, {} objects, {} node{}\n",
+                    t.name,
+                    t.path,
+                    t.objects,
+                    t.nodes,
+                    if t.nodes == 1 { "" } else { "s" }
+                ));
+                for (o, r) in &t.rollouts {
+                    out.push_str(&format!("      {o}: {r}\n"));
+                }
+            }
             Some(e) => out.push_str(&format!("    {:<16} {:<24} FAILED: {e}\n", t.name, t.path)),
         }
     }

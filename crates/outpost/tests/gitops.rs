@@ -161,7 +161,7 @@ fn file_remote_overlays_ownership_prune_bad_commits_and_unreachable() {
         "5s",
     ]);
 
-    // Berlin gets its overlay's variant, Paris (no overlay) the base: two variants of web.
+    // Berlin gets its overlay's variant, Paris (no overlay) the base: two variants of ONE web.
     wait_running("berlin variant", &m_berlin, 1);
     wait_running("base variant", &m_base, 1);
     wait_running("extra on both", &m_extra, 2);
@@ -182,17 +182,21 @@ fn file_remote_overlays_ownership_prune_bad_commits_and_unreachable() {
         .iter()
         .map(|o| o.as_str().unwrap())
         .collect();
-    assert!(objects.contains(&"DaemonSet/default/web-base"), "{objects:?}");
-    assert!(objects.contains(&"DaemonSet/default/web-berlin"), "{objects:?}");
+    assert!(objects.contains(&"DaemonSet/default/web"), "{objects:?}");
+    assert!(
+        !objects.iter().any(|o| o.starts_with("DaemonSet/default/web-")),
+        "{objects:?}"
+    );
 
-    // A hand apply over an owned object is refused; --force goes through.
-    let err = hub.apply_err(&ds("web-base", &m_base));
+    // A hand apply over an owned object is refused; --force goes through (the hand version,
+    // without variants, runs on both sites).
+    let err = hub.apply_err(&ds("web", &m_base));
     assert!(err.contains("managed by GitOps") && err.contains("--force"), "{err}");
     let forced = marker();
     let f = tmp.path().join("forced.yaml");
-    std::fs::write(&f, ds("web-base", &forced)).unwrap();
+    std::fs::write(&f, ds("web", &forced)).unwrap();
     hub.cli(&["apply", "--force", "-f", f.to_str().unwrap()]);
-    wait_running("the forced version", &forced, 1);
+    wait_running("the forced version", &forced, 2);
     // A hand-applied object is never pruned, and GitOps never overwrites it.
     let hand = marker();
     hub.apply(&ds("by-hand", &hand));
@@ -204,7 +208,7 @@ fn file_remote_overlays_ownership_prune_bad_commits_and_unreachable() {
     wait_running("new base variant", &m_base2, 1);
     wait_running("the next commit replaced the forced version", &forced, 0);
     wait_running("extra pruned", &m_extra, 0);
-    assert_eq!(running(&m_berlin), 1, "berlin's variant did not change");
+    wait_running("berlin's variant back", &m_berlin, 1);
     assert_eq!(running(&hand), 2, "the hand-applied DaemonSet stays");
     wait_for("running is commit 2", 20.0, || {
         (status(&hub, "fleet")["running"] == c2.as_str()).then_some(())
@@ -296,7 +300,185 @@ fn file_remote_overlays_ownership_prune_bad_commits_and_unreachable() {
 
     // gitops rm: the GitRepo goes, its objects stay, and may then be changed by hand.
     hub.cli(&["gitops", "rm", "fleet"]);
-    hub.apply(&ds("web-base", &m_base3));
+    hub.apply(&ds("web", &m_base3));
+}
+
+/// Canary first, then the rest; no bake.
+const CANARY: &str = "apiVersion: outpost.dev/v1\nkind: RolloutPolicy\nmetadata: {name: canary}\nspec:\n  waves:\n  - {name: canary, count: 1}\n  - {percent: 100}\n  bake: 0s\n  tinyFleet: 1\n";
+
+/// `overlays/<site>`: the web DaemonSet running `sleep <marker>`.
+fn overlay(repo: &Repo, site: &str, marker: &str) {
+    repo.write(
+        &format!("overlays/{site}/kustomization.yaml"),
+        "resources: [../../base]\npatches:\n- path: web.yaml\n",
+    );
+    repo.write(
+        &format!("overlays/{site}/web.yaml"),
+        &format!(
+            "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: web}}\nspec:\n  template:\n    spec:\n      containers:\n      - {{name: main, command: [/bin/sleep, '{marker}']}}\n"
+        ),
+    );
+}
+
+/// node -> (wave, desired revision) of the current rollout of `web`.
+fn rollout_nodes(hub: &Hub) -> (Value, std::collections::BTreeMap<String, (u64, u64)>) {
+    let r = hub.json(&["rollout", "status", "daemonset", "web"]);
+    let nodes = r["nodes"]
+        .as_array()
+        .map(|ns| {
+            ns.iter()
+                .map(|n| {
+                    (
+                        n["node"].as_str().unwrap().to_string(),
+                        (
+                            n["wave"].as_u64().unwrap_or(99),
+                            n["desired_revision"].as_u64().unwrap_or(0),
+                        ),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (r, nodes)
+}
+
+/// The "one fleet workload with per-site variants": two sites with different overlays
+/// get different variants of ONE workload through ONE rollout in waves; a commit that changes
+/// one site's overlay rolls out to that site's nodes only (the others keep running, same
+/// process); a node whose site label changes moves to the other variant.
+#[test]
+fn one_fleet_workload_with_per_site_variants() {
+    let hub = Hub::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repo::new(tmp.path());
+    let (m_base, m_b1, m_s1) = (marker(), marker(), marker());
+    repo.write("base/policy.yaml", CANARY);
+    repo.write("base/web.yaml", &ds("web", &m_base));
+    repo.write("base/kustomization.yaml", "resources: [policy.yaml, web.yaml]\n");
+    overlay(&repo, "berlin", &m_b1);
+    overlay(&repo, "shanghai", &m_s1);
+    repo.push("two sites");
+    let _b1 = hub.join("berlin-1", &hub.token(&["--labels", "site=berlin"])).running();
+    let _b2 = hub.join("berlin-2", &hub.token(&["--labels", "site=berlin"])).running();
+    let mut s1 = hub
+        .join("shanghai-1", &hub.token(&["--labels", "site=shanghai"]))
+        .running();
+    let url = format!("file://{}", repo.bare.display());
+    hub.cli(&[
+        "gitops",
+        "add",
+        "fleet",
+        "--url",
+        &url,
+        "--overlays-by",
+        "site",
+        "--poll-interval",
+        "1m",
+    ]);
+    wait_running("berlin's variant on both berlin nodes", &m_b1, 2);
+    wait_running("shanghai's variant", &m_s1, 1);
+    assert_eq!(running(&m_base), 0, "no node runs the base variant");
+
+    // One workload: one object, one row per node under one key, one rollout.
+    let st = status(&hub, "fleet");
+    let web: Vec<&str> = st["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o.as_str().filter(|o| o.contains("web")))
+        .collect();
+    assert_eq!(web, ["DaemonSet/default/web"]);
+    let key = "daemonset/default/web";
+    for n in ["berlin-1", "berlin-2", "shanghai-1"] {
+        wait_for(&format!("{n} reports web at revision 1"), 30.0, || {
+            (hub.placement(n, key)?["status"]["revision"] == 1).then_some(())
+        });
+    }
+    let shanghai_pid = pids_with_cmdline(&["/bin/sleep", &m_s1]);
+
+    // A commit changing only berlin's overlay: revision 2, rolled out to berlin's nodes only,
+    // canary first; shanghai's process is the same one.
+    let m_b2 = marker();
+    overlay(&repo, "berlin", &m_b2);
+    repo.push("berlin only");
+    hub.cli(&["gitops", "sync", "fleet"]);
+    wait_running("berlin's new variant", &m_b2, 2);
+    wait_running("berlin's old variant gone", &m_b1, 0);
+    let (r, nodes) = wait_for("the rollout of revision 2 Complete", 30.0, || {
+        let (r, nodes) = rollout_nodes(&hub);
+        (r["revision"] == 2 && r["phase"] == "Complete").then_some((r, nodes))
+    });
+    assert_eq!(
+        nodes.keys().collect::<Vec<_>>(),
+        ["berlin-1", "berlin-2"],
+        "only berlin's nodes are in the rollout: {r}"
+    );
+    assert_eq!(
+        nodes.values().filter(|(w, _)| *w == 0).count(),
+        1,
+        "one canary, then the rest: {r}"
+    );
+    assert_eq!(
+        pids_with_cmdline(&["/bin/sleep", &m_s1]),
+        shanghai_pid,
+        "shanghai untouched"
+    );
+    assert_eq!(hub.placement("shanghai-1", key).unwrap()["status"]["revision"], 1);
+    // gitops status: per target its nodes and the rollout on them.
+    let st = status(&hub, "fleet");
+    let target = |name: &str| {
+        st["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(target("berlin")["nodes"], 2, "{st}");
+    assert_eq!(target("shanghai")["nodes"], 1, "{st}");
+    assert_eq!(target("base")["nodes"], 0, "{st}");
+    assert_eq!(
+        target("berlin")["rollouts"]["DaemonSet/default/web"],
+        "Complete: 2 of 2 nodes updated, 0 failed (revision 2)",
+        "{st}"
+    );
+    assert!(
+        target("shanghai")["rollouts"].is_null(),
+        "shanghai's variant did not change: {st}"
+    );
+    let text = hub.cli(&["gitops", "status", "fleet"]);
+    assert!(
+        text.contains("DaemonSet/default/web: Complete: 2 of 2 nodes updated"),
+        "{text}"
+    );
+
+    // A commit changing both overlays: ONE rollout (revision 3) over all three nodes, in waves.
+    let (m_b3, m_s3) = (marker(), marker());
+    overlay(&repo, "berlin", &m_b3);
+    overlay(&repo, "shanghai", &m_s3);
+    repo.push("both sites");
+    hub.cli(&["gitops", "sync", "fleet"]);
+    wait_running("berlin's third variant", &m_b3, 2);
+    wait_running("shanghai's second variant", &m_s3, 1);
+    let (r, nodes) = wait_for("the rollout of revision 3 Complete", 30.0, || {
+        let (r, nodes) = rollout_nodes(&hub);
+        (r["revision"] == 3 && r["phase"] == "Complete").then_some((r, nodes))
+    });
+    assert_eq!(nodes.len(), 3, "{r}");
+    assert_eq!(nodes.values().filter(|(w, _)| *w == 0).count(), 1, "{r}");
+    assert!(nodes.values().all(|(_, rev)| *rev == 3), "{r}");
+
+    // shanghai-1 re-joins as a berlin node: it moves to berlin's variant.
+    s1.stop();
+    hub.cli(&["delete", "node", "shanghai-1"]);
+    std::fs::remove_dir_all(&s1.dir).unwrap();
+    wait_running("shanghai's variant gone with its node", &m_s3, 0);
+    let _s1b = hub
+        .join("shanghai-1", &hub.token(&["--labels", "site=berlin"]))
+        .running();
+    wait_running("the node now runs berlin's variant", &m_b3, 3);
+    assert_eq!(running(&m_s3), 0);
 }
 
 /// `git http-backend` behind a tiny CGI server: Git's smart HTTP protocol on loopback, with
@@ -514,4 +696,92 @@ fn smart_http_remote_with_credentials_and_webhook() {
     let e = st["error"].as_str().unwrap();
     assert!(!e.contains("nope"), "the password never shows: {e}");
     assert_eq!(running(&m3), 1);
+}
+
+fn applied_in_log(hub: &Hub) -> usize {
+    std::fs::read_to_string(hub.dir.join("hub.log"))
+        .unwrap_or_default()
+        .matches("commit applied")
+        .count()
+}
+
+/// The controller's memory (commit running and fetched, last error, failures, backoff) is
+/// stored: a restarted hub neither applies the running commit again nor forgets it, and a
+/// failing repository stays failing with its count.
+#[test]
+fn controller_state_survives_a_hub_restart() {
+    let mut hub = Hub::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repo::new(tmp.path());
+    let m1 = marker();
+    base(&repo, &m1, None);
+    let c1 = repo.push("one");
+    let _a = hub.join("edge-1", &hub.token(&[])).running();
+    let url = format!("file://{}", repo.bare.display());
+    // Polling every 10 minutes: after the first fetch, only `gitops sync` fetches.
+    hub.cli(&[
+        "gitops",
+        "add",
+        "keep",
+        "--url",
+        &url,
+        "--target",
+        "all=base",
+        "--poll-interval",
+        "10m",
+    ]);
+    wait_running("the first commit", &m1, 1);
+    let before = wait_for("commit 1 running", 20.0, || {
+        let s = status(&hub, "keep");
+        (s["running"] == c1.as_str()).then_some(s)
+    });
+    assert_eq!(applied_in_log(&hub), 1);
+
+    hub.restart();
+    let after = status(&hub, "keep");
+    assert_eq!(after["running"], c1.as_str(), "{after}");
+    assert_eq!(after["fetched"], c1.as_str(), "{after}");
+    assert_eq!(
+        after["last_fetch"], before["last_fetch"],
+        "no fetch at the restart: {after}"
+    );
+    hub.cli(&["gitops", "sync", "keep"]);
+    wait_for("a fetch after the restart", 30.0, || {
+        (status(&hub, "keep")["last_fetch"] != before["last_fetch"]).then_some(())
+    });
+    assert_eq!(applied_in_log(&hub), 1, "the running commit is not applied again");
+    assert_eq!(running(&m1), 1);
+
+    // A failing remote: its error and failure count survive a restart too.
+    let moved = tmp.path().join("moved.git");
+    std::fs::rename(&repo.bare, &moved).unwrap();
+    hub.cli(&["gitops", "sync", "keep"]);
+    let failing = wait_for("the fetch failure", 90.0, || {
+        let s = status(&hub, "keep");
+        (s["failures"].as_u64() >= Some(1)).then_some(s)
+    });
+    hub.restart();
+    let st = status(&hub, "keep");
+    assert_eq!(st["failures"], failing["failures"], "{st}");
+    assert!(st["error"].as_str().unwrap_or_default().contains("remote.git"), "{st}");
+    assert_eq!(st["next_fetch"], failing["next_fetch"], "the backoff is kept: {st}");
+    assert_eq!(st["running"], c1.as_str());
+
+    // Repaired: a good fetch of the running commit clears the error, applies nothing.
+    std::fs::rename(&moved, &repo.bare).unwrap();
+    hub.cli(&["gitops", "sync", "keep"]);
+    wait_for("fetches again, the error cleared", 30.0, || {
+        let s = status(&hub, "keep");
+        (s["failures"] == 0 && s["error"].is_null()).then_some(())
+    });
+    assert_eq!(applied_in_log(&hub), 1);
+    // A new commit after all that goes through as usual.
+    let m2 = marker();
+    base(&repo, &m2, None);
+    let c2 = repo.push("two");
+    hub.cli(&["gitops", "sync", "keep"]);
+    wait_running("commit 2", &m2, 1);
+    wait_for("commit 2 running", 20.0, || {
+        (status(&hub, "keep")["running"] == c2.as_str()).then_some(())
+    });
 }
