@@ -60,6 +60,8 @@ pub struct MonitorLink {
     /// Notified when the outbox got new events worth sending now.
     pub outbox: Arc<Notify>,
     pub log_requests: mpsc::UnboundedSender<LogRequest>,
+    /// Exec sessions from sync answers, for `crate::exec`.
+    pub exec: mpsc::UnboundedSender<outpost_api::exec::ExecRequest>,
     /// Prefetch hints from sync answers, for `crate::prefetch`.
     pub prefetch: mpsc::UnboundedSender<Vec<outpost_api::WorkloadSpec>>,
     pub store: Arc<Store>,

@@ -23,6 +23,7 @@
 
 pub mod alerts;
 pub mod docker;
+pub mod exec;
 pub mod identity;
 pub mod images;
 pub mod inference;
@@ -271,6 +272,8 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
         };
         tokio::spawn(link.run(desired_rx.clone(), roles_tx, stop_rx.clone()));
     }
+    let (lookup_tx, lookup_rx) = tokio::sync::mpsc::unbounded_channel();
+    reconciler = reconciler.with_exec(lookup_rx);
     let rec = tokio::spawn(reconciler.run(desired_rx.clone(), stop_rx.clone(), o.stop_workloads_on_exit));
 
     // Monitoring: vital signs and node alerts, log rotation and error forwarding, log requests.
@@ -278,6 +281,7 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
     let (policy_tx, policy_rx) = watch::channel(alerts::load_policy(&store));
     let (vitals_tx, vitals_rx) = watch::channel(None);
     let (logreq_tx, logreq_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (exec_tx, exec_rx) = tokio::sync::mpsc::unbounded_channel();
     let (prefetch_tx, prefetch_rx) = tokio::sync::mpsc::unbounded_channel();
     let errors_ready = Arc::new(tokio::sync::Notify::new());
     let mon_cfg = alerts::MonitorConfig::from_env();
@@ -286,6 +290,7 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
         vitals: vitals_rx,
         outbox: outbox.clone(),
         log_requests: logreq_tx,
+        exec: exec_tx,
         prefetch: prefetch_tx,
         store: store.clone(),
         report_every: mon_cfg.report_every,
@@ -327,6 +332,7 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
                 o.data_dir.clone(),
                 logreq_rx,
             )));
+            tasks.push(tokio::spawn(exec::request_loop(client.clone(), lookup_tx, exec_rx)));
             tasks.push(tokio::spawn(prefetch::prefetch_loop(
                 client.clone(),
                 o.data_dir.clone(),

@@ -115,6 +115,8 @@ pub struct Reconciler {
     /// peer link. A failover workload runs only while its role here is `active`.
     roles: crate::site::Roles,
     roles_rx: Option<watch::Receiver<crate::site::Roles>>,
+    /// Exec sessions asking what to run in (`crate::exec`).
+    exec_rx: Option<mpsc::UnboundedReceiver<crate::exec::Lookup>>,
 }
 
 /// Probe state of one running process.
@@ -191,7 +193,78 @@ impl Reconciler {
             models: Default::default(),
             roles: Arc::new(BTreeMap::new()),
             roles_rx: None,
+            exec_rx: None,
         }
+    }
+
+    /// Answer exec sessions' questions about what runs where (`crate::exec`).
+    pub fn with_exec(mut self, rx: mpsc::UnboundedReceiver<crate::exec::Lookup>) -> Self {
+        self.exec_rx = Some(rx);
+        self
+    }
+
+    /// The running container an exec session names: `workload` is `NAME` or `KIND/NAME`.
+    fn exec_target(&self, l: &crate::exec::Lookup) -> Result<crate::exec::Target, String> {
+        let (kind, name) = match l.workload.split_once('/') {
+            Some((k, n)) => (Some(k.to_ascii_lowercase()), n),
+            None => (None, l.workload.as_str()),
+        };
+        let found: Vec<&WorkloadSpec> = self
+            .effective
+            .values()
+            .filter(|w| w.name == name && w.namespace == l.namespace && !w.containers.is_empty())
+            .filter(|w| kind.as_deref().is_none_or(|k| w.key.split('/').next() == Some(k)))
+            .collect();
+        let w = match found[..] {
+            [w] => w,
+            [] => {
+                return Err(format!(
+                    "workload {} is not on this node (namespace {}): see `outpost get workloads`",
+                    l.workload, l.namespace
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "several workloads are named {name} here ({}): name one as KIND/NAME",
+                    found.iter().map(|w| w.key.as_str()).collect::<Vec<_>>().join(", ")
+                ))
+            }
+        };
+        let c = match &l.container {
+            Some(c) => w.containers.iter().find(|x| &x.name == c).ok_or_else(|| {
+                format!(
+                    "workload {} has no container {c} (it has {})",
+                    w.key,
+                    w.containers
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?,
+            None => w.containers.iter().find(|c| !c.init).unwrap_or(&w.containers[0]),
+        };
+        let unit = unit_id(&w.key, &c.name);
+        let pid = self.units.get(&unit).and_then(|u| u.pid).ok_or_else(|| {
+            let why = self
+                .units
+                .get(&unit)
+                .and_then(|u| u.reason.clone())
+                .unwrap_or_else(|| "not started".into());
+            format!("{unit} is not running on this node ({why}); exec needs a running container")
+        })?;
+        let ctx = self.rt.exec_context(w, c, &unit);
+        let container = match (self.containers.get(&unit), &self.engine) {
+            (Some(id), Some(engine)) => Some((engine.clone(), id.clone())),
+            _ => None,
+        };
+        Ok(crate::exec::Target {
+            unit,
+            env: ctx.env,
+            cwd: ctx.cwd,
+            pid,
+            container,
+        })
     }
 
     /// Hand the Pipeline workloads of the desired state to the node's data pipeline.
@@ -1382,6 +1455,13 @@ impl Reconciler {
                 Some(e) = self.probe_rx.recv() => self.on_probe(e, now_ms()),
                 Some(s) = self.started_rx.recv() => self.on_started(s, now_ms()),
                 Some(f) = self.found_rx.recv() => self.on_found(f),
+                l = recv_some(&mut self.exec_rx) => match l {
+                    Some(l) => {
+                        let t = self.exec_target(&l);
+                        let _ = l.reply.send(t);
+                    }
+                    None => self.exec_rx = None,
+                },
                 _ = tokio::time::sleep(sleep) => {}
                 _ = shutdown.changed() => break,
             }
@@ -1414,6 +1494,14 @@ impl Reconciler {
                 _ = tokio::time::sleep(sleep) => {}
             }
         }
+    }
+}
+
+/// The next message (None: the senders are gone), or never without a receiver.
+async fn recv_some<T>(rx: &mut Option<mpsc::UnboundedReceiver<T>>) -> Option<T> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
     }
 }
 

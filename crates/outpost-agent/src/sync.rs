@@ -253,6 +253,35 @@ impl HubClient {
 
     /// GET a hub path (e.g. `/v1/images/blobs/...`) over mTLS, optionally from a byte offset.
     /// No overall timeout: large downloads are bounded by the connect timeout and progress.
+    /// POST a streamed body to `path` under the node's URL (exec output), allowed `timeout`.
+    pub async fn post_stream(&self, path: &str, body: reqwest::Body, timeout: Duration) -> Result<(), LinkError> {
+        let url = self.url(path).await;
+        let http = self.http.read().await.clone();
+        let resp = http
+            .post(url)
+            .header(PROTOCOL_HEADER, PROTOCOL)
+            .header(reqwest::header::CONTENT_TYPE, outpost_api::exec::EXEC_MEDIA_TYPE)
+            .timeout(timeout)
+            .body(body)
+            .send()
+            .await?;
+        check(resp).await?;
+        Ok(())
+    }
+
+    /// GET a stream from `path` under the node's URL (exec input), allowed `timeout`.
+    pub async fn get_stream(&self, path: &str, timeout: Duration) -> Result<reqwest::Response, LinkError> {
+        let url = self.url(path).await;
+        let http = self.http.read().await.clone();
+        let resp = http
+            .get(url)
+            .header(PROTOCOL_HEADER, PROTOCOL)
+            .timeout(timeout)
+            .send()
+            .await?;
+        check(resp).await
+    }
+
     pub async fn get(&self, path: &str, from: Option<u64>) -> Result<reqwest::Response, LinkError> {
         self.get_query(path, &[], from).await
     }
@@ -480,6 +509,9 @@ pub async fn sync_loop(
             answer.and_then(|a| {
                 for r in a.log_requests {
                     let _ = monitor.log_requests.send(r);
+                }
+                for r in a.exec {
+                    let _ = monitor.exec.send(r);
                 }
                 if !a.prefetch.is_empty() {
                     let _ = monitor.prefetch.send(a.prefetch);

@@ -75,9 +75,21 @@ pub fn human_duration(ms: i64) -> String {
     }
 }
 
+/// A Unix-ms instant as RFC 3339 UTC to the second (`2026-11-26T18:30:00Z`), for messages.
+pub fn utc_time(ms: i64) -> String {
+    jiff::Timestamp::from_second(ms.div_euclid(1000))
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| format!("{ms} ms after the epoch"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utc_times_read_as_rfc3339() {
+        assert_eq!(utc_time(1_795_717_800_999), "2026-11-26T18:30:00Z");
+    }
 
     #[test]
     fn parses() {

@@ -9,6 +9,7 @@ pub mod accounts;
 pub mod checks;
 pub mod cron;
 pub mod duration;
+pub mod exec;
 pub mod gitops;
 pub mod manifest;
 pub mod onnx;
@@ -19,7 +20,7 @@ pub mod rollout;
 pub mod site;
 
 pub use checks::{validate_image_ref, FieldError};
-pub use duration::{human_duration, ms_before, parse_duration, parse_duration_secs, MAX_DURATION_SECS};
+pub use duration::{human_duration, ms_before, parse_duration, parse_duration_secs, utc_time, MAX_DURATION_SECS};
 pub use manifest::*;
 pub use parse::ALERT_POLICY_API;
 pub use parse::{capability_number, CLUSTER_ONLY_KINDS, HOST_PATH_TYPES, NODE_PORT_RANGE};

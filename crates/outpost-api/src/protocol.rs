@@ -11,10 +11,10 @@ use crate::manifest::{Kind, Labels, ManifestError, Warning};
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Protocol minor version: additive changes an older peer can ignore (1.1: node-label
 /// restriction, two-phase renewal, renewal of expired certificates; 1.2: fleet rollouts, the
-/// `prefetch` hint in sync answers).
-pub const PROTOCOL_MINOR: u32 = 2;
+/// `prefetch` hint in sync answers; 1.3: remote exec, the `exec` list in sync answers).
+pub const PROTOCOL_MINOR: u32 = 3;
 /// `<major>.<minor>`, as agents send it in [`PROTOCOL_HEADER`].
-pub const PROTOCOL: &str = "1.2";
+pub const PROTOCOL: &str = "1.3";
 /// Header carrying [`PROTOCOL`].
 pub const PROTOCOL_HEADER: &str = "x-outpost-protocol";
 /// How long the hub holds a sync long-poll open when nothing changes and the agent asked for
@@ -1026,6 +1026,9 @@ pub struct SyncAnswer {
     /// the window needs no download. A hint: it changes nothing that runs. Protocol 1.2.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub prefetch: Vec<WorkloadSpec>,
+    /// Exec sessions an operator opened on this node (docs/exec.md). Protocol 1.3.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exec: Vec<crate::exec::ExecRequest>,
 }
 
 /// A status report with the monitoring additions.

@@ -25,6 +25,8 @@ pub mod authz;
 pub mod controllers;
 pub mod data;
 pub mod error;
+pub mod exec;
+pub mod exec_api;
 pub mod extract;
 pub mod files;
 pub mod gitops;

@@ -334,6 +334,7 @@ pub struct Links {
     /// Per node: the latest generation, to wake waiting long-polls.
     watchers: Mutex<HashMap<String, watch::Sender<u64>>>,
     pub logs: LogBroker,
+    pub exec: Arc<crate::exec::ExecBroker>,
 }
 
 /// Counts a node's long-poll as open while it lives (`Store::hold`).
@@ -1293,6 +1294,71 @@ impl Service {
         }
     }
 
+    /// Open an exec session on `node` (docs/exec.md): park it for the node, wake the node's
+    /// long-poll and wait until the node takes it. `owner` names the caller (only they may send
+    /// input). Returns the session id, the operator's side and the hub's deadline for it.
+    pub async fn exec(
+        &self,
+        node: &str,
+        owner: &str,
+        start: outpost_api::exec::ExecStart,
+    ) -> Result<(String, crate::exec::Opened, Duration), HubError> {
+        use outpost_api::exec::{ExecRequest, DEFAULT_EXEC_TIMEOUT_SECS};
+        start.validate().map_err(HubError::BadRequest)?;
+        let n = node.to_string();
+        let row = self
+            .db(move |s| s.node(&n))
+            .await?
+            .ok_or_else(|| HubError::NotFound(format!("node {node}")))?;
+        let now = now_ms();
+        if !is_online(&row, self.settings.offline_after, now) {
+            return Err(HubError::NodeOffline(format!(
+                "node {node} is offline since {} (last contact {} ago): exec travels over the node's own link, so try again once it is back (`outpost get nodes`)",
+                outpost_api::utc_time(row.last_contact()),
+                human_duration(now - row.last_contact()),
+            )));
+        }
+        let id = random_hex(16);
+        let limit = Duration::from_secs(start.timeout_secs.unwrap_or(DEFAULT_EXEC_TIMEOUT_SECS));
+        tracing::info!(node = %node, session = %id, workload = ?start.workload, node_shell = start.node_shell,
+            tty = start.tty, command = ?start.command, "exec session opened");
+        let (opened, attached) = self.links.exec.open(node, owner, ExecRequest { id: id.clone(), start });
+        self.wake_node(node);
+        match tokio::time::timeout(self.settings.monitor.log_wait, attached).await {
+            // The node's own limit ends the command first; the hub's is a backstop.
+            Ok(Ok(())) => Ok((id, opened, limit + Duration::from_secs(30))),
+            _ => {
+                tracing::warn!(node = %node, session = %id, "exec session not taken by the node in time");
+                Err(HubError::NodeUnreachable(format!(
+                    "node {node} did not take the exec session within {}s; its link may be slow or just dropped, or its agent predates exec (protocol 1.3): retry, and check `outpost describe node {node}`",
+                    self.settings.monitor.log_wait.as_secs(),
+                )))
+            }
+        }
+    }
+
+    /// The node opens the output stream of its session `id`.
+    pub async fn exec_output(
+        &self,
+        peer: &Peer,
+        node: &str,
+        id: &str,
+    ) -> Result<tokio::sync::mpsc::Sender<outpost_api::exec::Frame>, HubError> {
+        self.authorize_node(peer, node).await?;
+        self.links.exec.attach_output(node, id).map_err(exec_session_error)
+    }
+
+    /// The node opens the input stream of its session `id`.
+    pub async fn exec_input(
+        &self,
+        peer: &Peer,
+        node: &str,
+        id: &str,
+    ) -> Result<tokio::sync::mpsc::Receiver<outpost_api::exec::Frame>, HubError> {
+        self.authorize_node(peer, node).await?;
+        self.links.exec.attach_input(node, id).map_err(exec_session_error)
+    }
+
     /// What a `/metrics` scrape reads.
     async fn fleet(&self) -> Result<FleetView, HubError> {
         let now = now_ms();
@@ -1456,8 +1522,9 @@ impl Service {
             let Extras {
                 alert_policy,
                 log_requests,
+                exec,
             } = self.sync_extras(node, held).await?;
-            if resp.generation != since || alert_policy.is_some() || !log_requests.is_empty() {
+            if resp.generation != since || alert_policy.is_some() || !log_requests.is_empty() || !exec.is_empty() {
                 tracing::debug!(node = %node, since, generation = resp.generation, full = resp.full,
                     policy = alert_policy.is_some(), log_requests = log_requests.len(), "sync answered");
                 let n = node.to_string();
@@ -1471,6 +1538,7 @@ impl Service {
                     alert_policy,
                     log_requests,
                     prefetch,
+                    exec,
                 }));
             }
             tokio::select! {
@@ -1511,6 +1579,7 @@ impl Service {
         Ok(Extras {
             alert_policy,
             log_requests: self.links.logs.take(node),
+            exec: self.links.exec.take(node),
         })
     }
 
@@ -1713,6 +1782,18 @@ pub struct Held<'a> {
 struct Extras {
     alert_policy: Option<NodePolicy>,
     log_requests: Vec<LogRequest>,
+    exec: Vec<outpost_api::exec::ExecRequest>,
+}
+
+fn exec_session_error(e: crate::exec::SessionError) -> HubError {
+    match e {
+        crate::exec::SessionError::Unknown => {
+            HubError::NotFound("exec session (ended, timed out, or not this node's)".into())
+        }
+        crate::exec::SessionError::AlreadyOpen => {
+            HubError::Conflict("this stream of the exec session is open already".into())
+        }
+    }
 }
 
 /// Who reads an image: the operator or a node.

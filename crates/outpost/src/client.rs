@@ -225,6 +225,33 @@ impl Client {
         }
         Ok(())
     }
+    /// A request with the token and no overall timeout (exec streams), sent; a refusal is an
+    /// error with the hub's message.
+    pub async fn stream(
+        &self,
+        req: reqwest::RequestBuilder,
+        timeout: std::time::Duration,
+    ) -> Result<reqwest::Response> {
+        let r = req
+            .bearer_auth(&self.token)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| self.transport_error(e, None))?;
+        if r.status().is_success() {
+            return Ok(r);
+        }
+        let status = r.status();
+        let text = r.text().await.unwrap_or_default();
+        match serde_json::from_str::<ApiError>(&text) {
+            Ok(e) => bail!("{}", e.message),
+            Err(_) => bail!("the hub answered {status}: {text}"),
+        }
+    }
+    /// The underlying client and the hub's URL, for [`Client::stream`].
+    pub fn http(&self) -> (&reqwest::Client, &str) {
+        (&self.http, &self.hub)
+    }
     pub async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.send(self.http.delete(format!("{}{path}", self.hub)), Some(path))
             .await

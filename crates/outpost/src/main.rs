@@ -5,6 +5,7 @@
 mod client;
 mod data;
 mod demo;
+mod exec;
 mod gitops;
 mod image;
 mod install;
@@ -107,6 +108,9 @@ enum Cmd {
     /// A workload's log from its node (fetched through the node's own outbound link), or the
     /// error lines nodes forwarded (--errors).
     Logs(logs::LogsArgs),
+    /// Run a command in a workload's container on a node (or a node shell), through the node's
+    /// own outbound link: `outpost exec NODE WORKLOAD [-c C] [-i] [-t] -- CMD...`.
+    Exec(exec::ExecArgs),
     /// Records of the edge data pipeline stored at the hub: tail or query a stream.
     Data {
         #[command(subcommand)]
@@ -651,6 +655,10 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Rollout { cmd } => output::rollout(&client::Client::from_env()?, cmd).await,
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Logs(a) => logs::run(&client::Client::from_env()?, a).await,
+        Cmd::Exec(a) => {
+            let code = exec::run(&client::Client::from_env()?, a).await?;
+            std::process::exit(code)
+        }
         Cmd::Data { cmd } => data::run(&client::Client::from_env()?, cmd).await,
         Cmd::Bench(a) => outpost_bench::run(a).await,
         Cmd::Model {

@@ -10,37 +10,6 @@ use std::process::Command;
 use common::*;
 use serde_json::Value;
 
-/// Build a busybox-based image from a folder: `/bin` with busybox and `applets`, `/www/index.html`
-/// holding `page`, and `changes` (Dockerfile lines such as `CMD [...]`).
-fn build_image(name: &str, applets: &[&str], page: &str, changes: &[&str]) {
-    if has_image(name) {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("bin")).unwrap();
-    std::fs::create_dir_all(dir.path().join("www")).unwrap();
-    std::fs::copy("/bin/busybox", dir.path().join("bin/busybox")).expect("busybox-static provides /bin/busybox");
-    for a in applets {
-        std::os::unix::fs::symlink("busybox", dir.path().join("bin").join(a)).unwrap();
-    }
-    std::fs::write(dir.path().join("www/index.html"), page).unwrap();
-    let mut cmd = Command::new("sh");
-    let mut script = format!(
-        "tar -C {} -c . | docker import -c 'ENV PATH=/bin'",
-        dir.path().display()
-    );
-    for c in changes {
-        script.push_str(&format!(" -c '{c}'"));
-    }
-    script.push_str(&format!(" - {name}"));
-    let o = cmd.args(["-c", &script]).output().unwrap();
-    assert!(
-        o.status.success(),
-        "building {name}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 const APPLETS: &[&str] = &["sh", "httpd", "sleep", "cat", "echo", "test", "wget", "true"];
 
 fn images() {

@@ -160,16 +160,19 @@ impl Hub {
         self.launch();
     }
 
-    pub fn try_cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .args(args)
+    /// The CLI with this hub's settings (stdin, stdout and stderr as the caller sets them).
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args)
             .env("OUTPOST_HUB", &self.url)
             .env("OUTPOST_TOKEN", self.token.trim())
             .env("OUTPOST_CA_FILE", self.ca_file())
-            .env("OUTPOST_CONFIG", self.dir.join("no-config.json"))
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+            .env("OUTPOST_CONFIG", self.dir.join("no-config.json"));
+        c
+    }
+
+    pub fn try_cli(&self, args: &[&str]) -> Output {
+        self.command(args).stdin(Stdio::null()).output().unwrap()
     }
 
     /// Run a CLI command that must succeed; returns stdout.
@@ -503,6 +506,37 @@ pub fn docker(args: &[&str]) -> String {
         String::from_utf8_lossy(&o.stderr)
     );
     String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// Build a busybox-based image from a folder: `/bin` with busybox and `applets`, `/www/index.html`
+/// holding `page`, and `changes` (Dockerfile lines such as `CMD [...]`).
+pub fn build_image(name: &str, applets: &[&str], page: &str, changes: &[&str]) {
+    if has_image(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("bin")).unwrap();
+    std::fs::create_dir_all(dir.path().join("www")).unwrap();
+    std::fs::copy("/bin/busybox", dir.path().join("bin/busybox")).expect("busybox-static provides /bin/busybox");
+    for a in applets {
+        std::os::unix::fs::symlink("busybox", dir.path().join("bin").join(a)).unwrap();
+    }
+    std::fs::write(dir.path().join("www/index.html"), page).unwrap();
+    let mut cmd = Command::new("sh");
+    let mut script = format!(
+        "tar -C {} -c . | docker import -c 'ENV PATH=/bin'",
+        dir.path().display()
+    );
+    for c in changes {
+        script.push_str(&format!(" -c '{c}'"));
+    }
+    script.push_str(&format!(" - {name}"));
+    let o = cmd.args(["-c", &script]).output().unwrap();
+    assert!(
+        o.status.success(),
+        "building {name}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 pub fn has_image(name: &str) -> bool {
