@@ -1,5 +1,6 @@
 //! Remote exec routes (docs/exec.md, docs/openapi.yaml): thin handlers over the [`Service`] and
-//! the relay in `crate::exec`. Operator routes take the admin token; node routes are mTLS.
+//! the relay in `crate::exec`. Operator routes take a [`Caller`] allowed to exec on the node
+//! (operators and admins within their scope; a node shell is for admins); node routes are mTLS.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,26 +14,25 @@ use futures_util::StreamExt;
 use outpost_api::exec::{ExecStart, Frame, FrameDecoder, EXEC_MEDIA_TYPE, EXEC_SESSION_HEADER};
 
 use crate::error::HubError;
-use crate::extract::{Admin, ApiJson, Bearer, Peer};
-use crate::service::{sha256_hex, Service};
+use crate::extract::{ApiJson, Caller, Peer};
+use crate::service::Service;
 
 type St = State<Arc<Service>>;
 
-/// Who opened a session: the hash of the caller's token (only they may send it input).
-fn owner(token: &Option<String>) -> String {
-    sha256_hex(token.as_deref().unwrap_or_default())
+/// Who opened a session (only they may send it input).
+fn owner(c: &Caller) -> String {
+    c.name.clone()
 }
 
 /// `POST /v1/nodes/{node}/exec`: run a command on the node; the answer's body is the output
 /// frame stream, its `x-outpost-exec-session` header the session for input.
 pub async fn open(
     State(svc): St,
-    _: Admin,
-    Bearer(token): Bearer,
+    c: Caller,
     Path(node): Path<String>,
     ApiJson(start): ApiJson<ExecStart>,
 ) -> Result<Response, HubError> {
-    let (id, opened, deadline) = svc.exec(&node, &owner(&token), start).await?;
+    let (id, opened, deadline) = svc.exec(&c, &node, &owner(&c), start).await?;
     let body = Body::from_stream(crate::exec::output_stream(opened, deadline));
     Response::builder()
         .header(CONTENT_TYPE, EXEC_MEDIA_TYPE)
@@ -45,8 +45,7 @@ pub async fn open(
 /// open session, from the operator who opened it.
 pub async fn input(
     State(svc): St,
-    _: Admin,
-    Bearer(token): Bearer,
+    c: Caller,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, HubError> {
@@ -70,7 +69,7 @@ pub async fn input(
     let tx = svc
         .links
         .exec
-        .input(&owner(&token), &id)
+        .input(&owner(&c), &id)
         .map_err(|_| HubError::NotFound(format!("exec session {id} (ended, or opened by someone else)")))?;
     for f in frames {
         tx.send(f)

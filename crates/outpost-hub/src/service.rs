@@ -1299,17 +1299,34 @@ impl Service {
     /// input). Returns the session id, the operator's side and the hub's deadline for it.
     pub async fn exec(
         &self,
+        caller: &crate::accounts::Caller,
         node: &str,
         owner: &str,
         start: outpost_api::exec::ExecStart,
     ) -> Result<(String, crate::exec::Opened, Duration), HubError> {
         use outpost_api::exec::{ExecRequest, DEFAULT_EXEC_TIMEOUT_SECS};
+        use outpost_core::access::Action;
+        let action = if start.node_shell {
+            Action::NodeShell
+        } else {
+            Action::Exec
+        };
+        caller.require_role(action)?;
         start.validate().map_err(HubError::BadRequest)?;
         let n = node.to_string();
         let row = self
             .db(move |s| s.node(&n))
             .await?
+            .filter(|r| caller.sees_node(&r.labels))
             .ok_or_else(|| HubError::NotFound(format!("node {node}")))?;
+        caller.require_node(action, &row.labels)?;
+        // Audited before it runs, with the command line (a session's end is in the hub's log).
+        let what = match (&start.workload, start.node_shell) {
+            (Some(w), _) => format!("{node} {}/{w}", start.namespace),
+            (None, _) => format!("{node} (node shell)"),
+        };
+        self.audit(caller, "exec", &what, &start.command.join(" "), Ok(()))
+            .await;
         let now = now_ms();
         if !is_online(&row, self.settings.offline_after, now) {
             return Err(HubError::NodeOffline(format!(

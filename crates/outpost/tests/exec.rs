@@ -168,3 +168,61 @@ fn exec_in_a_docker_container_with_stdin_and_its_exit_code() {
     let (code, out, err) = exec(&hub, &["ex2", "box", "-i", "--", "cat"], "through-the-link\n");
     assert_eq!((code, out.as_str()), (0, "through-the-link\n"), "{err}");
 }
+
+/// `outpost exec` as another account.
+fn exec_as(hub: &Hub, token: &str, args: &[&str]) -> (i32, String) {
+    let mut a = vec!["exec"];
+    a.extend(args);
+    let o = hub
+        .command(&a)
+        .env("OUTPOST_TOKEN", token)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+    )
+}
+
+#[test]
+fn exec_is_for_operators_within_their_sites_and_node_shells_for_admins() {
+    let hub = Hub::start();
+    let _a = hub.join("site-a-1", &hub.token(&["--labels", "site=a"])).running();
+    let _b = hub.join("site-b-1", &hub.token(&["--labels", "site=b"])).running();
+    let m = marker();
+    hub.apply(&app("app", &m));
+    for n in ["site-a-1", "site-b-1"] {
+        wait_for("app running", 30.0, || {
+            (hub.phase(n, "daemonset/default/app").as_deref() == Some("Running")).then_some(())
+        });
+    }
+    let user = |name: &str, extra: &[&str]| {
+        let mut a = vec!["user", "add", name];
+        a.extend(extra);
+        hub.cli(&a).trim().to_string()
+    };
+    let viewer = user("vera", &["--role", "viewer"]);
+    let op_a = user("otto", &["--role", "operator", "--selector", "site=a"]);
+
+    let (code, out) = exec_as(&hub, &viewer, &["site-a-1", "app", "--", "/bin/true"]);
+    assert_ne!(code, 0);
+    assert!(out.contains("vera") && out.contains("exec"), "{out}");
+
+    // An operator of site a runs commands there, and sees no node of site b.
+    let (code, out) = exec_as(&hub, &op_a, &["site-a-1", "app", "--", "/bin/sh", "-c", "echo in-a"]);
+    assert_eq!((code, out.trim()), (0, "in-a"));
+    let (code, out) = exec_as(&hub, &op_a, &["site-b-1", "app", "--", "/bin/true"]);
+    assert_ne!(code, 0);
+    assert!(out.contains("node site-b-1") && out.contains("not found"), "{out}");
+    // A node shell is for admins.
+    let (code, out) = exec_as(&hub, &op_a, &["site-a-1", "--node-shell", "--", "/bin/true"]);
+    assert_ne!(code, 0);
+    assert!(out.contains("otto"), "{out}");
+    let (code, _, _) = exec(&hub, &["site-b-1", "--node-shell", "--", "/bin/true"], "");
+    assert_eq!(code, 0);
+
+    // Every session is in the audit log with its command line.
+    let audit = hub.cli(&["audit"]);
+    assert!(audit.contains("otto") && audit.contains("echo in-a"), "{audit}");
+}
