@@ -390,6 +390,8 @@ pub struct Service {
     pub accounts: Arc<crate::accounts::Accounts>,
     /// Browser sessions (`crate::session`).
     pub sessions: crate::session::Sessions,
+    /// What open dashboard pages listen to, and recent vitals (`crate::dashboard`).
+    pub live: crate::dashboard::Live,
     /// Serializes every change to objects and nodes together with the reschedule that follows.
     pub write_lock: tokio::sync::Mutex<()>,
     /// Why workloads are short of replicas, from the last reschedule.
@@ -440,6 +442,7 @@ impl Service {
             policies: RwLock::new(Vec::new()),
             accounts: Arc::new(accounts),
             sessions: crate::session::Sessions::new(sessions),
+            live: crate::dashboard::Live::default(),
             write_lock: tokio::sync::Mutex::new(()),
             notes: Mutex::new(BTreeMap::new()),
             status_tx,
@@ -1622,6 +1625,7 @@ impl Service {
             // Gate results move rollout waves.
             self.wake.rollouts.notify_one();
         }
+        self.live.changed("status", Some(node));
         tracing::debug!(node = %node, events, events_acked, "status stored");
         Ok(events_acked)
     }
@@ -1638,6 +1642,9 @@ impl Service {
             for c in list {
                 tracing::warn!(node, kind = %c.kind, since = c.since, "node condition: {}", c.message);
             }
+        }
+        if let Some(v) = &vitals {
+            self.live.record_vitals(node, v);
         }
         if vitals.is_none()
             && conditions.is_none()
