@@ -665,7 +665,10 @@ impl Service {
             Command::DeleteObject { id } => self.delete_ids(vec![id]).await.map(Reply::Deleted),
             Command::Undo { id, to_revision } => self.undo(id, to_revision).await.map(Reply::Result),
             Command::CreateToken(req) => self.create_token(req).await.map(Reply::Token),
-            Command::DeleteNode { name } => self.delete_node(name).await.map(Reply::Deleted),
+            Command::DeleteNode { name } => {
+                self.live.forget(&name);
+                self.delete_node(name).await.map(Reply::Deleted)
+            }
             Command::TagImage(t) => self.tag_image(t).await.map(Reply::Image),
             Command::Rollout { id, action } => self.rollout_action(id, action).await.map(Reply::RolloutAction),
             Command::AddUser(req) => self.add_user(req).await,
