@@ -206,8 +206,11 @@ impl Ui {
     }
 }
 
-fn add_user(hub: &Hub, name: &str, role: &str, password: &str) {
-    let mut c = hub.command(&["user", "add", name, "--role", role, "--password-stdin"]);
+/// Add an account with a password (and a label scope); returns the CLI's output (its token).
+fn add_user(hub: &Hub, name: &str, role: &str, password: &str, selector: &[&str]) -> String {
+    let mut args = vec!["user", "add", name, "--role", role, "--password-stdin"];
+    args.extend(selector);
+    let mut c = hub.command(&args);
     let mut child = c
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -221,6 +224,27 @@ fn add_user(hub: &Hub, name: &str, role: &str, password: &str) {
         "user add {name}: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// GET with a bearer token: (status, body).
+fn get_as(hub: &Hub, token: &str, path: &str) -> (u16, Value) {
+    outpost_pki::install_provider();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tls = outpost_pki::client_config(&hub.ca_pem(), None).unwrap();
+        let c = reqwest::Client::builder().use_preconfigured_tls(tls).build().unwrap();
+        let r = c
+            .get(format!("{}{path}", hub.url))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    })
 }
 
 /// A process DaemonSet labelled `app: <name>`, `sleep <marker>`.
@@ -267,8 +291,11 @@ fn dashboard_in_a_real_browser() {
     let _a1 = hub.join("north-1", &token_a).running();
     let _a2 = hub.join("north-2", &token_a).running();
     let mut b1 = hub.join("south-1", &token_b).running();
-    add_user(&hub, "olga", "operator", "olga-password-1");
-    add_user(&hub, "victor", "viewer", "victor-password-1");
+    add_user(&hub, "olga", "operator", "olga-password-1", &[]);
+    add_user(&hub, "victor", "viewer", "victor-password-1", &[]);
+    let out = add_user(&hub, "sam", "viewer", "sam-password-12", &["--selector", "site=south"]);
+    // the token is the first line
+    let sam = out.lines().next().unwrap_or_default().trim().to_string();
     hub.apply(
         "apiVersion: outpost.dev/v1\nkind: RolloutPolicy\nmetadata: {name: kiosk}\nspec:\n  selector: {app: kiosk}\n  waves:\n  - {count: 1, bake: 600s}\n  - {percent: 100}\n  tinyFleet: 1\n"
     );
@@ -286,6 +313,24 @@ fn dashboard_in_a_real_browser() {
         (cli == (3, 3, 0) && page_counts(&ui) == cli).then_some(())
     });
     assert_eq!(ui.count("#node-table tbody tr[data-node]"), 3);
+    // the JSON behind it: a label filter, a refused selector naming the field, a scoped account
+    let (st, v) = get_as(&hub, hub.token.trim(), "/v1/dashboard/overview?selector=site%3Dnorth");
+    assert_eq!((st, v["counts"]["total"].as_u64()), (200, Some(2)), "{v}");
+    let (st, v) = get_as(&hub, hub.token.trim(), "/v1/dashboard/nodes?selector=nonsense");
+    assert_eq!(st, 400, "{v}");
+    assert!(
+        v["message"].as_str().unwrap_or_default().starts_with("selector:"),
+        "{v}"
+    );
+    let (st, v) = get_as(&hub, &sam, "/v1/dashboard/nodes");
+    assert_eq!(st, 200, "{v}");
+    let names: Vec<&str> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["name"].as_str())
+        .collect();
+    assert_eq!(names, ["south-1"], "a site=south account sees only its site");
     assert_eq!(
         ui.text("#sites").map(|t| t.contains("north") && t.contains("south")),
         Some(true)
