@@ -58,6 +58,9 @@ apt_install tzdata
 # GitOps (crates/outpost/tests/gitops.rs): the hub fetches with git; the tests serve a bare
 # repository over smart HTTP with `git http-backend` behind a small Python CGI server.
 apt_install git python3
+# The dashboard (crates/outpost/tests/dashboard.rs) runs in a real headless Chromium driven
+# through chromedriver; under CI a missing browser fails the test.
+apt_install chromium chromium-driver
 
 # schemathesis (PyPI) fuzzes the hub's API from docs/openapi.yaml (crates/outpost/tests/api_fuzz.rs);
 # it lives in a venv at .venv so nothing is installed into the system Python.

@@ -23,6 +23,7 @@ pub mod alerts;
 pub mod api;
 pub mod authz;
 pub mod controllers;
+pub mod dashboard;
 pub mod data;
 pub mod error;
 pub mod exec;

@@ -152,12 +152,29 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/v1/users/{name}/tokens/{id}", delete(accounts_api::revoke_one))
         .route("/v1/audit", get(accounts_api::audit))
         .route("/v1/whoami", get(accounts_api::whoami))
-        .route("/v1/session", post(accounts_api::login).delete(accounts_api::logout))
+        .route(
+            "/v1/session",
+            get(accounts_api::whoami)
+                .post(accounts_api::login)
+                .delete(accounts_api::logout),
+        )
+        // the web dashboard (docs/dashboard.md)
+        .route("/", get(crate::dashboard::index))
+        .route("/ui/app.js", get(crate::dashboard::app_js))
+        .route("/ui/app.css", get(crate::dashboard::app_css))
+        .route("/v1/watch", get(crate::dashboard::watch))
+        .route("/v1/dashboard/overview", get(crate::dashboard::overview))
+        .route("/v1/dashboard/nodes", get(crate::dashboard::nodes))
+        .route("/v1/dashboard/nodes/{node}/vitals", get(crate::dashboard::vitals))
         .route("/v1/workloads", get(api::workloads))
         .route("/v1/nodes", get(api::nodes))
         .route("/v1/nodes/{node}", get(api::node).delete(api::delete_node))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
+        .layer(middleware::from_fn_with_state(
+            svc.clone(),
+            crate::dashboard::notify_changes,
+        ))
         .layer(middleware::from_fn(check_protocol))
         .layer(middleware::from_fn_with_state(
             svc.metrics.clone(),

@@ -390,6 +390,8 @@ pub struct Service {
     pub accounts: Arc<crate::accounts::Accounts>,
     /// Browser sessions (`crate::session`).
     pub sessions: crate::session::Sessions,
+    /// What open dashboard pages listen to, and recent vitals (`crate::dashboard`).
+    pub live: crate::dashboard::Live,
     /// Serializes every change to objects and nodes together with the reschedule that follows.
     pub write_lock: tokio::sync::Mutex<()>,
     /// Why workloads are short of replicas, from the last reschedule.
@@ -442,6 +444,7 @@ impl Service {
             policies: RwLock::new(Vec::new()),
             accounts: Arc::new(accounts),
             sessions: crate::session::Sessions::new(sessions),
+            live: crate::dashboard::Live::default(),
             write_lock: tokio::sync::Mutex::new(()),
             notes: Mutex::new(BTreeMap::new()),
             leases: Default::default(),
@@ -665,7 +668,10 @@ impl Service {
             Command::DeleteObject { id } => self.delete_ids(vec![id]).await.map(Reply::Deleted),
             Command::Undo { id, to_revision } => self.undo(id, to_revision).await.map(Reply::Result),
             Command::CreateToken(req) => self.create_token(req).await.map(Reply::Token),
-            Command::DeleteNode { name } => self.delete_node(name).await.map(Reply::Deleted),
+            Command::DeleteNode { name } => {
+                self.live.forget(&name);
+                self.delete_node(name).await.map(Reply::Deleted)
+            }
             Command::TagImage(t) => self.tag_image(t).await.map(Reply::Image),
             Command::Rollout { id, action } => self.rollout_action(id, action).await.map(Reply::RolloutAction),
             Command::AddUser(req) => self.add_user(req).await,
@@ -1625,6 +1631,7 @@ impl Service {
             // Gate results move rollout waves.
             self.wake.rollouts.notify_one();
         }
+        self.live.changed("status", Some(node));
         tracing::debug!(node = %node, events, events_acked, "status stored");
         Ok(events_acked)
     }
@@ -1641,6 +1648,9 @@ impl Service {
             for c in list {
                 tracing::warn!(node, kind = %c.kind, since = c.since, "node condition: {}", c.message);
             }
+        }
+        if let Some(v) = &vitals {
+            self.live.record_vitals(node, v);
         }
         if vitals.is_none()
             && conditions.is_none()

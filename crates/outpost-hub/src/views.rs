@@ -268,3 +268,363 @@ pub fn pipeline_infos(objects: &[StoredObject], view: &View) -> Vec<PipelineInfo
         })
         .collect()
 }
+
+/// How reachable a node is, from its last contact (docs/dashboard.md): a connected agent holds
+/// its long-poll and reads as in contact now (docs/protocol.md §12), and polls again at once
+/// when one ends, so a last contact older than `stale_after` means it missed check-ins; older
+/// than `offline_after` it is Offline (what `outpost get nodes` says).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Reach {
+    Online,
+    Stale,
+    Offline,
+}
+
+/// Silence after which an online node counts as Stale: a third of the offline grace period.
+pub fn stale_after(offline_after: Duration) -> Duration {
+    offline_after / 3
+}
+
+/// One node as the dashboard lists it: reachability, and whether it is degraded or updating,
+/// with the reasons.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct NodeSummary {
+    pub name: String,
+    pub labels: outpost_api::Labels,
+    pub reach: Reach,
+    /// Unix ms of the last contact (joining counts).
+    pub last_contact: UnixMs,
+    /// A node condition holds, or a workload running its desired revision is not ready.
+    pub degraded: bool,
+    /// A workload on the node is not yet on its desired revision, or is being gated.
+    pub updating: bool,
+    /// Why degraded or updating, one line each.
+    pub reasons: Vec<String>,
+    pub agent_version: Option<String>,
+}
+
+/// Summarize one node from its row, its workload statuses, its desired rows and its conditions.
+pub fn node_summary(
+    n: &NodeRow,
+    statuses: &[WorkloadStatus],
+    desired: &[&DesiredRow],
+    conditions: &[outpost_api::NodeCondition],
+    offline_after: Duration,
+    now: UnixMs,
+) -> NodeSummary {
+    let silent = now.saturating_sub(n.last_contact());
+    let reach = if silent > offline_after.as_millis() as i64 {
+        Reach::Offline
+    } else if silent > stale_after(offline_after).as_millis() as i64 {
+        Reach::Stale
+    } else {
+        Reach::Online
+    };
+    let mut reasons: Vec<String> = conditions
+        .iter()
+        .map(|c| format!("{}: {}", c.kind, c.message))
+        .collect();
+    let mut degraded = !conditions.is_empty();
+    let mut updating = false;
+    for d in desired {
+        let st = statuses.iter().find(|s| s.key == d.key);
+        match st {
+            None => {
+                updating = true;
+                reasons.push(format!("{}: revision {} not reported yet", d.key, d.revision));
+            }
+            Some(s) if s.hash != d.hash => {
+                updating = true;
+                reasons.push(format!("{}: revision {} -> {}", d.key, s.revision, d.revision));
+            }
+            Some(s)
+                if s.rollout
+                    .as_ref()
+                    .is_some_and(|g| g.state == outpost_api::RolloutState::Progressing) =>
+            {
+                updating = true;
+                reasons.push(format!("{}: revision {} being gated", d.key, d.revision));
+            }
+            Some(s) if !(s.ready && s.phase == Phase::Running) && s.phase != Phase::Succeeded => {
+                degraded = true;
+                reasons.push(format!(
+                    "{}: {}{}",
+                    d.key,
+                    s.phase.as_str(),
+                    if s.ready { "" } else { ", not ready" }
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    NodeSummary {
+        name: n.name.clone(),
+        labels: n.labels.clone(),
+        reach,
+        last_contact: n.last_contact(),
+        degraded,
+        updating,
+        reasons,
+        agent_version: n.agent_version.clone(),
+    }
+}
+
+/// Node counts of the fleet overview. `online + stale + offline == total`; `degraded` and
+/// `updating` count reachable (online or stale) nodes only, and a node may be both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FleetCounts {
+    pub total: u32,
+    pub online: u32,
+    pub stale: u32,
+    pub offline: u32,
+    pub degraded: u32,
+    pub updating: u32,
+}
+
+/// Count nodes for the overview (see [`FleetCounts`]).
+pub fn fleet_counts<'a>(nodes: impl IntoIterator<Item = &'a NodeSummary>) -> FleetCounts {
+    let mut c = FleetCounts::default();
+    for n in nodes {
+        c.total += 1;
+        match n.reach {
+            Reach::Online => c.online += 1,
+            Reach::Stale => c.stale += 1,
+            Reach::Offline => {
+                c.offline += 1;
+                continue;
+            }
+        }
+        c.degraded += u32::from(n.degraded);
+        c.updating += u32::from(n.updating);
+    }
+    c
+}
+
+#[cfg(test)]
+mod dashboard_tests {
+    use super::*;
+    use outpost_api::{NodeCondition, RolloutState, RolloutStatus};
+
+    fn row(name: &str, last_seen: UnixMs) -> NodeRow {
+        NodeRow {
+            name: name.into(),
+            labels: [("site".to_string(), "a".to_string())].into(),
+            cert_fp: String::new(),
+            cert_not_after: 0,
+            joined_at: 0,
+            last_seen: Some(last_seen),
+            generation: 1,
+            applied_generation: 1,
+            agent_version: None,
+            uptime_secs: None,
+        }
+    }
+
+    fn status(key: &str, hash: &str, phase: Phase, ready: bool, gate: Option<RolloutState>) -> WorkloadStatus {
+        WorkloadStatus {
+            key: key.into(),
+            revision: 1,
+            hash: hash.into(),
+            phase,
+            containers: Vec::new(),
+            ready,
+            rollout: gate.map(|state| RolloutStatus {
+                state,
+                target_revision: 1,
+                target_hash: hash.into(),
+                good_revision: None,
+                reason: None,
+                since: 0,
+            }),
+            site_role: None,
+        }
+    }
+
+    fn desired(key: &str, hash: &str) -> DesiredRow {
+        DesiredRow {
+            node: "n".into(),
+            key: key.into(),
+            hash: hash.into(),
+            revision: 2,
+        }
+    }
+
+    /// (case, last contact seconds ago, statuses, desired, conditions, expected reach, degraded, updating)
+    #[test]
+    fn node_summaries_and_fleet_counts() {
+        let now: UnixMs = 1_000_000_000;
+        let off = Duration::from_secs(90);
+        let cond = NodeCondition {
+            kind: "DiskFull".into(),
+            message: "no space".into(),
+            since: 0,
+        };
+        let running = status("w", "h", Phase::Running, true, Some(RolloutState::Complete));
+        let crashing = status("w", "h", Phase::CrashLoopBackOff, false, None);
+        let gated = status("w", "h", Phase::Running, true, Some(RolloutState::Progressing));
+        let old = status("w", "old", Phase::Running, true, None);
+        let done = status("w", "h", Phase::Succeeded, false, None);
+        type Case<'a> = (
+            &'a str,
+            i64,
+            Vec<WorkloadStatus>,
+            Vec<DesiredRow>,
+            Vec<NodeCondition>,
+            Reach,
+            bool,
+            bool,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "healthy",
+                0,
+                vec![running.clone()],
+                vec![desired("w", "h")],
+                vec![],
+                Reach::Online,
+                false,
+                false,
+            ),
+            (
+                "30 s is still online",
+                30,
+                vec![],
+                vec![],
+                vec![],
+                Reach::Online,
+                false,
+                false,
+            ),
+            (
+                "31 s silent: stale",
+                31,
+                vec![],
+                vec![],
+                vec![],
+                Reach::Stale,
+                false,
+                false,
+            ),
+            (
+                "90 s: stale, not offline",
+                90,
+                vec![],
+                vec![],
+                vec![],
+                Reach::Stale,
+                false,
+                false,
+            ),
+            (
+                "91 s: offline",
+                91,
+                vec![],
+                vec![],
+                vec![],
+                Reach::Offline,
+                false,
+                false,
+            ),
+            (
+                "condition",
+                0,
+                vec![],
+                vec![],
+                vec![cond.clone()],
+                Reach::Online,
+                true,
+                false,
+            ),
+            (
+                "crash loop",
+                0,
+                vec![crashing],
+                vec![desired("w", "h")],
+                vec![],
+                Reach::Online,
+                true,
+                false,
+            ),
+            (
+                "old hash",
+                0,
+                vec![old],
+                vec![desired("w", "h")],
+                vec![],
+                Reach::Online,
+                false,
+                true,
+            ),
+            (
+                "not reported",
+                0,
+                vec![],
+                vec![desired("w", "h")],
+                vec![],
+                Reach::Online,
+                false,
+                true,
+            ),
+            (
+                "gated",
+                0,
+                vec![gated],
+                vec![desired("w", "h")],
+                vec![],
+                Reach::Online,
+                false,
+                true,
+            ),
+            (
+                "job done",
+                0,
+                vec![done],
+                vec![desired("w", "h")],
+                vec![],
+                Reach::Online,
+                false,
+                false,
+            ),
+            (
+                "offline and broken",
+                500,
+                vec![],
+                vec![desired("w", "h")],
+                vec![cond],
+                Reach::Offline,
+                true,
+                true,
+            ),
+        ];
+        let mut summaries = Vec::new();
+        for (case, ago, st, d, c, reach, degraded, updating) in cases {
+            let d: Vec<&DesiredRow> = d.iter().collect();
+            let s = node_summary(&row(case, now - ago * 1000), &st, &d, &c, off, now);
+            assert_eq!(
+                (s.reach, s.degraded, s.updating),
+                (reach, degraded, updating),
+                "{case}: {s:?}"
+            );
+            assert_eq!(
+                s.reasons.is_empty(),
+                !degraded && !updating,
+                "{case}: reasons {:?}",
+                s.reasons
+            );
+            summaries.push(s);
+        }
+        assert_eq!(
+            fleet_counts(&summaries),
+            FleetCounts {
+                total: 12,
+                online: 8,
+                stale: 2,
+                offline: 2,
+                // the offline node's condition and pending update are not counted
+                degraded: 2,
+                updating: 3,
+            }
+        );
+        assert_eq!(fleet_counts(&[]), FleetCounts::default());
+    }
+}
