@@ -444,7 +444,7 @@ mod tests {
         assert!(live.vitals("n").is_empty());
     }
 
-    /// Server time of one node-list page at 10,000 nodes (BENCHMARKS.md §9): rows written to a
+    /// Server time of one node-list page at 10,000 nodes (BENCHMARKS.md §10): rows written to a
     /// real SQLite file, then the route's work (read nodes, statuses and desired rows, summarize,
     /// sort, page) timed. Reports the time; asserts only what the page holds.
     #[test]
