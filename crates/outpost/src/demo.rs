@@ -225,6 +225,8 @@ async fn demo(base: &Path, procs: &mut Vec<Proc>, seconds: Option<u64>) -> Resul
     let (box1, box1_mqtt, box1_ingest) = listeners[0];
     pipeline_tour(&c, box1, box1_ingest).await?;
     rollout_tour(&c).await?;
+    exec_tour(&c, &ws).await?;
+    let password = dashboard_account(&c).await?;
     let hub_pid = procs[0].child.id();
     let some_pid = ws
         .iter()
@@ -245,6 +247,7 @@ async fn demo(base: &Path, procs: &mut Vec<Proc>, seconds: Option<u64>) -> Resul
         "Data and logs: {}   (workload output: <box>/workloads/*/*.log)",
         base.display()
     );
+    println!("\nDashboard: {url}/  (log in as `demo`, password `{password}`, an operator; accept the demo CA)");
     println!("\nTry, in another terminal:");
     println!("  outpost get nodes");
     println!("  outpost get workloads");
@@ -256,6 +259,8 @@ async fn demo(base: &Path, procs: &mut Vec<Proc>, seconds: Option<u64>) -> Resul
     println!("  outpost rollout history daemonset edge-monitor");
     println!("  mosquitto_pub -p {box1_mqtt} -t sensors/s2/temp -m '{{\"sensor\": \"s2\", \"temp\": 91}}'");
     println!("  outpost data query readings          # the hot reading above, from {box1}");
+    println!("  outpost exec {box1} edge-monitor -it -- /bin/sh   # a shell in a workload, over the box's own link");
+    println!("  outpost audit                        # who changed what, and every exec");
     println!("\nPress Ctrl-C to stop the demo.");
 
     let stop = async {
@@ -342,6 +347,44 @@ async fn pipeline_tour(c: &Client, node: &str, ingest: u16) -> Result<()> {
         recs.len()
     );
     Ok(())
+}
+
+/// Run a command in a greeter replica through the hub and its box's own link (docs/exec.md).
+async fn exec_tour(c: &Client, ws: &[WorkloadInfo]) -> Result<()> {
+    let Some(node) = ws
+        .iter()
+        .find(|w| w.name == "greeter")
+        .and_then(|w| w.placements.first())
+        .map(|p| p.node.clone())
+    else {
+        return Ok(());
+    };
+    println!("\nRemote exec: `outpost exec {node} greeter -- sh -c 'echo hello from $OUTPOST_NODE'` prints:");
+    let code = crate::exec::once(c, &node, "greeter", &["/bin/sh", "-c", "echo hello from $OUTPOST_NODE"]).await?;
+    if code != 0 {
+        bail!("the demo's exec ended with code {code}");
+    }
+    Ok(())
+}
+
+/// An operator account with a password for the dashboard (docs/dashboard.md); its password.
+async fn dashboard_account(c: &Client) -> Result<String> {
+    let mut bytes = [0u8; 9];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+    let password = hex::encode(bytes);
+    let _: serde_json::Value = c
+        .post(
+            "/v1/users",
+            &outpost_api::accounts::UserRequest {
+                name: "demo".into(),
+                role: "operator".into(),
+                selector: None,
+                expires_secs: None,
+                password: Some(password.clone()),
+            },
+        )
+        .await?;
+    Ok(password)
 }
 
 /// A new edge-monitor revision, rolled out under the demo's RolloutPolicy: the canary box first,

@@ -114,10 +114,27 @@ pub async fn run(c: &Client, a: ExecArgs) -> Result<i32> {
         max_bytes: None,
         node_shell: a.node_shell,
     };
+    session(c, &a.node, start, local_tty).await
+}
+
+/// Run `command` in `workload` on `node` without input; its output goes to stdout and stderr.
+/// The exit code (255 when it did not exit by itself).
+pub async fn once(c: &Client, node: &str, workload: &str, command: &[&str]) -> Result<i32> {
+    let start = ExecStart {
+        workload: Some(workload.into()),
+        namespace: "default".into(),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    session(c, node, start, false).await
+}
+
+/// Open the session and relay it until the command's exit.
+async fn session(c: &Client, node: &str, start: ExecStart, local_tty: bool) -> Result<i32> {
     let limit = Duration::from_secs(start.timeout_secs.unwrap_or(DEFAULT_EXEC_TIMEOUT_SECS) + 90);
     let (http, hub) = c.http();
     let resp = c
-        .stream(http.post(format!("{hub}/v1/nodes/{}/exec", a.node)).json(&start), limit)
+        .stream(http.post(format!("{hub}/v1/nodes/{node}/exec")).json(&start), limit)
         .await?;
     let id = resp
         .headers()
@@ -127,9 +144,9 @@ pub async fn run(c: &Client, a: ExecArgs) -> Result<i32> {
         .to_string();
     let _raw = local_tty.then(RawMode::enter);
     // Input: stdin chunks and terminal sizes, sent in order by one task.
-    let input = if a.stdin {
+    let input = if start.stdin {
         let (c2, id2) = (Client::from_env()?, id.clone());
-        let tty = a.tty;
+        let tty = start.tty;
         Some(tokio::spawn(async move {
             let mut stdin = tokio::io::stdin();
             let mut winch = tty

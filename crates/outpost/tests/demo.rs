@@ -30,6 +30,9 @@ fn the_readme_demo_runs_its_whole_tour_and_cleans_up() {
     let rest = stdout.find("wave 2 (rest) of revision 2: 2 nodes").expect(&stdout);
     let done = stdout.find("RolloutComplete").expect(&stdout);
     assert!(canary < rest && rest < done, "{stdout}");
+    // Remote exec through a box's own link, and a dashboard account.
+    assert!(stdout.contains("hello from store-00"), "{stdout}");
+    assert!(stdout.contains("Dashboard: https://127.0.0.1:"), "{stdout}");
     // The CLI config the demo wrote points at its hub.
     let cfg = std::fs::read_to_string(tmp.path().join("config.json")).unwrap();
     assert!(cfg.contains("https://127.0.0.1:"), "{cfg}");
