@@ -54,9 +54,17 @@ fn call(
         let resp = r.send().await.unwrap();
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
+        // An event stream (`/v1/watch`) never ends: its status and headers are the answer.
+        let stream = headers
+            .get("content-type")
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         Answer {
             status,
-            body: resp.text().await.unwrap(),
+            body: if stream {
+                String::new()
+            } else {
+                resp.text().await.unwrap()
+            },
             headers,
         }
     })

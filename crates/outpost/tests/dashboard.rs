@@ -227,24 +227,10 @@ fn add_user(hub: &Hub, name: &str, role: &str, password: &str, selector: &[&str]
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// GET with a bearer token: (status, body).
+/// GET with a bearer token: (status, body as JSON, Null when it is not).
 fn get_as(hub: &Hub, token: &str, path: &str) -> (u16, Value) {
-    outpost_pki::install_provider();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let tls = outpost_pki::client_config(&hub.ca_pem(), None).unwrap();
-        let c = reqwest::Client::builder().use_preconfigured_tls(tls).build().unwrap();
-        let r = c
-            .get(format!("{}{path}", hub.url))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-    })
+    let (status, body) = api_get_as(hub, token, path);
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
 /// A process DaemonSet labelled `app: <name>`, `sleep <marker>`.

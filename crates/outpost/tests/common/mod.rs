@@ -649,6 +649,11 @@ pub fn node_status(hub: &Hub, name: &str) -> Option<String> {
 
 /// GET an operator route with the admin token; returns (status, body).
 pub fn api_get(hub: &Hub, path: &str) -> (u16, String) {
+    api_get_as(hub, hub.token.trim(), path)
+}
+
+/// GET an operator route with `token`; returns (status, body).
+pub fn api_get_as(hub: &Hub, token: &str, path: &str) -> (u16, String) {
     outpost_pki::install_provider();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -659,7 +664,7 @@ pub fn api_get(hub: &Hub, path: &str) -> (u16, String) {
         let c = reqwest::Client::builder().use_preconfigured_tls(tls).build().unwrap();
         let r = c
             .get(format!("{}{path}", hub.url))
-            .bearer_auth(hub.token.trim())
+            .bearer_auth(token)
             .send()
             .await
             .unwrap();
