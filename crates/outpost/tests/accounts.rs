@@ -169,7 +169,7 @@ fn allowed(role: &str, method: &str, path: &str) -> bool {
         "admin" => true,
         "operator" => !admin_only,
         "viewer" => !admin_only && !mutating && path != "/v1/logs",
-        "metrics" => path == "/metrics" || path == "/v1/whoami",
+        "metrics" => path == "/metrics" || path == "/v1/whoami" || (method, path) == ("GET", "/v1/session"),
         r => panic!("no such role {r}"),
     }
 }
