@@ -14,7 +14,7 @@ secs=${1:-30}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(manifest join_token protocol kustomize)
+  targets=(manifest join_token protocol kustomize exec_frames)
 fi
 sanitizer=${FUZZ_SANITIZER:-none}
 

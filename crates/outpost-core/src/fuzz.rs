@@ -90,6 +90,35 @@ pub fn protocol(data: &[u8]) -> bool {
     }
 }
 
+/// An exec frame stream (docs/protocol.md §14) as the hub and agents read it, fed in two parts
+/// split at `data[0]`: decoding never panics; the frames decoded encode to bytes that decode to
+/// the same frames. True when the whole input is frames.
+pub fn exec_frames(data: &[u8]) -> bool {
+    use outpost_api::exec::{Frame, FrameDecoder};
+    let Some((&split, body)) = data.split_first() else {
+        return false;
+    };
+    let at = (split as usize).min(body.len());
+    let mut d = FrameDecoder::default();
+    let mut frames = Vec::new();
+    for part in [&body[..at], &body[at..]] {
+        d.push(part);
+        loop {
+            match d.next_frame() {
+                Ok(Some(f)) => frames.push(f),
+                Ok(None) => break,
+                Err(_) => return false,
+            }
+        }
+    }
+    // What decodes, encodes again to frames that decode the same (an exit's JSON may be
+    // spelled differently).
+    let again: Vec<u8> = frames.iter().flat_map(Frame::encode).collect();
+    let (back, rest) = outpost_api::exec::decode_all(&again).expect("encoded frames decode");
+    assert_eq!((back, rest), (frames.clone(), 0), "frames survive encoding");
+    d.pending() == 0 && !frames.is_empty()
+}
+
 /// The type `protocol` reads for a selector byte (for naming corpus files and in messages).
 pub fn protocol_type(which: u8) -> &'static str {
     [

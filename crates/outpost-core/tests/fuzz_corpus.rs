@@ -36,6 +36,11 @@ fn join_token_corpus() {
 }
 
 #[test]
+fn exec_frames_corpus() {
+    replay("exec_frames", outpost_core::fuzz::exec_frames);
+}
+
+#[test]
 fn protocol_corpus() {
     replay("protocol", outpost_core::fuzz::protocol);
 }
