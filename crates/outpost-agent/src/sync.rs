@@ -596,7 +596,8 @@ pub async fn sync_loop(
 }
 
 /// Status reporter: sends what changed (full after start and after failures), the event outbox,
-/// and a heartbeat every 60 s.
+/// the vitals summary when it is due, and otherwise only a heartbeat ([`heartbeat_interval`]);
+/// a wake-up with nothing to say sends nothing (`outpost_core::link::status_due`).
 pub async fn status_loop(
     client: Arc<HubClient>,
     store: Arc<Store>,
@@ -615,6 +616,11 @@ pub async fn status_loop(
     // The node conditions the hub has (store write failures, kept in memory): sent when they
     // change and with every full report.
     let mut conditions_sent: Option<Vec<outpost_api::NodeCondition>> = None;
+    // When the hub last acknowledged a report, the generation it carried, and the heartbeat
+    // drawn for the next quiet stretch.
+    let mut last_ack = std::time::Instant::now();
+    let mut generation_sent: Option<u64> = None;
+    let mut heartbeat = heartbeat_interval();
     loop {
         let snap = status_rx.borrow_and_update().clone();
         let events = store.events_to_send(500).unwrap_or_default();
@@ -649,6 +655,34 @@ pub async fn status_loop(
         let now_conditions = store.conditions();
         let conditions =
             (acked.is_none() || conditions_sent.as_ref() != Some(&now_conditions)).then_some(now_conditions);
+        let pending = outpost_core::link::PendingStatus {
+            needs_full: acked.is_none(),
+            changes: !report.workloads.is_empty()
+                || !report.removed.is_empty()
+                || !report.events.is_empty()
+                || conditions.is_some()
+                || generation_sent != Some(report.generation),
+            vitals: vitals.is_some(),
+        };
+        let since_ack = last_ack.elapsed();
+        if !outpost_core::link::status_due(pending, since_ack.as_millis() as i64, heartbeat.as_millis() as i64) {
+            // nothing to say: wait for a change, the vitals pace or the heartbeat
+            let wait = heartbeat
+                .saturating_sub(since_ack)
+                .min(monitor.report_every.max(Duration::from_secs(1)));
+            tokio::select! {
+                r = status_rx.changed() => {
+                    if r.is_err() { return; }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                _ = monitor.outbox.notified() => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+            continue;
+        }
         let with_vitals = StatusWithVitals {
             vitals,
             report,
@@ -666,6 +700,9 @@ pub async fn status_loop(
                     conditions_sent = Some(c.clone());
                 }
                 acked = Some(snap);
+                generation_sent = Some(report.generation);
+                last_ack = std::time::Instant::now();
+                heartbeat = heartbeat_interval();
                 backoff.reset();
                 crate::selfupdate::on_reported(&store);
                 // more queued events than one report carries: send again at once

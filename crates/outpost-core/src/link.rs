@@ -212,6 +212,26 @@ pub fn victim(candidates: impl IntoIterator<Item = Candidate>, min_idle_ms: i64)
     best.into_iter().next_back().map(|(_, id)| id)
 }
 
+/// What a status report would carry if the agent sent one now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingStatus {
+    /// The hub has not acknowledged a full report since the agent started or a report failed.
+    pub needs_full: bool,
+    /// Workloads changed or went away, events are queued, the node's conditions changed, or the
+    /// generation the agent runs moved.
+    pub changes: bool,
+    /// The vitals summary is due (`crate::alerts::vitals_worth_sending` and the report pace).
+    pub vitals: bool,
+}
+
+/// Should the status reporter send now? Yes when there is something to say, or when the
+/// heartbeat is due (`since_last_ms`: time since the hub last acknowledged a report). A
+/// wake-up with nothing to say and the heartbeat not due sends nothing: an idle node's link
+/// budget is a few packets an hour (docs/protocol.md §12).
+pub fn status_due(p: PendingStatus, since_last_ms: i64, heartbeat_ms: i64) -> bool {
+    p.needs_full || p.changes || p.vitals || since_last_ms >= heartbeat_ms
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -378,5 +398,30 @@ mod tests {
             "tie: oldest"
         );
         assert_eq!(victim(Vec::new(), 0), None);
+    }
+
+    #[test]
+    fn status_goes_when_there_is_something_to_say_or_the_heartbeat_is_due() {
+        let p = |needs_full, changes, vitals| PendingStatus {
+            needs_full,
+            changes,
+            vitals,
+        };
+        let hb = 1_800_000;
+        for (pending, since, want, what) in [
+            (
+                p(false, false, false),
+                300_000,
+                false,
+                "idle wake-up (vitals pace) sends nothing",
+            ),
+            (p(false, false, false), hb - 1, false, "just before the heartbeat"),
+            (p(false, false, false), hb, true, "heartbeat due"),
+            (p(true, false, false), 0, true, "full report owed"),
+            (p(false, true, false), 0, true, "a change"),
+            (p(false, false, true), 0, true, "vitals due"),
+        ] {
+            assert_eq!(status_due(pending, since, hb), want, "{what}");
+        }
     }
 }
