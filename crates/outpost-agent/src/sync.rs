@@ -98,7 +98,7 @@ fn link_keepalive() -> Duration {
             .ok()
             .and_then(|v| v.parse().ok())
             .filter(|s| *s >= 1)
-            .unwrap_or(120),
+            .unwrap_or(100),
     )
 }
 
@@ -129,11 +129,17 @@ fn build_http(id: &Identity) -> Result<reqwest::Client, LinkError> {
         .use_preconfigured_tls(tls)
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(long_poll_secs() + 30))
-        .pool_idle_timeout(Duration::from_secs(120))
-        // During a 10-minute hold only keepalive finds a dead hub or path (a link that went
-        // down and came back: the hub has closed its end by then): probes after
-        // `OUTPOST_LINK_KEEPALIVE_SECS` (120 s) idle, two unanswered 10 s apart end it, and the
-        // agent polls again on a new connection.
+        // One HTTP/2 connection for the node's whole life, never dropped for being idle: the
+        // pool counts an HTTP/2 connection idle from when it was last put back, even while a
+        // long-poll runs on it, so any idle timeout closed it at the end of every hold and the
+        // next poll paid a new TCP and TLS handshake (~2 KB a cycle, BENCHMARKS.md §5).
+        // Dead connections are found by keepalive below.
+        .pool_idle_timeout(None)
+        // During a long hold only keepalive finds a dead hub or path (a link that went down
+        // and came back: the hub has closed its end by then): probes after
+        // `OUTPOST_LINK_KEEPALIVE_SECS` (100 s) idle, two unanswered 10 s apart end it, and the
+        // agent polls again on a new connection. The hub counts these probes as the node's
+        // sign of life and sends none of its own (`ka=` on sync, docs/protocol.md §12).
         .tcp_keepalive(link_keepalive())
         .tcp_keepalive_interval(Duration::from_secs(10).min(link_keepalive()))
         .tcp_keepalive_retries(2)
@@ -193,10 +199,14 @@ impl HubClient {
         let url = self.url("sync").await;
         let generation = generation.to_string();
         let wait = long_poll_secs().to_string();
+        // Tell the hub how often this agent probes the connection, so it does not probe too
+        // (docs/protocol.md §12); an older hub ignores it.
+        let ka = link_keepalive().as_secs().to_string();
         let query = [
             ("generation", generation.as_str()),
             ("policy", policy_hash),
             ("wait", wait.as_str()),
+            ("ka", ka.as_str()),
         ];
         let http = self.http.read().await.clone();
         let resp = check(

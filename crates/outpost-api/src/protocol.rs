@@ -12,9 +12,9 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Protocol minor version: additive changes an older peer can ignore (1.1: node-label
 /// restriction, two-phase renewal, renewal of expired certificates; 1.2: fleet rollouts, the
 /// `prefetch` hint in sync answers; 1.3: remote exec, the `exec` list in sync answers).
-pub const PROTOCOL_MINOR: u32 = 3;
+pub const PROTOCOL_MINOR: u32 = 4;
 /// `<major>.<minor>`, as agents send it in [`PROTOCOL_HEADER`].
-pub const PROTOCOL: &str = "1.3";
+pub const PROTOCOL: &str = "1.4";
 /// Header carrying [`PROTOCOL`].
 pub const PROTOCOL_HEADER: &str = "x-outpost-protocol";
 /// How long the hub holds a sync long-poll open when nothing changes and the agent asked for

@@ -65,6 +65,23 @@ impl Veth {
         ip(&["link", "set", &peer, "netns", &v.ns])?;
         ip(&["addr", "add", "10.213.0.1/30", "dev", &v.host_if])?;
         ip(&["link", "set", &v.host_if, "up"])?;
+        // Count the TCP packets between agent and hub at the IP layer (headers, ACKs, keepalive
+        // probes, TLS records), apart from the test link's own ARP and IPv6 neighbour traffic,
+        // which a WAN link does not carry to the hub.
+        for (chain, dir) in [("INPUT", "-i"), ("OUTPUT", "-o")] {
+            iptables(&[
+                "-I",
+                chain,
+                dir,
+                &v.host_if,
+                "-p",
+                "tcp",
+                "-m",
+                "comment",
+                "--comment",
+                &v.ns,
+            ])?;
+        }
         for args in [
             vec!["addr", "add", "10.213.0.2/30", "dev", peer.as_str()],
             vec!["link", "set", peer.as_str(), "up"],
@@ -91,10 +108,63 @@ impl Veth {
             read("tx_packets")?,
         ])
     }
+
+    /// [bytes from the agent, packets from it, bytes to it, packets to it] of TCP between agent
+    /// and hub, IP headers included, as the root namespace's firewall counts them.
+    fn tcp_counters(&self) -> Result<[u64; 4]> {
+        let mut out = [0u64; 4];
+        for (i, chain) in ["INPUT", "OUTPUT"].into_iter().enumerate() {
+            let o = std::process::Command::new("iptables")
+                .args(["-w", "-n", "-v", "-x", "-L", chain])
+                .output()?;
+            anyhow::ensure!(
+                o.status.success(),
+                "iptables -L {chain}: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            let text = String::from_utf8_lossy(&o.stdout);
+            let tag = format!("/* {} */", self.ns);
+            let line = text
+                .lines()
+                .find(|l| l.contains(&tag))
+                .ok_or_else(|| anyhow::anyhow!("iptables {chain}: the counting rule {tag} is gone"))?;
+            let mut f = line.split_whitespace();
+            let pkts: u64 = f.next().unwrap_or("").parse()?;
+            let bytes: u64 = f.next().unwrap_or("").parse()?;
+            out[i * 2] = bytes;
+            out[i * 2 + 1] = pkts;
+        }
+        Ok(out)
+    }
+}
+
+fn iptables(args: &[&str]) -> Result<()> {
+    let o = std::process::Command::new("iptables").arg("-w").args(args).output()?;
+    anyhow::ensure!(
+        o.status.success(),
+        "iptables {}: {} (the bench needs root and iptables)",
+        args.join(" "),
+        String::from_utf8_lossy(&o.stderr).trim()
+    );
+    Ok(())
 }
 
 impl Drop for Veth {
     fn drop(&mut self) {
+        for (chain, dir) in [("INPUT", "-i"), ("OUTPUT", "-o")] {
+            let _ = iptables(&[
+                "-D",
+                chain,
+                dir,
+                &self.host_if,
+                "-p",
+                "tcp",
+                "-m",
+                "comment",
+                "--comment",
+                &self.ns,
+            ]);
+        }
         // deleting the namespace deletes its end of the pair, and so the pair
         let _ = ip(&["netns", "del", &self.ns]);
         let _ = ip(&["link", "del", &self.host_if]);
@@ -270,36 +340,34 @@ pub async fn bandwidth(a: BandwidthArgs, work: &std::path::Path) -> Result<Strin
     ))
 }
 
-/// IP bytes (IP and TCP headers and everything in them) of `frames` Ethernet frames of
-/// `bytes` in all, as a veth counts them (a 14-byte Ethernet header each).
-pub fn ip_bytes(bytes: u64, frames: u64) -> u64 {
-    bytes.saturating_sub(14 * frames)
-}
-
 /// The agent in its own network namespace, counted at the veth.
 async fn bandwidth_netns(a: BandwidthArgs, work: &std::path::Path) -> Result<String> {
     let veth = Veth::create()?;
     let hub = HubProc::start_on(work, std::net::Ipv4Addr::from(HOST_IP).into()).await?;
     let agent = idle_agent(&hub, &a, 710, Some(veth.ns.clone()), None).await?;
     let n = a.workloads;
-    let c0 = veth.counters()?;
+    let (c0, t0) = (veth.counters()?, veth.tcp_counters()?);
     tokio::time::sleep(Duration::from_secs(a.secs)).await;
-    let c1 = veth.counters()?;
+    let (c1, t1) = (veth.counters()?, veth.tcp_counters()?);
     drop(agent);
     let d: Vec<u64> = c0.iter().zip(c1.iter()).map(|(a, b)| b - a).collect();
+    let t: Vec<u64> = t0.iter().zip(t1.iter()).map(|(a, b)| b - a).collect();
     let secs = a.secs as f64;
-    let up = ip_bytes(d[0], d[1]);
-    let down = ip_bytes(d[2], d[3]);
+    let (up, down) = (t[0], t[2]);
     let mb = |x: f64| format!("{:.2} MB", x / 1e6);
     let row = |what: &str, b: u64, pk: u64| {
         let (h, m) = per_hour_and_month(b, secs);
         vec![what.to_string(), bytes(b as f64), pk.to_string(), bytes(h), mb(m)]
     };
     let rows = vec![
-        row("agent -> hub", up, d[1]),
-        row("hub -> agent", down, d[3]),
-        row("both (IP packets)", up + down, d[1] + d[3]),
-        row("both with Ethernet headers", d[0] + d[2], d[1] + d[3]),
+        row("agent -> hub (TCP, IP bytes)", up, t[1]),
+        row("hub -> agent (TCP, IP bytes)", down, t[3]),
+        row("both (TCP, IP bytes)", up + down, t[1] + t[3]),
+        row(
+            "every frame at the interface (+ Ethernet headers, ARP, IPv6 ND of the test link)",
+            d[0] + d[2],
+            d[1] + d[3],
+        ),
     ];
     Ok(format!(
         "Bandwidth at the interface, one agent in its own network namespace, idle and healthy ({n} process \

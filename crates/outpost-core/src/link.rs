@@ -232,6 +232,25 @@ pub fn status_due(p: PendingStatus, since_last_ms: i64, heartbeat_ms: i64) -> bo
     p.needs_full || p.changes || p.vitals || since_last_ms >= heartbeat_ms
 }
 
+/// Shortest and longest keepalive period an agent may announce (`ka=` on sync, seconds).
+pub const AGENT_PROBE_SECS: std::ops::RangeInclusive<u64> = 1..=600;
+
+/// Slack on top of an agent's announced keepalive period before the hub calls its connection
+/// dead (probe timers are not exact, and a probe and its ACK take a round trip): half the
+/// period, between 1 and 10 s.
+pub fn probe_grace_ms(probe_ms: i64) -> i64 {
+    (probe_ms / 2).clamp(1_000, 10_000)
+}
+
+/// Is the peer of a connection dead? The agent announced that it probes its idle connection
+/// every `probe_ms` (TCP keepalive: a bare segment the hub's kernel answers), so the hub,
+/// instead of probing too, counts the segments that arrive: none for `silent_ms` past the
+/// period and its [`probe_grace_ms`] means the box or the path is gone. One probe pair per
+/// period serves both ends (docs/protocol.md §12).
+pub fn peer_silent(probe_ms: i64, silent_ms: i64) -> bool {
+    silent_ms > probe_ms + probe_grace_ms(probe_ms)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,6 +441,21 @@ mod tests {
             (p(false, false, true), 0, true, "vitals due"),
         ] {
             assert_eq!(status_due(pending, since, hb), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_connection_is_dead_when_the_agents_probes_stop() {
+        for (probe, silent, want) in [
+            (100_000, 0, false),
+            (100_000, 100_000, false),
+            (100_000, 110_000, false),
+            (100_000, 110_001, true),
+            (3_000, 4_500, false),
+            (3_000, 4_501, true),
+            (600_000, 610_001, true),
+        ] {
+            assert_eq!(peer_silent(probe, silent), want, "probe {probe} ms, silent {silent} ms");
         }
     }
 }

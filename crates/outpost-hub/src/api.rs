@@ -58,6 +58,10 @@ pub struct SyncQuery {
     /// Seconds the agent asks the hub to hold the long-poll (at most MAX_LONG_POLL_SECS).
     #[serde(default)]
     wait: Option<u64>,
+    /// Seconds of idle time after which the agent probes this connection itself (TCP
+    /// keepalive); the hub then watches for those probes instead of sending its own.
+    #[serde(default)]
+    ka: Option<u64>,
 }
 
 pub async fn sync(
@@ -66,6 +70,9 @@ pub async fn sync(
     Path(node): Path<String>,
     ApiQuery(q): ApiQuery<SyncQuery>,
 ) -> Result<Response, HubError> {
+    if let (Some(ka), Some(l)) = (q.ka, &peer.liveness) {
+        l.agent_probes(ka);
+    }
     let held = Held {
         policy: q.policy.as_deref(),
         wait: q.wait.map(std::time::Duration::from_secs),

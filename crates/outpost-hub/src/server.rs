@@ -481,6 +481,65 @@ fn keep_alive(tcp: &tokio::net::TcpStream, idle: Duration) -> std::io::Result<()
     s.set_tcp_user_timeout(Some(idle + interval * KEEPALIVE_PROBES))
 }
 
+/// What the agent on a connection said about its own keepalive (docs/protocol.md §12). An
+/// agent that probes its idle connection every N s says so on each sync (`ka=N`); the hub
+/// then stops probing that connection and instead watches the segments arriving on it
+/// (`tcpi_segs_in` counts the agent's bare probes too): one probe pair per period serves both
+/// ends, and a silence past `outpost_core::link::peer_silent` ends the connection.
+#[derive(Debug, Default)]
+pub struct ConnLiveness {
+    agent_probe_secs: AtomicU64,
+}
+
+impl ConnLiveness {
+    /// The agent probes every `secs` of idle time (clamped to `link::AGENT_PROBE_SECS`).
+    pub fn agent_probes(&self, secs: u64) {
+        let r = link::AGENT_PROBE_SECS;
+        self.agent_probe_secs
+            .store(secs.clamp(*r.start(), *r.end()), Ordering::Relaxed);
+    }
+
+    fn probe_ms(&self) -> Option<i64> {
+        match self.agent_probe_secs.load(Ordering::Relaxed) {
+            0 => None,
+            s => Some(s as i64 * 1000),
+        }
+    }
+}
+
+/// Segments received on a TCP socket so far (`TCP_INFO.tcpi_segs_in`, Linux 4.2+), bare
+/// keepalive probes included.
+fn segs_in(fd: std::os::fd::RawFd) -> Option<u32> {
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `fd` is the open socket of a connection this task still owns (the caller holds
+    // it), and `info`/`len` describe a writable buffer of the size passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && len as usize >= std::mem::size_of::<libc::tcp_info>()).then_some(info.tcpi_segs_in)
+}
+
+/// The hub's watch of an agent-probed connection: the segment count last seen and when it
+/// last moved.
+struct SegsWatch {
+    segs: Option<u32>,
+    since: Instant,
+}
+
+/// How often a connection watched for its agent's probes is checked: a tenth of the period
+/// and its grace, at most every 2.5 s (an agent probing every 100 s is found dead within
+/// 100 + 10 + 2.5 s).
+fn probe_check(probe_ms: i64) -> Duration {
+    Duration::from_millis(((probe_ms + link::probe_grace_ms(probe_ms)) / 10).clamp(100, 2_500) as u64)
+}
+
 /// The TCP stream, recording when bytes move.
 struct Tracked {
     io: TcpStream,
@@ -616,6 +675,8 @@ async fn serve_conn(
     if let Err(e) = keep_alive(&tcp, cfg.keepalive) {
         tracing::debug!(%remote, error = %e, "cannot set TCP keepalive; a dead peer of this connection is found only by its timeouts");
     }
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
+    let liveness = Arc::new(ConnLiveness::default());
     let tracked = Tracked {
         io: tcp,
         activity: slot.activity.clone(),
@@ -646,6 +707,7 @@ async fn serve_conn(
             .map(|s| s.saturating_mul(1000)),
         closed: Some(closed),
         remote: Some(remote),
+        liveness: Some(liveness.clone()),
     };
     if peer.cert_fp.is_some() {
         slot.table.certified(slot.id);
@@ -672,7 +734,34 @@ async fn serve_conn(
         .header_read_timeout(cfg.idle_timeout);
     let conn = builder.serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
+    let mut watch: Option<SegsWatch> = None;
     loop {
+        // An agent that probes this connection itself: stop the hub's probes, watch its.
+        let mut check = None;
+        if let Some(probe_ms) = liveness.probe_ms() {
+            let w = watch.get_or_insert_with(|| {
+                // SAFETY: `fd` belongs to the connection `conn` owns, alive while this loop runs.
+                let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                if let Err(e) = socket2::SockRef::from(&borrowed).set_keepalive(false) {
+                    tracing::debug!(%remote, error = %e, "cannot stop the hub's keepalive probes");
+                }
+                SegsWatch {
+                    segs: segs_in(fd),
+                    since: Instant::now(),
+                }
+            });
+            let now_segs = segs_in(fd);
+            if now_segs != w.segs {
+                w.segs = now_segs;
+                w.since = Instant::now();
+            }
+            let silent = w.since.elapsed().as_millis() as i64;
+            if link::peer_silent(probe_ms, silent) {
+                tracing::debug!(%remote, silent_ms = silent, probe_ms, "the agent's keepalive probes stopped; closing its connection");
+                return;
+            }
+            check = Some(probe_check(probe_ms));
+        }
         let idle = if slot.activity.requests.load(Ordering::Relaxed) == 0 {
             cfg.header_read_timeout
         } else {
@@ -696,7 +785,7 @@ async fn serve_conn(
             }
             _ = shutdown.changed() => break,
             _ = slot.evict.notified() => return,
-            _ = tokio::time::sleep(Duration::from_millis(wait.max(1) as u64)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(wait.max(1) as u64).min(check.unwrap_or(Duration::MAX))) => {}
         }
     }
     conn.as_mut().graceful_shutdown();

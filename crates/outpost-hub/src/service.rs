@@ -70,6 +70,8 @@ pub struct Peer {
     pub closed: Option<tokio_util::sync::CancellationToken>,
     /// The client's address (for the audit log).
     pub remote: Option<std::net::SocketAddr>,
+    /// What the agent said about probing this connection (`crate::server::ConnLiveness`).
+    pub liveness: Option<Arc<crate::server::ConnLiveness>>,
 }
 
 impl Peer {

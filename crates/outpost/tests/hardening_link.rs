@@ -565,20 +565,23 @@ fn a_lost_answer_to_a_change_says_it_may_have_been_applied() {
 }
 
 /// A box that loses power while holding its long-poll sends nothing more (no FIN, no RST: here
-/// its link goes down). The hub's TCP keepalive finds the dead connection and the node turns
-/// Offline, long before the agent's 600 s hold would have ended; while the box was up, the held
-/// long-poll kept it Online past `--offline-after` without it polling, and a change still
-/// reached it at once.
+/// its link goes down). The agent announced that it probes its own connection (`ka=` on sync,
+/// 3 s here), so the hub sends no probes of its own and watches for the agent's instead: when
+/// they stop, it closes the connection and the node turns Offline, long before the agent's
+/// 600 s hold would have ended and long before the hub's own keepalive (90 s) would have fired.
+/// While the box was up, the held long-poll kept it Online past `--offline-after` without it
+/// polling, and a change still reached it at once.
 #[test]
-fn a_box_that_dies_holding_its_long_poll_turns_offline_by_keepalive() {
+fn a_box_that_dies_holding_its_long_poll_turns_offline_when_its_probes_stop() {
     let ns = Netns::new();
-    // (the harness starts hubs with --offline-after 3s)
-    let hub = Hub::start_on(&ns.host_ip, &["--keepalive", "3s"], &[]);
+    // (the harness starts hubs with --offline-after 3s; the hub's own keepalive stays at 90 s)
+    let hub = Hub::start_on(&ns.host_ip, &[], &[]);
     let token = hub.token(&[]);
     let wrap = ns.wrap();
     let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
     let mut a = hub.join_wrapped("held-box", &token, &wrap);
     a.env.push(("OUTPOST_LONG_POLL_SECS".into(), "600".into()));
+    a.env.push(("OUTPOST_LINK_KEEPALIVE_SECS".into(), "3".into()));
     let a = a.running();
     wait_for("the node Online", 30.0, || online(&hub, "held-box").then_some(()));
     // A change reaches it at once, during a long hold.
@@ -593,22 +596,81 @@ fn a_box_that_dies_holding_its_long_poll_turns_offline_by_keepalive() {
             .any(|p| p["status"]["phase"] == "Running")
             .then_some(())
     });
-    // Online for twice --offline-after with nothing but the held long-poll.
-    let quiet = Instant::now() + Duration::from_secs(8);
+    // Online for several probe periods and twice --offline-after with nothing but the held
+    // long-poll and the agent's probes: the hub does not mistake probes for silence.
+    let quiet = Instant::now() + Duration::from_secs(10);
     while Instant::now() < quiet {
         assert!(online(&hub, "held-box"), "a node holding its long-poll is Online");
         std::thread::sleep(Duration::from_millis(250));
     }
     ns.cut();
     let cut = Instant::now();
-    wait_for("the node Offline after its link died", 30.0, || {
+    wait_for("the node Offline after its link died", 60.0, || {
         (node_status(&hub, "held-box").as_deref() == Some("Offline")).then_some(())
     });
-    // keepalive 3 s + 2 probes 1 s apart, then --offline-after has long passed
+    // probes every 3 s + 1.5 s grace, then --offline-after has long passed; the hub's own
+    // keepalive would have needed 90 s
     assert!(
         cut.elapsed() < Duration::from_secs(15),
         "found dead in {:?}",
         cut.elapsed()
     );
     drop(a);
+}
+
+/// A client that does not say it probes (an agent older than protocol 1.4, here curl holding a
+/// long-poll with the node's certificate) is probed by the hub's own TCP keepalive, as before:
+/// when its box dies the node still turns Offline.
+#[test]
+fn a_long_poll_without_agent_probes_is_found_dead_by_the_hubs_keepalive() {
+    let ns = Netns::new();
+    let hub = Hub::start_on(&ns.host_ip, &["--keepalive", "3s"], &[]);
+    let token = hub.token(&[]);
+    let wrap = ns.wrap();
+    let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
+    let mut a = hub.join_wrapped("old-box", &token, &wrap).running();
+    wait_for("the node Online", 30.0, || online(&hub, "old-box").then_some(()));
+    let generation = node_json(&hub, "old-box").unwrap()["generation"].as_u64().unwrap();
+    a.kill9();
+    // the node's own identity, for curl
+    let id: Value = serde_json::from_slice(&std::fs::read(a.dir.join("identity.json")).unwrap()).unwrap();
+    let ca = a.dir.join("curl-ca.pem");
+    let cert = a.dir.join("curl-cert.pem");
+    std::fs::write(&ca, id["ca_pem"].as_str().unwrap()).unwrap();
+    std::fs::write(&cert, id["cert_pem"].as_str().unwrap()).unwrap();
+    let url = format!(
+        "{}/v1/nodes/old-box/sync?generation={generation}&wait=600",
+        id["hub"].as_str().unwrap()
+    );
+    let mut cmd = std::process::Command::new(wrap[0]);
+    cmd.args(&wrap[1..])
+        .args(["curl", "-sS", "--max-time", "700", "--cacert"]);
+    cmd.arg(&ca)
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(a.dir.join("node.key"));
+    cmd.arg(&url);
+    let mut curl = cmd.spawn().expect("curl in the namespace");
+    wait_for("the node Online again through curl's held long-poll", 30.0, || {
+        online(&hub, "old-box").then_some(())
+    });
+    let quiet = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < quiet {
+        assert!(online(&hub, "old-box"), "a node holding its long-poll is Online");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    ns.cut();
+    let cut = Instant::now();
+    wait_for("the node Offline after its link died", 60.0, || {
+        (node_status(&hub, "old-box").as_deref() == Some("Offline")).then_some(())
+    });
+    // the hub's keepalive 3 s + 2 probes 1 s apart
+    assert!(
+        cut.elapsed() < Duration::from_secs(15),
+        "found dead in {:?}",
+        cut.elapsed()
+    );
+    let _ = curl.kill();
+    let _ = curl.wait();
 }
