@@ -83,12 +83,12 @@ pub fn transport_text(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-/// The status heartbeat: 30 min with ±20 % jitter (so a fleet that changed at one instant does
+/// The status heartbeat: 1 h with ±20 % jitter (so a fleet that changed at one instant does
 /// not report in lockstep ever after). Liveness comes from the held long-poll, and every
 /// change, probe or gate transition and alert event is reported at once, so the heartbeat is
 /// only a safety net: a shorter one costs link budget for nothing (BENCHMARKS.md, bandwidth).
 pub fn heartbeat_interval() -> Duration {
-    Duration::from_millis(rand::rng().random_range(1_440_000..=2_160_000))
+    Duration::from_millis(rand::rng().random_range(2_880_000..=4_320_000))
 }
 
 /// Idle time before the agent probes its connection to the hub (docs/protocol.md §12).

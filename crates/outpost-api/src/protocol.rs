@@ -21,10 +21,11 @@ pub const PROTOCOL_HEADER: &str = "x-outpost-protocol";
 /// no other time (agents before `wait=`).
 pub const LONG_POLL_SECS: u64 = 30;
 /// The longest a hub holds a long-poll an agent asks for (`wait=<secs>` on sync).
-pub const MAX_LONG_POLL_SECS: u64 = 600;
+pub const MAX_LONG_POLL_SECS: u64 = 3600;
 /// How long an agent asks the hub to hold its long-poll: liveness comes from the held
-/// connection (the hub's TCP keepalive), not from how often it polls (docs/protocol.md §11).
-pub const AGENT_LONG_POLL_SECS: u64 = 600;
+/// connection and the agent's keepalive probes, not from how often it polls
+/// (docs/protocol.md §12).
+pub const AGENT_LONG_POLL_SECS: u64 = 3600;
 
 /// A join token: `outpost1:<ca sha256 hex>:<id>:<secret>`.
 #[derive(Clone, Debug, PartialEq, Eq)]
