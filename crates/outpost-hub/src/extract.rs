@@ -76,12 +76,36 @@ impl FromRequestParts<Arc<Service>> for MaybeCaller {
     }
 }
 
-/// `axum::Json` whose rejection is a [`HubError`] (so it gets an `ApiError` body).
+/// `axum::Json` whose rejection is a [`HubError`] (so it gets an `ApiError` body). A body sent
+/// with `Content-Encoding: zstd` (agents compress their larger status reports, protocol 1.4)
+/// is decompressed first, to at most [`BODY_LIMIT`] bytes.
 pub struct ApiJson<T>(pub T);
+
+fn is_zstd(req: &Request) -> bool {
+    req.headers()
+        .get(axum::http::header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("zstd"))
+}
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = HubError;
     async fn from_request(req: Request, st: &S) -> Result<Self, HubError> {
+        if is_zstd(&req) {
+            let body = axum::body::to_bytes(req.into_body(), BODY_LIMIT)
+                .await
+                .map_err(|_| HubError::PayloadTooLarge { limit: BODY_LIMIT })?;
+            let json = zstd::bulk::decompress(&body, BODY_LIMIT).map_err(|e| {
+                HubError::BadRequest(format!(
+                    "the body is not zstd data of at most {BODY_LIMIT} bytes ({e}); send it uncompressed"
+                ))
+            })?;
+            return serde_json::from_slice(&json).map(ApiJson).map_err(|e| {
+                HubError::BadRequest(format!(
+                    "the request body is not what this route expects ({e}); check that client and hub are the same release"
+                ))
+            });
+        }
         match axum::Json::<T>::from_request(req, st).await {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
             Err(e) => Err(match e.status() {

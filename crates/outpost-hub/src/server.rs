@@ -55,7 +55,11 @@ use crate::{accounts_api, api, images};
 
 pub use crate::extract::{Peer, BODY_LIMIT};
 
+/// Refuse a client of a newer major protocol; answer a client that names its protocol with the
+/// hub's own (`x-outpost-protocol`), so an agent knows what it may use (a zstd status body
+/// from 1.4 on). HPACK sends the repeated header as one byte.
 async fn check_protocol(req: Request, next: Next) -> Response {
+    let named = req.headers().contains_key(PROTOCOL_HEADER);
     if let Some(v) = req.headers().get(PROTOCOL_HEADER) {
         let text = v.to_str().unwrap_or("").trim().to_string();
         let major = text.split('.').next().and_then(|m| m.parse::<u32>().ok());
@@ -64,8 +68,14 @@ async fn check_protocol(req: Request, next: Next) -> Response {
         }
     }
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
-    let resp = next.run(req).await;
+    let mut resp = next.run(req).await;
     tracing::debug!(%method, %path, status = resp.status().as_u16(), "request");
+    if named {
+        resp.headers_mut().insert(
+            PROTOCOL_HEADER,
+            axum::http::HeaderValue::from_static(outpost_api::PROTOCOL),
+        );
+    }
     resp
 }
 

@@ -674,3 +674,56 @@ fn a_long_poll_without_agent_probes_is_found_dead_by_the_hubs_keepalive() {
     let _ = curl.kill();
     let _ = curl.wait();
 }
+
+/// A status report compressed with zstd (what a 1.4 agent sends for its larger reports) is
+/// stored like a plain one; the hub names its protocol to a client that names its own; a body
+/// that claims zstd and is not is refused with a message that says so, and changes nothing.
+#[test]
+fn a_zstd_status_report_is_stored_and_the_hub_names_its_protocol() {
+    let hub = Hub::start();
+    let token = hub.token(&[]);
+    let mut a = hub.join("zipper", &token).running();
+    wait_for("the node Online", 30.0, || online(&hub, "zipper").then_some(()));
+    a.kill9();
+    let (_, cert, key) = a.identity();
+    let c = https(&hub, Some((&cert, &key)));
+    let report = serde_json::json!({
+        "agent_version": "zstd-9.9.9", "uptime_secs": 1, "generation": 0, "full": false,
+        "workloads": [], "removed": [], "events": [],
+    });
+    let plain = serde_json::to_vec(&report).unwrap();
+    let packed = zstd::bulk::compress(&plain, 3).unwrap();
+    let url = format!("{}/v1/nodes/zipper/status", hub.url);
+    rt().block_on(async {
+        let bad = c
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("content-encoding", "zstd")
+            .header(outpost_api::PROTOCOL_HEADER, outpost_api::PROTOCOL)
+            .body(plain.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(bad.status(), 400);
+        let text = bad.text().await.unwrap();
+        assert!(text.contains("zstd"), "{text}");
+        let r = c
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("content-encoding", "zstd")
+            .header(outpost_api::PROTOCOL_HEADER, outpost_api::PROTOCOL)
+            .body(packed)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+        assert_eq!(
+            r.headers()
+                .get(outpost_api::PROTOCOL_HEADER)
+                .and_then(|v| v.to_str().ok()),
+            Some(outpost_api::PROTOCOL)
+        );
+    });
+    let n = node_json(&hub, "zipper").unwrap();
+    assert_eq!(n["agent_version"], "zstd-9.9.9", "{n}");
+}
