@@ -163,11 +163,10 @@ impl Hub {
         let on_sqlite = cfg.store.is_none();
         let (material, sqlite) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let material = data_dir.load_or_create(&advertise)?;
-            let store = match on_sqlite {
-                true => {
-                    Some(SqliteStore::open(&db_path).with_context(|| format!("cannot open {}", db_path.display()))?)
-                }
-                false => None,
+            let store = if on_sqlite {
+                Some(SqliteStore::open(&db_path).with_context(|| format!("cannot open {}", db_path.display()))?)
+            } else {
+                None
             };
             Ok((material, store))
         })

@@ -744,3 +744,15 @@ async fn a_newer_schema_is_refused(b: Backend) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn store_urls_are_shown_without_their_password() {
+    for (url, shown) in [
+        ("postgres://u:secret@db:5432/x", "postgres://u:***@db:5432/x"),
+        ("postgres://u@db/x", "postgres://u@db/x"),
+        ("postgres://db/x?sslmode=require", "postgres://db/x?sslmode=require"),
+        ("postgresql://u:p@ss:w@db/x", "postgresql://u:***@db/x"),
+    ] {
+        assert_eq!(pg::redact(url), shown);
+    }
+}
