@@ -285,8 +285,9 @@ struct HubArgs {
     /// Where the hub keeps its state: `sqlite` (hub.db in the data dir) or a PostgreSQL URL
     /// (postgres://user:password@host/db; docs/postgres.md). The CA, monitoring, pipeline and
     /// account tables stay in the data dir either way.
-    #[arg(long, env = "OUTPOST_STORE", default_value = "sqlite", value_parser = parse_store)]
-    store: StoreArg,
+    // Checked by `parse_store` after parsing: clap would echo a refused value, password and all.
+    #[arg(long, env = "OUTPOST_STORE", default_value = "sqlite")]
+    store: String,
 }
 
 /// `--store`: SQLite in the data dir, or a PostgreSQL URL.
@@ -757,7 +758,7 @@ async fn run_hub(a: HubArgs) -> Result<()> {
             max: a.session_lifetime,
         },
         audit_max_age: a.audit_retention,
-        store: match a.store {
+        store: match parse_store(&a.store).map_err(|e| anyhow::anyhow!("--store {e}"))? {
             StoreArg::Sqlite => None,
             StoreArg::Postgres(url) => Some(url),
         },
