@@ -87,6 +87,29 @@ if ! .venv/bin/python -c 'import sklearn, skl2onnx, onnx, onnxruntime, flask, PI
   .venv/bin/pip install --quiet --disable-pip-version-check scikit-learn skl2onnx onnx onnxruntime flask pillow
 fi
 
+# PostgreSQL (issue 15): the store suite and the hub-on-PostgreSQL tests run against a real
+# server. Unless OUTPOST_TEST_PG already names one, a throwaway cluster is started in a temp dir
+# (as nobody when run as root: PostgreSQL refuses root), on a free port and a unix socket in
+# that dir, and stopped when this script ends. Each test creates its own database on it.
+apt_install postgresql
+if [ -z "${OUTPOST_TEST_PG:-}" ]; then
+  pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  [ -x "$pg_bin/initdb" ] || { echo "no PostgreSQL server binaries under /usr/lib/postgresql" >&2; exit 1; }
+  pg_dir=$(mktemp -d /tmp/outpost-ci-pg.XXXXXX)
+  mkdir -p "$pg_dir/sock"
+  as_pg=()
+  if [ "$(id -u)" -eq 0 ]; then chown -R nobody:nogroup "$pg_dir"; as_pg=(runuser -u nobody --); fi
+  pg_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  log "starting PostgreSQL in $pg_dir on port $pg_port"
+  "${as_pg[@]}" "$pg_bin/initdb" -D "$pg_dir/data" -U postgres --auth=trust -E UTF8 --no-sync >/dev/null
+  "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$pg_dir/data" -l "$pg_dir/server.log" -w \
+    -o "-p $pg_port -k $pg_dir/sock -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300" start >/dev/null
+  stop_pg() { "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$pg_dir/data" -m fast stop >/dev/null 2>&1 || true; rm -rf "$pg_dir"; }
+  trap stop_pg EXIT
+  export OUTPOST_TEST_PG="postgres://postgres@127.0.0.1:$pg_port/postgres"
+fi
+psql "$OUTPOST_TEST_PG" -qAtc 'SELECT 1' >/dev/null || { echo "PostgreSQL at $OUTPOST_TEST_PG does not answer" >&2; exit 1; }
+
 # promtool (Debian package prometheus): the monitoring tests check the hub's /metrics with
 # `promtool check metrics`, and fail under CI when it is missing.
 command -v promtool >/dev/null 2>&1 || apt_install prometheus

@@ -16,7 +16,7 @@ use crate::service::Service;
 /// One run of the hub's rules. Silence counts only from `listening_since` (the hub's start):
 /// while the hub itself was down, nodes could not reach it.
 pub async fn evaluate_once(svc: &Service, listening_since: UnixMs, now: UnixMs) -> Result<Vec<AlertInfo>, HubError> {
-    let (nodes, statuses) = svc.db(|s| Ok((s.nodes()?, s.statuses(None)?))).await?;
+    let (nodes, statuses) = (svc.store.nodes().await?, svc.store.statuses(None).await?);
     let fleet: Vec<FleetNode> = nodes
         .iter()
         .map(|n| FleetNode {

@@ -325,7 +325,7 @@ impl Service {
             return Ok(());
         }
         let n = name.to_string();
-        match self.db(move |s| s.node(&n)).await? {
+        match self.store.node(&n).await? {
             Some(row) if !caller.sees_node(&row.labels) => Err(HubError::NotFound(format!("node {name}"))),
             _ => Ok(()),
         }
@@ -337,7 +337,7 @@ impl Service {
             return Ok(());
         }
         let lookup = id.clone();
-        match self.db(move |s| s.object(&lookup)).await? {
+        match self.store.object(&lookup).await? {
             Some(o) if caller.require(Action::Read, object_target(&o.object)).is_err() => {
                 Err(HubError::NotFound(id.to_string()))
             }
@@ -347,7 +347,7 @@ impl Service {
 
     /// Names of the nodes in the caller's scope.
     async fn nodes_in_scope(&self, caller: &Caller) -> Result<HashSet<String>, HubError> {
-        let nodes = self.db(|s| s.nodes()).await?;
+        let nodes = self.store.nodes().await?;
         Ok(nodes
             .into_iter()
             .filter(|n| caller.sees_node(&n.labels))
@@ -370,7 +370,7 @@ impl Service {
                     .collect(),
             ),
             Reply::Rollouts(v) => {
-                let objects = self.db(|s| s.objects()).await?;
+                let objects = self.store.objects().await?;
                 let visible: BTreeSet<String> = objects
                     .iter()
                     .filter(|o| caller.require(Action::Read, object_target(&o.object)).is_ok())
@@ -426,7 +426,7 @@ impl Service {
             Command::DeleteNode { name } => {
                 caller.require_role(Action::DeleteNode)?;
                 let n = name.clone();
-                match self.db(move |s| s.node(&n)).await? {
+                match self.store.node(&n).await? {
                     Some(row) => caller.require_node(Action::DeleteNode, &row.labels),
                     None => fleet(Action::DeleteNode),
                 }
@@ -444,7 +444,7 @@ impl Service {
             return Ok(());
         }
         let lookup = id.clone();
-        match self.db(move |s| s.object(&lookup)).await? {
+        match self.store.object(&lookup).await? {
             Some(o) => caller.require(action, object_target(&o.object)),
             // Nothing to touch: the command answers not found.
             None => Ok(()),
@@ -465,9 +465,10 @@ impl Service {
             return Ok(());
         };
         let ids: Vec<ObjectId> = objects.iter().map(Object::id).collect();
-        let stored = self
-            .db(move |s| ids.iter().map(|id| s.object(id)).collect::<Result<Vec<_>, _>>())
-            .await?;
+        let mut stored = Vec::with_capacity(ids.len());
+        for id in &ids {
+            stored.push(self.store.object(id).await?);
+        }
         for (o, old) in objects.iter().zip(stored) {
             caller
                 .require(action, object_target(o))

@@ -211,19 +211,19 @@ fn selector(q: &ListQuery) -> Result<Scope, HubError> {
 
 /// Every node (by name) that `keep` accepts, summarized. Reads the nodes, statuses and
 /// desired rows in one go; `conditions` come from the monitoring tables.
-pub fn load_summaries(
+pub async fn load_summaries(
     store: &dyn Store,
     conditions: &BTreeMap<String, Vec<NodeCondition>>,
     keep: impl Fn(&Labels) -> bool,
     offline_after: Duration,
     now: UnixMs,
 ) -> Result<Vec<NodeSummary>, StoreError> {
-    let nodes = store.nodes()?;
+    let nodes = store.nodes().await?;
     let mut statuses: HashMap<String, Vec<outpost_api::WorkloadStatus>> = HashMap::new();
-    for (n, w) in store.statuses(None)? {
+    for (n, w) in store.statuses(None).await? {
         statuses.entry(n).or_default().push(w);
     }
-    let desired = store.desired()?;
+    let desired = store.desired().await?;
     let mut by_node: HashMap<&str, Vec<&DesiredRow>> = HashMap::new();
     for d in &desired {
         by_node.entry(d.node.as_str()).or_default().push(d);
@@ -282,16 +282,14 @@ async fn summaries_for(svc: &Arc<Service>, c: &Caller, q: &ListQuery) -> Result<
     let conditions = svc.mdb(|m| m.conditions(None)).await?;
     let scope = c.scope.clone();
     let offline_after = svc.settings.offline_after;
-    svc.db(move |s| {
-        load_summaries(
-            s,
-            &conditions,
-            |l| scope.matches_node(l) && filter.matches_node(l),
-            offline_after,
-            now_ms(),
-        )
-    })
-    .await
+    Ok(load_summaries(
+        &*svc.store,
+        &conditions,
+        |l| scope.matches_node(l) && filter.matches_node(l),
+        offline_after,
+        now_ms(),
+    )
+    .await?)
 }
 
 /// `GET /v1/dashboard/overview[?selector=&group=]`.
@@ -344,7 +342,7 @@ pub async fn watch(State(svc): St, c: Caller) -> Result<Sse<impl Stream<Item = R
                     Ok(ch) => {
                         if let (Some(node), false) = (&ch.node, c.scope.is_all()) {
                             let n = node.clone();
-                            let seen = svc.db(move |s| s.node(&n)).await.ok().flatten();
+                            let seen = svc.store.node(&n).await.ok().flatten();
                             if !seen.is_some_and(|row| c.sees_node(&row.labels)) {
                                 continue;
                             }
@@ -454,6 +452,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hub.db");
         let store = SqliteStore::open(&path).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let now = now_ms();
         {
             let mut c = rusqlite::Connection::open(&path).unwrap();
@@ -500,7 +502,15 @@ mod tests {
         let mut last = None;
         for _ in 0..7 {
             let t = std::time::Instant::now();
-            let all = load_summaries(&store, &conditions, |_| true, crate::DEFAULT_OFFLINE_AFTER, now).unwrap();
+            let all = rt
+                .block_on(load_summaries(
+                    &store,
+                    &conditions,
+                    |_| true,
+                    crate::DEFAULT_OFFLINE_AFTER,
+                    now,
+                ))
+                .unwrap();
             let counts = views::fleet_counts(&all);
             let p = page(all, Some(5_000), Some(100));
             let body = serde_json::to_vec(&p).unwrap();

@@ -141,6 +141,8 @@ impl From<StoreError> for HubError {
             StoreError::Token(p) => HubError::Token(p),
             StoreError::NodeExists(n) => HubError::NodeExists(n),
             StoreError::Sqlite(e) if is_disk_full(&e) => HubError::DiskFull,
+            // PostgreSQL's disk_full (SQLSTATE 53100).
+            StoreError::Pg(sqlx::Error::Database(d)) if d.code().as_deref() == Some("53100") => HubError::DiskFull,
             StoreError::Labels(r) => HubError::Labels(r),
             other => HubError::Internal(other.to_string()),
         }

@@ -202,7 +202,7 @@ async fn save(svc: &Service, key: &str, st: RepoState) {
     };
     let k = key.to_string();
     let now = outpost_api::now_ms();
-    if let Err(e) = svc.db(move |s| s.put_gitops_state(&k, Some(&json), now)).await {
+    if let Err(e) = svc.store.put_gitops_state(&k, Some(&json), now).await {
         tracing::warn!(gitrepo = %key, error = %e, "cannot store the GitOps state; it is kept in memory");
     }
 }
@@ -212,7 +212,7 @@ async fn load_states(svc: &Service) {
     if svc.gitops.loaded.load(std::sync::atomic::Ordering::Acquire) {
         return;
     }
-    match svc.db(|s| s.gitops_states()).await {
+    match svc.store.gitops_states().await {
         Ok(rows) => {
             let mut map = svc.gitops.lock();
             for (k, json) in rows {
@@ -435,7 +435,7 @@ async fn sync_one(svc: &Service, g: &GitRepo, objects: &[Object], now: UnixMs) {
 /// One run of the controller: sync every GitRepo that is due; returns the wait until the next
 /// one is.
 pub async fn tick(svc: &Service, now: UnixMs) -> Duration {
-    let objects = match svc.db(|s| s.objects()).await {
+    let objects = match svc.store.objects().await {
         Ok(o) => o.into_iter().map(|o| o.object).collect::<Vec<_>>(),
         Err(e) => {
             tracing::warn!(error = %e, "GitOps cannot read the objects; retrying");
@@ -464,7 +464,7 @@ pub async fn tick(svc: &Service, now: UnixMs) -> Duration {
     for k in gone {
         svc.gitops.lock().remove(&k);
         let key = k.clone();
-        if let Err(e) = svc.db(move |s| s.put_gitops_state(&key, None, 0)).await {
+        if let Err(e) = svc.store.put_gitops_state(&key, None, 0).await {
             tracing::warn!(gitrepo = %k, error = %e, "cannot forget the GitOps state of a removed GitRepo");
         }
     }
@@ -517,7 +517,7 @@ fn find<'a>(objects: &'a [Object], namespace: &str, name: &str) -> Result<&'a Gi
 
 /// `outpost gitops ls|status`: every GitRepo, or one.
 pub async fn status(svc: &Service, only: Option<(String, String)>) -> Result<Vec<GitRepoStatus>, HubError> {
-    let (stored, rollouts) = svc.db(|s| Ok((s.objects()?, s.rollouts()?))).await?;
+    let (stored, rollouts) = (svc.store.objects().await?, svc.store.rollouts().await?);
     let objects: Vec<Object> = stored.into_iter().map(|o| o.object).collect();
     if let Some((ns, name)) = &only {
         find(&objects, ns, name)?;
@@ -528,7 +528,7 @@ pub async fn status(svc: &Service, only: Option<(String, String)>) -> Result<Vec
         .collect();
     let by_key: BTreeMap<&str, &outpost_core::waves::Rollout> =
         rollouts.iter().map(|r| (r.workload.as_str(), r)).collect();
-    let nodes = svc.db(|s| s.nodes()).await?;
+    let nodes = svc.store.nodes().await?;
     let mut out = Vec::new();
     for o in &objects {
         let Object::GitRepo(g) = o else { continue };
@@ -641,7 +641,7 @@ pub fn request_sync(svc: &Service, g: &GitRepo) {
 
 /// Look a GitRepo up by namespace and name.
 pub async fn repo(svc: &Service, namespace: &str, name: &str) -> Result<(GitRepo, Vec<Object>), HubError> {
-    let objects: Vec<Object> = svc.db(|s| s.objects()).await?.into_iter().map(|o| o.object).collect();
+    let objects: Vec<Object> = svc.store.objects().await?.into_iter().map(|o| o.object).collect();
     let g = find(&objects, namespace, name)?.clone();
     Ok((g, objects))
 }

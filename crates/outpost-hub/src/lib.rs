@@ -1,12 +1,13 @@
 //! The outpost hub: the HTTPS server agents dial out to and operators talk to (docs/protocol.md).
 //!
-//! Owns: the hub's data directory (CA, server certificate, admin token, SQLite database), join
+//! Owns: the hub's data directory (CA, server certificate, admin token, SQLite database), the
+//! main store on SQLite or PostgreSQL ([`store`]), join
 //! (with the node-label rules of `outpost_core::link`) and two-phase certificate renewal (also
 //! of expired certificates), the connection budget, authorization of every route, durable storage of objects, nodes,
 //! per-node desired state with generations, statuses and events, and the long-poll that hands
 //! each node its desired state. Must never: decide placement or render workloads itself (that is
 //! `outpost-core`, called from [`scheduler`]), parse manifests beyond calling `outpost-api`, trust
-//! anything a node says about another node, or block an async task on SQLite: store calls are
+//! anything a node says about another node, or block an async task on SQLite: SQLite calls are
 //! short statements run on the blocking pool, and errors become HTTP answers only in
 //! [`error::HubError`].
 
@@ -61,7 +62,7 @@ use tokio::task::JoinHandle;
 
 pub use error::HubError;
 pub use server::Peer;
-pub use store::{SqliteStore, Store};
+pub use store::{PgStore, SqliteStore, Store};
 
 pub use outpost_api::now_ms;
 
@@ -104,6 +105,10 @@ pub struct HubConfig {
     /// Audit entries older than this are removed (default 90 days; at most
     /// `accounts::AUDIT_MAX_ROWS` are kept).
     pub audit_max_age: Duration,
+    /// Where the main store lives: `None` is SQLite (`hub.db` in the data dir), a
+    /// `postgres://` URL is PostgreSQL (`--store`; docs/postgres.md). The monitoring, pipeline
+    /// and account tables stay in `hub.db` either way, for now.
+    pub store: Option<String>,
 }
 
 impl HubConfig {
@@ -125,6 +130,7 @@ impl HubConfig {
             max_conns_per_ip: None,
             sessions: session::SessionLimits::default(),
             audit_max_age: accounts::AUDIT_MAX_AGE,
+            store: None,
         }
     }
 }
@@ -154,13 +160,28 @@ impl Hub {
         let db_path = data_dir.path("hub.db");
         let monitor_db = db_path.clone();
         let advertise = cfg.advertise.clone();
-        let (material, store) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let on_sqlite = cfg.store.is_none();
+        let (material, sqlite) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let material = data_dir.load_or_create(&advertise)?;
-            let store = SqliteStore::open(&db_path).with_context(|| format!("cannot open {}", db_path.display()))?;
+            let store = if on_sqlite {
+                Some(SqliteStore::open(&db_path).with_context(|| format!("cannot open {}", db_path.display()))?)
+            } else {
+                None
+            };
             Ok((material, store))
         })
         .await
         .context("hub start-up task failed")??;
+        let store: Arc<dyn Store> = match (sqlite, &cfg.store) {
+            (Some(s), _) => Arc::new(s),
+            (None, Some(url)) => Arc::new(store::PgStore::connect(url).await.with_context(|| {
+                format!(
+                    "cannot open the PostgreSQL store {}; check that the server runs and the URL is right",
+                    store::pg_redact(url)
+                )
+            })?),
+            (None, None) => anyhow::bail!("no store configured"),
+        };
 
         let ca_fingerprint = material.ca.fingerprint().context("ca.pem is not a valid certificate")?;
         let tls = outpost_pki::server_config(&material.ca, &material.server_chain_pem, &material.server_key_pem)
@@ -191,7 +212,7 @@ impl Hub {
         };
         images::sweep_stale_uploads(&settings.images_dir);
         let svc = Arc::new(service::Service::new(
-            Arc::new(store),
+            store,
             Arc::new(monitor),
             Arc::new(data),
             authority,

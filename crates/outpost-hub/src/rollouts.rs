@@ -47,17 +47,23 @@ pub struct Loaded {
     pub sources: BTreeMap<ObjectId, Object>,
 }
 
-/// Read what a run needs (one short read each; run on the blocking pool).
-pub fn load(s: &dyn Store) -> Result<Loaded, StoreError> {
-    let objects = s.objects()?;
-    let rollouts = s.rollouts()?.into_iter().map(|r| (r.workload.clone(), r)).collect();
-    let nodes = s.nodes()?.into_iter().map(|n| (n.name.clone(), n)).collect();
+/// Read what a run needs (one short read each).
+pub async fn load(s: &dyn Store) -> Result<Loaded, StoreError> {
+    let objects = s.objects().await?;
+    let rollouts = s
+        .rollouts()
+        .await?
+        .into_iter()
+        .map(|r| (r.workload.clone(), r))
+        .collect();
+    let nodes = s.nodes().await?.into_iter().map(|n| (n.name.clone(), n)).collect();
     let mut desired: BTreeMap<String, BTreeMap<String, DesiredRow>> = BTreeMap::new();
-    for r in s.desired()? {
+    for r in s.desired().await? {
         desired.entry(r.key.clone()).or_default().insert(r.node.clone(), r);
     }
     let statuses = s
-        .statuses(None)?
+        .statuses(None)
+        .await?
         .into_iter()
         .map(|(n, w)| ((n, w.key.clone()), w))
         .collect();

@@ -16,7 +16,8 @@
 //!
 //! Must never: speak HTTP (status codes live in `crate::error` only), decide placement, a
 //! rollout step or an alert itself (those are `outpost-core`'s pure functions), or block an
-//! async task on SQLite (store calls run on the blocking pool).
+//! async task on SQLite (the store is async: `SqliteStore` runs its calls on the blocking pool;
+//! the monitoring and pipeline tables go through `mdb`/`ddb`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -39,7 +40,7 @@ use crate::logs::LogBroker;
 use crate::metrics::{FleetView, Metrics};
 use crate::monitor::{Monitor, MonitorConfig, R as MonitorResult};
 use crate::scheduler::{self, is_online};
-use crate::store::{check_token, NewNode, Store, StoreError, TokenRow};
+use crate::store::{check_token, NewNode, Store, TokenRow};
 use crate::validate;
 use crate::views::{self, View};
 use outpost_api::pipeline::{DataBatch, PipelineInfo, RecordKind, StoredRecord};
@@ -458,19 +459,6 @@ impl Service {
     // -----------------------------------------------------------------------------------------
     // Plumbing
 
-    /// Run a short store operation on the blocking pool.
-    pub async fn db<T, F>(&self, f: F) -> Result<T, HubError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
-    {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&*store))
-            .await
-            .map_err(|e| HubError::Internal(format!("database task failed: {e}")))?
-            .map_err(HubError::from)
-    }
-
     /// Run a monitoring-table call on the blocking pool.
     pub async fn mdb<T, F>(&self, f: F) -> Result<T, HubError>
     where
@@ -567,14 +555,13 @@ impl Service {
     /// Callers hold `write_lock`.
     pub async fn reschedule_locked(&self, now: UnixMs) -> Result<(), HubError> {
         let offline_after = self.settings.offline_after;
-        let (bumped, notes) = self
-            .db(move |s| {
-                let inputs = s.schedule_inputs()?;
-                let plan = scheduler::plan(&inputs, offline_after, now);
-                let bumped = s.commit_plan(&plan)?;
-                Ok((bumped, plan.notes))
-            })
-            .await?;
+        let inputs = self.store.schedule_inputs().await?;
+        // Planning a large fleet is CPU work: keep it off the async workers.
+        let plan = tokio::task::spawn_blocking(move || scheduler::plan(&inputs, offline_after, now))
+            .await
+            .map_err(|e| HubError::Internal(format!("scheduler task failed: {e}")))?;
+        let bumped = self.store.commit_plan(&plan).await?;
+        let notes = plan.notes;
         for (node, generation) in &bumped {
             tracing::info!(node = %node, generation, "desired state changed");
         }
@@ -603,7 +590,7 @@ impl Service {
     /// Reload AlertPolicy and Pipeline objects; wake every node's long-poll when the policies
     /// changed so each gets its new effective policy at once.
     async fn refresh_node_extras(&self) -> Result<(), HubError> {
-        let objects = self.db(|s| s.objects()).await?;
+        let objects = self.store.objects().await?;
         let mut policies: Vec<(String, AlertPolicySpec)> = Vec::new();
         let mut pipelines: Vec<(outpost_api::pipeline::Pipeline, u64)> = Vec::new();
         for o in objects {
@@ -687,7 +674,7 @@ impl Service {
         let (mut objects, warnings) =
             validate::parse_apply_batch(&files, &self.settings.host_paths).map_err(HubError::InvalidManifest)?;
         let _guard = self.write_lock.lock().await;
-        let stored = self.db(|s| s.objects()).await?;
+        let stored = self.store.objects().await?;
         let before: BTreeMap<ObjectId, u64> = stored.iter().map(|o| (o.object.id(), o.revision)).collect();
         let stored: Vec<Object> = stored.into_iter().map(|o| o.object).collect();
         let prune = validate::ownership(&mut objects, &stored, &who).map_err(HubError::Conflict)?;
@@ -713,17 +700,12 @@ impl Service {
         let ids: Vec<ObjectId> = objects.iter().map(Object::id).collect();
         let now = now_ms();
         let pruning = prune.clone();
-        let (mut results, pruned) = self
-            .db(move |s| {
-                let results = s.apply(&objects, now)?;
-                let (deleted, _) = if pruning.is_empty() {
-                    (Vec::new(), Vec::new())
-                } else {
-                    s.delete_objects(&pruning)?
-                };
-                Ok((results, deleted))
-            })
-            .await?;
+        let mut results = self.store.apply(&objects, now).await?;
+        let pruned = if pruning.is_empty() {
+            Vec::new()
+        } else {
+            self.store.delete_objects(&pruning).await?.0
+        };
         for id in &pruned {
             tracing::info!(object = %id, "object pruned: its GitRepo's commit no longer has it");
         }
@@ -758,14 +740,14 @@ impl Service {
 
     async fn delete_ids(&self, ids: Vec<ObjectId>) -> Result<DeleteResponse, HubError> {
         let _guard = self.write_lock.lock().await;
-        let stored = self.db(|s| s.objects()).await?;
+        let stored = self.store.objects().await?;
         if let Some((object, workload)) = validate::in_use(stored.iter().map(|o| &o.object), &ids) {
             return Err(HubError::InUse {
                 object: object.to_string(),
                 workload: workload.to_string(),
             });
         }
-        let (deleted, not_found) = self.db(move |s| s.delete_objects(&ids)).await?;
+        let (deleted, not_found) = self.store.delete_objects(&ids).await?;
         for id in &deleted {
             tracing::info!(object = %id, "object deleted");
         }
@@ -783,9 +765,7 @@ impl Service {
     async fn undo(&self, id: ObjectId, to_revision: Option<u64>) -> Result<ApplyResult, HubError> {
         let _guard = self.write_lock.lock().await;
         let lookup = id.clone();
-        let (obj, revs) = self
-            .db(move |s| Ok((s.object(&lookup)?, s.revisions(&lookup)?)))
-            .await?;
+        let (obj, revs) = (self.store.object(&lookup).await?, self.store.revisions(&lookup).await?);
         let obj = obj.ok_or_else(|| HubError::NotFound(id.to_string()))?;
         let current_hash = obj.template_hash.clone().unwrap_or_default();
         let target = match to_revision {
@@ -807,14 +787,14 @@ impl Service {
         }
         let object = crate::scheduler::at_revision(&obj.object, &target.template)
             .map_err(|e| HubError::Internal(format!("stored revision {} of {id}: {e}", target.revision)))?;
-        let stored = self.db(|s| s.objects()).await?;
+        let stored = self.store.objects().await?;
         let errors = validate::check_references(std::slice::from_ref(&object), stored.into_iter().map(|o| o.object));
         if !errors.is_empty() {
             return Err(HubError::InvalidManifest(errors));
         }
         let now = now_ms();
         let from = target.revision;
-        let mut results = self.db(move |s| s.apply(&[object], now)).await?;
+        let mut results = self.store.apply(&[object], now).await?;
         let result = results
             .pop()
             .ok_or_else(|| HubError::Internal("apply returned nothing".into()))?;
@@ -860,7 +840,7 @@ impl Service {
             uses: req.uses,
         };
         let (id, expires_at) = (row.id.clone(), row.expires_at);
-        self.db(move |s| s.create_token(&row)).await?;
+        self.store.create_token(&row).await?;
         tracing::info!(token = %id, expires_at = ?expires_at, uses = ?req.uses, "join token created");
         Ok(resp)
     }
@@ -868,7 +848,7 @@ impl Service {
     async fn delete_node(&self, name: String) -> Result<DeleteResponse, HubError> {
         let _guard = self.write_lock.lock().await;
         let n = name.clone();
-        if !self.db(move |s| s.delete_node(&n)).await? {
+        if !self.store.delete_node(&n).await? {
             return Err(HubError::NotFound(format!("node {name}")));
         }
         self.forget_node(&name);
@@ -899,7 +879,7 @@ impl Service {
         t.size = meta.len();
         t.pushed_at = now_ms();
         let row = t.clone();
-        self.db(move |s| s.put_image_tag(&row)).await?;
+        self.store.put_image_tag(&row).await?;
         tracing::info!(image = %t.name, digest = %t.digest, size = t.size, "image pushed");
         Ok(t)
     }
@@ -912,7 +892,7 @@ impl Service {
         match q {
             Query::Object { id } => self.object(id).await,
             Query::Workloads => {
-                let objects = self.db(|s| s.objects()).await?;
+                let objects = self.store.objects().await?;
                 let view = self.read_view().await?;
                 let now = now_ms();
                 let mut out: Vec<WorkloadInfo> = objects
@@ -926,7 +906,7 @@ impl Service {
             }
             Query::Revisions { id } => self.revisions(id).await.map(Reply::Revisions),
             Query::Nodes => {
-                let (nodes, statuses) = self.db(|s| Ok((s.nodes()?, s.statuses(None)?))).await?;
+                let (nodes, statuses) = (self.store.nodes().await?, self.store.statuses(None).await?);
                 let mut by_node: HashMap<String, Vec<WorkloadStatus>> = HashMap::new();
                 for (n, w) in statuses {
                     by_node.entry(n).or_default().push(w);
@@ -959,17 +939,17 @@ impl Service {
             Query::Logs { node, request } => self.logs(node, request).await.map(Reply::Logs),
             Query::ImageTag { name } => {
                 let n = name.clone();
-                let t = self.db(move |s| s.image_tag(&n)).await?;
+                let t = self.store.image_tag(&n).await?;
                 let t = t.ok_or_else(|| {
                     HubError::NotFound(format!("image {name} (push it with `outpost image push {name}`)"))
                 })?;
                 Ok(Reply::Image(t))
             }
-            Query::ImageTags => Ok(Reply::Images(self.db(|s| s.image_tags()).await?)),
+            Query::ImageTags => Ok(Reply::Images(self.store.image_tags().await?)),
             Query::Fleet => self.fleet().await.map(Reply::Fleet),
             Query::Rollout { id } => self.rollout(id).await.map(|r| Reply::Rollout(Box::new(r))),
             Query::Rollouts => {
-                let l = self.db(crate::rollouts::load).await?;
+                let l = crate::rollouts::load(&*self.store).await?;
                 let now = now_ms();
                 let out = l
                     .objects
@@ -989,7 +969,7 @@ impl Service {
                 Ok(Reply::Rollouts(out))
             }
             Query::Pipelines => {
-                let objects = self.db(|s| s.objects()).await?;
+                let objects = self.store.objects().await?;
                 Ok(Reply::Pipelines(views::pipeline_infos(
                     &objects,
                     &self.read_view().await?,
@@ -1023,7 +1003,7 @@ impl Service {
 
     async fn rollout(&self, id: ObjectId) -> Result<RolloutInfo, HubError> {
         rolled_out(&id)?;
-        let l = self.db(crate::rollouts::load).await?;
+        let l = crate::rollouts::load(&*self.store).await?;
         let obj = l
             .objects
             .iter()
@@ -1067,7 +1047,7 @@ impl Service {
         one_wave: bool,
         now: UnixMs,
     ) -> Result<crate::rollouts::Outcome, HubError> {
-        let l = self.db(crate::rollouts::load).await?;
+        let l = crate::rollouts::load(&*self.store).await?;
         let (changes, outcome) = crate::rollouts::step(&l, started, one_wave, self.settings.offline_after, now);
         self.wake
             .rollouts_active
@@ -1082,7 +1062,7 @@ impl Service {
     /// to it (webhook rows in the same transaction as the alert).
     async fn record_rollout(&self, stored: &Rollout, decisions: &[Decision]) -> Result<(), HubError> {
         let row = stored.clone();
-        self.db(move |s| s.put_rollout(&row)).await?;
+        self.store.put_rollout(&row).await?;
         let events: Vec<_> = decisions.iter().flat_map(|d| d.events.iter().cloned()).collect();
         let alert = decisions.iter().rev().find_map(|d| d.alert.clone());
         for e in &events {
@@ -1132,7 +1112,7 @@ impl Service {
         let guard = self.write_lock.lock().await;
         let (obj, current) = {
             let (lookup, k) = (id.clone(), key.clone());
-            self.db(move |s| Ok((s.object(&lookup)?, s.rollout(&k)?))).await?
+            (self.store.object(&lookup).await?, self.store.rollout(&k).await?)
         };
         let obj = obj.ok_or_else(|| HubError::NotFound(id.to_string()))?;
         let now = now_ms();
@@ -1187,11 +1167,13 @@ impl Service {
     }
 
     async fn read_view(&self) -> Result<View, HubError> {
-        self.db(|s| {
-            let nodes = s.nodes()?.into_iter().map(|n| (n.name.clone(), n)).collect();
-            let desired = s.desired()?;
+        let s = &self.store;
+        {
+            let nodes = s.nodes().await?.into_iter().map(|n| (n.name.clone(), n)).collect();
+            let desired = s.desired().await?;
             let statuses = s
-                .statuses(None)?
+                .statuses(None)
+                .await?
                 .into_iter()
                 .map(|(n, w)| ((n, w.key.clone()), w))
                 .collect();
@@ -1200,14 +1182,14 @@ impl Service {
                 desired,
                 statuses,
             })
-        })
-        .await
+        }
     }
 
     async fn object(&self, id: ObjectId) -> Result<Reply, HubError> {
         let lookup = id.clone();
         let obj = self
-            .db(move |s| s.object(&lookup))
+            .store
+            .object(&lookup)
             .await?
             .ok_or_else(|| HubError::NotFound(id.to_string()))?;
         if !id.kind.is_workload() {
@@ -1223,9 +1205,7 @@ impl Service {
 
     async fn revisions(&self, id: ObjectId) -> Result<Vec<RevisionInfo>, HubError> {
         let lookup = id.clone();
-        let (obj, revs) = self
-            .db(move |s| Ok((s.object(&lookup)?, s.revisions(&lookup)?)))
-            .await?;
+        let (obj, revs) = (self.store.object(&lookup).await?, self.store.revisions(&lookup).await?);
         let obj = obj.ok_or_else(|| HubError::NotFound(id.to_string()))?;
         Ok(revs
             .into_iter()
@@ -1241,15 +1221,19 @@ impl Service {
 
     async fn node(&self, name: String) -> Result<NodeInfo, HubError> {
         let n = name.clone();
-        let found = self
-            .db(move |s| {
-                let Some(row) = s.node(&n)? else {
-                    return Ok(None);
-                };
-                let statuses = s.statuses(Some(&n))?.into_iter().map(|(_, w)| w).collect();
-                Ok(Some((row, statuses, s.events(&n, NODE_EVENTS)?)))
-            })
-            .await?;
+        let found = match self.store.node(&n).await? {
+            None => None,
+            Some(row) => {
+                let statuses = self
+                    .store
+                    .statuses(Some(&n))
+                    .await?
+                    .into_iter()
+                    .map(|(_, w)| w)
+                    .collect();
+                Some((row, statuses, self.store.events(&n, NODE_EVENTS).await?))
+            }
+        };
         let (row, statuses, events) = found.ok_or_else(|| HubError::NotFound(format!("node {name}")))?;
         let n = name.clone();
         let conditions = self
@@ -1268,7 +1252,8 @@ impl Service {
     async fn logs(&self, node: String, request: LogRequest) -> Result<LogData, HubError> {
         let n = node.clone();
         let row = self
-            .db(move |s| s.node(&n))
+            .store
+            .node(&n)
             .await?
             .ok_or_else(|| HubError::NotFound(format!("node {node}")))?;
         let now = now_ms();
@@ -1326,7 +1311,8 @@ impl Service {
         start.validate().map_err(HubError::BadRequest)?;
         let n = node.to_string();
         let row = self
-            .db(move |s| s.node(&n))
+            .store
+            .node(&n)
             .await?
             .filter(|r| caller.sees_node(&r.labels))
             .ok_or_else(|| HubError::NotFound(format!("node {node}")))?;
@@ -1390,7 +1376,7 @@ impl Service {
     /// What a `/metrics` scrape reads.
     async fn fleet(&self) -> Result<FleetView, HubError> {
         let now = now_ms();
-        let (nodes, statuses) = self.db(|s| Ok((s.nodes()?, s.statuses(None)?))).await?;
+        let (nodes, statuses) = (self.store.nodes().await?, self.store.statuses(None).await?);
         let (alerts, vitals, (_, queue)) = self
             .mdb(|m| Ok((m.alerts(false)?, m.vitals()?, m.hook_queue()?)))
             .await?;
@@ -1436,7 +1422,7 @@ impl Service {
         let secret_sha = sha256_hex(&req.token_secret);
         // Check the token before signing anything; the join transaction checks it again.
         let id = req.token_id.clone();
-        let tok = self.db(move |s| s.token(&id)).await?;
+        let tok = self.store.token(&id).await?;
         check_token(tok.as_ref(), &req.token_id, &secret_sha, now).map_err(|p| {
             tracing::warn!(node = %req.name, token = %req.token_id, problem = ?p, "join refused");
             HubError::Token(p)
@@ -1456,7 +1442,7 @@ impl Service {
         };
         let _guard = self.write_lock.lock().await;
         let token_id = req.token_id.clone();
-        let labels = self.db(move |s| s.join(&token_id, &secret_sha, &node, now)).await?;
+        let labels = self.store.join(&token_id, &secret_sha, &node, now).await?;
         tracing::info!(node = %req.name, token = %req.token_id, labels = ?labels, "node joined");
         self.reschedule_after_commit(now).await;
         Ok(JoinResponse {
@@ -1471,10 +1457,7 @@ impl Service {
     /// One indexed read, as every node request always made.
     async fn cert_owner(&self, peer: &Peer) -> Result<String, HubError> {
         let fp = peer.cert_fp.clone().ok_or(HubError::NoClientCert)?;
-        let owner = self
-            .db(move |s| s.node_by_cert(&fp))
-            .await?
-            .ok_or(HubError::UnknownNode)?;
+        let owner = self.store.node_by_cert(&fp).await?.ok_or(HubError::UnknownNode)?;
         if owner.promoted {
             tracing::info!(node = %owner.node, "node uses its renewed certificate; the previous one no longer works");
         }
@@ -1511,7 +1494,7 @@ impl Service {
     /// short of replicas may now be placed on it; its rollout waves count it again).
     async fn contact(&self, node: &str, now: UnixMs) -> Result<(), HubError> {
         let n = node.to_string();
-        let prev = self.db(move |s| s.touch(&n, now)).await?.ok_or(HubError::UnknownNode)?;
+        let prev = self.store.touch(&n, now).await?.ok_or(HubError::UnknownNode)?;
         if now.saturating_sub(prev) > self.settings.offline_after.as_millis() as i64 {
             tracing::info!(node = %node, offline_for = %human_duration(now - prev), "node online");
             self.reschedule(now).await?;
@@ -1542,10 +1525,7 @@ impl Service {
         let closed = peer.closed.clone().unwrap_or_default();
         loop {
             let n = node.to_string();
-            let resp = self
-                .db(move |s| s.sync(&n, since))
-                .await?
-                .ok_or(HubError::UnknownNode)?;
+            let resp = self.store.sync(&n, since).await?.ok_or(HubError::UnknownNode)?;
             // Additions: a changed alert policy, pending log requests (they wake us too).
             let Extras {
                 alert_policy,
@@ -1557,7 +1537,7 @@ impl Service {
                     policy = alert_policy.is_some(), log_requests = log_requests.len(), "sync answered");
                 let n = node.to_string();
                 let prefetch = if resp.generation != since {
-                    self.db(move |s| s.prefetch(&n)).await?
+                    self.store.prefetch(&n).await?
                 } else {
                     Vec::new()
                 };
@@ -1593,10 +1573,7 @@ impl Service {
     async fn sync_extras(&self, node: &str, held: Held<'_>) -> Result<Extras, HubError> {
         let labels = if held.policy.is_some() {
             let n = node.to_string();
-            self.db(move |s| s.node(&n))
-                .await?
-                .map(|r| r.labels)
-                .unwrap_or_default()
+            self.store.node(&n).await?.map(|r| r.labels).unwrap_or_default()
         } else {
             outpost_api::Labels::default()
         };
@@ -1663,11 +1640,7 @@ impl Service {
             return Ok(());
         }
         let n = node.to_string();
-        let labels = self
-            .db(move |s| s.node(&n))
-            .await?
-            .map(|r| r.labels)
-            .unwrap_or_default();
+        let labels = self.store.node(&n).await?.map(|r| r.labels).unwrap_or_default();
         let n = node.to_string();
         let now = now_ms();
         let out = self
@@ -1711,7 +1684,7 @@ impl Service {
                 let (items, replies): (Vec<_>, Vec<_>) =
                     jobs.into_iter().map(|j| ((j.node, j.report, j.now), j.reply)).unzip();
                 let n = items.len();
-                match svc.db(move |s| s.record_statuses(&items)).await {
+                match svc.store.record_statuses(&items).await {
                     Ok(results) => {
                         for (reply, r) in replies.into_iter().zip(results) {
                             let _ = reply.send(r.map_err(HubError::Internal));
@@ -1735,7 +1708,7 @@ impl Service {
         self.authorize_owner(peer, node).await?;
         let (fp, cert_pem, not_after) = self.sign(&req.csr_pem, node)?;
         let n = node.to_string();
-        self.db(move |s| s.renew(&n, &fp, not_after)).await?;
+        self.store.renew(&n, &fp, not_after).await?;
         match peer.expired_for(now_ms()) {
             Some(ago) => tracing::warn!(node = %node, expired_ago = %human_duration(ago), expires_at = not_after,
                 "renewed an expired node certificate"),

@@ -54,7 +54,7 @@ impl Service {
             )));
         }
         let n = node.to_string();
-        let held = self.db(move |s| s.sync(&n, 0)).await?.ok_or(HubError::UnknownNode)?;
+        let held = self.store.sync(&n, 0).await?.ok_or(HubError::UnknownNode)?;
         let spec = held.upsert.iter().find(|w| w.key == claim.workload).ok_or_else(|| {
             HubError::NotFound(format!(
                 "failover workload {} on node {node} (the hub did not place it there)",

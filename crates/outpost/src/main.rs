@@ -282,6 +282,32 @@ struct HubArgs {
     /// Audit entries older than this are removed (at most 100,000 are kept).
     #[arg(long, default_value = "90d", value_parser = parse_duration)]
     audit_retention: Duration,
+    /// Where the hub keeps its state: `sqlite` (hub.db in the data dir) or a PostgreSQL URL
+    /// (postgres://user:password@host/db; docs/postgres.md). The CA, monitoring, pipeline and
+    /// account tables stay in the data dir either way.
+    // Checked by `parse_store` after parsing: clap would echo a refused value, password and all.
+    #[arg(long, env = "OUTPOST_STORE", default_value = "sqlite")]
+    store: String,
+}
+
+/// `--store`: SQLite in the data dir, or a PostgreSQL URL.
+#[derive(Clone, Debug)]
+enum StoreArg {
+    Sqlite,
+    Postgres(String),
+}
+
+fn parse_store(s: &str) -> Result<StoreArg, String> {
+    if s == "sqlite" {
+        Ok(StoreArg::Sqlite)
+    } else if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        Ok(StoreArg::Postgres(s.to_string()))
+    } else {
+        Err(format!(
+            "{:?} is neither `sqlite` nor a PostgreSQL URL; write postgres://user:password@host:5432/dbname",
+            outpost_hub::store::pg_redact(s)
+        ))
+    }
 }
 
 #[derive(Subcommand)]
@@ -732,6 +758,10 @@ async fn run_hub(a: HubArgs) -> Result<()> {
             max: a.session_lifetime,
         },
         audit_max_age: a.audit_retention,
+        store: match parse_store(&a.store).map_err(|e| anyhow::anyhow!("--store {e}"))? {
+            StoreArg::Sqlite => None,
+            StoreArg::Postgres(url) => Some(url),
+        },
     };
     let (hub, created) = outpost_hub::Hub::start(cfg).await?;
     let url = a

@@ -1,0 +1,1049 @@
+//! [`Store`] on PostgreSQL (sqlx, a connection pool), for large fleets and, later, several hub
+//! replicas on one database.
+//!
+//! The invariants of the module docs hold with several writers on the database, not only one:
+//! - generations come from one PostgreSQL `SEQUENCE` (`gen_seq`), taken while the node's row is
+//!   locked (`SELECT ... FOR UPDATE`), so a node's generation only grows whichever transaction
+//!   commits first; plans lock their nodes in name order, so two plans cannot deadlock;
+//! - a join locks the token's row before checking it, and uses it up with a conditional
+//!   `UPDATE ... WHERE uses_left > 0`: two joins racing for the last use, on one hub or on two,
+//!   cannot both win; a taken name is refused by `INSERT ... ON CONFLICT DO NOTHING`;
+//! - reads that must see one state (`sync`, `schedule_inputs`) run in a `REPEATABLE READ`
+//!   transaction;
+//! - the schema is migrated under a transaction-scoped advisory lock, so hubs starting at once
+//!   migrate it once.
+//!
+//! Text columns use the "C" collation so listings sort by bytes, as on SQLite.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use outpost_api::{
+    ApplyResult, ImageTag, Labels, NodeEvent, Object, ObjectId, StatusReport, SyncResponse, UnixMs, WorkloadSpec,
+    WorkloadStatus,
+};
+use outpost_core::waves::Rollout;
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::Acquire;
+
+use super::*;
+
+/// The PostgreSQL migrations, in order: (the version a step brings the database to, its SQL).
+/// PostgreSQL support starts at version 3 (the SQLite schema's numbering), so its first step
+/// creates the whole version-3 schema; later steps each add one version to both backends.
+const PG_MIGRATIONS: &[(i64, &str)] = &[(3, PG_V3)];
+
+const PG_V3: &str = r#"
+CREATE TABLE tokens (
+    id TEXT COLLATE "C" PRIMARY KEY, secret_sha256 TEXT NOT NULL, labels TEXT NOT NULL,
+    expires_at BIGINT, uses_left BIGINT, used BIGINT NOT NULL DEFAULT 0, created_at BIGINT NOT NULL,
+    node_labels TEXT NOT NULL DEFAULT '[]');
+CREATE TABLE nodes (
+    name TEXT COLLATE "C" PRIMARY KEY, labels TEXT NOT NULL, cert_fp TEXT NOT NULL UNIQUE,
+    cert_not_after BIGINT NOT NULL, joined_at BIGINT NOT NULL, last_seen BIGINT,
+    generation BIGINT NOT NULL, applied_generation BIGINT NOT NULL DEFAULT 0,
+    tombstone_floor BIGINT NOT NULL DEFAULT 0, agent_version TEXT, uptime_secs BIGINT,
+    token_id TEXT, next_cert_fp TEXT, next_cert_not_after BIGINT);
+CREATE INDEX nodes_next_cert ON nodes (next_cert_fp);
+CREATE TABLE objects (
+    kind TEXT COLLATE "C" NOT NULL, namespace TEXT COLLATE "C" NOT NULL, name TEXT COLLATE "C" NOT NULL,
+    manifest TEXT NOT NULL, template_hash TEXT, revision BIGINT NOT NULL, created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL, PRIMARY KEY (kind, namespace, name));
+CREATE TABLE revisions (
+    kind TEXT COLLATE "C" NOT NULL, namespace TEXT COLLATE "C" NOT NULL, name TEXT COLLATE "C" NOT NULL,
+    revision BIGINT NOT NULL, template_hash TEXT NOT NULL, template TEXT NOT NULL, created_at BIGINT NOT NULL,
+    PRIMARY KEY (kind, namespace, name, revision));
+CREATE TABLE assignments (
+    kind TEXT COLLATE "C" NOT NULL, namespace TEXT COLLATE "C" NOT NULL, name TEXT COLLATE "C" NOT NULL,
+    node TEXT COLLATE "C" NOT NULL, PRIMARY KEY (kind, namespace, name, node));
+CREATE TABLE node_workloads (
+    node TEXT COLLATE "C" NOT NULL, key TEXT COLLATE "C" NOT NULL, spec TEXT NOT NULL, hash TEXT NOT NULL,
+    changed_gen BIGINT NOT NULL, revision BIGINT NOT NULL DEFAULT 0, PRIMARY KEY (node, key));
+CREATE TABLE node_prefetch (
+    node TEXT COLLATE "C" NOT NULL, key TEXT COLLATE "C" NOT NULL, spec TEXT NOT NULL, hash TEXT NOT NULL,
+    PRIMARY KEY (node, key));
+CREATE TABLE rollouts (
+    workload TEXT COLLATE "C" PRIMARY KEY, revision BIGINT NOT NULL, state TEXT NOT NULL, updated_at BIGINT NOT NULL);
+CREATE TABLE node_tombstones (
+    node TEXT COLLATE "C" NOT NULL, key TEXT COLLATE "C" NOT NULL, gen BIGINT NOT NULL, PRIMARY KEY (node, key));
+CREATE TABLE workload_status (
+    node TEXT COLLATE "C" NOT NULL, key TEXT COLLATE "C" NOT NULL, status TEXT NOT NULL, updated_at BIGINT NOT NULL,
+    PRIMARY KEY (node, key));
+CREATE TABLE image_tags (
+    name TEXT COLLATE "C" PRIMARY KEY, digest TEXT NOT NULL, size BIGINT NOT NULL, pushed_at BIGINT NOT NULL);
+CREATE TABLE events (
+    node TEXT COLLATE "C" NOT NULL, seq BIGINT NOT NULL, at BIGINT NOT NULL, workload TEXT,
+    reason TEXT NOT NULL, message TEXT NOT NULL, received_at BIGINT NOT NULL, PRIMARY KEY (node, seq));
+CREATE TABLE gitops_state (
+    repo TEXT COLLATE "C" PRIMARY KEY, state TEXT NOT NULL, updated_at BIGINT NOT NULL);
+CREATE SEQUENCE gen_seq;
+"#;
+
+/// Any fixed number: the advisory lock hubs take while they migrate the schema.
+const MIGRATION_LOCK: i64 = 0x6f75_7470_6f73_7431;
+
+/// [`Store`] on PostgreSQL. See the module docs.
+pub struct PgStore {
+    pub(super) pool: PgPool,
+    contacts: Contacts,
+}
+
+/// The URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some((auth, host)) => (auth, host),
+        None => return url.to_string(),
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+impl PgStore {
+    /// Connect, run the migrations the database lacks and check its schema version.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        migrate(&pool, &redact(url)).await?;
+        Ok(Self {
+            pool,
+            contacts: Contacts::default(),
+        })
+    }
+
+    /// Write the contacts held in memory, inside the caller's transaction (in name order, so
+    /// two writers lock rows in one order).
+    async fn flush_seen(&self, tx: &mut PgConnection) -> Result<()> {
+        let mut pending = self.contacts.drain();
+        pending.sort();
+        for (n, t) in &pending {
+            sqlx::query("UPDATE nodes SET last_seen = GREATEST(COALESCE(last_seen, 0), $2) WHERE name = $1")
+                .bind(n)
+                .bind(t)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+async fn migrate(pool: &PgPool, shown: &str) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(MIGRATION_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::raw_sql("CREATE TABLE IF NOT EXISTS meta (key TEXT COLLATE \"C\" PRIMARY KEY, value TEXT NOT NULL)")
+        .execute(&mut *tx)
+        .await?;
+    let found: Option<String> = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'schema_version'")
+        .fetch_optional(&mut *tx)
+        .await?;
+    let found = found.and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            path: shown.to_string(),
+            found,
+        });
+    }
+    for (version, sql) in PG_MIGRATIONS {
+        if *version > found {
+            tracing::info!(database = %shown, version, "migrating the PostgreSQL schema");
+            sqlx::raw_sql(*sql).execute(&mut *tx).await?;
+        }
+    }
+    sqlx::query(
+        "INSERT INTO meta (key, value) VALUES ('schema_version', $1)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )
+    .bind(SCHEMA_VERSION.to_string())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+type NodeTuple = (
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    Option<i64>,
+    i64,
+    i64,
+    Option<String>,
+    Option<i64>,
+);
+
+const NODE_COLS: &str = "name, labels, cert_fp, cert_not_after, joined_at, last_seen, generation, \
+     applied_generation, agent_version, uptime_secs";
+
+fn node_row(t: NodeTuple) -> Result<NodeRow> {
+    Ok(NodeRow {
+        name: t.0,
+        labels: serde_json::from_str(&t.1)?,
+        cert_fp: t.2,
+        cert_not_after: t.3,
+        joined_at: t.4,
+        last_seen: t.5,
+        generation: u(t.6),
+        applied_generation: u(t.7),
+        agent_version: t.8,
+        uptime_secs: t.9.map(u),
+    })
+}
+
+type TokenTuple = (String, String, String, Option<i64>, Option<i64>, i64, i64, String);
+
+async fn token_row(c: &mut PgConnection, id: &str, lock: bool) -> Result<Option<TokenRow>> {
+    let sql = if lock {
+        "SELECT id, secret_sha256, labels, expires_at, uses_left, used, created_at, node_labels
+         FROM tokens WHERE id = $1 FOR UPDATE"
+    } else {
+        "SELECT id, secret_sha256, labels, expires_at, uses_left, used, created_at, node_labels
+         FROM tokens WHERE id = $1"
+    };
+    let row: Option<TokenTuple> = sqlx::query_as(sql).bind(id).fetch_optional(&mut *c).await?;
+    row.map(|t| {
+        Ok(TokenRow {
+            id: t.0,
+            secret_sha256: t.1,
+            labels: serde_json::from_str(&t.2)?,
+            expires_at: t.3,
+            uses_left: t.4.map(u),
+            used: u(t.5),
+            created_at: t.6,
+            node_labels: serde_json::from_str(&t.7)?,
+        })
+    })
+    .transpose()
+}
+
+async fn object_row(c: &mut PgConnection, id: &ObjectId) -> Result<Option<StoredObject>> {
+    let row: Option<(String, Option<String>, i64, i64, i64)> = sqlx::query_as(
+        "SELECT manifest, template_hash, revision, created_at, updated_at FROM objects
+         WHERE kind = $1 AND namespace = $2 AND name = $3",
+    )
+    .bind(id.kind.as_str())
+    .bind(&id.namespace)
+    .bind(&id.name)
+    .fetch_optional(&mut *c)
+    .await?;
+    row.map(|(m, template_hash, rev, created_at, updated_at)| {
+        Ok(StoredObject {
+            object: decode_object(id.kind, &m)?,
+            template_hash,
+            revision: u(rev),
+            created_at,
+            updated_at,
+        })
+    })
+    .transpose()
+}
+
+async fn objects_in(c: &mut PgConnection) -> Result<Vec<StoredObject>> {
+    let rows: Vec<(String, String, Option<String>, i64, i64, i64)> = sqlx::query_as(
+        "SELECT kind, manifest, template_hash, revision, created_at, updated_at FROM objects
+         ORDER BY kind, namespace, name",
+    )
+    .fetch_all(&mut *c)
+    .await?;
+    rows.into_iter()
+        .map(|(k, m, template_hash, rev, created_at, updated_at)| {
+            Ok(StoredObject {
+                object: decode_object(kind_of(&k)?, &m)?,
+                template_hash,
+                revision: u(rev),
+                created_at,
+                updated_at,
+            })
+        })
+        .collect()
+}
+
+async fn rollouts_in(c: &mut PgConnection) -> Result<Vec<Rollout>> {
+    let rows: Vec<String> = sqlx::query_scalar("SELECT state FROM rollouts ORDER BY workload")
+        .fetch_all(&mut *c)
+        .await?;
+    rows.iter().map(|s| Ok(serde_json::from_str(s)?)).collect()
+}
+
+/// Store one status report inside an open transaction or savepoint.
+async fn record_status_in(tx: &mut PgConnection, node: &str, report: &StatusReport, now: UnixMs) -> Result<u64> {
+    let generation: i64 = sqlx::query_scalar("SELECT generation FROM nodes WHERE name = $1")
+        .bind(node)
+        .fetch_one(&mut *tx)
+        .await?;
+    // An agent cannot have applied more than we sent; clamp so pruning stays safe.
+    let applied = i(report.generation).min(generation);
+    sqlx::query(
+        "UPDATE nodes SET last_seen = GREATEST(COALESCE(last_seen, 0), $2), agent_version = $3, uptime_secs = $4,
+                applied_generation = $5, tombstone_floor = GREATEST(tombstone_floor, $5) WHERE name = $1",
+    )
+    .bind(node)
+    .bind(now)
+    .bind(&report.agent_version)
+    .bind(i(report.uptime_secs))
+    .bind(applied)
+    .execute(&mut *tx)
+    .await?;
+    // Tombstones the agent has applied are no longer needed; the floor remembers them.
+    sqlx::query("DELETE FROM node_tombstones WHERE node = $1 AND gen <= $2")
+        .bind(node)
+        .bind(applied)
+        .execute(&mut *tx)
+        .await?;
+    if report.full {
+        let listed: Vec<&str> = report.workloads.iter().map(|w| w.key.as_str()).collect();
+        sqlx::query("DELETE FROM workload_status WHERE node = $1 AND NOT (key = ANY($2))")
+            .bind(node)
+            .bind(&listed)
+            .execute(&mut *tx)
+            .await?;
+    }
+    for w in &report.workloads {
+        sqlx::query(
+            "INSERT INTO workload_status (node, key, status, updated_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (node, key) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at",
+        )
+        .bind(node)
+        .bind(&w.key)
+        .bind(serde_json::to_string(w)?)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    }
+    for k in &report.removed {
+        sqlx::query("DELETE FROM workload_status WHERE node = $1 AND key = $2")
+            .bind(node)
+            .bind(k)
+            .execute(&mut *tx)
+            .await?;
+    }
+    for e in &report.events {
+        sqlx::query(
+            "INSERT INTO events (node, seq, at, workload, reason, message, received_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (node, seq) DO NOTHING",
+        )
+        .bind(node)
+        .bind(i(e.seq))
+        .bind(e.at)
+        .bind(&e.workload)
+        .bind(&e.reason)
+        .bind(&e.message)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let acked: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM events WHERE node = $1")
+        .bind(node)
+        .fetch_one(&mut *tx)
+        .await?;
+    let acked = acked.unwrap_or(0);
+    if !report.events.is_empty() {
+        sqlx::query("DELETE FROM events WHERE node = $1 AND seq <= $2")
+            .bind(node)
+            .bind(acked - EVENTS_KEPT)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(u(acked))
+}
+
+#[async_trait::async_trait]
+impl Store for PgStore {
+    async fn create_token(&self, t: &TokenRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tokens (id, secret_sha256, labels, expires_at, uses_left, used, created_at, node_labels)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&t.id)
+        .bind(&t.secret_sha256)
+        .bind(serde_json::to_string(&t.labels)?)
+        .bind(t.expires_at)
+        .bind(t.uses_left.map(i))
+        .bind(i(t.used))
+        .bind(t.created_at)
+        .bind(serde_json::to_string(&t.node_labels)?)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn token(&self, id: &str) -> Result<Option<TokenRow>> {
+        let mut c = self.pool.acquire().await?;
+        token_row(&mut c, id, false).await
+    }
+
+    async fn join(&self, token_id: &str, secret_sha256: &str, node: &NewNode, now: UnixMs) -> Result<Labels> {
+        let mut tx = self.pool.begin().await?;
+        // The row lock makes racing joins for one token take turns: the second sees the use
+        // the first took.
+        let tok = token_row(&mut tx, token_id, true).await?;
+        check_token(tok.as_ref(), token_id, secret_sha256, now).map_err(StoreError::Token)?;
+        let tok = tok.ok_or_else(|| StoreError::Token(TokenProblem::Unknown { id: token_id.into() }))?;
+        let exists: Option<String> = sqlx::query_scalar("SELECT name FROM nodes WHERE name = $1")
+            .bind(&node.name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_some() {
+            return Err(StoreError::NodeExists(node.name.clone()));
+        }
+        let labels = outpost_core::link::node_labels(&node.name, &tok.labels, &tok.node_labels, &node.labels)?;
+        let gen: i64 = sqlx::query_scalar("SELECT nextval('gen_seq')")
+            .fetch_one(&mut *tx)
+            .await?;
+        let inserted = sqlx::query(
+            "INSERT INTO nodes (name, labels, cert_fp, cert_not_after, joined_at, generation, token_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&node.name)
+        .bind(serde_json::to_string(&labels)?)
+        .bind(&node.cert_fp)
+        .bind(node.cert_not_after)
+        .bind(now)
+        .bind(gen)
+        .bind(token_id)
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(StoreError::NodeExists(node.name.clone()));
+        }
+        let used = sqlx::query(
+            "UPDATE tokens SET used = used + 1,
+                    uses_left = CASE WHEN uses_left IS NULL THEN NULL ELSE uses_left - 1 END
+             WHERE id = $1 AND (uses_left IS NULL OR uses_left > 0)",
+        )
+        .bind(token_id)
+        .execute(&mut *tx)
+        .await?;
+        if used.rows_affected() == 0 {
+            return Err(StoreError::Token(TokenProblem::UsedUp {
+                id: token_id.into(),
+                used: tok.used,
+            }));
+        }
+        tx.commit().await?;
+        Ok(labels)
+    }
+
+    async fn node_by_cert(&self, cert_fp: &str) -> Result<Option<CertOwner>> {
+        let found: Option<(String, bool)> =
+            sqlx::query_as("SELECT name, cert_fp = $1 FROM nodes WHERE cert_fp = $1 OR next_cert_fp = $1")
+                .bind(cert_fp)
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some((node, current)) = found else { return Ok(None) };
+        if !current {
+            sqlx::query(
+                "UPDATE nodes SET cert_fp = next_cert_fp, cert_not_after = next_cert_not_after,
+                        next_cert_fp = NULL, next_cert_not_after = NULL
+                 WHERE name = $1 AND next_cert_fp = $2",
+            )
+            .bind(&node)
+            .bind(cert_fp)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(Some(CertOwner {
+            node,
+            promoted: !current,
+        }))
+    }
+
+    async fn node(&self, name: &str) -> Result<Option<NodeRow>> {
+        let row: Option<NodeTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {NODE_COLS} FROM nodes WHERE name = $1"
+        )))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(node_row)
+            .transpose()
+            .map(|n| n.map(|n| self.contacts.overlay(n)))
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRow>> {
+        let rows: Vec<NodeTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {NODE_COLS} FROM nodes ORDER BY name"
+        )))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| node_row(r).map(|n| self.contacts.overlay(n)))
+            .collect()
+    }
+
+    async fn touch(&self, node: &str, now: UnixMs) -> Result<Option<UnixMs>> {
+        let prev: Option<(Option<i64>, i64)> = sqlx::query_as("SELECT last_seen, joined_at FROM nodes WHERE name = $1")
+            .bind(node)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some((seen, joined)) = prev else { return Ok(None) };
+        Ok(Some(self.contacts.touch(node, seen.unwrap_or(joined), now)))
+    }
+
+    fn hold(&self, node: &str, open: bool) {
+        self.contacts.hold(node, open)
+    }
+
+    async fn renew(&self, node: &str, cert_fp: &str, cert_not_after: UnixMs) -> Result<()> {
+        sqlx::query("UPDATE nodes SET next_cert_fp = $2, next_cert_not_after = $3 WHERE name = $1")
+            .bind(node)
+            .bind(cert_fp)
+            .bind(cert_not_after)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_node(&self, name: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query("DELETE FROM nodes WHERE name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        for table in NODE_TABLES {
+            sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE node = $1")))
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    async fn sync(&self, node: &str, since: u64) -> Result<Option<SyncResponse>> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        let Some((generation, floor)) =
+            sqlx::query_as::<_, (i64, i64)>("SELECT generation, tombstone_floor FROM nodes WHERE name = $1")
+                .bind(node)
+                .fetch_optional(&mut *tx)
+                .await?
+        else {
+            return Ok(None);
+        };
+        let (generation, floor) = (u(generation), u(floor));
+        if generation == since {
+            return Ok(Some(SyncResponse {
+                generation,
+                full: false,
+                upsert: vec![],
+                remove: vec![],
+            }));
+        }
+        let full = needs_full(since, generation, floor);
+        let from = if full { 0 } else { since };
+        let specs: Vec<String> =
+            sqlx::query_scalar("SELECT spec FROM node_workloads WHERE node = $1 AND changed_gen > $2 ORDER BY key")
+                .bind(node)
+                .bind(i(from))
+                .fetch_all(&mut *tx)
+                .await?;
+        let upsert = specs
+            .iter()
+            .map(|s| serde_json::from_str(s))
+            .collect::<Result<Vec<WorkloadSpec>, _>>()?;
+        let remove = if full {
+            vec![]
+        } else {
+            sqlx::query_scalar("SELECT key FROM node_tombstones WHERE node = $1 AND gen > $2 ORDER BY key")
+                .bind(node)
+                .bind(i(since))
+                .fetch_all(&mut *tx)
+                .await?
+        };
+        tx.commit().await?;
+        Ok(Some(SyncResponse {
+            generation,
+            full,
+            upsert,
+            remove,
+        }))
+    }
+
+    async fn record_status(&self, node: &str, report: &StatusReport, now: UnixMs) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        self.flush_seen(&mut tx).await?;
+        let acked = record_status_in(&mut tx, node, report, now).await?;
+        tx.commit().await?;
+        Ok(acked)
+    }
+
+    async fn record_statuses(&self, batch: &[(String, StatusReport, UnixMs)]) -> Result<Vec<Result<u64, String>>> {
+        let mut tx = self.pool.begin().await?;
+        self.flush_seen(&mut tx).await?;
+        let mut out = Vec::with_capacity(batch.len());
+        for (node, report, now) in batch {
+            // A savepoint per report: one that fails (its node was just deleted) is undone alone.
+            let mut sp = (&mut tx).begin().await?;
+            match record_status_in(&mut sp, node, report, *now).await {
+                Ok(acked) => {
+                    sp.commit().await?;
+                    out.push(Ok(acked));
+                }
+                Err(e) => {
+                    sp.rollback().await?;
+                    out.push(Err(e.to_string()));
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn statuses(&self, node: Option<&str>) -> Result<Vec<(String, WorkloadStatus)>> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT node, status FROM workload_status WHERE $1::text IS NULL OR node = $1 ORDER BY node, key",
+        )
+        .bind(node)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(n, s)| Ok((n, serde_json::from_str(&s)?)))
+            .collect()
+    }
+
+    async fn events(&self, node: &str, limit: u32) -> Result<Vec<NodeEvent>> {
+        let rows: Vec<(i64, i64, Option<String>, String, String)> = sqlx::query_as(
+            "SELECT seq, at, workload, reason, message FROM events WHERE node = $1 ORDER BY seq DESC LIMIT $2",
+        )
+        .bind(node)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: Vec<NodeEvent> = rows
+            .into_iter()
+            .map(|(seq, at, workload, reason, message)| NodeEvent {
+                seq: u(seq),
+                at,
+                workload,
+                reason,
+                message,
+            })
+            .collect();
+        out.reverse();
+        Ok(out)
+    }
+
+    async fn apply(&self, objects: &[Object], now: UnixMs) -> Result<Vec<ApplyResult>> {
+        let mut tx = self.pool.begin().await?;
+        let mut results = Vec::with_capacity(objects.len());
+        for obj in objects {
+            let id = obj.id();
+            let manifest = serde_json::to_string(obj)?;
+            let thash = outpost_core::render::template_hash(obj);
+            let prev = object_row(&mut tx, &id).await?;
+            let (action, revision, created_at) = apply_action(prev.as_ref(), obj, &thash, now);
+            if action != "unchanged" {
+                sqlx::query(
+                    "INSERT INTO objects (kind, namespace, name, manifest, template_hash, revision, created_at, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                     ON CONFLICT (kind, namespace, name) DO UPDATE SET manifest = excluded.manifest,
+                        template_hash = excluded.template_hash, revision = excluded.revision,
+                        updated_at = excluded.updated_at",
+                )
+                .bind(id.kind.as_str())
+                .bind(&id.namespace)
+                .bind(&id.name)
+                .bind(&manifest)
+                .bind(&thash)
+                .bind(i(revision))
+                .bind(created_at)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                if let (Some(h), Some(t)) = (&thash, revision_content(obj)?) {
+                    sqlx::query(
+                        "INSERT INTO revisions (kind, namespace, name, revision, template_hash, template, created_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(id.kind.as_str())
+                    .bind(&id.namespace)
+                    .bind(&id.name)
+                    .bind(i(revision))
+                    .bind(h)
+                    .bind(&t)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            results.push(apply_result(&id, action, revision));
+        }
+        tx.commit().await?;
+        Ok(results)
+    }
+
+    async fn objects(&self) -> Result<Vec<StoredObject>> {
+        let mut c = self.pool.acquire().await?;
+        objects_in(&mut c).await
+    }
+
+    async fn object(&self, id: &ObjectId) -> Result<Option<StoredObject>> {
+        let mut c = self.pool.acquire().await?;
+        object_row(&mut c, id).await
+    }
+
+    async fn delete_objects(&self, ids: &[ObjectId]) -> Result<(Vec<ObjectId>, Vec<ObjectId>)> {
+        let mut tx = self.pool.begin().await?;
+        let (mut deleted, mut missing) = (Vec::new(), Vec::new());
+        for id in ids {
+            let mut n = 0;
+            for table in ["objects", "assignments", "revisions"] {
+                let r = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DELETE FROM {table} WHERE kind = $1 AND namespace = $2 AND name = $3"
+                )))
+                .bind(id.kind.as_str())
+                .bind(&id.namespace)
+                .bind(&id.name)
+                .execute(&mut *tx)
+                .await?;
+                if table == "objects" {
+                    n = r.rows_affected();
+                }
+            }
+            if id.kind.is_workload() || id.kind.is_rolled_out() {
+                sqlx::query("DELETE FROM rollouts WHERE workload = $1")
+                    .bind(outpost_core::render::workload_key(id))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if n > 0 {
+                deleted.push(id.clone());
+            } else {
+                missing.push(id.clone());
+            }
+        }
+        tx.commit().await?;
+        Ok((deleted, missing))
+    }
+
+    async fn put_image_tag(&self, t: &ImageTag) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO image_tags (name, digest, size, pushed_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (name) DO UPDATE SET digest = excluded.digest, size = excluded.size,
+                pushed_at = excluded.pushed_at",
+        )
+        .bind(&t.name)
+        .bind(&t.digest)
+        .bind(i(t.size))
+        .bind(t.pushed_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn image_tag(&self, name: &str) -> Result<Option<ImageTag>> {
+        let row: Option<(String, String, i64, i64)> =
+            sqlx::query_as("SELECT name, digest, size, pushed_at FROM image_tags WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(image_tag))
+    }
+
+    async fn image_tags(&self) -> Result<Vec<ImageTag>> {
+        let rows: Vec<(String, String, i64, i64)> =
+            sqlx::query_as("SELECT name, digest, size, pushed_at FROM image_tags ORDER BY name")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().map(image_tag).collect())
+    }
+
+    async fn revisions(&self, id: &ObjectId) -> Result<Vec<RevisionRow>> {
+        let rows: Vec<(i64, String, i64, String)> = sqlx::query_as(
+            "SELECT revision, template_hash, created_at, template FROM revisions
+             WHERE kind = $1 AND namespace = $2 AND name = $3 ORDER BY revision",
+        )
+        .bind(id.kind.as_str())
+        .bind(&id.namespace)
+        .bind(&id.name)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(revision, template_hash, created_at, t)| {
+                Ok(RevisionRow {
+                    revision: u(revision),
+                    template_hash,
+                    created_at,
+                    template: serde_json::from_str(&t)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn schedule_inputs(&self) -> Result<ScheduleInputs> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        let rows: Vec<NodeTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {NODE_COLS} FROM nodes ORDER BY name"
+        )))
+        .fetch_all(&mut *tx)
+        .await?;
+        let nodes = rows
+            .into_iter()
+            .map(|r| node_row(r).map(|n| self.contacts.overlay(n)))
+            .collect::<Result<Vec<_>>>()?;
+        let objects = objects_in(&mut tx).await?;
+        let mut assignments: BTreeMap<ObjectId, BTreeSet<String>> = BTreeMap::new();
+        let rows: Vec<(String, String, String, String)> =
+            sqlx::query_as("SELECT kind, namespace, name, node FROM assignments")
+                .fetch_all(&mut *tx)
+                .await?;
+        for (k, namespace, name, node) in rows {
+            assignments
+                .entry(ObjectId {
+                    kind: kind_of(&k)?,
+                    namespace,
+                    name,
+                })
+                .or_default()
+                .insert(node);
+        }
+        let mut held: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        let mut held_revisions: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        let rows: Vec<(String, String, String, i64)> =
+            sqlx::query_as("SELECT node, key, hash, revision FROM node_workloads")
+                .fetch_all(&mut *tx)
+                .await?;
+        for (node, key, hash, rev) in rows {
+            held.entry(node.clone()).or_default().insert(key.clone(), hash);
+            held_revisions.entry(node).or_default().insert(key, u(rev));
+        }
+        let mut held_prefetch: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        let rows: Vec<(String, String, String)> = sqlx::query_as("SELECT node, key, hash FROM node_prefetch")
+            .fetch_all(&mut *tx)
+            .await?;
+        for (node, key, hash) in rows {
+            held_prefetch.entry(node).or_default().insert(key, hash);
+        }
+        let rollouts: BTreeMap<String, Rollout> = rollouts_in(&mut tx)
+            .await?
+            .into_iter()
+            .map(|r| (r.workload.clone(), r))
+            .collect();
+        let mut templates = BTreeMap::new();
+        for (id, rev) in wanted_templates(&objects, &held_revisions, &rollouts) {
+            let t: Option<String> = sqlx::query_scalar(
+                "SELECT template FROM revisions WHERE kind = $1 AND namespace = $2 AND name = $3 AND revision = $4",
+            )
+            .bind(id.kind.as_str())
+            .bind(&id.namespace)
+            .bind(&id.name)
+            .bind(i(rev))
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(t) = t {
+                templates.insert((id, rev), serde_json::from_str(&t)?);
+            }
+        }
+        tx.commit().await?;
+        Ok(ScheduleInputs {
+            nodes,
+            objects,
+            assignments,
+            held,
+            held_revisions,
+            held_prefetch,
+            rollouts,
+            templates,
+        })
+    }
+
+    async fn commit_plan(&self, plan: &Plan) -> Result<BTreeMap<String, u64>> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM assignments").execute(&mut *tx).await?;
+        for (id, nodes) in &plan.assignments {
+            for n in nodes {
+                sqlx::query("INSERT INTO assignments (kind, namespace, name, node) VALUES ($1, $2, $3, $4)")
+                    .bind(id.kind.as_str())
+                    .bind(&id.namespace)
+                    .bind(&id.name)
+                    .bind(n)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        let mut bumped = BTreeMap::new();
+        // BTreeMap order: every plan locks nodes by name, so two cannot deadlock.
+        for (node, change) in &plan.changes {
+            if change.upsert.is_empty() && change.remove.is_empty() && change.prefetch.is_none() {
+                continue;
+            }
+            // Lock the node before taking the generation: whoever commits later for this node
+            // took its number later, so the node's generation never goes back.
+            sqlx::query("SELECT 1 FROM nodes WHERE name = $1 FOR UPDATE")
+                .bind(node)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let gen: i64 = sqlx::query_scalar("SELECT nextval('gen_seq')")
+                .fetch_one(&mut *tx)
+                .await?;
+            if let Some(hints) = &change.prefetch {
+                sqlx::query("DELETE FROM node_prefetch WHERE node = $1")
+                    .bind(node)
+                    .execute(&mut *tx)
+                    .await?;
+                for spec in hints {
+                    sqlx::query("INSERT INTO node_prefetch (node, key, spec, hash) VALUES ($1, $2, $3, $4)")
+                        .bind(node)
+                        .bind(&spec.key)
+                        .bind(serde_json::to_string(spec)?)
+                        .bind(&spec.hash)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            for spec in &change.upsert {
+                sqlx::query(
+                    "INSERT INTO node_workloads (node, key, spec, hash, changed_gen, revision)
+                     VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (node, key) DO UPDATE SET spec = excluded.spec, hash = excluded.hash,
+                        changed_gen = excluded.changed_gen, revision = excluded.revision",
+                )
+                .bind(node)
+                .bind(&spec.key)
+                .bind(serde_json::to_string(spec)?)
+                .bind(outpost_core::site_ha::delivery_hash(spec))
+                .bind(gen)
+                .bind(i(spec.revision))
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query("DELETE FROM node_tombstones WHERE node = $1 AND key = $2")
+                    .bind(node)
+                    .bind(&spec.key)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for key in &change.remove {
+                sqlx::query("DELETE FROM node_workloads WHERE node = $1 AND key = $2")
+                    .bind(node)
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO node_tombstones (node, key, gen) VALUES ($1, $2, $3)
+                     ON CONFLICT (node, key) DO UPDATE SET gen = excluded.gen",
+                )
+                .bind(node)
+                .bind(key)
+                .bind(gen)
+                .execute(&mut *tx)
+                .await?;
+            }
+            sqlx::query("UPDATE nodes SET generation = GREATEST(generation, $2) WHERE name = $1")
+                .bind(node)
+                .bind(gen)
+                .execute(&mut *tx)
+                .await?;
+            bumped.insert(node.clone(), u(gen));
+        }
+        tx.commit().await?;
+        Ok(bumped)
+    }
+
+    async fn desired(&self) -> Result<Vec<DesiredRow>> {
+        let rows: Vec<(String, String, String, i64)> =
+            sqlx::query_as("SELECT node, key, hash, revision FROM node_workloads ORDER BY key, node")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(node, key, hash, revision)| DesiredRow {
+                node,
+                key,
+                hash,
+                revision: u(revision),
+            })
+            .collect())
+    }
+
+    async fn prefetch(&self, node: &str) -> Result<Vec<WorkloadSpec>> {
+        let rows: Vec<String> = sqlx::query_scalar("SELECT spec FROM node_prefetch WHERE node = $1 ORDER BY key")
+            .bind(node)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|s| Ok(serde_json::from_str(s)?)).collect()
+    }
+
+    async fn rollout(&self, workload: &str) -> Result<Option<Rollout>> {
+        let s: Option<String> = sqlx::query_scalar("SELECT state FROM rollouts WHERE workload = $1")
+            .bind(workload)
+            .fetch_optional(&self.pool)
+            .await?;
+        s.map(|s| Ok(serde_json::from_str(&s)?)).transpose()
+    }
+
+    async fn rollouts(&self) -> Result<Vec<Rollout>> {
+        let mut c = self.pool.acquire().await?;
+        rollouts_in(&mut c).await
+    }
+
+    async fn put_rollout(&self, r: &Rollout) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO rollouts (workload, revision, state, updated_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (workload) DO UPDATE SET revision = excluded.revision, state = excluded.state,
+                updated_at = excluded.updated_at",
+        )
+        .bind(&r.workload)
+        .bind(i(r.revision))
+        .bind(serde_json::to_string(r)?)
+        .bind(r.updated_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn gitops_states(&self) -> Result<Vec<(String, String)>> {
+        Ok(sqlx::query_as("SELECT repo, state FROM gitops_state ORDER BY repo")
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    async fn put_gitops_state(&self, repo: &str, state: Option<&str>, now: UnixMs) -> Result<()> {
+        match state {
+            Some(s) => {
+                sqlx::query(
+                    "INSERT INTO gitops_state (repo, state, updated_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (repo) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
+                )
+                .bind(repo)
+                .bind(s)
+                .bind(now)
+                .execute(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query("DELETE FROM gitops_state WHERE repo = $1")
+                    .bind(repo)
+                    .execute(&self.pool)
+                    .await?
+            }
+        };
+        Ok(())
+    }
+}
+
+fn image_tag((name, digest, size, pushed_at): (String, String, i64, i64)) -> ImageTag {
+    ImageTag {
+        name,
+        digest,
+        size: u(size),
+        pushed_at,
+    }
+}

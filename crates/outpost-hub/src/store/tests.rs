@@ -1,0 +1,758 @@
+//! The store's test suite, run on both backends: every case is an async function taking a
+//! [`Backend`], and `both!` makes a `sqlite` and a `postgres` test of it. The PostgreSQL one
+//! gets its own database on the test server (`testkit`), so cases run in parallel.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::*;
+use outpost_api::{RestartPolicy, Runtime};
+use rusqlite::Connection;
+
+/// Where a case's store lives; it may be opened again (a hub restart).
+enum Backend {
+    Sqlite(tempfile::TempDir),
+    Pg(String),
+}
+
+impl Backend {
+    fn sqlite() -> Backend {
+        Backend::Sqlite(tempfile::tempdir().expect("temp dir"))
+    }
+
+    fn pg(case: &str) -> Option<Backend> {
+        testkit::pg_database(case).map(Backend::Pg)
+    }
+
+    fn path(&self) -> PathBuf {
+        match self {
+            Backend::Sqlite(d) => d.path().join("hub.db"),
+            Backend::Pg(_) => unreachable!("not a file"),
+        }
+    }
+
+    async fn try_open(&self) -> Result<Arc<dyn Store>> {
+        Ok(match self {
+            Backend::Sqlite(_) => Arc::new(SqliteStore::open(&self.path())?),
+            Backend::Pg(url) => Arc::new(PgStore::connect(url).await?),
+        })
+    }
+
+    async fn open(&self) -> Arc<dyn Store> {
+        self.try_open().await.expect("open the test store")
+    }
+
+    /// Run SQL on the database behind the store's back (one dialect each).
+    async fn exec(&self, sqlite: &str, pg: &'static str) -> anyhow::Result<()> {
+        match self {
+            Backend::Sqlite(_) => Connection::open(self.path())?.execute_batch(sqlite)?,
+            Backend::Pg(url) => {
+                let pool = sqlx::PgPool::connect(url).await?;
+                sqlx::raw_sql(pg).execute(&pool).await?;
+                pool.close().await;
+            }
+        }
+        Ok(())
+    }
+}
+
+macro_rules! both {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() -> anyhow::Result<()> {
+                super::$case(super::Backend::sqlite()).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() -> anyhow::Result<()> {
+                match super::Backend::pg(stringify!($case)) {
+                    Some(b) => super::$case(b).await,
+                    None => Ok(()),
+                }
+            }
+        }
+    )*};
+}
+
+both!(
+    apply_is_all_or_nothing,
+    delete_is_all_or_nothing,
+    workload_revision_moves_only_with_the_template,
+    generation_never_decreases_across_reopen_and_rejoin,
+    contacts_are_read_at_once_and_written_with_the_next_status,
+    group_commit_isolates_a_failing_report,
+    join_checks_token_and_name_and_merges_labels,
+    racing_joins_for_the_last_use_one_wins,
+    renewal_is_two_phase,
+    tombstones_give_deltas_until_pruned,
+    events_are_stored_once_and_acked_by_highest_seq,
+    events_are_pruned_past_the_limit,
+    rollouts_round_trip_and_go_with_their_workload,
+    gitops_state_round_trips,
+    images_and_schedule_inputs_round_trip,
+    a_newer_schema_is_refused,
+);
+
+fn token(id: &str, uses: Option<u64>) -> TokenRow {
+    TokenRow {
+        id: id.into(),
+        secret_sha256: "s".into(),
+        labels: [("site".to_string(), "hq".to_string())].into(),
+        expires_at: None,
+        uses_left: uses,
+        used: 0,
+        created_at: 0,
+        node_labels: vec!["rack".into()],
+    }
+}
+
+fn new_node(name: &str) -> NewNode {
+    NewNode {
+        name: name.into(),
+        labels: Labels::new(),
+        cert_fp: format!("fp-{name}"),
+        cert_not_after: 0,
+    }
+}
+
+fn spec(key: &str, hash: &str) -> WorkloadSpec {
+    WorkloadSpec {
+        key: key.into(),
+        kind: Kind::DaemonSet,
+        namespace: "default".into(),
+        name: key.rsplit('/').next().unwrap_or(key).into(),
+        revision: 1,
+        hash: hash.into(),
+        runtime: Runtime::Process,
+        restart_policy: RestartPolicy::Always,
+        grace_seconds: 30,
+        containers: vec![],
+        volumes: vec![],
+        min_ready_seconds: 0,
+        progress_deadline_seconds: 600,
+        host_network: false,
+        host_pid: false,
+        job: None,
+        agent_update: None,
+        pipeline: None,
+        failover: None,
+    }
+}
+
+fn change(node: &str, upsert: &[(&str, &str)], remove: &[&str]) -> Plan {
+    let c = NodeChange {
+        upsert: upsert.iter().map(|(k, h)| spec(k, h)).collect(),
+        remove: remove.iter().map(|s| s.to_string()).collect(),
+        prefetch: None,
+    };
+    Plan {
+        changes: [(node.to_string(), c)].into(),
+        ..Default::default()
+    }
+}
+
+fn objects(yaml: &str) -> Vec<Object> {
+    let mut objs = outpost_api::parse_file("t.yaml", yaml)
+        .expect("valid test manifest")
+        .objects;
+    for o in &mut objs {
+        let ns = o.meta().ns().to_string();
+        o.meta_mut().namespace = Some(ns);
+    }
+    objs
+}
+
+const CM_AND_BOOM: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: ok}\ndata: {a: b}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: boom}\ndata: {a: b}\n";
+
+#[test]
+fn a_version_1_database_is_upgraded() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("hub.db");
+    {
+        let c = Connection::open(&path)?;
+        c.execute_batch(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             INSERT INTO meta VALUES ('schema_version', '1');
+             CREATE TABLE tokens (id TEXT PRIMARY KEY, secret_sha256 TEXT NOT NULL, labels TEXT NOT NULL,
+                expires_at INTEGER, uses_left INTEGER, used INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL);
+             INSERT INTO tokens VALUES ('t', 's', '{}', NULL, NULL, 0, 0);
+             CREATE TABLE nodes (name TEXT PRIMARY KEY, labels TEXT NOT NULL, cert_fp TEXT NOT NULL UNIQUE,
+                cert_not_after INTEGER NOT NULL, joined_at INTEGER NOT NULL, last_seen INTEGER,
+                generation INTEGER NOT NULL, applied_generation INTEGER NOT NULL DEFAULT 0,
+                tombstone_floor INTEGER NOT NULL DEFAULT 0, agent_version TEXT, uptime_secs INTEGER, token_id TEXT);
+             INSERT INTO nodes (name, labels, cert_fp, cert_not_after, joined_at, generation)
+                VALUES ('impostor', '{\"kubernetes.io/hostname\":\"victim\",\"site\":\"s\"}', 'fp', 0, 0, 1);",
+        )?;
+    }
+    let s = SqliteCore::open(&path)?;
+    let n = s.node("impostor")?.expect("kept");
+    assert_eq!(n.labels["kubernetes.io/hostname"], "impostor");
+    assert_eq!(n.labels["site"], "s");
+    assert_eq!(s.token("t")?.expect("kept").node_labels, Vec::<String>::new());
+    s.renew("impostor", "fp2", 5)?;
+    assert!(s.node_by_cert("fp2")?.is_some());
+    drop(s);
+    // Opening again changes nothing.
+    let s = SqliteCore::open(&path)?;
+    assert_eq!(s.node("impostor")?.expect("kept").cert_fp, "fp2");
+    Ok(())
+}
+
+/// token, secret, now, expected
+type Case = (Option<TokenRow>, &'static str, i64, Result<(), TokenProblem>);
+
+#[test]
+fn token_check_table() {
+    let t = |expires_at, uses_left, used| TokenRow {
+        expires_at,
+        uses_left,
+        used,
+        ..token("t", None)
+    };
+    let cases: &[Case] = &[
+        (Some(t(None, None, 5)), "s", 0, Ok(())),
+        (None, "s", 0, Err(TokenProblem::Unknown { id: "t".into() })),
+        (
+            Some(t(None, None, 0)),
+            "x",
+            0,
+            Err(TokenProblem::Unknown { id: "t".into() }),
+        ),
+        (Some(t(Some(100), None, 0)), "s", 99, Ok(())),
+        (
+            Some(t(Some(100), None, 0)),
+            "s",
+            150,
+            Err(TokenProblem::Expired {
+                id: "t".into(),
+                ago_ms: 50,
+            }),
+        ),
+        (
+            Some(t(None, Some(0), 3)),
+            "s",
+            0,
+            Err(TokenProblem::UsedUp {
+                id: "t".into(),
+                used: 3,
+            }),
+        ),
+    ];
+    for (i, (tok, secret, now, want)) in cases.iter().enumerate() {
+        assert_eq!(&check_token(tok.as_ref(), "t", secret, *now), want, "case {i}");
+    }
+}
+
+fn status(generation: u64, events: Vec<NodeEvent>) -> StatusReport {
+    StatusReport {
+        agent_version: "t".into(),
+        uptime_secs: 1,
+        generation,
+        full: true,
+        workloads: vec![],
+        removed: vec![],
+        events,
+    }
+}
+
+fn ev(seq: u64) -> NodeEvent {
+    NodeEvent {
+        seq,
+        at: 10,
+        workload: None,
+        reason: "Started".into(),
+        message: format!("m{seq}"),
+    }
+}
+
+fn actions(r: &[ApplyResult]) -> Vec<&str> {
+    r.iter().map(|r| r.action.as_str()).collect()
+}
+
+async fn apply_is_all_or_nothing(b: Backend) -> anyhow::Result<()> {
+    let s = b.open().await;
+    // Make the second insert of the batch fail inside the transaction.
+    b.exec(
+        "CREATE TRIGGER boom BEFORE INSERT ON objects WHEN NEW.name = 'boom'
+         BEGIN SELECT RAISE(ABORT, 'boom'); END;",
+        "CREATE FUNCTION boom() RETURNS trigger AS $$ BEGIN
+           IF NEW.name = 'boom' THEN RAISE EXCEPTION 'boom'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql;
+         CREATE TRIGGER boom BEFORE INSERT ON objects FOR EACH ROW EXECUTE FUNCTION boom();",
+    )
+    .await?;
+    assert!(s.apply(&objects(CM_AND_BOOM), 1).await.is_err());
+    assert!(
+        s.objects().await?.is_empty(),
+        "the first object of a failed batch must not be stored"
+    );
+    b.exec("DROP TRIGGER boom", "DROP TRIGGER boom ON objects").await?;
+    let r = s.apply(&objects(CM_AND_BOOM), 2).await?;
+    assert_eq!(actions(&r), ["created", "created"]);
+    let r = s.apply(&objects(CM_AND_BOOM), 3).await?;
+    assert_eq!(actions(&r), ["unchanged", "unchanged"]);
+    Ok(())
+}
+
+async fn delete_is_all_or_nothing(b: Backend) -> anyhow::Result<()> {
+    let s = b.open().await;
+    let objs = objects(CM_AND_BOOM);
+    s.apply(&objs, 1).await?;
+    b.exec(
+        "CREATE TRIGGER boom BEFORE DELETE ON objects WHEN OLD.name = 'boom'
+         BEGIN SELECT RAISE(ABORT, 'boom'); END;",
+        "CREATE FUNCTION boom() RETURNS trigger AS $$ BEGIN
+           IF OLD.name = 'boom' THEN RAISE EXCEPTION 'boom'; END IF; RETURN OLD; END $$ LANGUAGE plpgsql;
+         CREATE TRIGGER boom BEFORE DELETE ON objects FOR EACH ROW EXECUTE FUNCTION boom();",
+    )
+    .await?;
+    let ids: Vec<ObjectId> = objs.iter().map(Object::id).collect();
+    assert!(s.delete_objects(&ids).await.is_err());
+    assert_eq!(s.objects().await?.len(), 2, "a failed delete batch removes nothing");
+    b.exec("DROP TRIGGER boom", "DROP TRIGGER boom ON objects").await?;
+    let mut with_ghost = ids.clone();
+    with_ghost.push(ObjectId {
+        kind: Kind::ConfigMap,
+        namespace: "default".into(),
+        name: "ghost".into(),
+    });
+    let (deleted, missing) = s.delete_objects(&with_ghost).await?;
+    assert_eq!((deleted, missing.len()), (ids, 1));
+    assert!(s.objects().await?.is_empty());
+    Ok(())
+}
+
+async fn workload_revision_moves_only_with_the_template(b: Backend) -> anyhow::Result<()> {
+    let s = b.open().await;
+    let dep = |replicas: u32, image: &str| {
+        objects(&format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\nspec:\n  replicas: {replicas}\n  template:\n    spec:\n      containers: [{{name: c, image: {image}}}]\n"
+        ))
+    };
+    assert_eq!(s.apply(&dep(1, "nginx:1"), 1).await?[0].revision, Some(1));
+    let r = s.apply(&dep(2, "nginx:1"), 2).await?;
+    assert_eq!((r[0].action.as_str(), r[0].revision), ("configured", Some(1)));
+    let r = s.apply(&dep(2, "nginx:2"), 3).await?;
+    assert_eq!((r[0].action.as_str(), r[0].revision), ("configured", Some(2)));
+    let id = dep(1, "x")[0].id();
+    assert_eq!(
+        s.revisions(&id).await?.iter().map(|r| r.revision).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    let stored = s.object(&id).await?.expect("stored");
+    assert_eq!((stored.created_at, stored.updated_at), (1, 3));
+    Ok(())
+}
+
+async fn generation_never_decreases_across_reopen_and_rejoin(b: Backend) -> anyhow::Result<()> {
+    let first;
+    {
+        let s = b.open().await;
+        s.create_token(&token("t", None)).await?;
+        s.join("t", "s", &new_node("a"), 0).await?;
+        s.commit_plan(&change("a", &[("daemonset/default/x", "h1")], &[]))
+            .await?;
+        first = s.node("a").await?.expect("joined").generation;
+        assert!(first >= 2);
+    }
+    let s = b.open().await;
+    let bumped = s
+        .commit_plan(&change("a", &[("daemonset/default/x", "h2")], &[]))
+        .await?;
+    assert!(bumped["a"] > first, "{bumped:?} after {first}");
+    assert!(s.delete_node("a").await?);
+    s.join("t", "s", &new_node("a"), 0).await?;
+    let rejoined = s.node("a").await?.expect("rejoined").generation;
+    assert!(rejoined > bumped["a"]);
+    Ok(())
+}
+
+async fn contacts_are_read_at_once_and_written_with_the_next_status(b: Backend) -> anyhow::Result<()> {
+    {
+        let s = b.open().await;
+        s.create_token(&token("t", None)).await?;
+        s.join("t", "s", &new_node("a"), 0).await?;
+        assert_eq!(s.touch("a", 5_000).await?, Some(0), "previous contact: the join");
+        assert_eq!(s.touch("a", 9_000).await?, Some(5_000));
+        assert_eq!(s.touch("ghost", 9_000).await?, None);
+        assert_eq!(
+            s.node("a").await?.expect("a").last_seen,
+            Some(9_000),
+            "readers see the contact at once"
+        );
+    }
+    // not yet written: a restarted hub has only the join
+    let s = b.open().await;
+    assert_eq!(s.node("a").await?.expect("a").last_seen, None);
+    s.touch("a", 20_000).await?;
+    s.record_status("a", &status(0, vec![]), 15_000).await?;
+    drop(s);
+    let s = b.open().await;
+    assert_eq!(
+        s.node("a").await?.expect("a").last_seen,
+        Some(20_000),
+        "written with the status transaction"
+    );
+    Ok(())
+}
+
+async fn group_commit_isolates_a_failing_report(b: Backend) -> anyhow::Result<()> {
+    let s = b.open().await;
+    s.create_token(&token("t", None)).await?;
+    s.join("t", "s", &new_node("a"), 0).await?;
+    s.join("t", "s", &new_node("b"), 0).await?;
+    let batch = vec![
+        ("a".to_string(), status(0, vec![ev(1), ev(2)]), 10),
+        ("gone".to_string(), status(0, vec![ev(7)]), 10),
+        ("b".to_string(), status(0, vec![ev(5)]), 10),
+    ];
+    let out = s.record_statuses(&batch).await?;
+    assert_eq!(out[0], Ok(2));
+    assert!(out[1].is_err(), "an unknown node's report is refused alone: {out:?}");
+    assert_eq!(out[2], Ok(5));
+    drop(s);
+    let s = b.open().await;
+    assert_eq!(s.events("a", 10).await?.len(), 2, "committed");
+    assert_eq!(s.events("b", 10).await?.len(), 1, "committed");
+    Ok(())
+}
+
+async fn join_checks_token_and_name_and_merges_labels(b: Backend) -> anyhow::Result<()> {
+    let s = b.open().await;
+    s.create_token(&token("t", Some(1))).await?;
+    // Labels the node may not set refuse the join and use nothing up.
+    for (k, v) in [("site", "edge"), ("kubernetes.io/hostname", "other"), ("zone", "z")] {
+        let mut n = new_node("a");
+        n.labels.insert(k.into(), v.into());
+        let refused = s.join("t", "s", &n, 0).await;
+        assert!(matches!(refused, Err(StoreError::Labels(_))), "{k}: {refused:?}");
+    }
+    assert!(s.node("a").await?.is_none());
+    let mut n = new_node("a");
+    n.labels.insert("rack".into(), "r7".into());
+    n.labels.insert("kubernetes.io/os".into(), "linux".into());
+    let labels = s.join("t", "s", &n, 0).await?;
+    assert_eq!(labels["site"], "hq", "the token's label");
+    assert_eq!(labels["rack"], "r7", "a key the token allows");
+    assert_eq!(labels["kubernetes.io/hostname"], "a", "set by the hub");
+    assert_eq!(s.node("a").await?.expect("joined").labels, labels);
+    let again = s.join("t", "s", &new_node("b"), 0).await;
+    assert!(
+        matches!(again, Err(StoreError::Token(TokenProblem::UsedUp { used: 1, .. }))),
+        "{again:?}"
+    );
+    s.create_token(&token("u", None)).await?;
+    assert!(matches!(
+        s.join("u", "s", &new_node("a"), 0).await,
+        Err(StoreError::NodeExists(_))
+    ));
+    assert!(matches!(
+        s.join("u", "wrong", &new_node("c"), 0).await,
+        Err(StoreError::Token(TokenProblem::Unknown { .. }))
+    ));
+    assert_eq!(
+        s.token("u").await?.expect("token").used,
+        0,
+        "refused joins use nothing up"
+    );
+    Ok(())
+}
+
+async fn racing_joins_for_the_last_use_one_wins(b: Backend) -> anyhow::Result<()> {
+    // Two stores on one database: two hub processes (or replicas) racing.
+    let (s1, s2) = (b.open().await, b.open().await);
+    for round in 0..20 {
+        let t = format!("t{round}");
+        s1.create_token(&token(&t, Some(1))).await?;
+        let (n1, n2) = (new_node(&format!("a{round}")), new_node(&format!("b{round}")));
+        let (r1, r2) = tokio::join!(
+            tokio::spawn({
+                let (s, t) = (s1.clone(), t.clone());
+                async move { s.join(&t, "s", &n1, 0).await }
+            }),
+            tokio::spawn({
+                let (s, t) = (s2.clone(), t.clone());
+                async move { s.join(&t, "s", &n2, 0).await }
+            }),
+        );
+        let (r1, r2) = (r1?, r2?);
+        let refused = |r: &Result<Labels>| {
+            matches!(r, Err(StoreError::Token(TokenProblem::UsedUp { .. })))
+                // SQLite: the loser may find the database locked for longer than its timeout
+                || matches!(r, Err(StoreError::Sqlite(_)))
+        };
+        assert!(
+            (r1.is_ok() && refused(&r2)) || (r2.is_ok() && refused(&r1)),
+            "round {round}: exactly one join wins: {r1:?} / {r2:?}"
+        );
+        let tok = s1.token(&t).await?.expect("token");
+        assert_eq!((tok.used, tok.uses_left), (1, Some(0)), "round {round}");
+        let joined = s1
+            .nodes()
+            .await?
+            .iter()
+            .filter(|n| n.name.ends_with(&round.to_string()))
+            .count();
+        assert!(joined >= 1, "round {round}");
+    }
+    let names: Vec<String> = s1.nodes().await?.into_iter().map(|n| n.name).collect();
+    assert_eq!(names.len(), 20, "one node per token: {names:?}");
+    Ok(())
+}
+
+async fn renewal_is_two_phase(b: Backend) -> anyhow::Result<()> {
+    let s = b.open().await;
+    s.create_token(&token("t", None)).await?;
+    s.join("t", "s", &new_node("a"), 0).await?;
+    async fn owner(s: &dyn Store, fp: &str) -> Result<Option<(String, bool)>> {
+        s.node_by_cert(fp).await.map(|o| o.map(|o| (o.node, o.promoted)))
+    }
+    assert_eq!(owner(&*s, "fp-a").await?, Some(("a".into(), false)));
+    // A renewal whose answer was lost: the old certificate still works, and so would the new.
+    s.renew("a", "fp-a2", 100).await?;
+    assert_eq!(owner(&*s, "fp-a").await?, Some(("a".into(), false)));
+    // The node renews again (it never got fp-a2): the newest one replaces it.
+    s.renew("a", "fp-a3", 200).await?;
+    assert_eq!(owner(&*s, "fp-a2").await?, None);
+    assert_eq!(s.node("a").await?.expect("node").cert_not_after, 0, "not switched yet");
+    // First use of the new certificate switches over; the old one stops working.
+    assert_eq!(owner(&*s, "fp-a3").await?, Some(("a".into(), true)));
+    assert_eq!(owner(&*s, "fp-a3").await?, Some(("a".into(), false)));
+    assert_eq!(owner(&*s, "fp-a").await?, None);
+    let n = s.node("a").await?.expect("node");
+    assert_eq!((n.cert_fp.as_str(), n.cert_not_after), ("fp-a3", 200));
+    Ok(())
+}
+
+async fn tombstones_give_deltas_until_pruned(b: Backend) -> anyhow::Result<()> {
+    let s = b.open().await;
+    s.create_token(&token("t", None)).await?;
+    s.join("t", "s", &new_node("a"), 0).await?;
+    let g1 = s.commit_plan(&change("a", &[("k/a", "1"), ("k/b", "1")], &[])).await?["a"];
+    let g2 = s.commit_plan(&change("a", &[], &["k/a"])).await?["a"];
+    assert!(g2 > g1);
+
+    let d = s.sync("a", g1).await?.expect("node exists");
+    assert_eq!(
+        (d.generation, d.full, d.upsert.len(), d.remove.clone()),
+        (g2, false, 0, vec!["k/a".to_string()])
+    );
+    let full = s.sync("a", 0).await?.expect("node exists");
+    assert!(full.full);
+    assert_eq!(full.upsert.iter().map(|w| w.key.as_str()).collect::<Vec<_>>(), ["k/b"]);
+    assert!(s.sync("a", g2).await?.expect("node exists").upsert.is_empty());
+    assert!(
+        s.sync("a", g2 + 10).await?.expect("node exists").full,
+        "an agent ahead of the hub gets everything"
+    );
+
+    // Re-adding a removed key drops its tombstone: the delta holds only the upsert.
+    let g3 = s.commit_plan(&change("a", &[("k/a", "2")], &[])).await?["a"];
+    let d = s.sync("a", g1).await?.expect("node exists");
+    assert_eq!((d.full, d.remove.len(), d.upsert.len()), (false, 0, 1));
+
+    // Once the agent reports g3 applied, tombstones up to it are pruned and older deltas go full.
+    let g4 = s.commit_plan(&change("a", &[], &["k/b"])).await?["a"];
+    s.record_status("a", &status(g3, vec![]), 5).await?;
+    assert!(s.sync("a", g1).await?.expect("node exists").full);
+    let d = s.sync("a", g3).await?.expect("node exists");
+    assert_eq!(
+        (d.generation, d.full, d.remove.clone()),
+        (g4, false, vec!["k/b".to_string()])
+    );
+    assert!(s.sync("ghost", 0).await?.is_none());
+    Ok(())
+}
+
+async fn events_are_stored_once_and_acked_by_highest_seq(b: Backend) -> anyhow::Result<()> {
+    let s = b.open().await;
+    s.create_token(&token("t", None)).await?;
+    s.join("t", "s", &new_node("a"), 0).await?;
+    assert_eq!(s.record_status("a", &status(0, vec![ev(1), ev(2)]), 1).await?, 2);
+    assert_eq!(s.record_status("a", &status(0, vec![ev(2), ev(3)]), 2).await?, 3);
+    let seqs = |v: Vec<NodeEvent>| v.iter().map(|e| e.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(s.events("a", 50).await?), [1, 2, 3]);
+    assert_eq!(seqs(s.events("a", 2).await?), [2, 3]);
+    Ok(())
+}
+
+async fn events_are_pruned_past_the_limit(b: Backend) -> anyhow::Result<()> {
+    let s = b.open().await;
+    s.create_token(&token("t", None)).await?;
+    s.join("t", "s", &new_node("a"), 0).await?;
+    let kept = u64::try_from(EVENTS_KEPT)?;
+    let first: Vec<NodeEvent> = (1..=kept).map(ev).collect();
+    s.record_status("a", &status(0, first), 1).await?;
+    assert_eq!(s.events("a", 5_000).await?.len(), first_len(kept));
+    let more: Vec<NodeEvent> = (kept + 1..=kept + 5).map(ev).collect();
+    assert_eq!(s.record_status("a", &status(0, more), 2).await?, kept + 5);
+    let left = s.events("a", 5_000).await?;
+    assert_eq!(left.len(), first_len(kept), "only the newest are kept");
+    assert_eq!(left.first().map(|e| e.seq), Some(6));
+    // Statuses: a full report replaces the node's list; `removed` drops single ones.
+    let mut r = status(0, vec![]);
+    r.workloads = serde_json::from_value(serde_json::json!([
+        {"key": "daemonset/default/x", "revision": 1, "hash": "h", "phase": "Running", "containers": []},
+        {"key": "daemonset/default/y", "revision": 1, "hash": "h", "phase": "Running", "containers": []}
+    ]))?;
+    s.record_status("a", &r, 3).await?;
+    assert_eq!(s.statuses(Some("a")).await?.len(), 2);
+    r.workloads.truncate(1);
+    s.record_status("a", &r, 4).await?;
+    assert_eq!(
+        s.statuses(None).await?.len(),
+        1,
+        "a full report drops what it does not list"
+    );
+    r.full = false;
+    r.workloads.clear();
+    r.removed = vec!["daemonset/default/x".into()];
+    s.record_status("a", &r, 5).await?;
+    assert!(s.statuses(Some("a")).await?.is_empty());
+    assert!(s.delete_node("a").await?);
+    assert!(
+        s.events("a", 10).await?.is_empty(),
+        "a deleted node's events go with it"
+    );
+    assert!(!s.delete_node("a").await?);
+    Ok(())
+}
+
+fn first_len(kept: u64) -> usize {
+    usize::try_from(kept).unwrap_or(usize::MAX)
+}
+
+fn rollout(workload: &str, revision: u64, phase: &str) -> anyhow::Result<outpost_core::waves::Rollout> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "workload": workload, "revision": revision, "phase": phase, "policy": "default",
+        "started_at": 1, "updated_at": 2, "from": {"n1": revision - 1}, "previous": revision - 1
+    }))?)
+}
+
+async fn rollouts_round_trip_and_go_with_their_workload(b: Backend) -> anyhow::Result<()> {
+    let s = b.open().await;
+    let dep = objects(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  template:\n    spec:\n      containers: [{name: c, image: nginx:1}]\n",
+    );
+    s.apply(&dep, 1).await?;
+    let key = outpost_core::render::workload_key(&dep[0].id());
+    let r2 = rollout(&key, 2, "Progressing")?;
+    s.put_rollout(&r2).await?;
+    s.put_rollout(&rollout("daemonset/default/other", 4, "Complete")?)
+        .await?;
+    assert_eq!(s.rollout(&key).await?, Some(r2));
+    let r3 = rollout(&key, 3, "Paused")?;
+    s.put_rollout(&r3).await?;
+    assert_eq!(
+        s.rollout(&key).await?,
+        Some(r3.clone()),
+        "one per workload: the new replaces the old"
+    );
+    assert_eq!(
+        s.rollouts()
+            .await?
+            .iter()
+            .map(|r| r.workload.as_str())
+            .collect::<Vec<_>>(),
+        ["daemonset/default/other", key.as_str()]
+    );
+    let inputs = s.schedule_inputs().await?;
+    assert_eq!(inputs.rollouts.get(&key), Some(&r3));
+    s.delete_objects(&[dep[0].id()]).await?;
+    assert_eq!(s.rollout(&key).await?, None, "deleted with its workload");
+    assert!(s.rollout("daemonset/default/other").await?.is_some());
+    Ok(())
+}
+
+async fn gitops_state_round_trips(b: Backend) -> anyhow::Result<()> {
+    let s = b.open().await;
+    s.put_gitops_state("ns/b", Some("{\"x\":1}"), 1).await?;
+    s.put_gitops_state("ns/a", Some("{\"x\":2}"), 1).await?;
+    s.put_gitops_state("ns/b", Some("{\"x\":3}"), 2).await?;
+    assert_eq!(
+        s.gitops_states().await?,
+        [
+            ("ns/a".to_string(), "{\"x\":2}".to_string()),
+            ("ns/b".to_string(), "{\"x\":3}".to_string())
+        ]
+    );
+    s.put_gitops_state("ns/a", None, 3).await?;
+    drop(s);
+    let s = b.open().await;
+    assert_eq!(
+        s.gitops_states().await?.len(),
+        1,
+        "forgotten, and the rest survives a reopen"
+    );
+    Ok(())
+}
+
+async fn images_and_schedule_inputs_round_trip(b: Backend) -> anyhow::Result<()> {
+    let s = b.open().await;
+    let img = |name: &str, digest: &str| ImageTag {
+        name: name.into(),
+        digest: digest.into(),
+        size: 42,
+        pushed_at: 7,
+    };
+    s.put_image_tag(&img("b:1", "d1")).await?;
+    s.put_image_tag(&img("a:1", "d2")).await?;
+    s.put_image_tag(&img("b:1", "d3")).await?;
+    assert_eq!(s.image_tag("b:1").await?, Some(img("b:1", "d3")));
+    assert_eq!(s.image_tags().await?, [img("a:1", "d2"), img("b:1", "d3")]);
+    assert_eq!(s.image_tag("c:1").await?, None);
+
+    s.create_token(&token("t", None)).await?;
+    s.join("t", "s", &new_node("n1"), 0).await?;
+    let dep = objects(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  template:\n    spec:\n      containers: [{name: c, image: nginx:1}]\n",
+    );
+    s.apply(&dep, 1).await?;
+    let mut plan = change("n1", &[("deployment/default/web", "h")], &[]);
+    plan.assignments.insert(dep[0].id(), ["n1".to_string()].into());
+    let mut c = plan.changes.remove("n1").expect("change");
+    c.prefetch = Some(vec![spec("deployment/default/web", "p")]);
+    plan.changes.insert("n1".into(), c);
+    s.commit_plan(&plan).await?;
+    let inputs = s.schedule_inputs().await?;
+    assert_eq!(inputs.nodes.len(), 1);
+    assert_eq!(inputs.objects.len(), 1);
+    assert_eq!(inputs.assignments[&dep[0].id()], ["n1".to_string()].into());
+    assert_eq!(inputs.held_revisions["n1"]["deployment/default/web"], 1);
+    assert_eq!(inputs.held_prefetch["n1"]["deployment/default/web"], "p");
+    assert_eq!(s.prefetch("n1").await?.len(), 1);
+    let desired = s.desired().await?;
+    assert_eq!((desired.len(), desired[0].node.as_str()), (1, "n1"));
+    Ok(())
+}
+
+async fn a_newer_schema_is_refused(b: Backend) -> anyhow::Result<()> {
+    let s = b.open().await;
+    drop(s);
+    b.exec(
+        "UPDATE meta SET value = '99' WHERE key = 'schema_version'",
+        "UPDATE meta SET value = '99' WHERE key = 'schema_version'",
+    )
+    .await?;
+    match b.try_open().await {
+        Err(e @ StoreError::SchemaTooNew { found: 99, .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("newer hub release"), "{msg}");
+            assert!(!msg.contains("password"), "{msg}");
+        }
+        Err(e) => panic!("wrong refusal: {e}"),
+        Ok(_) => panic!("a database from a newer hub must be refused"),
+    }
+    Ok(())
+}
+
+#[test]
+fn store_urls_are_shown_without_their_password() {
+    for (url, shown) in [
+        ("postgres://u:secret@db:5432/x", "postgres://u:***@db:5432/x"),
+        ("postgres://u@db/x", "postgres://u@db/x"),
+        ("postgres://db/x?sslmode=require", "postgres://db/x?sslmode=require"),
+        ("postgresql://u:p@ss:w@db/x", "postgresql://u:***@db/x"),
+    ] {
+        assert_eq!(pg::redact(url), shown);
+    }
+}
