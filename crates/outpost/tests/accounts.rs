@@ -725,3 +725,45 @@ fn a_browser_session_survives_a_hub_restart_and_logout_deletes_it() {
     assert_eq!(a.status, 401, "{}", a.body);
     assert!(a.body.contains("log in again"), "{}", a.body);
 }
+
+#[test]
+fn image_uploads_are_audited_with_their_digest_and_size() {
+    use sha2::Digest;
+    let hub = Hub::start();
+    let viewer = add_user(&hub, &["uploader-v", "--role", "viewer"]);
+    let archive = b"an image archive, for the audit log".to_vec();
+    let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&archive)));
+    let path = format!("/v1/images/blobs/{digest}");
+    let put = |token: &str| call(&hub, "PUT", &path, Some(token), &[], Some(Body::Raw(archive.clone())));
+    assert_eq!(put(&viewer).status, 403);
+    assert_eq!(put(&hub.token).status, 201);
+    assert_eq!(put(&hub.token).status, 200, "stored already");
+    let audit = hub.json(&["audit"]);
+    let entries: Vec<(String, String, String, String)> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "image push")
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+            (s("user"), s("target"), s("detail"), s("result"))
+        })
+        .collect();
+    let size = format!("{} bytes", archive.len());
+    assert_eq!(entries.len(), 3, "{audit:#}");
+    assert_eq!(
+        (entries[0].0.as_str(), entries[0].1.as_str()),
+        ("uploader-v", digest.as_str())
+    );
+    assert!(entries[0].3.starts_with("denied"), "{entries:?}");
+    assert_eq!(
+        (
+            &entries[1].0[..],
+            &entries[1].1[..],
+            &entries[1].2[..],
+            &entries[1].3[..]
+        ),
+        ("admin", digest.as_str(), size.as_str(), "ok")
+    );
+    assert_eq!(entries[2].2, "already stored");
+}

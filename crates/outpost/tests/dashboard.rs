@@ -173,7 +173,11 @@ impl Ui {
     fn log_in(&self, hub: &Hub, user: &str, password: &str) {
         self.goto(&format!("{}/", hub.url));
         wait_for("the login form", 20.0, || {
-            (self.js("return !document.querySelector('#login-view').hidden;", vec![]) == json!(true)).then_some(())
+            (self.js(
+                "const v = document.querySelector('#login-view'); return !!v && !v.hidden;",
+                vec![],
+            ) == json!(true))
+            .then_some(())
         });
         self.fill("#login-user", user);
         self.fill("#login-password", password);
@@ -187,7 +191,11 @@ impl Ui {
     fn log_out(&self) {
         self.click("#logout");
         wait_for("back at the login form", 20.0, || {
-            (self.js("return !document.querySelector('#login-view').hidden;", vec![]) == json!(true)).then_some(())
+            (self.js(
+                "const v = document.querySelector('#login-view'); return !!v && !v.hidden;",
+                vec![],
+            ) == json!(true))
+            .then_some(())
         });
     }
 
@@ -403,9 +411,17 @@ fn dashboard_in_a_real_browser() {
         ui.screenshot(&dir.join("dashboard-node.png"));
     }
     ui.type_keys("#term-screen", "exit 3\u{E007}");
-    wait_for("the exit code shown", 30.0, || {
-        ui.text("#term-status").filter(|t| t.starts_with("exit 3"))
-    });
+    let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for("the exit code shown", 40.0, || {
+            ui.text("#term-status").filter(|t| t.starts_with("exit 3"))
+        })
+    }));
+    assert!(
+        done.is_ok(),
+        "status {:?}, the terminal shows {:?}",
+        ui.text("#term-status"),
+        screen()
+    );
 
     // pause and resume a rollout from the UI
     let m2 = marker();
