@@ -18,10 +18,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outpost_api::{LogRequest, NodePolicy, Vitals, ALERT_FIRING, ALERT_RESOLVED};
+use outpost_api::{
+    LogRequest, NodePolicy, Vitals, VitalsHistory, VitalsPoint, VitalsRequest, ALERT_FIRING, ALERT_RESOLVED,
+    MAX_VITALS_POINTS,
+};
 use outpost_core::alerts::{evaluate, NodeAlerts};
 use tokio::sync::{mpsc, watch, Notify};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::reconcile::{now_ms, Snapshot};
 use crate::store::{Store, StoreError};
@@ -60,6 +63,8 @@ pub struct MonitorLink {
     /// Notified when the outbox got new events worth sending now.
     pub outbox: Arc<Notify>,
     pub log_requests: mpsc::UnboundedSender<LogRequest>,
+    /// Requests for the vitals history from sync answers, for [`vitals_request_loop`].
+    pub vitals_requests: mpsc::UnboundedSender<outpost_api::VitalsRequest>,
     /// Exec sessions from sync answers, for `crate::exec`.
     pub exec: mpsc::UnboundedSender<outpost_api::exec::ExecRequest>,
     /// Prefetch hints from sync answers, for `crate::prefetch`.
@@ -174,5 +179,59 @@ pub async fn monitor_loop(
             _ = tokio::time::sleep(cfg.sample_every) => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// The stored history as an operator asked for it: the samples since `req.since`, downsampled
+/// by `outpost_core::vitals::history`.
+pub fn read_history(store: &Store, req: &VitalsRequest) -> VitalsHistory {
+    let rows = match store.vitals_history() {
+        Ok(r) => r,
+        Err(e) => {
+            return VitalsHistory {
+                error: Some(format!("cannot read the node's vitals history: {e}")),
+                ..Default::default()
+            }
+        }
+    };
+    let samples: Vec<VitalsPoint> = rows
+        .iter()
+        .filter_map(|j| serde_json::from_str::<Vitals>(j).ok())
+        .map(|v| VitalsPoint::of(&v))
+        .collect();
+    let max = req.max_points.clamp(1, MAX_VITALS_POINTS) as usize;
+    let from = samples.partition_point(|p| p.at < req.since);
+    VitalsHistory {
+        points: outpost_core::vitals::history(&samples, req.since, max),
+        samples: (samples.len() - from) as u32,
+        error: None,
+    }
+}
+
+/// Answer the operator's vitals history requests that arrive with sync answers, over the
+/// node's own link (`POST /v1/nodes/{node}/vitals/{id}`).
+pub async fn vitals_request_loop(
+    client: Arc<crate::sync::HubClient>,
+    store: Arc<Store>,
+    mut rx: mpsc::UnboundedReceiver<VitalsRequest>,
+) {
+    while let Some(req) = rx.recv().await {
+        let (client, store) = (client.clone(), store.clone());
+        tokio::spawn(async move {
+            let r = req.clone();
+            let answer = tokio::task::spawn_blocking(move || read_history(&store, &r))
+                .await
+                .unwrap_or_else(|e| VitalsHistory {
+                    error: Some(format!("reading the vitals history failed: {e}")),
+                    ..Default::default()
+                });
+            match client
+                .post_json::<_, serde_json::Value>(&format!("vitals/{}", req.id), &answer)
+                .await
+            {
+                Ok(_) => debug!(request = %req.id, points = answer.points.len(), "vitals request answered"),
+                Err(e) => warn!(request = %req.id, error = %e, "cannot answer a vitals request"),
+            }
+        });
     }
 }

@@ -284,6 +284,7 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
     let (policy_tx, policy_rx) = watch::channel(alerts::load_policy(&store));
     let (vitals_tx, vitals_rx) = watch::channel(None);
     let (logreq_tx, logreq_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (vitalsreq_tx, vitalsreq_rx) = tokio::sync::mpsc::unbounded_channel();
     let (exec_tx, exec_rx) = tokio::sync::mpsc::unbounded_channel();
     let (prefetch_tx, prefetch_rx) = tokio::sync::mpsc::unbounded_channel();
     let errors_ready = Arc::new(tokio::sync::Notify::new());
@@ -293,6 +294,7 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
         vitals: vitals_rx,
         outbox: outbox.clone(),
         log_requests: logreq_tx,
+        vitals_requests: vitalsreq_tx,
         exec: exec_tx,
         prefetch: prefetch_tx,
         store: store.clone(),
@@ -335,6 +337,11 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
                 o.data_dir.clone(),
                 logreq_rx,
             )));
+            tasks.push(tokio::spawn(alerts::vitals_request_loop(
+                client.clone(),
+                store.clone(),
+                vitalsreq_rx,
+            )));
             tasks.push(tokio::spawn(exec::request_loop(client.clone(), lookup_tx, exec_rx)));
             tasks.push(tokio::spawn(prefetch::prefetch_loop(
                 client.clone(),
@@ -365,7 +372,15 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
             // No hub: the status is kept on the node, in <data-dir>/status.json; the desired
             // state (and its pipelines) persisted from an earlier hub keeps running.
             _hub_desired = Some(desired_tx);
-            drop((logreq_rx, prefetch_rx, errors_ready, monitor, started, desired_rx));
+            drop((
+                logreq_rx,
+                vitalsreq_rx,
+                prefetch_rx,
+                errors_ready,
+                monitor,
+                started,
+                desired_rx,
+            ));
             tasks.push(tokio::spawn(local_status_loop(
                 o.data_dir.join("status.json"),
                 status_rx,

@@ -523,6 +523,9 @@ pub async fn sync_loop(
                 for r in a.exec {
                     let _ = monitor.exec.send(r);
                 }
+                for r in a.vitals_requests {
+                    let _ = monitor.vitals_requests.send(r);
+                }
                 if !a.prefetch.is_empty() {
                     let _ = monitor.prefetch.send(a.prefetch);
                 }

@@ -11,7 +11,8 @@ use crate::manifest::{Kind, Labels, ManifestError, Warning};
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Protocol minor version: additive changes an older peer can ignore (1.1: node-label
 /// restriction, two-phase renewal, renewal of expired certificates; 1.2: fleet rollouts, the
-/// `prefetch` hint in sync answers; 1.3: remote exec, the `exec` list in sync answers).
+/// `prefetch` hint in sync answers; 1.3: remote exec, the `exec` list in sync answers; 1.4: the
+/// `vitals_requests` list in sync answers, `ka=` on sync, zstd request bodies).
 pub const PROTOCOL_MINOR: u32 = 4;
 /// `<major>.<minor>`, as agents send it in [`PROTOCOL_HEADER`].
 pub const PROTOCOL: &str = "1.4";
@@ -940,6 +941,62 @@ pub struct LogData {
     pub error: Option<String>,
 }
 
+/// Most points per series a vitals history answer carries (the agent downsamples to it).
+pub const MAX_VITALS_POINTS: u32 = 300;
+
+/// An operator's request for the node's own vitals history (protocol 1.4), handed to the agent
+/// in its sync answer; answered with `POST /v1/nodes/{node}/vitals/{id}` ([`VitalsHistory`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VitalsRequest {
+    pub id: String,
+    /// Only samples taken at or after this time (unix ms, node clock).
+    pub since: i64,
+    /// Downsample to at most this many points (capped at [`MAX_VITALS_POINTS`]).
+    pub max_points: u32,
+}
+
+/// One point of a node's vitals history: a sample, or the peak of several when downsampled.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VitalsPoint {
+    /// Unix ms (node clock): the last sample the point covers.
+    pub at: i64,
+    /// CPU busy, percent of all cores.
+    pub cpu: f32,
+    /// Memory in use, percent.
+    pub mem: f32,
+    /// Use of the agent's data file system (of `/` when the same), percent.
+    pub disk: f32,
+    pub load1: f32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temp_c: Option<f32>,
+}
+
+impl VitalsPoint {
+    pub fn of(v: &Vitals) -> Self {
+        Self {
+            at: v.at,
+            cpu: v.cpu,
+            mem: v.mem,
+            disk: v.disk_data.unwrap_or(v.disk_root),
+            load1: v.load1,
+            temp_c: v.temp_c,
+        }
+    }
+}
+
+/// A node's vitals history, oldest first: the agent's answer to a [`VitalsRequest`], also what
+/// `GET /v1/nodes/{node}/vitals` returns.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct VitalsHistory {
+    pub points: Vec<VitalsPoint>,
+    /// How many stored samples the points summarize (one per minute on the node).
+    #[serde(default)]
+    pub samples: u32,
+    /// Set when the node could not read its history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// A forwarded error line. `at` is when the agent read it (log files carry no timestamps).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ErrorLine {
@@ -1030,6 +1087,9 @@ pub struct SyncAnswer {
     /// Exec sessions an operator opened on this node (docs/exec.md). Protocol 1.3.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exec: Vec<crate::exec::ExecRequest>,
+    /// Requests for the node's own vitals history (docs/dashboard.md). Protocol 1.4.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vitals_requests: Vec<VitalsRequest>,
 }
 
 /// A status report with the monitoring additions.

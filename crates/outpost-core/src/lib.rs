@@ -26,6 +26,7 @@ pub mod rollout;
 pub mod schedule;
 pub mod site_ha;
 pub mod supervise;
+pub mod vitals;
 pub mod waves;
 
 use std::collections::BTreeMap;

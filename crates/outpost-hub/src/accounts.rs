@@ -8,7 +8,10 @@
 //!   last_used_at (written at most once a minute per token). Revoked tokens stay, so using one
 //!   says "revoked", not "unknown"; removing an account removes its tokens;
 //! - `audit`: every mutating request (allowed, refused or failed), pruned to
-//!   [`AUDIT_MAX_ROWS`] rows and the configured age at each write.
+//!   [`AUDIT_MAX_ROWS`] rows and the configured age at each write;
+//! - `sessions`: browser sessions (`crate::session`): SHA-256 of the session id and of its CSRF
+//!   token, user, created_at, last_used_at (written at most once a minute), so a hub restart
+//!   keeps everyone logged in; logout, expiry and removing the account delete the row.
 //!
 //! Tokens are `opu_<id>_<secret>` with 128 random bits of secret; the hub keeps their SHA-256
 //! (a fast hash is enough for random secrets), shown once when created. Passwords are hashed
@@ -57,7 +60,14 @@ CREATE TABLE IF NOT EXISTS audit (
     action TEXT NOT NULL, target TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '',
     peer TEXT NOT NULL DEFAULT '', result TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
+CREATE TABLE IF NOT EXISTS sessions (
+    id_sha256 TEXT PRIMARY KEY, user TEXT NOT NULL, csrf_sha256 TEXT NOT NULL,
+    created_at INTEGER NOT NULL, last_used_at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user);
 ";
+
+/// A stored browser session: user, CSRF token's SHA-256 (hex), created_at, last_used_at.
+pub type SessionRow = (String, String, UnixMs, UnixMs);
 
 /// How the caller proved who it is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -250,6 +260,61 @@ impl Accounts {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Keep a new browser session (by the hashes of its id and CSRF token).
+    pub fn save_session(&self, id_sha256: &str, row: &SessionRow) -> R<()> {
+        self.lock().execute(
+            "INSERT OR REPLACE INTO sessions (id_sha256, user, csrf_sha256, created_at, last_used_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![id_sha256, row.0, row.1, row.2, row.3],
+        )?;
+        Ok(())
+    }
+
+    pub fn session(&self, id_sha256: &str) -> R<Option<SessionRow>> {
+        self.lock()
+            .query_row(
+                "SELECT user, csrf_sha256, created_at, last_used_at FROM sessions WHERE id_sha256 = ?1",
+                params![id_sha256],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+    }
+
+    pub fn touch_session(&self, id_sha256: &str, last_used: UnixMs) -> R<()> {
+        self.lock().execute(
+            "UPDATE sessions SET last_used_at = ?2 WHERE id_sha256 = ?1",
+            params![id_sha256, last_used],
+        )?;
+        Ok(())
+    }
+
+    /// End a session. False when there was none.
+    pub fn delete_session(&self, id_sha256: &str) -> R<bool> {
+        Ok(self
+            .lock()
+            .execute("DELETE FROM sessions WHERE id_sha256 = ?1", params![id_sha256])?
+            > 0)
+    }
+
+    pub fn delete_user_sessions(&self, user: &str) -> R<()> {
+        self.lock()
+            .execute("DELETE FROM sessions WHERE user = ?1", params![user])?;
+        Ok(())
+    }
+
+    /// Drop sessions unused since `idle_before` or created before `created_before`.
+    pub fn prune_sessions(&self, idle_before: UnixMs, created_before: UnixMs) -> R<usize> {
+        self.lock().execute(
+            "DELETE FROM sessions WHERE last_used_at < ?1 OR created_at < ?2",
+            params![idle_before, created_before],
+        )
+    }
+
+    /// How many sessions are stored (tests).
+    pub fn session_count(&self) -> R<i64> {
+        self.lock().query_row("SELECT COUNT(*) FROM sessions", [], |r| r.get(0))
+    }
+
     pub fn user(&self, name: &str) -> R<Option<UserRow>> {
         self.lock()
             .query_row(
@@ -281,6 +346,7 @@ impl Accounts {
         let mut c = self.lock();
         let tx = c.transaction()?;
         tx.execute("DELETE FROM user_tokens WHERE user = ?1", params![name])?;
+        tx.execute("DELETE FROM sessions WHERE user = ?1", params![name])?;
         let n = tx.execute("DELETE FROM users WHERE name = ?1", params![name])?;
         tx.commit()?;
         Ok(n > 0)

@@ -302,11 +302,79 @@ impl Service {
                 return Ok(Reply::GitRepos(Vec::new()));
             }
         }
-        let r = self.query(q).await?;
         if caller.scope.is_all() {
-            return Ok(r);
+            return self.query(q).await;
         }
+        let r = match q {
+            Query::Errors { node: None, .. } | Query::Data(crate::data::DataQuery { node: None, .. }) => {
+                self.per_node(caller, q).await?
+            }
+            q => self.query(q).await?,
+        };
         self.filter(caller, r).await
+    }
+
+    /// A limited list (`/v1/errors`, `/v1/data`) of every node a scoped caller sees: asked of
+    /// each node in scope and merged, so the limit counts only rows the caller may see (asking
+    /// all nodes and filtering after would hand back fewer than the limit).
+    async fn per_node(&self, caller: &Caller, q: Query) -> Result<Reply, HubError> {
+        let mut nodes: Vec<String> = self.nodes_in_scope(caller).await?.into_iter().collect();
+        nodes.sort();
+        match q {
+            Query::Errors {
+                workload,
+                since_secs,
+                limit,
+                ..
+            } => {
+                let mut all = Vec::new();
+                for n in nodes {
+                    let one = Query::Errors {
+                        node: Some(n),
+                        workload: workload.clone(),
+                        since_secs,
+                        limit,
+                    };
+                    if let Reply::Errors(v) = self.query(one).await? {
+                        all.extend(v);
+                    }
+                }
+                // the store's order: oldest first by time, then node (descending), then sequence
+                all.sort_by(|a, b| {
+                    (a.line.at, std::cmp::Reverse(&a.node), a.line.seq).cmp(&(
+                        b.line.at,
+                        std::cmp::Reverse(&b.node),
+                        b.line.seq,
+                    ))
+                });
+                let keep = limit.unwrap_or(1000).min(10_000) as usize;
+                let cut = all.len().saturating_sub(keep);
+                Ok(Reply::Errors(all.split_off(cut)))
+            }
+            Query::Data(dq) => {
+                let mut all = Vec::new();
+                for n in nodes {
+                    let one = crate::data::DataQuery {
+                        node: Some(n),
+                        ..dq.clone()
+                    };
+                    if let Reply::Records(v) = self.query(Query::Data(one)).await? {
+                        all.extend(v);
+                    }
+                }
+                all.sort_by_key(|r| r.cursor);
+                let keep = dq.limit.unwrap_or(100).clamp(1, 10_000) as usize;
+                if dq.after.is_some() {
+                    // following: the oldest after the cursor
+                    all.truncate(keep);
+                } else {
+                    let cut = all.len().saturating_sub(keep);
+                    all = all.split_off(cut);
+                }
+                Ok(Reply::Records(all))
+            }
+            q => self.query(q).await,
+        }
     }
 
     /// `GET /v1/whoami`.

@@ -39,6 +39,7 @@ type St = State<Arc<Service>>;
 const INDEX_HTML: &str = include_str!("dashboard/index.html");
 const APP_JS: &str = include_str!("dashboard/app.js");
 const APP_CSS: &str = include_str!("dashboard/app.css");
+const TERM_JS: &str = include_str!("dashboard/term.js");
 
 /// Vitals samples kept per node in memory (the hub stores only the latest one): at the agents'
 /// cadence (a sample when vitals moved, at most every 5 min, at least hourly) that is 12 h to
@@ -59,17 +60,8 @@ pub struct Change {
     pub node: Option<String>,
 }
 
-/// One vitals sample as the node page charts it.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-pub struct VitalsPoint {
-    pub at: i64,
-    pub cpu: f32,
-    pub mem: f32,
-    pub disk: f32,
-    pub load1: f32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub temp_c: Option<f32>,
-}
+/// One vitals sample as the node page charts it (the same shape as the node's own history).
+pub use outpost_api::VitalsPoint;
 
 /// What open pages listen to, and the vitals history the hub keeps in memory.
 pub struct Live {
@@ -109,14 +101,7 @@ impl Live {
         if q.len() == VITALS_KEPT {
             q.pop_front();
         }
-        q.push_back(VitalsPoint {
-            at: v.at,
-            cpu: v.cpu,
-            mem: v.mem,
-            disk: v.disk_data.unwrap_or(v.disk_root),
-            load1: v.load1,
-            temp_c: v.temp_c,
-        });
+        q.push_back(VitalsPoint::of(v));
     }
 
     pub fn vitals(&self, node: &str) -> Vec<VitalsPoint> {
@@ -148,6 +133,11 @@ pub async fn index() -> Response {
 /// `GET /ui/app.js`.
 pub async fn app_js() -> Response {
     asset(APP_JS, "text/javascript; charset=utf-8")
+}
+
+/// `GET /ui/term.js`: the node page's terminal emulator.
+pub async fn term_js() -> Response {
+    asset(TERM_JS, "text/javascript; charset=utf-8")
 }
 
 /// `GET /ui/app.css`.
@@ -321,7 +311,8 @@ pub async fn nodes(State(svc): St, c: Caller, ApiQuery(q): ApiQuery<ListQuery>) 
     Ok(Json(page(all, q.offset, q.limit)))
 }
 
-/// `GET /v1/dashboard/nodes/{node}/vitals`: the samples the hub kept since it started.
+/// `GET /v1/dashboard/nodes/{node}/vitals`: the samples the hub kept since it started (what the
+/// node page charts while the node is offline; `crate::node_vitals` fetches the node's own).
 pub async fn vitals(State(svc): St, c: Caller, Path(node): Path<String>) -> Result<Json<Vec<VitalsPoint>>, HubError> {
     // the node route checks role and scope (a node out of scope reads as not found)
     svc.query_as(&c, Query::Node { name: node.clone() }).await?;

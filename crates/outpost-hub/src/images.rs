@@ -73,22 +73,51 @@ pub async fn put_blob(
     Path(digest): Path<String>,
     req: Request,
 ) -> Result<Response, HubError> {
-    c.require(Action::PushImage, Target::Fleet)?;
-    store_blob(&svc, &digest, req, |_| Ok(())).await
+    audited_upload(&svc, &c, "image push", &digest, req, |_| Ok(())).await
 }
 
-/// Stream an upload into the blob store: hashed on the way, `check`ed on the complete temporary
-/// file (models: the ONNX check), renamed into place only when both pass.
-pub(crate) async fn store_blob(
+/// An upload of an image or model archive, checked against the caller's role and recorded in the
+/// audit log (who, digest, size; refusals and failures too).
+pub(crate) async fn audited_upload(
     svc: &Service,
+    c: &Caller,
+    action: &str,
     digest: &str,
     req: Request,
     check: impl FnOnce(&std::path::Path) -> Result<(), HubError>,
 ) -> Result<Response, HubError> {
+    if let Err(e) = c.require(Action::PushImage, Target::Fleet) {
+        svc.audit(c, action, digest, "", Err(&e)).await;
+        return Err(e);
+    }
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let r = store_blob(svc, digest, req, check).await;
+    let detail = match &r {
+        Ok((_, Some(bytes))) => format!("{bytes} bytes"),
+        Ok((_, None)) => "already stored".to_string(),
+        Err(_) => declared.map(|b| format!("{b} bytes declared")).unwrap_or_default(),
+    };
+    svc.audit(c, action, digest, &detail, r.as_ref().map(|_| ())).await;
+    r.map(|(resp, _)| resp)
+}
+
+/// Stream an upload into the blob store: hashed on the way, `check`ed on the complete temporary
+/// file (models: the ONNX check), renamed into place only when both pass. Returns the answer
+/// and the bytes stored (None: the archive was stored already).
+async fn store_blob(
+    svc: &Service,
+    digest: &str,
+    req: Request,
+    check: impl FnOnce(&std::path::Path) -> Result<(), HubError>,
+) -> Result<(Response, Option<u64>), HubError> {
     let digest = digest.to_string();
     let path = svc.blob_path(&digest)?;
     if path.exists() {
-        return Ok(StatusCode::OK.into_response());
+        return Ok((StatusCode::OK.into_response(), None));
     }
     let images_dir = &svc.settings.images_dir;
     std::fs::create_dir_all(images_dir).map_err(storage_error)?;
@@ -101,10 +130,12 @@ pub(crate) async fn store_blob(
     let (file, tmp) = tmp.into_parts();
     let mut f = tokio::fs::File::from_std(file);
     let mut hasher = Sha256::new();
+    let mut size = 0u64;
     let mut stream = req.into_body().into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| HubError::BadRequest(format!("upload broke off: {e}; push again")))?;
         hasher.update(&chunk);
+        size += chunk.len() as u64;
         f.write_all(&chunk).await.map_err(storage_error)?;
     }
     f.sync_all().await.map_err(storage_error)?;
@@ -117,8 +148,8 @@ pub(crate) async fn store_blob(
     }
     check(&tmp)?;
     tmp.persist(&path).map_err(|e| storage_error(e.error))?;
-    tracing::info!(digest = %digest, "blob stored");
-    Ok(StatusCode::CREATED.into_response())
+    tracing::info!(digest = %digest, bytes = size, "blob stored");
+    Ok((StatusCode::CREATED.into_response(), Some(size)))
 }
 
 /// `GET /v1/images/blobs/{digest}` (admin or node), with `Range: bytes=N-` for resuming.

@@ -39,6 +39,7 @@ pub mod logs;
 pub mod metrics;
 pub mod models;
 pub mod monitor;
+pub mod node_vitals;
 pub mod openapi;
 pub mod rollouts;
 pub mod scheduler;

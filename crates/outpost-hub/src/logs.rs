@@ -1,37 +1,70 @@
-//! Log requests from operators to nodes, through the node's own outbound link.
+//! Requests from operators to nodes, through the node's own outbound link: log reads and the
+//! node's vitals history.
 //!
 //! The hub cannot reach an agent, so `GET /v1/logs?node=..&workload=..` parks a
 //! [`LogRequest`] for the node, wakes the node's sync long-poll (the answer carries
 //! `log_requests`), and waits for the agent to POST the data to
-//! `/v1/nodes/{node}/logs/{id}` (mTLS; a node may only answer requests addressed to it). Requests
-//! live in memory only: an operator waits seconds, not across hub restarts.
+//! `/v1/nodes/{node}/logs/{id}` (mTLS; a node may only answer requests addressed to it).
+//! `GET /v1/nodes/{node}/vitals` does the same with a [`VitalsRequest`] (`vitals_requests`,
+//! answered at `/v1/nodes/{node}/vitals/{id}`). Requests live in memory only: an operator
+//! waits seconds, not across hub restarts.
 //!
-//! This module is the broker only (a leaf); `crate::service` parks and completes requests.
+//! This module is the broker only (a leaf); `crate::service` and `crate::node_vitals` park and
+//! complete requests.
 //!
 //! Must never: hold a request longer than its deadline, or hand a node another node's request.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use outpost_api::{LogData, LogRequest};
+use outpost_api::{LogData, LogRequest, VitalsHistory, VitalsRequest};
 use tokio::sync::oneshot;
 
-#[derive(Default)]
-pub struct LogBroker {
-    /// Requests not yet handed to their node.
-    pending: Mutex<HashMap<String, Vec<LogRequest>>>,
-    /// Requests handed out or pending, by id: (node, where to deliver the answer).
-    waiting: Mutex<HashMap<String, (String, oneshot::Sender<LogData>)>>,
+/// A request relayed to a node: it has an id the node's answer names.
+pub trait Relayed {
+    fn id(&self) -> &str;
 }
 
-impl LogBroker {
+impl Relayed for LogRequest {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Relayed for VitalsRequest {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// Parks requests of one kind for nodes and hands their answers to the waiting operators.
+pub struct Broker<Req, Ans> {
+    /// Requests not yet handed to their node.
+    pending: Mutex<HashMap<String, Vec<Req>>>,
+    /// Requests handed out or pending, by id: (node, where to deliver the answer).
+    waiting: Mutex<HashMap<String, (String, oneshot::Sender<Ans>)>>,
+}
+
+pub type LogBroker = Broker<LogRequest, LogData>;
+pub type VitalsBroker = Broker<VitalsRequest, VitalsHistory>;
+
+impl<Req, Ans> Default for Broker<Req, Ans> {
+    fn default() -> Self {
+        Self {
+            pending: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<Req: Relayed, Ans> Broker<Req, Ans> {
     /// Park a request for `node`; the receiver gets the agent's answer.
-    pub fn submit(&self, node: &str, req: LogRequest) -> oneshot::Receiver<LogData> {
+    pub fn submit(&self, node: &str, req: Req) -> oneshot::Receiver<Ans> {
         let (tx, rx) = oneshot::channel();
         self.waiting
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(req.id.clone(), (node.to_string(), tx));
+            .insert(req.id().to_string(), (node.to_string(), tx));
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -50,7 +83,7 @@ impl LogBroker {
     }
 
     /// Hand the node its pending requests (once).
-    pub fn take(&self, node: &str) -> Vec<LogRequest> {
+    pub fn take(&self, node: &str) -> Vec<Req> {
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -60,7 +93,7 @@ impl LogBroker {
 
     /// Deliver an answer. False when there is no such request for this node (unknown id,
     /// expired, or addressed to another node).
-    pub fn complete(&self, node: &str, id: &str, data: LogData) -> bool {
+    pub fn complete(&self, node: &str, id: &str, data: Ans) -> bool {
         let mut w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
         match w.get(id) {
             Some((n, _)) if n == node => {}
@@ -74,7 +107,7 @@ impl LogBroker {
     pub fn cancel(&self, node: &str, id: &str) {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         if let Some(v) = self.pending.lock().unwrap_or_else(|p| p.into_inner()).get_mut(node) {
-            v.retain(|r| r.id != id);
+            v.retain(|r| r.id() != id);
         }
     }
 }

@@ -42,8 +42,7 @@ pub async fn put_blob(
     Path(digest): Path<String>,
     req: Request,
 ) -> Result<Response, HubError> {
-    c.require(Action::PushImage, Target::Fleet)?;
-    crate::images::store_blob(&svc, &digest, req, onnx_check).await
+    crate::images::audited_upload(&svc, &c, "model push", &digest, req, onnx_check).await
 }
 
 /// `POST /v1/models/tags` (admin): name a stored model (`{"name": "digits:v2", "digest": ...}`).

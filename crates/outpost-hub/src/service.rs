@@ -338,6 +338,8 @@ pub struct Links {
     watchers: Mutex<HashMap<String, watch::Sender<u64>>>,
     pub logs: LogBroker,
     pub exec: Arc<crate::exec::ExecBroker>,
+    /// Requests for nodes' own vitals history (`crate::node_vitals`).
+    pub vitals: crate::logs::VitalsBroker,
 }
 
 /// Counts a node's long-poll as open while it lives (`Store::hold`).
@@ -434,6 +436,7 @@ impl Service {
         sessions: crate::session::SessionLimits,
     ) -> Self {
         let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
+        let accounts = Arc::new(accounts);
         Self {
             store,
             monitor,
@@ -445,8 +448,8 @@ impl Service {
             wake: Wakeups::default(),
             gitops: crate::gitops::Repos::default(),
             policies: RwLock::new(Vec::new()),
-            accounts: Arc::new(accounts),
-            sessions: crate::session::Sessions::new(sessions),
+            sessions: crate::session::Sessions::with_db(sessions, accounts.clone()),
+            accounts,
             live: crate::dashboard::Live::default(),
             write_lock: tokio::sync::Mutex::new(()),
             notes: Mutex::new(BTreeMap::new()),
@@ -1307,23 +1310,34 @@ impl Service {
         } else {
             Action::Exec
         };
-        caller.require_role(action)?;
+        // Audited before it runs, with the command line (a session's end is in the hub's log);
+        // a refusal by role or scope is audited as denied.
+        let what = match (&start.workload, start.node_shell) {
+            (Some(w), _) => format!("{node} {}/{w}", start.namespace),
+            (None, _) => format!("{node} (node shell)"),
+        };
+        let cmdline = start.command.join(" ");
+        if let Err(e) = caller.require_role(action) {
+            self.audit(caller, "exec", &what, &cmdline, Err(&e)).await;
+            return Err(e);
+        }
         start.validate().map_err(HubError::BadRequest)?;
         let n = node.to_string();
         let row = self
             .store
             .node(&n)
             .await?
-            .filter(|r| caller.sees_node(&r.labels))
             .ok_or_else(|| HubError::NotFound(format!("node {node}")))?;
-        caller.require_node(action, &row.labels)?;
-        // Audited before it runs, with the command line (a session's end is in the hub's log).
-        let what = match (&start.workload, start.node_shell) {
-            (Some(w), _) => format!("{node} {}/{w}", start.namespace),
-            (None, _) => format!("{node} (node shell)"),
-        };
-        self.audit(caller, "exec", &what, &start.command.join(" "), Ok(()))
-            .await;
+        if !caller.sees_node(&row.labels) {
+            let denied = HubError::NotAllowed(format!("{}: node {node} is outside the account's scope", caller.name));
+            self.audit(caller, "exec", &what, &cmdline, Err(&denied)).await;
+            return Err(HubError::NotFound(format!("node {node}")));
+        }
+        if let Err(e) = caller.require_node(action, &row.labels) {
+            self.audit(caller, "exec", &what, &cmdline, Err(&e)).await;
+            return Err(e);
+        }
+        self.audit(caller, "exec", &what, &cmdline, Ok(())).await;
         let now = now_ms();
         if !is_online(&row, self.settings.offline_after, now) {
             return Err(HubError::NodeOffline(format!(
@@ -1531,8 +1545,14 @@ impl Service {
                 alert_policy,
                 log_requests,
                 exec,
+                vitals_requests,
             } = self.sync_extras(node, held).await?;
-            if resp.generation != since || alert_policy.is_some() || !log_requests.is_empty() || !exec.is_empty() {
+            if resp.generation != since
+                || alert_policy.is_some()
+                || !log_requests.is_empty()
+                || !exec.is_empty()
+                || !vitals_requests.is_empty()
+            {
                 tracing::debug!(node = %node, since, generation = resp.generation, full = resp.full,
                     policy = alert_policy.is_some(), log_requests = log_requests.len(), "sync answered");
                 let n = node.to_string();
@@ -1547,6 +1567,7 @@ impl Service {
                     log_requests,
                     prefetch,
                     exec,
+                    vitals_requests,
                 }));
             }
             tokio::select! {
@@ -1585,6 +1606,7 @@ impl Service {
             alert_policy,
             log_requests: self.links.logs.take(node),
             exec: self.links.exec.take(node),
+            vitals_requests: self.links.vitals.take(node),
         })
     }
 
@@ -1788,6 +1810,7 @@ struct Extras {
     alert_policy: Option<NodePolicy>,
     log_requests: Vec<LogRequest>,
     exec: Vec<outpost_api::exec::ExecRequest>,
+    vitals_requests: Vec<outpost_api::VitalsRequest>,
 }
 
 fn exec_session_error(e: crate::exec::SessionError) -> HubError {

@@ -6,13 +6,17 @@
 //!   (anything but GET and HEAD) must carry the CSRF token in `X-CSRF-Token`;
 //! - a session ends after an idle time and an absolute lifetime
 //!   (`outpost_core::access::session_validity`), at logout (`DELETE /v1/session`), and when
-//!   its account is removed. Sessions live in the hub's memory: a hub restart logs everyone out.
+//!   its account is removed. Sessions are kept in the accounts database (`sessions` table,
+//!   `crate::accounts`) and cached in memory: a hub restart keeps everyone logged in.
 //!
-//! The store keeps the SHA-256 of each session id and of its CSRF token, never the values.
+//! The hub keeps the SHA-256 of each session id and of its CSRF token, never the values. A
+//! session's last use is written to the database at most once a minute ([`TOUCH_EVERY_MS`]), so
+//! after a restart a session may count up to a minute more idle than it was. A database error
+//! logs and falls back to memory (the session then ends with the hub).
 //! [`CSP`] is the Content-Security-Policy for the hub's HTML pages ([`html_headers`]).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderValue};
@@ -20,9 +24,13 @@ use outpost_api::accounts::SESSION_COOKIE;
 use outpost_api::UnixMs;
 use outpost_core::access::{self, Validity};
 
+use crate::accounts::Accounts;
 use crate::error::human_duration;
 use crate::files::random_hex;
 use crate::service::sha256;
+
+/// A session's last use is written to the database at most this often.
+pub const TOUCH_EVERY_MS: i64 = 60_000;
 
 /// Content-Security-Policy of every HTML page the hub serves: its own scripts, styles and
 /// images only, no inline script, no framing, forms post only to the hub.
@@ -60,6 +68,8 @@ struct Session {
     csrf_sha256: [u8; 32],
     created_at: UnixMs,
     last_used: UnixMs,
+    /// The last use the database has.
+    stored_last_used: UnixMs,
 }
 
 /// A new session's secrets, shown to the browser once.
@@ -72,7 +82,7 @@ pub struct NewSession {
 /// Why a cookie does not work; the text is the operator-facing message.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SessionRefusal {
-    #[error("the session is unknown (the hub restarted, or you logged out); log in again")]
+    #[error("the session is unknown (you logged out, or it ended); log in again")]
     Unknown,
     #[error("the session ended {} ago (it lasts at most {}); log in again", human_duration(*.0), human_duration(*.1))]
     Expired(i64, i64),
@@ -84,6 +94,8 @@ pub enum SessionRefusal {
 pub struct Sessions {
     limits: SessionLimits,
     map: Mutex<HashMap<[u8; 32], Session>>,
+    /// Where sessions persist (None: memory only).
+    db: Option<Arc<Accounts>>,
 }
 
 fn ms(d: Duration) -> i64 {
@@ -91,11 +103,47 @@ fn ms(d: Duration) -> i64 {
 }
 
 impl Sessions {
+    /// Sessions in memory only.
     pub fn new(limits: SessionLimits) -> Self {
         Self {
             limits,
             map: Mutex::new(HashMap::new()),
+            db: None,
         }
+    }
+
+    /// Sessions kept in the accounts database too (they survive a hub restart).
+    pub fn with_db(limits: SessionLimits, db: Arc<Accounts>) -> Self {
+        Self {
+            db: Some(db),
+            ..Self::new(limits)
+        }
+    }
+
+    /// Run `f` on the database, if any; an error is logged (memory still answers).
+    fn db<T>(&self, what: &str, f: impl FnOnce(&Accounts) -> Result<T, rusqlite::Error>) -> Option<T> {
+        let db = self.db.as_ref()?;
+        match f(db) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::error!(error = %e, op = what, "browser session database");
+                None
+            }
+        }
+    }
+
+    /// A session the database has and memory does not (the hub restarted).
+    fn load(&self, key: &[u8; 32]) -> Option<Session> {
+        let (user, csrf_hex, created_at, last_used) =
+            self.db("reading a session", |a| a.session(&hex::encode(key)))??;
+        let csrf_sha256: [u8; 32] = hex::decode(csrf_hex).ok()?.try_into().ok()?;
+        Some(Session {
+            user,
+            csrf_sha256,
+            created_at,
+            last_used,
+            stored_last_used: last_used,
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Session>> {
@@ -107,15 +155,24 @@ impl Sessions {
         let id = random_hex(32);
         let csrf = random_hex(32);
         let (idle, max) = (ms(self.limits.idle), ms(self.limits.max));
+        let (key, csrf_sha256) = (sha256(&id), sha256(&csrf));
+        self.db("storing a session", |a| {
+            a.prune_sessions(now.saturating_sub(idle), now.saturating_sub(max))?;
+            a.save_session(
+                &hex::encode(key),
+                &(user.to_string(), hex::encode(csrf_sha256), now, now),
+            )
+        });
         let mut m = self.lock();
         m.retain(|_, s| access::session_validity(s.created_at, s.last_used, now, idle, max) == Validity::Valid);
         m.insert(
-            sha256(&id),
+            key,
             Session {
                 user: user.to_string(),
-                csrf_sha256: sha256(&csrf),
+                csrf_sha256,
                 created_at: now,
                 last_used: now,
+                stored_last_used: now,
             },
         );
         NewSession {
@@ -129,16 +186,32 @@ impl Sessions {
     /// token must match too: Ok(Err(())) when it does not.
     pub fn check(&self, id: &str, now: UnixMs) -> Result<(String, [u8; 32]), SessionRefusal> {
         let key = sha256(id);
+        let known = self.lock().contains_key(&key);
+        if !known {
+            let s = self.load(&key).ok_or(SessionRefusal::Unknown)?;
+            self.lock().entry(key).or_insert(s);
+        }
         let mut m = self.lock();
         let s = m.get_mut(&key).ok_or(SessionRefusal::Unknown)?;
         let (idle, max) = (ms(self.limits.idle), ms(self.limits.max));
         match access::session_validity(s.created_at, s.last_used, now, idle, max) {
             Validity::Valid => {
                 s.last_used = now;
-                Ok((s.user.clone(), s.csrf_sha256))
+                let touch = now.saturating_sub(s.stored_last_used) >= TOUCH_EVERY_MS;
+                if touch {
+                    s.stored_last_used = now;
+                }
+                let out = (s.user.clone(), s.csrf_sha256);
+                drop(m);
+                if touch {
+                    self.db("touching a session", |a| a.touch_session(&hex::encode(key), now));
+                }
+                Ok(out)
             }
             v => {
                 m.remove(&key);
+                drop(m);
+                self.db("ending a session", |a| a.delete_session(&hex::encode(key)));
                 Err(match v {
                     Validity::Idle(ago) => SessionRefusal::Idle(ago, idle),
                     Validity::Expired(ago) => SessionRefusal::Expired(ago, max),
@@ -150,11 +223,16 @@ impl Sessions {
 
     /// End a session (logout). False when there was none.
     pub fn remove(&self, id: &str) -> bool {
-        self.lock().remove(&sha256(id)).is_some()
+        let key = sha256(id);
+        let stored = self
+            .db("ending a session", |a| a.delete_session(&hex::encode(key)))
+            .unwrap_or(false);
+        self.lock().remove(&key).is_some() || stored
     }
 
     /// End every session of an account (removed).
     pub fn remove_user(&self, user: &str) {
+        self.db("ending an account's sessions", |a| a.delete_user_sessions(user));
         self.lock().retain(|_, s| s.user != user);
     }
 }
@@ -227,6 +305,44 @@ mod tests {
         let d = s.create("dave", 0);
         s.remove_user("dave");
         assert_eq!(s.check(&d.id, 1), Err(SessionRefusal::Unknown));
+    }
+
+    #[test]
+    fn sessions_survive_a_restart_in_the_accounts_database() {
+        let d = tempfile::tempdir().unwrap();
+        let db = Arc::new(Accounts::open(&d.path().join("hub.db"), crate::accounts::AUDIT_MAX_AGE).unwrap());
+        let limits = SessionLimits {
+            idle: Duration::from_secs(600),
+            max: Duration::from_secs(3600),
+        };
+        let before = Sessions::with_db(limits, db.clone());
+        let a = before.create("alice", 0);
+        let b = before.create("bob", 0);
+        assert_eq!(db.session_count().unwrap(), 2);
+        // used at 2 min: written (at most once a minute)
+        assert!(before.check(&a.id, 120_000).is_ok());
+        drop(before);
+        // a new hub process: the same database, nothing in memory
+        let after = Sessions::with_db(limits, db.clone());
+        let (user, csrf) = after.check(&a.id, 700_000).expect("alice's session after the restart");
+        assert_eq!((user.as_str(), csrf), ("alice", sha256(&a.csrf)));
+        assert!(
+            matches!(after.check(&b.id, 700_000), Err(SessionRefusal::Idle(..))),
+            "bob's session went idle across the restart"
+        );
+        assert_eq!(db.session_count().unwrap(), 1, "the idle one is deleted");
+        assert_eq!(after.check("not-a-session", 700_000), Err(SessionRefusal::Unknown));
+        assert!(after.remove(&a.id), "logout");
+        assert_eq!(db.session_count().unwrap(), 0, "logout deletes the row");
+        let again = Sessions::with_db(limits, db.clone());
+        assert_eq!(again.check(&a.id, 700_001), Err(SessionRefusal::Unknown));
+        let c = again.create("carol", 700_000);
+        again.remove_user("carol");
+        assert_eq!(db.session_count().unwrap(), 0);
+        assert_eq!(
+            Sessions::with_db(limits, db).check(&c.id, 700_001),
+            Err(SessionRefusal::Unknown)
+        );
     }
 
     #[test]

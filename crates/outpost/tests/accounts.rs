@@ -639,3 +639,131 @@ fn browser_sessions_need_the_csrf_token_to_change_anything_and_expire() {
         "{actions:?}"
     );
 }
+
+/// A DaemonSet pinned to `site` that prints `count` error lines `ERROR <site>-<n>` after
+/// `delay` seconds, then sleeps.
+fn error_printer(site: &str, delay: u32, count: u32) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: errors-{site}}}\nspec:\n  template:\n    spec:\n      runtimeClassName: process\n      terminationGracePeriodSeconds: 1\n      nodeSelector: {{site: {site}}}\n      containers:\n      - name: main\n        image: 'errors:1'\n        command: [/bin/sh, -c, 'sleep {delay}; for i in $(seq 1 {count}); do echo \"ERROR {site}-$i\"; done; exec sleep 100000']\n"
+    )
+}
+
+#[test]
+fn a_scoped_limit_counts_only_rows_in_scope() {
+    let hub = Hub::start();
+    let _a = hub.join("site-a-1", &hub.token(&["--labels", "site=a"])).running();
+    let _b = hub.join("site-b-1", &hub.token(&["--labels", "site=b"])).running();
+    // site a's lines first, then many newer ones from site b
+    hub.apply(&error_printer("a", 0, 4));
+    hub.apply(&error_printer("b", 3, 30));
+    let lines = |v: &Value, node: &str| v.as_array().unwrap().iter().filter(|e| e["node"] == node).count();
+    wait_for("site a's 4 lines, then site b's 30, forwarded", 60.0, || {
+        let all = get(&hub, "/v1/errors", &hub.token).json();
+        let newest = get(&hub, "/v1/errors?limit=3", &hub.token).json();
+        (lines(&all, "site-a-1") == 4 && lines(&all, "site-b-1") == 30 && lines(&newest, "site-b-1") == 3).then_some(())
+    });
+    let t = add_user(&hub, &["ops-a", "--role", "operator", "--selector", "site=a"]);
+    let mine = get(&hub, "/v1/errors?limit=2", &t).json();
+    let got: Vec<&str> = mine
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["line"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        got,
+        ["ERROR a-3", "ERROR a-4"],
+        "the newest 2 of site a, oldest first: {mine:#}"
+    );
+    let mine = get(&hub, "/v1/errors", &t).json();
+    assert_eq!(lines(&mine, "site-a-1"), 4, "{mine:#}");
+    assert_eq!(lines(&mine, "site-b-1"), 0, "{mine:#}");
+}
+
+#[test]
+fn a_browser_session_survives_a_hub_restart_and_logout_deletes_it() {
+    let mut hub = Hub::start();
+    add_user_with_password(&hub, "web-ops", "operator", "a long enough password");
+    let l = login(&hub, "web-ops", "a long enough password");
+    assert_eq!(l.status, 200, "{}", l.body);
+    let cookie = l.headers["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let csrf = l.json()["csrf_token"].as_str().unwrap().to_string();
+    let with = |hub: &Hub, method: &str, path: &str, body: Option<Body>| {
+        call(
+            hub,
+            method,
+            path,
+            None,
+            &[("cookie", &cookie), ("x-csrf-token", &csrf)],
+            body,
+        )
+    };
+    assert_eq!(with(&hub, "GET", "/v1/whoami", None).status, 200);
+    hub.restart();
+    let me = with(&hub, "GET", "/v1/whoami", None);
+    assert_eq!(me.status, 200, "the cookie still works after the restart: {}", me.body);
+    assert_eq!(me.json()["user"], "web-ops");
+    // its CSRF token too
+    let a = with(
+        &hub,
+        "POST",
+        "/v1/apply",
+        Some(Body::Json(files(&pinned("after-restart", "a")))),
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    // logout deletes the stored session: after another restart it is still gone
+    assert_eq!(with(&hub, "DELETE", "/v1/session", None).status, 200);
+    assert_eq!(with(&hub, "GET", "/v1/whoami", None).status, 401);
+    hub.restart();
+    let a = with(&hub, "GET", "/v1/whoami", None);
+    assert_eq!(a.status, 401, "{}", a.body);
+    assert!(a.body.contains("log in again"), "{}", a.body);
+}
+
+#[test]
+fn image_uploads_are_audited_with_their_digest_and_size() {
+    use sha2::Digest;
+    let hub = Hub::start();
+    let viewer = add_user(&hub, &["uploader-v", "--role", "viewer"]);
+    let archive = b"an image archive, for the audit log".to_vec();
+    let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&archive)));
+    let path = format!("/v1/images/blobs/{digest}");
+    let put = |token: &str| call(&hub, "PUT", &path, Some(token), &[], Some(Body::Raw(archive.clone())));
+    assert_eq!(put(&viewer).status, 403);
+    assert_eq!(put(&hub.token).status, 201);
+    assert_eq!(put(&hub.token).status, 200, "stored already");
+    let audit = hub.json(&["audit"]);
+    let entries: Vec<(String, String, String, String)> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "image push")
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+            (s("user"), s("target"), s("detail"), s("result"))
+        })
+        .collect();
+    let size = format!("{} bytes", archive.len());
+    assert_eq!(entries.len(), 3, "{audit:#}");
+    assert_eq!(
+        (entries[0].0.as_str(), entries[0].1.as_str()),
+        ("uploader-v", digest.as_str())
+    );
+    assert!(entries[0].3.starts_with("denied"), "{entries:?}");
+    assert_eq!(
+        (
+            &entries[1].0[..],
+            &entries[1].1[..],
+            &entries[1].2[..],
+            &entries[1].3[..]
+        ),
+        ("admin", digest.as_str(), size.as_str(), "ok")
+    );
+    assert_eq!(entries[2].2, "already stored");
+}

@@ -1,7 +1,9 @@
 //! The web dashboard in a real headless Chromium driven over WebDriver (fantoccini and
 //! chromedriver), against a real hub and real agents on loopback (docs/dashboard.md): log in;
 //! the overview's counts equal `outpost get nodes`; a killed workload's restart shows on the
-//! node page without a reload; a rollout paused and resumed from the UI; a viewer sees no
+//! node page without a reload, with vitals charts from the node's own history and an
+//! interactive terminal (a TTY shell: typed commands, a line read from stdin, the exit code);
+//! a rollout paused and resumed from the UI; a viewer sees no
 //! mutating button and a forged action is refused (403); a cross-site POST with the session
 //! cookie but without the CSRF token is refused.
 //!
@@ -147,6 +149,13 @@ impl Ui {
             .unwrap_or_else(|e| panic!("fill {css}: {e}"));
     }
 
+    /// Key presses into the element (WebDriver keys: `\u{E007}` is Enter).
+    fn type_keys(&self, css: &str, text: &str) {
+        self.rt
+            .block_on(async { self.c.find(Locator::Css(css)).await?.send_keys(text).await })
+            .unwrap_or_else(|e| panic!("type into {css}: {e}"));
+    }
+
     fn screenshot(&self, path: &Path) {
         let png = self.rt.block_on(self.c.screenshot()).expect("screenshot");
         std::fs::write(path, png).unwrap();
@@ -164,7 +173,11 @@ impl Ui {
     fn log_in(&self, hub: &Hub, user: &str, password: &str) {
         self.goto(&format!("{}/", hub.url));
         wait_for("the login form", 20.0, || {
-            (self.js("return !document.querySelector('#login-view').hidden;", vec![]) == json!(true)).then_some(())
+            (self.js(
+                "const v = document.querySelector('#login-view'); return !!v && !v.hidden;",
+                vec![],
+            ) == json!(true))
+            .then_some(())
         });
         self.fill("#login-user", user);
         self.fill("#login-password", password);
@@ -178,7 +191,11 @@ impl Ui {
     fn log_out(&self) {
         self.click("#logout");
         wait_for("back at the login form", 20.0, || {
-            (self.js("return !document.querySelector('#login-view').hidden;", vec![]) == json!(true)).then_some(())
+            (self.js(
+                "const v = document.querySelector('#login-view'); return !!v && !v.hidden;",
+                vec![],
+            ) == json!(true))
+            .then_some(())
         });
     }
 
@@ -348,29 +365,63 @@ fn dashboard_in_a_real_browser() {
         json!("yes"),
         "no reload"
     );
-    wait_for("vitals or workloads drawn", 10.0, || {
-        (ui.count("#vitals .chart") == 4).then_some(())
+    // the vitals charts are drawn from the node's own history, through its link
+    wait_for("vitals charts from the node's own history", 30.0, || {
+        let source = ui.js(
+            "const e = document.querySelector('#vitals-source'); return e ? e.dataset.source || null : null;",
+            vec![],
+        );
+        (ui.count("#vitals .chart polyline") == 4 && source == json!("node")).then_some(())
     });
-    // the terminal runs a line in the workload over the exec routes, once it runs again
+    let note = ui.text("#vitals-source").unwrap_or_default();
+    assert!(note.contains("node's own history"), "{note}");
+    // the terminal: one TTY session in the workload, keys streamed, output drawn by the emulator
     wait_for("kiosk Running again on the page", 60.0, || {
         (ui.text(&format!("tr[data-workload='{key}'] td:nth-child(4)"))? == "Running").then_some(())
     });
     wait_for("the terminal offers kiosk", 20.0, || {
         (ui.js("return document.querySelector('#term-workload').value;", vec![]) == json!(key)).then_some(())
     });
-    ui.fill("#term-input", "echo dash-$((6*7))\u{E007}");
-    let shown = std::cell::RefCell::new(String::new());
-    let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_for("the command's output and exit code in the terminal", 40.0, || {
-            *shown.borrow_mut() = ui.text("#term-out").unwrap_or_default();
-            let t = shown.borrow();
-            (t.contains("dash-42") && t.contains("[exit 0]")).then_some(())
-        })
-    }));
-    assert!(done.is_ok(), "the terminal shows: {:?}", shown.borrow());
+    ui.click("#term-connect");
+    wait_for("the terminal connected", 40.0, || {
+        ui.text("#term-status").filter(|t| t.starts_with("connected"))
+    });
+    let screen = || {
+        ui.js(
+            "return document.querySelector('#term-screen').dataset.text || '';",
+            vec![],
+        )
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+    };
+    let expect = |what: &str, want: &str| {
+        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_for(what, 40.0, || screen().contains(want).then_some(()))
+        }));
+        assert!(done.is_ok(), "{what}: the terminal shows {:?}", screen());
+    };
+    ui.type_keys("#term-screen", "echo dash-$((6*7)) $(tty | cut -c1-8)\u{E007}");
+    expect("the command's output", "dash-42 /dev/pts");
+    // interactive stdin: `read` takes a line typed on the terminal
+    ui.type_keys("#term-screen", "read x; echo got-$x\u{E007}");
+    ui.type_keys("#term-screen", "hello\u{E007}");
+    expect("the line read from the terminal", "got-hello");
     if let Some(dir) = screenshots_dir() {
         ui.screenshot(&dir.join("dashboard-node.png"));
     }
+    ui.type_keys("#term-screen", "exit 3\u{E007}");
+    let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for("the exit code shown", 40.0, || {
+            ui.text("#term-status").filter(|t| t.starts_with("exit 3"))
+        })
+    }));
+    assert!(
+        done.is_ok(),
+        "status {:?}, the terminal shows {:?}",
+        ui.text("#term-status"),
+        screen()
+    );
 
     // pause and resume a rollout from the UI
     let m2 = marker();
@@ -414,7 +465,7 @@ fn dashboard_in_a_real_browser() {
     assert_eq!(ui.count("button[data-action]"), 0, "no rollout button for a viewer");
     ui.goto(&format!("{}/#/node/north-1", hub.url));
     wait_for("the viewer's node page", 20.0, || restarts(&ui, key));
-    assert_eq!(ui.count("#term-input"), 0, "no terminal for a viewer");
+    assert_eq!(ui.count("#term-screen"), 0, "no terminal for a viewer");
     let (status, body) = ui.fetch("POST", "/v1/objects/daemonset/default/kiosk/rollout/pause", true);
     assert_eq!(status, 403, "{body}");
     assert_eq!(hub.json(&["rollout", "status", "kiosk"])["phase"], "Progressing");
@@ -446,4 +497,84 @@ fn forged_post(hub: &Hub, cookie: &str, path: &str) -> (u16, String) {
             .unwrap();
         (r.status().as_u16(), r.text().await.unwrap())
     })
+}
+
+/// `GET /v1/nodes/{node}/vitals`: the node's own history through its link, older than the
+/// hub's start; bounded; scope-checked; an offline node answers at once naming since when.
+#[test]
+fn node_vitals_history_through_the_link() {
+    let mut hub = Hub::start();
+    let token = hub.token(&["--labels", "site=north"]);
+    let mut a = hub.join("hist-1", &token);
+    a.env.push(("OUTPOST_VITALS_INTERVAL_MS".into(), "200".into()));
+    a.start();
+    wait_for("hist-1 online", 30.0, || {
+        (node_status(&hub, "hist-1").as_deref() == Some("Online")).then_some(())
+    });
+    let path = "/v1/nodes/hist-1/vitals?since=24h";
+    let first = wait_for("a point of the node's history", 30.0, || {
+        let (st, body) = api_get(&hub, path);
+        let v: Value = serde_json::from_str(&body).ok()?;
+        (st == 200).then(|| v["points"].as_array()?.first()?["at"].as_i64())?
+    });
+
+    // the hub restarts and forgets what it kept in memory; the node still has its history
+    let restarted = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    hub.restart();
+    let v = wait_for("the history again after the hub's restart", 40.0, || {
+        let (st, body) = api_get(&hub, path);
+        (st == 200).then(|| serde_json::from_str::<Value>(&body).ok())?
+    });
+    let points = v["points"].as_array().unwrap();
+    assert!(!points.is_empty() && points.len() <= 300, "{v}");
+    assert_eq!(points[0]["at"].as_i64(), Some(first), "the same oldest point: {v}");
+    assert!(first < restarted, "a point older than the hub's start: {v}");
+    for p in points {
+        for k in ["cpu", "mem", "disk", "load1"] {
+            assert!(p[k].is_number(), "{k} in {p}");
+        }
+    }
+    let (st, body) = api_get(&hub, "/v1/dashboard/nodes/hist-1/vitals");
+    let kept: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(st, 200);
+    assert!(
+        kept.as_array().unwrap().iter().all(|p| p["at"].as_i64() > Some(first)),
+        "the hub's own samples start after its restart: {kept}"
+    );
+    // a short window, and bounded points
+    let (st, body) = api_get(&hub, "/v1/nodes/hist-1/vitals?since=24h&points=1");
+    let one: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((st, one["points"].as_array().map(Vec::len)), (200, Some(1)), "{one}");
+
+    // bad input names the field
+    let (st, body) = api_get(&hub, "/v1/nodes/hist-1/vitals?since=yesterday");
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("since:"), "{body}");
+    let (st, body) = api_get(&hub, "/v1/nodes/hist-1/vitals?points=5000");
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("points:"), "{body}");
+
+    // a viewer reads it; a viewer scoped to another site does not see the node
+    let viewer = add_user(&hub, "vera", "viewer", "vera-password-1", &[]);
+    let viewer = viewer.lines().next().unwrap().trim().to_string();
+    let (st, body) = api_get_as(&hub, &viewer, path);
+    assert_eq!(st, 200, "{body}");
+    let south = add_user(&hub, "sid", "viewer", "sid-password-12", &["--selector", "site=south"]);
+    let south = south.lines().next().unwrap().trim().to_string();
+    let (st, body) = api_get_as(&hub, &south, path);
+    assert_eq!(st, 404, "out of scope reads as not found: {body}");
+
+    // offline: at once, naming since when
+    a.kill9();
+    wait_for("hist-1 offline", 30.0, || {
+        (node_status(&hub, "hist-1").as_deref() == Some("Offline")).then_some(())
+    });
+    let t = std::time::Instant::now();
+    let (st, body) = api_get(&hub, path);
+    assert_eq!(st, 409, "{body}");
+    assert!(body.contains("offline since"), "{body}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(2), "answered at once");
 }

@@ -222,7 +222,20 @@ fn exec_is_for_operators_within_their_sites_and_node_shells_for_admins() {
     let (code, _, _) = exec(&hub, &["site-b-1", "--node-shell", "--", "/bin/true"], "");
     assert_eq!(code, 0);
 
-    // Every session is in the audit log with its command line.
+    // Every session is in the audit log with its command line, the refused ones as denied.
     let audit = hub.cli(&["audit"]);
     assert!(audit.contains("otto") && audit.contains("echo in-a"), "{audit}");
+    let entries = hub.json(&["audit"]);
+    let denied = |user: &str, target: &str| {
+        entries.as_array().unwrap().iter().any(|e| {
+            e["user"] == user
+                && e["action"] == "exec"
+                && e["target"] == target
+                && e["detail"] == "/bin/true"
+                && e["result"].as_str().unwrap_or_default().starts_with("denied")
+        })
+    };
+    assert!(denied("vera", "site-a-1 default/app"), "the viewer's exec: {entries:#}");
+    assert!(denied("otto", "site-b-1 default/app"), "out of scope: {entries:#}");
+    assert!(denied("otto", "site-a-1 (node shell)"), "a node shell: {entries:#}");
 }

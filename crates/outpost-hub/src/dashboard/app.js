@@ -206,6 +206,7 @@ async function route() {
   const hash = location.hash || '#/';
   const root = $('#view');
   put(root);
+  if (S.leave) { S.leave(); S.leave = null; }
   S.refresh = null;
   showError(null);
   for (const [re, view] of VIEWS) {
@@ -326,19 +327,39 @@ function chart(title, points, key, max, unit) {
     if (xy.length === 1) xy.push(xy[0]);
     s.append(svg('polyline', { points: xy.join(' ') }));
   }
-  box.append(s, h('div.muted', {}, points.length ? points.length + ' samples since ' + ago(points[0].at) : ''));
+  box.append(s, h('div.muted', {}, points.length ? points.length + ' points since ' + ago(points[0].at) : ''));
   return box;
 }
 
 async function nodeView(root, name) {
   const head = h('div#node-head');
   const charts = h('div.charts#vitals');
+  const vitalsNote = h('div.muted#vitals-source');
+  // The node's own 24 h history, through its link (GET /v1/nodes/{node}/vitals), fetched at
+  // most once a minute; while it cannot be had, the samples the hub kept in memory.
+  const hist = { at: 0, points: null, note: '' };
+  const history = () => {
+    if (Date.now() - hist.at < 60000) return hist.pending || hist;
+    hist.at = Date.now();
+    hist.pending = fetchHistory().finally(() => { hist.pending = null; });
+    return hist.pending;
+  };
+  const fetchHistory = async () => {
+    try {
+      const r = await api('GET', '/v1/nodes/' + encodeURIComponent(name) + '/vitals?since=24h');
+      hist.points = r.points;
+      hist.note = 'From the node\'s own history: ' + r.samples + ' samples (one a minute) in the last 24 h'
+        + (r.samples > r.points.length ? ', each point the peak of ' + Math.ceil(r.samples / Math.max(1, r.points.length)) : '') + '.';
+    } catch (e) {
+      hist.points = null;
+      hist.note = 'Not from the node (' + e.message + '): showing the samples the hub received since it started.';
+    }
+    return hist;
+  };
   const wl = h('div#workloads');
   const ev = h('div#events');
   const logSel = h('select#log-workload');
   const logOut = h('pre#log-out', {}, '');
-  const termOut = h('pre#term-out', {}, '');
-  const termIn = h('input#term-input', { placeholder: 'command, run with sh -c in the chosen workload; Enter runs it', autocomplete: 'off' });
   const termSel = h('select#term-workload');
   let workloadKeys = [];
 
@@ -354,31 +375,26 @@ async function nodeView(root, name) {
   };
 
   root.append(h('h1', {}, h('a', { href: '#/' }, 'Fleet'), ' / ', name), head,
-    h('h2', {}, 'Vitals'), charts,
+    h('h2', {}, 'Vitals'), vitalsNote, charts,
     h('h2', {}, 'Workloads: desired and running'), wl,
     h('div.grid2', {},
       h('div', {}, h('h2', {}, 'Events'), ev),
       h('div', {}, h('h2', {}, 'Log tail'),
         h('div.toolbar', {}, logSel, h('button#log-fetch', { type: 'button', onclick: tail }, 'Fetch')), logOut)));
-  if (canMutate()) {
-    root.append(h('h2', {}, 'Terminal'),
-      h('div.muted', {}, 'Line mode: each line runs as one exec session (docs/exec.md), audited with its command line.'),
-      termOut, h('div.term-line', {}, termSel, termIn));
-    termIn.addEventListener('keydown', (e) => {
-      if (e.key === 'Enter' && termIn.value.trim()) {
-        const line = termIn.value;
-        termIn.value = '';
-        runLine(name, termSel.value, line, termOut);
-      }
-    });
-  }
+  if (canMutate()) root.append(h('h2', {}, 'Terminal'), terminal(name, termSel));
 
   return async () => {
-    const [n, vitals, workloads] = await Promise.all([
+    const [n, workloads, own] = await Promise.all([
       api('GET', '/v1/nodes/' + encodeURIComponent(name)),
-      api('GET', '/v1/dashboard/nodes/' + encodeURIComponent(name) + '/vitals'),
       api('GET', '/v1/workloads'),
+      history(),
     ]);
+    if (n.status !== 'Online' && own.points) { own.points = null; own.at = 0; }
+    const vitals = own.points || await api('GET', '/v1/dashboard/nodes/' + encodeURIComponent(name) + '/vitals');
+    vitalsNote.className = own.points ? 'muted' : 'warn';
+    vitalsNote.dataset.source = own.points ? 'node' : 'hub';
+    vitalsNote.textContent = own.points ? own.note : (n.status !== 'Online'
+      ? 'Node offline: showing the samples the hub received since it started.' : own.note);
     put(head, h('div.toolbar', {},
       h('strong#node-status.' + n.status, {}, n.status),
       h('span', {}, 'last contact ' + ago(n.last_seen || n.joined_at)),
@@ -430,56 +446,176 @@ function splitKey(v) {
   return [ns, kind + '/' + name];
 }
 
-// Run one line over the exec routes and print its output frames as they arrive.
-async function runLine(node, target, line, out) {
-  out.textContent += '$ ' + line + '\n';
-  const body = { command: ['sh', '-c', line] };
-  if (target) {
-    const [ns, w] = splitKey(target);
-    body.namespace = ns;
-    body.workload = w;
-  } else {
-    body.node_shell = true;
-  }
-  try {
-    const r = await fetch('/v1/nodes/' + encodeURIComponent(node) + '/exec', {
-      method: 'POST', credentials: 'same-origin',
-      headers: { 'Content-Type': 'application/json', 'X-CSRF-Token': S.csrf || '' },
-      body: JSON.stringify(body),
-    });
-    if (r.status === 401) { expired(); return; }
+// The node page's interactive terminal: one exec session with a TTY (docs/exec.md) running
+// /bin/sh in the chosen workload (or a node shell, admins only). Key presses go to the session
+// as stdin frames, batched while a POST is in flight so their order is kept; output frames are
+// drawn by the emulator in term.js; the terminal's size follows the page (resize frames).
+function terminal(node, sel) {
+  const ROWS = 24;
+  const screen = h('pre#term-screen', { tabindex: '0', 'aria-label': 'terminal' });
+  const status = h('span#term-status.muted', {}, 'not connected');
+  const connect = h('button#term-connect', { type: 'button' }, 'Connect');
+  const hangup = h('button#term-disconnect', { type: 'button', disabled: true }, 'Disconnect');
+  const measure = h('span.term-measure', {}, 'W'.repeat(10));
+  const term = new window.Term(screen, ROWS, 80);
+  let session = null; // { id, abort, queue, busy }
+
+  const cols = () => {
+    const w = measure.getBoundingClientRect().width / 10;
+    const avail = screen.clientWidth - 16;
+    return w > 0 && avail > 0 ? Math.max(20, Math.min(500, Math.floor(avail / w))) : 80;
+  };
+  const frame = (kind, payload) => {
+    const out = new Uint8Array(5 + payload.length);
+    out[0] = kind;
+    new DataView(out.buffer).setUint32(1, payload.length);
+    out.set(payload, 5);
+    return out;
+  };
+  const enc = new TextEncoder();
+  // Send what is queued, one POST at a time (order kept; keys pressed meanwhile go together).
+  const flush = async () => {
+    const s = session;
+    if (!s || s.busy || !s.queue.length || !s.id) return;
+    s.busy = true;
+    const parts = s.queue.splice(0);
+    const len = parts.reduce((a, p) => a + p.length, 0);
+    const body = new Uint8Array(len);
+    let at = 0;
+    for (const p of parts) { body.set(p, at); at += p.length; }
+    try {
+      const r = await fetch('/v1/exec/' + encodeURIComponent(s.id) + '/input', {
+        method: 'POST', credentials: 'same-origin',
+        headers: { 'Content-Type': 'application/vnd.outpost.exec', 'X-CSRF-Token': S.csrf || '' },
+        body,
+      });
+      if (r.status === 401) expired();
+    } catch (_) { /* the output stream reports the end */ }
+    s.busy = false;
+    flush();
+  };
+  const send = (bytes) => {
+    if (!session) return;
+    session.queue.push(bytes);
+    flush();
+  };
+  const ended = (msg) => {
+    term.write('\r\n[' + msg + ']\r\n');
+    status.textContent = msg;
+    screen.classList.add('ended');
+    session = null;
+    connect.disabled = false;
+    hangup.disabled = true;
+  };
+
+  const open = async () => {
+    if (session) return;
+    const c = cols();
+    term.reset(ROWS, c);
+    screen.classList.remove('ended');
+    const body = { command: ['/bin/sh'], tty: true, stdin: true, rows: ROWS, cols: c };
+    if (sel.value) {
+      const [ns, w] = splitKey(sel.value);
+      body.namespace = ns;
+      body.workload = w;
+    } else {
+      body.node_shell = true;
+    }
+    const abort = new AbortController();
+    session = { id: null, abort, queue: [], busy: false };
+    connect.disabled = true;
+    hangup.disabled = false;
+    status.textContent = 'connecting through the node link...';
+    let r;
+    try {
+      r = await fetch('/v1/nodes/' + encodeURIComponent(node) + '/exec', {
+        method: 'POST', credentials: 'same-origin', signal: abort.signal,
+        headers: { 'Content-Type': 'application/json', 'X-CSRF-Token': S.csrf || '' },
+        body: JSON.stringify(body),
+      });
+    } catch (e) { ended(String(e.message || e)); return; }
+    if (r.status === 401) { expired(); ended('session expired'); return; }
     if (!r.ok) {
       const t = await r.text();
       let m = t;
       try { m = JSON.parse(t).message; } catch (_) { /* text */ }
-      out.textContent += m + '\n';
+      ended(m);
       return;
     }
+    session.id = r.headers.get('x-outpost-exec-session');
+    status.textContent = 'connected: ' + (sel.value || 'node shell') + ' (' + ROWS + 'x' + c + ')';
+    screen.dataset.session = session.id || '';
+    screen.focus();
+    flush();
     const reader = r.body.getReader();
     const dec = new TextDecoder();
     let buf = new Uint8Array(0);
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      const nb = new Uint8Array(buf.length + value.length);
-      nb.set(buf); nb.set(value, buf.length);
-      buf = nb;
-      // frame: kind byte, 4-byte big-endian length, payload
-      while (buf.length >= 5) {
-        const len = new DataView(buf.buffer, buf.byteOffset + 1, 4).getUint32(0);
-        if (buf.length < 5 + len) break;
-        const kind = buf[0];
-        const payload = buf.slice(5, 5 + len);
-        buf = buf.slice(5 + len);
-        if (kind === 1 || kind === 2) out.textContent += dec.decode(payload, { stream: true });
-        else if (kind === 3) {
-          const x = JSON.parse(dec.decode(payload) || '{}');
-          out.textContent += '[exit ' + (x.code != null ? x.code : '-') + (x.reason ? ': ' + x.reason : '') + ']\n';
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        const nb = new Uint8Array(buf.length + value.length);
+        nb.set(buf); nb.set(value, buf.length);
+        buf = nb;
+        // frame: kind byte, 4-byte big-endian length, payload
+        while (buf.length >= 5) {
+          const len = new DataView(buf.buffer, buf.byteOffset + 1, 4).getUint32(0);
+          if (buf.length < 5 + len) break;
+          const kind = buf[0];
+          const payload = buf.slice(5, 5 + len);
+          buf = buf.slice(5 + len);
+          if (kind === 1 || kind === 2) term.write(dec.decode(payload, { stream: true }));
+          else if (kind === 3) {
+            const x = JSON.parse(new TextDecoder().decode(payload) || '{}');
+            ended('exit ' + (x.code != null ? x.code : '-') + (x.reason ? ': ' + x.reason : ''));
+            return;
+          }
         }
       }
-      out.scrollTop = out.scrollHeight;
+      if (session) ended('the session ended without an exit code');
+    } catch (e) {
+      if (session) ended(abort.signal.aborted ? 'disconnected' : String(e.message || e));
     }
-  } catch (e) { out.textContent += String(e.message || e) + '\n'; }
+  };
+
+  connect.addEventListener('click', open);
+  hangup.addEventListener('click', () => { if (session) session.abort.abort(); });
+  screen.addEventListener('click', () => screen.focus());
+  screen.addEventListener('keydown', (e) => {
+    if (!session) {
+      if (e.key === 'Enter') { e.preventDefault(); open(); }
+      return;
+    }
+    const k = window.termKeys(e);
+    if (k === null) return;
+    e.preventDefault();
+    send(frame(4, enc.encode(k)));
+  });
+  screen.addEventListener('paste', (e) => {
+    e.preventDefault();
+    const t = (e.clipboardData && e.clipboardData.getData('text')) || '';
+    if (session && t) send(frame(4, enc.encode(t.replace(/\r?\n/g, '\r'))));
+  });
+  const onResize = () => {
+    const c = cols();
+    if (c === term.cols) return;
+    term.resize(ROWS, c);
+    if (session && session.id) {
+      const p = new Uint8Array(4);
+      new DataView(p.buffer).setUint16(0, ROWS);
+      new DataView(p.buffer).setUint16(2, c);
+      send(frame(6, p));
+    }
+  };
+  window.addEventListener('resize', onResize);
+  S.leave = () => {
+    window.removeEventListener('resize', onResize);
+    if (session) session.abort.abort();
+  };
+  term.write('Choose a workload and press Connect (or Enter here) for a shell with a terminal.\r\n'
+    + 'Every session is audited with its command line; it ends after 15 min.\r\n');
+  return h('div#terminal', {},
+    h('div.toolbar', {}, sel, connect, hangup, status), screen, measure);
 }
 
 // ---------------------------------------------------------------------------------------------
