@@ -11,10 +11,11 @@ use crate::manifest::{Kind, Labels, ManifestError, Warning};
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Protocol minor version: additive changes an older peer can ignore (1.1: node-label
 /// restriction, two-phase renewal, renewal of expired certificates; 1.2: fleet rollouts, the
-/// `prefetch` hint in sync answers; 1.3: remote exec, the `exec` list in sync answers).
-pub const PROTOCOL_MINOR: u32 = 3;
+/// `prefetch` hint in sync answers; 1.3: remote exec, the `exec` list in sync answers; 1.4:
+/// several hubs, the `hubs` list in join and sync answers).
+pub const PROTOCOL_MINOR: u32 = 4;
 /// `<major>.<minor>`, as agents send it in [`PROTOCOL_HEADER`].
-pub const PROTOCOL: &str = "1.3";
+pub const PROTOCOL: &str = "1.4";
 /// Header carrying [`PROTOCOL`].
 pub const PROTOCOL_HEADER: &str = "x-outpost-protocol";
 /// How long the hub holds a sync long-poll open when nothing changes and the agent asked for
@@ -68,6 +69,11 @@ pub struct JoinResponse {
     pub cert_pem: String,
     pub ca_pem: String,
     pub labels: Labels,
+    /// The public endpoints of every hub replica (`outpost hub --advertise`), `https://` URLs,
+    /// sorted. Empty (left out) when the hub advertises none: the agent keeps the URL it joined
+    /// through. Protocol 1.4.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hubs: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -1029,6 +1035,15 @@ pub struct SyncAnswer {
     /// Exec sessions an operator opened on this node (docs/exec.md). Protocol 1.3.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exec: Vec<crate::exec::ExecRequest>,
+    /// The hub endpoints (as in [`JoinResponse::hubs`]), present when they differ from the
+    /// hash the agent sent (`hubs=`, [`hubs_hash`]). Protocol 1.4.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hubs: Vec<String>,
+}
+
+/// The hash an agent sends (`hubs=` on sync) of the hub endpoints it holds.
+pub fn hubs_hash(hubs: &[String]) -> String {
+    crate::content_hash(&hubs)
 }
 
 /// A status report with the monitoring additions.

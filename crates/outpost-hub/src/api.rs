@@ -58,6 +58,9 @@ pub struct SyncQuery {
     /// Seconds the agent asks the hub to hold the long-poll (at most MAX_LONG_POLL_SECS).
     #[serde(default)]
     wait: Option<u64>,
+    /// Hash of the hub endpoints the agent holds (protocol 1.4 agents).
+    #[serde(default)]
+    hubs: Option<String>,
 }
 
 pub async fn sync(
@@ -69,6 +72,7 @@ pub async fn sync(
     let held = Held {
         policy: q.policy.as_deref(),
         wait: q.wait.map(std::time::Duration::from_secs),
+        hubs: q.hubs.as_deref(),
     };
     Ok(match svc.sync(&peer, &node, q.generation, held).await? {
         Some(answer) => Json(answer).into_response(),

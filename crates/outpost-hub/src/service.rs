@@ -325,6 +325,8 @@ pub struct Settings {
     /// Which host paths an apply may mount.
     pub host_paths: validate::HostPathPolicy,
     pub monitor: MonitorConfig,
+    /// The hub endpoints join and sync answers carry (`--advertise`, normalized; empty: none).
+    pub hubs: Vec<String>,
 }
 
 /// The hub's side of the node links: long-poll wake-ups and operator log requests relayed
@@ -1462,6 +1464,7 @@ impl Service {
             cert_pem,
             ca_pem: self.authority.ca.cert_pem.clone(),
             labels,
+            hubs: self.settings.hubs.clone(),
         })
     }
 
@@ -1550,7 +1553,13 @@ impl Service {
                 log_requests,
                 exec,
             } = self.sync_extras(node, held).await?;
-            if resp.generation != since || alert_policy.is_some() || !log_requests.is_empty() || !exec.is_empty() {
+            let hubs = self.hubs_for(held);
+            if resp.generation != since
+                || alert_policy.is_some()
+                || !log_requests.is_empty()
+                || !exec.is_empty()
+                || !hubs.is_empty()
+            {
                 tracing::debug!(node = %node, since, generation = resp.generation, full = resp.full,
                     policy = alert_policy.is_some(), log_requests = log_requests.len(), "sync answered");
                 let n = node.to_string();
@@ -1565,6 +1574,7 @@ impl Service {
                     log_requests,
                     prefetch,
                     exec,
+                    hubs,
                 }));
             }
             tokio::select! {
@@ -1583,6 +1593,17 @@ impl Service {
                 // connected (its last contact decides when it turns Offline).
                 _ = closed.cancelled() => return Ok(None),
             }
+        }
+    }
+
+    /// The hub endpoints, when the agent sent a hash of its list and it differs (agents that
+    /// send none get none; a hub that advertises none sends none).
+    fn hubs_for(&self, held: Held<'_>) -> Vec<String> {
+        match held.hubs {
+            Some(h) if !self.settings.hubs.is_empty() && outpost_api::hubs_hash(&self.settings.hubs) != h => {
+                self.settings.hubs.clone()
+            }
+            _ => Vec::new(),
         }
     }
 
@@ -1806,6 +1827,8 @@ pub struct Held<'a> {
     pub policy: Option<&'a str>,
     /// How long the agent asked the hub to hold the long-poll (capped).
     pub wait: Option<Duration>,
+    /// Hash of the hub endpoints the agent holds (`outpost_api::hubs_hash`).
+    pub hubs: Option<&'a str>,
 }
 
 /// What a sync answer adds to the desired state.
