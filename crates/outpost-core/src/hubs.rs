@@ -66,7 +66,7 @@ pub fn after_failure(endpoints: usize, current: usize, failures: u32, now: UnixM
     let n = endpoints.max(1);
     let failures = failures.max(1);
     let endpoint = (current % n + 1) % n;
-    let round_done = (failures as usize) % n == 0;
+    let round_done = (failures as usize).is_multiple_of(n);
     let wait_ms = if round_done {
         let rounds = (failures as usize / n) as u32;
         HUB_LINK.delay_ms(rounds - 1, draw)
@@ -173,7 +173,7 @@ mod tests {
             let mut last_round = 0;
             for f in 1..200u32 {
                 let d = after_failure(n, 0, f, NOW, 0.0);
-                if (f as usize) % n == 0 {
+                if (f as usize).is_multiple_of(n) {
                     assert!(d.wait_ms >= last_round, "n {n} f {f}");
                     last_round = d.wait_ms;
                 } else {

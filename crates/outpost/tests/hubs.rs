@@ -286,8 +286,8 @@ fn the_ca_key_is_encrypted_at_rest_refused_without_its_secret_and_rotated() {
     hub.extra_env = vec![("OUTPOST_CA_KEY_SECRET".into(), "second-secret".into())];
     hub.restart();
     // The agent joined under the plain key still talks to the hub after both changes (its
-    // held long-poll is contact: the node turns Ready again).
-    wait_for("the node Ready", 90.0, || {
-        (node_status(&hub, "sealed-1").as_deref() == Some("Ready")).then_some(())
+    // held long-poll is contact: the node turns Online again).
+    wait_for("the node Online", 90.0, || {
+        (node_status(&hub, "sealed-1").as_deref() == Some("Online")).then_some(())
     });
 }
