@@ -1,6 +1,7 @@
 //! The node's identity: joining a hub with a token, and the files that hold the result.
 //!
-//! `<data-dir>/identity.json` (node name, hub URL, CA and node certificate) and
+//! `<data-dir>/identity.json` (node name, hub URL, the hub endpoints the hubs advertise, CA and
+//! node certificate) and
 //! `<data-dir>/node.key` (the private key, generated here, mode 0600, never sent anywhere).
 //! Both are written with write-temp, fsync, rename, fsync-dir, so a power cut leaves either the
 //! old file or the new one.
@@ -44,8 +45,17 @@ pub struct Identity {
     pub ca_pem: String,
     pub cert_pem: String,
     pub labels: Labels,
+    /// The hub endpoints the hubs advertise (join and sync answers, protocol 1.4); empty: only
+    /// `hub`. Saved whenever a hub sends a new list, so a restart (also after `kill -9`) starts
+    /// from the last list known.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hubs: Vec<String>,
     #[serde(skip)]
     pub key_pem: String,
+    /// `outpost agent run --hub URL`: use that URL only, ignore advertised lists (a proxy or
+    /// tunnel the hubs do not know about). Not saved.
+    #[serde(skip)]
+    pub pinned: bool,
 }
 
 pub struct JoinOptions {
@@ -81,6 +91,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
 }
 
 impl Identity {
+    /// The endpoints to use: the advertised list, or the one URL this node joined through.
+    pub fn endpoints(&self) -> Vec<String> {
+        if self.hubs.is_empty() || self.pinned {
+            vec![self.hub.clone()]
+        } else {
+            self.hubs.clone()
+        }
+    }
+
     pub fn exists(dir: &Path) -> bool {
         dir.join(IDENTITY).exists()
     }
@@ -238,7 +257,9 @@ pub async fn join(o: &JoinOptions) -> Result<Identity, JoinError> {
         ca_pem,
         cert_pem: jr.cert_pem,
         labels: jr.labels,
+        hubs: jr.hubs,
         key_pem: key.key_pem,
+        pinned: false,
     };
     id.save(&o.data_dir)
         .map_err(|e| JoinError::Local(format!("cannot write identity to {}: {e}", o.data_dir.display())))?;

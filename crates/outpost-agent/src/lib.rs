@@ -170,6 +170,8 @@ pub async fn run(o: RunOptions, shutdown: impl std::future::Future<Output = ()>)
         let mut identity = Identity::load(&o.data_dir).map_err(anyhow::Error::msg)?;
         if let Some(h) = &o.hub {
             identity.hub = h.trim_end_matches('/').to_string();
+            // An explicit hub URL is the only one used (lists the hubs advertise are ignored).
+            identity.pinned = true;
         }
         Some(identity)
     } else {

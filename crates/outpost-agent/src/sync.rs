@@ -3,6 +3,15 @@
 //! reconciler keeps running the last persisted desired state, and this module retries with
 //! `outpost_core::retry::HUB_LINK` (exponential backoff and jitter, docs/protocol.md §6).
 //!
+//! Several hubs (protocol 1.4): the client holds the hub endpoints the hubs advertise
+//! (persisted in identity.json) and talks to one at a time. The sync loop drives the choice
+//! (`outpost_core::hubs`): it starts at the node's preferred endpoint, moves to the next one
+//! after a failure (a short hop while the round has untried endpoints, `HUB_LINK`'s backoff once
+//! all failed in a row), and stays where it is answered. Every other exchange (status, logs,
+//! pipeline records, downloads) uses the current endpoint; the status loop retries at once when
+//! the endpoint changes, so what the node held back reaches the new hub without waiting out its
+//! own backoff.
+//!
 //! Certificate renewal (docs/protocol.md §2) is driven by the sync loop: before each long-poll,
 //! and when the renewal time (`outpost_core::link::renewal`: a third of the validity left)
 //! arrives during one, the agent renews; a certificate that expired while the node was offline
@@ -120,6 +129,28 @@ pub struct HubClient {
     data_dir: PathBuf,
     /// One renewal at a time.
     renewing: tokio::sync::Mutex<()>,
+    /// Which hub endpoint is in use.
+    link: std::sync::Mutex<Endpoints>,
+    /// Bumped whenever the endpoint in use changes.
+    moved: watch::Sender<u64>,
+}
+
+/// The hub endpoints and the one in use.
+struct Endpoints {
+    list: Vec<String>,
+    current: usize,
+    /// Failures in a row (the sync loop's), across endpoints.
+    failures: u32,
+}
+
+impl Endpoints {
+    fn url(&self) -> String {
+        self.list
+            .get(self.current)
+            .or(self.list.first())
+            .cloned()
+            .unwrap_or_default()
+    }
 }
 
 fn build_http(id: &Identity) -> Result<reqwest::Client, LinkError> {
@@ -167,17 +198,98 @@ async fn check(resp: reqwest::Response) -> Result<reqwest::Response, LinkError> 
 impl HubClient {
     pub fn new(identity: Identity, data_dir: PathBuf) -> Result<Self, LinkError> {
         let http = build_http(&identity)?;
+        let list = identity.endpoints();
+        let current = outpost_core::hubs::preferred(&identity.node, list.len());
         Ok(Self {
             identity: RwLock::new(identity),
             http: RwLock::new(http),
             data_dir,
             renewing: tokio::sync::Mutex::new(()),
+            link: std::sync::Mutex::new(Endpoints {
+                list,
+                current,
+                failures: 0,
+            }),
+            moved: watch::channel(0).0,
         })
     }
 
+    fn endpoints(&self) -> std::sync::MutexGuard<'_, Endpoints> {
+        self.link.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The hub endpoint in use (e.g. `https://hub-a.example.com:8443`).
+    pub fn hub_url(&self) -> String {
+        self.endpoints().url()
+    }
+
+    /// Every hub endpoint this node knows.
+    pub fn hub_urls(&self) -> Vec<String> {
+        self.endpoints().list.clone()
+    }
+
+    /// Changes whenever the endpoint in use changes.
+    pub fn moved(&self) -> watch::Receiver<u64> {
+        self.moved.subscribe()
+    }
+
+    /// An exchange with the current endpoint failed: move on (`outpost_core::hubs`) and say
+    /// how long to wait before trying.
+    pub fn link_failed(&self) -> Duration {
+        let mut e = self.endpoints();
+        e.failures = e.failures.saturating_add(1);
+        let step = outpost_core::hubs::after_failure(
+            e.list.len(),
+            e.current,
+            e.failures,
+            crate::reconcile::now_ms(),
+            rand::random(),
+        );
+        if step.endpoint != e.current {
+            let from = e.url();
+            e.current = step.endpoint;
+            info!(from = %from, to = %e.url(), failures = e.failures, retry_in_ms = step.wait_ms,
+                "hub endpoint failed; trying the next one");
+            self.moved.send_modify(|n| *n += 1);
+        }
+        Duration::from_millis(step.wait_ms)
+    }
+
+    /// The current endpoint answered.
+    pub fn link_ok(&self) {
+        self.endpoints().failures = 0;
+    }
+
+    /// A hub sent the endpoint list: persist it (identity.json) and use it. The endpoint in use
+    /// stays if the list holds it.
+    pub async fn set_hubs(&self, hubs: Vec<String>) {
+        if hubs.is_empty() || self.endpoints().list == hubs || self.identity.read().await.pinned {
+            return;
+        }
+        let mut id = self.identity.write().await;
+        let mut next = id.clone();
+        next.hubs = hubs.clone();
+        if let Err(e) = next.save(&self.data_dir) {
+            // Used anyway for this run; the hub sends it again (its hash differs) on a later poll.
+            warn!(error = %e, dir = %self.data_dir.display(), "cannot save the hub endpoints; using them until restart");
+        }
+        *id = next;
+        let node = id.node.clone();
+        drop(id);
+        let mut e = self.endpoints();
+        let before = e.url();
+        e.current = outpost_core::hubs::after_new_list(Some(&before), &hubs, &node);
+        e.list = hubs;
+        e.failures = 0;
+        info!(hubs = ?e.list, using = %e.url(), "hub endpoints updated");
+        if e.url() != before {
+            self.moved.send_modify(|n| *n += 1);
+        }
+    }
+
     async fn url(&self, path: &str) -> String {
-        let id = self.identity.read().await;
-        format!("{}/v1/nodes/{}/{path}", id.hub, id.node)
+        let node = self.identity.read().await.node.clone();
+        format!("{}/v1/nodes/{node}/{path}", self.hub_url())
     }
 
     pub async fn report(&self, r: &StatusReport) -> Result<StatusAck, LinkError> {
@@ -202,12 +314,17 @@ impl HubClient {
         // Tell the hub how often this agent probes the connection, so it does not probe too
         // (docs/protocol.md §12); an older hub ignores it.
         let ka = link_keepalive().as_secs().to_string();
-        let query = [
+        // A pinned agent (`--hub`) asks for no list.
+        let hubs = (!self.identity.read().await.pinned).then(|| outpost_api::hubs_hash(&self.hub_urls()));
+        let mut query = vec![
             ("generation", generation.as_str()),
             ("policy", policy_hash),
             ("wait", wait.as_str()),
             ("ka", ka.as_str()),
         ];
+        if let Some(h) = &hubs {
+            query.push(("hubs", h.as_str()));
+        }
         let http = self.http.read().await.clone();
         let resp = check(
             http.get(url)
@@ -303,7 +420,7 @@ impl HubClient {
         query: &[(&str, &str)],
         from: Option<u64>,
     ) -> Result<reqwest::Response, LinkError> {
-        let url = format!("{}{path}", self.identity.read().await.hub);
+        let url = format!("{}{path}", self.hub_url());
         let http = self.http.read().await.clone();
         let mut req = http
             .get(url)
@@ -497,7 +614,6 @@ pub async fn sync_loop(
     monitor: crate::alerts::MonitorLink,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = Backoff::new(retry::HUB_LINK);
     // Local save failures (a full disk) retry on their own, shorter schedule.
     let mut save_backoff = Backoff::new(retry::STATE_WRITE);
     let mut connected = false;
@@ -515,6 +631,7 @@ pub async fn sync_loop(
         };
         // Monitoring additions first: a new alert policy is persisted before it is used, log
         // requests are answered by `logs::request_loop`.
+        let mut hubs: Option<Vec<String>> = None;
         let result = result.map(|answer| {
             answer.and_then(|a| {
                 for r in a.log_requests {
@@ -534,12 +651,18 @@ pub async fn sync_loop(
                         warn!(error = %e, "cannot persist the new alert policy; keeping the old one");
                     }
                 }
+                if !a.hubs.is_empty() {
+                    hubs = Some(a.hubs);
+                }
                 let s = a.sync;
                 let unchanged =
                     s.generation == held.generation && !s.full && s.upsert.is_empty() && s.remove.is_empty();
                 (!unchanged).then_some(s)
             })
         });
+        if let Some(h) = hubs.take() {
+            client.set_hubs(h).await;
+        }
         let delay = match result {
             Ok(None) => None,
             Ok(Some(resp)) => {
@@ -570,7 +693,7 @@ pub async fn sync_loop(
                 let d = if e.is_fatal() {
                     Duration::from_secs(60)
                 } else {
-                    crate::retry_delay(&mut backoff)
+                    client.link_failed()
                 };
                 // Said at warn level when the link is lost, when the hub has not been reached since
                 // the agent started, and every 10 minutes while it stays unreachable.
@@ -593,10 +716,10 @@ pub async fn sync_loop(
         match delay {
             None => {
                 if !connected {
-                    info!("connected to hub");
+                    info!(hub = %client.hub_url(), "connected to hub");
                 }
                 connected = true;
-                backoff.reset();
+                client.link_ok();
             }
             Some(d) => {
                 tokio::select! {
@@ -634,6 +757,7 @@ pub async fn status_loop(
     let mut last_ack = std::time::Instant::now();
     let mut generation_sent: Option<u64> = None;
     let mut heartbeat = heartbeat_interval();
+    let mut moved = client.moved();
     loop {
         let snap = status_rx.borrow_and_update().clone();
         let events = store.events_to_send(500).unwrap_or_default();
@@ -741,6 +865,8 @@ pub async fn status_loop(
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             _ = tokio::time::sleep(wait.min(monitor.report_every.max(Duration::from_secs(1)))) => {}
+            // The sync loop moved to another hub: resend there now.
+            _ = moved.changed(), if failed => {}
             _ = shutdown.changed() => return,
         }
     }

@@ -12,7 +12,8 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Protocol minor version: additive changes an older peer can ignore (1.1: node-label
 /// restriction, two-phase renewal, renewal of expired certificates; 1.2: fleet rollouts, the
 /// `prefetch` hint in sync answers; 1.3: remote exec, the `exec` list in sync answers; 1.4: the
-/// `vitals_requests` list in sync answers, `ka=` on sync, zstd request bodies).
+/// `vitals_requests` list in sync answers, `ka=` on sync, zstd request bodies, several hubs (the
+/// `hubs` list in join and sync answers)).
 pub const PROTOCOL_MINOR: u32 = 4;
 /// `<major>.<minor>`, as agents send it in [`PROTOCOL_HEADER`].
 pub const PROTOCOL: &str = "1.4";
@@ -70,6 +71,11 @@ pub struct JoinResponse {
     pub cert_pem: String,
     pub ca_pem: String,
     pub labels: Labels,
+    /// The public endpoints of every hub replica (`outpost hub --advertise`), `https://` URLs,
+    /// sorted. Empty (left out) when the hub advertises none: the agent keeps the URL it joined
+    /// through. Protocol 1.4.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hubs: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -1090,6 +1096,15 @@ pub struct SyncAnswer {
     /// Requests for the node's own vitals history (docs/dashboard.md). Protocol 1.4.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vitals_requests: Vec<VitalsRequest>,
+    /// The hub endpoints (as in [`JoinResponse::hubs`]), present when they differ from the
+    /// hash the agent sent (`hubs=`, [`hubs_hash`]). Protocol 1.4.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hubs: Vec<String>,
+}
+
+/// The hash an agent sends (`hubs=` on sync) of the hub endpoints it holds.
+pub fn hubs_hash(hubs: &[String]) -> String {
+    crate::content_hash(&hubs)
 }
 
 /// A status report with the monitoring additions.

@@ -1,7 +1,7 @@
 //! outpost's decisions, as pure functions: where workloads run (`schedule`), what a node runs
 //! (`render`), how the agent supervises processes (`supervise`), the hub link's rules (`link`:
 //! join labels, certificate renewal, connection admission), fleet rollouts in waves
-//! (`waves`), GitOps (`gitops`: a node's variant, fetch schedule, commit acceptance), and
+//! (`waves`), which hub endpoint an agent uses (`hubs`), GitOps (`gitops`: a node's variant, fetch schedule, commit acceptance), and
 //! site-local failover (`site_ha`: membership, who runs a failover copy, quorum, the hub witness),
 //! and who may do what (`access`: roles, label scopes).
 //!
@@ -16,6 +16,7 @@ pub mod cron;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod gitops;
+pub mod hubs;
 pub mod inference;
 pub mod link;
 pub mod pipeline;

@@ -62,6 +62,9 @@ pub struct SyncQuery {
     /// keepalive); the hub then watches for those probes instead of sending its own.
     #[serde(default)]
     ka: Option<u64>,
+    /// Hash of the hub endpoints the agent holds (protocol 1.4 agents).
+    #[serde(default)]
+    hubs: Option<String>,
 }
 
 pub async fn sync(
@@ -76,6 +79,7 @@ pub async fn sync(
     let held = Held {
         policy: q.policy.as_deref(),
         wait: q.wait.map(std::time::Duration::from_secs),
+        hubs: q.hubs.as_deref(),
     };
     Ok(match svc.sync(&peer, &node, q.generation, held).await? {
         Some(answer) => Json(answer).into_response(),

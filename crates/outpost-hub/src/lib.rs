@@ -77,6 +77,12 @@ pub struct HubConfig {
     /// Host names or IPs (or URLs, whose host is used) for the server certificate; `localhost`
     /// and `127.0.0.1` are always added.
     pub advertise: Vec<String>,
+    /// The hub endpoints agents are told (join and sync answers, docs/protocol.md §6): `https://`
+    /// URLs of every replica, or one load-balancer URL. Normalized (sorted, deduplicated) at
+    /// start; empty: agents keep the URL they joined through.
+    pub endpoints: Vec<String>,
+    /// The secret the CA key is sealed under at rest (`files::ca_secret`); None: stored as PEM.
+    pub ca_secret: Option<Vec<u8>>,
     /// A node is Offline when the hub has had no contact for this long (default 90 s).
     pub offline_after: Duration,
     /// How long a sync long-poll is held open without changes (default 30 s).
@@ -119,6 +125,8 @@ impl HubConfig {
             listen,
             data_dir,
             advertise: Vec::new(),
+            endpoints: Vec::new(),
+            ca_secret: None,
             offline_after: DEFAULT_OFFLINE_AFTER,
             long_poll: Duration::from_secs(outpost_api::LONG_POLL_SECS),
             webhooks: Vec::new(),
@@ -162,8 +170,9 @@ impl Hub {
         let monitor_db = db_path.clone();
         let advertise = cfg.advertise.clone();
         let on_sqlite = cfg.store.is_none();
+        let ca_secret = cfg.ca_secret.clone();
         let (material, sqlite) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let material = data_dir.load_or_create(&advertise)?;
+            let material = data_dir.load_or_create(&advertise, ca_secret.as_deref())?;
             let store = if on_sqlite {
                 Some(SqliteStore::open(&db_path).with_context(|| format!("cannot open {}", db_path.display()))?)
             } else {
@@ -204,6 +213,7 @@ impl Hub {
             images_dir: cfg.data_dir.join("images"),
             host_paths: cfg.host_paths.clone(),
             monitor: monitor_cfg,
+            hubs: outpost_core::hubs::normalize(&cfg.endpoints).map_err(anyhow::Error::msg)?,
         };
         let authority = service::Authority {
             ca: material.ca.clone(),

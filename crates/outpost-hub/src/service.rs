@@ -328,6 +328,8 @@ pub struct Settings {
     /// Which host paths an apply may mount.
     pub host_paths: validate::HostPathPolicy,
     pub monitor: MonitorConfig,
+    /// The hub endpoints join and sync answers carry (`--advertise`, normalized; empty: none).
+    pub hubs: Vec<String>,
 }
 
 /// The hub's side of the node links: long-poll wake-ups and operator log requests relayed
@@ -1464,6 +1466,7 @@ impl Service {
             cert_pem,
             ca_pem: self.authority.ca.cert_pem.clone(),
             labels,
+            hubs: self.settings.hubs.clone(),
         })
     }
 
@@ -1547,11 +1550,13 @@ impl Service {
                 exec,
                 vitals_requests,
             } = self.sync_extras(node, held).await?;
+            let hubs = self.hubs_for(held);
             if resp.generation != since
                 || alert_policy.is_some()
                 || !log_requests.is_empty()
                 || !exec.is_empty()
                 || !vitals_requests.is_empty()
+                || !hubs.is_empty()
             {
                 tracing::debug!(node = %node, since, generation = resp.generation, full = resp.full,
                     policy = alert_policy.is_some(), log_requests = log_requests.len(), "sync answered");
@@ -1568,6 +1573,7 @@ impl Service {
                     prefetch,
                     exec,
                     vitals_requests,
+                    hubs,
                 }));
             }
             tokio::select! {
@@ -1586,6 +1592,17 @@ impl Service {
                 // connected (its last contact decides when it turns Offline).
                 _ = closed.cancelled() => return Ok(None),
             }
+        }
+    }
+
+    /// The hub endpoints, when the agent sent a hash of its list and it differs (agents that
+    /// send none get none; a hub that advertises none sends none).
+    fn hubs_for(&self, held: Held<'_>) -> Vec<String> {
+        match held.hubs {
+            Some(h) if !self.settings.hubs.is_empty() && outpost_api::hubs_hash(&self.settings.hubs) != h => {
+                self.settings.hubs.clone()
+            }
+            _ => Vec::new(),
         }
     }
 
@@ -1803,6 +1820,8 @@ pub struct Held<'a> {
     pub policy: Option<&'a str>,
     /// How long the agent asked the hub to hold the long-poll (capped).
     pub wait: Option<Duration>,
+    /// Hash of the hub endpoints the agent holds (`outpost_api::hubs_hash`).
+    pub hubs: Option<&'a str>,
 }
 
 /// What a sync answer adds to the desired state.

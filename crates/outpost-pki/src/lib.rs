@@ -1,6 +1,7 @@
 //! outpost's built-in certificate authority and TLS configuration.
 //!
-//! Owns: creating the hub's CA and server certificate, signing node certificates from CSRs,
+//! Owns: creating the hub's CA and server certificate, sealing the CA key under a secret
+//! ([`sealed`]), signing node certificates from CSRs,
 //! generating node keys and CSRs, CA fingerprints (the pin carried by join tokens), and building
 //! rustls server/client configurations with the `ring` provider.
 //!
@@ -12,6 +13,8 @@
 //! accepted just before then; the TLS handshake still proves the client holds the key. The hub
 //! reads the expiry itself ([`not_after_der`]) and lets such a certificate call only the renew
 //! route, so a node that was offline past its certificate's life can come back by itself.
+
+pub mod sealed;
 
 use std::sync::Arc;
 

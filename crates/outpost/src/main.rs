@@ -232,9 +232,16 @@ struct HubArgs {
     /// Where the hub keeps its CA, admin token and database.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// URL agents use to reach the hub (its host goes into the server certificate); repeatable.
-    #[arg(long)]
+    /// URL agents use to reach the hub, or the URLs of every hub replica, or one load-balancer
+    /// URL (comma-separated or repeated). Every host goes into the server certificate, and
+    /// agents are told the list: they spread over it and fail over along it.
+    #[arg(long, value_delimiter = ',')]
     advertise: Vec<String>,
+    /// File holding the secret the CA key is encrypted under at rest (else the environment
+    /// variable OUTPOST_CA_KEY_SECRET; neither: the key is stored unencrypted). A plain key is
+    /// encrypted on the first start with a secret (docs/security.md).
+    #[arg(long)]
+    ca_secret_file: Option<PathBuf>,
     /// A node without contact for this long is Offline (e.g. 90s, 5m).
     #[arg(long, default_value = "90s", value_parser = parse_duration)]
     offline_after: Duration,
@@ -492,6 +499,69 @@ fn parse_labels(s: &str) -> Result<Labels, String> {
 /// The one duration parser (`90s`, `5m`, `24h`, `7d`; overflow-checked), for clap.
 pub(crate) use outpost_api::parse_duration;
 
+/// `outpost hub ca-secret`: the secret the CA key is encrypted under (docs/security.md).
+#[derive(Parser, Debug)]
+#[command(name = "outpost hub ca-secret")]
+struct CaSecretCli {
+    #[command(subcommand)]
+    cmd: CaSecretCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum CaSecretCmd {
+    /// Re-encrypt the CA key under a new secret (a plain key is encrypted). Hubs that run keep
+    /// the key they loaded: restart each with the new secret afterwards.
+    Rotate {
+        /// The hub's data directory.
+        #[arg(long, alias = "data")]
+        data_dir: Option<PathBuf>,
+        /// File holding the current secret (else OUTPOST_CA_KEY_SECRET).
+        #[arg(long)]
+        ca_secret_file: Option<PathBuf>,
+        /// File holding the new secret (else OUTPOST_CA_KEY_NEW_SECRET).
+        #[arg(long)]
+        new_secret_file: Option<PathBuf>,
+    },
+}
+
+fn ca_secret(c: CaSecretCli) -> Result<()> {
+    let CaSecretCmd::Rotate {
+        data_dir,
+        ca_secret_file,
+        new_secret_file,
+    } = c.cmd;
+    let dir = data_dir.unwrap_or_else(|| default_dir("hub"));
+    let old = outpost_hub::files::ca_secret(ca_secret_file.as_deref())?;
+    let new = match new_secret_file {
+        Some(f) => {
+            let text = std::fs::read_to_string(&f)
+                .with_context(|| format!("cannot read the new secret file {} (--new-secret-file)", f.display()))?;
+            text.trim_end_matches(['\n', '\r']).as_bytes().to_vec()
+        }
+        None => std::env::var("OUTPOST_CA_KEY_NEW_SECRET")
+            .unwrap_or_default()
+            .into_bytes(),
+    };
+    if new.is_empty() {
+        bail!(
+            "no new secret: give --new-secret-file FILE or set OUTPOST_CA_KEY_NEW_SECRET (e.g. `openssl rand -hex 32`)"
+        );
+    }
+    if old.as_deref() == Some(&new[..]) {
+        bail!("the new secret is the current one; give another");
+    }
+    let done = outpost_hub::files::DataDir::new(dir.clone()).rotate_ca_secret(old.as_deref(), &new)?;
+    let what = match done {
+        outpost_hub::files::Rotated::Resealed => "re-encrypted under the new secret",
+        outpost_hub::files::Rotated::Sealed => "was stored unencrypted; it is now encrypted under the new secret",
+    };
+    println!(
+        "the CA key in {} {what}; restart every hub of this fleet with the new secret (OUTPOST_CA_KEY_SECRET or --ca-secret-file)",
+        dir.join("ca.key").display()
+    );
+    Ok(())
+}
+
 fn default_dir(role: &str) -> PathBuf {
     if nix_is_root() {
         PathBuf::from(format!("/var/lib/outpost/{role}"))
@@ -539,6 +609,7 @@ fn main() {
                 install::hub_install(<install::HubInstallArgs as Parser>::parse_from(&argv[2..]))
                     .map(|c| c.report("the outpost hub service")),
             ),
+            Some("ca-secret") => Some(ca_secret(<CaSecretCli as Parser>::parse_from(&argv[2..]))),
             Some("uninstall") => Some(
                 install::hub_uninstall(<install::HubUninstallArgs as Parser>::parse_from(&argv[2..]).u)
                     .map(|c| c.report("the outpost hub service (already uninstalled)")),
@@ -728,6 +799,7 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
 async fn run_hub(a: HubArgs) -> Result<()> {
     init_tracing();
     let data_dir = a.data_dir.unwrap_or_else(|| default_dir("hub"));
+    let endpoints = outpost_core::hubs::normalize(&a.advertise).map_err(|e| anyhow::anyhow!("--advertise: {e}"))?;
     let mut advertise: Vec<String> = Vec::new();
     for u in &a.advertise {
         let host = client::url_host(u)
@@ -738,6 +810,8 @@ async fn run_hub(a: HubArgs) -> Result<()> {
         listen: a.listen,
         data_dir: data_dir.clone(),
         advertise: advertise.clone(),
+        endpoints,
+        ca_secret: outpost_hub::files::ca_secret(a.ca_secret_file.as_deref())?,
         offline_after: a.offline_after,
         long_poll: Duration::from_secs(outpost_api::LONG_POLL_SECS),
         webhooks: logs::check_webhooks(&a.webhooks)?,

@@ -100,6 +100,45 @@ impl Hub {
         h
     }
 
+    /// A hub listening on `port` with this hub's settings, when it is given one.
+    pub fn start_on_port(port: u16, args: &[&str]) -> Hub {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut h = Hub {
+            dir: tmp.path().to_path_buf(),
+            port,
+            url: format!("https://127.0.0.1:{port}"),
+            token: String::new(),
+            child: None,
+            _tmp: Some(tmp),
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
+            extra_env: Vec::new(),
+            listen_ip: "127.0.0.1".into(),
+            wrapper: Vec::new(),
+        };
+        h.launch();
+        h
+    }
+
+    /// A second hub process serving the same fleet: the same data dir (CA, admin token, SQLite
+    /// database in WAL mode), another port, the same extra arguments (e.g. `--advertise`).
+    /// Started after this one has created the data dir.
+    pub fn replica(&self, port: u16) -> Hub {
+        let mut h = Hub {
+            dir: self.dir.clone(),
+            port,
+            url: format!("https://{}:{port}", self.listen_ip),
+            token: String::new(),
+            child: None,
+            _tmp: None,
+            extra_args: self.extra_args.clone(),
+            extra_env: self.extra_env.clone(),
+            listen_ip: self.listen_ip.clone(),
+            wrapper: self.wrapper.clone(),
+        };
+        h.launch();
+        h
+    }
+
     fn launch(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
