@@ -133,7 +133,23 @@ pub struct HubClient {
     link: std::sync::Mutex<Endpoints>,
     /// Bumped whenever the endpoint in use changes.
     moved: watch::Sender<u64>,
+    /// The minor protocol version the hub named in its last answer (`x-outpost-protocol`; 0
+    /// when it named none): from 4 on it takes zstd request bodies.
+    hub_minor: std::sync::atomic::AtomicU32,
 }
+
+/// The minor version of a `1.N` protocol header; 0 for none, another major or garbage.
+fn hub_minor(named: Option<&str>) -> u32 {
+    named
+        .and_then(|v| v.trim().split_once('.'))
+        .filter(|(major, _)| *major == "1")
+        .and_then(|(_, minor)| minor.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Status bodies at least this large go zstd-compressed to a hub that takes them (a vitals
+/// summary with ten workloads is ~1.1 KB of JSON, ~0.4 KB compressed).
+const COMPRESS_FROM: usize = 512;
 
 /// The hub endpoints and the one in use.
 struct Endpoints {
@@ -211,6 +227,7 @@ impl HubClient {
                 failures: 0,
             }),
             moved: watch::channel(0).0,
+            hub_minor: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -326,14 +343,9 @@ impl HubClient {
             query.push(("hubs", h.as_str()));
         }
         let http = self.http.read().await.clone();
-        let resp = check(
-            http.get(url)
-                .query(&query)
-                .header(PROTOCOL_HEADER, PROTOCOL)
-                .send()
-                .await?,
-        )
-        .await?;
+        let resp = http.get(url).query(&query).header(PROTOCOL_HEADER, PROTOCOL).send().await?;
+        self.note_hub(&resp);
+        let resp = check(resp).await?;
         if resp.status() == reqwest::StatusCode::NO_CONTENT {
             return Ok(None);
         }
@@ -355,7 +367,27 @@ impl HubClient {
             .json(body)
             .send()
             .await?;
+        self.note_hub(&resp);
         Ok(check(resp).await?.json().await?)
+    }
+
+    /// Remember which protocol the hub answering now speaks (an answer without the header is
+    /// from a hub older than 1.4).
+    fn note_hub(&self, resp: &reqwest::Response) {
+        let named = resp.headers().get(PROTOCOL_HEADER).and_then(|v| v.to_str().ok());
+        self.hub_minor
+            .store(hub_minor(named), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// POST a status report: zstd-compressed when it is large and the hub takes it (1.4).
+    pub async fn post_status(&self, body: &StatusWithVitals) -> Result<StatusAck, LinkError> {
+        let json = serde_json::to_vec(body).map_err(|e| LinkError::Local(e.to_string()))?;
+        if json.len() >= COMPRESS_FROM && self.hub_minor.load(std::sync::atomic::Ordering::Relaxed) >= 4 {
+            if let Ok(packed) = zstd::bulk::compress(&json, 3) {
+                return self.post_compressed("status", packed).await;
+            }
+        }
+        self.post_json("status", body).await
     }
 
     /// POST a zstd-compressed JSON body to one of this node's routes (pipeline records).
@@ -375,6 +407,7 @@ impl HubClient {
             .body(body)
             .send()
             .await?;
+        self.note_hub(&resp);
         Ok(check(resp).await?.json().await?)
     }
 
@@ -825,7 +858,7 @@ pub async fn status_loop(
             report,
             conditions,
         };
-        let wait = match client.post_json::<_, StatusAck>("status", &with_vitals).await {
+        let wait = match client.post_status(&with_vitals).await {
             Ok(ack) => {
                 if let Some(v) = &with_vitals.vitals {
                     vitals_sent = Some((std::time::Instant::now(), v.clone()));
@@ -868,6 +901,26 @@ pub async fn status_loop(
             // The sync loop moved to another hub: resend there now.
             _ = moved.changed(), if failed => {}
             _ = shutdown.changed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hub_minor;
+
+    #[test]
+    fn the_hubs_protocol_header_gives_its_minor_version() {
+        for (named, want) in [
+            (Some("1.4"), 4),
+            (Some(" 1.12 "), 12),
+            (Some("1.3"), 3),
+            (Some("2.0"), 0),
+            (Some("1"), 0),
+            (Some("x.y"), 0),
+            (None, 0),
+        ] {
+            assert_eq!(hub_minor(named), want, "{named:?}");
         }
     }
 }
