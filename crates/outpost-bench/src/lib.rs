@@ -22,6 +22,8 @@ pub mod offline;
 pub mod pipeline;
 pub mod procfs;
 pub mod propagation;
+pub mod shard;
+pub mod sim;
 pub mod stats;
 
 use std::path::PathBuf;
@@ -49,6 +51,9 @@ pub enum BenchCmd {
     Bandwidth(bandwidth::BandwidthArgs),
     /// Simulate N agents against one real hub: hub CPU, RSS, latency, change fan-out, reconnect storm.
     Fleet(fleet::FleetArgs),
+    /// One simulator process of `bench fleet` (started by it; JSON lines on stdin/stdout).
+    #[command(hide = true)]
+    FleetShard,
     /// MQTT ingest into the agent's pipeline at QoS 0 and 1, beside mosquitto in the same run.
     Mqtt(pipeline::MqttArgs),
     /// A replayed sensor stream with known anomalies: bytes upstream vs raw, anomalies exact.
@@ -91,6 +96,10 @@ fn today() -> String {
 
 /// Run one benchmark and print its report on stdout (progress goes to stderr).
 pub async fn run(a: BenchArgs) -> Result<()> {
+    if let BenchCmd::FleetShard = a.cmd {
+        // stdout carries the shard's JSON replies only
+        return shard::shard_main().await;
+    }
     let tmp;
     let work = match &a.work_dir {
         Some(d) => {
@@ -120,6 +129,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         BenchCmd::Offline(x) => offline::offline(x, &sub("offline")?).await?,
         BenchCmd::Bandwidth(x) => bandwidth::bandwidth(x, &sub("bandwidth")?).await?,
         BenchCmd::Fleet(x) => fleet::fleet(x, &sub("fleet")?).await?,
+        BenchCmd::FleetShard => unreachable!("handled above"),
         BenchCmd::Mqtt(x) => pipeline::mqtt(x, &sub("mqtt")?).await?,
         BenchCmd::Reduction(x) => pipeline::reduction(x, &sub("reduction")?).await?,
         BenchCmd::Gitops(x) => gitops::gitops(x, &sub("gitops")?).await?,
