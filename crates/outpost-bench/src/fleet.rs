@@ -360,6 +360,9 @@ pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
         }
         eprintln!("fleet: {total} agents joined ({joined} new in {join_secs:.1} s, {join_errors} errors); waiting for first sync and report");
         wait_ready(&mut shards, total, Duration::from_secs(900)).await?;
+        // the idle window starts once every agent holds the DaemonSet and its report landed
+        wait_revision(&mut shards, app_revision(&admin).await?, 900).await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
         let (jr, _) = samples(&mut shards, j0, unix_ms()).await?;
         let joins = Summary::of(&lat(&jr, Kind::Join));
         // ---- idle window: every agent connected and holding its long-poll
