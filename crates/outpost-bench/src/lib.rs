@@ -2,8 +2,9 @@
 //!
 //! Owns: starting real hub and agent processes from the running `outpost` binary, measuring
 //! them from `/proc` (RSS, PSS, CPU ticks, descriptors), a counting TCP proxy for bytes on the
-//! wire, and a simulator of thousands of agents that speak the real protocol (own keys and
-//! certificates, mTLS, long-polls, status heartbeats) against one real hub process. Every
+//! wire, and a simulator of thousands of agents that speak the real protocol like today's agent (own
+//! keys and certificates, one HTTP/2 connection each, hour-long polls, status on change) in
+//! several simulator processes, against a real hub process or an existing tier. Every
 //! benchmark prints a Markdown report with its method, the date and the machine.
 //!
 //! Must never: run in the test suite (only its pure helpers are unit-tested), link the hub or
