@@ -1,53 +1,48 @@
-//! Fleet simulator: thousands of simulated agents in this process, each speaking the real
-//! protocol against one real hub process: its own key and CSR, a real join with a shared
-//! token, its own node certificate and mTLS connections (one held for the sync long-poll, one
-//! for status reports, like the real agent's HTTP pool), long-polls with the generation it holds,
-//! a status report after each new generation and a heartbeat every ~60 s with jitter, and
-//! reconnects with the agent's backoff (`outpost_core::retry::HUB_LINK`: 1 s doubling to 30 s,
-//! +50 % jitter).
-//!
-//! The hub runs as its own process so its CPU, memory and descriptors are read from `/proc`.
+//! `outpost bench fleet`: thousands of simulated agents that behave like today's agent on the
+//! wire ([`crate::sim`]: one HTTP/2 connection each, `wait=3600&ka=100` long-polls, status on
+//! change plus an hourly heartbeat, the agent's TCP keepalive and backoff), run in several
+//! simulator processes ([`crate::shard`], at most 15,000 agents each: this machine caps a
+//! process at 20,000 descriptors), against one hub process it starts (its CPU, memory and
+//! descriptors read from `/proc`) or an existing hub tier (`--hub-url`, agents spread over
+//! the URLs). Everything is measured from outside the hub.
 
-use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
-use outpost_api::{
-    ApplyRequest, JoinRequest, JoinResponse, JoinToken, ManifestFile, StatusReport, SyncResponse, WorkloadStatus,
-    PROTOCOL_HEADER,
-};
-use rand::Rng;
-use rustls_pki_types::ServerName;
-use tokio::net::TcpSocket;
-use tokio::sync::{Notify, Semaphore};
-use tokio_rustls::TlsConnector;
+use outpost_api::{ApplyRequest, ManifestFile};
 
 use crate::harness::{self, HubProc};
 use crate::procfs::{self, Meter};
+use crate::shard::{self, Cmd, Reply, Shard};
+use crate::sim::{unix_ms, Kind, LinkModel};
 use crate::stats::{bytes, ms, Summary};
 use crate::table;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct FleetArgs {
-    /// Fleet sizes to step through, e.g. 1000,5000,10000 (agents are added, never removed).
+    /// Fleet sizes to step through, e.g. 1000,5000,15000 (agents are added, never removed).
     #[arg(long, value_delimiter = ',', default_value = "1000")]
     pub agents: Vec<usize>,
-    /// Steady-state window per size, seconds (CPU, RSS and status latency are taken over it).
+    /// Idle window per size, seconds (hub CPU and memory per idle agent are taken over it).
     #[arg(long, default_value_t = 60)]
     pub window_secs: u64,
-    /// Status heartbeat interval, seconds (the real agent's is 60 s); +-10 % jitter is added.
-    #[arg(long, default_value_t = 60)]
+    /// Status heartbeat period, seconds, +-20 % jitter (the agent's: hourly).
+    #[arg(long, default_value_t = 3600)]
     pub heartbeat_secs: u64,
-    /// Joins in flight at once.
+    /// Long-poll hold each agent asks for (`wait=`; the agent's: 3600 s).
+    #[arg(long, default_value_t = outpost_api::AGENT_LONG_POLL_SECS)]
+    pub wait_secs: u64,
+    /// TCP keepalive idle time of each agent's connection, announced as `ka=` (the agent's: 100 s).
+    #[arg(long, default_value_t = 100)]
+    pub ka_secs: u64,
+    /// Joins in flight at once, over all simulator processes.
     #[arg(long, default_value_t = 8)]
     pub join_concurrency: usize,
+    /// Most simulated agents per simulator process (each holds one descriptor per agent; this
+    /// machine caps a process at 20,000).
+    #[arg(long, default_value_t = shard::MAX_PER_SHARD)]
+    pub per_process: usize,
     /// Changes timed per size (one DaemonSet on every node, new command each time).
     #[arg(long, default_value_t = 3)]
     pub changes: usize,
@@ -58,350 +53,57 @@ pub struct FleetArgs {
     /// against an all-at-once change.
     #[arg(long)]
     pub no_rollout: bool,
-    /// Keep the fleet DaemonSet while agents join. Each join reschedules every node, so joins
-    /// slow down as the fleet grows; by default the DaemonSet is deleted before a join wave and
-    /// applied again after it, which keeps setup time linear.
+    /// Keep the fleet DaemonSet while agents join (by default it is deleted before a join wave
+    /// and applied again after it).
     #[arg(long)]
     pub keep_workloads_during_join: bool,
+    /// Point at an existing hub tier instead of starting a hub: its URLs, comma-separated;
+    /// agents are spread over them (agent i dials URL i mod N). Needs `--token` and `--ca`.
+    /// Hub CPU and memory are then not measured, and there is no reconnect storm.
+    #[arg(long, value_delimiter = ',')]
+    pub hub_url: Vec<String>,
+    /// With `--hub-url`: an admin token of that tier.
+    #[arg(long, env = "OUTPOST_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// With `--hub-url`: the tier's CA certificate (PEM).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Kind {
-    Join,
-    /// First sync of a new agent (generation 0): answered at once.
-    SyncFirst,
-    /// A held long-poll answered by a change.
-    SyncChange,
-    /// A long-poll that timed out with 204.
-    Sync204,
-    Status,
-    ConnectErr,
-    SyncErr,
-    StatusErr,
-}
-
-struct Sample {
-    kind: Kind,
-    at_ms: u64,
-    lat_us: u64,
-}
-
-struct Fleet {
-    addr: SocketAddr,
-    server_name: ServerName<'static>,
-    t0: Instant,
-    heartbeat: Duration,
-    samples: Mutex<Vec<Sample>>,
-    stop: AtomicBool,
-}
-
-impl Fleet {
-    fn now_ms(&self) -> u64 {
-        self.t0.elapsed().as_millis() as u64
-    }
-    fn record(&self, kind: Kind, started: Instant) {
-        let s = Sample {
-            kind,
-            at_ms: self.now_ms(),
-            lat_us: started.elapsed().as_micros() as u64,
-        };
-        self.samples.lock().unwrap_or_else(|p| p.into_inner()).push(s);
-    }
-    /// Latencies (ms) of `kind` recorded at or after `from_ms` (and before `to_ms`), and the count.
-    fn latencies(&self, kind: Kind, from_ms: u64, to_ms: u64) -> Vec<f64> {
-        self.samples
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|s| s.kind == kind && s.at_ms >= from_ms && s.at_ms < to_ms)
-            .map(|s| s.lat_us as f64 / 1000.0)
-            .collect()
-    }
-}
-
-struct SimAgent {
-    name: String,
-    tls: TlsConnector,
-    src: Ipv4Addr,
-    generation: AtomicU64,
-    /// ms since fleet start of the last TLS connection that succeeded.
-    connected_at: AtomicU64,
-    /// ms since fleet start of the last successful status report.
-    reported_at: AtomicU64,
-    /// ms since fleet start of the last sync answer with a new generation.
-    synced_at: AtomicU64,
-    /// key -> (revision, hash) of the desired state held.
-    workloads: Mutex<BTreeMap<String, (u64, String)>>,
-    changed: Notify,
-}
-
-type Sender = SendRequest<Full<Bytes>>;
-
-async fn connect(f: &Fleet, a: &SimAgent) -> Result<Sender> {
-    let sock = TcpSocket::new_v4()?;
-    sock.bind(SocketAddr::from((a.src, 0)))?;
-    let tcp = sock.connect(f.addr).await?;
-    tcp.set_nodelay(true)?;
-    let tls = a.tls.connect(f.server_name.clone(), tcp).await?;
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    a.connected_at.store(f.now_ms(), Ordering::Relaxed);
-    Ok(send)
-}
-
-async fn request(send: &mut Sender, method: &str, path: &str, body: Vec<u8>) -> Result<(u16, Bytes)> {
-    send.ready().await?;
-    let req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "127.0.0.1")
-        .header(PROTOCOL_HEADER, "1")
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))?;
-    let resp = send.send_request(req).await?;
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await?.to_bytes();
-    Ok((status, body))
-}
-
-/// `/v1/nodes/<node>/<route>?<query>`, each part encoded by the `url` crate.
-fn node_path(node: &str, route: &str, query: &[(&str, &str)]) -> String {
-    let mut u = url::Url::parse("https://hub/").expect("static URL");
-    u.path_segments_mut()
-        .expect("https URLs have a path")
-        .extend(["v1", "nodes", node, route]);
-    if !query.is_empty() {
-        u.query_pairs_mut().extend_pairs(query);
-    }
-    u[url::Position::BeforePath..].to_string()
-}
-
-/// The agent's reconnect delay (`outpost_core::retry::HUB_LINK`).
-fn backoff(attempt: &mut u32) -> Duration {
-    let d = outpost_core::retry::HUB_LINK.delay_ms(*attempt, rand::random());
-    *attempt = attempt.saturating_add(1);
-    Duration::from_millis(d)
-}
-
-async fn ensure(conn: &mut Option<Sender>, f: &Fleet, a: &SimAgent) -> Option<()> {
-    if conn.as_ref().is_none_or(|c| c.is_closed()) {
-        let t = Instant::now();
-        match tokio::time::timeout(Duration::from_secs(10), connect(f, a)).await {
-            Ok(Ok(c)) => *conn = Some(c),
-            _ => {
-                f.record(Kind::ConnectErr, t);
-                *conn = None;
-                return None;
-            }
+impl FleetArgs {
+    fn model(&self) -> LinkModel {
+        LinkModel {
+            wait_secs: self.wait_secs,
+            ka_secs: self.ka_secs,
+            heartbeat_secs: self.heartbeat_secs,
         }
     }
-    Some(())
-}
 
-async fn sync_loop(f: Arc<Fleet>, a: Arc<SimAgent>) {
-    let mut conn: Option<Sender> = None;
-    let mut attempt = 0u32;
-    while !f.stop.load(Ordering::Relaxed) {
-        if ensure(&mut conn, &f, &a).await.is_none() {
-            tokio::time::sleep(backoff(&mut attempt)).await;
-            continue;
+    /// Refuse arguments that cannot work, naming the field.
+    fn check(&self) -> Result<()> {
+        if self.agents.is_empty() || self.agents.contains(&0) {
+            bail!("--agents: give fleet sizes above 0, e.g. --agents 1000,5000");
         }
-        let Some(c) = conn.as_mut() else { continue };
-        let g = a.generation.load(Ordering::Relaxed);
-        let path = node_path(&a.name, "sync", &[("generation", &g.to_string())]);
-        let t = Instant::now();
-        let r = tokio::time::timeout(Duration::from_secs(60), request(c, "GET", &path, Vec::new())).await;
-        match r {
-            Ok(Ok((200, body))) => match serde_json::from_slice::<SyncResponse>(&body) {
-                Ok(resp) => {
-                    {
-                        let mut w = a.workloads.lock().unwrap_or_else(|p| p.into_inner());
-                        if resp.full {
-                            w.clear();
-                        }
-                        for k in &resp.remove {
-                            w.remove(k);
-                        }
-                        for s in &resp.upsert {
-                            w.insert(s.key.clone(), (s.revision, s.hash.clone()));
-                        }
-                    }
-                    a.generation.store(resp.generation, Ordering::Relaxed);
-                    a.synced_at.store(f.now_ms(), Ordering::Relaxed);
-                    f.record(if g == 0 { Kind::SyncFirst } else { Kind::SyncChange }, t);
-                    a.changed.notify_one();
-                    attempt = 0;
-                }
-                Err(_) => {
-                    f.record(Kind::SyncErr, t);
-                    tokio::time::sleep(backoff(&mut attempt)).await;
-                }
-            },
-            Ok(Ok((204, _))) => {
-                f.record(Kind::Sync204, t);
-                attempt = 0;
-            }
-            _ => {
-                f.record(Kind::SyncErr, t);
-                conn = None;
-                tokio::time::sleep(backoff(&mut attempt)).await;
-            }
+        if !(1..=600).contains(&self.ka_secs) {
+            bail!("--ka-secs: the hub accepts 1-600 s (docs/protocol.md §4); the agent uses 100");
         }
+        if !(1..=3600).contains(&self.wait_secs) {
+            bail!("--wait-secs: the hub holds 1-3600 s; the agent asks 3600");
+        }
+        if self.heartbeat_secs == 0 {
+            bail!("--heartbeat-secs: must be at least 1 (the agent's is 3600)");
+        }
+        if self.per_process == 0 || self.per_process > shard::MAX_PER_SHARD {
+            bail!(
+                "--per-process: 1-{} agents (a process holds one descriptor per agent, 20,000 at most here)",
+                shard::MAX_PER_SHARD
+            );
+        }
+        if !self.hub_url.is_empty() && (self.token.is_none() || self.ca.is_none()) {
+            bail!("--hub-url needs --token (an admin token of that tier) and --ca (its CA certificate)");
+        }
+        Ok(())
     }
-}
-
-/// A healthy workload's status, with its update gate passed (a simulated node passes its gate
-/// at once, so fleet rollouts move on as with healthy real agents). Built from JSON so fields
-/// added to the protocol later (all optional, docs/protocol.md §8) take their defaults.
-fn running(key: &str, rev: u64, hash: &str) -> WorkloadStatus {
-    let v = serde_json::json!({
-        "key": key, "revision": rev, "hash": hash, "phase": "Running", "ready": true,
-        "containers": [{"name": "main", "phase": "Running", "pid": 4242, "restarts": 0,
-                        "started_at": 0, "ready": true}],
-        "rollout": {"state": "Complete", "target_revision": rev, "target_hash": hash,
-                    "good_revision": rev, "reason": null, "since": 0},
-    });
-    serde_json::from_value(v).expect("a Running WorkloadStatus is valid protocol JSON")
-}
-
-async fn status_loop(f: Arc<Fleet>, a: Arc<SimAgent>) {
-    let mut conn: Option<Sender> = None;
-    let mut attempt = 0u32;
-    let mut acked: Option<BTreeMap<String, (u64, String)>> = None;
-    let started = Instant::now();
-    // like the real agent, the first report goes out at start (here: once the first sync landed)
-    let _ = tokio::time::timeout(Duration::from_secs(10), a.changed.notified()).await;
-    while !f.stop.load(Ordering::Relaxed) {
-        let now = a.workloads.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let (workloads, removed, full) = match &acked {
-            None => (now.iter().map(|(k, (r, h))| running(k, *r, h)).collect(), vec![], true),
-            Some(prev) => (
-                now.iter()
-                    .filter(|(k, v)| prev.get(*k) != Some(*v))
-                    .map(|(k, (r, h))| running(k, *r, h))
-                    .collect(),
-                prev.keys().filter(|k| !now.contains_key(*k)).cloned().collect(),
-                false,
-            ),
-        };
-        let report = StatusReport {
-            agent_version: "sim".into(),
-            uptime_secs: started.elapsed().as_secs(),
-            generation: a.generation.load(Ordering::Relaxed),
-            full,
-            workloads,
-            removed,
-            events: vec![],
-        };
-        let body = serde_json::to_vec(&report).unwrap_or_default();
-        let path = node_path(&a.name, "status", &[]);
-        let mut ok = false;
-        // a pooled connection the hub closed is replaced at once (as reqwest does) before the
-        // attempt counts as failed
-        for _ in 0..2 {
-            if ensure(&mut conn, &f, &a).await.is_none() {
-                break;
-            }
-            let Some(c) = conn.as_mut() else { break };
-            let t = Instant::now();
-            match tokio::time::timeout(Duration::from_secs(30), request(c, "POST", &path, body.clone())).await {
-                Ok(Ok((200, _))) => {
-                    f.record(Kind::Status, t);
-                    ok = true;
-                    break;
-                }
-                Ok(Ok(_)) => {
-                    f.record(Kind::StatusErr, t);
-                    break;
-                }
-                _ => {
-                    let was_closed = conn.as_ref().is_some_and(|c| c.is_closed());
-                    conn = None;
-                    if !was_closed {
-                        f.record(Kind::StatusErr, t);
-                        break;
-                    }
-                }
-            }
-        }
-        let wait = if ok {
-            acked = Some(now);
-            attempt = 0;
-            a.reported_at.store(f.now_ms(), Ordering::Relaxed);
-            let j = rand::rng().random_range(0.9..1.1);
-            f.heartbeat.mul_f64(j)
-        } else {
-            acked = None;
-            backoff(&mut attempt)
-        };
-        tokio::select! {
-            _ = a.changed.notified(), if ok => tokio::time::sleep(Duration::from_millis(250)).await,
-            _ = tokio::time::sleep(wait) => {}
-        }
-    }
-}
-
-struct Joiner {
-    http: reqwest::Client,
-    url: String,
-    token: JoinToken,
-    ca_pem: String,
-}
-
-async fn join_one(j: &Joiner, name: String, idx: usize, extra: BTreeMap<String, String>) -> Result<SimAgent> {
-    let key = outpost_pki::NodeKey::generate(&name)?;
-    let mut labels: BTreeMap<String, String> = [
-        ("kubernetes.io/hostname", name.as_str()),
-        ("kubernetes.io/os", "linux"),
-        ("kubernetes.io/arch", std::env::consts::ARCH),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    labels.extend(extra);
-    let req = JoinRequest {
-        token_id: j.token.id.clone(),
-        token_secret: j.token.secret.clone(),
-        name: name.clone(),
-        labels,
-        csr_pem: key.csr_pem.clone(),
-    };
-    let resp = j
-        .http
-        .post(format!("{}/v1/join", j.url))
-        .header(PROTOCOL_HEADER, "1")
-        .json(&req)
-        .send()
-        .await?;
-    if !resp.status().is_success() {
-        bail!(
-            "join {name}: {} {}",
-            resp.status(),
-            resp.text().await.unwrap_or_default()
-        );
-    }
-    let jr: JoinResponse = resp.json().await?;
-    let cfg = outpost_pki::client_config(&j.ca_pem, Some((&jr.cert_pem, &key.key_pem)))?;
-    // 127.1.0.1 .. : spread source addresses so 2 connections per agent never run out of ports
-    let src = Ipv4Addr::new(
-        127,
-        1 + (idx / 60_000) as u8,
-        ((idx / 250) % 240) as u8,
-        (idx % 250 + 1) as u8,
-    );
-    Ok(SimAgent {
-        name,
-        tls: TlsConnector::from(Arc::new(cfg)),
-        src,
-        generation: AtomicU64::new(0),
-        connected_at: AtomicU64::new(0),
-        reported_at: AtomicU64::new(0),
-        synced_at: AtomicU64::new(0),
-        workloads: Mutex::new(BTreeMap::new()),
-        changed: Notify::new(),
-    })
 }
 
 fn ds(arg: u64) -> String {
@@ -483,373 +185,349 @@ impl Admin {
     }
 }
 
-/// Wait until every agent holds `revision` of the fleet app.
-async fn wait_all_on(agents: &[Arc<SimAgent>], revision: u64, limit: Duration) -> Result<()> {
+/// Hub CPU over a stretch of time, if the hub is ours.
+fn meter(hub_pid: Option<u32>) -> Option<Meter> {
+    hub_pid.and_then(Meter::start)
+}
+
+/// A join token with `uses` uses from an existing tier, through the CLI.
+async fn tier_join_token(url: &str, token: &str, ca: &std::path::Path, uses: usize) -> Result<String> {
+    let out = tokio::process::Command::new(harness::outpost_bin()?)
+        .args(["token", "create", "--uses", &uses.to_string(), "--ttl", "0"])
+        .env("OUTPOST_HUB", url)
+        .env("OUTPOST_TOKEN", token)
+        .env("OUTPOST_CA_FILE", ca)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!(
+            "cannot create a join token on {url}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Every shard's latencies of `kind` in [from, to), and the summed counts.
+async fn samples(
+    shards: &mut [Shard],
+    from: f64,
+    to: f64,
+) -> Result<(Vec<Reply>, std::collections::BTreeMap<Kind, usize>)> {
+    let rs = shard::all(shards, |_| Some(Cmd::Samples { from, to })).await?;
+    let mut counts = std::collections::BTreeMap::new();
+    for r in &rs {
+        for (k, n) in &r.counts {
+            *counts.entry(*k).or_insert(0) += n;
+        }
+    }
+    Ok((rs, counts))
+}
+
+fn lat(rs: &[Reply], kind: Kind) -> Vec<f64> {
+    rs.iter()
+        .flat_map(|r| r.latencies.get(&kind).cloned().unwrap_or_default())
+        .collect()
+}
+
+/// Arm every shard, run `change`, wait until every agent holds a newer generation; per-agent
+/// arrival times in ms after the start of `change`.
+async fn time_change<F: std::future::Future<Output = Result<()>>>(
+    shards: &mut [Shard],
+    limit_secs: u64,
+    change: F,
+) -> Result<Vec<f64>> {
+    shard::all(shards, |_| Some(Cmd::Arm)).await?;
+    let t = unix_ms();
+    change.await?;
+    let rs = shard::all(shards, |_| Some(Cmd::WaitPast { limit_secs })).await?;
+    Ok(rs
+        .iter()
+        .flat_map(|r| r.times.iter().map(|x| (x - t).max(0.0)))
+        .collect())
+}
+
+/// Wait until every agent of every shard holds a generation and has reported once.
+async fn wait_ready(shards: &mut [Shard], n: usize, limit: Duration) -> Result<()> {
     let t = Instant::now();
     loop {
-        let on = agents
-            .iter()
-            .filter(|a| {
-                a.workloads
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(APP_KEY)
-                    .is_some_and(|(r, _)| *r == revision)
-            })
-            .count();
-        if on == agents.len() {
+        let rs = shard::all(shards, |_| Some(Cmd::Ready)).await?;
+        let (synced, reported) = rs.iter().fold((0, 0), |(s, r), x| (s + x.synced, r + x.reported));
+        if synced >= n && reported >= n {
             return Ok(());
         }
         if t.elapsed() > limit {
-            bail!(
-                "only {on} of {} agents hold revision {revision} after {limit:?}",
-                agents.len()
-            );
+            bail!("after {limit:?} only {synced} of {n} agents synced and {reported} reported");
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-}
-
-/// The fleet app's revision as the hub has it now.
-async fn app_revision(admin: &Admin) -> Result<u64> {
-    Ok(admin.rollout().await?.revision)
-}
-
-/// One all-at-once change and one three-wave rollout (zero bake), each timed and with the hub's
-/// CPU time over it; returns the table row.
-async fn rollout_row(admin: &Admin, agents: &[Arc<SimAgent>], hub_pid: u32, arg: &mut u64) -> Result<Vec<String>> {
-    // all at once
-    *arg += 1;
-    let meter = Meter::start(hub_pid).context("hub exited")?;
-    let t = Instant::now();
-    admin.apply(ds(*arg)).await?;
-    let rev = app_revision(admin).await?;
-    wait_all_on(agents, rev, Duration::from_secs(600)).await?;
-    let all_at_once = t.elapsed();
-    while admin.rollout().await?.phase != outpost_api::RolloutPhase::Complete {
-        if t.elapsed() > Duration::from_secs(600) {
-            bail!("the all-at-once rollout did not complete");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let once = meter.finish().context("hub exited")?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    // three waves, zero bake
-    admin.apply(policy(true)).await?;
-    *arg += 1;
-    let meter = Meter::start(hub_pid).context("hub exited")?;
-    let t = Instant::now();
-    admin.apply(ds(*arg)).await?;
-    let rev = app_revision(admin).await?;
-    wait_all_on(agents, rev, Duration::from_secs(900)).await?;
-    let to_all = t.elapsed();
-    let info = loop {
-        let i = admin.rollout().await?;
-        if i.phase == outpost_api::RolloutPhase::Complete || t.elapsed() > Duration::from_secs(900) {
-            break i;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let complete = t.elapsed();
-    let waves = meter.finish().context("hub exited")?;
-    admin.apply(policy(false)).await?;
-    let per_wave: Vec<String> = info
-        .waves
-        .iter()
-        .filter_map(|w| {
-            let d = w.completed_at? - w.opened_at?;
-            Some(format!("{} nodes {}", w.nodes, ms(d as f64)))
-        })
-        .collect();
-    let cpu = |u: &procfs::Usage| u.cpu_pct / 100.0 * u.secs;
-    Ok(vec![
-        agents.len().to_string(),
-        format!("{} / {:.2} s", ms(all_at_once.as_secs_f64() * 1000.0), cpu(&once)),
-        per_wave.join("; "),
-        format!(
-            "{} / {}",
-            ms(to_all.as_secs_f64() * 1000.0),
-            ms(complete.as_secs_f64() * 1000.0)
-        ),
-        format!("{:.2} s ({:.0} % of 1 core)", cpu(&waves), waves.cpu_pct),
-        info.phase.as_str().to_string(),
-    ])
-}
-
-/// Wait until every agent holds a generation above its entry in `before`; per-agent arrival
-/// times (ms after `t`) in arrival order.
-async fn wait_all_past(agents: &[Arc<SimAgent>], before: &[u64], t: Instant, limit: Duration) -> Result<Vec<f64>> {
-    let mut arrived = vec![false; agents.len()];
-    let mut times = Vec::with_capacity(agents.len());
-    loop {
-        let now = t.elapsed().as_secs_f64() * 1000.0;
-        for (i, a) in agents.iter().enumerate() {
-            if !arrived[i] && a.generation.load(Ordering::Relaxed) > before[i] {
-                arrived[i] = true;
-                times.push(now);
-            }
-        }
-        if times.len() == agents.len() {
-            return Ok(times);
-        }
-        if t.elapsed() > limit {
-            bail!(
-                "only {} of {} agents got the change within {limit:?}",
-                times.len(),
-                agents.len()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-fn gens(agents: &[Arc<SimAgent>]) -> Vec<u64> {
-    agents.iter().map(|a| a.generation.load(Ordering::Relaxed)).collect()
 }
 
 pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
+    a.check()?;
     let max = a.agents.iter().copied().max().unwrap_or(0);
     let nofile = harness::raise_nofile(1 << 20);
-    eprintln!("fleet: RLIMIT_NOFILE {nofile} (inherited by the hub)");
-    let mut hub = HubProc::start(work).await?;
-    let ca_pem = hub.ca_pem()?;
-    let token =
-        JoinToken::parse(&hub.join_token(u32::try_from(max).unwrap_or(u32::MAX)).await?).map_err(anyhow::Error::msg)?;
-    let ca_cfg = outpost_pki::client_config(&ca_pem, None)?;
-    let http = reqwest::Client::builder().use_preconfigured_tls(ca_cfg).build()?;
-    let admin = Admin {
-        http: http.clone(),
-        url: hub.url.clone(),
-        token: hub.token.clone(),
+    eprintln!("fleet: RLIMIT_NOFILE {nofile} (inherited by the hub and the simulator processes)");
+    // ---- the hub tier
+    let mut hub: Option<HubProc> = None;
+    let (urls, admin_token, ca_pem, join_token) = if a.hub_url.is_empty() {
+        let h = HubProc::start(work).await?;
+        let jt = h.join_token(u32::try_from(max).unwrap_or(u32::MAX)).await?;
+        let r = (vec![h.url.clone()], h.token.clone(), h.ca_pem()?, jt);
+        hub = Some(h);
+        r
+    } else {
+        let (token, ca) = (a.token.clone().unwrap_or_default(), a.ca.clone().unwrap_or_default());
+        let ca_pem = std::fs::read_to_string(&ca).with_context(|| format!("--ca: cannot read {}", ca.display()))?;
+        let jt = tier_join_token(&a.hub_url[0], &token, &ca, max).await?;
+        (a.hub_url.clone(), token, ca_pem, jt)
     };
-    let joiner = Arc::new(Joiner {
-        http,
-        url: hub.url.clone(),
-        token,
-        ca_pem,
-    });
-    let f = Arc::new(Fleet {
-        addr: SocketAddr::from(([127, 0, 0, 1], hub.port)),
-        server_name: ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into()),
-        t0: Instant::now(),
-        heartbeat: Duration::from_secs(a.heartbeat_secs),
-        samples: Mutex::new(Vec::new()),
-        stop: AtomicBool::new(false),
-    });
+    let hub_pid = || hub.as_ref().and_then(HubProc::pid);
+    let hub_rss0 = hub_pid().and_then(procfs::rss_bytes);
+    let ca_cfg = outpost_pki::client_config(&ca_pem, None)?;
+    let admin = Admin {
+        http: reqwest::Client::builder().use_preconfigured_tls(ca_cfg).build()?,
+        url: urls[0].clone(),
+        token: admin_token,
+    };
+    // ---- the simulator processes
+    let n_shards = max.div_ceil(a.per_process).max(1);
+    let mut shards = Vec::new();
+    for i in 0..n_shards {
+        shards.push(
+            Shard::spawn(Cmd::Init {
+                shard: i as u32,
+                hubs: urls.clone(),
+                ca_pem: ca_pem.clone(),
+                join_token: join_token.clone(),
+                model: a.model(),
+                join_concurrency: a.join_concurrency.div_ceil(n_shards).max(1),
+            })
+            .await?,
+        );
+    }
+    eprintln!("fleet: {n_shards} simulator process(es), {} hub URL(s)", urls.len());
+    let mut held = vec![0usize; n_shards];
     let mut arg = crate::marker_base() + 900;
-    // Timed changes go to every node at once; the rollout rows switch to three waves.
     admin.apply(policy(false)).await?;
     if a.keep_workloads_during_join {
         admin.apply(ds(arg)).await?;
     }
-    let mut rollout_rows = Vec::new();
-    let mut agents: Vec<Arc<SimAgent>> = Vec::new();
     let mut rows = Vec::new();
+    let mut rollout_rows = Vec::new();
     let mut notes = Vec::new();
+    let mut total = 0usize;
+    let mut prev_idle: Option<(usize, u64)> = hub_rss0.map(|r| (0, r));
     for &n in &a.agents {
-        if n <= agents.len() {
+        if n <= total {
             continue;
         }
         // ---- join up to n
-        if !a.keep_workloads_during_join && !agents.is_empty() {
+        if !a.keep_workloads_during_join && total > 0 {
             admin.delete_app().await?;
         }
-        let jt0 = Instant::now();
-        let jms0 = f.now_ms();
-        let sem = Arc::new(Semaphore::new(a.join_concurrency));
-        let mut set = tokio::task::JoinSet::new();
-        for idx in agents.len()..n {
-            let (j, f2, sem) = (joiner.clone(), f.clone(), sem.clone());
-            set.spawn(async move {
-                let _p = sem.acquire_owned().await;
-                let t = Instant::now();
-                let r = join_one(&j, format!("sim-{idx:05}"), idx, BTreeMap::new()).await;
-                if r.is_ok() {
-                    f2.record(Kind::Join, t);
-                }
-                (idx, r)
-            });
+        let j0 = unix_ms();
+        let jt = Instant::now();
+        let ranges = shard::split(total, n, n_shards, &held);
+        let rs = shard::all(&mut shards, |i| {
+            let r = ranges[i].clone();
+            (!r.is_empty()).then_some(Cmd::Join {
+                from: r.start,
+                to: r.end,
+            })
+        })
+        .await?;
+        let join_secs = jt.elapsed().as_secs_f64();
+        for (i, r) in ranges.iter().enumerate() {
+            held[i] += r.len();
         }
-        let mut joined = Vec::new();
-        let mut join_errors = 0usize;
-        while let Some(r) = set.join_next().await {
-            match r {
-                Ok((idx, Ok(ag))) => {
-                    let ag = Arc::new(ag);
-                    tokio::spawn(sync_loop(f.clone(), ag.clone()));
-                    tokio::spawn(status_loop(f.clone(), ag.clone()));
-                    joined.push((idx, ag));
-                }
-                Ok((_, Err(e))) => {
-                    join_errors += 1;
-                    if join_errors <= 3 {
-                        eprintln!("fleet: {e:#}");
-                    }
-                }
-                Err(e) => eprintln!("fleet: join task failed: {e}"),
-            }
+        let joined: usize = rs.iter().map(|r| r.joined).sum();
+        let join_errors: usize = rs.iter().map(|r| r.join_errors.len()).sum();
+        for e in rs
+            .iter()
+            .flat_map(|r| r.join_errors.iter())
+            .filter(|e| !e.is_empty())
+            .take(3)
+        {
+            eprintln!("fleet: {e}");
         }
-        joined.sort_by_key(|(i, _)| *i);
-        agents.extend(joined.into_iter().map(|(_, a)| a));
-        let join_secs = jt0.elapsed().as_secs_f64();
+        let new = n - total;
+        total += joined;
         if !a.keep_workloads_during_join {
             arg += 1;
             admin.apply(ds(arg)).await?;
         }
-        let joins = Summary::of(&f.latencies(Kind::Join, jms0, u64::MAX));
-        eprintln!(
-            "fleet: {} agents joined ({} new in {join_secs:.1} s, {join_errors} errors); waiting for first sync and report",
-            agents.len(),
-            joins.n
-        );
-        let all = agents.clone();
-        harness::wait_for(
-            "every agent synced and reported",
-            Duration::from_secs(600),
-            Duration::from_millis(200),
-            || {
-                all.iter()
-                    .all(|a| a.generation.load(Ordering::Relaxed) > 0 && a.reported_at.load(Ordering::Relaxed) > 0)
-                    .then_some(())
-            },
-        )
-        .await?;
-        let first_sync = Summary::of(&f.latencies(Kind::SyncFirst, jms0, u64::MAX));
-        // ---- steady window
-        let hub_pid = hub.pid().context("hub not running")?;
-        let w0 = f.now_ms();
-        let mut meters = vec![
-            Meter::start(hub_pid).context("hub exited")?,
-            Meter::start(std::process::id()).context("self")?,
-        ];
-        eprintln!("fleet: {} agents: steady window {} s", agents.len(), a.window_secs);
+        eprintln!("fleet: {total} agents joined ({joined} new in {join_secs:.1} s, {join_errors} errors); waiting for first sync and report");
+        wait_ready(&mut shards, total, Duration::from_secs(900)).await?;
+        // the idle window starts once every agent holds the DaemonSet and its report landed
+        wait_revision(&mut shards, app_revision(&admin).await?, 900).await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (jr, _) = samples(&mut shards, j0, unix_ms()).await?;
+        let joins = Summary::of(&lat(&jr, Kind::Join));
+        // ---- idle window: every agent connected and holding its long-poll
+        let w0 = unix_ms();
+        let mut meters: Vec<Meter> = hub_pid().and_then(Meter::start).into_iter().collect();
+        let has_hub = !meters.is_empty();
+        meters.extend(shards.iter().filter_map(|s| s.pid()).filter_map(Meter::start));
+        eprintln!("fleet: {total} agents: idle window {} s", a.window_secs);
         procfs::watch(&mut meters, Duration::from_secs(a.window_secs)).await;
-        let w1 = f.now_ms();
-        let hub_fds = procfs::fd_count(hub_pid).unwrap_or(0);
-        let hub_threads = procfs::threads(hub_pid).unwrap_or(0);
-        let mut it = meters.into_iter();
-        let hub_u = it.next().and_then(Meter::finish).context("hub exited")?;
-        let self_u = it.next().and_then(Meter::finish).context("self")?;
-        let status = Summary::of(&f.latencies(Kind::Status, w0, w1));
-        let errs = |k| f.latencies(k, w0, w1).len();
-        let (status_err, sync_err, conn_err) = (errs(Kind::StatusErr), errs(Kind::SyncErr), errs(Kind::ConnectErr));
-        let polls = errs(Kind::Sync204);
+        let w1 = unix_ms();
+        let mut usages: Vec<procfs::Usage> = meters.into_iter().filter_map(Meter::finish).collect();
+        let hub_u = if has_hub && !usages.is_empty() {
+            Some(usages.remove(0))
+        } else {
+            None
+        };
+        let sim_cpu: f64 = usages.iter().map(|u| u.cpu_pct).sum();
+        let sim_rss: u64 = usages.iter().map(|u| u.rss_end).sum();
+        let busy = usages.first().map(|u| u.machine_busy_pct).unwrap_or(0.0);
+        let hub_fds = hub_pid().and_then(procfs::fd_count);
+        let hub_threads = hub_pid().and_then(procfs::threads);
+        let (_, wc) = samples(&mut shards, w0, w1).await?;
+        let c = |k| wc.get(&k).copied().unwrap_or(0);
+        let per_agent = match (&hub_u, prev_idle) {
+            (Some(u), Some((n0, r0))) if total > n0 => {
+                let d = (u.rss_end as f64 - r0 as f64) / (total - n0) as f64;
+                format!("{} ({n0} -> {total})", bytes(d))
+            }
+            _ => "-".into(),
+        };
+        if let Some(u) = &hub_u {
+            prev_idle = Some((total, u.rss_end));
+        }
         // ---- changes
+        let c0 = unix_ms();
         let mut to_all = Vec::new();
-        let mut per_agent = Vec::new();
+        let mut per = Vec::new();
         for _ in 0..a.changes {
             arg += 1;
-            let before = gens(&agents);
-            let t = Instant::now();
-            admin.apply(ds(arg)).await?;
-            let times = wait_all_past(&agents, &before, t, Duration::from_secs(600)).await?;
-            to_all.push(*times.last().unwrap_or(&0.0));
-            per_agent.extend(times);
+            let yaml = ds(arg);
+            let times = time_change(&mut shards, 600, admin.apply(yaml)).await?;
+            to_all.push(times.iter().copied().fold(0.0, f64::max));
+            per.extend(times);
+            // the agents' delta reports (250 ms debounce) land before the next change
             tokio::time::sleep(Duration::from_secs(3)).await;
         }
+        let (cr, cc) = samples(&mut shards, c0, unix_ms()).await?;
+        let status = Summary::of(&lat(&cr, Kind::Status));
         let all_s = Summary::of(&to_all);
-        let per_s = Summary::of(&per_agent);
+        let per_s = Summary::of(&per);
         rows.push(vec![
-            agents.len().to_string(),
-            format!("{:.0}/s", joins.n as f64 / join_secs),
+            total.to_string(),
+            n_shards.to_string(),
+            format!("{:.0}/s", joined as f64 / join_secs),
             ms(joins.p99),
-            ms(first_sync.p99),
-            format!("{:.1} %", hub_u.cpu_pct),
-            bytes(hub_u.rss_max as f64),
-            format!("{hub_fds} / {hub_threads}"),
-            format!("{} / {}", ms(status.p50), ms(status.p99)),
-            format!("{}", status.n),
-            format!("{polls}"),
-            format!("{status_err}/{sync_err}/{conn_err}"),
+            hub_u.as_ref().map_or("-".into(), |u| format!("{:.1} %", u.cpu_pct)),
+            hub_u.as_ref().map_or("-".into(), |u| bytes(u.rss_end as f64)),
+            per_agent,
+            match (hub_fds, hub_threads) {
+                (Some(f), Some(t)) => format!("{f} / {t}"),
+                _ => "-".into(),
+            },
+            format!("{} / {} / {}", c(Kind::Status), c(Kind::Sync204), c(Kind::Connect)),
+            format!("{}/{}/{}", c(Kind::StatusErr), c(Kind::SyncErr), c(Kind::ConnectErr)),
+            format!("{} / {} ({} reports)", ms(status.p50), ms(status.p99), status.n),
             format!("{} / {} / {}", ms(per_s.p50), ms(per_s.p99), ms(all_s.max)),
-            format!("{:.0} % / {:.0} %", self_u.cpu_pct, hub_u.machine_busy_pct),
+            format!(
+                "{}/{}/{}",
+                cc.get(&Kind::StatusErr).unwrap_or(&0),
+                cc.get(&Kind::SyncErr).unwrap_or(&0),
+                cc.get(&Kind::ConnectErr).unwrap_or(&0)
+            ),
+            format!("{:.0} %, {} / {:.0} %", sim_cpu, bytes(sim_rss as f64), busy),
         ]);
         eprintln!("fleet: {:?}", rows.last());
         if !a.no_rollout {
-            eprintln!(
-                "fleet: {} agents: all-at-once change, then a three-wave rollout",
-                agents.len()
-            );
-            let row = rollout_row(&admin, &agents, hub_pid, &mut arg).await?;
+            eprintln!("fleet: {total} agents: all-at-once change, then a three-wave rollout");
+            let row = rollout_row(&admin, &mut shards, total, hub_pid(), &mut arg).await?;
             eprintln!("fleet: {row:?}");
             rollout_rows.push(row);
         }
-        if join_errors > 0 {
-            notes.push(format!("{join_errors} joins failed at the {n} step"));
+        if join_errors > 0 || joined < new {
+            notes.push(format!("{} of {new} joins failed at the {n} step", new - joined));
         }
     }
     // ---- reconnect storm
     let mut storm = String::new();
-    if !a.no_storm && !agents.is_empty() {
-        eprintln!("fleet: reconnect storm with {} agents", agents.len());
-        let before = gens(&agents);
-        let s0 = f.now_ms();
+    if let (Some(h), false) = (hub.as_mut(), a.no_storm || total == 0) {
+        eprintln!("fleet: reconnect storm with {total} agents");
+        shard::all(&mut shards, |_| Some(Cmd::Arm)).await?;
+        let s0 = unix_ms();
         let t = Instant::now();
-        hub.kill9();
-        hub.launch().await?;
+        h.kill9();
+        h.launch().await?;
         let up = t.elapsed();
-        let meter = Meter::start(hub.pid().context("hub not running")?);
+        let m = meter(h.pid());
         arg += 1;
         admin.apply(ds(arg)).await?;
-        let times = wait_all_past(&agents, &before, t, Duration::from_secs(900)).await?;
-        let all_connected = agents
-            .iter()
-            .map(|a| a.connected_at.load(Ordering::Relaxed).saturating_sub(s0))
-            .max()
-            .unwrap_or(0);
-        let hub_u = meter.and_then(Meter::finish).unwrap_or_default();
+        let rs = shard::all(&mut shards, |_| Some(Cmd::WaitPast { limit_secs: 900 })).await?;
+        let times: Vec<f64> = rs.iter().flat_map(|r| r.times.iter().map(|x| x - s0)).collect();
+        let cr = shard::all(&mut shards, |_| Some(Cmd::Connected { since: s0 })).await?;
+        let last = cr.iter().map(|r| r.last_connected).fold(0.0, f64::max) - s0;
+        let not_connected: usize = cr.iter().map(|r| r.not_connected).sum();
+        let (_, sc) = samples(&mut shards, s0, unix_ms()).await?;
+        let hub_u = m.and_then(Meter::finish).unwrap_or_default();
         let ps = Summary::of(&times);
-        let conn_errs = f.latencies(Kind::ConnectErr, s0, u64::MAX).len();
         storm = format!(
-            "Reconnect storm, {} agents: SIGKILL the hub, restart it, apply one change as soon as it answers; \
+            "Reconnect storm, {total} agents: SIGKILL the hub, restart it, apply one change as soon as it answers; \
              time from the kill\n\n{}",
-            agents.len(),
             table(
                 &[
                     "hub back (answers CLI)",
-                    "all agents reconnected (TLS)",
+                    "all agents reconnected",
                     "all agents re-synced (hold the new generation)",
                     "p50 agent re-synced",
-                    "failed connects during storm",
+                    "failed connects / failed syncs",
+                    "agents not reconnected (gave up)",
                     "hub CPU during recovery",
                     "hub RSS max",
                 ],
                 &[vec![
                     ms(up.as_secs_f64() * 1000.0),
-                    ms(all_connected as f64),
+                    ms(last),
                     ms(ps.max),
                     ms(ps.p50),
-                    conn_errs.to_string(),
+                    format!(
+                        "{} / {}",
+                        sc.get(&Kind::ConnectErr).unwrap_or(&0),
+                        sc.get(&Kind::SyncErr).unwrap_or(&0)
+                    ),
+                    not_connected.to_string(),
                     format!("{:.0} %", hub_u.cpu_pct),
                     bytes(hub_u.rss_max as f64),
                 ]]
             )
         );
     }
-    f.stop.store(true, Ordering::Relaxed);
+    shard::stop(&mut shards).await;
+    let m = a.model();
     let mut out = format!(
-        "Fleet simulator: {} simulated agents max, heartbeat {} s +-10 %, long-poll {} s, window {} s, {} changes per size, RLIMIT_NOFILE {nofile}\n\n",
-        agents.len(),
-        a.heartbeat_secs,
-        outpost_api::LONG_POLL_SECS,
+        "Fleet simulator: {total} simulated agents max in {n_shards} process(es), {} hub URL(s); per agent one HTTP/2 \
+         connection, sync wait={} s ka={} s, heartbeat {} s +-20 %; idle window {} s, {} changes per size, RLIMIT_NOFILE {nofile}\n\n",
+        urls.len(),
+        m.wait_secs,
+        m.ka_secs,
+        m.heartbeat_secs,
         a.window_secs,
         a.changes
     );
     out.push_str(&table(
         &[
             "agents",
+            "sim processes",
             "join rate",
             "join p99",
-            "first sync p99",
-            "hub CPU (% of 1 core)",
-            "hub RSS max",
+            "hub CPU idle (% of 1 core)",
+            "hub RSS idle",
+            "hub RSS per idle agent (between sizes)",
             "hub fds / threads",
-            "status p50 / p99",
-            "status reports",
-            "long-polls done",
-            "errors status/sync/connect",
+            "in idle window: reports / long-polls ended / connects",
+            "idle errors status/sync/connect",
+            "status p50 / p99 (after changes)",
             "change -> agent p50 / p99 / all agents (max)",
-            "bench CPU / machine busy",
+            "change errors status/sync/connect",
+            "simulator CPU, RSS / machine busy",
         ],
         &rows,
     ));
@@ -880,144 +558,148 @@ pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
     Ok(out)
 }
 
-/// Simulated agents for other benches (`bench gitops`): joined through the real protocol with
-/// extra labels each, syncing and reporting as in `bench fleet` until dropped.
-pub(crate) struct SimFleet {
-    f: Arc<Fleet>,
-    agents: Vec<Arc<SimAgent>>,
+/// The fleet app's revision as the hub has it now.
+async fn app_revision(admin: &Admin) -> Result<u64> {
+    Ok(admin.rollout().await?.revision)
 }
 
-impl SimFleet {
-    /// Join `n` agents `sim-NNNNN` with `token` (which must allow the keys of `labels`), at
-    /// most `concurrency` joins at once, and wait until each has synced and reported.
-    pub(crate) async fn start(
-        hub: &HubProc,
-        token: &str,
-        n: usize,
-        concurrency: usize,
-        labels: impl Fn(usize) -> BTreeMap<String, String>,
-    ) -> Result<SimFleet> {
-        let ca_pem = hub.ca_pem()?;
-        let ca_cfg = outpost_pki::client_config(&ca_pem, None)?;
-        let joiner = Arc::new(Joiner {
-            http: reqwest::Client::builder().use_preconfigured_tls(ca_cfg).build()?,
-            url: hub.url.clone(),
-            token: JoinToken::parse(token).map_err(anyhow::Error::msg)?,
-            ca_pem,
-        });
-        let f = Arc::new(Fleet {
-            addr: SocketAddr::from(([127, 0, 0, 1], hub.port)),
-            server_name: ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into()),
-            t0: Instant::now(),
-            heartbeat: Duration::from_secs(60),
-            samples: Mutex::new(Vec::new()),
-            stop: AtomicBool::new(false),
-        });
-        let sem = Arc::new(Semaphore::new(concurrency.max(1)));
-        let mut set = tokio::task::JoinSet::new();
-        for idx in 0..n {
-            let (j, sem, extra) = (joiner.clone(), sem.clone(), labels(idx));
-            set.spawn(async move {
-                let _p = sem.acquire_owned().await;
-                (idx, join_one(&j, format!("sim-{idx:05}"), idx, extra).await)
-            });
-        }
-        let mut agents = Vec::new();
-        while let Some(r) = set.join_next().await {
-            let (idx, ag) = r?;
-            let ag = Arc::new(ag?);
-            tokio::spawn(sync_loop(f.clone(), ag.clone()));
-            tokio::spawn(status_loop(f.clone(), ag.clone()));
-            agents.push((idx, ag));
-        }
-        agents.sort_by_key(|(i, _)| *i);
-        let fleet = SimFleet {
-            f,
-            agents: agents.into_iter().map(|(_, a)| a).collect(),
-        };
-        let all = fleet.agents.clone();
-        harness::wait_for(
-            "every simulated agent synced and reported",
-            Duration::from_secs(600),
-            Duration::from_millis(200),
-            || {
-                all.iter()
-                    .all(|a| a.generation.load(Ordering::Relaxed) > 0 && a.reported_at.load(Ordering::Relaxed) > 0)
-                    .then_some(())
-            },
-        )
-        .await?;
-        Ok(fleet)
-    }
-
-    /// Times (ms since `t`) at which each agent first held `key` with a hash other than the
-    /// one it held before (`before`, from [`SimFleet::hashes`]).
-    pub(crate) async fn wait_changed(
-        &self,
-        key: &str,
-        before: &[Option<String>],
-        t: Instant,
-        limit: Duration,
-    ) -> Result<Vec<f64>> {
-        let mut arrived = vec![false; self.agents.len()];
-        let mut times = Vec::with_capacity(self.agents.len());
-        loop {
-            let now = t.elapsed().as_secs_f64() * 1000.0;
-            for (i, h) in self.hashes(key).into_iter().enumerate() {
-                if !arrived[i] && h.is_some() && h != before[i] {
-                    arrived[i] = true;
-                    times.push(now);
-                }
-            }
-            if times.len() == self.agents.len() {
-                return Ok(times);
-            }
-            if t.elapsed() > limit {
-                bail!(
-                    "only {} of {} simulated agents got the change within {limit:?}",
-                    times.len(),
-                    self.agents.len()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-
-    /// The hash of `key` each agent holds.
-    pub(crate) fn hashes(&self, key: &str) -> Vec<Option<String>> {
-        self.agents
-            .iter()
-            .map(|a| {
-                a.workloads
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(key)
-                    .map(|(_, h)| h.clone())
-            })
-            .collect()
-    }
+async fn wait_revision(shards: &mut [Shard], revision: u64, limit_secs: u64) -> Result<()> {
+    shard::all(shards, |_| {
+        Some(Cmd::WaitRevision {
+            key: APP_KEY.into(),
+            revision,
+            limit_secs,
+        })
+    })
+    .await?;
+    Ok(())
 }
 
-impl Drop for SimFleet {
-    fn drop(&mut self) {
-        self.f.stop.store(true, Ordering::Relaxed);
+/// One all-at-once change and one three-wave rollout (zero bake), each timed and with the hub's
+/// CPU time over it; returns the table row.
+async fn rollout_row(
+    admin: &Admin,
+    shards: &mut [Shard],
+    total: usize,
+    hub_pid: Option<u32>,
+    arg: &mut u64,
+) -> Result<Vec<String>> {
+    // all at once
+    *arg += 1;
+    let m = meter(hub_pid);
+    let t = Instant::now();
+    admin.apply(ds(*arg)).await?;
+    let rev = app_revision(admin).await?;
+    wait_revision(shards, rev, 600).await?;
+    let all_at_once = t.elapsed();
+    while admin.rollout().await?.phase != outpost_api::RolloutPhase::Complete {
+        if t.elapsed() > Duration::from_secs(600) {
+            bail!("the all-at-once rollout did not complete");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let once = m.and_then(Meter::finish);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // three waves, zero bake
+    admin.apply(policy(true)).await?;
+    *arg += 1;
+    let m = meter(hub_pid);
+    let t = Instant::now();
+    admin.apply(ds(*arg)).await?;
+    let rev = app_revision(admin).await?;
+    wait_revision(shards, rev, 900).await?;
+    let to_all = t.elapsed();
+    let info = loop {
+        let i = admin.rollout().await?;
+        if i.phase == outpost_api::RolloutPhase::Complete || t.elapsed() > Duration::from_secs(900) {
+            break i;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let complete = t.elapsed();
+    let waves = m.and_then(Meter::finish);
+    admin.apply(policy(false)).await?;
+    let per_wave: Vec<String> = info
+        .waves
+        .iter()
+        .filter_map(|w| {
+            let d = w.completed_at? - w.opened_at?;
+            Some(format!("{} nodes {}", w.nodes, ms(d as f64)))
+        })
+        .collect();
+    let cpu = |u: &procfs::Usage| u.cpu_pct / 100.0 * u.secs;
+    Ok(vec![
+        total.to_string(),
+        format!(
+            "{} / {}",
+            ms(all_at_once.as_secs_f64() * 1000.0),
+            once.as_ref().map_or("-".into(), |u| format!("{:.2} s", cpu(u)))
+        ),
+        per_wave.join("; "),
+        format!(
+            "{} / {}",
+            ms(to_all.as_secs_f64() * 1000.0),
+            ms(complete.as_secs_f64() * 1000.0)
+        ),
+        waves.as_ref().map_or("-".into(), |u| {
+            format!("{:.2} s ({:.0} % of 1 core)", cpu(u), u.cpu_pct)
+        }),
+        info.phase.as_str().to_string(),
+    ])
 }
 
 #[cfg(test)]
 mod tests {
-    use super::node_path;
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: FleetArgs,
+    }
+
+    fn parse(args: &[&str]) -> FleetArgs {
+        Cli::try_parse_from(std::iter::once("fleet").chain(args.iter().copied()))
+            .expect("parses")
+            .a
+    }
 
     #[test]
-    fn node_paths_are_encoded() {
-        assert_eq!(
-            node_path("sim-1", "sync", &[("generation", "7")]),
-            "/v1/nodes/sim-1/sync?generation=7"
-        );
-        assert_eq!(node_path("sim-1", "status", &[]), "/v1/nodes/sim-1/status");
-        assert_eq!(
-            node_path("a/b?c", "sync", &[("g", "1 2")]),
-            "/v1/nodes/a%2Fb%3Fc/sync?g=1+2"
-        );
+    fn defaults_model_todays_agent() {
+        let a = parse(&[]);
+        assert_eq!(a.model(), LinkModel::default());
+        assert_eq!(a.per_process, 15_000);
+        a.check().expect("defaults are valid");
+    }
+
+    #[test]
+    fn bad_arguments_name_the_field() {
+        for (args, field) in [
+            (&["--agents", "0"][..], "--agents"),
+            (&["--ka-secs", "0"][..], "--ka-secs"),
+            (&["--ka-secs", "601"][..], "--ka-secs"),
+            (&["--wait-secs", "3601"][..], "--wait-secs"),
+            (&["--heartbeat-secs", "0"][..], "--heartbeat-secs"),
+            (&["--per-process", "20000"][..], "--per-process"),
+            (&["--hub-url", "https://10.0.0.1:8443"][..], "--hub-url"),
+        ] {
+            let mut a = parse(args);
+            if field == "--hub-url" {
+                a.token = None;
+            }
+            let e = a.check().expect_err(field).to_string();
+            assert!(e.starts_with(field), "{args:?}: {e}");
+        }
+        let a = parse(&[
+            "--hub-url",
+            "https://a:1,https://b:2",
+            "--token",
+            "t",
+            "--ca",
+            "/ca.pem",
+        ]);
+        assert_eq!(a.hub_url.len(), 2);
+        a.check().expect("a tier with token and CA");
     }
 }

@@ -175,7 +175,7 @@ async fn simulated(a: &GitopsArgs, work: &Path) -> Result<String> {
         .to_string();
     eprintln!("gitops: joining {n} simulated agents (RLIMIT_NOFILE {nofile})");
     let sites = a.sites;
-    let fleet = crate::fleet::SimFleet::start(&hub, &token, n, a.join_concurrency, |i| {
+    let fleet = crate::sim::SimFleet::start(&hub, &token, n, a.join_concurrency, |i| {
         if sites > 0 {
             [("site".to_string(), format!("store-{:04}", i % sites))].into()
         } else {

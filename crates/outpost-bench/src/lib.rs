@@ -2,8 +2,9 @@
 //!
 //! Owns: starting real hub and agent processes from the running `outpost` binary, measuring
 //! them from `/proc` (RSS, PSS, CPU ticks, descriptors), a counting TCP proxy for bytes on the
-//! wire, and a simulator of thousands of agents that speak the real protocol (own keys and
-//! certificates, mTLS, long-polls, status heartbeats) against one real hub process. Every
+//! wire, and a simulator of thousands of agents that speak the real protocol like today's agent (own
+//! keys and certificates, one HTTP/2 connection each, hour-long polls, status on change) in
+//! several simulator processes, against a real hub process or an existing tier. Every
 //! benchmark prints a Markdown report with its method, the date and the machine.
 //!
 //! Must never: run in the test suite (only its pure helpers are unit-tested), link the hub or
@@ -22,6 +23,8 @@ pub mod offline;
 pub mod pipeline;
 pub mod procfs;
 pub mod propagation;
+pub mod shard;
+pub mod sim;
 pub mod stats;
 
 use std::path::PathBuf;
@@ -49,6 +52,9 @@ pub enum BenchCmd {
     Bandwidth(bandwidth::BandwidthArgs),
     /// Simulate N agents against one real hub: hub CPU, RSS, latency, change fan-out, reconnect storm.
     Fleet(fleet::FleetArgs),
+    /// One simulator process of `bench fleet` (started by it; JSON lines on stdin/stdout).
+    #[command(hide = true)]
+    FleetShard,
     /// MQTT ingest into the agent's pipeline at QoS 0 and 1, beside mosquitto in the same run.
     Mqtt(pipeline::MqttArgs),
     /// A replayed sensor stream with known anomalies: bytes upstream vs raw, anomalies exact.
@@ -91,6 +97,10 @@ fn today() -> String {
 
 /// Run one benchmark and print its report on stdout (progress goes to stderr).
 pub async fn run(a: BenchArgs) -> Result<()> {
+    if let BenchCmd::FleetShard = a.cmd {
+        // stdout carries the shard's JSON replies only
+        return shard::shard_main().await;
+    }
     let tmp;
     let work = match &a.work_dir {
         Some(d) => {
@@ -120,6 +130,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         BenchCmd::Offline(x) => offline::offline(x, &sub("offline")?).await?,
         BenchCmd::Bandwidth(x) => bandwidth::bandwidth(x, &sub("bandwidth")?).await?,
         BenchCmd::Fleet(x) => fleet::fleet(x, &sub("fleet")?).await?,
+        BenchCmd::FleetShard => unreachable!("handled above"),
         BenchCmd::Mqtt(x) => pipeline::mqtt(x, &sub("mqtt")?).await?,
         BenchCmd::Reduction(x) => pipeline::reduction(x, &sub("reduction")?).await?,
         BenchCmd::Gitops(x) => gitops::gitops(x, &sub("gitops")?).await?,
