@@ -343,7 +343,12 @@ impl HubClient {
             query.push(("hubs", h.as_str()));
         }
         let http = self.http.read().await.clone();
-        let resp = http.get(url).query(&query).header(PROTOCOL_HEADER, PROTOCOL).send().await?;
+        let resp = http
+            .get(url)
+            .query(&query)
+            .header(PROTOCOL_HEADER, PROTOCOL)
+            .send()
+            .await?;
         self.note_hub(&resp);
         let resp = check(resp).await?;
         if resp.status() == reqwest::StatusCode::NO_CONTENT {

@@ -5,6 +5,7 @@
 //! | controller | decides with | runs |
 //! |---|---|---|
 //! | `alert-rules` | `outpost_core::alerts::{fleet_alerts, condition_alerts, diff_hub_alerts}` | every `OUTPOST_ALERT_EVAL_MS` (5 s) |
+//! | `reschedule` | `crate::scheduler::plan` (the whole fleet) | when nodes came back online: one run for every node that came back meanwhile |
 //! | `rollouts` | `outpost_core::waves::{start, decide}` | on gate results and nodes coming back, at bake ends and window openings, every 1 s while a rollout is active (10 s otherwise) |
 //! | `webhooks` | `outpost_core::retry::webhook` | when an alert or rollout event is queued, or a retry is due |
 //! | `retention` | resolved alerts kept 7 days | hourly (events, error lines and webhook rows are capped where they are written) |
@@ -61,6 +62,21 @@ pub fn all(svc: &Service) -> Vec<Controller> {
                 })
             }),
             wake: None,
+        },
+        Controller {
+            name: "reschedule",
+            run: Box::new(|svc| {
+                Box::pin(async move {
+                    svc.reschedule_requested(now_ms()).await;
+                    // a failed run asked again: retry soon; otherwise only a wake-up runs it
+                    if svc.wake.reschedule_pending.load(std::sync::atomic::Ordering::SeqCst) {
+                        Duration::from_secs(1)
+                    } else {
+                        Duration::from_secs(3600)
+                    }
+                })
+            }),
+            wake: Some(|s| &s.wake.reschedule),
         },
         Controller {
             name: "rollouts",

@@ -377,6 +377,9 @@ pub struct Wakeups {
     pub rollouts_active: std::sync::atomic::AtomicBool,
     /// A GitRepo fetch was asked for (webhook, `outpost gitops sync`, a GitRepo applied).
     pub gitops: Notify,
+    /// Nodes came back online: the `reschedule` controller runs one reschedule for all of them.
+    pub reschedule: Notify,
+    pub reschedule_pending: std::sync::atomic::AtomicBool,
 }
 
 pub struct Service {
@@ -577,6 +580,35 @@ impl Service {
             tracing::warn!(error = %e, "cannot refresh alert policies and pipelines; nodes keep their last ones");
         }
         Ok(())
+    }
+
+    /// Ask the `reschedule` controller for a reschedule; requests made while one runs are
+    /// served by one more run.
+    pub fn request_reschedule(&self) {
+        self.wake
+            .reschedule_pending
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.wake.reschedule.notify_one();
+    }
+
+    /// The `reschedule` controller's step: one reschedule if any was asked for, then the
+    /// rollout controller looks again (returning nodes count in their waves).
+    pub async fn reschedule_requested(&self, now: UnixMs) {
+        if !self
+            .wake
+            .reschedule_pending
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        if let Err(e) = self.reschedule(now).await {
+            tracing::error!(error = %e, "rescheduling for nodes back online failed; retrying");
+            self.wake
+                .reschedule_pending
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            return;
+        }
+        self.wake.rollouts.notify_one();
     }
 
     pub async fn reschedule(&self, now: UnixMs) -> Result<(), HubError> {
@@ -1514,8 +1546,11 @@ impl Service {
         let prev = self.store.touch(&n, now).await?.ok_or(HubError::UnknownNode)?;
         if now.saturating_sub(prev) > self.settings.offline_after.as_millis() as i64 {
             tracing::info!(node = %node, offline_for = %human_duration(now - prev), "node online");
-            self.reschedule(now).await?;
-            self.wake.rollouts.notify_one();
+            // One reschedule for every node that came back meanwhile, off this request: a
+            // full-fleet reschedule per returning node, inline and under the write lock, held
+            // thousands of polls behind one another after a stall (the fleet bench at 5,000
+            // agents), which made yet more nodes look offline.
+            self.request_reschedule();
         }
         Ok(())
     }
