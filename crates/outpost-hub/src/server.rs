@@ -502,14 +502,18 @@ fn keep_alive(tcp: &tokio::net::TcpStream, idle: Duration) -> std::io::Result<()
 #[derive(Debug, Default)]
 pub struct ConnLiveness {
     agent_probe_secs: AtomicU64,
+    /// Wakes the connection's loop when the announcement changed, so the watch starts at once.
+    changed: Notify,
 }
 
 impl ConnLiveness {
     /// The agent probes every `secs` of idle time (clamped to `link::AGENT_PROBE_SECS`).
     pub fn agent_probes(&self, secs: u64) {
         let r = link::AGENT_PROBE_SECS;
-        self.agent_probe_secs
-            .store(secs.clamp(*r.start(), *r.end()), Ordering::Relaxed);
+        let secs = secs.clamp(*r.start(), *r.end());
+        if self.agent_probe_secs.swap(secs, Ordering::Relaxed) != secs {
+            self.changed.notify_one();
+        }
     }
 
     fn probe_ms(&self) -> Option<i64> {
@@ -539,12 +543,17 @@ fn segs_in(fd: std::os::fd::RawFd) -> Option<u32> {
     (rc == 0 && len as usize >= std::mem::size_of::<libc::tcp_info>()).then_some(info.tcpi_segs_in)
 }
 
-/// The hub's watch of an agent-probed connection: the segment count last seen and when it
-/// last moved.
+/// The hub's watch of an agent-probed connection: the segment count last seen, when it last
+/// moved (or when the hub started asking), and whether the hub is probing it itself.
 struct SegsWatch {
     segs: Option<u32>,
     since: Instant,
+    asking: bool,
 }
+
+/// How long the hub's own probes of a silent agent connection may go unanswered before it is
+/// closed (the kernel usually ends it first, after 1 + 2 x 1 s).
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How often a connection watched for its agent's probes is checked: a tenth of the period
 /// and its grace, at most every 2.5 s (an agent probing every 100 s is found dead within
@@ -752,25 +761,49 @@ async fn serve_conn(
         // An agent that probes this connection itself: stop the hub's probes, watch its.
         let mut check = None;
         if let Some(probe_ms) = liveness.probe_ms() {
+            // SAFETY: `fd` belongs to the connection `conn` owns, alive while this loop runs.
+            let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            let sock = socket2::SockRef::from(&sock);
             let w = watch.get_or_insert_with(|| {
-                // SAFETY: `fd` belongs to the connection `conn` owns, alive while this loop runs.
-                let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-                if let Err(e) = socket2::SockRef::from(&borrowed).set_keepalive(false) {
+                if let Err(e) = sock.set_keepalive(false) {
                     tracing::debug!(%remote, error = %e, "cannot stop the hub's keepalive probes");
                 }
                 SegsWatch {
                     segs: segs_in(fd),
                     since: Instant::now(),
+                    asking: false,
                 }
             });
             let now_segs = segs_in(fd);
             if now_segs != w.segs {
                 w.segs = now_segs;
                 w.since = Instant::now();
+                if w.asking {
+                    // the peer answered the hub's probe: a middlebox (a TCP load balancer)
+                    // answers for it, or its probes were late; back to watching
+                    w.asking = false;
+                    let _ = sock.set_keepalive(false);
+                }
             }
             let silent = w.since.elapsed().as_millis() as i64;
-            if link::peer_silent(probe_ms, silent) {
-                tracing::debug!(%remote, silent_ms = silent, probe_ms, "the agent's keepalive probes stopped; closing its connection");
+            if link::peer_silent(probe_ms, silent) && !w.asking {
+                // Silence: ask once ourselves (two probes a second apart; the kernel ends the
+                // connection when neither is answered). Behind a TCP load balancer the agent's
+                // probes never reach the hub, and the balancer answers these.
+                tracing::debug!(%remote, silent_ms = silent, probe_ms, "no keepalive probe from the agent; probing it");
+                w.asking = true;
+                w.since = Instant::now();
+                if let Err(e) = sock.set_tcp_keepalive(
+                    &socket2::TcpKeepalive::new()
+                        .with_time(Duration::from_secs(1))
+                        .with_interval(Duration::from_secs(1))
+                        .with_retries(KEEPALIVE_PROBES),
+                ) {
+                    tracing::debug!(%remote, error = %e, "cannot probe; closing the silent connection");
+                    return;
+                }
+            } else if w.asking && w.since.elapsed() > ASK_TIMEOUT {
+                tracing::debug!(%remote, "the agent's connection answers neither its probes nor ours; closing it");
                 return;
             }
             check = Some(probe_check(probe_ms));
@@ -799,6 +832,7 @@ async fn serve_conn(
             _ = shutdown.changed() => break,
             _ = slot.evict.notified() => return,
             _ = tokio::time::sleep(Duration::from_millis(wait.max(1) as u64).min(check.unwrap_or(Duration::MAX))) => {}
+            _ = liveness.changed.notified() => {}
         }
     }
     conn.as_mut().graceful_shutdown();

@@ -727,3 +727,86 @@ fn a_zstd_status_report_is_stored_and_the_hub_names_its_protocol() {
     let n = node_json(&hub, "zipper").unwrap();
     assert_eq!(n["agent_version"], "zstd-9.9.9", "{n}");
 }
+
+/// A TCP relay on loopback (a stand-in for a TCP load balancer): every connection it accepts
+/// is copied to `to`; its own sockets probe nothing, so an agent's keepalive probes end at it.
+struct Relay {
+    port: u16,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Relay {
+    fn start(to: SocketAddr) -> Relay {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = accepted.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(down) = c else { return };
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Ok(up) = TcpStream::connect(to) else { continue };
+                let (mut d2, mut u2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+                let (mut d1, mut u1) = (down, up);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut d1, &mut u1);
+                    let _ = u1.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut u2, &mut d2);
+                    let _ = d2.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Relay { port, accepted }
+    }
+}
+
+/// Behind a TCP load balancer an agent's keepalive probes reach the balancer, never the hub.
+/// When the probes it was promised do not come, the hub asks itself before it gives up; the
+/// balancer answers, so a quiet agent keeps its one connection (no reconnect every period).
+#[test]
+fn behind_a_tcp_relay_the_hub_asks_before_it_drops_a_quiet_agent() {
+    let hub = Hub::start();
+    let token = hub.token(&[]);
+    let mut a = hub.join("behind-lb", &token);
+    let port: u16 = hub
+        .url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let relay = Relay::start(SocketAddr::from(([127, 0, 0, 1], port)));
+    // the node talks to the hub only through the relay (`agent run --hub` pins that URL)
+    a.wrap = vec![
+        "sh".into(),
+        "-c".into(),
+        format!("exec \"$@\" --hub https://127.0.0.1:{}", relay.port),
+        "sh".into(),
+    ];
+    // it announces probes every 2 s (ka=2): the hub expects a segment within 3 s
+    a.env.push(("OUTPOST_LINK_KEEPALIVE_SECS".into(), "2".into()));
+    let a = a.running();
+    wait_for("the node reporting through the relay", 30.0, || {
+        let n = node_json(&hub, "behind-lb")?;
+        (relay.accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1
+            && n["agent_version"].is_string()
+            && n["status"] == "Online")
+            .then_some(())
+    });
+    let before = relay.accepted.load(std::sync::atomic::Ordering::SeqCst);
+    // five of its periods and more with nothing but the held long-poll
+    let quiet = Instant::now() + Duration::from_secs(16);
+    while Instant::now() < quiet {
+        assert!(online(&hub, "behind-lb"), "a quiet node behind a relay stays Online");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(
+        relay.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        before,
+        "the hub dropped the quiet agent's connection and it had to reconnect"
+    );
+    drop(a);
+}
