@@ -251,6 +251,36 @@ pub fn peer_silent(probe_ms: i64, silent_ms: i64) -> bool {
     silent_ms > probe_ms + probe_grace_ms(probe_ms)
 }
 
+/// How long the hub's own probes of a silent agent connection may go unanswered before it
+/// gives the connection up (the kernel usually ends it first, after 1 + 2 x 1 s).
+pub const ASK_TIMEOUT_MS: i64 = 5_000;
+
+/// What the hub does next about a connection whose agent announced its probes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Watch {
+    /// Keep watching for the agent's segments.
+    Wait,
+    /// Segments came while the hub was probing: a middlebox (a TCP load balancer) answers for
+    /// the agent, or its probes were late. Stop probing, watch again.
+    StopAsking,
+    /// Silent past the period and grace: probe once ourselves.
+    Ask,
+    /// Our probes went unanswered too: the peer is gone.
+    Close,
+}
+
+/// One step of the hub's watch of an agent-probed connection. `moved`: segments arrived since
+/// the last step; `quiet_ms`: time since they last did, or since the hub started asking.
+pub fn watch_step(asking: bool, moved: bool, quiet_ms: i64, probe_ms: i64) -> Watch {
+    match (asking, moved) {
+        (true, true) => Watch::StopAsking,
+        (false, true) => Watch::Wait,
+        (false, false) if peer_silent(probe_ms, quiet_ms) => Watch::Ask,
+        (true, false) if quiet_ms > ASK_TIMEOUT_MS => Watch::Close,
+        _ => Watch::Wait,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,6 +486,23 @@ mod tests {
             (600_000, 610_001, true),
         ] {
             assert_eq!(peer_silent(probe, silent), want, "probe {probe} ms, silent {silent} ms");
+        }
+    }
+
+    #[test]
+    fn the_hub_asks_a_silent_agent_connection_before_it_closes_it() {
+        use Watch::*;
+        let p = 100_000;
+        for (asking, moved, quiet, want, what) in [
+            (false, true, 0, Wait, "the agent's probe came"),
+            (false, false, 110_000, Wait, "silent, within period and grace"),
+            (false, false, 110_001, Ask, "silent past the grace: ask ourselves"),
+            (true, false, 5_000, Wait, "asking, waiting for the answer"),
+            (true, false, 5_001, Close, "our probes unanswered: gone"),
+            (true, true, 1_000, StopAsking, "a balancer answered for it"),
+            (true, false, 200_000, Close, "asking never turns into a second ask"),
+        ] {
+            assert_eq!(watch_step(asking, moved, quiet, p), want, "{what}");
         }
     }
 }

@@ -551,10 +551,6 @@ struct SegsWatch {
     asking: bool,
 }
 
-/// How long the hub's own probes of a silent agent connection may go unanswered before it is
-/// closed (the kernel usually ends it first, after 1 + 2 x 1 s).
-const ASK_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// How often a connection watched for its agent's probes is checked: a tenth of the period
 /// and its grace, at most every 2.5 s (an agent probing every 100 s is found dead within
 /// 100 + 10 + 2.5 s).
@@ -775,36 +771,38 @@ async fn serve_conn(
                 }
             });
             let now_segs = segs_in(fd);
-            if now_segs != w.segs {
+            let moved = now_segs != w.segs;
+            if moved {
                 w.segs = now_segs;
                 w.since = Instant::now();
-                if w.asking {
-                    // the peer answered the hub's probe: a middlebox (a TCP load balancer)
-                    // answers for it, or its probes were late; back to watching
+            }
+            let quiet = w.since.elapsed().as_millis() as i64;
+            match link::watch_step(w.asking, moved, quiet, probe_ms) {
+                link::Watch::Wait => {}
+                link::Watch::StopAsking => {
                     w.asking = false;
                     let _ = sock.set_keepalive(false);
                 }
-            }
-            let silent = w.since.elapsed().as_millis() as i64;
-            if link::peer_silent(probe_ms, silent) && !w.asking {
-                // Silence: ask once ourselves (two probes a second apart; the kernel ends the
-                // connection when neither is answered). Behind a TCP load balancer the agent's
-                // probes never reach the hub, and the balancer answers these.
-                tracing::debug!(%remote, silent_ms = silent, probe_ms, "no keepalive probe from the agent; probing it");
-                w.asking = true;
-                w.since = Instant::now();
-                if let Err(e) = sock.set_tcp_keepalive(
-                    &socket2::TcpKeepalive::new()
-                        .with_time(Duration::from_secs(1))
-                        .with_interval(Duration::from_secs(1))
-                        .with_retries(KEEPALIVE_PROBES),
-                ) {
-                    tracing::debug!(%remote, error = %e, "cannot probe; closing the silent connection");
+                link::Watch::Ask => {
+                    // two probes a second apart; the kernel ends the connection when neither
+                    // is answered (behind a TCP load balancer, the balancer answers them)
+                    tracing::debug!(%remote, silent_ms = quiet, probe_ms, "no keepalive probe from the agent; probing it");
+                    w.asking = true;
+                    w.since = Instant::now();
+                    if let Err(e) = sock.set_tcp_keepalive(
+                        &socket2::TcpKeepalive::new()
+                            .with_time(Duration::from_secs(1))
+                            .with_interval(Duration::from_secs(1))
+                            .with_retries(KEEPALIVE_PROBES),
+                    ) {
+                        tracing::debug!(%remote, error = %e, "cannot probe; closing the silent connection");
+                        return;
+                    }
+                }
+                link::Watch::Close => {
+                    tracing::debug!(%remote, "the agent's connection answers neither its probes nor ours; closing it");
                     return;
                 }
-            } else if w.asking && w.since.elapsed() > ASK_TIMEOUT {
-                tracing::debug!(%remote, "the agent's connection answers neither its probes nor ours; closing it");
-                return;
             }
             check = Some(probe_check(probe_ms));
         }
