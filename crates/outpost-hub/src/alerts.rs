@@ -9,13 +9,19 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use outpost_api::{AlertInfo, Labels, RolloutState, UnixMs};
 use outpost_core::alerts::{self as rules, AlertKey, FleetNode, RolledBack};
+use outpost_core::lease::Fence;
 
 use crate::error::HubError;
 use crate::service::Service;
 
-/// One run of the hub's rules. Silence counts only from `listening_since` (the hub's start):
+/// One run of the hub's rules; its writes carry the `alert-rules` lease's `fence`. Silence counts only from `listening_since` (the hub's start):
 /// while the hub itself was down, nodes could not reach it.
-pub async fn evaluate_once(svc: &Service, listening_since: UnixMs, now: UnixMs) -> Result<Vec<AlertInfo>, HubError> {
+pub async fn evaluate_once(
+    svc: &Service,
+    listening_since: UnixMs,
+    fence: Option<&Fence>,
+    now: UnixMs,
+) -> Result<Vec<AlertInfo>, HubError> {
     let (nodes, statuses) = (svc.store.nodes().await?, svc.store.statuses(None).await?);
     let fleet: Vec<FleetNode> = nodes
         .iter()
@@ -47,23 +53,21 @@ pub async fn evaluate_once(svc: &Service, listening_since: UnixMs, now: UnixMs) 
     );
     let labels: BTreeMap<String, Labels> = nodes.into_iter().map(|n| (n.name, n.labels)).collect();
     let existing: BTreeSet<String> = labels.keys().cloned().collect();
-    let mut conditions = svc.mdb(|m| m.conditions(None)).await?;
+    let mut conditions = svc.monitor.conditions(None).await?;
     conditions.retain(|n, _| existing.contains(n));
     want.extend(rules::condition_alerts(&conditions));
-    let out = svc
-        .mdb(move |m| {
-            let firing: BTreeSet<AlertKey> = m
-                .firing_hub_alerts()?
-                .into_iter()
-                .filter(|k| existing.contains(&k.node))
-                .collect();
-            let ts = rules::diff_hub_alerts(&firing, &want, now);
-            if ts.is_empty() {
-                return Ok(Vec::new());
-            }
-            m.apply_hub(&ts, &labels, now)
-        })
-        .await?;
+    let firing: BTreeSet<AlertKey> = svc
+        .monitor
+        .firing_hub_alerts()
+        .await?
+        .into_iter()
+        .filter(|k| existing.contains(&k.node))
+        .collect();
+    let ts = rules::diff_hub_alerts(&firing, &want, now);
+    if ts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let out = svc.monitor.apply_hub(&ts, &labels, fence, now).await?;
     svc.announce(&out);
     Ok(out)
 }

@@ -1,41 +1,78 @@
 //! The hub's controllers, registered in one place ([`all`]). Each is a loop of
 //! *load -> `outpost_core` decide(state, now) -> execute* through the [`Service`], run on a
-//! timer and woken early by the events it cares about:
+//! timer and woken early by the events it cares about, and only while this hub process holds
+//! the controller's lease (below):
 //!
-//! | controller | decides with | runs |
-//! |---|---|---|
-//! | `alert-rules` | `outpost_core::alerts::{fleet_alerts, condition_alerts, diff_hub_alerts}` | every `OUTPOST_ALERT_EVAL_MS` (5 s) |
-//! | `reschedule` | `crate::scheduler::plan` (the whole fleet) | when nodes came back online: one run for every node that came back meanwhile |
-//! | `rollouts` | `outpost_core::waves::{start, decide}` | on gate results and nodes coming back, at bake ends and window openings, every 1 s while a rollout is active (10 s otherwise) |
-//! | `webhooks` | `outpost_core::retry::webhook` | when an alert or rollout event is queued, or a retry is due |
-//! | `retention` | resolved alerts kept 7 days | hourly (events, error lines and webhook rows are capped where they are written) |
-//! | `gitops` | `outpost_core::gitops::{next_fetch, decide_commit, placement_terms, combine}` | when a GitRepo's fetch is due (poll interval, backoff), on its webhook, `outpost gitops sync` or a GitRepo apply |
-//! | `data-retention` | pipeline records kept for their hub sink's `retention` (default 7 days) | every minute |
+//! | controller | decides with | runs | fenced writes |
+//! |---|---|---|---|
+//! | `alert-rules` | `outpost_core::alerts::{fleet_alerts, condition_alerts, diff_hub_alerts}` | every `OUTPOST_ALERT_EVAL_MS` (5 s) | alert transitions and their webhook rows |
+//! | `reschedule` | `crate::scheduler::plan` (the whole fleet) | when nodes came back online: one run for every node that came back meanwhile | none (a plan from the current state, idempotent) |
+//! | `rollouts` | `outpost_core::waves::{start, decide}` | on gate results and nodes coming back, at bake ends and window openings, every 1 s while a rollout is active (10 s otherwise) | each rollout with its events and alert |
+//! | `webhooks` | `outpost_core::retry::webhook` | when an alert or rollout event is queued here, a retry is due, or every 2 s (another replica may have queued one) | claiming due rows, marking them delivered or retried |
+//! | `retention` | resolved alerts kept 7 days; `outpost_core::retention::revisions_to_prune` | hourly (`OUTPOST_RETENTION_MS`); events, error lines and webhook rows are capped where they are written | every delete |
+//! | `gitops` | `outpost_core::gitops::{next_fetch, decide_commit, placement_terms, combine}` | when a GitRepo's fetch is due (poll interval, backoff), on its webhook, `outpost gitops sync` or a GitRepo apply | none (an apply of one commit is idempotent) |
+//! | `data-retention` | pipeline records kept for their hub sink's `retention` (default 7 days) | every minute | none (a delete by age) |
+//!
+//! **Leases.** Several hub replicas may share one database; work that must happen once runs
+//! in one of them. Every controller has a lease row of its own name (`leases` table: holder,
+//! expiry, fencing token). One keeper task per process takes or renews all of them every
+//! `OUTPOST_LEASE_RENEW_MS` (5 s) for `OUTPOST_LEASE_MS` (15 s) with a conditional UPDATE
+//! (`outpost_core::lease::claim`); a controller runs only while its lease is held by this
+//! process and stops a fifth of the period before the lease would end without a renewal
+//! (`outpost_core::lease::acting_until`). The fenced writes above carry the token, and the
+//! store refuses them in the same transaction when it is no longer current, so a replica that
+//! stalled past its lease and comes back cannot act twice. On SQLite (one process) every lease
+//! is simply held by that process, through the same code. `outpost_hub_lease_held{lease}` says
+//! which leases a replica holds; a change is logged.
 //!
 //! The scheduler is not a loop: every command that changes objects or nodes reschedules under
 //! the write lock before it answers (`Service::reschedule_locked`), and a node back from
 //! Offline, or a rollout step that changes some node's revision, triggers one. Applies and
 //! undos start their rollouts (and open the first wave) before they reschedule.
 //!
-//! Must never: hold the write lock while waiting on anything but the store, or stop on an
-//! error (a failed run is logged and retried at the next tick).
+//! Must never: hold the write lock while waiting on anything but the store, stop on an error
+//! (a failed run is logged and retried at the next tick), or act for a lease it does not hold.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use outpost_api::UnixMs;
+use outpost_core::lease::{self, Fence, Timing};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::service::{now_ms, Service};
 
-/// How often the retention controller runs.
-const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 /// How often expired pipeline records are pruned.
 const DATA_RETENTION_EVERY: Duration = Duration::from_secs(60);
 
-/// Runs once; returns the longest wait before the next run.
-type Run = Box<dyn Fn(Arc<Service>) -> BoxFuture<'static, Duration> + Send + Sync>;
+fn env_ms(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Lease period and renew interval: `OUTPOST_LEASE_MS` (15000), `OUTPOST_LEASE_RENEW_MS` (5000).
+pub fn lease_timing() -> Timing {
+    let d = Timing::default();
+    Timing::new(
+        env_ms("OUTPOST_LEASE_MS", d.period_ms as u64) as i64,
+        env_ms("OUTPOST_LEASE_RENEW_MS", d.renew_every_ms as u64) as i64,
+    )
+}
+
+/// How often the retention controller runs: `OUTPOST_RETENTION_MS` (an hour).
+fn retention_every() -> Duration {
+    Duration::from_millis(env_ms("OUTPOST_RETENTION_MS", 3_600_000).max(100))
+}
+
+/// Object revisions kept per object beyond those in use: `OUTPOST_REVISIONS_KEPT` (50).
+fn revisions_kept() -> usize {
+    env_ms("OUTPOST_REVISIONS_KEPT", outpost_core::retention::REVISIONS_KEPT as u64) as usize
+}
+
+/// Runs once as the holder of `fence`; returns the longest wait before the next run.
+type Run = Box<dyn Fn(Arc<Service>, Fence) -> BoxFuture<'static, Duration> + Send + Sync>;
 
 /// One registered controller.
 pub struct Controller {
@@ -53,9 +90,9 @@ pub fn all(svc: &Service) -> Vec<Controller> {
     vec![
         Controller {
             name: "alert-rules",
-            run: Box::new(move |svc| {
+            run: Box::new(move |svc, fence| {
                 Box::pin(async move {
-                    if let Err(e) = crate::alerts::evaluate_once(&svc, started, now_ms()).await {
+                    if let Err(e) = crate::alerts::evaluate_once(&svc, started, Some(&fence), now_ms()).await {
                         tracing::warn!(error = %e, "alert rules failed; retrying");
                     }
                     eval_every
@@ -65,7 +102,7 @@ pub fn all(svc: &Service) -> Vec<Controller> {
         },
         Controller {
             name: "reschedule",
-            run: Box::new(|svc| {
+            run: Box::new(|svc, _| {
                 Box::pin(async move {
                     svc.reschedule_requested(now_ms()).await;
                     // a failed run asked again: retry soon; otherwise only a wake-up runs it
@@ -80,26 +117,17 @@ pub fn all(svc: &Service) -> Vec<Controller> {
         },
         Controller {
             name: "rollouts",
-            run: Box::new(|svc| Box::pin(async move { svc.rollouts_tick(now_ms()).await })),
+            run: Box::new(|svc, fence| Box::pin(async move { svc.rollouts_tick(now_ms(), Some(&fence)).await })),
             wake: Some(|s| &s.wake.rollouts),
         },
         Controller {
             name: "retention",
-            run: Box::new(|svc| {
-                Box::pin(async move {
-                    match svc.mdb(|m| m.prune(now_ms())).await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(alerts = n, "forgot resolved alerts older than 7 days"),
-                        Err(e) => tracing::warn!(error = %e, "pruning resolved alerts failed; retrying in an hour"),
-                    }
-                    RETENTION_EVERY
-                })
-            }),
+            run: Box::new(|svc, fence| Box::pin(async move { retention(&svc, &fence, now_ms()).await })),
             wake: None,
         },
         Controller {
             name: "data-retention",
-            run: Box::new(|svc| {
+            run: Box::new(|svc, _| {
                 Box::pin(async move {
                     match svc.ddb(|d| d.prune(now_ms())).await {
                         Ok(0) => {}
@@ -113,43 +141,168 @@ pub fn all(svc: &Service) -> Vec<Controller> {
         },
         Controller {
             name: "gitops",
-            run: Box::new(|svc| Box::pin(async move { crate::gitops::tick(&svc, now_ms()).await })),
+            run: Box::new(|svc, _| Box::pin(async move { crate::gitops::tick(&svc, now_ms()).await })),
             wake: Some(|s| &s.wake.gitops),
         },
         Controller {
             name: "webhooks",
-            run: Box::new(move |svc| {
+            run: Box::new(move |svc, fence| {
                 let http = http.clone();
-                Box::pin(async move { crate::webhook::deliver_due(&svc, &http, now_ms()).await })
+                Box::pin(async move { crate::webhook::deliver_due(&svc, &http, Some(&fence), now_ms()).await })
             }),
             wake: Some(|s| &s.wake.webhooks),
         },
     ]
 }
 
-/// Start every controller; each stops when `stop` flips.
-pub fn spawn_all(svc: &Arc<Service>, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
-    all(svc)
-        .into_iter()
-        .map(|c| {
-            let (svc, mut stop) = (svc.clone(), stop.clone());
-            tokio::spawn(async move {
-                tracing::debug!(controller = c.name, "controller started");
-                loop {
-                    let wait = (c.run)(svc.clone()).await;
-                    let woken = async {
-                        match c.wake {
-                            Some(w) => w(&svc).notified().await,
-                            None => std::future::pending().await,
-                        }
-                    };
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait.max(Duration::from_millis(1))) => {}
-                        _ = woken => {}
-                        _ = stop.changed() => return,
+/// One retention run (under the `retention` lease): resolved alerts past 7 days, object
+/// revisions past the last `OUTPOST_REVISIONS_KEPT` that nothing uses, then compaction.
+async fn retention(svc: &Service, fence: &Fence, now: UnixMs) -> Duration {
+    match svc.monitor.prune(Some(fence), now).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(alerts = n, "forgot resolved alerts older than 7 days"),
+        Err(e) => tracing::warn!(error = %e, "pruning resolved alerts failed; retrying at the next run"),
+    }
+    match svc.monitor.prune_revisions(revisions_kept(), Some(fence)).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(revisions = n, "pruned object revisions nothing uses any more"),
+        Err(e) => tracing::warn!(error = %e, "pruning object revisions failed; retrying at the next run"),
+    }
+    if let Err(e) = svc.monitor.compact().await {
+        tracing::warn!(error = %e, "database compaction failed");
+    }
+    retention_every()
+}
+
+/// This process's hold on each controller lease: the fence and until when it may act.
+#[derive(Default)]
+pub struct Held {
+    map: Mutex<BTreeMap<&'static str, (Fence, UnixMs)>>,
+    /// Woken when a lease is newly taken, so its controller runs at once.
+    taken: BTreeMap<&'static str, Notify>,
+}
+
+impl Held {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, (Fence, UnixMs)>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The fence to act under at `now`, if this process holds the lease.
+    pub fn fence(&self, name: &str, now: UnixMs) -> Option<Fence> {
+        self.lock()
+            .get(name)
+            .filter(|(_, until)| lease::may_act(Some(*until), now))
+            .map(|(f, _)| f.clone())
+    }
+}
+
+/// A holder id unique to this process: host, pid and a random part (the pid lets an operator,
+/// or a test, tell which process holds what).
+pub fn holder_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}:{}:{:08x}", host.trim(), std::process::id(), rand::random::<u32>())
+}
+
+/// One keeper round: take or renew every lease; record what is held.
+async fn keep_leases(svc: &Service, held: &Held, me: &str, t: &Timing) {
+    for name in held.taken.keys() {
+        let sent = now_ms();
+        let was = held.fence(name, sent);
+        match svc.monitor.lease_acquire(name, me, sent, t).await {
+            Ok(Some(l)) => {
+                let fence = Fence {
+                    lease: name.to_string(),
+                    holder: l.holder,
+                    token: l.token,
+                };
+                if was.as_ref() != Some(&fence) {
+                    tracing::info!(
+                        lease = name,
+                        token = fence.token,
+                        holder = me,
+                        "lease taken: this replica runs the controller"
+                    );
+                    held.lock().insert(name, (fence, lease::acting_until(sent, t)));
+                    if let Some(n) = held.taken.get(name) {
+                        n.notify_one();
                     }
+                } else {
+                    held.lock().insert(name, (fence, lease::acting_until(sent, t)));
                 }
-            })
-        })
-        .collect()
+                svc.metrics.lease_held(name, true);
+            }
+            Ok(None) => {
+                if held.lock().remove(name).is_some() {
+                    tracing::warn!(
+                        lease = name,
+                        "lease held by another replica now; this one stops acting for it"
+                    );
+                }
+                svc.metrics.lease_held(name, false);
+            }
+            // Keep acting until the last good renewal runs out; the next round tries again.
+            Err(e) => {
+                tracing::warn!(lease = name, error = %e, "cannot renew the lease");
+                svc.metrics.lease_held(name, held.fence(name, now_ms()).is_some());
+            }
+        }
+    }
+}
+
+/// Start the lease keeper and every controller; each stops when `stop` flips.
+pub fn spawn_all(svc: &Arc<Service>, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+    let controllers = all(svc);
+    let timing = lease_timing();
+    let me = holder_id();
+    let held = Arc::new(Held {
+        map: Mutex::default(),
+        taken: controllers.iter().map(|c| (c.name, Notify::new())).collect(),
+    });
+    tracing::info!(holder = %me, lease_ms = timing.period_ms, renew_ms = timing.renew_every_ms, "controller leases");
+    let mut tasks = Vec::new();
+    {
+        let (svc, held, mut stop) = (svc.clone(), held.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                keep_leases(&svc, &held, &me, &timing).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(timing.renew_every_ms as u64)) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }));
+    }
+    for c in controllers {
+        let (svc, held, mut stop) = (svc.clone(), held.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            tracing::debug!(controller = c.name, "controller started");
+            loop {
+                let wait = match held.fence(c.name, now_ms()) {
+                    Some(fence) => (c.run)(svc.clone(), fence).await,
+                    // Not ours: look again when the keeper takes it (or at the next renewal).
+                    None => Duration::from_millis(timing.renew_every_ms as u64),
+                };
+                let woken = async {
+                    match c.wake {
+                        Some(w) => w(&svc).notified().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let taken = held.taken.get(c.name).map(|n| n.notified());
+                let taken = async {
+                    match taken {
+                        Some(t) => t.await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(wait.max(Duration::from_millis(1))) => {}
+                    _ = woken => {}
+                    _ = taken => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }));
+    }
+    tasks
 }

@@ -269,7 +269,7 @@ pub fn sites(all: &[NodeSummary], group: &str) -> Vec<SiteCounts> {
 async fn summaries_for(svc: &Arc<Service>, c: &Caller, q: &ListQuery) -> Result<Vec<NodeSummary>, HubError> {
     c.require_role(Action::Read)?;
     let filter = selector(q)?;
-    let conditions = svc.mdb(|m| m.conditions(None)).await?;
+    let conditions = svc.monitor.conditions(None).await?;
     let scope = c.scope.clone();
     let offline_after = svc.settings.offline_after;
     Ok(load_summaries(

@@ -317,10 +317,7 @@ pub fn render(g: &GitRepo, tree: &Tree, host_paths: &crate::validate::HostPathPo
 async fn alert(svc: &Service, name: &'static str, g: &GitRepo, change: AlertChange) {
     let subject = owner(g);
     let now = outpost_api::now_ms();
-    match svc
-        .mdb(move |m| m.fleet_alert(name, &subject, "gitops", &change, now))
-        .await
-    {
+    match svc.monitor.fleet_alert(name, &subject, "gitops", &change, now).await {
         Ok(out) => svc.announce(&out),
         Err(e) => tracing::warn!(error = %e, alert = name, "cannot record a GitOps alert"),
     }

@@ -182,14 +182,28 @@ impl Hub {
         })
         .await
         .context("hub start-up task failed")??;
-        let store: Arc<dyn Store> = match (sqlite, &cfg.store) {
-            (Some(s), _) => Arc::new(s),
-            (None, Some(url)) => Arc::new(store::PgStore::connect(url).await.with_context(|| {
-                format!(
-                    "cannot open the PostgreSQL store {}; check that the server runs and the URL is right",
-                    store::pg_redact(url)
-                )
-            })?),
+        // The monitoring tables and the controllers' leases live with the store: in hub.db on
+        // SQLite, in the store's database on PostgreSQL (nothing of them in the data dir).
+        let (store, monitor): (Arc<dyn Store>, Arc<dyn monitor::MonitorStore>) = match (sqlite, &cfg.store) {
+            (Some(s), _) => {
+                let path = monitor_db.clone();
+                let hooks = cfg.webhooks.clone();
+                let m = tokio::task::spawn_blocking(move || monitor::SqliteMonitor::open(&path, hooks))
+                    .await
+                    .context("hub start-up task failed")?
+                    .with_context(|| format!("cannot open the monitoring tables in {}", monitor_db.display()))?;
+                (Arc::new(s), Arc::new(monitor::SqliteMonitorStore(Arc::new(m))))
+            }
+            (None, Some(url)) => {
+                let pg = store::PgStore::connect(url).await.with_context(|| {
+                    format!(
+                        "cannot open the PostgreSQL store {}; check that the server runs and the URL is right",
+                        store::pg_redact(url)
+                    )
+                })?;
+                let m = pg.monitor(cfg.webhooks.clone());
+                (Arc::new(pg), Arc::new(m))
+            }
             (None, None) => anyhow::bail!("no store configured"),
         };
 
@@ -201,8 +215,6 @@ impl Hub {
             offline_alert: cfg.node_offline_alert,
             ..Default::default()
         };
-        let monitor = monitor::Monitor::open(&monitor_db, monitor_cfg.webhooks.clone())
-            .with_context(|| format!("cannot open the monitoring tables in {}", monitor_db.display()))?;
         let data = data::DataStore::open(&monitor_db)
             .with_context(|| format!("cannot open the pipeline data tables in {}", monitor_db.display()))?;
         let accounts = accounts::Accounts::open(&monitor_db, cfg.audit_max_age)
@@ -224,7 +236,7 @@ impl Hub {
         images::sweep_stale_uploads(&settings.images_dir);
         let svc = Arc::new(service::Service::new(
             store,
-            Arc::new(monitor),
+            monitor,
             Arc::new(data),
             authority,
             settings,

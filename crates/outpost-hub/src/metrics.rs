@@ -65,6 +65,8 @@ pub struct Metrics {
     pub log_requests_ok: Counter,
     pub log_requests_failed: Counter,
     rollout_events: Family<LabelSet, Counter>,
+    /// 1 for each controller lease this replica holds now (`crate::controllers`).
+    leases_held: Family<LabelSet, Gauge<i64, AtomicI64>>,
 }
 
 /// The rollout event reasons counted (the label is bounded to these).
@@ -144,8 +146,15 @@ impl Default for Metrics {
         for r in ROLLOUT_EVENTS {
             child(&rollout_events, "reason", r);
         }
+        let leases_held = Family::<LabelSet, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "outpost_hub_lease_held",
+            "1 for each controller lease (rollouts, webhooks, ...) this replica holds now",
+            leases_held.clone(),
+        );
         Self {
             rollout_events,
+            leases_held,
             alerts_fired: child(&notifications, "state", "firing"),
             alerts_resolved: child(&notifications, "state", "resolved"),
             webhook_ok: child(&webhooks, "result", "ok"),
@@ -159,6 +168,15 @@ impl Default for Metrics {
             long_polls,
             error_lines,
         }
+    }
+}
+
+impl Metrics {
+    /// Whether this replica holds the controller lease `name` now.
+    pub fn lease_held(&self, name: &str, held: bool) {
+        self.leases_held
+            .get_or_create_owned(&vec![("lease", name.to_string())])
+            .set(i64::from(held));
     }
 }
 
@@ -695,6 +713,8 @@ mod tests {
         m.log_requests_ok.inc();
         m.rollout_event("WaveStarted");
         m.rollout_event("NotAReason");
+        m.lease_held("rollouts", true);
+        m.lease_held("webhooks", false);
         let _poll = LongPollGuard::new(Arc::new(Metrics::default()));
         m.long_polls.inc();
         let mut f = FleetView {

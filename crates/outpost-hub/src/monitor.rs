@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outpost_api::RolloutEvent;
@@ -26,7 +26,9 @@ use outpost_api::{
     ALERT_RESOLVED,
 };
 use outpost_core::alerts::{self as rules, AlertKey, HubTransition, NodeEventAction};
-use outpost_core::waves::AlertChange;
+use outpost_core::lease::{self, Claim, Fence, Lease, Timing};
+use outpost_core::retention;
+use outpost_core::waves::{AlertChange, Rollout};
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// Resolved alerts are kept this long for `outpost get alerts --all`.
@@ -64,7 +66,7 @@ impl Default for MonitorConfig {
     }
 }
 
-const SCHEMA: &str = "
+pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS alerts (
     node TEXT NOT NULL, name TEXT NOT NULL, subject TEXT NOT NULL, source TEXT NOT NULL,
     severity TEXT NOT NULL, state TEXT NOT NULL, started_at INTEGER NOT NULL, resolved_at INTEGER,
@@ -78,6 +80,9 @@ CREATE TABLE IF NOT EXISTS node_conditions (node TEXT PRIMARY KEY, conditions TE
 CREATE TABLE IF NOT EXISTS webhook_queue (
     id INTEGER PRIMARY KEY AUTOINCREMENT, url TEXT NOT NULL, payload TEXT NOT NULL,
     attempts INTEGER NOT NULL, next_at INTEGER NOT NULL, created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY, holder TEXT NOT NULL, token INTEGER NOT NULL, expires_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL);
 ";
 
 /// One queued webhook delivery.
@@ -91,8 +96,8 @@ pub struct QueuedHook {
 }
 
 /// The monitoring tables. Each call is one short statement or transaction; async callers run
-/// them on the blocking pool (`crate::service::Service::mdb`).
-pub struct Monitor {
+/// them on the blocking pool through [`SqliteMonitorStore`].
+pub struct SqliteMonitor {
     conn: Mutex<Connection>,
     /// The webhook URLs every transition is queued for.
     webhooks: Vec<String>,
@@ -152,7 +157,7 @@ pub fn payload(a: &AlertInfo) -> serde_json::Value {
     })
 }
 
-impl Monitor {
+impl SqliteMonitor {
     /// Open the monitoring tables in the hub's database file.
     pub fn open(path: &Path, webhooks: Vec<String>) -> Result<Self, rusqlite::Error> {
         let mut conn = Connection::open(path)?;
@@ -342,23 +347,63 @@ impl Monitor {
     ) -> R<Vec<AlertInfo>> {
         let mut c = self.lock();
         let tx = c.transaction()?;
+        let out = self.rollout_events_in(&tx, workload, revision, events, alert, now)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Store a rollout with its events and alert change ([`Self::rollout_events`]) in one
+    /// transaction, refused when `fence` is not current.
+    pub fn record_rollout(
+        &self,
+        r: &Rollout,
+        events: &[RolloutEvent],
+        alert: Option<&AlertChange>,
+        fence: Option<&Fence>,
+        now: UnixMs,
+    ) -> Result<Vec<AlertInfo>, MonitorError> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        check_fence(&tx, fence)?;
+        tx.execute(
+            "INSERT INTO rollouts (workload, revision, state, updated_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(workload) DO UPDATE SET revision = excluded.revision, state = excluded.state,
+                updated_at = excluded.updated_at",
+            params![r.workload, r.revision as i64, serde_json::to_string(r)?, r.updated_at],
+        )?;
+        let out = if events.is_empty() && alert.is_none() {
+            Vec::new()
+        } else {
+            self.rollout_events_in(&tx, &r.workload, r.revision, events, alert, now)?
+        };
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn rollout_events_in(
+        &self,
+        tx: &Connection,
+        workload: &str,
+        revision: u64,
+        events: &[RolloutEvent],
+        alert: Option<&AlertChange>,
+        now: UnixMs,
+    ) -> R<Vec<AlertInfo>> {
         for e in events {
-            self.enqueue_payload(&tx, &rollout_payload(workload, revision, e), now)?;
+            self.enqueue_payload(tx, &rollout_payload(workload, revision, e), now)?;
         }
         let key = AlertKey {
             node: String::new(),
             name: ROLLOUT_FAILED.into(),
             subject: workload.into(),
         };
-        let out = match alert {
+        Ok(match alert {
             Some(change) => {
                 let resolved = format!("{workload}: a new rollout, resume or undo cleared it");
-                self.fleet_transition(&tx, &key, "rollout", change, resolved, now)?
+                self.fleet_transition(tx, &key, "rollout", change, resolved, now)?
             }
             None => Vec::new(),
-        };
-        tx.commit()?;
-        Ok(out)
+        })
     }
 
     /// Fire or resolve a fleet alert about a subject that is not a node (a GitRepo), with its
@@ -449,9 +494,16 @@ impl Monitor {
     }
 
     /// Apply the hub rules' transitions (one transaction), with each node's labels.
-    pub fn apply_hub(&self, ts: &[HubTransition], labels: &BTreeMap<String, Labels>, now: UnixMs) -> R<Vec<AlertInfo>> {
+    pub fn apply_hub(
+        &self,
+        ts: &[HubTransition],
+        labels: &BTreeMap<String, Labels>,
+        fence: Option<&Fence>,
+        now: UnixMs,
+    ) -> Result<Vec<AlertInfo>, MonitorError> {
         let mut c = self.lock();
         let tx = c.transaction()?;
+        check_fence(&tx, fence)?;
         let mut out = Vec::new();
         let empty = Labels::new();
         for t in ts {
@@ -500,11 +552,16 @@ impl Monitor {
     }
 
     /// Forget resolved alerts older than 7 days; returns how many went.
-    pub fn prune(&self, now: UnixMs) -> R<usize> {
-        self.lock().execute(
+    pub fn prune(&self, fence: Option<&Fence>, now: UnixMs) -> Result<usize, MonitorError> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        check_fence(&tx, fence)?;
+        let n = tx.execute(
             "DELETE FROM alerts WHERE state = 'Resolved' AND updated_at < ?1",
             params![now - RESOLVED_KEPT_MS],
-        )
+        )?;
+        tx.commit()?;
+        Ok(n)
     }
 
     /// Alerts, firing first then newest; resolved ones only with `all`.
@@ -632,24 +689,178 @@ impl Monitor {
             })
     }
 
-    pub fn hook_done(&self, id: i64) -> R<()> {
-        self.lock()
-            .execute("DELETE FROM webhook_queue WHERE id = ?1", params![id])
-            .map(|_| ())
+    /// Claim the deliveries due at `now` (oldest first) as the holder of `fence`: refused when
+    /// the fence is not current.
+    pub fn claim_hooks(&self, now: UnixMs, limit: u32, fence: Option<&Fence>) -> Result<Vec<QueuedHook>, MonitorError> {
+        {
+            let c = self.lock();
+            check_fence(&c, fence)?;
+        }
+        Ok(self.due_hooks(now, limit)?)
+    }
+
+    /// A delivery is done (delivered or given up): its row goes, under `fence`.
+    pub fn hook_done(&self, id: i64, fence: Option<&Fence>) -> Result<(), MonitorError> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        check_fence(&tx, fence)?;
+        tx.execute("DELETE FROM webhook_queue WHERE id = ?1", params![id])?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// Schedule another attempt; later notifications to the same URL wait behind it (order).
-    pub fn hook_retry(&self, id: i64, url: &str, attempts: u32, next_at: UnixMs) -> R<()> {
-        let c = self.lock();
-        c.execute(
+    pub fn hook_retry(
+        &self,
+        id: i64,
+        url: &str,
+        attempts: u32,
+        next_at: UnixMs,
+        fence: Option<&Fence>,
+    ) -> Result<(), MonitorError> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        check_fence(&tx, fence)?;
+        tx.execute(
             "UPDATE webhook_queue SET attempts = ?2, next_at = ?3 WHERE id = ?1",
             params![id, attempts, next_at],
         )?;
-        c.execute(
+        tx.execute(
             "UPDATE webhook_queue SET next_at = MAX(next_at, ?2) WHERE url = ?3 AND id > ?1",
             params![id, next_at, url],
-        )
-        .map(|_| ())
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Take or renew the lease `name` for `me` (see `outpost_core::lease`): the row written,
+    /// or `None` when another holds it. A conditional UPDATE on the row read decides races. On
+    /// SQLite (one process per file) a lease held by another holder is taken at once.
+    pub fn lease_acquire(&self, name: &str, me: &str, now: UnixMs, t: &Timing) -> Result<Option<Lease>, MonitorError> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        let row = lease_row(&tx, name)?;
+        // One hub process per SQLite file: a row held by another holder is its predecessor's,
+        // killed before it could renew, so it counts as expired (a restarted hub does not
+        // wait out the old lease). The token still grows with the change of holder.
+        let seen_at = row.as_ref().map_or(now, |r| now.max(r.expires_at));
+        let won = match lease::claim(row.as_ref(), me, seen_at, t) {
+            Claim::Busy { .. } => None,
+            Claim::Take(new) => {
+                let new = Lease {
+                    expires_at: now + t.period_ms,
+                    ..new
+                };
+                let n = match &row {
+                    None => tx.execute(
+                        "INSERT INTO leases (name, holder, token, expires_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT(name) DO NOTHING",
+                        params![name, new.holder, new.token as i64, new.expires_at, now],
+                    )?,
+                    Some(old) => tx.execute(
+                        "UPDATE leases SET holder = ?2, token = ?3, expires_at = ?4, updated_at = ?5
+                         WHERE name = ?1 AND holder = ?6 AND token = ?7 AND expires_at = ?8",
+                        params![
+                            name,
+                            new.holder,
+                            new.token as i64,
+                            new.expires_at,
+                            now,
+                            old.holder,
+                            old.token as i64,
+                            old.expires_at
+                        ],
+                    )?,
+                };
+                (n == 1).then_some(new)
+            }
+        };
+        tx.commit()?;
+        Ok(won)
+    }
+
+    /// Every lease row, by name.
+    pub fn leases(&self) -> R<Vec<(String, Lease)>> {
+        let c = self.lock();
+        let mut st = c.prepare("SELECT name, holder, token, expires_at FROM leases ORDER BY name")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                Lease {
+                    holder: r.get(1)?,
+                    token: r.get::<_, i64>(2)? as u64,
+                    expires_at: r.get(3)?,
+                },
+            ))
+        })?;
+        rows.collect()
+    }
+
+    /// Delete object revisions past the last `keep` that nothing uses
+    /// (`outpost_core::retention::revisions_to_prune`), under `fence`; how many went.
+    pub fn prune_revisions(&self, keep: usize, fence: Option<&Fence>) -> Result<usize, MonitorError> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        check_fence(&tx, fence)?;
+        let mut revisions: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        {
+            let mut st = tx.prepare("SELECT kind, namespace, name, revision FROM revisions")?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?;
+            for row in rows {
+                let (k, ns, n, rev) = row?;
+                revisions.entry(object_key(&k, &ns, &n)).or_default().push(rev as u64);
+            }
+        }
+        let mut used = BTreeSet::new();
+        {
+            let mut st = tx.prepare(
+                "SELECT kind, namespace, name, revision FROM objects
+                 UNION ALL SELECT '', '', key, revision FROM node_workloads",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?;
+            for row in rows {
+                let (k, ns, n, rev) = row?;
+                let key = if k.is_empty() { n } else { object_key(&k, &ns, &n) };
+                used.insert((key, rev as u64));
+            }
+            let mut st = tx.prepare("SELECT spec FROM node_prefetch UNION ALL SELECT state FROM rollouts")?;
+            let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+            for row in rows {
+                used.extend(revisions_named(&row?));
+            }
+        }
+        let gone = retention::revisions_to_prune(&revisions, &used, keep);
+        for (key, rev) in &gone {
+            let mut parts = key.splitn(3, '/');
+            let (k, ns, n) = (parts.next(), parts.next(), parts.next());
+            tx.execute(
+                "DELETE FROM revisions WHERE lower(kind) = ?1 AND namespace = ?2 AND name = ?3 AND revision = ?4",
+                params![k, ns, n, *rev as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(gone.len())
+    }
+
+    /// Compaction after a retention run: `PRAGMA optimize` and giving back free pages when the
+    /// file allows it (`auto_vacuum = INCREMENTAL`; a no-op otherwise).
+    pub fn compact(&self) -> R<()> {
+        let c = self.lock();
+        c.execute_batch("PRAGMA optimize; PRAGMA incremental_vacuum;")
     }
 
     pub fn forget_node(&self, node: &str) -> R<()> {
@@ -658,6 +869,310 @@ impl Monitor {
             c.execute(&format!("DELETE FROM {t} WHERE node = ?1"), params![node])?;
         }
         Ok(())
+    }
+}
+
+/// A revision's object key as rollouts and node rows name it (`daemonset/default/web`).
+pub(crate) fn object_key(kind: &str, namespace: &str, name: &str) -> String {
+    format!("{}/{namespace}/{name}", kind.to_ascii_lowercase())
+}
+
+/// The `(workload key, revision)` pairs a stored rollout or prefetch spec (JSON) refers to.
+pub(crate) fn revisions_named(json: &str) -> Vec<(String, u64)> {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return Vec::new();
+    };
+    let key = v["workload"]
+        .as_str()
+        .or(v["key"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    let mut out: Vec<u64> = [&v["revision"], &v["previous"]]
+        .iter()
+        .filter_map(|r| r.as_u64())
+        .collect();
+    if let Some(from) = v["from"].as_object() {
+        out.extend(from.values().filter_map(|r| r.as_u64()));
+    }
+    out.into_iter().map(|r| (key.clone(), r)).collect()
+}
+
+fn lease_row(c: &Connection, name: &str) -> R<Option<Lease>> {
+    c.query_row(
+        "SELECT holder, token, expires_at FROM leases WHERE name = ?1",
+        params![name],
+        |r| {
+            Ok(Lease {
+                holder: r.get(0)?,
+                token: r.get::<_, i64>(1)? as u64,
+                expires_at: r.get(2)?,
+            })
+        },
+    )
+    .optional()
+}
+
+/// Refuse (inside the caller's transaction) a write whose fence is not current.
+fn check_fence(c: &Connection, fence: Option<&Fence>) -> Result<(), MonitorError> {
+    let Some(f) = fence else { return Ok(()) };
+    let row = lease_row(c, &f.lease)?;
+    if lease::fence_holds(row.as_ref().map(|l| (l.holder.as_str(), l.token)), f) {
+        Ok(())
+    } else {
+        Err(MonitorError::Fenced {
+            lease: f.lease.clone(),
+            token: f.token,
+        })
+    }
+}
+
+/// What the monitoring store and the lease/retention calls fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    #[error("monitoring database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("monitoring tables on PostgreSQL: {0}")]
+    Pg(#[from] sqlx::Error),
+    #[error("stored monitoring data is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("monitoring task failed: {0}")]
+    Task(String),
+    /// The write came from a holder whose lease moved on; nothing was written.
+    #[error("lease {lease} moved on to another holder (this replica held token {token}); the write was refused and this replica stops acting for it")]
+    Fenced { lease: String, token: u64 },
+}
+
+impl MonitorError {
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, MonitorError::Fenced { .. })
+    }
+}
+
+impl From<MonitorError> for crate::error::HubError {
+    fn from(e: MonitorError) -> Self {
+        use crate::error::HubError;
+        match e {
+            MonitorError::Sqlite(e) if crate::error::is_disk_full(&e) => HubError::DiskFull,
+            MonitorError::Pg(sqlx::Error::Database(d)) if d.code().as_deref() == Some("53100") => HubError::DiskFull,
+            e => HubError::Internal(e.to_string()),
+        }
+    }
+}
+
+pub type MonitorResult<T> = Result<T, MonitorError>;
+
+/// What the hub keeps for monitoring (alert state and history, vitals, conditions, error
+/// lines, the webhook outbox and its delivery bookkeeping), the controllers' leases and the
+/// retention of object revisions, on either backend: [`SqliteMonitorStore`] (the `hub.db`
+/// file) or `crate::store::PgMonitor` (the PostgreSQL store's database). Every `fence`d call
+/// is refused with [`MonitorError::Fenced`], in its own transaction, when the fence is not
+/// current (`None`: a write not made as a lease holder, e.g. an operator's command).
+#[async_trait::async_trait]
+pub trait MonitorStore: Send + Sync {
+    async fn node_report(
+        &self,
+        node: &str,
+        labels: &Labels,
+        events: &[NodeEvent],
+        vitals: Option<&Vitals>,
+        conditions: Option<&[NodeCondition]>,
+        now: UnixMs,
+    ) -> MonitorResult<Vec<AlertInfo>>;
+    /// Store a rollout with its events' webhook rows and its alert change, in one transaction.
+    async fn record_rollout(
+        &self,
+        r: &Rollout,
+        events: &[RolloutEvent],
+        alert: Option<&AlertChange>,
+        fence: Option<&Fence>,
+        now: UnixMs,
+    ) -> MonitorResult<Vec<AlertInfo>>;
+    async fn fleet_alert(
+        &self,
+        name: &str,
+        subject: &str,
+        source: &str,
+        change: &AlertChange,
+        now: UnixMs,
+    ) -> MonitorResult<Vec<AlertInfo>>;
+    async fn conditions(&self, node: Option<&str>) -> MonitorResult<BTreeMap<String, Vec<NodeCondition>>>;
+    async fn firing_hub_alerts(&self) -> MonitorResult<BTreeSet<AlertKey>>;
+    async fn apply_hub(
+        &self,
+        ts: &[HubTransition],
+        labels: &BTreeMap<String, Labels>,
+        fence: Option<&Fence>,
+        now: UnixMs,
+    ) -> MonitorResult<Vec<AlertInfo>>;
+    async fn prune(&self, fence: Option<&Fence>, now: UnixMs) -> MonitorResult<usize>;
+    async fn alerts(&self, all: bool) -> MonitorResult<Vec<AlertInfo>>;
+    async fn store_errors(&self, node: &str, b: &ErrorBatch, now: UnixMs) -> MonitorResult<(u64, u64)>;
+    async fn errors(
+        &self,
+        node: Option<&str>,
+        workload: Option<&str>,
+        since: UnixMs,
+        limit: u32,
+    ) -> MonitorResult<Vec<StoredErrorLine>>;
+    async fn vitals(&self) -> MonitorResult<BTreeMap<String, Vitals>>;
+    async fn claim_hooks(&self, now: UnixMs, limit: u32, fence: Option<&Fence>) -> MonitorResult<Vec<QueuedHook>>;
+    async fn hook_queue(&self) -> MonitorResult<(Option<UnixMs>, u64)>;
+    async fn hook_done(&self, id: i64, fence: Option<&Fence>) -> MonitorResult<()>;
+    async fn hook_retry(
+        &self,
+        id: i64,
+        url: &str,
+        attempts: u32,
+        next_at: UnixMs,
+        fence: Option<&Fence>,
+    ) -> MonitorResult<()>;
+    async fn forget_node(&self, node: &str) -> MonitorResult<()>;
+    async fn lease_acquire(&self, name: &str, me: &str, now: UnixMs, t: &Timing) -> MonitorResult<Option<Lease>>;
+    async fn leases(&self) -> MonitorResult<Vec<(String, Lease)>>;
+    async fn prune_revisions(&self, keep: usize, fence: Option<&Fence>) -> MonitorResult<usize>;
+    async fn compact(&self) -> MonitorResult<()>;
+}
+
+/// [`MonitorStore`] on the `hub.db` file: [`SqliteMonitor`]'s calls on the blocking pool.
+#[derive(Clone)]
+pub struct SqliteMonitorStore(pub Arc<SqliteMonitor>);
+
+macro_rules! blocking {
+    ($self:ident, $m:ident => $body:expr) => {{
+        let $m = $self.0.clone();
+        tokio::task::spawn_blocking(move || -> MonitorResult<_> { Ok($body?) })
+            .await
+            .map_err(|e| MonitorError::Task(e.to_string()))?
+    }};
+}
+
+#[async_trait::async_trait]
+impl MonitorStore for SqliteMonitorStore {
+    async fn node_report(
+        &self,
+        node: &str,
+        labels: &Labels,
+        events: &[NodeEvent],
+        vitals: Option<&Vitals>,
+        conditions: Option<&[NodeCondition]>,
+        now: UnixMs,
+    ) -> MonitorResult<Vec<AlertInfo>> {
+        let (n, l, e, v, c) = (
+            node.to_string(),
+            labels.clone(),
+            events.to_vec(),
+            vitals.cloned(),
+            conditions.map(|c| c.to_vec()),
+        );
+        blocking!(self, m => m.node_report(&n, &l, &e, v.as_ref(), c.as_deref(), now))
+    }
+    async fn record_rollout(
+        &self,
+        r: &Rollout,
+        events: &[RolloutEvent],
+        alert: Option<&AlertChange>,
+        fence: Option<&Fence>,
+        now: UnixMs,
+    ) -> MonitorResult<Vec<AlertInfo>> {
+        let (r, e, a, f) = (r.clone(), events.to_vec(), alert.cloned(), fence.cloned());
+        blocking!(self, m => m.record_rollout(&r, &e, a.as_ref(), f.as_ref(), now))
+    }
+    async fn fleet_alert(
+        &self,
+        name: &str,
+        subject: &str,
+        source: &str,
+        change: &AlertChange,
+        now: UnixMs,
+    ) -> MonitorResult<Vec<AlertInfo>> {
+        let (n, s, src, c) = (
+            name.to_string(),
+            subject.to_string(),
+            source.to_string(),
+            change.clone(),
+        );
+        blocking!(self, m => m.fleet_alert(&n, &s, &src, &c, now))
+    }
+    async fn conditions(&self, node: Option<&str>) -> MonitorResult<BTreeMap<String, Vec<NodeCondition>>> {
+        let n = node.map(String::from);
+        blocking!(self, m => m.conditions(n.as_deref()))
+    }
+    async fn firing_hub_alerts(&self) -> MonitorResult<BTreeSet<AlertKey>> {
+        blocking!(self, m => m.firing_hub_alerts())
+    }
+    async fn apply_hub(
+        &self,
+        ts: &[HubTransition],
+        labels: &BTreeMap<String, Labels>,
+        fence: Option<&Fence>,
+        now: UnixMs,
+    ) -> MonitorResult<Vec<AlertInfo>> {
+        let (ts, l, f) = (ts.to_vec(), labels.clone(), fence.cloned());
+        blocking!(self, m => m.apply_hub(&ts, &l, f.as_ref(), now))
+    }
+    async fn prune(&self, fence: Option<&Fence>, now: UnixMs) -> MonitorResult<usize> {
+        let f = fence.cloned();
+        blocking!(self, m => m.prune(f.as_ref(), now))
+    }
+    async fn alerts(&self, all: bool) -> MonitorResult<Vec<AlertInfo>> {
+        blocking!(self, m => m.alerts(all))
+    }
+    async fn store_errors(&self, node: &str, b: &ErrorBatch, now: UnixMs) -> MonitorResult<(u64, u64)> {
+        let (n, b) = (node.to_string(), b.clone());
+        blocking!(self, m => m.store_errors(&n, &b, now))
+    }
+    async fn errors(
+        &self,
+        node: Option<&str>,
+        workload: Option<&str>,
+        since: UnixMs,
+        limit: u32,
+    ) -> MonitorResult<Vec<StoredErrorLine>> {
+        let (n, w) = (node.map(String::from), workload.map(String::from));
+        blocking!(self, m => m.errors(n.as_deref(), w.as_deref(), since, limit))
+    }
+    async fn vitals(&self) -> MonitorResult<BTreeMap<String, Vitals>> {
+        blocking!(self, m => m.vitals())
+    }
+    async fn claim_hooks(&self, now: UnixMs, limit: u32, fence: Option<&Fence>) -> MonitorResult<Vec<QueuedHook>> {
+        let f = fence.cloned();
+        blocking!(self, m => m.claim_hooks(now, limit, f.as_ref()))
+    }
+    async fn hook_queue(&self) -> MonitorResult<(Option<UnixMs>, u64)> {
+        blocking!(self, m => m.hook_queue())
+    }
+    async fn hook_done(&self, id: i64, fence: Option<&Fence>) -> MonitorResult<()> {
+        let f = fence.cloned();
+        blocking!(self, m => m.hook_done(id, f.as_ref()))
+    }
+    async fn hook_retry(
+        &self,
+        id: i64,
+        url: &str,
+        attempts: u32,
+        next_at: UnixMs,
+        fence: Option<&Fence>,
+    ) -> MonitorResult<()> {
+        let (u, f) = (url.to_string(), fence.cloned());
+        blocking!(self, m => m.hook_retry(id, &u, attempts, next_at, f.as_ref()))
+    }
+    async fn forget_node(&self, node: &str) -> MonitorResult<()> {
+        let n = node.to_string();
+        blocking!(self, m => m.forget_node(&n))
+    }
+    async fn lease_acquire(&self, name: &str, me: &str, now: UnixMs, t: &Timing) -> MonitorResult<Option<Lease>> {
+        let (n, me, t) = (name.to_string(), me.to_string(), *t);
+        blocking!(self, m => m.lease_acquire(&n, &me, now, &t))
+    }
+    async fn leases(&self) -> MonitorResult<Vec<(String, Lease)>> {
+        blocking!(self, m => m.leases())
+    }
+    async fn prune_revisions(&self, keep: usize, fence: Option<&Fence>) -> MonitorResult<usize> {
+        let f = fence.cloned();
+        blocking!(self, m => m.prune_revisions(keep, f.as_ref()))
+    }
+    async fn compact(&self) -> MonitorResult<()> {
+        blocking!(self, m => m.compact())
     }
 }
 
@@ -678,7 +1193,7 @@ mod tests {
     #[test]
     fn rollout_events_queue_webhooks_and_raise_one_alert() {
         let dir = tempfile::tempdir().unwrap();
-        let m = Monitor::open(&dir.path().join("hub.db"), vec!["http://a".into()]).unwrap();
+        let m = SqliteMonitor::open(&dir.path().join("hub.db"), vec!["http://a".into()]).unwrap();
         let ev = |reason: &str| RolloutEvent {
             at: 5,
             reason: reason.into(),
@@ -730,7 +1245,7 @@ mod tests {
     #[test]
     fn node_events_dedup_and_enqueue_one_webhook_per_transition() {
         let dir = tempfile::tempdir().unwrap();
-        let m = Monitor::open(&dir.path().join("hub.db"), vec!["http://a".into(), "http://b".into()]).unwrap();
+        let m = SqliteMonitor::open(&dir.path().join("hub.db"), vec!["http://a".into(), "http://b".into()]).unwrap();
         let l = Labels::new();
         let batch = vec![
             ev(1, 100, true, "NodeCpuHigh: CPU 95% > 90%", None),

@@ -17,7 +17,7 @@
 //! Must never: speak HTTP (status codes live in `crate::error` only), decide placement, a
 //! rollout step or an alert itself (those are `outpost-core`'s pure functions), or block an
 //! async task on SQLite (the store is async: `SqliteStore` runs its calls on the blocking pool;
-//! the monitoring and pipeline tables go through `mdb`/`ddb`).
+//! the monitoring tables are the async [`MonitorStore`]; the pipeline tables go through `ddb`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -38,13 +38,14 @@ use crate::error::{human_duration, HubError};
 use crate::files::random_hex;
 use crate::logs::LogBroker;
 use crate::metrics::{FleetView, Metrics};
-use crate::monitor::{Monitor, MonitorConfig, R as MonitorResult};
+use crate::monitor::{MonitorConfig, MonitorStore};
 use crate::scheduler::{self, is_online};
 use crate::store::{check_token, NewNode, Store, TokenRow};
 use crate::validate;
 use crate::views::{self, View};
 use outpost_api::pipeline::{DataBatch, PipelineInfo, RecordKind, StoredRecord};
 use outpost_api::{RolloutActionResult, RolloutInfo, RolloutPhase};
+use outpost_core::lease::Fence;
 use outpost_core::render::workload_key;
 use outpost_core::waves::{self, Decision, Rollout};
 
@@ -384,7 +385,7 @@ pub struct Wakeups {
 
 pub struct Service {
     pub store: Arc<dyn Store>,
-    pub monitor: Arc<Monitor>,
+    pub monitor: Arc<dyn MonitorStore>,
     /// Pipeline records and the Pipeline objects nodes get.
     pub data: Arc<DataStore>,
     pub metrics: Arc<Metrics>,
@@ -433,7 +434,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Service {
     pub fn new(
         store: Arc<dyn Store>,
-        monitor: Arc<Monitor>,
+        monitor: Arc<dyn MonitorStore>,
         data: Arc<DataStore>,
         authority: Authority,
         settings: Settings,
@@ -466,22 +467,6 @@ impl Service {
 
     // -----------------------------------------------------------------------------------------
     // Plumbing
-
-    /// Run a monitoring-table call on the blocking pool.
-    pub async fn mdb<T, F>(&self, f: F) -> Result<T, HubError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Monitor) -> MonitorResult<T> + Send + 'static,
-    {
-        let m = self.monitor.clone();
-        tokio::task::spawn_blocking(move || f(&m))
-            .await
-            .map_err(|e| HubError::Internal(format!("monitor task failed: {e}")))?
-            .map_err(|e| match e {
-                e if crate::error::is_disk_full(&e) => HubError::DiskFull,
-                e => HubError::Internal(format!("monitoring database: {e}")),
-            })
-    }
 
     /// Run a pipeline-record call on the blocking pool.
     pub async fn ddb<T, F>(&self, f: F) -> Result<T, HubError>
@@ -890,7 +875,7 @@ impl Service {
         }
         self.forget_node(&name);
         let n = name.clone();
-        self.mdb(move |m| m.forget_node(&n)).await?;
+        self.monitor.forget_node(&n).await?;
         tracing::info!(node = %name, "node deleted; its certificate no longer works");
         self.reschedule_after_commit(now_ms()).await;
         Ok(DeleteResponse {
@@ -959,7 +944,7 @@ impl Service {
                 Ok(Reply::Nodes(out))
             }
             Query::Node { name } => self.node(name).await.map(|n| Reply::Node(Box::new(n))),
-            Query::Alerts { all } => Ok(Reply::Alerts(self.mdb(move |m| m.alerts(all)).await?)),
+            Query::Alerts { all } => Ok(Reply::Alerts(self.monitor.alerts(all).await?)),
             Query::Errors {
                 node,
                 workload,
@@ -969,7 +954,8 @@ impl Service {
                 let since = since_secs.map_or(0, |s| outpost_api::ms_before(now_ms(), s));
                 let limit = limit.unwrap_or(1000).min(10_000);
                 let lines = self
-                    .mdb(move |m| m.errors(node.as_deref(), workload.as_deref(), since, limit))
+                    .monitor
+                    .errors(node.as_deref(), workload.as_deref(), since, limit)
                     .await?;
                 Ok(Reply::Errors(lines))
             }
@@ -1069,7 +1055,7 @@ impl Service {
     /// caller holds the write lock and reschedules when it returns true. Failures are logged:
     /// the controller retries within a second.
     pub async fn advance_rollouts_locked(&self, started: &[ObjectId], one_wave: bool, now: UnixMs) -> bool {
-        match self.try_advance_rollouts(started, one_wave, now).await {
+        match self.try_advance_rollouts(started, one_wave, None, now).await {
             Ok(o) => o.pins_changed,
             Err(e) => {
                 tracing::warn!(error = %e, "rollout step failed; the rollout controller retries");
@@ -1082,6 +1068,7 @@ impl Service {
         &self,
         started: &[ObjectId],
         one_wave: bool,
+        fence: Option<&Fence>,
         now: UnixMs,
     ) -> Result<crate::rollouts::Outcome, HubError> {
         let l = crate::rollouts::load(&*self.store).await?;
@@ -1090,18 +1077,26 @@ impl Service {
             .rollouts_active
             .store(outcome.active, std::sync::atomic::Ordering::Relaxed);
         for (r, decisions) in changes {
-            self.record_rollout(&r, &decisions).await?;
+            self.record_rollout(&r, &decisions, fence).await?;
         }
         Ok(outcome)
     }
 
-    /// Store a rollout, then record the events and the alert change of the decisions that led
-    /// to it (webhook rows in the same transaction as the alert).
-    async fn record_rollout(&self, stored: &Rollout, decisions: &[Decision]) -> Result<(), HubError> {
-        let row = stored.clone();
-        self.store.put_rollout(&row).await?;
+    /// Store a rollout with the events and the alert change of the decisions that led to it
+    /// (their webhook rows), in one transaction; as the rollout controller, under its lease's
+    /// `fence` (a stale fence changes nothing: `MonitorError::Fenced`).
+    async fn record_rollout(
+        &self,
+        stored: &Rollout,
+        decisions: &[Decision],
+        fence: Option<&Fence>,
+    ) -> Result<(), HubError> {
         let events: Vec<_> = decisions.iter().flat_map(|d| d.events.iter().cloned()).collect();
         let alert = decisions.iter().rev().find_map(|d| d.alert.clone());
+        let alerts = self
+            .monitor
+            .record_rollout(stored, &events, alert.as_ref(), fence, now_ms())
+            .await?;
         for e in &events {
             self.metrics.rollout_event(&e.reason);
             tracing::info!(workload = %stored.workload, revision = stored.revision, reason = %e.reason,
@@ -1110,19 +1105,15 @@ impl Service {
         if events.is_empty() && alert.is_none() {
             return Ok(());
         }
-        let (w, rev) = (stored.workload.clone(), stored.revision);
-        let alerts = self
-            .mdb(move |m| m.rollout_events(&w, rev, &events, alert.as_ref(), now_ms()))
-            .await?;
         self.announce(&alerts);
         self.wake.webhooks.notify_one();
         Ok(())
     }
 
     /// One run of the rollout controller; returns when to look again.
-    pub async fn rollouts_tick(&self, now: UnixMs) -> Duration {
+    pub async fn rollouts_tick(&self, now: UnixMs, fence: Option<&Fence>) -> Duration {
         let _guard = self.write_lock.lock().await;
-        let outcome = match self.try_advance_rollouts(&[], false, now).await {
+        let outcome = match self.try_advance_rollouts(&[], false, fence, now).await {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!(error = %e, "rollout controller failed; retrying");
@@ -1188,7 +1179,7 @@ impl Service {
         .map_err(|e| HubError::Conflict(e.0))?;
         let message = decided.events.last().map(|e| e.message.clone()).unwrap_or_default();
         let phase = decided.rollout.phase;
-        self.record_rollout(&decided.rollout, std::slice::from_ref(&decided))
+        self.record_rollout(&decided.rollout, std::slice::from_ref(&decided), None)
             .await?;
         // Move it on at once (a resume opens the next wave now) and tell the nodes.
         self.advance_rollouts_locked(&[], false, now).await;
@@ -1274,7 +1265,8 @@ impl Service {
         let (row, statuses, events) = found.ok_or_else(|| HubError::NotFound(format!("node {name}")))?;
         let n = name.clone();
         let conditions = self
-            .mdb(move |m| m.conditions(Some(&n)))
+            .monitor
+            .conditions(Some(&n))
             .await?
             .remove(&name)
             .unwrap_or_default();
@@ -1425,9 +1417,11 @@ impl Service {
     async fn fleet(&self) -> Result<FleetView, HubError> {
         let now = now_ms();
         let (nodes, statuses) = (self.store.nodes().await?, self.store.statuses(None).await?);
-        let (alerts, vitals, (_, queue)) = self
-            .mdb(|m| Ok((m.alerts(false)?, m.vitals()?, m.hook_queue()?)))
-            .await?;
+        let (alerts, vitals, (_, queue)) = (
+            self.monitor.alerts(false).await?,
+            self.monitor.vitals().await?,
+            self.monitor.hook_queue().await?,
+        );
         let mut f = FleetView {
             webhook_queue: queue,
             ..Default::default()
@@ -1718,7 +1712,8 @@ impl Service {
         let n = node.to_string();
         let now = now_ms();
         let out = self
-            .mdb(move |m| m.node_report(&n, &labels, &events, vitals.as_ref(), conditions.as_deref(), now))
+            .monitor
+            .node_report(&n, &labels, &events, vitals.as_ref(), conditions.as_deref(), now)
             .await?;
         self.announce(&out);
         Ok(())
@@ -1795,7 +1790,7 @@ impl Service {
     pub async fn node_errors(&self, peer: &Peer, node: &str, batch: ErrorBatch) -> Result<u64, HubError> {
         self.authorize_node(peer, node).await?;
         let (n, lines) = (node.to_string(), batch.lines.len());
-        let (acked, added) = self.mdb(move |m| m.store_errors(&n, &batch, now_ms())).await?;
+        let (acked, added) = self.monitor.store_errors(&n, &batch, now_ms()).await?;
         self.metrics.error_lines.inc_by(added);
         tracing::debug!(node = %node, lines, acked, "error lines stored");
         Ok(acked)

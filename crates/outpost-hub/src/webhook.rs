@@ -5,12 +5,18 @@
 //! the `webhook_queue` table (see `alerts`), so notifications survive a hub restart and a
 //! receiver that is down for a while gets them all when it is back.
 //!
+//! Delivery is at least once: every POST carries the row's delivery id in
+//! [`DELIVERY_HEADER`] (`X-Outpost-Delivery`), the same on every retry, so a receiver drops a
+//! repeat. A repeat happens only when a hub dies (or loses its lease) between a receiver's
+//! 2xx and marking the row done: the next holder of the `webhooks` lease sends it again.
+//!
 //! Must never: drop a notification silently (giving up is logged and counted), or block alert
 //! evaluation (delivery runs in its own task).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use outpost_core::lease::Fence;
 use outpost_core::retry;
 
 use crate::monitor::QueuedHook;
@@ -41,10 +47,19 @@ pub fn policy(cfg: &crate::monitor::MonitorConfig) -> retry::Policy {
     }
 }
 
+/// How often the holder of the `webhooks` lease looks at the outbox at the latest: other
+/// replicas queue notifications without waking this one (a local enqueue wakes it at once).
+const OUTBOX_POLL: Duration = Duration::from_secs(2);
+
+/// The header carrying a notification's delivery id: the same for every attempt of one
+/// notification, different for every other one, so a receiver can drop a repeat.
+pub const DELIVERY_HEADER: &str = "X-Outpost-Delivery";
+
 async fn deliver(http: &reqwest::Client, h: &QueuedHook) -> Result<(), String> {
     let resp = http
         .post(&h.url)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(DELIVERY_HEADER, h.id.to_string())
         .body(h.payload.clone())
         .send()
         .await
@@ -56,9 +71,22 @@ async fn deliver(http: &reqwest::Client, h: &QueuedHook) -> Result<(), String> {
     }
 }
 
-/// One round: deliver what is due (in order per URL); returns when to look again.
-pub async fn deliver_due(svc: &Service, http: &reqwest::Client, now: outpost_api::UnixMs) -> Duration {
-    let due = svc.mdb(move |m| m.due_hooks(now, 50)).await.unwrap_or_default();
+/// One round: deliver what is due (in order per URL) as the holder of the `webhooks` lease
+/// (`fence`): the rows are claimed and marked done under it, so a replica that lost the lease
+/// stops at its next write. Returns when to look again.
+pub async fn deliver_due(
+    svc: &Service,
+    http: &reqwest::Client,
+    fence: Option<&Fence>,
+    now: outpost_api::UnixMs,
+) -> Duration {
+    let due = match svc.monitor.claim_hooks(now, 50, fence).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot claim webhook deliveries");
+            return Duration::from_secs(1);
+        }
+    };
     // One failure holds back later notifications to the same URL this round (order).
     let mut failed: BTreeSet<String> = BTreeSet::new();
     for h in due {
@@ -71,29 +99,36 @@ pub async fn deliver_due(svc: &Service, http: &reqwest::Client, now: outpost_api
             .as_ref()
             .err()
             .map(|_| policy(&svc.settings.monitor).next(h.attempts, h.created_at, now, rand::random()));
-        match (result, next) {
+        let written = match (result, next) {
             (Ok(()), _) => {
                 svc.metrics.webhook_ok.inc();
-                tracing::debug!(url = %h.url, attempts = h.attempts + 1, "webhook delivered");
-                let _ = svc.mdb(move |m| m.hook_done(id)).await;
+                tracing::debug!(url = %h.url, delivery = id, attempts = h.attempts + 1, "webhook delivered");
+                svc.monitor.hook_done(id, fence).await
             }
             (Err(e), Some(retry::Next::GiveUp) | None) => {
                 svc.metrics.webhook_dropped.inc();
-                tracing::error!(url = %h.url, attempts = h.attempts + 1, error = %e, "webhook undeliverable; giving up on this notification");
-                let _ = svc.mdb(move |m| m.hook_done(id)).await;
+                tracing::error!(url = %h.url, delivery = id, attempts = h.attempts + 1, error = %e, "webhook undeliverable; giving up on this notification");
+                svc.monitor.hook_done(id, fence).await
             }
             (Err(e), Some(retry::Next::RetryIn(ms))) => {
                 svc.metrics.webhook_retry.inc();
                 let d = Duration::from_millis(ms);
-                tracing::warn!(url = %h.url, attempts = h.attempts + 1, retry_in = ?d, error = %e, "webhook failed; will retry");
+                tracing::warn!(url = %h.url, delivery = id, attempts = h.attempts + 1, retry_in = ?d, error = %e, "webhook failed; will retry");
                 failed.insert(h.url.clone());
-                let (a, next, url) = (h.attempts + 1, now + ms as i64, h.url.clone());
-                let _ = svc.mdb(move |m| m.hook_retry(id, &url, a, next)).await;
+                svc.monitor
+                    .hook_retry(id, &h.url, h.attempts + 1, now + ms as i64, fence)
+                    .await
             }
+        };
+        if let Err(e) = written {
+            // Fenced: another replica took the lease and delivers from here (the row stays,
+            // so it may deliver this one again with the same delivery id).
+            tracing::warn!(error = %e, delivery = id, "cannot record a webhook delivery; stopping this round");
+            return Duration::from_secs(1);
         }
     }
-    let next = svc.mdb(|m| m.hook_queue()).await.ok().and_then(|(n, _)| n);
-    next.map_or(Duration::from_secs(60), |t| {
-        Duration::from_millis((t - crate::now_ms()).clamp(20, 60_000) as u64)
+    let next = svc.monitor.hook_queue().await.ok().and_then(|(n, _)| n);
+    next.map_or(OUTBOX_POLL, |t| {
+        Duration::from_millis((t - crate::now_ms()).clamp(20, OUTBOX_POLL.as_millis() as i64) as u64)
     })
 }

@@ -36,19 +36,25 @@ use outpost_api::{
 };
 use outpost_core::waves::Rollout;
 
+mod monitor_pg;
+#[cfg(test)]
+mod monitor_tests;
 mod pg;
 mod sqlite;
 pub mod testkit;
 #[cfg(test)]
 mod tests;
 
+pub use monitor_pg::PgMonitor;
 pub use pg::{redact as pg_redact, PgStore};
 pub use sqlite::{SqliteCore, SqliteStore};
 
 /// Current schema version, kept in `meta.schema_version`. 2: token `node_labels`, two-phase
 /// renewal (`nodes.next_cert_fp`), `kubernetes.io/hostname` forced to the node's name.
 /// 3: fleet rollouts (`rollouts`, `node_prefetch`, `node_workloads.revision`).
-pub const SCHEMA_VERSION: i64 = 3;
+/// 4: the monitoring tables in the store's database on both backends, and `leases` (the
+/// controllers' leases with fencing tokens).
+pub const SCHEMA_VERSION: i64 = 4;
 /// Events kept per node (older ones are pruned when new ones arrive).
 pub const EVENTS_KEPT: i64 = 1000;
 

@@ -31,7 +31,7 @@ use super::*;
 /// The PostgreSQL migrations, in order: (the version a step brings the database to, its SQL).
 /// PostgreSQL support starts at version 3 (the SQLite schema's numbering), so its first step
 /// creates the whole version-3 schema; later steps each add one version to both backends.
-const PG_MIGRATIONS: &[(i64, &str)] = &[(3, PG_V3)];
+const PG_MIGRATIONS: &[(i64, &str)] = &[(3, PG_V3), (4, super::monitor_pg::PG_V4)];
 
 const PG_V3: &str = r#"
 CREATE TABLE tokens (

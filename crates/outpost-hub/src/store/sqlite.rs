@@ -252,7 +252,7 @@ fn add_column(conn: &Connection, table: &str, column: &str, decl: &str) -> Resul
 type SqliteStep = (i64, fn(&Connection) -> Result<()>);
 
 /// The SQLite migrations, in order; the last one's version is [`SCHEMA_VERSION`].
-const SQLITE_MIGRATIONS: &[SqliteStep] = &[(2, sqlite_v2), (3, sqlite_v3)];
+const SQLITE_MIGRATIONS: &[SqliteStep] = &[(2, sqlite_v2), (3, sqlite_v3), (4, sqlite_v4)];
 
 /// 2: token `node_labels`, two-phase renewal, `kubernetes.io/hostname` owned by the hub.
 fn sqlite_v2(tx: &Connection) -> Result<()> {
@@ -274,6 +274,13 @@ fn sqlite_v3(tx: &Connection) -> Result<()> {
         "UPDATE node_workloads SET revision = COALESCE(json_extract(spec, '$.revision'), 0) WHERE revision = 0",
         [],
     )?;
+    Ok(())
+}
+
+/// 4: the monitoring tables and `leases` (`crate::monitor::SCHEMA`; the monitor also creates
+/// them when it opens the file).
+fn sqlite_v4(tx: &Connection) -> Result<()> {
+    tx.execute_batch(crate::monitor::SCHEMA)?;
     Ok(())
 }
 
