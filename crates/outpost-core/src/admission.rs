@@ -14,8 +14,9 @@
 
 use std::time::Duration;
 
-/// Requests in flight per CPU the hub lets work at once, by default.
-pub const PER_CPU: usize = 32;
+/// Requests in flight per CPU the hub lets work at once, by default. (32 per CPU turned the
+/// burst of re-polls that follows every change at 5,000 agents into 503s: BENCHMARKS.md §4.)
+pub const PER_CPU: usize = 128;
 /// Fewest requests in flight allowed, whatever the CPU count.
 pub const MIN_LIMIT: usize = 16;
 /// Longest `Retry-After` the hub sends, seconds.
@@ -55,10 +56,11 @@ pub enum Admit {
 /// Admit a request, or say after how many seconds to come back. `draw` is a uniform random
 /// number in `[0, 1)` (the jitter; fixed in tests).
 ///
-/// N = ceil(backlog / rate x (1 + draw)), from 1 to [`MAX_RETRY_AFTER_SECS`]: the backlog
-/// (this request and the ones refused in the last second) at the rate the hub admits
-/// (at least `limit` per second is assumed when it has not measured more: a request works for
-/// well under a second), spread over twice that time by the draw.
+/// N = ceil(base x (1 + draw)), from 1 to [`MAX_RETRY_AFTER_SECS`], where base is how long
+/// the backlog (this request and the ones refused in the last second) takes at the rate the
+/// hub admits (at least `limit` per second is assumed when it has not measured more: a request
+/// works for well under a second), at most half the cap: the draw spreads the refused over
+/// base..2 x base, and the cap never squeezes them back into one instant.
 pub fn admit(load: &Load, draw: f64) -> Admit {
     if load.in_flight < load.limit {
         return Admit::Enter;
@@ -66,7 +68,8 @@ pub fn admit(load: &Load, draw: f64) -> Admit {
     let rate = load.admitted_per_sec.max(load.limit.max(1) as f64);
     let backlog = load.refused_recently.saturating_add(1) as f64;
     let spread = 1.0 + draw.clamp(0.0, 1.0);
-    let secs = (backlog / rate * spread).ceil() as u64;
+    let base = (backlog / rate).min(MAX_RETRY_AFTER_SECS as f64 / 2.0);
+    let secs = (base * spread).ceil() as u64;
     Admit::Later {
         retry_after_secs: secs.clamp(1, MAX_RETRY_AFTER_SECS),
     }
@@ -106,10 +109,10 @@ mod tests {
     #[test]
     fn limit_from_cpus_or_config() {
         for (cpus, configured, want) in [
-            (2, None, 64),
-            (0, None, MIN_LIMIT),
-            (1, None, 32),
-            (16, None, 512),
+            (2, None, 256),
+            (0, None, 128),
+            (1, None, 128),
+            (16, None, 2048),
             (2, Some(3), 3),
             (2, Some(0), 1),
         ] {
@@ -131,10 +134,20 @@ mod tests {
             (load(64, 64, 639, 64.0), 0.999, Admit::Later { retry_after_secs: 20 }),
             // a measured rate above the limit shortens it
             (load(64, 64, 639, 320.0), 0.0, Admit::Later { retry_after_secs: 2 }),
-            // capped
+            // a huge backlog: base at half the cap, still spread by the draw up to the cap
+            (
+                load(64, 64, 1_000_000, 64.0),
+                0.0,
+                Admit::Later { retry_after_secs: 15 },
+            ),
             (
                 load(64, 64, 1_000_000, 64.0),
                 0.5,
+                Admit::Later { retry_after_secs: 23 },
+            ),
+            (
+                load(64, 64, 1_000_000, 64.0),
+                0.999,
                 Admit::Later {
                     retry_after_secs: MAX_RETRY_AFTER_SECS,
                 },
