@@ -231,13 +231,33 @@ pub async fn join(o: &JoinOptions) -> Result<Identity, JoinError> {
         labels,
         csr_pem: key.csr_pem,
     };
-    let resp = verified
-        .post(format!("{hub}/v1/join"))
-        .header(PROTOCOL_HEADER, PROTOCOL)
-        .json(&req)
-        .send()
-        .await
-        .map_err(unreachable)?;
+    // A hub busy with a reconnect storm answers 503 + Retry-After: wait that long and again
+    // (docs/protocol.md §6), up to BUSY_TRIES times.
+    const BUSY_TRIES: u32 = 40;
+    let mut tries = 0;
+    let resp = loop {
+        let resp = verified
+            .post(format!("{hub}/v1/join"))
+            .header(PROTOCOL_HEADER, PROTOCOL)
+            .json(&req)
+            .send()
+            .await
+            .map_err(unreachable)?;
+        let busy = (resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE)
+            .then(|| resp.headers().get(reqwest::header::RETRY_AFTER))
+            .flatten()
+            .and_then(|v| v.to_str().ok())
+            .and_then(outpost_core::admission::parse_retry_after);
+        tries += 1;
+        match busy {
+            Some(secs) if tries < BUSY_TRIES => {
+                let wait = outpost_core::admission::agent_wait(std::time::Duration::from_secs(1), Some(secs));
+                tracing::info!(hub = %hub, retry_in = ?wait, "hub busy; joining again after its Retry-After");
+                tokio::time::sleep(wait).await;
+            }
+            _ => break resp,
+        }
+    };
     if !resp.status().is_success() {
         let status = resp.status();
         let err: ApiError = resp.json().await.unwrap_or(ApiError {

@@ -43,7 +43,13 @@ pub enum LinkError {
     #[error("hub unreachable: {}", transport_text(.0))]
     Transport(#[from] reqwest::Error),
     #[error("hub answered {status} {code}: {message}")]
-    Hub { status: u16, code: String, message: String },
+    Hub {
+        status: u16,
+        code: String,
+        message: String,
+        /// `Retry-After` of a busy hub's `503`, seconds (docs/protocol.md §6).
+        retry_after: Option<u64>,
+    },
     #[error("{0}")]
     Local(String),
 }
@@ -53,6 +59,14 @@ impl LinkError {
     pub fn code(&self) -> Option<&str> {
         match self {
             LinkError::Hub { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// How long a busy hub asked us to wait before the next try (`Retry-After`), seconds.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            LinkError::Hub { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -199,6 +213,11 @@ async fn check(resp: reqwest::Response) -> Result<reqwest::Response, LinkError> 
         return Ok(resp);
     }
     let status = resp.status().as_u16();
+    let retry_after = (status == 503)
+        .then(|| resp.headers().get(reqwest::header::RETRY_AFTER))
+        .flatten()
+        .and_then(|v| v.to_str().ok())
+        .and_then(outpost_core::admission::parse_retry_after);
     let err: ApiError = resp.json().await.unwrap_or(ApiError {
         code: "http".into(),
         message: format!("HTTP {status}"),
@@ -208,6 +227,7 @@ async fn check(resp: reqwest::Response) -> Result<reqwest::Response, LinkError> 
         status,
         code: err.code,
         message: err.message,
+        retry_after,
     })
 }
 
@@ -731,7 +751,8 @@ pub async fn sync_loop(
                 let d = if e.is_fatal() {
                     Duration::from_secs(60)
                 } else {
-                    client.link_failed()
+                    // a busy hub's Retry-After is the least we wait (never giving up)
+                    outpost_core::admission::agent_wait(client.link_failed(), e.retry_after())
                 };
                 // Said at warn level when the link is lost, when the hub has not been reached since
                 // the agent started, and every 10 minutes while it stays unreachable.
@@ -889,7 +910,7 @@ pub async fn status_loop(
             Err(e) => {
                 debug!(error = %e, "status report failed; will resend in full");
                 acked = None;
-                crate::retry_delay(&mut backoff)
+                outpost_core::admission::agent_wait(crate::retry_delay(&mut backoff), e.retry_after())
             }
         };
         let failed = acked.is_none();

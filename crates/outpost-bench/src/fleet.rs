@@ -478,7 +478,7 @@ pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
                     "all agents reconnected",
                     "all agents re-synced (hold the new generation)",
                     "p50 agent re-synced",
-                    "failed connects / failed syncs",
+                    "failed connects / failed syncs / busy answers (503 + Retry-After)",
                     "agents not reconnected (gave up)",
                     "hub CPU during recovery",
                     "hub RSS max",
@@ -489,9 +489,10 @@ pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
                     ms(ps.max),
                     ms(ps.p50),
                     format!(
-                        "{} / {}",
+                        "{} / {} / {}",
                         sc.get(&Kind::ConnectErr).unwrap_or(&0),
-                        sc.get(&Kind::SyncErr).unwrap_or(&0)
+                        sc.get(&Kind::SyncErr).unwrap_or(&0),
+                        sc.get(&Kind::Busy).unwrap_or(&0)
                     ),
                     not_connected.to_string(),
                     format!("{:.0} %", hub_u.cpu_pct),

@@ -114,6 +114,9 @@ pub enum Kind {
     Status,
     SyncErr,
     StatusErr,
+    /// A join, sync or status answered `503` + `Retry-After` by a busy hub (admission
+    /// control); the agent waits at least that long.
+    Busy,
 }
 
 struct Sample {
@@ -271,7 +274,10 @@ async fn dial(s: &Sim, a: &SimAgent) -> Result<H2> {
     Ok(send)
 }
 
-async fn request(mut send: H2, method: &str, uri: String, body: Vec<u8>) -> Result<(u16, Bytes)> {
+/// An answer: status, body, and `Retry-After` (seconds) when a busy hub sent one.
+type Answer = (u16, Bytes, Option<u64>);
+
+async fn request(mut send: H2, method: &str, uri: String, body: Vec<u8>) -> Result<Answer> {
     send.ready().await?;
     let mut req = hyper::Request::builder()
         .method(method)
@@ -282,8 +288,18 @@ async fn request(mut send: H2, method: &str, uri: String, body: Vec<u8>) -> Resu
     }
     let resp = send.send_request(req.body(Full::new(Bytes::from(body)))?).await?;
     let status = resp.status().as_u16();
+    let retry_after = retry_after(status, resp.headers());
     let body = resp.into_body().collect().await?.to_bytes();
-    Ok((status, body))
+    Ok((status, body, retry_after))
+}
+
+/// A `503`'s `Retry-After`, as the agent reads it.
+fn retry_after(status: u16, headers: &hyper::HeaderMap) -> Option<u64> {
+    (status == 503)
+        .then(|| headers.get(hyper::header::RETRY_AFTER))
+        .flatten()
+        .and_then(|v| v.to_str().ok())
+        .and_then(outpost_core::admission::parse_retry_after)
 }
 
 /// `/v1/nodes/<node>/<route>?<query>`, each part encoded by the `url` crate.
@@ -319,7 +335,7 @@ async fn sync_loop(s: Arc<Sim>, a: Arc<SimAgent>) {
         let t = Instant::now();
         let limit = Duration::from_secs(s.model.wait_secs + 30);
         match tokio::time::timeout(limit, request(c, "GET", uri, Vec::new())).await {
-            Ok(Ok((200, body))) => match serde_json::from_slice::<SyncResponse>(&body) {
+            Ok(Ok((200, body, _))) => match serde_json::from_slice::<SyncResponse>(&body) {
                 Ok(resp) => {
                     {
                         let mut w = lock(&a.workloads);
@@ -344,9 +360,14 @@ async fn sync_loop(s: Arc<Sim>, a: Arc<SimAgent>) {
                     tokio::time::sleep(backoff(&mut attempt)).await;
                 }
             },
-            Ok(Ok((204, _))) => {
+            Ok(Ok((204, _, _))) => {
                 s.record(Kind::Sync204, t);
                 attempt = 0;
+            }
+            Ok(Ok((503, _, Some(n)))) => {
+                s.record(Kind::Busy, t);
+                let wait = outpost_core::admission::agent_wait(backoff(&mut attempt), Some(n));
+                tokio::time::sleep(wait).await;
             }
             _ => {
                 s.record(Kind::SyncErr, t);
@@ -404,6 +425,7 @@ async fn status_loop(s: Arc<Sim>, a: Arc<SimAgent>) {
         let now = lock(&a.workloads).clone();
         let due = last_ok.elapsed() >= heartbeat;
         let mut ok = true;
+        let mut busy = None;
         if let Some((workloads, removed, full)) = next_report(&now, acked.as_ref(), due) {
             let report = StatusReport {
                 agent_version: "sim".into(),
@@ -420,9 +442,13 @@ async fn status_loop(s: Arc<Sim>, a: Arc<SimAgent>) {
             if let Some(c) = link(&s, &a).await {
                 let t = Instant::now();
                 match tokio::time::timeout(Duration::from_secs(30), request(c, "POST", uri, body)).await {
-                    Ok(Ok((200, _))) => {
+                    Ok(Ok((200, _, _))) => {
                         s.record(Kind::Status, t);
                         ok = true;
+                    }
+                    Ok(Ok((503, _, Some(n)))) => {
+                        s.record(Kind::Busy, t);
+                        busy = Some(n);
                     }
                     _ => s.record(Kind::StatusErr, t),
                 }
@@ -440,7 +466,7 @@ async fn status_loop(s: Arc<Sim>, a: Arc<SimAgent>) {
         let wait = if ok {
             heartbeat.saturating_sub(last_ok.elapsed())
         } else {
-            backoff(&mut attempt)
+            outpost_core::admission::agent_wait(backoff(&mut attempt), busy)
         };
         tokio::select! {
             _ = a.changed.notified(), if ok => tokio::time::sleep(Duration::from_millis(250)).await,
@@ -456,6 +482,8 @@ pub struct Joiner {
     token: JoinToken,
     ca_pem: String,
     sem: Semaphore,
+    /// Joins answered `503` + `Retry-After` (each retried after it).
+    pub busy: AtomicU64,
 }
 
 impl Joiner {
@@ -470,6 +498,7 @@ impl Joiner {
             token: JoinToken::parse(token).map_err(anyhow::Error::msg)?,
             ca_pem,
             sem: Semaphore::new(concurrency.max(1)),
+            busy: AtomicU64::new(0),
         })
     }
 
@@ -503,13 +532,24 @@ impl Joiner {
             labels,
             csr_pem: key.csr_pem.clone(),
         };
-        let resp = self
-            .http
-            .post(format!("{}/v1/join", hub.base))
-            .header(PROTOCOL_HEADER, PROTOCOL)
-            .json(&req)
-            .send()
-            .await?;
+        // A busy hub (503 + Retry-After): wait at least that long and again, as the agent does.
+        let resp = loop {
+            let resp = self
+                .http
+                .post(format!("{}/v1/join", hub.base))
+                .header(PROTOCOL_HEADER, PROTOCOL)
+                .json(&req)
+                .send()
+                .await?;
+            match retry_after(resp.status().as_u16(), resp.headers()) {
+                Some(n) => {
+                    self.busy.fetch_add(1, Ordering::Relaxed);
+                    let wait = outpost_core::admission::agent_wait(Duration::from_secs(1), Some(n));
+                    tokio::time::sleep(wait).await;
+                }
+                None => break resp,
+            }
+        };
         if !resp.status().is_success() {
             bail!(
                 "join {name}: {} {}",

@@ -10,6 +10,7 @@
 //! is tested table-style without sockets, files or timers.
 
 pub mod access;
+pub mod admission;
 pub mod agent_update;
 pub mod alerts;
 pub mod cron;

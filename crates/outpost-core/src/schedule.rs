@@ -181,6 +181,68 @@ fn place_deployment(
     PlacementDecision { nodes: chosen, note }
 }
 
+/// What the join of one new node changes, decided without planning the fleet
+/// ([`place_joined`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JoinEffect {
+    /// Only the new node's desired state changes. `runs`: every workload placed on it;
+    /// `filled`: the Deployments (and Jobs) short of replicas that take it, now at their count.
+    Node {
+        runs: BTreeSet<ObjectId>,
+        filled: BTreeSet<ObjectId>,
+    },
+    /// Other nodes may change too (or the fleet-wide notes): plan the whole fleet. Why, for
+    /// the log.
+    Fleet(&'static str),
+}
+
+/// Which workloads a node that has just joined runs, and whether anything else can change.
+///
+/// A join adds a node and changes nothing else, so with placements stable
+/// (see the module doc) it can only: put every-node kinds (DaemonSet, AgentUpdate, Pipeline)
+/// that select it on it; give it a replica of a Deployment short of replicas that it fits
+/// (all other fitting online nodes already hold one, at most one per node). Everything
+/// already placed stays where it is. The exceptions need the whole fleet:
+/// - a site-failover workload (`site_ha`) that fits the node: the member list in every
+///   member's spec may change;
+/// - a Deployment it fills only partly: its note ("k of n replicas scheduled: m nodes
+///   match") counts the fleet.
+///
+/// `site_ha`: the ids of the site-failover workloads; `current`: Deployment placements.
+pub fn place_joined(
+    node: &NodeView,
+    workloads: &[WorkloadView],
+    site_ha: &BTreeSet<ObjectId>,
+    current: &BTreeMap<ObjectId, BTreeSet<String>>,
+) -> JoinEffect {
+    let every_node = |k: Kind| matches!(k, Kind::DaemonSet | Kind::AgentUpdate | Kind::Pipeline);
+    let mut runs = BTreeSet::new();
+    let mut filled = BTreeSet::new();
+    for w in workloads {
+        if !w.fits(&node.name, &node.labels) {
+            continue;
+        }
+        if site_ha.contains(&w.id) {
+            return JoinEffect::Fleet("a site-failover workload fits the new node");
+        }
+        if every_node(w.id.kind) {
+            runs.insert(w.id.clone());
+            continue;
+        }
+        let placed = current.get(&w.id).map_or(0, BTreeSet::len);
+        if current.get(&w.id).is_some_and(|c| c.contains(&node.name)) {
+            runs.insert(w.id.clone());
+        } else if node.online && placed < w.replicas as usize {
+            if placed + 1 < w.replicas as usize {
+                return JoinEffect::Fleet("a Deployment stays short of replicas after the join");
+            }
+            runs.insert(w.id.clone());
+            filled.insert(w.id.clone());
+        }
+    }
+    JoinEffect::Node { runs, filled }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -448,7 +510,132 @@ mod tests {
         let mut job = w.clone();
         job.id.kind = Kind::Job;
         job.replicas = 1;
-        let got = schedule(&nodes, &[job.clone()], &BTreeMap::new());
+        let got = schedule(&nodes, std::slice::from_ref(&job), &BTreeMap::new());
         assert_eq!(names(&got[&job.id].nodes), vec!["a"]);
+    }
+
+    /// A join case: the fleet before (placed by `schedule`), the workloads, the joining node ->
+    /// the expected effect. When only the node changes, planning the whole fleet with it must
+    /// give the same placements (what was placed stays, the node gets exactly `runs`).
+    fn check_join(
+        fleet: &[NodeView],
+        workloads: &[WorkloadView],
+        site_ha: &[&WorkloadView],
+        new: NodeView,
+        want: Result<(&[&str], &[&str]), &str>,
+    ) {
+        let placed = schedule(fleet, workloads, &BTreeMap::new());
+        let current: BTreeMap<ObjectId, BTreeSet<String>> = placed
+            .iter()
+            .filter(|(id, _)| matches!(id.kind, Kind::Deployment | Kind::Job | Kind::CronJob))
+            .map(|(id, d)| (id.clone(), d.nodes.clone()))
+            .collect();
+        let ha: BTreeSet<ObjectId> = site_ha.iter().map(|w| w.id.clone()).collect();
+        let got = place_joined(&new, workloads, &ha, &current);
+        let (runs, filled) = match (want, &got) {
+            (Err(why), JoinEffect::Fleet(reason)) => {
+                assert!(reason.contains(why), "{reason}");
+                return;
+            }
+            (Ok(w), JoinEffect::Node { runs, filled }) => (w, (runs, filled)),
+            (want, got) => panic!("want {want:?}, got {got:?}"),
+        };
+        let ids = |s: &BTreeSet<ObjectId>| {
+            let mut v = s.iter().map(|i| i.name.clone()).collect::<Vec<_>>();
+            v.sort();
+            v
+        };
+        assert_eq!(ids(filled.0), runs.0, "runs");
+        assert_eq!(ids(filled.1), runs.1, "filled");
+        let mut all = fleet.to_vec();
+        all.push(new.clone());
+        let full = schedule(&all, workloads, &current);
+        for w in workloads {
+            let mut expect = placed[&w.id].nodes.clone();
+            if filled.0.contains(&w.id) {
+                expect.insert(new.name.clone());
+            }
+            assert_eq!(full[&w.id].nodes, expect, "{}: the full plan differs", w.id.name);
+        }
+    }
+
+    #[test]
+    fn a_join_changes_only_the_new_node_unless_the_fleet_must_be_planned() {
+        let fleet = vec![
+            node("a", &[("site", "s1")], true),
+            node("b", &[("site", "s2")], true),
+            node("c", &[("site", "s2")], false),
+        ];
+        let ds = wl(Kind::DaemonSet, "ds", &[], 0);
+        let ds_s2 = wl(Kind::DaemonSet, "ds-s2", &[("site", "s2")], 0);
+        let full = wl(Kind::Deployment, "full", &[], 2);
+        let short = wl(Kind::Deployment, "short", &[("site", "s1")], 2);
+        let very_short = wl(Kind::Deployment, "very-short", &[("site", "s1")], 3);
+        let job = wl(Kind::Job, "job", &[("site", "s9")], 1);
+        let ha = wl(Kind::Deployment, "ha", &[("site", "s1")], 1);
+        let s1 = |n: &str| node(n, &[("site", "s1")], true);
+        // every-node kinds by selector; a full Deployment stays where it is
+        check_join(
+            &fleet,
+            &[ds.clone(), ds_s2.clone(), full.clone()],
+            &[],
+            s1("n"),
+            Ok((&["ds"], &[])),
+        );
+        check_join(
+            &fleet,
+            &[ds.clone(), ds_s2.clone()],
+            &[],
+            node("n", &[("site", "s2")], true),
+            Ok((&["ds", "ds-s2"], &[])),
+        );
+        // a Deployment one short takes the new node; a Job with no fitting node takes it
+        check_join(
+            &fleet,
+            &[ds.clone(), short.clone()],
+            &[],
+            s1("n"),
+            Ok((&["ds", "short"], &["short"])),
+        );
+        check_join(
+            &fleet,
+            std::slice::from_ref(&job),
+            &[],
+            node("n", &[("site", "s9")], true),
+            Ok((&["job"], &["job"])),
+        );
+        // ... not while the new node is offline (joining counts as contact, but be exact)
+        check_join(
+            &fleet,
+            std::slice::from_ref(&short),
+            &[],
+            node("n", &[("site", "s1")], false),
+            Ok((&[], &[])),
+        );
+        // a node that fits nothing changes nothing
+        check_join(
+            &fleet,
+            &[ds_s2.clone(), short.clone()],
+            &[],
+            node("n", &[("site", "s7")], true),
+            Ok((&[], &[])),
+        );
+        // the fleet: a Deployment still short (its note counts the fleet), site failover
+        check_join(
+            &fleet,
+            std::slice::from_ref(&very_short),
+            &[],
+            s1("n"),
+            Err("stays short"),
+        );
+        check_join(&fleet, &[ds.clone(), ha.clone()], &[&ha], s1("n"), Err("site-failover"));
+        // a site-failover workload that does not fit the node does not matter
+        check_join(
+            &fleet,
+            &[ds.clone(), ha.clone()],
+            &[&ha],
+            node("n", &[("site", "s2")], true),
+            Ok((&["ds"], &[])),
+        );
     }
 }

@@ -72,11 +72,13 @@ pub async fn sync(
     peer: Peer,
     Path(node): Path<String>,
     ApiQuery(q): ApiQuery<SyncQuery>,
+    ticket: Option<axum::Extension<crate::service::AdmitTicket>>,
 ) -> Result<Response, HubError> {
     if let (Some(ka), Some(l)) = (q.ka, &peer.liveness) {
         l.agent_probes(ka);
     }
     let held = Held {
+        ticket: ticket.as_ref().map(|t| &t.0),
         policy: q.policy.as_deref(),
         wait: q.wait.map(std::time::Duration::from_secs),
         hubs: q.hubs.as_deref(),

@@ -164,6 +164,7 @@ impl Hub {
     pub async fn start(cfg: HubConfig) -> anyhow::Result<(Hub, Option<String>)> {
         outpost_pki::install_provider();
         ignore_file_size_signal();
+        server::limit_malloc_arenas();
         let limits = connection_limits(cfg.max_conns_per_ip);
         let data_dir = files::DataDir::new(cfg.data_dir.clone());
         let db_path = data_dir.path("hub.db");

@@ -3,9 +3,11 @@
 //! node gets by `outpost_core::waves`; this module only renders and diffs, as a pure function
 //! of [`ScheduleInputs`] and `now` ([`plan`]).
 //!
-//! Everything is recomputed on each change: fleets are small. Incremental work (re-rendering
-//! only the workloads that reference a changed object, or only one node's bundle after a join)
-//! would go into [`plan`], keyed by the change that triggered it.
+//! A change to objects recomputes every node ([`plan`]); a join plans the new node alone
+//! ([`plan_join`], from that node's rows only) unless `outpost_core::schedule::place_joined`
+//! says other nodes can change (a site-failover workload on its site, a Deployment it fills
+//! only partly). Either way only nodes whose bundle changed get a new generation, and the store
+//! writes only the placements that differ (`Store::commit_plan`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -13,7 +15,7 @@ use std::time::Duration;
 use outpost_api::site::{failover_options, FailoverOptions, SiteMember};
 use outpost_api::{Kind, Object, ObjectId, PodTemplate, UnixMs, WorkloadSpec};
 use outpost_core::render::{render, workload_key};
-use outpost_core::schedule::{schedule, NodeView, WorkloadView};
+use outpost_core::schedule::{schedule, NodeView, PlacementDecision, WorkloadView};
 use outpost_core::site_ha;
 use outpost_core::waves::{desired_revision, prefetch};
 
@@ -210,7 +212,78 @@ pub fn plan(inputs: &ScheduleInputs, offline_after: Duration, now: UnixMs) -> Pl
         decisions.insert(w.id.clone(), d);
         members.insert(w.id.clone(), m);
     }
+    render_plan(inputs, &nodes, &decisions, &members, &failover)
+}
 
+/// What a join of `node` (already stored, in `inputs`, which need hold only that node's rows:
+/// `Store::schedule_inputs_for`) changes, when only that node's desired state can change
+/// (`outpost_core::schedule::place_joined`): its plan (its bundle; Deployment placements as
+/// stored plus the ones it fills) and the Deployments it filled (their notes go). None: plan
+/// the whole fleet ([`plan`]). Pure.
+pub fn plan_join(
+    inputs: &ScheduleInputs,
+    node: &str,
+    offline_after: Duration,
+    now: UnixMs,
+) -> Result<(Plan, BTreeSet<ObjectId>), &'static str> {
+    let n = inputs
+        .nodes
+        .iter()
+        .find(|n| n.name == node)
+        .ok_or("the joined node is not in the store")?;
+    let view = NodeView {
+        name: n.name.clone(),
+        labels: n.labels.clone(),
+        online: is_online(n, offline_after, now),
+    };
+    let workloads: Vec<WorkloadView> = inputs.objects.iter().filter_map(|o| workload_view(&o.object)).collect();
+    let site_ha: BTreeSet<ObjectId> = inputs
+        .objects
+        .iter()
+        .filter(|o| failover_options(&o.object).is_some())
+        .map(|o| o.object.id())
+        .collect();
+    let (runs, filled) = match outpost_core::schedule::place_joined(&view, &workloads, &site_ha, &inputs.assignments) {
+        outpost_core::schedule::JoinEffect::Node { runs, filled } => (runs, filled),
+        outpost_core::schedule::JoinEffect::Fleet(why) => return Err(why),
+    };
+    let decisions: BTreeMap<ObjectId, PlacementDecision> = runs
+        .into_iter()
+        .map(|id| {
+            let d = PlacementDecision {
+                nodes: BTreeSet::from([view.name.clone()]),
+                note: None,
+            };
+            (id, d)
+        })
+        .collect();
+    let mut plan = render_plan(
+        inputs,
+        std::slice::from_ref(&view),
+        &decisions,
+        &BTreeMap::new(),
+        &BTreeMap::new(),
+    );
+    plan.assignments = inputs.assignments.clone();
+    for id in &filled {
+        plan.assignments
+            .entry(id.clone())
+            .or_default()
+            .insert(view.name.clone());
+    }
+    plan.notes.clear();
+    Ok((plan, filled))
+}
+
+/// Render the desired state of `nodes` from placement decisions and diff it against what each
+/// holds. Decisions may name nodes outside `nodes`; only `nodes` get bundles.
+fn render_plan(
+    inputs: &ScheduleInputs,
+    nodes: &[NodeView],
+    decisions: &BTreeMap<ObjectId, PlacementDecision>,
+    members: &BTreeMap<ObjectId, Vec<SiteMember>>,
+    failover: &BTreeMap<ObjectId, FailoverOptions>,
+) -> Plan {
     let objects: BTreeMap<ObjectId, Object> = inputs
         .objects
         .iter()
@@ -537,5 +610,63 @@ spec:
         let (id, nodes) = p.assignments.iter().next().expect("one deployment");
         assert_eq!(nodes.iter().collect::<Vec<_>>(), vec!["a"]);
         assert!(p.notes[id].starts_with("1 of 2 replicas"), "{:?}", p.notes);
+    }
+
+    /// A join plans the new node alone: the same bundle and placements as planning the whole
+    /// fleet, and no other node touched; a site-failover workload that fits it needs the fleet.
+    #[test]
+    fn a_join_plans_the_new_node_alone() {
+        let yaml = format!(
+            "{DS}---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\nspec:\n  replicas: 2\n  template:\n    spec:\n      nodeSelector: {{site: a}}\n      containers: [{{name: c, image: nginx}}]\n"
+        );
+        let d = Duration::from_secs(90);
+        let fleet = ScheduleInputs {
+            nodes: vec![
+                node("a1", &[("site", "a")], Some(0)),
+                node("b1", &[("site", "b")], Some(0)),
+            ],
+            objects: objects(&yaml),
+            ..Default::default()
+        };
+        // the fleet as stored after its own reschedule
+        let first = plan(&fleet, d, 0);
+        let mut stored = fleet.clone();
+        stored.assignments = first.assignments.clone();
+        for (n, c) in &first.changes {
+            stored.held.insert(
+                n.clone(),
+                c.upsert.iter().map(|s| (s.key.clone(), s.hash.clone())).collect(),
+            );
+            stored.held_revisions.insert(
+                n.clone(),
+                c.upsert.iter().map(|s| (s.key.clone(), s.revision)).collect(),
+            );
+        }
+        // a2 joins: the full plan changes a2 only; the join plan, from a2's rows alone, agrees
+        let mut full_in = stored.clone();
+        full_in.nodes.push(node("a2", &[("site", "a")], Some(0)));
+        let full = plan(&full_in, d, 0);
+        assert_eq!(full.changes.keys().collect::<Vec<_>>(), ["a2"]);
+        let mut one = stored.clone();
+        one.nodes = vec![node("a2", &[("site", "a")], Some(0))];
+        one.held.clear();
+        one.held_revisions.clear();
+        let (joined, filled) = plan_join(&one, "a2", d, 0).expect("node only");
+        assert_eq!(joined.changes, full.changes);
+        assert_eq!(joined.assignments, full.assignments);
+        assert_eq!(filled.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), ["web"]);
+        assert!(joined.notes.is_empty());
+        // a node of another site gets nothing
+        one.nodes = vec![node("c1", &[("site", "c")], Some(0))];
+        let (other, filled) = plan_join(&one, "c1", d, 0).expect("node only");
+        assert!(other.changes.is_empty() && filled.is_empty());
+        assert_eq!(other.assignments, stored.assignments);
+        // site failover on the node's site: the fleet
+        let ha = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: till\n  annotations: {outpost.dev/failover: site}\nspec:\n  replicas: 1\n  template:\n    spec:\n      nodeSelector: {site: a}\n      containers: [{name: c, image: nginx}]\n";
+        let mut with_ha = one.clone();
+        with_ha.nodes = vec![node("a2", &[("site", "a")], Some(0))];
+        with_ha.objects = objects(ha);
+        assert!(failover_options(&with_ha.objects[0].object).is_some());
+        assert!(plan_join(&with_ha, "a2", d, 0).is_err());
     }
 }

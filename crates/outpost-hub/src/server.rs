@@ -90,13 +90,144 @@ async fn wrong_method(req: Request) -> HubError {
     }
 }
 
+/// Variable that sets how many joins and syncs may work at once (`outpost_core::admission`;
+/// default from the CPU count).
+pub const ADMISSION_LIMIT_ENV: &str = "OUTPOST_HUB_ADMISSION_LIMIT";
+
+/// Admission control for joins and syncs: a bounded semaphore, and the recent admitted and
+/// refused counts that `outpost_core::admission::admit` turns into a `Retry-After`.
+pub struct Admission {
+    sem: Arc<tokio::sync::Semaphore>,
+    limit: usize,
+    window: Mutex<AdmitWindow>,
+}
+
+/// Counts of the current second and of the one before.
+struct AdmitWindow {
+    start: Instant,
+    admitted: u64,
+    refused: u64,
+    last_admitted: u64,
+    last_refused: u64,
+}
+
+impl Admission {
+    pub fn new(limit: usize) -> Self {
+        Admission {
+            sem: Arc::new(tokio::sync::Semaphore::new(limit)),
+            limit,
+            window: Mutex::new(AdmitWindow {
+                start: Instant::now(),
+                admitted: 0,
+                refused: 0,
+                last_admitted: 0,
+                last_refused: 0,
+            }),
+        }
+    }
+
+    /// The limit from [`ADMISSION_LIMIT_ENV`], else from the CPU count.
+    pub fn from_env() -> Self {
+        let configured = std::env::var(ADMISSION_LIMIT_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse().ok());
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Admission::new(outpost_core::admission::limit(cpus, configured))
+    }
+
+    /// Let a join or sync in (its ticket holds the place until released or dropped), or say
+    /// after how many seconds to come back.
+    fn try_enter(&self) -> Result<crate::service::AdmitTicket, u64> {
+        let permit = self.sem.clone().try_acquire_owned();
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let elapsed = w.start.elapsed();
+        if elapsed >= Duration::from_secs(1) {
+            let recent = elapsed < Duration::from_secs(2);
+            w.last_admitted = if recent { w.admitted } else { 0 };
+            w.last_refused = if recent { w.refused } else { 0 };
+            (w.admitted, w.refused, w.start) = (0, 0, Instant::now());
+        }
+        match permit {
+            Ok(p) => {
+                w.admitted += 1;
+                Ok(crate::service::AdmitTicket::new(p))
+            }
+            Err(_) => {
+                let load = outpost_core::admission::Load {
+                    in_flight: self.limit - self.sem.available_permits().min(self.limit),
+                    limit: self.limit,
+                    refused_recently: w.refused + w.last_refused,
+                    admitted_per_sec: w.admitted.max(w.last_admitted) as f64,
+                };
+                w.refused += 1;
+                match outpost_core::admission::admit(&load, rand::random()) {
+                    outpost_core::admission::Admit::Later { retry_after_secs } => Err(retry_after_secs),
+                    // a place came free since the try: let it come back at once
+                    outpost_core::admission::Admit::Enter => Err(1),
+                }
+            }
+        }
+    }
+}
+
+/// Joins and syncs pass here: admitted with a ticket (a sync gives its place back when it
+/// starts waiting), or answered `503` with `Retry-After` (docs/protocol.md §6).
+async fn admit(
+    axum::extract::State(adm): axum::extract::State<Arc<Admission>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    match adm.try_enter() {
+        Ok(ticket) => {
+            req.extensions_mut().insert(ticket.clone());
+            let resp = next.run(req).await;
+            drop(ticket);
+            resp
+        }
+        Err(secs) => {
+            tracing::debug!(path = %req.uri().path(), retry_after = secs, "busy: request refused by admission control");
+            let body = outpost_api::ApiError {
+                code: "busy".into(),
+                message: format!(
+                    "the hub is busy with many agents connecting at once; retry after {secs} s (agents do so by themselves)"
+                ),
+                details: vec![],
+            };
+            let mut resp = (axum::http::StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(secs));
+            resp
+        }
+    }
+}
+
+/// glibc gives each thread that allocates under contention an arena of its own (up to 8 per
+/// CPU) and keeps what is freed in it: after a wave of joins on the blocking pool, ~30 KiB per
+/// connected agent stayed in arenas nobody used again (BENCHMARKS.md §4, `MALLOC_ARENA_MAX=1`:
+/// 111.5 -> 79.4 KiB per idle agent). Limit the arenas to one per CPU, unless
+/// `MALLOC_ARENA_MAX` is set (glibc reads it itself). Threads that already have an arena keep
+/// it, so call this early. No-op outside glibc.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let n = libc::c_int::try_from(cpus).unwrap_or(1);
+        // SAFETY: mallopt only sets a tunable of the allocator; any value is accepted.
+        if unsafe { libc::mallopt(libc::M_ARENA_MAX, n) } != 1 {
+            tracing::debug!("cannot limit malloc arenas");
+        }
+    }
+}
+
 /// The route table of docs/protocol.md.
 pub fn router(svc: Arc<Service>) -> Router {
+    let admission = Arc::new(Admission::from_env());
+    let admitted = || middleware::from_fn_with_state(admission.clone(), admit);
     Router::new()
         .route("/v1/openapi.yaml", get(crate::openapi::spec))
         .route("/v1/ca", get(api::ca))
-        .route("/v1/join", post(api::join))
-        .route("/v1/nodes/{node}/sync", get(api::sync))
+        .route("/v1/join", post(api::join).layer(admitted()))
+        .route("/v1/nodes/{node}/sync", get(api::sync).layer(admitted()))
         .route("/v1/nodes/{node}/status", post(api::status))
         .route("/v1/nodes/{node}/renew", post(api::renew))
         .route("/v1/nodes/{node}/witness", post(crate::witness::claim))

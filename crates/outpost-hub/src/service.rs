@@ -409,6 +409,8 @@ pub struct Service {
     notes: Mutex<BTreeMap<ObjectId, String>>,
     /// The site witness's leases (docs/site-ha.md).
     pub leases: crate::witness::Leases,
+    /// Certificate fingerprint -> node, filled from the store ([`Service::forget_certs`]).
+    certs: CertCache,
     /// Status reports waiting for the group-commit writer.
     status_tx: tokio::sync::mpsc::UnboundedSender<StatusJob>,
     status_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<StatusJob>>>,
@@ -460,6 +462,7 @@ impl Service {
             write_lock: tokio::sync::Mutex::new(()),
             notes: Mutex::new(BTreeMap::new()),
             leases: Default::default(),
+            certs: CertCache::default(),
             status_tx,
             status_rx: Mutex::new(Some(status_rx)),
         }
@@ -564,6 +567,32 @@ impl Service {
         if let Err(e) = self.refresh_node_extras().await {
             tracing::warn!(error = %e, "cannot refresh alert policies and pipelines; nodes keep their last ones");
         }
+        Ok(())
+    }
+
+    /// A node has joined: plan only its desired state when nothing else can change
+    /// (`scheduler::plan_join`), else the whole fleet. Callers hold `write_lock`.
+    async fn schedule_joined(&self, node: &str, now: UnixMs) -> Result<(), HubError> {
+        let offline_after = self.settings.offline_after;
+        let inputs = self.store.schedule_inputs_for(node).await?;
+        let name = node.to_string();
+        let planned = tokio::task::spawn_blocking(move || scheduler::plan_join(&inputs, &name, offline_after, now))
+            .await
+            .map_err(|e| HubError::Internal(format!("scheduler task failed: {e}")))?;
+        let (plan, filled) = match planned {
+            Ok(p) => p,
+            Err(why) => {
+                tracing::info!(node = %node, why, "join: planning the whole fleet");
+                return self.reschedule_locked(now).await;
+            }
+        };
+        let bumped = self.store.commit_plan(&plan).await?;
+        for (node, generation) in &bumped {
+            tracing::info!(node = %node, generation, "desired state changed");
+        }
+        // The Deployments the node filled are at their count now: no note.
+        lock(&self.notes).retain(|id, _| !filled.contains(id));
+        self.notify(&bumped);
         Ok(())
     }
 
@@ -870,7 +899,10 @@ impl Service {
     async fn delete_node(&self, name: String) -> Result<DeleteResponse, HubError> {
         let _guard = self.write_lock.lock().await;
         let n = name.clone();
-        if !self.store.delete_node(&n).await? {
+        let deleted = self.store.delete_node(&n).await;
+        // Its certificate stops working at once, here (other replicas: `forget_certs`).
+        self.certs.forget(&name);
+        if !deleted? {
             return Err(HubError::NotFound(format!("node {name}")));
         }
         self.forget_node(&name);
@@ -1486,7 +1518,9 @@ impl Service {
         let token_id = req.token_id.clone();
         let labels = self.store.join(&token_id, &secret_sha, &node, now).await?;
         tracing::info!(node = %req.name, token = %req.token_id, labels = ?labels, "node joined");
-        self.reschedule_after_commit(now).await;
+        if let Err(e) = self.schedule_joined(&req.name, now).await {
+            tracing::error!(node = %req.name, error = %e, "scheduling the new node failed; the next change or hub restart retries");
+        }
         Ok(JoinResponse {
             node: req.name,
             cert_pem,
@@ -1498,13 +1532,35 @@ impl Service {
 
     /// The node the caller's certificate belongs to (current or just renewed), expired or not.
     /// One indexed read, as every node request always made.
+    /// From memory after the first request of a certificate (`CertCache`); a renewed
+    /// certificate's first use goes to the store, which promotes it and ends the old one here.
     async fn cert_owner(&self, peer: &Peer) -> Result<String, HubError> {
         let fp = peer.cert_fp.clone().ok_or(HubError::NoClientCert)?;
+        if let Some(node) = self.certs.get(&fp) {
+            return Ok(node);
+        }
+        let epoch = self.certs.epoch();
         let owner = self.store.node_by_cert(&fp).await?.ok_or(HubError::UnknownNode)?;
         if owner.promoted {
             tracing::info!(node = %owner.node, "node uses its renewed certificate; the previous one no longer works");
+            // The old one ends here; the new one is remembered from its next request (this
+            // read began before the drop, so `put` would not keep it anyway).
+            self.certs.forget(&owner.node);
         }
+        self.certs.put(epoch, fp, &owner.node);
         Ok(owner.node)
+    }
+
+    /// Forget what this process remembers of `node`'s certificates (None: of every node), so
+    /// the next request of each goes to the store. For changes made by another hub replica
+    /// on the shared database: a node deleted there, or a renewed certificate promoted there
+    /// (its previous one must stop working here too). Local deletes and promotions call it
+    /// themselves.
+    pub fn forget_certs(&self, node: Option<&str>) {
+        match node {
+            Some(n) => self.certs.forget(n),
+            None => self.certs.clear(),
+        }
     }
 
     /// The caller is a known node with an unexpired certificate: which one.
@@ -1604,6 +1660,12 @@ impl Service {
                     vitals_requests,
                     hubs,
                 }));
+            }
+            // Keep nothing of this read while the poll is held (hours, for every agent).
+            drop((resp, alert_policy, log_requests, exec, vitals_requests, hubs));
+            // Waiting costs the hub nothing: give the place in admission control back.
+            if let Some(t) = held.ticket {
+                t.release();
             }
             tokio::select! {
                 r = tokio::time::timeout_at(deadline, rx.changed()) => match r {
@@ -1847,11 +1909,29 @@ impl Service {
 /// sends none of one is never sent that addition.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Held<'a> {
+    /// The sync's place in admission control (`crate::server::Admission`), given back when
+    /// the poll starts waiting.
+    pub ticket: Option<&'a AdmitTicket>,
     pub policy: Option<&'a str>,
     /// How long the agent asked the hub to hold the long-poll (capped).
     pub wait: Option<Duration>,
     /// Hash of the hub endpoints the agent holds (`outpost_api::hubs_hash`).
     pub hubs: Option<&'a str>,
+}
+
+/// A place among the joins and syncs the hub lets work at once; released when dropped or by
+/// [`AdmitTicket::release`] (a long-poll that starts waiting).
+#[derive(Clone, Debug)]
+pub struct AdmitTicket(Arc<Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>);
+
+impl AdmitTicket {
+    pub fn new(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        AdmitTicket(Arc::new(Mutex::new(Some(permit))))
+    }
+
+    pub fn release(&self) {
+        lock(&self.0).take();
+    }
 }
 
 /// What a sync answer adds to the desired state.
@@ -1924,4 +2004,84 @@ fn revision_images(stored: &serde_json::Value) -> Vec<String> {
     }
     let version = stored["version"].as_str().or(stored["digest"].as_str()).unwrap_or("-");
     vec![format!("agent={version}")]
+}
+
+/// Certificate fingerprint -> node, filled by `Service::cert_owner` from the store. A node has
+/// one working certificate, so an entry is dropped only when its node is deleted or a renewed
+/// certificate is promoted (and by `Service::forget_certs`). `epoch` moves on every drop: a
+/// store read that began before a drop does not put its (maybe stale) answer back.
+#[derive(Default)]
+struct CertCache {
+    inner: Mutex<CertMap>,
+}
+
+#[derive(Default)]
+struct CertMap {
+    by_fp: std::collections::HashMap<String, Arc<str>>,
+    /// node -> its fingerprints in `by_fp` (one, but for a moment around a promotion)
+    by_node: std::collections::HashMap<Arc<str>, Vec<String>>,
+    epoch: u64,
+}
+
+impl CertCache {
+    fn get(&self, fp: &str) -> Option<String> {
+        lock(&self.inner).by_fp.get(fp).map(|n| n.to_string())
+    }
+
+    fn epoch(&self) -> u64 {
+        lock(&self.inner).epoch
+    }
+
+    fn put(&self, epoch: u64, fp: String, node: &str) {
+        let mut m = lock(&self.inner);
+        if m.epoch == epoch && !m.by_fp.contains_key(&fp) {
+            let node: Arc<str> = Arc::from(node);
+            m.by_node.entry(node.clone()).or_default().push(fp.clone());
+            m.by_fp.insert(fp, node);
+        }
+    }
+
+    fn forget(&self, node: &str) {
+        let mut m = lock(&self.inner);
+        for fp in m.by_node.remove(node).unwrap_or_default() {
+            m.by_fp.remove(&fp);
+        }
+        m.epoch += 1;
+    }
+
+    fn clear(&self) {
+        let mut m = lock(&self.inner);
+        m.by_fp.clear();
+        m.by_node.clear();
+        m.epoch += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CertCache;
+
+    #[test]
+    fn cert_cache_forgets_a_node_and_refuses_a_read_that_raced_the_drop() {
+        let c = CertCache::default();
+        let e = c.epoch();
+        c.put(e, "fp1".into(), "n1");
+        c.put(e, "fp2".into(), "n2");
+        assert_eq!(c.get("fp1").as_deref(), Some("n1"));
+        // a store read began, then n1 was deleted: its answer is not kept
+        let before = c.epoch();
+        c.forget("n1");
+        c.put(before, "fp1".into(), "n1");
+        assert_eq!(c.get("fp1"), None);
+        assert_eq!(c.get("fp2").as_deref(), Some("n2"));
+        // a promotion: the old one goes; the renewed one is kept from its next request
+        let e = c.epoch();
+        c.forget("n2");
+        c.put(e, "fp2b".into(), "n2");
+        assert_eq!((c.get("fp2"), c.get("fp2b")), (None, None));
+        c.put(c.epoch(), "fp2b".into(), "n2");
+        assert_eq!((c.get("fp2"), c.get("fp2b").as_deref()), (None, Some("n2")));
+        c.clear();
+        assert_eq!(c.get("fp2b"), None);
+    }
 }

@@ -810,3 +810,112 @@ fn behind_a_tcp_relay_the_hub_asks_before_it_drops_a_quiet_agent() {
     );
     drop(a);
 }
+
+/// Seconds of a `Debug`-printed Duration ("12s", "1.5s", "250ms").
+fn debug_secs(s: &str) -> Option<f64> {
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms.parse::<f64>().ok().map(|v| v / 1000.0);
+    }
+    s.strip_suffix('s')?.parse().ok()
+}
+
+/// Admission control (docs/protocol.md §6, "Busy hub"), end to end: a hub with one place
+/// (`OUTPOST_HUB_ADMISSION_LIMIT=1`), held by a join whose body is still coming. Joins and
+/// syncs get `503 busy` with a `Retry-After` that grows with the refused requests; a real
+/// agent waits at least what it was told (not its 1-1.5 s backoff), does not give up, and gets
+/// in once the place is free.
+#[test]
+fn a_busy_hub_answers_503_retry_after_and_the_agent_waits_then_gets_in() {
+    use futures_util::StreamExt;
+    let hub = Hub::start_with(&[], &[("OUTPOST_HUB_ADMISSION_LIMIT", "1")]);
+    let t = hub.token(&[]);
+    let agent = hub.join("busy-1", &t);
+    outpost_pki::install_provider();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _in_runtime = rt.enter();
+    // Hold the one place: a join whose body never ends.
+    let holder_client = https(&hub, None);
+    let url = format!("{}/v1/join", hub.url);
+    let holder = rt.spawn(async move {
+        let body = futures_util::stream::once(async { Ok::<_, std::io::Error>(b"{".to_vec()) })
+            .chain(futures_util::stream::pending());
+        let _ = holder_client
+            .post(url)
+            .header("content-type", "application/json")
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await;
+    });
+    let probe = https(&hub, None);
+    let join_url = format!("{}/v1/join", hub.url);
+    let refused = |rt: &tokio::runtime::Runtime| {
+        let r = rt
+            .block_on(probe.post(&join_url).json(&serde_json::json!({})).send())
+            .ok()?;
+        if r.status() != 503 {
+            return None;
+        }
+        let ra: u64 = r.headers().get("retry-after")?.to_str().ok()?.parse().ok()?;
+        let body: Value = rt.block_on(r.json()).ok()?;
+        Some((ra, body))
+    };
+    let (ra, body) = wait_for("the hub busy", 20.0, || refused(&rt));
+    assert!((1..=30).contains(&ra), "Retry-After {ra}");
+    assert_eq!(body["code"], "busy", "{body}");
+    assert!(body["message"].as_str().unwrap().contains("retry after"), "{body}");
+
+    // Keep refused requests coming (~40/s) while the agent starts: its Retry-After is then
+    // many seconds, well above its own first backoff.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hammer = {
+        let (stop, probe, url) = (stop.clone(), https(&hub, None), join_url.clone());
+        rt.spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = probe.post(&url).json(&serde_json::json!({})).send().await;
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let agent = agent.running();
+    let line = wait_for("the agent told it is busy", 30.0, || {
+        agent.log().lines().find(|l| l.contains("503 busy")).map(str::to_string)
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    hammer.abort();
+    let told: u64 = line
+        .split("retry after ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no Retry-After in {line}"));
+    let waited = line
+        .split("retry_in=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(debug_secs)
+        .unwrap_or_else(|| panic!("no retry_in in {line}"));
+    assert!(
+        told >= 3,
+        "with refused requests coming, Retry-After is several seconds: {line}"
+    );
+    assert!(waited >= told as f64, "the agent waits at least Retry-After: {line}");
+    let before = Instant::now();
+    // Free the place: the agent gets in on its next try and reports.
+    holder.abort();
+    wait_for("the agent connected after the busy answer", 60.0, || {
+        agent.log().contains("connected to hub").then_some(())
+    });
+    wait_for("the node online with its report", 30.0, || {
+        let n = node_json(&hub, "busy-1")?;
+        (n["agent_version"].is_string()).then_some(())
+    });
+    eprintln!(
+        "told {told} s, waited {waited} s, in {:?} after the place came free",
+        before.elapsed()
+    );
+}

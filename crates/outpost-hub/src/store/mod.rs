@@ -249,6 +249,22 @@ pub struct Plan {
     pub notes: BTreeMap<ObjectId, String>,
 }
 
+/// Deployment placements as rows (kind, namespace, name, node), for `commit_plan`'s diff.
+pub(crate) fn assignment_rows(a: &BTreeMap<ObjectId, BTreeSet<String>>) -> BTreeSet<(String, String, String, String)> {
+    a.iter()
+        .flat_map(|(id, nodes)| {
+            nodes.iter().map(|n| {
+                (
+                    id.kind.as_str().to_string(),
+                    id.namespace.clone(),
+                    id.name.clone(),
+                    n.clone(),
+                )
+            })
+        })
+        .collect()
+}
+
 /// Who a client certificate belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CertOwner {
@@ -310,7 +326,13 @@ pub trait Store: Send + Sync + 'static {
     /// Revision history of a workload, oldest first.
     async fn revisions(&self, id: &ObjectId) -> Result<Vec<RevisionRow>>;
     async fn schedule_inputs(&self) -> Result<ScheduleInputs>;
+    /// The scheduler's inputs with only `node`'s rows (its node row, what it holds, its
+    /// prefetch hints); objects, placements, rollouts as for [`Store::schedule_inputs`]. For
+    /// a join (`scheduler::plan_join`), which changes no other node.
+    async fn schedule_inputs_for(&self, node: &str) -> Result<ScheduleInputs>;
     /// Write a plan in one transaction; returns the new generation of every node that changed.
+    /// Deployment placements are diffed against the stored ones: only rows that differ are
+    /// written, and a plan that changes nothing writes nothing and bumps no generation.
     async fn commit_plan(&self, plan: &Plan) -> Result<BTreeMap<String, u64>>;
     /// Every node's desired rows.
     async fn desired(&self) -> Result<Vec<DesiredRow>>;

@@ -104,6 +104,91 @@ pub fn redact(url: &str) -> String {
 }
 
 impl PgStore {
+    /// The scheduler's inputs; with `only`, only that node's rows.
+    async fn schedule_inputs_of(&self, only: Option<&str>) -> Result<ScheduleInputs> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        let rows: Vec<NodeTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {NODE_COLS} FROM nodes WHERE $1::text IS NULL OR name = $1 ORDER BY name"
+        )))
+        .bind(only)
+        .fetch_all(&mut *tx)
+        .await?;
+        let nodes = rows
+            .into_iter()
+            .map(|r| node_row(r).map(|n| self.contacts.overlay(n)))
+            .collect::<Result<Vec<_>>>()?;
+        let objects = objects_in(&mut tx).await?;
+        let mut assignments: BTreeMap<ObjectId, BTreeSet<String>> = BTreeMap::new();
+        let rows: Vec<(String, String, String, String)> =
+            sqlx::query_as("SELECT kind, namespace, name, node FROM assignments")
+                .fetch_all(&mut *tx)
+                .await?;
+        for (k, namespace, name, node) in rows {
+            assignments
+                .entry(ObjectId {
+                    kind: kind_of(&k)?,
+                    namespace,
+                    name,
+                })
+                .or_default()
+                .insert(node);
+        }
+        let mut held: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        let mut held_revisions: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        let rows: Vec<(String, String, String, i64)> =
+            sqlx::query_as("SELECT node, key, hash, revision FROM node_workloads WHERE $1::text IS NULL OR node = $1")
+                .bind(only)
+                .fetch_all(&mut *tx)
+                .await?;
+        for (node, key, hash, rev) in rows {
+            held.entry(node.clone()).or_default().insert(key.clone(), hash);
+            held_revisions.entry(node).or_default().insert(key, u(rev));
+        }
+        let mut held_prefetch: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        let rows: Vec<(String, String, String)> =
+            sqlx::query_as("SELECT node, key, hash FROM node_prefetch WHERE $1::text IS NULL OR node = $1")
+                .bind(only)
+                .fetch_all(&mut *tx)
+                .await?;
+        for (node, key, hash) in rows {
+            held_prefetch.entry(node).or_default().insert(key, hash);
+        }
+        let rollouts: BTreeMap<String, Rollout> = rollouts_in(&mut tx)
+            .await?
+            .into_iter()
+            .map(|r| (r.workload.clone(), r))
+            .collect();
+        let mut templates = BTreeMap::new();
+        for (id, rev) in wanted_templates(&objects, &held_revisions, &rollouts) {
+            let t: Option<String> = sqlx::query_scalar(
+                "SELECT template FROM revisions WHERE kind = $1 AND namespace = $2 AND name = $3 AND revision = $4",
+            )
+            .bind(id.kind.as_str())
+            .bind(&id.namespace)
+            .bind(&id.name)
+            .bind(i(rev))
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(t) = t {
+                templates.insert((id, rev), serde_json::from_str(&t)?);
+            }
+        }
+        tx.commit().await?;
+        Ok(ScheduleInputs {
+            nodes,
+            objects,
+            assignments,
+            held,
+            held_revisions,
+            held_prefetch,
+            rollouts,
+            templates,
+        })
+    }
+
     /// Connect, run the migrations the database lacks and check its schema version.
     pub async fn connect(url: &str) -> Result<Self> {
         let pool = PgPoolOptions::new()
@@ -786,98 +871,40 @@ impl Store for PgStore {
     }
 
     async fn schedule_inputs(&self) -> Result<ScheduleInputs> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .await?;
-        let rows: Vec<NodeTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {NODE_COLS} FROM nodes ORDER BY name"
-        )))
-        .fetch_all(&mut *tx)
-        .await?;
-        let nodes = rows
-            .into_iter()
-            .map(|r| node_row(r).map(|n| self.contacts.overlay(n)))
-            .collect::<Result<Vec<_>>>()?;
-        let objects = objects_in(&mut tx).await?;
-        let mut assignments: BTreeMap<ObjectId, BTreeSet<String>> = BTreeMap::new();
-        let rows: Vec<(String, String, String, String)> =
-            sqlx::query_as("SELECT kind, namespace, name, node FROM assignments")
-                .fetch_all(&mut *tx)
-                .await?;
-        for (k, namespace, name, node) in rows {
-            assignments
-                .entry(ObjectId {
-                    kind: kind_of(&k)?,
-                    namespace,
-                    name,
-                })
-                .or_default()
-                .insert(node);
-        }
-        let mut held: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-        let mut held_revisions: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
-        let rows: Vec<(String, String, String, i64)> =
-            sqlx::query_as("SELECT node, key, hash, revision FROM node_workloads")
-                .fetch_all(&mut *tx)
-                .await?;
-        for (node, key, hash, rev) in rows {
-            held.entry(node.clone()).or_default().insert(key.clone(), hash);
-            held_revisions.entry(node).or_default().insert(key, u(rev));
-        }
-        let mut held_prefetch: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-        let rows: Vec<(String, String, String)> = sqlx::query_as("SELECT node, key, hash FROM node_prefetch")
-            .fetch_all(&mut *tx)
-            .await?;
-        for (node, key, hash) in rows {
-            held_prefetch.entry(node).or_default().insert(key, hash);
-        }
-        let rollouts: BTreeMap<String, Rollout> = rollouts_in(&mut tx)
-            .await?
-            .into_iter()
-            .map(|r| (r.workload.clone(), r))
-            .collect();
-        let mut templates = BTreeMap::new();
-        for (id, rev) in wanted_templates(&objects, &held_revisions, &rollouts) {
-            let t: Option<String> = sqlx::query_scalar(
-                "SELECT template FROM revisions WHERE kind = $1 AND namespace = $2 AND name = $3 AND revision = $4",
-            )
-            .bind(id.kind.as_str())
-            .bind(&id.namespace)
-            .bind(&id.name)
-            .bind(i(rev))
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(t) = t {
-                templates.insert((id, rev), serde_json::from_str(&t)?);
-            }
-        }
-        tx.commit().await?;
-        Ok(ScheduleInputs {
-            nodes,
-            objects,
-            assignments,
-            held,
-            held_revisions,
-            held_prefetch,
-            rollouts,
-            templates,
-        })
+        self.schedule_inputs_of(None).await
+    }
+    async fn schedule_inputs_for(&self, node: &str) -> Result<ScheduleInputs> {
+        self.schedule_inputs_of(Some(node)).await
     }
 
     async fn commit_plan(&self, plan: &Plan) -> Result<BTreeMap<String, u64>> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM assignments").execute(&mut *tx).await?;
-        for (id, nodes) in &plan.assignments {
-            for n in nodes {
-                sqlx::query("INSERT INTO assignments (kind, namespace, name, node) VALUES ($1, $2, $3, $4)")
-                    .bind(id.kind.as_str())
-                    .bind(&id.namespace)
-                    .bind(&id.name)
-                    .bind(n)
-                    .execute(&mut *tx)
-                    .await?;
-            }
+        // Placements: write only the rows that differ from the stored ones.
+        let stored: BTreeSet<(String, String, String, String)> = sqlx::query_as::<_, (String, String, String, String)>(
+            "SELECT kind, namespace, name, node FROM assignments",
+        )
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        let planned = super::assignment_rows(&plan.assignments);
+        for (k, ns, name, node) in stored.difference(&planned) {
+            sqlx::query("DELETE FROM assignments WHERE kind = $1 AND namespace = $2 AND name = $3 AND node = $4")
+                .bind(k)
+                .bind(ns)
+                .bind(name)
+                .bind(node)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for (k, ns, name, node) in planned.difference(&stored) {
+            sqlx::query("INSERT INTO assignments (kind, namespace, name, node) VALUES ($1, $2, $3, $4)")
+                .bind(k)
+                .bind(ns)
+                .bind(name)
+                .bind(node)
+                .execute(&mut *tx)
+                .await?;
         }
         let mut bumped = BTreeMap::new();
         // BTreeMap order: every plan locks nodes by name, so two cannot deadlock.

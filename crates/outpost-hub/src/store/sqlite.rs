@@ -748,7 +748,15 @@ impl SqliteCore {
     }
 
     pub fn schedule_inputs(&self) -> Result<ScheduleInputs> {
-        let nodes = self.nodes()?;
+        self.schedule_inputs_of(None)
+    }
+
+    /// The scheduler's inputs; with `only`, only that node's rows.
+    pub fn schedule_inputs_of(&self, only: Option<&str>) -> Result<ScheduleInputs> {
+        let nodes = match only {
+            None => self.nodes()?,
+            Some(n) => self.node(n)?.into_iter().collect(),
+        };
         let objects = self.objects()?;
         let conn = self.conn()?;
         let mut assignments: BTreeMap<ObjectId, BTreeSet<String>> = BTreeMap::new();
@@ -778,9 +786,10 @@ impl SqliteCore {
         let mut held: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         let mut held_revisions: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
         {
-            let mut st = conn.prepare("SELECT node, key, hash, revision FROM node_workloads")?;
+            let mut st =
+                conn.prepare("SELECT node, key, hash, revision FROM node_workloads WHERE ?1 IS NULL OR node = ?1")?;
             let rows = st
-                .query_map([], |r| {
+                .query_map(params![only], |r| {
                     Ok((
                         r.get::<_, String>(0)?,
                         r.get::<_, String>(1)?,
@@ -796,9 +805,9 @@ impl SqliteCore {
         }
         let mut held_prefetch: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         {
-            let mut st = conn.prepare("SELECT node, key, hash FROM node_prefetch")?;
+            let mut st = conn.prepare("SELECT node, key, hash FROM node_prefetch WHERE ?1 IS NULL OR node = ?1")?;
             let rows = st
-                .query_map([], |r| {
+                .query_map(params![only], |r| {
                     Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -840,14 +849,26 @@ impl SqliteCore {
     pub fn commit_plan(&self, plan: &Plan) -> Result<BTreeMap<String, u64>> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
-        tx.execute("DELETE FROM assignments", [])?;
-        for (id, nodes) in &plan.assignments {
-            for n in nodes {
-                tx.execute(
-                    "INSERT INTO assignments (kind, namespace, name, node) VALUES (?1, ?2, ?3, ?4)",
-                    params![id.kind.as_str(), id.namespace, id.name, n],
-                )?;
-            }
+        // Placements: write only the rows that differ from the stored ones.
+        let stored: BTreeSet<(String, String, String, String)> = {
+            let mut st = tx.prepare("SELECT kind, namespace, name, node FROM assignments")?;
+            let rows = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            rows
+        };
+        let planned = super::assignment_rows(&plan.assignments);
+        for (k, ns, name, node) in stored.difference(&planned) {
+            tx.execute(
+                "DELETE FROM assignments WHERE kind = ?1 AND namespace = ?2 AND name = ?3 AND node = ?4",
+                params![k, ns, name, node],
+            )?;
+        }
+        for (k, ns, name, node) in planned.difference(&stored) {
+            tx.execute(
+                "INSERT INTO assignments (kind, namespace, name, node) VALUES (?1, ?2, ?3, ?4)",
+                params![k, ns, name, node],
+            )?;
         }
         let mut bumped = BTreeMap::new();
         for (node, change) in &plan.changes {
@@ -1137,6 +1158,10 @@ impl Store for SqliteStore {
     }
     async fn schedule_inputs(&self) -> Result<ScheduleInputs> {
         blocking!(self, c => c.schedule_inputs())
+    }
+    async fn schedule_inputs_for(&self, node: &str) -> Result<ScheduleInputs> {
+        let n = node.to_string();
+        blocking!(self, c => c.schedule_inputs_of(Some(&n)))
     }
     async fn commit_plan(&self, plan: &Plan) -> Result<BTreeMap<String, u64>> {
         let p = plan.clone();

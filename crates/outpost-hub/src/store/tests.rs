@@ -56,6 +56,21 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// One number read from the database behind the store's back.
+    async fn count(&self, sql: &'static str) -> anyhow::Result<i64> {
+        Ok(match self {
+            Backend::Sqlite(_) => Connection::open(self.path())?.query_row(sql, [], |r| r.get(0))?,
+            Backend::Pg(url) => {
+                let pool = sqlx::PgPool::connect(url).await?;
+                let n: i64 = sqlx::query_scalar(sql).fetch_one(&pool).await?;
+                pool.close().await;
+                n
+            }
+        })
+    }
+}
+
 macro_rules! both {
     ($($case:ident),* $(,)?) => {$(
         mod $case {
@@ -91,6 +106,7 @@ both!(
     gitops_state_round_trips,
     images_and_schedule_inputs_round_trip,
     a_newer_schema_is_refused,
+    an_unchanged_plan_writes_nothing_and_bumps_nothing,
 );
 
 fn token(id: &str, uses: Option<u64>) -> TokenRow {
@@ -755,4 +771,82 @@ fn store_urls_are_shown_without_their_password() {
     ] {
         assert_eq!(pg::redact(url), shown);
     }
+}
+
+/// Placements are diffed: committing the plan that is stored writes no assignment row and
+/// bumps no generation; a changed placement writes only its own rows; a node's inputs hold
+/// only its rows.
+async fn an_unchanged_plan_writes_nothing_and_bumps_nothing(b: Backend) -> anyhow::Result<()> {
+    let s = b.open().await;
+    s.create_token(&token("t", None)).await?;
+    for n in ["n1", "n2", "n3"] {
+        s.join("t", "s", &new_node(n), 0).await?;
+    }
+    let dep = objects(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 2\n  template:\n    spec:\n      containers: [{name: c, image: nginx:1}]\n",
+    );
+    s.apply(&dep, 1).await?;
+    let mut plan = change("n1", &[("deployment/default/web", "h")], &[]);
+    plan.changes.insert(
+        "n2".into(),
+        change("n2", &[("deployment/default/web", "h")], &[]).changes["n2"].clone(),
+    );
+    plan.assignments
+        .insert(dep[0].id(), ["n1".to_string(), "n2".to_string()].into());
+    let first = s.commit_plan(&plan).await?;
+    assert_eq!(first.keys().collect::<Vec<_>>(), ["n1", "n2"]);
+    let gens = |inputs: &ScheduleInputs| inputs.nodes.iter().map(|n| n.generation).collect::<Vec<_>>();
+    let before = s.schedule_inputs().await?;
+
+    // Count every write to the placements from here on.
+    b.exec(
+        "CREATE TABLE writes (x INTEGER);
+         CREATE TRIGGER wi AFTER INSERT ON assignments BEGIN INSERT INTO writes VALUES (1); END;
+         CREATE TRIGGER wd AFTER DELETE ON assignments BEGIN INSERT INTO writes VALUES (1); END;
+         CREATE TRIGGER wu AFTER UPDATE ON assignments BEGIN INSERT INTO writes VALUES (1); END;",
+        "CREATE TABLE writes (x INTEGER);
+         CREATE FUNCTION count_write() RETURNS trigger AS $$ BEGIN INSERT INTO writes VALUES (1); RETURN NULL; END $$ LANGUAGE plpgsql;
+         CREATE TRIGGER w AFTER INSERT OR UPDATE OR DELETE ON assignments FOR EACH ROW EXECUTE FUNCTION count_write();",
+    )
+    .await?;
+    let unchanged = Plan {
+        assignments: before.assignments.clone(),
+        ..Default::default()
+    };
+    assert_eq!(s.commit_plan(&unchanged).await?, BTreeMap::new(), "nothing bumped");
+    assert_eq!(
+        b.count("SELECT COUNT(*) FROM writes").await?,
+        0,
+        "no placement row written"
+    );
+    let after = s.schedule_inputs().await?;
+    assert_eq!(gens(&after), gens(&before));
+    assert_eq!(after.assignments, before.assignments);
+
+    // One replica moves from n2 to n3: one row out, one in; no generation moves without a change.
+    let mut moved = unchanged.clone();
+    moved
+        .assignments
+        .insert(dep[0].id(), ["n1".to_string(), "n3".to_string()].into());
+    assert_eq!(s.commit_plan(&moved).await?, BTreeMap::new());
+    assert_eq!(
+        b.count("SELECT COUNT(*) FROM writes").await?,
+        2,
+        "one delete and one insert"
+    );
+    assert_eq!(
+        s.schedule_inputs().await?.assignments[&dep[0].id()],
+        ["n1".to_string(), "n3".to_string()].into()
+    );
+    // A workload gone from the plan loses its placements.
+    assert_eq!(s.commit_plan(&Plan::default()).await?, BTreeMap::new());
+    assert!(s.schedule_inputs().await?.assignments.is_empty());
+
+    // One node's inputs: its rows only, the rest as for the fleet.
+    let one = s.schedule_inputs_for("n2").await?;
+    assert_eq!(one.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["n2"]);
+    assert_eq!(one.held.keys().collect::<Vec<_>>(), ["n2"]);
+    assert_eq!(one.objects.len(), 1);
+    assert!(s.schedule_inputs_for("nobody").await?.nodes.is_empty());
+    Ok(())
 }
