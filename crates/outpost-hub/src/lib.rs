@@ -182,14 +182,18 @@ impl Hub {
         })
         .await
         .context("hub start-up task failed")??;
-        let store: Arc<dyn Store> = match (sqlite, &cfg.store) {
-            (Some(s), _) => Arc::new(s),
-            (None, Some(url)) => Arc::new(store::PgStore::connect(url).await.with_context(|| {
-                format!(
-                    "cannot open the PostgreSQL store {}; check that the server runs and the URL is right",
-                    store::pg_redact(url)
-                )
-            })?),
+        let (store, pg): (Arc<dyn Store>, Option<sqlx::PgPool>) = match (sqlite, &cfg.store) {
+            (Some(s), _) => (Arc::new(s), None),
+            (None, Some(url)) => {
+                let s = store::PgStore::connect(url).await.with_context(|| {
+                    format!(
+                        "cannot open the PostgreSQL store {}; check that the server runs and the URL is right",
+                        store::pg_redact(url)
+                    )
+                })?;
+                let pool = s.pool();
+                (Arc::new(s), Some(pool))
+            }
             (None, None) => anyhow::bail!("no store configured"),
         };
 
@@ -203,10 +207,22 @@ impl Hub {
         };
         let monitor = monitor::Monitor::open(&monitor_db, monitor_cfg.webhooks.clone())
             .with_context(|| format!("cannot open the monitoring tables in {}", monitor_db.display()))?;
-        let data = data::DataStore::open(&monitor_db)
-            .with_context(|| format!("cannot open the pipeline data tables in {}", monitor_db.display()))?;
-        let accounts = accounts::Accounts::open(&monitor_db, cfg.audit_max_age)
-            .with_context(|| format!("cannot open the account tables in {}", monitor_db.display()))?;
+        // Accounts, sessions, audit and pipeline records: in the shared database on PostgreSQL
+        // (every replica sees them), in hub.db on SQLite.
+        let (data, accounts): (data::DataStore, Arc<dyn store::AccountStore>) = match &pg {
+            Some(pool) => (
+                data::DataStore::on(Arc::new(store::records::PgRecords::new(pool.clone()))),
+                Arc::new(store::accounts::PgAccounts::new(pool.clone(), cfg.audit_max_age)),
+            ),
+            None => (
+                data::DataStore::open(&monitor_db)
+                    .with_context(|| format!("cannot open the pipeline data tables in {}", monitor_db.display()))?,
+                Arc::new(store::accounts::SqliteAccounts(Arc::new(
+                    accounts::Accounts::open(&monitor_db, cfg.audit_max_age)
+                        .with_context(|| format!("cannot open the account tables in {}", monitor_db.display()))?,
+                ))),
+            ),
+        };
         let settings = service::Settings {
             offline_after: cfg.offline_after,
             long_poll: cfg.long_poll,
@@ -222,6 +238,13 @@ impl Hub {
             node_cert_lifetime: cfg.node_cert_lifetime,
         };
         images::sweep_stale_uploads(&settings.images_dir);
+        let blobs = match &pg {
+            Some(pool) => store::blobs::BlobStore::Pg {
+                pool: pool.clone(),
+                upload_dir: settings.images_dir.clone(),
+            },
+            None => store::blobs::BlobStore::Disk(settings.images_dir.clone()),
+        };
         let svc = Arc::new(service::Service::new(
             store,
             Arc::new(monitor),
@@ -230,6 +253,7 @@ impl Hub {
             settings,
             accounts,
             cfg.sessions,
+            blobs,
         ));
         svc.spawn_status_writer();
         // Catch up on anything committed before a crash but not yet scheduled.

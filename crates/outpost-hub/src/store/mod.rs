@@ -36,19 +36,27 @@ use outpost_api::{
 };
 use outpost_core::waves::Rollout;
 
+pub mod accounts;
+pub mod blobs;
 mod pg;
+pub mod records;
 mod sqlite;
 pub mod testkit;
 #[cfg(test)]
 mod tests;
 
+pub use accounts::AccountStore;
 pub use pg::{redact as pg_redact, PgStore};
+pub use records::RecordStore;
 pub use sqlite::{SqliteCore, SqliteStore};
 
 /// Current schema version, kept in `meta.schema_version`. 2: token `node_labels`, two-phase
 /// renewal (`nodes.next_cert_fp`), `kubernetes.io/hostname` forced to the node's name.
 /// 3: fleet rollouts (`rollouts`, `node_prefetch`, `node_workloads.revision`).
-pub const SCHEMA_VERSION: i64 = 3;
+/// 4: on PostgreSQL, accounts, audit, sessions, pipeline records, blobs and the CA in the
+/// database (`store::accounts`, `store::records`, `store::blobs`, `hub_secrets`); on SQLite no
+/// change (those stay in their own `hub.db` tables and the data dir).
+pub const SCHEMA_VERSION: i64 = 4;
 /// Events kept per node (older ones are pruned when new ones arrive).
 pub const EVENTS_KEPT: i64 = 1000;
 

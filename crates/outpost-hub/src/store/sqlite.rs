@@ -252,7 +252,7 @@ fn add_column(conn: &Connection, table: &str, column: &str, decl: &str) -> Resul
 type SqliteStep = (i64, fn(&Connection) -> Result<()>);
 
 /// The SQLite migrations, in order; the last one's version is [`SCHEMA_VERSION`].
-const SQLITE_MIGRATIONS: &[SqliteStep] = &[(2, sqlite_v2), (3, sqlite_v3)];
+const SQLITE_MIGRATIONS: &[SqliteStep] = &[(2, sqlite_v2), (3, sqlite_v3), (4, sqlite_v4)];
 
 /// 2: token `node_labels`, two-phase renewal, `kubernetes.io/hostname` owned by the hub.
 fn sqlite_v2(tx: &Connection) -> Result<()> {
@@ -274,6 +274,12 @@ fn sqlite_v3(tx: &Connection) -> Result<()> {
         "UPDATE node_workloads SET revision = COALESCE(json_extract(spec, '$.revision'), 0) WHERE revision = 0",
         [],
     )?;
+    Ok(())
+}
+
+/// 4: nothing on SQLite (the version moved the accounts, records, blobs and CA into
+/// PostgreSQL; here they stay in their modules' tables and the data dir).
+fn sqlite_v4(_tx: &Connection) -> Result<()> {
     Ok(())
 }
 
