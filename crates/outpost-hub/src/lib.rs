@@ -151,9 +151,13 @@ pub struct Hub {
     pub ca_pem: String,
     /// SHA-256 of the CA certificate (the pin in join tokens).
     pub ca_fingerprint: String,
+    /// The admin token; empty on a PostgreSQL replica that did not create it and has no copy
+    /// in its data dir (docs/postgres.md).
     pub admin_token: String,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    /// The data dir's hub lock, held shared (SQLite; `store::migrate`).
+    _lock: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
 impl Hub {
@@ -171,14 +175,17 @@ impl Hub {
         let advertise = cfg.advertise.clone();
         let on_sqlite = cfg.store.is_none();
         let ca_secret = cfg.ca_secret.clone();
-        let (material, sqlite) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        // On SQLite the CA and admin token live in the data dir; on PostgreSQL in the database
+        // (`store::authority`), loaded below once the store is open.
+        let (material, sqlite, lock) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            if !on_sqlite {
+                return Ok((None, None, None));
+            }
             let material = data_dir.load_or_create(&advertise, ca_secret.as_deref())?;
-            let store = if on_sqlite {
-                Some(SqliteStore::open(&db_path).with_context(|| format!("cannot open {}", db_path.display()))?)
-            } else {
-                None
-            };
-            Ok((material, store))
+            // Held while the hub runs: `outpost hub migrate` refuses a running hub.
+            let lock = store::migrate::hold_hub_lock(&data_dir.root)?;
+            let store = SqliteStore::open(&db_path).with_context(|| format!("cannot open {}", db_path.display()))?;
+            Ok((Some(material), Some(store), Some(lock)))
         })
         .await
         .context("hub start-up task failed")??;
@@ -194,6 +201,18 @@ impl Hub {
                 let pool = s.pool();
                 (Arc::new(s), Some(pool))
             }
+            (None, None) => anyhow::bail!("no store configured"),
+        };
+        let material = match (material, &pg) {
+            (Some(m), _) => m,
+            (None, Some(pool)) => store::authority::load_or_create(
+                pool,
+                &files::DataDir::new(cfg.data_dir.clone()),
+                &cfg.advertise,
+                cfg.ca_secret.as_deref(),
+            )
+            .await
+            .context("cannot load the hub's CA from the PostgreSQL store")?,
             (None, None) => anyhow::bail!("no store configured"),
         };
 
@@ -234,7 +253,7 @@ impl Hub {
         let authority = service::Authority {
             ca: material.ca.clone(),
             ca_fingerprint: ca_fingerprint.clone(),
-            admin_token_sha256: service::sha256(&material.admin_token),
+            admin_token_sha256: material.admin_token_sha256,
             node_cert_lifetime: cfg.node_cert_lifetime,
         };
         images::sweep_stale_uploads(&settings.images_dir);
@@ -291,6 +310,7 @@ impl Hub {
             admin_token: material.admin_token,
             stop,
             task,
+            _lock: lock,
         };
         Ok((hub, material.created_admin_token))
     }

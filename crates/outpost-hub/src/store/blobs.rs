@@ -112,48 +112,10 @@ impl BlobStore {
                 Ok(true)
             }
             BlobStore::Pg { pool, .. } => {
-                digest_hex(digest)?;
-                let mut f = tokio::fs::File::open(&tmp)
-                    .await
-                    .map_err(|e| io_err("reading the upload", e))?;
-                let size = f.metadata().await.map_err(|e| io_err("reading the upload", e))?.len();
                 let mut tx = pool.begin().await.map_err(pg_err)?;
-                let fresh = sqlx::query(
-                    "INSERT INTO blobs (digest, size, chunk_size, stored_at) VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (digest) DO NOTHING",
-                )
-                .bind(digest)
-                .bind(size as i64)
-                .bind(CHUNK as i64)
-                .bind(outpost_api::now_ms())
-                .execute(&mut *tx)
-                .await
-                .map_err(pg_err)?
-                .rows_affected()
-                    > 0;
-                if !fresh {
-                    return Ok(false);
-                }
-                let mut buf = vec![0u8; CHUNK];
-                let mut n = 0i64;
-                loop {
-                    let got = read_full(&mut f, &mut buf)
-                        .await
-                        .map_err(|e| io_err("reading the upload", e))?;
-                    if got == 0 {
-                        break;
-                    }
-                    sqlx::query("INSERT INTO blob_chunks (digest, n, data) VALUES ($1, $2, $3)")
-                        .bind(digest)
-                        .bind(n)
-                        .bind(&buf[..got])
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(pg_err)?;
-                    n += 1;
-                }
+                let fresh = copy_file_in(&mut *tx, digest, &tmp).await?;
                 tx.commit().await.map_err(pg_err)?;
-                Ok(true)
+                Ok(fresh)
             }
         }
     }
@@ -264,4 +226,49 @@ async fn read_full(f: &mut tokio::fs::File, buf: &mut [u8]) -> std::io::Result<u
         got += n;
     }
     Ok(got)
+}
+
+/// Copy a verified file into `blobs`/`blob_chunks` inside the caller's transaction, in [`CHUNK`]
+/// pieces. False when the digest is stored already (nothing is copied).
+pub async fn copy_file_in(tx: &mut sqlx::PgConnection, digest: &str, path: &Path) -> Result<bool, HubError> {
+    digest_hex(digest)?;
+    let mut f = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| io_err("reading the upload", e))?;
+    let size = f.metadata().await.map_err(|e| io_err("reading the upload", e))?.len();
+    let fresh = sqlx::query(
+        "INSERT INTO blobs (digest, size, chunk_size, stored_at) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (digest) DO NOTHING",
+    )
+    .bind(digest)
+    .bind(size as i64)
+    .bind(CHUNK as i64)
+    .bind(outpost_api::now_ms())
+    .execute(&mut *tx)
+    .await
+    .map_err(pg_err)?
+    .rows_affected()
+        > 0;
+    if !fresh {
+        return Ok(false);
+    }
+    let mut buf = vec![0u8; CHUNK];
+    let mut n = 0i64;
+    loop {
+        let got = read_full(&mut f, &mut buf)
+            .await
+            .map_err(|e| io_err("reading the upload", e))?;
+        if got == 0 {
+            break;
+        }
+        sqlx::query("INSERT INTO blob_chunks (digest, n, data) VALUES ($1, $2, $3)")
+            .bind(digest)
+            .bind(n)
+            .bind(&buf[..got])
+            .execute(&mut *tx)
+            .await
+            .map_err(pg_err)?;
+        n += 1;
+    }
+    Ok(true)
 }

@@ -37,7 +37,9 @@ use outpost_api::{
 use outpost_core::waves::Rollout;
 
 pub mod accounts;
+pub mod authority;
 pub mod blobs;
+pub mod migrate;
 mod pg;
 pub mod records;
 mod sqlite;
