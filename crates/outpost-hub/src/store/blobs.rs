@@ -113,7 +113,7 @@ impl BlobStore {
             }
             BlobStore::Pg { pool, .. } => {
                 let mut tx = pool.begin().await.map_err(pg_err)?;
-                let fresh = copy_file_in(&mut *tx, digest, &tmp).await?;
+                let fresh = copy_file_in(&mut tx, digest, &tmp).await?;
                 tx.commit().await.map_err(pg_err)?;
                 Ok(fresh)
             }

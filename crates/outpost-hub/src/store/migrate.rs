@@ -229,7 +229,7 @@ pub async fn migrate(from: &Path, pool: &PgPool, secret: &[u8]) -> anyhow::Resul
                 continue;
             };
             let digest = format!("sha256:{hex}");
-            super::blobs::copy_file_in(&mut *tx, &digest, &e.path()).await?;
+            super::blobs::copy_file_in(&mut tx, &digest, &e.path()).await?;
             blobs += 1;
         }
     }
