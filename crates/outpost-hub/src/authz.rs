@@ -98,13 +98,7 @@ impl Service {
         if !token.starts_with("opu_") {
             return Err(HubError::Unauthorized);
         }
-        let t = token.to_string();
-        let now = now_ms();
-        let accounts = self.accounts.clone();
-        let found = tokio::task::spawn_blocking(move || accounts.authenticate(&t, now))
-            .await
-            .map_err(|e| HubError::Internal(format!("account task failed: {e}")))?
-            .map_err(|e| HubError::Internal(format!("account tables: {e}")))?;
+        let found = self.accounts.authenticate(token, now_ms()).await?;
         match found {
             Ok(Some(u)) => Ok(Caller {
                 name: u.name,
@@ -130,18 +124,19 @@ impl Service {
         let (user, csrf_sha) = self
             .sessions
             .check(id, now_ms())
+            .await
             .map_err(|e| HubError::Credential(e.to_string()))?;
         if mutating && csrf.map(sha256) != Some(csrf_sha) {
             return Err(HubError::NotAllowed(
                 "this request comes with a session cookie but without its CSRF token: send the token the login returned in the X-CSRF-Token header".into(),
             ));
         }
-        let u = self.account(&user).await?.ok_or_else(|| {
-            self.sessions.remove_user(&user);
-            HubError::Credential(format!(
+        let Some(u) = self.account(&user).await? else {
+            self.sessions.remove_user(&user).await;
+            return Err(HubError::Credential(format!(
                 "the account {user} of this session was removed; log in with another"
-            ))
-        })?;
+            )));
+        };
         Ok(Caller {
             name: u.name,
             role: u.role,
@@ -152,24 +147,7 @@ impl Service {
     }
 
     async fn account(&self, name: &str) -> Result<Option<UserRow>, HubError> {
-        let n = name.to_string();
-        self.adb(move |a| a.user(&n)).await
-    }
-
-    /// Run an account-table call on the blocking pool.
-    pub async fn adb<T, F>(&self, f: F) -> Result<T, HubError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&crate::accounts::Accounts) -> Result<T, rusqlite::Error> + Send + 'static,
-    {
-        let a = self.accounts.clone();
-        tokio::task::spawn_blocking(move || f(&a))
-            .await
-            .map_err(|e| HubError::Internal(format!("account task failed: {e}")))?
-            .map_err(|e| match e {
-                e if crate::error::is_disk_full(&e) => HubError::DiskFull,
-                e => HubError::Internal(format!("account tables: {e}")),
-            })
+        Ok(self.accounts.user(name).await?)
     }
 
     // -----------------------------------------------------------------------------------------
@@ -211,14 +189,14 @@ impl Service {
                 return Err(e);
             }
         };
-        let s = self.sessions.create(&caller.name, now_ms());
+        let s = self.sessions.create(&caller.name, now_ms()).await;
         self.audit(&caller, "login", "session", "", Ok(())).await;
         Ok((s, caller))
     }
 
     /// `DELETE /v1/session`.
     pub async fn logout(&self, caller: &Caller, id: &str) {
-        self.sessions.remove(id);
+        self.sessions.remove(id).await;
         self.audit(caller, "logout", "session", "", Ok(())).await;
     }
 
@@ -250,7 +228,7 @@ impl Service {
             },
         };
         tracing::info!(user = %e.user, action = %e.action, target = %e.target, peer = %e.peer, result = %e.result, "audit");
-        if let Err(err) = self.adb(move |a| a.record(&e)).await {
+        if let Err(err) = self.accounts.record(&e).await {
             tracing::error!(error = %err, "cannot write the audit log");
         }
     }
@@ -596,7 +574,7 @@ impl Service {
             password,
             created_at: now,
         };
-        match self.adb(move |a| a.add_user(&row, expires_at)).await? {
+        match self.accounts.add_user(&row, expires_at).await? {
             Some(t) => {
                 tracing::info!(user = %req.name, role = %role, "account added");
                 Ok(Reply::UserToken(t))
@@ -609,11 +587,10 @@ impl Service {
     }
 
     pub(crate) async fn remove_user(&self, name: String) -> Result<Reply, HubError> {
-        let n = name.clone();
-        if !self.adb(move |a| a.remove_user(&n)).await? {
+        if !self.accounts.remove_user(&name).await? {
             return Err(HubError::NotFound(format!("user {name} (see `outpost user ls`)")));
         }
-        self.sessions.remove_user(&name);
+        self.sessions.remove_user(&name).await;
         tracing::info!(user = %name, "account removed");
         Ok(Reply::Deleted(DeleteResponse {
             deleted: vec![format!("user/{name}")],
@@ -624,17 +601,17 @@ impl Service {
     pub(crate) async fn new_user_token(&self, name: String, expires_secs: Option<u64>) -> Result<Reply, HubError> {
         let now = now_ms();
         let expires_at = expiry(expires_secs, now)?;
-        let n = name.clone();
-        self.adb(move |a| a.new_token(&n, expires_at, now))
+        self.accounts
+            .new_token(&name, expires_at, now)
             .await?
             .map(Reply::UserToken)
             .ok_or_else(|| HubError::NotFound(format!("user {name} (see `outpost user ls`)")))
     }
 
     pub(crate) async fn revoke_user_tokens(&self, name: String, id: Option<String>) -> Result<Reply, HubError> {
-        let (n, i) = (name.clone(), id.clone());
         let revoked = self
-            .adb(move |a| a.revoke(&n, i.as_deref(), now_ms()))
+            .accounts
+            .revoke(&name, id.as_deref(), now_ms())
             .await?
             .ok_or_else(|| HubError::NotFound(format!("user {name} (see `outpost user ls`)")))?;
         if let (Some(id), true) = (&id, revoked.is_empty()) {
@@ -653,9 +630,7 @@ impl Service {
     ) -> Result<Reply, HubError> {
         let since = since_secs.map_or(0, |s| outpost_api::ms_before(now_ms(), s));
         let limit = limit.unwrap_or(1000).min(AUDIT_LIMIT);
-        Ok(Reply::Audit(
-            self.adb(move |a| a.audit(since, user.as_deref(), limit)).await?,
-        ))
+        Ok(Reply::Audit(self.accounts.audit(since, user.as_deref(), limit).await?))
     }
 }
 

@@ -129,7 +129,7 @@ pub fn all(svc: &Service) -> Vec<Controller> {
             name: "data-retention",
             run: Box::new(|svc, _| {
                 Box::pin(async move {
-                    match svc.ddb(|d| d.prune(now_ms())).await {
+                    match svc.data.prune(now_ms()).await {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(records = n, "pruned pipeline records past their retention"),
                         Err(e) => tracing::warn!(error = %e, "pruning pipeline records failed; retrying in a minute"),

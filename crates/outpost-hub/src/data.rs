@@ -8,11 +8,13 @@
 //! cache after every reschedule. (Nodes get pipelines as revisions in their desired state,
 //! rolled out like workloads: `outpost_core::render::render_pipeline`.)
 //!
-//! A leaf module like `crate::monitor`: its own table (`data_records`) on its own connection to
-//! hub.db, SQLite and the wire types only. Called on the blocking pool (`Service::ddb`).
+//! The records live behind `crate::store::records::RecordStore`: on SQLite, the table
+//! `data_records` on its own connection to hub.db ([`SqliteRecords`], called on the blocking
+//! pool); on PostgreSQL, the same table in the shared database, so every replica reads what any
+//! of them stored.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outpost_api::pipeline::{DataRecord, Pipeline, RecordKind, StoredRecord};
@@ -32,10 +34,16 @@ CREATE INDEX IF NOT EXISTS data_records_stream ON data_records (stream, cursor);
 CREATE INDEX IF NOT EXISTS data_records_received ON data_records (pipeline, received_at);
 ";
 
+/// The pipeline records (on either backend) and the cached Pipeline objects.
 pub struct DataStore {
-    conn: Mutex<Connection>,
+    records: Arc<dyn crate::store::RecordStore>,
     /// Pipeline objects with their revisions, as last loaded.
     pipelines: Mutex<Vec<(Pipeline, u64)>>,
+}
+
+/// The `data_records` table on SQLite (hub.db).
+pub struct SqliteRecords {
+    conn: Mutex<Connection>,
 }
 
 /// What `GET /v1/data` asks for.
@@ -56,6 +64,67 @@ pub struct DataQuery {
 type R<T> = Result<T, rusqlite::Error>;
 
 impl DataStore {
+    /// Records on SQLite, in the hub's database file.
+    pub fn open(path: &Path) -> R<Self> {
+        Ok(Self::on(Arc::new(crate::store::records::SqliteRecordStore(Arc::new(
+            SqliteRecords::open(path)?,
+        )))))
+    }
+
+    /// Records on any backend.
+    pub fn on(records: Arc<dyn crate::store::RecordStore>) -> Self {
+        Self {
+            records,
+            pipelines: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn in_memory() -> Self {
+        Self::open(Path::new(":memory:")).expect("in-memory SQLite")
+    }
+
+    /// Store a batch in one transaction; returns how many ids were new.
+    pub async fn insert(&self, node: &str, records: &[DataRecord], now: UnixMs) -> crate::store::Result<u64> {
+        self.records.insert(node, records, now).await
+    }
+
+    pub async fn query(&self, q: &DataQuery, now: UnixMs) -> crate::store::Result<Vec<StoredRecord>> {
+        self.records.query(q, now).await
+    }
+
+    /// Delete records past their pipeline's retention. Returns how many went.
+    pub async fn prune(&self, now: UnixMs) -> crate::store::Result<u64> {
+        let retention = self.retention();
+        self.records.prune(&retention, now).await
+    }
+
+    /// Each known pipeline's retention in seconds (the longest of its hub sinks).
+    fn retention(&self) -> Vec<(String, u64)> {
+        self.pipelines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(p, _)| {
+                let secs = p
+                    .spec
+                    .sinks
+                    .iter()
+                    .filter(|s| s.type_ == "hub")
+                    .map(|s| s.retention_secs())
+                    .max()
+                    .unwrap_or(outpost_api::pipeline::DEFAULT_RETENTION_SECS);
+                (p.metadata.name.clone(), secs)
+            })
+            .collect()
+    }
+
+    /// Replace the pipelines.
+    pub fn set_pipelines(&self, p: Vec<(Pipeline, u64)>) {
+        *self.pipelines.lock().unwrap_or_else(|x| x.into_inner()) = p;
+    }
+}
+
+impl SqliteRecords {
     pub fn open(path: &Path) -> R<Self> {
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
@@ -64,14 +133,7 @@ impl DataStore {
         // Writers take the write lock up front, so a busy database waits instead of failing.
         conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
         conn.execute_batch(SCHEMA)?;
-        Ok(Self {
-            conn: Mutex::new(conn),
-            pipelines: Mutex::new(Vec::new()),
-        })
-    }
-
-    pub fn in_memory() -> Self {
-        Self::open(Path::new(":memory:")).expect("in-memory SQLite")
+        Ok(Self { conn: Mutex::new(conn) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -150,28 +212,12 @@ impl DataStore {
         Ok(out)
     }
 
-    /// Delete records past their pipeline's retention. Returns how many went.
-    pub fn prune(&self, now: UnixMs) -> R<u64> {
-        let retention: Vec<(String, u64)> = self
-            .pipelines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(p, _)| {
-                let secs = p
-                    .spec
-                    .sinks
-                    .iter()
-                    .filter(|s| s.type_ == "hub")
-                    .map(|s| s.retention_secs())
-                    .max()
-                    .unwrap_or(outpost_api::pipeline::DEFAULT_RETENTION_SECS);
-                (p.metadata.name.clone(), secs)
-            })
-            .collect();
+    /// Delete records past their pipeline's retention (name, seconds; others: the default).
+    /// Returns how many went.
+    pub fn prune(&self, retention: &[(String, u64)], now: UnixMs) -> R<u64> {
         let c = self.lock();
         let mut n = 0;
-        for (name, secs) in &retention {
+        for (name, secs) in retention {
             n += c.execute(
                 "DELETE FROM data_records WHERE pipeline = ?1 AND received_at < ?2",
                 params![name, outpost_api::ms_before(now, *secs)],
@@ -189,11 +235,6 @@ impl DataStore {
             )? as u64;
         }
         Ok(n)
-    }
-
-    /// Replace the pipelines.
-    pub fn set_pipelines(&self, p: Vec<(Pipeline, u64)>) {
-        *self.pipelines.lock().unwrap_or_else(|x| x.into_inner()) = p;
     }
 }
 
@@ -215,21 +256,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn each_id_is_stored_once_per_node_and_read_back_in_order() {
+    #[tokio::test]
+    async fn each_id_is_stored_once_per_node_and_read_back_in_order() {
         let d = DataStore::in_memory();
         let batch = [
             rec("a-1-0", "s", RecordKind::Record),
             rec("a-2-0", "s", RecordKind::Anomaly),
         ];
-        assert_eq!(d.insert("n1", &batch, 100).unwrap(), 2);
+        assert_eq!(d.insert("n1", &batch, 100).await.unwrap(), 2);
         assert_eq!(
-            d.insert("n1", &batch, 101).unwrap(),
+            d.insert("n1", &batch, 101).await.unwrap(),
             0,
             "a redelivered batch stores nothing"
         );
-        assert_eq!(d.insert("n2", &batch[..1], 102).unwrap(), 1, "ids are per node");
-        let all = d.query(&DataQuery::default(), 200).unwrap();
+        assert_eq!(d.insert("n2", &batch[..1], 102).await.unwrap(), 1, "ids are per node");
+        let all = d.query(&DataQuery::default(), 200).await.unwrap();
         assert_eq!(all.len(), 3);
         assert!(all.windows(2).all(|w| w[0].cursor < w[1].cursor));
         let q = DataQuery {
@@ -237,7 +278,7 @@ mod tests {
             kind: Some("anomaly".into()),
             ..Default::default()
         };
-        let a = d.query(&q, 200).unwrap();
+        let a = d.query(&q, 200).await.unwrap();
         assert_eq!(a.len(), 1);
         assert_eq!(a[0].record.id, "a-2-0");
         let after = d
@@ -249,12 +290,13 @@ mod tests {
                 },
                 200,
             )
+            .await
             .unwrap();
         assert_eq!(after[0].cursor, all[1].cursor);
     }
 
-    #[test]
-    fn retention_prunes_by_pipeline() {
+    #[tokio::test]
+    async fn retention_prunes_by_pipeline() {
         let d = DataStore::in_memory();
         let p: Pipeline = serde_json::from_value(json!({
             "apiVersion": "outpost.dev/v1", "kind": "Pipeline", "metadata": {"name": "p"},
@@ -262,10 +304,11 @@ mod tests {
         }))
         .unwrap();
         d.set_pipelines(vec![(p, 1)]);
-        d.insert("n", &[rec("old", "s", RecordKind::Record)], 0).unwrap();
+        d.insert("n", &[rec("old", "s", RecordKind::Record)], 0).await.unwrap();
         d.insert("n", &[rec("new", "s", RecordKind::Record)], 3_500_000)
+            .await
             .unwrap();
-        assert_eq!(d.prune(3_600_001).unwrap(), 1);
-        assert_eq!(d.query(&DataQuery::default(), 0).unwrap()[0].record.id, "new");
+        assert_eq!(d.prune(3_600_001).await.unwrap(), 1);
+        assert_eq!(d.query(&DataQuery::default(), 0).await.unwrap()[0].record.id, "new");
     }
 }

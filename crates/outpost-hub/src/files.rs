@@ -111,7 +111,11 @@ pub struct Material {
     pub ca: CaMaterial,
     pub server_chain_pem: String,
     pub server_key_pem: String,
+    /// The admin token; empty on a replica that did not create it (PostgreSQL: only the
+    /// replica that created it has the plaintext, in its data dir).
     pub admin_token: String,
+    /// SHA-256 of the admin token (what requests are checked against).
+    pub admin_token_sha256: [u8; 32],
     /// Some on first start only.
     pub created_admin_token: Option<String>,
 }
@@ -154,7 +158,7 @@ impl DataDir {
 
     /// The CA key from what `ca.key` holds: open a sealed one with `secret`; seal a plain one
     /// when there is a secret (an install from before secrets, upgraded in place).
-    fn ca_key(&self, stored: &str, secret: Option<&[u8]>) -> anyhow::Result<String> {
+    pub(crate) fn ca_key(&self, stored: &str, secret: Option<&[u8]>) -> anyhow::Result<String> {
         let path = self.path("ca.key");
         if outpost_pki::sealed::is_sealed(stored) {
             let Some(s) = secret else {
@@ -199,12 +203,39 @@ impl DataDir {
         Ok(if was_sealed { Rotated::Resealed } else { Rotated::Sealed })
     }
 
-    /// Create the directory (0700) and load or create the CA, server certificate and admin token.
-    pub fn load_or_create(&self, advertise: &[String], secret: Option<&[u8]>) -> anyhow::Result<Material> {
+    /// Create the directory (0700) if missing.
+    pub fn prepare(&self) -> anyhow::Result<()> {
         fs::create_dir_all(&self.root).with_context(|| format!("cannot create data dir {}", self.root.display()))?;
         fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("cannot set mode 0700 on {}", self.root.display()))?;
+            .with_context(|| format!("cannot set mode 0700 on {}", self.root.display()))
+    }
 
+    /// The CA this data dir holds (`ca.pem`, `ca.key` opened with `secret`), if any.
+    pub fn existing_ca(&self, secret: Option<&[u8]>) -> anyhow::Result<Option<CaMaterial>> {
+        match (read(&self.path("ca.pem"))?, read(&self.path("ca.key"))?) {
+            (Some(cert_pem), Some(stored)) => Ok(Some(CaMaterial {
+                cert_pem,
+                key_pem: self.ca_key(&stored, secret)?,
+            })),
+            _ => Ok(None),
+        }
+    }
+
+    /// The admin token in `admin.token`, if any.
+    pub fn existing_admin_token(&self) -> anyhow::Result<Option<String>> {
+        Ok(read(&self.path("admin.token"))?
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty()))
+    }
+
+    /// Write a new admin token to `admin.token` (0600).
+    pub fn write_admin_token(&self, t: &str) -> anyhow::Result<()> {
+        write_atomic(&self.path("admin.token"), format!("{t}\n").as_bytes(), 0o600)
+    }
+
+    /// Create the directory (0700) and load or create the CA, server certificate and admin token.
+    pub fn load_or_create(&self, advertise: &[String], secret: Option<&[u8]>) -> anyhow::Result<Material> {
+        self.prepare()?;
         let ca = match (read(&self.path("ca.pem"))?, read(&self.path("ca.key"))?) {
             (Some(cert_pem), Some(stored)) => CaMaterial {
                 cert_pem,
@@ -226,11 +257,34 @@ impl DataDir {
                 self.root.display()
             ),
         };
-        ca.fingerprint()
-            .context("ca.pem is not a valid certificate; restore it from a backup")?;
+        let (server_chain_pem, server_key_pem) = self.server_cert(&ca, advertise)?;
+        let (admin_token, created_admin_token) = match self.existing_admin_token()? {
+            Some(t) => (t, None),
+            None => {
+                let t = random_hex(32);
+                self.write_admin_token(&t)?;
+                (t.clone(), Some(t))
+            }
+        };
+        Ok(Material {
+            ca,
+            server_chain_pem,
+            server_key_pem,
+            admin_token_sha256: crate::service::sha256(&admin_token),
+            admin_token,
+            created_admin_token,
+        })
+    }
 
+    /// The server certificate for `advertise`, issued by `ca`: the stored one while it was
+    /// issued for these names by this CA, else a new one.
+    pub fn server_cert(&self, ca: &CaMaterial, advertise: &[String]) -> anyhow::Result<(String, String)> {
+        let fp = ca
+            .fingerprint()
+            .context("the CA certificate is not valid; restore it from a backup")?;
         let names = server_names(advertise);
-        let names_text = names.join("\n");
+        // The CA's fingerprint is recorded too: a certificate from another CA is re-issued.
+        let names_text = format!("{}\nca {fp}", names.join("\n"));
         let stored = (
             read(&self.path("server.pem"))?,
             read(&self.path("server.key"))?,
@@ -249,22 +303,7 @@ impl DataDir {
                 (c, k)
             }
         };
-
-        let (admin_token, created_admin_token) = match read(&self.path("admin.token"))? {
-            Some(t) if !t.trim().is_empty() => (t.trim().to_string(), None),
-            _ => {
-                let t = random_hex(32);
-                write_atomic(&self.path("admin.token"), format!("{t}\n").as_bytes(), 0o600)?;
-                (t.clone(), Some(t))
-            }
-        };
-        Ok(Material {
-            ca,
-            server_chain_pem,
-            server_key_pem,
-            admin_token,
-            created_admin_token,
-        })
+        Ok((server_chain_pem, server_key_pem))
     }
 }
 

@@ -1,7 +1,8 @@
 //! Images delivered through the hub, for sites that cannot reach a registry.
 //!
 //! `outpost image push` uploads the `docker save` archive of an image once: blobs are stored by
-//! the SHA-256 of their content under `<data-dir>/images/sha256-<hex>` (so pushing the same
+//! the SHA-256 of their content (`crate::store::blobs`: under `<data-dir>/images/sha256-<hex>`
+//! on SQLite, in the shared database on PostgreSQL) (so pushing the same
 //! archive again, or under another name, stores nothing new) and names point at blobs in the
 //! `image_tags` table. Agents resolve a name to a digest and download the blob over their own
 //! mTLS link, resuming with `Range: bytes=N-` after a broken link.
@@ -14,7 +15,6 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -22,7 +22,7 @@ use futures_util::StreamExt;
 use outpost_api::ImageTag;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::error::HubError;
 use outpost_core::access::{Action, Target};
@@ -33,7 +33,7 @@ use crate::service::{Command, ImageReader, Query, Reply, Service};
 type St = State<Arc<Service>>;
 
 /// Prefix of upload temporary files in the images directory.
-const UPLOAD_PREFIX: &str = ".upload-";
+pub(crate) const UPLOAD_PREFIX: &str = ".upload-";
 
 /// Remove the temporary files of uploads a crash interrupted (none is running at start).
 /// Returns how many were removed.
@@ -56,7 +56,7 @@ pub fn sweep_stale_uploads(dir: &std::path::Path) -> usize {
 }
 
 /// Why writing an upload failed: a full disk (or file size limit) is the operator's to fix.
-fn storage_error(e: std::io::Error) -> HubError {
+pub(crate) fn storage_error(e: std::io::Error) -> HubError {
     use nix::errno::Errno;
     match e.raw_os_error().map(Errno::from_raw) {
         Some(Errno::ENOSPC | Errno::EFBIG | Errno::EDQUOT) => {
@@ -115,11 +115,10 @@ async fn store_blob(
     check: impl FnOnce(&std::path::Path) -> Result<(), HubError>,
 ) -> Result<(Response, Option<u64>), HubError> {
     let digest = digest.to_string();
-    let path = svc.blob_path(&digest)?;
-    if path.exists() {
+    if svc.blobs.size(&digest).await?.is_some() {
         return Ok((StatusCode::OK.into_response(), None));
     }
-    let images_dir = &svc.settings.images_dir;
+    let images_dir = svc.blobs.upload_dir();
     std::fs::create_dir_all(images_dir).map_err(storage_error)?;
     // Removed when dropped: on every error return, and when the client goes away mid-upload
     // (the handler is dropped).
@@ -147,7 +146,9 @@ async fn store_blob(
         )));
     }
     check(&tmp)?;
-    tmp.persist(&path).map_err(|e| storage_error(e.error))?;
+    if !svc.blobs.put_file(&digest, tmp).await? {
+        return Ok((StatusCode::OK.into_response(), None));
+    }
     tracing::info!(digest = %digest, bytes = size, "blob stored");
     Ok((StatusCode::CREATED.into_response(), Some(size)))
 }
@@ -161,11 +162,8 @@ pub async fn get_blob(
     Path(digest): Path<String>,
 ) -> Result<Response, HubError> {
     svc.image_reader(caller.as_ref(), &peer).await?;
-    let path = svc.blob_path(&digest)?;
-    let mut f = tokio::fs::File::open(&path)
-        .await
-        .map_err(|_| HubError::NotFound(format!("image archive {digest}")))?;
-    let len = f.metadata().await.map_err(|e| HubError::Internal(e.to_string()))?.len();
+    let not_found = || HubError::NotFound(format!("image archive {digest}"));
+    let len = svc.blobs.size(&digest).await?.ok_or_else(not_found)?;
     let from = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
@@ -173,12 +171,15 @@ pub async fn get_blob(
         .and_then(|v| v.strip_suffix('-'))
         .and_then(|v| v.parse::<u64>().ok())
         .filter(|n| *n < len);
+    let blob = svc
+        .blobs
+        .read(&digest, from.unwrap_or(0))
+        .await?
+        .ok_or_else(not_found)?;
+    let len = blob.len;
     let mut resp = match from {
         Some(n) => {
-            f.seek(std::io::SeekFrom::Start(n))
-                .await
-                .map_err(|e| HubError::Internal(e.to_string()))?;
-            let mut r = Response::new(Body::from_stream(tokio_util::io::ReaderStream::new(f)));
+            let mut r = Response::new(blob.body);
             *r.status_mut() = StatusCode::PARTIAL_CONTENT;
             let range = format!("bytes {n}-{}/{len}", len - 1);
             r.headers_mut()
@@ -187,7 +188,7 @@ pub async fn get_blob(
             r
         }
         None => {
-            let mut r = Response::new(Body::from_stream(tokio_util::io::ReaderStream::new(f)));
+            let mut r = Response::new(blob.body);
             r.headers_mut().insert(header::CONTENT_LENGTH, len.into());
             r
         }
@@ -200,7 +201,7 @@ pub async fn get_blob(
 /// `HEAD /v1/images/blobs/{digest}` (admin): is it stored already?
 pub async fn head_blob(State(svc): St, c: Caller, Path(digest): Path<String>) -> Result<StatusCode, HubError> {
     c.require(Action::PushImage, Target::Fleet)?;
-    Ok(if svc.blob_path(&digest)?.exists() {
+    Ok(if svc.blobs.size(&digest).await?.is_some() {
         StatusCode::OK
     } else {
         StatusCode::NOT_FOUND

@@ -151,9 +151,13 @@ pub struct Hub {
     pub ca_pem: String,
     /// SHA-256 of the CA certificate (the pin in join tokens).
     pub ca_fingerprint: String,
+    /// The admin token; empty on a PostgreSQL replica that did not create it and has no copy
+    /// in its data dir (docs/postgres.md).
     pub admin_token: String,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    /// The data dir's hub lock, held shared (SQLite; `store::migrate`).
+    _lock: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
 impl Hub {
@@ -172,39 +176,57 @@ impl Hub {
         let advertise = cfg.advertise.clone();
         let on_sqlite = cfg.store.is_none();
         let ca_secret = cfg.ca_secret.clone();
-        let (material, sqlite) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        // On SQLite the CA and admin token live in the data dir; on PostgreSQL in the database
+        // (`store::authority`), loaded below once the store is open.
+        let (material, sqlite, lock) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            if !on_sqlite {
+                return Ok((None, None, None));
+            }
             let material = data_dir.load_or_create(&advertise, ca_secret.as_deref())?;
-            let store = if on_sqlite {
-                Some(SqliteStore::open(&db_path).with_context(|| format!("cannot open {}", db_path.display()))?)
-            } else {
-                None
-            };
-            Ok((material, store))
+            // Held while the hub runs: `outpost hub migrate` refuses a running hub.
+            let lock = store::migrate::hold_hub_lock(&data_dir.root)?;
+            let store = SqliteStore::open(&db_path).with_context(|| format!("cannot open {}", db_path.display()))?;
+            Ok((Some(material), Some(store), Some(lock)))
         })
         .await
         .context("hub start-up task failed")??;
         // The monitoring tables and the controllers' leases live with the store: in hub.db on
         // SQLite, in the store's database on PostgreSQL (nothing of them in the data dir).
-        let (store, monitor): (Arc<dyn Store>, Arc<dyn monitor::MonitorStore>) = match (sqlite, &cfg.store) {
-            (Some(s), _) => {
-                let path = monitor_db.clone();
-                let hooks = cfg.webhooks.clone();
-                let m = tokio::task::spawn_blocking(move || monitor::SqliteMonitor::open(&path, hooks))
-                    .await
-                    .context("hub start-up task failed")?
-                    .with_context(|| format!("cannot open the monitoring tables in {}", monitor_db.display()))?;
-                (Arc::new(s), Arc::new(monitor::SqliteMonitorStore(Arc::new(m))))
-            }
-            (None, Some(url)) => {
-                let pg = store::PgStore::connect(url).await.with_context(|| {
-                    format!(
-                        "cannot open the PostgreSQL store {}; check that the server runs and the URL is right",
-                        store::pg_redact(url)
-                    )
-                })?;
-                let m = pg.monitor(cfg.webhooks.clone());
-                (Arc::new(pg), Arc::new(m))
-            }
+        #[allow(clippy::type_complexity)]
+        let (store, monitor, pg): (Arc<dyn Store>, Arc<dyn monitor::MonitorStore>, Option<sqlx::PgPool>) =
+            match (sqlite, &cfg.store) {
+                (Some(s), _) => {
+                    let path = monitor_db.clone();
+                    let hooks = cfg.webhooks.clone();
+                    let m = tokio::task::spawn_blocking(move || monitor::SqliteMonitor::open(&path, hooks))
+                        .await
+                        .context("hub start-up task failed")?
+                        .with_context(|| format!("cannot open the monitoring tables in {}", monitor_db.display()))?;
+                    (Arc::new(s), Arc::new(monitor::SqliteMonitorStore(Arc::new(m))), None)
+                }
+                (None, Some(url)) => {
+                    let pg = store::PgStore::connect(url).await.with_context(|| {
+                        format!(
+                            "cannot open the PostgreSQL store {}; check that the server runs and the URL is right",
+                            store::pg_redact(url)
+                        )
+                    })?;
+                    let m = pg.monitor(cfg.webhooks.clone());
+                    let pool = pg.pool();
+                    (Arc::new(pg), Arc::new(m), Some(pool))
+                }
+                (None, None) => anyhow::bail!("no store configured"),
+            };
+        let material = match (material, &pg) {
+            (Some(m), _) => m,
+            (None, Some(pool)) => store::authority::load_or_create(
+                pool,
+                &files::DataDir::new(cfg.data_dir.clone()),
+                &cfg.advertise,
+                cfg.ca_secret.as_deref(),
+            )
+            .await
+            .context("cannot load the hub's CA from the PostgreSQL store")?,
             (None, None) => anyhow::bail!("no store configured"),
         };
 
@@ -216,10 +238,22 @@ impl Hub {
             offline_alert: cfg.node_offline_alert,
             ..Default::default()
         };
-        let data = data::DataStore::open(&monitor_db)
-            .with_context(|| format!("cannot open the pipeline data tables in {}", monitor_db.display()))?;
-        let accounts = accounts::Accounts::open(&monitor_db, cfg.audit_max_age)
-            .with_context(|| format!("cannot open the account tables in {}", monitor_db.display()))?;
+        // Accounts, sessions, audit and pipeline records: in the shared database on PostgreSQL
+        // (every replica sees them), in hub.db on SQLite.
+        let (data, accounts): (data::DataStore, Arc<dyn store::AccountStore>) = match &pg {
+            Some(pool) => (
+                data::DataStore::on(Arc::new(store::records::PgRecords::new(pool.clone()))),
+                Arc::new(store::accounts::PgAccounts::new(pool.clone(), cfg.audit_max_age)),
+            ),
+            None => (
+                data::DataStore::open(&monitor_db)
+                    .with_context(|| format!("cannot open the pipeline data tables in {}", monitor_db.display()))?,
+                Arc::new(store::accounts::SqliteAccounts(Arc::new(
+                    accounts::Accounts::open(&monitor_db, cfg.audit_max_age)
+                        .with_context(|| format!("cannot open the account tables in {}", monitor_db.display()))?,
+                ))),
+            ),
+        };
         let settings = service::Settings {
             offline_after: cfg.offline_after,
             long_poll: cfg.long_poll,
@@ -231,10 +265,17 @@ impl Hub {
         let authority = service::Authority {
             ca: material.ca.clone(),
             ca_fingerprint: ca_fingerprint.clone(),
-            admin_token_sha256: service::sha256(&material.admin_token),
+            admin_token_sha256: material.admin_token_sha256,
             node_cert_lifetime: cfg.node_cert_lifetime,
         };
         images::sweep_stale_uploads(&settings.images_dir);
+        let blobs = match &pg {
+            Some(pool) => store::blobs::BlobStore::Pg {
+                pool: pool.clone(),
+                upload_dir: settings.images_dir.clone(),
+            },
+            None => store::blobs::BlobStore::Disk(settings.images_dir.clone()),
+        };
         let svc = Arc::new(service::Service::new(
             store,
             monitor,
@@ -243,6 +284,7 @@ impl Hub {
             settings,
             accounts,
             cfg.sessions,
+            blobs,
         ));
         svc.spawn_status_writer();
         // Catch up on anything committed before a crash but not yet scheduled.
@@ -280,6 +322,7 @@ impl Hub {
             admin_token: material.admin_token,
             stop,
             task,
+            _lock: lock,
         };
         Ok((hub, material.created_admin_token))
     }

@@ -3,7 +3,7 @@
 //!
 //! Models share the image blob store ([`crate::images`]): uploaded by content
 //! (`PUT /v1/models/blobs/{digest}`, streamed to a temporary file and hashed on the way), stored
-//! under `<data-dir>/images/sha256-<hex>`, downloaded by nodes with `GET /v1/images/blobs/{digest}`
+//! with them (`crate::store::blobs`: files in `<data-dir>/images` or chunks in PostgreSQL), downloaded by nodes with `GET /v1/images/blobs/{digest}`
 //! and `Range` to resume. A model upload is also checked to be an ONNX model
 //! ([`outpost_api::onnx::check_onnx`], streaming, constant memory) before it is kept: a corrupt
 //! or non-ONNX file is refused with the reason and nothing is stored. Names live in the image
@@ -48,15 +48,13 @@ pub async fn put_blob(
 /// `POST /v1/models/tags` (admin): name a stored model (`{"name": "digits:v2", "digest": ...}`).
 pub async fn put_tag(State(svc): St, c: Caller, ApiJson(mut t): ApiJson<ImageTag>) -> Result<Reply, HubError> {
     c.require(Action::PushImage, Target::Fleet)?;
-    let path = svc.blob_path(&t.digest)?;
-    if !path.exists() {
+    let Some(local) = svc.blobs.local(&t.digest).await? else {
         return Err(HubError::BadRequest(format!(
             "no model {} on the hub: upload it first (`outpost model push`)",
             t.digest
         )));
-    }
-    let p = path.clone();
-    tokio::task::spawn_blocking(move || onnx_check(&p))
+    };
+    tokio::task::spawn_blocking(move || onnx_check(local.path()))
         .await
         .map_err(|e| HubError::Internal(e.to_string()))??;
     let name = t.name.clone();

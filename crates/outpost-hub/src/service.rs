@@ -17,7 +17,8 @@
 //! Must never: speak HTTP (status codes live in `crate::error` only), decide placement, a
 //! rollout step or an alert itself (those are `outpost-core`'s pure functions), or block an
 //! async task on SQLite (the store is async: `SqliteStore` runs its calls on the blocking pool;
-//! the monitoring tables are the async [`MonitorStore`]; the pipeline tables go through `ddb`).
+//! the monitoring tables are the async [`MonitorStore`]; accounts and pipeline records go
+//! through their async stores).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -397,10 +398,12 @@ pub struct Service {
     pub gitops: crate::gitops::Repos,
     /// AlertPolicy objects (namespace/name, spec), refreshed after each change.
     policies: RwLock<Vec<(String, AlertPolicySpec)>>,
-    /// Operator accounts, their tokens and the audit log (`crate::accounts`).
-    pub accounts: Arc<crate::accounts::Accounts>,
+    /// Operator accounts, their tokens, the audit log and sessions (`crate::store::accounts`).
+    pub accounts: Arc<dyn crate::store::AccountStore>,
     /// Browser sessions (`crate::session`).
     pub sessions: crate::session::Sessions,
+    /// Image and model blobs (`crate::store::blobs`).
+    pub blobs: crate::store::blobs::BlobStore,
     /// What open dashboard pages listen to, and recent vitals (`crate::dashboard`).
     pub live: crate::dashboard::Live,
     /// Serializes every change to objects and nodes together with the reschedule that follows.
@@ -434,17 +437,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Service {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<dyn Store>,
         monitor: Arc<dyn MonitorStore>,
         data: Arc<DataStore>,
         authority: Authority,
         settings: Settings,
-        accounts: crate::accounts::Accounts,
+        accounts: Arc<dyn crate::store::AccountStore>,
         sessions: crate::session::SessionLimits,
+        blobs: crate::store::blobs::BlobStore,
     ) -> Self {
         let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
-        let accounts = Arc::new(accounts);
         Self {
             store,
             monitor,
@@ -457,6 +461,7 @@ impl Service {
             gitops: crate::gitops::Repos::default(),
             policies: RwLock::new(Vec::new()),
             sessions: crate::session::Sessions::with_db(sessions, accounts.clone()),
+            blobs,
             accounts,
             live: crate::dashboard::Live::default(),
             write_lock: tokio::sync::Mutex::new(()),
@@ -470,22 +475,6 @@ impl Service {
 
     // -----------------------------------------------------------------------------------------
     // Plumbing
-
-    /// Run a pipeline-record call on the blocking pool.
-    pub async fn ddb<T, F>(&self, f: F) -> Result<T, HubError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&DataStore) -> Result<T, rusqlite::Error> + Send + 'static,
-    {
-        let d = self.data.clone();
-        tokio::task::spawn_blocking(move || f(&d))
-            .await
-            .map_err(|e| HubError::Internal(format!("data task failed: {e}")))?
-            .map_err(|e| match e {
-                e if crate::error::is_disk_full(&e) => HubError::DiskFull,
-                e => HubError::Internal(format!("data database: {e}")),
-            })
-    }
 
     /// Count committed alert transitions, log them, and wake the webhook sender.
     pub fn announce(&self, out: &[AlertInfo]) {
@@ -916,21 +905,13 @@ impl Service {
         })
     }
 
-    /// Where the archive of `digest` lives (it may not exist).
-    pub fn blob_path(&self, digest: &str) -> Result<std::path::PathBuf, HubError> {
-        let hex = digest
-            .strip_prefix("sha256:")
-            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-            .ok_or_else(|| HubError::BadRequest(format!("{digest:?} is not a digest like sha256:<64 hex digits>")))?;
-        Ok(self.settings.images_dir.join(format!("sha256-{hex}")))
-    }
-
     async fn tag_image(&self, mut t: ImageTag) -> Result<ImageTag, HubError> {
         t.validate().map_err(|e| HubError::BadRequest(e.to_string()))?;
-        let path = self.blob_path(&t.digest)?;
-        let meta = std::fs::metadata(&path)
-            .map_err(|_| HubError::BadRequest(format!("no archive {} on the hub: upload it first", t.digest)))?;
-        t.size = meta.len();
+        t.size = self
+            .blobs
+            .size(&t.digest)
+            .await?
+            .ok_or_else(|| HubError::BadRequest(format!("no archive {} on the hub: upload it first", t.digest)))?;
         t.pushed_at = now_ms();
         let row = t.clone();
         self.store.put_image_tag(&row).await?;
@@ -1038,7 +1019,7 @@ impl Service {
             } => crate::gitops::diff(self, &namespace, &name, commit)
                 .await
                 .map(|d| Reply::GitDiff(Box::new(d))),
-            Query::Users => Ok(Reply::Users(self.adb(|a| a.users()).await?)),
+            Query::Users => Ok(Reply::Users(self.accounts.users().await?)),
             Query::Audit {
                 since_secs,
                 user,
@@ -1051,7 +1032,7 @@ impl Service {
                     )));
                 }
                 let now = now_ms();
-                Ok(Reply::Records(self.ddb(move |d| d.query(&q, now)).await?))
+                Ok(Reply::Records(self.data.query(&q, now).await?))
             }
         }
     }
@@ -1871,8 +1852,8 @@ impl Service {
         self.authorize_node(peer, node).await?;
         let batch = decode()?;
         let now = now_ms();
-        let (n, records) = (node.to_string(), batch.records.len());
-        let stored = self.ddb(move |d| d.insert(&n, &batch.records, now)).await?;
+        let records = batch.records.len();
+        let stored = self.data.insert(node, &batch.records, now).await?;
         tracing::debug!(node = %node, records, stored, "pipeline records stored");
         Ok(stored)
     }

@@ -6,8 +6,10 @@
 //!   (anything but GET and HEAD) must carry the CSRF token in `X-CSRF-Token`;
 //! - a session ends after an idle time and an absolute lifetime
 //!   (`outpost_core::access::session_validity`), at logout (`DELETE /v1/session`), and when
-//!   its account is removed. Sessions are kept in the accounts database (`sessions` table,
-//!   `crate::accounts`) and cached in memory: a hub restart keeps everyone logged in.
+//!   its account is removed. Sessions are kept in the accounts store (`sessions` table,
+//!   `crate::store::accounts`) and cached in memory: a hub restart keeps everyone logged in.
+//!   When the store is shared by several replicas (PostgreSQL), every check reads the row, so
+//!   a session made on one replica works on all and a logout on one ends it on all.
 //!
 //! The hub keeps the SHA-256 of each session id and of its CSRF token, never the values. A
 //! session's last use is written to the database at most once a minute ([`TOUCH_EVERY_MS`]), so
@@ -24,10 +26,10 @@ use outpost_api::accounts::SESSION_COOKIE;
 use outpost_api::UnixMs;
 use outpost_core::access::{self, Validity};
 
-use crate::accounts::Accounts;
 use crate::error::human_duration;
 use crate::files::random_hex;
 use crate::service::sha256;
+use crate::store::AccountStore;
 
 /// A session's last use is written to the database at most this often.
 pub const TOUCH_EVERY_MS: i64 = 60_000;
@@ -95,7 +97,7 @@ pub struct Sessions {
     limits: SessionLimits,
     map: Mutex<HashMap<[u8; 32], Session>>,
     /// Where sessions persist (None: memory only).
-    db: Option<Arc<Accounts>>,
+    db: Option<Arc<dyn AccountStore>>,
 }
 
 fn ms(d: Duration) -> i64 {
@@ -113,17 +115,16 @@ impl Sessions {
     }
 
     /// Sessions kept in the accounts database too (they survive a hub restart).
-    pub fn with_db(limits: SessionLimits, db: Arc<Accounts>) -> Self {
+    pub fn with_db(limits: SessionLimits, db: Arc<dyn AccountStore>) -> Self {
         Self {
             db: Some(db),
             ..Self::new(limits)
         }
     }
 
-    /// Run `f` on the database, if any; an error is logged (memory still answers).
-    fn db<T>(&self, what: &str, f: impl FnOnce(&Accounts) -> Result<T, rusqlite::Error>) -> Option<T> {
-        let db = self.db.as_ref()?;
-        match f(db) {
+    /// Log a database error (memory still answers).
+    fn logged<T>(what: &str, r: crate::store::Result<T>) -> Option<T> {
+        match r {
             Ok(v) => Some(v),
             Err(e) => {
                 tracing::error!(error = %e, op = what, "browser session database");
@@ -132,10 +133,17 @@ impl Sessions {
         }
     }
 
-    /// A session the database has and memory does not (the hub restarted).
-    fn load(&self, key: &[u8; 32]) -> Option<Session> {
+    /// Whether every check must read the database (several replicas share it).
+    fn shared(&self) -> bool {
+        self.db.as_ref().is_some_and(|d| d.shared())
+    }
+
+    /// A session the database has and memory does not (the hub restarted, or another replica
+    /// made it).
+    async fn load(&self, key: &[u8; 32]) -> Option<Session> {
+        let db = self.db.as_ref()?;
         let (user, csrf_hex, created_at, last_used) =
-            self.db("reading a session", |a| a.session(&hex::encode(key)))??;
+            Self::logged("reading a session", db.session(&hex::encode(key)).await)??;
         let csrf_sha256: [u8; 32] = hex::decode(csrf_hex).ok()?.try_into().ok()?;
         Some(Session {
             user,
@@ -151,18 +159,26 @@ impl Sessions {
     }
 
     /// Start a session for `user`; drops the expired ones on the way.
-    pub fn create(&self, user: &str, now: UnixMs) -> NewSession {
+    pub async fn create(&self, user: &str, now: UnixMs) -> NewSession {
         let id = random_hex(32);
         let csrf = random_hex(32);
         let (idle, max) = (ms(self.limits.idle), ms(self.limits.max));
         let (key, csrf_sha256) = (sha256(&id), sha256(&csrf));
-        self.db("storing a session", |a| {
-            a.prune_sessions(now.saturating_sub(idle), now.saturating_sub(max))?;
-            a.save_session(
-                &hex::encode(key),
-                &(user.to_string(), hex::encode(csrf_sha256), now, now),
-            )
-        });
+        if let Some(db) = &self.db {
+            Self::logged(
+                "pruning sessions",
+                db.prune_sessions(now.saturating_sub(idle), now.saturating_sub(max))
+                    .await,
+            );
+            Self::logged(
+                "storing a session",
+                db.save_session(
+                    &hex::encode(key),
+                    &(user.to_string(), hex::encode(csrf_sha256), now, now),
+                )
+                .await,
+            );
+        }
         let mut m = self.lock();
         m.retain(|_, s| access::session_validity(s.created_at, s.last_used, now, idle, max) == Validity::Valid);
         m.insert(
@@ -184,34 +200,56 @@ impl Sessions {
 
     /// The account of a live session, touching it; with `csrf` (mutating requests) the CSRF
     /// token must match too: Ok(Err(())) when it does not.
-    pub fn check(&self, id: &str, now: UnixMs) -> Result<(String, [u8; 32]), SessionRefusal> {
+    pub async fn check(&self, id: &str, now: UnixMs) -> Result<(String, [u8; 32]), SessionRefusal> {
         let key = sha256(id);
+        if self.shared() {
+            // Another replica may have ended it, or used it since: the row decides.
+            match self.load(&key).await {
+                Some(s) => {
+                    self.lock().insert(key, s);
+                }
+                None => {
+                    self.lock().remove(&key);
+                    return Err(SessionRefusal::Unknown);
+                }
+            }
+        }
         let known = self.lock().contains_key(&key);
         if !known {
-            let s = self.load(&key).ok_or(SessionRefusal::Unknown)?;
+            let s = self.load(&key).await.ok_or(SessionRefusal::Unknown)?;
             self.lock().entry(key).or_insert(s);
         }
-        let mut m = self.lock();
-        let s = m.get_mut(&key).ok_or(SessionRefusal::Unknown)?;
         let (idle, max) = (ms(self.limits.idle), ms(self.limits.max));
-        match access::session_validity(s.created_at, s.last_used, now, idle, max) {
-            Validity::Valid => {
-                s.last_used = now;
-                let touch = now.saturating_sub(s.stored_last_used) >= TOUCH_EVERY_MS;
-                if touch {
-                    s.stored_last_used = now;
+        // Decide under the lock, write to the database after it.
+        let outcome = {
+            let mut m = self.lock();
+            let s = m.get_mut(&key).ok_or(SessionRefusal::Unknown)?;
+            match access::session_validity(s.created_at, s.last_used, now, idle, max) {
+                Validity::Valid => {
+                    s.last_used = now;
+                    let touch = now.saturating_sub(s.stored_last_used) >= TOUCH_EVERY_MS;
+                    if touch {
+                        s.stored_last_used = now;
+                    }
+                    Ok((s.user.clone(), s.csrf_sha256, touch))
                 }
-                let out = (s.user.clone(), s.csrf_sha256);
-                drop(m);
-                if touch {
-                    self.db("touching a session", |a| a.touch_session(&hex::encode(key), now));
+                v => {
+                    m.remove(&key);
+                    Err(v)
                 }
-                Ok(out)
             }
-            v => {
-                m.remove(&key);
-                drop(m);
-                self.db("ending a session", |a| a.delete_session(&hex::encode(key)));
+        };
+        match outcome {
+            Ok((user, csrf, touch)) => {
+                if let (true, Some(db)) = (touch, &self.db) {
+                    Self::logged("touching a session", db.touch_session(&hex::encode(key), now).await);
+                }
+                Ok((user, csrf))
+            }
+            Err(v) => {
+                if let Some(db) = &self.db {
+                    Self::logged("ending a session", db.delete_session(&hex::encode(key)).await);
+                }
                 Err(match v {
                     Validity::Idle(ago) => SessionRefusal::Idle(ago, idle),
                     Validity::Expired(ago) => SessionRefusal::Expired(ago, max),
@@ -222,17 +260,20 @@ impl Sessions {
     }
 
     /// End a session (logout). False when there was none.
-    pub fn remove(&self, id: &str) -> bool {
+    pub async fn remove(&self, id: &str) -> bool {
         let key = sha256(id);
-        let stored = self
-            .db("ending a session", |a| a.delete_session(&hex::encode(key)))
-            .unwrap_or(false);
+        let stored = match &self.db {
+            Some(db) => Self::logged("ending a session", db.delete_session(&hex::encode(key)).await).unwrap_or(false),
+            None => false,
+        };
         self.lock().remove(&key).is_some() || stored
     }
 
     /// End every session of an account (removed).
-    pub fn remove_user(&self, user: &str) {
-        self.db("ending an account's sessions", |a| a.delete_user_sessions(user));
+    pub async fn remove_user(&self, user: &str) {
+        if let Some(db) = &self.db {
+            Self::logged("ending an account's sessions", db.delete_user_sessions(user).await);
+        }
         self.lock().retain(|_, s| s.user != user);
     }
 }
@@ -272,75 +313,83 @@ impl Sessions {
 mod tests {
     use super::*;
 
-    #[test]
-    fn sessions_expire_idle_and_absolute() {
+    #[tokio::test]
+    async fn sessions_expire_idle_and_absolute() {
         let s = Sessions::new(SessionLimits {
             idle: Duration::from_secs(60),
             max: Duration::from_secs(300),
         });
-        let a = s.create("alice", 0);
-        assert_eq!(s.check(&a.id, 30_000).unwrap().0, "alice");
+        let a = s.create("alice", 0).await;
+        assert_eq!(s.check(&a.id, 30_000).await.unwrap().0, "alice");
         // used at 30 s: alive at 80 s, idle-expired at 91 s
-        assert!(s.check(&a.id, 80_000).is_ok());
+        assert!(s.check(&a.id, 80_000).await.is_ok());
         assert!(matches!(
-            s.check(&a.id, 141_000),
+            s.check(&a.id, 141_000).await,
             Err(SessionRefusal::Idle(1000, 60_000))
         ));
         assert_eq!(
-            s.check(&a.id, 141_001),
+            s.check(&a.id, 141_001).await,
             Err(SessionRefusal::Unknown),
             "an ended session is gone"
         );
-        let b = s.create("bob", 0);
+        let b = s.create("bob", 0).await;
         for t in (50_000..300_000).step_by(50_000) {
-            assert!(s.check(&b.id, t).is_ok(), "used every 50 s: alive at {t}");
+            assert!(s.check(&b.id, t).await.is_ok(), "used every 50 s: alive at {t}");
         }
         assert!(matches!(
-            s.check(&b.id, 300_000),
+            s.check(&b.id, 300_000).await,
             Err(SessionRefusal::Expired(0, 300_000))
         ));
-        let c = s.create("carol", 0);
-        assert!(s.remove(&c.id));
-        assert_eq!(s.check(&c.id, 1), Err(SessionRefusal::Unknown));
-        let d = s.create("dave", 0);
-        s.remove_user("dave");
-        assert_eq!(s.check(&d.id, 1), Err(SessionRefusal::Unknown));
+        let c = s.create("carol", 0).await;
+        assert!(s.remove(&c.id).await);
+        assert_eq!(s.check(&c.id, 1).await, Err(SessionRefusal::Unknown));
+        let d = s.create("dave", 0).await;
+        s.remove_user("dave").await;
+        assert_eq!(s.check(&d.id, 1).await, Err(SessionRefusal::Unknown));
     }
 
-    #[test]
-    fn sessions_survive_a_restart_in_the_accounts_database() {
+    #[tokio::test]
+    async fn sessions_survive_a_restart_in_the_accounts_database() {
         let d = tempfile::tempdir().unwrap();
-        let db = Arc::new(Accounts::open(&d.path().join("hub.db"), crate::accounts::AUDIT_MAX_AGE).unwrap());
+        let db: Arc<dyn AccountStore> = Arc::new(crate::store::accounts::SqliteAccounts(Arc::new(
+            crate::accounts::Accounts::open(&d.path().join("hub.db"), crate::accounts::AUDIT_MAX_AGE).unwrap(),
+        )));
         let limits = SessionLimits {
             idle: Duration::from_secs(600),
             max: Duration::from_secs(3600),
         };
         let before = Sessions::with_db(limits, db.clone());
-        let a = before.create("alice", 0);
-        let b = before.create("bob", 0);
-        assert_eq!(db.session_count().unwrap(), 2);
+        let a = before.create("alice", 0).await;
+        let b = before.create("bob", 0).await;
+        assert_eq!(db.session_count().await.unwrap(), 2);
         // used at 2 min: written (at most once a minute)
-        assert!(before.check(&a.id, 120_000).is_ok());
+        assert!(before.check(&a.id, 120_000).await.is_ok());
         drop(before);
         // a new hub process: the same database, nothing in memory
         let after = Sessions::with_db(limits, db.clone());
-        let (user, csrf) = after.check(&a.id, 700_000).expect("alice's session after the restart");
+        let (user, csrf) = after
+            .check(&a.id, 700_000)
+            .await
+            .expect("alice's session after the restart");
         assert_eq!((user.as_str(), csrf), ("alice", sha256(&a.csrf)));
         assert!(
-            matches!(after.check(&b.id, 700_000), Err(SessionRefusal::Idle(..))),
+            matches!(after.check(&b.id, 700_000).await, Err(SessionRefusal::Idle(..))),
             "bob's session went idle across the restart"
         );
-        assert_eq!(db.session_count().unwrap(), 1, "the idle one is deleted");
-        assert_eq!(after.check("not-a-session", 700_000), Err(SessionRefusal::Unknown));
-        assert!(after.remove(&a.id), "logout");
-        assert_eq!(db.session_count().unwrap(), 0, "logout deletes the row");
-        let again = Sessions::with_db(limits, db.clone());
-        assert_eq!(again.check(&a.id, 700_001), Err(SessionRefusal::Unknown));
-        let c = again.create("carol", 700_000);
-        again.remove_user("carol");
-        assert_eq!(db.session_count().unwrap(), 0);
+        assert_eq!(db.session_count().await.unwrap(), 1, "the idle one is deleted");
         assert_eq!(
-            Sessions::with_db(limits, db).check(&c.id, 700_001),
+            after.check("not-a-session", 700_000).await,
+            Err(SessionRefusal::Unknown)
+        );
+        assert!(after.remove(&a.id).await, "logout");
+        assert_eq!(db.session_count().await.unwrap(), 0, "logout deletes the row");
+        let again = Sessions::with_db(limits, db.clone());
+        assert_eq!(again.check(&a.id, 700_001).await, Err(SessionRefusal::Unknown));
+        let c = again.create("carol", 700_000).await;
+        again.remove_user("carol").await;
+        assert_eq!(db.session_count().await.unwrap(), 0);
+        assert_eq!(
+            Sessions::with_db(limits, db).check(&c.id, 700_001).await,
             Err(SessionRefusal::Unknown)
         );
     }

@@ -521,6 +521,10 @@ enum CaSecretCmd {
         /// File holding the new secret (else OUTPOST_CA_KEY_NEW_SECRET).
         #[arg(long)]
         new_secret_file: Option<PathBuf>,
+        /// A `postgres://` URL: re-encrypt the CA key the replicas share in that database
+        /// instead of the data dir's (else OUTPOST_STORE).
+        #[arg(long, env = "OUTPOST_STORE")]
+        store: Option<String>,
     },
 }
 
@@ -529,6 +533,7 @@ fn ca_secret(c: CaSecretCli) -> Result<()> {
         data_dir,
         ca_secret_file,
         new_secret_file,
+        store,
     } = c.cmd;
     let dir = data_dir.unwrap_or_else(|| default_dir("hub"));
     let old = outpost_hub::files::ca_secret(ca_secret_file.as_deref())?;
@@ -550,6 +555,26 @@ fn ca_secret(c: CaSecretCli) -> Result<()> {
     if old.as_deref() == Some(&new[..]) {
         bail!("the new secret is the current one; give another");
     }
+    if let Some(url) = store.filter(|s| s.starts_with("postgres://") || s.starts_with("postgresql://")) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("tokio runtime")?;
+        rt.block_on(async {
+            let pg = outpost_hub::PgStore::connect(&url).await.with_context(|| {
+                format!(
+                    "cannot open the PostgreSQL store {}",
+                    outpost_hub::store::pg_redact(&url)
+                )
+            })?;
+            outpost_hub::store::authority::rotate(&pg.pool(), old.as_deref(), &new).await
+        })?;
+        println!(
+            "the CA key in {} was re-encrypted under the new secret; restart every hub replica with the new secret (OUTPOST_CA_KEY_SECRET or --ca-secret-file)",
+            outpost_hub::store::pg_redact(&url)
+        );
+        return Ok(());
+    }
     let done = outpost_hub::files::DataDir::new(dir.clone()).rotate_ca_secret(old.as_deref(), &new)?;
     let what = match done {
         outpost_hub::files::Rotated::Resealed => "re-encrypted under the new secret",
@@ -558,6 +583,56 @@ fn ca_secret(c: CaSecretCli) -> Result<()> {
     println!(
         "the CA key in {} {what}; restart every hub of this fleet with the new secret (OUTPOST_CA_KEY_SECRET or --ca-secret-file)",
         dir.join("ca.key").display()
+    );
+    Ok(())
+}
+
+/// `outpost hub migrate`: move an SQLite hub into PostgreSQL (docs/postgres.md).
+#[derive(Parser, Debug)]
+#[command(name = "outpost hub migrate")]
+struct MigrateCli {
+    /// The SQLite hub's data directory (the hub must be stopped).
+    #[arg(long)]
+    from: PathBuf,
+    /// The empty PostgreSQL database: a `postgres://` URL.
+    #[arg(long)]
+    to: String,
+    /// File holding the CA secret the key is sealed under in the database (else
+    /// OUTPOST_CA_KEY_SECRET); required.
+    #[arg(long)]
+    ca_secret_file: Option<PathBuf>,
+}
+
+fn migrate(c: MigrateCli) -> Result<()> {
+    if !(c.to.starts_with("postgres://") || c.to.starts_with("postgresql://")) {
+        bail!(
+            "--to: {} is not a postgres:// URL",
+            outpost_hub::store::pg_redact(&c.to)
+        );
+    }
+    let secret = outpost_hub::files::ca_secret(c.ca_secret_file.as_deref())?.context(
+        "the CA key goes into PostgreSQL only encrypted; set OUTPOST_CA_KEY_SECRET or --ca-secret-file (e.g. `openssl rand -hex 32`)",
+    )?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let shown = outpost_hub::store::pg_redact(&c.to);
+    let counts = rt.block_on(async {
+        let pg = outpost_hub::PgStore::connect(&c.to)
+            .await
+            .with_context(|| format!("cannot open the PostgreSQL store {shown}"))?;
+        outpost_hub::store::migrate::migrate(&c.from, &pg.pool(), &secret).await
+    })?;
+    for (what, n) in &counts {
+        match n {
+            Some(n) => println!("{what:<18} {n}"),
+            None => println!("{what:<18} skipped (no such table on one side)"),
+        }
+    }
+    println!(
+        "migrated {} into {shown}; start the hub with --store {shown} and the same CA secret (agents keep their identities)",
+        c.from.display()
     );
     Ok(())
 }
@@ -610,6 +685,7 @@ fn main() {
                     .map(|c| c.report("the outpost hub service")),
             ),
             Some("ca-secret") => Some(ca_secret(<CaSecretCli as Parser>::parse_from(&argv[2..]))),
+            Some("migrate") => Some(migrate(<MigrateCli as Parser>::parse_from(&argv[2..]))),
             Some("uninstall") => Some(
                 install::hub_uninstall(<install::HubUninstallArgs as Parser>::parse_from(&argv[2..]).u)
                     .map(|c| c.report("the outpost hub service (already uninstalled)")),

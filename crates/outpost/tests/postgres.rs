@@ -22,7 +22,7 @@ fn psql(url: &str, sql: &str) -> String {
 #[test]
 fn a_hub_on_postgres_joins_runs_reports_and_keeps_it_all_across_a_restart() {
     let Some(url) = database("e2e") else { return };
-    let mut hub = Hub::start_with(&["--store", &url], &[]);
+    let mut hub = Hub::start_with(&["--store", &url], &[("OUTPOST_CA_KEY_SECRET", "pg-e2e-secret")]);
     let t = hub.token(&["--labels", "zone=z1"]);
     let _a = hub.join("pg-keeper", &t).running();
     let m = marker();
@@ -40,7 +40,7 @@ fn a_hub_on_postgres_joins_runs_reports_and_keeps_it_all_across_a_restart() {
         psql(&url, "SELECT count(*) FROM workload_status WHERE node = 'pg-keeper'"),
         "1"
     );
-    assert_eq!(psql(&url, "SELECT value FROM meta WHERE key = 'schema_version'"), "4");
+    assert_eq!(psql(&url, "SELECT value FROM meta WHERE key = 'schema_version'"), "5");
 
     hub.restart();
     assert_eq!(hub.node("pg-keeper").unwrap()["labels"]["zone"], "z1");

@@ -126,7 +126,11 @@ fn killing_the_rollouts_lease_holder_mid_rollout_hands_over_without_a_duplicate_
     let target = Arc::new(AtomicU16::new(0));
     let front = relay(target.clone());
     let advertise = format!("https://127.0.0.1:{front}");
-    let env = [("OUTPOST_LEASE_MS", "3000"), ("OUTPOST_LEASE_RENEW_MS", "500")];
+    let env = [
+        ("OUTPOST_LEASE_MS", "3000"),
+        ("OUTPOST_LEASE_RENEW_MS", "500"),
+        ("OUTPOST_CA_KEY_SECRET", "replicas-lease-secret"),
+    ];
     let args = [
         "--store",
         db.as_str(),

@@ -36,17 +36,24 @@ use outpost_api::{
 };
 use outpost_core::waves::Rollout;
 
+pub mod accounts;
+pub mod authority;
+pub mod blobs;
+pub mod migrate;
 mod monitor_pg;
 #[cfg(test)]
 mod monitor_tests;
 mod pg;
+pub mod records;
 mod sqlite;
 pub mod testkit;
 #[cfg(test)]
 mod tests;
 
+pub use accounts::AccountStore;
 pub use monitor_pg::PgMonitor;
 pub use pg::{redact as pg_redact, PgStore};
+pub use records::RecordStore;
 pub use sqlite::{SqliteCore, SqliteStore};
 
 /// Current schema version, kept in `meta.schema_version`. 2: token `node_labels`, two-phase
@@ -54,7 +61,10 @@ pub use sqlite::{SqliteCore, SqliteStore};
 /// 3: fleet rollouts (`rollouts`, `node_prefetch`, `node_workloads.revision`).
 /// 4: the monitoring tables in the store's database on both backends, and `leases` (the
 /// controllers' leases with fencing tokens).
-pub const SCHEMA_VERSION: i64 = 4;
+/// 5: on PostgreSQL, accounts, audit, sessions, pipeline records, blobs and the CA in the
+/// database (`store::accounts`, `store::records`, `store::blobs`, `hub_secrets`); on SQLite no
+/// change (those stay in their own `hub.db` tables and the data dir).
+pub const SCHEMA_VERSION: i64 = 5;
 /// Events kept per node (older ones are pruned when new ones arrive).
 pub const EVENTS_KEPT: i64 = 1000;
 

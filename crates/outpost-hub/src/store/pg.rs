@@ -31,7 +31,7 @@ use super::*;
 /// The PostgreSQL migrations, in order: (the version a step brings the database to, its SQL).
 /// PostgreSQL support starts at version 3 (the SQLite schema's numbering), so its first step
 /// creates the whole version-3 schema; later steps each add one version to both backends.
-const PG_MIGRATIONS: &[(i64, &str)] = &[(3, PG_V3), (4, super::monitor_pg::PG_V4)];
+const PG_MIGRATIONS: &[(i64, &str)] = &[(3, PG_V3), (4, super::monitor_pg::PG_V4), (5, PG_V5)];
 
 const PG_V3: &str = r#"
 CREATE TABLE tokens (
@@ -77,6 +77,44 @@ CREATE TABLE events (
 CREATE TABLE gitops_state (
     repo TEXT COLLATE "C" PRIMARY KEY, state TEXT NOT NULL, updated_at BIGINT NOT NULL);
 CREATE SEQUENCE gen_seq;
+"#;
+
+/// 4: what lived only in the data dir and hub.db moves into the shared database: operator
+/// accounts, their tokens, the audit log and browser sessions (`store::accounts`), pipeline
+/// records (`store::records`), image and model blobs in chunks (`store::blobs`), and the CA
+/// certificate, the sealed CA key and the admin token's hash (`hub_secrets`, `crate::files`).
+/// (SQLite keeps these in `hub.db` tables of their own modules and the data dir.)
+const PG_V5: &str = r#"
+CREATE TABLE users (
+    name TEXT COLLATE "C" PRIMARY KEY, role TEXT NOT NULL, scope TEXT NOT NULL DEFAULT '',
+    password TEXT, created_at BIGINT NOT NULL);
+CREATE TABLE user_tokens (
+    id TEXT COLLATE "C" PRIMARY KEY, "user" TEXT COLLATE "C" NOT NULL, secret_sha256 TEXT NOT NULL UNIQUE,
+    expires_at BIGINT, revoked_at BIGINT, created_at BIGINT NOT NULL, last_used_at BIGINT);
+CREATE INDEX user_tokens_user ON user_tokens ("user");
+CREATE TABLE audit (
+    seq BIGSERIAL PRIMARY KEY, at BIGINT NOT NULL, "user" TEXT NOT NULL,
+    action TEXT NOT NULL, target TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '',
+    peer TEXT NOT NULL DEFAULT '', result TEXT NOT NULL);
+CREATE INDEX audit_at ON audit (at);
+CREATE TABLE sessions (
+    id_sha256 TEXT COLLATE "C" PRIMARY KEY, "user" TEXT COLLATE "C" NOT NULL, csrf_sha256 TEXT NOT NULL,
+    created_at BIGINT NOT NULL, last_used_at BIGINT NOT NULL);
+CREATE INDEX sessions_user ON sessions ("user");
+CREATE TABLE data_records (
+    "cursor" BIGSERIAL PRIMARY KEY, node TEXT COLLATE "C" NOT NULL, id TEXT COLLATE "C" NOT NULL,
+    pipeline TEXT COLLATE "C" NOT NULL, stream TEXT COLLATE "C" NOT NULL, at BIGINT NOT NULL, kind TEXT NOT NULL,
+    rules TEXT NOT NULL, key TEXT, data TEXT NOT NULL, received_at BIGINT NOT NULL,
+    UNIQUE (node, id));
+CREATE INDEX data_records_stream ON data_records (stream, "cursor");
+CREATE INDEX data_records_received ON data_records (pipeline, received_at);
+CREATE TABLE blobs (
+    digest TEXT COLLATE "C" PRIMARY KEY, size BIGINT NOT NULL, chunk_size BIGINT NOT NULL, stored_at BIGINT NOT NULL);
+CREATE TABLE blob_chunks (
+    digest TEXT COLLATE "C" NOT NULL REFERENCES blobs (digest) ON DELETE CASCADE, n BIGINT NOT NULL,
+    data BYTEA NOT NULL, PRIMARY KEY (digest, n));
+CREATE TABLE hub_secrets (
+    name TEXT COLLATE "C" PRIMARY KEY, value TEXT NOT NULL, updated_at BIGINT NOT NULL);
 "#;
 
 /// Any fixed number: the advisory lock hubs take while they migrate the schema.
@@ -201,6 +239,11 @@ impl PgStore {
             pool,
             contacts: Contacts::default(),
         })
+    }
+
+    /// The connection pool, shared with the account, record and blob stores.
+    pub fn pool(&self) -> PgPool {
+        self.pool.clone()
     }
 
     /// Write the contacts held in memory, inside the caller's transaction (in name order, so

@@ -252,7 +252,7 @@ fn add_column(conn: &Connection, table: &str, column: &str, decl: &str) -> Resul
 type SqliteStep = (i64, fn(&Connection) -> Result<()>);
 
 /// The SQLite migrations, in order; the last one's version is [`SCHEMA_VERSION`].
-const SQLITE_MIGRATIONS: &[SqliteStep] = &[(2, sqlite_v2), (3, sqlite_v3), (4, sqlite_v4)];
+const SQLITE_MIGRATIONS: &[SqliteStep] = &[(2, sqlite_v2), (3, sqlite_v3), (4, sqlite_v4), (5, sqlite_v5)];
 
 /// 2: token `node_labels`, two-phase renewal, `kubernetes.io/hostname` owned by the hub.
 fn sqlite_v2(tx: &Connection) -> Result<()> {
@@ -281,6 +281,12 @@ fn sqlite_v3(tx: &Connection) -> Result<()> {
 /// them when it opens the file).
 fn sqlite_v4(tx: &Connection) -> Result<()> {
     tx.execute_batch(crate::monitor::SCHEMA)?;
+    Ok(())
+}
+
+/// 5: nothing on SQLite (the version moved the accounts, records, blobs and CA into
+/// PostgreSQL; here they stay in their modules' tables and the data dir).
+fn sqlite_v5(_tx: &Connection) -> Result<()> {
     Ok(())
 }
 

@@ -42,6 +42,30 @@ impl Backend {
         self.try_open().await.expect("open the test store")
     }
 
+    /// The account store of this backend (the PostgreSQL one after the store migrated the
+    /// schema), with this audit age bound.
+    async fn accounts(&self, audit_max_age: std::time::Duration) -> Arc<dyn AccountStore> {
+        match self {
+            Backend::Sqlite(_) => Arc::new(accounts::SqliteAccounts(Arc::new(
+                crate::accounts::Accounts::open(&self.path(), audit_max_age).expect("account tables"),
+            ))),
+            Backend::Pg(url) => {
+                let s = PgStore::connect(url).await.expect("open the test store");
+                Arc::new(accounts::PgAccounts::new(s.pool(), audit_max_age))
+            }
+        }
+    }
+
+    async fn records(&self) -> crate::data::DataStore {
+        match self {
+            Backend::Sqlite(_) => crate::data::DataStore::open(&self.path()).expect("record tables"),
+            Backend::Pg(url) => {
+                let s = PgStore::connect(url).await.expect("open the test store");
+                crate::data::DataStore::on(Arc::new(records::PgRecords::new(s.pool())))
+            }
+        }
+    }
+
     /// Run SQL on the database behind the store's back (one dialect each).
     async fn exec(&self, sqlite: &str, pg: &'static str) -> anyhow::Result<()> {
         match self {
@@ -107,6 +131,11 @@ both!(
     images_and_schedule_inputs_round_trip,
     a_newer_schema_is_refused,
     an_unchanged_plan_writes_nothing_and_bumps_nothing,
+    accounts_users_roles_and_scopes,
+    account_tokens_expire_and_are_revoked,
+    audit_is_ordered_filtered_and_pruned,
+    sessions_are_created_touched_and_expire,
+    data_records_insert_query_limit_and_retention,
 );
 
 fn token(id: &str, uses: Option<u64>) -> TokenRow {
@@ -758,6 +787,262 @@ async fn a_newer_schema_is_refused(b: Backend) -> anyhow::Result<()> {
         Err(e) => panic!("wrong refusal: {e}"),
         Ok(_) => panic!("a database from a newer hub must be refused"),
     }
+    Ok(())
+}
+
+fn user(name: &str, role: outpost_core::access::Role, scope: &str) -> crate::accounts::UserRow {
+    crate::accounts::UserRow {
+        name: name.into(),
+        role,
+        scope: outpost_core::access::Scope::parse(scope).expect("scope"),
+        password: Some(format!("hash-of-{name}")),
+        created_at: 1000,
+    }
+}
+
+async fn accounts_users_roles_and_scopes(b: Backend) -> anyhow::Result<()> {
+    use outpost_core::access::Role;
+    let a = b.accounts(crate::accounts::AUDIT_MAX_AGE).await;
+    let t = a
+        .add_user(&user("ops", Role::Operator, "site=a"), None)
+        .await?
+        .expect("new");
+    assert_eq!(t.user, "ops");
+    assert!(t.token.starts_with(&format!("opu_{}_", t.id)));
+    assert!(
+        a.add_user(&user("ops", Role::Admin, ""), None).await?.is_none(),
+        "name taken"
+    );
+    a.add_user(&user("view", Role::Viewer, ""), Some(5000))
+        .await?
+        .expect("new");
+    let u = a.user("ops").await?.expect("stored");
+    assert_eq!(
+        (u.role, u.scope.to_string(), u.password.as_deref()),
+        (Role::Operator, "site=a".into(), Some("hash-of-ops"))
+    );
+    assert!(a.user("nobody").await?.is_none());
+    let all = a.users().await?;
+    assert_eq!(all.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(), ["ops", "view"]);
+    assert_eq!(
+        (all[0].role.as_str(), all[0].selector.as_str(), all[0].has_password),
+        ("operator", "site=a", true)
+    );
+    assert_eq!(all[1].tokens.len(), 1);
+    assert_eq!(all[1].tokens[0].expires_at, Some(5000));
+    assert!(a.remove_user("ops").await?);
+    assert!(!a.remove_user("ops").await?, "gone already");
+    assert!(
+        a.authenticate(&t.token, 2000).await?.unwrap().is_none(),
+        "tokens go with the account"
+    );
+    assert_eq!(a.users().await?.len(), 1);
+    Ok(())
+}
+
+async fn account_tokens_expire_and_are_revoked(b: Backend) -> anyhow::Result<()> {
+    use crate::accounts::TokenRefusal;
+    use outpost_core::access::Role;
+    let a = b.accounts(crate::accounts::AUDIT_MAX_AGE).await;
+    let t = a
+        .add_user(&user("ops", Role::Operator, ""), Some(10_000))
+        .await?
+        .expect("new");
+    let u = a.authenticate(&t.token, 5000).await?.unwrap().expect("valid");
+    assert_eq!(u.name, "ops");
+    assert!(a.authenticate("opu_00000000_nope", 5000).await?.unwrap().is_none());
+    assert!(matches!(
+        a.authenticate(&t.token, 12_000).await?,
+        Err(TokenRefusal::Expired { ago_ms: 2000, .. })
+    ));
+    let t2 = a.new_token("ops", None, 6000).await?.expect("account exists");
+    let t3 = a.new_token("ops", None, 6000).await?.expect("account exists");
+    assert!(a.new_token("nobody", None, 6000).await?.is_none());
+    assert_eq!(a.revoke("ops", Some(&t2.id), 7000).await?, Some(vec![t2.id.clone()]));
+    assert!(matches!(
+        a.authenticate(&t2.token, 8000).await?,
+        Err(TokenRefusal::Revoked { ago_ms: 1000, .. })
+    ));
+    assert!(
+        a.authenticate(&t3.token, 8000).await?.is_ok(),
+        "the other token still works"
+    );
+    let mut rest = vec![t.id.clone(), t3.id.clone()];
+    rest.sort();
+    assert_eq!(a.revoke("ops", None, 9000).await?, Some(rest), "all the unrevoked ones");
+    assert_eq!(a.revoke("ops", None, 9000).await?, Some(vec![]));
+    assert_eq!(a.revoke("nobody", None, 9000).await?, None);
+    let listed = a.users().await?;
+    assert!(listed[0].tokens.iter().all(|t| t.revoked_at.is_some()));
+    assert!(
+        listed[0].tokens.iter().any(|t| t.last_used_at == Some(5000)),
+        "use recorded"
+    );
+    Ok(())
+}
+
+async fn audit_is_ordered_filtered_and_pruned(b: Backend) -> anyhow::Result<()> {
+    let a = b.accounts(std::time::Duration::from_secs(60)).await;
+    let entry = |at: i64, who: &str| outpost_api::accounts::AuditEntry {
+        seq: 0,
+        at,
+        user: who.into(),
+        action: "apply".into(),
+        target: format!("t{at}"),
+        detail: String::new(),
+        peer: "127.0.0.1:1".into(),
+        result: "ok".into(),
+    };
+    for (at, who) in [(1_000, "alice"), (20_000, "bob"), (30_000, "alice")] {
+        a.record(&entry(at, who)).await?;
+    }
+    let all = a.audit(0, None, 10).await?;
+    assert_eq!(
+        all.iter().map(|e| e.target.as_str()).collect::<Vec<_>>(),
+        ["t1000", "t20000", "t30000"]
+    );
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(a.audit(0, Some("alice"), 10).await?.len(), 2);
+    assert_eq!(a.audit(20_000, None, 10).await?.len(), 2);
+    assert_eq!(
+        a.audit(0, None, 1).await?[0].target,
+        "t30000",
+        "the newest within the limit"
+    );
+    a.record(&entry(61_001, "carol")).await?;
+    let kept: Vec<String> = a.audit(0, None, 10).await?.into_iter().map(|e| e.target).collect();
+    assert_eq!(kept, ["t20000", "t30000", "t61001"], "older than 60 s went");
+    Ok(())
+}
+
+async fn sessions_are_created_touched_and_expire(b: Backend) -> anyhow::Result<()> {
+    use crate::session::{SessionLimits, SessionRefusal, Sessions};
+    let a = b.accounts(crate::accounts::AUDIT_MAX_AGE).await;
+    let limits = SessionLimits {
+        idle: std::time::Duration::from_secs(600),
+        max: std::time::Duration::from_secs(3600),
+    };
+    let one = Sessions::with_db(limits, a.clone());
+    let s = one.create("alice", 0).await;
+    let bob = one.create("bob", 0).await;
+    assert_eq!(a.session_count().await?, 2);
+    // touched at 2 min (written at most once a minute)
+    assert!(one.check(&s.id, 120_000).await.is_ok());
+    let (_, _, _, last_used) = a
+        .session(&hex::encode(crate::service::sha256(&s.id)))
+        .await?
+        .expect("stored");
+    assert_eq!(last_used, 120_000);
+    // another process on the same tables (a restart, or another replica)
+    let two = Sessions::with_db(limits, a.clone());
+    assert_eq!(two.check(&s.id, 700_000).await.expect("alive").0, "alice");
+    assert!(matches!(
+        two.check(&bob.id, 700_000).await,
+        Err(SessionRefusal::Idle(..))
+    ));
+    assert_eq!(a.session_count().await?, 1, "the idle one is deleted");
+    assert!(matches!(
+        two.check(&s.id, 3_600_000).await,
+        Err(SessionRefusal::Expired(..))
+    ));
+    let c = one.create("carol", 4_000_000).await;
+    assert_eq!(a.prune_sessions(0, 0).await?, 0);
+    assert_eq!(a.prune_sessions(4_000_001, 0).await?, 1, "idle since before");
+    assert_eq!(two.check(&c.id, 4_000_002).await, Err(SessionRefusal::Unknown));
+    let d = one.create("dave", 5_000_000).await;
+    assert!(two.remove(&d.id).await, "logout");
+    assert_eq!(a.session_count().await?, 0);
+    if a.shared() {
+        assert_eq!(
+            one.check(&d.id, 5_000_001).await,
+            Err(SessionRefusal::Unknown),
+            "logout elsewhere ends it here"
+        );
+    }
+    let e = one.create("erin", 5_000_000).await;
+    a.delete_user_sessions("erin").await?;
+    assert_eq!(
+        Sessions::with_db(limits, a.clone()).check(&e.id, 5_000_001).await,
+        Err(SessionRefusal::Unknown)
+    );
+    Ok(())
+}
+
+async fn data_records_insert_query_limit_and_retention(b: Backend) -> anyhow::Result<()> {
+    use crate::data::DataQuery;
+    use outpost_api::pipeline::{DataRecord, Pipeline, RecordKind};
+    let d = b.records().await;
+    let rec = |id: &str, pipeline: &str, kind: RecordKind| DataRecord {
+        id: id.into(),
+        pipeline: pipeline.into(),
+        stream: "s".into(),
+        at: 5,
+        kind,
+        rules: vec!["hot".into()],
+        key: Some("k".into()),
+        data: serde_json::json!({"v": id}),
+    };
+    let batch = [
+        rec("a-1", "p", RecordKind::Record),
+        rec("a-2", "p", RecordKind::Anomaly),
+    ];
+    assert_eq!(d.insert("n1", &batch, 100).await?, 2);
+    assert_eq!(d.insert("n1", &batch, 101).await?, 0, "redelivered: nothing new");
+    assert_eq!(d.insert("n2", &batch[..1], 102).await?, 1, "ids are per node");
+    assert_eq!(d.insert("n2", &[rec("q-1", "q", RecordKind::Record)], 103).await?, 1);
+    let all = d.query(&DataQuery::default(), 200).await?;
+    assert_eq!(all.len(), 4);
+    assert!(all.windows(2).all(|w| w[0].cursor < w[1].cursor));
+    assert_eq!(all[1].record, batch[1], "read back as stored");
+    let anomalies = d
+        .query(
+            &DataQuery {
+                node: Some("n1".into()),
+                kind: Some("anomaly".into()),
+                ..Default::default()
+            },
+            200,
+        )
+        .await?;
+    assert_eq!(
+        anomalies.iter().map(|r| r.record.id.as_str()).collect::<Vec<_>>(),
+        ["a-2"]
+    );
+    let newest = d
+        .query(
+            &DataQuery {
+                limit: Some(2),
+                ..Default::default()
+            },
+            200,
+        )
+        .await?;
+    assert_eq!(
+        newest.iter().map(|r| r.cursor).collect::<Vec<_>>(),
+        [all[2].cursor, all[3].cursor]
+    );
+    let after = d
+        .query(
+            &DataQuery {
+                after: Some(all[0].cursor),
+                limit: Some(1),
+                ..Default::default()
+            },
+            200,
+        )
+        .await?;
+    assert_eq!(after[0].cursor, all[1].cursor);
+    let p: Pipeline = serde_json::from_value(serde_json::json!({
+        "apiVersion": "outpost.dev/v1", "kind": "Pipeline", "metadata": {"name": "p"},
+        "spec": {"streams": [], "sinks": [{"name": "hub", "type": "hub", "retention": "1h"}]}
+    }))?;
+    d.set_pipelines(vec![(p, 1)]);
+    // p keeps 1 h; q (no such pipeline any more) the default 7 days
+    assert_eq!(d.prune(3_600_101).await?, 2, "n1's two p records are older than 1 h");
+    let left = d.query(&DataQuery::default(), 0).await?;
+    assert_eq!(left.len(), 2);
+    let week = outpost_api::pipeline::DEFAULT_RETENTION_SECS as i64 * 1000;
+    assert_eq!(d.prune(week + 104).await?, 2, "the rest past their retention");
     Ok(())
 }
 

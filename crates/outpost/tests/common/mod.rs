@@ -139,6 +139,30 @@ impl Hub {
         h
     }
 
+    /// Another hub process on the same database with a data dir of its own (PostgreSQL
+    /// replicas): the same extra arguments and environment, another port; the operator copied
+    /// the admin token into its data dir (docs/postgres.md). Nothing else is shared on disk.
+    pub fn replica_elsewhere(&self, port: u16) -> Hub {
+        let tmp = tempfile::tempdir().unwrap();
+        let hub_dir = tmp.path().join("hub");
+        std::fs::create_dir_all(&hub_dir).unwrap();
+        std::fs::copy(self.dir.join("hub/admin.token"), hub_dir.join("admin.token")).unwrap();
+        let mut h = Hub {
+            dir: tmp.path().to_path_buf(),
+            port,
+            url: format!("https://{}:{port}", self.listen_ip),
+            token: String::new(),
+            child: None,
+            _tmp: Some(tmp),
+            extra_args: self.extra_args.clone(),
+            extra_env: self.extra_env.clone(),
+            listen_ip: self.listen_ip.clone(),
+            wrapper: self.wrapper.clone(),
+        };
+        h.launch();
+        h
+    }
+
     fn launch(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
