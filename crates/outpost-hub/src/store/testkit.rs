@@ -243,8 +243,13 @@ impl Cluster {
     pub fn restart(&self) {
         let bin = bindir().expect("the cluster started, so its binaries exist");
         let d = self.root.path().join("data").to_string_lossy().to_string();
-        run_as_owner(&bin.join("pg_ctl"), &["-D", &d, "-m", "fast", "-w", "restart"])
-            .unwrap_or_else(|e| panic!("cannot restart the test's PostgreSQL: {e}"));
+        // With its log file again: without one the server would hold our output pipes open.
+        let log = self.root.path().join("server.log").to_string_lossy().to_string();
+        run_as_owner(
+            &bin.join("pg_ctl"),
+            &["-D", &d, "-l", &log, "-m", "fast", "-w", "restart"],
+        )
+        .unwrap_or_else(|e| panic!("cannot restart the test's PostgreSQL: {e}"));
     }
 }
 
