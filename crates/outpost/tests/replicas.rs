@@ -226,10 +226,6 @@ fn kill_9_of_the_replica_an_agent_is_on_fails_it_over_and_loses_nothing_it_repor
     let t0 = Instant::now();
     kill_pid(pid);
     let (a, c) = (&hubs[o1], &hubs[o2]);
-    eprintln!(
-        "kill -9 of the agent's replica -> connected to another: {:?}",
-        t0.elapsed()
-    );
     // The crash and restart are reported through whichever replica the agent moved to, and
     // every replica reads them from the one database.
     wait_for("the restart reported", 20.0, || {
