@@ -3,7 +3,8 @@
 //! join labels, certificate renewal, connection admission), fleet rollouts in waves
 //! (`waves`), which hub endpoint an agent uses (`hubs`), GitOps (`gitops`: a node's variant, fetch schedule, commit acceptance), and
 //! site-local failover (`site_ha`: membership, who runs a failover copy, quorum, the hub witness),
-//! and who may do what (`access`: roles, label scopes).
+//! who may do what (`access`: roles, label scopes), and what hub replicas on one database look at
+//! again and when (`replicas`).
 //!
 //! Owns: every policy that can be stated as `decide(state, now) -> actions`. Must never: do I/O,
 //! read the clock (callers pass `now`), sleep, or depend on an async runtime. Every function here
@@ -24,6 +25,7 @@ pub mod link;
 pub mod pipeline;
 pub mod probe;
 pub mod render;
+pub mod replicas;
 pub mod retention;
 pub mod retry;
 pub mod rollout;

@@ -41,6 +41,7 @@ pub mod models;
 pub mod monitor;
 pub mod node_vitals;
 pub mod openapi;
+pub mod replicas;
 pub mod rollouts;
 pub mod scheduler;
 pub mod server;
@@ -116,6 +117,9 @@ pub struct HubConfig {
     /// `postgres://` URL is PostgreSQL (`--store`; docs/postgres.md). The monitoring, pipeline
     /// and account tables stay in `hub.db` either way, for now.
     pub store: Option<String>,
+    /// Replicas on a shared PostgreSQL store look for changes made through the others at least
+    /// this often, notification or not (`crate::replicas`).
+    pub replica_poll: Duration,
 }
 
 impl HubConfig {
@@ -140,6 +144,7 @@ impl HubConfig {
             sessions: session::SessionLimits::default(),
             audit_max_age: accounts::AUDIT_MAX_AGE,
             store: None,
+            replica_poll: Duration::from_secs(5),
         }
     }
 }
@@ -300,6 +305,7 @@ impl Hub {
         let (stop, stopped) = watch::channel(false);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         controllers::spawn_all(&svc, stopped.clone());
+        replicas::spawn(&svc, cfg.replica_poll, stopped.clone());
         let serve_cfg = server::ServeConfig {
             limits,
             idle_timeout: cfg.idle_timeout,

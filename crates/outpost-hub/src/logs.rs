@@ -7,7 +7,10 @@
 //! `/v1/nodes/{node}/logs/{id}` (mTLS; a node may only answer requests addressed to it).
 //! `GET /v1/nodes/{node}/vitals` does the same with a [`VitalsRequest`] (`vitals_requests`,
 //! answered at `/v1/nodes/{node}/vitals/{id}`). Requests live in memory only: an operator
-//! waits seconds, not across hub restarts.
+//! waits seconds, not across hub restarts. Where replicas share a PostgreSQL store, the request
+//! itself is parked in the store instead (`crate::store::notify`: any replica may hold the
+//! node's long-poll, and the node may answer any replica) and only the operator's wait is here
+//! ([`Broker::expect`], [`Broker::deliver`]).
 //!
 //! This module is the broker only (a leaf); `crate::service` and `crate::node_vitals` park and
 //! complete requests.
@@ -74,6 +77,43 @@ impl<Req: Relayed, Ans> Broker<Req, Ans> {
         rx
     }
 
+    /// Wait for the answer to a request parked elsewhere (in the shared store, for the replica
+    /// that holds the node's long-poll: `crate::store::notify`); nothing is parked here.
+    pub fn expect(&self, node: &str, id: &str) -> oneshot::Receiver<Ans> {
+        let (tx, rx) = oneshot::channel();
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), (node.to_string(), tx));
+        rx
+    }
+
+    /// Is an operator here waiting for `node`'s answer to `id`?
+    pub fn is_waiting(&self, node: &str, id: &str) -> bool {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .is_some_and(|(n, _)| n == node)
+    }
+
+    /// The ids of the requests operators here wait for.
+    pub fn waiting_ids(&self) -> Vec<String> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Deliver an answer stored by another replica (already checked to be the addressed
+    /// node's when it was stored).
+    pub fn deliver(&self, id: &str, data: Ans) -> bool {
+        let w = self.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        w.is_some_and(|(_, tx)| tx.send(data).is_ok())
+    }
+
     pub fn has_pending(&self, node: &str) -> bool {
         self.pending
             .lock()
@@ -130,6 +170,11 @@ mod tests {
     #[test]
     fn a_node_answers_only_its_own_requests() {
         let b = LogBroker::default();
+        let mut waits = b.expect("n1", "x1");
+        assert!(b.is_waiting("n1", "x1") && !b.is_waiting("n2", "x1") && !b.has_pending("n1"));
+        assert_eq!(b.waiting_ids(), ["x1"]);
+        assert!(b.deliver("x1", LogData::default()) && waits.try_recv().is_ok());
+        assert!(!b.deliver("x1", LogData::default()), "delivered once");
         let mut rx = b.submit("n1", req("r1"));
         assert!(b.has_pending("n1") && !b.has_pending("n2"));
         assert_eq!(b.take("n1").len(), 1);

@@ -85,8 +85,7 @@ pub async fn get(
         max_points: points,
     };
     let id = req.id.clone();
-    let rx = svc.links.vitals.submit(&node, req);
-    svc.wake_node(&node);
+    let rx = svc.relay_vitals(&node, req).await?;
     let wait = VITALS_WAIT.min(svc.settings.monitor.log_wait);
     match tokio::time::timeout(wait, rx).await {
         Ok(Ok(h)) => {
@@ -98,7 +97,7 @@ pub async fn get(
             Ok(Json(h))
         }
         _ => {
-            svc.links.vitals.cancel(&node, &id);
+            svc.cancel_vitals(&node, &id).await;
             tracing::warn!(node = %node, "vitals history request not answered in time");
             Err(HubError::NodeUnreachable(format!(
                 "node {node} did not send its vitals history within {}s: its link may be slow or just dropped, or its agent predates protocol 1.4; retry, and check `outpost describe node {node}`",
@@ -122,7 +121,10 @@ pub async fn answer(
             h.points.len()
         )));
     }
-    if !svc.links.vitals.complete(&node, &id, h) {
+    if !svc
+        .relay_complete(&svc.links.vitals, crate::service::RELAY_VITALS, &node, &id, h)
+        .await?
+    {
         return Err(HubError::NotFound(format!(
             "vitals request {id} for node {node} (it expired, or was never addressed to this node)"
         )));

@@ -406,8 +406,9 @@ pub struct Service {
     pub blobs: crate::store::blobs::BlobStore,
     /// What open dashboard pages listen to, and recent vitals (`crate::dashboard`).
     pub live: crate::dashboard::Live,
-    /// Serializes every change to objects and nodes together with the reschedule that follows.
-    pub write_lock: tokio::sync::Mutex<()>,
+    /// Serializes every change to objects and nodes together with the reschedule that follows,
+    /// across replicas where they share a PostgreSQL store (`crate::replicas::WriteLock`).
+    pub write_lock: crate::replicas::WriteLock,
     /// Why workloads are short of replicas, from the last reschedule.
     notes: Mutex<BTreeMap<ObjectId, String>>,
     /// The site witness's leases (docs/site-ha.md).
@@ -427,6 +428,8 @@ struct StatusJob {
     reply: tokio::sync::oneshot::Sender<Result<u64, HubError>>,
 }
 
+/// How long a replica on a shared store trusts its certificate cache (see `remote_changes`).
+const CERT_CACHE_MAX_AGE: Duration = Duration::from_secs(60);
 /// Reports committed in one transaction at most.
 const STATUS_BATCH: usize = 512;
 /// Events returned by `Query::Node`.
@@ -450,7 +453,7 @@ impl Service {
     ) -> Self {
         let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
-            store,
+            store: store.clone(),
             monitor,
             data,
             metrics: Arc::new(Metrics::default()),
@@ -464,7 +467,7 @@ impl Service {
             blobs,
             accounts,
             live: crate::dashboard::Live::default(),
-            write_lock: tokio::sync::Mutex::new(()),
+            write_lock: crate::replicas::WriteLock::new(store.shared().cloned()),
             notes: Mutex::new(BTreeMap::new()),
             leases: Default::default(),
             certs: CertCache::default(),
@@ -532,6 +535,253 @@ impl Service {
         lock(&self.links.watchers).remove(node);
     }
 
+    /// Record the generation a node's long-poll has read, without waking it (what the replica
+    /// listener compares stored generations with).
+    fn seen(&self, node: &str, generation: u64) {
+        if let Some(tx) = lock(&self.links.watchers).get(node) {
+            tx.send_if_modified(|v| {
+                *v = (*v).max(generation);
+                false
+            });
+        }
+    }
+
+    /// The nodes holding a long-poll here, with the generation each has seen.
+    fn held_seen(&self) -> BTreeMap<String, u64> {
+        lock(&self.links.watchers)
+            .iter()
+            .filter(|(_, tx)| tx.receiver_count() > 0)
+            .map(|(n, tx)| (n.clone(), *tx.borrow()))
+            .collect()
+    }
+
+    /// Tell the other replicas (and this one's listener) that something was committed. A lost
+    /// notification only delays their wake-ups until their fallback poll.
+    async fn notify_replicas(&self) {
+        if let Some(s) = self.store.shared() {
+            if let Err(e) = s.notify().await {
+                tracing::warn!(error = %e, "cannot notify the other hub replicas; they see the change at their next fallback poll");
+            }
+        }
+    }
+
+    /// One look of the replica listener (`crate::replicas`): wake the long-polls held here whose
+    /// node's generation moved through another replica, drop those of nodes deleted elsewhere,
+    /// wake nodes with relayed requests pending, hand relayed answers to the operators waiting
+    /// here, and refresh the caches ([`Service::remote_changes`]). Failures are logged: the
+    /// next look (at the latest the fallback poll) tries again.
+    pub async fn look(&self, trigger: outpost_core::replicas::Trigger) {
+        let Some(shared) = self.store.shared() else { return };
+        if let Err(e) = self.try_look(shared, trigger).await {
+            tracing::warn!(error = %e, ?trigger, "replica look at PostgreSQL failed; the next one retries");
+        }
+    }
+
+    async fn try_look(
+        &self,
+        shared: &crate::store::notify::Shared,
+        trigger: outpost_core::replicas::Trigger,
+    ) -> Result<(), HubError> {
+        let seen = self.held_seen();
+        if !seen.is_empty() {
+            let held: Vec<String> = seen.keys().cloned().collect();
+            let stored = shared.generations(&held).await?;
+            let moved = outpost_core::replicas::moved(&seen, &stored);
+            let gens: HashMap<&str, u64> = stored.iter().map(|(n, g)| (n.as_str(), *g)).collect();
+            let bumped: BTreeMap<String, u64> = moved.iter().map(|n| (n.clone(), gens[n.as_str()])).collect();
+            if !bumped.is_empty() {
+                tracing::debug!(
+                    nodes = bumped.len(),
+                    ?trigger,
+                    "desired state changed through another replica"
+                );
+                self.notify(&bumped);
+            }
+            for n in held.iter().filter(|n| !gens.contains_key(n.as_str())) {
+                tracing::info!(node = %n, "node deleted through another replica; ending its long-poll here");
+                self.forget_node(n);
+                self.live.forget(n);
+                self.forget_certs(Some(n));
+            }
+            for n in shared.relay_pending(&held).await? {
+                self.wake_node(&n);
+            }
+        }
+        // Certificates cached for nodes that are not held here: forget the deleted ones.
+        let cached: Vec<String> = self
+            .certs
+            .nodes()
+            .into_iter()
+            .filter(|n| !seen.contains_key(n))
+            .collect();
+        if !cached.is_empty() {
+            let alive: std::collections::HashSet<String> =
+                shared.generations(&cached).await?.into_iter().map(|(n, _)| n).collect();
+            for n in cached.iter().filter(|n| !alive.contains(*n)) {
+                self.forget_certs(Some(n));
+            }
+        }
+        self.deliver_relayed(shared, &self.links.logs).await?;
+        self.deliver_relayed(shared, &self.links.vitals).await?;
+        if trigger == outpost_core::replicas::Trigger::Poll {
+            shared.relay_forget(&[], now_ms()).await?;
+        }
+        self.remote_changes().await;
+        Ok(())
+    }
+
+    /// Where this replica catches up with changes committed through other replicas, on every
+    /// look of the replica listener (a notification, a reconnect, the fallback poll). Every
+    /// per-process cache of state another replica can change is refreshed or invalidated here:
+    /// today the alert policies and pipelines (`refresh_node_extras`, which wakes every
+    /// long-poll here when the policies changed). A cache keyed by node or certificate (a node
+    /// deleted, or its certificate renewed, through another replica) belongs here too.
+    pub async fn remote_changes(&self) {
+        // Certificate fingerprint -> node: nodes deleted elsewhere are forgotten by the look;
+        // a renewal elsewhere retires the old fingerprint, which this cache drops within
+        // CERT_CACHE_MAX_AGE on replicas.
+        self.certs.expire(CERT_CACHE_MAX_AGE);
+        if let Err(e) = self.refresh_node_extras().await {
+            tracing::warn!(error = %e, "cannot refresh alert policies and pipelines from the store; nodes keep their last ones");
+        }
+    }
+
+    /// Park a request relayed to `node` and wake whoever holds its long-poll: here (SQLite), or
+    /// in the shared store for any replica (PostgreSQL). The receiver gets the node's answer.
+    async fn relay_submit<Req, Ans>(
+        &self,
+        broker: &crate::logs::Broker<Req, Ans>,
+        kind: &str,
+        node: &str,
+        req: Req,
+    ) -> Result<tokio::sync::oneshot::Receiver<Ans>, HubError>
+    where
+        Req: crate::logs::Relayed + serde::Serialize,
+    {
+        let Some(shared) = self.store.shared() else {
+            let rx = broker.submit(node, req);
+            self.wake_node(node);
+            return Ok(rx);
+        };
+        let id = req.id().to_string();
+        let body = serde_json::to_string(&req).map_err(|e| HubError::Internal(e.to_string()))?;
+        let rx = broker.expect(node, &id);
+        if let Err(e) = shared.relay_put(kind, &id, node, &body, now_ms()).await {
+            broker.cancel(node, &id);
+            return Err(e.into());
+        }
+        self.notify_replicas().await;
+        Ok(rx)
+    }
+
+    /// Relay a vitals-history request to `node` (`crate::node_vitals`).
+    pub async fn relay_vitals(
+        &self,
+        node: &str,
+        req: outpost_api::VitalsRequest,
+    ) -> Result<tokio::sync::oneshot::Receiver<outpost_api::VitalsHistory>, HubError> {
+        self.relay_submit(&self.links.vitals, RELAY_VITALS, node, req).await
+    }
+
+    /// Forget a vitals-history request whose operator stopped waiting.
+    pub async fn cancel_vitals(&self, node: &str, id: &str) {
+        self.relay_cancel(&self.links.vitals, node, id).await
+    }
+
+    /// Forget a relayed request whose operator stopped waiting.
+    async fn relay_cancel<Req: crate::logs::Relayed, Ans>(
+        &self,
+        broker: &crate::logs::Broker<Req, Ans>,
+        node: &str,
+        id: &str,
+    ) {
+        broker.cancel(node, id);
+        if let Some(s) = self.store.shared() {
+            if let Err(e) = s.relay_forget(&[id.to_string()], now_ms()).await {
+                tracing::debug!(error = %e, "cannot forget a relayed request; it expires by itself");
+            }
+        }
+    }
+
+    /// A node's answer to its request `id`: to the operator waiting here, or stored for the
+    /// replica the operator waits on. False when no such request is addressed to this node.
+    pub async fn relay_complete<Req: crate::logs::Relayed, Ans: serde::Serialize>(
+        &self,
+        broker: &crate::logs::Broker<Req, Ans>,
+        kind: &str,
+        node: &str,
+        id: &str,
+        answer: Ans,
+    ) -> Result<bool, HubError> {
+        let Some(shared) = self.store.shared() else {
+            return Ok(broker.complete(node, id, answer));
+        };
+        if broker.is_waiting(node, id) {
+            let done = broker.complete(node, id, answer);
+            if let Err(e) = shared.relay_forget(&[id.to_string()], now_ms()).await {
+                tracing::debug!(error = %e, "cannot forget a relayed request; it expires by itself");
+            }
+            return Ok(done);
+        }
+        let body = serde_json::to_string(&answer).map_err(|e| HubError::Internal(e.to_string()))?;
+        let stored = shared.relay_answer(kind, node, id, &body).await?;
+        if stored {
+            self.notify_replicas().await;
+        }
+        Ok(stored)
+    }
+
+    /// Hand the answers other replicas stored to the operators waiting here.
+    async fn deliver_relayed<Req: crate::logs::Relayed, Ans: serde::de::DeserializeOwned>(
+        &self,
+        shared: &crate::store::notify::Shared,
+        broker: &crate::logs::Broker<Req, Ans>,
+    ) -> Result<(), HubError> {
+        let ids = broker.waiting_ids();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let answers = shared.relay_answers(&ids).await?;
+        if answers.is_empty() {
+            return Ok(());
+        }
+        let mut done = Vec::new();
+        for (id, a) in answers {
+            match serde_json::from_str::<Ans>(&a) {
+                Ok(v) => {
+                    broker.deliver(&id, v);
+                }
+                Err(e) => tracing::warn!(request = %id, error = %e, "a relayed answer is not valid; dropped"),
+            }
+            done.push(id);
+        }
+        shared.relay_forget(&done, now_ms()).await?;
+        Ok(())
+    }
+
+    /// A node's pending relayed requests: those parked here, and (replicas) those in the store.
+    async fn relay_take(&self, node: &str) -> Result<Relayed, HubError> {
+        let mut out = Relayed {
+            logs: self.links.logs.take(node),
+            vitals: self.links.vitals.take(node),
+        };
+        if let Some(shared) = self.store.shared() {
+            for (kind, body) in shared.relay_take(node).await? {
+                let bad = |e: serde_json::Error| tracing::warn!(node = %node, kind = %kind, error = %e, "a relayed request is not valid; dropped");
+                match kind.as_str() {
+                    RELAY_LOGS => serde_json::from_str(&body)
+                        .map(|r| out.logs.push(r))
+                        .unwrap_or_else(bad),
+                    RELAY_VITALS => serde_json::from_str(&body)
+                        .map(|r| out.vitals.push(r))
+                        .unwrap_or_else(bad),
+                    _ => tracing::warn!(node = %node, kind = %kind, "a relayed request of an unknown kind; dropped"),
+                }
+            }
+        }
+        Ok(out)
+    }
+
     pub fn note(&self, id: &ObjectId) -> Option<String> {
         lock(&self.notes).get(id).cloned()
     }
@@ -556,6 +806,8 @@ impl Service {
         if let Err(e) = self.refresh_node_extras().await {
             tracing::warn!(error = %e, "cannot refresh alert policies and pipelines; nodes keep their last ones");
         }
+        // Other replicas wake their long-polls and refresh their caches.
+        self.notify_replicas().await;
         Ok(())
     }
 
@@ -615,7 +867,7 @@ impl Service {
     }
 
     pub async fn reschedule(&self, now: UnixMs) -> Result<(), HubError> {
-        let _guard = self.write_lock.lock().await;
+        let _guard = self.write_lock.lock().await?;
         self.reschedule_locked(now).await
     }
 
@@ -713,7 +965,7 @@ impl Service {
     async fn apply(&self, files: Vec<ManifestFile>, who: Ownership) -> Result<ApplyResponse, HubError> {
         let (mut objects, warnings) =
             validate::parse_apply_batch(&files, &self.settings.host_paths).map_err(HubError::InvalidManifest)?;
-        let _guard = self.write_lock.lock().await;
+        let _guard = self.write_lock.lock().await?;
         let stored = self.store.objects().await?;
         let before: BTreeMap<ObjectId, u64> = stored.iter().map(|o| (o.object.id(), o.revision)).collect();
         let stored: Vec<Object> = stored.into_iter().map(|o| o.object).collect();
@@ -779,7 +1031,7 @@ impl Service {
     }
 
     async fn delete_ids(&self, ids: Vec<ObjectId>) -> Result<DeleteResponse, HubError> {
-        let _guard = self.write_lock.lock().await;
+        let _guard = self.write_lock.lock().await?;
         let stored = self.store.objects().await?;
         if let Some((object, workload)) = validate::in_use(stored.iter().map(|o| &o.object), &ids) {
             return Err(HubError::InUse {
@@ -803,7 +1055,7 @@ impl Service {
     /// `outpost rollout undo`: the pod template of an earlier revision becomes a new revision,
     /// as in Kubernetes. Goes through the same checks as an apply.
     async fn undo(&self, id: ObjectId, to_revision: Option<u64>) -> Result<ApplyResult, HubError> {
-        let _guard = self.write_lock.lock().await;
+        let _guard = self.write_lock.lock().await?;
         let lookup = id.clone();
         let (obj, revs) = (self.store.object(&lookup).await?, self.store.revisions(&lookup).await?);
         let obj = obj.ok_or_else(|| HubError::NotFound(id.to_string()))?;
@@ -886,7 +1138,7 @@ impl Service {
     }
 
     async fn delete_node(&self, name: String) -> Result<DeleteResponse, HubError> {
-        let _guard = self.write_lock.lock().await;
+        let _guard = self.write_lock.lock().await?;
         let n = name.clone();
         let deleted = self.store.delete_node(&n).await;
         // Its certificate stops working at once, here (other replicas: `forget_certs`).
@@ -1125,7 +1377,13 @@ impl Service {
 
     /// One run of the rollout controller; returns when to look again.
     pub async fn rollouts_tick(&self, now: UnixMs, fence: Option<&Fence>) -> Duration {
-        let _guard = self.write_lock.lock().await;
+        let _guard = match self.write_lock.lock().await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(error = %e, "rollout controller cannot take the write lock; retrying");
+                return crate::rollouts::ACTIVE_TICK;
+            }
+        };
         let outcome = match self.try_advance_rollouts(&[], false, fence, now).await {
             Ok(o) => o,
             Err(e) => {
@@ -1150,7 +1408,7 @@ impl Service {
     async fn rollout_action(&self, id: ObjectId, action: RolloutAction) -> Result<RolloutActionResult, HubError> {
         rolled_out(&id)?;
         let key = workload_key(&id);
-        let guard = self.write_lock.lock().await;
+        let guard = self.write_lock.lock().await?;
         let (obj, current) = {
             let (lookup, k) = (id.clone(), key.clone());
             (self.store.object(&lookup).await?, self.store.rollout(&k).await?)
@@ -1312,8 +1570,7 @@ impl Service {
             ..request
         };
         let (id, workload) = (request.id.clone(), request.workload.clone());
-        let rx = self.links.logs.submit(&node, request);
-        self.wake_node(&node);
+        let rx = self.relay_submit(&self.links.logs, RELAY_LOGS, &node, request).await?;
         match tokio::time::timeout(self.settings.monitor.log_wait, rx).await {
             Ok(Ok(data)) => {
                 self.metrics.log_requests_ok.inc();
@@ -1321,7 +1578,7 @@ impl Service {
                 Ok(data)
             }
             _ => {
-                self.links.logs.cancel(&node, &id);
+                self.relay_cancel(&self.links.logs, &node, &id).await;
                 failed();
                 tracing::warn!(node = %node, workload = %workload, "log request not answered in time");
                 Err(HubError::NodeUnreachable(format!(
@@ -1495,7 +1752,7 @@ impl Service {
             cert_fp,
             cert_not_after,
         };
-        let _guard = self.write_lock.lock().await;
+        let _guard = self.write_lock.lock().await?;
         let token_id = req.token_id.clone();
         let labels = self.store.join(&token_id, &secret_sha, &node, now).await?;
         tracing::info!(node = %req.name, token = %req.token_id, labels = ?labels, "node joined");
@@ -1609,6 +1866,7 @@ impl Service {
         loop {
             let n = node.to_string();
             let resp = self.store.sync(&n, since).await?.ok_or(HubError::UnknownNode)?;
+            self.seen(node, resp.generation);
             // Additions: a changed alert policy, pending log requests (they wake us too).
             let Extras {
                 alert_policy,
@@ -1691,11 +1949,12 @@ impl Service {
             let p = self.policy_for(&labels);
             (p.hash() != h).then_some(p)
         });
+        let relayed = self.relay_take(node).await?;
         Ok(Extras {
             alert_policy,
-            log_requests: self.links.logs.take(node),
+            log_requests: relayed.logs,
             exec: self.links.exec.take(node),
-            vitals_requests: self.links.vitals.take(node),
+            vitals_requests: relayed.vitals,
         })
     }
 
@@ -1861,7 +2120,10 @@ impl Service {
     /// `POST /v1/nodes/{node}/logs/{id}`: the node's answer to one of its own log requests.
     pub async fn node_logs(&self, peer: &Peer, node: &str, id: &str, data: LogData) -> Result<(), HubError> {
         self.authorize_node(peer, node).await?;
-        if !self.links.logs.complete(node, id, data) {
+        if !self
+            .relay_complete(&self.links.logs, RELAY_LOGS, node, id, data)
+            .await?
+        {
             return Err(HubError::NotFound(format!(
                 "log request {id} for node {node} (it expired, or was never addressed to this node)"
             )));
@@ -1913,6 +2175,16 @@ impl AdmitTicket {
     pub fn release(&self) {
         lock(&self.0).take();
     }
+}
+
+/// The kinds of relayed requests (`relays.kind`).
+pub const RELAY_LOGS: &str = "logs";
+pub const RELAY_VITALS: &str = "vitals";
+
+/// A node's relayed requests, taken for one sync answer.
+struct Relayed {
+    logs: Vec<LogRequest>,
+    vitals: Vec<outpost_api::VitalsRequest>,
 }
 
 /// What a sync answer adds to the desired state.
@@ -2002,6 +2274,8 @@ struct CertMap {
     /// node -> its fingerprints in `by_fp` (one, but for a moment around a promotion)
     by_node: std::collections::HashMap<Arc<str>, Vec<String>>,
     epoch: u64,
+    /// When the whole cache was last dropped (`CertCache::expire`).
+    cleared_at: Option<std::time::Instant>,
 }
 
 impl CertCache {
@@ -2035,6 +2309,25 @@ impl CertCache {
         m.by_fp.clear();
         m.by_node.clear();
         m.epoch += 1;
+        m.cleared_at = Some(std::time::Instant::now());
+    }
+
+    /// The nodes with a cached certificate.
+    fn nodes(&self) -> Vec<String> {
+        lock(&self.inner).by_node.keys().map(|n| n.to_string()).collect()
+    }
+
+    /// Clear the cache when it is older than `max_age` (replicas: a certificate renewed
+    /// through another replica is dropped here within that time).
+    fn expire(&self, max_age: Duration) {
+        let stale = {
+            let mut m = lock(&self.inner);
+            let at = *m.cleared_at.get_or_insert_with(std::time::Instant::now);
+            at.elapsed() >= max_age
+        };
+        if stale {
+            self.clear();
+        }
     }
 }
 

@@ -289,6 +289,10 @@ struct HubArgs {
     /// Audit entries older than this are removed (at most 100,000 are kept).
     #[arg(long, default_value = "90d", value_parser = parse_duration)]
     audit_retention: Duration,
+    /// With replicas on one PostgreSQL store: how often each looks for changes made through the
+    /// others even without a notification (docs/postgres.md).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    replica_poll: Duration,
     /// Where the hub keeps its state: `sqlite` (hub.db in the data dir) or a PostgreSQL URL
     /// (postgres://user:password@host/db; docs/postgres.md). The CA, monitoring, pipeline and
     /// account tables stay in the data dir either way.
@@ -908,6 +912,7 @@ async fn run_hub(a: HubArgs) -> Result<()> {
             max: a.session_lifetime,
         },
         audit_max_age: a.audit_retention,
+        replica_poll: a.replica_poll,
         store: match parse_store(&a.store).map_err(|e| anyhow::anyhow!("--store {e}"))? {
             StoreArg::Sqlite => None,
             StoreArg::Postgres(url) => Some(url),

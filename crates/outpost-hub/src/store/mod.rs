@@ -24,7 +24,9 @@
 //!
 //! `SqliteStore` keeps a synchronous core (one connection behind a mutex) and runs each call on
 //! the blocking pool; `PgStore` is async throughout (sqlx, a connection pool). The contacts held
-//! in memory ([`Contacts`]) are per hub process on both.
+//! in memory ([`Contacts`]) are per hub process on both; on PostgreSQL each replica writes them
+//! at a bounded rate (`Store::flush_contacts`) so every replica sees every node's last contact,
+//! and [`notify`] holds what replicas share beyond the tables.
 
 use std::collections::HashMap;
 use std::collections::{BTreeMap, BTreeSet};
@@ -43,6 +45,7 @@ pub mod migrate;
 mod monitor_pg;
 #[cfg(test)]
 mod monitor_tests;
+pub mod notify;
 mod pg;
 pub mod records;
 mod sqlite;
@@ -64,7 +67,8 @@ pub use sqlite::{SqliteCore, SqliteStore};
 /// 5: on PostgreSQL, accounts, audit, sessions, pipeline records, blobs and the CA in the
 /// database (`store::accounts`, `store::records`, `store::blobs`, `hub_secrets`); on SQLite no
 /// change (those stay in their own `hub.db` tables and the data dir).
-pub const SCHEMA_VERSION: i64 = 5;
+/// 6: `relays`, requests relayed across hub replicas (PostgreSQL only; nothing on SQLite).
+pub const SCHEMA_VERSION: i64 = 6;
 /// Events kept per node (older ones are pruned when new ones arrive).
 pub const EVENTS_KEPT: i64 = 1000;
 
@@ -308,6 +312,17 @@ pub trait Store: Send + Sync + 'static {
     /// last contact reads as the time of the read; when the last one ends it is what it was
     /// (a hold that ended normally touches first; one whose connection died does not).
     fn hold(&self, node: &str, open: bool);
+    /// What replicas on one database share (wake-ups, the write lock, relays); None on a store
+    /// only one hub process uses (SQLite), where all of that stays in the process.
+    fn shared(&self) -> Option<&notify::Shared> {
+        None
+    }
+    /// Write the contacts held in memory now (the nodes holding a long-poll here count as in
+    /// contact at `now`), so other replicas see them; called every
+    /// `outpost_core::replicas::contact_every` where replicas share the store.
+    async fn flush_contacts(&self, _now: UnixMs) -> Result<()> {
+        Ok(())
+    }
     /// Record a renewed certificate as the node's next one; the current one keeps working until
     /// the next one is used (see `node_by_cert`). A later renewal replaces an unused next one.
     async fn renew(&self, node: &str, cert_fp: &str, cert_not_after: UnixMs) -> Result<()>;
@@ -394,6 +409,16 @@ impl Contacts {
             n.last_seen = Some(n.last_seen.unwrap_or(0).max(outpost_api::now_ms()));
         }
         n
+    }
+
+    /// The nodes holding a long-poll here now.
+    fn held(&self) -> Vec<String> {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     fn hold(&self, node: &str, open: bool) {

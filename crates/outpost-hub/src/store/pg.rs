@@ -31,7 +31,16 @@ use super::*;
 /// The PostgreSQL migrations, in order: (the version a step brings the database to, its SQL).
 /// PostgreSQL support starts at version 3 (the SQLite schema's numbering), so its first step
 /// creates the whole version-3 schema; later steps each add one version to both backends.
-const PG_MIGRATIONS: &[(i64, &str)] = &[(3, PG_V3), (4, super::monitor_pg::PG_V4), (5, PG_V5)];
+const PG_MIGRATIONS: &[(i64, &str)] = &[(3, PG_V3), (4, super::monitor_pg::PG_V4), (5, PG_V5), (6, PG_V6)];
+
+/// 6: requests relayed to nodes through whichever replica holds their long-poll
+/// (`super::notify`).
+const PG_V6: &str = r#"
+CREATE TABLE relays (
+    id TEXT COLLATE "C" PRIMARY KEY, kind TEXT NOT NULL, node TEXT COLLATE "C" NOT NULL,
+    request TEXT NOT NULL, taken BOOLEAN NOT NULL DEFAULT FALSE, answer TEXT, created_at BIGINT NOT NULL);
+CREATE INDEX relays_pending ON relays (node) WHERE NOT taken;
+"#;
 
 const PG_V3: &str = r#"
 CREATE TABLE tokens (
@@ -124,6 +133,7 @@ const MIGRATION_LOCK: i64 = 0x6f75_7470_6f73_7431;
 pub struct PgStore {
     pub(super) pool: PgPool,
     contacts: Contacts,
+    shared: super::notify::Shared,
 }
 
 /// The URL without its password, for messages.
@@ -236,6 +246,7 @@ impl PgStore {
             .await?;
         migrate(&pool, &redact(url)).await?;
         Ok(Self {
+            shared: super::notify::Shared::new(pool.clone()),
             pool,
             contacts: Contacts::default(),
         })
@@ -621,6 +632,33 @@ impl Store for PgStore {
 
     fn hold(&self, node: &str, open: bool) {
         self.contacts.hold(node, open)
+    }
+
+    fn shared(&self) -> Option<&super::notify::Shared> {
+        Some(&self.shared)
+    }
+
+    async fn flush_contacts(&self, now: UnixMs) -> Result<()> {
+        // The nodes holding a long-poll here are in contact now; the others' latest contacts.
+        let mut pending: BTreeMap<String, UnixMs> = self.contacts.drain().into_iter().collect();
+        for n in self.contacts.held() {
+            pending.insert(n, now);
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let (names, times): (Vec<String>, Vec<i64>) = pending.into_iter().unzip();
+        // One statement for all of them; rows are locked in name order (a BTreeMap's).
+        sqlx::query(
+            "UPDATE nodes SET last_seen = GREATEST(COALESCE(nodes.last_seen, 0), c.t)
+             FROM (SELECT * FROM UNNEST($1::text[], $2::bigint[]) ORDER BY 1) AS c(name, t)
+             WHERE nodes.name = c.name",
+        )
+        .bind(&names)
+        .bind(&times)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn renew(&self, node: &str, cert_fp: &str, cert_not_after: UnixMs) -> Result<()> {

@@ -252,7 +252,19 @@ fn add_column(conn: &Connection, table: &str, column: &str, decl: &str) -> Resul
 type SqliteStep = (i64, fn(&Connection) -> Result<()>);
 
 /// The SQLite migrations, in order; the last one's version is [`SCHEMA_VERSION`].
-const SQLITE_MIGRATIONS: &[SqliteStep] = &[(2, sqlite_v2), (3, sqlite_v3), (4, sqlite_v4), (5, sqlite_v5)];
+const SQLITE_MIGRATIONS: &[SqliteStep] = &[
+    (2, sqlite_v2),
+    (3, sqlite_v3),
+    (4, sqlite_v4),
+    (5, sqlite_v5),
+    (6, sqlite_v6),
+];
+
+/// 6: relays across replicas, a PostgreSQL table only (one hub process uses an SQLite file, and
+/// keeps its relays in memory).
+fn sqlite_v6(_tx: &Connection) -> Result<()> {
+    Ok(())
+}
 
 /// 2: token `node_labels`, two-phase renewal, `kubernetes.io/hostname` owned by the hub.
 fn sqlite_v2(tx: &Connection) -> Result<()> {

@@ -5,6 +5,8 @@
 //! by every test process of the user (a lock file guards its start) and left running for the
 //! next run; `pg_ctl -D $TMPDIR/outpost-test-pg-$UID/data stop` ends it.
 //!
+//! Tests that restart the server get a cluster of their own ([`Cluster`]).
+//!
 //! Under CI (`CI` set) a PostgreSQL that cannot be had fails the test; elsewhere the test is
 //! skipped with a message. Test support only: the hub never calls this.
 
@@ -154,24 +156,11 @@ fn answers(url: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Start (or find running) this user's shared test cluster; its admin URL.
-fn start_shared() -> Result<String, String> {
+/// `initdb` a cluster under `root` (`root/data`, a socket dir `root/sock`) and start it on a
+/// free loopback port; the port.
+fn fresh_cluster(root: &Path) -> Result<u16, String> {
     let bin = bindir()?;
-    let root = std::env::temp_dir().join(format!("outpost-test-pg-{}", nix::unistd::getuid()));
-    std::fs::create_dir_all(&root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
-    let lock = std::fs::File::create(root.join("lock")).map_err(|e| format!("lock file: {e}"))?;
-    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| format!("cannot lock {}: {e}", root.display()))?;
     let url_of = |port: u16| format!("postgres://postgres@127.0.0.1:{port}/postgres");
-    if let Some(port) = std::fs::read_to_string(root.join("port"))
-        .ok()
-        .and_then(|p| p.trim().parse::<u16>().ok())
-    {
-        if answers(&url_of(port)) {
-            return Ok(url_of(port));
-        }
-    }
-    // Nothing answers: a fresh cluster.
     let data = root.join("data");
     let _ = std::fs::remove_dir_all(&data);
     let sock = root.join("sock");
@@ -181,7 +170,7 @@ fn start_shared() -> Result<String, String> {
             .ok()
             .flatten()
             .ok_or("no user nobody to run PostgreSQL as")?;
-        for d in [&root, &sock] {
+        for d in [root, &sock] {
             nix::unistd::chown(d, Some(nobody.uid), Some(nobody.gid)).map_err(|e| format!("chown: {e}"))?;
         }
     }
@@ -200,10 +189,99 @@ fn start_shared() -> Result<String, String> {
     );
     let log = root.join("server.log").to_string_lossy().to_string();
     run_as_owner(&bin.join("pg_ctl"), &["-D", &d, "-o", &opts, "-l", &log, "-w", "start"])?;
-    std::fs::write(root.join("port"), port.to_string()).map_err(|e| format!("{e}"))?;
     if !answers(&url_of(port)) {
         return Err(format!("the test cluster started but does not answer; see {log}"));
     }
+    Ok(port)
+}
+
+/// A PostgreSQL cluster of one test's own, for tests that restart or stop the server (the
+/// shared one must keep running for the others). Stopped and removed when dropped.
+pub struct Cluster {
+    root: tempfile::TempDir,
+    /// The admin URL (database `postgres`).
+    pub url: String,
+}
+
+impl Cluster {
+    /// A fresh cluster; `None` (after saying why) when PostgreSQL's binaries are missing outside
+    /// CI. Panics under CI when it cannot start one.
+    pub fn start() -> Option<Cluster> {
+        let root = match tempfile::Builder::new().prefix("outpost-pg-own-").tempdir() {
+            Ok(r) => r,
+            Err(e) => panic!("cannot create a temp dir: {e}"),
+        };
+        match fresh_cluster(root.path()) {
+            Ok(port) => Some(Cluster {
+                root,
+                url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            }),
+            Err(e) if std::env::var_os("CI").is_some() => panic!("PostgreSQL is needed for this test: {e}"),
+            Err(e) => {
+                eprintln!("skipping: cannot start a PostgreSQL cluster of the test's own: {e}");
+                None
+            }
+        }
+    }
+
+    /// A new database on this cluster; its URL.
+    pub fn database(&self, name: &str) -> String {
+        let out = Command::new(psql())
+            .args([self.url.as_str(), "-v", "ON_ERROR_STOP=1", "-qc"])
+            .arg(format!("CREATE DATABASE {name}"))
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run psql: {e}"));
+        assert!(
+            out.status.success(),
+            "CREATE DATABASE {name} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        with_database(&self.url, name)
+    }
+
+    /// `pg_ctl restart -m fast`: every connection is cut, the server is back when this returns.
+    pub fn restart(&self) {
+        let bin = bindir().expect("the cluster started, so its binaries exist");
+        let d = self.root.path().join("data").to_string_lossy().to_string();
+        // With its log file again: without one the server would hold our output pipes open.
+        let log = self.root.path().join("server.log").to_string_lossy().to_string();
+        run_as_owner(
+            &bin.join("pg_ctl"),
+            &["-D", &d, "-l", &log, "-m", "fast", "-w", "restart"],
+        )
+        .unwrap_or_else(|e| panic!("cannot restart the test's PostgreSQL: {e}"));
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Ok(bin) = bindir() {
+            let d = self.root.path().join("data").to_string_lossy().to_string();
+            let _ = run_as_owner(&bin.join("pg_ctl"), &["-D", &d, "-m", "immediate", "-w", "stop"]);
+        }
+    }
+}
+
+/// Start (or find running) this user's shared test cluster; its admin URL.
+fn start_shared() -> Result<String, String> {
+    bindir()?;
+    let root = std::env::temp_dir().join(format!("outpost-test-pg-{}", nix::unistd::getuid()));
+    std::fs::create_dir_all(&root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+    let lock = std::fs::File::create(root.join("lock")).map_err(|e| format!("lock file: {e}"))?;
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| format!("cannot lock {}: {e}", root.display()))?;
+    let url_of = |port: u16| format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    if let Some(port) = std::fs::read_to_string(root.join("port"))
+        .ok()
+        .and_then(|p| p.trim().parse::<u16>().ok())
+    {
+        if answers(&url_of(port)) {
+            return Ok(url_of(port));
+        }
+    }
+    // Nothing answers: a fresh cluster.
+    let port = fresh_cluster(&root)?;
+    std::fs::write(root.join("port"), port.to_string()).map_err(|e| format!("{e}"))?;
     Ok(url_of(port))
 }
 

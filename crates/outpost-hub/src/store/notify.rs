@@ -1,0 +1,157 @@
+//! What hub replicas on one PostgreSQL database share beyond the [`Store`] itself
+//! (docs/postgres.md, "Replicas"): wake-ups (LISTEN/NOTIFY), the write lock, and requests
+//! relayed to nodes whose long-poll another replica holds.
+//!
+//! - **Wake-ups**: [`Shared::notify`] sends a NOTIFY on [`CHANNEL`] carrying only a number (the
+//!   last generation taken from `gen_seq`); it is a hint. Each replica's listener
+//!   (`crate::replicas`) re-reads the stored generations of the nodes it holds
+//!   ([`Shared::generations`]) and pending relays on a notification, after every reconnect, and
+//!   on a slow fallback poll.
+//! - **The write lock**: [`Shared::write_lock`] opens a transaction and takes a
+//!   transaction-scoped advisory lock in it; the lock is held until the transaction ends (the
+//!   guard is dropped: sqlx rolls it back when the connection goes back to the pool), or until
+//!   the connection dies (a replica killed with `kill -9` releases it with its connection).
+//! - **Relays** (`relays` table): an operator's log or vitals request is stored for its node
+//!   ([`Shared::relay_put`]); whichever replica holds the node's long-poll takes it
+//!   ([`Shared::relay_take`], each request handed out once); whichever replica the node answers
+//!   stores the answer ([`Shared::relay_answer`]); the replica the operator waits on reads it
+//!   ([`Shared::relay_answers`]) and forgets the row. Rows older than [`RELAY_KEPT_MS`] are
+//!   removed by any replica's look.
+//!
+//! Must never: carry data in a notification (payloads are a number), or let correctness depend
+//! on one arriving.
+
+use sqlx::postgres::{PgListener, PgPool};
+use sqlx::{Postgres, Transaction};
+
+use super::{u, Result};
+use outpost_api::UnixMs;
+
+/// The channel every replica LISTENs on.
+pub const CHANNEL: &str = "outpost_wake";
+/// The advisory lock of the write lock (any fixed number, distinct from the migration lock).
+const WRITE_LOCK: i64 = 0x6f75_7470_6f73_7457;
+/// Relayed requests (and their answers) older than this are removed.
+pub const RELAY_KEPT_MS: i64 = 10 * 60 * 1000;
+
+/// The PostgreSQL side of replicas. Cheap to clone (a pool handle).
+#[derive(Clone)]
+pub struct Shared {
+    pool: PgPool,
+}
+
+impl Shared {
+    pub(super) fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Wake every replica's listener (this one's too). The payload is the last generation taken.
+    pub async fn notify(&self) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1, (SELECT last_value FROM gen_seq)::text)")
+            .bind(CHANNEL)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// A listener on [`CHANNEL`] (a connection of its own).
+    pub async fn listener(&self) -> Result<PgListener> {
+        let mut l = PgListener::connect_with(&self.pool).await?;
+        l.listen(CHANNEL).await?;
+        Ok(l)
+    }
+
+    /// Take the replicas' write lock: held until the returned transaction is dropped.
+    pub async fn write_lock(&self) -> Result<Transaction<'static, Postgres>> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(WRITE_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
+
+    /// The stored generations of these nodes (nodes that no longer exist are left out).
+    pub async fn generations(&self, nodes: &[String]) -> Result<Vec<(String, u64)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT name, generation FROM nodes WHERE name = ANY($1)")
+            .bind(nodes)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(|(n, g)| (n, u(g))).collect())
+    }
+
+    /// Store a request of `kind` (`logs`, `vitals`) for `node`, as JSON.
+    pub async fn relay_put(&self, kind: &str, id: &str, node: &str, request: &str, now: UnixMs) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO relays (id, kind, node, request, taken, created_at) VALUES ($1, $2, $3, $4, FALSE, $5)",
+        )
+        .bind(id)
+        .bind(kind)
+        .bind(node)
+        .bind(request)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Hand out `node`'s pending requests, (kind, request JSON) in the order they were made,
+    /// each once whichever replica asks.
+    pub async fn relay_take(&self, node: &str) -> Result<Vec<(String, String)>> {
+        let mut rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "UPDATE relays SET taken = TRUE WHERE node = $1 AND NOT taken RETURNING kind, request, created_at",
+        )
+        .bind(node)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.sort_by_key(|r| r.2);
+        Ok(rows.into_iter().map(|(k, r, _)| (k, r)).collect())
+    }
+
+    /// Which of these nodes have requests not yet handed out.
+    pub async fn relay_pending(&self, nodes: &[String]) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT DISTINCT node FROM relays WHERE NOT taken AND node = ANY($1)")
+                .bind(nodes)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Store `node`'s answer to its request `id`; false when there is no such request for this
+    /// node (expired, answered already, or another node's).
+    pub async fn relay_answer(&self, kind: &str, node: &str, id: &str, answer: &str) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE relays SET answer = $4, taken = TRUE WHERE id = $1 AND kind = $2 AND node = $3 AND answer IS NULL",
+        )
+        .bind(id)
+        .bind(kind)
+        .bind(node)
+        .bind(answer)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n > 0)
+    }
+
+    /// The answers stored for these request ids: (id, answer JSON).
+    pub async fn relay_answers(&self, ids: &[String]) -> Result<Vec<(String, String)>> {
+        Ok(
+            sqlx::query_as("SELECT id, answer FROM relays WHERE id = ANY($1) AND answer IS NOT NULL")
+                .bind(ids)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Forget these requests (answered, or their operator stopped waiting), and every request
+    /// older than [`RELAY_KEPT_MS`].
+    pub async fn relay_forget(&self, ids: &[String], now: UnixMs) -> Result<()> {
+        sqlx::query("DELETE FROM relays WHERE id = ANY($1) OR created_at < $2")
+            .bind(ids)
+            .bind(now - RELAY_KEPT_MS)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
