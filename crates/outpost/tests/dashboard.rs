@@ -478,25 +478,17 @@ fn dashboard_in_a_real_browser() {
 
 /// A POST as another site would make it: the session cookie, an Origin elsewhere, no token.
 fn forged_post(hub: &Hub, cookie: &str, path: &str) -> (u16, String) {
-    outpost_pki::install_provider();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let tls = outpost_pki::client_config(&hub.ca_pem(), None).unwrap();
-        let c = reqwest::Client::builder().use_preconfigured_tls(tls).build().unwrap();
-        let r = c
-            .post(format!("{}{path}", hub.url))
-            .header("cookie", format!("outpost_session={cookie}"))
-            .header("origin", "https://attacker.example")
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body("x=1")
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.text().await.unwrap())
-    })
+    api_call(
+        hub,
+        |c, url| {
+            c.post(url)
+                .header("cookie", format!("outpost_session={cookie}"))
+                .header("origin", "https://attacker.example")
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body("x=1")
+        },
+        path,
+    )
 }
 
 /// `GET /v1/nodes/{node}/vitals`: the node's own history through its link, older than the

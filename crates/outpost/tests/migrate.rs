@@ -46,27 +46,6 @@ fn put_blob(hub: &Hub, digest: &str, data: Vec<u8>) -> u16 {
     })
 }
 
-/// POST JSON with the admin token: (status, body).
-fn api_post(hub: &Hub, path: &str, body: &Value) -> (u16, String) {
-    outpost_pki::install_provider();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let tls = outpost_pki::client_config(&hub.ca_pem(), None).unwrap();
-        let c = reqwest::Client::builder().use_preconfigured_tls(tls).build().unwrap();
-        let r = c
-            .post(format!("{}{path}", hub.url))
-            .bearer_auth(hub.token.trim())
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.text().await.unwrap())
-    })
-}
-
 /// The outputs compared before and after: what does not move on its own (nodes' names, labels
 /// and join times, the workloads, every revision, accounts, image tags).
 fn snapshot(hub: &Hub) -> Vec<Value> {

@@ -163,6 +163,15 @@ impl Hub {
         h
     }
 
+    /// A hub on PostgreSQL needs a CA secret (docs/postgres.md): the tests' own, unless the
+    /// test gives one.
+    fn pg_secret(&self) -> Option<(&'static str, &'static str)> {
+        let on_pg = self.extra_args.iter().any(|a| a.starts_with("postgres"));
+        let given = self.extra_args.iter().any(|a| a == "--ca-secret-file")
+            || self.extra_env.iter().any(|(k, _)| k == "OUTPOST_CA_KEY_SECRET");
+        (on_pg && !given).then_some(("OUTPOST_CA_KEY_SECRET", "outpost-tests-ca-secret"))
+    }
+
     fn launch(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -179,6 +188,7 @@ impl Hub {
             .arg(self.dir.join("hub"))
             .args(["--advertise", &self.url, "--offline-after", "3s"])
             .args(&self.extra_args)
+            .envs(self.pg_secret())
             .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -717,6 +727,21 @@ pub fn api_get(hub: &Hub, path: &str) -> (u16, String) {
 
 /// GET an operator route with `token`; returns (status, body).
 pub fn api_get_as(hub: &Hub, token: &str, path: &str) -> (u16, String) {
+    api_call(hub, |c, url| c.get(url).bearer_auth(token), path)
+}
+
+/// POST JSON to an operator route with the admin token; returns (status, body).
+pub fn api_post(hub: &Hub, path: &str, body: &Value) -> (u16, String) {
+    api_call(hub, |c, url| c.post(url).bearer_auth(hub.token.trim()).json(body), path)
+}
+
+/// One HTTPS request to the hub (verified against its CA), built by `build` from a client and
+/// the full URL of `path`; returns (status, body).
+pub fn api_call(
+    hub: &Hub,
+    build: impl FnOnce(&reqwest::Client, String) -> reqwest::RequestBuilder,
+    path: &str,
+) -> (u16, String) {
     outpost_pki::install_provider();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -725,12 +750,7 @@ pub fn api_get_as(hub: &Hub, token: &str, path: &str) -> (u16, String) {
     rt.block_on(async {
         let tls = outpost_pki::client_config(&hub.ca_pem(), None).unwrap();
         let c = reqwest::Client::builder().use_preconfigured_tls(tls).build().unwrap();
-        let r = c
-            .get(format!("{}{path}", hub.url))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap();
+        let r = build(&c, format!("{}{path}", hub.url)).send().await.unwrap();
         (r.status().as_u16(), r.text().await.unwrap())
     })
 }
