@@ -356,3 +356,36 @@ fn two_replicas_racing_applies_lose_no_update_and_generations_only_grow() {
         "8"
     );
 }
+
+/// A GET with a node's certificate: the status.
+fn node_get(ca: &str, cert: &str, key: &str, url: &str) -> u16 {
+    outpost_pki::install_provider();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tls = outpost_pki::client_config(ca, Some((cert, key))).unwrap();
+        let c = reqwest::Client::builder().use_preconfigured_tls(tls).build().unwrap();
+        let r = c.get(url).header("x-outpost-protocol", "1").send().await.unwrap();
+        r.status().as_u16()
+    })
+}
+
+#[test]
+fn a_node_deleted_through_one_replica_is_refused_by_another_that_knew_its_certificate() {
+    let Some(store) = database("replicas_cert") else {
+        return;
+    };
+    let (a, b, _c) = three(&store);
+    let token = a.token(&[]);
+    let gone = a.join("rep-gone", &token);
+    let (ca, cert, key) = gone.identity();
+    let sync = format!("{}/v1/nodes/rep-gone/sync?generation=0", b.url);
+    // B has seen the certificate (its cache holds it now).
+    assert_eq!(node_get(&ca, &cert, &key, &sync), 200);
+    a.cli(&["delete", "node", "rep-gone"]);
+    wait_for("replica B refuses the deleted node's certificate", 10.0, || {
+        (node_get(&ca, &cert, &key, &sync) == 401).then_some(())
+    });
+}
