@@ -802,48 +802,23 @@ impl SqliteMonitor {
         let mut c = self.lock();
         let tx = c.transaction()?;
         check_fence(&tx, fence)?;
-        let mut revisions: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-        {
-            let mut st = tx.prepare("SELECT kind, namespace, name, revision FROM revisions")?;
-            let rows = st.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                ))
-            })?;
-            for row in rows {
-                let (k, ns, n, rev) = row?;
-                revisions.entry(object_key(&k, &ns, &n)).or_default().push(rev as u64);
-            }
-        }
-        let mut used = BTreeSet::new();
-        {
-            let mut st = tx.prepare(
+        let quad = |r: &rusqlite::Row<'_>| -> R<RevisionRow> { Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)) };
+        let stored: Vec<RevisionRow> = tx
+            .prepare("SELECT kind, namespace, name, revision FROM revisions")?
+            .query_map([], quad)?
+            .collect::<R<_>>()?;
+        let in_use: Vec<RevisionRow> = tx
+            .prepare(
                 "SELECT kind, namespace, name, revision FROM objects
                  UNION ALL SELECT '', '', key, revision FROM node_workloads",
-            )?;
-            let rows = st.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                ))
-            })?;
-            for row in rows {
-                let (k, ns, n, rev) = row?;
-                let key = if k.is_empty() { n } else { object_key(&k, &ns, &n) };
-                used.insert((key, rev as u64));
-            }
-            let mut st = tx.prepare("SELECT spec FROM node_prefetch UNION ALL SELECT state FROM rollouts")?;
-            let rows = st.query_map([], |r| r.get::<_, String>(0))?;
-            for row in rows {
-                used.extend(revisions_named(&row?));
-            }
-        }
-        let gone = retention::revisions_to_prune(&revisions, &used, keep);
+            )?
+            .query_map([], quad)?
+            .collect::<R<_>>()?;
+        let docs: Vec<String> = tx
+            .prepare("SELECT spec FROM node_prefetch UNION ALL SELECT state FROM rollouts")?
+            .query_map([], |r| r.get(0))?
+            .collect::<R<_>>()?;
+        let gone = revisions_to_drop(stored, in_use, &docs, keep);
         for (key, rev) in &gone {
             let mut parts = key.splitn(3, '/');
             let (k, ns, n) = (parts.next(), parts.next(), parts.next());
@@ -870,6 +845,34 @@ impl SqliteMonitor {
         }
         Ok(())
     }
+}
+
+/// `(kind, namespace, name, revision)` as the revision queries of both backends read them
+/// (node rows: `('', '', key, revision)`).
+pub(crate) type RevisionRow = (String, String, String, i64);
+
+/// The revisions a retention run deletes, from what both backends read: every stored revision,
+/// the revisions objects and nodes use, and the rollout/prefetch documents that name more
+/// (`outpost_core::retention::revisions_to_prune` decides).
+pub(crate) fn revisions_to_drop(
+    stored: Vec<RevisionRow>,
+    in_use: Vec<RevisionRow>,
+    docs: &[String],
+    keep: usize,
+) -> Vec<(String, u64)> {
+    let mut revisions: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (k, ns, n, rev) in stored {
+        revisions.entry(object_key(&k, &ns, &n)).or_default().push(rev as u64);
+    }
+    let mut used = BTreeSet::new();
+    for (k, ns, n, rev) in in_use {
+        let key = if k.is_empty() { n } else { object_key(&k, &ns, &n) };
+        used.insert((key, rev as u64));
+    }
+    for json in docs {
+        used.extend(revisions_named(json));
+    }
+    retention::revisions_to_prune(&revisions, &used, keep)
 }
 
 /// A revision's object key as rollouts and node rows name it (`daemonset/default/web`).

@@ -17,13 +17,12 @@ use outpost_api::{
 };
 use outpost_core::alerts::{self as rules, AlertKey, HubTransition, NodeEventAction};
 use outpost_core::lease::{self, Claim, Fence, Lease, Timing};
-use outpost_core::retention;
 use outpost_core::waves::{AlertChange, Rollout};
 use sqlx::postgres::{PgConnection, PgPool};
 
 use super::PgStore;
 use crate::monitor::{
-    object_key, payload, revisions_named, rollout_payload, MonitorError, MonitorResult, MonitorStore, QueuedHook,
+    payload, revisions_to_drop, rollout_payload, MonitorError, MonitorResult, MonitorStore, QueuedHook, RevisionRow,
     ROLLOUT_FAILED,
 };
 
@@ -757,33 +756,20 @@ impl MonitorStore for PgMonitor {
     async fn prune_revisions(&self, keep: usize, fence: Option<&Fence>) -> MonitorResult<usize> {
         let mut tx = self.pool.begin().await?;
         check_fence(&mut tx, fence).await?;
-        let rows: Vec<(String, String, String, i64)> =
-            sqlx::query_as("SELECT kind, namespace, name, revision FROM revisions")
-                .fetch_all(&mut *tx)
-                .await?;
-        let mut revisions: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-        for (k, ns, n, rev) in rows {
-            revisions.entry(object_key(&k, &ns, &n)).or_default().push(rev as u64);
-        }
-        let mut used = BTreeSet::new();
-        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+        let stored: Vec<RevisionRow> = sqlx::query_as("SELECT kind, namespace, name, revision FROM revisions")
+            .fetch_all(&mut *tx)
+            .await?;
+        let in_use: Vec<RevisionRow> = sqlx::query_as(
             "SELECT kind, namespace, name, revision FROM objects
              UNION ALL SELECT '', '', key, revision FROM node_workloads",
         )
         .fetch_all(&mut *tx)
         .await?;
-        for (k, ns, n, rev) in rows {
-            let key = if k.is_empty() { n } else { object_key(&k, &ns, &n) };
-            used.insert((key, rev as u64));
-        }
-        let rows: Vec<String> =
+        let docs: Vec<String> =
             sqlx::query_scalar("SELECT spec FROM node_prefetch UNION ALL SELECT state FROM rollouts")
                 .fetch_all(&mut *tx)
                 .await?;
-        for json in rows {
-            used.extend(revisions_named(&json));
-        }
-        let gone = retention::revisions_to_prune(&revisions, &used, keep);
+        let gone = revisions_to_drop(stored, in_use, &docs, keep);
         for (key, rev) in &gone {
             let mut parts = key.splitn(3, '/');
             let (k, ns, n) = (parts.next(), parts.next(), parts.next());
