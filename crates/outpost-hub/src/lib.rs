@@ -68,6 +68,35 @@ pub use store::{PgStore, SqliteStore, Store};
 
 pub use outpost_api::now_ms;
 
+/// Variable that caps the hub's tokio blocking pool ([`blocking_threads`]).
+pub const BLOCKING_THREADS_ENV: &str = "OUTPOST_HUB_BLOCKING_THREADS";
+
+/// Default cap of the hub's blocking pool. What runs there: the SQLite store's calls (they
+/// take turns on its one connection, so a thread beyond the few that keep it busy only
+/// waits), the alert monitor's calls on its own connection, the pipeline records, accounts,
+/// password hashing, scheduling plans (CPU: no faster with more threads than cores), file
+/// reads of blob downloads (`tokio::fs`) and webhook DNS look-ups. Every one is short, none
+/// waits for another blocking task, and the pool's queue is first come, first served: with
+/// the pool full, a call waits for the calls ahead of it, not for a long task, so a monitor
+/// call or a sync's store read waits a few store calls at most. 16 is enough to keep the one
+/// store connection, the monitor's, two cores of CPU work and a few file reads going at once;
+/// tokio's own default (512) let a join storm grow 515 threads that all waited on the one
+/// connection (BENCHMARKS.md §4), each with its stack and malloc cache.
+pub const DEFAULT_BLOCKING_THREADS: usize = 16;
+
+/// The blocking-pool cap from the value of [`BLOCKING_THREADS_ENV`] (None: the default).
+pub fn blocking_threads(value: Option<&str>) -> Result<usize, String> {
+    let Some(v) = value else {
+        return Ok(DEFAULT_BLOCKING_THREADS);
+    };
+    match v.trim().parse::<usize>() {
+        Ok(n) if (1..=4096).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{BLOCKING_THREADS_ENV}={v:?} is not a thread count from 1 to 4096; unset it for the default ({DEFAULT_BLOCKING_THREADS})"
+        )),
+    }
+}
+
 /// Default grace period before a silent node counts as Offline.
 pub const DEFAULT_OFFLINE_AFTER: Duration = Duration::from_secs(90);
 
@@ -373,4 +402,33 @@ fn connection_limits(per_ip: Option<usize>) -> outpost_core::link::ConnLimits {
         limits.max_certless_per_ip = n.max(1);
     }
     limits
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocking_threads_from_the_environment() {
+        let check = |value: Option<&str>, expected: Result<usize, ()>| {
+            let got = blocking_threads(value);
+            match (&got, expected) {
+                (Ok(n), Ok(e)) => assert_eq!(*n, e, "{value:?}"),
+                (Err(msg), Err(())) => {
+                    assert!(msg.contains(BLOCKING_THREADS_ENV), "{msg}");
+                    assert!(msg.contains("1 to 4096"), "{msg}");
+                }
+                _ => panic!("{value:?}: got {got:?}, expected {expected:?}"),
+            }
+        };
+        check(None, Ok(DEFAULT_BLOCKING_THREADS));
+        check(Some("1"), Ok(1));
+        check(Some(" 64 "), Ok(64));
+        check(Some("4096"), Ok(4096));
+        check(Some("0"), Err(()));
+        check(Some("4097"), Err(()));
+        check(Some("-3"), Err(()));
+        check(Some("lots"), Err(()));
+        check(Some(""), Err(()));
+    }
 }

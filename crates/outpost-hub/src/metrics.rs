@@ -67,7 +67,15 @@ pub struct Metrics {
     rollout_events: Family<LabelSet, Counter>,
     /// 1 for each controller lease this replica holds now (`crate::controllers`).
     leases_held: Family<LabelSet, Gauge<i64, AtomicI64>>,
+    /// Joins and syncs answered `503 busy` by admission control, by route.
+    busy: Family<LabelSet, Counter>,
+    /// Places of admission control held now (joins and syncs at work), and how many there are.
+    pub admission_in_use: Gauge<i64, AtomicI64>,
+    pub admission_limit: Gauge<i64, AtomicI64>,
 }
+
+/// The routes that pass admission control (the `route` label of `outpost_hub_busy_answers`).
+pub const ADMITTED_ROUTES: &[&str] = &["join", "sync"];
 
 /// The rollout event reasons counted (the label is bounded to these).
 pub const ROLLOUT_EVENTS: &[&str] = &[
@@ -152,9 +160,33 @@ impl Default for Metrics {
             "1 for each controller lease (rollouts, webhooks, ...) this replica holds now",
             leases_held.clone(),
         );
+        let busy = Family::<LabelSet, Counter>::default();
+        registry.register(
+            "outpost_hub_busy_answers",
+            "Joins and syncs answered 503 busy with Retry-After by admission control, by route",
+            busy.clone(),
+        );
+        for r in ADMITTED_ROUTES {
+            child(&busy, "route", r);
+        }
+        let admission_in_use = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "outpost_hub_admission_in_use",
+            "Places of admission control held now (joins and syncs at work; a held long-poll gives its place back)",
+            admission_in_use.clone(),
+        );
+        let admission_limit = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "outpost_hub_admission_limit",
+            "Places of admission control (OUTPOST_HUB_ADMISSION_LIMIT, default from the CPU count)",
+            admission_limit.clone(),
+        );
         Self {
             rollout_events,
             leases_held,
+            busy,
+            admission_in_use,
+            admission_limit,
             alerts_fired: child(&notifications, "state", "firing"),
             alerts_resolved: child(&notifications, "state", "resolved"),
             webhook_ok: child(&webhooks, "result", "ok"),
@@ -172,6 +204,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Count a `503 busy` answer of admission control on `route` (a [`route_of`] label).
+    pub fn busy_answer(&self, route: &'static str) {
+        self.busy.get_or_create(&vec![("route", route.to_string())]).inc();
+    }
+
     /// Whether this replica holds the controller lease `name` now.
     pub fn lease_held(&self, name: &str, held: bool) {
         self.leases_held

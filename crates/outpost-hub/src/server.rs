@@ -100,6 +100,8 @@ pub struct Admission {
     sem: Arc<tokio::sync::Semaphore>,
     limit: usize,
     window: Mutex<AdmitWindow>,
+    /// Busy answers and places in use are counted here (`/metrics`).
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Counts of the current second and of the one before.
@@ -112,10 +114,12 @@ struct AdmitWindow {
 }
 
 impl Admission {
-    pub fn new(limit: usize) -> Self {
+    pub fn new(limit: usize, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        metrics.admission_limit.set(i64::try_from(limit).unwrap_or(i64::MAX));
         Admission {
             sem: Arc::new(tokio::sync::Semaphore::new(limit)),
             limit,
+            metrics,
             window: Mutex::new(AdmitWindow {
                 start: Instant::now(),
                 admitted: 0,
@@ -127,12 +131,12 @@ impl Admission {
     }
 
     /// The limit from [`ADMISSION_LIMIT_ENV`], else from the CPU count.
-    pub fn from_env() -> Self {
+    pub fn from_env(metrics: Arc<crate::metrics::Metrics>) -> Self {
         let configured = std::env::var(ADMISSION_LIMIT_ENV)
             .ok()
             .and_then(|v| v.trim().parse().ok());
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Admission::new(outpost_core::admission::limit(cpus, configured))
+        Admission::new(outpost_core::admission::limit(cpus, configured), metrics)
     }
 
     /// Let a join or sync in (its ticket holds the place until released or dropped), or say
@@ -150,7 +154,10 @@ impl Admission {
         match permit {
             Ok(p) => {
                 w.admitted += 1;
-                Ok(crate::service::AdmitTicket::new(p))
+                Ok(crate::service::AdmitTicket::new(
+                    p,
+                    self.metrics.admission_in_use.clone(),
+                ))
             }
             Err(_) => {
                 let load = outpost_core::admission::Load {
@@ -185,6 +192,7 @@ async fn admit(
             resp
         }
         Err(secs) => {
+            adm.metrics.busy_answer(crate::metrics::route_of(req.uri().path()));
             tracing::debug!(path = %req.uri().path(), retry_after = secs, "busy: request refused by admission control");
             let body = outpost_api::ApiError {
                 code: "busy".into(),
@@ -221,7 +229,7 @@ pub fn limit_malloc_arenas() {
 
 /// The route table of docs/protocol.md.
 pub fn router(svc: Arc<Service>) -> Router {
-    let admission = Arc::new(Admission::from_env());
+    let admission = Arc::new(Admission::from_env(svc.metrics.clone()));
     let admitted = || middleware::from_fn_with_state(admission.clone(), admit);
     Router::new()
         .route("/v1/openapi.yaml", get(crate::openapi::spec))

@@ -1852,8 +1852,15 @@ impl Service {
         since: u64,
         held: Held<'_>,
     ) -> Result<Option<SyncAnswer>, HubError> {
-        self.authorize_node(peer, node).await?;
-        self.contact(node, now_ms()).await?;
+        // The reads run boxed: an async fn's future is as large as its largest state, and a
+        // held long-poll keeps its future for hours on every connected agent, so the states
+        // that read (store calls, extras, the answer) live on the heap only while they run
+        // and the wait keeps only what it needs (issue 16, BENCHMARKS.md §4).
+        Box::pin(async {
+            self.authorize_node(peer, node).await?;
+            self.contact(node, now_ms()).await
+        })
+        .await?;
         // Subscribe before reading, so a change committed after the read still wakes us.
         let mut rx = self.subscribe(node);
         let _connected = crate::metrics::LongPollGuard::new(self.metrics.clone());
@@ -1864,44 +1871,9 @@ impl Service {
         let deadline = tokio::time::Instant::now() + hold;
         let closed = peer.closed.clone().unwrap_or_default();
         loop {
-            let n = node.to_string();
-            let resp = self.store.sync(&n, since).await?.ok_or(HubError::UnknownNode)?;
-            self.seen(node, resp.generation);
-            // Additions: a changed alert policy, pending log requests (they wake us too).
-            let Extras {
-                alert_policy,
-                log_requests,
-                exec,
-                vitals_requests,
-            } = self.sync_extras(node, held).await?;
-            let hubs = self.hubs_for(held);
-            if resp.generation != since
-                || alert_policy.is_some()
-                || !log_requests.is_empty()
-                || !exec.is_empty()
-                || !vitals_requests.is_empty()
-                || !hubs.is_empty()
-            {
-                tracing::debug!(node = %node, since, generation = resp.generation, full = resp.full,
-                    policy = alert_policy.is_some(), log_requests = log_requests.len(), "sync answered");
-                let n = node.to_string();
-                let prefetch = if resp.generation != since {
-                    self.store.prefetch(&n).await?
-                } else {
-                    Vec::new()
-                };
-                return Ok(Some(SyncAnswer {
-                    sync: resp,
-                    alert_policy,
-                    log_requests,
-                    prefetch,
-                    exec,
-                    vitals_requests,
-                    hubs,
-                }));
+            if let Some(answer) = Box::pin(self.sync_read(node, since, held)).await? {
+                return Ok(Some(answer));
             }
-            // Keep nothing of this read while the poll is held (hours, for every agent).
-            drop((resp, alert_policy, log_requests, exec, vitals_requests, hubs));
             // Waiting costs the hub nothing: give the place in admission control back.
             if let Some(t) = held.ticket {
                 t.release();
@@ -1914,7 +1886,7 @@ impl Service {
                     Err(_) => {
                         // A long hold is contact until its end: the node is online until the
                         // next poll arrives, however long this one was held.
-                        self.contact(node, now_ms()).await?;
+                        Box::pin(self.contact(node, now_ms())).await?;
                         return Ok(None);
                     }
                 },
@@ -1923,6 +1895,47 @@ impl Service {
                 _ = closed.cancelled() => return Ok(None),
             }
         }
+    }
+
+    /// One read of a sync: the answer when the node is behind `since` or has additions, None
+    /// when the poll should wait (nothing of the read is kept).
+    async fn sync_read(&self, node: &str, since: u64, held: Held<'_>) -> Result<Option<SyncAnswer>, HubError> {
+        let n = node.to_string();
+        let resp = self.store.sync(&n, since).await?.ok_or(HubError::UnknownNode)?;
+        self.seen(node, resp.generation);
+        // Additions: a changed alert policy, pending log requests (they wake us too).
+        let Extras {
+            alert_policy,
+            log_requests,
+            exec,
+            vitals_requests,
+        } = self.sync_extras(node, held).await?;
+        let hubs = self.hubs_for(held);
+        if resp.generation == since
+            && alert_policy.is_none()
+            && log_requests.is_empty()
+            && exec.is_empty()
+            && vitals_requests.is_empty()
+            && hubs.is_empty()
+        {
+            return Ok(None);
+        }
+        tracing::debug!(node = %node, since, generation = resp.generation, full = resp.full,
+            policy = alert_policy.is_some(), log_requests = log_requests.len(), "sync answered");
+        let prefetch = if resp.generation != since {
+            self.store.prefetch(&n).await?
+        } else {
+            Vec::new()
+        };
+        Ok(Some(SyncAnswer {
+            sync: resp,
+            alert_policy,
+            log_requests,
+            prefetch,
+            exec,
+            vitals_requests,
+            hubs,
+        }))
     }
 
     /// The hub endpoints, when the agent sent a hash of its list and it differs (agents that
@@ -2165,11 +2178,31 @@ pub struct Held<'a> {
 /// A place among the joins and syncs the hub lets work at once; released when dropped or by
 /// [`AdmitTicket::release`] (a long-poll that starts waiting).
 #[derive(Clone, Debug)]
-pub struct AdmitTicket(Arc<Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>);
+pub struct AdmitTicket(Arc<Mutex<Option<AdmitPlace>>>);
+
+/// A held place: the permit, and the `outpost_hub_admission_in_use` gauge it counts in.
+#[derive(Debug)]
+struct AdmitPlace {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    in_use: prometheus_client::metrics::gauge::Gauge<i64, std::sync::atomic::AtomicI64>,
+}
+
+impl Drop for AdmitPlace {
+    fn drop(&mut self) {
+        self.in_use.dec();
+    }
+}
 
 impl AdmitTicket {
-    pub fn new(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
-        AdmitTicket(Arc::new(Mutex::new(Some(permit))))
+    pub fn new(
+        permit: tokio::sync::OwnedSemaphorePermit,
+        in_use: prometheus_client::metrics::gauge::Gauge<i64, std::sync::atomic::AtomicI64>,
+    ) -> Self {
+        in_use.inc();
+        AdmitTicket(Arc::new(Mutex::new(Some(AdmitPlace {
+            _permit: permit,
+            in_use,
+        }))))
     }
 
     pub fn release(&self) {

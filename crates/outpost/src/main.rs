@@ -705,11 +705,21 @@ fn main() {
         }
     }
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.worker_threads(2).enable_all();
+    if matches!(cli.cmd, Cmd::Hub(_)) {
+        // A storm must not grow hundreds of threads waiting on the one SQLite connection
+        // (outpost_hub::DEFAULT_BLOCKING_THREADS says why this many).
+        let cap = std::env::var(outpost_hub::BLOCKING_THREADS_ENV).ok();
+        match outpost_hub::blocking_threads(cap.as_deref()) {
+            Ok(n) => rt.max_blocking_threads(n),
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(2);
+            }
+        };
+    }
+    let rt = rt.build().expect("tokio runtime");
     if let Err(e) = rt.block_on(dispatch(cli.cmd)) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

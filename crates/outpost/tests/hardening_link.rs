@@ -919,3 +919,169 @@ fn a_busy_hub_answers_503_retry_after_and_the_agent_waits_then_gets_in() {
         before.elapsed()
     );
 }
+
+/// The value of the sample `series` (name and labels as printed) in a `/metrics` text.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+/// Busy answers show in `/metrics` (issue 16): with the one place of admission control held by
+/// a join whose body never ends, the gauges read 1 of 1 in use, and every join and sync
+/// refused with `503 busy` moves `outpost_hub_busy_answers_total` for its route by one; once
+/// the place is free the in-use gauge goes back to 0.
+#[test]
+fn a_busy_hub_counts_its_busy_answers_and_places_in_metrics() {
+    use futures_util::StreamExt;
+    let hub = Hub::start_with(&[], &[("OUTPOST_HUB_ADMISSION_LIMIT", "1")]);
+    let metrics = || {
+        let (code, text) = api_get(&hub, "/metrics");
+        assert_eq!(code, 200, "{text}");
+        text
+    };
+    let read = |text: &str, series: &str| sample(text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"));
+    let m = metrics();
+    assert_eq!(read(&m, "outpost_hub_admission_limit"), 1.0);
+    assert_eq!(read(&m, "outpost_hub_admission_in_use"), 0.0);
+    assert_eq!(read(&m, "outpost_hub_busy_answers_total{route=\"join\"}"), 0.0);
+    assert_eq!(read(&m, "outpost_hub_busy_answers_total{route=\"sync\"}"), 0.0);
+
+    outpost_pki::install_provider();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _in_runtime = rt.enter();
+    let holder_client = https(&hub, None);
+    let url = format!("{}/v1/join", hub.url);
+    let holder = rt.spawn(async move {
+        let body = futures_util::stream::once(async { Ok::<_, std::io::Error>(b"{".to_vec()) })
+            .chain(futures_util::stream::pending());
+        let _ = holder_client
+            .post(url)
+            .header("content-type", "application/json")
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await;
+    });
+    let m = wait_for("the place held", 20.0, || {
+        let m = metrics();
+        (sample(&m, "outpost_hub_admission_in_use") == Some(1.0)).then_some(m)
+    });
+    let joins_before = read(&m, "outpost_hub_busy_answers_total{route=\"join\"}");
+    let syncs_before = read(&m, "outpost_hub_busy_answers_total{route=\"sync\"}");
+    let probe = https(&hub, None);
+    let status = |req: reqwest::RequestBuilder| rt.block_on(req.send()).expect("an answer").status().as_u16();
+    for _ in 0..3 {
+        let join = probe.post(format!("{}/v1/join", hub.url)).json(&serde_json::json!({}));
+        assert_eq!(status(join), 503);
+    }
+    for _ in 0..2 {
+        assert_eq!(status(probe.get(format!("{}/v1/nodes/n1/sync", hub.url))), 503);
+    }
+    let m = metrics();
+    assert_eq!(
+        read(&m, "outpost_hub_busy_answers_total{route=\"join\"}") - joins_before,
+        3.0,
+        "{m}"
+    );
+    assert_eq!(
+        read(&m, "outpost_hub_busy_answers_total{route=\"sync\"}") - syncs_before,
+        2.0,
+        "{m}"
+    );
+    assert_eq!(read(&m, "outpost_hub_admission_in_use"), 1.0);
+    promtool_accepts(&m);
+
+    holder.abort();
+    wait_for("the place given back", 20.0, || {
+        (sample(&metrics(), "outpost_hub_admission_in_use") == Some(0.0)).then_some(())
+    });
+}
+
+/// Threads of a process now (`/proc/PID/task`).
+fn threads_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
+}
+
+/// The hub's blocking pool is capped (`OUTPOST_HUB_BLOCKING_THREADS`, issue 16): with ONE
+/// blocking thread the hub still joins agents, places and runs a workload, takes their status
+/// reports, answers `/metrics` (the fleet view) and raises its monitor's alerts (the monitor's
+/// calls on its own connection share the pool with the store's): no blocking call waits for
+/// another, so none starves, and the hub never grows past its workers and that one thread
+/// however many requests come at once. A bad value stops the hub at start with an error that
+/// names the variable.
+#[test]
+fn a_hub_with_one_blocking_thread_serves_joins_syncs_and_its_monitor() {
+    let hub = Hub::start_with(
+        &["--node-offline-alert", "1s"],
+        &[("OUTPOST_HUB_BLOCKING_THREADS", "1")],
+    );
+    let base = threads_of(hub.pid());
+    let t = hub.token(&[]);
+    let agents: Vec<Agent> = (0..3).map(|i| hub.join(&format!("bt-{i}"), &t).running()).collect();
+    let m = marker();
+    hub.apply(&sleeper_ds("bt", &m, ""));
+    for i in 0..3 {
+        let node = format!("bt-{i}");
+        wait_for("the workload running on every node", 60.0, || {
+            (hub.phase(&node, "daemonset/default/bt").as_deref() == Some("Running")).then_some(())
+        });
+    }
+    // Many operator reads at once, each a store call on the blocking pool.
+    let burst: Vec<_> = (0..24)
+        .map(|_| {
+            let mut c = hub.command(&["get", "nodes", "-o", "json"]);
+            c.stdout(std::process::Stdio::piped()).spawn().expect("cli")
+        })
+        .collect();
+    for c in burst {
+        let out = c.wait_with_output().expect("cli");
+        assert!(out.status.success(), "{out:?}");
+    }
+    let (code, text) = api_get(&hub, "/metrics");
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("outpost_hub_connected_agents 3"), "{text}");
+    let peak = threads_of(hub.pid());
+    assert!(
+        peak <= base + 1,
+        "the blocking pool grew past its one thread: {base} threads at start, {peak} now"
+    );
+    // The monitor still runs: a killed agent turns Offline (--offline-after 3s) and the
+    // monitor raises its alert through its own blocking calls.
+    drop(agents);
+    wait_for("a node Offline after its agent died", 60.0, || {
+        (node_status(&hub, "bt-0").as_deref() == Some("Offline")).then_some(())
+    });
+    wait_for("its NodeOffline alert", 60.0, || {
+        let (_, body) = api_get(&hub, "/v1/alerts");
+        let all: Value = serde_json::from_str(&body).ok()?;
+        all.as_array()?
+            .iter()
+            .any(|a| a["node"] == "bt-0" && a["name"] == "NodeOffline")
+            .then_some(())
+    });
+    assert!(threads_of(hub.pid()) <= base + 1, "the pool stayed at one thread");
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = outpost_under::<&str>(&[])
+        .args(["hub", "--listen", &format!("127.0.0.1:{}", free_port()), "--data-dir"])
+        .arg(dir.path())
+        .env("OUTPOST_HUB_BLOCKING_THREADS", "lots")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("OUTPOST_HUB_BLOCKING_THREADS") && err.contains("1 to 4096"),
+        "{err}"
+    );
+    assert!(!dir.path().join("hub.db").exists(), "a refused start changes nothing");
+}
