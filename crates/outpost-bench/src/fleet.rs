@@ -2,9 +2,11 @@
 //! wire ([`crate::sim`]: one HTTP/2 connection each, `wait=3600&ka=100` long-polls, status on
 //! change plus an hourly heartbeat, the agent's TCP keepalive and backoff), run in several
 //! simulator processes ([`crate::shard`], at most 15,000 agents each: this machine caps a
-//! process at 20,000 descriptors), against one hub process it starts (its CPU, memory and
-//! descriptors read from `/proc`) or an existing hub tier (`--hub-url`, agents spread over
-//! the URLs). Everything is measured from outside the hub.
+//! process at 20,000 descriptors), against a hub tier it starts ([`crate::tier`]: one SQLite
+//! hub, or PostgreSQL and N replicas; with `--tiers` several tiers in turn, then compared;
+//! CPU, memory and descriptors of every hub process, and of PostgreSQL's process tree, read
+//! from `/proc`) or an existing hub tier (`--hub-url`). Agent i dials hub URL i mod N.
+//! Everything is measured from outside the hubs.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -12,12 +14,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use outpost_api::{ApplyRequest, ManifestFile};
 
-use crate::harness::{self, HubProc};
+use crate::harness;
 use crate::procfs::{self, Meter};
 use crate::shard::{self, Cmd, Reply, Shard};
 use crate::sim::{unix_ms, Kind, LinkModel};
 use crate::stats::{bytes, ms, Summary};
 use crate::table;
+use crate::tier::{self, Postgres, Store, Tier, TierSpec};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct FleetArgs {
@@ -57,6 +60,25 @@ pub struct FleetArgs {
     /// and applied again after it).
     #[arg(long)]
     pub keep_workloads_during_join: bool,
+    /// Hub processes of the tier the bench starts: 1 (default), or N replicas on one
+    /// PostgreSQL (needs `--store postgres`), on distinct loopback ports, each advertising all.
+    #[arg(long)]
+    pub hubs: Option<usize>,
+    /// The store of the tier the bench starts: `sqlite` (default; one hub process) or
+    /// `postgres` (a PostgreSQL server the bench starts in its work dir, or `--pg-url`).
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Several tiers in one run, each measured in turn with fresh simulators, then compared:
+    /// e.g. `sqlite,postgres:3` (one SQLite hub, then three replicas on PostgreSQL). Instead
+    /// of `--hubs`/`--store`.
+    #[arg(long, value_delimiter = ',')]
+    pub tiers: Vec<String>,
+    /// An existing PostgreSQL server for the PostgreSQL tiers (a URL whose user may create
+    /// databases, e.g. postgres://postgres@127.0.0.1:5432/postgres); each tier gets a new
+    /// database on it, dropped at the end. Without it the bench starts a server of its own in
+    /// its work dir (Debian's postgresql; as `nobody` when run as root).
+    #[arg(long)]
+    pub pg_url: Option<String>,
     /// Point at an existing hub tier instead of starting a hub: its URLs, comma-separated;
     /// agents are spread over them (agent i dials URL i mod N). Needs `--token` and `--ca`.
     /// Hub CPU and memory are then not measured, and there is no reconnect storm.
@@ -102,7 +124,51 @@ impl FleetArgs {
         if !self.hub_url.is_empty() && (self.token.is_none() || self.ca.is_none()) {
             bail!("--hub-url needs --token (an admin token of that tier) and --ca (its CA certificate)");
         }
+        if !self.hub_url.is_empty() && (!self.tiers.is_empty() || self.hubs.is_some() || self.store.is_some()) {
+            bail!("--hub-url points at an existing tier: leave out --tiers, --hubs and --store (they start one)");
+        }
+        let specs = self.tier_specs()?;
+        if let Some(u) = &self.pg_url {
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                bail!("--pg-url: not a PostgreSQL URL; write postgres://user@host:5432/postgres");
+            }
+            if !specs.iter().any(|t| t.store == Store::Postgres) {
+                bail!("--pg-url: no tier uses PostgreSQL; add --store postgres or a postgres:N tier to --tiers");
+            }
+        }
         Ok(())
+    }
+
+    /// The tiers to start, in order (empty with `--hub-url`).
+    fn tier_specs(&self) -> Result<Vec<TierSpec>> {
+        if !self.hub_url.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !self.tiers.is_empty() {
+            if self.hubs.is_some() || self.store.is_some() {
+                bail!("--tiers: give either --tiers or --hubs/--store, not both");
+            }
+            return self
+                .tiers
+                .iter()
+                .map(|t| TierSpec::parse(t.trim()).map_err(|e| anyhow::anyhow!("--tiers: {e}")))
+                .collect();
+        }
+        let store = match self.store.as_deref() {
+            None | Some("sqlite") => Store::Sqlite,
+            Some("postgres") | Some("pg") => Store::Postgres,
+            Some(other) => bail!("--store: {other:?} is neither sqlite nor postgres"),
+        };
+        let hubs = self.hubs.unwrap_or(1);
+        if hubs == 0 || hubs > tier::MAX_HUBS {
+            bail!("--hubs: give 1-{} hub processes", tier::MAX_HUBS);
+        }
+        if store == Store::Sqlite && hubs > 1 {
+            bail!("--hubs: SQLite is one hub process's database; {hubs} replicas need --store postgres");
+        }
+        Ok(vec![
+            TierSpec::new(store, hubs).map_err(|e| anyhow::anyhow!("--hubs: {e}"))?
+        ])
     }
 }
 
@@ -134,6 +200,15 @@ struct Admin {
 }
 
 impl Admin {
+    /// The same operator at another hub of the tier.
+    fn at(&self, url: &str) -> Admin {
+        Admin {
+            http: self.http.clone(),
+            url: url.to_string(),
+            token: self.token.clone(),
+        }
+    }
+
     async fn rollout(&self) -> Result<outpost_api::RolloutInfo> {
         let r = self
             .http
@@ -183,11 +258,6 @@ impl Admin {
         }
         Ok(())
     }
-}
-
-/// Hub CPU over a stretch of time, if the hub is ours.
-fn meter(hub_pid: Option<u32>) -> Option<Meter> {
-    hub_pid.and_then(Meter::start)
 }
 
 /// A join token with `uses` uses from an existing tier, through the CLI.
@@ -264,27 +334,235 @@ async fn wait_ready(shards: &mut [Shard], n: usize, limit: Duration) -> Result<(
     }
 }
 
+/// The processes of a tier the bench started, each measured on its own: every hub replica,
+/// and PostgreSQL as one process tree (postmaster + backends) when the server is ours.
+#[derive(Clone, Default)]
+struct TierProcs {
+    /// (name, pid) per hub process.
+    hubs: Vec<(String, u32)>,
+    /// The postmaster of our own PostgreSQL server.
+    pg: Option<u32>,
+}
+
+impl TierProcs {
+    fn of(tier: Option<&Tier>, pg: Option<u32>) -> TierProcs {
+        TierProcs {
+            hubs: tier
+                .map(|t| {
+                    t.hubs
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, h)| Some((format!("hub-{i} (:{})", h.port), h.pid()?)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            pg,
+        }
+    }
+
+    fn hub_pids(&self) -> Vec<u32> {
+        self.hubs.iter().map(|(_, p)| *p).collect()
+    }
+
+    /// One meter per process (hubs first, then PostgreSQL's tree), named.
+    fn meters(&self) -> Vec<(String, Option<Meter>)> {
+        let mut v: Vec<(String, Option<Meter>)> =
+            self.hubs.iter().map(|(n, p)| (n.clone(), Meter::start(*p))).collect();
+        if let Some(pm) = self.pg {
+            v.push(("postgres (postmaster + backends)".into(), Meter::start_tree(pm)));
+        }
+        v
+    }
+}
+
+/// Finish named meters.
+fn finish(ms: Vec<(String, Option<Meter>)>) -> Vec<(String, Option<procfs::Usage>)> {
+    ms.into_iter().map(|(n, m)| (n, m.and_then(Meter::finish))).collect()
+}
+
+/// CPU (% of one core, summed) and RSS at the end (summed) of the hub processes of `us`
+/// (PostgreSQL left out), if any was measured.
+fn hub_sum(us: &[(String, Option<procfs::Usage>)]) -> Option<(f64, u64)> {
+    let hubs: Vec<&procfs::Usage> = us
+        .iter()
+        .filter(|(n, _)| n.starts_with("hub"))
+        .filter_map(|(_, u)| u.as_ref())
+        .collect();
+    (!hubs.is_empty()).then(|| {
+        (
+            hubs.iter().map(|u| u.cpu_pct).sum(),
+            hubs.iter().map(|u| u.rss_end).sum(),
+        )
+    })
+}
+
+fn pg_usage(us: &[(String, Option<procfs::Usage>)]) -> Option<&procfs::Usage> {
+    us.iter()
+        .find(|(n, _)| n.starts_with("postgres"))
+        .and_then(|(_, u)| u.as_ref())
+}
+
+/// "CPU %, RSS (PSS)" of one process or tree.
+fn usage_cell(u: Option<&procfs::Usage>) -> String {
+    u.map_or("-".into(), |u| {
+        format!(
+            "{:.1} %, {} (PSS {})",
+            u.cpu_pct,
+            bytes(u.rss_end as f64),
+            bytes(u.pss_end as f64)
+        )
+    })
+}
+
+/// What one tier's run gives the comparison table.
+#[derive(Clone, Debug, Default)]
+struct TierSummary {
+    agents: usize,
+    join_rate: String,
+    status_p99: String,
+    change_all: String,
+    hubs_idle: String,
+    pg_idle: String,
+    storm: String,
+}
+
+/// The report of one tier's run and its summary.
+struct TierRun {
+    text: String,
+    summary: TierSummary,
+}
+
+/// Apply `yaml` through the first hub of `urls` that takes it, trying them in turn until
+/// `limit`; the time it took and the URL that took it.
+async fn apply_first(admin: &Admin, urls: &[String], yaml: &str, limit: Duration) -> Result<(Duration, String)> {
+    let t = Instant::now();
+    loop {
+        for u in urls {
+            if admin.at(u).apply(yaml.to_string()).await.is_ok() {
+                return Ok((t.elapsed(), u.clone()));
+            }
+        }
+        if t.elapsed() > limit {
+            bail!("no hub of the tier took a change within {limit:?} of its restart; see the hub logs in the work dir");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
     a.check()?;
-    let max = a.agents.iter().copied().max().unwrap_or(0);
     let nofile = harness::raise_nofile(1 << 20);
-    eprintln!("fleet: RLIMIT_NOFILE {nofile} (inherited by the hub and the simulator processes)");
+    eprintln!("fleet: RLIMIT_NOFILE {nofile} (inherited by the hubs and the simulator processes)");
+    if !a.hub_url.is_empty() {
+        return Ok(run_tier(&a, None, TierProcs::default(), nofile).await?.text);
+    }
+    let specs = a.tier_specs()?;
+    let mut pg: Option<Postgres> = None;
+    let mut out = String::new();
+    let mut sums = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let dir = work.join(format!("tier-{i}-{}", spec.label().replace(':', "-")));
+        let store_url = if spec.store == Store::Postgres {
+            if pg.is_none() {
+                pg = Some(match &a.pg_url {
+                    Some(u) => Postgres::existing(u)?,
+                    None => {
+                        eprintln!("fleet: starting PostgreSQL in {}", work.join("pg").display());
+                        // `work` is `<bench work dir>/fleet`
+                        Postgres::start(&work.join("pg"), work.parent().unwrap_or(work))?
+                    }
+                });
+            }
+            let db = format!("outpost_bench_{}_{i}", std::process::id());
+            Some(pg.as_mut().context("started above")?.create_database(&db)?)
+        } else {
+            None
+        };
+        eprintln!("fleet: tier {}: starting {} hub process(es)", spec.label(), spec.hubs);
+        let mut t = Tier::start(*spec, &dir, store_url.as_deref()).await?;
+        let pg_pid = store_url
+            .is_some()
+            .then(|| pg.as_ref().and_then(Postgres::postmaster_pid))
+            .flatten();
+        let procs = TierProcs::of(Some(&t), pg_pid);
+        let r = run_tier(&a, Some(&mut t), procs, nofile).await;
+        drop(t);
+        let r = r.with_context(|| format!("tier {}", spec.label()))?;
+        if specs.len() > 1 {
+            out.push_str(&format!(
+                "## Tier {}: {} hub process(es) on {}\n\n",
+                spec.label(),
+                spec.hubs,
+                match spec.store {
+                    Store::Sqlite => "SQLite (in the hub's data dir)".to_string(),
+                    Store::Postgres => "one PostgreSQL database".to_string(),
+                }
+            ));
+        }
+        out.push_str(&r.text);
+        out.push('\n');
+        sums.push((spec, r.summary));
+    }
+    if sums.len() > 1 {
+        let rows: Vec<Vec<String>> = sums
+            .iter()
+            .map(|(spec, s)| {
+                vec![
+                    spec.label(),
+                    spec.hubs.to_string(),
+                    s.agents.to_string(),
+                    s.join_rate.clone(),
+                    s.status_p99.clone(),
+                    s.change_all.clone(),
+                    s.hubs_idle.clone(),
+                    s.pg_idle.clone(),
+                    s.storm.clone(),
+                ]
+            })
+            .collect();
+        out.push_str(&format!(
+            "## Comparison (largest size of each tier)\n\n{}",
+            table(
+                &[
+                    "tier",
+                    "hub processes",
+                    "agents",
+                    "join rate (last step)",
+                    "status p99 (after changes)",
+                    "change -> all agents (max)",
+                    "hubs idle: CPU (sum, % of 1 core), RSS (sum)",
+                    "PostgreSQL idle: CPU, RSS (PSS)",
+                    "storm: all re-synced / gave up",
+                ],
+                &rows,
+            )
+        ));
+    }
+    Ok(out)
+}
+
+/// The whole sequence against one tier: joins, idle window, changes, rollouts per size, then
+/// the reconnect storm. `tier` is None for an existing tier (`--hub-url`).
+async fn run_tier(a: &FleetArgs, tier: Option<&mut Tier>, mut procs: TierProcs, nofile: u64) -> Result<TierRun> {
+    let max = a.agents.iter().copied().max().unwrap_or(0);
     // ---- the hub tier
-    let mut hub: Option<HubProc> = None;
-    let (urls, admin_token, ca_pem, join_token) = if a.hub_url.is_empty() {
-        let h = HubProc::start(work).await?;
-        let jt = h.join_token(u32::try_from(max).unwrap_or(u32::MAX)).await?;
-        let r = (vec![h.url.clone()], h.token.clone(), h.ca_pem()?, jt);
-        hub = Some(h);
-        r
-    } else {
-        let (token, ca) = (a.token.clone().unwrap_or_default(), a.ca.clone().unwrap_or_default());
-        let ca_pem = std::fs::read_to_string(&ca).with_context(|| format!("--ca: cannot read {}", ca.display()))?;
-        let jt = tier_join_token(&a.hub_url[0], &token, &ca, max).await?;
-        (a.hub_url.clone(), token, ca_pem, jt)
+    let (urls, admin_token, ca_pem, join_token) = match tier.as_deref() {
+        Some(t) => {
+            let h = t.hubs.first().context("a tier has a hub")?;
+            let jt = h.join_token(u32::try_from(max).unwrap_or(u32::MAX)).await?;
+            (t.urls(), h.token.clone(), h.ca_pem()?, jt)
+        }
+        None => {
+            let (token, ca) = (a.token.clone().unwrap_or_default(), a.ca.clone().unwrap_or_default());
+            let ca_pem = std::fs::read_to_string(&ca).with_context(|| format!("--ca: cannot read {}", ca.display()))?;
+            let jt = tier_join_token(&a.hub_url[0], &token, &ca, max).await?;
+            (a.hub_url.clone(), token, ca_pem, jt)
+        }
     };
-    let hub_pid = || hub.as_ref().and_then(HubProc::pid);
-    let hub_rss0 = hub_pid().and_then(procfs::rss_bytes);
+    let hub_rss0: Option<u64> = {
+        let v: Vec<u64> = procs.hub_pids().into_iter().filter_map(procfs::rss_bytes).collect();
+        (!v.is_empty()).then(|| v.iter().sum())
+    };
     let ca_cfg = outpost_pki::client_config(&ca_pem, None)?;
     let admin = Admin {
         http: reqwest::Client::builder().use_preconfigured_tls(ca_cfg).build()?,
@@ -315,10 +593,12 @@ pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
         admin.apply(ds(arg)).await?;
     }
     let mut rows = Vec::new();
+    let mut proc_rows = Vec::new();
     let mut rollout_rows = Vec::new();
     let mut notes = Vec::new();
     let mut total = 0usize;
     let mut prev_idle: Option<(usize, u64)> = hub_rss0.map(|r| (0, r));
+    let mut summary = TierSummary::default();
     for &n in &a.agents {
         if n <= total {
             continue;
@@ -367,37 +647,51 @@ pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
         let joins = Summary::of(&lat(&jr, Kind::Join));
         // ---- idle window: every agent connected and holding its long-poll
         let w0 = unix_ms();
-        let mut meters: Vec<Meter> = hub_pid().and_then(Meter::start).into_iter().collect();
-        let has_hub = !meters.is_empty();
-        meters.extend(shards.iter().filter_map(|s| s.pid()).filter_map(Meter::start));
+        let named = procs.meters();
+        let n_named = named.len();
+        let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
+        let mut all: Vec<Option<Meter>> = named.into_iter().map(|(_, m)| m).collect();
+        all.extend(shards.iter().filter_map(|s| s.pid()).map(Meter::start));
+        let mut live: Vec<Meter> = Vec::new();
+        let mut slots = Vec::new();
+        for m in all {
+            slots.push(m.is_some());
+            live.extend(m);
+        }
         eprintln!("fleet: {total} agents: idle window {} s", a.window_secs);
-        procfs::watch(&mut meters, Duration::from_secs(a.window_secs)).await;
+        procfs::watch(&mut live, Duration::from_secs(a.window_secs)).await;
         let w1 = unix_ms();
-        let mut usages: Vec<procfs::Usage> = meters.into_iter().filter_map(Meter::finish).collect();
-        let hub_u = if has_hub && !usages.is_empty() {
-            Some(usages.remove(0))
-        } else {
-            None
-        };
-        let sim_cpu: f64 = usages.iter().map(|u| u.cpu_pct).sum();
-        let sim_rss: u64 = usages.iter().map(|u| u.rss_end).sum();
-        let busy = usages.first().map(|u| u.machine_busy_pct).unwrap_or(0.0);
-        let hub_fds = hub_pid().and_then(procfs::fd_count);
-        let hub_threads = hub_pid().and_then(procfs::threads);
+        let mut finished = live.into_iter().map(Meter::finish);
+        let mut us: Vec<Option<procfs::Usage>> = slots
+            .iter()
+            .map(|had| if *had { finished.next().flatten() } else { None })
+            .collect();
+        let sim_us: Vec<procfs::Usage> = us.split_off(n_named).into_iter().flatten().collect();
+        let tier_us: Vec<(String, Option<procfs::Usage>)> = names.into_iter().zip(us).collect();
+        let hubs_idle = hub_sum(&tier_us);
+        let sim_cpu: f64 = sim_us.iter().map(|u| u.cpu_pct).sum();
+        let sim_rss: u64 = sim_us.iter().map(|u| u.rss_end).sum();
+        let busy = sim_us.first().map(|u| u.machine_busy_pct).unwrap_or(0.0);
+        let fds_threads: Vec<(usize, u64)> = procs
+            .hub_pids()
+            .into_iter()
+            .filter_map(|p| Some((procfs::fd_count(p)?, procfs::threads(p)?)))
+            .collect();
         let (_, wc) = samples(&mut shards, w0, w1).await?;
         let c = |k| wc.get(&k).copied().unwrap_or(0);
-        let per_agent = match (&hub_u, prev_idle) {
-            (Some(u), Some((n0, r0))) if total > n0 => {
-                let d = (u.rss_end as f64 - r0 as f64) / (total - n0) as f64;
+        let per_agent = match (hubs_idle, prev_idle) {
+            (Some((_, rss)), Some((n0, r0))) if total > n0 => {
+                let d = (rss as f64 - r0 as f64) / (total - n0) as f64;
                 format!("{} ({n0} -> {total})", bytes(d))
             }
             _ => "-".into(),
         };
-        if let Some(u) = &hub_u {
-            prev_idle = Some((total, u.rss_end));
+        if let Some((_, rss)) = hubs_idle {
+            prev_idle = Some((total, rss));
         }
         // ---- changes
         let c0 = unix_ms();
+        let change_meters = procs.meters();
         let mut to_all = Vec::new();
         let mut per = Vec::new();
         for _ in 0..a.changes {
@@ -409,21 +703,56 @@ pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
             // the agents' delta reports (250 ms debounce) land before the next change
             tokio::time::sleep(Duration::from_secs(3)).await;
         }
+        let change_us = finish(change_meters);
         let (cr, cc) = samples(&mut shards, c0, unix_ms()).await?;
         let status = Summary::of(&lat(&cr, Kind::Status));
         let all_s = Summary::of(&to_all);
         let per_s = Summary::of(&per);
+        for ((name, idle), (_, during)) in tier_us.iter().zip(&change_us) {
+            let is_pg = name.starts_with("postgres");
+            let pid = procs.hubs.iter().find(|(n, _)| n == name).map(|(_, p)| *p);
+            proc_rows.push(vec![
+                total.to_string(),
+                name.clone(),
+                idle.as_ref().map_or("-".into(), |u| format!("{:.1} %", u.cpu_pct)),
+                idle.as_ref().map_or("-".into(), |u| {
+                    format!("{} (PSS {})", bytes(u.rss_end as f64), bytes(u.pss_end as f64))
+                }),
+                if is_pg {
+                    idle.as_ref().map_or("-".into(), |u| format!("{} processes", u.procs))
+                } else {
+                    match pid.and_then(|p| Some((procfs::fd_count(p)?, procfs::threads(p)?))) {
+                        Some((f, t)) => format!("{f} / {t}"),
+                        None => "-".into(),
+                    }
+                },
+                during.as_ref().map_or("-".into(), |u| format!("{:.1} %", u.cpu_pct)),
+                during.as_ref().map_or("-".into(), |u| bytes(u.rss_max as f64)),
+            ]);
+        }
+        let join_rate = format!("{:.0}/s", joined as f64 / join_secs);
+        summary = TierSummary {
+            agents: total,
+            join_rate: join_rate.clone(),
+            status_p99: ms(status.p99),
+            change_all: ms(all_s.max),
+            hubs_idle: hubs_idle.map_or("-".into(), |(cpu, rss)| format!("{cpu:.1} %, {}", bytes(rss as f64))),
+            pg_idle: usage_cell(pg_usage(&tier_us)),
+            storm: "-".into(),
+        };
         rows.push(vec![
             total.to_string(),
             n_shards.to_string(),
-            format!("{:.0}/s", joined as f64 / join_secs),
+            join_rate,
             ms(joins.p99),
-            hub_u.as_ref().map_or("-".into(), |u| format!("{:.1} %", u.cpu_pct)),
-            hub_u.as_ref().map_or("-".into(), |u| bytes(u.rss_end as f64)),
+            hubs_idle.map_or("-".into(), |(cpu, _)| format!("{cpu:.1} %")),
+            hubs_idle.map_or("-".into(), |(_, rss)| bytes(rss as f64)),
             per_agent,
-            match (hub_fds, hub_threads) {
-                (Some(f), Some(t)) => format!("{f} / {t}"),
-                _ => "-".into(),
+            if fds_threads.is_empty() {
+                "-".into()
+            } else {
+                let (f, t) = fds_threads.iter().fold((0, 0), |(f, t), (a, b)| (f + a, t + b));
+                format!("{f} / {t}")
             },
             format!("{} / {} / {}", c(Kind::Status), c(Kind::Sync204), c(Kind::Connect)),
             format!("{}/{}/{}", c(Kind::StatusErr), c(Kind::SyncErr), c(Kind::ConnectErr)),
@@ -440,7 +769,7 @@ pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
         eprintln!("fleet: {:?}", rows.last());
         if !a.no_rollout {
             eprintln!("fleet: {total} agents: all-at-once change, then a three-wave rollout");
-            let row = rollout_row(&admin, &mut shards, total, hub_pid(), &mut arg).await?;
+            let row = rollout_row(&admin, &mut shards, total, &procs.hub_pids(), &mut arg).await?;
             eprintln!("fleet: {row:?}");
             rollout_rows.push(row);
         }
@@ -448,43 +777,61 @@ pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
             notes.push(format!("{} of {new} joins failed at the {n} step", new - joined));
         }
     }
-    // ---- reconnect storm
+    // ---- reconnect storm: every hub process of the tier at once (PostgreSQL stays up)
     let mut storm = String::new();
-    if let (Some(h), false) = (hub.as_mut(), a.no_storm || total == 0) {
-        eprintln!("fleet: reconnect storm with {total} agents");
+    if let (Some(t), false) = (tier, a.no_storm || total == 0) {
+        eprintln!(
+            "fleet: reconnect storm with {total} agents, {} hub process(es)",
+            t.hubs.len()
+        );
         shard::all(&mut shards, |_| Some(Cmd::Arm)).await?;
         let s0 = unix_ms();
-        let t = Instant::now();
-        h.kill9();
-        h.launch().await?;
-        let up = t.elapsed();
-        let m = meter(h.pid());
+        let t0 = Instant::now();
+        t.kill_all();
+        t.spawn_all()?;
+        procs = TierProcs::of(Some(&*t), procs.pg);
+        let ms_ = procs.meters();
         arg += 1;
-        admin.apply(ds(arg)).await?;
+        let (_, via) = apply_first(&admin, &t.urls(), &ds(arg), tier::RESTART_LIMIT).await?;
+        let up = t0.elapsed();
+        t.ready_all().await?;
+        let all_up = t0.elapsed();
         let rs = shard::all(&mut shards, |_| Some(Cmd::WaitPast { limit_secs: 900 })).await?;
         let times: Vec<f64> = rs.iter().flat_map(|r| r.times.iter().map(|x| x - s0)).collect();
         let cr = shard::all(&mut shards, |_| Some(Cmd::Connected { since: s0 })).await?;
         let last = cr.iter().map(|r| r.last_connected).fold(0.0, f64::max) - s0;
         let not_connected: usize = cr.iter().map(|r| r.not_connected).sum();
         let (_, sc) = samples(&mut shards, s0, unix_ms()).await?;
-        let hub_u = m.and_then(Meter::finish).unwrap_or_default();
+        let rec = finish(ms_);
         let ps = Summary::of(&times);
-        storm = format!(
-            "Reconnect storm, {total} agents: SIGKILL the hub, restart it, apply one change as soon as it answers; \
-             time from the kill\n\n{}",
+        summary.storm = format!("{} / {not_connected}", ms(ps.max));
+        let per_proc: Vec<String> = rec
+            .iter()
+            .map(|(n, u)| {
+                u.as_ref().map_or(format!("{n}: -"), |u| {
+                    format!("{n}: {:.0} %, RSS max {}", u.cpu_pct, bytes(u.rss_max as f64))
+                })
+            })
+            .collect();
+        storm =
+            format!(
+            "Reconnect storm, {total} agents: SIGKILL every hub process of the tier at once, restart them all, apply \
+             one change through the first that takes it ({via}); time from the kill{}\n\n{}",
+            if procs.pg.is_some() { "; PostgreSQL stays up" } else { "" },
             table(
                 &[
-                    "hub back (answers CLI)",
+                    "first hub back (took the change)",
+                    "every hub back",
                     "all agents reconnected",
                     "all agents re-synced (hold the new generation)",
                     "p50 agent re-synced",
                     "failed connects / failed syncs / busy answers (503 + Retry-After)",
                     "agents not reconnected (gave up)",
-                    "hub CPU during recovery",
-                    "hub RSS max",
+                    "CPU (% of 1 core) and RSS max per process during recovery",
                 ],
                 &[vec![
                     ms(up.as_secs_f64() * 1000.0),
+                    ms(all_up.as_secs_f64() * 1000.0),
                     ms(last),
                     ms(ps.max),
                     ms(ps.p50),
@@ -495,8 +842,7 @@ pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
                         sc.get(&Kind::Busy).unwrap_or(&0)
                     ),
                     not_connected.to_string(),
-                    format!("{:.0} %", hub_u.cpu_pct),
-                    bytes(hub_u.rss_max as f64),
+                    per_proc.join("; "),
                 ]]
             )
         );
@@ -504,8 +850,10 @@ pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
     shard::stop(&mut shards).await;
     let m = a.model();
     let mut out = format!(
-        "Fleet simulator: {total} simulated agents max in {n_shards} process(es), {} hub URL(s); per agent one HTTP/2 \
-         connection, sync wait={} s ka={} s, heartbeat {} s +-20 %; idle window {} s, {} changes per size, RLIMIT_NOFILE {nofile}\n\n",
+        "Fleet simulator: {total} simulated agents max in {n_shards} process(es), {} hub URL(s) (agent i dials URL i mod {}); \
+         per agent one HTTP/2 connection, sync wait={} s ka={} s, heartbeat {} s +-20 %; idle window {} s, {} changes per size, \
+         RLIMIT_NOFILE {nofile}\n\n",
+        urls.len(),
         urls.len(),
         m.wait_secs,
         m.ka_secs,
@@ -519,10 +867,10 @@ pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
             "sim processes",
             "join rate",
             "join p99",
-            "hub CPU idle (% of 1 core)",
-            "hub RSS idle",
+            "hub CPU idle (% of 1 core, all hubs)",
+            "hub RSS idle (all hubs)",
             "hub RSS per idle agent (between sizes)",
-            "hub fds / threads",
+            "hub fds / threads (all hubs)",
             "in idle window: reports / long-polls ended / connects",
             "idle errors status/sync/connect",
             "status p50 / p99 (after changes)",
@@ -532,6 +880,23 @@ pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
         ],
         &rows,
     ));
+    if !proc_rows.is_empty() {
+        out.push_str(&format!(
+            "\nPer process of the tier (hubs; PostgreSQL as its process tree, summed; PSS shares shared pages)\n\n{}",
+            table(
+                &[
+                    "agents",
+                    "process",
+                    "CPU idle (% of 1 core)",
+                    "RSS idle (PSS)",
+                    "fds / threads",
+                    "CPU during changes",
+                    "RSS max during changes",
+                ],
+                &proc_rows,
+            )
+        ));
+    }
     if !rollout_rows.is_empty() {
         out.push_str(&format!(
             "\nRollouts (process DaemonSet on every node; simulated nodes pass their gate at once): an all-at-once \
@@ -556,7 +921,7 @@ pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
     for n in notes {
         out.push_str(&format!("\nnote: {n}\n"));
     }
-    Ok(out)
+    Ok(TierRun { text: out, summary })
 }
 
 /// The fleet app's revision as the hub has it now.
@@ -582,12 +947,22 @@ async fn rollout_row(
     admin: &Admin,
     shards: &mut [Shard],
     total: usize,
-    hub_pid: Option<u32>,
+    hub_pids: &[u32],
     arg: &mut u64,
 ) -> Result<Vec<String>> {
+    // CPU summed over every hub process of the tier
+    let meter = |pids: &[u32]| -> Vec<Meter> { pids.iter().filter_map(|p| Meter::start(*p)).collect() };
+    let done = |ms: Vec<Meter>| -> Option<procfs::Usage> {
+        let us: Vec<procfs::Usage> = ms.into_iter().filter_map(Meter::finish).collect();
+        let first = us.first()?.clone();
+        Some(procfs::Usage {
+            cpu_pct: us.iter().map(|u| u.cpu_pct).sum(),
+            ..first
+        })
+    };
     // all at once
     *arg += 1;
-    let m = meter(hub_pid);
+    let m = meter(hub_pids);
     let t = Instant::now();
     admin.apply(ds(*arg)).await?;
     let rev = app_revision(admin).await?;
@@ -599,12 +974,12 @@ async fn rollout_row(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let once = m.and_then(Meter::finish);
+    let once = done(m);
     tokio::time::sleep(Duration::from_secs(3)).await;
     // three waves, zero bake
     admin.apply(policy(true)).await?;
     *arg += 1;
-    let m = meter(hub_pid);
+    let m = meter(hub_pids);
     let t = Instant::now();
     admin.apply(ds(*arg)).await?;
     let rev = app_revision(admin).await?;
@@ -618,7 +993,7 @@ async fn rollout_row(
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let complete = t.elapsed();
-    let waves = m.and_then(Meter::finish);
+    let waves = done(m);
     admin.apply(policy(false)).await?;
     let per_wave: Vec<String> = info
         .waves
@@ -652,6 +1027,7 @@ async fn rollout_row(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tier::{Store, TierSpec};
     use clap::Parser;
 
     #[derive(Parser)]
@@ -684,9 +1060,24 @@ mod tests {
             (&["--heartbeat-secs", "0"][..], "--heartbeat-secs"),
             (&["--per-process", "20000"][..], "--per-process"),
             (&["--hub-url", "https://10.0.0.1:8443"][..], "--hub-url"),
+            (&["--hubs", "3"][..], "--hubs"),
+            (&["--hubs", "3", "--store", "sqlite"][..], "--hubs"),
+            (&["--hubs", "0", "--store", "postgres"][..], "--hubs"),
+            (&["--hubs", "17", "--store", "postgres"][..], "--hubs"),
+            (&["--store", "mysql"][..], "--store"),
+            (&["--tiers", "sqlite,sqlite:3"][..], "--tiers"),
+            (&["--tiers", "postgres:0"][..], "--tiers"),
+            (&["--tiers", "oracle"][..], "--tiers"),
+            (&["--tiers", "sqlite", "--hubs", "2"][..], "--tiers"),
+            (&["--pg-url", "mysql://x"][..], "--pg-url"),
+            (&["--pg-url", "postgres://p@h/postgres"][..], "--pg-url"),
+            (
+                &["--hub-url", "https://a:1", "--token", "t", "--ca", "/c", "--hubs", "2"][..],
+                "--hub-url",
+            ),
         ] {
             let mut a = parse(args);
-            if field == "--hub-url" {
+            if args.len() == 2 && field == "--hub-url" {
                 a.token = None;
             }
             let e = a.check().expect_err(field).to_string();
@@ -702,5 +1093,25 @@ mod tests {
         ]);
         assert_eq!(a.hub_url.len(), 2);
         a.check().expect("a tier with token and CA");
+        assert!(a.tier_specs().unwrap().is_empty(), "an existing tier starts nothing");
+    }
+
+    #[test]
+    fn the_tiers_to_start() {
+        let specs = |args: &[&str]| {
+            let a = parse(args);
+            a.check().expect("valid");
+            a.tier_specs().unwrap()
+        };
+        let sqlite = TierSpec::new(Store::Sqlite, 1).unwrap();
+        let pg = |n| TierSpec::new(Store::Postgres, n).unwrap();
+        assert_eq!(specs(&[]), vec![sqlite], "one SQLite hub by default");
+        assert_eq!(specs(&["--hubs", "3", "--store", "postgres"]), vec![pg(3)]);
+        assert_eq!(specs(&["--store", "postgres"]), vec![pg(1)]);
+        assert_eq!(specs(&["--tiers", "sqlite,postgres:3"]), vec![sqlite, pg(3)]);
+        assert_eq!(
+            specs(&["--tiers", "postgres:2", "--pg-url", "postgres://u@h:5432/postgres"]),
+            vec![pg(2)]
+        );
     }
 }

@@ -65,6 +65,12 @@ pub struct HubProc {
     pub token: String,
     /// The address the hub listens on (and advertises, so its certificate covers it).
     pub ip: std::net::IpAddr,
+    /// Every URL this hub advertises (itself alone, or every replica of its tier).
+    pub advertise: Vec<String>,
+    /// Extra `outpost hub` arguments (e.g. `--store postgres://...`) and environment (e.g.
+    /// `OUTPOST_CA_KEY_SECRET`), kept across restarts.
+    pub extra_args: Vec<String>,
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -77,17 +83,27 @@ impl HubProc {
     /// The same, listening on (and advertising) `ip`, e.g. a veth address reachable from a
     /// network namespace.
     pub async fn start_on(work: &Path, ip: std::net::IpAddr) -> Result<HubProc> {
-        let port = free_port()?;
-        let mut h = HubProc {
-            dir: work.to_path_buf(),
-            port,
-            url: format!("https://{ip}:{port}"),
-            token: String::new(),
-            ip,
-            child: None,
-        };
+        let mut h = Self::new(work, ip, free_port()?);
         h.launch().await?;
         Ok(h)
+    }
+
+    /// A hub not started yet: data in `<work>/hub`, log in `<work>/hub.log`, listening on
+    /// `ip:port` and advertising itself (set `advertise`, `extra_args` and `env` before
+    /// [`HubProc::launch`] for a replica of a tier).
+    pub fn new(work: &Path, ip: std::net::IpAddr, port: u16) -> HubProc {
+        let url = format!("https://{ip}:{port}");
+        HubProc {
+            dir: work.to_path_buf(),
+            port,
+            advertise: vec![url.clone()],
+            url,
+            token: String::new(),
+            ip,
+            extra_args: Vec::new(),
+            env: Vec::new(),
+            child: None,
+        }
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -102,7 +118,15 @@ impl HubProc {
         std::fs::read_to_string(self.ca_file()).context("reading the hub CA")
     }
 
+    /// Start the hub process and wait until it answers the CLI.
     pub async fn launch(&mut self) -> Result<()> {
+        self.spawn()?;
+        self.ready().await
+    }
+
+    /// Start the hub process without waiting for it.
+    pub fn spawn(&mut self) -> Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -110,13 +134,20 @@ impl HubProc {
         let child = Command::new(outpost_bin()?)
             .args(["hub", "--listen", &format!("{}:{}", self.ip, self.port), "--data-dir"])
             .arg(self.dir.join("hub"))
-            .args(["--advertise", &self.url, "--offline-after", "90s"])
+            .args(["--advertise", &self.advertise.join(","), "--offline-after", "90s"])
+            .args(&self.extra_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("cannot start `outpost hub`")?;
         self.child = Some(child);
+        Ok(())
+    }
+
+    /// Wait until the hub started by [`HubProc::spawn`] has its admin token and answers the CLI.
+    pub async fn ready(&mut self) -> Result<()> {
         let tf = self.dir.join("hub/admin.token");
         self.token = wait_for(
             "hub admin token",
@@ -141,6 +172,14 @@ impl HubProc {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(())
+    }
+
+    /// SIGKILL the hub without reaping it (so several can be killed at the same instant;
+    /// [`HubProc::kill9`] reaps).
+    pub fn signal_kill(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+        }
     }
 
     /// SIGKILL the hub and reap it.

@@ -4,10 +4,12 @@
 //! them from `/proc` (RSS, PSS, CPU ticks, descriptors), a counting TCP proxy for bytes on the
 //! wire, and a simulator of thousands of agents that speak the real protocol like today's agent (own
 //! keys and certificates, one HTTP/2 connection each, hour-long polls, status on change) in
-//! several simulator processes, against a real hub process or an existing tier. Every
-//! benchmark prints a Markdown report with its method, the date and the machine.
+//! several simulator processes, against a hub tier it starts (one SQLite hub, or PostgreSQL
+//! and N hub replicas: [`tier`]) or an existing tier. Every benchmark prints a Markdown report
+//! with its method, the date and the machine.
 //!
-//! Must never: run in the test suite (only its pure helpers are unit-tested), link the hub or
+//! Must never: run in the test suite (only its pure helpers are unit-tested, plus one small
+//! smoke run of the two-tier fleet mode, `crates/outpost/tests/bench_fleet.rs`), link the hub or
 //! the agent in-process (they are measured as the separate processes users run), or change
 //! what it measures to flatter a number.
 
@@ -26,6 +28,7 @@ pub mod propagation;
 pub mod shard;
 pub mod sim;
 pub mod stats;
+pub mod tier;
 
 use std::path::PathBuf;
 
@@ -50,7 +53,8 @@ pub enum BenchCmd {
     Offline(offline::OfflineArgs),
     /// Bytes per node per hour, idle and healthy, both directions.
     Bandwidth(bandwidth::BandwidthArgs),
-    /// Simulate N agents against one real hub: hub CPU, RSS, latency, change fan-out, reconnect storm.
+    /// Simulate N agents against a hub tier (one SQLite hub, or PostgreSQL + N replicas, or
+    /// several tiers in turn): CPU and memory per process, latency, change fan-out, reconnect storm.
     Fleet(fleet::FleetArgs),
     /// One simulator process of `bench fleet` (started by it; JSON lines on stdin/stdout).
     #[command(hide = true)]

@@ -43,6 +43,81 @@ pub fn parse_proc_stat_total(text: &str) -> Option<(u64, u64)> {
     Some((total - idle, total))
 }
 
+/// `ppid` and `cutime + cstime` (ticks of children that ended and were waited for) from the
+/// text of `/proc/PID/stat`.
+pub fn parse_stat_ppid_and_child_ticks(stat: &str) -> Option<(u32, u64)> {
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // after ")": state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14)
+    let ppid: u32 = f.get(1)?.parse().ok()?;
+    let cutime: u64 = f.get(13)?.parse().ok()?;
+    let cstime: u64 = f.get(14)?.parse().ok()?;
+    Some((ppid, cutime + cstime))
+}
+
+/// `root` and every process below it, from `(pid, ppid)` pairs (pure: the tree walk).
+pub fn descendants(root: u32, pairs: &[(u32, u32)]) -> Vec<u32> {
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let parent = out[i];
+        out.extend(
+            pairs
+                .iter()
+                .filter(|(p, pp)| *pp == parent && *p != root)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    out
+}
+
+/// `root` and its live descendants (one scan of `/proc`); empty when `root` is gone.
+pub fn tree(root: u32) -> Vec<u32> {
+    if cpu_ticks(root).is_none() {
+        return Vec::new();
+    }
+    let mut pairs = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Some((ppid, _)) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .as_deref()
+                .and_then(parse_stat_ppid_and_child_ticks)
+            {
+                pairs.push((pid, ppid));
+            }
+        }
+    }
+    descendants(root, &pairs)
+}
+
+/// CPU ticks of a process tree: every live member's `utime + stime`, plus the root's
+/// `cutime + cstime` (children that ended since, e.g. PostgreSQL backends of closed
+/// connections, reaped by the postmaster), so the difference between two readings is the
+/// tree's CPU in between, ended members included.
+pub fn tree_cpu_ticks(root: u32) -> Option<u64> {
+    let reaped = parse_stat_ppid_and_child_ticks(&std::fs::read_to_string(format!("/proc/{root}/stat")).ok()?)?.1;
+    let live: u64 = tree(root).into_iter().filter_map(cpu_ticks).sum();
+    Some(reaped + live)
+}
+
+/// Summed RSS of a process tree (shared pages, e.g. PostgreSQL's shared buffers, count once per
+/// process that touched them: read PSS for the tree's real share).
+pub fn tree_rss_bytes(root: u32) -> Option<u64> {
+    let t = tree(root);
+    (!t.is_empty()).then(|| t.into_iter().filter_map(rss_bytes).sum())
+}
+
+/// Summed PSS of a process tree (shared pages divided among the processes sharing them).
+pub fn tree_pss_bytes(root: u32) -> Option<u64> {
+    let t = tree(root);
+    (!t.is_empty()).then(|| t.into_iter().filter_map(pss_bytes).sum())
+}
+
 pub fn cpu_ticks(pid: u32) -> Option<u64> {
     parse_stat_cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
@@ -72,9 +147,13 @@ pub fn machine_busy() -> Option<(u64, u64)> {
     parse_proc_stat_total(&std::fs::read_to_string("/proc/stat").ok()?)
 }
 
-/// CPU and memory of one process over a window: start, sample RSS as often as you like, finish.
+/// CPU and memory of one process (or of a process tree) over a window: start, sample RSS as
+/// often as you like, finish.
 pub struct Meter {
     pub pid: u32,
+    /// Measure `pid` and every process below it (summed), e.g. a PostgreSQL postmaster and its
+    /// backends.
+    tree: bool,
     t0: Instant,
     ticks0: u64,
     machine0: Option<(u64, u64)>,
@@ -91,6 +170,8 @@ pub struct Usage {
     pub rss_max: u64,
     pub rss_end: u64,
     pub pss_end: u64,
+    /// Processes measured at the end (1, or the size of the tree).
+    pub procs: usize,
     /// Whole-machine busy share over the window, percent of all cores.
     pub machine_busy_pct: f64,
 }
@@ -99,6 +180,7 @@ impl Meter {
     pub fn start(pid: u32) -> Option<Meter> {
         Some(Meter {
             pid,
+            tree: false,
             t0: Instant::now(),
             ticks0: cpu_ticks(pid)?,
             machine0: machine_busy(),
@@ -106,8 +188,33 @@ impl Meter {
         })
     }
 
+    /// A meter of `root` and every process below it (CPU and memory summed over the tree).
+    pub fn start_tree(root: u32) -> Option<Meter> {
+        Some(Meter {
+            pid: root,
+            tree: true,
+            t0: Instant::now(),
+            ticks0: tree_cpu_ticks(root)?,
+            machine0: machine_busy(),
+            rss_samples: tree_rss_bytes(root).into_iter().collect(),
+        })
+    }
+
+    fn ticks(&self) -> Option<u64> {
+        if self.tree {
+            tree_cpu_ticks(self.pid)
+        } else {
+            cpu_ticks(self.pid)
+        }
+    }
+
     pub fn sample(&mut self) {
-        if let Some(r) = rss_bytes(self.pid) {
+        let r = if self.tree {
+            tree_rss_bytes(self.pid)
+        } else {
+            rss_bytes(self.pid)
+        };
+        if let Some(r) = r {
             self.rss_samples.push(r);
         }
     }
@@ -115,7 +222,7 @@ impl Meter {
     pub fn finish(mut self) -> Option<Usage> {
         self.sample();
         let secs = self.t0.elapsed().as_secs_f64();
-        let ticks = cpu_ticks(self.pid)?.saturating_sub(self.ticks0);
+        let ticks = self.ticks()?.saturating_sub(self.ticks0);
         let machine_busy_pct = match (self.machine0, machine_busy()) {
             (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => 100.0 * (b1 - b0) as f64 / (t1 - t0) as f64,
             _ => 0.0,
@@ -127,7 +234,13 @@ impl Meter {
             rss_mean: self.rss_samples.iter().sum::<u64>() / n,
             rss_max: self.rss_samples.iter().copied().max().unwrap_or(0),
             rss_end: self.rss_samples.last().copied().unwrap_or(0),
-            pss_end: pss_bytes(self.pid).unwrap_or(0),
+            pss_end: if self.tree {
+                tree_pss_bytes(self.pid)
+            } else {
+                pss_bytes(self.pid)
+            }
+            .unwrap_or(0),
+            procs: if self.tree { tree(self.pid).len() } else { 1 },
             machine_busy_pct,
         })
     }
@@ -162,6 +275,32 @@ mod tests {
         assert_eq!(parse_kb_field(status, "VmHWM"), None);
         let rollup = "55d0-7ff [rollup]\nRss:  100 kB\nPss:  80 kB\nPss_Anon: 60 kB\n";
         assert_eq!(parse_kb_field(rollup, "Pss"), Some(80 * 1024));
+    }
+
+    #[test]
+    fn parents_and_reaped_children() {
+        let s = "77 (postgres) S 1 77 77 0 -1 4194560 500 0 0 0 17 4 30 12 20 0 1 0 100 1000 200";
+        assert_eq!(parse_stat_ppid_and_child_ticks(s), Some((1, 42)));
+        assert_eq!(parse_stat_ppid_and_child_ticks("77 (x) S"), None);
+    }
+
+    #[test]
+    fn a_tree_is_its_root_and_everything_below() {
+        // 10 -> 11, 12; 12 -> 13; 20 is elsewhere; 1 is init
+        let pairs = [(10, 1), (11, 10), (12, 10), (13, 12), (20, 1), (1, 0)];
+        let mut t = descendants(10, &pairs);
+        t.sort();
+        assert_eq!(t, vec![10, 11, 12, 13]);
+        assert_eq!(descendants(13, &pairs), vec![13]);
+    }
+
+    #[test]
+    fn this_process_is_a_tree_of_at_least_itself() {
+        let me = std::process::id();
+        assert!(tree(me).contains(&me));
+        let m = Meter::start_tree(me).expect("our own process is readable");
+        let u = m.finish().expect("still running");
+        assert!(u.procs >= 1 && u.rss_end > 0, "{u:?}");
     }
 
     #[test]
