@@ -285,3 +285,40 @@ fn echo_round_trip_on_one_hub_for_comparison() {
     );
     assert!(rt[rt.len() - 1] < Duration::from_secs(1), "{rt:?}");
 }
+
+#[test]
+fn kill_9_of_the_nodes_replica_ends_the_operators_session_with_the_reason() {
+    let Some(store) = database("replicas_exec_node_side") else {
+        return;
+    };
+    let (a, mut b, _c) = three(&store);
+    let token = a.token(&[]);
+    let _agent = b.join("rx4", &token).running();
+    let m = marker();
+    a.apply(&app("app", &m));
+    running(&a, "rx4");
+    let long = format!("{m}1");
+    let cli = a
+        .command(&["exec", "rx4", "app", "--", "/bin/sleep", &long])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the command runs on the node", 20.0, || {
+        (!pids_with_cmdline(&["/bin/sleep", &long]).is_empty()).then_some(())
+    });
+    b.kill();
+    let t0 = Instant::now();
+    // The operator's replica notices within the lease and says why (the CLI exits by itself).
+    let o = cli.wait_with_output().unwrap();
+    let took = t0.elapsed();
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("kill -9 of the node's replica -> operator's session ended: {took:?}");
+    assert_eq!(o.status.code(), Some(255), "{err}");
+    assert!(err.contains("went away") || err.contains("link dropped"), "{err}");
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    // And the node, whose streams broke, ended the command.
+    wait_for("the node ends the command", 20.0, || {
+        pids_with_cmdline(&["/bin/sleep", &long]).is_empty().then_some(())
+    });
+}
