@@ -15,6 +15,7 @@ pub mod admission;
 pub mod agent_update;
 pub mod alerts;
 pub mod cron;
+pub mod exec_relay;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod gitops;

@@ -9,11 +9,16 @@
 //! 3. The operator reads the output frames as the body of its answer and sends input with
 //!    `POST /v1/exec/{id}/input`.
 //!
-//! Sessions live in memory only (a hub restart ends them). A session ends when its output
-//! stream carries the Exit frame, when the operator stops reading (the node then sees its input
-//! stream end and kills the command), or at its deadline.
+//! On one hub (SQLite) sessions live in memory only (a hub restart ends them). Where replicas
+//! share a PostgreSQL store ([`remote`]), the operator's request, the node's two streams and
+//! the operator's input may each reach a different replica: the session is a row in the store
+//! and the frames travel through it (docs/exec.md, "Across replicas"). A session ends when its
+//! output stream carries the Exit frame, when the operator stops reading (the node then sees
+//! its input stream end and kills the command), at its deadline, and, across replicas, when
+//! the replica on either side stops beating.
 //!
-//! Must never: hand a node another node's session, or keep a session past its deadline.
+//! Must never: hand a node another node's session, let another operator send input, duplicate
+//! or reorder frames, or keep a session past its deadline.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -40,6 +45,8 @@ pub struct ExecBroker {
     /// Sessions not yet handed to their node.
     pending: Mutex<HashMap<String, Vec<ExecRequest>>>,
     sessions: Mutex<HashMap<String, Session>>,
+    /// Wake-ups of this replica's relays of sessions in the shared store ([`remote`]).
+    pub wakes: remote::Wakes,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -72,6 +79,8 @@ pub enum SessionError {
     Unknown,
     /// The node already opened this stream once.
     AlreadyOpen,
+    /// Across replicas: the node has not read the input sent before (a window of batches).
+    Stalled,
 }
 
 impl ExecBroker {
@@ -185,6 +194,8 @@ pub fn output_stream(
         Some((Ok(frame.encode()), (!last).then_some(opened)))
     })
 }
+
+pub mod remote;
 
 #[cfg(test)]
 mod tests {

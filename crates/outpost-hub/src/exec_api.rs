@@ -67,6 +67,27 @@ pub async fn input(
             dec.pending()
         )));
     }
+    if let Some(shared) = svc.store.shared() {
+        // Replicas: the session may be served by another replica; its input goes through the store.
+        return match crate::exec::remote::send_input(
+            &svc.links.exec,
+            shared,
+            &owner(&c),
+            &id,
+            &frames,
+            std::time::Duration::from_secs(30),
+        )
+        .await?
+        {
+            Ok(()) => Ok(Json(serde_json::json!({}))),
+            Err(crate::exec::SessionError::Stalled) => Err(HubError::Conflict(format!(
+                "exec session {id}: the node has not read the input sent before; send more once it has"
+            ))),
+            Err(_) => Err(HubError::NotFound(format!(
+                "exec session {id} (ended, or opened by someone else)"
+            ))),
+        };
+    }
     let tx = svc
         .links
         .exec

@@ -119,9 +119,22 @@ async fn listen(svc: Arc<Service>, shared: Shared, fallback: Duration, mut stop:
         loop {
             tokio::select! {
                 r = listener.try_recv() => match r {
-                    Ok(Some(_)) => {
-                        // One look serves every notification already buffered.
-                        while listener.next_buffered().is_some() {}
+                    Ok(Some(first)) => {
+                        // Exec notifications wake that session's readers here; one look serves
+                        // every other notification already buffered.
+                        let mut look = false;
+                        let mut next = Some(first);
+                        while let Some(n) = next.take().or_else(|| listener.next_buffered()) {
+                            if n.channel() == crate::store::exec_frames::EXEC_CHANNEL {
+                                svc.links.exec.wakes.poke(n.payload());
+                            } else {
+                                look = true;
+                            }
+                        }
+                        if !look {
+                            // Not a look: the fallback poll stays due when it was.
+                            continue;
+                        }
                         svc.look(Trigger::Notified).await;
                     }
                     Ok(None) => {

@@ -606,6 +606,9 @@ impl Service {
             for n in shared.relay_pending(&held).await? {
                 self.wake_node(&n);
             }
+            for n in shared.exec_pending(&held).await? {
+                self.wake_node(&n);
+            }
         }
         // Certificates cached for nodes that are not held here: forget the deleted ones.
         let cached: Vec<String> = self
@@ -623,8 +626,15 @@ impl Service {
         }
         self.deliver_relayed(shared, &self.links.logs).await?;
         self.deliver_relayed(shared, &self.links.vitals).await?;
+        if trigger == outpost_core::replicas::Trigger::Reconnected {
+            // Notifications naming exec sessions may have been lost too.
+            self.links.exec.wakes.poke_all();
+        }
         if trigger == outpost_core::replicas::Trigger::Poll {
             shared.relay_forget(&[], now_ms()).await?;
+            shared
+                .exec_expire(now_ms(), crate::exec::remote::EXPIRE_AFTER_MS)
+                .await?;
         }
         self.remote_changes().await;
         Ok(())
@@ -1646,8 +1656,28 @@ impl Service {
         let limit = Duration::from_secs(start.timeout_secs.unwrap_or(DEFAULT_EXEC_TIMEOUT_SECS));
         tracing::info!(node = %node, session = %id, workload = ?start.workload, node_shell = start.node_shell,
             tty = start.tty, command = ?start.command, "exec session opened");
-        let (opened, attached) = self.links.exec.open(node, owner, ExecRequest { id: id.clone(), start });
-        self.wake_node(node);
+        let req = ExecRequest { id: id.clone(), start };
+        let (opened, attached) = match self.store.shared() {
+            // Replicas: the session is parked in the store for whichever replica holds the node.
+            Some(shared) => {
+                let r = crate::exec::remote::open(
+                    &self.links.exec,
+                    shared,
+                    node,
+                    owner,
+                    req,
+                    limit + Duration::from_secs(30),
+                )
+                .await?;
+                self.notify_replicas().await;
+                r
+            }
+            None => {
+                let r = self.links.exec.open(node, owner, req);
+                self.wake_node(node);
+                r
+            }
+        };
         match tokio::time::timeout(self.settings.monitor.log_wait, attached).await {
             // The node's own limit ends the command first; the hub's is a backstop.
             Ok(Ok(())) => Ok((id, opened, limit + Duration::from_secs(30))),
@@ -1669,6 +1699,11 @@ impl Service {
         id: &str,
     ) -> Result<tokio::sync::mpsc::Sender<outpost_api::exec::Frame>, HubError> {
         self.authorize_node(peer, node).await?;
+        if let Some(shared) = self.store.shared() {
+            return crate::exec::remote::attach_output(&self.links.exec, shared, node, id)
+                .await?
+                .map_err(exec_session_error);
+        }
         self.links.exec.attach_output(node, id).map_err(exec_session_error)
     }
 
@@ -1680,6 +1715,11 @@ impl Service {
         id: &str,
     ) -> Result<tokio::sync::mpsc::Receiver<outpost_api::exec::Frame>, HubError> {
         self.authorize_node(peer, node).await?;
+        if let Some(shared) = self.store.shared() {
+            return crate::exec::remote::attach_input(&self.links.exec, shared, node, id)
+                .await?
+                .map_err(exec_session_error);
+        }
         self.links.exec.attach_input(node, id).map_err(exec_session_error)
     }
 
@@ -1963,10 +2003,19 @@ impl Service {
             (p.hash() != h).then_some(p)
         });
         let relayed = self.relay_take(node).await?;
+        let mut exec = self.links.exec.take(node);
+        if let Some(shared) = self.store.shared() {
+            for body in shared.exec_take(node).await? {
+                match serde_json::from_str(&body) {
+                    Ok(r) => exec.push(r),
+                    Err(e) => tracing::warn!(node = %node, error = %e, "a parked exec session is not valid; dropped"),
+                }
+            }
+        }
         Ok(Extras {
             alert_policy,
             log_requests: relayed.logs,
-            exec: self.links.exec.take(node),
+            exec,
             vitals_requests: relayed.vitals,
         })
     }
@@ -2236,6 +2285,10 @@ fn exec_session_error(e: crate::exec::SessionError) -> HubError {
         crate::exec::SessionError::AlreadyOpen => {
             HubError::Conflict("this stream of the exec session is open already".into())
         }
+        crate::exec::SessionError::Stalled => HubError::Conflict(
+            "the node has not read the input sent before; send more once it has (is the command reading its stdin?)"
+                .into(),
+        ),
     }
 }
 

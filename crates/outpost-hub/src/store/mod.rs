@@ -41,6 +41,7 @@ use outpost_core::waves::Rollout;
 pub mod accounts;
 pub mod authority;
 pub mod blobs;
+pub mod exec_frames;
 pub mod migrate;
 mod monitor_pg;
 #[cfg(test)]
@@ -68,7 +69,9 @@ pub use sqlite::{SqliteCore, SqliteStore};
 /// database (`store::accounts`, `store::records`, `store::blobs`, `hub_secrets`); on SQLite no
 /// change (those stay in their own `hub.db` tables and the data dir).
 /// 6: `relays`, requests relayed across hub replicas (PostgreSQL only; nothing on SQLite).
-pub const SCHEMA_VERSION: i64 = 6;
+/// 7: `exec_sessions` and `exec_frames`, exec sessions across hub replicas (PostgreSQL only;
+/// nothing on SQLite, where sessions live in the one hub process).
+pub const SCHEMA_VERSION: i64 = 7;
 /// Events kept per node (older ones are pruned when new ones arrive).
 pub const EVENTS_KEPT: i64 = 1000;
 

@@ -37,7 +37,7 @@ pub const RELAY_KEPT_MS: i64 = 10 * 60 * 1000;
 /// The PostgreSQL side of replicas. Cheap to clone (a pool handle).
 #[derive(Clone)]
 pub struct Shared {
-    pool: PgPool,
+    pub(super) pool: PgPool,
 }
 
 impl Shared {
@@ -54,10 +54,10 @@ impl Shared {
         Ok(())
     }
 
-    /// A listener on [`CHANNEL`] (a connection of its own).
+    /// A listener on [`CHANNEL`] and the exec sessions' channel (a connection of its own).
     pub async fn listener(&self) -> Result<PgListener> {
         let mut l = PgListener::connect_with(&self.pool).await?;
-        l.listen(CHANNEL).await?;
+        l.listen_all([CHANNEL, super::exec_frames::EXEC_CHANNEL]).await?;
         Ok(l)
     }
 

@@ -31,7 +31,13 @@ use super::*;
 /// The PostgreSQL migrations, in order: (the version a step brings the database to, its SQL).
 /// PostgreSQL support starts at version 3 (the SQLite schema's numbering), so its first step
 /// creates the whole version-3 schema; later steps each add one version to both backends.
-const PG_MIGRATIONS: &[(i64, &str)] = &[(3, PG_V3), (4, super::monitor_pg::PG_V4), (5, PG_V5), (6, PG_V6)];
+const PG_MIGRATIONS: &[(i64, &str)] = &[
+    (3, PG_V3),
+    (4, super::monitor_pg::PG_V4),
+    (5, PG_V5),
+    (6, PG_V6),
+    (7, PG_V7),
+];
 
 /// 6: requests relayed to nodes through whichever replica holds their long-poll
 /// (`super::notify`).
@@ -40,6 +46,24 @@ CREATE TABLE relays (
     id TEXT COLLATE "C" PRIMARY KEY, kind TEXT NOT NULL, node TEXT COLLATE "C" NOT NULL,
     request TEXT NOT NULL, taken BOOLEAN NOT NULL DEFAULT FALSE, answer TEXT, created_at BIGINT NOT NULL);
 CREATE INDEX relays_pending ON relays (node) WHERE NOT taken;
+"#;
+
+/// 7: exec sessions across replicas (`super::exec_frames`): the session rows, parked for their
+/// node until taken, with each side's beat, and the frame batches per session and direction.
+const PG_V7: &str = r#"
+CREATE TABLE exec_sessions (
+    id TEXT COLLATE "C" PRIMARY KEY, node TEXT COLLATE "C" NOT NULL, owner TEXT NOT NULL,
+    request TEXT NOT NULL, taken BOOLEAN NOT NULL DEFAULT FALSE,
+    out_open BOOLEAN NOT NULL DEFAULT FALSE, in_open BOOLEAN NOT NULL DEFAULT FALSE,
+    out_closed BOOLEAN NOT NULL DEFAULT FALSE,
+    out_seq BIGINT NOT NULL DEFAULT 0, out_acked BIGINT NOT NULL DEFAULT 0,
+    in_seq BIGINT NOT NULL DEFAULT 0, in_acked BIGINT NOT NULL DEFAULT 0,
+    operator_beat BIGINT NOT NULL, node_beat BIGINT, deadline BIGINT NOT NULL, created_at BIGINT NOT NULL);
+CREATE INDEX exec_sessions_pending ON exec_sessions (node) WHERE NOT taken;
+CREATE TABLE exec_frames (
+    session TEXT COLLATE "C" NOT NULL REFERENCES exec_sessions (id) ON DELETE CASCADE,
+    dir TEXT NOT NULL, seq BIGINT NOT NULL, data BYTEA NOT NULL,
+    PRIMARY KEY (session, dir, seq));
 "#;
 
 const PG_V3: &str = r#"

@@ -258,9 +258,11 @@ const SQLITE_MIGRATIONS: &[SqliteStep] = &[
     (4, sqlite_v4),
     (5, sqlite_v5),
     (6, sqlite_v6),
+    (7, sqlite_v6),
 ];
 
-/// 6: relays across replicas, a PostgreSQL table only (one hub process uses an SQLite file, and
+/// 6: relays across replicas, a PostgreSQL table only; 7 (exec sessions across replicas) is the
+/// same no-op (one hub process uses an SQLite file, and
 /// keeps its relays in memory).
 fn sqlite_v6(_tx: &Connection) -> Result<()> {
     Ok(())
