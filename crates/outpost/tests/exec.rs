@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -12,28 +11,6 @@ use common::*;
 fn app(name: &str, marker: &str) -> String {
     format!(
         "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: {name}}}\nspec:\n  template:\n    spec:\n      runtimeClassName: process\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: main\n        image: 'sleeper:1'\n        command: [/bin/sleep, '{marker}']\n        env: [{{name: GREETING, value: hello-from-app}}]\n"
-    )
-}
-
-/// Run `outpost exec ARGS` with `input` on its stdin; (exit code, stdout, stderr).
-fn exec(hub: &Hub, args: &[&str], input: &str) -> (i32, String, String) {
-    let mut a = vec!["exec"];
-    a.extend(args);
-    let mut child = hub
-        .command(&a)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(input.as_bytes()).unwrap();
-    drop(stdin);
-    let o = child.wait_with_output().unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
     )
 }
 

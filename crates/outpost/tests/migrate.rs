@@ -4,16 +4,8 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 use serde_json::Value;
-
-fn psql(url: &str, sql: &str) -> String {
-    let out = Command::new("psql").args([url, "-qAtc", sql]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 fn migrate(hub: &Hub, url: &str, secret: &std::path::Path) -> std::process::Output {
     outpost_under::<&str>(&[])

@@ -4,19 +4,11 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 
 /// A fresh database; None (test skipped, said why) outside CI without PostgreSQL.
 fn database(case: &str) -> Option<String> {
     outpost_hub::store::testkit::pg_database(case)
-}
-
-fn psql(url: &str, sql: &str) -> String {
-    let out = Command::new("psql").args([url, "-qAtc", sql]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 #[test]

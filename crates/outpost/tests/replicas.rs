@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -14,21 +13,6 @@ use serde_json::Value;
 /// without PostgreSQL.
 fn database(case: &str) -> Option<String> {
     outpost_hub::store::testkit::pg_database(case)
-}
-
-fn psql(url: &str, sql: &str) -> String {
-    let out = Command::new("psql").args([url, "-qAtc", sql]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn other_port(taken: &[u16]) -> u16 {
-    loop {
-        let p = free_port();
-        if !taken.contains(&p) {
-            return p;
-        }
-    }
 }
 
 /// How many times the agent's log says it connected to `url`.

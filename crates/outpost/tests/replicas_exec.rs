@@ -15,21 +15,6 @@ fn database(case: &str) -> Option<String> {
     outpost_hub::store::testkit::pg_database(case)
 }
 
-fn psql(url: &str, sql: &str) -> String {
-    let out = Command::new("psql").args([url, "-qAtc", sql]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn other_port(taken: &[u16]) -> u16 {
-    loop {
-        let p = free_port();
-        if !taken.contains(&p) {
-            return p;
-        }
-    }
-}
-
 /// Three replicas on `store`, each advertising only itself (an agent stays where it joined).
 fn three(store: &str) -> (Hub, Hub, Hub) {
     let pa = free_port();
@@ -44,28 +29,6 @@ fn three(store: &str) -> (Hub, Hub, Hub) {
 fn app(name: &str, marker: &str) -> String {
     format!(
         "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: {name}}}\nspec:\n  template:\n    spec:\n      runtimeClassName: process\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: main\n        image: 'sleeper:1'\n        command: [/bin/sleep, '{marker}']\n"
-    )
-}
-
-/// Run `outpost exec ARGS` through `hub` with `input` on its stdin; (exit code, stdout, stderr).
-fn exec(hub: &Hub, args: &[&str], input: &str) -> (i32, String, String) {
-    let mut a = vec!["exec"];
-    a.extend(args);
-    let mut child = hub
-        .command(&a)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(input.as_bytes()).unwrap();
-    drop(stdin);
-    let o = child.wait_with_output().unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
     )
 }
 

@@ -2,6 +2,7 @@
 //! with temp data dirs, driven through the real CLI. Every wait is a condition with a deadline.
 #![allow(dead_code)]
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -793,4 +794,43 @@ pub fn promtool_accepts(text: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Run one SQL statement with `psql` against `url`; its unaligned, tuples-only output.
+pub fn psql(url: &str, sql: &str) -> String {
+    let out = Command::new("psql").args([url, "-qAtc", sql]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A free loopback port not in `taken`.
+pub fn other_port(taken: &[u16]) -> u16 {
+    loop {
+        let p = free_port();
+        if !taken.contains(&p) {
+            return p;
+        }
+    }
+}
+
+/// Run `outpost exec ARGS` through `hub` with `input` on its stdin; (exit code, stdout, stderr).
+pub fn exec(hub: &Hub, args: &[&str], input: &str) -> (i32, String, String) {
+    let mut a = vec!["exec"];
+    a.extend(args);
+    let mut child = hub
+        .command(&a)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
