@@ -107,20 +107,23 @@ fn psql_bin() -> PathBuf {
         .unwrap_or_else(|| "psql".into())
 }
 
-/// `url` with its database replaced by `db` (query kept).
-pub fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let after_scheme = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[after_scheme..].find('/') {
-        Some(i) => &base[..after_scheme + i],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{db}?{q}"),
-        None => format!("{base}/{db}"),
+/// `server` with its database replaced by `db` (query kept); a URL that does not parse is
+/// refused, naming the flag it came from.
+pub fn with_database(server: &str, db: &str) -> Result<String> {
+    let mut u = url::Url::parse(server).with_context(|| format!("--pg-url: {} is not a URL", redact(server)))?;
+    u.set_path(&format!("/{db}"));
+    Ok(u.to_string())
+}
+
+/// A PostgreSQL URL with its password replaced, for messages.
+fn redact(server: &str) -> String {
+    match url::Url::parse(server) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "the value given".into(),
     }
 }
 
@@ -255,7 +258,7 @@ impl Postgres {
         self.psql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))?;
         self.psql(&format!("CREATE DATABASE {name}"))?;
         self.databases.push(name.to_string());
-        Ok(with_database(&self.admin_url, name))
+        with_database(&self.admin_url, name)
     }
 
     /// The postmaster's process id when the server is ours (its backends are its children).
@@ -450,7 +453,7 @@ mod tests {
             ),
             ("postgres://p@h:5", "postgres://p@h:5/x"),
         ] {
-            assert_eq!(with_database(server, "x"), want);
+            assert_eq!(with_database(server, "x").unwrap(), want);
         }
     }
 }
