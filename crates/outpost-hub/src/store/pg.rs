@@ -4,7 +4,10 @@
 //! The invariants of the module docs hold with several writers on the database, not only one:
 //! - generations come from one PostgreSQL `SEQUENCE` (`gen_seq`), taken while the node's row is
 //!   locked (`SELECT ... FOR UPDATE`), so a node's generation only grows whichever transaction
-//!   commits first; plans lock their nodes in name order, so two plans cannot deadlock;
+//!   commits first; plans lock their nodes in name order, so two plans cannot deadlock; a plan
+//!   or a contact batch that loses a deadlock to another replica's report group (PostgreSQL
+//!   fails one side: 40P01, or 40001) runs again, up to `LOCK_CONFLICT_RETRIES` times, so a
+//!   change is never dropped for it;
 //! - a join locks the token's row before checking it, and uses it up with a conditional
 //!   `UPDATE ... WHERE uses_left > 0`: two joins racing for the last use, on one hub or on two,
 //!   cannot both win; a taken name is refused by `INSERT ... ON CONFLICT DO NOTHING`;
@@ -672,17 +675,30 @@ impl Store for PgStore {
             return Ok(());
         }
         let (names, times): (Vec<String>, Vec<i64>) = pending.into_iter().unzip();
-        // One statement for all of them; rows are locked in name order (a BTreeMap's).
-        sqlx::query(
-            "UPDATE nodes SET last_seen = GREATEST(COALESCE(nodes.last_seen, 0), c.t)
-             FROM (SELECT * FROM UNNEST($1::text[], $2::bigint[]) ORDER BY 1) AS c(name, t)
-             WHERE nodes.name = c.name",
-        )
-        .bind(&names)
-        .bind(&times)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        // One statement for all of them. The join does not promise the order it locks rows in,
+        // so it may lose a deadlock to a report group or a plan: it then runs again (the
+        // contacts were drained from memory and must not be lost).
+        let mut attempt = 0;
+        loop {
+            let r = sqlx::query(
+                "UPDATE nodes SET last_seen = GREATEST(COALESCE(nodes.last_seen, 0), c.t)
+                 FROM (SELECT * FROM UNNEST($1::text[], $2::bigint[]) ORDER BY 1) AS c(name, t)
+                 WHERE nodes.name = c.name",
+            )
+            .bind(&names)
+            .bind(&times)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from);
+            match r {
+                Err(e) if is_lock_conflict(&e) && attempt < LOCK_CONFLICT_RETRIES => {
+                    attempt += 1;
+                    tracing::warn!(attempt, error = %e, "contact batch lost a lock conflict in PostgreSQL; running it again");
+                    tokio::time::sleep(std::time::Duration::from_millis(20 * attempt as u64)).await;
+                }
+                r => return r.map(|_| ()),
+            }
+        }
     }
 
     async fn renew(&self, node: &str, cert_fp: &str, cert_not_after: UnixMs) -> Result<()> {
@@ -983,6 +999,127 @@ impl Store for PgStore {
     }
 
     async fn commit_plan(&self, plan: &Plan) -> Result<BTreeMap<String, u64>> {
+        // Replicas' report groups and contact batches lock `nodes` rows too; PostgreSQL breaks
+        // a lock cycle by failing one transaction, and a plan that fails is a change that never
+        // reaches its nodes: run it again (the transaction was rolled back whole).
+        let mut attempt = 0;
+        loop {
+            match self.commit_plan_once(plan).await {
+                Err(e) if is_lock_conflict(&e) && attempt < LOCK_CONFLICT_RETRIES => {
+                    attempt += 1;
+                    tracing::warn!(attempt, error = %e, "plan lost a lock conflict in PostgreSQL; running it again");
+                    tokio::time::sleep(std::time::Duration::from_millis(20 * attempt as u64)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn desired(&self) -> Result<Vec<DesiredRow>> {
+        let rows: Vec<(String, String, String, i64)> =
+            sqlx::query_as("SELECT node, key, hash, revision FROM node_workloads ORDER BY key, node")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(node, key, hash, revision)| DesiredRow {
+                node,
+                key,
+                hash,
+                revision: u(revision),
+            })
+            .collect())
+    }
+
+    async fn prefetch(&self, node: &str) -> Result<Vec<WorkloadSpec>> {
+        let rows: Vec<String> = sqlx::query_scalar("SELECT spec FROM node_prefetch WHERE node = $1 ORDER BY key")
+            .bind(node)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|s| Ok(serde_json::from_str(s)?)).collect()
+    }
+
+    async fn rollout(&self, workload: &str) -> Result<Option<Rollout>> {
+        let s: Option<String> = sqlx::query_scalar("SELECT state FROM rollouts WHERE workload = $1")
+            .bind(workload)
+            .fetch_optional(&self.pool)
+            .await?;
+        s.map(|s| Ok(serde_json::from_str(&s)?)).transpose()
+    }
+
+    async fn rollouts(&self) -> Result<Vec<Rollout>> {
+        let mut c = self.pool.acquire().await?;
+        rollouts_in(&mut c).await
+    }
+
+    async fn put_rollout(&self, r: &Rollout) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO rollouts (workload, revision, state, updated_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (workload) DO UPDATE SET revision = excluded.revision, state = excluded.state,
+                updated_at = excluded.updated_at",
+        )
+        .bind(&r.workload)
+        .bind(i(r.revision))
+        .bind(serde_json::to_string(r)?)
+        .bind(r.updated_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn gitops_states(&self) -> Result<Vec<(String, String)>> {
+        Ok(sqlx::query_as("SELECT repo, state FROM gitops_state ORDER BY repo")
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    async fn put_gitops_state(&self, repo: &str, state: Option<&str>, now: UnixMs) -> Result<()> {
+        match state {
+            Some(s) => {
+                sqlx::query(
+                    "INSERT INTO gitops_state (repo, state, updated_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (repo) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
+                )
+                .bind(repo)
+                .bind(s)
+                .bind(now)
+                .execute(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query("DELETE FROM gitops_state WHERE repo = $1")
+                    .bind(repo)
+                    .execute(&self.pool)
+                    .await?
+            }
+        };
+        Ok(())
+    }
+}
+
+fn image_tag((name, digest, size, pushed_at): (String, String, i64, i64)) -> ImageTag {
+    ImageTag {
+        name,
+        digest,
+        size: u(size),
+        pushed_at,
+    }
+}
+
+/// How many times a transaction that lost a lock conflict runs again.
+const LOCK_CONFLICT_RETRIES: u32 = 5;
+
+/// A deadlock (40P01) or serialization failure (40001): PostgreSQL rolled the transaction back
+/// and it may simply run again.
+fn is_lock_conflict(e: &StoreError) -> bool {
+    match e {
+        StoreError::Pg(sqlx::Error::Database(d)) => matches!(d.code().as_deref(), Some("40P01") | Some("40001")),
+        _ => false,
+    }
+}
+
+impl PgStore {
+    async fn commit_plan_once(&self, plan: &Plan) -> Result<BTreeMap<String, u64>> {
         let mut tx = self.pool.begin().await?;
         // Placements: write only the rows that differ from the stored ones.
         let stored: BTreeSet<(String, String, String, String)> = sqlx::query_as::<_, (String, String, String, String)>(
@@ -1087,95 +1224,5 @@ impl Store for PgStore {
         }
         tx.commit().await?;
         Ok(bumped)
-    }
-
-    async fn desired(&self) -> Result<Vec<DesiredRow>> {
-        let rows: Vec<(String, String, String, i64)> =
-            sqlx::query_as("SELECT node, key, hash, revision FROM node_workloads ORDER BY key, node")
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(node, key, hash, revision)| DesiredRow {
-                node,
-                key,
-                hash,
-                revision: u(revision),
-            })
-            .collect())
-    }
-
-    async fn prefetch(&self, node: &str) -> Result<Vec<WorkloadSpec>> {
-        let rows: Vec<String> = sqlx::query_scalar("SELECT spec FROM node_prefetch WHERE node = $1 ORDER BY key")
-            .bind(node)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(|s| Ok(serde_json::from_str(s)?)).collect()
-    }
-
-    async fn rollout(&self, workload: &str) -> Result<Option<Rollout>> {
-        let s: Option<String> = sqlx::query_scalar("SELECT state FROM rollouts WHERE workload = $1")
-            .bind(workload)
-            .fetch_optional(&self.pool)
-            .await?;
-        s.map(|s| Ok(serde_json::from_str(&s)?)).transpose()
-    }
-
-    async fn rollouts(&self) -> Result<Vec<Rollout>> {
-        let mut c = self.pool.acquire().await?;
-        rollouts_in(&mut c).await
-    }
-
-    async fn put_rollout(&self, r: &Rollout) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO rollouts (workload, revision, state, updated_at) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (workload) DO UPDATE SET revision = excluded.revision, state = excluded.state,
-                updated_at = excluded.updated_at",
-        )
-        .bind(&r.workload)
-        .bind(i(r.revision))
-        .bind(serde_json::to_string(r)?)
-        .bind(r.updated_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn gitops_states(&self) -> Result<Vec<(String, String)>> {
-        Ok(sqlx::query_as("SELECT repo, state FROM gitops_state ORDER BY repo")
-            .fetch_all(&self.pool)
-            .await?)
-    }
-
-    async fn put_gitops_state(&self, repo: &str, state: Option<&str>, now: UnixMs) -> Result<()> {
-        match state {
-            Some(s) => {
-                sqlx::query(
-                    "INSERT INTO gitops_state (repo, state, updated_at) VALUES ($1, $2, $3)
-                 ON CONFLICT (repo) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
-                )
-                .bind(repo)
-                .bind(s)
-                .bind(now)
-                .execute(&self.pool)
-                .await?
-            }
-            None => {
-                sqlx::query("DELETE FROM gitops_state WHERE repo = $1")
-                    .bind(repo)
-                    .execute(&self.pool)
-                    .await?
-            }
-        };
-        Ok(())
-    }
-}
-
-fn image_tag((name, digest, size, pushed_at): (String, String, i64, i64)) -> ImageTag {
-    ImageTag {
-        name,
-        digest,
-        size: u(size),
-        pushed_at,
     }
 }

@@ -1135,3 +1135,62 @@ async fn an_unchanged_plan_writes_nothing_and_bumps_nothing(b: Backend) -> anyho
     assert!(s.schedule_inputs_for("nobody").await?.nodes.is_empty());
     Ok(())
 }
+
+/// A plan that PostgreSQL picks as the victim of a deadlock on `nodes` (another replica's report
+/// group or contact batch holding rows in another order) runs again and commits, so the change
+/// still reaches its nodes. Found at 15,000 agents on three replicas (BENCHMARKS.md §4).
+#[tokio::test]
+async fn a_plan_that_loses_a_deadlock_runs_again() -> anyhow::Result<()> {
+    let Some(b) = Backend::pg("plan_deadlock") else {
+        return Ok(());
+    };
+    let Backend::Pg(url) = &b else { unreachable!() };
+    let s = b.open().await;
+    s.create_token(&token("t", None)).await?;
+    s.join("t", "s", &new_node("a"), 0).await?;
+    s.join("t", "s", &new_node("b"), 0).await?;
+    let pool = sqlx::PgPool::connect(url).await?;
+    let mut other = pool.begin().await?;
+    // The plan waits first, so it checks for a cycle first (after the default 1 s) and is
+    // the one PostgreSQL fails; this transaction would check only after 30 s.
+    sqlx::query("SET LOCAL deadlock_timeout = '30s'")
+        .execute(&mut *other)
+        .await?;
+    sqlx::query("SELECT 1 FROM nodes WHERE name = 'b' FOR UPDATE")
+        .execute(&mut *other)
+        .await?;
+    let mut plan = change("a", &[("k/a", "1")], &[]);
+    plan.changes.extend(change("b", &[("k/a", "1")], &[]).changes);
+    let s2 = s.clone();
+    let planned = tokio::spawn(async move { s2.commit_plan(&plan).await });
+    // The plan holds a and waits for b.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if waiting > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the plan never waited for b");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Now a cycle: this transaction wants a, which the plan holds.
+    sqlx::query("SELECT 1 FROM nodes WHERE name = 'a' FOR UPDATE")
+        .execute(&mut *other)
+        .await?;
+    other.commit().await?;
+    let bumped = planned.await??;
+    assert_eq!(
+        bumped.keys().collect::<Vec<_>>(),
+        ["a", "b"],
+        "both nodes' changes committed"
+    );
+    for n in ["a", "b"] {
+        let d = s.sync(n, 0).await?.expect("node exists");
+        assert!(d.upsert.iter().any(|w| w.key == "k/a"), "{n} gets the change");
+    }
+    Ok(())
+}
