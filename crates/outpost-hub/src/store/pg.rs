@@ -678,9 +678,8 @@ impl Store for PgStore {
         // One statement for all of them. The join does not promise the order it locks rows in,
         // so it may lose a deadlock to a report group or a plan: it then runs again (the
         // contacts were drained from memory and must not be lost).
-        let mut attempt = 0;
-        loop {
-            let r = sqlx::query(
+        again_on_lock_conflict("contact batch", || async {
+            sqlx::query(
                 "UPDATE nodes SET last_seen = GREATEST(COALESCE(nodes.last_seen, 0), c.t)
                  FROM (SELECT * FROM UNNEST($1::text[], $2::bigint[]) ORDER BY 1) AS c(name, t)
                  WHERE nodes.name = c.name",
@@ -688,17 +687,10 @@ impl Store for PgStore {
             .bind(&names)
             .bind(&times)
             .execute(&self.pool)
-            .await
-            .map_err(StoreError::from);
-            match r {
-                Err(e) if is_lock_conflict(&e) && attempt < LOCK_CONFLICT_RETRIES => {
-                    attempt += 1;
-                    tracing::warn!(attempt, error = %e, "contact batch lost a lock conflict in PostgreSQL; running it again");
-                    tokio::time::sleep(std::time::Duration::from_millis(20 * attempt as u64)).await;
-                }
-                r => return r.map(|_| ()),
-            }
-        }
+            .await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn renew(&self, node: &str, cert_fp: &str, cert_not_after: UnixMs) -> Result<()> {
@@ -1002,17 +994,7 @@ impl Store for PgStore {
         // Replicas' report groups and contact batches lock `nodes` rows too; PostgreSQL breaks
         // a lock cycle by failing one transaction, and a plan that fails is a change that never
         // reaches its nodes: run it again (the transaction was rolled back whole).
-        let mut attempt = 0;
-        loop {
-            match self.commit_plan_once(plan).await {
-                Err(e) if is_lock_conflict(&e) && attempt < LOCK_CONFLICT_RETRIES => {
-                    attempt += 1;
-                    tracing::warn!(attempt, error = %e, "plan lost a lock conflict in PostgreSQL; running it again");
-                    tokio::time::sleep(std::time::Duration::from_millis(20 * attempt as u64)).await;
-                }
-                r => return r,
-            }
-        }
+        again_on_lock_conflict("plan", || self.commit_plan_once(plan)).await
     }
 
     async fn desired(&self) -> Result<Vec<DesiredRow>> {
@@ -1108,6 +1090,26 @@ fn image_tag((name, digest, size, pushed_at): (String, String, i64, i64)) -> Ima
 
 /// How many times a transaction that lost a lock conflict runs again.
 const LOCK_CONFLICT_RETRIES: u32 = 5;
+
+/// Run `op` again, after a short growing pause, while it loses a lock conflict (PostgreSQL
+/// rolled its transaction back whole), up to [`LOCK_CONFLICT_RETRIES`] times.
+async fn again_on_lock_conflict<T, F, Fut>(what: &str, mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        match op().await {
+            Err(e) if is_lock_conflict(&e) && attempt < LOCK_CONFLICT_RETRIES => {
+                attempt += 1;
+                tracing::warn!(attempt, error = %e, what, "lost a lock conflict in PostgreSQL; running it again");
+                tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+            }
+            r => return r,
+        }
+    }
+}
 
 /// A deadlock (40P01) or serialization failure (40001): PostgreSQL rolled the transaction back
 /// and it may simply run again.
