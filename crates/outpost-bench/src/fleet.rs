@@ -487,9 +487,9 @@ pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
         let procs = TierProcs::of(Some(&t), pg_pid);
         let r = run_tier(&a, Some(&mut t), procs, nofile).await;
         drop(t);
-        let r = r.with_context(|| format!("tier {}", spec.label()))?;
+        let mut section = String::new();
         if specs.len() > 1 {
-            out.push_str(&format!(
+            section.push_str(&format!(
                 "## Tier {}: {} hub process(es) on {}\n\n",
                 spec.label(),
                 spec.hubs,
@@ -499,9 +499,23 @@ pub async fn fleet(a: FleetArgs, work: &std::path::Path) -> Result<String> {
                 }
             ));
         }
-        out.push_str(&r.text);
-        out.push('\n');
-        sums.push((spec, r.summary));
+        match r {
+            Ok(r) => {
+                section.push_str(&r.text);
+                sums.push((spec, r.summary));
+            }
+            // One tier alone: its error is the run's. Of several, the others still run and
+            // the report says which failed and why.
+            Err(e) if specs.len() == 1 => return Err(e.context(format!("tier {}", spec.label()))),
+            Err(e) => section.push_str(&format!("The tier failed: {e:#}\n")),
+        }
+        section.push('\n');
+        // Each tier's report as soon as it is done: a run of several tiers takes long, and a
+        // later one may not finish.
+        if specs.len() > 1 {
+            eprintln!("fleet: tier {} done\n\n{section}", spec.label());
+        }
+        out.push_str(&section);
     }
     if sums.len() > 1 {
         let rows: Vec<Vec<String>> = sums

@@ -6,7 +6,7 @@
 //! | controller | decides with | runs | fenced writes |
 //! |---|---|---|---|
 //! | `alert-rules` | `outpost_core::alerts::{fleet_alerts, condition_alerts, diff_hub_alerts}` | every `OUTPOST_ALERT_EVAL_MS` (5 s) | alert transitions and their webhook rows |
-//! | `reschedule` | `crate::scheduler::plan` (the whole fleet) | when nodes came back online: one run for every node that came back meanwhile | none (a plan from the current state, idempotent) |
+//! | `reschedule` (no lease: in every replica) | `crate::scheduler::plan` (the whole fleet) | when nodes came back online to this replica, or a change's reschedule failed here: one run for all of them, again every second while it fails | none (a plan from the current state, idempotent, under the replicas' write lock) |
 //! | `rollouts` | `outpost_core::waves::{start, decide}` | on gate results and nodes coming back, at bake ends and window openings, every 1 s while a rollout is active (10 s otherwise) | each rollout with its events and alert |
 //! | `webhooks` | `outpost_core::retry::webhook` | when an alert or rollout event is queued here, a retry is due, or every 2 s (another replica may have queued one) | claiming due rows, marking them delivered or retried |
 //! | `retention` | resolved alerts kept 7 days; `outpost_core::retention::revisions_to_prune` | hourly (`OUTPOST_RETENTION_MS`); events, error lines and webhook rows are capped where they are written | every delete |
@@ -14,7 +14,8 @@
 //! | `data-retention` | pipeline records kept for their hub sink's `retention` (default 7 days) | every minute | none (a delete by age) |
 //!
 //! **Leases.** Several hub replicas may share one database; work that must happen once runs
-//! in one of them. Every controller has a lease row of its own name (`leases` table: holder,
+//! in one of them. Every controller but `reschedule` (asked for by the replica a node came back
+//! to, so it runs where it was asked) has a lease row of its own name (`leases` table: holder,
 //! expiry, fencing token). One keeper task per process takes or renews all of them every
 //! `OUTPOST_LEASE_RENEW_MS` (5 s) for `OUTPOST_LEASE_MS` (15 s) with a conditional UPDATE
 //! (`outpost_core::lease::claim`); a controller runs only while its lease is held by this
@@ -80,6 +81,9 @@ pub struct Controller {
     run: Run,
     /// Wakes the controller before its wait is over.
     wake: Option<fn(&Service) -> &Notify>,
+    /// Runs only in the replica holding its lease (work that must happen once); false: in every
+    /// replica, for work asked for in that replica that is safe to do in several at once.
+    leased: bool,
 }
 
 /// Every controller of the hub.
@@ -99,6 +103,7 @@ pub fn all(svc: &Service) -> Vec<Controller> {
                 })
             }),
             wake: None,
+            leased: true,
         },
         Controller {
             name: "reschedule",
@@ -114,16 +119,19 @@ pub fn all(svc: &Service) -> Vec<Controller> {
                 })
             }),
             wake: Some(|s| &s.wake.reschedule),
+            leased: false,
         },
         Controller {
             name: "rollouts",
             run: Box::new(|svc, fence| Box::pin(async move { svc.rollouts_tick(now_ms(), Some(&fence)).await })),
             wake: Some(|s| &s.wake.rollouts),
+            leased: true,
         },
         Controller {
             name: "retention",
             run: Box::new(|svc, fence| Box::pin(async move { retention(&svc, &fence, now_ms()).await })),
             wake: None,
+            leased: true,
         },
         Controller {
             name: "data-retention",
@@ -138,11 +146,13 @@ pub fn all(svc: &Service) -> Vec<Controller> {
                 })
             }),
             wake: None,
+            leased: true,
         },
         Controller {
             name: "gitops",
             run: Box::new(|svc, _| Box::pin(async move { crate::gitops::tick(&svc, now_ms()).await })),
             wake: Some(|s| &s.wake.gitops),
+            leased: true,
         },
         Controller {
             name: "webhooks",
@@ -151,6 +161,7 @@ pub fn all(svc: &Service) -> Vec<Controller> {
                 Box::pin(async move { crate::webhook::deliver_due(&svc, &http, Some(&fence), now_ms()).await })
             }),
             wake: Some(|s| &s.wake.webhooks),
+            leased: true,
         },
     ]
 }
@@ -256,12 +267,16 @@ pub fn spawn_all(svc: &Arc<Service>, stop: watch::Receiver<bool>) -> Vec<JoinHan
     let me = holder_id();
     let held = Arc::new(Held {
         map: Mutex::default(),
-        taken: controllers.iter().map(|c| (c.name, Notify::new())).collect(),
+        taken: controllers
+            .iter()
+            .filter(|c| c.leased)
+            .map(|c| (c.name, Notify::new()))
+            .collect(),
     });
     tracing::info!(holder = %me, lease_ms = timing.period_ms, renew_ms = timing.renew_every_ms, "controller leases");
     let mut tasks = Vec::new();
     {
-        let (svc, held, mut stop) = (svc.clone(), held.clone(), stop.clone());
+        let (svc, held, mut stop, me) = (svc.clone(), held.clone(), stop.clone(), me.clone());
         tasks.push(tokio::spawn(async move {
             loop {
                 keep_leases(&svc, &held, &me, &timing).await;
@@ -273,11 +288,20 @@ pub fn spawn_all(svc: &Arc<Service>, stop: watch::Receiver<bool>) -> Vec<JoinHan
         }));
     }
     for c in controllers {
-        let (svc, held, mut stop) = (svc.clone(), held.clone(), stop.clone());
+        let (svc, held, mut stop, me_run) = (svc.clone(), held.clone(), stop.clone(), me.clone());
         tasks.push(tokio::spawn(async move {
             tracing::debug!(controller = c.name, "controller started");
             loop {
-                let wait = match held.fence(c.name, now_ms()) {
+                let fence = match c.leased {
+                    true => held.fence(c.name, now_ms()),
+                    // Not a lease of the database: this process's own, with no token.
+                    false => Some(Fence {
+                        lease: c.name.to_string(),
+                        holder: me_run.clone(),
+                        token: 0,
+                    }),
+                };
+                let wait = match fence {
                     Some(fence) => (c.run)(svc.clone(), fence).await,
                     // Not ours: look again when the keeper takes it (or at the next renewal).
                     None => Duration::from_millis(timing.renew_every_ms as u64),

@@ -881,11 +881,13 @@ impl Service {
         self.reschedule_locked(now).await
     }
 
-    /// Reschedule after a committed change. The change stands even if this fails (the next
-    /// change or the next hub start reschedules), so the failure is logged, not returned.
+    /// Reschedule after a committed change. The change stands even if this fails, so the
+    /// failure is logged, not returned, and the `reschedule` controller runs it again (every
+    /// second while it fails).
     async fn reschedule_after_commit(&self, now: UnixMs) {
         if let Err(e) = self.reschedule_locked(now).await {
-            tracing::error!(error = %e, "rescheduling after a change failed; the next change or hub restart retries");
+            tracing::error!(error = %e, "rescheduling after a change failed; the reschedule controller retries");
+            self.request_reschedule();
         }
     }
 
@@ -1797,7 +1799,8 @@ impl Service {
         let labels = self.store.join(&token_id, &secret_sha, &node, now).await?;
         tracing::info!(node = %req.name, token = %req.token_id, labels = ?labels, "node joined");
         if let Err(e) = self.schedule_joined(&req.name, now).await {
-            tracing::error!(node = %req.name, error = %e, "scheduling the new node failed; the next change or hub restart retries");
+            tracing::error!(node = %req.name, error = %e, "scheduling the new node failed; the reschedule controller retries");
+            self.request_reschedule();
         }
         Ok(JoinResponse {
             node: req.name,

@@ -239,6 +239,38 @@ fn kill_9_of_the_replica_an_agent_is_on_fails_it_over_and_loses_nothing_it_repor
     });
 }
 
+/// A node back online to a replica that holds no controller lease gets the Deployment that
+/// waited for it: the reschedule its return asks for runs in that replica (a reschedule is a
+/// plan from the stored state under the replicas' write lock, safe in any of them).
+#[test]
+fn a_node_back_online_to_a_replica_without_leases_gets_the_deployment_that_waited_for_it() {
+    let Some(store) = database("replicas_back_online") else {
+        return;
+    };
+    // A starts first and takes every lease; the node joins and comes back through B.
+    let (a, b, _c) = three(&store);
+    let token = a.token(&[]);
+    let mut agent = b.join("rep-back", &token).running();
+    wait_for("the node Online", 20.0, || {
+        (a.node("rep-back")?["status"] == "Online").then_some(())
+    });
+    agent.stop();
+    wait_for("the node Offline (--offline-after 3s)", 30.0, || {
+        (a.node("rep-back")?["status"] == "Offline").then_some(())
+    });
+    let m = marker();
+    a.apply(&format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: waiting}}\nspec:\n  replicas: 1\n  template:\n    spec:\n      runtimeClassName: process\n      terminationGracePeriodSeconds: 2\n      containers:\n      - {{name: main, image: 'sleeper:1', command: [/bin/sleep, '{m}']}}\n"
+    ));
+    assert_eq!(sleepers(&m), 0, "no node was online to place it on");
+    agent.start();
+    wait_for(
+        "the Deployment placed on the node back through B, and running",
+        20.0,
+        || (sleepers(&m) == 1).then_some(()),
+    );
+}
+
 #[test]
 fn the_replicas_reconnect_by_themselves_after_postgres_restarts_under_load() {
     let Some(cluster) = outpost_hub::store::testkit::Cluster::start() else {

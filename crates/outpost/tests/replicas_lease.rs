@@ -140,14 +140,7 @@ fn killing_the_rollouts_lease_holder_mid_rollout_hands_over_without_a_duplicate_
     let c = a.replica(free_port());
     let replicas = [(b.pid(), &b), (c.pid(), &c)];
     target.store(a.port, Ordering::SeqCst);
-    for lease in [
-        "alert-rules",
-        "webhooks",
-        "retention",
-        "gitops",
-        "reschedule",
-        "data-retention",
-    ] {
+    for lease in ["alert-rules", "webhooks", "retention", "gitops", "data-retention"] {
         assert_eq!(holder(&db, lease).map(|h| h.0), Some(a_pid), "{lease} is A's");
     }
 

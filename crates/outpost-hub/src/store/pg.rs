@@ -4,10 +4,11 @@
 //! The invariants of the module docs hold with several writers on the database, not only one:
 //! - generations come from one PostgreSQL `SEQUENCE` (`gen_seq`), taken while the node's row is
 //!   locked (`SELECT ... FOR UPDATE`), so a node's generation only grows whichever transaction
-//!   commits first; plans lock their nodes in name order, so two plans cannot deadlock; a plan
-//!   or a contact batch that loses a deadlock to another replica's report group (PostgreSQL
-//!   fails one side: 40P01, or 40001) runs again, up to `LOCK_CONFLICT_RETRIES` times, so a
-//!   change is never dropped for it;
+//!   commits first; every transaction that locks several `nodes` rows (a plan, a report group
+//!   with the contacts it writes, a contact batch) locks them in name order before anything
+//!   else, so replicas' writers cannot deadlock on them; a plan or a contact batch that loses a
+//!   lock conflict all the same (PostgreSQL fails one side: 40P01, or 40001) runs again, up to
+//!   `LOCK_CONFLICT_RETRIES` times, so a change is never dropped for it;
 //! - a join locks the token's row before checking it, and uses it up with a conditional
 //!   `UPDATE ... WHERE uses_left > 0`: two joins racing for the last use, on one hub or on two,
 //!   cannot both win; a taken name is refused by `INSERT ... ON CONFLICT DO NOTHING`;
@@ -284,20 +285,53 @@ impl PgStore {
         self.pool.clone()
     }
 
-    /// Write the contacts held in memory, inside the caller's transaction (in name order, so
-    /// two writers lock rows in one order).
-    async fn flush_seen(&self, tx: &mut PgConnection) -> Result<()> {
-        let mut pending = self.contacts.drain();
-        pending.sort();
-        for (n, t) in &pending {
-            sqlx::query("UPDATE nodes SET last_seen = GREATEST(COALESCE(last_seen, 0), $2) WHERE name = $1")
-                .bind(n)
-                .bind(t)
-                .execute(&mut *tx)
-                .await?;
-        }
-        Ok(())
+    /// Begin a transaction that writes the contacts held in memory and the reports of `nodes`:
+    /// their rows are locked first, all in name order, so it cannot close a lock cycle with a
+    /// plan (which locks its nodes in name order too) or another replica's report group.
+    async fn begin_reports<'n>(
+        &self,
+        nodes: impl Iterator<Item = &'n str>,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        let seen: BTreeMap<String, UnixMs> = self.contacts.drain().into_iter().collect();
+        let mut names: BTreeSet<&str> = nodes.collect();
+        names.extend(seen.keys().map(String::as_str));
+        let mut tx = self.pool.begin().await?;
+        lock_nodes(&mut tx, names.into_iter()).await?;
+        write_seen(&mut tx, &seen).await?;
+        Ok(tx)
     }
+}
+
+/// Lock the rows of `names` (sorted) in name order: every writer that locks several `nodes` rows
+/// does it in this one order, so no two can wait on each other in a cycle. (The "C" collation of
+/// `name` is byte order, the order of a `BTreeMap<String, _>`.)
+async fn lock_nodes(tx: &mut PgConnection, names: impl Iterator<Item = &str>) -> Result<()> {
+    let names: Vec<&str> = names.collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("SELECT 1 FROM nodes WHERE name = ANY($1) ORDER BY name FOR UPDATE")
+        .bind(&names)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Write contacts (node -> time) in one statement; the caller locked their rows.
+async fn write_seen(tx: &mut PgConnection, seen: &BTreeMap<String, UnixMs>) -> Result<()> {
+    if seen.is_empty() {
+        return Ok(());
+    }
+    let (names, times): (Vec<&str>, Vec<i64>) = seen.iter().map(|(n, t)| (n.as_str(), *t)).unzip();
+    sqlx::query(
+        "UPDATE nodes SET last_seen = GREATEST(COALESCE(nodes.last_seen, 0), c.t)
+         FROM UNNEST($1::text[], $2::bigint[]) AS c(name, t) WHERE nodes.name = c.name",
+    )
+    .bind(&names)
+    .bind(&times)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 async fn migrate(pool: &PgPool, shown: &str) -> Result<()> {
@@ -674,20 +708,14 @@ impl Store for PgStore {
         if pending.is_empty() {
             return Ok(());
         }
-        let (names, times): (Vec<String>, Vec<i64>) = pending.into_iter().unzip();
-        // One statement for all of them. The join does not promise the order it locks rows in,
-        // so it may lose a deadlock to a report group or a plan: it then runs again (the
-        // contacts were drained from memory and must not be lost).
+        // Locked in name order first (see `lock_nodes`); a lock conflict all the same (the
+        // database may be shared with writers of its own) runs the batch again: the contacts
+        // were drained from memory and must not be lost.
         again_on_lock_conflict("contact batch", || async {
-            sqlx::query(
-                "UPDATE nodes SET last_seen = GREATEST(COALESCE(nodes.last_seen, 0), c.t)
-                 FROM (SELECT * FROM UNNEST($1::text[], $2::bigint[]) ORDER BY 1) AS c(name, t)
-                 WHERE nodes.name = c.name",
-            )
-            .bind(&names)
-            .bind(&times)
-            .execute(&self.pool)
-            .await?;
+            let mut tx = self.pool.begin().await?;
+            lock_nodes(&mut tx, pending.keys().map(String::as_str)).await?;
+            write_seen(&mut tx, &pending).await?;
+            tx.commit().await?;
             Ok(())
         })
         .await
@@ -773,16 +801,14 @@ impl Store for PgStore {
     }
 
     async fn record_status(&self, node: &str, report: &StatusReport, now: UnixMs) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
-        self.flush_seen(&mut tx).await?;
+        let mut tx = self.begin_reports(std::iter::once(node)).await?;
         let acked = record_status_in(&mut tx, node, report, now).await?;
         tx.commit().await?;
         Ok(acked)
     }
 
     async fn record_statuses(&self, batch: &[(String, StatusReport, UnixMs)]) -> Result<Vec<Result<u64, String>>> {
-        let mut tx = self.pool.begin().await?;
-        self.flush_seen(&mut tx).await?;
+        let mut tx = self.begin_reports(batch.iter().map(|(n, _, _)| n.as_str())).await?;
         let mut out = Vec::with_capacity(batch.len());
         for (node, report, now) in batch {
             // A savepoint per report: one that fails (its node was just deleted) is undone alone.
@@ -1150,81 +1176,153 @@ impl PgStore {
                 .execute(&mut *tx)
                 .await?;
         }
-        let mut bumped = BTreeMap::new();
-        // BTreeMap order: every plan locks nodes by name, so two cannot deadlock.
-        for (node, change) in &plan.changes {
-            if change.upsert.is_empty() && change.remove.is_empty() && change.prefetch.is_none() {
-                continue;
-            }
-            // Lock the node before taking the generation: whoever commits later for this node
-            // took its number later, so the node's generation never goes back.
-            sqlx::query("SELECT 1 FROM nodes WHERE name = $1 FOR UPDATE")
-                .bind(node)
-                .fetch_optional(&mut *tx)
-                .await?;
-            let gen: i64 = sqlx::query_scalar("SELECT nextval('gen_seq')")
-                .fetch_one(&mut *tx)
-                .await?;
-            if let Some(hints) = &change.prefetch {
-                sqlx::query("DELETE FROM node_prefetch WHERE node = $1")
-                    .bind(node)
-                    .execute(&mut *tx)
-                    .await?;
-                for spec in hints {
-                    sqlx::query("INSERT INTO node_prefetch (node, key, spec, hash) VALUES ($1, $2, $3, $4)")
-                        .bind(node)
-                        .bind(&spec.key)
-                        .bind(serde_json::to_string(spec)?)
-                        .bind(&spec.hash)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-            }
-            for spec in &change.upsert {
-                sqlx::query(
-                    "INSERT INTO node_workloads (node, key, spec, hash, changed_gen, revision)
-                     VALUES ($1, $2, $3, $4, $5, $6)
-                     ON CONFLICT (node, key) DO UPDATE SET spec = excluded.spec, hash = excluded.hash,
-                        changed_gen = excluded.changed_gen, revision = excluded.revision",
-                )
-                .bind(node)
-                .bind(&spec.key)
-                .bind(serde_json::to_string(spec)?)
-                .bind(outpost_core::site_ha::delivery_hash(spec))
-                .bind(gen)
-                .bind(i(spec.revision))
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query("DELETE FROM node_tombstones WHERE node = $1 AND key = $2")
-                    .bind(node)
-                    .bind(&spec.key)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            for key in &change.remove {
-                sqlx::query("DELETE FROM node_workloads WHERE node = $1 AND key = $2")
-                    .bind(node)
-                    .bind(key)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(
-                    "INSERT INTO node_tombstones (node, key, gen) VALUES ($1, $2, $3)
-                     ON CONFLICT (node, key) DO UPDATE SET gen = excluded.gen",
-                )
-                .bind(node)
-                .bind(key)
-                .bind(gen)
-                .execute(&mut *tx)
-                .await?;
-            }
-            sqlx::query("UPDATE nodes SET generation = GREATEST(generation, $2) WHERE name = $1")
-                .bind(node)
-                .bind(gen)
-                .execute(&mut *tx)
-                .await?;
-            bumped.insert(node.clone(), u(gen));
+        let changed: Vec<(&String, &NodeChange)> = plan
+            .changes
+            .iter()
+            .filter(|(_, c)| !(c.upsert.is_empty() && c.remove.is_empty() && c.prefetch.is_none()))
+            .collect();
+        if changed.is_empty() {
+            tx.commit().await?;
+            return Ok(BTreeMap::new());
         }
+        // Lock the nodes (in name order, as every writer of several nodes does) before taking
+        // the generation: whoever commits later for a node took its number later, so a node's
+        // generation never goes back. One number serves every node of the plan; each statement
+        // below writes the rows of all of them at once (a plan for a whole fleet is a handful of
+        // statements, not several per node, and holds its locks that much shorter).
+        lock_nodes(&mut tx, changed.iter().map(|(n, _)| n.as_str())).await?;
+        let gen: i64 = sqlx::query_scalar("SELECT nextval('gen_seq')")
+            .fetch_one(&mut *tx)
+            .await?;
+        let mut rows = PlanRows::default();
+        for (node, change) in &changed {
+            rows.add(node, change)?;
+        }
+        sqlx::query("DELETE FROM node_prefetch WHERE node = ANY($1)")
+            .bind(&rows.prefetch_nodes)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO node_prefetch (node, key, spec, hash)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[])",
+        )
+        .bind(&rows.prefetch.node)
+        .bind(&rows.prefetch.key)
+        .bind(&rows.prefetch.spec)
+        .bind(&rows.prefetch.hash)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO node_workloads (node, key, spec, hash, changed_gen, revision)
+             SELECT u.node, u.key, u.spec, u.hash, $5, u.revision
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $6::bigint[]) AS u(node, key, spec, hash, revision)
+             ON CONFLICT (node, key) DO UPDATE SET spec = excluded.spec, hash = excluded.hash,
+                changed_gen = excluded.changed_gen, revision = excluded.revision",
+        )
+        .bind(&rows.upsert.node)
+        .bind(&rows.upsert.key)
+        .bind(&rows.upsert.spec)
+        .bind(&rows.upsert.hash)
+        .bind(gen)
+        .bind(&rows.upsert_revision)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM node_tombstones t USING UNNEST($1::text[], $2::text[]) AS u(node, key)
+             WHERE t.node = u.node AND t.key = u.key",
+        )
+        .bind(&rows.upsert.node)
+        .bind(&rows.upsert.key)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM node_workloads w USING UNNEST($1::text[], $2::text[]) AS u(node, key)
+             WHERE w.node = u.node AND w.key = u.key",
+        )
+        .bind(&rows.remove.node)
+        .bind(&rows.remove.key)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO node_tombstones (node, key, gen)
+             SELECT u.node, u.key, $3 FROM UNNEST($1::text[], $2::text[]) AS u(node, key)
+             ON CONFLICT (node, key) DO UPDATE SET gen = excluded.gen",
+        )
+        .bind(&rows.remove.node)
+        .bind(&rows.remove.key)
+        .bind(gen)
+        .execute(&mut *tx)
+        .await?;
+        let names: Vec<&str> = changed.iter().map(|(n, _)| n.as_str()).collect();
+        sqlx::query("UPDATE nodes SET generation = GREATEST(generation, $2) WHERE name = ANY($1)")
+            .bind(&names)
+            .bind(gen)
+            .execute(&mut *tx)
+            .await?;
+        let bumped = names.into_iter().map(|n| (n.to_string(), u(gen))).collect();
         tx.commit().await?;
         Ok(bumped)
+    }
+}
+
+/// One column per field of a per-node row, for `UNNEST`.
+#[derive(Default)]
+struct SpecColumns {
+    node: Vec<String>,
+    key: Vec<String>,
+    spec: Vec<String>,
+    hash: Vec<String>,
+}
+
+impl SpecColumns {
+    fn push(&mut self, node: &str, key: &str, spec: String, hash: String) {
+        self.node.push(node.to_string());
+        self.key.push(key.to_string());
+        self.spec.push(spec);
+        self.hash.push(hash);
+    }
+}
+
+/// A plan's per-node writes as columns. A key is written once per node (the last upsert of a
+/// key wins; a key removed is not upserted), as one statement may not touch a row twice.
+#[derive(Default)]
+struct PlanRows {
+    prefetch_nodes: Vec<String>,
+    prefetch: SpecColumns,
+    upsert: SpecColumns,
+    upsert_revision: Vec<i64>,
+    remove: SpecColumns,
+}
+
+impl PlanRows {
+    fn add(&mut self, node: &str, change: &NodeChange) -> Result<()> {
+        if let Some(hints) = &change.prefetch {
+            self.prefetch_nodes.push(node.to_string());
+            let hints: BTreeMap<&str, &WorkloadSpec> = hints.iter().map(|h| (h.key.as_str(), h)).collect();
+            for spec in hints.values() {
+                self.prefetch
+                    .push(node, &spec.key, serde_json::to_string(spec)?, spec.hash.clone());
+            }
+        }
+        let removed: BTreeSet<&str> = change.remove.iter().map(String::as_str).collect();
+        let upserts: BTreeMap<&str, &WorkloadSpec> = change
+            .upsert
+            .iter()
+            .filter(|s| !removed.contains(s.key.as_str()))
+            .map(|s| (s.key.as_str(), s))
+            .collect();
+        for spec in upserts.values() {
+            self.upsert.push(
+                node,
+                &spec.key,
+                serde_json::to_string(spec)?,
+                outpost_core::site_ha::delivery_hash(spec),
+            );
+            self.upsert_revision.push(i(spec.revision));
+        }
+        for key in removed {
+            self.remove.push(node, key, String::new(), String::new());
+        }
+        Ok(())
     }
 }

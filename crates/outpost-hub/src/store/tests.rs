@@ -1194,3 +1194,55 @@ async fn a_plan_that_loses_a_deadlock_runs_again() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A group of status reports locks its nodes' rows in name order before it writes any of them,
+/// as a plan does, whatever order the reports came in: a plan on one replica and a report group
+/// on another cannot then wait on each other in a cycle (BENCHMARKS.md §4, 15,000 agents).
+#[tokio::test]
+async fn a_report_group_locks_its_nodes_in_name_order_before_writing() -> anyhow::Result<()> {
+    let Some(b) = Backend::pg("report_lock_order") else {
+        return Ok(());
+    };
+    let Backend::Pg(url) = &b else { unreachable!() };
+    let s = b.open().await;
+    s.create_token(&token("t", None)).await?;
+    s.join("t", "s", &new_node("a"), 0).await?;
+    s.join("t", "s", &new_node("b"), 0).await?;
+    let pool = sqlx::PgPool::connect(url).await?;
+    let mut other = pool.begin().await?;
+    sqlx::query("SELECT 1 FROM nodes WHERE name = 'a' FOR UPDATE")
+        .execute(&mut *other)
+        .await?;
+    // Reports of b, then a: the group must take a (held above) before it touches b.
+    let batch = vec![
+        ("b".to_string(), status(0, vec![]), 1),
+        ("a".to_string(), status(0, vec![]), 1),
+    ];
+    let s2 = s.clone();
+    let group = tokio::spawn(async move { s2.record_statuses(&batch).await });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the report group never waited for a"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The group waits for a holding nothing: b is free to lock.
+    let b_free = sqlx::query("SELECT 1 FROM nodes WHERE name = 'b' FOR UPDATE NOWAIT")
+        .execute(&mut *other)
+        .await;
+    assert!(b_free.is_ok(), "the report group locked b before a: {b_free:?}");
+    other.commit().await?;
+    let out = group.await??;
+    assert!(out.iter().all(|r| r.is_ok()), "{out:?}");
+    Ok(())
+}
