@@ -133,27 +133,40 @@ impl Ui {
         .unwrap_or(0) as usize
     }
 
+    /// Act on the element matching `css`. The live views re-render on every refresh, so the
+    /// element found may be replaced before the action lands: find it again then (up to 10 s).
+    fn on<F, Fut>(&self, what: &str, css: &str, act: F)
+    where
+        F: Fn(fantoccini::elements::Element) -> Fut,
+        Fut: std::future::Future<Output = Result<(), fantoccini::error::CmdError>>,
+    {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match self
+                .rt
+                .block_on(async { act(self.c.find(Locator::Css(css)).await?).await })
+            {
+                Ok(()) => return,
+                Err(e) if e.is_stale_element_reference() && std::time::Instant::now() < deadline => continue,
+                Err(e) => panic!("{what} {css}: {e}"),
+            }
+        }
+    }
+
     fn click(&self, css: &str) {
-        self.rt
-            .block_on(async { self.c.find(Locator::Css(css)).await?.click().await })
-            .unwrap_or_else(|e| panic!("click {css}: {e}"));
+        self.on("click", css, |e| async move { e.click().await.map(drop) });
     }
 
     fn fill(&self, css: &str, text: &str) {
-        self.rt
-            .block_on(async {
-                let e = self.c.find(Locator::Css(css)).await?;
-                e.clear().await?;
-                e.send_keys(text).await
-            })
-            .unwrap_or_else(|e| panic!("fill {css}: {e}"));
+        self.on("fill", css, |e| async move {
+            e.clear().await?;
+            e.send_keys(text).await
+        });
     }
 
     /// Key presses into the element (WebDriver keys: `\u{E007}` is Enter).
     fn type_keys(&self, css: &str, text: &str) {
-        self.rt
-            .block_on(async { self.c.find(Locator::Css(css)).await?.send_keys(text).await })
-            .unwrap_or_else(|e| panic!("type into {css}: {e}"));
+        self.on("type into", css, |e| async move { e.send_keys(text).await });
     }
 
     fn screenshot(&self, path: &Path) {
