@@ -4,8 +4,8 @@
 //! The invariants of the module docs hold with several writers on the database, not only one:
 //! - generations come from one PostgreSQL `SEQUENCE` (`gen_seq`), taken while the node's row is
 //!   locked (`SELECT ... FOR UPDATE`), so a node's generation only grows whichever transaction
-//!   commits first; every transaction that locks several `nodes` rows (a plan, a report group
-//!   with the contacts it writes, a contact batch) locks them in name order before anything
+//!   commits first; every transaction that locks several `nodes` rows (a plan, a report group,
+//!   a contact batch) locks them in name order before anything
 //!   else, so replicas' writers cannot deadlock on them; a plan or a contact batch that loses a
 //!   lock conflict all the same (PostgreSQL fails one side: 40P01, or 40001) runs again, up to
 //!   `LOCK_CONFLICT_RETRIES` times, so a change is never dropped for it;
@@ -285,19 +285,20 @@ impl PgStore {
         self.pool.clone()
     }
 
-    /// Begin a transaction that writes the contacts held in memory and the reports of `nodes`:
-    /// their rows are locked first, all in name order, so it cannot close a lock cycle with a
-    /// plan (which locks its nodes in name order too) or another replica's report group.
+    /// Begin a transaction that writes the reports of `nodes`: their rows are locked first, in
+    /// name order, so it cannot close a lock cycle with a plan (which locks its nodes in name
+    /// order too) or another replica's report group. The contacts held in memory are not
+    /// written here but by the contact writer (`flush_contacts`), in a short transaction of its
+    /// own: written with the reports, they made every group lock the rows of nodes that merely
+    /// polled, which other groups were reporting for, so the groups queued on one another with
+    /// their pool connections held (pool timeouts at 5,000 agents on three replicas).
     async fn begin_reports<'n>(
         &self,
         nodes: impl Iterator<Item = &'n str>,
     ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
-        let seen: BTreeMap<String, UnixMs> = self.contacts.drain().into_iter().collect();
-        let mut names: BTreeSet<&str> = nodes.collect();
-        names.extend(seen.keys().map(String::as_str));
+        let names: BTreeSet<&str> = nodes.collect();
         let mut tx = self.pool.begin().await?;
         lock_nodes(&mut tx, names.into_iter()).await?;
-        write_seen(&mut tx, &seen).await?;
         Ok(tx)
     }
 }
@@ -1198,61 +1199,74 @@ impl PgStore {
         for (node, change) in &changed {
             rows.add(node, change)?;
         }
-        sqlx::query("DELETE FROM node_prefetch WHERE node = ANY($1)")
-            .bind(&rows.prefetch_nodes)
+        // A statement with no rows is not sent (a join's plan is one node's upserts).
+        if !rows.prefetch_nodes.is_empty() {
+            sqlx::query("DELETE FROM node_prefetch WHERE node = ANY($1)")
+                .bind(&rows.prefetch_nodes)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !rows.prefetch.node.is_empty() {
+            sqlx::query(
+                "INSERT INTO node_prefetch (node, key, spec, hash)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[])",
+            )
+            .bind(&rows.prefetch.node)
+            .bind(&rows.prefetch.key)
+            .bind(&rows.prefetch.spec)
+            .bind(&rows.prefetch.hash)
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "INSERT INTO node_prefetch (node, key, spec, hash)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[])",
-        )
-        .bind(&rows.prefetch.node)
-        .bind(&rows.prefetch.key)
-        .bind(&rows.prefetch.spec)
-        .bind(&rows.prefetch.hash)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO node_workloads (node, key, spec, hash, changed_gen, revision)
-             SELECT u.node, u.key, u.spec, u.hash, $5, u.revision
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $6::bigint[]) AS u(node, key, spec, hash, revision)
-             ON CONFLICT (node, key) DO UPDATE SET spec = excluded.spec, hash = excluded.hash,
-                changed_gen = excluded.changed_gen, revision = excluded.revision",
-        )
-        .bind(&rows.upsert.node)
-        .bind(&rows.upsert.key)
-        .bind(&rows.upsert.spec)
-        .bind(&rows.upsert.hash)
-        .bind(gen)
-        .bind(&rows.upsert_revision)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "DELETE FROM node_tombstones t USING UNNEST($1::text[], $2::text[]) AS u(node, key)
-             WHERE t.node = u.node AND t.key = u.key",
-        )
-        .bind(&rows.upsert.node)
-        .bind(&rows.upsert.key)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "DELETE FROM node_workloads w USING UNNEST($1::text[], $2::text[]) AS u(node, key)
-             WHERE w.node = u.node AND w.key = u.key",
-        )
-        .bind(&rows.remove.node)
-        .bind(&rows.remove.key)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO node_tombstones (node, key, gen)
-             SELECT u.node, u.key, $3 FROM UNNEST($1::text[], $2::text[]) AS u(node, key)
-             ON CONFLICT (node, key) DO UPDATE SET gen = excluded.gen",
-        )
-        .bind(&rows.remove.node)
-        .bind(&rows.remove.key)
-        .bind(gen)
-        .execute(&mut *tx)
-        .await?;
+        }
+        if !rows.upsert.node.is_empty() {
+            sqlx::query(
+                "INSERT INTO node_workloads (node, key, spec, hash, changed_gen, revision)
+                 SELECT u.node, u.key, u.spec, u.hash, $5, u.revision
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $6::bigint[]) AS u(node, key, spec, hash, revision)
+                 ON CONFLICT (node, key) DO UPDATE SET spec = excluded.spec, hash = excluded.hash,
+                    changed_gen = excluded.changed_gen, revision = excluded.revision",
+            )
+            .bind(&rows.upsert.node)
+            .bind(&rows.upsert.key)
+            .bind(&rows.upsert.spec)
+            .bind(&rows.upsert.hash)
+            .bind(gen)
+            .bind(&rows.upsert_revision)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !rows.upsert.node.is_empty() {
+            sqlx::query(
+                "DELETE FROM node_tombstones t USING UNNEST($1::text[], $2::text[]) AS u(node, key)
+                 WHERE t.node = u.node AND t.key = u.key",
+            )
+            .bind(&rows.upsert.node)
+            .bind(&rows.upsert.key)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !rows.remove.node.is_empty() {
+            sqlx::query(
+                "DELETE FROM node_workloads w USING UNNEST($1::text[], $2::text[]) AS u(node, key)
+                 WHERE w.node = u.node AND w.key = u.key",
+            )
+            .bind(&rows.remove.node)
+            .bind(&rows.remove.key)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !rows.remove.node.is_empty() {
+            sqlx::query(
+                "INSERT INTO node_tombstones (node, key, gen)
+                 SELECT u.node, u.key, $3 FROM UNNEST($1::text[], $2::text[]) AS u(node, key)
+                 ON CONFLICT (node, key) DO UPDATE SET gen = excluded.gen",
+            )
+            .bind(&rows.remove.node)
+            .bind(&rows.remove.key)
+            .bind(gen)
+            .execute(&mut *tx)
+            .await?;
+        }
         let names: Vec<&str> = changed.iter().map(|(n, _)| n.as_str()).collect();
         sqlx::query("UPDATE nodes SET generation = GREATEST(generation, $2) WHERE name = ANY($1)")
             .bind(&names)
