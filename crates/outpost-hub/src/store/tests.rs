@@ -1141,6 +1141,33 @@ async fn an_unchanged_plan_writes_nothing_and_bumps_nothing(b: Backend) -> anyho
     Ok(())
 }
 
+/// A PostgreSQL store with nodes a and b, and a pool of its own on the same database.
+async fn nodes_a_and_b(b: &Backend) -> anyhow::Result<(Arc<dyn Store>, sqlx::PgPool)> {
+    let Backend::Pg(url) = b else { unreachable!() };
+    let s = b.open().await;
+    s.create_token(&token("t", None)).await?;
+    s.join("t", "s", &new_node("a"), 0).await?;
+    s.join("t", "s", &new_node("b"), 0).await?;
+    Ok((s, sqlx::PgPool::connect(url).await?))
+}
+
+/// Wait (up to 10 s) until some session on this database waits for a lock.
+async fn wait_for_a_lock_wait(pool: &sqlx::PgPool, never: &str) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await?;
+        if waiting > 0 {
+            return Ok(());
+        }
+        assert!(std::time::Instant::now() < deadline, "{never}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// A plan that PostgreSQL picks as the victim of a deadlock on `nodes` (another replica's report
 /// group or contact batch holding rows in another order) runs again and commits, so the change
 /// still reaches its nodes. Found at 15,000 agents on three replicas (BENCHMARKS.md §4).
@@ -1149,12 +1176,7 @@ async fn a_plan_that_loses_a_deadlock_runs_again() -> anyhow::Result<()> {
     let Some(b) = Backend::pg("plan_deadlock") else {
         return Ok(());
     };
-    let Backend::Pg(url) = &b else { unreachable!() };
-    let s = b.open().await;
-    s.create_token(&token("t", None)).await?;
-    s.join("t", "s", &new_node("a"), 0).await?;
-    s.join("t", "s", &new_node("b"), 0).await?;
-    let pool = sqlx::PgPool::connect(url).await?;
+    let (s, pool) = nodes_a_and_b(&b).await?;
     let mut other = pool.begin().await?;
     // The plan waits first, so it checks for a cycle first (after the default 1 s) and is
     // the one PostgreSQL fails; this transaction would check only after 30 s.
@@ -1169,19 +1191,7 @@ async fn a_plan_that_loses_a_deadlock_runs_again() -> anyhow::Result<()> {
     let s2 = s.clone();
     let planned = tokio::spawn(async move { s2.commit_plan(&plan).await });
     // The plan holds a and waits for b.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&pool)
-        .await?;
-        if waiting > 0 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the plan never waited for b");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_for_a_lock_wait(&pool, "the plan never waited for b").await?;
     // Now a cycle: this transaction wants a, which the plan holds.
     sqlx::query("SELECT 1 FROM nodes WHERE name = 'a' FOR UPDATE")
         .execute(&mut *other)
@@ -1208,12 +1218,7 @@ async fn a_report_group_locks_its_nodes_in_name_order_before_writing() -> anyhow
     let Some(b) = Backend::pg("report_lock_order") else {
         return Ok(());
     };
-    let Backend::Pg(url) = &b else { unreachable!() };
-    let s = b.open().await;
-    s.create_token(&token("t", None)).await?;
-    s.join("t", "s", &new_node("a"), 0).await?;
-    s.join("t", "s", &new_node("b"), 0).await?;
-    let pool = sqlx::PgPool::connect(url).await?;
+    let (s, pool) = nodes_a_and_b(&b).await?;
     let mut other = pool.begin().await?;
     sqlx::query("SELECT 1 FROM nodes WHERE name = 'a' FOR UPDATE")
         .execute(&mut *other)
@@ -1225,22 +1230,7 @@ async fn a_report_group_locks_its_nodes_in_name_order_before_writing() -> anyhow
     ];
     let s2 = s.clone();
     let group = tokio::spawn(async move { s2.record_statuses(&batch).await });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&pool)
-        .await?;
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the report group never waited for a"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_for_a_lock_wait(&pool, "the report group never waited for a").await?;
     // The group waits for a holding nothing: b is free to lock.
     let b_free = sqlx::query("SELECT 1 FROM nodes WHERE name = 'b' FOR UPDATE NOWAIT")
         .execute(&mut *other)
