@@ -5,9 +5,9 @@
 //! - generations come from one PostgreSQL `SEQUENCE` (`gen_seq`), taken while the node's row is
 //!   locked (`SELECT ... FOR UPDATE`), so a node's generation only grows whichever transaction
 //!   commits first; every transaction that locks several `nodes` rows (a plan, a report group,
-//!   a contact batch) locks them in name order before anything
-//!   else, so replicas' writers cannot deadlock on them; a plan or a contact batch that loses a
-//!   lock conflict all the same (PostgreSQL fails one side: 40P01, or 40001) runs again, up to
+//!   a contact batch) locks them in name order before anything else (`lock_nodes`), so
+//!   replicas' writers cannot deadlock on them; a plan or a contact batch that loses a lock
+//!   conflict all the same (PostgreSQL fails one side: 40P01, or 40001) runs again, up to
 //!   `LOCK_CONFLICT_RETRIES` times, so a change is never dropped for it;
 //! - a join locks the token's row before checking it, and uses it up with a conditional
 //!   `UPDATE ... WHERE uses_left > 0`: two joins racing for the last use, on one hub or on two,
