@@ -1206,19 +1206,19 @@ impl PgStore {
                 .execute(&mut *tx)
                 .await?;
         }
-        if !rows.prefetch.node.is_empty() {
+        if !rows.prefetch.at.is_empty() {
             sqlx::query(
                 "INSERT INTO node_prefetch (node, key, spec, hash)
                  SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[])",
             )
-            .bind(&rows.prefetch.node)
-            .bind(&rows.prefetch.key)
+            .bind(&rows.prefetch.at.node)
+            .bind(&rows.prefetch.at.key)
             .bind(&rows.prefetch.spec)
             .bind(&rows.prefetch.hash)
             .execute(&mut *tx)
             .await?;
         }
-        if !rows.upsert.node.is_empty() {
+        if !rows.upsert.at.is_empty() {
             sqlx::query(
                 "INSERT INTO node_workloads (node, key, spec, hash, changed_gen, revision)
                  SELECT u.node, u.key, u.spec, u.hash, $5, u.revision
@@ -1226,36 +1226,18 @@ impl PgStore {
                  ON CONFLICT (node, key) DO UPDATE SET spec = excluded.spec, hash = excluded.hash,
                     changed_gen = excluded.changed_gen, revision = excluded.revision",
             )
-            .bind(&rows.upsert.node)
-            .bind(&rows.upsert.key)
+            .bind(&rows.upsert.at.node)
+            .bind(&rows.upsert.at.key)
             .bind(&rows.upsert.spec)
             .bind(&rows.upsert.hash)
             .bind(gen)
             .bind(&rows.upsert_revision)
             .execute(&mut *tx)
             .await?;
+            rows.upsert.at.delete_from(&mut tx, "node_tombstones").await?;
         }
-        if !rows.upsert.node.is_empty() {
-            sqlx::query(
-                "DELETE FROM node_tombstones t USING UNNEST($1::text[], $2::text[]) AS u(node, key)
-                 WHERE t.node = u.node AND t.key = u.key",
-            )
-            .bind(&rows.upsert.node)
-            .bind(&rows.upsert.key)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !rows.remove.node.is_empty() {
-            sqlx::query(
-                "DELETE FROM node_workloads w USING UNNEST($1::text[], $2::text[]) AS u(node, key)
-                 WHERE w.node = u.node AND w.key = u.key",
-            )
-            .bind(&rows.remove.node)
-            .bind(&rows.remove.key)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !rows.remove.node.is_empty() {
+        if !rows.remove.is_empty() {
+            rows.remove.delete_from(&mut tx, "node_workloads").await?;
             sqlx::query(
                 "INSERT INTO node_tombstones (node, key, gen)
                  SELECT u.node, u.key, $3 FROM UNNEST($1::text[], $2::text[]) AS u(node, key)
@@ -1279,19 +1261,48 @@ impl PgStore {
     }
 }
 
-/// One column per field of a per-node row, for `UNNEST`.
+/// (node, key) pairs as two columns, for `UNNEST`.
 #[derive(Default)]
-struct SpecColumns {
+struct NodeKeys {
     node: Vec<String>,
     key: Vec<String>,
+}
+
+impl NodeKeys {
+    fn push(&mut self, node: &str, key: &str) {
+        self.node.push(node.to_string());
+        self.key.push(key.to_string());
+    }
+
+    fn is_empty(&self) -> bool {
+        self.node.is_empty()
+    }
+
+    /// Delete these (node, key) rows of `table` in one statement.
+    async fn delete_from(&self, tx: &mut PgConnection, table: &str) -> Result<()> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM {table} t USING UNNEST($1::text[], $2::text[]) AS u(node, key)
+             WHERE t.node = u.node AND t.key = u.key"
+        )))
+        .bind(&self.node)
+        .bind(&self.key)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Workload specs of nodes as columns, for `UNNEST`.
+#[derive(Default)]
+struct SpecColumns {
+    at: NodeKeys,
     spec: Vec<String>,
     hash: Vec<String>,
 }
 
 impl SpecColumns {
     fn push(&mut self, node: &str, key: &str, spec: String, hash: String) {
-        self.node.push(node.to_string());
-        self.key.push(key.to_string());
+        self.at.push(node, key);
         self.spec.push(spec);
         self.hash.push(hash);
     }
@@ -1305,7 +1316,7 @@ struct PlanRows {
     prefetch: SpecColumns,
     upsert: SpecColumns,
     upsert_revision: Vec<i64>,
-    remove: SpecColumns,
+    remove: NodeKeys,
 }
 
 impl PlanRows {
@@ -1335,7 +1346,7 @@ impl PlanRows {
             self.upsert_revision.push(i(spec.revision));
         }
         for key in removed {
-            self.remove.push(node, key, String::new(), String::new());
+            self.remove.push(node, key);
         }
         Ok(())
     }
