@@ -1,8 +1,9 @@
 //! The YAML printer for rendered objects, in `kubectl kustomize`'s layout (block maps with
 //! sorted keys, list items at their key's indentation). A string is printed plain only when it
 //! cannot be read back as anything else; otherwise it is double-quoted with JSON's escapes,
-//! which YAML reads the same way. Every value printed parses back to itself (a property test
-//! checks it).
+//! which YAML reads the same way. A key whose printed form is longer than YAML allows for an
+//! implicit key (1024 characters) is printed as an explicit key (`? key` then `: value`).
+//! Every value printed parses back to itself (a property test checks it).
 
 use serde_json::Value;
 
@@ -68,16 +69,43 @@ fn inline(v: &Value) -> String {
     }
 }
 
+/// YAML's limit on an implicit key, in characters, with room for the `:` after it.
+const IMPLICIT_KEY_MAX: usize = 1000;
+
+/// Whether `out` ends in an open `- ` or `: ` (a list item or an explicit key's value) that a
+/// block map or list continues; every other line is finished with a newline before one starts.
+fn continues(out: &str) -> bool {
+    out.ends_with("- ") || out.ends_with(": ")
+}
+
 fn map(m: &serde_json::Map<String, Value>, indent: usize, out: &mut String) {
     let mut keys: Vec<&String> = m.keys().collect();
     keys.sort();
     for (i, k) in keys.into_iter().enumerate() {
-        // The first key of a map inside a list item continues the `- ` line.
-        if !(i == 0 && out.ends_with("- ")) {
+        // The first key of a map inside a list item (or explicit value) continues its line.
+        if !(i == 0 && continues(out)) {
             out.push_str(&" ".repeat(indent));
         }
         let v = &m[k.as_str()];
-        out.push_str(&key(k));
+        let printed = key(k);
+        if printed.chars().count() > IMPLICIT_KEY_MAX {
+            // An explicit key; its value is indented like a list item's.
+            out.push_str("? ");
+            out.push_str(&printed);
+            out.push('\n');
+            out.push_str(&" ".repeat(indent));
+            out.push_str(": ");
+            match v {
+                Value::Object(inner) if !inner.is_empty() => map(inner, indent + 2, out),
+                Value::Array(items) if !items.is_empty() => list(items, indent + 2, out),
+                v => {
+                    out.push_str(&inline(v));
+                    out.push('\n');
+                }
+            }
+            continue;
+        }
+        out.push_str(&printed);
         out.push(':');
         match v {
             Value::Object(inner) if !inner.is_empty() => {
@@ -99,8 +127,8 @@ fn map(m: &serde_json::Map<String, Value>, indent: usize, out: &mut String) {
 
 fn list(items: &[Value], indent: usize, out: &mut String) {
     for (i, v) in items.iter().enumerate() {
-        // The first item of a list inside a list item continues the `- ` line.
-        if !(i == 0 && out.ends_with("- ")) {
+        // The first item of a list inside a list item (or explicit value) continues its line.
+        if !(i == 0 && continues(out)) {
             out.push_str(&" ".repeat(indent));
         }
         out.push_str("- ");
@@ -141,5 +169,22 @@ mod tests {
             document(&v),
             "data:\n  a: \"yes\"\n  b: \"1.0\"\n  c: x y\n  d: \"trailing \"\n  e: \"multi\\nline\"\nkind: Service\nlist:\n- - 1\n  - 2\n- s\nspec:\n  ports:\n  - name: http\n    port: 80\n  selector: {}\n"
         );
+    }
+
+    #[test]
+    fn keys_too_long_for_an_implicit_key_are_printed_explicitly_and_read_back() {
+        // Control characters print as `\u001d`: 200 of them make a 1,200-character key.
+        let long = format!("k{}", "\u{1d}".repeat(200));
+        let plain_long = "k".repeat(1100);
+        let v = json!({
+            "a": {&long: "scalar", "b": 1},
+            &plain_long: {"inner": {"x": [1, 2]}, "y": "z"},
+            "list": [{&long: [1, {&long: {}}]}, [{&plain_long: null}]],
+            "z": {&long: [[1], "s"]}
+        });
+        let text = document(&v);
+        assert!(text.contains("? \"k\\u001d"), "{text}");
+        let back = crate::parse_stream(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(back, vec![v], "printed:\n{text}");
     }
 }
