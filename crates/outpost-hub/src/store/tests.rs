@@ -120,6 +120,7 @@ both!(
     generation_never_decreases_across_reopen_and_rejoin,
     contacts_are_read_at_once_and_written_with_the_next_status_or_contact_batch,
     group_commit_isolates_a_failing_report,
+    a_report_group_stores_what_its_reports_store_one_by_one,
     join_checks_token_and_name_and_merges_labels,
     racing_joins_for_the_last_use_one_wins,
     renewal_is_two_phase,
@@ -463,6 +464,99 @@ async fn group_commit_isolates_a_failing_report(b: Backend) -> anyhow::Result<()
     let s = b.open().await;
     assert_eq!(s.events("a", 10).await?.len(), 2, "committed");
     assert_eq!(s.events("b", 10).await?.len(), 1, "committed");
+    Ok(())
+}
+
+fn ws(key: &str, hash: &str) -> WorkloadStatus {
+    WorkloadStatus {
+        key: key.into(),
+        revision: 1,
+        hash: hash.into(),
+        phase: outpost_api::Phase::Running,
+        containers: vec![],
+        ready: true,
+        rollout: None,
+        site_role: None,
+    }
+}
+
+/// PostgreSQL writes a group in a few statements over all its reports: the result must be what
+/// the same reports give one at a time (full reports dropping what they do not list, a key listed
+/// twice, removals, events sent again, a generation clamped to what the node was sent).
+async fn a_report_group_stores_what_its_reports_store_one_by_one(b: Backend) -> anyhow::Result<()> {
+    let s = b.open().await;
+    s.create_token(&token("t", None)).await?;
+    let first = |n: usize| StatusReport {
+        workloads: vec![ws("k1", "a"), ws("k2", "a"), ws("k3", "a")],
+        ..status(0, (1..=2 + n as u64).map(ev).collect())
+    };
+    let second = |n: usize| match n {
+        0 => StatusReport {
+            workloads: vec![ws("k1", "b"), ws("k1", "c")],
+            ..status(1, vec![])
+        },
+        1 => StatusReport {
+            full: false,
+            workloads: vec![ws("k4", "a")],
+            removed: vec!["k2".into(), "k9".into()],
+            ..status(1, vec![ev(3), ev(4)])
+        },
+        _ => status(999, vec![ev(2), ev(5), ev(6)]),
+    };
+    for p in ["g", "s"] {
+        for n in 0..3 {
+            s.join("t", "s", &new_node(&format!("{p}{n}")), 0).await?;
+        }
+    }
+    let mut acks = BTreeMap::new();
+    for round in [&first as &dyn Fn(usize) -> StatusReport, &second] {
+        let group: Vec<(String, StatusReport, UnixMs)> = (0..3).map(|n| (format!("g{n}"), round(n), 10)).collect();
+        for (n, r) in s.record_statuses(&group).await?.into_iter().enumerate() {
+            acks.insert(format!("g{n}"), r.map_err(anyhow::Error::msg)?);
+        }
+        for n in 0..3 {
+            acks.insert(format!("s{n}"), s.record_status(&format!("s{n}"), &round(n), 10).await?);
+        }
+    }
+    for n in 0..3 {
+        let (g, one) = (format!("g{n}"), format!("s{n}"));
+        assert_eq!(acks[&g], acks[&one], "events acked, node {n}");
+        let keys =
+            |rows: Vec<(String, WorkloadStatus)>| rows.into_iter().map(|(_, w)| (w.key, w.hash)).collect::<Vec<_>>();
+        assert_eq!(
+            keys(s.statuses(Some(&g)).await?),
+            keys(s.statuses(Some(&one)).await?),
+            "statuses, node {n}"
+        );
+        let seqs = |e: Vec<NodeEvent>| e.into_iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert_eq!(
+            seqs(s.events(&g, 100).await?),
+            seqs(s.events(&one, 100).await?),
+            "events, node {n}"
+        );
+        let (gn, sn) = (s.node(&g).await?.expect("g"), s.node(&one).await?.expect("s"));
+        assert_eq!(
+            gn.applied_generation,
+            gn.generation.min(second(n).generation),
+            "node {n}"
+        );
+        assert_eq!(
+            sn.applied_generation,
+            sn.generation.min(second(n).generation),
+            "node {n}"
+        );
+        assert_eq!((gn.last_seen, gn.uptime_secs), (sn.last_seen, sn.uptime_secs));
+    }
+    assert_eq!(
+        s.statuses(Some("g0"))
+            .await?
+            .into_iter()
+            .map(|(_, w)| (w.key, w.hash))
+            .collect::<Vec<_>>(),
+        [("k1".to_string(), "c".to_string())],
+        "the full report kept only k1, its last listing"
+    );
+    assert_eq!(acks["g2"], 6);
     Ok(())
 }
 
