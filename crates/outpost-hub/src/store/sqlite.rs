@@ -28,6 +28,36 @@ pub struct SqliteCore {
     contacts: Contacts,
 }
 
+/// Statements through the connection's statement cache: the hot paths (reports, contacts,
+/// syncs, joins) ran the same few dozen statements thousands of times a second, each parsed
+/// and planned again (a tenth of the hub's CPU during a join wave of 4,000 agents).
+trait Cached {
+    fn exec<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize>;
+    fn row<T, P: rusqlite::Params, F: FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>>(
+        &self,
+        sql: &str,
+        params: P,
+        f: F,
+    ) -> rusqlite::Result<T>;
+}
+
+impl Cached for Connection {
+    fn exec<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
+        self.prepare_cached(sql)?.execute(params)
+    }
+    fn row<T, P: rusqlite::Params, F: FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>>(
+        &self,
+        sql: &str,
+        params: P,
+        f: F,
+    ) -> rusqlite::Result<T> {
+        self.prepare_cached(sql)?.query_row(params, f)
+    }
+}
+
+/// Distinct statements kept prepared (rusqlite's default is 16; the store has ~100).
+const STATEMENT_CACHE: usize = 256;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens (
@@ -75,65 +105,65 @@ CREATE TABLE IF NOT EXISTS gitops_state (
 
 /// Store one status report inside an open transaction or savepoint.
 fn record_status_in(tx: &Connection, node: &str, report: &StatusReport, now: UnixMs) -> Result<u64> {
-    let generation: i64 = tx.query_row("SELECT generation FROM nodes WHERE name = ?1", params![node], |r| {
+    let generation: i64 = tx.row("SELECT generation FROM nodes WHERE name = ?1", params![node], |r| {
         r.get(0)
     })?;
     // An agent cannot have applied more than we sent; clamp so pruning stays safe.
     let applied = i(report.generation).min(generation);
-    tx.execute(
+    tx.exec(
         "UPDATE nodes SET last_seen = MAX(COALESCE(last_seen, 0), ?2), agent_version = ?3, uptime_secs = ?4,
                     applied_generation = ?5 WHERE name = ?1",
         params![node, now, report.agent_version, i(report.uptime_secs), applied],
     )?;
     // Tombstones the agent has applied are no longer needed; remember the floor.
-    tx.execute(
+    tx.exec(
         "DELETE FROM node_tombstones WHERE node = ?1 AND gen <= ?2",
         params![node, applied],
     )?;
-    tx.execute(
+    tx.exec(
         "UPDATE nodes SET tombstone_floor = MAX(tombstone_floor, ?2) WHERE name = ?1",
         params![node, applied],
     )?;
     if report.full {
         let listed: BTreeSet<&str> = report.workloads.iter().map(|w| w.key.as_str()).collect();
         let keys: Vec<String> = {
-            let mut st = tx.prepare("SELECT key FROM workload_status WHERE node = ?1")?;
+            let mut st = tx.prepare_cached("SELECT key FROM workload_status WHERE node = ?1")?;
             let rows = st.query_map(params![node], |r| r.get(0))?;
             rows.collect::<rusqlite::Result<_>>()?
         };
         for k in keys.iter().filter(|k| !listed.contains(k.as_str())) {
-            tx.execute(
+            tx.exec(
                 "DELETE FROM workload_status WHERE node = ?1 AND key = ?2",
                 params![node, k],
             )?;
         }
     }
     for w in &report.workloads {
-        tx.execute(
+        tx.exec(
             "INSERT INTO workload_status (node, key, status, updated_at) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(node, key) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at",
             params![node, w.key, serde_json::to_string(w)?, now],
         )?;
     }
     for k in &report.removed {
-        tx.execute(
+        tx.exec(
             "DELETE FROM workload_status WHERE node = ?1 AND key = ?2",
             params![node, k],
         )?;
     }
     for e in &report.events {
-        tx.execute(
+        tx.exec(
             "INSERT OR IGNORE INTO events (node, seq, at, workload, reason, message, received_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![node, i(e.seq), e.at, e.workload, e.reason, e.message, now],
         )?;
     }
-    let acked: Option<i64> = tx.query_row("SELECT MAX(seq) FROM events WHERE node = ?1", params![node], |r| {
+    let acked: Option<i64> = tx.row("SELECT MAX(seq) FROM events WHERE node = ?1", params![node], |r| {
         r.get(0)
     })?;
     let acked = acked.unwrap_or(0);
     if !report.events.is_empty() {
-        tx.execute(
+        tx.exec(
             "DELETE FROM events WHERE node = ?1 AND seq <= ?2",
             params![node, acked - EVENTS_KEPT],
         )?;
@@ -157,7 +187,7 @@ impl SqliteCore {
     /// Write the contacts held in memory, inside the caller's transaction.
     fn flush_seen(&self, tx: &Connection) -> Result<()> {
         for (n, t) in &self.contacts.drain() {
-            tx.execute(
+            tx.exec(
                 "UPDATE nodes SET last_seen = MAX(COALESCE(last_seen, 0), ?2) WHERE name = ?1",
                 params![n, t],
             )?;
@@ -196,10 +226,10 @@ fn finish_node((mut n, labels): (NodeRow, String)) -> Result<NodeRow> {
 
 fn next_gen(tx: &Transaction<'_>) -> Result<u64> {
     let cur: Option<String> = tx
-        .query_row("SELECT value FROM meta WHERE key = 'gen_seq'", [], |r| r.get(0))
+        .row("SELECT value FROM meta WHERE key = 'gen_seq'", [], |r| r.get(0))
         .optional()?;
     let next = cur.and_then(|s| s.parse::<u64>().ok()).unwrap_or(0) + 1;
-    tx.execute(
+    tx.exec(
         "INSERT INTO meta (key, value) VALUES ('gen_seq', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
         params![next.to_string()],
     )?;
@@ -208,7 +238,7 @@ fn next_gen(tx: &Transaction<'_>) -> Result<u64> {
 
 fn object_row(tx: &Transaction<'_>, id: &ObjectId) -> Result<Option<StoredObject>> {
     let row = tx
-        .query_row(
+        .row(
             "SELECT manifest, template_hash, revision, created_at, updated_at FROM objects
              WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
             params![id.kind.as_str(), id.namespace, id.name],
@@ -238,7 +268,7 @@ fn object_row(tx: &Transaction<'_>, id: &ObjectId) -> Result<Option<StoredObject
 /// Add a column unless it exists (schema upgrades of tables created by an older hub).
 fn add_column(conn: &Connection, table: &str, column: &str, decl: &str) -> Result<()> {
     let exists: bool = conn
-        .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?
+        .prepare_cached(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?
         .exists(params![column])?;
     if !exists {
         conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
@@ -274,7 +304,7 @@ fn sqlite_v2(tx: &Connection) -> Result<()> {
     add_column(tx, "nodes", "next_cert_fp", "TEXT")?;
     add_column(tx, "nodes", "next_cert_not_after", "INTEGER")?;
     // The hub owns kubernetes.io/hostname: undo any a node set for itself.
-    tx.execute(
+    tx.exec(
         "UPDATE nodes SET labels = json_set(labels, '$.\"kubernetes.io/hostname\"', name)",
         [],
     )?;
@@ -284,7 +314,7 @@ fn sqlite_v2(tx: &Connection) -> Result<()> {
 /// 3: fleet rollouts (`node_workloads.revision`; the new tables come from [`SCHEMA`]).
 fn sqlite_v3(tx: &Connection) -> Result<()> {
     add_column(tx, "node_workloads", "revision", "INTEGER NOT NULL DEFAULT 0")?;
-    tx.execute(
+    tx.exec(
         "UPDATE node_workloads SET revision = COALESCE(json_extract(spec, '$.revision'), 0) WHERE revision = 0",
         [],
     )?;
@@ -313,7 +343,7 @@ fn migrate(conn: &mut Connection, from: i64) -> Result<()> {
         }
     }
     tx.execute_batch("CREATE INDEX IF NOT EXISTS nodes_next_cert ON nodes (next_cert_fp)")?;
-    tx.execute(
+    tx.exec(
         "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1)",
         params![SCHEMA_VERSION.to_string()],
     )?;
@@ -326,6 +356,7 @@ impl SqliteCore {
     pub fn open(path: &Path) -> Result<Self> {
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         // Two connections share this file (store and monitoring): a deferred transaction that
         // reads, then writes after the other committed, fails at once with SQLITE_BUSY whatever
         // the busy timeout. Write transactions take the lock when they begin instead.
@@ -335,7 +366,7 @@ impl SqliteCore {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
         let found: Option<String> = conn
-            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+            .row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
             .optional()?;
         match found.and_then(|v| v.parse::<i64>().ok()) {
             Some(v) if v > SCHEMA_VERSION => {
@@ -361,7 +392,7 @@ impl SqliteCore {
 
 impl SqliteCore {
     pub fn create_token(&self, t: &TokenRow) -> Result<()> {
-        self.conn()?.execute(
+        self.conn()?.exec(
             "INSERT INTO tokens (id, secret_sha256, labels, expires_at, uses_left, used, created_at, node_labels)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
@@ -390,7 +421,7 @@ impl SqliteCore {
         check_token(tok.as_ref(), token_id, secret_sha256, now).map_err(StoreError::Token)?;
         let tok = tok.ok_or_else(|| StoreError::Token(TokenProblem::Unknown { id: token_id.into() }))?;
         let exists: Option<String> = tx
-            .query_row("SELECT name FROM nodes WHERE name = ?1", params![node.name], |r| {
+            .row("SELECT name FROM nodes WHERE name = ?1", params![node.name], |r| {
                 r.get(0)
             })
             .optional()?;
@@ -399,7 +430,7 @@ impl SqliteCore {
         }
         let labels = outpost_core::link::node_labels(&node.name, &tok.labels, &tok.node_labels, &node.labels)?;
         let gen = next_gen(&tx)?;
-        tx.execute(
+        tx.exec(
             "INSERT INTO nodes (name, labels, cert_fp, cert_not_after, joined_at, generation, token_id)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
@@ -412,7 +443,7 @@ impl SqliteCore {
                 token_id
             ],
         )?;
-        tx.execute(
+        tx.exec(
             "UPDATE tokens SET used = used + 1,
                     uses_left = CASE WHEN uses_left IS NULL THEN NULL ELSE uses_left - 1 END
              WHERE id = ?1",
@@ -427,7 +458,7 @@ impl SqliteCore {
         // One indexed read per request, as before renewal was two-phase; the write happens
         // once, on the first request made with a renewed certificate.
         let found: Option<(String, bool)> = conn
-            .query_row(
+            .row(
                 "SELECT name, cert_fp = ?1 FROM nodes WHERE cert_fp = ?1 OR next_cert_fp = ?1",
                 params![cert_fp],
                 |r| Ok((r.get(0)?, r.get(1)?)),
@@ -435,7 +466,7 @@ impl SqliteCore {
             .optional()?;
         let Some((node, current)) = found else { return Ok(None) };
         if !current {
-            conn.execute(
+            conn.exec(
                 "UPDATE nodes SET cert_fp = next_cert_fp, cert_not_after = next_cert_not_after,
                         next_cert_fp = NULL, next_cert_not_after = NULL
                  WHERE name = ?1 AND next_cert_fp = ?2",
@@ -451,7 +482,7 @@ impl SqliteCore {
     pub fn node(&self, name: &str) -> Result<Option<NodeRow>> {
         let conn = self.conn()?;
         let row = conn
-            .query_row(
+            .row(
                 &format!("SELECT {NODE_COLS} FROM nodes WHERE name = ?1"),
                 params![name],
                 node_from_row,
@@ -462,7 +493,7 @@ impl SqliteCore {
 
     pub fn nodes(&self) -> Result<Vec<NodeRow>> {
         let conn = self.conn()?;
-        let mut st = conn.prepare(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY name"))?;
+        let mut st = conn.prepare_cached(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY name"))?;
         let rows = st.query_map([], node_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
         rows.into_iter()
             .map(|r| finish_node(r).map(|n| self.with_seen(n)))
@@ -476,7 +507,7 @@ impl SqliteCore {
     pub fn touch(&self, node: &str, now: UnixMs) -> Result<Option<UnixMs>> {
         let conn = self.conn()?;
         let prev: Option<(Option<i64>, i64)> = conn
-            .query_row(
+            .row(
                 "SELECT last_seen, joined_at FROM nodes WHERE name = ?1",
                 params![node],
                 |r| Ok((r.get(0)?, r.get(1)?)),
@@ -487,7 +518,7 @@ impl SqliteCore {
     }
 
     pub fn renew(&self, node: &str, cert_fp: &str, cert_not_after: UnixMs) -> Result<()> {
-        self.conn()?.execute(
+        self.conn()?.exec(
             "UPDATE nodes SET next_cert_fp = ?2, next_cert_not_after = ?3 WHERE name = ?1",
             params![node, cert_fp, cert_not_after],
         )?;
@@ -497,9 +528,9 @@ impl SqliteCore {
     pub fn delete_node(&self, name: &str) -> Result<bool> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
-        let n = tx.execute("DELETE FROM nodes WHERE name = ?1", params![name])?;
+        let n = tx.exec("DELETE FROM nodes WHERE name = ?1", params![name])?;
         for table in NODE_TABLES {
-            tx.execute(&format!("DELETE FROM {table} WHERE node = ?1"), params![name])?;
+            tx.exec(&format!("DELETE FROM {table} WHERE node = ?1"), params![name])?;
         }
         tx.commit()?;
         Ok(n > 0)
@@ -509,7 +540,7 @@ impl SqliteCore {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
         let Some((generation, floor)) = tx
-            .query_row(
+            .row(
                 "SELECT generation, tombstone_floor FROM nodes WHERE name = ?1",
                 params![node],
                 |r| Ok((u(r.get(0)?), u(r.get(1)?))),
@@ -530,7 +561,7 @@ impl SqliteCore {
         let from = if full { 0 } else { since };
         let specs: Vec<String> = {
             let mut st =
-                tx.prepare("SELECT spec FROM node_workloads WHERE node = ?1 AND changed_gen > ?2 ORDER BY key")?;
+                tx.prepare_cached("SELECT spec FROM node_workloads WHERE node = ?1 AND changed_gen > ?2 ORDER BY key")?;
             let rows = st.query_map(params![node, i(from)], |r| r.get(0))?;
             rows.collect::<rusqlite::Result<_>>()?
         };
@@ -541,7 +572,8 @@ impl SqliteCore {
         let remove = if full {
             vec![]
         } else {
-            let mut st = tx.prepare("SELECT key FROM node_tombstones WHERE node = ?1 AND gen > ?2 ORDER BY key")?;
+            let mut st =
+                tx.prepare_cached("SELECT key FROM node_tombstones WHERE node = ?1 AND gen > ?2 ORDER BY key")?;
             let rows = st.query_map(params![node, i(since)], |r| r.get(0))?;
             rows.collect::<rusqlite::Result<_>>()?
         };
@@ -584,8 +616,9 @@ impl SqliteCore {
 
     pub fn statuses(&self, node: Option<&str>) -> Result<Vec<(String, WorkloadStatus)>> {
         let conn = self.conn()?;
-        let mut st =
-            conn.prepare("SELECT node, status FROM workload_status WHERE ?1 IS NULL OR node = ?1 ORDER BY node, key")?;
+        let mut st = conn.prepare_cached(
+            "SELECT node, status FROM workload_status WHERE ?1 IS NULL OR node = ?1 ORDER BY node, key",
+        )?;
         let rows = st
             .query_map(params![node], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
             .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -596,7 +629,7 @@ impl SqliteCore {
 
     pub fn events(&self, node: &str, limit: u32) -> Result<Vec<NodeEvent>> {
         let conn = self.conn()?;
-        let mut st = conn.prepare(
+        let mut st = conn.prepare_cached(
             "SELECT seq, at, workload, reason, message FROM events WHERE node = ?1 ORDER BY seq DESC LIMIT ?2",
         )?;
         let mut out = st
@@ -625,7 +658,7 @@ impl SqliteCore {
             let prev = object_row(&tx, &id)?;
             let (action, revision, created_at) = apply_action(prev.as_ref(), obj, &thash, now);
             if action != "unchanged" {
-                tx.execute(
+                tx.exec(
                     "INSERT INTO objects (kind, namespace, name, manifest, template_hash, revision, created_at, updated_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                      ON CONFLICT(kind, namespace, name) DO UPDATE SET manifest = excluded.manifest,
@@ -634,7 +667,7 @@ impl SqliteCore {
                     params![id.kind.as_str(), id.namespace, id.name, manifest, thash, i(revision), created_at, now],
                 )?;
                 if let (Some(h), Some(t)) = (&thash, revision_content(obj)?) {
-                    tx.execute(
+                    tx.exec(
                         "INSERT OR IGNORE INTO revisions (kind, namespace, name, revision, template_hash, template, created_at)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                         params![id.kind.as_str(), id.namespace, id.name, i(revision), h, t, now],
@@ -649,7 +682,7 @@ impl SqliteCore {
 
     pub fn objects(&self) -> Result<Vec<StoredObject>> {
         let conn = self.conn()?;
-        let mut st = conn.prepare(
+        let mut st = conn.prepare_cached(
             "SELECT kind, manifest, template_hash, revision, created_at, updated_at FROM objects
              ORDER BY kind, namespace, name",
         )?;
@@ -690,20 +723,20 @@ impl SqliteCore {
         let (mut deleted, mut missing) = (Vec::new(), Vec::new());
         for id in ids {
             let p = params![id.kind.as_str(), id.namespace, id.name];
-            let n = tx.execute(
+            let n = tx.exec(
                 "DELETE FROM objects WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
                 p,
             )?;
-            tx.execute(
+            tx.exec(
                 "DELETE FROM assignments WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
                 p,
             )?;
-            tx.execute(
+            tx.exec(
                 "DELETE FROM revisions WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
                 p,
             )?;
             if id.kind.is_workload() || id.kind.is_rolled_out() {
-                tx.execute(
+                tx.exec(
                     "DELETE FROM rollouts WHERE workload = ?1",
                     params![outpost_core::render::workload_key(id)],
                 )?;
@@ -719,7 +752,7 @@ impl SqliteCore {
     }
 
     pub fn put_image_tag(&self, t: &ImageTag) -> Result<()> {
-        self.conn()?.execute(
+        self.conn()?.exec(
             "INSERT OR REPLACE INTO image_tags (name, digest, size, pushed_at) VALUES (?1, ?2, ?3, ?4)",
             params![t.name, t.digest, t.size as i64, t.pushed_at],
         )?;
@@ -729,7 +762,7 @@ impl SqliteCore {
     pub fn image_tag(&self, name: &str) -> Result<Option<ImageTag>> {
         Ok(self
             .conn()?
-            .query_row(
+            .row(
                 "SELECT name, digest, size, pushed_at FROM image_tags WHERE name = ?1",
                 params![name],
                 image_row,
@@ -739,14 +772,14 @@ impl SqliteCore {
 
     pub fn image_tags(&self) -> Result<Vec<ImageTag>> {
         let conn = self.conn()?;
-        let mut st = conn.prepare("SELECT name, digest, size, pushed_at FROM image_tags ORDER BY name")?;
+        let mut st = conn.prepare_cached("SELECT name, digest, size, pushed_at FROM image_tags ORDER BY name")?;
         let rows = st.query_map([], image_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }
 
     pub fn revisions(&self, id: &ObjectId) -> Result<Vec<RevisionRow>> {
         let conn = self.conn()?;
-        let mut st = conn.prepare(
+        let mut st = conn.prepare_cached(
             "SELECT revision, template_hash, created_at, template FROM revisions
              WHERE kind = ?1 AND namespace = ?2 AND name = ?3 ORDER BY revision",
         )?;
@@ -781,7 +814,7 @@ impl SqliteCore {
         let conn = self.conn()?;
         let mut assignments: BTreeMap<ObjectId, BTreeSet<String>> = BTreeMap::new();
         {
-            let mut st = conn.prepare("SELECT kind, namespace, name, node FROM assignments")?;
+            let mut st = conn.prepare_cached("SELECT kind, namespace, name, node FROM assignments")?;
             let rows = st
                 .query_map([], |r| {
                     Ok((
@@ -806,8 +839,8 @@ impl SqliteCore {
         let mut held: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         let mut held_revisions: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
         {
-            let mut st =
-                conn.prepare("SELECT node, key, hash, revision FROM node_workloads WHERE ?1 IS NULL OR node = ?1")?;
+            let mut st = conn
+                .prepare_cached("SELECT node, key, hash, revision FROM node_workloads WHERE ?1 IS NULL OR node = ?1")?;
             let rows = st
                 .query_map(params![only], |r| {
                     Ok((
@@ -825,7 +858,8 @@ impl SqliteCore {
         }
         let mut held_prefetch: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         {
-            let mut st = conn.prepare("SELECT node, key, hash FROM node_prefetch WHERE ?1 IS NULL OR node = ?1")?;
+            let mut st =
+                conn.prepare_cached("SELECT node, key, hash FROM node_prefetch WHERE ?1 IS NULL OR node = ?1")?;
             let rows = st
                 .query_map(params![only], |r| {
                     Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
@@ -842,7 +876,7 @@ impl SqliteCore {
         let wanted = wanted_templates(&objects, &held_revisions, &rollouts);
         let mut templates = BTreeMap::new();
         {
-            let mut st = conn.prepare(
+            let mut st = conn.prepare_cached(
                 "SELECT template FROM revisions WHERE kind = ?1 AND namespace = ?2 AND name = ?3 AND revision = ?4",
             )?;
             for (id, rev) in wanted {
@@ -871,7 +905,7 @@ impl SqliteCore {
         let tx = conn.transaction()?;
         // Placements: write only the rows that differ from the stored ones.
         let stored: BTreeSet<(String, String, String, String)> = {
-            let mut st = tx.prepare("SELECT kind, namespace, name, node FROM assignments")?;
+            let mut st = tx.prepare_cached("SELECT kind, namespace, name, node FROM assignments")?;
             let rows = st
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
                 .collect::<rusqlite::Result<_>>()?;
@@ -879,13 +913,13 @@ impl SqliteCore {
         };
         let planned = super::assignment_rows(&plan.assignments);
         for (k, ns, name, node) in stored.difference(&planned) {
-            tx.execute(
+            tx.exec(
                 "DELETE FROM assignments WHERE kind = ?1 AND namespace = ?2 AND name = ?3 AND node = ?4",
                 params![k, ns, name, node],
             )?;
         }
         for (k, ns, name, node) in planned.difference(&stored) {
-            tx.execute(
+            tx.exec(
                 "INSERT INTO assignments (kind, namespace, name, node) VALUES (?1, ?2, ?3, ?4)",
                 params![k, ns, name, node],
             )?;
@@ -897,38 +931,38 @@ impl SqliteCore {
             }
             let gen = next_gen(&tx)?;
             if let Some(hints) = &change.prefetch {
-                tx.execute("DELETE FROM node_prefetch WHERE node = ?1", params![node])?;
+                tx.exec("DELETE FROM node_prefetch WHERE node = ?1", params![node])?;
                 for spec in hints {
-                    tx.execute(
+                    tx.exec(
                         "INSERT INTO node_prefetch (node, key, spec, hash) VALUES (?1, ?2, ?3, ?4)",
                         params![node, spec.key, serde_json::to_string(spec)?, spec.hash],
                     )?;
                 }
             }
             for spec in &change.upsert {
-                tx.execute(
+                tx.exec(
                     "INSERT INTO node_workloads (node, key, spec, hash, changed_gen, revision) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                      ON CONFLICT(node, key) DO UPDATE SET spec = excluded.spec, hash = excluded.hash,
                         changed_gen = excluded.changed_gen, revision = excluded.revision",
                     params![node, spec.key, serde_json::to_string(spec)?, outpost_core::site_ha::delivery_hash(spec), i(gen), i(spec.revision)],
                 )?;
-                tx.execute(
+                tx.exec(
                     "DELETE FROM node_tombstones WHERE node = ?1 AND key = ?2",
                     params![node, spec.key],
                 )?;
             }
             for key in &change.remove {
-                tx.execute(
+                tx.exec(
                     "DELETE FROM node_workloads WHERE node = ?1 AND key = ?2",
                     params![node, key],
                 )?;
-                tx.execute(
+                tx.exec(
                     "INSERT INTO node_tombstones (node, key, gen) VALUES (?1, ?2, ?3)
                      ON CONFLICT(node, key) DO UPDATE SET gen = excluded.gen",
                     params![node, key, i(gen)],
                 )?;
             }
-            tx.execute(
+            tx.exec(
                 "UPDATE nodes SET generation = ?2 WHERE name = ?1",
                 params![node, i(gen)],
             )?;
@@ -940,7 +974,7 @@ impl SqliteCore {
 
     pub fn desired(&self) -> Result<Vec<DesiredRow>> {
         let conn = self.conn()?;
-        let mut st = conn.prepare("SELECT node, key, hash, revision FROM node_workloads ORDER BY key, node")?;
+        let mut st = conn.prepare_cached("SELECT node, key, hash, revision FROM node_workloads ORDER BY key, node")?;
         let rows = st
             .query_map([], |r| {
                 Ok(DesiredRow {
@@ -956,7 +990,7 @@ impl SqliteCore {
 
     pub fn prefetch(&self, node: &str) -> Result<Vec<WorkloadSpec>> {
         let conn = self.conn()?;
-        let mut st = conn.prepare("SELECT spec FROM node_prefetch WHERE node = ?1 ORDER BY key")?;
+        let mut st = conn.prepare_cached("SELECT spec FROM node_prefetch WHERE node = ?1 ORDER BY key")?;
         let rows = st
             .query_map(params![node], |r| r.get::<_, String>(0))?
             .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -966,7 +1000,7 @@ impl SqliteCore {
     pub fn rollout(&self, workload: &str) -> Result<Option<Rollout>> {
         let conn = self.conn()?;
         let s: Option<String> = conn
-            .query_row(
+            .row(
                 "SELECT state FROM rollouts WHERE workload = ?1",
                 params![workload],
                 |r| r.get(0),
@@ -981,7 +1015,7 @@ impl SqliteCore {
 
     pub fn gitops_states(&self) -> Result<Vec<(String, String)>> {
         let conn = self.conn()?;
-        let mut st = conn.prepare("SELECT repo, state FROM gitops_state ORDER BY repo")?;
+        let mut st = conn.prepare_cached("SELECT repo, state FROM gitops_state ORDER BY repo")?;
         let rows = st
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
             .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -991,18 +1025,18 @@ impl SqliteCore {
     pub fn put_gitops_state(&self, repo: &str, state: Option<&str>, now: UnixMs) -> Result<()> {
         let conn = self.conn()?;
         match state {
-            Some(s) => conn.execute(
+            Some(s) => conn.exec(
                 "INSERT INTO gitops_state (repo, state, updated_at) VALUES (?1, ?2, ?3)
                  ON CONFLICT (repo) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
                 params![repo, s, now],
             )?,
-            None => conn.execute("DELETE FROM gitops_state WHERE repo = ?1", params![repo])?,
+            None => conn.exec("DELETE FROM gitops_state WHERE repo = ?1", params![repo])?,
         };
         Ok(())
     }
 
     pub fn put_rollout(&self, r: &Rollout) -> Result<()> {
-        self.conn()?.execute(
+        self.conn()?.exec(
             "INSERT INTO rollouts (workload, revision, state, updated_at) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(workload) DO UPDATE SET revision = excluded.revision, state = excluded.state,
                 updated_at = excluded.updated_at",
@@ -1013,7 +1047,7 @@ impl SqliteCore {
 }
 
 fn rollout_rows(conn: &Connection) -> Result<Vec<Rollout>> {
-    let mut st = conn.prepare("SELECT state FROM rollouts ORDER BY workload")?;
+    let mut st = conn.prepare_cached("SELECT state FROM rollouts ORDER BY workload")?;
     let rows = st
         .query_map([], |r| r.get::<_, String>(0))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -1022,7 +1056,7 @@ fn rollout_rows(conn: &Connection) -> Result<Vec<Rollout>> {
 
 fn token_row(conn: &Connection, id: &str) -> Result<Option<TokenRow>> {
     let row = conn
-        .query_row(
+        .row(
             "SELECT id, secret_sha256, labels, expires_at, uses_left, used, created_at, node_labels
              FROM tokens WHERE id = ?1",
             params![id],
