@@ -712,6 +712,17 @@ async fn run_tier(a: &FleetArgs, tier: Option<&mut Tier>, mut procs: TierProcs, 
             arg += 1;
             let yaml = ds(arg);
             let times = time_change(&mut shards, 600, admin.apply(yaml)).await?;
+            let mut sorted = times.clone();
+            sorted.sort_by(|a, b| a.total_cmp(b));
+            let at = |p: f64| crate::stats::percentile(&sorted, p).map(ms).unwrap_or_default();
+            eprintln!(
+                "fleet: {total} agents: change {arg} reached agents at p10 {} / p50 {} / p90 {} / p99 {} / all {}",
+                at(10.0),
+                at(50.0),
+                at(90.0),
+                at(99.0),
+                at(100.0)
+            );
             to_all.push(times.iter().copied().fold(0.0, f64::max));
             per.extend(times);
             // the agents' delta reports (250 ms debounce) land before the next change

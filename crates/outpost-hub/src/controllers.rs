@@ -6,8 +6,8 @@
 //! | controller | decides with | runs | fenced writes |
 //! |---|---|---|---|
 //! | `alert-rules` | `outpost_core::alerts::{fleet_alerts, condition_alerts, diff_hub_alerts}` | every `OUTPOST_ALERT_EVAL_MS` (5 s) | alert transitions and their webhook rows |
-//! | `reschedule` (no lease: in every replica) | `crate::scheduler::plan` (the whole fleet) | when nodes came back online to this replica, or a change's reschedule failed here: one run for all of them, again every second while it fails | none (a plan from the current state, idempotent, under the replicas' write lock) |
-//! | `rollouts` | `outpost_core::waves::{start, decide}` | on gate results and nodes coming back, at bake ends and window openings, every 1 s while a rollout is active (10 s otherwise) | each rollout with its events and alert |
+//! | `reschedule` (no lease: in every replica) | `crate::scheduler::plan` (the whole fleet) | when nodes came back online to this replica, or a change's reschedule failed here: one run for all of them (a wake-up right after a run waits four times that run's length), again every second while it fails | none (a plan from the current state, idempotent, under the replicas' write lock) |
+//! | `rollouts` | `outpost_core::waves::{start, decide}` | on gate results and nodes coming back (a wake-up right after a run waits four times that run's length: wake-ups coalesce), at bake ends and window openings, every 1 s while a rollout is active (10 s otherwise) | each rollout with its events and alert |
 //! | `webhooks` | `outpost_core::retry::webhook` | when an alert or rollout event is queued here, a retry is due, or every 2 s (another replica may have queued one) | claiming due rows, marking them delivered or retried |
 //! | `retention` | resolved alerts kept 7 days; `outpost_core::retention::revisions_to_prune` | hourly (`OUTPOST_RETENTION_MS`); events, error lines and webhook rows are capped where they are written | every delete |
 //! | `gitops` | `outpost_core::gitops::{next_fetch, decide_commit, placement_terms, combine}` | when a GitRepo's fetch is due (poll interval, backoff), on its webhook, `outpost gitops sync` or a GitRepo apply | none (an apply of one commit is idempotent) |
@@ -84,6 +84,9 @@ pub struct Controller {
     /// Runs only in the replica holding its lease (work that must happen once); false: in every
     /// replica, for work asked for in that replica that is safe to do in several at once.
     leased: bool,
+    /// A wake-up right after a run waits this many times the run's length first (0: none); for
+    /// runs that read the whole fleet under the write lock ([`until_next_run`]).
+    wake_gap: u32,
 }
 
 /// Every controller of the hub.
@@ -104,6 +107,7 @@ pub fn all(svc: &Service) -> Vec<Controller> {
             }),
             wake: None,
             leased: true,
+            wake_gap: 0,
         },
         Controller {
             name: "reschedule",
@@ -120,18 +124,21 @@ pub fn all(svc: &Service) -> Vec<Controller> {
             }),
             wake: Some(|s| &s.wake.reschedule),
             leased: false,
+            wake_gap: WAKE_GAP_RUNS,
         },
         Controller {
             name: "rollouts",
             run: Box::new(|svc, fence| Box::pin(async move { svc.rollouts_tick(now_ms(), Some(&fence)).await })),
             wake: Some(|s| &s.wake.rollouts),
             leased: true,
+            wake_gap: WAKE_GAP_RUNS,
         },
         Controller {
             name: "retention",
             run: Box::new(|svc, fence| Box::pin(async move { retention(&svc, &fence, now_ms()).await })),
             wake: None,
             leased: true,
+            wake_gap: 0,
         },
         Controller {
             name: "data-retention",
@@ -147,12 +154,14 @@ pub fn all(svc: &Service) -> Vec<Controller> {
             }),
             wake: None,
             leased: true,
+            wake_gap: 0,
         },
         Controller {
             name: "gitops",
             run: Box::new(|svc, _| Box::pin(async move { crate::gitops::tick(&svc, now_ms()).await })),
             wake: Some(|s| &s.wake.gitops),
             leased: true,
+            wake_gap: 0,
         },
         Controller {
             name: "webhooks",
@@ -162,6 +171,7 @@ pub fn all(svc: &Service) -> Vec<Controller> {
             }),
             wake: Some(|s| &s.wake.webhooks),
             leased: true,
+            wake_gap: 0,
         },
     ]
 }
@@ -301,11 +311,13 @@ pub fn spawn_all(svc: &Arc<Service>, stop: watch::Receiver<bool>) -> Vec<JoinHan
                         token: 0,
                     }),
                 };
+                let started = tokio::time::Instant::now();
                 let wait = match fence {
                     Some(fence) => (c.run)(svc.clone(), fence).await,
                     // Not ours: look again when the keeper takes it (or at the next renewal).
                     None => Duration::from_millis(timing.renew_every_ms as u64),
                 };
+                let ran = started.elapsed();
                 let woken = async {
                     match c.wake {
                         Some(w) => w(&svc).notified().await,
@@ -319,14 +331,110 @@ pub fn spawn_all(svc: &Arc<Service>, stop: watch::Receiver<bool>) -> Vec<JoinHan
                         None => std::future::pending().await,
                     }
                 };
-                tokio::select! {
-                    _ = tokio::time::sleep(wait.max(Duration::from_millis(1))) => {}
-                    _ = woken => {}
-                    _ = taken => {}
-                    _ = stop.changed() => return,
+                if !until_next_run(wait, ran * c.wake_gap, woken, taken, &mut stop).await {
+                    return;
                 }
             }
         }));
     }
     tasks
+}
+
+/// The wake-up gap of the controllers whose runs read the whole fleet under the write lock
+/// (`rollouts`, `reschedule`), in lengths of their last run.
+const WAKE_GAP_RUNS: u32 = 4;
+
+/// Wait for a controller's next run: `wait` after the last one, or sooner on a wake-up or when
+/// its lease is taken; false when the hub stops.
+///
+/// A wake-up runs it only `gap` after the last run ended (wake-ups meanwhile are one run). The
+/// rollout controller reads every node and status and is woken by each gate result; with 5,000
+/// agents reporting a change it ran back to back, a fifth of the hub's CPU, with the write lock
+/// held. With a gap of [`WAKE_GAP_RUNS`] runs it holds the lock at most a fifth of the time, and
+/// a run of a few milliseconds (small fleets) still follows its wake-up at once.
+async fn until_next_run(
+    wait: Duration,
+    gap: Duration,
+    woken: impl std::future::Future<Output = ()>,
+    taken: impl std::future::Future<Output = ()>,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(wait.max(Duration::from_millis(1))) => true,
+        _ = woken => tokio::select! {
+            _ = tokio::time::sleep(gap) => true,
+            _ = stop.changed() => false,
+        },
+        _ = taken => true,
+        _ = stop.changed() => false,
+    }
+}
+
+#[cfg(test)]
+mod wake_tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    /// How long until the next run when a wake-up comes `after` the last run, which took `ran`
+    /// and asked to run again in a minute.
+    async fn next_run_after_wake(ran: Duration, after: Duration) -> Duration {
+        let (_tx, mut stop) = watch::channel(false);
+        let start = Instant::now();
+        let woken = tokio::time::sleep(after);
+        let gap = ran * WAKE_GAP_RUNS;
+        assert!(until_next_run(Duration::from_secs(60), gap, woken, std::future::pending(), &mut stop).await);
+        start.elapsed()
+    }
+
+    #[tokio::test]
+    async fn a_wake_up_after_a_long_run_waits_four_runs_and_after_a_short_run_comes_at_once() {
+        let long = next_run_after_wake(Duration::from_millis(250), Duration::ZERO).await;
+        assert!(long >= Duration::from_millis(1000), "{long:?}");
+        assert!(long < Duration::from_secs(30), "{long:?}: the wake-up was lost");
+        let short = next_run_after_wake(Duration::from_millis(1), Duration::from_millis(50)).await;
+        assert!(short >= Duration::from_millis(54), "{short:?}");
+        assert!(short < Duration::from_secs(5), "{short:?}");
+    }
+
+    #[tokio::test]
+    async fn without_a_wake_up_the_run_waits_what_it_asked_for() {
+        let (_tx, mut stop) = watch::channel(false);
+        let start = Instant::now();
+        let never = std::future::pending::<()>();
+        assert!(
+            until_next_run(
+                Duration::from_millis(300),
+                Duration::from_secs(5),
+                never,
+                std::future::pending(),
+                &mut stop
+            )
+            .await
+        );
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_hub_stopping_ends_the_gap() {
+        let (tx, mut stop) = watch::channel(false);
+        let start = Instant::now();
+        let waiting = tokio::spawn(async move {
+            until_next_run(
+                Duration::from_secs(600),
+                Duration::from_secs(60),
+                async {},
+                std::future::pending(),
+                &mut stop,
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tx.send(true).expect("the waiter listens");
+        assert!(!waiting.await.expect("no panic"), "stopped during the 60 s gap");
+        assert!(start.elapsed() < Duration::from_secs(60));
+    }
 }
