@@ -730,6 +730,10 @@ async fn run_tier(a: &FleetArgs, tier: Option<&mut Tier>, mut procs: TierProcs, 
         }
         let change_us = finish(change_meters);
         let (cr, cc) = samples(&mut shards, c0, unix_ms()).await?;
+        eprintln!(
+            "fleet: {total} agents: {} busy answers (503 + Retry-After) during the changes",
+            cc.get(&Kind::Busy).unwrap_or(&0)
+        );
         let status = Summary::of(&lat(&cr, Kind::Status));
         let all_s = Summary::of(&to_all);
         let per_s = Summary::of(&per);

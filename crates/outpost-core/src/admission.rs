@@ -10,7 +10,9 @@
 //! a 503 as a failed try (its own backoff).
 //!
 //! A long-poll counts only while the hub works on it (authorization, contact, reading the
-//! desired state): it leaves the count when it starts waiting for a change.
+//! desired state): it leaves the count when it starts waiting for a change. A poll from a node
+//! already holding the newest generation the hub knows for it (the poll again after every
+//! answer) is not counted at all (`outpost_hub::server`, docs/protocol.md §6).
 
 use std::time::Duration;
 

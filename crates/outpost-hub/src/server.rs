@@ -209,6 +209,43 @@ async fn admit(
     }
 }
 
+/// Syncs pass here. A poll from a node that already holds the newest generation this process
+/// knows for it (the poll again that follows every answer) goes to its handler without a
+/// place: after a change every connected agent answers and polls again at once, and refusing
+/// those polls (5,000 agents: ~10,000 busy answers in three changes) left agents without a held
+/// poll for up to `Retry-After` (30 s), so the next change reached them that late. The handler
+/// reads the store as for any poll; only admission is skipped. Every other sync (a node behind,
+/// or unknown to this process, as after a restart) goes through [`admit`].
+async fn admit_sync(
+    axum::extract::State((adm, svc)): axum::extract::State<(Arc<Admission>, Arc<Service>)>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if up_to_date_poll(&svc, req.uri()) {
+        return next.run(req).await;
+    }
+    admit(axum::extract::State(adm), req, next).await
+}
+
+/// Whether `uri` is `/v1/nodes/{node}/sync?generation=N` with N at least the generation this
+/// process last committed or served for the node.
+fn up_to_date_poll(svc: &Service, uri: &axum::http::Uri) -> bool {
+    let Some(node) = uri
+        .path()
+        .strip_prefix("/v1/nodes/")
+        .and_then(|p| p.strip_suffix("/sync"))
+    else {
+        return false;
+    };
+    let since = uri
+        .query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("generation="))
+        .and_then(|v| v.parse::<u64>().ok());
+    matches!((since, svc.known_generation(node)), (Some(s), Some(k)) if s >= k)
+}
+
 /// glibc gives each thread that allocates under contention an arena of its own (up to 8 per
 /// CPU) and keeps what is freed in it: after a wave of joins on the blocking pool, ~30 KiB per
 /// connected agent stayed in arenas nobody used again (BENCHMARKS.md §4, `MALLOC_ARENA_MAX=1`:
@@ -235,7 +272,13 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/v1/openapi.yaml", get(crate::openapi::spec))
         .route("/v1/ca", get(api::ca))
         .route("/v1/join", post(api::join).layer(admitted()))
-        .route("/v1/nodes/{node}/sync", get(api::sync).layer(admitted()))
+        .route(
+            "/v1/nodes/{node}/sync",
+            get(api::sync).layer(middleware::from_fn_with_state(
+                (admission.clone(), svc.clone()),
+                admit_sync,
+            )),
+        )
         .route("/v1/nodes/{node}/status", post(api::status))
         .route("/v1/nodes/{node}/renew", post(api::renew))
         .route("/v1/nodes/{node}/witness", post(crate::witness::claim))

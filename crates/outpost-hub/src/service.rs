@@ -546,6 +546,15 @@ impl Service {
         }
     }
 
+    /// The newest generation this process committed or served for `node`, if any (none after
+    /// a restart until the node's first poll or change here).
+    pub fn known_generation(&self, node: &str) -> Option<u64> {
+        lock(&self.links.watchers)
+            .get(node)
+            .map(|tx| *tx.borrow())
+            .filter(|g| *g > 0)
+    }
+
     /// The nodes holding a long-poll here, with the generation each has seen.
     fn held_seen(&self) -> BTreeMap<String, u64> {
         lock(&self.links.watchers)

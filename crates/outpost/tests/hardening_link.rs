@@ -920,6 +920,63 @@ fn a_busy_hub_answers_503_retry_after_and_the_agent_waits_then_gets_in() {
     );
 }
 
+/// The poll that follows every answer is not refused by a busy hub (issue 16): after a change
+/// every connected agent answers and polls again at once; refused, an agent held no poll for up
+/// to `Retry-After` and the next change reached it that late. With admission's one place held
+/// by a join whose body never ends, a connected agent still gets two changes one after the
+/// other, and is never told the hub is busy.
+#[test]
+fn a_busy_hub_lets_an_up_to_date_agent_poll_again_and_it_gets_every_change() {
+    use futures_util::StreamExt;
+    let hub = Hub::start_with(&[], &[("OUTPOST_HUB_ADMISSION_LIMIT", "1")]);
+    let t = hub.token(&[]);
+    let agent = hub.join("fresh-1", &t).running();
+    wait_for("the node online with its report", 30.0, || {
+        node_json(&hub, "fresh-1")?["agent_version"].is_string().then_some(())
+    });
+    outpost_pki::install_provider();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _in_runtime = rt.enter();
+    let holder_client = https(&hub, None);
+    let url = format!("{}/v1/join", hub.url);
+    let holder = rt.spawn(async move {
+        let body = futures_util::stream::once(async { Ok::<_, std::io::Error>(b"{".to_vec()) })
+            .chain(futures_util::stream::pending());
+        let _ = holder_client
+            .post(url)
+            .header("content-type", "application/json")
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await;
+    });
+    let in_use = || sample(&api_get(&hub, "/metrics").1, "outpost_hub_admission_in_use");
+    wait_for("the place held", 20.0, || (in_use() == Some(1.0)).then_some(()));
+    for round in 0..2 {
+        hub.apply(&sleeper_ds("fresh-app", &marker(), ""));
+        let n = wait_for(&format!("change {round} applied by the agent"), 20.0, || {
+            let n = node_json(&hub, "fresh-1")?;
+            (n["generation"].as_u64()? > 0 && n["applied_generation"] == n["generation"]).then_some(n)
+        });
+        eprintln!("change {round}: generation {}", n["generation"]);
+    }
+    let (_, m) = api_get(&hub, "/metrics");
+    assert_eq!(
+        sample(&m, "outpost_hub_admission_in_use"),
+        Some(1.0),
+        "the place stayed held:\n{m}"
+    );
+    assert!(
+        !agent.log().contains("503 busy"),
+        "the agent was told the hub is busy:\n{}",
+        agent.log()
+    );
+    holder.abort();
+}
+
 /// The value of the sample `series` (name and labels as printed) in a `/metrics` text.
 fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| {
