@@ -819,6 +819,31 @@ fn debug_secs(s: &str) -> Option<f64> {
     s.strip_suffix('s')?.parse().ok()
 }
 
+/// A runtime running a join whose body never ends: it holds the one place of a hub started
+/// with `OUTPOST_HUB_ADMISSION_LIMIT=1` until the task is aborted.
+fn hold_the_one_place(hub: &Hub) -> (tokio::runtime::Runtime, tokio::task::JoinHandle<()>) {
+    use futures_util::StreamExt;
+    outpost_pki::install_provider();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = https(hub, None);
+    let url = format!("{}/v1/join", hub.url);
+    let holder = rt.spawn(async move {
+        let body = futures_util::stream::once(async { Ok::<_, std::io::Error>(b"{".to_vec()) })
+            .chain(futures_util::stream::pending());
+        let _ = client
+            .post(url)
+            .header("content-type", "application/json")
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await;
+    });
+    (rt, holder)
+}
+
 /// Admission control (docs/protocol.md §6, "Busy hub"), end to end: a hub with one place
 /// (`OUTPOST_HUB_ADMISSION_LIMIT=1`), held by a join whose body is still coming. Joins and
 /// syncs get `503 busy` with a `Retry-After` that grows with the refused requests; a real
@@ -826,30 +851,11 @@ fn debug_secs(s: &str) -> Option<f64> {
 /// in once the place is free.
 #[test]
 fn a_busy_hub_answers_503_retry_after_and_the_agent_waits_then_gets_in() {
-    use futures_util::StreamExt;
     let hub = Hub::start_with(&[], &[("OUTPOST_HUB_ADMISSION_LIMIT", "1")]);
     let t = hub.token(&[]);
     let agent = hub.join("busy-1", &t);
-    outpost_pki::install_provider();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (rt, holder) = hold_the_one_place(&hub);
     let _in_runtime = rt.enter();
-    // Hold the one place: a join whose body never ends.
-    let holder_client = https(&hub, None);
-    let url = format!("{}/v1/join", hub.url);
-    let holder = rt.spawn(async move {
-        let body = futures_util::stream::once(async { Ok::<_, std::io::Error>(b"{".to_vec()) })
-            .chain(futures_util::stream::pending());
-        let _ = holder_client
-            .post(url)
-            .header("content-type", "application/json")
-            .body(reqwest::Body::wrap_stream(body))
-            .send()
-            .await;
-    });
     let probe = https(&hub, None);
     let join_url = format!("{}/v1/join", hub.url);
     let refused = |rt: &tokio::runtime::Runtime| {
@@ -927,32 +933,14 @@ fn a_busy_hub_answers_503_retry_after_and_the_agent_waits_then_gets_in() {
 /// other, and is never told the hub is busy.
 #[test]
 fn a_busy_hub_lets_an_up_to_date_agent_poll_again_and_it_gets_every_change() {
-    use futures_util::StreamExt;
     let hub = Hub::start_with(&[], &[("OUTPOST_HUB_ADMISSION_LIMIT", "1")]);
     let t = hub.token(&[]);
     let agent = hub.join("fresh-1", &t).running();
     wait_for("the node online with its report", 30.0, || {
         node_json(&hub, "fresh-1")?["agent_version"].is_string().then_some(())
     });
-    outpost_pki::install_provider();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (rt, holder) = hold_the_one_place(&hub);
     let _in_runtime = rt.enter();
-    let holder_client = https(&hub, None);
-    let url = format!("{}/v1/join", hub.url);
-    let holder = rt.spawn(async move {
-        let body = futures_util::stream::once(async { Ok::<_, std::io::Error>(b"{".to_vec()) })
-            .chain(futures_util::stream::pending());
-        let _ = holder_client
-            .post(url)
-            .header("content-type", "application/json")
-            .body(reqwest::Body::wrap_stream(body))
-            .send()
-            .await;
-    });
     let in_use = || sample(&api_get(&hub, "/metrics").1, "outpost_hub_admission_in_use");
     wait_for("the place held", 20.0, || (in_use() == Some(1.0)).then_some(()));
     for round in 0..2 {
@@ -995,7 +983,6 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 /// the place is free the in-use gauge goes back to 0.
 #[test]
 fn a_busy_hub_counts_its_busy_answers_and_places_in_metrics() {
-    use futures_util::StreamExt;
     let hub = Hub::start_with(&[], &[("OUTPOST_HUB_ADMISSION_LIMIT", "1")]);
     let metrics = || {
         let (code, text) = api_get(&hub, "/metrics");
@@ -1009,25 +996,8 @@ fn a_busy_hub_counts_its_busy_answers_and_places_in_metrics() {
     assert_eq!(read(&m, "outpost_hub_busy_answers_total{route=\"join\"}"), 0.0);
     assert_eq!(read(&m, "outpost_hub_busy_answers_total{route=\"sync\"}"), 0.0);
 
-    outpost_pki::install_provider();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (rt, holder) = hold_the_one_place(&hub);
     let _in_runtime = rt.enter();
-    let holder_client = https(&hub, None);
-    let url = format!("{}/v1/join", hub.url);
-    let holder = rt.spawn(async move {
-        let body = futures_util::stream::once(async { Ok::<_, std::io::Error>(b"{".to_vec()) })
-            .chain(futures_util::stream::pending());
-        let _ = holder_client
-            .post(url)
-            .header("content-type", "application/json")
-            .body(reqwest::Body::wrap_stream(body))
-            .send()
-            .await;
-    });
     let m = wait_for("the place held", 20.0, || {
         let m = metrics();
         (sample(&m, "outpost_hub_admission_in_use") == Some(1.0)).then_some(m)

@@ -559,6 +559,20 @@ async fn record_status_in(tx: &mut PgConnection, node: &str, report: &StatusRepo
     Ok(u(acked))
 }
 
+/// Delete, in one statement, the rows of `table` whose `column` is at most the bound given for
+/// their node (`nodes[i]`, `bounds[i]`).
+async fn delete_up_to(tx: &mut PgConnection, table: &str, column: &str, nodes: &[&str], bounds: &[i64]) -> Result<()> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DELETE FROM {table} t USING UNNEST($1::text[], $2::bigint[]) AS b(node, bound)
+         WHERE t.node = b.node AND t.{column} <= b.bound"
+    )))
+    .bind(nodes)
+    .bind(bounds)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
 /// A report group in a fixed number of statements, each over every report of the group at once:
 /// what [`record_status_in`] does report by report (5 to 18 round trips each), for many. The
 /// nodes of `batch` are distinct (the caller checks) and their rows are locked. A report whose
@@ -596,14 +610,7 @@ async fn record_statuses_in(
         batch.iter().filter(|(n, _, _)| applied.contains_key(n)).collect();
     // Tombstones the agents have applied are no longer needed; the floor remembers them.
     let (names, gens): (Vec<&str>, Vec<i64>) = applied.iter().map(|(n, g)| (n.as_str(), *g)).unzip();
-    sqlx::query(
-        "DELETE FROM node_tombstones t USING UNNEST($1::text[], $2::bigint[]) AS a(node, gen)
-         WHERE t.node = a.node AND t.gen <= a.gen",
-    )
-    .bind(&names)
-    .bind(&gens)
-    .execute(&mut *tx)
-    .await?;
+    delete_up_to(&mut *tx, "node_tombstones", "gen", &names, &gens).await?;
     // Full reports drop the statuses they do not list.
     let full: Vec<&str> = present
         .iter()
@@ -714,14 +721,7 @@ async fn record_statuses_in(
         .map(|(n, _, _)| (n.as_str(), acked.get(n).copied().unwrap_or(0) - EVENTS_KEPT))
         .unzip();
     if !pn.is_empty() {
-        sqlx::query(
-            "DELETE FROM events e USING UNNEST($1::text[], $2::bigint[]) AS p(node, upto)
-             WHERE e.node = p.node AND e.seq <= p.upto",
-        )
-        .bind(&pn)
-        .bind(&upto)
-        .execute(&mut *tx)
-        .await?;
+        delete_up_to(&mut *tx, "events", "seq", &pn, &upto).await?;
     }
     Ok(batch
         .iter()
