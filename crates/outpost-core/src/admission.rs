@@ -77,6 +77,14 @@ pub fn admit(load: &Load, draw: f64) -> Admit {
     }
 }
 
+/// Whether a sync skips admission: the poll of a node already holding (`since`) at least the
+/// newest generation this hub process knows for it (`known`: none after a restart until the
+/// node's first poll or change there). That is the poll again after every answer; refused, the
+/// agent held no poll for `Retry-After` and the next change reached it that late.
+pub fn skips_admission(since: Option<u64>, known: Option<u64>) -> bool {
+    matches!((since, known), (Some(s), Some(k)) if k > 0 && s >= k)
+}
+
 /// How long an agent waits before its next try: its own backoff, and at least the hub's
 /// `Retry-After` when it sent one (capped at an hour, whatever the hub says).
 pub fn agent_wait(backoff: Duration, retry_after_secs: Option<u64>) -> Duration {
@@ -105,6 +113,20 @@ mod tests {
             limit,
             refused_recently: refused,
             admitted_per_sec: rate,
+        }
+    }
+
+    #[test]
+    fn only_a_poll_holding_the_newest_known_generation_skips_admission() {
+        for (since, known, skips) in [
+            (Some(7), Some(7), true),  // the poll again after an answer
+            (Some(8), Some(7), true),  // another replica committed newer; the read finds it
+            (Some(6), Some(7), false), // behind: it needs an answer
+            (Some(7), None, false),    // unknown here (a restarted hub): a storm is admitted
+            (Some(0), Some(0), false), // nothing known yet
+            (None, Some(7), false),    // no generation in the query
+        ] {
+            assert_eq!(skips_admission(since, known), skips, "since {since:?}, known {known:?}");
         }
     }
 

@@ -227,8 +227,8 @@ async fn admit_sync(
     admit(axum::extract::State(adm), req, next).await
 }
 
-/// Whether `uri` is `/v1/nodes/{node}/sync?generation=N` with N at least the generation this
-/// process last committed or served for the node.
+/// Whether `uri` is `/v1/nodes/{node}/sync?generation=N` for a node whose poll skips admission
+/// (`outpost_core::admission::skips_admission`).
 fn up_to_date_poll(svc: &Service, uri: &axum::http::Uri) -> bool {
     let Some(node) = uri
         .path()
@@ -243,7 +243,7 @@ fn up_to_date_poll(svc: &Service, uri: &axum::http::Uri) -> bool {
         .flat_map(|q| q.split('&'))
         .find_map(|kv| kv.strip_prefix("generation="))
         .and_then(|v| v.parse::<u64>().ok());
-    matches!((since, svc.known_generation(node)), (Some(s), Some(k)) if s >= k)
+    outpost_core::admission::skips_admission(since, svc.known_generation(node))
 }
 
 /// glibc gives each thread that allocates under contention an arena of its own (up to 8 per

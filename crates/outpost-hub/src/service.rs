@@ -546,13 +546,10 @@ impl Service {
         }
     }
 
-    /// The newest generation this process committed or served for `node`, if any (none after
-    /// a restart until the node's first poll or change here).
+    /// The newest generation this process committed or served for `node`: none (or 0) after a
+    /// restart until the node's first poll or change here.
     pub fn known_generation(&self, node: &str) -> Option<u64> {
-        lock(&self.links.watchers)
-            .get(node)
-            .map(|tx| *tx.borrow())
-            .filter(|g| *g > 0)
+        lock(&self.links.watchers).get(node).map(|tx| *tx.borrow())
     }
 
     /// The nodes holding a long-poll here, with the generation each has seen.

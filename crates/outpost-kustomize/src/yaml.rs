@@ -95,14 +95,7 @@ fn map(m: &serde_json::Map<String, Value>, indent: usize, out: &mut String) {
             out.push('\n');
             out.push_str(&" ".repeat(indent));
             out.push_str(": ");
-            match v {
-                Value::Object(inner) if !inner.is_empty() => map(inner, indent + 2, out),
-                Value::Array(items) if !items.is_empty() => list(items, indent + 2, out),
-                v => {
-                    out.push_str(&inline(v));
-                    out.push('\n');
-                }
-            }
+            open_value(v, indent, out);
             continue;
         }
         out.push_str(&printed);
@@ -132,13 +125,18 @@ fn list(items: &[Value], indent: usize, out: &mut String) {
             out.push_str(&" ".repeat(indent));
         }
         out.push_str("- ");
-        match v {
-            Value::Object(m) if !m.is_empty() => map(m, indent + 2, out),
-            Value::Array(a) if !a.is_empty() => list(a, indent + 2, out),
-            v => {
-                out.push_str(&inline(v));
-                out.push('\n');
-            }
+        open_value(v, indent, out);
+    }
+}
+
+/// A value after an open `- ` or `: ` at `indent`: a block continues that line, two deeper.
+fn open_value(v: &Value, indent: usize, out: &mut String) {
+    match v {
+        Value::Object(m) if !m.is_empty() => map(m, indent + 2, out),
+        Value::Array(a) if !a.is_empty() => list(a, indent + 2, out),
+        v => {
+            out.push_str(&inline(v));
+            out.push('\n');
         }
     }
 }
