@@ -48,6 +48,7 @@ pub mod server;
 pub mod service;
 pub mod session;
 pub mod store;
+pub mod sync_reads;
 pub mod validate;
 pub mod views;
 pub mod webhook;
@@ -321,6 +322,7 @@ impl Hub {
             blobs,
         ));
         svc.spawn_status_writer();
+        svc.spawn_sync_readers();
         // Catch up on anything committed before a crash but not yet scheduled.
         svc.reschedule(now_ms()).await.context("initial scheduling failed")?;
 

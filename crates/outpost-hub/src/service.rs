@@ -418,6 +418,8 @@ pub struct Service {
     /// Status reports waiting for the group-commit writer.
     status_tx: tokio::sync::mpsc::UnboundedSender<StatusJob>,
     status_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<StatusJob>>>,
+    /// Sync reads queued for the group readers (`crate::sync_reads`).
+    reads: crate::sync_reads::SyncReads,
 }
 
 /// One status report for the group-commit writer, with where to send the outcome.
@@ -473,6 +475,7 @@ impl Service {
             certs: CertCache::default(),
             status_tx,
             status_rx: Mutex::new(Some(status_rx)),
+            reads: Default::default(),
         }
     }
 
@@ -775,27 +778,26 @@ impl Service {
         Ok(())
     }
 
-    /// A node's pending relayed requests: those parked here, and (replicas) those in the store.
-    async fn relay_take(&self, node: &str) -> Result<Relayed, HubError> {
+    /// A node's pending relayed requests: those parked here, and (replicas) `shared`, the ones
+    /// its group read took from the store.
+    fn relay_take(&self, node: &str, shared: Vec<(String, String)>) -> Relayed {
         let mut out = Relayed {
             logs: self.links.logs.take(node),
             vitals: self.links.vitals.take(node),
         };
-        if let Some(shared) = self.store.shared() {
-            for (kind, body) in shared.relay_take(node).await? {
-                let bad = |e: serde_json::Error| tracing::warn!(node = %node, kind = %kind, error = %e, "a relayed request is not valid; dropped");
-                match kind.as_str() {
-                    RELAY_LOGS => serde_json::from_str(&body)
-                        .map(|r| out.logs.push(r))
-                        .unwrap_or_else(bad),
-                    RELAY_VITALS => serde_json::from_str(&body)
-                        .map(|r| out.vitals.push(r))
-                        .unwrap_or_else(bad),
-                    _ => tracing::warn!(node = %node, kind = %kind, "a relayed request of an unknown kind; dropped"),
-                }
+        for (kind, body) in shared {
+            let bad = |e: serde_json::Error| tracing::warn!(node = %node, kind = %kind, error = %e, "a relayed request is not valid; dropped");
+            match kind.as_str() {
+                RELAY_LOGS => serde_json::from_str(&body)
+                    .map(|r| out.logs.push(r))
+                    .unwrap_or_else(bad),
+                RELAY_VITALS => serde_json::from_str(&body)
+                    .map(|r| out.vitals.push(r))
+                    .unwrap_or_else(bad),
+                _ => tracing::warn!(node = %node, kind = %kind, "a relayed request of an unknown kind; dropped"),
             }
         }
-        Ok(out)
+        out
     }
 
     pub fn note(&self, id: &ObjectId) -> Option<String> {
@@ -1947,10 +1949,16 @@ impl Service {
     }
 
     /// One read of a sync: the answer when the node is behind `since` or has additions, None
-    /// when the poll should wait (nothing of the read is kept).
+    /// when the poll should wait (nothing of the read is kept). The read queues for a group
+    /// read of the store (`crate::sync_reads`).
     async fn sync_read(&self, node: &str, since: u64, held: Held<'_>) -> Result<Option<SyncAnswer>, HubError> {
-        let n = node.to_string();
-        let resp = self.store.sync(&n, since).await?.ok_or(HubError::UnknownNode)?;
+        let crate::sync_reads::GroupRead { read, relays, exec } =
+            self.reads.read(node, since).await?.ok_or(HubError::UnknownNode)?;
+        let crate::store::SyncRead {
+            sync: resp,
+            labels,
+            prefetch,
+        } = read;
         self.seen(node, resp.generation);
         // Additions: a changed alert policy, pending log requests (they wake us too).
         let Extras {
@@ -1958,7 +1966,7 @@ impl Service {
             log_requests,
             exec,
             vitals_requests,
-        } = self.sync_extras(node, held).await?;
+        } = self.sync_extras(node, &labels, relays, exec, held);
         let hubs = self.hubs_for(held);
         if resp.generation == since
             && alert_policy.is_none()
@@ -1971,11 +1979,6 @@ impl Service {
         }
         tracing::debug!(node = %node, since, generation = resp.generation, full = resp.full,
             policy = alert_policy.is_some(), log_requests = log_requests.len(), "sync answered");
-        let prefetch = if resp.generation != since {
-            self.store.prefetch(&n).await?
-        } else {
-            Vec::new()
-        };
         Ok(Some(SyncAnswer {
             sync: resp,
             alert_policy,
@@ -1999,34 +2002,35 @@ impl Service {
     }
 
     /// What a sync answer adds for `node`: its policy when the agent's hash differs (agents
-    /// that send no hash get none), and its pending log requests.
-    async fn sync_extras(&self, node: &str, held: Held<'_>) -> Result<Extras, HubError> {
-        let labels = if held.policy.is_some() {
-            let n = node.to_string();
-            self.store.node(&n).await?.map(|r| r.labels).unwrap_or_default()
-        } else {
-            outpost_api::Labels::default()
-        };
+    /// that send no hash get none), its pending log and vitals requests and exec sessions
+    /// (those parked here, and `relays` and `shared_exec`, taken from the shared store by its
+    /// group read).
+    fn sync_extras(
+        &self,
+        node: &str,
+        labels: &outpost_api::Labels,
+        relays: Vec<(String, String)>,
+        shared_exec: Vec<String>,
+        held: Held<'_>,
+    ) -> Extras {
         let alert_policy = held.policy.and_then(|h| {
-            let p = self.policy_for(&labels);
+            let p = self.policy_for(labels);
             (p.hash() != h).then_some(p)
         });
-        let relayed = self.relay_take(node).await?;
+        let relayed = self.relay_take(node, relays);
         let mut exec = self.links.exec.take(node);
-        if let Some(shared) = self.store.shared() {
-            for body in shared.exec_take(node).await? {
-                match serde_json::from_str(&body) {
-                    Ok(r) => exec.push(r),
-                    Err(e) => tracing::warn!(node = %node, error = %e, "a parked exec session is not valid; dropped"),
-                }
+        for body in shared_exec {
+            match serde_json::from_str(&body) {
+                Ok(r) => exec.push(r),
+                Err(e) => tracing::warn!(node = %node, error = %e, "a parked exec session is not valid; dropped"),
             }
         }
-        Ok(Extras {
+        Extras {
             alert_policy,
             log_requests: relayed.logs,
             exec,
             vitals_requests: relayed.vitals,
-        })
+        }
     }
 
     /// `POST /v1/nodes/{node}/status`: store a status report (and its monitoring additions);
@@ -2106,6 +2110,11 @@ impl Service {
             .map_err(|_| HubError::Internal("the status writer stopped".into()))?;
         rx.await
             .map_err(|_| HubError::Internal("the status writer stopped".into()))?
+    }
+
+    /// Start the sync readers (once, from `Hub::start`; `crate::sync_reads`).
+    pub fn spawn_sync_readers(&self) {
+        self.reads.spawn(self.store.clone());
     }
 
     /// Start the group-commit writer (once, from `Hub::start`).

@@ -15,6 +15,8 @@
 //! - A notification on [`EXEC_CHANNEL`] carries only the session id; readers re-read on it and
 //!   on their fallback poll, so one lost costs at most `outpost_core::exec_relay::POLL_MS`.
 
+use std::collections::HashMap;
+
 use outpost_api::UnixMs;
 use outpost_core::exec_relay::SessionView;
 
@@ -131,17 +133,16 @@ impl Shared {
         Ok(())
     }
 
-    /// Hand out `node`'s parked sessions (request JSON, oldest first), each once whichever
-    /// replica asks.
-    pub async fn exec_take(&self, node: &str) -> Result<Vec<String>> {
-        let mut rows: Vec<(String, i64)> = sqlx::query_as(
-            "UPDATE exec_sessions SET taken = TRUE WHERE node = $1 AND NOT taken RETURNING request, created_at",
+    /// Hand out the sessions of `nodes` not yet handed out (the group of sync reads that asks),
+    /// per node in the order they were opened, each once.
+    pub async fn exec_take(&self, nodes: &[&str]) -> Result<HashMap<String, Vec<String>>> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "UPDATE exec_sessions SET taken = TRUE WHERE node = ANY($1) AND NOT taken RETURNING node, request, created_at",
         )
-        .bind(node)
+        .bind(nodes)
         .fetch_all(&self.pool)
         .await?;
-        rows.sort_by_key(|r| r.1);
-        Ok(rows.into_iter().map(|r| r.0).collect())
+        Ok(super::notify::by_node(rows, |(n, r, at)| (n, r, at)))
     }
 
     /// Which of these nodes have sessions not yet handed out.
@@ -319,14 +320,38 @@ mod tests {
         Some(s.shared().expect("a PostgreSQL store is shared").clone())
     }
 
+    /// Relayed requests (notify.rs) are taken like sessions: per node, in order, once.
+    #[tokio::test]
+    async fn relayed_requests_are_taken_per_node_in_order_once() {
+        let Some(s) = shared("relay_take").await else { return };
+        s.relay_put("logs", "r2", "n1", "{2}", 2_000).await.unwrap();
+        s.relay_put("vitals", "r1", "n1", "{1}", 1_000).await.unwrap();
+        s.relay_put("logs", "r3", "n3", "{3}", 3_000).await.unwrap();
+        let taken = s.relay_take(&["n1", "n2", "n3"]).await.unwrap();
+        assert_eq!(taken.len(), 2, "only the nodes with requests: {taken:?}");
+        let pair = |k: &str, r: &str| (k.to_string(), r.to_string());
+        assert_eq!(
+            taken["n1"],
+            vec![pair("vitals", "{1}"), pair("logs", "{2}")],
+            "oldest first"
+        );
+        assert_eq!(taken["n3"], vec![pair("logs", "{3}")]);
+        assert!(s.relay_take(&["n1", "n3"]).await.unwrap().is_empty(), "handed out once");
+    }
+
     #[tokio::test]
     async fn a_session_is_handed_to_its_node_once_and_attached_once_per_stream() {
         let Some(s) = shared("exec_attach").await else { return };
         s.exec_open("s1", "n1", "alice", "{}", 1_000, 60_000).await.unwrap();
         assert_eq!(s.exec_pending(&["n1".into(), "n2".into()]).await.unwrap(), vec!["n1"]);
-        assert!(s.exec_take("n2").await.unwrap().is_empty(), "not another node's");
-        assert_eq!(s.exec_take("n1").await.unwrap(), vec!["{}"]);
-        assert!(s.exec_take("n1").await.unwrap().is_empty(), "handed out once");
+        assert!(s.exec_take(&["n2"]).await.unwrap().is_empty(), "not another node's");
+        s.exec_open("s2", "n1", "alice", "{2}", 1_001, 60_000).await.unwrap();
+        s.exec_open("s3", "n3", "alice", "{3}", 1_002, 60_000).await.unwrap();
+        let taken = s.exec_take(&["n1", "n2", "n3"]).await.unwrap();
+        assert_eq!(taken.len(), 2, "only the nodes with sessions: {taken:?}");
+        assert_eq!(taken["n1"], vec!["{}", "{2}"], "in the order they were opened");
+        assert_eq!(taken["n3"], vec!["{3}"]);
+        assert!(s.exec_take(&["n1", "n3"]).await.unwrap().is_empty(), "handed out once");
         assert_eq!(
             s.exec_attach("s1", "n2", Dir::Output, 2_000).await.unwrap(),
             Attach::Unknown

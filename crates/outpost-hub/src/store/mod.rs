@@ -227,6 +227,18 @@ pub struct DesiredRow {
     pub revision: u64,
 }
 
+/// One node's part of a group of sync reads ([`Store::sync_group`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SyncRead {
+    /// What [`Store::sync`] answers.
+    pub sync: SyncResponse,
+    /// The node's labels (they choose its alert policy).
+    pub labels: Labels,
+    /// Its prefetch hints ([`Store::prefetch`]); read only when its generation moved past
+    /// the poll's, empty otherwise.
+    pub prefetch: Vec<WorkloadSpec>,
+}
+
 /// What the scheduler reads.
 #[derive(Clone, Debug, Default)]
 pub struct ScheduleInputs {
@@ -334,6 +346,11 @@ pub trait Store: Send + Sync + 'static {
     /// The answer to a sync from `since`: `generation == since` means nothing changed.
     /// None when the node is unknown.
     async fn sync(&self, node: &str, since: u64) -> Result<Option<SyncResponse>>;
+    /// Many syncs read at once (the polls a change woke, queued in the hub): per `(node,
+    /// since)`, in order, the node's [`SyncRead`], None for an unknown node. One read
+    /// transaction for the group: a fleet-wide change costs a few statements per group, not a
+    /// few per node (issue 16).
+    async fn sync_group(&self, reads: &[(String, u64)]) -> Result<Vec<Option<SyncRead>>>;
     /// Store a status report; returns the highest event sequence stored for the node.
     async fn record_status(&self, node: &str, report: &StatusReport, now: UnixMs) -> Result<u64>;
     /// Store many status reports in one transaction (group commit); per report, the highest

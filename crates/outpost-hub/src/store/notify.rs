@@ -21,6 +21,8 @@
 //! Must never: carry data in a notification (payloads are a number), or let correctness depend
 //! on one arriving.
 
+use std::collections::HashMap;
+
 use sqlx::postgres::{PgListener, PgPool};
 use sqlx::{Postgres, Transaction};
 
@@ -95,17 +97,16 @@ impl Shared {
         Ok(())
     }
 
-    /// Hand out `node`'s pending requests, (kind, request JSON) in the order they were made,
-    /// each once whichever replica asks.
-    pub async fn relay_take(&self, node: &str) -> Result<Vec<(String, String)>> {
-        let mut rows: Vec<(String, String, i64)> = sqlx::query_as(
-            "UPDATE relays SET taken = TRUE WHERE node = $1 AND NOT taken RETURNING kind, request, created_at",
+    /// Hand out the pending requests of `nodes` (the group of sync reads that asks), per node
+    /// (kind, request JSON) in the order they were made, each once whichever replica asks.
+    pub async fn relay_take(&self, nodes: &[&str]) -> Result<HashMap<String, Vec<(String, String)>>> {
+        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+            "UPDATE relays SET taken = TRUE WHERE node = ANY($1) AND NOT taken RETURNING node, kind, request, created_at",
         )
-        .bind(node)
+        .bind(nodes)
         .fetch_all(&self.pool)
         .await?;
-        rows.sort_by_key(|r| r.2);
-        Ok(rows.into_iter().map(|(k, r, _)| (k, r)).collect())
+        Ok(by_node(rows, |(n, k, r, at)| (n, (k, r), at)))
     }
 
     /// Which of these nodes have requests not yet handed out.
@@ -154,4 +155,19 @@ impl Shared {
             .await?;
         Ok(())
     }
+}
+
+/// Rows of many nodes, split by node, each node's in the order of their time.
+pub(super) fn by_node<R, T>(rows: Vec<R>, split: impl Fn(R) -> (String, T, i64)) -> HashMap<String, Vec<T>> {
+    let mut out: HashMap<String, Vec<(i64, T)>> = HashMap::new();
+    for row in rows {
+        let (node, item, at) = split(row);
+        out.entry(node).or_default().push((at, item));
+    }
+    out.into_iter()
+        .map(|(node, mut items)| {
+            items.sort_by_key(|(at, _)| *at);
+            (node, items.into_iter().map(|(_, item)| item).collect())
+        })
+        .collect()
 }

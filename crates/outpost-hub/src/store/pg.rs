@@ -974,6 +974,98 @@ impl Store for PgStore {
         }))
     }
 
+    async fn sync_group(&self, reads: &[(String, u64)]) -> Result<Vec<Option<SyncRead>>> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        let names: Vec<&str> = reads.iter().map(|(n, _)| n.as_str()).collect();
+        let rows: Vec<(String, i64, i64, String)> =
+            sqlx::query_as("SELECT name, generation, tombstone_floor, labels FROM nodes WHERE name = ANY($1)")
+                .bind(&names)
+                .fetch_all(&mut *tx)
+                .await?;
+        let known: HashMap<String, (u64, u64, String)> =
+            rows.into_iter().map(|(n, g, f, l)| (n, (u(g), u(f), l))).collect();
+        // The reads whose node moved: their rows from `from`, their tombstones after `since`
+        // unless the answer is full, their prefetch hints.
+        let mut out: Vec<Option<SyncRead>> = Vec::with_capacity(reads.len());
+        let (mut changed, mut froms, mut tomb_idx, mut tomb_since) = (vec![], vec![], vec![], vec![]);
+        for (k, (node, since)) in reads.iter().enumerate() {
+            let Some((generation, floor, labels)) = known.get(node) else {
+                out.push(None);
+                continue;
+            };
+            let full = *generation != *since && needs_full(*since, *generation, *floor);
+            if *generation != *since {
+                changed.push(k);
+                froms.push(i(if full { 0 } else { *since }));
+                if !full {
+                    tomb_idx.push(k);
+                    tomb_since.push(i(*since));
+                }
+            }
+            out.push(Some(SyncRead {
+                sync: SyncResponse {
+                    generation: *generation,
+                    full,
+                    upsert: vec![],
+                    remove: vec![],
+                },
+                labels: serde_json::from_str(labels)?,
+                prefetch: vec![],
+            }));
+        }
+        // Rows come back tagged with their read's place in `changed` / `tomb_idx` (1-based).
+        let read = |at: &[usize], ord: i64| at[usize::try_from(ord - 1).unwrap_or(usize::MAX)];
+        if !changed.is_empty() {
+            let nodes: Vec<&str> = changed.iter().map(|&k| reads[k].0.as_str()).collect();
+            let specs: Vec<(i64, String)> = sqlx::query_as(
+                "SELECT r.ord, w.spec FROM UNNEST($1::text[], $2::bigint[]) WITH ORDINALITY AS r(node, since, ord)
+                 JOIN node_workloads w ON w.node = r.node AND w.changed_gen > r.since ORDER BY r.ord, w.key",
+            )
+            .bind(&nodes)
+            .bind(&froms)
+            .fetch_all(&mut *tx)
+            .await?;
+            for (ord, spec) in specs {
+                if let Some(r) = out[read(&changed, ord)].as_mut() {
+                    r.sync.upsert.push(serde_json::from_str(&spec)?);
+                }
+            }
+            let hints: Vec<(i64, String)> = sqlx::query_as(
+                "SELECT r.ord, p.spec FROM UNNEST($1::text[]) WITH ORDINALITY AS r(node, ord)
+                 JOIN node_prefetch p ON p.node = r.node ORDER BY r.ord, p.key",
+            )
+            .bind(&nodes)
+            .fetch_all(&mut *tx)
+            .await?;
+            for (ord, spec) in hints {
+                if let Some(r) = out[read(&changed, ord)].as_mut() {
+                    r.prefetch.push(serde_json::from_str(&spec)?);
+                }
+            }
+        }
+        if !tomb_idx.is_empty() {
+            let nodes: Vec<&str> = tomb_idx.iter().map(|&k| reads[k].0.as_str()).collect();
+            let keys: Vec<(i64, String)> = sqlx::query_as(
+                "SELECT r.ord, t.key FROM UNNEST($1::text[], $2::bigint[]) WITH ORDINALITY AS r(node, since, ord)
+                 JOIN node_tombstones t ON t.node = r.node AND t.gen > r.since ORDER BY r.ord, t.key",
+            )
+            .bind(&nodes)
+            .bind(&tomb_since)
+            .fetch_all(&mut *tx)
+            .await?;
+            for (ord, key) in keys {
+                if let Some(r) = out[read(&tomb_idx, ord)].as_mut() {
+                    r.sync.remove.push(key);
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
     async fn record_status(&self, node: &str, report: &StatusReport, now: UnixMs) -> Result<u64> {
         let mut tx = self.begin_reports(std::iter::once(node)).await?;
         let acked = record_status_in(&mut tx, node, report, now).await?;

@@ -539,50 +539,32 @@ impl SqliteCore {
     pub fn sync(&self, node: &str, since: u64) -> Result<Option<SyncResponse>> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
-        let Some((generation, floor)) = tx
-            .row(
-                "SELECT generation, tombstone_floor FROM nodes WHERE name = ?1",
-                params![node],
-                |r| Ok((u(r.get(0)?), u(r.get(1)?))),
-            )
-            .optional()?
-        else {
-            return Ok(None);
-        };
-        if generation == since {
-            return Ok(Some(SyncResponse {
-                generation,
-                full: false,
-                upsert: vec![],
-                remove: vec![],
-            }));
-        }
-        let full = needs_full(since, generation, floor);
-        let from = if full { 0 } else { since };
-        let specs: Vec<String> = {
-            let mut st =
-                tx.prepare_cached("SELECT spec FROM node_workloads WHERE node = ?1 AND changed_gen > ?2 ORDER BY key")?;
-            let rows = st.query_map(params![node, i(from)], |r| r.get(0))?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
-        let upsert = specs
+        sync_in(&tx, node, since)
+    }
+
+    /// [`Store::sync_group`]: every read under one hold of the connection, in one transaction.
+    pub fn sync_group(&self, reads: &[(String, u64)]) -> Result<Vec<Option<SyncRead>>> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        reads
             .iter()
-            .map(|s| serde_json::from_str(s))
-            .collect::<Result<Vec<WorkloadSpec>, _>>()?;
-        let remove = if full {
-            vec![]
-        } else {
-            let mut st =
-                tx.prepare_cached("SELECT key FROM node_tombstones WHERE node = ?1 AND gen > ?2 ORDER BY key")?;
-            let rows = st.query_map(params![node, i(since)], |r| r.get(0))?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
-        Ok(Some(SyncResponse {
-            generation,
-            full,
-            upsert,
-            remove,
-        }))
+            .map(|(node, since)| {
+                let Some(sync) = sync_in(&tx, node, *since)? else {
+                    return Ok(None);
+                };
+                let labels: String = tx.row("SELECT labels FROM nodes WHERE name = ?1", params![node], |r| r.get(0))?;
+                let prefetch = if sync.generation != *since {
+                    prefetch_in(&tx, node)?
+                } else {
+                    Vec::new()
+                };
+                Ok(Some(SyncRead {
+                    sync,
+                    labels: serde_json::from_str(&labels)?,
+                    prefetch,
+                }))
+            })
+            .collect()
     }
 
     pub fn record_status(&self, node: &str, report: &StatusReport, now: UnixMs) -> Result<u64> {
@@ -990,11 +972,7 @@ impl SqliteCore {
 
     pub fn prefetch(&self, node: &str) -> Result<Vec<WorkloadSpec>> {
         let conn = self.conn()?;
-        let mut st = conn.prepare_cached("SELECT spec FROM node_prefetch WHERE node = ?1 ORDER BY key")?;
-        let rows = st
-            .query_map(params![node], |r| r.get::<_, String>(0))?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        rows.iter().map(|s| Ok(serde_json::from_str(s)?)).collect()
+        prefetch_in(&conn, node)
     }
 
     pub fn rollout(&self, workload: &str) -> Result<Option<Rollout>> {
@@ -1096,6 +1074,62 @@ fn token_row(conn: &Connection, id: &str) -> Result<Option<TokenRow>> {
 }
 
 /// Run a [`SqliteCore`] call on the blocking pool.
+/// One node's sync answer, read inside the caller's transaction.
+fn sync_in(tx: &Connection, node: &str, since: u64) -> Result<Option<SyncResponse>> {
+    let Some((generation, floor)) = tx
+        .row(
+            "SELECT generation, tombstone_floor FROM nodes WHERE name = ?1",
+            params![node],
+            |r| Ok((u(r.get(0)?), u(r.get(1)?))),
+        )
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    if generation == since {
+        return Ok(Some(SyncResponse {
+            generation,
+            full: false,
+            upsert: vec![],
+            remove: vec![],
+        }));
+    }
+    let full = needs_full(since, generation, floor);
+    let from = if full { 0 } else { since };
+    let specs: Vec<String> = {
+        let mut st =
+            tx.prepare_cached("SELECT spec FROM node_workloads WHERE node = ?1 AND changed_gen > ?2 ORDER BY key")?;
+        let rows = st.query_map(params![node, i(from)], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let upsert = specs
+        .iter()
+        .map(|s| serde_json::from_str(s))
+        .collect::<Result<Vec<WorkloadSpec>, _>>()?;
+    let remove = if full {
+        vec![]
+    } else {
+        let mut st = tx.prepare_cached("SELECT key FROM node_tombstones WHERE node = ?1 AND gen > ?2 ORDER BY key")?;
+        let rows = st.query_map(params![node, i(since)], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    Ok(Some(SyncResponse {
+        generation,
+        full,
+        upsert,
+        remove,
+    }))
+}
+
+/// The prefetch hints `node` holds.
+fn prefetch_in(conn: &Connection, node: &str) -> Result<Vec<WorkloadSpec>> {
+    let mut st = conn.prepare_cached("SELECT spec FROM node_prefetch WHERE node = ?1 ORDER BY key")?;
+    let rows = st
+        .query_map(params![node], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.iter().map(|s| Ok(serde_json::from_str(s)?)).collect()
+}
+
 macro_rules! blocking {
     ($self:ident, $c:ident => $body:expr) => {{
         let $c = $self.core.clone();
@@ -1163,6 +1197,10 @@ impl Store for SqliteStore {
     async fn sync(&self, node: &str, since: u64) -> Result<Option<SyncResponse>> {
         let n = node.to_string();
         blocking!(self, c => c.sync(&n, since))
+    }
+    async fn sync_group(&self, reads: &[(String, u64)]) -> Result<Vec<Option<SyncRead>>> {
+        let r = reads.to_vec();
+        blocking!(self, c => c.sync_group(&r))
     }
     async fn record_status(&self, node: &str, report: &StatusReport, now: UnixMs) -> Result<u64> {
         let (n, r) = (node.to_string(), report.clone());

@@ -125,6 +125,7 @@ both!(
     racing_joins_for_the_last_use_one_wins,
     renewal_is_two_phase,
     tombstones_give_deltas_until_pruned,
+    a_sync_group_reads_what_each_sync_reads,
     events_are_stored_once_and_acked_by_highest_seq,
     events_are_pruned_past_the_limit,
     rollouts_round_trip_and_go_with_their_workload,
@@ -704,6 +705,76 @@ async fn tombstones_give_deltas_until_pruned(b: Backend) -> anyhow::Result<()> {
         (g4, false, vec!["k/b".to_string()])
     );
     assert!(s.sync("ghost", 0).await?.is_none());
+    Ok(())
+}
+
+/// A group of sync reads gives every read what `sync`, `node` (labels) and `prefetch` give
+/// one at a time: deltas with removals, full answers (from zero, behind the tombstone floor,
+/// ahead of the hub), up-to-date reads (no prefetch), a node read twice, an unknown node.
+async fn a_sync_group_reads_what_each_sync_reads(b: Backend) -> anyhow::Result<()> {
+    let s = b.open().await;
+    s.create_token(&token("t", None)).await?;
+    let mut labelled = new_node("b");
+    labelled.labels = [("rack".to_string(), "r1".to_string())].into();
+    for n in [new_node("a"), labelled, new_node("c")] {
+        s.join("t", "s", &n, 0).await?;
+    }
+    let g1 = s.commit_plan(&change("a", &[("k/a", "1"), ("k/b", "1")], &[])).await?["a"];
+    let g2 = s.commit_plan(&change("a", &[("k/c", "1")], &["k/a"])).await?["a"];
+    let mut with_hint = change("b", &[("k/x", "1")], &[]);
+    with_hint.changes.get_mut("b").expect("b").prefetch = Some(vec![spec("k/y", "p")]);
+    let gb = s.commit_plan(&with_hint).await?["b"];
+    // c: a tombstone pruned past, so an old generation reads full.
+    let c1 = s.commit_plan(&change("c", &[("k/a", "1")], &[])).await?["c"];
+    let c2 = s.commit_plan(&change("c", &[], &["k/a"])).await?["c"];
+    s.record_status("c", &status(c2, vec![]), 5).await?;
+    let c3 = s.commit_plan(&change("c", &[("k/d", "1")], &[])).await?["c"];
+    assert!(c3 > c2 && c2 > c1);
+
+    let reads: Vec<(String, u64)> = [
+        ("a", g1),
+        ("a", 0),
+        ("b", 0),
+        ("ghost", 0),
+        ("a", g2),
+        ("b", gb),
+        ("a", g2 + 10),
+        ("c", c1),
+        ("c", c2),
+    ]
+    .into_iter()
+    .map(|(n, g)| (n.to_string(), g))
+    .collect();
+    let group = s.sync_group(&reads).await?;
+    assert_eq!(group.len(), reads.len());
+    for ((node, since), got) in reads.iter().zip(&group) {
+        let want = match s.sync(node, *since).await? {
+            None => None,
+            Some(sync) => Some(crate::store::SyncRead {
+                prefetch: if sync.generation != *since {
+                    s.prefetch(node).await?
+                } else {
+                    vec![]
+                },
+                sync,
+                labels: s.node(node).await?.expect("known").labels,
+            }),
+        };
+        assert_eq!(got, &want, "read of {node} from {since}");
+    }
+    // And the cases are the ones meant.
+    let at = |k: usize| group[k].as_ref().expect("known");
+    assert_eq!(
+        (at(0).sync.full, at(0).sync.remove.clone()),
+        (false, vec!["k/a".to_string()])
+    );
+    assert!(at(1).sync.full && at(7).sync.full && at(6).sync.full);
+    assert_eq!(at(2).prefetch.len(), 1);
+    assert_eq!(at(2).labels.get("rack").map(String::as_str), Some("r1"));
+    assert!(at(4).sync.upsert.is_empty() && at(5).prefetch.is_empty(), "up to date");
+    assert!(!at(8).sync.full && at(8).sync.upsert.len() == 1);
+    assert!(group[3].is_none());
+    assert!(s.sync_group(&[]).await?.is_empty());
     Ok(())
 }
 
