@@ -323,6 +323,7 @@ impl Hub {
         ));
         svc.spawn_status_writer();
         svc.spawn_sync_readers();
+        svc.spawn_join_writer();
         // Catch up on anything committed before a crash but not yet scheduled.
         svc.reschedule(now_ms()).await.context("initial scheduling failed")?;
 

@@ -215,27 +215,18 @@ pub fn plan(inputs: &ScheduleInputs, offline_after: Duration, now: UnixMs) -> Pl
     render_plan(inputs, &nodes, &decisions, &members, &failover)
 }
 
-/// What a join of `node` (already stored, in `inputs`, which need hold only that node's rows:
-/// `Store::schedule_inputs_for`) changes, when only that node's desired state can change
-/// (`outpost_core::schedule::place_joined`): its plan (its bundle; Deployment placements as
-/// stored plus the ones it fills) and the Deployments it filled (their notes go). None: plan
-/// the whole fleet ([`plan`]). Pure.
+/// What a join of `nodes` (already stored, in `inputs`, which need hold only those nodes'
+/// rows: `Store::schedule_inputs_for`) changes, when only their desired state can change
+/// (`outpost_core::schedule::place_joined`): their plan (their bundles; Deployment placements
+/// as stored plus the ones they fill) and the Deployments they filled (their notes go). The
+/// nodes are placed one after another, each seeing the placements the ones before it filled,
+/// as the same joins one at a time would. Err: plan the whole fleet ([`plan`]). Pure.
 pub fn plan_join(
     inputs: &ScheduleInputs,
-    node: &str,
+    nodes: &[String],
     offline_after: Duration,
     now: UnixMs,
 ) -> Result<(Plan, BTreeSet<ObjectId>), &'static str> {
-    let n = inputs
-        .nodes
-        .iter()
-        .find(|n| n.name == node)
-        .ok_or("the joined node is not in the store")?;
-    let view = NodeView {
-        name: n.name.clone(),
-        labels: n.labels.clone(),
-        online: is_online(n, offline_after, now),
-    };
     let workloads: Vec<WorkloadView> = inputs.objects.iter().filter_map(|o| workload_view(&o.object)).collect();
     let site_ha: BTreeSet<ObjectId> = inputs
         .objects
@@ -243,36 +234,45 @@ pub fn plan_join(
         .filter(|o| failover_options(&o.object).is_some())
         .map(|o| o.object.id())
         .collect();
-    let (runs, filled) = match outpost_core::schedule::place_joined(&view, &workloads, &site_ha, &inputs.assignments) {
-        outpost_core::schedule::JoinEffect::Node { runs, filled } => (runs, filled),
-        outpost_core::schedule::JoinEffect::Fleet(why) => return Err(why),
-    };
-    let decisions: BTreeMap<ObjectId, PlacementDecision> = runs
-        .into_iter()
-        .map(|id| {
-            let d = PlacementDecision {
-                nodes: BTreeSet::from([view.name.clone()]),
-                note: None,
-            };
-            (id, d)
-        })
-        .collect();
-    let mut plan = render_plan(
-        inputs,
-        std::slice::from_ref(&view),
-        &decisions,
-        &BTreeMap::new(),
-        &BTreeMap::new(),
-    );
-    plan.assignments = inputs.assignments.clone();
-    for id in &filled {
-        plan.assignments
-            .entry(id.clone())
-            .or_default()
-            .insert(view.name.clone());
+    let mut assignments = inputs.assignments.clone();
+    let mut views = Vec::with_capacity(nodes.len());
+    let mut decisions: BTreeMap<ObjectId, PlacementDecision> = BTreeMap::new();
+    let mut filled_all = BTreeSet::new();
+    for node in nodes {
+        let n = inputs
+            .nodes
+            .iter()
+            .find(|n| &n.name == node)
+            .ok_or("a joined node is not in the store")?;
+        let view = NodeView {
+            name: n.name.clone(),
+            labels: n.labels.clone(),
+            online: is_online(n, offline_after, now),
+        };
+        let (runs, filled) = match outpost_core::schedule::place_joined(&view, &workloads, &site_ha, &assignments) {
+            outpost_core::schedule::JoinEffect::Node { runs, filled } => (runs, filled),
+            outpost_core::schedule::JoinEffect::Fleet(why) => return Err(why),
+        };
+        for id in runs {
+            decisions
+                .entry(id)
+                .or_insert_with(|| PlacementDecision {
+                    nodes: BTreeSet::new(),
+                    note: None,
+                })
+                .nodes
+                .insert(view.name.clone());
+        }
+        for id in &filled {
+            assignments.entry(id.clone()).or_default().insert(view.name.clone());
+        }
+        filled_all.extend(filled);
+        views.push(view);
     }
+    let mut plan = render_plan(inputs, &views, &decisions, &BTreeMap::new(), &BTreeMap::new());
+    plan.assignments = assignments;
     plan.notes.clear();
-    Ok((plan, filled))
+    Ok((plan, filled_all))
 }
 
 /// Render the desired state of `nodes` from placement decisions and diff it against what each
@@ -651,14 +651,14 @@ spec:
         one.nodes = vec![node("a2", &[("site", "a")], Some(0))];
         one.held.clear();
         one.held_revisions.clear();
-        let (joined, filled) = plan_join(&one, "a2", d, 0).expect("node only");
+        let (joined, filled) = plan_join(&one, &["a2".into()], d, 0).expect("node only");
         assert_eq!(joined.changes, full.changes);
         assert_eq!(joined.assignments, full.assignments);
         assert_eq!(filled.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), ["web"]);
         assert!(joined.notes.is_empty());
         // a node of another site gets nothing
         one.nodes = vec![node("c1", &[("site", "c")], Some(0))];
-        let (other, filled) = plan_join(&one, "c1", d, 0).expect("node only");
+        let (other, filled) = plan_join(&one, &["c1".into()], d, 0).expect("node only");
         assert!(other.changes.is_empty() && filled.is_empty());
         assert_eq!(other.assignments, stored.assignments);
         // site failover on the node's site: the fleet
@@ -667,6 +667,29 @@ spec:
         with_ha.nodes = vec![node("a2", &[("site", "a")], Some(0))];
         with_ha.objects = objects(ha);
         assert!(failover_options(&with_ha.objects[0].object).is_some());
-        assert!(plan_join(&with_ha, "a2", d, 0).is_err());
+        assert!(plan_join(&with_ha, &["a2".into()], d, 0).is_err());
+
+        // Several joins planned together: what the same joins one at a time give (a2 fills
+        // web, a3 comes after it and only gets the DaemonSet; c1 gets nothing).
+        let mut group = stored.clone();
+        group.nodes = ["a2", "a3", "c1"]
+            .map(|n| node(n, &[("site", if n == "c1" { "c" } else { "a" })], Some(0)))
+            .into();
+        group.held.clear();
+        group.held_revisions.clear();
+        let names: Vec<String> = ["a2", "a3", "c1"].map(String::from).into();
+        let (joined, filled) = plan_join(&group, &names, d, 0).expect("nodes only");
+        let mut one_by_one = group.clone();
+        let mut changes = BTreeMap::new();
+        for n in &names {
+            let (p, _) = plan_join(&one_by_one, std::slice::from_ref(n), d, 0).expect("node only");
+            one_by_one.assignments = p.assignments;
+            changes.extend(p.changes);
+        }
+        assert_eq!(joined.changes, changes);
+        assert_eq!(joined.assignments, one_by_one.assignments);
+        let keys = |n: &str| joined.changes.get(n).map(|c| c.upsert.len()).unwrap_or(0);
+        assert_eq!((keys("a2"), keys("a3"), keys("c1")), (2, 1, 0));
+        assert_eq!(filled.len(), 1);
     }
 }

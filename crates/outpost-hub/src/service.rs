@@ -420,7 +420,22 @@ pub struct Service {
     status_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<StatusJob>>>,
     /// Sync reads queued for the group readers (`crate::sync_reads`).
     reads: crate::sync_reads::SyncReads,
+    /// Joins waiting for the join writer (`Service::join_group`).
+    join_tx: tokio::sync::mpsc::UnboundedSender<JoinJob>,
+    join_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<JoinJob>>>,
 }
+
+/// One checked and signed join for the join writer, with where to send the node's labels.
+struct JoinJob {
+    token_id: String,
+    secret_sha: String,
+    node: NewNode,
+    now: UnixMs,
+    reply: tokio::sync::oneshot::Sender<Result<outpost_api::Labels, HubError>>,
+}
+
+/// Joins stored and scheduled under one hold of the write lock at most.
+const JOIN_GROUP: usize = 64;
 
 /// One status report for the group-commit writer, with where to send the outcome.
 struct StatusJob {
@@ -436,6 +451,21 @@ const CERT_CACHE_MAX_AGE: Duration = Duration::from_secs(60);
 const STATUS_BATCH: usize = 512;
 /// Events returned by `Query::Node`.
 const NODE_EVENTS: u32 = 50;
+
+/// Log the nodes whose desired state changed: each at info when a few did, else a count (a
+/// fleet-wide change is one line, not one per node).
+fn changed_nodes(bumped: &BTreeMap<String, u64>) {
+    if bumped.len() <= 10 {
+        for (node, generation) in bumped {
+            tracing::info!(node = %node, generation, "desired state changed");
+        }
+    } else {
+        tracing::info!(nodes = bumped.len(), "desired state changed");
+        for (node, generation) in bumped {
+            tracing::debug!(node = %node, generation, "desired state changed");
+        }
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -454,6 +484,7 @@ impl Service {
         blobs: crate::store::blobs::BlobStore,
     ) -> Self {
         let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (join_tx, join_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
             store: store.clone(),
             monitor,
@@ -476,6 +507,8 @@ impl Service {
             status_tx,
             status_rx: Mutex::new(Some(status_rx)),
             reads: Default::default(),
+            join_tx,
+            join_rx: Mutex::new(Some(join_rx)),
         }
     }
 
@@ -808,17 +841,18 @@ impl Service {
     /// Callers hold `write_lock`.
     pub async fn reschedule_locked(&self, now: UnixMs) -> Result<(), HubError> {
         let offline_after = self.settings.offline_after;
+        let started = std::time::Instant::now();
         let inputs = self.store.schedule_inputs().await?;
+        let read = started.elapsed();
         // Planning a large fleet is CPU work: keep it off the async workers.
         let plan = tokio::task::spawn_blocking(move || scheduler::plan(&inputs, offline_after, now))
             .await
             .map_err(|e| HubError::Internal(format!("scheduler task failed: {e}")))?;
+        let planned = started.elapsed();
         let bumped = self.store.commit_plan(&plan).await?;
-        let notes = plan.notes;
-        for (node, generation) in &bumped {
-            tracing::info!(node = %node, generation, "desired state changed");
-        }
-        *lock(&self.notes) = notes;
+        let committed = started.elapsed();
+        changed_nodes(&bumped);
+        *lock(&self.notes) = plan.notes;
         self.notify(&bumped);
         // AlertPolicy or Pipeline objects or node labels may have changed: refresh the caches.
         if let Err(e) = self.refresh_node_extras().await {
@@ -826,29 +860,37 @@ impl Service {
         }
         // Other replicas wake their long-polls and refresh their caches.
         self.notify_replicas().await;
+        if !bumped.is_empty() {
+            let ms = |d: Duration| d.as_millis();
+            tracing::info!(
+                nodes = bumped.len(),
+                read_ms = ms(read),
+                plan_ms = ms(planned - read),
+                commit_ms = ms(committed - planned),
+                after_ms = ms(started.elapsed() - committed),
+                "rescheduled the fleet"
+            );
+        }
         Ok(())
     }
 
-    /// A node has joined: plan only its desired state when nothing else can change
+    /// Nodes have joined: plan only their desired state when nothing else can change
     /// (`scheduler::plan_join`), else the whole fleet. Callers hold `write_lock`.
-    async fn schedule_joined(&self, node: &str, now: UnixMs) -> Result<(), HubError> {
+    async fn schedule_joined(&self, nodes: Vec<String>, now: UnixMs) -> Result<(), HubError> {
         let offline_after = self.settings.offline_after;
-        let inputs = self.store.schedule_inputs_for(node).await?;
-        let name = node.to_string();
-        let planned = tokio::task::spawn_blocking(move || scheduler::plan_join(&inputs, &name, offline_after, now))
+        let inputs = self.store.schedule_inputs_for(&nodes).await?;
+        let planned = tokio::task::spawn_blocking(move || scheduler::plan_join(&inputs, &nodes, offline_after, now))
             .await
             .map_err(|e| HubError::Internal(format!("scheduler task failed: {e}")))?;
         let (plan, filled) = match planned {
             Ok(p) => p,
             Err(why) => {
-                tracing::info!(node = %node, why, "join: planning the whole fleet");
+                tracing::info!(why, "join: planning the whole fleet");
                 return self.reschedule_locked(now).await;
             }
         };
         let bumped = self.store.commit_plan(&plan).await?;
-        for (node, generation) in &bumped {
-            tracing::info!(node = %node, generation, "desired state changed");
-        }
+        changed_nodes(&bumped);
         // The Deployments the node filled are at their count now: no note.
         lock(&self.notes).retain(|id, _| !filled.contains(id));
         self.notify(&bumped);
@@ -1802,14 +1844,19 @@ impl Service {
             cert_fp,
             cert_not_after,
         };
-        let _guard = self.write_lock.lock().await?;
-        let token_id = req.token_id.clone();
-        let labels = self.store.join(&token_id, &secret_sha, &node, now).await?;
-        tracing::info!(node = %req.name, token = %req.token_id, labels = ?labels, "node joined");
-        if let Err(e) = self.schedule_joined(&req.name, now).await {
-            tracing::error!(node = %req.name, error = %e, "scheduling the new node failed; the reschedule controller retries");
-            self.request_reschedule();
-        }
+        // Stored and scheduled with the joins queued beside it (`join_group`).
+        let stopped = || HubError::Internal("the join writer stopped".into());
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.join_tx
+            .send(JoinJob {
+                token_id: req.token_id.clone(),
+                secret_sha,
+                node,
+                now,
+                reply,
+            })
+            .map_err(|_| stopped())?;
+        let labels = rx.await.map_err(|_| stopped())??;
         Ok(JoinResponse {
             node: req.name,
             cert_pem,
@@ -2115,6 +2162,78 @@ impl Service {
     /// Start the sync readers (once, from `Hub::start`; `crate::sync_reads`).
     pub fn spawn_sync_readers(&self) {
         self.reads.spawn(self.store.clone());
+    }
+
+    /// Start the join writer (once, from `Hub::start`): joins that queue while a group is
+    /// stored and scheduled go together in the next group (`join_group`).
+    pub fn spawn_join_writer(self: &Arc<Self>) {
+        let Some(mut rx) = lock(&self.join_rx).take() else {
+            return;
+        };
+        let svc = self.clone();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut jobs = vec![first];
+                while jobs.len() < JOIN_GROUP {
+                    match rx.try_recv() {
+                        Ok(j) => jobs.push(j),
+                        Err(_) => break,
+                    }
+                }
+                svc.join_group(jobs).await;
+            }
+        });
+    }
+
+    /// Store a group of joins and plan the new nodes together, under one hold of the write
+    /// lock (a join used to take it, and on PostgreSQL its cross-replica advisory lock, once
+    /// per node: joins were serialized at ~10 statements each). Each join is its own
+    /// transaction, so a refused one (token used up, name taken) refuses only itself. The
+    /// answers go out once the group is scheduled, so a new node's first sync finds its
+    /// desired state.
+    async fn join_group(&self, mut jobs: Vec<JoinJob>) {
+        // A join whose caller is gone is not stored: it would use up a token use for nobody.
+        jobs.retain(|j| !j.reply.is_closed());
+        if jobs.is_empty() {
+            return;
+        }
+        let _guard = match self.write_lock.lock().await {
+            Ok(g) => g,
+            Err(e) => {
+                let msg = e.to_string();
+                for job in jobs {
+                    let _ = job.reply.send(Err(HubError::Internal(msg.clone())));
+                }
+                return;
+            }
+        };
+        let mut joined = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            match self
+                .store
+                .join(&job.token_id, &job.secret_sha, &job.node, job.now)
+                .await
+            {
+                Ok(labels) => {
+                    tracing::info!(node = %job.node.name, token = %job.token_id, labels = ?labels, "node joined");
+                    joined.push((job, labels));
+                }
+                Err(e) => {
+                    let _ = job.reply.send(Err(e.into()));
+                }
+            }
+        }
+        if joined.is_empty() {
+            return;
+        }
+        let names: Vec<String> = joined.iter().map(|(j, _)| j.node.name.clone()).collect();
+        if let Err(e) = self.schedule_joined(names, now_ms()).await {
+            tracing::error!(nodes = joined.len(), error = %e, "scheduling new nodes failed; the reschedule controller retries");
+            self.request_reschedule();
+        }
+        for (job, labels) in joined {
+            let _ = job.reply.send(Ok(labels));
+        }
     }
 
     /// Start the group-commit writer (once, from `Hub::start`).

@@ -371,10 +371,10 @@ pub trait Store: Send + Sync + 'static {
     /// Revision history of a workload, oldest first.
     async fn revisions(&self, id: &ObjectId) -> Result<Vec<RevisionRow>>;
     async fn schedule_inputs(&self) -> Result<ScheduleInputs>;
-    /// The scheduler's inputs with only `node`'s rows (its node row, what it holds, its
-    /// prefetch hints); objects, placements, rollouts as for [`Store::schedule_inputs`]. For
-    /// a join (`scheduler::plan_join`), which changes no other node.
-    async fn schedule_inputs_for(&self, node: &str) -> Result<ScheduleInputs>;
+    /// The scheduler's inputs with only the rows of `nodes` (their node rows, what they hold,
+    /// their prefetch hints); objects, placements, rollouts as for [`Store::schedule_inputs`].
+    /// For a group of joins (`scheduler::plan_join`), which changes no other node.
+    async fn schedule_inputs_for(&self, nodes: &[String]) -> Result<ScheduleInputs>;
     /// Write a plan in one transaction; returns the new generation of every node that changed.
     /// Deployment placements are diffed against the stored ones: only rows that differ are
     /// written, and a plan that changes nothing writes nothing and bumps no generation.

@@ -181,13 +181,13 @@ pub fn redact(url: &str) -> String {
 
 impl PgStore {
     /// The scheduler's inputs; with `only`, only that node's rows.
-    async fn schedule_inputs_of(&self, only: Option<&str>) -> Result<ScheduleInputs> {
+    async fn schedule_inputs_of(&self, only: Option<&[String]>) -> Result<ScheduleInputs> {
         let mut tx = self
             .pool
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await?;
         let rows: Vec<NodeTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {NODE_COLS} FROM nodes WHERE $1::text IS NULL OR name = $1 ORDER BY name"
+            "SELECT {NODE_COLS} FROM nodes WHERE $1::text[] IS NULL OR name = ANY($1) ORDER BY name"
         )))
         .bind(only)
         .fetch_all(&mut *tx)
@@ -214,18 +214,19 @@ impl PgStore {
         }
         let mut held: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         let mut held_revisions: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
-        let rows: Vec<(String, String, String, i64)> =
-            sqlx::query_as("SELECT node, key, hash, revision FROM node_workloads WHERE $1::text IS NULL OR node = $1")
-                .bind(only)
-                .fetch_all(&mut *tx)
-                .await?;
+        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+            "SELECT node, key, hash, revision FROM node_workloads WHERE $1::text[] IS NULL OR node = ANY($1)",
+        )
+        .bind(only)
+        .fetch_all(&mut *tx)
+        .await?;
         for (node, key, hash, rev) in rows {
             held.entry(node.clone()).or_default().insert(key.clone(), hash);
             held_revisions.entry(node).or_default().insert(key, u(rev));
         }
         let mut held_prefetch: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         let rows: Vec<(String, String, String)> =
-            sqlx::query_as("SELECT node, key, hash FROM node_prefetch WHERE $1::text IS NULL OR node = $1")
+            sqlx::query_as("SELECT node, key, hash FROM node_prefetch WHERE $1::text[] IS NULL OR node = ANY($1)")
                 .bind(only)
                 .fetch_all(&mut *tx)
                 .await?;
@@ -1295,8 +1296,8 @@ impl Store for PgStore {
     async fn schedule_inputs(&self) -> Result<ScheduleInputs> {
         self.schedule_inputs_of(None).await
     }
-    async fn schedule_inputs_for(&self, node: &str) -> Result<ScheduleInputs> {
-        self.schedule_inputs_of(Some(node)).await
+    async fn schedule_inputs_for(&self, nodes: &[String]) -> Result<ScheduleInputs> {
+        self.schedule_inputs_of(Some(nodes)).await
     }
 
     async fn commit_plan(&self, plan: &Plan) -> Result<BTreeMap<String, u64>> {

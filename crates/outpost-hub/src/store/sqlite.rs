@@ -787,10 +787,23 @@ impl SqliteCore {
     }
 
     /// The scheduler's inputs; with `only`, only that node's rows.
-    pub fn schedule_inputs_of(&self, only: Option<&str>) -> Result<ScheduleInputs> {
-        let nodes = match only {
+    pub fn schedule_inputs_of(&self, only: Option<&[String]>) -> Result<ScheduleInputs> {
+        let mut nodes = match only {
             None => self.nodes()?,
-            Some(n) => self.node(n)?.into_iter().collect(),
+            Some(names) => names
+                .iter()
+                .map(|n| self.node(n))
+                .collect::<Result<Vec<_>>>()?
+                .into_iter()
+                .flatten()
+                .collect(),
+        };
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        nodes.dedup_by(|a, b| a.name == b.name);
+        // The per-node reads below: every node's rows (None), or each listed node's.
+        let targets: Vec<Option<&str>> = match only {
+            None => vec![None],
+            Some(names) => names.iter().map(|n| Some(n.as_str())).collect(),
         };
         let objects = self.objects()?;
         let conn = self.conn()?;
@@ -823,32 +836,36 @@ impl SqliteCore {
         {
             let mut st = conn
                 .prepare_cached("SELECT node, key, hash, revision FROM node_workloads WHERE ?1 IS NULL OR node = ?1")?;
-            let rows = st
-                .query_map(params![only], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, i64>(3)?,
-                    ))
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            for (node, key, hash, rev) in rows {
-                held.entry(node.clone()).or_default().insert(key.clone(), hash);
-                held_revisions.entry(node).or_default().insert(key, u(rev));
+            for only in &targets {
+                let rows = st
+                    .query_map(params![only], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, i64>(3)?,
+                        ))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                for (node, key, hash, rev) in rows {
+                    held.entry(node.clone()).or_default().insert(key.clone(), hash);
+                    held_revisions.entry(node).or_default().insert(key, u(rev));
+                }
             }
         }
         let mut held_prefetch: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         {
             let mut st =
                 conn.prepare_cached("SELECT node, key, hash FROM node_prefetch WHERE ?1 IS NULL OR node = ?1")?;
-            let rows = st
-                .query_map(params![only], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            for (node, key, hash) in rows {
-                held_prefetch.entry(node).or_default().insert(key, hash);
+            for only in &targets {
+                let rows = st
+                    .query_map(params![only], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                for (node, key, hash) in rows {
+                    held_prefetch.entry(node).or_default().insert(key, hash);
+                }
             }
         }
         let rollouts: BTreeMap<String, Rollout> = rollout_rows(&conn)?
@@ -1251,8 +1268,8 @@ impl Store for SqliteStore {
     async fn schedule_inputs(&self) -> Result<ScheduleInputs> {
         blocking!(self, c => c.schedule_inputs())
     }
-    async fn schedule_inputs_for(&self, node: &str) -> Result<ScheduleInputs> {
-        let n = node.to_string();
+    async fn schedule_inputs_for(&self, nodes: &[String]) -> Result<ScheduleInputs> {
+        let n = nodes.to_vec();
         blocking!(self, c => c.schedule_inputs_of(Some(&n)))
     }
     async fn commit_plan(&self, plan: &Plan) -> Result<BTreeMap<String, u64>> {

@@ -1297,12 +1297,23 @@ async fn an_unchanged_plan_writes_nothing_and_bumps_nothing(b: Backend) -> anyho
     assert_eq!(s.commit_plan(&Plan::default()).await?, BTreeMap::new());
     assert!(s.schedule_inputs().await?.assignments.is_empty());
 
-    // One node's inputs: its rows only, the rest as for the fleet.
-    let one = s.schedule_inputs_for("n2").await?;
+    // Some nodes' inputs: their rows only, the rest as for the fleet.
+    let names = |v: &[&str]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    let one = s.schedule_inputs_for(&names(&["n2"])).await?;
     assert_eq!(one.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["n2"]);
     assert_eq!(one.held.keys().collect::<Vec<_>>(), ["n2"]);
     assert_eq!(one.objects.len(), 1);
-    assert!(s.schedule_inputs_for("nobody").await?.nodes.is_empty());
+    let two = s.schedule_inputs_for(&names(&["n3", "nobody", "n2"])).await?;
+    assert_eq!(
+        two.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
+        ["n2", "n3"]
+    );
+    let all = s.schedule_inputs().await?;
+    assert_eq!(
+        two.held.keys().collect::<Vec<_>>(),
+        all.held.keys().filter(|n| *n != "n1").collect::<Vec<_>>()
+    );
+    assert!(s.schedule_inputs_for(&names(&["nobody"])).await?.nodes.is_empty());
     Ok(())
 }
 
