@@ -281,6 +281,45 @@ pub fn watch_step(asking: bool, moved: bool, quiet_ms: i64, probe_ms: i64) -> Wa
     }
 }
 
+/// The step of the hub's close looks at an agent-probed connection: a tenth of the period and
+/// its grace, between 100 ms and 2.5 s (an agent probing every 100 s is found silent within
+/// 100 + 10 + 2.5 s).
+pub fn look_step_ms(probe_ms: i64) -> i64 {
+    ((probe_ms + probe_grace_ms(probe_ms)) / 10).clamp(100, 2_500)
+}
+
+/// When the agent was last heard, at a look that found new segments on its connection.
+/// `prev_look_ms`: the look before this one. Within one step of it the segments came within
+/// that step: now (late by at most a step, as every look used to be). After a longer sleep they
+/// came some time in (`prev_look_ms`, `now_ms`]: the last data or ACK the socket took
+/// (`recv_ms`, from `TCP_INFO`, which bare keepalive probes do not move) when it falls there,
+/// else the start of the span, early rather than late: the worst case is one needless probe
+/// pair of the hub's, never a dead box found late.
+pub fn heard_at(now_ms: i64, prev_look_ms: i64, step_ms: i64, recv_ms: Option<i64>) -> i64 {
+    if now_ms - prev_look_ms <= step_ms {
+        return now_ms;
+    }
+    match recv_ms {
+        Some(r) if r > prev_look_ms && r <= now_ms => r,
+        _ => prev_look_ms,
+    }
+}
+
+/// How long until the hub's next look at a connection whose agent was last heard at
+/// `heard_ms`. The agent probes a period after the last segment it received from the hub,
+/// which is no earlier than the last one the hub heard from it, so nothing needs a look until
+/// a step before that; from there the hub looks every step until the probe comes (or the
+/// silence passes [`peer_silent`]). An idle agent's connection is looked at about three times a
+/// period instead of every step (issue 16: at 100,000 connections a look every 2.5 s each was
+/// most of an idle hub's CPU). While the hub asks (its own probes): every step.
+pub fn next_look_ms(probe_ms: i64, heard_ms: i64, now_ms: i64, asking: bool) -> i64 {
+    let step = look_step_ms(probe_ms);
+    if asking {
+        return step;
+    }
+    (heard_ms + probe_ms - step - now_ms).max(step)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -504,5 +543,95 @@ mod tests {
         ] {
             assert_eq!(watch_step(asking, moved, quiet, p), want, "{what}");
         }
+    }
+
+    #[test]
+    fn the_hub_looks_at_an_idle_agent_connection_a_few_times_a_period() {
+        let p = 100_000;
+        assert_eq!(look_step_ms(p), 2_500);
+        assert_eq!(look_step_ms(2_000), 300);
+        assert_eq!(look_step_ms(100), 110);
+        assert_eq!(look_step_ms(1), 100);
+        // heard_at(now, previous look, step, last data/ACK received)
+        for (now, prev, recv, want, what) in [
+            (10_000, 8_000, None, 10_000, "looked a step ago: now"),
+            (
+                10_000,
+                7_500,
+                Some(9_000),
+                10_000,
+                "within a step: now, whatever TCP_INFO says",
+            ),
+            (
+                100_000,
+                2_500,
+                Some(50_000),
+                50_000,
+                "a long sleep: the data or ACK heard in it",
+            ),
+            (
+                100_000,
+                2_500,
+                Some(1_000),
+                2_500,
+                "nothing received in the span: its start",
+            ),
+            (100_000, 2_500, None, 2_500, "no TCP_INFO: the span's start"),
+            (100_000, 2_500, Some(100_001), 2_500, "a time after now is not believed"),
+        ] {
+            assert_eq!(heard_at(now, prev, 2_500, recv), want, "{what}");
+        }
+        // next_look_ms(probe, heard, now, asking)
+        for (heard, now, asking, want, what) in [
+            (
+                0,
+                0,
+                false,
+                97_500,
+                "just heard: sleep until a step before the next probe",
+            ),
+            (0, 97_500, false, 2_500, "the probe is due: every step"),
+            (
+                0,
+                105_000,
+                false,
+                2_500,
+                "late: every step until it comes or the silence is past",
+            ),
+            (0, 50_000, false, 47_500, "woken early: sleep the rest"),
+            (0, 0, true, 2_500, "asking: every step"),
+        ] {
+            assert_eq!(next_look_ms(p, heard, now, asking), want, "{what}");
+        }
+        // A box that dies right after it was heard: the looks find the silence in time.
+        let (heard, mut now, mut looks) = (0, 0, 0);
+        while !peer_silent(p, now - heard) {
+            now += next_look_ms(p, heard, now, false);
+            looks += 1;
+        }
+        assert!(
+            now - heard <= p + probe_grace_ms(p) + look_step_ms(p),
+            "found at {now} ms"
+        );
+        assert!(looks <= 8, "{looks} looks");
+        // An idle agent probing every period exactly: three looks per period.
+        let (mut heard, mut now, mut prev, mut looks) = (0i64, 0i64, 0i64, 0);
+        let mut next_probe = p + 700;
+        while now < 10 * p {
+            let next = now + next_look_ms(p, heard, now, false);
+            let moved = next_probe <= next && next_probe > now;
+            prev = std::mem::replace(&mut now, next);
+            looks += 1;
+            if moved {
+                heard = heard_at(now, prev, look_step_ms(p), None);
+                assert!(heard - next_probe <= look_step_ms(p) && heard >= next_probe);
+                next_probe += p + 300;
+            }
+            assert!(
+                !peer_silent(p, now - heard),
+                "a live agent is never silent (at {now} ms)"
+            );
+        }
+        assert!(looks <= 30, "{looks} looks in ten periods");
     }
 }

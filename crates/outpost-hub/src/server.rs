@@ -706,9 +706,15 @@ impl ConnLiveness {
     }
 }
 
-/// Segments received on a TCP socket so far (`TCP_INFO.tcpi_segs_in`, Linux 4.2+), bare
-/// keepalive probes included.
-fn segs_in(fd: std::os::fd::RawFd) -> Option<u32> {
+/// What `TCP_INFO` says of a socket's receiving side: the segments received so far
+/// (`tcpi_segs_in`, Linux 4.2+, bare keepalive probes included) and how long ago the last data
+/// or ACK came (`tcpi_last_data_recv`, `tcpi_last_ack_recv`, ms; probes move neither).
+struct Received {
+    segs: u32,
+    recv_ago_ms: u32,
+}
+
+fn received(fd: std::os::fd::RawFd) -> Option<Received> {
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: `fd` is the open socket of a connection this task still owns (the caller holds
@@ -722,22 +728,21 @@ fn segs_in(fd: std::os::fd::RawFd) -> Option<u32> {
             &mut len,
         )
     };
-    (rc == 0 && len as usize >= std::mem::size_of::<libc::tcp_info>()).then_some(info.tcpi_segs_in)
+    (rc == 0 && len as usize >= std::mem::size_of::<libc::tcp_info>()).then_some(Received {
+        segs: info.tcpi_segs_in,
+        recv_ago_ms: info.tcpi_last_data_recv.min(info.tcpi_last_ack_recv),
+    })
 }
 
-/// The hub's watch of an agent-probed connection: the segment count last seen, when it last
-/// moved (or when the hub started asking), and whether the hub is probing it itself.
+/// The hub's watch of an agent-probed connection: the segment count last seen, when the agent
+/// was last heard (or the hub started asking), the last look, and whether the hub is probing
+/// it itself. Times are ms since `start` (`outpost_core::link::{heard_at, next_look_ms}`).
 struct SegsWatch {
     segs: Option<u32>,
-    since: Instant,
+    start: Instant,
+    since_ms: i64,
+    looked_ms: i64,
     asking: bool,
-}
-
-/// How often a connection watched for its agent's probes is checked: a tenth of the period
-/// and its grace, at most every 2.5 s (an agent probing every 100 s is found dead within
-/// 100 + 10 + 2.5 s).
-fn probe_check(probe_ms: i64) -> Duration {
-    Duration::from_millis(((probe_ms + link::probe_grace_ms(probe_ms)) / 10).clamp(100, 2_500) as u64)
 }
 
 /// The TCP stream, recording when bytes move.
@@ -947,18 +952,24 @@ async fn serve_conn(
                     tracing::debug!(%remote, error = %e, "cannot stop the hub's keepalive probes");
                 }
                 SegsWatch {
-                    segs: segs_in(fd),
-                    since: Instant::now(),
+                    segs: received(fd).map(|r| r.segs),
+                    start: Instant::now(),
+                    since_ms: 0,
+                    looked_ms: 0,
                     asking: false,
                 }
             });
-            let now_segs = segs_in(fd);
+            let now_ms = w.start.elapsed().as_millis() as i64;
+            let got = received(fd);
+            let now_segs = got.as_ref().map(|r| r.segs);
             let moved = now_segs != w.segs;
             if moved {
                 w.segs = now_segs;
-                w.since = Instant::now();
+                let recv_ms = got.map(|r| now_ms - i64::from(r.recv_ago_ms));
+                w.since_ms = link::heard_at(now_ms, w.looked_ms, link::look_step_ms(probe_ms), recv_ms);
             }
-            let quiet = w.since.elapsed().as_millis() as i64;
+            w.looked_ms = now_ms;
+            let quiet = now_ms - w.since_ms;
             match link::watch_step(w.asking, moved, quiet, probe_ms) {
                 link::Watch::Wait => {}
                 link::Watch::StopAsking => {
@@ -970,7 +981,7 @@ async fn serve_conn(
                     // is answered (behind a TCP load balancer, the balancer answers them)
                     tracing::debug!(%remote, silent_ms = quiet, probe_ms, "no keepalive probe from the agent; probing it");
                     w.asking = true;
-                    w.since = Instant::now();
+                    w.since_ms = now_ms;
                     if let Err(e) = sock.set_tcp_keepalive(
                         &socket2::TcpKeepalive::new()
                             .with_time(Duration::from_secs(1))
@@ -986,7 +997,8 @@ async fn serve_conn(
                     return;
                 }
             }
-            check = Some(probe_check(probe_ms));
+            let next = link::next_look_ms(probe_ms, w.since_ms, now_ms, w.asking);
+            check = Some(Duration::from_millis(next.max(1) as u64));
         }
         let idle = if slot.activity.requests.load(Ordering::Relaxed) == 0 {
             cfg.header_read_timeout

@@ -420,6 +420,8 @@ pub struct Service {
     status_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<StatusJob>>>,
     /// Sync reads queued for the group readers (`crate::sync_reads`).
     reads: crate::sync_reads::SyncReads,
+    /// Reports storing their monitoring additions at once at most ([`REPORT_PLACES`]).
+    report_places: tokio::sync::Semaphore,
     /// Joins waiting for the join writer (`Service::join_group`).
     join_tx: tokio::sync::mpsc::UnboundedSender<JoinJob>,
     join_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<JoinJob>>>,
@@ -434,6 +436,9 @@ struct JoinJob {
     reply: tokio::sync::oneshot::Sender<Result<outpost_api::Labels, HubError>>,
 }
 
+/// Status reports storing their vitals, conditions or alert events at once at most (the rest
+/// wait in memory; the PostgreSQL pool holds 16 connections).
+const REPORT_PLACES: usize = 4;
 /// Joins stored and scheduled under one hold of the write lock at most.
 const JOIN_GROUP: usize = 64;
 
@@ -507,6 +512,7 @@ impl Service {
             status_tx,
             status_rx: Mutex::new(Some(status_rx)),
             reads: Default::default(),
+            report_places: tokio::sync::Semaphore::new(REPORT_PLACES),
             join_tx,
             join_rx: Mutex::new(Some(join_rx)),
         }
@@ -1929,7 +1935,11 @@ impl Service {
     /// short of replicas may now be placed on it; its rollout waves count it again).
     async fn contact(&self, node: &str, now: UnixMs) -> Result<(), HubError> {
         let n = node.to_string();
-        let prev = self.store.touch(&n, now).await?.ok_or(HubError::UnknownNode)?;
+        let offline_ms = self.settings.offline_after.as_millis() as i64;
+        let prev = match self.store.touch_if_recent(&n, now, offline_ms) {
+            Some(prev) => prev,
+            None => self.store.touch(&n, now).await?.ok_or(HubError::UnknownNode)?,
+        };
         if now.saturating_sub(prev) > self.settings.offline_after.as_millis() as i64 {
             tracing::info!(node = %node, offline_for = %human_duration(now - prev), "node online");
             // One reschedule for every node that came back meanwhile, off this request: a
@@ -2131,6 +2141,14 @@ impl Service {
         {
             return Ok(());
         }
+        // A few at a time: after a change every node reports at once, and each report with
+        // vitals reads the node and writes the monitoring tables; unbounded, on PostgreSQL they
+        // took every pooled connection (and the leases' renewals timed out with them).
+        let _place = self
+            .report_places
+            .acquire()
+            .await
+            .map_err(|_| HubError::Internal("the report places closed".into()))?;
         let n = node.to_string();
         let labels = self.store.node(&n).await?.map(|r| r.labels).unwrap_or_default();
         let n = node.to_string();

@@ -870,6 +870,10 @@ impl Store for PgStore {
         self.contacts.hold(node, open)
     }
 
+    fn touch_if_recent(&self, node: &str, now: UnixMs, within_ms: i64) -> Option<UnixMs> {
+        self.contacts.touch_if_recent(node, now, within_ms)
+    }
+
     fn shared(&self) -> Option<&super::notify::Shared> {
         Some(&self.shared)
     }
@@ -907,6 +911,7 @@ impl Store for PgStore {
     }
 
     async fn delete_node(&self, name: &str) -> Result<bool> {
+        self.contacts.forget(name);
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query("DELETE FROM nodes WHERE name = $1")
             .bind(name)
