@@ -615,12 +615,12 @@ mod tests {
         );
         assert!(looks <= 8, "{looks} looks");
         // An idle agent probing every period exactly: three looks per period.
-        let (mut heard, mut now, mut prev, mut looks) = (0i64, 0i64, 0i64, 0);
+        let (mut heard, mut now, mut looks) = (0i64, 0i64, 0);
         let mut next_probe = p + 700;
         while now < 10 * p {
             let next = now + next_look_ms(p, heard, now, false);
             let moved = next_probe <= next && next_probe > now;
-            prev = std::mem::replace(&mut now, next);
+            let prev = std::mem::replace(&mut now, next);
             looks += 1;
             if moved {
                 heard = heard_at(now, prev, look_step_ms(p), None);
