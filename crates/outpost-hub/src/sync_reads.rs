@@ -17,13 +17,15 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::error::HubError;
-use crate::store::{Store, SyncRead};
+use crate::store::{Store, StoreError, SyncRead};
 
 /// Reads in one group at most.
 pub const GROUP: usize = 256;
 /// Groups reading the store at once (the rest wait in the queue). PostgreSQL pools hold 16
 /// connections: this leaves most of them to status groups, contacts and commands.
 pub const GROUPS_AT_ONCE: usize = 4;
+/// Reads of a group while the pool has no connection free within its timeout.
+const POOL_TRIES: u32 = 6;
 
 /// One poll's part of a group read.
 #[derive(Debug)]
@@ -111,19 +113,8 @@ async fn read_group(store: &dyn Store, mut jobs: Vec<Job>) {
         return;
     }
     let reads: Vec<(String, u64)> = jobs.iter().map(|j| (j.node.clone(), j.since)).collect();
-    let read = async {
-        let group = store.sync_group(&reads).await?;
-        let (mut relays, mut exec) = (HashMap::new(), HashMap::new());
-        if let Some(shared) = store.shared() {
-            let mut nodes: Vec<&str> = reads.iter().map(|(n, _)| n.as_str()).collect();
-            nodes.sort_unstable();
-            nodes.dedup();
-            relays = shared.relay_take(&nodes).await?;
-            exec = shared.exec_take(&nodes).await?;
-        }
-        Ok::<_, crate::store::StoreError>((group, relays, exec))
-    };
-    match read.await {
+    let result = read(store, &reads).await;
+    match result {
         Ok((group, mut relays, mut exec)) => {
             for (job, read) in jobs.into_iter().zip(group) {
                 // A node polling twice in one group gets its taken requests once.
@@ -143,4 +134,41 @@ async fn read_group(store: &dyn Store, mut jobs: Vec<Job>) {
             }
         }
     }
+}
+
+/// A group's reads from the store; relayed requests and exec sessions are taken once the
+/// group was read.
+type Read = (
+    Vec<Option<SyncRead>>,
+    HashMap<String, Vec<(String, String)>>,
+    HashMap<String, Vec<String>>,
+);
+
+async fn read(store: &dyn Store, reads: &[(String, u64)]) -> Result<Read, StoreError> {
+    // A pool with no connection free within its timeout (a tier short of CPU): the group
+    // waits and reads again rather than failing every poll in it. Only the read is tried
+    // again: a take that failed took nothing, one that succeeded must not run twice.
+    let mut tries = 1;
+    let group = loop {
+        match store.sync_group(reads).await {
+            Err(StoreError::Pg(sqlx::Error::PoolTimedOut)) if tries < POOL_TRIES => {
+                tracing::debug!(
+                    reads = reads.len(),
+                    tries,
+                    "no pooled connection for a group of sync reads; reading again"
+                );
+                tries += 1;
+            }
+            r => break r?,
+        }
+    };
+    let (mut relays, mut exec) = (HashMap::new(), HashMap::new());
+    if let Some(shared) = store.shared() {
+        let mut nodes: Vec<&str> = reads.iter().map(|(n, _)| n.as_str()).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        relays = shared.relay_take(&nodes).await?;
+        exec = shared.exec_take(&nodes).await?;
+    }
+    Ok((group, relays, exec))
 }
