@@ -2190,14 +2190,10 @@ impl Service {
         };
         let svc = self.clone();
         tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut jobs = vec![first];
-                while jobs.len() < JOIN_GROUP {
-                    match rx.try_recv() {
-                        Ok(j) => jobs.push(j),
-                        Err(_) => break,
-                    }
-                }
+            // What queued while the last group ran is the next group (0: the channel closed).
+            let mut jobs = Vec::with_capacity(JOIN_GROUP);
+            while rx.recv_many(&mut jobs, JOIN_GROUP).await > 0 {
+                let jobs = std::mem::take(&mut jobs);
                 svc.join_group(jobs).await;
             }
         });
@@ -2261,14 +2257,10 @@ impl Service {
         };
         let svc = self.clone();
         tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut jobs = vec![first];
-                while jobs.len() < STATUS_BATCH {
-                    match rx.try_recv() {
-                        Ok(j) => jobs.push(j),
-                        Err(_) => break,
-                    }
-                }
+            // What queued while the last group ran is the next group (0: the channel closed).
+            let mut jobs = Vec::with_capacity(STATUS_BATCH);
+            while rx.recv_many(&mut jobs, STATUS_BATCH).await > 0 {
+                let jobs = std::mem::take(&mut jobs);
                 let (items, replies): (Vec<_>, Vec<_>) =
                     jobs.into_iter().map(|j| ((j.node, j.report, j.now), j.reply)).unzip();
                 let n = items.len();

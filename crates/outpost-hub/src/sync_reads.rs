@@ -83,17 +83,14 @@ impl SyncReads {
         };
         tokio::spawn(async move {
             let readers = Arc::new(Semaphore::new(GROUPS_AT_ONCE));
-            while let Some(first) = rx.recv().await {
+            loop {
                 let Ok(place) = readers.clone().acquire_owned().await else {
                     return;
                 };
-                // What queued while the readers were busy joins this group.
-                let mut jobs = vec![first];
-                while jobs.len() < GROUP {
-                    match rx.try_recv() {
-                        Ok(j) => jobs.push(j),
-                        Err(_) => break,
-                    }
+                // What queued while the readers were busy is this group (0: the channel closed).
+                let mut jobs = Vec::with_capacity(GROUP);
+                if rx.recv_many(&mut jobs, GROUP).await == 0 {
+                    return;
                 }
                 let store = store.clone();
                 tokio::spawn(async move {
