@@ -77,6 +77,19 @@ pub fn admit(load: &Load, draw: f64) -> Admit {
     }
 }
 
+/// Least `Retry-After` of a request the hub's database could not take (no pooled connection
+/// came free within the pool's wait), seconds: the draw spreads it over this to twice this.
+pub const STORE_BUSY_RETRY_AFTER_SECS: u64 = 5;
+
+/// `Retry-After` of a request answered `503` because the database is saturated: it already
+/// waited the pool's timeout, so it comes back after [`STORE_BUSY_RETRY_AFTER_SECS`] x (1 +
+/// `draw`), never sooner (a `500` made agents retry after their own short backoff and added
+/// to the load that caused it). `draw` as in [`admit`].
+pub fn store_busy_retry_after(draw: f64) -> u64 {
+    let secs = (STORE_BUSY_RETRY_AFTER_SECS as f64 * (1.0 + draw.clamp(0.0, 1.0))).ceil() as u64;
+    secs.clamp(STORE_BUSY_RETRY_AFTER_SECS, 2 * STORE_BUSY_RETRY_AFTER_SECS)
+}
+
 /// Whether a sync skips admission: the poll of a node already holding (`since`) at least the
 /// newest generation this hub process knows for it (`known`: none after a restart until the
 /// node's first poll or change there). That is the poll again after every answer; refused, the
@@ -203,6 +216,21 @@ mod tests {
             ("99999999999", None),
         ] {
             assert_eq!(parse_retry_after(v), want, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn a_saturated_store_spreads_its_retries_over_five_to_ten_seconds() {
+        for (draw, want) in [
+            (0.0, 5),
+            (0.5, 8),
+            (0.99, 10),
+            (1.0, 10),
+            (-3.0, 5),
+            (7.0, 10),
+            (f64::NAN, 5),
+        ] {
+            assert_eq!(store_busy_retry_after(draw), want, "draw {draw}");
         }
     }
 }

@@ -70,6 +70,10 @@ pub enum HubError {
         "{method} is not allowed on {path}; see docs/protocol.md (or GET /v1/openapi.yaml) for what this route accepts"
     )]
     MethodNotAllowed { method: String, path: String },
+    /// No pooled database connection came free within the pool's wait (PostgreSQL saturated):
+    /// answered `503` with a `Retry-After` (`outpost_core::admission::store_busy_retry_after`).
+    #[error("the hub's database is saturated (no connection came free in time), so this request did not complete; retry after the answer's Retry-After (agents do so by themselves)")]
+    StoreBusy,
     /// SQLite reported a full disk: nothing was written.
     #[error("the hub's disk is full, so nothing was changed; free space in the hub's data directory (or grow its disk) and retry")]
     DiskFull,
@@ -131,6 +135,7 @@ impl HubError {
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             DiskFull => (StatusCode::INSUFFICIENT_STORAGE, "disk_full"),
+            StoreBusy => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
         }
     }
 }
@@ -144,6 +149,7 @@ impl From<StoreError> for HubError {
             // PostgreSQL's disk_full (SQLSTATE 53100).
             StoreError::Pg(sqlx::Error::Database(d)) if d.code().as_deref() == Some("53100") => HubError::DiskFull,
             StoreError::Labels(r) => HubError::Labels(r),
+            StoreError::Pg(sqlx::Error::PoolTimedOut) => HubError::StoreBusy,
             other => HubError::Internal(other.to_string()),
         }
     }
@@ -154,9 +160,41 @@ pub fn is_disk_full(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
 }
 
+/// Marks a `503` answered for a saturated database (`HubError::StoreBusy`), for the busy
+/// counter (`crate::metrics::track`).
+#[derive(Clone, Copy, Debug)]
+pub struct StoreBusyAnswer;
+
+/// Saturated-database answers come in floods: logged at most every 10 s, with a count.
+static STORE_BUSY_LOG: std::sync::Mutex<crate::server::Throttle> =
+    std::sync::Mutex::new(crate::server::Throttle::new(std::time::Duration::from_secs(10)));
+
 impl IntoResponse for HubError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
+        if matches!(self, HubError::StoreBusy) {
+            let logged = STORE_BUSY_LOG
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .check(std::time::Instant::now());
+            if let Some(not_logged) = logged {
+                tracing::warn!(
+                    not_logged,
+                    "requests answered 503 busy: no database connection came free within the pool's wait"
+                );
+            }
+            let secs = outpost_core::admission::store_busy_retry_after(rand::random());
+            let body = ApiError {
+                code: code.to_string(),
+                message: self.to_string(),
+                details: Vec::new(),
+            };
+            let mut resp = (status, axum::Json(body)).into_response();
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(secs));
+            resp.extensions_mut().insert(StoreBusyAnswer);
+            return resp;
+        }
         if status.is_server_error() {
             tracing::error!(code, error = %self, "request failed");
         } else {
@@ -213,5 +251,31 @@ mod tests {
             "{e}"
         );
         assert_eq!(e.status_and_code(), (StatusCode::UNAUTHORIZED, "certificate_expired"));
+    }
+
+    #[test]
+    fn a_saturated_database_is_a_busy_answer_with_retry_after_not_an_internal_error() {
+        for e in [
+            HubError::from(StoreError::Pg(sqlx::Error::PoolTimedOut)),
+            HubError::from(crate::monitor::MonitorError::Pg(sqlx::Error::PoolTimedOut)),
+        ] {
+            assert!(matches!(e, HubError::StoreBusy), "{e:?}");
+            let resp = e.into_response();
+            assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+            let secs: u64 = resp.headers()[axum::http::header::RETRY_AFTER]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((5..=10).contains(&secs), "{secs}");
+            assert!(resp.extensions().get::<StoreBusyAnswer>().is_some());
+        }
+        // Other database errors stay internal.
+        let e = HubError::from(StoreError::Pg(sqlx::Error::PoolClosed));
+        assert_eq!(e.status_and_code(), (StatusCode::INTERNAL_SERVER_ERROR, "internal"));
+        assert_eq!(
+            HubError::StoreBusy.status_and_code(),
+            (StatusCode::SERVICE_UNAVAILABLE, "busy")
+        );
     }
 }

@@ -67,7 +67,8 @@ pub struct Metrics {
     rollout_events: Family<LabelSet, Counter>,
     /// 1 for each controller lease this replica holds now (`crate::controllers`).
     leases_held: Family<LabelSet, Gauge<i64, AtomicI64>>,
-    /// Joins and syncs answered `503 busy` by admission control, by route.
+    /// Requests answered `503 busy`, by route: joins and syncs by admission control, any
+    /// route when the database is saturated (`HubError::StoreBusy`).
     busy: Family<LabelSet, Counter>,
     /// Places of admission control held now (joins and syncs at work), and how many there are.
     pub admission_in_use: Gauge<i64, AtomicI64>,
@@ -163,7 +164,7 @@ impl Default for Metrics {
         let busy = Family::<LabelSet, Counter>::default();
         registry.register(
             "outpost_hub_busy_answers",
-            "Joins and syncs answered 503 busy with Retry-After by admission control, by route",
+            "Requests answered 503 busy with Retry-After, by route: joins and syncs by admission control, any route when the database is saturated",
             busy.clone(),
         );
         for r in ADMITTED_ROUTES {
@@ -204,7 +205,8 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Count a `503 busy` answer of admission control on `route` (a [`route_of`] label).
+    /// Count a `503 busy` answer on `route` (a [`route_of`] label): admission control's, or a
+    /// saturated database's.
     pub fn busy_answer(&self, route: &'static str) {
         self.busy.get_or_create(&vec![("route", route.to_string())]).inc();
     }
@@ -268,6 +270,9 @@ pub async fn track(State(m): State<Arc<Metrics>>, req: Request, next: Next) -> R
     let t = Instant::now();
     let resp = next.run(req).await;
     m.observe(route, resp.status().as_u16(), t.elapsed().as_secs_f64());
+    if resp.extensions().get::<crate::error::StoreBusyAnswer>().is_some() {
+        m.busy_answer(route);
+    }
     resp
 }
 

@@ -957,6 +957,7 @@ impl From<MonitorError> for crate::error::HubError {
         match e {
             MonitorError::Sqlite(e) if crate::error::is_disk_full(&e) => HubError::DiskFull,
             MonitorError::Pg(sqlx::Error::Database(d)) if d.code().as_deref() == Some("53100") => HubError::DiskFull,
+            MonitorError::Pg(sqlx::Error::PoolTimedOut) => HubError::StoreBusy,
             e => HubError::Internal(e.to_string()),
         }
     }

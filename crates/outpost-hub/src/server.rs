@@ -571,14 +571,14 @@ impl ConnTable {
 }
 
 /// Logs a repeating problem at most once per `every`, with how many were not logged.
-struct Throttle {
+pub(crate) struct Throttle {
     every: Duration,
     last: Option<Instant>,
     suppressed: u64,
 }
 
 impl Throttle {
-    fn new(every: Duration) -> Self {
+    pub(crate) const fn new(every: Duration) -> Self {
         Self {
             every,
             last: None,
@@ -586,7 +586,7 @@ impl Throttle {
         }
     }
     /// Some(number not logged since the last time) when this one should be logged.
-    fn check(&mut self, now: Instant) -> Option<u64> {
+    pub(crate) fn check(&mut self, now: Instant) -> Option<u64> {
         match self.last {
             Some(t) if now.duration_since(t) < self.every => {
                 self.suppressed += 1;

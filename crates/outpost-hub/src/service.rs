@@ -415,6 +415,8 @@ pub struct Service {
     pub leases: crate::witness::Leases,
     /// Certificate fingerprint -> node, filled from the store ([`Service::forget_certs`]).
     certs: CertCache,
+    /// Certificates retired through any replica, as this one's looks read them.
+    retired: Mutex<outpost_core::replicas::RetiredCerts>,
     /// Status reports waiting for the group-commit writer.
     status_tx: tokio::sync::mpsc::UnboundedSender<StatusJob>,
     status_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<StatusJob>>>,
@@ -450,8 +452,6 @@ struct StatusJob {
     reply: tokio::sync::oneshot::Sender<Result<u64, HubError>>,
 }
 
-/// How long a replica on a shared store trusts its certificate cache (see `remote_changes`).
-const CERT_CACHE_MAX_AGE: Duration = Duration::from_secs(60);
 /// Reports committed in one transaction at most.
 const STATUS_BATCH: usize = 512;
 /// Events returned by `Query::Node`.
@@ -509,6 +509,7 @@ impl Service {
             notes: Mutex::new(BTreeMap::new()),
             leases: Default::default(),
             certs: CertCache::default(),
+            retired: Mutex::default(),
             status_tx,
             status_rx: Mutex::new(Some(status_rx)),
             reads: Default::default(),
@@ -630,6 +631,20 @@ impl Service {
         shared: &crate::store::notify::Shared,
         trigger: outpost_core::replicas::Trigger,
     ) -> Result<(), HubError> {
+        // Certificates retired through any replica (renewals promoted, nodes deleted): drop
+        // them here before anything else is looked at.
+        let since = lock(&self.retired).since();
+        let (db_now, rows) = shared
+            .retired_certs(since, outpost_core::replicas::RETIRED_OVERLAP_MS)
+            .await?;
+        match lock(&self.retired).read(db_now, rows) {
+            outpost_core::replicas::Retired::All => self.forget_certs(None),
+            outpost_core::replicas::Retired::Nodes(nodes) => {
+                for n in &nodes {
+                    self.forget_certs(Some(n));
+                }
+            }
+        }
         let seen = self.held_seen();
         if !seen.is_empty() {
             let held: Vec<String> = seen.keys().cloned().collect();
@@ -658,20 +673,6 @@ impl Service {
                 self.wake_node(&n);
             }
         }
-        // Certificates cached for nodes that are not held here: forget the deleted ones.
-        let cached: Vec<String> = self
-            .certs
-            .nodes()
-            .into_iter()
-            .filter(|n| !seen.contains_key(n))
-            .collect();
-        if !cached.is_empty() {
-            let alive: std::collections::HashSet<String> =
-                shared.generations(&cached).await?.into_iter().map(|(n, _)| n).collect();
-            for n in cached.iter().filter(|n| !alive.contains(*n)) {
-                self.forget_certs(Some(n));
-            }
-        }
         self.deliver_relayed(shared, &self.links.logs).await?;
         self.deliver_relayed(shared, &self.links.vitals).await?;
         if trigger == outpost_core::replicas::Trigger::Reconnected {
@@ -680,6 +681,7 @@ impl Service {
         }
         if trigger == outpost_core::replicas::Trigger::Poll {
             shared.relay_forget(&[], now_ms()).await?;
+            shared.retired_forget(outpost_core::replicas::RETIRED_KEPT_MS).await?;
             shared
                 .exec_expire(now_ms(), crate::exec::remote::EXPIRE_AFTER_MS)
                 .await?;
@@ -692,13 +694,9 @@ impl Service {
     /// look of the replica listener (a notification, a reconnect, the fallback poll). Every
     /// per-process cache of state another replica can change is refreshed or invalidated here:
     /// today the alert policies and pipelines (`refresh_node_extras`, which wakes every
-    /// long-poll here when the policies changed). A cache keyed by node or certificate (a node
-    /// deleted, or its certificate renewed, through another replica) belongs here too.
+    /// long-poll here when the policies changed). The certificate cache is kept by the look
+    /// itself (certificates retired through any replica, `Shared::retired_certs`).
     pub async fn remote_changes(&self) {
-        // Certificate fingerprint -> node: nodes deleted elsewhere are forgotten by the look;
-        // a renewal elsewhere retires the old fingerprint, which this cache drops within
-        // CERT_CACHE_MAX_AGE on replicas.
-        self.certs.expire(CERT_CACHE_MAX_AGE);
         if let Err(e) = self.refresh_node_extras().await {
             tracing::warn!(error = %e, "cannot refresh alert policies and pipelines from the store; nodes keep their last ones");
         }
@@ -1886,8 +1884,10 @@ impl Service {
         if owner.promoted {
             tracing::info!(node = %owner.node, "node uses its renewed certificate; the previous one no longer works");
             // The old one ends here; the new one is remembered from its next request (this
-            // read began before the drop, so `put` would not keep it anyway).
+            // read began before the drop, so `put` would not keep it anyway). The other
+            // replicas drop the old one at their next look: wake them for it now.
             self.certs.forget(&owner.node);
+            self.notify_replicas().await;
         }
         self.certs.put(epoch, fp, &owner.node);
         Ok(owner.node)
@@ -2507,8 +2507,6 @@ struct CertMap {
     /// node -> its fingerprints in `by_fp` (one, but for a moment around a promotion)
     by_node: std::collections::HashMap<Arc<str>, Vec<String>>,
     epoch: u64,
-    /// When the whole cache was last dropped (`CertCache::expire`).
-    cleared_at: Option<std::time::Instant>,
 }
 
 impl CertCache {
@@ -2542,25 +2540,6 @@ impl CertCache {
         m.by_fp.clear();
         m.by_node.clear();
         m.epoch += 1;
-        m.cleared_at = Some(std::time::Instant::now());
-    }
-
-    /// The nodes with a cached certificate.
-    fn nodes(&self) -> Vec<String> {
-        lock(&self.inner).by_node.keys().map(|n| n.to_string()).collect()
-    }
-
-    /// Clear the cache when it is older than `max_age` (replicas: a certificate renewed
-    /// through another replica is dropped here within that time).
-    fn expire(&self, max_age: Duration) {
-        let stale = {
-            let mut m = lock(&self.inner);
-            let at = *m.cleared_at.get_or_insert_with(std::time::Instant::now);
-            at.elapsed() >= max_age
-        };
-        if stale {
-            self.clear();
-        }
     }
 }
 

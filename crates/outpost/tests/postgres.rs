@@ -32,7 +32,7 @@ fn a_hub_on_postgres_joins_runs_reports_and_keeps_it_all_across_a_restart() {
         psql(&url, "SELECT count(*) FROM workload_status WHERE node = 'pg-keeper'"),
         "1"
     );
-    assert_eq!(psql(&url, "SELECT value FROM meta WHERE key = 'schema_version'"), "7");
+    assert_eq!(psql(&url, "SELECT value FROM meta WHERE key = 'schema_version'"), "8");
 
     hub.restart();
     assert_eq!(hub.node("pg-keeper").unwrap()["labels"]["zone"], "z1");

@@ -375,6 +375,11 @@ fn two_replicas_racing_applies_lose_no_update_and_generations_only_grow() {
 
 /// A GET with a node's certificate: the status.
 fn node_get(ca: &str, cert: &str, key: &str, url: &str) -> u16 {
+    node_call(ca, cert, key, url, None).0
+}
+
+/// A GET (or, with a body, a POST of that JSON) with a node's certificate: status and body.
+fn node_call(ca: &str, cert: &str, key: &str, url: &str, body: Option<Value>) -> (u16, Value) {
     outpost_pki::install_provider();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -383,8 +388,13 @@ fn node_get(ca: &str, cert: &str, key: &str, url: &str) -> u16 {
     rt.block_on(async {
         let tls = outpost_pki::client_config(ca, Some((cert, key))).unwrap();
         let c = reqwest::Client::builder().use_preconfigured_tls(tls).build().unwrap();
-        let r = c.get(url).header("x-outpost-protocol", "1").send().await.unwrap();
-        r.status().as_u16()
+        let req = match body {
+            Some(b) => c.post(url).json(&b),
+            None => c.get(url),
+        };
+        let r = req.header("x-outpost-protocol", "1").send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
     })
 }
 
@@ -404,4 +414,48 @@ fn a_node_deleted_through_one_replica_is_refused_by_another_that_knew_its_certif
     wait_for("replica B refuses the deleted node's certificate", 10.0, || {
         (node_get(&ca, &cert, &key, &sync) == 401).then_some(())
     });
+}
+
+#[test]
+fn a_certificate_renewed_through_one_replica_stops_working_on_another_within_seconds() {
+    let Some(store) = database("replicas_renew") else {
+        return;
+    };
+    let (a, b, _c) = three(&store);
+    let token = a.token(&[]);
+    let mut agent = a.join("rep-renew", &token);
+    let (ca, cert, key) = agent.identity();
+    // Only this test's requests use the certificates from here on.
+    agent.stop();
+    let on = |hub: &Hub| format!("{}/v1/nodes/rep-renew/sync?generation=0", hub.url);
+    // B has seen the certificate (its cache holds it now).
+    assert_eq!(node_get(&ca, &cert, &key, &on(&b)), 200);
+    let csr_pem = outpost_pki::NodeKey::csr_for(&key, "rep-renew").unwrap();
+    let (status, renewed) = node_call(
+        &ca,
+        &cert,
+        &key,
+        &format!("{}/v1/nodes/rep-renew/renew", a.url),
+        Some(serde_json::json!({ "csr_pem": csr_pem })),
+    );
+    assert_eq!(status, 200, "{renewed}");
+    let new_cert = renewed["cert_pem"].as_str().expect("a renewed certificate").to_string();
+    // Two-phase: the old certificate works everywhere until the new one is used.
+    assert_eq!(node_get(&ca, &cert, &key, &on(&b)), 200);
+    // Its first use, through A, promotes it ...
+    assert_eq!(node_get(&ca, &new_cert, &key, &on(&a)), 200);
+    assert_eq!(node_get(&ca, &cert, &key, &on(&a)), 401);
+    // ... and B, which remembers the old one, refuses it within seconds (the promotion wakes
+    // every replica's look), not after a cache period.
+    let t = Instant::now();
+    wait_for("replica B refuses the renewed node's old certificate", 10.0, || {
+        (node_get(&ca, &cert, &key, &on(&b)) == 401).then_some(())
+    });
+    eprintln!("B refused the old certificate {:?} after the promotion", t.elapsed());
+    assert_eq!(node_get(&ca, &new_cert, &key, &on(&b)), 200);
+    assert_eq!(
+        psql(&store, "SELECT count(*) FROM cert_retired WHERE node = 'rep-renew'"),
+        "1",
+        "one retirement row for the promotion"
+    );
 }

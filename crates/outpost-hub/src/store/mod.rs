@@ -71,7 +71,7 @@ pub use sqlite::{SqliteCore, SqliteStore};
 /// 6: `relays`, requests relayed across hub replicas (PostgreSQL only; nothing on SQLite).
 /// 7: `exec_sessions` and `exec_frames`, exec sessions across hub replicas (PostgreSQL only;
 /// nothing on SQLite, where sessions live in the one hub process).
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 /// Events kept per node (older ones are pruned when new ones arrive).
 pub const EVENTS_KEPT: i64 = 1000;
 

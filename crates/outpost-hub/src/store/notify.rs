@@ -17,6 +17,11 @@
 //!   stores the answer ([`Shared::relay_answer`]); the replica the operator waits on reads it
 //!   ([`Shared::relay_answers`]) and forgets the row. Rows older than [`RELAY_KEPT_MS`] are
 //!   removed by any replica's look.
+//! - **Retired certificates** (`cert_retired` table): a renewed certificate promoted, or a node
+//!   deleted, through any replica leaves a row stamped with the database's clock; every look
+//!   reads the rows since its last read ([`Shared::retired_certs`],
+//!   `outpost_core::replicas::RetiredCerts`) and drops those nodes from its certificate cache.
+//!   Rows older than `outpost_core::replicas::RETIRED_KEPT_MS` are removed by the fallback poll.
 //!
 //! Must never: carry data in a notification (payloads are a number), or let correctness depend
 //! on one arriving.
@@ -80,6 +85,35 @@ impl Shared {
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.into_iter().map(|(n, g)| (n, u(g))).collect())
+    }
+
+    /// The database's now (ms) and the certificates retired at or after `since` (None: in the
+    /// last `overlap_ms` before now), as (node, retired at).
+    pub async fn retired_certs(&self, since: Option<i64>, overlap_ms: i64) -> Result<(i64, Vec<(String, i64)>)> {
+        let rows: Vec<(i64, Option<String>, Option<i64>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "WITH t AS (SELECT {} AS now_ms)
+             SELECT t.now_ms, r.node, r.at FROM t
+             LEFT JOIN cert_retired r ON r.at >= COALESCE($1, t.now_ms - $2)",
+            super::pg::PG_NOW_MS
+        )))
+        .bind(since)
+        .bind(overlap_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        let now = rows.first().map_or(0, |r| r.0);
+        Ok((now, rows.into_iter().filter_map(|(_, n, at)| Some((n?, at?))).collect()))
+    }
+
+    /// Remove retired-certificate rows older than `kept_ms` before the database's now.
+    pub async fn retired_forget(&self, kept_ms: i64) -> Result<()> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM cert_retired WHERE at < {} - $1",
+            super::pg::PG_NOW_MS
+        )))
+        .bind(kept_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Store a request of `kind` (`logs`, `vitals`) for `node`, as JSON.

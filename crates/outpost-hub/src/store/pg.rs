@@ -41,6 +41,7 @@ const PG_MIGRATIONS: &[(i64, &str)] = &[
     (5, PG_V5),
     (6, PG_V6),
     (7, PG_V7),
+    (8, PG_V8),
 ];
 
 /// 6: requests relayed to nodes through whichever replica holds their long-poll
@@ -69,6 +70,16 @@ CREATE TABLE exec_frames (
     dir TEXT NOT NULL, seq BIGINT NOT NULL, data BYTEA NOT NULL,
     PRIMARY KEY (session, dir, seq));
 "#;
+
+/// 8: certificates retired through any replica (a renewed one promoted, a node deleted), for
+/// every replica's certificate cache (`Shared::retired_certs`); `at` is the database's clock.
+const PG_V8: &str = r#"
+CREATE TABLE cert_retired (node TEXT COLLATE "C" NOT NULL, at BIGINT NOT NULL);
+CREATE INDEX cert_retired_at ON cert_retired (at);
+"#;
+
+/// The database's clock, in ms since the epoch (`cert_retired.at`).
+pub(super) const PG_NOW_MS: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
 
 const PG_V3: &str = r#"
 CREATE TABLE tokens (
@@ -818,11 +829,14 @@ impl Store for PgStore {
                 .await?;
         let Some((node, current)) = found else { return Ok(None) };
         if !current {
-            sqlx::query(
-                "UPDATE nodes SET cert_fp = next_cert_fp, cert_not_after = next_cert_not_after,
+            // The previous certificate is retired for every replica's cache too.
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "WITH p AS (
+                    UPDATE nodes SET cert_fp = next_cert_fp, cert_not_after = next_cert_not_after,
                         next_cert_fp = NULL, next_cert_not_after = NULL
-                 WHERE name = $1 AND next_cert_fp = $2",
-            )
+                    WHERE name = $1 AND next_cert_fp = $2 RETURNING name)
+                 INSERT INTO cert_retired (node, at) SELECT name, {PG_NOW_MS} FROM p"
+            )))
             .bind(&node)
             .bind(cert_fp)
             .execute(&self.pool)
@@ -918,6 +932,15 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await?
             .rows_affected();
+        if n > 0 {
+            // Every replica's cache drops the node's certificate (`Shared::retired_certs`).
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO cert_retired (node, at) VALUES ($1, {PG_NOW_MS})"
+            )))
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        }
         for table in NODE_TABLES {
             sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE node = $1")))
                 .bind(name)

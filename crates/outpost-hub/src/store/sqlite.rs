@@ -289,11 +289,12 @@ const SQLITE_MIGRATIONS: &[SqliteStep] = &[
     (5, sqlite_v5),
     (6, sqlite_v6),
     (7, sqlite_v6),
+    (8, sqlite_v6),
 ];
 
-/// 6: relays across replicas, a PostgreSQL table only; 7 (exec sessions across replicas) is the
-/// same no-op (one hub process uses an SQLite file, and
-/// keeps its relays in memory).
+/// 6: relays across replicas, a PostgreSQL table only; 7 (exec sessions across replicas) and 8
+/// (certificates retired across replicas) are the same no-op (one hub process uses an SQLite
+/// file, and keeps its relays and certificate cache in memory).
 fn sqlite_v6(_tx: &Connection) -> Result<()> {
     Ok(())
 }
