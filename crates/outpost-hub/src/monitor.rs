@@ -827,6 +827,12 @@ impl SqliteMonitor {
                 params![k, ns, n, *rev as i64],
             )?;
         }
+        // Specs no node refers to any more (plans commit on the store's connection; SQLite
+        // runs one write transaction at a time).
+        tx.execute(
+            "DELETE FROM specs WHERE addr NOT IN (SELECT spec_addr FROM node_workloads WHERE spec_addr IS NOT NULL)",
+            [],
+        )?;
         tx.commit()?;
         Ok(gone.len())
     }

@@ -330,7 +330,7 @@ fn render_plan(
                 continue; // an AgentUpdate whose wave has not reached this node: none yet
             }
             let spec = if rev == stored.revision {
-                current.clone()
+                current
             } else {
                 if rollout.is_some_and(|r| r.revision == stored.revision && prefetch(r, n)) {
                     hints
@@ -339,7 +339,7 @@ fn render_plan(
                         .insert(current.key.clone(), current.clone());
                 }
                 // the revision's template is gone: the current one is all there is
-                revs.spec(rev, n, labels).unwrap_or_else(|| current.clone())
+                revs.spec(rev, n, labels).unwrap_or(current)
             };
             let wrap = |spec: WorkloadSpec| match (failover.get(&id), members.get(&id)) {
                 (Some(o), Some(m)) => site_ha::with_failover(spec, o, m),
@@ -368,7 +368,7 @@ fn render_plan(
         }
     }
     let empty = BTreeMap::new();
-    for (node, bundle) in want {
+    for (node, mut bundle) in want {
         let held = inputs.held.get(&node).unwrap_or(&empty);
         let (up, remove) = outpost_core::bundle_changes(held, &bundle);
         let node_hints = hints.remove(&node).unwrap_or_default();
@@ -378,7 +378,7 @@ fn render_plan(
         if up.is_empty() && remove.is_empty() && !hints_changed {
             continue;
         }
-        let upsert = up.iter().filter_map(|k| bundle.get(k).cloned()).collect();
+        let upsert = up.iter().filter_map(|k| bundle.remove(k)).collect();
         out.changes.insert(
             node,
             NodeChange {

@@ -32,6 +32,7 @@ pub const TABLES: &[(&str, bool)] = &[
     ("objects", false),
     ("revisions", false),
     ("assignments", false),
+    ("specs", false),
     ("node_workloads", false),
     ("node_prefetch", false),
     ("node_tombstones", false),

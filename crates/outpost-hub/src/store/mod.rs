@@ -97,6 +97,8 @@ pub enum StoreError {
     Labels(#[from] outpost_core::link::LabelRefusal),
     #[error("node {0} already exists")]
     NodeExists(String),
+    #[error("desired spec {0} is referenced by a node but not stored; the database was changed outside the hub (apply the workloads again to store their specs)")]
+    MissingSpec(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -276,6 +278,36 @@ pub struct Plan {
     pub changes: BTreeMap<String, NodeChange>,
     /// Why workloads are short of replicas.
     pub notes: BTreeMap<ObjectId, String>,
+}
+
+/// A plan's desired specs stored once each (the `specs` table, by address): a fleet-wide
+/// change writes one spec row and a short reference per node, not 100,000 copies of one JSON.
+/// The address is the SHA-256 of the spec's JSON; each distinct spec of a plan is serialized
+/// once (specs with the same content hash are compared whole before one is reused, so a hash
+/// collision can never hand one workload another's spec).
+#[derive(Default)]
+pub(crate) struct SpecTexts<'a> {
+    by_hash: HashMap<&'a str, Vec<(&'a WorkloadSpec, usize)>>,
+    /// (address, JSON) of each distinct spec, in the order first seen.
+    pub texts: Vec<(String, String)>,
+}
+
+impl<'a> SpecTexts<'a> {
+    /// The address of `spec` (its JSON serialized and stored on first sight).
+    pub fn address(&mut self, spec: &'a WorkloadSpec) -> Result<String> {
+        let seen = self.by_hash.entry(spec.hash.as_str()).or_default();
+        if let Some((_, i)) = seen.iter().find(|(s, _)| *s == spec) {
+            return Ok(self.texts[*i].0.clone());
+        }
+        let json = serde_json::to_string(spec)?;
+        let addr = {
+            use sha2::{Digest, Sha256};
+            hex::encode(Sha256::digest(json.as_bytes()))
+        };
+        seen.push((spec, self.texts.len()));
+        self.texts.push((addr.clone(), json));
+        Ok(addr)
+    }
 }
 
 /// Deployment placements as rows (kind, namespace, name, node), for `commit_plan`'s diff.

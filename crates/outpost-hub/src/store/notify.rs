@@ -37,7 +37,7 @@ use outpost_api::UnixMs;
 /// The channel every replica LISTENs on.
 pub const CHANNEL: &str = "outpost_wake";
 /// The advisory lock of the write lock (any fixed number, distinct from the migration lock).
-const WRITE_LOCK: i64 = 0x6f75_7470_6f73_7457;
+pub(super) const WRITE_LOCK: i64 = 0x6f75_7470_6f73_7457;
 /// Relayed requests (and their answers) older than this are removed.
 pub const RELAY_KEPT_MS: i64 = 10 * 60 * 1000;
 

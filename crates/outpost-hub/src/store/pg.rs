@@ -73,9 +73,14 @@ CREATE TABLE exec_frames (
 
 /// 8: certificates retired through any replica (a renewed one promoted, a node deleted), for
 /// every replica's certificate cache (`Shared::retired_certs`); `at` is the database's clock.
+/// Desired specs stored once each (`specs`, by the SHA-256 of their JSON,
+/// `super::SpecTexts`): `node_workloads.spec_addr` refers to one; rows written before keep
+/// their spec inline.
 const PG_V8: &str = r#"
 CREATE TABLE cert_retired (node TEXT COLLATE "C" NOT NULL, at BIGINT NOT NULL);
 CREATE INDEX cert_retired_at ON cert_retired (at);
+CREATE TABLE specs (addr TEXT COLLATE "C" PRIMARY KEY, spec TEXT NOT NULL);
+ALTER TABLE node_workloads ADD COLUMN spec_addr TEXT COLLATE "C";
 "#;
 
 /// The database's clock, in ms since the epoch (`cert_retired.at`).
@@ -975,12 +980,14 @@ impl Store for PgStore {
         }
         let full = needs_full(since, generation, floor);
         let from = if full { 0 } else { since };
-        let specs: Vec<String> =
-            sqlx::query_scalar("SELECT spec FROM node_workloads WHERE node = $1 AND changed_gen > $2 ORDER BY key")
-                .bind(node)
-                .bind(i(from))
-                .fetch_all(&mut *tx)
-                .await?;
+        let specs: Vec<String> = sqlx::query_scalar(
+            "SELECT COALESCE(s.spec, w.spec) FROM node_workloads w LEFT JOIN specs s ON s.addr = w.spec_addr
+             WHERE w.node = $1 AND w.changed_gen > $2 ORDER BY w.key",
+        )
+        .bind(node)
+        .bind(i(from))
+        .fetch_all(&mut *tx)
+        .await?;
         let upsert = specs
             .iter()
             .map(|s| serde_json::from_str(s))
@@ -1049,17 +1056,40 @@ impl Store for PgStore {
         let read = |at: &[usize], ord: i64| at[usize::try_from(ord - 1).unwrap_or(usize::MAX)];
         if !changed.is_empty() {
             let nodes: Vec<&str> = changed.iter().map(|&k| reads[k].0.as_str()).collect();
-            let specs: Vec<(i64, String)> = sqlx::query_as(
-                "SELECT r.ord, w.spec FROM UNNEST($1::text[], $2::bigint[]) WITH ORDINALITY AS r(node, since, ord)
+            // A stored spec (by address) is read and parsed once for the whole group: after a
+            // fleet-wide change every node of the group holds the same one.
+            let specs: Vec<(i64, Option<String>, Option<String>)> = sqlx::query_as(
+                "SELECT r.ord, w.spec_addr, CASE WHEN w.spec_addr IS NULL THEN w.spec END
+                 FROM UNNEST($1::text[], $2::bigint[]) WITH ORDINALITY AS r(node, since, ord)
                  JOIN node_workloads w ON w.node = r.node AND w.changed_gen > r.since ORDER BY r.ord, w.key",
             )
             .bind(&nodes)
             .bind(&froms)
             .fetch_all(&mut *tx)
             .await?;
-            for (ord, spec) in specs {
+            let addrs: Vec<&str> = specs
+                .iter()
+                .filter_map(|(_, a, _)| a.as_deref())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let mut stored: HashMap<String, WorkloadSpec> = HashMap::new();
+            if !addrs.is_empty() {
+                let rows: Vec<(String, String)> = sqlx::query_as("SELECT addr, spec FROM specs WHERE addr = ANY($1)")
+                    .bind(&addrs)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                for (addr, spec) in rows {
+                    stored.insert(addr, serde_json::from_str(&spec)?);
+                }
+            }
+            for (ord, addr, inline) in specs {
+                let spec: WorkloadSpec = match addr {
+                    Some(a) => stored.get(&a).cloned().ok_or(StoreError::MissingSpec(a))?,
+                    None => serde_json::from_str(inline.as_deref().unwrap_or_default())?,
+                };
                 if let Some(r) = out[read(&changed, ord)].as_mut() {
-                    r.sync.upsert.push(serde_json::from_str(&spec)?);
+                    r.sync.upsert.push(spec);
                 }
             }
             let hints: Vec<(i64, String)> = sqlx::query_as(
@@ -1507,8 +1537,21 @@ impl PgStore {
             .fetch_one(&mut *tx)
             .await?;
         let mut rows = PlanRows::default();
+        let mut texts = super::SpecTexts::default();
         for (node, change) in &changed {
-            rows.add(node, change)?;
+            rows.add(node, change, &mut texts)?;
+        }
+        if !texts.texts.is_empty() {
+            let (addrs, jsons): (Vec<&str>, Vec<&str>) =
+                texts.texts.iter().map(|(a, j)| (a.as_str(), j.as_str())).unzip();
+            sqlx::query(
+                "INSERT INTO specs (addr, spec) SELECT * FROM UNNEST($1::text[], $2::text[])
+                 ON CONFLICT (addr) DO NOTHING",
+            )
+            .bind(&addrs)
+            .bind(&jsons)
+            .execute(&mut *tx)
+            .await?;
         }
         // A statement with no rows is not sent (a join's plan is one node's upserts).
         if !rows.prefetch_nodes.is_empty() {
@@ -1531,11 +1574,11 @@ impl PgStore {
         }
         if !rows.upsert.at.is_empty() {
             sqlx::query(
-                "INSERT INTO node_workloads (node, key, spec, hash, changed_gen, revision)
-                 SELECT u.node, u.key, u.spec, u.hash, $5, u.revision
-                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $6::bigint[]) AS u(node, key, spec, hash, revision)
+                "INSERT INTO node_workloads (node, key, spec, hash, changed_gen, revision, spec_addr)
+                 SELECT u.node, u.key, '', u.hash, $5, u.revision, u.addr
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $6::bigint[]) AS u(node, key, addr, hash, revision)
                  ON CONFLICT (node, key) DO UPDATE SET spec = excluded.spec, hash = excluded.hash,
-                    changed_gen = excluded.changed_gen, revision = excluded.revision",
+                    changed_gen = excluded.changed_gen, revision = excluded.revision, spec_addr = excluded.spec_addr",
             )
             .bind(&rows.upsert.at.node)
             .bind(&rows.upsert.at.key)
@@ -1607,6 +1650,7 @@ impl NodeKeys {
 #[derive(Default)]
 struct SpecColumns {
     at: NodeKeys,
+    /// The spec's JSON (prefetch hints), or its address in `specs` (workloads).
     spec: Vec<String>,
     hash: Vec<String>,
 }
@@ -1631,7 +1675,7 @@ struct PlanRows {
 }
 
 impl PlanRows {
-    fn add(&mut self, node: &str, change: &NodeChange) -> Result<()> {
+    fn add<'a>(&mut self, node: &str, change: &'a NodeChange, texts: &mut super::SpecTexts<'a>) -> Result<()> {
         if let Some(hints) = &change.prefetch {
             self.prefetch_nodes.push(node.to_string());
             let hints: BTreeMap<&str, &WorkloadSpec> = hints.iter().map(|h| (h.key.as_str(), h)).collect();
@@ -1647,11 +1691,11 @@ impl PlanRows {
             .filter(|s| !removed.contains(s.key.as_str()))
             .map(|s| (s.key.as_str(), s))
             .collect();
-        for spec in upserts.values() {
+        for spec in upserts.into_values() {
             self.upsert.push(
                 node,
                 &spec.key,
-                serde_json::to_string(spec)?,
+                texts.address(spec)?,
                 outpost_core::site_ha::delivery_hash(spec),
             );
             self.upsert_revision.push(i(spec.revision));

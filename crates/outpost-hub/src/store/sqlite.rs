@@ -83,7 +83,8 @@ CREATE TABLE IF NOT EXISTS assignments (
     PRIMARY KEY (kind, namespace, name, node));
 CREATE TABLE IF NOT EXISTS node_workloads (
     node TEXT NOT NULL, key TEXT NOT NULL, spec TEXT NOT NULL, hash TEXT NOT NULL,
-    changed_gen INTEGER NOT NULL, revision INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (node, key));
+    changed_gen INTEGER NOT NULL, revision INTEGER NOT NULL DEFAULT 0, spec_addr TEXT, PRIMARY KEY (node, key));
+CREATE TABLE IF NOT EXISTS specs (addr TEXT PRIMARY KEY, spec TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS node_prefetch (
     node TEXT NOT NULL, key TEXT NOT NULL, spec TEXT NOT NULL, hash TEXT NOT NULL, PRIMARY KEY (node, key));
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -289,12 +290,18 @@ const SQLITE_MIGRATIONS: &[SqliteStep] = &[
     (5, sqlite_v5),
     (6, sqlite_v6),
     (7, sqlite_v6),
-    (8, sqlite_v6),
+    (8, sqlite_v8),
 ];
 
-/// 6: relays across replicas, a PostgreSQL table only; 7 (exec sessions across replicas) and 8
-/// (certificates retired across replicas) are the same no-op (one hub process uses an SQLite
-/// file, and keeps its relays and certificate cache in memory).
+/// 8: desired specs stored once each (`specs`, from [`SCHEMA`]; `node_workloads.spec_addr`
+/// refers to one, and rows written before keep their spec inline). Certificates retired across
+/// replicas are a PostgreSQL table only.
+fn sqlite_v8(tx: &Connection) -> Result<()> {
+    add_column(tx, "node_workloads", "spec_addr", "TEXT")
+}
+
+/// 6: relays across replicas, a PostgreSQL table only; 7 (exec sessions across replicas) is the
+/// same no-op (one hub process uses an SQLite file, and keeps its relays in memory).
 fn sqlite_v6(_tx: &Connection) -> Result<()> {
     Ok(())
 }
@@ -925,6 +932,7 @@ impl SqliteCore {
             )?;
         }
         let mut bumped = BTreeMap::new();
+        let mut texts = super::SpecTexts::default();
         for (node, change) in &plan.changes {
             if change.upsert.is_empty() && change.remove.is_empty() && change.prefetch.is_none() {
                 continue;
@@ -940,11 +948,19 @@ impl SqliteCore {
                 }
             }
             for spec in &change.upsert {
+                let known = texts.texts.len();
+                let addr = texts.address(spec)?;
+                if texts.texts.len() > known {
+                    tx.exec(
+                        "INSERT INTO specs (addr, spec) VALUES (?1, ?2) ON CONFLICT(addr) DO NOTHING",
+                        params![addr, texts.texts[known].1],
+                    )?;
+                }
                 tx.exec(
-                    "INSERT INTO node_workloads (node, key, spec, hash, changed_gen, revision) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                    "INSERT INTO node_workloads (node, key, spec, hash, changed_gen, revision, spec_addr) VALUES (?1, ?2, '', ?3, ?4, ?5, ?6)
                      ON CONFLICT(node, key) DO UPDATE SET spec = excluded.spec, hash = excluded.hash,
-                        changed_gen = excluded.changed_gen, revision = excluded.revision",
-                    params![node, spec.key, serde_json::to_string(spec)?, outpost_core::site_ha::delivery_hash(spec), i(gen), i(spec.revision)],
+                        changed_gen = excluded.changed_gen, revision = excluded.revision, spec_addr = excluded.spec_addr",
+                    params![node, spec.key, outpost_core::site_ha::delivery_hash(spec), i(gen), i(spec.revision), addr],
                 )?;
                 tx.exec(
                     "DELETE FROM node_tombstones WHERE node = ?1 AND key = ?2",
@@ -1115,8 +1131,10 @@ fn sync_in(tx: &Connection, node: &str, since: u64) -> Result<Option<SyncRespons
     let full = needs_full(since, generation, floor);
     let from = if full { 0 } else { since };
     let specs: Vec<String> = {
-        let mut st =
-            tx.prepare_cached("SELECT spec FROM node_workloads WHERE node = ?1 AND changed_gen > ?2 ORDER BY key")?;
+        let mut st = tx.prepare_cached(
+            "SELECT COALESCE(s.spec, w.spec) FROM node_workloads w LEFT JOIN specs s ON s.addr = w.spec_addr
+                 WHERE w.node = ?1 AND w.changed_gen > ?2 ORDER BY w.key",
+        )?;
         let rows = st.query_map(params![node, i(from)], |r| r.get(0))?;
         rows.collect::<rusqlite::Result<_>>()?
     };

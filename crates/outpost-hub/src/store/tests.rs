@@ -66,6 +66,36 @@ impl Backend {
         }
     }
 
+    /// The monitoring store on the same database (retention runs there).
+    async fn monitor(&self) -> Arc<dyn crate::monitor::MonitorStore> {
+        match self {
+            Backend::Sqlite(_) => Arc::new(crate::monitor::SqliteMonitorStore(Arc::new(
+                crate::monitor::SqliteMonitor::open(&self.path(), vec![]).expect("open the monitor"),
+            ))),
+            Backend::Pg(url) => Arc::new(
+                PgStore::connect(url)
+                    .await
+                    .expect("open the test store")
+                    .monitor(vec![]),
+            ),
+        }
+    }
+
+    /// Run SQL valid in both dialects on the database behind the store's back.
+    async fn exec_both(&self, sql: &str) -> anyhow::Result<()> {
+        match self {
+            Backend::Sqlite(_) => Connection::open(self.path())?.execute_batch(sql)?,
+            Backend::Pg(url) => {
+                let pool = sqlx::PgPool::connect(url).await?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+                    .execute(&pool)
+                    .await?;
+                pool.close().await;
+            }
+        }
+        Ok(())
+    }
+
     /// Run SQL on the database behind the store's back (one dialect each).
     async fn exec(&self, sqlite: &str, pg: &'static str) -> anyhow::Result<()> {
         match self {
@@ -126,6 +156,7 @@ both!(
     renewal_is_two_phase,
     tombstones_give_deltas_until_pruned,
     a_sync_group_reads_what_each_sync_reads,
+    a_spec_is_stored_once_and_goes_when_no_node_holds_it,
     events_are_stored_once_and_acked_by_highest_seq,
     events_are_pruned_past_the_limit,
     rollouts_round_trip_and_go_with_their_workload,
@@ -1415,5 +1446,70 @@ async fn a_report_group_locks_its_nodes_in_name_order_before_writing() -> anyhow
     other.commit().await?;
     let out = group.await??;
     assert!(out.iter().all(|r| r.is_ok()), "{out:?}");
+    Ok(())
+}
+
+/// A spec many nodes hold is stored once (a fleet-wide change writes one spec and a reference
+/// per node); every read gives each node the spec as it was planned; a retention run drops the
+/// specs no node holds any more, and rows written inline before (an older hub) still read.
+async fn a_spec_is_stored_once_and_goes_when_no_node_holds_it(b: Backend) -> anyhow::Result<()> {
+    let s = b.open().await;
+    s.create_token(&token("t", None)).await?;
+    let nodes = ["n1", "n2", "n3", "n4"];
+    for n in nodes {
+        s.join("t", "s", &new_node(n), 0).await?;
+    }
+    let fleet = |hash: &str| {
+        let mut plan = Plan::default();
+        for n in nodes {
+            plan.changes.insert(
+                n.to_string(),
+                change(
+                    n,
+                    &[("daemonset/default/agentd", hash), ("daemonset/default/own", n)],
+                    &[],
+                )
+                .changes[n]
+                    .clone(),
+            );
+        }
+        plan
+    };
+    assert_eq!(s.commit_plan(&fleet("v1")).await?.len(), 4);
+    // One shared spec and one per node.
+    assert_eq!(b.count("SELECT COUNT(*) FROM specs").await?, 5);
+    assert_eq!(
+        b.count("SELECT COUNT(*) FROM node_workloads WHERE spec_addr IS NOT NULL AND spec = ''")
+            .await?,
+        8
+    );
+    let reads: Vec<(String, u64)> = nodes.iter().map(|n| (n.to_string(), 0)).collect();
+    let group = s.sync_group(&reads).await?;
+    for (n, read) in nodes.iter().zip(&group) {
+        let want = vec![spec("daemonset/default/agentd", "v1"), spec("daemonset/default/own", n)];
+        let one = s.sync(n, 0).await?.expect("known node");
+        assert_eq!(one.upsert, want, "{n}");
+        assert_eq!(read.as_ref().expect("known node").sync.upsert, want, "{n} in a group");
+    }
+    // The fleet moves on: the old shared spec is held by nobody and goes at the next retention
+    // run; the per-node ones stay.
+    s.commit_plan(&fleet("v2")).await?;
+    assert_eq!(b.count("SELECT COUNT(*) FROM specs").await?, 6);
+    b.monitor().await.prune_revisions(50, None).await?;
+    assert_eq!(b.count("SELECT COUNT(*) FROM specs").await?, 5);
+    assert_eq!(
+        s.sync("n1", 0).await?.expect("n1").upsert[0],
+        spec("daemonset/default/agentd", "v2")
+    );
+    // A row with its spec inline (written before specs were stored once) reads as before.
+    b.exec_both(&format!(
+        "UPDATE node_workloads SET spec = '{}', spec_addr = NULL WHERE node = 'n2' AND key = 'daemonset/default/own'",
+        serde_json::to_string(&spec("daemonset/default/own", "n2"))?
+    ))
+    .await?;
+    assert_eq!(
+        s.sync("n2", 0).await?.expect("n2").upsert[1],
+        spec("daemonset/default/own", "n2")
+    );
     Ok(())
 }
