@@ -140,6 +140,29 @@ impl HubError {
     }
 }
 
+impl HubError {
+    /// The error each request of a failed group gets (a store error is not `Clone`): a
+    /// saturated database and a full disk stay what they are, anything else is an internal
+    /// error with the store's text.
+    pub fn for_each_of_group(e: &StoreError) -> HubError {
+        match e {
+            StoreError::Pg(sqlx::Error::PoolTimedOut) => HubError::StoreBusy,
+            StoreError::Sqlite(s) if is_disk_full(s) => HubError::DiskFull,
+            StoreError::Pg(sqlx::Error::Database(d)) if d.code().as_deref() == Some("53100") => HubError::DiskFull,
+            other => HubError::Internal(other.to_string()),
+        }
+    }
+
+    /// The same error again, for another request that waited on the same failure.
+    pub fn again(&self) -> HubError {
+        match self {
+            HubError::StoreBusy => HubError::StoreBusy,
+            HubError::DiskFull => HubError::DiskFull,
+            other => HubError::Internal(other.to_string()),
+        }
+    }
+}
+
 impl From<StoreError> for HubError {
     fn from(e: StoreError) -> Self {
         match e {
@@ -270,6 +293,14 @@ mod tests {
             assert!((5..=10).contains(&secs), "{secs}");
             assert!(resp.extensions().get::<StoreBusyAnswer>().is_some());
         }
+        // Every request of a failed group gets the busy answer too.
+        let group = StoreError::Pg(sqlx::Error::PoolTimedOut);
+        assert!(matches!(HubError::for_each_of_group(&group), HubError::StoreBusy));
+        assert!(matches!(HubError::StoreBusy.again(), HubError::StoreBusy));
+        assert!(matches!(
+            HubError::for_each_of_group(&StoreError::Pg(sqlx::Error::PoolClosed)),
+            HubError::Internal(_)
+        ));
         // Other database errors stay internal.
         let e = HubError::from(StoreError::Pg(sqlx::Error::PoolClosed));
         assert_eq!(e.status_and_code(), (StatusCode::INTERNAL_SERVER_ERROR, "internal"));

@@ -52,10 +52,11 @@ impl WriteLock {
     pub async fn lock(&self) -> Result<WriteGuard<'_>, HubError> {
         let local = self.local.lock().await;
         let shared = match &self.shared {
-            Some(s) => Some(s.write_lock().await.map_err(|e| {
-                HubError::Internal(format!(
+            Some(s) => Some(s.write_lock().await.map_err(|e| match e {
+                crate::store::StoreError::Pg(sqlx::Error::PoolTimedOut) => HubError::StoreBusy,
+                e => HubError::Internal(format!(
                     "cannot take the replicas' write lock in PostgreSQL: {e}; retry once the database answers"
-                ))
+                )),
             })?),
             None => None,
         };

@@ -379,9 +379,15 @@ pub struct Wakeups {
     pub rollouts_active: std::sync::atomic::AtomicBool,
     /// A GitRepo fetch was asked for (webhook, `outpost gitops sync`, a GitRepo applied).
     pub gitops: Notify,
-    /// Nodes came back online: the `reschedule` controller runs one reschedule for all of them.
+    /// Nodes came back online, or a change's reschedule failed: the `reschedule` controller
+    /// runs once for all of them.
     pub reschedule: Notify,
     pub reschedule_pending: std::sync::atomic::AtomicBool,
+    /// A change's reschedule failed: the next run plans the whole fleet.
+    pub reschedule_fleet: std::sync::atomic::AtomicBool,
+    /// Nodes back online since the last run: it plans them alone when nothing else can change
+    /// (as a join does), else the whole fleet.
+    pub returned: Mutex<std::collections::BTreeSet<String>>,
 }
 
 pub struct Service {
@@ -878,10 +884,12 @@ impl Service {
         Ok(())
     }
 
-    /// Nodes have joined: plan only their desired state when nothing else can change
-    /// (`scheduler::plan_join`), else the whole fleet. Callers hold `write_lock`.
+    /// Nodes have joined (or came back online): plan only their desired state when nothing
+    /// else can change (`scheduler::plan_join`), else the whole fleet. Callers hold
+    /// `write_lock`.
     async fn schedule_joined(&self, nodes: Vec<String>, now: UnixMs) -> Result<(), HubError> {
         let offline_after = self.settings.offline_after;
+        let nodes_len = nodes.len();
         let inputs = self.store.schedule_inputs_for(&nodes).await?;
         let planned = tokio::task::spawn_blocking(move || scheduler::plan_join(&inputs, &nodes, offline_after, now))
             .await
@@ -889,7 +897,11 @@ impl Service {
         let (plan, filled) = match planned {
             Ok(p) => p,
             Err(why) => {
-                tracing::info!(why, "join: planning the whole fleet");
+                tracing::info!(
+                    why,
+                    nodes = nodes_len,
+                    "joined or returned nodes: planning the whole fleet"
+                );
                 return self.reschedule_locked(now).await;
             }
         };
@@ -901,30 +913,52 @@ impl Service {
         Ok(())
     }
 
-    /// Ask the `reschedule` controller for a reschedule; requests made while one runs are
-    /// served by one more run.
+    /// Ask the `reschedule` controller for a reschedule of the whole fleet; requests made
+    /// while one runs are served by one more run.
     pub fn request_reschedule(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.wake.reschedule_fleet.store(true, SeqCst);
+        self.wake.reschedule_pending.store(true, SeqCst);
+        self.wake.reschedule.notify_one();
+    }
+
+    /// Ask the `reschedule` controller to plan `node`, back online (with every other node back
+    /// by the time it runs).
+    fn request_reschedule_of(&self, node: &str) {
+        lock(&self.wake.returned).insert(node.to_string());
         self.wake
             .reschedule_pending
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.wake.reschedule.notify_one();
     }
 
-    /// The `reschedule` controller's step: one reschedule if any was asked for, then the
-    /// rollout controller looks again (returning nodes count in their waves).
+    /// The `reschedule` controller's step: one run if any was asked for (the whole fleet after
+    /// a failed change; else the nodes back online, planned alone when nothing else can
+    /// change), then the rollout controller looks again (returning nodes count in their waves).
     pub async fn reschedule_requested(&self, now: UnixMs) {
-        if !self
-            .wake
-            .reschedule_pending
-            .swap(false, std::sync::atomic::Ordering::SeqCst)
-        {
+        use std::sync::atomic::Ordering::SeqCst;
+        if !self.wake.reschedule_pending.swap(false, SeqCst) {
             return;
         }
-        if let Err(e) = self.reschedule(now).await {
-            tracing::error!(error = %e, "rescheduling for nodes back online failed; retrying");
-            self.wake
-                .reschedule_pending
-                .store(true, std::sync::atomic::Ordering::SeqCst);
+        let fleet = self.wake.reschedule_fleet.swap(false, SeqCst);
+        let returned = std::mem::take(&mut *lock(&self.wake.returned));
+        let result = if fleet {
+            self.reschedule(now).await
+        } else if returned.is_empty() {
+            Ok(())
+        } else {
+            match self.write_lock.lock().await {
+                Ok(_guard) => self.schedule_joined(returned.iter().cloned().collect(), now).await,
+                Err(e) => Err(e),
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, nodes = returned.len(), fleet, "rescheduling for nodes back online failed; retrying");
+            if fleet {
+                self.wake.reschedule_fleet.store(true, SeqCst);
+            }
+            lock(&self.wake.returned).extend(returned);
+            self.wake.reschedule_pending.store(true, SeqCst);
             return;
         }
         self.wake.rollouts.notify_one();
@@ -1942,11 +1976,13 @@ impl Service {
         };
         if now.saturating_sub(prev) > self.settings.offline_after.as_millis() as i64 {
             tracing::info!(node = %node, offline_for = %human_duration(now - prev), "node online");
-            // One reschedule for every node that came back meanwhile, off this request: a
+            // One run for every node that came back meanwhile, off this request: a
             // full-fleet reschedule per returning node, inline and under the write lock, held
             // thousands of polls behind one another after a stall (the fleet bench at 5,000
-            // agents), which made yet more nodes look offline.
-            self.request_reschedule();
+            // agents), which made yet more nodes look offline. The run plans the returned
+            // nodes alone when nothing else can change (at 100,000 agents one full plan held
+            // the write lock for 25 s while every replica asked for another).
+            self.request_reschedule_of(node);
         }
         Ok(())
     }
@@ -2214,9 +2250,8 @@ impl Service {
         let _guard = match self.write_lock.lock().await {
             Ok(g) => g,
             Err(e) => {
-                let msg = e.to_string();
                 for job in jobs {
-                    let _ = job.reply.send(Err(HubError::Internal(msg.clone())));
+                    let _ = job.reply.send(Err(e.again()));
                 }
                 return;
             }
@@ -2271,9 +2306,8 @@ impl Service {
                         }
                     }
                     Err(e) => {
-                        let msg = e.to_string();
                         for reply in replies {
-                            let _ = reply.send(Err(HubError::Internal(msg.clone())));
+                            let _ = reply.send(Err(HubError::for_each_of_group(&e)));
                         }
                     }
                 }

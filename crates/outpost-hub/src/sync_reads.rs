@@ -124,10 +124,9 @@ async fn read_group(store: &dyn Store, mut jobs: Vec<Job>) {
             }
         }
         Err(e) => {
-            let msg = e.to_string();
-            tracing::warn!(reads = jobs.len(), error = %msg, "a group of sync reads failed");
+            tracing::warn!(reads = jobs.len(), error = %e, "a group of sync reads failed");
             for job in jobs {
-                let _ = job.reply.send(Err(HubError::Internal(msg.clone())));
+                let _ = job.reply.send(Err(HubError::for_each_of_group(&e)));
             }
         }
     }
