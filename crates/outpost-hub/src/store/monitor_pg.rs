@@ -756,13 +756,6 @@ impl MonitorStore for PgMonitor {
     async fn prune_revisions(&self, keep: usize, fence: Option<&Fence>) -> MonitorResult<usize> {
         let mut tx = self.pool.begin().await?;
         check_fence(&mut tx, fence).await?;
-        // The replicas' write lock, held by whoever commits a plan: a plan that refers to a
-        // spec it found stored commits before this run reads what is held, or after it, never
-        // in between (and the lock is taken before any row here, so no cycle).
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(super::notify::WRITE_LOCK)
-            .execute(&mut *tx)
-            .await?;
         let stored: Vec<RevisionRow> = sqlx::query_as("SELECT kind, namespace, name, revision FROM revisions")
             .fetch_all(&mut *tx)
             .await?;
@@ -790,12 +783,26 @@ impl MonitorStore for PgMonitor {
             .execute(&mut *tx)
             .await?;
         }
-        // Specs no node refers to any more (under the write lock, taken above).
-        sqlx::query(
-            "DELETE FROM specs WHERE addr NOT IN (SELECT spec_addr FROM node_workloads WHERE spec_addr IS NOT NULL)",
-        )
-        .execute(&mut *tx)
-        .await?;
+        tx.commit().await?;
+        // Specs no node refers to any more, in a transaction of its own under the replicas'
+        // write lock, held by whoever commits a plan: a plan that refers to a spec it found
+        // stored commits before this reads what is held, or after it, never in between. Only
+        // tried: while the lock is held (a reschedule at work) this waits for the next run
+        // rather than holding a pooled connection (and the lease above) in the lock's queue.
+        let mut tx = self.pool.begin().await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(super::notify::WRITE_LOCK)
+            .fetch_one(&mut *tx)
+            .await?;
+        if locked {
+            sqlx::query(
+                "DELETE FROM specs WHERE addr NOT IN (SELECT spec_addr FROM node_workloads WHERE spec_addr IS NOT NULL)",
+            )
+            .execute(&mut *tx)
+            .await?;
+        } else {
+            tracing::debug!("the replicas' write lock is held; unheld specs are dropped at the next retention run");
+        }
         tx.commit().await?;
         Ok(gone.len())
     }
