@@ -148,6 +148,7 @@ impl HubError {
         match e {
             StoreError::Pg(sqlx::Error::PoolTimedOut) => HubError::StoreBusy,
             StoreError::Sqlite(s) if is_disk_full(s) => HubError::DiskFull,
+            // PostgreSQL's disk_full (SQLSTATE 53100).
             StoreError::Pg(sqlx::Error::Database(d)) if d.code().as_deref() == Some("53100") => HubError::DiskFull,
             other => HubError::Internal(other.to_string()),
         }
@@ -168,12 +169,8 @@ impl From<StoreError> for HubError {
         match e {
             StoreError::Token(p) => HubError::Token(p),
             StoreError::NodeExists(n) => HubError::NodeExists(n),
-            StoreError::Sqlite(e) if is_disk_full(&e) => HubError::DiskFull,
-            // PostgreSQL's disk_full (SQLSTATE 53100).
-            StoreError::Pg(sqlx::Error::Database(d)) if d.code().as_deref() == Some("53100") => HubError::DiskFull,
             StoreError::Labels(r) => HubError::Labels(r),
-            StoreError::Pg(sqlx::Error::PoolTimedOut) => HubError::StoreBusy,
-            other => HubError::Internal(other.to_string()),
+            other => HubError::for_each_of_group(&other),
         }
     }
 }
@@ -181,6 +178,19 @@ impl From<StoreError> for HubError {
 /// SQLite's "database or disk is full" (also when a write hits ENOSPC).
 pub fn is_disk_full(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
+}
+
+/// A `503 busy` with `Retry-After: secs` (admission control, a saturated database).
+pub fn busy_response(message: String, secs: u64) -> Response {
+    let body = ApiError {
+        code: "busy".into(),
+        message,
+        details: Vec::new(),
+    };
+    let mut resp = (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+    resp.headers_mut()
+        .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(secs));
+    resp
 }
 
 /// Marks a `503` answered for a saturated database (`HubError::StoreBusy`), for the busy
@@ -207,14 +217,7 @@ impl IntoResponse for HubError {
                 );
             }
             let secs = outpost_core::admission::store_busy_retry_after(rand::random());
-            let body = ApiError {
-                code: code.to_string(),
-                message: self.to_string(),
-                details: Vec::new(),
-            };
-            let mut resp = (status, axum::Json(body)).into_response();
-            resp.headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(secs));
+            let mut resp = busy_response(self.to_string(), secs);
             resp.extensions_mut().insert(StoreBusyAnswer);
             return resp;
         }

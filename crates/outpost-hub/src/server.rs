@@ -194,17 +194,12 @@ async fn admit(
         Err(secs) => {
             adm.metrics.busy_answer(crate::metrics::route_of(req.uri().path()));
             tracing::debug!(path = %req.uri().path(), retry_after = secs, "busy: request refused by admission control");
-            let body = outpost_api::ApiError {
-                code: "busy".into(),
-                message: format!(
+            crate::error::busy_response(
+                format!(
                     "the hub is busy with many agents connecting at once; retry after {secs} s (agents do so by themselves)"
                 ),
-                details: vec![],
-            };
-            let mut resp = (axum::http::StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
-            resp.headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(secs));
-            resp
+                secs,
+            )
         }
     }
 }
